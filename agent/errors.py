@@ -1,0 +1,103 @@
+"""Errors of the device agent.
+
+    WaystationError
+    └── AgentError                  anything the agent raises on purpose
+        ├── StorageError            the local store failed (LMDB error, corrupt file, ...)
+        │   ├── StorageFullError    the disk or the configured map-size limit is full
+        │   ├── StorageFormatError  the store was written in another on-disk format
+        │   └── EncryptionKeyError  missing, unreadable or wrong encryption key
+        ├── AgentNotInitialised     no local store yet at the configured data_dir
+        ├── DeviceMismatch          the data_dir belongs to another device id
+        ├── WriteRefused            a local write is invalid (schema, type, scope); `code`
+        └── NotFound                a record / dead letter asked for does not exist
+
+Every message is one sentence an operator or app developer can act on; the CLI prints it
+as one line. Errors of the wrapped library (lmdb, cryptography) are converted in
+`agent.store` and `agent.crypto`, never leak out raw.
+"""
+
+from __future__ import annotations
+
+from waystation.errors import WaystationError
+
+
+class AgentError(WaystationError):
+    """Base of every error the device agent raises deliberately."""
+
+
+class StorageError(AgentError):
+    """The local LMDB store failed; the message says which file and why."""
+
+
+class StorageFullError(StorageError):
+    """No room left: the disk is full or the store reached storage.max_map_size_mb.
+
+    Raised before anything of the refused write is stored; everything stored earlier is
+    intact (LMDB commits are all-or-nothing).
+    """
+
+    def __init__(self, path: str, *, map_limit_mb: int | None = None) -> None:
+        if map_limit_mb is None:
+            message = (f"the disk holding {path} is full: free space; "
+                       "nothing already stored was lost")
+        else:
+            message = (f"the local store at {path} reached its size limit "
+                       f"(storage.max_map_size_mb = {map_limit_mb}): raise the limit or "
+                       "free space; nothing already stored was lost")
+        super().__init__(message)
+        self.path = path
+        self.map_limit_mb = map_limit_mb
+
+
+class StorageFormatError(StorageError):
+    """The store's on-disk format version is not the one this agent reads."""
+
+    exit_code = 2
+
+
+class EncryptionKeyError(StorageError):
+    """The encryption key is missing, unreadable, or not the one the data was written with."""
+
+    exit_code = 2
+
+
+class AgentNotInitialised(AgentError):
+    """Nothing has been stored on this device yet (no store at data_dir)."""
+
+
+class DeviceMismatch(AgentError):
+    """The store at data_dir was created for a different device id."""
+
+    exit_code = 2
+
+
+class WriteRefused(AgentError):
+    """A local write was refused before anything was stored.
+
+    `code` is the rejection code the server would have answered (PROTOCOL.md §8):
+    unknown_collection, unknown_field, type_mismatch, wrong_strategy, scope_denied,
+    scope_mismatch, invalid, record_too_large.
+    """
+
+    exit_code = 2
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotFound(AgentError):
+    """A record or dead letter that was asked for does not exist on this device."""
+
+
+__all__ = [
+    "AgentError",
+    "AgentNotInitialised",
+    "DeviceMismatch",
+    "EncryptionKeyError",
+    "NotFound",
+    "StorageError",
+    "StorageFormatError",
+    "StorageFullError",
+    "WriteRefused",
+]

@@ -1,0 +1,482 @@
+"""The embedded MQTT broker: amqtt 0.12.1 with Waystation's auth, ACL and socket tuning.
+
+    EmbeddedBroker(BrokerSettings(...))      start() / stop(), or ``async with``
+    serve(cfg, ready=None, stop=None)       run until ``stop`` is set (or the task is cancelled)
+    run(cfg) -> int                         blocking, SIGTERM/SIGINT -> clean shutdown
+    broker_run(args, env) -> int            the ``waystation broker run`` handler
+    python -m broker.embedded --port ...    the same, configured from the command line
+
+amqtt is used through its supported plugin mechanism (``broker.amqtt_plugins``); on top
+of that a small subclass of amqtt's ``Broker`` changes four things amqtt 0.12.1 gets
+wrong for a fleet (each measured; see the tests in tests/broker/test_embedded.py):
+
+1. TCP_NODELAY is set (and checked) on every accepted client socket.
+2. A CONNECT is authenticated *before* amqtt touches its session table. Stock amqtt
+   first deletes (clean session) or takes over (persistent session) the session of the
+   client id it was sent, and only then looks at the credentials, so anyone able to open
+   a TCP connection could kick any device offline or wipe its queued messages.
+3. Retained messages sent on (re)connect and on SUBSCRIBE pass the ACL's "receive"
+   check; stock amqtt sends every retained message matching *any* client's
+   subscription to every connecting client.
+4. With ``tls_require_client_cert`` the TLS listener demands a client certificate
+   (amqtt hard-codes CERT_OPTIONAL).
+
+amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
+on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are
+accepted by the ACL but never match anything on amqtt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import amqtt
+import structlog
+from amqtt.broker import Broker
+from amqtt.contexts import Action as AmqttAction
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.utils import gen_client_id
+
+from broker.amqtt_plugins import plugin_config
+from broker.errors import ServerError
+from waystation.errors import ConfigError, WaystationError
+
+__all__ = [
+    "BrokerSettings",
+    "EmbeddedBroker",
+    "EmbeddedBrokerError",
+    "broker_run",
+    "main",
+    "run",
+    "serve",
+]
+
+log = structlog.get_logger(__name__)
+
+AMQTT_VERSION = "0.12.1"
+"""The amqtt release whose internals ``_WaystationBroker`` overrides were written for."""
+
+_PREAUTH = "waystation.preauthenticated"
+
+
+class EmbeddedBrokerError(ServerError):
+    """The embedded broker could not start (port in use, bad TLS files, ...)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings:
+    """Everything the embedded broker needs; ``from_config`` maps the pydantic config."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    password_file: Path = Path("passwd")
+    prefix: str = "waystation"
+    server_users: frozenset[str] = frozenset({"waystation-server"})
+    allow_anonymous: bool = False
+    tls_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
+    data_dir: Path | None = None
+    session_expiry_s: int | None = 7 * 24 * 3600
+    """Forget a persistent session (and its queue) this long after its client left."""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.tls_port is not None and (self.tls_cert is None or self.tls_key is None):
+            raise ConfigError("broker: tls_port needs both a TLS certificate and a key")
+        if self.tls_require_client_cert and self.tls_ca is None:
+            raise ConfigError("broker: tls_require_client_cert needs a CA file (tls ca)")
+        if not self.prefix or self.prefix.startswith("$") or any(c in self.prefix for c in "+#"):
+            raise ConfigError(f"broker: invalid topic prefix {self.prefix!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> BrokerSettings:
+        """Build from a config object read by attribute (e.g. ``waystation.config.BrokerConfig``).
+
+        TLS options are read nested (``tls.cert_file``, ``tls.key_file``, ``tls.ca_file``,
+        ``tls.require_client_cert``) or flat (``tls_cert``, ``tls_key``, ``tls_ca``, ...).
+        """
+        if isinstance(cfg, BrokerSettings):
+            return cfg
+        defaults = cls()
+        data_dir = _opt_path(_pick(cfg, "data_dir"))
+        resolve = getattr(cfg, "resolved_password_file", None)
+        password_file = _opt_path(resolve() if callable(resolve) else _pick(cfg, "password_file"))
+        if password_file is None:
+            password_file = (data_dir / "passwd") if data_dir else defaults.password_file
+        server_users = _pick(cfg, "server_users")
+        log_cfg = _pick(cfg, "log")
+        log_level = _pick(cfg, "log_level") or (
+            log_cfg if isinstance(log_cfg, str) else _pick(log_cfg, "level")
+        )
+        tls_port = _pick(cfg, "tls_port", "tls.port")
+        return cls(
+            host=str(_pick(cfg, "host") or defaults.host),
+            port=int(_pick(cfg, "port") or defaults.port),
+            password_file=password_file,
+            prefix=str(_pick(cfg, "prefix") or defaults.prefix),
+            server_users=(
+                frozenset(server_users) if server_users is not None else defaults.server_users
+            ),
+            allow_anonymous=bool(_pick(cfg, "allow_anonymous") or False),
+            tls_port=int(tls_port) if tls_port else None,
+            tls_cert=_opt_path(_pick(cfg, "tls.cert_file", "tls_cert", "tls.cert")),
+            tls_key=_opt_path(_pick(cfg, "tls.key_file", "tls_key", "tls.key")),
+            tls_ca=_opt_path(_pick(cfg, "tls.ca_file", "tls_ca", "tls.ca")),
+            tls_require_client_cert=bool(
+                _pick(cfg, "tls_require_client_cert", "tls.require_client_cert") or False
+            ),
+            data_dir=data_dir,
+            session_expiry_s=_pick(cfg, "session_expiry_s") or defaults.session_expiry_s,
+            log_level=str(log_level or defaults.log_level),
+        )
+
+    def amqtt_config(self) -> dict[str, Any]:
+        """The amqtt broker configuration dict for these settings."""
+        listeners: dict[str, dict[str, Any]] = {
+            "default": {"type": "tcp", "bind": _bind(self.host, self.port)},
+        }
+        if self.tls_port is not None:
+            tls: dict[str, Any] = {
+                "type": "tcp",
+                "bind": _bind(self.host, self.tls_port),
+                "ssl": True,
+                "certfile": str(self.tls_cert),
+                "keyfile": str(self.tls_key),
+            }
+            if self.tls_ca is not None:
+                tls["cafile"] = str(self.tls_ca)
+            listeners["tls"] = tls
+        return {
+            "listeners": listeners,
+            "timeout_disconnect_delay": 0,
+            "session_expiry_interval": self.session_expiry_s,
+            "plugins": plugin_config(
+                password_file=self.password_file,
+                prefix=self.prefix,
+                server_users=self.server_users,
+                allow_anonymous=self.allow_anonymous,
+                trust_client_cert_cn=self.tls_ca is not None,
+            ),
+        }
+
+
+class EmbeddedBroker:
+    """One amqtt broker with Waystation's plugins; ``async with EmbeddedBroker(s): ...``."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self._broker: _WaystationBroker | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> EmbeddedBroker:
+        """Construct from a pydantic ``BrokerConfig`` (or anything with its attributes)."""
+        return cls(BrokerSettings.from_config(cfg))
+
+    @property
+    def running(self) -> bool:
+        """True between a successful ``start()`` and ``stop()``."""
+        return self._broker is not None
+
+    async def start(self) -> None:
+        """Open the listeners; raises EmbeddedBrokerError when that fails."""
+        if self._broker is not None:
+            return
+        _check_amqtt()
+        s = self.settings
+        if s.data_dir is not None:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_password_file(s.password_file)
+        try:
+            broker = _WaystationBroker(
+                s.amqtt_config(), require_client_cert=s.tls_require_client_cert
+            )
+            await broker.start()
+        except Exception as exc:  # amqtt: BrokerError (bind failed, TLS files), dacite, ...
+            raise EmbeddedBrokerError(f"the embedded broker could not start: {exc}") from exc
+        self._broker = broker
+        log.info("embedded broker listening", host=s.host, port=s.port, tls_port=s.tls_port,
+                 prefix=s.prefix, password_file=str(s.password_file))
+
+    async def stop(self) -> None:
+        """Close every connection and listener (idempotent)."""
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.shutdown()
+            log.info("embedded broker stopped")
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def ensure_password_file(path: Path) -> None:
+    """Create an empty password file (mode 0600) if there is none, and say what that means."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        log.warning(
+            "created an empty password file: no device can connect until one is enrolled",
+            path=str(path),
+        )
+
+
+async def serve(
+    cfg: Any,
+    ready: Callable[[], object] | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set or the task is cancelled; call ``ready()`` once listening."""
+    broker = EmbeddedBroker(BrokerSettings.from_config(cfg))
+    await broker.start()
+    try:
+        if ready is not None:
+            ready()
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await broker.stop()
+
+
+def run(cfg: Any) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down cleanly and return 0.
+
+    Blocking; for the CLI. A broker that cannot start raises EmbeddedBrokerError (the CLI
+    prints it as one line).
+    """
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(cfg, ready=lambda: log.info("embedded broker ready"), stop=stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def broker_run(args: Any, env: Mapping[str, str]) -> int:
+    """``waystation broker run``: load the ``broker`` part of the config file and serve."""
+    from waystation.config import BrokerConfig, load_config
+    from waystation.logs import configure_logging
+
+    cfg = load_config(BrokerConfig, getattr(args, "config", None), env, part="broker")
+    configure_logging(cfg.log)
+    return run(BrokerSettings.from_config(cfg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m broker.embedded``: the broker configured from command-line options."""
+    parser = argparse.ArgumentParser(prog="python -m broker.embedded", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument("--password-file", type=Path, default=None)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--prefix", default="waystation")
+    parser.add_argument("--server-user", action="append", dest="server_users", default=None,
+                        help="a user with full access under the prefix (repeatable)")
+    parser.add_argument("--allow-anonymous", action="store_true")
+    parser.add_argument("--tls-port", type=int, default=None)
+    parser.add_argument("--tls-cert", type=Path, default=None)
+    parser.add_argument("--tls-key", type=Path, default=None)
+    parser.add_argument("--tls-ca", type=Path, default=None)
+    parser.add_argument("--tls-require-client-cert", action="store_true")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    ns = parser.parse_args(argv)
+    from waystation.config import LogConfig
+    from waystation.logs import configure_logging
+
+    try:
+        settings = BrokerSettings.from_config(ns)
+        configure_logging(LogConfig(level=settings.log_level))  # type: ignore[arg-type]
+        return run(settings)
+    except WaystationError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+
+
+# ---------------------------------------------------------------------------------------
+# amqtt internals
+
+
+class _WaystationBroker(Broker):  # type: ignore[misc]
+    """amqtt's Broker with the four fixes listed in the module docstring."""
+
+    def __init__(self, config: dict[str, Any], *, require_client_cert: bool) -> None:
+        super().__init__(config)
+        self._require_client_cert = require_client_cert
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        sock = writer.get_extra_info("socket")
+        nodelay = False
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            except OSError as exc:
+                log.warning("could not set TCP_NODELAY", error=str(exc))
+        log.debug("client socket accepted", listener=listener_name,
+                  peer=writer.get_extra_info("peername"), tcp_nodelay=nodelay)
+        await super().stream_connected(reader, writer, listener_name)
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        context: ssl.SSLContext = super()._create_ssl_context(listener)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self._require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    async def _authenticate(self, session: Any, listener: Any) -> bool:
+        if session.attributes.pop(_PREAUTH, False):
+            return True
+        return bool(await super()._authenticate(session, listener))
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[Any, Any]:
+        # amqtt 0.12.1's method, with authentication moved before any use of the session
+        # table (see fix 2 in the module docstring). Errors raised here make amqtt log the
+        # attempt and drop the connection.
+        try:
+            handler, client_session = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except AMQTTError as exc:
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            raise AMQTTError(exc) from exc
+
+        if not await super()._authenticate(client_session, None):
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            raise MQTTError(
+                f"connection from {remote_address}:{remote_port} refused "
+                f"(client id {client_session.client_id!r}, user {client_session.username!r})"
+            )
+
+        if client_session.clean_session:
+            if client_session.client_id:
+                await self._delete_session(client_session.client_id)
+            else:
+                client_session.client_id = gen_client_id()
+            client_session.parent = 0
+        elif client_session.client_id in self._sessions:
+            existing, _ = self._sessions[client_session.client_id]
+            existing.will_flag = client_session.will_flag
+            existing.will_message = client_session.will_message
+            existing.will_topic = client_session.will_topic
+            existing.will_qos = client_session.will_qos
+            existing.will_retain = client_session.will_retain
+            existing.keep_alive = client_session.keep_alive
+            existing.username = client_session.username
+            existing.password = client_session.password
+            existing.is_anonymous = client_session.is_anonymous
+            client_session = existing
+            client_session.parent = 1
+        else:
+            client_session.parent = 0
+
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if client_session.keep_alive > 0 and isinstance(delay, int):
+            client_session.keep_alive += delay
+        client_session.attributes[_PREAUTH] = True
+        return handler, client_session
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
+                continue
+            tasks.append(asyncio.ensure_future(handler.mqtt_publish(
+                retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+            )))
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+_OVERRIDDEN = (
+    "stream_connected",
+    "_create_ssl_context",
+    "_authenticate",
+    "_initialize_client_session",
+    "_publish_retained_messages_for_subscription",
+    "_delete_session",
+    "_topic_filtering",
+    "_get_handler",
+    "_matches",
+)
+
+
+def _check_amqtt() -> None:
+    missing = [name for name in _OVERRIDDEN if not hasattr(Broker, name)]
+    if amqtt.__version__ != AMQTT_VERSION or missing:
+        raise EmbeddedBrokerError(
+            f"amqtt {amqtt.__version__} is installed but broker/embedded.py was written for "
+            f"amqtt {AMQTT_VERSION} (it overrides broker internals{': ' if missing else ''}"
+            f"{', '.join(missing)}); install amqtt=={AMQTT_VERSION} or review the overrides"
+        )
+
+
+def _pick(obj: Any, *names: str) -> Any:
+    """The first attribute among ``names`` (dotted for nesting) that is set on ``obj``."""
+    for name in names:
+        value: Any = obj
+        for part in name.split("."):
+            value = getattr(value, part, None)
+            if value is None:
+                break
+        if value is not None:
+            return value
+    return None
+
+
+def _opt_path(value: Any) -> Path | None:
+    return None if value is None or value == "" else Path(value)
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+if __name__ == "__main__":
+    # Run the copy imported as ``broker.embedded`` (not this ``__main__`` one), so loggers
+    # and classes carry their real module name.
+    from broker.embedded import main as _main
+
+    raise SystemExit(_main())

@@ -1,0 +1,24 @@
+"""Server stores: the interface (`base`) and its backends (`lmdb_store`; PostgreSQL next).
+
+`open_store(config)` opens the backend a `ServerConfig` names.
+"""
+
+from __future__ import annotations
+
+from broker.errors import StoreError
+from broker.store.base import Store
+from waystation.config import ServerConfig
+
+
+def open_store(config: ServerConfig) -> Store:
+    """Open the store configured in `config.store` (LMDB: under `config.data_dir`)."""
+    if config.store.kind == "lmdb":
+        from broker.store.lmdb_store import LmdbStore
+
+        return LmdbStore(config.data_dir, map_size_mb=config.store.map_size_mb,
+                         max_map_size_mb=config.store.max_map_size_mb)
+    raise StoreError(f"store.kind = {config.store.kind!r} is not available in this version; "
+                     "use kind = \"lmdb\"")
+
+
+__all__ = ["open_store"]

@@ -1,0 +1,333 @@
+"""The server store interface: what every backend (LMDB today, PostgreSQL later) provides.
+
+A store is deliberately dumb. It keeps rows and hands them back; every algorithm
+(applying a change, catch-up paging, purging tombstones, the registry) is written once,
+against the transaction interfaces below, in the modules that use it. A backend only
+provides transactions:
+
+    store.read()            context manager -> ReadTxn (a consistent snapshot)
+    store.transact(fn)      runs fn(WriteTxn) in ONE atomic, durable write transaction
+                            and returns its result. The backend MAY run fn again after a
+                            retryable failure (LMDB grows its map, PostgreSQL retries a
+                            serialisation failure), so fn must keep its side effects
+                            inside the transaction until it returns.
+
+What is kept (all in the same transactional store):
+
+    devices       id -> DeviceRow (scopes, enabled, created, last seen, agent, sv, z)
+    registry gen  a counter bumped by every structural registry change (add, remove,
+                  scopes, enable/disable) so another process notices cheaply
+    records       (collection, key) -> merge.RecordState JSON
+    sequences     scope -> last allocated q
+    index         (scope, q) -> (collection, key), the newest version of each record
+                  only: a compacted change log; catch-up reads it in q order
+    tombstones    (scope, q) -> (collection, key, applied at): deleted records, for purging
+    horizons      scope -> highest q of a purged tombstone
+    outcomes      (device, n) -> applied (scope, q) or permanently rejected (code, reason)
+    conflicts     id -> ConflictRow; open ones also indexed by (collection, key, field)
+    dead letters  id -> DeadLetter (time, device, topic, code, reason, raw payload <= 64 KiB)
+    commands      (device, id) -> CommandRow
+    notices       id -> Notice: record versions written outside the merge consumer (the
+                  operator's `server resolve`) that the running server must fan out
+
+Rows are plain frozen dataclasses; records are the JSON-able dicts of
+`merge.RecordState.to_json()` (the store never interprets them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+STORE_FORMAT = 1
+"""Version of the stored layout; a store refuses to open another version."""
+
+MAX_DEAD_LETTER_RAW = 64 * 1024
+"""Raw payloads kept in a dead letter are truncated to this many bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    """One registered device."""
+
+    id: str
+    scopes: tuple[str, ...]
+    enabled: bool = True
+    created_ms: int = 0
+    last_seen_ms: int = 0
+    agent: str = ""
+    sv: int = 0
+    z: bool = False
+    """The device accepts zlib-compressed messages (from its last hello)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "scopes": list(self.scopes), "enabled": self.enabled,
+                "created": self.created_ms, "seen": self.last_seen_ms, "agent": self.agent,
+                "sv": self.sv, "z": self.z}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceRow:
+        return cls(id=data["id"], scopes=tuple(data["scopes"]), enabled=data["enabled"],
+                   created_ms=data["created"], last_seen_ms=data["seen"],
+                   agent=data["agent"], sv=data["sv"], z=data["z"])
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRow:
+    """What became of one change id: applied at (scope, q), or rejected for good."""
+
+    c: str
+    k: str
+    scope: str = ""
+    q: int = 0
+    code: str = ""
+    reason: str = ""
+
+    @property
+    def applied(self) -> bool:
+        return not self.code
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictRow:
+    """One conflict-log entry: a concurrent value that lost, or an open manual conflict."""
+
+    id: int
+    created_ms: int
+    c: str
+    k: str
+    s: str
+    field: str
+    entry: dict[str, Any]
+    """`merge.ConflictEntry.to_json()`: winner, loser(s), stamps, devices."""
+    open: bool
+    closed_ms: int = 0
+    resolution: str = ""
+    """How it was closed: e.g. ``operator`` or ``device van-7 change 12``."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created_ms, "c": self.c, "k": self.k,
+                "s": self.s, "field": self.field, "entry": self.entry, "open": self.open,
+                "closed": self.closed_ms, "resolution": self.resolution}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConflictRow:
+        return cls(id=data["id"], created_ms=data["created"], c=data["c"], k=data["k"],
+                   s=data["s"], field=data["field"], entry=data["entry"], open=data["open"],
+                   closed_ms=data["closed"], resolution=data["resolution"])
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Input the server refused (or accepted only after repair), kept for the operator."""
+
+    id: int
+    t_ms: int
+    device: str
+    """The device id of the topic it arrived on."""
+    topic: str
+    """Which topic kind: ``up`` or ``status``."""
+    code: str
+    reason: str
+    raw: bytes
+    """The payload as received, truncated to 64 KiB."""
+    size: int = 0
+    """The payload's full size in bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRow:
+    """An order for one device (`wipe`, `resync`, `ping`), pending until reported done."""
+
+    id: str
+    device: str
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+    created_ms: int = 0
+    done_ms: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "device": self.device, "cmd": self.cmd, "args": self.args,
+                "created": self.created_ms, "done": self.done_ms}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CommandRow:
+        return cls(id=data["id"], device=data["device"], cmd=data["cmd"], args=data["args"],
+                   created_ms=data["created"], done_ms=data["done"])
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A record version written outside the merge consumer, waiting to be fanned out."""
+
+    id: int
+    scope: str
+    q: int
+    c: str
+    k: str
+    fields: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tomb:
+    """A deleted record, candidate for purging once older than the retention."""
+
+    scope: str
+    q: int
+    c: str
+    k: str
+    t_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    """Where the store is and how big it is."""
+
+    kind: str
+    location: str
+    size_bytes: int
+    """Bytes the store occupies on disk (or in the database)."""
+    capacity_bytes: int
+    """Current size limit (LMDB map size); 0 when the backend has none."""
+    counts: dict[str, int]
+    """Entries per table: records, devices, outcomes, conflicts, open_conflicts,
+    dead_letters, commands, notices, tombstones."""
+
+
+class ReadTxn(Protocol):
+    """A consistent, read-only view of the store."""
+
+    # registry
+    def registry_generation(self) -> int: ...
+    def get_device(self, dev: str) -> DeviceRow | None: ...
+    def devices(self) -> list[DeviceRow]: ...
+
+    # records and the per-scope log
+    def get_record(self, c: str, k: str) -> dict[str, Any] | None: ...
+    def scope_seq(self, scope: str) -> int: ...
+    def scope_seqs(self) -> dict[str, int]: ...
+    def purge_horizon(self, scope: str) -> int: ...
+    def index_range(self, scope: str, after_q: int, limit: int) -> list[tuple[int, str, str]]:
+        """Up to `limit` (q, collection, key) of `scope` with q > after_q, in q order."""
+        ...
+    def tombs(self, scope: str, limit: int) -> list[Tomb]:
+        """The oldest (lowest q) `limit` tombstones of `scope`."""
+        ...
+
+    # outcomes
+    def get_outcome(self, dev: str, n: int) -> OutcomeRow | None: ...
+
+    # conflicts
+    def get_conflict(self, cid: int) -> ConflictRow | None: ...
+    def conflicts(self, *, open_only: bool, limit: int) -> list[ConflictRow]:
+        """Newest first."""
+        ...
+    def open_conflicts_on(self, c: str, k: str, fname: str) -> list[int]:
+        """Ids of the open conflicts on one field of one record."""
+        ...
+
+    # dead letters, commands, notices
+    def dead_letters(self, limit: int) -> list[DeadLetter]:
+        """Newest first."""
+        ...
+    def commands(self, dev: str | None = None) -> list[CommandRow]:
+        """Every command (of one device, or of all), oldest first."""
+        ...
+    def notices(self, limit: int) -> list[Notice]:
+        """Oldest first."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Entries per table (see StoreInfo.counts)."""
+        ...
+
+
+class WriteTxn(ReadTxn, Protocol):
+    """A read-write transaction: every write commits together or not at all."""
+
+    # registry
+    def put_device(self, row: DeviceRow) -> None: ...
+    def delete_device(self, dev: str) -> bool: ...
+    def bump_registry(self) -> int: ...
+
+    # records and the per-scope log
+    def put_record(self, c: str, k: str, state: dict[str, Any]) -> None: ...
+    def delete_record(self, c: str, k: str) -> None: ...
+    def allocate_seq(self, scope: str) -> int:
+        """The next q of `scope` (last + 1), recorded as allocated."""
+        ...
+    def index_move(self, scope: str, old_q: int, new_q: int, c: str, k: str) -> None:
+        """The record's newest version moves from `old_q` (0: new record) to `new_q`."""
+        ...
+    def index_delete(self, scope: str, q: int) -> None: ...
+    def set_purge_horizon(self, scope: str, q: int) -> None: ...
+    def put_tomb(self, tomb: Tomb) -> None: ...
+    def delete_tomb(self, scope: str, q: int) -> None: ...
+
+    # outcomes
+    def put_outcome(self, dev: str, n: int, outcome: OutcomeRow) -> None: ...
+    def delete_outcomes(self, dev: str) -> int:
+        """Forget every outcome of a device (it is removed); returns how many."""
+        ...
+
+    # conflicts
+    def add_conflict(self, row: ConflictRow) -> int:
+        """Store `row` under a new id (its `id` is ignored); returns the id."""
+        ...
+    def close_conflict(self, cid: int, closed_ms: int, resolution: str) -> bool:
+        """Mark an open conflict closed; False if it is unknown or already closed."""
+        ...
+
+    # dead letters, commands, notices
+    def add_dead_letter(self, letter: DeadLetter) -> int:
+        """Store `letter` under a new id (raw truncated to 64 KiB; the oldest letters are
+        dropped beyond the store's limit); returns the id."""
+        ...
+    def put_command(self, row: CommandRow) -> None: ...
+    def delete_commands(self, dev: str) -> int: ...
+    def add_notice(self, notice: Notice) -> int: ...
+    def delete_notice(self, nid: int) -> None: ...
+
+
+class Store(Protocol):
+    """A backend: transactions over the tables above."""
+
+    kind: str
+
+    def read(self) -> AbstractContextManager[ReadTxn]: ...
+    def transact(self, fn: Callable[[WriteTxn], T]) -> T: ...
+    def info(self) -> StoreInfo: ...
+    def close(self) -> None: ...
+
+
+def iter_all_index(txn: ReadTxn, scope: str, page: int = 1000) -> Iterator[tuple[int, str, str]]:
+    """Every (q, collection, key) of `scope` in q order (helper for tools and tests)."""
+    after = 0
+    while True:
+        chunk = txn.index_range(scope, after, page)
+        yield from chunk
+        if len(chunk) < page:
+            return
+        after = chunk[-1][0]
+
+
+__all__ = [
+    "MAX_DEAD_LETTER_RAW",
+    "STORE_FORMAT",
+    "CommandRow",
+    "ConflictRow",
+    "DeadLetter",
+    "DeviceRow",
+    "Notice",
+    "OutcomeRow",
+    "ReadTxn",
+    "Store",
+    "StoreInfo",
+    "Tomb",
+    "WriteTxn",
+    "iter_all_index",
+]

@@ -1,0 +1,632 @@
+"""The single entry point between wire bytes and typed messages (PROTOCOL.md §3, §8).
+
+Decoding
+    ``decode(payload, *, allowed=None, max_payload=..., max_decompressed=...) -> Message``
+    turns any input into a typed message of `schemas.wire` or raises `ProtocolError`
+    whose `code` is a rejection code of §8 and whose `reason` is a short (< 300
+    characters) human-readable sentence that never echoes a large part of the input.
+    It raises nothing else, whatever it is given. Checks run in this order:
+
+    1. the payload is bytes-like (bytes, bytearray, memoryview or any buffer;
+       anything else is `malformed`) and at most `max_payload` bytes (`too_large`);
+    2. a payload whose first byte is 0x78 is a zlib stream: it is inflated with a
+       bounded output buffer, so a zip bomb never allocates more than
+       `max_decompressed` bytes (`too_large` beyond that, `malformed` if the stream
+       is broken, truncated or followed by trailing bytes);
+    3. the JSON text is parsed with orjson; it must be a JSON object (`malformed`
+       otherwise: invalid UTF-8, lone surrogates, NaN / Infinity, trailing data, ...);
+       duplicate member names are accepted, the last one wins;
+    4. `v` must be the integer 1 (`unsupported_version`; `true`, `1.0` and `"1"` are
+       not 1); a missing `v` is `invalid`;
+    5. `type` must be a string naming a message in `allowed` (default: every message
+       type, `schemas.wire.ALL_TYPES`), else `unknown_type`; a missing `type` is
+       `invalid`;
+    6. a `changes` batch with more than 1,000 changes is `too_large`;
+    7. every JSON number in the message (unknown members included) that is an integer
+       must satisfy |x| < 2^53, and the message may nest at most `MAX_MESSAGE_DEPTH`
+       levels (the deepest legitimate message plus a 32-level value), else `invalid`;
+    8. the message's model validates it (`invalid`, the reason names the first
+       offending member path, e.g. ``ch.3.n: Input should be greater than or equal
+       to 1``). Values of fields are further limited to 32 levels by the models.
+
+Lenient decoding of change batches
+    A server must not let one bad change block the others of its batch (§10.1).
+    ``decode_lenient(payload, *, allowed=None, ...) -> Message | LenientChanges``
+    behaves like `decode` except for `changes` messages: these always come back as
+    a `LenientChanges` holding the envelope (`dev`, `sv`), a `Changes` message with
+    the valid changes (None when no change is valid) and one `BadChange` (index in
+    `ch`, change number `n` when it is a valid number, else None, and the
+    `ProtocolError`, code `invalid`) per invalid change, in batch order. Errors of
+    the envelope (bytes, `v`, `type`, `dev`, `sv`, `ch` not a non-empty array of at
+    most 1,000 entries, members outside `ch`) still raise `ProtocolError`.
+    ``decode_changes_lenient(payload, ...) -> LenientChanges`` accepts only `changes`.
+
+Encoding
+    ``encode(msg, *, compress_over=None) -> bytes`` writes the message's members by
+    their wire names, leaving out members equal to their defaults but always writing
+    `type` and `v` (first). ``encode_dict(obj, *, compress_over=None) -> bytes`` is
+    the same for a plain dict built on a hot path; it does not validate (the caller
+    promises a valid message). With `compress_over` set, a payload longer than that
+    many bytes is zlib-compressed (level 6) when that makes it smaller. Both raise
+    `ProtocolError` (`invalid`) for values JSON cannot carry. Note that a message
+    built in Python may hold values that are valid JSON but that a receiver refuses
+    (e.g. a record over the record limit); `encode` does not re-check them.
+
+Codes
+    The rejection codes of §8 are the constants `MALFORMED` ... `SERVER_ERROR`;
+    `ALL_CODES`, `PERMANENT_CODES` and `TRANSIENT_CODES` group them, and
+    `is_permanent(code)` tells how a device must treat a code (unknown codes are
+    permanent, as §8 says for a rejection whose `perm` is true).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+import orjson
+from pydantic import Field, ValidationError
+
+from schemas.errors import ProtocolError
+from schemas.wire import (
+    ALL_TYPES,
+    MAX_CHANGES_PER_BATCH,
+    MAX_JSON_DEPTH,
+    MAX_SAFE_INT,
+    PROTOCOL_VERSION,
+    Change,
+    Changes,
+    DeviceId,
+    Message,
+    SchemaVersion,
+)
+
+__all__ = [
+    "ALL_CODES",
+    "CLOCK_SKEW",
+    "DEFAULT_MAX_DECOMPRESSED",
+    "DEFAULT_MAX_PAYLOAD",
+    "INVALID",
+    "MALFORMED",
+    "MAX_MESSAGE_DEPTH",
+    "MAX_REASON_CHARS",
+    "PERMANENT_CODES",
+    "RECORD_TOO_LARGE",
+    "RULE_REJECTED",
+    "SCHEMA_VERSION",
+    "SCOPE_DENIED",
+    "SCOPE_MISMATCH",
+    "SERVER_ERROR",
+    "TOO_LARGE",
+    "TRANSIENT_CODES",
+    "TYPE_MISMATCH",
+    "UNKNOWN_COLLECTION",
+    "UNKNOWN_DEVICE",
+    "UNKNOWN_FIELD",
+    "UNKNOWN_TYPE",
+    "UNSUPPORTED_VERSION",
+    "WRONG_DEVICE",
+    "WRONG_STRATEGY",
+    "BadChange",
+    "LenientChanges",
+    "ProtocolError",
+    "decode",
+    "decode_changes_lenient",
+    "decode_lenient",
+    "encode",
+    "encode_dict",
+    "is_permanent",
+]
+
+# --- rejection codes (PROTOCOL.md §8) -----------------------------------------------
+
+MALFORMED: Final = "malformed"
+TOO_LARGE: Final = "too_large"
+UNSUPPORTED_VERSION: Final = "unsupported_version"
+UNKNOWN_TYPE: Final = "unknown_type"
+INVALID: Final = "invalid"
+WRONG_DEVICE: Final = "wrong_device"
+UNKNOWN_DEVICE: Final = "unknown_device"
+SCOPE_DENIED: Final = "scope_denied"
+UNKNOWN_COLLECTION: Final = "unknown_collection"
+UNKNOWN_FIELD: Final = "unknown_field"
+TYPE_MISMATCH: Final = "type_mismatch"
+WRONG_STRATEGY: Final = "wrong_strategy"
+SCOPE_MISMATCH: Final = "scope_mismatch"
+CLOCK_SKEW: Final = "clock_skew"
+RULE_REJECTED: Final = "rule_rejected"
+RECORD_TOO_LARGE: Final = "record_too_large"
+SCHEMA_VERSION: Final = "schema_version"
+SERVER_ERROR: Final = "server_error"
+
+TRANSIENT_CODES: Final[frozenset[str]] = frozenset({SCHEMA_VERSION, SERVER_ERROR})
+PERMANENT_CODES: Final[frozenset[str]] = frozenset(
+    {
+        MALFORMED,
+        TOO_LARGE,
+        UNSUPPORTED_VERSION,
+        UNKNOWN_TYPE,
+        INVALID,
+        WRONG_DEVICE,
+        UNKNOWN_DEVICE,
+        SCOPE_DENIED,
+        UNKNOWN_COLLECTION,
+        UNKNOWN_FIELD,
+        TYPE_MISMATCH,
+        WRONG_STRATEGY,
+        SCOPE_MISMATCH,
+        CLOCK_SKEW,
+        RULE_REJECTED,
+        RECORD_TOO_LARGE,
+    }
+)
+ALL_CODES: Final[frozenset[str]] = PERMANENT_CODES | TRANSIENT_CODES
+
+
+def is_permanent(code: str) -> bool:
+    """True unless `code` is one of the transient codes (§8: retry later)."""
+    return code not in TRANSIENT_CODES
+
+
+# --- limits -------------------------------------------------------------------------
+
+DEFAULT_MAX_PAYLOAD: Final = 256 * 1024
+DEFAULT_MAX_DECOMPRESSED: Final = 1024 * 1024
+MAX_REASON_CHARS: Final = 300
+# The deepest legitimate message carries a 32-level value 7 levels down
+# (reject > rj > rejection > rec > cf > candidates > candidate > v): 39 levels.
+MAX_MESSAGE_DEPTH: Final = MAX_JSON_DEPTH + 8
+COMPRESS_LEVEL: Final = 6
+
+_ZLIB_FIRST_BYTE: Final = 0x78
+# orjson reads integer literals up to 64 bits as int and larger ones as float; a float
+# this large may thus be an integer literal out of range (checked precisely, rarely).
+_SUSPECT_FLOAT: Final = float(2**63)
+_SIMPLE_KEY = re.compile(r"[A-Za-z0-9_~-]{1,40}")
+
+M = TypeVar("M", bound=Message)
+
+# --- results of lenient decoding ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BadChange:
+    """One entry of a `changes` batch that is not a valid change."""
+
+    index: int
+    """Position of the entry in `ch` (0-based)."""
+    n: int | None
+    """The entry's change number when it is a valid one (1 <= n < 2^53), else None."""
+    error: ProtocolError
+    """Why (code `invalid`); the reason's path starts with ``ch.{index}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LenientChanges:
+    """A `changes` batch split into its valid changes and its invalid entries."""
+
+    dev: str
+    sv: int
+    changes: Changes | None
+    """The batch with only its valid changes, in order; None when none is valid."""
+    bad: tuple[BadChange, ...]
+    """The invalid entries, in batch order; empty when every change is valid."""
+
+
+class _ChangesEnvelope(Message):
+    """A `changes` message whose changes are not looked at yet (lenient decoding)."""
+
+    type: Literal["changes"] = "changes"
+    dev: DeviceId
+    sv: SchemaVersion
+    ch: Annotated[list[Any], Field(min_length=1, max_length=MAX_CHANGES_PER_BATCH)]
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+def decode(
+    payload: bytes | bytearray | memoryview,
+    *,
+    allowed: Mapping[str, type[Message]] | None = None,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_decompressed: int = DEFAULT_MAX_DECOMPRESSED,
+) -> Message:
+    """Decode one wire payload into its message, or raise `ProtocolError` (see module)."""
+    data, doc = _parse(payload, max_payload, max_decompressed)
+    model = _envelope(doc, allowed)
+    problem = _scan(doc, 1, data)
+    if problem is not None:
+        raise ProtocolError(INVALID, problem)
+    return _validate(model, doc)
+
+
+def decode_lenient(
+    payload: bytes | bytearray | memoryview,
+    *,
+    allowed: Mapping[str, type[Message]] | None = None,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_decompressed: int = DEFAULT_MAX_DECOMPRESSED,
+) -> Message | LenientChanges:
+    """Like `decode`, but a `changes` batch comes back as `LenientChanges` (see module)."""
+    data, doc = _parse(payload, max_payload, max_decompressed)
+    model = _envelope(doc, allowed)
+    if model is not Changes:
+        problem = _scan(doc, 1, data)
+        if problem is not None:
+            raise ProtocolError(INVALID, problem)
+        return _validate(model, doc)
+
+    # Fast path: the whole batch is valid.
+    if _scan(doc, 1, data) is None:
+        try:
+            batch = Changes.model_validate(doc)
+        except ValidationError:
+            pass
+        else:
+            return LenientChanges(dev=batch.dev, sv=batch.sv, changes=batch, bad=())
+
+    # Slow path: the envelope must be valid, then each change is judged on its own.
+    envelope = _validate(_ChangesEnvelope, doc)
+    for name, value in doc.items():
+        if name != "ch":
+            problem = _scan(value, 2, data, (name,))
+            if problem is not None:
+                raise ProtocolError(INVALID, problem)
+    good: list[Change] = []
+    bad: list[BadChange] = []
+    for index, entry in enumerate(envelope.ch):
+        path = ("ch", index)
+        problem = _scan(entry, 3, data, path)
+        if problem is None:
+            try:
+                good.append(Change.model_validate(entry))
+                continue
+            except ValidationError as exc:
+                problem = _validation_reason(exc, path)
+        bad.append(BadChange(index, _change_number(entry), ProtocolError(INVALID, problem)))
+    changes: Changes | None = None
+    if good:
+        rest = {name: value for name, value in doc.items() if name != "ch"}
+        changes = _validate(Changes, {**rest, "ch": good})
+    return LenientChanges(dev=envelope.dev, sv=envelope.sv, changes=changes, bad=tuple(bad))
+
+
+def decode_changes_lenient(
+    payload: bytes | bytearray | memoryview,
+    *,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    max_decompressed: int = DEFAULT_MAX_DECOMPRESSED,
+) -> LenientChanges:
+    """Decode a `changes` batch leniently; any other type is `unknown_type`."""
+    result = decode_lenient(
+        payload,
+        allowed={"changes": Changes},
+        max_payload=max_payload,
+        max_decompressed=max_decompressed,
+    )
+    if not isinstance(result, LenientChanges):  # pragma: no cover - allowed forbids it
+        raise ProtocolError(UNKNOWN_TYPE, "expected a 'changes' message")
+    return result
+
+
+def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes, Any]:
+    """Steps 1-3: bytes -> (JSON text, JSON object)."""
+    data: bytes
+    if isinstance(payload, bytes):
+        data = payload
+    elif isinstance(payload, bytearray):
+        if len(payload) > max_payload:
+            raise ProtocolError(TOO_LARGE, _too_large("payload", len(payload), max_payload))
+        data = bytes(payload)
+    else:
+        try:
+            view = memoryview(payload)
+            size = view.nbytes
+            if size > max_payload:
+                raise ProtocolError(TOO_LARGE, _too_large("payload", size, max_payload))
+            data = view.tobytes()
+        except ProtocolError:
+            raise
+        except Exception:
+            raise ProtocolError(
+                MALFORMED, f"payload must be bytes, not {type(payload).__name__[:40]}"
+            ) from None
+    size = len(data)
+    if size > max_payload:
+        raise ProtocolError(TOO_LARGE, _too_large("payload", size, max_payload))
+    if size and data[0] == _ZLIB_FIRST_BYTE:
+        data = _inflate(data, max_decompressed)
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(MALFORMED, _clip(f"not valid JSON: {exc}")) from None
+    except Exception:  # pragma: no cover - orjson raises only JSONDecodeError
+        raise ProtocolError(MALFORMED, "not valid JSON") from None
+    if type(doc) is not dict:
+        raise ProtocolError(MALFORMED, f"a message must be a JSON object, not {_kind(doc)}")
+    return data, doc
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(MALFORMED, _clip(f"broken zlib stream: {exc}")) from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ProtocolError(TOO_LARGE, f"decompressed payload exceeds {limit} bytes")
+    if not inflater.eof:
+        raise ProtocolError(MALFORMED, "broken zlib stream: truncated")
+    if inflater.unused_data:
+        raise ProtocolError(MALFORMED, "broken zlib stream: trailing bytes after the stream")
+    return out
+
+
+def _envelope(doc: dict[str, Any], allowed: Mapping[str, type[Message]] | None) -> type[Message]:
+    """Steps 4-6: version, type and batch size; returns the model to validate with."""
+    if "v" not in doc:
+        raise ProtocolError(INVALID, "v: member missing (the protocol version, 1)")
+    version = doc["v"]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        shown = repr(version) if type(version) is int and abs(version) < 10**9 else _kind(version)
+        raise ProtocolError(
+            UNSUPPORTED_VERSION, f"v: version {shown} is not supported (only {PROTOCOL_VERSION})"
+        )
+    if "type" not in doc:
+        raise ProtocolError(INVALID, "type: member missing")
+    name = doc["type"]
+    types = ALL_TYPES if allowed is None else allowed
+    if type(name) is not str:
+        raise ProtocolError(UNKNOWN_TYPE, f"type: must be a string, not {_kind(name)}")
+    model = types.get(name)
+    if model is None:
+        raise ProtocolError(UNKNOWN_TYPE, f"type: {_show(name)} is not accepted here")
+    if name == "changes":
+        batch = doc.get("ch")
+        if type(batch) is list and len(batch) > MAX_CHANGES_PER_BATCH:
+            raise ProtocolError(
+                TOO_LARGE,
+                f"ch: {len(batch)} changes in one batch, at most {MAX_CHANGES_PER_BATCH}; "
+                "split the batch",
+            )
+    return model
+
+
+def _validate(model: type[M], doc: Any) -> M:
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise ProtocolError(INVALID, _validation_reason(exc, ())) from None
+    except ProtocolError:  # pragma: no cover - validators raise ValueError
+        raise
+    except Exception as exc:  # pragma: no cover - defensive: never leak another type
+        raise ProtocolError(INVALID, _clip(f"cannot validate: {type(exc).__name__}")) from None
+
+
+def _change_number(entry: Any) -> int | None:
+    if type(entry) is dict:
+        n = entry.get("n")
+        if type(n) is int and 1 <= n <= MAX_SAFE_INT:
+            return n
+    return None
+
+
+# --- the number / depth scan (step 7) -----------------------------------------------
+
+
+def _scan(value: Any, depth: int, data: bytes, path: tuple[str | int, ...] = ()) -> str | None:
+    """Why `value` (at `depth`, reached by `path`) breaks the number or depth limits.
+
+    A fast pass without paths handles the usual clean message; only a suspect message
+    is walked again in document order to name the first offending path.
+    """
+    verdict = _fast_scan(value, depth)
+    if verdict is True:
+        return None
+    huge: frozenset[float] = frozenset()
+    if verdict is None:  # only suspiciously large floats: were they integer literals?
+        huge = _huge_int_literals(data)
+        if not huge:
+            return None
+    for where, problem in _slow_scan(value, depth, path, huge):
+        return _clip(f"{_path(where)}: {problem}" if where else problem)
+    return None  # pragma: no cover - the fast scan found something
+
+
+def _fast_scan(root: Any, depth: int) -> bool | None:
+    """True: clean. False: a definite problem. None: only large floats to look at."""
+    if type(root) is not dict and type(root) is not list:
+        if type(root) is int:
+            return -MAX_SAFE_INT <= root <= MAX_SAFE_INT
+        if type(root) is float and abs(root) >= _SUSPECT_FLOAT:
+            return None
+        return True
+    # Depth as in `json_depth`: the root is at `depth`, a member one level deeper. Only
+    # non-empty containers are queued; one at level L has members at L + 1.
+    if not root:
+        return depth <= MAX_MESSAGE_DEPTH
+    todo: list[tuple[Any, int]] = [(root, depth)]
+    suspect = False
+    while todo:
+        item, level = todo.pop()
+        if level >= MAX_MESSAGE_DEPTH:
+            return False
+        for value in item.values() if type(item) is dict else item:
+            kind = type(value)
+            if kind is dict or kind is list:
+                if value:
+                    todo.append((value, level + 1))
+            elif kind is int:
+                if value > MAX_SAFE_INT or value < -MAX_SAFE_INT:
+                    return False
+            elif kind is float and (value >= _SUSPECT_FLOAT or value <= -_SUSPECT_FLOAT):
+                suspect = True
+    return None if suspect else True
+
+
+def _slow_scan(
+    root: Any, depth: int, path: tuple[str | int, ...], huge: frozenset[float]
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Every (path, problem) in document order."""
+    todo: list[tuple[Any, int, tuple[str | int, ...]]] = [(root, depth, path)]
+    while todo:
+        value, level, where = todo.pop()
+        kind = type(value)
+        if kind is dict or kind is list:
+            if level >= MAX_MESSAGE_DEPTH + (0 if value else 1):
+                yield where, f"message nested deeper than {MAX_MESSAGE_DEPTH} levels"
+                continue
+            items: Iterable[tuple[str | int, Any]] = (
+                value.items() if kind is dict else enumerate(value)
+            )
+            children = [(child, level + 1, (*where, key)) for key, child in items]
+            todo.extend(reversed(children))
+        elif kind is int:
+            if value > MAX_SAFE_INT or value < -MAX_SAFE_INT:
+                yield where, "integer outside the signed 53-bit range (|x| < 2^53)"
+        elif kind is float and value in huge:
+            yield where, "integer outside the signed 53-bit range (|x| < 2^53)"
+
+
+class _HugeInt(Exception):
+    pass
+
+
+def _huge_int_literals(data: bytes) -> frozenset[float]:
+    """The float values orjson gave to integer literals too large for 64 bits."""
+    found: set[float] = set()
+
+    def parse_int(text: str) -> int:
+        digits = text.lstrip("-")
+        if len(digits) > 16:
+            number = int(text)
+            if abs(number) > MAX_SAFE_INT:
+                found.add(float(number))
+        return 0
+
+    try:
+        json.loads(data.decode("utf-8"), parse_int=parse_int)
+    except Exception:  # pragma: no cover - orjson accepted the same text
+        return frozenset()
+    return frozenset(found)
+
+
+# --- reasons ------------------------------------------------------------------------
+
+
+def _validation_reason(exc: ValidationError, prefix: tuple[str | int, ...]) -> str:
+    """The first error of `exc` as ``path: message``, short and without the input."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if not errors:  # pragma: no cover - pydantic always lists at least one
+        return "invalid message"
+    first = errors[0]
+    message = _JSON_WORDING.get(first["type"]) or str(first["msg"])
+    for noise in ("Value error, ", "Assertion failed, "):
+        if message.startswith(noise):
+            message = message[len(noise) :]
+    where = (*prefix, *first["loc"])
+    return _clip(f"{_path(where)}: {message}" if where else message)
+
+
+# pydantic words some errors in Python terms; a device developer reads JSON terms.
+_JSON_WORDING: Final[dict[str, str]] = {
+    "model_type": "Input should be an object",
+    "model_attributes_type": "Input should be an object",
+    "dict_type": "Input should be an object",
+    "list_type": "Input should be an array",
+    "tuple_type": "Input should be an array",
+}
+
+
+def _path(where: Iterable[str | int]) -> str:
+    return ".".join(_show_key(part) for part in where)
+
+
+def _show_key(part: str | int) -> str:
+    if isinstance(part, int):
+        return str(part)
+    if _SIMPLE_KEY.fullmatch(part):
+        return part
+    return _show(part)
+
+
+def _show(text: str, limit: int = 40) -> str:
+    """A short printable rendering of a string taken from the input."""
+    shown = ascii(text[:limit])
+    return shown + "..." if len(text) > limit else shown
+
+
+def _kind(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), "a value")
+
+
+def _too_large(what: str, size: int, limit: int) -> str:
+    return f"{what} of {size} bytes exceeds the limit of {limit} bytes"
+
+
+def _clip(reason: str) -> str:
+    """Keep reasons short and printable (they travel in `reject` and logs)."""
+    reason = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in reason[:600])
+    if len(reason) >= MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 4] + "..."
+    return reason
+
+
+# --- encoding -----------------------------------------------------------------------
+
+
+def encode(msg: Message, *, compress_over: int | None = None) -> bytes:
+    """The wire bytes of `msg`: `type` and `v` first, members at their defaults left out."""
+    try:
+        body = msg.__pydantic_serializer__.to_json(msg, by_alias=True, exclude_defaults=True)
+    except Exception as exc:
+        raise ProtocolError(
+            INVALID, _clip(f"cannot encode {type(msg).__name__}: {type(exc).__name__}")
+        ) from None
+    # `type` and `v` are single-valued literals, always at their defaults, so `body`
+    # never holds them: they are spliced in front.
+    head = _HEADS.get(type(msg)) or _head(type(msg))
+    data = head + b"}" if body == b"{}" else head + b"," + body[1:]
+    return _maybe_compress(data, compress_over)
+
+
+_HEADS: dict[type[Message], bytes] = {}
+
+
+def _head(model: type[Message]) -> bytes:
+    fields = model.model_fields
+    if "type" not in fields:
+        raise ProtocolError(INVALID, f"cannot encode {model.__name__}: it has no 'type'")
+    head = orjson.dumps({"type": fields["type"].default, "v": fields["v"].default})[:-1]
+    _HEADS[model] = head
+    return head
+
+
+def encode_dict(obj: Mapping[str, Any], *, compress_over: int | None = None) -> bytes:
+    """The wire bytes of a message built as a dict (not validated: the caller's duty)."""
+    try:
+        data = orjson.dumps(obj)
+    except Exception as exc:
+        raise ProtocolError(INVALID, _clip(f"cannot encode the message: {exc}")) from None
+    return _maybe_compress(data, compress_over)
+
+
+def _maybe_compress(data: bytes, compress_over: int | None) -> bytes:
+    if compress_over is not None and len(data) > compress_over:
+        packed = zlib.compress(data, COMPRESS_LEVEL)
+        if len(packed) < len(data):
+            return packed
+    return data

@@ -1,0 +1,25 @@
+"""Errors of the `schemas` package.
+
+    WaystationError
+    ├── ProtocolError           bytes that are not a valid wire message; carries `code`
+    └── CollectionSchemaError   an operator's collection schema file is wrong
+"""
+
+from __future__ import annotations
+
+from waystation.errors import WaystationError
+
+
+class ProtocolError(WaystationError):
+    """A payload is not a valid message. `code` is a rejection code (PROTOCOL.md §8)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class CollectionSchemaError(WaystationError):
+    """A collection schema file is invalid; the message names file, collection and field."""
+
+    exit_code = 2

@@ -1,0 +1,383 @@
+"""Pydantic models of every wire message (docs/PROTOCOL.md, version 1).
+
+The models are the normative shapes; `schemas.codec` turns bytes into them. Member
+names are the short wire names on purpose (metered links); docstrings give the long
+meaning. Unknown members are ignored for forward compatibility (PROTOCOL.md §3).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
+
+PROTOCOL_VERSION = 1
+
+# |x| < 2^53 keeps integers exact in every JSON reader (PROTOCOL.md §3).
+MAX_SAFE_INT = 2**53 - 1
+MAX_CHANGES_PER_BATCH = 1000
+MAX_FIELDS_PER_CHANGE = 256
+MAX_JSON_DEPTH = 32
+MAX_KEY_BYTES = 200
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+COLLECTION_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+FIELD_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+TIME_PART_PATTERN = r"^[0-9a-f]{16}$"
+# A full stamp's node is a device id or the server's reserved node `~server`.
+STAMP_PATTERN = r"^[0-9a-f]{16}:(~server|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+CHANGE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}:[1-9][0-9]{0,15}$"
+
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_FIELD_RE = re.compile(FIELD_PATTERN)
+
+
+def _check_member(value: str) -> str:
+    """A set member: 1 to 200 UTF-8 bytes (PROTOCOL.md §2; control characters allowed)."""
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= MAX_KEY_BYTES:
+        raise ValueError(f"must be 1 to {MAX_KEY_BYTES} UTF-8 bytes, got {size}")
+    return value
+
+
+def _check_key(value: str) -> str:
+    """A record key: a member that also has no character below U+0020."""
+    _check_member(value)
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (below U+0020)")
+    return value
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of a decoded JSON value; stops counting past `limit`."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def json_value_error(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why `value` is not a JSON value this protocol can carry, or None if it is one.
+
+    Checks types (None, bool, int, float, str, list, dict with str keys), integers
+    within the signed 53-bit range, finite floats and the nesting depth (§3).
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
+                return "integer outside the signed 53-bit range"
+        elif kind is float:
+            if not math.isfinite(item):
+                return "float must be finite"
+        elif kind is dict or kind is list:
+            if depth >= limit and item:
+                return f"value nested deeper than {limit} levels"
+            if kind is dict:
+                for key in item:
+                    if type(key) is not str:
+                        return "object keys must be strings"
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+        else:
+            return f"{kind.__name__} is not a JSON value"
+    return None
+
+
+def _check_value(value: Any) -> Any:
+    error = json_value_error(value)
+    if error is not None:
+        raise ValueError(error)
+    return value
+
+
+def _check_number(value: Any) -> Any:
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return value
+    raise ValueError("must be a number (an integer or a finite float)")
+
+
+def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
+    for name in value:
+        if not _FIELD_RE.fullmatch(name):
+            raise ValueError(f"{name[:80]!r} is not a valid field name")
+    return value
+
+
+DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
+ScopeId = Annotated[str, Field(pattern=ID_PATTERN)]
+CollectionName = Annotated[str, Field(pattern=COLLECTION_PATTERN)]
+FieldName = Annotated[str, Field(pattern=FIELD_PATTERN)]
+RecordKey = Annotated[str, AfterValidator(_check_key)]
+Member = Annotated[str, AfterValidator(_check_member)]
+TimePart = Annotated[str, Field(pattern=TIME_PART_PATTERN)]
+Stamp = Annotated[str, Field(pattern=STAMP_PATTERN)]
+ChangeTag = Annotated[str, Field(pattern=CHANGE_ID_PATTERN)]
+ChangeNumber = Annotated[int, Field(ge=1, le=MAX_SAFE_INT, strict=True)]
+Seq = Annotated[int, Field(ge=0, le=MAX_SAFE_INT, strict=True)]
+SchemaVersion = Annotated[int, Field(ge=0, le=MAX_SAFE_INT, strict=True)]
+JsonValue = Annotated[Any, AfterValidator(_check_value)]
+# The before-validator gives one clear error instead of one per union member.
+Number = Annotated[
+    StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)], BeforeValidator(_check_number)
+]
+ReqId = Annotated[str, Field(min_length=1, max_length=64, strict=True)]
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: ignore unknown members, never coerce scalars.
+
+    Scalars are strict (no "1" -> 1, no 1 -> True); containers stay lax so that JSON
+    arrays validate as tuples.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Message(WireModel):
+    """Common envelope: every message names its type and protocol version."""
+
+    v: Literal[1] = 1
+
+
+# --- record states (PROTOCOL.md §6) -------------------------------------------------
+
+
+class Candidate(WireModel):
+    """One concurrent value of a `manual` field whose conflict is open."""
+
+    v: JsonValue = None
+    by: str
+    h: Stamp
+
+
+class Rec(WireModel):
+    """A record state: the record as of sequence `q` (whole, or only changed fields)."""
+
+    c: CollectionName
+    k: RecordKey
+    s: ScopeId
+    q: Seq
+    part: StrictBool = False
+    x: StrictBool = False
+    xh: Stamp | None = None
+    f: Annotated[dict[str, JsonValue], AfterValidator(_check_field_names)] = {}
+    h: Annotated[dict[str, Stamp], AfterValidator(_check_field_names)] = {}
+    t: Annotated[dict[str, dict[Member, list[ChangeTag]]],
+                 AfterValidator(_check_field_names)] = {}
+    cf: Annotated[dict[str, list[Candidate]], AfterValidator(_check_field_names)] = {}
+
+
+# --- device -> server ---------------------------------------------------------------
+
+
+class Hello(Message):
+    """Sent after every (re)connect; the server answers with pending commands."""
+
+    type: Literal["hello"] = "hello"
+    dev: DeviceId
+    agent: Annotated[str, Field(max_length=128)]
+    sv: SchemaVersion
+    z: StrictBool = False
+    done: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]],
+                    Field(max_length=1000)] = []
+
+
+class Change(WireModel):
+    """One versioned local write (PROTOCOL.md §7.2)."""
+
+    n: ChangeNumber
+    h: TimePart
+    c: CollectionName
+    k: RecordKey
+    s: ScopeId
+    b: Seq = 0
+    op: Literal["put", "del"]
+    f: Annotated[dict[str, JsonValue], AfterValidator(_check_field_names)] = {}
+    i: Annotated[dict[str, Number], AfterValidator(_check_field_names)] = {}
+    a: Annotated[dict[str, list[Member]], AfterValidator(_check_field_names)] = {}
+    r: Annotated[dict[str, dict[Member, list[ChangeTag]]],
+                 AfterValidator(_check_field_names)] = {}
+
+    @model_validator(mode="after")
+    def _shape(self) -> Change:
+        if self.op == "del":
+            if self.f or self.i or self.a or self.r:
+                raise ValueError("a 'del' change must not name fields")
+            return self
+        named = len(self.f) + len(self.i) + len(set(self.a) | set(self.r))
+        if named == 0:
+            raise ValueError("a 'put' change must name at least one field")
+        if named > MAX_FIELDS_PER_CHANGE:
+            raise ValueError(f"a change may name at most {MAX_FIELDS_PER_CHANGE} fields")
+        groups = [set(self.f), set(self.i), set(self.a) | set(self.r)]
+        seen: set[str] = set()
+        for group in groups:
+            both = seen & group
+            if both:
+                raise ValueError(f"field {sorted(both)[0]!r} appears in more than one of f/i/a/r")
+            seen |= group
+        for name, inc in self.i.items():
+            if inc == 0:
+                raise ValueError(f"increment of {name!r} must not be 0")
+            if isinstance(inc, int) and abs(inc) > MAX_SAFE_INT:
+                raise ValueError(f"increment of {name!r} is outside the 53-bit range")
+        for name, members in self.a.items():
+            if not members:
+                raise ValueError(f"set add of {name!r} names no members")
+        for name, removes in self.r.items():
+            if not removes:
+                raise ValueError(f"set remove of {name!r} names no members")
+            if name in self.a and not removes.keys().isdisjoint(self.a[name]):
+                raise ValueError(f"set field {name!r} adds and removes the same member")
+        return self
+
+
+class Changes(Message):
+    """A change batch from one device."""
+
+    type: Literal["changes"] = "changes"
+    dev: DeviceId
+    sv: SchemaVersion
+    ch: Annotated[list[Change], Field(min_length=1, max_length=MAX_CHANGES_PER_BATCH)]
+
+
+class Catchup(Message):
+    """A device asks for everything after its per-scope checkpoints."""
+
+    type: Literal["catchup"] = "catchup"
+    dev: DeviceId
+    req: ReqId
+    cp: Annotated[dict[ScopeId, Seq], Field(max_length=1000)]
+    snap: Annotated[list[ScopeId], Field(max_length=1000)] = []
+    lim: Annotated[int, Field(ge=1, le=5000, strict=True)] = 1000
+
+
+# --- server -> device ---------------------------------------------------------------
+
+
+class Ack(Message):
+    """Changes applied: `[n, scope, q]` each, plus states the device could not know."""
+
+    type: Literal["ack"] = "ack"
+    ok: list[tuple[ChangeNumber, ScopeId, Seq]]
+    fx: list[Rec] = []
+    rs: list[ChangeNumber] = []
+
+
+class ErrorInfo(WireModel):
+    code: Annotated[str, Field(min_length=1, max_length=64)]
+    reason: Annotated[str, Field(max_length=2000)]
+
+
+class Rejection(WireModel):
+    n: ChangeNumber
+    code: Annotated[str, Field(min_length=1, max_length=64)]
+    reason: Annotated[str, Field(max_length=2000)]
+    perm: StrictBool
+    rec: Rec | None = None
+
+
+class Reject(Message):
+    """Changes not applied (per change), or a message-level error."""
+
+    type: Literal["reject"] = "reject"
+    rj: list[Rejection] = []
+    err: ErrorInfo | None = None
+
+
+class Delta(Message):
+    """Live record states for changes other devices just made in this device's scopes."""
+
+    type: Literal["delta"] = "delta"
+    d: list[Rec]
+
+
+class Page(Message):
+    """One page of a catch-up answer for one scope."""
+
+    type: Literal["page"] = "page"
+    req: ReqId
+    s: ScopeId
+    from_: Seq = Field(alias="from")
+    to: Seq
+    reset: StrictBool = False
+    more: StrictBool = False
+    recs: list[Rec] = []
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+class Checkpoint(Message):
+    """Catch-up complete: the device has everything up to these sequences."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    req: ReqId
+    cp: dict[ScopeId, Seq]
+    denied: list[ScopeId] = []
+
+
+class Command(Message):
+    """An order from the operator: wipe local data, resync from zero, or ping."""
+
+    type: Literal["command"] = "command"
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    cmd: Literal["wipe", "resync", "ping"]
+    args: dict[str, JsonValue] = {}
+
+
+# --- device -> everyone (retained) ---------------------------------------------------
+
+
+class Status(Message):
+    """Presence, retained on the device's status topic (and its last will)."""
+
+    type: Literal["status"] = "status"
+    dev: DeviceId
+    on: StrictBool
+    agent: Annotated[str, Field(max_length=128)] | None = None
+    sv: SchemaVersion | None = None
+    t: Seq | None = None
+    pend: Seq | None = None
+    old: Seq | None = None
+    dl: Seq | None = None
+
+
+UP_TYPES: dict[str, type[Message]] = {"hello": Hello, "changes": Changes, "catchup": Catchup}
+DOWN_TYPES: dict[str, type[Message]] = {
+    "ack": Ack,
+    "reject": Reject,
+    "delta": Delta,
+    "page": Page,
+    "checkpoint": Checkpoint,
+    "command": Command,
+}
+STATUS_TYPES: dict[str, type[Message]] = {"status": Status}
+ALL_TYPES: dict[str, type[Message]] = {**UP_TYPES, **DOWN_TYPES, **STATUS_TYPES}

@@ -1,0 +1,86 @@
+"""LMDB-specific behaviour of the store: durability, map growth, format versioning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from broker.errors import StoreFormatError, StoreFullError
+from broker.store.lmdb_store import LmdbStore
+
+
+def test_data_survives_reopen(tmp_path: Path) -> None:
+    """What a committed transaction wrote is there after closing and reopening."""
+    with LmdbStore(tmp_path) as store:
+        store.transact(lambda t: (t.put_record("tasks", "t-1", {"a": 1}),
+                                  t.allocate_seq("r1")))
+    with LmdbStore(tmp_path) as store, store.read() as txn:
+        assert txn.get_record("tasks", "t-1") == {"a": 1}
+        assert txn.scope_seq("r1") == 1
+
+
+def test_map_grows_when_full(tmp_path: Path) -> None:
+    """A transaction that does not fit the map grows it and commits (no lost write)."""
+    with LmdbStore(tmp_path, map_size_mb=1, max_map_size_mb=64) as store:
+        blob = {"x": "y" * 200_000}
+
+        def fill(t: object) -> None:
+            for i in range(20):
+                t.put_record("tasks", f"k{i}", blob)  # type: ignore[attr-defined]
+
+        store.transact(fill)
+        assert store.info().capacity_bytes > 1024 * 1024
+        with store.read() as txn:
+            assert txn.counts()["records"] == 20
+
+
+def test_full_at_maximum_raises_store_full(tmp_path: Path) -> None:
+    """Past max_map_size_mb the store refuses with an actionable StoreFullError."""
+    with LmdbStore(tmp_path, map_size_mb=1, max_map_size_mb=2) as store:
+        blob = {"x": "y" * 200_000}
+
+        def fill(t: object) -> None:
+            for i in range(30):
+                t.put_record("tasks", f"k{i}", blob)  # type: ignore[attr-defined]
+
+        with pytest.raises(StoreFullError, match="max_map_size_mb"):
+            store.transact(fill)
+        with store.read() as txn:
+            assert txn.counts()["records"] == 0
+
+
+def test_other_format_is_refused(tmp_path: Path) -> None:
+    """A store written in another format version is not opened."""
+    LmdbStore(tmp_path).close()
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=20)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"format", b"99", db=meta)
+    env.close()
+    with pytest.raises(StoreFormatError, match="format 99"):
+        LmdbStore(tmp_path)
+
+
+def test_follows_a_map_grown_by_another_process(tmp_path: Path) -> None:
+    """When another process (the operator CLI) grew the map, this one adopts the size."""
+    store = LmdbStore(tmp_path, map_size_mb=1, max_map_size_mb=64)
+    try:
+        script = textwrap.dedent(f"""
+            from broker.store.lmdb_store import LmdbStore
+            s = LmdbStore({str(tmp_path)!r}, map_size_mb=1, max_map_size_mb=64)
+            s.transact(lambda t: [t.put_record("tasks", f"k{{i}}", {{"x": "y" * 200000}})
+                                  for i in range(20)])
+            s.close()
+        """)
+        subprocess.run([sys.executable, "-c", script], check=True,
+                       cwd=Path(__file__).parents[2])
+        store.transact(lambda t: t.put_record("tasks", "mine", {"a": 1}))
+        with store.read() as txn:
+            assert txn.counts()["records"] == 21
+    finally:
+        store.close()

@@ -1,0 +1,541 @@
+"""The one adapter around paho-mqtt, shared by the device agent and the merge server.
+
+    link = MqttLink(client_id="van-12", host="broker", username="van-12", password=...,
+                    will=Will("waystation/van-12/status", b'{"type":"status",...}'),
+                    on_message=inbox.put)
+    link.subscribe("waystation/van-12/down")
+    link.start()
+    ...
+    if not link.publish("waystation/van-12/up", payload):   # not connected: keep it queued
+        ...
+    link.stop()                                             # clean: the will is not sent
+
+A link owns one network thread. It connects, and whenever the connection fails or is
+lost it reconnects after an exponentially growing, jittered delay (``backoff_delay``),
+forever, until ``stop()``; the delay starts over after each successful connection. The
+session is persistent by default (clean_session=False): the broker keeps the
+subscriptions and queues QoS-1 messages while the device is away. Subscriptions are
+remembered and sent again after any reconnect whose session the broker did not keep.
+
+Callbacks run on the network thread: they must be quick and thread-safe; the usual
+handler hands the message to a queue and returns. An exception in a callback is logged
+and swallowed (it never kills the network thread).
+
+``publish`` never queues without bound: it returns False when the link is down (or
+paho's own queue is full), and the caller keeps the message in its own outbox. Nothing
+here promises delivery; Waystation's protocol acknowledgements do (PROTOCOL.md section 1).
+
+Every socket gets TCP_NODELAY: without it a QoS-1 round trip costs ~40-90 ms of Nagle
+and delayed-ACK stalls instead of well under a millisecond.
+
+Not provided: manual PUBACK of incoming messages. A message id is only meaningful on
+the connection it arrived on (after a reconnect the same id names another message),
+amqtt gives up on a delivery whose PUBACK takes more than 5 s, and the protocol's own
+acks and catch-up already make a lost delivery harmless, so the complication buys
+nothing here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+__all__ = [
+    "Backoff",
+    "MqttLink",
+    "TlsSettings",
+    "Will",
+    "backoff_delay",
+    "backoff_delays",
+]
+
+log = structlog.get_logger(__name__)
+
+OnConnect = Callable[[bool], object]
+OnDisconnect = Callable[[str], object]
+OnMessage = Callable[[str, bytes], object]
+
+_LOOP_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last will: published by the broker if the link dies without a clean stop."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsSettings:
+    """TLS towards the broker; ``cert`` + ``key`` present a client certificate."""
+
+    ca: str | None = None
+    """CA file that signs the broker's certificate (None: the system's CAs)."""
+    cert: str | None = None
+    key: str | None = None
+    insecure: bool = False
+    """Skip certificate and host name verification (tests only)."""
+    server_hostname: str | None = None
+    """Name to verify (and send as SNI) when it differs from the host connected to."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backoff:
+    """Reconnect delays: see ``backoff_delay``."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum or self.multiplier < 1:
+            raise ValueError(f"invalid backoff {self}")
+
+
+def backoff_delay(attempt: int, policy: Backoff, rng: random.Random | None = None) -> float:
+    """The wait before reconnect attempt ``attempt`` (0 for the first retry).
+
+    Full jitter above a floor: uniform in ``[initial, min(maximum, initial * multiplier
+    ** (attempt + 1))]``. The floor keeps a client from hammering a broker that refuses
+    it instantly; the jitter over the whole range spreads a fleet that lost its broker
+    at the same instant, so the broker is not hit by every device at once when it returns.
+    """
+    ceiling = policy.maximum
+    exponent = attempt + 1
+    # avoid float overflow for large attempt counts
+    if exponent < 64:
+        ceiling = min(policy.maximum, policy.initial * policy.multiplier**exponent)
+    return (rng or random).uniform(policy.initial, ceiling)
+
+
+def backoff_delays(policy: Backoff, rng: random.Random | None = None) -> Iterator[float]:
+    """The endless series of delays ``backoff_delay(0), backoff_delay(1), ...``."""
+    attempt = 0
+    while True:
+        yield backoff_delay(attempt, policy, rng)
+        attempt += 1
+
+
+class MqttLink:
+    """A self-healing MQTT 3.1.1 connection on its own thread (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        host: str,
+        port: int = 1883,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsSettings | None = None,
+        keepalive: int = 30,
+        clean_session: bool = False,
+        will: Will | None = None,
+        max_inflight: int = 100,
+        max_queued: int = 10_000,
+        connect_timeout: float = 10.0,
+        backoff: Backoff | None = None,
+        on_connect: OnConnect | None = None,
+        on_disconnect: OnDisconnect | None = None,
+        on_message: OnMessage | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Configure the link; nothing happens on the network until ``start()``.
+
+        ``max_inflight``: QoS-1 messages awaiting PUBACK (100 is fast; paho slows down
+        at 1000, it rescans the list on every ack). ``max_queued``: paho's own queue
+        beyond that, after which ``publish`` returns False.
+        """
+        if not client_id:
+            raise ValueError("client_id is required (persistent sessions are per client id)")
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff or Backoff()
+        self._rng = rng or random.Random()
+        self._on_connect_cb = on_connect
+        self._on_disconnect_cb = on_disconnect
+        self._on_message_cb = on_message
+
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._subs: dict[str, int] = {}
+        self._sub_state: dict[str, bool] = {}  # topic -> granted (True) / refused (False)
+        self._sub_mids: dict[int, list[str]] = {}
+        self._connected = False
+        self._attempt = 0
+        self._last_error: str | None = None
+        self._stopping = threading.Event()
+        self._clean_stop = True
+        self._thread: threading.Thread | None = None
+
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        if username is not None:
+            client.username_pw_set(username, password)
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        if tls is not None:
+            client.tls_set_context(_ssl_context(tls))
+            if tls.insecure:
+                client.tls_insecure_set(True)
+        client.max_inflight_messages_set(max_inflight)
+        client.max_queued_messages_set(max_queued)
+        client.connect_timeout = connect_timeout
+        client.suppress_exceptions = True
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
+        client.on_socket_open = self._handle_socket_open
+        # With these set, paho never writes to the socket from the caller's thread (it
+        # would, without a loop_start() thread); only our network thread does.
+        client.on_socket_register_write = _ignore_socket
+        client.on_socket_unregister_write = _ignore_socket
+        self._client = client
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Any,
+        *,
+        client_id: str,
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> MqttLink:
+        """Build from a ``waystation.config.MqttConfig`` (read by attribute).
+
+        The username defaults to ``client_id`` (a device logs in as itself); the
+        password comes from ``cfg.resolved_password(env)`` when the config has it.
+        ``kwargs`` are passed on (will, callbacks, backoff, ...).
+        """
+        resolve = getattr(cfg, "resolved_password", None)
+        if callable(resolve):
+            password = resolve(env or {})
+        else:
+            secret = getattr(cfg, "password", None)
+            getter = getattr(secret, "get_secret_value", None)
+            password = getter() if callable(getter) else secret
+        tls_cfg = getattr(cfg, "tls", None)
+        tls = None
+        if tls_cfg is not None:
+            tls = TlsSettings(
+                ca=_opt_str(getattr(tls_cfg, "ca_file", None)),
+                cert=_opt_str(getattr(tls_cfg, "cert_file", None)),
+                key=_opt_str(getattr(tls_cfg, "key_file", None)),
+                insecure=bool(getattr(tls_cfg, "insecure", False)),
+                server_hostname=getattr(tls_cfg, "server_hostname", None),
+            )
+        username = getattr(cfg, "username", None)
+        options: dict[str, Any] = {
+            "host": cfg.host,
+            "port": int(cfg.port),
+            "username": username if username is not None else client_id,
+            "password": password,
+            "tls": tls,
+            "keepalive": int(getattr(cfg, "keepalive_s", 30)),
+            "connect_timeout": float(getattr(cfg, "connect_timeout_s", 10.0)),
+        }
+        options.update(kwargs)
+        return cls(client_id=client_id, **options)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker has accepted the connection (CONNACK 0) and it stands."""
+        return self._connected
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last connection attempt failed or the last connection ended."""
+        return self._last_error
+
+    @property
+    def tcp_nodelay(self) -> bool | None:
+        """TCP_NODELAY on the current socket (None while there is none)."""
+        sock: Any = self._client.socket()
+        if sock is None:
+            return None
+        try:
+            return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        except OSError:
+            return None
+
+    def start(self) -> None:
+        """Start the network thread (connects, then keeps reconnecting until ``stop``)."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("MqttLink.start() called twice")
+            self._client.connect_async(self.host, self.port, keepalive=self.keepalive)
+            self._thread = threading.Thread(
+                target=self._run, name=f"mqtt-{self.client_id}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, clean: bool = True, timeout: float = 5.0) -> None:
+        """Stop the link and its thread; idempotent.
+
+        ``clean``: send DISCONNECT, so the broker discards the will. ``clean=False``
+        drops the TCP connection without a word (as a crash or a lost network would),
+        so the broker publishes the will; meant for tests.
+        """
+        with self._lock:
+            self._clean_stop = clean
+            self._stopping.set()
+            thread = self._thread
+        if thread is None:
+            return
+        # Wake the network thread now rather than at its next select() timeout.
+        if clean:
+            self._client.disconnect()
+        else:
+            self._abort_socket()
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("mqtt network thread did not stop in time", client_id=self.client_id)
+
+    def __enter__(self) -> MqttLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected (True) or ``timeout`` seconds pass (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._connected, timeout)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after any reconnect that lost the session."""
+        with self._lock:
+            self._subs[topic] = qos
+            self._sub_state.pop(topic, None)
+            if self._connected:
+                self._send_subscribe([(topic, qos)])
+
+    def wait_subscribed(self, topic: str, timeout: float) -> bool:
+        """Block until the broker answered the subscription: True if granted, False if
+        refused or no answer within ``timeout``."""
+        with self._changed:
+            self._changed.wait_for(lambda: topic in self._sub_state, timeout)
+            return self._sub_state.get(topic, False)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Hand one message to the connection; thread-safe.
+
+        True: sent, or waiting only for an in-flight slot (paho resends it after a
+        reconnect until the broker PUBACKs it). False: not connected, or paho's queue is
+        full: nothing was queued, keep the message and try later.
+        """
+        if not self._connected:
+            return False
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    # ------------------------------------------------------------- network thread
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._client.reconnect()
+            except Exception as exc:  # OSError, ssl.SSLError, socket.timeout, ...
+                self._set_error(f"cannot connect to {self.host}:{self.port}: {exc}")
+            else:
+                self._pump()
+            if self._stopping.is_set():
+                break
+            delay = backoff_delay(self._attempt, self.backoff, self._rng)
+            self._attempt += 1
+            log.debug("mqtt reconnect scheduled", client_id=self.client_id,
+                      delay_s=round(delay, 3), reason=self._last_error)
+            self._stopping.wait(delay)
+        self._finish()
+
+    def _pump(self) -> None:
+        """Run paho's loop until the connection ends or a stop is requested."""
+        started = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                rc = self._client.loop(timeout=_LOOP_TIMEOUT_S)
+            except Exception as exc:
+                log.exception("mqtt network loop failed", client_id=self.client_id)
+                self._set_error(f"network loop failed: {exc}")
+                self._abort_socket()
+                rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._mark_down(f"connection ended ({paho.error_string(rc)})")
+                return
+            if not self._connected and time.monotonic() - started > self.connect_timeout:
+                self._set_error(f"no CONNACK from {self.host}:{self.port} "
+                                f"within {self.connect_timeout} s")
+                self._abort_socket()
+
+    def _finish(self) -> None:
+        """After a stop request: leave the broker the requested way, then close."""
+        if self._client.socket() is not None:
+            if self._clean_stop:
+                self._client.disconnect()
+            else:
+                self._abort_socket()
+            deadline = time.monotonic() + 2.0
+            while self._client.socket() is not None and time.monotonic() < deadline:
+                try:
+                    if self._client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        break
+                except Exception:
+                    break
+        self._mark_down("stopped")
+
+    def _abort_socket(self) -> None:
+        """Drop the TCP connection without DISCONNECT (the broker sees it die)."""
+        sock = self._client.socket()
+        if sock is None:
+            return
+        shutdown = getattr(sock, "shutdown", None)  # paho types it as a generic SocketLike
+        if shutdown is not None:
+            with contextlib.suppress(OSError):
+                shutdown(socket.SHUT_RDWR)
+
+    def _send_subscribe(self, subs: list[tuple[str, int]]) -> None:
+        # caller holds self._lock, so the SUBACK cannot be handled before the mid is noted
+        for topic, qos in subs:
+            rc, mid = self._client.subscribe(topic, qos)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._sub_mids[mid] = [topic]
+
+    def _mark_down(self, reason: str) -> None:
+        with self._changed:
+            was_up = self._connected
+            self._connected = False
+            self._sub_mids.clear()
+            self._changed.notify_all()
+        if was_up:
+            self._last_error = reason
+            log.info("mqtt disconnected", client_id=self.client_id, reason=reason)
+            self._call(self._on_disconnect_cb, reason)
+
+    def _set_error(self, reason: str) -> None:
+        if reason != self._last_error:
+            log.warning("mqtt connection attempt failed", client_id=self.client_id,
+                        reason=reason)
+        self._last_error = reason
+
+    def _call(self, callback: Callable[..., object] | None, *args: object) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("mqtt callback raised", client_id=self.client_id,
+                          callback=getattr(callback, "__name__", repr(callback)))
+
+    # ----------------------------------------------------- paho callbacks (network thread)
+
+    def _handle_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError) as exc:
+            log.warning("could not set TCP_NODELAY", client_id=self.client_id, error=str(exc))
+
+    def _handle_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self._set_error(f"broker refused the connection: {reason}")
+            return
+        session_present = bool(flags.session_present)
+        with self._changed:
+            if not session_present:
+                self._sub_state.clear()
+            pending = [(t, q) for t, q in self._subs.items() if not self._sub_state.get(t)]
+            self._send_subscribe(pending)
+            self._connected = True
+            self._attempt = 0
+            self._last_error = None
+            self._changed.notify_all()
+        log.info("mqtt connected", client_id=self.client_id, host=self.host, port=self.port,
+                 session_present=session_present)
+        self._call(self._on_connect_cb, session_present)
+
+    def _handle_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        self._mark_down(str(reason))
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._call(self._on_message_cb, msg.topic, bytes(msg.payload))
+
+    def _handle_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any
+    ) -> None:
+        with self._changed:
+            topics = self._sub_mids.pop(mid, [])
+            for topic, reason in zip(topics, reasons, strict=False):
+                granted = not reason.is_failure
+                self._sub_state[topic] = granted
+                if not granted:
+                    log.warning("mqtt subscription refused", client_id=self.client_id,
+                                topic=topic)
+            self._changed.notify_all()
+
+
+def _ignore_socket(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """paho socket (un)register-write hook: our own loop() polls for writability."""
+
+
+def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    context: ssl.SSLContext
+    if tls.server_hostname:
+        context = _FixedServerNameContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.server_name = tls.server_hostname
+        if tls.ca:
+            context.load_verify_locations(cafile=tls.ca)
+        else:
+            context.load_default_certs()
+    else:
+        context = ssl.create_default_context(cafile=tls.ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert:
+        context.load_cert_chain(tls.cert, tls.key)
+    if tls.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class _FixedServerNameContext(ssl.SSLContext):
+    """An SSLContext that verifies (and sends as SNI) a fixed name, whatever host paho
+    connected to: paho always passes the host it dialled."""
+
+    server_name: str = ""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
