@@ -8,7 +8,8 @@
         │   └── EncryptionKeyError  missing, unreadable or wrong encryption key
         ├── AgentNotInitialised     no local store yet at the configured data_dir
         ├── DeviceMismatch          the data_dir belongs to another device id
-        ├── WriteRefused            a local write is invalid (schema, type, scope); `code`
+        ├── BadRequest              a request names an unknown collection, a bad key, ...
+        │   └── WriteRefused        a local write is invalid (schema, type, scope); `code`
         └── NotFound                a record / dead letter asked for does not exist
 
 Every message is one sentence an operator or app developer can act on; the CLI prints it
@@ -71,19 +72,24 @@ class DeviceMismatch(AgentError):
     exit_code = 2
 
 
-class WriteRefused(AgentError):
-    """A local write was refused before anything was stored.
-
-    `code` is the rejection code the server would have answered (PROTOCOL.md §8):
-    unknown_collection, unknown_field, type_mismatch, wrong_strategy, scope_denied,
-    scope_mismatch, invalid, record_too_large.
-    """
+class BadRequest(AgentError):
+    """A request is invalid (unknown collection, malformed key, ...); `code` names why
+    with a rejection code of PROTOCOL.md §8."""
 
     exit_code = 2
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class WriteRefused(BadRequest):
+    """A local write was refused before anything was stored.
+
+    `code` is the rejection code the server would have answered (PROTOCOL.md §8):
+    unknown_collection, unknown_field, type_mismatch, wrong_strategy, scope_denied,
+    scope_mismatch, invalid, record_too_large.
+    """
 
 
 class NotFound(AgentError):
@@ -93,6 +99,7 @@ class NotFound(AgentError):
 __all__ = [
     "AgentError",
     "AgentNotInitialised",
+    "BadRequest",
     "DeviceMismatch",
     "EncryptionKeyError",
     "NotFound",

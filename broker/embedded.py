@@ -15,9 +15,9 @@ wrong for a fleet (each measured; see the tests in tests/broker/test_embedded.py
    first deletes (clean session) or takes over (persistent session) the session of the
    client id it was sent, and only then looks at the credentials, so anyone able to open
    a TCP connection could kick any device offline or wipe its queued messages.
-3. Retained messages sent on (re)connect and on SUBSCRIBE pass the ACL's "receive"
-   check; stock amqtt sends every retained message matching *any* client's
-   subscription to every connecting client.
+3. Retained messages go only to clients subscribed to them, and only if the ACL's
+   "receive" check allows it; on every connect stock amqtt sends the client every
+   retained message matching *any* client's subscription, unchecked.
 4. With ``tls_require_client_cert`` the TLS listener demands a client certificate
    (amqtt hard-codes CERT_OPTIONAL).
 
@@ -415,7 +415,8 @@ class _WaystationBroker(Broker):  # type: ignore[misc]
     ) -> None:
         topic_filter, qos = subscription
         handler = self._get_handler(session)
-        if handler is None:
+        subscribers = self._subscriptions.get(topic_filter, [])
+        if handler is None or all(s.client_id != session.client_id for s, _ in subscribers):
             return
         tasks = []
         for topic, retained in list(self._retained_messages.items()):

@@ -43,14 +43,18 @@ Lenient decoding of change batches
 
 Encoding
     ``encode(msg, *, compress_over=None) -> bytes`` writes the message's members by
-    their wire names, leaving out members equal to their defaults but always writing
-    `type` and `v` (first). ``encode_dict(obj, *, compress_over=None) -> bytes`` is
+    their wire names, leaving out optional members equal to their defaults but always
+    writing `type` and `v` (first) and the members the tables of §7 mark as required
+    even when the model has a default for them (`page.reset/more/recs`, `reject.rj`,
+    a change's `b`). ``encode_dict(obj, *, compress_over=None) -> bytes`` is
     the same for a plain dict built on a hot path; it does not validate (the caller
-    promises a valid message). With `compress_over` set, a payload longer than that
-    many bytes is zlib-compressed (level 6) when that makes it smaller. Both raise
-    `ProtocolError` (`invalid`) for values JSON cannot carry. Note that a message
-    built in Python may hold values that are valid JSON but that a receiver refuses
-    (e.g. a record over the record limit); `encode` does not re-check them.
+    promises a valid message with `type`, `v` and every required member; its key order
+    is kept). With
+    `compress_over` set, a payload longer than that many bytes is zlib-compressed
+    (level 6) when that makes it smaller. Both raise `ProtocolError` (`invalid`) for
+    values JSON cannot carry (and `encode_dict` for integers beyond 53 bits). A model
+    validated by `schemas.wire` always encodes to bytes `decode` accepts back equal;
+    one built with `model_construct` is not re-checked.
 
 Codes
     The rejection codes of §8 are the constants `MALFORMED` ... `SERVER_ERROR`;
@@ -82,6 +86,8 @@ from schemas.wire import (
     Changes,
     DeviceId,
     Message,
+    Page,
+    Reject,
     SchemaVersion,
 )
 
@@ -239,7 +245,7 @@ def decode(
     """Decode one wire payload into its message, or raise `ProtocolError` (see module)."""
     data, doc = _parse(payload, max_payload, max_decompressed)
     model = _envelope(doc, allowed)
-    problem = _scan(doc, 1, data)
+    problem = _scan(doc, 1, _Text(data))
     if problem is not None:
         raise ProtocolError(INVALID, problem)
     return _validate(model, doc)
@@ -255,14 +261,15 @@ def decode_lenient(
     """Like `decode`, but a `changes` batch comes back as `LenientChanges` (see module)."""
     data, doc = _parse(payload, max_payload, max_decompressed)
     model = _envelope(doc, allowed)
+    text = _Text(data)
     if model is not Changes:
-        problem = _scan(doc, 1, data)
+        problem = _scan(doc, 1, text)
         if problem is not None:
             raise ProtocolError(INVALID, problem)
         return _validate(model, doc)
 
     # Fast path: the whole batch is valid.
-    if _scan(doc, 1, data) is None:
+    if _scan(doc, 1, text) is None:
         try:
             batch = Changes.model_validate(doc)
         except ValidationError:
@@ -274,14 +281,14 @@ def decode_lenient(
     envelope = _validate(_ChangesEnvelope, doc)
     for name, value in doc.items():
         if name != "ch":
-            problem = _scan(value, 2, data, (name,))
+            problem = _scan(value, 2, text, (name,))
             if problem is not None:
                 raise ProtocolError(INVALID, problem)
     good: list[Change] = []
     bad: list[BadChange] = []
     for index, entry in enumerate(envelope.ch):
         path = ("ch", index)
-        problem = _scan(entry, 3, data, path)
+        problem = _scan(entry, 3, text, path)
         if problem is None:
             try:
                 good.append(Change.model_validate(entry))
@@ -419,7 +426,23 @@ def _change_number(entry: Any) -> int | None:
 # --- the number / depth scan (step 7) -----------------------------------------------
 
 
-def _scan(value: Any, depth: int, data: bytes, path: tuple[str | int, ...] = ()) -> str | None:
+class _Text:
+    """The JSON text of one message, with its too-large integer literals found lazily."""
+
+    __slots__ = ("_data", "_huge")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._huge: frozenset[float] | None = None
+
+    def huge(self) -> frozenset[float]:
+        """Computed once per message, however many changes a lenient decode scans."""
+        if self._huge is None:
+            self._huge = _huge_int_literals(self._data)
+        return self._huge
+
+
+def _scan(value: Any, depth: int, text: _Text, path: tuple[str | int, ...] = ()) -> str | None:
     """Why `value` (at `depth`, reached by `path`) breaks the number or depth limits.
 
     A fast pass without paths handles the usual clean message; only a suspect message
@@ -430,12 +453,12 @@ def _scan(value: Any, depth: int, data: bytes, path: tuple[str | int, ...] = ())
         return None
     huge: frozenset[float] = frozenset()
     if verdict is None:  # only suspiciously large floats: were they integer literals?
-        huge = _huge_int_literals(data)
+        huge = text.huge()
         if not huge:
             return None
     for where, problem in _slow_scan(value, depth, path, huge):
         return _clip(f"{_path(where)}: {problem}" if where else problem)
-    return None  # pragma: no cover - the fast scan found something
+    return None  # the large floats here were float literals, not integers
 
 
 def _fast_scan(root: Any, depth: int) -> bool | None:
@@ -589,18 +612,60 @@ def _clip(reason: str) -> str:
 
 
 def encode(msg: Message, *, compress_over: int | None = None) -> bytes:
-    """The wire bytes of `msg`: `type` and `v` first, members at their defaults left out."""
+    """The wire bytes of `msg`: `type` and `v` first, optional members at their defaults
+    left out (members PROTOCOL.md §7 requires are always written)."""
+    model = type(msg)
     try:
-        body = msg.__pydantic_serializer__.to_json(msg, by_alias=True, exclude_defaults=True)
+        if isinstance(msg, Changes):
+            body = _changes_json(msg)
+        else:
+            body = msg.__pydantic_serializer__.to_json(msg, by_alias=True, exclude_defaults=True)
     except Exception as exc:
         raise ProtocolError(
-            INVALID, _clip(f"cannot encode {type(msg).__name__}: {type(exc).__name__}")
+            INVALID, _clip(f"cannot encode {model.__name__}: {type(exc).__name__}")
         ) from None
+    required = _REQUIRED_WITH_DEFAULT.get(model)
+    if required:
+        body = _append(body, [text for name, text in required if _at_default(msg, name)])
     # `type` and `v` are single-valued literals, always at their defaults, so `body`
     # never holds them: they are spliced in front.
-    head = _HEADS.get(type(msg)) or _head(type(msg))
+    head = _HEADS.get(model) or _head(model)
     data = head + b"}" if body == b"{}" else head + b"," + body[1:]
     return _maybe_compress(data, compress_over)
+
+
+# Members that PROTOCOL.md §7 lists as required (no "?") but that the models give a
+# default: `exclude_defaults` would drop them, so they are written back when at their
+# default, for readers in other languages that rely on the tables.
+_REQUIRED_WITH_DEFAULT: Final[dict[type[Message], tuple[tuple[str, bytes], ...]]] = {
+    Page: (("reset", b'"reset":false'), ("more", b'"more":false'), ("recs", b'"recs":[]')),
+    Reject: (("rj", b'"rj":[]'),),
+}
+_CHANGE_SERIALIZER = Change.__pydantic_serializer__
+
+
+def _at_default(msg: Message, name: str) -> bool:
+    return bool(getattr(msg, name) == type(msg).model_fields[name].default)
+
+
+def _append(body: bytes, members: list[bytes]) -> bytes:
+    """`body` (a JSON object) with the raw `members` added at its end."""
+    if not members:
+        return body
+    joined = b",".join(members)
+    return body[:-1] + joined + b"}" if body == b"{}" else body[:-1] + b"," + joined + b"}"
+
+
+def _changes_json(msg: Changes) -> bytes:
+    """A batch, with each change's base version `b` written even when it is 0 (§7.2)."""
+    envelope = msg.__pydantic_serializer__.to_json(
+        msg, by_alias=True, exclude_defaults=True, exclude={"ch"}
+    )
+    parts = []
+    for change in msg.ch:
+        text = _CHANGE_SERIALIZER.to_json(change, by_alias=True, exclude_defaults=True)
+        parts.append(_append(text, [b'"b":0']) if change.b == 0 else text)
+    return _append(envelope, [b'"ch":[' + b",".join(parts) + b"]"])
 
 
 _HEADS: dict[type[Message], bytes] = {}
@@ -615,10 +680,14 @@ def _head(model: type[Message]) -> bytes:
     return head
 
 
-def encode_dict(obj: Mapping[str, Any], *, compress_over: int | None = None) -> bytes:
-    """The wire bytes of a message built as a dict (not validated: the caller's duty)."""
+def encode_dict(obj: dict[str, Any], *, compress_over: int | None = None) -> bytes:
+    """The wire bytes of a message built as a dict (not validated: the caller's duty).
+
+    Integers outside the 53-bit range are refused; orjson writes NaN and infinities as
+    null, so callers must not put them in.
+    """
     try:
-        data = orjson.dumps(obj)
+        data = orjson.dumps(obj, option=orjson.OPT_STRICT_INTEGER)
     except Exception as exc:
         raise ProtocolError(INVALID, _clip(f"cannot encode the message: {exc}")) from None
     return _maybe_compress(data, compress_over)

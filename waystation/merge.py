@@ -25,7 +25,9 @@ whole is deleted. Counters keep their totals through deletes (an increment is ne
 lost).
 
 Concurrency: a change C from device `dev` with base `b` *saw* a stored version W iff
-W was written by `dev` or `b >= q(W)`.
+W was written by `dev` or `b >= q(W)`. Writes of an equal value (JSON equality that
+tells 1, 1.0 and true apart) never make a conflict-log entry and never open a manual
+conflict: nothing is lost.
 
 Field states are never mutated once stored in a `RecordState`: `apply_change` copies
 the field dict and replaces the states it touches (copy-on-write), so the record passed
@@ -39,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from schemas.collection import CollectionSpec, FieldSpec
+from schemas.collection import CollectionSpec, FieldSpec, Strategy
 from schemas.wire import Change
 from waystation.hlc import SERVER_NODE, Stamp
 from waystation.rules import Rule, RuleContext
@@ -241,6 +243,21 @@ _WRONG_STRATEGY_HINT = {
 }
 
 
+_STRATEGIES: dict[int, tuple[CollectionSpec, dict[str, tuple[Strategy, FieldSpec]]]] = {}
+
+
+def _strategies(spec: CollectionSpec) -> dict[str, tuple[Strategy, FieldSpec]]:
+    """field -> (strategy, FieldSpec), memoised per spec object (specs are immutable)."""
+    hit = _STRATEGIES.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    if len(_STRATEGIES) > 256:  # catalogs reloaded many times: start over
+        _STRATEGIES.clear()
+    table = {name: (fs.strategy, fs) for name, fs in spec.fields.items()}
+    _STRATEGIES[id(spec)] = (spec, table)
+    return table
+
+
 def check_change(record: RecordState | None, change: Change, spec: CollectionSpec
                  ) -> Rejection | None:
     """Why `change` cannot be applied to `record`, as `(code, reason)`, or None.
@@ -249,13 +266,13 @@ def check_change(record: RecordState | None, change: Change, spec: CollectionSpe
     the scope, then value ranges and counter bounds (`rule_rejected`).
     """
     where = f"{change.c}/{change.k}"
-    fields = spec.fields
+    fields = _strategies(spec)
     late: Rejection | None = None
     for name, value in change.f.items():
-        fs = fields.get(name)
-        if fs is None:
+        entry = fields.get(name)
+        if entry is None:
             return _unknown(where, name, spec)
-        strategy = fs.strategy
+        strategy, fs = entry
         if strategy != "lww" and strategy != "manual":
             return _wrong(where, name, strategy, "a value")
         err = fs.type_error(value)
@@ -265,30 +282,33 @@ def check_change(record: RecordState | None, change: Change, spec: CollectionSpe
             if late is None:  # out of range: reported after the type and scope checks
                 late = ("rule_rejected", f"{where}: field {name!r}: {err}")
     for name, inc in change.i.items():
-        fs = fields.get(name)
-        if fs is None:
+        entry = fields.get(name)
+        if entry is None:
             return _unknown(where, name, spec)
-        if fs.strategy != "counter":
-            return _wrong(where, name, fs.strategy, "an increment")
+        strategy, fs = entry
+        if strategy != "counter":
+            return _wrong(where, name, strategy, "an increment")
         err = fs.increment_error(inc)
         if err is not None:
             return ("type_mismatch", f"{where}: field {name!r}: {err}")
     for name, members in change.a.items():
-        fs = fields.get(name)
-        if fs is None:
+        entry = fields.get(name)
+        if entry is None:
             return _unknown(where, name, spec)
-        if fs.strategy != "set":
-            return _wrong(where, name, fs.strategy, "set members to add")
+        strategy, fs = entry
+        if strategy != "set":
+            return _wrong(where, name, strategy, "set members to add")
         for member in members:
             err = fs.member_error(member)
             if err is not None:
                 return ("type_mismatch", f"{where}: field {name!r}: {err}")
     for name, removes in change.r.items():
-        fs = fields.get(name)
-        if fs is None:
+        entry = fields.get(name)
+        if entry is None:
             return _unknown(where, name, spec)
-        if fs.strategy != "set":
-            return _wrong(where, name, fs.strategy, "set members to remove")
+        strategy, fs = entry
+        if strategy != "set":
+            return _wrong(where, name, strategy, "set members to remove")
         for member in removes:
             err = fs.member_error(member)
             if err is not None:
@@ -459,10 +479,10 @@ def _merge(record: RecordState | None, ch: Change, dev: str, q: int, spec: Colle
         n, b = ch.n, ch.b
         xh = rec.xh
         sf = spec.scope_field
-        specs = spec.fields
+        specs = _strategies(spec)
         changed, fixups, conflicts = out.changed, out.fixups, out.conflicts
         for name, value in ch.f.items():
-            if specs[name].merge == "manual":
+            if specs[name][0] == "manual":
                 _manual(rec, fields, name, value, hc, dev, n, b, q, out)
                 continue
             new = Version(value, hc, dev, n)
@@ -478,13 +498,13 @@ def _merge(record: RecordState | None, ch: Change, dev: str, q: int, spec: Colle
                 continue
             w = cur.value
             if hc > w.h:
-                if w.by != dev and b < cur.q:
+                if w.by != dev and b < cur.q and not _same(w.v, value):
                     conflicts.append(ConflictEntry(rec.c, rec.k, rec.s, name, "lww", new, w, q))
                 fields[name] = Register(new, q)
                 changed.add(name)
             elif hc < w.h:
                 fixups.add(name)
-                if w.by != dev:
+                if w.by != dev and not _same(w.v, value):
                     conflicts.append(ConflictEntry(rec.c, rec.k, rec.s, name, "lww", w, new, q))
         for name, inc in ch.i.items():
             st = fields.get(name)
@@ -543,11 +563,19 @@ def _manual(rec: RecordState, fields: dict[str, FieldState], name: str, value: A
             out.resolved.append(name)
         return
     cands = [c for c in cf if c.by != dev]
+    out.fixups.add(name)
+    if _same(value, w.v):
+        # It agrees with the value kept: no new candidate; its own older one is withdrawn.
+        if len(cands) != len(cf):
+            fields[name] = Register(w, cur.q, tuple(cands), q if cands else 0)
+            out.changed.add(name)
+            if not cands:
+                out.resolved.append(name)
+        return
     cands.append(new)
     cands.sort(key=_stamp_of)
     fields[name] = Register(w, cur.q, tuple(cands), q)
     out.changed.add(name)
-    out.fixups.add(name)
     out.conflicts.append(ConflictEntry(rec.c, rec.k, rec.s, name, "manual", w, new, q, True))
 
 
@@ -645,7 +673,8 @@ def _delete(rec: RecordState, fields: dict[str, FieldState], ch: Change, dev: st
             if keep:
                 fields[name] = Register(w, st.q, tuple(cands), q if cands else 0)
             elif cands:  # the value is hidden but later candidates survive: promote one
-                fields[name] = Register(cands[0], q, tuple(cands[1:]), q if len(cands) > 1 else 0)
+                w, cands = cands[0], cands[1:]
+                fields[name] = Register(w, q, tuple(cands), q if cands else 0)
             else:
                 del fields[name]
                 vanished = True

@@ -307,6 +307,8 @@ class MqttLink:
             thread = self._thread
         if thread is None:
             return
+        if thread is threading.current_thread():
+            raise RuntimeError("MqttLink.stop() cannot be called from one of its callbacks")
         # Wake the network thread now rather than at its next select() timeout.
         if clean:
             self._client.disconnect()
@@ -386,7 +388,10 @@ class MqttLink:
                 self._abort_socket()
                 rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self._mark_down(f"connection ended ({paho.error_string(rc)})")
+                reason = f"connection ended ({paho.error_string(rc)})"
+                if not self._connected and not (self._last_error or "").startswith("broker"):
+                    self._set_error(f"{reason} before the broker accepted it")
+                self._mark_down(reason)
                 return
             if not self._connected and time.monotonic() - started > self.connect_timeout:
                 self._set_error(f"no CONNACK from {self.host}:{self.port} "

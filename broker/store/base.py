@@ -59,21 +59,31 @@ class DeviceRow:
     enabled: bool = True
     created_ms: int = 0
     last_seen_ms: int = 0
+    """When the server last received a valid message from it."""
     agent: str = ""
     sv: int = 0
     z: bool = False
     """The device accepts zlib-compressed messages (from its last hello)."""
+    online: bool = False
+    """Its retained status says online (as last seen by the running server)."""
+    cp: dict[str, int] = field(default_factory=dict)
+    """The checkpoints of its last catch-up request: how far it had caught up."""
+    pend: int = -1
+    """Changes waiting in its outbox, from its last status (-1: unknown)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "scopes": list(self.scopes), "enabled": self.enabled,
                 "created": self.created_ms, "seen": self.last_seen_ms, "agent": self.agent,
-                "sv": self.sv, "z": self.z}
+                "sv": self.sv, "z": self.z, "online": self.online, "cp": self.cp,
+                "pend": self.pend}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceRow:
         return cls(id=data["id"], scopes=tuple(data["scopes"]), enabled=data["enabled"],
                    created_ms=data["created"], last_seen_ms=data["seen"],
-                   agent=data["agent"], sv=data["sv"], z=data["z"])
+                   agent=data["agent"], sv=data["sv"], z=data["z"],
+                   online=data.get("online", False), cp=data.get("cp", {}),
+                   pend=data.get("pend", -1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +177,8 @@ class Notice:
     id: int
     scope: str
     q: int
-    c: str
-    k: str
-    fields: tuple[str, ...]
+    rec: dict[str, Any]
+    """The wire record state (§6) to send every online device of the scope."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +256,17 @@ class ReadTxn(Protocol):
 
 
 class WriteTxn(ReadTxn, Protocol):
-    """A read-write transaction: every write commits together or not at all."""
+    """A read-write transaction: every write commits together or not at all.
+
+    Isolation a backend must give (LMDB has one writer at a time, so it gets it for
+    free; a PostgreSQL backend with several consumers must do it explicitly):
+    `scope_seq` / `allocate_seq` hold the scope's sequence until commit (row lock), so
+    sequences stay gapless and no lower q becomes visible after a higher one;
+    `get_record` locks the record; `put_outcome` of a change id that a concurrent
+    transaction committed first must fail the transaction as retryable (unique key),
+    and `transact` then runs fn again, which finds the outcome and answers it as a
+    duplicate. Within one transaction, reads see its own writes.
+    """
 
     # registry
     def put_device(self, row: DeviceRow) -> None: ...
@@ -255,7 +274,9 @@ class WriteTxn(ReadTxn, Protocol):
     def bump_registry(self) -> int: ...
 
     # records and the per-scope log
-    def put_record(self, c: str, k: str, state: dict[str, Any]) -> None: ...
+    def put_record(self, c: str, k: str, state: dict[str, Any] | bytes) -> None:
+        """Store a record state: the JSON-able dict, or its JSON text already encoded."""
+        ...
     def delete_record(self, c: str, k: str) -> None: ...
     def allocate_seq(self, scope: str) -> int:
         """The next q of `scope` (last + 1), recorded as allocated."""

@@ -21,7 +21,7 @@ characters):
     conflicts_open  c \\0 k \\0 field \\0 id -> b""
     deadletters   id -> u32 header length, JSON header, raw payload
     commands      dev \\0 id -> JSON CommandRow
-    notices       id -> JSON [scope, q, c, k, fields]
+    notices       id -> JSON [scope, q, rec]
 """
 
 from __future__ import annotations
@@ -231,8 +231,8 @@ class LmdbReadTxn:
             for key, value in cur:
                 if len(out) >= limit:
                     break
-                scope, q, c, k, fields = orjson.loads(value)
-                out.append(Notice(_from_u64(key), scope, q, c, k, tuple(fields)))
+                scope, q, rec = orjson.loads(value)
+                out.append(Notice(_from_u64(key), scope, q, rec))
         return out
 
     def counts(self) -> dict[str, int]:
@@ -247,12 +247,13 @@ class LmdbReadTxn:
 class LmdbWriteTxn(LmdbReadTxn):
     """WriteTxn over one LMDB write transaction."""
 
-    __slots__ = ("_max_dead_letters",)
+    __slots__ = ("_max_dead_letters", "_seqs")
 
     def __init__(self, txn: lmdb.Transaction[bytes], dbs: dict[str, Any],
                  max_dead_letters: int) -> None:
         super().__init__(txn, dbs)
         self._max_dead_letters = max_dead_letters
+        self._seqs: dict[str, int] = {}  # sequences read or written in this transaction
 
     # --- registry
 
@@ -269,18 +270,23 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     # --- records and the log
 
-    def put_record(self, c: str, k: str, state: dict[str, Any]) -> None:
-        self._txn.put(_s(c) + _SEP + _s(k), orjson.dumps(state), db=self._db["records"])
+    def put_record(self, c: str, k: str, state: dict[str, Any] | bytes) -> None:
+        data = state if isinstance(state, bytes) else orjson.dumps(state)
+        self._txn.put(_s(c) + _SEP + _s(k), data, db=self._db["records"])
 
     def delete_record(self, c: str, k: str) -> None:
         self._txn.delete(_s(c) + _SEP + _s(k), db=self._db["records"])
 
+    def scope_seq(self, scope: str) -> int:
+        q = self._seqs.get(scope)
+        if q is None:
+            q = self._seqs[scope] = super().scope_seq(scope)
+        return q
+
     def allocate_seq(self, scope: str) -> int:
-        key = _s(scope)
-        db = self._db["seqs"]
-        raw = self._txn.get(key, db=db)
-        q = (0 if raw is None else _from_u64(raw)) + 1
-        self._txn.put(key, _u64(q), db=db)
+        q = self.scope_seq(scope) + 1
+        self._txn.put(_s(scope), _u64(q), db=self._db["seqs"])
+        self._seqs[scope] = q
         return q
 
     def index_move(self, scope: str, old_q: int, new_q: int, c: str, k: str) -> None:
@@ -371,8 +377,8 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     def add_notice(self, notice: Notice) -> int:
         nid = self._next_id("notices")
-        self._txn.put(_u64(nid), orjson.dumps([notice.scope, notice.q, notice.c, notice.k,
-                                               list(notice.fields)]), db=self._db["notices"])
+        self._txn.put(_u64(nid), orjson.dumps([notice.scope, notice.q, notice.rec]),
+                      db=self._db["notices"])
         return nid
 
     def delete_notice(self, nid: int) -> None:

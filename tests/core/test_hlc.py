@@ -48,7 +48,8 @@ steps = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(steps)
-def test_tick_and_observe_strictly_increase_under_any_wall_clock(ops: list) -> None:
+def test_tick_and_observe_strictly_increase_under_any_wall_clock(
+        ops: list[tuple[int, tuple[int, int, str] | None]]) -> None:
     """Every stamp a clock issues is later than the previous one, whatever the wall does."""
     wall = FakeWall(T0)
     clock = Clock("van-1", wall)

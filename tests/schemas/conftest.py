@@ -42,7 +42,7 @@ def sample_messages() -> dict[str, Message]:
         t={"tags": {"fragile": ["van-12:3"], "late": ["van-7:9", "van-12:11"]}},
         cf={
             "notes": [
-                {"v": "Dock 4", "by": "van-7", "h": "0192f2a4c9b20000:van-7"},
+                Candidate(v="Dock 4", by="van-7", h="0192f2a4c9b20000:van-7"),
                 Candidate(v=None, by="van-9", h="0192f2a4c9b20001:van-9"),
             ]
         },

@@ -44,10 +44,12 @@ from schemas.wire import (
     Changes,
     Checkpoint,
     Command,
+    ErrorInfo,
     Hello,
     Message,
     Page,
     Rec,
+    Reject,
     Status,
 )
 
@@ -61,7 +63,8 @@ EXAMPLE_CATCHUP = b'{"type":"catchup","v":1,"dev":"van-12","req":"c-1","cp":{"ro
 EXAMPLE_CHANGES = b"""{"type":"changes","v":1,"dev":"van-12","sv":3,"ch":[
   {"n":17,"h":"0192f2a4c9b10000","c":"tasks","k":"t-1","s":"route-42","b":1188,"op":"put","f":{"status":"delivered"},"i":{"attempts":1}},
   {"n":18,"h":"0192f2a4c9b20000","c":"tasks","k":"t-1","s":"route-42","b":1188,"op":"put","a":{"tags":["fragile"]}}]}"""
-EXAMPLE_PAGE = b"""{"type":"page","v":1,"req":"c-1","s":"route-42","from":1188,"to":1190,"reset":false,"more":false,
+EXAMPLE_PAGE = b"""\
+{"type":"page","v":1,"req":"c-1","s":"route-42","from":1188,"to":1190,"reset":false,"more":false,
  "recs":[{"c":"tasks","k":"t-1","s":"route-42","q":1190,
           "f":{"status":"failed","notes":"gate locked"},
           "h":{"status":"0192f2a4c9a00000:van-7","notes":"0192f2a4c9a80000:van-7"}}]}"""
@@ -105,7 +108,7 @@ def change(**over: Any) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if v is not None}
 
 
-def changes(*chs: dict[str, Any], **over: Any) -> bytes:
+def changes(*chs: Any, **over: Any) -> bytes:
     """A `changes` message with the given changes (one valid change by default)."""
     doc: dict[str, Any] = {"type": "changes", "v": 1, "dev": "van-12", "sv": 3}
     doc["ch"] = list(chs) if chs else [change()]
@@ -194,9 +197,29 @@ def test_encode_writes_type_and_v_first_and_drops_defaults() -> None:
     data = encode(Hello(dev="van-12", agent="a", sv=3))
     assert data == b'{"type":"hello","v":1,"dev":"van-12","agent":"a","sv":3}'
     assert encode(Status(dev="d", on=False)) == b'{"type":"status","v":1,"dev":"d","on":false}'
-    page = Page.model_validate({"req": "r", "s": "s", "from": 0, "to": 5, "more": False})
-    assert encode(page) == b'{"type":"page","v":1,"req":"r","s":"s","from":0,"to":5}'
     assert encode(Checkpoint(req="r", cp={})) == b'{"type":"checkpoint","v":1,"req":"r","cp":{}}'
+    assert encode(Command(id="c", cmd="ping")) == b'{"type":"command","v":1,"id":"c","cmd":"ping"}'
+
+
+def test_encode_always_writes_members_section_7_requires() -> None:
+    """page.reset/more/recs, reject.rj and a change's b are written even at their defaults."""
+    page = Page.model_validate({"req": "r", "s": "s", "from": 0, "to": 5})
+    assert encode(page) == (
+        b'{"type":"page","v":1,"req":"r","s":"s","from":0,"to":5,'
+        b'"reset":false,"more":false,"recs":[]}'
+    )
+    assert encode(Reject()) == b'{"type":"reject","v":1,"rj":[]}'
+    err = Reject(err=ErrorInfo(code="invalid", reason="r"))
+    assert orjson.loads(encode(err)) == {
+        "type": "reject",
+        "v": 1,
+        "rj": [],
+        "err": {"code": "invalid", "reason": "r"},
+    }
+    batch = decode(changes(change(n=1, b=0), change(n=2, b=7)))
+    assert isinstance(batch, Changes)
+    assert [c["b"] for c in orjson.loads(encode(batch))["ch"]] == [0, 7]
+    assert decode(encode(batch)) == batch
 
 
 def test_encode_uses_wire_alias() -> None:
@@ -206,13 +229,23 @@ def test_encode_uses_wire_alias() -> None:
 
 
 def test_encode_matches_model_dump(sample: Message) -> None:
-    """The fast encoder writes what model_dump(by_alias, exclude_defaults) describes."""
+    """The fast encoder writes model_dump(by_alias, exclude_defaults) plus required members."""
     expected = {
         "type": getattr(sample, "type"),  # noqa: B009
         "v": 1,
         **sample.model_dump(mode="json", by_alias=True, exclude_defaults=True),
     }
+    full = sample.model_dump(mode="json", by_alias=True)
+    for name in REQUIRED_WITH_DEFAULT.get(expected["type"], ()):
+        expected.setdefault(name, full[name])
+    if isinstance(sample, Changes):
+        for written, change_ in zip(expected["ch"], sample.ch, strict=True):
+            written["b"] = change_.b
     assert orjson.loads(encode(sample)) == expected
+
+
+# Members of PROTOCOL.md §7 without "?" whose model has a default.
+REQUIRED_WITH_DEFAULT = {"page": ("reset", "more", "recs"), "reject": ("rj",)}
 
 
 def test_encode_keeps_integral_floats_floats() -> None:
@@ -251,7 +284,8 @@ def test_encode_refuses_values_json_cannot_carry() -> None:
     with pytest.raises(ProtocolError) as info:
         encode(bad)
     assert info.value.code == INVALID
-    for obj in ({"a": {1, 2}}, {"a": "\ud800"}, {"a": 2**64}):
+    unencodable: list[Any] = [{"a": {1, 2}}, {"a": "\ud800"}, {"a": 2**64}, {"a": 2**53}, {1: 2}]
+    for obj in unencodable:
         with pytest.raises(ProtocolError) as info:
             encode_dict(obj)
         assert info.value.code == INVALID
@@ -266,12 +300,7 @@ def test_protocol_examples_decode(name: str) -> None:
     msg = decode(EXAMPLES[name])
     assert getattr(msg, "type") == name  # noqa: B009
     assert decode(encode(msg)) == msg
-    assert orjson.loads(encode(msg)) == _without_defaults(orjson.loads(EXAMPLES[name]))
-
-
-def _without_defaults(doc: dict[str, Any]) -> dict[str, Any]:
-    """The §12 page spells out reset/more false; the encoder leaves defaults out."""
-    return {k: v for k, v in doc.items() if not (k in ("reset", "more") and v is False)}
+    assert orjson.loads(encode(msg)) == orjson.loads(EXAMPLES[name])
 
 
 def test_protocol_example_details() -> None:
@@ -813,6 +842,17 @@ def test_lenient_keeps_good_changes_and_reports_bad_ones() -> None:
     assert result.bad[0].error.reason == "ch.1: increment of 'attempts' must not be 0"
     assert result.bad[2].error.reason.startswith("ch.3.f.x: integer outside")
     assert result.bad[4].error.reason == "ch.5: Input should be an object"
+
+
+def test_lenient_tells_huge_integer_literals_from_large_floats() -> None:
+    """A 1e19 float is a valid value; an integer literal beyond 2^64 marks only its change."""
+    good = orjson.dumps(change(n=1, f={"x": 1e19}))
+    bad = orjson.dumps(change(n=2, f={"x": 0})).replace(b'"x":0', b'"x":100000000000000000000000')
+    payload = b'{"type":"changes","v":1,"dev":"van-12","sv":3,"ch":[' + good + b"," + bad + b"]}"
+    result = decode_changes_lenient(payload)
+    assert result.changes is not None and [c.n for c in result.changes.ch] == [1]
+    assert [(b.index, b.n) for b in result.bad] == [(1, 2)]
+    assert result.bad[0].error.reason.startswith("ch.1.f.x: integer outside")
 
 
 def test_lenient_with_every_change_bad_still_reports_them() -> None:

@@ -4,7 +4,11 @@ ProtocolError, and every valid message survives encode/decode exactly."""
 from __future__ import annotations
 
 import json
+import operator
+import os
+import re
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -27,6 +31,7 @@ from schemas.wire import (
     FIELD_PATTERN,
     ID_PATTERN,
     MAX_SAFE_INT,
+    STAMP_PATTERN,
     TIME_PART_PATTERN,
     Ack,
     Candidate,
@@ -46,8 +51,9 @@ from schemas.wire import (
     Status,
 )
 
+# WAYSTATION_FUZZ_EXAMPLES=20000 runs a deeper fuzz on demand; the default keeps it fast.
 FUZZ = settings(
-    max_examples=300,
+    max_examples=int(os.environ.get("WAYSTATION_FUZZ_EXAMPLES", "300")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -91,19 +97,26 @@ def check_decode(payload: bytes) -> Message | None:
 
 # --- (c) strategies of valid messages -------------------------------------------------
 
-ids = st.from_regex(ID_PATTERN, fullmatch=True)
-collections = st.from_regex(COLLECTION_PATTERN, fullmatch=True)
-field_names = st.from_regex(FIELD_PATTERN, fullmatch=True)
-time_parts = st.from_regex(TIME_PART_PATTERN, fullmatch=True)
+LOWER = "abcdefghijklmnopqrstuvwxyz"
+ALNUM = LOWER + LOWER.upper() + "0123456789"
+
+
+def identifiers(first: str, rest: str) -> st.SearchStrategy[str]:
+    """Strings of one character of `first` then up to 63 of `rest` (cheaper than regex)."""
+    return st.builds(operator.add, st.sampled_from(first), st.text(rest, max_size=63))
+
+
+ids = identifiers(ALNUM, ALNUM + "_.-")
+collections = identifiers(LOWER, LOWER + "0123456789_")
+field_names = identifiers(ALNUM[:52] + "_", ALNUM + "_")
+time_parts = st.text("0123456789abcdef", min_size=16, max_size=16)
 stamps = st.builds(lambda t, node: f"{t}:{node}", time_parts, ids | st.just("~server"))
-tags = st.from_regex(CHANGE_ID_PATTERN, fullmatch=True)
+tags = st.builds(lambda dev, n: f"{dev}:{n}", ids, st.integers(1, MAX_SAFE_INT))
 numbers = st.integers(1, MAX_SAFE_INT)
 seqs = st.integers(0, MAX_SAFE_INT)
-text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
-keys = st.text(
-    st.characters(min_codepoint=0x20, exclude_categories=("Cs",)), min_size=1, max_size=50
-)
-members = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=50)
+text = st.text(st.characters(codec="utf-8"), max_size=20)
+keys = st.text(st.characters(min_codepoint=0x20, codec="utf-8"), min_size=1, max_size=50)
+members = st.text(st.characters(codec="utf-8"), min_size=1, max_size=50)
 safe_ints = st.integers(-MAX_SAFE_INT, MAX_SAFE_INT)
 finite_floats = st.floats(allow_nan=False, allow_infinity=False)
 json_values = st.recursive(
@@ -111,7 +124,6 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
     max_leaves=12,
 )
-small_lists = {"max_size": 3}
 
 
 @st.composite
@@ -129,13 +141,11 @@ def recs(draw: st.DrawFn) -> Rec:
         f={} if deleted else {name: draw(json_values) for name in fields},
         h={name: draw(stamps) for name in fields[:2]},
         t={
-            name: draw(st.dictionaries(members, st.lists(tags, **small_lists), max_size=2))
+            name: draw(st.dictionaries(members, st.lists(tags, max_size=3), max_size=2))
             for name in fields[2:3]
         },
         cf={
-            name: draw(
-                st.lists(st.builds(Candidate, v=json_values, by=ids, h=stamps), **small_lists)
-            )
+            name: draw(st.lists(st.builds(Candidate, v=json_values, by=ids, h=stamps), max_size=3))
             for name in fields[3:]
         },
     )
@@ -143,7 +153,7 @@ def recs(draw: st.DrawFn) -> Rec:
 
 @st.composite
 def changes_(draw: st.DrawFn) -> Change:
-    common = {
+    common: dict[str, Any] = {
         "n": draw(numbers),
         "h": draw(time_parts),
         "c": draw(collections),
@@ -173,14 +183,14 @@ def changes_(draw: st.DrawFn) -> Change:
             else:
                 if split:
                     a[name] = added[:split]
-                r[name] = {m: draw(st.lists(tags, **small_lists)) for m in added[split:]}
+                r[name] = {m: draw(st.lists(tags, max_size=3)) for m in added[split:]}
     return Change(op="put", f=f, i=i, a=a, r=r, **common)
 
 
-reqs = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=64)
-short = st.text(st.characters(exclude_categories=("Cs",)), max_size=64)
-codes = st.sampled_from(sorted(ALL_CODES)) | st.text(min_size=1, max_size=64).filter(
-    lambda s: not any("\ud800" <= ch <= "\udfff" for ch in s)
+reqs = st.text(st.characters(codec="utf-8"), min_size=1, max_size=64)
+short = st.text(st.characters(codec="utf-8"), max_size=64)
+codes = st.sampled_from(sorted(ALL_CODES)) | st.text(
+    st.characters(codec="utf-8"), min_size=1, max_size=64
 )
 opt = st.none
 
@@ -188,12 +198,12 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
     Hello: st.builds(
         Hello,
         dev=ids,
-        agent=st.text(st.characters(exclude_categories=("Cs",)), max_size=128),
+        agent=st.text(st.characters(codec="utf-8"), max_size=128),
         sv=seqs,
         z=st.booleans(),
         done=st.lists(
-            st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=64),
-            **small_lists,
+            st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
+            max_size=3,
         ),
     ),
     Changes: st.builds(Changes, dev=ids, sv=seqs, ch=st.lists(changes_(), min_size=1, max_size=4)),
@@ -202,14 +212,14 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
         dev=ids,
         req=reqs,
         cp=st.dictionaries(ids, seqs, max_size=3),
-        snap=st.lists(ids, **small_lists),
+        snap=st.lists(ids, max_size=3),
         lim=st.integers(1, 5000),
     ),
     Ack: st.builds(
         Ack,
-        ok=st.lists(st.tuples(numbers, ids, seqs), **small_lists),
+        ok=st.lists(st.tuples(numbers, ids, seqs), max_size=3),
         fx=st.lists(recs(), max_size=2),
-        rs=st.lists(numbers, **small_lists),
+        rs=st.lists(numbers, max_size=3),
     ),
     Reject: st.builds(
         Reject,
@@ -243,11 +253,11 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
         Checkpoint,
         req=reqs,
         cp=st.dictionaries(ids, seqs, max_size=3),
-        denied=st.lists(ids, **small_lists),
+        denied=st.lists(ids, max_size=3),
     ),
     Command: st.builds(
         Command,
-        id=st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=64),
+        id=st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
         cmd=st.sampled_from(["wipe", "resync", "ping"]),
         args=st.dictionaries(text, json_values, max_size=3),
     ),
@@ -255,7 +265,7 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
         Status,
         dev=ids,
         on=st.booleans(),
-        agent=opt() | st.text(st.characters(exclude_categories=("Cs",)), max_size=128),
+        agent=opt() | st.text(st.characters(codec="utf-8"), max_size=128),
         sv=opt() | seqs,
         t=opt() | seqs,
         pend=opt() | seqs,
@@ -284,6 +294,23 @@ def test_valid_messages_round_trip_exactly(msg: Message, compress_over: int | No
 def test_strategies_cover_every_message_type() -> None:
     """The valid-message strategy has a branch for every wire type."""
     assert set(BY_TYPE) == set(ALL_TYPES.values())
+
+
+@FUZZ
+@given(ids, collections, field_names, time_parts, stamps, tags)
+def test_identifier_strategies_match_the_patterns(
+    dev: str, coll: str, field: str, time: str, stamp: str, tag: str
+) -> None:
+    """The hand-built identifier strategies only produce what the wire patterns accept."""
+    for value, pattern in [
+        (dev, ID_PATTERN),
+        (coll, COLLECTION_PATTERN),
+        (field, FIELD_PATTERN),
+        (time, TIME_PART_PATTERN),
+        (stamp, STAMP_PATTERN),
+        (tag, CHANGE_ID_PATTERN),
+    ]:
+        assert re.fullmatch(pattern, value), (value, pattern)
 
 
 # --- (a) random bytes -----------------------------------------------------------------
@@ -355,6 +382,9 @@ wild_values = st.recursive(
 deep_values = st.integers(1, 120).map(lambda d: json.loads("[" * d + "]" * d))
 
 
+Draw = Callable[[st.SearchStrategy[Any]], Any]
+
+
 def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     out = [prefix]
     if isinstance(doc, dict):
@@ -372,9 +402,12 @@ def _get(doc: Any, path: tuple[Any, ...]) -> Any:
     return doc
 
 
-def mutate_json(draw: st.DrawFn, doc: Any) -> Any:
-    """Apply one structural mutation at a random place of a parsed JSON document."""
-    paths = _paths(doc)
+def mutate_json(draw: Draw, doc: Any, *, root: bool = True) -> Any:
+    """Apply one structural mutation at a random place of a parsed JSON document.
+
+    With root=False the document itself is never replaced, only its members.
+    """
+    paths = _paths(doc) if root else _paths(doc)[1:]
     path = draw(st.sampled_from(paths))
     op = draw(st.sampled_from(["replace", "drop", "add", "deep", "dup"]))
     if not path:
@@ -398,7 +431,7 @@ def mutate_json(draw: st.DrawFn, doc: Any) -> Any:
     return doc
 
 
-def mutate_bytes(draw: st.DrawFn, data: bytes) -> bytes:
+def mutate_bytes(draw: Draw, data: bytes) -> bytes:
     """Flip, insert, delete or overwrite bytes of `data`."""
     buf = bytearray(data)
     for _ in range(draw(st.integers(1, 4))):
@@ -456,7 +489,10 @@ def test_mutated_changes_batches(data: st.DataObject) -> None:
     doc = orjson.loads(encode(batch))
     hit = data.draw(st.sets(st.integers(0, len(doc["ch"]) - 1), min_size=1))
     for index in hit:
-        doc["ch"][index] = mutate_json(data.draw, {"e": doc["ch"][index]})["e"]
+        if data.draw(st.integers(0, 5)) == 0:
+            doc["ch"][index] = data.draw(wild_values)
+        else:
+            mutate_json(data.draw, doc["ch"][index], root=False)
     payload = _dumps(doc, data.draw(st.booleans()))
     check_decode(payload)
     try:

@@ -90,7 +90,8 @@ def test_read_snapshot_is_consistent(store: Store) -> None:
 
 def test_devices_and_registry_generation(store: Store) -> None:
     """Devices round-trip; bump_registry counts structural changes."""
-    row = DeviceRow("van-1", ("r1", "r2"), created_ms=3, agent="w/0.1", sv=2, z=True)
+    row = DeviceRow("van-1", ("r1", "r2"), created_ms=3, agent="w/0.1", sv=2, z=True,
+                    online=True, cp={"r1": 4}, pend=2)
 
     def add(txn: WriteTxn) -> int:
         txn.put_device(row)
@@ -267,12 +268,12 @@ def test_commands_per_device(store: Store) -> None:
 
 def test_notices_queue(store: Store) -> None:
     """Notices come back oldest first; ids are never reused after deletion."""
-    first = store.transact(lambda t: t.add_notice(Notice(0, "r1", 5, "tasks", "t-1", ("a",))))
+    first = store.transact(lambda t: t.add_notice(Notice(0, "r1", 5, {"c": "tasks"})))
     store.transact(lambda t: t.delete_notice(first))
-    second = store.transact(lambda t: t.add_notice(Notice(0, "r1", 6, "tasks", "t-1", ())))
+    second = store.transact(lambda t: t.add_notice(Notice(0, "r1", 6, {"k": "t-1"})))
     assert second > first
     with store.read() as txn:
-        assert txn.notices(10) == [Notice(second, "r1", 6, "tasks", "t-1", ())]
+        assert txn.notices(10) == [Notice(second, "r1", 6, {"k": "t-1"})]
 
 
 def test_info_reports_size_and_counts(store: Store) -> None:

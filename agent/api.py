@@ -1,0 +1,458 @@
+"""The device agent's Python API for apps (and the CLI), safe across processes.
+
+    agent = Agent.open(cfg, catalog)
+    result = agent.put("tasks", "t-1", {"route": "route-42", "status": "delivered"})
+    result.message        # 'saved locally (change van-12:17), pending sync'
+    agent.get("tasks", "t-1").fields
+    agent.status().summary()
+
+Every write is ONE durable LMDB transaction that ticks the hybrid logical clock,
+allocates the next gapless change number `n`, appends the change to the outbox, updates
+the record's local view and appends a feed event: when it returns the write survives
+kill -9 and power loss, and it is "pending" (saved locally) until the server's ack. Apps,
+the CLI and the sync daemon may have the store open at the same time, each in its own
+process. `agent.sync` gives the operations the sync daemon applies (`agent.sync.Sync`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent import validate
+from agent.changes import Op, base_version, build_change, change_id, remove_tags
+from agent.checkpoints import ScopeCheckpoint
+from agent.core import Core, Settings, Work
+from agent.crypto import ValueCipher
+from agent.errors import BadRequest, NotFound, WriteRefused
+from agent.models import AgentStatus, Conflict, DeadLetter, FeedEvent, Record, WriteResult
+from agent.store import Store, n_key, record_key, split_record_key
+from agent.sync import Sync
+from agent.view import ViewState, apply_pending, initial_view
+from schemas.collection import Catalog, CollectionSpec
+from waystation.config import AgentConfig, expand_path
+
+WAKE_SOCKET = "agent.sock"
+"""The sync daemon's datagram socket in the store's directory (see agent.daemon)."""
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Agent:
+    """An open device agent. Create with `Agent.open`; close with `close()` (or `with`)."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._sync: Sync | None = None
+        self._wake: socket.socket | None = None
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def open(cls, cfg: AgentConfig, catalog: Catalog, *, create: bool = True,
+             env: Mapping[str, str] | None = None,
+             now_ms: Callable[[], int] | None = None) -> Agent:
+        """Open the agent's store under cfg.data_dir (created unless `create=False`).
+
+        `env` expands ``${VAR}`` in the encryption key path (default: os.environ);
+        `now_ms` replaces the wall clock (tests).
+        """
+        cipher = None
+        if cfg.storage.encryption_key_file is not None:
+            key_path = expand_path(cfg.storage.encryption_key_file,
+                                   os.environ if env is None else env,
+                                   key="storage.encryption_key_file")
+            cipher = ValueCipher.from_file(key_path)
+        store = Store.open(Path(cfg.data_dir), map_size_mb=cfg.storage.map_size_mb,
+                           max_map_size_mb=cfg.storage.max_map_size_mb, cipher=cipher,
+                           create=create)
+        settings = Settings(device_id=cfg.device_id, scopes=tuple(cfg.scopes),
+                            catchup_page=cfg.sync.catchup_page,
+                            heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5)
+        core = Core(store, settings, catalog, now_ms or wall_ms)
+        try:
+            core.claim_identity()
+        except BaseException:
+            store.close()
+            raise
+        return cls(core)
+
+    def close(self) -> None:
+        if self._wake is not None:
+            self._wake.close()
+            self._wake = None
+        self._core.store.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def device_id(self) -> str:
+        return self._core.dev
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._core.catalog
+
+    @property
+    def store(self) -> Store:
+        return self._core.store
+
+    @property
+    def sync(self) -> Sync:
+        """The daemon-side operations on this store (`agent.sync.Sync`)."""
+        if self._sync is None:
+            self._sync = Sync(self._core)
+        return self._sync
+
+    # ----------------------------------------------------------------- writes
+
+    def put(self, collection: str, key: str, fields: Mapping[str, Any], *,
+            priority: int = 0) -> WriteResult:
+        """Set lww/manual fields of a record (creating it: include its scope field)."""
+        spec = validate.collection(self._core.catalog, collection)
+        key = validate.record_key(spec, key)
+        values = validate.put_fields(spec, fields)
+        prio = validate.priority(priority)
+
+        def run(work: Work) -> WriteResult:
+            rk = record_key(spec.name, key)
+            view = work.load_view(rk, spec.name, key)
+            scope = validate.scope_for_write(spec, key, self._core.scopes,
+                                             view.s if view else None, values)
+            return self._write(work, spec, rk, key, view, scope, "put", prio, f=values)
+
+        return self._written(self._core.write(run))
+
+    def delete(self, collection: str, key: str, *, priority: int = 0) -> WriteResult:
+        """Delete a record this device holds."""
+        spec = validate.collection(self._core.catalog, collection)
+        key = validate.record_key(spec, key)
+        prio = validate.priority(priority)
+
+        def run(work: Work) -> WriteResult:
+            rk = record_key(spec.name, key)
+            view = work.load_view(rk, spec.name, key)
+            if view is None:
+                raise WriteRefused("invalid", f"no record {spec.name}/{key} on this device "
+                                              "to delete")
+            scope = validate.scope_for_write(spec, key, self._core.scopes, view.s, {})
+            return self._write(work, spec, rk, key, view, scope, "del", prio)
+
+        return self._written(self._core.write(run))
+
+    def increment(self, collection: str, key: str, field: str, amount: int | float, *,
+                  priority: int = 0) -> WriteResult:
+        """Add `amount` (not 0; negative subtracts) to counter `field`."""
+        spec = validate.collection(self._core.catalog, collection)
+        key = validate.record_key(spec, key)
+        inc = validate.increment(spec, field, amount)
+        prio = validate.priority(priority)
+
+        def run(work: Work) -> WriteResult:
+            rk = record_key(spec.name, key)
+            view = work.load_view(rk, spec.name, key)
+            scope = validate.scope_for_write(spec, key, self._core.scopes,
+                                             view.s if view else None, {})
+            return self._write(work, spec, rk, key, view, scope, "put", prio, i={field: inc})
+
+        return self._written(self._core.write(run))
+
+    def add(self, collection: str, key: str, field: str, members: Sequence[str], *,
+            priority: int = 0) -> WriteResult:
+        """Add members to set `field` (each add is tagged with this change's id)."""
+        spec = validate.collection(self._core.catalog, collection)
+        key = validate.record_key(spec, key)
+        adds = validate.members(spec, field, members)
+        prio = validate.priority(priority)
+
+        def run(work: Work) -> WriteResult:
+            rk = record_key(spec.name, key)
+            view = work.load_view(rk, spec.name, key)
+            scope = validate.scope_for_write(spec, key, self._core.scopes,
+                                             view.s if view else None, {})
+            return self._write(work, spec, rk, key, view, scope, "put", prio, a={field: adds})
+
+        return self._written(self._core.write(run))
+
+    def remove(self, collection: str, key: str, field: str, members: Sequence[str], *,
+               priority: int = 0) -> WriteResult:
+        """Remove members from set `field`, naming the add-tags this device knows; a
+        member added concurrently elsewhere stays (add wins). Members the set does not
+        hold are ignored; if none is held the result is "unchanged"."""
+        spec = validate.collection(self._core.catalog, collection)
+        key = validate.record_key(spec, key)
+        gone = validate.members(spec, field, members)
+        prio = validate.priority(priority)
+
+        def run(work: Work) -> WriteResult:
+            rk = record_key(spec.name, key)
+            view = work.load_view(rk, spec.name, key)
+            tags = remove_tags(view.t.get(field, {}), gone) if view and not view.x else {}
+            if view is None or not tags:
+                return WriteResult(spec.name, key, view.s if view else (spec.scope or ""),
+                                   "unchanged")
+            scope = validate.scope_for_write(spec, key, self._core.scopes, view.s, {})
+            return self._write(work, spec, rk, key, view, scope, "put", prio,
+                               r={field: tags})
+
+        return self._written(self._core.write(run))
+
+    def _written(self, result: WriteResult) -> WriteResult:
+        """After a write committed: poke the sync daemon (any process) to send it now."""
+        if result.state == "pending":
+            self._poke()
+        return result
+
+    def _poke(self) -> None:
+        # A datagram to the daemon's wake socket; without a daemon (or when the path
+        # is too long for AF_UNIX) nothing happens and the daemon's poll finds it.
+        if self._wake is None:
+            self._wake = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._wake.setblocking(False)
+        with contextlib.suppress(OSError):
+            self._wake.sendto(b"w", str(self._core.store.path / WAKE_SOCKET))
+
+    def _write(self, work: Work, spec: CollectionSpec, rk: bytes, key: str,
+               view: ViewState | None, scope: str, op: Op, priority: int, *,
+               f: dict[str, Any] | None = None, i: dict[str, int | float] | None = None,
+               a: dict[str, list[str]] | None = None,
+               r: dict[str, dict[str, list[str]]] | None = None) -> WriteResult:
+        n = work.next_n()
+        stamp = work.tick()
+        b = base_version(work.checkpoint(scope).cp, view.wq if view else 0)
+        ch = build_change(n=n, h=stamp.time_part(), c=spec.name, k=key, s=scope, b=b, op=op,
+                          f=f, i=i, a=a, r=r)
+        state = view if view is not None else initial_view(None, spec.name, key, scope)
+        new = apply_pending(state, ch, self._core.dev, spec)
+        size = len(orjson.dumps(new.f))
+        if size > validate.MAX_RECORD_BYTES:
+            raise WriteRefused("record_too_large",
+                               f"{spec.name}/{key} would be {size} bytes as JSON, over the "
+                               f"{validate.MAX_RECORD_BYTES}-byte record limit")
+        work.add_outbox(rk, n, ch, priority, self._core.catalog.version)
+        work.save_view(rk, new)
+        work.feed(spec.name, key, "local")
+        return WriteResult(spec.name, key, scope, "pending", n, change_id(self._core.dev, n),
+                           stamp.encode())
+
+    def retry_dead_letter(self, n: int) -> WriteResult:
+        """Send a dead-lettered change again as a new change (new n, new stamp).
+
+        The change is checked against the current schema and scopes first; set removes
+        name the tags known now. The dead letter is removed in the same transaction.
+        """
+
+        def run(work: Work) -> WriteResult:
+            dl = work.tx.get("deadletters", n_key(n))
+            if dl is None:
+                raise NotFound(f"no dead letter with change number {n}")
+            ch = dl["entry"]["ch"]
+            spec = validate.collection(self._core.catalog, ch["c"])
+            key = validate.record_key(spec, ch["k"])
+            rk = record_key(spec.name, key)
+            view = work.load_view(rk, spec.name, key)
+            work.tx.delete("deadletters", n_key(n))
+            if ch["op"] == "del":
+                if view is None:
+                    raise WriteRefused("invalid", f"no record {spec.name}/{key} to delete")
+                return self._write(work, spec, rk, key, view, view.s, "del", dl["entry"]["p"])
+            f = validate.put_fields(spec, ch["f"]) if ch.get("f") else None
+            i = {name: validate.increment(spec, name, inc)
+                 for name, inc in (ch.get("i") or {}).items()}
+            a = {name: validate.members(spec, name, ms) for name, ms in (ch.get("a") or {}).items()}
+            r: dict[str, dict[str, list[str]]] = {}
+            for name, rm in (ch.get("r") or {}).items():
+                validate.members(spec, name, list(rm))
+                tags = remove_tags(view.t.get(name, {}), list(rm)) if view else {}
+                if tags:
+                    r[name] = tags
+            scope = validate.scope_for_write(spec, key, self._core.scopes,
+                                             view.s if view else None, f or {})
+            if not (f or i or a or r):
+                return WriteResult(spec.name, key, scope, "unchanged")
+            return self._write(work, spec, rk, key, view, scope, "put", dl["entry"]["p"],
+                               f=f, i=i, a=a, r=r)
+
+        return self._written(self._core.write(run))
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, collection: str, key: str, *, include_deleted: bool = False) -> Record | None:
+        """The record as this device sees it, or None (unknown, or deleted)."""
+        spec = self._read_spec(collection)
+        try:
+            key = validate.record_key(spec, key)
+        except WriteRefused as exc:
+            raise BadRequest(exc.code, str(exc)) from None
+        rk = record_key(spec.name, key)
+        state = self._core.read(lambda work: work.load_view(rk, spec.name, key))
+        if state is None or (state.x and not include_deleted):
+            return None
+        return _record(state)
+
+    def _read_spec(self, collection: str) -> CollectionSpec:
+        try:
+            return validate.collection(self._core.catalog, collection)
+        except WriteRefused as exc:
+            raise BadRequest(exc.code, str(exc)) from None
+
+    def feed_position(self) -> int:
+        """The seq of the newest feed event (watch(since=...) continues after it)."""
+        return int(self._core.read(lambda work: work.tx.meta("ctr", [1, 0, 0, 0])[3]))
+
+    def watch(self, collection: str | None = None, since: int | None = None,
+              timeout: float | None = None, *, poll_s: float = 0.05) -> Iterator[FeedEvent]:
+        """Yield changes to local records as they happen, from any process.
+
+        Starts after feed seq `since` (default: now) and polls the store every `poll_s`
+        until `timeout` seconds have passed (None: forever). If events were pruned
+        before they could be read, a "truncated" event says so first.
+        """
+        last = self.feed_position() if since is None else since
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self._core.read(partial(_feed_after, last=last, limit=1000))
+            for event in batch:
+                last = event.seq
+                if collection is None or event.collection in (collection, ""):
+                    yield event
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if not batch:
+                wait = poll_s if deadline is None else min(poll_s, deadline - time.monotonic())
+                if wait > 0:
+                    time.sleep(wait)
+
+    def status(self) -> AgentStatus:
+        """Online state, pending count and age, last sync, dead letters, conflicts."""
+        core = self._core
+
+        def run(work: Work) -> AgentStatus:
+            tx = work.tx
+            now = work.now()
+            first = tx.first("outbox")
+            oldest = None if first is None else max(0.0, (now - first[1]["t"]) / 1000)
+            last_sync = tx.meta("last_sync")
+            online_doc = tx.meta("online")
+            hb_age = None if online_doc is None else max(0.0, (now - online_doc["t"]) / 1000)
+            online = bool(online_doc and online_doc["on"] and hb_age is not None
+                          and hb_age <= core.settings.heartbeat_timeout_s)
+            open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
+            lost = sum(1 for _ in tx.keys("conflicts", b"L"))
+            cps: dict[str, int] = {}
+            gaps: list[str] = []
+            snaps: list[str] = []
+            for scope in core.scopes:
+                cp = work.checkpoint(scope)
+                cps[scope] = cp.cp
+                if cp.has_gap:
+                    gaps.append(scope)
+                if cp.snapshot:
+                    snaps.append(scope)
+            return AgentStatus(
+                device_id=core.dev, online=online, pending=tx.count("outbox"),
+                oldest_pending_age_s=oldest,
+                last_sync_age_s=None if last_sync is None else max(0.0, (now - last_sync) / 1000),
+                last_sync_ms=last_sync, dead_letters=tx.count("deadletters"),
+                open_conflicts=open_conflicts, lost_writes=lost, checkpoints=cps, gaps=gaps,
+                snapshots=snaps, heartbeat_age_s=hb_age, last_error=tx.meta("last_err"),
+                next_n=work.peek_next_n(), schema_version=core.catalog.version)
+
+        return core.read(run)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Changes the server refused for good, oldest first."""
+        dev = self._core.dev
+
+        def run(work: Work) -> list[DeadLetter]:
+            return [DeadLetter(n=doc["n"], change_id=change_id(dev, doc["n"]), code=doc["code"],
+                               reason=doc["reason"], rejected_ms=doc["t"],
+                               created_ms=doc["entry"]["t"], change=doc["entry"]["ch"])
+                    for _, doc in work.tx.items("deadletters")]
+
+        return self._core.read(run)
+
+    def conflicts(self) -> list[Conflict]:
+        """Open manual conflicts on held records, then own writes that lost (oldest first)."""
+
+        def run(work: Work) -> list[Conflict]:
+            out: list[Conflict] = []
+            for prefix in (b"O", b"L"):
+                for _, doc in work.tx.items("conflicts", prefix):
+                    out.append(Conflict(kind=doc["kind"], collection=doc["c"], key=doc["k"],
+                                        scope=doc["s"], field=doc["field"], value=doc["value"],
+                                        stamp=doc["h"], candidates=doc["candidates"],
+                                        seen_ms=doc["t"], change_id=doc.get("id")))
+            return out
+
+        return self._core.read(run)
+
+    def checkpoints(self) -> dict[str, ScopeCheckpoint]:
+        return self._core.read(lambda work: {s: work.checkpoint(s) for s in self._core.scopes})
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The outbox entries in n order (for inspection)."""
+        return self._core.read(lambda work: [doc for _, doc in work.tx.items("outbox")])
+
+    # `list` last: inside the class body its name shadows the builtin in annotations.
+    def list(self, collection: str, prefix: str | None = None, limit: int | None = None, *,
+             include_deleted: bool = False) -> list[Record]:
+        """Records of `collection` in key order (optionally keys starting with `prefix`)."""
+        spec = self._read_spec(collection)
+        start = record_key(spec.name, prefix or "")
+        scan_prefix = spec.name.encode() + b"\0"
+
+        def run(work: Work) -> list[Record]:
+            out: list[Record] = []
+            if limit is not None and limit <= 0:
+                return out
+            for raw, doc in work.tx.items("view", scan_prefix, start=start):
+                c, k = split_record_key(raw)
+                if prefix and not k.startswith(prefix):
+                    break
+                state = ViewState.from_doc(c, k, doc)
+                if state.x and not include_deleted:
+                    continue
+                out.append(_record(state))
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+        return self._core.read(run)
+
+
+def _record(state: ViewState) -> Record:
+    return Record(collection=state.c, key=state.k, scope=state.s, fields=state.fields,
+                  deleted=state.x, pending=state.p, version=state.q, conflicts=dict(state.cf),
+                  sync=dict(state.sync_state()))
+
+
+def _feed_after(work: Work, last: int, limit: int) -> list[FeedEvent]:
+    out: list[FeedEvent] = []
+    first = True
+    for raw, doc in work.tx.items("feed", start=n_key(last + 1)):
+        seq = int.from_bytes(raw, "big")
+        if first and seq > last + 1 and last > 0:
+            out.append(FeedEvent(seq - 1, "", "", "truncated"))
+        first = False
+        out.append(FeedEvent(seq, doc[0], doc[1], doc[2]))
+        if len(out) >= limit:
+            break
+    return out
+
+
+__all__ = ["Agent", "wall_ms"]

@@ -1,0 +1,253 @@
+"""Handlers of the `waystation agent ...` commands that read and write the local store.
+
+The parser is `waystation.cli`; it calls ``cmd_<name>(args, env)`` and prints any
+`WaystationError` as one line ``error: <message>`` with its exit code. Writes print
+"saved locally (change van-1:17), pending sync"; reads take ``--json``. `agent run`
+(the daemon) lives with the MQTT code, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from agent import validate
+from agent.api import Agent
+from agent.errors import NotFound, WriteRefused
+from agent.models import Record
+from schemas.collection import Catalog, load_catalog
+from waystation.config import AgentConfig, load_config
+
+EXIT_OK = 0
+
+
+def _setup(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[AgentConfig, Catalog]:
+    cfg = load_config(AgentConfig, getattr(args, "config", None), env)
+    return cfg, load_catalog(cfg.schema_path())
+
+
+def _open(args: argparse.Namespace, env: Mapping[str, str], *, create: bool) -> Agent:
+    cfg, catalog = _setup(args, env)
+    return Agent.open(cfg, catalog, create=create, env=env)
+
+
+def _print_json(doc: Any) -> None:
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+
+
+def _compact(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# --------------------------------------------------------------------- writes
+
+
+def cmd_put(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent put COLLECTION KEY FIELD=VALUE...`"""
+    cfg, catalog = _setup(args, env)
+    spec = validate.collection(catalog, args.collection)
+    values: dict[str, Any] = {}
+    for name, value in args.fields:
+        if name in values:
+            raise WriteRefused("invalid", f"field {name!r} is given twice")
+        fspec = spec.fields.get(name)
+        if (fspec is not None and fspec.type == "json" and isinstance(value, str)
+                and value.lstrip()[:1] in ("{", "[")):
+            raise WriteRefused("invalid", f"{spec.name}.{name}: {value!r} looks like JSON but "
+                                          "does not parse (quote text as a JSON string)")
+        values[name] = value
+    with Agent.open(cfg, catalog, env=env) as agent:
+        print(agent.put(spec.name, args.key, values).message)
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent delete COLLECTION KEY`"""
+    cfg, catalog = _setup(args, env)
+    validate.collection(catalog, args.collection)
+    with Agent.open(cfg, catalog, env=env) as agent:
+        print(agent.delete(args.collection, args.key).message)
+    return EXIT_OK
+
+
+def cmd_incr(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent incr COLLECTION KEY FIELD AMOUNT`"""
+    cfg, catalog = _setup(args, env)
+    spec = validate.collection(catalog, args.collection)
+    validate.increment(spec, args.field, args.amount)
+    with Agent.open(cfg, catalog, env=env) as agent:
+        print(agent.increment(args.collection, args.key, args.field, args.amount).message)
+    return EXIT_OK
+
+
+def cmd_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent add COLLECTION KEY FIELD MEMBER...`"""
+    cfg, catalog = _setup(args, env)
+    spec = validate.collection(catalog, args.collection)
+    validate.members(spec, args.field, args.members)
+    with Agent.open(cfg, catalog, env=env) as agent:
+        print(agent.add(args.collection, args.key, args.field, args.members).message)
+    return EXIT_OK
+
+
+def cmd_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent remove COLLECTION KEY FIELD MEMBER...`"""
+    cfg, catalog = _setup(args, env)
+    spec = validate.collection(catalog, args.collection)
+    validate.members(spec, args.field, args.members)
+    with Agent.open(cfg, catalog, env=env) as agent:
+        print(agent.remove(args.collection, args.key, args.field, args.members).message)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- reads
+
+
+def _record_lines(record: Record) -> list[str]:
+    state = (f"{record.pending} change{'s' if record.pending != 1 else ''} pending sync"
+             if record.pending else "synced")
+    version = f"version {record.version}" if record.version else "not yet on the server"
+    lines = [f"{record.collection}/{record.key}  (scope {record.scope}, {version}, {state})"]
+    if record.deleted:
+        lines.append("  deleted")
+    width = max((len(name) for name in record.fields), default=0)
+    for name, value in record.fields.items():
+        note = record.sync.get(name, "synced")
+        extra = ""
+        if name in record.conflicts:
+            extra = f"  candidates: {_compact([c['v'] for c in record.conflicts[name]])}"
+        lines.append(f"  {name:<{width}}  {_compact(value)}  {note}{extra}")
+    return lines
+
+
+def cmd_get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent get COLLECTION KEY [--json]`"""
+    with _open(args, env, create=False) as agent:
+        record = agent.get(args.collection, args.key)
+    if record is None:
+        raise NotFound(f"no record {args.collection}/{args.key} on this device")
+    if args.json:
+        _print_json(record.to_dict())
+    else:
+        print("\n".join(_record_lines(record)))
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent list COLLECTION [--json]`"""
+    with _open(args, env, create=False) as agent:
+        records = agent.list(args.collection)
+    if args.json:
+        _print_json([r.to_dict() for r in records])
+        return EXIT_OK
+    if not records:
+        print(f"no {args.collection} records on this device")
+    for record in records:
+        pending = f"  [{record.pending} pending]" if record.pending else ""
+        print(f"{record.key}  {_compact(record.fields)}{pending}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent status [--json]`"""
+    with _open(args, env, create=False) as agent:
+        status = agent.status()
+    if args.json:
+        _print_json(status.to_dict())
+        return EXIT_OK
+    print(status.summary())
+    print(f"  device {status.device_id}, schema version {status.schema_version}, "
+          f"next change {status.device_id}:{status.next_n}")
+    cps = ", ".join(f"{scope} {cp}" for scope, cp in status.checkpoints.items())
+    print(f"  checkpoints: {cps}")
+    if status.gaps:
+        print(f"  waiting for missed changes in: {', '.join(status.gaps)}")
+    if status.snapshots:
+        print(f"  re-downloading: {', '.join(status.snapshots)}")
+    if status.last_error:
+        print(f"  last problem: {status.last_error['code']}: {status.last_error['reason']}")
+    return EXIT_OK
+
+
+def cmd_deadletters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent deadletters [--json]`"""
+    with _open(args, env, create=False) as agent:
+        letters = agent.dead_letters()
+    if args.json:
+        _print_json([d.to_dict() for d in letters])
+        return EXIT_OK
+    if not letters:
+        print("no dead letters: the server has refused none of this device's changes")
+    for d in letters:
+        ch = d.change
+        body = {g: ch[g] for g in ("f", "i", "a", "r") if g in ch}
+        print(f"{d.change_id}  {d.code}: {d.reason}")
+        print(f"  {ch['op']} {ch['c']}/{ch['k']} {_compact(body) if body else ''}".rstrip())
+    return EXIT_OK
+
+
+def cmd_conflicts(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent conflicts [--json]`"""
+    with _open(args, env, create=False) as agent:
+        conflicts = agent.conflicts()
+    if args.json:
+        _print_json([c.to_dict() for c in conflicts])
+        return EXIT_OK
+    if not conflicts:
+        print("no conflicts")
+    for c in conflicts:
+        where = f"{c.collection}/{c.key}.{c.field}"
+        if c.kind == "open":
+            values = _compact([cand["v"] for cand in c.candidates])
+            print(f"open  {where}: kept {_compact(c.value)}, also written: {values} "
+                  "(waiting for a person to decide)")
+        else:
+            mine = c.candidates[0]["v"] if c.candidates else None
+            print(f"lost  {where}: this device wrote {_compact(mine)} ({c.change_id}), "
+                  f"{_compact(c.value)} won")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent watch [COLLECTION] [--json]`: follow changes until Ctrl-C."""
+    with _open(args, env, create=False) as agent:
+        if args.collection is not None:
+            agent.list(args.collection, limit=0)  # BadRequest for an unknown collection
+        try:
+            events = agent.watch(args.collection, since=getattr(args, "since", None),
+                                 timeout=getattr(args, "timeout", None))
+            _print_events(events, args.json)
+        except KeyboardInterrupt:
+            pass
+    return EXIT_OK
+
+
+def _print_events(events: Iterable[Any], as_json: bool) -> None:
+    for event in events:
+        if as_json:
+            line = _compact(event.to_dict())
+        elif event.collection:
+            line = f"{event.seq}  {event.kind:<8}  {event.collection}/{event.key}"
+        else:
+            line = f"{event.seq}  {event.kind}"
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+__all__ = [
+    "cmd_add",
+    "cmd_conflicts",
+    "cmd_deadletters",
+    "cmd_delete",
+    "cmd_get",
+    "cmd_incr",
+    "cmd_list",
+    "cmd_put",
+    "cmd_remove",
+    "cmd_status",
+    "cmd_watch",
+]

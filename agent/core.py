@@ -1,0 +1,390 @@
+"""Record-level operations inside one store transaction, shared by `api` and `sync`.
+
+`Core` holds what every operation needs (store, device id, scopes, collection schema,
+wall clock); `Core.write(fn)` runs `fn(work)` in one durable transaction, where `work`
+(a `Work`) loads and saves base records, views, outbox entries, checkpoints and feed
+events, and writes the cached counters back once at the end.
+
+Meta entries (database ``meta``, orjson values, plain text):
+
+==========  ===============================================================
+format      on-disk format version (1); checked on open (`agent.store`)
+enc         encryption check token (hex) or null
+device      the device id this store belongs to
+created     creation time, ms
+ctr         [next n, HLC wall, HLC counter, last feed seq]: read-modify-written
+            inside every write transaction, so n stays gapless and stamps
+            monotonic across processes
+sv          collection-schema version the agent last opened the store with
+gen         snapshot generation counter (§9.5)
+cmds        ids of executed commands (newest 1,000)
+last_sync   time (ms) of the last ack or completed catch-up
+online      {"on": bool, "t": ms}: the daemon's heartbeat
+creq        id of the last catch-up request
+last_err    {"code", "reason", "t"}: the last message-level problem
+==========  ===============================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from agent.base import BaseRecord, apply_rec, rec_state
+from agent.checkpoints import ScopeCheckpoint
+from agent.errors import DeviceMismatch
+from agent.store import Store, Tx, n_key, record_key
+from agent.view import ViewState, compute_view
+from schemas import wire
+from schemas.collection import Catalog, CollectionSpec
+from waystation.hlc import Clock, Stamp
+
+T = TypeVar("T")
+
+FEED_KEEP = 10_000
+"""Feed events kept (the newest); older ones are pruned."""
+_FEED_PRUNE_EVERY = 256
+MAX_COMMAND_IDS = 1000
+MAX_LOST_ENTRIES = 10_000
+
+FeedKind = Literal["local", "synced", "rejected", "remote", "dropped", "reset", "wiped"]
+
+
+def prio_key(priority: int, n: int) -> bytes:
+    """Drain-order index key: higher priority first, then lower n."""
+    return b"P" + ((2**31 - 1) - priority).to_bytes(4, "big") + n_key(n)
+
+
+def rec_index_key(rk: bytes, n: int) -> bytes:
+    return b"R" + rk + b"\0" + n_key(n)
+
+
+def open_conflict_key(rk: bytes, name: str) -> bytes:
+    return b"O" + rk + b"\0" + name.encode()
+
+
+def lost_key(n: int, name: str) -> bytes:
+    return b"L" + n_key(n) + name.encode()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the agent's record logic needs from its configuration."""
+
+    device_id: str
+    scopes: tuple[str, ...]
+    catchup_page: int = 1000
+    heartbeat_timeout_s: float = 65.0
+
+
+class Core:
+    """Shared state of an open agent: store, settings, schema and clock."""
+
+    def __init__(self, store: Store, settings: Settings, catalog: Catalog,
+                 now_ms: Callable[[], int]) -> None:
+        self.store = store
+        self.settings = settings
+        self.dev = settings.device_id
+        self.scopes = settings.scopes
+        self.catalog = catalog
+        self.now_ms = now_ms
+
+    def write(self, fn: Callable[[Work], T]) -> T:
+        def run(tx: Tx) -> T:
+            work = Work(self, tx)
+            result = fn(work)
+            work.finish()
+            return result
+
+        return self.store.write(run)
+
+    def read(self, fn: Callable[[Work], T]) -> T:
+        return self.store.read(lambda tx: fn(Work(self, tx)))
+
+    def claim_identity(self) -> None:
+        """Bind a new store to this device id; refuse a store of another device."""
+
+        def run(work: Work) -> None:
+            tx = work.tx
+            owner = tx.meta("device")
+            if owner is None:
+                tx.set_meta("device", self.dev)
+                tx.set_meta("created", self.now_ms())
+            elif owner != self.dev:
+                raise DeviceMismatch(
+                    f"the local store at {self.store.path} belongs to device {owner!r}, but "
+                    f"the config says device_id = {self.dev!r}: fix device_id or use another "
+                    "data_dir")
+            if tx.meta("sv") != self.catalog.version:
+                tx.set_meta("sv", self.catalog.version)
+
+        self.write(run)
+
+    def check_identity(self) -> None:
+        """Read-only variant of `claim_identity` (for openers that must not write)."""
+        owner = self.store.read(lambda tx: tx.meta("device"))
+        if owner is not None and owner != self.dev:
+            raise DeviceMismatch(
+                f"the local store at {self.store.path} belongs to device {owner!r}, but the "
+                f"config says device_id = {self.dev!r}: fix device_id or use another data_dir")
+
+    def spec(self, collection: str) -> CollectionSpec | None:
+        return self.catalog.collection(collection)
+
+
+class Work:
+    """One transaction's view of the agent's data (see module docstring)."""
+
+    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_now", "core", "dev", "tx")
+
+    def __init__(self, core: Core, tx: Tx) -> None:
+        self.core = core
+        self.tx = tx
+        self.dev = core.dev
+        self._ctr: list[int] | None = None
+        self._ctr_dirty = False
+        self._gen: int | None = None
+        self._checkpoints: dict[str, tuple[ScopeCheckpoint, bool]] = {}
+        self._now: int | None = None
+
+    # --------------------------------------------------------------- counters
+
+    def now(self) -> int:
+        """The wall clock (ms), read once per transaction."""
+        if self._now is None:
+            self._now = self.core.now_ms()
+        return self._now
+
+    def _counters(self) -> list[int]:
+        if self._ctr is None:
+            self._ctr = list(self.tx.meta("ctr", [1, 0, 0, 0]))
+        return self._ctr
+
+    def next_n(self) -> int:
+        """Allocate the next change number (gapless, never reused)."""
+        ctr = self._counters()
+        n = ctr[0]
+        ctr[0] = n + 1
+        self._ctr_dirty = True
+        return n
+
+    def peek_next_n(self) -> int:
+        return self._counters()[0]
+
+    def _clock(self) -> Clock:
+        ctr = self._counters()
+        return Clock(self.dev, self.now, ctr[1], ctr[2])
+
+    def tick(self) -> Stamp:
+        """A new HLC stamp for a local write (state persisted with this transaction)."""
+        clock = self._clock()
+        stamp = clock.tick()
+        ctr = self._counters()
+        ctr[1], ctr[2] = stamp.wall, stamp.counter
+        self._ctr_dirty = True
+        return stamp
+
+    def observe(self, stamps: Iterable[str | None]) -> None:
+        """Merge the latest of received full stamps into the HLC (§4 receiving)."""
+        latest = max((s for s in stamps if s), default=None)
+        if latest is None:
+            return
+        try:
+            remote = Stamp.parse(latest)
+        except ValueError:
+            return
+        clock = self._clock()
+        clock.observe(remote)
+        ctr = self._counters()
+        ctr[1], ctr[2] = clock.state
+        self._ctr_dirty = True
+
+    def gen(self) -> int:
+        """The current snapshot generation (recorded on every base record touched)."""
+        if self._gen is None:
+            self._gen = int(self.tx.meta("gen", 0))
+        return self._gen
+
+    def bump_gen(self) -> int:
+        self._gen = self.gen() + 1
+        self.tx.set_meta("gen", self._gen)
+        return self._gen
+
+    # ------------------------------------------------------------------- feed
+
+    def feed(self, c: str, k: str, kind: FeedKind) -> int:
+        ctr = self._counters()
+        seq = ctr[3] + 1
+        ctr[3] = seq
+        self._ctr_dirty = True
+        self.tx.put("feed", n_key(seq), [c, k, kind])
+        if seq % _FEED_PRUNE_EVERY == 0 and seq > FEED_KEEP:
+            cutoff = n_key(seq - FEED_KEEP)
+            old: list[bytes] = []
+            for key in self.tx.keys("feed"):
+                if key >= cutoff:
+                    break
+                old.append(key)
+            for key in old:
+                self.tx.delete("feed", key)
+        return seq
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, scope: str) -> ScopeCheckpoint:
+        cached = self._checkpoints.get(scope)
+        if cached is not None:
+            return cached[0]
+        state = ScopeCheckpoint.from_doc(self.tx.get("checkpoints", scope.encode()))
+        self._checkpoints[scope] = (state, False)
+        return state
+
+    def set_checkpoint(self, scope: str, state: ScopeCheckpoint) -> None:
+        self._checkpoints[scope] = (state, True)
+
+    def finish(self) -> None:
+        """Write back what was cached during the transaction."""
+        for scope, (state, dirty) in self._checkpoints.items():
+            if dirty:
+                self.tx.put("checkpoints", scope.encode(), state.to_doc())
+        if self._ctr_dirty and self._ctr is not None:
+            self.tx.set_meta("ctr", self._ctr)
+            self._ctr_dirty = False
+
+    # ------------------------------------------------------------------ bases
+
+    def load_base(self, rk: bytes, c: str, k: str) -> BaseRecord | None:
+        doc = self.tx.get("base", rk)
+        if doc is None:
+            return None
+        return BaseRecord.from_docs(c, k, doc, self.tx.get("stamps", rk))
+
+    def save_base(self, rk: bytes, old: BaseRecord | None, new: BaseRecord | None) -> None:
+        """Store `new` (None: drop the record) and keep the open-conflict entries in step."""
+        if new is None:
+            self.tx.delete("base", rk)
+            self.tx.delete("stamps", rk)
+        else:
+            doc, stamps = new.to_docs()
+            self.tx.put("base", rk, doc)
+            if stamps:
+                self.tx.put("stamps", rk, stamps)
+            else:
+                self.tx.delete("stamps", rk)
+        old_cf = old.cf if old is not None else {}
+        new_cf = new.cf if new is not None else {}
+        for name in old_cf:
+            if name not in new_cf:
+                self.tx.delete("conflicts", open_conflict_key(rk, name))
+        if new is None:
+            return
+        for name, cands in new_cf.items():
+            if old_cf.get(name) == cands:
+                continue
+            key = open_conflict_key(rk, name)
+            prior = self.tx.get("conflicts", key)
+            self.tx.put("conflicts", key, {
+                "kind": "open", "c": new.c, "k": new.k, "s": new.s, "field": name,
+                "value": new.f.get(name), "h": new.h.get(name), "candidates": cands,
+                "q": new.fq.get(name, new.q),
+                "t": prior["t"] if prior else self.now()})
+
+    def apply_recs(self, recs: Iterable[wire.Rec], kind: FeedKind) -> dict[bytes, BaseRecord]:
+        """Apply record states to the base, recompute the views, record feed events.
+
+        Returns the new base of every record touched. Every touched record is marked
+        with the current snapshot generation.
+        """
+        grouped: dict[bytes, list[wire.Rec]] = {}
+        for rec in recs:
+            grouped.setdefault(record_key(rec.c, rec.k), []).append(rec)
+        out: dict[bytes, BaseRecord] = {}
+        gen = self.gen()
+        for rk, group in grouped.items():
+            c, k = group[0].c, group[0].k
+            old = self.load_base(rk, c, k)
+            new = old
+            for rec in group:
+                new = apply_rec(new, rec_state(rec))
+            assert new is not None
+            new.g = gen
+            self.save_base(rk, old, new)
+            self.refresh_view(rk, c, k, new)
+            self.feed(c, k, kind)
+            out[rk] = new
+        return out
+
+    # ----------------------------------------------------------------- outbox
+
+    def add_outbox(self, rk: bytes, n: int, change: dict[str, Any], priority: int,
+                   sv: int) -> dict[str, Any]:
+        entry = {"ch": change, "sv": sv, "t": self.now(), "p": priority, "at": 0, "err": None}
+        self.tx.put("outbox", n_key(n), entry)
+        self.tx.put_raw("outbox_idx", prio_key(priority, n))
+        self.tx.put_raw("outbox_idx", rec_index_key(rk, n))
+        return entry
+
+    def outbox_entry(self, n: int) -> dict[str, Any] | None:
+        entry: dict[str, Any] | None = self.tx.get("outbox", n_key(n))
+        return entry
+
+    def remove_outbox(self, n: int, entry: Mapping[str, Any]) -> bytes:
+        """Drop entry `n` and its index keys; returns the record key."""
+        ch = entry["ch"]
+        rk = record_key(ch["c"], ch["k"])
+        self.tx.delete("outbox", n_key(n))
+        self.tx.delete("outbox_idx", prio_key(entry["p"], n))
+        self.tx.delete("outbox_idx", rec_index_key(rk, n))
+        return rk
+
+    def pending_changes(self, rk: bytes) -> list[dict[str, Any]]:
+        """The record's pending changes (wire dicts), in n order."""
+        out: list[dict[str, Any]] = []
+        for key in self.tx.keys("outbox_idx", b"R" + rk + b"\0"):
+            entry = self.tx.get("outbox", key[-8:])
+            if entry is not None:
+                out.append(entry["ch"])
+        return out
+
+    # ------------------------------------------------------------------ views
+
+    def load_view(self, rk: bytes, c: str, k: str) -> ViewState | None:
+        doc = self.tx.get("view", rk)
+        return None if doc is None else ViewState.from_doc(c, k, doc)
+
+    def save_view(self, rk: bytes, state: ViewState | None) -> None:
+        if state is None:
+            self.tx.delete("view", rk)
+        else:
+            self.tx.put("view", rk, state.to_doc())
+
+    def refresh_view(self, rk: bytes, c: str, k: str, base: BaseRecord | None) -> ViewState | None:
+        """Recompute a record's view from its base and its own pending changes."""
+        state = compute_view(base, self.pending_changes(rk), self.core.spec(c), self.dev,
+                             c=c, k=k)
+        self.save_view(rk, state)
+        return state
+
+    # -------------------------------------------------------------- conflicts
+
+    def record_lost_write(self, n: int, name: str, doc: dict[str, Any]) -> None:
+        self.tx.put("conflicts", lost_key(n, name), doc)
+
+    def prune_lost(self) -> None:
+        keys = list(self.tx.keys("conflicts", b"L"))
+        for key in keys[: max(0, len(keys) - MAX_LOST_ENTRIES)]:
+            self.tx.delete("conflicts", key)
+
+
+__all__ = [
+    "FEED_KEEP",
+    "Core",
+    "FeedKind",
+    "Settings",
+    "Work",
+    "lost_key",
+    "open_conflict_key",
+    "prio_key",
+    "rec_index_key",
+]

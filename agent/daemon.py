@@ -1,0 +1,469 @@
+"""The agent daemon: the device's sender and receiver over MQTT (PROTOCOL.md §9).
+
+One engine thread owns every decision; the MQTT link's network thread only hands
+events to it through a queue, so no lock guards the daemon's state:
+
+    network thread ──(conn / disc / msg)──► queue ──► engine loop ──► LMDB (agent.sync)
+    local writes (any process) ──wake socket / poll──┘          └──► link.publish
+
+Sender: drains the outbox in `changes` batches, highest priority first, keeping at most
+`max_inflight_changes` unanswered; a change stays in the outbox until the server acks
+or permanently rejects it; unanswered changes go again after `ack_timeout_s` and after
+every reconnect (amqtt drops in-flight messages on reconnect); transiently rejected
+changes wait with exponential backoff. Receiver: applies acks, rejections, deltas,
+catch-up pages and checkpoints through `agent.sync`, each one durable transaction, and
+asks for a catch-up on every (re)connect and whenever a sequence gap does not fill.
+
+Every retry fires on its own timer: nothing waits for the next local write or a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agent.api import WAKE_SOCKET, Agent
+from schemas import codec, wire
+from schemas.collection import Catalog, load_catalog
+from schemas.errors import ProtocolError
+from waystation import __version__, systemd
+from waystation.config import AgentConfig
+from waystation.mqtt import Backoff, MqttLink, Will
+
+log = structlog.get_logger("waystation.agent")
+
+AGENT_NAME = f"waystation/{__version__}"
+_TIMER_S = 0.25
+_CATCHUP_RETRY_S = 15.0
+
+
+@dataclass
+class DaemonStats:
+    """Counters for status output, tests and benchmarks."""
+
+    batches_sent: int = 0
+    changes_sent: int = 0
+    resent: int = 0
+    acked: int = 0
+    dead: int = 0
+    deltas: int = 0
+    pages: int = 0
+    bad_messages: int = 0
+    connects: int = 0
+    catchups: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class AgentDaemon:
+    """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
+
+    def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
+                 env: Mapping[str, str] | None = None, agent: Agent | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.env = dict(os.environ if env is None else env)
+        self.agent = agent if agent is not None else Agent.open(cfg, catalog, env=self.env)
+        self._owns_agent = agent is None
+        self.sync = self.agent.sync
+        self.dev = cfg.device_id
+        prefix = cfg.mqtt.prefix
+        self.up_topic = f"{prefix}/{self.dev}/up"
+        self.down_topic = f"{prefix}/{self.dev}/down"
+        self.status_topic = f"{prefix}/{self.dev}/status"
+        self.stats = DaemonStats()
+        self._rng = rng or random.Random()
+        self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connected = False
+        self._inflight: dict[int, float] = {}        # n -> monotonic deadline for an answer
+        self._retry_at: dict[int, float] = {}        # n -> not before (transient rejects)
+        self._catchup_req: str | None = None
+        self._catchup_sent = 0.0
+        self._last_status = 0.0
+        self._last_loop = time.monotonic()
+        self._wake_sock: socket.socket | None = None
+        sync = cfg.sync
+        offline = codec.encode(wire.Status(dev=self.dev, on=False, agent=AGENT_NAME))
+        self.link = MqttLink.from_config(
+            cfg.mqtt, client_id=self.dev, env=self.env,
+            will=Will(self.status_topic, offline, qos=1, retain=True),
+            backoff=Backoff(initial=sync.backoff_initial_s, maximum=sync.backoff_max_s),
+            on_connect=lambda present: self._events.put(("conn", present)),
+            on_disconnect=lambda reason: self._events.put(("disc", reason)),
+            on_message=lambda topic, payload: self._events.put(("msg", topic, payload)),
+        )
+        self.link.subscribe(self.down_topic, qos=1)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the engine thread and the MQTT link (returns at once)."""
+        self._open_wake_socket()
+        self._thread = threading.Thread(target=self._loop, name=f"agent-{self.dev}", daemon=True)
+        self._thread.start()
+        self.link.start()
+
+    def stop(self, *, drain_s: float = 5.0) -> None:
+        """Clean shutdown: finish the batch in flight (wait up to `drain_s` for its
+        answer), publish the offline status, close the session cleanly."""
+        self._events.put(("stop", drain_s))
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(drain_s + 10)
+        self.link.stop(clean=True)
+        self._close_wake_socket()
+        with contextlib.suppress(Exception):
+            self.sync.set_online(False)
+        if self._owns_agent:
+            self.agent.close()
+
+    def kill_link(self) -> None:
+        """Drop the connection abruptly (tests, demo: 'the van drives into a tunnel')."""
+        self.link.stop(clean=False)
+
+    def wake(self) -> None:
+        """Something was written locally: send it now."""
+        self._events.put(("wake",))
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def healthy(self) -> bool:
+        """The engine loop turned recently (feeds the systemd watchdog)."""
+        return time.monotonic() - self._last_loop < 30
+
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # ------------------------------------------------------------------ engine loop
+
+    def _loop(self) -> None:
+        next_timer = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                self._last_loop = now
+                timeout = max(0.0, min(next_timer - now, self.cfg.sync.poll_interval_s))
+                try:
+                    event = self._events.get(timeout=timeout)
+                except queue.Empty:
+                    event = ("tick",)
+                if event[0] == "stop":
+                    self._drain_and_close(float(event[1]))
+                    return
+                self._handle(event)
+                # Handle everything already queued before sending more.
+                while True:
+                    try:
+                        event = self._events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if event[0] == "stop":
+                        self._drain_and_close(float(event[1]))
+                        return
+                    self._handle(event)
+                now = time.monotonic()
+                if now >= next_timer:
+                    self._timers(now)
+                    next_timer = now + _TIMER_S
+                self._pump(now)
+        except Exception:
+            log.exception("agent_loop_failed", dev=self.dev)
+            raise
+        finally:
+            self._stopped.set()
+
+    def _handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        try:
+            if kind == "msg":
+                self._on_message(event[2])
+            elif kind == "conn":
+                self._on_connect(bool(event[1]))
+            elif kind == "disc":
+                self._on_disconnect(str(event[1]))
+        except Exception:
+            # A failure applying one message must not kill the loop; the data it
+            # carried comes again (resend, catch-up).
+            log.exception("agent_event_failed", dev=self.dev, kind=kind)
+
+    def _on_connect(self, session_present: bool) -> None:
+        self._connected = True
+        self.stats.connects += 1
+        # Whatever was in flight may be lost (amqtt drops in-flight QoS 1 on reconnect):
+        # send it again; the server answers duplicates with the same outcome.
+        self.stats.resent += len(self._inflight)
+        self._inflight.clear()
+        log.info("connected", dev=self.dev, session_present=session_present,
+                 pending=self.sync.pending_count())
+        self._publish_status(True)
+        self._send(self.sync.hello(AGENT_NAME, z=True))
+        self._start_catchup()
+        self.sync.set_online(True)
+
+    def _on_disconnect(self, reason: str) -> None:
+        if self._connected:
+            log.info("disconnected", dev=self.dev, reason=reason)
+        self._connected = False
+        self._inflight.clear()
+        self._catchup_req = None
+        with contextlib.suppress(Exception):
+            self.sync.set_online(False)
+
+    def _on_message(self, payload: bytes) -> None:
+        try:
+            msg = codec.decode(payload, allowed=wire.DOWN_TYPES)
+        except ProtocolError as err:
+            self.stats.bad_messages += 1
+            log.warning("bad_down_message", dev=self.dev, code=err.code, reason=err.reason)
+            return
+        if isinstance(msg, wire.Ack):
+            result = self.sync.apply_ack(msg)
+            for n in (*result.applied, *result.ignored):
+                self._inflight.pop(n, None)
+                self._retry_at.pop(n, None)
+            self.stats.acked += len(result.applied)
+        elif isinstance(msg, wire.Reject):
+            self._on_reject(msg)
+        elif isinstance(msg, wire.Delta):
+            self.sync.apply_delta(msg)
+            self.stats.deltas += 1
+        elif isinstance(msg, wire.Page):
+            self._on_page(msg)
+        elif isinstance(msg, wire.Checkpoint):
+            self._on_checkpoint(msg)
+        elif isinstance(msg, wire.Command):
+            self._on_command(msg)
+
+    def _on_reject(self, msg: wire.Reject) -> None:
+        result = self.sync.apply_reject(msg)
+        for n in (*result.dead, *result.ignored):
+            self._inflight.pop(n, None)
+            self._retry_at.pop(n, None)
+        self.stats.dead += len(result.dead)
+        if result.transient:
+            attempts = {rj.n: rj for rj in msg.rj}
+            now = time.monotonic()
+            for n in result.transient:
+                self._inflight.pop(n, None)
+                tries = self.stats.extra.get(f"try:{n}", 0) + 1
+                self.stats.extra[f"try:{n}"] = tries
+                self._retry_at[n] = now + self._backoff(tries)
+                log.info("change_deferred", dev=self.dev, n=n, code=attempts[n].code,
+                         retry_in_s=round(self._retry_at[n] - now, 1))
+        if result.dead:
+            log.warning("changes_rejected", dev=self.dev, numbers=result.dead,
+                        reasons=sorted({rj.code for rj in msg.rj if rj.perm}))
+        if result.error:
+            log.warning("message_rejected", dev=self.dev, **result.error)
+
+    def _on_page(self, page: wire.Page) -> None:
+        self.sync.apply_page(page)
+        self.stats.pages += 1
+        if page.more:
+            # Continue only this scope: asking again for every scope would make the
+            # server answer each scope once per request, multiplying the pages.
+            cps = self.agent.checkpoints()
+            cp = cps.get(page.s)
+            snap = [page.s] if cp is not None and cp.snapshot else []
+            req = self._catchup_req or page.req
+            self._send(wire.Catchup(dev=self.dev, req=req, cp={page.s: page.to}, snap=snap,
+                                    lim=self.cfg.sync.catchup_page))
+            self._catchup_sent = time.monotonic()
+
+    def _on_checkpoint(self, msg: wire.Checkpoint) -> None:
+        result = self.sync.apply_checkpoint(msg)
+        if result.behind:
+            log.info("catchup_behind", dev=self.dev, scopes=result.behind)
+            self._start_catchup()
+            return
+        if msg.req == self._catchup_req:
+            self._catchup_req = None
+        if result.dropped:
+            log.info("snapshot_dropped_records", dev=self.dev, count=result.dropped)
+        if result.denied:
+            log.warning("scopes_denied", dev=self.dev, scopes=result.denied)
+
+    def _on_command(self, cmd: wire.Command) -> None:
+        executed = self.sync.execute_command(cmd)
+        log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
+        if executed and cmd.cmd in ("wipe", "resync"):
+            self._inflight.clear()
+            self._retry_at.clear()
+            self._start_catchup()
+        self._send(self.sync.hello(AGENT_NAME, z=True))
+
+    # ------------------------------------------------------------------ sending
+
+    def _pump(self, now: float) -> None:
+        if not self._connected:
+            return
+        sync_cfg = self.cfg.sync
+        for n in [n for n, deadline in self._inflight.items() if deadline <= now]:
+            del self._inflight[n]
+            self.stats.resent += 1
+        room = sync_cfg.max_inflight_changes - len(self._inflight)
+        while room > 0:
+            exclude = set(self._inflight)
+            exclude.update(n for n, t in self._retry_at.items() if t > now)
+            batch = self.sync.next_batch(exclude, min(sync_cfg.batch_max_changes, room),
+                                         sync_cfg.batch_max_bytes)
+            if not batch:
+                return
+            payload = codec.encode_dict(
+                {"type": "changes", "v": 1, "dev": self.dev, "sv": batch.sv,
+                 "ch": [ch for _, ch in batch]},
+                compress_over=sync_cfg.compress_over_bytes or None)
+            if not self.link.publish(self.up_topic, payload):
+                return
+            deadline = now + sync_cfg.ack_timeout_s
+            for n in batch.numbers:
+                self._inflight[n] = deadline
+                self._retry_at.pop(n, None)
+            self.stats.batches_sent += 1
+            self.stats.changes_sent += len(batch)
+            room -= len(batch)
+
+    def _send(self, msg: wire.Message) -> bool:
+        payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)
+        return self.link.publish(self.up_topic, payload)
+
+    def _start_catchup(self) -> None:
+        if not self._connected:
+            return
+        req = "c-" + uuid.uuid4().hex[:12]
+        self._catchup_req = req
+        self._catchup_sent = time.monotonic()
+        self.stats.catchups += 1
+        self._send(self.sync.catchup_request(req))
+
+    def _publish_status(self, online: bool) -> None:
+        msg = self.sync.status_message(online, AGENT_NAME)
+        self.link.publish(self.status_topic, codec.encode(msg), qos=1, retain=True)
+        self._last_status = time.monotonic()
+
+    def _timers(self, now: float) -> None:
+        sync_cfg = self.cfg.sync
+        if not self._connected:
+            return
+        if now - self._last_status >= sync_cfg.status_interval_s:
+            self._publish_status(True)
+            self.sync.set_online(True)
+        if self._catchup_req is not None:
+            if now - self._catchup_sent >= _CATCHUP_RETRY_S:
+                log.info("catchup_retry", dev=self.dev)
+                self._start_catchup()
+        elif self.sync.gaps_older_than(sync_cfg.gap_timeout_s):
+            log.info("catchup_for_gap", dev=self.dev)
+            self._start_catchup()
+
+    def _backoff(self, attempt: int) -> float:
+        sync_cfg = self.cfg.sync
+        ceiling = min(sync_cfg.backoff_max_s, sync_cfg.backoff_initial_s * 2 ** attempt)
+        low = sync_cfg.backoff_initial_s
+        return self._rng.uniform(low, max(ceiling, low))
+
+    def _drain_and_close(self, drain_s: float) -> None:
+        deadline = time.monotonic() + drain_s
+        while self._inflight and self._connected and time.monotonic() < deadline:
+            try:
+                event = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if event[0] in ("msg", "conn", "disc"):
+                self._handle(event)
+        if self._connected:
+            with contextlib.suppress(Exception):
+                self._publish_status(False)
+        log.info("agent_stopped", dev=self.dev, pending=self.sync.pending_count(),
+                 unanswered=len(self._inflight))
+
+    # ------------------------------------------------------------------ wake socket
+
+    def _open_wake_socket(self) -> None:
+        # Writers in any process poke this socket after a commit (Agent._poke), so the
+        # daemon sends at once instead of at its next poll.
+        path = self.agent.store.path / WAKE_SOCKET
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            # Path too long for AF_UNIX or not writable: fall back to polling.
+            log.info("wake_socket_unavailable", path=str(path), error=str(exc))
+            sock.close()
+            return
+        self._wake_sock = sock
+        threading.Thread(target=self._wake_reader, args=(sock,), name=f"wake-{self.dev}",
+                         daemon=True).start()
+
+    def _wake_reader(self, sock: socket.socket) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock.recv(64)
+            except OSError:
+                return
+            self._events.put(("wake",))
+
+    def _close_wake_socket(self) -> None:
+        sock, self._wake_sock = self._wake_sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            with contextlib.suppress(OSError):
+                (self.agent.store.path / WAKE_SOCKET).unlink()
+
+
+def run(cfg: AgentConfig, *, env: Mapping[str, str],
+        on_ready: Callable[[AgentDaemon], None] | None = None) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (systemd-aware)."""
+    catalog = load_catalog(cfg.schema_path())
+    daemon = AgentDaemon(cfg, catalog, env=env)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    watchdog = systemd.Watchdog(lambda: daemon.healthy, env=env)
+    try:
+        daemon.start()
+        log.info("agent_started", dev=daemon.dev, broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}",
+                 scopes=list(cfg.scopes), data_dir=str(cfg.data_dir))
+        systemd.ready(env=env)
+        watchdog.start()
+        if on_ready is not None:
+            on_ready(daemon)
+        while not stop.wait(1.0):
+            systemd.status(_status_line(daemon), env=env)
+    finally:
+        systemd.stopping(env=env)
+        watchdog.stop()
+        daemon.stop()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    return 0
+
+
+def _status_line(daemon: AgentDaemon) -> str:
+    state = "online" if daemon.connected else "offline"
+    return f"{state}, {daemon.sync.pending_count()} pending, {daemon.inflight()} in flight"

@@ -1,0 +1,459 @@
+"""The agent's LMDB adapter: one environment, named databases, one durable commit per call.
+
+The environment lives in ``<data_dir>/agent.lmdb`` and is opened with ``sync=True``: a
+`write()` that returned is on disk (it survives kill -9 and power loss). LMDB is
+multi-process: apps, the CLI and the daemon open the same files, and write
+transactions are serialised by LMDB's lock file, so read-modify-writes inside one
+`write()` are atomic across processes.
+
+Databases (keys are bytes; values orjson unless noted; a record is addressed by
+``collection + b"\\0" + key`` in UTF-8, which sorts records by collection then key):
+
+==============  ==============================  ==========================================
+database        key                             value
+==============  ==============================  ==========================================
+view            record                          the local view (`agent.view.ViewState`)
+base            record                          the authoritative base (`BaseRecord`) with
+                                                per-field versions, without stamps
+stamps          record                          field -> full HLC stamp of the base values
+outbox          n (8 bytes, big-endian)         {"ch": wire change, "sv", "t" (created ms),
+                                                "p" (priority), "at" (attempts), "err"}
+outbox_idx      b"P" + (2^31-1-priority) (4 B,  b"" -- drain order: priority high first,
+                big-endian) + n (8 B)           then n
+                b"R" + record + b"\\0" + n (8 B) b"" -- pending changes of one record
+checkpoints     scope (UTF-8)                   `ScopeCheckpoint` doc
+conflicts       b"L" + n (8 B) + field          an own write that lost (kept for people)
+                b"O" + record + b"\\0" + field  an open manual conflict on a held record
+deadletters     n (8 B)                         {"n", "code", "reason", "t", "entry"}
+meta            name (ASCII)                    see `agent.core.META_*`
+feed            local seq (8 B)                 [collection, key, kind]; newest ~10,000
+==============  ==============================  ==========================================
+
+Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,
+base, stamps, outbox, deadletters and conflicts are AES-256-GCM sealed. Keys stay plain
+text in every database (collection names, record keys and change numbers are visible to
+someone holding the file), as do checkpoints, the feed and meta.
+
+Growth: the map starts at storage.map_size_mb; a transaction that hits MDB_MAP_FULL is
+aborted, the map doubled (up to storage.max_map_size_mb) and the transaction re-run.
+Another process's growth (MDB_MAP_RESIZED) is adopted and the transaction re-run. A
+full disk (ENOSPC) or the size limit raises `StorageFullError`; the aborted transaction
+leaves everything stored before intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+import orjson
+
+from agent.crypto import ValueCipher
+from agent.errors import (
+    AgentNotInitialised,
+    EncryptionKeyError,
+    StorageError,
+    StorageFormatError,
+    StorageFullError,
+)
+
+T = TypeVar("T")
+
+FORMAT_VERSION = 1
+ENV_DIRNAME = "agent.lmdb"
+DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
+            "deadletters", "meta", "feed")
+ENCRYPTED_DBS = frozenset({"view", "base", "stamps", "outbox", "deadletters", "conflicts"})
+_MAX_RETRIES = 64
+_MIB = 1 << 20
+
+
+def record_key(collection: str, key: str) -> bytes:
+    """The LMDB key of record (collection, key)."""
+    return collection.encode() + b"\0" + key.encode()
+
+
+def split_record_key(raw: bytes) -> tuple[str, str]:
+    c, _, k = raw.partition(b"\0")
+    return c.decode(), k.decode()
+
+
+def n_key(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+_LOW_SPACE_BYTES = 4 * _MIB
+"""Below this much free space, an I/O error from a commit is taken as a full disk."""
+
+
+def _is_disk_full(exc: BaseException, path: Path) -> bool:
+    """ENOSPC, or EIO on a nearly full filesystem: LMDB reports a short write (which a
+    full filesystem causes) as EIO ("short write, filesystem full?" in its source)."""
+    text = str(exc)
+    if (getattr(exc, "errno", None) == errno.ENOSPC
+            or os.strerror(errno.ENOSPC) in text or "ENOSPC" in text):
+        return True
+    if os.strerror(errno.EIO) in text or "EIO" in text:
+        try:
+            stat = os.statvfs(path)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < _LOW_SPACE_BYTES
+    return False
+
+
+class Tx:
+    """One LMDB transaction with typed helpers (orjson values, encryption when on)."""
+
+    __slots__ = ("_cipher", "_dbs", "_txn", "write")
+
+    def __init__(self, store: Store, txn: lmdb.Transaction[bytes], write: bool) -> None:
+        self._txn = txn
+        self._dbs = store._dbs
+        self._cipher = store._cipher
+        self.write = write
+
+    def _decode(self, db: str, key: bytes, raw: bytes) -> Any:
+        if self._cipher is not None and db in ENCRYPTED_DBS:
+            raw = self._cipher.open(db.encode() + b"\0" + key, raw)
+        return orjson.loads(raw)
+
+    def _encode(self, db: str, key: bytes, value: Any) -> bytes:
+        raw = orjson.dumps(value)
+        if self._cipher is not None and db in ENCRYPTED_DBS:
+            return self._cipher.seal(db.encode() + b"\0" + key, raw)
+        return raw
+
+    def get(self, db: str, key: bytes) -> Any:
+        """The decoded value at `key`, or None."""
+        raw = self._txn.get(key, db=self._dbs[db])
+        return None if raw is None else self._decode(db, key, raw)
+
+    def put(self, db: str, key: bytes, value: Any) -> None:
+        self._txn.put(key, self._encode(db, key, value), db=self._dbs[db])
+
+    def has(self, db: str, key: bytes) -> bool:
+        return self._txn.get(key, db=self._dbs[db]) is not None
+
+    def put_raw(self, db: str, key: bytes, value: bytes = b"") -> None:
+        """Store bytes as they are (index entries); never encrypted."""
+        self._txn.put(key, value, db=self._dbs[db])
+
+    def delete(self, db: str, key: bytes) -> bool:
+        return bool(self._txn.delete(key, db=self._dbs[db]))
+
+    def count(self, db: str) -> int:
+        return int(self._txn.stat(self._dbs[db])["entries"])
+
+    def clear(self, db: str) -> None:
+        """Delete every entry of `db` (the database itself stays)."""
+        self._txn.drop(self._dbs[db], delete=False)
+
+    def keys(self, db: str, prefix: bytes = b"", *, start: bytes | None = None) -> Iterator[bytes]:
+        """Keys with `prefix` in order, from `start` (inclusive) if given."""
+        with self._txn.cursor(db=self._dbs[db]) as cur:
+            if not cur.set_range(start if start is not None else prefix):
+                return
+            while True:
+                key = cur.key()
+                if not key.startswith(prefix):
+                    return
+                yield key
+                if not cur.next():
+                    return
+
+    def items(self, db: str, prefix: bytes = b"", *,
+              start: bytes | None = None) -> Iterator[tuple[bytes, Any]]:
+        """(key, decoded value) with `prefix` in key order, from `start` if given."""
+        with self._txn.cursor(db=self._dbs[db]) as cur:
+            if not cur.set_range(start if start is not None else prefix):
+                return
+            while True:
+                key, raw = cur.item()
+                if not key.startswith(prefix):
+                    return
+                yield key, self._decode(db, key, raw)
+                if not cur.next():
+                    return
+
+    def first(self, db: str) -> tuple[bytes, Any] | None:
+        with self._txn.cursor(db=self._dbs[db]) as cur:
+            if not cur.first():
+                return None
+            key, raw = cur.item()
+            return key, self._decode(db, key, raw)
+
+    def last_key(self, db: str) -> bytes | None:
+        with self._txn.cursor(db=self._dbs[db]) as cur:
+            return cur.key() if cur.last() else None
+
+    def meta(self, name: str, default: Any = None) -> Any:
+        value = self.get("meta", name.encode())
+        return default if value is None else value
+
+    def set_meta(self, name: str, value: Any) -> None:
+        self.put("meta", name.encode(), value)
+
+
+@dataclass
+class _Entry:
+    store: Store
+    refs: int
+    pid: int
+
+
+_registry: dict[str, _Entry] = {}
+_registry_lock = threading.Lock()
+
+
+class Store:
+    """An open agent environment. Use `Store.open`; one instance per process and path.
+
+    LMDB forbids opening the same environment twice in one process, so `open` hands out
+    the same instance (reference counted) to every opener in this process.
+    """
+
+    def __init__(self, path: Path, env: lmdb.Environment, cipher: ValueCipher | None,
+                 max_map_size: int, registry_key: str) -> None:
+        self.path = path
+        self._env = env
+        self._cipher = cipher
+        self._max_map_size = max_map_size
+        self._registry_key = registry_key
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._dbs: dict[str, Any] = {}
+        self.closed = False
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, data_dir: Path, *, map_size_mb: int = 64, max_map_size_mb: int = 4096,
+             cipher: ValueCipher | None = None, create: bool = True) -> Store:
+        """Open (or create) the environment under `data_dir`."""
+        env_dir = Path(data_dir) / ENV_DIRNAME
+        if not (env_dir / "data.mdb").exists():
+            if not create:
+                raise AgentNotInitialised(
+                    f"no local store at {env_dir}: nothing has been written on this device "
+                    "yet (write a record or start `waystation agent run` first)")
+            try:
+                env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise StorageFullError(str(env_dir)) from None
+                raise StorageError(f"cannot create the local store directory {env_dir}: "
+                                   f"{exc.strerror or exc}") from None
+        reg_key = os.path.realpath(env_dir)
+        with _registry_lock:
+            entry = _registry.get(reg_key)
+            if entry is not None and entry.pid == os.getpid() and not entry.store.closed:
+                theirs = entry.store._cipher.fingerprint if entry.store._cipher else None
+                mine = cipher.fingerprint if cipher else None
+                if theirs != mine:
+                    raise EncryptionKeyError(
+                        f"the local store at {env_dir} is already open in this process with "
+                        "a different encryption setting")
+                entry.refs += 1
+                return entry.store
+            store = cls._open_env(env_dir, map_size_mb, max_map_size_mb, cipher, reg_key)
+            _registry[reg_key] = _Entry(store, 1, os.getpid())
+            return store
+
+    @classmethod
+    def _open_env(cls, env_dir: Path, map_size_mb: int, max_map_size_mb: int,
+                  cipher: ValueCipher | None, reg_key: str) -> Store:
+        try:
+            env = lmdb.open(str(env_dir), map_size=map_size_mb * _MIB, subdir=True,
+                            max_dbs=len(DB_NAMES) + 2, sync=True, metasync=True, mode=0o600)
+        except lmdb.Error as exc:
+            if _is_disk_full(exc, env_dir):
+                raise StorageFullError(str(env_dir)) from None
+            raise StorageError(f"cannot open the local store at {env_dir}: {exc}") from None
+        store = cls(env_dir, env, cipher, max(max_map_size_mb, map_size_mb) * _MIB, reg_key)
+        try:
+            env.reader_check()  # clear reader slots of killed processes
+            for name in DB_NAMES:
+                store._dbs[name] = store._retry(partial(env.open_db, name.encode()))
+            store.write(store._check_format)
+        except BaseException:
+            env.close()
+            store.closed = True
+            raise
+        return store
+
+    def _check_format(self, tx: Tx) -> None:
+        version = tx.meta("format")
+        if version is None:
+            tx.set_meta("format", FORMAT_VERSION)
+            tx.set_meta("enc", None if self._cipher is None else self._cipher.check_token().hex())
+            return
+        if version != FORMAT_VERSION:
+            raise StorageFormatError(
+                f"the local store at {self.path} has on-disk format {version}, but this agent "
+                f"reads format {FORMAT_VERSION}: run the agent version that wrote it, or move "
+                "the data_dir aside to start afresh")
+        token = tx.meta("enc")
+        if token is not None and self._cipher is None:
+            raise EncryptionKeyError(
+                f"the local store at {self.path} is encrypted: set "
+                "storage.encryption_key_file to the key file it was created with")
+        if token is None and self._cipher is not None:
+            raise EncryptionKeyError(
+                f"the local store at {self.path} was created without encryption: remove "
+                "storage.encryption_key_file, or start an encrypted store in a new data_dir")
+        if token is not None and self._cipher is not None and not self._cipher.verify(
+                bytes.fromhex(token)):
+            raise EncryptionKeyError(
+                f"the encryption key from {self._cipher.source} is not the key the local "
+                f"store at {self.path} was encrypted with")
+
+    @property
+    def encrypted(self) -> bool:
+        return self._cipher is not None
+
+    # ------------------------------------------------------------ transactions
+
+    def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run `fn` in a read-only snapshot."""
+        self._check_open()
+        for _ in range(_MAX_RETRIES):
+            with self._lock:
+                try:
+                    txn = self._env.begin(write=False)
+                except lmdb.MapResizedError:
+                    self._env.set_mapsize(0)
+                    continue
+                except lmdb.Error as exc:
+                    raise self._storage_error(exc) from None
+                try:
+                    return fn(Tx(self, txn, False))
+                except lmdb.MapResizedError:
+                    self._env.set_mapsize(0)
+                    continue
+                except lmdb.Error as exc:
+                    raise self._storage_error(exc) from None
+                finally:
+                    txn.abort()
+        raise StorageError(f"the local store at {self.path} keeps being resized; try again")
+
+    def write(self, fn: Callable[[Tx], T]) -> T:
+        """Run `fn` in one write transaction and commit it durably; return its result.
+
+        `fn` may run more than once (after the map grew): it must not have effects
+        outside the transaction. An exception from `fn` aborts the transaction.
+        """
+        self._check_open()
+        if getattr(self._local, "writing", False):
+            raise RuntimeError("nested write transaction on the agent store (would deadlock)")
+        for _ in range(_MAX_RETRIES):
+            with self._lock:
+                self._local.writing = True
+                try:
+                    try:
+                        txn = self._env.begin(write=True)
+                    except lmdb.MapResizedError:
+                        self._env.set_mapsize(0)
+                        continue
+                    try:
+                        result = fn(Tx(self, txn, True))
+                        txn.commit()
+                        return result
+                    except lmdb.MapFullError:
+                        _abort(txn)
+                        self._grow()
+                        continue
+                    except lmdb.MapResizedError:
+                        _abort(txn)
+                        self._env.set_mapsize(0)
+                        continue
+                    except lmdb.Error as exc:
+                        _abort(txn)
+                        raise self._storage_error(exc) from None
+                    except BaseException:
+                        _abort(txn)
+                        raise
+                finally:
+                    self._local.writing = False
+        raise StorageError(f"the local store at {self.path} could not commit after "
+                           f"{_MAX_RETRIES} attempts (map resized repeatedly)")
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        for _ in range(_MAX_RETRIES):
+            try:
+                return fn()
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+            except lmdb.Error as exc:
+                raise self._storage_error(exc) from None
+        raise StorageError(f"the local store at {self.path} could not be opened")
+
+    def _grow(self) -> None:
+        current = int(self._env.info()["map_size"])
+        if current >= self._max_map_size:
+            raise StorageFullError(str(self.path), map_limit_mb=self._max_map_size // _MIB)
+        new = min(max(current * 2, current + _MIB), self._max_map_size)
+        try:
+            self._env.set_mapsize(new)
+        except lmdb.Error as exc:
+            raise self._storage_error(exc) from None
+
+    def _storage_error(self, exc: lmdb.Error) -> StorageError:
+        if _is_disk_full(exc, self.path):
+            return StorageFullError(str(self.path))
+        return StorageError(f"the local store at {self.path} failed: {exc}")
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise StorageError(f"the local store at {self.path} is closed")
+
+    # ------------------------------------------------------------------ status
+
+    def map_size(self) -> int:
+        return int(self._env.info()["map_size"])
+
+    def used_bytes(self) -> int:
+        info = self._env.info()
+        return (int(info["last_pgno"]) + 1) * int(self._env.stat()["psize"])
+
+    def close(self) -> None:
+        """Release this opener's reference; the environment closes with the last one."""
+        with _registry_lock:
+            entry = _registry.get(self._registry_key)
+            if entry is not None and entry.store is self:
+                entry.refs -= 1
+                if entry.refs > 0:
+                    return
+                del _registry[self._registry_key]
+            if not self.closed:
+                self.closed = True
+                with self._lock:
+                    self._env.close()
+
+
+def _abort(txn: lmdb.Transaction[bytes]) -> None:
+    with contextlib.suppress(lmdb.Error):
+        txn.abort()
+
+
+__all__ = [
+    "DB_NAMES",
+    "ENCRYPTED_DBS",
+    "ENV_DIRNAME",
+    "FORMAT_VERSION",
+    "Store",
+    "Tx",
+    "n_key",
+    "record_key",
+    "split_record_key",
+]

@@ -1,0 +1,282 @@
+"""The per-change algorithm of the merge consumer, written once against `WriteTxn`.
+
+For each change of a batch, inside the caller's write transaction (PROTOCOL.md §10):
+
+1. a change id seen before is answered with its remembered outcome (§10.2): the
+   original (scope, q) plus the whole current record, or the same permanent rejection;
+2. checks: the scope is one of the device's (`scope_denied`), the collection exists
+   (`unknown_collection`), the batch's schema version is not newer than the server's
+   (transient `schema_version`), the stamp is not too far ahead (re-stamped with the
+   server clock, or `clock_skew`, per configuration);
+3. `merge.apply_change` (field, type, strategy and scope checks, rules, the merge);
+4. the merged record must fit the record limit (`record_too_large`);
+5. then, and only then, the writes: the scope's next sequence, the record, the index
+   entry of its newest version, its tombstone, conflict-log entries, conflicts the
+   change closed, and the change's outcome.
+
+Everything that can fail on bad input runs before the first write of a change, so a
+refused or crashing change leaves nothing behind, allocates no sequence, and does not
+disturb the other changes of the transaction. A rejected change allocates nothing;
+permanent rejections are remembered, transient ones are not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from broker.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
+from schemas import codec
+from schemas.codec import BadChange
+from schemas.collection import Catalog
+from schemas.wire import Change
+from waystation import merge
+from waystation.config import MergeConfig
+from waystation.hlc import Clock, Stamp
+from waystation.rules import Rule
+
+log = structlog.get_logger(__name__)
+
+RECORD_LIMIT = 64 * 1024
+"""Largest record, as a whole wire record state (PROTOCOL.md §3)."""
+
+_Key = tuple[str, str]
+
+
+@dataclass(slots=True)
+class ChangeResult:
+    """What became of one change: acked (`code` empty) or refused."""
+
+    n: int
+    scope: str = ""
+    q: int = 0
+    code: str = ""
+    reason: str = ""
+    perm: bool = True
+    rec: dict[str, Any] | None = None
+    """Refused: the record's current whole state, when the device may see it."""
+    fx: dict[str, Any] | None = None
+    """Acked: the record state the device could not know (§7.4)."""
+    delta: dict[str, Any] | None = None
+    """Newly applied: the state other devices of the scope get (§7.6); None when nobody
+    would receive it."""
+    restamped: int = 0
+    """Newly applied with a server stamp: how many ms the device's stamp was ahead."""
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.code
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Counters of one transaction, for metrics and logs."""
+
+    applied: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    transient: int = 0
+    conflicts: int = 0
+    scopes: set[str] = field(default_factory=set)
+
+
+class Applier:
+    """Applies change batches inside a store transaction (see module docstring)."""
+
+    def __init__(self, catalog: Catalog, config: MergeConfig, clock: Clock,
+                 now_ms: Callable[[], int], rules: Sequence[Rule] = ()) -> None:
+        self.catalog = catalog
+        self.config = config
+        self.clock = clock
+        self.now_ms = now_ms
+        self.rules = tuple(rules)
+
+    def begin(self, txn: WriteTxn,
+              wants_delta: Callable[[str, str], bool] | None = None) -> TxnApplier:
+        """The applier of one write transaction (it caches decoded records).
+
+        `wants_delta(scope, dev)` says whether anyone would receive the delta of a change
+        by `dev` in `scope` (default: always); when it says no, none is built.
+        """
+        return TxnApplier(self, txn, wants_delta)
+
+
+class TxnApplier:
+    """Applies changes within one write transaction."""
+
+    def __init__(self, applier: Applier, txn: WriteTxn,
+                 wants_delta: Callable[[str, str], bool] | None = None) -> None:
+        self.a = applier
+        self.txn = txn
+        self.wants_delta = wants_delta
+        self.version = applier.catalog.version
+        self.max_skew = applier.config.max_skew_ms
+        self.rules = applier.rules
+        self.now = applier.now_ms()
+        self.stats = BatchStats()
+        self._records: dict[_Key, merge.RecordState | None] = {}
+
+    # --- entry points
+
+    def apply_batch(self, device: DeviceRow, sv: int, changes: Sequence[Change],
+                    bad: Sequence[BadChange] = ()) -> list[ChangeResult]:
+        """Apply one device's batch; one result per change (bad entries with a number too)."""
+        results = [self.apply_one(device, sv, ch) for ch in changes]
+        for entry in bad:
+            if entry.n is not None:
+                results.append(self._invalid(device, entry.n, entry.error.reason))
+        return results
+
+    def apply_one(self, device: DeviceRow, sv: int, ch: Change) -> ChangeResult:
+        """Apply one change; never raises for bad input (a bug becomes `server_error`)."""
+        txn = self.txn
+        dev = device.id
+        prior = txn.get_outcome(dev, ch.n)
+        if prior is not None:
+            return self._repeat(device, ch.n, prior)
+        if ch.s not in device.scopes:
+            return self._refuse(device, ch, codec.SCOPE_DENIED,
+                                f"device {dev!r} may not write scope {ch.s!r}", show=False)
+        spec = self.a.catalog.collections.get(ch.c)
+        if spec is None:
+            return self._refuse(device, ch, codec.UNKNOWN_COLLECTION,
+                                f"no collection {ch.c!r} in the server's schema "
+                                f"(version {self.version})", show=False)
+        if sv > self.version:
+            self.stats.transient += 1
+            return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False,
+                                reason=f"written under schema version {sv}; the server runs "
+                                       f"version {self.version}: retry later")
+        stamp: Stamp | None = None
+        ahead = int(ch.h[:12], 16) - self.now
+        if ahead > self.max_skew:
+            if self.a.config.skew_policy == "reject":
+                return self._refuse(device, ch, codec.CLOCK_SKEW,
+                                    f"stamp is {ahead / 1000:.0f} s ahead of the server's "
+                                    f"clock (limit {self.a.config.max_skew_ms / 1000:.0f} s): "
+                                    "fix the device's time sync")
+            tick = self.a.clock.tick()
+            stamp = Stamp(tick.wall, tick.counter, dev)
+        c, k, scope = ch.c, ch.k, ch.s
+        key = (c, k)
+        try:
+            record = self._load(key)
+            q = txn.scope_seq(scope) + 1
+            out = merge.apply_change(record, ch, dev, q, spec, stamp=stamp, rules=self.rules)
+            if not out.applied:
+                code, reason = out.rejection or (codec.INVALID, "refused")
+                return self._refuse(device, ch, code, reason)
+            new = out.record
+            assert new is not None and new.s == scope
+            data = orjson.dumps(merge.to_json(new))
+            whole_size = self._wire_size(new, data)
+            if whole_size > RECORD_LIMIT:
+                return self._refuse(device, ch, codec.RECORD_TOO_LARGE,
+                                    f"{c}/{k}: the record would be {whole_size} bytes, "
+                                    f"over the limit of {RECORD_LIMIT}: store less in it")
+            if stamp is not None:  # re-stamped: the device must learn the stamps used
+                fx = (merge.to_rec(new) if out.whole else
+                      merge.to_rec(new, sorted(out.changed | out.fixups), part=True))
+            elif record is None and not out.fixups and not out.fix_deleted:
+                fx = None  # a new record is exactly what its writer wrote: no echo
+            else:
+                fx = merge.fx_rec(out)
+            wants = self.wants_delta
+            delta = merge.delta_rec(out) if wants is None or wants(scope, dev) else None
+            conflicts = [ConflictRow(0, self.now, e.c, e.k, e.s, e.field, e.to_json(), e.open)
+                         for e in out.conflicts] if out.conflicts else ()
+        except Exception:
+            log.exception("change_failed", dev=dev, n=ch.n, c=c, k=k)
+            self._records.pop(key, None)
+            self.stats.transient += 1
+            return ChangeResult(ch.n, code=codec.SERVER_ERROR, perm=False,
+                                reason="the server failed to apply this change; it will be "
+                                       "retried")
+        # --- the writes (store primitives only from here on)
+        if txn.allocate_seq(scope) != q:  # pragma: no cover - the only writer is this txn
+            raise RuntimeError(f"sequence of {scope!r} moved inside the transaction")
+        txn.put_record(c, k, data)
+        self._records[key] = new
+        if record is None:
+            txn.index_move(scope, 0, q, c, k)
+        else:
+            txn.index_move(scope, record.q, q, c, k)
+            if record.xh is not None and record.deleted:
+                txn.delete_tomb(scope, record.q)
+        if new.xh is not None and new.deleted:
+            txn.put_tomb(Tomb(scope, q, c, k, self.now))
+        stats = self.stats
+        if conflicts:
+            for row in conflicts:
+                txn.add_conflict(row)
+            stats.conflicts += len(conflicts)
+        for fname in out.resolved:
+            for cid in txn.open_conflicts_on(c, k, fname):
+                txn.close_conflict(cid, self.now, f"device {dev} change {ch.n}")
+        txn.put_outcome(dev, ch.n, OutcomeRow(c, k, scope=scope, q=q))
+        stats.applied += 1
+        stats.scopes.add(scope)
+        return ChangeResult(ch.n, scope=scope, q=q, fx=fx, delta=delta,
+                            restamped=ahead if stamp is not None else 0)
+
+    # --- helpers
+
+    def _load(self, key: _Key) -> merge.RecordState | None:
+        try:
+            return self._records[key]
+        except KeyError:
+            pass
+        raw = self.txn.get_record(*key)
+        record = None if raw is None else merge.from_json(raw)
+        self._records[key] = record
+        return record
+
+    def whole(self, device: DeviceRow, c: str, k: str) -> dict[str, Any] | None:
+        """The record's whole state if it exists and the device may read its scope."""
+        try:
+            record = self._load((c, k))
+        except ValueError:
+            log.exception("record_unreadable", c=c, k=k)
+            return None
+        if record is None or record.s not in device.scopes:
+            return None
+        return merge.to_rec(record)
+
+    @staticmethod
+    def _wire_size(record: merge.RecordState, data: bytes) -> int:
+        stored = len(data)
+        if stored <= RECORD_LIMIT // 2:
+            return stored  # the wire state is never twice the stored form
+        return len(orjson.dumps(merge.to_rec(record)))
+
+    def _repeat(self, device: DeviceRow, n: int, prior: OutcomeRow) -> ChangeResult:
+        self.stats.duplicates += 1
+        rec = self.whole(device, prior.c, prior.k)
+        if prior.applied:
+            return ChangeResult(n, scope=prior.scope, q=prior.q, fx=rec, duplicate=True)
+        return ChangeResult(n, code=prior.code, reason=prior.reason, rec=rec, duplicate=True)
+
+    def _refuse(self, device: DeviceRow, ch: Change, code: str, reason: str, *,
+                show: bool = True) -> ChangeResult:
+        """A permanent rejection: remembered, so a resend is refused identically."""
+        self.stats.rejected += 1
+        self.txn.put_outcome(device.id, ch.n, OutcomeRow(ch.c, ch.k, code=code, reason=reason))
+        rec = self.whole(device, ch.c, ch.k) if show else None
+        return ChangeResult(ch.n, code=code, reason=reason, rec=rec)
+
+    def _invalid(self, device: DeviceRow, n: int, reason: str) -> ChangeResult:
+        prior = self.txn.get_outcome(device.id, n)
+        if prior is not None:
+            return self._repeat(device, n, prior)
+        self.stats.rejected += 1
+        self.txn.put_outcome(device.id, n, OutcomeRow("", "", code=codec.INVALID,
+                                                      reason=reason))
+        return ChangeResult(n, code=codec.INVALID, reason=reason)
+
+
+__all__ = ["RECORD_LIMIT", "Applier", "BatchStats", "ChangeResult", "TxnApplier"]

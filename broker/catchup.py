@@ -1,0 +1,76 @@
+"""Catch-up (PROTOCOL.md §7.3, §7.7, §7.8, §9.5): pages of whole record states in q order.
+
+The index holds each record once, at its newest version, so the records with
+`from < q <= to` in q order are exactly what a device with checkpoint `from` misses.
+A page ends after `lim` records or `MAX_DOWN_BYTES`; its `to` is then its last record's
+q (`more`), else the scope's current sequence. A checkpoint `cp` the server cannot
+continue from — older than the purge horizon (a tombstone the device may not have seen
+is gone), or beyond the scope's sequence (the store was replaced) — starts a snapshot:
+`reset` and `from` 0, unless the device says it is already in one (`snap`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from broker.messages import MAX_DOWN_BYTES, checkpoint_message, dumps, page_message
+from broker.store.base import DeviceRow, ReadTxn
+from schemas.wire import Catchup
+from waystation import merge
+
+
+@dataclass(slots=True)
+class CatchupAnswer:
+    """The messages answering one catch-up request."""
+
+    messages: list[bytes] = field(default_factory=list)
+    cp: dict[str, int] = field(default_factory=dict)
+    """Where the device's checkpoints stand after these messages."""
+    complete: bool = True
+    """No page says `more`: the answer ends with a `checkpoint` message."""
+    records: int = 0
+
+
+def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
+           budget: int = MAX_DOWN_BYTES) -> CatchupAnswer:
+    """The pages (and, when complete, the checkpoint) for `req` from `device`."""
+    out = CatchupAnswer()
+    denied: list[str] = []
+    snap = set(req.snap)
+    for scope, cp in req.cp.items():
+        if scope not in device.scopes:
+            denied.append(scope)
+            continue
+        seq = txn.scope_seq(scope)
+        start, reset = cp, False
+        if scope not in snap and cp > 0 and (cp < txn.purge_horizon(scope) or cp > seq):
+            start, reset = 0, True
+        entries = txn.index_range(scope, start, req.lim + 1)
+        more = len(entries) > req.lim
+        recs: list[bytes] = []
+        used = 256
+        last_q = start
+        for q, c, k in entries[: req.lim]:
+            raw = txn.get_record(c, k)
+            if raw is None:  # pragma: no cover - index and records change together
+                continue
+            rec = dumps(merge.to_rec(merge.from_json(raw)))
+            if recs and used + len(rec) + 1 > budget:
+                more = True
+                break
+            recs.append(rec)
+            used += len(rec) + 1
+            last_q = q
+        to = last_q if more else seq
+        out.cp[scope] = to
+        out.records += len(recs)
+        if recs or reset:
+            out.messages.append(page_message(req.req, scope, start, to, reset, more, recs))
+        if more:
+            out.complete = False
+    if out.complete:
+        out.messages.append(checkpoint_message(req.req, out.cp, denied))
+    return out
+
+
+__all__ = ["CatchupAnswer", "answer"]

@@ -1,0 +1,394 @@
+"""Operator commands of the server side (`waystation server ...`, `waystation device ...`).
+
+Each handler is `cmd_x(args, env) -> int` (see `waystation.cli`). They work on the store
+directly, so they run next to a live server (LMDB allows several processes; the server
+notices registry changes and queued resolutions at its next tick). Output is a table
+for people, or one JSON document with `--json`. Errors are `WaystationError`s, which
+the entry point prints as one line with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from broker import registry
+from broker.errors import InvalidArgument
+from broker.operations import resolve_conflict
+from broker.store import open_store
+from broker.store.base import DeviceRow
+from schemas.collection import Catalog, load_catalog
+from waystation.config import AgentConfig, BrokerConfig, ServerConfig, dump_toml, load_config
+from waystation.hlc import SERVER_NODE, Clock
+
+DEFAULT_DEAD_LETTER_LIMIT = 50
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _config(args: argparse.Namespace, env: Mapping[str, str]) -> ServerConfig:
+    return load_config(ServerConfig, getattr(args, "config", None), env)
+
+
+def _catalog(config: ServerConfig) -> Catalog:
+    return load_catalog(config.schema_path())
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _ago(ms: int, now: int) -> str:
+    if not ms:
+        return "never"
+    secs = max(0, (now - ms) // 1000)
+    if secs < 60:
+        return f"{secs}s ago"
+    if secs < 3600:
+        return f"{secs // 60}m ago"
+    if secs < 86400:
+        return f"{secs // 3600}h ago"
+    return f"{secs // 86400}d ago"
+
+
+def _iso(ms: int) -> str:
+    if not ms:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------- daemons
+
+def cmd_server_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server run`: the merge server in the foreground (`broker.server`)."""
+    from broker.server import run
+    from waystation.logs import configure_logging
+
+    config = _config(args, env)
+    configure_logging(config.log)
+    return run(config, env=env)
+
+
+def cmd_broker_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation broker run`: the embedded MQTT broker (`broker.embedded`)."""
+    from broker.embedded import broker_run
+
+    return broker_run(args, env)
+
+
+# --------------------------------------------------------------------- server ...
+
+def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server status`: store, schema, devices, sequences, conflicts."""
+    config = _config(args, env)
+    catalog = _catalog(config)
+    store = open_store(config)
+    try:
+        info = store.info()
+        with store.read() as txn:
+            devices = txn.devices()
+            seqs = txn.scope_seqs()
+            horizons = {s: txn.purge_horizon(s) for s in seqs}
+    finally:
+        store.close()
+    online = sorted(d.id for d in devices if d.online)
+    doc: dict[str, Any] = {
+        "server_id": config.server_id,
+        "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
+                  "capacity_bytes": info.capacity_bytes},
+        "schema": {"file": str(config.schema_path()), "version": catalog.version},
+        "devices": {"known": len(devices), "enabled": sum(d.enabled for d in devices),
+                    "online": len(online)},
+        "scopes": {s: {"seq": q, "purged_to": horizons[s]} for s, q in sorted(seqs.items())},
+        "records": info.counts["records"],
+        "open_conflicts": info.counts["open_conflicts"],
+        "conflicts": info.counts["conflicts"],
+        "dead_letters": info.counts["dead_letters"],
+        "pending_notices": info.counts["notices"],
+    }
+    if args.json:
+        _print_json(doc)
+        return 0
+    print(f"server {config.server_id}: {info.kind} store at {info.location}, "
+          f"{info.size_bytes / 1048576:.1f} MiB used of {info.capacity_bytes / 1048576:.0f} MiB")
+    print(f"schema version {catalog.version} ({config.schema_path()})")
+    print(f"devices: {len(devices)} known, {doc['devices']['enabled']} enabled, "
+          f"{len(online)} online" + (f" ({', '.join(online[:10])}"
+                                     f"{', ...' if len(online) > 10 else ''})" if online else ""))
+    print(f"records: {doc['records']}; open conflicts: {doc['open_conflicts']} "
+          f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
+    if seqs:
+        print()
+        _table(["SCOPE", "SEQUENCE", "PURGED TO"],
+               [[s, q, horizons[s] or "-"] for s, q in sorted(seqs.items())])
+    return 0
+
+
+def _device_doc(d: DeviceRow, seqs: Mapping[str, int]) -> dict[str, Any]:
+    return {"id": d.id, "scopes": list(d.scopes), "enabled": d.enabled, "online": d.online,
+            "created": _iso(d.created_ms), "last_seen": _iso(d.last_seen_ms),
+            "agent": d.agent, "sv": d.sv, "pending": None if d.pend < 0 else d.pend,
+            "caught_up": {s: {"checkpoint": d.cp.get(s), "seq": seqs.get(s, 0)}
+                          for s in d.scopes}}
+
+
+def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server devices`: devices with scopes, presence and progress."""
+    store = open_store(_config(args, env))
+    try:
+        with store.read() as txn:
+            devices = txn.devices()
+            seqs = txn.scope_seqs()
+    finally:
+        store.close()
+    if args.json:
+        _print_json([_device_doc(d, seqs) for d in devices])
+        return 0
+    if not devices:
+        print("no devices registered (add one with `waystation device add ID --scope S`)")
+        return 0
+    now = _now_ms()
+    rows = []
+    for d in devices:
+        progress = ", ".join(f"{s} {d.cp[s]}/{seqs.get(s, 0)}" if s in d.cp else f"{s} -"
+                             for s in d.scopes)
+        state = ("online" if d.online else "offline") if d.enabled else "disabled"
+        rows.append([d.id, state, _ago(d.last_seen_ms, now), d.agent or "-",
+                     "-" if d.pend < 0 else d.pend, progress])
+    _table(["DEVICE", "STATE", "LAST SEEN", "AGENT", "PENDING", "CAUGHT UP (cp/seq)"], rows)
+    return 0
+
+
+def cmd_server_conflicts(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server conflicts [--all]`: open conflicts (or the whole log)."""
+    show_all = bool(getattr(args, "all", False))
+    limit = int(getattr(args, "limit", None) or 1000)
+    store = open_store(_config(args, env))
+    try:
+        with store.read() as txn:
+            rows = txn.conflicts(open_only=not show_all, limit=limit)
+    finally:
+        store.close()
+    if args.json:
+        _print_json([r.to_json() for r in rows])
+        return 0
+    if not rows:
+        print("no open conflicts" if not show_all else "the conflict log is empty")
+        return 0
+    now = _now_ms()
+    table = []
+    for r in rows:
+        winner = r.entry.get("winner") or {}
+        loser = r.entry.get("loser") or {}
+        table.append([r.id, "open" if r.open else "closed", f"{r.c}/{r.k}", r.s, r.field,
+                      r.entry.get("kind", ""),
+                      f"{_short(winner.get('v'))} by {winner.get('by', '?')}" if winner else "-",
+                      f"{_short(loser.get('v'))} by {loser.get('by', '?')}",
+                      _ago(r.created_ms, now)])
+    _table(["ID", "STATE", "RECORD", "SCOPE", "FIELD", "KIND", "KEPT", "CONCURRENT", "AGE"],
+           table)
+    if not show_all:
+        print("\nsettle one with `waystation server resolve ID VALUE`")
+    return 0
+
+
+def cmd_server_resolve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server resolve CONFLICT_ID VALUE`: write VALUE and close the conflict."""
+    try:
+        cid = int(str(args.conflict_id))
+    except ValueError:
+        raise InvalidArgument(f"{args.conflict_id!r} is not a conflict id (a number, see "
+                              "`waystation server conflicts`)") from None
+    config = _config(args, env)
+    catalog = _catalog(config)
+    store = open_store(config)
+    try:
+        now = _now_ms()
+        res = resolve_conflict(store, catalog, Clock(SERVER_NODE, _now_ms), cid, args.value, now)
+    finally:
+        store.close()
+    if getattr(args, "json", False):
+        _print_json({"conflict": res.conflict_id, "record": f"{res.c}/{res.k}", "scope": res.s,
+                     "field": res.field, "value": res.value, "q": res.q,
+                     "closed": list(res.closed)})
+        return 0
+    print(f"resolved conflict {res.conflict_id}: {res.c}/{res.k} {res.field} = "
+          f"{_short(res.value, 80)} (scope {res.s}, version {res.q}); closed "
+          f"{len(res.closed)} conflict(s). The running server sends it to the online devices "
+          "of the scope; the others get it when they catch up.")
+    return 0
+
+
+def cmd_server_deadletters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server deadletters [--limit N]`: refused input, newest first."""
+    limit = getattr(args, "limit", None) or DEFAULT_DEAD_LETTER_LIMIT
+    if limit < 1:
+        raise InvalidArgument("--limit must be at least 1")
+    store = open_store(_config(args, env))
+    try:
+        with store.read() as txn:
+            letters = txn.dead_letters(limit)
+    finally:
+        store.close()
+    if args.json:
+        _print_json([{"id": d.id, "time": _iso(d.t_ms), "device": d.device, "topic": d.topic,
+                      "code": d.code, "reason": d.reason, "size": d.size,
+                      "raw": d.raw.decode("utf-8", "replace")} for d in letters])
+        return 0
+    if not letters:
+        print("no dead letters")
+        return 0
+    _table(["ID", "TIME", "DEVICE", "TOPIC", "CODE", "BYTES", "REASON"],
+           [[d.id, _iso(d.t_ms), d.device, d.topic, d.code, d.size,
+             d.reason if len(d.reason) <= 100 else d.reason[:97] + "..."] for d in letters])
+    return 0
+
+
+# --------------------------------------------------------------------- device ...
+
+def _password_file(env: Mapping[str, str]) -> Path:
+    """The broker's password file (from the broker config's environment overrides)."""
+    return load_config(BrokerConfig, None, env).resolved_password_file()
+
+
+def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device add ID --scope S ... [--out DIR]`: enrol a device."""
+    config = _config(args, env)
+    dev = registry.check_id("device id", args.device_id)
+    scopes = list(args.scopes or [])
+    for scope in scopes:
+        registry.check_id("scope", scope)
+    out_dir = Path(args.out) if getattr(args, "out", None) is not None else Path.cwd()
+    agent_file = out_dir / f"{dev}.toml"
+    if agent_file.exists():
+        raise InvalidArgument(f"{agent_file} already exists; remove it or choose another --out")
+    password = secrets.token_urlsafe(24)
+    agent = _agent_config(config, dev, scopes, password, out_dir)  # validate before writing
+    store = open_store(config)
+    try:
+        row = registry.add_device(store, dev, scopes, _now_ms())
+    finally:
+        store.close()
+    pw_note = _write_credentials(env, dev, password)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.schema_file is not None:
+        shutil.copyfile(config.schema_path(), out_dir / f"{dev}.schema.toml")
+    text = dump_toml(agent, mask_secrets=False, exclude_defaults=True, header=(
+        f"Waystation agent config for device {dev} (written by `waystation device add`).\n"
+        "Copy it to the device and run `waystation agent run --config FILE`.\n"
+        "It holds the device's broker password: keep it private (mode 0600)."))
+    fd = os.open(agent_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    if getattr(args, "json", False):
+        _print_json({"device": dev, "scopes": list(row.scopes), "agent_config": str(agent_file),
+                     "credentials": pw_note})
+        return 0
+    print(f"device {dev} registered with scopes {', '.join(row.scopes)}")
+    print(f"agent config written to {agent_file} (broker {agent.mqtt.host}:{agent.mqtt.port}; "
+          "edit mqtt.host if the device reaches the broker under another name)")
+    print(pw_note)
+    return 0
+
+
+def _agent_config(config: ServerConfig, dev: str, scopes: list[str], password: str,
+                  out_dir: Path) -> AgentConfig:
+    mqtt: dict[str, Any] = {"host": config.mqtt.host, "port": config.mqtt.port,
+                            "prefix": config.mqtt.prefix, "password": password}
+    data: dict[str, Any] = {"device_id": dev, "scopes": scopes, "mqtt": mqtt}
+    if config.schema_file is not None:
+        data["schema_file"] = str(out_dir / f"{dev}.schema.toml")
+    try:
+        return AgentConfig.model_validate(data)
+    except ValueError as exc:
+        raise InvalidArgument(f"cannot build an agent config for {dev}: {exc}") from None
+
+
+def _write_credentials(env: Mapping[str, str], dev: str, password: str) -> str:
+    try:
+        from broker import passwords
+    except ImportError:  # pragma: no cover - the module ships with the broker
+        return "broker credentials: not written (broker.passwords is not available)"
+    path = _password_file(env)
+    passwords.write_password_entry(path, dev, password)
+    return (f"broker credentials: user {dev} added to {path}; the password is in the agent "
+            "config (Mosquitto reloads the file on SIGHUP)")
+
+
+def _revoke_credentials(env: Mapping[str, str], dev: str) -> str:
+    try:
+        from broker import passwords
+    except ImportError:  # pragma: no cover - the module ships with the broker
+        return ""
+    path = _password_file(env)
+    if passwords.delete_password_entry(path, dev):
+        return f"; its broker login was removed from {path}"
+    return ""
+
+
+def cmd_device_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device list`: registered devices and their scopes."""
+    store = open_store(_config(args, env))
+    try:
+        devices = registry.list_devices(store)
+    finally:
+        store.close()
+    if args.json:
+        _print_json([{"id": d.id, "scopes": list(d.scopes), "enabled": d.enabled,
+                      "created": _iso(d.created_ms)} for d in devices])
+        return 0
+    if not devices:
+        print("no devices registered (add one with `waystation device add ID --scope S`)")
+        return 0
+    _table(["DEVICE", "SCOPES", "ENABLED", "CREATED"],
+           [[d.id, ",".join(d.scopes), "yes" if d.enabled else "no", _iso(d.created_ms)]
+            for d in devices])
+    return 0
+
+
+def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device remove ID`: revoke a device (its records stay)."""
+    config = _config(args, env)
+    store = open_store(config)
+    try:
+        registry.remove_device(store, args.device_id)
+    finally:
+        store.close()
+    note = _revoke_credentials(env, args.device_id)
+    print(f"device {args.device_id} removed: its changes are refused from now on{note}")
+    return 0
+
+
+__all__ = [
+    "cmd_broker_run",
+    "cmd_device_add",
+    "cmd_device_list",
+    "cmd_device_remove",
+    "cmd_server_conflicts",
+    "cmd_server_deadletters",
+    "cmd_server_devices",
+    "cmd_server_resolve",
+    "cmd_server_run",
+    "cmd_server_status",
+]

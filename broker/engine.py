@@ -1,0 +1,451 @@
+"""The merge consumer's brain: messages in, messages out, the store in between.
+
+No MQTT here. The daemon feeds the engine what arrives and publishes what it returns:
+
+    engine.handle_many([(topic_device, payload), ...]) -> [(device_id, message_bytes)]
+        everything from the `{prefix}/{dev}/up` topics that arrived within a few ms;
+        all change batches of the group are applied in ONE store transaction (group
+        commit), then each sender gets its `ack` / `reject` / commands / catch-up pages,
+        and every other online device of an affected scope one `delta` (set).
+    engine.handle_status(topic_device, payload)
+        a (retained) `{prefix}/{dev}/status` message: presence, kept in memory.
+    engine.tick() -> [(device_id, message_bytes)]
+        call about once a second: picks up registry changes made by the CLI (and sends
+        newly issued commands to online devices), fans out operator resolutions queued
+        in the store, purges old tombstones, flushes presence to the store.
+
+Each returned message goes to `{prefix}/{device_id}/down` (QoS 1). Validation follows
+PROTOCOL.md §10.1; every refusal is answered where the device can be told and kept as a
+dead letter with the raw payload. Nothing raises out of the engine for bad input: an
+unexpected failure while handling one message becomes a dead letter and a transient
+`server_error` for that message, and the rest of the group goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import structlog
+
+from broker import catchup
+from broker.applier import Applier, BatchStats, ChangeResult
+from broker.errors import StoreError
+from broker.fanout import Fanout, Outgoing
+from broker.messages import (
+    command_message,
+    compress,
+    dumps,
+    error_message,
+    reject_messages,
+    rejection,
+)
+from broker.operations import purge_tombstones
+from broker.presence import Presence, parse_status
+from broker.registry import Registry
+from broker.replies import batch_letters, change_replies, letter
+from broker.store.base import CommandRow, DeadLetter, DeviceRow, Store, WriteTxn
+from schemas import codec
+from schemas.codec import LenientChanges
+from schemas.collection import Catalog
+from schemas.errors import ProtocolError
+from schemas.wire import ID_PATTERN, UP_TYPES, Catchup, Hello
+from waystation.config import ServerConfig
+from waystation.hlc import SERVER_NODE, Clock
+from waystation.rules import Rule, load_rules
+
+log = structlog.get_logger(__name__)
+
+_ID_RE = re.compile(ID_PATTERN)
+PURGE_INTERVAL_MS = 60_000
+MAX_PENDING_LETTERS = 1000
+
+
+@dataclass(slots=True, eq=False)
+class _Incoming:
+    """One up message on its way through a round."""
+
+    topic_dev: str
+    payload: bytes
+    kind: str = ""
+    device: DeviceRow | None = None
+    msg: Any = None
+    error: tuple[str, str] | None = None
+    results: list[ChangeResult] = field(default_factory=list)
+    commands: list[CommandRow] = field(default_factory=list)
+    failed: bool = False
+
+
+class Engine:
+    """Validates, applies and answers device messages (see module docstring)."""
+
+    def __init__(self, store: Store, catalog: Catalog, config: ServerConfig,
+                 now_ms: Callable[[], int], clock: Clock | None = None, *,
+                 rules: Sequence[Rule] | None = None) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.config = config
+        self.cfg = config.merge
+        self.now_ms = now_ms
+        self.clock = clock if clock is not None else Clock(SERVER_NODE, now_ms)
+        self.rules = list(load_rules(self.cfg.rules) if rules is None else rules)
+        self.applier = Applier(catalog, self.cfg, self.clock, now_ms, self.rules)
+        self.registry = Registry()
+        self.presence = Presence()
+        self.counters: Counter[str] = Counter()
+        self._sent_commands: set[str] = set()
+        self._dirty: dict[str, dict[str, Any]] = {}
+        self._letters: list[DeadLetter] = []
+        self._next_purge = 0
+        self._refresh_registry()
+        # Presence is rebuilt from the retained statuses the broker replays.
+        for row in self.registry.devices():
+            if row.online:
+                self._dirty[row.id] = {"online": False}
+
+    # ------------------------------------------------------------------ public API
+
+    def handle_up(self, topic_device: str, payload: bytes) -> list[Outgoing]:
+        """Handle one message from `{prefix}/{topic_device}/up`."""
+        return self.handle_many([(topic_device, payload)])
+
+    def handle_many(self, items: Iterable[tuple[str, bytes]]) -> list[Outgoing]:
+        """Handle a group of up messages with one store transaction (group commit)."""
+        now = self.now_ms()
+        self._refresh_registry()
+        incs = [self._parse(dev, payload) for dev, payload in items]
+        self._commit(incs, now)
+        out: list[Outgoing] = []
+        fan = Fanout(self.registry, self.presence)
+        catchups: list[_Incoming] = []
+        for inc in incs:
+            if inc.kind == "catchup" and not inc.failed:
+                catchups.append(inc)
+                continue
+            try:
+                out.extend(self._replies(inc, fan))
+            except Exception:  # pragma: no cover - defensive: replies are pure
+                log.exception("reply_failed", dev=inc.topic_dev)
+        if catchups:
+            out.extend(self._catchups(catchups))
+        out.extend(fan.messages(self._compress_over))
+        return out
+
+    def handle_status(self, topic_device: str, payload: bytes) -> None:
+        """Record a device's presence from its (retained) status message."""
+        try:
+            report = parse_status(topic_device, payload)
+        except ProtocolError as err:
+            self._queue_letter(topic_device, "status", err.code, err.reason, payload)
+            return
+        except Exception:  # pragma: no cover - parse_status raises ProtocolError only
+            log.exception("status_failed", dev=topic_device)
+            self._queue_letter(topic_device, "status", codec.SERVER_ERROR,
+                               "the server failed to read this status", payload)
+            return
+        if self.registry.get(topic_device) is None:
+            self._queue_letter(topic_device, "status", codec.UNKNOWN_DEVICE,
+                               f"status of unregistered device {topic_device!r} ignored",
+                               payload)
+            return
+        if self.presence.set(topic_device, report.on):
+            log.info("presence", dev=topic_device, online=report.on)
+        self._dirty.setdefault(topic_device, {}).update(online=report.on, pend=report.pend)
+
+    def tick(self) -> list[Outgoing]:
+        """Periodic work (see module docstring); never raises."""
+        out: list[Outgoing] = []
+        now = self.now_ms()
+        try:
+            if self._refresh_registry():
+                out.extend(self._push_commands())
+            out.extend(self._drain_notices())
+            if now >= self._next_purge:
+                self._next_purge = now + PURGE_INTERVAL_MS
+                purged = purge_tombstones(self.store, now, self.cfg.tombstone_retention_s * 1000)
+                if purged:
+                    log.info("tombstones_purged", count=purged)
+            if self._dirty or self._letters:
+                self._commit([], now)
+        except Exception:
+            log.exception("tick_failed")
+        return out
+
+    def is_online(self, dev: str) -> bool:
+        return self.presence.is_online(dev)
+
+    def reset_presence(self) -> None:
+        """Call after (re)subscribing to the status topics: everyone is offline until the
+        broker's replayed retained statuses say otherwise."""
+        for dev in self.presence.reset():
+            self._dirty.setdefault(dev, {})["online"] = False
+
+    # ------------------------------------------------------------------ parsing
+
+    def _parse(self, topic_dev: str, payload: bytes) -> _Incoming:
+        inc = _Incoming(topic_dev, payload)
+        try:
+            msg = codec.decode_lenient(payload, allowed=UP_TYPES,
+                                       max_payload=self.cfg.max_payload_bytes)
+        except ProtocolError as err:
+            inc.error = (err.code, err.reason)
+            return inc
+        except Exception:  # pragma: no cover - the codec raises ProtocolError only
+            log.exception("decode_failed", dev=topic_dev)
+            inc.error = (codec.SERVER_ERROR, "the server failed to decode this message")
+            return inc
+        dev: str = msg.dev  # type: ignore[union-attr]
+        if dev != topic_dev:
+            inc.error = (codec.WRONG_DEVICE, f"message says dev {dev!r} but was published on "
+                                             f"the up topic of {topic_dev!r}")
+            return inc
+        device = self.registry.active(dev)
+        if device is None:
+            state = "disabled" if self.registry.get(dev) is not None else "not registered"
+            inc.error = (codec.UNKNOWN_DEVICE, f"device {dev!r} is {state}: enrol it with "
+                                               "`waystation device add`")
+            return inc
+        inc.device = device
+        inc.msg = msg
+        if isinstance(msg, LenientChanges):
+            count = len(msg.bad) + (len(msg.changes.ch) if msg.changes is not None else 0)
+            if count > self.cfg.max_batch_changes:
+                inc.error = (codec.TOO_LARGE, f"ch: {count} changes in one batch, this server "
+                                              f"takes at most {self.cfg.max_batch_changes}; "
+                                              "split the batch")
+                return inc
+            inc.kind = "changes"
+        elif isinstance(msg, Hello):
+            inc.kind = "hello"
+        elif isinstance(msg, Catchup):
+            inc.kind = "catchup"
+        else:  # pragma: no cover - UP_TYPES has exactly these three
+            inc.error = (codec.UNKNOWN_TYPE, "not accepted on the up topic")
+        return inc
+
+    # ------------------------------------------------------------------ the transaction
+
+    def _commit(self, incs: list[_Incoming], now: int) -> None:
+        """Apply the group in one transaction; on a failure, each message on its own."""
+        if not incs and not self._dirty and not self._letters:
+            return
+        dirty, self._dirty = self._dirty, {}
+        letters, self._letters = self._letters, []
+        try:
+            self._done(self.store.transact(
+                lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
+            return
+        except StoreError:
+            log.exception("store_failed", messages=len(incs))
+            for inc in incs:
+                inc.failed = inc.error is None
+            self._restore(dirty, letters)
+            return
+        except Exception:
+            log.exception("group_failed", messages=len(incs))
+        self._restore(dirty, letters)
+        for inc in incs:
+            try:
+                self._done(self.store.transact(partial(self._apply_all, incs=[inc], now=now,
+                                                       dirty={}, letters=[])))
+            except Exception:
+                log.exception("message_failed", dev=inc.topic_dev)
+                inc.failed = True
+                code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
+                                                                 "this message")
+                dead = letter(inc.topic_dev, "up", code, reason, inc.payload, now)
+                try:
+                    self.store.transact(partial(_add_letter, letter=dead))
+                except Exception:
+                    log.exception("dead_letter_failed", dev=inc.topic_dev)
+
+    def _done(self, result: tuple[list[DeviceRow], BatchStats]) -> None:
+        rows, st = result
+        for row in rows:
+            self.registry.put(row)
+        self.counters.update(applied=st.applied, duplicates=st.duplicates, rejected=st.rejected,
+                             transient=st.transient, conflicts=st.conflicts)
+
+    def _restore(self, dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]) -> None:
+        for dev, changes in dirty.items():
+            self._dirty[dev] = {**changes, **self._dirty.get(dev, {})}
+        self._letters = (letters + self._letters)[-MAX_PENDING_LETTERS:]
+
+    def _apply_all(self, txn: WriteTxn, incs: list[_Incoming], now: int,
+                   dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]
+                   ) -> tuple[list[DeviceRow], BatchStats]:
+        """The body of the group transaction (may run again after a retryable failure)."""
+        fan = Fanout(self.registry, self.presence)
+        wants_cache: dict[tuple[str, str], bool] = {}
+
+        def wants(scope: str, dev: str) -> bool:
+            key = (scope, dev)
+            want = wants_cache.get(key)
+            if want is None:
+                want = wants_cache[key] = fan.wants(scope, dev)
+            return want
+
+        ta = self.applier.begin(txn, wants)
+        updates: dict[str, dict[str, Any]] = {dev: dict(ch) for dev, ch in dirty.items()}
+        for inc in incs:
+            inc.results, inc.commands = [], []
+            device = inc.device
+            if inc.error is None and device is not None:
+                if inc.kind == "changes":
+                    lc: LenientChanges = inc.msg
+                    changes = lc.changes.ch if lc.changes is not None else []
+                    inc.results = ta.apply_batch(device, lc.sv, changes, lc.bad)
+                elif inc.kind == "hello":
+                    inc.commands = self._hello(txn, inc, now)
+                upd = updates.setdefault(device.id, {})
+                upd["last_seen_ms"] = now
+                if inc.kind == "hello":
+                    hello: Hello = inc.msg
+                    upd.update(agent=hello.agent, sv=hello.sv, z=hello.z)
+                elif inc.kind == "catchup":
+                    req: Catchup = inc.msg
+                    upd["cp"] = {s: v for s, v in req.cp.items() if s in device.scopes}
+            for dead in self._letters_for(inc, now):
+                txn.add_dead_letter(dead)
+        for dead in letters:
+            txn.add_dead_letter(dead)
+        rows: list[DeviceRow] = []
+        for dev, fields in updates.items():
+            row = txn.get_device(dev)
+            if row is not None:
+                row = dataclasses.replace(row, **fields)
+                txn.put_device(row)
+                rows.append(row)
+        return rows, ta.stats
+
+    def _hello(self, txn: WriteTxn, inc: _Incoming, now: int) -> list[CommandRow]:
+        hello: Hello = inc.msg
+        done = set(hello.done)
+        pending: list[CommandRow] = []
+        for cmd in txn.commands(hello.dev):
+            if cmd.done_ms:
+                continue
+            if cmd.id in done:
+                txn.put_command(dataclasses.replace(cmd, done_ms=now))
+            else:
+                pending.append(cmd)
+        return pending
+
+    # ------------------------------------------------------------------ dead letters
+
+    def _queue_letter(self, dev: str, topic: str, code: str, reason: str,
+                      payload: bytes) -> None:
+        self.counters["dead_letters"] += 1
+        if len(self._letters) < MAX_PENDING_LETTERS:
+            self._letters.append(letter(dev, topic, code, reason, payload, self.now_ms()))
+
+    def _letters_for(self, inc: _Incoming, now: int) -> list[DeadLetter]:
+        if inc.error is not None:
+            out = [letter(inc.topic_dev, "up", *inc.error, inc.payload, now)]
+        elif inc.kind == "changes":
+            out = batch_letters(inc.topic_dev, inc.results, inc.msg.bad, inc.payload, now)
+        else:
+            out = []
+        self.counters["dead_letters"] += len(out)
+        return out
+
+    # ------------------------------------------------------------------ replies
+
+    def _compress_over(self, dev: str) -> int | None:
+        row = self.registry.get(dev)
+        return self.cfg.compress_over_bytes if row is not None and row.z else None
+
+    def _replies(self, inc: _Incoming, fan: Fanout) -> list[Outgoing]:
+        dev = inc.topic_dev
+        if not _ID_RE.match(dev):
+            return []  # no down topic to answer on
+        over = self._compress_over(dev)
+        msgs: list[bytes]
+        if inc.failed and inc.kind == "changes" and inc.error is None:
+            lc: LenientChanges = inc.msg
+            numbers = [c.n for c in lc.changes.ch] if lc.changes is not None else []
+            msgs = reject_messages([rejection(n, codec.SERVER_ERROR, "the server failed to "
+                                              "apply this change; send it again later", False)
+                                    for n in numbers])
+        elif inc.error is not None or inc.failed:
+            code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
+                                                             "this message")
+            msgs = [error_message(code, reason)]
+        elif inc.kind == "hello":
+            msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
+            self._sent_commands.update(c.id for c in inc.commands)
+        elif inc.kind == "changes":
+            msgs = change_replies(dev, inc.results, inc.msg.bad, fan)
+        else:  # pragma: no cover - catch-ups are answered separately
+            msgs = []
+        return [(dev, compress(m, over)) for m in msgs]
+
+    def _catchups(self, incs: list[_Incoming]) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        try:
+            with self.store.read() as txn:
+                for inc in incs:
+                    assert inc.device is not None
+                    over = self._compress_over(inc.topic_dev)
+                    try:
+                        ans = catchup.answer(txn, inc.device, inc.msg)
+                    except Exception:
+                        log.exception("catchup_failed", dev=inc.topic_dev)
+                        out.append((inc.topic_dev, error_message(
+                            codec.SERVER_ERROR, "the server failed to answer this catch-up; "
+                                                "ask again later")))
+                        continue
+                    self.counters["catchup_records"] += ans.records
+                    out.extend((inc.topic_dev, compress(m, over)) for m in ans.messages)
+        except StoreError:
+            log.exception("catchup_store_failed")
+            out.extend((inc.topic_dev, error_message(codec.SERVER_ERROR, "the server's store "
+                                                     "failed; ask again later")) for inc in incs)
+        return out
+
+    # ------------------------------------------------------------------ periodic work
+
+    def _refresh_registry(self) -> bool:
+        with self.store.read() as txn:
+            return self.registry.refresh(txn)
+
+    def _push_commands(self) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        with self.store.read() as txn:
+            for dev in sorted(self.presence.online()):
+                if self.registry.active(dev) is None:
+                    continue
+                for cmd in txn.commands(dev):
+                    if not cmd.done_ms and cmd.id not in self._sent_commands:
+                        self._sent_commands.add(cmd.id)
+                        out.append((dev, compress(command_message(cmd.id, cmd.cmd, cmd.args),
+                                                  self._compress_over(dev))))
+        return out
+
+    def _drain_notices(self) -> list[Outgoing]:
+        with self.store.read() as txn:
+            notices = txn.notices(1000)
+        if not notices:
+            return []
+        fan = Fanout(self.registry, self.presence)
+        for notice in notices:
+            fan.add(notice.scope, None, dumps(notice.rec))
+
+        def drop(txn: WriteTxn) -> None:
+            for notice in notices:
+                txn.delete_notice(notice.id)
+
+        self.store.transact(drop)
+        return fan.messages(self._compress_over)
+
+
+def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:
+    return txn.add_dead_letter(letter)
+
+
+__all__ = ["Engine", "Outgoing"]

@@ -1,0 +1,125 @@
+"""Operator actions on the authoritative store: resolving conflicts, purging tombstones.
+
+Both run in one store transaction and may run in another process than the server (the
+CLI). A resolution is a normal write: it allocates the scope's next sequence, stores
+the record, closes the field's open conflicts and queues a *notice* carrying the new
+record state; the running server's `Engine.tick()` sends it as a `delta` to every
+online device of the scope. Devices that miss it get it by catch-up (they see a gap in
+their sequence, or reconnect), as with any other change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from broker.applier import RECORD_LIMIT
+from broker.errors import ConflictClosed, ConflictNotFound, InvalidArgument
+from broker.store.base import Notice, Store, WriteTxn
+from schemas.collection import Catalog
+from waystation import merge
+from waystation.hlc import Clock
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """A conflict settled by the operator: the record's new version."""
+
+    conflict_id: int
+    c: str
+    k: str
+    s: str
+    field: str
+    q: int
+    value: Any
+    closed: tuple[int, ...]
+    """Every conflict id closed by it (all open conflicts of that field)."""
+
+
+def resolve_conflict(store: Store, catalog: Catalog, clock: Clock, cid: int, value: Any,
+                     now_ms: int) -> Resolution:
+    """Settle open conflict `cid` by writing `value` to its field (see module docstring)."""
+    def fn(txn: WriteTxn) -> Resolution:
+        row = txn.get_conflict(cid)
+        if row is None:
+            raise ConflictNotFound(f"no conflict with id {cid} (see `waystation server "
+                                   "conflicts`)")
+        if not row.open:
+            raise ConflictClosed(f"conflict {cid} was already resolved ({row.resolution})")
+        raw = txn.get_record(row.c, row.k)
+        if raw is None:
+            txn.close_conflict(cid, now_ms, "record purged")
+            raise ConflictClosed(f"conflict {cid}: record {row.c}/{row.k} no longer exists")
+        record = merge.from_json(raw)
+        spec = catalog.collection(row.c)
+        if spec is None:
+            raise InvalidArgument(f"conflict {cid}: collection {row.c!r} is not in the "
+                                  "server's schema any more")
+        latest = merge.latest_stamp(record)
+        stamp = clock.observe(latest) if latest is not None else clock.tick()
+        q = txn.scope_seq(record.s) + 1
+        out = merge.resolve(record, row.field, value, q, stamp, spec=spec)
+        if not out.applied or out.record is None:
+            code, reason = out.rejection or ("invalid", "refused")
+            if code == "invalid":  # nothing open any more (a device settled it)
+                for other in txn.open_conflicts_on(row.c, row.k, row.field):
+                    txn.close_conflict(other, now_ms, "already settled")
+                raise ConflictClosed(f"conflict {cid}: {reason}")
+            raise InvalidArgument(f"conflict {cid}: cannot write {value!r}: {reason}")
+        new = out.record
+        size = len(orjson.dumps(merge.to_rec(new)))
+        if size > RECORD_LIMIT:
+            raise InvalidArgument(f"conflict {cid}: the record would be {size} bytes, over "
+                                  f"the limit of {RECORD_LIMIT}")
+        if txn.allocate_seq(new.s) != q:  # pragma: no cover - we hold the write lock
+            raise RuntimeError("sequence moved inside the transaction")
+        txn.put_record(new.c, new.k, merge.to_json(new))
+        txn.index_move(new.s, record.q, q, new.c, new.k)
+        closed = tuple(txn.open_conflicts_on(row.c, row.k, row.field))
+        for other in closed:
+            txn.close_conflict(other, now_ms, "operator")
+        delta = merge.delta_rec(out)
+        assert delta is not None
+        txn.add_notice(Notice(0, new.s, q, delta))
+        return Resolution(cid, new.c, new.k, new.s, row.field, q, value, closed)
+
+    return store.transact(fn)
+
+
+def purge_tombstones(store: Store, now_ms: int, retention_ms: int, limit: int = 10_000) -> int:
+    """Drop deleted records older than the retention; returns how many.
+
+    Each purge raises the scope's purge horizon to the tombstone's q, so a device whose
+    checkpoint is below it gets a snapshot at its next catch-up (it may have missed the
+    delete).
+    """
+    cutoff = now_ms - retention_ms
+
+    def fn(txn: WriteTxn) -> int:
+        purged = 0
+        for scope in txn.scope_seqs():
+            horizon = old = txn.purge_horizon(scope)
+            for tomb in txn.tombs(scope, limit - purged):
+                if tomb.t_ms > cutoff:
+                    break
+                txn.delete_tomb(scope, tomb.q)
+                raw = txn.get_record(tomb.c, tomb.k)
+                record = None if raw is None else merge.from_json(raw)
+                if record is None or record.q != tomb.q or not record.deleted:
+                    continue  # a stale entry
+                txn.delete_record(tomb.c, tomb.k)
+                txn.index_delete(scope, tomb.q)
+                horizon = max(horizon, tomb.q)
+                purged += 1
+            if horizon > old:
+                txn.set_purge_horizon(scope, horizon)
+            if purged >= limit:
+                break
+        return purged
+
+    return store.transact(fn)
+
+
+__all__ = ["Resolution", "purge_tombstones", "resolve_conflict"]

@@ -1,0 +1,186 @@
+"""The device registry: who may sync, in which scopes (used by the CLI and the engine).
+
+Operator operations (`add_device`, `remove_device`, `set_enabled`, `set_scopes`,
+`issue_command`) each run in one store transaction and bump the registry generation, so
+a running server (another process) notices at its next batch or tick and reloads.
+
+`Registry` is the engine's in-memory view: device rows and the scope -> devices index
+used for fan-out, reloaded whenever the store's generation moves.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from broker.errors import DeviceExists, InvalidArgument, UnknownDevice
+from broker.store.base import CommandRow, DeviceRow, ReadTxn, Store, WriteTxn
+from schemas.wire import ID_PATTERN
+
+_ID_RE = re.compile(ID_PATTERN)
+COMMANDS = ("wipe", "resync", "ping")
+
+
+def check_id(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidArgument(f"{value!r} is not a valid {kind}: use 1 to 64 letters, digits, "
+                              "'_', '.' or '-', starting with a letter or digit")
+    return value
+
+
+def _scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for scope in scopes:
+        check_id("scope", scope)
+        if scope not in out:
+            out.append(scope)
+    if not out:
+        raise InvalidArgument("a device needs at least one scope (--scope S)")
+    return tuple(out)
+
+
+def add_device(store: Store, dev: str, scopes: Sequence[str], now_ms: int) -> DeviceRow:
+    """Register `dev` with `scopes`; DeviceExists if it is already registered."""
+    check_id("device id", dev)
+    row = DeviceRow(dev, _scopes(scopes), created_ms=now_ms)
+
+    def fn(txn: WriteTxn) -> DeviceRow:
+        if txn.get_device(dev) is not None:
+            raise DeviceExists(f"device {dev!r} is already registered; remove it first or "
+                               "pick another id")
+        txn.put_device(row)
+        txn.bump_registry()
+        return row
+
+    return store.transact(fn)
+
+
+def remove_device(store: Store, dev: str) -> DeviceRow:
+    """Unregister `dev`: its changes are refused from now on (`unknown_device`).
+
+    Its records stay. Its remembered change outcomes and commands are dropped, so a new
+    device enrolled later under the same id starts afresh at change number 1.
+    """
+    def fn(txn: WriteTxn) -> DeviceRow:
+        row = txn.get_device(dev)
+        if row is None:
+            raise UnknownDevice(f"device {dev!r} is not registered (see `waystation device "
+                                "list`)")
+        txn.delete_device(dev)
+        txn.delete_outcomes(dev)
+        txn.delete_commands(dev)
+        txn.bump_registry()
+        return row
+
+    return store.transact(fn)
+
+
+def _update(store: Store, dev: str, **changes: Any) -> DeviceRow:
+    def fn(txn: WriteTxn) -> DeviceRow:
+        row = txn.get_device(dev)
+        if row is None:
+            raise UnknownDevice(f"device {dev!r} is not registered (see `waystation device "
+                                "list`)")
+        data = row.to_json()
+        data.update(changes)
+        new = DeviceRow.from_json(data)
+        txn.put_device(new)
+        txn.bump_registry()
+        return new
+
+    return store.transact(fn)
+
+
+def set_enabled(store: Store, dev: str, enabled: bool) -> DeviceRow:
+    """Enable or disable a device (a disabled device's messages get `unknown_device`)."""
+    return _update(store, dev, enabled=enabled)
+
+
+def set_scopes(store: Store, dev: str, scopes: Sequence[str]) -> DeviceRow:
+    """Replace the scopes a device may read and write."""
+    return _update(store, dev, scopes=list(_scopes(scopes)))
+
+
+def list_devices(store: Store) -> list[DeviceRow]:
+    with store.read() as txn:
+        return txn.devices()
+
+
+def issue_command(store: Store, dev: str, cmd: str, now_ms: int,
+                  args: dict[str, Any] | None = None) -> CommandRow:
+    """Queue a command for `dev`; it is sent at its next hello (or at once if online)."""
+    if cmd not in COMMANDS:
+        raise InvalidArgument(f"unknown command {cmd!r}; use one of {', '.join(COMMANDS)}")
+    row = CommandRow(f"{cmd}-{now_ms:x}-{secrets.token_hex(3)}", dev, cmd, dict(args or {}),
+                     created_ms=now_ms)
+
+    def fn(txn: WriteTxn) -> CommandRow:
+        if txn.get_device(dev) is None:
+            raise UnknownDevice(f"device {dev!r} is not registered")
+        txn.put_command(row)
+        txn.bump_registry()
+        return row
+
+    return store.transact(fn)
+
+
+class Registry:
+    """In-memory registry for the engine; `refresh()` reloads when the store changed."""
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self._devices: dict[str, DeviceRow] = {}
+        self._by_scope: dict[str, frozenset[str]] = {}
+
+    def refresh(self, txn: ReadTxn) -> bool:
+        """Reload if the store's registry generation moved; True when it did."""
+        gen = txn.registry_generation()
+        if gen == self.generation:
+            return False
+        self.load(txn.devices(), gen)
+        return True
+
+    def load(self, rows: Iterable[DeviceRow], generation: int) -> None:
+        self._devices = {row.id: row for row in rows}
+        by_scope: dict[str, set[str]] = {}
+        for row in self._devices.values():
+            if row.enabled:
+                for scope in row.scopes:
+                    by_scope.setdefault(scope, set()).add(row.id)
+        self._by_scope = {s: frozenset(d) for s, d in by_scope.items()}
+        self.generation = generation
+
+    def get(self, dev: str) -> DeviceRow | None:
+        """The device's row, or None if it is unknown."""
+        return self._devices.get(dev)
+
+    def active(self, dev: str) -> DeviceRow | None:
+        """The device's row if it is registered and enabled."""
+        row = self._devices.get(dev)
+        return row if row is not None and row.enabled else None
+
+    def subscribers(self, scope: str) -> frozenset[str]:
+        """Enabled devices that follow `scope`."""
+        return self._by_scope.get(scope, frozenset())
+
+    def put(self, row: DeviceRow) -> None:
+        """Update one row in memory (after the engine stored it; scopes unchanged)."""
+        self._devices[row.id] = row
+
+    def devices(self) -> list[DeviceRow]:
+        return list(self._devices.values())
+
+
+__all__ = [
+    "COMMANDS",
+    "Registry",
+    "add_device",
+    "check_id",
+    "issue_command",
+    "list_devices",
+    "remove_device",
+    "set_enabled",
+    "set_scopes",
+]

@@ -1,0 +1,207 @@
+"""The merge server daemon: MQTT in, `Engine` in the middle, MQTT out.
+
+    network thread ──(up / status messages)──► inbox ──► worker: Engine.handle_many
+                                                              └──► link.publish(down)
+
+The worker takes whatever arrived within `merge.batch_window_ms` (at most a few
+thousand messages) and hands it to the engine as one group, so many change batches
+share one store transaction (group commit). Answers are published only after that
+transaction committed: an ack never precedes the durable apply.
+
+Subscriptions: `{prefix}/+/up` — as the shared subscription
+`$share/{shared_group}/{prefix}/+/up` when `shared_group` is set, so several servers
+consume side by side (Mosquitto, EMQX; amqtt has no shared subscriptions) — and
+`{prefix}/+/status` for presence. The session is persistent, so a restarted server
+finds what the broker queued while it was away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from broker.engine import Engine
+from broker.store import open_store
+from broker.store.base import Store
+from schemas.collection import Catalog, load_catalog
+from waystation import systemd
+from waystation.config import ServerConfig
+from waystation.hlc import Clock
+from waystation.mqtt import MqttLink
+
+log = structlog.get_logger("waystation.server")
+
+_MAX_GROUP = 2000
+_TICK_S = 1.0
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MergeServer:
+    """One merge consumer; `start()` / `stop()`, or `run()` in the foreground."""
+
+    def __init__(self, cfg: ServerConfig, catalog: Catalog, *,
+                 env: Mapping[str, str] | None = None, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.env = dict(os.environ if env is None else env)
+        self.store = store if store is not None else open_store(cfg)
+        self._owns_store = store is None
+        self.engine = Engine(self.store, catalog, cfg, wall_ms, Clock("~server", wall_ms))
+        prefix = cfg.mqtt.prefix
+        self.prefix = prefix
+        up = f"{prefix}/+/up"
+        self.up_filter = f"$share/{cfg.shared_group}/{up}" if cfg.shared_group else up
+        self.status_filter = f"{prefix}/+/status"
+        self._inbox: queue.SimpleQueue[tuple[str, str, bytes] | None] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_loop = time.monotonic()
+        self.messages_in = 0
+        self.messages_out = 0
+        self.link = MqttLink.from_config(
+            cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=self.env,
+            max_inflight=0, max_queued=0,
+            on_connect=self._on_connect,
+            on_message=self._on_message,
+        )
+        self.link.subscribe(self.up_filter, qos=1)
+        self.link.subscribe(self.status_filter, qos=1)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="merge-worker", daemon=True)
+        self._thread.start()
+        self.link.start()
+
+    def stop(self) -> None:
+        """Finish the group in hand, then close the session and the store."""
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(30)
+        self.link.stop(clean=True)
+        if self._owns_store:
+            self.store.close()
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() - self._last_loop < 30
+
+    # ------------------------------------------------------------------ network thread
+
+    def _on_connect(self, session_present: bool) -> None:
+        # Presence comes back from the retained statuses the broker replays on subscribe.
+        self._inbox.put(("connected", "", b""))
+        log.info("server_connected", session_present=session_present, up=self.up_filter)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
+        if len(parts) < 3:
+            return
+        self._inbox.put((parts[-1], parts[-2], payload))
+
+    # ------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        window = self.cfg.merge.batch_window_ms / 1000
+        next_tick = time.monotonic() + _TICK_S
+        while True:
+            self._last_loop = time.monotonic()
+            try:
+                first = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                first = ("tick", "", b"")
+            if first is None:
+                return
+            group = [first]
+            deadline = time.monotonic() + window
+            while len(group) < _MAX_GROUP:
+                try:
+                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._process(group)
+                    return
+                group.append(item)
+            self._process(group)
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + _TICK_S
+                self._publish(self.engine.tick())
+
+    def _process(self, group: list[tuple[str, str, bytes]]) -> None:
+        ups: list[tuple[str, bytes]] = []
+        for kind, dev, payload in group:
+            if kind == "up":
+                ups.append((dev, payload))
+            elif kind == "status":
+                if ups:
+                    # Keep arrival order between presence and changes.
+                    self._publish(self._handle(ups))
+                    ups = []
+                self.engine.handle_status(dev, payload)
+            elif kind == "connected":
+                self.engine.presence.reset() if hasattr(self.engine.presence, "reset") else None
+        if ups:
+            self._publish(self._handle(ups))
+
+    def _handle(self, ups: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        self.messages_in += len(ups)
+        try:
+            return list(self.engine.handle_many(ups))
+        except Exception:
+            # The engine turns bad input into rejections itself; this is a store or
+            # programming failure. Devices resend what was not acked.
+            log.exception("group_failed", messages=len(ups))
+            return []
+
+    def _publish(self, out: list[tuple[str, bytes]]) -> None:
+        for dev, payload in out:
+            if self.link.publish(f"{self.prefix}/{dev}/down", payload):
+                self.messages_out += 1
+
+
+def run(cfg: ServerConfig, *, env: Mapping[str, str],
+        on_ready: Callable[[MergeServer], Any] | None = None) -> int:
+    """Run the server in the foreground until SIGTERM/SIGINT (systemd-aware)."""
+    catalog = load_catalog(cfg.schema_path())
+    server = MergeServer(cfg, catalog, env=env)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    watchdog = systemd.Watchdog(lambda: server.healthy, env=env)
+    try:
+        server.start()
+        log.info("server_started", server_id=cfg.server_id,
+                 broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", store=cfg.store.kind,
+                 schema_version=catalog.version, subscription=server.up_filter)
+        systemd.ready(env=env)
+        watchdog.start()
+        if on_ready is not None:
+            on_ready(server)
+        while not stop.wait(1.0):
+            state = "connected" if server.link.connected else "connecting"
+            systemd.status(f"{state}, {server.messages_in} messages in", env=env)
+    finally:
+        systemd.stopping(env=env)
+        watchdog.stop()
+        with contextlib.suppress(Exception):
+            server.stop()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    return 0

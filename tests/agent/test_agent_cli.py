@@ -1,0 +1,140 @@
+"""`waystation agent ...` handlers, run through the real command-line parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.cli import cmd_watch
+from schemas import wire
+from waystation.cli import main
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"WAYSTATION_AGENT__DATA_DIR": str(tmp_path / "data"),
+            "WAYSTATION_AGENT__DEVICE_ID": "van-1",
+            "WAYSTATION_AGENT__SCOPES": '["route-42", "depot-7", "fleet"]'}
+
+
+def run(env: dict[str, str], capsys: pytest.CaptureFixture[str],
+        *argv: str) -> tuple[int, str, str]:
+    code = main(["agent", *argv], env=env)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_write_then_read_back(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """put/incr/add/remove print the change id; get/list show the record."""
+    code, out, _ = run(env, capsys, "put", "tasks", "t-1", "route=route-42", "status=out",
+                       "eta=1700000000000", 'proof={"sig": "abc"}')
+    assert code == 0 and out == "saved locally (change van-1:1), pending sync\n"
+    assert run(env, capsys, "incr", "tasks", "t-1", "attempts", "2")[1].startswith(
+        "saved locally (change van-1:2)")
+    assert run(env, capsys, "add", "tasks", "t-1", "labels", "fragile", "late")[0] == 0
+    assert run(env, capsys, "remove", "tasks", "t-1", "labels", "late")[0] == 0
+    code, out, _ = run(env, capsys, "get", "tasks", "t-1", "--json")
+    doc = json.loads(out)
+    assert doc["fields"] == {"route": "route-42", "status": "out", "eta": 1700000000000,
+                             "proof": {"sig": "abc"}, "attempts": 2, "labels": ["fragile"]}
+    assert doc["pending"] == 4
+    code, out, _ = run(env, capsys, "get", "tasks", "t-1")
+    assert out.splitlines()[0] == ("tasks/t-1  (scope route-42, not yet on the server, "
+                                   "4 changes pending sync)")
+    assert '  status    "out"  pending' in out
+    code, out, _ = run(env, capsys, "list", "tasks")
+    assert out.startswith("t-1  {") and "[4 pending]" in out
+    deleted = run(env, capsys, "delete", "tasks", "t-1")[1]
+    assert deleted.startswith("saved locally (change van-1:5)")
+    assert json.loads(run(env, capsys, "list", "tasks", "--json")[1]) == []
+
+
+def test_status_human_and_json(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """status prints the one-line summary first, or a JSON document."""
+    run(env, capsys, "put", "tasks", "t-1", "route=route-42")
+    code, out, _ = run(env, capsys, "status")
+    assert code == 0
+    assert out.splitlines()[0].startswith(
+        "offline — 1 change saved locally, waiting for connection; oldest ")
+    doc = json.loads(run(env, capsys, "status", "--json")[1])
+    assert doc["pending"] == 1 and doc["online"] is False and doc["device_id"] == "van-1"
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    (("put", "nope", "k", "a=1"), 2, "unknown collection 'nope'"),
+    (("put", "tasks", "t-1", "route=route-42", 'proof={"a":'), 2, "looks like JSON"),
+    (("put", "tasks", "t-1", "route=route-42", "eta=soon"), 2, "expected an integer"),
+    (("put", "tasks", "t-1", "status=out"), 2, "scope field 'route'"),
+    (("put", "tasks", "t-1", "route=elsewhere"), 2, "not one of this device's scopes"),
+    (("put", "tasks", "t-1", "route=route-42", "route=route-42"), 2, "given twice"),
+    (("incr", "tasks", "t-1", "status", "1"), 2, "is not a counter"),
+    (("add", "tasks", "t-1", "nope", "x"), 2, "has no field 'nope'"),
+    (("delete", "tasks", "t-9"), 2, "no record tasks/t-9"),
+])
+def test_bad_input_is_one_line_and_nonzero(env: dict[str, str],
+                                           capsys: pytest.CaptureFixture[str],
+                                           argv: tuple[str, ...], code: int, message: str) -> None:
+    """Wrong input: one 'error:' line on stderr, non-zero exit, nothing written."""
+    got, out, err = run(env, capsys, *argv)
+    assert got == code
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    if Path(env["WAYSTATION_AGENT__DATA_DIR"], "agent.lmdb").exists():
+        assert json.loads(run(env, capsys, "status", "--json")[1])["pending"] == 0
+
+
+def test_reads_before_anything_was_written(env: dict[str, str],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Read commands on a device with no store say so in one line and exit 1."""
+    code, _, err = run(env, capsys, "status")
+    assert code == 1 and err.startswith("error: no local store at ")
+    run(env, capsys, "put", "tasks", "t-1", "route=route-42")
+    code, _, err = run(env, capsys, "get", "tasks", "t-2")
+    assert code == 1 and err == "error: no record tasks/t-2 on this device\n"
+
+
+def test_non_numeric_amount_is_a_usage_error(env: dict[str, str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """incr with an amount that is not a number is refused by the parser (exit 2)."""
+    code, _, err = run(env, capsys, "incr", "tasks", "t-1", "attempts", "many")
+    assert code == 2 and "expected a number" in err
+
+
+def test_deadletters_and_conflicts_listing(env: dict[str, str], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """deadletters and conflicts list what the server refused or reported."""
+    from agent.api import Agent
+    from schemas.collection import example_catalog_path, load_catalog
+    from waystation.config import AgentConfig, load_config
+
+    run(env, capsys, "put", "tasks", "t-1", "route=route-42", "status=odd")
+    cfg = load_config(AgentConfig, None, env)
+    with Agent.open(cfg, load_catalog(example_catalog_path())) as ag:
+        ag.sync.apply_reject(wire.Reject(rj=[wire.Rejection(n=1, code="rule_rejected",
+                                                            reason="unknown status",
+                                                            perm=True)]))
+        ag.sync.apply_delta(wire.Delta(d=[wire.Rec.model_validate({
+            "c": "tasks", "k": "t-5", "s": "route-42", "q": 1,
+            "f": {"route": "route-42", "address": "Gate 1"},
+            "h": {"address": "0190000000000000:van-3"},
+            "cf": {"address": [{"v": "Dock 4", "by": "van-7",
+                                "h": "0190000000010000:van-7"}]}})]))
+    out = run(env, capsys, "deadletters")[1]
+    assert out.splitlines()[0] == "van-1:1  rule_rejected: unknown status"
+    out = run(env, capsys, "conflicts")[1]
+    assert out.startswith('open  tasks/t-5.address: kept "Gate 1", also written: ["Dock 4"]')
+    assert json.loads(run(env, capsys, "conflicts", "--json")[1])[0]["kind"] == "open"
+
+
+def test_watch_prints_events(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """watch prints one line per event (here stopped by a timeout instead of Ctrl-C)."""
+    run(env, capsys, "put", "tasks", "t-1", "route=route-42")
+    run(env, capsys, "put", "inspections", "i-1", "vehicle=v")
+    args = argparse.Namespace(config=None, collection="tasks", json=True, timeout=0.05, since=0)
+    assert cmd_watch(args, env) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"seq": 1, "collection": "tasks", "key": "t-1", "kind": "local"}]

@@ -1,0 +1,253 @@
+"""Small helpers shared by tests: waiting on conditions, free ports, a recording MQTT client.
+
+No test sleeps and hopes: it waits for a condition with a deadline (``wait_until``), and
+proves that something did *not* happen by waiting for a later marker that must arrive
+after it (MQTT keeps one publisher's messages in order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+__all__ = [
+    "Received",
+    "RecordingClient",
+    "free_port",
+    "peer_socket_nodelay",
+    "port_open",
+    "wait_until",
+]
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float = 10.0,
+    *,
+    interval: float = 0.005,
+    message: str | Callable[[], str] = "condition",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail the test
+    with AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout} s waiting for: {text}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+_SYS_PIDFD_GETFD = 438  # Linux >= 5.6, every architecture
+
+
+def peer_socket_nodelay(pid: int, local_port: int, remote_port: int) -> bool | None:
+    """TCP_NODELAY on the socket that process ``pid`` holds for the TCP connection
+    local_port <-> remote_port (IPv4 loopback), read through pidfd_getfd(2).
+
+    None when the kernel or its ptrace policy does not allow the look (the caller skips).
+    """
+    inode = None
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        local, remote = fields[1].split(":"), fields[2].split(":")
+        if int(local[1], 16) == local_port and int(remote[1], 16) == remote_port:
+            inode = fields[9]
+            break
+    if inode is None:
+        return None
+    target = None
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(entry) == f"socket:[{inode}]":
+                target = int(entry.name)
+                break
+        except OSError:
+            continue
+    if target is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, target, 0)
+    finally:
+        os.close(pidfd)
+    if fd < 0:
+        return None
+    with socket.socket(fileno=fd) as dup:
+        return bool(dup.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message as a test client got it."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass
+class _State:
+    connacks: list[str] = field(default_factory=list)
+    session_present: list[bool] = field(default_factory=list)
+    disconnects: list[str] = field(default_factory=list)
+    messages: list[Received] = field(default_factory=list)
+    subacks: dict[int, list[int]] = field(default_factory=dict)
+    pubacks: set[int] = field(default_factory=set)
+
+
+class RecordingClient:
+    """A plain paho client (no Waystation code) that records everything it sees.
+
+    Used to test brokers as any device in any language would meet them.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        clean_session: bool = True,
+        will: tuple[str, bytes, bool] | None = None,
+        nodelay: bool = True,
+    ) -> None:
+        self.host, self.port = host, port
+        self._lock = threading.Lock()
+        self.state = _State()
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        if username is not None:
+            client.username_pw_set(username, password)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=will[2])
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        if nodelay:
+            client.on_socket_open = _set_nodelay
+        self.client = client
+
+    # -- paho callbacks (network thread)
+    def _on_connect(self, c: Any, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        with self._lock:
+            self.state.connacks.append(str(reason))
+            self.state.session_present.append(bool(flags.session_present))
+
+    def _on_disconnect(self, c: Any, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        with self._lock:
+            self.state.disconnects.append(str(reason))
+
+    def _on_message(self, c: Any, u: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.state.messages.append(
+                Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain))
+            )
+
+    def _on_subscribe(self, c: Any, u: Any, mid: int, reasons: list[Any], props: Any) -> None:
+        with self._lock:
+            self.state.subacks[mid] = [r.value for r in reasons]
+
+    def _on_publish(self, c: Any, u: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._lock:
+            self.state.pubacks.add(mid)
+
+    # -- actions
+    def connect(self, timeout: float = 10.0) -> str:
+        """Connect and wait for the CONNACK; returns its reason ("Success", "Not authorized")."""
+        self.client.connect(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+        wait_until(lambda: self.state.connacks or self.state.disconnects, timeout,
+                   message="CONNACK or disconnect")
+        return self.state.connacks[-1] if self.state.connacks else "no CONNACK"
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> int:
+        """Subscribe and return the SUBACK code (0/1/2 granted QoS, 128 refused)."""
+        _, mid = self.client.subscribe(topic, qos)
+        assert mid is not None
+        codes = wait_until(lambda: self.state.subacks.get(mid), timeout, message="SUBACK")
+        return codes[0]
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                timeout: float = 10.0) -> None:
+        """Publish with QoS 1 and wait for the broker's PUBACK."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        wait_until(lambda: info.mid in self.state.pubacks, timeout, message=f"PUBACK of {topic}")
+
+    def received(self, topic: str | None = None) -> list[Received]:
+        """Messages received so far (on ``topic`` only, when given)."""
+        with self._lock:
+            return [m for m in self.state.messages if topic is None or m.topic == topic]
+
+    def wait_for(self, topic: str, payload: bytes | None = None,
+                 timeout: float = 10.0) -> Received:
+        """Wait for a message on ``topic`` (with ``payload``, when given) and return it."""
+        def found() -> Received | None:
+            for m in self.received(topic):
+                if payload is None or m.payload == payload:
+                    return m
+            return None
+        return wait_until(found, timeout, message=f"a message on {topic} ({payload!r})")
+
+    def abort(self) -> None:
+        """Drop the TCP connection without DISCONNECT (the broker should fire the will)."""
+        sock: Any = self.client.socket()
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        self.client.loop_stop()
+
+    def close(self) -> None:
+        """Disconnect cleanly (if connected) and stop the network thread."""
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+def _set_nodelay(client: Any, userdata: Any, sock: Any) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,98 @@
+"""Throughput of Engine.handle_many: 10 devices x 200 simple lww puts per group.
+
+Run: .venv/bin/python -m tests.server.bench_engine [--groups N] [--online] [--profile]
+
+Each group is what the daemon would collect within its batch window: one 200-change
+batch from each of 10 devices, applied in one LMDB write transaction (sync=True, so one
+fsync per group). Payloads are built beforehand (that is the devices' work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from broker.engine import Engine
+from broker.registry import add_device
+from broker.store.lmdb_store import LmdbStore
+from tests.server.helpers import CATALOG, T0, config, status
+
+DEVICES = [f"van-{i}" for i in range(10)]
+
+
+def build_groups(groups: int, per_batch: int = 200,
+                 keys: int = 5000) -> list[list[tuple[str, bytes]]]:
+    out = []
+    n = {d: 0 for d in DEVICES}
+    for g in range(groups):
+        group = []
+        for d in DEVICES:
+            chs = []
+            for _ in range(per_batch):
+                n[d] += 1
+                i = n[d]
+                chs.append({"n": i, "h": f"{T0 + g * 10 + i // 100:012x}{i % 100:04x}",
+                            "c": "tasks", "k": f"{d}-{i % keys}", "s": "r1", "b": 0,
+                            "op": "put", "f": {"route": "r1", "status": f"s{i % 7}",
+                                               "eta": T0 + i}})
+            group.append((d, orjson.dumps({"type": "changes", "v": 1, "dev": d, "sv": 1,
+                                           "ch": chs})))
+        out.append(group)
+    return out
+
+
+def run(groups: int, online: bool, profile: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LmdbStore(Path(tmp), map_size_mb=1024)
+        now = [T0]
+        for d in DEVICES:
+            add_device(store, d, ["r1"], T0)
+        engine = Engine(store, CATALOG, config(Path(tmp)), lambda: now[0])
+        if online:
+            for d in DEVICES:
+                engine.handle_status(d, status(d))
+        work = build_groups(groups)
+        engine.handle_many(work[0])  # warm up
+        prof = cProfile.Profile() if profile else None
+        start = time.perf_counter()
+        cpu0 = time.process_time()
+        if prof:
+            prof.enable()
+        sent = 0
+        for group in work[1:]:
+            sent += len(engine.handle_many(group))
+        if prof:
+            prof.disable()
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+        changes = (groups - 1) * len(DEVICES) * 200
+        assert engine.counters["applied"] == groups * len(DEVICES) * 200
+        store.close()
+    rate = changes / elapsed
+    print(f"{'online (fan-out to 9)' if online else 'offline (acks only)':24s} "
+          f"{changes} changes in {elapsed:.2f} s = {rate:,.0f} changes/s "
+          f"(CPU {changes / cpu:,.0f}/s; {sent} messages out)")
+    if prof:
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--groups", type=int, default=31)
+    parser.add_argument("--online", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    run(args.groups, False, args.profile)
+    if args.online:
+        run(args.groups, True, args.profile)
+
+
+if __name__ == "__main__":
+    main()

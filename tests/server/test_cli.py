@@ -1,0 +1,154 @@
+"""Operator commands: device enrolment and the server's inspection and resolve commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import cli as bcli
+from broker.passwords import read_password_file, verify_password
+from tests.server.helpers import CATALOG, T0, changes, hp, make_engine, status, task
+from waystation.cli import main
+from waystation.config import AgentConfig, load_config
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server"),
+            "WAYSTATION_BROKER__PASSWORD_FILE": str(tmp_path / "passwd")}
+
+
+def run(env: dict[str, str], *argv: str,
+        capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(list(argv), env=env)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _seed(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A store with two devices, a manual conflict and a dead letter (server closed after)."""
+    data = Path(env["WAYSTATION_SERVER__DATA_DIR"])
+    engine, store, _ = make_engine(data, {"van-1": ["r1"], "van-2": ["r1", "r2"]})
+    try:
+        engine.handle_status("van-1", status("van-1"))
+        engine.handle_up("van-1", changes("van-1", [task(1, "t-1", address="Dock 1")]))
+        engine.handle_up("van-2", changes("van-2", [task(1, "t-1", h=hp(T0 + 5), create=False,
+                                                         address="Dock 2")]))
+        engine.handle_up("van-2", b"not json")
+        engine.tick()
+    finally:
+        store.close()
+    capsys.readouterr()  # drop the engine's log lines
+
+
+def test_device_add_writes_registry_credentials_and_agent_config(
+        env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`device add` registers the device, adds its broker login and a usable agent config."""
+    code, out, err = run(env, "device", "add", "van-7", "--scope", "r1", "--scope", "r2",
+                         "--out", str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    assert "van-7 registered" in out
+    agent_file = tmp_path / "out" / "van-7.toml"
+    assert stat.S_IMODE(agent_file.stat().st_mode) == 0o600
+    agent = load_config(AgentConfig, agent_file, {})
+    assert agent.device_id == "van-7" and agent.scopes == ["r1", "r2"]
+    password = agent.mqtt.resolved_password({})
+    assert password and verify_password(read_password_file(tmp_path / "passwd")["van-7"],
+                                        password)
+    code, out, _ = run(env, "device", "list", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)[0]["scopes"] == ["r1", "r2"]
+
+
+def test_device_add_refuses_bad_input(env: dict[str, str], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Duplicates, bad scopes and an existing config file fail with one-line errors."""
+    out_dir = str(tmp_path / "out")
+    assert run(env, "device", "add", "van-1", "--scope", "r1", "--out", out_dir,
+               capsys=capsys)[0] == 0
+    code, _, err = run(env, "device", "add", "van-1", "--scope", "r1", "--out",
+                       str(tmp_path / "o2"), capsys=capsys)
+    assert code != 0 and err.count("\n") == 1 and "already registered" in err
+    code, _, err = run(env, "device", "add", "van-2", "--scope", "bad scope!", "--out",
+                       out_dir, capsys=capsys)
+    assert code == 2 and "not a valid scope" in err
+    (tmp_path / "out" / "van-3.toml").write_text("keep me")
+    code, _, err = run(env, "device", "add", "van-3", "--scope", "r1", "--out", out_dir,
+                       capsys=capsys)
+    assert code != 0 and "already exists" in err
+    code, out, _ = run(env, "device", "list", capsys=capsys)
+    assert "van-1" in out and "van-2" not in out and "van-3" not in out
+
+
+def test_device_remove(env: dict[str, str], tmp_path: Path,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`device remove` revokes the registry entry and the broker login; unknown ids fail."""
+    run(env, "device", "add", "van-1", "--scope", "r1", "--out", str(tmp_path), capsys=capsys)
+    code, out, _ = run(env, "device", "remove", "van-1", capsys=capsys)
+    assert code == 0 and "broker login was removed" in out
+    assert "van-1" not in read_password_file(tmp_path / "passwd")
+    code, _, err = run(env, "device", "remove", "van-1", capsys=capsys)
+    assert code == 1 and "not registered" in err
+    assert "no devices registered" in run(env, "device", "list", capsys=capsys)[1]
+
+
+def test_server_status_and_devices(env: dict[str, str],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`server status` and `server devices` report devices, sequences and counters."""
+    _seed(env, capsys)
+    code, out, _ = run(env, "server", "status", "--json", capsys=capsys)
+    doc = json.loads(out)
+    assert code == 0
+    assert doc["devices"] == {"known": 2, "enabled": 2, "online": 1}
+    assert doc["scopes"] == {"r1": {"seq": 2, "purged_to": 0}}
+    assert doc["open_conflicts"] == 1 and doc["dead_letters"] == 1
+    assert doc["schema"]["version"] == CATALOG.version
+    code, out, _ = run(env, "server", "status", capsys=capsys)
+    assert "2 known" in out and "1 online (van-1)" in out and "r1" in out
+    code, out, _ = run(env, "server", "devices", capsys=capsys)
+    assert code == 0 and "van-1" in out and "online" in out
+    devices = json.loads(run(env, "server", "devices", "--json", capsys=capsys)[1])
+    assert [d["online"] for d in devices] == [True, False]
+
+
+def test_server_conflicts_and_resolve(env: dict[str, str],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Open conflicts are listed; resolve settles one; bad ids and values are refused."""
+    _seed(env, capsys)
+    code, out, _ = run(env, "server", "conflicts", "--json", capsys=capsys)
+    (conflict,) = json.loads(out)
+    assert conflict["field"] == "address" and conflict["open"]
+    assert "Dock 2" in run(env, "server", "conflicts", capsys=capsys)[1]
+    code, _, err = run(env, "server", "resolve", str(conflict["id"]), "42", capsys=capsys)
+    assert code == 2 and "expected a string" in err
+    code, _, err = run(env, "server", "resolve", "abc", "x", capsys=capsys)
+    assert code == 2 and "not a conflict id" in err
+    code, _, err = run(env, "server", "resolve", "999", "x", capsys=capsys)
+    assert code == 1 and "no conflict with id 999" in err
+    code, out, _ = run(env, "server", "resolve", str(conflict["id"]), "Gate B", capsys=capsys)
+    assert code == 0 and '"Gate B"' in out
+    assert "no open conflicts" in run(env, "server", "conflicts", capsys=capsys)[1]
+    code, _, err = run(env, "server", "resolve", str(conflict["id"]), "x", capsys=capsys)
+    assert code == 1 and "already resolved" in err
+
+
+def _ns(env: dict[str, str], **kw: Any) -> argparse.Namespace:
+    return argparse.Namespace(config=None, json=True, **kw)
+
+
+def test_conflicts_all_and_deadletters_limit(env: dict[str, str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--all lists closed conflicts too; deadletters honours --limit and shows raw bytes."""
+    _seed(env, capsys)
+    assert bcli.cmd_server_conflicts(_ns(env, all=True), env) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
+    assert bcli.cmd_server_deadletters(_ns(env, limit=5), env) == 0
+    (letter,) = json.loads(capsys.readouterr().out)
+    assert letter["code"] == "malformed" and letter["raw"] == "not json"
+    assert letter["device"] == "van-2"
+    code, out, _ = run(env, "server", "deadletters", capsys=capsys)
+    assert code == 0 and "malformed" in out
