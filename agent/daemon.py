@@ -96,17 +96,21 @@ class AgentDaemon:
         self._last_status = 0.0
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
-        sync = cfg.sync
+        self.link = self._make_link()
+
+    def _make_link(self) -> MqttLink:
+        sync = self.cfg.sync
         offline = codec.encode(wire.Status(dev=self.dev, on=False, agent=AGENT_NAME))
-        self.link = MqttLink.from_config(
-            cfg.mqtt, client_id=self.dev, env=self.env,
+        link = MqttLink.from_config(
+            self.cfg.mqtt, client_id=self.dev, env=self.env,
             will=Will(self.status_topic, offline, qos=1, retain=True),
             backoff=Backoff(initial=sync.backoff_initial_s, maximum=sync.backoff_max_s),
             on_connect=lambda present: self._events.put(("conn", present)),
             on_disconnect=lambda reason: self._events.put(("disc", reason)),
             on_message=lambda topic, payload: self._events.put(("msg", topic, payload)),
         )
-        self.link.subscribe(self.down_topic, qos=1)
+        link.subscribe(self.down_topic, qos=1)
+        return link
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,9 +135,19 @@ class AgentDaemon:
         if self._owns_agent:
             self.agent.close()
 
-    def kill_link(self) -> None:
-        """Drop the connection abruptly (tests, demo: 'the van drives into a tunnel')."""
-        self.link.stop(clean=False)
+    def go_offline(self, *, abrupt: bool = True) -> None:
+        """Drop the connection (the van drives into a tunnel): abruptly, so the broker
+        publishes the last will, or cleanly. The daemon keeps running; local writes
+        keep landing in the outbox until `go_online()`."""
+        self.link.stop(clean=not abrupt)
+        self._events.put(("disc", "taken offline"))
+
+    def go_online(self) -> None:
+        """Reconnect after `go_offline()` (a new connection, same persistent session)."""
+        if self.link.connected:
+            return
+        self.link = self._make_link()
+        self.link.start()
 
     def wake(self) -> None:
         """Something was written locally: send it now."""

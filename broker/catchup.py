@@ -11,12 +11,26 @@ is gone), or beyond the scope's sequence (the store was replaced) — starts a s
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from broker.messages import MAX_DOWN_BYTES, checkpoint_message, dumps, page_message
-from broker.store.base import DeviceRow, ReadTxn
+import structlog
+
+from broker.errors import StoreError
+from broker.messages import (
+    MAX_DOWN_BYTES,
+    checkpoint_message,
+    compress,
+    dumps,
+    error_message,
+    page_message,
+)
+from broker.store.base import DeviceRow, ReadTxn, Store
+from schemas import codec
 from schemas.wire import Catchup
 from waystation import merge
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -73,4 +87,33 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
     return out
 
 
-__all__ = ["CatchupAnswer", "answer"]
+def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup]],
+               compress_over: Callable[[str], int | None]) -> tuple[list[tuple[str, bytes]], int]:
+    """Answer several devices' requests from one snapshot: (messages, records sent).
+
+    A request that fails gets a transient `server_error`; the others are answered.
+    """
+    out: list[tuple[str, bytes]] = []
+    records = 0
+    try:
+        with store.read() as txn:
+            for device, req in requests:
+                try:
+                    ans = answer(txn, device, req)
+                except Exception:
+                    log.exception("catchup_failed", dev=device.id)
+                    out.append((device.id, error_message(
+                        codec.SERVER_ERROR, "the server failed to answer this catch-up; "
+                                            "ask again later")))
+                    continue
+                records += ans.records
+                over = compress_over(device.id)
+                out.extend((device.id, compress(m, over)) for m in ans.messages)
+    except StoreError:
+        log.exception("catchup_store_failed")
+        out.extend((device.id, error_message(codec.SERVER_ERROR, "the server's store failed; "
+                                             "ask again later")) for device, _ in requests)
+    return out, records
+
+
+__all__ = ["CatchupAnswer", "answer", "answer_all"]

@@ -103,6 +103,7 @@ class Engine:
         self._letters: list[DeadLetter] = []
         self._next_purge = 0
         self._refresh_registry()
+        self._commands_gen = -1  # push pending commands to online devices at the first tick
         # Presence is rebuilt from the retained statuses the broker replays.
         for row in self.registry.devices():
             if row.online:
@@ -117,7 +118,10 @@ class Engine:
     def handle_many(self, items: Iterable[tuple[str, bytes]]) -> list[Outgoing]:
         """Handle a group of up messages with one store transaction (group commit)."""
         now = self.now_ms()
-        self._refresh_registry()
+        try:
+            self._refresh_registry()
+        except StoreError:
+            log.exception("registry_refresh_failed")
         incs = [self._parse(dev, payload) for dev, payload in items]
         self._commit(incs, now)
         out: list[Outgoing] = []
@@ -162,7 +166,9 @@ class Engine:
         out: list[Outgoing] = []
         now = self.now_ms()
         try:
-            if self._refresh_registry():
+            self._refresh_registry()
+            if self.registry.generation != self._commands_gen:
+                self._commands_gen = self.registry.generation
                 out.extend(self._push_commands())
             out.extend(self._drain_notices())
             if now >= self._next_purge:
@@ -386,26 +392,9 @@ class Engine:
         return [(dev, compress(m, over)) for m in msgs]
 
     def _catchups(self, incs: list[_Incoming]) -> list[Outgoing]:
-        out: list[Outgoing] = []
-        try:
-            with self.store.read() as txn:
-                for inc in incs:
-                    assert inc.device is not None
-                    over = self._compress_over(inc.topic_dev)
-                    try:
-                        ans = catchup.answer(txn, inc.device, inc.msg)
-                    except Exception:
-                        log.exception("catchup_failed", dev=inc.topic_dev)
-                        out.append((inc.topic_dev, error_message(
-                            codec.SERVER_ERROR, "the server failed to answer this catch-up; "
-                                                "ask again later")))
-                        continue
-                    self.counters["catchup_records"] += ans.records
-                    out.extend((inc.topic_dev, compress(m, over)) for m in ans.messages)
-        except StoreError:
-            log.exception("catchup_store_failed")
-            out.extend((inc.topic_dev, error_message(codec.SERVER_ERROR, "the server's store "
-                                                     "failed; ask again later")) for inc in incs)
+        reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
+        out, records = catchup.answer_all(self.store, reqs, self._compress_over)
+        self.counters["catchup_records"] += records
         return out
 
     # ------------------------------------------------------------------ periodic work

@@ -164,3 +164,14 @@ def test_reset_presence_until_statuses_replay(env: tuple[Engine, LmdbStore]) -> 
         assert [d.id for d in txn.devices() if d.online] == ["van-2"]
     out = by_device(engine.handle_up("van-3", changes("van-3", [task(1, "t", status="x")])))
     assert set(out) == {"van-2", "van-3"}
+
+
+def test_command_is_pushed_even_if_a_batch_saw_the_registry_first(
+        env: tuple[Engine, LmdbStore]) -> None:
+    """A command issued between ticks is sent at the next tick, whatever ran in between."""
+    engine, store = env
+    engine.handle_status("van-1", status("van-1"))
+    cmd = issue_command(store, "van-1", "ping", T0)
+    engine.handle_up("van-2", changes("van-2", [task(1, "t", status="x")]))
+    out = by_device(engine.tick())
+    assert [m["id"] for m in of_type(out["van-1"], "command")] == [cmd.id]
