@@ -46,6 +46,16 @@ def _compact(value: Any) -> str:
 # --------------------------------------------------------------------- writes
 
 
+def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation agent run`: the sync daemon in the foreground (`agent.daemon`)."""
+    from agent.daemon import run
+    from waystation.logs import configure_logging
+
+    cfg = load_config(AgentConfig, getattr(args, "config", None), env)
+    configure_logging(cfg.log)
+    return run(cfg, env=env)
+
+
 def cmd_put(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`agent put COLLECTION KEY FIELD=VALUE...`"""
     cfg, catalog = _setup(args, env)

@@ -17,7 +17,7 @@ import orjson
 
 from bench.common import print_table, time_per_call, write_json
 from schemas import codec, wire
-from schemas.collection import load_catalog, example_catalog_path
+from schemas.collection import example_catalog_path, load_catalog
 from waystation import merge
 from waystation.hlc import Clock
 

@@ -65,15 +65,16 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
 def write_json(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               **data}
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    payload = {"benchmark": name, "machine": machine(), "when": when, **data}
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(f"results written to {path}")
     return path
 
 
 def machine() -> dict[str, Any]:
-    return {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "platform": platform.platform()}
 
 
 def _fmt(value: Any) -> str:

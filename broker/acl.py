@@ -44,7 +44,7 @@ def allowed(
         return False
     if username in server_users:
         return _server_allowed(topic, action, prefix)
-    if not DEVICE_ID_RE.match(username):
+    if not DEVICE_ID_RE.fullmatch(username):
         return False
     if action == "publish":
         return topic in (f"{prefix}/{username}/up", f"{prefix}/{username}/status")
@@ -57,7 +57,8 @@ def allowed(
     if not topic.startswith(head):
         return False
     levels = topic[len(head) :].split("/")
-    return len(levels) == 2 and levels[1] == "status" and DEVICE_ID_RE.match(levels[0]) is not None
+    return (len(levels) == 2 and levels[1] == "status"
+            and DEVICE_ID_RE.fullmatch(levels[0]) is not None)
 
 
 def _server_allowed(topic: str, action: str, prefix: str) -> bool:

@@ -153,19 +153,21 @@ class TxnApplier:
                                 reason=f"written under schema version {sv}; the server runs "
                                        f"version {self.version}: retry later")
         stamp: Stamp | None = None
-        ahead = int(ch.h[:12], 16) - self.now
-        if ahead > self.max_skew:
-            if self.a.config.skew_policy == "reject":
-                return self._refuse(device, ch, codec.CLOCK_SKEW,
-                                    f"stamp is {ahead / 1000:.0f} s ahead of the server's "
-                                    f"clock (limit {self.a.config.max_skew_ms / 1000:.0f} s): "
-                                    "fix the device's time sync")
-            tick = self.a.clock.tick()
-            stamp = Stamp(tick.wall, tick.counter, dev)
         c, k, scope = ch.c, ch.k, ch.s
         key = (c, k)
+        ahead = int(ch.h[:12], 16) - self.now
         try:
             record = self._load(key)
+            if ahead > self.max_skew:
+                if self.a.config.skew_policy == "reject":
+                    # §10.1 order: fields, types and scope are judged before the stamp
+                    code, reason = merge.check_change(record, ch, spec) or (
+                        codec.CLOCK_SKEW,
+                        f"stamp is {ahead / 1000:.0f} s ahead of the server's clock (limit "
+                        f"{self.max_skew / 1000:.0f} s): fix the device's time sync")
+                    return self._refuse(device, ch, code, reason)
+                tick = self.a.clock.tick()
+                stamp = Stamp(tick.wall, tick.counter, dev)
             q = txn.scope_seq(scope) + 1
             out = merge.apply_change(record, ch, dev, q, spec, stamp=stamp, rules=self.rules)
             if not out.applied:

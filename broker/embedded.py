@@ -258,21 +258,47 @@ async def serve(
         await broker.stop()
 
 
-def run(cfg: Any) -> int:
+def run(cfg: Any, *, env: Mapping[str, str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then shut down cleanly and return 0.
 
     Blocking; for the CLI. A broker that cannot start raises EmbeddedBrokerError (the CLI
-    prints it as one line).
+    prints it as one line). Under systemd (Type=notify) it reports READY once listening
+    and feeds the watchdog while its event loop keeps turning.
     """
+    from waystation import systemd
+
+    notify_env: Mapping[str, str] = env if env is not None else {}
+    beat = systemd.Heartbeat(30.0)
+    watchdog = systemd.Watchdog(beat, env=notify_env)
+
+    async def heartbeat(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            beat.beat()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)
+
+    def ready() -> None:
+        log.info("embedded broker ready")
+        systemd.ready(env=notify_env)
+        watchdog.start()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await serve(cfg, ready=lambda: log.info("embedded broker ready"), stop=stop)
+        beater = asyncio.create_task(heartbeat(stop))
+        try:
+            await serve(cfg, ready=ready, stop=stop)
+        finally:
+            stop.set()
+            await beater
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        systemd.stopping(env=notify_env)
+        watchdog.stop()
     return 0
 
 
@@ -283,7 +309,7 @@ def broker_run(args: Any, env: Mapping[str, str]) -> int:
 
     cfg = load_config(BrokerConfig, getattr(args, "config", None), env, part="broker")
     configure_logging(cfg.log)
-    return run(BrokerSettings.from_config(cfg))
+    return run(BrokerSettings.from_config(cfg), env=env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,11 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
         call about once a second: picks up registry changes made by the CLI (and sends
         newly issued commands to online devices), fans out operator resolutions queued
         in the store, purges old tombstones, flushes presence to the store.
+    engine.reset_presence()
+        after (re)subscribing to the status topics; the replayed retained statuses
+        rebuild presence.
+
+One thread only: the engine is not thread-safe (the daemon's worker owns it).
 
 Each returned message goes to `{prefix}/{device_id}/down` (QoS 1). Validation follows
 PROTOCOL.md §10.1; every refusal is answered where the device can be told and kept as a
@@ -40,12 +45,12 @@ from broker.fanout import Fanout, Outgoing
 from broker.messages import (
     command_message,
     compress,
-    dumps,
     error_message,
     reject_messages,
     rejection,
 )
 from broker.operations import purge_tombstones
+from broker.periodic import drain_notices, unsent_commands
 from broker.presence import Presence, parse_status
 from broker.registry import Registry
 from broker.replies import batch_letters, change_replies, letter
@@ -368,7 +373,7 @@ class Engine:
 
     def _replies(self, inc: _Incoming, fan: Fanout) -> list[Outgoing]:
         dev = inc.topic_dev
-        if not _ID_RE.match(dev):
+        if not _ID_RE.fullmatch(dev):
             return []  # no down topic to answer on
         over = self._compress_over(dev)
         msgs: list[bytes]
@@ -404,32 +409,14 @@ class Engine:
             return self.registry.refresh(txn)
 
     def _push_commands(self) -> list[Outgoing]:
-        out: list[Outgoing] = []
-        with self.store.read() as txn:
-            for dev in sorted(self.presence.online()):
-                if self.registry.active(dev) is None:
-                    continue
-                for cmd in txn.commands(dev):
-                    if not cmd.done_ms and cmd.id not in self._sent_commands:
-                        self._sent_commands.add(cmd.id)
-                        out.append((dev, compress(command_message(cmd.id, cmd.cmd, cmd.args),
-                                                  self._compress_over(dev))))
-        return out
+        cmds = unsent_commands(self.store, self.registry, self.presence, self._sent_commands)
+        return [(c.device, compress(command_message(c.id, c.cmd, c.args),
+                                    self._compress_over(c.device))) for c in cmds]
 
     def _drain_notices(self) -> list[Outgoing]:
-        with self.store.read() as txn:
-            notices = txn.notices(1000)
-        if not notices:
-            return []
         fan = Fanout(self.registry, self.presence)
-        for notice in notices:
-            fan.add(notice.scope, None, dumps(notice.rec))
-
-        def drop(txn: WriteTxn) -> None:
-            for notice in notices:
-                txn.delete_notice(notice.id)
-
-        self.store.transact(drop)
+        if not drain_notices(self.store, fan):
+            return []
         return fan.messages(self._compress_over)
 
 

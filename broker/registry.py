@@ -24,7 +24,7 @@ COMMANDS = ("wipe", "resync", "ping")
 
 
 def check_id(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidArgument(f"{value!r} is not a valid {kind}: use 1 to 64 letters, digits, "
                               "'_', '.' or '-', starting with a letter or digit")
     return value

@@ -101,15 +101,19 @@ class MergeServer:
     # ------------------------------------------------------------------ network thread
 
     def _on_connect(self, session_present: bool) -> None:
-        # Presence comes back from the retained statuses the broker replays on subscribe.
-        self._inbox.put(("connected", "", b""))
+        # Without a kept session the link subscribes again and the broker replays every
+        # retained status: presence is rebuilt from those. With a kept session nothing
+        # is replayed, so what we know stays valid.
+        if not session_present:
+            self._inbox.put(("connected", "", b""))
         log.info("server_connected", session_present=session_present, up=self.up_filter)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
-        if len(parts) < 3:
+        if len(parts) != 3 or parts[0] != self.prefix or parts[2] not in ("up", "status"):
+            log.warning("unexpected_topic", topic=topic[:200])
             return
-        self._inbox.put((parts[-1], parts[-2], payload))
+        self._inbox.put((parts[2], parts[1], payload))
 
     # ------------------------------------------------------------------ worker
 
@@ -152,7 +156,7 @@ class MergeServer:
                     ups = []
                 self.engine.handle_status(dev, payload)
             elif kind == "connected":
-                self.engine.presence.reset() if hasattr(self.engine.presence, "reset") else None
+                self.engine.reset_presence()
         if ups:
             self._publish(self._handle(ups))
 

@@ -645,7 +645,8 @@ _CHANGE_SERIALIZER = Change.__pydantic_serializer__
 
 
 def _at_default(msg: Message, name: str) -> bool:
-    return bool(getattr(msg, name) == type(msg).model_fields[name].default)
+    default = type(msg).model_fields[name].get_default(call_default_factory=True)
+    return bool(getattr(msg, name) == default)
 
 
 def _append(body: bytes, members: list[bytes]) -> bytes:

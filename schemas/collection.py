@@ -138,7 +138,7 @@ class CollectionSpec(BaseModel):
         if (self.scope_field is None) == (self.scope is None):
             raise ValueError("set exactly one of scope_field (a field holding the scope) "
                              "or scope (one fixed scope for every record)")
-        if self.scope is not None and not _ID_RE.match(self.scope):
+        if self.scope is not None and not _ID_RE.fullmatch(self.scope):
             raise ValueError(f"scope {self.scope!r} is not a valid scope id ({ID_PATTERN})")
         if self.scope_field is not None:
             spec = self.fields.get(self.scope_field)
@@ -185,31 +185,35 @@ def parse_catalog(data: dict[str, Any], source: str = "<memory>") -> Catalog:
             f"{source}: 'version' must be an integer >= 1 (bump it whenever the schema changes)")
     raw_collections = data.get("collections")
     if not isinstance(raw_collections, dict) or not raw_collections:
-        raise CollectionSchemaError(f"{source}: no collections defined; add a [collections.NAME] table")
+        raise CollectionSchemaError(
+            f"{source}: no collections defined; add a [collections.NAME] table")
     collections: dict[str, CollectionSpec] = {}
     for name, body in raw_collections.items():
         where = f"{source}: collection {name!r}"
-        if not _COLLECTION_RE.match(name):
+        if not _COLLECTION_RE.fullmatch(name):
             raise CollectionSchemaError(f"{where}: name must match {COLLECTION_PATTERN}")
         if not isinstance(body, dict):
             raise CollectionSchemaError(f"{where}: must be a table")
         raw_fields = body.get("fields")
         if not isinstance(raw_fields, dict) or not raw_fields:
-            raise CollectionSchemaError(f"{where}: no fields; add [collections.{name}.fields]")
+            raise CollectionSchemaError(
+                f"{where}: no fields; add [collections.{name}.fields]")
         fields: dict[str, FieldSpec] = {}
         for fname, fbody in raw_fields.items():
             fwhere = f"{where}, field {fname!r}"
-            if not _FIELD_RE.match(fname):
+            if not _FIELD_RE.fullmatch(fname):
                 raise CollectionSchemaError(f"{fwhere}: name must match {FIELD_PATTERN}")
             if not isinstance(fbody, dict):
-                raise CollectionSchemaError(f"{fwhere}: must be a table like {{ type = \"string\" }}")
+                raise CollectionSchemaError(
+                    f"{fwhere}: must be a table like {{ type = \"string\" }}")
             try:
                 fields[fname] = FieldSpec.model_validate(fbody)
             except ValidationError as exc:
                 raise CollectionSchemaError(f"{fwhere}: {_first_error(exc)}") from None
         rest = {k: v for k, v in body.items() if k != "fields"}
         try:
-            collections[name] = CollectionSpec.model_validate({**rest, "name": name, "fields": fields})
+            collections[name] = CollectionSpec.model_validate(
+                {**rest, "name": name, "fields": fields})
         except ValidationError as exc:
             raise CollectionSchemaError(f"{where}: {_first_error(exc)}") from None
     return Catalog(version=version, collections=collections, source=source)
@@ -221,7 +225,8 @@ def load_catalog(path: str | Path) -> Catalog:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise CollectionSchemaError(f"{path}: cannot read the collection schema ({exc.strerror})") from None
+        raise CollectionSchemaError(
+            f"{path}: cannot read the collection schema ({exc.strerror})") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

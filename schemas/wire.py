@@ -188,11 +188,13 @@ class Rec(WireModel):
     part: StrictBool = False
     x: StrictBool = False
     xh: Stamp | None = None
-    f: Annotated[dict[str, JsonValue], AfterValidator(_check_field_names)] = {}
-    h: Annotated[dict[str, Stamp], AfterValidator(_check_field_names)] = {}
+    f: Annotated[dict[str, JsonValue], AfterValidator(_check_field_names)] = Field(
+        default_factory=dict)
+    h: Annotated[dict[str, Stamp], AfterValidator(_check_field_names)] = Field(default_factory=dict)
     t: Annotated[dict[str, dict[Member, list[ChangeTag]]],
-                 AfterValidator(_check_field_names)] = {}
-    cf: Annotated[dict[str, list[Candidate]], AfterValidator(_check_field_names)] = {}
+                 AfterValidator(_check_field_names)] = Field(default_factory=dict)
+    cf: Annotated[dict[str, list[Candidate]], AfterValidator(_check_field_names)] = Field(
+        default_factory=dict)
 
 
 # --- device -> server ---------------------------------------------------------------
@@ -207,7 +209,7 @@ class Hello(Message):
     sv: SchemaVersion
     z: StrictBool = False
     done: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]],
-                    Field(max_length=1000)] = []
+                    Field(max_length=1000)] = Field(default_factory=list)
 
 
 class Change(WireModel):
@@ -220,11 +222,14 @@ class Change(WireModel):
     s: ScopeId
     b: Seq = 0
     op: Literal["put", "del"]
-    f: Annotated[dict[str, JsonValue], AfterValidator(_check_field_names)] = {}
-    i: Annotated[dict[str, Number], AfterValidator(_check_field_names)] = {}
-    a: Annotated[dict[str, list[Member]], AfterValidator(_check_field_names)] = {}
+    f: Annotated[dict[str, JsonValue], AfterValidator(_check_field_names)] = Field(
+        default_factory=dict)
+    i: Annotated[dict[str, Number], AfterValidator(_check_field_names)] = Field(
+        default_factory=dict)
+    a: Annotated[dict[str, list[Member]], AfterValidator(_check_field_names)] = Field(
+        default_factory=dict)
     r: Annotated[dict[str, dict[Member, list[ChangeTag]]],
-                 AfterValidator(_check_field_names)] = {}
+                 AfterValidator(_check_field_names)] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _shape(self) -> Change:
@@ -276,7 +281,7 @@ class Catchup(Message):
     dev: DeviceId
     req: ReqId
     cp: Annotated[dict[ScopeId, Seq], Field(max_length=1000)]
-    snap: Annotated[list[ScopeId], Field(max_length=1000)] = []
+    snap: Annotated[list[ScopeId], Field(max_length=1000)] = Field(default_factory=list)
     lim: Annotated[int, Field(ge=1, le=5000, strict=True)] = 1000
 
 
@@ -288,8 +293,8 @@ class Ack(Message):
 
     type: Literal["ack"] = "ack"
     ok: list[tuple[ChangeNumber, ScopeId, Seq]]
-    fx: list[Rec] = []
-    rs: list[ChangeNumber] = []
+    fx: list[Rec] = Field(default_factory=list)
+    rs: list[ChangeNumber] = Field(default_factory=list)
 
 
 class ErrorInfo(WireModel):
@@ -309,7 +314,7 @@ class Reject(Message):
     """Changes not applied (per change), or a message-level error."""
 
     type: Literal["reject"] = "reject"
-    rj: list[Rejection] = []
+    rj: list[Rejection] = Field(default_factory=list)
     err: ErrorInfo | None = None
 
 
@@ -330,7 +335,7 @@ class Page(Message):
     to: Seq
     reset: StrictBool = False
     more: StrictBool = False
-    recs: list[Rec] = []
+    recs: list[Rec] = Field(default_factory=list)
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
@@ -341,7 +346,7 @@ class Checkpoint(Message):
     type: Literal["checkpoint"] = "checkpoint"
     req: ReqId
     cp: dict[ScopeId, Seq]
-    denied: list[ScopeId] = []
+    denied: list[ScopeId] = Field(default_factory=list)
 
 
 class Command(Message):
@@ -350,7 +355,7 @@ class Command(Message):
     type: Literal["command"] = "command"
     id: Annotated[str, Field(min_length=1, max_length=64)]
     cmd: Literal["wipe", "resync", "ping"]
-    args: dict[str, JsonValue] = {}
+    args: dict[str, JsonValue] = Field(default_factory=dict)
 
 
 # --- device -> everyone (retained) ---------------------------------------------------

@@ -3,12 +3,7 @@
     pg_server     session-scoped PgServer, durable settings, started once, removed at the end
     pg_database   a fresh, uniquely named database on it for one test; yields its URL
 
-Not a conftest.py on purpose: only the suites that need PostgreSQL load it, with tests/
-on sys.path, as
-
-    pytest_plugins = ["conftest_pg"]
-
-(in a top-level conftest.py, or in the test module). Both fixtures skip the test, saying
+tests/conftest.py makes them available to every test. Both fixtures skip the test, saying
 why, when PostgreSQL's server binaries are not installed. A test that kills or restarts
 the server makes its own `PgServer` instead of disturbing the shared one.
 """
@@ -19,7 +14,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from pgserver import PgServer, unavailable_reason
+
+from tests.pgserver import PgServer, unavailable_reason
 
 __all__ = ["pg_database", "pg_server"]
 

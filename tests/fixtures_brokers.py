@@ -27,10 +27,10 @@ from pathlib import Path
 from queue import Queue
 
 import pytest
-from helpers import RecordingClient, free_port, peer_socket_nodelay, port_open, wait_until
 
 from broker.acl import mosquitto_acl_lines
 from broker.passwords import write_password_entry
+from tests.helpers import RecordingClient, free_port, peer_socket_nodelay, port_open, wait_until
 from waystation.mqtt import Backoff, MqttLink
 
 __all__ = [

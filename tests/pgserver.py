@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import LiteralString
 
-from helpers import free_port, port_open, wait_until
+from tests.helpers import free_port, port_open, wait_until
 
 __all__ = ["PgServer", "PgServerError", "find_bin_dir", "unavailable_reason"]
 

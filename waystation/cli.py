@@ -146,7 +146,7 @@ def _device_id(text: str) -> str:
 
     from waystation.config import ID_PATTERN
 
-    if not re.match(ID_PATTERN, text):
+    if not re.fullmatch(ID_PATTERN, text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a valid device id: use 1 to 64 letters, digits, '_', '.' or "
             "'-', starting with a letter or digit")

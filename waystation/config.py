@@ -82,7 +82,7 @@ T = TypeVar("T", bound=BaseModel)
 
 def _valid_id(kind: str) -> typing.Callable[[str], str]:
     def check(value: str) -> str:
-        if not _ID_RE.match(value):
+        if not _ID_RE.fullmatch(value):
             raise ValueError(
                 f"{value!r} is not a valid {kind}: use 1 to 64 letters, digits, '_', '.' "
                 "or '-', starting with a letter or digit")
@@ -108,7 +108,7 @@ def _optional_topic_level(value: str | None) -> str | None:
 
 
 def _rule_ref(value: str) -> str:
-    if not _RULE_RE.match(value):
+    if not _RULE_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a rule reference; write 'package.module:function'")
     return value
 

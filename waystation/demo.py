@@ -272,7 +272,7 @@ class Demo:
     def mismatches(self) -> list[Any]:
         from waystation.convergence import compare
 
-        found = []
+        found: list[tuple[str, Any]] = []
         for d in DEVICES:
             agent = self.agents[d.id].agent
             found.extend((d.id, m) for m in compare(self.server.store, agent, d.scopes,

@@ -1,7 +1,7 @@
 """The root of every error Waystation raises on purpose.
 
-    WaystationError                 anything we raise deliberately; message tells the operator what to do
-    ├── ConfigError                 a config file or environment override is wrong (names file and key)
+    WaystationError                 raised deliberately; the message says what to do
+    ├── ConfigError                 a config file or env override is wrong (names file, key)
     ├── ClockSkewError              a clock stamp is further ahead than the configured bound
     ├── schemas.ProtocolError       bytes on the wire are not a valid message (carries a code)
     ├── schemas.CollectionSchemaError  an operator's collection schema file is wrong

@@ -514,7 +514,7 @@ def _merge(record: RecordState | None, ch: Change, dev: str, q: int, spec: Colle
             fixups.add(name)
         if ch.a or ch.r:
             adds, removes = ch.a, ch.r
-            for name in (adds.keys() | removes.keys()):
+            for name in (*adds, *(r for r in removes if r not in adds)):
                 _set(rec, fields, name, adds.get(name), removes.get(name), hc, dev, n, q, out)
     deleted = rec.deleted
     out.fix_deleted = (ch.op == "del") != deleted

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentkit import FakeClock, make_cfg
 
 from agent.api import Agent
 from schemas.collection import Catalog, example_catalog_path, load_catalog
+from tests.agent.agentkit import FakeClock, make_cfg
 
 
 @pytest.fixture(scope="session")

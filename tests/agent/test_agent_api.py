@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentkit import FakeClock, assert_views_consistent, make_cfg, outbox_numbers
 
 from agent.api import Agent
 from agent.errors import NotFound, WriteRefused
 from schemas.collection import Catalog
 from schemas.wire import Change
+from tests.agent.agentkit import FakeClock, assert_views_consistent, make_cfg, outbox_numbers
 from waystation.hlc import Stamp
 
 

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from agentkit import make_cfg
-
 from agent.api import Agent
 from schemas.collection import Catalog
+from tests.agent.agentkit import make_cfg
 from waystation.hlc import Stamp
 
 WRITER = Path(__file__).with_name("agent_writer.py")

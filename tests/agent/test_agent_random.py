@@ -6,7 +6,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agentkit import FakeClock, assert_views_consistent, make_cfg, rec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +13,7 @@ from agent.api import Agent
 from agent.errors import WriteRefused
 from schemas import wire
 from schemas.collection import Catalog
+from tests.agent.agentkit import FakeClock, assert_views_consistent, make_cfg, rec
 
 S = "route-42"
 KEYS = ("k1", "k2")

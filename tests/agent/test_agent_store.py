@@ -12,7 +12,6 @@ from pathlib import Path
 import lmdb
 import orjson
 import pytest
-from agentkit import make_cfg
 
 from agent.api import Agent
 from agent.errors import (
@@ -23,6 +22,7 @@ from agent.errors import (
     StorageFullError,
 )
 from schemas.collection import Catalog
+from tests.agent.agentkit import make_cfg
 
 BLOB = "z" * 20_000
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agentkit import FakeClock, assert_views_consistent, make_cfg, outbox_numbers, rec
-
 from agent.api import Agent
 from schemas import wire
 from schemas.collection import Catalog
+from tests.agent.agentkit import FakeClock, assert_views_consistent, make_cfg, outbox_numbers, rec
 
 S = "route-42"
 LATER = "7fff00000000000a:van-7"

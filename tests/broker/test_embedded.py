@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures_brokers import (
+
+from broker.embedded import BrokerSettings, EmbeddedBrokerError, serve
+from broker.passwords import delete_password_entry, write_password_entry
+from tests.fixtures_brokers import (
     PREFIX,
     SERVER_USER,
     USERS,
@@ -21,11 +24,8 @@ from fixtures_brokers import (
     BrokerProcess,
     start_embedded,
 )
-from helpers import RecordingClient, free_port, port_open, wait_until
-from tlsca import make_ca, make_client_cert, make_server_cert
-
-from broker.embedded import BrokerSettings, EmbeddedBrokerError, serve
-from broker.passwords import delete_password_entry, write_password_entry
+from tests.helpers import RecordingClient, free_port, port_open, wait_until
+from tests.tlsca import make_ca, make_client_cert, make_server_cert
 from waystation.config import BrokerConfig, BrokerTlsConfig, LogConfig
 from waystation.mqtt import MqttLink, TlsSettings
 

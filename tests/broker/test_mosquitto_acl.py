@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerAclContract, BrokerProcess
-from helpers import RecordingClient
+
+from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerAclContract, BrokerProcess
+from tests.helpers import RecordingClient
 
 
 class TestMosquittoAcl(BrokerAclContract):

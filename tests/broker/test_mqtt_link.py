@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from queue import Empty, Queue
 
 import pytest
-from fixtures_brokers import FAST_BACKOFF, PREFIX, SERVER_USER, USERS, BrokerProcess
-from helpers import RecordingClient, wait_until
 from pydantic import SecretStr
 
 from broker.passwords import write_password_entry
+from tests.fixtures_brokers import FAST_BACKOFF, PREFIX, SERVER_USER, USERS, BrokerProcess
+from tests.helpers import RecordingClient, wait_until
 from waystation.config import MqttConfig
 from waystation.mqtt import Backoff, MqttLink, Will, backoff_delay, backoff_delays
 

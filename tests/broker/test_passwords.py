@@ -10,8 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fixtures_brokers import USERS, BrokerProcess
-from helpers import RecordingClient, wait_until
 
 from broker.passwords import (
     delete_password_entry,
@@ -20,6 +18,8 @@ from broker.passwords import (
     verify_password,
     write_password_entry,
 )
+from tests.fixtures_brokers import USERS, BrokerProcess
+from tests.helpers import RecordingClient, wait_until
 from waystation.errors import ConfigError
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")

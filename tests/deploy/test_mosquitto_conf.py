@@ -19,7 +19,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,13 +30,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.acl import mosquitto_acl_lines
 from broker.passwords import write_password_entry
-
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:   # tests/deploy has no __init__.py; the helpers live in tests/
-    sys.path.insert(0, _TESTS)
-
-from helpers import free_port, port_open, wait_until  # noqa: E402
-from tlsca import CertificateAuthority, IssuedCert, make_ca, make_server_cert  # noqa: E402
+from tests.helpers import free_port, port_open, wait_until
+from tests.tlsca import CertificateAuthority, IssuedCert, make_ca, make_server_cert
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"

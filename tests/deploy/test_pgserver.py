@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
+import psycopg
 import pytest
 
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:   # tests/deploy has no __init__.py; the helpers live in tests/
-    sys.path.insert(0, _TESTS)
-
-import psycopg  # noqa: E402
-from pgserver import PgServer, PgServerError, unavailable_reason  # noqa: E402
-
-pytest_plugins = ["conftest_pg"]
+from tests.pgserver import PgServer, PgServerError, unavailable_reason
 
 _UNAVAILABLE = unavailable_reason()
 pytestmark = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -13,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from waystation import systemd
 from waystation.systemd import Heartbeat, Watchdog
-
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:   # tests/deploy has no __init__.py; the helpers live in tests/
-    sys.path.insert(0, _TESTS)
-
-from helpers import wait_until  # noqa: E402
 
 
 class FakeSystemd:

@@ -26,13 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import RecordingClient, free_port, port_open, wait_until
 from waystation.config import AgentConfig, BrokerConfig, ServerConfig, load_config
-
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:   # tests/deploy has no __init__.py; the helpers live in tests/
-    sys.path.insert(0, _TESTS)
-
-from helpers import RecordingClient, free_port, port_open, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT_DIR = REPO / "deploy" / "systemd"

@@ -309,3 +309,13 @@ def test_bad_status_is_dead_lettered(env: tuple[Engine, LmdbStore]) -> None:
     engine.tick()
     assert [d.code for d in _letters(store)] == ["unknown_device", "wrong_device", "malformed"]
     assert all(d.topic == "status" for d in _letters(store))
+
+
+def test_field_errors_come_before_clock_skew(tmp_path: Path) -> None:
+    """§10.1 order: a far-future change with an unknown field is refused as unknown_field."""
+    engine, store, _ = make_engine(tmp_path, DEVICES, skew_policy="reject")
+    try:
+        rj = _one_rejection(engine, store, task(2, "t", h=hp(T0 + 3_600_000), colour="red"))
+        assert rj["code"] == "unknown_field"
+    finally:
+        store.close()

@@ -1,0 +1,51 @@
+"""The engine's periodic chores that read the store: commands issued while devices are
+online, and operator resolutions queued as notices (see `broker.operations`)."""
+
+from __future__ import annotations
+
+from broker.fanout import Fanout
+from broker.messages import dumps
+from broker.presence import Presence
+from broker.registry import Registry
+from broker.store.base import CommandRow, Store, WriteTxn
+
+NOTICE_BATCH = 1000
+
+
+def unsent_commands(store: Store, registry: Registry, presence: Presence,
+                    sent: set[str]) -> list[CommandRow]:
+    """Pending commands of online, enabled devices not sent yet (added to `sent`)."""
+    out: list[CommandRow] = []
+    with store.read() as txn:
+        for dev in sorted(presence.online()):
+            if registry.active(dev) is None:
+                continue
+            for cmd in txn.commands(dev):
+                if not cmd.done_ms and cmd.id not in sent:
+                    sent.add(cmd.id)
+                    out.append(cmd)
+    return out
+
+
+def drain_notices(store: Store, fan: Fanout, limit: int = NOTICE_BATCH) -> int:
+    """Queue the stored notices' record states on `fan` and delete them; returns how many.
+
+    Delivery is at most once per notice: a device that misses the delta sees a gap in
+    its sequence, or catches up at its next reconnect.
+    """
+    with store.read() as txn:
+        notices = txn.notices(limit)
+    if not notices:
+        return 0
+    for notice in notices:
+        fan.add(notice.scope, None, dumps(notice.rec))
+
+    def drop(txn: WriteTxn) -> None:
+        for notice in notices:
+            txn.delete_notice(notice.id)
+
+    store.transact(drop)
+    return len(notices)
+
+
+__all__ = ["drain_notices", "unsent_commands"]

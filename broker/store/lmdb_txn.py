@@ -1,0 +1,400 @@
+"""The LMDB transactions of the server store, and the table layout in one place.
+
+Key layout (integers are 8-byte big-endian so keys sort numerically; NUL separates
+strings, which never contain it: ids, collection names and keys exclude control
+characters):
+
+    meta          b"format" -> b"1"; b"registry" -> gen; b"next:<table>" -> next id
+    devices       dev -> JSON DeviceRow
+    records       c NUL k -> JSON RecordState
+    seqs          scope -> q
+    horizons      scope -> q
+    index         scope NUL q -> c NUL k
+    tombs         scope NUL q -> JSON [c, k, t_ms]
+    outcomes      dev NUL n -> JSON [c, k, scope, q] | [c, k, code, reason]
+    conflicts     id -> JSON ConflictRow
+    conflicts_open  c NUL k NUL field NUL id -> b""
+    deadletters   id -> u32 header length, JSON header, raw payload
+    commands      dev NUL id -> JSON CommandRow
+    notices       id -> JSON [scope, q, rec]
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import lmdb
+import orjson
+
+from broker.store.base import (
+    MAX_DEAD_LETTER_RAW,
+    CommandRow,
+    ConflictRow,
+    DeadLetter,
+    DeviceRow,
+    Notice,
+    OutcomeRow,
+    Tomb,
+)
+
+DBS = ("meta", "devices", "records", "seqs", "horizons", "index", "tombs", "outcomes",
+       "conflicts", "conflicts_open", "deadletters", "commands", "notices")
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_SEP = b"\x00"
+DEFAULT_MAX_DEAD_LETTERS = 100_000
+
+
+def _u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def _from_u64(b: bytes) -> int:
+    return int(_U64.unpack(b)[0])
+
+
+def _s(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+class LmdbReadTxn:
+    """ReadTxn over one LMDB transaction (also the base of the write transaction)."""
+
+    __slots__ = ("_db", "_txn")
+
+    def __init__(self, txn: lmdb.Transaction[bytes], dbs: dict[str, Any]) -> None:
+        self._txn = txn
+        self._db = dbs
+
+    # --- registry
+
+    def registry_generation(self) -> int:
+        raw = self._txn.get(b"registry", db=self._db["meta"])
+        return 0 if raw is None else _from_u64(raw)
+
+    def get_device(self, dev: str) -> DeviceRow | None:
+        raw = self._txn.get(_s(dev), db=self._db["devices"])
+        return None if raw is None else DeviceRow.from_json(orjson.loads(raw))
+
+    def devices(self) -> list[DeviceRow]:
+        with self._txn.cursor(db=self._db["devices"]) as cur:
+            return [DeviceRow.from_json(orjson.loads(v)) for _, v in cur]
+
+    # --- records and the log
+
+    def get_record(self, c: str, k: str) -> dict[str, Any] | None:
+        raw = self._txn.get(_s(c) + _SEP + _s(k), db=self._db["records"])
+        if raw is None:
+            return None
+        state: dict[str, Any] = orjson.loads(raw)
+        return state
+
+    def scope_seq(self, scope: str) -> int:
+        raw = self._txn.get(_s(scope), db=self._db["seqs"])
+        return 0 if raw is None else _from_u64(raw)
+
+    def scope_seqs(self) -> dict[str, int]:
+        with self._txn.cursor(db=self._db["seqs"]) as cur:
+            return {k.decode(): _from_u64(v) for k, v in cur}
+
+    def purge_horizon(self, scope: str) -> int:
+        raw = self._txn.get(_s(scope), db=self._db["horizons"])
+        return 0 if raw is None else _from_u64(raw)
+
+    def index_range(self, scope: str, after_q: int, limit: int) -> list[tuple[int, str, str]]:
+        prefix = _s(scope) + _SEP
+        plen = len(prefix)
+        out: list[tuple[int, str, str]] = []
+        if limit <= 0:
+            return out
+        with self._txn.cursor(db=self._db["index"]) as cur:
+            if not cur.set_range(prefix + _u64(after_q + 1)):
+                return out
+            for key, value in cur:
+                if key[:plen] != prefix:
+                    break
+                c, _, k = value.partition(_SEP)
+                out.append((_from_u64(key[plen:]), c.decode(), k.decode()))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def tombs(self, scope: str, limit: int) -> list[Tomb]:
+        prefix = _s(scope) + _SEP
+        plen = len(prefix)
+        out: list[Tomb] = []
+        with self._txn.cursor(db=self._db["tombs"]) as cur:
+            if not cur.set_range(prefix):
+                return out
+            for key, value in cur:
+                if key[:plen] != prefix or len(out) >= limit:
+                    break
+                c, k, t_ms = orjson.loads(value)
+                out.append(Tomb(scope, _from_u64(key[plen:]), c, k, t_ms))
+        return out
+
+    # --- outcomes
+
+    def get_outcome(self, dev: str, n: int) -> OutcomeRow | None:
+        raw = self._txn.get(_s(dev) + _SEP + _u64(n), db=self._db["outcomes"])
+        if raw is None:
+            return None
+        c, k, a, b = orjson.loads(raw)
+        if isinstance(b, int):
+            return OutcomeRow(c, k, scope=a, q=b)
+        return OutcomeRow(c, k, code=a, reason=b)
+
+    # --- conflicts
+
+    def get_conflict(self, cid: int) -> ConflictRow | None:
+        raw = self._txn.get(_u64(cid), db=self._db["conflicts"])
+        return None if raw is None else ConflictRow.from_json(orjson.loads(raw))
+
+    def conflicts(self, *, open_only: bool, limit: int) -> list[ConflictRow]:
+        out: list[ConflictRow] = []
+        if open_only:
+            ids = sorted((_from_u64(k[-8:]) for k, _ in
+                          self._txn.cursor(db=self._db["conflicts_open"])), reverse=True)
+            for cid in ids[:limit]:
+                row = self.get_conflict(cid)
+                if row is not None:
+                    out.append(row)
+            return out
+        with self._txn.cursor(db=self._db["conflicts"]) as cur:
+            for _, value in cur.iterprev(keys=True, values=True):
+                if len(out) >= limit:
+                    break
+                out.append(ConflictRow.from_json(orjson.loads(value)))
+        return out
+
+    def open_conflicts_on(self, c: str, k: str, fname: str) -> list[int]:
+        prefix = _s(c) + _SEP + _s(k) + _SEP + _s(fname) + _SEP
+        out: list[int] = []
+        with self._txn.cursor(db=self._db["conflicts_open"]) as cur:
+            if not cur.set_range(prefix):
+                return out
+            for key in cur.iternext(keys=True, values=False):
+                if not key.startswith(prefix) or len(key) != len(prefix) + 8:
+                    break
+                out.append(_from_u64(key[-8:]))
+        return out
+
+    # --- dead letters, commands, notices
+
+    def dead_letters(self, limit: int) -> list[DeadLetter]:
+        out: list[DeadLetter] = []
+        with self._txn.cursor(db=self._db["deadletters"]) as cur:
+            if not cur.last():
+                return out
+            for key, value in cur.iterprev():
+                if len(out) >= limit:
+                    break
+                out.append(_decode_dead_letter(_from_u64(key), value))
+        return out
+
+    def commands(self, dev: str | None = None) -> list[CommandRow]:
+        rows: list[CommandRow] = []
+        with self._txn.cursor(db=self._db["commands"]) as cur:
+            if dev is None:
+                rows = [CommandRow.from_json(orjson.loads(v)) for _, v in cur]
+            else:
+                prefix = _s(dev) + _SEP
+                if cur.set_range(prefix):
+                    for key, value in cur:
+                        if not key.startswith(prefix):
+                            break
+                        rows.append(CommandRow.from_json(orjson.loads(value)))
+        rows.sort(key=lambda r: (r.created_ms, r.id))
+        return rows
+
+    def notices(self, limit: int) -> list[Notice]:
+        out: list[Notice] = []
+        with self._txn.cursor(db=self._db["notices"]) as cur:
+            for key, value in cur:
+                if len(out) >= limit:
+                    break
+                scope, q, rec = orjson.loads(value)
+                out.append(Notice(_from_u64(key), scope, q, rec))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        def n(name: str) -> int:
+            return int(self._txn.stat(self._db[name])["entries"])
+        return {"records": n("records"), "devices": n("devices"), "outcomes": n("outcomes"),
+                "conflicts": n("conflicts"), "open_conflicts": n("conflicts_open"),
+                "dead_letters": n("deadletters"), "commands": n("commands"),
+                "notices": n("notices"), "tombstones": n("tombs")}
+
+
+class LmdbWriteTxn(LmdbReadTxn):
+    """WriteTxn over one LMDB write transaction."""
+
+    __slots__ = ("_max_dead_letters", "_seqs")
+
+    def __init__(self, txn: lmdb.Transaction[bytes], dbs: dict[str, Any],
+                 max_dead_letters: int) -> None:
+        super().__init__(txn, dbs)
+        self._max_dead_letters = max_dead_letters
+        self._seqs: dict[str, int] = {}  # sequences read or written in this transaction
+
+    # --- registry
+
+    def put_device(self, row: DeviceRow) -> None:
+        self._txn.put(_s(row.id), orjson.dumps(row.to_json()), db=self._db["devices"])
+
+    def delete_device(self, dev: str) -> bool:
+        return bool(self._txn.delete(_s(dev), db=self._db["devices"]))
+
+    def bump_registry(self) -> int:
+        gen = self.registry_generation() + 1
+        self._txn.put(b"registry", _u64(gen), db=self._db["meta"])
+        return gen
+
+    # --- records and the log
+
+    def put_record(self, c: str, k: str, state: dict[str, Any] | bytes) -> None:
+        data = state if isinstance(state, bytes) else orjson.dumps(state)
+        self._txn.put(_s(c) + _SEP + _s(k), data, db=self._db["records"])
+
+    def delete_record(self, c: str, k: str) -> None:
+        self._txn.delete(_s(c) + _SEP + _s(k), db=self._db["records"])
+
+    def scope_seq(self, scope: str) -> int:
+        q = self._seqs.get(scope)
+        if q is None:
+            q = self._seqs[scope] = super().scope_seq(scope)
+        return q
+
+    def allocate_seq(self, scope: str) -> int:
+        q = self.scope_seq(scope) + 1
+        self._txn.put(_s(scope), _u64(q), db=self._db["seqs"])
+        self._seqs[scope] = q
+        return q
+
+    def index_move(self, scope: str, old_q: int, new_q: int, c: str, k: str) -> None:
+        prefix = _s(scope) + _SEP
+        db = self._db["index"]
+        if old_q:
+            self._txn.delete(prefix + _u64(old_q), db=db)
+        self._txn.put(prefix + _u64(new_q), _s(c) + _SEP + _s(k), db=db)
+
+    def index_delete(self, scope: str, q: int) -> None:
+        self._txn.delete(_s(scope) + _SEP + _u64(q), db=self._db["index"])
+
+    def set_purge_horizon(self, scope: str, q: int) -> None:
+        self._txn.put(_s(scope), _u64(q), db=self._db["horizons"])
+
+    def put_tomb(self, tomb: Tomb) -> None:
+        self._txn.put(_s(tomb.scope) + _SEP + _u64(tomb.q),
+                      orjson.dumps([tomb.c, tomb.k, tomb.t_ms]), db=self._db["tombs"])
+
+    def delete_tomb(self, scope: str, q: int) -> None:
+        self._txn.delete(_s(scope) + _SEP + _u64(q), db=self._db["tombs"])
+
+    # --- outcomes
+
+    def put_outcome(self, dev: str, n: int, outcome: OutcomeRow) -> None:
+        value: list[str | int]
+        if outcome.code:
+            value = [outcome.c, outcome.k, outcome.code, outcome.reason]
+        else:
+            value = [outcome.c, outcome.k, outcome.scope, outcome.q]
+        self._txn.put(_s(dev) + _SEP + _u64(n), orjson.dumps(value), db=self._db["outcomes"])
+
+    def delete_outcomes(self, dev: str) -> int:
+        return self._delete_prefix("outcomes", _s(dev) + _SEP)
+
+    # --- conflicts
+
+    def add_conflict(self, row: ConflictRow) -> int:
+        cid = self._next_id("conflicts")
+        data = row.to_json()
+        data["id"] = cid
+        self._txn.put(_u64(cid), orjson.dumps(data), db=self._db["conflicts"])
+        if row.open:
+            self._txn.put(self._open_key(row.c, row.k, row.field, cid), b"",
+                          db=self._db["conflicts_open"])
+        return cid
+
+    def close_conflict(self, cid: int, closed_ms: int, resolution: str) -> bool:
+        row = self.get_conflict(cid)
+        if row is None or not row.open:
+            return False
+        data = row.to_json()
+        data.update(open=False, closed=closed_ms, resolution=resolution)
+        self._txn.put(_u64(cid), orjson.dumps(data), db=self._db["conflicts"])
+        self._txn.delete(self._open_key(row.c, row.k, row.field, cid),
+                         db=self._db["conflicts_open"])
+        return True
+
+    @staticmethod
+    def _open_key(c: str, k: str, fname: str, cid: int) -> bytes:
+        return _s(c) + _SEP + _s(k) + _SEP + _s(fname) + _SEP + _u64(cid)
+
+    # --- dead letters, commands, notices
+
+    def add_dead_letter(self, letter: DeadLetter) -> int:
+        db = self._db["deadletters"]
+        lid = self._next_id("deadletters")
+        raw = bytes(letter.raw[:MAX_DEAD_LETTER_RAW])
+        head = orjson.dumps({"t": letter.t_ms, "dev": letter.device, "topic": letter.topic,
+                             "code": letter.code, "reason": letter.reason,
+                             "size": letter.size or len(letter.raw)})
+        self._txn.put(_u64(lid), _U32.pack(len(head)) + head + raw, db=db)
+        excess = int(self._txn.stat(db)["entries"]) - self._max_dead_letters
+        if excess > 0:
+            with self._txn.cursor(db=db) as cur:
+                cur.first()
+                for _ in range(excess):
+                    if not cur.delete():
+                        break
+        return lid
+
+    def put_command(self, row: CommandRow) -> None:
+        self._txn.put(_s(row.device) + _SEP + _s(row.id), orjson.dumps(row.to_json()),
+                      db=self._db["commands"])
+
+    def delete_commands(self, dev: str) -> int:
+        return self._delete_prefix("commands", _s(dev) + _SEP)
+
+    def add_notice(self, notice: Notice) -> int:
+        nid = self._next_id("notices")
+        self._txn.put(_u64(nid), orjson.dumps([notice.scope, notice.q, notice.rec]),
+                      db=self._db["notices"])
+        return nid
+
+    def delete_notice(self, nid: int) -> None:
+        self._txn.delete(_u64(nid), db=self._db["notices"])
+
+    # --- helpers
+
+    def _next_id(self, name: str) -> int:
+        """Ids grow forever: the next one is kept in meta (never reused after deletes)."""
+        key = b"next:" + name.encode()
+        raw = self._txn.get(key, db=self._db["meta"])
+        nid = 1 if raw is None else _from_u64(raw)
+        self._txn.put(key, _u64(nid + 1), db=self._db["meta"])
+        return nid
+
+    def _delete_prefix(self, name: str, prefix: bytes) -> int:
+        count = 0
+        with self._txn.cursor(db=self._db[name]) as cur:
+            if not cur.set_range(prefix):
+                return 0
+            while cur.key().startswith(prefix):
+                count += 1
+                if not cur.delete():
+                    break
+        return count
+
+
+def _decode_dead_letter(lid: int, value: bytes) -> DeadLetter:
+    (hlen,) = _U32.unpack(value[:4])
+    head = orjson.loads(value[4:4 + hlen])
+    return DeadLetter(id=lid, t_ms=head["t"], device=head["dev"], topic=head["topic"],
+                      code=head["code"], reason=head["reason"], raw=bytes(value[4 + hlen:]),
+                      size=head["size"])
+
+
+__all__ = ["DBS", "DEFAULT_MAX_DEAD_LETTERS", "LmdbReadTxn", "LmdbWriteTxn"]
