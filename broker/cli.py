@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -95,6 +96,36 @@ def cmd_broker_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from broker.embedded import broker_run
 
     return broker_run(args, env)
+
+
+def cmd_broker_passwd(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation broker passwd USER`: add or change a login in the password file."""
+    from broker.passwords import write_password_entry
+    from waystation.config import BrokerConfig
+
+    user = str(args.user)
+    if not user or any(c in user for c in ":\n\r") or len(user) > 128:
+        raise InvalidArgument(f"{user!r} is not a usable login name (no ':' or newlines)")
+    path = getattr(args, "password_file", None)
+    if path is None:
+        path = load_config(BrokerConfig, getattr(args, "config", None), env,
+                           part="broker").resolved_password_file()
+    if getattr(args, "stdin", False):
+        password = sys.stdin.readline().rstrip("\r\n")
+        if len(password) < 8:
+            raise InvalidArgument("the password read from standard input is shorter than "
+                                  "8 characters")
+        generated = False
+    else:
+        password = secrets.token_urlsafe(24)
+        generated = True
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_password_entry(Path(path), user, password)
+    print(f"login {user} written to {path} (Mosquitto reloads it on SIGHUP; the embedded "
+          "broker picks it up at the next connection)")
+    if generated:
+        print(f"password: {password}")
+    return 0
 
 
 # --------------------------------------------------------------------- server ...

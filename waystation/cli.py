@@ -64,6 +64,7 @@ HANDLERS: dict[str, str] = {
     "device list": "broker.cli:cmd_device_list",
     "device remove": "broker.cli:cmd_device_remove",
     "broker run": "broker.embedded:broker_run",
+    "broker passwd": "broker.cli:cmd_broker_passwd",
     "schema check": "waystation.cli:cmd_schema_check",
     "schema export": "waystation.cli:cmd_schema_export",
     "config show": "waystation.cli:cmd_config_show",
@@ -377,6 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
            "Run the embedded amqtt broker in the foreground with Waystation's "
            "authentication (password file) and per-device topic ACL, until stopped.",
            config="broker")
+    p = b.leaf("broker passwd", "add or change a broker login (e.g. the server's)",
+               "Add USER to the broker's password file (Mosquitto's format, read by the "
+               "embedded broker and by Mosquitto alike) with a new random password, or "
+               "with one read from standard input (--stdin). Prints the password once. "
+               "Devices get their logins from `waystation device add`; use this for the "
+               "merge server's login (user waystation-server).", config="broker")
+    p.add_argument("user", metavar="USER", help="the login name, e.g. waystation-server")
+    p.add_argument("--stdin", action="store_true",
+                   help="read the password from standard input instead of generating one")
+    p.add_argument("--password-file", type=Path, default=None,
+                   help="the password file (default: the broker config's password_file)")
 
     # ---- schema
     b.group("schema", "check collection schemas, export wire JSON Schemas",
