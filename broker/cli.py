@@ -315,14 +315,28 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if agent_file.exists():
         raise InvalidArgument(f"{agent_file} already exists; remove it or choose another --out")
     password = secrets.token_urlsafe(24)
-    agent = _agent_config(config, dev, scopes, password, out_dir)  # validate before writing
+    enrol = config.enrol
+    client_cert = enrol.client_ca_cert is not None
+    agent = _agent_config(config, dev, scopes, password, out_dir,  # validate before writing
+                          client_cert=client_cert)
+    if enrol.ca_file is not None and not Path(enrol.ca_file).is_file():
+        raise InvalidArgument(f"enrol.ca_file {enrol.ca_file} does not exist: point it at the "
+                              "CA certificate devices verify the broker with")
     store = open_store(config)
     try:
         row = registry.add_device(store, dev, scopes, _now_ms())
     finally:
         store.close()
-    pw_note = _write_credentials(env, dev, password)
+    pw_note = _write_credentials(env, dev, password, enrol.password_file)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if enrol.ca_file is not None:
+        shutil.copyfile(enrol.ca_file, out_dir / "ca.pem")
+    if enrol.client_ca_cert is not None and enrol.client_ca_key is not None:
+        from broker.certs import issue_client_cert
+
+        issued = issue_client_cert(enrol.client_ca_cert, enrol.client_ca_key, dev, out_dir,
+                                   days=enrol.client_cert_days)
+        pw_note += f"; client certificate {issued.cert_path} (key {issued.key_path})"
     if config.schema_file is not None:
         shutil.copyfile(config.schema_path(), out_dir / f"{dev}.schema.toml")
     text = dump_toml(agent, mask_secrets=False, exclude_defaults=True, header=(
@@ -344,9 +358,21 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _agent_config(config: ServerConfig, dev: str, scopes: list[str], password: str,
-                  out_dir: Path) -> AgentConfig:
-    mqtt: dict[str, Any] = {"host": config.mqtt.host, "port": config.mqtt.port,
-                            "prefix": config.mqtt.prefix, "password": password}
+                  out_dir: Path, *, client_cert: bool = False) -> AgentConfig:
+    enrol = config.enrol
+    mqtt: dict[str, Any] = {
+        "host": enrol.broker_host or config.mqtt.host,
+        "port": enrol.broker_port or config.mqtt.port,
+        "prefix": config.mqtt.prefix, "password": password}
+    if enrol.ca_file is not None:
+        # Paths relative to the agent config resolve next to it on the device.
+        tls: dict[str, Any] = {"ca_file": "ca.pem"}
+        if enrol.server_hostname:
+            tls["server_hostname"] = enrol.server_hostname
+        if client_cert:
+            tls["cert_file"] = f"{dev}.crt"
+            tls["key_file"] = f"{dev}.key"
+        mqtt["tls"] = tls
     data: dict[str, Any] = {"device_id": dev, "scopes": scopes, "mqtt": mqtt}
     if config.schema_file is not None:
         data["schema_file"] = str(out_dir / f"{dev}.schema.toml")
@@ -356,12 +382,13 @@ def _agent_config(config: ServerConfig, dev: str, scopes: list[str], password: s
         raise InvalidArgument(f"cannot build an agent config for {dev}: {exc}") from None
 
 
-def _write_credentials(env: Mapping[str, str], dev: str, password: str) -> str:
+def _write_credentials(env: Mapping[str, str], dev: str, password: str,
+                       password_file: Path | None = None) -> str:
     try:
         from broker import passwords
     except ImportError:  # pragma: no cover - the module ships with the broker
         return "broker credentials: not written (broker.passwords is not available)"
-    path = _password_file(env)
+    path = password_file if password_file is not None else _password_file(env)
     passwords.write_password_entry(path, dev, password)
     return (f"broker credentials: user {dev} added to {path}; the password is in the agent "
             "config (Mosquitto reloads the file on SIGHUP)")

@@ -349,6 +349,39 @@ class MergeConfig(_Model):
     compress_over_bytes: CompressOver = 512
 
 
+class EnrolConfig(_Model):
+    """What `waystation device add` writes for a new device: how devices reach the
+    broker (often not how the server does: TLS on a public name vs. loopback), the CA
+    they verify it with, where their broker logins go, and optionally a CA that signs
+    device client certificates."""
+
+    broker_host: Str | None = None
+    """Host name devices connect to (default: mqtt.host)."""
+    broker_port: Port | None = None
+    """Port devices connect to (default: mqtt.port)."""
+    ca_file: Path | None = None
+    """CA certificate devices verify the broker with; set, the agent config uses TLS and
+    a copy of this file is written next to it."""
+    server_hostname: Str | None = None
+    """Name to verify in the broker's certificate, when it differs from broker_host."""
+    password_file: Path | None = None
+    """The broker's password file for device logins (Mosquitto's format). Default: the
+    broker config's password_file (embedded broker)."""
+    client_ca_cert: Path | None = None
+    """With client_ca_key: issue each device a client certificate (CN = device id)."""
+    client_ca_key: Path | None = None
+    client_cert_days: Annotated[int, Field(strict=True, ge=1, le=3650)] = 825
+
+    @model_validator(mode="after")
+    def _client_ca(self) -> EnrolConfig:
+        if (self.client_ca_cert is None) != (self.client_ca_key is None):
+            raise ValueError("client_ca_cert and client_ca_key go together: set both to "
+                             "issue device client certificates, or neither")
+        if self.client_ca_cert is not None and self.ca_file is None:
+            raise ValueError("client certificates need TLS: set ca_file too")
+        return self
+
+
 class ServerConfig(_Model):
     """The merge server (`waystation server ...`, `waystation device ...`)."""
 
@@ -359,9 +392,12 @@ class ServerConfig(_Model):
     schema_file: Path | None = None
     store: StoreConfig = Field(default_factory=StoreConfig)
     mqtt: ServerMqttConfig = Field(default_factory=ServerMqttConfig)
+    # None by default: the embedded broker (amqtt) has no shared subscriptions. Set it
+    # (e.g. "waystation") on Mosquitto / EMQX to run several servers side by side.
     shared_group: Annotated[Str | None, BeforeValidator(_false_is_none),
-                            AfterValidator(_optional_topic_level)] = "waystation"
+                            AfterValidator(_optional_topic_level)] = None
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    enrol: EnrolConfig = Field(default_factory=EnrolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     metrics_port: Port | None = None
 

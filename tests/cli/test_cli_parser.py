@@ -49,6 +49,7 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "device list": ["device", "list"],
     "device remove": ["device", "remove", "van-12"],
     "broker run": ["broker", "run"],
+    "broker passwd": ["broker", "passwd", "waystation-server"],
     "schema check": ["schema", "check", "fleet.toml"],
     "schema export": ["schema", "export", "--check"],
     "config show": ["config", "show", "agent"],

@@ -43,12 +43,13 @@ def test_agent_defaults_without_file() -> None:
 
 
 def test_server_defaults_without_file() -> None:
-    """The server defaults: lmdb store, shared group, server user name, no metrics port."""
+    """The server defaults: lmdb store, no shared group, server user name, no metrics port."""
     cfg = load_config(ServerConfig, None, {})
     assert cfg.server_id == "server-1"
     assert cfg.store.kind == "lmdb" and cfg.store.url is None
     assert cfg.mqtt.username == "waystation-server"
-    assert cfg.shared_group == "waystation"
+    assert cfg.shared_group is None
+    assert cfg.enrol.broker_host is None and cfg.enrol.ca_file is None
     assert cfg.merge.max_skew_ms == 300_000 and cfg.merge.skew_policy == "restamp"
     assert cfg.merge.tombstone_retention_s == 30 * 24 * 3600
     assert cfg.metrics_port is None

@@ -1,0 +1,69 @@
+"""`waystation device add` for a TLS fleet: the `[enrol]` section of the server config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from broker.passwords import read_password_file, verify_password
+from tests.tlsca import make_ca
+from waystation.cli import main
+from waystation.config import AgentConfig, load_config
+
+
+def _server_toml(tmp_path: Path, enrol: str) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(f'data_dir = "server"\n[mqtt]\nport = 1883\n[enrol]\n{enrol}\n')
+    return path
+
+
+def test_device_add_writes_tls_settings_ca_and_client_cert(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With [enrol] set, the agent config uses TLS on the public broker name, the CA is
+    copied next to it, the login goes to enrol.password_file and a client certificate
+    with CN = device id is issued by the client CA."""
+    ca = make_ca(tmp_path / "ca")
+    conf = _server_toml(tmp_path, (
+        f'broker_host = "mqtt.fleet.example"\nbroker_port = 8883\n'
+        f'ca_file = "{ca.cert_path}"\npassword_file = "{tmp_path / "mosq" / "passwd"}"\n'
+        f'client_ca_cert = "{ca.cert_path}"\nclient_ca_key = "{ca.key_path}"\n'))
+    code = main(["device", "add", "van-3", "--scope", "r1", "--out", str(tmp_path / "out"),
+                 "--config", str(conf)], env={})
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    agent = load_config(AgentConfig, tmp_path / "out" / "van-3.toml", {})
+    assert (agent.mqtt.host, agent.mqtt.port) == ("mqtt.fleet.example", 8883)
+    assert agent.mqtt.tls is not None
+    assert agent.mqtt.tls.ca_file == tmp_path / "out" / "ca.pem"
+    assert (tmp_path / "out" / "ca.pem").read_bytes() == ca.cert_path.read_bytes()
+    assert agent.mqtt.tls.cert_file == tmp_path / "out" / "van-3.crt"
+    cert = x509.load_pem_x509_certificate((tmp_path / "out" / "van-3.crt").read_bytes())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "van-3"
+    assert cert.issuer == x509.load_pem_x509_certificate(ca.cert_path.read_bytes()).subject
+    assert (tmp_path / "out" / "van-3.key").stat().st_mode & 0o777 == 0o600
+    stored = read_password_file(tmp_path / "mosq" / "passwd")["van-3"]
+    assert verify_password(stored, agent.mqtt.resolved_password({}) or "")
+
+
+def test_device_add_refuses_a_missing_ca_file(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A CA path that does not exist is refused before anything is registered."""
+    conf = _server_toml(tmp_path, f'ca_file = "{tmp_path / "nope.pem"}"\n'
+                                  f'password_file = "{tmp_path / "passwd"}"')
+    code = main(["device", "add", "van-3", "--scope", "r1", "--out", str(tmp_path / "out"),
+                 "--config", str(conf)], env={})
+    err = capsys.readouterr().err
+    assert code != 0 and "enrol.ca_file" in err
+    assert not (tmp_path / "out" / "van-3.toml").exists()
+    assert not (tmp_path / "passwd").exists()
+
+
+def test_enrol_client_ca_needs_both_halves_and_tls(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A client CA certificate without its key, or without TLS, is a config error."""
+    conf = _server_toml(tmp_path, f'client_ca_cert = "{tmp_path / "c.pem"}"')
+    code = main(["device", "list", "--config", str(conf)], env={})
+    assert code == 2 and "client_ca_key" in capsys.readouterr().err
