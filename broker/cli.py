@@ -394,12 +394,13 @@ def _write_credentials(env: Mapping[str, str], dev: str, password: str,
             "config (Mosquitto reloads the file on SIGHUP)")
 
 
-def _revoke_credentials(env: Mapping[str, str], dev: str) -> str:
+def _revoke_credentials(env: Mapping[str, str], dev: str,
+                        password_file: Path | None = None) -> str:
     try:
         from broker import passwords
     except ImportError:  # pragma: no cover - the module ships with the broker
         return ""
-    path = _password_file(env)
+    path = password_file if password_file is not None else _password_file(env)
     if passwords.delete_password_entry(path, dev):
         return f"; its broker login was removed from {path}"
     return ""
@@ -433,16 +434,63 @@ def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         registry.remove_device(store, args.device_id)
     finally:
         store.close()
-    note = _revoke_credentials(env, args.device_id)
+    note = _revoke_credentials(env, args.device_id, config.enrol.password_file)
     print(f"device {args.device_id} removed: its changes are refused from now on{note}")
     return 0
+
+
+def _issue(args: argparse.Namespace, env: Mapping[str, str], cmd: str, what: str) -> int:
+    store = open_store(_config(args, env))
+    try:
+        row = registry.issue_command(store, args.device_id, cmd, _now_ms())
+    finally:
+        store.close()
+    print(f"{cmd} queued for {args.device_id} (command {row.id}): {what}; it is sent at once "
+          "if the device is online, else when it next connects")
+    return 0
+
+
+def cmd_device_wipe(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device wipe ID`: order a device to erase its local data."""
+    return _issue(args, env, "wipe", "the device will erase its local data")
+
+
+def cmd_device_resync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device resync ID`: order a device to catch up from zero."""
+    return _issue(args, env, "resync", "the device will rebuild its data from the server")
+
+
+def _set_enabled(args: argparse.Namespace, env: Mapping[str, str], enabled: bool) -> int:
+    store = open_store(_config(args, env))
+    try:
+        registry.set_enabled(store, args.device_id, enabled)
+    finally:
+        store.close()
+    state = "enabled: its changes are accepted" if enabled else \
+        "disabled: its changes are refused (unknown_device) until `device enable`"
+    print(f"device {args.device_id} {state}")
+    return 0
+
+
+def cmd_device_disable(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device disable ID`."""
+    return _set_enabled(args, env, False)
+
+
+def cmd_device_enable(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device enable ID`."""
+    return _set_enabled(args, env, True)
 
 
 __all__ = [
     "cmd_broker_run",
     "cmd_device_add",
+    "cmd_device_disable",
+    "cmd_device_enable",
     "cmd_device_list",
     "cmd_device_remove",
+    "cmd_device_resync",
+    "cmd_device_wipe",
     "cmd_server_conflicts",
     "cmd_server_deadletters",
     "cmd_server_devices",

@@ -63,6 +63,10 @@ HANDLERS: dict[str, str] = {
     "device add": "broker.cli:cmd_device_add",
     "device list": "broker.cli:cmd_device_list",
     "device remove": "broker.cli:cmd_device_remove",
+    "device wipe": "broker.cli:cmd_device_wipe",
+    "device resync": "broker.cli:cmd_device_resync",
+    "device disable": "broker.cli:cmd_device_disable",
+    "device enable": "broker.cli:cmd_device_enable",
     "broker run": "broker.embedded:broker_run",
     "broker passwd": "broker.cli:cmd_broker_passwd",
     "schema check": "waystation.cli:cmd_schema_check",
@@ -368,6 +372,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = b.leaf("device remove", "revoke a device",
                "Remove device ID: revoke its broker credentials and stop accepting its "
                "changes. Its past changes stay in the store.", config="server")
+    p.add_argument("device_id", metavar="ID", type=_device_id, help="the device's id")
+    p = b.leaf("device wipe", "order a device to erase its local data",
+               "Queue a wipe command for device ID (a lost or stolen device): when it is "
+               "next online it erases every local record, outbox entry and dead letter, "
+               "keeping only its identity, and reports back. Unsynced writes on it are "
+               "lost; that is the point. Combine with `device disable` to refuse it "
+               "afterwards.", config="server")
+    p.add_argument("device_id", metavar="ID", type=_device_id, help="the device's id")
+    p = b.leaf("device resync", "order a device to rebuild its data from the server",
+               "Queue a resync command for device ID: it drops its copy of the server's "
+               "data and checkpoints, keeps its unsynced writes, and catches up from zero.",
+               config="server")
+    p.add_argument("device_id", metavar="ID", type=_device_id, help="the device's id")
+    p = b.leaf("device disable", "refuse a device's changes (keeps its registration)",
+               "Disable device ID: its messages are answered with unknown_device until it "
+               "is enabled again. Its broker login is kept.", config="server")
+    p.add_argument("device_id", metavar="ID", type=_device_id, help="the device's id")
+    p = b.leaf("device enable", "accept a disabled device's changes again",
+               "Enable device ID again after `device disable`: the server accepts its "
+               "changes from its next message on.", config="server")
     p.add_argument("device_id", metavar="ID", type=_device_id, help="the device's id")
 
     # ---- broker

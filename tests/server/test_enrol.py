@@ -67,3 +67,33 @@ def test_enrol_client_ca_needs_both_halves_and_tls(tmp_path: Path,
     conf = _server_toml(tmp_path, f'client_ca_cert = "{tmp_path / "c.pem"}"')
     code = main(["device", "list", "--config", str(conf)], env={})
     assert code == 2 and "client_ca_key" in capsys.readouterr().err
+
+
+def test_device_wipe_resync_disable_enable(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`device wipe/resync` queue commands for the device; `disable/enable` flip it;
+    an unknown device is refused with a one-line error."""
+    from broker import registry
+    from broker.store import open_store
+    from waystation.config import ServerConfig
+
+    conf = _server_toml(tmp_path, f'password_file = "{tmp_path / "passwd"}"')
+    assert main(["device", "add", "van-4", "--scope", "r1", "--out", str(tmp_path / "out"),
+                 "--config", str(conf)], env={}) == 0
+    assert main(["device", "wipe", "van-4", "--config", str(conf)], env={}) == 0
+    assert main(["device", "resync", "van-4", "--config", str(conf)], env={}) == 0
+    assert main(["device", "disable", "van-4", "--config", str(conf)], env={}) == 0
+    out = capsys.readouterr().out
+    assert "wipe queued for van-4" in out and "disabled" in out
+    store = open_store(load_config(ServerConfig, conf, {}))
+    try:
+        with store.read() as txn:
+            cmds = sorted(row.cmd for row in txn.commands("van-4"))
+            enabled = txn.get_device("van-4").enabled  # type: ignore[union-attr]
+        assert cmds == ["resync", "wipe"] and enabled is False
+    finally:
+        store.close()
+    assert main(["device", "enable", "van-4", "--config", str(conf)], env={}) == 0
+    assert main(["device", "wipe", "van-99", "--config", str(conf)], env={}) != 0
+    assert "van-99" in capsys.readouterr().err
+    assert registry is not None

@@ -1,0 +1,256 @@
+"""One benchmark device: the agent and its sync daemon in this process, driven by JSON lines.
+
+    python -m bench.device      (started by bench.fleet.DeviceProc; not for people)
+
+Commands (one JSON object per line on stdin, one answer per line on stdout):
+
+    init {config}              open the agent store (AgentConfig as a dict); no daemon yet
+    write {count, start}       `count` local puts of ~300-byte task records
+    start {wait}               start the daemon; wait for "connected", "catchup" (its first
+                               catch-up complete) or "drained" (outbox empty)
+    drain                      wait until the outbox is empty
+    online_write {count, start} puts while the daemon runs, then wait until all are acked
+    latency {samples, gap_s}   one put at a time on an idle link, each until its ack applied
+    stats                      RSS, store size, daemon counters, pending
+    stop                       stop the daemon, close, exit
+
+Every time is `time.perf_counter()` (CLOCK_MONOTONIC), comparable across processes.
+Acks are timestamped inside the daemon's engine thread, right after `apply_ack`
+committed (a wrapper around `Sync.apply_ack`), so no polling adds to any measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+NOTES = ("Left with the neighbour at no. 14, signed by J. de Vries; gate code 4471. "
+         "Call ahead next time.")
+
+
+def record(scope: str, i: int) -> dict[str, Any]:
+    """A ~300-byte task record (as JSON)."""
+    return {"route": scope, "customer": f"Hendrikse Bakery & Co #{i}",
+            "address": f"Keizersgracht {i % 900 + 1}, 1015 Amsterdam",
+            "status": "out", "eta": 1_764_000_000_000 + i * 60_000, "notes": NOTES}
+
+
+class Device:
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.agent: Any = None
+        self.daemon: Any = None
+        self.cfg: Any = None
+        self.catalog: Any = None
+        self.scope = ""
+        self._cond = threading.Condition()
+        self.acked_at: dict[int, float] = {}
+        self.drained_at: float | None = None
+        self.catchup_at: float | None = None
+        self.payload_up = 0
+        self.payload_down = 0
+        self.messages_up = 0
+        self.messages_down = 0
+
+    # ---------------------------------------------------------------- commands
+
+    def init(self, config: dict[str, Any]) -> dict[str, Any]:
+        from agent.api import Agent
+        from schemas.collection import load_catalog
+        from waystation.config import AgentConfig
+        from waystation.logs import configure_logging
+
+        self.cfg = AgentConfig.model_validate(config)
+        configure_logging(self.cfg.log)
+        self.catalog = load_catalog(self.cfg.schema_path())
+        self.agent = Agent.open(self.cfg, self.catalog)
+        self.scope = self.cfg.scopes[0]
+        return {"pending": self.agent.sync.pending_count(), "pid": os.getpid()}
+
+    def write(self, count: int, start: int = 0) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        for i in range(start, start + count):
+            self.agent.put("tasks", f"{self.cfg.device_id}-{i:07d}", record(self.scope, i))
+        t1 = time.perf_counter()
+        return {"t0": t0, "t1": t1, "secs": t1 - t0, "puts_per_s": count / (t1 - t0),
+                "pending": self.agent.sync.pending_count()}
+
+    def start(self, wait: str = "catchup", timeout: float = 600.0) -> dict[str, Any]:
+        from agent.daemon import AgentDaemon
+
+        self.daemon = AgentDaemon(self.cfg, self.catalog, agent=self.agent)
+        self._hook()
+        t0 = time.perf_counter()
+        self.daemon.start()
+        out: dict[str, Any] = {"t0": t0}
+        if not self.daemon.link.wait_connected(timeout):
+            raise TimeoutError("no connection")
+        out["t_connected"] = time.perf_counter()
+        if wait in ("catchup", "drained"):
+            with self._cond:
+                if not self._cond.wait_for(lambda: self.catchup_at is not None, timeout):
+                    raise TimeoutError("catch-up did not complete")
+            out["t_catchup"] = self.catchup_at
+        if wait == "drained":
+            out.update(self.drain(timeout))
+        return out
+
+    def drain(self, timeout: float = 600.0) -> dict[str, Any]:
+        with self._cond:
+            if self.agent.sync.pending_count() and not self._cond.wait_for(
+                    lambda: self.drained_at is not None, timeout):
+                raise TimeoutError(f"{self.agent.sync.pending_count()} still pending")
+            return {"t_drained": self.drained_at or time.perf_counter(),
+                    "stats": self._daemon_stats()}
+
+    def online_write(self, count: int, start: int = 0, timeout: float = 600.0
+                     ) -> dict[str, Any]:
+        with self._cond:
+            self.drained_at = None
+        t0 = time.perf_counter()
+        for i in range(start, start + count):
+            self.agent.put("tasks", f"{self.cfg.device_id}-{i:07d}", record(self.scope, i))
+        t_written = time.perf_counter()
+        out = self.drain(timeout)
+        return {"t0": t0, "t_written": t_written, **out}
+
+    def latency(self, samples: int, gap_s: float = 0.02, start: int = 0,
+                timeout: float = 30.0) -> dict[str, Any]:
+        totals: list[float] = []
+        puts: list[float] = []
+        for j in range(samples):
+            time.sleep(gap_s)
+            i = start + j
+            t0 = time.perf_counter()
+            result = self.agent.put("tasks", f"{self.cfg.device_id}-lat-{i:07d}",
+                                    record(self.scope, i))
+            t_put = time.perf_counter()
+            n = result.n
+            with self._cond:
+                if not self._cond.wait_for(lambda n=n: n in self.acked_at, timeout):
+                    raise TimeoutError(f"change {n} not acked")
+                t1 = self.acked_at[n]
+            totals.append((t1 - t0) * 1000)
+            puts.append((t_put - t0) * 1000)
+        return {"ms": totals, "put_ms": puts, "stats": self._daemon_stats()}
+
+    def stats(self) -> dict[str, Any]:
+        from waystation.convergence import device_records
+
+        mem: dict[str, int] = {}
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                    mem[name] = int(value.split()[0]) * 1024
+        env_dir = Path(self.cfg.data_dir) / "agent.lmdb"
+        records = len(device_records(self.agent, ["tasks"]))
+        return {"mem": mem, "data_mdb": (env_dir / "data.mdb").stat().st_size,
+                "used_bytes": self.agent.store.used_bytes(), "records": records,
+                "pending": self.agent.sync.pending_count(),
+                "wire": {"payload_up": self.payload_up, "payload_down": self.payload_down,
+                         "messages_up": self.messages_up,
+                         "messages_down": self.messages_down},
+                "stats": self._daemon_stats()}
+
+    def reset_wire(self) -> dict[str, Any]:
+        self.payload_up = self.payload_down = self.messages_up = self.messages_down = 0
+        return {}
+
+    def stop(self) -> dict[str, Any]:
+        if self.daemon is not None:
+            self.daemon.stop(drain_s=1.0)
+        else:
+            self.agent.close()
+        return {}
+
+    # ---------------------------------------------------------------- hooks
+
+    def _hook(self) -> None:
+        """Timestamp acks and catch-up completion in the daemon's engine thread, and
+        count MQTT payload bytes in both directions."""
+        sync = self.daemon.sync
+        apply_ack = sync.apply_ack
+        apply_checkpoint = sync.apply_checkpoint
+        pending_count = sync.pending_count
+
+        def ack_hook(msg: Any) -> Any:
+            result = apply_ack(msg)
+            now = time.perf_counter()
+            with self._cond:
+                for n in result.applied:
+                    self.acked_at[n] = now
+                if result.applied and pending_count() == 0:
+                    self.drained_at = now
+                self._cond.notify_all()
+            return result
+
+        def checkpoint_hook(msg: Any) -> Any:
+            result = apply_checkpoint(msg)
+            now = time.perf_counter()
+            if not result.behind:
+                with self._cond:
+                    if self.catchup_at is None:
+                        self.catchup_at = now
+                    self._cond.notify_all()
+            return result
+
+        sync.apply_ack = ack_hook
+        sync.apply_checkpoint = checkpoint_hook
+        link = self.daemon.link
+        publish = link.publish
+        on_message = link._on_message_cb
+
+        def publish_hook(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+            ok = publish(topic, payload, qos=qos, retain=retain)
+            if ok:
+                self.payload_up += len(payload)
+                self.messages_up += 1
+            return ok
+
+        def message_hook(topic: str, payload: bytes) -> Any:
+            self.payload_down += len(payload)
+            self.messages_down += 1
+            return on_message(topic, payload)
+
+        link.publish = publish_hook
+        link._on_message_cb = message_hook
+
+    def _daemon_stats(self) -> dict[str, Any]:
+        if self.daemon is None:
+            return {}
+        st = self.daemon.stats
+        return {"batches_sent": st.batches_sent, "changes_sent": st.changes_sent,
+                "resent": st.resent, "acked": st.acked, "pages": st.pages,
+                "connects": st.connects, "catchups": st.catchups, "deltas": st.deltas}
+
+
+def main() -> int:
+    # Keep stdout for answers only: anything else that prints goes to stderr (the log).
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    device = Device(out)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        cmd = req.pop("cmd")
+        try:
+            reply = getattr(device, cmd)(**req)
+        except Exception as exc:
+            traceback.print_exc()
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        if cmd == "stop":
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,549 @@
+"""Harness for the system benchmarks: a broker, the merge server and devices, each a process.
+
+    with Fleet("mosquitto", workdir, {"van-1": ["route-1"]}) as fleet:
+        fleet.start_broker()
+        ...                                  # raw limits against fleet.port
+        fleet.start_server()
+        dev = fleet.device("van-1")          # a bench.device subprocess (agent + daemon)
+        dev.call("write", count=1000)
+        dev.call("drain")
+
+What runs where, and why (the benchmarks measure the system as deployed):
+
+- The broker is a subprocess: Mosquitto started from deploy/mosquitto/mosquitto.conf
+  (paths, ports and user rewritten, nothing else; its TLS listener gets a throwaway
+  certificate, its plain listener on a free loopback port is what everyone uses), or
+  the embedded amqtt broker as `python -m broker.embedded`.
+- The merge server is a subprocess: `waystation server run --config server.toml`, the
+  command the systemd unit runs, with an LMDB store in its own directory.
+- Each device is a subprocess (`python -m bench.device`): the agent daemon and the
+  app's writes in one process, as an app using the Python API runs. The command loop
+  that drives it reads JSON lines on stdin and answers on stdout; it hooks the daemon's
+  `apply_ack` / `apply_checkpoint` to timestamp acks as they are applied (no polling).
+
+Times from different processes are compared with `time.perf_counter()`, which is
+CLOCK_MONOTONIC on Linux: one clock for every process on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MOSQUITTO_CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
+MOSQUITTO_ACL = REPO / "deploy" / "mosquitto" / "acl"
+PREFIX = "waystation"
+SERVER_USER = "waystation-server"
+PROBE = "bench-probe"
+RAW_DEVICE = "raw-1"
+
+
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """VmRSS / RssAnon / RssFile of a process, in bytes."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def machine_text() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    mosq = find_mosquitto()
+    version = "not installed"
+    if mosq:
+        with contextlib.suppress(Exception):
+            text = subprocess.run([mosq, "-h"], capture_output=True, text=True,
+                                  timeout=5).stdout
+            version = text.splitlines()[0].strip()
+    return (f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, Python {sys.version.split()[0]}, "
+            f"{version}")
+
+
+# ------------------------------------------------------------------ processes
+
+class Process:
+    """A subprocess with its output in a log file; stopped with SIGTERM."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=REPO, env=env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def render_mosquitto_conf(workdir: Path, port: int, tls_port: int, certs: dict[str, Path],
+                          user: str) -> str:
+    """deploy/mosquitto/mosquitto.conf with paths, ports and user rewritten (each exactly
+    once, as tests/deploy/test_mosquitto_conf.py does); every other line verbatim."""
+    rewrites = {
+        "user": f"user {user}",
+        "password_file": f"password_file {workdir / 'passwd'}",
+        "acl_file": f"acl_file {workdir / 'acl'}",
+        "persistence_location": f"persistence_location {workdir / 'data'}/",
+        "listener 1883": f"listener {port} 127.0.0.1",
+        "listener 8883": f"listener {tls_port} 127.0.0.1",
+        "cafile": f"cafile {certs['ca']}",
+        "certfile": f"certfile {certs['cert']}",
+        "keyfile": f"keyfile {certs['key']}",
+    }
+    seen = dict.fromkeys(rewrites, 0)
+    out = []
+    for line in MOSQUITTO_CONF.read_text().splitlines():
+        for prefix, replacement in rewrites.items():
+            if line == prefix or line.startswith(prefix + " "):
+                seen[prefix] += 1
+                line = replacement
+                break
+        out.append(line)
+    wrong = {k: v for k, v in seen.items() if v != 1}
+    if wrong:
+        raise RuntimeError(f"{MOSQUITTO_CONF}: expected each directive once: {wrong}")
+    return "\n".join(out) + "\n"
+
+
+def start_broker(kind: str, workdir: Path, passwords: dict[str, str]) -> tuple[Process, int]:
+    """Start the broker (`embedded` or `mosquitto`); returns (process, plain port)."""
+    from broker.passwords import write_password_entry
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    passwd = workdir / "passwd"
+    for user, password in passwords.items():
+        write_password_entry(passwd, user, password)
+    port = free_port()
+    if kind == "embedded":
+        argv = [sys.executable, "-m", "broker.embedded", "--host", "127.0.0.1",
+                "--port", str(port), "--password-file", str(passwd),
+                "--data-dir", str(workdir / "data"), "--prefix", PREFIX,
+                "--server-user", SERVER_USER, "--log-level", "warning"]
+        proc = Process("broker-embedded", argv, workdir)
+    elif kind == "mosquitto":
+        mosq = find_mosquitto()
+        if mosq is None:
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        from tests.tlsca import make_ca, make_server_cert
+
+        ca = make_ca(workdir / "ca")
+        server_cert = make_server_cert(ca, workdir / "server-cert")
+        (workdir / "data").mkdir(exist_ok=True)
+        shutil.copyfile(MOSQUITTO_ACL, workdir / "acl")
+        os.chmod(workdir / "acl", 0o600)
+        os.chmod(passwd, 0o600)
+        tls_port = free_port()
+        while tls_port == port:
+            tls_port = free_port()
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(render_mosquitto_conf(
+            workdir, port, tls_port,
+            {"ca": ca.cert_path, "cert": server_cert.cert_path, "key": server_cert.key_path},
+            pwd.getpwuid(os.getuid()).pw_name))
+        proc = Process("broker-mosquitto", [mosq, "-c", str(conf)], workdir)
+    else:
+        raise ValueError(kind)
+    wait_for(lambda: port_open(port) or not proc.alive(), 20, f"{kind} broker on {port}")
+    if not proc.alive():
+        raise RuntimeError(f"{kind} broker exited:\n{proc.log_tail()}")
+    return proc, port
+
+
+# ------------------------------------------------------------------ devices
+
+class DeviceProc:
+    """A `python -m bench.device` subprocess, driven by JSON lines."""
+
+    def __init__(self, name: str, config: dict[str, Any], workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"device-{name}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.device"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._log, cwd=REPO, start_new_session=True)
+        self.call("init", config=config)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, cmd: str, **args: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def recv(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"device {self.name} died:\n{self.log_tail()}")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"device {self.name}: {reply['error']}\n{self.log_tail()}")
+        return reply
+
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        self.send(cmd, **args)
+        return self.recv()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.call("stop")
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def call_all(devices: list[DeviceProc], cmd: str, **args: Any) -> list[dict[str, Any]]:
+    """Send `cmd` to every device at once, then collect the answers."""
+    for dev in devices:
+        dev.send(cmd, **args)
+    return [dev.recv() for dev in devices]
+
+
+# ------------------------------------------------------------------ the fleet
+
+class Fleet:
+    """Broker + merge server + registered devices in one temporary directory."""
+
+    def __init__(self, broker: str, workdir: Path, devices: dict[str, list[str]], *,
+                 server_settings: dict[str, Any] | None = None,
+                 sync_settings: dict[str, Any] | None = None) -> None:
+        self.kind = broker
+        self.dir = workdir
+        self.devices = dict(devices)
+        self.server_settings = server_settings or {}
+        self.sync_settings = sync_settings or {}
+        self.passwords = {user: secrets.token_urlsafe(12)
+                          for user in (*devices, SERVER_USER, PROBE, RAW_DEVICE)}
+        self.broker: Process | None = None
+        self.server: Process | None = None
+        self.port = 0
+        self._devices: list[DeviceProc] = []
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start_broker(self) -> int:
+        self.broker, self.port = start_broker(self.kind, self.dir / "broker", self.passwords)
+        return self.port
+
+    # -------------------------------------------------------------- server
+
+    def server_config(self) -> dict[str, Any]:
+        merge = {"batch_window_ms": 2, **self.server_settings.get("merge", {})}
+        return {
+            "server_id": "bench", "data_dir": str(self.dir / "server"),
+            "shared_group": "waystation" if self.kind == "mosquitto" else False,
+            "store": {"map_size_mb": 1024},
+            "mqtt": {"host": "127.0.0.1", "port": self.port,
+                     "password": self.passwords[SERVER_USER]},
+            "merge": merge,
+            "log": {"level": "warning"},
+        }
+
+    def open_server_store(self) -> Any:
+        from broker.store import open_store
+        from waystation.config import ServerConfig
+
+        return open_store(ServerConfig.model_validate(self.server_config()))
+
+    def start_server(self) -> None:
+        from broker import registry
+        from waystation.config import dump_toml
+        from waystation.config import ServerConfig
+
+        cfg = ServerConfig.model_validate(self.server_config())
+        store = self.open_server_store()
+        try:
+            known = {row.id for row in registry.list_devices(store)}
+            now = time.time_ns() // 1_000_000
+            for dev, scopes in {**self.devices, PROBE: ["probe"]}.items():
+                if dev not in known:
+                    registry.add_device(store, dev, scopes, now)
+        finally:
+            store.close()
+        conf = self.dir / "server.toml"
+        conf.write_text(dump_toml(cfg, mask_secrets=False))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.server = Process("server", [str(Path(sys.executable).parent / "waystation"),
+                                         "server", "run", "--config", str(conf)],
+                              self.dir, env=env)
+        self._wait_server_ready()
+
+    def _wait_server_ready(self, timeout: float = 30.0) -> None:
+        """A probe device asks for a catch-up until the server answers."""
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        answered = threading.Event()
+        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=PROBE, clean_session=True)
+        client.username_pw_set(PROBE, self.passwords[PROBE])
+        client.on_message = lambda c, u, m: answered.set()
+        client.on_connect = lambda c, u, f, r, p: c.subscribe(f"{PREFIX}/{PROBE}/down", 1)
+        client.connect("127.0.0.1", self.port)
+        client.loop_start()
+        try:
+            deadline = time.monotonic() + timeout
+            while not answered.is_set():
+                if self.server is not None and not self.server.alive():
+                    raise RuntimeError(f"server exited:\n{self.server.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"server not answering:\n"
+                                       f"{self.server.log_tail() if self.server else ''}")
+                req = json.dumps({"type": "catchup", "v": 1, "dev": PROBE, "req": "probe",
+                                  "cp": {}}).encode()
+                client.publish(f"{PREFIX}/{PROBE}/up", req, qos=1)
+                answered.wait(0.3)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    # -------------------------------------------------------------- devices
+
+    def agent_config(self, dev: str, data_dir: Path, *, port: int | None = None,
+                     sync: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "device_id": dev, "data_dir": str(data_dir), "scopes": self.devices[dev],
+            "mqtt": {"host": "127.0.0.1", "port": port or self.port,
+                     "password": self.passwords[dev]},
+            "sync": {**self.sync_settings, **(sync or {})},
+            "log": {"level": "warning"},
+        }
+
+    def device(self, dev: str, data_dir: Path | None = None, *, port: int | None = None,
+               sync: dict[str, Any] | None = None) -> DeviceProc:
+        data = data_dir or self.dir / "devices" / dev
+        proc = DeviceProc(dev, self.agent_config(dev, data, port=port, sync=sync), self.dir)
+        self._devices.append(proc)
+        return proc
+
+    def close_device(self, proc: DeviceProc) -> None:
+        proc.close()
+        if proc in self._devices:
+            self._devices.remove(proc)
+
+    def stop(self) -> None:
+        for proc in self._devices:
+            with contextlib.suppress(Exception):
+                proc.close()
+        self._devices.clear()
+        self.stop_server()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+
+# ------------------------------------------------------------------ byte-counting proxy
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 that counts the bytes in each direction: what the agent
+    sends (`up`) and receives (`down`), MQTT framing, PUBACKs and pings included (TCP and
+    IP headers are not in these counts). One thread, non-blocking sockets."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.up = 0
+        self.down = 0
+        self.connections = 0
+        self._lsock = socket.socket()
+        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._lsock.bind(("127.0.0.1", 0))
+        self._lsock.listen(16)
+        self._lsock.setblocking(False)
+        self.port = int(self._lsock.getsockname()[1])
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._lsock, selectors.EVENT_READ, None)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="proxy", daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.up = self.down = 0
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.up, self.down
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for key in list(self._sel.get_map().values()):
+            with contextlib.suppress(OSError):
+                key.fileobj.close()  # type: ignore[union-attr]
+        self._sel.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._sel.select(0.1):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._pump(key.fileobj, *key.data)  # type: ignore[arg-type]
+
+    def _accept(self) -> None:
+        client, _ = self._lsock.accept()
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+        self.connections += 1
+        self._sel.register(client, selectors.EVENT_READ, (upstream, "up"))
+        self._sel.register(upstream, selectors.EVENT_READ, (client, "down"))
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        try:
+            data = src.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            for sock in (src, dst):
+                with contextlib.suppress(Exception):
+                    self._sel.unregister(sock)
+                sock.close()
+            return
+        with self._lock:
+            if direction == "up":
+                self.up += len(data)
+            else:
+                self.down += len(data)
+        dst.setblocking(True)
+        try:
+            dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.setblocking(False)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    """Copy a device's data directory (a prepared outbox) for another run."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+@contextlib.contextmanager
+def workdir(prefix: str, keep: bool = False) -> Iterator[Path]:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            print(f"(kept {path})")
