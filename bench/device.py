@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 NOTES = ("Left with the neighbour at no. 14, signed by J. de Vries; gate code 4471. "
-         "Call ahead next time.")
+         "Call ahead next time: the side entrance on the canal is locked after 17:00.")
 
 
 def record(scope: str, i: int) -> dict[str, Any]:

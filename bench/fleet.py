@@ -237,6 +237,19 @@ def start_broker(kind: str, workdir: Path, passwords: dict[str, str]) -> tuple[P
     return proc, port
 
 
+def _server_toml(cfg: dict[str, Any]) -> str:
+    """The server config as TOML (flat keys first, then one table per section)."""
+    lines: list[str] = []
+    tables: list[str] = []
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            tables.append(f"\n[{key}]")
+            tables.extend(f"{k} = {json.dumps(v)}" for k, v in value.items())
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines + tables) + "\n"
+
+
 # ------------------------------------------------------------------ devices
 
 class DeviceProc:
@@ -351,10 +364,7 @@ class Fleet:
 
     def start_server(self) -> None:
         from broker import registry
-        from waystation.config import dump_toml
-        from waystation.config import ServerConfig
 
-        cfg = ServerConfig.model_validate(self.server_config())
         store = self.open_server_store()
         try:
             known = {row.id for row in registry.list_devices(store)}
@@ -365,7 +375,7 @@ class Fleet:
         finally:
             store.close()
         conf = self.dir / "server.toml"
-        conf.write_text(dump_toml(cfg, mask_secrets=False))
+        conf.write_text(_server_toml(self.server_config()))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.server = Process("server", [str(Path(sys.executable).parent / "waystation"),
                                          "server", "run", "--config", str(conf)],

@@ -158,10 +158,23 @@ def _rewrite(path: Path, user: str, stored: str | None) -> None:
 def _atomic_write(path: Path, text: str) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
+    # The broker reads this file as another user (Mosquitto runs as `mosquitto`): a
+    # rewrite keeps the existing file's mode and group, or Mosquitto could no longer
+    # read it after the first enrolment. A new file is 0600 (root-run brokers).
+    try:
+        old = path.stat()
+        mode, gid = old.st_mode & 0o7777, old.st_gid
+    except FileNotFoundError:
+        mode, gid = 0o600, -1
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            os.fchmod(tmp.fileno(), 0o600)
+            if gid != -1 and os.fstat(tmp.fileno()).st_gid != gid:
+                # Allowed for root and for members of that group; otherwise the
+                # directory's setgid bit is what gives the file the broker's group.
+                with contextlib.suppress(PermissionError):
+                    os.fchown(tmp.fileno(), -1, gid)
+            os.fchmod(tmp.fileno(), mode)
             tmp.write(text)
             tmp.flush()
             os.fsync(tmp.fileno())

@@ -3,6 +3,7 @@ directions of compatibility with the real mosquitto_passwd and mosquitto."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
@@ -186,3 +187,22 @@ def test_embedded_broker_accepts_mosquitto_passwd_entry_without_restart(
     # mtime granularity: a rewrite within the same tick as the first read is caught by
     # the size/inode part of the check, so this normally succeeds on the first try
     wait_until(logs_in, 10, interval=0.05, message="van-99 accepted after enrolment")
+
+
+def test_rewrite_keeps_mode_and_group_of_the_existing_file(tmp_path: Path) -> None:
+    """Enrolling a device keeps the password file readable by the broker's group: a
+    rewrite preserves the existing file's mode and group instead of resetting to 0600."""
+    import grp
+
+    path = tmp_path / "passwd"
+    write_password_entry(path, "waystation-server", "secret-1")
+    group = next((g for g in grp.getgrall() if g.gr_gid != os.getgid()), None)
+    if group is not None:
+        os.chown(path, -1, group.gr_gid)
+    os.chmod(path, 0o640)
+    write_password_entry(path, "van-1", "secret-2")
+    st = path.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    if group is not None:
+        assert st.st_gid == group.gr_gid
+    assert set(read_password_file(path)) == {"waystation-server", "van-1"}
