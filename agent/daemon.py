@@ -182,8 +182,14 @@ class AgentDaemon:
                     self._drain_and_close(float(event[1]))
                     return
                 self._handle(event)
-                # Handle everything already queued before sending more.
+                # Handle everything already queued before sending more; but once an
+                # answer has made room for a whole batch, send it, so the server gets the
+                # next batch while the remaining answers are applied (not after all of
+                # them: that made agent and server take turns instead of working side
+                # by side).
                 while True:
+                    if event[0] == "msg" and self._inflight_room():
+                        self._pump(time.monotonic())
                     try:
                         event = self._events.get_nowait()
                     except queue.Empty:
@@ -353,6 +359,13 @@ class AgentDaemon:
             self.stats.batches_sent += 1
             self.stats.changes_sent += len(batch)
             room -= len(batch)
+
+    def _inflight_room(self) -> bool:
+        """Room in the in-flight window for a whole batch (refilling smaller gaps as they
+        open would split the backlog into ever smaller batches)."""
+        sync_cfg = self.cfg.sync
+        room = sync_cfg.max_inflight_changes - len(self._inflight)
+        return self._connected and room >= sync_cfg.batch_max_changes
 
     def _send(self, msg: wire.Message) -> bool:
         payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)

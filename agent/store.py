@@ -157,6 +157,11 @@ class Tx:
         """Delete every entry of `db` (the database itself stays)."""
         self._txn.drop(self._dbs[db], delete=False)
 
+    def cursor(self, db: str) -> lmdb.Cursor[bytes]:
+        """A raw LMDB cursor on `db` (keys as stored; values NOT decoded). Use it as a
+        context manager, for scans that seek (e.g. skipping runs of keys)."""
+        return self._txn.cursor(db=self._dbs[db])
+
     def keys(self, db: str, prefix: bytes = b"", *, start: bytes | None = None) -> Iterator[bytes]:
         """Keys with `prefix` in order, from `start` (inclusive) if given."""
         with self._txn.cursor(db=self._dbs[db]) as cur:

@@ -98,24 +98,37 @@ class Sync:
         def run(work: Work) -> Batch:
             batch = Batch()
             size = _ENVELOPE_BYTES
-            for key in work.tx.keys("outbox_idx", b"P"):
-                n = int.from_bytes(key[-8:], "big")
-                if n in excluded:
-                    continue
-                entry = work.outbox_entry(n)
-                if entry is None:
-                    continue
-                if not batch:
-                    batch.sv = entry["sv"]
-                elif entry["sv"] != batch.sv:
-                    continue
-                cost = len(orjson.dumps(entry["ch"])) + 1
-                if batch and size + cost > max_bytes:
-                    break
-                batch.append((n, entry["ch"]))
-                size += cost
-                if len(batch) >= max_changes:
-                    break
+            with work.tx.cursor("outbox_idx") as cur:
+                found = cur.set_range(b"P")
+                while found:
+                    key = cur.key()
+                    if not key.startswith(b"P"):
+                        break
+                    n = int.from_bytes(key[-8:], "big")
+                    if n in excluded:
+                        # Jump over the whole run of excluded numbers at this priority
+                        # with one seek: the changes in flight are mostly one run, and
+                        # stepping over each of them made every batch cost O(in flight).
+                        after = n + 1
+                        while after in excluded:
+                            after += 1
+                        found = cur.set_range(key[:-8] + n_key(after))
+                        continue
+                    found = cur.next()
+                    entry = work.outbox_entry(n)
+                    if entry is None:
+                        continue
+                    if not batch:
+                        batch.sv = entry["sv"]
+                    elif entry["sv"] != batch.sv:
+                        continue
+                    cost = len(orjson.dumps(entry["ch"])) + 1
+                    if batch and size + cost > max_bytes:
+                        break
+                    batch.append((n, entry["ch"]))
+                    size += cost
+                    if len(batch) >= max_changes:
+                        break
             return batch
 
         return self._core.read(run)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -30,15 +31,37 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-NOTES = ("Left with the neighbour at no. 14, signed by J. de Vries; gate code 4471. "
-         "Call ahead next time: the side entrance on the canal is locked after 17:00.")
+_WORD_TEXT = (
+    "left parcel with neighbour signed by driver gate code side entrance canal locked "
+    "after call ahead next time door bell broken second floor back office reception "
+    "closed lunch fragile handle with care cold chain keep upright returned damaged box "
+    "missing items customer not home card in letterbox pallet jack needed loading dock "
+    "north south east west yard blue van parked behind building ask for manager deliver "
+    "before noon after three invoice attached cash on delivery paid online reference "
+    "order number stairs lift out of order dog in garden use rear gate contact security "
+    "desk weekend only"
+)
+_WORDS = _WORD_TEXT.split()
+_NAMES = ("Hendrikse Bakery", "Cafe de Jaren", "Van Dam Hardware", "De Vries & Zn",
+          "Bloemenhuis Jansen", "Kaashandel Smit", "Apotheek Mulder", "Fietsen Bakker",
+          "Visser Logistics", "Meijer Interiors", "Brouwer Optiek", "De Boer Groothandel")
+_STREETS = ("Keizersgracht", "Prinsengracht", "Herengracht", "Damrak", "Rokin", "Overtoom",
+            "Ferdinand Bolstraat", "Czaar Peterstraat", "Javastraat", "Haarlemmerdijk")
 
 
 def record(scope: str, i: int) -> dict[str, Any]:
-    """A ~300-byte task record (as JSON)."""
-    return {"route": scope, "customer": f"Hendrikse Bakery & Co #{i}",
-            "address": f"Keizersgracht {i % 900 + 1}, 1015 Amsterdam",
-            "status": "out", "eta": 1_764_000_000_000 + i * 60_000, "notes": NOTES}
+    """A ~300-byte task record (its fields as JSON), different for every `i`: names,
+    addresses and free-text notes drawn at random (seeded by `i`), so compression sees
+    text about as repetitive as a real fleet's, not one record copied."""
+    rng = random.Random(i)
+    notes = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(20, 28)))
+    return {"route": scope, "customer": f"{rng.choice(_NAMES)} #{rng.randint(1, 99_999)}",
+            "address": f"{rng.choice(_STREETS)} {rng.randint(1, 999)}, "
+                       f"{rng.randint(1011, 1109)} {rng.choice('ABCDEFGHJKLMNPRSTVWXZ')}"
+                       f"{rng.choice('ABCDEFGHJKLMNPRSTVWXZ')} Amsterdam",
+            "status": rng.choice(("out", "delivered", "failed", "pending")),
+            "eta": 1_764_000_000_000 + i * 60_000 + rng.randint(0, 59_999),
+            "notes": notes[:1].upper() + notes[1:] + "."}
 
 
 class Device:
@@ -57,10 +80,14 @@ class Device:
         self.payload_down = 0
         self.messages_up = 0
         self.messages_down = 0
+        self.last_pub = 0.0
+        self.last_recv = 0.0
+        self.trace: dict[int, tuple[float, float]] = {}
 
     # ---------------------------------------------------------------- commands
 
     def init(self, config: dict[str, Any]) -> dict[str, Any]:
+        import agent.daemon  # noqa: F401  (imported now, so `start` times connecting only)
         from agent.api import Agent
         from schemas.collection import load_catalog
         from waystation.config import AgentConfig
@@ -124,6 +151,8 @@ class Device:
                 timeout: float = 30.0) -> dict[str, Any]:
         totals: list[float] = []
         puts: list[float] = []
+        parts: dict[str, list[float]] = {"wake_to_publish": [], "publish_to_ack_received": [],
+                                         "ack_received_to_applied": []}
         for j in range(samples):
             time.sleep(gap_s)
             i = start + j
@@ -138,7 +167,11 @@ class Device:
                 t1 = self.acked_at[n]
             totals.append((t1 - t0) * 1000)
             puts.append((t_put - t0) * 1000)
-        return {"ms": totals, "put_ms": puts, "stats": self._daemon_stats()}
+            pub, recv = self.trace[n]
+            parts["wake_to_publish"].append((pub - t_put) * 1000)
+            parts["publish_to_ack_received"].append((recv - pub) * 1000)
+            parts["ack_received_to_applied"].append((t1 - recv) * 1000)
+        return {"ms": totals, "put_ms": puts, "parts_ms": parts, "stats": self._daemon_stats()}
 
     def stats(self) -> dict[str, Any]:
         from waystation.convergence import device_records
@@ -186,6 +219,7 @@ class Device:
             with self._cond:
                 for n in result.applied:
                     self.acked_at[n] = now
+                    self.trace[n] = (self.last_pub, self.last_recv)
                 if result.applied and pending_count() == 0:
                     self.drained_at = now
                 self._cond.notify_all()
@@ -210,11 +244,13 @@ class Device:
         def publish_hook(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
             ok = publish(topic, payload, qos=qos, retain=retain)
             if ok:
+                self.last_pub = time.perf_counter()
                 self.payload_up += len(payload)
                 self.messages_up += 1
             return ok
 
         def message_hook(topic: str, payload: bytes) -> Any:
+            self.last_recv = time.perf_counter()
             self.payload_down += len(payload)
             self.messages_down += 1
             return on_message(topic, payload)

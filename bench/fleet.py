@@ -107,6 +107,63 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def system_cpu_s() -> tuple[float, float]:
+    """(busy, idle + iowait) CPU seconds of the whole machine so far, all cores."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / ticks, idle / ticks
+
+
+def _process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds) of every process on the machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[int, float]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+class LoadMeter:
+    """CPU used on this machine by anything other than this benchmark's processes (this
+    one and its descendants): whole-machine busy time (/proc/stat) minus ours. Other
+    work running at the same time disturbs the numbers, and the reports say how much
+    there was (kernel work on our behalf, e.g. writeback, also lands in "other")."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.machine0 = system_cpu_s()[0]
+        self.before = _process_table()
+
+    def result(self) -> dict[str, float]:
+        after = _process_table()
+        machine = system_cpu_s()[0] - self.machine0
+        secs = time.perf_counter() - self.t0
+        me = os.getpid()
+
+        def ours(pid: int) -> bool:
+            for _ in range(64):
+                if pid == me:
+                    return True
+                if pid <= 1:
+                    return False
+                pid = after.get(pid, (0, 0.0))[0]
+            return False
+
+        mine = sum(cpu - self.before.get(pid, (0, 0.0))[1]
+                   for pid, (_, cpu) in after.items() if ours(pid))
+        return {"ours_cores": mine / secs, "other_cores": max(0.0, machine - mine) / secs,
+                "machine_cores": machine / secs}
+
+
 def machine_text() -> str:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
@@ -345,7 +402,7 @@ class Fleet:
     # -------------------------------------------------------------- server
 
     def server_config(self) -> dict[str, Any]:
-        merge = {"batch_window_ms": 2, **self.server_settings.get("merge", {})}
+        merge = dict(self.server_settings.get("merge", {}))
         return {
             "server_id": "bench", "data_dir": str(self.dir / "server"),
             "shared_group": "waystation" if self.kind == "mosquitto" else False,

@@ -126,6 +126,13 @@ class TxnApplier:
     def apply_batch(self, device: DeviceRow, sv: int, changes: Sequence[Change],
                     bad: Sequence[BadChange] = ()) -> list[ChangeResult]:
         """Apply one device's batch; one result per change (bad entries with a number too)."""
+        scopes = {ch.s for ch in changes if ch.s in device.scopes}
+        if scopes:  # in a fixed order, before reading (see WriteTxn.lock_scopes)
+            self.txn.lock_scopes(sorted(scopes))
+        if changes:
+            known = self._records
+            self.txn.prefetch(device.id, [ch.n for ch in changes],
+                              [(ch.c, ch.k) for ch in changes if (ch.c, ch.k) not in known])
         results = [self.apply_one(device, sv, ch) for ch in changes]
         for entry in bad:
             if entry.n is not None:

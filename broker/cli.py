@@ -161,8 +161,10 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.json:
         _print_json(doc)
         return 0
-    print(f"server {config.server_id}: {info.kind} store at {info.location}, "
-          f"{info.size_bytes / 1048576:.1f} MiB used of {info.capacity_bytes / 1048576:.0f} MiB")
+    size = f"{info.size_bytes / 1048576:.1f} MiB used"
+    if info.capacity_bytes:
+        size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
+    print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}")
     print(f"schema version {catalog.version} ({config.schema_path()})")
     print(f"devices: {len(devices)} known, {doc['devices']['enabled']} enabled, "
           f"{len(online)} online" + (f" ({', '.join(online[:10])}"
@@ -214,7 +216,10 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_server_conflicts(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server conflicts [--all]`: open conflicts (or the whole log)."""
     show_all = bool(getattr(args, "all", False))
-    limit = int(getattr(args, "limit", None) or 1000)
+    limit = getattr(args, "limit", None)
+    limit = 1000 if limit is None else int(limit)
+    if limit < 1:
+        raise InvalidArgument("--limit must be at least 1")
     store = open_store(_config(args, env))
     try:
         with store.read() as txn:
@@ -273,7 +278,8 @@ def cmd_server_resolve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_server_deadletters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server deadletters [--limit N]`: refused input, newest first."""
-    limit = getattr(args, "limit", None) or DEFAULT_DEAD_LETTER_LIMIT
+    limit = getattr(args, "limit", None)
+    limit = DEFAULT_DEAD_LETTER_LIMIT if limit is None else int(limit)
     if limit < 1:
         raise InvalidArgument("--limit must be at least 1")
     store = open_store(_config(args, env))

@@ -158,6 +158,14 @@ class Engine:
                                "the server failed to read this status", payload)
             return
         if self.registry.get(topic_device) is None:
+            # Enrolled since the last refresh (`device add` runs in another process)? A
+            # new device's first status must count: until it does, the device is
+            # "offline" and the changes in its scopes never reach it as deltas.
+            try:
+                self._refresh_registry()
+            except StoreError:
+                log.exception("registry_refresh_failed")
+        if self.registry.get(topic_device) is None:
             self._queue_letter(topic_device, "status", codec.UNKNOWN_DEVICE,
                                f"status of unregistered device {topic_device!r} ignored",
                                payload)
@@ -302,6 +310,13 @@ class Engine:
             return want
 
         ta = self.applier.begin(txn, wants)
+        # Lock every scope the group writes once, in sorted order, before any batch:
+        # per-batch locking would take later batches' scopes out of order (PostgreSQL
+        # then reruns the transaction to avoid a deadlock). A no-op on LMDB.
+        group_scopes = {ch.s for inc in incs if inc.error is None and inc.kind == "changes"
+                        and inc.msg.changes is not None for ch in inc.msg.changes.ch}
+        if group_scopes:
+            txn.lock_scopes(sorted(group_scopes))
         updates: dict[str, dict[str, Any]] = {dev: dict(ch) for dev, ch in dirty.items()}
         for inc in incs:
             inc.results, inc.commands = [], []

@@ -13,6 +13,12 @@ Subscriptions: `{prefix}/+/up` — as the shared subscription
 consume side by side (Mosquitto, EMQX; amqtt has no shared subscriptions) — and
 `{prefix}/+/status` for presence. The session is persistent, so a restarted server
 finds what the broker queued while it was away.
+
+Test hook (crash tests only): ``WAYSTATION_FAILPOINT=after_commit:N`` in the server's
+environment, read once when the server is built, makes the process SIGKILL itself on
+the N-th group that applied at least one change, right after that group's store
+transaction committed and before any ack or delta is published ("applied, not acked").
+Unset (always, outside tests) it costs one attribute test per group.
 """
 
 from __future__ import annotations
@@ -41,6 +47,17 @@ log = structlog.get_logger("waystation.server")
 
 _MAX_GROUP = 2000
 _TICK_S = 1.0
+FAILPOINT_ENV = "WAYSTATION_FAILPOINT"
+
+
+def _failpoint_after_commit(value: str | None) -> int | None:
+    """N of ``after_commit:N`` (the test hook in the module docstring), else None."""
+    if not value:
+        return None
+    name, _, count = value.partition(":")
+    if name != "after_commit" or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{FAILPOINT_ENV}={value!r}: expected after_commit:N with N >= 1")
+    return int(count)
 
 
 def wall_ms() -> int:
@@ -68,6 +85,10 @@ class MergeServer:
         self._last_loop = time.monotonic()
         self.messages_in = 0
         self.messages_out = 0
+        # Test hook (module docstring): crash after the N-th applying group's commit.
+        self._fail_after_commit = _failpoint_after_commit(self.env.get(FAILPOINT_ENV))
+        self._fp_applied = 0
+        self._fp_groups = 0
         self.link = MqttLink.from_config(
             cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=self.env,
             max_inflight=0, max_queued=0,
@@ -101,9 +122,9 @@ class MergeServer:
     # ------------------------------------------------------------------ network thread
 
     def _on_connect(self, session_present: bool) -> None:
-        # Without a kept session the link subscribes again and the broker replays every
-        # retained status: presence is rebuilt from those. With a kept session nothing
-        # is replayed, so what we know stays valid.
+        # The link subscribes again on every connect and the broker replays every
+        # retained status. Without a kept session presence is rebuilt from those alone;
+        # with one, the statuses queued while we were away and the replay keep it right.
         if not session_present:
             self._inbox.put(("connected", "", b""))
         log.info("server_connected", session_present=session_present, up=self.up_filter)
@@ -163,12 +184,26 @@ class MergeServer:
     def _handle(self, ups: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         self.messages_in += len(ups)
         try:
-            return list(self.engine.handle_many(ups))
+            out = list(self.engine.handle_many(ups))
         except Exception:
             # The engine turns bad input into rejections itself; this is a store or
             # programming failure. Devices resend what was not acked.
             log.exception("group_failed", messages=len(ups))
             return []
+        if self._fail_after_commit is not None:
+            self._failpoint()
+        return out
+
+    def _failpoint(self) -> None:
+        """The after_commit test hook: the group committed, nothing is published yet."""
+        applied = self.engine.counters["applied"]
+        if applied <= self._fp_applied:
+            return
+        self._fp_applied = applied
+        self._fp_groups += 1
+        if self._fp_groups >= (self._fail_after_commit or 0):
+            log.warning("failpoint_after_commit", group=self._fp_groups, applied=applied)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _publish(self, out: list[tuple[str, bytes]]) -> None:
         for dev, payload in out:

@@ -337,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                "devices, each with its candidates, waiting for `server resolve`.",
                config="server")
     _json_flag(p)
+    p.add_argument("--all", action="store_true",
+                   help="the whole conflict log (closed entries and lww losers too)")
+    p.add_argument("--limit", metavar="N", type=int, default=None,
+                   help="show at most N entries, newest first (default 1000)")
     p = b.leaf("server resolve", "settle a conflict with a chosen value",
                "Settle an open conflict by writing VALUE (JSON when it parses as JSON, "
                "else text) as the field's authoritative value; every device in the scope "
@@ -350,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                "not allowed, from the far future), with the device and reason, kept for "
                "inspection.", config="server")
     _json_flag(p)
+    p.add_argument("--limit", metavar="N", type=int, default=None,
+                   help="show at most N dead letters, newest first (default 50)")
 
     # ---- device
     b.group("device", "register devices with the server and broker",

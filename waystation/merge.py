@@ -359,12 +359,11 @@ def _scope_error(record: RecordState | None, change: Change, spec: CollectionSpe
                                       f"{spec.scope!r}, not {s!r}")
         return None
     assert sf is not None
-    if change.op == "del" or not (change.f or change.i or change.a):
-        return None  # a delete or a set remove may arrive before the record's creation
-    if sf not in change.f:
-        return ("scope_mismatch", f"{where}: a new {spec.name} record must set {sf!r} "
-                                  f"to its scope {s!r}")
-    if change.f[sf] != s:
+    # Any change may arrive before the put that created its record (a device's changes
+    # drain by priority; brokers lose and reorder messages): one that does not name the
+    # scope field creates the record in `s`, and the creating put, when it comes, must
+    # set the field to that same `s` (checked above, as for any existing record).
+    if sf in change.f and change.f[sf] != s:
         return ("scope_mismatch", f"{where}: the change is in scope {s!r} but sets "
                                   f"{sf!r} to {change.f[sf]!r}")
     return None

@@ -15,7 +15,11 @@ lost it reconnects after an exponentially growing, jittered delay (``backoff_del
 forever, until ``stop()``; the delay starts over after each successful connection. The
 session is persistent by default (clean_session=False): the broker keeps the
 subscriptions and queues QoS-1 messages while the device is away. Subscriptions are
-remembered and sent again after any reconnect whose session the broker did not keep.
+remembered and sent again after every reconnect, even when the broker says it kept the
+session: Mosquitto 2.0 restores a persistent session's plain subscriptions after a
+restart but silently drops its shared ones (``$share/...``), so a merge server trusting
+"session present" would never hear from a device again. Subscribing again to a filter
+the session holds just replaces it (MQTT 3.1.1 §3.8.4); queued messages stay queued.
 
 Callbacks run on the network thread: they must be quick and thread-safe; the usual
 handler hands the message to a queue and returns. An exception in a callback is logged
@@ -473,10 +477,10 @@ class MqttLink:
             return
         session_present = bool(flags.session_present)
         with self._changed:
-            if not session_present:
-                self._sub_state.clear()
-            pending = [(t, q) for t, q in self._subs.items() if not self._sub_state.get(t)]
-            self._send_subscribe(pending)
+            # Every time, session or not (module docstring: brokers lose subscriptions
+            # of kept sessions, Mosquitto its shared ones).
+            self._sub_state.clear()
+            self._send_subscribe(list(self._subs.items()))
             self._connected = True
             self._attempt = 0
             self._last_error = None

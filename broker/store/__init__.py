@@ -1,4 +1,4 @@
-"""Server stores: the interface (`base`) and its backends (`lmdb_store`; PostgreSQL next).
+"""Server stores: the interface (`base`) and its backends (`lmdb_store`, `postgres_store`).
 
 `open_store(config)` opens the backend a `ServerConfig` names.
 """
@@ -11,14 +11,21 @@ from waystation.config import ServerConfig
 
 
 def open_store(config: ServerConfig) -> Store:
-    """Open the store configured in `config.store` (LMDB: under `config.data_dir`)."""
+    """Open the store configured in `config.store`: LMDB under `config.data_dir`, or the
+    PostgreSQL database at `config.store.url` (its schema is created or migrated)."""
     if config.store.kind == "lmdb":
         from broker.store.lmdb_store import LmdbStore
 
         return LmdbStore(config.data_dir, map_size_mb=config.store.map_size_mb,
                          max_map_size_mb=config.store.max_map_size_mb)
+    if config.store.kind == "postgres":
+        from broker.store.postgres_store import PostgresStore
+
+        if not config.store.url:  # pragma: no cover - StoreConfig requires it
+            raise StoreError("store.kind = \"postgres\" needs store.url")
+        return PostgresStore(config.store.url)
     raise StoreError(f"store.kind = {config.store.kind!r} is not available in this version; "
-                     "use kind = \"lmdb\"")
+                     "use kind = \"lmdb\" or \"postgres\"")
 
 
 __all__ = ["open_store"]

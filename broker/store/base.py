@@ -1,4 +1,4 @@
-"""The server store interface: what every backend (LMDB today, PostgreSQL later) provides.
+"""The server store interface: what every backend (LMDB, PostgreSQL) provides.
 
 A store is deliberately dumb. It keeps rows and hands them back; every algorithm
 (applying a change, catch-up paging, purging tombstones, the registry) is written once,
@@ -36,7 +36,7 @@ Rows are plain frozen dataclasses; records are the JSON-able dicts of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -262,11 +262,26 @@ class WriteTxn(ReadTxn, Protocol):
     free; a PostgreSQL backend with several consumers must do it explicitly):
     `scope_seq` / `allocate_seq` hold the scope's sequence until commit (row lock), so
     sequences stay gapless and no lower q becomes visible after a higher one;
-    `get_record` locks the record; `put_outcome` of a change id that a concurrent
-    transaction committed first must fail the transaction as retryable (unique key),
-    and `transact` then runs fn again, which finds the outcome and answers it as a
-    duplicate. Within one transaction, reads see its own writes.
+    `get_record` locks the record (or the scope it lives in); `put_outcome` of a change
+    id that a concurrent transaction committed first must fail the transaction as
+    retryable (unique key), and `transact` then runs fn again, which finds the outcome
+    and answers it as a duplicate. Within one transaction, reads see its own writes.
     """
+
+    def lock_scopes(self, scopes: Iterable[str]) -> None:
+        """Take the locks of these scopes' sequences now, in a fixed (sorted) order.
+
+        A hint: `scope_seq` / `allocate_seq` lock a scope anyway when first used; taking
+        a batch's scopes up front keeps concurrent consumers from deadlocking on them and
+        makes the reads that follow (outcomes, records) current. LMDB: nothing to do.
+        """
+        ...
+
+    def prefetch(self, dev: str, ns: Iterable[int], keys: Iterable[tuple[str, str]]) -> None:
+        """A hint: the outcomes of `dev`'s change numbers `ns` and the records `keys` are
+        about to be read (a backend with round trips fetches them at once). LMDB: no-op.
+        """
+        ...
 
     # registry
     def put_device(self, row: DeviceRow) -> None: ...

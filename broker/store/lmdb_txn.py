@@ -22,6 +22,7 @@ characters):
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import lmdb
@@ -237,6 +238,12 @@ class LmdbWriteTxn(LmdbReadTxn):
         super().__init__(txn, dbs)
         self._max_dead_letters = max_dead_letters
         self._seqs: dict[str, int] = {}  # sequences read or written in this transaction
+
+    def lock_scopes(self, scopes: Iterable[str]) -> None:
+        """Nothing to do: LMDB has one writer at a time."""
+
+    def prefetch(self, dev: str, ns: Iterable[int], keys: Iterable[tuple[str, str]]) -> None:
+        """Nothing to do: reads are memory-mapped."""
 
     # --- registry
 

@@ -189,6 +189,33 @@ def test_reconnects_by_itself_after_broker_kill_and_restart(
     assert dev_in.get() == (DOWN, b"welcome-back")
 
 
+def test_shared_subscription_survives_a_graceful_mosquitto_restart(
+    mosquitto_broker: BrokerProcess, links: list[MqttLink]
+) -> None:
+    """Mosquitto restores a kept session after a restart but not its shared subscriptions:
+    the link subscribes again although the session is present, so a merge server on
+    `$share/...` still hears every device."""
+    shared = f"$share/waystation/{PREFIX}/+/up"
+    srv_in = Inbox()
+    srv = server_link(links, mosquitto_broker, srv_in)
+    srv.subscribe(shared)
+    srv.start()
+    assert srv.wait_subscribed(shared, 10)
+
+    mosquitto_broker.stop()  # SIGTERM: the session is saved with the database
+    mosquitto_broker.start()
+    wait_until(lambda: len(srv_in.connects) == 2, 15, message="reconnected")
+    assert srv_in.connects == [False, True]  # the broker says it kept the session
+    assert srv.wait_subscribed(shared, 10)
+    dev = RecordingClient(mosquitto_broker.port, "van-12", "van-12", USERS["van-12"])
+    try:
+        assert dev.connect() == "Success"
+        dev.publish(UP, b"after-restart")
+    finally:
+        dev.close()
+    assert srv_in.get() == (UP, b"after-restart")
+
+
 def test_persistent_session_queues_while_device_is_away(
     any_broker: BrokerProcess, links: list[MqttLink]
 ) -> None:

@@ -513,21 +513,36 @@ def test_type_errors_are_reported_before_range_errors() -> None:
 
 
 @pytest.mark.parametrize(("record", "body", "s", "needle"), [
-    (False, {"f": {"status": "x"}}, "r-1", "must set 'route'"),
     (False, {"f": {"route": "r-2"}}, "r-1", "sets 'route' to 'r-2'"),
     (True, {"f": {"status": "x"}}, "r-2", "in scope 'r-1', not 'r-2'"),
     (True, {"f": {"route": "r-2"}}, "r-1", "cannot change"),
     (True, {"f": {"route": None}}, "r-1", "cannot change"),
-    (False, {"i": {"attempts": 1}}, "r-1", "must set 'route'"),
+    (True, {"i": {"attempts": 1}}, "r-2", "in scope 'r-1', not 'r-2'"),
 ])
 def test_scope_rules(record: bool, body: dict[str, Any], s: str, needle: str) -> None:
-    """Create must set the scope field to the change's scope; it can never change after."""
+    """The scope field may only ever be set to the change's scope; it can never change."""
     rec = create() if record else None
     out = apply_change(rec, change(2, 10, s=s, **body), "van-1", 2, TASKS)
     assert out.rejection is not None
     assert out.rejection[0] == "scope_mismatch"
     assert needle in out.rejection[1]
     assert out.record is rec
+
+
+@pytest.mark.parametrize("body", [{"f": {"status": "x"}}, {"i": {"attempts": 2}},
+                                  {"a": {"labels": ["x"]}}])
+def test_change_arriving_before_the_creating_put_is_applied(body: dict[str, Any]) -> None:
+    """A later change that overtakes the put creating its record (priorities, a lost and
+    resent batch) is applied, and the creating put then completes the record exactly as
+    in-order delivery would have."""
+    creating = change(1, 10, f={"route": "r-1", "eta": 5})
+    first = ok(apply_change(None, change(2, 20, **body), "van-1", 1, TASKS))
+    assert first.s == "r-1"
+    late = ok(apply_change(first, creating, "van-1", 2, TASKS))
+    created = ok(apply_change(None, creating, "van-1", 1, TASKS))
+    in_order = ok(apply_change(created, change(2, 20, b=1, **body), "van-1", 2, TASKS))
+    assert late.values() == in_order.values()
+    assert late.values()["route"] == "r-1"
 
 
 def test_scope_field_may_be_written_again_with_the_same_value() -> None:

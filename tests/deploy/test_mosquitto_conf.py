@@ -1,9 +1,10 @@
 """deploy/mosquitto/mosquitto.conf and acl, checked against a real Mosquitto.
 
-The broker is started from the shipped file itself: `render_conf` rewrites only what
-must differ on a test machine (file paths into tmp_path, ports to free ones, both
-listeners on loopback, the unprivileged `user` to the test's own) and asserts it found
-every line it rewrites, so the semantics under test are exactly the production ones.
+The broker is started from the shipped file itself: `render_conf` (in tests/mosquitto_prod.py,
+shared with the end-to-end fleet) rewrites only what must differ on a test machine (file
+paths into tmp_path, ports to free ones, both listeners on loopback, the unprivileged
+`user` to the test's own) and asserts it found every line it rewrites, so the semantics
+under test are exactly the production ones.
 
 Mosquitto drops a publish that the ACL denies *silently* (MQTT 3.1.1 has no way to say
 no; the publisher still gets its PUBACK), so "never delivered" is checked with a marker:
@@ -13,9 +14,6 @@ arrived, the denied message, processed before it, would have arrived too.
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
 import signal
 import ssl
 import subprocess
@@ -31,24 +29,19 @@ from paho.mqtt.enums import CallbackAPIVersion
 from broker.acl import mosquitto_acl_lines
 from broker.passwords import write_password_entry
 from tests.helpers import free_port, port_open, wait_until
+from tests.mosquitto_prod import (
+    ACL,
+    CONF,
+    MOSQUITTO,
+    directives,
+    render_conf,
+    write_production_conf,
+)
 from tests.tlsca import CertificateAuthority, IssuedCert, make_ca, make_server_cert
 
-REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
-ACL = REPO / "deploy" / "mosquitto" / "acl"
 SERVER_USER = "waystation-server"
 DEVICES = ("van-1", "van-2", "van-3")
 DEADLINE_S = 15.0
-
-
-def _find_mosquitto() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
-
-
-MOSQUITTO = _find_mosquitto()
 
 pytestmark = [
     pytest.mark.mosquitto,
@@ -60,51 +53,6 @@ pytestmark = [
 def password(user: str) -> str:
     """Every test user's password (tests only)."""
     return f"pw-{user}-secret"
-
-
-# ------------------------------------------------------------------ the config rewrite
-
-def render_conf(text: str, *, workdir: Path, port: int, tls_port: int,
-                ca: Path, cert: Path, key: Path, user: str) -> str:
-    """The production config with paths, ports and user rewritten for a test run.
-
-    Every directive rewritten must occur exactly once in `text`; all other lines are
-    copied verbatim (AssertionError otherwise, so a changed config fails loudly here).
-    """
-    rewrites: dict[str, str] = {
-        "user": f"user {user}",
-        "password_file": f"password_file {workdir / 'passwd'}",
-        "acl_file": f"acl_file {workdir / 'acl'}",
-        "persistence_location": f"persistence_location {workdir / 'data'}/",
-        "listener 1883": f"listener {port} 127.0.0.1",
-        "listener 8883": f"listener {tls_port} 127.0.0.1",
-        "cafile": f"cafile {ca}",
-        "certfile": f"certfile {cert}",
-        "keyfile": f"keyfile {key}",
-    }
-    seen: dict[str, int] = dict.fromkeys(rewrites, 0)
-    out: list[str] = []
-    for line in text.splitlines():
-        for prefix, replacement in rewrites.items():
-            if line == prefix or line.startswith(prefix + " "):
-                seen[prefix] += 1
-                line = replacement
-                break
-        out.append(line)
-    wrong = {prefix: count for prefix, count in seen.items() if count != 1}
-    assert not wrong, f"{CONF}: expected each of these once: {wrong}"
-    return "\n".join(out) + "\n"
-
-
-def directives(text: str) -> dict[str, list[str]]:
-    """`name -> [value, ...]` of every non-comment line of a Mosquitto config."""
-    found: dict[str, list[str]] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            name, _, value = line.partition(" ")
-            found.setdefault(name, []).append(value.strip())
-    return found
 
 
 # ------------------------------------------------------------------------- the broker
@@ -170,15 +118,11 @@ def broker(tmp_path: Path, ca: tuple[CertificateAuthority, IssuedCert]) -> Itera
     port, tls_port = free_port(), free_port()
     while tls_port == port:
         tls_port = free_port()
-    (tmp_path / "data").mkdir()
-    shutil.copyfile(ACL, tmp_path / "acl")
+    conf = write_production_conf(tmp_path, port=port, tls_port=tls_port,
+                                 ca=authority.cert_path, cert=server_cert.cert_path,
+                                 key=server_cert.key_path)
     for user in (SERVER_USER, *DEVICES):
         write_password_entry(tmp_path / "passwd", user, password(user))
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(render_conf(
-        CONF.read_text(), workdir=tmp_path, port=port, tls_port=tls_port,
-        ca=authority.cert_path, cert=server_cert.cert_path, key=server_cert.key_path,
-        user=pwd.getpwuid(os.getuid()).pw_name))
     proc = Mosquitto(tmp_path, conf, port, tls_port, authority)
     proc.start()
     try:

@@ -1,25 +1,32 @@
 """Throughput of Engine.handle_many: 10 devices x 200 simple lww puts per group.
 
 Run: .venv/bin/python -m tests.server.bench_engine [--groups N] [--online] [--profile]
+        [--store lmdb|postgres] [--url postgresql://...]
 
 Each group is what the daemon would collect within its batch window: one 200-change
-batch from each of 10 devices, applied in one LMDB write transaction (sync=True, so one
-fsync per group). Payloads are built beforehand (that is the devices' work).
+batch from each of 10 devices, applied in one write transaction: LMDB (sync=True, so one
+fsync per group) or PostgreSQL (durable settings: one WAL flush per group; without
+--url, a private server is started in a temporary directory, see tests/pgserver.py).
+Payloads are built beforehand (that is the devices' work).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import tempfile
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
 
 from broker.engine import Engine
 from broker.registry import add_device
+from broker.store.base import Store
 from broker.store.lmdb_store import LmdbStore
 from tests.server.helpers import CATALOG, T0, config, status
 
@@ -47,9 +54,34 @@ def build_groups(groups: int, per_batch: int = 200,
     return out
 
 
-def run(groups: int, online: bool, profile: bool) -> float:
+StoreMaker = Callable[[Path], Store]
+
+
+@contextlib.contextmanager
+def store_maker(kind: str, url: str | None) -> Iterator[StoreMaker]:
+    """Makes fresh stores of `kind` (PostgreSQL: a new database each)."""
+    if kind == "lmdb":
+        yield lambda tmp: LmdbStore(tmp, map_size_mb=1024)
+        return
+    from broker.store.postgres_store import PostgresStore
+    from tests.pgserver import PgServer
+
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(PgServer()) if url is None else None
+
+        def make(tmp: Path) -> Store:
+            if server is None:
+                assert url is not None
+                return PostgresStore(url)
+            return PostgresStore(server.create_database(f"bench_{uuid.uuid4().hex[:12]}"))
+
+        yield make
+
+
+def run(groups: int, online: bool, profile: bool, make: StoreMaker | None = None,
+        label: str = "lmdb") -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        store = LmdbStore(Path(tmp), map_size_mb=1024)
+        store = (make or (lambda t: LmdbStore(t, map_size_mb=1024)))(Path(tmp))
         now = [T0]
         for d in DEVICES:
             add_device(store, d, ["r1"], T0)
@@ -75,7 +107,7 @@ def run(groups: int, online: bool, profile: bool) -> float:
         assert engine.counters["applied"] == groups * len(DEVICES) * 200
         store.close()
     rate = changes / elapsed
-    print(f"{'online (fan-out to 9)' if online else 'offline (acks only)':24s} "
+    print(f"{label:8s} {'online (fan-out to 9)' if online else 'offline (acks only)':24s} "
           f"{changes} changes in {elapsed:.2f} s = {rate:,.0f} changes/s "
           f"(CPU {changes / cpu:,.0f}/s; {sent} messages out)")
     if prof:
@@ -88,10 +120,14 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=31)
     parser.add_argument("--online", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--store", choices=("lmdb", "postgres"), default="lmdb")
+    parser.add_argument("--url", help="PostgreSQL database to use (its tables are used "
+                                      "as they are: give it an empty database)")
     args = parser.parse_args()
-    run(args.groups, False, args.profile)
-    if args.online:
-        run(args.groups, True, args.profile)
+    with store_maker(args.store, args.url) as make:
+        run(args.groups, False, args.profile, make, args.store)
+        if args.online:
+            run(args.groups, True, args.profile, make, args.store)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Builders for the server tests: an engine on a real LMDB store, wire messages, decoding."""
+"""Builders for the server tests: an engine on a real store, wire messages, decoding."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import orjson
 
 from broker.engine import Engine
 from broker.registry import add_device
+from broker.store.base import Store
 from broker.store.lmdb_store import LmdbStore
 from schemas.collection import Catalog, example_catalog_path, load_catalog
 from waystation.config import ServerConfig
@@ -42,10 +43,13 @@ def config(tmp: Path, **merge: Any) -> ServerConfig:
 
 def make_engine(tmp: Path, devices: dict[str, Sequence[str]] | None = None, *,
                 time: FakeTime | None = None, rules: Sequence[Rule] = (),
-                catalog: Catalog = CATALOG, **merge: Any) -> tuple[Engine, LmdbStore, FakeTime]:
-    """An engine over a fresh LMDB store with `devices` registered (dev -> scopes)."""
+                catalog: Catalog = CATALOG, store: Store | None = None,
+                **merge: Any) -> tuple[Engine, Store, FakeTime]:
+    """An engine over `store` (default: a fresh LMDB store under `tmp`) with `devices`
+    registered (dev -> scopes)."""
     time = time or FakeTime()
-    store = LmdbStore(tmp)
+    if store is None:
+        store = LmdbStore(tmp)
     for dev, scopes in (devices or {}).items():
         add_device(store, dev, scopes, time())
     engine = Engine(store, catalog, config(tmp, **merge), time, rules=rules)

@@ -10,8 +10,8 @@ import pytest
 
 from broker.engine import Engine
 from broker.operations import purge_tombstones
-from broker.store.base import WriteTxn
-from broker.store.lmdb_store import LmdbStore
+from broker.store.base import Store, WriteTxn
+from tests.server.conftest import StoreFactory
 from tests.server.helpers import (
     T0,
     by_device,
@@ -27,10 +27,10 @@ DEVICES = {"van-1": ["r1", "r2"], "van-2": ["r1"]}
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[Engine, LmdbStore]]:
-    engine, store, _ = make_engine(tmp_path, DEVICES)
+def env(tmp_path: Path, store_factory: StoreFactory) -> Iterator[tuple[Engine, Store]]:
+    """An engine over a fresh store of each backend."""
+    engine, store, _ = make_engine(tmp_path, DEVICES, store=store_factory())
     yield engine, store
-    store.close()
 
 
 def _ask(engine: Engine, dev: str, cp: dict[str, int], **kw: Any) -> list[dict[str, Any]]:
@@ -44,7 +44,7 @@ def _fill(engine: Engine, dev: str, scope: str, count: int, start: int = 1) -> N
                                             for n in range(first, last)]))
 
 
-def test_paging_over_ten_thousand_records(env: tuple[Engine, LmdbStore]) -> None:
+def test_paging_over_ten_thousand_records(env: tuple[Engine, Store]) -> None:
     """Paging reaches every record exactly once, with contiguous from/to, then checkpoints."""
     engine, _ = env
     _fill(engine, "van-1", "r1", 10_000)
@@ -72,7 +72,7 @@ def test_paging_over_ten_thousand_records(env: tuple[Engine, LmdbStore]) -> None
     assert pages == 10
 
 
-def test_nothing_new_gives_only_a_checkpoint(env: tuple[Engine, LmdbStore]) -> None:
+def test_nothing_new_gives_only_a_checkpoint(env: tuple[Engine, Store]) -> None:
     """A device that is up to date gets just the checkpoint; foreign scopes are denied."""
     engine, _ = env
     _fill(engine, "van-1", "r1", 3)
@@ -81,7 +81,7 @@ def test_nothing_new_gives_only_a_checkpoint(env: tuple[Engine, LmdbStore]) -> N
     assert msgs[0]["cp"] == {"r1": 3} and msgs[0]["denied"] == ["r2", "r9"]
 
 
-def test_catchup_records_device_checkpoints(env: tuple[Engine, LmdbStore]) -> None:
+def test_catchup_records_device_checkpoints(env: tuple[Engine, Store]) -> None:
     """The server remembers how far each device had caught up (for `server devices`)."""
     engine, store = env
     _ask(engine, "van-2", {"r1": 0, "r2": 4})
@@ -90,7 +90,7 @@ def test_catchup_records_device_checkpoints(env: tuple[Engine, LmdbStore]) -> No
     assert row is not None and row.cp == {"r1": 0}
 
 
-def test_pages_are_bounded_in_bytes(env: tuple[Engine, LmdbStore]) -> None:
+def test_pages_are_bounded_in_bytes(env: tuple[Engine, Store]) -> None:
     """Large records end a page early (`more`), so no page exceeds the down-message bound."""
     engine, _ = env
     blob = "y" * 40_000
@@ -113,7 +113,7 @@ def _delete(engine: Engine, dev: str, key: str, n: int) -> None:
                                          "k": key, "s": "r1", "op": "del"}]))
 
 
-def test_snapshot_reset_after_tombstone_purge(env: tuple[Engine, LmdbStore]) -> None:
+def test_snapshot_reset_after_tombstone_purge(env: tuple[Engine, Store]) -> None:
     """Below the purge horizon a catch-up restarts from 0 (reset) unless in a snapshot."""
     engine, store = env
     _fill(engine, "van-1", "r1", 5)              # q 1..5
@@ -138,7 +138,7 @@ def test_snapshot_reset_after_tombstone_purge(env: tuple[Engine, LmdbStore]) -> 
     assert of_type(_ask(engine, "van-2", {"r1": 0}), "page")[0]["reset"] is False
 
 
-def test_purge_respects_retention(env: tuple[Engine, LmdbStore]) -> None:
+def test_purge_respects_retention(env: tuple[Engine, Store]) -> None:
     """Tombstones younger than the retention stay; revived records are not purged."""
     engine, store = env
     _fill(engine, "van-1", "r1", 2)
@@ -154,7 +154,7 @@ def test_purge_respects_retention(env: tuple[Engine, LmdbStore]) -> None:
         assert raw is not None and not merge.from_json(raw).deleted
 
 
-def test_checkpoint_beyond_sequence_resets(env: tuple[Engine, LmdbStore]) -> None:
+def test_checkpoint_beyond_sequence_resets(env: tuple[Engine, Store]) -> None:
     """A checkpoint the server never issued (store replaced) starts a snapshot."""
     engine, _ = env
     _fill(engine, "van-1", "r1", 2)
@@ -162,7 +162,7 @@ def test_checkpoint_beyond_sequence_resets(env: tuple[Engine, LmdbStore]) -> Non
     assert page["reset"] is True and page["to"] == 2 and len(page["recs"]) == 2
 
 
-def test_empty_scope_reset_still_sends_a_page(env: tuple[Engine, LmdbStore]) -> None:
+def test_empty_scope_reset_still_sends_a_page(env: tuple[Engine, Store]) -> None:
     """A reset is announced even when the scope has no records left."""
     engine, store = env
 

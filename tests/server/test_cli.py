@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import stat
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +14,34 @@ import pytest
 
 from broker import cli as bcli
 from broker.passwords import read_password_file, verify_password
+from broker.store import open_store
+from broker.store.base import Store
 from tests.server.helpers import CATALOG, T0, changes, hp, make_engine, status, task
 from waystation.cli import main
-from waystation.config import AgentConfig, load_config
+from waystation.config import AgentConfig, ServerConfig, load_config
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server"),
-            "WAYSTATION_BROKER__PASSWORD_FILE": str(tmp_path / "passwd")}
+@pytest.fixture(params=["lmdb", "postgres"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The CLI's environment, once with the LMDB store and once with a fresh PostgreSQL
+    database (store.kind = "postgres")."""
+    env = {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server"),
+           "WAYSTATION_BROKER__PASSWORD_FILE": str(tmp_path / "passwd")}
+    if request.param == "lmdb":
+        yield env
+        return
+    server = request.getfixturevalue("pg_server")
+    name = f"cli_{uuid.uuid4().hex[:16]}"
+    env.update(WAYSTATION_SERVER__STORE__KIND="postgres",
+               WAYSTATION_SERVER__STORE__URL=server.create_database(name))
+    yield env
+    if server.running:
+        server.drop_database(name)
+
+
+def _open(env: dict[str, str]) -> Store:
+    """The store the CLI opens with `env`."""
+    return open_store(load_config(ServerConfig, None, env))
 
 
 def run(env: dict[str, str], *argv: str,
@@ -33,7 +54,8 @@ def run(env: dict[str, str], *argv: str,
 def _seed(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     """A store with two devices, a manual conflict and a dead letter (server closed after)."""
     data = Path(env["WAYSTATION_SERVER__DATA_DIR"])
-    engine, store, _ = make_engine(data, {"van-1": ["r1"], "van-2": ["r1", "r2"]})
+    engine, store, _ = make_engine(data, {"van-1": ["r1"], "van-2": ["r1", "r2"]},
+                                   store=_open(env))
     try:
         engine.handle_status("van-1", status("van-1"))
         engine.handle_up("van-1", changes("van-1", [task(1, "t-1", address="Dock 1")]))
@@ -103,6 +125,7 @@ def test_server_status_and_devices(env: dict[str, str],
     code, out, _ = run(env, "server", "status", "--json", capsys=capsys)
     doc = json.loads(out)
     assert code == 0
+    assert doc["store"]["kind"] == env.get("WAYSTATION_SERVER__STORE__KIND", "lmdb")
     assert doc["devices"] == {"known": 2, "enabled": 2, "online": 1}
     assert doc["scopes"] == {"r1": {"seq": 2, "purged_to": 0}}
     assert doc["open_conflicts"] == 1 and doc["dead_letters"] == 1
@@ -152,3 +175,18 @@ def test_conflicts_all_and_deadletters_limit(env: dict[str, str],
     assert letter["device"] == "van-2"
     code, out, _ = run(env, "server", "deadletters", capsys=capsys)
     assert code == 0 and "malformed" in out
+
+
+def test_conflicts_all_and_deadletters_limit_from_the_command_line(
+        env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`server conflicts --all --limit N` and `server deadletters --limit N` parse and apply."""
+    _seed(env, capsys)
+    code, out, err = run(env, "server", "conflicts", "--all", "--limit", "5", "--json",
+                         capsys=capsys)
+    assert code == 0, err
+    assert len(json.loads(out)) == 1
+    code, out, err = run(env, "server", "deadletters", "--limit", "1", "--json", capsys=capsys)
+    assert code == 0, err
+    assert [d["code"] for d in json.loads(out)] == ["malformed"]
+    code, _, err = run(env, "server", "deadletters", "--limit", "0", capsys=capsys)
+    assert code == 2 and "--limit" in err

@@ -11,7 +11,7 @@ import pytest
 
 from broker.engine import Engine
 from broker.store.base import Store, WriteTxn
-from broker.store.lmdb_store import LmdbStore
+from tests.server.conftest import StoreFactory, reopen
 from tests.server.helpers import (
     T0,
     by_device,
@@ -33,10 +33,10 @@ DEVICES = {"van-1": ["r1"], "van-2": ["r1"], "van-3": ["r1", "r2"], "van-4": ["r
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[Engine, LmdbStore]]:
-    engine, store, _ = make_engine(tmp_path, DEVICES)
+def env(tmp_path: Path, store_factory: StoreFactory) -> Iterator[tuple[Engine, Store]]:
+    """An engine over a fresh store of each backend."""
+    engine, store, _ = make_engine(tmp_path, DEVICES, store=store_factory())
     yield engine, store
-    store.close()
 
 
 def _record(store: Store, key: str, c: str = "tasks") -> merge.RecordState | None:
@@ -50,7 +50,7 @@ def _online(engine: Engine, *devs: str) -> None:
         engine.handle_status(dev, status(dev))
 
 
-def test_same_batch_three_times_applies_once(env: tuple[Engine, LmdbStore]) -> None:
+def test_same_batch_three_times_applies_once(env: tuple[Engine, Store]) -> None:
     """A batch delivered 3 times is applied once and acked 3 times with the same q."""
     engine, store = env
     batch = changes("van-1", [task(1, "t", status="a"),
@@ -64,7 +64,7 @@ def test_same_batch_three_times_applies_once(env: tuple[Engine, LmdbStore]) -> N
         assert txn.scope_seq("r1") == 2
 
 
-def test_duplicate_ack_carries_whole_record(env: tuple[Engine, LmdbStore]) -> None:
+def test_duplicate_ack_carries_whole_record(env: tuple[Engine, Store]) -> None:
     """A re-acked duplicate brings the whole current record in fx (§7.4)."""
     engine, _ = env
     batch = changes("van-1", [task(1, "t", status="a")])
@@ -78,7 +78,7 @@ def test_duplicate_ack_carries_whole_record(env: tuple[Engine, LmdbStore]) -> No
     assert not again["fx"][0].get("part")
 
 
-def test_same_batch_in_one_group_applies_once(env: tuple[Engine, LmdbStore]) -> None:
+def test_same_batch_in_one_group_applies_once(env: tuple[Engine, Store]) -> None:
     """The same batch twice within one handle_many group is still applied once."""
     engine, store = env
     batch = changes("van-1", [{"n": 1, "h": hp(T0), "c": "tasks", "k": "t", "s": "r1",
@@ -89,15 +89,16 @@ def test_same_batch_in_one_group_applies_once(env: tuple[Engine, LmdbStore]) -> 
     assert rec is not None and rec.value("attempts") == 2
 
 
-def test_lost_ack_then_resend_does_not_double_apply(tmp_path: Path) -> None:
+def test_lost_ack_then_resend_does_not_double_apply(tmp_path: Path,
+                                                   store_factory: StoreFactory) -> None:
     """Server restarts after applying but before the ack went out: the resend is a duplicate."""
-    engine, store, time = make_engine(tmp_path, DEVICES)
+    engine, store, time = make_engine(tmp_path, DEVICES, store=store_factory())
     batch = changes("van-1", [{"n": n, "h": hp(T0 + n), "c": "inventory", "k": "sku",
                                "s": "r1", "op": "put", "f": {"depot": "r1"},
                                "i": {"stock": 5}} for n in range(1, 4)])
     engine.handle_up("van-1", batch)  # the outgoing ack is "lost"
     store.close()
-    store = LmdbStore(tmp_path)
+    store = reopen(store)
     engine = Engine(store, engine.catalog, engine.config, time)
     try:
         out = by_device(engine.handle_up("van-1", batch))
@@ -139,14 +140,15 @@ def _values(store: Store) -> dict[str, Any]:
     return out
 
 
-def test_duplicated_reordered_delivery_converges(tmp_path: Path) -> None:
+def test_duplicated_reordered_delivery_converges(tmp_path: Path,
+                                                store_factory: StoreFactory) -> None:
     """Many changes from 3 devices, duplicated and shuffled, give the same records."""
     rng = random.Random(7)
     devs = ["van-1", "van-2", "van-3"]
     per_dev = {d: _random_changes(rng, d, 60) for d in devs}
     results = []
     for trial in range(3):
-        engine, store, _ = make_engine(tmp_path / str(trial), DEVICES)
+        engine, store, _ = make_engine(tmp_path / str(trial), DEVICES, store=store_factory())
         try:
             msgs = [(d, changes(d, [ch])) for d in devs for ch in per_dev[d]]
             if trial:
@@ -162,7 +164,7 @@ def test_duplicated_reordered_delivery_converges(tmp_path: Path) -> None:
     assert results[0] == results[1] == results[2]
 
 
-def test_sequences_contiguous_and_only_for_applied(env: tuple[Engine, LmdbStore]) -> None:
+def test_sequences_contiguous_and_only_for_applied(env: tuple[Engine, Store]) -> None:
     """q runs 1, 2, 3, ... per scope; refused changes take no number."""
     engine, store = env
     batch = []
@@ -185,7 +187,7 @@ def test_sequences_contiguous_and_only_for_applied(env: tuple[Engine, LmdbStore]
                                     "r2": len([g for g in got if g[1] == "r2"])}
 
 
-def test_deltas_only_to_other_online_devices_of_the_scope(env: tuple[Engine, LmdbStore]) -> None:
+def test_deltas_only_to_other_online_devices_of_the_scope(env: tuple[Engine, Store]) -> None:
     """A change goes to online subscribers of its scope, never back to its writer."""
     engine, _ = env
     _online(engine, "van-1", "van-2", "van-4")  # van-3 offline; van-4 follows r2 only
@@ -201,7 +203,7 @@ def test_deltas_only_to_other_online_devices_of_the_scope(env: tuple[Engine, Lmd
     assert set(out) == {"van-1"}
 
 
-def test_one_delta_per_device_per_group(env: tuple[Engine, LmdbStore]) -> None:
+def test_one_delta_per_device_per_group(env: tuple[Engine, Store]) -> None:
     """All deltas of a group reach a device in one message, in q order, without its own."""
     engine, _ = env
     _online(engine, "van-1", "van-2", "van-3")
@@ -216,7 +218,7 @@ def test_one_delta_per_device_per_group(env: tuple[Engine, LmdbStore]) -> None:
     assert [r["k"] for r in d2["d"]] == ["a", "b"]
 
 
-def test_every_applied_change_yields_a_delta_state(env: tuple[Engine, LmdbStore]) -> None:
+def test_every_applied_change_yields_a_delta_state(env: tuple[Engine, Store]) -> None:
     """A change that changes nothing visible (a losing write) still reaches others' q."""
     engine, _ = env
     _online(engine, "van-2")
@@ -229,7 +231,7 @@ def test_every_applied_change_yields_a_delta_state(env: tuple[Engine, LmdbStore]
     assert delta["d"] == [{"c": "tasks", "k": "t", "s": "r1", "q": 2, "part": True}]
 
 
-def test_lww_loser_and_manual_conflicts_are_logged(env: tuple[Engine, LmdbStore]) -> None:
+def test_lww_loser_and_manual_conflicts_are_logged(env: tuple[Engine, Store]) -> None:
     """Concurrent writes leave conflict-log entries; manual ones stay open until settled."""
     engine, store = env
     engine.handle_up("van-1", changes("van-1", [task(1, "t", status="a", address="Dock 1")]))
@@ -250,7 +252,7 @@ def test_lww_loser_and_manual_conflicts_are_logged(env: tuple[Engine, LmdbStore]
         assert row is not None and row.resolution == "device van-1 change 2"
 
 
-def test_messages_compressed_for_z_devices(env: tuple[Engine, LmdbStore]) -> None:
+def test_messages_compressed_for_z_devices(env: tuple[Engine, Store]) -> None:
     """Large messages to a device that said z=true are zlib-compressed; others are not."""
     engine, _ = env
     engine.handle_many([("van-2", hello("van-2", z=True)), ("van-1", hello("van-1"))])
@@ -284,7 +286,7 @@ class CountingStore:
         self.inner.close()
 
 
-def test_group_commit_uses_one_transaction(env: tuple[Engine, LmdbStore]) -> None:
+def test_group_commit_uses_one_transaction(env: tuple[Engine, Store]) -> None:
     """handle_many applies the batches of many devices in a single write transaction."""
     engine, store = env
     counting = CountingStore(store)
@@ -296,7 +298,7 @@ def test_group_commit_uses_one_transaction(env: tuple[Engine, LmdbStore]) -> Non
     assert sum(len(oks(out[d])) for d in out) == 150
 
 
-def test_large_acks_and_deltas_are_split(env: tuple[Engine, LmdbStore]) -> None:
+def test_large_acks_and_deltas_are_split(env: tuple[Engine, Store]) -> None:
     """Down messages stay under the size bound: a big ack or delta comes in parts."""
     engine, _ = env
     _online(engine, "van-2")

@@ -11,7 +11,8 @@ from broker.engine import Engine
 from broker.errors import ConflictClosed, ConflictNotFound, InvalidArgument
 from broker.operations import resolve_conflict
 from broker.registry import add_device, issue_command, remove_device, set_scopes
-from broker.store.lmdb_store import LmdbStore
+from broker.store.base import Store
+from tests.server.conftest import StoreFactory
 from tests.server.helpers import (
     CATALOG,
     T0,
@@ -31,13 +32,13 @@ DEVICES = {"van-1": ["r1"], "van-2": ["r1"], "van-3": ["r1"]}
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[Engine, LmdbStore]]:
-    engine, store, _ = make_engine(tmp_path, DEVICES)
+def env(tmp_path: Path, store_factory: StoreFactory) -> Iterator[tuple[Engine, Store]]:
+    """An engine over a fresh store of each backend."""
+    engine, store, _ = make_engine(tmp_path, DEVICES, store=store_factory())
     yield engine, store
-    store.close()
 
 
-def test_hello_returns_pending_commands(env: tuple[Engine, LmdbStore]) -> None:
+def test_hello_returns_pending_commands(env: tuple[Engine, Store]) -> None:
     """hello is answered with every command not yet reported done; done ones are closed."""
     engine, store = env
     wipe = issue_command(store, "van-1", "wipe", T0)
@@ -53,7 +54,7 @@ def test_hello_returns_pending_commands(env: tuple[Engine, LmdbStore]) -> None:
     assert done[wipe.id] == T0 and done[ping.id] == 0
 
 
-def test_hello_records_the_device(env: tuple[Engine, LmdbStore]) -> None:
+def test_hello_records_the_device(env: tuple[Engine, Store]) -> None:
     """hello stores last contact, agent, schema version and compression support."""
     engine, store = env
     assert engine.handle_up("van-1", hello("van-1", z=True, sv=1)) == []
@@ -62,7 +63,7 @@ def test_hello_records_the_device(env: tuple[Engine, LmdbStore]) -> None:
     assert row is not None and row.z and row.agent == "test/1" and row.last_seen_ms == T0
 
 
-def test_presence_is_mirrored_to_the_store(env: tuple[Engine, LmdbStore]) -> None:
+def test_presence_is_mirrored_to_the_store(env: tuple[Engine, Store]) -> None:
     """Status changes are flushed to the store for the CLI; a restart starts offline."""
     engine, store = env
     engine.handle_status("van-1", status("van-1"))
@@ -79,7 +80,7 @@ def test_presence_is_mirrored_to_the_store(env: tuple[Engine, LmdbStore]) -> Non
         assert [d.id for d in txn.devices() if d.online] == []
 
 
-def test_tick_reloads_registry_changed_elsewhere(env: tuple[Engine, LmdbStore]) -> None:
+def test_tick_reloads_registry_changed_elsewhere(env: tuple[Engine, Store]) -> None:
     """Devices added, re-scoped or removed by the CLI take effect without a restart."""
     engine, store = env
     add_device(store, "van-9", ["r1"], T0)
@@ -93,7 +94,7 @@ def test_tick_reloads_registry_changed_elsewhere(env: tuple[Engine, LmdbStore]) 
     assert out["van-9"][0]["err"]["code"] == "unknown_device"
 
 
-def test_tick_sends_new_commands_to_online_devices(env: tuple[Engine, LmdbStore]) -> None:
+def test_tick_sends_new_commands_to_online_devices(env: tuple[Engine, Store]) -> None:
     """A command issued while a device is online reaches it at the next tick, once."""
     engine, store = env
     engine.handle_status("van-1", status("van-1"))
@@ -112,7 +113,7 @@ def _manual_conflict(engine: Engine) -> None:
                                                      address="Dock 2")]))
 
 
-def test_operator_resolution_is_fanned_out_by_tick(env: tuple[Engine, LmdbStore]) -> None:
+def test_operator_resolution_is_fanned_out_by_tick(env: tuple[Engine, Store]) -> None:
     """`server resolve` writes a new version; the server's next tick sends it as a delta."""
     engine, store = env
     _manual_conflict(engine)
@@ -136,7 +137,7 @@ def test_operator_resolution_is_fanned_out_by_tick(env: tuple[Engine, LmdbStore]
         resolve_conflict(store, CATALOG, clock, 999, "x", T0 + 200)
 
 
-def test_resolution_value_is_validated(env: tuple[Engine, LmdbStore]) -> None:
+def test_resolution_value_is_validated(env: tuple[Engine, Store]) -> None:
     """A resolution value of the wrong type is refused and the conflict stays open."""
     engine, store = env
     _manual_conflict(engine)
@@ -150,7 +151,7 @@ def test_resolution_value_is_validated(env: tuple[Engine, LmdbStore]) -> None:
         assert txn.scope_seq("r1") == 2
 
 
-def test_reset_presence_until_statuses_replay(env: tuple[Engine, LmdbStore]) -> None:
+def test_reset_presence_until_statuses_replay(env: tuple[Engine, Store]) -> None:
     """After a broker reconnect presence restarts empty and is rebuilt from statuses."""
     engine, store = env
     engine.handle_status("van-1", status("van-1"))
@@ -166,8 +167,23 @@ def test_reset_presence_until_statuses_replay(env: tuple[Engine, LmdbStore]) -> 
     assert set(out) == {"van-2", "van-3"}
 
 
+def test_first_status_of_a_device_enrolled_since_the_last_refresh_counts(
+        env: tuple[Engine, Store]) -> None:
+    """A device enrolled by another process is online from its first status on, and the
+    next change in its scope reaches it as a delta (no dead letter for the status)."""
+    engine, store = env
+    engine.handle_status("van-1", status("van-1"))
+    add_device(store, "van-9", ["r1"], T0)  # `waystation device add`, another process
+    engine.handle_status("van-9", status("van-9"))
+    assert engine.is_online("van-9")
+    out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "t", status="x")])))
+    assert [m["type"] for m in out["van-9"]] == ["delta"]
+    with store.read() as txn:
+        assert txn.dead_letters(10) == []
+
+
 def test_command_is_pushed_even_if_a_batch_saw_the_registry_first(
-        env: tuple[Engine, LmdbStore]) -> None:
+        env: tuple[Engine, Store]) -> None:
     """A command issued between ticks is sent at the next tick, whatever ran in between."""
     engine, store = env
     engine.handle_status("van-1", status("van-1"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import pytest
 
 from broker.engine import Engine
 from broker.registry import set_enabled
-from broker.store.lmdb_store import LmdbStore
+from broker.store.base import Store
+from tests.server.conftest import StoreFactory
 from tests.server.helpers import (
     T0,
     by_device,
@@ -30,23 +32,23 @@ DEVICES = {"van-1": ["r1"], "van-2": ["r1"], "van-3": ["r2"]}
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> tuple[Engine, LmdbStore]:
-    engine, store, _ = make_engine(tmp_path, DEVICES)
+def env(tmp_path: Path, store_factory: StoreFactory) -> Iterator[tuple[Engine, Store]]:
+    """An engine over a fresh store of each backend."""
+    engine, store, _ = make_engine(tmp_path, DEVICES, store=store_factory())
     yield engine, store
-    store.close()
 
 
-def _letters(store: LmdbStore) -> list[Any]:
+def _letters(store: Store) -> list[Any]:
     with store.read() as txn:
         return txn.dead_letters(100)
 
 
-def _seq(store: LmdbStore, scope: str = "r1") -> int:
+def _seq(store: Store, scope: str = "r1") -> int:
     with store.read() as txn:
         return txn.scope_seq(scope)
 
 
-def _message_error(engine: Engine, store: LmdbStore, dev: str, payload: bytes
+def _message_error(engine: Engine, store: Store, dev: str, payload: bytes
                    ) -> dict[str, Any]:
     """Send `payload` with a good batch from van-2 in the same group; return dev's err."""
     good = changes("van-2", [task(1, "ok-1", status="x")])
@@ -73,14 +75,14 @@ def _message_error(engine: Engine, store: LmdbStore, dev: str, payload: bytes
     (zlib.compress(b'{"a":"' + b"x" * (2 * 1024 * 1024) + b'"}'), "too_large"),
     (changes("van-1", [task(i, f"k{i}", status="s") for i in range(1, 1002)]), "too_large"),
 ])
-def test_message_level_refusals(env: tuple[Engine, LmdbStore], payload: bytes,
+def test_message_level_refusals(env: tuple[Engine, Store], payload: bytes,
                                 code: str) -> None:
     """Each malformed message gets its code, a dead letter, and the group goes on."""
     engine, store = env
     assert _message_error(engine, store, "van-1", payload)["code"] == code
 
 
-def test_wrong_device(env: tuple[Engine, LmdbStore]) -> None:
+def test_wrong_device(env: tuple[Engine, Store]) -> None:
     """A device writing as another is refused with wrong_device, answered on its own topic."""
     engine, store = env
     err = _message_error(engine, store, "van-1", changes("van-2", [task(7, "t", status="x")]))
@@ -90,7 +92,7 @@ def test_wrong_device(env: tuple[Engine, LmdbStore]) -> None:
         assert txn.get_record("tasks", "t") is None
 
 
-def test_unregistered_and_disabled_devices(env: tuple[Engine, LmdbStore]) -> None:
+def test_unregistered_and_disabled_devices(env: tuple[Engine, Store]) -> None:
     """Unknown and disabled devices get unknown_device; nothing of theirs is applied."""
     engine, store = env
     err = _message_error(engine, store, "ghost", changes("ghost", [task(1, "t", status="x")]))
@@ -102,14 +104,14 @@ def test_unregistered_and_disabled_devices(env: tuple[Engine, LmdbStore]) -> Non
     assert _seq(store) == 1
 
 
-def test_invalid_topic_device_is_kept_not_answered(env: tuple[Engine, LmdbStore]) -> None:
+def test_invalid_topic_device_is_kept_not_answered(env: tuple[Engine, Store]) -> None:
     """A payload from a topic level that is no device id is dead-lettered, not answered."""
     engine, store = env
     assert engine.handle_up("+bad/x", b"{}") == []
     assert _letters(store)[0].device == "+bad/x"
 
 
-def _one_rejection(engine: Engine, store: LmdbStore, change: dict[str, Any],
+def _one_rejection(engine: Engine, store: Store, change: dict[str, Any],
                    dev: str = "van-1", sv: int = 1) -> dict[str, Any]:
     """Send `change` next to a good change of the same batch and another device's batch."""
     good = task(1, "good", status="fine")
@@ -135,7 +137,7 @@ def _one_rejection(engine: Engine, store: LmdbStore, change: dict[str, Any],
       "f": {"depot": "r1"}, "i": {"stock": -1}}, "rule_rejected"),
     (task(2, "t", proof={"blob": "x" * (70 * 1024)}), "record_too_large"),
 ])
-def test_change_level_refusals(env: tuple[Engine, LmdbStore], change: dict[str, Any],
+def test_change_level_refusals(env: tuple[Engine, Store], change: dict[str, Any],
                                code: str) -> None:
     """A bad change is refused for good with its code; its neighbours are applied."""
     engine, store = env
@@ -146,7 +148,7 @@ def test_change_level_refusals(env: tuple[Engine, LmdbStore], change: dict[str, 
         assert txn.get_outcome("van-1", 2) is not None  # remembered
 
 
-def test_refused_change_is_refused_again_identically(env: tuple[Engine, LmdbStore]) -> None:
+def test_refused_change_is_refused_again_identically(env: tuple[Engine, Store]) -> None:
     """Resending a permanently refused change gets the same rejection, no dead letter."""
     engine, store = env
     bad = task(1, "t", "r2", status="x")
@@ -157,7 +159,7 @@ def test_refused_change_is_refused_again_identically(env: tuple[Engine, LmdbStor
     assert len(_letters(store)) == letters
 
 
-def test_rejection_carries_current_record(env: tuple[Engine, LmdbStore]) -> None:
+def test_rejection_carries_current_record(env: tuple[Engine, Store]) -> None:
     """A refused change on an existing record comes back with the record's whole state."""
     engine, _store = env
     engine.handle_up("van-1", changes("van-1", [task(1, "t", status="a")]))
@@ -167,7 +169,7 @@ def test_rejection_carries_current_record(env: tuple[Engine, LmdbStore]) -> None
     assert rj["rec"]["f"] == {"route": "r1", "status": "a"} and not rj["rec"].get("part")
 
 
-def test_schema_version_is_transient_and_not_remembered(env: tuple[Engine, LmdbStore]) -> None:
+def test_schema_version_is_transient_and_not_remembered(env: tuple[Engine, Store]) -> None:
     """Changes under a newer schema version are refused transiently and can apply later."""
     engine, store = env
     out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "t", status="x")],
@@ -179,7 +181,7 @@ def test_schema_version_is_transient_and_not_remembered(env: tuple[Engine, LmdbS
     assert oks(out["van-1"]) == [[1, "r1", 1]]
 
 
-def test_far_future_stamp_is_restamped(env: tuple[Engine, LmdbStore]) -> None:
+def test_far_future_stamp_is_restamped(env: tuple[Engine, Store]) -> None:
     """A stamp beyond max_skew is replaced by the server clock's; ack lists it in rs."""
     engine, store = env
     future = T0 + 3_600_000
@@ -230,7 +232,7 @@ def test_rule_hook_rejects_and_transforms(tmp_path: Path) -> None:
         store.close()
 
 
-def test_invalid_change_inside_valid_batch(env: tuple[Engine, LmdbStore]) -> None:
+def test_invalid_change_inside_valid_batch(env: tuple[Engine, Store]) -> None:
     """A malformed entry is refused on its own (invalid); a nameless one via err."""
     engine, store = env
     batch = [task(1, "a", status="x"), {"n": 2, "h": "nothex"}, {"oops": True},
@@ -243,7 +245,7 @@ def test_invalid_change_inside_valid_batch(env: tuple[Engine, LmdbStore]) -> Non
     assert _letters(store)[0].code == "invalid"
 
 
-def test_crash_in_merge_is_isolated(env: tuple[Engine, LmdbStore],
+def test_crash_in_merge_is_isolated(env: tuple[Engine, Store],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A change that crashes the merge gets a transient server_error; the rest applies."""
     engine, store = env
@@ -269,7 +271,7 @@ def test_crash_in_merge_is_isolated(env: tuple[Engine, LmdbStore],
     assert oks(out["van-1"]) == [[2, "r1", 4]]
 
 
-def test_crash_outside_merge_falls_back_per_message(env: tuple[Engine, LmdbStore],
+def test_crash_outside_merge_falls_back_per_message(env: tuple[Engine, Store],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """If a whole message blows up, it alone fails; the group's other messages apply."""
     engine, store = env
@@ -297,7 +299,7 @@ def test_crash_outside_merge_falls_back_per_message(env: tuple[Engine, LmdbStore
     assert _letters(store)[0].code == "server_error"
 
 
-def test_bad_status_is_dead_lettered(env: tuple[Engine, LmdbStore]) -> None:
+def test_bad_status_is_dead_lettered(env: tuple[Engine, Store]) -> None:
     """Invalid or foreign status payloads are ignored and kept as dead letters."""
     engine, store = env
     engine.handle_status("van-1", b"garbage")

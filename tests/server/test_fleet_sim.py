@@ -19,8 +19,9 @@ from agent.api import Agent
 from broker.engine import Engine
 from broker.operations import purge_tombstones
 from broker.registry import issue_command
-from broker.store.lmdb_store import LmdbStore
+from broker.store.base import Store
 from schemas import codec, wire
+from tests.server.conftest import StoreFactory
 from tests.server.helpers import CATALOG, FakeTime, make_engine, status
 from waystation import merge
 from waystation.config import AgentConfig
@@ -109,7 +110,7 @@ class Fleet:
         self.loss, self.dup = saved
 
 
-def _server_records(store: LmdbStore) -> dict[tuple[str, str], merge.RecordState]:
+def _server_records(store: Store) -> dict[tuple[str, str], merge.RecordState]:
     out = {}
     with store.read() as txn:
         for scope in SCOPES:
@@ -127,9 +128,11 @@ def _visible(fields: dict[str, object]) -> dict[str, object]:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[tuple[Fleet, LmdbStore]]:
+def fleet(tmp_path: Path, store_factory: StoreFactory) -> Iterator[tuple[Fleet, Store]]:
+    """Three agents and an engine over a fresh store of each backend."""
     time = FakeTime()
-    engine, store, _ = make_engine(tmp_path / "server", {d: SCOPES for d in DEVS}, time=time)
+    engine, store, _ = make_engine(tmp_path / "server", {d: SCOPES for d in DEVS}, time=time,
+                                   store=store_factory())
     agents = {}
     for dev in DEVS:
         cfg = AgentConfig.model_validate({"device_id": dev, "data_dir": tmp_path / dev,
@@ -165,7 +168,7 @@ def _edit_offline(ag: Agent, rng: random.Random, dev: str, time: FakeTime) -> No
 
 @pytest.mark.parametrize("seed", [3, 5, 8, 13])
 def test_three_devices_converge_after_concurrent_offline_edits(
-        fleet: tuple[Fleet, LmdbStore], seed: int) -> None:
+        fleet: tuple[Fleet, Store], seed: int) -> None:
     """Offline edits on 3 devices, lossy and duplicating links: all views end equal."""
     net, store = fleet
     rng = random.Random(seed)
@@ -211,7 +214,7 @@ def test_three_devices_converge_after_concurrent_offline_edits(
 
 
 def test_rejected_offline_write_rolls_back_on_the_device(
-        fleet: tuple[Fleet, LmdbStore]) -> None:
+        fleet: tuple[Fleet, Store]) -> None:
     """A write the server refuses (stock below 0) is dead-lettered on the device and undone."""
     net, store = fleet
     for dev in DEVS:
@@ -235,7 +238,7 @@ def test_rejected_offline_write_rolls_back_on_the_device(
         assert any(d.code == "rule_rejected" for d in txn.dead_letters(10))
 
 
-def test_snapshot_after_purge_drops_what_was_deleted(fleet: tuple[Fleet, LmdbStore]) -> None:
+def test_snapshot_after_purge_drops_what_was_deleted(fleet: tuple[Fleet, Store]) -> None:
     """A device that slept through a delete whose tombstone was purged resyncs by snapshot."""
     net, store = fleet
     for dev in DEVS:
@@ -258,7 +261,7 @@ def test_snapshot_after_purge_drops_what_was_deleted(fleet: tuple[Fleet, LmdbSto
     assert sorted(r.key for r in ag.list("tasks")) == ["a", "c"]
 
 
-def test_wipe_command_reaches_device_and_is_confirmed(fleet: tuple[Fleet, LmdbStore]) -> None:
+def test_wipe_command_reaches_device_and_is_confirmed(fleet: tuple[Fleet, Store]) -> None:
     """An operator's wipe reaches the online device, which reports it done in its hello."""
     net, store = fleet
     for dev in DEVS:

@@ -283,3 +283,37 @@ def test_info_reports_size_and_counts(store: Store) -> None:
     assert info.kind == store.kind
     assert info.size_bytes > 0
     assert info.counts["records"] == 1
+
+
+def test_lock_and_prefetch_hints_do_not_change_reads(store: Store) -> None:
+    """lock_scopes and prefetch are hints: reads give the same answers, own writes too."""
+    key = 'k "q" \\ {a,b} ✓'
+    store.transact(lambda t: (t.put_record("tasks", key, {"s": "r1", "v": 1}),
+                              t.index_move("r1", 0, t.allocate_seq("r1"), "tasks", key),
+                              t.put_outcome("van-1", 1, OutcomeRow("tasks", key, "r1", 1))))
+
+    def fn(txn: WriteTxn) -> list[object]:
+        txn.put_outcome("van-1", 3, OutcomeRow("tasks", "new", code="invalid", reason="x"))
+        txn.put_record("tasks", "mine", {"s": "r2", "v": 0})
+        txn.lock_scopes(["r2", "r1", "r1"])
+        txn.prefetch("van-1", [1, 2, 3, 99], [("tasks", key), ("tasks", "new"),
+                                              ("tasks", "mine")])
+        got: list[object] = [txn.get_outcome("van-1", n) for n in (1, 2, 3)]
+        got += [txn.get_record("tasks", k) for k in (key, "new", "mine")]
+        txn.put_record("tasks", "new", {"s": "r1", "v": 2})
+        txn.index_move("r1", 0, txn.allocate_seq("r1"), "tasks", "new")
+        txn.put_outcome("van-1", 2, OutcomeRow("tasks", "new", "r1", 2))
+        got += [txn.get_record("tasks", "new"), txn.get_outcome("van-1", 2),
+                txn.index_range("r1", 0, 10)]
+        return got
+
+    assert store.transact(fn) == [
+        OutcomeRow("tasks", key, "r1", 1), None,
+        OutcomeRow("tasks", "new", code="invalid", reason="x"),
+        {"s": "r1", "v": 1}, None, {"s": "r2", "v": 0},
+        {"s": "r1", "v": 2}, OutcomeRow("tasks", "new", "r1", 2),
+        [(1, "tasks", key), (2, "tasks", "new")]]
+    with store.read() as txn:
+        assert txn.get_record("tasks", "new") == {"s": "r1", "v": 2}
+        assert txn.get_outcome("van-1", 3) is not None
+        assert txn.scope_seqs() == {"r1": 2}

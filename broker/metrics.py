@@ -1,0 +1,80 @@
+"""Prometheus metrics of a running merge server (`metrics_port` in the server config).
+
+A scrape reads only counters the server already keeps in memory: it never touches the
+store (whose connection belongs to the worker thread) and never blocks the worker.
+
+    waystation_server_changes_total{outcome}   applied / duplicate / rejected / transient
+    waystation_server_conflicts_total          conflict-log entries written
+    waystation_server_dead_letters_total       bad input kept for the operator
+    waystation_server_catchup_records_total    record states sent in catch-up pages
+    waystation_server_messages_total{direction} up messages handled / down messages sent
+    waystation_server_groups_total             store transactions (groups of messages)
+    waystation_server_group_seconds_total      time spent handling groups
+    waystation_server_devices{state}           registered / online
+    waystation_server_inbox_messages           messages waiting for the worker
+    waystation_server_broker_connected         1 while connected to the broker
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+
+class MetricsSource(Protocol):
+    def metrics_snapshot(self) -> dict[str, Any]: ...
+
+
+class ServerCollector(Collector):
+    """Turns `MergeServer.metrics_snapshot()` into metric families at scrape time."""
+
+    def __init__(self, source: MetricsSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.source.metrics_snapshot()
+        counters: dict[str, int] = snap.get("counters", {})
+        changes = CounterMetricFamily("waystation_server_changes", "Changes handled, by outcome",
+                                      labels=["outcome"])
+        for outcome, key in (("applied", "applied"), ("duplicate", "duplicates"),
+                             ("rejected", "rejected"), ("transient", "transient")):
+            changes.add_metric([outcome], counters.get(key, 0))
+        yield changes
+        for name, key, text in (
+                ("waystation_server_conflicts", "conflicts", "Conflict-log entries written"),
+                ("waystation_server_dead_letters", "dead_letters",
+                 "Bad input kept in the dead-letter store"),
+                ("waystation_server_catchup_records", "catchup_records",
+                 "Record states sent in catch-up pages")):
+            yield CounterMetricFamily(name, text, value=counters.get(key, 0))
+        messages = CounterMetricFamily("waystation_server_messages", "MQTT messages",
+                                       labels=["direction"])
+        messages.add_metric(["in"], snap.get("messages_in", 0))
+        messages.add_metric(["out"], snap.get("messages_out", 0))
+        yield messages
+        yield CounterMetricFamily("waystation_server_groups", "Store transactions (groups)",
+                                  value=snap.get("groups", 0))
+        yield CounterMetricFamily("waystation_server_group_seconds",
+                                  "Seconds spent handling groups of messages",
+                                  value=snap.get("group_seconds", 0.0))
+        devices = GaugeMetricFamily("waystation_server_devices", "Devices", labels=["state"])
+        devices.add_metric(["registered"], snap.get("devices_registered", 0))
+        devices.add_metric(["online"], snap.get("devices_online", 0))
+        yield devices
+        yield GaugeMetricFamily("waystation_server_inbox_messages",
+                                "Messages waiting for the worker", value=snap.get("inbox", 0))
+        yield GaugeMetricFamily("waystation_server_broker_connected",
+                                "1 while connected to the broker",
+                                value=1 if snap.get("connected") else 0)
+
+
+def serve_metrics(source: MetricsSource, port: int, host: str = "127.0.0.1") -> Any:
+    """Start the HTTP endpoint (a daemon thread); returns the server for shutdown()."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(source))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,583 @@
+"""A whole Waystation fleet as real processes, for end-to-end tests.
+
+    fleet = Fleet(tmp_path, "embedded")        # or "mosquitto" (the production config)
+    fleet.start()                              # broker, server login, server process
+    fleet.add_device("van-1", ["depot-7"])     # `waystation device add` (the real CLI)
+    fleet.start_agent("van-1")                 # `waystation agent run --config ...`
+    fleet.agent("van-1").increment(...)        # the device's LMDB store, from this process
+    fleet.wait_drained("van-1")                # outbox empty (server acked everything)
+    assert fleet.mismatches("van-1") == []     # waystation.convergence.compare
+    fleet.kill_agent("van-1") / kill_server() / kill_broker()   # SIGKILL, as a crash
+    fleet.close()
+
+Everything talks MQTT over TCP on 127.0.0.1; the broker, the merge server and every
+agent are subprocesses started from the installed `waystation` command (Mosquitto from
+its binary), each logging to its own file under the fleet's directory (JSON lines for
+Waystation processes, so tests can wait on logged events). The test process opens the
+agents' stores through `agent.api.Agent` and the server's store through
+`broker.store`: LMDB lets several processes use one environment, so it reads (and an
+agent's store also takes writes) while the daemons run.
+
+Nothing here sleeps and hopes: every wait is `tests.helpers.wait_until` on a condition,
+with a deadline, and fails with the tails of the logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from agent.api import Agent
+from broker.store import open_store
+from broker.store.base import Store
+from schemas.collection import Catalog, load_catalog
+from tests.fixtures_brokers import BrokerProcess
+from tests.helpers import RecordingClient, free_port, wait_until
+from tests.mosquitto_prod import MOSQUITTO, write_production_conf
+from tests.tlsca import make_ca, make_server_cert
+from waystation import merge
+from waystation.config import AgentConfig, ServerConfig, dump_toml, load_config
+from waystation.convergence import Mismatch, compare
+
+__all__ = ["BROKER_KINDS", "MOSQUITTO", "SERVER_USER", "Fleet", "Proc", "waystation_argv"]
+
+T = TypeVar("T")
+BrokerKind = Literal["embedded", "mosquitto"]
+BROKER_KINDS: tuple[BrokerKind, ...] = ("embedded", "mosquitto")
+SERVER_USER = "waystation-server"
+SHARED_GROUP = "waystation"
+
+FAST_SYNC: dict[str, Any] = {
+    "ack_timeout_s": 2.0,
+    "gap_timeout_s": 1.0,
+    "backoff_initial_s": 0.1,
+    "backoff_max_s": 1.0,
+    "status_interval_s": 2.0,
+}
+"""Short sync timings for every test agent (the defaults are made for cellular links)."""
+
+START_TIMEOUT_S = 30.0
+
+
+def waystation_argv(*args: str) -> list[str]:
+    """The installed `waystation` command (next to this interpreter) with `args`."""
+    script = Path(sys.executable).with_name("waystation")
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "waystation", *args]
+
+
+def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without WAYSTATION_* settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAYSTATION_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+# ---------------------------------------------------------------------- processes
+
+
+class Proc:
+    """One daemon subprocess (server or agent) with its log file, restartable.
+
+    Each start appends to the same log and remembers where its output begins, so
+    `events()` and `wait_event()` see only the current run.
+    """
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path) -> None:
+        self.name, self.argv, self.log_path, self.cwd = name, argv, log_path, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
+        self.starts = 0
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, f"{self.name} never started"
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def start(self, env: Mapping[str, str] | None = None) -> Proc:
+        assert not self.running, f"{self.name} is already running"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._offset = log.tell()
+            header = f"----- {self.name} start #{self.starts + 1}: {' '.join(self.argv)}\n"
+            log.write(header.encode())
+            self._offset += len(header.encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.cwd, env=_clean_env(env),
+                                         start_new_session=True)
+        self.starts += 1
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (a clean shutdown) and wait; SIGKILL if it hangs. The exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+                raise AssertionError(f"{self.name} ignored SIGTERM for {timeout} s:\n"
+                                     f"{self.log_tail()}") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (kill -9): no chance to flush, say goodbye or clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(15)
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the process to end by itself; its exit code (-9 for SIGKILL)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout} s:\n"
+                                 f"{self.log_tail()}") from None
+
+    def output(self) -> str:
+        """The log of the current run."""
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(self._offset)
+                return fh.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log events of the current run (named `event`, when given)."""
+        out: list[dict[str, Any]] = []
+        for line in self.output().splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and (event is None or doc.get("event") == event):
+                out.append(doc)
+        return out
+
+    def wait_event(self, event: str, timeout: float = START_TIMEOUT_S,
+                   where: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """Wait until the current run logs `event` (matching `where`); fail if it dies."""
+        def found() -> dict[str, Any] | None:
+            for doc in self.events(event):
+                if where is None or where(doc):
+                    return doc
+            if not self.running:
+                raise AssertionError(f"{self.name} exited ({self.returncode}) before logging "
+                                     f"{event!r}:\n{self.log_tail()}")
+            return None
+        return wait_until(found, timeout, interval=0.02,
+                          message=lambda: f"{self.name} logs {event!r}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- fleet
+
+
+class Fleet:
+    """Broker + merge server + device agents as subprocesses (see module docstring)."""
+
+    def __init__(self, root: Path, broker_kind: BrokerKind) -> None:
+        if broker_kind not in BROKER_KINDS:
+            raise ValueError(f"broker_kind must be one of {BROKER_KINDS}, not {broker_kind!r}")
+        if broker_kind == "mosquitto" and MOSQUITTO is None:
+            raise RuntimeError("the mosquitto binary is not installed")
+        self.root = root
+        self.kind: BrokerKind = broker_kind
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.broker_dir = root / "broker"
+        self.password_file = self.broker_dir / "passwd"
+        self.server_config = root / "server.toml"
+        self.server_data = root / "server"
+        self.devices_dir = root / "dev"
+        self.data_dir = root / "data"  # short: the agent's wake socket path must fit AF_UNIX
+        self.logs_dir = root / "logs"
+        self.server_password = secrets.token_urlsafe(18)
+        self.scopes: dict[str, tuple[str, ...]] = {}
+        self.passwords: dict[str, str] = {}
+        self.broker: BrokerProcess | None = None
+        self.server = Proc("server", waystation_argv("server", "run", "--config",
+                                                     str(self.server_config)),
+                           self.logs_dir / "server.log", root)
+        self.agents: dict[str, Proc] = {}
+        self._open_agents: dict[str, Agent] = {}
+        self._store: Store | None = None
+        self._catalog: Catalog | None = None
+        self._prepare_broker()
+        self._write_server_config()
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare_broker(self) -> None:
+        self.broker_dir.mkdir(parents=True, exist_ok=True)
+        self.password_file.touch()
+        if self.kind == "embedded":
+            config = self.broker_dir / "broker.toml"
+            config.write_text("\n".join([
+                'host = "127.0.0.1"',
+                f"port = {self.port}",
+                f'data_dir = "{self.broker_dir / "data"}"',
+                f'password_file = "{self.password_file}"',
+                "[log]",
+                'level = "info"',
+                'format = "json"',
+                "",
+            ]))
+            self.broker_config: Path | None = config
+            argv = waystation_argv("broker", "run", "--config", str(config))
+        else:
+            ca = make_ca(self.broker_dir / "ca")
+            cert = make_server_cert(ca, self.broker_dir / "cert")
+            tls_port = free_port()
+            while tls_port == self.port:
+                tls_port = free_port()
+            conf = write_production_conf(self.broker_dir, port=self.port, tls_port=tls_port,
+                                         ca=ca.cert_path, cert=cert.cert_path,
+                                         key=cert.key_path)
+            self.broker_config = None
+            assert MOSQUITTO is not None
+            argv = [MOSQUITTO, "-c", str(conf)]
+        self.broker = BrokerProcess(self.kind, argv, host="127.0.0.1", port=self.port,
+                                    workdir=self.broker_dir, password_file=self.password_file)
+
+    def _write_server_config(self) -> None:
+        (self.root / "server.pw").write_text(self.server_password + "\n")
+        os.chmod(self.root / "server.pw", 0o600)
+        shared = f'"{SHARED_GROUP}"' if self.kind == "mosquitto" else "false"
+        self.server_config.write_text("\n".join([
+            'server_id = "server-1"',
+            f'data_dir = "{self.server_data}"',
+            f"shared_group = {shared}",
+            "[mqtt]",
+            'host = "127.0.0.1"',
+            f"port = {self.port}",
+            f'password_file = "{self.root / "server.pw"}"',
+            "[log]",
+            'level = "info"',
+            'format = "json"',
+            "",
+        ]))
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            cfg = load_config(ServerConfig, self.server_config, {})
+            self._catalog = load_catalog(cfg.schema_path())
+        return self._catalog
+
+    @property
+    def collections(self) -> list[str]:
+        return list(self.catalog.collections)
+
+    def start(self, *, server: bool = True) -> Fleet:
+        """Start the broker, create the server's login (`waystation broker passwd`) and,
+        unless `server=False`, start the merge server."""
+        self.add_login(SERVER_USER, self.server_password)
+        self.start_broker()
+        if server:
+            self.start_server()
+        return self
+
+    # ------------------------------------------------------------------ CLI
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True,
+            env: Mapping[str, str] | None = None, timeout: float = 60.0
+            ) -> subprocess.CompletedProcess[str]:
+        """Run `waystation ARGS...` in the fleet's directory; fail on a non-zero exit
+        unless `check=False`."""
+        result = subprocess.run(waystation_argv(*args), cwd=self.root, env=_clean_env(env),
+                                input=input, capture_output=True, text=True, timeout=timeout,
+                                check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"waystation {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def add_login(self, user: str, password: str) -> None:
+        """A broker login only (`waystation broker passwd --stdin`), no registry entry."""
+        if self.broker_config is not None:
+            where = ["--config", str(self.broker_config)]
+        else:
+            where = ["--password-file", str(self.password_file)]
+        self.cli("broker", "passwd", *where, "--stdin", user, input=password + "\n")
+        self.passwords[user] = password
+        self._reload_logins(user, password)
+
+    def add_device(self, dev: str, scopes: Sequence[str], *,
+                   sync: Mapping[str, Any] | None = None) -> Path:
+        """Enrol `dev` with `waystation device add` (registry entry, broker login, agent
+        config), then give the agent config a data_dir, test sync timings (`FAST_SYNC`
+        updated with `sync`) and JSON logs. Returns the agent config path."""
+        args = ["device", "add", dev, "--out", str(self.devices_dir),
+                "--config", str(self.server_config)]
+        for scope in scopes:
+            args += ["--scope", scope]
+        self.cli(*args, env={"WAYSTATION_BROKER__PASSWORD_FILE": str(self.password_file)})
+        path = self.agent_config_path(dev)
+        data = tomllib.loads(path.read_text())
+        data["data_dir"] = str(self.data_dir / dev)
+        data["sync"] = {**FAST_SYNC, **(sync or {})}
+        data["log"] = {"level": "info", "format": "json"}
+        cfg = AgentConfig.model_validate(data)
+        path.write_text(dump_toml(cfg, mask_secrets=False, exclude_defaults=True,
+                                  header=f"{dev}: written by `waystation device add`, "
+                                         "adjusted by tests/e2e/fleet.py"))
+        password = cfg.mqtt.password
+        assert password is not None
+        self.passwords[dev] = password.get_secret_value()
+        self.scopes[dev] = tuple(scopes)
+        self.agents[dev] = Proc(dev, waystation_argv("agent", "run", "--config", str(path)),
+                                self.logs_dir / f"{dev}.log", self.root)
+        self._reload_logins(dev, self.passwords[dev])
+        return path
+
+    def _reload_logins(self, user: str, password: str) -> None:
+        # The embedded broker rereads the password file at the next connection;
+        # Mosquitto only on SIGHUP - and the reload is done once the new login works.
+        if self.kind != "mosquitto" or self.broker is None or not self.broker.running:
+            return
+        assert self.broker.proc is not None
+        self.broker.proc.send_signal(signal.SIGHUP)
+
+        def accepted() -> bool:
+            probe = RecordingClient(self.port, f"probe-{secrets.token_hex(4)}", user, password)
+            try:
+                return probe.connect(timeout=5) == "Success"
+            finally:
+                probe.close()
+
+        wait_until(accepted, 15, interval=0.05,
+                   message=lambda: f"mosquitto accepts the new login {user}:\n"
+                                   f"{self.broker_log_tail()}")
+
+    def agent_config_path(self, dev: str) -> Path:
+        return self.devices_dir / f"{dev}.toml"
+
+    def agent_config(self, dev: str) -> AgentConfig:
+        return load_config(AgentConfig, self.agent_config_path(dev), {})
+
+    # ------------------------------------------------------------------ broker
+
+    def start_broker(self) -> None:
+        assert self.broker is not None
+        self.broker.start(timeout=START_TIMEOUT_S)
+
+    def stop_broker(self) -> None:
+        assert self.broker is not None
+        self.broker.stop()
+
+    def kill_broker(self) -> None:
+        """SIGKILL the broker (the embedded one keeps nothing; Mosquitto keeps what its
+        last autosave wrote)."""
+        assert self.broker is not None
+        self.broker.kill()
+
+    def restart_broker(self, *, hard: bool = True) -> None:
+        """Kill (or stop) the broker and start it again on the same port."""
+        assert self.broker is not None
+        self.broker.restart(hard=hard)
+
+    def broker_log_tail(self, lines: int = 40) -> str:
+        return "(no broker)" if self.broker is None else self.broker.log_tail(lines)
+
+    # ------------------------------------------------------------------ server
+
+    def start_server(self, *, env: Mapping[str, str] | None = None, wait: bool = True) -> Proc:
+        """`waystation server run --config server.toml` (with extra `env`, e.g. the
+        WAYSTATION_FAILPOINT test hook); waits until it has connected to the broker."""
+        self.server.start(env)
+        if wait:
+            self.server.wait_event("server_connected")
+        return self.server
+
+    def stop_server(self) -> int | None:
+        return self.server.stop()
+
+    def kill_server(self) -> None:
+        self.server.kill()
+
+    # ------------------------------------------------------------------ agents
+
+    def start_agent(self, dev: str, *, wait: bool = True) -> Proc:
+        """`waystation agent run --config devices/DEV.toml`; waits until it connected."""
+        proc = self.agents[dev].start()
+        if wait:
+            proc.wait_event("connected", where=lambda e: e.get("logger") == "waystation.agent")
+        return proc
+
+    def stop_agent(self, dev: str) -> int | None:
+        """SIGTERM: the daemon finishes its batch in flight and says it is offline."""
+        return self.agents[dev].stop()
+
+    def kill_agent(self, dev: str) -> None:
+        self.agents[dev].kill()
+
+    def agent(self, dev: str) -> Agent:
+        """The device's store, opened in this process (kept open until `close()`)."""
+        ag = self._open_agents.get(dev)
+        if ag is None:
+            ag = Agent.open(self.agent_config(dev), self.catalog, env={})
+            self._open_agents[dev] = ag
+        return ag
+
+    def pending(self, dev: str) -> int:
+        return self.agent(dev).status().pending
+
+    def agent_status(self, dev: str) -> dict[str, Any]:
+        """`waystation agent status --json` (a separate process, next to the daemon)."""
+        out = self.cli("agent", "status", "--json", "--config",
+                       str(self.agent_config_path(dev))).stdout
+        doc: dict[str, Any] = json.loads(out)
+        return doc
+
+    # ------------------------------------------------------------------ server store
+
+    @property
+    def store(self) -> Store:
+        """The server's store, opened in this process (readable while the server runs)."""
+        if self._store is None:
+            self._store = open_store(load_config(ServerConfig, self.server_config, {}))
+        return self._store
+
+    def record(self, c: str, k: str) -> dict[str, Any] | None:
+        """The server's record as a wire state (§6: c, k, s, q, f, h, t, cf, x)."""
+        with self.store.read() as txn:
+            raw = txn.get_record(c, k)
+        return None if raw is None else merge.to_rec(merge.from_json(raw))
+
+    def value(self, c: str, k: str, name: str) -> Any:
+        rec = self.record(c, k)
+        return None if rec is None else rec.get("f", {}).get(name)
+
+    def scope_seq(self, scope: str) -> int:
+        with self.store.read() as txn:
+            return txn.scope_seq(scope)
+
+    def server_dead_letters(self) -> list[dict[str, Any]]:
+        """`waystation server deadletters --json` (the operator CLI, a separate process)."""
+        out = self.cli("server", "deadletters", "--json", "--limit", "500", "--config",
+                       str(self.server_config)).stdout
+        docs: list[dict[str, Any]] = json.loads(out)
+        return docs
+
+    # ------------------------------------------------------------------ convergence
+
+    def mismatches(self, dev: str) -> list[Mismatch]:
+        """Records of the device's scopes on which its view differs from the server's."""
+        return compare(self.store, self.agent(dev), self.scopes[dev], self.collections)
+
+    def wait_drained(self, *devs: str, timeout: float = 60.0) -> None:
+        """Wait until each device's outbox is empty (the server acked or rejected all)."""
+        def drained() -> bool:
+            return all(self.pending(d) == 0 for d in devs)
+
+        wait_until(drained, timeout, interval=0.05, message=lambda: self.describe(
+            "nothing pending on " + ", ".join(f"{d} ({self.pending(d)} left)" for d in devs)))
+
+    def wait_converged(self, *devs: str, timeout: float = 60.0) -> None:
+        """Wait until each device has nothing pending and its view equals the server's."""
+        devs = devs or tuple(self.scopes)
+
+        def done() -> bool:
+            return all(self.pending(d) == 0 and not self.mismatches(d) for d in devs)
+
+        def why() -> str:
+            lines = []
+            for d in devs:
+                found = self.mismatches(d)
+                lines.append(f"{d}: {self.pending(d)} pending, {len(found)} mismatches "
+                             + "; ".join(m.describe() for m in found[:5]))
+            return self.describe("convergence:\n" + "\n".join(lines))
+
+        wait_until(done, timeout, interval=0.1, message=why)
+
+    def wait(self, predicate: Callable[[], T | None], timeout: float = 60.0, *,
+             what: str = "condition", interval: float = 0.02) -> T:
+        """`wait_until` whose failure message carries the fleet's log tails."""
+        return wait_until(predicate, timeout, interval=interval,
+                          message=lambda: self.describe(what))
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def log_paths(self) -> dict[str, Path]:
+        paths = {"broker": self.broker.log_path} if self.broker is not None else {}
+        paths["server"] = self.server.log_path
+        for dev, proc in self.agents.items():
+            paths[dev] = proc.log_path
+        return paths
+
+    def log_tails(self, lines: int = 30) -> str:
+        out = []
+        for name, path in self.log_paths().items():
+            try:
+                text = path.read_text(errors="replace").splitlines()
+            except FileNotFoundError:
+                continue
+            out.append(f"===== {name} ({path}), last {lines} lines\n" + "\n".join(text[-lines:]))
+        return "\n".join(out)
+
+    def describe(self, what: str) -> str:
+        return f"{what}\n{self.log_tails(15)}"
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Stop every process (agents, server, broker) and close the open stores."""
+        for proc in self.agents.values():
+            with contextlib.suppress(Exception):
+                proc.stop(timeout=10)
+        with contextlib.suppress(Exception):
+            self.server.stop(timeout=10)
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                self.broker.stop()
+        for ag in self._open_agents.values():
+            with contextlib.suppress(Exception):
+                ag.close()
+        self._open_agents.clear()
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.close()
+            self._store = None
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            print(f"\n{self.log_tails(60)}")
+        self.close()
+
