@@ -90,14 +90,16 @@ class Core:
         self.catalog = catalog
         self.now_ms = now_ms
 
-    def write(self, fn: Callable[[Work], T]) -> T:
+    def write(self, fn: Callable[[Work], T], *, durable: bool = True) -> T:
+        """One write transaction; `durable=False` only for what the server replays
+        (see Store.write)."""
         def run(tx: Tx) -> T:
             work = Work(self, tx)
             result = fn(work)
             work.finish()
             return result
 
-        return self.store.write(run)
+        return self.store.write(run, durable=durable)
 
     def read(self, fn: Callable[[Work], T]) -> T:
         return self.store.read(lambda tx: fn(Work(self, tx)))

@@ -193,7 +193,7 @@ class Sync:
                 work.prune_lost()
             return AckResult(applied, ignored, lost)
 
-        return core.write(run)
+        return core.write(run, durable=False)
 
     def _lost_writes(self, work: Work, new: BaseRecord, mine: list[tuple[dict[str, Any], int]],
                      fx: list[Any], restamped: frozenset[int]) -> int:
@@ -266,7 +266,7 @@ class Sync:
                 work.tx.set_meta("last_err", {**error, "t": now})
             return RejectResult(dead, transient, ignored, error)
 
-        return core.write(run)
+        return core.write(run, durable=False)
 
     def apply_delta(self, delta: wire.Delta) -> int:
         """Apply others' live changes (§7.6); returns the number of records touched."""
@@ -281,7 +281,7 @@ class Sync:
                     work.set_checkpoint(rec.s, work.checkpoint(rec.s).mark(rec.q, now))
             return len(touched)
 
-        return core.write(run)
+        return core.write(run, durable=False)
 
     def apply_page(self, page: wire.Page) -> int:
         """Apply one catch-up page (§7.7, §9.5); returns the number of records touched.
@@ -306,7 +306,7 @@ class Sync:
                 work.set_checkpoint(scope, cp.page(page.from_, page.to, now))
             return len(touched)
 
-        return core.write(run)
+        return core.write(run, durable=False)
 
     def apply_checkpoint(self, msg: wire.Checkpoint) -> CheckpointResult:
         """Catch-up complete (§7.8). A scope is complete when the device's checkpoint has
@@ -339,7 +339,7 @@ class Sync:
                 work.tx.set_meta("last_sync", now)
             return CheckpointResult(complete, behind, dropped, denied)
 
-        return core.write(run)
+        return core.write(run, durable=False)
 
     # --------------------------------------------------------- asking for data
 
@@ -428,8 +428,10 @@ class Sync:
         """The daemon's heartbeat: connected or not, now. Call it at least every
         sync.status_interval_s while connected; `status()` reports online only while
         the last heartbeat is fresh."""
-        self._core.write(lambda work: work.tx.set_meta("online", {"on": online,
-                                                                  "t": work.now()}))
+        def run(work: Work) -> None:
+            work.tx.set_meta("online", {"on": online, "t": work.now()})
+
+        self._core.write(run, durable=False)
 
 
 def _stamps(recs: Iterable[wire.Rec]) -> list[str]:

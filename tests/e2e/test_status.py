@@ -68,6 +68,7 @@ def test_status_is_honest(fleet: Fleet) -> None:
     fleet.wait_converged("van-1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outage", ["server", "broker"])
 def test_upload_queue_drains_by_itself_after_an_outage(fleet: Fleet, outage: str) -> None:
     """After an outage the outbox drains by itself, with no local write to nudge it."""
