@@ -23,12 +23,11 @@ import contextlib
 import os
 import queue
 import random
-import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,15 +37,16 @@ from agent.api import WAKE_SOCKET, Agent
 from schemas import codec, wire
 from schemas.collection import Catalog, load_catalog
 from schemas.errors import ProtocolError
-from waystation import __version__, systemd
+from waystation import __version__
 from waystation.config import AgentConfig
 from waystation.mqtt import Backoff, MqttLink, Will
+from waystation.service import run_service
 
 log = structlog.get_logger("waystation.agent")
 
 AGENT_NAME = f"waystation/{__version__}"
 _TIMER_S = 0.25
-_CATCHUP_RETRY_S = 15.0
+_CATCHUP_RETRY_MIN_S = 2.0
 
 
 @dataclass
@@ -393,7 +393,9 @@ class AgentDaemon:
             self._publish_status(True)
             self.sync.set_online(True)
         if self._catchup_req is not None:
-            if now - self._catchup_sent >= _CATCHUP_RETRY_S:
+            # An unanswered catch-up is retried like an unacked change: after the ack
+            # timeout (the request or its answer may have been lost in a reconnect).
+            if now - self._catchup_sent >= max(_CATCHUP_RETRY_MIN_S, sync_cfg.ack_timeout_s):
                 log.info("catchup_retry", dev=self.dev)
                 self._start_catchup()
         elif self.sync.gaps_older_than(sync_cfg.gap_timeout_s):
@@ -459,36 +461,17 @@ class AgentDaemon:
                 (self.agent.store.path / WAKE_SOCKET).unlink()
 
 
-def run(cfg: AgentConfig, *, env: Mapping[str, str],
-        on_ready: Callable[[AgentDaemon], None] | None = None) -> int:
+def run(cfg: AgentConfig, *, env: Mapping[str, str]) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT (systemd-aware)."""
     catalog = load_catalog(cfg.schema_path())
     daemon = AgentDaemon(cfg, catalog, env=env)
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-    old_int = signal.signal(signal.SIGINT, on_signal)
-    watchdog = systemd.Watchdog(lambda: daemon.healthy, env=env)
-    try:
-        daemon.start()
+    def started() -> None:
         log.info("agent_started", dev=daemon.dev, broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}",
                  scopes=list(cfg.scopes), data_dir=str(cfg.data_dir))
-        systemd.ready(env=env)
-        watchdog.start()
-        if on_ready is not None:
-            on_ready(daemon)
-        while not stop.wait(1.0):
-            systemd.status(_status_line(daemon), env=env)
-    finally:
-        systemd.stopping(env=env)
-        watchdog.stop()
-        daemon.stop()
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
-    return 0
+
+    return run_service(start=daemon.start, stop=daemon.stop, healthy=lambda: daemon.healthy,
+                       status=lambda: _status_line(daemon), env=env, on_started=started)
 
 
 def _status_line(daemon: AgentDaemon) -> str:

@@ -23,13 +23,12 @@ Unset (always, outside tests) it costs one attribute test per group.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -38,14 +37,15 @@ from broker.engine import Engine
 from broker.store import open_store
 from broker.store.base import Store
 from schemas.collection import Catalog, load_catalog
-from waystation import systemd
 from waystation.config import ServerConfig
 from waystation.hlc import Clock
 from waystation.mqtt import MqttLink
+from waystation.service import run_service
 
 log = structlog.get_logger("waystation.server")
 
 _MAX_GROUP = 2000
+_MAX_GROUP_BYTES = 256 * 1024
 _TICK_S = 1.0
 FAILPOINT_ENV = "WAYSTATION_FAILPOINT"
 
@@ -85,6 +85,8 @@ class MergeServer:
         self._last_loop = time.monotonic()
         self.messages_in = 0
         self.messages_out = 0
+        self.groups = 0
+        self.group_seconds = 0.0
         # Test hook (module docstring): crash after the N-th applying group's commit.
         self._fail_after_commit = _failpoint_after_commit(self.env.get(FAILPOINT_ENV))
         self._fp_applied = 0
@@ -114,6 +116,23 @@ class MergeServer:
         self.link.stop(clean=True)
         if self._owns_store:
             self.store.close()
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counters for the metrics endpoint (read from another thread: copies only)."""
+        counters: dict[str, int] = {}
+        for _ in range(3):  # the worker may resize the Counter while we copy it
+            try:
+                counters = dict(self.engine.counters)
+                break
+            except RuntimeError:
+                continue
+        registry = self.engine.registry
+        return {"counters": counters, "messages_in": self.messages_in,
+                "messages_out": self.messages_out, "groups": self.groups,
+                "group_seconds": self.group_seconds,
+                "devices_registered": len(registry.devices()),
+                "devices_online": len(self.engine.presence.online()),
+                "inbox": self._inbox.qsize(), "connected": self.link.connected}
 
     @property
     def healthy(self) -> bool:
@@ -150,8 +169,11 @@ class MergeServer:
             if first is None:
                 return
             group = [first]
+            size = len(first[2])
             deadline = time.monotonic() + window
-            while len(group) < _MAX_GROUP:
+            # Cap a group by payload bytes too: every ack of a group waits for its one
+            # commit, so a huge group would stall acks while a backlog drains.
+            while len(group) < _MAX_GROUP and size < _MAX_GROUP_BYTES:
                 try:
                     item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
@@ -160,6 +182,7 @@ class MergeServer:
                     self._process(group)
                     return
                 group.append(item)
+                size += len(item[2])
             self._process(group)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + _TICK_S
@@ -183,6 +206,7 @@ class MergeServer:
 
     def _handle(self, ups: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         self.messages_in += len(ups)
+        started = time.perf_counter()
         try:
             out = list(self.engine.handle_many(ups))
         except Exception:
@@ -190,6 +214,9 @@ class MergeServer:
             # programming failure. Devices resend what was not acked.
             log.exception("group_failed", messages=len(ups))
             return []
+        finally:
+            self.groups += 1
+            self.group_seconds += time.perf_counter() - started
         if self._fail_after_commit is not None:
             self._failpoint()
         return out
@@ -211,36 +238,31 @@ class MergeServer:
                 self.messages_out += 1
 
 
-def run(cfg: ServerConfig, *, env: Mapping[str, str],
-        on_ready: Callable[[MergeServer], Any] | None = None) -> int:
+def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT (systemd-aware)."""
     catalog = load_catalog(cfg.schema_path())
     server = MergeServer(cfg, catalog, env=env)
-    stop = threading.Event()
+    metrics: list[Any] = []
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-    old_int = signal.signal(signal.SIGINT, on_signal)
-    watchdog = systemd.Watchdog(lambda: server.healthy, env=env)
-    try:
+    def start() -> None:
         server.start()
+        if cfg.metrics_port is not None:
+            from broker.metrics import serve_metrics
+
+            metrics.append(serve_metrics(server, cfg.metrics_port, cfg.metrics_host))
         log.info("server_started", server_id=cfg.server_id,
                  broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", store=cfg.store.kind,
-                 schema_version=catalog.version, subscription=server.up_filter)
-        systemd.ready(env=env)
-        watchdog.start()
-        if on_ready is not None:
-            on_ready(server)
-        while not stop.wait(1.0):
-            state = "connected" if server.link.connected else "connecting"
-            systemd.status(f"{state}, {server.messages_in} messages in", env=env)
-    finally:
-        systemd.stopping(env=env)
-        watchdog.stop()
-        with contextlib.suppress(Exception):
-            server.stop()
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
-    return 0
+                 schema_version=catalog.version, subscription=server.up_filter,
+                 metrics=f"{cfg.metrics_host}:{cfg.metrics_port}" if metrics else None)
+
+    def stop() -> None:
+        for endpoint in metrics:
+            endpoint.shutdown()
+        server.stop()
+
+    def status() -> str:
+        state = "connected" if server.link.connected else "connecting"
+        return f"{state}, {server.messages_in} messages in"
+
+    return run_service(start=start, stop=stop, healthy=lambda: server.healthy,
+                       status=status, env=env)

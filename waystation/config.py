@@ -404,6 +404,9 @@ class ServerConfig(_Model):
     enrol: EnrolConfig = Field(default_factory=EnrolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     metrics_port: Port | None = None
+    """Serve Prometheus metrics on this port (None: off)."""
+    metrics_host: Str = "127.0.0.1"
+    """Address the metrics endpoint binds to (0.0.0.0 to let a remote Prometheus scrape)."""
 
     def schema_path(self) -> Path:
         """The collection schema file: `schema_file`, else the bundled example."""

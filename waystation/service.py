@@ -1,0 +1,47 @@
+"""Running a part as a long-lived service: signals, systemd readiness and watchdog.
+
+`run_service` is the one foreground loop of `agent run` and `server run`: start the
+part, tell systemd it is ready (Type=notify), feed the watchdog only while the part
+reports itself healthy, keep the status line fresh, and on SIGTERM/SIGINT stop the part
+cleanly before returning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Mapping
+
+from waystation import systemd
+
+
+def run_service(*, start: Callable[[], None], stop: Callable[[], None],
+                healthy: Callable[[], bool], status: Callable[[], str],
+                env: Mapping[str, str], on_started: Callable[[], None] | None = None,
+                interval_s: float = 1.0) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code (0)."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    watchdog = systemd.Watchdog(healthy, env=env)
+    try:
+        start()
+        if on_started is not None:
+            on_started()
+        systemd.ready(env=env)
+        watchdog.start()
+        while not stopping.wait(interval_s):
+            systemd.status(status(), env=env)
+    finally:
+        systemd.stopping(env=env)
+        watchdog.stop()
+        with contextlib.suppress(Exception):
+            stop()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    return 0
