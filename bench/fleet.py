@@ -11,11 +11,15 @@
 What runs where, and why (the benchmarks measure the system as deployed):
 
 - The broker is a subprocess: Mosquitto started from deploy/mosquitto/mosquitto.conf
-  (paths, ports and user rewritten, nothing else; its TLS listener gets a throwaway
+  (rendered by tests/mosquitto_prod.py, as the tests run it: paths, ports and user
+  rewritten, nothing else; its TLS listener gets a throwaway
   certificate, its plain listener on a free loopback port is what everyone uses), or
   the embedded amqtt broker as `python -m broker.embedded`.
 - The merge server is a subprocess: `waystation server run --config server.toml`, the
-  command the systemd unit runs, with an LMDB store in its own directory.
+  command the systemd unit runs, with an LMDB store in its own directory, or several
+  of them (`start_servers(n)`) sharing one PostgreSQL database (`store=` settings)
+  through Mosquitto's shared subscription. Each serves its metrics endpoint on a port
+  of its own (`scrape(i)` reads it).
 - Each device is a subprocess (`python -m bench.device`): the agent daemon and the
   app's writes in one process, as an app using the Python API runs. The command loop
   that drives it reads JSON lines on stdin and answers on stdout; it hooks the daemon's
@@ -30,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import secrets
 import selectors
 import shutil
@@ -40,13 +43,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.mosquitto_prod import MOSQUITTO, write_production_conf
+
 REPO = Path(__file__).resolve().parents[1]
-MOSQUITTO_CONF = REPO / "deploy" / "mosquitto" / "mosquitto.conf"
-MOSQUITTO_ACL = REPO / "deploy" / "mosquitto" / "acl"
 PREFIX = "waystation"
 SERVER_USER = "waystation-server"
 PROBE = "bench-probe"
@@ -54,10 +57,7 @@ RAW_DEVICE = "raw-1"
 
 
 def find_mosquitto() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+    return MOSQUITTO
 
 
 def free_port() -> int:
@@ -107,6 +107,35 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def tree_cpu_s(root: int, table: dict[int, tuple[int, float]] | None = None) -> float:
+    """CPU seconds used so far by `root` and every process below it (e.g. PostgreSQL's
+    postmaster and its backends), from /proc (exited children are not counted)."""
+    table = table if table is not None else process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += table.get(pid, (0, 0.0))[1]
+        todo.extend(children.get(pid, ()))
+    return total
+
+
+def scrape_metrics(port: int, timeout: float = 5.0) -> dict[str, float]:
+    """A Prometheus text endpoint on 127.0.0.1:`port` as {'name{labels}': value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def system_cpu_s() -> tuple[float, float]:
     """(busy, idle + iowait) CPU seconds of the whole machine so far, all cores."""
     with open("/proc/stat") as fh:
@@ -116,7 +145,7 @@ def system_cpu_s() -> tuple[float, float]:
     return (sum(fields[:8]) - idle) / ticks, idle / ticks
 
 
-def _process_table() -> dict[int, tuple[int, float]]:
+def process_table() -> dict[int, tuple[int, float]]:
     """pid -> (parent pid, CPU seconds) of every process on the machine."""
     ticks = os.sysconf("SC_CLK_TCK")
     out: dict[int, tuple[int, float]] = {}
@@ -141,10 +170,10 @@ class LoadMeter:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.machine0 = system_cpu_s()[0]
-        self.before = _process_table()
+        self.before = process_table()
 
     def result(self) -> dict[str, float]:
-        after = _process_table()
+        after = process_table()
         machine = system_cpu_s()[0] - self.machine0
         secs = time.perf_counter() - self.t0
         me = os.getpid()
@@ -220,36 +249,6 @@ class Process:
             return "(no log)"
 
 
-def render_mosquitto_conf(workdir: Path, port: int, tls_port: int, certs: dict[str, Path],
-                          user: str) -> str:
-    """deploy/mosquitto/mosquitto.conf with paths, ports and user rewritten (each exactly
-    once, as tests/deploy/test_mosquitto_conf.py does); every other line verbatim."""
-    rewrites = {
-        "user": f"user {user}",
-        "password_file": f"password_file {workdir / 'passwd'}",
-        "acl_file": f"acl_file {workdir / 'acl'}",
-        "persistence_location": f"persistence_location {workdir / 'data'}/",
-        "listener 1883": f"listener {port} 127.0.0.1",
-        "listener 8883": f"listener {tls_port} 127.0.0.1",
-        "cafile": f"cafile {certs['ca']}",
-        "certfile": f"certfile {certs['cert']}",
-        "keyfile": f"keyfile {certs['key']}",
-    }
-    seen = dict.fromkeys(rewrites, 0)
-    out = []
-    for line in MOSQUITTO_CONF.read_text().splitlines():
-        for prefix, replacement in rewrites.items():
-            if line == prefix or line.startswith(prefix + " "):
-                seen[prefix] += 1
-                line = replacement
-                break
-        out.append(line)
-    wrong = {k: v for k, v in seen.items() if v != 1}
-    if wrong:
-        raise RuntimeError(f"{MOSQUITTO_CONF}: expected each directive once: {wrong}")
-    return "\n".join(out) + "\n"
-
-
 def start_broker(kind: str, workdir: Path, passwords: dict[str, str]) -> tuple[Process, int]:
     """Start the broker (`embedded` or `mosquitto`); returns (process, plain port)."""
     from broker.passwords import write_password_entry
@@ -273,18 +272,13 @@ def start_broker(kind: str, workdir: Path, passwords: dict[str, str]) -> tuple[P
 
         ca = make_ca(workdir / "ca")
         server_cert = make_server_cert(ca, workdir / "server-cert")
-        (workdir / "data").mkdir(exist_ok=True)
-        shutil.copyfile(MOSQUITTO_ACL, workdir / "acl")
-        os.chmod(workdir / "acl", 0o600)
-        os.chmod(passwd, 0o600)
         tls_port = free_port()
         while tls_port == port:
             tls_port = free_port()
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(render_mosquitto_conf(
-            workdir, port, tls_port,
-            {"ca": ca.cert_path, "cert": server_cert.cert_path, "key": server_cert.key_path},
-            pwd.getpwuid(os.getuid()).pw_name))
+        conf = write_production_conf(workdir, port=port, tls_port=tls_port, ca=ca.cert_path,
+                                     cert=server_cert.cert_path, key=server_cert.key_path)
+        os.chmod(workdir / "acl", 0o600)
+        os.chmod(passwd, 0o600)
         proc = Process("broker-mosquitto", [mosq, "-c", str(conf)], workdir)
     else:
         raise ValueError(kind)
@@ -309,17 +303,17 @@ def _server_toml(cfg: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ devices
 
-class DeviceProc:
-    """A `python -m bench.device` subprocess, driven by JSON lines."""
+class LineProc:
+    """A `python -m <module>` subprocess driven by JSON lines on stdin, answering one
+    JSON line per command on stdout (bench.device, bench.simdevices)."""
 
-    def __init__(self, name: str, config: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, name: str, module: str, log_path: Path) -> None:
         self.name = name
-        self.log_path = workdir / f"device-{name}.log"
+        self.log_path = log_path
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.device"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", module], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._log, cwd=REPO, start_new_session=True)
-        self.call("init", config=config)
 
     @property
     def pid(self) -> int:
@@ -334,10 +328,10 @@ class DeviceProc:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"device {self.name} died:\n{self.log_tail()}")
+            raise RuntimeError(f"{self.name} died:\n{self.log_tail()}")
         reply: dict[str, Any] = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"device {self.name}: {reply['error']}\n{self.log_tail()}")
+            raise RuntimeError(f"{self.name}: {reply['error']}\n{self.log_tail()}")
         return reply
 
     def call(self, cmd: str, **args: Any) -> dict[str, Any]:
@@ -362,7 +356,15 @@ class DeviceProc:
             return "(no log)"
 
 
-def call_all(devices: list[DeviceProc], cmd: str, **args: Any) -> list[dict[str, Any]]:
+class DeviceProc(LineProc):
+    """A `python -m bench.device` subprocess: one agent and its daemon."""
+
+    def __init__(self, name: str, config: dict[str, Any], workdir: Path) -> None:
+        super().__init__(f"device {name}", "bench.device", workdir / f"device-{name}.log")
+        self.call("init", config=config)
+
+
+def call_all(devices: Sequence[LineProc], cmd: str, **args: Any) -> list[dict[str, Any]]:
     """Send `cmd` to every device at once, then collect the answers."""
     for dev in devices:
         dev.send(cmd, **args)
@@ -372,20 +374,27 @@ def call_all(devices: list[DeviceProc], cmd: str, **args: Any) -> list[dict[str,
 # ------------------------------------------------------------------ the fleet
 
 class Fleet:
-    """Broker + merge server + registered devices in one temporary directory."""
+    """Broker + merge server(s) + registered devices in one temporary directory.
+
+    `store`: the servers' `[store]` table (default: LMDB in each server's directory;
+    `{"kind": "postgres", "url": ...}` for one database shared by every server).
+    """
 
     def __init__(self, broker: str, workdir: Path, devices: dict[str, list[str]], *,
                  server_settings: dict[str, Any] | None = None,
-                 sync_settings: dict[str, Any] | None = None) -> None:
+                 sync_settings: dict[str, Any] | None = None,
+                 store: dict[str, Any] | None = None) -> None:
         self.kind = broker
         self.dir = workdir
         self.devices = dict(devices)
         self.server_settings = server_settings or {}
         self.sync_settings = sync_settings or {}
+        self.store_settings = dict(store) if store else {"map_size_mb": 1024}
         self.passwords = {user: secrets.token_urlsafe(12)
                           for user in (*devices, SERVER_USER, PROBE, RAW_DEVICE)}
         self.broker: Process | None = None
-        self.server: Process | None = None
+        self.servers: list[Process] = []
+        self.metrics_ports: list[int] = []
         self.port = 0
         self._devices: list[DeviceProc] = []
 
@@ -399,19 +408,33 @@ class Fleet:
         self.broker, self.port = start_broker(self.kind, self.dir / "broker", self.passwords)
         return self.port
 
-    # -------------------------------------------------------------- server
+    # -------------------------------------------------------------- server(s)
 
-    def server_config(self) -> dict[str, Any]:
+    @property
+    def server(self) -> Process | None:
+        """The first merge server (the only one unless `start_servers(n > 1)`)."""
+        return self.servers[0] if self.servers else None
+
+    @property
+    def shared_store(self) -> bool:
+        return self.store_settings.get("kind") == "postgres"
+
+    def server_config(self, index: int = 0, metrics_port: int | None = None
+                      ) -> dict[str, Any]:
         merge = dict(self.server_settings.get("merge", {}))
-        return {
-            "server_id": "bench", "data_dir": str(self.dir / "server"),
+        suffix = "" if index == 0 else f"-{index + 1}"
+        cfg: dict[str, Any] = {
+            "server_id": f"bench{suffix}", "data_dir": str(self.dir / f"server{suffix}"),
             "shared_group": "waystation" if self.kind == "mosquitto" else False,
-            "store": {"map_size_mb": 1024},
+            "store": dict(self.store_settings),
             "mqtt": {"host": "127.0.0.1", "port": self.port,
                      "password": self.passwords[SERVER_USER]},
             "merge": merge,
             "log": {"level": "warning"},
         }
+        if metrics_port is not None:
+            cfg["metrics_port"] = metrics_port
+        return cfg
 
     def open_server_store(self) -> Any:
         from broker.store import open_store
@@ -419,7 +442,8 @@ class Fleet:
 
         return open_store(ServerConfig.model_validate(self.server_config()))
 
-    def start_server(self) -> None:
+    def register_devices(self) -> None:
+        """Register every device (and the readiness probe) in the server store."""
         from broker import registry
 
         store = self.open_server_store()
@@ -431,47 +455,84 @@ class Fleet:
                     registry.add_device(store, dev, scopes, now)
         finally:
             store.close()
-        conf = self.dir / "server.toml"
-        conf.write_text(_server_toml(self.server_config()))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.server = Process("server", [str(Path(sys.executable).parent / "waystation"),
-                                         "server", "run", "--config", str(conf)],
-                              self.dir, env=env)
-        self._wait_server_ready()
 
-    def _wait_server_ready(self, timeout: float = 30.0) -> None:
-        """A probe device asks for a catch-up until the server answers."""
+    def start_server(self) -> None:
+        self.start_servers(1)
+
+    def start_servers(self, count: int) -> None:
+        """Start `count` merge servers (`waystation server run`) and wait until every
+        one of them consumes from the broker. More than one needs the PostgreSQL store
+        (LMDB is one server's own store) and a broker with shared subscriptions."""
+        if self.servers:
+            raise RuntimeError("servers already running")
+        if count > 1 and not (self.shared_store and self.kind == "mosquitto"):
+            raise ValueError("several servers need store kind postgres and Mosquitto")
+        self.register_devices()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for index in range(count):
+            port = free_port()
+            conf = self.dir / f"server{'' if index == 0 else f'-{index + 1}'}.toml"
+            conf.write_text(_server_toml(self.server_config(index, port)))
+            name = "server" if index == 0 else f"server-{index + 1}"
+            self.servers.append(Process(name, [str(Path(sys.executable).parent / "waystation"),
+                                               "server", "run", "--config", str(conf)],
+                                        self.dir, env=env))
+            self.metrics_ports.append(port)
+        self._wait_servers_ready()
+
+    def scrape(self, index: int = 0) -> dict[str, float]:
+        """The metrics endpoint of server `index`: {'name{labels}': value}."""
+        return scrape_metrics(self.metrics_ports[index])
+
+    def _wait_servers_ready(self, timeout: float = 30.0) -> None:
+        """Probe catch-ups until every server has consumed at least one message: the
+        shared subscription hands each probe to one of them, so this also proves that
+        every server's subscription is in place."""
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        answered = threading.Event()
+        def consumed(index: int) -> bool:
+            try:
+                return self.scrape(index).get(
+                    'waystation_server_messages_total{direction="in"}', 0) > 0
+            except OSError:
+                return False
+
         client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                              client_id=PROBE, clean_session=True)
         client.username_pw_set(PROBE, self.passwords[PROBE])
-        client.on_message = lambda c, u, m: answered.set()
         client.on_connect = lambda c, u, f, r, p: c.subscribe(f"{PREFIX}/{PROBE}/down", 1)
         client.connect("127.0.0.1", self.port)
         client.loop_start()
         try:
             deadline = time.monotonic() + timeout
-            while not answered.is_set():
-                if self.server is not None and not self.server.alive():
-                    raise RuntimeError(f"server exited:\n{self.server.log_tail()}")
+            waiting = set(range(len(self.servers)))
+            while waiting:
+                for index in list(waiting):
+                    proc = self.servers[index]
+                    if not proc.alive():
+                        raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+                    if consumed(index):
+                        waiting.discard(index)
+                if not waiting:
+                    break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"server not answering:\n"
-                                       f"{self.server.log_tail() if self.server else ''}")
+                    tails = "\n".join(self.servers[i].log_tail() for i in waiting)
+                    raise TimeoutError(f"servers {sorted(waiting)} not consuming:\n{tails}")
                 req = json.dumps({"type": "catchup", "v": 1, "dev": PROBE, "req": "probe",
                                   "cp": {}}).encode()
                 client.publish(f"{PREFIX}/{PROBE}/up", req, qos=1)
-                answered.wait(0.3)
+                time.sleep(0.1)
         finally:
             client.disconnect()
             client.loop_stop()
 
     def stop_server(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        """Stop every merge server."""
+        for proc in self.servers:
+            proc.stop()
+        self.servers.clear()
+        self.metrics_ports.clear()
 
     # -------------------------------------------------------------- devices
 

@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +324,8 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     password = secrets.token_urlsafe(24)
     enrol = config.enrol
     client_cert = enrol.client_ca_cert is not None
-    agent = _agent_config(config, dev, scopes, password, out_dir,  # validate before writing
+    layout = SYSTEMD_LAYOUT if getattr(args, "systemd", False) else PORTABLE_LAYOUT
+    agent = _agent_config(config, dev, scopes, password, layout,  # validate before writing
                           client_cert=client_cert)
     if enrol.ca_file is not None and not Path(enrol.ca_file).is_file():
         raise InvalidArgument(f"enrol.ca_file {enrol.ca_file} does not exist: point it at the "
@@ -333,10 +335,14 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         row = registry.add_device(store, dev, scopes, _now_ms())
     finally:
         store.close()
-    pw_note = _write_credentials(env, dev, password, enrol.password_file)
+    pw_note = _write_credentials(env, dev, password, enrol.password_file,
+                                 where=("in " + f"{dev}.mqtt-password" if layout.password_file
+                                        else "in the agent config"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if enrol.ca_file is not None:
         shutil.copyfile(enrol.ca_file, out_dir / "ca.pem")
+    if layout.password_file is not None:
+        _write_private(out_dir / f"{dev}.mqtt-password", password + "\n")
     if enrol.client_ca_cert is not None and enrol.client_ca_key is not None:
         from broker.certs import issue_client_cert
 
@@ -344,14 +350,9 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                                    days=enrol.client_cert_days)
         pw_note += f"; client certificate {issued.cert_path} (key {issued.key_path})"
     if config.schema_file is not None:
-        shutil.copyfile(config.schema_path(), out_dir / f"{dev}.schema.toml")
-    text = dump_toml(agent, mask_secrets=False, exclude_defaults=True, header=(
-        f"Waystation agent config for device {dev} (written by `waystation device add`).\n"
-        "Copy it to the device and run `waystation agent run --config FILE`.\n"
-        "It holds the device's broker password: keep it private (mode 0600)."))
-    fd = os.open(agent_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
+        shutil.copyfile(config.schema_path(), out_dir / layout.schema_name.format(dev=dev))
+    text = dump_toml(agent, mask_secrets=False, exclude_defaults=True, header=layout.header(dev))
+    _write_private(agent_file, text, exclusive=True)
     if getattr(args, "json", False):
         _print_json({"device": dev, "scopes": list(row.scopes), "agent_config": str(agent_file),
                      "credentials": pw_note})
@@ -363,25 +364,72 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class AgentLayout:
+    """Where the files `device add` writes live on the device, as the agent config
+    names them. Portable: everything next to the config (relative paths resolve
+    against the config file's directory). systemd: the unit's fixed locations."""
+
+    directory: str
+    """Prefix for ca.pem, the schema and client certificates ("" = next to the config)."""
+    data_dir: str | None
+    password_file: str | None
+    """None: the password goes inline into the config."""
+    schema_name: str
+
+    def path(self, name: str) -> str:
+        return f"{self.directory}{name}"
+
+    def header(self, dev: str) -> str:
+        if self.password_file is None:
+            return (f"Waystation agent config for device {dev} (written by `waystation device "
+                    "add`).\nCopy it (with the files next to it) to the device and run "
+                    "`waystation agent run --config FILE`.\nIt holds the device's broker "
+                    "password: keep it private (mode 0600).")
+        return (f"Waystation agent config for device {dev} (written by `waystation device add "
+                "--systemd`).\nInstall as /etc/waystation/agent.toml; ca.pem and the schema "
+                "into /etc/waystation/,\nthe .mqtt-password file as "
+                "/etc/waystation/credentials/agent-mqtt-password (mode 0600).")
+
+
+PORTABLE_LAYOUT = AgentLayout("", None, None, "{dev}.schema.toml")
+SYSTEMD_LAYOUT = AgentLayout("/etc/waystation/", "/var/lib/waystation/agent",
+                             "${CREDENTIALS_DIRECTORY}/mqtt-password", "fleet.toml")
+
+
+def _write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def _agent_config(config: ServerConfig, dev: str, scopes: list[str], password: str,
-                  out_dir: Path, *, client_cert: bool = False) -> AgentConfig:
+                  layout: AgentLayout = PORTABLE_LAYOUT, *,
+                  client_cert: bool = False) -> AgentConfig:
     enrol = config.enrol
     mqtt: dict[str, Any] = {
         "host": enrol.broker_host or config.mqtt.host,
         "port": enrol.broker_port or config.mqtt.port,
-        "prefix": config.mqtt.prefix, "password": password}
+        "prefix": config.mqtt.prefix}
+    if layout.password_file is None:
+        mqtt["password"] = password
+    else:
+        mqtt["password_file"] = layout.password_file
     if enrol.ca_file is not None:
-        # Paths relative to the agent config resolve next to it on the device.
-        tls: dict[str, Any] = {"ca_file": "ca.pem"}
+        # Portable layout: relative paths resolve next to the agent config on the device.
+        tls: dict[str, Any] = {"ca_file": layout.path("ca.pem")}
         if enrol.server_hostname:
             tls["server_hostname"] = enrol.server_hostname
         if client_cert:
-            tls["cert_file"] = f"{dev}.crt"
-            tls["key_file"] = f"{dev}.key"
+            tls["cert_file"] = layout.path(f"{dev}.crt")
+            tls["key_file"] = layout.path(f"{dev}.key")
         mqtt["tls"] = tls
     data: dict[str, Any] = {"device_id": dev, "scopes": scopes, "mqtt": mqtt}
+    if layout.data_dir is not None:
+        data["data_dir"] = layout.data_dir
     if config.schema_file is not None:
-        data["schema_file"] = str(out_dir / f"{dev}.schema.toml")
+        data["schema_file"] = layout.path(layout.schema_name.format(dev=dev))
     try:
         return AgentConfig.model_validate(data)
     except ValueError as exc:
@@ -389,15 +437,16 @@ def _agent_config(config: ServerConfig, dev: str, scopes: list[str], password: s
 
 
 def _write_credentials(env: Mapping[str, str], dev: str, password: str,
-                       password_file: Path | None = None) -> str:
+                       password_file: Path | None = None, *,
+                       where: str = "in the agent config") -> str:
     try:
         from broker import passwords
     except ImportError:  # pragma: no cover - the module ships with the broker
         return "broker credentials: not written (broker.passwords is not available)"
     path = password_file if password_file is not None else _password_file(env)
     passwords.write_password_entry(path, dev, password)
-    return (f"broker credentials: user {dev} added to {path}; the password is in the agent "
-            "config (Mosquitto reloads the file on SIGHUP)")
+    return (f"broker credentials: user {dev} added to {path}; the password is {where} "
+            "(Mosquitto reloads the file on SIGHUP)")
 
 
 def _revoke_credentials(env: Mapping[str, str], dev: str,

@@ -371,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a scope the device syncs (repeat for several)")
     p.add_argument("--out", metavar="DIR", type=Path, default=None,
                    help="where to write the device's agent config (default: current directory)")
+    p.add_argument("--systemd", action="store_true",
+                   help="write the config for the systemd unit's layout on the device: "
+                        "/etc/waystation/{ca.pem,fleet.toml}, state in "
+                        "/var/lib/waystation/agent, and the password in a separate file "
+                        "for LoadCredential= (see deploy/README.md)")
     p = b.leaf("device list", "list registered devices",
                "List the devices registered with the server, with the scopes each may "
                "sync and whether it has broker credentials.", config="server")
@@ -572,6 +577,13 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
             os.dup2(devnull, sys.stdout.fileno())
         except (OSError, ValueError):
             pass
+        return EXIT_ERROR
+    except OSError as err:
+        # A file the command needs is missing or unreadable (wrong path, wrong user):
+        # say which, in one line, instead of a traceback.
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}:{where} (check the path and that this user "
+              "may read/write it)", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -202,3 +202,25 @@ def test_handler_gets_args_and_env(test_handlers: dict[str, str],
     """A plugged-in handler receives the parsed args and the env; its return is the exit code."""
     assert main(["agent", "get", "tasks", "t-1"], env={"WHO": "me"}, handlers=test_handlers) == 5
     assert capsys.readouterr().out == "me tasks\n"
+
+
+def test_an_os_error_in_a_handler_is_one_line_not_a_traceback(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A handler hitting an unreadable or missing file prints one `error:` line naming
+    the file and exits 1 (no traceback)."""
+    def boom(args: object, env: object) -> int:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ca.pem"))
+
+    import sys
+    module = type(sys)("boom_handlers")
+    module.boom = boom  # type: ignore[attr-defined]
+    sys.modules["boom_handlers"] = module
+    try:
+        code = main(["schema", "check", "x.toml"], env={},
+                    handlers={"schema check": "boom_handlers:boom"})
+    finally:
+        del sys.modules["boom_handlers"]
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("error: Permission denied:")
+    assert "ca.pem" in err and "Traceback" not in err

@@ -97,3 +97,43 @@ def test_device_wipe_resync_disable_enable(tmp_path: Path,
     assert main(["device", "wipe", "van-99", "--config", str(conf)], env={}) != 0
     assert "van-99" in capsys.readouterr().err
     assert registry is not None
+
+
+def test_device_add_systemd_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`device add --systemd` writes a config for the unit's fixed layout: password in a
+    separate 0600 file read through ${CREDENTIALS_DIRECTORY}, CA and schema under
+    /etc/waystation, state in /var/lib/waystation/agent; portable mode keeps every path
+    relative to the config (nothing points into the --out directory)."""
+    ca = make_ca(tmp_path / "ca")
+    schema = tmp_path / "fleet.toml"
+    schema.write_text(Path(__file__).resolve().parents[2].joinpath(
+        "schemas", "examples", "fleet.toml").read_text())
+    conf = tmp_path / "server.toml"
+    conf.write_text(f'data_dir = "server"\nschema_file = "{schema}"\n[enrol]\n'
+                    f'ca_file = "{ca.cert_path}"\npassword_file = "{tmp_path / "passwd"}"\n')
+    out = tmp_path / "sd"
+    assert main(["device", "add", "van-5", "--scope", "r1", "--out", str(out), "--systemd",
+                 "--config", str(conf)], env={}) == 0
+    text = (out / "van-5.toml").read_text()
+    assert 'password_file = "${CREDENTIALS_DIRECTORY}/mqtt-password"' in text
+    assert "password =" not in text
+    assert 'ca_file = "/etc/waystation/ca.pem"' in text
+    assert 'schema_file = "/etc/waystation/fleet.toml"' in text
+    assert 'data_dir = "/var/lib/waystation/agent"' in text
+    secret = out / "van-5.mqtt-password"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert verify_password(read_password_file(tmp_path / "passwd")["van-5"],
+                           secret.read_text().strip())
+    assert (out / "fleet.toml").read_text() == schema.read_text()
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text(secret.read_text())
+    agent = load_config(AgentConfig, out / "van-5.toml", {})
+    assert agent.mqtt.resolved_password({"CREDENTIALS_DIRECTORY": str(creds)}) == \
+        secret.read_text().strip()
+    portable = tmp_path / "pt"
+    assert main(["device", "add", "van-6", "--scope", "r1", "--out", str(portable),
+                 "--config", str(conf)], env={}) == 0
+    text = (portable / "van-6.toml").read_text()
+    assert str(portable) not in text and 'schema_file = "van-6.schema.toml"' in text
+    capsys.readouterr()
