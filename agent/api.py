@@ -36,7 +36,7 @@ from agent.errors import BadRequest, NotFound, WriteRefused
 from agent.models import AgentStatus, Conflict, DeadLetter, FeedEvent, Record, WriteResult
 from agent.store import Store, n_key, record_key, split_record_key
 from agent.sync import Sync
-from agent.view import ViewState, apply_pending, initial_view
+from agent.view import ViewState, initial_view, step
 from schemas.collection import Catalog, CollectionSpec
 from waystation.config import AgentConfig, expand_path
 
@@ -55,6 +55,7 @@ class Agent:
         self._core = core
         self._sync: Sync | None = None
         self._wake: socket.socket | None = None
+        self._wake_to = ""  # the daemon's wake socket address (the store's path never moves)
 
     # ---------------------------------------------------------------- opening
 
@@ -223,8 +224,9 @@ class Agent:
         if self._wake is None:
             self._wake = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._wake.setblocking(False)
+            self._wake_to = str(self._core.store.path / WAKE_SOCKET)
         with contextlib.suppress(OSError):
-            self._wake.sendto(b"w", str(self._core.store.path / WAKE_SOCKET))
+            self._wake.sendto(b"w", self._wake_to)
 
     def _write(self, work: Work, spec: CollectionSpec, rk: bytes, key: str,
                view: ViewState | None, scope: str, op: Op, priority: int, *,
@@ -236,8 +238,10 @@ class Agent:
         b = base_version(work.checkpoint(scope).cp, view.wq if view else 0)
         ch = build_change(n=n, h=stamp.time_part(), c=spec.name, k=key, s=scope, b=b, op=op,
                           f=f, i=i, a=a, r=r)
-        state = view if view is not None else initial_view(None, spec.name, key, scope)
-        new = apply_pending(state, ch, self._core.dev, spec)
+        # `view` was loaded for this write alone (its callers are done with it): the new
+        # change is folded into it in place (`apply_pending` without the copy).
+        new = view if view is not None else initial_view(None, spec.name, key, scope)
+        step(new, ch, self._core.dev, spec)
         size = len(orjson.dumps(new.f))
         if size > validate.MAX_RECORD_BYTES:
             raise WriteRefused("record_too_large",

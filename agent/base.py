@@ -165,10 +165,17 @@ def apply_own_change(base: BaseRecord | None, change: Mapping[str, Any], q: int,
     sends them in the ack's `fx` states. `q == 0` (server forgot the outcome) changes
     nothing.
     """
+    stamp = None if restamped else f"{change['h']}:{dev}"
+    if base is None and q > 0 and change["op"] != "del":
+        # A record new to the base (the usual ack of a create): the general path below
+        # gives exactly this, one field at a time.
+        values = change.get("f") or {}
+        return BaseRecord(change["c"], change["k"], change["s"], q, xq=q, f=dict(values),
+                          fq=dict.fromkeys(values, q),
+                          h={} if stamp is None else dict.fromkeys(values, stamp))
     out = base.copy() if base is not None else BaseRecord(change["c"], change["k"], change["s"])
     if q <= 0:
         return out
-    stamp = None if restamped else f"{change['h']}:{dev}"
     if change["op"] == "del":
         if q > out.xq:
             out.x, out.xh, out.xq = True, stamp, q

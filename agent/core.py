@@ -322,9 +322,11 @@ class Work:
     def add_outbox(self, rk: bytes, n: int, change: dict[str, Any], priority: int,
                    sv: int) -> dict[str, Any]:
         entry = {"ch": change, "sv": sv, "t": self.now(), "p": priority, "at": 0, "err": None}
-        self.tx.put("outbox", n_key(n), entry)
-        self.tx.put_raw("outbox_idx", prio_key(priority, n))
-        self.tx.put_raw("outbox_idx", rec_index_key(rk, n))
+        nk = n_key(n)
+        tx = self.tx
+        tx.put("outbox", nk, entry)
+        tx.put_raw("outbox_idx", b"P" + ((2**31 - 1) - priority).to_bytes(4, "big") + nk)
+        tx.put_raw("outbox_idx", b"R" + rk + b"\0" + nk)  # prio_key, rec_index_key
         return entry
 
     def outbox_entry(self, n: int) -> dict[str, Any] | None:
@@ -335,15 +337,27 @@ class Work:
         """Drop entry `n` and its index keys; returns the record key."""
         ch = entry["ch"]
         rk = record_key(ch["c"], ch["k"])
-        self.tx.delete("outbox", n_key(n))
-        self.tx.delete("outbox_idx", prio_key(entry["p"], n))
-        self.tx.delete("outbox_idx", rec_index_key(rk, n))
+        nk = n_key(n)
+        tx = self.tx
+        tx.delete("outbox", nk)
+        tx.delete("outbox_idx", b"P" + ((2**31 - 1) - entry["p"]).to_bytes(4, "big") + nk)
+        tx.delete("outbox_idx", b"R" + rk + b"\0" + nk)  # prio_key, rec_index_key
         return rk
 
     def pending_changes(self, rk: bytes) -> list[dict[str, Any]]:
         """The record's pending changes (wire dicts), in n order."""
         out: list[dict[str, Any]] = []
-        for key in self.tx.keys("outbox_idx", b"R" + rk + b"\0"):
+        prefix = b"R" + rk + b"\0"
+        keys: list[bytes] = []
+        with self.tx.cursor("outbox_idx") as cur:
+            if cur.set_range(prefix):
+                key = cur.key()
+                while key.startswith(prefix):
+                    keys.append(key)
+                    if not cur.next():
+                        break
+                    key = cur.key()
+        for key in keys:
             entry = self.tx.get("outbox", key[-8:])
             if entry is not None:
                 out.append(entry["ch"])

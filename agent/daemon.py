@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,7 @@ class AgentDaemon:
         self._thread: threading.Thread | None = None
         self._connected = False
         self._inflight: dict[int, float] = {}        # n -> monotonic deadline for an answer
+        self._earliest = float("inf")  # no deadline in _inflight is before this
         self._retry_at: dict[int, float] = {}        # n -> not before (transient rejects)
         self._catchup_req: str | None = None
         self._catchup_sent = 0.0
@@ -335,13 +337,17 @@ class AgentDaemon:
         if not self._connected:
             return
         sync_cfg = self.cfg.sync
-        for n in [n for n, deadline in self._inflight.items() if deadline <= now]:
-            del self._inflight[n]
-            self.stats.resent += 1
+        if now >= self._earliest:  # else nothing can have expired: no scan of them all
+            for n in [n for n, deadline in self._inflight.items() if deadline <= now]:
+                del self._inflight[n]
+                self.stats.resent += 1
+            self._earliest = min(self._inflight.values(), default=float("inf"))
         room = sync_cfg.max_inflight_changes - len(self._inflight)
         while room > 0:
-            exclude = set(self._inflight)
-            exclude.update(n for n, t in self._retry_at.items() if t > now)
+            waiting = [n for n, t in self._retry_at.items() if t > now]
+            # Without deferred changes, the in-flight numbers themselves (not a copy).
+            exclude: AbstractSet[int] = (
+                self._inflight.keys() if not waiting else {*self._inflight, *waiting})
             batch = self.sync.next_batch(exclude, min(sync_cfg.batch_max_changes, room),
                                          sync_cfg.batch_max_bytes)
             if not batch:
@@ -353,6 +359,7 @@ class AgentDaemon:
             if not self.link.publish(self.up_topic, payload):
                 return
             deadline = now + sync_cfg.ack_timeout_s
+            self._earliest = min(self._earliest, deadline)
             for n in batch.numbers:
                 self._inflight[n] = deadline
                 self._retry_at.pop(n, None)

@@ -135,10 +135,17 @@ class Tx:
     def get(self, db: str, key: bytes) -> Any:
         """The decoded value at `key`, or None."""
         raw = self._txn.get(key, db=self._dbs[db])
-        return None if raw is None else self._decode(db, key, raw)
+        if raw is None:
+            return None
+        if self._cipher is not None and db in ENCRYPTED_DBS:
+            raw = self._cipher.open(db.encode() + b"\0" + key, raw)
+        return orjson.loads(raw)  # _decode, inlined: the hot path
 
     def put(self, db: str, key: bytes, value: Any) -> None:
-        self._txn.put(key, self._encode(db, key, value), db=self._dbs[db])
+        raw = orjson.dumps(value)  # _encode, inlined: the hot path
+        if self._cipher is not None and db in ENCRYPTED_DBS:
+            raw = self._cipher.seal(db.encode() + b"\0" + key, raw)
+        self._txn.put(key, raw, db=self._dbs[db])
 
     def has(self, db: str, key: bytes) -> bool:
         return self._txn.get(key, db=self._dbs[db]) is not None

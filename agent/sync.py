@@ -12,6 +12,7 @@ Drain order (§9.2): higher `priority` first, then lower `n`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,9 @@ class Sync:
         stays within `max_bytes`; always at least one if any is waiting. All share the
         schema version of the first.
         """
-        excluded = set(exclude_n)
+        # Only looked up: a set (or a dict's keys) is used as it is, not copied (the
+        # daemon passes up to max_inflight_changes numbers for every batch).
+        excluded = exclude_n if isinstance(exclude_n, AbstractSet) else set(exclude_n)
 
         def run(work: Work) -> Batch:
             batch = Batch()
@@ -168,19 +171,26 @@ class Sync:
             for rk in {**own, **fx}:
                 c, k = split_record_key(rk)
                 old = work.load_base(rk, c, k)
-                mine = sorted(own.get(rk, []), key=lambda item: item[0]["n"])
-                new = apply_ack_record(old, mine, fx.get(rk, []), self.dev, restamped=restamped)
+                mine = own.get(rk, [])
+                if len(mine) > 1:
+                    mine.sort(key=_change_number)
+                states = fx.get(rk, [])
+                new = apply_ack_record(old, mine, states, self.dev, restamped=restamped)
                 if new is None:
                     continue
                 new.g = gen
                 work.save_base(rk, old, new)
-                lost += self._lost_writes(work, new, mine, fx.get(rk, []), restamped)
+                if mine and states:
+                    lost += self._lost_writes(work, new, mine, states, restamped)
                 work.refresh_view(rk, c, k, new)
                 work.feed(c, k, "synced" if rk in own else "remote")
             now = work.now()
+            by_scope: dict[str, list[int]] = {}
             for scope, q in seqs:
-                if scope in core.scopes and q > 0:
-                    work.set_checkpoint(scope, work.checkpoint(scope).mark(q, now))
+                if q > 0 and scope in core.scopes:
+                    by_scope.setdefault(scope, []).append(q)
+            for scope, qs in by_scope.items():
+                work.set_checkpoint(scope, work.checkpoint(scope).mark_all(qs, now))
             if applied:
                 work.tx.set_meta("last_sync", now)
             if restamped & set(applied):
@@ -276,9 +286,12 @@ class Sync:
             work.observe(_stamps(delta.d))
             touched = work.apply_recs(delta.d, "remote")
             now = work.now()
+            by_scope: dict[str, list[int]] = {}
             for rec in delta.d:
-                if rec.s in core.scopes and rec.q > 0:
-                    work.set_checkpoint(rec.s, work.checkpoint(rec.s).mark(rec.q, now))
+                if rec.q > 0 and rec.s in core.scopes:
+                    by_scope.setdefault(rec.s, []).append(rec.q)
+            for scope, qs in by_scope.items():
+                work.set_checkpoint(scope, work.checkpoint(scope).mark_all(qs, now))
             return len(touched)
 
         return core.write(run, durable=False)
@@ -432,6 +445,11 @@ class Sync:
             work.tx.set_meta("online", {"on": online, "t": work.now()})
 
         self._core.write(run, durable=False)
+
+
+def _change_number(item: tuple[dict[str, Any], int]) -> int:
+    n: int = item[0]["n"]
+    return n
 
 
 def _stamps(recs: Iterable[wire.Rec]) -> list[str]:

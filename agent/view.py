@@ -146,24 +146,33 @@ def step(state: ViewState, change: Mapping[str, Any], dev: str,
                 alive = True
         state.x = not alive
         return
+    values = change.get("f")
+    incs = change.get("i")
+    adds: Mapping[str, list[str]] = change.get("a") or {}
+    removes: Mapping[str, Mapping[str, list[str]]] = change.get("r") or {}
     named = set(state.pf)
-    for group in ("f", "i", "a", "r"):
-        named.update(change.get(group) or ())
+    for group in (values, incs, adds, removes):
+        if group:
+            named.update(group)
     state.pf = sorted(named)
-    for name, inc in (change.get("i") or {}).items():
-        cur = state.f.get(name)
-        base_total = cur if isinstance(cur, int | float) and not isinstance(cur, bool) else 0
-        state.f[name] = base_total + inc
+    shown = state.f
+    if incs:
+        for name, inc in incs.items():
+            cur = shown.get(name)
+            base_total = cur if isinstance(cur, int | float) and not isinstance(cur, bool) else 0
+            shown[name] = base_total + inc
     if state.x and state.xh is not None and stamp < state.xh:
         return  # written before a delete the device already knows: discarded (§5 delete)
     state.x = False
-    for name, value in (change.get("f") or {}).items():
-        cur = state.h.get(name)
-        if cur is None or stamp > cur:
-            state.f[name] = value
-            state.h[name] = stamp
-    adds: Mapping[str, list[str]] = change.get("a") or {}
-    removes: Mapping[str, Mapping[str, list[str]]] = change.get("r") or {}
+    if values:
+        stamps = state.h
+        for name, value in values.items():
+            cur = stamps.get(name)
+            if cur is None or stamp > cur:
+                shown[name] = value
+                stamps[name] = stamp
+    if not adds and not removes:
+        return
     for name in set(adds) | set(removes):
         tags = {m: list(ts) for m, ts in state.t.get(name, {}).items()}
         for member, seen in removes.get(name, {}).items():

@@ -310,6 +310,7 @@ class LineProc:
     def __init__(self, name: str, module: str, log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module], stdin=subprocess.PIPE,

@@ -33,7 +33,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from bench.common import percentile
-from bench.fleet import PREFIX, RAW_DEVICE, SERVER_USER, Fleet
+from bench.fleet import PREFIX, RAW_DEVICE, REPO, SERVER_USER, Fleet
 
 PAYLOAD = b"x" * 300
 
@@ -90,8 +90,8 @@ class Echo:
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.raw", "echo", "--port", str(fleet.port),
-             "--password", fleet.passwords[SERVER_USER]],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+             f"--password={fleet.passwords[SERVER_USER]}"],  # (it may start with "-")
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != b"ready":
             raise RuntimeError("echo process did not start")

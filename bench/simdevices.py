@@ -379,17 +379,20 @@ class Host:
         q_by_scope: dict[str, list[int]] = {}
         count_by_scope: dict[str, int] = {}
         totals: dict[str, int] = {}
+        new_records = 0  # task puts: each creates a record of its own
         for dev in self.devices:
             with dev.lock:
                 for scope, q in dev.acked.values():
                     q_by_scope.setdefault(scope, []).append(q)
             for ch in dev.outbox:
                 count_by_scope[ch["s"]] = count_by_scope.get(ch["s"], 0) + 1
+                new_records += "i" not in ch
             for (c, k), v in dev.totals.items():
                 key = f"{c}/{k}"
                 totals[key] = totals.get(key, 0) + v
         return {"t_go": t_go, "timed_out": finished < len(self.devices), "devices": reports,
-                "q_by_scope": q_by_scope, "count_by_scope": count_by_scope, "totals": totals}
+                "q_by_scope": q_by_scope, "count_by_scope": count_by_scope, "totals": totals,
+                "new_records": new_records}
 
     def stop(self) -> dict[str, Any]:
         self._stop.set()

@@ -131,8 +131,9 @@ class TxnApplier:
             self.txn.lock_scopes(sorted(scopes))
         if changes:
             known = self._records
-            self.txn.prefetch(device.id, [ch.n for ch in changes],
-                              [(ch.c, ch.k) for ch in changes if (ch.c, ch.k) not in known])
+            # Generators: a backend without round trips (LMDB) never iterates them.
+            self.txn.prefetch(device.id, (ch.n for ch in changes),
+                              ((ch.c, ch.k) for ch in changes if (ch.c, ch.k) not in known))
         results = [self.apply_one(device, sv, ch) for ch in changes]
         for entry in bad:
             if entry.n is not None:

@@ -68,6 +68,8 @@ log = structlog.get_logger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
 PURGE_INTERVAL_MS = 60_000
+"""How often tombstones older than the retention are purged, at most (more often when
+the retention itself is short, so a tombstone never outlives it by much)."""
 MAX_PENDING_LETTERS = 1000
 
 
@@ -185,7 +187,8 @@ class Engine:
                 out.extend(self._push_commands())
             out.extend(self._drain_notices())
             if now >= self._next_purge:
-                self._next_purge = now + PURGE_INTERVAL_MS
+                retention_ms = self.cfg.tombstone_retention_s * 1000
+                self._next_purge = now + max(1000, min(PURGE_INTERVAL_MS, retention_ms // 2))
                 purged = purge_tombstones(self.store, now, self.cfg.tombstone_retention_s * 1000)
                 if purged:
                     log.info("tombstones_purged", count=purged)

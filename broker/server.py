@@ -11,8 +11,15 @@ transaction committed: an ack never precedes the durable apply.
 Subscriptions: `{prefix}/+/up` — as the shared subscription
 `$share/{shared_group}/{prefix}/+/up` when `shared_group` is set, so several servers
 consume side by side (Mosquitto, EMQX; amqtt has no shared subscriptions) — and
-`{prefix}/+/status` for presence. The session is persistent, so a restarted server
-finds what the broker queued while it was away.
+`{prefix}/+/status` for presence. Alone on its subscription (no `shared_group`) the
+server keeps a persistent session, so a restarted server finds what the broker queued
+while it was away. In a shared group it connects with a clean session: brokers
+(Mosquitto 2.0, EMQX) keep handing a disconnected member's persistent session its share
+of the group's messages, so a server that died would swallow 1/N of every device's
+changes into a queue nobody reads (for `persistent_client_expiration`, 30 days in
+deploy/) and each of them would wait for the device's ack timeout. With a clean
+session the broker drops the dead member at once and the others get everything; what
+was in flight to it is resent by the devices (they resend until the server acks).
 
 Test hook (crash tests only): ``WAYSTATION_FAILPOINT=after_commit:N`` in the server's
 environment, read once when the server is built, makes the process SIGKILL itself on
@@ -93,6 +100,7 @@ class MergeServer:
         self._fp_groups = 0
         self.link = MqttLink.from_config(
             cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=self.env,
+            clean_session=cfg.shared_group is not None,
             max_inflight=0, max_queued=0,
             on_connect=self._on_connect,
             on_message=self._on_message,

@@ -20,6 +20,8 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_validator,
 )
 
@@ -46,6 +48,8 @@ _FIELD_RE = re.compile(FIELD_PATTERN)
 
 def _check_member(value: str) -> str:
     """A set member: 1 to 200 UTF-8 bytes (PROTOCOL.md §2; control characters allowed)."""
+    if value.isascii() and 0 < len(value) <= MAX_KEY_BYTES:
+        return value  # the usual member: one byte per character
     size = len(value.encode("utf-8", "surrogatepass"))
     if not 1 <= size <= MAX_KEY_BYTES:
         raise ValueError(f"must be 1 to {MAX_KEY_BYTES} UTF-8 bytes, got {size}")
@@ -54,6 +58,8 @@ def _check_member(value: str) -> str:
 
 def _check_key(value: str) -> str:
     """A record key: a member that also has no character below U+0020."""
+    if value.isascii() and 0 < len(value) <= MAX_KEY_BYTES and value.isprintable():
+        return value  # the usual key: printable ASCII (U+0020 to U+007E)
     _check_member(value)
     if _CONTROL.search(value):
         raise ValueError("must not contain control characters (below U+0020)")
@@ -126,9 +132,55 @@ def _check_number(value: Any) -> Any:
 
 def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
     for name in value:
-        if not _FIELD_RE.fullmatch(name):
+        if name not in _FIELD_NAMES_SEEN and not _field_name_ok(name):
             raise ValueError(f"{name[:80]!r} is not a valid field name")
     return value
+
+
+# Field names seen valid: a fleet uses few, so most checks are one set lookup. Bounded
+# (the names come from the wire); only exact `str` objects are remembered.
+_FIELD_NAMES_SEEN: set[str] = set()
+_FIELD_NAMES_MAX = 4096
+
+
+def _field_name_ok(name: str) -> bool:
+    if not _FIELD_RE.fullmatch(name):
+        return False
+    if type(name) is str:
+        if len(_FIELD_NAMES_SEEN) >= _FIELD_NAMES_MAX:
+            _FIELD_NAMES_SEEN.clear()
+        _FIELD_NAMES_SEEN.add(name)
+    return True
+
+
+def _fast_field_values(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """`dict[str, JsonValue]` with valid field names, checked in one pass.
+
+    The usual map of field name -> plain value (a string, null, a boolean, a 53-bit
+    integer, a float) is accepted here in one call instead of one validator call per
+    value; anything else (other types, nested values, a bad name, a non-dict) goes
+    through the full validation (`handler`), which also words the errors.
+    """
+    if type(value) is not dict:
+        return handler(value)
+    seen = _FIELD_NAMES_SEEN
+    for name, item in value.items():
+        if type(name) is not str or (name not in seen and not _field_name_ok(name)):
+            return handler(value)
+        kind = type(item)
+        if kind is str or item is None or kind is bool:
+            continue
+        if kind is int:
+            if -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
+                continue
+            return handler(value)
+        if kind is float:
+            if math.isfinite(item):
+                continue
+            return handler(value)
+        if json_value_error(item) is not None:
+            return handler(value)
+    return dict(value)
 
 
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -149,6 +201,9 @@ Number = Annotated[
     StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)], BeforeValidator(_check_number)
 ]
 ReqId = Annotated[str, Field(min_length=1, max_length=64, strict=True)]
+# Field name -> JSON value (the `f` of changes and record states).
+FieldValues = Annotated[dict[str, JsonValue], AfterValidator(_check_field_names),
+                        WrapValidator(_fast_field_values)]
 
 
 class WireModel(BaseModel):
@@ -188,8 +243,7 @@ class Rec(WireModel):
     part: StrictBool = False
     x: StrictBool = False
     xh: Stamp | None = None
-    f: Annotated[dict[str, JsonValue], AfterValidator(_check_field_names)] = Field(
-        default_factory=dict)
+    f: FieldValues = Field(default_factory=dict)
     h: Annotated[dict[str, Stamp], AfterValidator(_check_field_names)] = Field(default_factory=dict)
     t: Annotated[dict[str, dict[Member, list[ChangeTag]]],
                  AfterValidator(_check_field_names)] = Field(default_factory=dict)
@@ -222,8 +276,7 @@ class Change(WireModel):
     s: ScopeId
     b: Seq = 0
     op: Literal["put", "del"]
-    f: Annotated[dict[str, JsonValue], AfterValidator(_check_field_names)] = Field(
-        default_factory=dict)
+    f: FieldValues = Field(default_factory=dict)
     i: Annotated[dict[str, Number], AfterValidator(_check_field_names)] = Field(
         default_factory=dict)
     a: Annotated[dict[str, list[Member]], AfterValidator(_check_field_names)] = Field(
@@ -236,6 +289,13 @@ class Change(WireModel):
         if self.op == "del":
             if self.f or self.i or self.a or self.r:
                 raise ValueError("a 'del' change must not name fields")
+            return self
+        if not self.i and not self.a and not self.r:  # the usual put: values only
+            named = len(self.f)
+            if named == 0:
+                raise ValueError("a 'put' change must name at least one field")
+            if named > MAX_FIELDS_PER_CHANGE:
+                raise ValueError(f"a change may name at most {MAX_FIELDS_PER_CHANGE} fields")
             return self
         named = len(self.f) + len(self.i) + len(set(self.a) | set(self.r))
         if named == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -149,7 +150,9 @@ class RecordingClient:
         clean_session: bool = True,
         will: tuple[str, bytes, bool] | None = None,
         nodelay: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: connect over TLS with this context (CA, client certificate)."""
         self.host, self.port = host, port
         self._lock = threading.Lock()
         self.state = _State()
@@ -171,6 +174,8 @@ class RecordingClient:
         client.on_publish = self._on_publish
         if nodelay:
             client.on_socket_open = _set_nodelay
+        if tls is not None:
+            client.tls_set_context(tls)
         self.client = client
 
     # -- paho callbacks (network thread)

@@ -32,6 +32,8 @@ MAX_COUNTER = 0xFFFF
 
 _TIME_PART_RE = re.compile(r"[0-9a-f]{16}")
 _NODE_RE = re.compile(r"~server|[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VALID_NODES: set[str] = set()
+"""Nodes already checked (an agent makes a Clock per write transaction)."""
 
 
 class Stamp(NamedTuple):
@@ -89,8 +91,12 @@ class Clock:
 
     def __init__(self, node: str, now_ms: Callable[[], int], wall: int = 0,
                  counter: int = 0) -> None:
-        if not _NODE_RE.fullmatch(node):
-            raise ValueError(f"{node!r} is not a valid clock node (a device id or '~server')")
+        if node not in _VALID_NODES:
+            if not _NODE_RE.fullmatch(node):
+                raise ValueError(f"{node!r} is not a valid clock node (a device id or "
+                                 "'~server')")
+            if type(node) is str and len(_VALID_NODES) < 1024:
+                _VALID_NODES.add(node)
         self.node = node
         self._now_ms = now_ms
         self._wall = 0

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from schemas.collection import CollectionSpec, FieldSpec, Strategy
-from schemas.wire import Change
+from schemas.wire import MAX_SAFE_INT, Change
 from waystation.hlc import SERVER_NODE, Stamp
 from waystation.rules import Rule, RuleContext
 
@@ -243,17 +243,35 @@ _WRONG_STRATEGY_HINT = {
 }
 
 
-_STRATEGIES: dict[int, tuple[CollectionSpec, dict[str, tuple[Strategy, FieldSpec]]]] = {}
+_FieldEntry: TypeAlias = tuple[Strategy, FieldSpec, int | None]
+_STRATEGIES: dict[int, tuple[CollectionSpec, dict[str, _FieldEntry]]] = {}
+_ANY_VALUE = -1
+"""`_FieldEntry` limit of a json field: every JSON value fits (`FieldSpec.type_error`)."""
+_ANY_INT = -2
+"""`_FieldEntry` limit of an int or float field without min / max: any 53-bit int fits."""
 
 
-def _strategies(spec: CollectionSpec) -> dict[str, tuple[Strategy, FieldSpec]]:
-    """field -> (strategy, FieldSpec), memoised per spec object (specs are immutable)."""
+def _strategies(spec: CollectionSpec) -> dict[str, _FieldEntry]:
+    """field -> (strategy, FieldSpec, string limit), memoised per spec object (specs are
+    immutable). The string limit says which values certainly fit the field without asking
+    `FieldSpec.type_error`: for a string field, strings of at most that many characters;
+    `_ANY_VALUE` for a json field, `_ANY_INT` for a number field without bounds; None:
+    ask."""
     hit = _STRATEGIES.get(id(spec))
     if hit is not None and hit[0] is spec:
         return hit[1]
     if len(_STRATEGIES) > 256:  # catalogs reloaded many times: start over
         _STRATEGIES.clear()
-    table = {name: (fs.strategy, fs) for name, fs in spec.fields.items()}
+    table: dict[str, _FieldEntry] = {}
+    for name, fs in spec.fields.items():
+        limit: int | None = None
+        if fs.type == "string":
+            limit = fs.max_length if fs.max_length is not None else MAX_SAFE_INT
+        elif fs.type == "json":
+            limit = _ANY_VALUE
+        elif fs.type in ("int", "float") and fs.min is None and fs.max is None:
+            limit = _ANY_INT
+        table[name] = (fs.strategy, fs, limit)
     _STRATEGIES[id(spec)] = (spec, table)
     return table
 
@@ -265,62 +283,74 @@ def check_change(record: RecordState | None, change: Change, spec: CollectionSpe
     Checks, in the order of PROTOCOL.md §10.1: unknown fields, strategies and types,
     the scope, then value ranges and counter bounds (`rule_rejected`).
     """
-    where = f"{change.c}/{change.k}"
     fields = _strategies(spec)
     late: Rejection | None = None
     for name, value in change.f.items():
         entry = fields.get(name)
         if entry is None:
-            return _unknown(where, name, spec)
-        strategy, fs = entry
+            return _unknown(_at(change), name, spec)
+        strategy, fs, limit = entry
         if strategy != "lww" and strategy != "manual":
-            return _wrong(where, name, strategy, "a value")
+            return _wrong(_at(change), name, strategy, "a value")
+        if limit is not None:  # certainly fits? (see `_strategies`)
+            kind = type(value)
+            if kind is str:
+                if len(value) <= limit:
+                    continue
+            elif limit == _ANY_VALUE or (limit == _ANY_INT and kind is int
+                                         and -MAX_SAFE_INT <= value <= MAX_SAFE_INT):
+                continue
         err = fs.type_error(value)
         if err is not None:
             if not _is_range_error(fs, value, err):
-                return ("type_mismatch", f"{where}: field {name!r}: {err}")
+                return ("type_mismatch", f"{_at(change)}: field {name!r}: {err}")
             if late is None:  # out of range: reported after the type and scope checks
-                late = ("rule_rejected", f"{where}: field {name!r}: {err}")
+                late = ("rule_rejected", f"{_at(change)}: field {name!r}: {err}")
     for name, inc in change.i.items():
         entry = fields.get(name)
         if entry is None:
-            return _unknown(where, name, spec)
-        strategy, fs = entry
+            return _unknown(_at(change), name, spec)
+        strategy, fs, _ = entry
         if strategy != "counter":
-            return _wrong(where, name, strategy, "an increment")
+            return _wrong(_at(change), name, strategy, "an increment")
         err = fs.increment_error(inc)
         if err is not None:
-            return ("type_mismatch", f"{where}: field {name!r}: {err}")
+            return ("type_mismatch", f"{_at(change)}: field {name!r}: {err}")
     for name, members in change.a.items():
         entry = fields.get(name)
         if entry is None:
-            return _unknown(where, name, spec)
-        strategy, fs = entry
+            return _unknown(_at(change), name, spec)
+        strategy, fs, _ = entry
         if strategy != "set":
-            return _wrong(where, name, strategy, "set members to add")
+            return _wrong(_at(change), name, strategy, "set members to add")
         for member in members:
             err = fs.member_error(member)
             if err is not None:
-                return ("type_mismatch", f"{where}: field {name!r}: {err}")
+                return ("type_mismatch", f"{_at(change)}: field {name!r}: {err}")
     for name, removes in change.r.items():
         entry = fields.get(name)
         if entry is None:
-            return _unknown(where, name, spec)
-        strategy, fs = entry
+            return _unknown(_at(change), name, spec)
+        strategy, fs, _ = entry
         if strategy != "set":
-            return _wrong(where, name, strategy, "set members to remove")
+            return _wrong(_at(change), name, strategy, "set members to remove")
         for member in removes:
             err = fs.member_error(member)
             if err is not None:
-                return ("type_mismatch", f"{where}: field {name!r}: {err}")
-    scope_err = _scope_error(record, change, spec, where)
+                return ("type_mismatch", f"{_at(change)}: field {name!r}: {err}")
+    scope_err = _scope_error(record, change, spec)
     if scope_err is not None:
         return scope_err
     if late is not None:
         return late
     if change.i:
-        return _bounds_error(record, change, spec, where)
+        return _bounds_error(record, change, spec)
     return None
+
+
+def _at(change: Change) -> str:
+    """Where a rejection of `change` happened (its record), for the reason."""
+    return f"{change.c}/{change.k}"
 
 
 def _unknown(where: str, name: str, spec: CollectionSpec) -> Rejection:
@@ -340,22 +370,22 @@ def _is_range_error(fs: FieldSpec, value: Any, err: str) -> bool:
     return err == fs._range_error(value)
 
 
-def _scope_error(record: RecordState | None, change: Change, spec: CollectionSpec,
-                 where: str) -> Rejection | None:
+def _scope_error(record: RecordState | None, change: Change, spec: CollectionSpec
+                 ) -> Rejection | None:
     s = change.s
     sf = spec.scope_field
     if record is not None:
         if s != record.s:
-            return ("scope_mismatch", f"{where}: the record is in scope {record.s!r}, "
+            return ("scope_mismatch", f"{_at(change)}: the record is in scope {record.s!r}, "
                                       f"not {s!r}")
         if sf is not None and sf in change.f and change.f[sf] != record.s:
-            return ("scope_mismatch", f"{where}: field {sf!r} holds the record's scope "
+            return ("scope_mismatch", f"{_at(change)}: field {sf!r} holds the record's scope "
                                       f"and cannot change (it is {record.s!r}, the change "
                                       f"sets {change.f[sf]!r})")
         return None
     if spec.scope is not None:
         if s != spec.scope:
-            return ("scope_mismatch", f"{where}: every {spec.name} record is in scope "
+            return ("scope_mismatch", f"{_at(change)}: every {spec.name} record is in scope "
                                       f"{spec.scope!r}, not {s!r}")
         return None
     assert sf is not None
@@ -364,13 +394,13 @@ def _scope_error(record: RecordState | None, change: Change, spec: CollectionSpe
     # scope field creates the record in `s`, and the creating put, when it comes, must
     # set the field to that same `s` (checked above, as for any existing record).
     if sf in change.f and change.f[sf] != s:
-        return ("scope_mismatch", f"{where}: the change is in scope {s!r} but sets "
+        return ("scope_mismatch", f"{_at(change)}: the change is in scope {s!r} but sets "
                                   f"{sf!r} to {change.f[sf]!r}")
     return None
 
 
-def _bounds_error(record: RecordState | None, change: Change, spec: CollectionSpec,
-                  where: str) -> Rejection | None:
+def _bounds_error(record: RecordState | None, change: Change, spec: CollectionSpec
+                  ) -> Rejection | None:
     fields = record.fields if record is not None else {}
     for name, inc in change.i.items():
         fs = spec.fields[name]
@@ -382,10 +412,10 @@ def _bounds_error(record: RecordState | None, change: Change, spec: CollectionSp
         after = total + inc
         # Only a change that moves the total out of range (or further out) is refused.
         if lo is not None and after < lo and inc < 0:
-            return ("rule_rejected", f"{where}: {name} would go below {_num(lo)} "
+            return ("rule_rejected", f"{_at(change)}: {name} would go below {_num(lo)} "
                                      f"(is {_num(total)}, change {_num(inc)})")
         if hi is not None and after > hi and inc > 0:
-            return ("rule_rejected", f"{where}: {name} would go above {_num(hi)} "
+            return ("rule_rejected", f"{_at(change)}: {name} would go above {_num(hi)} "
                                      f"(is {_num(total)}, change {_num(inc)})")
     return None
 
@@ -779,7 +809,7 @@ def to_rec(record: RecordState, fields: Iterable[str] | None = None, part: bool 
     if record.deleted:
         assert record.xh is not None
         out["x"] = True
-        out["xh"] = record.xh.encode()
+        out["xh"] = _enc(record.xh)
         return out
     stored = record.fields
     f: dict[str, Any] = {}
@@ -792,9 +822,9 @@ def to_rec(record: RecordState, fields: Iterable[str] | None = None, part: bool 
             continue
         if type(st) is Register:
             f[name] = st.value.v
-            h[name] = st.value.h.encode()
+            h[name] = _enc(st.value.h)
             if st.cf:
-                cf[name] = [{"v": x.v, "by": x.by, "h": x.h.encode()} for x in st.cf]
+                cf[name] = [{"v": x.v, "by": x.by, "h": _enc(x.h)} for x in st.cf]
         elif type(st) is Counter:
             f[name] = st.total
         elif isinstance(st, SetField):
@@ -851,12 +881,17 @@ def to_json(record: RecordState) -> dict[str, Any]:
     when the writer is not the stamp's node). Stamps are in their full string form.
     """
     f: dict[str, Any] = {}
+    encoded = _ENCODED
     for name, st in record.fields.items():
         if type(st) is Register:
+            v = st.value  # _vj(st.value), inlined: most fields are registers
+            h = v.h
+            text = encoded.get(h) or _enc(h)
+            vj = [v.v, text, v.n] if v.by == h.node else [v.v, text, v.n, v.by]
             if st.cf:
-                f[name] = ["r", st.q, _vj(st.value), st.cfq, [_vj(x) for x in st.cf]]
+                f[name] = ["r", st.q, vj, st.cfq, [_vj(x) for x in st.cf]]
             else:
-                f[name] = ["r", st.q, _vj(st.value)]
+                f[name] = ["r", st.q, vj]
         elif type(st) is Counter:
             f[name] = ["c", st.q, st.total]
         elif isinstance(st, SetField):
@@ -867,9 +902,9 @@ def to_json(record: RecordState) -> dict[str, Any]:
     out: dict[str, Any] = {"fv": FORMAT_VERSION, "c": record.c, "k": record.k, "s": record.s,
                            "q": record.q, "f": f}
     if record.xh is not None:
-        out["x"] = [record.xh.encode(), record.xq, record.xby, record.xn]
+        out["x"] = [_enc(record.xh), record.xq, record.xby, record.xn]
     if record.wh is not None:
-        out["wh"] = record.wh.encode()
+        out["wh"] = _enc(record.wh)
     return out
 
 
@@ -881,14 +916,17 @@ def from_json(data: dict[str, Any]) -> RecordState:
                          f"version {FORMAT_VERSION}")
     try:
         fields: dict[str, FieldState] = {}
+        parsed = _PARSED
         for name, st in data["f"].items():
             tag = st[0]
             if tag == "r":
+                v = st[2]  # _jv(st[2]), inlined: most fields are registers
+                h = parsed.get(v[1]) or _stamp(v[1])
+                value = Version(v[0], h, v[3] if len(v) > 3 else h.node, v[2])
                 if len(st) > 3:
-                    fields[name] = Register(_jv(st[2]), st[1], tuple(_jv(x) for x in st[4]),
-                                            st[3])
+                    fields[name] = Register(value, st[1], tuple(_jv(x) for x in st[4]), st[3])
                 else:
-                    fields[name] = Register(_jv(st[2]), st[1])
+                    fields[name] = Register(value, st[1])
             elif tag == "c":
                 fields[name] = Counter(st[2], st[1])
             elif tag == "s":
@@ -909,9 +947,37 @@ def from_json(data: dict[str, Any]) -> RecordState:
     return rec
 
 
+# Stamps in both directions, remembered: the fields of a record written by one change
+# share its stamp, and a record read, merged and written back re-encodes the stamps it
+# was read with. Bounded (cleared when full); entries are immutable, so sharing is safe.
+_STAMP_CACHE_MAX = 8192
+_PARSED: dict[str, Stamp] = {}
+_ENCODED: dict[Stamp, str] = {}
+
+
 def _stamp(text: str) -> Stamp:
     # Stored stamps were written by to_json: skip the regex validation of Stamp.parse.
-    return Stamp(int(text[:12], 16), int(text[12:16], 16), text[17:])
+    stamp = _PARSED.get(text)
+    if stamp is None:
+        stamp = Stamp(int(text[:12], 16), int(text[12:16], 16), text[17:])
+        if len(_PARSED) >= _STAMP_CACHE_MAX:
+            _PARSED.clear()
+        _PARSED[text] = stamp
+        if len(_ENCODED) >= _STAMP_CACHE_MAX:
+            _ENCODED.clear()
+        _ENCODED[stamp] = text
+    return stamp
+
+
+def _enc(stamp: Stamp) -> str:
+    """`stamp.encode()`, remembered (see `_stamp`)."""
+    text = _ENCODED.get(stamp)
+    if text is None:
+        text = stamp.encode()
+        if len(_ENCODED) >= _STAMP_CACHE_MAX:
+            _ENCODED.clear()
+        _ENCODED[stamp] = text
+    return text
 
 
 def _tag_stamp_json(tag: str, stamp: Stamp) -> str:
@@ -928,9 +994,10 @@ def _tag_stamp(tag: str, text: str) -> Stamp:
 
 
 def _vj(v: Version) -> list[Any]:
-    if v.by == v.h.node:
-        return [v.v, v.h.encode(), v.n]
-    return [v.v, v.h.encode(), v.n, v.by]
+    h = v.h
+    if v.by == h.node:
+        return [v.v, _enc(h), v.n]
+    return [v.v, _enc(h), v.n, v.by]
 
 
 def _jv(data: list[Any]) -> Version:

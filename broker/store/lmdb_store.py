@@ -80,7 +80,9 @@ class LmdbStore:
         while True:
             txn = self._begin(write=True)
             try:
-                result = fn(LmdbWriteTxn(txn, self._dbs, self._max_dead_letters))
+                wtxn = LmdbWriteTxn(txn, self._dbs, self._max_dead_letters)
+                result = fn(wtxn)
+                wtxn.finish()
                 txn.commit()
                 return result
             except lmdb.MapFullError:

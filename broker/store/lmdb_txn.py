@@ -85,7 +85,7 @@ class LmdbReadTxn:
     # --- records and the log
 
     def get_record(self, c: str, k: str) -> dict[str, Any] | None:
-        raw = self._txn.get(_s(c) + _SEP + _s(k), db=self._db["records"])
+        raw = self._txn.get(f"{c}\0{k}".encode(), db=self._db["records"])
         if raw is None:
             return None
         state: dict[str, Any] = orjson.loads(raw)
@@ -138,7 +138,7 @@ class LmdbReadTxn:
     # --- outcomes
 
     def get_outcome(self, dev: str, n: int) -> OutcomeRow | None:
-        raw = self._txn.get(_s(dev) + _SEP + _u64(n), db=self._db["outcomes"])
+        raw = self._txn.get(dev.encode() + _SEP + _U64.pack(n), db=self._db["outcomes"])
         if raw is None:
             return None
         c, k, a, b = orjson.loads(raw)
@@ -231,13 +231,14 @@ class LmdbReadTxn:
 class LmdbWriteTxn(LmdbReadTxn):
     """WriteTxn over one LMDB write transaction."""
 
-    __slots__ = ("_max_dead_letters", "_seqs")
+    __slots__ = ("_max_dead_letters", "_seqs", "_seqs_dirty")
 
     def __init__(self, txn: lmdb.Transaction[bytes], dbs: dict[str, Any],
                  max_dead_letters: int) -> None:
         super().__init__(txn, dbs)
         self._max_dead_letters = max_dead_letters
         self._seqs: dict[str, int] = {}  # sequences read or written in this transaction
+        self._seqs_dirty: set[str] = set()  # allocated here, written back by `finish`
 
     def lock_scopes(self, scopes: Iterable[str]) -> None:
         """Nothing to do: LMDB has one writer at a time."""
@@ -262,7 +263,7 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     def put_record(self, c: str, k: str, state: dict[str, Any] | bytes) -> None:
         data = state if isinstance(state, bytes) else orjson.dumps(state)
-        self._txn.put(_s(c) + _SEP + _s(k), data, db=self._db["records"])
+        self._txn.put(f"{c}\0{k}".encode(), data, db=self._db["records"])
 
     def delete_record(self, c: str, k: str) -> None:
         self._txn.delete(_s(c) + _SEP + _s(k), db=self._db["records"])
@@ -275,16 +276,29 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     def allocate_seq(self, scope: str) -> int:
         q = self.scope_seq(scope) + 1
-        self._txn.put(_s(scope), _u64(q), db=self._db["seqs"])
         self._seqs[scope] = q
+        self._seqs_dirty.add(scope)  # one write per scope at the end, not one per change
         return q
 
+    def scope_seqs(self) -> dict[str, int]:
+        self.finish()
+        return super().scope_seqs()
+
+    def finish(self) -> None:
+        """Write what this transaction keeps in memory (the allocated sequences); the
+        store calls it before committing."""
+        if self._seqs_dirty:
+            db = self._db["seqs"]
+            for scope in self._seqs_dirty:
+                self._txn.put(_s(scope), _u64(self._seqs[scope]), db=db)
+            self._seqs_dirty.clear()
+
     def index_move(self, scope: str, old_q: int, new_q: int, c: str, k: str) -> None:
-        prefix = _s(scope) + _SEP
+        prefix = f"{scope}\0".encode()
         db = self._db["index"]
         if old_q:
-            self._txn.delete(prefix + _u64(old_q), db=db)
-        self._txn.put(prefix + _u64(new_q), _s(c) + _SEP + _s(k), db=db)
+            self._txn.delete(prefix + _U64.pack(old_q), db=db)
+        self._txn.put(prefix + _U64.pack(new_q), f"{c}\0{k}".encode(), db=db)
 
     def index_delete(self, scope: str, q: int) -> None:
         self._txn.delete(_s(scope) + _SEP + _u64(q), db=self._db["index"])
@@ -307,7 +321,8 @@ class LmdbWriteTxn(LmdbReadTxn):
             value = [outcome.c, outcome.k, outcome.code, outcome.reason]
         else:
             value = [outcome.c, outcome.k, outcome.scope, outcome.q]
-        self._txn.put(_s(dev) + _SEP + _u64(n), orjson.dumps(value), db=self._db["outcomes"])
+        self._txn.put(dev.encode() + _SEP + _U64.pack(n), orjson.dumps(value),
+                      db=self._db["outcomes"])
 
     def delete_outcomes(self, dev: str) -> int:
         return self._delete_prefix("outcomes", _s(dev) + _SEP)

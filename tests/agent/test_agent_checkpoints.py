@@ -55,3 +55,30 @@ def test_round_trips_through_its_stored_form() -> None:
     cp = ScopeCheckpoint(cp=3, seen=(5, 9), head=9, gap_since=7, snap_gen=2, snap_req="r")
     assert ScopeCheckpoint.from_doc(cp.to_doc()) == cp
     assert ScopeCheckpoint.from_doc(None) == ScopeCheckpoint()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 5), st.lists(st.integers(1, 30), max_size=8),
+       st.integers(0, 40), st.one_of(st.none(), st.integers(0, 50)),
+       st.lists(st.tuples(st.lists(st.integers(-2, 40), max_size=12), st.integers(0, 100)),
+                max_size=4),
+       st.integers(1, 4))
+def test_mark_all_is_mark_of_each_in_order(cp: int, seen: list[int], head: int,
+                                           since: int | None,
+                                           rounds: list[tuple[list[int], int]],
+                                           max_seen: int) -> None:
+    import agent.checkpoints as checkpoints
+
+    seen_sorted = tuple(sorted({q for q in seen if q > cp + 1}))
+    start = ScopeCheckpoint(cp, seen_sorted, max(head, cp), since)
+    saved = checkpoints.MAX_SEEN
+    checkpoints.MAX_SEEN = max_seen  # small, so the truncation of `seen` is exercised
+    try:
+        one, many = start, start
+        for qs, now in rounds:
+            for q in qs:
+                one = one.mark(q, now)
+            many = many.mark_all(qs, now)
+            assert many == one
+    finally:
+        checkpoints.MAX_SEEN = saved

@@ -1,6 +1,7 @@
 """A whole Waystation fleet as real processes, for end-to-end tests.
 
     fleet = Fleet(tmp_path, "embedded")        # or "mosquitto" (the production config)
+    fleet = Fleet(tmp_path, "mosquitto", "postgres", pg_url)   # servers on PostgreSQL
     fleet.start()                              # broker, server login, server process
     fleet.add_device("van-1", ["depot-7"])     # `waystation device add` (the real CLI)
     fleet.start_agent("van-1")                 # `waystation agent run --config ...`
@@ -10,13 +11,25 @@
     fleet.kill_agent("van-1") / kill_server() / kill_broker()   # SIGKILL, as a crash
     fleet.close()
 
+More merge servers (PostgreSQL store, Mosquitto's shared subscription), metrics and TLS:
+
+    fleet = Fleet(tmp_path, "mosquitto", "postgres", pg_url, metrics=True, device_tls=True)
+    fleet.add_server("server-2")               # same database, same shared group
+    fleet.start_server("server-2"); fleet.kill_server("server-2")
+    fleet.metrics("server-2")                  # its Prometheus endpoint, parsed
+    fleet.edit_agent_config("van-1", fn)       # fn(toml_data) edits it; the next start reads it
+    # device_tls: `device add` enrols devices on Mosquitto's TLS listener ([enrol] with
+    # the fleet's CA); client_certs: that listener requires a client certificate signed
+    # by a separate device CA (the documented alternative), which `device add` issues.
+
 Everything talks MQTT over TCP on 127.0.0.1; the broker, the merge server and every
 agent are subprocesses started from the installed `waystation` command (Mosquitto from
 its binary), each logging to its own file under the fleet's directory (JSON lines for
 Waystation processes, so tests can wait on logged events). The test process opens the
 agents' stores through `agent.api.Agent` and the server's store through
-`broker.store`: LMDB lets several processes use one environment, so it reads (and an
-agent's store also takes writes) while the daemons run.
+`broker.store.open_store` (LMDB or PostgreSQL, as the server config says): LMDB lets
+several processes use one environment and PostgreSQL gives each read a snapshot of its
+own, so it reads (and an agent's store also takes writes) while the daemons run.
 
 Nothing here sleeps and hopes: every wait is `tests.helpers.wait_until` on a condition,
 with a deadline, and fails with the tails of the logs.
@@ -27,11 +40,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -43,16 +58,19 @@ from schemas.collection import Catalog, load_catalog
 from tests.fixtures_brokers import BrokerProcess
 from tests.helpers import RecordingClient, free_port, wait_until
 from tests.mosquitto_prod import MOSQUITTO, write_production_conf
-from tests.tlsca import make_ca, make_server_cert
+from tests.tlsca import CertificateAuthority, make_ca, make_server_cert
 from waystation import merge
 from waystation.config import AgentConfig, ServerConfig, dump_toml, load_config
 from waystation.convergence import Mismatch, compare
 
-__all__ = ["BROKER_KINDS", "MOSQUITTO", "SERVER_USER", "Fleet", "Proc", "waystation_argv"]
+__all__ = ["BROKER_KINDS", "MOSQUITTO", "SERVER_USER", "STORE_KINDS", "Fleet", "Proc",
+           "waystation_argv"]
 
 T = TypeVar("T")
 BrokerKind = Literal["embedded", "mosquitto"]
 BROKER_KINDS: tuple[BrokerKind, ...] = ("embedded", "mosquitto")
+StoreKind = Literal["lmdb", "postgres"]
+STORE_KINDS: tuple[StoreKind, ...] = ("lmdb", "postgres")
 SERVER_USER = "waystation-server"
 SHARED_GROUP = "waystation"
 
@@ -209,15 +227,39 @@ class Proc:
 class Fleet:
     """Broker + merge server + device agents as subprocesses (see module docstring)."""
 
-    def __init__(self, root: Path, broker_kind: BrokerKind) -> None:
+    def __init__(self, root: Path, broker_kind: BrokerKind, store_kind: StoreKind = "lmdb",
+                 pg_url: str | None = None, *, metrics: bool = False, device_tls: bool = False,
+                 client_certs: bool = False) -> None:
+        """`store_kind` "postgres" needs `pg_url` (an empty database: the servers create
+        their schema). `metrics`: every server serves Prometheus metrics on a port of its
+        own (`metrics()`). `device_tls` (Mosquitto): `device add` enrols devices on the TLS
+        listener, verifying the broker with the fleet's CA; `client_certs` (implies it):
+        that listener requires client certificates (a device CA of their own), issued by
+        `device add`."""
         if broker_kind not in BROKER_KINDS:
             raise ValueError(f"broker_kind must be one of {BROKER_KINDS}, not {broker_kind!r}")
+        if store_kind not in STORE_KINDS:
+            raise ValueError(f"store_kind must be one of {STORE_KINDS}, not {store_kind!r}")
+        if (store_kind == "postgres") != (pg_url is not None):
+            raise ValueError("pg_url goes with store_kind=\"postgres\" (and only with it)")
         if broker_kind == "mosquitto" and MOSQUITTO is None:
             raise RuntimeError("the mosquitto binary is not installed")
+        if (device_tls or client_certs) and broker_kind != "mosquitto":
+            raise ValueError("device_tls and client_certs are Mosquitto listener settings")
         self.root = root
         self.kind: BrokerKind = broker_kind
+        self.store_kind: StoreKind = store_kind
+        self.pg_url = pg_url
+        self.device_tls = device_tls or client_certs
+        self.client_certs = client_certs
+        self.metrics_enabled = metrics
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.tls_port: int | None = None
+        self.ca: CertificateAuthority | None = None
+        """The fleet's CA (Mosquitto): it signs the broker's certificate."""
+        self.device_ca: CertificateAuthority | None = None
+        """With `client_certs`: the CA that signs device certificates (not the broker's)."""
         self.broker_dir = root / "broker"
         self.password_file = self.broker_dir / "passwd"
         self.server_config = root / "server.toml"
@@ -232,12 +274,16 @@ class Fleet:
         self.server = Proc("server", waystation_argv("server", "run", "--config",
                                                      str(self.server_config)),
                            self.logs_dir / "server.log", root)
+        self.servers: dict[str, Proc] = {"server-1": self.server}
+        """Every merge server by server_id; "server-1" is `server`."""
+        self.server_configs: dict[str, Path] = {"server-1": self.server_config}
+        self.metrics_ports: dict[str, int] = {}
         self.agents: dict[str, Proc] = {}
         self._open_agents: dict[str, Agent] = {}
         self._store: Store | None = None
         self._catalog: Catalog | None = None
         self._prepare_broker()
-        self._write_server_config()
+        self._write_server_config("server-1")
 
     # ------------------------------------------------------------------ setup
 
@@ -259,37 +305,65 @@ class Fleet:
             self.broker_config: Path | None = config
             argv = waystation_argv("broker", "run", "--config", str(config))
         else:
-            ca = make_ca(self.broker_dir / "ca")
+            ca = self.ca = make_ca(self.broker_dir / "ca")
             cert = make_server_cert(ca, self.broker_dir / "cert")
             tls_port = free_port()
             while tls_port == self.port:
                 tls_port = free_port()
+            self.tls_port = tls_port
+            # The listener's cafile verifies client certificates; with client_certs that
+            # is a device CA of its own (deploy/mosquitto/mosquitto.conf recommends one).
+            if self.client_certs:
+                self.device_ca = make_ca(self.broker_dir / "device-ca",
+                                         name="Waystation test device CA")
+            listener_ca = self.device_ca or ca
             conf = write_production_conf(self.broker_dir, port=self.port, tls_port=tls_port,
-                                         ca=ca.cert_path, cert=cert.cert_path,
+                                         ca=listener_ca.cert_path, cert=cert.cert_path,
                                          key=cert.key_path)
+            if self.client_certs:
+                _require_client_certificates(conf)
             self.broker_config = None
             assert MOSQUITTO is not None
             argv = [MOSQUITTO, "-c", str(conf)]
         self.broker = BrokerProcess(self.kind, argv, host="127.0.0.1", port=self.port,
                                     workdir=self.broker_dir, password_file=self.password_file)
 
-    def _write_server_config(self) -> None:
-        (self.root / "server.pw").write_text(self.server_password + "\n")
-        os.chmod(self.root / "server.pw", 0o600)
-        shared = f'"{SHARED_GROUP}"' if self.kind == "mosquitto" else "false"
-        self.server_config.write_text("\n".join([
-            'server_id = "server-1"',
-            f'data_dir = "{self.server_data}"',
+    def _write_server_config(self, server_id: str) -> None:
+        pw_file = self.root / "server.pw"
+        pw_file.write_text(self.server_password + "\n")
+        os.chmod(pw_file, 0o600)
+        shared = json.dumps(SHARED_GROUP) if self.kind == "mosquitto" else "false"
+        data_dir = self.server_data if server_id == "server-1" else self.root / server_id
+        lines = [
+            f"server_id = {json.dumps(server_id)}",
+            f"data_dir = {json.dumps(str(data_dir))}",
             f"shared_group = {shared}",
+        ]
+        if self.metrics_enabled:
+            port = self.metrics_ports[server_id] = free_port()
+            lines.append(f"metrics_port = {port}")
+        if self.store_kind == "postgres":
+            lines += ["[store]", 'kind = "postgres"', f"url = {json.dumps(self.pg_url)}"]
+        lines += [
             "[mqtt]",
             'host = "127.0.0.1"',
             f"port = {self.port}",
-            f'password_file = "{self.root / "server.pw"}"',
-            "[log]",
-            'level = "info"',
-            'format = "json"',
-            "",
-        ]))
+            f"password_file = {json.dumps(str(pw_file))}",
+        ]
+        if self.device_tls:
+            assert self.ca is not None and self.tls_port is not None
+            lines += [
+                "[enrol]",
+                'broker_host = "127.0.0.1"',
+                f"broker_port = {self.tls_port}",
+                f"ca_file = {json.dumps(str(self.ca.cert_path))}",
+                f"password_file = {json.dumps(str(self.password_file))}",
+            ]
+            if self.device_ca is not None:
+                lines += [f"client_ca_cert = {json.dumps(str(self.device_ca.cert_path))}",
+                          f"client_ca_key = {json.dumps(str(self.device_ca.key_path))}"]
+        lines += ["[log]", 'level = "info"', 'format = "json"', ""]
+        self.server_configs[server_id].write_text("\n".join(lines))
 
     @property
     def catalog(self) -> Catalog:
@@ -347,14 +421,13 @@ class Fleet:
             args += ["--scope", scope]
         self.cli(*args, env={"WAYSTATION_BROKER__PASSWORD_FILE": str(self.password_file)})
         path = self.agent_config_path(dev)
-        data = tomllib.loads(path.read_text())
-        data["data_dir"] = str(self.data_dir / dev)
-        data["sync"] = {**FAST_SYNC, **(sync or {})}
-        data["log"] = {"level": "info", "format": "json"}
-        cfg = AgentConfig.model_validate(data)
-        path.write_text(dump_toml(cfg, mask_secrets=False, exclude_defaults=True,
-                                  header=f"{dev}: written by `waystation device add`, "
-                                         "adjusted by tests/e2e/fleet.py"))
+
+        def adjust(data: dict[str, Any]) -> None:
+            data["data_dir"] = str(self.data_dir / dev)
+            data["sync"] = {**FAST_SYNC, **(sync or {})}
+            data["log"] = {"level": "info", "format": "json"}
+
+        cfg = self.edit_agent_config(dev, adjust)
         password = cfg.mqtt.password
         assert password is not None
         self.passwords[dev] = password.get_secret_value()
@@ -386,6 +459,19 @@ class Fleet:
     def agent_config_path(self, dev: str) -> Path:
         return self.devices_dir / f"{dev}.toml"
 
+    def edit_agent_config(self, dev: str, edit: Callable[[dict[str, Any]], None]
+                          ) -> AgentConfig:
+        """Rewrite the device's agent config: `edit` changes its TOML data in place (the
+        daemon reads the file when it starts). Returns the config as written."""
+        path = self.agent_config_path(dev)
+        data = tomllib.loads(path.read_text())
+        edit(data)
+        cfg = AgentConfig.model_validate(data)
+        path.write_text(dump_toml(cfg, mask_secrets=False, exclude_defaults=True,
+                                  header=f"{dev}: written by `waystation device add`, "
+                                         "adjusted by tests/e2e/fleet.py"))
+        return cfg
+
     def agent_config(self, dev: str) -> AgentConfig:
         return load_config(AgentConfig, self.agent_config_path(dev), {})
 
@@ -415,19 +501,71 @@ class Fleet:
 
     # ------------------------------------------------------------------ server
 
-    def start_server(self, *, env: Mapping[str, str] | None = None, wait: bool = True) -> Proc:
+    def add_server(self, server_id: str) -> Proc:
+        """Another merge server (not started): its own config and log, the same store
+        (PostgreSQL) and shared subscription group (Mosquitto) as the first."""
+        if self.store_kind != "postgres" or self.kind != "mosquitto":
+            raise ValueError("several merge servers need the PostgreSQL store and "
+                             "Mosquitto's shared subscriptions")
+        if server_id in self.servers:
+            raise ValueError(f"{server_id} exists already")
+        self.server_configs[server_id] = self.root / f"{server_id}.toml"
+        self._write_server_config(server_id)
+        proc = Proc(server_id, waystation_argv("server", "run", "--config",
+                                               str(self.server_configs[server_id])),
+                    self.logs_dir / f"{server_id}.log", self.root)
+        self.servers[server_id] = proc
+        return proc
+
+    def start_server(self, server_id: str = "server-1", *,
+                     env: Mapping[str, str] | None = None, wait: bool = True) -> Proc:
         """`waystation server run --config server.toml` (with extra `env`, e.g. the
-        WAYSTATION_FAILPOINT test hook); waits until it has connected to the broker."""
-        self.server.start(env)
-        if wait:
-            self.server.wait_event("server_connected")
-        return self.server
+        WAYSTATION_FAILPOINT test hook); waits until it has connected to the broker
+        (and serves its metrics, when they are on)."""
+        proc = self.servers[server_id]
+        for attempt in range(3):
+            if self.metrics_enabled:
+                self._new_metrics_port(server_id)
+            proc.start(env)
+            if not wait:
+                return proc
+            try:
+                proc.wait_event("server_connected")
+                if self.metrics_enabled:
+                    proc.wait_event("server_started")   # logged once the endpoint listens
+                return proc
+            except AssertionError:
+                # A port free when chosen can be taken before the server binds it (by
+                # any outgoing connection's ephemeral port): choose another one.
+                if proc.running or attempt == 2 or "Address already in use" not in proc.output():
+                    raise
+        return proc
 
-    def stop_server(self) -> int | None:
-        return self.server.stop()
+    def _new_metrics_port(self, server_id: str) -> None:
+        """A port free right now for the server's metrics endpoint, into its config."""
+        path = self.server_configs[server_id]
+        port = self.metrics_ports[server_id] = free_port()
+        text, count = re.subn(r"(?m)^metrics_port = \d+$", f"metrics_port = {port}",
+                              path.read_text())
+        assert count == 1, f"{path}: no metrics_port line"
+        path.write_text(text)
 
-    def kill_server(self) -> None:
-        self.server.kill()
+    def stop_server(self, server_id: str = "server-1") -> int | None:
+        return self.servers[server_id].stop()
+
+    def kill_server(self, server_id: str = "server-1") -> None:
+        self.servers[server_id].kill()
+
+    def metrics(self, server_id: str = "server-1") -> dict[str, float]:
+        """The server's Prometheus endpoint, scraped now: sample -> value, the sample
+        written as in the exposition format, e.g.
+        ``waystation_server_changes_total{outcome="applied"}``."""
+        port = self.metrics_ports.get(server_id)
+        if port is None:
+            raise ValueError("metrics are off: Fleet(..., metrics=True)")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return parse_metrics(text)
 
     # ------------------------------------------------------------------ agents
 
@@ -534,7 +672,8 @@ class Fleet:
 
     def log_paths(self) -> dict[str, Path]:
         paths = {"broker": self.broker.log_path} if self.broker is not None else {}
-        paths["server"] = self.server.log_path
+        for server_id, proc in self.servers.items():
+            paths["server" if server_id == "server-1" else server_id] = proc.log_path
         for dev, proc in self.agents.items():
             paths[dev] = proc.log_path
         return paths
@@ -555,12 +694,20 @@ class Fleet:
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        """Stop every process (agents, server, broker) and close the open stores."""
-        for proc in self.agents.values():
-            with contextlib.suppress(Exception):
-                proc.stop(timeout=10)
-        with contextlib.suppress(Exception):
-            self.server.stop(timeout=10)
+        """Stop every process (agents and servers together, then the broker) and close
+        the open stores."""
+        daemons = [*self.agents.values(), *self.servers.values()]
+        for proc in daemons:   # all shut down at once, each as cleanly as by stop()
+            if proc.proc is not None and proc.running:
+                with contextlib.suppress(Exception):
+                    proc.proc.send_signal(signal.SIGTERM)
+        for proc in daemons:
+            if proc.proc is None:
+                continue
+            try:
+                proc.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         if self.broker is not None:
             with contextlib.suppress(Exception):
                 self.broker.stop()
@@ -581,3 +728,25 @@ class Fleet:
             print(f"\n{self.log_tails(60)}")
         self.close()
 
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {sample (name and labels as written): value}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        out[sample] = float(value)
+    return out
+
+
+def _require_client_certificates(conf: Path) -> None:
+    """Switch the rendered production config's TLS listener to client-certificate
+    authentication, exactly as its comment says: replace `require_certificate false`
+    with `require_certificate true` + `use_identity_as_username true`."""
+    text = conf.read_text()
+    old = "\nrequire_certificate false\n"
+    assert text.count(old) == 1, f"{conf}: expected one `require_certificate false` line"
+    conf.write_text(text.replace(
+        old, "\nrequire_certificate true\nuse_identity_as_username true\n"))

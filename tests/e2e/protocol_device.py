@@ -119,8 +119,10 @@ class ProtocolDevice:
 
     # ------------------------------------------------------------------ connection
 
-    def connect(self, timeout: float = 10.0) -> str:
-        """Connect (persistent session, will set), subscribe to down, say online.
+    def connect(self, timeout: float = 10.0, *, online: bool = True) -> str:
+        """Connect (persistent session, will set), subscribe to down, say online (or,
+        with `online=False`, offline: the server then sends it no deltas, §7.6, so it
+        learns of others' changes through catch-up alone).
 
         Returns the CONNACK reason ("Success", "Not authorized", ...)."""
         acks, drops = len(self.connacks), len(self.disconnects)
@@ -134,7 +136,7 @@ class ProtocolDevice:
         self.subscribed = False
         self.client.subscribe(self.down, qos=1)
         self.wait(lambda: self.subscribed, timeout, "SUBACK")
-        self.publish(self.status_topic, self._status(True), retain=True)
+        self.publish(self.status_topic, self._status(online), retain=True)
         return reason
 
     def restart(self, timeout: float = 10.0) -> str:
