@@ -315,6 +315,9 @@ class StoreConfig(_Model):
     url: Str | None = Field(default=None, validate_default=True)
     map_size_mb: PositiveInt = 256
     max_map_size_mb: PositiveInt = 65536
+    # PostgreSQL: how long a transaction keeps reconnecting after the database went away
+    # before its changes are refused as transient (`server_error`; devices resend them).
+    reconnect_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
     @field_validator("url")
     @classmethod

@@ -23,7 +23,7 @@ def open_store(config: ServerConfig) -> Store:
 
         if not config.store.url:  # pragma: no cover - StoreConfig requires it
             raise StoreError("store.kind = \"postgres\" needs store.url")
-        return PostgresStore(config.store.url)
+        return PostgresStore(config.store.url, reconnect_s=config.store.reconnect_s)
     raise StoreError(f"store.kind = {config.store.kind!r} is not available in this version; "
                      "use kind = \"lmdb\" or \"postgres\"")
 
