@@ -88,6 +88,33 @@ def resolve_conflict(store: Store, catalog: Catalog, clock: Clock, cid: int, val
     return store.transact(fn)
 
 
+RESTORE_SEQ_GAP = 1_000_000_000_000
+"""How far a restore moves every scope's sequence (and purge horizon) forward: further
+than any fleet writes between a backup and its restore, and small enough for thousands
+of restores below the protocol's 2^53 limit on sequence numbers."""
+
+
+def after_restore(store: Store) -> dict[str, int]:
+    """Make a store restored from a backup safe to serve: move every scope's sequence and
+    purge horizon forward by `RESTORE_SEQ_GAP`. Returns scope -> new sequence.
+
+    Devices have seen sequence numbers the backup never reached; without the jump the
+    restored server would hand those numbers to other changes and a device would skip
+    them as already seen. With it every device's checkpoint is below the purge horizon,
+    so its next catch-up is a snapshot of the restored state (its pending writes are
+    kept and sent on top)."""
+    def jump(txn: WriteTxn) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for scope, seq in txn.scope_seqs().items():
+            new = seq + RESTORE_SEQ_GAP
+            txn.jump_scope_seq(scope, new)
+            txn.set_purge_horizon(scope, new)
+            out[scope] = new
+        return out
+
+    return store.transact(jump)
+
+
 def purge_tombstones(store: Store, now_ms: int, retention_ms: int, limit: int = 10_000) -> int:
     """Drop deleted records older than the retention; returns how many.
 

@@ -60,6 +60,8 @@ HANDLERS: dict[str, str] = {
     "server conflicts": "broker.cli:cmd_server_conflicts",
     "server resolve": "broker.cli:cmd_server_resolve",
     "server deadletters": "broker.cli:cmd_server_deadletters",
+    "server backup": "broker.cli:cmd_server_backup",
+    "server restore": "broker.cli:cmd_server_restore",
     "device add": "broker.cli:cmd_device_add",
     "device list": "broker.cli:cmd_device_list",
     "device remove": "broker.cli:cmd_device_remove",
@@ -356,6 +358,27 @@ def build_parser() -> argparse.ArgumentParser:
     _json_flag(p)
     p.add_argument("--limit", metavar="N", type=int, default=None,
                    help="show at most N dead letters, newest first (default 50)")
+    p = b.leaf("server backup", "copy the LMDB store, consistently, while it runs",
+               "Write a consistent, compacted copy of the server's LMDB store into DEST, a "
+               "new directory laid out as a server data directory (safe while the server "
+               "runs); `server restore` puts it back. A PostgreSQL store is backed up with "
+               "pg_dump.",
+               config="server")
+    _json_flag(p)
+    p.add_argument("dest", metavar="DEST", help="the backup directory (must not exist)")
+    p = b.leaf("server restore", "put a store backup in place (server stopped)",
+               "Copy the LMDB backup in SRC (from `server backup`) into data_dir, whose "
+               "store must have been moved aside with the server stopped; or, with "
+               "--in-place, take the configured store as restored by other means (a "
+               "PostgreSQL database after pg_restore). Either way every scope's sequence "
+               "moves forward, so each device resyncs by snapshot and keeps its pending "
+               "writes; what the server applied after the backup is not in it.",
+               config="server")
+    _json_flag(p)
+    p.add_argument("src", metavar="SRC", nargs="?", default=None,
+                   help="a directory written by `server backup`")
+    p.add_argument("--in-place", action="store_true",
+                   help="the configured store was restored already: only move it on")
 
     # ---- device
     b.group("device", "register devices with the server and broker",

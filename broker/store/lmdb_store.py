@@ -11,10 +11,11 @@ open.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -130,6 +131,24 @@ class LmdbStore:
                          if size else used, capacity_bytes=int(info["map_size"]),
                          counts=counts)
 
+    def backup(self, dest_dir: str | os.PathLike[str]) -> Path:
+        """Write a consistent, compacted copy of the store into `dest_dir` (which must
+        not exist yet), laid out as a server data directory: a server whose `data_dir`
+        is `dest_dir` opens it. Safe while the server runs: the copy is one read
+        transaction's snapshot. Returns the copied data file."""
+        dest = Path(dest_dir)
+        if dest.exists():
+            raise StoreError(f"backup destination {dest} exists already: name a new "
+                             "directory (a backup never overwrites anything)")
+        target = dest / self.path.name
+        try:
+            target.mkdir(parents=True, mode=0o700)
+            self._env.copy(str(target), compact=True)
+        except (OSError, lmdb.Error) as exc:
+            raise StoreError(f"cannot write the backup to {target}: {exc} (check that the "
+                             "parent directory exists, is writable and has room)") from None
+        return target / "data.mdb"
+
     def close(self) -> None:
         self._env.close()
 
@@ -141,3 +160,25 @@ class LmdbStore:
 
 
 __all__ = ["DEFAULT_MAX_DEAD_LETTERS", "LmdbReadTxn", "LmdbStore", "LmdbWriteTxn"]
+
+
+
+def restore_backup(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
+                   **store_options: Any) -> LmdbStore:
+    """Put the backup written by `LmdbStore.backup` into `data_dir`, whose store must not
+    exist (the operator moves the old one aside, with the server stopped); returns it
+    open. The caller then moves its sequences on (`broker.operations.after_restore`)."""
+    src = Path(backup_dir) / "store" / "data.mdb"
+    if not src.is_file():
+        raise StoreError(f"{backup_dir} is not a Waystation backup (no store/data.mdb in it; "
+                         "make one with `waystation server backup DEST`)")
+    target = Path(data_dir) / "store"
+    if target.exists():
+        raise StoreError(f"a store exists at {target}: stop the server and move that "
+                         "directory aside first (a restore never overwrites a store)")
+    try:
+        target.mkdir(parents=True, mode=0o700)
+        shutil.copyfile(src, target / "data.mdb")
+    except OSError as exc:
+        raise StoreError(f"cannot copy the backup into {target}: {exc}") from None
+    return LmdbStore(data_dir, **store_options)

@@ -306,6 +306,13 @@ class LmdbWriteTxn(LmdbReadTxn):
     def set_purge_horizon(self, scope: str, q: int) -> None:
         self._txn.put(_s(scope), _u64(q), db=self._db["horizons"])
 
+    def jump_scope_seq(self, scope: str, q: int) -> None:
+        """Move the scope's sequence forward to `q` (a restore: see `restore_backup`)."""
+        if q < self.scope_seq(scope):
+            raise ValueError(f"scope {scope!r}: a sequence only moves forward")
+        self._seqs[scope] = q
+        self._seqs_dirty.add(scope)
+
     def put_tomb(self, tomb: Tomb) -> None:
         self._txn.put(_s(tomb.scope) + _SEP + _u64(tomb.q),
                       orjson.dumps([tomb.c, tomb.k, tomb.t_ms]), db=self._db["tombs"])

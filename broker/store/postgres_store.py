@@ -583,6 +583,13 @@ class PgWriteTxn(PgReadTxn):
         self._scope(scope)[1] = q
         self._seq_dirty.add(scope)
 
+    def jump_scope_seq(self, scope: str, q: int) -> None:
+        entry = self._scope(scope)
+        if q < entry[0]:
+            raise ValueError(f"scope {scope!r}: a sequence only moves forward")
+        entry[0] = q
+        self._seq_dirty.add(scope)
+
     def _target(self, key: tuple[str, str]) -> list[Any]:
         """The row this transaction will write for `key` (read first if unknown)."""
         target = self._rows.get(key)

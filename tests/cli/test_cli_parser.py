@@ -45,6 +45,8 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "server conflicts": ["server", "conflicts"],
     "server resolve": ["server", "resolve", "c-1", '"12 Main St"'],
     "server deadletters": ["server", "deadletters"],
+    "server backup": ["server", "backup", "/tmp/bk"],
+    "server restore": ["server", "restore", "--in-place"],
     "device add": ["device", "add", "van-12", "--scope", "route-42", "--scope", "depot-7"],
     "device list": ["device", "list"],
     "device remove": ["device", "remove", "van-12"],
