@@ -111,10 +111,14 @@ class Engine:
         self._next_purge = 0
         self._refresh_registry()
         self._commands_gen = -1  # push pending commands to online devices at the first tick
-        # Presence is rebuilt from the retained statuses the broker replays.
+        # Start from the presence last recorded; the retained statuses the broker replays
+        # when the server subscribes correct it. Starting with everyone offline would lose
+        # the deltas of changes the broker kept for this server's session while it was
+        # down: they arrive before that replay, and devices that stayed online would
+        # learn of them only at their next gap or reconnect.
         for row in self.registry.devices():
             if row.online:
-                self._dirty[row.id] = {"online": False}
+                self.presence.set(row.id, True)
 
     # ------------------------------------------------------------------ public API
 

@@ -556,6 +556,13 @@ class Fleet:
     def kill_server(self, server_id: str = "server-1") -> None:
         self.servers[server_id].kill()
 
+    def close_store(self) -> None:
+        """Close this process's handle on the server's store (before the store's files
+        are replaced, e.g. by a restore); `store` opens it again when next used."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
     def metrics(self, server_id: str = "server-1") -> dict[str, float]:
         """The server's Prometheus endpoint, scraped now: sample -> value, the sample
         written as in the exposition format, e.g.
@@ -715,10 +722,8 @@ class Fleet:
             with contextlib.suppress(Exception):
                 ag.close()
         self._open_agents.clear()
-        if self._store is not None:
-            with contextlib.suppress(Exception):
-                self._store.close()
-            self._store = None
+        with contextlib.suppress(Exception):
+            self.close_store()
 
     def __enter__(self) -> Fleet:
         return self

@@ -112,3 +112,29 @@ def test_broker_restarted_mid_stream(fleet: Fleet) -> None:
     # Both agents and the server really lost their connection and came back.
     for proc in (fleet.agents["van-1"], fleet.agents["van-2"], fleet.server):
         assert len(proc.events("mqtt connected")) >= 2, proc.log_tail()
+
+
+def test_quiet_online_device_learns_of_changes_made_while_the_server_was_down(
+        fleet: Fleet) -> None:
+    """van-2 writes while the server is down; van-1 stays connected and writes nothing.
+    Once the server is back and applies van-2's change, van-1 gets it without a
+    reconnect or a later change of its own (no waiting for the next gap)."""
+    for dev in ("van-1", "van-2"):
+        fleet.add_device(dev, ["depot-7"])
+        fleet.start_agent(dev)
+    fleet.agent("van-1").put("inventory", "sku-1", {"depot": "depot-7", "sku": "sku-1"})
+    fleet.wait_converged("van-1", "van-2", timeout=30)
+    fleet.kill_server()
+    fleet.agent("van-2").increment("inventory", "sku-1", "stock", 7)
+    fleet.start_server()
+    fleet.wait(lambda: fleet.value("inventory", "sku-1", "stock") == 7, 60,
+               what="van-2's change applied")
+    van1 = fleet.agent("van-1")
+
+    def van1_has_it() -> bool:
+        rec = van1.get("inventory", "sku-1")
+        return rec is not None and rec.fields.get("stock") == 7
+
+    fleet.wait(van1_has_it, 10, what="van-1 receiving the change")
+    assert not fleet.agents["van-1"].events("catchup_for_gap")
+    fleet.wait_converged("van-1", "van-2", timeout=30)

@@ -64,7 +64,8 @@ def test_hello_records_the_device(env: tuple[Engine, Store]) -> None:
 
 
 def test_presence_is_mirrored_to_the_store(env: tuple[Engine, Store]) -> None:
-    """Status changes are flushed to the store for the CLI; a restart starts offline."""
+    """Status changes are flushed to the store for the CLI; a restart starts from the
+    recorded presence, which the replayed statuses then correct."""
     engine, store = env
     engine.handle_status("van-1", status("van-1"))
     engine.handle_status("van-2", status("van-2"))
@@ -74,6 +75,8 @@ def test_presence_is_mirrored_to_the_store(env: tuple[Engine, Store]) -> None:
     with store.read() as txn:
         assert [d.id for d in txn.devices() if d.online] == ["van-1"]
     fresh = Engine(store, CATALOG, engine.config, engine.now_ms)
+    assert fresh.is_online("van-1") and not fresh.is_online("van-2")
+    fresh.handle_status("van-1", status("van-1", on=False))  # the broker's replay
     assert not fresh.is_online("van-1")
     fresh.tick()
     with store.read() as txn:
