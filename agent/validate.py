@@ -112,15 +112,19 @@ def put_fields(spec: CollectionSpec, fields: Mapping[str, Any]) -> dict[str, Any
         raise WriteRefused("invalid", f"{spec.name}: a put may set at most "
                                       f"{MAX_FIELDS_PER_CHANGE} fields, got {len(fields)}")
     out: dict[str, Any] = {}
-    plain = _plain_values(spec)
+    table = spec.field_table
     for name, value in fields.items():
         kind = type(value)
         if (kind is str or kind is int) and type(name) is str:
-            limit = plain.get(name)
-            if limit is not None and (len(value) <= limit if kind is str else (
-                    limit < 0 and -MAX_SAFE_INT <= value <= MAX_SAFE_INT)):
-                out[name] = value  # certainly fine (see `_plain_values`)
-                continue
+            # Certainly fine at a glance (see `CollectionSpec.field_table`): a str within
+            # the length limit, or a 53-bit int where any number (or any JSON) fits.
+            entry = table.get(name)
+            if entry is not None and entry[0] in ("lww", "manual"):
+                limit = entry[2]
+                if limit is not None and (len(value) <= limit if kind is str else (
+                        limit < 0 and -MAX_SAFE_INT <= value <= MAX_SAFE_INT)):
+                    out[name] = value
+                    continue
         fspec = _field(spec, name)
         strategy = fspec.strategy
         if strategy == "counter":
@@ -136,32 +140,6 @@ def put_fields(spec: CollectionSpec, fields: Mapping[str, Any]) -> dict[str, Any
             raise WriteRefused("type_mismatch", f"{spec.name}.{name} ({fspec.type}): {err}")
         out[name] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-_PLAIN: dict[int, tuple[CollectionSpec, dict[str, int]]] = {}
-_NUMBER = -1
-
-
-def _plain_values(spec: CollectionSpec) -> dict[str, int]:
-    """The lww/manual fields whose usual values pass every check of `put_fields` at a
-    glance: string field -> its length limit (a `str` value up to it), or `_NUMBER` for
-    an int / float field without min / max (an `int` value in the 53-bit range).
-    Memoised per spec object (specs are immutable)."""
-    hit = _PLAIN.get(id(spec))
-    if hit is not None and hit[0] is spec:
-        return hit[1]
-    table: dict[str, int] = {}
-    for name, fs in spec.fields.items():
-        if fs.strategy not in ("lww", "manual"):
-            continue
-        if fs.type == "string":
-            table[name] = fs.max_length if fs.max_length is not None else MAX_SAFE_INT
-        elif fs.type in ("int", "float") and fs.min is None and fs.max is None:
-            table[name] = _NUMBER
-    if len(_PLAIN) > 256:  # catalogs reloaded many times: start over
-        _PLAIN.clear()
-    _PLAIN[id(spec)] = (spec, table)
-    return table
 
 
 def increment(spec: CollectionSpec, name: Any, amount: Any) -> int | float:

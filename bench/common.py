@@ -6,10 +6,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -87,3 +89,28 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def serve_commands(make: Callable[[TextIO], Any]) -> int:
+    """The loop of a benchmark helper process: one JSON command per stdin line
+    (``{"cmd": NAME, ...arguments}``), answered by calling method NAME of ``make(out)``
+    and writing its JSON reply as one line; ``stop`` ends it. stdout carries answers
+    only: anything else that prints goes to stderr (the process's log)."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    target = make(out)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        cmd = req.pop("cmd")
+        try:
+            reply = getattr(target, cmd)(**req)
+        except Exception as exc:
+            traceback.print_exc()
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        if cmd == "stop":
+            break
+    return 0
+

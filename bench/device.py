@@ -21,15 +21,15 @@ committed (a wrapper around `Sync.apply_ack`), so no polling adds to any measure
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
+
+from bench.common import serve_commands
 
 _WORD_TEXT = (
     "left parcel with neighbour signed by driver gate code side entrance canal locked "
@@ -268,24 +268,7 @@ class Device:
 
 
 def main() -> int:
-    # Keep stdout for answers only: anything else that prints goes to stderr (the log).
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    device = Device(out)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        cmd = req.pop("cmd")
-        try:
-            reply = getattr(device, cmd)(**req)
-        except Exception as exc:
-            traceback.print_exc()
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(reply) + "\n")
-        if cmd == "stop":
-            break
-    return 0
+    return serve_commands(Device)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -50,6 +49,7 @@ import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from bench.common import serve_commands
 from bench.device import record
 
 PREFIX = "waystation"
@@ -405,23 +405,7 @@ class Host:
 
 
 def main() -> int:
-    out = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stdout carries answers only
-    host = Host()
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        cmd = req.pop("cmd")
-        try:
-            reply = getattr(host, cmd)(**req)
-        except Exception as exc:
-            traceback.print_exc()
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(reply) + "\n")
-        if cmd == "stop":
-            break
-    return 0
+    return serve_commands(lambda _out: Host())
 
 
 if __name__ == "__main__":

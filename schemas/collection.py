@@ -16,11 +16,12 @@ collection and the field.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -122,6 +123,14 @@ class FieldSpec(BaseModel):
         return None
 
 
+FieldEntry: TypeAlias = tuple[Strategy, FieldSpec, int | None]
+"""One row of `CollectionSpec.field_table`."""
+ANY_JSON = -1
+"""Quick-fit limit of a json field: every JSON value fits."""
+ANY_INT = -2
+"""Quick-fit limit of an int or float field without min / max: any 53-bit int fits."""
+
+
 class CollectionSpec(BaseModel):
     """One collection: its fields and how a record's scope is found."""
 
@@ -132,6 +141,26 @@ class CollectionSpec(BaseModel):
     scope: str | None = None
     description: str = ""
     fields: dict[str, FieldSpec]
+
+    @functools.cached_property
+    def field_table(self) -> dict[str, FieldEntry]:
+        """field -> (strategy, FieldSpec, quick-fit limit), computed once per spec: the
+        hot paths (merge, the agent's put) look each field up once. The limit says which
+        values certainly fit the field without asking `FieldSpec.type_error`: for a
+        string field, strings of at most that many characters; `ANY_JSON` for a json
+        field; `ANY_INT` for an int or float field without min / max (any 53-bit int);
+        None: ask."""
+        table: dict[str, FieldEntry] = {}
+        for name, fs in self.fields.items():
+            limit: int | None = None
+            if fs.type == "string":
+                limit = fs.max_length if fs.max_length is not None else MAX_SAFE_INT
+            elif fs.type == "json":
+                limit = ANY_JSON
+            elif fs.type in ("int", "float") and fs.min is None and fs.max is None:
+                limit = ANY_INT
+            table[name] = (fs.strategy, fs, limit)
+        return table
 
     @model_validator(mode="after")
     def _scope_rule(self) -> CollectionSpec:

@@ -2,10 +2,11 @@
 
     pg_server     session-scoped PgServer, durable settings, started once, removed at the end
     pg_database   a fresh, uniquely named database on it for one test; yields its URL
+    own_pg_server a started PgServer of one test's own, which it may kill or restart
 
-tests/conftest.py makes them available to every test. Both fixtures skip the test, saying
+tests/conftest.py makes them available to every test. Each fixture skips the test, saying
 why, when PostgreSQL's server binaries are not installed. A test that kills or restarts
-the server makes its own `PgServer` instead of disturbing the shared one.
+the server takes `own_pg_server` instead of disturbing the shared one.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ import pytest
 
 from tests.pgserver import PgServer, unavailable_reason
 
-__all__ = ["pg_database", "pg_server"]
+__all__ = ["own_pg_server", "pg_database", "pg_server"]
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    """One PostgreSQL server for the whole session (skips if PostgreSQL is missing)."""
+def _started_server() -> Iterator[PgServer]:
+    """A started PgServer (the test skips if PostgreSQL is missing), removed afterwards."""
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -32,6 +32,18 @@ def pg_server() -> Iterator[PgServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the whole session (skips if PostgreSQL is missing)."""
+    yield from _started_server()
+
+
+@pytest.fixture
+def own_pg_server() -> Iterator[PgServer]:
+    """A PostgreSQL server of this test's own (durable settings), which it may kill."""
+    yield from _started_server()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,14 @@ import pytest
 
 from broker.acl import mosquitto_acl_lines
 from broker.passwords import write_password_entry
-from tests.helpers import RecordingClient, free_port, peer_socket_nodelay, port_open, wait_until
+from tests.helpers import (
+    RecordingClient,
+    free_port,
+    peer_socket_nodelay,
+    port_open,
+    terminate,
+    wait_until,
+)
 from waystation.mqtt import Backoff, MqttLink
 
 __all__ = [
@@ -96,13 +102,7 @@ class BrokerProcess:
         """SIGTERM and wait (SIGKILL if it hangs); returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        terminate(self.proc, timeout)
         return self.proc.returncode
 
     def kill(self) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +53,21 @@ def wait_until(
             text = message() if callable(message) else message
             raise AssertionError(f"timed out after {timeout} s waiting for: {text}")
         time.sleep(interval)
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float) -> bool:
+    """SIGTERM `proc` (if it runs) and wait up to `timeout` s; SIGKILL it if it hangs.
+    True when it ended by itself (or had already)."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from schemas.collection import CollectionSpec, FieldSpec, Strategy
+from schemas.collection import ANY_INT, ANY_JSON, CollectionSpec, FieldSpec
 from schemas.wire import MAX_SAFE_INT, Change
 from waystation.hlc import SERVER_NODE, Stamp
 from waystation.rules import Rule, RuleContext
@@ -243,39 +243,6 @@ _WRONG_STRATEGY_HINT = {
 }
 
 
-_FieldEntry: TypeAlias = tuple[Strategy, FieldSpec, int | None]
-_STRATEGIES: dict[int, tuple[CollectionSpec, dict[str, _FieldEntry]]] = {}
-_ANY_VALUE = -1
-"""`_FieldEntry` limit of a json field: every JSON value fits (`FieldSpec.type_error`)."""
-_ANY_INT = -2
-"""`_FieldEntry` limit of an int or float field without min / max: any 53-bit int fits."""
-
-
-def _strategies(spec: CollectionSpec) -> dict[str, _FieldEntry]:
-    """field -> (strategy, FieldSpec, string limit), memoised per spec object (specs are
-    immutable). The string limit says which values certainly fit the field without asking
-    `FieldSpec.type_error`: for a string field, strings of at most that many characters;
-    `_ANY_VALUE` for a json field, `_ANY_INT` for a number field without bounds; None:
-    ask."""
-    hit = _STRATEGIES.get(id(spec))
-    if hit is not None and hit[0] is spec:
-        return hit[1]
-    if len(_STRATEGIES) > 256:  # catalogs reloaded many times: start over
-        _STRATEGIES.clear()
-    table: dict[str, _FieldEntry] = {}
-    for name, fs in spec.fields.items():
-        limit: int | None = None
-        if fs.type == "string":
-            limit = fs.max_length if fs.max_length is not None else MAX_SAFE_INT
-        elif fs.type == "json":
-            limit = _ANY_VALUE
-        elif fs.type in ("int", "float") and fs.min is None and fs.max is None:
-            limit = _ANY_INT
-        table[name] = (fs.strategy, fs, limit)
-    _STRATEGIES[id(spec)] = (spec, table)
-    return table
-
-
 def check_change(record: RecordState | None, change: Change, spec: CollectionSpec
                  ) -> Rejection | None:
     """Why `change` cannot be applied to `record`, as `(code, reason)`, or None.
@@ -283,7 +250,7 @@ def check_change(record: RecordState | None, change: Change, spec: CollectionSpe
     Checks, in the order of PROTOCOL.md §10.1: unknown fields, strategies and types,
     the scope, then value ranges and counter bounds (`rule_rejected`).
     """
-    fields = _strategies(spec)
+    fields = spec.field_table
     late: Rejection | None = None
     for name, value in change.f.items():
         entry = fields.get(name)
@@ -292,12 +259,12 @@ def check_change(record: RecordState | None, change: Change, spec: CollectionSpe
         strategy, fs, limit = entry
         if strategy != "lww" and strategy != "manual":
             return _wrong(_at(change), name, strategy, "a value")
-        if limit is not None:  # certainly fits? (see `_strategies`)
+        if limit is not None:  # certainly fits? (see `CollectionSpec.field_table`)
             kind = type(value)
             if kind is str:
                 if len(value) <= limit:
                     continue
-            elif limit == _ANY_VALUE or (limit == _ANY_INT and kind is int
+            elif limit == ANY_JSON or (limit == ANY_INT and kind is int
                                          and -MAX_SAFE_INT <= value <= MAX_SAFE_INT):
                 continue
         err = fs.type_error(value)
@@ -508,7 +475,7 @@ def _merge(record: RecordState | None, ch: Change, dev: str, q: int, spec: Colle
         n, b = ch.n, ch.b
         xh = rec.xh
         sf = spec.scope_field
-        specs = _strategies(spec)
+        specs = spec.field_table
         changed, fixups, conflicts = out.changed, out.fixups, out.conflicts
         for name, value in ch.f.items():
             if specs[name][0] == "manual":

@@ -56,7 +56,7 @@ from broker.store import open_store
 from broker.store.base import Store
 from schemas.collection import Catalog, load_catalog
 from tests.fixtures_brokers import BrokerProcess
-from tests.helpers import RecordingClient, free_port, wait_until
+from tests.helpers import RecordingClient, free_port, terminate, wait_until
 from tests.mosquitto_prod import MOSQUITTO, write_production_conf
 from tests.tlsca import CertificateAuthority, make_ca, make_server_cert
 from waystation import merge
@@ -150,15 +150,9 @@ class Proc:
         """SIGTERM (a clean shutdown) and wait; SIGKILL if it hangs. The exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-                raise AssertionError(f"{self.name} ignored SIGTERM for {timeout} s:\n"
-                                     f"{self.log_tail()}") from None
+        if not terminate(self.proc, timeout):
+            raise AssertionError(f"{self.name} ignored SIGTERM for {timeout} s:\n"
+                                 f"{self.log_tail()}")
         return self.proc.returncode
 
     def kill(self) -> None:

@@ -8,13 +8,12 @@ them, and in the end every change is applied exactly once and every device conve
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.fleet import MOSQUITTO, Fleet
-from tests.pgserver import PgServer, unavailable_reason
+from tests.pgserver import PgServer
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.mosquitto, pytest.mark.postgres,
@@ -25,21 +24,9 @@ SCOPE = "depot-7"
 WRITES = 400   # increments per device, written while the device is offline
 
 
-@pytest.fixture
-def pg() -> Iterator[PgServer]:
-    """A PostgreSQL server of this test's own, which it kills."""
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    server = PgServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
-
-def test_server_rides_out_postgres_crash_and_outage(tmp_path: Path, pg: PgServer) -> None:
+def test_server_rides_out_postgres_crash_and_outage(tmp_path: Path,
+                                                    own_pg_server: PgServer) -> None:
+    pg = own_pg_server
     url = pg.create_database("faults")
     with Fleet(tmp_path, "mosquitto", "postgres", url) as fleet:
         fleet.start(server=False)

@@ -538,29 +538,18 @@ def test_two_engine_processes_apply_every_change_exactly_once(url: str,
 # ---------------------------------------------------------------------------- server restarts
 
 
-@pytest.fixture
-def own_server() -> Iterator[PgServer]:
-    """A PostgreSQL server of this test's own (durable), which it may kill."""
-    server = PgServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
-
 def _batch(dev: str, first: int, count: int) -> bytes:
     return changes(dev, [{"n": n, "h": hp(T0 + n, n), "c": "tasks", "k": f"k{n % 7}",
                           "s": "r1", "op": "put", "f": {"route": "r1"},
                           "i": {"attempts": 1}} for n in range(first, first + count)])
 
 
-def test_engine_survives_postgres_restarts_and_crashes(own_server: PgServer,
+def test_engine_survives_postgres_restarts_and_crashes(own_pg_server: PgServer,
                                                        tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Restart between groups, kill -9 inside a transaction, a lost COMMIT reply, an outage
     longer than the retry window: every change ends applied exactly once, q gapless."""
-    url = own_server.create_database("restarts")
+    url = own_pg_server.create_database("restarts")
     store = PostgresStore(url, reconnect_s=60)
     try:
         add_device(store, "van-1", ["r1"], T0)
@@ -575,7 +564,7 @@ def test_engine_survives_postgres_restarts_and_crashes(own_server: PgServer,
 
         assert feed(1) == []
         # 1. clean restart between groups: the next group reconnects
-        own_server.restart()
+        own_pg_server.restart()
         assert feed(21) == []
         # 2. kill -9 while a group's writes are being sent: its transaction is rerun
         real_send = PgWriteTxn._send
@@ -584,8 +573,8 @@ def test_engine_survives_postgres_restarts_and_crashes(own_server: PgServer,
         def crashing_send(txn: PgWriteTxn) -> None:
             if not crashes:
                 crashes.append(1)
-                own_server.kill()
-                own_server.start()
+                own_pg_server.kill()
+                own_pg_server.start()
             real_send(txn)
 
         monkeypatch.setattr(PgWriteTxn, "_send", crashing_send)
@@ -599,8 +588,8 @@ def test_engine_survives_postgres_restarts_and_crashes(own_server: PgServer,
             real_commit(conn)
             if not lost and not conn.read_only:
                 lost.append(1)
-                own_server.kill()
-                own_server.start()
+                own_pg_server.kill()
+                own_pg_server.start()
                 raise psycopg.OperationalError("server closed the connection unexpectedly")
 
         monkeypatch.setattr(psycopg.Connection, "commit", commit_then_crash)
@@ -608,11 +597,11 @@ def test_engine_survives_postgres_restarts_and_crashes(own_server: PgServer,
         monkeypatch.setattr(psycopg.Connection, "commit", real_commit)
         # 4. down for longer than the retry window: a clean transient refusal, then a resend
         store.reconnect_s = 0.5
-        own_server.stop()
+        own_pg_server.stop()
         refused = feed(81)
         assert {(r["code"], r["perm"]) for r in refused} == {("server_error", False)}
         assert len(refused) == 20
-        own_server.start()
+        own_pg_server.start()
         assert feed(81) == []
         assert feed(61) == []  # an old resend is still a duplicate
         with store.read() as txn:
@@ -626,13 +615,13 @@ def test_engine_survives_postgres_restarts_and_crashes(own_server: PgServer,
         store.close()
 
 
-def test_reads_reconnect_after_a_restart(own_server: PgServer) -> None:
+def test_reads_reconnect_after_a_restart(own_pg_server: PgServer) -> None:
     """A read after the server restarted opens a fresh connection instead of failing."""
-    url = own_server.create_database(f"r_{uuid.uuid4().hex[:8]}")
+    url = own_pg_server.create_database(f"r_{uuid.uuid4().hex[:8]}")
     with PostgresStore(url) as store:
         store.transact(lambda t: t.allocate_seq("r1"))
         with store.read() as txn:
             assert txn.scope_seq("r1") == 1
-        own_server.restart()
+        own_pg_server.restart()
         with store.read() as txn:
             assert txn.scope_seq("r1") == 1

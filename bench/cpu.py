@@ -1,6 +1,6 @@
-"""CPU cost per change of the sync hot paths (not collected by pytest).
+"""CPU cost per change of the sync hot paths (a benchmark, not a test).
 
-    .venv/bin/python -m tests.bench_cpu [--rounds N] [--only server,put,batch,ack,...]
+    .venv/bin/python -m bench.cpu [--rounds N] [--only server,put,batch,ack,...]
         [--profile NAME] [--dir DIR]
 
 Every number is CPU time of this process (`time.process_time`: user + system, all
@@ -29,7 +29,6 @@ import argparse
 import cProfile
 import gc
 import pstats
-import random
 import statistics
 import tempfile
 import time
@@ -40,6 +39,7 @@ from typing import Any
 import orjson
 
 from agent.api import Agent
+from bench.device import record
 from broker.engine import Engine
 from broker.registry import add_device
 from broker.store.lmdb_store import LmdbStore
@@ -52,32 +52,6 @@ CATALOG = load_catalog(example_catalog_path())
 DEVICES = [f"van-{i}" for i in range(10)]
 PER_BATCH = 200
 SCOPE = "route-42"
-
-_WORD_TEXT = (
-    "left parcel with neighbour signed by driver gate code side entrance canal locked "
-    "after call ahead next time door bell broken second floor back office reception "
-    "closed lunch fragile handle with care cold chain keep upright returned damaged box "
-    "missing items customer not home card in letterbox pallet jack needed loading dock "
-    "north south east west yard blue van parked behind building ask for manager deliver "
-    "before noon after three invoice attached cash on delivery paid online reference"
-)
-_WORDS = _WORD_TEXT.split()
-_NAMES = ("Hendrikse Bakery", "Cafe de Jaren", "Van Dam Hardware", "De Vries & Zn",
-          "Bloemenhuis Jansen", "Kaashandel Smit", "Apotheek Mulder", "Fietsen Bakker")
-_STREETS = ("Keizersgracht", "Prinsengracht", "Herengracht", "Damrak", "Rokin", "Overtoom")
-
-
-def record(scope: str, i: int) -> dict[str, Any]:
-    """A ~300-byte task record, different for every `i` (as bench/device.py)."""
-    rng = random.Random(i)
-    notes = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(20, 28)))
-    return {"route": scope, "customer": f"{rng.choice(_NAMES)} #{rng.randint(1, 99_999)}",
-            "address": f"{rng.choice(_STREETS)} {rng.randint(1, 999)}, "
-                       f"{rng.randint(1011, 1109)} AB Amsterdam",
-            "status": rng.choice(("out", "delivered", "failed", "pending")),
-            "eta": 1_764_000_000_000 + i * 60_000 + rng.randint(0, 59_999),
-            "notes": notes[:1].upper() + notes[1:] + "."}
-
 
 def cpu(fn: Callable[[], Any]) -> float:
     """CPU seconds of one call."""
