@@ -138,6 +138,8 @@ BAD_INPUTS = [
     (ServerConfig, '[store]\nkind = "postgres"\nurl = "mysql://db/x"', "store.url",
      "postgresql://"),
     (ServerConfig, '[store]\nkind = "sqlite"', "store.kind", "'lmdb' or 'postgres'"),
+    (ServerConfig, "[store]\nreconnect_s = 0", "store.reconnect_s", "greater than 0"),
+    (ServerConfig, '[store]\nreconnect_s = "soon"', "store.reconnect_s", "valid number"),
     (ServerConfig, '[merge]\nskew_policy = "ignore"', "merge.skew_policy", "'restamp'"),
     (ServerConfig, '[merge]\nrules = ["not a rule"]', "merge.rules.0", "module:function"),
     (ServerConfig, "[merge]\nmax_payload_bytes = 300000", "merge.max_payload_bytes", "262144"),
