@@ -40,9 +40,9 @@ import orjson
 
 from agent.api import Agent
 from bench.device import record
-from broker.engine import Engine
-from broker.registry import add_device
-from broker.store.lmdb_store import LmdbStore
+from broker.server.engine import Engine
+from broker.server.registry import add_device
+from broker.server.store.lmdb_store import LmdbStore
 from schemas import codec, wire
 from schemas.collection import example_catalog_path, load_catalog
 from tests.server.helpers import T0, config, status

@@ -251,7 +251,7 @@ class Process:
 
 def start_broker(kind: str, workdir: Path, passwords: dict[str, str]) -> tuple[Process, int]:
     """Start the broker (`embedded` or `mosquitto`); returns (process, plain port)."""
-    from broker.passwords import write_password_entry
+    from broker.embedded.passwords import write_password_entry
 
     workdir.mkdir(parents=True, exist_ok=True)
     passwd = workdir / "passwd"
@@ -438,14 +438,14 @@ class Fleet:
         return cfg
 
     def open_server_store(self) -> Any:
-        from broker.store import open_store
+        from broker.server.store import open_store
         from waystation.config import ServerConfig
 
         return open_store(ServerConfig.model_validate(self.server_config()))
 
     def register_devices(self) -> None:
         """Register every device (and the readiness probe) in the server store."""
-        from broker import registry
+        from broker.server import registry
 
         store = self.open_server_store()
         try:

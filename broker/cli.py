@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker import registry
 from broker.errors import InvalidArgument
-from broker.operations import after_restore, resolve_conflict
-from broker.store import open_store
-from broker.store.base import DeviceRow, Store
+from broker.server import registry
+from broker.server.operations import after_restore, resolve_conflict
+from broker.server.store import open_store
+from broker.server.store.base import DeviceRow, Store
 from schemas.collection import Catalog, load_catalog
 from waystation.config import AgentConfig, BrokerConfig, ServerConfig, dump_toml, load_config
 from waystation.hlc import SERVER_NODE, Clock
@@ -83,8 +83,8 @@ def _short(value: Any, limit: int = 40) -> str:
 # --------------------------------------------------------------------- daemons
 
 def cmd_server_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """`waystation server run`: the merge server in the foreground (`broker.server`)."""
-    from broker.server import run
+    """`waystation server run`: the merge server in the foreground (`broker.server.daemon`)."""
+    from broker.server.daemon import run
     from waystation.logs import configure_logging
 
     config = _config(args, env)
@@ -93,15 +93,15 @@ def cmd_server_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_broker_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """`waystation broker run`: the embedded MQTT broker (`broker.embedded`)."""
-    from broker.embedded import broker_run
+    """`waystation broker run`: the embedded MQTT broker (`broker.embedded.amqtt_broker`)."""
+    from broker.embedded.amqtt_broker import broker_run
 
     return broker_run(args, env)
 
 
 def cmd_broker_passwd(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation broker passwd USER`: add or change a login in the password file."""
-    from broker.passwords import write_password_entry
+    from broker.embedded.passwords import write_password_entry
     from waystation.config import BrokerConfig
 
     user = str(args.user)
@@ -285,7 +285,7 @@ def cmd_server_backup(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "`server backup` copies the LMDB store; this server uses PostgreSQL, which is "
             "backed up with PostgreSQL's own tools (pg_dump): see deploy/README.md, "
             "\"Backups\"")
-    from broker.store.lmdb_store import LmdbStore
+    from broker.server.store.lmdb_store import LmdbStore
 
     store = open_store(config)
     try:
@@ -319,7 +319,7 @@ def cmd_server_restore(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 "SRC is an LMDB store backup; this server uses PostgreSQL: restore the "
                 "database with pg_restore, then run `waystation server restore --in-place` "
                 "(see deploy/README.md, \"Backups\")")
-        from broker.store.lmdb_store import restore_backup
+        from broker.server.store.lmdb_store import restore_backup
 
         store: Store = restore_backup(Path(args.src), config.data_dir,
                                map_size_mb=config.store.map_size_mb,
@@ -407,7 +407,7 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if layout.password_file is not None:
         _write_private(out_dir / f"{dev}.mqtt-password", password + "\n")
     if enrol.client_ca_cert is not None and enrol.client_ca_key is not None:
-        from broker.certs import issue_client_cert
+        from broker.embedded.certs import issue_client_cert
 
         issued = issue_client_cert(enrol.client_ca_cert, enrol.client_ca_key, dev, out_dir,
                                    days=enrol.client_cert_days)
@@ -503,9 +503,9 @@ def _write_credentials(env: Mapping[str, str], dev: str, password: str,
                        password_file: Path | None = None, *,
                        where: str = "in the agent config") -> str:
     try:
-        from broker import passwords
+        from broker.embedded import passwords
     except ImportError:  # pragma: no cover - the module ships with the broker
-        return "broker credentials: not written (broker.passwords is not available)"
+        return "broker credentials: not written (broker.embedded.passwords is not available)"
     path = password_file if password_file is not None else _password_file(env)
     passwords.write_password_entry(path, dev, password)
     return (f"broker credentials: user {dev} added to {path}; the password is {where} "
@@ -515,7 +515,7 @@ def _write_credentials(env: Mapping[str, str], dev: str, password: str,
 def _revoke_credentials(env: Mapping[str, str], dev: str,
                         password_file: Path | None = None) -> str:
     try:
-        from broker import passwords
+        from broker.embedded import passwords
     except ImportError:  # pragma: no cover - the module ships with the broker
         return ""
     path = password_file if password_file is not None else _password_file(env)

@@ -5,7 +5,7 @@
     any_broker           each of the two in turn (parametrized)
 
 Each broker gets its own temporary directory with a password file (``USERS``, written
-by ``broker.passwords``, so Mosquitto reading it is itself a compatibility check), its
+by ``broker.embedded.passwords``, so Mosquitto reading it is itself a compatibility check), its
 config and its log. ``BrokerProcess`` can ``stop()`` (SIGTERM), ``kill()`` (SIGKILL, as
 a crash), ``start()`` again on the same port, or ``restart()``.
 
@@ -27,8 +27,8 @@ from queue import Queue
 
 import pytest
 
-from broker.acl import mosquitto_acl_lines
-from broker.passwords import write_password_entry
+from broker.embedded.acl import mosquitto_acl_lines
+from broker.embedded.passwords import write_password_entry
 from tests.helpers import (
     RecordingClient,
     free_port,

@@ -69,7 +69,7 @@ HANDLERS: dict[str, str] = {
     "device resync": "broker.cli:cmd_device_resync",
     "device disable": "broker.cli:cmd_device_disable",
     "device enable": "broker.cli:cmd_device_enable",
-    "broker run": "broker.embedded:broker_run",
+    "broker run": "broker.embedded.amqtt_broker:broker_run",
     "broker passwd": "broker.cli:cmd_broker_passwd",
     "schema check": "waystation.cli:cmd_schema_check",
     "schema export": "waystation.cli:cmd_schema_export",

@@ -46,7 +46,7 @@ class Mismatch:
 
 
 def server_records(store: Any, scopes: Iterable[str]) -> dict[tuple[str, str], RecordView]:
-    """Every record of `scopes` as the server holds it (store: broker.store.base.Store)."""
+    """Every record of `scopes` as the server holds it (store: broker.server.store.base.Store)."""
     out: dict[tuple[str, str], RecordView] = {}
     with store.read() as txn:
         for scope in scopes:

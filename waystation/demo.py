@@ -69,11 +69,11 @@ class Demo:
 
     def start(self) -> None:
         from agent.daemon import AgentDaemon
-        from broker import registry
-        from broker.embedded import EmbeddedBroker
-        from broker.passwords import write_password_entry
-        from broker.server import MergeServer
-        from broker.store import open_store
+        from broker.embedded.amqtt_broker import EmbeddedBroker
+        from broker.embedded.passwords import write_password_entry
+        from broker.server import registry
+        from broker.server.daemon import MergeServer
+        from broker.server.store import open_store
         from schemas.collection import example_catalog_path, load_catalog
 
         self.catalog = load_catalog(example_catalog_path())
@@ -299,7 +299,7 @@ class Demo:
         return merge.to_rec(merge.from_json(raw)).get("f", {}).get(name)
 
     def resolve_address(self) -> None:
-        from broker.operations import resolve_conflict
+        from broker.server.operations import resolve_conflict
         from waystation.hlc import Clock
 
         with self.server.store.read() as txn:

@@ -1,4 +1,4 @@
-"""The design's broker ACL as a pure function (broker.acl.allowed)."""
+"""The design's broker ACL as a pure function (broker.embedded.acl.allowed)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.acl import allowed, mosquitto_acl_lines
+from broker.embedded.acl import allowed, mosquitto_acl_lines
 
 SERVERS = frozenset({"waystation-server"})
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.embedded import BrokerSettings, EmbeddedBrokerError, serve
-from broker.passwords import delete_password_entry, write_password_entry
+from broker.embedded.amqtt_broker import BrokerSettings, EmbeddedBrokerError, serve
+from broker.embedded.passwords import delete_password_entry, write_password_entry
 from tests.fixtures_brokers import (
     PREFIX,
     SERVER_USER,
@@ -235,7 +235,7 @@ def test_broker_run_loads_config_and_exits_cleanly_on_sigterm(tmp_path: Path) ->
     port = free_port()
     config = tmp_path / "broker.toml"
     config.write_text(f'port = {port}\ndata_dir = "data"\nserver_users = ["{SERVER_USER}"]\n')
-    code = ("import argparse, sys; from broker.embedded import broker_run; "
+    code = ("import argparse, sys; from broker.embedded.amqtt_broker import broker_run; "
             f"sys.exit(broker_run(argparse.Namespace(config={str(config)!r}), {{}}))")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, cwd=tmp_path)

@@ -12,7 +12,7 @@ from queue import Empty, Queue
 import pytest
 from pydantic import SecretStr
 
-from broker.passwords import write_password_entry
+from broker.embedded.passwords import write_password_entry
 from tests.fixtures_brokers import FAST_BACKOFF, PREFIX, SERVER_USER, USERS, BrokerProcess
 from tests.helpers import RecordingClient, wait_until
 from waystation.config import MqttConfig

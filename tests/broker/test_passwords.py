@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.passwords import (
+from broker.embedded.passwords import (
     delete_password_entry,
     hash_password,
     read_password_file,

@@ -42,7 +42,7 @@ def test_level_filters_our_events() -> None:
     """Events below the configured level are dropped."""
     out = io.StringIO()
     configure_logging(LogConfig(format="json", level="warning"), stream=out)
-    log = structlog.get_logger("broker.server")
+    log = structlog.get_logger("broker.server.daemon")
     log.info("quiet")
     log.warning("loud")
     events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]

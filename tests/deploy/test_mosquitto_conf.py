@@ -26,8 +26,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.acl import mosquitto_acl_lines
-from broker.passwords import write_password_entry
+from broker.embedded.acl import mosquitto_acl_lines
+from broker.embedded.passwords import write_password_entry
 from tests.helpers import free_port, port_open, wait_until
 from tests.mosquitto_prod import (
     ACL,
@@ -324,7 +324,7 @@ def test_conf_sets_the_deliberate_settings() -> None:
 
 
 def test_acl_file_matches_the_acl_module() -> None:
-    """deploy/mosquitto/acl holds exactly the rules broker.acl generates for Mosquitto."""
+    """deploy/mosquitto/acl holds exactly the rules broker.embedded.acl generates for Mosquitto."""
     def rules(lines: list[str]) -> list[str]:
         return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 

@@ -457,7 +457,7 @@ def test_embedded_broker_serves_inside_the_sandbox(tmp_path: Path) -> None:
     missing = _seccomp_missing()
     if missing:
         pytest.skip(missing)
-    from broker.passwords import write_password_entry
+    from broker.embedded.passwords import write_password_entry
 
     write_password_entry(tmp_path / "passwd", "van-1", "pw-van-1")
     write_password_entry(tmp_path / "passwd", "waystation-server", "pw-server")

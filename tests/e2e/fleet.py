@@ -27,7 +27,7 @@ agent are subprocesses started from the installed `waystation` command (Mosquitt
 its binary), each logging to its own file under the fleet's directory (JSON lines for
 Waystation processes, so tests can wait on logged events). The test process opens the
 agents' stores through `agent.api.Agent` and the server's store through
-`broker.store.open_store` (LMDB or PostgreSQL, as the server config says): LMDB lets
+`broker.server.store.open_store` (LMDB or PostgreSQL, as the server config says): LMDB lets
 several processes use one environment and PostgreSQL gives each read a snapshot of its
 own, so it reads (and an agent's store also takes writes) while the daemons run.
 
@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from agent.api import Agent
-from broker.store import open_store
-from broker.store.base import Store
+from broker.server.store import open_store
+from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
 from tests.fixtures_brokers import BrokerProcess
 from tests.helpers import RecordingClient, free_port, terminate, wait_until

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.api import Agent
-from broker.store.lmdb_store import LmdbStore
+from broker.server.store.lmdb_store import LmdbStore
 from schemas.collection import example_catalog_path, load_catalog
 from tests.e2e.fleet import waystation_argv
 from waystation.config import AgentConfig

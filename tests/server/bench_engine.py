@@ -24,10 +24,10 @@ from pathlib import Path
 
 import orjson
 
-from broker.engine import Engine
-from broker.registry import add_device
-from broker.store.base import Store
-from broker.store.lmdb_store import LmdbStore
+from broker.server.engine import Engine
+from broker.server.registry import add_device
+from broker.server.store.base import Store
+from broker.server.store.lmdb_store import LmdbStore
 from tests.server.helpers import CATALOG, T0, config, status
 
 DEVICES = [f"van-{i}" for i in range(10)]
@@ -63,7 +63,7 @@ def store_maker(kind: str, url: str | None) -> Iterator[StoreMaker]:
     if kind == "lmdb":
         yield lambda tmp: LmdbStore(tmp, map_size_mb=1024)
         return
-    from broker.store.postgres_store import PostgresStore
+    from broker.server.store.postgres import PostgresStore
     from tests.pgserver import PgServer
 
     with contextlib.ExitStack() as stack:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from broker.store.base import Store
-from broker.store.lmdb_store import LmdbStore
+from broker.server.store.base import Store
+from broker.server.store.lmdb_store import LmdbStore
 from tests.pgserver import PgServer
 
 StoreFactory = Callable[..., Store]
@@ -34,7 +34,7 @@ class _Postgres:
         self.created: list[str] = []
 
     def __call__(self, tmp: Path, **opts: Any) -> Store:
-        from broker.store.postgres_store import PostgresStore
+        from broker.server.store.postgres import PostgresStore
 
         assert self.server is not None, "the postgres factory needs the pg_server fixture"
         name = f"t_{uuid.uuid4().hex[:16]}"
@@ -59,7 +59,7 @@ def reopen(store: Store) -> Store:
     """Another store object on the data of `store` (as after a server restart)."""
     if isinstance(store, LmdbStore):
         return LmdbStore(store.path.parent)
-    from broker.store.postgres_store import PostgresStore
+    from broker.server.store.postgres import PostgresStore
 
     assert isinstance(store, PostgresStore)
     return PostgresStore(store.url)

@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 
-from broker.engine import Engine
-from broker.registry import add_device
-from broker.store.base import Store
-from broker.store.lmdb_store import LmdbStore
+from broker.server.engine import Engine
+from broker.server.registry import add_device
+from broker.server.store.base import Store
+from broker.server.store.lmdb_store import LmdbStore
 from schemas.collection import Catalog, example_catalog_path, load_catalog
 from waystation.config import ServerConfig
 from waystation.rules import Rule

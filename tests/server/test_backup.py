@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.operations import RESTORE_SEQ_GAP
-from broker.store import open_store
-from broker.store.lmdb_store import LmdbStore
+from broker.server.operations import RESTORE_SEQ_GAP
+from broker.server.store import open_store
+from broker.server.store.lmdb_store import LmdbStore
 from tests.e2e.fleet import waystation_argv
 from tests.server.helpers import (
     by_device,

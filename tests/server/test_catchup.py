@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from broker.engine import Engine
-from broker.operations import purge_tombstones
-from broker.store.base import Store, WriteTxn
+from broker.server.engine import Engine
+from broker.server.operations import purge_tombstones
+from broker.server.store.base import Store, WriteTxn
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import (
     T0,

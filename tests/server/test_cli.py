@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from broker import cli as bcli
-from broker.passwords import read_password_file, verify_password
-from broker.store import open_store
-from broker.store.base import Store
+from broker.embedded.passwords import read_password_file, verify_password
+from broker.server.store import open_store
+from broker.server.store.base import Store
 from tests.server.helpers import CATALOG, T0, changes, hp, make_engine, status, task
 from waystation.cli import main
 from waystation.config import AgentConfig, ServerConfig, load_config

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from broker.engine import Engine
-from broker.store.base import Store, WriteTxn
+from broker.server.engine import Engine
+from broker.server.store.base import Store, WriteTxn
 from tests.server.conftest import StoreFactory, reopen
 from tests.server.helpers import (
     T0,

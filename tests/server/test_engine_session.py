@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.engine import Engine
 from broker.errors import ConflictClosed, ConflictNotFound, InvalidArgument
-from broker.operations import resolve_conflict
-from broker.registry import add_device, issue_command, remove_device, set_scopes
-from broker.store.base import Store
+from broker.server.engine import Engine
+from broker.server.operations import resolve_conflict
+from broker.server.registry import add_device, issue_command, remove_device, set_scopes
+from broker.server.store.base import Store
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import (
     CATALOG,

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.engine import Engine
-from broker.registry import set_enabled
-from broker.store.base import Store
+from broker.server.engine import Engine
+from broker.server.registry import set_enabled
+from broker.server.store.base import Store
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import (
     T0,

@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from broker.passwords import read_password_file, verify_password
+from broker.embedded.passwords import read_password_file, verify_password
 from tests.tlsca import make_ca
 from waystation.cli import main
 from waystation.config import AgentConfig, load_config
@@ -73,8 +73,8 @@ def test_device_wipe_resync_disable_enable(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """`device wipe/resync` queue commands for the device; `disable/enable` flip it;
     an unknown device is refused with a one-line error."""
-    from broker import registry
-    from broker.store import open_store
+    from broker.server import registry
+    from broker.server.store import open_store
     from waystation.config import ServerConfig
 
     conf = _server_toml(tmp_path, f'password_file = "{tmp_path / "passwd"}"')

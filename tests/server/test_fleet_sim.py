@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from agent.api import Agent
-from broker.engine import Engine
-from broker.operations import purge_tombstones
-from broker.registry import issue_command
-from broker.store.base import Store
+from broker.server.engine import Engine
+from broker.server.operations import purge_tombstones
+from broker.server.registry import issue_command
+from broker.server.store.base import Store
 from schemas import codec, wire
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import CATALOG, FakeTime, make_engine, status

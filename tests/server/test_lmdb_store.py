@@ -11,7 +11,7 @@ import lmdb
 import pytest
 
 from broker.errors import StoreFormatError, StoreFullError
-from broker.store.lmdb_store import LmdbStore
+from broker.server.store.lmdb_store import LmdbStore
 
 
 def test_data_survives_reopen(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_follows_a_map_grown_by_another_process(tmp_path: Path) -> None:
     store = LmdbStore(tmp_path, map_size_mb=1, max_map_size_mb=64)
     try:
         script = textwrap.dedent(f"""
-            from broker.store.lmdb_store import LmdbStore
+            from broker.server.store.lmdb_store import LmdbStore
             s = LmdbStore({str(tmp_path)!r}, map_size_mb=1, max_map_size_mb=64)
             s.transact(lambda t: [t.put_record("tasks", f"k{{i}}", {{"x": "y" * 200000}})
                                   for i in range(20)])

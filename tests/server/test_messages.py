@@ -7,7 +7,7 @@ import zlib
 
 import orjson
 
-from broker.messages import (
+from broker.server.messages import (
     MAX_DOWN_BYTES,
     ack_messages,
     compress,

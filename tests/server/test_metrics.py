@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.request
 from typing import Any
 
-from broker.metrics import serve_metrics
+from broker.server.metrics import serve_metrics
 from tests.helpers import free_port
 
 

@@ -20,12 +20,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from broker.engine import Engine
 from broker.errors import StoreError, StoreFormatError
-from broker.registry import add_device
-from broker.store import open_store
-from broker.store.base import DeadLetter, DeviceRow, OutcomeRow, WriteTxn, iter_all_index
-from broker.store.postgres_store import (
+from broker.server.engine import Engine
+from broker.server.registry import add_device
+from broker.server.store import open_store
+from broker.server.store.base import DeadLetter, DeviceRow, OutcomeRow, WriteTxn, iter_all_index
+from broker.server.store.postgres import (
     ADVISORY_LOCK,
     SCHEMA,
     PgWriteTxn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.errors import DeviceExists, InvalidArgument, UnknownDevice
-from broker.registry import (
+from broker.server.registry import (
     Registry,
     add_device,
     issue_command,
@@ -14,7 +14,7 @@ from broker.registry import (
     set_enabled,
     set_scopes,
 )
-from broker.store.base import OutcomeRow, Store
+from broker.server.store.base import OutcomeRow, Store
 
 
 def test_add_validates_and_refuses_duplicates(store: Store) -> None:

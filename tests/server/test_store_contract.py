@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.store.base import (
+from broker.server.store.base import (
     MAX_DEAD_LETTER_RAW,
     CommandRow,
     ConflictRow,

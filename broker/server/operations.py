@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
-from broker.applier import RECORD_LIMIT
 from broker.errors import ConflictClosed, ConflictNotFound, InvalidArgument
-from broker.store.base import Notice, Store, WriteTxn
+from broker.server.applier import RECORD_LIMIT
+from broker.server.store.base import Notice, Store, WriteTxn
 from schemas.collection import Catalog
 from waystation import merge
 from waystation.hlc import Clock

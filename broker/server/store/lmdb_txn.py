@@ -28,7 +28,7 @@ from typing import Any
 import lmdb
 import orjson
 
-from broker.store.base import (
+from broker.server.store.base import (
     MAX_DEAD_LETTER_RAW,
     CommandRow,
     ConflictRow,

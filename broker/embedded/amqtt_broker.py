@@ -6,7 +6,7 @@
     broker_run(args, env) -> int            the ``waystation broker run`` handler
     python -m broker.embedded --port ...    the same, configured from the command line
 
-amqtt is used through its supported plugin mechanism (``broker.amqtt_plugins``); on top
+amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` changes four things amqtt 0.12.1 gets
 wrong for a fleet (each measured; see the tests in tests/broker/test_embedded.py):
 
@@ -50,7 +50,7 @@ from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 
-from broker.amqtt_plugins import plugin_config
+from broker.embedded.plugins import plugin_config
 from broker.errors import ServerError
 from waystation.errors import ConfigError, WaystationError
 
@@ -499,11 +499,3 @@ def _opt_path(value: Any) -> Path | None:
 
 def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-if __name__ == "__main__":
-    # Run the copy imported as ``broker.embedded`` (not this ``__main__`` one), so loggers
-    # and classes carry their real module name.
-    from broker.embedded import main as _main
-
-    raise SystemExit(_main())

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker.messages import compress, delta_messages
-from broker.presence import Presence
-from broker.registry import Registry
+from broker.server.messages import compress, delta_messages
+from broker.server.presence import Presence
+from broker.server.registry import Registry
 
 Outgoing = tuple[str, bytes]
 

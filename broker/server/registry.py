@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from broker.errors import DeviceExists, InvalidArgument, UnknownDevice
-from broker.store.base import CommandRow, DeviceRow, ReadTxn, Store, WriteTxn
+from broker.server.store.base import CommandRow, DeviceRow, ReadTxn, Store, WriteTxn
 from schemas.wire import ID_PATTERN
 
 _ID_RE = re.compile(ID_PATTERN)

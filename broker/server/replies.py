@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from broker.applier import ChangeResult
-from broker.fanout import Fanout
-from broker.messages import ack_messages, dumps, reject_messages, rejection
-from broker.store.base import DeadLetter
+from broker.server.applier import ChangeResult
+from broker.server.fanout import Fanout
+from broker.server.messages import ack_messages, dumps, reject_messages, rejection
+from broker.server.store.base import DeadLetter
 from schemas import codec
 from schemas.codec import BadChange
 

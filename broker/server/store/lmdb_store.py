@@ -1,7 +1,7 @@
 """The embedded LMDB store (the single-server default).
 
 One LMDB environment in ``{data_dir}/store`` with one named database per table (layout
-in `broker.store.lmdb_txn`), opened with ``sync=True``: a committed transaction is on
+in `broker.server.store.lmdb_txn`), opened with ``sync=True``: a committed transaction is on
 disk. The map grows on demand (doubling, up to ``max_map_size_mb``), as a long-running
 server needs; another process that grew it (the operator CLI) is followed
 transparently. The layout's format version is kept in the ``meta`` table and checked on
@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import lmdb
 
 from broker.errors import StoreError, StoreFormatError, StoreFullError
-from broker.store.base import STORE_FORMAT, ReadTxn, StoreInfo, WriteTxn
-from broker.store.lmdb_txn import DBS, DEFAULT_MAX_DEAD_LETTERS, LmdbReadTxn, LmdbWriteTxn
+from broker.server.store.base import STORE_FORMAT, ReadTxn, StoreInfo, WriteTxn
+from broker.server.store.lmdb_txn import DBS, DEFAULT_MAX_DEAD_LETTERS, LmdbReadTxn, LmdbWriteTxn
 
 T = TypeVar("T")
 _MB = 1024 * 1024
@@ -167,7 +167,7 @@ def restore_backup(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLi
                    **store_options: Any) -> LmdbStore:
     """Put the backup written by `LmdbStore.backup` into `data_dir`, whose store must not
     exist (the operator moves the old one aside, with the server stopped); returns it
-    open. The caller then moves its sequences on (`broker.operations.after_restore`)."""
+    open. The caller then moves its sequences on (`broker.server.operations.after_restore`)."""
     src = Path(backup_dir) / "store" / "data.mdb"
     if not src.is_file():
         raise StoreError(f"{backup_dir} is not a Waystation backup (no store/data.mdb in it; "

@@ -1,13 +1,13 @@
 """The engine's periodic chores that read the store: commands issued while devices are
-online, and operator resolutions queued as notices (see `broker.operations`)."""
+online, and operator resolutions queued as notices (see `broker.server.operations`)."""
 
 from __future__ import annotations
 
-from broker.fanout import Fanout
-from broker.messages import dumps
-from broker.presence import Presence
-from broker.registry import Registry
-from broker.store.base import CommandRow, Store, WriteTxn
+from broker.server.fanout import Fanout
+from broker.server.messages import dumps
+from broker.server.presence import Presence
+from broker.server.registry import Registry
+from broker.server.store.base import CommandRow, Store, WriteTxn
 
 NOTICE_BATCH = 1000
 

@@ -1,4 +1,4 @@
--- Waystation server store, schema version 1 (see broker/store/postgres_store.py).
+-- Waystation server store, schema version 1 (see broker/server/store/postgres/).
 -- Applied by the store itself on open, inside one transaction, under an advisory lock.
 -- Every name lives in the schema `waystation`; text keys use the "C" collation so that
 -- they sort byte-wise, as in the LMDB store (and as Python sorts str).

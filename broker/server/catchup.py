@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.errors import StoreError
-from broker.messages import (
+from broker.server.messages import (
     MAX_DOWN_BYTES,
     checkpoint_message,
     compress,
@@ -25,7 +25,7 @@ from broker.messages import (
     error_message,
     page_message,
 )
-from broker.store.base import DeviceRow, ReadTxn, Store
+from broker.server.store.base import DeviceRow, ReadTxn, Store
 from schemas import codec
 from schemas.wire import Catchup
 from waystation import merge

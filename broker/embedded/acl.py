@@ -10,7 +10,7 @@ For a device whose username is its device id ``me``:
 A server user may do anything under ``{prefix}/``, including shared subscriptions
 ``$share/{group}/{prefix}/...``. An anonymous client (no username) may do nothing.
 
-The embedded broker applies this through ``broker.amqtt_plugins``; Mosquitto gets the
+The embedded broker applies this through ``broker.embedded.plugins``; Mosquitto gets the
 equivalent ``pattern`` rules in its acl_file (see ``mosquitto_acl_lines``).
 """
 

@@ -40,9 +40,9 @@ from typing import Any
 
 import structlog
 
-from broker.engine import Engine
-from broker.store import open_store
-from broker.store.base import Store
+from broker.server.engine import Engine
+from broker.server.store import open_store
+from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
 from waystation.config import ServerConfig
 from waystation.hlc import Clock
@@ -255,7 +255,7 @@ def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
     def start() -> None:
         server.start()
         if cfg.metrics_port is not None:
-            from broker.metrics import serve_metrics
+            from broker.server.metrics import serve_metrics
 
             metrics.append(serve_metrics(server, cfg.metrics_port, cfg.metrics_host))
         log.info("server_started", server_id=cfg.server_id,

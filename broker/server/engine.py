@@ -38,23 +38,23 @@ from typing import Any
 
 import structlog
 
-from broker import catchup
-from broker.applier import Applier, BatchStats, ChangeResult
 from broker.errors import StoreError
-from broker.fanout import Fanout, Outgoing
-from broker.messages import (
+from broker.server import catchup
+from broker.server.applier import Applier, BatchStats, ChangeResult
+from broker.server.fanout import Fanout, Outgoing
+from broker.server.messages import (
     command_message,
     compress,
     error_message,
     reject_messages,
     rejection,
 )
-from broker.operations import purge_tombstones
-from broker.periodic import drain_notices, unsent_commands
-from broker.presence import Presence, parse_status
-from broker.registry import Registry
-from broker.replies import batch_letters, change_replies, letter
-from broker.store.base import CommandRow, DeadLetter, DeviceRow, Store, WriteTxn
+from broker.server.operations import purge_tombstones
+from broker.server.periodic import drain_notices, unsent_commands
+from broker.server.presence import Presence, parse_status
+from broker.server.registry import Registry
+from broker.server.replies import batch_letters, change_replies, letter
+from broker.server.store.base import CommandRow, DeadLetter, DeviceRow, Store, WriteTxn
 from schemas import codec
 from schemas.codec import LenientChanges
 from schemas.collection import Catalog

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from broker.errors import StoreError
-from broker.store.base import Store
+from broker.server.store.base import Store
 from waystation.config import ServerConfig
 
 
@@ -14,12 +14,12 @@ def open_store(config: ServerConfig) -> Store:
     """Open the store configured in `config.store`: LMDB under `config.data_dir`, or the
     PostgreSQL database at `config.store.url` (its schema is created or migrated)."""
     if config.store.kind == "lmdb":
-        from broker.store.lmdb_store import LmdbStore
+        from broker.server.store.lmdb_store import LmdbStore
 
         return LmdbStore(config.data_dir, map_size_mb=config.store.map_size_mb,
                          max_map_size_mb=config.store.max_map_size_mb)
     if config.store.kind == "postgres":
-        from broker.store.postgres_store import PostgresStore
+        from broker.server.store.postgres import PostgresStore
 
         if not config.store.url:  # pragma: no cover - StoreConfig requires it
             raise StoreError("store.kind = \"postgres\" needs store.url")

@@ -6,14 +6,14 @@ dotted class path to that plugin's options, which amqtt turns into the plugin's 
 amqtt's defaults (anonymous auth, $SYS, loggers), so only these two run. ``plugin_config``
 builds that section.
 
-- ``PasswordFileAuthPlugin``: Mosquitto-format password file (``broker.passwords``),
+- ``PasswordFileAuthPlugin``: Mosquitto-format password file (``broker.embedded.passwords``),
   re-read whenever the file changes, so ``device add`` takes effect without a restart.
   A device (any user not in ``server_users``) must connect with client id == username,
   and its last will, if any, must be a topic it may publish on: amqtt publishes wills
   without a topic check, so this is where a device is stopped from planting a will on
   another device's topics. Optionally (``trust_client_cert_cn``) a verified TLS client
   certificate whose CN is the username stands in for the password.
-- ``AclTopicPlugin``: applies ``broker.acl.allowed`` to publish, subscribe and receive.
+- ``AclTopicPlugin``: applies ``broker.embedded.acl.allowed`` to publish, subscribe and receive.
 
 What amqtt does with a refusal (measured, amqtt 0.12.1): a denied SUBSCRIBE gets return
 code 0x80 in its SUBACK; a denied PUBLISH is still PUBACKed and then silently dropped
@@ -30,8 +30,8 @@ import structlog
 from amqtt.contexts import Action as AmqttAction
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
-from broker.acl import allowed
-from broker.passwords import read_password_file, verify_password
+from broker.embedded.acl import allowed
+from broker.embedded.passwords import read_password_file, verify_password
 from waystation.errors import ConfigError
 
 __all__ = ["AclTopicPlugin", "PasswordFileAuthPlugin", "PasswordStore", "plugin_config"]
@@ -180,7 +180,7 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
 
 
 class AclTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
-    """amqtt topic plugin applying ``broker.acl.allowed``."""
+    """amqtt topic plugin applying ``broker.embedded.acl.allowed``."""
 
     @dataclass
     class Config:

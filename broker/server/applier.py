@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 import structlog
 
-from broker.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
+from broker.server.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
 from schemas import codec
 from schemas.codec import BadChange
 from schemas.collection import Catalog

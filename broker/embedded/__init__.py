@@ -1,0 +1,1 @@
+"""The embedded MQTT broker (amqtt), its plugins, logins, certificates and the device ACL."""

@@ -1,0 +1,1 @@
+"""The merge server: engine, applier, fan-out, catch-up, presence, registry and stores."""

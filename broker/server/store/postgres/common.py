@@ -1,0 +1,96 @@
+"""Shared pieces of the PostgreSQL store: constants, migrations, SQL helpers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from broker.errors import StoreError
+
+T = TypeVar("T")
+
+SCHEMA = "waystation"
+"""The PostgreSQL schema (namespace) holding every table of the store."""
+
+ADVISORY_LOCK = 0x5761797374617469
+"""pg_advisory_xact_lock key serialising migrations ("Waystati")."""
+
+DEFAULT_MAX_DEAD_LETTERS = 100_000
+MAX_ATTEMPTS = 30
+"""Attempts of one transaction that keeps meeting concurrency failures."""
+PREFETCH_MAX = 16 * 1024
+"""Catch-up reads prefetch record states up to this size with the index page."""
+COPY_MIN = 64
+"""Buffered writes of at least this many rows go by binary COPY, fewer by one INSERT."""
+_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_RETRYABLE = ("40001", "40P01", "23505", "55P03")
+_RECONNECT = ("57P01", "57P02", "57P03", "25006")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The migrations this code knows, in version order (``migrations/NNNN_name.sql``)."""
+    out = []
+    for entry in resources.files("broker.server.store").joinpath("migrations").iterdir():
+        m = _MIGRATION_RE.match(entry.name)
+        if m:
+            out.append(Migration(int(m.group(1)), m.group(2), entry.read_text("utf-8")))
+    out.sort(key=lambda m: m.version)
+    if [m.version for m in out] != list(range(1, len(out) + 1)):
+        raise StoreError("the store's migrations are not numbered 1, 2, 3, ... "
+                         "(broken installation)")
+    return out
+
+
+def describe_url(url: str) -> str:
+    """`url` without its password: postgresql://user@host:port/dbname."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    user = str(params.get("user") or "")
+    host = str(params.get("host") or params.get("hostaddr") or "localhost")
+    port = str(params.get("port") or "5432")
+    db = str(params.get("dbname") or user or "")
+    return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db}"
+
+
+class _Reorder(Exception):
+    """A scope below one already held is locked by another transaction: rerun the
+    transaction with all these scopes locked first, in order."""
+
+    def __init__(self, scopes: set[str]) -> None:
+        super().__init__("scope lock order")
+        self.scopes = scopes
+
+
+def _sqlstate(exc: BaseException) -> str:
+    return getattr(exc, "sqlstate", None) or ""
+
+
+def _text_array(values: Iterable[str]) -> str:
+    """A text[] literal (quicker to build than psycopg's element-wise array dump)."""
+    return "{" + ",".join(['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                           for v in values]) + "}"
+
+
+def _int_array(values: Iterable[int]) -> str:
+    """An int8[] literal."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _clean(text: str) -> str:
+    """PostgreSQL text cannot hold NUL."""
+    return text.replace("\x00", "\\x00") if "\x00" in text else text

@@ -1,0 +1,337 @@
+"""The PostgreSQL store: connections, migrations, transactions with retries."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import set_json_dumps, set_json_loads
+
+from broker.errors import StoreError, StoreFormatError
+from broker.server.store.base import (
+    ReadTxn,
+    StoreInfo,
+    WriteTxn,
+)
+from broker.server.store.postgres.common import (
+    _RECONNECT,
+    _RETRYABLE,
+    ADVISORY_LOCK,
+    DEFAULT_MAX_DEAD_LETTERS,
+    MAX_ATTEMPTS,
+    SCHEMA,
+    T,
+    _Reorder,
+    _sqlstate,
+    describe_url,
+    migrations,
+)
+from broker.server.store.postgres.read import PgReadTxn
+from broker.server.store.postgres.write import PgWriteTxn
+
+# ---------------------------------------------------------------------------- the store
+
+
+class PostgresStore:
+    """The store in one PostgreSQL database (see module docstring)."""
+
+    kind = "postgres"
+
+    def __init__(self, url: str, *, max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS,
+                 reconnect_s: float = 30.0, connect_timeout_s: int = 10) -> None:
+        self.url = url
+        self.location = describe_url(url)
+        self.max_dead_letters = max_dead_letters
+        self.reconnect_s = reconnect_s
+        self._connect_timeout = connect_timeout_s
+        self._conninfo = self._make_conninfo(url)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._readers: list[psycopg.Connection[Any]] = []
+        self._aux: psycopg.Connection[Any] | None = None  # autocommit, for new scopes
+        self._staged = False  # the write connection has its staging table
+        self.counters: dict[str, int] = {"retries": 0, "reconnects": 0, "reorders": 0}
+        self._closed = False
+        conn = self._connect(write=True)
+        try:
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    # --- connections
+
+    def _make_conninfo(self, url: str) -> str:
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise StoreError(f"store.url is not a valid PostgreSQL URL: {exc}") from None
+        options = str(params.get("options") or "") + (
+            f" -c search_path={SCHEMA} -c idle_in_transaction_session_timeout=60000"
+            " -c plan_cache_mode=force_custom_plan")
+        return make_conninfo(url, options=options.strip(),
+                             application_name=params.get("application_name") or "waystation",
+                             keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                             keepalives_count=3)
+
+    def _connect(self, *, write: bool) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=False,
+                                   connect_timeout=self._connect_timeout)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot connect to the PostgreSQL store at {self.location}: "
+                f"{str(exc).strip()} (check store.url, that the server runs and accepts "
+                "connections from this host, and the user's password)") from exc
+        set_json_loads(orjson.loads, conn)
+        set_json_dumps(orjson.dumps, conn)
+        if write:  # whatever the server's default: the locking above assumes it
+            conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        else:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+        return conn
+
+    def _write_conn(self, deadline: float) -> psycopg.Connection[Any]:
+        """The write connection, (re)connecting until `deadline` if it is gone."""
+        if self._closed:
+            raise StoreError(f"the PostgreSQL store at {self.location} is closed")
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                return conn
+            try:
+                conn.rollback()
+                return conn
+            except psycopg.Error:
+                pass  # gone: reconnect below
+        if conn is not None:
+            conn.close()
+            self._conn = None
+        delay = 0.05
+        while True:
+            try:
+                self._conn = self._connect(write=True)
+                self._staged = False
+                self.counters["reconnects"] += 1
+                return self._conn
+            except StoreError:
+                if time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 1.0)
+
+    def _create_scopes(self, scopes: list[str]) -> None:
+        """Create the sequence rows of new scopes in a transaction of their own.
+
+        Inserting them inside the caller's transaction would make other transactions
+        wait for it on a row it has not locked in scope order (a deadlock risk). A row
+        whose transaction later rolls back stays at q = 0, which means "never used".
+        """
+        conn = self._aux
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            conn = self._aux = psycopg.connect(self._conninfo, autocommit=True,
+                                               connect_timeout=self._connect_timeout)
+        conn.execute("INSERT INTO scope_seq (scope) SELECT unnest(%s::text[]) "
+                     "ON CONFLICT DO NOTHING", (sorted(scopes),))
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        known = migrations()
+        latest = known[-1].version
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
+                # DDL only when needed: a database set up by its owner can then be used
+                # by a role that may not create anything
+                cur.execute("SELECT to_regnamespace(%s), to_regclass(%s)",
+                            (SCHEMA, f"{SCHEMA}.schema_migrations"))
+                has_schema, has_table = cur.fetchone() or (None, None)
+                if has_schema is None:
+                    cur.execute(f"CREATE SCHEMA {SCHEMA}")
+                if has_table is None:
+                    cur.execute("CREATE TABLE schema_migrations ("
+                                "version integer PRIMARY KEY, name text NOT NULL, "
+                                "applied_at timestamptz NOT NULL DEFAULT now())")
+                cur.execute("SELECT version FROM schema_migrations")
+                applied = {int(r[0]) for r in cur.fetchall()}
+                newest = max(applied, default=0)
+                if newest > latest:
+                    raise StoreFormatError(
+                        f"the PostgreSQL store at {self.location} has schema version "
+                        f"{newest}, newer than this version of Waystation knows ({latest}): "
+                        "upgrade Waystation on this host, or point store.url at another "
+                        "database")
+                for m in known:
+                    if m.version not in applied:
+                        cur.execute(m.sql.encode())
+                        cur.execute("INSERT INTO schema_migrations (version, name) "
+                                    "VALUES (%s, %s)", (m.version, m.name))
+            conn.commit()
+        except psycopg.Error as exc:
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
+            raise StoreError(f"cannot prepare the PostgreSQL store at {self.location}: "
+                             f"{str(exc).strip()} (the user needs the right to create a "
+                             f"schema and tables in this database)") from exc
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                conn.rollback()
+            raise
+
+    def schema_version(self) -> int:
+        """The newest migration applied to the database."""
+        with self.read() as txn:
+            assert isinstance(txn, PgReadTxn)
+            row = txn._one("SELECT max(version) FROM schema_migrations")
+            return int(row[0] or 0)
+
+    # --- transactions
+
+    @contextmanager
+    def read(self) -> Iterator[ReadTxn]:
+        conn = self._reader()
+        txn = PgReadTxn(conn)
+        try:
+            try:
+                txn._one("SELECT 1")  # takes the snapshot now
+            except psycopg.OperationalError:
+                if not (conn.broken or conn.closed):
+                    raise
+                conn.close()  # the server went away since: one fresh try
+                conn = self._connect(write=False)
+                txn = PgReadTxn(conn)
+                txn._one("SELECT 1")
+            yield txn
+        except psycopg.Error as exc:
+            raise StoreError(f"reading the PostgreSQL store at {self.location} failed: "
+                             f"{str(exc).strip()}") from exc
+        finally:
+            self._release(conn)
+
+    def _reader(self) -> psycopg.Connection[Any]:
+        if self._closed:
+            raise StoreError(f"the PostgreSQL store at {self.location} is closed")
+        while self._readers:
+            conn = self._readers.pop()
+            if not conn.closed and not conn.broken:
+                return conn
+            conn.close()
+        return self._connect(write=False)
+
+    def _release(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.broken:
+            conn.close()
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            conn.close()
+            return
+        if len(self._readers) < 2 and not self._closed:
+            self._readers.append(conn)
+        else:
+            conn.close()
+
+    def transact(self, fn: Callable[[WriteTxn], T]) -> T:
+        deadline = time.monotonic() + self.reconnect_s
+        prelock: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            conn = self._write_conn(deadline)
+            txn = PgWriteTxn(self, conn)
+            try:
+                if prelock:
+                    txn.lock_scopes(prelock)
+                result = fn(txn)
+                if txn._failed is not None:  # fn swallowed a failure of ours
+                    raise txn._failed
+                txn._send()
+                conn.commit()
+                self._staged = self._staged or txn._staging
+                return result
+            except BaseException as raised:
+                self._abort(conn)
+                if not isinstance(raised, Exception):  # KeyboardInterrupt, SystemExit
+                    raise
+                exc = txn._failed or raised  # ours, even if fn turned it into another
+                if isinstance(exc, _Reorder):
+                    self.counters["reorders"] += 1
+                    prelock |= exc.scopes
+                    if attempt < MAX_ATTEMPTS:
+                        continue
+                    raise StoreError(f"the PostgreSQL store at {self.location}: a "
+                                     f"transaction failed {attempt} times on lock "
+                                     "order; retry later") from None
+                if not isinstance(exc, psycopg.Error):
+                    raise
+                prelock |= set(txn._locked)
+                state = _sqlstate(exc)
+                if state in _RETRYABLE and attempt < MAX_ATTEMPTS:
+                    self.counters["retries"] += 1
+                    time.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** min(attempt, 10))))
+                    continue
+                if self._lost(conn, exc):
+                    conn.close()
+                    if time.monotonic() < deadline:
+                        continue  # _write_conn reconnects (or gives up at the deadline)
+                raise StoreError(self._message(exc, attempt)) from exc
+
+    def _lost(self, conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:
+        state = _sqlstate(exc)
+        return (conn.closed or conn.broken or state.startswith("08") or state in _RECONNECT
+                or (isinstance(exc, psycopg.OperationalError) and not state))
+
+    def _message(self, exc: psycopg.Error, attempts: int) -> str:
+        state = _sqlstate(exc)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if state in _RETRYABLE:
+            return (f"the PostgreSQL store at {self.location}: a transaction failed "
+                    f"{attempts} times on concurrent updates ({state}: {text}); retry later")
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            return (f"lost the PostgreSQL store at {self.location} and could not reconnect "
+                    f"within {self.reconnect_s:g} s: {text} (check that the server runs)")
+        return f"the PostgreSQL store at {self.location} failed ({state or 'error'}): {text}"
+
+    def _abort(self, conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.broken:
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            conn.close()
+
+    # --- information
+
+    def info(self) -> StoreInfo:
+        with self.read() as txn:
+            counts = txn.counts()
+            assert isinstance(txn, PgReadTxn)
+            row = txn._one("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) "
+                           "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                           "WHERE n.nspname = %s AND c.relkind = 'r'", (SCHEMA,))
+        return StoreInfo(kind=self.kind, location=self.location, size_bytes=int(row[0]),
+                         capacity_bytes=0, counts=counts)
+
+    def close(self) -> None:
+        self._closed = True
+        conns = [*self._readers, *(c for c in (self._conn, self._aux) if c is not None)]
+        self._readers, self._conn, self._aux = [], None, None
+        for conn in conns:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,509 @@
+"""Write transactions of the PostgreSQL store (buffered, sent in one round trip)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.types.json import Jsonb
+
+from broker.errors import StoreError
+from broker.server.store.base import (
+    MAX_DEAD_LETTER_RAW,
+    CommandRow,
+    ConflictRow,
+    DeadLetter,
+    DeviceRow,
+    Notice,
+    OutcomeRow,
+    Tomb,
+)
+from broker.server.store.postgres.common import COPY_MIN, _clean, _int_array, _Reorder, _text_array
+from broker.server.store.postgres.read import (
+    _MISSING,
+    _NO_ROW,
+    PgReadTxn,
+    _outcome,
+    _Row,
+    _state_scope,
+)
+
+if TYPE_CHECKING:
+    from broker.server.store.postgres.store import PostgresStore
+
+# ---------------------------------------------------------------------------- writing
+
+
+class PgWriteTxn(PgReadTxn):
+    """WriteTxn over one READ COMMITTED transaction (see the module docstring)."""
+
+    def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any]) -> None:
+        super().__init__(conn)
+        self._store = store
+        self._max_dead_letters = store.max_dead_letters
+        # scope -> [q, horizon] for every scope whose row this transaction holds
+        self._locked: dict[str, list[int]] = {}
+        self._top = ""  # the highest scope locked
+        self._seq_dirty: set[str] = set()
+        # records rows: what the database holds (read under the scope lock, or written
+        # by this transaction) and what this transaction will make of them
+        self._rows_db: dict[tuple[str, str], _Row] = {}
+        self._rows: dict[tuple[str, str], list[Any]] = {}
+        self._by_q: dict[tuple[str, int], tuple[str, str]] = {}  # log entry -> key
+        self._tomb_put: dict[tuple[str, int], Tomb] = {}
+        self._tomb_del: set[tuple[str, int]] = set()
+        self._out: dict[tuple[str, int], OutcomeRow] = {}  # written, not sent yet
+        self._out_db: dict[tuple[str, int], OutcomeRow | None] = {}  # read (None: absent)
+        self._dev_base: dict[str, DeviceRow | None] = {}
+        self._dev_new: dict[str, DeviceRow | None] = {}
+        self._staging = False  # created (or used) the staging table
+
+    # --- scope locks
+
+    def lock_scopes(self, scopes: Iterable[str]) -> None:
+        """Lock the scopes' sequence rows until commit (see the module docstring)."""
+        need = sorted(set(scopes).difference(self._locked))
+        if not need:
+            return
+        below = [s for s in need if s < self._top]
+        above = [s for s in need if s > self._top]
+        if below:
+            self._lock_rows(below, nowait=True)
+        if above:
+            self._lock_rows(above, nowait=False)
+
+    def _lock_rows(self, scopes: list[str], *, nowait: bool) -> None:
+        if self._failed is not None:
+            raise self._failed
+        sql = ("SELECT scope, q, horizon FROM scope_seq WHERE scope = ANY(%s) "
+               "ORDER BY scope FOR UPDATE" + (" NOWAIT" if nowait else ""))
+        try:
+            rows = self._all(sql, (scopes,))
+        except pg_errors.LockNotAvailable:
+            self._failed = _Reorder(set(self._locked) | set(scopes))
+            raise self._failed from None
+        for scope, q, horizon in rows:
+            self._locked[scope] = [int(q), int(horizon)]
+        if rows:
+            self._top = max(self._top, rows[-1][0])
+        missing = [s for s in scopes if s not in self._locked]
+        if missing:  # first use of these scopes: create their rows (committed), lock them
+            try:
+                self._store._create_scopes(missing)
+            except psycopg.Error as exc:
+                self._failed = exc
+                raise
+            self.lock_scopes(missing)
+
+    def _scope(self, scope: str) -> list[int]:
+        entry = self._locked.get(scope)
+        if entry is None:
+            self.lock_scopes((scope,))
+            entry = self._locked[scope]
+        return entry
+
+    # --- registry
+
+    def get_device(self, dev: str) -> DeviceRow | None:
+        if dev in self._dev_new:
+            return self._dev_new[dev]
+        row = super().get_device(dev)
+        self._dev_base[dev] = row
+        return row
+
+    def put_device(self, row: DeviceRow) -> None:
+        if row.id not in self._dev_base and row.id not in self._dev_new:
+            self._dev_base[row.id] = super().get_device(row.id)
+        self._dev_new[row.id] = row
+
+    def delete_device(self, dev: str) -> bool:
+        existed = self.get_device(dev) is not None
+        self._dev_new[dev] = None
+        return existed
+
+    def bump_registry(self) -> int:
+        return int(self._one("UPDATE registry_gen SET gen = gen + 1 RETURNING gen")[0])
+
+    # --- records and the log
+
+    def _known(self, key: tuple[str, str], row: _Row) -> None:
+        self._rows_db[key] = row
+        if row[2] is not None:
+            assert row[1] is not None
+            self._by_q[(row[1], row[2])] = key
+
+    def _current(self, key: tuple[str, str]) -> _Row | None:
+        """The row as this transaction sees it (None: not read yet)."""
+        target = self._rows.get(key)
+        if target is not None:
+            return (target[0], target[1], target[2])
+        return self._rows_db.get(key)
+
+    def get_record(self, c: str, k: str) -> dict[str, Any] | None:
+        key = (c, k)
+        row = self._current(key)
+        if row is not None:
+            return None if row[0] is None else orjson.loads(row[0])
+        for _ in range(8):
+            found = self._one("SELECT state, scope, q FROM records WHERE c = %s AND k = %s",
+                              key)
+            row = _NO_ROW if found is None else (found[0], found[1], found[2])
+            if row[0] is None:
+                self._known(key, row)
+                return None
+            state: dict[str, Any] = orjson.loads(row[0])
+            scope = state.get("s") if isinstance(state, dict) else None
+            if not isinstance(scope, str) or scope in self._locked:
+                self._known(key, row)
+                return state
+            self.lock_scopes((scope,))  # then read it again, now that nobody can change it
+        raise StoreError(f"record {c}/{k} keeps changing scope")  # pragma: no cover
+
+    def prefetch(self, dev: str, ns: Iterable[int], keys: Iterable[tuple[str, str]]) -> None:
+        """Read these outcomes and records in one round trip (kept for get_outcome and
+        get_record; records only where this transaction holds their scope)."""
+        if self._failed is not None:
+            raise self._failed
+        want_n = [n for n in ns if (dev, n) not in self._out and (dev, n) not in self._out_db]
+        want_k = sorted({key for key in keys if key not in self._rows
+                         and key not in self._rows_db})
+        if not want_n and not want_k:
+            return
+        try:
+            with self._conn.pipeline():
+                cur_n = cur_k = None
+                if want_n:
+                    cur_n = self._conn.cursor(binary=True)
+                    low, high = min(want_n), max(want_n)
+                    if high - low < 4 * len(want_n):  # a batch's numbers are mostly a run
+                        cur_n.execute("SELECT n, c, k, scope, q, code, reason FROM outcomes "
+                                      "WHERE dev = %s AND n BETWEEN %s AND %s",
+                                      (dev, low, high))
+                    else:
+                        cur_n.execute("SELECT o.n, o.c, o.k, o.scope, o.q, o.code, o.reason "
+                                      "FROM unnest(%s::text::int8[]) AS u(n) JOIN outcomes "
+                                      "AS o ON o.dev = %s AND o.n = u.n",
+                                      (_int_array(want_n), dev))
+                if want_k:
+                    cur_k = self._conn.cursor(binary=True)
+                    cur_k.execute("SELECT r.c, r.k, r.state, r.scope, r.q FROM unnest("
+                                  "%s::text::text[], %s::text::text[]) AS u(c, k) "
+                                  "JOIN records AS r ON r.c = u.c AND r.k = u.k",
+                                  (_text_array([c for c, _ in want_k]),
+                                   _text_array([k for _, k in want_k])))
+            found_n = {} if cur_n is None else {int(r[0]): _outcome(r[1:])
+                                                for r in cur_n.fetchall()}
+            found_k = {} if cur_k is None else {(r[0], r[1]): (r[2], r[3], r[4])
+                                                for r in cur_k.fetchall()}
+        except psycopg.Error as exc:
+            self._failed = exc
+            raise
+        for n in want_n:
+            self._out_db[(dev, n)] = found_n.get(n)
+        locked = self._locked
+        for key in want_k:
+            row = found_k.get(key, _NO_ROW)
+            if row[0] is None:
+                self._known(key, row)
+                continue
+            # A record's log entry is in its own scope: no need to parse the state.
+            scope = row[1] if row[1] is not None else _state_scope(row[0])
+            if scope in locked:
+                self._known(key, row)
+
+    def scope_seq(self, scope: str) -> int:
+        return self._scope(scope)[0]
+
+    def allocate_seq(self, scope: str) -> int:
+        entry = self._scope(scope)
+        entry[0] += 1
+        self._seq_dirty.add(scope)
+        return entry[0]
+
+    def purge_horizon(self, scope: str) -> int:
+        return self._scope(scope)[1]
+
+    def set_purge_horizon(self, scope: str, q: int) -> None:
+        self._scope(scope)[1] = q
+        self._seq_dirty.add(scope)
+
+    def jump_scope_seq(self, scope: str, q: int) -> None:
+        entry = self._scope(scope)
+        if q < entry[0]:
+            raise ValueError(f"scope {scope!r}: a sequence only moves forward")
+        entry[0] = q
+        self._seq_dirty.add(scope)
+
+    def _target(self, key: tuple[str, str]) -> list[Any]:
+        """The row this transaction will write for `key` (read first if unknown)."""
+        target = self._rows.get(key)
+        if target is None:
+            base = self._rows_db.get(key)
+            if base is None:  # written without being read (not the applier's way)
+                found = self._one("SELECT state, scope, q FROM records "
+                                  "WHERE c = %s AND k = %s", key)
+                base = _NO_ROW if found is None else (found[0], found[1], found[2])
+                self._known(key, base)
+            target = self._rows[key] = list(base)
+        return target
+
+    def put_record(self, c: str, k: str, state: dict[str, Any] | bytes) -> None:
+        self._target((c, k))[0] = state if isinstance(state, bytes) else orjson.dumps(state)
+
+    def delete_record(self, c: str, k: str) -> None:
+        self._target((c, k))[0] = None
+
+    def index_range(self, scope: str, after_q: int, limit: int) -> list[tuple[int, str, str]]:
+        self._scope(scope)
+        self._sync()
+        if limit <= 0:
+            return []
+        return [(int(q), c, k) for q, c, k in self._all(
+            "SELECT q, c, k FROM records WHERE scope = %s AND q > %s ORDER BY q LIMIT %s",
+            (scope, after_q, limit))]
+
+    def index_move(self, scope: str, old_q: int, new_q: int, c: str, k: str) -> None:
+        self._scope(scope)
+        key = (c, k)
+        target = self._target(key)
+        if old_q and (target[1], target[2]) != (scope, old_q):
+            self.index_delete(scope, old_q)  # an entry of another row (not the usual case)
+            target = self._target(key)
+        target[1], target[2] = scope, new_q
+        self._by_q[(scope, new_q)] = key
+
+    def index_delete(self, scope: str, q: int) -> None:
+        self._scope(scope)
+        key = self._by_q.get((scope, q))
+        if key is None:  # not a row this transaction knows: find it
+            self._sync()
+            found = self._one("SELECT c, k, state FROM records WHERE scope = %s AND q = %s",
+                              (scope, q))
+            if found is None:
+                return
+            key = (found[0], found[1])
+            self._known(key, (found[2], scope, q))
+        target = self._target(key)
+        if (target[1], target[2]) == (scope, q):
+            target[1] = target[2] = None
+
+    def tombs(self, scope: str, limit: int) -> list[Tomb]:
+        self._scope(scope)
+        return super().tombs(scope, limit)
+
+    def put_tomb(self, tomb: Tomb) -> None:
+        self._scope(tomb.scope)
+        self._tomb_put[(tomb.scope, tomb.q)] = tomb
+
+    def delete_tomb(self, scope: str, q: int) -> None:
+        self._scope(scope)
+        if self._tomb_put.pop((scope, q), None) is None:
+            self._tomb_del.add((scope, q))
+
+    # --- outcomes
+
+    def get_outcome(self, dev: str, n: int) -> OutcomeRow | None:
+        key = (dev, n)
+        row = self._out.get(key)
+        if row is not None:
+            return row
+        known = self._out_db.get(key, _MISSING)
+        if known is not _MISSING:
+            return known  # type: ignore[no-any-return]
+        return super().get_outcome(dev, n)
+
+    def put_outcome(self, dev: str, n: int, outcome: OutcomeRow) -> None:
+        self._out[(dev, n)] = outcome
+
+    def delete_outcomes(self, dev: str) -> int:
+        self._sync()
+        self._out_db = {key: row for key, row in self._out_db.items() if key[0] != dev}
+        return self._run("DELETE FROM outcomes WHERE dev = %s", (dev,)).rowcount
+
+    # --- conflicts
+
+    def add_conflict(self, row: ConflictRow) -> int:
+        return int(self._one(
+            "INSERT INTO conflicts (created_ms, c, k, s, field, entry, open, closed_ms, "
+            "resolution) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (row.created_ms, row.c, row.k, row.s, row.field, Jsonb(row.entry), row.open,
+             row.closed_ms, _clean(row.resolution)))[0])
+
+    def close_conflict(self, cid: int, closed_ms: int, resolution: str) -> bool:
+        return self._one("UPDATE conflicts SET open = false, closed_ms = %s, resolution = %s "
+                         "WHERE id = %s AND open RETURNING id",
+                         (closed_ms, _clean(resolution), cid)) is not None
+
+    # --- dead letters, commands, notices
+
+    def add_dead_letter(self, letter: DeadLetter) -> int:
+        raw = bytes(letter.raw[:MAX_DEAD_LETTER_RAW])
+        lid = int(self._one(
+            "INSERT INTO dead_letters (t_ms, device, topic, code, reason, raw, size) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (letter.t_ms, _clean(letter.device), _clean(letter.topic), _clean(letter.code),
+             _clean(letter.reason), raw, letter.size or len(letter.raw)))[0])
+        # Ids come from one sequence: those more than the limit below this one are older
+        # than the newest `limit` letters (ids burnt by rolled-back transactions only
+        # make the store keep a few less).
+        if lid > self._max_dead_letters:  # (never waiting for another transaction)
+            self._run("DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters "
+                      "WHERE id <= %s FOR UPDATE SKIP LOCKED)",
+                      (lid - self._max_dead_letters,))
+        return lid
+
+    def put_command(self, row: CommandRow) -> None:
+        self._run("INSERT INTO commands (dev, id, cmd, args, created_ms, done_ms) "
+                  "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (dev, id) DO UPDATE SET "
+                  "cmd = EXCLUDED.cmd, args = EXCLUDED.args, "
+                  "created_ms = EXCLUDED.created_ms, done_ms = EXCLUDED.done_ms",
+                  (row.device, row.id, row.cmd, Jsonb(row.args), row.created_ms,
+                   row.done_ms))
+
+    def delete_commands(self, dev: str) -> int:
+        return self._run("DELETE FROM commands WHERE dev = %s", (dev,)).rowcount
+
+    def add_notice(self, notice: Notice) -> int:
+        return int(self._one("INSERT INTO notices (scope, q, rec) VALUES (%s, %s, %s) "
+                             "RETURNING id", (notice.scope, notice.q, Jsonb(notice.rec)))[0])
+
+    def delete_notice(self, nid: int) -> None:
+        self._run("DELETE FROM notices WHERE id = %s", (nid,))
+
+    # --- sending the buffered writes
+
+    def _sync(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if not (self._seq_dirty or self._rows or self._tomb_put or self._tomb_del
+                or self._out or self._dev_new):
+            return
+        try:
+            self._send()
+        except psycopg.Error as exc:
+            self._failed = exc
+            raise
+
+    def _send(self) -> None:
+        """Send the buffered writes: a few set statements (COPY for big sets)."""
+        if self._seq_dirty:
+            scopes = sorted(self._seq_dirty)
+            self._cur.execute(
+                "UPDATE scope_seq AS s SET q = u.q, horizon = u.h FROM unnest("
+                "%s::text[], %s::int8[], %s::int8[]) AS u(scope, q, h) "
+                "WHERE s.scope = u.scope",
+                (scopes, [self._locked[s][0] for s in scopes],
+                 [self._locked[s][1] for s in scopes]))
+            self._seq_dirty = set()
+        if self._rows:
+            self._send_records()
+        if self._tomb_del:
+            per_scope: dict[str, list[int]] = {}
+            for scope, q in self._tomb_del:
+                per_scope.setdefault(scope, []).append(q)
+            for scope in sorted(per_scope):
+                self._cur.execute("DELETE FROM tombs WHERE scope = %s "
+                                  "AND q = ANY(%s::text::int8[])",
+                                  (scope, _int_array(sorted(per_scope[scope]))))
+            self._tomb_del = set()
+        if self._tomb_put:
+            self._insert("tombs", ("scope", "q", "c", "k", "t_ms"),
+                         ("text", "int8", "text", "text", "int8"),
+                         [(t.scope, t.q, t.c, t.k, t.t_ms)
+                          for _, t in sorted(self._tomb_put.items())])
+            self._tomb_put = {}
+        if self._out:
+            out = self._out
+            self._insert("outcomes", ("dev", "n", "c", "k", "scope", "q", "code", "reason"),
+                         ("text", "int8", "text", "text", "text", "int8", "text", "text"),
+                         [(d, n, r.c, r.k, r.scope, r.q, r.code, _clean(r.reason))
+                          for (d, n), r in sorted(out.items())])
+            self._out_db.update(out)
+            self._out = {}
+        for dev in sorted(self._dev_new):
+            self._send_device(dev, self._dev_new[dev])
+        self._dev_new = {}
+
+    def _send_records(self) -> None:
+        gone: list[tuple[str, str]] = []
+        new: list[tuple[str, str, bytes | None, str | None, int | None]] = []
+        changed: list[tuple[str, str, bytes | None, str | None, int | None]] = []
+        for key, target in sorted(self._rows.items()):
+            row: _Row = (target[0], target[1], target[2])
+            base = self._rows_db[key]
+            if row == base:
+                continue
+            if row == _NO_ROW:
+                gone.append(key)
+            elif base == _NO_ROW:
+                new.append((*key, *row))
+            else:
+                changed.append((*key, *row))
+            self._known(key, row)
+        self._rows = {}
+        run = self._cur.execute
+        if gone:
+            run("DELETE FROM records AS r USING unnest(%s::text::text[], %s::text::text[]) "
+                "AS u(c, k) WHERE r.c = u.c AND r.k = u.k",
+                (_text_array([c for c, _ in gone]), _text_array([k for _, k in gone])))
+        cols = ("c", "k", "state", "scope", "q")
+        types = ("text", "text", "bytea", "text", "int8")
+        if new:  # a plain insert: a concurrent creator of the same key makes it fail
+            self._insert("records", cols, types, new)
+        if not changed:
+            return
+        # rows read under their scope's lock: they are there, as read
+        sets = "state = u.state, scope = u.scope, q = u.q"
+        if len(changed) < COPY_MIN:
+            run(f"UPDATE records AS r SET {sets} FROM unnest(%s::text[], %s::text[], "
+                "%s::bytea[], %s::text[], %s::int8[]) AS u(c, k, state, scope, q) "
+                "WHERE r.c = u.c AND r.k = u.k", tuple(map(list, zip(*changed, strict=True))))
+            return
+        if self._staging:  # used before in this transaction
+            run("DELETE FROM pg_temp.ws_stage")
+        elif not self._store._staged:  # (emptied at every commit)
+            run("CREATE TEMP TABLE IF NOT EXISTS ws_stage (c text, k text, state bytea, "
+                "scope text, q bigint) ON COMMIT DELETE ROWS")
+        self._staging = True
+        self._copy("pg_temp.ws_stage", cols, types, changed)
+        run(f"UPDATE records AS r SET {sets} FROM pg_temp.ws_stage AS u "
+            "WHERE r.c = u.c AND r.k = u.k")
+
+    def _insert(self, table: str, cols: tuple[str, ...], types: tuple[str, ...],
+                rows: list[tuple[Any, ...]]) -> None:
+        """Plain INSERT of `rows` (unnest for a few, binary COPY for many)."""
+        if len(rows) >= COPY_MIN:
+            self._copy(table, cols, types, rows)
+            return
+        arrays = ", ".join(f"%s::{t}[]" for t in types)
+        self._cur.execute(f"INSERT INTO {table} ({', '.join(cols)}) "
+                          f"SELECT * FROM unnest({arrays})",
+                          tuple(map(list, zip(*rows, strict=True))))
+
+    def _copy(self, table: str, cols: tuple[str, ...], types: tuple[str, ...],
+              rows: list[tuple[Any, ...]]) -> None:
+        with self._cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN "
+                            "(FORMAT BINARY)") as copy:
+            copy.set_types(list(types))
+            for row in rows:
+                copy.write_row(row)
+
+    def _send_device(self, dev: str, new: DeviceRow | None) -> None:
+        run = self._cur.execute
+        base = self._dev_base.get(dev)
+        if new is None:
+            run("DELETE FROM devices WHERE id = %s", (dev,))
+            self._dev_base[dev] = None
+            return
+        data = new.to_json()
+        if base is None:  # it did not exist: a concurrent creator makes this fail
+            run("INSERT INTO devices (id, data) VALUES (%s, %s)", (dev, Jsonb(data)))
+        else:  # only what this transaction changed, over whatever is there now
+            old = base.to_json()
+            diff = {name: value for name, value in data.items() if old.get(name) != value}
+            if diff:
+                run("UPDATE devices SET data = data || %s WHERE id = %s", (Jsonb(diff), dev))
+        self._dev_base[dev] = new

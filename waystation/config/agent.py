@@ -1,0 +1,92 @@
+"""The device agent's config model (`waystation agent ...`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar
+
+from pydantic import (
+    AfterValidator,
+    Field,
+    model_validator,
+)
+
+from waystation.config.common import (
+    CompressOver,
+    DeviceId,
+    LogConfig,
+    MqttConfig,
+    PositiveInt,
+    ScopeId,
+    Seconds,
+    _example_schema,
+    _Model,
+    _no_duplicates,
+    default_device_id,
+)
+
+# ------------------------------------------------------------------------ the agent
+
+class SyncConfig(_Model):
+    """How the agent drains its outbox and follows the server."""
+
+    batch_max_changes: Annotated[int, Field(strict=True, ge=1, le=1000)] = 500
+    batch_max_bytes: Annotated[int, Field(strict=True, ge=1024, le=262144)] = 131072
+    ack_timeout_s: Seconds = 10.0
+    max_inflight_changes: PositiveInt = 5000
+    backoff_initial_s: Seconds = 0.5
+    backoff_max_s: Seconds = 60.0
+    compress_over_bytes: CompressOver = 512
+    status_interval_s: Seconds = 30.0
+    gap_timeout_s: Seconds = 5.0
+    catchup_page: Annotated[int, Field(strict=True, ge=1, le=5000)] = 1000
+    poll_interval_s: Annotated[float, Field(strict=True, gt=0, le=60)] = 0.1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SyncConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) is below "
+                             f"backoff_initial_s ({self.backoff_initial_s})")
+        if self.max_inflight_changes < self.batch_max_changes:
+            raise ValueError(f"max_inflight_changes ({self.max_inflight_changes}) is below "
+                             f"batch_max_changes ({self.batch_max_changes})")
+        return self
+
+
+class StorageConfig(_Model):
+    """The agent's LMDB environment; optional encryption at rest."""
+
+    map_size_mb: PositiveInt = 64
+    max_map_size_mb: PositiveInt = 4096
+    encryption_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _sizes(self) -> StorageConfig:
+        if self.max_map_size_mb < self.map_size_mb:
+            raise ValueError(f"max_map_size_mb ({self.max_map_size_mb}) is below "
+                             f"map_size_mb ({self.map_size_mb})")
+        return self
+
+
+class AgentConfig(_Model):
+    """The device agent (`waystation agent ...`)."""
+
+    PART: ClassVar[str] = "agent"
+
+    device_id: DeviceId = Field(default_factory=default_device_id)
+    data_dir: Path = Path("waystation-data/agent")
+    scopes: Annotated[list[ScopeId], Field(min_length=1), AfterValidator(_no_duplicates)] = (
+        Field(default_factory=lambda: ["default"]))
+    schema_file: Path | None = None
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def schema_path(self) -> Path:
+        """The collection schema file: `schema_file`, else the bundled example."""
+        return self.schema_file if self.schema_file is not None else _example_schema()
+
+    def mqtt_username(self) -> str:
+        """The broker user name: `mqtt.username`, else the device id (PROTOCOL.md §1)."""
+        return self.mqtt.username if self.mqtt.username is not None else self.device_id

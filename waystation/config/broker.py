@@ -1,0 +1,71 @@
+"""The embedded broker's config model (`waystation broker ...`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar
+
+from pydantic import (
+    AfterValidator,
+    Field,
+    model_validator,
+)
+
+from waystation.config.common import (
+    Bool,
+    LogConfig,
+    Port,
+    Str,
+    UserName,
+    _Model,
+    _no_duplicates,
+    _topic_level,
+)
+
+# ----------------------------------------------------------------------- the broker
+
+class BrokerTlsConfig(_Model):
+    """TLS listener of the embedded broker."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: Bool = False
+
+    @model_validator(mode="after")
+    def _ca(self) -> BrokerTlsConfig:
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs "
+                             "device certificates)")
+        return self
+
+
+class BrokerConfig(_Model):
+    """The embedded amqtt broker (`waystation broker run`)."""
+
+    PART: ClassVar[str] = "broker"
+
+    host: Str = "127.0.0.1"
+    port: Port = 1883
+    tls_port: Port | None = None
+    tls: BrokerTlsConfig | None = None
+    data_dir: Path = Path("waystation-data/broker")
+    password_file: Path | None = None
+    prefix: Annotated[Str, AfterValidator(_topic_level)] = "waystation"
+    server_users: Annotated[list[UserName], AfterValidator(_no_duplicates)] = Field(
+        default_factory=lambda: ["waystation-server"])
+    allow_anonymous: Bool = False
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _tls(self) -> BrokerConfig:
+        if (self.tls_port is None) != (self.tls is None):
+            raise ValueError("tls_port and [tls] go together: set both to open a TLS "
+                             "listener, or neither")
+        if self.tls_port is not None and self.tls_port == self.port:
+            raise ValueError(f"tls_port ({self.tls_port}) must differ from port")
+        return self
+
+    def resolved_password_file(self) -> Path:
+        """The Mosquitto-format password file: `password_file`, else data_dir/passwd."""
+        return self.password_file if self.password_file is not None else self.data_dir / "passwd"
