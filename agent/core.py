@@ -8,10 +8,14 @@ events, and writes the cached counters back once at the end.
 Meta entries (database ``meta``, orjson values, plain text):
 
 ==========  ===============================================================
-format      on-disk format version (1); checked on open (`agent.store`)
+format      on-disk format version (`agent.store.FORMAT_VERSION`); migrated on open
 enc         encryption check token (hex) or null
 device      the device id this store belongs to
 created     creation time, ms
+inc         the store's current incarnation (PROTOCOL.md §2): random, created with the
+            store; a new one after the server refused a reused change id (the store
+            was restored from a backup or copied). Outbox entries record theirs ("i");
+            entries without one were written before incarnations existed (legacy)
 ctr         [next n, HLC wall, HLC counter, last feed seq]: read-modify-written
             inside every write transaction, so n stays gapless and stamps
             monotonic across processes
@@ -27,6 +31,7 @@ last_err    {"code", "reason", "t"}: the last message-level problem
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -49,6 +54,11 @@ MAX_COMMAND_IDS = 1000
 MAX_LOST_ENTRIES = 10_000
 
 FeedKind = Literal["local", "synced", "rejected", "remote", "dropped", "reset", "wiped"]
+
+
+def new_incarnation() -> str:
+    """A fresh store incarnation id (PROTOCOL.md §2): 96 random bits, URL-safe base64."""
+    return secrets.token_urlsafe(12)
 
 
 def prio_key(priority: int, n: int) -> bytes:
@@ -113,6 +123,10 @@ class Core:
             if owner is None:
                 tx.set_meta("device", self.dev)
                 tx.set_meta("created", self.now_ms())
+            if tx.meta("inc") is None:
+                # A new store, or one from before incarnations (its outbox entries stay
+                # in the legacy incarnation; what it writes from now on is in this one).
+                tx.set_meta("inc", new_incarnation())
             elif owner != self.dev:
                 raise DeviceMismatch(
                     f"the local store at {self.store.path} belongs to device {owner!r}, but "
@@ -138,7 +152,8 @@ class Core:
 class Work:
     """One transaction's view of the agent's data (see module docstring)."""
 
-    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_now", "core", "dev", "tx")
+    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_inc", "_now", "core", "dev",
+                 "tx")
 
     def __init__(self, core: Core, tx: Tx) -> None:
         self.core = core
@@ -149,6 +164,7 @@ class Work:
         self._gen: int | None = None
         self._checkpoints: dict[str, tuple[ScopeCheckpoint, bool]] = {}
         self._now: int | None = None
+        self._inc: str | None = None
 
     # --------------------------------------------------------------- counters
 
@@ -201,6 +217,18 @@ class Work:
         ctr = self._counters()
         ctr[1], ctr[2] = clock.state
         self._ctr_dirty = True
+
+    def incarnation(self) -> str | None:
+        """The store's current incarnation (None only for a store not yet claimed)."""
+        if self._inc is None:
+            self._inc = self.tx.meta("inc")
+        return self._inc
+
+    def new_incarnation(self) -> str:
+        """Start a new incarnation: what is written from now on carries new change ids."""
+        self._inc = new_incarnation()
+        self.tx.set_meta("inc", self._inc)
+        return self._inc
 
     def gen(self) -> int:
         """The current snapshot generation (recorded on every base record touched)."""
@@ -321,7 +349,8 @@ class Work:
 
     def add_outbox(self, rk: bytes, n: int, change: dict[str, Any], priority: int,
                    sv: int) -> dict[str, Any]:
-        entry = {"ch": change, "sv": sv, "t": self.now(), "p": priority, "at": 0, "err": None}
+        entry = {"ch": change, "sv": sv, "t": self.now(), "p": priority, "at": 0, "err": None,
+                 "i": self.incarnation()}
         nk = n_key(n)
         tx = self.tx
         tx.put("outbox", nk, entry)
@@ -400,6 +429,7 @@ __all__ = [
     "Settings",
     "Work",
     "lost_key",
+    "new_incarnation",
     "open_conflict_key",
     "prio_key",
     "rec_index_key",

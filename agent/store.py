@@ -67,7 +67,10 @@ from agent.errors import (
 
 T = TypeVar("T")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""On-disk format this agent writes. 1: the first release. 2: a store incarnation in
+meta (``inc``) and per outbox entry (``i``). Older formats are migrated in place, in the
+opening transaction (`_MIGRATIONS`); a newer format is refused (downgrade)."""
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
             "deadletters", "meta", "feed")
@@ -215,6 +218,16 @@ class Tx:
         self.put("meta", name.encode(), value)
 
 
+def _migrate_1_to_2(tx: Tx) -> None:
+    """Format 2 adds incarnations. Nothing stored is rewritten: outbox entries without
+    an incarnation are the legacy one's, and the agent gives the store its first
+    incarnation when it claims it (`agent.core.Core.claim_identity`)."""
+
+
+_MIGRATIONS: dict[int, Callable[[Tx], None]] = {1: _migrate_1_to_2}
+"""Format n -> n + 1, run inside the transaction that opens the store (all or nothing)."""
+
+
 @dataclass
 class _Entry:
     store: Store
@@ -309,11 +322,16 @@ class Store:
             tx.set_meta("format", FORMAT_VERSION)
             tx.set_meta("enc", None if self._cipher is None else self._cipher.check_token().hex())
             return
-        if version != FORMAT_VERSION:
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
             raise StorageFormatError(
                 f"the local store at {self.path} has on-disk format {version}, but this agent "
-                f"reads format {FORMAT_VERSION}: run the agent version that wrote it, or move "
-                "the data_dir aside to start afresh")
+                f"reads formats up to {FORMAT_VERSION}: run the agent version that wrote it "
+                "(or a newer one); never move the data_dir aside while it holds unsynced "
+                "writes")
+        while version < FORMAT_VERSION:
+            _MIGRATIONS[version](tx)
+            version += 1
+            tx.set_meta("format", version)
         token = tx.meta("enc")
         if token is not None and self._cipher is None:
             raise EncryptionKeyError(

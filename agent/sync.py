@@ -21,7 +21,7 @@ import orjson
 from agent.base import BaseRecord, apply_ack_record, rec_state
 from agent.core import MAX_COMMAND_IDS, Core, Work
 from agent.store import n_key, record_key, split_record_key
-from schemas import wire
+from schemas import codec, wire
 
 _ENVELOPE_BYTES = 96
 """Room for the `changes` envelope ({"type","v","dev","sv","ch":[...]}) in a batch."""
@@ -29,11 +29,14 @@ _ENVELOPE_BYTES = 96
 
 class Batch(list[tuple[int, dict[str, Any]]]):
     """The next changes to send: `(n, wire change dict)` in drain order, one schema
-    version (`sv`) for all of them, as a `changes` message needs."""
+    version (`sv`) and one store incarnation (`inc`, None: legacy) for all of them, as a
+    `changes` message needs."""
 
-    def __init__(self, items: Iterable[tuple[int, dict[str, Any]]] = (), sv: int = 0) -> None:
+    def __init__(self, items: Iterable[tuple[int, dict[str, Any]]] = (), sv: int = 0,
+                 inc: str | None = None) -> None:
         super().__init__(items)
         self.sv = sv
+        self.inc = inc
 
     @property
     def numbers(self) -> list[int]:
@@ -41,8 +44,16 @@ class Batch(list[tuple[int, dict[str, Any]]]):
 
     def message(self, dev: str) -> wire.Changes:
         """The `changes` message carrying this batch."""
-        return wire.Changes(dev=dev, sv=self.sv,
+        return wire.Changes(dev=dev, sv=self.sv, inc=self.inc,
                             ch=[wire.Change.model_validate(ch) for _, ch in self])
+
+    def payload(self, dev: str) -> dict[str, Any]:
+        """The `changes` message as a dict, ready to encode (the daemon's hot path)."""
+        msg: dict[str, Any] = {"type": "changes", "v": 1, "dev": dev, "sv": self.sv,
+                               "ch": [ch for _, ch in self]}
+        if self.inc is not None:
+            msg["inc"] = self.inc
+        return msg
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ class Sync:
 
         At most `max_changes` changes whose encoded size (with the message envelope)
         stays within `max_bytes`; always at least one if any is waiting. All share the
-        schema version of the first.
+        schema version and the incarnation of the first.
         """
         # Only looked up: a set (or a dict's keys) is used as it is, not copied (the
         # daemon passes up to max_inflight_changes numbers for every batch).
@@ -123,7 +134,8 @@ class Sync:
                         continue
                     if not batch:
                         batch.sv = entry["sv"]
-                    elif entry["sv"] != batch.sv:
+                        batch.inc = entry.get("i")
+                    elif entry["sv"] != batch.sv or entry.get("i") != batch.inc:
                         continue
                     cost = len(orjson.dumps(entry["ch"])) + 1
                     if batch and size + cost > max_bytes:
@@ -246,6 +258,7 @@ class Sync:
             dead: list[int] = []
             transient: list[int] = []
             ignored: list[int] = []
+            reused: list[int] = []
             recs = [rj.rec for rj in reject.rj if rj.rec is not None]
             work.observe(_stamps(recs))
             bases = work.apply_recs(recs, "remote") if recs else {}
@@ -264,6 +277,8 @@ class Sync:
                     continue
                 work.tx.put("deadletters", n_key(rj.n), {
                     "n": rj.n, "code": rj.code, "reason": rj.reason, "t": now, "entry": entry})
+                if rj.code == codec.ID_REUSED and entry.get("i") == work.incarnation():
+                    reused.append(rj.n)
                 rk = work.remove_outbox(rj.n, entry)
                 c, k = entry["ch"]["c"], entry["ch"]["k"]
                 base = bases[rk] if rk in bases else work.load_base(rk, c, k)
@@ -271,6 +286,18 @@ class Sync:
                 work.feed(c, k, "rejected")
                 dead.append(rj.n)
             error = None
+            if reused:
+                # The server holds other content under this incarnation's change ids:
+                # this store was restored from a backup or copied. What it writes from
+                # now on gets ids of a new incarnation; the refused changes stay in the
+                # dead letters, for a person to retry (as new changes) or discard.
+                inc = work.new_incarnation()
+                error = {"code": codec.ID_REUSED, "reason": (
+                    f"the server already applied other content under {len(reused)} of this "
+                    "store's change ids (the store was restored from a backup or copied); "
+                    f"new writes now use incarnation {inc}: retry the refused changes with "
+                    "`waystation agent deadletters retry N` or discard them")}
+                work.tx.set_meta("last_err", {**error, "t": now})
             if reject.err is not None:
                 error = {"code": reject.err.code, "reason": reject.err.reason}
                 work.tx.set_meta("last_err", {**error, "t": now})
@@ -386,10 +413,12 @@ class Sync:
         return core.read(run)
 
     def hello(self, agent_version: str, *, z: bool = True) -> wire.Hello:
-        """The `hello` to send after every (re)connect, with executed command ids."""
-        done = self._core.read(lambda work: list(work.tx.meta("cmds", [])))
+        """The `hello` to send after every (re)connect, with executed command ids and
+        the store's incarnation."""
+        done, inc = self._core.read(
+            lambda work: (list(work.tx.meta("cmds", [])), work.incarnation()))
         return wire.Hello(dev=self.dev, agent=agent_version, sv=self._core.catalog.version,
-                          z=z, done=done[-MAX_COMMAND_IDS:])
+                          z=z, done=done[-MAX_COMMAND_IDS:], inc=inc)
 
     def status_message(self, online: bool, agent_version: str | None = None) -> wire.Status:
         """The retained `status` (§7.10): presence and counts, nothing private."""

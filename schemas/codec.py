@@ -85,6 +85,7 @@ from schemas.wire import (
     Change,
     Changes,
     DeviceId,
+    Incarnation,
     Message,
     Page,
     Reject,
@@ -96,6 +97,8 @@ __all__ = [
     "CLOCK_SKEW",
     "DEFAULT_MAX_DECOMPRESSED",
     "DEFAULT_MAX_PAYLOAD",
+    "DEVICE_DISABLED",
+    "ID_REUSED",
     "INVALID",
     "MALFORMED",
     "MAX_MESSAGE_DEPTH",
@@ -137,6 +140,8 @@ UNKNOWN_TYPE: Final = "unknown_type"
 INVALID: Final = "invalid"
 WRONG_DEVICE: Final = "wrong_device"
 UNKNOWN_DEVICE: Final = "unknown_device"
+ID_REUSED: Final = "id_reused"
+DEVICE_DISABLED: Final = "device_disabled"
 SCOPE_DENIED: Final = "scope_denied"
 UNKNOWN_COLLECTION: Final = "unknown_collection"
 UNKNOWN_FIELD: Final = "unknown_field"
@@ -149,7 +154,7 @@ RECORD_TOO_LARGE: Final = "record_too_large"
 SCHEMA_VERSION: Final = "schema_version"
 SERVER_ERROR: Final = "server_error"
 
-TRANSIENT_CODES: Final[frozenset[str]] = frozenset({SCHEMA_VERSION, SERVER_ERROR})
+TRANSIENT_CODES: Final[frozenset[str]] = frozenset({SCHEMA_VERSION, SERVER_ERROR, DEVICE_DISABLED})
 PERMANENT_CODES: Final[frozenset[str]] = frozenset(
     {
         MALFORMED,
@@ -159,6 +164,7 @@ PERMANENT_CODES: Final[frozenset[str]] = frozenset(
         INVALID,
         WRONG_DEVICE,
         UNKNOWN_DEVICE,
+        ID_REUSED,
         SCOPE_DENIED,
         UNKNOWN_COLLECTION,
         UNKNOWN_FIELD,
@@ -221,6 +227,8 @@ class LenientChanges:
     """The batch with only its valid changes, in order; None when none is valid."""
     bad: tuple[BadChange, ...]
     """The invalid entries, in batch order; empty when every change is valid."""
+    inc: str | None = None
+    """The store incarnation the changes were written in (None: the legacy one)."""
 
 
 class _ChangesEnvelope(Message):
@@ -230,6 +238,7 @@ class _ChangesEnvelope(Message):
     dev: DeviceId
     sv: SchemaVersion
     ch: Annotated[list[Any], Field(min_length=1, max_length=MAX_CHANGES_PER_BATCH)]
+    inc: Incarnation | None = None
 
 
 # --- decoding -----------------------------------------------------------------------
@@ -275,7 +284,8 @@ def decode_lenient(
         except ValidationError:
             pass
         else:
-            return LenientChanges(dev=batch.dev, sv=batch.sv, changes=batch, bad=())
+            return LenientChanges(dev=batch.dev, sv=batch.sv, changes=batch, bad=(),
+                                  inc=batch.inc)
 
     # Slow path: the envelope must be valid, then each change is judged on its own.
     envelope = _validate(_ChangesEnvelope, doc)
@@ -300,7 +310,8 @@ def decode_lenient(
     if good:
         rest = {name: value for name, value in doc.items() if name != "ch"}
         changes = _validate(Changes, {**rest, "ch": good})
-    return LenientChanges(dev=envelope.dev, sv=envelope.sv, changes=changes, bad=tuple(bad))
+    return LenientChanges(dev=envelope.dev, sv=envelope.sv, changes=changes, bad=tuple(bad),
+                          inc=envelope.inc)
 
 
 def decode_changes_lenient(

@@ -41,6 +41,8 @@ TIME_PART_PATTERN = r"^[0-9a-f]{16}$"
 # A full stamp's node is a device id or the server's reserved node `~server`.
 STAMP_PATTERN = r"^[0-9a-f]{16}:(~server|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
 CHANGE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}:[1-9][0-9]{0,15}$"
+# A store incarnation (PROTOCOL.md §2): random, created with every device store.
+INCARNATION_PATTERN = r"^[A-Za-z0-9_-]{8,32}$"
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _FIELD_RE = re.compile(FIELD_PATTERN)
@@ -192,6 +194,7 @@ Member = Annotated[str, AfterValidator(_check_member)]
 TimePart = Annotated[str, Field(pattern=TIME_PART_PATTERN)]
 Stamp = Annotated[str, Field(pattern=STAMP_PATTERN)]
 ChangeTag = Annotated[str, Field(pattern=CHANGE_ID_PATTERN)]
+Incarnation = Annotated[str, Field(pattern=INCARNATION_PATTERN, strict=True)]
 ChangeNumber = Annotated[int, Field(ge=1, le=MAX_SAFE_INT, strict=True)]
 Seq = Annotated[int, Field(ge=0, le=MAX_SAFE_INT, strict=True)]
 SchemaVersion = Annotated[int, Field(ge=0, le=MAX_SAFE_INT, strict=True)]
@@ -264,6 +267,10 @@ class Hello(Message):
     z: StrictBool = False
     done: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]],
                     Field(max_length=1000)] = Field(default_factory=list)
+    inc: Incarnation | None = None
+    """The device store's incarnation (§2); absent: a store from before incarnations."""
+    cp: Annotated[dict[ScopeId, Seq], Field(max_length=1000)] | None = None
+    """The device's checkpoints now (§9.4), for the operator's view of its progress."""
 
 
 class Change(WireModel):
@@ -332,6 +339,8 @@ class Changes(Message):
     dev: DeviceId
     sv: SchemaVersion
     ch: Annotated[list[Change], Field(min_length=1, max_length=MAX_CHANGES_PER_BATCH)]
+    inc: Incarnation | None = None
+    """The incarnation the changes were written in (§2); absent: the legacy one."""
 
 
 class Catchup(Message):

@@ -2,8 +2,11 @@
 
 For each change of a batch, inside the caller's write transaction (PROTOCOL.md §10):
 
-1. a change id seen before is answered with its remembered outcome (§10.2): the
-   original (scope, q) plus the whole current record, or the same permanent rejection;
+1. a change id seen before — in the same incarnation of the device's store — is
+   answered with its remembered outcome (§10.2): the original (scope, q) plus the whole
+   current record, or the same permanent rejection; unless its content differs from
+   what was remembered (the digest), which is refused with `id_reused` (and not
+   remembered: the id keeps its first outcome);
 2. checks: the scope is one of the device's (`scope_denied`), the collection exists
    (`unknown_collection`), the batch's schema version is not newer than the server's
    (transient `schema_version`), the stamp is not too far ahead (re-stamped with the
@@ -29,6 +32,7 @@ from typing import Any
 import orjson
 import structlog
 
+from broker.server.identity import change_digest, outcome_ns
 from broker.server.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
 from schemas import codec
 from schemas.codec import BadChange
@@ -82,6 +86,7 @@ class BatchStats:
     rejected: int = 0
     transient: int = 0
     conflicts: int = 0
+    reused: int = 0
     scopes: set[str] = field(default_factory=set)
 
 
@@ -124,35 +129,44 @@ class TxnApplier:
     # --- entry points
 
     def apply_batch(self, device: DeviceRow, sv: int, changes: Sequence[Change],
-                    bad: Sequence[BadChange] = ()) -> list[ChangeResult]:
-        """Apply one device's batch; one result per change (bad entries with a number too)."""
+                    bad: Sequence[BadChange] = (), inc: str | None = None
+                    ) -> list[ChangeResult]:
+        """Apply one device's batch, written in store incarnation `inc` (None: the
+        legacy one); one result per change (bad entries with a number too)."""
+        ns = outcome_ns(device.id, inc)
         scopes = {ch.s for ch in changes if ch.s in device.scopes}
         if scopes:  # in a fixed order, before reading (see WriteTxn.lock_scopes)
             self.txn.lock_scopes(sorted(scopes))
         if changes:
             known = self._records
             # Generators: a backend without round trips (LMDB) never iterates them.
-            self.txn.prefetch(device.id, (ch.n for ch in changes),
+            self.txn.prefetch(ns, (ch.n for ch in changes),
                               ((ch.c, ch.k) for ch in changes if (ch.c, ch.k) not in known))
-        results = [self.apply_one(device, sv, ch) for ch in changes]
+        results = [self.apply_one(device, sv, ch, ns) for ch in changes]
         for entry in bad:
             if entry.n is not None:
-                results.append(self._invalid(device, entry.n, entry.error.reason))
+                results.append(self._invalid(device, ns, entry.n, entry.error.reason))
         return results
 
-    def apply_one(self, device: DeviceRow, sv: int, ch: Change) -> ChangeResult:
-        """Apply one change; never raises for bad input (a bug becomes `server_error`)."""
+    def apply_one(self, device: DeviceRow, sv: int, ch: Change,
+                  ns: str | None = None) -> ChangeResult:
+        """Apply one change of outcome namespace `ns` (default: the device's legacy
+        one); never raises for bad input (a bug becomes `server_error`)."""
         txn = self.txn
         dev = device.id
-        prior = txn.get_outcome(dev, ch.n)
+        ns = dev if ns is None else ns
+        digest = change_digest(ch)
+        prior = txn.get_outcome(ns, ch.n)
         if prior is not None:
+            if prior.d and prior.d != digest:
+                return self._reused(device, ch)
             return self._repeat(device, ch.n, prior)
         if ch.s not in device.scopes:
-            return self._refuse(device, ch, codec.SCOPE_DENIED,
+            return self._refuse(device, ns, ch, digest, codec.SCOPE_DENIED,
                                 f"device {dev!r} may not write scope {ch.s!r}", show=False)
         spec = self.a.catalog.collections.get(ch.c)
         if spec is None:
-            return self._refuse(device, ch, codec.UNKNOWN_COLLECTION,
+            return self._refuse(device, ns, ch, digest, codec.UNKNOWN_COLLECTION,
                                 f"no collection {ch.c!r} in the server's schema "
                                 f"(version {self.version})", show=False)
         if sv > self.version:
@@ -173,20 +187,20 @@ class TxnApplier:
                         codec.CLOCK_SKEW,
                         f"stamp is {ahead / 1000:.0f} s ahead of the server's clock (limit "
                         f"{self.max_skew / 1000:.0f} s): fix the device's time sync")
-                    return self._refuse(device, ch, code, reason)
+                    return self._refuse(device, ns, ch, digest, code, reason)
                 tick = self.a.clock.tick()
                 stamp = Stamp(tick.wall, tick.counter, dev)
             q = txn.scope_seq(scope) + 1
             out = merge.apply_change(record, ch, dev, q, spec, stamp=stamp, rules=self.rules)
             if not out.applied:
                 code, reason = out.rejection or (codec.INVALID, "refused")
-                return self._refuse(device, ch, code, reason)
+                return self._refuse(device, ns, ch, digest, code, reason)
             new = out.record
             assert new is not None and new.s == scope
             data = orjson.dumps(merge.to_json(new))
             whole_size = self._wire_size(new, data)
             if whole_size > RECORD_LIMIT:
-                return self._refuse(device, ch, codec.RECORD_TOO_LARGE,
+                return self._refuse(device, ns, ch, digest, codec.RECORD_TOO_LARGE,
                                     f"{c}/{k}: the record would be {whole_size} bytes, "
                                     f"over the limit of {RECORD_LIMIT}: store less in it")
             if stamp is not None:  # re-stamped: the device must learn the stamps used
@@ -228,7 +242,7 @@ class TxnApplier:
         for fname in out.resolved:
             for cid in txn.open_conflicts_on(c, k, fname):
                 txn.close_conflict(cid, self.now, f"device {dev} change {ch.n}")
-        txn.put_outcome(dev, ch.n, OutcomeRow(c, k, scope=scope, q=q))
+        txn.put_outcome(ns, ch.n, OutcomeRow(c, k, scope=scope, q=q, d=digest))
         stats.applied += 1
         stats.scopes.add(scope)
         return ChangeResult(ch.n, scope=scope, q=q, fx=fx, delta=delta,
@@ -271,21 +285,33 @@ class TxnApplier:
             return ChangeResult(n, scope=prior.scope, q=prior.q, fx=rec, duplicate=True)
         return ChangeResult(n, code=prior.code, reason=prior.reason, rec=rec, duplicate=True)
 
-    def _refuse(self, device: DeviceRow, ch: Change, code: str, reason: str, *,
-                show: bool = True) -> ChangeResult:
+    def _refuse(self, device: DeviceRow, ns: str, ch: Change, digest: str, code: str,
+                reason: str, *, show: bool = True) -> ChangeResult:
         """A permanent rejection: remembered, so a resend is refused identically."""
         self.stats.rejected += 1
-        self.txn.put_outcome(device.id, ch.n, OutcomeRow(ch.c, ch.k, code=code, reason=reason))
+        self.txn.put_outcome(ns, ch.n, OutcomeRow(ch.c, ch.k, code=code, reason=reason,
+                                                  d=digest))
         rec = self.whole(device, ch.c, ch.k) if show else None
         return ChangeResult(ch.n, code=code, reason=reason, rec=rec)
 
-    def _invalid(self, device: DeviceRow, n: int, reason: str) -> ChangeResult:
-        prior = self.txn.get_outcome(device.id, n)
+    def _reused(self, device: DeviceRow, ch: Change) -> ChangeResult:
+        """A change id already used for other content in this incarnation: refused
+        loudly, and not remembered (the id keeps the outcome of its first content)."""
+        self.stats.rejected += 1
+        self.stats.reused += 1
+        log.warning("change_id_reused", dev=device.id, n=ch.n, c=ch.c, k=ch.k)
+        return ChangeResult(ch.n, code=codec.ID_REUSED, reason=(
+            f"change {device.id}:{ch.n} was already applied (or refused) with other "
+            "content: this device's store re-uses change ids (restored from a backup or "
+            "copied); the change was not applied"),
+            rec=self.whole(device, ch.c, ch.k))
+
+    def _invalid(self, device: DeviceRow, ns: str, n: int, reason: str) -> ChangeResult:
+        prior = self.txn.get_outcome(ns, n)
         if prior is not None:
             return self._repeat(device, n, prior)
         self.stats.rejected += 1
-        self.txn.put_outcome(device.id, n, OutcomeRow("", "", code=codec.INVALID,
-                                                      reason=reason))
+        self.txn.put_outcome(ns, n, OutcomeRow("", "", code=codec.INVALID, reason=reason))
         return ChangeResult(n, code=codec.INVALID, reason=reason)
 
 

@@ -56,10 +56,10 @@ from broker.server.registry import Registry
 from broker.server.replies import batch_letters, change_replies, letter
 from broker.server.store.base import CommandRow, DeadLetter, DeviceRow, Store, WriteTxn
 from schemas import codec
-from schemas.codec import LenientChanges
+from schemas.codec import BadChange, LenientChanges
 from schemas.collection import Catalog
 from schemas.errors import ProtocolError
-from schemas.wire import ID_PATTERN, UP_TYPES, Catchup, Hello
+from schemas.wire import ID_PATTERN, UP_TYPES, Catchup, Change, Hello
 from waystation.config import ServerConfig
 from waystation.hlc import SERVER_NODE, Clock
 from waystation.rules import Rule, load_rules
@@ -86,6 +86,8 @@ class _Incoming:
     results: list[ChangeResult] = field(default_factory=list)
     commands: list[CommandRow] = field(default_factory=list)
     failed: bool = False
+    blocked: str = ""
+    """Why the device may not sync now (disabled, wipe pending); "" when it may."""
 
 
 class Engine:
@@ -139,7 +141,7 @@ class Engine:
         fan = Fanout(self.registry, self.presence)
         catchups: list[_Incoming] = []
         for inc in incs:
-            if inc.kind == "catchup" and not inc.failed:
+            if inc.kind == "catchup" and not inc.failed and not inc.blocked:
                 catchups.append(inc)
                 continue
             try:
@@ -230,12 +232,18 @@ class Engine:
             inc.error = (codec.WRONG_DEVICE, f"message says dev {dev!r} but was published on "
                                              f"the up topic of {topic_dev!r}")
             return inc
-        device = self.registry.active(dev)
+        device = self.registry.get(dev)
         if device is None:
-            state = "disabled" if self.registry.get(dev) is not None else "not registered"
-            inc.error = (codec.UNKNOWN_DEVICE, f"device {dev!r} is {state}: enrol it with "
-                                               "`waystation device add`")
+            inc.error = (codec.UNKNOWN_DEVICE, f"device {dev!r} is not registered: enrol it "
+                                               "with `waystation device add`")
             return inc
+        if device.wipe_pending:
+            inc.blocked = (f"device {dev!r} has a wipe pending: it gets no data until it "
+                           "has carried the wipe out")
+        elif not device.enabled:
+            inc.blocked = (f"device {dev!r} is disabled by the operator: its changes stay on "
+                           "the device and are sent again once it is re-enabled "
+                           f"(`waystation device enable {dev}`)")
         inc.device = device
         inc.msg = msg
         if isinstance(msg, LenientChanges):
@@ -321,7 +329,8 @@ class Engine:
         # per-batch locking would take later batches' scopes out of order (PostgreSQL
         # then reruns the transaction to avoid a deadlock). A no-op on LMDB.
         group_scopes = {ch.s for inc in incs if inc.error is None and inc.kind == "changes"
-                        and inc.msg.changes is not None for ch in inc.msg.changes.ch}
+                        and not inc.blocked and inc.msg.changes is not None
+                        for ch in inc.msg.changes.ch}
         if group_scopes:
             txn.lock_scopes(sorted(group_scopes))
         updates: dict[str, dict[str, Any]] = {dev: dict(ch) for dev, ch in dirty.items()}
@@ -329,20 +338,30 @@ class Engine:
             inc.results, inc.commands = [], []
             device = inc.device
             if inc.error is None and device is not None:
+                upd = updates.setdefault(device.id, {})
+                upd["last_seen_ms"] = now
                 if inc.kind == "changes":
                     lc: LenientChanges = inc.msg
                     changes = lc.changes.ch if lc.changes is not None else []
-                    inc.results = ta.apply_batch(device, lc.sv, changes, lc.bad)
+                    if inc.blocked:
+                        inc.results = _held_back(changes, lc.bad, inc.blocked)
+                        self.counters["held_back"] += len(inc.results)
+                    else:
+                        inc.results = ta.apply_batch(device, lc.sv, changes, lc.bad, lc.inc)
+                        if any(r.ok for r in inc.results):
+                            upd["synced_ms"] = now
                 elif inc.kind == "hello":
-                    inc.commands = self._hello(txn, inc, now)
-                upd = updates.setdefault(device.id, {})
-                upd["last_seen_ms"] = now
-                if inc.kind == "hello":
                     hello: Hello = inc.msg
+                    inc.commands = self._hello(txn, inc, now, upd)
                     upd.update(agent=hello.agent, sv=hello.sv, z=hello.z)
-                elif inc.kind == "catchup":
+                    self._incarnation(device, hello, now, upd)
+                    if hello.cp is not None:
+                        upd.update(cp={s: v for s, v in hello.cp.items() if s in device.scopes},
+                                   cp_ms=now)
+                elif inc.kind == "catchup" and not inc.blocked:
                     req: Catchup = inc.msg
-                    upd["cp"] = {s: v for s, v in req.cp.items() if s in device.scopes}
+                    upd.update(cp={s: v for s, v in req.cp.items() if s in device.scopes},
+                               cp_ms=now)
             for dead in self._letters_for(inc, now):
                 txn.add_dead_letter(dead)
         for dead in letters:
@@ -356,18 +375,43 @@ class Engine:
                 rows.append(row)
         return rows, ta.stats
 
-    def _hello(self, txn: WriteTxn, inc: _Incoming, now: int) -> list[CommandRow]:
+    def _hello(self, txn: WriteTxn, inc: _Incoming, now: int,
+               upd: dict[str, Any]) -> list[CommandRow]:
+        """Record the commands `hello` reports done; return those still pending (a wipe
+        first: nothing else reaches a device before its wipe)."""
         hello: Hello = inc.msg
         done = set(hello.done)
         pending: list[CommandRow] = []
+        device = inc.device
         for cmd in txn.commands(hello.dev):
             if cmd.done_ms:
                 continue
             if cmd.id in done:
                 txn.put_command(dataclasses.replace(cmd, done_ms=now))
+                if device is not None and cmd.id == device.wipe_id:
+                    upd["wipe_done_ms"] = now
+                    log.warning("device_wiped", dev=hello.dev, command=cmd.id)
             else:
                 pending.append(cmd)
+        pending.sort(key=lambda c: c.cmd != "wipe")
         return pending
+
+    def _incarnation(self, device: DeviceRow, hello: Hello, now: int,
+                     upd: dict[str, Any]) -> None:
+        """Note the store incarnation a hello announces (PROTOCOL.md §2, §10.2)."""
+        inc = hello.inc or ""
+        if inc == device.inc:
+            return
+        upd.update(inc=inc, inc_ms=now, incs=device.incs + 1)
+        if device.incs == 0:
+            log.info("device_incarnation", dev=device.id, inc=inc or "legacy")
+            return
+        # A re-imaged device, a restored backup, a new data_dir: the new store numbers
+        # its changes from scratch in its own namespace (nothing is deduplicated across
+        # incarnations) and catches up from its own checkpoints.
+        log.warning("device_store_recreated", dev=device.id, inc=inc or "legacy",
+                    previous=device.inc or "legacy", incarnations=device.incs + 1)
+        upd.update(cp={}, cp_ms=0)
 
     # ------------------------------------------------------------------ dead letters
 
@@ -380,6 +424,8 @@ class Engine:
     def _letters_for(self, inc: _Incoming, now: int) -> list[DeadLetter]:
         if inc.error is not None:
             out = [letter(inc.topic_dev, "up", *inc.error, inc.payload, now)]
+        elif inc.blocked:
+            out = []  # counted (held_back), not kept: the device sends them again later
         elif inc.kind == "changes":
             out = batch_letters(inc.topic_dev, inc.results, inc.msg.bad, inc.payload, now)
         else:
@@ -405,6 +451,8 @@ class Engine:
             msgs = reject_messages([rejection(n, codec.SERVER_ERROR, "the server failed to "
                                               "apply this change; send it again later", False)
                                     for n in numbers])
+        elif inc.kind == "catchup" and inc.blocked:
+            msgs = [error_message(codec.DEVICE_DISABLED, inc.blocked)]
         elif inc.error is not None or inc.failed:
             code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
                                                              "this message")
@@ -422,6 +470,9 @@ class Engine:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
         out, records = catchup.answer_all(self.store, reqs, self._compress_over)
         self.counters["catchup_records"] += records
+        now = self.now_ms()
+        for device, _ in reqs:
+            self._dirty.setdefault(device.id, {})["synced_ms"] = now
         return out
 
     # ------------------------------------------------------------------ periodic work
@@ -440,6 +491,15 @@ class Engine:
         if not drain_notices(self.store, fan):
             return []
         return fan.messages(self._compress_over)
+
+
+def _held_back(changes: Sequence[Change], bad: Sequence[BadChange],
+               reason: str) -> list[ChangeResult]:
+    """Every change of a blocked device's batch, refused for now (`device_disabled`,
+    transient: the device keeps them and sends them again with backoff)."""
+    numbers = [ch.n for ch in changes] + [b.n for b in bad if b.n is not None]
+    return [ChangeResult(n, code=codec.DEVICE_DISABLED, reason=reason, perm=False)
+            for n in numbers]
 
 
 def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:

@@ -14,16 +14,17 @@ NOTICE_BATCH = 1000
 
 def unsent_commands(store: Store, registry: Registry, presence: Presence,
                     sent: set[str]) -> list[CommandRow]:
-    """Pending commands of online, enabled devices not sent yet (added to `sent`)."""
+    """Pending commands of online devices not sent yet (added to `sent`); disabled
+    devices included: a wipe must reach a device that was disabled first."""
     out: list[CommandRow] = []
     with store.read() as txn:
         for dev in sorted(presence.online()):
-            if registry.active(dev) is None:
+            if registry.get(dev) is None:
                 continue
-            for cmd in txn.commands(dev):
-                if not cmd.done_ms and cmd.id not in sent:
-                    sent.add(cmd.id)
-                    out.append(cmd)
+            cmds = [c for c in txn.commands(dev) if not c.done_ms and c.id not in sent]
+            for cmd in sorted(cmds, key=lambda c: c.cmd != "wipe"):  # a wipe goes first
+                sent.add(cmd.id)
+                out.append(cmd)
     return out
 
 

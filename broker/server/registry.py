@@ -10,6 +10,7 @@ used for fan-out, reloaded whenever the store's generation moves.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from collections.abc import Iterable, Sequence
@@ -94,7 +95,9 @@ def _update(store: Store, dev: str, **changes: Any) -> DeviceRow:
 
 
 def set_enabled(store: Store, dev: str, enabled: bool) -> DeviceRow:
-    """Enable or disable a device (a disabled device's messages get `unknown_device`)."""
+    """Enable or disable a device. A disabled device still receives its commands (a wipe
+    above all); it gets no data, and its changes are refused for now (`device_disabled`,
+    transient: they wait on the device until it is enabled again)."""
     return _update(store, dev, enabled=enabled)
 
 
@@ -110,16 +113,25 @@ def list_devices(store: Store) -> list[DeviceRow]:
 
 def issue_command(store: Store, dev: str, cmd: str, now_ms: int,
                   args: dict[str, Any] | None = None) -> CommandRow:
-    """Queue a command for `dev`; it is sent at its next hello (or at once if online)."""
+    """Queue a command for `dev`; it is sent at its next hello (or at once if online).
+
+    A wipe also disables the device and records the wipe as pending on its row: until
+    the device reports it done it gets nothing else, and afterwards no data until the
+    operator enables it again (`set_enabled`).
+    """
     if cmd not in COMMANDS:
         raise InvalidArgument(f"unknown command {cmd!r}; use one of {', '.join(COMMANDS)}")
     row = CommandRow(f"{cmd}-{now_ms:x}-{secrets.token_hex(3)}", dev, cmd, dict(args or {}),
                      created_ms=now_ms)
 
     def fn(txn: WriteTxn) -> CommandRow:
-        if txn.get_device(dev) is None:
+        device = txn.get_device(dev)
+        if device is None:
             raise UnknownDevice(f"device {dev!r} is not registered")
         txn.put_command(row)
+        if cmd == "wipe":
+            txn.put_device(dataclasses.replace(device, enabled=False, wipe_id=row.id,
+                                               wipe_ms=now_ms, wipe_done_ms=0))
         txn.bump_registry()
         return row
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from agent.api import Agent
 from agent.errors import NotFound, WriteRefused
 from schemas.collection import Catalog
-from schemas.wire import Change
+from schemas.wire import INCARNATION_PATTERN, Change
 from tests.agent.agentkit import FakeClock, assert_views_consistent, make_cfg, outbox_numbers
 from waystation.hlc import Stamp
 
@@ -280,10 +281,12 @@ def test_on_disk_layout(tmp_path: Path, catalog: Catalog) -> None:
         dbs = {name: env.open_db(name, txn=txn, create=False) for name in names}
         assert names == sorted([b"view", b"base", b"stamps", b"outbox", b"outbox_idx",
                                 b"checkpoints", b"conflicts", b"deadletters", b"meta", b"feed"])
-        assert orjson.loads(txn.get(b"format", db=dbs[b"meta"])) == 1
+        assert orjson.loads(txn.get(b"format", db=dbs[b"meta"])) == 2
         assert orjson.loads(txn.get(b"device", db=dbs[b"meta"])) == "van-1"
+        inc = orjson.loads(txn.get(b"inc", db=dbs[b"meta"]))
+        assert re.fullmatch(INCARNATION_PATTERN, inc)
         entry = orjson.loads(txn.get((1).to_bytes(8, "big"), db=dbs[b"outbox"]))
-        assert entry["ch"]["n"] == 1 and entry["p"] == 2
+        assert entry["ch"]["n"] == 1 and entry["p"] == 2 and entry["i"] == inc
         assert txn.get(b"tasks\0t-1", db=dbs[b"view"]) is not None
         idx = [key for key, _ in txn.cursor(db=dbs[b"outbox_idx"])]
         assert idx == [b"P" + (2**31 - 3).to_bytes(4, "big") + (1).to_bytes(8, "big"),

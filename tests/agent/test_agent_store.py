@@ -21,6 +21,7 @@ from agent.errors import (
     StorageFormatError,
     StorageFullError,
 )
+from agent.store import FORMAT_VERSION
 from schemas.collection import Catalog
 from tests.agent.agentkit import make_cfg
 
@@ -49,16 +50,17 @@ def test_write_survives_reopen(tmp_path: Path, catalog: Catalog) -> None:
         assert record is not None and record.fields["status"] == "out"
 
 
-def test_other_format_version_is_refused(tmp_path: Path, catalog: Catalog) -> None:
-    """A store with another on-disk format version is refused with a clear error."""
+def test_newer_format_version_is_refused(tmp_path: Path, catalog: Catalog) -> None:
+    """A store written in a newer on-disk format (a downgrade) is refused, clearly."""
     cfg = make_cfg(tmp_path)
     Agent.open(cfg, catalog).close()
     env = lmdb.open(str(tmp_path / "agent.lmdb"), max_dbs=16)
     meta = env.open_db(b"meta")
     with env.begin(write=True) as txn:
-        txn.put(b"format", orjson.dumps(2), db=meta)
+        txn.put(b"format", orjson.dumps(FORMAT_VERSION + 1), db=meta)
     env.close()
-    with pytest.raises(StorageFormatError, match=r"on-disk format 2.*reads format 1"):
+    with pytest.raises(StorageFormatError,
+                       match=rf"on-disk format {FORMAT_VERSION + 1}.*up to {FORMAT_VERSION}"):
         Agent.open(cfg, catalog)
 
 

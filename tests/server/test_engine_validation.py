@@ -93,15 +93,22 @@ def test_wrong_device(env: tuple[Engine, Store]) -> None:
 
 
 def test_unregistered_and_disabled_devices(env: tuple[Engine, Store]) -> None:
-    """Unknown and disabled devices get unknown_device; nothing of theirs is applied."""
+    """An unknown device gets unknown_device; a disabled one has its changes held back
+    (transient device_disabled, no dead letter) and applied once it is enabled again."""
     engine, store = env
     err = _message_error(engine, store, "ghost", changes("ghost", [task(1, "t", status="x")]))
     assert err["code"] == "unknown_device"
+    letters_before = len(_letters(store))
     set_enabled(store, "van-1", False)
     out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "t", status="x")])))
-    assert errors(out["van-1"])[0]["code"] == "unknown_device"
-    assert "disabled" in errors(out["van-1"])[0]["reason"]
-    assert _seq(store) == 1
+    held = rejections(out["van-1"])
+    assert [(r["n"], r["code"], r["perm"]) for r in held] == [(1, "device_disabled", False)]
+    assert "waystation device enable van-1" in held[0]["reason"]
+    assert _seq(store) == 1  # nothing applied
+    assert len(_letters(store)) == letters_before  # and no dead letter per message
+    set_enabled(store, "van-1", True)
+    out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "t", status="x")])))
+    assert [ok[0] for ok in oks(out["van-1"])] == [1]
 
 
 def test_invalid_topic_device_is_kept_not_answered(env: tuple[Engine, Store]) -> None:

@@ -176,25 +176,34 @@ def test_tombstones_and_horizon(store: Store) -> None:
 
 
 def test_outcomes_round_trip_and_delete_per_device(store: Store) -> None:
-    """Outcomes keep applied (scope, q) or rejected (code, reason); deletion is per device."""
-    applied = OutcomeRow("tasks", "t-1", scope="r1", q=12)
-    rejected = OutcomeRow("tasks", "t-2", code="rule_rejected", reason="stock < 0")
+    """Outcomes keep applied (scope, q) or rejected (code, reason) and the content digest,
+    per namespace (device, device/incarnation); deletion takes every namespace of one
+    device and nothing of a device whose id merely starts the same."""
+    applied = OutcomeRow("tasks", "t-1", scope="r1", q=12, d="0123456789abcdef")
+    rejected = OutcomeRow("tasks", "t-2", code="rule_rejected", reason="stock < 0",
+                          d="fedcba9876543210")
+    legacy = OutcomeRow("tasks", "t-3", scope="r1", q=13)
 
     def fn(txn: WriteTxn) -> None:
         txn.put_outcome("van-1", 1, applied)
         txn.put_outcome("van-1", 2**53 - 1, rejected)
+        txn.put_outcome("van-1/incarnationA1", 1, legacy)
         txn.put_outcome("van-10", 1, applied)
+        txn.put_outcome("van-10/incarnationA1", 1, applied)
 
     store.transact(fn)
     with store.read() as txn:
         assert txn.get_outcome("van-1", 1) == applied
         assert txn.get_outcome("van-1", 1).applied  # type: ignore[union-attr]
         assert txn.get_outcome("van-1", 2**53 - 1) == rejected
+        assert txn.get_outcome("van-1/incarnationA1", 1) == legacy
         assert not rejected.applied
-    assert store.transact(lambda t: t.delete_outcomes("van-1")) == 2
+    assert store.transact(lambda t: t.delete_outcomes("van-1")) == 3
     with store.read() as txn:
         assert txn.get_outcome("van-1", 1) is None
+        assert txn.get_outcome("van-1/incarnationA1", 1) is None
         assert txn.get_outcome("van-10", 1) == applied
+        assert txn.get_outcome("van-10/incarnationA1", 1) == applied
 
 
 def test_conflicts_open_close_and_listing(store: Store) -> None:

@@ -23,7 +23,10 @@ What is kept (all in the same transactional store):
                   only: a compacted change log; catch-up reads it in q order
     tombstones    (scope, q) -> (collection, key, applied at): deleted records, for purging
     horizons      scope -> highest q of a purged tombstone
-    outcomes      (device, n) -> applied (scope, q) or permanently rejected (code, reason)
+    outcomes      (namespace, n) -> applied (scope, q) or permanently rejected (code,
+                  reason), with the digest of the change's content; the namespace is the
+                  device id, plus "/incarnation" for stores with one
+                  (`broker.server.identity.outcome_ns`)
     conflicts     id -> ConflictRow; open ones also indexed by (collection, key, field)
     dead letters  id -> DeadLetter (time, device, topic, code, reason, raw payload <= 64 KiB)
     commands      (device, id) -> CommandRow
@@ -67,15 +70,44 @@ class DeviceRow:
     online: bool = False
     """Its retained status says online (as last seen by the running server)."""
     cp: dict[str, int] = field(default_factory=dict)
-    """The checkpoints of its last catch-up request: how far it had caught up."""
+    """The checkpoints the device last reported (in `hello` or a catch-up request): what
+    it held then."""
     pend: int = -1
     """Changes waiting in its outbox, from its last status (-1: unknown)."""
+    cp_ms: int = 0
+    """When it reported `cp`."""
+    synced_ms: int = 0
+    """When the server last acked one of its changes or completed a catch-up for it."""
+    inc: str = ""
+    """The incarnation of its store, from its last `hello` ("" none or legacy)."""
+    inc_ms: int = 0
+    """When the server first saw that incarnation."""
+    incs: int = 0
+    """How many store incarnations the server has seen for this id (a store re-created
+    by re-imaging, a restored backup, a new data_dir ...)."""
+    wipe_id: str = ""
+    """The last wipe ordered for it (command id; "" never)."""
+    wipe_ms: int = 0
+    """When that wipe was ordered."""
+    wipe_done_ms: int = 0
+    """When the device reported it carried the wipe out (0: still pending)."""
+
+    @property
+    def wipe_pending(self) -> bool:
+        return bool(self.wipe_id) and not self.wipe_done_ms
+
+    @property
+    def blocked(self) -> bool:
+        """Gets no data and its changes wait: disabled, or a wipe it has not done yet."""
+        return not self.enabled or self.wipe_pending
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "scopes": list(self.scopes), "enabled": self.enabled,
                 "created": self.created_ms, "seen": self.last_seen_ms, "agent": self.agent,
                 "sv": self.sv, "z": self.z, "online": self.online, "cp": self.cp,
-                "pend": self.pend}
+                "pend": self.pend, "cp_ms": self.cp_ms, "synced": self.synced_ms,
+                "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
+                "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceRow:
@@ -83,7 +115,11 @@ class DeviceRow:
                    created_ms=data["created"], last_seen_ms=data["seen"],
                    agent=data["agent"], sv=data["sv"], z=data["z"],
                    online=data.get("online", False), cp=data.get("cp", {}),
-                   pend=data.get("pend", -1))
+                   pend=data.get("pend", -1), cp_ms=data.get("cp_ms", 0),
+                   synced_ms=data.get("synced", 0), inc=data.get("inc", ""),
+                   inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
+                   wipe_id=data.get("wipe", ""), wipe_ms=data.get("wipe_ms", 0),
+                   wipe_done_ms=data.get("wipe_done", 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +132,9 @@ class OutcomeRow:
     q: int = 0
     code: str = ""
     reason: str = ""
+    d: str = ""
+    """Digest of the change's content (`broker.server.identity.change_digest`); empty
+    for outcomes stored before digests existed and for changes that did not parse."""
 
     @property
     def applied(self) -> bool:
@@ -227,8 +266,8 @@ class ReadTxn(Protocol):
         """The oldest (lowest q) `limit` tombstones of `scope`."""
         ...
 
-    # outcomes
-    def get_outcome(self, dev: str, n: int) -> OutcomeRow | None: ...
+    # outcomes (keyed by namespace: the device id, or "device/incarnation")
+    def get_outcome(self, ns: str, n: int) -> OutcomeRow | None: ...
 
     # conflicts
     def get_conflict(self, cid: int) -> ConflictRow | None: ...
@@ -277,9 +316,11 @@ class WriteTxn(ReadTxn, Protocol):
         """
         ...
 
-    def prefetch(self, dev: str, ns: Iterable[int], keys: Iterable[tuple[str, str]]) -> None:
-        """A hint: the outcomes of `dev`'s change numbers `ns` and the records `keys` are
-        about to be read (a backend with round trips fetches them at once). LMDB: no-op.
+    def prefetch(self, ns: str, numbers: Iterable[int],
+                 keys: Iterable[tuple[str, str]]) -> None:
+        """A hint: the outcomes of change numbers `numbers` in namespace `ns` and the
+        records `keys` are about to be read (a backend with round trips fetches them at
+        once). LMDB: no-op.
         """
         ...
 
@@ -308,9 +349,10 @@ class WriteTxn(ReadTxn, Protocol):
     def delete_tomb(self, scope: str, q: int) -> None: ...
 
     # outcomes
-    def put_outcome(self, dev: str, n: int, outcome: OutcomeRow) -> None: ...
+    def put_outcome(self, ns: str, n: int, outcome: OutcomeRow) -> None: ...
     def delete_outcomes(self, dev: str) -> int:
-        """Forget every outcome of a device (it is removed); returns how many."""
+        """Forget every outcome of a device, every incarnation's (it is removed);
+        returns how many."""
         ...
 
     # conflicts

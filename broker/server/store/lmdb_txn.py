@@ -11,7 +11,9 @@ characters):
     horizons      scope -> q
     index         scope NUL q -> c NUL k
     tombs         scope NUL q -> JSON [c, k, t_ms]
-    outcomes      dev NUL n -> JSON [c, k, scope, q] | [c, k, code, reason]
+    outcomes      ns NUL n -> JSON [c, k, scope, q, d] | [c, k, code, reason, d]
+                  (ns: device id [+ "/" incarnation]; d, the digest, absent in rows
+                  written before digests)
     conflicts     id -> JSON ConflictRow
     conflicts_open  c NUL k NUL field NUL id -> b""
     deadletters   id -> u32 header length, JSON header, raw payload
@@ -28,6 +30,7 @@ from typing import Any
 import lmdb
 import orjson
 
+from broker.server.identity import NS_SEP
 from broker.server.store.base import (
     MAX_DEAD_LETTER_RAW,
     CommandRow,
@@ -137,14 +140,15 @@ class LmdbReadTxn:
 
     # --- outcomes
 
-    def get_outcome(self, dev: str, n: int) -> OutcomeRow | None:
-        raw = self._txn.get(dev.encode() + _SEP + _U64.pack(n), db=self._db["outcomes"])
+    def get_outcome(self, ns: str, n: int) -> OutcomeRow | None:
+        raw = self._txn.get(ns.encode() + _SEP + _U64.pack(n), db=self._db["outcomes"])
         if raw is None:
             return None
-        c, k, a, b = orjson.loads(raw)
+        c, k, a, b, *rest = orjson.loads(raw)
+        d = rest[0] if rest else ""
         if isinstance(b, int):
-            return OutcomeRow(c, k, scope=a, q=b)
-        return OutcomeRow(c, k, code=a, reason=b)
+            return OutcomeRow(c, k, scope=a, q=b, d=d)
+        return OutcomeRow(c, k, code=a, reason=b, d=d)
 
     # --- conflicts
 
@@ -243,7 +247,8 @@ class LmdbWriteTxn(LmdbReadTxn):
     def lock_scopes(self, scopes: Iterable[str]) -> None:
         """Nothing to do: LMDB has one writer at a time."""
 
-    def prefetch(self, dev: str, ns: Iterable[int], keys: Iterable[tuple[str, str]]) -> None:
+    def prefetch(self, ns: str, numbers: Iterable[int],
+                 keys: Iterable[tuple[str, str]]) -> None:
         """Nothing to do: reads are memory-mapped."""
 
     # --- registry
@@ -322,17 +327,19 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     # --- outcomes
 
-    def put_outcome(self, dev: str, n: int, outcome: OutcomeRow) -> None:
+    def put_outcome(self, ns: str, n: int, outcome: OutcomeRow) -> None:
         value: list[str | int]
         if outcome.code:
-            value = [outcome.c, outcome.k, outcome.code, outcome.reason]
+            value = [outcome.c, outcome.k, outcome.code, outcome.reason, outcome.d]
         else:
-            value = [outcome.c, outcome.k, outcome.scope, outcome.q]
-        self._txn.put(dev.encode() + _SEP + _U64.pack(n), orjson.dumps(value),
+            value = [outcome.c, outcome.k, outcome.scope, outcome.q, outcome.d]
+        self._txn.put(ns.encode() + _SEP + _U64.pack(n), orjson.dumps(value),
                       db=self._db["outcomes"])
 
     def delete_outcomes(self, dev: str) -> int:
-        return self._delete_prefix("outcomes", _s(dev) + _SEP)
+        # The legacy namespace (the id alone) and every incarnation's ("id/inc").
+        return (self._delete_prefix("outcomes", _s(dev) + _SEP)
+                + self._delete_prefix("outcomes", _s(dev + NS_SEP)))
 
     # --- conflicts
 

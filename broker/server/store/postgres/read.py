@@ -121,9 +121,9 @@ class PgReadTxn:
 
     # --- outcomes
 
-    def get_outcome(self, dev: str, n: int) -> OutcomeRow | None:
-        row = self._one("SELECT c, k, scope, q, code, reason FROM outcomes "
-                        "WHERE dev = %s AND n = %s", (dev, n))
+    def get_outcome(self, ns: str, n: int) -> OutcomeRow | None:
+        row = self._one("SELECT c, k, scope, q, code, reason, d FROM outcomes "
+                        "WHERE dev = %s AND n = %s", (ns, n))
         return None if row is None else _outcome(row)
 
     # --- conflicts
@@ -187,10 +187,10 @@ class PgReadTxn:
 
 
 def _outcome(row: Any) -> OutcomeRow:
-    c, k, scope, q, code, reason = row
+    c, k, scope, q, code, reason, d = row
     if code:
-        return OutcomeRow(c, k, code=code, reason=reason)
-    return OutcomeRow(c, k, scope=scope, q=int(q))
+        return OutcomeRow(c, k, code=code, reason=reason, d=d)
+    return OutcomeRow(c, k, scope=scope, q=int(q), d=d)
 
 
 def _conflict(row: Any) -> ConflictRow:

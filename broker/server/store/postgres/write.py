@@ -11,6 +11,7 @@ from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
 
 from broker.errors import StoreError
+from broker.server.identity import NS_SEP, ns_device
 from broker.server.store.base import (
     MAX_DEAD_LETTER_RAW,
     CommandRow,
@@ -162,12 +163,13 @@ class PgWriteTxn(PgReadTxn):
             self.lock_scopes((scope,))  # then read it again, now that nobody can change it
         raise StoreError(f"record {c}/{k} keeps changing scope")  # pragma: no cover
 
-    def prefetch(self, dev: str, ns: Iterable[int], keys: Iterable[tuple[str, str]]) -> None:
+    def prefetch(self, ns: str, numbers: Iterable[int],
+                 keys: Iterable[tuple[str, str]]) -> None:
         """Read these outcomes and records in one round trip (kept for get_outcome and
         get_record; records only where this transaction holds their scope)."""
         if self._failed is not None:
             raise self._failed
-        want_n = [n for n in ns if (dev, n) not in self._out and (dev, n) not in self._out_db]
+        want_n = [n for n in numbers if (ns, n) not in self._out and (ns, n) not in self._out_db]
         want_k = sorted({key for key in keys if key not in self._rows
                          and key not in self._rows_db})
         if not want_n and not want_k:
@@ -179,14 +181,14 @@ class PgWriteTxn(PgReadTxn):
                     cur_n = self._conn.cursor(binary=True)
                     low, high = min(want_n), max(want_n)
                     if high - low < 4 * len(want_n):  # a batch's numbers are mostly a run
-                        cur_n.execute("SELECT n, c, k, scope, q, code, reason FROM outcomes "
-                                      "WHERE dev = %s AND n BETWEEN %s AND %s",
-                                      (dev, low, high))
+                        cur_n.execute("SELECT n, c, k, scope, q, code, reason, d FROM "
+                                      "outcomes WHERE dev = %s AND n BETWEEN %s AND %s",
+                                      (ns, low, high))
                     else:
-                        cur_n.execute("SELECT o.n, o.c, o.k, o.scope, o.q, o.code, o.reason "
-                                      "FROM unnest(%s::text::int8[]) AS u(n) JOIN outcomes "
-                                      "AS o ON o.dev = %s AND o.n = u.n",
-                                      (_int_array(want_n), dev))
+                        cur_n.execute("SELECT o.n, o.c, o.k, o.scope, o.q, o.code, o.reason, "
+                                      "o.d FROM unnest(%s::text::int8[]) AS u(n) JOIN "
+                                      "outcomes AS o ON o.dev = %s AND o.n = u.n",
+                                      (_int_array(want_n), ns))
                 if want_k:
                     cur_k = self._conn.cursor(binary=True)
                     cur_k.execute("SELECT r.c, r.k, r.state, r.scope, r.q FROM unnest("
@@ -202,7 +204,7 @@ class PgWriteTxn(PgReadTxn):
             self._failed = exc
             raise
         for n in want_n:
-            self._out_db[(dev, n)] = found_n.get(n)
+            self._out_db[(ns, n)] = found_n.get(n)
         locked = self._locked
         for key in want_k:
             row = found_k.get(key, _NO_ROW)
@@ -305,23 +307,26 @@ class PgWriteTxn(PgReadTxn):
 
     # --- outcomes
 
-    def get_outcome(self, dev: str, n: int) -> OutcomeRow | None:
-        key = (dev, n)
+    def get_outcome(self, ns: str, n: int) -> OutcomeRow | None:
+        key = (ns, n)
         row = self._out.get(key)
         if row is not None:
             return row
         known = self._out_db.get(key, _MISSING)
         if known is not _MISSING:
             return known  # type: ignore[no-any-return]
-        return super().get_outcome(dev, n)
+        return super().get_outcome(ns, n)
 
-    def put_outcome(self, dev: str, n: int, outcome: OutcomeRow) -> None:
-        self._out[(dev, n)] = outcome
+    def put_outcome(self, ns: str, n: int, outcome: OutcomeRow) -> None:
+        self._out[(ns, n)] = outcome
 
     def delete_outcomes(self, dev: str) -> int:
+        # The legacy namespace (the id alone) and every incarnation's ("id/inc").
         self._sync()
-        self._out_db = {key: row for key, row in self._out_db.items() if key[0] != dev}
-        return self._run("DELETE FROM outcomes WHERE dev = %s", (dev,)).rowcount
+        self._out_db = {key: row for key, row in self._out_db.items()
+                        if ns_device(key[0]) != dev}
+        return self._run("DELETE FROM outcomes WHERE dev = %s OR left(dev, %s) = %s",
+                         (dev, len(dev) + len(NS_SEP), dev + NS_SEP)).rowcount
 
     # --- conflicts
 
@@ -417,9 +422,11 @@ class PgWriteTxn(PgReadTxn):
             self._tomb_put = {}
         if self._out:
             out = self._out
-            self._insert("outcomes", ("dev", "n", "c", "k", "scope", "q", "code", "reason"),
-                         ("text", "int8", "text", "text", "text", "int8", "text", "text"),
-                         [(d, n, r.c, r.k, r.scope, r.q, r.code, _clean(r.reason))
+            self._insert("outcomes",
+                         ("dev", "n", "c", "k", "scope", "q", "code", "reason", "d"),
+                         ("text", "int8", "text", "text", "text", "int8", "text", "text",
+                          "text"),
+                         [(d, n, r.c, r.k, r.scope, r.q, r.code, _clean(r.reason), r.d)
                           for (d, n), r in sorted(out.items())])
             self._out_db.update(out)
             self._out = {}
