@@ -81,7 +81,7 @@ def test_a_new_store_of_a_known_device_is_a_new_writer(env: tuple[Engine, Store]
 def test_legacy_and_new_incarnations_are_kept_apart(env: tuple[Engine, Store]) -> None:
     """Changes without `inc` (devices from before incarnations) stay in their own
     namespace: a new store's n=1 does not hit them."""
-    engine, store = env
+    engine, _ = env
     engine.handle_up("van-13", changes("van-13", [task(1, "legacy")], None))
     out = by_device(engine.handle_up("van-13", changes("van-13", [task(1, "fresh")], INC_A)))
     assert oks(out["van-13"])[0][2] == 2
