@@ -17,12 +17,10 @@ process. `agent.sync` gives the operations the sync daemon applies (`agent.sync.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -30,29 +28,28 @@ import orjson
 from agent import validate
 from agent.changes import Op, base_version, build_change, change_id, remove_tags
 from agent.checkpoints import ScopeCheckpoint
-from agent.core import Core, Settings, Work
-from agent.crypto import ValueCipher
+from agent.core import Core, Work
 from agent.errors import BadRequest, NotFound, WriteRefused
-from agent.models import AgentStatus, Conflict, DeadLetter, FeedEvent, Record, WriteResult
+from agent.models import Conflict, DeadLetter, FeedEvent, Record, WriteResult
+from agent.opening import Opener, wall_ms
+from agent.status import AgentStatus, read_status
 from agent.store import Store, n_key, record_key, split_record_key
 from agent.sync import Sync
 from agent.view import ViewState, initial_view, step
+from agent.wipe import WipeReport
 from schemas.collection import Catalog, CollectionSpec
-from waystation.config import AgentConfig, expand_path
+from waystation.config import AgentConfig
 
 WAKE_SOCKET = "agent.sock"
 """The sync daemon's datagram socket in the store's directory (see agent.daemon)."""
 
 
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Agent:
     """An open device agent. Create with `Agent.open`; close with `close()` (or `with`)."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, opener: Opener | None = None) -> None:
         self._core = core
+        self._opener = opener
         self._sync: Sync | None = None
         self._wake: socket.socket | None = None
         self._wake_to = ""  # the daemon's wake socket address (the store's path never moves)
@@ -68,25 +65,19 @@ class Agent:
         `env` expands ``${VAR}`` in the encryption key path (default: os.environ);
         `now_ms` replaces the wall clock (tests).
         """
-        cipher = None
-        if cfg.storage.encryption_key_file is not None:
-            key_path = expand_path(cfg.storage.encryption_key_file,
-                                   os.environ if env is None else env,
-                                   key="storage.encryption_key_file")
-            cipher = ValueCipher.from_file(key_path)
-        store = Store.open(Path(cfg.data_dir), map_size_mb=cfg.storage.map_size_mb,
-                           max_map_size_mb=cfg.storage.max_map_size_mb, cipher=cipher,
-                           create=create)
-        settings = Settings(device_id=cfg.device_id, scopes=tuple(cfg.scopes),
-                            catchup_page=cfg.sync.catchup_page,
-                            heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5)
-        core = Core(store, settings, catalog, now_ms or wall_ms)
-        try:
-            core.claim_identity()
-        except BaseException:
-            store.close()
-            raise
-        return cls(core)
+        opener = Opener(cfg, catalog, create=create, env=env, now_ms=now_ms)
+        return cls(opener.open(), opener)
+
+    def wipe(self, command_id: str) -> WipeReport:
+        """Erase this device's store for good (a remote wipe, `agent.wipe`): data key
+        first, then the files; this agent goes on with a new, empty store."""
+        if self._opener is None:
+            raise RuntimeError("this agent was not opened with Agent.open: cannot wipe")
+        old = self._core
+        self._core, report = self._opener.wipe(old, command_id)
+        self._sync = None
+        old.store.close()  # after the swap: a reader in another thread sees the new store
+        return report
 
     def close(self) -> None:
         if self._wake is not None:
@@ -342,41 +333,9 @@ class Agent:
                     time.sleep(wait)
 
     def status(self) -> AgentStatus:
-        """Online state, pending count and age, last sync, dead letters, conflicts."""
-        core = self._core
-
-        def run(work: Work) -> AgentStatus:
-            tx = work.tx
-            now = work.now()
-            first = tx.first("outbox")
-            oldest = None if first is None else max(0.0, (now - first[1]["t"]) / 1000)
-            last_sync = tx.meta("last_sync")
-            online_doc = tx.meta("online")
-            hb_age = None if online_doc is None else max(0.0, (now - online_doc["t"]) / 1000)
-            online = bool(online_doc and online_doc["on"] and hb_age is not None
-                          and hb_age <= core.settings.heartbeat_timeout_s)
-            open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
-            lost = sum(1 for _ in tx.keys("conflicts", b"L"))
-            cps: dict[str, int] = {}
-            gaps: list[str] = []
-            snaps: list[str] = []
-            for scope in core.scopes:
-                cp = work.checkpoint(scope)
-                cps[scope] = cp.cp
-                if cp.has_gap:
-                    gaps.append(scope)
-                if cp.snapshot:
-                    snaps.append(scope)
-            return AgentStatus(
-                device_id=core.dev, online=online, pending=tx.count("outbox"),
-                oldest_pending_age_s=oldest,
-                last_sync_age_s=None if last_sync is None else max(0.0, (now - last_sync) / 1000),
-                last_sync_ms=last_sync, dead_letters=tx.count("deadletters"),
-                open_conflicts=open_conflicts, lost_writes=lost, checkpoints=cps, gaps=gaps,
-                snapshots=snaps, heartbeat_age_s=hb_age, last_error=tx.meta("last_err"),
-                next_n=work.peek_next_n(), schema_version=core.catalog.version)
-
-        return core.read(run)
+        """Online state (and why not), pending count and age, last sync, dead letters,
+        conflicts, the store's path and incarnation (`agent.status`)."""
+        return read_status(self._core)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Changes the server refused for good, oldest first."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -172,6 +173,13 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     print(status.summary())
     print(f"  device {status.device_id}, schema version {status.schema_version}, "
           f"next change {status.device_id}:{status.next_n}")
+    print(f"  store {status.store_path} (incarnation {status.incarnation or 'legacy'})")
+    if status.link is not None:
+        print(f"  last connection attempt: {status.link['kind']}: {status.link['detail']}")
+    if status.wiped:
+        wiped_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.wiped["t"] / 1000))
+        print(f"  wiped by the operator at {wiped_at} (command {status.wiped['id']}); "
+              "the server sends no data until the device is enabled again")
     cps = ", ".join(f"{scope} {cp}" for scope, cp in status.checkpoints.items())
     print(f"  checkpoints: {cps}")
     if status.gaps:

@@ -26,6 +26,9 @@ last_sync   time (ms) of the last ack or completed catch-up
 online      {"on": bool, "t": ms}: the daemon's heartbeat
 creq        id of the last catch-up request
 last_err    {"code", "reason", "t"}: the last message-level problem
+wiped       {"t", "id", "key_destroyed"}: this store replaced one erased by a remote wipe
+gone        {"t", "id"}: this store was erased by a remote wipe (its files are being
+            replaced); every write is refused (`StoreGone`)
 ==========  ===============================================================
 """
 
@@ -38,7 +41,7 @@ from typing import Any, Literal, TypeVar
 
 from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
-from agent.errors import DeviceMismatch
+from agent.errors import DeviceMismatch, StoreGone
 from agent.store import Store, Tx, n_key, record_key
 from agent.view import ViewState, compute_view
 from schemas import wire
@@ -104,6 +107,10 @@ class Core:
         """One write transaction; `durable=False` only for what the server replays
         (see Store.write)."""
         def run(tx: Tx) -> T:
+            if tx.has("meta", b"gone"):
+                raise StoreGone(
+                    f"the local store at {self.store.path} was wiped by the operator (remote "
+                    "wipe): nothing can be written to it; open the agent again")
             work = Work(self, tx)
             result = fn(work)
             work.finish()

@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 
 from agent.api import WAKE_SOCKET, Agent
+from agent.errors import StorageError
 from schemas import codec, wire
 from schemas.collection import Catalog, load_catalog
 from schemas.errors import ProtocolError
@@ -110,6 +111,8 @@ class AgentDaemon:
             on_connect=lambda present: self._events.put(("conn", present)),
             on_disconnect=lambda reason: self._events.put(("disc", reason)),
             on_message=lambda topic, payload: self._events.put(("msg", topic, payload)),
+            on_problem=lambda problem, delay: self._events.put(
+                ("problem", problem.kind, problem.detail, delay)),
         )
         link.subscribe(self.down_topic, qos=1)
         return link
@@ -220,6 +223,10 @@ class AgentDaemon:
                 self._on_connect(bool(event[1]))
             elif kind == "disc":
                 self._on_disconnect(str(event[1]))
+            elif kind == "problem":
+                self.sync.set_link_problem(str(event[1]), str(event[2]), float(event[3]))
+                log.info("link_problem", dev=self.dev, kind=event[1], detail=event[2],
+                         retry_in_s=round(float(event[3]), 1))
         except Exception:
             # A failure applying one message must not kill the loop; the data it
             # carried comes again (resend, catch-up).
@@ -323,7 +330,15 @@ class AgentDaemon:
             log.warning("scopes_denied", dev=self.dev, scopes=result.denied)
 
     def _on_command(self, cmd: wire.Command) -> None:
-        executed = self.sync.execute_command(cmd)
+        if cmd.cmd == "wipe":
+            executed = not self.sync.command_done(cmd.id)
+            if executed:
+                report = self.agent.wipe(cmd.id)
+                self.sync = self.agent.sync
+                log.warning("wiped", dev=self.dev, id=cmd.id,
+                            key_destroyed=report.key_destroyed, key_kept=report.key_kept)
+        else:
+            executed = self.sync.execute_command(cmd)
         log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
         if executed and cmd.cmd in ("wipe", "resync"):
             self._inflight.clear()
@@ -481,4 +496,8 @@ def run(cfg: AgentConfig, *, env: Mapping[str, str]) -> int:
 
 def _status_line(daemon: AgentDaemon) -> str:
     state = "online" if daemon.connected else "offline"
-    return f"{state}, {daemon.sync.pending_count()} pending, {daemon.inflight()} in flight"
+    try:
+        pending = daemon.agent.sync.pending_count()
+    except StorageError:  # the store is being replaced (a remote wipe) right now
+        return f"{state}, store being replaced"
+    return f"{state}, {pending} pending, {daemon.inflight()} in flight"

@@ -3,6 +3,7 @@
     WaystationError
     └── AgentError                  anything the agent raises on purpose
         ├── StorageError            the local store failed (LMDB error, corrupt file, ...)
+        │   ├── StoreGone           the store was wiped (remote wipe): reopen it
         │   ├── StorageFullError    the disk or the configured map-size limit is full
         │   ├── StorageFormatError  the store was written in another on-disk format
         │   └── EncryptionKeyError  missing, unreadable or wrong encryption key
@@ -28,6 +29,11 @@ class AgentError(WaystationError):
 
 class StorageError(AgentError):
     """The local LMDB store failed; the message says which file and why."""
+
+
+class StoreGone(StorageError):
+    """This open store was wiped by the operator (a remote wipe) and replaced by an
+    empty one: nothing can be written to it; open the agent again."""
 
 
 class StorageFullError(StorageError):
@@ -106,5 +112,6 @@ __all__ = [
     "StorageError",
     "StorageFormatError",
     "StorageFullError",
+    "StoreGone",
     "WriteRefused",
 ]

@@ -65,57 +65,6 @@ class Record:
 
 
 @dataclass(frozen=True)
-class AgentStatus:
-    """The agent's sync state, as people need it (`waystation agent status`)."""
-
-    device_id: str
-    online: bool
-    """The daemon reported itself connected and its heartbeat is fresh."""
-    pending: int
-    """Changes in the outbox (saved locally, not yet acked by the server)."""
-    oldest_pending_age_s: float | None
-    last_sync_age_s: float | None
-    last_sync_ms: int | None
-    dead_letters: int
-    open_conflicts: int
-    lost_writes: int
-    checkpoints: dict[str, int]
-    gaps: list[str]
-    """Scopes with a sequence gap waiting for a catch-up."""
-    snapshots: list[str]
-    """Scopes being re-downloaded from a snapshot."""
-    heartbeat_age_s: float | None
-    last_error: dict[str, Any] | None
-    next_n: int
-    schema_version: int
-
-    def summary(self) -> str:
-        """One line: "online, 0 pending, last sync 3 s ago" and the like."""
-        last = ("never synced" if self.last_sync_age_s is None
-                else f"last sync {_age(self.last_sync_age_s)} ago")
-        if self.online:
-            text = f"online, {self.pending} pending, {last}"
-        elif self.pending:
-            noun = "change" if self.pending == 1 else "changes"
-            text = (f"offline — {self.pending} {noun} saved locally, waiting for connection; "
-                    f"oldest {_age(self.oldest_pending_age_s or 0)}; {last}")
-        else:
-            text = f"offline — nothing pending; {last}"
-        extras = []
-        if self.dead_letters:
-            extras.append(f"{self.dead_letters} dead letter{'s' if self.dead_letters != 1 else ''}")
-        if self.open_conflicts:
-            extras.append(f"{self.open_conflicts} open conflict"
-                          f"{'s' if self.open_conflicts != 1 else ''}")
-        if extras:
-            text += "; " + ", ".join(extras)
-        return text
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary()}
-
-
-@dataclass(frozen=True)
 class DeadLetter:
     """A local change the server refused for good; rolled back locally, kept here."""
 
@@ -186,8 +135,7 @@ def _age(seconds: float) -> str:
 
 
 __all__ = [
-    "AgentStatus",
-    "Conflict",
+        "Conflict",
     "DeadLetter",
     "FeedEvent",
     "Record",

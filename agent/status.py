@@ -1,0 +1,176 @@
+"""The agent's sync state as people need it (`waystation agent status`, the local API).
+
+Every figure means what its label says (issue 8 §4): "online" only while a running sync
+daemon says it is connected; "offline" says why (the broker refused the login, nothing
+listens at its address, TLS, DNS, ...) and when it tries again; a problem the server
+reported is shown until a later sync succeeds; a device the operator wiped says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent.core import Core, Work
+from agent.models import _age
+from waystation.linkproblems import HINTS
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """The agent's sync state, as people need it (`waystation agent status`)."""
+
+    device_id: str
+    online: bool
+    """A running sync daemon is connected to the broker (its heartbeat is fresh)."""
+    pending: int
+    """Changes in the outbox (saved locally, not yet acked by the server)."""
+    oldest_pending_age_s: float | None
+    last_sync_age_s: float | None
+    last_sync_ms: int | None
+    """When the server last acked a change of this device or completed a catch-up."""
+    dead_letters: int
+    open_conflicts: int
+    lost_writes: int
+    checkpoints: dict[str, int]
+    gaps: list[str]
+    """Scopes with a sequence gap waiting for a catch-up."""
+    snapshots: list[str]
+    """Scopes being re-downloaded from a snapshot."""
+    heartbeat_age_s: float | None
+    last_error: dict[str, Any] | None
+    """The last problem the server reported ({code, reason, t}); cleared by a later
+    successful sync."""
+    next_n: int
+    schema_version: int
+    agent_running: bool | None = None
+    """The sync daemon's process is alive (None: it never ran on this store)."""
+    link: dict[str, Any] | None = None
+    """Why the last connection attempt failed: {kind, detail, hint, t, retry_at}; None
+    while connected or before any attempt."""
+    store_path: str = ""
+    """The local store this status was read from."""
+    incarnation: str | None = None
+    wiped: dict[str, Any] | None = None
+    """{t, id, key_destroyed}: this store replaced one the operator wiped."""
+
+    def summary(self) -> str:
+        """One line: "online, 0 pending, last sync 3 s ago" and the like."""
+        last = ("never synced" if self.last_sync_age_s is None
+                else f"last sync {_age(self.last_sync_age_s)} ago")
+        waiting = ""
+        if self.pending:
+            noun = "change" if self.pending == 1 else "changes"
+            waiting = (f"{self.pending} {noun} saved locally, waiting for connection; oldest "
+                       f"{_age(self.oldest_pending_age_s or 0)}; ")
+        if self.online:
+            text = f"online, {self.pending} pending, {last}"
+        elif self.agent_running is False:
+            text = (f"offline — the sync daemon is not running (start `waystation agent "
+                    f"run` or its service); {waiting or 'nothing pending; '}{last}")
+        elif self.link is not None:
+            text = f"offline — {self.link['hint']} ({self.link['detail']})"
+            if self.link.get("retry_in_s") is not None:
+                text += f"; retrying in {self.link['retry_in_s']:.0f} s"
+            text += f"; {waiting or 'nothing pending; '}{last}"
+        elif self.pending:
+            text = f"offline — {waiting}{last}"
+        else:
+            text = f"offline — nothing pending; {last}"
+        extras = []
+        if self.last_error:
+            extras.append(f"server says: {self.last_error.get('reason', '')}")
+        if self.wiped:
+            extras.append("this device was wiped by the operator")
+        if self.dead_letters:
+            extras.append(f"{self.dead_letters} dead letter{'s' if self.dead_letters != 1 else ''}")
+        if self.open_conflicts:
+            extras.append(f"{self.open_conflicts} open conflict"
+                          f"{'s' if self.open_conflicts != 1 else ''}")
+        if extras:
+            text += "; " + "; ".join(extras)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "summary": self.summary()}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def read_status(core: Core) -> AgentStatus:
+    """The status of the agent's store (one read transaction)."""
+
+    def run(work: Work) -> AgentStatus:
+        tx = work.tx
+        now = work.now()
+        first = tx.first("outbox")
+        oldest = None if first is None else max(0.0, (now - first[1]["t"]) / 1000)
+        last_sync = tx.meta("last_sync")
+        online_doc = tx.meta("online")
+        hb_age = None if online_doc is None else max(0.0, (now - online_doc["t"]) / 1000)
+        running: bool | None = None
+        if online_doc is not None and online_doc.get("pid"):
+            running = pid_alive(int(online_doc["pid"]))
+        online = bool(online_doc and online_doc["on"] and hb_age is not None
+                      and hb_age <= core.settings.heartbeat_timeout_s and running is not False)
+        link = None
+        link_doc = tx.meta("link")
+        if link_doc is not None and not online and running is not False:
+            retry = link_doc.get("retry_at")
+            link = {**link_doc, "hint": HINTS.get(link_doc.get("kind", ""), "offline"),
+                    "retry_in_s": None if retry is None else max(0.0, (retry - now) / 1000)}
+        open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
+        lost = sum(1 for _ in tx.keys("conflicts", b"L"))
+        cps: dict[str, int] = {}
+        gaps: list[str] = []
+        snaps: list[str] = []
+        for scope in core.scopes:
+            cp = work.checkpoint(scope)
+            cps[scope] = cp.cp
+            if cp.has_gap:
+                gaps.append(scope)
+            if cp.snapshot:
+                snaps.append(scope)
+        return AgentStatus(
+            device_id=core.dev, online=online, pending=tx.count("outbox"),
+            oldest_pending_age_s=oldest,
+            last_sync_age_s=None if last_sync is None else max(0.0, (now - last_sync) / 1000),
+            last_sync_ms=last_sync, dead_letters=tx.count("deadletters"),
+            open_conflicts=open_conflicts, lost_writes=lost, checkpoints=cps, gaps=gaps,
+            snapshots=snaps, heartbeat_age_s=hb_age, last_error=tx.meta("last_err"),
+            next_n=work.peek_next_n(), schema_version=core.catalog.version,
+            agent_running=running, link=link, store_path=str(core.store.path),
+            incarnation=work.incarnation(), wiped=tx.meta("wiped"))
+
+    return core.read(run)
+
+
+def record_online(work: Work, online: bool) -> None:
+    """The daemon's heartbeat: connected or not, now, and which process says so."""
+    work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid()})
+    if online:
+        with contextlib.suppress(Exception):
+            work.tx.delete("meta", b"link")
+
+
+def record_link_problem(work: Work, kind: str, detail: str, retry_in_s: float) -> None:
+    """Why the last connection attempt failed, and when the next one is due."""
+    now = work.now()
+    work.tx.set_meta("link", {"kind": kind, "detail": detail[:300], "t": now,
+                              "retry_at": now + int(retry_in_s * 1000)})
+
+
+__all__ = ["AgentStatus", "pid_alive", "read_status", "record_link_problem", "record_online"]

@@ -1,0 +1,84 @@
+"""How a registered device stands, in words an operator can act on (pure).
+
+Used by `waystation device list` and `waystation server devices`, in their table and
+their JSON forms, so both say the same thing: enabled or disabled, a wipe pending or
+done and when, the store incarnation the device runs, when it last synced, and how far
+its reported checkpoints are behind each scope's sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from broker.server.store.base import DeviceRow
+
+
+def iso(ms: int) -> str:
+    """UTC ISO 8601 of a time in ms ("" for 0: never)."""
+    if not ms:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def ago(ms: int, now: int) -> str:
+    if not ms:
+        return "never"
+    secs = max(0, (now - ms) // 1000)
+    if secs < 60:
+        return f"{secs}s ago"
+    if secs < 3600:
+        return f"{secs // 60}m ago"
+    if secs < 86400:
+        return f"{secs // 3600}h ago"
+    return f"{secs // 86400}d ago"
+
+
+def lifecycle(row: DeviceRow) -> str:
+    """enabled / disabled, with a wipe pending or done: "wipe pending since T", "wiped at
+    T, disabled", ..."""
+    if row.wipe_pending:
+        return f"wipe pending since {iso(row.wipe_ms)} (disabled)"
+    state = "enabled" if row.enabled else "disabled"
+    if row.wipe_id:
+        return f"wiped at {iso(row.wipe_done_ms)}, {state}"
+    return state
+
+
+def presence(row: DeviceRow) -> str:
+    """The STATE column of `server devices`: lifecycle first, then online/offline."""
+    life = lifecycle(row)
+    online = "online" if row.online else "offline"
+    return online if life == "enabled" else f"{online}, {life}"
+
+
+def progress(row: DeviceRow, seqs: Mapping[str, int]) -> str:
+    """Per scope: the device's reported checkpoint / the scope's sequence."""
+    return ", ".join(f"{s} {row.cp[s]}/{seqs.get(s, 0)}" if s in row.cp
+                     else f"{s} ?/{seqs.get(s, 0)}" for s in row.scopes)
+
+
+def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The JSON form, the same in `device list --json` and `server devices --json`."""
+    doc: dict[str, Any] = {
+        "id": row.id, "scopes": list(row.scopes), "enabled": row.enabled,
+        "state": lifecycle(row), "online": row.online, "created": iso(row.created_ms),
+        "last_seen": iso(row.last_seen_ms), "last_sync": iso(row.synced_ms),
+        "agent": row.agent, "sv": row.sv, "pending": None if row.pend < 0 else row.pend,
+        "store": {"incarnation": row.inc or None, "since": iso(row.inc_ms),
+                  "incarnations_seen": row.incs},
+        "wipe": None if not row.wipe_id else {
+            "command": row.wipe_id, "ordered": iso(row.wipe_ms),
+            "done": iso(row.wipe_done_ms) or None},
+    }
+    if seqs is not None:
+        doc["checkpoints"] = {
+            s: {"reported": row.cp.get(s), "seq": seqs.get(s, 0),
+                "behind": None if s not in row.cp else max(0, seqs.get(s, 0) - row.cp[s])}
+            for s in row.scopes}
+        doc["checkpoints_reported"] = iso(row.cp_ms)
+    return doc
+
+
+__all__ = ["ago", "device_doc", "iso", "lifecycle", "presence", "progress"]

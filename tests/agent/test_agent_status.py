@@ -1,0 +1,100 @@
+"""Status that tells the truth (issue 8 §4): own superseded writes are not "lost",
+offline says why, a dead daemon is not "online", server problems clear once over."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.api import Agent
+from schemas import codec, wire
+from tests.agent.agentkit import FakeClock
+from tests.server.helpers import make_engine
+
+S = "route-42"
+
+
+def _deliver(agent: Agent, out: list[tuple[str, bytes]]) -> None:
+    for dev, payload in out:
+        assert dev == agent.device_id
+        msg = codec.decode(payload, allowed=wire.DOWN_TYPES)
+        if isinstance(msg, wire.Ack):
+            agent.sync.apply_ack(msg)
+        elif isinstance(msg, wire.Reject):
+            agent.sync.apply_reject(msg)
+
+
+def test_own_superseded_write_is_not_reported_lost(agent: Agent, tmp_path: Path) -> None:
+    """Field written twice (n=1, n=2), both acks lost, everything resent: the server
+    re-acks with the whole record and n=2's value; nothing is "lost"."""
+    engine, _, _ = make_engine(tmp_path / "server", {agent.device_id: [S]})
+    agent.put("tasks", "t-1", {"route": S, "status": "100000"})
+    agent.put("tasks", "t-1", {"status": "100001"})
+    batch = agent.sync.next_batch()
+    payload = codec.encode(batch.message(agent.device_id))
+    engine.handle_up(agent.device_id, payload)  # applied; the acks are lost
+    _deliver(agent, engine.handle_up(agent.device_id, payload))  # the resend: duplicates
+    assert agent.status().pending == 0
+    assert agent.conflicts() == []
+    assert agent.status().lost_writes == 0
+    record = agent.get("tasks", "t-1")
+    assert record is not None and record.fields["status"] == "100001"
+
+
+def test_a_write_that_really_lost_is_still_reported(agent: Agent, tmp_path: Path,
+                                                    clock: FakeClock) -> None:
+    """Another device's later write wins: the own write is "lost" (kept for people)."""
+    engine, _, _ = make_engine(tmp_path / "server", {agent.device_id: [S], "van-9": [S]})
+    agent.put("tasks", "t-1", {"route": S, "status": "mine"})
+    other = {"type": "changes", "v": 1, "dev": "van-9", "sv": 1, "ch": [
+        {"n": 1, "h": f"{clock() + 60_000:012x}0000", "c": "tasks", "k": "t-1", "s": S,
+         "b": 0, "op": "put", "f": {"route": S, "status": "theirs"}}]}
+    engine.handle_up("van-9", codec.encode_dict(other))
+    _deliver(agent, engine.handle_up(
+        agent.device_id, codec.encode(agent.sync.next_batch().message(agent.device_id))))
+    assert [c.kind for c in agent.conflicts()] == ["lost"]
+
+
+def test_offline_says_why_and_when_it_retries(agent: Agent) -> None:
+    """A refused login is named in status, with the next try; connecting clears it."""
+    agent.sync.set_online(False)
+    agent.sync.set_link_problem("login_refused", "Not authorized", 8.0)
+    status = agent.status()
+    assert not status.online and status.link is not None
+    assert status.link["kind"] == "login_refused"
+    assert "refused the login" in status.summary() and "retrying in 8 s" in status.summary()
+    agent.sync.set_online(True)
+    status = agent.status()
+    assert status.online and status.link is None
+
+
+def test_a_killed_daemon_is_not_online(agent: Agent) -> None:
+    """The heartbeat of a process that no longer exists does not count as online."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(proc.stdout)
+    agent.sync.set_online(True)
+    agent._core.store.write(lambda tx: tx.set_meta(
+        "online", {**tx.meta("online"), "pid": dead}))
+    status = agent.status()
+    assert not status.online and status.agent_running is False
+    assert "sync daemon is not running" in status.summary()
+
+
+def test_server_problem_clears_after_a_successful_sync(agent: Agent) -> None:
+    """"device disabled" stays only until the server accepts something again."""
+    agent.put("tasks", "t-1", {"route": S})
+    agent.sync.apply_reject(wire.Reject(err=wire.ErrorInfo(
+        code="device_disabled", reason="device van-1 is disabled by the operator")))
+    assert "disabled" in agent.status().summary()
+    agent.sync.apply_ack(wire.Ack(ok=[(1, S, 1)]))
+    status = agent.status()
+    assert status.last_error is None and "disabled" not in status.summary()
+
+
+def test_status_names_the_store_it_reads(agent: Agent) -> None:
+    """agent status shows the store's path and incarnation."""
+    status = agent.status()
+    assert status.store_path == str(agent.store.path)
+    assert status.incarnation == agent.sync.hello("t/1").inc

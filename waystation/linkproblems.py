@@ -1,0 +1,58 @@
+"""Why an MQTT connection attempt failed, in a few kinds people can act on (pure).
+
+The agent records the kind with the attempt's time and the next retry, so `agent status`
+and the local API can say "the broker refused the login", not just "offline".
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Literal, NamedTuple
+
+ProblemKind = Literal["login_refused", "connection_refused", "tls", "dns", "timeout",
+                      "network", "broker_refused", "disconnected"]
+
+HINTS: dict[str, str] = {
+    "login_refused": "the broker refused the login: check mqtt.username / the password "
+                     "(or the client certificate), and that the device is enrolled",
+    "connection_refused": "nothing accepts connections at the broker's address: is the "
+                          "broker running, are mqtt.host / mqtt.port right?",
+    "tls": "the TLS handshake failed: check mqtt.tls (CA file, server name, client "
+           "certificate) and the device's clock",
+    "dns": "the broker's host name does not resolve: check mqtt.host and the device's DNS",
+    "timeout": "the broker did not answer in time: the network is slow or blocked",
+    "network": "the network is unreachable or the connection broke",
+    "broker_refused": "the broker refused the connection",
+    "disconnected": "the connection was lost",
+}
+
+
+class LinkProblem(NamedTuple):
+    kind: ProblemKind
+    detail: str
+
+
+def from_exception(exc: BaseException) -> LinkProblem:
+    """The kind of an exception raised while connecting."""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, socket.gaierror):
+        return LinkProblem("dns", detail)
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return LinkProblem("tls", detail)
+    if isinstance(exc, ConnectionRefusedError):
+        return LinkProblem("connection_refused", detail)
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return LinkProblem("timeout", detail)
+    return LinkProblem("network", detail)
+
+
+def from_connack(reason: str) -> LinkProblem:
+    """The kind of a CONNACK refusal (paho's reason text)."""
+    text = reason.lower()
+    if "not authori" in text or "user name or password" in text or "bad user" in text:
+        return LinkProblem("login_refused", reason)
+    return LinkProblem("broker_refused", reason)
+
+
+__all__ = ["HINTS", "LinkProblem", "ProblemKind", "from_connack", "from_exception"]
