@@ -42,7 +42,7 @@ from schemas.errors import ProtocolError
 from waystation import __version__
 from waystation.config import AgentConfig
 from waystation.mqtt import Backoff, MqttLink, Will
-from waystation.service import run_service
+from waystation.service import check_state_directory, run_service
 
 log = structlog.get_logger("waystation.agent")
 
@@ -483,6 +483,7 @@ class AgentDaemon:
 
 def run(cfg: AgentConfig, *, env: Mapping[str, str]) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT (systemd-aware)."""
+    check_state_directory(cfg.data_dir, env, "agent")
     catalog = load_catalog(cfg.schema_path())
     daemon = AgentDaemon(cfg, catalog, env=env)
 

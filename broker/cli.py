@@ -426,7 +426,8 @@ class AgentLayout:
 
     directory: str
     """Prefix for ca.pem, the schema and client certificates ("" = next to the config)."""
-    data_dir: str | None
+    data_dir: str
+    """The store's directory ("{dev}" is the device id); relative: next to the config."""
     password_file: str | None
     """None: the password goes inline into the config."""
     schema_name: str
@@ -441,13 +442,15 @@ class AgentLayout:
                     "`waystation agent run --config FILE`.\nIt holds the device's broker "
                     "password: keep it private (mode 0600).")
         return (f"Waystation agent config for device {dev} (written by `waystation device add "
-                "--systemd`).\nInstall as /etc/waystation/agent.toml; ca.pem and the schema "
-                "into /etc/waystation/,\nthe .mqtt-password file as "
-                "/etc/waystation/credentials/agent-mqtt-password (mode 0600).")
+                f"--systemd`).\nInstall as /etc/waystation/agent-{dev}.toml; ca.pem and the "
+                "schema into /etc/waystation/,\nthe .mqtt-password file as "
+                f"/etc/waystation/credentials/agent-{dev}-mqtt-password (mode 0600); then\n"
+                f"systemctl enable --now waystation-agent@{dev} (its StateDirectory is "
+                "data_dir below).")
 
 
-PORTABLE_LAYOUT = AgentLayout("", None, None, "{dev}.schema.toml")
-SYSTEMD_LAYOUT = AgentLayout("/etc/waystation/", "/var/lib/waystation/agent",
+PORTABLE_LAYOUT = AgentLayout("", "{dev}-data", None, "{dev}.schema.toml")
+SYSTEMD_LAYOUT = AgentLayout("/etc/waystation/", "/var/lib/waystation/agent-{dev}",
                              "${CREDENTIALS_DIRECTORY}/mqtt-password", "fleet.toml")
 
 
@@ -479,9 +482,8 @@ def _agent_config(config: ServerConfig, dev: str, scopes: list[str], password: s
             tls["cert_file"] = layout.path(f"{dev}.crt")
             tls["key_file"] = layout.path(f"{dev}.key")
         mqtt["tls"] = tls
-    data: dict[str, Any] = {"device_id": dev, "scopes": scopes, "mqtt": mqtt}
-    if layout.data_dir is not None:
-        data["data_dir"] = layout.data_dir
+    data: dict[str, Any] = {"device_id": dev, "scopes": scopes, "mqtt": mqtt,
+                            "data_dir": layout.data_dir.format(dev=dev)}
     if config.schema_file is not None:
         data["schema_file"] = layout.path(layout.schema_name.format(dev=dev))
     try:

@@ -12,8 +12,10 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from waystation import systemd
+from waystation.errors import ConfigError
 
 
 def run_service(*, start: Callable[[], None], stop: Callable[[], None],
@@ -45,3 +47,21 @@ def run_service(*, start: Callable[[], None], stop: Callable[[], None],
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
     return 0
+
+
+def check_state_directory(data_dir: Path, env: Mapping[str, str], part: str) -> None:
+    """Under a systemd unit with StateDirectory= (systemd sets $STATE_DIRECTORY), the
+    config's data_dir must be that directory: the service and the commands an operator
+    runs by hand with the same --config must use one store (a write made by hand into
+    another store would never sync). ConfigError otherwise."""
+    states = [Path(p) for p in env.get("STATE_DIRECTORY", "").split(":") if p]
+    if not states:
+        return
+    here = Path(data_dir).resolve()
+    if any(here == state.resolve() for state in states):
+        return
+    raise ConfigError(
+        f"{part} data_dir is {data_dir}, but this service's StateDirectory is "
+        f"{states[0]}: set data_dir = \"{states[0]}\" in the {part} config, so that the "
+        f"service and the `waystation {part} ...` commands run by hand use the same store")
+

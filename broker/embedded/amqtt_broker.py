@@ -306,9 +306,11 @@ def broker_run(args: Any, env: Mapping[str, str]) -> int:
     """``waystation broker run``: load the ``broker`` part of the config file and serve."""
     from waystation.config import BrokerConfig, load_config
     from waystation.logs import configure_logging
+    from waystation.service import check_state_directory
 
     cfg = load_config(BrokerConfig, getattr(args, "config", None), env, part="broker")
     configure_logging(cfg.log)
+    check_state_directory(cfg.data_dir, env, "broker")
     return run(BrokerSettings.from_config(cfg), env=env)
 
 

@@ -47,7 +47,7 @@ from schemas.collection import Catalog, load_catalog
 from waystation.config import ServerConfig
 from waystation.hlc import Clock
 from waystation.mqtt import MqttLink
-from waystation.service import run_service
+from waystation.service import check_state_directory, run_service
 
 log = structlog.get_logger("waystation.server")
 
@@ -248,6 +248,7 @@ class MergeServer:
 
 def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT (systemd-aware)."""
+    check_state_directory(cfg.data_dir, env, "server")
     catalog = load_catalog(cfg.schema_path())
     server = MergeServer(cfg, catalog, env=env)
     metrics: list[Any] = []

@@ -33,10 +33,13 @@ def round_trip(tmp_path: Path, config: BaseModel, **kwargs: bool) -> BaseModel:
 
 
 def test_defaults_round_trip(tmp_path: Path) -> None:
-    """Every part's default config survives dump and load unchanged."""
+    """Every part's default config survives dump and load unchanged; a default data_dir
+    read back from a file is relative to that file (not to the working directory)."""
     for model in (AgentConfig, ServerConfig, BrokerConfig):
         config = load_config(model, None, {})
-        assert round_trip(tmp_path, config, exclude_defaults=True) == config
+        back = round_trip(tmp_path, config, exclude_defaults=True)
+        assert back.data_dir == tmp_path / config.data_dir  # type: ignore[attr-defined]
+        assert back == config.model_copy(update={"data_dir": tmp_path / config.data_dir})  # type: ignore[attr-defined]
         absolute = config.model_copy(update={"data_dir": tmp_path / "data"})
         assert round_trip(tmp_path, absolute) == absolute
 

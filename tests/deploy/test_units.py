@@ -28,6 +28,8 @@ import pytest
 
 from tests.helpers import RecordingClient, free_port, port_open, wait_until
 from waystation.config import AgentConfig, BrokerConfig, ServerConfig, load_config
+from waystation.errors import ConfigError
+from waystation.service import check_state_directory
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT_DIR = REPO / "deploy" / "systemd"
@@ -160,7 +162,10 @@ def test_unit_runs_its_part_on_its_state_directory(spec: UnitSpec) -> None:
         f"{VENV_BIN} {spec.part} run --config {spec.config}")
     assert value(unit, "Service", "StateDirectory") == spec.state
     env = environment(unit)
-    assert env[f"WAYSTATION_{spec.part.upper()}__DATA_DIR"] == f"%S/{spec.state}"
+    # data_dir comes from the config file alone (the part checks it is the
+    # StateDirectory): an override here would make the service use another store than
+    # the commands run by hand with the same --config.
+    assert f"WAYSTATION_{spec.part.upper()}__DATA_DIR" not in env
     credentials = values(unit, "Service", "LoadCredential")
     if spec.credential is None:
         assert credentials == []
@@ -177,8 +182,10 @@ def test_unit_environment_and_credentials_load_as_config(spec: UnitSpec, tmp_pat
            for name, val in environment(unit).items()}
     model = MODELS[spec.part]
     config_file = tmp_path / f"{spec.part}.toml"
-    toml = "" if spec.part == "broker" else (
-        '[mqtt]\npassword_file = "${CREDENTIALS_DIRECTORY}/mqtt-password"\n')
+    state_dir = state_root / spec.state.replace("%i", INSTANCE)
+    env["STATE_DIRECTORY"] = str(state_dir)  # what systemd sets for StateDirectory=
+    toml = f'data_dir = "{state_dir}"\n' + ("" if spec.part == "broker" else (
+        '[mqtt]\npassword_file = "${CREDENTIALS_DIRECTORY}/mqtt-password"\n'))
     config_file.write_text(toml)
     if spec.credential is not None:
         # What systemd does for LoadCredential=mqtt-password:...: a private directory
@@ -188,8 +195,10 @@ def test_unit_environment_and_credentials_load_as_config(spec: UnitSpec, tmp_pat
         (creds / "mqtt-password").write_text("s3cret\n")
         env["CREDENTIALS_DIRECTORY"] = str(creds)
     config: AgentConfig | ServerConfig | BrokerConfig = load_config(model, config_file, env)
-    state = spec.state.replace("%i", INSTANCE)
-    assert Path(config.data_dir) == state_root / state
+    assert Path(config.data_dir) == state_dir
+    check_state_directory(config.data_dir, env, spec.part)  # accepted
+    with pytest.raises(ConfigError, match=f"set data_dir = \"{state_dir}\""):
+        check_state_directory(tmp_path / "elsewhere", env, spec.part)
     assert config.log.format == "json"
     if isinstance(config, AgentConfig | ServerConfig):
         assert config.mqtt.resolved_password(env) == "s3cret"

@@ -382,11 +382,12 @@ class Fleet:
     # ------------------------------------------------------------------ CLI
 
     def cli(self, *args: str, input: str | None = None, check: bool = True,
-            env: Mapping[str, str] | None = None, timeout: float = 60.0
-            ) -> subprocess.CompletedProcess[str]:
-        """Run `waystation ARGS...` in the fleet's directory; fail on a non-zero exit
-        unless `check=False`."""
-        result = subprocess.run(waystation_argv(*args), cwd=self.root, env=_clean_env(env),
+            env: Mapping[str, str] | None = None, timeout: float = 60.0,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `waystation ARGS...` in the fleet's directory (or `cwd`); fail on a
+        non-zero exit unless `check=False`."""
+        result = subprocess.run(waystation_argv(*args), cwd=cwd or self.root,
+                                env=_clean_env(env),
                                 input=input, capture_output=True, text=True, timeout=timeout,
                                 check=False)
         if check and result.returncode != 0:

@@ -102,7 +102,8 @@ def test_device_wipe_resync_disable_enable(tmp_path: Path,
 def test_device_add_systemd_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`device add --systemd` writes a config for the unit's fixed layout: password in a
     separate 0600 file read through ${CREDENTIALS_DIRECTORY}, CA and schema under
-    /etc/waystation, state in /var/lib/waystation/agent; portable mode keeps every path
+    /etc/waystation, state in /var/lib/waystation/agent-ID (waystation-agent@ID's
+    StateDirectory); portable mode keeps every path
     relative to the config (nothing points into the --out directory)."""
     ca = make_ca(tmp_path / "ca")
     schema = tmp_path / "fleet.toml"
@@ -119,7 +120,7 @@ def test_device_add_systemd_layout(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "password =" not in text
     assert 'ca_file = "/etc/waystation/ca.pem"' in text
     assert 'schema_file = "/etc/waystation/fleet.toml"' in text
-    assert 'data_dir = "/var/lib/waystation/agent"' in text
+    assert 'data_dir = "/var/lib/waystation/agent-van-5"' in text  # the template's
     secret = out / "van-5.mqtt-password"
     assert secret.stat().st_mode & 0o777 == 0o600
     assert verify_password(read_password_file(tmp_path / "passwd")["van-5"],
@@ -136,4 +137,7 @@ def test_device_add_systemd_layout(tmp_path: Path, capsys: pytest.CaptureFixture
                  "--config", str(conf)], env={}) == 0
     text = (portable / "van-6.toml").read_text()
     assert str(portable) not in text and 'schema_file = "van-6.schema.toml"' in text
+    assert 'data_dir = "van-6-data"' in text  # its own store, next to the config
+    loaded = load_config(AgentConfig, portable / "van-6.toml", {})
+    assert loaded.data_dir == portable / "van-6-data"
     capsys.readouterr()

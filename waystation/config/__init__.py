@@ -16,9 +16,11 @@ Conventions:
   value (``1884``, ``true``, ``["a", "b"]``, ``{ host = "x" }``) unless the setting is
   a string, in which case it is taken literally (quotes are optional). An empty value
   sets an optional setting to "none". An override that names no setting is an error.
-- **Paths** written in a config file are relative to the file's directory; paths from
-  environment overrides and the built-in defaults are relative to the working
-  directory. ``${NAME}`` in a path is expanded from the environment, e.g.
+- **Paths** written in a config file, and the built-in default paths of a config read
+  from a file (``data_dir``), are relative to the file's directory, so one file names
+  the same store from any working directory; paths from environment overrides, and the
+  defaults when no file is given, are relative to the working directory. ``${NAME}``
+  in a path is expanded from the environment, e.g.
   ``password_file = "${CREDENTIALS_DIRECTORY}/mqtt-password"`` (systemd
   ``LoadCredential=``). In credential paths (``*password_file``, ``*key_file``,
   ``*cert_file``, ``ca_file``) an unset variable is kept and expanded when the file is

@@ -71,11 +71,25 @@ def _load(model: type[T], path: Path | str | None, env: Mapping[str, str] | None
             value = _expand_config_path(value, env, keys, var, None)
         _set_nested(data, keys, value)
         env_sources[keys] = var
+    if path is not None:
+        _anchor_default_paths(model, data, Path(path).absolute().parent)
     try:
         config = model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, model, source, env_sources)) from None
     return config, {var: ".".join(keys) for keys, var in env_sources.items()}
+
+
+def _anchor_default_paths(model: type[BaseModel], data: dict[str, Any], base: Path) -> None:
+    """Relative built-in default paths (e.g. data_dir) of a config read from a file are
+    relative to the file's directory, like every path written in it: the same file used
+    from any working directory names the same store."""
+    for key, field in model.model_fields.items():
+        if key in data or Path not in _unwrap(field.annotation):
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, Path) and not default.is_absolute():
+            data[key] = str(base / default)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
