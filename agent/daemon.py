@@ -97,6 +97,8 @@ class AgentDaemon:
         self._catchup_req: str | None = None
         self._catchup_sent = 0.0
         self._last_status = 0.0
+        self._hello_cp: dict[str, int] | None = None
+        self._last_problem: tuple[Any, Any] | None = None
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
         self.link = self._make_link()
@@ -225,8 +227,10 @@ class AgentDaemon:
                 self._on_disconnect(str(event[1]))
             elif kind == "problem":
                 self.sync.set_link_problem(str(event[1]), str(event[2]), float(event[3]))
-                log.info("link_problem", dev=self.dev, kind=event[1], detail=event[2],
-                         retry_in_s=round(float(event[3]), 1))
+                if (event[1], event[2]) != self._last_problem:  # say it once, not per retry
+                    self._last_problem = (event[1], event[2])
+                    log.warning("link_problem", dev=self.dev, kind=event[1], detail=event[2],
+                                retry_in_s=round(float(event[3]), 1))
         except Exception:
             # A failure applying one message must not kill the loop; the data it
             # carried comes again (resend, catch-up).
@@ -234,6 +238,7 @@ class AgentDaemon:
 
     def _on_connect(self, session_present: bool) -> None:
         self._connected = True
+        self._last_problem = None
         self.stats.connects += 1
         # Whatever was in flight may be lost (amqtt drops in-flight QoS 1 on reconnect):
         # send it again; the server answers duplicates with the same outcome.
@@ -242,7 +247,9 @@ class AgentDaemon:
         log.info("connected", dev=self.dev, session_present=session_present,
                  pending=self.sync.pending_count())
         self._publish_status(True)
-        self._send(self.sync.hello(AGENT_NAME, z=True))
+        hello = self.sync.hello(AGENT_NAME, z=True)
+        if self._send(hello):
+            self._hello_cp = hello.cp
         self._start_catchup()
         self.sync.set_online(True)
 
@@ -322,6 +329,7 @@ class AgentDaemon:
             log.info("catchup_behind", dev=self.dev, scopes=result.behind)
             self._start_catchup()
             return
+        self._hello_if_moved()
         if msg.req == self._catchup_req:
             self._catchup_req = None
         if result.dropped:
@@ -387,6 +395,13 @@ class AgentDaemon:
         room = sync_cfg.max_inflight_changes - len(self._inflight)
         return self._connected and room >= sync_cfg.batch_max_changes
 
+    def _hello_if_moved(self) -> None:
+        """Tell the server how far this device has caught up (hello carries its
+        checkpoints), when that moved since the last hello (operator's view, §7.1)."""
+        hello = self.sync.hello(AGENT_NAME, z=True)
+        if hello.cp != self._hello_cp and self._send(hello):
+            self._hello_cp = hello.cp
+
     def _send(self, msg: wire.Message) -> bool:
         payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)
         return self.link.publish(self.up_topic, payload)
@@ -412,6 +427,7 @@ class AgentDaemon:
         if now - self._last_status >= sync_cfg.status_interval_s:
             self._publish_status(True)
             self.sync.set_online(True)
+            self._hello_if_moved()
         if self._catchup_req is not None:
             # An unanswered catch-up is retried like an unacked change: after the ack
             # timeout (the request or its answer may have been lost in a reconnect).

@@ -424,12 +424,17 @@ class Sync:
         return core.read(run)
 
     def hello(self, agent_version: str, *, z: bool = True) -> wire.Hello:
-        """The `hello` to send after every (re)connect, with executed command ids and
-        the store's incarnation."""
-        done, inc = self._core.read(
-            lambda work: (list(work.tx.meta("cmds", [])), work.incarnation()))
-        return wire.Hello(dev=self.dev, agent=agent_version, sv=self._core.catalog.version,
-                          z=z, done=done[-MAX_COMMAND_IDS:], inc=inc)
+        """The `hello` to send after every (re)connect (and when the checkpoints moved),
+        with executed command ids, the store's incarnation and its checkpoints."""
+        core = self._core
+
+        def run(work: Work) -> wire.Hello:
+            return wire.Hello(dev=self.dev, agent=agent_version, sv=core.catalog.version,
+                              z=z, done=list(work.tx.meta("cmds", []))[-MAX_COMMAND_IDS:],
+                              inc=work.incarnation(),
+                              cp={s: work.checkpoint(s).cp for s in core.scopes})
+
+        return core.read(run)
 
     def status_message(self, online: bool, agent_version: str | None = None) -> wire.Status:
         """The retained `status` (§7.10): presence and counts, nothing private."""

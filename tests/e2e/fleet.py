@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from agent.api import Agent
+from broker.server.identity import outcome_ns
 from broker.server.store import open_store
 from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
@@ -600,6 +601,12 @@ class Fleet:
             with contextlib.suppress(Exception):
                 ag.close()
         self._open_agents.clear()
+
+    def outcome_ns(self, dev: str) -> str:
+        """Where the server keeps the outcomes of the device's changes: the device id
+        and its store's incarnation (`broker.server.identity.outcome_ns`)."""
+        inc = self.agent(dev).sync.hello("test").inc
+        return outcome_ns(dev, inc)
 
     def pending(self, dev: str) -> int:
         return self.agent(dev).status().pending

@@ -81,7 +81,7 @@ def test_server_killed_after_apply_before_ack(fleet: Fleet) -> None:
     assert fleet.server.events("failpoint_after_commit"), fleet.server.log_tail()
     applied = fleet.value("inventory", "sku-1", "stock") or 0
     with fleet.store.read() as txn:
-        committed = txn.get_outcome("van-1", 1)
+        committed = txn.get_outcome(fleet.outcome_ns("van-1"), 1)
     assert committed is not None and committed.applied, "the group was committed"
     # ... and never acked: the device still holds every change it wrote.
     assert fleet.pending("van-1") == count + 1

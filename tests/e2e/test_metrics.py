@@ -64,8 +64,10 @@ def test_metrics_count_applied_changes_and_follow_presence(fleet: Fleet) -> None
 
     applied = 31 + 11
     assert fleet.scope_seq("depot-7") == applied   # one q per applied change
+    namespaces = {dev: fleet.outcome_ns(dev) for dev in ("van-1", "van-2")}
     with fleet.store.read() as txn:
-        outcomes = [txn.get_outcome(dev, n) for dev, last in (("van-1", 31), ("van-2", 12))
+        outcomes = [txn.get_outcome(namespaces[dev], n)
+                    for dev, last in (("van-1", 31), ("van-2", 12))
                     for n in range(1, last + 1)]
     assert sum(1 for o in outcomes if o is not None and o.applied) == applied
     # The counters move after the commit and its answers: wait for the numbers, then

@@ -164,10 +164,11 @@ def check_sequences(fleet: Fleet, ledger: Ledger) -> None:
     """Every change applied once: one outcome per change id, and the outcomes' (scope, q)
     are exactly 1..N of each scope - no gap, no duplicate, nothing applied twice."""
     used: dict[str, list[int]] = {s: [] for s in SCOPES}
+    namespaces = {dev: fleet.outcome_ns(dev) for dev in ledger.last_n}
     with fleet.store.read() as txn:
         for dev, last in ledger.last_n.items():
             for n in range(1, last + 1):
-                row = txn.get_outcome(dev, n)
+                row = txn.get_outcome(namespaces[dev], n)
                 assert row is not None and row.applied, f"{dev}:{n} has outcome {row}"
                 used[row.scope].append(row.q)
         seqs = {s: txn.scope_seq(s) for s in SCOPES}

@@ -15,9 +15,10 @@ WRITES = 200
 def applied_outcomes(fleet: Fleet, dev: str, count: int) -> dict[int, tuple[str, int]]:
     """change number -> (scope, q) of every applied change 1..count of `dev`."""
     out: dict[int, tuple[str, int]] = {}
+    ns = fleet.outcome_ns(dev)
     with fleet.store.read() as txn:
         for n in range(1, count + 1):
-            row = txn.get_outcome(dev, n)
+            row = txn.get_outcome(ns, n)
             assert row is not None and row.applied, f"{dev}:{n} has outcome {row}"
             out[n] = (row.scope, row.q)
     return out
