@@ -110,6 +110,7 @@ class AgentDaemon:
             on_connect=lambda present: self._events.put(("conn", present)),
             on_disconnect=lambda reason: self._events.put(("disc", reason)),
             on_message=lambda topic, payload: self._events.put(("msg", topic, payload)),
+            on_retry=lambda delay, reason: self._events.put(("retry", delay, reason)),
         )
         link.subscribe(self.down_topic, qos=1)
         return link
@@ -134,6 +135,7 @@ class AgentDaemon:
         self._close_wake_socket()
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
+            self.sync.record_link("offline", "stopped")
         if self._owns_agent:
             self.agent.close()
 
@@ -220,6 +222,8 @@ class AgentDaemon:
                 self._on_connect(bool(event[1]))
             elif kind == "disc":
                 self._on_disconnect(str(event[1]))
+            elif kind == "retry":
+                self.sync.record_link("retrying", str(event[2]), float(event[1]))
         except Exception:
             # A failure applying one message must not kill the loop; the data it
             # carried comes again (resend, catch-up).
@@ -238,6 +242,7 @@ class AgentDaemon:
         self._send(self.sync.hello(AGENT_NAME, z=True))
         self._start_catchup()
         self.sync.set_online(True)
+        self.sync.record_link("online")
 
     def _on_disconnect(self, reason: str) -> None:
         if self._connected:
@@ -247,6 +252,7 @@ class AgentDaemon:
         self._catchup_req = None
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
+            self.sync.record_link("offline", reason)
 
     def _on_message(self, payload: bytes) -> None:
         try:

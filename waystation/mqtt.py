@@ -69,6 +69,7 @@ log = structlog.get_logger(__name__)
 OnConnect = Callable[[bool], object]
 OnDisconnect = Callable[[str], object]
 OnMessage = Callable[[str, bytes], object]
+OnRetry = Callable[[float, str], object]
 
 _LOOP_TIMEOUT_S = 1.0
 
@@ -156,13 +157,15 @@ class MqttLink:
         on_connect: OnConnect | None = None,
         on_disconnect: OnDisconnect | None = None,
         on_message: OnMessage | None = None,
+        on_retry: OnRetry | None = None,
         rng: random.Random | None = None,
     ) -> None:
         """Configure the link; nothing happens on the network until ``start()``.
 
         ``max_inflight``: QoS-1 messages awaiting PUBACK (100 is fast; paho slows down
         at 1000, it rescans the list on every ack). ``max_queued``: paho's own queue
-        beyond that, after which ``publish`` returns False.
+        beyond that, after which ``publish`` returns False. ``on_retry(delay_s,
+        reason)``: called on the network thread before each wait for the next attempt.
         """
         if not client_id:
             raise ValueError("client_id is required (persistent sessions are per client id)")
@@ -176,6 +179,7 @@ class MqttLink:
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self._on_message_cb = on_message
+        self._on_retry_cb = on_retry
 
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -377,6 +381,7 @@ class MqttLink:
             self._attempt += 1
             log.debug("mqtt reconnect scheduled", client_id=self.client_id,
                       delay_s=round(delay, 3), reason=self._last_error)
+            self._call(self._on_retry_cb, delay, self._last_error or "")
             self._stopping.wait(delay)
         self._finish()
 
