@@ -27,10 +27,10 @@ from typing import Any
 
 import orjson
 
-from agent import validate
+from agent import feed, validate
 from agent.changes import Op, base_version, build_change, change_id, remove_tags
 from agent.checkpoints import ScopeCheckpoint
-from agent.core import Core, Settings, Work
+from agent.core import Core, Settings, Work, open_conflict_key
 from agent.crypto import ValueCipher
 from agent.errors import BadRequest, NotFound, WriteRefused
 from agent.models import AgentStatus, Conflict, DeadLetter, FeedEvent, Record, WriteResult
@@ -249,9 +249,9 @@ class Agent:
                                f"{validate.MAX_RECORD_BYTES}-byte record limit")
         work.add_outbox(rk, n, ch, priority, self._core.catalog.version)
         work.save_view(rk, new)
-        work.feed(spec.name, key, "local")
-        return WriteResult(spec.name, key, scope, "pending", n, change_id(self._core.dev, n),
-                           stamp.encode())
+        cid = change_id(self._core.dev, n)
+        work.feed(spec.name, key, "local", {"change_ids": [cid]})
+        return WriteResult(spec.name, key, scope, "pending", n, cid, stamp.encode())
 
     def retry_dead_letter(self, n: int) -> WriteResult:
         """Send a dead-lettered change again as a new change (new n, new stamp).
@@ -293,6 +293,49 @@ class Agent:
 
         return self._written(self._core.write(run))
 
+    def discard_dead_letter(self, n: int) -> None:
+        """Forget a dead letter for good (the change stays rolled back)."""
+
+        def run(work: Work) -> None:
+            if work.tx.get("deadletters", n_key(n)) is None:
+                raise NotFound(f"no dead letter with change number {n}")
+            work.tx.delete("deadletters", n_key(n))
+
+        self._core.write(run)
+
+    def resolve_conflict(self, collection: str, key: str, field: str, value: Any, *,
+                         priority: int = 0) -> WriteResult:
+        """Settle the open conflict of manual `field` with `value` (PROTOCOL.md §5
+        manual): a put of the field whose base includes the open conflict, so the server
+        takes it as a person's decision and closes the conflict for every device.
+
+        Refused (`not_caught_up`) while this device has not yet seen the conflict's
+        latest version: the write would become one more candidate instead."""
+        spec = validate.collection(self._core.catalog, collection)
+        key = validate.record_key(spec, key)
+        fspec = spec.fields.get(field)
+        if fspec is None or fspec.strategy != "manual":
+            raise WriteRefused("wrong_strategy", f"{spec.name}.{field} is not a manual field: "
+                                                 "only manual fields have conflicts to settle")
+        values = validate.put_fields(spec, {field: value})
+        prio = validate.priority(priority)
+
+        def run(work: Work) -> WriteResult:
+            rk = record_key(spec.name, key)
+            doc = work.tx.get("conflicts", open_conflict_key(rk, field))
+            view = work.load_view(rk, spec.name, key)
+            if doc is None or view is None:
+                raise NotFound(f"no open conflict on {spec.name}/{key}.{field} on this device")
+            b = base_version(work.checkpoint(view.s).cp, view.wq)
+            if b < int(doc["q"]):
+                raise WriteRefused("not_caught_up",
+                                   f"this device has not yet received every change up to the "
+                                   f"conflict on {spec.name}/{key}.{field} (version "
+                                   f"{doc['q']}, seen {b}): sync first, then settle it")
+            return self._write(work, spec, rk, key, view, view.s, "put", prio, f=values)
+
+        return self._written(self._core.write(run))
+
     # ------------------------------------------------------------------ reads
 
     def get(self, collection: str, key: str, *, include_deleted: bool = False) -> Record | None:
@@ -316,7 +359,7 @@ class Agent:
 
     def feed_position(self) -> int:
         """The seq of the newest feed event (watch(since=...) continues after it)."""
-        return int(self._core.read(lambda work: work.tx.meta("ctr", [1, 0, 0, 0])[3]))
+        return self._core.read(feed.position)
 
     def watch(self, collection: str | None = None, since: int | None = None,
               timeout: float | None = None, *, poll_s: float = 0.05) -> Iterator[FeedEvent]:
@@ -329,7 +372,7 @@ class Agent:
         last = self.feed_position() if since is None else since
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            batch = self._core.read(partial(_feed_after, last=last, limit=1000))
+            batch = self._core.read(partial(feed.read_after, last=last, limit=1000))
             for event in batch:
                 last = event.seq
                 if collection is None or event.collection in (collection, ""):
@@ -443,20 +486,6 @@ def _record(state: ViewState) -> Record:
     return Record(collection=state.c, key=state.k, scope=state.s, fields=state.fields,
                   deleted=state.x, pending=state.p, version=state.q, conflicts=dict(state.cf),
                   sync=dict(state.sync_state()))
-
-
-def _feed_after(work: Work, last: int, limit: int) -> list[FeedEvent]:
-    out: list[FeedEvent] = []
-    first = True
-    for raw, doc in work.tx.items("feed", start=n_key(last + 1)):
-        seq = int.from_bytes(raw, "big")
-        if first and seq > last + 1 and last > 0:
-            out.append(FeedEvent(seq - 1, "", "", "truncated"))
-        first = False
-        out.append(FeedEvent(seq, doc[0], doc[1], doc[2]))
-        if len(out) >= limit:
-            break
-    return out
 
 
 __all__ = ["Agent", "wall_ms"]
