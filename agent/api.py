@@ -361,6 +361,15 @@ class Agent:
         """The seq of the newest feed event (watch(since=...) continues after it)."""
         return self._core.read(feed.position)
 
+    def feed_after(self, last: int, limit: int = 1000) -> list[FeedEvent]:
+        """Up to `limit` feed events after seq `last`, oldest first (see `agent.feed`)."""
+        return self._core.read(partial(feed.read_after, last=last, limit=limit))
+
+    def link_state(self) -> dict[str, Any] | None:
+        """The sync loop's last recorded connectivity change (`Sync.record_link`)."""
+        doc: dict[str, Any] | None = self._core.read(lambda work: work.tx.meta("link"))
+        return doc
+
     def watch(self, collection: str | None = None, since: int | None = None,
               timeout: float | None = None, *, poll_s: float = 0.05) -> Iterator[FeedEvent]:
         """Yield changes to local records as they happen, from any process.
@@ -372,7 +381,7 @@ class Agent:
         last = self.feed_position() if since is None else since
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            batch = self._core.read(partial(feed.read_after, last=last, limit=1000))
+            batch = self.feed_after(last)
             for event in batch:
                 last = event.seq
                 if collection is None or event.collection in (collection, ""):
@@ -457,10 +466,11 @@ class Agent:
 
     # `list` last: inside the class body its name shadows the builtin in annotations.
     def list(self, collection: str, prefix: str | None = None, limit: int | None = None, *,
-             include_deleted: bool = False) -> list[Record]:
-        """Records of `collection` in key order (optionally keys starting with `prefix`)."""
+             include_deleted: bool = False, after: str | None = None) -> list[Record]:
+        """Records of `collection` in key order (optionally keys starting with `prefix`,
+        only keys after `after`: the last key of the previous page)."""
         spec = self._read_spec(collection)
-        start = record_key(spec.name, prefix or "")
+        start = record_key(spec.name, max(prefix or "", after or ""))
         scan_prefix = spec.name.encode() + b"\0"
 
         def run(work: Work) -> list[Record]:
@@ -471,6 +481,8 @@ class Agent:
                 c, k = split_record_key(raw)
                 if prefix and not k.startswith(prefix):
                     break
+                if after is not None and k <= after:
+                    continue
                 state = ViewState.from_doc(c, k, doc)
                 if state.x and not include_deleted:
                     continue
