@@ -9,8 +9,9 @@ event's `id:` is its seq; a client that reconnects with ``Last-Event-ID`` (or
 re-created) gives a "truncated" event with ``reason: "restarted"`` and the feed from its
 start.
 
-Memory per client is bounded: events are read a page at a time, each page written with
-backpressure (the write waits until the socket drains), and a client that accepts
+Memory per client is bounded: events are read a page at a time and written in pieces of
+at most ~64 KiB (plus one event) with backpressure (the write waits until the socket
+drains), and a client that accepts
 nothing for `feed_idle_timeout_s` is dropped. At most `max_feed_clients` feeds run at
 once; more get 503. One poller per server watches the store's feed position (writes of
 other processes: the sync loop, the CLI) and HTTP writes poke it, so waiting clients
@@ -37,6 +38,7 @@ T = TypeVar("T")
 Blocking = Callable[[Callable[[], T]], Awaitable[T]]
 
 PAGE = 200
+FLUSH_BYTES = 64 * 1024
 KEEPALIVE_S = 15.0
 POLL_S = 0.02
 MAX_WAIT_S = 30.0
@@ -141,6 +143,9 @@ async def sse(request: web.Request, agent: Agent, hub: FeedHub, blocking: Blocki
                 last = max(last, event.seq)
                 if visible(event, app, collection):
                     chunk += _sse_event(event)
+                    if len(chunk) >= FLUSH_BYTES:
+                        await asyncio.wait_for(resp.write(chunk), idle_timeout_s)
+                        chunk = b""
             if chunk:
                 await asyncio.wait_for(resp.write(chunk), idle_timeout_s)
                 chunk = b""

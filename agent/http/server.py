@@ -73,6 +73,12 @@ class ApiServer:
         self._start_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
         self._beat = time.monotonic()
+        self._hub: FeedHub | None = None
+
+    @property
+    def feed_clients(self) -> int:
+        """Feed (SSE) clients connected now."""
+        return 0 if self._hub is None else self._hub.clients
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -117,7 +123,7 @@ class ApiServer:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        hub = FeedHub(self.agent, self._blocking)
+        hub = self._hub = FeedHub(self.agent, self._blocking)
         ctx = Context(agent=self.agent, blocking=self._blocking, hub=hub,
                       max_feed_clients=self.cfg.api.max_feed_clients,
                       feed_idle_timeout_s=self.cfg.api.feed_idle_timeout_s,
