@@ -179,16 +179,21 @@ class ApiServer:
 
 
 def _bind_unix(path: Path, mode: int) -> socket.socket:
-    if len(os.fsencode(path)) > _MAX_AF_UNIX:
-        raise ApiStartError(f"the local API socket path {path} is longer than a Unix socket "
-                            "path may be: use a shorter data_dir, or api.socket = false and "
-                            "api.tcp_port")
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dir_fd: int | None = None
     try:
-        sock.bind(str(tmp))
+        if len(os.fsencode(tmp)) <= _MAX_AF_UNIX:
+            sock.bind(str(tmp))
+        else:
+            # Longer than sun_path allows: bind through the directory's fd (Linux), so
+            # the service still starts; clients need a path that fits (a symlink).
+            dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            sock.bind(f"/proc/self/fd/{dir_fd}/{tmp.name}")
+            log.warning("api_socket_path_long", path=str(path),
+                        hint="clients connect through a shorter path, e.g. a symlink")
         os.chmod(tmp, mode)
         sock.listen(128)
         os.replace(tmp, path)
@@ -198,6 +203,9 @@ def _bind_unix(path: Path, mode: int) -> socket.socket:
             tmp.unlink()
         raise ApiStartError(f"the local API cannot listen on {path}: "
                             f"{exc.strerror or exc}") from None
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
     return sock
 
 
