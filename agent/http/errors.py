@@ -3,7 +3,8 @@
     ApiError(status, code, message)     raised by handlers and middleware
     agent errors -> `from_agent_error`:
         NotFound                 404 not_found
-        WriteRefused/BadRequest  422 with the agent's code (unknown_collection, ...)
+        WriteRefused/BadRequest  422 with the agent's code (unknown_field, ...);
+                                 404 unknown_collection
         StorageFullError         507 storage_full
         StorageError             503 storage_unavailable
         DeviceMismatch, other    500 internal
@@ -48,7 +49,9 @@ def from_agent_error(exc: AgentError) -> ApiError:
     if isinstance(exc, NotFound):
         return ApiError(404, "not_found", str(exc))
     if isinstance(exc, BadRequest):
-        return ApiError(422, exc.code, str(exc))
+        # A collection named in the URL that the schema lacks is a resource that does
+        # not exist; everything else is a request the agent understood and refused.
+        return ApiError(404 if exc.code == "unknown_collection" else 422, exc.code, str(exc))
     if isinstance(exc, StorageFullError):
         return ApiError(507, "storage_full", str(exc))
     if isinstance(exc, StorageError):

@@ -264,7 +264,10 @@ async def feed_page(request: web.Request, ctx: Context) -> web.StreamResponse:
 
 _C = Param("collection", "path", {"type": "string", "maxLength": 200}, "Collection name",
            required=True)
-_K = Param("key", "path", {"type": "string", "maxLength": 500}, "Record key", required=True)
+_K = Param("key", "path", {"type": "string", "minLength": 1, "maxLength": 200,
+                           "pattern": "^[\\x20-\\x7e]+$"},
+           "Record key (1 to 200 bytes; other UTF-8 keys work too, percent-encoded)",
+           required=True)
 _F = Param("field", "path", {"type": "string", "maxLength": 200}, "A manual field",
            required=True)
 _N = Param("n", "path", {"type": "integer", "minimum": 1},
@@ -275,7 +278,7 @@ _SINCE = Param("since", "query", {"type": "integer", "minimum": 0},
 _COLL_Q = Param("collection", "query", {"type": "string"}, "Only events of this collection "
                 "(connectivity events always come)")
 _REC = "/v1/collections/{collection}/records/{key}"
-_W = (403, 413, 415, 422, 507)
+_W = (400, 403, 404, 413, 415, 422, 507)
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/status", status, "getStatus", "Sync state of the device",
@@ -287,7 +290,7 @@ ROUTES: tuple[Route, ...] = (
                         "Keys after this one (the last key of the previous page)"),
                   Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000},
                         "At most this many (default 100)")),
-          errors=(403, 422)),
+          errors=(403, 404, 422)),
     Route("GET", _REC, get_record, "getRecord",
           "A record with its per-field sync state", models.RecordOut, params=(_C, _K),
           errors=(403, 404, 422)),
