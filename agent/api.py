@@ -21,15 +21,15 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
-from agent import validate
+from agent import feed, validate
 from agent.changes import Op, base_version, build_change, change_id, remove_tags
 from agent.checkpoints import ScopeCheckpoint
-from agent.core import Core, Work
-from agent.errors import BadRequest, NotFound, WriteRefused
+from agent.core import Core, Work, open_conflict_key
+from agent.errors import BadRequest, NotFound, StoreGone, WriteRefused
 from agent.models import Conflict, DeadLetter, FeedEvent, Record, WriteResult
 from agent.opening import Opener, wall_ms
 from agent.status import AgentStatus, read_status
@@ -39,6 +39,8 @@ from agent.view import ViewState, initial_view, step
 from agent.wipe import WipeReport
 from schemas.collection import Catalog, CollectionSpec
 from waystation.config import AgentConfig
+
+T = TypeVar("T")
 
 WAKE_SOCKET = "agent.sock"
 """The sync daemon's datagram socket in the store's directory (see agent.daemon)."""
@@ -127,7 +129,7 @@ class Agent:
                                              view.s if view else None, values)
             return self._write(work, spec, rk, key, view, scope, "put", prio, f=values)
 
-        return self._written(self._core.write(run))
+        return self._written(self._commit(run))
 
     def delete(self, collection: str, key: str, *, priority: int = 0) -> WriteResult:
         """Delete a record this device holds."""
@@ -144,7 +146,7 @@ class Agent:
             scope = validate.scope_for_write(spec, key, self._core.scopes, view.s, {})
             return self._write(work, spec, rk, key, view, scope, "del", prio)
 
-        return self._written(self._core.write(run))
+        return self._written(self._commit(run))
 
     def increment(self, collection: str, key: str, field: str, amount: int | float, *,
                   priority: int = 0) -> WriteResult:
@@ -161,7 +163,7 @@ class Agent:
                                              view.s if view else None, {})
             return self._write(work, spec, rk, key, view, scope, "put", prio, i={field: inc})
 
-        return self._written(self._core.write(run))
+        return self._written(self._commit(run))
 
     def add(self, collection: str, key: str, field: str, members: Sequence[str], *,
             priority: int = 0) -> WriteResult:
@@ -178,7 +180,7 @@ class Agent:
                                              view.s if view else None, {})
             return self._write(work, spec, rk, key, view, scope, "put", prio, a={field: adds})
 
-        return self._written(self._core.write(run))
+        return self._written(self._commit(run))
 
     def remove(self, collection: str, key: str, field: str, members: Sequence[str], *,
                priority: int = 0) -> WriteResult:
@@ -201,7 +203,30 @@ class Agent:
             return self._write(work, spec, rk, key, view, scope, "put", prio,
                                r={field: tags})
 
-        return self._written(self._core.write(run))
+        return self._written(self._commit(run))
+
+    def _commit(self, fn: Callable[[Work], T]) -> T:
+        """One durable write transaction (on the store as it is now: `_fresh`)."""
+        return self._fresh(lambda: self._core.write(fn))
+
+    def _read(self, fn: Callable[[Work], T]) -> T:
+        """One read transaction (on the store as it is now: `_fresh`)."""
+        return self._fresh(lambda: self._core.read(fn))
+
+    def _fresh(self, run: Callable[[], T]) -> T:
+        """Run `run` on the store; if it was wiped under this agent (by the sync daemon
+        or another process: a remote wipe), open the new store and run it there."""
+        try:
+            return run()
+        except StoreGone:
+            if self._opener is None:
+                raise
+            old = self._core
+            old.store.detach()  # open the files now at the path, not this process's old env
+            self._core = self._opener.open()
+            self._sync = None
+            old.store.close()
+            return run()
 
     def _written(self, result: WriteResult) -> WriteResult:
         """After a write committed: poke the sync daemon (any process) to send it now."""
@@ -240,9 +265,9 @@ class Agent:
                                f"{validate.MAX_RECORD_BYTES}-byte record limit")
         work.add_outbox(rk, n, ch, priority, self._core.catalog.version)
         work.save_view(rk, new)
-        work.feed(spec.name, key, "local")
-        return WriteResult(spec.name, key, scope, "pending", n, change_id(self._core.dev, n),
-                           stamp.encode())
+        cid = change_id(self._core.dev, n)
+        work.feed(spec.name, key, "local", {"change_ids": [cid]})
+        return WriteResult(spec.name, key, scope, "pending", n, cid, stamp.encode())
 
     def retry_dead_letter(self, n: int) -> WriteResult:
         """Send a dead-lettered change again as a new change (new n, new stamp).
@@ -282,7 +307,50 @@ class Agent:
             return self._write(work, spec, rk, key, view, scope, "put", dl["entry"]["p"],
                                f=f, i=i, a=a, r=r)
 
-        return self._written(self._core.write(run))
+        return self._written(self._commit(run))
+
+    def discard_dead_letter(self, n: int) -> None:
+        """Forget a dead letter for good (the change stays rolled back)."""
+
+        def run(work: Work) -> None:
+            if work.tx.get("deadletters", n_key(n)) is None:
+                raise NotFound(f"no dead letter with change number {n}")
+            work.tx.delete("deadletters", n_key(n))
+
+        self._commit(run)
+
+    def resolve_conflict(self, collection: str, key: str, field: str, value: Any, *,
+                         priority: int = 0) -> WriteResult:
+        """Settle the open conflict of manual `field` with `value` (PROTOCOL.md §5
+        manual): a put of the field whose base includes the open conflict, so the server
+        takes it as a person's decision and closes the conflict for every device.
+
+        Refused (`not_caught_up`) while this device has not yet seen the conflict's
+        latest version: the write would become one more candidate instead."""
+        spec = validate.collection(self._core.catalog, collection)
+        key = validate.record_key(spec, key)
+        fspec = spec.fields.get(field)
+        if fspec is None or fspec.strategy != "manual":
+            raise WriteRefused("wrong_strategy", f"{spec.name}.{field} is not a manual field: "
+                                                 "only manual fields have conflicts to settle")
+        values = validate.put_fields(spec, {field: value})
+        prio = validate.priority(priority)
+
+        def run(work: Work) -> WriteResult:
+            rk = record_key(spec.name, key)
+            doc = work.tx.get("conflicts", open_conflict_key(rk, field))
+            view = work.load_view(rk, spec.name, key)
+            if doc is None or view is None:
+                raise NotFound(f"no open conflict on {spec.name}/{key}.{field} on this device")
+            b = base_version(work.checkpoint(view.s).cp, view.wq)
+            if b < int(doc["q"]):
+                raise WriteRefused("not_caught_up",
+                                   f"this device has not yet received every change up to the "
+                                   f"conflict on {spec.name}/{key}.{field} (version "
+                                   f"{doc['q']}, seen {b}): sync first, then settle it")
+            return self._write(work, spec, rk, key, view, view.s, "put", prio, f=values)
+
+        return self._written(self._commit(run))
 
     # ------------------------------------------------------------------ reads
 
@@ -294,7 +362,7 @@ class Agent:
         except WriteRefused as exc:
             raise BadRequest(exc.code, str(exc)) from None
         rk = record_key(spec.name, key)
-        state = self._core.read(lambda work: work.load_view(rk, spec.name, key))
+        state = self._read(lambda work: work.load_view(rk, spec.name, key))
         if state is None or (state.x and not include_deleted):
             return None
         return _record(state)
@@ -307,7 +375,16 @@ class Agent:
 
     def feed_position(self) -> int:
         """The seq of the newest feed event (watch(since=...) continues after it)."""
-        return int(self._core.read(lambda work: work.tx.meta("ctr", [1, 0, 0, 0])[3]))
+        return self._read(feed.position)
+
+    def feed_after(self, last: int, limit: int = 1000) -> list[FeedEvent]:
+        """Up to `limit` feed events after seq `last`, oldest first (see `agent.feed`)."""
+        return self._read(partial(feed.read_after, last=last, limit=limit))
+
+    def link_state(self) -> dict[str, Any] | None:
+        """The sync loop's last recorded connectivity change (`Sync.record_link`)."""
+        doc: dict[str, Any] | None = self._read(lambda work: work.tx.meta("link"))
+        return doc
 
     def watch(self, collection: str | None = None, since: int | None = None,
               timeout: float | None = None, *, poll_s: float = 0.05) -> Iterator[FeedEvent]:
@@ -320,7 +397,7 @@ class Agent:
         last = self.feed_position() if since is None else since
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            batch = self._core.read(partial(_feed_after, last=last, limit=1000))
+            batch = self.feed_after(last)
             for event in batch:
                 last = event.seq
                 if collection is None or event.collection in (collection, ""):
@@ -335,7 +412,7 @@ class Agent:
     def status(self) -> AgentStatus:
         """Online state (and why not), pending count and age, last sync, dead letters,
         conflicts, the store's path and incarnation (`agent.status`)."""
-        return read_status(self._core)
+        return self._fresh(lambda: read_status(self._core))
 
     def dead_letters(self) -> list[DeadLetter]:
         """Changes the server refused for good, oldest first."""
@@ -347,7 +424,7 @@ class Agent:
                                created_ms=doc["entry"]["t"], change=doc["entry"]["ch"])
                     for _, doc in work.tx.items("deadletters")]
 
-        return self._core.read(run)
+        return self._read(run)
 
     def conflicts(self) -> list[Conflict]:
         """Open manual conflicts on held records, then own writes that lost (oldest first)."""
@@ -362,21 +439,22 @@ class Agent:
                                         seen_ms=doc["t"], change_id=doc.get("id")))
             return out
 
-        return self._core.read(run)
+        return self._read(run)
 
     def checkpoints(self) -> dict[str, ScopeCheckpoint]:
-        return self._core.read(lambda work: {s: work.checkpoint(s) for s in self._core.scopes})
+        return self._read(lambda work: {s: work.checkpoint(s) for s in self._core.scopes})
 
     def pending(self) -> list[dict[str, Any]]:
         """The outbox entries in n order (for inspection)."""
-        return self._core.read(lambda work: [doc for _, doc in work.tx.items("outbox")])
+        return self._read(lambda work: [doc for _, doc in work.tx.items("outbox")])
 
     # `list` last: inside the class body its name shadows the builtin in annotations.
     def list(self, collection: str, prefix: str | None = None, limit: int | None = None, *,
-             include_deleted: bool = False) -> list[Record]:
-        """Records of `collection` in key order (optionally keys starting with `prefix`)."""
+             include_deleted: bool = False, after: str | None = None) -> list[Record]:
+        """Records of `collection` in key order (optionally keys starting with `prefix`,
+        only keys after `after`: the last key of the previous page)."""
         spec = self._read_spec(collection)
-        start = record_key(spec.name, prefix or "")
+        start = record_key(spec.name, max(prefix or "", after or ""))
         scan_prefix = spec.name.encode() + b"\0"
 
         def run(work: Work) -> list[Record]:
@@ -387,6 +465,8 @@ class Agent:
                 c, k = split_record_key(raw)
                 if prefix and not k.startswith(prefix):
                     break
+                if after is not None and k <= after:
+                    continue
                 state = ViewState.from_doc(c, k, doc)
                 if state.x and not include_deleted:
                     continue
@@ -395,27 +475,13 @@ class Agent:
                     break
             return out
 
-        return self._core.read(run)
+        return self._read(run)
 
 
 def _record(state: ViewState) -> Record:
     return Record(collection=state.c, key=state.k, scope=state.s, fields=state.fields,
                   deleted=state.x, pending=state.p, version=state.q, conflicts=dict(state.cf),
                   sync=dict(state.sync_state()))
-
-
-def _feed_after(work: Work, last: int, limit: int) -> list[FeedEvent]:
-    out: list[FeedEvent] = []
-    first = True
-    for raw, doc in work.tx.items("feed", start=n_key(last + 1)):
-        seq = int.from_bytes(raw, "big")
-        if first and seq > last + 1 and last > 0:
-            out.append(FeedEvent(seq - 1, "", "", "truncated"))
-        first = False
-        out.append(FeedEvent(seq, doc[0], doc[1], doc[2]))
-        if len(out) >= limit:
-            break
-    return out
 
 
 __all__ = ["Agent", "wall_ms"]

@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -48,13 +49,15 @@ def _compact(value: Any) -> str:
 
 
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """`waystation agent run`: the sync daemon in the foreground (`agent.daemon`)."""
-    from agent.daemon import run
+    """`waystation agent run`: the agent service in the foreground: the local API and the
+    supervised sync process (`agent.service`)."""
+    from agent.service.main import run
     from waystation.logs import configure_logging
 
-    cfg = load_config(AgentConfig, getattr(args, "config", None), env)
+    path = getattr(args, "config", None)
+    cfg = load_config(AgentConfig, path, env)
     configure_logging(cfg.log)
-    return run(cfg, env=env)
+    return run(cfg, Path(path).resolve() if path else None, env=env)
 
 
 def cmd_put(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -56,7 +56,8 @@ _FEED_PRUNE_EVERY = 256
 MAX_COMMAND_IDS = 1000
 MAX_LOST_ENTRIES = 10_000
 
-FeedKind = Literal["local", "synced", "rejected", "remote", "dropped", "reset", "wiped"]
+FeedKind = Literal["local", "synced", "rejected", "remote", "dropped", "reset", "wiped",
+                   "conflict", "online", "offline", "retrying"]
 
 
 def new_incarnation() -> str:
@@ -119,7 +120,13 @@ class Core:
         return self.store.write(run, durable=durable)
 
     def read(self, fn: Callable[[Work], T]) -> T:
-        return self.store.read(lambda tx: fn(Work(self, tx)))
+        def run(tx: Tx) -> T:
+            if tx.has("meta", b"gone"):
+                raise StoreGone(f"the local store at {self.store.path} was wiped by the "
+                                "operator (remote wipe); open the agent again")
+            return fn(Work(self, tx))
+
+        return self.store.read(run)
 
     def claim_identity(self) -> None:
         """Bind a new store to this device id; refuse a store of another device."""
@@ -250,12 +257,14 @@ class Work:
 
     # ------------------------------------------------------------------- feed
 
-    def feed(self, c: str, k: str, kind: FeedKind) -> int:
+    def feed(self, c: str, k: str, kind: FeedKind, data: dict[str, Any] | None = None) -> int:
+        """Append a feed event `[c, k, kind]` (plus `data` when given: change ids, the
+        rolled-back value, a link reason) in this transaction; returns its seq."""
         ctr = self._counters()
         seq = ctr[3] + 1
         ctr[3] = seq
         self._ctr_dirty = True
-        self.tx.put("feed", n_key(seq), [c, k, kind])
+        self.tx.put("feed", n_key(seq), [c, k, kind] if data is None else [c, k, kind, data])
         if seq % _FEED_PRUNE_EVERY == 0 and seq > FEED_KEEP:
             cutoff = n_key(seq - FEED_KEEP)
             old: list[bytes] = []
@@ -321,6 +330,8 @@ class Work:
                 continue
             key = open_conflict_key(rk, name)
             prior = self.tx.get("conflicts", key)
+            if prior is None:
+                self.feed(new.c, new.k, "conflict", {"field": name, "candidates": cands})
             self.tx.put("conflicts", key, {
                 "kind": "open", "c": new.c, "k": new.k, "s": new.s, "field": name,
                 "value": new.f.get(name), "h": new.h.get(name), "candidates": cands,

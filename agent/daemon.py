@@ -35,14 +35,12 @@ from typing import Any
 import structlog
 
 from agent.api import WAKE_SOCKET, Agent
-from agent.errors import StorageError
 from schemas import codec, wire
-from schemas.collection import Catalog, load_catalog
+from schemas.collection import Catalog
 from schemas.errors import ProtocolError
 from waystation import __version__
 from waystation.config import AgentConfig
 from waystation.mqtt import Backoff, MqttLink, Will
-from waystation.service import check_state_directory, run_service
 
 log = structlog.get_logger("waystation.agent")
 
@@ -139,6 +137,7 @@ class AgentDaemon:
         self._close_wake_socket()
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
+            self.sync.record_link("offline", "stopped")
         if self._owns_agent:
             self.agent.close()
 
@@ -226,7 +225,11 @@ class AgentDaemon:
             elif kind == "disc":
                 self._on_disconnect(str(event[1]))
             elif kind == "problem":
-                self.sync.set_link_problem(str(event[1]), str(event[2]), float(event[3]))
+                # A kind the link is sure of (from the exception or the broker's refusal)
+                # stands; a generic one is classified from its text.
+                sure = event[1] not in ("disconnected", "broker_refused", "network")
+                self.sync.record_link("retrying", str(event[2]), float(event[3]),
+                                      code=str(event[1]) if sure else None)
                 if (event[1], event[2]) != self._last_problem:  # say it once, not per retry
                     self._last_problem = (event[1], event[2])
                     log.warning("link_problem", dev=self.dev, kind=event[1], detail=event[2],
@@ -252,6 +255,7 @@ class AgentDaemon:
             self._hello_cp = hello.cp
         self._start_catchup()
         self.sync.set_online(True)
+        self.sync.record_link("online")
 
     def _on_disconnect(self, reason: str) -> None:
         if self._connected:
@@ -261,6 +265,7 @@ class AgentDaemon:
         self._catchup_req = None
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
+            self.sync.record_link("offline", reason)
 
     def _on_message(self, payload: bytes) -> None:
         try:
@@ -495,26 +500,3 @@ class AgentDaemon:
             sock.close()
             with contextlib.suppress(OSError):
                 (self.agent.store.path / WAKE_SOCKET).unlink()
-
-
-def run(cfg: AgentConfig, *, env: Mapping[str, str]) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (systemd-aware)."""
-    check_state_directory(cfg.data_dir, env, "agent")
-    catalog = load_catalog(cfg.schema_path())
-    daemon = AgentDaemon(cfg, catalog, env=env)
-
-    def started() -> None:
-        log.info("agent_started", dev=daemon.dev, broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}",
-                 scopes=list(cfg.scopes), data_dir=str(cfg.data_dir))
-
-    return run_service(start=daemon.start, stop=daemon.stop, healthy=lambda: daemon.healthy,
-                       status=lambda: _status_line(daemon), env=env, on_started=started)
-
-
-def _status_line(daemon: AgentDaemon) -> str:
-    state = "online" if daemon.connected else "offline"
-    try:
-        pending = daemon.agent.sync.pending_count()
-    except StorageError:  # the store is being replaced (a remote wipe) right now
-        return f"{state}, store being replaced"
-    return f"{state}, {pending} pending, {daemon.inflight()} in flight"

@@ -111,14 +111,21 @@ class FeedEvent:
     """A change to a local record: `kind` says what happened.
 
     local (a local write), synced (acked), rejected (rolled back), remote (from the
-    server), dropped (removed by a snapshot), reset (every view recomputed: resync),
-    wiped (everything erased), truncated (events before `seq` were pruned unseen).
+    server), conflict (a manual field's conflict opened), dropped (removed by a
+    snapshot), reset (every view recomputed: resync), wiped (everything erased),
+    truncated (events before `seq` were pruned unseen); connectivity, with an empty
+    collection: online, offline, retrying.
+
+    `data` says more where there is more: `change_ids` (local, synced, rejected), `code`,
+    `reason` and the rolled-back `fields` (rejected), `field` and `candidates`
+    (conflict), `code`, `reason` and `retry_in_s` (offline, retrying).
     """
 
     seq: int
     collection: str
     key: str
     kind: str
+    data: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,13 +8,13 @@ reported is shown until a later sync succeeds; a device the operator wiped says 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.core import Core, Work
 from agent.models import _age
+from agent.service.lock import service_pid
 from waystation.linkproblems import HINTS
 
 
@@ -121,17 +121,24 @@ def read_status(core: Core) -> AgentStatus:
         last_sync = tx.meta("last_sync")
         online_doc = tx.meta("online")
         hb_age = None if online_doc is None else max(0.0, (now - online_doc["t"]) / 1000)
-        running: bool | None = None
+        syncing: bool | None = None  # the process that wrote the heartbeat is alive
         if online_doc is not None and online_doc.get("pid"):
-            running = pid_alive(int(online_doc["pid"]))
+            syncing = pid_alive(int(online_doc["pid"]))
         online = bool(online_doc and online_doc["on"] and hb_age is not None
-                      and hb_age <= core.settings.heartbeat_timeout_s and running is not False)
+                      and hb_age <= core.settings.heartbeat_timeout_s and syncing is not False)
+        # The agent service holds a lock on its data_dir; a sync daemon run on its own
+        # (or the service's sync process) is known by its heartbeat's process.
+        running: bool | None = True if service_pid(core.store.path.parent) else syncing
         link = None
         link_doc = tx.meta("link")
-        if link_doc is not None and not online and running is not False:
-            retry = link_doc.get("retry_at")
-            link = {**link_doc, "hint": HINTS.get(link_doc.get("kind", ""), "offline"),
-                    "retry_in_s": None if retry is None else max(0.0, (retry - now) / 1000)}
+        if (link_doc is not None and link_doc.get("state") != "online" and not online
+                and running is not False):
+            code = link_doc.get("code") or "network"
+            retry = link_doc.get("retry_in_s")
+            left = None if retry is None else max(0.0, retry - (now - link_doc["t"]) / 1000)
+            link = {"state": link_doc.get("state"), "kind": code,
+                    "detail": link_doc.get("reason", ""), "hint": HINTS.get(code, "offline"),
+                    "t": link_doc["t"], "retry_in_s": left}
         open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
         lost = sum(1 for _ in tx.keys("conflicts", b"L"))
         cps: dict[str, int] = {}
@@ -161,16 +168,6 @@ def read_status(core: Core) -> AgentStatus:
 def record_online(work: Work, online: bool) -> None:
     """The daemon's heartbeat: connected or not, now, and which process says so."""
     work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid()})
-    if online:
-        with contextlib.suppress(Exception):
-            work.tx.delete("meta", b"link")
 
 
-def record_link_problem(work: Work, kind: str, detail: str, retry_in_s: float) -> None:
-    """Why the last connection attempt failed, and when the next one is due."""
-    now = work.now()
-    work.tx.set_meta("link", {"kind": kind, "detail": detail[:300], "t": now,
-                              "retry_at": now + int(retry_in_s * 1000)})
-
-
-__all__ = ["AgentStatus", "pid_alive", "read_status", "record_link_problem", "record_online"]
+__all__ = ["AgentStatus", "pid_alive", "read_status", "record_online"]

@@ -26,7 +26,7 @@ conflicts       b"L" + n (8 B) + field          an own write that lost (kept for
                 b"O" + record + b"\\0" + field  an open manual conflict on a held record
 deadletters     n (8 B)                         {"n", "code", "reason", "t", "entry"}
 meta            name (ASCII)                    see `agent.core.META_*`
-feed            local seq (8 B)                 [collection, key, kind]; newest ~10,000
+feed            local seq (8 B)                 [collection, key, kind(, data)]; newest ~10,000
 ==============  ==============================  ==========================================
 
 Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,

@@ -19,8 +19,10 @@ from typing import Any
 import orjson
 
 from agent.base import BaseRecord, apply_ack_record, rec_state
+from agent.changes import change_id
+from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
-from agent.status import record_link_problem, record_online
+from agent.status import record_online
 from agent.store import n_key, record_key, split_record_key
 from schemas import codec, wire
 
@@ -196,7 +198,11 @@ class Sync:
                 if mine and states:
                     lost += self._lost_writes(work, new, mine, states, restamped)
                 work.refresh_view(rk, c, k, new)
-                work.feed(c, k, "synced" if rk in own else "remote")
+                if rk in own:
+                    work.feed(c, k, "synced",
+                              {"change_ids": [change_id(self.dev, ch["n"]) for ch, _ in mine]})
+                else:
+                    work.feed(c, k, "remote")
             now = work.now()
             by_scope: dict[str, list[int]] = {}
             for scope, q in seqs:
@@ -292,8 +298,11 @@ class Sync:
                 rk = work.remove_outbox(rj.n, entry)
                 c, k = entry["ch"]["c"], entry["ch"]["k"]
                 base = bases[rk] if rk in bases else work.load_base(rk, c, k)
-                work.refresh_view(rk, c, k, base)
-                work.feed(c, k, "rejected")
+                view = work.refresh_view(rk, c, k, base)
+                work.feed(c, k, "rejected", {
+                    "change_ids": [change_id(self.dev, rj.n)], "code": rj.code,
+                    "reason": rj.reason, "fields": None if view is None or view.x
+                    else view.fields})
                 dead.append(rj.n)
             error = None
             if reused:
@@ -485,10 +494,33 @@ class Sync:
         the last heartbeat is fresh and the daemon's process is alive."""
         self._core.write(lambda work: record_online(work, online), durable=False)
 
-    def set_link_problem(self, kind: str, detail: str, retry_in_s: float) -> None:
-        """A connection attempt failed: why, and when the next one is due (status)."""
-        self._core.write(lambda work: record_link_problem(work, kind, detail, retry_in_s),
-                         durable=False)
+    def record_link(self, state: LinkState, reason: str = "",
+                    retry_in_s: float | None = None, *, code: str | None = None) -> bool:
+        """Record a connectivity change for apps: a feed event (online, offline,
+        retrying) and meta "link", in one transaction. The reason is classified
+        (`agent.connectivity`) unless the link already knew its `code` (from the
+        exception or the broker's refusal, `waystation.linkproblems`). An unchanged
+        online/offline state is not recorded again; every retry is (each says when the
+        next attempt is). Returns whether it was."""
+        if state == "online":
+            code = ""
+        elif not code:
+            code = classify(reason)
+
+        def run(work: Work) -> bool:
+            prior = work.tx.meta("link")
+            if (state != "retrying" and prior is not None and prior.get("state") == state
+                    and prior.get("code") == code):
+                return False
+            doc: dict[str, Any] = {"state": state, "code": code, "reason": reason,
+                                   "t": work.now()}
+            if retry_in_s is not None:
+                doc["retry_in_s"] = round(retry_in_s, 1)
+            work.tx.set_meta("link", doc)
+            work.feed("", "", state, {k: v for k, v in doc.items() if k not in ("state", "t")})
+            return True
+
+        return self._core.write(run, durable=False)
 
 
 def _change_number(item: tuple[dict[str, Any], int]) -> int:

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto mosquitto-clients)
+command -v node >/dev/null || need+=(nodejs)  # the JavaScript example client (tests/e2e/test_js_client.py)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/dev/null || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -54,6 +54,9 @@ HANDLERS: dict[str, str] = {
     "agent deadletters": "agent.cli:cmd_deadletters",
     "agent conflicts": "agent.cli:cmd_conflicts",
     "agent watch": "agent.cli:cmd_watch",
+    "agent token add": "agent.tokens_cli:cmd_token_add",
+    "agent token list": "agent.tokens_cli:cmd_token_list",
+    "agent token remove": "agent.tokens_cli:cmd_token_remove",
     "server run": "broker.cli:cmd_server_run",
     "server status": "broker.cli:cmd_server_status",
     "server devices": "broker.cli:cmd_server_devices",
@@ -190,9 +193,11 @@ class _Builder:
         self.groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
 
     def group(self, name: str, summary: str, description: str) -> None:
-        parser = self.top.add_parser(name, help=summary, description=description)
+        outer, _, last = name.rpartition(" ")
+        holder = self.groups[outer] if outer else self.top
+        parser = holder.add_parser(last, help=summary, description=description)
         self.groups[name] = parser.add_subparsers(
-            dest=f"{name}_command", metavar="COMMAND", required=True)
+            dest=f"{name.replace(' ', '_')}_command", metavar="COMMAND", required=True)
 
     def leaf(self, path: str, summary: str, description: str, *,
              config: str | None = None) -> argparse.ArgumentParser:
@@ -315,6 +320,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("collection", metavar="COLLECTION", nargs="?", default=None,
                    help="only this collection (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    b.group("agent token", "tokens of the apps that use the local API",
+            "Issue, list and remove the tokens apps send to the agent's local API "
+            "(Authorization: Bearer TOKEN). A token is shown once, when it is issued, and "
+            "stored hashed in the store's directory; the running agent sees changes at "
+            "once.")
+    p = b.leaf("agent token add", "issue a token for an app",
+               "Issue a token for APP with read and write rights on the named collections "
+               "('*' for all; writing implies reading). The token is printed once.",
+               config="agent")
+    p.add_argument("app", metavar="APP", help="the app's name (letters, digits, . _ -)")
+    p.add_argument("--read", metavar="COLLECTIONS", action="append", default=[],
+                   help="collections it may read (comma-separated, repeatable; '*': all)")
+    p.add_argument("--write", metavar="COLLECTIONS", action="append", default=[],
+                   help="collections it may write (comma-separated, repeatable; '*': all)")
+    p = b.leaf("agent token list", "list the apps' tokens (without secrets)",
+               "List the issued tokens: id, app and rights. Secrets are never shown again.",
+               config="agent")
+    _json_flag(p)
+    p = b.leaf("agent token remove", "remove an app's token(s)",
+               "Remove a token by its id, or every token of an app by the app's name; "
+               "the running agent refuses it from the next request on.", config="agent")
+    p.add_argument("ident", metavar="ID_OR_APP", help="a token id or an app name")
 
     # ---- server
     b.group("server", "the merge server: run it and inspect the fleet's data",

@@ -10,12 +10,18 @@ import socket
 import ssl
 from typing import Literal, NamedTuple
 
-ProblemKind = Literal["login_refused", "connection_refused", "tls", "dns", "timeout",
-                      "network", "broker_refused", "disconnected"]
+ProblemKind = Literal["login_refused", "not_authorized", "connection_refused", "tls", "dns",
+                      "server_unavailable", "timeout", "network", "broker_refused",
+                      "disconnected", "stopped"]
 
 HINTS: dict[str, str] = {
     "login_refused": "the broker refused the login: check mqtt.username / the password "
                      "(or the client certificate), and that the device is enrolled",
+    "not_authorized": "the broker refused the login (not authorized): check the password "
+                      "or client certificate, and that the device is enrolled and not "
+                      "removed",
+    "server_unavailable": "the broker is up but not accepting connections now",
+    "stopped": "the sync daemon was stopped",
     "connection_refused": "nothing accepts connections at the broker's address: is the "
                           "broker running, are mqtt.host / mqtt.port right?",
     "tls": "the TLS handshake failed: check mqtt.tls (CA file, server name, client "

@@ -168,7 +168,9 @@ class MqttLink:
 
         ``max_inflight``: QoS-1 messages awaiting PUBACK (100 is fast; paho slows down
         at 1000, it rescans the list on every ack). ``max_queued``: paho's own queue
-        beyond that, after which ``publish`` returns False.
+        beyond that, after which ``publish`` returns False. ``on_problem(problem,
+        delay_s)``: called on the network thread before each wait for the next attempt,
+        with why the last one failed (`waystation.linkproblems`).
         """
         if not client_id:
             raise ValueError("client_id is required (persistent sessions are per client id)")

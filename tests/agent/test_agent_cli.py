@@ -137,4 +137,5 @@ def test_watch_prints_events(env: dict[str, str], capsys: pytest.CaptureFixture[
     assert cmd_watch(args, env) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line) for line in lines] == [
-        {"seq": 1, "collection": "tasks", "key": "t-1", "kind": "local"}]
+        {"seq": 1, "collection": "tasks", "key": "t-1", "kind": "local",
+         "data": {"change_ids": ["van-1:1"]}}]

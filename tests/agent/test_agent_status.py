@@ -59,12 +59,13 @@ def test_a_write_that_really_lost_is_still_reported(agent: Agent, tmp_path: Path
 def test_offline_says_why_and_when_it_retries(agent: Agent) -> None:
     """A refused login is named in status, with the next try; connecting clears it."""
     agent.sync.set_online(False)
-    agent.sync.set_link_problem("login_refused", "Not authorized", 8.0)
+    agent.sync.record_link("retrying", "Not authorized", 8.0, code="login_refused")
     status = agent.status()
     assert not status.online and status.link is not None
     assert status.link["kind"] == "login_refused"
     assert "refused the login" in status.summary() and "retrying in 8 s" in status.summary()
     agent.sync.set_online(True)
+    agent.sync.record_link("online")
     status = agent.status()
     assert status.online and status.link is None
 

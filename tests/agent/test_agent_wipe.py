@@ -100,28 +100,41 @@ def test_wipe_of_a_legacy_encrypted_store_destroys_its_key_file(
         Agent.open(_cfg(thief, key, device="van-enc", scopes=("route-1",)), catalog)
 
 
-def test_another_opener_sees_an_empty_store_and_cannot_write(
+def test_another_opener_sees_an_empty_store_and_writes_into_the_new_one(
         tmp_path: Path, catalog: Catalog) -> None:
-    """An app that had the store open (same process) reads nothing and is refused
-    writes after the wipe; opening again gives the new store."""
+    """An app that had the store open (same process) reads nothing after the wipe, and
+    its next write goes to the new store (never into the deleted files)."""
     cfg = _cfg(tmp_path / "d")
     wiper = Agent.open(cfg, catalog)
     app = Agent.open(cfg, catalog)
     _write_secret(app)
     wiper.wipe("wipe-1")
     assert app.list("tasks") == []
-    with pytest.raises(StoreGone, match="wiped by the operator"):
-        app.put("tasks", "t-3", {"route": "route-42"})
+    app.put("tasks", "t-3", {"route": "route-42"})
     app.close()
     with Agent.open(cfg, catalog) as again:
         assert again.sync.command_done("wipe-1")
-        again.put("tasks", "t-3", {"route": "route-42"})
+        assert again.get("tasks", "t-3") is not None and again.get("tasks", "t-1") is None
     wiper.close()
 
 
-def test_another_process_is_refused_writes_after_the_wipe(
+def test_a_bare_core_on_a_wiped_store_refuses_writes(tmp_path: Path, catalog: Catalog) -> None:
+    """Below the Agent (which re-opens), the old store refuses every write: StoreGone."""
+    cfg = _cfg(tmp_path / "d")
+    wiper = Agent.open(cfg, catalog)
+    app = Agent.open(cfg, catalog)
+    core = app._core
+    wiper.wipe("wipe-1")
+    with pytest.raises(StoreGone, match="wiped by the operator"):
+        core.write(lambda work: work.next_n())
+    app.close()
+    wiper.close()
+
+
+def test_another_process_writes_into_the_new_store_after_the_wipe(
         tmp_path: Path, catalog: Catalog) -> None:
-    """A separate process that opened the store before the wipe gets StoreGone."""
+    """A separate process that opened the store before the wipe reads nothing of the
+    old one, and its write lands in the new store."""
     cfg = _cfg(tmp_path / "d")
     with Agent.open(cfg, catalog) as ag:
         _write_secret(ag)
@@ -137,8 +150,9 @@ def test_another_process_is_refused_writes_after_the_wipe(
         print("open", flush=True)
         sys.stdin.readline()
         try:
+            before = len(ag.list("tasks"))
             ag.put("tasks", "t-5", {{"route": "route-42"}})
-            print("written")
+            print("written", before)
         except StoreGone:
             print("gone")
     """)
@@ -149,9 +163,9 @@ def test_another_process_is_refused_writes_after_the_wipe(
     with Agent.open(cfg, catalog) as ag:
         ag.wipe("wipe-1")
     out, _ = proc.communicate("go\n", timeout=60)
-    assert proc.returncode == 0 and out.strip() == "gone"
+    assert proc.returncode == 0 and out.strip() == "written 0"
     with Agent.open(cfg, catalog) as ag:
-        assert ag.get("tasks", "t-5") is None and ag.get("tasks", "t-1") is None
+        assert ag.get("tasks", "t-5") is not None and ag.get("tasks", "t-1") is None
 
 
 def test_a_wipe_interrupted_after_emptying_is_finished_on_open(

@@ -250,3 +250,12 @@ def test_credentials_directory_expansion(tmp_path: Path) -> None:
     assert loaded_inside.mqtt.password_file == tmp_path / "mqtt-password"
     with pytest.raises(ConfigError, match=r"CREDENTIALS_DIRECTORY.*LoadCredential"):
         cfg.mqtt.resolved_password({})
+
+
+def test_agent_api_tcp_host_must_be_loopback() -> None:
+    """The local API refuses to listen anywhere but loopback, naming the key."""
+    from waystation.config import AgentConfig
+
+    assert AgentConfig.model_validate({"api": {"tcp_port": 8080}}).api.tcp_host == "127.0.0.1"
+    with pytest.raises(ValueError, match="not a loopback address"):
+        AgentConfig.model_validate({"api": {"tcp_port": 8080, "tcp_host": "0.0.0.0"}})

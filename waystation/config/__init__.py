@@ -36,7 +36,7 @@ Conventions:
 
 from __future__ import annotations
 
-from waystation.config.agent import AgentConfig, StorageConfig, SyncConfig
+from waystation.config.agent import AgentConfig, ApiConfig, StorageConfig, SyncConfig
 from waystation.config.broker import BrokerConfig, BrokerTlsConfig
 from waystation.config.common import (
     ID_PATTERN,
@@ -63,6 +63,7 @@ __all__ = [
     "MASK",
     "MODELS",
     "AgentConfig",
+    "ApiConfig",
     "BrokerConfig",
     "BrokerTlsConfig",
     "EnrolConfig",

@@ -12,10 +12,12 @@ from pydantic import (
 )
 
 from waystation.config.common import (
+    Bool,
     CompressOver,
     DeviceId,
     LogConfig,
     MqttConfig,
+    Port,
     PositiveInt,
     ScopeId,
     Seconds,
@@ -68,6 +70,32 @@ class StorageConfig(_Model):
         return self
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class ApiConfig(_Model):
+    """The local API for apps (`agent.http`): a Unix socket in the store's directory,
+    optionally loopback TCP; tokens per app (`waystation agent token ...`)."""
+
+    socket: Bool = True
+    socket_mode: Annotated[int, Field(strict=True, ge=0, le=0o777)] = 0o660
+    """File mode of the socket (the outer wall; tokens are checked inside it)."""
+    tcp_port: Port | None = None
+    tcp_host: Annotated[str, Field(strict=True)] = "127.0.0.1"
+    max_body_bytes: Annotated[int, Field(strict=True, ge=1024, le=64 * 1024 * 1024)] = (
+        1024 * 1024)
+    max_feed_clients: Annotated[int, Field(strict=True, ge=1, le=1024)] = 32
+    feed_idle_timeout_s: Seconds = 30.0
+    """A feed client that takes longer than this to accept an event is dropped."""
+
+    @model_validator(mode="after")
+    def _loopback(self) -> ApiConfig:
+        if self.tcp_host not in _LOOPBACK:
+            raise ValueError(f"tcp_host {self.tcp_host!r} is not a loopback address: the "
+                             f"local API only listens on {', '.join(_LOOPBACK)}")
+        return self
+
+
 class AgentConfig(_Model):
     """The device agent (`waystation agent ...`)."""
 
@@ -81,6 +109,7 @@ class AgentConfig(_Model):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     def schema_path(self) -> Path:

@@ -1,0 +1,339 @@
+"""The local API's routes: one table (`ROUTES`) that the server mounts and the OpenAPI
+document is generated from (`agent.http.openapi`).
+
+Every route answers JSON; writes answer 202 with the change id and "pending" (saved
+locally, waiting for the server's ack, which the feed reports as "synced"), or 200 with
+"unchanged". Rights: reading a collection needs --read (or --write) on it, writing
+needs --write; dead letters and conflicts are filtered to the app's collections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from agent.api import Agent
+from agent.http import feed, models
+from agent.http.auth import APP, AppToken
+from agent.http.errors import JSON, ApiError, json_response
+from agent.models import WriteResult
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class Context:
+    """What the handlers share: the open agent, a way to run blocking store calls off
+    the event loop, the feed hub, limits, and the sync loop's state."""
+
+    agent: Agent
+    blocking: Callable[[Callable[[], Any]], Awaitable[Any]]
+    hub: feed.FeedHub
+    max_feed_clients: int
+    feed_idle_timeout_s: float
+    sync_running: Callable[[], bool]
+
+
+Handler = Callable[[web.Request, Context], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    where: str  # "path" or "query"
+    schema: dict[str, Any]
+    description: str
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    op_id: str
+    summary: str
+    response: type[BaseModel] | None
+    body: type[BaseModel] | None = None
+    status: int = 200
+    params: tuple[Param, ...] = ()
+    errors: tuple[int, ...] = ()
+    stream: str | None = None  # content type of a streamed answer
+    tags: tuple[str, ...] = field(default=("records",))
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _app(request: web.Request) -> AppToken:
+    app: AppToken = request[APP]
+    return app
+
+
+def _need_read(request: web.Request, collection: str) -> None:
+    app = _app(request)
+    if not app.can_read(collection):
+        raise ApiError(403, "forbidden", f"app {app.app!r} may not read collection "
+                                         f"{collection[:100]!r} (token --read)")
+
+
+def _need_write(request: web.Request, collection: str) -> None:
+    app = _app(request)
+    if not app.can_write(collection):
+        raise ApiError(403, "forbidden", f"app {app.app!r} may not write collection "
+                                         f"{collection[:100]!r} (token --write)")
+
+
+async def _body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
+    if not request.can_read_body:
+        if optional:
+            return model()
+        raise ApiError(422, "invalid", "this request needs a JSON body")
+    ctype = request.content_type
+    if ctype != JSON:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the body as {JSON} (got {ctype or 'no content type'!r})")
+    raw = await request.read()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, "bad_json", f"the body is not valid JSON: "
+                                            f"{first.get('ctx', {}).get('error', 'parse error')}"
+                           ) from None
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(422, "invalid", f"{where}: {first['msg']}") from None
+
+
+def _path(request: web.Request, name: str) -> str:
+    return request.match_info[name]
+
+
+def _written(ctx: Context, result: WriteResult) -> web.Response:
+    if result.state == "pending":
+        ctx.hub.poke()
+        return json_response(result.to_dict(), status=202)
+    return json_response(result.to_dict())
+
+
+# ------------------------------------------------------------------ records
+
+
+async def get_record(request: web.Request, ctx: Context) -> web.StreamResponse:
+    c, k = _path(request, "collection"), _path(request, "key")
+    _need_read(request, c)
+    record = await ctx.blocking(partial(ctx.agent.get, c, k))
+    if record is None:
+        raise ApiError(404, "not_found", f"no record {c[:100]}/{k[:200]} on this device")
+    return json_response(record.to_dict())
+
+
+async def list_records(request: web.Request, ctx: Context) -> web.StreamResponse:
+    c = _path(request, "collection")
+    _need_read(request, c)
+    limit = feed.int_param(request, "limit", 100, 1, 1000)
+    prefix = request.query.get("prefix") or None
+    after = request.query.get("after") or None
+    records = await ctx.blocking(partial(ctx.agent.list, c, prefix, limit, after=after))
+    return json_response({"records": [r.to_dict() for r in records]})
+
+
+async def put_record(request: web.Request, ctx: Context) -> web.StreamResponse:
+    c, k = _path(request, "collection"), _path(request, "key")
+    _need_write(request, c)
+    body = await _body(request, models.PutBody)
+    result = await ctx.blocking(partial(ctx.agent.put, c, k, body.fields,
+                                        priority=body.priority))
+    return _written(ctx, result)
+
+
+async def delete_record(request: web.Request, ctx: Context) -> web.StreamResponse:
+    c, k = _path(request, "collection"), _path(request, "key")
+    _need_write(request, c)
+    body = await _body(request, models.DeleteBody, optional=True)
+    result = await ctx.blocking(partial(ctx.agent.delete, c, k, priority=body.priority))
+    return _written(ctx, result)
+
+
+async def increment(request: web.Request, ctx: Context) -> web.StreamResponse:
+    c, k = _path(request, "collection"), _path(request, "key")
+    _need_write(request, c)
+    body = await _body(request, models.IncrementBody)
+    result = await ctx.blocking(partial(ctx.agent.increment, c, k, body.field, body.amount,
+                                        priority=body.priority))
+    return _written(ctx, result)
+
+
+async def add_members(request: web.Request, ctx: Context) -> web.StreamResponse:
+    c, k = _path(request, "collection"), _path(request, "key")
+    _need_write(request, c)
+    body = await _body(request, models.MembersBody)
+    result = await ctx.blocking(partial(ctx.agent.add, c, k, body.field, body.members,
+                                        priority=body.priority))
+    return _written(ctx, result)
+
+
+async def remove_members(request: web.Request, ctx: Context) -> web.StreamResponse:
+    c, k = _path(request, "collection"), _path(request, "key")
+    _need_write(request, c)
+    body = await _body(request, models.MembersBody)
+    result = await ctx.blocking(partial(ctx.agent.remove, c, k, body.field, body.members,
+                                        priority=body.priority))
+    return _written(ctx, result)
+
+
+async def resolve(request: web.Request, ctx: Context) -> web.StreamResponse:
+    c, k, f = _path(request, "collection"), _path(request, "key"), _path(request, "field")
+    _need_write(request, c)
+    body = await _body(request, models.ResolveBody)
+    result = await ctx.blocking(partial(ctx.agent.resolve_conflict, c, k, f, body.value,
+                                        priority=body.priority))
+    return _written(ctx, result)
+
+
+# ------------------------------------------------------------- the device
+
+
+async def status(request: web.Request, ctx: Context) -> web.StreamResponse:
+    st = await ctx.blocking(ctx.agent.status)
+    link = await ctx.blocking(ctx.agent.link_state)
+    return json_response({**st.to_dict(), "link": link, "sync_running": ctx.sync_running()})
+
+
+async def conflicts(request: web.Request, ctx: Context) -> web.StreamResponse:
+    app = _app(request)
+    found = await ctx.blocking(ctx.agent.conflicts)
+    return json_response({"conflicts": [c.to_dict() for c in found
+                                        if app.can_read(c.collection)]})
+
+
+async def dead_letters(request: web.Request, ctx: Context) -> web.StreamResponse:
+    app = _app(request)
+    found = await ctx.blocking(ctx.agent.dead_letters)
+    return json_response({"dead_letters": [d.to_dict() for d in found
+                                           if app.can_read(str(d.change.get("c", "")))]})
+
+
+async def _dead_letter_collection(request: web.Request, ctx: Context) -> int:
+    raw = _path(request, "n")
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise ApiError(422, "invalid", f"a dead letter is named by its change number, got "
+                                       f"{raw[:40]!r}")
+    n = int(raw)
+    found = await ctx.blocking(ctx.agent.dead_letters)
+    for d in found:
+        if d.n == n:
+            _need_write(request, str(d.change.get("c", "")))
+            return n
+    raise ApiError(404, "not_found", f"no dead letter with change number {n}")
+
+
+async def retry_dead_letter(request: web.Request, ctx: Context) -> web.StreamResponse:
+    n = await _dead_letter_collection(request, ctx)
+    result = await ctx.blocking(partial(ctx.agent.retry_dead_letter, n))
+    return _written(ctx, result)
+
+
+async def discard_dead_letter(request: web.Request, ctx: Context) -> web.StreamResponse:
+    n = await _dead_letter_collection(request, ctx)
+    await ctx.blocking(partial(ctx.agent.discard_dead_letter, n))
+    return json_response({"n": n, "discarded": True})
+
+
+# ------------------------------------------------------------------ the feed
+
+
+async def feed_sse(request: web.Request, ctx: Context) -> web.StreamResponse:
+    return await feed.sse(request, ctx.agent, ctx.hub, ctx.blocking,
+                          max_clients=ctx.max_feed_clients,
+                          idle_timeout_s=ctx.feed_idle_timeout_s)
+
+
+async def feed_page(request: web.Request, ctx: Context) -> web.StreamResponse:
+    return json_response(await feed.page(request, ctx.agent, ctx.hub, ctx.blocking))
+
+
+# ------------------------------------------------------------------ the table
+
+_C = Param("collection", "path", {"type": "string", "maxLength": 200}, "Collection name",
+           required=True)
+_K = Param("key", "path", {"type": "string", "minLength": 1, "maxLength": 200,
+                           "pattern": "^[\\x20-\\x7e]+$"},
+           "Record key (1 to 200 bytes; other UTF-8 keys work too, percent-encoded)",
+           required=True)
+_F = Param("field", "path", {"type": "string", "maxLength": 200}, "A manual field",
+           required=True)
+_N = Param("n", "path", {"type": "integer", "minimum": 1},
+           "The dead letter's change number", required=True)
+_SINCE = Param("since", "query", {"type": "integer", "minimum": 0},
+               "Continue after this feed position (default: now; SSE also reads "
+               "Last-Event-ID)")
+_COLL_Q = Param("collection", "query", {"type": "string"}, "Only events of this collection "
+                "(connectivity events always come)")
+_REC = "/v1/collections/{collection}/records/{key}"
+_W = (400, 403, 404, 413, 415, 422, 507)
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/status", status, "getStatus", "Sync state of the device",
+          models.StatusOut, tags=("device",)),
+    Route("GET", "/v1/collections/{collection}/records", list_records, "listRecords",
+          "Records of a collection in key order", models.RecordList,
+          params=(_C, Param("prefix", "query", {"type": "string"}, "Keys starting with this"),
+                  Param("after", "query", {"type": "string"},
+                        "Keys after this one (the last key of the previous page)"),
+                  Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "At most this many (default 100)")),
+          errors=(403, 404, 422)),
+    Route("GET", _REC, get_record, "getRecord",
+          "A record with its per-field sync state", models.RecordOut, params=(_C, _K),
+          errors=(403, 404, 422)),
+    Route("PATCH", _REC, put_record, "putFields",
+          "Set fields of a record (creating it: include its scope field)",
+          models.WriteResultOut, models.PutBody, 202, (_C, _K), _W),
+    Route("DELETE", _REC, delete_record, "deleteRecord", "Delete a record",
+          models.WriteResultOut, models.DeleteBody, 202, (_C, _K), (*_W, 404)),
+    Route("POST", _REC + "/increment", increment, "increment", "Add to a counter field",
+          models.WriteResultOut, models.IncrementBody, 202, (_C, _K), _W),
+    Route("POST", _REC + "/add", add_members, "addMembers", "Add members to a set field",
+          models.WriteResultOut, models.MembersBody, 202, (_C, _K), _W),
+    Route("POST", _REC + "/remove", remove_members, "removeMembers",
+          "Remove members from a set field (add wins over a concurrent remove)",
+          models.WriteResultOut, models.MembersBody, 202, (_C, _K), _W),
+    Route("POST", _REC + "/fields/{field}/resolve", resolve, "resolveConflict",
+          "Settle a manual field's open conflict with a value", models.WriteResultOut,
+          models.ResolveBody, 202, (_C, _K, _F), (*_W, 404), tags=("conflicts",)),
+    Route("GET", "/v1/conflicts", conflicts, "listConflicts",
+          "Open manual conflicts, then own writes that lost", models.ConflictList,
+          tags=("conflicts",)),
+    Route("GET", "/v1/deadletters", dead_letters, "listDeadLetters",
+          "Changes the server refused for good", models.DeadLetterList,
+          tags=("dead letters",)),
+    Route("POST", "/v1/deadletters/{n}/retry", retry_dead_letter, "retryDeadLetter",
+          "Send a dead-lettered change again as a new change", models.WriteResultOut,
+          None, 202, (_N,), (403, 404, 422, 507), tags=("dead letters",)),
+    Route("DELETE", "/v1/deadletters/{n}", discard_dead_letter, "discardDeadLetter",
+          "Forget a dead letter (the change stays rolled back)", models.Discarded,
+          params=(_N,), errors=(403, 404, 422), tags=("dead letters",)),
+    Route("GET", "/v1/feed", feed_sse, "feed",
+          "The change feed as Server-Sent Events (id: the feed position)",
+          models.FeedEventOut, params=(_SINCE, _COLL_Q), errors=(403, 422, 503),
+          stream="text/event-stream", tags=("feed",)),
+    Route("GET", "/v1/events", feed_page, "events",
+          "The change feed as JSON pages (long poll with wait_s)", models.FeedPage,
+          params=(_SINCE, _COLL_Q,
+                  Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "At most this many events (default 100)"),
+                  Param("wait_s", "query", {"type": "number", "minimum": 0, "maximum": 30},
+                        "Wait up to this long for a first event (default 0)")),
+          errors=(403, 422), tags=("feed",)),
+)
+
+
+__all__ = ["ROUTES", "Context", "Param", "Route"]

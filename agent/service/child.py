@@ -1,0 +1,74 @@
+"""The sync process: `python -m agent.service.child [CONFIG]`, started by the service.
+
+Runs the AgentDaemon (MQTT sender and receiver) until SIGTERM. It dies with the service
+(PR_SET_PDEATHSIG), holds `sync.lock` so two sync loops never share a store (a new one
+waits for a dying one to let go), and exits non-zero when its engine loop stops turning,
+so the service restarts it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import structlog
+
+from agent.service.lock import SYNC_LOCK, FileLock
+from schemas.collection import load_catalog
+from waystation.config import AgentConfig, load_config
+from waystation.logs import configure_logging
+
+log = structlog.get_logger("waystation.agent.sync")
+
+EXIT_UNHEALTHY = 4
+EXIT_LOCKED = 5
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent stops us on shutdown
+        pass
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    parent = int(os.environ.get("WAYSTATION_SERVICE_PID", "0"))
+    if parent and os.getppid() != parent:
+        return 0  # the service died before we got here
+    env = dict(os.environ)
+    cfg = load_config(AgentConfig, Path(argv[0]) if argv and argv[0] else None, env)
+    configure_logging(cfg.log)
+    lock = FileLock(Path(cfg.data_dir) / SYNC_LOCK)
+    if not lock.acquire(wait_s=30.0):
+        log.error("sync_lock_held", path=str(lock.path))
+        return EXIT_LOCKED
+    from agent.daemon import AgentDaemon
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    daemon = AgentDaemon(cfg, load_catalog(cfg.schema_path()), env=env)
+    daemon.start()
+    log.info("sync_started", dev=daemon.dev, broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}")
+    code = 0
+    try:
+        while not stopping.wait(1.0):
+            if not daemon.healthy:
+                log.error("sync_loop_stuck", dev=daemon.dev)
+                code = EXIT_UNHEALTHY
+                break
+    finally:
+        daemon.stop()
+        lock.release()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,59 @@
+"""Handlers of `waystation agent token add|list|remove` (the local API's app tokens)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+
+import orjson
+
+from agent.http.auth import TokenStore
+from agent.validate import collection as known_collection
+from schemas.collection import load_catalog
+from waystation.config import AgentConfig, load_config
+
+
+def _store(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[AgentConfig, TokenStore]:
+    cfg = load_config(AgentConfig, getattr(args, "config", None), env)
+    return cfg, TokenStore(Path(cfg.data_dir))
+
+
+def cmd_token_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    cfg, tokens = _store(args, env)
+    catalog = load_catalog(cfg.schema_path())
+    for raw in [*args.read, *args.write]:
+        for name in raw.split(","):
+            name = name.strip()
+            if name and name != "*":
+                known_collection(catalog, name)  # unknown_collection, naming it
+    token, entry = tokens.add(args.app, args.read, args.write)
+    print(token)
+    rights = f"read {','.join(entry.read) or '-'}; write {','.join(entry.write) or '-'}"
+    print(f"# token {entry.id} for app {entry.app} ({rights}); shown once: keep it now",
+          flush=True)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    _, tokens = _store(args, env)
+    found = tokens.list()
+    if getattr(args, "json", False):
+        print(orjson.dumps([t.to_dict() for t in found], option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if not found:
+        print("no API tokens: issue one with `waystation agent token add APP --write ...`")
+    for t in found:
+        print(f"{t.id}  {t.app}  read {','.join(t.read) or '-'}  write "
+              f"{','.join(t.write) or '-'}")
+    return 0
+
+
+def cmd_token_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    _, tokens = _store(args, env)
+    gone = tokens.remove(args.ident)
+    print(f"removed {gone} token{'s' if gone != 1 else ''}")
+    return 0
+
+
+__all__ = ["cmd_token_add", "cmd_token_list", "cmd_token_remove"]
