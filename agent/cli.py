@@ -178,7 +178,7 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
           f"next change {status.device_id}:{status.next_n}")
     print(f"  store {status.store_path} (incarnation {status.incarnation or 'legacy'})")
     if status.link is not None:
-        print(f"  last connection attempt: {status.link['kind']}: {status.link['detail']}")
+        print(f"  last connection attempt: {status.link['code']}: {status.link['reason']}")
     if status.wiped:
         wiped_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.wiped["t"] / 1000))
         print(f"  wiped by the operator at {wiped_at} (command {status.wiped['id']}); "

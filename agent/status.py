@@ -48,8 +48,9 @@ class AgentStatus:
     agent_running: bool | None = None
     """The sync daemon's process is alive (None: it never ran on this store)."""
     link: dict[str, Any] | None = None
-    """Why the last connection attempt failed: {kind, detail, hint, t, retry_at}; None
-    while connected or before any attempt."""
+    """Why the sync daemon is not connected: {state, code, reason, hint, t, retry_in_s}
+    (code from `agent.connectivity` / `waystation.linkproblems`); None while connected
+    or before any attempt."""
     store_path: str = ""
     """The local store this status was read from."""
     incarnation: str | None = None
@@ -71,7 +72,7 @@ class AgentStatus:
             text = (f"offline — the sync daemon is not running (start `waystation agent "
                     f"run` or its service); {waiting or 'nothing pending; '}{last}")
         elif self.link is not None:
-            text = f"offline — {self.link['hint']} ({self.link['detail']})"
+            text = f"offline — {self.link['hint']} ({self.link['reason']})"
             if self.link.get("retry_in_s") is not None:
                 text += f"; retrying in {self.link['retry_in_s']:.0f} s"
             text += f"; {waiting or 'nothing pending; '}{last}"
@@ -136,8 +137,8 @@ def read_status(core: Core) -> AgentStatus:
             code = link_doc.get("code") or "network"
             retry = link_doc.get("retry_in_s")
             left = None if retry is None else max(0.0, retry - (now - link_doc["t"]) / 1000)
-            link = {"state": link_doc.get("state"), "kind": code,
-                    "detail": link_doc.get("reason", ""), "hint": HINTS.get(code, "offline"),
+            link = {"state": link_doc.get("state"), "code": code,
+                    "reason": link_doc.get("reason", ""), "hint": HINTS.get(code, "offline"),
                     "t": link_doc["t"], "retry_in_s": left}
         open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
         lost = sum(1 for _ in tx.keys("conflicts", b"L"))

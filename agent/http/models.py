@@ -115,8 +115,11 @@ class LinkOut(_Out):
     state: Literal["online", "offline", "retrying"]
     code: str
     reason: str
+    hint: str = ""
+    """What to check, in words (e.g. "the broker refused the login: check ...")."""
     t: int
     retry_in_s: float | None = None
+    """Seconds until the next connection attempt (when retrying)."""
 
 
 class StatusOut(_Out):
@@ -141,7 +144,14 @@ class StatusOut(_Out):
     schema_version: int
     summary: str
     link: LinkOut | None
+    """Why the sync loop is not connected; null while connected."""
     sync_running: bool
+    agent_running: bool | None
+    """The agent service (or a sync daemon) is running on this store."""
+    store_path: str
+    incarnation: str | None
+    wiped: dict[str, JsonValue] | None
+    """Set when this store replaced one the operator wiped: {t, id, key_destroyed}."""
 
 
 class ConflictOut(_Out):

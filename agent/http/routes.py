@@ -203,8 +203,7 @@ async def resolve(request: web.Request, ctx: Context) -> web.StreamResponse:
 
 async def status(request: web.Request, ctx: Context) -> web.StreamResponse:
     st = await ctx.blocking(ctx.agent.status)
-    link = await ctx.blocking(ctx.agent.link_state)
-    return json_response({**st.to_dict(), "link": link, "sync_running": ctx.sync_running()})
+    return json_response({**st.to_dict(), "sync_running": ctx.sync_running()})
 
 
 async def conflicts(request: web.Request, ctx: Context) -> web.StreamResponse:

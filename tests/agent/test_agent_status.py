@@ -62,7 +62,7 @@ def test_offline_says_why_and_when_it_retries(agent: Agent) -> None:
     agent.sync.record_link("retrying", "Not authorized", 8.0, code="login_refused")
     status = agent.status()
     assert not status.online and status.link is not None
-    assert status.link["kind"] == "login_refused"
+    assert status.link["code"] == "login_refused"
     assert "refused the login" in status.summary() and "retrying in 8 s" in status.summary()
     agent.sync.set_online(True)
     agent.sync.record_link("online")
