@@ -243,6 +243,21 @@ def test_integers_beyond_53_bits_are_invalid(env: tuple[Engine, Store]) -> None:
     assert [(r["n"], r["code"]) for r in rejections(out)] == [(2, "invalid")]
 
 
+def test_a_whole_float_is_not_an_integer(env: tuple[Engine, Store]) -> None:
+    """`n: 1.0` or `b: 1e0` make the change `invalid`; 5.0 in an int field is
+    `type_mismatch`; the batch's other changes apply."""
+    engine, _ = env
+    batch = changes("van-1", [task(1, "t-1", status="a"), {**task(4, "t-4"), "b": 1.0},
+                              task(2, "t-2", eta=5.0), task(3, "t-3", eta=5)])
+    raw = batch.replace(b'"n":1,', b'"n":1.0,', 1)
+    assert raw != batch
+    out = _send(engine, "van-1", raw)
+    assert oks(out) == [[3, "r1", 1]]
+    assert sorted((r["n"], r["code"]) for r in rejections(out)) == [(2, "type_mismatch"),
+                                                                    (4, "invalid")]
+    assert [e["code"] for e in errors(out)] == ["invalid"]  # n = 1.0 is no change number
+
+
 def _nested(levels: int) -> Any:
     value: Any = 1
     for _ in range(levels - 1):
