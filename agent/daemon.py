@@ -352,10 +352,8 @@ class AgentDaemon:
                                          sync_cfg.batch_max_bytes)
             if not batch:
                 return
-            payload = codec.encode_dict(
-                {"type": "changes", "v": 1, "dev": self.dev, "sv": batch.sv,
-                 "ch": [ch for _, ch in batch]},
-                compress_over=sync_cfg.compress_over_bytes or None)
+            payload = batch.payload(self.dev,
+                                    compress_over=sync_cfg.compress_over_bytes or None)
             if not self.link.publish(self.up_topic, payload):
                 return
             deadline = now + sync_cfg.ack_timeout_s

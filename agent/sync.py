@@ -21,7 +21,7 @@ import orjson
 from agent.base import BaseRecord, apply_ack_record, rec_state
 from agent.core import MAX_COMMAND_IDS, Core, Work
 from agent.store import n_key, record_key, split_record_key
-from schemas import wire
+from schemas import codec, wire
 
 _ENVELOPE_BYTES = 96
 """Room for the `changes` envelope ({"type","v","dev","sv","ch":[...]}) in a batch."""
@@ -43,6 +43,12 @@ class Batch(list[tuple[int, dict[str, Any]]]):
         """The `changes` message carrying this batch."""
         return wire.Changes(dev=dev, sv=self.sv,
                             ch=[wire.Change.model_validate(ch) for _, ch in self])
+
+    def payload(self, dev: str, *, compress_over: int | None = None) -> bytes:
+        """The wire bytes of that message, as the daemon publishes them: encoded straight
+        from the outbox entries (validated when they were written), without a model."""
+        return codec.encode_dict({"type": "changes", "v": 1, "dev": dev, "sv": self.sv,
+                                  "ch": [ch for _, ch in self]}, compress_over=compress_over)
 
 
 @dataclass(frozen=True)
