@@ -362,14 +362,18 @@ class Sync:
 
     # --------------------------------------------------------- asking for data
 
-    def catchup_request(self, req_id: str) -> wire.Catchup:
-        """The `catchup` to send (§7.3): every followed scope's checkpoint, the scopes
-        with a snapshot in progress. Remembers `req_id` as the latest request."""
+    def catchup_request(self, req_id: str,
+                        scopes: Iterable[str] | None = None) -> wire.Catchup:
+        """The `catchup` to send (§7.3): every followed scope's checkpoint (or only those
+        of `scopes`), the scopes with a snapshot in progress. Remembers `req_id` as the
+        latest request."""
         core = self._core
+        chosen = None if scopes is None else set(scopes)
+        wanted = [s for s in core.scopes if chosen is None or s in chosen]
 
         def run(work: Work) -> wire.Catchup:
             work.tx.set_meta("creq", req_id)
-            cps = {s: work.checkpoint(s) for s in core.scopes}
+            cps = {s: work.checkpoint(s) for s in wanted}
             return wire.Catchup(dev=core.dev, req=req_id, cp={s: c.cp for s, c in cps.items()},
                                 snap=[s for s, c in cps.items() if c.snapshot],
                                 lim=core.settings.catchup_page)
