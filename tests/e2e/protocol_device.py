@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import threading
 import time
 import zlib
@@ -71,8 +72,12 @@ class ProtocolDevice:
 
     def __init__(self, dev: str, password: str, *, port: int, host: str = "127.0.0.1",
                  prefix: str = "waystation", scopes: Iterable[str] = (), sv: int = 1,
-                 z: bool = True) -> None:
+                 z: bool = True, client_id: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`client_id` other than `dev` and `tls` are for tests of the transport (§1)."""
         self.dev, self.password = dev, password
+        self.client_id = dev if client_id is None else client_id
+        self.tls = tls
         self.host, self.port, self.prefix = host, port, prefix
         self.scopes = list(scopes)
         self.sv, self.z = sv, z
@@ -104,7 +109,7 @@ class ProtocolDevice:
 
     def _make_client(self) -> paho.Client:
         client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=self.dev,
+                             client_id=self.client_id,
                              clean_session=False, protocol=MQTTProtocolVersion.MQTTv311,
                              reconnect_on_failure=False)
         client.username_pw_set(self.dev, self.password)
@@ -115,14 +120,17 @@ class ProtocolDevice:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        if self.tls is not None:
+            client.tls_set_context(self.tls)
         return client
 
     # ------------------------------------------------------------------ connection
 
-    def connect(self, timeout: float = 10.0, *, online: bool = True) -> str:
+    def connect(self, timeout: float = 10.0, *, online: bool | None = True) -> str:
         """Connect (persistent session, will set), subscribe to down, say online (or,
         with `online=False`, offline: the server then sends it no deltas, §7.6, so it
-        learns of others' changes through catch-up alone).
+        learns of others' changes through catch-up alone; `online=None` publishes no
+        status at all, §1).
 
         Returns the CONNACK reason ("Success", "Not authorized", ...)."""
         acks, drops = len(self.connacks), len(self.disconnects)
@@ -136,7 +144,8 @@ class ProtocolDevice:
         self.subscribed = False
         self.client.subscribe(self.down, qos=1)
         self.wait(lambda: self.subscribed, timeout, "SUBACK")
-        self.publish(self.status_topic, self._status(online), retain=True)
+        if online is not None:
+            self.publish(self.status_topic, self._status(online), retain=True)
         return reason
 
     def restart(self, timeout: float = 10.0) -> str:
@@ -157,6 +166,10 @@ class ProtocolDevice:
                 self.publish(self.status_topic, self._status(False), retain=True, timeout=5)
             self.client.disconnect()
         self.client.loop_stop()
+
+    def say_online(self, on: bool = True) -> None:
+        """Publish the retained status (§7.10)."""
+        self.publish(self.status_topic, self._status(on), retain=True)
 
     def _status(self, on: bool) -> bytes:
         return _encode({"type": "status", "v": PROTOCOL_VERSION, "dev": self.dev, "on": on,
