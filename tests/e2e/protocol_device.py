@@ -89,6 +89,11 @@ class ProtocolDevice:
         self._cond = threading.Condition()
         self._req = 0
         self._lim: int | None = None
+        # §9.5: per request id, the scopes asked for, those a checkpoint confirmed, and
+        # those whose last page said `more`
+        self._asked: dict[str, set[str]] = {}
+        self._confirmed: dict[str, set[str]] = {}
+        self._continuing: dict[str, set[str]] = {}
         # everything received, decoded
         self.messages: list[dict[str, Any]] = []
         self.undecodable: list[bytes] = []
@@ -208,15 +213,23 @@ class ProtocolDevice:
         if lim is not None:
             msg["lim"] = lim
         self._lim = lim
+        with self._cond:
+            self._asked[req] = set(msg["cp"])
+            self._confirmed[req] = set()
+            self._continuing[req] = set()
         self.send(msg)
         return req
 
+    def caught_up(self, req: str) -> bool:
+        """Every scope of request `req` is in a checkpoint answering it (§9.5)."""
+        with self._cond:
+            return req in self._asked and self._asked[req] <= self._confirmed[req]
+
     def sync_from_server(self, timeout: float = 30.0, lim: int | None = None) -> None:
-        """Catch up (following `more` pages, `lim` records each) until the server sends
-        the checkpoint."""
+        """Catch up (following `more` pages, `lim` records each) until checkpoints of
+        the server have confirmed every scope (§7.8, §9.5)."""
         req = self.catchup(lim=lim)
-        self.wait(lambda: any(c.get("req") == req for c in self.checkpoints), timeout,
-                  f"checkpoint for {req}")
+        self.wait(lambda: self.caught_up(req), timeout, f"checkpoints for {req}")
 
     def change(self, c: str, k: str, s: str, *, op: str = "put", b: int = 0,
                h: str | None = None, f: dict[str, Any] | None = None,
@@ -348,6 +361,8 @@ class ProtocolDevice:
             for rec in doc.get("recs", []):
                 self._apply(rec)
             self.cp[doc["s"]] = max(self.cp.get(doc["s"], 0), doc["to"])
+            continuing = self._continuing.get(doc["req"], set())
+            (continuing.add if doc.get("more") else continuing.discard)(doc["s"])
             if doc.get("more"):
                 # §9.5: continue this scope from `to` (sent from a fresh thread: we are on
                 # paho's network thread and must not wait for a PUBACK here).
@@ -361,6 +376,19 @@ class ProtocolDevice:
             self.checkpoints.append(doc)
             for s, q in doc.get("cp", {}).items():
                 self.cp[s] = max(self.cp.get(s, 0), q)
+            req = doc["req"]
+            if req in self._asked:
+                got = set(doc.get("cp", {})) | set(doc.get("denied", []))
+                self._confirmed[req] |= got
+                self._continuing[req] -= got
+                left = self._asked[req] - self._confirmed[req]
+                if left and not self._continuing[req]:
+                    # Complete beside a scope that said `more`: in no checkpoint yet (§7.8).
+                    msg = {"type": "catchup", "v": PROTOCOL_VERSION, "dev": self.dev,
+                           "req": req, "cp": {s: self.cp.get(s, 0) for s in sorted(left)}}
+                    if self._lim is not None:
+                        msg["lim"] = self._lim
+                    threading.Thread(target=self.send, args=(msg,), daemon=True).start()
 
     def _apply(self, rec: dict[str, Any]) -> None:
         """Apply a record state to the base (§6, rules 1-3)."""
