@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 
 from agent.api import WAKE_SOCKET, Agent
+from agent.catchup import CatchupRound
 from schemas import codec, wire
 from schemas.collection import Catalog
 from schemas.errors import ProtocolError
@@ -92,7 +93,7 @@ class AgentDaemon:
         self._inflight: dict[int, float] = {}        # n -> monotonic deadline for an answer
         self._earliest = float("inf")  # no deadline in _inflight is before this
         self._retry_at: dict[int, float] = {}        # n -> not before (transient rejects)
-        self._catchup_req: str | None = None
+        self._catchup: CatchupRound | None = None  # the catch-up under way
         self._catchup_sent = 0.0
         self._last_status = 0.0
         self._hello_cp: dict[str, int] | None = None
@@ -262,7 +263,7 @@ class AgentDaemon:
             log.info("disconnected", dev=self.dev, reason=reason)
         self._connected = False
         self._inflight.clear()
-        self._catchup_req = None
+        self._catchup = None
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
             self.sync.record_link("offline", reason)
@@ -317,16 +318,20 @@ class AgentDaemon:
     def _on_page(self, page: wire.Page) -> None:
         self.sync.apply_page(page)
         self.stats.pages += 1
+        if self._catchup is not None and page.req == self._catchup.req:
+            self._catchup.on_page(page.s, page.more)
         if page.more:
             # Continue only this scope: asking again for every scope would make the
             # server answer each scope once per request, multiplying the pages.
             cps = self.agent.checkpoints()
             cp = cps.get(page.s)
             snap = [page.s] if cp is not None and cp.snapshot else []
-            req = self._catchup_req or page.req
+            req = self._catchup.req if self._catchup is not None else page.req
             self._send(wire.Catchup(dev=self.dev, req=req, cp={page.s: page.to}, snap=snap,
                                     lim=self.cfg.sync.catchup_page))
             self._catchup_sent = time.monotonic()
+        elif page.reset and self._catchup is None:
+            self._start_catchup()  # a late copy restarted a snapshot: only a checkpoint ends it
 
     def _on_checkpoint(self, msg: wire.Checkpoint) -> None:
         result = self.sync.apply_checkpoint(msg)
@@ -335,8 +340,16 @@ class AgentDaemon:
             self._start_catchup()
             return
         self._hello_if_moved()
-        if msg.req == self._catchup_req:
-            self._catchup_req = None
+        current = self._catchup
+        if current is not None and msg.req == current.req:
+            # Scopes complete in an answer where another said `more` are in no checkpoint
+            # of the chain (PROTOCOL.md §7.8): ask for them again once the chain is done.
+            again = current.after_checkpoint(msg.cp, msg.denied)
+            if current.done:
+                self._catchup = None
+            elif again:
+                self._catchup_sent = time.monotonic()
+                self._send(self.sync.catchup_request(current.req, scopes=again))
         if result.dropped:
             log.info("snapshot_dropped_records", dev=self.dev, count=result.dropped)
         if result.denied:
@@ -380,8 +393,8 @@ class AgentDaemon:
                                          sync_cfg.batch_max_bytes)
             if not batch:
                 return
-            payload = codec.encode_dict(batch.payload(self.dev),
-                                        compress_over=sync_cfg.compress_over_bytes or None)
+            payload = batch.payload(self.dev,
+                                    compress_over=sync_cfg.compress_over_bytes or None)
             if not self.link.publish(self.up_topic, payload):
                 return
             deadline = now + sync_cfg.ack_timeout_s
@@ -415,10 +428,11 @@ class AgentDaemon:
         if not self._connected:
             return
         req = "c-" + uuid.uuid4().hex[:12]
-        self._catchup_req = req
+        request = self.sync.catchup_request(req)
+        self._catchup = CatchupRound(req, frozenset(request.cp))
         self._catchup_sent = time.monotonic()
         self.stats.catchups += 1
-        self._send(self.sync.catchup_request(req))
+        self._send(request)
 
     def _publish_status(self, online: bool) -> None:
         msg = self.sync.status_message(online, AGENT_NAME)
@@ -433,7 +447,7 @@ class AgentDaemon:
             self._publish_status(True)
             self.sync.set_online(True)
             self._hello_if_moved()
-        if self._catchup_req is not None:
+        if self._catchup is not None:
             # An unanswered catch-up is retried like an unacked change: after the ack
             # timeout (the request or its answer may have been lost in a reconnect).
             if now - self._catchup_sent >= max(_CATCHUP_RETRY_MIN_S, sync_cfg.ack_timeout_s):

@@ -50,13 +50,14 @@ class Batch(list[tuple[int, dict[str, Any]]]):
         return wire.Changes(dev=dev, sv=self.sv, inc=self.inc,
                             ch=[wire.Change.model_validate(ch) for _, ch in self])
 
-    def payload(self, dev: str) -> dict[str, Any]:
-        """The `changes` message as a dict, ready to encode (the daemon's hot path)."""
+    def payload(self, dev: str, *, compress_over: int | None = None) -> bytes:
+        """The wire bytes of that message, as the daemon publishes them: encoded straight
+        from the outbox entries (validated when they were written), without a model."""
         msg: dict[str, Any] = {"type": "changes", "v": 1, "dev": dev, "sv": self.sv,
                                "ch": [ch for _, ch in self]}
         if self.inc is not None:
             msg["inc"] = self.inc
-        return msg
+        return codec.encode_dict(msg, compress_over=compress_over)
 
 
 @dataclass(frozen=True)
@@ -403,14 +404,18 @@ class Sync:
 
     # --------------------------------------------------------- asking for data
 
-    def catchup_request(self, req_id: str) -> wire.Catchup:
-        """The `catchup` to send (§7.3): every followed scope's checkpoint, the scopes
-        with a snapshot in progress. Remembers `req_id` as the latest request."""
+    def catchup_request(self, req_id: str,
+                        scopes: Iterable[str] | None = None) -> wire.Catchup:
+        """The `catchup` to send (§7.3): every followed scope's checkpoint (or only those
+        of `scopes`), the scopes with a snapshot in progress. Remembers `req_id` as the
+        latest request."""
         core = self._core
+        chosen = None if scopes is None else set(scopes)
+        wanted = [s for s in core.scopes if chosen is None or s in chosen]
 
         def run(work: Work) -> wire.Catchup:
             work.tx.set_meta("creq", req_id)
-            cps = {s: work.checkpoint(s) for s in core.scopes}
+            cps = {s: work.checkpoint(s) for s in wanted}
             return wire.Catchup(dev=core.dev, req=req_id, cp={s: c.cp for s, c in cps.items()},
                                 snap=[s for s, c in cps.items() if c.snapshot],
                                 lim=core.settings.catchup_page)

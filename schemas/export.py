@@ -9,10 +9,20 @@ generated from the pydantic models in `schemas.wire`: pretty-printed, keys sorte
 trailing newline, so the output is byte-for-byte stable across runs. In message
 schemas `type` and `v` are listed as required, as `schemas.codec` requires them.
 
-The schemas describe shapes only: a few rules live in validators and are not
-expressible here (byte lengths of keys, the 32-level nesting limit of values, the
-53-bit integer range inside free-form values, the put/del field rules of a change).
-`schemas.codec.decode` is the authority.
+The schemas describe what a sender MUST send (PROTOCOL.md §7): members the text requires
+are required here even where the models give them a default so that a receiver can be
+lenient (§3: `b`, `page.reset/more/recs`, `reject.rj`, a candidate's `v`). Map keys are
+constrained with `propertyNames` (field names, scopes, set members), and a change's
+put/del field rules and a record state's `x`/`xh` pairing are written as if/then.
+
+A few rules of the text are beyond JSON Schema and live only in the validators: the
+UTF-8 byte length of keys and members (the schema bounds their characters, a looser
+limit, and says so in a description), the 32-level nesting limit of values and the
+53-bit integer range inside free-form values, the 256 fields of one change counted
+across `f`/`i`/`a`/`r` (the schema bounds each map), and that an integer member is an
+integer literal (JSON Schema counts `1.0` as an integer). `schemas.codec.decode` is the
+authority; tests/schemas/test_schema_conformance.py checks that real messages of the
+agent and the server validate against these files.
 """
 
 from __future__ import annotations
@@ -47,9 +57,29 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     if issubclass(model, Message):
         required = set(schema.get("required", []))
         schema["required"] = sorted(required | {"type", "v"})
+    _closed_key_patterns(schema)
     schema["$schema"] = SCHEMA_DIALECT
     schema["$comment"] = _HEADER
     return schema
+
+
+def _closed_key_patterns(node: Any) -> None:
+    """Rewrite pydantic's `patternProperties` (a map whose keys have a pattern, e.g. scope
+    -> checkpoint) as `propertyNames` + `additionalProperties`: `patternProperties` alone
+    would let keys that do not match through unchecked."""
+    if isinstance(node, dict):
+        patterns = node.get("patternProperties")
+        if (isinstance(patterns, dict) and len(patterns) == 1
+                and "additionalProperties" not in node and "propertyNames" not in node):
+            ((pattern, values),) = patterns.items()
+            del node["patternProperties"]
+            node["propertyNames"] = {"pattern": pattern}
+            node["additionalProperties"] = values
+        for value in node.values():
+            _closed_key_patterns(value)
+    elif isinstance(node, list):
+        for value in node:
+            _closed_key_patterns(value)
 
 
 def render() -> dict[str, str]:

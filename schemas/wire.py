@@ -17,13 +17,18 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictFloat,
     StrictInt,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    model_serializer,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 PROTOCOL_VERSION = 1
 
@@ -185,12 +190,54 @@ def _fast_field_values(value: Any, handler: ValidatorFunctionWrapHandler) -> Any
     return dict(value)
 
 
+# --- the published JSON Schema (schemas/json/, `python -m schemas.export`) -------------
+# It describes what a sender MUST send (PROTOCOL.md §7); the models stay as lenient as §3
+# lets a receiver be. Rules the validators check in code are restated for the schema
+# here, next to the types, without changing what the models accept.
+
+
+class JsonSchemaOnly:
+    """Annotation metadata adding JSON Schema keywords to a type; validation unchanged."""
+
+    def __init__(self, **keywords: Any) -> None:
+        self.keywords = keywords
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        schema.update(self.keywords)
+        return schema
+
+
+def required_on_wire(*names: str) -> Any:
+    """`json_schema_extra` for a model whose members `names` have a default for lenient
+    reading but MUST be sent (PROTOCOL.md §3): lists them as required, in member order."""
+
+    def extra(schema: dict[str, Any], model: type[BaseModel]) -> None:
+        wanted = set(schema.get("required", ())) | set(names)
+        order = [f.alias or name for name, f in model.model_fields.items()]
+        schema["required"] = [name for name in order if name in wanted]
+        for name in names:  # a default would suggest the member may be left out
+            schema["properties"][name].pop("default", None)
+
+    return extra
+
+
+_FIELD_KEYS = JsonSchemaOnly(propertyNames={"pattern": FIELD_PATTERN})
+"""A map keyed by field names (`f`, `i`, `a`, `r`, `h`, `t`, `cf`)."""
+_NODE_PATTERN = r"^(~server|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 ScopeId = Annotated[str, Field(pattern=ID_PATTERN)]
 CollectionName = Annotated[str, Field(pattern=COLLECTION_PATTERN)]
 FieldName = Annotated[str, Field(pattern=FIELD_PATTERN)]
-RecordKey = Annotated[str, AfterValidator(_check_key)]
-Member = Annotated[str, AfterValidator(_check_member)]
+RecordKey = Annotated[str, AfterValidator(_check_key), JsonSchemaOnly(
+    minLength=1, maxLength=MAX_KEY_BYTES, pattern="^[^\\u0000-\\u001f]+$",
+    description=f"1 to {MAX_KEY_BYTES} UTF-8 bytes (maxLength bounds the characters), "
+                "no character below U+0020")]
+Member = Annotated[str, AfterValidator(_check_member), JsonSchemaOnly(
+    minLength=1, maxLength=MAX_KEY_BYTES,
+    description=f"1 to {MAX_KEY_BYTES} UTF-8 bytes (maxLength bounds the characters)")]
 TimePart = Annotated[str, Field(pattern=TIME_PART_PATTERN)]
 Stamp = Annotated[str, Field(pattern=STAMP_PATTERN)]
 ChangeTag = Annotated[str, Field(pattern=CHANGE_ID_PATTERN)]
@@ -206,7 +253,7 @@ Number = Annotated[
 ReqId = Annotated[str, Field(min_length=1, max_length=64, strict=True)]
 # Field name -> JSON value (the `f` of changes and record states).
 FieldValues = Annotated[dict[str, JsonValue], AfterValidator(_check_field_names),
-                        WrapValidator(_fast_field_values)]
+                        WrapValidator(_fast_field_values), _FIELD_KEYS]
 
 
 class WireModel(BaseModel):
@@ -231,9 +278,20 @@ class Message(WireModel):
 class Candidate(WireModel):
     """One concurrent value of a `manual` field whose conflict is open."""
 
+    model_config = ConfigDict(extra="ignore", frozen=True,
+                              json_schema_extra=required_on_wire("v"))
+
     v: JsonValue = None
-    by: str
+    by: Annotated[str, JsonSchemaOnly(pattern=_NODE_PATTERN)]
     h: Stamp
+
+    @model_serializer(mode="wrap")
+    def _keep_v(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A null candidate value is a value: `codec.encode` leaves out members at their
+        # defaults, but `v` is required on the wire (§6).
+        out: dict[str, Any] = handler(self)
+        out.setdefault("v", self.v)
+        return out
 
 
 class Rec(WireModel):
@@ -247,11 +305,19 @@ class Rec(WireModel):
     x: StrictBool = False
     xh: Stamp | None = None
     f: FieldValues = Field(default_factory=dict)
-    h: Annotated[dict[str, Stamp], AfterValidator(_check_field_names)] = Field(default_factory=dict)
-    t: Annotated[dict[str, dict[Member, list[ChangeTag]]],
-                 AfterValidator(_check_field_names)] = Field(default_factory=dict)
-    cf: Annotated[dict[str, list[Candidate]], AfterValidator(_check_field_names)] = Field(
+    h: Annotated[dict[str, Stamp], AfterValidator(_check_field_names), _FIELD_KEYS] = Field(
         default_factory=dict)
+    t: Annotated[dict[str, dict[Member, list[ChangeTag]]],
+                 AfterValidator(_check_field_names), _FIELD_KEYS] = Field(default_factory=dict)
+    cf: Annotated[dict[str, list[Candidate]], AfterValidator(_check_field_names),
+                  _FIELD_KEYS] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra={
+        # `xh` is there exactly when `x` is true (§6).
+        "if": {"properties": {"x": {"const": True}}, "required": ["x"]},
+        "then": {"required": ["xh"]},
+        "else": {"not": {"required": ["xh"]}},
+    })
 
 
 # --- device -> server ---------------------------------------------------------------
@@ -273,8 +339,22 @@ class Hello(Message):
     """The device's checkpoints now (§9.4), for the operator's view of its progress."""
 
 
+_FIELD_GROUPS = ("f", "i", "a", "r")
+
+
+def _change_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """`b` is required on the wire; a `del` names no field, a `put` at least one (§7.2)."""
+    required_on_wire("b")(schema, model)
+    schema["if"] = {"properties": {"op": {"const": "del"}}}
+    schema["then"] = {"properties": {g: {"maxProperties": 0} for g in _FIELD_GROUPS}}
+    schema["else"] = {"anyOf": [{"required": [g], "properties": {g: {"minProperties": 1}}}
+                                for g in _FIELD_GROUPS]}
+
+
 class Change(WireModel):
     """One versioned local write (PROTOCOL.md §7.2)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_change_schema)
 
     n: ChangeNumber
     h: TimePart
@@ -283,13 +363,21 @@ class Change(WireModel):
     s: ScopeId
     b: Seq = 0
     op: Literal["put", "del"]
-    f: FieldValues = Field(default_factory=dict)
-    i: Annotated[dict[str, Number], AfterValidator(_check_field_names)] = Field(
+    f: Annotated[FieldValues, JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
         default_factory=dict)
-    a: Annotated[dict[str, list[Member]], AfterValidator(_check_field_names)] = Field(
+    i: Annotated[dict[str, Annotated[Number, JsonSchemaOnly(**{"not": {"const": 0}})]],
+                 AfterValidator(_check_field_names), _FIELD_KEYS,
+                 JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
         default_factory=dict)
-    r: Annotated[dict[str, dict[Member, list[ChangeTag]]],
-                 AfterValidator(_check_field_names)] = Field(default_factory=dict)
+    a: Annotated[dict[str, Annotated[list[Member], JsonSchemaOnly(minItems=1)]],
+                 AfterValidator(_check_field_names), _FIELD_KEYS,
+                 JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
+        default_factory=dict)
+    r: Annotated[dict[str, Annotated[dict[Member, list[ChangeTag]],
+                                     JsonSchemaOnly(minProperties=1)]],
+                 AfterValidator(_check_field_names), _FIELD_KEYS,
+                 JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
+        default_factory=dict)
 
     @model_validator(mode="after")
     def _shape(self) -> Change:
@@ -382,6 +470,9 @@ class Rejection(WireModel):
 class Reject(Message):
     """Changes not applied (per change), or a message-level error."""
 
+    model_config = ConfigDict(extra="ignore", frozen=True,
+                              json_schema_extra=required_on_wire("rj"))
+
     type: Literal["reject"] = "reject"
     rj: list[Rejection] = Field(default_factory=list)
     err: ErrorInfo | None = None
@@ -406,7 +497,8 @@ class Page(Message):
     more: StrictBool = False
     recs: list[Rec] = Field(default_factory=list)
 
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True,
+                              json_schema_extra=required_on_wire("reset", "more", "recs"))
 
 
 class Checkpoint(Message):

@@ -142,9 +142,18 @@ class TxnApplier:
             # Generators: a backend without round trips (LMDB) never iterates them.
             self.txn.prefetch(ns, (ch.n for ch in changes),
                               ((ch.c, ch.k) for ch in changes if (ch.c, ch.k) not in known))
-        results = [self.apply_one(device, sv, ch, ns) for ch in changes]
-        for entry in bad:
-            if entry.n is not None:
+        if not bad:
+            return [self.apply_one(device, sv, ch, ns) for ch in changes]
+        # In batch order, so that a change number sent twice in one batch takes the
+        # outcome of its first occurrence even when that one is the invalid entry (§10.2).
+        bad_at = {entry.index: entry for entry in bad}
+        valid = iter(changes)
+        results: list[ChangeResult] = []
+        for index in range(len(changes) + len(bad)):
+            entry = bad_at.get(index)
+            if entry is None:
+                results.append(self.apply_one(device, sv, next(valid), ns))
+            elif entry.n is not None:
                 results.append(self._invalid(device, ns, entry.n, entry.error.reason))
         return results
 

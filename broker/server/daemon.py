@@ -206,7 +206,7 @@ class MergeServer:
                     # Keep arrival order between presence and changes.
                     self._publish(self._handle(ups))
                     ups = []
-                self.engine.handle_status(dev, payload)
+                self._publish(self.engine.handle_status(dev, payload))
             elif kind == "connected":
                 self.engine.reset_presence()
         if ups:

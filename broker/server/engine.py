@@ -7,8 +7,9 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
         all change batches of the group are applied in ONE store transaction (group
         commit), then each sender gets its `ack` / `reject` / commands / catch-up pages,
         and every other online device of an affected scope one `delta` (set).
-    engine.handle_status(topic_device, payload)
-        a (retained) `{prefix}/{dev}/status` message: presence, kept in memory.
+    engine.handle_status(topic_device, payload) -> [(device_id, message_bytes)]
+        a (retained) `{prefix}/{dev}/status` message: presence, kept in memory; a status
+        the server cannot read is answered with a message-level `reject`.
     engine.tick() -> [(device_id, message_bytes)]
         call about once a second: picks up registry changes made by the CLI (and sends
         newly issued commands to online devices), fans out operator resolutions queued
@@ -153,18 +154,22 @@ class Engine:
         out.extend(fan.messages(self._compress_over))
         return out
 
-    def handle_status(self, topic_device: str, payload: bytes) -> None:
-        """Record a device's presence from its (retained) status message."""
+    def handle_status(self, topic_device: str, payload: bytes) -> list[Outgoing]:
+        """Record a device's presence from its (retained) status message.
+
+        A status the server cannot read leaves presence as it was, is kept as a dead
+        letter and, for a registered device, answered with a `reject` whose `err` says
+        why (PROTOCOL.md §7.10): otherwise the device would never learn why it gets no
+        deltas.
+        """
         try:
             report = parse_status(topic_device, payload)
         except ProtocolError as err:
-            self._queue_letter(topic_device, "status", err.code, err.reason, payload)
-            return
+            return self._bad_status(topic_device, err.code, err.reason, payload)
         except Exception:  # pragma: no cover - parse_status raises ProtocolError only
             log.exception("status_failed", dev=topic_device)
-            self._queue_letter(topic_device, "status", codec.SERVER_ERROR,
-                               "the server failed to read this status", payload)
-            return
+            return self._bad_status(topic_device, codec.SERVER_ERROR,
+                                    "the server failed to read this status", payload)
         if self.registry.get(topic_device) is None:
             # Enrolled since the last refresh (`device add` runs in another process)? A
             # new device's first status must count: until it does, the device is
@@ -177,10 +182,19 @@ class Engine:
             self._queue_letter(topic_device, "status", codec.UNKNOWN_DEVICE,
                                f"status of unregistered device {topic_device!r} ignored",
                                payload)
-            return
+            return []
         if self.presence.set(topic_device, report.on):
             log.info("presence", dev=topic_device, online=report.on)
         self._dirty.setdefault(topic_device, {}).update(online=report.on, pend=report.pend)
+        return []
+
+    def _bad_status(self, dev: str, code: str, reason: str, payload: bytes) -> list[Outgoing]:
+        self._queue_letter(dev, "status", code, reason, payload)
+        # Not to unregistered devices: the broker replays the retained status of every
+        # removed device to each server that subscribes, and those have no one to tell.
+        if self.registry.get(dev) is None:
+            return []
+        return [(dev, error_message(code, f"status message: {reason}"))]
 
     def tick(self) -> list[Outgoing]:
         """Periodic work (see module docstring); never raises."""

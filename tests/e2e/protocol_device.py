@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import threading
 import time
 import zlib
@@ -71,8 +72,12 @@ class ProtocolDevice:
 
     def __init__(self, dev: str, password: str, *, port: int, host: str = "127.0.0.1",
                  prefix: str = "waystation", scopes: Iterable[str] = (), sv: int = 1,
-                 z: bool = True) -> None:
+                 z: bool = True, client_id: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`client_id` other than `dev` and `tls` are for tests of the transport (§1)."""
         self.dev, self.password = dev, password
+        self.client_id = dev if client_id is None else client_id
+        self.tls = tls
         self.host, self.port, self.prefix = host, port, prefix
         self.scopes = list(scopes)
         self.sv, self.z = sv, z
@@ -84,6 +89,11 @@ class ProtocolDevice:
         self._cond = threading.Condition()
         self._req = 0
         self._lim: int | None = None
+        # §9.5: per request id, the scopes asked for, those a checkpoint confirmed, and
+        # those whose last page said `more`
+        self._asked: dict[str, set[str]] = {}
+        self._confirmed: dict[str, set[str]] = {}
+        self._continuing: dict[str, set[str]] = {}
         # everything received, decoded
         self.messages: list[dict[str, Any]] = []
         self.undecodable: list[bytes] = []
@@ -104,7 +114,7 @@ class ProtocolDevice:
 
     def _make_client(self) -> paho.Client:
         client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=self.dev,
+                             client_id=self.client_id,
                              clean_session=False, protocol=MQTTProtocolVersion.MQTTv311,
                              reconnect_on_failure=False)
         client.username_pw_set(self.dev, self.password)
@@ -115,14 +125,17 @@ class ProtocolDevice:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        if self.tls is not None:
+            client.tls_set_context(self.tls)
         return client
 
     # ------------------------------------------------------------------ connection
 
-    def connect(self, timeout: float = 10.0, *, online: bool = True) -> str:
+    def connect(self, timeout: float = 10.0, *, online: bool | None = True) -> str:
         """Connect (persistent session, will set), subscribe to down, say online (or,
         with `online=False`, offline: the server then sends it no deltas, §7.6, so it
-        learns of others' changes through catch-up alone).
+        learns of others' changes through catch-up alone; `online=None` publishes no
+        status at all, §1).
 
         Returns the CONNACK reason ("Success", "Not authorized", ...)."""
         acks, drops = len(self.connacks), len(self.disconnects)
@@ -136,7 +149,8 @@ class ProtocolDevice:
         self.subscribed = False
         self.client.subscribe(self.down, qos=1)
         self.wait(lambda: self.subscribed, timeout, "SUBACK")
-        self.publish(self.status_topic, self._status(online), retain=True)
+        if online is not None:
+            self.publish(self.status_topic, self._status(online), retain=True)
         return reason
 
     def restart(self, timeout: float = 10.0) -> str:
@@ -157,6 +171,10 @@ class ProtocolDevice:
                 self.publish(self.status_topic, self._status(False), retain=True, timeout=5)
             self.client.disconnect()
         self.client.loop_stop()
+
+    def say_online(self, on: bool = True) -> None:
+        """Publish the retained status (§7.10)."""
+        self.publish(self.status_topic, self._status(on), retain=True)
 
     def _status(self, on: bool) -> bytes:
         return _encode({"type": "status", "v": PROTOCOL_VERSION, "dev": self.dev, "on": on,
@@ -195,15 +213,23 @@ class ProtocolDevice:
         if lim is not None:
             msg["lim"] = lim
         self._lim = lim
+        with self._cond:
+            self._asked[req] = set(msg["cp"])
+            self._confirmed[req] = set()
+            self._continuing[req] = set()
         self.send(msg)
         return req
 
+    def caught_up(self, req: str) -> bool:
+        """Every scope of request `req` is in a checkpoint answering it (§9.5)."""
+        with self._cond:
+            return req in self._asked and self._asked[req] <= self._confirmed[req]
+
     def sync_from_server(self, timeout: float = 30.0, lim: int | None = None) -> None:
-        """Catch up (following `more` pages, `lim` records each) until the server sends
-        the checkpoint."""
+        """Catch up (following `more` pages, `lim` records each) until checkpoints of
+        the server have confirmed every scope (§7.8, §9.5)."""
         req = self.catchup(lim=lim)
-        self.wait(lambda: any(c.get("req") == req for c in self.checkpoints), timeout,
-                  f"checkpoint for {req}")
+        self.wait(lambda: self.caught_up(req), timeout, f"checkpoints for {req}")
 
     def change(self, c: str, k: str, s: str, *, op: str = "put", b: int = 0,
                h: str | None = None, f: dict[str, Any] | None = None,
@@ -335,6 +361,8 @@ class ProtocolDevice:
             for rec in doc.get("recs", []):
                 self._apply(rec)
             self.cp[doc["s"]] = max(self.cp.get(doc["s"], 0), doc["to"])
+            continuing = self._continuing.get(doc["req"], set())
+            (continuing.add if doc.get("more") else continuing.discard)(doc["s"])
             if doc.get("more"):
                 # §9.5: continue this scope from `to` (sent from a fresh thread: we are on
                 # paho's network thread and must not wait for a PUBACK here).
@@ -348,6 +376,19 @@ class ProtocolDevice:
             self.checkpoints.append(doc)
             for s, q in doc.get("cp", {}).items():
                 self.cp[s] = max(self.cp.get(s, 0), q)
+            req = doc["req"]
+            if req in self._asked:
+                got = set(doc.get("cp", {})) | set(doc.get("denied", []))
+                self._confirmed[req] |= got
+                self._continuing[req] -= got
+                left = self._asked[req] - self._confirmed[req]
+                if left and not self._continuing[req]:
+                    # Complete beside a scope that said `more`: in no checkpoint yet (§7.8).
+                    msg = {"type": "catchup", "v": PROTOCOL_VERSION, "dev": self.dev,
+                           "req": req, "cp": {s: self.cp.get(s, 0) for s in sorted(left)}}
+                    if self._lim is not None:
+                        msg["lim"] = self._lim
+                    threading.Thread(target=self.send, args=(msg,), daemon=True).start()
 
     def _apply(self, rec: dict[str, Any]) -> None:
         """Apply a record state to the base (§6, rules 1-3)."""
