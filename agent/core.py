@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch
+from agent.query.maintain import IndexUpkeep
 from agent.store import Store, Tx, n_key, record_key
 from agent.view import ViewState, compute_view
 from schemas import wire
@@ -138,7 +139,8 @@ class Core:
 class Work:
     """One transaction's view of the agent's data (see module docstring)."""
 
-    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_now", "core", "dev", "tx")
+    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_ix", "_now", "core", "dev",
+                 "tx")
 
     def __init__(self, core: Core, tx: Tx) -> None:
         self.core = core
@@ -149,6 +151,7 @@ class Work:
         self._gen: int | None = None
         self._checkpoints: dict[str, tuple[ScopeCheckpoint, bool]] = {}
         self._now: int | None = None
+        self._ix: IndexUpkeep | None = None
 
     # --------------------------------------------------------------- counters
 
@@ -369,11 +372,25 @@ class Work:
         doc = self.tx.get("view", rk)
         return None if doc is None else ViewState.from_doc(c, k, doc)
 
+    @property
+    def indexes(self) -> IndexUpkeep:
+        """The index entries of this transaction's views (agent.query)."""
+        if self._ix is None:
+            self._ix = IndexUpkeep(self.tx)
+        return self._ix
+
     def save_view(self, rk: bytes, state: ViewState | None) -> None:
+        # Index entries change in this same transaction, so they never disagree.
+        self.indexes.view_saved(rk, state)
         if state is None:
             self.tx.delete("view", rk)
         else:
             self.tx.put("view", rk, state.to_doc())
+
+    def clear_views(self) -> None:
+        """Erase every view (wipe, resync), and with them every index entry."""
+        self.tx.clear("view")
+        self.indexes.views_cleared()
 
     def refresh_view(self, rk: bytes, c: str, k: str, base: BaseRecord | None) -> ViewState | None:
         """Recompute a record's view from its base and its own pending changes."""

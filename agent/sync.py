@@ -423,9 +423,10 @@ class Sync:
             if cmd.id in done:
                 return False
             if cmd.cmd == "wipe":
-                for db in ("view", "base", "stamps", "outbox", "outbox_idx", "deadletters",
+                for db in ("base", "stamps", "outbox", "outbox_idx", "deadletters",
                            "conflicts", "checkpoints", "feed"):
                     tx.clear(db)
+                work.clear_views()
                 for name in ("last_sync", "creq", "last_err", "denied"):
                     tx.delete("meta", name.encode())
                 work.feed("", "", "wiped")
@@ -478,8 +479,9 @@ def _sweep(work: Work, scope: str, gen: int) -> int:
 
 def _resync(work: Work) -> None:
     tx = work.tx
-    for db in ("base", "stamps", "checkpoints", "view"):
+    for db in ("base", "stamps", "checkpoints"):
         tx.clear(db)
+    work.clear_views()
     for key in list(tx.keys("conflicts", b"O")):
         tx.delete("conflicts", key)
     records: dict[bytes, None] = {}
