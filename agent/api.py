@@ -34,6 +34,8 @@ from agent.core import Core, Settings, Work
 from agent.crypto import ValueCipher
 from agent.errors import BadRequest, NotFound, WriteRefused
 from agent.models import AgentStatus, Conflict, DeadLetter, FeedEvent, Record, WriteResult
+from agent.query.agent_api import AgentQueries
+from agent.query.maintain import ensure_indexes
 from agent.store import Store, n_key, record_key, split_record_key
 from agent.sync import Sync
 from agent.view import ViewState, initial_view, step
@@ -48,8 +50,11 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class Agent:
-    """An open device agent. Create with `Agent.open`; close with `close()` (or `with`)."""
+class Agent(AgentQueries):
+    """An open device agent. Create with `Agent.open`; close with `close()` (or `with`).
+
+    Queries (`query`, `count`, `live_query`, `subscribe`) come from
+    `agent.query.agent_api.AgentQueries`."""
 
     def __init__(self, core: Core) -> None:
         self._core = core
@@ -62,11 +67,13 @@ class Agent:
     @classmethod
     def open(cls, cfg: AgentConfig, catalog: Catalog, *, create: bool = True,
              env: Mapping[str, str] | None = None,
-             now_ms: Callable[[], int] | None = None) -> Agent:
+             now_ms: Callable[[], int] | None = None, build_indexes: bool = True) -> Agent:
         """Open the agent's store under cfg.data_dir (created unless `create=False`).
 
         `env` expands ``${VAR}`` in the encryption key path (default: os.environ);
-        `now_ms` replaces the wall clock (tests).
+        `now_ms` replaces the wall clock (tests). The indexes the schema declares are
+        recorded and, unless `build_indexes=False`, built (or dropped) before this
+        returns (`Agent.build_indexes` finishes them later).
         """
         cipher = None
         if cfg.storage.encryption_key_file is not None:
@@ -83,6 +90,7 @@ class Agent:
         core = Core(store, settings, catalog, now_ms or wall_ms)
         try:
             core.claim_identity()
+            ensure_indexes(core, build=build_indexes)
         except BaseException:
             store.close()
             raise
