@@ -86,7 +86,8 @@ class Agent(AgentQueries):
                            create=create)
         settings = Settings(device_id=cfg.device_id, scopes=tuple(cfg.scopes),
                             catchup_page=cfg.sync.catchup_page,
-                            heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5)
+                            heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5,
+                            plaintext_indexes=cfg.storage.plaintext_indexes)
         core = Core(store, settings, catalog, now_ms or wall_ms)
         try:
             core.claim_identity()

@@ -77,6 +77,8 @@ class Settings:
     scopes: tuple[str, ...]
     catchup_page: int = 1000
     heartbeat_timeout_s: float = 65.0
+    plaintext_indexes: bool = False
+    """Keep indexes on an encrypted store (their keys are plain text; agent.query)."""
 
 
 class Core:

@@ -103,9 +103,15 @@ class IndexUpkeep:
 # ------------------------------------------------------------ build and drop
 
 
+def indexes_allowed(core: Core) -> bool:
+    """Index keys are plain text: on an encrypted store only with plaintext_indexes."""
+    return not core.store.encrypted or core.settings.plaintext_indexes
+
+
 def reconcile(core: Core) -> Registry:
-    """Record the indexes the schema declares (new ones to build, removed ones to drop)."""
-    declared = declared_indexes(core.catalog)
+    """Record the indexes the schema declares (new ones to build, removed ones to drop);
+    none on an encrypted store unless allowed (`indexes_allowed`)."""
+    declared = declared_indexes(core.catalog) if indexes_allowed(core) else {}
 
     def run(work: Work) -> Registry:
         current = load_registry(work.tx)
@@ -182,6 +188,7 @@ __all__ = [
     "IndexUpkeep",
     "build_indexes",
     "ensure_indexes",
+    "indexes_allowed",
     "load_registry",
     "reconcile",
 ]

@@ -14,8 +14,9 @@ from agent.errors import BadRequest, WriteRefused
 from agent.models import Record
 from agent.query import executor
 from agent.query.cursor import decode_cursor, encode_cursor
+from agent.query.errors import IndexRequired
 from agent.query.indexes import entries
-from agent.query.maintain import load_registry
+from agent.query.maintain import indexes_allowed, load_registry
 from agent.query.model import Query, QueryPage
 from agent.query.planner import Plan, plan
 from agent.view import ViewState
@@ -45,7 +46,17 @@ class Queries:
     def plan(self, work: Work, query: Query, *, for_count: bool = False) -> Plan:
         """The plan of `query` against the indexes the store holds now."""
         spec = self.spec(query.collection)
-        return plan(query, spec, load_registry(work.tx).of(spec.name), for_count=for_count)
+        try:
+            return plan(query, spec, load_registry(work.tx).of(spec.name),
+                        for_count=for_count)
+        except IndexRequired as exc:
+            if indexes_allowed(self._core):
+                raise
+            raise IndexRequired(
+                exc.collection, exc.fields,
+                f"this device's store is encrypted, and index keys would hold field values "
+                f"in plain text, so it keeps no indexes: set storage.plaintext_indexes = "
+                f"true in the agent config to allow them ({exc})") from None
 
     def page_in(self, work: Work, query: Query) -> QueryPage:
         """One page of `query`, inside an open transaction."""
