@@ -121,14 +121,33 @@ def _encode_int(n: int) -> bytes:
     return b"\x30" + _float_bits(f) + _encode_rest(rest)
 
 
+_SHORT = 126
+"""Rests of up to this many bytes carry their size in the marker byte (0x80 +- size);
+longer ones (ints far beyond a float64's range) have marker 0xFF / 0x00 and 4 bytes of
+size."""
+
+
 def _encode_rest(rest: int) -> bytes:
     """A signed int as an order-preserving, self-delimiting byte string (0 -> 0x80)."""
     if rest == 0:
         return b"\x80"
     size = (abs(rest).bit_length() + 7) // 8
     if rest > 0:
-        return bytes([0x80 + size]) + rest.to_bytes(size, "big")
-    return bytes([0x80 - size]) + ((1 << (8 * size)) - 1 + rest).to_bytes(size, "big")
+        head = bytes([0x80 + size]) if size <= _SHORT else b"\xff" + size.to_bytes(4, "big")
+        return head + rest.to_bytes(size, "big")
+    head = (bytes([0x80 - size]) if size <= _SHORT
+            else b"\x00" + (0xFFFFFFFF - size).to_bytes(4, "big"))
+    return head + ((1 << (8 * size)) - 1 + rest).to_bytes(size, "big")
+
+
+def _rest_span(buf: bytes, pos: int) -> tuple[int, int, bool]:
+    """(start of the rest's bytes, their size, positive) for the marker at `pos`."""
+    marker = buf[pos]
+    if marker == 0xFF:
+        return pos + 5, int.from_bytes(buf[pos + 1:pos + 5], "big"), True
+    if marker == 0x00:
+        return pos + 5, 0xFFFFFFFF - int.from_bytes(buf[pos + 1:pos + 5], "big"), False
+    return pos + 1, abs(marker - 0x80), marker > 0x80
 
 
 def successor(prefix: bytes) -> bytes:
@@ -153,8 +172,8 @@ def skip(buf: bytes, pos: int) -> int:
                 return i + 2
             i += 2
     if tag == TAG_NUMBER:
-        marker = buf[pos + 9]
-        return pos + 10 + abs(marker - 0x80)
+        start, size, _ = _rest_span(buf, pos + 9)
+        return start + size
     return pos + 1
 
 
@@ -176,13 +195,12 @@ def decode(buf: bytes, pos: int = 0) -> tuple[Any, int]:
         (bits,) = _UNPACK(buf[pos + 1:pos + 9])
         bits = bits ^ _SIGN if bits & _SIGN else bits ^ _MASK
         f: float = struct.unpack(">d", bits.to_bytes(8, "big"))[0]
-        marker = buf[pos + 9]
-        size = abs(marker - 0x80)
-        end = pos + 10 + size
+        start, size, positive = _rest_span(buf, pos + 9)
+        end = start + size
         if size == 0:
             return f, end
-        raw = int.from_bytes(buf[pos + 10:end], "big")
-        rest = raw if marker > 0x80 else raw - ((1 << (8 * size)) - 1)
+        raw = int.from_bytes(buf[start:end], "big")
+        rest = raw if positive else raw - ((1 << (8 * size)) - 1)
         if math.isinf(f):
             return (_OVER if f > 0 else -_OVER) + rest, end
         return int(f) + rest, end
