@@ -99,12 +99,12 @@ class Query(BaseModel):
     where: dict[Annotated[str, Field(pattern=QUERY_FIELD_PATTERN)], FieldFilter] = Field(
         default_factory=dict, max_length=MAX_CONDITIONS)
     order_by: Annotated[str, Field(pattern=QUERY_FIELD_PATTERN)] | None = None
-    desc: bool = False
+    desc: StrictBool = False
     """Descending order (needs order_by)."""
-    limit: int = Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
+    limit: StrictInt = Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
     after: str | None = Field(default=None, max_length=MAX_CURSOR_CHARS)
     """The `next` cursor of the previous page."""
-    include_deleted: bool = False
+    include_deleted: StrictBool = False
 
     @field_validator("where", mode="before")
     @classmethod
@@ -154,10 +154,20 @@ def make_query(query: Query | Mapping[str, Any] | str, **options: Any) -> Query:
                      f"{type(query).__name__}")
 
 
+_BRANCHES = frozenset({"bool", "int", "float", "str", "constrained-str", "none"})
+
+
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    """One line for the most telling error: a broken constraint (too long, not finite)
+    before "not a bool / int / str" from each branch of the scalar union."""
+    errors = exc.errors()
+    specific = [e for e in errors if not str(e["type"]).endswith("_type")]
+    err = specific[0] if specific else errors[0]
+    parts = [str(p) for p in err["loc"] if p not in _BRANCHES]
+    loc = ".".join(parts)
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if not specific and len(errors) > 1:
+        msg = "must be a JSON scalar (null, true/false, a number or a string)"
     return f"{loc}: {msg}" if loc else msg
 
 
