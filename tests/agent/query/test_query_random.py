@@ -22,7 +22,7 @@ from tests.agent.query.checks import assert_indexes_consistent, assert_query_mat
 SCOPE_OF = {"k1": "route-42", "k2": "route-42", "k3": "depot-7", "k4": "route-42"}
 KEYS = tuple(SCOPE_OF)
 STATUS = st.sampled_from(["out", "done", "Out", None])
-ETA = st.sampled_from([None, -1, 0, 1, 2, 2.5, 3, 2**53 + 1])
+ETA = st.sampled_from([None, -1, 0, 1, 2, 2.5, 3, 2**53 - 1, -(2**53) + 1])
 CUSTOMER = st.sampled_from([None, "Ann", "Andy", "Bob", "", "an\x00x"])
 MEMBER = st.sampled_from(["x", "y"])
 
@@ -54,7 +54,7 @@ def _range(values: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
                            min_size=1, max_size=2)
 
 
-ETA_BOUND = st.sampled_from([-1, 0, 1, 2, 2.5, 3, 2**53])
+ETA_BOUND = st.sampled_from([-1, 0, 1, 2, 2.5, 3, 2**53 - 1, 2**60])
 queries = st.one_of(
     st.builds(lambda s, e, d: {"where": {"status": s, **({"eta": e} if e else {})},
                                "order_by": "eta", "desc": d},
@@ -145,7 +145,7 @@ class Driver:
                    s=scope, part=True, t={"labels": tags})
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(script=ops, checks=st.lists(queries, min_size=1, max_size=6),
        include_deleted=st.booleans(), limit=st.integers(1, 4))
