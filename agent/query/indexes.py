@@ -146,6 +146,16 @@ def field_value(state: ViewState, name: str) -> Any:
     return state.f.get(name)
 
 
+def unchanged(index: IndexDef, old: ViewState, new: ViewState) -> bool:
+    """Whether two views of one record have the same entries in `index` (a quick test
+    before computing them)."""
+    if old.x != new.x:
+        return False
+    return all(field_value(old, name) == field_value(new, name)
+               and type(field_value(old, name)) is type(field_value(new, name))
+               for name in index.fields)
+
+
 def entries(index: IndexDef, state: ViewState | None) -> dict[bytes, bytes]:
     """The index entries (key -> value) of one record's view (none without a view)."""
     if state is None:
@@ -173,4 +183,5 @@ __all__ = [
     "declared_indexes",
     "entries",
     "field_value",
+    "unchanged",
 ]

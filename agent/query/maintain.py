@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from agent.query.indexes import IndexDef, Registry, declared_indexes, entries
+from agent.query.indexes import IndexDef, Registry, declared_indexes, entries, unchanged
 from agent.store import Tx, record_key, split_record_key
 from agent.view import ViewState
 
@@ -39,8 +39,20 @@ DROP_BATCH = 10_000
 Progress = Callable[[IndexDef], None]
 
 
+_parsed: tuple[Any, Registry] = (None, Registry())
+"""The last registry document read and its parsed form: every write transaction reads
+the registry, and it changes only when indexes are added, built or dropped."""
+
+
 def load_registry(tx: Tx) -> Registry:
-    return Registry.from_doc(tx.meta(META_KEY))
+    global _parsed
+    doc = tx.meta(META_KEY)
+    last_doc, last = _parsed
+    if doc == last_doc:
+        return last
+    registry = Registry.from_doc(doc)
+    _parsed = (doc, registry)
+    return registry
 
 
 def save_registry(tx: Tx, registry: Registry) -> None:
@@ -83,6 +95,8 @@ class IndexUpkeep:
         old = None if doc is None else ViewState.from_doc(c, k, doc)
         tx = self.tx
         for ix in indexes:
+            if old is not None and state is not None and unchanged(ix, old, state):
+                continue
             before = entries(ix, old)
             after = entries(ix, state)
             for key in before:
