@@ -11,13 +11,10 @@ from __future__ import annotations
 import heapq
 from collections.abc import Generator
 
-import structlog
-
+from agent.query.logs import event
 from agent.query.planner import Plan, Range
 from agent.store import Tx, record_key
 from agent.view import ViewState
-
-log = structlog.get_logger("agent.query")
 
 _AFTER = b"\x00"
 """Appended to a position to seek just past it (every longer key with that prefix sorts
@@ -76,8 +73,8 @@ def index_page(tx: Tx, plan: Plan, limit: int,
             doc = tx.get("view", record_key(plan.collection, k))
             if doc is None:
                 # Cannot happen while entries change with their views; say so if it does.
-                log.warning("index_entry_without_view", collection=plan.collection, key=k,
-                            index=plan.index_name)
+                event("warning", "index_entry_without_view", collection=plan.collection,
+                      key=k, index=plan.index_name)
                 continue
             out.append(ViewState.from_doc(plan.collection, k, doc))
             last = position

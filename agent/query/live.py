@@ -30,18 +30,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.models import Record
 from agent.query.errors import QueryError
+from agent.query.logs import event
 from agent.query.model import LiveUpdate, Query
 from agent.query.service import Queries, view_matches
 from agent.store import n_key, record_key
 
 if TYPE_CHECKING:
     from agent.core import Core, Work
-
-log = structlog.get_logger("agent.query")
 
 FEED_BATCH = 1000
 """Feed events read per poll (more are read by the next one)."""
@@ -199,8 +196,8 @@ class Subscription:
                 self._stop.wait(self._poll_s)
         except BaseException as exc:  # kept for the owner; the thread ends
             self.error = exc
-            log.warning("live_query_stopped", collection=self.live.query.collection,
-                        error=str(exc))
+            event("warning", "live_query_stopped", collection=self.live.query.collection,
+                  error=str(exc))
 
     @property
     def running(self) -> bool:

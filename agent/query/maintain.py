@@ -19,11 +19,13 @@ The adapter between the pure index code (`agent.query.indexes`) and LMDB:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from agent.query.indexes import IndexDef, Registry, declared_indexes, entries, unchanged
+from agent.query.logs import event
 from agent.store import Tx, record_key, split_record_key
 from agent.view import ViewState
 
@@ -143,7 +145,14 @@ def ensure_indexes(core: Core, *, build: bool = True, batch: int = BUILD_BATCH,
     drop until every index is ready. Returns the registry."""
     registry = reconcile(core)
     if build and registry.pending():
+        for ix in registry.pending():
+            event("info", "index_build_started" if ix.state == "build"
+                  else "index_drop_started", collection=ix.collection, index=ix.name,
+                  done=ix.done)
+        start = time.monotonic()
         registry = build_indexes(core, batch=batch, progress=progress)
+        event("info", "indexes_ready", seconds=round(time.monotonic() - start, 3),
+              indexes=[f"{ix.collection}({ix.name})" for ix in registry.indexes])
     return registry
 
 

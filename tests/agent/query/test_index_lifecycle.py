@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.api import Agent
 from agent.query import CursorInvalid, IndexNotReady, IndexRequired
@@ -45,9 +46,13 @@ def test_added_index_is_built_on_open_and_removed_one_dropped(tmp_path: Path) ->
         _fill(ag, 120)
         with pytest.raises(IndexRequired):
             ag.query(BY_STATUS_CUSTOMER)
-    with Agent.open(cfg, catalog(extra=True)) as ag:
+    with capture_logs() as logs, Agent.open(cfg, catalog(extra=True)) as ag:
         assert _state(ag, EXTRA_INDEX) == "ready"
         assert_indexes_consistent(ag)
+        started = [e for e in logs if e["event"] == "index_build_started"]
+        assert [(e["collection"], e["index"]) for e in started] == [("tasks",
+                                                                     "status,customer")]
+        assert [e["event"] for e in logs][-1] == "indexes_ready"
         assert_query_matches_reference(ag, BY_STATUS_CUSTOMER, limit=17)
         cursor = ag.query({**BY_STATUS_CUSTOMER, "limit": 5}).next
     with Agent.open(cfg, catalog(extra=False)) as ag:
@@ -131,8 +136,9 @@ def _start(data_dir: Path, *args: str) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != "ready":
-        raise AssertionError(f"worker did not start: {line!r} "
-                             f"{proc.stderr.read() if proc.stderr else ''}")
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        raise AssertionError(f"worker did not start: {line!r} {err}")
     return proc
 
 
@@ -180,3 +186,18 @@ def test_index_never_disagrees_with_views_after_kill_9(tmp_path: Path) -> None:
             assert_query_matches_reference(ag, BY_STATUS_CUSTOMER)
             assert_query_matches_reference(
                 ag, {"collection": "tasks", "where": {"labels": "x"}, "order_by": "eta"})
+
+
+def test_building_prints_nothing_into_an_apps_output(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Before an entry point configures logging, building an index writes nothing to
+    stdout (it would land in an app's or a `--json` command's output)."""
+    import structlog
+
+    structlog.reset_defaults()
+    cfg = make_cfg(tmp_path)
+    with Agent.open(cfg, catalog(extra=False)) as ag:
+        _fill(ag, 5)
+    with Agent.open(cfg, catalog(extra=True)) as ag:
+        assert _state(ag, EXTRA_INDEX) == "ready"
+    assert capsys.readouterr().out == ""
