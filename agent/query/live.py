@@ -105,7 +105,7 @@ class LiveQuery:
                     full = True  # events were pruned before this query read them
                 first = False
                 last = seq
-                ec, ek, kind = doc
+                ec, ek, kind = doc[0], doc[1], doc[2]  # [collection, key, kind, ...]
                 if kind in _FULL_KINDS or ec == "":
                     full = True
                 elif ec == c:
