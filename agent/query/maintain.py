@@ -136,6 +136,9 @@ def reconcile(core: Core) -> Registry:
             save_registry(work.tx, wanted)
         return wanted
 
+    current = core.read(lambda work: load_registry(work.tx))
+    if current.reconcile(declared) == current:
+        return current  # the usual open: nothing to record, no write transaction
     return core.write(run)
 
 
