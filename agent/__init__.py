@@ -4,6 +4,7 @@
                  watch, status, dead letters, conflicts); multi-process safe
     sync         Sync (agent.sync): what the MQTT daemon applies (acks, rejects, deltas,
                  pages, checkpoints, commands) and sends (batches, catch-up, hello, status)
+    query        indexes declared in the schema, queries (Agent.query / count), live queries
     cli          handlers of `waystation agent put|get|list|delete|incr|add|remove|status|...`
     store        the LMDB adapter (databases, key/value formats, growth, full disk) and
     crypto       encryption at rest of stored values (AES-256-GCM)

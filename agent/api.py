@@ -32,6 +32,7 @@ from agent.core import Core, Work, open_conflict_key
 from agent.errors import BadRequest, NotFound, StoreGone, WriteRefused
 from agent.models import Conflict, DeadLetter, FeedEvent, Record, WriteResult
 from agent.opening import Opener, wall_ms
+from agent.query.agent_api import AgentQueries
 from agent.status import AgentStatus, read_status
 from agent.store import Store, n_key, record_key, split_record_key
 from agent.sync import Sync
@@ -46,8 +47,11 @@ WAKE_SOCKET = "agent.sock"
 """The sync daemon's datagram socket in the store's directory (see agent.daemon)."""
 
 
-class Agent:
-    """An open device agent. Create with `Agent.open`; close with `close()` (or `with`)."""
+class Agent(AgentQueries):
+    """An open device agent. Create with `Agent.open`; close with `close()` (or `with`).
+
+    Queries (`query`, `count`, `live_query`, `subscribe`) come from
+    `agent.query.agent_api.AgentQueries`."""
 
     def __init__(self, core: Core, opener: Opener | None = None) -> None:
         self._core = core
@@ -61,13 +65,16 @@ class Agent:
     @classmethod
     def open(cls, cfg: AgentConfig, catalog: Catalog, *, create: bool = True,
              env: Mapping[str, str] | None = None,
-             now_ms: Callable[[], int] | None = None) -> Agent:
+             now_ms: Callable[[], int] | None = None, build_indexes: bool = True) -> Agent:
         """Open the agent's store under cfg.data_dir (created unless `create=False`).
 
         `env` expands ``${VAR}`` in the encryption key path (default: os.environ);
-        `now_ms` replaces the wall clock (tests).
+        `now_ms` replaces the wall clock (tests). The indexes the schema declares are
+        recorded and, unless `build_indexes=False`, built (or dropped) before this
+        returns (`Agent.build_indexes` finishes them later).
         """
-        opener = Opener(cfg, catalog, create=create, env=env, now_ms=now_ms)
+        opener = Opener(cfg, catalog, create=create, env=env, now_ms=now_ms,
+                        build_indexes=build_indexes)
         return cls(opener.open(), opener)
 
     def wipe(self, command_id: str) -> WipeReport:
@@ -212,6 +219,11 @@ class Agent:
     def _read(self, fn: Callable[[Work], T]) -> T:
         """One read transaction (on the store as it is now: `_fresh`)."""
         return self._fresh(lambda: self._core.read(fn))
+
+    def _current_core(self) -> Core:
+        """The store as it is now: re-opened if it was wiped under this agent."""
+        self._fresh(lambda: self._core.read(lambda work: None))
+        return self._core
 
     def _fresh(self, run: Callable[[], T]) -> T:
         """Run `run` on the store; if it was wiped under this agent (by the sync daemon

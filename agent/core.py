@@ -42,6 +42,7 @@ from typing import Any, Literal, TypeVar
 from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
+from agent.query.maintain import IndexUpkeep
 from agent.store import Store, Tx, n_key, record_key
 from agent.view import ViewState, compute_view
 from schemas import wire
@@ -90,6 +91,8 @@ class Settings:
     scopes: tuple[str, ...]
     catchup_page: int = 1000
     heartbeat_timeout_s: float = 65.0
+    plaintext_indexes: bool = False
+    """Keep indexes on an encrypted store (their keys are plain text; agent.query)."""
 
 
 class Core:
@@ -166,8 +169,8 @@ class Core:
 class Work:
     """One transaction's view of the agent's data (see module docstring)."""
 
-    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_inc", "_now", "core", "dev",
-                 "tx")
+    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_inc", "_ix", "_now", "core",
+                 "dev", "tx")
 
     def __init__(self, core: Core, tx: Tx) -> None:
         self.core = core
@@ -179,6 +182,7 @@ class Work:
         self._checkpoints: dict[str, tuple[ScopeCheckpoint, bool]] = {}
         self._now: int | None = None
         self._inc: str | None = None
+        self._ix: IndexUpkeep | None = None
 
     # --------------------------------------------------------------- counters
 
@@ -416,11 +420,25 @@ class Work:
         doc = self.tx.get("view", rk)
         return None if doc is None else ViewState.from_doc(c, k, doc)
 
+    @property
+    def indexes(self) -> IndexUpkeep:
+        """The index entries of this transaction's views (agent.query)."""
+        if self._ix is None:
+            self._ix = IndexUpkeep(self.tx)
+        return self._ix
+
     def save_view(self, rk: bytes, state: ViewState | None) -> None:
+        # Index entries change in this same transaction, so they never disagree.
+        self.indexes.view_saved(rk, state)
         if state is None:
             self.tx.delete("view", rk)
         else:
             self.tx.put("view", rk, state.to_doc())
+
+    def clear_views(self) -> None:
+        """Erase every view (wipe, resync), and with them every index entry."""
+        self.tx.clear("view")
+        self.indexes.views_cleared()
 
     def refresh_view(self, rk: bytes, c: str, k: str, base: BaseRecord | None) -> ViewState | None:
         """Recompute a record's view from its base and its own pending changes."""

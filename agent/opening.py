@@ -11,6 +11,7 @@ from pathlib import Path
 from agent import wipe
 from agent.core import Core, Settings
 from agent.keyring import KeyEncryptionKey
+from agent.query.maintain import ensure_indexes
 from agent.store import Store
 from schemas.collection import Catalog
 from waystation.config import AgentConfig, expand_path
@@ -33,8 +34,9 @@ class Opener:
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *, create: bool = True,
                  env: Mapping[str, str] | None = None,
-                 now_ms: Callable[[], int] | None = None) -> None:
+                 now_ms: Callable[[], int] | None = None, build_indexes: bool = True) -> None:
         self.cfg = cfg
+        self.build_indexes = build_indexes
         self.catalog = catalog
         self.create = create
         self.env = env
@@ -68,12 +70,16 @@ class Opener:
                            create=create)
         settings = Settings(device_id=cfg.device_id, scopes=tuple(cfg.scopes),
                             catchup_page=cfg.sync.catchup_page,
-                            heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5)
+                            heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5,
+                            plaintext_indexes=cfg.storage.plaintext_indexes)
         core = Core(store, settings, self.catalog, self.now_ms)
         if wipe.is_gone(store):
             return core  # finished by open(); claiming would be refused
         try:
             core.claim_identity()
+            # The indexes the schema declares: recorded, and built (or dropped) now
+            # unless the caller finishes them later (`Agent.build_indexes`).
+            ensure_indexes(core, build=self.build_indexes)
         except BaseException:
             store.close()
             raise

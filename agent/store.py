@@ -27,12 +27,16 @@ conflicts       b"L" + n (8 B) + field          an own write that lost (kept for
 deadletters     n (8 B)                         {"n", "code", "reason", "t", "entry"}
 meta            name (ASCII)                    see `agent.core.META_*`
 feed            local seq (8 B)                 [collection, key, kind(, data)]; newest ~10,000
+index           index id (4 B) + encoded        0x00 / 0x01 (deleted) + record key: one
+                field values + record key       entry of a declared index (agent.query)
 ==============  ==============================  ==========================================
 
 Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,
 base, stamps, outbox, deadletters and conflicts are AES-256-GCM sealed. Keys stay plain
 text in every database (collection names, record keys and change numbers are visible to
-someone holding the file), as do checkpoints, the feed and meta.
+someone holding the file), as do checkpoints, the feed and meta -- and the index
+entries, whose keys hold the values of the indexed fields in plain text (index only
+fields that may be read from the file, or do without indexes on encrypted devices).
 
 Growth: the map starts at storage.map_size_mb; a transaction that hits MDB_MAP_FULL is
 aborted, the map doubled (up to storage.max_map_size_mb) and the transaction re-run.
@@ -74,7 +78,7 @@ meta (``inc``) and per outbox entry (``i``). Older formats are migrated in place
 opening transaction (`_MIGRATIONS`); a newer format is refused (downgrade)."""
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
-            "deadletters", "meta", "feed")
+            "deadletters", "meta", "feed", "index")
 ENCRYPTED_DBS = frozenset({"view", "base", "stamps", "outbox", "deadletters", "conflicts"})
 _MAX_RETRIES = 64
 _MIB = 1 << 20

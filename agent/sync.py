@@ -559,8 +559,9 @@ def _sweep(work: Work, scope: str, gen: int) -> int:
 
 def _resync(work: Work) -> None:
     tx = work.tx
-    for db in ("base", "stamps", "checkpoints", "view"):
+    for db in ("base", "stamps", "checkpoints"):
         tx.clear(db)
+    work.clear_views()
     for key in list(tx.keys("conflicts", b"O")):
         tx.delete("conflicts", key)
     records: dict[bytes, None] = {}

@@ -5,6 +5,7 @@ merge strategies and how each record's scope is found (PROTOCOL.md §5).
 
     [collections.inventory]
     scope_field = "depot"             # the record's scope is this field's value
+    indexes = ["stock", ["tags", "stock"]]   # kept ordered on the device (schemas.indexes)
     [collections.inventory.fields]
     depot = { type = "string" }
     stock = { type = "int", merge = "counter", min = 0 }
@@ -23,9 +24,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import CollectionSchemaError
+from schemas.indexes import IndexSpec, check_indexes, parse_index_entries
 from schemas.wire import COLLECTION_PATTERN, FIELD_PATTERN, ID_PATTERN, MAX_SAFE_INT, json_depth
 
 FieldType = Literal["string", "int", "float", "bool", "json", "set"]
@@ -141,6 +143,18 @@ class CollectionSpec(BaseModel):
     scope: str | None = None
     description: str = ""
     fields: dict[str, FieldSpec]
+    indexes: tuple[IndexSpec, ...] = ()
+    """Fields the device keeps ordered for queries (`schemas.indexes`); local only."""
+
+    @field_validator("indexes", mode="before")
+    @classmethod
+    def _index_entries(cls, raw: Any) -> tuple[IndexSpec, ...]:
+        return parse_index_entries(raw)
+
+    @model_validator(mode="after")
+    def _indexes_orderable(self) -> CollectionSpec:
+        check_indexes(self.indexes, self.fields)
+        return self
 
     @functools.cached_property
     def field_table(self) -> dict[str, FieldEntry]:

@@ -61,6 +61,10 @@ class StorageConfig(_Model):
     map_size_mb: PositiveInt = 64
     max_map_size_mb: PositiveInt = 4096
     encryption_key_file: Path | None = None
+    plaintext_indexes: bool = False
+    """On an encrypted store, keep the schema's indexes anyway, although their keys hold
+    the indexed fields' values in plain text (without it: no indexes, and queries that
+    need one are refused saying why). No effect on an unencrypted store."""
 
     @model_validator(mode="after")
     def _sizes(self) -> StorageConfig:
