@@ -196,13 +196,22 @@ class RabbitCluster:
         if not cookie.exists():
             cookie.write_text(self.cookie)
             cookie.chmod(0o400)
-        for node in self.nodes:
+        # The first node alone, then the others join it: started all at once they race
+        # to form the cluster, and one may pause itself as a minority (pause_minority)
+        # just when the tests begin.
+        self.nodes[0].start()
+        self.nodes[0].wait_ready()
+        for node in self.nodes[1:]:
             node.start()
+        for node in self.nodes[1:]:
+            node.wait_ready()
+        everyone = {n.name for n in self.nodes}
+        for i in range(len(self.nodes)):
+            wait_until(lambda i=i: self.running_nodes(i) == everyone,  # type: ignore[misc]
+                       START_TIMEOUT_S, interval=1.0,
+                       message=lambda: f"cluster formed: {self.ctl(0, 'cluster_status')}")
         for node in self.nodes:
             node.wait_ready()
-        wait_until(lambda: self.running_nodes(0) == {n.name for n in self.nodes},
-                   START_TIMEOUT_S, interval=1.0,
-                   message=lambda: f"cluster formed: {self.ctl(0, 'cluster_status')}")
         return self
 
     def start_node(self, index: int) -> None:

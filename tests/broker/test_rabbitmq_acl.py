@@ -3,29 +3,19 @@ and what the cluster does with sessions, retained statuses and wills across node
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from broker.rabbitmq.definitions import definitions
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerAclContract, BrokerProcess
 from tests.helpers import RecordingClient, wait_until
-from tests.rabbitmq_cluster import RabbitCluster, start_cluster_or_fail
+from tests.rabbitmq_cluster import RabbitCluster
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
-    """One cluster for the module, with the test fleet's users imported."""
-    c = start_cluster_or_fail(tmp_path_factory.mktemp("rabbit"))
-    try:
-        devices = {u: p for u, p in USERS.items() if u != SERVER_USER}
-        c.import_definitions(definitions(prefix=PREFIX, server_users={
-            SERVER_USER: USERS[SERVER_USER]}, devices=devices))
-        yield c
-    finally:
-        c.stop()
+@pytest.fixture
+def cluster(rabbit_cluster: RabbitCluster) -> RabbitCluster:
+    """The package's cluster."""
+    return rabbit_cluster
 
 
 class _NodeBroker(BrokerProcess):
