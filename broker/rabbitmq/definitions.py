@@ -172,3 +172,41 @@ def definitions(*, prefix: str, server_users: Mapping[str, str],
         doc["topic_permissions"].append(entry["topic_permission"])
     doc.update(_queues_and_policies(prefix))
     return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m broker.rabbitmq.definitions`: print the definitions for the fleet whose
+    device passwords are the `*.mqtt-password` files `waystation device add --systemd`
+    wrote (one per device, named after it)."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m broker.rabbitmq.definitions",
+                                     description=main.__doc__)
+    parser.add_argument("--prefix", default="waystation")
+    parser.add_argument("--server-user", default="waystation-server")
+    parser.add_argument("--server-password-file", type=Path, required=True)
+    parser.add_argument("--device-passwords", type=Path, action="append", default=[],
+                        metavar="DIR", help="a folder of DEVICE.mqtt-password files")
+    args = parser.parse_args(argv)
+    try:
+        server_pw = args.server_password_file.read_text().rstrip("\n")
+        devices = {p.name.removesuffix(".mqtt-password"): p.read_text().rstrip("\n")
+                   for folder in args.device_passwords
+                   for p in sorted(folder.glob("*.mqtt-password"))}
+    except OSError as exc:
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if not server_pw or any(not pw for pw in devices.values()):
+        print("error: an empty password file", file=sys.stderr)
+        return 2
+    json.dump(definitions(prefix=args.prefix, server_users={args.server_user: server_pw},
+                          devices=devices), sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
