@@ -11,15 +11,18 @@ transaction committed: an ack never precedes the durable apply.
 Subscriptions: `{prefix}/+/up` — as the shared subscription
 `$share/{shared_group}/{prefix}/+/up` when `shared_group` is set, so several servers
 consume side by side (Mosquitto, EMQX; amqtt has no shared subscriptions) — and
-`{prefix}/+/status` for presence. Alone on its subscription (no `shared_group`) the
-server keeps a persistent session, so a restarted server finds what the broker queued
-while it was away. In a shared group it connects with a clean session: brokers
-(Mosquitto 2.0, EMQX) keep handing a disconnected member's persistent session its share
-of the group's messages, so a server that died would swallow 1/N of every device's
-changes into a queue nobody reads (for `persistent_client_expiration`, 30 days in
-deploy/) and each of them would wait for the device's ack timeout. With a clean
-session the broker drops the dead member at once and the others get everything; what
-was in flight to it is resent by the devices (they resend until the server acks).
+`{prefix}/+/status` for presence — or, with `[amqp] nodes` set, RabbitMQ's queues over
+AMQP (broker/server/amqp_link.py: several servers as competing consumers of one
+replicated queue; each up message acknowledged only after its group committed). Alone on
+its subscription (no `shared_group`) the server keeps a persistent session, so a
+restarted server finds what the broker queued while it was away. In a shared group it
+connects with a clean session: brokers (Mosquitto 2.0, EMQX) keep handing a disconnected
+member's persistent session its share of the group's messages, so a server that died
+would swallow 1/N of every device's changes into a queue nobody reads (for
+`persistent_client_expiration`, 30 days in deploy/) and each of them would wait for the
+device's ack timeout. With a clean session the broker drops the dead member at once and
+the others get everything; what was in flight to it is resent by the devices (they
+resend until the server acks).
 
 Test hook (crash tests only): ``WAYSTATION_FAILPOINT=after_commit:N`` in the server's
 environment, read once when the server is built, makes the process SIGKILL itself on
@@ -40,6 +43,7 @@ from typing import Any
 
 import structlog
 
+from broker.server.amqp_link import AmqpLink
 from broker.server.engine import Engine
 from broker.server.store import open_store
 from broker.server.store.base import Store
@@ -98,13 +102,20 @@ class MergeServer:
         self._fail_after_commit = _failpoint_after_commit(self.env.get(FAILPOINT_ENV))
         self._fp_applied = 0
         self._fp_groups = 0
-        self.link = MqttLink.from_config(
-            cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=self.env,
-            clean_session=cfg.shared_group is not None,
-            max_inflight=0, max_queued=0,
-            on_connect=self._on_connect,
-            on_message=self._on_message,
-        )
+        self.link: MqttLink | AmqpLink
+        if cfg.amqp.enabled:
+            # RabbitMQ: up and status from its queues over AMQP (broker/server/amqp_link.py)
+            self.link = AmqpLink.from_config(cfg, env=self.env, on_connect=self._on_connect,
+                                             on_message=self._on_message)
+            self.up_filter = f"amqp:{self.link.up_queue}"
+        else:
+            self.link = MqttLink.from_config(
+                cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=self.env,
+                clean_session=cfg.shared_group is not None,
+                max_inflight=0, max_queued=0,
+                on_connect=self._on_connect,
+                on_message=self._on_message,
+            )
         self.link.subscribe(self.up_filter, qos=1)
         self.link.subscribe(self.status_filter, qos=1)
 
@@ -211,6 +222,9 @@ class MergeServer:
                 self.engine.reset_presence()
         if ups:
             self._publish(self._handle(ups))
+        if isinstance(self.link, AmqpLink):
+            # only now, the group committed and answered: RabbitMQ may forget it
+            self.link.settle(group)
 
     def _handle(self, ups: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         self.messages_in += len(ups)

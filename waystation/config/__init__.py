@@ -50,7 +50,13 @@ from waystation.config.common import (
 )
 from waystation.config.dump import dump_toml
 from waystation.config.loading import env_overrides, load_config
-from waystation.config.server import EnrolConfig, MergeConfig, ServerConfig, StoreConfig
+from waystation.config.server import (
+    AmqpConfig,
+    EnrolConfig,
+    MergeConfig,
+    ServerConfig,
+    StoreConfig,
+)
 
 MODELS: dict[str, type[AgentConfig] | type[ServerConfig] | type[BrokerConfig]] = {
     "agent": AgentConfig,
@@ -63,6 +69,7 @@ __all__ = [
     "MASK",
     "MODELS",
     "AgentConfig",
+    "AmqpConfig",
     "ApiConfig",
     "BrokerConfig",
     "BrokerTlsConfig",

@@ -112,6 +112,32 @@ class EnrolConfig(_Model):
         return self
 
 
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: expected host:port, e.g. \"mq-1:5672\"")
+    return value
+
+
+class AmqpConfig(_Model):
+    """Consume devices' up and status messages from RabbitMQ over AMQP 0-9-1 instead of
+    an MQTT subscription (broker.server.amqp_link): RabbitMQ 3.10 has no MQTT shared
+    subscriptions, so several servers share the work as competing consumers of one
+    replicated queue. Login: `mqtt.username` and the `mqtt` password (one RabbitMQ user)."""
+
+    nodes: list[Annotated[Str, AfterValidator(_host_port)]] = Field(default_factory=list)
+    """RabbitMQ nodes' AMQP listeners, `host:port`, tried in turn. Empty: AMQP off (MQTT)."""
+    prefetch: Annotated[int, Field(strict=True, ge=1, le=65535)] = 2000
+    """Up messages handed to this server before it acknowledges them (after they commit)."""
+    heartbeat_s: Annotated[int, Field(strict=True, ge=0, le=600)] = 30
+    status_queue_expires_s: Annotated[int, Field(strict=True, ge=60)] = 7 * 24 * 3600
+    """This server's presence queue is deleted after it has gone unused this long."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.nodes)
+
+
 class ServerConfig(_Model):
     """The merge server (`waystation server ...`, `waystation device ...`)."""
 
@@ -127,12 +153,20 @@ class ServerConfig(_Model):
     shared_group: Annotated[Str | None, BeforeValidator(_false_is_none),
                             AfterValidator(_optional_topic_level)] = None
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    amqp: AmqpConfig = Field(default_factory=AmqpConfig)
     enrol: EnrolConfig = Field(default_factory=EnrolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     metrics_port: Port | None = None
     """Serve Prometheus metrics on this port (None: off)."""
     metrics_host: Str = "127.0.0.1"
     """Address the metrics endpoint binds to (0.0.0.0 to let a remote Prometheus scrape)."""
+
+    @model_validator(mode="after")
+    def _one_intake(self) -> ServerConfig:
+        if self.amqp.enabled and self.shared_group is not None:
+            raise ValueError("shared_group and amqp.nodes exclude each other: with amqp.nodes "
+                             "the servers share RabbitMQ's up queue; remove shared_group")
+        return self
 
     def schema_path(self) -> Path:
         """The collection schema file: `schema_file`, else the bundled example."""
