@@ -48,7 +48,14 @@ from waystation.config.common import (
 )
 from waystation.config.dump import dump_toml
 from waystation.config.loading import env_overrides, load_config
-from waystation.config.server import EnrolConfig, MergeConfig, ServerConfig, StoreConfig
+from waystation.config.server import (
+    DeadLetterConfig,
+    EnrolConfig,
+    IntakeConfig,
+    MergeConfig,
+    ServerConfig,
+    StoreConfig,
+)
 
 MODELS: dict[str, type[AgentConfig] | type[ServerConfig] | type[BrokerConfig]] = {
     "agent": AgentConfig,
@@ -63,7 +70,9 @@ __all__ = [
     "AgentConfig",
     "BrokerConfig",
     "BrokerTlsConfig",
+    "DeadLetterConfig",
     "EnrolConfig",
+    "IntakeConfig",
     "LogConfig",
     "MergeConfig",
     "MqttConfig",
