@@ -226,7 +226,8 @@ def test_put_waits_for_room_and_resumes_after_take() -> None:
 
 
 def test_close_releases_a_waiting_producer_and_the_worker() -> None:
-    """close() wakes a producer waiting for room (CLOSED) and ends take (None)."""
+    """close() wakes a producer waiting for room (CLOSED); take hands out what was
+    queued, then says None."""
     intake = Intake(IntakeLimits(max_bytes=2_000, device_bytes=2_000, max_payload=1_000))
     assert intake.put("up", "van-1", b"a" * 1_000) is Verdict.QUEUED
     result: list[Verdict] = []
@@ -237,6 +238,8 @@ def test_close_releases_a_waiting_producer_and_the_worker() -> None:
     intake.close()
     producer.join(10)
     assert result == [Verdict.CLOSED]
+    rest = intake.take(5.0, max_items=10, max_bytes=1 << 20)
+    assert rest is not None and [i.device for i in rest] == ["van-1"]
     assert intake.take(5.0, max_items=10, max_bytes=1 << 20) is None
     assert intake.put("up", "van-1", b"x") is Verdict.CLOSED
 

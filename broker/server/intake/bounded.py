@@ -5,7 +5,7 @@
                                           # full (backpressure), never grows past the bound
     intake.put_control("connected")       # the server's own items; never blocks
     items = intake.take(timeout=1.0, max_items=2000, max_bytes=256 * 1024)
-    intake.close()                        # wakes everyone; put/take then return at once
+    intake.close()                        # put refuses from now on; take drains, then None
 
 Scheduling and bounds are `broker.server.intake.fair.FairQueue`'s. The producer is any
 receiving thread (paho's network thread for MQTT; another transport could feed it the
@@ -105,8 +105,6 @@ class Intake:
                 if left <= 0:
                     return []
                 self._ready.wait(left)
-            if self._closed:
-                return None
             out = self._queue.take(max_items, max_bytes)
             if window > 0:
                 end = time.monotonic() + window
@@ -125,8 +123,8 @@ class Intake:
             return out
 
     def close(self) -> None:
-        """Stop: waiting `put`s return CLOSED, `take` returns None; queued items are
-        dropped (their devices resend what is not acked)."""
+        """Stop taking: `put` returns CLOSED (also one waiting for room); `take` hands
+        out what is still queued without waiting, then returns None."""
         with self._lock:
             self._closed = True
             self._ready.notify_all()
