@@ -145,3 +145,41 @@ def test_flood_from_one_device_stays_bounded_and_others_are_served(fleet: Fleet)
     assert big and all(d["size"] > 262_144 and len(d["raw"]) <= 4096 for d in big)
     assert fleet.server.running and fleet.server.starts == 2
     pd.close()
+
+
+WAITS = "waystation_server_intake_waits_total"
+
+
+def test_intake_full_holds_the_broker_back_and_loses_nothing_it_queued(fleet: Fleet) -> None:
+    """Three devices each filling their quota while the worker is stuck fill the whole
+    intake: the network thread then waits (backpressure) instead of growing past the
+    bound, and once the worker moves again every write of a third device is acked."""
+    _small_intake(fleet)
+    for dev in ("van-1", "pd-a", "pd-b", "pd-c"):
+        fleet.add_device(dev, ["depot-7"])
+    fleet.start_agent("van-1")
+    van = fleet.agent("van-1")
+    van.put("inventory", "sku-1", {"depot": "depot-7", "sku": "sku-1"})
+    fleet.wait_drained("van-1")
+    floods = []
+    for dev in ("pd-a", "pd-b", "pd-c"):
+        pd = ProtocolDevice(dev, fleet.passwords[dev], port=fleet.port, scopes=["depot-7"])
+        assert pd.connect() == "Success", fleet.broker_log_tail()
+        floods.append(pd)
+    junk = [b"\x01" * 200_000 for _ in range(8)]  # 1.6 MB each: past one device's quota
+    with stalled_store(fleet):
+        for pd in floods:
+            _flood(pd, junk)
+        for _ in range(10):
+            van.increment("inventory", "sku-1", "stock", 1)
+        fleet.wait(lambda: fleet.metrics()[WAITS] >= 1, 120,
+                   what="the network thread waiting for room")
+        m = fleet.metrics()
+        assert m['waystation_server_intake_bytes{state="waiting"}'] <= INTAKE_MAX
+        assert m[PEAK] <= INTAKE_MAX
+    fleet.wait_drained("van-1", timeout=120)
+    assert fleet.value("inventory", "sku-1", "stock") == 10
+    for pd in floods:
+        _wait_answered(fleet, pd)
+        pd.close()
+    assert fleet.metrics()[PEAK] <= INTAKE_MAX
