@@ -80,7 +80,7 @@ def test_bounds_order_and_conservation(script: list[Offer | Pop]) -> None:
                 assert item.size == sizes[tag]
                 if item.refused:
                     assert item.size > LIMITS.max_payload
-                    assert len(item.payload) == min(item.size, REFUSED_HEAD)
+                    assert len(item.payload) == min(REFUSED_HEAD, LIMITS.max_payload)
                 else:
                     assert len(item.payload) == item.size <= LIMITS.max_payload
         assert q.queued_bytes <= LIMITS.max_bytes
@@ -146,6 +146,39 @@ def test_no_device_waits_behind_a_flood(script: list[Offer | Pop]) -> None:
             others_served[item.device] += item.cost
 
 
+@given(ops)
+@SETTINGS
+def test_one_round_per_take_caps_each_device(script: list[Offer | Pop]) -> None:
+    """A take of one round holds one turn per device: its items are contiguous and cost
+    at most one quantum plus one message, so a flooding device cannot fill a group."""
+    q = FairQueue(LIMITS)
+    for tag, op in enumerate(script):
+        if isinstance(op, Offer):
+            q.offer(op.kind, op.device, payload(tag, max(op.size, 8)))
+            continue
+        group = q.take(1000, 1 << 30, rounds=1)
+        assert group or len(q) == 0
+        runs = [d for i, d in enumerate(item.device for item in group)
+                if i == 0 or group[i - 1].device != d]
+        assert len(runs) == len(set(runs)), runs
+        for device in set(runs):
+            cost = sum(i.cost for i in group if i.device == device)
+            assert cost <= 2 * LIMITS.quantum + MAX_COST
+
+
+def test_one_round_of_large_messages_is_one_group() -> None:
+    """Devices whose messages each need several quanta of credit still share one group
+    (group commit), one message each."""
+    q = FairQueue(IntakeLimits(max_bytes=1 << 20, device_bytes=1 << 19, max_payload=1_000,
+                               quantum=300))
+    for device in DEVICES:
+        for _ in range(3):
+            assert q.offer("up", device, b"x" * 1_000) is Verdict.QUEUED
+    for _ in range(3):
+        group = q.take(1000, 1 << 30, rounds=1)
+        assert sorted(item.device for item in group) == sorted(DEVICES)
+
+
 def test_control_items_go_first_and_are_coalesced() -> None:
     """The server's own items are served before any device's, one of a kind at most."""
     q = FairQueue(LIMITS)
@@ -172,7 +205,7 @@ def test_flooding_device_is_dropped_not_the_others() -> None:
 
 def test_oversized_payload_becomes_a_small_note() -> None:
     """A payload over max_payload is refused at once: only a head and its size wait."""
-    q = FairQueue(IntakeLimits(max_bytes=1 << 20, device_bytes=1 << 19, max_payload=1_000))
+    q = FairQueue(IntakeLimits(max_bytes=1 << 20, device_bytes=1 << 19, max_payload=10_000))
     huge = b"{" + b"z" * 5_000_000
     assert q.offer("up", "van-1", huge) is Verdict.REFUSED
     assert q.queued_bytes < REFUSED_HEAD + 1_000

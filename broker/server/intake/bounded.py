@@ -94,8 +94,9 @@ class Intake:
 
     def take(self, timeout: float, *, max_items: int, max_bytes: int,
              window: float = 0.0) -> list[Item] | None:
-        """Items in serving order: waits up to `timeout` for the first, then `window`
-        more seconds for others; [] when nothing came, None once closed."""
+        """Items in serving order, at most one turn of each device (one round): waits
+        up to `timeout` for the first, then `window` more seconds for others; [] when
+        nothing came, None once closed and empty."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while not len(self._queue):
@@ -105,7 +106,7 @@ class Intake:
                 if left <= 0:
                     return []
                 self._ready.wait(left)
-            out = self._queue.take(max_items, max_bytes)
+            out = self._queue.take(max_items, max_bytes, rounds=1)
             if window > 0:
                 end = time.monotonic() + window
                 size = sum(len(i.payload) for i in out)
@@ -116,7 +117,8 @@ class Intake:
                     if not len(self._queue):
                         self._ready.wait(left)
                         continue
-                    more = self._queue.take(max_items - len(out), max_bytes - size)
+                    more = self._queue.take(max_items - len(out), max_bytes - size,
+                                            rounds=1)
                     out.extend(more)
                     size += sum(len(i.payload) for i in more)
             self._room.notify_all()

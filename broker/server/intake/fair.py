@@ -5,7 +5,8 @@
     queue.offer("up", "van-12", payload)    -> Verdict (QUEUED, REFUSED, DROPPED, FULL)
     queue.offer_control("connected")         the server's own items: always queued, first
     queue.pop()                              -> Item | None, deficit round robin by bytes
-    queue.take(max_items, max_bytes)         -> [Item, ...], the same order
+    queue.take(max_items, max_bytes, rounds=1)  -> [Item, ...], the same order, at most
+                                             one turn of each device
 
 Every device (the device id of the topic a message came on) has its own FIFO queue;
 the queues are served by deficit round robin over bytes (Shreedhar & Varghese, 1995):
@@ -43,7 +44,8 @@ ITEM_OVERHEAD = 256
 """Bytes counted per queued message on top of its payload and device id."""
 
 REFUSED_HEAD = 4096
-"""Bytes of an oversized payload kept in its refusal note (for the dead letter)."""
+"""Bytes of an oversized payload kept in its refusal note (for the dead letter); at most
+max_payload."""
 
 DEFAULT_QUANTUM = 16 * 1024
 """Credit per device per round: small enough that a flood of tiny messages from one
@@ -139,6 +141,8 @@ class FairQueue:
         self._items = 0
         self.peak_bytes = 0
         self.counters = IntakeCounters()
+        self.turns = 0
+        """Device turns ended so far (a device's turn ends when its credit is spent)."""
 
     # --- sizes
 
@@ -165,7 +169,9 @@ class FairQueue:
         limits = self.limits
         refused = len(payload) > limits.max_payload
         if refused:
-            item = Item(kind, device, payload[:REFUSED_HEAD], len(payload), refused=True)
+            # (never more than a message may hold: a note costs no more than one)
+            head = payload[:min(REFUSED_HEAD, limits.max_payload)]
+            item = Item(kind, device, head, len(payload), refused=True)
         else:
             item = Item(kind, device, payload, len(payload))
         cost = item.cost
@@ -206,6 +212,10 @@ class FairQueue:
 
     def pop(self) -> Item | None:
         """The next item: control items first, then devices by deficit round robin."""
+        return self._pop(None)
+
+    def _pop(self, turn_limit: int | None) -> Item | None:
+        """`pop`, but None rather than begin a turn once `turns` reached `turn_limit`."""
         if self._control:
             return self._control.popleft()
         ring = self._ring
@@ -217,6 +227,8 @@ class FairQueue:
             head = flow.items[0]
             cost = head.cost
             if not flow.in_turn:
+                if turn_limit is not None and self.turns >= turn_limit:
+                    return None
                 flow.in_turn = True
                 flow.deficit += quantum
             if cost <= flow.deficit:
@@ -229,9 +241,16 @@ class FairQueue:
                     # An idle device keeps no credit (DRR): it cannot save up for a burst.
                     ring.popleft()
                     del self._flows[device]
+                    self.turns += 1
+                elif flow.items[0].cost > flow.deficit:
+                    # Its turn ends now, not at the next pop: `take` counts turns exactly.
+                    flow.in_turn = False
+                    ring.rotate(-1)
+                    self.turns += 1
                 return head
             flow.in_turn = False
             ring.rotate(-1)
+            self.turns += 1
             idle_turns += 1
             if idle_turns >= len(ring):
                 # A whole round served nothing (every head is bigger than its credit):
@@ -248,16 +267,30 @@ class FairQueue:
             for f in flows:
                 f.deficit += rounds * quantum
 
-    def take(self, max_items: int, max_bytes: int) -> list[Item]:
-        """Up to `max_items` items, stopping once their payloads reach `max_bytes`."""
+    def take(self, max_items: int, max_bytes: int, *, rounds: int | None = None
+             ) -> list[Item]:
+        """Up to `max_items` items, stopping once their payloads reach `max_bytes`, and
+        with `rounds`, once that many rounds of turns were served (a round: one turn of
+        every device waiting when it began). One round per group keeps a flooding
+        device to one quantum per group, so the group that carries another device's
+        message is small and its answer comes soon."""
         out: list[Item] = []
         size = 0
+        limit: int | None = None
         while len(out) < max_items and size < max_bytes:
-            item = self.pop()
+            item = self._pop(limit)
             if item is None:
                 break
             out.append(item)
             size += len(item.payload)
+            if rounds is not None and limit is None and not item.control:
+                # The rounds count from the first device served (whatever empty rounds
+                # it took to reach it): its turn, then every other device's.
+                flow = self._flows.get(item.device)
+                mid_turn = flow is not None and flow.in_turn
+                others = len(self._ring) - (1 if flow is not None else 0)
+                limit = self.turns + (1 if mid_turn else 0) + others + (
+                    (rounds - 1) * len(self._ring))
         return out
 
     def __iter__(self) -> Iterator[Item]:
