@@ -100,9 +100,10 @@ def _trim(txn: Txn, dbs: Dbs, limits: DeadLetterLimits, total: int, truncated: i
     with txn.cursor(db=db) as cur:
         cur.first()
         while cur.key():
-            letter = decode(_U64.unpack(cur.key())[0], cur.value())
-            if excess <= 0 and total <= limits.max_bytes and letter.t_ms >= cutoff:
-                break
+            value = cur.value()
+            if excess <= 0 and total <= limits.max_bytes and _time(value) >= cutoff:
+                break  # (the usual case: only the oldest letter's header was read)
+            letter = decode(_U64.unpack(cur.key())[0], value)
             size = dead_letter_bytes(letter)
             if not cur.delete():  # deleting moves the cursor to the next letter
                 break
@@ -119,6 +120,11 @@ def _trim(txn: Txn, dbs: Dbs, limits: DeadLetterLimits, total: int, truncated: i
         txn.put(_DROPPED_BYTES, _U64.pack(_meta(txn, dbs, _DROPPED_BYTES) + dropped_bytes),
                 db=meta)
     return dropped
+
+
+def _time(value: bytes) -> int:
+    (hlen,) = _U32.unpack(value[:4])
+    return int(orjson.loads(value[4:4 + hlen])["t"])
 
 
 def _meta(txn: Txn, dbs: Dbs, key: bytes) -> int:
