@@ -11,11 +11,11 @@ is not acked), a payload over `merge.max_payload_bytes` is refused there without
 queued, and when `intake.max_bytes` is reached the network thread waits for room, so
 the broker holds the rest instead of this process (backpressure).
 
-The worker takes whatever waits (at most a few thousand messages or 256 KiB, in the
-intake's fair order, waiting `merge.batch_window_ms` for more) and hands it to the
-engine as one group, so many change batches share one store transaction (group
-commit). Answers are published only after that transaction committed: an ack never
-precedes the durable apply.
+The worker takes whatever waits (at most one turn of each waiting device, a few
+thousand messages or 256 KiB, in the intake's fair order, waiting
+`merge.batch_window_ms` for more) and hands it to the engine as one group, so many
+change batches share one store transaction (group commit). Answers are published only
+after that transaction committed: an ack never precedes the durable apply.
 
 Subscriptions: `{prefix}/+/up` — as the shared subscription
 `$share/{shared_group}/{prefix}/+/up` when `shared_group` is set, so several servers

@@ -215,7 +215,8 @@ class Engine:
         out: list[Outgoing] = []
         now = self.now_ms()
         try:
-            self._letters.extend(self.gate.due(now))
+            self._letters.extend(self.gate.due(now)[:max(0, MAX_PENDING_LETTERS
+                                                          - len(self._letters))])
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_INTERVAL_MS
                 self._trim_letters(now)
