@@ -10,7 +10,10 @@ Commands (one JSON object per line on stdin, one answer per line on stdout):
                                catch-up complete) or "drained" (outbox empty)
     drain                      wait until the outbox is empty
     online_write {count, start} puts while the daemon runs, then wait until all are acked
-    latency {samples, gap_s}   one put at a time on an idle link, each until its ack applied
+    latency {samples, gap_s}   one put at a time, each until its ack applied (with each
+                               put's perf_counter start time, "t0")
+    paced {count, gap_s}       a put every gap_s without waiting for acks, then all acks:
+                               each put's start time ("t0") and put-to-ack ms
     stats                      RSS, store size, daemon counters, pending
     stop                       stop the daemon, close, exit
 
@@ -151,12 +154,14 @@ class Device:
                 timeout: float = 30.0) -> dict[str, Any]:
         totals: list[float] = []
         puts: list[float] = []
+        starts: list[float] = []
         parts: dict[str, list[float]] = {"wake_to_publish": [], "publish_to_ack_received": [],
                                          "ack_received_to_applied": []}
         for j in range(samples):
             time.sleep(gap_s)
             i = start + j
             t0 = time.perf_counter()
+            starts.append(t0)
             result = self.agent.put("tasks", f"{self.cfg.device_id}-lat-{i:07d}",
                                     record(self.scope, i))
             t_put = time.perf_counter()
@@ -171,7 +176,29 @@ class Device:
             parts["wake_to_publish"].append((pub - t_put) * 1000)
             parts["publish_to_ack_received"].append((recv - pub) * 1000)
             parts["ack_received_to_applied"].append((t1 - recv) * 1000)
-        return {"ms": totals, "put_ms": puts, "parts_ms": parts, "stats": self._daemon_stats()}
+        return {"ms": totals, "put_ms": puts, "parts_ms": parts, "t0": starts,
+                "stats": self._daemon_stats()}
+
+    def paced(self, count: int, gap_s: float = 0.02, start: int = 0,
+              timeout: float = 120.0) -> dict[str, Any]:
+        """A put every `gap_s` whatever the acks do (an app writing at its own pace);
+        then wait for every ack. Each put's start time and put-to-ack ms."""
+        starts: list[float] = []
+        numbers: list[int] = []
+        for j in range(count):
+            i = start + j
+            t0 = time.perf_counter()
+            starts.append(t0)
+            numbers.append(self.agent.put("tasks", f"{self.cfg.device_id}-pace-{i:07d}",
+                                          record(self.scope, i)).n)
+            time.sleep(max(0.0, t0 + gap_s - time.perf_counter()))
+        with self._cond:
+            if not self._cond.wait_for(lambda: all(n in self.acked_at for n in numbers),
+                                       timeout):
+                raise TimeoutError("paced puts not all acked")
+            ms = [(self.acked_at[n] - t0) * 1000 for n, t0 in zip(numbers, starts,
+                                                                  strict=True)]
+        return {"ms": ms, "t0": starts, "stats": self._daemon_stats()}
 
     def stats(self) -> dict[str, Any]:
         from waystation.convergence import device_records

@@ -25,7 +25,7 @@ from broker.errors import InvalidArgument
 from broker.server import devstate, registry
 from broker.server.operations import after_restore, resolve_conflict
 from broker.server.store import open_store
-from broker.server.store.base import Store
+from broker.server.store.base import DeadLetterStats, Store
 from schemas.collection import Catalog, load_catalog
 from waystation.config import AgentConfig, BrokerConfig, ServerConfig, dump_toml, load_config
 from waystation.hlc import SERVER_NODE, Clock
@@ -142,6 +142,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             devices = txn.devices()
             seqs = txn.scope_seqs()
             horizons = {s: txn.purge_horizon(s) for s in seqs}
+            letters = txn.dead_letter_stats()
     finally:
         store.close()
     online = sorted(d.id for d in devices if d.online)
@@ -157,6 +158,10 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "open_conflicts": info.counts["open_conflicts"],
         "conflicts": info.counts["conflicts"],
         "dead_letters": info.counts["dead_letters"],
+        "dead_letter_store": {**letters.to_json(), "oldest": _iso(letters.oldest_ms),
+                              "max_count": config.dead_letters.max_count,
+                              "max_bytes": config.dead_letters.max_bytes,
+                              "max_age_s": config.dead_letters.max_age_s},
         "pending_notices": info.counts["notices"],
     }
     if args.json:
@@ -172,11 +177,26 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                                      f"{', ...' if len(online) > 10 else ''})" if online else ""))
     print(f"records: {doc['records']}; open conflicts: {doc['open_conflicts']} "
           f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
+    print(_letters_line(letters, config.dead_letters.max_count,
+                        config.dead_letters.max_bytes))
     if seqs:
         print()
         _table(["SCOPE", "SEQUENCE", "PURGED TO"],
                [[s, q, horizons[s] or "-"] for s, q in sorted(seqs.items())])
     return 0
+
+
+def _letters_line(st: DeadLetterStats, max_count: int, max_bytes: int) -> str:
+    """What the dead letters hold against their bounds, and what the bounds dropped."""
+    line = (f"dead letters kept: {st.count} of at most {max_count}, "
+            f"{st.bytes / 1048576:.1f} of {max_bytes / 1048576:.0f} MiB")
+    if st.count:
+        line += f", oldest {_iso(st.oldest_ms)}"
+    if st.truncated:
+        line += f"; {st.truncated} with their raw payload cut"
+    line += (f"; dropped by the bounds: {st.dropped} ({st.dropped_bytes / 1048576:.1f} MiB)"
+             if st.dropped else "; none dropped by the bounds")
+    return line
 
 
 def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:

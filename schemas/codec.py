@@ -193,6 +193,8 @@ MAX_REASON_CHARS: Final = 300
 # (reject > rj > rejection > rec > cf > candidates > candidate > v): 39 levels.
 MAX_MESSAGE_DEPTH: Final = MAX_JSON_DEPTH + 8
 COMPRESS_LEVEL: Final = 6
+# The start of orjson's error for a document nested past its own limit (1,024 levels).
+_ORJSON_DEPTH: Final = "depth limit exceeded"
 
 _ZLIB_FIRST_BYTE: Final = 0x78
 # orjson reads integer literals up to 64 bits as int and larger ones as float; a float
@@ -362,6 +364,12 @@ def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith(_ORJSON_DEPTH):
+            # orjson stops at 1,024 levels, before it could tell whether the rest is
+            # JSON: the depth limit (§3) is what was broken, whatever follows.
+            raise ProtocolError(
+                INVALID, f"message nested deeper than {MAX_MESSAGE_DEPTH} levels"
+            ) from None
         raise ProtocolError(MALFORMED, _clip(f"not valid JSON: {exc}")) from None
     except Exception:  # pragma: no cover - orjson raises only JSONDecodeError
         raise ProtocolError(MALFORMED, "not valid JSON") from None

@@ -7,7 +7,7 @@
     python -m broker.embedded --port ...    the same, configured from the command line
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
-of that a small subclass of amqtt's ``Broker`` changes four things amqtt 0.12.1 gets
+of that a small subclass of amqtt's ``Broker`` changes five things amqtt 0.12.1 gets
 wrong for a fleet (each measured; see the tests in tests/broker/test_embedded.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -20,6 +20,9 @@ wrong for a fleet (each measured; see the tests in tests/broker/test_embedded.py
    retained message matching *any* client's subscription, unchecked.
 4. With ``tls_require_client_cert`` the TLS listener demands a client certificate
    (amqtt hard-codes CERT_OPTIONAL).
+5. A packet over ``max_packet_bytes`` (PROTOCOL.md's 256 KiB payload plus header room)
+   drops its sender's connection before amqtt reads it into memory
+   (``broker.embedded.packet_limit``); amqtt has no limit at all.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are
@@ -43,6 +46,7 @@ from typing import Any
 
 import amqtt
 import structlog
+from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action as AmqttAction
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -50,6 +54,7 @@ from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 
+from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader, PacketTooLarge
 from broker.embedded.plugins import plugin_config
 from broker.errors import ServerError
 from waystation.errors import ConfigError, WaystationError
@@ -95,6 +100,8 @@ class BrokerSettings:
     session_expiry_s: int | None = 7 * 24 * 3600
     """Forget a persistent session (and its queue) this long after its client left."""
     log_level: str = "info"
+    max_packet_bytes: int = DEFAULT_MAX_PACKET
+    """The largest MQTT packet accepted; a bigger one drops its sender's connection."""
 
     def __post_init__(self) -> None:
         if self.tls_port is not None and (self.tls_cert is None or self.tls_key is None):
@@ -144,6 +151,7 @@ class BrokerSettings:
             data_dir=data_dir,
             session_expiry_s=_pick(cfg, "session_expiry_s") or defaults.session_expiry_s,
             log_level=str(log_level or defaults.log_level),
+            max_packet_bytes=int(_pick(cfg, "max_packet_bytes") or defaults.max_packet_bytes),
         )
 
     def amqtt_config(self) -> dict[str, Any]:
@@ -204,7 +212,8 @@ class EmbeddedBroker:
         ensure_password_file(s.password_file)
         try:
             broker = _WaystationBroker(
-                s.amqtt_config(), require_client_cert=s.tls_require_client_cert
+                s.amqtt_config(), require_client_cert=s.tls_require_client_cert,
+                max_packet=s.max_packet_bytes,
             )
             await broker.start()
         except Exception as exc:  # amqtt: BrokerError (bind failed, TLS files), dacite, ...
@@ -331,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-key", type=Path, default=None)
     parser.add_argument("--tls-ca", type=Path, default=None)
     parser.add_argument("--tls-require-client-cert", action="store_true")
+    parser.add_argument("--max-packet-bytes", type=int, default=None)
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     ns = parser.parse_args(argv)
@@ -353,9 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _WaystationBroker(Broker):  # type: ignore[misc]
     """amqtt's Broker with the four fixes listed in the module docstring."""
 
-    def __init__(self, config: dict[str, Any], *, require_client_cert: bool) -> None:
+    def __init__(self, config: dict[str, Any], *, require_client_cert: bool,
+                 max_packet: int = DEFAULT_MAX_PACKET) -> None:
         super().__init__(config)
         self._require_client_cert = require_client_cert
+        self._max_packet = max_packet
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -368,9 +380,12 @@ class _WaystationBroker(Broker):  # type: ignore[misc]
                 nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             except OSError as exc:
                 log.warning("could not set TCP_NODELAY", error=str(exc))
-        log.debug("client socket accepted", listener=listener_name,
-                  peer=writer.get_extra_info("peername"), tcp_nodelay=nodelay)
-        await super().stream_connected(reader, writer, listener_name)
+        peer = writer.get_extra_info("peername")
+        log.debug("client socket accepted", listener=listener_name, peer=peer,
+                  tcp_nodelay=nodelay)
+        await self._client_connected(listener_name,
+                                     LimitedReader(reader, self._max_packet, peer),
+                                     StreamWriterAdapter(writer))
 
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
         context: ssl.SSLContext = super()._create_ssl_context(listener)
@@ -395,6 +410,8 @@ class _WaystationBroker(Broker):  # type: ignore[misc]
                 reader, writer, self.plugins_manager
             )
         except AMQTTError as exc:
+            if isinstance(exc, PacketTooLarge):  # amqtt would leave the socket open
+                await writer.close()
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
             await writer.close()
@@ -461,6 +478,7 @@ class _WaystationBroker(Broker):  # type: ignore[misc]
 
 _OVERRIDDEN = (
     "stream_connected",
+    "_client_connected",
     "_create_ssl_context",
     "_authenticate",
     "_initialize_client_session",

@@ -171,18 +171,21 @@ class AmqpLink:
             self._call_in_loop(conn, self._flush)
         return True
 
-    def settle(self, items: Iterable[tuple[str, str, bytes]]) -> None:
-        """Acknowledge the up messages among `items` (processed inbox items); thread-safe.
+    def settle(self, items: Iterable[Any]) -> None:
+        """Acknowledge the up messages among `items` (processed intake items, with
+        `kind`, `payload` and `origin`: `broker.server.intake.Item`); thread-safe.
         Messages of an earlier connection are skipped: RabbitMQ already took them back."""
         with self._lock:
             conn = self._conn
             gen = self._generation
             tags = []
-            for kind, _dev, payload in items:
-                if kind != "up":
+            for item in items:
+                if item.kind != "up":
                     continue
-                entry = self._unacked.pop(id(payload), None)
-                if entry is not None and entry[0] == gen and entry[2] is payload:
+                origin = getattr(item, "origin", 0)
+                entry = self._unacked.pop(origin or id(item.payload), None)
+                # A refusal note carries a cut copy of its payload: matched by origin.
+                if entry is not None and entry[0] == gen and (origin or entry[2] is item.payload):
                     tags.append(entry[1])
             if not tags or conn is None:
                 return

@@ -1,12 +1,21 @@
 """The merge server daemon: MQTT in, `Engine` in the middle, MQTT out.
 
-    network thread ──(up / status messages)──► inbox ──► worker: Engine.handle_many
-                                                              └──► link.publish(down)
+    network thread ──(up / status messages)──► intake ──► worker: Engine.handle_many
+                                                               └──► link.publish(down)
 
-The worker takes whatever arrived within `merge.batch_window_ms` (at most a few
-thousand messages) and hands it to the engine as one group, so many change batches
-share one store transaction (group commit). Answers are published only after that
-transaction committed: an ack never precedes the durable apply.
+The intake (`broker.server.intake`) holds what waits for the worker, bounded in bytes
+whatever devices send: each device has its own queue and the queues are served in turn
+by bytes (a flood from one device does not delay the others), a device past its quota
+(`intake.device_bytes`) has its further messages dropped and counted (it resends what
+is not acked), a payload over `merge.max_payload_bytes` is refused there without being
+queued, and when `intake.max_bytes` is reached the network thread waits for room, so
+the broker holds the rest instead of this process (backpressure).
+
+The worker takes whatever waits (at most one turn of each waiting device, a few
+thousand messages or 256 KiB, in the intake's fair order, waiting
+`merge.batch_window_ms` for more) and hands it to the engine as one group, so many
+change batches share one store transaction (group commit). Answers are published only
+after that transaction committed: an ack never precedes the durable apply.
 
 Subscriptions: `{prefix}/+/up` — as the shared subscription
 `$share/{shared_group}/{prefix}/+/up` when `shared_group` is set, so several servers
@@ -34,7 +43,6 @@ Unset (always, outside tests) it costs one attribute test per group.
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import threading
 import time
@@ -45,6 +53,7 @@ import structlog
 
 from broker.server.amqp_link import AmqpLink
 from broker.server.engine import Engine
+from broker.server.intake import Intake, IntakeLimits, Item, Verdict
 from broker.server.store import open_store
 from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
@@ -90,7 +99,10 @@ class MergeServer:
         up = f"{prefix}/+/up"
         self.up_filter = f"$share/{cfg.shared_group}/{up}" if cfg.shared_group else up
         self.status_filter = f"{prefix}/+/status"
-        self._inbox: queue.SimpleQueue[tuple[str, str, bytes] | None] = queue.SimpleQueue()
+        self.intake = Intake(IntakeLimits(max_bytes=cfg.intake.max_bytes,
+                                          device_bytes=cfg.intake.device_bytes,
+                                          max_payload=cfg.merge.max_payload_bytes))
+        self._dropped_logged = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_loop = time.monotonic()
@@ -129,7 +141,7 @@ class MergeServer:
     def stop(self) -> None:
         """Finish the group in hand, then close the session and the store."""
         self._stopping.set()
-        self._inbox.put(None)
+        self.intake.close()
         if self._thread is not None:
             self._thread.join(30)
         self.link.stop(clean=True)
@@ -146,12 +158,16 @@ class MergeServer:
             except RuntimeError:
                 continue
         registry = self.engine.registry
+        intake = self.intake.stats()
+        letters = self.engine.dead_letter_stats
         return {"counters": counters, "messages_in": self.messages_in,
                 "messages_out": self.messages_out, "groups": self.groups,
                 "group_seconds": self.group_seconds,
                 "devices_registered": len(registry.devices()),
                 "devices_online": len(self.engine.presence.online()),
-                "inbox": self._inbox.qsize(), "connected": self.link.connected}
+                "inbox": intake.items, "intake": intake.to_json(),
+                "dead_letter_store": None if letters is None else letters.to_json(),
+                "connected": self.link.connected}
 
     @property
     def healthy(self) -> bool:
@@ -164,7 +180,7 @@ class MergeServer:
         # retained status. Without a kept session presence is rebuilt from those alone;
         # with one, the statuses queued while we were away and the replay keep it right.
         if not session_present:
-            self._inbox.put(("connected", "", b""))
+            self.intake.put_control("connected")
         log.info("server_connected", session_present=session_present, up=self.up_filter)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -172,7 +188,12 @@ class MergeServer:
         if len(parts) != 3 or parts[0] != self.prefix or parts[2] not in ("up", "status"):
             log.warning("unexpected_topic", topic=topic[:200])
             return
-        self._inbox.put((parts[2], parts[1], payload))
+        # Blocks while the intake is full: paho reads nothing more meanwhile.
+        verdict = self.intake.put(parts[2], parts[1], payload)
+        if verdict is Verdict.DROPPED and isinstance(self.link, AmqpLink):
+            # Dropped on purpose (the device is over its quota; it resends what is not
+            # acked): RabbitMQ must not keep it unacknowledged, or consumption stalls.
+            self.link.settle([Item(parts[2], parts[1], payload, len(payload))])
 
     # ------------------------------------------------------------------ worker
 
@@ -181,50 +202,50 @@ class MergeServer:
         next_tick = time.monotonic() + _TICK_S
         while True:
             self._last_loop = time.monotonic()
-            try:
-                first = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                first = ("tick", "", b"")
-            if first is None:
-                return
-            group = [first]
-            size = len(first[2])
-            deadline = time.monotonic() + window
             # Cap a group by payload bytes too: every ack of a group waits for its one
             # commit, so a huge group would stall acks while a backlog drains.
-            while len(group) < _MAX_GROUP and size < _MAX_GROUP_BYTES:
-                try:
-                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._process(group)
-                    return
-                group.append(item)
-                size += len(item[2])
-            self._process(group)
+            group = self.intake.take(max(0.0, next_tick - time.monotonic()),
+                                     max_items=_MAX_GROUP, max_bytes=_MAX_GROUP_BYTES,
+                                     window=window)
+            if group is None:
+                return
+            if group:
+                self._process(group)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + _TICK_S
                 self._publish(self.engine.tick())
+                self._log_drops()
 
-    def _process(self, group: list[tuple[str, str, bytes]]) -> None:
+    def _process(self, group: list[Item]) -> None:
         ups: list[tuple[str, bytes]] = []
-        for kind, dev, payload in group:
-            if kind == "up":
-                ups.append((dev, payload))
-            elif kind == "status":
-                if ups:
-                    # Keep arrival order between presence and changes.
-                    self._publish(self._handle(ups))
-                    ups = []
-                self._publish(self.engine.handle_status(dev, payload))
-            elif kind == "connected":
+        for item in group:
+            if item.kind == "up" and not item.refused:
+                ups.append((item.device, item.payload))
+                continue
+            if ups:
+                # Keep arrival order between changes and what follows them.
+                self._publish(self._handle(ups))
+                ups = []
+            if item.refused:
+                self._publish(self.engine.handle_refused(item.device, item.kind,
+                                                         item.payload, item.size))
+            elif item.kind == "status":
+                self._publish(self.engine.handle_status(item.device, item.payload))
+            elif item.kind == "connected":
                 self.engine.reset_presence()
         if ups:
             self._publish(self._handle(ups))
         if isinstance(self.link, AmqpLink):
             # only now, the group committed and answered: RabbitMQ may forget it
             self.link.settle(group)
+
+    def _log_drops(self) -> None:
+        stats = self.intake.stats()
+        if stats.dropped > self._dropped_logged:
+            log.warning("intake_dropped", dropped=stats.dropped - self._dropped_logged,
+                        dropped_total=stats.dropped, device_bytes=stats.device_bytes,
+                        queued_bytes=stats.bytes)
+            self._dropped_logged = stats.dropped
 
     def _handle(self, ups: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         self.messages_in += len(ups)
@@ -285,7 +306,9 @@ def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
 
     def status() -> str:
         state = "connected" if server.link.connected else "connecting"
-        return f"{state}, {server.messages_in} messages in"
+        intake = server.intake.stats()
+        return (f"{state}, {server.messages_in} messages in, {intake.bytes} bytes waiting, "
+                f"{intake.dropped} dropped")
 
     return run_service(start=start, stop=stop, healthy=lambda: server.healthy,
                        status=status, env=env)

@@ -43,6 +43,7 @@ from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats, ChangeResult
 from broker.server.fanout import Fanout, Outgoing
+from broker.server.letter_gate import GateLimits, GateSession, LetterGate
 from broker.server.messages import (
     command_message,
     compress,
@@ -55,7 +56,14 @@ from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
 from broker.server.registry import Registry
 from broker.server.replies import batch_letters, change_replies, letter
-from broker.server.store.base import CommandRow, DeadLetter, DeviceRow, Store, WriteTxn
+from broker.server.store.base import (
+    CommandRow,
+    DeadLetter,
+    DeadLetterStats,
+    DeviceRow,
+    Store,
+    WriteTxn,
+)
 from schemas import codec
 from schemas.codec import BadChange, LenientChanges
 from schemas.collection import Catalog
@@ -72,6 +80,8 @@ PURGE_INTERVAL_MS = 60_000
 """How often tombstones older than the retention are purged, at most (more often when
 the retention itself is short, so a tombstone never outlives it by much)."""
 MAX_PENDING_LETTERS = 1000
+TRIM_INTERVAL_MS = 60_000
+"""How often the dead letters' bounds are applied in full (and their figures read)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -111,7 +121,13 @@ class Engine:
         self._sent_commands: set[str] = set()
         self._dirty: dict[str, dict[str, Any]] = {}
         self._letters: list[DeadLetter] = []
+        dl = config.dead_letters
+        self.gate = LetterGate(GateLimits(keep_first=dl.keep_first, window_ms=dl.window_s * 1000,
+                                          raw_bytes=dl.raw_bytes))
+        self.dead_letter_stats: DeadLetterStats | None = None
+        """The store's dead-letter figures, read at each trim (for metrics)."""
         self._next_purge = 0
+        self._next_trim = 0
         self._refresh_registry()
         self._commands_gen = -1  # push pending commands to online devices at the first tick
         # Start from the presence last recorded; the retained statuses the broker replays
@@ -196,11 +212,30 @@ class Engine:
             return []
         return [(dev, error_message(code, f"status message: {reason}"))]
 
+    def handle_refused(self, topic_device: str, topic: str, head: bytes,
+                       size: int) -> list[Outgoing]:
+        """A payload of `size` bytes that the intake refused as over max_payload_bytes
+        without queuing it (only its first bytes, `head`, are here): a `too_large` dead
+        letter, and the device told when it came on an up topic."""
+        reason = (f"payload of {size} bytes exceeds the limit of "
+                  f"{self.cfg.max_payload_bytes} bytes (merge.max_payload_bytes); "
+                  "split the batch")
+        self._queue_letter(topic_device, topic, codec.TOO_LARGE, reason, head, size=size)
+        if topic != "up" or not _ID_RE.fullmatch(topic_device):
+            return []
+        return [(topic_device, compress(error_message(codec.TOO_LARGE, reason),
+                                        self._compress_over(topic_device)))]
+
     def tick(self) -> list[Outgoing]:
         """Periodic work (see module docstring); never raises."""
         out: list[Outgoing] = []
         now = self.now_ms()
         try:
+            self._letters.extend(self.gate.due(now)[:max(0, MAX_PENDING_LETTERS
+                                                          - len(self._letters))])
+            if now >= self._next_trim:
+                self._next_trim = now + TRIM_INTERVAL_MS
+                self._trim_letters(now)
             self._refresh_registry()
             if self.registry.generation != self._commands_gen:
                 self._commands_gen = self.registry.generation
@@ -312,8 +347,9 @@ class Engine:
                 except Exception:
                     log.exception("dead_letter_failed", dev=inc.topic_dev)
 
-    def _done(self, result: tuple[list[DeviceRow], BatchStats]) -> None:
-        rows, st = result
+    def _done(self, result: tuple[list[DeviceRow], BatchStats, GateSession]) -> None:
+        rows, st, session = result
+        self._done_letters(session)
         for row in rows:
             self.registry.put(row)
         self.counters.update(applied=st.applied, duplicates=st.duplicates, rejected=st.rejected,
@@ -326,9 +362,10 @@ class Engine:
 
     def _apply_all(self, txn: WriteTxn, incs: list[_Incoming], now: int,
                    dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]
-                   ) -> tuple[list[DeviceRow], BatchStats]:
+                   ) -> tuple[list[DeviceRow], BatchStats, GateSession]:
         """The body of the group transaction (may run again after a retryable failure)."""
         fan = Fanout(self.registry, self.presence)
+        session = self.gate.session()  # a rerun decides afresh: nothing counted twice
         wants_cache: dict[tuple[str, str], bool] = {}
 
         def wants(scope: str, dev: str) -> bool:
@@ -376,8 +413,9 @@ class Engine:
                     req: Catchup = inc.msg
                     upd.update(cp={s: v for s, v in req.cp.items() if s in device.scopes},
                                cp_ms=now)
-            for dead in self._letters_for(inc, now):
-                txn.add_dead_letter(dead)
+            for refusal in self._letters_for(inc, now):
+                for dead in session.admit(refusal):
+                    txn.add_dead_letter(dead)
         for dead in letters:
             txn.add_dead_letter(dead)
         rows: list[DeviceRow] = []
@@ -387,7 +425,7 @@ class Engine:
                 row = dataclasses.replace(row, **fields)
                 txn.put_device(row)
                 rows.append(row)
-        return rows, ta.stats
+        return rows, ta.stats, session
 
     def _hello(self, txn: WriteTxn, inc: _Incoming, now: int,
                upd: dict[str, Any]) -> list[CommandRow]:
@@ -430,10 +468,26 @@ class Engine:
     # ------------------------------------------------------------------ dead letters
 
     def _queue_letter(self, dev: str, topic: str, code: str, reason: str,
-                      payload: bytes) -> None:
-        self.counters["dead_letters"] += 1
-        if len(self._letters) < MAX_PENDING_LETTERS:
-            self._letters.append(letter(dev, topic, code, reason, payload, self.now_ms()))
+                      payload: bytes, size: int | None = None) -> None:
+        session = self.gate.session()
+        admitted = session.admit(letter(dev, topic, code, reason, payload, self.now_ms(),
+                                        size=size))
+        self._done_letters(session)
+        self._letters.extend(admitted[:max(0, MAX_PENDING_LETTERS - len(self._letters))])
+
+    def _done_letters(self, session: GateSession) -> None:
+        self.gate.commit(session)
+        self.counters["dead_letters"] += session.seen
+        self.counters["dead_letters_counted"] += session.counted
+
+    def _trim_letters(self, now: int) -> None:
+        """Apply the dead letters' bounds in full; read their figures for the metrics."""
+        dropped = self.store.transact(partial(_trim_letters, now=now))
+        with self.store.read() as txn:
+            self.dead_letter_stats = txn.dead_letter_stats()
+        if dropped:
+            log.info("dead_letters_trimmed", dropped=dropped,
+                     kept=self.dead_letter_stats.count, bytes=self.dead_letter_stats.bytes)
 
     def _letters_for(self, inc: _Incoming, now: int) -> list[DeadLetter]:
         if inc.error is not None:
@@ -444,7 +498,6 @@ class Engine:
             out = batch_letters(inc.topic_dev, inc.results, inc.msg.bad, inc.payload, now)
         else:
             out = []
-        self.counters["dead_letters"] += len(out)
         return out
 
     # ------------------------------------------------------------------ replies
@@ -518,6 +571,10 @@ def _held_back(changes: Sequence[Change], bad: Sequence[BadChange],
 
 def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:
     return txn.add_dead_letter(letter)
+
+
+def _trim_letters(txn: WriteTxn, now: int) -> int:
+    return txn.trim_dead_letters(now)
 
 
 __all__ = ["Engine", "Outgoing"]

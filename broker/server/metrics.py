@@ -13,6 +13,21 @@ store (whose connection belongs to the worker thread) and never blocks the worke
     waystation_server_devices{state}           registered / online
     waystation_server_inbox_messages           messages waiting for the worker
     waystation_server_broker_connected         1 while connected to the broker
+
+The intake (broker.server.intake) and the dead letters' bounds:
+
+    waystation_server_intake_bytes{state}      waiting / peak (since start) / limit
+    waystation_server_intake_devices           devices with messages waiting
+    waystation_server_intake_messages_total{outcome}  queued / refused_too_large /
+                                               dropped_over_quota
+    waystation_server_intake_dropped_bytes_total  payload bytes of the dropped messages
+    waystation_server_intake_waits_total       times the network thread waited for room
+    waystation_server_intake_wait_seconds_total   and for how long (backpressure)
+    waystation_server_dead_letters_counted_total  refusals only counted in a summary
+                                               letter (not kept one by one)
+    waystation_server_dead_letters_stored{what}   count / bytes / truncated kept in the
+                                               store (as of the last trim, ~1 min)
+    waystation_server_dead_letters_dropped_total  letters the store's bounds dropped
 """
 
 from __future__ import annotations
@@ -67,9 +82,53 @@ class ServerCollector(Collector):
         yield devices
         yield GaugeMetricFamily("waystation_server_inbox_messages",
                                 "Messages waiting for the worker", value=snap.get("inbox", 0))
+        yield from _intake(snap.get("intake"))
+        yield CounterMetricFamily("waystation_server_dead_letters_counted",
+                                  "Refusals only counted in a summary dead letter",
+                                  value=counters.get("dead_letters_counted", 0))
+        stored = snap.get("dead_letter_store")
+        if stored:
+            kept = GaugeMetricFamily("waystation_server_dead_letters_stored",
+                                     "Dead letters kept in the store (at the last trim)",
+                                     labels=["what"])
+            for what in ("count", "bytes", "truncated"):
+                kept.add_metric([what], stored[what])
+            yield kept
+            yield CounterMetricFamily("waystation_server_dead_letters_dropped",
+                                      "Dead letters dropped by the store's bounds",
+                                      value=stored["dropped"])
         yield GaugeMetricFamily("waystation_server_broker_connected",
                                 "1 while connected to the broker",
                                 value=1 if snap.get("connected") else 0)
+
+
+def _intake(intake: dict[str, Any] | None) -> Iterator[Any]:
+    if not intake:
+        return
+    size = GaugeMetricFamily("waystation_server_intake_bytes",
+                             "Bytes of messages waiting for the worker", labels=["state"])
+    size.add_metric(["waiting"], intake["bytes"])
+    size.add_metric(["peak"], intake["peak_bytes"])
+    size.add_metric(["limit"], intake["max_bytes"])
+    yield size
+    yield GaugeMetricFamily("waystation_server_intake_devices",
+                            "Devices with messages waiting", value=intake["devices"])
+    messages = CounterMetricFamily("waystation_server_intake_messages",
+                                   "Messages offered to the intake, by outcome",
+                                   labels=["outcome"])
+    messages.add_metric(["queued"], intake["queued"])
+    messages.add_metric(["refused_too_large"], intake["refused"])
+    messages.add_metric(["dropped_over_quota"], intake["dropped"])
+    yield messages
+    yield CounterMetricFamily("waystation_server_intake_dropped_bytes",
+                              "Payload bytes of messages dropped over a device's quota",
+                              value=intake["dropped_bytes"])
+    yield CounterMetricFamily("waystation_server_intake_waits",
+                              "Times the network thread waited for room (backpressure)",
+                              value=intake["waits"])
+    yield CounterMetricFamily("waystation_server_intake_wait_seconds",
+                              "Seconds the network thread waited for room",
+                              value=intake["wait_seconds"])
 
 
 def serve_metrics(source: MetricsSource, port: int, host: str = "127.0.0.1") -> Any:

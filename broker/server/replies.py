@@ -21,10 +21,11 @@ REASON_CHARS = 1000
 
 
 def letter(dev: str, topic: str, code: str, reason: str, payload: bytes,
-           now: int) -> DeadLetter:
-    """A dead letter for `payload` from `dev`'s `topic` (``up`` or ``status``)."""
+           now: int, *, size: int | None = None) -> DeadLetter:
+    """A dead letter for `payload` from `dev`'s `topic` (``up`` or ``status``); `size`
+    when `payload` is only the start of what was received."""
     return DeadLetter(0, now, dev[:200], topic, code, reason[:REASON_CHARS], payload,
-                      len(payload))
+                      len(payload) if size is None else size)
 
 
 def change_replies(dev: str, results: Sequence[ChangeResult], bad: Sequence[BadChange],

@@ -514,10 +514,10 @@ def test_type_errors_are_reported_before_range_errors() -> None:
 
 @pytest.mark.parametrize(("record", "body", "s", "needle"), [
     (False, {"f": {"route": "r-2"}}, "r-1", "sets 'route' to 'r-2'"),
-    (True, {"f": {"status": "x"}}, "r-2", "in scope 'r-1', not 'r-2'"),
+    (True, {"f": {"status": "x"}}, "r-2", "another scope than 'r-2'"),
     (True, {"f": {"route": "r-2"}}, "r-1", "cannot change"),
     (True, {"f": {"route": None}}, "r-1", "cannot change"),
-    (True, {"i": {"attempts": 1}}, "r-2", "in scope 'r-1', not 'r-2'"),
+    (True, {"i": {"attempts": 1}}, "r-2", "another scope than 'r-2'"),
 ])
 def test_scope_rules(record: bool, body: dict[str, Any], s: str, needle: str) -> None:
     """The scope field may only ever be set to the change's scope; it can never change."""
@@ -526,6 +526,8 @@ def test_scope_rules(record: bool, body: dict[str, Any], s: str, needle: str) ->
     assert out.rejection is not None
     assert out.rejection[0] == "scope_mismatch"
     assert needle in out.rejection[1]
+    if record and s != "r-1":  # the record's own scope is never named (it may be hidden)
+        assert "r-1" not in out.rejection[1]
     assert out.record is rec
 
 

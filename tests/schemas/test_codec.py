@@ -18,6 +18,7 @@ from schemas.codec import (
     DEFAULT_MAX_PAYLOAD,
     INVALID,
     MALFORMED,
+    MAX_MESSAGE_DEPTH,
     MAX_REASON_CHARS,
     PERMANENT_CODES,
     TOO_LARGE,
@@ -400,7 +401,6 @@ def test_decompressed_limit_is_exact() -> None:
         pytest.param(raw_hello(b"-Infinity"), "JSON", id="minus-infinity"),
         pytest.param(raw_hello(b"1e400"), "JSON", id="float-overflow"),
         pytest.param(raw_hello(b"'single'"), "JSON", id="single-quotes"),
-        pytest.param(raw_hello(b"[" * 2000 + b"]" * 2000), "JSON", id="nested-2000"),
         pytest.param(b"[]", "object", id="array"),
         pytest.param(b'"hello"', "object", id="string"),
         pytest.param(b"1", "object", id="number"),
@@ -709,6 +709,24 @@ def test_nesting_depth_of_values() -> None:
     assert err.reason.startswith("ch.0.f.x: value nested deeper")
     deep_rec = {"c": "t", "k": "k", "s": "s", "q": 1, "f": {"x": nested(33)}}
     rejected(orjson.dumps({"type": "delta", "v": 1, "d": [deep_rec]}), INVALID)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(raw_hello(b"[" * 2000 + b"]" * 2000), id="hello-member-2000"),
+        pytest.param(raw_hello(b"[" * 5001 + b"]" * 5001), id="hello-member-5001"),
+        pytest.param(b"[" * 5001 + b"]" * 5001, id="bare-array-5001"),
+        pytest.param(raw_hello(b'{"a":' * 5001 + b"1" + b"}" * 5001), id="objects-5001"),
+        pytest.param(b"[" * 5001, id="unclosed-5001"),
+        pytest.param(zlib.compress(raw_hello(b"[" * 5001 + b"]" * 5001)), id="zlib-5001"),
+    ],
+)
+def test_nesting_past_the_parser_limit_is_invalid(payload: bytes) -> None:
+    """Any nesting past the message depth limit is `invalid` (never `malformed`), even
+    beyond the JSON parser's own 1,024-level stop."""
+    err = rejected(payload, INVALID)
+    assert err.reason == f"message nested deeper than {MAX_MESSAGE_DEPTH} levels"
 
 
 def test_deepest_legitimate_message_passes() -> None:

@@ -15,7 +15,7 @@ import pytest
 from broker import cli as bcli
 from broker.embedded.passwords import read_password_file, verify_password
 from broker.server.store import open_store
-from broker.server.store.base import Store
+from broker.server.store.base import DeadLetter, Store
 from tests.server.helpers import CATALOG, T0, changes, hp, make_engine, status, task
 from waystation.cli import main
 from waystation.config import AgentConfig, ServerConfig, load_config
@@ -104,6 +104,29 @@ def test_device_add_refuses_bad_input(env: dict[str, str], tmp_path: Path,
     assert code != 0 and "already exists" in err
     code, out, _ = run(env, "device", "list", capsys=capsys)
     assert "van-1" in out and "van-2" not in out and "van-3" not in out
+
+
+def test_server_status_shows_dead_letters_against_their_bounds(
+        env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`server status` shows the dead letters kept, their bytes, the truncated ones and
+    what the configured bounds dropped (text and JSON)."""
+    env = {**env, "WAYSTATION_SERVER__DEAD_LETTERS__MAX_COUNT": "100"}
+    store = _open(env)
+    try:
+        big = b"x" * 70_000
+        for i in range(105):
+            store.transact(lambda t, i=i: t.add_dead_letter(
+                DeadLetter(0, T0 + i, "van-1", "up", "malformed", "bad", big)))
+    finally:
+        store.close()
+    code, out, _ = run(env, "server", "status", "--json", capsys=capsys)
+    doc = json.loads(out)["dead_letter_store"]
+    assert code == 0 and (doc["count"], doc["truncated"], doc["dropped"]) == (100, 100, 5)
+    assert doc["max_count"] == 100 and doc["bytes"] > 100 * 65536
+    assert doc["oldest"] == bcli._iso(T0 + 5)
+    code, out, _ = run(env, "server", "status", capsys=capsys)
+    assert "dead letters kept: 100 of at most 100" in out
+    assert "100 with their raw payload cut" in out and "dropped by the bounds: 5" in out
 
 
 def test_device_remove(env: dict[str, str], tmp_path: Path,

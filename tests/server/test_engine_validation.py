@@ -176,6 +176,19 @@ def test_rejection_carries_current_record(env: tuple[Engine, Store]) -> None:
     assert rj["rec"]["f"] == {"route": "r1", "status": "a"} and not rj["rec"].get("part")
 
 
+def test_scope_mismatch_does_not_reveal_a_hidden_scope(env: tuple[Engine, Store]) -> None:
+    """A change that collides with a record of a scope the device may not read is
+    refused `scope_mismatch` without naming that scope or sending the record."""
+    engine, store = env
+    out = by_device(engine.handle_up("van-3", changes("van-3", [task(1, "t", "r2")])))
+    assert oks(out["van-3"]) == [[1, "r2", 1]]
+    out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "t", "r1")])))
+    rj = rejections(out["van-1"])[0]
+    assert rj["code"] == "scope_mismatch" and "rec" not in rj
+    assert "r2" not in rj["reason"] and "'r1'" in rj["reason"]
+    assert all("r2" not in letter.reason for letter in _letters(store))
+
+
 def test_schema_version_is_transient_and_not_remembered(env: tuple[Engine, Store]) -> None:
     """Changes under a newer schema version are refused transiently and can apply later."""
     engine, store = env

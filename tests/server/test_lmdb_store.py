@@ -11,6 +11,7 @@ import lmdb
 import pytest
 
 from broker.errors import StoreFormatError, StoreFullError
+from broker.server.store.base import DeadLetter, dead_letter_bytes
 from broker.server.store.lmdb_store import LmdbStore
 
 
@@ -84,3 +85,24 @@ def test_follows_a_map_grown_by_another_process(tmp_path: Path) -> None:
             assert txn.counts()["records"] == 21
     finally:
         store.close()
+
+
+def test_dead_letters_of_a_store_without_totals_are_measured(tmp_path: Path) -> None:
+    """A store written before the dead-letter totals were kept gets them counted from
+    its letters, then keeps them up to date."""
+    old = DeadLetter(0, 5, "van-1", "up", "malformed", "bad", b"abc", 9)
+    with LmdbStore(tmp_path) as store:
+        store.transact(lambda t: t.add_dead_letter(old))
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=20)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        for key in (b"dl:bytes", b"dl:truncated"):
+            assert txn.delete(key, db=meta)
+    env.close()
+    with LmdbStore(tmp_path) as store:
+        with store.read() as txn:
+            stats = txn.dead_letter_stats()
+        assert (stats.count, stats.bytes, stats.truncated) == (1, dead_letter_bytes(old), 1)
+        store.transact(lambda t: t.add_dead_letter(old))
+        with store.read() as txn:
+            assert txn.dead_letter_stats().bytes == 2 * dead_letter_bytes(old)

@@ -24,7 +24,14 @@ from broker.errors import StoreError, StoreFormatError
 from broker.server.engine import Engine
 from broker.server.registry import add_device
 from broker.server.store import open_store
-from broker.server.store.base import DeadLetter, DeviceRow, OutcomeRow, WriteTxn, iter_all_index
+from broker.server.store.base import (
+    DeadLetter,
+    DeviceRow,
+    OutcomeRow,
+    WriteTxn,
+    dead_letter_bytes,
+    iter_all_index,
+)
 from broker.server.store.postgres import (
     ADVISORY_LOCK,
     SCHEMA,
@@ -140,6 +147,28 @@ def test_newer_schema_is_refused(url: str) -> None:
          (newer,))
     with pytest.raises(StoreFormatError, match=f"schema version {newer}, newer than"):
         PostgresStore(url)
+
+
+def test_dead_letters_of_a_version_1_database_are_measured_after_migration(url: str
+                                                                            ) -> None:
+    """Letters kept before migration 2 get their byte count, and count in the bounds."""
+    first = migrations()[0]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+        conn.execute(f"SET search_path = {SCHEMA}")
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        conn.execute(first.sql.encode())
+        conn.execute("INSERT INTO schema_migrations (version, name) VALUES (1, %s)",
+                     (first.name,))
+        conn.execute("INSERT INTO dead_letters (t_ms, device, topic, code, reason, raw, "
+                     "size) VALUES (5, 'van-1', 'up', 'malformed', 'bad', 'abc', 9)")
+    old = DeadLetter(0, 5, "van-1", "up", "malformed", "bad", b"abc", 9)
+    with PostgresStore(url) as store:
+        assert store.schema_version() == len(migrations())
+        with store.read() as txn:
+            stats = txn.dead_letter_stats()
+        assert (stats.count, stats.bytes, stats.truncated) == (1, dead_letter_bytes(old), 1)
 
 
 def test_role_without_create_rights_uses_a_prepared_database(url: str) -> None:

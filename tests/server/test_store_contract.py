@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from broker.server.store.base import (
@@ -9,12 +11,15 @@ from broker.server.store.base import (
     CommandRow,
     ConflictRow,
     DeadLetter,
+    DeadLetterLimits,
+    DeadLetterStats,
     DeviceRow,
     Notice,
     OutcomeRow,
     Store,
     Tomb,
     WriteTxn,
+    dead_letter_bytes,
     iter_all_index,
 )
 
@@ -254,6 +259,69 @@ def test_dead_letters_are_bounded(store_factory: object) -> None:
         store.transact(lambda t, i=i: t.add_dead_letter(_letter(str(i).encode())))
     with store.read() as txn:
         assert [d.raw for d in txn.dead_letters(10)] == [b"4", b"3", b"2"]
+
+
+def _aged(i: int, t_ms: int, raw: bytes = b"r") -> DeadLetter:
+    return DeadLetter(id=0, t_ms=t_ms, device="van-1", topic="up", code="malformed",
+                      reason=f"bad {i}", raw=raw)
+
+
+def test_dead_letter_stats_count_bytes_and_truncation(store: Store) -> None:
+    """dead_letter_stats() reports the letters kept, their bytes, the truncated ones and
+    the oldest time; nothing dropped yet."""
+    big = b"x" * (MAX_DEAD_LETTER_RAW + 10)
+    letters = [_aged(1, 50, b"a"), _aged(2, 60, big)]
+    store.transact(lambda t: [t.add_dead_letter(d) for d in letters])
+    with store.read() as txn:
+        stats = txn.dead_letter_stats()
+    kept = [letters[0], dataclasses.replace(letters[1], raw=big[:MAX_DEAD_LETTER_RAW])]
+    assert stats == DeadLetterStats(count=2, bytes=sum(dead_letter_bytes(d) for d in kept),
+                                    truncated=1, oldest_ms=50, dropped=0, dropped_bytes=0)
+
+
+def test_dead_letters_are_bounded_by_bytes(store_factory: object) -> None:
+    """Past max_bytes the oldest letters go (at the latest at the next trim), and the
+    dropped letters and bytes are counted."""
+    one = dead_letter_bytes(_aged(0, 10, b"x" * 1000))
+    limits = DeadLetterLimits(max_count=1000, max_bytes=3 * one, max_age_ms=10**12)
+    store = store_factory(dead_letters=limits)  # type: ignore[operator]
+    for i in range(10):
+        store.transact(lambda t, i=i: t.add_dead_letter(_aged(i, 10 + i, b"x" * 1000)))
+    store.transact(lambda t: t.trim_dead_letters(100))
+    with store.read() as txn:
+        kept = txn.dead_letters(100)
+        stats = txn.dead_letter_stats()
+    assert [d.reason for d in kept] == ["bad 9", "bad 8", "bad 7"]
+    assert stats.count == 3 and stats.bytes == 3 * one <= limits.max_bytes
+    assert (stats.dropped, stats.dropped_bytes) == (7, 7 * one)
+
+
+def test_dead_letters_are_bounded_by_age(store_factory: object) -> None:
+    """A trim drops the letters older than max_age_ms, counting them, and only those."""
+    limits = DeadLetterLimits(max_count=1000, max_bytes=1 << 30, max_age_ms=1000)
+    store = store_factory(dead_letters=limits)  # type: ignore[operator]
+    store.transact(lambda t: [t.add_dead_letter(_aged(i, 1000 + 100 * i)) for i in range(5)])
+    assert store.transact(lambda t: t.trim_dead_letters(2250)) == 3
+    assert store.transact(lambda t: t.trim_dead_letters(2250)) == 0
+    with store.read() as txn:
+        assert [d.t_ms for d in txn.dead_letters(10)] == [1400, 1300]
+        stats = txn.dead_letter_stats()
+    assert (stats.count, stats.oldest_ms, stats.dropped) == (2, 1300, 3)
+
+
+def test_dead_letter_count_bound_is_kept_on_insert_and_counted(store_factory: object
+                                                               ) -> None:
+    """The count bound holds after every insert; the letters it drops are counted."""
+    store = store_factory(  # type: ignore[operator]
+        dead_letters=DeadLetterLimits(max_count=4, max_bytes=1 << 30, max_age_ms=10**12))
+    for i in range(10):
+        store.transact(lambda t, i=i: t.add_dead_letter(_aged(i, 10 + i)))
+        with store.read() as txn:
+            assert txn.dead_letter_stats().count <= 4
+    with store.read() as txn:
+        stats = txn.dead_letter_stats()
+        assert [d.reason for d in txn.dead_letters(10)] == [f"bad {i}" for i in (9, 8, 7, 6)]
+    assert stats.dropped == 6 and stats.dropped_bytes == 6 * dead_letter_bytes(_aged(0, 0))
 
 
 def test_commands_per_device(store: Store) -> None:

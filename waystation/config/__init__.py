@@ -52,7 +52,9 @@ from waystation.config.dump import dump_toml
 from waystation.config.loading import env_overrides, load_config
 from waystation.config.server import (
     AmqpConfig,
+    DeadLetterConfig,
     EnrolConfig,
+    IntakeConfig,
     MergeConfig,
     ServerConfig,
     StoreConfig,
@@ -73,7 +75,9 @@ __all__ = [
     "ApiConfig",
     "BrokerConfig",
     "BrokerTlsConfig",
+    "DeadLetterConfig",
     "EnrolConfig",
+    "IntakeConfig",
     "LogConfig",
     "MergeConfig",
     "MqttConfig",

@@ -55,6 +55,9 @@ class BrokerConfig(_Model):
     server_users: Annotated[list[UserName], AfterValidator(_no_duplicates)] = Field(
         default_factory=lambda: ["waystation-server"])
     allow_anonymous: Bool = False
+    max_packet_bytes: Annotated[int, Field(strict=True, ge=263_168, le=268_435_460)] = 266_240
+    """The largest MQTT packet accepted (PROTOCOL.md: a 256 KiB payload plus room for the
+    header and topic); a client sending a bigger one is disconnected."""
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")

@@ -79,6 +79,46 @@ class MergeConfig(_Model):
     compress_over_bytes: CompressOver = 512
 
 
+class IntakeConfig(_Model):
+    """Memory the server holds for messages waiting to be handled (broker.server.intake).
+
+    Each device has its own queue, served fairly (by bytes); past `device_bytes` a
+    device's further messages are dropped and counted (it resends what is not acked);
+    past `max_bytes` in all, the server stops reading from the broker until the worker
+    catches up (backpressure: the broker holds the rest, under its own limits)."""
+
+    max_bytes: Annotated[int, Field(strict=True, ge=1 << 20, le=1 << 34)] = 64 << 20
+    """Bytes of waiting messages in all (payloads plus a small per-message overhead)."""
+    device_bytes: Annotated[int, Field(strict=True, ge=1 << 19, le=1 << 34)] = 4 << 20
+    """Bytes of waiting messages one device may have (at least two largest messages)."""
+
+    @model_validator(mode="after")
+    def _sizes(self) -> IntakeConfig:
+        if self.device_bytes > self.max_bytes:
+            raise ValueError(f"device_bytes ({self.device_bytes}) is above max_bytes "
+                             f"({self.max_bytes})")
+        return self
+
+
+class DeadLetterConfig(_Model):
+    """How much refused input the server keeps for the operator (its dead letters).
+
+    The first `keep_first` refusals with the same code from the same device within
+    `window_s` are kept one by one with their raw bytes; the rest of that window are
+    only counted, into one summary letter per device and code when the window ends.
+    The oldest letters are dropped beyond `max_count`, `max_bytes` or `max_age_s` (and
+    counted: `waystation server status`, the metrics)."""
+
+    max_count: Annotated[int, Field(strict=True, ge=100, le=10_000_000)] = 100_000
+    max_bytes: Annotated[int, Field(strict=True, ge=1 << 20, le=1 << 40)] = 256 << 20
+    """Bytes of dead letters kept (raw payloads, reasons and ids)."""
+    max_age_s: Annotated[int, Field(strict=True, ge=60)] = 30 * 24 * 3600
+    raw_bytes: Annotated[int, Field(strict=True, ge=0, le=65536)] = 65536
+    """Bytes of each refused payload kept in its letter (the rest is cut, its size kept)."""
+    keep_first: Annotated[int, Field(strict=True, ge=1, le=10_000)] = 10
+    window_s: Annotated[int, Field(strict=True, ge=1, le=86_400)] = 60
+
+
 class EnrolConfig(_Model):
     """What `waystation device add` writes for a new device: how devices reach the
     broker (often not how the server does: TLS on a public name vs. loopback), the CA
@@ -154,6 +194,8 @@ class ServerConfig(_Model):
                             AfterValidator(_optional_topic_level)] = None
     merge: MergeConfig = Field(default_factory=MergeConfig)
     amqp: AmqpConfig = Field(default_factory=AmqpConfig)
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
+    dead_letters: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     enrol: EnrolConfig = Field(default_factory=EnrolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     metrics_port: Port | None = None

@@ -118,8 +118,10 @@ def _scope_error(record: RecordState | None, change: Change, spec: CollectionSpe
     sf = spec.scope_field
     if record is not None:
         if s != record.s:
-            return ("scope_mismatch", f"{_at(change)}: the record is in scope {record.s!r}, "
-                                      f"not {s!r}")
+            # Never name the record's scope: the device may not be allowed to see it, and
+            # the reason goes back to the device (and must not confirm where it lives).
+            return ("scope_mismatch", f"{_at(change)}: the record exists in another scope "
+                                      f"than {s!r}, and a change cannot move a record")
         if sf is not None and sf in change.f and change.f[sf] != record.s:
             return ("scope_mismatch", f"{_at(change)}: field {sf!r} holds the record's scope "
                                       f"and cannot change (it is {record.s!r}, the change "

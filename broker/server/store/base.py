@@ -28,7 +28,8 @@ What is kept (all in the same transactional store):
                   device id, plus "/incarnation" for stores with one
                   (`broker.server.identity.outcome_ns`)
     conflicts     id -> ConflictRow; open ones also indexed by (collection, key, field)
-    dead letters  id -> DeadLetter (time, device, topic, code, reason, raw payload <= 64 KiB)
+    dead letters  id -> DeadLetter (time, device, topic, code, reason, raw payload <= 64 KiB),
+                  bounded by DeadLetterLimits (count, bytes, age); drops are counted
     commands      (device, id) -> CommandRow
     notices       id -> Notice: record versions written outside the merge consumer (the
                   operator's `server resolve`) that the running server must fan out
@@ -188,6 +189,49 @@ class DeadLetter:
     """The payload's full size in bytes."""
 
 
+DEAD_LETTER_OVERHEAD = 64
+"""Bytes counted per dead letter on top of its raw payload and texts."""
+
+
+def dead_letter_bytes(letter: DeadLetter) -> int:
+    """What one dead letter counts against `DeadLetterLimits.max_bytes` (every store
+    counts the same way): the raw bytes kept, the texts, a fixed overhead."""
+    return (min(len(letter.raw), MAX_DEAD_LETTER_RAW) + len(letter.reason.encode())
+            + len(letter.device.encode()) + len(letter.code.encode())
+            + len(letter.topic.encode()) + DEAD_LETTER_OVERHEAD)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterLimits:
+    """How many dead letters a store keeps: the oldest go first beyond any bound."""
+
+    max_count: int = 100_000
+    max_bytes: int = 256 << 20
+    """Total of `dead_letter_bytes` over the letters kept."""
+    max_age_ms: int = 30 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterStats:
+    """The dead letters a store holds, and what its bounds dropped so far."""
+
+    count: int
+    bytes: int
+    """Total `dead_letter_bytes` of the letters kept."""
+    truncated: int
+    """Letters kept whose raw payload was cut (size > raw kept)."""
+    oldest_ms: int
+    """Time of the oldest letter kept (0: none)."""
+    dropped: int
+    """Letters dropped by the bounds since the store was created."""
+    dropped_bytes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"count": self.count, "bytes": self.bytes, "truncated": self.truncated,
+                "oldest_ms": self.oldest_ms, "dropped": self.dropped,
+                "dropped_bytes": self.dropped_bytes}
+
+
 @dataclass(frozen=True, slots=True)
 class CommandRow:
     """An order for one device (`wipe`, `resync`, `ping`), pending until reported done."""
@@ -282,6 +326,7 @@ class ReadTxn(Protocol):
     def dead_letters(self, limit: int) -> list[DeadLetter]:
         """Newest first."""
         ...
+    def dead_letter_stats(self) -> DeadLetterStats: ...
     def commands(self, dev: str | None = None) -> list[CommandRow]:
         """Every command (of one device, or of all), oldest first."""
         ...
@@ -366,7 +411,12 @@ class WriteTxn(ReadTxn, Protocol):
     # dead letters, commands, notices
     def add_dead_letter(self, letter: DeadLetter) -> int:
         """Store `letter` under a new id (raw truncated to 64 KiB; the oldest letters are
-        dropped beyond the store's limit); returns the id."""
+        dropped beyond the store's count limit, and in LMDB its byte and age limits too,
+        `letter.t_ms` being now); returns the id."""
+        ...
+    def trim_dead_letters(self, now_ms: int) -> int:
+        """Drop the oldest letters beyond every bound of the store's `DeadLetterLimits`
+        (count, bytes, age at `now_ms`), counting them as dropped; returns how many."""
         ...
     def put_command(self, row: CommandRow) -> None: ...
     def delete_commands(self, dev: str) -> int: ...
@@ -397,11 +447,14 @@ def iter_all_index(txn: ReadTxn, scope: str, page: int = 1000) -> Iterator[tuple
 
 
 __all__ = [
+    "DEAD_LETTER_OVERHEAD",
     "MAX_DEAD_LETTER_RAW",
     "STORE_FORMAT",
     "CommandRow",
     "ConflictRow",
     "DeadLetter",
+    "DeadLetterLimits",
+    "DeadLetterStats",
     "DeviceRow",
     "Notice",
     "OutcomeRow",
@@ -410,5 +463,6 @@ __all__ = [
     "StoreInfo",
     "Tomb",
     "WriteTxn",
+    "dead_letter_bytes",
     "iter_all_index",
 ]

@@ -10,6 +10,7 @@ open.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -20,7 +21,13 @@ from typing import Any, TypeVar
 import lmdb
 
 from broker.errors import StoreError, StoreFormatError, StoreFullError
-from broker.server.store.base import STORE_FORMAT, ReadTxn, StoreInfo, WriteTxn
+from broker.server.store.base import (
+    STORE_FORMAT,
+    DeadLetterLimits,
+    ReadTxn,
+    StoreInfo,
+    WriteTxn,
+)
 from broker.server.store.lmdb_txn import DBS, DEFAULT_MAX_DEAD_LETTERS, LmdbReadTxn, LmdbWriteTxn
 
 T = TypeVar("T")
@@ -34,10 +41,14 @@ class LmdbStore:
 
     def __init__(self, data_dir: str | os.PathLike[str], *, map_size_mb: int = 256,
                  max_map_size_mb: int = 65536,
-                 max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS) -> None:
+                 max_dead_letters: int | None = None,
+                 dead_letters: DeadLetterLimits | None = None) -> None:
         self.path = Path(data_dir) / "store"
         self._max_map = max_map_size_mb * _MB
-        self._max_dead_letters = max_dead_letters
+        limits = dead_letters or DeadLetterLimits()
+        if max_dead_letters is not None:
+            limits = dataclasses.replace(limits, max_count=max_dead_letters)
+        self.dead_letter_limits = limits
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(str(self.path), map_size=map_size_mb * _MB,
@@ -81,7 +92,7 @@ class LmdbStore:
         while True:
             txn = self._begin(write=True)
             try:
-                wtxn = LmdbWriteTxn(txn, self._dbs, self._max_dead_letters)
+                wtxn = LmdbWriteTxn(txn, self._dbs, self.dead_letter_limits)
                 result = fn(wtxn)
                 wtxn.finish()
                 txn.commit()

@@ -16,7 +16,8 @@ characters):
                   written before digests)
     conflicts     id -> JSON ConflictRow
     conflicts_open  c NUL k NUL field NUL id -> b""
-    deadletters   id -> u32 header length, JSON header, raw payload
+    deadletters   id -> u32 header length, JSON header, raw payload (and totals in meta:
+                  see `broker.server.store.lmdb_letters`)
     commands      dev NUL id -> JSON CommandRow
     notices       id -> JSON [scope, q, rec]
 """
@@ -31,11 +32,13 @@ import lmdb
 import orjson
 
 from broker.server.identity import NS_SEP
+from broker.server.store import lmdb_letters
 from broker.server.store.base import (
-    MAX_DEAD_LETTER_RAW,
     CommandRow,
     ConflictRow,
     DeadLetter,
+    DeadLetterLimits,
+    DeadLetterStats,
     DeviceRow,
     Notice,
     OutcomeRow,
@@ -45,9 +48,8 @@ from broker.server.store.base import (
 DBS = ("meta", "devices", "records", "seqs", "horizons", "index", "tombs", "outcomes",
        "conflicts", "conflicts_open", "deadletters", "commands", "notices")
 _U64 = struct.Struct(">Q")
-_U32 = struct.Struct(">I")
 _SEP = b"\x00"
-DEFAULT_MAX_DEAD_LETTERS = 100_000
+DEFAULT_MAX_DEAD_LETTERS = DeadLetterLimits().max_count
 
 
 def _u64(n: int) -> bytes:
@@ -188,15 +190,10 @@ class LmdbReadTxn:
     # --- dead letters, commands, notices
 
     def dead_letters(self, limit: int) -> list[DeadLetter]:
-        out: list[DeadLetter] = []
-        with self._txn.cursor(db=self._db["deadletters"]) as cur:
-            if not cur.last():
-                return out
-            for key, value in cur.iterprev():
-                if len(out) >= limit:
-                    break
-                out.append(_decode_dead_letter(_from_u64(key), value))
-        return out
+        return lmdb_letters.newest(self._txn, self._db, limit)
+
+    def dead_letter_stats(self) -> DeadLetterStats:
+        return lmdb_letters.stats(self._txn, self._db)
 
     def commands(self, dev: str | None = None) -> list[CommandRow]:
         rows: list[CommandRow] = []
@@ -235,12 +232,12 @@ class LmdbReadTxn:
 class LmdbWriteTxn(LmdbReadTxn):
     """WriteTxn over one LMDB write transaction."""
 
-    __slots__ = ("_max_dead_letters", "_seqs", "_seqs_dirty")
+    __slots__ = ("_limits", "_seqs", "_seqs_dirty")
 
     def __init__(self, txn: lmdb.Transaction[bytes], dbs: dict[str, Any],
-                 max_dead_letters: int) -> None:
+                 limits: DeadLetterLimits) -> None:
         super().__init__(txn, dbs)
-        self._max_dead_letters = max_dead_letters
+        self._limits = limits
         self._seqs: dict[str, int] = {}  # sequences read or written in this transaction
         self._seqs_dirty: set[str] = set()  # allocated here, written back by `finish`
 
@@ -371,21 +368,12 @@ class LmdbWriteTxn(LmdbReadTxn):
     # --- dead letters, commands, notices
 
     def add_dead_letter(self, letter: DeadLetter) -> int:
-        db = self._db["deadletters"]
         lid = self._next_id("deadletters")
-        raw = bytes(letter.raw[:MAX_DEAD_LETTER_RAW])
-        head = orjson.dumps({"t": letter.t_ms, "dev": letter.device, "topic": letter.topic,
-                             "code": letter.code, "reason": letter.reason,
-                             "size": letter.size or len(letter.raw)})
-        self._txn.put(_u64(lid), _U32.pack(len(head)) + head + raw, db=db)
-        excess = int(self._txn.stat(db)["entries"]) - self._max_dead_letters
-        if excess > 0:
-            with self._txn.cursor(db=db) as cur:
-                cur.first()
-                for _ in range(excess):
-                    if not cur.delete():
-                        break
+        lmdb_letters.add(self._txn, self._db, self._limits, lid, letter)
         return lid
+
+    def trim_dead_letters(self, now_ms: int) -> int:
+        return lmdb_letters.trim(self._txn, self._db, self._limits, now_ms)
 
     def put_command(self, row: CommandRow) -> None:
         self._txn.put(_s(row.device) + _SEP + _s(row.id), orjson.dumps(row.to_json()),
@@ -423,14 +411,6 @@ class LmdbWriteTxn(LmdbReadTxn):
                 if not cur.delete():
                     break
         return count
-
-
-def _decode_dead_letter(lid: int, value: bytes) -> DeadLetter:
-    (hlen,) = _U32.unpack(value[:4])
-    head = orjson.loads(value[4:4 + hlen])
-    return DeadLetter(id=lid, t_ms=head["t"], device=head["dev"], topic=head["topic"],
-                      code=head["code"], reason=head["reason"], raw=bytes(value[4 + hlen:]),
-                      size=head["size"])
 
 
 __all__ = ["DBS", "DEFAULT_MAX_DEAD_LETTERS", "LmdbReadTxn", "LmdbWriteTxn"]

@@ -16,7 +16,9 @@ Schema (``broker/server/store/migrations/*.sql``, everything in the schema ``way
                   makes a change apply once across consumers
     conflicts     id identity -> row; partial indexes on (c, k, field, id) and (id)
                   WHERE open
-    dead_letters  id identity -> row (raw bytea); newest first by the primary key
+    dead_letters  id identity -> row (raw bytea, bytes counted); newest first by the
+                  primary key; bounded by count, bytes and age (``letters.py``)
+    dead_letter_drops  what the bounds dropped (one row per trim)
     commands      (dev, id) -> row
     notices       id identity -> (scope, q, rec jsonb)
 

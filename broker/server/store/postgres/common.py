@@ -22,6 +22,7 @@ ADVISORY_LOCK = 0x5761797374617469
 """pg_advisory_xact_lock key serialising migrations ("Waystati")."""
 
 DEFAULT_MAX_DEAD_LETTERS = 100_000
+"""The default of DeadLetterLimits.max_count (kept for callers of the old name)."""
 MAX_ATTEMPTS = 30
 """Attempts of one transaction that keeps meeting concurrency failures."""
 PREFETCH_MAX = 16 * 1024

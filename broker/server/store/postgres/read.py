@@ -11,11 +11,13 @@ from broker.server.store.base import (
     CommandRow,
     ConflictRow,
     DeadLetter,
+    DeadLetterStats,
     DeviceRow,
     Notice,
     OutcomeRow,
     Tomb,
 )
+from broker.server.store.postgres import letters
 from broker.server.store.postgres.common import PREFETCH_MAX
 
 # ---------------------------------------------------------------------------- reading
@@ -157,6 +159,9 @@ class PgReadTxn:
                 for i, t, d, tp, code, reason, raw, size in self._all(
                     "SELECT id, t_ms, device, topic, code, reason, raw, size "
                     "FROM dead_letters ORDER BY id DESC LIMIT %s", (limit,))]
+
+    def dead_letter_stats(self) -> DeadLetterStats:
+        return letters.stats(self)
 
     def commands(self, dev: str | None = None) -> list[CommandRow]:
         sql = "SELECT id, dev, cmd, args, created_ms, done_ms FROM commands "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from psycopg.types.json import set_json_dumps, set_json_loads
 
 from broker.errors import StoreError, StoreFormatError
 from broker.server.store.base import (
+    DeadLetterLimits,
     ReadTxn,
     StoreInfo,
     WriteTxn,
@@ -44,11 +46,15 @@ class PostgresStore:
 
     kind = "postgres"
 
-    def __init__(self, url: str, *, max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS,
+    def __init__(self, url: str, *, max_dead_letters: int | None = None,
+                 dead_letters: DeadLetterLimits | None = None,
                  reconnect_s: float = 30.0, connect_timeout_s: int = 10) -> None:
         self.url = url
         self.location = describe_url(url)
-        self.max_dead_letters = max_dead_letters
+        limits = dead_letters or DeadLetterLimits(max_count=DEFAULT_MAX_DEAD_LETTERS)
+        if max_dead_letters is not None:
+            limits = dataclasses.replace(limits, max_count=max_dead_letters)
+        self.dead_letter_limits = limits
         self.reconnect_s = reconnect_s
         self._connect_timeout = connect_timeout_s
         self._conninfo = self._make_conninfo(url)

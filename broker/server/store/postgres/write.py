@@ -13,7 +13,6 @@ from psycopg.types.json import Jsonb
 from broker.errors import StoreError
 from broker.server.identity import NS_SEP, ns_device
 from broker.server.store.base import (
-    MAX_DEAD_LETTER_RAW,
     CommandRow,
     ConflictRow,
     DeadLetter,
@@ -22,6 +21,7 @@ from broker.server.store.base import (
     OutcomeRow,
     Tomb,
 )
+from broker.server.store.postgres import letters
 from broker.server.store.postgres.common import COPY_MIN, _clean, _int_array, _Reorder, _text_array
 from broker.server.store.postgres.read import (
     _MISSING,
@@ -44,7 +44,7 @@ class PgWriteTxn(PgReadTxn):
     def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any]) -> None:
         super().__init__(conn)
         self._store = store
-        self._max_dead_letters = store.max_dead_letters
+        self._dead_letters = store.dead_letter_limits
         # scope -> [q, horizon] for every scope whose row this transaction holds
         self._locked: dict[str, list[int]] = {}
         self._top = ""  # the highest scope locked
@@ -345,20 +345,10 @@ class PgWriteTxn(PgReadTxn):
     # --- dead letters, commands, notices
 
     def add_dead_letter(self, letter: DeadLetter) -> int:
-        raw = bytes(letter.raw[:MAX_DEAD_LETTER_RAW])
-        lid = int(self._one(
-            "INSERT INTO dead_letters (t_ms, device, topic, code, reason, raw, size) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (letter.t_ms, _clean(letter.device), _clean(letter.topic), _clean(letter.code),
-             _clean(letter.reason), raw, letter.size or len(letter.raw)))[0])
-        # Ids come from one sequence: those more than the limit below this one are older
-        # than the newest `limit` letters (ids burnt by rolled-back transactions only
-        # make the store keep a few less).
-        if lid > self._max_dead_letters:  # (never waiting for another transaction)
-            self._run("DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters "
-                      "WHERE id <= %s FOR UPDATE SKIP LOCKED)",
-                      (lid - self._max_dead_letters,))
-        return lid
+        return letters.add(self, self._dead_letters, letter)
+
+    def trim_dead_letters(self, now_ms: int) -> int:
+        return letters.trim(self, self._dead_letters, now_ms)
 
     def put_command(self, row: CommandRow) -> None:
         self._run("INSERT INTO commands (dev, id, cmd, args, created_ms, done_ms) "

@@ -1,4 +1,4 @@
--- Waystation server store, schema version 2: change digests and store incarnations.
+-- Waystation server store, schema version 3: change digests and store incarnations.
 -- An outcome's `dev` is now a namespace: the device id, or "device/incarnation"
 -- (broker/server/identity.py); `d` is the digest of the change's content, empty for
 -- outcomes stored before this version.

@@ -1,0 +1,104 @@
+"""A packet size limit for the embedded broker (amqtt 0.12.1 has none).
+
+    guard = FrameGuard(max_packet=266_240)
+    guard.consumed(data)          # every byte read from a client, in order; raises
+                                  # PacketTooLarge once a packet's length says too big
+    LimitedReader(stream_reader, max_packet, peer)   # amqtt's reader adapter, guarded
+
+amqtt reads a packet's fixed header (type byte, then the "remaining length" in 1-4
+bytes), then reads the whole rest of the packet into memory before anyone looks at it:
+a client could make the broker buffer a 256 MiB PUBLISH. `FrameGuard` follows MQTT's
+framing over the bytes amqtt reads and refuses a packet as soon as its last length byte
+arrives, before amqtt asks for its body; the broker then drops the connection (as
+Mosquitto does with `max_packet_size`). What the broker holds of a refused packet is at
+most what asyncio's stream reader had buffered (about 128 KiB).
+
+The default matches PROTOCOL.md §3: a 256 KiB payload plus room for the fixed header, the
+topic and the packet id (the same 266,240 bytes as the shipped Mosquitto and EMQX
+configs). Sizes count the whole packet, fixed header included, as Mosquitto's does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from amqtt.adapters import StreamReaderAdapter
+from amqtt.errors import AMQTTError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAX_PACKET = 266_240
+"""Bytes of the largest MQTT packet the embedded broker accepts (256 KiB + 4 KiB)."""
+
+_HEADER, _LENGTH, _BODY = 0, 1, 2
+
+
+class PacketTooLarge(AMQTTError):  # type: ignore[misc]
+    """A client announced a packet over the broker's limit; its connection is dropped."""
+
+
+class FrameGuard:
+    """MQTT framing over a byte stream, refusing packets over `max_packet` bytes."""
+
+    __slots__ = ("_length_bytes", "_multiplier", "_remaining", "_state", "_value",
+                 "max_packet")
+
+    def __init__(self, max_packet: int) -> None:
+        if max_packet < 2:
+            raise ValueError("max_packet must be at least 2 bytes")
+        self.max_packet = max_packet
+        self._state = _HEADER
+        self._value = self._multiplier = self._length_bytes = self._remaining = 0
+
+    def consumed(self, data: bytes) -> None:
+        """Account for `data`, the next bytes read from the client."""
+        i, end = 0, len(data)
+        while i < end:
+            if self._state == _BODY:
+                step = min(self._remaining, end - i)
+                self._remaining -= step
+                i += step
+                if not self._remaining:
+                    self._state = _HEADER
+            elif self._state == _HEADER:
+                i += 1
+                self._state = _LENGTH
+                self._value, self._multiplier, self._length_bytes = 0, 1, 0
+            else:
+                byte = data[i]
+                i += 1
+                self._value += (byte & 0x7F) * self._multiplier
+                self._multiplier *= 128
+                self._length_bytes += 1
+                if byte & 0x80:
+                    if self._length_bytes == 4:
+                        raise PacketTooLarge("malformed remaining length (more than 4 bytes)")
+                    continue
+                size = 1 + self._length_bytes + self._value
+                if size > self.max_packet:
+                    raise PacketTooLarge(f"packet of {size} bytes exceeds the broker's limit "
+                                         f"of {self.max_packet} bytes")
+                self._remaining = self._value
+                self._state = _BODY if self._value else _HEADER
+
+
+class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
+    """amqtt's stream reader adapter with a `FrameGuard` on everything it reads."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_packet: int, peer: object) -> None:
+        super().__init__(reader)
+        self._guard = FrameGuard(max_packet)
+        self._peer = peer
+
+    async def read(self, n: int = -1) -> bytes:
+        data: bytes = await super().read(n)
+        try:
+            self._guard.consumed(data)
+        except PacketTooLarge as exc:
+            log.warning("packet_refused", peer=str(self._peer), reason=str(exc))
+            raise
+        return data
+
+
+__all__ = ["DEFAULT_MAX_PACKET", "FrameGuard", "LimitedReader", "PacketTooLarge"]
