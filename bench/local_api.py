@@ -7,7 +7,9 @@ feed event latency, and the API process's memory (idle, and with 100,000 records
   from this process to an `ApiServer` in its own process (a keep-alive connection);
 - feed: an SSE client is connected; time from sending a write to its "local" event;
 - memory: the API process's RSS (anonymous and file-backed) idle on an empty store, and
-  after 100,000 records were written into the store (by deltas) and listed through it.
+  after 100,000 records were written into the store (by deltas) and listed through it;
+- query: `POST /v1/collections/tasks/query` over the socket returning 100 of the
+  100,000 records through the (status, eta) index.
 Absolute figures depend on the host; compare the rows of one run.
 
     .venv/bin/python -m bench.local_api [--writes 2000]
@@ -106,8 +108,12 @@ def timed(fn: Any, count: int) -> dict[str, float]:
     return stats(samples, time.perf_counter() - t0)
 
 
+STATUSES = ("out", "pending", "delivered", "failed")
+
+
 def fields(i: int) -> dict[str, Any]:
-    return {"route": "route-42", "status": "out", "notes": f"note {i} " + "x" * 100}
+    return {"route": "route-42", "status": STATUSES[i % 4], "eta": 1_750_000_000_000 + i,
+            "notes": f"note {i} " + "x" * 100}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 listed += len(recs)
                 after = recs[-1]["key"]
             full = mem_kb(proc.pid)
+            query = _query_latency(sock_client, args.writes // 4)
         finally:
             proc.terminate()
             proc.wait(20)
@@ -179,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                 ["path", "p50 ms", "p99 ms", "writes/s", "p50 vs Python API"], table)
     print_table("Local write -> its event on the SSE feed",
                 ["samples", "p50 ms", "p99 ms"], [[feed["n"], feed["p50_ms"], feed["p99_ms"]]])
+    print_table(f"Query over the Unix socket: 100 of {listed:,} records through an index",
+                ["samples", "p50 ms", "p99 ms", "matching records"],
+                [[query["n"], query["p50_ms"], query["p99_ms"], query["matching"]]])
     print_table("API process memory (KiB)", ["state", "RSS", "anonymous", "file-backed"],
                 [["idle, empty store", idle["VmRSS"], idle["RssAnon"], idle["RssFile"]],
                  [f"{listed:,} records listed", full["VmRSS"], full["RssAnon"],
                   full["RssFile"]]])
     write_json("local_api", {"writes": args.writes, "records": args.records, "rows": rows,
-                             "feed": feed, "memory_kb": {"idle": idle, "records": full},
+                             "feed": feed, "query": query,
+                             "memory_kb": {"idle": idle, "records": full},
                              "listed": listed})
     return 0
 
@@ -221,6 +232,25 @@ def _feed_latency(path: Path, token: str, client: Http, count: int) -> dict[str,
     feed.close()
     return {"n": count, "p50_ms": percentile(samples, 50) * 1000,
             "p99_ms": percentile(samples, 99) * 1000}
+
+
+def _query_latency(client: Http, count: int) -> dict[str, Any]:
+    """POST .../query for 100 records of one status in eta order, through the
+    (status, eta) index, starting at a different eta each time (no cached page)."""
+    samples = []
+    for i in range(count):
+        start = time.perf_counter()
+        status, body = client.call("POST", "/v1/collections/tasks/query", {
+            "where": {"status": STATUSES[i % 4], "eta": {"gte": 1_750_000_000_000 + i * 37}},
+            "order_by": "eta", "limit": 100})
+        samples.append(time.perf_counter() - start)
+        if status != 200 or len(orjson.loads(body)["records"]) != 100:
+            raise RuntimeError(f"query failed: {status} {body[:200]!r}")
+    _, body = client.call("POST", "/v1/collections/tasks/count",
+                          {"where": {"status": STATUSES[0]}})
+    return {"n": count, "p50_ms": percentile(samples, 50) * 1000,
+            "p99_ms": percentile(samples, 99) * 1000,
+            "matching": orjson.loads(body)["count"]}
 
 
 def _fill(cfg: AgentConfig, catalog: Any, records: int) -> None:

@@ -15,12 +15,16 @@ from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from agent.api import Agent
-from agent.http import feed, models
-from agent.http.auth import APP, AppToken
-from agent.http.errors import JSON, ApiError, json_response
+from agent.http import feed, models, query_routes
+from agent.http.errors import ApiError, json_response
+from agent.http.inputs import app_of
+from agent.http.inputs import body as _body
+from agent.http.inputs import need_read as _need_read
+from agent.http.inputs import need_write as _need_write
+from agent.http.inputs import path as _path
 from agent.models import WriteResult
 
 T = TypeVar("T")
@@ -69,51 +73,6 @@ class Route:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _app(request: web.Request) -> AppToken:
-    app: AppToken = request[APP]
-    return app
-
-
-def _need_read(request: web.Request, collection: str) -> None:
-    app = _app(request)
-    if not app.can_read(collection):
-        raise ApiError(403, "forbidden", f"app {app.app!r} may not read collection "
-                                         f"{collection[:100]!r} (token --read)")
-
-
-def _need_write(request: web.Request, collection: str) -> None:
-    app = _app(request)
-    if not app.can_write(collection):
-        raise ApiError(403, "forbidden", f"app {app.app!r} may not write collection "
-                                         f"{collection[:100]!r} (token --write)")
-
-
-async def _body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
-    if not request.can_read_body:
-        if optional:
-            return model()
-        raise ApiError(422, "invalid", "this request needs a JSON body")
-    ctype = request.content_type
-    if ctype != JSON:
-        raise ApiError(415, "unsupported_media_type",
-                       f"send the body as {JSON} (got {ctype or 'no content type'!r})")
-    raw = await request.read()
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        if first["type"] == "json_invalid":
-            raise ApiError(400, "bad_json", f"the body is not valid JSON: "
-                                            f"{first.get('ctx', {}).get('error', 'parse error')}"
-                           ) from None
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise ApiError(422, "invalid", f"{where}: {first['msg']}") from None
-
-
-def _path(request: web.Request, name: str) -> str:
-    return request.match_info[name]
 
 
 def _written(ctx: Context, result: WriteResult) -> web.Response:
@@ -207,14 +166,14 @@ async def status(request: web.Request, ctx: Context) -> web.StreamResponse:
 
 
 async def conflicts(request: web.Request, ctx: Context) -> web.StreamResponse:
-    app = _app(request)
+    app = app_of(request)
     found = await ctx.blocking(ctx.agent.conflicts)
     return json_response({"conflicts": [c.to_dict() for c in found
                                         if app.can_read(c.collection)]})
 
 
 async def dead_letters(request: web.Request, ctx: Context) -> web.StreamResponse:
-    app = _app(request)
+    app = app_of(request)
     found = await ctx.blocking(ctx.agent.dead_letters)
     return json_response({"dead_letters": [d.to_dict() for d in found
                                            if app.can_read(str(d.change.get("c", "")))]})
@@ -332,6 +291,22 @@ ROUTES: tuple[Route, ...] = (
                   Param("wait_s", "query", {"type": "number", "minimum": 0, "maximum": 30},
                         "Wait up to this long for a first event (default 0)")),
           errors=(403, 422), tags=("feed",)),
+    Route("POST", "/v1/collections/{collection}/query", query_routes.query_records,
+          "queryRecords", "Records matching a query, through an index (docs/QUERIES.md)",
+          query_routes.QueryPageOut, query_routes.QueryBody, params=(_C,),
+          errors=(400, 403, 404, 413, 415, 422), tags=("queries",)),
+    Route("POST", "/v1/collections/{collection}/count", query_routes.count_records,
+          "countRecords", "How many records match a query", query_routes.CountOut,
+          query_routes.CountBody, params=(_C,), errors=(400, 403, 404, 413, 415, 422),
+          tags=("queries",)),
+    Route("GET", "/v1/collections/{collection}/live", query_routes.live, "liveQuery",
+          "A live query as Server-Sent Events: the first page (event: result), then "
+          "which records entered, changed or left it (event: update)",
+          query_routes.LiveUpdateOut,
+          params=(_C, Param("q", "query", {"type": "string"},
+                            "The query as JSON (the body of queryRecords)")),
+          errors=(400, 403, 404, 413, 422, 503), stream="text/event-stream",
+          tags=("queries",)),
 )
 
 

@@ -1,0 +1,61 @@
+"""Reading a request: the app's rights, the JSON body as a pydantic model, path values."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from agent.http.auth import APP, AppToken
+from agent.http.errors import JSON, ApiError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def app_of(request: web.Request) -> AppToken:
+    app: AppToken = request[APP]
+    return app
+
+
+def need_read(request: web.Request, collection: str) -> None:
+    app = app_of(request)
+    if not app.can_read(collection):
+        raise ApiError(403, "forbidden", f"app {app.app!r} may not read collection "
+                                         f"{collection[:100]!r} (token --read)")
+
+
+def need_write(request: web.Request, collection: str) -> None:
+    app = app_of(request)
+    if not app.can_write(collection):
+        raise ApiError(403, "forbidden", f"app {app.app!r} may not write collection "
+                                         f"{collection[:100]!r} (token --write)")
+
+
+async def body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
+    if not request.can_read_body:
+        if optional:
+            return model()
+        raise ApiError(422, "invalid", "this request needs a JSON body")
+    ctype = request.content_type
+    if ctype != JSON:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the body as {JSON} (got {ctype or 'no content type'!r})")
+    raw = await request.read()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, "bad_json", f"the body is not valid JSON: "
+                                            f"{first.get('ctx', {}).get('error', 'parse error')}"
+                           ) from None
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ApiError(422, "invalid", f"{where}: {first['msg']}") from None
+
+
+def path(request: web.Request, name: str) -> str:
+    return request.match_info[name]
+
+
+__all__ = ["app_of", "body", "need_read", "need_write", "path"]
