@@ -30,7 +30,8 @@ class AgentStatus:
     oldest_pending_age_s: float | None
     last_sync_age_s: float | None
     last_sync_ms: int | None
-    """When the server last acked a change of this device or completed a catch-up."""
+    """When the device last heard from the server with data: an ack, a delta, a
+    catch-up page, a completed catch-up."""
     dead_letters: int
     open_conflicts: int
     lost_writes: int

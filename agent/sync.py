@@ -339,6 +339,8 @@ class Sync:
                     by_scope.setdefault(rec.s, []).append(rec.q)
             for scope, qs in by_scope.items():
                 work.set_checkpoint(scope, work.checkpoint(scope).mark_all(qs, now))
+            if touched:
+                work.tx.set_meta("last_sync", now)  # data from the server: in sync now
             return len(touched)
 
         return core.write(run, durable=False)
@@ -364,6 +366,8 @@ class Sync:
             touched = work.apply_recs(page.recs, "remote")
             if cp is not None:
                 work.set_checkpoint(scope, cp.page(page.from_, page.to, now))
+            if touched:
+                work.tx.set_meta("last_sync", now)
             return len(touched)
 
         return core.write(run, durable=False)

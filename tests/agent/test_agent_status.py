@@ -99,3 +99,17 @@ def test_status_names_the_store_it_reads(agent: Agent) -> None:
     status = agent.status()
     assert status.store_path == str(agent.store.path)
     assert status.incarnation == agent.sync.hello("t/1").inc
+
+
+def test_receiving_records_is_a_sync(agent: Agent) -> None:
+    """A device that just received records (a delta, a page) says it synced just now."""
+    from tests.agent.agentkit import rec
+
+    assert agent.status().last_sync_ms is None
+    agent.sync.apply_delta(wire.Delta(d=[rec("t-1", 1, {"route": S})]))
+    first = agent.status().last_sync_ms
+    assert first is not None
+    agent.sync.apply_page(wire.Page.model_validate(
+        {"req": "c-1", "s": S, "from": 1, "to": 2, "reset": False, "more": False,
+         "recs": [rec("t-2", 2, {"route": S}).model_dump(by_alias=True)]}))
+    assert agent.status().last_sync_ms is not None
