@@ -70,10 +70,11 @@ def fleet(tmp_path: Path, cluster: RabbitCluster, pg_database: str) -> Iterator[
 def check_sequences(fleet: RabbitFleet, ledger: Ledger) -> None:
     """One applied outcome per change id; each scope's outcomes are exactly 1..N."""
     used: dict[str, list[int]] = {s: [] for s in SCOPES}
+    namespaces = {dev: fleet.outcome_ns(dev) for dev in ledger.last_n}
     with fleet.store.read() as txn:
         for dev, last in ledger.last_n.items():
             for n in range(1, last + 1):
-                row = txn.get_outcome(dev, n)
+                row = txn.get_outcome(namespaces[dev], n)
                 assert row is not None and row.applied, f"{dev}:{n} has outcome {row}"
                 used[row.scope].append(row.q)
         seqs = {s: txn.scope_seq(s) for s in SCOPES}
