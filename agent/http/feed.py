@@ -74,6 +74,14 @@ class FeedHub:
                 grown, self._grown = self._grown, asyncio.Event()
                 grown.set()
 
+    def admit(self, max_clients: int) -> None:
+        """Refuse a new streaming client (503) when `max_clients` stream already."""
+        if self.clients >= max_clients:
+            raise ApiError(503, "too_many_feed_clients",
+                           f"{max_clients} feed clients are connected already (api."
+                           "max_feed_clients): close one or try again later",
+                           headers={"Retry-After": "5"})
+
     async def wait_beyond(self, last: int, timeout: float) -> bool:
         """Wait until the feed has an event after `last` (True) or `timeout` passed."""
         if self.position != last:
@@ -81,6 +89,15 @@ class FeedHub:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._grown.wait(), timeout)
         return self.position != last
+
+
+async def open_stream(request: web.Request) -> web.StreamResponse:
+    """A Server-Sent Events response, headers sent."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    return resp
 
 
 def visible(event: FeedEvent, app: AppToken, collection: str | None) -> bool:
@@ -124,17 +141,10 @@ async def sse(request: web.Request, agent: Agent, hub: FeedHub, blocking: Blocki
     if collection is not None and not app.can_read(collection):
         raise ApiError(403, "forbidden", f"app {app.app!r} may not read {collection!r}")
     since = start_position(request, hub)
-    if hub.clients >= max_clients:
-        raise ApiError(503, "too_many_feed_clients",
-                       f"{max_clients} feed clients are connected already (api."
-                       "max_feed_clients): close one or try again later",
-                       headers={"Retry-After": "5"})
+    hub.admit(max_clients)
     hub.clients += 1
     try:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
+        resp = await open_stream(request)
         last, first = _restart_check(since, hub.position)
         chunk = b"retry: 2000\n\n" + b"".join(_sse_event(e) for e in first)
         while True:
@@ -217,4 +227,5 @@ def float_param(request: web.Request, name: str, default: float, low: float,
     return value
 
 
-__all__ = ["FeedHub", "float_param", "int_param", "page", "sse", "start_position"]
+__all__ = ["FeedHub", "float_param", "int_param", "open_stream", "page", "sse",
+           "start_position"]

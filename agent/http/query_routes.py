@@ -119,18 +119,11 @@ async def live(request: web.Request, ctx: Any) -> web.StreamResponse:
         raise ApiError(422, "invalid", f"q: {exc}".splitlines()[0]) from None
     query = _query(c, body.model_dump())
     hub = ctx.hub
-    if hub.clients >= ctx.max_feed_clients:
-        raise ApiError(503, "too_many_feed_clients",
-                       f"{ctx.max_feed_clients} feed clients are connected already (api."
-                       "max_feed_clients): close one or try again later",
-                       headers={"Retry-After": "5"})
+    hub.admit(ctx.max_feed_clients)
     lq: LiveQuery = await ctx.blocking(partial(ctx.agent.live_query, query))
     hub.clients += 1
     try:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
+        resp = await feed.open_stream(request)
         await asyncio.wait_for(resp.write(b"retry: 2000\n\n"), ctx.feed_idle_timeout_s)
         while True:
             update = await ctx.blocking(lq.poll)

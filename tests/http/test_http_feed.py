@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,13 @@ class Sse:
             self.buf = rest[size + 2:]
 
     def events(self, count: int) -> list[dict[str, Any]]:
+        """The next `count` feed events, each checked against the API's model."""
+        return self.blocks(count, _feed_event)
+
+    def blocks(self, count: int,
+               check: Callable[[dict[bytes, bytes], dict[str, Any]], None]
+               ) -> list[dict[str, Any]]:
+        """The next `count` SSE events with data, each passed to `check(fields, doc)`."""
         out: list[dict[str, Any]] = []
         while len(out) < count:
             while b"\n\n" not in self.text:
@@ -69,13 +77,17 @@ class Sse:
                           if b": " in line and not line.startswith(b":"))
             if b"data" in fields:
                 doc = orjson.loads(fields[b"data"])
-                assert int(fields[b"id"]) == doc["seq"] and fields[b"event"].decode() == doc["kind"]
-                models.FeedEventOut.model_validate(doc)
+                check(fields, doc)
                 out.append(doc)
         return out
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _feed_event(fields: dict[bytes, bytes], doc: dict[str, Any]) -> None:
+    assert int(fields[b"id"]) == doc["seq"] and fields[b"event"].decode() == doc["kind"]
+    models.FeedEventOut.model_validate(doc)
 
 
 def _path(server: ApiServer) -> Path:

@@ -24,20 +24,13 @@ class LiveSse(Sse):
     """An SSE reader for live-query events (`result`, `update`)."""
 
     def updates(self, count: int) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        while len(out) < count:
-            while b"\n\n" not in self.text:
-                self._more()
-            block, _, self.text = self.text.partition(b"\n\n")
-            fields = dict(line.split(b": ", 1) for line in block.split(b"\n")
-                          if b": " in line and not line.startswith(b":"))
-            if b"data" in fields:
-                doc = orjson.loads(fields[b"data"])
-                assert int(fields[b"id"]) == doc["seq"]
-                assert fields[b"event"] == (b"result" if doc["initial"] else b"update")
-                LiveUpdateOut.model_validate(doc)
-                out.append(doc)
-        return out
+        return self.blocks(count, _live_update)
+
+
+def _live_update(fields: dict[bytes, bytes], doc: dict[str, Any]) -> None:
+    assert int(fields[b"id"]) == doc["seq"]
+    assert fields[b"event"] == (b"result" if doc["initial"] else b"update")
+    LiveUpdateOut.model_validate(doc)
 
 
 def _seed(client: Client) -> None:
