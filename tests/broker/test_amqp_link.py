@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.server.amqp_link import AmqpLink, routing_key_to_topic, topic_to_routing_key
+from broker.server.intake.fair import Item
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS
 from tests.helpers import RecordingClient, wait_until
 from tests.rabbitmq_cluster import RabbitCluster
@@ -29,6 +30,11 @@ def test_topic_and_routing_key_round_trip(levels: list[str]) -> None:
     key = topic_to_routing_key(topic)
     assert key.count(".") == len(levels) - 1
     assert routing_key_to_topic(key) == topic
+
+
+def _item(payload: bytes) -> Item:
+    """An up message as the server's intake hands it back to be settled."""
+    return Item(kind="up", device="van-12", payload=payload, size=len(payload))
 
 
 class _Server:
@@ -77,7 +83,7 @@ def test_up_and_status_arrive_over_amqp(rabbit_cluster: RabbitCluster,
         got = {srv.inbox.get(timeout=15), srv.inbox.get(timeout=15)}
         assert got == {(f"{PREFIX}/van-12/status", b'{"on":true}'),
                        (f"{PREFIX}/van-12/up", b'{"n":1}')}
-        srv.link.settle([("up", "van-12", p) for t, p in got if t.endswith("/up")])
+        srv.link.settle([_item(p) for t, p in got if t.endswith("/up")])
 
 
 def test_unsettled_up_is_redelivered_and_settled_up_is_not(
@@ -90,11 +96,11 @@ def test_unsettled_up_is_redelivered_and_settled_up_is_not(
     with _Server(rabbit_cluster, "link-c", [2]) as second:
         _topic, payload = second.next_up()
         assert payload == b"unsettled-1"
-        second.link.settle([("up", "van-12", payload)])
+        second.link.settle([_item(payload)])
         device.publish(f"{PREFIX}/van-12/up", b"marker-1")
         _, marker = second.next_up()
         assert marker == b"marker-1"
-        second.link.settle([("up", "van-12", marker)])
+        second.link.settle([_item(marker)])
     with _Server(rabbit_cluster, "link-d", [0]) as third:
         device.publish(f"{PREFIX}/van-12/up", b"marker-2")
         assert third.next_up()[1] == b"marker-2"
