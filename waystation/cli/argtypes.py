@@ -42,4 +42,15 @@ def device_id(text: str) -> str:
     return text
 
 
-__all__ = ["assignment", "device_id", "number", "parse_value"]
+def positive_int(text: str) -> int:
+    """A count such as --limit: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+__all__ = ["assignment", "device_id", "number", "parse_value", "positive_int"]

@@ -21,7 +21,8 @@ sends the result to the devices that share the records' scope. Start with
 `waystation demo` to watch a small fleet sync on this machine."""
 
 EPILOG = EXIT_CODES_HELP + """
-Configuration: --config FILE (TOML) plus WAYSTATION_<PART>__<KEY>__<SUBKEY>=value
+
+configuration: --config FILE (TOML) plus WAYSTATION_<PART>__<KEY>__<SUBKEY>=value
 environment overrides; see `waystation config show agent|server|broker`."""
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from waystation.cli.commands import HANDLERS, resolve_handler
 from waystation.cli.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
-from waystation.cli.parser import build_parser
+from waystation.cli.parser import build_parser, leaf_parser
 from waystation.errors import WaystationError
 
 
@@ -28,7 +28,12 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     parser = build_parser()
     try:
         try:
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                # argparse would blame the top-level parser and print its usage; the
+                # operator needs the usage of the command they typed.
+                leaf_parser(parser, args.command).error(
+                    f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as exc:  # --help, --version, usage errors
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         handler = resolve_handler(args.command, table.get(args.command))

@@ -45,4 +45,17 @@ def command_paths(parser: argparse.ArgumentParser | None = None) -> list[list[st
     return out
 
 
-__all__ = ["build_parser", "command_paths"]
+def leaf_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The subparser of `command` (a path such as "device add"), to report its usage."""
+    current = parser
+    for word in command.split():
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction) and word in action.choices:
+                current = action.choices[word]
+                break
+        else:
+            return current
+    return current
+
+
+__all__ = ["build_parser", "command_paths", "leaf_parser"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from waystation.cli.argtypes import parse_value
+from waystation.cli.argtypes import parse_value, positive_int
 from waystation.cli.builder import Builder, json_flag
 
 
@@ -31,7 +31,7 @@ def add_server(b: Builder) -> None:
     json_flag(p)
     p.add_argument("--all", action="store_true",
                    help="the whole conflict log (closed entries and lww losers too)")
-    p.add_argument("--limit", metavar="N", type=int, default=None,
+    p.add_argument("--limit", metavar="N", type=positive_int, default=None,
                    help="show at most N entries, newest first (default 1000)")
     p = b.leaf("server resolve", "settle a conflict with a chosen value",
                "Settle an open conflict by writing VALUE (JSON when it parses as JSON, "
@@ -46,7 +46,7 @@ def add_server(b: Builder) -> None:
                "not allowed, from the far future), with the device and reason, kept for "
                "inspection.", config="server")
     json_flag(p)
-    p.add_argument("--limit", metavar="N", type=int, default=None,
+    p.add_argument("--limit", metavar="N", type=positive_int, default=None,
                    help="show at most N dead letters, newest first (default 50)")
     p = b.leaf("server backup", "copy the LMDB store, consistently, while it runs",
                "Write a consistent, compacted copy of the server's LMDB store into DEST, a "
