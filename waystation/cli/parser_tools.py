@@ -48,8 +48,11 @@ def add_config(b: Builder) -> None:
     p = b.leaf("config show", "print the effective config of a part as TOML",
                "Load the config of PART (agent, server or broker) exactly as its commands "
                "do, file plus environment overrides, and print the effective settings as "
-               "TOML with secrets masked. Also a quick way to validate a config file.")
+               "TOML with secrets masked; optional settings that are unset (metrics_port, "
+               "encryption_key_file, TLS files, ...) appear as comments with their "
+               "defaults. Also a quick way to validate a config file.")
     p.add_argument("part", metavar="PART", choices=("agent", "server", "broker"),
                    help="agent, server or broker")
     p.add_argument("--config", "-c", metavar="FILE", type=Path, default=None,
                    help="the config file (TOML); without it the built-in defaults apply")
+    json_flag(p)
