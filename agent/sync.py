@@ -296,6 +296,10 @@ class Sync:
                     entry["et"] = now
                     work.tx.put("outbox", n_key(rj.n), entry)
                     transient.append(rj.n)
+                    # `agent status` shows why changes wait (e.g. device_disabled: "...
+                    # `waystation device enable van-1`"), until the next ack clears it.
+                    work.tx.set_meta("last_err", {"code": rj.code, "reason": rj.reason,
+                                                  "t": now})
                     continue
                 work.tx.put("deadletters", n_key(rj.n), {
                     "n": rj.n, "code": rj.code, "reason": rj.reason, "t": now, "entry": entry})
