@@ -12,7 +12,7 @@
         ├── ConflictClosed          the conflict was already resolved (CLI)
         ├── InvalidArgument         an operator argument is wrong (CLI)
         ├── LetterNotRetryable      a dead letter holds nothing to run again (CLI)
-        └── NotFound                what the operator named does not exist (exit 4)
+        └── NotFound                what the operator named does not exist
             ├── UnknownCollection   no such collection in the schema or the store
             ├── RecordNotFound      no record with that key
             └── DeadLetterNotFound  no dead letter with that id
@@ -72,9 +72,8 @@ class InvalidArgument(ServerError):
 
 
 class NotFound(ServerError):
-    """What the operator named (collection, record, dead letter) does not exist."""
-
-    exit_code = 4
+    """What the operator named (collection, record, dead letter) does not exist (exit
+    code 1, "the operation failed", as every refused operation)."""
 
 
 class UnknownCollection(NotFound):

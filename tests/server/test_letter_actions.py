@@ -75,7 +75,7 @@ def test_retry_after_enrolling_applies_once(tmp_path: Path, store: Store) -> Non
 
     with pytest.raises(DeadLetterNotFound) as exc:
         _retry(tmp_path, store, letter.id)
-    assert exc.value.exit_code == 4
+    assert exc.value.exit_code == 1
 
     # The same message kept twice (or sent again by the device): never applied twice.
     again = store.transact(lambda txn: txn.add_dead_letter(

@@ -72,10 +72,10 @@ def test_get_unknown_key_and_collection(tmp_path: Path, store: Store) -> None:
     _fill(tmp_path, store)
     with pytest.raises(RecordNotFound, match="server list inventory") as exc:
         get_record(store, CATALOG, "inventory", "nope")
-    assert exc.value.exit_code == 4
+    assert exc.value.exit_code == 1
     with pytest.raises(UnknownCollection, match="no collection 'ghosts'") as exc2:
         get_record(store, CATALOG, "ghosts", "x")
-    assert exc2.value.exit_code == 4
+    assert exc2.value.exit_code == 1
 
 
 def test_list_orders_filters_and_pages(tmp_path: Path, store: Store) -> None:
