@@ -54,7 +54,8 @@ def add_server(b: Builder) -> None:
                "store must have been moved aside with the server stopped; or, with "
                "--in-place, take the configured store as restored by other means (a "
                "PostgreSQL database after pg_restore). Either way every scope's sequence "
-               "moves forward, so each device resyncs by snapshot and keeps its pending "
+               "moves forward and every device is ordered to resync at once, so each "
+               "device gets a snapshot of the restored state and keeps its pending "
                "writes; what the server applied after the backup is not in it.",
                config="server")
     json_flag(p)
