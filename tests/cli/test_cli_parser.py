@@ -213,3 +213,17 @@ def test_bare_deadletters_lists(argv: list[str], command: str) -> None:
     args = build_parser().parse_args(argv)
     assert args.command == command
     assert args.json is ("--json" in argv)
+
+
+@pytest.mark.parametrize("argv, config, as_json", [
+    (["server", "deadletters", "--config", "x.toml", "--json", "list"], "x.toml", True),
+    (["server", "deadletters", "list", "--config", "y.toml"], "y.toml", False),
+    (["agent", "deadletters", "-c", "a.toml", "retry", "4"], "a.toml", False),
+    (["agent", "deadletters", "--json", "show", "4", "-c", "b.toml"], "b.toml", True),
+])
+def test_deadletters_group_options_reach_the_subcommand(argv: list[str], config: str,
+                                                         as_json: bool) -> None:
+    """--config / --json given to the group are not reset by the subcommand (which would
+    silently read another store)."""
+    args = build_parser().parse_args(argv)
+    assert str(args.config) == config and args.json is as_json

@@ -65,6 +65,15 @@ def _optional_group(b: Builder, name: str, summary: str, description: str,
     return parser
 
 
+def _keep_group_options(p: argparse.ArgumentParser) -> None:
+    """Options the group takes too (`deadletters --config F list`): a leaf that is not
+    given them must not reset them to its defaults (argparse copies every default of a
+    subcommand over what the group parsed)."""
+    for action in p._actions:
+        if action.dest in ("config", "json", "limit"):
+            action.default = argparse.SUPPRESS
+
+
 def add_deadletters(b: Builder, part: str) -> None:
     """`server deadletters ...` (part "server") or `agent deadletters ...` ("agent")."""
     group = f"{part} deadletters"
@@ -128,6 +137,8 @@ def add_deadletters(b: Builder, part: str) -> None:
     else:
         p.add_argument(ident, metavar="N", help=ident_help)
     json_flag(p)
+    for leaf in ("list", "show", "retry", "discard"):
+        _keep_group_options(b.groups[group].choices[leaf])
 
 
 __all__ = ["add_deadletters", "add_server_records"]
