@@ -7,6 +7,7 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
-AGENT_CAPS: frozenset[str] = frozenset()
+AGENT_CAPS: frozenset[str] = frozenset({"scopes"})
+"""scopes: the `scopes` command (§7.9), the operator changing what the device follows."""
 
 __all__ = ["AGENT_CAPS"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-SERVER_CAPS: frozenset[str] = frozenset()
+SERVER_CAPS: frozenset[str] = frozenset({"scopes"})
+"""scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9)."""
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
