@@ -77,6 +77,8 @@ class Transaction:
         self._state = "new"  # new -> open -> committed | aborted
         self.results: list[WriteResult] = []
         """One result per operation, once the block committed."""
+        self.failed_at: int | None = None
+        """The index of the operation that aborted the commit (None: none did)."""
 
     # ------------------------------------------------------------- the block
 
@@ -104,7 +106,11 @@ class Transaction:
             return []
 
         def run(work: Work) -> list[WriteResult]:
-            results = [op(work) for op in ops]
+            results: list[WriteResult] = []
+            for index, op in enumerate(ops):
+                self.failed_at = index
+                results.append(op(work))
+            self.failed_at = None
             mark(work, results)
             if _before_commit is not None:
                 _before_commit()
