@@ -471,7 +471,9 @@ class Agent(AgentQueries):
         def run(work: Work) -> list[DeadLetter]:
             return [DeadLetter(n=doc["n"], change_id=change_id(dev, doc["n"]), code=doc["code"],
                                reason=doc["reason"], rejected_ms=doc["t"],
-                               created_ms=doc["entry"]["t"], change=doc["entry"]["ch"])
+                               created_ms=doc["entry"]["t"], change=doc["entry"]["ch"],
+                               transaction=(change_id(dev, doc["entry"]["x"][0])
+                                            if doc["entry"].get("x") else None))
                     for _, doc in work.tx.items("deadletters")]
 
         return self._read(run)

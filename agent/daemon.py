@@ -390,7 +390,7 @@ class AgentDaemon:
             exclude: AbstractSet[int] = (
                 self._inflight.keys() if not waiting else {*self._inflight, *waiting})
             batch = self.sync.next_batch(exclude, min(sync_cfg.batch_max_changes, room),
-                                         sync_cfg.batch_max_bytes)
+                                         sync_cfg.batch_max_bytes, txn=self._txn_on())
             if not batch:
                 return
             payload = batch.payload(self.dev,
@@ -419,6 +419,13 @@ class AgentDaemon:
         hello = self.sync.hello(AGENT_NAME, z=True)
         if hello.cp != self._hello_cp and self._send(hello):
             self._hello_cp = hello.cp
+
+    def _txn_on(self) -> bool:
+        """Send transactions marked as units (`tx`): only to a server that said, in its
+        welcome to the latest hello, that it applies them all or none (PROTOCOL.md
+        §7.2.1); otherwise their changes go out one by one, as plain changes."""
+        caps = getattr(self.sync, "server_caps", None)
+        return caps is not None and "txn" in caps
 
     def _send(self, msg: wire.Message) -> bool:
         payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)
