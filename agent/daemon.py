@@ -428,7 +428,7 @@ class AgentDaemon:
         """Send transactions marked as units (`tx`): only to a server that said, in its
         welcome to the latest hello, that it applies them all or none (PROTOCOL.md
         §7.2.1); otherwise their changes go out one by one, as plain changes."""
-        caps = getattr(self.sync, "server_caps", None)
+        caps = self.sync.server_caps
         return caps is not None and "txn" in caps
 
     def _send(self, msg: wire.Message) -> bool:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-SERVER_CAPS: frozenset[str] = frozenset()
+SERVER_CAPS: frozenset[str] = frozenset({
+    "txn",  # transactions applied all or none (PROTOCOL.md §7.2.1, §10.5)
+})
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
