@@ -107,7 +107,7 @@ class Sync:
     # ---------------------------------------------------------------- sending
 
     def next_batch(self, exclude_n: Iterable[int] = (), max_changes: int = 500,
-                   max_bytes: int = 131072, *, txn: bool = False) -> Batch:
+                   max_bytes: int = 131072, *, txn: bool | None = False) -> Batch:
         """The next changes to send, in drain order, skipping `exclude_n` (in flight).
 
         At most `max_changes` changes whose encoded size (with the message envelope)
@@ -115,7 +115,9 @@ class Sync:
         schema version and the incarnation of the first. The changes of a transaction
         are never split: all of them (still pending, not in flight) or none are in the
         batch, a transaction over the limits alone in its batch (PROTOCOL.md §7.2.1);
-        with `txn` (the server negotiated it) they carry their `tx` marker.
+        with `txn` (the server negotiated it) they carry their `tx` marker. `txn=None`
+        (not known yet whether the server applies transactions whole: no welcome yet)
+        ends the batch before the first transaction, so that nothing overtakes it.
         """
         # Only looked up: a set (or a dict's keys) is used as it is, not copied (the
         # daemon passes up to max_inflight_changes numbers for every batch).
@@ -150,15 +152,17 @@ class Sync:
                     elif entry["sv"] != batch.sv or entry.get("i") != batch.inc:
                         continue
                     if entry.get("x"):  # a transaction: all its pending changes or none
+                        if txn is None:
+                            break
                         group = txn_sync.members(work, n, entry, excluded)
                         if not group:  # part of it is in flight: not now
                             found = cur.set_range(key[:-8] + n_key(txn_sync.end(entry)))
                             continue
-                        cost = txn_sync.cost(group, txn)
+                        cost = txn_sync.cost(group, bool(txn))
                         if batch and (size + cost > max_bytes
                                       or len(batch) + len(group) > max_changes):
                             break
-                        batch.extend(txn_sync.wire_changes(group, txn))
+                        batch.extend(txn_sync.wire_changes(group, bool(txn)))
                         size += cost
                         # Its changes are consecutive at this priority: go on after them.
                         found = cur.set_range(key[:-8] + n_key(group[-1][0] + 1))

@@ -143,3 +143,20 @@ def test_transient_refusal_keeps_the_transaction_whole(agent: Agent) -> None:
     assert batch.numbers == [1, 2]
     # Partly in flight: held back whole.
     assert agent.sync.next_batch({1}, txn=True).numbers == []
+
+
+def test_before_the_welcome_nothing_overtakes_a_transaction(agent: Agent) -> None:
+    """Until the server said whether it applies transactions whole (txn=None), the
+    drain stops at the first transaction: plain changes before it go, none after it."""
+    agent.put("tasks", "p-1", {"route": S})
+    with agent.transaction() as tx:
+        tx.put("tasks", "o-1", {"route": S})
+        tx.put("tasks", "o-2", {"route": S})
+    agent.put("tasks", "p-2", {"route": S})
+    assert agent.sync.next_batch(txn=None).numbers == [1]
+    assert agent.sync.next_batch({1}, txn=None).numbers == []
+    marked = agent.sync.next_batch({1}, txn=True)
+    assert marked.numbers == [2, 3, 4] and [ch.get("tx") for _, ch in marked] == [
+        [2, 2], [2, 2], None]
+    plain = agent.sync.next_batch({1}, txn=False)
+    assert plain.numbers == [2, 3, 4] and all("tx" not in ch for _, ch in plain)
