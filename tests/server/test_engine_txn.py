@@ -110,6 +110,11 @@ def test_one_refused_change_rejects_the_whole_transaction(env: tuple[Engine, Sto
     assert b is not None and b.value("stock") in (0, None)
     assert _record(store, "tasks", "o-2") is None
     assert _seq(store) == seq
+    # The operator's dead letter names the cause first.
+    with store.read() as txn:
+        letters = txn.dead_letters(10)
+    assert letters[-1].code == "rule_rejected"
+    assert "3 of 3 changes refused: n=4 rule_rejected" in letters[-1].reason
     # A resend gets the same refusals (remembered), and later changes still apply.
     again = by_device(engine.handle_up("van-1", changes("van-1", move)))["van-1"]
     assert [(r["n"], r["code"]) for r in rejections(again)] == [
