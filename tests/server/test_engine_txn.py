@@ -3,11 +3,15 @@ store transaction, on both backends (LMDB and PostgreSQL)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker.server.engine import Engine
 from broker.server.store.base import Store
@@ -180,3 +184,60 @@ def test_plain_changes_beside_a_transaction_keep_their_own_fate(
     assert applied == [3, 6]
     assert {r["n"]: r["code"] for r in rejections(out)} == {4: "rule_rejected",
                                                             5: "txn_aborted"}
+
+
+# A move: (from bin, to bin, qty); bins 0..2 start with 3 units each.
+moves = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(1, 5)),
+                 min_size=1, max_size=8)
+
+
+@given(plan=moves, per_message=st.integers(1, 3))
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_property_transactions_are_all_or_nothing(plan: list[tuple[int, int, int]],
+                                                  per_message: int) -> None:
+    """Random stock moves between bins, as transactions, several per message: each is
+    applied whole or not at all; a bin never goes below 0; the stock the server ends
+    with is exactly the start plus the moves it applied (nothing counted twice), and
+    every change has the outcome of its transaction."""
+    root = Path(tempfile.mkdtemp(prefix="ws-txe-"))
+    engine, store, _ = make_engine(root, DEVICES)
+    try:
+        start = [_bin(i + 1, f"bin-{i}", create=True, stock=3) for i in range(3)]
+        engine.handle_up("van-1", changes("van-1", start))
+        n = 4
+        txs: list[tuple[list[int], tuple[int, int, int]]] = []
+        batch: list[dict[str, Any]] = []
+        for src, dst, qty in plan:
+            numbers = [n, n + 1]
+            batch += [_bin(n, f"bin-{src}", tx=[n, 2], stock=-qty),
+                      _bin(n + 1, f"bin-{dst}", tx=[n, 2], stock=qty)]
+            txs.append((numbers, (src, dst, qty)))
+            n += 2
+            if len(txs) % per_message == 0:
+                engine.handle_up("van-1", changes("van-1", batch))
+                batch = []
+        if batch:
+            engine.handle_up("van-1", changes("van-1", batch))
+        expected = [3, 3, 3]
+        ns = "van-1"
+        with store.read() as txn:
+            for numbers, (src, dst, qty) in txs:
+                rows = [txn.get_outcome(ns, m) for m in numbers]
+                assert all(r is not None for r in rows)
+                applied = [r.applied for r in rows if r is not None]
+                assert applied in ([True, True], [False, False]), applied
+                if applied[0]:
+                    expected[src] -= qty
+                    expected[dst] += qty
+                    assert min(expected) >= 0
+                else:
+                    codes = sorted(r.code for r in rows if r is not None)
+                    assert "txn_aborted" in codes
+            for i in range(3):
+                raw = txn.get_record("inventory", f"bin-{i}")
+                assert raw is not None
+                assert merge.from_json(raw).value("stock") == expected[i]
+    finally:
+        store.close()
+        shutil.rmtree(root, ignore_errors=True)
