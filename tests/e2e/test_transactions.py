@@ -5,6 +5,9 @@ rolled back on the device as one."""
 
 from __future__ import annotations
 
+import random
+import signal
+
 import pytest
 
 from tests.e2e.fleet import Fleet
@@ -79,3 +82,47 @@ def test_transactions_apply_whole_or_roll_back_as_one(fleet: Fleet) -> None:
     with fleet.store.read() as txn:
         row = txn.get_device("van-1")
     assert row is not None and "txn" in row.caps
+
+
+def test_server_killed_mid_drain_keeps_transactions_whole(fleet: Fleet) -> None:
+    """The server SIGKILLed right after committing its first group (before any ack):
+    after its restart the device resends, the server answers what it committed from its
+    outcomes and applies the rest, and every transaction is whole or absent — the stock
+    is exactly what applying the accepted moves in order gives."""
+    fleet.add_device("van-1", [D])
+    ag = fleet.agent("van-1")
+    bins = ["bin-a", "bin-b", "bin-c"]
+    for key in bins:
+        ag.put("inventory", key, {"depot": D, "sku": "A"})
+        ag.increment("inventory", key, "stock", 10)
+    rng = random.Random(7)
+    moves: list[tuple[list[int], str, str, int]] = []
+    for _ in range(40):
+        src, dst = rng.sample(bins, 2)
+        qty = rng.randint(1, 8)
+        with ag.transaction() as tx:
+            tx.increment("inventory", src, "stock", -qty)
+            tx.increment("inventory", dst, "stock", qty)
+        moves.append(([r.n or 0 for r in tx.results], src, dst, qty))
+    fleet.stop_server()
+    fleet.start_server(env={"WAYSTATION_FAILPOINT": "after_commit:1"})
+    fleet.start_agent("van-1")
+    assert fleet.server.wait_exit(60) == -signal.SIGKILL
+    fleet.start_server()
+    fleet.wait_drained("van-1", timeout=90)
+
+    stock = dict.fromkeys(bins, 10)
+    accepted = 0
+    for numbers, src, dst, qty in moves:
+        if stock[src] >= qty:  # the rule: a bin never below 0; moves apply in order
+            stock[src] -= qty
+            stock[dst] += qty
+            accepted += 1
+        got = _outcomes(fleet, "van-1", numbers)
+        kinds = {got[n][0] == "ok" for n in numbers}
+        assert len(kinds) == 1, f"transaction {numbers} applied in part: {got}"
+    assert 0 < accepted < len(moves)
+    for key in bins:
+        assert fleet.value("inventory", key, "stock") == stock[key]
+    fleet.wait_converged("van-1", timeout=30)
+    assert fleet.mismatches("van-1") == []
