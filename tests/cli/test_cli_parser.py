@@ -57,6 +57,7 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "device resync": ["device", "resync", "van-12"],
     "device disable": ["device", "disable", "van-12"],
     "device enable": ["device", "enable", "van-12"],
+    "device scopes": ["device", "scopes", "van-12", "--add", "route-7"],
     "broker run": ["broker", "run"],
     "broker passwd": ["broker", "passwd", "waystation-server"],
     "schema check": ["schema", "check", "fleet.toml"],

@@ -55,6 +55,7 @@ HANDLERS: dict[str, str] = {
     "device resync": "broker.cli.devices:cmd_device_resync",
     "device disable": "broker.cli.devices:cmd_device_disable",
     "device enable": "broker.cli.devices:cmd_device_enable",
+    "device scopes": "broker.cli.scopes:cmd_device_scopes",
     "broker run": "broker.embedded.amqtt_broker:broker_run",
     "broker passwd": "broker.cli.logins:cmd_broker_passwd",
     "schema check": "waystation.cli.schema_cmd:cmd_schema_check",

@@ -41,6 +41,7 @@ def add_server(b: Builder) -> None:
                    help="the conflict's id, from `server conflicts`")
     p.add_argument("value", metavar="VALUE", type=parse_value,
                    help="the value to keep (JSON when it parses, else text)")
+    json_flag(p)
     p = b.leaf("server deadletters", "list messages the server refused",
                "List the messages and changes the server refused (malformed, too large, "
                "not allowed, from the far future), with the device and reason, kept for "
