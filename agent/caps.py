@@ -7,7 +7,8 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
-AGENT_CAPS: frozenset[str] = frozenset({"scopes"})
-"""scopes: the `scopes` command (§7.9), the operator changing what the device follows."""
+AGENT_CAPS: frozenset[str] = frozenset({"scopes", "txn"})
+"""scopes: the `scopes` command (§7.9), the operator changing what the device follows.
+txn: transactions sent as units (§7.2.1; agent.txn_sync)."""
 
 __all__ = ["AGENT_CAPS"]

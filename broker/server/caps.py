@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-SERVER_CAPS: frozenset[str] = frozenset({"scopes"})
-"""scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9)."""
+SERVER_CAPS: frozenset[str] = frozenset({"scopes", "txn"})
+"""scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
+txn: transactions applied all or none (§7.2.1, §10.5)."""
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
