@@ -36,7 +36,8 @@ def _run(tmp_path: Path, require: str | None) -> subprocess.CompletedProcess[str
         env["WAYSTATION_REQUIRE_SERVERS"] = require
     env["PYTHONPATH"] = str(ROOT)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfs", "-p",
-                           "no:cacheprovider", "-p", "tests.server_skips", "--rootdir", str(tmp_path), str(test)],
+                           "no:cacheprovider", "-p", "tests.server_skips",
+                           "--rootdir", str(tmp_path), str(test)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
