@@ -99,10 +99,19 @@ class BrokerProcess:
         return self.proc is not None and self.proc.poll() is not None
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM and wait (SIGKILL if it hangs); returns the exit code."""
+        """SIGTERM and wait: the broker must exit 0 within `timeout` (AssertionError with
+        its log otherwise; SIGKILLed first when it hangs). Returns the exit code (the
+        earlier one when it had already ended, e.g. killed on purpose)."""
         if self.proc is None:
             return None
-        terminate(self.proc, timeout)
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        if not terminate(self.proc, timeout):
+            raise AssertionError(f"{self.name} ignored SIGTERM for {timeout} s:\n"
+                                 f"{self.log_tail()}")
+        if self.proc.returncode != 0:
+            raise AssertionError(f"{self.name} exited {self.proc.returncode} on SIGTERM, "
+                                 f"not 0:\n{self.log_tail()}")
         return self.proc.returncode
 
     def kill(self) -> None:
