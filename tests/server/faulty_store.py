@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from broker.errors import StoreError
 from broker.server.store.base import ReadTxn, Store, StoreInfo, WriteTxn
@@ -30,6 +30,9 @@ class FaultyStore:
         self.fail_transact: Callable[[int], BaseException | None] = lambda _n: None
         self.fail_read: Callable[[int], BaseException | None] = lambda _n: None
         self.injected = 0
+        self.txn_faults: dict[str, Callable[..., BaseException | None]] = {}
+        """Read-transaction method name -> given its arguments, the exception to raise
+        instead of calling it (or None to call it)."""
 
     def fail_transacts(self, calls: set[int] | None, exc: BaseException | None = None) -> None:
         """Fail these transact calls (counted from the next one, 1-based); None: all."""
@@ -66,7 +69,7 @@ class FaultyStore:
     @contextmanager
     def _read(self) -> Iterator[ReadTxn]:
         with self.inner.read() as txn:
-            yield txn
+            yield cast(ReadTxn, _FaultyTxn(self, txn)) if self.txn_faults else txn
 
     def info(self) -> StoreInfo:
         return self.inner.info()
@@ -76,3 +79,25 @@ class FaultyStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class _FaultyTxn:
+    """A read transaction whose methods named in `store.txn_faults` may raise."""
+
+    def __init__(self, store: FaultyStore, txn: ReadTxn) -> None:
+        self._store, self._txn = store, txn
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._txn, name)
+        fault = self._store.txn_faults.get(name)
+        if fault is None:
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            err = fault(*args, **kwargs)
+            if err is not None:
+                self._store.injected += 1
+                raise err
+            return method(*args, **kwargs)
+
+        return call

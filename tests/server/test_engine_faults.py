@@ -23,6 +23,7 @@ from tests.server.faulty_store import FaultyStore
 from tests.server.helpers import (
     T0,
     by_device,
+    catchup,
     changes,
     errors,
     hp,
@@ -219,3 +220,48 @@ def test_batch_over_the_configured_limit_is_refused_whole(
         assert all(txn.get_record("tasks", k) is None for k in "abc")
     out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "a"), task(2, "b")])))
     assert [ok[0] for ok in oks(out["van-1"])] == [1, 2]
+
+
+# ------------------------------------------------------------------ catch-up answers
+
+
+def test_catchup_failing_for_one_device_answers_the_others(
+        tmp_path: Path, store_factory: StoreFactory) -> None:
+    """Reading one device's scope fails while answering a group's catch-ups: that device
+    gets a transient server_error ("ask again later"), the other its page; asking again
+    once the store heals gets the missing page."""
+    faulty = FaultyStore(store_factory())
+    engine, _, _ = make_engine(tmp_path, {"van-1": ["r1"], "van-2": ["r2"]},
+                               store=cast(Store, faulty))
+    engine.handle_up("van-1", changes("van-1", [task(1, "a")]))
+    engine.handle_up("van-2", changes("van-2", [task(1, "b", "r2")]))
+    faulty.txn_faults["index_range"] = \
+        lambda scope, *_: RuntimeError("injected") if scope == "r2" else None
+    group = [("van-1", catchup("van-1", {"r1": 0})), ("van-2", catchup("van-2", {"r2": 0}))]
+    with capture_logs() as logs:
+        out = by_device(engine.handle_many(group))
+    assert [e["dev"] for e in events(logs, "catchup_failed")] == ["van-2"]
+    [err] = errors(out["van-2"])
+    assert err["code"] == "server_error" and "ask again later" in err["reason"]
+    assert [r["k"] for m in of_type(out["van-1"], "page") for r in m["recs"]] == ["a"]
+    faulty.txn_faults.clear()
+    out = by_device(engine.handle_many(group[1:]))
+    assert [r["k"] for m in of_type(out["van-2"], "page") for r in m["recs"]] == ["b"]
+
+
+def test_catchup_store_failing_answers_every_device_with_server_error(
+        env: tuple[Engine, FaultyStore]) -> None:
+    """The snapshot for the catch-ups cannot be opened: every asking device gets a
+    transient server_error; the operator sees `catchup_store_failed`."""
+    engine, store = env
+    engine.handle_up("van-1", changes("van-1", [task(1, "a")]))
+    group = [("van-1", catchup("van-1", {"r1": 0})), ("van-2", catchup("van-2", {"r1": 0}))]
+    engine.tick()
+    store.fail_reads({2})   # 1: the registry refresh; 2: the catch-up snapshot
+    with capture_logs() as logs:
+        out = by_device(engine.handle_many(group))
+    assert events(logs, "catchup_store_failed")
+    for dev in ("van-1", "van-2"):
+        [err] = errors(out[dev])
+        assert err["code"] == "server_error" and "ask again later" in err["reason"]
+        assert not of_type(out[dev], "page")
