@@ -9,16 +9,13 @@ from typing import Any
 import orjson
 
 from agent.daemon import AgentDaemon
-from tests.agent.test_daemon_catchup import (  # noqa: F401 - fixtures
-    UP,
-    _catchups,
-    _rec,
-    _send,
-    _wait_catchups,
-    broker,
-    setup,
-)
+from tests.agent import test_daemon_catchup as kit
+from tests.agent.test_daemon_catchup import UP, _catchups, _rec, _send, _wait_catchups
 from tests.helpers import RecordingClient, wait_until
+
+# the same broker and scripted-server fixtures as the catch-up tests
+broker = kit.broker
+setup = kit.setup
 
 
 def _up(server: RecordingClient, kind: str) -> list[dict[str, Any]]:
