@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker.server.engine import Engine
-from broker.server.registry import issue_command
+from broker.server.registry import add_device, issue_command
 from broker.server.store.base import Store
 from tests.server.conftest import StoreFactory
 from tests.server.faulty_store import FaultyStore
@@ -265,3 +265,26 @@ def test_catchup_store_failing_answers_every_device_with_server_error(
         [err] = errors(out[dev])
         assert err["code"] == "server_error" and "ask again later" in err["reason"]
         assert not of_type(out[dev], "page")
+
+
+def test_status_of_a_new_device_while_the_registry_cannot_be_read_is_kept(
+        env: tuple[Engine, FaultyStore]) -> None:
+    """A device enrolled since the last refresh sends its (retained, sent once) status
+    while the store cannot be read: the status is kept, not dead-lettered as from an
+    unknown device, and counts at the next tick once the store works."""
+    engine, store = env
+    engine.tick()
+    add_device(store.inner, "van-9", ["r1"], T0)
+    store.fail_reads(None)
+    with capture_logs() as logs:
+        assert engine.handle_status("van-9", status("van-9", True)) == []
+    assert [e["dev"] for e in events(logs, "registry_refresh_failed")] == ["van-9"]
+    assert not engine.is_online("van-9")
+    store.heal()
+    engine.tick()
+    assert engine.is_online("van-9")
+    engine.tick()
+    with store.inner.read() as txn:
+        row = txn.get_device("van-9")
+        assert row is not None and row.online
+        assert not [d for d in txn.dead_letters(10) if d.code == "unknown_device"]
