@@ -104,6 +104,33 @@ _LOW_SPACE_BYTES = 4 * _MIB
 """Below this much free space, an I/O error from a commit is taken as a full disk."""
 
 
+_LOCK_RESERVE_BYTES = 64 * 1024
+"""Disk blocks reserved for LMDB's lock file before opening (it needs ~8 KiB for the
+default 126 reader slots)."""
+
+
+def _reserve_lock_file(env_dir: Path) -> None:
+    """Allocate the lock file's blocks before LMDB maps it. LMDB sizes lock.mdb with
+    ftruncate (a sparse file) and writes it through a shared memory map: on a full disk
+    the first write to an unallocated page kills the process with SIGBUS instead of
+    returning an error. Allocated here, a full disk is a StorageFullError."""
+    try:
+        fd = os.open(env_dir / "lock.mdb", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StorageFullError(str(env_dir)) from None
+        return  # LMDB reports whatever else is wrong when it opens the file
+    try:
+        if os.fstat(fd).st_size < _LOCK_RESERVE_BYTES:
+            os.posix_fallocate(fd, 0, _LOCK_RESERVE_BYTES)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StorageFullError(str(env_dir)) from None
+        # a filesystem without fallocate (EOPNOTSUPP): nothing reserved, as before
+    finally:
+        os.close(fd)
+
+
 def _is_disk_full(exc: BaseException, path: Path) -> bool:
     """ENOSPC, or EIO on a nearly full filesystem: LMDB reports a short write (which a
     full filesystem causes) as EIO ("short write, filesystem full?" in its source)."""
@@ -310,6 +337,7 @@ class Store:
     @classmethod
     def _open_env(cls, env_dir: Path, map_size_mb: int, max_map_size_mb: int,
                   cipher: ValueCipher | None, reg_key: str) -> Store:
+        _reserve_lock_file(env_dir)
         try:
             env = lmdb.open(str(env_dir), map_size=map_size_mb * _MIB, subdir=True,
                             max_dbs=len(DB_NAMES) + 2, sync=True, metasync=False,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -75,8 +78,53 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
 
 
 def machine() -> dict[str, Any]:
+    """The host and the software a result was measured with (stored in every result
+    file: absolute figures depend on them)."""
     return {"python": platform.python_version(), "cpus": os.cpu_count(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "cpu_model": _cpu_model(),
+            "load_avg_1m": os.getloadavg()[0], "versions": versions()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Versions of Waystation (its git commit) and of what it runs on."""
+    out: dict[str, str] = {}
+    for dist in ("waystation", "lmdb", "paho-mqtt", "amqtt", "orjson", "pydantic",
+                 "psycopg"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out["git_commit"] = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=10, check=True).stdout.strip()
+        if subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                           "agent", "broker", "waystation", "schemas", "bench/*.py"],
+                          capture_output=True, text=True, timeout=10).stdout.strip():
+            out["git_commit"] += "+uncommitted changes"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    try:
+        # `mosquitto -h` prints "mosquitto version X.Y.Z" first (and exits non-zero)
+        head = subprocess.run([mosquitto, "-h"], capture_output=True, text=True,
+                              timeout=10).stdout.splitlines()
+        if head:
+            out["mosquitto"] = head[0].rpartition(" ")[2]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
 
 
 def _fmt(value: Any) -> str:

@@ -43,6 +43,7 @@ from agent.api import Agent
 from agent.view import ViewState
 from bench.common import median, percentile, print_table, write_json
 from bench.fleet import LoadMeter
+from bench.raw import AGENT_LMDB_FLAGS
 from schemas import wire
 from schemas.collection import Catalog, example_catalog_path, parse_catalog
 from waystation.config import AgentConfig
@@ -138,7 +139,7 @@ def raw_scan(env: lmdb.Environment, db: Any) -> int:
 
 def raw_synced_puts(directory: Path, count: int) -> list[float]:
     path = directory / "raw.lmdb"
-    env = lmdb.open(str(path), map_size=64 << 20, sync=True, metasync=True)
+    env = lmdb.open(str(path), map_size=64 << 20, **AGENT_LMDB_FLAGS)  # as the agent writes
     value = os.urandom(150).hex().encode()
     out = []
     try:

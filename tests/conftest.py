@@ -1,6 +1,9 @@
 """Fixtures shared by every test package: a private PostgreSQL server (skips with the
-reason when PostgreSQL's server binaries are missing)."""
+reason when PostgreSQL's server binaries are missing — except under CI, where
+tests/server_skips.py turns such a skip into a failure)."""
 
 from tests.conftest_pg import own_pg_server, pg_database, pg_server
+
+pytest_plugins = ["tests.server_skips"]
 
 __all__ = ["own_pg_server", "pg_database", "pg_server"]

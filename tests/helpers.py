@@ -89,43 +89,70 @@ def port_open(host: str, port: int) -> bool:
 _SYS_PIDFD_GETFD = 438  # Linux >= 5.6, every architecture
 
 
-def peer_socket_nodelay(pid: int, local_port: int, remote_port: int) -> bool | None:
-    """TCP_NODELAY on the socket that process ``pid`` holds for the TCP connection
-    local_port <-> remote_port (IPv4 loopback), read through pidfd_getfd(2).
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a broker started through a wrapper script, such
+    as rabbitmq-server, holds its sockets in a child: beam.smp)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the comm field may hold spaces; the parent pid follows the closing parenthesis
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
 
-    None when the kernel or its ptrace policy does not allow the look (the caller skips).
+
+def peer_socket_nodelay(pid: int, local_port: int, remote_port: int) -> bool:
+    """TCP_NODELAY on the socket that process ``pid`` (or one of its descendants) holds
+    for the TCP connection local_port <-> remote_port (IPv4 loopback), read through
+    pidfd_getfd(2).
+
+    Raises AssertionError saying which step failed: the look is a check, not optional.
     """
     inode = None
-    try:
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return None
+    lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
     for line in lines:
         fields = line.split()
         local, remote = fields[1].split(":"), fields[2].split(":")
         if int(local[1], 16) == local_port and int(remote[1], 16) == remote_port:
             inode = fields[9]
             break
-    if inode is None:
-        return None
-    target = None
-    for entry in Path(f"/proc/{pid}/fd").iterdir():
+    assert inode is not None, f"no TCP connection {local_port} <-> {remote_port} in " \
+                              f"/proc/{pid}/net/tcp"
+    owner, target = None, None
+    for candidate in _process_tree(pid):
         try:
-            if os.readlink(entry) == f"socket:[{inode}]":
-                target = int(entry.name)
-                break
+            entries = list(Path(f"/proc/{candidate}/fd").iterdir())
         except OSError:
             continue
-    if target is None:
-        return None
+        for entry in entries:
+            try:
+                if os.readlink(entry) == f"socket:[{inode}]":
+                    owner, target = candidate, int(entry.name)
+                    break
+            except OSError:
+                continue
+        if owner is not None:
+            break
+    assert owner is not None and target is not None, \
+        f"no process in the tree of {pid} holds socket inode {inode}"
     libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
+    pidfd = os.pidfd_open(owner)
     try:
         fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, target, 0)
     finally:
         os.close(pidfd)
-    if fd < 0:
-        return None
+    assert fd >= 0, f"pidfd_getfd(2) failed: {os.strerror(ctypes.get_errno())} " \
+                    "(needs CAP_SYS_PTRACE over the broker process)"
     with socket.socket(fileno=fd) as dup:
         return bool(dup.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 

@@ -128,6 +128,8 @@ class Engine:
         self._sent_commands: set[str] = set()
         self._dirty: dict[str, dict[str, Any]] = {}
         self._letters: list[DeadLetter] = []
+        self._unresolved_status: dict[str, bytes] = {}
+        """Statuses of devices unknown when the registry could not be read (retried)."""
         dl = config.dead_letters
         self.gate = LetterGate(GateLimits(keep_first=dl.keep_first, window_ms=dl.window_s * 1000,
                                           raw_bytes=dl.raw_bytes))
@@ -200,7 +202,11 @@ class Engine:
             try:
                 self._refresh_registry()
             except StoreError:
-                log.exception("registry_refresh_failed")
+                # Cannot tell whether it is enrolled: keep the status for the next tick
+                # rather than drop a new device's only (retained) status.
+                log.exception("registry_refresh_failed", dev=topic_device)
+                self._unresolved_status[topic_device] = payload
+                return []
         if self.registry.get(topic_device) is None:
             self._queue_letter(topic_device, "status", codec.UNKNOWN_DEVICE,
                                f"status of unregistered device {topic_device!r} ignored",
@@ -244,6 +250,9 @@ class Engine:
                 self._next_trim = now + TRIM_INTERVAL_MS
                 self._trim_letters(now)
             self._refresh_registry()
+            unresolved, self._unresolved_status = self._unresolved_status, {}
+            for dev, payload in unresolved.items():
+                out.extend(self.handle_status(dev, payload))
             if self.registry.generation != self._commands_gen:
                 self._commands_gen = self.registry.generation
                 out.extend(self._push_commands())

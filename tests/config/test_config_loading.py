@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,13 +70,48 @@ def test_unreadable_file_directory(tmp_path: Path) -> None:
         load_config(AgentConfig, tmp_path, {})
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of mode")
+_LOAD_AS_NOBODY = """
+import os, sys
+from pathlib import Path
+from waystation.config import AgentConfig, load_config
+from waystation.errors import ConfigError
+os.seteuid(65534)  # nobody: root would read the file whatever its mode
+try:
+    load_config(AgentConfig, Path(sys.argv[1]), {})
+except ConfigError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def _load_without_root(conf: Path) -> subprocess.CompletedProcess[str]:
+    """load_config(conf) in a child that drops root (only its effective uid, after the
+    imports, so it can still run this interpreter); exit code 3 with the ConfigError."""
+    return subprocess.run([sys.executable, "-c", _LOAD_AS_NOBODY, str(conf)],
+                          capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+
+
 def test_unreadable_file_permissions(tmp_path: Path) -> None:
-    """A file without read permission is a ConfigError naming it."""
-    conf = write(tmp_path / "agent.toml", "")
+    """A file without read permission is a ConfigError naming it (checked as an
+    unprivileged user: as root the test drops to nobody in a child process)."""
+    conf = write(tmp_path / "agent.toml", 'device_id = "van-1"\n')
     conf.chmod(0)
-    with pytest.raises(ConfigError, match=r"agent\.toml: cannot read the config file"):
-        load_config(AgentConfig, conf, {})
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError, match=r"agent\.toml: cannot read the config file"):
+            load_config(AgentConfig, conf, {})
+        return
+    with tempfile.TemporaryDirectory(dir="/tmp") as shared:  # nobody can traverse it
+        os.chmod(shared, 0o755)
+        conf = write(Path(shared) / "agent.toml", 'device_id = "van-1"\n')
+        conf.chmod(0o644)
+        readable = _load_without_root(conf)  # control: the same child reads it when allowed
+        assert readable.returncode == 0, readable.stdout + readable.stderr
+        conf.chmod(0)
+        refused = _load_without_root(conf)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert re.search(r"agent\.toml: cannot read the config file \(Permission denied\)",
+                     refused.stdout), refused.stdout
 
 
 def test_not_utf8(tmp_path: Path) -> None:

@@ -82,4 +82,4 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path, fleet_kind: tuple[str,
     finally:
         if failed(request):
             print(f"\n{f.log_tails(60)}")
-        f.close()
+        f.close(check=not failed(request))

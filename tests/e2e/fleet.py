@@ -45,6 +45,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +86,9 @@ FAST_SYNC: dict[str, Any] = {
 """Short sync timings for every test agent (the defaults are made for cellular links)."""
 
 START_TIMEOUT_S = 30.0
+# A process stopped on purpose must exit 0 within this; generous for a loaded 2-core host
+# (a clean shutdown takes well under a second), far below "hangs forever".
+STOP_TIMEOUT_S = 20.0
 
 
 def waystation_argv(*args: str) -> list[str]:
@@ -148,12 +152,19 @@ class Proc:
         return self
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM (a clean shutdown) and wait; SIGKILL if it hangs. The exit code."""
+        """SIGTERM (a clean shutdown) and wait: it must exit with code 0 within `timeout`
+        (AssertionError with its log otherwise; a hung process is SIGKILLed first).
+        None when it never started; its earlier exit code when it had already ended."""
         if self.proc is None:
             return None
+        if self.proc.poll() is not None:
+            return self.proc.returncode
         if not terminate(self.proc, timeout):
             raise AssertionError(f"{self.name} ignored SIGTERM for {timeout} s:\n"
                                  f"{self.log_tail()}")
+        if self.proc.returncode != 0:
+            raise AssertionError(f"{self.name} exited {self.proc.returncode} on SIGTERM, "
+                                 f"not 0:\n{self.log_tail()}")
         return self.proc.returncode
 
     def kill(self) -> None:
@@ -710,27 +721,40 @@ class Fleet:
 
     # ------------------------------------------------------------------ teardown
 
-    def close(self) -> None:
+    def close(self, *, check: bool = True) -> None:
         """Stop every process (agents and servers together, then the broker) and close
-        the open stores."""
+        the open stores. Each process still running is stopped on purpose, so with
+        `check` it must exit with code 0 within STOP_TIMEOUT_S: a shutdown that hangs or
+        crashes fails the test (AssertionError naming each, after everything is down)."""
         daemons = [*self.agents.values(), *self.servers.values()]
-        for proc in daemons:   # all shut down at once, each as cleanly as by stop()
-            if proc.proc is not None and proc.running:
-                with contextlib.suppress(Exception):
-                    proc.proc.send_signal(signal.SIGTERM)
-        for proc in daemons:
-            if proc.proc is None:
-                continue
+        stopping = [proc for proc in daemons if proc.running]
+        for proc in stopping:   # all shut down at once, each as cleanly as by stop()
+            with contextlib.suppress(ProcessLookupError):
+                proc.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        problems = []
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in stopping:
+            assert proc.proc is not None
             try:
-                proc.proc.wait(10)
+                code = proc.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                problems.append(f"{proc.name} still running {STOP_TIMEOUT_S} s after "
+                                f"SIGTERM (killed):\n{proc.log_tail()}")
                 proc.kill()
+                continue
+            if code != 0:
+                problems.append(f"{proc.name} exited {code} on SIGTERM, not 0:\n"
+                                f"{proc.log_tail()}")
         if self.broker is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self.broker.stop()
+            except AssertionError as exc:
+                problems.append(str(exc))
         self.close_agents()
         with contextlib.suppress(Exception):
             self.close_store()
+        if check and problems:
+            raise AssertionError("unclean shutdown at teardown:\n" + "\n".join(problems))
 
     def __enter__(self) -> Fleet:
         return self
@@ -738,7 +762,8 @@ class Fleet:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if exc_type is not None:
             print(f"\n{self.log_tails(60)}")
-        self.close()
+        # after a failure, the first error is the one to read: do not pile another on it
+        self.close(check=exc_type is None)
 
 
 

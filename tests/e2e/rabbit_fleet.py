@@ -171,6 +171,6 @@ class RabbitFleet(Fleet):
     def broker_log_tail(self, lines: int = 40) -> str:
         return self.cluster.log_tails(lines)
 
-    def close(self) -> None:
-        super().close()
+    def close(self, *, check: bool = True) -> None:
+        super().close(check=check)
         self.balancer.close()

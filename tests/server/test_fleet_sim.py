@@ -1,10 +1,13 @@
 """Three real device agents (in process, no broker) editing offline, then converging.
 
-The "network" between them and the engine is lossy and duplicating: down messages are
-dropped or delivered twice at random, and devices resend what is not acked, as they
-would over a real broker. When the fleet is online and quiet, every device's view of
-every record equals the server's (DESIGN.md guarantee 2), counters add up exactly
-(guarantee 1), and every concurrent loser is in the conflict log (guarantee 3).
+The "network" between them and the engine is lossy, duplicating and reordering in both
+directions: up messages (changes, hellos, catch-up requests) are dropped at random and
+each group reaches the engine shuffled; down messages are dropped or delivered twice at
+random; devices resend what is not acked, as they would over a real broker. When the
+fleet is online and quiet, every device's view of every record equals the server's
+(DESIGN.md guarantee 2), every counter equals the sum of the increments made on all
+devices minus those refused for good (guarantee 1), and every concurrent loser is in the
+conflict log (guarantee 3).
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ class Fleet:
     """Agents wired to the engine through an unreliable in-process network."""
 
     def __init__(self, engine: Engine, agents: dict[str, Agent], rng: random.Random,
-                 loss: float = 0.0, dup: float = 0.0) -> None:
+                 loss: float = 0.0, dup: float = 0.0, up_loss: float = 0.0) -> None:
         self.engine, self.agents, self.rng = engine, agents, rng
-        self.loss, self.dup = loss, dup
+        self.loss, self.dup, self.up_loss = loss, dup, up_loss
+        self.up_dropped = 0
+        self.reordered = 0
         self.online: set[str] = set()
         self.queue: list[tuple[str, bytes]] = []
         self.req = 0
@@ -67,6 +72,11 @@ class Fleet:
     def flush(self) -> int:
         """Deliver queued up messages as one group; route the answers. Returns #down."""
         group, self.queue = self.queue, []
+        kept = [m for m in group if self.rng.random() >= self.up_loss]
+        self.up_dropped += len(group) - len(kept)
+        self.rng.shuffle(kept)   # the engine sees a group in any order, even one device's
+        self.reordered += kept != [m for m in group if m in kept]
+        group = kept
         delivered = 0
         for dev, payload in self.engine.handle_many(group):
             if dev not in self.online or self.rng.random() < self.loss:
@@ -105,12 +115,13 @@ class Fleet:
             self.flush()
             if not any(self.agents[d].sync.pending_count() for d in self.online):
                 break
-        saved, self.loss, self.dup = (self.loss, self.dup), 0.0, 0.0
+        saved = self.loss, self.dup, self.up_loss
+        self.loss = self.dup = self.up_loss = 0.0
         for dev in sorted(self.online):
             self.catchup(dev)
         while self.queue:
             self.flush()
-        self.loss, self.dup = saved
+        self.loss, self.dup, self.up_loss = saved
 
 
 def _server_records(store: Store) -> dict[tuple[str, str], merge.RecordState]:
@@ -141,13 +152,18 @@ def fleet(tmp_path: Path, store_factory: StoreFactory) -> Iterator[tuple[Fleet, 
         cfg = AgentConfig.model_validate({"device_id": dev, "data_dir": tmp_path / dev,
                                           "scopes": list(SCOPES)})
         agents[dev] = Agent.open(cfg, CATALOG, now_ms=time)
-    yield Fleet(engine, agents, random.Random(11), loss=0.3, dup=0.2), store
+    yield Fleet(engine, agents, random.Random(11), loss=0.3, dup=0.2, up_loss=0.25), store
     for ag in agents.values():
         ag.close()
     store.close()
 
 
-def _edit_offline(ag: Agent, rng: random.Random, dev: str, time: FakeTime) -> None:
+Issued = dict[tuple[str, str, str], int]
+"""(collection, key, counter field) -> sum of every increment the devices made."""
+
+
+def _edit_offline(ag: Agent, rng: random.Random, dev: str, time: FakeTime,
+                  issued: Issued) -> None:
     for i in range(40):
         time.now += rng.randrange(1, 50)
         key = f"t{rng.randrange(5)}"
@@ -156,7 +172,10 @@ def _edit_offline(ag: Agent, rng: random.Random, dev: str, time: FakeTime) -> No
         if action == 0 or current is None:
             ag.put("tasks", key, {"route": "r1", "status": f"{dev}-{i}"})
         elif action == 1:
-            ag.increment("tasks", key, "attempts", rng.randrange(1, 4))
+            amount = rng.randrange(1, 4)
+            ag.increment("tasks", key, "attempts", amount)
+            slot = ("tasks", key, "attempts")
+            issued[slot] = issued.get(slot, 0) + amount
         elif action == 2:
             ag.add("tasks", key, "labels", [rng.choice("abcd")])
         elif action == 3:
@@ -166,7 +185,22 @@ def _edit_offline(ag: Agent, rng: random.Random, dev: str, time: FakeTime) -> No
         elif action == 4:
             ag.put("tasks", key, {"address": f"{dev} dock {i}"})
         else:
-            ag.increment("inventory", "sku-1", "stock", rng.choice([5, -1, -2]))
+            amount = rng.choice([5, -1, -2])
+            ag.increment("inventory", "sku-1", "stock", amount)
+            issued[("inventory", "sku-1", "stock")] = \
+                issued.get(("inventory", "sku-1", "stock"), 0) + amount
+
+
+def _refused(agents: dict[str, Agent]) -> Issued:
+    """The increments the server refused for good (dead letters on the devices)."""
+    out: Issued = {}
+    for ag in agents.values():
+        for dead in ag.dead_letters():
+            ch = dead.change
+            for field, amount in (ch.get("i") or {}).items():
+                slot = (ch["c"], ch["k"], field)
+                out[slot] = out.get(slot, 0) + amount
+    return out
 
 
 @pytest.mark.parametrize("seed", [3, 5, 8, 13])
@@ -184,8 +218,9 @@ def test_three_devices_converge_after_concurrent_offline_edits(
     net.settle()
     for dev in DEVS:
         net.disconnect(dev)
+    issued: Issued = {("inventory", "sku-1", "stock"): 20}
     for dev in DEVS:
-        _edit_offline(net.agents[dev], rng, dev, time)
+        _edit_offline(net.agents[dev], rng, dev, time, issued)
     for dev in ("van-3", "van-1", "van-2"):  # reconnect one by one
         net.connect(dev)
         net.settle(rounds=5)
@@ -201,10 +236,16 @@ def test_three_devices_converge_after_concurrent_offline_edits(
             assert _visible(view.fields) == rec.values(), (dev, c, k)
             assert view.deleted == rec.deleted
             assert view.version == rec.q
-    # counters: the stock total equals the sum of every accepted increment
+    # counters: every total equals the sum of the increments made on all devices minus
+    # those refused for good; none lost to the dropped messages, none doubled by resends
     with store.read() as txn:
         seqs = txn.scope_seqs()
     assert seqs["r1"] > 0 and seqs["d1"] > 0
+    refused = _refused(net.agents)
+    assert set(refused) <= {("inventory", "sku-1", "stock")}, refused  # only the stock rule
+    for (c, k, field), total in issued.items():
+        expected = total - refused.get((c, k, field), 0)
+        assert server[(c, k)].value(field) == expected, (c, k, field, issued, refused)
     stock = server[("inventory", "sku-1")].value("stock")
     assert stock is not None and stock >= 0
     # concurrent writes left their losers in the conflict log
@@ -212,8 +253,10 @@ def test_three_devices_converge_after_concurrent_offline_edits(
         logged = txn.conflicts(open_only=False, limit=10_000)
     assert any(r.entry["kind"] == "lww" for r in logged)
     assert any(r.entry["kind"] == "manual" for r in logged)
-    # the lossy links really made devices resend: duplicates were acked, not re-applied
+    # the lossy links really made devices resend: duplicates were acked, not re-applied;
+    # up messages really were lost and groups really reordered
     assert net.engine.counters["duplicates"] > 0
+    assert net.up_dropped > 0 and net.reordered > 0
 
 
 def test_rejected_offline_write_rolls_back_on_the_device(
@@ -234,6 +277,7 @@ def test_rejected_offline_write_rolls_back_on_the_device(
     net.connect("van-3")
     net.settle()
     assert [d.code for d in net.agents["van-3"].dead_letters()] == ["rule_rejected"]
+    assert _refused(net.agents) == {("inventory", "sku-9", "stock"): -2}   # 3 - 3 - 2 + 2
     for ag in net.agents.values():
         rec = ag.get("inventory", "sku-9")
         assert rec is not None and rec.fields["stock"] == 0

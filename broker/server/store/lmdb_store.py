@@ -11,6 +11,7 @@ open.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -102,6 +103,11 @@ class LmdbStore:
                 self._grow()
             except lmdb.Error as exc:
                 txn.abort()
+                if _disk_full(exc, self.path):
+                    raise StoreFullError(
+                        f"the disk holding the server store at {self.path} is full ({exc}): "
+                        "free disk space; nothing of this transaction was written, and "
+                        "devices resend what was not acked") from exc
                 raise StoreError(f"the server store at {self.path} failed: {exc}") from exc
             except BaseException:
                 txn.abort()
@@ -193,3 +199,21 @@ def restore_backup(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLi
     except OSError as exc:
         raise StoreError(f"cannot copy the backup into {target}: {exc}") from None
     return LmdbStore(data_dir, **store_options)
+
+
+_LOW_SPACE_BYTES = 4 * _MB
+
+
+def _disk_full(exc: lmdb.Error, path: Path) -> bool:
+    """ENOSPC, or EIO on a nearly full filesystem (LMDB reports the short write a full
+    filesystem causes as EIO)."""
+    text = str(exc)
+    if os.strerror(errno.ENOSPC) in text or "ENOSPC" in text:
+        return True
+    if os.strerror(errno.EIO) in text:
+        try:
+            stat = os.statvfs(path)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < _LOW_SPACE_BYTES
+    return False

@@ -1,0 +1,99 @@
+"""MQTT payload bytes per change as the agent encodes them, for both record generators
+(a benchmark, not a test; quick: seconds, no broker).
+
+The device's own code builds the messages: `Agent.put` of N records, then the batches
+the daemon would send (`Sync.next_batch` with the agent's default batch limits, encoded
+by `Batch.payload` with its default `compress_over_bytes`) and single-change messages as
+sent on an idle link. Two record generators from bench/device.py: `text` (names,
+addresses and notes from a 91-word vocabulary, compressing well) and `random` (the same
+fields and sizes, random letters: compressing badly). This counts MQTT payload bytes
+only: the TCP/MQTT overhead that bench/footprint.py measures through a proxy is not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from typing import Any
+
+import orjson
+
+from agent.api import Agent
+from bench.common import print_table, write_json
+from bench.device import RECORDS
+from schemas.collection import example_catalog_path, load_catalog
+from waystation.config import AgentConfig
+
+SCOPE = "route-1"
+
+
+def measure(kind: str, count: int) -> dict[str, Any]:
+    """Bytes per change for `count` records made by generator `kind`."""
+    make = RECORDS[kind]
+    catalog = load_catalog(example_catalog_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = AgentConfig.model_validate({"device_id": "van-1", "data_dir": tmp,
+                                          "scopes": [SCOPE]})
+        sync_cfg = cfg.sync
+        over = sync_cfg.compress_over_bytes or None
+        with Agent.open(cfg, catalog, env={}) as ag:
+            record_json = 0
+            for i in range(count):
+                rec = make(SCOPE, i)
+                record_json += len(orjson.dumps(rec))
+                ag.put("tasks", f"t-{i:07d}", rec)
+            # single changes on an idle link: each change is a message of its own
+            singles = 0
+            for i in range(min(count, 200)):
+                batch = ag.sync.next_batch((), 1, sync_cfg.batch_max_bytes)
+                singles += len(batch.payload("van-1", compress_over=over))
+                ag.sync.apply_ack(_ack(batch, i + 1))
+            # bulk: what is left, in the daemon's batches
+            bulk = bulk_changes = messages = 0
+            sent = min(count, 200)
+            while True:
+                batch = ag.sync.next_batch((), sync_cfg.batch_max_changes,
+                                           sync_cfg.batch_max_bytes)
+                if not batch:
+                    break
+                bulk += len(batch.payload("van-1", compress_over=over))
+                bulk_changes += len(batch)
+                messages += 1
+                ag.sync.apply_ack(_ack(batch, sent + 1))
+                sent += len(batch)
+    return {"records": count, "record_json_bytes_avg": record_json / count,
+            "single_changes": min(count, 200),
+            "single_bytes_per_change": singles / min(count, 200),
+            "bulk_changes": bulk_changes, "bulk_messages": messages,
+            "bulk_bytes_per_change": bulk / max(1, bulk_changes),
+            "compress_over_bytes": sync_cfg.compress_over_bytes,
+            "batch_max_changes": sync_cfg.batch_max_changes,
+            "batch_max_bytes": sync_cfg.batch_max_bytes}
+
+
+def _ack(batch: Any, first_q: int) -> Any:
+    from schemas import wire
+
+    return wire.Ack(ok=[(n, SCOPE, first_q + i) for i, (n, _) in enumerate(batch)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=5000)
+    parser.add_argument("--quick", action="store_true", help="1,000 records")
+    args = parser.parse_args(argv)
+    count = 1000 if args.quick else args.records
+    results = {kind: measure(kind, count) for kind in RECORDS}
+    print_table("MQTT payload bytes per change (the agent's encoding, default settings)",
+                ["records", "record JSON B", "single change B", "bulk B/change",
+                 "bulk messages"],
+                [[kind, r["record_json_bytes_avg"], r["single_bytes_per_change"],
+                  r["bulk_bytes_per_change"], r["bulk_messages"]]
+                 for kind, r in results.items()])
+    write_json("wire_bytes", {"records": count, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
