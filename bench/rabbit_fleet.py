@@ -98,6 +98,7 @@ class RabbitBenchFleet(Fleet):
         self.run_id = run_id
 
     def start_broker(self) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port = self.cluster.mqtt_port(0)
         return self.port
 
