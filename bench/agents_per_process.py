@@ -32,7 +32,7 @@ ROUTE = 10
 
 def device_name(size: int, poll: float, i: int, kind: str = "dev") -> str:
     """Distinct per run: a device id reused with a fresh store is another device."""
-    return f"a{size}-p{poll:g}-{kind}-{i:05d}"
+    return f"a{size}-p{round(poll * 1000)}ms-{kind}-{i:05d}"  # no "." in an id
 
 
 def run_size(fleet: Fleet, tmp: Path, size: int, poll: float, passwords: dict[str, str],
