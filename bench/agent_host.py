@@ -12,8 +12,9 @@ costs per device, measured from this process's RSS and CPU time.
 Commands, one JSON object per line on stdin, one answer per line on stdout:
 
     init {port, root, devices: [{dev, password, scopes}], sync}   open every agent
-    start {timeout}        start every daemon at once; answers when each one's first
-                           catch-up completed (a `checkpoint` applied)
+    start {engine, timeout}  start every daemon at once (engine "threads": AgentDaemon as
+                           shipped; "pool": bench.agent_pool, one shared engine thread);
+                           answers when each one's first catch-up completed
     idle {seconds}         measure CPU and RSS with every device connected and quiet
     steady {seconds, per_minute}   each agent puts `per_minute` task records a minute
                            (random phase) with `Agent.put`; waits for the last acks
@@ -63,6 +64,7 @@ class Host:
         self.caught_up: dict[int, float] = {}
         self.acked: dict[tuple[int, int], float] = {}
         self.baseline_mb = rss_mb()
+        self.pool: Any = None
 
     def init(self, port: int, root: str, devices: list[dict[str, Any]],
              sync: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,11 +116,21 @@ class Host:
         sync.apply_ack = ack_hook
         sync.apply_checkpoint = checkpoint_hook
 
-    def start(self, timeout: float = 300.0) -> dict[str, Any]:
+    def start(self, engine: str = "threads", timeout: float = 300.0) -> dict[str, Any]:
+        """engine "threads": AgentDaemon as shipped (an engine thread each); "pool":
+        bench.agent_pool.PooledDaemon (every engine on one shared thread)."""
         from agent.daemon import AgentDaemon
+        from bench.agent_pool import EnginePool, PooledDaemon
 
-        self.daemons = [AgentDaemon(cfg, self.catalog, agent=agent)
-                        for cfg, agent in zip(self.cfgs, self.agents, strict=True)]
+        pairs = list(zip(self.cfgs, self.agents, strict=True))
+        if engine == "pool":
+            self.pool = EnginePool()
+            self.daemons = [PooledDaemon(cfg, self.catalog, agent=agent, pool=self.pool)
+                            for cfg, agent in pairs]
+        elif engine == "threads":
+            self.daemons = [AgentDaemon(cfg, self.catalog, agent=agent) for cfg, agent in pairs]
+        else:
+            raise ValueError(f"engine must be threads or pool, not {engine!r}")
         for i, daemon in enumerate(self.daemons):
             self._hook(i, daemon)
         cpu0, t0 = cpu_s(), time.perf_counter()
@@ -156,6 +168,8 @@ class Host:
             now = time.perf_counter()
             n = self.agents[i].put("tasks", f"{self.cfgs[i].device_id}-{written:07d}",
                                    record(self.scopes[i], written)).n
+            if self.pool is not None:
+                self.daemons[i].wake()  # the pooled engines have no wake socket
             sent[(i, n)] = now
             written += 1
             heapq.heappush(due, (t + period, i))
@@ -175,6 +189,8 @@ class Host:
     def stop(self) -> dict[str, Any]:
         with ThreadPoolExecutor(32) as pool:
             list(pool.map(lambda d: d.stop(drain_s=1.0), self.daemons))
+        if self.pool is not None:
+            self.pool.close()
         for agent in self.agents:  # a daemon given an agent leaves closing it to us
             agent.close()
         return {}
