@@ -17,6 +17,7 @@ starting at a different one, so the servers spread over the nodes), `prefetch`, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -26,8 +27,8 @@ from bench.fleet import PREFIX, PROBE, SERVER_USER, Fleet, process_table
 from broker.rabbitmq.definitions import definitions, up_queue_name
 from tests.rabbitmq_cluster import RabbitCluster
 
-__all__ = ["RabbitBenchFleet", "cluster_definitions", "node_memory", "nodes_cpu_s",
-           "purge_up_queue"]
+__all__ = ["RabbitBenchFleet", "cluster_definitions", "import_definitions", "node_memory",
+           "nodes_cpu_s", "purge_up_queue"]
 
 PREFETCH = 2000
 """deploy/README.md's `[amqp] prefetch` example."""
@@ -44,6 +45,16 @@ def cluster_definitions(passwords: dict[str, str], *, bindings: bool = True
     if not bindings:
         doc["bindings"] = []
     return doc
+
+
+def import_definitions(cluster: RabbitCluster, doc: dict[str, Any],
+                       timeout: float = 1800.0) -> None:
+    """`rabbitmqctl import_definitions` with a timeout for 10,000 users (RabbitCluster's
+    own waits 60 s: minutes here, as every user's permissions are written)."""
+    index = next(i for i, n in enumerate(cluster.nodes) if n.running)
+    path = cluster.workdir / f"definitions-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(doc))
+    cluster.ctl(index, "import_definitions", str(path), timeout=timeout)
 
 
 def purge_up_queue(cluster: RabbitCluster) -> None:

@@ -58,6 +58,7 @@ from bench.fleet import (
 from bench.rabbit_fleet import (
     RabbitBenchFleet,
     cluster_definitions,
+    import_definitions,
     load_average,
     node_memory,
     nodes_cpu_s,
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             result["versions"] = versions(cluster, pg)
             print(f"versions: {result['versions']}", flush=True)
             t = time.perf_counter()
-            cluster.import_definitions(cluster_definitions(passwords, bindings=False))
+            import_definitions(cluster, cluster_definitions(passwords, bindings=False))
             result["import_s"] = time.perf_counter() - t
             result["users"] = len(passwords)
             raw_fleet = RabbitBenchFleet(tmp / "raw", cluster, {}, store={},
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             result["raw_mqtt"] = mqtt_limits(raw_fleet, quick=args.quick, rtt_samples=100,
                                              gap_s=GAP_S, echo_port=cluster.mqtt_port(1))
             print(f"[raw] {result['raw_mqtt']}", flush=True)
-            cluster.import_definitions(cluster_definitions({}, bindings=True))
+            import_definitions(cluster, cluster_definitions({}, bindings=True))
             names = list(devs)
             for i in range(args.procs):
                 swarm = LineProc(f"swarm-{i}", "bench.swarm", tmp / f"swarm-{i}.log")
