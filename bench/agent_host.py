@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench import paho_poll
 from bench.common import serve_commands
 from bench.device import record
 
@@ -80,6 +81,7 @@ class Host:
             "mqtt": {"host": "127.0.0.1", "port": port, "password": d["password"]}})
             for d in devices]
         configure_logging(cfgs[0].log)
+        paho_poll.install()  # hundreds of agents: descriptors beyond select()'s 1024
         catalog = load_catalog(cfgs[0].schema_path())  # read-only: one for all
         self.baseline_mb = rss_mb()
         t0 = time.perf_counter()
