@@ -146,6 +146,10 @@ class RabbitBenchFleet(Fleet):
         finally:
             store.close()
 
+    def _wait_servers_ready(self, timeout: float = 300.0) -> None:
+        # a busy cluster takes minutes to declare a server's queues (Mnesia bindings)
+        super()._wait_servers_ready(timeout)
+
     def server_pids(self) -> list[int]:
         return [p.pid for p in self.servers]
 

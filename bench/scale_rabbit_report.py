@@ -16,7 +16,7 @@ def report(result: dict[str, Any]) -> None:
     raw = result.get("raw_mqtt")
     st = result.get("storm")
     if st is not None:
-        rs = result["raw_storm"]
+        rs = result.get("raw_storm", {"settled_s": float("nan"), "done": 0})
         print_table(
             "Connect storm (all at once) to all caught up, three-node RabbitMQ cluster, "
             "one server (PostgreSQL)",
