@@ -1,15 +1,16 @@
 """Many real agent instances per process (issue 12): what one simulated device costs.
 
-    python -m bench.agents_per_process [--sizes 500 1000] [--steady 60] [--quick] [--keep]
+    python -m bench.agents_per_process [--sizes 500 1000] [--thread-sizes 100] [--quick]
 
 Mosquitto from deploy/mosquitto/mosquitto.conf and one merge server (`waystation
-server run`, LMDB store) as in bench/scale.py; then, for each size N, ONE process
-(bench/agent_host.py) opens N real agents (`Agent.open`: an LMDB store each) and starts
-N `AgentDaemon`s (engine thread, MQTT link, wake socket each), all at once, until
-every one finished its first catch-up; then quiet for `--idle` s; then each agent puts
-one ~300-byte task a minute for `--steady` s. Devices are in routes of ten (every put
-is a delta to nine others). Per-device cost = (process RSS - its RSS before the first
-agent opened) / N, and CPU cores / N. Prints a table, writes
+server run`, LMDB store) as in bench/scale.py; then, per run, ONE process
+(bench/agent_host.py) opens N real agents (`Agent.open`: an LMDB store each) and
+starts N daemons at once - `AgentDaemon` as shipped for `--thread-sizes` (an engine
+thread each), bench/agent_pool.py's `PooledDaemon` on one shared engine thread for
+`--sizes` - until every one finished its first catch-up; then quiet for `--idle` s;
+then each agent puts one ~300-byte task a minute for `--steady` s. Devices are in
+routes of ten (every put is a delta to nine others). Per-device cost = (process RSS -
+its RSS before the first agent opened) / N, and CPU cores / N. Prints a table, writes
 bench/results/agents_per_process.json.
 """
 
