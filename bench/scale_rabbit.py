@@ -103,10 +103,10 @@ def versions(cluster: RabbitCluster, pg: Any) -> dict[str, str]:
 # ------------------------------------------------------------------ phases
 
 def storm_phase(args: argparse.Namespace, tmp: Path, cluster: RabbitCluster, pg: Any,
-                swarms: list[LineProc], devs: dict[str, str], passwords: dict[str, str]
-                ) -> dict[str, Any]:
-    """The storm with one server (step 3), then the raw connect+subscribe storm."""
-    out: dict[str, Any] = {}
+                swarms: list[LineProc], devs: dict[str, str], passwords: dict[str, str],
+                out: dict[str, Any]) -> None:
+    """The storm with one server (step 4), then the raw connect+subscribe storm (5);
+    figures go into `out` as they are measured, so a later failure keeps them."""
 
     def storm(raw: bool) -> dict[str, Any]:
         for sim in swarms:
@@ -135,6 +135,7 @@ def storm_phase(args: argparse.Namespace, tmp: Path, cluster: RabbitCluster, pg:
         load = LoadMeter()
         out["storm"] = storm(raw=False)
         secs = time.perf_counter() - t0
+        out["storm"]["server_rss_idle_mb"] = out["server_rss_idle_mb"]
         out["storm"].update({
             "server_cpu_s": proc_cpu_s(pid) - cpu0,
             "nodes_cpu_s": [b - a for a, b in zip(ncpu0, nodes_cpu_s(cluster), strict=True)],
@@ -154,6 +155,7 @@ def storm_phase(args: argparse.Namespace, tmp: Path, cluster: RabbitCluster, pg:
                                                            strict=True)],
             "server_rss_mb": proc_memory(pid).get("VmRSS", 0) / 2**20,
             "nodes_rss_mb": node_memory(cluster)}
+        print(f"[idle] {out['connected_idle']}", flush=True)
         call_all(swarms, "disconnect")
     finally:
         fleet.stop()
@@ -163,7 +165,6 @@ def storm_phase(args: argparse.Namespace, tmp: Path, cluster: RabbitCluster, pg:
     out["raw_storm"] = storm(raw=True)
     call_all(swarms, "disconnect")
     print(f"[storm] raw connect+subscribe: {out['raw_storm']}", flush=True)
-    return out
 
 
 def throughput_run(args: argparse.Namespace, tmp: Path, cluster: RabbitCluster, pg: Any,
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                     errors.append(f"{n} server(s): {type(exc).__name__}: {exc}")
             result["throughput"] = rows
             try:
-                result.update(storm_phase(args, tmp, cluster, pg, swarms, devs, passwords))
+                storm_phase(args, tmp, cluster, pg, swarms, devs, passwords, result)
             except Exception as exc:
                 traceback.print_exc()
                 errors.append(f"storm: {type(exc).__name__}: {exc}")
