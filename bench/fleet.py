@@ -466,8 +466,9 @@ class Fleet:
         (LMDB is one server's own store) and a broker with shared subscriptions."""
         if self.servers:
             raise RuntimeError("servers already running")
-        if count > 1 and not (self.shared_store and self.kind == "mosquitto"):
-            raise ValueError("several servers need store kind postgres and Mosquitto")
+        if count > 1 and not (self.shared_store and self.kind in ("mosquitto", "rabbitmq")):
+            raise ValueError("several servers need store kind postgres and Mosquitto "
+                             "(shared subscription) or RabbitMQ (AMQP intake)")
         self.register_devices()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for index in range(count):

@@ -86,11 +86,11 @@ def echo_main(argv: list[str]) -> int:
 class Echo:
     """The echo client in its own process."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, port: int | None = None) -> None:
         import subprocess
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.raw", "echo", "--port", str(fleet.port),
+            [sys.executable, "-m", "bench.raw", "echo", "--port", str(port or fleet.port),
              f"--password={fleet.passwords[SERVER_USER]}"],  # (it may start with "-")
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
         assert self.proc.stdout is not None
@@ -152,11 +152,13 @@ class Device:
         self.client.loop_stop()
 
 
-def mqtt_limits(fleet: Fleet, *, quick: bool, rtt_samples: int, gap_s: float
-                ) -> dict[str, Any]:
-    """Raw QoS-1 round trips through `fleet`'s broker (call before the server starts)."""
+def mqtt_limits(fleet: Fleet, *, quick: bool, rtt_samples: int, gap_s: float,
+                echo_port: int | None = None) -> dict[str, Any]:
+    """Raw QoS-1 round trips through `fleet`'s broker (call before the server starts).
+    `echo_port`: the echo client connects there instead of `fleet.port` (another node
+    of a cluster, as a merge server may consume on another node than the device's)."""
     count = 5000 if quick else 20000
-    echo = Echo(fleet)
+    echo = Echo(fleet, echo_port)
     try:
         rates: dict[str, float] = {}
         for inflight in (100, 0):

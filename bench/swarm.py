@@ -154,6 +154,11 @@ class Swarm:
                     dev.c.loop_misc()
 
     def connect(self, raw: bool = False, timeout: float = 300.0) -> dict[str, Any]:
+        # A fresh selector: sockets of an earlier round that paho closed itself (a
+        # failed connection) stay registered under their descriptor number, which a
+        # new socket may reuse ("already registered").
+        self.sel.close()
+        self.sel = selectors.DefaultSelector()
         self.devs = [Dev(self, spec, raw) for spec in self.specs]
         self.done = 0
         t0 = time.perf_counter()
