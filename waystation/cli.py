@@ -30,6 +30,8 @@ from typing import Any
 
 from waystation import PROTOCOL_VERSION, __version__
 from waystation.errors import WaystationError
+from waystation.schema_commands import HANDLERS as SCHEMA_HANDLERS
+from waystation.schema_commands import add_commands as add_schema_commands
 
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
@@ -76,6 +78,7 @@ HANDLERS: dict[str, str] = {
     "broker passwd": "broker.cli:cmd_broker_passwd",
     "schema check": "waystation.cli:cmd_schema_check",
     "schema export": "waystation.cli:cmd_schema_export",
+    **SCHEMA_HANDLERS,
     "config show": "waystation.cli:cmd_config_show",
 }
 
@@ -476,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the password file (default: the broker config's password_file)")
 
     # ---- schema
-    b.group("schema", "check collection schemas, export wire JSON Schemas",
-            "Work with schemas: check an operator's collection schema file, or export "
+    b.group("schema", "check, diff, publish and roll back collection schemas",
+            "Work with schemas: check an operator's collection schema file, diff two "
+            "versions, publish, list and roll back the server's schema history, or export "
             "the JSON Schema of every wire message.")
     p = b.leaf("schema check", "validate a collection schema file and summarise it",
                "Load a collection schema file (TOML) and validate it: every error names "
@@ -494,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", metavar="DIR", type=Path, default=None,
                    help="the directory of the JSON Schema files (default: schemas/json/ "
                         "of the installed package)")
+    add_schema_commands(b)
 
     # ---- config
     b.group("config", "show effective configuration",
