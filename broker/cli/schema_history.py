@@ -15,23 +15,15 @@ from typing import Any
 
 import structlog
 
+from broker.cli.common import now_ms, server_config
 from broker.server import schema_history
 from broker.server.store import open_store
 from schemas.evolution import Difference, diff, migration_to_dict
-from waystation.config import ServerConfig, load_config
 
 log = structlog.get_logger("waystation.schema")
 EXIT_OK = 0
 EXIT_BREAKING = 1
 """`schema diff` exits 1 when a breaking difference is not covered by a migration."""
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _config(args: argparse.Namespace, env: Mapping[str, str]) -> ServerConfig:
-    return load_config(ServerConfig, getattr(args, "config", None), env)
 
 
 def _iso(ms: int) -> str:
@@ -81,9 +73,9 @@ def cmd_schema_diff(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Check FILE against the live version and store it as the new live version."""
     text = schema_history.read_file(str(args.file))
-    store = open_store(_config(args, env))
+    store = open_store(server_config(args, env))
     try:
-        done = schema_history.publish(store, text, str(args.file), _now_ms())
+        done = schema_history.publish(store, text, str(args.file), now_ms())
     finally:
         store.close()
     log.info("schema_published", version=done.version, previous=done.previous,
@@ -104,7 +96,7 @@ def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_schema_history(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """List every published version, the live one marked."""
-    store = open_store(_config(args, env))
+    store = open_store(server_config(args, env))
     try:
         with store.read() as txn:
             every = schema_history.rows(txn)
@@ -134,9 +126,9 @@ def cmd_schema_history(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_schema_rollback(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Roll the live version back to the previous one."""
-    store = open_store(_config(args, env))
+    store = open_store(server_config(args, env))
     try:
-        was, now = schema_history.rollback(store, _now_ms())
+        was, now = schema_history.rollback(store, now_ms())
     finally:
         store.close()
     log.info("schema_rolled_back", was=was, now=now)

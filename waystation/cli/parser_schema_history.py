@@ -1,22 +1,22 @@
 """The argument parsers of `waystation schema publish / diff / history / rollback`
-(handlers in `broker.schema_cli`); kept out of `waystation.cli` so that the command
-table there only gains one call. Cheap to import: nothing of the parts is loaded."""
+(handlers in `broker.cli.schema_history`). Cheap to import: nothing of the parts is loaded."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+from waystation.cli.builder import Builder
 
 HANDLERS: dict[str, str] = {
-    "schema publish": "broker.schema_cli:cmd_schema_publish",
-    "schema diff": "broker.schema_cli:cmd_schema_diff",
-    "schema history": "broker.schema_cli:cmd_schema_history",
-    "schema rollback": "broker.schema_cli:cmd_schema_rollback",
+    "schema publish": "broker.cli.schema_history:cmd_schema_publish",
+    "schema diff": "broker.cli.schema_history:cmd_schema_diff",
+    "schema history": "broker.cli.schema_history:cmd_schema_history",
+    "schema rollback": "broker.cli.schema_history:cmd_schema_rollback",
 }
 
 
-def add_commands(b: Any) -> None:
-    """Add the leaves to the `schema` group of `b` (`waystation.cli._Builder`)."""
+def add_commands(b: Builder) -> None:
+    """Add the leaves to the `schema` group of `b` ."""
     p = b.leaf("schema diff", "classify every difference between two schema files",
                "Compare two collection schema files and print every difference as "
                "compatible (new collection, new optional field, new index, widened type "
