@@ -34,9 +34,11 @@ import structlog
 
 from broker.server.identity import change_digest, outcome_ns
 from broker.server.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
+from broker.server.upcast import SchemaChain
 from schemas import codec
 from schemas.codec import BadChange
 from schemas.collection import Catalog
+from schemas.errors import MigrationError
 from schemas.wire import Change
 from waystation import merge
 from waystation.config import MergeConfig
@@ -100,6 +102,8 @@ class Applier:
         self.clock = clock
         self.now_ms = now_ms
         self.rules = tuple(rules)
+        self.chain: SchemaChain | None = None
+        """The live schema history, to upcast changes written under older versions."""
 
     def begin(self, txn: WriteTxn,
               wants_delta: Callable[[str, str], bool] | None = None) -> TxnApplier:
@@ -125,6 +129,13 @@ class TxnApplier:
         self.now = applier.now_ms()
         self.stats = BatchStats()
         self._records: dict[_Key, merge.RecordState | None] = {}
+
+    def _lookup(self, c: str, k: str) -> Callable[[str], Any]:
+        """The current value of a field of record (c, k), for a merge migration."""
+        def value(name: str) -> Any:
+            record = self._load((c, k))
+            return None if record is None else record.value(name)
+        return value
 
     # --- entry points
 
@@ -183,6 +194,15 @@ class TxnApplier:
             return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False,
                                 reason=f"written under schema version {sv}; the server runs "
                                        f"version {self.version}: retry later")
+        chain = self.a.chain
+        if sv < self.version and chain is not None and ch.op == "put":
+            # The digest above is of the change as the device wrote it, so a resend of
+            # the same change is still recognised after the upcast.
+            try:
+                ch = chain.upcast(ch, sv, self._lookup(ch.c, ch.k))
+            except MigrationError as exc:
+                return self._refuse(device, ns, ch, digest, codec.TYPE_MISMATCH,
+                                    f"written under schema version {sv}: {exc}")
         stamp: Stamp | None = None
         c, k, scope = ch.c, ch.k, ch.s
         key = (c, k)

@@ -66,6 +66,7 @@ from broker.server.store.base import (
     Store,
     WriteTxn,
 )
+from broker.server.upcast import SchemaChain
 from schemas import codec
 from schemas.codec import BadChange, LenientChanges
 from schemas.collection import Catalog
@@ -122,6 +123,7 @@ class Engine:
         self.clock = clock if clock is not None else Clock(SERVER_NODE, now_ms)
         self.rules = list(load_rules(self.cfg.rules) if rules is None else rules)
         self.applier = Applier(catalog, self.cfg, self.clock, now_ms, self.rules)
+        self.applier.chain = SchemaChain.load(store, catalog)
         self.registry = Registry()
         self.presence = Presence()
         self.counters: Counter[str] = Counter()

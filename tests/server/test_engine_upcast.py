@@ -1,0 +1,120 @@
+"""Changes written under older schema versions are upcast by the server before the
+merge, along the published history (broker.server.upcast), on both stores."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from broker.server import schema_history
+from broker.server.engine import Engine
+from broker.server.store.base import Store
+from schemas.collection import Catalog, example_catalog_path, parse_catalog
+from tests.server.conftest import StoreFactory
+from tests.server.helpers import (
+    T0,
+    FakeTime,
+    by_device,
+    changes,
+    hp,
+    make_engine,
+    oks,
+    rejections,
+    task,
+)
+from waystation import merge
+
+V1 = example_catalog_path().read_text()
+# v2: a new optional field
+V2 = V1.replace("version = 1", "version = 2").replace(
+    'proof = { type = "json"', 'floor = { type = "int" }\nproof = { type = "json"')
+# v3: `notes` renamed `note`
+V3 = ('version = 3\n[[migrations]]\nop = "rename"\ncollection = "tasks"\nfrom = "notes"\n'
+      'to = "note"\n' + V2.replace("version = 2", "").replace(
+          "notes = { type", "note = { type"))
+# v4: `eta` int -> string; inventory `bin` string -> int
+V4 = ('version = 4\n[[migrations]]\nop = "convert"\ncollection = "tasks"\nfield = "eta"\n'
+      '[[migrations]]\nop = "convert"\ncollection = "inventory"\nfield = "bin"\n'
+      + V3.split("\n", 6)[6].replace('eta = { type = "int"', 'eta = { type = "string"')
+      .replace('bin = { type = "string", max_length = 32 }', 'bin = { type = "int" }'))
+
+
+def catalog(text: str) -> Catalog:
+    return parse_catalog(tomllib.loads(text), "test")
+
+
+def test_version_texts_are_what_the_test_means() -> None:
+    v3, v4 = catalog(V3), catalog(V4)
+    assert v3.version == 3 and "note" in v3.collections["tasks"].fields
+    assert v4.version == 4 and v4.collections["tasks"].fields["eta"].type == "string"
+    assert v4.collections["inventory"].fields["bin"].type == "int"
+
+
+def published(store_factory: StoreFactory, tmp_path: Path,
+              upto: int = 4) -> tuple[Engine, Store, FakeTime]:
+    store = store_factory()
+    for n, text in enumerate((V1, V2, V3, V4)[:upto], start=1):
+        schema_history.publish(store, text, f"v{n}.toml", n)
+    return make_engine(tmp_path, {"van-1": ["r1", "d1"], "van-2": ["r1"]},
+                       catalog=catalog((V1, V2, V3, V4)[upto - 1]), store=store)
+
+
+def test_device_offline_across_three_versions_is_upcast(store_factory: StoreFactory,
+                                                        tmp_path: Path) -> None:
+    engine, store, _ = published(store_factory, tmp_path)
+    # Written under version 1: `notes`, and `eta` as an int.
+    out = by_device(engine.handle_up("van-1", changes("van-1", [
+        task(1, "t-1", notes="ring twice", eta=1764000000001)], sv=1)))
+    assert oks(out["van-1"]) == [[1, "r1", 1]] and rejections(out["van-1"]) == []
+    # Written under version 3: `note` already, `eta` still an int.
+    out = by_device(engine.handle_up("van-2", changes("van-2", [
+        task(1, "t-2", note="back door", eta=5, floor=2)], sv=3)))
+    assert oks(out["van-2"]) == [[1, "r1", 2]]
+    # Written under version 4: as is.
+    out = by_device(engine.handle_up("van-2", changes("van-2", [
+        task(2, "t-3", eta="tomorrow")], sv=4)))
+    assert oks(out["van-2"]) == [[2, "r1", 3]]
+    with store.read() as txn:
+        t1 = merge.from_json(txn.get_record("tasks", "t-1"))
+        t2 = merge.from_json(txn.get_record("tasks", "t-2"))
+        assert (t1.value("note"), t1.value("eta"), t1.value("notes")) == (
+            "ring twice", "1764000000001", None)
+        assert (t2.value("note"), t2.value("eta"), t2.value("floor")) == ("back door", "5", 2)
+        assert txn.dead_letters(10) == []
+    assert engine.counters.get("rejected", 0) == 0
+
+
+def test_resend_of_an_upcast_change_is_recognised(store_factory: StoreFactory,
+                                                  tmp_path: Path) -> None:
+    engine, _, _ = published(store_factory, tmp_path)
+    batch = changes("van-1", [task(1, "t-1", notes="x", eta=7)], sv=1)
+    engine.handle_up("van-1", batch)
+    out = by_device(engine.handle_up("van-1", batch))
+    assert oks(out["van-1"]) == [[1, "r1", 1]] and rejections(out["van-1"]) == []
+
+
+def test_value_that_cannot_be_converted_is_refused_naming_the_migration(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    engine, _, _ = published(store_factory, tmp_path)
+    inv = {"c": "inventory", "s": "d1", "op": "put", "b": 0}
+    out = by_device(engine.handle_up("van-1", changes("van-1", [
+        {**inv, "n": 1, "h": hp(T0 + 1), "k": "a", "f": {"depot": "d1", "bin": "12"}},
+        {**inv, "n": 2, "h": hp(T0 + 2), "k": "b",
+         "f": {"depot": "d1", "bin": "A-12"}}], sv=1)))
+    assert [ok[0] for ok in oks(out["van-1"])] == [1]
+    (rj,) = rejections(out["van-1"])
+    assert rj["n"] == 2 and rj["code"] == "type_mismatch" and rj["perm"] is True
+    assert "schema version 1" in rj["reason"] and "convert" in rj["reason"]
+    assert "'A-12' is not an integer" in rj["reason"]
+
+
+def test_without_a_history_nothing_is_upcast(store_factory: StoreFactory,
+                                             tmp_path: Path) -> None:
+    # The server runs version 4 but nothing was published: changes are judged as
+    # written (the behaviour before schema histories).
+    engine, _, _ = make_engine(tmp_path, {"van-1": ["r1"]}, catalog=catalog(V4),
+                               store=store_factory())
+    out = by_device(engine.handle_up("van-1", changes("van-1", [
+        task(1, "t-1", eta=1764000000001)], sv=1)))
+    (rj,) = rejections(out["van-1"])
+    assert rj["code"] == "type_mismatch"
