@@ -290,7 +290,10 @@ def project_down(rec: dict[str, dict[str, Any]], collection: str, steps: Sequenc
                         continue
                 cf[m.field] = cands
         elif isinstance(m, Split):
-            if any(name in f for name in m.dst):
+            # A partial record (a delta) without every part cannot be joined: the old
+            # field is left out rather than sent cut short.
+            if any(name in f for name in m.dst) and all(
+                    name in f or name in full for name in m.dst):
                 parts = [f.get(name, full.get(name)) for name in m.dst]
                 f[m.src] = join_values(parts, m.sep)
                 stamps = [h[name] for name in m.dst if name in h]

@@ -43,6 +43,7 @@ from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats, ChangeResult
 from broker.server.caps import agreed
+from broker.server.downcast import Downcaster
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
 from broker.server.messages import (
@@ -124,6 +125,8 @@ class Engine:
         self.rules = list(load_rules(self.cfg.rules) if rules is None else rules)
         self.applier = Applier(catalog, self.cfg, self.clock, now_ms, self.rules)
         self.applier.chain = SchemaChain.load(store, catalog)
+        self.downcaster = (Downcaster(self.applier.chain, catalog.version)
+                           if self.applier.chain.versions else None)
         self.registry = Registry()
         self.presence = Presence()
         self.counters: Counter[str] = Counter()
@@ -177,7 +180,7 @@ class Engine:
         if catchups:
             out.extend(self._catchups(catchups))
         out.extend(fan.messages(self._compress_over))
-        return out
+        return self._downcast(out)
 
     def handle_status(self, topic_device: str, payload: bytes) -> list[Outgoing]:
         """Record a device's presence from its (retained) status message.
@@ -258,6 +261,7 @@ class Engine:
                     log.info("tombstones_purged", count=purged)
             if self._dirty or self._letters:
                 self._commit([], now)
+            out = self._downcast(out)
         except Exception:
             log.exception("tick_failed")
         return out
@@ -511,6 +515,16 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ replies
+
+    def _downcast(self, out: list[Outgoing]) -> list[Outgoing]:
+        """Records projected down for devices on an older published schema version."""
+        if self.downcaster is None or not out:
+            return out
+        return self.downcaster.apply(out, self._device_sv, self._compress_over)
+
+    def _device_sv(self, dev: str) -> int | None:
+        row = self.registry.get(dev)
+        return row.sv if row is not None and row.sv else None
 
     def _compress_over(self, dev: str) -> int | None:
         row = self.registry.get(dev)

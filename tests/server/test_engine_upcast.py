@@ -15,11 +15,15 @@ from tests.server.helpers import (
     T0,
     FakeTime,
     by_device,
+    catchup,
     changes,
+    hello,
     hp,
     make_engine,
+    of_type,
     oks,
     rejections,
+    status,
     task,
 )
 from waystation import merge
@@ -118,3 +122,43 @@ def test_without_a_history_nothing_is_upcast(store_factory: StoreFactory,
         task(1, "t-1", eta=1764000000001)], sv=1)))
     (rj,) = rejections(out["van-1"])
     assert rj["code"] == "type_mismatch"
+
+
+def test_device_on_an_older_version_gets_records_projected_down(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    engine, _, _ = published(store_factory, tmp_path)
+    for dev, sv in (("van-1", 1), ("van-2", 4)):
+        engine.handle_status(dev, status(dev))
+        engine.handle_up(dev, hello(dev, sv=sv))
+    out = by_device(engine.handle_up("van-2", changes("van-2", [
+        task(1, "t-1", note="gate code 12", eta="1764000000001", floor=3)], sv=4)))
+    assert oks(out["van-2"]) == [[1, "r1", 1]]
+    (delta,) = of_type(out["van-1"], "delta")
+    (rec,) = delta["d"]
+    # van-1 runs version 1: `notes`, `eta` as an int, and no `floor` (added in v2).
+    assert rec["f"] == {"route": "r1", "notes": "gate code 12", "eta": 1764000000001}
+    assert set(rec["h"]) == {"route", "notes", "eta"}
+    # The catch-up page is projected the same way.
+    page_out = by_device(engine.handle_up("van-1", catchup("van-1", {"r1": 0})))
+    (page,) = of_type(page_out["van-1"], "page")
+    assert page["recs"][0]["f"] == rec["f"]
+    # A device on the newest version gets the record as stored.
+    out = by_device(engine.handle_up("van-1", changes("van-1", [
+        task(1, "t-2", notes="n", eta=9)], sv=1)))
+    (delta,) = of_type(out["van-2"], "delta")
+    assert delta["d"][0]["f"] == {"route": "r1", "note": "n", "eta": "9"}
+    # ... and the writer on version 1 sees no echo it could not read.
+    assert rejections(out["van-1"]) == []
+
+
+def test_value_that_cannot_go_back_is_left_out_for_the_old_device(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    engine, _, _ = published(store_factory, tmp_path)
+    for dev, sv in (("van-1", 1), ("van-2", 4)):
+        engine.handle_status(dev, status(dev))
+        engine.handle_up(dev, hello(dev, sv=sv))
+    out = by_device(engine.handle_up("van-2", changes("van-2", [
+        task(1, "t-1", eta="tomorrow", note="x")], sv=4)))
+    (delta,) = of_type(out["van-1"], "delta")
+    assert delta["d"][0]["f"] == {"route": "r1", "notes": "x"}
+    assert "eta" not in delta["d"][0]["h"]
