@@ -9,7 +9,8 @@ from pathlib import Path
 from broker.server import schema_history
 from broker.server.engine import Engine
 from broker.server.store.base import Store
-from schemas.collection import Catalog, example_catalog_path, parse_catalog
+from schemas.collection import Catalog, parse_catalog
+from tests.schema_versions import V1, V2, V3, V4
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import (
     T0,
@@ -27,20 +28,6 @@ from tests.server.helpers import (
     task,
 )
 from waystation import merge
-
-V1 = example_catalog_path().read_text()
-# v2: a new optional field
-V2 = V1.replace("version = 1", "version = 2").replace(
-    'proof = { type = "json"', 'floor = { type = "int" }\nproof = { type = "json"')
-# v3: `notes` renamed `note`
-V3 = ('version = 3\n[[migrations]]\nop = "rename"\ncollection = "tasks"\nfrom = "notes"\n'
-      'to = "note"\n' + V2.replace("version = 2", "").replace(
-          "notes = { type", "note = { type"))
-# v4: `eta` int -> string; inventory `bin` string -> int
-V4 = ('version = 4\n[[migrations]]\nop = "convert"\ncollection = "tasks"\nfield = "eta"\n'
-      '[[migrations]]\nop = "convert"\ncollection = "inventory"\nfield = "bin"\n'
-      + V3.split("\n", 6)[6].replace('eta = { type = "int"', 'eta = { type = "string"')
-      .replace('bin = { type = "string", max_length = 32 }', 'bin = { type = "int" }'))
 
 
 def catalog(text: str) -> Catalog:
