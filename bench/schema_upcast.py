@@ -69,7 +69,8 @@ def run(groups: int, writer_sv: int, reader_sv: int) -> float:
             group = []
             for d in range(DEVICES):
                 ch = [{"n": g * PER_BATCH + i + 1,
-                       "h": f"{1_764_000_000_000 + g * 1000 + i:012x}0000", "c": "tasks", "k": f"t-{d}-{i}", "s": "r1", "b": 0, "op": "put",
+                       "h": f"{1_764_000_000_000 + g * 1000 + i:012x}0000",
+                       "c": "tasks", "k": f"t-{d}-{i}", "s": "r1", "b": 0, "op": "put",
                        "f": {"route": "r1", notes: f"n{g}", "eta": eta}}
                       for i in range(PER_BATCH)]
                 group.append((f"van-{d}", orjson.dumps(
