@@ -7,6 +7,10 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
-AGENT_CAPS: frozenset[str] = frozenset()
+SCHEMA = "schema"
+"""The server states its schema versions in `welcome`; a device older than `sv_min`
+holds its changes back until it is upgraded (PROTOCOL.md §11)."""
 
-__all__ = ["AGENT_CAPS"]
+AGENT_CAPS: frozenset[str] = frozenset({SCHEMA})
+
+__all__ = ["AGENT_CAPS", "SCHEMA"]

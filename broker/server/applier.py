@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 import structlog
 
+from broker.server.caps import SCHEMA
 from broker.server.identity import change_digest, outcome_ns
 from broker.server.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
 from broker.server.upcast import SchemaChain
@@ -195,6 +196,14 @@ class TxnApplier:
                                 reason=f"written under schema version {sv}; the server runs "
                                        f"version {self.version}: retry later")
         chain = self.a.chain
+        oldest = chain.oldest if chain is not None else None
+        if oldest is not None and sv < oldest and SCHEMA in device.caps:
+            # The device was told `sv_min` in its welcome: it waits for its upgrade and
+            # sends these again afterwards (transient: kept in its outbox).
+            self.stats.transient += 1
+            return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False,
+                                reason=f"upgrade needed: written under schema version {sv}, "
+                                       f"older than the oldest this server serves ({oldest})")
         if sv < self.version and chain is not None and ch.op == "put":
             # The digest above is of the change as the device wrote it, so a resend of
             # the same change is still recognised after the upcast.

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-SERVER_CAPS: frozenset[str] = frozenset()
+SCHEMA = "schema"
+"""The server states its schema versions in `welcome` (`sv`, `sv_min`) and holds back
+changes written under a version older than `sv_min` (PROTOCOL.md §11)."""
+
+SERVER_CAPS: frozenset[str] = frozenset({SCHEMA})
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
@@ -18,4 +22,4 @@ def agreed(offered: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(offered) & SERVER_CAPS))
 
 
-__all__ = ["SERVER_CAPS", "agreed"]
+__all__ = ["SCHEMA", "SERVER_CAPS", "agreed"]

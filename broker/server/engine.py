@@ -42,7 +42,7 @@ import structlog
 from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats, ChangeResult
-from broker.server.caps import agreed
+from broker.server.caps import SCHEMA, agreed
 from broker.server.downcast import Downcaster
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
@@ -551,7 +551,13 @@ class Engine:
         elif inc.kind == "hello":
             msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
             if inc.msg.caps is not None:  # a device that speaks §11 is told what is agreed
-                msgs.insert(0, welcome_message(agreed(inc.msg.caps), SERVER_NAME))
+                caps = agreed(inc.msg.caps)
+                if SCHEMA in caps:
+                    msgs.insert(0, welcome_message(caps, SERVER_NAME, self.catalog.version,
+                                                   self.applier.chain.oldest
+                                                   if self.applier.chain else None))
+                else:
+                    msgs.insert(0, welcome_message(caps, SERVER_NAME))
             self._sent_commands.update(c.id for c in inc.commands)
         elif inc.kind == "changes":
             msgs = change_replies(dev, inc.results, inc.msg.bad, fan)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import orjson
+
 from broker.server import schema_history
 from broker.server.engine import Engine
 from broker.server.store.base import Store
@@ -149,3 +151,40 @@ def test_value_that_cannot_go_back_is_left_out_for_the_old_device(
     (delta,) = of_type(out["van-1"], "delta")
     assert delta["d"][0]["f"] == {"route": "r1", "notes": "x"}
     assert "eta" not in delta["d"][0]["h"]
+
+
+def test_welcome_states_the_versions_and_too_old_changes_wait(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    store = store_factory()
+    for n, text in ((2, V2), (3, V3), (4, V4)):  # the history starts at version 2
+        schema_history.publish(store, text, f"v{n}.toml", n)
+    engine, _, _ = make_engine(tmp_path, {"van-1": ["r1"], "van-2": ["r1"]},
+                               catalog=catalog(V4), store=store)
+    hello_caps = orjson.dumps({"type": "hello", "v": 1, "dev": "van-1", "agent": "t/1",
+                               "sv": 1, "caps": ["schema"]})
+    (welcome,) = of_type(by_device(engine.handle_up("van-1", hello_caps))["van-1"], "welcome")
+    assert welcome["caps"] == ["schema"] and (welcome["sv"], welcome["sv_min"]) == (4, 2)
+    # van-1 agreed `schema` and runs version 1: its changes wait (transient).
+    out = by_device(engine.handle_up("van-1", changes("van-1", [
+        task(1, "t-1", notes="n", eta=5)], sv=1)))
+    (rj,) = rejections(out["van-1"])
+    assert (rj["code"], rj["perm"]) == ("schema_version", False)
+    assert "upgrade needed" in rj["reason"] and "(2)" in rj["reason"]
+    # Sent again as version 2 after its upgrade: upcast and applied.
+    out = by_device(engine.handle_up("van-1", changes("van-1", [
+        task(1, "t-1", notes="n", eta=5)], sv=2)))
+    assert oks(out["van-1"]) == [[1, "r1", 1]]
+    # van-2 never offered `schema`: judged as before (no welcome, not held back).
+    engine.handle_up("van-2", hello("van-2", sv=1))
+    out = by_device(engine.handle_up("van-2", changes("van-2", [
+        task(1, "t-2", status="out")], sv=1)))
+    assert oks(out["van-2"]) == [[1, "r1", 2]]
+
+
+def test_welcome_without_a_history_states_no_oldest(store_factory: StoreFactory,
+                                                    tmp_path: Path) -> None:
+    engine, _, _ = make_engine(tmp_path, {"van-1": ["r1"]}, store=store_factory())
+    hello_caps = orjson.dumps({"type": "hello", "v": 1, "dev": "van-1", "agent": "t/1",
+                               "sv": 1, "caps": ["schema"]})
+    (welcome,) = of_type(by_device(engine.handle_up("van-1", hello_caps))["van-1"], "welcome")
+    assert welcome["sv"] == 1 and "sv_min" not in welcome
