@@ -220,7 +220,8 @@ class Sync:
                 work.set_checkpoint(scope, work.checkpoint(scope).mark_all(qs, now))
             if applied:
                 work.tx.set_meta("last_sync", now)
-                work.tx.delete("meta", b"last_err")  # a problem the server reported is over
+                if not self.upgrade_needed:  # a problem the server reported is over
+                    work.tx.delete("meta", b"last_err")
             if restamped & set(applied):
                 work.tx.set_meta("last_err", {
                     "code": "clock_skew", "t": now,
@@ -408,7 +409,8 @@ class Sync:
             work.tx.set_meta("denied", denied)
             if not behind:
                 work.tx.set_meta("last_sync", now)
-                work.tx.delete("meta", b"last_err")
+                if not self.upgrade_needed:  # "upgrade needed" lasts until the upgrade
+                    work.tx.delete("meta", b"last_err")
             return CheckpointResult(complete, behind, dropped, denied)
 
         return core.write(run, durable=False)

@@ -74,6 +74,9 @@ class ChangeResult:
     restamped: int = 0
     """Newly applied with a server stamp: how many ms the device's stamp was ahead."""
     duplicate: bool = False
+    expected: bool = False
+    """Refused as the protocol foresees (a too-old device's change, held until its
+    upgrade): no dead letter for the operator."""
 
     @property
     def ok(self) -> bool:
@@ -201,7 +204,7 @@ class TxnApplier:
             # The device was told `sv_min` in its welcome: it waits for its upgrade and
             # sends these again afterwards (transient: kept in its outbox).
             self.stats.transient += 1
-            return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False,
+            return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False, expected=True,
                                 reason=f"upgrade needed: written under schema version {sv}, "
                                        f"older than the oldest this server serves ({oldest})")
         if sv < self.version and chain is not None and ch.op == "put":

@@ -115,3 +115,45 @@ def test_device_offline_across_three_schema_versions(fleet: Fleet, tmp_path: Pat
     for dev, ag in (("van-old", old), ("van-3", v3), ("van-new", new)):
         assert ag.status().snapshots == [], dev
         assert "snapshot_dropped_records" not in fleet.agents[dev].output(), dev
+
+
+def test_too_old_device_waits_for_its_upgrade_then_syncs(fleet: Fleet, tmp_path: Path,
+                                                         stores: dict[str, Agent]) -> None:
+    files = {}
+    for version, text in TEXTS.items():
+        files[version] = tmp_path / f"fleet-v{version}.toml"
+        files[version].write_text(text)
+    for version in (2, 3, 4):  # the history starts at version 2: version 1 is too old
+        fleet.cli("schema", "publish", str(files[version]), "--config", str(fleet.server_config))
+    server_runs(fleet, files[4])
+
+    fleet.add_device("van-old", ["r1"])
+    use_schema(fleet, "van-old", files[1])
+    old = stores["van-old"] = Agent.open(fleet.agent_config("van-old"), catalog(1), env={})
+    old.put("tasks", "t-old", {"route": "r1", "notes": "written on v1", "eta": 7})
+    fleet.start_agent("van-old")
+
+    def told() -> dict[str, object] | None:
+        status = fleet.agent_status("van-old")
+        err = status.get("last_error") or {}
+        return status if err.get("code") == "schema_version" else None
+
+    status = fleet.wait(told, what="van-old told it needs an upgrade")
+    assert "upgrade needed" in str(status["summary"]) and status["pending"] == 1
+    assert fleet.record("tasks", "t-old") is None  # nothing applied, nothing refused
+    assert old.dead_letters() == [] and fleet.server_dead_letters() == []
+
+    # The operator upgrades the device to version 2 (still one behind the server's 4).
+    fleet.close_agents()
+    stores.clear()
+    fleet.stop_agent("van-old")
+    use_schema(fleet, "van-old", files[2])
+    fleet.start_agent("van-old")
+    new = stores["van-old"] = Agent.open(fleet.agent_config("van-old"), catalog(2), env={})
+    fleet.wait(lambda: not new.status().pending or None, what="van-old drained")
+    rec = fleet.record("tasks", "t-old")
+    assert rec is not None
+    assert rec["f"]["note"] == "written on v1" and rec["f"]["eta"] == "7"
+    assert new.dead_letters() == [] and fleet.server_dead_letters() == []
+    assert fleet.wait(lambda: (fleet.agent_status("van-old").get("last_error") is None)
+                      or None, what="van-old no longer told to upgrade")
