@@ -11,6 +11,8 @@ SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
 
-AGENT_CAPS: frozenset[str] = frozenset({SCHEMA})
+AGENT_CAPS: frozenset[str] = frozenset({"scopes", SCHEMA})
+"""scopes: the `scopes` command (§7.9), the operator changing what the device follows;
+schema: the server's schema versions in `welcome` (§11)."""
 
 __all__ = ["AGENT_CAPS", "SCHEMA"]

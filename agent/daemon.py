@@ -371,7 +371,7 @@ class AgentDaemon:
         else:
             executed = self.sync.execute_command(cmd)
         log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
-        if executed and cmd.cmd in ("wipe", "resync"):
+        if executed and cmd.cmd in ("wipe", "resync", "scopes"):
             self._inflight.clear()
             self._retry_at.clear()
             self._start_catchup()

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from agent import scopes
 from agent.base import BaseRecord, apply_ack_record, rec_state
 from agent.caps import AGENT_CAPS, SCHEMA
 from agent.changes import change_id
@@ -299,6 +300,10 @@ class Sync:
                     entry["et"] = now
                     work.tx.put("outbox", n_key(rj.n), entry)
                     transient.append(rj.n)
+                    # `agent status` shows why changes wait (e.g. device_disabled: "...
+                    # `waystation device enable van-1`"), until the next ack clears it.
+                    work.tx.set_meta("last_err", {"code": rj.code, "reason": rj.reason,
+                                                  "t": now})
                     continue
                 work.tx.put("deadletters", n_key(rj.n), {
                     "n": rj.n, "code": rj.code, "reason": rj.reason, "t": now, "entry": entry})
@@ -525,9 +530,10 @@ class Sync:
         return command_id in self._core.read(lambda work: work.tx.meta("cmds", []))
 
     def execute_command(self, cmd: wire.Command) -> bool:
-        """Carry out a `resync` or `ping` at most once per id (§7.9); False if already
-        done. resync: drop the base and checkpoints, keep the outbox, rebuild the views
-        from the pending changes. ping: nothing. The daemon then sends `hello`. A `wipe`
+        """Carry out a `resync`, `scopes` or `ping` at most once per id (§7.9); False if
+        already done. resync: drop the base and checkpoints, keep the outbox, rebuild the
+        views from the pending changes. scopes: follow the new list (`agent.scopes`).
+        ping: nothing. The daemon then sends `hello`. A `wipe`
         replaces the whole store: `Agent.wipe` carries it out.
         """
         if cmd.cmd == "wipe":
@@ -541,6 +547,8 @@ class Sync:
                 return False
             if cmd.cmd == "resync":
                 _resync(work)
+            elif cmd.cmd == "scopes":
+                scopes.carry_out(work, cmd.id, cmd.args)
             done.append(cmd.id)
             tx.set_meta("cmds", done[-MAX_COMMAND_IDS:])
             return True

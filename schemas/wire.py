@@ -519,11 +519,12 @@ class Checkpoint(Message):
 
 
 class Command(Message):
-    """An order from the operator: wipe local data, resync from zero, or ping."""
+    """An order from the operator: wipe local data, resync from zero, ping, or follow
+    other scopes (`scopes`, only to a device that agreed to capability `scopes`)."""
 
     type: Literal["command"] = "command"
     id: Annotated[str, Field(min_length=1, max_length=64)]
-    cmd: Literal["wipe", "resync", "ping"]
+    cmd: Literal["wipe", "resync", "ping", "scopes"]
     args: dict[str, JsonValue] = Field(default_factory=dict)
 
 

@@ -14,7 +14,9 @@ SCHEMA = "schema"
 """The server states its schema versions in `welcome` (`sv`, `sv_min`) and holds back
 changes written under a version older than `sv_min` (PROTOCOL.md §11)."""
 
-SERVER_CAPS: frozenset[str] = frozenset({SCHEMA})
+SERVER_CAPS: frozenset[str] = frozenset({"scopes", SCHEMA})
+"""scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9);
+schema: see `SCHEMA`."""
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:

@@ -57,7 +57,7 @@ from broker.server.messages import (
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
-from broker.server.registry import Registry
+from broker.server.registry import Registry, deliverable
 from broker.server.replies import batch_letters, change_replies, letter
 from broker.server.store.base import (
     CommandRow,
@@ -447,6 +447,7 @@ class Engine:
         first: nothing else reaches a device before its wipe)."""
         hello: Hello = inc.msg
         done = set(hello.done)
+        caps = agreed(hello.caps or ())
         pending: list[CommandRow] = []
         device = inc.device
         for cmd in txn.commands(hello.dev):
@@ -457,7 +458,7 @@ class Engine:
                 if device is not None and cmd.id == device.wipe_id:
                     upd["wipe_done_ms"] = now
                     log.warning("device_wiped", dev=hello.dev, command=cmd.id)
-            else:
+            elif deliverable(cmd, caps):
                 pending.append(cmd)
         pending.sort(key=lambda c: c.cmd != "wipe")
         return pending
