@@ -132,6 +132,9 @@ def cmd_schema_rollback(args: argparse.Namespace, env: Mapping[str, str]) -> int
     finally:
         store.close()
     log.info("schema_rolled_back", was=was, now=now)
+    if getattr(args, "json", False):
+        print(json.dumps({"rolled_back": was, "live": now}))
+        return EXIT_OK
     print(f"rolled back schema version {was}; version {now} is live again. Restart the "
           "servers to serve it")
     return EXIT_OK

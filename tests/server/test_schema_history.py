@@ -195,8 +195,8 @@ def test_schema_commands_end_to_end(env: dict[str, str], tmp_path: Path,
     code, out, _ = run("schema", "history", "--json")
     doc = json.loads(out)
     assert doc["live"] == 3 and [v["version"] for v in doc["versions"]] == [1, 2, 3]
-    code, out, _ = run("schema", "rollback")
-    assert code == 0 and "rolled back schema version 3" in out
+    code, out, _ = run("schema", "rollback", "--json")
+    assert code == 0 and json.loads(out) == {"rolled_back": 3, "live": 2}
     code, out, _ = run("schema", "history")
     lines = out.splitlines()
     assert "LIVE" in lines[1] and "rolled back" in lines[2]

@@ -39,11 +39,12 @@ def add_commands(b: Builder) -> None:
                "file, how many devices last reported running it, which one is live and "
                "which were rolled back.", config="server")
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    b.leaf("schema rollback", "make the previous schema version live again",
-           "Roll the live schema version back to the one before it. Refused when a "
-           "device has run the live version and one of its migrations (remove, narrow, "
-           "drop_collection) has no inverse: then publish a newer version instead.",
-           config="server")
+    p = b.leaf("schema rollback", "make the previous schema version live again",
+               "Roll the live schema version back to the one before it. Refused when a "
+               "device has run the live version and one of its migrations (remove, narrow, "
+               "drop_collection) has no inverse: then publish a newer version instead.",
+               config="server")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 __all__ = ["HANDLERS", "add_commands"]
