@@ -13,14 +13,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
-
 from broker.cli.common import now_ms, server_config
 from broker.server import schema_history
 from broker.server.store import open_store
 from schemas.evolution import Difference, diff, migration_to_dict
 
-log = structlog.get_logger("waystation.schema")
 EXIT_OK = 0
 EXIT_BREAKING = 1
 """`schema diff` exits 1 when a breaking difference is not covered by a migration."""
@@ -78,8 +75,6 @@ def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         done = schema_history.publish(store, text, str(args.file), now_ms())
     finally:
         store.close()
-    log.info("schema_published", version=done.version, previous=done.previous,
-             breaking=sum(not d.compatible for d in done.differences))
     if args.json:
         print(json.dumps({"version": done.version, "previous": done.previous,
                           "differences": [_diff_json(d) for d in done.differences]},
@@ -131,7 +126,6 @@ def cmd_schema_rollback(args: argparse.Namespace, env: Mapping[str, str]) -> int
         was, now = schema_history.rollback(store, now_ms())
     finally:
         store.close()
-    log.info("schema_rolled_back", was=was, now=now)
     if getattr(args, "json", False):
         print(json.dumps({"rolled_back": was, "live": now}))
         return EXIT_OK

@@ -184,9 +184,10 @@ def test_schema_commands_end_to_end(env: dict[str, str], tmp_path: Path,
                                   "to": "note"}]
 
     assert run("schema", "history")[1].startswith("no schema published yet")
-    for name in ("v1", "v2"):
-        code, out, _ = run("schema", "publish", str(f[name]))
-        assert code == 0, out
+    code, out, _ = run("schema", "publish", str(f["v1"]))
+    assert code == 0 and "published schema version 1 (the first" in out
+    code, out, _ = run("schema", "publish", "--json", str(f["v2"]))
+    assert code == 0 and json.loads(out)["previous"] == 1
     code, out, err = run("schema", "publish", str(f["bad"]))
     assert code == 2 and "breaking change without a migration" in err
     assert 'op = "convert"' in err
