@@ -216,6 +216,8 @@ def cmd_deadletters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         body = {g: ch[g] for g in ("f", "i", "a", "r") if g in ch}
         print(f"{d.change_id}  {d.code}: {d.reason}")
         print(f"  {ch['op']} {ch['c']}/{ch['k']} {_compact(body) if body else ''}".rstrip())
+        if d.transaction is not None:  # rejected, and rolled back, with its transaction
+            print(f"  in transaction {d.transaction}")
     return EXIT_OK
 
 

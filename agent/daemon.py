@@ -97,6 +97,7 @@ class AgentDaemon:
         self._catchup_sent = 0.0
         self._last_status = 0.0
         self._hello_cp: dict[str, int] | None = None
+        self._hello_at = 0.0
         self._last_problem: tuple[Any, Any] | None = None
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
@@ -253,6 +254,7 @@ class AgentDaemon:
         self._publish_status(True)
         self.sync.server_caps = None  # agreed anew on every connection (welcome)
         self.sync.upgrade_needed = False
+        self._hello_at = time.monotonic()
         hello = self.sync.hello(AGENT_NAME, z=True)
         if self._send(hello):
             self._hello_cp = hello.cp
@@ -397,7 +399,7 @@ class AgentDaemon:
             exclude: AbstractSet[int] = (
                 self._inflight.keys() if not waiting else {*self._inflight, *waiting})
             batch = self.sync.next_batch(exclude, min(sync_cfg.batch_max_changes, room),
-                                         sync_cfg.batch_max_bytes)
+                                         sync_cfg.batch_max_bytes, txn=self._txn_on())
             if not batch:
                 return
             payload = batch.payload(self.dev,
@@ -426,6 +428,19 @@ class AgentDaemon:
         hello = self.sync.hello(AGENT_NAME, z=True)
         if hello.cp != self._hello_cp and self._send(hello):
             self._hello_cp = hello.cp
+
+    def _txn_on(self) -> bool | None:
+        """How to send transactions (PROTOCOL.md §7.2.1): marked as units (True) only to
+        a server whose welcome to the latest hello agreed to `txn`; as plain changes
+        (False) to one whose welcome did not, or that sent no welcome within the ack
+        timeout (a server from before capabilities); None -- hold them back, and what
+        comes after them -- until one of the two is known."""
+        caps = self.sync.server_caps
+        if caps is not None:
+            return "txn" in caps
+        if time.monotonic() - self._hello_at >= self.cfg.sync.ack_timeout_s:
+            return False
+        return None
 
     def _send(self, msg: wire.Message) -> bool:
         payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)
