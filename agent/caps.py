@@ -7,8 +7,13 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
-AGENT_CAPS: frozenset[str] = frozenset({"scopes", "txn"})
-"""scopes: the `scopes` command (§7.9), the operator changing what the device follows.
-txn: transactions sent as units (§7.2.1; agent.txn_sync)."""
+SCHEMA = "schema"
+"""The server states its schema versions in `welcome`; a device older than `sv_min`
+holds its changes back until it is upgraded (PROTOCOL.md §11)."""
 
-__all__ = ["AGENT_CAPS"]
+AGENT_CAPS: frozenset[str] = frozenset({"scopes", "txn", SCHEMA})
+"""scopes: the `scopes` command (§7.9), the operator changing what the device follows.
+txn: transactions sent as units (§7.2.1; agent.txn_sync).
+schema: the server's schema versions in `welcome` (§11)."""
+
+__all__ = ["AGENT_CAPS", "SCHEMA"]

@@ -25,7 +25,10 @@ cmds        ids of executed commands (newest 1,000)
 last_sync   time (ms) of the last ack or completed catch-up
 online      {"on": bool, "t": ms}: the daemon's heartbeat
 creq        id of the last catch-up request
-last_err    {"code", "reason", "t"}: the last message-level problem
+last_err    {"code", "reason", "t"}: the last message-level problem ("schema_version":
+            upgrade needed, from the server's `welcome`)
+sv_floor    [schema version, sv_min]: outbox entries older than sv_min were relabelled
+            sv_min for that pair (`Sync.apply_schema_versions`)
 wiped       {"t", "id", "key_destroyed"}: this store replaced one erased by a remote wipe
 gone        {"t", "id"}: this store was erased by a remote wipe (its files are being
             replaced); every write is refused (`StoreGone`)

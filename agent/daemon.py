@@ -253,6 +253,7 @@ class AgentDaemon:
                  pending=self.sync.pending_count())
         self._publish_status(True)
         self.sync.server_caps = None  # agreed anew on every connection (welcome)
+        self.sync.upgrade_needed = False
         self._hello_at = time.monotonic()
         hello = self.sync.hello(AGENT_NAME, z=True)
         if self._send(hello):
@@ -389,6 +390,8 @@ class AgentDaemon:
                 del self._inflight[n]
                 self.stats.resent += 1
             self._earliest = min(self._inflight.values(), default=float("inf"))
+        if self.sync.upgrade_needed:
+            return  # the server cannot read this device's changes until it is upgraded
         room = sync_cfg.max_inflight_changes - len(self._inflight)
         while room > 0:
             waiting = [n for n, t in self._retry_at.items() if t > now]

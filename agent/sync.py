@@ -20,7 +20,7 @@ import orjson
 
 from agent import scopes, txn_sync
 from agent.base import BaseRecord, apply_ack_record, rec_state
-from agent.caps import AGENT_CAPS
+from agent.caps import AGENT_CAPS, SCHEMA
 from agent.changes import change_id
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
@@ -103,6 +103,9 @@ class Sync:
         self.server_caps: frozenset[str] | None = None
         """The optional features agreed with the server in its `welcome` to the latest
         `hello` (PROTOCOL.md §11); None until one arrived on this connection."""
+        self.upgrade_needed = False
+        """The server's `welcome` said this device's schema version is older than the
+        oldest it serves: changes stay in the outbox until the device is upgraded."""
 
     # ---------------------------------------------------------------- sending
 
@@ -239,7 +242,8 @@ class Sync:
                 work.set_checkpoint(scope, work.checkpoint(scope).mark_all(qs, now))
             if applied:
                 work.tx.set_meta("last_sync", now)
-                work.tx.delete("meta", b"last_err")  # a problem the server reported is over
+                if not self.upgrade_needed:  # a problem the server reported is over
+                    work.tx.delete("meta", b"last_err")
             if restamped & set(applied):
                 work.tx.set_meta("last_err", {
                     "code": "clock_skew", "t": now,
@@ -434,7 +438,8 @@ class Sync:
             work.tx.set_meta("denied", denied)
             if not behind:
                 work.tx.set_meta("last_sync", now)
-                work.tx.delete("meta", b"last_err")
+                if not self.upgrade_needed:  # "upgrade needed" lasts until the upgrade
+                    work.tx.delete("meta", b"last_err")
             return CheckpointResult(complete, behind, dropped, denied)
 
         return core.write(run, durable=False)
@@ -489,9 +494,44 @@ class Sync:
         return core.read(run)
 
     def apply_welcome(self, msg: wire.Welcome) -> frozenset[str]:
-        """Note the features the server agreed to (only ones this agent offered)."""
+        """Note the features the server agreed to (only ones this agent offered), and
+        with `schema` whether this device is too old for the server (see
+        `apply_schema_versions`)."""
         self.server_caps = frozenset(msg.caps) & AGENT_CAPS
+        if SCHEMA in self.server_caps:
+            self.apply_schema_versions(msg.sv, msg.sv_min)
         return self.server_caps
+
+    def apply_schema_versions(self, sv: int | None, sv_min: int | None) -> bool:
+        """The server runs schema `sv` and upcasts changes from `sv_min` on. A device
+        older than `sv_min` is told to upgrade (meta last_err, shown by `agent status`)
+        and holds its changes back; once upgraded, its changes written under a version
+        older than `sv_min` are sent as `sv_min` (the oldest the server can read).
+        Returns `upgrade_needed`."""
+        mine = self._core.catalog.version
+
+        def run(work: Work) -> bool:
+            err = work.tx.meta("last_err")
+            if sv_min is not None and mine < sv_min:
+                work.tx.set_meta("last_err", {
+                    "code": "schema_version", "t": work.now(),
+                    "reason": f"upgrade needed: this device runs schema version {mine}, the "
+                              f"server serves versions {sv_min} to {sv}; install the current "
+                              "schema file (schema_file) and restart the agent. Local writes "
+                              "are kept and sync after the upgrade"})
+                return True
+            if err is not None and err.get("code") == "schema_version":
+                work.tx.delete("meta", b"last_err")
+            # One scan of the outbox per (version, sv_min) seen, not one per reconnect.
+            if sv_min is not None and work.tx.meta("sv_floor") != [mine, sv_min]:
+                for key, entry in list(work.tx.items("outbox")):
+                    if entry["sv"] < sv_min:
+                        work.tx.put("outbox", key, {**entry, "sv": sv_min})
+                work.tx.set_meta("sv_floor", [mine, sv_min])
+            return False
+
+        self.upgrade_needed = self._core.write(run)
+        return self.upgrade_needed
 
     def status_message(self, online: bool, agent_version: str | None = None) -> wire.Status:
         """The retained `status` (§7.10): presence and counts, nothing private."""

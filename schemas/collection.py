@@ -217,11 +217,13 @@ def parse_catalog(data: dict[str, Any], source: str = "<memory>") -> Catalog:
     """Validate a decoded schema document; errors name `source`, collection and field."""
     if not isinstance(data, dict):
         raise CollectionSchemaError(f"{source}: the schema must be a TOML table")
-    unknown = set(data) - {"version", "collections"}
+    # `migrations` (schemas.evolution) describes how this version follows the previous
+    # one; it is read by the schema history, not part of the catalog.
+    unknown = set(data) - {"version", "collections", "migrations"}
     if unknown:
         raise CollectionSchemaError(
             f"{source}: unknown top-level key {sorted(unknown)[0]!r}; "
-            "expected only 'version' and [collections.*]")
+            "expected only 'version', [collections.*] and [[migrations]]")
     version = data.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CollectionSchemaError(

@@ -542,6 +542,11 @@ class Welcome(Message):
     type: Literal["welcome"] = "welcome"
     caps: Capabilities
     srv: Annotated[str, Field(max_length=128)] = ""
+    sv: SchemaVersion | None = None
+    """With the `schema` capability: the collection-schema version the server runs."""
+    sv_min: SchemaVersion | None = None
+    """With the `schema` capability: the oldest schema version whose changes the server
+    upcasts (its oldest published version); absent: the server states none."""
 
 
 # --- device -> everyone (retained) ---------------------------------------------------

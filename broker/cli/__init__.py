@@ -11,6 +11,7 @@ handler as ``"broker.cli.<module>:cmd_x"``:
     enrol.py        device add (registration, login, agent config)
     devices.py      device list/remove/wipe/resync/disable/enable
     logins.py       broker passwd, and password-file entries for devices
+    schema_history.py  schema publish/diff/history/rollback (the server's schema history)
     common.py       the server config of a command, the clock
 
 Each handler is `cmd_x(args, env) -> int` (see `waystation.cli`). They work on the store

@@ -32,11 +32,14 @@ from typing import Any
 import orjson
 import structlog
 
+from broker.server.caps import SCHEMA
 from broker.server.identity import change_digest, outcome_ns
 from broker.server.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
+from broker.server.upcast import SchemaChain
 from schemas import codec
 from schemas.codec import BadChange
 from schemas.collection import Catalog
+from schemas.errors import MigrationError
 from schemas.wire import Change
 from waystation import merge
 from waystation.config import MergeConfig
@@ -71,6 +74,9 @@ class ChangeResult:
     restamped: int = 0
     """Newly applied with a server stamp: how many ms the device's stamp was ahead."""
     duplicate: bool = False
+    expected: bool = False
+    """Refused as the protocol foresees (a too-old device's change, held until its
+    upgrade): no dead letter for the operator."""
 
     @property
     def ok(self) -> bool:
@@ -127,6 +133,8 @@ class Applier:
         self.clock = clock
         self.now_ms = now_ms
         self.rules = tuple(rules)
+        self.chain: SchemaChain | None = None
+        """The live schema history, to upcast changes written under older versions."""
 
     def begin(self, txn: WriteTxn,
               wants_delta: Callable[[str, str], bool] | None = None) -> TxnApplier:
@@ -152,6 +160,13 @@ class TxnApplier:
         self.now = applier.now_ms()
         self.stats = BatchStats()
         self._records: dict[_Key, merge.RecordState | None] = {}
+
+    def _lookup(self, c: str, k: str) -> Callable[[str], Any]:
+        """The current value of a field of record (c, k), for a merge migration."""
+        def value(name: str) -> Any:
+            record = self._load((c, k))
+            return None if record is None else record.value(name)
+        return value
 
     # --- entry points
 
@@ -233,6 +248,22 @@ class TxnApplier:
             return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False,
                                 reason=f"written under schema version {sv}; the server runs "
                                        f"version {self.version}: retry later")
+        chain = self.a.chain
+        oldest = chain.oldest if chain is not None else None
+        if oldest is not None and sv < oldest and SCHEMA in device.caps:
+            # The device was told `sv_min` in its welcome: it waits for its upgrade and
+            # sends these again afterwards (transient: kept in its outbox).
+            self.stats.transient += 1
+            return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False, expected=True,
+                                reason=f"upgrade needed: written under schema version {sv}, "
+                                       f"older than the oldest this server serves ({oldest})")
+        if sv < self.version and chain is not None and ch.op == "put":
+            # The caller's digest is of the change as the device wrote it, so a resend
+            # of the same change is still recognised after the upcast.
+            try:
+                ch = chain.upcast(ch, sv, self._lookup(ch.c, ch.k))
+            except MigrationError as exc:
+                return Refusal(codec.TYPE_MISMATCH, f"written under schema version {sv}: {exc}")
         stamp: Stamp | None = None
         c, k, scope = ch.c, ch.k, ch.s
         key = (c, k)

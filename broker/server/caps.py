@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-SERVER_CAPS: frozenset[str] = frozenset({"scopes", "txn"})
+SCHEMA = "schema"
+"""The server states its schema versions in `welcome` (`sv`, `sv_min`) and holds back
+changes written under a version older than `sv_min` (PROTOCOL.md §11)."""
+
+SERVER_CAPS: frozenset[str] = frozenset({"scopes", "txn", SCHEMA})
 """scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
-txn: transactions applied all or none (§7.2.1, §10.5)."""
+txn: transactions applied all or none (§7.2.1, §10.5).
+schema: see `SCHEMA`."""
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
@@ -20,4 +25,4 @@ def agreed(offered: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(offered) & SERVER_CAPS))
 
 
-__all__ = ["SERVER_CAPS", "agreed"]
+__all__ = ["SCHEMA", "SERVER_CAPS", "agreed"]

@@ -42,7 +42,8 @@ import structlog
 from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats, ChangeResult
-from broker.server.caps import agreed
+from broker.server.caps import SCHEMA, agreed
+from broker.server.downcast import Downcaster
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
 from broker.server.messages import (
@@ -66,6 +67,7 @@ from broker.server.store.base import (
     Store,
     WriteTxn,
 )
+from broker.server.upcast import SchemaChain
 from schemas import codec
 from schemas.codec import BadChange, LenientChanges
 from schemas.collection import Catalog
@@ -122,6 +124,9 @@ class Engine:
         self.clock = clock if clock is not None else Clock(SERVER_NODE, now_ms)
         self.rules = list(load_rules(self.cfg.rules) if rules is None else rules)
         self.applier = Applier(catalog, self.cfg, self.clock, now_ms, self.rules)
+        self.applier.chain = SchemaChain.load(store, catalog)
+        self.downcaster = (Downcaster(self.applier.chain, catalog.version)
+                           if self.applier.chain.versions else None)
         self.registry = Registry()
         self.presence = Presence()
         self.counters: Counter[str] = Counter()
@@ -177,7 +182,7 @@ class Engine:
         if catchups:
             out.extend(self._catchups(catchups))
         out.extend(fan.messages(self._compress_over))
-        return out
+        return self._downcast(out)
 
     def handle_status(self, topic_device: str, payload: bytes) -> list[Outgoing]:
         """Record a device's presence from its (retained) status message.
@@ -265,6 +270,7 @@ class Engine:
                     log.info("tombstones_purged", count=purged)
             if self._dirty or self._letters:
                 self._commit([], now)
+            out = self._downcast(out)
         except Exception:
             log.exception("tick_failed")
         return out
@@ -520,6 +526,16 @@ class Engine:
 
     # ------------------------------------------------------------------ replies
 
+    def _downcast(self, out: list[Outgoing]) -> list[Outgoing]:
+        """Records projected down for devices on an older published schema version."""
+        if self.downcaster is None or not out:
+            return out
+        return self.downcaster.apply(out, self._device_sv, self._compress_over)
+
+    def _device_sv(self, dev: str) -> int | None:
+        row = self.registry.get(dev)
+        return row.sv if row is not None and row.sv else None
+
     def _compress_over(self, dev: str) -> int | None:
         row = self.registry.get(dev)
         return self.cfg.compress_over_bytes if row is not None and row.z else None
@@ -545,7 +561,13 @@ class Engine:
         elif inc.kind == "hello":
             msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
             if inc.msg.caps is not None:  # a device that speaks §11 is told what is agreed
-                msgs.insert(0, welcome_message(agreed(inc.msg.caps), SERVER_NAME))
+                caps = agreed(inc.msg.caps)
+                if SCHEMA in caps:
+                    msgs.insert(0, welcome_message(caps, SERVER_NAME, self.catalog.version,
+                                                   self.applier.chain.oldest
+                                                   if self.applier.chain else None))
+                else:
+                    msgs.insert(0, welcome_message(caps, SERVER_NAME))
             self._sent_commands.update(c.id for c in inc.commands)
         elif inc.kind == "changes":
             msgs = change_replies(dev, inc.results, inc.msg.bad, fan)

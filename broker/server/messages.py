@@ -132,9 +132,16 @@ def checkpoint_message(req: str, cp: dict[str, int], denied: Sequence[str]) -> b
     return dumps(obj)
 
 
-def welcome_message(caps: Iterable[str], server: str) -> bytes:
-    """The answer to a `hello` with `caps` (PROTOCOL.md §7.11)."""
-    return dumps({"type": "welcome", "v": 1, "caps": sorted(caps), "srv": server})
+def welcome_message(caps: Iterable[str], server: str, sv: int | None = None,
+                    sv_min: int | None = None) -> bytes:
+    """The answer to a `hello` with `caps` (PROTOCOL.md §7.11); `sv` / `sv_min` only
+    with the `schema` capability."""
+    msg: dict[str, Any] = {"type": "welcome", "v": 1, "caps": sorted(caps), "srv": server}
+    if sv is not None:
+        msg["sv"] = sv
+    if sv_min is not None:
+        msg["sv_min"] = sv_min
+    return dumps(msg)
 
 
 def command_message(cid: str, cmd: str, args: dict[str, Any]) -> bytes:

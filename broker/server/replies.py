@@ -56,7 +56,7 @@ def batch_letters(dev: str, results: Sequence[ChangeResult], bad: Sequence[BadCh
                   payload: bytes, now: int) -> list[DeadLetter]:
     """Dead letters for a batch: its refusals (first ones named), its re-stamped changes."""
     out: list[DeadLetter] = []
-    refused = [r for r in results if not r.ok and not r.duplicate]
+    refused = [r for r in results if not r.ok and not r.duplicate and not r.expected]
     # A refused transaction: its cause first (the others only say `txn_aborted`).
     refused.sort(key=lambda r: r.code == codec.TXN_ABORTED)
     nameless = [b for b in bad if b.n is None]

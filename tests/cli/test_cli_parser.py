@@ -72,6 +72,10 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "broker passwd": ["broker", "passwd", "waystation-server"],
     "schema check": ["schema", "check", "fleet.toml"],
     "schema export": ["schema", "export", "--check"],
+    "schema diff": ["schema", "diff", "old.toml", "new.toml"],
+    "schema publish": ["schema", "publish", "fleet.toml"],
+    "schema history": ["schema", "history"],
+    "schema rollback": ["schema", "rollback"],
     "config show": ["config", "show", "agent"],
 }
 

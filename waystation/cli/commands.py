@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from waystation.cli.exitcodes import EXIT_NOT_AVAILABLE
+from waystation.cli.parser_schema_history import HANDLERS as SCHEMA_HISTORY_HANDLERS
 
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
@@ -69,6 +70,7 @@ HANDLERS: dict[str, str] = {
     "broker passwd": "broker.cli.logins:cmd_broker_passwd",
     "schema check": "waystation.cli.schema_cmd:cmd_schema_check",
     "schema export": "waystation.cli.schema_cmd:cmd_schema_export",
+    **SCHEMA_HISTORY_HANDLERS,
     "config show": "waystation.cli.config_cmd:cmd_config_show",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from waystation.cli.builder import Builder, json_flag
+from waystation.cli.parser_schema_history import add_commands as add_schema_history
 
 
 def add_demo(b: Builder) -> None:
@@ -21,8 +22,9 @@ def add_demo(b: Builder) -> None:
 
 
 def add_schema(b: Builder) -> None:
-    b.group("schema", "check collection schemas, export wire JSON Schemas",
-            "Work with schemas: check an operator's collection schema file, or export "
+    b.group("schema", "check, diff, publish and roll back collection schemas",
+            "Work with schemas: check an operator's collection schema file, diff two "
+            "versions, publish, list and roll back the server's schema history, or export "
             "the JSON Schema of every wire message.")
     p = b.leaf("schema check", "validate a collection schema file and summarise it",
                "Load a collection schema file (TOML) and validate it: every error names "
@@ -39,6 +41,7 @@ def add_schema(b: Builder) -> None:
     p.add_argument("--dir", metavar="DIR", type=Path, default=None,
                    help="the directory of the JSON Schema files (default: schemas/json/ "
                         "of the installed package)")
+    add_schema_history(b)
 
 
 def add_config(b: Builder) -> None:

@@ -33,6 +33,8 @@ What is kept (all in the same transactional store):
     commands      (device, id) -> CommandRow
     notices       id -> Notice: record versions written outside the merge consumer (the
                   operator's `server resolve`) that the running server must fan out
+    schemas       version -> SchemaVersionRow: the published collection-schema history
+                  (`broker.server.schema_history`)
 
 Rows are plain frozen dataclasses; records are the JSON-able dicts of
 `merge.RecordState.to_json()` (the store never interprets them).
@@ -174,6 +176,30 @@ class ConflictRow:
         return cls(id=data["id"], created_ms=data["created"], c=data["c"], k=data["k"],
                    s=data["s"], field=data["field"], entry=data["entry"], open=data["open"],
                    closed_ms=data["closed"], resolution=data["resolution"])
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaVersionRow:
+    """One published collection-schema version (the TOML text, migrations included)."""
+
+    version: int
+    published_ms: int
+    source: str
+    """The file it was published from (for the operator)."""
+    text: str
+    rolled_back_ms: int = 0
+    """When it was rolled back (0: live). A rolled-back number is never reused."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "published": self.published_ms,
+                "source": self.source, "text": self.text,
+                "rolled_back": self.rolled_back_ms}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SchemaVersionRow:
+        return cls(version=data["version"], published_ms=data["published"],
+                   source=data["source"], text=data["text"],
+                   rolled_back_ms=data.get("rolled_back", 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +368,9 @@ class ReadTxn(Protocol):
     def commands(self, dev: str | None = None) -> list[CommandRow]:
         """Every command (of one device, or of all), oldest first."""
         ...
+    def schema_versions(self) -> list[SchemaVersionRow]:
+        """Every published schema version, rolled back ones included, oldest first."""
+        ...
     def notices(self, limit: int) -> list[Notice]:
         """Oldest first."""
         ...
@@ -441,6 +470,9 @@ class WriteTxn(ReadTxn, Protocol):
     def delete_commands(self, dev: str) -> int: ...
     def add_notice(self, notice: Notice) -> int: ...
     def delete_notice(self, nid: int) -> None: ...
+    def put_schema_version(self, row: SchemaVersionRow) -> None:
+        """Insert or replace the row of `row.version`."""
+        ...
 
 
 class Store(Protocol):

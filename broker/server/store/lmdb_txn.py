@@ -20,6 +20,7 @@ characters):
                   see `broker.server.store.lmdb_letters`)
     commands      dev NUL id -> JSON CommandRow
     notices       id -> JSON [scope, q, rec]
+    schemas       version -> JSON SchemaVersionRow
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ from broker.server.store.base import (
     DeviceRow,
     Notice,
     OutcomeRow,
+    SchemaVersionRow,
     Tomb,
 )
 
 DBS = ("meta", "devices", "records", "seqs", "horizons", "index", "tombs", "outcomes",
-       "conflicts", "conflicts_open", "deadletters", "commands", "notices")
+       "conflicts", "conflicts_open", "deadletters", "commands", "notices", "schemas")
 _U64 = struct.Struct(">Q")
 _SEP = b"\x00"
 DEFAULT_MAX_DEAD_LETTERS = DeadLetterLimits().max_count
@@ -244,6 +246,10 @@ class LmdbReadTxn:
                 out.append(Notice(_from_u64(key), scope, q, rec))
         return out
 
+    def schema_versions(self) -> list[SchemaVersionRow]:
+        with self._txn.cursor(db=self._db["schemas"]) as cur:
+            return [SchemaVersionRow.from_json(orjson.loads(v)) for _, v in cur]
+
     def counts(self) -> dict[str, int]:
         def n(name: str) -> int:
             return int(self._txn.stat(self._db[name])["entries"])
@@ -420,6 +426,9 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     def delete_notice(self, nid: int) -> None:
         self._txn.delete(_u64(nid), db=self._db["notices"])
+
+    def put_schema_version(self, row: SchemaVersionRow) -> None:
+        self._txn.put(_u64(row.version), orjson.dumps(row.to_json()), db=self._db["schemas"])
 
     # --- helpers
 

@@ -21,6 +21,8 @@ Schema (``broker/server/store/migrations/*.sql``, everything in the schema ``way
     dead_letter_drops  what the bounds dropped (one row per trim)
     commands      (dev, id) -> row
     notices       id identity -> (scope, q, rec jsonb)
+    schema_versions  version -> (published_ms, source, text, rolled_back_ms): the
+                  published collection-schema history (migration 0004)
 
 The log lives in the record rows because it holds exactly one entry per record, its
 newest version: moving it is part of the record's own UPDATE instead of a delete and an

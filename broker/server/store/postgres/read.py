@@ -15,6 +15,7 @@ from broker.server.store.base import (
     DeviceRow,
     Notice,
     OutcomeRow,
+    SchemaVersionRow,
     Tomb,
 )
 from broker.server.store.postgres import letters
@@ -198,6 +199,12 @@ class PgReadTxn:
             return []
         return [Notice(int(i), s, int(q), rec) for i, s, q, rec in self._all(
             "SELECT id, scope, q, rec FROM notices ORDER BY id LIMIT %s", (limit,))]
+
+    def schema_versions(self) -> list[SchemaVersionRow]:
+        self._sync()
+        return [SchemaVersionRow(int(v), int(p), src, text, int(rb)) for v, p, src, text, rb
+                in self._all("SELECT version, published_ms, source, text, rolled_back_ms "
+                             "FROM schema_versions ORDER BY version")]
 
     def counts(self) -> dict[str, int]:
         self._sync()

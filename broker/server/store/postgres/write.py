@@ -19,6 +19,7 @@ from broker.server.store.base import (
     DeviceRow,
     Notice,
     OutcomeRow,
+    SchemaVersionRow,
     Tomb,
 )
 from broker.server.store.postgres import letters
@@ -373,6 +374,14 @@ class PgWriteTxn(PgReadTxn):
 
     def delete_notice(self, nid: int) -> None:
         self._run("DELETE FROM notices WHERE id = %s", (nid,))
+
+    def put_schema_version(self, row: SchemaVersionRow) -> None:
+        self._run("INSERT INTO schema_versions (version, published_ms, source, text, "
+                  "rolled_back_ms) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (version) DO "
+                  "UPDATE SET published_ms = EXCLUDED.published_ms, source = EXCLUDED.source, "
+                  "text = EXCLUDED.text, rolled_back_ms = EXCLUDED.rolled_back_ms",
+                  (row.version, row.published_ms, _clean(row.source), row.text,
+                   row.rolled_back_ms))
 
     # --- sending the buffered writes
 

@@ -1,0 +1,138 @@
+"""`waystation schema publish / diff / history / rollback`: the operator's view of the
+server-owned schema history (`broker.server.schema_history`, docs/SCHEMA_EVOLUTION.md).
+
+Handlers are `cmd_x(args, env) -> int` like every command (`waystation.cli`); errors
+are `WaystationError`s printed as one line with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from broker.cli.common import now_ms, server_config
+from broker.server import schema_history
+from broker.server.store import open_store
+from schemas.evolution import Difference, diff, migration_to_dict
+
+EXIT_OK = 0
+EXIT_BREAKING = 1
+"""`schema diff` exits 1 when a breaking difference is not covered by a migration."""
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else ""
+
+
+def _diff_json(d: Difference) -> dict[str, Any]:
+    return {"kind": d.kind, "collection": d.collection, "field": d.field,
+            "detail": d.detail, "compatible": d.compatible}
+
+
+def _print_differences(differences: list[Difference]) -> None:
+    if not differences:
+        print("no differences")
+    for d in differences:
+        print(d.describe())
+
+
+def cmd_schema_diff(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Classify every difference from OLD to NEW; check NEW's migrations against OLD."""
+    from schemas.errors import SchemaEvolutionError
+    from schemas.evolution import check_step
+
+    old, _ = schema_history.parse_text(schema_history.read_file(str(args.old)), str(args.old))
+    new, migrations = schema_history.parse_text(schema_history.read_file(str(args.new)),
+                                                str(args.new))
+    differences = diff(old, new)
+    problem: str | None = None
+    try:
+        check_step(old, new, migrations)
+    except SchemaEvolutionError as exc:
+        problem = str(exc)
+    if args.json:
+        print(json.dumps({"old": old.version, "new": new.version,
+                          "differences": [_diff_json(d) for d in differences],
+                          "migrations": [migration_to_dict(m) for m in migrations],
+                          "publishable": problem is None, "problem": problem}, indent=2))
+    else:
+        print(f"schema {old.version} ({args.old}) -> {new.version} ({args.new})")
+        _print_differences(differences)
+        for m in migrations:
+            print(f"migration  {json.dumps(migration_to_dict(m))}")
+        print(f"publishable: {'yes' if problem is None else 'no: ' + problem}")
+    return EXIT_OK if problem is None else EXIT_BREAKING
+
+
+def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Check FILE against the live version and store it as the new live version."""
+    text = schema_history.read_file(str(args.file))
+    store = open_store(server_config(args, env))
+    try:
+        done = schema_history.publish(store, text, str(args.file), now_ms())
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"version": done.version, "previous": done.previous,
+                          "differences": [_diff_json(d) for d in done.differences]},
+                         indent=2))
+        return EXIT_OK
+    if done.previous is None:
+        print(f"published schema version {done.version} (the first in the history)")
+    else:
+        print(f"published schema version {done.version} after {done.previous}")
+        _print_differences(done.differences)
+    print("restart the servers (`systemctl restart waystation-server`) to serve it")
+    return EXIT_OK
+
+
+def cmd_schema_history(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """List every published version, the live one marked."""
+    store = open_store(server_config(args, env))
+    try:
+        with store.read() as txn:
+            every = schema_history.rows(txn)
+            devices = txn.devices()
+    finally:
+        store.close()
+    live = max((r.version for r in every if not r.rolled_back_ms), default=None)
+    on: dict[int, int] = {}
+    for dev in devices:
+        on[dev.sv] = on.get(dev.sv, 0) + 1
+    if args.json:
+        print(json.dumps({"live": live, "versions": [
+            {"version": r.version, "published": r.published_ms, "source": r.source,
+             "rolled_back": r.rolled_back_ms, "devices": on.get(r.version, 0)}
+            for r in every]}, indent=2))
+        return EXIT_OK
+    if not every:
+        print("no schema published yet: `waystation schema publish FILE`")
+        return EXIT_OK
+    for r in every:
+        state = ("rolled back " + _iso(r.rolled_back_ms) if r.rolled_back_ms
+                 else "LIVE" if r.version == live else "")
+        print(f"{r.version:>6}  {_iso(r.published_ms)}  {on.get(r.version, 0):>5} devices  "
+              f"{state:24}  {r.source}")
+    return EXIT_OK
+
+
+def cmd_schema_rollback(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Roll the live version back to the previous one."""
+    store = open_store(server_config(args, env))
+    try:
+        was, now = schema_history.rollback(store, now_ms())
+    finally:
+        store.close()
+    if getattr(args, "json", False):
+        print(json.dumps({"rolled_back": was, "live": now}))
+        return EXIT_OK
+    print(f"rolled back schema version {was}; version {now} is live again. Restart the "
+          "servers to serve it")
+    return EXIT_OK
+
+
+__all__ = ["cmd_schema_diff", "cmd_schema_history", "cmd_schema_publish",
+           "cmd_schema_rollback"]
