@@ -26,7 +26,6 @@ from waystation.config.common import (
     _no_duplicates,
     default_device_id,
 )
-
 from waystation.config.policy import PolicyConfig
 
 # ------------------------------------------------------------------------ the agent
