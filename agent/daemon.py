@@ -15,6 +15,12 @@ catch-up pages and checkpoints through `agent.sync`, each one durable transactio
 asks for a catch-up on every (re)connect and whenever a sequence gap does not fill.
 
 Every retry fires on its own timer: nothing waits for the next local write or a restart.
+
+Sync policy (`agent.policy`, `[policy]`): before each batch the daemon asks its `Gate`
+whether the records lane may send (sync windows, metered link and budget, battery,
+bandwidth cap, the merge server group's retained announcement on
+`{prefix}/_server/{group}/+/state`, an explicit "sync now"); held changes stay in the
+outbox and meta "policy" says what waits and why (`agent status`, the local API).
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ from typing import Any
 
 import structlog
 
-from agent.api import WAKE_SOCKET, Agent
+from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
 from agent.catchup import CatchupRound
+from agent.policy.decide import Decision
+from agent.policy.gate import Gate
 from schemas import codec, wire
 from schemas.collection import Catalog
 from schemas.errors import ProtocolError
@@ -72,7 +80,7 @@ class AgentDaemon:
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
                  env: Mapping[str, str] | None = None, agent: Agent | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, gate: Gate | None = None) -> None:
         self.cfg = cfg
         self.env = dict(os.environ if env is None else env)
         self.agent = agent if agent is not None else Agent.open(cfg, catalog, env=self.env)
@@ -83,6 +91,13 @@ class AgentDaemon:
         self.up_topic = f"{prefix}/{self.dev}/up"
         self.down_topic = f"{prefix}/{self.dev}/down"
         self.status_topic = f"{prefix}/{self.dev}/status"
+        self.server_group = cfg.policy.server_group
+        self.server_filter = f"{prefix}/_server/{self.server_group}/+/state"
+        self.gate = gate if gate is not None else Gate(cfg.policy)
+        self._decision: Decision | None = None
+        self._policy_doc: dict[str, Any] | None = None
+        self._policy_written = 0.0
+        self._budget_dirty = False
         self.stats = DaemonStats()
         self._rng = rng or random.Random()
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -100,6 +115,10 @@ class AgentDaemon:
         self._last_problem: tuple[Any, Any] | None = None
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
+        policy = self.sync.policy_state()
+        if policy is not None:
+            self.gate.restore_budget(policy.get("budget"))
+        self._take_sync_now()
         self.link = self._make_link()
 
     def _make_link(self) -> MqttLink:
@@ -116,6 +135,8 @@ class AgentDaemon:
                 ("problem", problem.kind, problem.detail, delay)),
         )
         link.subscribe(self.down_topic, qos=1)
+        if self.cfg.policy.wait_for_server:
+            link.subscribe(self.server_filter, qos=1)
         return link
 
     # ------------------------------------------------------------------ lifecycle
@@ -139,6 +160,7 @@ class AgentDaemon:
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
             self.sync.record_link("offline", "stopped")
+            self.sync.record_policy(None)
         if self._owns_agent:
             self.agent.close()
 
@@ -220,7 +242,12 @@ class AgentDaemon:
         kind = event[0]
         try:
             if kind == "msg":
-                self._on_message(event[2])
+                if event[1] == self.down_topic:
+                    self._on_message(event[2])
+                else:
+                    self._on_server_state(str(event[1]), event[2])
+            elif kind == "sync_now":
+                self._take_sync_now()
             elif kind == "conn":
                 self._on_connect(bool(event[1]))
             elif kind == "disc":
@@ -366,6 +393,8 @@ class AgentDaemon:
         else:
             executed = self.sync.execute_command(cmd)
         log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
+        if executed and cmd.cmd == "sync":
+            self._take_sync_now()
         if executed and cmd.cmd in ("wipe", "resync"):
             self._inflight.clear()
             self._retry_at.clear()
@@ -383,20 +412,32 @@ class AgentDaemon:
                 del self._inflight[n]
                 self.stats.resent += 1
             self._earliest = min(self._inflight.values(), default=float("inf"))
+        decision = self.gate.decide()
+        if decision is not self._decision:
+            self._decision = decision
+            self._note_policy()
+        if "records" in decision.lanes:
+            min_priority: int | None = None
+        elif decision.high_priority:
+            min_priority = self.cfg.policy.high_priority  # only urgent changes go
+        else:
+            return
         room = sync_cfg.max_inflight_changes - len(self._inflight)
-        while room > 0:
+        while room > 0 and self.gate.wait_s("records") == 0:
             waiting = [n for n, t in self._retry_at.items() if t > now]
             # Without deferred changes, the in-flight numbers themselves (not a copy).
             exclude: AbstractSet[int] = (
                 self._inflight.keys() if not waiting else {*self._inflight, *waiting})
             batch = self.sync.next_batch(exclude, min(sync_cfg.batch_max_changes, room),
-                                         sync_cfg.batch_max_bytes)
+                                         sync_cfg.batch_max_bytes, min_priority=min_priority)
             if not batch:
                 return
             payload = batch.payload(self.dev,
                                     compress_over=sync_cfg.compress_over_bytes or None)
             if not self.link.publish(self.up_topic, payload):
                 return
+            if self.gate.sent("records", len(payload)):
+                self._budget_dirty = True
             deadline = now + sync_cfg.ack_timeout_s
             self._earliest = min(self._earliest, deadline)
             for n in batch.numbers:
@@ -405,6 +446,82 @@ class AgentDaemon:
             self.stats.batches_sent += 1
             self.stats.changes_sent += len(batch)
             room -= len(batch)
+
+    # ------------------------------------------------------------------ policy
+
+    def _on_server_state(self, topic: str, payload: bytes) -> None:
+        """A merge server's retained announcement (PROTOCOL.md §7.12)."""
+        parts = topic.split("/")
+        if (len(parts) != 5 or parts[1] != "_server" or parts[2] != self.server_group
+                or parts[4] != "state"):
+            log.warning("unexpected_topic", dev=self.dev, topic=topic[:200])
+            return
+        server = parts[3]
+        now_ms = int(time.time() * 1000)
+        if not payload:  # the retained announcement was cleared by the operator
+            self.gate.on_server_state(server, None, now_ms)
+            log.info("server_forgotten", dev=self.dev, server=server)
+            return
+        try:
+            msg = codec.decode(payload, allowed=wire.SERVER_TYPES)
+        except ProtocolError as err:
+            self.stats.bad_messages += 1
+            log.warning("bad_server_state", dev=self.dev, code=err.code, reason=err.reason)
+            return
+        assert isinstance(msg, wire.ServerState)
+        if msg.srv != server or msg.grp != self.server_group:
+            self.stats.bad_messages += 1
+            log.warning("bad_server_state", dev=self.dev, code="invalid",
+                        reason=f"announcement of {msg.grp}/{msg.srv} on {topic[:200]}")
+            return
+        was = self.gate.server.up
+        self.gate.on_server_state(server, msg.on, msg.t or now_ms)
+        if self.gate.server.up != was:
+            log.info("server_group", dev=self.dev, group=self.server_group,
+                     up=self.gate.server.up, server=server)
+
+    def _take_sync_now(self) -> None:
+        """Honour the latest "sync now" (app or operator) if it is recent enough."""
+        req = self.sync.sync_now_request()
+        if req is None or not isinstance(req.get("t"), int):
+            return
+        before = self.gate.sync_now_until_ms
+        self.gate.sync_now(req["t"])
+        if self.gate.sync_now_until_ms != before:
+            log.info("sync_now", dev=self.dev, by=req.get("by"),
+                     until_ms=self.gate.sync_now_until_ms)
+
+    def _note_policy(self, *, force: bool = False) -> None:
+        """Record what the policy holds back (meta "policy") when that changed, and the
+        metered budget at most every few seconds."""
+        decision = self._decision
+        if decision is None:
+            return
+        gate = self.gate
+        doc: dict[str, Any] = {
+            "deferrals": [d.to_dict() for d in decision.deferrals],
+            "sync_now_until_ms": gate.sync_now_until_ms if decision.sync_now else None,
+            "server": {"group": self.server_group, "up": gate.server.up,
+                       "down_since_ms": gate.server.down_since_ms},
+            "probes": gate.problems(),
+        }
+        changed = doc != self._policy_doc
+        now = time.monotonic()
+        if not (changed or force or (self._budget_dirty and now - self._policy_written >= 5)):
+            return
+        if changed:
+            codes = [d.code for d in decision.deferrals]
+            if codes:
+                log.info("sync_deferred", dev=self.dev, codes=codes,
+                         pending=self.sync.pending_count())
+            elif self._policy_doc is not None and self._policy_doc["deferrals"]:
+                log.info("sync_resumed", dev=self.dev)
+        self._policy_doc = doc
+        budget = gate.budget
+        self.sync.record_policy({**doc, "budget": {"day": budget.day, "used": budget.used,
+                                                   "limit": budget.limit}})
+        self._policy_written = now
+        self._budget_dirty = False
 
     def _inflight_room(self) -> bool:
         """Room in the in-flight window for a whole batch (refilling smaller gaps as they
@@ -443,6 +560,7 @@ class AgentDaemon:
         sync_cfg = self.cfg.sync
         if not self._connected:
             return
+        self._note_policy()
         if now - self._last_status >= sync_cfg.status_interval_s:
             self._publish_status(True)
             self.sync.set_online(True)
@@ -501,10 +619,10 @@ class AgentDaemon:
     def _wake_reader(self, sock: socket.socket) -> None:
         while not self._stopping.is_set():
             try:
-                sock.recv(64)
+                data = sock.recv(64)
             except OSError:
                 return
-            self._events.put(("wake",))
+            self._events.put(("sync_now",) if data == WAKE_SYNC_NOW else ("wake",))
 
     def _close_wake_socket(self) -> None:
         sock, self._wake_sock = self._wake_sock, None

@@ -21,7 +21,7 @@ from broker.server.store.base import CommandRow, DeviceRow, ReadTxn, Store, Writ
 from schemas.wire import ID_PATTERN
 
 _ID_RE = re.compile(ID_PATTERN)
-COMMANDS = ("wipe", "resync", "ping")
+COMMANDS = ("wipe", "resync", "ping", "sync")
 
 
 def check_id(kind: str, value: str) -> str:
