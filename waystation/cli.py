@@ -44,6 +44,7 @@ HANDLERS: dict[str, str] = {
     "demo": "waystation.demo:cmd_demo",
     "agent run": "agent.cli:cmd_run",
     "agent status": "agent.cli:cmd_status",
+    "agent sync": "agent.cli:cmd_sync_now",
     "agent put": "agent.cli:cmd_put",
     "agent get": "agent.cli:cmd_get",
     "agent list": "agent.cli:cmd_list",
@@ -70,6 +71,7 @@ HANDLERS: dict[str, str] = {
     "device remove": "broker.cli:cmd_device_remove",
     "device wipe": "broker.cli:cmd_device_wipe",
     "device resync": "broker.cli:cmd_device_resync",
+    "device sync": "broker.cli:cmd_device_sync",
     "device disable": "broker.cli:cmd_device_disable",
     "device enable": "broker.cli:cmd_device_enable",
     "broker run": "broker.embedded.amqtt_broker:broker_run",
@@ -258,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
                "synced, and how many dead letters and open conflicts there are. Works "
                "whether or not the daemon is running.", config="agent")
     _json_flag(p)
+    p = b.leaf("agent sync", "sync now: lift the sync windows, metered and battery policy",
+               "Tell the running sync daemon to send what its sync policy holds back "
+               "(windows, metered link, day's budget, battery) now, for policy.sync_now_s. "
+               "A server group announced down still holds everything.", config="agent")
+    _json_flag(p)
     p = b.leaf("agent put", "write fields of a record (saved locally, synced later)",
                "Set fields of a record in the local store. Each FIELD=VALUE takes VALUE as "
                "JSON when it parses as JSON (42, true, null, \"text\", [1,2], {\"a\":1}) and "
@@ -445,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
                "Queue a resync command for device ID: it drops its copy of the server's "
                "data and checkpoints, keeps its unsynced writes, and catches up from zero.",
                config="server")
+    p.add_argument("device_id", metavar="ID", type=_device_id, help="the device's id")
+    p = b.leaf("device sync", "order a device to sync now, whatever its sync policy",
+               "Queue a sync command for device ID: for its policy.sync_now_s it sends what "
+               "its sync windows, metered-link or battery policy hold back (not while its "
+               "server group is announced down). Needs an agent that knows the command "
+               "(this version or later); an older one ignores it.", config="server")
     p.add_argument("device_id", metavar="ID", type=_device_id, help="the device's id")
     p = b.leaf("device disable", "refuse a device's changes (keeps its registration)",
                "Disable device ID: its messages are answered with unknown_device until it "

@@ -125,9 +125,8 @@ class MergeServer:
         else:
             # The announcement's last will: the broker says "offline" for a server that
             # crashed or lost its link (PROTOCOL.md §7.12).
-            self.state_topic = (state_topic(prefix, cfg.server_group, cfg.server_id)
-                                if cfg.announce else None)
-            will = None if self.state_topic is None else Will(
+            self.state_topic = state_topic(prefix, cfg.server_group, cfg.server_id)
+            will = None if not cfg.announce else Will(
                 self.state_topic, state_payload(cfg.server_group, cfg.server_id, False, None),
                 qos=1, retain=True)
             self.link = MqttLink.from_config(
@@ -196,10 +195,16 @@ class MergeServer:
         log.info("server_connected", session_present=session_present, up=self.up_filter)
 
     def _announce(self, online: bool) -> None:
-        if self.state_topic is not None and isinstance(self.link, MqttLink):
-            cfg = self.cfg
+        if self.state_topic is None or not isinstance(self.link, MqttLink):
+            return
+        cfg = self.cfg
+        if cfg.announce:
             self.link.publish(self.state_topic, state_payload(
                 cfg.server_group, cfg.server_id, online, wall_ms()), qos=1, retain=True)
+        elif online:
+            # Not announcing (any more): clear an announcement this server made before,
+            # or its retained "offline" would hold every device of the group forever.
+            self.link.publish(self.state_topic, b"", qos=1, retain=True)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
