@@ -187,7 +187,7 @@ def test_metered_budget_high_priority_and_sync_now(fleet: Fleet, tmp_path: Path)
         fleet.wait(lambda: fleet.record("inventory", "urgent"), timeout=30,
                    what="the high-priority change at the server")
         assert fleet.record("inventory", "normal") is None
-        assert [p.n for p in ag.pending()] == [6]
+        assert [p["ch"]["k"] for p in ag.pending()] == ["normal"]
         # the app: sync now
         ag.sync_now()
         fleet.wait_drained(DEV, timeout=30)
