@@ -56,6 +56,8 @@ log = structlog.get_logger("waystation.agent")
 AGENT_NAME = f"waystation/{__version__}"
 _TIMER_S = 0.25
 _CATCHUP_RETRY_MIN_S = 2.0
+_SERVER_STATE_MAX = 4096
+"""Bytes of a server announcement (PROTOCOL.md §7.12); more is refused unread."""
 
 
 @dataclass
@@ -72,6 +74,8 @@ class DaemonStats:
     bad_messages: int = 0
     connects: int = 0
     catchups: int = 0
+    loops: int = 0
+    """Turns of the engine loop (each asks the sync policy and pumps)."""
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -232,6 +236,7 @@ class AgentDaemon:
                     self._timers(now)
                     next_timer = now + _TIMER_S
                 self._pump(now)
+                self.stats.loops += 1
         except Exception:
             log.exception("agent_loop_failed", dev=self.dev)
             raise
@@ -463,7 +468,8 @@ class AgentDaemon:
             log.info("server_forgotten", dev=self.dev, server=server)
             return
         try:
-            msg = codec.decode(payload, allowed=wire.SERVER_TYPES)
+            msg = codec.decode(payload, allowed=wire.SERVER_TYPES,
+                               max_payload=_SERVER_STATE_MAX)
         except ProtocolError as err:
             self.stats.bad_messages += 1
             log.warning("bad_server_state", dev=self.dev, code=err.code, reason=err.reason)
