@@ -283,6 +283,7 @@ class AgentDaemon:
         log.info("connected", dev=self.dev, session_present=session_present,
                  pending=self.sync.pending_count())
         self._publish_status(True)
+        self.sync.server_caps = None  # agreed anew on every connection (welcome)
         hello = self.sync.hello(AGENT_NAME, z=True)
         if self._send(hello):
             self._hello_cp = hello.cp
@@ -324,6 +325,9 @@ class AgentDaemon:
             self._on_checkpoint(msg)
         elif isinstance(msg, wire.Command):
             self._on_command(msg)
+        elif isinstance(msg, wire.Welcome):
+            caps = self.sync.apply_welcome(msg)
+            log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))
 
     def _on_reject(self, msg: wire.Reject) -> None:
         result = self.sync.apply_reject(msg)

@@ -323,6 +323,11 @@ class Rec(WireModel):
 # --- device -> server ---------------------------------------------------------------
 
 
+Capability = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+"""The name of an optional protocol feature (§11), e.g. ``txn``."""
+Capabilities = Annotated[list[Capability], Field(max_length=32)]
+
+
 class Hello(Message):
     """Sent after every (re)connect; the server answers with pending commands."""
 
@@ -337,6 +342,9 @@ class Hello(Message):
     """The device store's incarnation (§2); absent: a store from before incarnations."""
     cp: Annotated[dict[ScopeId, Seq], Field(max_length=1000)] | None = None
     """The device's checkpoints now (§9.4), for the operator's view of its progress."""
+    caps: Capabilities | None = None
+    """The optional features the device speaks (§11); present: the server answers with
+    `welcome`. Absent: a v1 device that is sent nothing beyond this document."""
 
 
 _FIELD_GROUPS = ("f", "i", "a", "r")
@@ -520,6 +528,14 @@ class Command(Message):
     args: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+class Welcome(Message):
+    """The server's answer to a `hello` that carries `caps`: the features agreed."""
+
+    type: Literal["welcome"] = "welcome"
+    caps: Capabilities
+    srv: Annotated[str, Field(max_length=128)] = ""
+
+
 # --- device -> everyone (retained) ---------------------------------------------------
 
 
@@ -559,6 +575,7 @@ DOWN_TYPES: dict[str, type[Message]] = {
     "page": Page,
     "checkpoint": Checkpoint,
     "command": Command,
+    "welcome": Welcome,
 }
 STATUS_TYPES: dict[str, type[Message]] = {"status": Status}
 SERVER_TYPES: dict[str, type[Message]] = {"server": ServerState}

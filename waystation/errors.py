@@ -2,6 +2,7 @@
 
     WaystationError                 raised deliberately; the message says what to do
     ├── ConfigError                 a config file or env override is wrong (names file, key)
+    ├── ListenError                 a configured port cannot be listened on (in use)
     ├── ClockSkewError              a clock stamp is further ahead than the configured bound
     ├── schemas.ProtocolError       bytes on the wire are not a valid message (carries a code)
     ├── schemas.CollectionSchemaError  an operator's collection schema file is wrong
@@ -29,3 +30,10 @@ class ConfigError(WaystationError):
 
 class ClockSkewError(WaystationError):
     """A hybrid-logical-clock stamp lies further in the future than the allowed skew."""
+
+
+class ListenError(WaystationError):
+    """A port the config names cannot be listened on (in use, not permitted); the
+    message names the address, the config key and what to do."""
+
+    exit_code = 4

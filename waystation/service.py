@@ -22,10 +22,13 @@ def run_service(*, start: Callable[[], None], stop: Callable[[], None],
                 healthy: Callable[[], bool], status: Callable[[], str],
                 env: Mapping[str, str], on_started: Callable[[], None] | None = None,
                 interval_s: float = 1.0) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code (0)."""
+    """Run until SIGTERM/SIGINT; returns the process exit code: 0 after SIGTERM (the
+    normal stop, e.g. `systemctl stop`), 130 after SIGINT (Ctrl-C), as `--help` says."""
     stopping = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
         stopping.set()
 
     old_term = signal.signal(signal.SIGTERM, on_signal)
@@ -46,7 +49,7 @@ def run_service(*, start: Callable[[], None], stop: Callable[[], None],
             stop()
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-    return 0
+    return 130 if received and received[0] == signal.SIGINT else 0
 
 
 def check_state_directory(data_dir: Path, env: Mapping[str, str], part: str) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -57,7 +58,7 @@ from amqtt.utils import gen_client_id
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader, PacketTooLarge
 from broker.embedded.plugins import plugin_config
 from broker.errors import ServerError
-from waystation.errors import ConfigError, WaystationError
+from waystation.errors import ConfigError, ListenError, WaystationError
 
 __all__ = [
     "BrokerSettings",
@@ -217,6 +218,11 @@ class EmbeddedBroker:
             )
             await broker.start()
         except Exception as exc:  # amqtt: BrokerError (bind failed, TLS files), dacite, ...
+            in_use = _address_in_use(exc)
+            if in_use is not None:  # taken since broker_run checked it: name it all the same
+                raise ListenError(f"the embedded broker cannot listen: {in_use}; stop the "
+                                  "process holding the port or set port / tls_port in the "
+                                  "broker config to a free one") from None
             raise EmbeddedBrokerError(f"the embedded broker could not start: {exc}") from exc
         self._broker = broker
         log.info("embedded broker listening", host=s.host, port=s.port, tls_port=s.tls_port,
@@ -268,7 +274,8 @@ async def serve(
 
 
 def run(cfg: Any, *, env: Mapping[str, str] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then shut down cleanly and return 0.
+    """Serve until SIGTERM/SIGINT, then shut down cleanly; returns 0 after SIGTERM, 130
+    after SIGINT (Ctrl-C), the exit codes `waystation --help` documents.
 
     Blocking; for the CLI. A broker that cannot start raises EmbeddedBrokerError (the CLI
     prints it as one line). Under systemd (Type=notify) it reports READY once listening
@@ -291,11 +298,18 @@ def run(cfg: Any, *, env: Mapping[str, str] | None = None) -> int:
         systemd.ready(env=notify_env)
         watchdog.start()
 
+    received: list[int] = []
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            stop.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
         beater = asyncio.create_task(heartbeat(stop))
         try:
             await serve(cfg, ready=ready, stop=stop)
@@ -308,18 +322,24 @@ def run(cfg: Any, *, env: Mapping[str, str] | None = None) -> int:
     finally:
         systemd.stopping(env=notify_env)
         watchdog.stop()
-    return 0
+    return 130 if received and received[0] == signal.SIGINT else 0
 
 
 def broker_run(args: Any, env: Mapping[str, str]) -> int:
     """``waystation broker run``: load the ``broker`` part of the config file and serve."""
+    from broker.embedded.server_login import ensure_server_login
     from waystation.config import BrokerConfig, load_config
     from waystation.logs import configure_logging
+    from waystation.ports import check_listen
     from waystation.service import check_state_directory
 
     cfg = load_config(BrokerConfig, getattr(args, "config", None), env, part="broker")
     configure_logging(cfg.log)
     check_state_directory(cfg.data_dir, env, "broker")
+    check_listen(cfg.host, cfg.port, "broker", "port")
+    if cfg.tls_port is not None:
+        check_listen(cfg.host, cfg.tls_port, "broker", "tls_port")
+    ensure_server_login(cfg.resolved_password_file(), cfg.data_dir, cfg.server_users)
     return run(BrokerSettings.from_config(cfg), env=env)
 
 
@@ -488,6 +508,20 @@ _OVERRIDDEN = (
     "_get_handler",
     "_matches",
 )
+
+
+def _address_in_use(exc: BaseException) -> str | None:
+    """The bind error (EADDRINUSE) behind an amqtt start-up failure, if that is what it is."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno == errno.EADDRINUSE:
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    # amqtt may wrap the OSError into its BrokerError by message only.
+    text = str(exc)
+    return text if f"[Errno {errno.EADDRINUSE}]" in text else None
 
 
 def _check_amqtt() -> None:

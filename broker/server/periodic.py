@@ -3,6 +3,7 @@ online, and operator resolutions queued as notices (see `broker.server.operation
 
 from __future__ import annotations
 
+from broker.server.caps import deliverable
 from broker.server.fanout import Fanout
 from broker.server.messages import dumps
 from broker.server.presence import Presence
@@ -19,9 +20,11 @@ def unsent_commands(store: Store, registry: Registry, presence: Presence,
     out: list[CommandRow] = []
     with store.read() as txn:
         for dev in sorted(presence.online()):
-            if registry.get(dev) is None:
+            row = registry.get(dev)
+            if row is None:
                 continue
-            cmds = [c for c in txn.commands(dev) if not c.done_ms and c.id not in sent]
+            cmds = [c for c in txn.commands(dev) if not c.done_ms and c.id not in sent
+                    and deliverable(c.cmd, row.caps)]
             for cmd in sorted(cmds, key=lambda c: c.cmd != "wipe"):  # a wipe goes first
                 sent.add(cmd.id)
                 out.append(cmd)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from schemas.collection import example_catalog_path
-from waystation.cli import main
+from waystation.cli import EXIT_NOT_AVAILABLE, main
 
 
 def write(path: Path, text: str) -> Path:
@@ -88,7 +88,7 @@ def test_schema_export_delegates_to_schemas_export(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """schema export runs schemas.export.main when it exists, else exits 3 saying so."""
     if not _export_exists():
-        assert main(["schema", "export", "--check"]) == 3
+        assert main(["schema", "export", "--check"]) == EXIT_NOT_AVAILABLE
         assert "waystation schema export: not yet available" in capsys.readouterr().err
         return
     out = tmp_path / "json"

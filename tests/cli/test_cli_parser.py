@@ -151,7 +151,7 @@ def test_missing_module_or_function_falls_back_to_stub(
     assert load_callable("waystation.cli:no_such_function") is None
     assert load_callable("waystation.cli:HANDLERS") is None  # not callable
     handler = resolve_handler("agent frob", "waystation.no_such_module:cmd")
-    assert handler(argparse.Namespace(), {}) == 3
+    assert handler(argparse.Namespace(), {}) == EXIT_NOT_AVAILABLE
     assert "waystation agent frob: not yet available" in capsys.readouterr().err
 
 

@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
-from broker import cli as bcli
+from broker.cli.conflicts import cmd_server_conflicts
+from broker.cli.deadletters import cmd_server_deadletters
 from broker.embedded.passwords import read_password_file, verify_password
 from broker.server.store import open_store
 from broker.server.store.base import DeadLetter, Store
 from tests.server.helpers import CATALOG, T0, changes, hp, make_engine, status, task
 from waystation.cli import main
+from waystation.cli.output import iso
 from waystation.config import AgentConfig, ServerConfig, load_config
 
 
@@ -123,7 +125,7 @@ def test_server_status_shows_dead_letters_against_their_bounds(
     doc = json.loads(out)["dead_letter_store"]
     assert code == 0 and (doc["count"], doc["truncated"], doc["dropped"]) == (100, 100, 5)
     assert doc["max_count"] == 100 and doc["bytes"] > 100 * 65536
-    assert doc["oldest"] == bcli._iso(T0 + 5)
+    assert doc["oldest"] == iso(T0 + 5)
     code, out, _ = run(env, "server", "status", capsys=capsys)
     assert "dead letters kept: 100 of at most 100" in out
     assert "100 with their raw payload cut" in out and "dropped by the bounds: 5" in out
@@ -190,9 +192,9 @@ def test_conflicts_all_and_deadletters_limit(env: dict[str, str],
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """--all lists closed conflicts too; deadletters honours --limit and shows raw bytes."""
     _seed(env, capsys)
-    assert bcli.cmd_server_conflicts(_ns(env, all=True), env) == 0
+    assert cmd_server_conflicts(_ns(env, all=True), env) == 0
     assert len(json.loads(capsys.readouterr().out)) == 1
-    assert bcli.cmd_server_deadletters(_ns(env, limit=5), env) == 0
+    assert cmd_server_deadletters(_ns(env, limit=5), env) == 0
     (letter,) = json.loads(capsys.readouterr().out)
     assert letter["code"] == "malformed" and letter["raw"] == "not json"
     assert letter["device"] == "van-2"

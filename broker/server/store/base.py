@@ -92,6 +92,9 @@ class DeviceRow:
     """When that wipe was ordered."""
     wipe_done_ms: int = 0
     """When the device reported it carried the wipe out (0: still pending)."""
+    caps: tuple[str, ...] = ()
+    """The optional protocol features agreed in its last `hello` (PROTOCOL.md §11):
+    what the server may send it beyond protocol v1."""
 
     @property
     def wipe_pending(self) -> bool:
@@ -108,7 +111,8 @@ class DeviceRow:
                 "sv": self.sv, "z": self.z, "online": self.online, "cp": self.cp,
                 "pend": self.pend, "cp_ms": self.cp_ms, "synced": self.synced_ms,
                 "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
-                "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms}
+                "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms,
+                "caps": list(self.caps)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceRow:
@@ -120,7 +124,8 @@ class DeviceRow:
                    synced_ms=data.get("synced", 0), inc=data.get("inc", ""),
                    inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
                    wipe_id=data.get("wipe", ""), wipe_ms=data.get("wipe_ms", 0),
-                   wipe_done_ms=data.get("wipe_done", 0))
+                   wipe_done_ms=data.get("wipe_done", 0),
+                   caps=tuple(data.get("caps", ())))
 
 
 @dataclass(frozen=True, slots=True)

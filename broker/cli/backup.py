@@ -1,0 +1,80 @@
+"""Backups of the LMDB store: `waystation server backup` and `server restore`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+
+from broker.cli.common import server_config
+from broker.errors import InvalidArgument
+from broker.server.operations import after_restore
+from broker.server.store import open_store
+from broker.server.store.base import Store
+from waystation.cli.output import print_json
+
+
+def cmd_server_backup(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server backup DEST`: a consistent copy of the LMDB store."""
+    config = server_config(args, env)
+    if config.store.kind != "lmdb":
+        raise InvalidArgument(
+            "`server backup` copies the LMDB store; this server uses PostgreSQL, which is "
+            "backed up with PostgreSQL's own tools (pg_dump): see deploy/README.md, "
+            "\"Backups\"")
+    from broker.server.store.lmdb_store import LmdbStore
+
+    store = open_store(config)
+    try:
+        assert isinstance(store, LmdbStore)
+        with store.read() as txn:
+            seqs = txn.scope_seqs()
+        data = store.backup(Path(args.dest))
+    finally:
+        store.close()
+    size = data.stat().st_size
+    if args.json:
+        print_json({"backup": str(Path(args.dest)), "bytes": size,
+                     "scopes": dict(sorted(seqs.items()))})
+        return 0
+    print(f"backed up the store to {args.dest} ({size / 1048576:.1f} MiB, "
+          f"{len(seqs)} scopes)")
+    print(f"restore: stop the server, move {config.data_dir / 'store'} aside, run "
+          f"`waystation server restore {args.dest}`, start the server")
+    return 0
+
+
+def cmd_server_restore(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server restore SRC | --in-place`: a restored store made safe to serve."""
+    config = server_config(args, env)
+    if (args.src is None) == (not args.in_place):
+        raise InvalidArgument("name a backup directory (SRC), or say --in-place for a store "
+                              "already restored by other means (e.g. pg_restore)")
+    if args.src is not None:
+        if config.store.kind != "lmdb":
+            raise InvalidArgument(
+                "SRC is an LMDB store backup; this server uses PostgreSQL: restore the "
+                "database with pg_restore, then run `waystation server restore --in-place` "
+                "(see deploy/README.md, \"Backups\")")
+        from broker.server.store.lmdb_store import restore_backup
+
+        store: Store = restore_backup(Path(args.src), config.data_dir,
+                               map_size_mb=config.store.map_size_mb,
+                               max_map_size_mb=config.store.max_map_size_mb)
+    else:
+        store = open_store(config)
+    try:
+        seqs = after_restore(store)
+    finally:
+        store.close()
+    if args.json:
+        print_json({"restored": str(args.src) if args.src else "in place",
+                     "scopes": dict(sorted(seqs.items()))})
+        return 0
+    print(f"restored {'the store in place' if args.src is None else args.src} "
+          f"({len(seqs)} scopes): every device resyncs its scopes by snapshot on its next "
+          "catch-up, keeping its pending writes")
+    return 0
+
+
+__all__ = ["cmd_server_backup", "cmd_server_restore"]

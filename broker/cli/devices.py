@@ -1,0 +1,102 @@
+"""Device lifecycle: `waystation device list|remove|wipe|resync|disable|enable`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+
+from broker.cli.common import now_ms, server_config
+from broker.cli.logins import revoke_credentials
+from broker.server import devstate, registry
+from broker.server.store import open_store
+from waystation.cli.output import iso, print_json, table
+
+
+def cmd_device_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device list`: registered devices and their scopes."""
+    store = open_store(server_config(args, env))
+    try:
+        devices = registry.list_devices(store)
+    finally:
+        store.close()
+    if args.json:
+        print_json([devstate.device_doc(d) for d in devices])
+        return 0
+    if not devices:
+        print("no devices registered (add one with `waystation device add ID --scope S`)")
+        return 0
+    table(["DEVICE", "SCOPES", "STATE", "CREATED"],
+           [[d.id, ",".join(d.scopes), devstate.lifecycle(d), iso(d.created_ms)]
+            for d in devices])
+    return 0
+
+
+def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device remove ID`: revoke a device (its records stay)."""
+    config = server_config(args, env)
+    store = open_store(config)
+    try:
+        registry.remove_device(store, args.device_id)
+    finally:
+        store.close()
+    note = revoke_credentials(env, args.device_id, config.enrol.password_file)
+    print(f"device {args.device_id} removed: its changes are refused from now on{note}")
+    return 0
+
+
+def _issue(args: argparse.Namespace, env: Mapping[str, str], cmd: str, what: str) -> int:
+    store = open_store(server_config(args, env))
+    try:
+        row = registry.issue_command(store, args.device_id, cmd, now_ms())
+    finally:
+        store.close()
+    print(f"{cmd} queued for {args.device_id} (command {row.id}): {what}; it is sent at once "
+          "if the device is online, else when it next connects")
+    return 0
+
+
+def cmd_device_wipe(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device wipe ID`: order a device to erase its local data."""
+    return _issue(args, env, "wipe",
+                  "the device is disabled now and erases its local data (its key first) "
+                  "before anything else reaches it; it gets no data again until "
+                  f"`waystation device enable {args.device_id}`; `device list` shows when "
+                  "the wipe is done")
+
+
+def cmd_device_resync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device resync ID`: order a device to catch up from zero."""
+    return _issue(args, env, "resync", "the device will rebuild its data from the server")
+
+
+def cmd_device_sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device sync ID`: order a device to sync now, whatever its policy."""
+    return _issue(args, env, "sync", "the device sends what it holds back now (sync windows, "
+                  "metered link, battery), for its policy.sync_now_s")
+
+
+def _set_enabled(args: argparse.Namespace, env: Mapping[str, str], enabled: bool) -> int:
+    store = open_store(server_config(args, env))
+    try:
+        registry.set_enabled(store, args.device_id, enabled)
+    finally:
+        store.close()
+    state = "enabled: its changes are accepted" if enabled else \
+        ("disabled: it gets no data and its changes wait on the device until "
+         f"`waystation device enable {args.device_id}`")
+    print(f"device {args.device_id} {state}")
+    return 0
+
+
+def cmd_device_disable(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device disable ID`."""
+    return _set_enabled(args, env, False)
+
+
+def cmd_device_enable(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device enable ID`."""
+    return _set_enabled(args, env, True)
+
+
+__all__ = ["cmd_device_disable", "cmd_device_enable", "cmd_device_list",
+           "cmd_device_remove", "cmd_device_resync", "cmd_device_sync", "cmd_device_wipe"]

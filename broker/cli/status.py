@@ -1,0 +1,110 @@
+"""Server inspection: `waystation server status` and `waystation server devices`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from broker.cli.common import now_ms, server_catalog, server_config
+from broker.server import devstate
+from broker.server.store import open_store
+from broker.server.store.base import DeadLetterStats
+from waystation.cli.output import ago, iso, print_json, table
+
+
+def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server status`: store, schema, devices, sequences, conflicts."""
+    config = server_config(args, env)
+    catalog = server_catalog(config)
+    store = open_store(config)
+    try:
+        info = store.info()
+        with store.read() as txn:
+            devices = txn.devices()
+            seqs = txn.scope_seqs()
+            horizons = {s: txn.purge_horizon(s) for s in seqs}
+            letters = txn.dead_letter_stats()
+    finally:
+        store.close()
+    online = sorted(d.id for d in devices if d.online)
+    doc: dict[str, Any] = {
+        "server_id": config.server_id,
+        "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
+                  "capacity_bytes": info.capacity_bytes},
+        "schema": {"file": str(config.schema_path()), "version": catalog.version},
+        "devices": {"known": len(devices), "enabled": sum(d.enabled for d in devices),
+                    "online": len(online)},
+        "scopes": {s: {"seq": q, "purged_to": horizons[s]} for s, q in sorted(seqs.items())},
+        "records": info.counts["records"],
+        "open_conflicts": info.counts["open_conflicts"],
+        "conflicts": info.counts["conflicts"],
+        "dead_letters": info.counts["dead_letters"],
+        "dead_letter_store": {**letters.to_json(), "oldest": iso(letters.oldest_ms),
+                              "max_count": config.dead_letters.max_count,
+                              "max_bytes": config.dead_letters.max_bytes,
+                              "max_age_s": config.dead_letters.max_age_s},
+        "pending_notices": info.counts["notices"],
+    }
+    if args.json:
+        print_json(doc)
+        return 0
+    size = f"{info.size_bytes / 1048576:.1f} MiB used"
+    if info.capacity_bytes:
+        size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
+    print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}")
+    print(f"schema version {catalog.version} ({config.schema_path()})")
+    print(f"devices: {len(devices)} known, {doc['devices']['enabled']} enabled, "
+          f"{len(online)} online" + (f" ({', '.join(online[:10])}"
+                                     f"{', ...' if len(online) > 10 else ''})" if online else ""))
+    print(f"records: {doc['records']}; open conflicts: {doc['open_conflicts']} "
+          f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
+    print(_letters_line(letters, config.dead_letters.max_count,
+                        config.dead_letters.max_bytes))
+    if seqs:
+        print()
+        table(["SCOPE", "SEQUENCE", "PURGED TO"],
+               [[s, q, horizons[s] or "-"] for s, q in sorted(seqs.items())])
+    return 0
+
+
+def _letters_line(st: DeadLetterStats, max_count: int, max_bytes: int) -> str:
+    """What the dead letters hold against their bounds, and what the bounds dropped."""
+    line = (f"dead letters kept: {st.count} of at most {max_count}, "
+            f"{st.bytes / 1048576:.1f} of {max_bytes / 1048576:.0f} MiB")
+    if st.count:
+        line += f", oldest {iso(st.oldest_ms)}"
+    if st.truncated:
+        line += f"; {st.truncated} with their raw payload cut"
+    line += (f"; dropped by the bounds: {st.dropped} ({st.dropped_bytes / 1048576:.1f} MiB)"
+             if st.dropped else "; none dropped by the bounds")
+    return line
+
+
+def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation server devices`: devices with scopes, presence and progress."""
+    store = open_store(server_config(args, env))
+    try:
+        with store.read() as txn:
+            devices = txn.devices()
+            seqs = txn.scope_seqs()
+    finally:
+        store.close()
+    if args.json:
+        print_json([devstate.device_doc(d, seqs) for d in devices])
+        return 0
+    if not devices:
+        print("no devices registered (add one with `waystation device add ID --scope S`)")
+        return 0
+    now = now_ms()
+    rows = []
+    for d in devices:
+        rows.append([d.id, devstate.presence(d), ago(d.last_seen_ms, now),
+                     ago(d.synced_ms, now), d.agent or "-", "-" if d.pend < 0 else d.pend,
+                     devstate.progress(d, seqs)])
+    table(["DEVICE", "STATE", "LAST SEEN", "LAST SYNC", "AGENT", "PENDING",
+            "REPORTED CHECKPOINT / SEQ"], rows)
+    return 0
+
+
+__all__ = ["cmd_server_devices", "cmd_server_status"]

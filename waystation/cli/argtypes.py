@@ -1,0 +1,56 @@
+"""Argument types of the parser: values, FIELD=VALUE pairs, numbers, device ids."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def parse_value(text: str) -> Any:
+    """A command-line VALUE: JSON when it parses as JSON, else the text itself."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def assignment(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    return name, parse_value(value)
+
+
+def number(text: str) -> int | float:
+    value = parse_value(text)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
+def device_id(text: str) -> str:
+    import re
+
+    from waystation.config import ID_PATTERN
+
+    if not re.fullmatch(ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a valid device id: use 1 to 64 letters, digits, '_', '.' or "
+            "'-', starting with a letter or digit")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """A count such as --limit: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+__all__ = ["assignment", "device_id", "number", "parse_value", "positive_int"]

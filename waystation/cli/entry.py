@@ -1,0 +1,65 @@
+"""`main`: parse the command line, run the command's handler, map errors to exit codes.
+
+A `WaystationError` escaping a handler is printed as one line ``error: <message>`` with
+the error's exit code, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from waystation.cli.commands import HANDLERS, resolve_handler
+from waystation.cli.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
+from waystation.cli.parser import build_parser, leaf_parser
+from waystation.errors import WaystationError
+
+
+def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
+         handlers: Mapping[str, str] | None = None) -> int:
+    """Run the `waystation` command line; returns the exit code.
+
+    `env` defaults to os.environ; `handlers` (default HANDLERS) maps command paths to
+    "module:function" handler specs.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    table = HANDLERS if handlers is None else handlers
+    parser = build_parser()
+    try:
+        try:
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                # argparse would blame the top-level parser and print its usage; the
+                # operator needs the usage of the command they typed.
+                leaf_parser(parser, args.command).error(
+                    f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit as exc:  # --help, --version, usage errors
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        handler = resolve_handler(args.command, table.get(args.command))
+        return int(handler(args, environ))
+    except WaystationError as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`waystation agent list | head`): not an error of ours.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_ERROR
+    except OSError as err:
+        # A file the command needs is missing or unreadable (wrong path, wrong user):
+        # say which, in one line, instead of a traceback.
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}:{where} (check the path and that this user "
+              "may read/write it)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+__all__ = ["main"]

@@ -1,0 +1,115 @@
+"""Parser group of the device agent: `waystation agent ...`."""
+
+from __future__ import annotations
+
+from waystation.cli.argtypes import assignment, number
+from waystation.cli.builder import Builder, json_flag, record_args
+
+
+def add_agent(b: Builder) -> None:
+    b.group("agent", "the device agent: run it, read and write records, see its state",
+            "Commands of the device agent: `run` is the daemon that keeps the local store "
+            "in sync with the server; the other commands read and write the local store "
+            "directly (a write is saved locally and synced when the link is up) and show "
+            "the agent's status, dead letters and conflicts.")
+    b.leaf("agent run", "run the agent daemon (foreground, systemd-friendly)",
+           "Run the device agent in the foreground: open the local store, connect to the "
+           "broker and keep syncing until stopped (SIGTERM or Ctrl-C). Writes made by "
+           "other `waystation agent` commands or by apps on this device are noticed and "
+           "sent; the daemon survives losing the link, restarts and power loss.",
+           config="agent")
+    p = b.leaf("agent status", "show sync state: online, pending, last sync, problems",
+               "Show the agent's sync state as people need it: whether it is online, how "
+               "many local changes are waiting and how old the oldest one is, when it last "
+               "synced, and how many dead letters and open conflicts there are. Works "
+               "whether or not the daemon is running.", config="agent")
+    json_flag(p)
+    p = b.leaf("agent sync", "sync now: lift the sync windows, metered and battery policy",
+               "Tell the running sync daemon to send what its sync policy holds back "
+               "(windows, metered link, day's budget, battery) now, for policy.sync_now_s. "
+               "A server group announced down still holds everything.", config="agent")
+    json_flag(p)
+    p = b.leaf("agent put", "write fields of a record (saved locally, synced later)",
+               "Set fields of a record in the local store. Each FIELD=VALUE takes VALUE as "
+               "JSON when it parses as JSON (42, true, null, \"text\", [1,2], {\"a\":1}) and "
+               "as plain text otherwise. The write is durable when the command returns and "
+               "is synced to the server when the link is up.", config="agent")
+    record_args(p)
+    p.add_argument("fields", metavar="FIELD=VALUE", nargs="+", type=assignment,
+                   help="a field and its new value (parsed into a (field, value) pair)")
+    p = b.leaf("agent get", "show one record as this device sees it",
+               "Show one record from the local store: the authoritative value from the "
+               "server with this device's pending changes applied, and which fields are "
+               "still waiting to sync.", config="agent")
+    record_args(p)
+    json_flag(p)
+    p = b.leaf("agent list", "list the records of a collection",
+               "List the records of one collection in the local store, with pending "
+               "changes applied and deleted records left out.", config="agent")
+    p.add_argument("collection", metavar="COLLECTION",
+                   help="collection name, as in the collection schema")
+    json_flag(p)
+    p = b.leaf("agent delete", "delete a record (saved locally, synced later)",
+               "Delete a record in the local store. The deletion syncs like any other "
+               "write; a concurrent edit elsewhere is kept in the conflict log.",
+               config="agent")
+    record_args(p)
+    p = b.leaf("agent incr", "add to a counter field",
+               "Add AMOUNT (negative to subtract) to a counter field of a record. "
+               "Increments from every device add up exactly, however they interleave.",
+               config="agent")
+    record_args(p)
+    p.add_argument("field", metavar="FIELD", help="a counter field")
+    p.add_argument("amount", metavar="AMOUNT", type=number, help="a number, e.g. 3 or -1")
+    p = b.leaf("agent add", "add members to a set field",
+               "Add one or more members to a set field of a record. Sets merge "
+               "add-wins: a member added on one device and removed concurrently on "
+               "another stays.", config="agent")
+    record_args(p)
+    p.add_argument("field", metavar="FIELD", help="a set field")
+    p.add_argument("members", metavar="MEMBER", nargs="+", help="set members (strings)")
+    p = b.leaf("agent remove", "remove members from a set field",
+               "Remove one or more members from a set field of a record, as this device "
+               "has seen them; members added concurrently elsewhere stay.", config="agent")
+    record_args(p)
+    p.add_argument("field", metavar="FIELD", help="a set field")
+    p.add_argument("members", metavar="MEMBER", nargs="+", help="set members (strings)")
+    p = b.leaf("agent deadletters", "list local changes the server refused",
+               "List the changes this device made that the server rejected for good, "
+               "with the reason for each. They were rolled back locally and are kept "
+               "here for inspection.", config="agent")
+    json_flag(p)
+    p = b.leaf("agent conflicts", "list conflicts involving this device's records",
+               "List the conflicts the server reported for records this device holds: "
+               "concurrent writes that lost, and manual fields waiting for a person to "
+               "decide.", config="agent")
+    json_flag(p)
+    p = b.leaf("agent watch", "print changes to local records as they happen",
+               "Follow the local store and print every change to its records as it "
+               "happens, from this device or from the server, optionally for one "
+               "collection only. Stop with Ctrl-C.", config="agent")
+    p.add_argument("collection", metavar="COLLECTION", nargs="?", default=None,
+                   help="only this collection (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    b.group("agent token", "tokens of the apps that use the local API",
+            "Issue, list and remove the tokens apps send to the agent's local API "
+            "(Authorization: Bearer TOKEN). A token is shown once, when it is issued, and "
+            "stored hashed in the store's directory; the running agent sees changes at "
+            "once.")
+    p = b.leaf("agent token add", "issue a token for an app",
+               "Issue a token for APP with read and write rights on the named collections "
+               "('*' for all; writing implies reading). The token is printed once.",
+               config="agent")
+    p.add_argument("app", metavar="APP", help="the app's name (letters, digits, . _ -)")
+    p.add_argument("--read", metavar="COLLECTIONS", action="append", default=[],
+                   help="collections it may read (comma-separated, repeatable; '*': all)")
+    p.add_argument("--write", metavar="COLLECTIONS", action="append", default=[],
+                   help="collections it may write (comma-separated, repeatable; '*': all)")
+    p = b.leaf("agent token list", "list the apps' tokens (without secrets)",
+               "List the issued tokens: id, app and rights. Secrets are never shown again.",
+               config="agent")
+    json_flag(p)
+    p = b.leaf("agent token remove", "remove an app's token(s)",
+               "Remove a token by its id, or every token of an app by the app's name; "
+               "the running agent refuses it from the next request on.", config="agent")
+    p.add_argument("ident", metavar="ID_OR_APP", help="a token id or an app name")

@@ -1,0 +1,84 @@
+"""Parser groups of fleet administration: `waystation device ...`, `waystation broker ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from waystation.cli.argtypes import device_id
+from waystation.cli.builder import Builder, json_flag
+
+
+def add_device(b: Builder) -> None:
+    b.group("device", "register devices with the server and broker",
+            "Manage the fleet's devices: register one (credentials, scopes, and an agent "
+            "config file to copy to it), list them, or remove one.")
+    p = b.leaf("device add", "register a device and write its agent config",
+               "Register device ID with the server: give it broker credentials and the "
+               "scopes it may read and write, and write an agent config file for it (into "
+               "--out) to copy onto the device.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id,
+                   help="the new device's id (also its broker user name)")
+    p.add_argument("--scope", dest="scopes", metavar="S", action="append", required=True,
+                   help="a scope the device syncs (repeat for several)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=None,
+                   help="where to write the device's agent config (default: current directory)")
+    p.add_argument("--systemd", action="store_true",
+                   help="write the config for the systemd unit's layout on the device: "
+                        "/etc/waystation/{ca.pem,fleet.toml}, state in "
+                        "/var/lib/waystation/agent, and the password in a separate file "
+                        "for LoadCredential= (see deploy/README.md)")
+    p = b.leaf("device list", "list registered devices",
+               "List the devices registered with the server, with the scopes each may "
+               "sync and whether it has broker credentials.", config="server")
+    json_flag(p)
+    p = b.leaf("device remove", "revoke a device",
+               "Remove device ID: revoke its broker credentials and stop accepting its "
+               "changes. Its past changes stay in the store.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p = b.leaf("device wipe", "order a device to erase its local data",
+               "Queue a wipe command for device ID (a lost or stolen device): when it is "
+               "next online it erases every local record, outbox entry and dead letter, "
+               "keeping only its identity, and reports back. Unsynced writes on it are "
+               "lost; that is the point. Combine with `device disable` to refuse it "
+               "afterwards.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p = b.leaf("device resync", "order a device to rebuild its data from the server",
+               "Queue a resync command for device ID: it drops its copy of the server's "
+               "data and checkpoints, keeps its unsynced writes, and catches up from zero.",
+               config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p = b.leaf("device sync", "order a device to sync now, whatever its sync policy",
+               "Queue a sync command for device ID: for its policy.sync_now_s it sends what "
+               "its sync windows, metered-link or battery policy hold back (not while its "
+               "server group is announced down). Needs an agent that knows the command "
+               "(this version or later); an older one ignores it.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p = b.leaf("device disable", "refuse a device's changes (keeps its registration)",
+               "Disable device ID: its messages are answered with unknown_device until it "
+               "is enabled again. Its broker login is kept.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p = b.leaf("device enable", "accept a disabled device's changes again",
+               "Enable device ID again after `device disable`: the server accepts its "
+               "changes from its next message on.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+
+
+def add_broker(b: Builder) -> None:
+    b.group("broker", "the embedded MQTT broker",
+            "The embedded amqtt broker, for a single-machine fleet or development. "
+            "Production fleets may run Mosquitto or EMQX instead (see deploy/).")
+    b.leaf("broker run", "run the embedded MQTT broker",
+           "Run the embedded amqtt broker in the foreground with Waystation's "
+           "authentication (password file) and per-device topic ACL, until stopped.",
+           config="broker")
+    p = b.leaf("broker passwd", "add or change a broker login (e.g. the server's)",
+               "Add USER to the broker's password file (Mosquitto's format, read by the "
+               "embedded broker and by Mosquitto alike) with a new random password, or "
+               "with one read from standard input (--stdin). Prints the password once. "
+               "Devices get their logins from `waystation device add`; use this for the "
+               "merge server's login (user waystation-server).", config="broker")
+    p.add_argument("user", metavar="USER", help="the login name, e.g. waystation-server")
+    p.add_argument("--stdin", action="store_true",
+                   help="read the password from standard input instead of generating one")
+    p.add_argument("--password-file", type=Path, default=None,
+                   help="the password file (default: the broker config's password_file)")

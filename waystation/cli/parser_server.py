@@ -1,0 +1,71 @@
+"""Parser group of the merge server: `waystation server ...`."""
+
+from __future__ import annotations
+
+from waystation.cli.argtypes import parse_value, positive_int
+from waystation.cli.builder import Builder, json_flag
+
+
+def add_server(b: Builder) -> None:
+    b.group("server", "the merge server: run it and inspect the fleet's data",
+            "Commands of the merge server: `run` consumes every device's changes, merges "
+            "them and answers with acks and deltas; the others inspect the authoritative "
+            "store and let an operator settle conflicts.")
+    b.leaf("server run", "run the merge server (foreground, systemd-friendly)",
+           "Run the merge server in the foreground: connect to the broker, consume every "
+           "device's changes, merge them into the store, ack each device and send the "
+           "result to the devices that share the scope, until stopped.", config="server")
+    p = b.leaf("server status", "show the server's state and counters",
+               "Show the server's state: the store in use, schema version, scopes and "
+               "their sequences, devices known and online, and open conflicts.",
+               config="server")
+    json_flag(p)
+    p = b.leaf("server devices", "list devices, their scopes and last contact",
+               "List every device the server knows, with its scopes, whether it is online, "
+               "when it last synced and how far it has caught up.", config="server")
+    json_flag(p)
+    p = b.leaf("server conflicts", "list open conflicts",
+               "List the open conflicts: manual fields written concurrently by different "
+               "devices, each with its candidates, waiting for `server resolve`.",
+               config="server")
+    json_flag(p)
+    p.add_argument("--all", action="store_true",
+                   help="the whole conflict log (closed entries and lww losers too)")
+    p.add_argument("--limit", metavar="N", type=positive_int, default=None,
+                   help="show at most N entries, newest first (default 1000)")
+    p = b.leaf("server resolve", "settle a conflict with a chosen value",
+               "Settle an open conflict by writing VALUE (JSON when it parses as JSON, "
+               "else text) as the field's authoritative value; every device in the scope "
+               "receives it.", config="server")
+    p.add_argument("conflict_id", metavar="CONFLICT_ID",
+                   help="the conflict's id, from `server conflicts`")
+    p.add_argument("value", metavar="VALUE", type=parse_value,
+                   help="the value to keep (JSON when it parses, else text)")
+    p = b.leaf("server deadletters", "list messages the server refused",
+               "List the messages and changes the server refused (malformed, too large, "
+               "not allowed, from the far future), with the device and reason, kept for "
+               "inspection.", config="server")
+    json_flag(p)
+    p.add_argument("--limit", metavar="N", type=positive_int, default=None,
+                   help="show at most N dead letters, newest first (default 50)")
+    p = b.leaf("server backup", "copy the LMDB store, consistently, while it runs",
+               "Write a consistent, compacted copy of the server's LMDB store into DEST, a "
+               "new directory laid out as a server data directory (safe while the server "
+               "runs); `server restore` puts it back. A PostgreSQL store is backed up with "
+               "pg_dump.",
+               config="server")
+    json_flag(p)
+    p.add_argument("dest", metavar="DEST", help="the backup directory (must not exist)")
+    p = b.leaf("server restore", "put a store backup in place (server stopped)",
+               "Copy the LMDB backup in SRC (from `server backup`) into data_dir, whose "
+               "store must have been moved aside with the server stopped; or, with "
+               "--in-place, take the configured store as restored by other means (a "
+               "PostgreSQL database after pg_restore). Either way every scope's sequence "
+               "moves forward, so each device resyncs by snapshot and keeps its pending "
+               "writes; what the server applied after the backup is not in it.",
+               config="server")
+    json_flag(p)
+    p.add_argument("src", metavar="SRC", nargs="?", default=None,
+                   help="a directory written by `server backup`")
+    p.add_argument("--in-place", action="store_true",
+                   help="the configured store was restored already: only move it on")
