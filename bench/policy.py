@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
         raw_put = _per_call(put, 500, args.rounds)
         env.close()
-    print("| path | CPU µs per call | × raw.monotonic | × raw synced put |")
+    print("| path | CPU µs per call | x raw.monotonic | x raw synced put |")
     print("| --- | ---: | ---: | ---: |")
     for name, us in (("gate.cached", cached), ("gate.fresh", fresh),
                      ("raw.monotonic", mono), ("raw.put (synced, 300 B)", raw_put)):
