@@ -176,7 +176,7 @@ def cmd_sync_now(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         _print_json({"requested_ms": req["t"], "pending": status.pending,
                      "agent_running": status.agent_running, "deferred": status.deferred})
         return EXIT_OK
-    if status.agent_running is False:
+    if not status.agent_running:
         print("sync now recorded, but the sync daemon is not running: start `waystation "
               "agent run` (or its service) within policy.sync_now_s")
     else:
