@@ -36,6 +36,7 @@ from agent.query.agent_api import AgentQueries
 from agent.status import AgentStatus, read_status
 from agent.store import Store, n_key, record_key, split_record_key
 from agent.sync import Sync
+from agent.transaction import Transaction
 from agent.view import ViewState, initial_view, step
 from agent.wipe import WipeReport
 from schemas.collection import Catalog, CollectionSpec
@@ -128,6 +129,12 @@ class Agent(AgentQueries):
     def put(self, collection: str, key: str, fields: Mapping[str, Any], *,
             priority: int = 0) -> WriteResult:
         """Set lww/manual fields of a record (creating it: include its scope field)."""
+        return self._written(self._commit(self._put_op(collection, key, fields, priority)))
+
+    def _put_op(self, collection: str, key: str, fields: Mapping[str, Any],
+                priority: int) -> Callable[[Work], WriteResult]:
+        """Check a put's input now; the returned function writes it inside a `Work`
+        (one write here, or one of a transaction's: `agent.transaction`)."""
         spec = validate.collection(self._core.catalog, collection)
         key = validate.record_key(spec, key)
         values = validate.put_fields(spec, fields)
@@ -140,10 +147,14 @@ class Agent(AgentQueries):
                                              view.s if view else None, values)
             return self._write(work, spec, rk, key, view, scope, "put", prio, f=values)
 
-        return self._written(self._commit(run))
+        return run
 
     def delete(self, collection: str, key: str, *, priority: int = 0) -> WriteResult:
         """Delete a record this device holds."""
+        return self._written(self._commit(self._delete_op(collection, key, priority)))
+
+    def _delete_op(self, collection: str, key: str,
+                   priority: int) -> Callable[[Work], WriteResult]:
         spec = validate.collection(self._core.catalog, collection)
         key = validate.record_key(spec, key)
         prio = validate.priority(priority)
@@ -157,11 +168,16 @@ class Agent(AgentQueries):
             scope = validate.scope_for_write(spec, key, self._core.scopes, view.s, {})
             return self._write(work, spec, rk, key, view, scope, "del", prio)
 
-        return self._written(self._commit(run))
+        return run
 
     def increment(self, collection: str, key: str, field: str, amount: int | float, *,
                   priority: int = 0) -> WriteResult:
         """Add `amount` (not 0; negative subtracts) to counter `field`."""
+        return self._written(self._commit(self._increment_op(collection, key, field, amount,
+                                                             priority)))
+
+    def _increment_op(self, collection: str, key: str, field: str, amount: int | float,
+                      priority: int) -> Callable[[Work], WriteResult]:
         spec = validate.collection(self._core.catalog, collection)
         key = validate.record_key(spec, key)
         inc = validate.increment(spec, field, amount)
@@ -174,11 +190,16 @@ class Agent(AgentQueries):
                                              view.s if view else None, {})
             return self._write(work, spec, rk, key, view, scope, "put", prio, i={field: inc})
 
-        return self._written(self._commit(run))
+        return run
 
     def add(self, collection: str, key: str, field: str, members: Sequence[str], *,
             priority: int = 0) -> WriteResult:
         """Add members to set `field` (each add is tagged with this change's id)."""
+        return self._written(self._commit(self._add_op(collection, key, field, members,
+                                                       priority)))
+
+    def _add_op(self, collection: str, key: str, field: str, members: Sequence[str],
+                priority: int) -> Callable[[Work], WriteResult]:
         spec = validate.collection(self._core.catalog, collection)
         key = validate.record_key(spec, key)
         adds = validate.members(spec, field, members)
@@ -191,13 +212,18 @@ class Agent(AgentQueries):
                                              view.s if view else None, {})
             return self._write(work, spec, rk, key, view, scope, "put", prio, a={field: adds})
 
-        return self._written(self._commit(run))
+        return run
 
     def remove(self, collection: str, key: str, field: str, members: Sequence[str], *,
                priority: int = 0) -> WriteResult:
         """Remove members from set `field`, naming the add-tags this device knows; a
         member added concurrently elsewhere stays (add wins). Members the set does not
         hold are ignored; if none is held the result is "unchanged"."""
+        return self._written(self._commit(self._remove_op(collection, key, field, members,
+                                                          priority)))
+
+    def _remove_op(self, collection: str, key: str, field: str, members: Sequence[str],
+                   priority: int) -> Callable[[Work], WriteResult]:
         spec = validate.collection(self._core.catalog, collection)
         key = validate.record_key(spec, key)
         gone = validate.members(spec, field, members)
@@ -214,7 +240,19 @@ class Agent(AgentQueries):
             return self._write(work, spec, rk, key, view, scope, "put", prio,
                                r={field: tags})
 
-        return self._written(self._commit(run))
+        return run
+
+    def transaction(self, *, priority: int = 0) -> Transaction:
+        """Several writes, across records and collections, durable together or not at
+        all (docs/TRANSACTIONS.md):
+
+            with agent.transaction() as tx:
+                tx.put("orders", "o-1", {...})
+                tx.put("order_lines", "o-1:1", {...})
+
+        An exception inside the block writes nothing; `tx.get` sees the block's own
+        writes. On the wire the changes travel as one unit (capability `txn`)."""
+        return Transaction(self, priority)
 
     def _commit(self, fn: Callable[[Work], T]) -> T:
         """One durable write transaction (on the store as it is now: `_fresh`)."""
@@ -453,7 +491,9 @@ class Agent(AgentQueries):
         def run(work: Work) -> list[DeadLetter]:
             return [DeadLetter(n=doc["n"], change_id=change_id(dev, doc["n"]), code=doc["code"],
                                reason=doc["reason"], rejected_ms=doc["t"],
-                               created_ms=doc["entry"]["t"], change=doc["entry"]["ch"])
+                               created_ms=doc["entry"]["t"], change=doc["entry"]["ch"],
+                               transaction=(change_id(dev, doc["entry"]["x"][0])
+                                            if doc["entry"].get("x") else None))
                     for _, doc in work.tx.items("deadletters")]
 
         return self._read(run)

@@ -7,7 +7,9 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
-AGENT_CAPS: frozenset[str] = frozenset({"sync"})
-"""sync: the agent carries out the `sync` command (PROTOCOL.md §7.9)."""
+AGENT_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn"})
+"""scopes: the `scopes` command (§7.9), the operator changing what the device follows.
+sync: the `sync` command (§7.9), the operator's "sync now".
+txn: transactions sent as units (§7.2.1; agent.txn_sync)."""
 
 __all__ = ["AGENT_CAPS"]

@@ -20,7 +20,7 @@ import orjson
 from agent import validate
 from agent.api import Agent
 from agent.errors import NotFound, WriteRefused
-from agent.models import Record
+from agent.models import Record, WriteResult
 from agent.status import describe_deferral
 from schemas.collection import Catalog, load_catalog
 from waystation.config import AgentConfig, load_config
@@ -40,6 +40,14 @@ def _open(args: argparse.Namespace, env: Mapping[str, str], *, create: bool) -> 
 
 def _print_json(doc: Any) -> None:
     print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+
+
+def _show_write(args: argparse.Namespace, result: WriteResult) -> None:
+    """A write's outcome: one line for people, or with --json its `to_dict()`."""
+    if getattr(args, "json", False):
+        _print_json(result.to_dict())
+    else:
+        print(result.message)
 
 
 def _compact(value: Any) -> str:
@@ -76,7 +84,7 @@ def cmd_put(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                                           "does not parse (quote text as a JSON string)")
         values[name] = value
     with Agent.open(cfg, catalog, env=env) as agent:
-        print(agent.put(spec.name, args.key, values).message)
+        _show_write(args, agent.put(spec.name, args.key, values))
     return EXIT_OK
 
 
@@ -85,7 +93,7 @@ def cmd_delete(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     cfg, catalog = _setup(args, env)
     validate.collection(catalog, args.collection)
     with Agent.open(cfg, catalog, env=env) as agent:
-        print(agent.delete(args.collection, args.key).message)
+        _show_write(args, agent.delete(args.collection, args.key))
     return EXIT_OK
 
 
@@ -95,7 +103,7 @@ def cmd_incr(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     spec = validate.collection(catalog, args.collection)
     validate.increment(spec, args.field, args.amount)
     with Agent.open(cfg, catalog, env=env) as agent:
-        print(agent.increment(args.collection, args.key, args.field, args.amount).message)
+        _show_write(args, agent.increment(args.collection, args.key, args.field, args.amount))
     return EXIT_OK
 
 
@@ -105,7 +113,7 @@ def cmd_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     spec = validate.collection(catalog, args.collection)
     validate.members(spec, args.field, args.members)
     with Agent.open(cfg, catalog, env=env) as agent:
-        print(agent.add(args.collection, args.key, args.field, args.members).message)
+        _show_write(args, agent.add(args.collection, args.key, args.field, args.members))
     return EXIT_OK
 
 
@@ -115,7 +123,7 @@ def cmd_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     spec = validate.collection(catalog, args.collection)
     validate.members(spec, args.field, args.members)
     with Agent.open(cfg, catalog, env=env) as agent:
-        print(agent.remove(args.collection, args.key, args.field, args.members).message)
+        _show_write(args, agent.remove(args.collection, args.key, args.field, args.members))
     return EXIT_OK
 
 
@@ -229,6 +237,8 @@ def cmd_deadletters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         body = {g: ch[g] for g in ("f", "i", "a", "r") if g in ch}
         print(f"{d.change_id}  {d.code}: {d.reason}")
         print(f"  {ch['op']} {ch['c']}/{ch['k']} {_compact(body) if body else ''}".rstrip())
+        if d.transaction is not None:  # rejected, and rolled back, with its transaction
+            print(f"  in transaction {d.transaction}")
     return EXIT_OK
 
 

@@ -115,6 +115,7 @@ class AgentDaemon(PolicyHooks):
         self._catchup_sent = 0.0
         self._last_status = 0.0
         self._hello_cp: dict[str, int] | None = None
+        self._hello_at = 0.0
         self._last_problem: tuple[Any, Any] | None = None
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
@@ -283,6 +284,7 @@ class AgentDaemon(PolicyHooks):
                  pending=self.sync.pending_count())
         self._publish_status(True)
         self.sync.server_caps = None  # agreed anew on every connection (welcome)
+        self._hello_at = time.monotonic()
         hello = self.sync.hello(AGENT_NAME, z=True)
         if self._send(hello):
             self._hello_cp = hello.cp
@@ -403,7 +405,7 @@ class AgentDaemon(PolicyHooks):
         log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
         if executed and cmd.cmd == "sync":
             self._take_sync_now()
-        if executed and cmd.cmd in ("wipe", "resync"):
+        if executed and cmd.cmd in ("wipe", "resync", "scopes"):
             self._inflight.clear()
             self._retry_at.clear()
             self._start_catchup()
@@ -437,7 +439,8 @@ class AgentDaemon(PolicyHooks):
             exclude: AbstractSet[int] = (
                 self._inflight.keys() if not waiting else {*self._inflight, *waiting})
             batch = self.sync.next_batch(exclude, min(sync_cfg.batch_max_changes, room),
-                                         sync_cfg.batch_max_bytes, min_priority=min_priority)
+                                         sync_cfg.batch_max_bytes, txn=self._txn_on(),
+                                         min_priority=min_priority)
             if not batch:
                 return
             payload = batch.payload(self.dev,
@@ -468,6 +471,19 @@ class AgentDaemon(PolicyHooks):
         hello = self.sync.hello(AGENT_NAME, z=True)
         if hello.cp != self._hello_cp and self._send(hello):
             self._hello_cp = hello.cp
+
+    def _txn_on(self) -> bool | None:
+        """How to send transactions (PROTOCOL.md §7.2.1): marked as units (True) only to
+        a server whose welcome to the latest hello agreed to `txn`; as plain changes
+        (False) to one whose welcome did not, or that sent no welcome within the ack
+        timeout (a server from before capabilities); None -- hold them back, and what
+        comes after them -- until one of the two is known."""
+        caps = self.sync.server_caps
+        if caps is not None:
+            return "txn" in caps
+        if time.monotonic() - self._hello_at >= self.cfg.sync.ack_timeout_s:
+            return False
+        return None
 
     def _send(self, msg: wire.Message) -> bool:
         payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)

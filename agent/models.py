@@ -75,6 +75,8 @@ class DeadLetter:
     rejected_ms: int
     created_ms: int
     change: dict[str, Any]
+    transaction: str | None = None
+    """The change id of its transaction's first change (docs/TRANSACTIONS.md), if any."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,9 @@ base            record                          the authoritative base (`BaseRec
                                                 per-field versions, without stamps
 stamps          record                          field -> full HLC stamp of the base values
 outbox          n (8 bytes, big-endian)         {"ch": wire change, "sv", "t" (created ms),
-                                                "p" (priority), "at" (attempts), "err"}
+                                                "p" (priority), "at" (attempts), "err",
+                                                "x"?: [first n, count] of its transaction
+                                                (agent.transaction; optional, format 2)}
 outbox_idx      b"P" + (2^31-1-priority) (4 B,  b"" -- drain order: priority high first,
                 big-endian) + n (8 B)           then n
                 b"R" + record + b"\\0" + n (8 B) b"" -- pending changes of one record

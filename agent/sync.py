@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from agent import scopes, txn_sync
 from agent.base import BaseRecord, apply_ack_record, rec_state
 from agent.caps import AGENT_CAPS
 from agent.changes import change_id
@@ -106,14 +107,20 @@ class Sync:
     # ---------------------------------------------------------------- sending
 
     def next_batch(self, exclude_n: Iterable[int] = (), max_changes: int = 500,
-                   max_bytes: int = 131072, *, min_priority: int | None = None) -> Batch:
+                   max_bytes: int = 131072, *, txn: bool | None = False,
+                   min_priority: int | None = None) -> Batch:
         """The next changes to send, in drain order, skipping `exclude_n` (in flight)
         and, with `min_priority`, every change of a lower priority (the sync policy
         holds those).
 
         At most `max_changes` changes whose encoded size (with the message envelope)
         stays within `max_bytes`; always at least one if any is waiting. All share the
-        schema version and the incarnation of the first.
+        schema version and the incarnation of the first. The changes of a transaction
+        are never split: all of them (still pending, not in flight) or none are in the
+        batch, a transaction over the limits alone in its batch (PROTOCOL.md §7.2.1);
+        with `txn` (the server negotiated it) they carry their `tx` marker. `txn=None`
+        (not known yet whether the server applies transactions whole: no welcome yet)
+        ends the batch before the first transaction, so that nothing overtakes it.
         """
         # Only looked up: a set (or a dict's keys) is used as it is, not copied (the
         # daemon passes up to max_inflight_changes numbers for every batch).
@@ -150,11 +157,27 @@ class Sync:
                         batch.inc = entry.get("i")
                     elif entry["sv"] != batch.sv or entry.get("i") != batch.inc:
                         continue
-                    cost = len(orjson.dumps(entry["ch"])) + 1
-                    if batch and size + cost > max_bytes:
-                        break
-                    batch.append((n, entry["ch"]))
-                    size += cost
+                    if entry.get("x"):  # a transaction: all its pending changes or none
+                        if txn is None:
+                            break
+                        group = txn_sync.members(work, n, entry, excluded)
+                        if not group:  # part of it is in flight: not now
+                            found = cur.set_range(key[:-8] + n_key(txn_sync.end(entry)))
+                            continue
+                        cost = txn_sync.cost(group, bool(txn))
+                        if batch and (size + cost > max_bytes
+                                      or len(batch) + len(group) > max_changes):
+                            break
+                        batch.extend(txn_sync.wire_changes(group, bool(txn)))
+                        size += cost
+                        # Its changes are consecutive at this priority: go on after them.
+                        found = cur.set_range(key[:-8] + n_key(group[-1][0] + 1))
+                    else:
+                        cost = len(orjson.dumps(entry["ch"])) + 1
+                        if batch and size + cost > max_bytes:
+                            break
+                        batch.append((n, entry["ch"]))
+                        size += cost
                     if len(batch) >= max_changes:
                         break
             return batch
@@ -289,7 +312,7 @@ class Sync:
             work.observe(_stamps(recs))
             bases = work.apply_recs(recs, "remote") if recs else {}
             now = work.now()
-            for rj in reject.rj:
+            for rj in txn_sync.with_transactions(work, reject.rj, self.dev):
                 entry = work.outbox_entry(rj.n)
                 if entry is None:
                     ignored.append(rj.n)
@@ -300,6 +323,10 @@ class Sync:
                     entry["et"] = now
                     work.tx.put("outbox", n_key(rj.n), entry)
                     transient.append(rj.n)
+                    # `agent status` shows why changes wait (e.g. device_disabled: "...
+                    # `waystation device enable van-1`"), until the next ack clears it.
+                    work.tx.set_meta("last_err", {"code": rj.code, "reason": rj.reason,
+                                                  "t": now})
                     continue
                 work.tx.put("deadletters", n_key(rj.n), {
                     "n": rj.n, "code": rj.code, "reason": rj.reason, "t": now, "entry": entry})
@@ -309,10 +336,13 @@ class Sync:
                 c, k = entry["ch"]["c"], entry["ch"]["k"]
                 base = bases[rk] if rk in bases else work.load_base(rk, c, k)
                 view = work.refresh_view(rk, c, k, base)
-                work.feed(c, k, "rejected", {
+                event: dict[str, Any] = {
                     "change_ids": [change_id(self.dev, rj.n)], "code": rj.code,
                     "reason": rj.reason, "fields": None if view is None or view.x
-                    else view.fields})
+                    else view.fields}
+                if entry.get("x"):
+                    event["transaction"] = change_id(self.dev, entry["x"][0])
+                work.feed(c, k, "rejected", event)
                 dead.append(rj.n)
             error = None
             if reused:
@@ -490,11 +520,11 @@ class Sync:
         return command_id in self._core.read(lambda work: work.tx.meta("cmds", []))
 
     def execute_command(self, cmd: wire.Command) -> bool:
-        """Carry out a `resync`, `sync` or `ping` at most once per id (§7.9); False if
-        already done. resync: drop the base and checkpoints, keep the outbox, rebuild the
-        views from the pending changes. sync: record a "sync now" by the operator (the
-        daemon lifts its sync policy for a while). ping: nothing. The daemon then sends
-        `hello`. A `wipe`
+        """Carry out a `resync`, `scopes`, `sync` or `ping` at most once per id (§7.9);
+        False if already done. resync: drop the base and checkpoints, keep the outbox,
+        rebuild the views from the pending changes. scopes: follow the new list
+        (`agent.scopes`). sync: record a "sync now" by the operator (the daemon lifts its
+        sync policy for a while). ping: nothing. The daemon then sends `hello`. A `wipe`
         replaces the whole store: `Agent.wipe` carries it out.
         """
         if cmd.cmd == "wipe":
@@ -510,6 +540,8 @@ class Sync:
                 _resync(work)
             elif cmd.cmd == "sync":
                 tx.set_meta("sync_now", {"t": work.now(), "by": "operator", "id": cmd.id})
+            elif cmd.cmd == "scopes":
+                scopes.carry_out(work, cmd.id, cmd.args)
             done.append(cmd.id)
             tx.set_meta("cmds", done[-MAX_COMMAND_IDS:])
             return True

@@ -14,6 +14,10 @@ from schemas.collection import load_catalog
 from waystation.config import AgentConfig, load_config
 
 
+def _print_json(doc: object) -> None:
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+
+
 def _store(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[AgentConfig, TokenStore]:
     cfg = load_config(AgentConfig, getattr(args, "config", None), env)
     return cfg, TokenStore(Path(cfg.data_dir))
@@ -28,6 +32,9 @@ def cmd_token_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             if name and name != "*":
                 known_collection(catalog, name)  # unknown_collection, naming it
     token, entry = tokens.add(args.app, args.read, args.write)
+    if getattr(args, "json", False):
+        _print_json({"token": token, **entry.to_dict()})
+        return 0
     print(token)
     rights = f"read {','.join(entry.read) or '-'}; write {','.join(entry.write) or '-'}"
     print(f"# token {entry.id} for app {entry.app} ({rights}); shown once: keep it now",
@@ -52,6 +59,9 @@ def cmd_token_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_token_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     _, tokens = _store(args, env)
     gone = tokens.remove(args.ident)
+    if getattr(args, "json", False):
+        _print_json({"removed": gone, "ident": args.ident})
+        return 0
     print(f"removed {gone} token{'s' if gone != 1 else ''}")
     return 0
 

@@ -112,6 +112,7 @@ __all__ = [
     "SERVER_ERROR",
     "TOO_LARGE",
     "TRANSIENT_CODES",
+    "TXN_ABORTED",
     "TYPE_MISMATCH",
     "UNKNOWN_COLLECTION",
     "UNKNOWN_DEVICE",
@@ -153,6 +154,7 @@ RULE_REJECTED: Final = "rule_rejected"
 RECORD_TOO_LARGE: Final = "record_too_large"
 SCHEMA_VERSION: Final = "schema_version"
 SERVER_ERROR: Final = "server_error"
+TXN_ABORTED: Final = "txn_aborted"
 
 TRANSIENT_CODES: Final[frozenset[str]] = frozenset({SCHEMA_VERSION, SERVER_ERROR, DEVICE_DISABLED})
 PERMANENT_CODES: Final[frozenset[str]] = frozenset(
@@ -174,6 +176,7 @@ PERMANENT_CODES: Final[frozenset[str]] = frozenset(
         CLOCK_SKEW,
         RULE_REJECTED,
         RECORD_TOO_LARGE,
+        TXN_ABORTED,
     }
 )
 ALL_CODES: Final[frozenset[str]] = PERMANENT_CODES | TRANSIENT_CODES

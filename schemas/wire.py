@@ -243,6 +243,10 @@ Stamp = Annotated[str, Field(pattern=STAMP_PATTERN)]
 ChangeTag = Annotated[str, Field(pattern=CHANGE_ID_PATTERN)]
 Incarnation = Annotated[str, Field(pattern=INCARNATION_PATTERN, strict=True)]
 ChangeNumber = Annotated[int, Field(ge=1, le=MAX_SAFE_INT, strict=True)]
+TxMarker = Annotated[tuple[ChangeNumber, Annotated[int, Field(ge=1, le=MAX_CHANGES_PER_BATCH,
+                                                             strict=True)]],
+                     Field(description="[transaction id (its first change number), count of "
+                                       "its changes in this message]")]
 Seq = Annotated[int, Field(ge=0, le=MAX_SAFE_INT, strict=True)]
 SchemaVersion = Annotated[int, Field(ge=0, le=MAX_SAFE_INT, strict=True)]
 JsonValue = Annotated[Any, AfterValidator(_check_value)]
@@ -386,6 +390,10 @@ class Change(WireModel):
                  AfterValidator(_check_field_names), _FIELD_KEYS,
                  JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
         default_factory=dict)
+    tx: TxMarker | None = None
+    """Capability `txn` (§7.2.1): [transaction id, count] -- this change belongs to the
+    transaction whose first change number is the id; `count` changes of it travel in this
+    message, next to each other, and the server applies them all or none."""
 
     @model_validator(mode="after")
     def _shape(self) -> Change:
@@ -519,12 +527,13 @@ class Checkpoint(Message):
 
 
 class Command(Message):
-    """An order from the operator: wipe local data, resync from zero, ping, or sync now
-    (lift the device's sync policy for a while, §7.9)."""
+    """An order from the operator: wipe local data, resync from zero, ping, follow other
+    scopes (`scopes`), or sync now (`sync`: lift the device's sync policy for a while);
+    `scopes` and `sync` only to a device that agreed to the capability of that name."""
 
     type: Literal["command"] = "command"
     id: Annotated[str, Field(min_length=1, max_length=64)]
-    cmd: Literal["wipe", "resync", "ping", "sync"]
+    cmd: Literal["wipe", "resync", "ping", "scopes", "sync"]
     args: dict[str, JsonValue] = Field(default_factory=dict)
 
 

@@ -208,6 +208,9 @@ class DeadLetterOut(_Out):
     rejected_ms: int
     created_ms: int
     change: dict[str, JsonValue]
+    transaction: str | None = None
+    """The change id of the transaction's first change when this change was written in
+    a transaction: its changes are rejected, and listed, together."""
 
 
 class DeadLetterList(_Out):

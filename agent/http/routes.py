@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from agent.api import Agent
-from agent.http import feed, models, query_routes
+from agent.http import feed, models, query_routes, txn_routes
 from agent.http.errors import ApiError, json_response
 from agent.http.inputs import app_of
 from agent.http.inputs import body as _body
@@ -282,6 +282,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", _REC + "/fields/{field}/resolve", resolve, "resolveConflict",
           "Settle a manual field's open conflict with a value", models.WriteResultOut,
           models.ResolveBody, 202, (_C, _K, _F), (*_W, 404), tags=("conflicts",)),
+    Route("POST", "/v1/txn", txn_routes.post_txn, "transaction",
+          "Several writes across records and collections, all or none "
+          "(docs/TRANSACTIONS.md)", txn_routes.TxnOut, txn_routes.TxnBody, 202, (),
+          (400, 403, 404, 413, 415, 422, 507)),
     Route("GET", "/v1/conflicts", conflicts, "listConflicts",
           "Open manual conflicts, then own writes that lost", models.ConflictList,
           tags=("conflicts",)),

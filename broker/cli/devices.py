@@ -40,6 +40,10 @@ def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         store.close()
     note = revoke_credentials(env, args.device_id, config.enrol.password_file)
+    if getattr(args, "json", False):
+        print_json({"device": args.device_id, "removed": True,
+                    "login_removed": bool(note)})
+        return 0
     print(f"device {args.device_id} removed: its changes are refused from now on{note}")
     return 0
 
@@ -50,6 +54,9 @@ def _issue(args: argparse.Namespace, env: Mapping[str, str], cmd: str, what: str
         row = registry.issue_command(store, args.device_id, cmd, now_ms())
     finally:
         store.close()
+    if getattr(args, "json", False):
+        print_json({"device": args.device_id, "command": row.to_json(), "effect": what})
+        return 0
     print(f"{cmd} queued for {args.device_id} (command {row.id}): {what}; it is sent at once "
           "if the device is online, else when it next connects")
     return 0
@@ -84,6 +91,9 @@ def _set_enabled(args: argparse.Namespace, env: Mapping[str, str], enabled: bool
     state = "enabled: its changes are accepted" if enabled else \
         ("disabled: it gets no data and its changes wait on the device until "
          f"`waystation device enable {args.device_id}`")
+    if getattr(args, "json", False):
+        print_json({"device": args.device_id, "enabled": enabled, "effect": state})
+        return 0
     print(f"device {args.device_id} {state}")
     return 0
 

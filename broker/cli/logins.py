@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from broker.errors import InvalidArgument
+from waystation.cli.output import print_json
 from waystation.config import BrokerConfig, load_config
 
 
@@ -35,6 +36,10 @@ def cmd_broker_passwd(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         generated = True
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_password_entry(Path(path), user, password)
+    if getattr(args, "json", False):
+        print_json({"user": user, "password_file": str(path),
+                    "password": password if generated else None})
+        return 0
     print(f"login {user} written to {path} (Mosquitto reloads it on SIGHUP; the embedded "
           "broker picks it up at the next connection)")
     if generated:

@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import signal
 import socket
@@ -61,6 +62,7 @@ from broker.errors import ServerError
 from waystation.errors import ConfigError, ListenError, WaystationError
 
 __all__ = [
+    "BrokerPortInUse",
     "BrokerSettings",
     "EmbeddedBroker",
     "EmbeddedBrokerError",
@@ -72,6 +74,20 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+
+class _NoStartupTraceback(logging.Filter):
+    """amqtt logs a failed start with a traceback; EmbeddedBrokerError already says what
+    failed in one line (port in use, TLS files), so keep amqtt's line, drop the trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Broker startup failed"):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("amqtt.broker").addFilter(_NoStartupTraceback())
+
 AMQTT_VERSION = "0.12.1"
 """The amqtt release whose internals ``_WaystationBroker`` overrides were written for."""
 
@@ -80,6 +96,10 @@ _PREAUTH = "waystation.preauthenticated"
 
 class EmbeddedBrokerError(ServerError):
     """The embedded broker could not start (port in use, bad TLS files, ...)."""
+
+
+class BrokerPortInUse(EmbeddedBrokerError, ListenError):
+    """A listener's port is taken: exit code 4 (ListenError), as `--help` documents."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,9 +240,9 @@ class EmbeddedBroker:
         except Exception as exc:  # amqtt: BrokerError (bind failed, TLS files), dacite, ...
             in_use = _address_in_use(exc)
             if in_use is not None:  # taken since broker_run checked it: name it all the same
-                raise ListenError(f"the embedded broker cannot listen: {in_use}; stop the "
-                                  "process holding the port or set port / tls_port in the "
-                                  "broker config to a free one") from None
+                raise BrokerPortInUse(f"the embedded broker could not start: {in_use}; stop "
+                                      "the process holding the port or set port / tls_port "
+                                      "in the broker config to a free one") from None
             raise EmbeddedBrokerError(f"the embedded broker could not start: {exc}") from exc
         self._broker = broker
         log.info("embedded broker listening", host=s.host, port=s.port, tls_port=s.tls_port,

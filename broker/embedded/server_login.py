@@ -65,6 +65,10 @@ def ensure_server_login(password_file: Path, broker_data_dir: Path,
              server_password_file=str(secret_file),
              hint="`waystation server run` on this machine reads it when no mqtt password "
                   "is configured")
+    if not set(logins) - set(server_users):
+        log.warning("the password file holds the server's login only: no device can "
+                    "connect until one is enrolled (`waystation device add`)",
+                    path=str(password_file))
     return secret_file
 
 

@@ -77,6 +77,33 @@ class ChangeResult:
         return not self.code
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A permanent refusal found while planning a change (not yet remembered)."""
+
+    code: str
+    reason: str
+    show: bool = True
+    """Send the record's current state with the rejection (the device may see it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A change that passed every check: what `TxnApplier.write` will store."""
+
+    ch: Change
+    dev: str
+    record: merge.RecordState | None
+    new: merge.RecordState
+    q: int
+    data: bytes
+    fx: dict[str, Any] | None
+    delta: dict[str, Any] | None
+    conflicts: list[ConflictRow]
+    resolved: tuple[str, ...]
+    restamped: int
+
+
 @dataclass(slots=True)
 class BatchStats:
     """Counters of one transaction, for metrics and logs."""
@@ -142,6 +169,15 @@ class TxnApplier:
             # Generators: a backend without round trips (LMDB) never iterates them.
             self.txn.prefetch(ns, (ch.n for ch in changes),
                               ((ch.c, ch.k) for ch in changes if (ch.c, ch.k) not in known))
+        if any(ch.tx is not None for ch in changes):
+            # Transactions (§7.2.1): all or none each; an entry that is not a valid change
+            # is answered after the valid ones (its transaction, if any, lacks a member
+            # and is refused whole).
+            from broker.server.txn_apply import apply_changes  # it builds on this module
+
+            done = apply_changes(self, device, sv, changes, ns, len(bad))
+            return done + [self._invalid(device, ns, entry.n, entry.error.reason)
+                           for entry in bad if entry.n is not None]
         if not bad:
             return [self.apply_one(device, sv, ch, ns) for ch in changes]
         # In batch order, so that a change number sent twice in one batch takes the
@@ -161,23 +197,37 @@ class TxnApplier:
                   ns: str | None = None) -> ChangeResult:
         """Apply one change of outcome namespace `ns` (default: the device's legacy
         one); never raises for bad input (a bug becomes `server_error`)."""
-        txn = self.txn
-        dev = device.id
-        ns = dev if ns is None else ns
+        ns = device.id if ns is None else ns
         digest = change_digest(ch)
-        prior = txn.get_outcome(ns, ch.n)
+        prior = self.txn.get_outcome(ns, ch.n)
         if prior is not None:
             if prior.d and prior.d != digest:
                 return self._reused(device, ch)
             return self._repeat(device, ch.n, prior)
+        plan = self.plan(device, sv, ch)
+        if isinstance(plan, Refusal):
+            return self._refuse(device, ns, ch, digest, plan.code, plan.reason,
+                                show=plan.show)
+        if isinstance(plan, ChangeResult):
+            return plan
+        return self.write(plan, ns, digest)
+
+    def plan(self, device: DeviceRow, sv: int, ch: Change,
+             bump: dict[str, int] | None = None) -> Planned | Refusal | ChangeResult:
+        """Everything of a new change that can fail, without writing anything: the
+        checks, the merge, the record limit. A permanent refusal comes back as a
+        `Refusal` (the caller remembers it), a transient one as a `ChangeResult`.
+        `bump` counts changes planned but not yet written per scope (a transaction's
+        earlier changes), so that `q` is where this change will land."""
+        dev = device.id
         if ch.s not in device.scopes:
-            return self._refuse(device, ns, ch, digest, codec.SCOPE_DENIED,
-                                f"device {dev!r} may not write scope {ch.s!r}", show=False)
+            return Refusal(codec.SCOPE_DENIED, f"device {dev!r} may not write scope "
+                                               f"{ch.s!r}", show=False)
         spec = self.a.catalog.collections.get(ch.c)
         if spec is None:
-            return self._refuse(device, ns, ch, digest, codec.UNKNOWN_COLLECTION,
-                                f"no collection {ch.c!r} in the server's schema "
-                                f"(version {self.version})", show=False)
+            return Refusal(codec.UNKNOWN_COLLECTION,
+                           f"no collection {ch.c!r} in the server's schema "
+                           f"(version {self.version})", show=False)
         if sv > self.version:
             self.stats.transient += 1
             return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False,
@@ -196,22 +246,22 @@ class TxnApplier:
                         codec.CLOCK_SKEW,
                         f"stamp is {ahead / 1000:.0f} s ahead of the server's clock (limit "
                         f"{self.max_skew / 1000:.0f} s): fix the device's time sync")
-                    return self._refuse(device, ns, ch, digest, code, reason)
+                    return Refusal(code, reason)
                 tick = self.a.clock.tick()
                 stamp = Stamp(tick.wall, tick.counter, dev)
-            q = txn.scope_seq(scope) + 1
+            q = self.txn.scope_seq(scope) + 1 + (bump.get(scope, 0) if bump else 0)
             out = merge.apply_change(record, ch, dev, q, spec, stamp=stamp, rules=self.rules)
             if not out.applied:
                 code, reason = out.rejection or (codec.INVALID, "refused")
-                return self._refuse(device, ns, ch, digest, code, reason)
+                return Refusal(code, reason)
             new = out.record
             assert new is not None and new.s == scope
             data = orjson.dumps(merge.to_json(new))
             whole_size = self._wire_size(new, data)
             if whole_size > RECORD_LIMIT:
-                return self._refuse(device, ns, ch, digest, codec.RECORD_TOO_LARGE,
-                                    f"{c}/{k}: the record would be {whole_size} bytes, "
-                                    f"over the limit of {RECORD_LIMIT}: store less in it")
+                return Refusal(codec.RECORD_TOO_LARGE,
+                               f"{c}/{k}: the record would be {whole_size} bytes, "
+                               f"over the limit of {RECORD_LIMIT}: store less in it")
             if stamp is not None:  # re-stamped: the device must learn the stamps used
                 fx = (merge.to_rec(new) if out.whole else
                       merge.to_rec(new, sorted(out.changed | out.fixups), part=True))
@@ -222,7 +272,7 @@ class TxnApplier:
             wants = self.wants_delta
             delta = merge.delta_rec(out) if wants is None or wants(scope, dev) else None
             conflicts = [ConflictRow(0, self.now, e.c, e.k, e.s, e.field, e.to_json(), e.open)
-                         for e in out.conflicts] if out.conflicts else ()
+                         for e in out.conflicts] if out.conflicts else []
         except Exception:
             log.exception("change_failed", dev=dev, n=ch.n, c=c, k=k)
             self._records.pop(key, None)
@@ -230,11 +280,18 @@ class TxnApplier:
             return ChangeResult(ch.n, code=codec.SERVER_ERROR, perm=False,
                                 reason="the server failed to apply this change; it will be "
                                        "retried")
-        # --- the writes (store primitives only from here on)
+        return Planned(ch, dev, record, new, q, data, fx, delta, conflicts,
+                       tuple(out.resolved), ahead if stamp is not None else 0)
+
+    def write(self, p: Planned, ns: str, digest: str) -> ChangeResult:
+        """The writes of a planned change (store primitives only)."""
+        txn = self.txn
+        ch, record, new, q = p.ch, p.record, p.new, p.q
+        c, k, scope = ch.c, ch.k, ch.s
         if txn.allocate_seq(scope) != q:  # pragma: no cover - the only writer is this txn
             raise RuntimeError(f"sequence of {scope!r} moved inside the transaction")
-        txn.put_record(c, k, data)
-        self._records[key] = new
+        txn.put_record(c, k, p.data)
+        self._records[(c, k)] = new
         if record is None:
             txn.index_move(scope, 0, q, c, k)
         else:
@@ -244,18 +301,18 @@ class TxnApplier:
         if new.xh is not None and new.deleted:
             txn.put_tomb(Tomb(scope, q, c, k, self.now))
         stats = self.stats
-        if conflicts:
-            for row in conflicts:
+        if p.conflicts:
+            for row in p.conflicts:
                 txn.add_conflict(row)
-            stats.conflicts += len(conflicts)
-        for fname in out.resolved:
+            stats.conflicts += len(p.conflicts)
+        for fname in p.resolved:
             for cid in txn.open_conflicts_on(c, k, fname):
-                txn.close_conflict(cid, self.now, f"device {dev} change {ch.n}")
+                txn.close_conflict(cid, self.now, f"device {p.dev} change {ch.n}")
         txn.put_outcome(ns, ch.n, OutcomeRow(c, k, scope=scope, q=q, d=digest))
         stats.applied += 1
         stats.scopes.add(scope)
-        return ChangeResult(ch.n, scope=scope, q=q, fx=fx, delta=delta,
-                            restamped=ahead if stamp is not None else 0)
+        return ChangeResult(ch.n, scope=scope, q=q, fx=p.fx, delta=p.delta,
+                            restamped=p.restamped)
 
     # --- helpers
 
@@ -324,4 +381,5 @@ class TxnApplier:
         return ChangeResult(n, code=codec.INVALID, reason=reason)
 
 
-__all__ = ["RECORD_LIMIT", "Applier", "BatchStats", "ChangeResult", "TxnApplier"]
+__all__ = ["RECORD_LIMIT", "Applier", "BatchStats", "ChangeResult", "Planned", "Refusal",
+           "TxnApplier"]

@@ -10,17 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-SERVER_CAPS: frozenset[str] = frozenset({"sync"})
-
-COMMAND_CAPS: dict[str, str] = {"sync": "sync"}
-"""Commands newer than protocol v1 and the feature a device must have agreed to get one
-(PROTOCOL.md §7.9): `sync` only reaches an agent that knows it."""
-
-
-def deliverable(cmd: str, caps: Iterable[str]) -> bool:
-    """Whether command `cmd` may be sent to a device that agreed `caps`."""
-    need = COMMAND_CAPS.get(cmd)
-    return need is None or need in caps
+SERVER_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn"})
+"""scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
+sync: `waystation device sync` reaches the device as a `sync` command (§7.9).
+txn: transactions applied all or none (§7.2.1, §10.5)."""
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
@@ -28,4 +21,4 @@ def agreed(offered: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(offered) & SERVER_CAPS))
 
 
-__all__ = ["COMMAND_CAPS", "SERVER_CAPS", "agreed", "deliverable"]
+__all__ = ["SERVER_CAPS", "agreed"]

@@ -42,7 +42,7 @@ import structlog
 from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats, ChangeResult
-from broker.server.caps import agreed, deliverable
+from broker.server.caps import agreed
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
 from broker.server.messages import (
@@ -56,7 +56,7 @@ from broker.server.messages import (
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
-from broker.server.registry import Registry
+from broker.server.registry import Registry, deliverable
 from broker.server.replies import batch_letters, change_replies, letter
 from broker.server.store.base import (
     CommandRow,
@@ -452,7 +452,7 @@ class Engine:
                 if device is not None and cmd.id == device.wipe_id:
                     upd["wipe_done_ms"] = now
                     log.warning("device_wiped", dev=hello.dev, command=cmd.id)
-            elif deliverable(cmd.cmd, caps):  # never a command the device cannot read
+            elif deliverable(cmd, caps):
                 pending.append(cmd)
         pending.sort(key=lambda c: c.cmd != "wipe")
         return pending

@@ -3,11 +3,10 @@ online, and operator resolutions queued as notices (see `broker.server.operation
 
 from __future__ import annotations
 
-from broker.server.caps import deliverable
 from broker.server.fanout import Fanout
 from broker.server.messages import dumps
 from broker.server.presence import Presence
-from broker.server.registry import Registry
+from broker.server.registry import Registry, deliverable
 from broker.server.store.base import CommandRow, Store, WriteTxn
 
 NOTICE_BATCH = 1000
@@ -23,8 +22,8 @@ def unsent_commands(store: Store, registry: Registry, presence: Presence,
             row = registry.get(dev)
             if row is None:
                 continue
-            cmds = [c for c in txn.commands(dev) if not c.done_ms and c.id not in sent
-                    and deliverable(c.cmd, row.caps)]
+            cmds = [c for c in txn.commands(dev)
+                    if not c.done_ms and c.id not in sent and deliverable(c, row.caps)]
             for cmd in sorted(cmds, key=lambda c: c.cmd != "wipe"):  # a wipe goes first
                 sent.add(cmd.id)
                 out.append(cmd)

@@ -57,6 +57,8 @@ def batch_letters(dev: str, results: Sequence[ChangeResult], bad: Sequence[BadCh
     """Dead letters for a batch: its refusals (first ones named), its re-stamped changes."""
     out: list[DeadLetter] = []
     refused = [r for r in results if not r.ok and not r.duplicate]
+    # A refused transaction: its cause first (the others only say `txn_aborted`).
+    refused.sort(key=lambda r: r.code == codec.TXN_ABORTED)
     nameless = [b for b in bad if b.n is None]
     if refused or nameless:
         parts = [f"n={r.n} {r.code}: {r.reason}" for r in refused[:5]]

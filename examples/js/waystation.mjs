@@ -2,6 +2,7 @@
 //   const ws = new Waystation({ socketPath: "/var/lib/waystation/agent/api.sock", token });
 //   const ws = new Waystation({ port: 8181, token });          // loopback TCP
 //   await ws.put("tasks", "t-1", { route: "route-42", status: "delivered" });
+//   await ws.transaction([{ op: "put", collection: "tasks", key: "o-1", fields: {...} }, ...]);
 //   for await (const ev of ws.feed({ since: 0 })) console.log(ev.kind, ev.key);
 import http from "node:http";
 
@@ -48,6 +49,10 @@ export class Waystation {
   }
 
   put(collection, key, fields) { return this.request("PATCH", this.record(collection, key), { fields }); }
+  // Several writes, all or none (docs/TRANSACTIONS.md): ops like
+  //   { op: "put", collection, key, fields } | { op: "increment", collection, key, field, amount }
+  //   | { op: "delete", collection, key } | { op: "add" | "remove", collection, key, field, members }
+  transaction(ops, priority = 0) { return this.request("POST", "/v1/txn", { ops, priority }); }
   get(collection, key) { return this.request("GET", this.record(collection, key)); }
   status() { return this.request("GET", "/v1/status"); }
 

@@ -141,6 +141,30 @@ def test_watch_prints_events(env: dict[str, str], capsys: pytest.CaptureFixture[
          "data": {"change_ids": ["van-1:1"]}}]
 
 
+def test_deadletters_show_their_transaction(env: dict[str, str],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A transaction the server refused is listed as one: each change names it."""
+    from agent.api import Agent
+    from schemas.collection import example_catalog_path, load_catalog
+    from waystation.config import AgentConfig, load_config
+
+    cfg = load_config(AgentConfig, None, env)
+    with Agent.open(cfg, load_catalog(example_catalog_path())) as ag:
+        with ag.transaction() as tx:
+            tx.put("tasks", "o-1", {"route": "route-42", "status": "ordered"})
+            tx.put("tasks", "o-1:1", {"route": "route-42", "notes": "2 x A"})
+        ag.sync.apply_reject(wire.Reject(rj=[wire.Rejection(
+            n=2, code="rule_rejected", reason="a line needs a sku", perm=True)]))
+    out = run(env, capsys, "deadletters")[1].splitlines()
+    assert out[0].startswith("van-1:1  txn_aborted: transaction van-1:1 was rejected as a "
+                             "whole: change van-1:2 was refused (rule_rejected: a line")
+    assert out[2] == "  in transaction van-1:1"
+    assert out[3] == "van-1:2  rule_rejected: a line needs a sku"
+    assert out[5] == "  in transaction van-1:1"
+    letters = json.loads(run(env, capsys, "deadletters", "--json")[1])
+    assert {d["transaction"] for d in letters} == {"van-1:1"}
+
+
 def test_sync_now_from_the_cli(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     """`agent sync` records the request; without a running daemon it says to start one."""
     assert run(env, capsys, "put", "tasks", "t-1", "route=route-42")[0] == 0

@@ -624,7 +624,7 @@ def test_batch_over_1000_changes_is_too_large() -> None:
         ),
         pytest.param(
             orjson.dumps({"type": "command", "v": 1, "id": "c", "cmd": "format-disk"}),
-            "cmd: Input should be 'wipe', 'resync', 'ping' or 'sync'",
+            "cmd: Input should be 'wipe', 'resync', 'ping', 'scopes' or 'sync'",
             id="bad-command",
         ),
         pytest.param(
@@ -818,7 +818,7 @@ def _section_8_codes() -> dict[str, bool]:
 def test_codes_match_protocol_section_8() -> None:
     """The code constants and their permanent/transient split follow PROTOCOL.md §8."""
     table = _section_8_codes()
-    assert len(table) == 20
+    assert len(table) == 21
     assert set(table) == ALL_CODES
     assert {code for code, perm in table.items() if perm} == PERMANENT_CODES
     assert {code for code, perm in table.items() if not perm} == TRANSIENT_CODES

@@ -263,7 +263,7 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
     Command: st.builds(
         Command,
         id=st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
-        cmd=st.sampled_from(["wipe", "resync", "ping", "sync"]),
+        cmd=st.sampled_from(["wipe", "resync", "ping", "scopes", "sync"]),
         args=st.dictionaries(text, json_values, max_size=3),
     ),
     Welcome: st.builds(Welcome, caps=cap_lists,

@@ -122,6 +122,8 @@ class Wire:
         elif isinstance(msg, wire.Command):
             sync.execute_command(msg)
             self.hello(agent)
+        elif isinstance(msg, wire.Welcome):
+            sync.apply_welcome(msg)
 
     def hello(self, agent: Agent) -> None:
         self.up(agent.device_id, codec.encode(agent.sync.hello(AGENT_NAME, z=True)))
@@ -141,7 +143,9 @@ class Wire:
         """Send the outbox in batches until nothing is left unanswered."""
         sent: set[int] = set()
         while True:
-            batch = agent.sync.next_batch(sent, max_changes=4)
+            caps = agent.sync.server_caps
+            batch = agent.sync.next_batch(sent, max_changes=4,
+                                          txn=caps is not None and "txn" in caps)
             if not batch:
                 return
             sent.update(batch.numbers)
@@ -207,6 +211,14 @@ def traffic(tmp_path: Path, catalog: Catalog) -> Iterator[Wire]:
         two.increment("inventory", "sku-1", "stock", -5)
         link.flush(one)
         link.flush(two)
+        # Transactions (capability txn): one applied whole, one refused whole.
+        with one.transaction() as tx:
+            tx.put("tasks", "o-1", {"route": "route-42", "status": "ordered"})
+            tx.increment("inventory", "sku-1", "stock", 2)
+        with one.transaction() as tx:
+            tx.put("tasks", "o-2", {"route": "route-42", "status": "ordered"})
+            tx.increment("inventory", "sku-1", "stock", -100)
+        link.flush(one)
         # A batch delivered again: re-acked with whole records.
         first_batch = next(doc for who, doc in link.seen
                            if who == "van-1" and doc["type"] == "changes")
@@ -258,6 +270,10 @@ def test_real_traffic_validates_against_the_committed_schemas(traffic: Wire) -> 
         "hello.done": any(d.get("done") for who, d in traffic.seen
                           if who != "server" and d["type"] == "hello"),
         "compressed": sum(traffic.compressed.values()) > 0,
+        "change.tx": any(ch.get("tx") for who, d in traffic.seen
+                         if who != "server" and d["type"] == "changes" for ch in d["ch"]),
+        "reject.txn_aborted": any(rj["code"] == "txn_aborted" for d in server
+                                  if d["type"] == "reject" for rj in d["rj"]),
     }
     assert [name for name, present in parts.items() if not present] == []
 

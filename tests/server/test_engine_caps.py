@@ -11,8 +11,10 @@ from typing import Any
 import orjson
 import pytest
 
+from broker.errors import InvalidArgument, UnknownDevice
 from broker.server import caps as server_caps
 from broker.server.engine import Engine
+from broker.server.registry import change_scopes
 from broker.server.store.base import Store
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import by_device, errors, make_engine, of_type
@@ -81,3 +83,50 @@ def test_malformed_caps_are_refused_as_invalid(env: tuple[Engine, Store], bad: A
     assert [e["code"] for e in errors(msgs)] == ["invalid"]
     with store.read() as txn:
         assert txn.dead_letters(10)  # the operator sees the refused hello
+
+
+# ------------------------------------------------ scope changes (capability `scopes`)
+
+
+def _commands(store: Store) -> list[Any]:
+    with store.read() as txn:
+        return txn.commands("van-1")
+
+
+def test_changed_scopes_take_effect_and_supersede_an_unsent_change(
+        env: tuple[Engine, Store]) -> None:
+    _, store = env
+    row, first = change_scopes(store, "van-1", 1, add=["r2"])
+    assert row.scopes == ("r1", "r2") and first is not None
+    row, second = change_scopes(store, "van-1", 2, remove=["r1"])
+    assert row.scopes == ("r2",) and second is not None
+    pending = [c for c in _commands(store) if not c.done_ms]
+    assert [(c.cmd, c.args) for c in pending] == [("scopes", {"scopes": ["r2"]})]
+    assert change_scopes(store, "van-1", 3, add=["r2"]) == (row, None), "no change, no command"
+
+
+@pytest.mark.parametrize(("add", "remove", "message"), [
+    ((), ("r1",), "would follow no scope"),
+    ((), ("r7",), "does not follow r7"),
+    (("bad scope",), (), "not a valid scope"),
+])
+def test_impossible_scope_changes_are_refused(env: tuple[Engine, Store], add: Any,
+                                             remove: Any, message: str) -> None:
+    _, store = env
+    with pytest.raises(InvalidArgument, match=message):
+        change_scopes(store, "van-1", 1, add=add, remove=remove)
+    assert _commands(store) == []
+    with pytest.raises(UnknownDevice):
+        change_scopes(store, "nobody", 1, add=["r1"])
+
+
+def test_the_scopes_command_goes_only_to_a_device_that_speaks_it(
+        env: tuple[Engine, Store]) -> None:
+    engine, store = env
+    change_scopes(store, "van-1", 1, add=["r2"])
+    legacy = by_device(engine.handle_up("van-1", hello()))
+    assert of_type(legacy.get("van-1", []), "command") == [], "v1 device: kept pending"
+    out = by_device(engine.handle_up("van-1", hello(["scopes"])))
+    assert [m["type"] for m in out["van-1"]] == ["welcome", "command"]
+    assert out["van-1"][1]["cmd"] == "scopes"
+    assert out["van-1"][1]["args"] == {"scopes": ["r1", "r2"]}

@@ -10,10 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.server.caps import deliverable
 from broker.server.engine import Engine
-from broker.server.registry import issue_command
-from broker.server.store.base import Store
+from broker.server.registry import deliverable, issue_command
+from broker.server.store.base import CommandRow, Store
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import T0, by_device, make_engine, of_type
 
@@ -36,8 +35,10 @@ def hello(caps: Any = None, done: list[str] | None = None) -> bytes:
 
 
 def test_deliverable() -> None:
-    assert deliverable("ping", ()) and deliverable("wipe", ())
-    assert not deliverable("sync", ()) and deliverable("sync", ("sync",))
+    def row(cmd: str) -> CommandRow:
+        return CommandRow(f"{cmd}-1", "van-1", cmd, {}, created_ms=T0)
+    assert deliverable(row("ping"), ()) and deliverable(row("wipe"), ())
+    assert not deliverable(row("sync"), ()) and deliverable(row("sync"), ("sync",))
 
 
 def test_sync_command_only_for_devices_that_agreed(env: tuple[Engine, Store]) -> None:

@@ -68,7 +68,7 @@ def record_args(parser: argparse.ArgumentParser) -> None:
 
 def json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
-                        help="print JSON (one document) instead of a table")
+                        help="print one JSON document (stable keys) instead of text")
 
 
 __all__ = ["EPILOG", "TOP_DESCRIPTION", "Builder", "json_flag", "record_args"]

@@ -37,6 +37,7 @@ def add_agent(b: Builder) -> None:
     record_args(p)
     p.add_argument("fields", metavar="FIELD=VALUE", nargs="+", type=assignment,
                    help="a field and its new value (parsed into a (field, value) pair)")
+    json_flag(p)
     p = b.leaf("agent get", "show one record as this device sees it",
                "Show one record from the local store: the authoritative value from the "
                "server with this device's pending changes applied, and which fields are "
@@ -54,6 +55,7 @@ def add_agent(b: Builder) -> None:
                "write; a concurrent edit elsewhere is kept in the conflict log.",
                config="agent")
     record_args(p)
+    json_flag(p)
     p = b.leaf("agent incr", "add to a counter field",
                "Add AMOUNT (negative to subtract) to a counter field of a record. "
                "Increments from every device add up exactly, however they interleave.",
@@ -61,6 +63,7 @@ def add_agent(b: Builder) -> None:
     record_args(p)
     p.add_argument("field", metavar="FIELD", help="a counter field")
     p.add_argument("amount", metavar="AMOUNT", type=number, help="a number, e.g. 3 or -1")
+    json_flag(p)
     p = b.leaf("agent add", "add members to a set field",
                "Add one or more members to a set field of a record. Sets merge "
                "add-wins: a member added on one device and removed concurrently on "
@@ -68,16 +71,13 @@ def add_agent(b: Builder) -> None:
     record_args(p)
     p.add_argument("field", metavar="FIELD", help="a set field")
     p.add_argument("members", metavar="MEMBER", nargs="+", help="set members (strings)")
+    json_flag(p)
     p = b.leaf("agent remove", "remove members from a set field",
                "Remove one or more members from a set field of a record, as this device "
                "has seen them; members added concurrently elsewhere stay.", config="agent")
     record_args(p)
     p.add_argument("field", metavar="FIELD", help="a set field")
     p.add_argument("members", metavar="MEMBER", nargs="+", help="set members (strings)")
-    p = b.leaf("agent deadletters", "list local changes the server refused",
-               "List the changes this device made that the server rejected for good, "
-               "with the reason for each. They were rolled back locally and are kept "
-               "here for inspection.", config="agent")
     json_flag(p)
     p = b.leaf("agent conflicts", "list conflicts involving this device's records",
                "List the conflicts the server reported for records this device holds: "
@@ -105,6 +105,7 @@ def add_agent(b: Builder) -> None:
                    help="collections it may read (comma-separated, repeatable; '*': all)")
     p.add_argument("--write", metavar="COLLECTIONS", action="append", default=[],
                    help="collections it may write (comma-separated, repeatable; '*': all)")
+    json_flag(p)
     p = b.leaf("agent token list", "list the apps' tokens (without secrets)",
                "List the issued tokens: id, app and rights. Secrets are never shown again.",
                config="agent")
@@ -113,3 +114,4 @@ def add_agent(b: Builder) -> None:
                "Remove a token by its id, or every token of an app by the app's name; "
                "the running agent refuses it from the next request on.", config="agent")
     p.add_argument("ident", metavar="ID_OR_APP", help="a token id or an app name")
+    json_flag(p)

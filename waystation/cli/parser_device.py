@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from waystation.cli.argtypes import device_id
+from waystation.cli.argtypes import device_id, scope_id
 from waystation.cli.builder import Builder, json_flag
 
 
@@ -27,6 +27,7 @@ def add_device(b: Builder) -> None:
                         "/etc/waystation/{ca.pem,fleet.toml}, state in "
                         "/var/lib/waystation/agent, and the password in a separate file "
                         "for LoadCredential= (see deploy/README.md)")
+    json_flag(p)
     p = b.leaf("device list", "list registered devices",
                "List the devices registered with the server, with the scopes each may "
                "sync and whether it has broker credentials.", config="server")
@@ -35,6 +36,7 @@ def add_device(b: Builder) -> None:
                "Remove device ID: revoke its broker credentials and stop accepting its "
                "changes. Its past changes stay in the store.", config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    json_flag(p)
     p = b.leaf("device wipe", "order a device to erase its local data",
                "Queue a wipe command for device ID (a lost or stolen device): when it is "
                "next online it erases every local record, outbox entry and dead letter, "
@@ -42,11 +44,13 @@ def add_device(b: Builder) -> None:
                "lost; that is the point. Combine with `device disable` to refuse it "
                "afterwards.", config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    json_flag(p)
     p = b.leaf("device resync", "order a device to rebuild its data from the server",
                "Queue a resync command for device ID: it drops its copy of the server's "
                "data and checkpoints, keeps its unsynced writes, and catches up from zero.",
                config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    json_flag(p)
     p = b.leaf("device sync", "order a device to sync now, whatever its sync policy",
                "Queue a sync command for device ID: for its policy.sync_now_s it sends what "
                "its sync windows, metered-link or battery policy hold back (not while its "
@@ -54,13 +58,30 @@ def add_device(b: Builder) -> None:
                "(this version or later); an older one ignores it.", config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
     p = b.leaf("device disable", "refuse a device's changes (keeps its registration)",
-               "Disable device ID: its messages are answered with unknown_device until it "
-               "is enabled again. Its broker login is kept.", config="server")
+               "Disable device ID: it gets no data, and its changes and catch-ups are "
+               "answered with device_disabled (transient: they stay on the device, which "
+               "is told to wait for `waystation device enable ID`, and are not dead "
+               "letters) until it is enabled again. Its broker login is kept.",
+               config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    json_flag(p)
     p = b.leaf("device enable", "accept a disabled device's changes again",
                "Enable device ID again after `device disable`: the server accepts its "
                "changes from its next message on.", config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    json_flag(p)
+    p = b.leaf("device scopes", "add or remove scopes of a device (no re-enrolment)",
+               "Change the scopes device ID follows: the server applies the new list at "
+               "once and tells the device, which catches up added scopes and drops the "
+               "records of removed ones (keeping its own unsynced writes until they are "
+               "answered). Its broker login and agent config stay. Without --add/--remove: "
+               "print its scopes.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p.add_argument("--add", metavar="S", action="append", type=scope_id,
+                   help="a scope to follow too (repeat for several)")
+    p.add_argument("--remove", metavar="S", action="append", type=scope_id,
+                   help="a scope to stop following (repeat for several)")
+    json_flag(p)
 
 
 def add_broker(b: Builder) -> None:
@@ -82,3 +103,4 @@ def add_broker(b: Builder) -> None:
                    help="read the password from standard input instead of generating one")
     p.add_argument("--password-file", type=Path, default=None,
                    help="the password file (default: the broker config's password_file)")
+    json_flag(p)

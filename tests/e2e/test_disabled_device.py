@@ -1,0 +1,48 @@
+"""A disabled device that stays online (issue 8 §5): it is told to wait for `waystation
+device enable` (not `device add`), its writes stay on it, and however often it retries,
+the server keeps no dead letter for it; enabled again, its writes arrive. Real processes
+on both fleets (embedded broker + LMDB, Mosquitto + PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.e2e.fleet import Fleet
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+RETRIES = 8
+"""Transient refusals to sit through: with the fleet's backoff (at most 1 s) and status
+every 2 s, well past the ~10 s after which a dead letter used to appear."""
+
+
+def test_disabled_online_device_waits_without_dead_letters(fleet: Fleet) -> None:
+    fleet.add_device("van-1", ["route-1"])
+    proc = fleet.start_agent("van-1")
+    fleet.agent("van-1").put("tasks", "t-1", {"route": "route-1", "status": "out"})
+    fleet.wait_drained("van-1")
+    letters_before = len(fleet.server_dead_letters())
+
+    fleet.cli("device", "disable", "van-1", "--config", str(fleet.server_config))
+    fleet.agent("van-1").put("tasks", "t-2", {"route": "route-1", "status": "out"})
+
+    def deferred() -> list[dict[str, object]]:
+        return [e for e in proc.events("change_deferred") if e.get("code") == "device_disabled"]
+
+    fleet.wait(lambda: len(deferred()) >= RETRIES or None, timeout=90)
+    status = fleet.agent_status("van-1")
+    told = json.dumps(status["last_error"])
+    assert "device_disabled" in told and "waystation device enable van-1" in told
+    assert "device add" not in told
+    assert status["pending"] == 1 and status["dead_letters"] == 0
+    assert fleet.record("tasks", "t-2") is None
+    letters = fleet.server_dead_letters()
+    assert len(letters) == letters_before, letters
+    assert not [d for d in letters if d["device"] == "van-1"]
+
+    fleet.cli("device", "enable", "van-1", "--config", str(fleet.server_config))
+    fleet.wait_drained("van-1", timeout=60)
+    assert fleet.record("tasks", "t-2") is not None
+    assert len(fleet.server_dead_letters()) == letters_before
