@@ -188,8 +188,10 @@ def test_metered_budget_high_priority_and_sync_now(fleet: Fleet, tmp_path: Path)
         _put(ag, "urgent", priority=200)
         fleet.wait(lambda: fleet.record("inventory", "urgent"), timeout=30,
                    what="the high-priority change at the server")
+        # the urgent change's ack comes after the server applied it
+        fleet.wait(lambda: [p["ch"]["k"] for p in ag.pending()] == ["normal"], timeout=30,
+                   what="only the normal change pending")
         assert fleet.record("inventory", "normal") is None
-        assert [p["ch"]["k"] for p in ag.pending()] == ["normal"]
         # the app: sync now
         ag.sync_now()
         fleet.wait_drained(DEV, timeout=30)
