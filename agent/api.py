@@ -45,6 +45,10 @@ from waystation.config import AgentConfig
 T = TypeVar("T")
 
 WAKE_SOCKET = "agent.sock"
+WAKE_WRITE = b"w"
+"""Wake-socket datagram: something was written, send it."""
+WAKE_SYNC_NOW = b"s"
+"""Wake-socket datagram: "sync now" was asked (meta "sync_now" says when and by whom)."""
 """The sync daemon's datagram socket in the store's directory (see agent.daemon)."""
 
 
@@ -284,7 +288,7 @@ class Agent(AgentQueries):
             self._poke()
         return result
 
-    def _poke(self) -> None:
+    def _poke(self, what: bytes = WAKE_WRITE) -> None:
         # A datagram to the daemon's wake socket; without a daemon (or when the path
         # is too long for AF_UNIX) nothing happens and the daemon's poll finds it.
         if self._wake is None:
@@ -292,7 +296,23 @@ class Agent(AgentQueries):
             self._wake.setblocking(False)
             self._wake_to = str(self._core.store.path / WAKE_SOCKET)
         with contextlib.suppress(OSError):
-            self._wake.sendto(b"w", self._wake_to)
+            self._wake.sendto(what, self._wake_to)
+
+    def sync_now(self) -> dict[str, Any]:
+        """Ask the sync daemon to send everything waiting now: the sync windows, the
+        metered-link policy, the day's budget and the battery threshold are lifted for
+        `policy.sync_now_s` (an announced-down server still holds everything: nothing
+        would read it). Returns the request ({"t": ms, "by": "app"}); the daemon (any
+        process) is told at once, and one started later within that time honours it."""
+
+        def run(work: Work) -> dict[str, Any]:
+            doc = {"t": work.now(), "by": "app"}
+            work.tx.set_meta("sync_now", doc)
+            return doc
+
+        doc: dict[str, Any] = self._fresh(lambda: self._core.write(run, durable=False))
+        self._poke(WAKE_SYNC_NOW)
+        return doc
 
     def _write(self, work: Work, spec: CollectionSpec, rk: bytes, key: str,
                view: ViewState | None, scope: str, op: Op, priority: int, *,

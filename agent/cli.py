@@ -21,6 +21,7 @@ from agent import validate
 from agent.api import Agent
 from agent.errors import NotFound, WriteRefused
 from agent.models import Record, WriteResult
+from agent.status import describe_deferral
 from schemas.collection import Catalog, load_catalog
 from waystation.config import AgentConfig, load_config
 
@@ -171,6 +172,26 @@ def cmd_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for record in records:
         pending = f"  [{record.pending} pending]" if record.pending else ""
         print(f"{record.key}  {_compact(record.fields)}{pending}")
+    return EXIT_OK
+
+
+def cmd_sync_now(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent sync [--json]`"""
+    with _open(args, env, create=False) as agent:
+        req = agent.sync_now()
+        status = agent.status()
+    if args.json:
+        _print_json({"requested_ms": req["t"], "pending": status.pending,
+                     "agent_running": status.agent_running, "deferred": status.deferred})
+        return EXIT_OK
+    if not status.agent_running:
+        print("sync now recorded, but the sync daemon is not running: start `waystation "
+              "agent run` (or its service) within policy.sync_now_s")
+    else:
+        print(f"sync now asked: {status.pending} pending change(s) go now")
+    for d in status.deferred:
+        if d.get("code") == "server_unavailable":
+            print(f"  still waiting: {describe_deferral(d)}")
     return EXIT_OK
 
 

@@ -15,6 +15,12 @@ catch-up pages and checkpoints through `agent.sync`, each one durable transactio
 asks for a catch-up on every (re)connect and whenever a sequence gap does not fill.
 
 Every retry fires on its own timer: nothing waits for the next local write or a restart.
+
+Sync policy (`agent.policy`, `[policy]`): before each batch the daemon asks its `Gate`
+whether the records lane may send (sync windows, metered link and budget, battery,
+bandwidth cap, the merge server group's retained announcement on
+`{prefix}/_server/{group}/+/state`, an explicit "sync now"); held changes stay in the
+outbox and meta "policy" says what waits and why (`agent status`, the local API).
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ from typing import Any
 
 import structlog
 
-from agent.api import WAKE_SOCKET, Agent
+from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
 from agent.catchup import CatchupRound
+from agent.daemon_policy import PolicyHooks
+from agent.policy.decide import Decision
+from agent.policy.gate import Gate
 from schemas import codec, wire
 from schemas.collection import Catalog
 from schemas.errors import ProtocolError
@@ -64,15 +73,17 @@ class DaemonStats:
     bad_messages: int = 0
     connects: int = 0
     catchups: int = 0
+    loops: int = 0
+    """Turns of the engine loop (each asks the sync policy and pumps)."""
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class AgentDaemon:
+class AgentDaemon(PolicyHooks):
     """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
                  env: Mapping[str, str] | None = None, agent: Agent | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, gate: Gate | None = None) -> None:
         self.cfg = cfg
         self.env = dict(os.environ if env is None else env)
         self.agent = agent if agent is not None else Agent.open(cfg, catalog, env=self.env)
@@ -83,6 +94,13 @@ class AgentDaemon:
         self.up_topic = f"{prefix}/{self.dev}/up"
         self.down_topic = f"{prefix}/{self.dev}/down"
         self.status_topic = f"{prefix}/{self.dev}/status"
+        self.server_group = cfg.policy.server_group
+        self.server_filter = f"{prefix}/_server/{self.server_group}/+/state"
+        self.gate = gate if gate is not None else Gate(cfg.policy)
+        self._decision: Decision | None = None
+        self._policy_doc: dict[str, Any] | None = None
+        self._policy_written = 0.0
+        self._budget_dirty = False
         self.stats = DaemonStats()
         self._rng = rng or random.Random()
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -101,6 +119,10 @@ class AgentDaemon:
         self._last_problem: tuple[Any, Any] | None = None
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
+        policy = self.sync.policy_state()
+        if policy is not None:
+            self.gate.restore_budget(policy.get("budget"))
+        self._take_sync_now()
         self.link = self._make_link()
 
     def _make_link(self) -> MqttLink:
@@ -117,6 +139,8 @@ class AgentDaemon:
                 ("problem", problem.kind, problem.detail, delay)),
         )
         link.subscribe(self.down_topic, qos=1)
+        if self.cfg.policy.wait_for_server:
+            link.subscribe(self.server_filter, qos=1)
         return link
 
     # ------------------------------------------------------------------ lifecycle
@@ -140,6 +164,7 @@ class AgentDaemon:
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
             self.sync.record_link("offline", "stopped")
+            self.sync.record_policy(None)
         if self._owns_agent:
             self.agent.close()
 
@@ -211,6 +236,7 @@ class AgentDaemon:
                     self._timers(now)
                     next_timer = now + _TIMER_S
                 self._pump(now)
+                self.stats.loops += 1
         except Exception:
             log.exception("agent_loop_failed", dev=self.dev)
             raise
@@ -221,7 +247,12 @@ class AgentDaemon:
         kind = event[0]
         try:
             if kind == "msg":
-                self._on_message(event[2])
+                if event[1] == self.down_topic:
+                    self._on_message(event[2])
+                else:
+                    self._on_server_state(str(event[1]), event[2])
+            elif kind == "sync_now":
+                self._take_sync_now()
             elif kind == "conn":
                 self._on_connect(bool(event[1]))
             elif kind == "disc":
@@ -373,6 +404,8 @@ class AgentDaemon:
         else:
             executed = self.sync.execute_command(cmd)
         log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
+        if executed and cmd.cmd == "sync":
+            self._take_sync_now()
         if executed and cmd.cmd in ("wipe", "resync", "scopes"):
             self._inflight.clear()
             self._retry_at.clear()
@@ -392,20 +425,33 @@ class AgentDaemon:
             self._earliest = min(self._inflight.values(), default=float("inf"))
         if self.sync.upgrade_needed:
             return  # the server cannot read this device's changes until it is upgraded
+        decision = self.gate.decide()
+        if decision is not self._decision:
+            self._decision = decision
+            self._note_policy()
+        if "records" in decision.lanes:
+            min_priority: int | None = None
+        elif decision.high_priority:
+            min_priority = self.cfg.policy.high_priority  # only urgent changes go
+        else:
+            return
         room = sync_cfg.max_inflight_changes - len(self._inflight)
-        while room > 0:
+        while room > 0 and self.gate.wait_s("records") == 0:
             waiting = [n for n, t in self._retry_at.items() if t > now]
             # Without deferred changes, the in-flight numbers themselves (not a copy).
             exclude: AbstractSet[int] = (
                 self._inflight.keys() if not waiting else {*self._inflight, *waiting})
             batch = self.sync.next_batch(exclude, min(sync_cfg.batch_max_changes, room),
-                                         sync_cfg.batch_max_bytes, txn=self._txn_on())
+                                         sync_cfg.batch_max_bytes, txn=self._txn_on(),
+                                         min_priority=min_priority)
             if not batch:
                 return
             payload = batch.payload(self.dev,
                                     compress_over=sync_cfg.compress_over_bytes or None)
             if not self.link.publish(self.up_topic, payload):
                 return
+            if self.gate.sent("records", len(payload)):
+                self._budget_dirty = True
             deadline = now + sync_cfg.ack_timeout_s
             self._earliest = min(self._earliest, deadline)
             for n in batch.numbers:
@@ -465,6 +511,7 @@ class AgentDaemon:
         sync_cfg = self.cfg.sync
         if not self._connected:
             return
+        self._note_policy()
         if now - self._last_status >= sync_cfg.status_interval_s:
             self._publish_status(True)
             self.sync.set_online(True)
@@ -523,10 +570,10 @@ class AgentDaemon:
     def _wake_reader(self, sock: socket.socket) -> None:
         while not self._stopping.is_set():
             try:
-                sock.recv(64)
+                data = sock.recv(64)
             except OSError:
                 return
-            self._events.put(("wake",))
+            self._events.put(("sync_now",) if data == WAKE_SYNC_NOW else ("wake",))
 
     def _close_wake_socket(self) -> None:
         sock, self._wake_sock = self._wake_sock, None

@@ -9,7 +9,8 @@ reported is shown until a later sync succeeds; a device the operator wiped says 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.core import Core, Work
@@ -57,6 +58,15 @@ class AgentStatus:
     incarnation: str | None = None
     wiped: dict[str, Any] | None = None
     """{t, id, key_destroyed}: this store replaced one the operator wiped."""
+    deferred: list[dict[str, Any]] = field(default_factory=list)
+    """What the sync policy holds back and why, while the daemon runs: each
+    {code, reason, lanes, until_ms, since_ms}; code is server_unavailable,
+    window_closed, metered, budget_spent or battery_low (docs/agent-api.md)."""
+    sync_now_until_ms: int | None = None
+    """An explicit "sync now" lifts the device's policy until then."""
+    server: dict[str, Any] | None = None
+    """The merge server group's announcements: {group, up (None: none seen),
+    down_since_ms}."""
 
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
@@ -91,12 +101,38 @@ class AgentStatus:
         if self.open_conflicts:
             extras.append(f"{self.open_conflicts} open conflict"
                           f"{'s' if self.open_conflicts != 1 else ''}")
+        if self.deferred:
+            held = "; ".join(describe_deferral(d) for d in self.deferred)
+            text += f"; {'waiting: ' if self.pending else ''}{held}"
+        elif self.sync_now_until_ms is not None:
+            text += f"; sync now until {_when(self.sync_now_until_ms)}"
         if extras:
             text += "; " + "; ".join(extras)
         return text
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "summary": self.summary()}
+
+
+def _when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+
+
+def describe_deferral(d: dict[str, Any]) -> str:
+    """One deferral as people read it: "server unavailable since ...", "outside the sync
+    windows until ..." and so on."""
+    code = d.get("code")
+    if code == "server_unavailable":
+        since = d.get("since_ms")
+        return ("server unavailable" + (f" since {_when(since)}" if since else "")
+                + ": changes stay on the device until a merge server announces itself")
+    text = str(d.get("reason", code))
+    if d.get("until_ms"):
+        text += f" until {_when(int(d['until_ms']))}"
+    lanes = d.get("lanes") or []
+    if lanes and "records" not in lanes:
+        text += f" ({', '.join(lanes)} wait)"
+    return text
 
 
 def pid_alive(pid: int) -> bool:
@@ -141,6 +177,7 @@ def read_status(core: Core) -> AgentStatus:
             link = {"state": link_doc.get("state"), "code": code,
                     "reason": link_doc.get("reason", ""), "hint": HINTS.get(code, "offline"),
                     "t": link_doc["t"], "retry_in_s": left}
+        policy = tx.meta("policy") if running is not False else None
         open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
         lost = sum(1 for _ in tx.keys("conflicts", b"L"))
         cps: dict[str, int] = {}
@@ -162,7 +199,11 @@ def read_status(core: Core) -> AgentStatus:
             snapshots=snaps, heartbeat_age_s=hb_age, last_error=tx.meta("last_err"),
             next_n=work.peek_next_n(), schema_version=core.catalog.version,
             agent_running=running, link=link, store_path=str(core.store.path),
-            incarnation=work.incarnation(), wiped=tx.meta("wiped"))
+            incarnation=work.incarnation(), wiped=tx.meta("wiped"),
+            deferred=list(policy.get("deferrals", [])) if policy else [],
+            sync_now_until_ms=(policy.get("sync_now_until_ms") if policy and (
+                policy.get("sync_now_until_ms") or 0) > now else None),
+            server=policy.get("server") if policy else None)
 
     return core.read(run)
 
@@ -172,4 +213,4 @@ def record_online(work: Work, online: bool) -> None:
     work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid()})
 
 
-__all__ = ["AgentStatus", "pid_alive", "read_status", "record_online"]
+__all__ = ["AgentStatus", "describe_deferral", "pid_alive", "read_status", "record_online"]

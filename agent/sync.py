@@ -110,8 +110,11 @@ class Sync:
     # ---------------------------------------------------------------- sending
 
     def next_batch(self, exclude_n: Iterable[int] = (), max_changes: int = 500,
-                   max_bytes: int = 131072, *, txn: bool | None = False) -> Batch:
-        """The next changes to send, in drain order, skipping `exclude_n` (in flight).
+                   max_bytes: int = 131072, *, txn: bool | None = False,
+                   min_priority: int | None = None) -> Batch:
+        """The next changes to send, in drain order, skipping `exclude_n` (in flight)
+        and, with `min_priority`, every change of a lower priority (the sync policy
+        holds those).
 
         At most `max_changes` changes whose encoded size (with the message envelope)
         stays within `max_bytes`; always at least one if any is waiting. All share the
@@ -135,6 +138,9 @@ class Sync:
                     key = cur.key()
                     if not key.startswith(b"P"):
                         break
+                    if (min_priority is not None and (2**31 - 1) - int.from_bytes(
+                            key[1:5], "big") < min_priority):
+                        break  # drain order: every later key has a lower priority
                     n = int.from_bytes(key[-8:], "big")
                     if n in excluded:
                         # Jump over the whole run of excluded numbers at this priority
@@ -554,10 +560,11 @@ class Sync:
         return command_id in self._core.read(lambda work: work.tx.meta("cmds", []))
 
     def execute_command(self, cmd: wire.Command) -> bool:
-        """Carry out a `resync`, `scopes` or `ping` at most once per id (§7.9); False if
-        already done. resync: drop the base and checkpoints, keep the outbox, rebuild the
-        views from the pending changes. scopes: follow the new list (`agent.scopes`).
-        ping: nothing. The daemon then sends `hello`. A `wipe`
+        """Carry out a `resync`, `scopes`, `sync` or `ping` at most once per id (§7.9);
+        False if already done. resync: drop the base and checkpoints, keep the outbox,
+        rebuild the views from the pending changes. scopes: follow the new list
+        (`agent.scopes`). sync: record a "sync now" by the operator (the daemon lifts its
+        sync policy for a while). ping: nothing. The daemon then sends `hello`. A `wipe`
         replaces the whole store: `Agent.wipe` carries it out.
         """
         if cmd.cmd == "wipe":
@@ -571,6 +578,8 @@ class Sync:
                 return False
             if cmd.cmd == "resync":
                 _resync(work)
+            elif cmd.cmd == "sync":
+                tx.set_meta("sync_now", {"t": work.now(), "by": "operator", "id": cmd.id})
             elif cmd.cmd == "scopes":
                 scopes.carry_out(work, cmd.id, cmd.args)
             done.append(cmd.id)
@@ -578,6 +587,27 @@ class Sync:
             return True
 
         return core.write(run)
+
+    def sync_now_request(self) -> dict[str, Any] | None:
+        """The latest "sync now" ({t, by[, id]}) from the app or the operator."""
+        doc: dict[str, Any] | None = self._core.read(lambda work: work.tx.meta("sync_now"))
+        return doc
+
+    def record_policy(self, doc: dict[str, Any] | None) -> None:
+        """What the sync policy holds back and why (`agent.policy`), for the status;
+        None: the daemon stopped, nothing is held by it."""
+
+        def run(work: Work) -> None:
+            if doc is None:
+                work.tx.delete("meta", b"policy")
+            else:
+                work.tx.set_meta("policy", {**doc, "t": work.now()})
+
+        self._core.write(run, durable=False)
+
+    def policy_state(self) -> dict[str, Any] | None:
+        doc: dict[str, Any] | None = self._core.read(lambda work: work.tx.meta("policy"))
+        return doc
 
     def set_online(self, online: bool) -> None:
         """The daemon's heartbeat: connected or not, now. Call it at least every

@@ -527,12 +527,13 @@ class Checkpoint(Message):
 
 
 class Command(Message):
-    """An order from the operator: wipe local data, resync from zero, ping, or follow
-    other scopes (`scopes`, only to a device that agreed to capability `scopes`)."""
+    """An order from the operator: wipe local data, resync from zero, ping, follow other
+    scopes (`scopes`), or sync now (`sync`: lift the device's sync policy for a while);
+    `scopes` and `sync` only to a device that agreed to the capability of that name."""
 
     type: Literal["command"] = "command"
     id: Annotated[str, Field(min_length=1, max_length=64)]
-    cmd: Literal["wipe", "resync", "ping", "scopes"]
+    cmd: Literal["wipe", "resync", "ping", "scopes", "sync"]
     args: dict[str, JsonValue] = Field(default_factory=dict)
 
 
@@ -566,6 +567,20 @@ class Status(Message):
     dl: Seq | None = None
 
 
+# --- server -> everyone (retained) ---------------------------------------------------
+
+
+class ServerState(Message):
+    """A merge server's announcement, retained on `{prefix}/_server/{grp}/{srv}/state`
+    (and its last will, `on: false`), §7.12."""
+
+    type: Literal["server"] = "server"
+    grp: DeviceId
+    srv: DeviceId
+    on: StrictBool
+    t: Seq | None = None
+
+
 UP_TYPES: dict[str, type[Message]] = {"hello": Hello, "changes": Changes, "catchup": Catchup}
 DOWN_TYPES: dict[str, type[Message]] = {
     "ack": Ack,
@@ -577,4 +592,6 @@ DOWN_TYPES: dict[str, type[Message]] = {
     "welcome": Welcome,
 }
 STATUS_TYPES: dict[str, type[Message]] = {"status": Status}
-ALL_TYPES: dict[str, type[Message]] = {**UP_TYPES, **DOWN_TYPES, **STATUS_TYPES}
+SERVER_TYPES: dict[str, type[Message]] = {"server": ServerState}
+ALL_TYPES: dict[str, type[Message]] = {**UP_TYPES, **DOWN_TYPES, **STATUS_TYPES,
+                                       **SERVER_TYPES}

@@ -386,6 +386,42 @@ class BrokerAclContract:
         message = srv.wait_for(f"{PREFIX}/van-12/status", b'{"on":true}')
         assert message.retain
 
+    retained_on_wildcards = True
+    """Whether a wildcard subscription gets the retained messages it matches. RabbitMQ's
+    MQTT plugin delivers retained messages only to exact-topic subscriptions."""
+
+    def test_devices_read_but_never_write_server_announcements(
+        self, broker: BrokerProcess
+    ) -> None:
+        """A device subscribes to its server group's announcements (PROTOCOL.md §7.12) and
+        gets them (the retained one, where the broker gives retained messages to wildcard
+        subscriptions); its own publish there is dropped, only servers announce."""
+        topic = f"{PREFIX}/_server/main/server-1/state"
+        srv = self.server(broker)
+        dev = self.device(broker, "van-12")
+        assert dev.subscribe(f"{PREFIX}/_server/main/+/state") == 1
+        srv.publish(topic, b'{"on":true}', retain=True)
+        srv.wait_for(topic, b'{"on":true}')
+        dev.wait_for(topic, b'{"on":true}')
+        if self.retained_on_wildcards:
+            later = self.device(broker, "van-7")
+            assert later.subscribe(f"{PREFIX}/_server/main/+/state") == 1
+            assert later.wait_for(topic, b'{"on":true}').retain
+        dev.close()
+        for forged in (topic, f"{PREFIX}/_server/main/van-12/state"):
+            self.forge(broker, forged)
+        self.device(broker, "van-12").publish(f"{PREFIX}/van-12/up", b"marker")
+        srv.wait_for(f"{PREFIX}/van-12/up", b"marker")
+        assert [m for m in srv.received() if m.payload == b"forged"] == []
+        srv.publish(topic, b"", retain=True)  # clear the retained announcement again
+
+    def forge(self, broker: BrokerProcess, topic: str) -> None:
+        """Device van-12 publishes (retained) on a topic it may not publish on; the
+        broker drops it."""
+        forger = self.device(broker, "van-12")
+        forger.publish(topic, b"forged", retain=True)
+        forger.close()
+
     def test_will_fires_on_abrupt_disconnect(self, broker: BrokerProcess) -> None:
         """A device that vanishes gets its last will published (and retained) on status."""
         srv = self.server(broker, subscribe=f"{PREFIX}/+/status")

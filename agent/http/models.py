@@ -152,6 +152,35 @@ class StatusOut(_Out):
     incarnation: str | None
     wiped: dict[str, JsonValue] | None
     """Set when this store replaced one the operator wiped: {t, id, key_destroyed}."""
+    deferred: list[DeferralOut]
+    """What the sync policy holds back and why (empty: nothing)."""
+    sync_now_until_ms: int | None
+    """An explicit "sync now" lifts the device's policy until then."""
+    server: dict[str, JsonValue] | None
+    """The merge server group: {group, up (null: never announced), down_since_ms}."""
+
+
+class DeferralOut(_Out):
+    """One reason the sync policy holds work back (docs/agent-api.md, "Sync policy")."""
+
+    code: Literal["server_unavailable", "window_closed", "metered", "budget_spent",
+                  "battery_low"]
+    reason: str
+    lanes: list[Literal["records", "files", "telemetry"]]
+    """The lanes it holds (records: the outbox; files and telemetry: later)."""
+    until_ms: int | None
+    """When it ends by itself, if known (a window opens, the budget's day ends)."""
+    since_ms: int | None
+
+
+class SyncNowOut(_Out):
+    requested_ms: int
+    sync_running: bool
+    """A sync loop runs and was told (else it honours the request when it starts
+    within `policy.sync_now_s`)."""
+    pending: int
+    deferred: list[DeferralOut]
+    """What still holds work back (an announced-down server does, sync now or not)."""
 
 
 class ConflictOut(_Out):

@@ -165,6 +165,18 @@ async def status(request: web.Request, ctx: Context) -> web.StreamResponse:
     return json_response({**st.to_dict(), "sync_running": ctx.sync_running()})
 
 
+async def sync_now(request: web.Request, ctx: Context) -> web.StreamResponse:
+    # Any app that may write something may ask for its writes to go now.
+    app = app_of(request)
+    if not app.write:
+        raise ApiError(403, "forbidden", f"app {app.app!r} has no write rights: only an app "
+                                         "that writes may ask to sync now (token --write)")
+    req = await ctx.blocking(ctx.agent.sync_now)
+    st = await ctx.blocking(ctx.agent.status)
+    return json_response({"requested_ms": req["t"], "sync_running": ctx.sync_running(),
+                          "pending": st.pending, "deferred": st.deferred}, status=202)
+
+
 async def conflicts(request: web.Request, ctx: Context) -> web.StreamResponse:
     app = app_of(request)
     found = await ctx.blocking(ctx.agent.conflicts)
@@ -241,6 +253,9 @@ _W = (400, 403, 404, 413, 415, 422, 507)
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/status", status, "getStatus", "Sync state of the device",
           models.StatusOut, tags=("device",)),
+    Route("POST", "/v1/sync", sync_now, "syncNow",
+          "Sync now: lift the sync windows, metered and battery policy for a while",
+          models.SyncNowOut, status=202, errors=(403,), tags=("device",)),
     Route("GET", "/v1/collections/{collection}/records", list_records, "listRecords",
           "Records of a collection in key order", models.RecordList,
           params=(_C, Param("prefix", "query", {"type": "string"}, "Keys starting with this"),

@@ -76,6 +76,12 @@ def cmd_device_resync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return _issue(args, env, "resync", "the device will rebuild its data from the server")
 
 
+def cmd_device_sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`waystation device sync ID`: order a device to sync now, whatever its policy."""
+    return _issue(args, env, "sync", "the device sends what it holds back now (sync windows, "
+                  "metered link, battery), for its policy.sync_now_s")
+
+
 def _set_enabled(args: argparse.Namespace, env: Mapping[str, str], enabled: bool) -> int:
     store = open_store(server_config(args, env))
     try:
@@ -103,4 +109,4 @@ def cmd_device_enable(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 __all__ = ["cmd_device_disable", "cmd_device_enable", "cmd_device_list",
-           "cmd_device_remove", "cmd_device_resync", "cmd_device_wipe"]
+           "cmd_device_remove", "cmd_device_resync", "cmd_device_sync", "cmd_device_wipe"]

@@ -3,9 +3,12 @@
 For a device whose username is its device id ``me``:
 
 - publish:   only ``{prefix}/{me}/up`` and ``{prefix}/{me}/status``;
-- subscribe: only ``{prefix}/{me}/down``, literally (no wildcards);
-- receive:   its own ``{prefix}/{me}/down`` and anyone's ``{prefix}/{dev}/status``
-  (presence is meant for everyone).
+- subscribe: only ``{prefix}/{me}/down``, literally (no wildcards), and the merge
+  servers' announcements ``{prefix}/_server/{group}/+/state`` (or one server's);
+- receive:   its own ``{prefix}/{me}/down``, anyone's ``{prefix}/{dev}/status``
+  (presence is meant for everyone) and ``{prefix}/_server/{group}/{server}/state``.
+
+Only server users publish under ``{prefix}/_server/`` (``_server`` is never a device id).
 
 A server user may do anything under ``{prefix}/``, including shared subscriptions
 ``$share/{group}/{prefix}/...``. An anonymous client (no username) may do nothing.
@@ -49,9 +52,9 @@ def allowed(
     if action == "publish":
         return topic in (f"{prefix}/{username}/up", f"{prefix}/{username}/status")
     if action == "subscribe":
-        return topic == f"{prefix}/{username}/down"
+        return topic == f"{prefix}/{username}/down" or _server_state(topic, prefix, True)
     # receive
-    if topic == f"{prefix}/{username}/down":
+    if topic == f"{prefix}/{username}/down" or _server_state(topic, prefix, False):
         return True
     head = f"{prefix}/"
     if not topic.startswith(head):
@@ -59,6 +62,19 @@ def allowed(
     levels = topic[len(head) :].split("/")
     return (len(levels) == 2 and levels[1] == "status"
             and DEVICE_ID_RE.fullmatch(levels[0]) is not None)
+
+
+def _server_state(topic: str, prefix: str, subscribe: bool) -> bool:
+    """``{prefix}/_server/{group}/{server}/state``; for a subscription the server level
+    may be ``+`` (every server of the group)."""
+    head = f"{prefix}/_server/"
+    if not topic.startswith(head):
+        return False
+    levels = topic[len(head):].split("/")
+    return (len(levels) == 3 and levels[2] == "state"
+            and DEVICE_ID_RE.fullmatch(levels[0]) is not None
+            and (DEVICE_ID_RE.fullmatch(levels[1]) is not None
+                 or (subscribe and levels[1] == "+")))
 
 
 def _server_allowed(topic: str, action: str, prefix: str) -> bool:
@@ -91,10 +107,12 @@ def mosquitto_acl_lines(*, prefix: str, server_users: Collection[str]) -> list[s
     """
     lines = [
         "# Waystation ACL: each device (username = device id) publishes on its own up and",
-        "# status topics and reads only its own down topic; server users own the prefix.",
+        "# status topics and reads only its own down topic and the merge servers'",
+        "# announcements; server users own the prefix.",
         f"pattern write {prefix}/%u/up",
         f"pattern write {prefix}/%u/status",
         f"pattern read {prefix}/%u/down",
+        f"pattern read {prefix}/_server/+/+/state",
     ]
     for user in sorted(server_users):
         lines += ["", f"user {user}", f"topic readwrite {prefix}/#"]

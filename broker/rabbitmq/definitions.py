@@ -110,7 +110,9 @@ def device_entries(prefix: str, dev: str, password: str) -> dict[str, dict[str, 
                        "read": f"^({re.escape(EXCHANGE)}|{sessions})$"},
         "topic_permission": {"user": dev, "vhost": VHOST, "exchange": EXCHANGE,
                              "write": f"^{pre}\\.{level}\\.(up|status)$",
-                             "read": f"^{pre}\\.{level}\\.down$"},
+                             # its down, and the servers' announcements (§7.12)
+                             "read": f"^{pre}\\.({level}\\.down|_server\\.[^.]+\\.[^.]+"
+                                     "\\.state)$"},
     }
 
 
@@ -125,7 +127,9 @@ def server_entries(prefix: str, user: str, password: str) -> dict[str, dict[str,
                        "write": f"^({re.escape(EXCHANGE)}|{own})$",
                        "read": f"^({re.escape(EXCHANGE)}|{own})$"},
         "topic_permission": {"user": user, "vhost": VHOST, "exchange": EXCHANGE,
-                             "write": f"^{pre}\\.[^.]+\\.down$",
+                             # every down, and its announcements (§7.12)
+                             "write": f"^{pre}\\.([^.]+\\.down|_server\\.[^.]+\\.[^.]+"
+                                      "\\.state)$",
                              "read": f"^{pre}\\..*$"},
     }
 

@@ -52,6 +52,7 @@ from typing import Any
 import structlog
 
 from broker.server.amqp_link import AmqpLink
+from broker.server.announce import state_payload, state_topic
 from broker.server.engine import Engine
 from broker.server.intake import Intake, IntakeLimits, Item, Verdict
 from broker.server.store import open_store
@@ -59,7 +60,7 @@ from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
 from waystation.config import ServerConfig
 from waystation.hlc import Clock
-from waystation.mqtt import MqttLink
+from waystation.mqtt import MqttLink, Will
 from waystation.service import check_state_directory, run_service
 
 log = structlog.get_logger("waystation.server")
@@ -93,6 +94,7 @@ class MergeServer:
         self.env = dict(os.environ if env is None else env)
         self.store = store if store is not None else open_store(cfg)
         self._owns_store = store is None
+        self.state_topic: str | None = None
         self.engine = Engine(self.store, catalog, cfg, wall_ms, Clock("~server", wall_ms))
         prefix = cfg.mqtt.prefix
         self.prefix = prefix
@@ -121,10 +123,16 @@ class MergeServer:
                                              on_message=self._on_message)
             self.up_filter = f"amqp:{self.link.up_queue}"
         else:
+            # The announcement's last will: the broker says "offline" for a server that
+            # crashed or lost its link (PROTOCOL.md §7.12).
+            self.state_topic = state_topic(prefix, cfg.server_group, cfg.server_id)
+            will = None if not cfg.announce else Will(
+                self.state_topic, state_payload(cfg.server_group, cfg.server_id, False, None),
+                qos=1, retain=True)
             self.link = MqttLink.from_config(
                 cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=self.env,
                 clean_session=cfg.shared_group is not None,
-                max_inflight=0, max_queued=0,
+                max_inflight=0, max_queued=0, will=will,
                 on_connect=self._on_connect,
                 on_message=self._on_message,
             )
@@ -144,6 +152,8 @@ class MergeServer:
         self.intake.close()
         if self._thread is not None:
             self._thread.join(30)
+        # A clean stop sends no last will: say "offline" ourselves.
+        self._announce(False)
         self.link.stop(clean=True)
         if self._owns_store:
             self.store.close()
@@ -181,7 +191,20 @@ class MergeServer:
         # with one, the statuses queued while we were away and the replay keep it right.
         if not session_present:
             self.intake.put_control("connected")
+        self._announce(True)
         log.info("server_connected", session_present=session_present, up=self.up_filter)
+
+    def _announce(self, online: bool) -> None:
+        if self.state_topic is None or not isinstance(self.link, MqttLink):
+            return
+        cfg = self.cfg
+        if cfg.announce:
+            self.link.publish(self.state_topic, state_payload(
+                cfg.server_group, cfg.server_id, online, wall_ms()), qos=1, retain=True)
+        elif online:
+            # Not announcing (any more): clear an announcement this server made before,
+            # or its retained "offline" would hold every device of the group forever.
+            self.link.publish(self.state_topic, b"", qos=1, retain=True)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")

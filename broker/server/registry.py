@@ -21,7 +21,7 @@ from broker.server.store.base import CommandRow, DeviceRow, ReadTxn, Store, Writ
 from schemas.wire import ID_PATTERN
 
 _ID_RE = re.compile(ID_PATTERN)
-COMMANDS = ("wipe", "resync", "ping")
+COMMANDS = ("wipe", "resync", "ping", "sync")
 
 
 def check_id(kind: str, value: str) -> str:
@@ -146,10 +146,17 @@ def change_scopes(store: Store, dev: str, now_ms: int, *, add: Sequence[str] = (
     return store.transact(fn)
 
 
+COMMAND_CAPS: dict[str, str] = {"scopes": "scopes", "sync": "sync"}
+"""Commands newer than protocol v1 and the capability a device must have agreed to get
+one (PROTOCOL.md §7.9)."""
+
+
 def deliverable(cmd: CommandRow, caps: Iterable[str]) -> bool:
-    """Whether `cmd` may be sent to a device that agreed to `caps`: a `scopes` command
-    only to a device that speaks it (a v1 device keeps it pending; its config decides)."""
-    return cmd.cmd != "scopes" or "scopes" in caps
+    """Whether `cmd` may be sent to a device that agreed to `caps`: a `scopes` or `sync`
+    command only to a device that speaks it (a v1 device keeps it pending; for scopes
+    its config decides)."""
+    need = COMMAND_CAPS.get(cmd.cmd)
+    return need is None or need in caps
 
 
 def list_devices(store: Store) -> list[DeviceRow]:

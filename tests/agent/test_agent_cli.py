@@ -163,3 +163,14 @@ def test_deadletters_show_their_transaction(env: dict[str, str],
     assert out[5] == "  in transaction van-1:1"
     letters = json.loads(run(env, capsys, "deadletters", "--json")[1])
     assert {d["transaction"] for d in letters} == {"van-1:1"}
+
+
+def test_sync_now_from_the_cli(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`agent sync` records the request; without a running daemon it says to start one."""
+    assert run(env, capsys, "put", "tasks", "t-1", "route=route-42")[0] == 0
+    code, out, _ = run(env, capsys, "sync", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["requested_ms"] > 0 and doc["pending"] == 1 and doc["deferred"] == []
+    code, out, _ = run(env, capsys, "sync")
+    assert code == 0 and "the sync daemon is not running" in out

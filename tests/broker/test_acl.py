@@ -44,6 +44,16 @@ def ok(user: str | None, topic: str, action: str, prefix: str = "waystation") ->
     ("waystation/van-12/up", "receive", False),
     ("waystation/a/b/status", "receive", False),
     ("waystation/van-12/up", "connect", False),
+    ("waystation/_server/main/+/state", "subscribe", True),
+    ("waystation/_server/main/server-1/state", "subscribe", True),
+    ("waystation/_server/main/server-1/state", "receive", True),
+    ("waystation/_server/main/server-1/state", "publish", False),
+    ("waystation/_server/main/+/state", "receive", False),
+    ("waystation/_server/+/+/state", "subscribe", False),
+    ("waystation/_server/#", "subscribe", False),
+    ("waystation/_server/main/server-1/other", "receive", False),
+    ("waystation/_server/main/state", "receive", False),
+    ("waystation/_server/main/a/b/state", "subscribe", False),
 ])
 def test_device_rules(topic: str, action: str, expected: bool) -> None:
     """A device publishes its own up/status, subscribes to its own down, hears down + status."""
@@ -127,6 +137,7 @@ def test_mosquitto_lines_are_the_pattern_acl() -> None:
         "pattern write waystation/%u/up",
         "pattern write waystation/%u/status",
         "pattern read waystation/%u/down",
+        "pattern read waystation/_server/+/+/state",
         "user srv-a", "topic readwrite waystation/#",
         "user srv-b", "topic readwrite waystation/#",
     ]

@@ -48,6 +48,8 @@ class TestRabbitMqAcl(BrokerAclContract):
     forbidden got through.
     """
 
+    retained_on_wildcards = False
+
     @pytest.fixture
     def broker(self, cluster: RabbitCluster) -> BrokerProcess:
         """The broker under test."""
@@ -61,6 +63,10 @@ class TestRabbitMqAcl(BrokerAclContract):
             dev.client.subscribe(topic, 1)
         wait_until(lambda: dev.state.disconnects, 10, message=f"{action} {topic} closes")
         assert dev.state.pubacks == set() and dev.state.subacks == {}
+
+    def forge(self, broker: BrokerProcess, topic: str) -> None:
+        """RabbitMQ closes the connection of a device publishing where it may not."""
+        self._closed_after(broker, "publish", topic)
 
     def test_device_cannot_publish_as_another_device(self, broker: BrokerProcess) -> None:
         """A publish on another device's topics, or on any down topic, closes the

@@ -12,7 +12,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.rabbitmq.definitions import definitions, device_entries, hash_password, main
+from broker.rabbitmq.definitions import (
+    definitions,
+    device_entries,
+    hash_password,
+    main,
+    server_entries,
+)
 
 DEVICE = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 
@@ -39,6 +45,22 @@ def test_device_topic_permissions_match_only_its_own_topics(dev: str, other: str
         for topic in ("up", "status", "down"):
             assert not write.search(f"waystation.{okey}.{topic}")
             assert not read.search(f"waystation.{okey}.{topic}")
+
+
+@given(DEVICE)
+def test_server_announcements_read_by_devices_written_by_servers(dev: str) -> None:
+    """Devices read `_server.{group}.{server}.state` (also as a `*` subscription), never
+    write it; the server user writes it (PROTOCOL.md §7.12)."""
+    perms = device_entries("waystation", dev, "pw")["topic_permission"]
+    key = dev.replace(".", "/")
+    write, read = re.compile(perms["write"]), re.compile(perms["read"])
+    for topic in ("waystation._server.main.server-1.state", "waystation._server.main.*.state"):
+        assert read.search(topic) and not write.search(topic)
+    assert not read.search("waystation._server.#")
+    assert not write.search(f"waystation._server.main.{key}.state")
+    server = re.compile(server_entries("waystation", "srv", "pw")["topic_permission"]["write"])
+    assert server.search("waystation._server.main.server-1.state")
+    assert server.search(f"waystation.{key}.down") and not server.search(f"waystation.{key}.up")
 
 
 def test_definitions_hold_every_user_and_the_up_queue() -> None:

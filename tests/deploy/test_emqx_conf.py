@@ -216,6 +216,11 @@ EXPECTED = [
     (SERVER, "publish", "waystation/van-1/down", True),
     (SERVER, "publish", "elsewhere/topic", False),
     (SERVER, "subscribe", "$SYS/#", False),
+    ("van-1", "subscribe", "waystation/_server/main/+/state", True),
+    ("van-1", "subscribe", "waystation/_server/main/server-1/state", True),
+    ("van-1", "publish", "waystation/_server/main/server-1/state", False),
+    ("van-1", "subscribe", "waystation/_server/#", False),
+    (SERVER, "publish", "waystation/_server/main/server-1/state", True),
 ]
 
 

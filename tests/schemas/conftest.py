@@ -20,6 +20,7 @@ from schemas.wire import (
     Rec,
     Reject,
     Rejection,
+    ServerState,
     Status,
     Welcome,
 )
@@ -126,6 +127,9 @@ def sample_messages() -> dict[str, Message]:
         "command-args": Command(id="cmd-8", cmd="ping", args={"note": "x", "n": [1, 2.5]}),
         "welcome": Welcome(caps=["txn"], srv="waystation-server/0.1.0"),
         "welcome-none": Welcome(caps=[]),
+        "command-sync": Command(id="sync-1", cmd="sync"),
+        "server": ServerState(grp="main", srv="server-1", on=True, t=1_730_000_000_000),
+        "server-will": ServerState(grp="main", srv="server-1", on=False),
         "status": Status(
             dev="van-12",
             on=True,

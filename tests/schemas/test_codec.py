@@ -39,6 +39,7 @@ from schemas.wire import (
     ALL_TYPES,
     DOWN_TYPES,
     MAX_SAFE_INT,
+    SERVER_TYPES,
     STATUS_TYPES,
     UP_TYPES,
     Ack,
@@ -176,7 +177,7 @@ def test_round_trip(sample: Message) -> None:
 
 def test_round_trip_on_its_topic(sample: Message) -> None:
     """Every message decodes with `allowed` set to the types of its own topic only."""
-    topics = (UP_TYPES, DOWN_TYPES, STATUS_TYPES)
+    topics = (UP_TYPES, DOWN_TYPES, STATUS_TYPES, SERVER_TYPES)
     own = [types for types in topics if type(sample) in types.values()]
     assert len(own) == 1
     assert decode(encode(sample), allowed=own[0]) == sample
@@ -623,7 +624,7 @@ def test_batch_over_1000_changes_is_too_large() -> None:
         ),
         pytest.param(
             orjson.dumps({"type": "command", "v": 1, "id": "c", "cmd": "format-disk"}),
-            "cmd: Input should be 'wipe', 'resync', 'ping' or 'scopes'",
+            "cmd: Input should be 'wipe', 'resync', 'ping', 'scopes' or 'sync'",
             id="bad-command",
         ),
         pytest.param(

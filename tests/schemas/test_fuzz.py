@@ -48,6 +48,7 @@ from schemas.wire import (
     Rec,
     Reject,
     Rejection,
+    ServerState,
     Status,
     Welcome,
 )
@@ -262,7 +263,7 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
     Command: st.builds(
         Command,
         id=st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
-        cmd=st.sampled_from(["wipe", "resync", "ping", "scopes"]),
+        cmd=st.sampled_from(["wipe", "resync", "ping", "scopes", "sync"]),
         args=st.dictionaries(text, json_values, max_size=3),
     ),
     Welcome: st.builds(Welcome, caps=cap_lists,
@@ -278,6 +279,7 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
         old=opt() | seqs,
         dl=opt() | seqs,
     ),
+    ServerState: st.builds(ServerState, grp=ids, srv=ids, on=st.booleans(), t=opt() | seqs),
 }
 messages: st.SearchStrategy[Message] = st.one_of(*BY_TYPE.values())
 

@@ -24,6 +24,11 @@ def add_agent(b: Builder) -> None:
                "synced, and how many dead letters and open conflicts there are. Works "
                "whether or not the daemon is running.", config="agent")
     json_flag(p)
+    p = b.leaf("agent sync", "sync now: lift the sync windows, metered and battery policy",
+               "Tell the running sync daemon to send what its sync policy holds back "
+               "(windows, metered link, day's budget, battery) now, for policy.sync_now_s. "
+               "A server group announced down still holds everything.", config="agent")
+    json_flag(p)
     p = b.leaf("agent put", "write fields of a record (saved locally, synced later)",
                "Set fields of a record in the local store. Each FIELD=VALUE takes VALUE as "
                "JSON when it parses as JSON (42, true, null, \"text\", [1,2], {\"a\":1}) and "

@@ -51,6 +51,14 @@ def add_device(b: Builder) -> None:
                config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
     json_flag(p)
+    p = b.leaf("device sync", "order a device to sync now, whatever its sync policy",
+               "Queue a sync command for device ID: for its policy.sync_now_s it sends what "
+               "its sync windows, metered-link or battery policy hold back (not while its "
+               "server group is announced down). Sent only to an agent that agreed to "
+               "capability sync (this version or later); for an older one it stays "
+               "pending.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    json_flag(p)
     p = b.leaf("device disable", "refuse a device's changes (keeps its registration)",
                "Disable device ID: it gets no data, and its changes and catch-ups are "
                "answered with device_disabled (transient: they stay on the device, which "

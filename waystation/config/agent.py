@@ -26,6 +26,7 @@ from waystation.config.common import (
     _no_duplicates,
     default_device_id,
 )
+from waystation.config.policy import PolicyConfig
 
 # ------------------------------------------------------------------------ the agent
 
@@ -114,6 +115,7 @@ class AgentConfig(_Model):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     def schema_path(self) -> Path:

@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from waystation.config.common import (
+    Bool,
     CompressOver,
     LogConfig,
     Port,
@@ -192,6 +193,11 @@ class ServerConfig(_Model):
     # (e.g. "waystation") on Mosquitto / EMQX to run several servers side by side.
     shared_group: Annotated[Str | None, BeforeValidator(_false_is_none),
                             AfterValidator(_optional_topic_level)] = None
+    server_group: Annotated[Str, AfterValidator(_valid_id("server group"))] = "main"
+    """The group this server announces itself in (devices wait for it: agent
+    `policy.server_group`)."""
+    announce: Bool = True
+    """Publish the retained announcement with its last will (PROTOCOL.md §7.12)."""
     merge: MergeConfig = Field(default_factory=MergeConfig)
     amqp: AmqpConfig = Field(default_factory=AmqpConfig)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
