@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from agent import scopes
 from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
@@ -104,6 +105,9 @@ class Core:
         self.settings = settings
         self.dev = settings.device_id
         self.scopes = settings.scopes
+        """The scopes followed now: the config's, or the server's since a `scopes`
+        command (`agent.scopes`); re-read at the start of every transaction, so every
+        process on the store agrees."""
         self.catalog = catalog
         self.now_ms = now_ms
 
@@ -115,6 +119,7 @@ class Core:
                 raise StoreGone(
                     f"the local store at {self.store.path} was wiped by the operator (remote "
                     "wipe): nothing can be written to it; open the agent again")
+            self.scopes = scopes.effective(tx.meta(scopes.META_KEY), self.settings.scopes)
             work = Work(self, tx)
             result = fn(work)
             work.finish()
@@ -127,6 +132,7 @@ class Core:
             if tx.has("meta", b"gone"):
                 raise StoreGone(f"the local store at {self.store.path} was wiped by the "
                                 "operator (remote wipe); open the agent again")
+            self.scopes = scopes.effective(tx.meta(scopes.META_KEY), self.settings.scopes)
             return fn(Work(self, tx))
 
         return self.store.read(run)

@@ -251,6 +251,7 @@ class AgentDaemon:
         log.info("connected", dev=self.dev, session_present=session_present,
                  pending=self.sync.pending_count())
         self._publish_status(True)
+        self.sync.server_caps = None  # agreed anew on every connection (welcome)
         hello = self.sync.hello(AGENT_NAME, z=True)
         if self._send(hello):
             self._hello_cp = hello.cp
@@ -292,6 +293,9 @@ class AgentDaemon:
             self._on_checkpoint(msg)
         elif isinstance(msg, wire.Command):
             self._on_command(msg)
+        elif isinstance(msg, wire.Welcome):
+            caps = self.sync.apply_welcome(msg)
+            log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))
 
     def _on_reject(self, msg: wire.Reject) -> None:
         result = self.sync.apply_reject(msg)
@@ -366,7 +370,7 @@ class AgentDaemon:
         else:
             executed = self.sync.execute_command(cmd)
         log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
-        if executed and cmd.cmd in ("wipe", "resync"):
+        if executed and cmd.cmd in ("wipe", "resync", "scopes"):
             self._inflight.clear()
             self._retry_at.clear()
             self._start_catchup()

@@ -18,7 +18,9 @@ from typing import Any
 
 import orjson
 
+from agent import scopes
 from agent.base import BaseRecord, apply_ack_record, rec_state
+from agent.caps import AGENT_CAPS
 from agent.changes import change_id
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
@@ -98,6 +100,9 @@ class Sync:
     def __init__(self, core: Core) -> None:
         self._core = core
         self.dev = core.dev
+        self.server_caps: frozenset[str] | None = None
+        """The optional features agreed with the server in its `welcome` to the latest
+        `hello` (PROTOCOL.md §11); None until one arrived on this connection."""
 
     # ---------------------------------------------------------------- sending
 
@@ -454,9 +459,15 @@ class Sync:
             return wire.Hello(dev=self.dev, agent=agent_version, sv=core.catalog.version,
                               z=z, done=list(work.tx.meta("cmds", []))[-MAX_COMMAND_IDS:],
                               inc=work.incarnation(),
-                              cp={s: work.checkpoint(s).cp for s in core.scopes})
+                              cp={s: work.checkpoint(s).cp for s in core.scopes},
+                              caps=sorted(AGENT_CAPS))
 
         return core.read(run)
+
+    def apply_welcome(self, msg: wire.Welcome) -> frozenset[str]:
+        """Note the features the server agreed to (only ones this agent offered)."""
+        self.server_caps = frozenset(msg.caps) & AGENT_CAPS
+        return self.server_caps
 
     def status_message(self, online: bool, agent_version: str | None = None) -> wire.Status:
         """The retained `status` (§7.10): presence and counts, nothing private."""
@@ -479,9 +490,10 @@ class Sync:
         return command_id in self._core.read(lambda work: work.tx.meta("cmds", []))
 
     def execute_command(self, cmd: wire.Command) -> bool:
-        """Carry out a `resync` or `ping` at most once per id (§7.9); False if already
-        done. resync: drop the base and checkpoints, keep the outbox, rebuild the views
-        from the pending changes. ping: nothing. The daemon then sends `hello`. A `wipe`
+        """Carry out a `resync`, `scopes` or `ping` at most once per id (§7.9); False if
+        already done. resync: drop the base and checkpoints, keep the outbox, rebuild the
+        views from the pending changes. scopes: follow the new list (`agent.scopes`).
+        ping: nothing. The daemon then sends `hello`. A `wipe`
         replaces the whole store: `Agent.wipe` carries it out.
         """
         if cmd.cmd == "wipe":
@@ -495,6 +507,8 @@ class Sync:
                 return False
             if cmd.cmd == "resync":
                 _resync(work)
+            elif cmd.cmd == "scopes":
+                scopes.carry_out(work, cmd.id, cmd.args)
             done.append(cmd.id)
             tx.set_meta("cmds", done[-MAX_COMMAND_IDS:])
             return True

@@ -3,13 +3,19 @@
     WaystationError
     └── ServerError                 anything the server raises on purpose
         ├── StoreError              the store cannot be opened, read or written
+        ├── BadStoredRecord         a stored record this version cannot decode
         │   ├── StoreFormatError    the on-disk format is not the one this version reads
         │   └── StoreFullError      the store reached its configured maximum size
         ├── UnknownDevice           no such device in the registry (CLI)
         ├── DeviceExists            a device with that id is already registered (CLI)
         ├── ConflictNotFound        no conflict with that id (CLI)
         ├── ConflictClosed          the conflict was already resolved (CLI)
-        └── InvalidArgument         an operator argument is wrong (CLI)
+        ├── InvalidArgument         an operator argument is wrong (CLI)
+        ├── LetterNotRetryable      a dead letter holds nothing to run again (CLI)
+        └── NotFound                what the operator named does not exist
+            ├── UnknownCollection   no such collection in the schema or the store
+            ├── RecordNotFound      no record with that key
+            └── DeadLetterNotFound  no dead letter with that id
 
 Every message is one sentence an operator can act on; the CLI prints it on one line and
 exits non-zero.
@@ -38,6 +44,11 @@ class StoreFullError(StoreError):
     """The store reached `store.max_map_size_mb`; raise it or free disk space."""
 
 
+class BadStoredRecord(ServerError):
+    """A record in the store is not in the format this version reads (written by
+    another version of Waystation)."""
+
+
 class UnknownDevice(ServerError):
     """The named device is not registered."""
 
@@ -60,14 +71,43 @@ class InvalidArgument(ServerError):
     exit_code = 2
 
 
+class NotFound(ServerError):
+    """What the operator named (collection, record, dead letter) does not exist (exit
+    code 1, "the operation failed", as every refused operation)."""
+
+
+class UnknownCollection(NotFound):
+    """The collection is neither in the server's schema nor in its store."""
+
+
+class RecordNotFound(NotFound):
+    """No record with that collection and key is in the store."""
+
+
+class DeadLetterNotFound(NotFound):
+    """No dead letter with that id is kept (never was, or discarded, retried, or
+    dropped by the bounds)."""
+
+
+class LetterNotRetryable(ServerError):
+    """The dead letter holds nothing the server can run again (a status message, a
+    payload cut at 64 KiB, a hello or catch-up request the device repeats itself)."""
+
+
 __all__ = [
+    "BadStoredRecord",
     "ConflictClosed",
     "ConflictNotFound",
+    "DeadLetterNotFound",
     "DeviceExists",
     "InvalidArgument",
+    "LetterNotRetryable",
+    "NotFound",
+    "RecordNotFound",
     "ServerError",
     "StoreError",
     "StoreFormatError",
     "StoreFullError",
+    "UnknownCollection",
     "UnknownDevice",
 ]

@@ -323,6 +323,11 @@ class Rec(WireModel):
 # --- device -> server ---------------------------------------------------------------
 
 
+Capability = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+"""The name of an optional protocol feature (§11), e.g. ``txn``."""
+Capabilities = Annotated[list[Capability], Field(max_length=32)]
+
+
 class Hello(Message):
     """Sent after every (re)connect; the server answers with pending commands."""
 
@@ -337,6 +342,9 @@ class Hello(Message):
     """The device store's incarnation (§2); absent: a store from before incarnations."""
     cp: Annotated[dict[ScopeId, Seq], Field(max_length=1000)] | None = None
     """The device's checkpoints now (§9.4), for the operator's view of its progress."""
+    caps: Capabilities | None = None
+    """The optional features the device speaks (§11); present: the server answers with
+    `welcome`. Absent: a v1 device that is sent nothing beyond this document."""
 
 
 _FIELD_GROUPS = ("f", "i", "a", "r")
@@ -511,12 +519,21 @@ class Checkpoint(Message):
 
 
 class Command(Message):
-    """An order from the operator: wipe local data, resync from zero, or ping."""
+    """An order from the operator: wipe local data, resync from zero, ping, or follow
+    other scopes (`scopes`, only to a device that agreed to capability `scopes`)."""
 
     type: Literal["command"] = "command"
     id: Annotated[str, Field(min_length=1, max_length=64)]
-    cmd: Literal["wipe", "resync", "ping"]
+    cmd: Literal["wipe", "resync", "ping", "scopes"]
     args: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class Welcome(Message):
+    """The server's answer to a `hello` that carries `caps`: the features agreed."""
+
+    type: Literal["welcome"] = "welcome"
+    caps: Capabilities
+    srv: Annotated[str, Field(max_length=128)] = ""
 
 
 # --- device -> everyone (retained) ---------------------------------------------------
@@ -544,6 +561,7 @@ DOWN_TYPES: dict[str, type[Message]] = {
     "page": Page,
     "checkpoint": Checkpoint,
     "command": Command,
+    "welcome": Welcome,
 }
 STATUS_TYPES: dict[str, type[Message]] = {"status": Status}
 ALL_TYPES: dict[str, type[Message]] = {**UP_TYPES, **DOWN_TYPES, **STATUS_TYPES}

@@ -72,8 +72,9 @@ def cmd_server_restore(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                      "scopes": dict(sorted(seqs.items()))})
         return 0
     print(f"restored {'the store in place' if args.src is None else args.src} "
-          f"({len(seqs)} scopes): every device resyncs its scopes by snapshot on its next "
-          "catch-up, keeping its pending writes")
+          f"({len(seqs)} scopes): every device is ordered to resync (sent as soon as the "
+          "server runs and the device is online); it gets a snapshot of the restored "
+          "state and keeps its pending writes")
     return 0
 
 

@@ -42,6 +42,7 @@ import structlog
 from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats, ChangeResult
+from broker.server.caps import agreed
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
 from broker.server.messages import (
@@ -50,11 +51,12 @@ from broker.server.messages import (
     error_message,
     reject_messages,
     rejection,
+    welcome_message,
 )
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
-from broker.server.registry import Registry
+from broker.server.registry import Registry, deliverable
 from broker.server.replies import batch_letters, change_replies, letter
 from broker.server.store.base import (
     CommandRow,
@@ -69,6 +71,7 @@ from schemas.codec import BadChange, LenientChanges
 from schemas.collection import Catalog
 from schemas.errors import ProtocolError
 from schemas.wire import ID_PATTERN, UP_TYPES, Catchup, Change, Hello
+from waystation import __version__
 from waystation.config import ServerConfig
 from waystation.hlc import SERVER_NODE, Clock
 from waystation.rules import Rule, load_rules
@@ -82,6 +85,10 @@ the retention itself is short, so a tombstone never outlives it by much)."""
 MAX_PENDING_LETTERS = 1000
 TRIM_INTERVAL_MS = 60_000
 """How often the dead letters' bounds are applied in full (and their figures read)."""
+
+
+SERVER_NAME = f"waystation-server/{__version__}"
+"""What `welcome.srv` says this server is."""
 
 
 @dataclass(slots=True, eq=False)
@@ -404,7 +411,8 @@ class Engine:
                 elif inc.kind == "hello":
                     hello: Hello = inc.msg
                     inc.commands = self._hello(txn, inc, now, upd)
-                    upd.update(agent=hello.agent, sv=hello.sv, z=hello.z)
+                    upd.update(agent=hello.agent, sv=hello.sv, z=hello.z,
+                               caps=agreed(hello.caps or ()))
                     self._incarnation(device, hello, now, upd)
                     if hello.cp is not None:
                         upd.update(cp={s: v for s, v in hello.cp.items() if s in device.scopes},
@@ -433,6 +441,7 @@ class Engine:
         first: nothing else reaches a device before its wipe)."""
         hello: Hello = inc.msg
         done = set(hello.done)
+        caps = agreed(hello.caps or ())
         pending: list[CommandRow] = []
         device = inc.device
         for cmd in txn.commands(hello.dev):
@@ -443,7 +452,7 @@ class Engine:
                 if device is not None and cmd.id == device.wipe_id:
                     upd["wipe_done_ms"] = now
                     log.warning("device_wiped", dev=hello.dev, command=cmd.id)
-            else:
+            elif deliverable(cmd, caps):
                 pending.append(cmd)
         pending.sort(key=lambda c: c.cmd != "wipe")
         return pending
@@ -526,6 +535,8 @@ class Engine:
             msgs = [error_message(code, reason)]
         elif inc.kind == "hello":
             msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
+            if inc.msg.caps is not None:  # a device that speaks §11 is told what is agreed
+                msgs.insert(0, welcome_message(agreed(inc.msg.caps), SERVER_NAME))
             self._sent_commands.update(c.id for c in inc.commands)
         elif inc.kind == "changes":
             msgs = change_replies(dev, inc.results, inc.msg.bad, fan)

@@ -132,6 +132,11 @@ def checkpoint_message(req: str, cp: dict[str, int], denied: Sequence[str]) -> b
     return dumps(obj)
 
 
+def welcome_message(caps: Iterable[str], server: str) -> bytes:
+    """The answer to a `hello` with `caps` (PROTOCOL.md §7.11)."""
+    return dumps({"type": "welcome", "v": 1, "caps": sorted(caps), "srv": server})
+
+
 def command_message(cid: str, cmd: str, args: dict[str, Any]) -> bytes:
     obj: dict[str, Any] = {"type": "command", "v": 1, "id": cid, "cmd": cmd}
     if args:
@@ -151,4 +156,5 @@ __all__ = [
     "page_message",
     "reject_messages",
     "rejection",
+    "welcome_message",
 ]

@@ -10,6 +10,8 @@ their sequence, or reconnect), as with any other change.
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,7 @@ import orjson
 
 from broker.errors import ConflictClosed, ConflictNotFound, InvalidArgument
 from broker.server.applier import RECORD_LIMIT
-from broker.server.store.base import Notice, Store, WriteTxn
+from broker.server.store.base import CommandRow, Notice, Store, WriteTxn
 from schemas.collection import Catalog
 from waystation import merge
 from waystation.hlc import Clock
@@ -94,15 +96,23 @@ than any fleet writes between a backup and its restore, and small enough for tho
 of restores below the protocol's 2^53 limit on sequence numbers."""
 
 
-def after_restore(store: Store) -> dict[str, int]:
+def after_restore(store: Store, now_ms: int | None = None, *,
+                  resync: bool = True) -> dict[str, int]:
     """Make a store restored from a backup safe to serve: move every scope's sequence and
-    purge horizon forward by `RESTORE_SEQ_GAP`. Returns scope -> new sequence.
+    purge horizon forward by `RESTORE_SEQ_GAP`, and (with `resync`) order every
+    registered device to resync (a `resync` command, PROTOCOL.md §7.9). Returns
+    scope -> new sequence.
 
     Devices have seen sequence numbers the backup never reached; without the jump the
     restored server would hand those numbers to other changes and a device would skip
     them as already seen. With it every device's checkpoint is below the purge horizon,
     so its next catch-up is a snapshot of the restored state (its pending writes are
-    kept and sent on top)."""
+    kept and sent on top). The resync command makes that catch-up happen at once: the
+    restarted server sends it to every online device at its first tick (to the others
+    at their next hello), instead of waiting until a device writes or notices a gap,
+    all the while showing records the server no longer has."""
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+
     def jump(txn: WriteTxn) -> dict[str, int]:
         out: dict[str, int] = {}
         for scope, seq in txn.scope_seqs().items():
@@ -110,6 +120,12 @@ def after_restore(store: Store) -> dict[str, int]:
             txn.jump_scope_seq(scope, new)
             txn.set_purge_horizon(scope, new)
             out[scope] = new
+        devices = txn.devices() if resync else []
+        for device in devices:
+            txn.put_command(CommandRow(f"resync-{now:x}-{secrets.token_hex(3)}", device.id,
+                                       "resync", {"why": "restore"}, created_ms=now))
+        if devices:
+            txn.bump_registry()  # a running server (PostgreSQL --in-place) sends them
         return out
 
     return store.transact(jump)
@@ -149,4 +165,5 @@ def purge_tombstones(store: Store, now_ms: int, retention_ms: int, limit: int = 
     return store.transact(fn)
 
 
-__all__ = ["Resolution", "purge_tombstones", "resolve_conflict"]
+__all__ = ["RESTORE_SEQ_GAP", "Resolution", "after_restore", "purge_tombstones",
+           "resolve_conflict"]

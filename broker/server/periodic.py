@@ -6,7 +6,7 @@ from __future__ import annotations
 from broker.server.fanout import Fanout
 from broker.server.messages import dumps
 from broker.server.presence import Presence
-from broker.server.registry import Registry
+from broker.server.registry import Registry, deliverable
 from broker.server.store.base import CommandRow, Store, WriteTxn
 
 NOTICE_BATCH = 1000
@@ -19,9 +19,11 @@ def unsent_commands(store: Store, registry: Registry, presence: Presence,
     out: list[CommandRow] = []
     with store.read() as txn:
         for dev in sorted(presence.online()):
-            if registry.get(dev) is None:
+            row = registry.get(dev)
+            if row is None:
                 continue
-            cmds = [c for c in txn.commands(dev) if not c.done_ms and c.id not in sent]
+            cmds = [c for c in txn.commands(dev)
+                    if not c.done_ms and c.id not in sent and deliverable(c, row.caps)]
             for cmd in sorted(cmds, key=lambda c: c.cmd != "wipe"):  # a wipe goes first
                 sent.add(cmd.id)
                 out.append(cmd)

@@ -106,6 +106,52 @@ def set_scopes(store: Store, dev: str, scopes: Sequence[str]) -> DeviceRow:
     return _update(store, dev, scopes=list(_scopes(scopes)))
 
 
+def change_scopes(store: Store, dev: str, now_ms: int, *, add: Sequence[str] = (),
+                  remove: Sequence[str] = ()) -> tuple[DeviceRow, CommandRow | None]:
+    """Add and remove scopes of `dev` in one transaction, effective on the server at once
+    (the engine reloads the registry), and queue the `scopes` command that tells the
+    device (PROTOCOL.md §7.9); an older `scopes` command still pending is superseded.
+    Returns the new row and the command (None when nothing changed)."""
+    check_id("device id", dev)
+    for scope in (*add, *remove):
+        check_id("scope", scope)
+
+    def fn(txn: WriteTxn) -> tuple[DeviceRow, CommandRow | None]:
+        device = txn.get_device(dev)
+        if device is None:
+            raise UnknownDevice(f"device {dev!r} is not registered; `waystation device list` "
+                                "shows the registered ones")
+        unknown = [s for s in remove if s not in device.scopes]
+        if unknown:
+            raise InvalidArgument(f"device {dev!r} does not follow {', '.join(unknown)}; "
+                                  f"its scopes are {', '.join(device.scopes)}")
+        new = [s for s in device.scopes if s not in remove]
+        new += [s for s in add if s not in new]
+        if not new:
+            raise InvalidArgument(f"device {dev!r} would follow no scope; add one (--add S) "
+                                  "or disable the device (`waystation device disable`)")
+        if tuple(new) == device.scopes:
+            return device, None
+        row = dataclasses.replace(device, scopes=tuple(new))
+        txn.put_device(row)
+        for old in txn.commands(dev):
+            if old.cmd == "scopes" and not old.done_ms:
+                txn.put_command(dataclasses.replace(old, done_ms=now_ms))
+        cmd = CommandRow(f"scopes-{now_ms:x}-{secrets.token_hex(3)}", dev, "scopes",
+                         {"scopes": list(new)}, created_ms=now_ms)
+        txn.put_command(cmd)
+        txn.bump_registry()
+        return row, cmd
+
+    return store.transact(fn)
+
+
+def deliverable(cmd: CommandRow, caps: Iterable[str]) -> bool:
+    """Whether `cmd` may be sent to a device that agreed to `caps`: a `scopes` command
+    only to a device that speaks it (a v1 device keeps it pending; its config decides)."""
+    return cmd.cmd != "scopes" or "scopes" in caps
+
+
 def list_devices(store: Store) -> list[DeviceRow]:
     with store.read() as txn:
         return txn.devices()
@@ -189,7 +235,9 @@ __all__ = [
     "COMMANDS",
     "Registry",
     "add_device",
+    "change_scopes",
     "check_id",
+    "deliverable",
     "issue_command",
     "list_devices",
     "remove_device",

@@ -36,7 +36,10 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "agent incr": ["agent", "incr", "inventory", "sku-1", "stock", "-3"],
     "agent add": ["agent", "add", "tasks", "t-1", "labels", "fragile", "heavy"],
     "agent remove": ["agent", "remove", "tasks", "t-1", "labels", "fragile"],
-    "agent deadletters": ["agent", "deadletters"],
+    "agent deadletters list": ["agent", "deadletters", "list"],
+    "agent deadletters show": ["agent", "deadletters", "show", "17"],
+    "agent deadletters retry": ["agent", "deadletters", "retry", "van-1:17"],
+    "agent deadletters discard": ["agent", "deadletters", "discard", "17", "--json"],
     "agent conflicts": ["agent", "conflicts"],
     "agent watch": ["agent", "watch", "tasks"],
     "agent token add": ["agent", "token", "add", "scanner", "--read", "*", "--write", "tasks"],
@@ -47,7 +50,14 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "server devices": ["server", "devices"],
     "server conflicts": ["server", "conflicts"],
     "server resolve": ["server", "resolve", "c-1", '"12 Main St"'],
-    "server deadletters": ["server", "deadletters"],
+    "server get": ["server", "get", "tasks", "t-1", "--json"],
+    "server list": ["server", "list", "tasks", "--scope", "r1", "--limit", "5", "--after",
+                    "t-0"],
+    "server export": ["server", "export", "--collection", "tasks", "--out", "x.jsonl"],
+    "server deadletters list": ["server", "deadletters", "list", "--limit", "5"],
+    "server deadletters show": ["server", "deadletters", "show", "3"],
+    "server deadletters retry": ["server", "deadletters", "retry", "3", "--json"],
+    "server deadletters discard": ["server", "deadletters", "discard", "--all-for", "van-1"],
     "server backup": ["server", "backup", "/tmp/bk"],
     "server restore": ["server", "restore", "--in-place"],
     "device add": ["device", "add", "van-12", "--scope", "route-42", "--scope", "depot-7"],
@@ -57,6 +67,7 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "device resync": ["device", "resync", "van-12"],
     "device disable": ["device", "disable", "van-12"],
     "device enable": ["device", "enable", "van-12"],
+    "device scopes": ["device", "scopes", "van-12", "--add", "route-7"],
     "broker run": ["broker", "run"],
     "broker passwd": ["broker", "passwd", "waystation-server"],
     "schema check": ["schema", "check", "fleet.toml"],
@@ -191,3 +202,29 @@ def test_device_add_collects_scopes() -> None:
         ["device", "add", "van-12", "--scope", "a", "--scope", "b", "--out", "o", "-c", "s.toml"])
     assert (args.device_id, args.scopes, args.out, args.config) == (
         "van-12", ["a", "b"], Path("o"), Path("s.toml"))
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["server", "deadletters"], "server deadletters list"),
+    (["server", "deadletters", "--json", "--limit", "5"], "server deadletters list"),
+    (["agent", "deadletters", "--json"], "agent deadletters list"),
+])
+def test_bare_deadletters_lists(argv: list[str], command: str) -> None:
+    """`deadletters` without a subcommand is `deadletters list`, as in earlier versions."""
+    args = build_parser().parse_args(argv)
+    assert args.command == command
+    assert args.json is ("--json" in argv)
+
+
+@pytest.mark.parametrize("argv, config, as_json", [
+    (["server", "deadletters", "--config", "x.toml", "--json", "list"], "x.toml", True),
+    (["server", "deadletters", "list", "--config", "y.toml"], "y.toml", False),
+    (["agent", "deadletters", "-c", "a.toml", "retry", "4"], "a.toml", False),
+    (["agent", "deadletters", "--json", "show", "4", "-c", "b.toml"], "b.toml", True),
+])
+def test_deadletters_group_options_reach_the_subcommand(argv: list[str], config: str,
+                                                         as_json: bool) -> None:
+    """--config / --json given to the group are not reset by the subcommand (which would
+    silently read another store)."""
+    args = build_parser().parse_args(argv)
+    assert str(args.config) == config and args.json is as_json

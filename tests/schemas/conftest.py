@@ -21,6 +21,7 @@ from schemas.wire import (
     Reject,
     Rejection,
     Status,
+    Welcome,
 )
 
 
@@ -51,6 +52,7 @@ def sample_messages() -> dict[str, Message]:
     partial = Rec(c="tasks", k="t-1", s="route-42", q=1205, part=True, f={"attempts": 3})
     return {
         "hello": Hello(dev="van-12", agent="waystation/0.1.0", sv=3, z=True, done=["cmd-7"]),
+        "hello-caps": Hello(dev="van-12", agent="waystation/0.1.0", sv=3, caps=["txn", "schema"]),
         "hello-minimal": Hello(dev="v", agent="", sv=0),
         "changes": Changes(
             dev="van-12",
@@ -122,6 +124,8 @@ def sample_messages() -> dict[str, Message]:
         "checkpoint": Checkpoint(req="c-1", cp={"route-42": 1205, "depot-3": 17}, denied=["hq"]),
         "command": Command(id="cmd-7", cmd="wipe"),
         "command-args": Command(id="cmd-8", cmd="ping", args={"note": "x", "n": [1, 2.5]}),
+        "welcome": Welcome(caps=["txn"], srv="waystation-server/0.1.0"),
+        "welcome-none": Welcome(caps=[]),
         "status": Status(
             dev="van-12",
             on=True,

@@ -623,7 +623,7 @@ def test_batch_over_1000_changes_is_too_large() -> None:
         ),
         pytest.param(
             orjson.dumps({"type": "command", "v": 1, "id": "c", "cmd": "format-disk"}),
-            "cmd: Input should be 'wipe', 'resync' or 'ping'",
+            "cmd: Input should be 'wipe', 'resync', 'ping' or 'scopes'",
             id="bad-command",
         ),
         pytest.param(

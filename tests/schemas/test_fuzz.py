@@ -49,6 +49,7 @@ from schemas.wire import (
     Reject,
     Rejection,
     Status,
+    Welcome,
 )
 
 # WAYSTATION_FUZZ_EXAMPLES=20000 runs a deeper fuzz on demand; the default keeps it fast.
@@ -194,6 +195,8 @@ codes = st.sampled_from(sorted(ALL_CODES)) | st.text(
 )
 opt = st.none
 
+cap_lists = st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,31}", fullmatch=True), max_size=32)
+
 BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
     Hello: st.builds(
         Hello,
@@ -205,6 +208,7 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
             st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
             max_size=3,
         ),
+        caps=opt() | cap_lists,
     ),
     Changes: st.builds(Changes, dev=ids, sv=seqs, ch=st.lists(changes_(), min_size=1, max_size=4)),
     Catchup: st.builds(
@@ -258,9 +262,11 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
     Command: st.builds(
         Command,
         id=st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
-        cmd=st.sampled_from(["wipe", "resync", "ping"]),
+        cmd=st.sampled_from(["wipe", "resync", "ping", "scopes"]),
         args=st.dictionaries(text, json_values, max_size=3),
     ),
+    Welcome: st.builds(Welcome, caps=cap_lists,
+                       srv=st.text(st.characters(codec="utf-8"), max_size=128)),
     Status: st.builds(
         Status,
         dev=ids,

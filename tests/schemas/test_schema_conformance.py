@@ -235,11 +235,11 @@ def traffic(tmp_path: Path, catalog: Catalog) -> Iterator[Wire]:
 
 
 def test_real_traffic_validates_against_the_committed_schemas(traffic: Wire) -> None:
-    """Every message the agent and the server produced in a day of sync - each of the 12
+    """Every message the agent and the server produced in a day of sync - each of the 13
     types, with their optional parts - is valid against its committed schema."""
     assert set(traffic.types("agents")) == {"status", "hello", "catchup", "changes"}
     assert set(traffic.types("server")) == {"ack", "reject", "delta", "page", "checkpoint",
-                                            "command"}
+                                            "command", "welcome"}
     server = [doc for who, doc in traffic.seen if who == "server"]
     recs = [rec for doc in server for rec in _recs(doc)]
     parts = {

@@ -30,16 +30,24 @@ def number(text: str) -> int | float:
     return value
 
 
-def device_id(text: str) -> str:
+def _identifier(kind: str, text: str) -> str:
     import re
 
     from waystation.config import ID_PATTERN
 
     if not re.fullmatch(ID_PATTERN, text):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a valid device id: use 1 to 64 letters, digits, '_', '.' or "
+            f"{text!r} is not a valid {kind}: use 1 to 64 letters, digits, '_', '.' or "
             "'-', starting with a letter or digit")
     return text
+
+
+def device_id(text: str) -> str:
+    return _identifier("device id", text)
+
+
+def scope_id(text: str) -> str:
+    return _identifier("scope", text)
 
 
 def positive_int(text: str) -> int:
@@ -53,4 +61,4 @@ def positive_int(text: str) -> int:
     return value
 
 
-__all__ = ["assignment", "device_id", "number", "parse_value", "positive_int"]
+__all__ = ["assignment", "device_id", "number", "parse_value", "positive_int", "scope_id"]

@@ -11,6 +11,7 @@ import argparse
 
 from waystation.cli.builder import Builder
 from waystation.cli.parser_agent import add_agent
+from waystation.cli.parser_data import add_deadletters, add_server_records
 from waystation.cli.parser_device import add_broker, add_device
 from waystation.cli.parser_server import add_server
 from waystation.cli.parser_tools import add_config, add_demo, add_schema
@@ -21,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = Builder()
     add_demo(b)
     add_agent(b)
+    add_deadletters(b, "agent")
     add_server(b)
+    add_server_records(b)
+    add_deadletters(b, "server")
     add_device(b)
     add_broker(b)
     add_schema(b)

@@ -74,11 +74,6 @@ def add_agent(b: Builder) -> None:
     p.add_argument("field", metavar="FIELD", help="a set field")
     p.add_argument("members", metavar="MEMBER", nargs="+", help="set members (strings)")
     json_flag(p)
-    p = b.leaf("agent deadletters", "list local changes the server refused",
-               "List the changes this device made that the server rejected for good, "
-               "with the reason for each. They were rolled back locally and are kept "
-               "here for inspection.", config="agent")
-    json_flag(p)
     p = b.leaf("agent conflicts", "list conflicts involving this device's records",
                "List the conflicts the server reported for records this device holds: "
                "concurrent writes that lost, and manual fields waiting for a person to "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from waystation.cli.argtypes import device_id
+from waystation.cli.argtypes import device_id, scope_id
 from waystation.cli.builder import Builder, json_flag
 
 
@@ -63,6 +63,18 @@ def add_device(b: Builder) -> None:
                "Enable device ID again after `device disable`: the server accepts its "
                "changes from its next message on.", config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    json_flag(p)
+    p = b.leaf("device scopes", "add or remove scopes of a device (no re-enrolment)",
+               "Change the scopes device ID follows: the server applies the new list at "
+               "once and tells the device, which catches up added scopes and drops the "
+               "records of removed ones (keeping its own unsynced writes until they are "
+               "answered). Its broker login and agent config stay. Without --add/--remove: "
+               "print its scopes.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p.add_argument("--add", metavar="S", action="append", type=scope_id,
+                   help="a scope to follow too (repeat for several)")
+    p.add_argument("--remove", metavar="S", action="append", type=scope_id,
+                   help="a scope to stop following (repeat for several)")
     json_flag(p)
 
 

@@ -46,13 +46,6 @@ def add_server(b: Builder) -> None:
     p.add_argument("value", metavar="VALUE", type=parse_value,
                    help="the value to keep (JSON when it parses, else text)")
     json_flag(p)
-    p = b.leaf("server deadletters", "list messages the server refused",
-               "List the messages and changes the server refused (malformed, too large, "
-               "not allowed, from the far future), with the device and reason, kept for "
-               "inspection.", config="server")
-    json_flag(p)
-    p.add_argument("--limit", metavar="N", type=positive_int, default=None,
-                   help="show at most N dead letters, newest first (default 50)")
     p = b.leaf("server backup", "copy the LMDB store, consistently, while it runs",
                "Write a consistent, compacted copy of the server's LMDB store into DEST, a "
                "new directory laid out as a server data directory (safe while the server "
@@ -66,7 +59,8 @@ def add_server(b: Builder) -> None:
                "store must have been moved aside with the server stopped; or, with "
                "--in-place, take the configured store as restored by other means (a "
                "PostgreSQL database after pg_restore). Either way every scope's sequence "
-               "moves forward, so each device resyncs by snapshot and keeps its pending "
+               "moves forward and every device is ordered to resync at once, so each "
+               "device gets a snapshot of the restored state and keeps its pending "
                "writes; what the server applied after the backup is not in it.",
                config="server")
     json_flag(p)

@@ -92,6 +92,9 @@ class DeviceRow:
     """When that wipe was ordered."""
     wipe_done_ms: int = 0
     """When the device reported it carried the wipe out (0: still pending)."""
+    caps: tuple[str, ...] = ()
+    """The optional protocol features agreed in its last `hello` (PROTOCOL.md §11):
+    what the server may send it beyond protocol v1."""
 
     @property
     def wipe_pending(self) -> bool:
@@ -108,7 +111,8 @@ class DeviceRow:
                 "sv": self.sv, "z": self.z, "online": self.online, "cp": self.cp,
                 "pend": self.pend, "cp_ms": self.cp_ms, "synced": self.synced_ms,
                 "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
-                "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms}
+                "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms,
+                "caps": list(self.caps)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceRow:
@@ -120,7 +124,8 @@ class DeviceRow:
                    synced_ms=data.get("synced", 0), inc=data.get("inc", ""),
                    inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
                    wipe_id=data.get("wipe", ""), wipe_ms=data.get("wipe_ms", 0),
-                   wipe_done_ms=data.get("wipe_done", 0))
+                   wipe_done_ms=data.get("wipe_done", 0),
+                   caps=tuple(data.get("caps", ())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +305,12 @@ class ReadTxn(Protocol):
 
     # records and the per-scope log
     def get_record(self, c: str, k: str) -> dict[str, Any] | None: ...
+    def records_after(self, c: str | None, after: tuple[str, str] | None, limit: int
+                      ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Up to `limit` (collection, key, state) in (collection, key) order (byte-wise),
+        after `after` (None: from the start), only of collection `c` unless it is None:
+        operator tools page through the records with it."""
+        ...
     def scope_seq(self, scope: str) -> int: ...
     def scope_seqs(self) -> dict[str, int]: ...
     def purge_horizon(self, scope: str) -> int: ...
@@ -327,6 +338,7 @@ class ReadTxn(Protocol):
         """Newest first."""
         ...
     def dead_letter_stats(self) -> DeadLetterStats: ...
+    def get_dead_letter(self, lid: int) -> DeadLetter | None: ...
     def commands(self, dev: str | None = None) -> list[CommandRow]:
         """Every command (of one device, or of all), oldest first."""
         ...
@@ -417,6 +429,13 @@ class WriteTxn(ReadTxn, Protocol):
     def trim_dead_letters(self, now_ms: int) -> int:
         """Drop the oldest letters beyond every bound of the store's `DeadLetterLimits`
         (count, bytes, age at `now_ms`), counting them as dropped; returns how many."""
+        ...
+    def delete_dead_letter(self, lid: int) -> bool:
+        """Remove one letter (the operator retried or discarded it; not counted as
+        dropped by the bounds); False if there is none with that id."""
+        ...
+    def delete_dead_letters_of(self, dev: str) -> int:
+        """Remove every letter of device `dev` (as `delete_dead_letter`); how many."""
         ...
     def put_command(self, row: CommandRow) -> None: ...
     def delete_commands(self, dev: str) -> int: ...

@@ -86,6 +86,54 @@ def add(txn: Txn, dbs: Dbs, limits: DeadLetterLimits, lid: int, letter: DeadLett
           truncated + (size > len(raw)), letter.t_ms)
 
 
+def get(txn: Txn, dbs: Dbs, lid: int) -> DeadLetter | None:
+    value = txn.get(_U64.pack(lid), db=dbs["deadletters"])
+    return None if value is None else decode(lid, value)
+
+
+def delete(txn: Txn, dbs: Dbs, lid: int) -> bool:
+    """Remove letter `lid` (the operator discarded or retried it): not a drop by the
+    bounds, so only the totals of the letters kept change. False if it is unknown."""
+    letter = get(txn, dbs, lid)
+    if letter is None:
+        return False
+    total, truncated = _totals(txn, dbs)
+    txn.delete(_U64.pack(lid), db=dbs["deadletters"])
+    _set_totals(txn, dbs, total - dead_letter_bytes(letter),
+                truncated - (letter.size > len(letter.raw)))
+    return True
+
+
+def delete_of(txn: Txn, dbs: Dbs, device: str) -> int:
+    """Remove every letter of `device` (one pass over the letters, which the bounds
+    keep at most `DeadLetterLimits.max_count`); how many."""
+    total, truncated = _totals(txn, dbs)
+    count = 0
+    with txn.cursor(db=dbs["deadletters"]) as cur:
+        if not cur.first():
+            return 0
+        while cur.key():
+            value = cur.value()
+            (hlen,) = _U32.unpack(value[:4])
+            if orjson.loads(value[4:4 + hlen])["dev"] != device:
+                if not cur.next():
+                    break
+                continue
+            letter = decode(_U64.unpack(cur.key())[0], value)
+            total -= dead_letter_bytes(letter)
+            truncated -= letter.size > len(letter.raw)
+            count += 1
+            if not cur.delete():  # deleting moves the cursor to the next letter
+                break
+    _set_totals(txn, dbs, total, truncated)
+    return count
+
+
+def _set_totals(txn: Txn, dbs: Dbs, total: int, truncated: int) -> None:
+    txn.put(_BYTES, _U64.pack(max(0, total)), db=dbs["meta"])
+    txn.put(_TRUNCATED, _U64.pack(max(0, truncated)), db=dbs["meta"])
+
+
 def trim(txn: Txn, dbs: Dbs, limits: DeadLetterLimits, now_ms: int) -> int:
     """Drop the oldest letters beyond the bounds at `now_ms`; how many were dropped."""
     return _trim(txn, dbs, limits, *_totals(txn, dbs), now_ms)
@@ -146,4 +194,4 @@ def _totals(txn: Txn, dbs: Dbs) -> tuple[int, int]:
     return size, truncated
 
 
-__all__ = ["add", "decode", "newest", "stats", "trim"]
+__all__ = ["add", "decode", "delete", "delete_of", "get", "newest", "stats", "trim"]

@@ -96,6 +96,27 @@ class LmdbReadTxn:
         state: dict[str, Any] = orjson.loads(raw)
         return state
 
+    def records_after(self, c: str | None, after: tuple[str, str] | None, limit: int
+                      ) -> list[tuple[str, str, dict[str, Any]]]:
+        out: list[tuple[str, str, dict[str, Any]]] = []
+        if limit <= 0:
+            return out
+        prefix = b"" if c is None else _s(c) + _SEP
+        start = prefix if after is None else _s(after[0]) + _SEP + _s(after[1])
+        with self._txn.cursor(db=self._db["records"]) as cur:
+            if not cur.set_range(max(start, prefix)):
+                return out
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                if after is not None and key == start:
+                    continue
+                rc, _, rk = key.partition(_SEP)
+                out.append((rc.decode(), rk.decode(), orjson.loads(value)))
+                if len(out) >= limit:
+                    break
+        return out
+
     def scope_seq(self, scope: str) -> int:
         raw = self._txn.get(_s(scope), db=self._db["seqs"])
         return 0 if raw is None else _from_u64(raw)
@@ -194,6 +215,9 @@ class LmdbReadTxn:
 
     def dead_letter_stats(self) -> DeadLetterStats:
         return lmdb_letters.stats(self._txn, self._db)
+
+    def get_dead_letter(self, lid: int) -> DeadLetter | None:
+        return lmdb_letters.get(self._txn, self._db, lid)
 
     def commands(self, dev: str | None = None) -> list[CommandRow]:
         rows: list[CommandRow] = []
@@ -374,6 +398,12 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     def trim_dead_letters(self, now_ms: int) -> int:
         return lmdb_letters.trim(self._txn, self._db, self._limits, now_ms)
+
+    def delete_dead_letter(self, lid: int) -> bool:
+        return lmdb_letters.delete(self._txn, self._db, lid)
+
+    def delete_dead_letters_of(self, dev: str) -> int:
+        return lmdb_letters.delete_of(self._txn, self._db, dev)
 
     def put_command(self, row: CommandRow) -> None:
         self._txn.put(_s(row.device) + _SEP + _s(row.id), orjson.dumps(row.to_json()),

@@ -71,6 +71,28 @@ def add(txn: _Txn, limits: DeadLetterLimits, letter: DeadLetter) -> int:
     return lid
 
 
+def get(txn: _Txn, lid: int) -> DeadLetter | None:
+    row = txn._one("SELECT id, t_ms, device, topic, code, reason, raw, size "
+                   "FROM dead_letters WHERE id = %s", (lid,))
+    if row is None:
+        return None
+    i, t, d, tp, code, reason, raw, size = row
+    return DeadLetter(id=int(i), t_ms=int(t), device=d, topic=tp, code=code, reason=reason,
+                      raw=bytes(raw), size=int(size))
+
+
+def delete(txn: _Txn, lid: int) -> bool:
+    """Remove letter `lid` (discarded or retried by the operator: not a drop by the
+    bounds, so nothing goes into dead_letter_drops). False if it is unknown."""
+    return txn._one("DELETE FROM dead_letters WHERE id = %s RETURNING id", (lid,)) is not None
+
+
+def delete_of(txn: _Txn, device: str) -> int:
+    """Remove every letter of `device`; how many."""
+    return len(txn._all("DELETE FROM dead_letters WHERE device = %s RETURNING id",
+                        (_clean(device),)))
+
+
 def trim(txn: _Txn, limits: DeadLetterLimits, now_ms: int) -> int:
     """Drop the oldest letters beyond every bound at `now_ms`; how many were dropped."""
     gone = txn._all(
@@ -98,4 +120,4 @@ def _record(txn: _Txn, now_ms: int, gone: list[Any]) -> None:
                  (now_ms, len(gone), sum(int(row[0]) for row in gone)))
 
 
-__all__ = ["add", "stats", "trim"]
+__all__ = ["add", "delete", "delete_of", "get", "stats", "trim"]

@@ -84,6 +84,24 @@ class PgReadTxn:
         state: dict[str, Any] = orjson.loads(raw)
         return state
 
+    def records_after(self, c: str | None, after: tuple[str, str] | None, limit: int
+                      ) -> list[tuple[str, str, dict[str, Any]]]:
+        if limit <= 0:
+            return []
+        self._sync()
+        where = ["state IS NOT NULL"]
+        params: list[Any] = []
+        if c is not None:
+            where.append("c = %s")
+            params.append(c)
+        if after is not None:
+            where.append("(c, k) > (%s, %s)")
+            params += [after[0], after[1]]
+        params.append(limit)
+        rows = self._all(f"SELECT c, k, state FROM records WHERE {' AND '.join(where)} "
+                         "ORDER BY c, k LIMIT %s", params)
+        return [(rc, rk, orjson.loads(state)) for rc, rk, state in rows]
+
     def scope_seq(self, scope: str) -> int:
         row = self._one("SELECT q FROM scope_seq WHERE scope = %s", (scope,))
         return int(row[0]) if row else 0
@@ -162,6 +180,9 @@ class PgReadTxn:
 
     def dead_letter_stats(self) -> DeadLetterStats:
         return letters.stats(self)
+
+    def get_dead_letter(self, lid: int) -> DeadLetter | None:
+        return letters.get(self, lid)
 
     def commands(self, dev: str | None = None) -> list[CommandRow]:
         sql = "SELECT id, dev, cmd, args, created_ms, done_ms FROM commands "

@@ -350,6 +350,12 @@ class PgWriteTxn(PgReadTxn):
     def trim_dead_letters(self, now_ms: int) -> int:
         return letters.trim(self, self._dead_letters, now_ms)
 
+    def delete_dead_letter(self, lid: int) -> bool:
+        return letters.delete(self, lid)
+
+    def delete_dead_letters_of(self, dev: str) -> int:
+        return letters.delete_of(self, dev)
+
     def put_command(self, row: CommandRow) -> None:
         self._run("INSERT INTO commands (dev, id, cmd, args, created_ms, done_ms) "
                   "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (dev, id) DO UPDATE SET "

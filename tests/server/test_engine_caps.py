@@ -1,0 +1,132 @@
+"""Capability negotiation (PROTOCOL.md §7.1 `caps`, §7.11 `welcome`, §11): a device that
+offers features is told which are agreed, the agreement is kept in its row across a
+server restart, and a v1 device that offers none is sent nothing new. Both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from broker.errors import InvalidArgument, UnknownDevice
+from broker.server import caps as server_caps
+from broker.server.engine import Engine
+from broker.server.registry import change_scopes
+from broker.server.store.base import Store
+from tests.server.conftest import StoreFactory
+from tests.server.helpers import by_device, errors, make_engine, of_type
+
+DEVICES = {"van-1": ["r1"]}
+
+
+@pytest.fixture
+def env(tmp_path: Path, store_factory: StoreFactory) -> Iterator[tuple[Engine, Store]]:
+    engine, store, _ = make_engine(tmp_path, DEVICES, store=store_factory())
+    yield engine, store
+
+
+def hello(caps: Any = None, **extra: Any) -> bytes:
+    msg: dict[str, Any] = {"type": "hello", "v": 1, "dev": "van-1", "agent": "t/1", "sv": 1,
+                           **extra}
+    if caps is not None:
+        msg["caps"] = caps
+    return orjson.dumps(msg)
+
+
+def _row_caps(store: Store) -> tuple[str, ...]:
+    with store.read() as txn:
+        row = txn.get_device("van-1")
+    assert row is not None
+    return row.caps
+
+
+def test_a_hello_without_caps_gets_no_welcome(env: tuple[Engine, Store]) -> None:
+    engine, store = env
+    out = by_device(engine.handle_up("van-1", hello()))
+    assert of_type(out.get("van-1", []), "welcome") == []
+    assert _row_caps(store) == ()
+
+
+def test_offered_caps_are_answered_with_the_agreed_ones_first(
+        env: tuple[Engine, Store], monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, store = env
+    monkeypatch.setattr(server_caps, "SERVER_CAPS", frozenset({"alpha", "beta"}))
+    out = by_device(engine.handle_up("van-1", hello(["beta", "zeta"])))
+    msgs = out["van-1"]
+    assert msgs[0]["type"] == "welcome"
+    assert msgs[0]["caps"] == ["beta"]
+    assert msgs[0]["srv"].startswith("waystation-server/")
+    assert _row_caps(store) == ("beta",)
+    # A later hello without caps (an agent downgraded to v1) withdraws the agreement.
+    engine.handle_up("van-1", hello())
+    assert _row_caps(store) == ()
+
+
+def test_an_empty_offer_is_welcomed_with_nothing(env: tuple[Engine, Store]) -> None:
+    engine, store = env
+    out = by_device(engine.handle_up("van-1", hello([])))
+    assert [m for m in out["van-1"] if m["type"] == "welcome"] == [
+        {"type": "welcome", "v": 1, "caps": [], "srv": out["van-1"][0]["srv"]}]
+    assert _row_caps(store) == ()
+
+
+@pytest.mark.parametrize("bad", [
+    ["Bad-Name"], ["x" * 33], [""], [1], "txn", [f"c{i}" for i in range(33)], {"a": 1}])
+def test_malformed_caps_are_refused_as_invalid(env: tuple[Engine, Store], bad: Any) -> None:
+    engine, store = env
+    out = by_device(engine.handle_up("van-1", hello(bad)))
+    msgs = out.get("van-1", [])
+    assert of_type(msgs, "welcome") == []
+    assert [e["code"] for e in errors(msgs)] == ["invalid"]
+    with store.read() as txn:
+        assert txn.dead_letters(10)  # the operator sees the refused hello
+
+
+# ------------------------------------------------ scope changes (capability `scopes`)
+
+
+def _commands(store: Store) -> list[Any]:
+    with store.read() as txn:
+        return txn.commands("van-1")
+
+
+def test_changed_scopes_take_effect_and_supersede_an_unsent_change(
+        env: tuple[Engine, Store]) -> None:
+    _, store = env
+    row, first = change_scopes(store, "van-1", 1, add=["r2"])
+    assert row.scopes == ("r1", "r2") and first is not None
+    row, second = change_scopes(store, "van-1", 2, remove=["r1"])
+    assert row.scopes == ("r2",) and second is not None
+    pending = [c for c in _commands(store) if not c.done_ms]
+    assert [(c.cmd, c.args) for c in pending] == [("scopes", {"scopes": ["r2"]})]
+    assert change_scopes(store, "van-1", 3, add=["r2"]) == (row, None), "no change, no command"
+
+
+@pytest.mark.parametrize(("add", "remove", "message"), [
+    ((), ("r1",), "would follow no scope"),
+    ((), ("r7",), "does not follow r7"),
+    (("bad scope",), (), "not a valid scope"),
+])
+def test_impossible_scope_changes_are_refused(env: tuple[Engine, Store], add: Any,
+                                             remove: Any, message: str) -> None:
+    _, store = env
+    with pytest.raises(InvalidArgument, match=message):
+        change_scopes(store, "van-1", 1, add=add, remove=remove)
+    assert _commands(store) == []
+    with pytest.raises(UnknownDevice):
+        change_scopes(store, "nobody", 1, add=["r1"])
+
+
+def test_the_scopes_command_goes_only_to_a_device_that_speaks_it(
+        env: tuple[Engine, Store]) -> None:
+    engine, store = env
+    change_scopes(store, "van-1", 1, add=["r2"])
+    legacy = by_device(engine.handle_up("van-1", hello()))
+    assert of_type(legacy.get("van-1", []), "command") == [], "v1 device: kept pending"
+    out = by_device(engine.handle_up("van-1", hello(["scopes"])))
+    assert [m["type"] for m in out["van-1"]] == ["welcome", "command"]
+    assert out["van-1"][1]["cmd"] == "scopes"
+    assert out["van-1"][1]["args"] == {"scopes": ["r1", "r2"]}
