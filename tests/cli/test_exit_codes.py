@@ -187,3 +187,24 @@ def test_bad_subcommand_argument_prints_that_subcommands_usage(tmp_path: Path) -
         assert result.returncode == EXIT_USAGE, argv
         assert result.stderr.startswith(usage), result.stderr
         assert "usage: waystation [-h]" not in result.stderr
+
+
+def test_an_unforeseen_port_in_use_is_exit_4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A bind failure no start-up check covered (a real one, from a taken port) still
+    ends as one line and exit 4."""
+    (tmp_path / "ws_cli_bind.py").write_text(
+        "import socket\n"
+        "def binds(args, env):\n"
+        "    with socket.socket() as s:\n"
+        "        s.bind(('127.0.0.1', int(env['PORT'])))\n"
+        "    return 0\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code = main(["server", "status"], env={"PORT": str(taken.getsockname()[1])},
+                    handlers={"server status": "ws_cli_bind:binds"})
+    assert code == EXIT_LISTEN
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "port" in err and "Traceback" not in err

@@ -18,9 +18,9 @@ from waystation.cli import build_parser, command_paths, main
 from waystation.config import ServerConfig, load_config
 
 # Commands that print data and so must take --json (the others run daemons, write files
-# or stream: `agent watch --json` prints one JSON object per line, by design).
+# or stream JSON lines by design: `agent watch --json`, `server export`).
 WITHOUT_JSON = {"demo", "agent run", "server run", "broker run", "schema export",
-                "agent watch"}
+                "agent watch", "server export"}
 
 
 def _doc(argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> Any:

@@ -10,6 +10,7 @@ The parser lives here; the work does not. The package holds one job per module:
     output.py       tables for people, one JSON document for `--json`
     entry.py        `main`: parse, dispatch, errors -> one line and an exit code
     schema_cmd.py, config_cmd.py   the built-in `schema` and `config` commands
+    config_text.py  `config show`'s TOML: unset optional keys as comments (pure)
 
 Each leaf command ("agent put", "server run", ...) is looked up in `HANDLERS` and
 imported only when that command runs; a part plugs in its commands by defining

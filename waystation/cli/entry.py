@@ -6,12 +6,13 @@ the error's exit code, no traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
 from waystation.cli.commands import HANDLERS, resolve_handler
-from waystation.cli.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
+from waystation.cli.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LISTEN, EXIT_USAGE
 from waystation.cli.parser import build_parser, leaf_parser
 from waystation.errors import WaystationError
 
@@ -54,6 +55,11 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
             pass
         return EXIT_ERROR
     except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            # A listener no start-up check covered: still one line and the documented code.
+            print(f"error: {err.strerror or err}: a port this command listens on is taken "
+                  "by another process; stop it or configure another port", file=sys.stderr)
+            return EXIT_LISTEN
         # A file the command needs is missing or unreadable (wrong path, wrong user):
         # say which, in one line, instead of a traceback.
         where = f" {err.filename}" if err.filename else ""

@@ -92,7 +92,11 @@ def add_broker(b: Builder) -> None:
             "Production fleets may run Mosquitto or EMQX instead (see deploy/).")
     b.leaf("broker run", "run the embedded MQTT broker",
            "Run the embedded amqtt broker in the foreground with Waystation's "
-           "authentication (password file) and per-device topic ACL, until stopped.",
+           "authentication (password file) and per-device topic ACL, until stopped "
+           "(SIGTERM: exit 0; Ctrl-C: exit 130). When the password file has no login for "
+           "the server (server_users), it generates one and keeps the password in "
+           "data_dir/server-password (mode 0600) for `waystation server run` on this "
+           "machine. A busy port or tls_port is one error line (exit 4).",
            config="broker")
     p = b.leaf("broker passwd", "add or change a broker login (e.g. the server's)",
                "Add USER to the broker's password file (Mosquitto's format, read by the "

@@ -14,7 +14,11 @@ def add_server(b: Builder) -> None:
     b.leaf("server run", "run the merge server (foreground, systemd-friendly)",
            "Run the merge server in the foreground: connect to the broker, consume every "
            "device's changes, merge them into the store, ack each device and send the "
-           "result to the devices that share the scope, until stopped.", config="server")
+           "result to the devices that share the scope, until stopped (SIGTERM: exit 0; "
+           "Ctrl-C: exit 130). With no mqtt password configured it logs in with the one "
+           "`waystation broker run` generated in the broker's data_dir (server-password), "
+           "so both run on one machine with no config files. A busy metrics_port stops "
+           "it before it connects (exit 4).", config="server")
     p = b.leaf("server status", "show the server's state and counters",
                "Show the server's state: the store in use, schema version, scopes and "
                "their sequences, devices known and online, and open conflicts.",
