@@ -8,31 +8,11 @@ its reported checkpoints are behind each scope's sequence.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from broker.server.store.base import DeviceRow
-
-
-def iso(ms: int) -> str:
-    """UTC ISO 8601 of a time in ms ("" for 0: never)."""
-    if not ms:
-        return ""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
-
-
-def ago(ms: int, now: int) -> str:
-    if not ms:
-        return "never"
-    secs = max(0, (now - ms) // 1000)
-    if secs < 60:
-        return f"{secs}s ago"
-    if secs < 3600:
-        return f"{secs // 60}m ago"
-    if secs < 86400:
-        return f"{secs // 3600}h ago"
-    return f"{secs // 86400}d ago"
+from waystation.timefmt import ago, iso
 
 
 def lifecycle(row: DeviceRow) -> str:

@@ -1,0 +1,30 @@
+"""Times as people read them in status lines and tables (shared by the CLI and the
+server's device views)."""
+
+from __future__ import annotations
+
+import time
+
+
+def ago(ms: int, now: int) -> str:
+    """How long before `now` the time `ms` (both ms since the epoch) was; 0 is "never"."""
+    if not ms:
+        return "never"
+    secs = max(0, (now - ms) // 1000)
+    if secs < 60:
+        return f"{secs}s ago"
+    if secs < 3600:
+        return f"{secs // 60}m ago"
+    if secs < 86400:
+        return f"{secs // 3600}h ago"
+    return f"{secs // 86400}d ago"
+
+
+def iso(ms: int) -> str:
+    """`ms` since the epoch as an ISO 8601 UTC time; 0 is the empty string."""
+    if not ms:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+__all__ = ["ago", "iso"]
