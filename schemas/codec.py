@@ -41,32 +41,13 @@ Lenient decoding of change batches
     most 1,000 entries, members outside `ch`) still raise `ProtocolError`.
     ``decode_changes_lenient(payload, ...) -> LenientChanges`` accepts only `changes`.
 
-Encoding
-    ``encode(msg, *, compress_over=None) -> bytes`` writes the message's members by
-    their wire names, leaving out optional members equal to their defaults but always
-    writing `type` and `v` (first) and the members the tables of §7 mark as required
-    even when the model has a default for them (`page.reset/more/recs`, `reject.rj`,
-    a change's `b`). ``encode_dict(obj, *, compress_over=None) -> bytes`` is
-    the same for a plain dict built on a hot path; it does not validate (the caller
-    promises a valid message with `type`, `v` and every required member; its key order
-    is kept). With
-    `compress_over` set, a payload longer than that many bytes is zlib-compressed
-    (level 6) when that makes it smaller. Both raise `ProtocolError` (`invalid`) for
-    values JSON cannot carry (and `encode_dict` for integers beyond 53 bits). A model
-    validated by `schemas.wire` always encodes to bytes `decode` accepts back equal;
-    one built with `model_construct` is not re-checked.
-
-Codes
-    The rejection codes of §8 are the constants `MALFORMED` ... `SERVER_ERROR`;
-    `ALL_CODES`, `PERMANENT_CODES` and `TRANSIENT_CODES` group them, and
-    `is_permanent(code)` tells how a device must treat a code (unknown codes are
-    permanent, as §8 says for a rejection whose `perm` is true).
+Encoding (`schemas.encoding`) and the rejection codes (`schemas.codes`) are re-exported
+here, so `codec.encode(...)` and `codec.INVALID` keep working.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -75,7 +56,44 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import orjson
 from pydantic import Field, ValidationError
 
+from schemas.codes import (
+    ALL_CODES,
+    CLOCK_SKEW,
+    DEVICE_DISABLED,
+    ID_REUSED,
+    INVALID,
+    MALFORMED,
+    PERMANENT_CODES,
+    RECORD_TOO_LARGE,
+    RULE_REJECTED,
+    SCHEMA_VERSION,
+    SCOPE_DENIED,
+    SCOPE_MISMATCH,
+    SERVER_ERROR,
+    TOO_LARGE,
+    TRANSIENT_CODES,
+    TXN_ABORTED,
+    TYPE_MISMATCH,
+    UNKNOWN_COLLECTION,
+    UNKNOWN_DEVICE,
+    UNKNOWN_FIELD,
+    UNKNOWN_TYPE,
+    UNSUPPORTED_VERSION,
+    WRONG_DEVICE,
+    WRONG_STRATEGY,
+    is_permanent,
+)
+from schemas.encoding import encode, encode_dict
 from schemas.errors import ProtocolError
+from schemas.reasons import (
+    MAX_REASON_CHARS,
+    clip_reason,
+    kind_of,
+    member_path,
+    show_text,
+    too_large_reason,
+    validation_reason,
+)
 from schemas.wire import (
     ALL_TYPES,
     MAX_CHANGES_PER_BATCH,
@@ -87,8 +105,6 @@ from schemas.wire import (
     DeviceId,
     Incarnation,
     Message,
-    Page,
-    Reject,
     SchemaVersion,
 )
 
@@ -132,70 +148,13 @@ __all__ = [
     "is_permanent",
 ]
 
-# --- rejection codes (PROTOCOL.md §8) -----------------------------------------------
-
-MALFORMED: Final = "malformed"
-TOO_LARGE: Final = "too_large"
-UNSUPPORTED_VERSION: Final = "unsupported_version"
-UNKNOWN_TYPE: Final = "unknown_type"
-INVALID: Final = "invalid"
-WRONG_DEVICE: Final = "wrong_device"
-UNKNOWN_DEVICE: Final = "unknown_device"
-ID_REUSED: Final = "id_reused"
-DEVICE_DISABLED: Final = "device_disabled"
-SCOPE_DENIED: Final = "scope_denied"
-UNKNOWN_COLLECTION: Final = "unknown_collection"
-UNKNOWN_FIELD: Final = "unknown_field"
-TYPE_MISMATCH: Final = "type_mismatch"
-WRONG_STRATEGY: Final = "wrong_strategy"
-SCOPE_MISMATCH: Final = "scope_mismatch"
-CLOCK_SKEW: Final = "clock_skew"
-RULE_REJECTED: Final = "rule_rejected"
-RECORD_TOO_LARGE: Final = "record_too_large"
-SCHEMA_VERSION: Final = "schema_version"
-SERVER_ERROR: Final = "server_error"
-TXN_ABORTED: Final = "txn_aborted"
-
-TRANSIENT_CODES: Final[frozenset[str]] = frozenset({SCHEMA_VERSION, SERVER_ERROR, DEVICE_DISABLED})
-PERMANENT_CODES: Final[frozenset[str]] = frozenset(
-    {
-        MALFORMED,
-        TOO_LARGE,
-        UNSUPPORTED_VERSION,
-        UNKNOWN_TYPE,
-        INVALID,
-        WRONG_DEVICE,
-        UNKNOWN_DEVICE,
-        ID_REUSED,
-        SCOPE_DENIED,
-        UNKNOWN_COLLECTION,
-        UNKNOWN_FIELD,
-        TYPE_MISMATCH,
-        WRONG_STRATEGY,
-        SCOPE_MISMATCH,
-        CLOCK_SKEW,
-        RULE_REJECTED,
-        RECORD_TOO_LARGE,
-        TXN_ABORTED,
-    }
-)
-ALL_CODES: Final[frozenset[str]] = PERMANENT_CODES | TRANSIENT_CODES
-
-
-def is_permanent(code: str) -> bool:
-    """True unless `code` is one of the transient codes (§8: retry later)."""
-    return code not in TRANSIENT_CODES
-
-
 # --- limits -------------------------------------------------------------------------
 
 DEFAULT_MAX_PAYLOAD: Final = 256 * 1024
 DEFAULT_MAX_DECOMPRESSED: Final = 1024 * 1024
-MAX_REASON_CHARS: Final = 300
 # The deepest legitimate message carries a 32-level value 7 levels down
 # (reject > rj > rejection > rec > cf > candidates > candidate > v): 39 levels.
 MAX_MESSAGE_DEPTH: Final = MAX_JSON_DEPTH + 8
-COMPRESS_LEVEL: Final = 6
 # The start of orjson's error for a document nested past its own limit (1,024 levels).
 _ORJSON_DEPTH: Final = "depth limit exceeded"
 
@@ -203,7 +162,6 @@ _ZLIB_FIRST_BYTE: Final = 0x78
 # orjson reads integer literals up to 64 bits as int and larger ones as float; a float
 # this large may thus be an integer literal out of range (checked precisely, rarely).
 _SUSPECT_FLOAT: Final = float(2**63)
-_SIMPLE_KEY = re.compile(r"[A-Za-z0-9_~-]{1,40}")
 
 M = TypeVar("M", bound=Message)
 
@@ -309,7 +267,7 @@ def decode_lenient(
                 good.append(Change.model_validate(entry))
                 continue
             except ValidationError as exc:
-                problem = _validation_reason(exc, path)
+                problem = validation_reason(exc, path)
         bad.append(BadChange(index, _change_number(entry), ProtocolError(INVALID, problem)))
     changes: Changes | None = None
     if good:
@@ -344,14 +302,14 @@ def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes
         data = payload
     elif isinstance(payload, bytearray):
         if len(payload) > max_payload:
-            raise ProtocolError(TOO_LARGE, _too_large("payload", len(payload), max_payload))
+            raise ProtocolError(TOO_LARGE, too_large_reason("payload", len(payload), max_payload))
         data = bytes(payload)
     else:
         try:
             view = memoryview(payload)
             size = view.nbytes
             if size > max_payload:
-                raise ProtocolError(TOO_LARGE, _too_large("payload", size, max_payload))
+                raise ProtocolError(TOO_LARGE, too_large_reason("payload", size, max_payload))
             data = view.tobytes()
         except ProtocolError:
             raise
@@ -361,7 +319,7 @@ def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes
             ) from None
     size = len(data)
     if size > max_payload:
-        raise ProtocolError(TOO_LARGE, _too_large("payload", size, max_payload))
+        raise ProtocolError(TOO_LARGE, too_large_reason("payload", size, max_payload))
     if size and data[0] == _ZLIB_FIRST_BYTE:
         data = _inflate(data, max_decompressed)
     try:
@@ -373,11 +331,11 @@ def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes
             raise ProtocolError(
                 INVALID, f"message nested deeper than {MAX_MESSAGE_DEPTH} levels"
             ) from None
-        raise ProtocolError(MALFORMED, _clip(f"not valid JSON: {exc}")) from None
+        raise ProtocolError(MALFORMED, clip_reason(f"not valid JSON: {exc}")) from None
     except Exception:  # pragma: no cover - orjson raises only JSONDecodeError
         raise ProtocolError(MALFORMED, "not valid JSON") from None
     if type(doc) is not dict:
-        raise ProtocolError(MALFORMED, f"a message must be a JSON object, not {_kind(doc)}")
+        raise ProtocolError(MALFORMED, f"a message must be a JSON object, not {kind_of(doc)}")
     return data, doc
 
 
@@ -386,7 +344,7 @@ def _inflate(data: bytes, limit: int) -> bytes:
     try:
         out = inflater.decompress(data, limit + 1)
     except zlib.error as exc:
-        raise ProtocolError(MALFORMED, _clip(f"broken zlib stream: {exc}")) from None
+        raise ProtocolError(MALFORMED, clip_reason(f"broken zlib stream: {exc}")) from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise ProtocolError(TOO_LARGE, f"decompressed payload exceeds {limit} bytes")
     if not inflater.eof:
@@ -402,7 +360,7 @@ def _envelope(doc: dict[str, Any], allowed: Mapping[str, type[Message]] | None) 
         raise ProtocolError(INVALID, "v: member missing (the protocol version, 1)")
     version = doc["v"]
     if type(version) is not int or version != PROTOCOL_VERSION:
-        shown = repr(version) if type(version) is int and abs(version) < 10**9 else _kind(version)
+        shown = repr(version) if type(version) is int and abs(version) < 10**9 else kind_of(version)
         raise ProtocolError(
             UNSUPPORTED_VERSION, f"v: version {shown} is not supported (only {PROTOCOL_VERSION})"
         )
@@ -411,10 +369,10 @@ def _envelope(doc: dict[str, Any], allowed: Mapping[str, type[Message]] | None) 
     name = doc["type"]
     types = ALL_TYPES if allowed is None else allowed
     if type(name) is not str:
-        raise ProtocolError(UNKNOWN_TYPE, f"type: must be a string, not {_kind(name)}")
+        raise ProtocolError(UNKNOWN_TYPE, f"type: must be a string, not {kind_of(name)}")
     model = types.get(name)
     if model is None:
-        raise ProtocolError(UNKNOWN_TYPE, f"type: {_show(name)} is not accepted here")
+        raise ProtocolError(UNKNOWN_TYPE, f"type: {show_text(name)} is not accepted here")
     if name == "changes":
         batch = doc.get("ch")
         if type(batch) is list and len(batch) > MAX_CHANGES_PER_BATCH:
@@ -430,11 +388,12 @@ def _validate(model: type[M], doc: Any) -> M:
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
-        raise ProtocolError(INVALID, _validation_reason(exc, ())) from None
+        raise ProtocolError(INVALID, validation_reason(exc, ())) from None
     except ProtocolError:  # pragma: no cover - validators raise ValueError
         raise
     except Exception as exc:  # pragma: no cover - defensive: never leak another type
-        raise ProtocolError(INVALID, _clip(f"cannot validate: {type(exc).__name__}")) from None
+        reason = clip_reason(f"cannot validate: {type(exc).__name__}")
+        raise ProtocolError(INVALID, reason) from None
 
 
 def _change_number(entry: Any) -> int | None:
@@ -479,7 +438,7 @@ def _scan(value: Any, depth: int, text: _Text, path: tuple[str | int, ...] = ())
         if not huge:
             return None
     for where, problem in _slow_scan(value, depth, path, huge):
-        return _clip(f"{_path(where)}: {problem}" if where else problem)
+        return clip_reason(f"{member_path(where)}: {problem}" if where else problem)
     return None  # the large floats here were float literals, not integers
 
 
@@ -559,166 +518,3 @@ def _huge_int_literals(data: bytes) -> frozenset[float]:
     except Exception:  # pragma: no cover - orjson accepted the same text
         return frozenset()
     return frozenset(found)
-
-
-# --- reasons ------------------------------------------------------------------------
-
-
-def _validation_reason(exc: ValidationError, prefix: tuple[str | int, ...]) -> str:
-    """The first error of `exc` as ``path: message``, short and without the input."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    if not errors:  # pragma: no cover - pydantic always lists at least one
-        return "invalid message"
-    first = errors[0]
-    message = _JSON_WORDING.get(first["type"]) or str(first["msg"])
-    for noise in ("Value error, ", "Assertion failed, "):
-        if message.startswith(noise):
-            message = message[len(noise) :]
-    where = (*prefix, *first["loc"])
-    return _clip(f"{_path(where)}: {message}" if where else message)
-
-
-# pydantic words some errors in Python terms; a device developer reads JSON terms.
-_JSON_WORDING: Final[dict[str, str]] = {
-    "model_type": "Input should be an object",
-    "model_attributes_type": "Input should be an object",
-    "dict_type": "Input should be an object",
-    "list_type": "Input should be an array",
-    "tuple_type": "Input should be an array",
-}
-
-
-def _path(where: Iterable[str | int]) -> str:
-    return ".".join(_show_key(part) for part in where)
-
-
-def _show_key(part: str | int) -> str:
-    if isinstance(part, int):
-        return str(part)
-    if _SIMPLE_KEY.fullmatch(part):
-        return part
-    return _show(part)
-
-
-def _show(text: str, limit: int = 40) -> str:
-    """A short printable rendering of a string taken from the input."""
-    shown = ascii(text[:limit])
-    return shown + "..." if len(text) > limit else shown
-
-
-def _kind(value: Any) -> str:
-    return {
-        dict: "an object",
-        list: "an array",
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "a boolean",
-        type(None): "null",
-    }.get(type(value), "a value")
-
-
-def _too_large(what: str, size: int, limit: int) -> str:
-    return f"{what} of {size} bytes exceeds the limit of {limit} bytes"
-
-
-def _clip(reason: str) -> str:
-    """Keep reasons short and printable (they travel in `reject` and logs)."""
-    reason = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in reason[:600])
-    if len(reason) >= MAX_REASON_CHARS:
-        reason = reason[: MAX_REASON_CHARS - 4] + "..."
-    return reason
-
-
-# --- encoding -----------------------------------------------------------------------
-
-
-def encode(msg: Message, *, compress_over: int | None = None) -> bytes:
-    """The wire bytes of `msg`: `type` and `v` first, optional members at their defaults
-    left out (members PROTOCOL.md §7 requires are always written)."""
-    model = type(msg)
-    try:
-        if isinstance(msg, Changes):
-            body = _changes_json(msg)
-        else:
-            body = msg.__pydantic_serializer__.to_json(msg, by_alias=True, exclude_defaults=True)
-    except Exception as exc:
-        raise ProtocolError(
-            INVALID, _clip(f"cannot encode {model.__name__}: {type(exc).__name__}")
-        ) from None
-    required = _REQUIRED_WITH_DEFAULT.get(model)
-    if required:
-        body = _append(body, [text for name, text in required if _at_default(msg, name)])
-    # `type` and `v` are single-valued literals, always at their defaults, so `body`
-    # never holds them: they are spliced in front.
-    head = _HEADS.get(model) or _head(model)
-    data = head + b"}" if body == b"{}" else head + b"," + body[1:]
-    return _maybe_compress(data, compress_over)
-
-
-# Members that PROTOCOL.md §7 lists as required (no "?") but that the models give a
-# default: `exclude_defaults` would drop them, so they are written back when at their
-# default, for readers in other languages that rely on the tables.
-_REQUIRED_WITH_DEFAULT: Final[dict[type[Message], tuple[tuple[str, bytes], ...]]] = {
-    Page: (("reset", b'"reset":false'), ("more", b'"more":false'), ("recs", b'"recs":[]')),
-    Reject: (("rj", b'"rj":[]'),),
-}
-_CHANGE_SERIALIZER = Change.__pydantic_serializer__
-
-
-def _at_default(msg: Message, name: str) -> bool:
-    default = type(msg).model_fields[name].get_default(call_default_factory=True)
-    return bool(getattr(msg, name) == default)
-
-
-def _append(body: bytes, members: list[bytes]) -> bytes:
-    """`body` (a JSON object) with the raw `members` added at its end."""
-    if not members:
-        return body
-    joined = b",".join(members)
-    return body[:-1] + joined + b"}" if body == b"{}" else body[:-1] + b"," + joined + b"}"
-
-
-def _changes_json(msg: Changes) -> bytes:
-    """A batch, with each change's base version `b` written even when it is 0 (§7.2)."""
-    envelope = msg.__pydantic_serializer__.to_json(
-        msg, by_alias=True, exclude_defaults=True, exclude={"ch"}
-    )
-    parts = []
-    for change in msg.ch:
-        text = _CHANGE_SERIALIZER.to_json(change, by_alias=True, exclude_defaults=True)
-        parts.append(_append(text, [b'"b":0']) if change.b == 0 else text)
-    return _append(envelope, [b'"ch":[' + b",".join(parts) + b"]"])
-
-
-_HEADS: dict[type[Message], bytes] = {}
-
-
-def _head(model: type[Message]) -> bytes:
-    fields = model.model_fields
-    if "type" not in fields:
-        raise ProtocolError(INVALID, f"cannot encode {model.__name__}: it has no 'type'")
-    head = orjson.dumps({"type": fields["type"].default, "v": fields["v"].default})[:-1]
-    _HEADS[model] = head
-    return head
-
-
-def encode_dict(obj: dict[str, Any], *, compress_over: int | None = None) -> bytes:
-    """The wire bytes of a message built as a dict (not validated: the caller's duty).
-
-    Integers outside the 53-bit range are refused; orjson writes NaN and infinities as
-    null, so callers must not put them in.
-    """
-    try:
-        data = orjson.dumps(obj, option=orjson.OPT_STRICT_INTEGER)
-    except Exception as exc:
-        raise ProtocolError(INVALID, _clip(f"cannot encode the message: {exc}")) from None
-    return _maybe_compress(data, compress_over)
-
-
-def _maybe_compress(data: bytes, compress_over: int | None) -> bytes:
-    if compress_over is not None and len(data) > compress_over:
-        packed = zlib.compress(data, COMPRESS_LEVEL)
-        if len(packed) < len(data):
-            return packed
-    return data
