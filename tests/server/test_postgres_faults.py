@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from broker.errors import StoreError
 from broker.server.store.base import WriteTxn
 from broker.server.store.postgres import PostgresStore
+from tests.helpers import wait_until
 from tests.pgserver import PgServer
 
 pytestmark = [pytest.mark.postgres]
@@ -84,6 +85,13 @@ def test_server_gone_for_longer_than_the_reconnect_window_is_a_store_error(
             assert txn.get_record("tasks", "after") == {"v": 4}
 
 
+def _backend_alive(url: str, pid: int) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                           (pid,)).fetchone()
+        return row is not None and row[0] > 0
+
+
 def _left_in_a_transaction(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> int:
     """Leave the store's write connection inside a half-done transaction, the way a
     signal (Ctrl-C, or a SIGTERM handler raising) landing during the abort's rollback
@@ -141,6 +149,8 @@ def test_rollback_failing_on_a_connection_killed_mid_transaction_reconnects(
         store.transact(lambda t: t.allocate_seq("r1"))
         pid = _left_in_a_transaction(store, monkeypatch)
         _terminate(pg_database, pid)
+        wait_until(lambda: not _backend_alive(pg_database, pid), 10,
+                   message=f"backend {pid} to exit")  # gone before the next statement
         reconnects = store.counters["reconnects"]
         q = store.transact(lambda t: (t.put_record("tasks", "next", {"v": 2}),
                                       t.allocate_seq("r1"))[1])
