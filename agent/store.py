@@ -396,7 +396,12 @@ class Store:
     # ------------------------------------------------------------ transactions
 
     def read(self, fn: Callable[[Tx], T]) -> T:
-        """Run `fn` in a read-only snapshot."""
+        """Run `fn` in a read-only snapshot.
+
+        Another process (the CLI beside the daemon) may have grown the map past this
+        process's mapping: LMDB then refuses to *begin* a transaction (MDB_MAP_RESIZED,
+        returned by no other call), and the new size is adopted before trying again.
+        """
         self._check_open()
         for _ in range(_MAX_RETRIES):
             with self._lock:
@@ -409,14 +414,12 @@ class Store:
                     raise self._storage_error(exc) from None
                 try:
                     return fn(Tx(self, txn, False))
-                except lmdb.MapResizedError:
-                    self._env.set_mapsize(0)
-                    continue
                 except lmdb.Error as exc:
                     raise self._storage_error(exc) from None
                 finally:
                     txn.abort()
-        raise StorageError(f"the local store at {self.path} keeps being resized; try again")
+        raise StorageError(f"the local store at {self.path} keeps being resized by another "
+                           "process; try again")
 
     def _flush(self) -> None:
         """Make every commit so far durable (the meta page included)."""
@@ -436,7 +439,8 @@ class Store:
         that second flush — half the cost on the sync path.
 
         `fn` may run more than once (after the map grew): it must not have effects
-        outside the transaction. An exception from `fn` aborts the transaction.
+        outside the transaction. An exception from `fn` aborts the transaction. A map
+        grown by another process is met when the transaction begins, as in `read`.
         """
         self._check_open()
         if getattr(self._local, "writing", False):
@@ -457,10 +461,6 @@ class Store:
                         _abort(txn)
                         self._grow()
                         continue
-                    except lmdb.MapResizedError:
-                        _abort(txn)
-                        self._env.set_mapsize(0)
-                        continue
                     except lmdb.Error as exc:
                         _abort(txn)
                         raise self._storage_error(exc) from None
@@ -472,8 +472,8 @@ class Store:
                     return result
                 finally:
                     self._local.writing = False
-        raise StorageError(f"the local store at {self.path} could not commit after "
-                           f"{_MAX_RETRIES} attempts (map resized repeatedly)")
+        raise StorageError(f"the local store at {self.path} keeps being resized by another "
+                           "process; nothing was written, try again")
 
     def _retry(self, fn: Callable[[], T]) -> T:
         for _ in range(_MAX_RETRIES):

@@ -11,6 +11,9 @@ loop turn. Measured, as CPU time per call (`time.process_time`, best of N rounds
 - raw.monotonic: one `time.monotonic()` call, the floor of any cached answer;
 - raw.put: one synced LMDB put of 300 bytes (what a local write costs at the least),
   to set the policy's cost beside the work it gates.
+
+The figures are printed and written to `bench/results/policy.json` (machine, versions and
+time inside).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import lmdb
 
 from agent.policy.gate import Gate
+from bench.common import write_json
 from waystation.config.policy import PolicyConfig
 
 
@@ -67,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         env.close()
     print("| path | CPU µs per call | x raw.monotonic | x raw synced put |")
     print("| --- | ---: | ---: | ---: |")
+    rows = []
     for name, us in (("gate.cached", cached), ("gate.fresh", fresh),
                      ("raw.monotonic", mono), ("raw.put (synced, 300 B)", raw_put)):
         print(f"| {name} | {us:.2f} | {us / mono:.1f} | {us / raw_put:.3f} |")
+        rows.append({"path": name, "cpu_us": us, "x_monotonic": us / mono,
+                     "x_synced_put": us / raw_put})
+    write_json("policy", {"rounds": args.rounds, "rows": rows})
     return 0
 
 

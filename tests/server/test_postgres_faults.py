@@ -1,7 +1,9 @@
 """The PostgreSQL store when its connection dies in the middle of a transaction: the
 half-done transaction is rolled back by PostgreSQL, the store reconnects and runs it
 again, and what it wrote is there exactly once; past the reconnect window the caller
-gets a StoreError telling the operator what to check."""
+gets a StoreError telling the operator what to check. A write connection left inside a
+transaction (its abort interrupted by a signal) is rolled back before the next
+transaction, or replaced when that rollback fails."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from structlog.testing import capture_logs
 from broker.errors import StoreError
 from broker.server.store.base import WriteTxn
 from broker.server.store.postgres import PostgresStore
+from tests.helpers import wait_until
 from tests.pgserver import PgServer
 
 pytestmark = [pytest.mark.postgres]
@@ -80,3 +83,108 @@ def test_server_gone_for_longer_than_the_reconnect_window_is_a_store_error(
         store.transact(lambda t: t.put_record("tasks", "after", {"v": 4}))
         with store.read() as txn:
             assert txn.get_record("tasks", "after") == {"v": 4}
+
+
+def _backend_alive(url: str, pid: int) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                           (pid,)).fetchone()
+        return row is not None and row[0] > 0
+
+
+def _left_in_a_transaction(store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Leave the store's write connection inside a half-done transaction, the way a
+    signal (Ctrl-C, or a SIGTERM handler raising) landing during the abort's rollback
+    leaves it: the transaction wrote `tasks/half` and took the lock on scope r1's
+    sequence row, then failed; the rollback was interrupted before it reached the
+    server. Returns the backend pid of that connection."""
+    conn = store._conn
+    assert conn is not None
+    interrupted: list[bool] = []
+
+    def interrupted_rollback() -> None:
+        interrupted.append(True)
+        monkeypatch.delattr(conn, "rollback")  # only this once
+        raise KeyboardInterrupt
+
+    def work(txn: WriteTxn) -> None:
+        txn.allocate_seq("r1")
+        txn.put_record("tasks", "half", {"v": 1})
+        txn.index_range("r1", 0, 10)  # reading its own writes sends them to the server
+        raise RuntimeError("the caller's own bug")
+
+    monkeypatch.setattr(conn, "rollback", interrupted_rollback)
+    with pytest.raises(KeyboardInterrupt):
+        store.transact(work)
+    assert interrupted == [True]
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    return conn.info.backend_pid
+
+
+def test_connection_left_in_a_transaction_is_rolled_back_before_the_next(
+        pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next transaction finds the write connection still inside the interrupted
+    one: it rolls that back and runs on the same connection; nothing of the
+    interrupted transaction is kept and the sequence advances once."""
+    with PostgresStore(pg_database, reconnect_s=5) as store:
+        store.transact(lambda t: t.allocate_seq("r1"))
+        pid = _left_in_a_transaction(store, monkeypatch)
+        reconnects = store.counters["reconnects"]
+        q = store.transact(lambda t: t.allocate_seq("r1"))
+        assert q == 2
+        assert store.counters["reconnects"] == reconnects
+        assert store._conn is not None and store._conn.info.backend_pid == pid
+        with store.read() as txn:
+            assert txn.scope_seq("r1") == 2
+            assert txn.get_record("tasks", "half") is None
+
+
+def test_rollback_failing_on_a_connection_killed_mid_transaction_reconnects(
+        pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend of the connection left inside a transaction is killed (an operator's
+    pg_terminate_backend, an OOM kill): the next transaction's rollback of the leftover
+    fails, the store drops that connection and runs the transaction on a new one;
+    PostgreSQL discarded the half-written rows with the backend."""
+    with PostgresStore(pg_database, reconnect_s=10) as store:
+        store.transact(lambda t: t.allocate_seq("r1"))
+        pid = _left_in_a_transaction(store, monkeypatch)
+        _terminate(pg_database, pid)
+        wait_until(lambda: not _backend_alive(pg_database, pid), 10,
+                   message=f"backend {pid} to exit")  # gone before the next statement
+        reconnects = store.counters["reconnects"]
+        q = store.transact(lambda t: (t.put_record("tasks", "next", {"v": 2}),
+                                      t.allocate_seq("r1"))[1])
+        assert q == 2
+        assert store.counters["reconnects"] == reconnects + 1
+        assert store._conn is not None and store._conn.info.backend_pid != pid
+        with store.read() as txn:
+            assert txn.scope_seq("r1") == 2
+            assert txn.get_record("tasks", "half") is None
+            assert txn.get_record("tasks", "next") == {"v": 2}
+
+
+def test_rollback_failing_with_the_server_gone_is_a_store_error_then_recovers(
+        own_pg_server: PgServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL dies while the write connection sits inside the interrupted
+    transaction and stays down past `reconnect_s`: the next transaction cannot roll the
+    leftover back nor reconnect, and the caller gets a StoreError telling the operator
+    to check that the server runs. Once it is back, a transaction runs on a fresh
+    connection and nothing of the interrupted one was kept."""
+    url = own_pg_server.create_database(f"f_{uuid.uuid4().hex[:8]}")
+    with PostgresStore(url, reconnect_s=1.0, connect_timeout_s=2) as store:
+        store.transact(lambda t: t.allocate_seq("r1"))
+        pid = _left_in_a_transaction(store, monkeypatch)
+        own_pg_server.kill()
+        with capture_logs(), pytest.raises(StoreError, match=r"(?s)cannot connect to the "
+                                           r"PostgreSQL store at .*that the server runs"):
+            store.transact(lambda t: t.put_record("tasks", "refused", {"v": 3}))
+        own_pg_server.start()
+        reconnects = store.counters["reconnects"]
+        q = store.transact(lambda t: t.allocate_seq("r1"))
+        assert q == 2
+        assert store.counters["reconnects"] == reconnects + 1
+        assert store._conn is not None and store._conn.info.backend_pid != pid
+        with store.read() as txn:
+            assert txn.scope_seq("r1") == 2
+            assert txn.get_record("tasks", "half") is None
+            assert txn.get_record("tasks", "refused") is None
