@@ -288,7 +288,12 @@ def test_device_cannot_use_another_devices_topics(tmp_path: Path, login: str) ->
         finally:
             snoop.close()
 
-        assert {m.topic for m in snoop.received()} == {own_down}
+        # Besides its own down topic it may read only what every device may: the merge
+        # servers' retained announcements (PROTOCOL.md §7.12), never another device's topics.
+        got = {m.topic for m in snoop.received()}
+        public = {t for t in got if t.startswith("waystation/_server/")}
+        assert got - public == {own_down}
+        assert all(t.endswith("/state") for t in public), public
         assert fleet.record("inventory", "forged-1") is None
         with fleet.store.read() as txn:
             assert txn.get_outcome("van-2", 999_999) is None
