@@ -45,7 +45,7 @@ from broker.server.caps import SCHEMA, agreed
 from broker.server.downcast import Downcaster
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.hello_round import hello_commands, note_incarnation
-from broker.server.incoming import Incoming, held_back, parse_up
+from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
 from broker.server.messages import (
     command_message,
@@ -59,7 +59,7 @@ from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
 from broker.server.registry import Registry
-from broker.server.replies import batch_letters, change_replies, letter
+from broker.server.replies import change_replies, letter
 from broker.server.store.base import (
     DeadLetter,
     DeadLetterStats,
@@ -370,7 +370,7 @@ class Engine:
                     req: Catchup = inc.msg
                     upd.update(cp={s: v for s, v in req.cp.items() if s in device.scopes},
                                cp_ms=now)
-            for refusal in self._letters_for(inc, now):
+            for refusal in dead_letters_for(inc, now):
                 for dead in session.admit(refusal):
                     txn.add_dead_letter(dead)
         for dead in letters:
@@ -407,17 +407,6 @@ class Engine:
         if dropped:
             log.info("dead_letters_trimmed", dropped=dropped,
                      kept=self.dead_letter_stats.count, bytes=self.dead_letter_stats.bytes)
-
-    def _letters_for(self, inc: Incoming, now: int) -> list[DeadLetter]:
-        if inc.error is not None:
-            out = [letter(inc.topic_dev, "up", *inc.error, inc.payload, now)]
-        elif inc.blocked:
-            out = []  # counted (held_back), not kept: the device sends them again later
-        elif inc.kind == "changes":
-            out = batch_letters(inc.topic_dev, inc.results, inc.msg.bad, inc.payload, now)
-        else:
-            out = []
-        return out
 
     # ------------------------------------------------------------------ replies
 

@@ -3,7 +3,8 @@
 Pure over the registry: `parse_up` decodes one payload from `{prefix}/{dev}/up`,
 checks it against the topic and the registry (PROTOCOL.md §10.1) and says what kind
 it is, or why it is refused, or why the device may not sync now. The engine then
-applies and answers it; `held_back` is what a blocked device's batch gets meanwhile.
+applies and answers it; `held_back` is what a blocked device's batch gets meanwhile,
+`dead_letters_for` what the round keeps of it for the operator.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import structlog
 
 from broker.server.applier import ChangeResult
 from broker.server.registry import Registry
-from broker.server.store.base import CommandRow, DeviceRow
+from broker.server.replies import batch_letters, letter
+from broker.server.store.base import CommandRow, DeadLetter, DeviceRow
 from schemas import codec
 from schemas.codec import BadChange, LenientChanges
 from schemas.errors import ProtocolError
@@ -93,6 +95,20 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
     return inc
 
 
+def dead_letters_for(inc: Incoming, now: int) -> list[DeadLetter]:
+    """What one handled up message leaves for the operator: the refused message, or the
+    refused changes of its batch."""
+    if inc.error is not None:
+        out = [letter(inc.topic_dev, "up", *inc.error, inc.payload, now)]
+    elif inc.blocked:
+        out = []  # counted (held_back), not kept: the device sends them again later
+    elif inc.kind == "changes":
+        out = batch_letters(inc.topic_dev, inc.results, inc.msg.bad, inc.payload, now)
+    else:
+        out = []
+    return out
+
+
 def held_back(changes: Sequence[Change], bad: Sequence[BadChange],
               reason: str) -> list[ChangeResult]:
     """Every change of a blocked device's batch, refused for now (`device_disabled`,
@@ -102,4 +118,4 @@ def held_back(changes: Sequence[Change], bad: Sequence[BadChange],
             for n in numbers]
 
 
-__all__ = ["Incoming", "held_back", "parse_up"]
+__all__ = ["Incoming", "dead_letters_for", "held_back", "parse_up"]
