@@ -43,18 +43,16 @@ import structlog
 from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
 from agent.catchup import CatchupRound
 from agent.daemon_policy import PolicyHooks
+from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
 from schemas import codec, wire
 from schemas.collection import Catalog
-from schemas.errors import ProtocolError
-from waystation import __version__
 from waystation.config import AgentConfig
 from waystation.mqtt import Backoff, MqttLink, Will
 
 log = structlog.get_logger("waystation.agent")
 
-AGENT_NAME = f"waystation/{__version__}"
 _TIMER_S = 0.25
 _CATCHUP_RETRY_MIN_S = 2.0
 
@@ -78,7 +76,7 @@ class DaemonStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class AgentDaemon(PolicyHooks):
+class AgentDaemon(ReceiveHooks, PolicyHooks):
     """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
@@ -302,115 +300,6 @@ class AgentDaemon(PolicyHooks):
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
             self.sync.record_link("offline", reason)
-
-    def _on_message(self, payload: bytes) -> None:
-        try:
-            msg = codec.decode(payload, allowed=wire.DOWN_TYPES)
-        except ProtocolError as err:
-            self.stats.bad_messages += 1
-            log.warning("bad_down_message", dev=self.dev, code=err.code, reason=err.reason)
-            return
-        if isinstance(msg, wire.Ack):
-            result = self.sync.apply_ack(msg)
-            for n in (*result.applied, *result.ignored):
-                self._inflight.pop(n, None)
-                self._retry_at.pop(n, None)
-            self.stats.acked += len(result.applied)
-        elif isinstance(msg, wire.Reject):
-            self._on_reject(msg)
-        elif isinstance(msg, wire.Delta):
-            self.sync.apply_delta(msg)
-            self.stats.deltas += 1
-        elif isinstance(msg, wire.Page):
-            self._on_page(msg)
-        elif isinstance(msg, wire.Checkpoint):
-            self._on_checkpoint(msg)
-        elif isinstance(msg, wire.Command):
-            self._on_command(msg)
-        elif isinstance(msg, wire.Welcome):
-            caps = self.sync.apply_welcome(msg)
-            log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))
-
-    def _on_reject(self, msg: wire.Reject) -> None:
-        result = self.sync.apply_reject(msg)
-        for n in (*result.dead, *result.ignored):
-            self._inflight.pop(n, None)
-            self._retry_at.pop(n, None)
-        self.stats.dead += len(result.dead)
-        if result.transient:
-            attempts = {rj.n: rj for rj in msg.rj}
-            now = time.monotonic()
-            for n in result.transient:
-                self._inflight.pop(n, None)
-                tries = self.stats.extra.get(f"try:{n}", 0) + 1
-                self.stats.extra[f"try:{n}"] = tries
-                self._retry_at[n] = now + self._backoff(tries)
-                log.info("change_deferred", dev=self.dev, n=n, code=attempts[n].code,
-                         retry_in_s=round(self._retry_at[n] - now, 1))
-        if result.dead:
-            log.warning("changes_rejected", dev=self.dev, numbers=result.dead,
-                        reasons=sorted({rj.code for rj in msg.rj if rj.perm}))
-        if result.error:
-            log.warning("message_rejected", dev=self.dev, **result.error)
-
-    def _on_page(self, page: wire.Page) -> None:
-        self.sync.apply_page(page)
-        self.stats.pages += 1
-        if self._catchup is not None and page.req == self._catchup.req:
-            self._catchup.on_page(page.s, page.more)
-        if page.more:
-            # Continue only this scope: asking again for every scope would make the
-            # server answer each scope once per request, multiplying the pages.
-            cps = self.agent.checkpoints()
-            cp = cps.get(page.s)
-            snap = [page.s] if cp is not None and cp.snapshot else []
-            req = self._catchup.req if self._catchup is not None else page.req
-            self._send(wire.Catchup(dev=self.dev, req=req, cp={page.s: page.to}, snap=snap,
-                                    lim=self.cfg.sync.catchup_page))
-            self._catchup_sent = time.monotonic()
-        elif page.reset and self._catchup is None:
-            self._start_catchup()  # a late copy restarted a snapshot: only a checkpoint ends it
-
-    def _on_checkpoint(self, msg: wire.Checkpoint) -> None:
-        result = self.sync.apply_checkpoint(msg)
-        if result.behind:
-            log.info("catchup_behind", dev=self.dev, scopes=result.behind)
-            self._start_catchup()
-            return
-        self._hello_if_moved()
-        current = self._catchup
-        if current is not None and msg.req == current.req:
-            # Scopes complete in an answer where another said `more` are in no checkpoint
-            # of the chain (PROTOCOL.md §7.8): ask for them again once the chain is done.
-            again = current.after_checkpoint(msg.cp, msg.denied)
-            if current.done:
-                self._catchup = None
-            elif again:
-                self._catchup_sent = time.monotonic()
-                self._send(self.sync.catchup_request(current.req, scopes=again))
-        if result.dropped:
-            log.info("snapshot_dropped_records", dev=self.dev, count=result.dropped)
-        if result.denied:
-            log.warning("scopes_denied", dev=self.dev, scopes=result.denied)
-
-    def _on_command(self, cmd: wire.Command) -> None:
-        if cmd.cmd == "wipe":
-            executed = not self.sync.command_done(cmd.id)
-            if executed:
-                report = self.agent.wipe(cmd.id)
-                self.sync = self.agent.sync
-                log.warning("wiped", dev=self.dev, id=cmd.id,
-                            key_destroyed=report.key_destroyed, key_kept=report.key_kept)
-        else:
-            executed = self.sync.execute_command(cmd)
-        log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
-        if executed and cmd.cmd == "sync":
-            self._take_sync_now()
-        if executed and cmd.cmd in ("wipe", "resync", "scopes"):
-            self._inflight.clear()
-            self._retry_at.clear()
-            self._start_catchup()
-        self._send(self.sync.hello(AGENT_NAME, z=True))
 
     # ------------------------------------------------------------------ sending
 

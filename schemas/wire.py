@@ -3,333 +3,77 @@
 The models are the normative shapes; `schemas.codec` turns bytes into them. Member
 names are the short wire names on purpose (metered links); docstrings give the long
 meaning. Unknown members are ignored for forward compatibility (PROTOCOL.md §3).
+
+This module holds the messages a device sends (and the retained status and server
+state) and the type tables; the shared types and the record state live in
+`schemas.wire_types`, the server -> device messages in `schemas.wire_down`. Every name
+is re-exported here: import wire models from `schemas.wire`.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    GetJsonSchemaHandler,
-    SerializerFunctionWrapHandler,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
-    model_serializer,
-    model_validator,
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from schemas.wire_down import (
+    Ack,
+    Checkpoint,
+    Command,
+    Delta,
+    ErrorInfo,
+    Page,
+    Reject,
+    Rejection,
+    Welcome,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
-
-PROTOCOL_VERSION = 1
-
-# |x| < 2^53 keeps integers exact in every JSON reader (PROTOCOL.md §3).
-MAX_SAFE_INT = 2**53 - 1
-MAX_CHANGES_PER_BATCH = 1000
-MAX_FIELDS_PER_CHANGE = 256
-MAX_JSON_DEPTH = 32
-MAX_KEY_BYTES = 200
-
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-COLLECTION_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
-FIELD_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
-TIME_PART_PATTERN = r"^[0-9a-f]{16}$"
-# A full stamp's node is a device id or the server's reserved node `~server`.
-STAMP_PATTERN = r"^[0-9a-f]{16}:(~server|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
-CHANGE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}:[1-9][0-9]{0,15}$"
-# A store incarnation (PROTOCOL.md §2): random, created with every device store.
-INCARNATION_PATTERN = r"^[A-Za-z0-9_-]{8,32}$"
-
-_CONTROL = re.compile(r"[\x00-\x1f]")
-_FIELD_RE = re.compile(FIELD_PATTERN)
-
-
-def _check_member(value: str) -> str:
-    """A set member: 1 to 200 UTF-8 bytes (PROTOCOL.md §2; control characters allowed)."""
-    if value.isascii() and 0 < len(value) <= MAX_KEY_BYTES:
-        return value  # the usual member: one byte per character
-    size = len(value.encode("utf-8", "surrogatepass"))
-    if not 1 <= size <= MAX_KEY_BYTES:
-        raise ValueError(f"must be 1 to {MAX_KEY_BYTES} UTF-8 bytes, got {size}")
-    return value
-
-
-def _check_key(value: str) -> str:
-    """A record key: a member that also has no character below U+0020."""
-    if value.isascii() and 0 < len(value) <= MAX_KEY_BYTES and value.isprintable():
-        return value  # the usual key: printable ASCII (U+0020 to U+007E)
-    _check_member(value)
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters (below U+0020)")
-    return value
-
-
-def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
-    """Nesting depth of a decoded JSON value; stops counting past `limit`."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    deepest = 0
-    while stack:
-        item, depth = stack.pop()
-        if depth > deepest:
-            deepest = depth
-            if deepest > limit:
-                return deepest
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
-
-
-def json_value_error(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
-    """Why `value` is not a JSON value this protocol can carry, or None if it is one.
-
-    Checks types (None, bool, int, float, str, list, dict with str keys), integers
-    within the signed 53-bit range, finite floats and the nesting depth (§3).
-    """
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        kind = type(item)
-        if kind is str or kind is bool or item is None:
-            continue
-        if kind is int:
-            if not -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
-                return "integer outside the signed 53-bit range"
-        elif kind is float:
-            if not math.isfinite(item):
-                return "float must be finite"
-        elif kind is dict or kind is list:
-            if depth >= limit and item:
-                return f"value nested deeper than {limit} levels"
-            if kind is dict:
-                for key in item:
-                    if type(key) is not str:
-                        return "object keys must be strings"
-                stack.extend((v, depth + 1) for v in item.values())
-            else:
-                stack.extend((v, depth + 1) for v in item)
-        else:
-            return f"{kind.__name__} is not a JSON value"
-    return None
-
-
-def _check_value(value: Any) -> Any:
-    error = json_value_error(value)
-    if error is not None:
-        raise ValueError(error)
-    return value
-
-
-def _check_number(value: Any) -> Any:
-    kind = type(value)
-    if kind is int or (kind is float and math.isfinite(value)):
-        return value
-    raise ValueError("must be a number (an integer or a finite float)")
-
-
-def _check_field_names(value: dict[str, Any]) -> dict[str, Any]:
-    for name in value:
-        if name not in _FIELD_NAMES_SEEN and not _field_name_ok(name):
-            raise ValueError(f"{name[:80]!r} is not a valid field name")
-    return value
-
-
-# Field names seen valid: a fleet uses few, so most checks are one set lookup. Bounded
-# (the names come from the wire); only exact `str` objects are remembered.
-_FIELD_NAMES_SEEN: set[str] = set()
-_FIELD_NAMES_MAX = 4096
-
-
-def _field_name_ok(name: str) -> bool:
-    if not _FIELD_RE.fullmatch(name):
-        return False
-    if type(name) is str:
-        if len(_FIELD_NAMES_SEEN) >= _FIELD_NAMES_MAX:
-            _FIELD_NAMES_SEEN.clear()
-        _FIELD_NAMES_SEEN.add(name)
-    return True
-
-
-def _fast_field_values(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """`dict[str, JsonValue]` with valid field names, checked in one pass.
-
-    The usual map of field name -> plain value (a string, null, a boolean, a 53-bit
-    integer, a float) is accepted here in one call instead of one validator call per
-    value; anything else (other types, nested values, a bad name, a non-dict) goes
-    through the full validation (`handler`), which also words the errors.
-    """
-    if type(value) is not dict:
-        return handler(value)
-    seen = _FIELD_NAMES_SEEN
-    for name, item in value.items():
-        if type(name) is not str or (name not in seen and not _field_name_ok(name)):
-            return handler(value)
-        kind = type(item)
-        if kind is str or item is None or kind is bool:
-            continue
-        if kind is int:
-            if -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
-                continue
-            return handler(value)
-        if kind is float:
-            if math.isfinite(item):
-                continue
-            return handler(value)
-        if json_value_error(item) is not None:
-            return handler(value)
-    return dict(value)
-
-
-# --- the published JSON Schema (schemas/json/, `python -m schemas.export`) -------------
-# It describes what a sender MUST send (PROTOCOL.md §7); the models stay as lenient as §3
-# lets a receiver be. Rules the validators check in code are restated for the schema
-# here, next to the types, without changing what the models accept.
-
-
-class JsonSchemaOnly:
-    """Annotation metadata adding JSON Schema keywords to a type; validation unchanged."""
-
-    def __init__(self, **keywords: Any) -> None:
-        self.keywords = keywords
-
-    def __get_pydantic_json_schema__(self, core_schema: CoreSchema,
-                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        schema = handler(core_schema)
-        schema.update(self.keywords)
-        return schema
-
-
-def required_on_wire(*names: str) -> Any:
-    """`json_schema_extra` for a model whose members `names` have a default for lenient
-    reading but MUST be sent (PROTOCOL.md §3): lists them as required, in member order."""
-
-    def extra(schema: dict[str, Any], model: type[BaseModel]) -> None:
-        wanted = set(schema.get("required", ())) | set(names)
-        order = [f.alias or name for name, f in model.model_fields.items()]
-        schema["required"] = [name for name in order if name in wanted]
-        for name in names:  # a default would suggest the member may be left out
-            schema["properties"][name].pop("default", None)
-
-    return extra
-
-
-_FIELD_KEYS = JsonSchemaOnly(propertyNames={"pattern": FIELD_PATTERN})
-"""A map keyed by field names (`f`, `i`, `a`, `r`, `h`, `t`, `cf`)."""
-_NODE_PATTERN = r"^(~server|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
-
-DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
-ScopeId = Annotated[str, Field(pattern=ID_PATTERN)]
-CollectionName = Annotated[str, Field(pattern=COLLECTION_PATTERN)]
-FieldName = Annotated[str, Field(pattern=FIELD_PATTERN)]
-RecordKey = Annotated[str, AfterValidator(_check_key), JsonSchemaOnly(
-    minLength=1, maxLength=MAX_KEY_BYTES, pattern="^[^\\u0000-\\u001f]+$",
-    description=f"1 to {MAX_KEY_BYTES} UTF-8 bytes (maxLength bounds the characters), "
-                "no character below U+0020")]
-Member = Annotated[str, AfterValidator(_check_member), JsonSchemaOnly(
-    minLength=1, maxLength=MAX_KEY_BYTES,
-    description=f"1 to {MAX_KEY_BYTES} UTF-8 bytes (maxLength bounds the characters)")]
-TimePart = Annotated[str, Field(pattern=TIME_PART_PATTERN)]
-Stamp = Annotated[str, Field(pattern=STAMP_PATTERN)]
-ChangeTag = Annotated[str, Field(pattern=CHANGE_ID_PATTERN)]
-Incarnation = Annotated[str, Field(pattern=INCARNATION_PATTERN, strict=True)]
-ChangeNumber = Annotated[int, Field(ge=1, le=MAX_SAFE_INT, strict=True)]
-TxMarker = Annotated[tuple[ChangeNumber, Annotated[int, Field(ge=1, le=MAX_CHANGES_PER_BATCH,
-                                                             strict=True)]],
-                     Field(description="[transaction id (its first change number), count of "
-                                       "its changes in this message]")]
-Seq = Annotated[int, Field(ge=0, le=MAX_SAFE_INT, strict=True)]
-SchemaVersion = Annotated[int, Field(ge=0, le=MAX_SAFE_INT, strict=True)]
-JsonValue = Annotated[Any, AfterValidator(_check_value)]
-# The before-validator gives one clear error instead of one per union member.
-Number = Annotated[
-    StrictInt | Annotated[StrictFloat, Field(allow_inf_nan=False)], BeforeValidator(_check_number)
-]
-ReqId = Annotated[str, Field(min_length=1, max_length=64, strict=True)]
-# Field name -> JSON value (the `f` of changes and record states).
-FieldValues = Annotated[dict[str, JsonValue], AfterValidator(_check_field_names),
-                        WrapValidator(_fast_field_values), _FIELD_KEYS]
-
-
-class WireModel(BaseModel):
-    """Base of every wire model: ignore unknown members, never coerce scalars.
-
-    Scalars are strict (no "1" -> 1, no 1 -> True); containers stay lax so that JSON
-    arrays validate as tuples.
-    """
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class Message(WireModel):
-    """Common envelope: every message names its type and protocol version."""
-
-    v: Literal[1] = 1
-
-
-# --- record states (PROTOCOL.md §6) -------------------------------------------------
-
-
-class Candidate(WireModel):
-    """One concurrent value of a `manual` field whose conflict is open."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True,
-                              json_schema_extra=required_on_wire("v"))
-
-    v: JsonValue = None
-    by: Annotated[str, JsonSchemaOnly(pattern=_NODE_PATTERN)]
-    h: Stamp
-
-    @model_serializer(mode="wrap")
-    def _keep_v(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # A null candidate value is a value: `codec.encode` leaves out members at their
-        # defaults, but `v` is required on the wire (§6).
-        out: dict[str, Any] = handler(self)
-        out.setdefault("v", self.v)
-        return out
-
-
-class Rec(WireModel):
-    """A record state: the record as of sequence `q` (whole, or only changed fields)."""
-
-    c: CollectionName
-    k: RecordKey
-    s: ScopeId
-    q: Seq
-    part: StrictBool = False
-    x: StrictBool = False
-    xh: Stamp | None = None
-    f: FieldValues = Field(default_factory=dict)
-    h: Annotated[dict[str, Stamp], AfterValidator(_check_field_names), _FIELD_KEYS] = Field(
-        default_factory=dict)
-    t: Annotated[dict[str, dict[Member, list[ChangeTag]]],
-                 AfterValidator(_check_field_names), _FIELD_KEYS] = Field(default_factory=dict)
-    cf: Annotated[dict[str, list[Candidate]], AfterValidator(_check_field_names),
-                  _FIELD_KEYS] = Field(default_factory=dict)
-
-    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra={
-        # `xh` is there exactly when `x` is true (§6).
-        "if": {"properties": {"x": {"const": True}}, "required": ["x"]},
-        "then": {"required": ["xh"]},
-        "else": {"not": {"required": ["xh"]}},
-    })
-
+from schemas.wire_types import (
+    CHANGE_ID_PATTERN,
+    COLLECTION_PATTERN,
+    FIELD_KEYS,
+    FIELD_PATTERN,
+    ID_PATTERN,
+    INCARNATION_PATTERN,
+    MAX_CHANGES_PER_BATCH,
+    MAX_FIELDS_PER_CHANGE,
+    MAX_JSON_DEPTH,
+    MAX_KEY_BYTES,
+    MAX_SAFE_INT,
+    PROTOCOL_VERSION,
+    STAMP_PATTERN,
+    TIME_PART_PATTERN,
+    Candidate,
+    Capabilities,
+    Capability,
+    ChangeNumber,
+    ChangeTag,
+    CollectionName,
+    DeviceId,
+    FieldName,
+    FieldValues,
+    Incarnation,
+    JsonSchemaOnly,
+    JsonValue,
+    Member,
+    Message,
+    Number,
+    Rec,
+    RecordKey,
+    ReqId,
+    SchemaVersion,
+    ScopeId,
+    Seq,
+    Stamp,
+    TimePart,
+    TxMarker,
+    WireModel,
+    check_field_names,
+    json_depth,
+    json_value_error,
+    required_on_wire,
+)
 
 # --- device -> server ---------------------------------------------------------------
-
-
-Capability = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
-"""The name of an optional protocol feature (§11), e.g. ``txn``."""
-Capabilities = Annotated[list[Capability], Field(max_length=32)]
 
 
 class Hello(Message):
@@ -378,16 +122,16 @@ class Change(WireModel):
     f: Annotated[FieldValues, JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
         default_factory=dict)
     i: Annotated[dict[str, Annotated[Number, JsonSchemaOnly(**{"not": {"const": 0}})]],
-                 AfterValidator(_check_field_names), _FIELD_KEYS,
+                 AfterValidator(check_field_names), FIELD_KEYS,
                  JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
         default_factory=dict)
     a: Annotated[dict[str, Annotated[list[Member], JsonSchemaOnly(minItems=1)]],
-                 AfterValidator(_check_field_names), _FIELD_KEYS,
+                 AfterValidator(check_field_names), FIELD_KEYS,
                  JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
         default_factory=dict)
     r: Annotated[dict[str, Annotated[dict[Member, list[ChangeTag]],
                                      JsonSchemaOnly(minProperties=1)]],
-                 AfterValidator(_check_field_names), _FIELD_KEYS,
+                 AfterValidator(check_field_names), FIELD_KEYS,
                  JsonSchemaOnly(maxProperties=MAX_FIELDS_PER_CHANGE)] = Field(
         default_factory=dict)
     tx: TxMarker | None = None
@@ -457,99 +201,6 @@ class Catchup(Message):
     snap: Annotated[list[ScopeId], Field(max_length=1000)] = Field(default_factory=list)
     lim: Annotated[int, Field(ge=1, le=5000, strict=True)] = 1000
 
-
-# --- server -> device ---------------------------------------------------------------
-
-
-class Ack(Message):
-    """Changes applied: `[n, scope, q]` each, plus states the device could not know."""
-
-    type: Literal["ack"] = "ack"
-    ok: list[tuple[ChangeNumber, ScopeId, Seq]]
-    fx: list[Rec] = Field(default_factory=list)
-    rs: list[ChangeNumber] = Field(default_factory=list)
-
-
-class ErrorInfo(WireModel):
-    code: Annotated[str, Field(min_length=1, max_length=64)]
-    reason: Annotated[str, Field(max_length=2000)]
-
-
-class Rejection(WireModel):
-    n: ChangeNumber
-    code: Annotated[str, Field(min_length=1, max_length=64)]
-    reason: Annotated[str, Field(max_length=2000)]
-    perm: StrictBool
-    rec: Rec | None = None
-
-
-class Reject(Message):
-    """Changes not applied (per change), or a message-level error."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True,
-                              json_schema_extra=required_on_wire("rj"))
-
-    type: Literal["reject"] = "reject"
-    rj: list[Rejection] = Field(default_factory=list)
-    err: ErrorInfo | None = None
-
-
-class Delta(Message):
-    """Live record states for changes other devices just made in this device's scopes."""
-
-    type: Literal["delta"] = "delta"
-    d: list[Rec]
-
-
-class Page(Message):
-    """One page of a catch-up answer for one scope."""
-
-    type: Literal["page"] = "page"
-    req: ReqId
-    s: ScopeId
-    from_: Seq = Field(alias="from")
-    to: Seq
-    reset: StrictBool = False
-    more: StrictBool = False
-    recs: list[Rec] = Field(default_factory=list)
-
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True,
-                              json_schema_extra=required_on_wire("reset", "more", "recs"))
-
-
-class Checkpoint(Message):
-    """Catch-up complete: the device has everything up to these sequences."""
-
-    type: Literal["checkpoint"] = "checkpoint"
-    req: ReqId
-    cp: dict[ScopeId, Seq]
-    denied: list[ScopeId] = Field(default_factory=list)
-
-
-class Command(Message):
-    """An order from the operator: wipe local data, resync from zero, ping, follow other
-    scopes (`scopes`), or sync now (`sync`: lift the device's sync policy for a while);
-    `scopes` and `sync` only to a device that agreed to the capability of that name."""
-
-    type: Literal["command"] = "command"
-    id: Annotated[str, Field(min_length=1, max_length=64)]
-    cmd: Literal["wipe", "resync", "ping", "scopes", "sync"]
-    args: dict[str, JsonValue] = Field(default_factory=dict)
-
-
-class Welcome(Message):
-    """The server's answer to a `hello` that carries `caps`: the features agreed."""
-
-    type: Literal["welcome"] = "welcome"
-    caps: Capabilities
-    srv: Annotated[str, Field(max_length=128)] = ""
-    sv: SchemaVersion | None = None
-    """With the `schema` capability: the collection-schema version the server runs."""
-    sv_min: SchemaVersion | None = None
-    """With the `schema` capability: the oldest schema version whose changes the server
-    upcasts (its oldest published version); absent: the server states none."""
-
-
 # --- device -> everyone (retained) ---------------------------------------------------
 
 
@@ -595,3 +246,67 @@ STATUS_TYPES: dict[str, type[Message]] = {"status": Status}
 SERVER_TYPES: dict[str, type[Message]] = {"server": ServerState}
 ALL_TYPES: dict[str, type[Message]] = {**UP_TYPES, **DOWN_TYPES, **STATUS_TYPES,
                                        **SERVER_TYPES}
+
+__all__ = [
+    "ALL_TYPES",
+    "CHANGE_ID_PATTERN",
+    "COLLECTION_PATTERN",
+    "DOWN_TYPES",
+    "FIELD_PATTERN",
+    "ID_PATTERN",
+    "INCARNATION_PATTERN",
+    "MAX_CHANGES_PER_BATCH",
+    "MAX_FIELDS_PER_CHANGE",
+    "MAX_JSON_DEPTH",
+    "MAX_KEY_BYTES",
+    "MAX_SAFE_INT",
+    "PROTOCOL_VERSION",
+    "SERVER_TYPES",
+    "STAMP_PATTERN",
+    "STATUS_TYPES",
+    "TIME_PART_PATTERN",
+    "UP_TYPES",
+    "Ack",
+    "Candidate",
+    "Capabilities",
+    "Capability",
+    "Catchup",
+    "Change",
+    "ChangeNumber",
+    "ChangeTag",
+    "Changes",
+    "Checkpoint",
+    "CollectionName",
+    "Command",
+    "Delta",
+    "DeviceId",
+    "ErrorInfo",
+    "FieldName",
+    "FieldValues",
+    "Hello",
+    "Incarnation",
+    "JsonSchemaOnly",
+    "JsonValue",
+    "Member",
+    "Message",
+    "Number",
+    "Page",
+    "Rec",
+    "RecordKey",
+    "Reject",
+    "Rejection",
+    "ReqId",
+    "SchemaVersion",
+    "ScopeId",
+    "Seq",
+    "ServerState",
+    "Stamp",
+    "Status",
+    "TimePart",
+    "TxMarker",
+    "Welcome",
+    "WireModel",
+    "json_depth",
+    "json_value_error",
+    "required_on_wire",
+]

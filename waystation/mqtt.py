@@ -44,10 +44,9 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
-import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +55,9 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from waystation import linkproblems
+from waystation.backoff import Backoff, backoff_delay, backoff_delays
 from waystation.linkproblems import LinkProblem
+from waystation.mqtt_tls import TlsSettings, ssl_context
 
 __all__ = [
     "Backoff",
@@ -86,57 +87,6 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class TlsSettings:
-    """TLS towards the broker; ``cert`` + ``key`` present a client certificate."""
-
-    ca: str | None = None
-    """CA file that signs the broker's certificate (None: the system's CAs)."""
-    cert: str | None = None
-    key: str | None = None
-    insecure: bool = False
-    """Skip certificate and host name verification (tests only)."""
-    server_hostname: str | None = None
-    """Name to verify (and send as SNI) when it differs from the host connected to."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Backoff:
-    """Reconnect delays: see ``backoff_delay``."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial <= self.maximum or self.multiplier < 1:
-            raise ValueError(f"invalid backoff {self}")
-
-
-def backoff_delay(attempt: int, policy: Backoff, rng: random.Random | None = None) -> float:
-    """The wait before reconnect attempt ``attempt`` (0 for the first retry).
-
-    Full jitter above a floor: uniform in ``[initial, min(maximum, initial * multiplier
-    ** (attempt + 1))]``. The floor keeps a client from hammering a broker that refuses
-    it instantly; the jitter over the whole range spreads a fleet that lost its broker
-    at the same instant, so the broker is not hit by every device at once when it returns.
-    """
-    ceiling = policy.maximum
-    exponent = attempt + 1
-    # avoid float overflow for large attempt counts
-    if exponent < 64:
-        ceiling = min(policy.maximum, policy.initial * policy.multiplier**exponent)
-    return (rng or random).uniform(policy.initial, ceiling)
-
-
-def backoff_delays(policy: Backoff, rng: random.Random | None = None) -> Iterator[float]:
-    """The endless series of delays ``backoff_delay(0), backoff_delay(1), ...``."""
-    attempt = 0
-    while True:
-        yield backoff_delay(attempt, policy, rng)
-        attempt += 1
 
 
 class MqttLink:
@@ -211,7 +161,7 @@ class MqttLink:
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if tls is not None:
-            client.tls_set_context(_ssl_context(tls))
+            client.tls_set_context(ssl_context(tls))
             if tls.insecure:
                 client.tls_insecure_set(True)
         client.max_inflight_messages_set(max_inflight)
@@ -529,37 +479,6 @@ class MqttLink:
 
 def _ignore_socket(client: paho.Client, userdata: Any, sock: Any) -> None:
     """paho socket (un)register-write hook: our own loop() polls for writability."""
-
-
-def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:
-    context: ssl.SSLContext
-    if tls.server_hostname:
-        context = _FixedServerNameContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.server_name = tls.server_hostname
-        if tls.ca:
-            context.load_verify_locations(cafile=tls.ca)
-        else:
-            context.load_default_certs()
-    else:
-        context = ssl.create_default_context(cafile=tls.ca)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert:
-        context.load_cert_chain(tls.cert, tls.key)
-    if tls.insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-class _FixedServerNameContext(ssl.SSLContext):
-    """An SSLContext that verifies (and sends as SNI) a fixed name, whatever host paho
-    connected to: paho always passes the host it dialled."""
-
-    server_name: str = ""
-
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
-        kwargs["server_hostname"] = self.server_name
-        return super().wrap_socket(sock, *args, **kwargs)
 
 
 def _opt_str(value: Any) -> str | None:

@@ -7,8 +7,9 @@
     python -m broker.embedded --port ...    the same, configured from the command line
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
-of that a small subclass of amqtt's ``Broker`` changes five things amqtt 0.12.1 gets
-wrong for a fleet (each measured; see the tests in tests/broker/test_embedded.py):
+of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
+changes five things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+tests/broker/test_embedded.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
 2. A CONNECT is authenticated *before* amqtt touches its session table. Stock amqtt
@@ -38,8 +39,6 @@ import errno
 import logging
 import os
 import signal
-import socket
-import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,15 +47,10 @@ from typing import Any
 
 import amqtt
 import structlog
-from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
-from amqtt.contexts import Action as AmqttAction
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.utils import gen_client_id
 
-from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader, PacketTooLarge
+from broker.embedded.amqtt_overrides import AMQTT_VERSION, OVERRIDDEN, WaystationBroker
+from broker.embedded.packet_limit import DEFAULT_MAX_PACKET
 from broker.embedded.plugins import plugin_config
 from broker.errors import ServerError
 from waystation.errors import ConfigError, ListenError, WaystationError
@@ -87,12 +81,6 @@ class _NoStartupTraceback(logging.Filter):
 
 
 logging.getLogger("amqtt.broker").addFilter(_NoStartupTraceback())
-
-AMQTT_VERSION = "0.12.1"
-"""The amqtt release whose internals ``_WaystationBroker`` overrides were written for."""
-
-_PREAUTH = "waystation.preauthenticated"
-
 
 class EmbeddedBrokerError(ServerError):
     """The embedded broker could not start (port in use, bad TLS files, ...)."""
@@ -210,7 +198,7 @@ class EmbeddedBroker:
 
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
-        self._broker: _WaystationBroker | None = None
+        self._broker: WaystationBroker | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> EmbeddedBroker:
@@ -232,7 +220,7 @@ class EmbeddedBroker:
             s.data_dir.mkdir(parents=True, exist_ok=True)
         ensure_password_file(s.password_file)
         try:
-            broker = _WaystationBroker(
+            broker = WaystationBroker(
                 s.amqtt_config(), require_client_cert=s.tls_require_client_cert,
                 max_packet=s.max_packet_bytes,
             )
@@ -396,140 +384,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
 
 
-# ---------------------------------------------------------------------------------------
-# amqtt internals
-
-
-class _WaystationBroker(Broker):  # type: ignore[misc]
-    """amqtt's Broker with the four fixes listed in the module docstring."""
-
-    def __init__(self, config: dict[str, Any], *, require_client_cert: bool,
-                 max_packet: int = DEFAULT_MAX_PACKET) -> None:
-        super().__init__(config)
-        self._require_client_cert = require_client_cert
-        self._max_packet = max_packet
-
-    async def stream_connected(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
-    ) -> None:
-        sock = writer.get_extra_info("socket")
-        nodelay = False
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-            except OSError as exc:
-                log.warning("could not set TCP_NODELAY", error=str(exc))
-        peer = writer.get_extra_info("peername")
-        log.debug("client socket accepted", listener=listener_name, peer=peer,
-                  tcp_nodelay=nodelay)
-        await self._client_connected(listener_name,
-                                     LimitedReader(reader, self._max_packet, peer),
-                                     StreamWriterAdapter(writer))
-
-    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
-        context: ssl.SSLContext = super()._create_ssl_context(listener)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self._require_client_cert:
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-    async def _authenticate(self, session: Any, listener: Any) -> bool:
-        if session.attributes.pop(_PREAUTH, False):
-            return True
-        return bool(await super()._authenticate(session, listener))
-
-    async def _initialize_client_session(
-        self, reader: Any, writer: Any, remote_address: str, remote_port: int
-    ) -> tuple[Any, Any]:
-        # amqtt 0.12.1's method, with authentication moved before any use of the session
-        # table (see fix 2 in the module docstring). Errors raised here make amqtt log the
-        # attempt and drop the connection.
-        try:
-            handler, client_session = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager
-            )
-        except AMQTTError as exc:
-            if isinstance(exc, PacketTooLarge):  # amqtt would leave the socket open
-                await writer.close()
-            raise AMQTTError(exc) from exc
-        except MQTTError as exc:
-            await writer.close()
-            raise MQTTError(exc) from exc
-        except NoDataError as exc:
-            raise AMQTTError(exc) from exc
-
-        if not await super()._authenticate(client_session, None):
-            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-            await writer.close()
-            raise MQTTError(
-                f"connection from {remote_address}:{remote_port} refused "
-                f"(client id {client_session.client_id!r}, user {client_session.username!r})"
-            )
-
-        if client_session.clean_session:
-            if client_session.client_id:
-                await self._delete_session(client_session.client_id)
-            else:
-                client_session.client_id = gen_client_id()
-            client_session.parent = 0
-        elif client_session.client_id in self._sessions:
-            existing, _ = self._sessions[client_session.client_id]
-            existing.will_flag = client_session.will_flag
-            existing.will_message = client_session.will_message
-            existing.will_topic = client_session.will_topic
-            existing.will_qos = client_session.will_qos
-            existing.will_retain = client_session.will_retain
-            existing.keep_alive = client_session.keep_alive
-            existing.username = client_session.username
-            existing.password = client_session.password
-            existing.is_anonymous = client_session.is_anonymous
-            client_session = existing
-            client_session.parent = 1
-        else:
-            client_session.parent = 0
-
-        delay = self.config.get("timeout-disconnect-delay", 0)
-        if client_session.keep_alive > 0 and isinstance(delay, int):
-            client_session.keep_alive += delay
-        client_session.attributes[_PREAUTH] = True
-        return handler, client_session
-
-    async def _publish_retained_messages_for_subscription(
-        self, subscription: tuple[str, int], session: Any
-    ) -> None:
-        topic_filter, qos = subscription
-        handler = self._get_handler(session)
-        subscribers = self._subscriptions.get(topic_filter, [])
-        if handler is None or all(s.client_id != session.client_id for s, _ in subscribers):
-            return
-        tasks = []
-        for topic, retained in list(self._retained_messages.items()):
-            if not self._matches(topic, topic_filter):
-                continue
-            if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
-                continue
-            tasks.append(asyncio.ensure_future(handler.mqtt_publish(
-                retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
-            )))
-        if tasks:
-            await asyncio.wait(tasks)
-
-
-_OVERRIDDEN = (
-    "stream_connected",
-    "_client_connected",
-    "_create_ssl_context",
-    "_authenticate",
-    "_initialize_client_session",
-    "_publish_retained_messages_for_subscription",
-    "_delete_session",
-    "_topic_filtering",
-    "_get_handler",
-    "_matches",
-)
-
-
 def _address_in_use(exc: BaseException) -> str | None:
     """The bind error (EADDRINUSE) behind an amqtt start-up failure, if that is what it is."""
     seen: BaseException | None = exc
@@ -545,7 +399,7 @@ def _address_in_use(exc: BaseException) -> str | None:
 
 
 def _check_amqtt() -> None:
-    missing = [name for name in _OVERRIDDEN if not hasattr(Broker, name)]
+    missing = [name for name in OVERRIDDEN if not hasattr(Broker, name)]
     if amqtt.__version__ != AMQTT_VERSION or missing:
         raise EmbeddedBrokerError(
             f"amqtt {amqtt.__version__} is installed but broker/embedded.py was written for "

@@ -33,7 +33,6 @@ import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -41,10 +40,12 @@ import structlog
 
 from broker.errors import StoreError
 from broker.server import catchup
-from broker.server.applier import Applier, BatchStats, ChangeResult
+from broker.server.applier import Applier, BatchStats
 from broker.server.caps import SCHEMA, agreed
 from broker.server.downcast import Downcaster
 from broker.server.fanout import Fanout, Outgoing
+from broker.server.hello_round import hello_commands, note_incarnation
+from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
 from broker.server.messages import (
     command_message,
@@ -57,10 +58,9 @@ from broker.server.messages import (
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
-from broker.server.registry import Registry, deliverable
-from broker.server.replies import batch_letters, change_replies, letter
+from broker.server.registry import Registry
+from broker.server.replies import change_replies, letter
 from broker.server.store.base import (
-    CommandRow,
     DeadLetter,
     DeadLetterStats,
     DeviceRow,
@@ -69,10 +69,10 @@ from broker.server.store.base import (
 )
 from broker.server.upcast import SchemaChain
 from schemas import codec
-from schemas.codec import BadChange, LenientChanges
+from schemas.codec import LenientChanges
 from schemas.collection import Catalog
 from schemas.errors import ProtocolError
-from schemas.wire import ID_PATTERN, UP_TYPES, Catchup, Change, Hello
+from schemas.wire import ID_PATTERN, Catchup, Hello
 from waystation import __version__
 from waystation.config import ServerConfig
 from waystation.hlc import SERVER_NODE, Clock
@@ -91,23 +91,6 @@ TRIM_INTERVAL_MS = 60_000
 
 SERVER_NAME = f"waystation-server/{__version__}"
 """What `welcome.srv` says this server is."""
-
-
-@dataclass(slots=True, eq=False)
-class _Incoming:
-    """One up message on its way through a round."""
-
-    topic_dev: str
-    payload: bytes
-    kind: str = ""
-    device: DeviceRow | None = None
-    msg: Any = None
-    error: tuple[str, str] | None = None
-    results: list[ChangeResult] = field(default_factory=list)
-    commands: list[CommandRow] = field(default_factory=list)
-    failed: bool = False
-    blocked: str = ""
-    """Why the device may not sync now (disabled, wipe pending); "" when it may."""
 
 
 class Engine:
@@ -166,11 +149,11 @@ class Engine:
             self._refresh_registry()
         except StoreError:
             log.exception("registry_refresh_failed")
-        incs = [self._parse(dev, payload) for dev, payload in items]
+        incs = [parse_up(dev, payload, self.registry, self.cfg) for dev, payload in items]
         self._commit(incs, now)
         out: list[Outgoing] = []
         fan = Fanout(self.registry, self.presence)
-        catchups: list[_Incoming] = []
+        catchups: list[Incoming] = []
         for inc in incs:
             if inc.kind == "catchup" and not inc.failed and not inc.blocked:
                 catchups.append(inc)
@@ -284,58 +267,9 @@ class Engine:
         for dev in self.presence.reset():
             self._dirty.setdefault(dev, {})["online"] = False
 
-    # ------------------------------------------------------------------ parsing
-
-    def _parse(self, topic_dev: str, payload: bytes) -> _Incoming:
-        inc = _Incoming(topic_dev, payload)
-        try:
-            msg = codec.decode_lenient(payload, allowed=UP_TYPES,
-                                       max_payload=self.cfg.max_payload_bytes)
-        except ProtocolError as err:
-            inc.error = (err.code, err.reason)
-            return inc
-        except Exception:  # pragma: no cover - the codec raises ProtocolError only
-            log.exception("decode_failed", dev=topic_dev)
-            inc.error = (codec.SERVER_ERROR, "the server failed to decode this message")
-            return inc
-        dev: str = msg.dev  # type: ignore[union-attr]
-        if dev != topic_dev:
-            inc.error = (codec.WRONG_DEVICE, f"message says dev {dev!r} but was published on "
-                                             f"the up topic of {topic_dev!r}")
-            return inc
-        device = self.registry.get(dev)
-        if device is None:
-            inc.error = (codec.UNKNOWN_DEVICE, f"device {dev!r} is not registered: enrol it "
-                                               "with `waystation device add`")
-            return inc
-        if device.wipe_pending:
-            inc.blocked = (f"device {dev!r} has a wipe pending: it gets no data until it "
-                           "has carried the wipe out")
-        elif not device.enabled:
-            inc.blocked = (f"device {dev!r} is disabled by the operator: its changes stay on "
-                           "the device and are sent again once it is re-enabled "
-                           f"(`waystation device enable {dev}`)")
-        inc.device = device
-        inc.msg = msg
-        if isinstance(msg, LenientChanges):
-            count = len(msg.bad) + (len(msg.changes.ch) if msg.changes is not None else 0)
-            if count > self.cfg.max_batch_changes:
-                inc.error = (codec.TOO_LARGE, f"ch: {count} changes in one batch, this server "
-                                              f"takes at most {self.cfg.max_batch_changes}; "
-                                              "split the batch")
-                return inc
-            inc.kind = "changes"
-        elif isinstance(msg, Hello):
-            inc.kind = "hello"
-        elif isinstance(msg, Catchup):
-            inc.kind = "catchup"
-        else:  # pragma: no cover - UP_TYPES has exactly these three
-            inc.error = (codec.UNKNOWN_TYPE, "not accepted on the up topic")
-        return inc
-
     # ------------------------------------------------------------------ the transaction
 
-    def _commit(self, incs: list[_Incoming], now: int) -> None:
+    def _commit(self, incs: list[Incoming], now: int) -> None:
         """Apply the group in one transaction; on a failure, each message on its own."""
         if not incs and not self._dirty and not self._letters:
             return
@@ -382,7 +316,7 @@ class Engine:
             self._dirty[dev] = {**changes, **self._dirty.get(dev, {})}
         self._letters = (letters + self._letters)[-MAX_PENDING_LETTERS:]
 
-    def _apply_all(self, txn: WriteTxn, incs: list[_Incoming], now: int,
+    def _apply_all(self, txn: WriteTxn, incs: list[Incoming], now: int,
                    dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]
                    ) -> tuple[list[DeviceRow], BatchStats, GateSession]:
         """The body of the group transaction (may run again after a retryable failure)."""
@@ -417,7 +351,7 @@ class Engine:
                     lc: LenientChanges = inc.msg
                     changes = lc.changes.ch if lc.changes is not None else []
                     if inc.blocked:
-                        inc.results = _held_back(changes, lc.bad, inc.blocked)
+                        inc.results = held_back(changes, lc.bad, inc.blocked)
                         self.counters["held_back"] += len(inc.results)
                     else:
                         inc.results = ta.apply_batch(device, lc.sv, changes, lc.bad, lc.inc)
@@ -425,10 +359,10 @@ class Engine:
                             upd["synced_ms"] = now
                 elif inc.kind == "hello":
                     hello: Hello = inc.msg
-                    inc.commands = self._hello(txn, inc, now, upd)
+                    inc.commands = hello_commands(txn, hello, device, now, upd)
                     upd.update(agent=hello.agent, sv=hello.sv, z=hello.z,
                                caps=agreed(hello.caps or ()))
-                    self._incarnation(device, hello, now, upd)
+                    note_incarnation(device, hello, now, upd)
                     if hello.cp is not None:
                         upd.update(cp={s: v for s, v in hello.cp.items() if s in device.scopes},
                                    cp_ms=now)
@@ -436,7 +370,7 @@ class Engine:
                     req: Catchup = inc.msg
                     upd.update(cp={s: v for s, v in req.cp.items() if s in device.scopes},
                                cp_ms=now)
-            for refusal in self._letters_for(inc, now):
+            for refusal in dead_letters_for(inc, now):
                 for dead in session.admit(refusal):
                     txn.add_dead_letter(dead)
         for dead in letters:
@@ -449,45 +383,6 @@ class Engine:
                 txn.put_device(row)
                 rows.append(row)
         return rows, ta.stats, session
-
-    def _hello(self, txn: WriteTxn, inc: _Incoming, now: int,
-               upd: dict[str, Any]) -> list[CommandRow]:
-        """Record the commands `hello` reports done; return those still pending (a wipe
-        first: nothing else reaches a device before its wipe)."""
-        hello: Hello = inc.msg
-        done = set(hello.done)
-        caps = agreed(hello.caps or ())
-        pending: list[CommandRow] = []
-        device = inc.device
-        for cmd in txn.commands(hello.dev):
-            if cmd.done_ms:
-                continue
-            if cmd.id in done:
-                txn.put_command(dataclasses.replace(cmd, done_ms=now))
-                if device is not None and cmd.id == device.wipe_id:
-                    upd["wipe_done_ms"] = now
-                    log.warning("device_wiped", dev=hello.dev, command=cmd.id)
-            elif deliverable(cmd, caps):
-                pending.append(cmd)
-        pending.sort(key=lambda c: c.cmd != "wipe")
-        return pending
-
-    def _incarnation(self, device: DeviceRow, hello: Hello, now: int,
-                     upd: dict[str, Any]) -> None:
-        """Note the store incarnation a hello announces (PROTOCOL.md §2, §10.2)."""
-        inc = hello.inc or ""
-        if inc == device.inc:
-            return
-        upd.update(inc=inc, inc_ms=now, incs=device.incs + 1)
-        if device.incs == 0:
-            log.info("device_incarnation", dev=device.id, inc=inc or "legacy")
-            return
-        # A re-imaged device, a restored backup, a new data_dir: the new store numbers
-        # its changes from scratch in its own namespace (nothing is deduplicated across
-        # incarnations) and catches up from its own checkpoints.
-        log.warning("device_store_recreated", dev=device.id, inc=inc or "legacy",
-                    previous=device.inc or "legacy", incarnations=device.incs + 1)
-        upd.update(cp={}, cp_ms=0)
 
     # ------------------------------------------------------------------ dead letters
 
@@ -513,17 +408,6 @@ class Engine:
             log.info("dead_letters_trimmed", dropped=dropped,
                      kept=self.dead_letter_stats.count, bytes=self.dead_letter_stats.bytes)
 
-    def _letters_for(self, inc: _Incoming, now: int) -> list[DeadLetter]:
-        if inc.error is not None:
-            out = [letter(inc.topic_dev, "up", *inc.error, inc.payload, now)]
-        elif inc.blocked:
-            out = []  # counted (held_back), not kept: the device sends them again later
-        elif inc.kind == "changes":
-            out = batch_letters(inc.topic_dev, inc.results, inc.msg.bad, inc.payload, now)
-        else:
-            out = []
-        return out
-
     # ------------------------------------------------------------------ replies
 
     def _downcast(self, out: list[Outgoing]) -> list[Outgoing]:
@@ -540,7 +424,7 @@ class Engine:
         row = self.registry.get(dev)
         return self.cfg.compress_over_bytes if row is not None and row.z else None
 
-    def _replies(self, inc: _Incoming, fan: Fanout) -> list[Outgoing]:
+    def _replies(self, inc: Incoming, fan: Fanout) -> list[Outgoing]:
         dev = inc.topic_dev
         if not _ID_RE.fullmatch(dev):
             return []  # no down topic to answer on
@@ -575,7 +459,7 @@ class Engine:
             msgs = []
         return [(dev, compress(m, over)) for m in msgs]
 
-    def _catchups(self, incs: list[_Incoming]) -> list[Outgoing]:
+    def _catchups(self, incs: list[Incoming]) -> list[Outgoing]:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
         out, records = catchup.answer_all(self.store, reqs, self._compress_over)
         self.counters["catchup_records"] += records
@@ -600,15 +484,6 @@ class Engine:
         if not drain_notices(self.store, fan):
             return []
         return fan.messages(self._compress_over)
-
-
-def _held_back(changes: Sequence[Change], bad: Sequence[BadChange],
-               reason: str) -> list[ChangeResult]:
-    """Every change of a blocked device's batch, refused for now (`device_disabled`,
-    transient: the device keeps them and sends them again with backoff)."""
-    numbers = [ch.n for ch in changes] + [b.n for b in bad if b.n is not None]
-    return [ChangeResult(n, code=codec.DEVICE_DISABLED, reason=reason, perm=False)
-            for n in numbers]
 
 
 def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:

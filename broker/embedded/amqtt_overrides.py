@@ -1,0 +1,167 @@
+"""amqtt internals Waystation overrides: a subclass of amqtt 0.12.1's ``Broker`` with the
+fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authentication
+before the session table, retained messages checked against the ACL, required client
+certificates, the packet size limit).
+
+The overridden methods are amqtt internals, so they are pinned to one release:
+`broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
+the `OVERRIDDEN` names is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from typing import Any
+
+import structlog
+from amqtt.adapters import StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action as AmqttAction
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.utils import gen_client_id
+
+from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader, PacketTooLarge
+
+log = structlog.get_logger("broker.embedded.amqtt_broker")
+
+AMQTT_VERSION = "0.12.1"
+"""The amqtt release whose internals ``WaystationBroker`` overrides were written for."""
+
+_PREAUTH = "waystation.preauthenticated"
+
+
+class WaystationBroker(Broker):  # type: ignore[misc]
+    """amqtt's Broker with the four fixes listed in the module docstring."""
+
+    def __init__(self, config: dict[str, Any], *, require_client_cert: bool,
+                 max_packet: int = DEFAULT_MAX_PACKET) -> None:
+        super().__init__(config)
+        self._require_client_cert = require_client_cert
+        self._max_packet = max_packet
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        sock = writer.get_extra_info("socket")
+        nodelay = False
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            except OSError as exc:
+                log.warning("could not set TCP_NODELAY", error=str(exc))
+        peer = writer.get_extra_info("peername")
+        log.debug("client socket accepted", listener=listener_name, peer=peer,
+                  tcp_nodelay=nodelay)
+        await self._client_connected(listener_name,
+                                     LimitedReader(reader, self._max_packet, peer),
+                                     StreamWriterAdapter(writer))
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        context: ssl.SSLContext = super()._create_ssl_context(listener)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self._require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    async def _authenticate(self, session: Any, listener: Any) -> bool:
+        if session.attributes.pop(_PREAUTH, False):
+            return True
+        return bool(await super()._authenticate(session, listener))
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[Any, Any]:
+        # amqtt 0.12.1's method, with authentication moved before any use of the session
+        # table (see fix 2 in the module docstring). Errors raised here make amqtt log the
+        # attempt and drop the connection.
+        try:
+            handler, client_session = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager
+            )
+        except AMQTTError as exc:
+            if isinstance(exc, PacketTooLarge):  # amqtt would leave the socket open
+                await writer.close()
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            raise AMQTTError(exc) from exc
+
+        if not await super()._authenticate(client_session, None):
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            raise MQTTError(
+                f"connection from {remote_address}:{remote_port} refused "
+                f"(client id {client_session.client_id!r}, user {client_session.username!r})"
+            )
+
+        if client_session.clean_session:
+            if client_session.client_id:
+                await self._delete_session(client_session.client_id)
+            else:
+                client_session.client_id = gen_client_id()
+            client_session.parent = 0
+        elif client_session.client_id in self._sessions:
+            existing, _ = self._sessions[client_session.client_id]
+            existing.will_flag = client_session.will_flag
+            existing.will_message = client_session.will_message
+            existing.will_topic = client_session.will_topic
+            existing.will_qos = client_session.will_qos
+            existing.will_retain = client_session.will_retain
+            existing.keep_alive = client_session.keep_alive
+            existing.username = client_session.username
+            existing.password = client_session.password
+            existing.is_anonymous = client_session.is_anonymous
+            client_session = existing
+            client_session.parent = 1
+        else:
+            client_session.parent = 0
+
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if client_session.keep_alive > 0 and isinstance(delay, int):
+            client_session.keep_alive += delay
+        client_session.attributes[_PREAUTH] = True
+        return handler, client_session
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Any
+    ) -> None:
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        subscribers = self._subscriptions.get(topic_filter, [])
+        if handler is None or all(s.client_id != session.client_id for s, _ in subscribers):
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
+                continue
+            tasks.append(asyncio.ensure_future(handler.mqtt_publish(
+                retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+            )))
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+OVERRIDDEN = (
+    "stream_connected",
+    "_client_connected",
+    "_create_ssl_context",
+    "_authenticate",
+    "_initialize_client_session",
+    "_publish_retained_messages_for_subscription",
+    "_delete_session",
+    "_topic_filtering",
+    "_get_handler",
+    "_matches",
+)
+
+
+__all__ = ["AMQTT_VERSION", "OVERRIDDEN", "WaystationBroker"]

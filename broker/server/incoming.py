@@ -1,0 +1,121 @@
+"""An up message on its way through a round: parsed, checked, and classified.
+
+Pure over the registry: `parse_up` decodes one payload from `{prefix}/{dev}/up`,
+checks it against the topic and the registry (PROTOCOL.md §10.1) and says what kind
+it is, or why it is refused, or why the device may not sync now. The engine then
+applies and answers it; `held_back` is what a blocked device's batch gets meanwhile,
+`dead_letters_for` what the round keeps of it for the operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from broker.server.applier import ChangeResult
+from broker.server.registry import Registry
+from broker.server.replies import batch_letters, letter
+from broker.server.store.base import CommandRow, DeadLetter, DeviceRow
+from schemas import codec
+from schemas.codec import BadChange, LenientChanges
+from schemas.errors import ProtocolError
+from schemas.wire import UP_TYPES, Catchup, Change, Hello
+from waystation.config import MergeConfig
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class Incoming:
+    """One up message on its way through a round."""
+
+    topic_dev: str
+    payload: bytes
+    kind: str = ""
+    device: DeviceRow | None = None
+    msg: Any = None
+    error: tuple[str, str] | None = None
+    results: list[ChangeResult] = field(default_factory=list)
+    commands: list[CommandRow] = field(default_factory=list)
+    failed: bool = False
+    blocked: str = ""
+    """Why the device may not sync now (disabled, wipe pending); "" when it may."""
+
+
+def parse_up(topic_dev: str, payload: bytes, registry: Registry,
+             cfg: MergeConfig) -> Incoming:
+    """Decode and check one up message; refusals land in `Incoming.error`."""
+    inc = Incoming(topic_dev, payload)
+    try:
+        msg = codec.decode_lenient(payload, allowed=UP_TYPES,
+                                   max_payload=cfg.max_payload_bytes)
+    except ProtocolError as err:
+        inc.error = (err.code, err.reason)
+        return inc
+    except Exception:  # pragma: no cover - the codec raises ProtocolError only
+        log.exception("decode_failed", dev=topic_dev)
+        inc.error = (codec.SERVER_ERROR, "the server failed to decode this message")
+        return inc
+    dev: str = msg.dev  # type: ignore[union-attr]
+    if dev != topic_dev:
+        inc.error = (codec.WRONG_DEVICE, f"message says dev {dev!r} but was published on "
+                                         f"the up topic of {topic_dev!r}")
+        return inc
+    device = registry.get(dev)
+    if device is None:
+        inc.error = (codec.UNKNOWN_DEVICE, f"device {dev!r} is not registered: enrol it "
+                                           "with `waystation device add`")
+        return inc
+    if device.wipe_pending:
+        inc.blocked = (f"device {dev!r} has a wipe pending: it gets no data until it "
+                       "has carried the wipe out")
+    elif not device.enabled:
+        inc.blocked = (f"device {dev!r} is disabled by the operator: its changes stay on "
+                       "the device and are sent again once it is re-enabled "
+                       f"(`waystation device enable {dev}`)")
+    inc.device = device
+    inc.msg = msg
+    if isinstance(msg, LenientChanges):
+        count = len(msg.bad) + (len(msg.changes.ch) if msg.changes is not None else 0)
+        if count > cfg.max_batch_changes:
+            inc.error = (codec.TOO_LARGE, f"ch: {count} changes in one batch, this server "
+                                          f"takes at most {cfg.max_batch_changes}; "
+                                          "split the batch")
+            return inc
+        inc.kind = "changes"
+    elif isinstance(msg, Hello):
+        inc.kind = "hello"
+    elif isinstance(msg, Catchup):
+        inc.kind = "catchup"
+    else:  # pragma: no cover - UP_TYPES has exactly these three
+        inc.error = (codec.UNKNOWN_TYPE, "not accepted on the up topic")
+    return inc
+
+
+def dead_letters_for(inc: Incoming, now: int) -> list[DeadLetter]:
+    """What one handled up message leaves for the operator: the refused message, or the
+    refused changes of its batch."""
+    if inc.error is not None:
+        out = [letter(inc.topic_dev, "up", *inc.error, inc.payload, now)]
+    elif inc.blocked:
+        out = []  # counted (held_back), not kept: the device sends them again later
+    elif inc.kind == "changes":
+        out = batch_letters(inc.topic_dev, inc.results, inc.msg.bad, inc.payload, now)
+    else:
+        out = []
+    return out
+
+
+def held_back(changes: Sequence[Change], bad: Sequence[BadChange],
+              reason: str) -> list[ChangeResult]:
+    """Every change of a blocked device's batch, refused for now (`device_disabled`,
+    transient: the device keeps them and sends them again with backoff)."""
+    numbers = [ch.n for ch in changes] + [b.n for b in bad if b.n is not None]
+    return [ChangeResult(n, code=codec.DEVICE_DISABLED, reason=reason, perm=False)
+            for n in numbers]
+
+
+__all__ = ["Incoming", "dead_letters_for", "held_back", "parse_up"]

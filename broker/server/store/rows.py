@@ -1,0 +1,295 @@
+"""The rows a server store keeps and hands back: plain frozen dataclasses with their
+JSON forms, and the dead letters' size accounting and bounds. The table layout they fill
+is described in `broker.server.store.base`, which re-exports every name here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_DEAD_LETTER_RAW = 64 * 1024
+"""Raw payloads kept in a dead letter are truncated to this many bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    """One registered device."""
+
+    id: str
+    scopes: tuple[str, ...]
+    enabled: bool = True
+    created_ms: int = 0
+    last_seen_ms: int = 0
+    """When the server last received a valid message from it."""
+    agent: str = ""
+    sv: int = 0
+    z: bool = False
+    """The device accepts zlib-compressed messages (from its last hello)."""
+    online: bool = False
+    """Its retained status says online (as last seen by the running server)."""
+    cp: dict[str, int] = field(default_factory=dict)
+    """The checkpoints the device last reported (in `hello` or a catch-up request): what
+    it held then."""
+    pend: int = -1
+    """Changes waiting in its outbox, from its last status (-1: unknown)."""
+    cp_ms: int = 0
+    """When it reported `cp`."""
+    synced_ms: int = 0
+    """When the server last acked one of its changes or completed a catch-up for it."""
+    inc: str = ""
+    """The incarnation of its store, from its last `hello` ("" none or legacy)."""
+    inc_ms: int = 0
+    """When the server first saw that incarnation."""
+    incs: int = 0
+    """How many store incarnations the server has seen for this id (a store re-created
+    by re-imaging, a restored backup, a new data_dir ...)."""
+    wipe_id: str = ""
+    """The last wipe ordered for it (command id; "" never)."""
+    wipe_ms: int = 0
+    """When that wipe was ordered."""
+    wipe_done_ms: int = 0
+    """When the device reported it carried the wipe out (0: still pending)."""
+    caps: tuple[str, ...] = ()
+    """The optional protocol features agreed in its last `hello` (PROTOCOL.md §11):
+    what the server may send it beyond protocol v1."""
+
+    @property
+    def wipe_pending(self) -> bool:
+        return bool(self.wipe_id) and not self.wipe_done_ms
+
+    @property
+    def blocked(self) -> bool:
+        """Gets no data and its changes wait: disabled, or a wipe it has not done yet."""
+        return not self.enabled or self.wipe_pending
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "scopes": list(self.scopes), "enabled": self.enabled,
+                "created": self.created_ms, "seen": self.last_seen_ms, "agent": self.agent,
+                "sv": self.sv, "z": self.z, "online": self.online, "cp": self.cp,
+                "pend": self.pend, "cp_ms": self.cp_ms, "synced": self.synced_ms,
+                "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
+                "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms,
+                "caps": list(self.caps)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceRow:
+        return cls(id=data["id"], scopes=tuple(data["scopes"]), enabled=data["enabled"],
+                   created_ms=data["created"], last_seen_ms=data["seen"],
+                   agent=data["agent"], sv=data["sv"], z=data["z"],
+                   online=data.get("online", False), cp=data.get("cp", {}),
+                   pend=data.get("pend", -1), cp_ms=data.get("cp_ms", 0),
+                   synced_ms=data.get("synced", 0), inc=data.get("inc", ""),
+                   inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
+                   wipe_id=data.get("wipe", ""), wipe_ms=data.get("wipe_ms", 0),
+                   wipe_done_ms=data.get("wipe_done", 0),
+                   caps=tuple(data.get("caps", ())))
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRow:
+    """What became of one change id: applied at (scope, q), or rejected for good."""
+
+    c: str
+    k: str
+    scope: str = ""
+    q: int = 0
+    code: str = ""
+    reason: str = ""
+    d: str = ""
+    """Digest of the change's content (`broker.server.identity.change_digest`); empty
+    for outcomes stored before digests existed and for changes that did not parse."""
+
+    @property
+    def applied(self) -> bool:
+        return not self.code
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictRow:
+    """One conflict-log entry: a concurrent value that lost, or an open manual conflict."""
+
+    id: int
+    created_ms: int
+    c: str
+    k: str
+    s: str
+    field: str
+    entry: dict[str, Any]
+    """`merge.ConflictEntry.to_json()`: winner, loser(s), stamps, devices."""
+    open: bool
+    closed_ms: int = 0
+    resolution: str = ""
+    """How it was closed: e.g. ``operator`` or ``device van-7 change 12``."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "created": self.created_ms, "c": self.c, "k": self.k,
+                "s": self.s, "field": self.field, "entry": self.entry, "open": self.open,
+                "closed": self.closed_ms, "resolution": self.resolution}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConflictRow:
+        return cls(id=data["id"], created_ms=data["created"], c=data["c"], k=data["k"],
+                   s=data["s"], field=data["field"], entry=data["entry"], open=data["open"],
+                   closed_ms=data["closed"], resolution=data["resolution"])
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaVersionRow:
+    """One published collection-schema version (the TOML text, migrations included)."""
+
+    version: int
+    published_ms: int
+    source: str
+    """The file it was published from (for the operator)."""
+    text: str
+    rolled_back_ms: int = 0
+    """When it was rolled back (0: live). A rolled-back number is never reused."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "published": self.published_ms,
+                "source": self.source, "text": self.text,
+                "rolled_back": self.rolled_back_ms}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SchemaVersionRow:
+        return cls(version=data["version"], published_ms=data["published"],
+                   source=data["source"], text=data["text"],
+                   rolled_back_ms=data.get("rolled_back", 0))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Input the server refused (or accepted only after repair), kept for the operator."""
+
+    id: int
+    t_ms: int
+    device: str
+    """The device id of the topic it arrived on."""
+    topic: str
+    """Which topic kind: ``up`` or ``status``."""
+    code: str
+    reason: str
+    raw: bytes
+    """The payload as received, truncated to 64 KiB."""
+    size: int = 0
+    """The payload's full size in bytes."""
+
+
+DEAD_LETTER_OVERHEAD = 64
+"""Bytes counted per dead letter on top of its raw payload and texts."""
+
+
+def dead_letter_bytes(letter: DeadLetter) -> int:
+    """What one dead letter counts against `DeadLetterLimits.max_bytes` (every store
+    counts the same way): the raw bytes kept, the texts, a fixed overhead."""
+    return (min(len(letter.raw), MAX_DEAD_LETTER_RAW) + len(letter.reason.encode())
+            + len(letter.device.encode()) + len(letter.code.encode())
+            + len(letter.topic.encode()) + DEAD_LETTER_OVERHEAD)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterLimits:
+    """How many dead letters a store keeps: the oldest go first beyond any bound."""
+
+    max_count: int = 100_000
+    max_bytes: int = 256 << 20
+    """Total of `dead_letter_bytes` over the letters kept."""
+    max_age_ms: int = 30 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterStats:
+    """The dead letters a store holds, and what its bounds dropped so far."""
+
+    count: int
+    bytes: int
+    """Total `dead_letter_bytes` of the letters kept."""
+    truncated: int
+    """Letters kept whose raw payload was cut (size > raw kept)."""
+    oldest_ms: int
+    """Time of the oldest letter kept (0: none)."""
+    dropped: int
+    """Letters dropped by the bounds since the store was created."""
+    dropped_bytes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"count": self.count, "bytes": self.bytes, "truncated": self.truncated,
+                "oldest_ms": self.oldest_ms, "dropped": self.dropped,
+                "dropped_bytes": self.dropped_bytes}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRow:
+    """An order for one device (`wipe`, `resync`, `ping`), pending until reported done."""
+
+    id: str
+    device: str
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+    created_ms: int = 0
+    done_ms: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "device": self.device, "cmd": self.cmd, "args": self.args,
+                "created": self.created_ms, "done": self.done_ms}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CommandRow:
+        return cls(id=data["id"], device=data["device"], cmd=data["cmd"], args=data["args"],
+                   created_ms=data["created"], done_ms=data["done"])
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A record version written outside the merge consumer, waiting to be fanned out."""
+
+    id: int
+    scope: str
+    q: int
+    rec: dict[str, Any]
+    """The wire record state (§6) to send every online device of the scope."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tomb:
+    """A deleted record, candidate for purging once older than the retention."""
+
+    scope: str
+    q: int
+    c: str
+    k: str
+    t_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    """Where the store is and how big it is."""
+
+    kind: str
+    location: str
+    size_bytes: int
+    """Bytes the store occupies on disk (or in the database)."""
+    capacity_bytes: int
+    """Current size limit (LMDB map size); 0 when the backend has none."""
+    counts: dict[str, int]
+    """Entries per table: records, devices, outcomes, conflicts, open_conflicts,
+    dead_letters, commands, notices, tombstones."""
+
+
+__all__ = [
+    "DEAD_LETTER_OVERHEAD",
+    "MAX_DEAD_LETTER_RAW",
+    "CommandRow",
+    "ConflictRow",
+    "DeadLetter",
+    "DeadLetterLimits",
+    "DeadLetterStats",
+    "DeviceRow",
+    "Notice",
+    "OutcomeRow",
+    "SchemaVersionRow",
+    "StoreInfo",
+    "Tomb",
+    "dead_letter_bytes",
+]

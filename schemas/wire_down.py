@@ -1,0 +1,113 @@
+"""Wire models of the messages the server sends a device on its down topic
+(PROTOCOL.md §7.4 to §7.9, §11). Re-exported by `schemas.wire`, where callers import them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, StrictBool
+
+from schemas.wire_types import (
+    Capabilities,
+    ChangeNumber,
+    JsonValue,
+    Message,
+    Rec,
+    ReqId,
+    SchemaVersion,
+    ScopeId,
+    Seq,
+    WireModel,
+    required_on_wire,
+)
+
+
+class Ack(Message):
+    """Changes applied: `[n, scope, q]` each, plus states the device could not know."""
+
+    type: Literal["ack"] = "ack"
+    ok: list[tuple[ChangeNumber, ScopeId, Seq]]
+    fx: list[Rec] = Field(default_factory=list)
+    rs: list[ChangeNumber] = Field(default_factory=list)
+
+
+class ErrorInfo(WireModel):
+    code: Annotated[str, Field(min_length=1, max_length=64)]
+    reason: Annotated[str, Field(max_length=2000)]
+
+
+class Rejection(WireModel):
+    n: ChangeNumber
+    code: Annotated[str, Field(min_length=1, max_length=64)]
+    reason: Annotated[str, Field(max_length=2000)]
+    perm: StrictBool
+    rec: Rec | None = None
+
+
+class Reject(Message):
+    """Changes not applied (per change), or a message-level error."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True,
+                              json_schema_extra=required_on_wire("rj"))
+
+    type: Literal["reject"] = "reject"
+    rj: list[Rejection] = Field(default_factory=list)
+    err: ErrorInfo | None = None
+
+
+class Delta(Message):
+    """Live record states for changes other devices just made in this device's scopes."""
+
+    type: Literal["delta"] = "delta"
+    d: list[Rec]
+
+
+class Page(Message):
+    """One page of a catch-up answer for one scope."""
+
+    type: Literal["page"] = "page"
+    req: ReqId
+    s: ScopeId
+    from_: Seq = Field(alias="from")
+    to: Seq
+    reset: StrictBool = False
+    more: StrictBool = False
+    recs: list[Rec] = Field(default_factory=list)
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True,
+                              json_schema_extra=required_on_wire("reset", "more", "recs"))
+
+
+class Checkpoint(Message):
+    """Catch-up complete: the device has everything up to these sequences."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    req: ReqId
+    cp: dict[ScopeId, Seq]
+    denied: list[ScopeId] = Field(default_factory=list)
+
+
+class Command(Message):
+    """An order from the operator: wipe local data, resync from zero, ping, follow other
+    scopes (`scopes`), or sync now (`sync`: lift the device's sync policy for a while);
+    `scopes` and `sync` only to a device that agreed to the capability of that name."""
+
+    type: Literal["command"] = "command"
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    cmd: Literal["wipe", "resync", "ping", "scopes", "sync"]
+    args: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class Welcome(Message):
+    """The server's answer to a `hello` that carries `caps`: the features agreed."""
+
+    type: Literal["welcome"] = "welcome"
+    caps: Capabilities
+    srv: Annotated[str, Field(max_length=128)] = ""
+    sv: SchemaVersion | None = None
+    """With the `schema` capability: the collection-schema version the server runs."""
+    sv_min: SchemaVersion | None = None
+    """With the `schema` capability: the oldest schema version whose changes the server
+    upcasts (its oldest published version); absent: the server states none."""
+
