@@ -71,6 +71,7 @@ from agent.errors import (
     StorageFullError,
 )
 from agent.keyring import KeyEncryptionKey, data_cipher
+from waystation.diskfull import is_disk_full
 
 T = TypeVar("T")
 
@@ -100,7 +101,6 @@ def n_key(n: int) -> bytes:
     return n.to_bytes(8, "big")
 
 
-_LOW_SPACE_BYTES = 4 * _MIB
 """Below this much free space, an I/O error from a commit is taken as a full disk."""
 
 
@@ -131,20 +131,6 @@ def _reserve_lock_file(env_dir: Path) -> None:
         os.close(fd)
 
 
-def _is_disk_full(exc: BaseException, path: Path) -> bool:
-    """ENOSPC, or EIO on a nearly full filesystem: LMDB reports a short write (which a
-    full filesystem causes) as EIO ("short write, filesystem full?" in its source)."""
-    text = str(exc)
-    if (getattr(exc, "errno", None) == errno.ENOSPC
-            or os.strerror(errno.ENOSPC) in text or "ENOSPC" in text):
-        return True
-    if os.strerror(errno.EIO) in text or "EIO" in text:
-        try:
-            stat = os.statvfs(path)
-        except OSError:
-            return False
-        return stat.f_bavail * stat.f_frsize < _LOW_SPACE_BYTES
-    return False
 
 
 class Tx:
@@ -343,7 +329,7 @@ class Store:
                             max_dbs=len(DB_NAMES) + 2, sync=True, metasync=False,
                             mode=0o600)
         except lmdb.Error as exc:
-            if _is_disk_full(exc, env_dir):
+            if is_disk_full(exc, env_dir):
                 raise StorageFullError(str(env_dir)) from None
             raise StorageError(f"cannot open the local store at {env_dir}: {exc}") from None
         store = cls(env_dir, env, cipher, max(max_map_size_mb, map_size_mb) * _MIB, reg_key)
@@ -498,7 +484,7 @@ class Store:
             raise self._storage_error(exc) from None
 
     def _storage_error(self, exc: lmdb.Error) -> StorageError:
-        if _is_disk_full(exc, self.path):
+        if is_disk_full(exc, self.path):
             return StorageFullError(str(self.path))
         return StorageError(f"the local store at {self.path} failed: {exc}")
 

@@ -11,7 +11,6 @@ open.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from broker.server.store.base import (
     WriteTxn,
 )
 from broker.server.store.lmdb_txn import DBS, DEFAULT_MAX_DEAD_LETTERS, LmdbReadTxn, LmdbWriteTxn
+from waystation.diskfull import is_disk_full
 
 T = TypeVar("T")
 _MB = 1024 * 1024
@@ -103,7 +103,7 @@ class LmdbStore:
                 self._grow()
             except lmdb.Error as exc:
                 txn.abort()
-                if _disk_full(exc, self.path):
+                if is_disk_full(exc, self.path):
                     raise StoreFullError(
                         f"the disk holding the server store at {self.path} is full ({exc}): "
                         "free disk space; nothing of this transaction was written, and "
@@ -201,19 +201,5 @@ def restore_backup(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLi
     return LmdbStore(data_dir, **store_options)
 
 
-_LOW_SPACE_BYTES = 4 * _MB
 
 
-def _disk_full(exc: lmdb.Error, path: Path) -> bool:
-    """ENOSPC, or EIO on a nearly full filesystem (LMDB reports the short write a full
-    filesystem causes as EIO)."""
-    text = str(exc)
-    if os.strerror(errno.ENOSPC) in text or "ENOSPC" in text:
-        return True
-    if os.strerror(errno.EIO) in text:
-        try:
-            stat = os.statvfs(path)
-        except OSError:
-            return False
-        return stat.f_bavail * stat.f_frsize < _LOW_SPACE_BYTES
-    return False
