@@ -114,6 +114,10 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         self._last_status = 0.0
         self._hello_cp: dict[str, int] | None = None
         self._hello_at = 0.0
+        self._hellos_unwelcomed = 0
+        self._answered = False
+        """The server answered something (ack, rejection, page, checkpoint) since the
+        latest hello: with no `welcome` before it, the server predates capabilities."""
         self._last_problem: tuple[Any, Any] | None = None
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
@@ -281,12 +285,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         log.info("connected", dev=self.dev, session_present=session_present,
                  pending=self.sync.pending_count())
         self._publish_status(True)
-        self.sync.server_caps = None  # agreed anew on every connection (welcome)
-        self.sync.upgrade_needed = False
-        self._hello_at = time.monotonic()
-        hello = self.sync.hello(AGENT_NAME, z=True)
-        if self._send(hello):
-            self._hello_cp = hello.cp
+        self._say_hello()
         self._start_catchup()
         self.sync.set_online(True)
         self.sync.record_link("online")
@@ -357,6 +356,20 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         room = sync_cfg.max_inflight_changes - len(self._inflight)
         return self._connected and room >= sync_cfg.batch_max_changes
 
+    def _say_hello(self, *, again: bool = False) -> None:
+        """Send a hello and forget what the previous one agreed: the capabilities are
+        agreed anew on every connection and whenever a merge server (re)starts, since a
+        server killed before its `welcome` went out leaves none behind (§7.11)."""
+        self.sync.server_caps = None
+        self.sync.upgrade_needed = False
+        self._hello_at = time.monotonic()
+        if not again:  # evidence that the server answers holds for the connection
+            self._answered = False
+        self._hellos_unwelcomed = self._hellos_unwelcomed + 1 if again else 1
+        hello = self.sync.hello(AGENT_NAME, z=True)
+        if self._send(hello):
+            self._hello_cp = hello.cp
+
     def _hello_if_moved(self) -> None:
         """Tell the server how far this device has caught up (hello carries its
         checkpoints), when that moved since the last hello (operator's view, §7.1)."""
@@ -369,13 +382,23 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         a server whose welcome to the latest hello agreed to `txn`; as plain changes
         (False) to one whose welcome did not, or that sent no welcome within the ack
         timeout (a server from before capabilities); None -- hold them back, and what
-        comes after them -- until one of the two is known."""
+        comes after them -- until one of the two is known.
+
+        "Did not" needs evidence, never silence alone: a server down or restarting
+        (announced down, or answering nothing since the hello) is waited for, because
+        sending a transaction as plain changes to a server that does apply them whole
+        would let it apply part of one."""
         caps = self.sync.server_caps
         if caps is not None:
             return "txn" in caps
-        if time.monotonic() - self._hello_at >= self.cfg.sync.ack_timeout_s:
-            return False
-        return None
+        if self.gate.server.up is False or not self._answered:
+            return None
+        if time.monotonic() - self._hello_at < self.cfg.sync.ack_timeout_s:
+            return None
+        if self._hellos_unwelcomed < 2:  # that hello may have died with a server: again
+            self._say_hello(again=True)
+            return None
+        return False
 
     def _send(self, msg: wire.Message) -> bool:
         payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)

@@ -8,6 +8,7 @@ stay readable; it runs on the daemon's engine thread like everything else there.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -36,6 +37,8 @@ class PolicyHooks:
     _policy_doc: dict[str, Any] | None
     _policy_written: float
     _budget_dirty: bool
+    _connected: bool
+    _say_hello: Callable[[], None]
 
     def _on_server_state(self, topic: str, payload: bytes) -> None:
         """A merge server's retained announcement (PROTOCOL.md §7.12)."""
@@ -68,6 +71,8 @@ class PolicyHooks:
         if self.gate.server.up != was:
             log.info("server_group", dev=self.dev, group=self.server_group,
                      up=self.gate.server.up, server=server)
+            if was is False and self.gate.server.up and self._connected:
+                self._say_hello()  # a restarted server: agree capabilities with it
 
     def _take_sync_now(self) -> None:
         """Honour the latest "sync now" (app or operator) if it is recent enough."""

@@ -41,6 +41,7 @@ class ReceiveHooks:
     _retry_at: dict[int, float]
     _catchup: CatchupRound | None
     _catchup_sent: float
+    _answered: bool
     _send: Callable[[wire.Message], bool]
     _start_catchup: Callable[[], None]
     _hello_if_moved: Callable[[], None]
@@ -54,6 +55,8 @@ class ReceiveHooks:
             self.stats.bad_messages += 1
             log.warning("bad_down_message", dev=self.dev, code=err.code, reason=err.reason)
             return
+        if isinstance(msg, wire.Ack | wire.Reject | wire.Page | wire.Checkpoint):
+            self._answered = True
         if isinstance(msg, wire.Ack):
             result = self.sync.apply_ack(msg)
             for n in (*result.applied, *result.ignored):
