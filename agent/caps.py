@@ -11,8 +11,9 @@ SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
 
-AGENT_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn", SCHEMA})
-"""scopes: the `scopes` command (§7.9), the operator changing what the device follows.
+AGENT_CAPS: frozenset[str] = frozenset({"creds", "scopes", "sync", "txn", SCHEMA})
+"""creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
+scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
 txn: transactions sent as units (§7.2.1; agent.txn_sync).
 schema: the server's schema versions in `welcome` (§11)."""

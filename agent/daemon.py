@@ -36,14 +36,16 @@ import uuid
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
 from agent.catchup import CatchupRound
+from agent.creds import BrokerCredentials
 from agent.daemon_policy import PolicyHooks
-from agent.daemon_receive import AGENT_NAME, ReceiveHooks
+from agent.daemon_receive import AGENT_NAME, RELOGIN_FIRST_S, ReceiveHooks
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
 from schemas import codec, wire
@@ -125,6 +127,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         if policy is not None:
             self.gate.restore_budget(policy.get("budget"))
         self._take_sync_now()
+        self.creds = BrokerCredentials(Path(cfg.data_dir), cfg.mqtt.resolved_password(self.env))
+        self._relogin_at = 0.0
+        self._relogin_wait = RELOGIN_FIRST_S
         self.link = self._make_link()
 
     def _make_link(self) -> MqttLink:
@@ -139,6 +144,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
             on_message=lambda topic, payload: self._events.put(("msg", topic, payload)),
             on_problem=lambda problem, delay: self._events.put(
                 ("problem", problem.kind, problem.detail, delay)),
+            password_provider=self.creds,
         )
         link.subscribe(self.down_topic, qos=1)
         if self.cfg.policy.wait_for_server:
@@ -366,14 +372,14 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         if not again:  # evidence that the server answers holds for the connection
             self._answered = False
         self._hellos_unwelcomed = self._hellos_unwelcomed + 1 if again else 1
-        hello = self.sync.hello(AGENT_NAME, z=True)
+        hello = self._hello_msg()
         if self._send(hello):
             self._hello_cp = hello.cp
 
     def _hello_if_moved(self) -> None:
         """Tell the server how far this device has caught up (hello carries its
         checkpoints), when that moved since the last hello (operator's view, §7.1)."""
-        hello = self.sync.hello(AGENT_NAME, z=True)
+        hello = self._hello_msg()
         if hello.cp != self._hello_cp and self._send(hello):
             self._hello_cp = hello.cp
 
@@ -428,6 +434,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
             self._publish_status(True)
             self.sync.set_online(True)
             self._hello_if_moved()
+        self._creds_timer(now)
         if self._catchup is not None:
             # An unanswered catch-up is retried like an unacked change: after the ack
             # timeout (the request or its answer may have been lost in a reconnect).

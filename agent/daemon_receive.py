@@ -17,15 +17,20 @@ import structlog
 
 from agent.api import Agent
 from agent.catchup import CatchupRound
+from agent.creds import BadCreds, BrokerCredentials
+from agent.creds import parse as parse_creds
 from agent.sync import Sync
 from schemas import codec, wire
 from schemas.errors import ProtocolError
 from waystation import __version__
 from waystation.config import AgentConfig
+from waystation.mqtt import MqttLink
 
 log = structlog.get_logger("waystation.agent")
 
 AGENT_NAME = f"waystation/{__version__}"
+RELOGIN_FIRST_S = 2.0
+RELOGIN_MAX_S = 600.0
 
 
 class ReceiveHooks:
@@ -47,6 +52,34 @@ class ReceiveHooks:
     _hello_if_moved: Callable[[], None]
     _take_sync_now: Callable[[], None]
     _backoff: Callable[[int], float]
+    creds: BrokerCredentials
+    link: MqttLink
+    _connected: bool
+    _relogin_at: float
+    _relogin_wait: float
+
+    def _relogin_soon(self) -> None:
+        """Log in with the new password at the next timer turn."""
+        self._relogin_wait = RELOGIN_FIRST_S
+        self._relogin_at = time.monotonic()
+
+    def _creds_timer(self, now: float) -> None:
+        """While a new password is held but this connection logged in with an older one
+        (Mosquitto until the server switched its password file), log in again now and
+        then, backing off: each try costs at most one refused CONNECT and a reconnect."""
+        pending = self.creds.pending_rotation
+        if pending is None or not self._connected or now < self._relogin_at:
+            return
+        self._relogin_at = now + self._relogin_wait
+        self._relogin_wait = min(RELOGIN_MAX_S, self._relogin_wait * 2)
+        log.info("broker_relogin", dev=self.dev, rotation=pending)
+        self.link.relogin()
+
+    def _hello_msg(self) -> wire.Hello:
+        """`hello`, naming the credential rotation this connection logged in with."""
+        hello = self.sync.hello(AGENT_NAME, z=True)
+        rotation = self.creds.login_rotation
+        return hello if rotation is None else hello.model_copy(update={"cred": rotation})
 
     def _on_message(self, payload: bytes) -> None:
         try:
@@ -140,7 +173,22 @@ class ReceiveHooks:
         if result.denied:
             log.warning("scopes_denied", dev=self.dev, scopes=result.denied)
 
+    def _take_creds(self, cmd: wire.Command) -> bool:
+        """Store the new broker password of a `creds` command before it counts as done
+        (`agent.creds`); False when refused: not reported done, the old password stays."""
+        if self.sync.command_done(cmd.id):
+            return True
+        try:
+            self.creds.offer(parse_creds(cmd.args, self.dev))
+        except BadCreds as exc:
+            log.warning("bad_creds_command", dev=self.dev, id=cmd.id, reason=str(exc))
+            return False
+        return True
+
     def _on_command(self, cmd: wire.Command) -> None:
+        if cmd.cmd == "creds" and not self._take_creds(cmd):
+            # No hello either: the server would send the same command straight back.
+            return
         if cmd.cmd == "wipe":
             executed = not self.sync.command_done(cmd.id)
             if executed:
@@ -157,7 +205,9 @@ class ReceiveHooks:
             self._inflight.clear()
             self._retry_at.clear()
             self._start_catchup()
-        self._send(self.sync.hello(AGENT_NAME, z=True))
+        self._send(self._hello_msg())
+        if cmd.cmd == "creds":
+            self._relogin_soon()
 
 
 __all__ = ["AGENT_NAME", "ReceiveHooks"]

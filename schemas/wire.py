@@ -93,6 +93,9 @@ class Hello(Message):
     caps: Capabilities | None = None
     """The optional features the device speaks (§11); present: the server answers with
     `welcome`. Absent: a v1 device that is sent nothing beyond this document."""
+    cred: Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)] | None = None
+    """Capability `creds`: the credential rotation (§7.9) whose password this connection
+    logged in with; absent: the password the device was enrolled with (or configured)."""
 
 
 _FIELD_GROUPS = ("f", "i", "a", "r")

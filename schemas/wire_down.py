@@ -90,12 +90,13 @@ class Checkpoint(Message):
 
 class Command(Message):
     """An order from the operator: wipe local data, resync from zero, ping, follow other
-    scopes (`scopes`), or sync now (`sync`: lift the device's sync policy for a while);
-    `scopes` and `sync` only to a device that agreed to the capability of that name."""
+    scopes (`scopes`), sync now (`sync`: lift the device's sync policy for a while), or
+    log in to the broker with a new password from now on (`creds`); `scopes`, `sync` and
+    `creds` only to a device that agreed to the capability of that name."""
 
     type: Literal["command"] = "command"
     id: Annotated[str, Field(min_length=1, max_length=64)]
-    cmd: Literal["wipe", "resync", "ping", "scopes", "sync"]
+    cmd: Literal["wipe", "resync", "ping", "scopes", "sync", "creds"]
     args: dict[str, JsonValue] = Field(default_factory=dict)
 
 

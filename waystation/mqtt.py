@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 import structlog
@@ -77,6 +77,20 @@ OnProblem = Callable[[LinkProblem, float], object]
 """Called after a failed connection attempt: why, and the seconds until the next one."""
 
 _LOOP_TIMEOUT_S = 1.0
+
+
+class PasswordProvider(Protocol):
+    """Chooses the password of each connection attempt (a device whose broker password
+    is being rotated holds two: `agent.creds`). Called on the network thread."""
+
+    def password(self) -> str | None:
+        """The password for the attempt about to start."""
+
+    def refused(self) -> None:
+        """The broker refused that password (bad user name or password, not authorised)."""
+
+    def accepted(self) -> None:
+        """The broker accepted it."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,7 @@ class MqttLink:
         on_message: OnMessage | None = None,
         on_problem: OnProblem | None = None,
         rng: random.Random | None = None,
+        password_provider: PasswordProvider | None = None,
     ) -> None:
         """Configure the link; nothing happens on the network until ``start()``.
 
@@ -120,7 +135,8 @@ class MqttLink:
         at 1000, it rescans the list on every ack). ``max_queued``: paho's own queue
         beyond that, after which ``publish`` returns False. ``on_problem(problem,
         delay_s)``: called on the network thread before each wait for the next attempt,
-        with why the last one failed (`waystation.linkproblems`).
+        with why the last one failed (`waystation.linkproblems`). ``password_provider``:
+        asked for the password before each attempt (``password`` is then ignored).
         """
         if not client_id:
             raise ValueError("client_id is required (persistent sessions are per client id)")
@@ -136,6 +152,8 @@ class MqttLink:
         self._on_message_cb = on_message
         self._on_problem_cb = on_problem
         self._problem: LinkProblem | None = None
+        self._username = username
+        self._passwords = password_provider
 
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -144,6 +162,7 @@ class MqttLink:
         self._sub_mids: dict[int, list[str]] = {}
         self._connected = False
         self._attempt = 0
+        self._relogin = False
         self._last_error: str | None = None
         self._stopping = threading.Event()
         self._clean_stop = True
@@ -289,6 +308,16 @@ class MqttLink:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    def relogin(self) -> None:
+        """Drop the connection cleanly (no last will) so that the next attempt, at
+        once, logs in with what the password provider says now; the session stays."""
+        with self._lock:
+            if self._thread is None or self._stopping.is_set():
+                return
+            self._attempt = 0
+            self._relogin = True
+        self._client.disconnect()
+
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected (True) or ``timeout`` seconds pass (False)."""
         with self._changed:
@@ -327,6 +356,8 @@ class MqttLink:
         while not self._stopping.is_set():
             self._problem = None
             try:
+                if self._passwords is not None and self._username is not None:
+                    self._client.username_pw_set(self._username, self._passwords.password())
                 self._client.reconnect()
             except Exception as exc:  # OSError, ssl.SSLError, socket.timeout, ...
                 self._problem = linkproblems.from_exception(exc)
@@ -335,6 +366,10 @@ class MqttLink:
                 self._pump()
             if self._stopping.is_set():
                 break
+            with self._lock:
+                relogin, self._relogin = self._relogin, False
+            if relogin:
+                continue
             delay = backoff_delay(self._attempt, self.backoff, self._rng)
             self._attempt += 1
             problem = self._problem or LinkProblem("disconnected", self._last_error or "")
@@ -440,7 +475,11 @@ class MqttLink:
         if reason.is_failure:
             self._problem = linkproblems.from_connack(str(reason))
             self._set_error(f"broker refused the connection: {reason}")
+            if self._problem.kind == "login_refused" and self._passwords is not None:
+                self._call(self._passwords.refused)
             return
+        if self._passwords is not None:
+            self._call(self._passwords.accepted)
         session_present = bool(flags.session_present)
         with self._changed:
             # Every time, session or not (module docstring: brokers lose subscriptions

@@ -72,6 +72,8 @@ def revoke_credentials(env: Mapping[str, str], dev: str,
     except ImportError:  # pragma: no cover - the module ships with the broker
         return ""
     path = password_file if password_file is not None else default_password_file(env)
+    # A password under rotation must not outlive the device's login.
+    passwords.drop_overlap(path, dev)
     if passwords.delete_password_entry(path, dev):
         return f"; its broker login was removed from {path}"
     return ""

@@ -28,6 +28,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         store.close()
     online = sorted(d.id for d in devices if d.online)
+    rotating = {d.id: doc for d in devices
+                if (doc := devstate.rotation_doc(d)) is not None and doc["stage"] != "retired"}
     doc: dict[str, Any] = {
         "server_id": config.server_id,
         "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
@@ -45,6 +47,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                               "max_bytes": config.dead_letters.max_bytes,
                               "max_age_s": config.dead_letters.max_age_s},
         "pending_notices": info.counts["notices"],
+        "password_rotations": rotating,
     }
     if args.json:
         print_json(doc)
@@ -61,6 +64,9 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
           f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
     print(_letters_line(letters, config.dead_letters.max_count,
                         config.dead_letters.max_bytes))
+    if rotating:
+        print("password rotations under way: " + ", ".join(
+            f"{dev} ({doc['stage']})" for dev, doc in sorted(rotating.items())))
     if seqs:
         print()
         table(["SCOPE", "SEQUENCE", "PURGED TO"],

@@ -16,6 +16,11 @@ hands out human-chosen passwords can raise ``iterations``.
 
 Writes are atomic (temp file, fsync, rename, fsync of the directory) and leave the file
 with mode 0600, so a broker that re-reads the file never sees half of it.
+
+The *overlap file* (``<password file>.rotating``, same line format, several lines per
+user allowed) holds the extra hashes the embedded broker accepts while a device's
+password is rotated (`broker.server.rotation`): the new one until the device has it,
+then the old one until it logged in with the new. Mosquitto does not read it.
 """
 
 from __future__ import annotations
@@ -34,10 +39,15 @@ from waystation.errors import ConfigError
 
 __all__ = [
     "DEFAULT_ITERATIONS",
+    "add_overlap",
     "delete_password_entry",
+    "drop_overlap",
     "hash_password",
+    "overlap_path",
+    "read_overlap",
     "read_password_file",
     "verify_password",
+    "write_hash_entry",
     "write_password_entry",
 ]
 
@@ -120,6 +130,63 @@ def write_password_entry(
     """Add ``user`` or replace its password, atomically; creates the file (mode 0600)."""
     _check_username(user)
     _rewrite(Path(path), user, hash_password(password, iterations=iterations))
+
+
+def write_hash_entry(path: str | os.PathLike[str], user: str, stored: str) -> None:
+    """Add ``user`` or replace its hash (already in the file's format), atomically."""
+    _check_username(user)
+    _rewrite(Path(path), user, stored)
+
+
+def overlap_path(password_file: str | os.PathLike[str]) -> Path:
+    """The overlap file of ``password_file`` (see the module docstring)."""
+    path = Path(password_file)
+    return path.with_name(path.name + ".rotating")
+
+
+def read_overlap(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """User -> the extra hashes it may log in with; {} when there is no overlap file."""
+    out: dict[str, list[str]] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return out
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, stored = line.partition(":")
+        if not sep or not user:
+            raise ConfigError(f"{path}, line {number}: expected 'username:hash'")
+        out.setdefault(user, []).append(stored)
+    return out
+
+
+def add_overlap(password_file: str | os.PathLike[str], user: str, stored: str) -> None:
+    """Let ``user`` log in with ``stored`` too (idempotent)."""
+    _check_username(user)
+    path = overlap_path(password_file)
+    held = read_overlap(path)
+    if stored in held.get(user, []):
+        return
+    held.setdefault(user, []).append(stored)
+    _atomic_write(path, _overlap_text(held))
+
+
+def drop_overlap(password_file: str | os.PathLike[str], user: str) -> bool:
+    """Forget every extra hash of ``user``; False when it had none."""
+    path = overlap_path(password_file)
+    held = read_overlap(path)
+    if user not in held:
+        return False
+    del held[user]
+    _atomic_write(path, _overlap_text(held))
+    return True
+
+
+def _overlap_text(held: dict[str, list[str]]) -> str:
+    return "".join(f"{user}:{stored}\n" for user, hashes in sorted(held.items())
+                   for stored in hashes)
 
 
 def delete_password_entry(path: str | os.PathLike[str], user: str) -> bool:

@@ -23,20 +23,27 @@ code 0x80 in its SUBACK; a denied PUBLISH is still PUBACKed and then silently dr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 from amqtt.contexts import Action as AmqttAction
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from broker.embedded.acl import allowed
-from broker.embedded.passwords import read_password_file, verify_password
+from broker.embedded.passwords import (
+    overlap_path,
+    read_overlap,
+    read_password_file,
+    verify_password,
+)
 from waystation.errors import ConfigError
 
 __all__ = ["AclTopicPlugin", "PasswordFileAuthPlugin", "PasswordStore", "plugin_config"]
 
 log = structlog.get_logger(__name__)
+_V = TypeVar("_V")
 
 AUTH_PLUGIN = f"{__name__}.PasswordFileAuthPlugin"
 TOPIC_PLUGIN = f"{__name__}.AclTopicPlugin"
@@ -65,23 +72,45 @@ def plugin_config(
 
 
 class PasswordStore:
-    """The users of one password file, re-read when the file's identity or mtime changes."""
+    """The users of one password file, re-read when the file's identity or mtime changes,
+    and the extra hashes of its overlap file (passwords under rotation)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        self._stamp: tuple[int, int, int, int] | None = None
-        self._users: dict[str, str] = {}
+        self._main: _Watched[str] = _Watched(self.path, read_password_file, missing_warns=True)
+        self._overlap: _Watched[list[str]] = _Watched(os.fspath(overlap_path(self.path)),
+                                                     read_overlap, missing_warns=False)
 
     def lookup(self, user: str) -> str | None:
         """The stored hash for ``user``, after re-reading the file if it changed."""
+        return self._main.get().get(user)
+
+    def hashes(self, user: str) -> list[str]:
+        """Every hash ``user`` may log in with: the password file's, then the overlap's."""
+        main = self.lookup(user)
+        return ([] if main is None else [main]) + list(self._overlap.get().get(user, []))
+
+
+class _Watched(Generic[_V]):
+    """One file's parsed content, re-read when its identity, size or times change."""
+
+    def __init__(self, path: str, reader: Callable[[str], dict[str, _V]], *,
+                 missing_warns: bool) -> None:
+        self.path = path
+        self._reader = reader
+        self._missing_warns = missing_warns
+        self._stamp: tuple[int, int, int, int] | None = None
+        self._users: dict[str, _V] = {}
+
+    def get(self) -> dict[str, _V]:
         self._refresh()
-        return self._users.get(user)
+        return self._users
 
     def _refresh(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            if self._stamp is not None or self._users:
+            if self._missing_warns and (self._stamp is not None or self._users):
                 log.warning("password file missing; nobody can log in", path=self.path)
             self._stamp, self._users = None, {}
             return
@@ -89,10 +118,11 @@ class PasswordStore:
         if stamp == self._stamp:
             return
         try:
-            users = read_password_file(self.path)
+            users = self._reader(self.path)
         except (OSError, ConfigError) as exc:
             # Keep serving the last good copy rather than locking everybody out.
-            log.error("cannot read password file; keeping previous users", error=str(exc))
+            log.error("cannot read password file; keeping previous users", path=self.path,
+                      error=str(exc))
             return
         self._stamp, self._users = stamp, users
         log.info("password file loaded", path=self.path, users=len(users))
@@ -155,9 +185,10 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
             return False
         # Enrolment (a line in the password file) is needed either way, so removing the
         # line revokes a device even when it authenticates with a certificate.
-        stored = self._store.lookup(username)
-        authenticated = stored is not None and (
-            common_name == username or verify_password(stored, session.password or "")
+        hashes = self._store.hashes(username)
+        authenticated = bool(hashes) and (
+            common_name == username
+            or any(verify_password(stored, session.password or "") for stored in hashes)
         )
         if not authenticated:
             log.info("refused: bad username or password", user=username, client_id=client_id)

@@ -14,8 +14,10 @@ SCHEMA = "schema"
 """The server states its schema versions in `welcome` (`sv`, `sv_min`) and holds back
 changes written under a version older than `sv_min` (PROTOCOL.md §11)."""
 
-SERVER_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn", SCHEMA})
-"""scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
+SERVER_CAPS: frozenset[str] = frozenset({"creds", "scopes", "sync", "txn", SCHEMA})
+"""creds: `waystation device rotate-password` reaches the device as a `creds` command
+(§7.9) and `hello.cred` tells the server it logged in with the new password (§7.1).
+scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
 sync: `waystation device sync` reaches the device as a `sync` command (§7.9).
 txn: transactions applied all or none (§7.2.1, §10.5).
 schema: see `SCHEMA`."""

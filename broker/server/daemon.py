@@ -55,10 +55,11 @@ from broker.server.amqp_link import AmqpLink
 from broker.server.announce import state_payload, state_topic
 from broker.server.engine import Engine
 from broker.server.intake import Intake, IntakeLimits, Item, Verdict
+from broker.server.rotation_files import RotationFiles, advance
 from broker.server.store import open_store
 from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
-from waystation.config import ServerConfig
+from waystation.config import BrokerConfig, ServerConfig, load_config
 from waystation.hlc import Clock
 from waystation.mqtt import MqttLink, Will
 from waystation.service import check_state_directory, run_service
@@ -96,6 +97,9 @@ class MergeServer:
         self._owns_store = store is None
         self.state_topic: str | None = None
         self.engine = Engine(self.store, catalog, cfg, wall_ms, Clock("~server", wall_ms))
+        self.rotation_files = RotationFiles(
+            cfg.enrol.password_file or load_config(BrokerConfig, None, self.env)
+            .resolved_password_file(), tuple(cfg.enrol.broker_reload))
         prefix = cfg.mqtt.prefix
         self.prefix = prefix
         up = f"{prefix}/+/up"
@@ -238,6 +242,14 @@ class MergeServer:
                 next_tick = time.monotonic() + _TICK_S
                 self._publish(self.engine.tick())
                 self._log_drops()
+                self._advance_rotations()
+
+    def _advance_rotations(self) -> None:
+        """Broker password rotations: the file steps they owe (`rotation_files`)."""
+        try:
+            advance(self.store, self.engine.registry, self.rotation_files, wall_ms())
+        except Exception:
+            log.exception("password_rotation_failed")
 
     def _process(self, group: list[Item]) -> None:
         ups: list[tuple[str, bytes]] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from broker.server.rotation import Rotation
 from broker.server.store.base import DeviceRow
 from waystation.timefmt import ago, iso
 
@@ -22,8 +23,23 @@ def lifecycle(row: DeviceRow) -> str:
         return f"wipe pending since {iso(row.wipe_ms)} (disabled)"
     state = "enabled" if row.enabled else "disabled"
     if row.wipe_id:
-        return f"wiped at {iso(row.wipe_done_ms)}, {state}"
+        state = f"wiped at {iso(row.wipe_done_ms)}, {state}"
+    rot = Rotation.from_json(row.rot)
+    if rot is not None and rot.stage != "retired":
+        state += f"; {rot.describe()}"
     return state
+
+
+def rotation_doc(row: DeviceRow) -> dict[str, Any] | None:
+    """The device's latest broker password rotation, for the JSON forms."""
+    rot = Rotation.from_json(row.rot)
+    if rot is None:
+        return None
+    return {"id": rot.id, "stage": rot.stage, "command": rot.cmd, "ordered": iso(rot.t),
+            "stored": iso(rot.stored) or None, "login_with_new": iso(rot.login) or None,
+            "switched": iso(rot.switched) or None, "retired": iso(rot.retired) or None,
+            "retire_at": iso(rot.retire_at) or None,
+            "retired_by": None if not rot.retired else ("deadline" if rot.forced else "login")}
 
 
 def presence(row: DeviceRow) -> str:
@@ -51,6 +67,7 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
         "wipe": None if not row.wipe_id else {
             "command": row.wipe_id, "ordered": iso(row.wipe_ms),
             "done": iso(row.wipe_done_ms) or None},
+        "password_rotation": rotation_doc(row),
     }
     if seqs is not None:
         doc["checkpoints"] = {
@@ -61,4 +78,4 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
     return doc
 
 
-__all__ = ["ago", "device_doc", "iso", "lifecycle", "presence", "progress"]
+__all__ = ["ago", "device_doc", "iso", "lifecycle", "presence", "progress", "rotation_doc"]

@@ -14,6 +14,7 @@ import structlog
 
 from broker.server.caps import agreed
 from broker.server.registry import deliverable
+from broker.server.rotation import Rotation, on_hello, scrubbed
 from broker.server.store.base import CommandRow, DeviceRow, WriteTxn
 from schemas.wire import Hello
 
@@ -31,14 +32,32 @@ def hello_commands(txn: WriteTxn, hello: Hello, device: DeviceRow | None, now: i
         if cmd.done_ms:
             continue
         if cmd.id in done:
-            txn.put_command(dataclasses.replace(cmd, done_ms=now))
+            args = scrubbed(cmd.args) if cmd.cmd == "creds" else cmd.args
+            txn.put_command(dataclasses.replace(cmd, done_ms=now, args=args))
             if device is not None and cmd.id == device.wipe_id:
                 upd["wipe_done_ms"] = now
                 log.warning("device_wiped", dev=hello.dev, command=cmd.id)
         elif deliverable(cmd, caps):
             pending.append(cmd)
     pending.sort(key=lambda c: c.cmd != "wipe")
+    _note_rotation(txn, hello, done, now, upd)
     return pending
+
+
+def _note_rotation(txn: WriteTxn, hello: Hello, done: set[str], now: int,
+                   upd: dict[str, Any]) -> None:
+    """The device stored its new broker password (command done) or logged in with it
+    (`hello.cred`): the server's tick then switches or retires (`broker.server.rotation`).
+    Read from the transaction: the operator may have started a rotation since."""
+    row = txn.get_device(hello.dev)
+    rot = None if row is None else Rotation.from_json(row.rot)
+    if rot is None:
+        return
+    moved = on_hello(rot, done, hello.cred, now)
+    if moved != rot:
+        upd["rot"] = moved.to_json()
+        log.info("password_rotation", dev=hello.dev, rotation=rot.id, stage=moved.stage,
+                 login_with_new=bool(moved.login))
 
 
 def note_incarnation(device: DeviceRow, hello: Hello, now: int,

@@ -146,15 +146,15 @@ def change_scopes(store: Store, dev: str, now_ms: int, *, add: Sequence[str] = (
     return store.transact(fn)
 
 
-COMMAND_CAPS: dict[str, str] = {"scopes": "scopes", "sync": "sync"}
+COMMAND_CAPS: dict[str, str] = {"creds": "creds", "scopes": "scopes", "sync": "sync"}
 """Commands newer than protocol v1 and the capability a device must have agreed to get
 one (PROTOCOL.md §7.9)."""
 
 
 def deliverable(cmd: CommandRow, caps: Iterable[str]) -> bool:
-    """Whether `cmd` may be sent to a device that agreed to `caps`: a `scopes` or `sync`
-    command only to a device that speaks it (a v1 device keeps it pending; for scopes
-    its config decides)."""
+    """Whether `cmd` may be sent to a device that agreed to `caps`: a `creds`, `scopes`
+    or `sync` command only to a device that speaks it (a v1 device keeps it pending; for
+    scopes its config decides, for creds the operator writes its config)."""
     need = COMMAND_CAPS.get(cmd.cmd)
     return need is None or need in caps
 

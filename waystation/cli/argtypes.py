@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 
@@ -61,4 +62,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-__all__ = ["assignment", "device_id", "number", "parse_value", "positive_int", "scope_id"]
+_DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> int:
+    """`--retire-after`: seconds, or a number with s, m, h or d (`12h`, `7d`)."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use seconds or a "
+                                         "number with s, m, h or d, e.g. 7d")
+    return int(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+__all__ = ["assignment", "device_id", "duration_s", "number", "parse_value", "positive_int",
+           "scope_id"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from waystation.cli.argtypes import device_id, scope_id
+from waystation.cli.argtypes import device_id, duration_s, scope_id
 from waystation.cli.builder import Builder, json_flag
 
 
@@ -83,6 +83,20 @@ def add_device(b: Builder) -> None:
                    help="a scope to follow too (repeat for several)")
     p.add_argument("--remove", metavar="S", action="append", type=scope_id,
                    help="a scope to stop following (repeat for several)")
+    json_flag(p)
+
+
+    p = b.leaf("device rotate-password", "give a device a new broker password, no lockout",
+               "Rotate device ID's broker password: the broker accepts the old and the new "
+               "one meanwhile; an agent that speaks capability creds gets the new one over "
+               "the protocol, stores it and logs in with it, and then the server retires "
+               "the old one (or at --retire-after). For an older agent the new password is "
+               "printed: write it into its config. Running it again supersedes a rotation "
+               "still under way.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p.add_argument("--retire-after", metavar="DURATION", type=duration_s, default=None,
+                   help="retire the old password after this long even if the device has "
+                        "not logged in with the new one (seconds, or 12h, 7d ...)")
     json_flag(p)
 
 

@@ -138,6 +138,11 @@ class EnrolConfig(_Model):
     password_file: Path | None = None
     """The broker's password file for device logins (Mosquitto's format). Default: the
     broker config's password_file (embedded broker)."""
+    broker_reload: list[Str] = Field(default_factory=list, max_length=32)
+    """A command (argv) the server runs after it changed the password file during a
+    password rotation, so that the broker reads it again: for Mosquitto e.g.
+    ["systemctl", "reload", "mosquitto"]. Empty: nothing (the embedded broker re-reads
+    the file at each login by itself)."""
     client_ca_cert: Path | None = None
     """With client_ca_key: issue each device a client certificate (CN = device id)."""
     client_ca_key: Path | None = None

@@ -53,6 +53,9 @@ class DeviceRow:
     caps: tuple[str, ...] = ()
     """The optional protocol features agreed in its last `hello` (PROTOCOL.md §11):
     what the server may send it beyond protocol v1."""
+    rot: dict[str, Any] = field(default_factory=dict)
+    """Its latest broker password rotation (`broker.server.rotation.Rotation` as JSON;
+    empty: never rotated)."""
 
     @property
     def wipe_pending(self) -> bool:
@@ -70,7 +73,7 @@ class DeviceRow:
                 "pend": self.pend, "cp_ms": self.cp_ms, "synced": self.synced_ms,
                 "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
                 "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms,
-                "caps": list(self.caps)}
+                "caps": list(self.caps), "rot": self.rot}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceRow:
@@ -83,7 +86,7 @@ class DeviceRow:
                    inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
                    wipe_id=data.get("wipe", ""), wipe_ms=data.get("wipe_ms", 0),
                    wipe_done_ms=data.get("wipe_done", 0),
-                   caps=tuple(data.get("caps", ())))
+                   caps=tuple(data.get("caps", ())), rot=data.get("rot") or {})
 
 
 @dataclass(frozen=True, slots=True)

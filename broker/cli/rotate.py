@@ -1,0 +1,74 @@
+"""`waystation device rotate-password ID`: a new broker password with no lockout."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+from broker.cli.common import now_ms, server_config
+from broker.cli.logins import default_password_file
+from broker.errors import InvalidArgument
+from broker.server import rotation
+from broker.server.rotation_files import RotationFiles
+from broker.server.store import open_store
+from waystation.cli.output import iso, print_json
+
+
+def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Start a rotation: the broker accepts the old and the new password from now on; the
+    device gets the new one in a `creds` command (or from the operator, when it does
+    not speak the capability); the server retires the old one once the device logged
+    in with the new, or at the --retire-after deadline."""
+    from broker.embedded.passwords import hash_password
+
+    config = server_config(args, env)
+    password_file = (config.enrol.password_file if config.enrol.password_file is not None
+                     else default_password_file(env))
+    if not Path(password_file).is_file():
+        raise InvalidArgument(f"the broker's password file {password_file} does not exist: "
+                              "set enrol.password_file to the one the broker reads")
+    password = secrets.token_urlsafe(24)
+    new_hash = hash_password(password)
+    store = open_store(config)
+    try:
+        rot, cmd = rotation.start(store, args.device_id, password, new_hash, now_ms(),
+                                  retire_after_s=args.retire_after)
+        with store.read() as txn:
+            device = txn.get_device(args.device_id)
+    finally:
+        store.close()
+    # After the store: a crash in between leaves a rotation whose new password the
+    # embedded broker does not take yet; running the command again starts a fresh one.
+    RotationFiles(Path(password_file)).begin(args.device_id, new_hash)
+    speaks = device is not None and "creds" in device.caps
+    if args.json:
+        print_json({"device": args.device_id, "rotation": rot.id, "command": cmd.id,
+                    "stage": rot.stage, "retire_at": iso(rot.retire_at) or None,
+                    "device_speaks_creds": speaks,
+                    "password": None if speaks else password,
+                    "password_file": str(password_file)})
+        return 0
+    print(f"password rotation {rot.id} started for {args.device_id}: the broker accepts "
+          "its old and its new password until the old one is retired")
+    if speaks:
+        print(f"command {cmd.id} brings the new password to the device (at once if it is "
+              "online, else when it next connects); the server retires the old one once "
+              "the device has logged in with the new one"
+              + (f", or at {iso(rot.retire_at)} at the latest" if rot.retire_at else ""))
+    else:
+        print(f"note: {args.device_id} has not said it understands password rotation (an "
+              "agent older than this server, or it has not connected since the upgrade): "
+              "write this new password into its agent config (mqtt.password or its "
+              f"password_file) and restart it:\n{password}")
+        if not rot.retire_at:
+            print("the old password stays valid until the device logs in with the new one "
+                  "through an agent that speaks the capability; set a deadline with "
+                  f"`waystation device rotate-password {args.device_id} --retire-after 7d`")
+    print(f"progress: `waystation device list` (Mosquitto: the server reloads it through "
+          f"enrol.broker_reload when it switches {password_file})")
+    return 0
+
+
+__all__ = ["cmd_device_rotate_password"]

@@ -1,0 +1,108 @@
+"""The broker-side steps of a password rotation (`broker.server.rotation`): the password
+file and its overlap file, and the broker reload that makes Mosquitto read them.
+
+Every step is idempotent and keeps both passwords accepted in every intermediate state
+(a crash between two writes leaves a state the next tick repeats the step from):
+
+    begin   overlap += new hash                  (CLI, when the rotation starts)
+    switch  overlap += old hash; file := new hash; reload the broker
+    retire  overlap -= everything of the user
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from broker.embedded import passwords
+from broker.server.registry import Registry
+from broker.server.rotation import Rotation, Step
+from broker.server.store.base import Store, WriteTxn
+from waystation.errors import ConfigError
+
+log = structlog.get_logger(__name__)
+
+RELOAD_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class RotationFiles:
+    """The broker's password file (Mosquitto format) and how to make the broker reload."""
+
+    password_file: Path
+    reload: Sequence[str] = ()
+
+    def begin(self, user: str, new_hash: str) -> None:
+        passwords.add_overlap(self.password_file, user, new_hash)
+
+    def switch(self, user: str, new_hash: str) -> None:
+        old = passwords.read_password_file(self.password_file).get(user)
+        if old is not None and old != new_hash:
+            passwords.add_overlap(self.password_file, user, old)
+        passwords.write_hash_entry(self.password_file, user, new_hash)
+        self.reload_broker()
+
+    def retire(self, user: str) -> None:
+        passwords.drop_overlap(self.password_file, user)
+
+    def reload_broker(self) -> None:
+        if not self.reload:
+            return
+        try:
+            done = subprocess.run(list(self.reload), capture_output=True, text=True,
+                                  timeout=RELOAD_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.error("broker_reload_failed", command=list(self.reload), error=str(exc),
+                      hint="fix enrol.broker_reload, or reload the broker by hand")
+            return
+        if done.returncode != 0:
+            log.error("broker_reload_failed", command=list(self.reload),
+                      code=done.returncode, stderr=done.stderr.strip()[-500:],
+                      hint="fix enrol.broker_reload, or reload the broker by hand")
+
+
+def advance(store: Store, registry: Registry, files: RotationFiles, now: int) -> int:
+    """Carry out the steps the rotations in `registry` owe now; returns how many."""
+    steps = 0
+    for row in registry.devices():
+        rot = Rotation.from_json(row.rot)
+        step = None if rot is None else rot.due(now)
+        if rot is None or step is None:
+            continue
+        try:
+            if step == "switch":
+                files.switch(row.id, rot.new_hash)
+            else:
+                files.retire(row.id)
+        except (OSError, ConfigError, ValueError) as exc:
+            log.error("password_rotation_step_failed", dev=row.id, rotation=rot.id,
+                      step=step, password_file=str(files.password_file), error=str(exc),
+                      hint="the server must be able to write the broker's password file "
+                           "(enrol.password_file); it tries again at every tick")
+            continue
+        if _record(store, row.id, rot, step, now):
+            steps += 1
+            log.warning("password_rotation_step", dev=row.id, rotation=rot.id, step=step,
+                        forced=step == "retire" and not rot.login)
+    return steps
+
+
+def _record(store: Store, dev: str, rot: Rotation, step: Step, now: int) -> bool:
+    def fn(txn: WriteTxn) -> bool:
+        row = txn.get_device(dev)
+        fresh = None if row is None else Rotation.from_json(row.rot)
+        if row is None or fresh is None or fresh.id != rot.id:
+            return False  # removed, or a newer rotation started meanwhile
+        txn.put_device(dataclasses.replace(row, rot=fresh.done(step, now).to_json()))
+        txn.bump_registry()
+        return True
+
+    return store.transact(fn)
+
+
+__all__ = ["RotationFiles", "advance"]
