@@ -1,0 +1,172 @@
+"""The device's broker passwords during a rotation (`agent.creds`, PROTOCOL.md §7.9
+`creds`): a `creds` command is checked (hostile payloads refused), the new password is
+on disk (0600, atomic) before it counts, logins try the new one first and fall back to
+the old one, the old one is forgotten only after a login with the new, a replayed older
+rotation is refused, and an operator's edit of the configured password wins."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.creds import FILE_NAME, BadCreds, BrokerCredentials, Secret, parse
+
+DEV = "van-1"
+OLD = "old-password-0123456789"
+NEW = "new-password-ABCDEFGHIJ"
+
+
+def args(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"dev": DEV, "rotation": "r-1", "t": 1000, "password": NEW}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def test_a_well_formed_command_gives_its_secret() -> None:
+    """parse() returns rotation, time and password of a valid `creds` command."""
+    assert parse(args(), DEV) == Secret("r-1", 1000, NEW)
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], "x", 5,
+    args(dev="van-2"),                      # a password for another device
+    args(dev=...), args(rotation=...), args(t=...), args(password=...),
+    args(rotation="bad id!"), args(rotation=""), args(rotation=7), args(rotation="r" * 65),
+    args(t=True), args(t=1.5), args(t=0), args(t=-1), args(t=2**53), args(t="1000"),
+    args(password="short"), args(password="x" * 257), args(password="has space 12345678"),
+    args(password="line\nbreak-123456789"), args(password="ümlaut-passwort-1234"),
+    args(password=None), args(password=["a" * 20]),
+])
+def test_malformed_or_foreign_commands_are_refused(bad: Any) -> None:
+    """Every malformed member, and a password meant for another device, is BadCreds."""
+    with pytest.raises(BadCreds):
+        parse(bad, DEV)
+
+
+# Plausible values mixed with junk, so that both outcomes occur.
+json_values = (st.sampled_from([DEV, "van-2", "r-1", 1000, NEW, "", True])
+               | st.none() | st.integers() | st.floats(allow_nan=False)
+               | st.text(max_size=40) | st.lists(st.integers(), max_size=3))
+
+
+@given(st.dictionaries(st.sampled_from(["dev", "rotation", "t", "password", "x"]),
+                       json_values, max_size=5))
+def test_any_payload_is_accepted_or_refused_never_crashes(payload: dict[str, Any]) -> None:
+    """Arbitrary JSON args give a Secret or BadCreds, nothing else."""
+    try:
+        secret = parse(payload, DEV)
+    except BadCreds:
+        return
+    assert payload["dev"] == DEV and secret.password == payload["password"]
+
+
+def test_the_new_password_is_stored_privately_before_offer_returns(tmp_path: Path) -> None:
+    """offer() writes the file (mode 0600, no temp files left) and a new process reads it."""
+    creds = BrokerCredentials(tmp_path, OLD)
+    assert creds.offer(Secret("r-1", 1000, NEW)) is True
+    path = tmp_path / FILE_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [FILE_NAME]
+    doc = json.loads(path.read_text())
+    assert doc["next"]["pw"] == NEW and doc["current"] is None
+    again = BrokerCredentials(tmp_path, OLD)  # as after a crash and restart
+    assert again.pending_rotation == "r-1"
+    assert again.password() == NEW
+
+
+def test_login_tries_new_first_and_falls_back_to_old(tmp_path: Path) -> None:
+    """A refused new password (Mosquitto before the switch) falls back to the old one;
+    the next connection tries the new one again."""
+    creds = BrokerCredentials(tmp_path, OLD)
+    creds.offer(Secret("r-1", 1000, NEW))
+    assert creds.password() == NEW
+    creds.refused()
+    assert creds.password() == OLD
+    creds.accepted()
+    assert creds.login_rotation is None  # logged in with the configured password
+    assert creds.pending_rotation == "r-1"
+    assert creds.password() == NEW
+
+
+def test_the_old_password_is_forgotten_only_after_a_login_with_the_new(
+        tmp_path: Path) -> None:
+    """After the broker accepted the new password it is the current one, on disk too;
+    the configured (old) one is tried last only."""
+    creds = BrokerCredentials(tmp_path, OLD)
+    creds.offer(Secret("r-1", 1000, NEW))
+    assert creds.password() == NEW
+    creds.accepted()
+    assert creds.login_rotation == "r-1" and creds.pending_rotation is None
+    doc = json.loads((tmp_path / FILE_NAME).read_text())
+    assert doc["current"]["pw"] == NEW and doc["next"] is None
+    reopened = BrokerCredentials(tmp_path, OLD)
+    assert reopened.password() == NEW
+    reopened.refused()
+    assert reopened.password() == OLD  # a fallback, should the operator roll back
+
+
+def test_a_crash_before_the_save_leaves_the_old_password(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """offer() failing while writing leaves no file and no pending rotation: the device
+    keeps logging in with the old password (and does not report the command done)."""
+    creds = BrokerCredentials(tmp_path, OLD)
+
+    def crash(fd: int) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        creds.offer(Secret("r-1", 1000, NEW))
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    reopened = BrokerCredentials(tmp_path, OLD)
+    assert reopened.pending_rotation is None and reopened.password() == OLD
+
+
+def test_a_replayed_older_rotation_is_refused_and_a_resent_one_accepted(
+        tmp_path: Path) -> None:
+    """A rotation not newer than the one held is a replay (BadCreds, nothing changes);
+    the same rotation sent again (a lost report) is fine."""
+    creds = BrokerCredentials(tmp_path, OLD)
+    creds.offer(Secret("r-2", 2000, NEW))
+    assert creds.offer(Secret("r-2", 2000, NEW)) is True
+    with pytest.raises(BadCreds):
+        creds.offer(Secret("r-1", 1000, "replayed-password-0000"))
+    with pytest.raises(BadCreds):
+        creds.offer(Secret("r-3", 2000, "same-time-password-000"))
+    assert creds.pending_rotation == "r-2" and creds.password() == NEW
+    creds.accepted()
+    with pytest.raises(BadCreds):  # also once the held one is current
+        creds.offer(Secret("r-1", 1000, "replayed-password-0000"))
+    creds.offer(Secret("r-4", 3000, "newer-password-1111111"))
+    assert creds.password() == "newer-password-1111111"
+
+
+def test_an_edited_configured_password_wins_over_stored_ones(tmp_path: Path) -> None:
+    """The operator rotated by hand (config edited after a rotation): the configured
+    password is tried first, the stored ones after it."""
+    creds = BrokerCredentials(tmp_path, OLD)
+    creds.offer(Secret("r-1", 1000, NEW))
+    creds.password()
+    creds.accepted()
+    edited = BrokerCredentials(tmp_path, "hand-written-password-42")
+    assert edited.password() == "hand-written-password-42"
+    edited.refused()
+    assert edited.password() == NEW
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"v": 99}', b"x" * 10000])
+def test_a_damaged_file_falls_back_to_the_configured_password(tmp_path: Path,
+                                                               content: bytes) -> None:
+    """A damaged or foreign credentials file is reported and ignored, never a crash."""
+    (tmp_path / FILE_NAME).write_bytes(content)
+    creds = BrokerCredentials(tmp_path, OLD)
+    assert creds.password() == OLD and creds.pending_rotation is None
