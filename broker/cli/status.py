@@ -28,8 +28,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         store.close()
     online = sorted(d.id for d in devices if d.online)
-    rotating = {d.id: doc for d in devices
-                if (doc := devstate.rotation_doc(d)) is not None and doc["stage"] != "retired"}
+    rotating = {d.id: rot for d in devices
+                if (rot := devstate.rotation_doc(d)) is not None and rot["stage"] != "retired"}
     doc: dict[str, Any] = {
         "server_id": config.server_id,
         "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
@@ -66,7 +66,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                         config.dead_letters.max_bytes))
     if rotating:
         print("password rotations under way: " + ", ".join(
-            f"{dev} ({doc['stage']})" for dev, doc in sorted(rotating.items())))
+            f"{dev} ({rot['stage']})" for dev, rot in sorted(rotating.items())))
     if seqs:
         print()
         table(["SCOPE", "SEQUENCE", "PURGED TO"],
