@@ -130,9 +130,10 @@ class BrokerCredentials:
             if secret.t <= newest:
                 raise BadCreds(f"rotation {secret.rotation} is older than the one this "
                                "device holds (a replay)")
+            # On disk first: a password that could not be saved is never used.
+            self._save(self._current, secret, self._cfg)
             self._next = secret
             self._index = 0
-            self._save()
         log.warning("broker_password_received", rotation=secret.rotation,
                     path=str(self.path))
         return True
@@ -179,9 +180,9 @@ class BrokerCredentials:
             nxt = self._next
             if nxt is None or self._trying is not nxt:
                 return
-            self._current, self._next = nxt, None
-            self._cfg = fingerprint(self._configured)
-            self._save()
+            cfg = fingerprint(self._configured)
+            self._save(nxt, None, cfg)  # if this fails, the next login promotes it
+            self._current, self._next, self._cfg = nxt, None, cfg
         log.warning("broker_password_rotated", rotation=nxt.rotation)
 
     # ------------------------------------------------------------- internals
@@ -220,10 +221,10 @@ class BrokerCredentials:
         cfg = doc.get("cfg")
         self._cfg = cfg if isinstance(cfg, str) else ""
 
-    def _save(self) -> None:
-        doc = {"v": FORMAT, "cfg": self._cfg,
-               "current": None if self._current is None else self._current.to_json(),
-               "next": None if self._next is None else self._next.to_json()}
+    def _save(self, current: Secret | None, nxt: Secret | None, cfg: str) -> None:
+        doc = {"v": FORMAT, "cfg": cfg,
+               "current": None if current is None else current.to_json(),
+               "next": None if nxt is None else nxt.to_json()}
         write_private(self.path, json.dumps(doc, sort_keys=True).encode("utf-8"))
 
 

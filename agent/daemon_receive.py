@@ -183,6 +183,12 @@ class ReceiveHooks:
         except BadCreds as exc:
             log.warning("bad_creds_command", dev=self.dev, id=cmd.id, reason=str(exc))
             return False
+        except OSError as exc:
+            log.error("broker_password_not_saved", dev=self.dev, id=cmd.id,
+                      path=str(self.creds.path), error=str(exc),
+                      hint="the old password stays in use; make the data_dir writable, "
+                           "the server sends the password again at the next connection")
+            return False
         return True
 
     def _on_command(self, cmd: wire.Command) -> None:

@@ -392,7 +392,8 @@ class MqttLink:
                 rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 reason = f"connection ended ({paho.error_string(rc)})"
-                if not self._connected and not (self._last_error or "").startswith("broker"):
+                if (not self._connected and not self._relogin
+                        and not (self._last_error or "").startswith("broker")):
                     self._set_error(f"{reason} before the broker accepted it")
                 self._mark_down(reason)
                 return

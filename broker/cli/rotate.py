@@ -47,7 +47,9 @@ def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str])
         print_json({"device": args.device_id, "rotation": rot.id, "command": cmd.id,
                     "stage": rot.stage, "retire_at": iso(rot.retire_at) or None,
                     "device_speaks_creds": speaks,
-                    "password": None if speaks else password,
+                    # For the operator's fallback: a device without the capability,
+                    # or one that missed a --retire-after deadline, is configured by hand.
+                    "password": password,
                     "password_file": str(password_file)})
         return 0
     print(f"password rotation {rot.id} started for {args.device_id}: the broker accepts "

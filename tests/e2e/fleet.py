@@ -268,6 +268,7 @@ class Fleet:
         """With `client_certs`: the CA that signs device certificates (not the broker's)."""
         self.broker_dir = root / "broker"
         self.password_file = self.broker_dir / "passwd"
+        self.broker_pid_file = self.broker_dir / "broker.pid"
         self.server_config = root / "server.toml"
         self.server_data = root / "server"
         self.devices_dir = root / "dev"
@@ -356,14 +357,18 @@ class Fleet:
             f"port = {self.port}",
             f"password_file = {json.dumps(str(pw_file))}",
         ]
+        # The broker's password file, for `device add` and for the server's steps of a
+        # password rotation (Mosquitto: reloaded through its pid file).
+        lines += ["[enrol]", f"password_file = {json.dumps(str(self.password_file))}"]
+        if self.kind == "mosquitto":
+            reload = ["sh", "-c", f"kill -HUP $(cat {self.broker_pid_file})"]
+            lines.append(f"broker_reload = {json.dumps(reload)}")
         if self.device_tls:
             assert self.ca is not None and self.tls_port is not None
             lines += [
-                "[enrol]",
                 'broker_host = "127.0.0.1"',
                 f"broker_port = {self.tls_port}",
                 f"ca_file = {json.dumps(str(self.ca.cert_path))}",
-                f"password_file = {json.dumps(str(self.password_file))}",
             ]
             if self.device_ca is not None:
                 lines += [f"client_ca_cert = {json.dumps(str(self.device_ca.cert_path))}",
@@ -487,6 +492,11 @@ class Fleet:
     def start_broker(self) -> None:
         assert self.broker is not None
         self.broker.start(timeout=START_TIMEOUT_S)
+        self._note_broker_pid()
+
+    def _note_broker_pid(self) -> None:
+        assert self.broker is not None and self.broker.proc is not None
+        self.broker_pid_file.write_text(f"{self.broker.proc.pid}\n")
 
     def stop_broker(self) -> None:
         assert self.broker is not None
@@ -502,6 +512,7 @@ class Fleet:
         """Kill (or stop) the broker and start it again on the same port."""
         assert self.broker is not None
         self.broker.restart(hard=hard)
+        self._note_broker_pid()
 
     def broker_log_tail(self, lines: int = 40) -> str:
         return "(no broker)" if self.broker is None else self.broker.log_tail(lines)
