@@ -70,6 +70,7 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "device disable": ["device", "disable", "van-12"],
     "device enable": ["device", "enable", "van-12"],
     "device scopes": ["device", "scopes", "van-12", "--add", "route-7"],
+    "device rotate-password": ["device", "rotate-password", "van-12", "--retire-after", "7d"],
     "broker run": ["broker", "run"],
     "broker passwd": ["broker", "passwd", "waystation-server"],
     "schema check": ["schema", "check", "fleet.toml"],
