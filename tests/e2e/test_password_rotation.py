@@ -174,3 +174,40 @@ def test_bad_rotation_requests_are_refused_with_a_reason(fleet: Fleet) -> None:
                     "--config", cfg, check=False)
     assert res.returncode != 0 and "between 0 s and" in res.stderr
     assert _rotation(fleet, "van-1") is None
+
+
+def test_a_v1_device_is_never_sent_the_password_and_is_configured_by_hand(
+        fleet: Fleet) -> None:
+    """A device speaking protocol v1 only (no capabilities) syncs on with its old
+    password and gets no `creds` command; after the deadline the operator's new password
+    (printed by the CLI) logs it in and it syncs again."""
+    from tests.e2e.protocol_device import ProtocolDevice
+
+    fleet.add_device("pd-1", ["route-1"])
+    old = fleet.passwords["pd-1"]
+    doc = _rotate(fleet, "pd-1", "--retire-after", "8s")
+    assert doc["device_speaks_creds"] is False and doc["password"]
+    pd = ProtocolDevice("pd-1", old, port=fleet.port, scopes=["route-1"])
+    try:
+        assert pd.connect() == "Success"
+        pd.hello()
+        ch = pd.change("tasks", "t-1", "route-1", f={"route": "route-1", "notes": "v1"})
+        pd.send_changes([ch])
+        pd.wait_acked([ch["n"]])
+        assert [m for m in pd.messages if m.get("type") == "command"] == []
+    finally:
+        pd.close()
+    rot = fleet.wait(lambda: _retired(fleet, "pd-1"), timeout=60, what="deadline")
+    assert rot["retired_by"] == "deadline"
+    assert _login(fleet, "pd-1", old) != "Success"
+    pd = ProtocolDevice("pd-1", doc["password"], port=fleet.port, scopes=["route-1"])
+    pd.next_n = 2
+    try:
+        assert pd.connect() == "Success"
+        pd.hello()
+        ch = pd.change("tasks", "t-2", "route-1", f={"route": "route-1", "notes": "by hand"})
+        pd.send_changes([ch])
+        pd.wait_acked([ch["n"]])
+        assert [m for m in pd.messages if m.get("type") == "command"] == []
+    finally:
+        pd.close()
