@@ -47,6 +47,8 @@ MAX_PASSWORD = 256
 _PASSWORD_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no blanks: one line in a file
 _ID_RE = re.compile(ID_PATTERN)
 _MAX_FILE = 8192
+MAX_PENDING = 4
+"""Received passwords kept until one of them logged the device in."""
 
 
 class BadCreds(ValueError):
@@ -102,14 +104,20 @@ def fingerprint(password: str | None) -> str:
 
 
 class BrokerCredentials:
-    """The passwords this device may log in with, newest first (see module docstring)."""
+    """The passwords this device may log in with, newest first (see module docstring).
+
+    ``current``: the rotated password it last logged in with; ``pending``: passwords
+    received since, not yet used for a login, newest first. Older pending ones are kept
+    too: a rotation superseded after the server switched the broker to it must still
+    log the device in, or the device could not report the newer one.
+    """
 
     def __init__(self, data_dir: Path, configured: str | None) -> None:
         self.path = Path(data_dir) / FILE_NAME
         self._configured = configured
         self._lock = threading.Lock()
         self._current: Secret | None = None
-        self._next: Secret | None = None
+        self._pending: list[Secret] = []
         self._cfg = fingerprint(configured)
         self._index = 0
         self._trying: Secret | None = None
@@ -123,16 +131,17 @@ class BrokerCredentials:
         already (a resent command), BadCreds when it is older than what the device holds.
         Returns only once the file is on disk."""
         with self._lock:
-            held = [s for s in (self._next, self._current) if s is not None]
+            held = self._pending + ([] if self._current is None else [self._current])
             if any(s.rotation == secret.rotation for s in held):
                 return True
             newest = max((s.t for s in held), default=0)
             if secret.t <= newest:
                 raise BadCreds(f"rotation {secret.rotation} is older than the one this "
                                "device holds (a replay)")
+            pending = [secret, *self._pending][:MAX_PENDING]
             # On disk first: a password that could not be saved is never used.
-            self._save(self._current, secret, self._cfg)
-            self._next = secret
+            self._save(self._current, pending, self._cfg)
+            self._pending = pending
             self._index = 0
         log.warning("broker_password_received", rotation=secret.rotation,
                     path=str(self.path))
@@ -147,8 +156,9 @@ class BrokerCredentials:
 
     @property
     def pending_rotation(self) -> str | None:
+        """The newest rotation received but not yet used for a login."""
         with self._lock:
-            return None if self._next is None else self._next.rotation
+            return self._pending[0].rotation if self._pending else None
 
     # ------------------------------------------------------------- PasswordProvider
 
@@ -173,22 +183,25 @@ class BrokerCredentials:
                         hint="falling back to the previous password")
 
     def accepted(self) -> None:
-        """The broker accepted the password just tried; a new one is now the only one."""
+        """The broker accepted the password just tried: a received one becomes the
+        current one, and everything older is forgotten."""
         with self._lock:
-            self._login = self._trying
+            used = self._login = self._trying
             self._index = 0
-            nxt = self._next
-            if nxt is None or self._trying is not nxt:
+            if used is None or used not in self._pending:
                 return
+            pending = [s for s in self._pending if s.t > used.t]
             cfg = fingerprint(self._configured)
-            self._save(nxt, None, cfg)  # if this fails, the next login promotes it
-            self._current, self._next, self._cfg = nxt, None, cfg
-        log.warning("broker_password_rotated", rotation=nxt.rotation)
+            self._save(used, pending, cfg)  # if this fails, the next login does it
+            self._current, self._pending, self._cfg = used, pending, cfg
+        log.warning("broker_password_rotated", rotation=used.rotation)
 
     # ------------------------------------------------------------- internals
 
     def _candidates(self) -> list[tuple[Secret | None, str]]:
-        stored = [(s, s.password) for s in (self._next, self._current) if s is not None]
+        stored = [(s, s.password) for s in self._pending]
+        if self._current is not None:
+            stored.append((self._current, self._current.password))
         configured = [] if self._configured is None else [(None, self._configured)]
         edited = self._current is not None and self._cfg != fingerprint(self._configured)
         ordered = configured + stored if edited else stored + configured
@@ -217,14 +230,16 @@ class BrokerCredentials:
                            "the device's current password into its agent config")
             return
         self._current = Secret.from_json(doc.get("current"))
-        self._next = Secret.from_json(doc.get("next"))
+        pending = doc.get("pending")
+        loaded = [Secret.from_json(s) for s in pending] if isinstance(pending, list) else []
+        self._pending = sorted((s for s in loaded if s is not None), key=lambda s: -s.t)
         cfg = doc.get("cfg")
         self._cfg = cfg if isinstance(cfg, str) else ""
 
-    def _save(self, current: Secret | None, nxt: Secret | None, cfg: str) -> None:
+    def _save(self, current: Secret | None, pending: list[Secret], cfg: str) -> None:
         doc = {"v": FORMAT, "cfg": cfg,
                "current": None if current is None else current.to_json(),
-               "next": None if nxt is None else nxt.to_json()}
+               "pending": [s.to_json() for s in pending]}
         write_private(self.path, json.dumps(doc, sort_keys=True).encode("utf-8"))
 
 

@@ -100,6 +100,7 @@ class MergeServer:
         self.rotation_files = RotationFiles(
             cfg.enrol.password_file or load_config(BrokerConfig, None, self.env)
             .resolved_password_file(), tuple(cfg.enrol.broker_reload))
+        self._rotation_failures: dict[str, int] = {}
         prefix = cfg.mqtt.prefix
         self.prefix = prefix
         up = f"{prefix}/+/up"
@@ -247,7 +248,8 @@ class MergeServer:
     def _advance_rotations(self) -> None:
         """Broker password rotations: the file steps they owe (`rotation_files`)."""
         try:
-            advance(self.store, self.engine.registry, self.rotation_files, wall_ms())
+            advance(self.store, self.engine.registry, self.rotation_files, wall_ms(),
+                    self._rotation_failures)
         except Exception:
             log.exception("password_rotation_failed")
 

@@ -66,13 +66,21 @@ class RotationFiles:
                       hint="fix enrol.broker_reload, or reload the broker by hand")
 
 
-def advance(store: Store, registry: Registry, files: RotationFiles, now: int) -> int:
-    """Carry out the steps the rotations in `registry` owe now; returns how many."""
+ERROR_REPEAT_MS = 300_000
+"""A step that keeps failing is logged again after this long (it is retried every tick)."""
+
+
+def advance(store: Store, registry: Registry, files: RotationFiles, now: int,
+            failing: dict[str, int] | None = None) -> int:
+    """Carry out the steps the rotations in `registry` owe now; returns how many.
+    `failing` (device -> when its failure was last logged) keeps a step that fails at
+    every tick from flooding the log."""
+    failing = {} if failing is None else failing
     steps = 0
     for row in registry.devices():
         rot = Rotation.from_json(row.rot)
         step = None if rot is None else rot.due(now)
-        if rot is None or step is None:
+        if rot is None or step is None or not _still_current(store, row.id, rot):
             continue
         try:
             if step == "switch":
@@ -80,16 +88,29 @@ def advance(store: Store, registry: Registry, files: RotationFiles, now: int) ->
             else:
                 files.retire(row.id)
         except (OSError, ConfigError, ValueError) as exc:
+            if now - failing.get(row.id, -ERROR_REPEAT_MS) < ERROR_REPEAT_MS:
+                continue
+            failing[row.id] = now
             log.error("password_rotation_step_failed", dev=row.id, rotation=rot.id,
                       step=step, password_file=str(files.password_file), error=str(exc),
                       hint="the server must be able to write the broker's password file "
                            "(enrol.password_file); it tries again at every tick")
             continue
+        failing.pop(row.id, None)
         if _record(store, row.id, rot, step, now):
             steps += 1
             log.warning("password_rotation_step", dev=row.id, rotation=rot.id, step=step,
                         forced=step == "retire" and not rot.login)
     return steps
+
+
+def _still_current(store: Store, dev: str, rot: Rotation) -> bool:
+    """The registry may be a tick old: a rotation superseded (or a device removed)
+    since must not have its step written into the broker's files."""
+    with store.read() as txn:
+        row = txn.get_device(dev)
+    fresh = None if row is None else Rotation.from_json(row.rot)
+    return fresh is not None and fresh.id == rot.id
 
 
 def _record(store: Store, dev: str, rot: Rotation, step: Step, now: int) -> bool:

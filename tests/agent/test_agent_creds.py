@@ -75,7 +75,7 @@ def test_the_new_password_is_stored_privately_before_offer_returns(tmp_path: Pat
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == [FILE_NAME]
     doc = json.loads(path.read_text())
-    assert doc["next"]["pw"] == NEW and doc["current"] is None
+    assert [s["pw"] for s in doc["pending"]] == [NEW] and doc["current"] is None
     again = BrokerCredentials(tmp_path, OLD)  # as after a crash and restart
     assert again.pending_rotation == "r-1"
     assert again.password() == NEW
@@ -105,7 +105,7 @@ def test_the_old_password_is_forgotten_only_after_a_login_with_the_new(
     creds.accepted()
     assert creds.login_rotation == "r-1" and creds.pending_rotation is None
     doc = json.loads((tmp_path / FILE_NAME).read_text())
-    assert doc["current"]["pw"] == NEW and doc["next"] is None
+    assert doc["current"]["pw"] == NEW and doc["pending"] == []
     reopened = BrokerCredentials(tmp_path, OLD)
     assert reopened.password() == NEW
     reopened.refused()
@@ -172,3 +172,41 @@ def test_a_damaged_file_falls_back_to_the_configured_password(tmp_path: Path,
     (tmp_path / FILE_NAME).write_bytes(content)
     creds = BrokerCredentials(tmp_path, OLD)
     assert creds.password() == OLD and creds.pending_rotation is None
+
+
+def test_a_superseded_password_still_logs_in_and_keeps_the_newer_one(tmp_path: Path) -> None:
+    """Two rotations received before any login: both are kept (the broker may have been
+    switched to the first); a login with the first keeps the second pending, a login
+    with the second forgets everything older."""
+    creds = BrokerCredentials(tmp_path, OLD)
+    creds.offer(Secret("r-1", 1000, "first-password-0123456"))
+    creds.offer(Secret("r-2", 2000, "second-password-012345"))
+    tried = []
+    for _ in range(3):
+        tried.append(creds.password())
+        creds.refused()
+    assert tried == ["second-password-012345", "first-password-0123456", OLD]
+    assert creds.password() == "second-password-012345"  # round again, newest first
+    creds.refused()  # the broker still has the first
+    assert creds.password() == "first-password-0123456"
+    creds.accepted()
+    assert creds.login_rotation == "r-1" and creds.pending_rotation == "r-2"
+    reopened = BrokerCredentials(tmp_path, OLD)
+    assert reopened.password() == "second-password-012345"
+    reopened.accepted()
+    doc = json.loads((tmp_path / FILE_NAME).read_text())
+    assert doc["current"]["id"] == "r-2" and doc["pending"] == []
+    seen = set()
+    for _ in range(4):  # the first password is gone; the configured one stays last
+        seen.add(reopened.password())
+        reopened.refused()
+    assert seen == {"second-password-012345", OLD}
+
+
+def test_at_most_a_few_received_passwords_are_kept(tmp_path: Path) -> None:
+    """An unbounded number of rotations never used for a login keeps the newest few."""
+    creds = BrokerCredentials(tmp_path, OLD)
+    for i in range(1, 10):
+        creds.offer(Secret(f"r-{i}", i * 1000, f"password-number-{i:06d}"))
+    doc = json.loads((tmp_path / FILE_NAME).read_text())
+    assert [s["id"] for s in doc["pending"]] == ["r-9", "r-8", "r-7", "r-6"]

@@ -57,12 +57,12 @@ def test_hostile_creds_commands_change_nothing(
 
     _send(server, _creds("c-good"))
     wait_until(lambda: _done(daemon, "c-good"), 10, message="creds done")
-    assert json.loads(path.read_text())["next"]["id"] == "r-2"
+    assert json.loads(path.read_text())["pending"][0]["id"] == "r-2"
     _send(server, _creds("c-replay", rotation="r-1", t=1000, password="older-password-000000"))
     _send(server, {"type": "command", "id": "c-ping2", "cmd": "ping"})
     wait_until(lambda: _done(daemon, "c-ping2"), 10, message="second ping done")
     assert not _done(daemon, "c-replay")
-    assert json.loads(path.read_text())["next"]["pw"] == NEW
+    assert [s["pw"] for s in json.loads(path.read_text())["pending"]] == [NEW]
     assert daemon.creds.pending_rotation == "r-2"
 
 
@@ -86,4 +86,4 @@ def test_falls_back_until_the_broker_takes_the_new_password(
                                     None), 30, message="a hello naming the rotation")
     assert "c-1" in hello["done"]
     stored = json.loads((daemon.creds.path.parent / FILE_NAME).read_text())
-    assert stored["current"]["id"] == "r-2" and stored["next"] is None
+    assert stored["current"]["id"] == "r-2" and stored["pending"] == []

@@ -81,7 +81,7 @@ def test_a_running_device_gets_its_new_password_without_lockout(fleet: Fleet) ->
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     stored = json.loads(path.read_text())
     assert stored["current"] == {"id": doc["rotation"], "t": stored["current"]["t"], "pw": new}
-    assert stored["next"] is None
+    assert stored["pending"] == []
     fleet.wait_converged("van-1", "van-2")
     assert fleet.value("tasks", "t-2", "notes") == "during"
     assert {r.key for r in fleet.agent("van-1").list("tasks")} >= {"t-1", "t-2", "t-3"}
