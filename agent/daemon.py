@@ -36,7 +36,6 @@ import uuid
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -45,7 +44,7 @@ from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
 from agent.catchup import CatchupRound
 from agent.creds import BrokerCredentials
 from agent.daemon_policy import PolicyHooks
-from agent.daemon_receive import AGENT_NAME, RELOGIN_FIRST_S, ReceiveHooks
+from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
 from schemas import codec, wire
@@ -127,9 +126,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         if policy is not None:
             self.gate.restore_budget(policy.get("budget"))
         self._take_sync_now()
-        self.creds = BrokerCredentials(Path(cfg.data_dir), cfg.mqtt.resolved_password(self.env))
-        self._relogin_at = 0.0
-        self._relogin_wait = RELOGIN_FIRST_S
+        self.creds = BrokerCredentials(cfg.data_dir, cfg.mqtt.resolved_password(self.env))
         self.link = self._make_link()
 
     def _make_link(self) -> MqttLink:

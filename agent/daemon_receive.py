@@ -55,8 +55,8 @@ class ReceiveHooks:
     creds: BrokerCredentials
     link: MqttLink
     _connected: bool
-    _relogin_at: float
-    _relogin_wait: float
+    _relogin_at: float = 0.0  # a pending password at start: try it at the first turn
+    _relogin_wait: float = RELOGIN_FIRST_S
 
     def _relogin_soon(self) -> None:
         """Log in with the new password at the next timer turn."""
