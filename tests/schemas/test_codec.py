@@ -624,7 +624,7 @@ def test_batch_over_1000_changes_is_too_large() -> None:
         ),
         pytest.param(
             orjson.dumps({"type": "command", "v": 1, "id": "c", "cmd": "format-disk"}),
-            "cmd: Input should be 'wipe', 'resync', 'ping', 'scopes' or 'sync'",
+            "cmd: Input should be 'wipe', 'resync', 'ping', 'scopes', 'sync' or 'creds'",
             id="bad-command",
         ),
         pytest.param(
