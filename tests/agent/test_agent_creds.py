@@ -210,3 +210,42 @@ def test_at_most_a_few_received_passwords_are_kept(tmp_path: Path) -> None:
         creds.offer(Secret(f"r-{i}", i * 1000, f"password-number-{i:06d}"))
     doc = json.loads((tmp_path / FILE_NAME).read_text())
     assert [s["id"] for s in doc["pending"]] == ["r-9", "r-8", "r-7", "r-6"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["offer", "login", "restart"]),
+                          st.integers(min_value=0, max_value=5)), max_size=15))
+def test_a_password_the_broker_takes_is_found_within_one_round(
+        steps: list[tuple[str, int]]) -> None:
+    """No lockout: whatever rotations arrived, logins and restarts happened, if the
+    broker accepts the configured password or any received one that no later login
+    superseded, the device logs in within one round of its candidates."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        creds = BrokerCredentials(data, OLD)
+        offered: list[str] = []
+        t = 0
+        for action, pick in steps:
+            if action == "offer":
+                t += 1000
+                pw = f"rotated-password-{t:08d}"
+                creds.offer(Secret(f"r-{t}", t, pw))
+                offered.append(pw)
+            elif action == "restart":
+                creds = BrokerCredentials(data, OLD)
+            else:
+                # The broker takes exactly one of the passwords that may be live.
+                live = [OLD, *offered[-4:]]
+                accepted = live[pick % len(live)]
+                for _ in range(6):
+                    if creds.password() == accepted:
+                        creds.accepted()
+                        break
+                    creds.refused()
+                else:
+                    raise AssertionError(f"locked out: broker takes {accepted!r}")
+                if accepted != OLD:
+                    # Older rotations are superseded by this login; the broker will not
+                    # go back to them (the server only moves forward).
+                    offered = offered[offered.index(accepted):]
