@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from agent import scopes, txn_sync
-from agent.caps import AGENT_CAPS, SCHEMA
+from agent import schema_update, scopes, txn_sync
+from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
 from agent.status import record_online
@@ -244,6 +244,18 @@ class Sync(Receiving):
 
         self.upgrade_needed = self._core.write(run)
         return self.upgrade_needed
+
+    def take_schema(self, msg: wire.SchemaPush) -> schema_update.Taken | None:
+        """A `schema` message (§7.13): take the version if the server agreed
+        `schema_push` on this connection (None: it did not; the message is ignored),
+        then bring the declared indexes in line with it (agent.query)."""
+        if self.server_caps is None or SCHEMA_PUSH not in self.server_caps:
+            return None
+        taken = schema_update.take(self._core, msg)
+        if taken.changed:
+            from agent.query.maintain import ensure_indexes
+            ensure_indexes(self._core)
+        return taken
 
     def status_message(self, online: bool, agent_version: str | None = None) -> wire.Status:
         """The retained `status` (§7.10): presence and counts, nothing private."""

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from schemas.wire_down import (
+    MAX_SCHEMA_PUSH_TEXT,
     Ack,
     Checkpoint,
     Command,
@@ -25,6 +26,7 @@ from schemas.wire_down import (
     Page,
     Reject,
     Rejection,
+    SchemaPush,
     Welcome,
 )
 from schemas.wire_types import (
@@ -241,6 +243,7 @@ DOWN_TYPES: dict[str, type[Message]] = {
     "checkpoint": Checkpoint,
     "command": Command,
     "welcome": Welcome,
+    "schema": SchemaPush,
 }
 STATUS_TYPES: dict[str, type[Message]] = {"status": Status}
 SERVER_TYPES: dict[str, type[Message]] = {"server": ServerState}
@@ -260,6 +263,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
     "MAX_SAFE_INT",
+    "MAX_SCHEMA_PUSH_TEXT",
     "PROTOCOL_VERSION",
     "SERVER_TYPES",
     "STAMP_PATTERN",
@@ -296,6 +300,7 @@ __all__ = [
     "Reject",
     "Rejection",
     "ReqId",
+    "SchemaPush",
     "SchemaVersion",
     "ScopeId",
     "Seq",

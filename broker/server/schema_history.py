@@ -10,7 +10,9 @@ device has reported running it, or when every migration it declares has an inver
 (rename, convert, split, merge).
 
 Every operation is one store transaction, so two operators publishing at once cannot
-both win: the second sees the first's version and is checked against it.
+both win: the second sees the first's version and is checked against it. Publishing and
+rolling back bump the registry generation in the same transaction: running servers
+reload the history at their next tick (`broker.server.schema_push`).
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def publish(store: Store, text: str, source: str, now_ms: int) -> Published:
         else:
             differences = check_step(previous.catalog, catalog, migrations)
         txn.put_schema_version(SchemaVersionRow(catalog.version, now_ms, source, text))
+        txn.bump_registry()  # running servers reload the history (broker.server.schema_push)
         return Published(catalog.version, previous.row.version if previous else None,
                          differences)
 
@@ -159,6 +162,7 @@ def rollback(store: Store, now_ms: int) -> tuple[int, int]:
                 f"{max(r.version for r in rows(txn)) + 1} that restores what you need")
         txn.put_schema_version(SchemaVersionRow(top.row.version, top.row.published_ms,
                                                 top.row.source, top.row.text, now_ms))
+        txn.bump_registry()  # running servers go back to `below` and tell devices
         return top.row.version, below.row.version
 
     return store.transact(run)
