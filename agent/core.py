@@ -100,6 +100,8 @@ class Settings:
     heartbeat_timeout_s: float = 65.0
     plaintext_indexes: bool = False
     """Keep indexes on an encrypted store (their keys are plain text; agent.query)."""
+    schema_push: bool = True
+    """Offer the `schema_push` capability (sync.schema_push; agent.schema_update)."""
 
 
 class Core:

@@ -201,15 +201,23 @@ class Sync(Receiving):
                               z=z, done=list(work.tx.meta("cmds", []))[-MAX_COMMAND_IDS:],
                               inc=work.incarnation(),
                               cp={s: work.checkpoint(s).cp for s in core.scopes},
-                              caps=sorted(AGENT_CAPS))
+                              caps=sorted(self.offered))
 
         return core.read(run)
+
+    @property
+    def offered(self) -> frozenset[str]:
+        """The features this agent offers in `hello`: all it speaks, but `schema_push`
+        only when its configuration takes schema versions from the server."""
+        if self._core.settings.schema_push:
+            return AGENT_CAPS
+        return AGENT_CAPS - {SCHEMA_PUSH}
 
     def apply_welcome(self, msg: wire.Welcome) -> frozenset[str]:
         """Note the features the server agreed to (only ones this agent offered), and
         with `schema` whether this device is too old for the server (see
         `apply_schema_versions`)."""
-        self.server_caps = frozenset(msg.caps) & AGENT_CAPS
+        self.server_caps = frozenset(msg.caps) & self.offered
         if SCHEMA in self.server_caps:
             self.apply_schema_versions(msg.sv, msg.sv_min)
         return self.server_caps
