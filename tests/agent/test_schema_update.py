@@ -5,6 +5,10 @@ fit, and undone when the server rolls the version back."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from agent.store import record_key
 from schemas import codec, wire
 from schemas.collection import Catalog, parse_catalog
 from schemas.errors import ProtocolError
-from tests.agent.agentkit import FakeClock, assert_views_consistent, make_cfg, rec
+from tests.agent.agentkit import FakeClock, assert_views_consistent, make_cfg, rec, wait_until
 from tests.schema_versions import V1, V2, V3, V4
 
 TEXTS = {1: V1, 2: V2, 3: V3, 4: V4}
@@ -125,6 +129,7 @@ def test_a_version_that_does_not_fit_is_refused_with_no_change(v2: Agent, case: 
     assert after == before and v2.catalog.version == 2
     err = v2.status().last_error
     assert err is not None and err["code"] == "schema_refused" and err["reason"] == taken.problem
+    assert f"schema version refused: {taken.problem}" in v2.status().summary()
     # Once a version that fits arrives, the problem is cleared.
     assert v2.sync.take_schema(push(3)).changed  # type: ignore[union-attr]
     assert v2.status().last_error is None
@@ -232,3 +237,31 @@ def test_a_dropped_collection_leaves_the_device(v2: Agent) -> None:
     rk = record_key("inspections", "i-1")
     assert v2._core.read(lambda work: work.tx.get("base", rk)) is None
     assert v2._core.read(lambda work: work.tx.get("view", rk)) is None
+
+
+def test_kill_9_while_taking_a_version_leaves_the_old_one(tmp_path: Path) -> None:
+    """A real crash (SIGKILL) after the records were rewritten, before the commit: the
+    store opens on version 2 with its data as it was, and takes version 3 afterwards."""
+    root = Path(__file__).resolve().parents[2]
+    data, ready = tmp_path / "data", tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "tests/agent/schema_crasher.py"), str(data), str(ready)],
+        stdout=subprocess.PIPE, text=True, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        wait_until(ready.exists, timeout=60)
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL and "committed" not in out
+    with Agent.open(make_cfg(data), cat(2)) as ag:
+        assert ag.catalog.version == 2
+        assert ag.get("tasks", "t-1").fields["notes"] == "gate"
+        assert [(e["sv"], e["ch"]["f"]["notes"]) for e in ag.pending()] == [(2, "mine")]
+        assert ag._core.read(lambda work: work.tx.meta("schema")) is None
+        assert_views_consistent(ag)
+        ag.sync.apply_welcome(AGREED)
+        assert ag.sync.take_schema(push(3)).changed  # type: ignore[union-attr]
+        assert ag.get("tasks", "t-1").fields["note"] == "gate"
