@@ -29,6 +29,7 @@ from tests.server.helpers import (
     status,
     task,
 )
+from waystation import merge
 
 TEXTS = {1: V1, 2: V2, 3: V3, 4: V4}
 
@@ -153,3 +154,35 @@ def test_live_schema_picks_the_version_to_run(store_factory: StoreFactory) -> No
     with store.read() as txn:
         live.refresh(txn)
     assert live.catalog.version == 4 and live.push_for(2) is None
+
+
+def test_publish_and_rollback_rewrite_the_stored_records(store_factory: StoreFactory,
+                                                        tmp_path: Path) -> None:
+    """Records stored under version 2 are renamed by the publish of 3 (and its eta kept
+    an int), converted by 4 (eta -> string), and taken back by the rollback of 4."""
+    engine, store, time = setup(store_factory, tmp_path)
+    engine.handle_up("van-1", hello("van-1", 2))
+    out = by_device(engine.handle_up("van-1", changes("van-1", [
+        task(1, "t-1", notes="ring", eta=17), task(2, "t-2", eta=5)], sv=2)))["van-1"]
+    assert len(oks(out)) == 2
+
+    def fields(key: str) -> dict[str, Any]:
+        with store.read() as txn:
+            raw = txn.get_record("tasks", key)
+        assert raw is not None
+        return merge.to_rec(merge.from_json(raw))["f"]
+
+    assert schema_history.publish(store, V3, "v3.toml", time()).records == 1  # t-2: no notes
+    assert fields("t-1") == {"route": "r1", "note": "ring", "eta": 17}
+    assert schema_history.publish(store, V4, "v4.toml", time()).records == 2
+    assert fields("t-1")["eta"] == "17" and fields("t-2")["eta"] == "5"
+    schema_history.rollback(store, time())
+    assert fields("t-1") == {"route": "r1", "note": "ring", "eta": 17}
+    # The engine, on version 3 now, projects the record down for a device on 2.
+    engine.tick()
+    engine.handle_up("van-2", hello("van-2", 2))
+    page = of_type(by_device(engine.handle_up("van-2", orjson.dumps({
+        "type": "catchup", "v": 1, "dev": "van-2", "req": "c", "cp": {"r1": 0}})))["van-2"],
+        "page")[0]
+    t1 = next(r for r in page["recs"] if r["k"] == "t-1")
+    assert t1["f"] == {"route": "r1", "notes": "ring", "eta": 17}
