@@ -136,8 +136,8 @@ def take(core: Core, msg: wire.SchemaPush) -> Taken:
         if tx.meta("sv") != old_catalog.version:
             return Taken(msg.sv, old_catalog.version, False)  # another process moved on
         core.catalog = new
-        records = _rewrite_records(work, steps, up, old_catalog, new)
-        pending = _rewrite_pending(work, steps, up, old_catalog, new)
+        records = _rewrite_records(work, steps, up, new)
+        pending = _rewrite_pending(work, steps, up, old_catalog.version, new)
         for rk in sorted({*records, *pending}):
             c, k = split_record_key(rk)
             work.refresh_view(rk, c, k, work.load_base(rk, c, k))
@@ -172,8 +172,7 @@ def _touched(steps: list[Step]) -> list[str]:
     return sorted({s.m.collection for s in steps})
 
 
-def _rewrite_records(work: Work, steps: list[Step], up: bool, old: Catalog,
-                     new: Catalog) -> set[bytes]:
+def _rewrite_records(work: Work, steps: list[Step], up: bool, new: Catalog) -> set[bytes]:
     """Every base record of a collection the steps touch, in `new`'s shape."""
     out: set[bytes] = set()
     tx = work.tx
@@ -204,7 +203,7 @@ def _rewrite_records(work: Work, steps: list[Step], up: bool, old: Catalog,
     return out
 
 
-def _rewrite_pending(work: Work, steps: list[Step], up: bool, old: Catalog,
+def _rewrite_pending(work: Work, steps: list[Step], up: bool, old: int,
                      new: Catalog) -> set[bytes]:
     """Pending changes written under the version the device ran, carried to `new` and
     relabelled; one that cannot be carried keeps its version (the server upcasts or
@@ -213,7 +212,7 @@ def _rewrite_pending(work: Work, steps: list[Step], up: bool, old: Catalog,
     touched = set(_touched(steps))
     tx = work.tx
     for key, entry in list(tx.items("outbox")):
-        if entry.get("sv") != old.version:
+        if entry.get("sv") != old:
             continue
         ch: dict[str, Any] = entry["ch"]
         c = ch.get("c")

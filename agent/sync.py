@@ -21,6 +21,7 @@ from agent import schema_update, scopes, txn_sync
 from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
+from agent.query.maintain import ensure_indexes
 from agent.status import record_online
 from agent.store import n_key, split_record_key
 from agent.sync_receive import AckResult, CheckpointResult, Receiving, RejectResult
@@ -261,7 +262,6 @@ class Sync(Receiving):
             return None
         taken = schema_update.take(self._core, msg)
         if taken.changed:
-            from agent.query.maintain import ensure_indexes
             ensure_indexes(self._core)
         return taken
 

@@ -61,6 +61,8 @@ def test_devices_take_published_versions_offline_and_online(fleet: Fleet,
     fleet.wait_drained("van-a")
     assert [e["sv"] for e in fleet.agents["van-a"].events("schema_taken")] == [2, 3]
     assert fleet.value("tasks", "t-2", "note") == "offline"
+    t1 = fleet.record("tasks", "t-1")  # stored under 1, rewritten by the publish of 3
+    assert t1 is not None and t1["f"]["note"] == "first" and "notes" not in t1["f"]
     assert ag.get("tasks", "t-1").fields["note"] == "first"
     assert ag.get("tasks", "t-2").fields["note"] == "offline"
     assert "notes" not in ag.get("tasks", "t-2").fields
