@@ -59,7 +59,9 @@ def test_devices_take_published_versions_offline_and_online(fleet: Fleet,
     fleet.start_agent("van-a")
     fleet.wait(lambda: runs(fleet, "van-a", 3), what="van-a took versions 2 and 3")
     fleet.wait_drained("van-a")
-    assert [e["sv"] for e in fleet.agents["van-a"].events("schema_taken")] == [2, 3]
+    # One version per step, in order (the log line follows the commit: wait for it).
+    fleet.wait(lambda: [e["sv"] for e in fleet.agents["van-a"].events("schema_taken")]
+               == [2, 3] or None, what="van-a logged taking 2 then 3")
     assert fleet.value("tasks", "t-2", "note") == "offline"
     t1 = fleet.record("tasks", "t-1")  # stored under 1, rewritten by the publish of 3
     assert t1 is not None and t1["f"]["note"] == "first" and "notes" not in t1["f"]
