@@ -11,11 +11,17 @@ SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
 
-AGENT_CAPS: frozenset[str] = frozenset({"creds", "scopes", "sync", "txn", SCHEMA})
+SCHEMA_PUSH = "schema_push"
+"""The server sends the published schema version to run next in a `schema` message; the
+agent takes it in one store transaction and says so in a new `hello` (PROTOCOL.md §7.13,
+agent.schema_update)."""
+
+AGENT_CAPS: frozenset[str] = frozenset({"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH})
 """creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
 scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
 txn: transactions sent as units (§7.2.1; agent.txn_sync).
-schema: the server's schema versions in `welcome` (§11)."""
+schema: the server's schema versions in `welcome` (§11).
+schema_push: see `SCHEMA_PUSH`."""
 
-__all__ = ["AGENT_CAPS", "SCHEMA"]
+__all__ = ["AGENT_CAPS", "SCHEMA", "SCHEMA_PUSH"]

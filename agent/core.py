@@ -19,7 +19,10 @@ inc         the store's current incarnation (PROTOCOL.md §2): random, created w
 ctr         [next n, HLC wall, HLC counter, last feed seq]: read-modify-written
             inside every write transaction, so n stays gapless and stamps
             monotonic across processes
-sv          collection-schema version the agent last opened the store with
+sv          collection-schema version the store's data is in: the one the agent last
+            opened it with, or took from the server since (agent.schema_update)
+schema      the schema version taken from the server (agent.schema_store)
+schemas     the texts of the versions taken, to go back down (agent.schema_update)
 gen         snapshot generation counter (§9.5)
 cmds        ids of executed commands (newest 1,000)
 last_sync   time (ms) of the last ack or completed catch-up
@@ -42,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from agent import scopes
+from agent import schema_store, scopes
 from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
@@ -97,6 +100,8 @@ class Settings:
     heartbeat_timeout_s: float = 65.0
     plaintext_indexes: bool = False
     """Keep indexes on an encrypted store (their keys are plain text; agent.query)."""
+    schema_push: bool = True
+    """Offer the `schema_push` capability (sync.schema_push; agent.schema_update)."""
 
 
 class Core:
@@ -123,6 +128,7 @@ class Core:
                     f"the local store at {self.store.path} was wiped by the operator (remote "
                     "wipe): nothing can be written to it; open the agent again")
             self.scopes = scopes.effective(tx.meta(scopes.META_KEY), self.settings.scopes)
+            self._follow_schema(tx)
             work = Work(self, tx)
             result = fn(work)
             work.finish()
@@ -136,9 +142,17 @@ class Core:
                 raise StoreGone(f"the local store at {self.store.path} was wiped by the "
                                 "operator (remote wipe); open the agent again")
             self.scopes = scopes.effective(tx.meta(scopes.META_KEY), self.settings.scopes)
+            self._follow_schema(tx)
             return fn(Work(self, tx))
 
         return self.store.read(run)
+
+    def _follow_schema(self, tx: Tx) -> None:
+        """Run the schema version another process took from the server (meta `sv`
+        moved; agent.schema_update): every process on the store agrees, as for scopes."""
+        taken = schema_store.follow(tx, self.catalog)
+        if taken is not None:
+            self.catalog = taken
 
     def claim_identity(self) -> None:
         """Bind a new store to this device id; refuse a store of another device."""

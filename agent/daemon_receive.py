@@ -110,6 +110,17 @@ class ReceiveHooks:
         elif isinstance(msg, wire.Welcome):
             caps = self.sync.apply_welcome(msg)
             log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))
+        elif isinstance(msg, wire.SchemaPush):
+            self._on_schema(msg)
+
+    def _on_schema(self, msg: wire.SchemaPush) -> None:
+        """Take the schema version the server sends (agent.schema_update); once taken,
+        `hello` says the new `sv` so the server stops projecting records down."""
+        taken = self.sync.take_schema(msg)
+        if taken is None:
+            log.warning("schema_not_agreed", dev=self.dev, sv=msg.sv)
+        elif taken.changed:
+            self._send(self.sync.hello(AGENT_NAME, z=True))
 
     def _on_reject(self, msg: wire.Reject) -> None:
         result = self.sync.apply_reject(msg)

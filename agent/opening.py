@@ -12,6 +12,7 @@ from agent import wipe
 from agent.core import Core, Settings
 from agent.keyring import KeyEncryptionKey
 from agent.query.maintain import ensure_indexes
+from agent.schema_store import choose_catalog
 from agent.store import Store
 from schemas.collection import Catalog
 from waystation.config import AgentConfig, expand_path
@@ -71,8 +72,12 @@ class Opener:
         settings = Settings(device_id=cfg.device_id, scopes=tuple(cfg.scopes),
                             catchup_page=cfg.sync.catchup_page,
                             heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5,
-                            plaintext_indexes=cfg.storage.plaintext_indexes)
-        core = Core(store, settings, self.catalog, self.now_ms)
+                            plaintext_indexes=cfg.storage.plaintext_indexes,
+                            schema_push=cfg.sync.schema_push)
+        # The schema version taken from the server, unless the file is newer
+        # (agent.schema_store); `self.catalog` stays the file's for a re-open.
+        catalog = store.read(lambda tx: choose_catalog(tx, self.catalog))
+        core = Core(store, settings, catalog, self.now_ms)
         if wipe.is_gone(store):
             return core  # finished by open(); claiming would be refused
         try:

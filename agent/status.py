@@ -92,7 +92,10 @@ class AgentStatus:
         else:
             text = f"offline — nothing pending; {last}"
         extras = []
-        if self.last_error:
+        if self.last_error and self.last_error.get("code") == "schema_refused":
+            # The device's own verdict on a version the server sent (agent.schema_update)
+            extras.append(f"schema version refused: {self.last_error.get('reason', '')}")
+        elif self.last_error:
             extras.append(f"server says: {self.last_error.get('reason', '')}")
         if self.wiped:
             extras.append("this device was wiped by the operator")

@@ -17,10 +17,11 @@ from typing import Any
 
 import orjson
 
-from agent import scopes, txn_sync
-from agent.caps import AGENT_CAPS, SCHEMA
+from agent import schema_update, scopes, txn_sync
+from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
+from agent.query.maintain import ensure_indexes
 from agent.status import record_online
 from agent.store import n_key, split_record_key
 from agent.sync_receive import AckResult, CheckpointResult, Receiving, RejectResult
@@ -201,15 +202,23 @@ class Sync(Receiving):
                               z=z, done=list(work.tx.meta("cmds", []))[-MAX_COMMAND_IDS:],
                               inc=work.incarnation(),
                               cp={s: work.checkpoint(s).cp for s in core.scopes},
-                              caps=sorted(AGENT_CAPS))
+                              caps=sorted(self.offered))
 
         return core.read(run)
+
+    @property
+    def offered(self) -> frozenset[str]:
+        """The features this agent offers in `hello`: all it speaks, but `schema_push`
+        only when its configuration takes schema versions from the server."""
+        if self._core.settings.schema_push:
+            return AGENT_CAPS
+        return AGENT_CAPS - {SCHEMA_PUSH}
 
     def apply_welcome(self, msg: wire.Welcome) -> frozenset[str]:
         """Note the features the server agreed to (only ones this agent offered), and
         with `schema` whether this device is too old for the server (see
         `apply_schema_versions`)."""
-        self.server_caps = frozenset(msg.caps) & AGENT_CAPS
+        self.server_caps = frozenset(msg.caps) & self.offered
         if SCHEMA in self.server_caps:
             self.apply_schema_versions(msg.sv, msg.sv_min)
         return self.server_caps
@@ -244,6 +253,17 @@ class Sync(Receiving):
 
         self.upgrade_needed = self._core.write(run)
         return self.upgrade_needed
+
+    def take_schema(self, msg: wire.SchemaPush) -> schema_update.Taken | None:
+        """A `schema` message (§7.13): take the version if the server agreed
+        `schema_push` on this connection (None: it did not; the message is ignored),
+        then bring the declared indexes in line with it (agent.query)."""
+        if self.server_caps is None or SCHEMA_PUSH not in self.server_caps:
+            return None
+        taken = schema_update.take(self._core, msg)
+        if taken.changed:
+            ensure_indexes(self._core)
+        return taken
 
     def status_message(self, online: bool, agent_version: str | None = None) -> wire.Status:
         """The retained `status` (§7.10): presence and counts, nothing private."""

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from schemas.wire_down import (
+    MAX_SCHEMA_PUSH_TEXT,
     Ack,
     Checkpoint,
     Command,
@@ -25,6 +26,7 @@ from schemas.wire_down import (
     Page,
     Reject,
     Rejection,
+    SchemaPush,
     Welcome,
 )
 from schemas.wire_types import (
@@ -244,6 +246,7 @@ DOWN_TYPES: dict[str, type[Message]] = {
     "checkpoint": Checkpoint,
     "command": Command,
     "welcome": Welcome,
+    "schema": SchemaPush,
 }
 STATUS_TYPES: dict[str, type[Message]] = {"status": Status}
 SERVER_TYPES: dict[str, type[Message]] = {"server": ServerState}
@@ -263,6 +266,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
     "MAX_SAFE_INT",
+    "MAX_SCHEMA_PUSH_TEXT",
     "PROTOCOL_VERSION",
     "SERVER_TYPES",
     "STAMP_PATTERN",
@@ -299,6 +303,7 @@ __all__ = [
     "Reject",
     "Rejection",
     "ReqId",
+    "SchemaPush",
     "SchemaVersion",
     "ScopeId",
     "Seq",

@@ -1,5 +1,5 @@
 """Wire models of the messages the server sends a device on its down topic
-(PROTOCOL.md §7.4 to §7.9, §11). Re-exported by `schemas.wire`, where callers import them.
+(PROTOCOL.md §7.4 to §7.9, §7.13, §11). Re-exported by `schemas.wire`, where callers import them.
 """
 
 from __future__ import annotations
@@ -112,3 +112,18 @@ class Welcome(Message):
     """With the `schema` capability: the oldest schema version whose changes the server
     upcasts (its oldest published version); absent: the server states none."""
 
+
+
+MAX_SCHEMA_PUSH_TEXT = 65_536
+"""The longest schema file text a `schema` message carries, in characters (a fleet schema
+is a few KiB; with JSON escaping it stays under the 256 KiB payload limit)."""
+
+
+class SchemaPush(Message):
+    """Capability `schema_push` (§7.13): a published collection-schema version for the
+    device to run, the schema file's TOML text as published (its `[[migrations]]`
+    from the version before included)."""
+
+    type: Literal["schema"] = "schema"
+    sv: SchemaVersion
+    text: Annotated[str, Field(min_length=1, max_length=MAX_SCHEMA_PUSH_TEXT)]

@@ -77,6 +77,7 @@ def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         store.close()
     if args.json:
         print(json.dumps({"version": done.version, "previous": done.previous,
+                          "records_rewritten": done.records,
                           "differences": [_diff_json(d) for d in done.differences]},
                          indent=2))
         return EXIT_OK
@@ -85,7 +86,11 @@ def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     else:
         print(f"published schema version {done.version} after {done.previous}")
         _print_differences(done.differences)
-    print("restart the servers (`systemctl restart waystation-server`) to serve it")
+        if done.records:
+            print(f"{done.records} stored records rewritten in version {done.version}'s "
+                  "names and types")
+    print("running servers serve it within a few seconds (no restart); devices that take "
+          "versions from the server follow when online")
     return EXIT_OK
 
 
@@ -129,8 +134,9 @@ def cmd_schema_rollback(args: argparse.Namespace, env: Mapping[str, str]) -> int
     if getattr(args, "json", False):
         print(json.dumps({"rolled_back": was, "live": now}))
         return EXIT_OK
-    print(f"rolled back schema version {was}; version {now} is live again. Restart the "
-          "servers to serve it")
+    print(f"rolled back schema version {was}; version {now} is live again: running servers "
+          "serve it within a few seconds, and devices that took version "
+          f"{was} from the server go back to {now}")
     return EXIT_OK
 
 

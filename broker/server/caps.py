@@ -14,13 +14,19 @@ SCHEMA = "schema"
 """The server states its schema versions in `welcome` (`sv`, `sv_min`) and holds back
 changes written under a version older than `sv_min` (PROTOCOL.md §11)."""
 
-SERVER_CAPS: frozenset[str] = frozenset({"creds", "scopes", "sync", "txn", SCHEMA})
+SCHEMA_PUSH = "schema_push"
+"""The server sends a device that runs another schema version than the server's the
+published version it should run next, in a `schema` message (PROTOCOL.md §7.13), at its
+`hello` and when the operator publishes or rolls back while it is online."""
+
+SERVER_CAPS: frozenset[str] = frozenset({"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH})
 """creds: `waystation device rotate-password` reaches the device as a `creds` command
 (§7.9) and `hello.cred` tells the server it logged in with the new password (§7.1).
 scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
 sync: `waystation device sync` reaches the device as a `sync` command (§7.9).
 txn: transactions applied all or none (§7.2.1, §10.5).
-schema: see `SCHEMA`."""
+schema: see `SCHEMA`.
+schema_push: see `SCHEMA_PUSH`."""
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
@@ -28,4 +34,4 @@ def agreed(offered: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(offered) & SERVER_CAPS))
 
 
-__all__ = ["SCHEMA", "SERVER_CAPS", "agreed"]
+__all__ = ["SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "agreed"]

@@ -333,7 +333,8 @@ def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
             metrics.append(serve_metrics(server, cfg.metrics_port, cfg.metrics_host))
         log.info("server_started", server_id=cfg.server_id,
                  broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", store=cfg.store.kind,
-                 schema_version=catalog.version, subscription=server.up_filter,
+                 schema_version=server.engine.catalog.version,
+                 schema_file_version=catalog.version, subscription=server.up_filter,
                  metrics=f"{cfg.metrics_host}:{cfg.metrics_port}" if metrics else None)
 
     def stop() -> None:

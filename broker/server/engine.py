@@ -41,7 +41,7 @@ import structlog
 from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats
-from broker.server.caps import SCHEMA, agreed
+from broker.server.caps import agreed
 from broker.server.downcast import Downcaster
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.hello_round import hello_commands, note_incarnation
@@ -53,13 +53,13 @@ from broker.server.messages import (
     error_message,
     reject_messages,
     rejection,
-    welcome_message,
 )
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
 from broker.server.registry import Registry
 from broker.server.replies import change_replies, letter
+from broker.server.schema_push import LiveSchema
 from broker.server.store.base import (
     DeadLetter,
     DeadLetterStats,
@@ -67,7 +67,6 @@ from broker.server.store.base import (
     Store,
     WriteTxn,
 )
-from broker.server.upcast import SchemaChain
 from schemas import codec
 from schemas.codec import LenientChanges
 from schemas.collection import Catalog
@@ -107,9 +106,9 @@ class Engine:
         self.clock = clock if clock is not None else Clock(SERVER_NODE, now_ms)
         self.rules = list(load_rules(self.cfg.rules) if rules is None else rules)
         self.applier = Applier(catalog, self.cfg, self.clock, now_ms, self.rules)
-        self.applier.chain = SchemaChain.load(store, catalog)
-        self.downcaster = (Downcaster(self.applier.chain, catalog.version)
-                           if self.applier.chain.versions else None)
+        self.schema = LiveSchema(catalog)  # loaded with the registry, below
+        self.downcaster: Downcaster | None = None
+        self._schema_out: list[Outgoing] = []
         self.registry = Registry()
         self.presence = Presence()
         self.counters: Counter[str] = Counter()
@@ -244,6 +243,8 @@ class Engine:
             if self.registry.generation != self._commands_gen:
                 self._commands_gen = self.registry.generation
                 out.extend(self._push_commands())
+            out.extend(self._schema_out)
+            self._schema_out = []
             out.extend(self._drain_notices())
             if now >= self._next_purge:
                 retention_ms = self.cfg.tombstone_retention_s * 1000
@@ -445,13 +446,7 @@ class Engine:
         elif inc.kind == "hello":
             msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
             if inc.msg.caps is not None:  # a device that speaks §11 is told what is agreed
-                caps = agreed(inc.msg.caps)
-                if SCHEMA in caps:
-                    msgs.insert(0, welcome_message(caps, SERVER_NAME, self.catalog.version,
-                                                   self.applier.chain.oldest
-                                                   if self.applier.chain else None))
-                else:
-                    msgs.insert(0, welcome_message(caps, SERVER_NAME))
+                msgs[:0] = self.schema.welcome(agreed(inc.msg.caps), SERVER_NAME, inc.msg.sv)
             self._sent_commands.update(c.id for c in inc.commands)
         elif inc.kind == "changes":
             msgs = change_replies(dev, inc.results, inc.msg.bad, fan)
@@ -471,8 +466,18 @@ class Engine:
     # ------------------------------------------------------------------ periodic work
 
     def _refresh_registry(self) -> bool:
+        """Reload the registry if it changed, and the schema history with it (`schema
+        publish` / `rollback` bump the generation): a new version is run at once and
+        sent to the online devices that take it (`broker.server.schema_push`)."""
         with self.store.read() as txn:
-            return self.registry.refresh(txn)
+            moved = self.registry.refresh(txn)
+            if not (moved and self.schema.refresh(txn)):
+                return moved
+        self.catalog = self.applier.catalog = self.schema.catalog
+        self.applier.chain = self.schema.chain
+        self.downcaster = self.schema.downcaster
+        self._schema_out = self.schema.pushes(self.registry.devices(), self.presence.online())
+        return moved
 
     def _push_commands(self) -> list[Outgoing]:
         cmds = unsent_commands(self.store, self.registry, self.presence, self._sent_commands)

@@ -10,7 +10,11 @@ device has reported running it, or when every migration it declares has an inver
 (rename, convert, split, merge).
 
 Every operation is one store transaction, so two operators publishing at once cannot
-both win: the second sees the first's version and is checked against it.
+both win: the second sees the first's version and is checked against it. Publishing and
+rolling back bump the registry generation in the same transaction: running servers
+reload the history at their next tick (`broker.server.schema_push`); the same
+transaction rewrites the stored records in the live version's names and types
+(`broker.server.schema_records`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from broker.server import schema_records
 from broker.server.store.base import ReadTxn, SchemaVersionRow, Store, WriteTxn
 from schemas.collection import Catalog, parse_catalog
 from schemas.errors import CollectionSchemaError, SchemaEvolutionError
@@ -32,6 +37,7 @@ from schemas.evolution import (
     check_step,
     parse_migrations,
 )
+from schemas.migrate import build_steps
 
 MAX_SCHEMA_TEXT = 1 << 20
 """A schema file larger than 1 MiB is refused (a fleet schema is a few KiB)."""
@@ -52,6 +58,8 @@ class Published:
     version: int
     previous: int | None
     differences: list[Difference]
+    records: int = 0
+    """Stored records rewritten in the new version's names and types."""
 
 
 def parse_text(text: str, source: str) -> tuple[Catalog, tuple[Migration, ...]]:
@@ -131,8 +139,13 @@ def publish(store: Store, text: str, source: str, now_ms: int) -> Published:
         else:
             differences = check_step(previous.catalog, catalog, migrations)
         txn.put_schema_version(SchemaVersionRow(catalog.version, now_ms, source, text))
+        txn.bump_registry()  # running servers reload the history (broker.server.schema_push)
+        records = 0
+        if previous is not None and migrations:
+            records = schema_records.rewrite(
+                txn, build_steps(previous.catalog, [(catalog, migrations)]), up=True)
         return Published(catalog.version, previous.row.version if previous else None,
-                         differences)
+                         differences, records)
 
     return store.transact(run)
 
@@ -159,6 +172,10 @@ def rollback(store: Store, now_ms: int) -> tuple[int, int]:
                 f"{max(r.version for r in rows(txn)) + 1} that restores what you need")
         txn.put_schema_version(SchemaVersionRow(top.row.version, top.row.published_ms,
                                                 top.row.source, top.row.text, now_ms))
+        txn.bump_registry()  # running servers go back to `below` and tell devices
+        if top.migrations:
+            schema_records.rewrite(txn, build_steps(below.catalog,
+                                                    [(top.catalog, top.migrations)]), up=False)
         return top.row.version, below.row.version
 
     return store.transact(run)

@@ -9,6 +9,7 @@ import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,13 @@ def stores() -> Iterator[dict[str, Agent]]:
 
 
 def use_schema(fleet: Fleet, dev: str, path: Path) -> None:
-    fleet.edit_agent_config(dev, lambda data: data.update(schema_file=str(path)))
+    """Run the schema file `path`, upgraded by hand only: the device does not take
+    versions from the server (sync.schema_push = false; that path: test_schema_push)."""
+    def edit(data: dict[str, Any]) -> None:
+        data.update(schema_file=str(path))
+        data.setdefault("sync", {})["schema_push"] = False
+
+    fleet.edit_agent_config(dev, edit)
 
 
 def server_runs(fleet: Fleet, path: Path) -> None:

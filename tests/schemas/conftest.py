@@ -20,6 +20,7 @@ from schemas.wire import (
     Rec,
     Reject,
     Rejection,
+    SchemaPush,
     ServerState,
     Status,
     Welcome,
@@ -127,6 +128,9 @@ def sample_messages() -> dict[str, Message]:
         "command-args": Command(id="cmd-8", cmd="ping", args={"note": "x", "n": [1, 2.5]}),
         "welcome": Welcome(caps=["txn"], srv="waystation-server/0.1.0"),
         "welcome-none": Welcome(caps=[]),
+        "schema": SchemaPush(sv=3, text="version = 3\n[collections.tasks]\n"
+                             'scope_field = "route"\n[collections.tasks.fields]\n'
+                             'route = { type = "string" }\n'),
         "command-sync": Command(id="sync-1", cmd="sync"),
         "server": ServerState(grp="main", srv="server-1", on=True, t=1_730_000_000_000),
         "server-will": ServerState(grp="main", srv="server-1", on=False),

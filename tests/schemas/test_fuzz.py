@@ -48,6 +48,7 @@ from schemas.wire import (
     Rec,
     Reject,
     Rejection,
+    SchemaPush,
     ServerState,
     Status,
     Welcome,
@@ -280,6 +281,8 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
         dl=opt() | seqs,
     ),
     ServerState: st.builds(ServerState, grp=ids, srv=ids, on=st.booleans(), t=opt() | seqs),
+    SchemaPush: st.builds(SchemaPush, sv=seqs,
+                          text=st.text(st.characters(codec="utf-8"), min_size=1, max_size=300)),
 }
 messages: st.SearchStrategy[Message] = st.one_of(*BY_TYPE.values())
 

@@ -22,12 +22,14 @@ import orjson
 import pytest
 
 from agent.api import Agent
+from broker.server import schema_history
 from broker.server.engine import Engine
 from broker.server.registry import issue_command
 from schemas import codec, wire
 from schemas.collection import Catalog, example_catalog_path, load_catalog
 from schemas.export import JSON_DIR
 from tests.agent.agentkit import FakeClock, make_cfg
+from tests.schema_versions import V1, V2
 from tests.server.helpers import T0, hp, make_engine
 
 SCOPES = ("route-42", "depot-7", "fleet")
@@ -124,6 +126,10 @@ class Wire:
             self.hello(agent)
         elif isinstance(msg, wire.Welcome):
             sync.apply_welcome(msg)
+        elif isinstance(msg, wire.SchemaPush):
+            taken = sync.take_schema(msg)
+            if taken is not None and taken.changed:
+                self.hello(agent)
 
     def hello(self, agent: Agent) -> None:
         self.up(agent.device_id, codec.encode(agent.sync.hello(AGENT_NAME, z=True)))
@@ -239,6 +245,12 @@ def traffic(tmp_path: Path, catalog: Catalog) -> Iterator[Wire]:
         link.raw_up("pd-1", b"{not json")
         link.raw_up("pd-1", orjson.dumps({"type": "catchup", "v": 1, "dev": "pd-1", "req": "r",
                                       "cp": {"depot-7": 10**9, "route-42": 0}}))
+        # The operator publishes two schema versions: the online van-1 is sent version 2
+        # (capability schema_push), takes it and says so in a hello.
+        schema_history.publish(store, V1, "v1.toml", now())
+        schema_history.publish(store, V2, "v2.toml", now())
+        link.deliver(engine.tick())
+        assert one.catalog.version == 2
         yield link
     finally:
         for agent in agents:
@@ -247,11 +259,11 @@ def traffic(tmp_path: Path, catalog: Catalog) -> Iterator[Wire]:
 
 
 def test_real_traffic_validates_against_the_committed_schemas(traffic: Wire) -> None:
-    """Every message the agent and the server produced in a day of sync - each of the 13
+    """Every message the agent and the server produced in a day of sync - each of the 14
     types, with their optional parts - is valid against its committed schema."""
     assert set(traffic.types("agents")) == {"status", "hello", "catchup", "changes"}
     assert set(traffic.types("server")) == {"ack", "reject", "delta", "page", "checkpoint",
-                                            "command", "welcome"}
+                                            "command", "welcome", "schema"}
     server = [doc for who, doc in traffic.seen if who == "server"]
     recs = [rec for doc in server for rec in _recs(doc)]
     parts = {

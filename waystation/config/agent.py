@@ -44,6 +44,10 @@ class SyncConfig(_Model):
     gap_timeout_s: Seconds = 5.0
     catchup_page: Annotated[int, Field(strict=True, ge=1, le=5000)] = 1000
     poll_interval_s: Annotated[float, Field(strict=True, gt=0, le=60)] = 0.1
+    schema_push: Bool = True
+    """Take new collection-schema versions from the server (capability `schema_push`,
+    PROTOCOL.md §7.13). false: the device runs its schema file and is upgraded by hand,
+    e.g. when the app on it must change with the schema."""
 
     @model_validator(mode="after")
     def _ordered(self) -> SyncConfig:
