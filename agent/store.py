@@ -65,12 +65,14 @@ import orjson
 from agent.crypto import ValueCipher
 from agent.errors import (
     AgentNotInitialised,
+    ConversionPending,
     EncryptionKeyError,
     StorageError,
     StorageFormatError,
     StorageFullError,
 )
 from agent.keyring import KeyEncryptionKey, data_cipher
+from waystation.atrest import files as atrest_files
 from waystation.diskfull import is_disk_full
 
 T = TypeVar("T")
@@ -302,6 +304,12 @@ class Store:
                     raise StorageFullError(str(env_dir)) from None
                 raise StorageError(f"cannot create the local store directory {env_dir}: "
                                    f"{exc.strerror or exc}") from None
+        op = None if new_store else atrest_files.pending(env_dir)
+        if op is not None:
+            raise ConversionPending(
+                f"the local store at {env_dir} is half-way through `waystation agent {op}` "
+                f"(interrupted, or running now): run `waystation agent {op}` again to finish "
+                "it; no data is lost")
         reg_key = os.path.realpath(env_dir)
         with _registry_lock:
             entry = _registry.get(reg_key)
