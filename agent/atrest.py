@@ -101,6 +101,7 @@ class _Raw:
         except lmdb.Error as exc:
             raise StorageError(f"cannot open the local store at {env_dir}: {exc}") from None
         self.env_dir = env_dir
+        self.closed = False
         try:
             self.dbs = {n: self.env.open_db(n.encode()) for n in DB_NAMES}
             self.target = rewrite.Env(self.env, self.dbs, "meta", MARKER,
@@ -124,8 +125,34 @@ class _Raw:
                 pids.add(int(parts[0]))
         return sorted(pids)
 
+    def compact(self) -> None:
+        """Replace data.mdb with a compacted copy, which holds only the live pages: the
+        pages freed by the conversion (the old plain-text values) are left behind. Closes
+        the environment. A crash leaves the old file or the new one, both complete."""
+        tmp = self.env_dir / "compact.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            (tmp / "data.mdb").unlink()
+        tmp.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self.env.copy(str(tmp), compact=True)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot write a compacted copy of the local store into {tmp} "
+                               f"(free disk space, then run this again): {exc}") from None
+        fd = os.open(tmp / "data.mdb", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.close()
+        os.replace(tmp / "data.mdb", self.env_dir / "data.mdb")
+        files.fsync_dir(self.env_dir)
+        with contextlib.suppress(OSError):
+            tmp.rmdir()
+
     def close(self) -> None:
-        self.env.close()
+        if not self.closed:
+            self.closed = True
+            self.env.close()
 
 
 @contextlib.contextmanager
@@ -200,7 +227,9 @@ def encrypt(data_dir: Path, kek: KeyEncryptionKey, *, max_map_size_mb: int = 409
             before = _state(raw)
             old = _old_cipher(raw, before, kek)
             if before == "envelope":
-                files.clear_pending(env_dir)  # an encrypt that stopped after its last commit
+                if files.pending(env_dir) is not None:
+                    raw.compact()  # an encrypt that stopped after its last commit
+                    files.clear_pending(env_dir)
                 return Outcome("encrypt", str(env_dir), before, before, False, resumed, 0,
                                str(env_dir / DEK_FILE), "the local store is encrypted already "
                                "(envelope encryption); nothing to do")
@@ -222,6 +251,8 @@ def encrypt(data_dir: Path, kek: KeyEncryptionKey, *, max_map_size_mb: int = 409
         current = rewrite.read_marker(raw.target)
         _finish(raw, None if current is None else str(current["check"]))
         rewrite.kill_point("finished")
+        raw.compact()
+        rewrite.kill_point("compacted")
         files.clear_pending(env_dir)
     return Outcome("encrypt", str(env_dir), before, "envelope", True, resumed, count,
                    str(env_dir / DEK_FILE),

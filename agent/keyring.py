@@ -53,13 +53,14 @@ class KeyEncryptionKey:
         self.source = source
 
     @classmethod
-    def from_file(cls, path: Path) -> KeyEncryptionKey:
+    def from_file(cls, path: Path, what: str = "storage.encryption_key_file"
+                  ) -> KeyEncryptionKey:
         try:
             material = path.read_bytes()
         except OSError as exc:
             raise EncryptionKeyError(
                 f"cannot read the encryption key file {path} "
-                f"(storage.encryption_key_file): {exc.strerror or exc}") from None
+                f"({what}): {exc.strerror or exc}") from None
         return cls(material, str(path))
 
     def wrap(self, dek: bytes) -> bytes:
