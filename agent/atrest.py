@@ -49,6 +49,7 @@ from agent.keyring import DEK_FILE, KeyEncryptionKey, new_data_key, rewrap, shre
 from agent.service.lock import FileLock, acquire_service_lock
 from agent.store import DB_NAMES, ENCRYPTED_DBS, ENV_DIRNAME, FORMAT_VERSION
 from waystation.atrest import files, rewrite
+from waystation.atrest.rawenv import RawEnv
 
 NEW_DEK_FILE = DEK_FILE + ".new"
 MARKER = b"atrest"
@@ -86,73 +87,17 @@ def pending_error(env_dir: Path, op: str) -> ConversionPending:
 # ----------------------------------------------------------------------- the raw store
 
 
-class _Raw:
-    """The environment opened without `agent.store.Store` (which refuses a store in the
-    middle of a conversion), with the meta helpers the conversion needs."""
+class _Raw(RawEnv):
+    """The agent's environment opened for a conversion; meta values are orjson."""
 
     def __init__(self, env_dir: Path, max_map_size_mb: int) -> None:
-        if not (env_dir / "data.mdb").exists():
-            raise StorageError(f"no local store at {env_dir}: nothing to convert (a new "
-                               "store is created encrypted when storage.encryption_key_file "
-                               "is set)")
-        try:
-            self.env = lmdb.open(str(env_dir), subdir=True, max_dbs=len(DB_NAMES) + 2,
-                                 sync=True, metasync=True, mode=0o600, create=False)
-        except lmdb.Error as exc:
-            raise StorageError(f"cannot open the local store at {env_dir}: {exc}") from None
-        self.env_dir = env_dir
-        self.closed = False
-        try:
-            self.dbs = {n: self.env.open_db(n.encode()) for n in DB_NAMES}
-            self.target = rewrite.Env(self.env, self.dbs, "meta", MARKER,
-                                      max(max_map_size_mb << 20, self.env.info()["map_size"]))
-        except lmdb.Error as exc:
-            self.env.close()
-            raise StorageError(f"cannot open the local store at {env_dir}: {exc}") from None
+        super().__init__(env_dir, DB_NAMES, meta_db="meta", marker_key=MARKER,
+                         max_map_size=max_map_size_mb << 20, fail=StorageError,
+                         what="local store")
 
     def meta(self, name: str) -> Any:
-        with self.env.begin(db=self.dbs["meta"]) as txn:
-            raw = txn.get(name.encode())
+        raw = self.meta_raw(name.encode())
         return None if raw is None else orjson.loads(raw)
-
-    def others(self) -> list[int]:
-        """PIDs of the other processes that have the store open (LMDB's reader table)."""
-        self.env.reader_check()  # forget readers of dead processes
-        pids: set[int] = set()
-        for line in self.env.readers().splitlines()[1:]:
-            parts = line.split()
-            if parts and parts[0].isdigit() and int(parts[0]) != os.getpid():
-                pids.add(int(parts[0]))
-        return sorted(pids)
-
-    def compact(self) -> None:
-        """Replace data.mdb with a compacted copy, which holds only the live pages: the
-        pages freed by the conversion (the old plain-text values) are left behind. Closes
-        the environment. A crash leaves the old file or the new one, both complete."""
-        tmp = self.env_dir / "compact.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            (tmp / "data.mdb").unlink()
-        tmp.mkdir(mode=0o700, exist_ok=True)
-        try:
-            self.env.copy(str(tmp), compact=True)
-        except lmdb.Error as exc:
-            raise StorageError(f"cannot write a compacted copy of the local store into {tmp} "
-                               f"(free disk space, then run this again): {exc}") from None
-        fd = os.open(tmp / "data.mdb", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.close()
-        os.replace(tmp / "data.mdb", self.env_dir / "data.mdb")
-        files.fsync_dir(self.env_dir)
-        with contextlib.suppress(OSError):
-            tmp.rmdir()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.env.close()
 
 
 @contextlib.contextmanager
