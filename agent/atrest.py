@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,32 +48,12 @@ from agent.keyring import DEK_FILE, KeyEncryptionKey, new_data_key, rewrap, shre
 from agent.service.lock import FileLock, acquire_service_lock
 from agent.store import DB_NAMES, ENCRYPTED_DBS, ENV_DIRNAME, FORMAT_VERSION
 from waystation.atrest import files, rewrite
+from waystation.atrest.outcome import Outcome
 from waystation.atrest.rawenv import RawEnv
 
 NEW_DEK_FILE = DEK_FILE + ".new"
 MARKER = b"atrest"
 _NAMES = tuple(n for n in DB_NAMES if n in ENCRYPTED_DBS)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a conversion or a rekey did (`--json` prints `to_dict()`)."""
-
-    command: str
-    store: str
-    before: str
-    """plain | legacy | envelope: how the store was encrypted before"""
-    after: str
-    changed: bool
-    resumed: bool
-    values: int
-    """values rewritten by this run (0 for a rekey: it rewrites no value)"""
-    data_key: str | None
-    """the data key file, when the store has one"""
-    message: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def pending_error(env_dir: Path, op: str) -> ConversionPending:
