@@ -161,7 +161,7 @@ def test_refused_while_the_service_runs_or_the_store_is_open(
         lock.release()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, lmdb; e = lmdb.open(sys.argv[1]); "
-         "t = e.begin(); print('ready', flush=True); sys.stdin.read()",
+         "e.begin().abort(); print('ready', flush=True); sys.stdin.read()",  # idle, open
          str(data / "agent.lmdb")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"

@@ -173,7 +173,7 @@ def test_refused_while_the_server_has_the_store_open(tmp_path: Path, key: Path) 
     _fill(data, bulk=2)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from broker.server.store.lmdb_store import "
-         "LmdbStore; s = LmdbStore(sys.argv[1]); t = s.read(); t.__enter__(); "
+         "LmdbStore; s = LmdbStore(sys.argv[1]); "  # open and idle, as a quiet server
          "print('ready', flush=True); sys.stdin.read()", str(data)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})

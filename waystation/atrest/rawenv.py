@@ -6,13 +6,35 @@ have it open), and compacted at the end.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import lmdb
 
 from waystation.atrest import files, rewrite
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux (64-bit off_t)
+
+
+def lock_holder(lock_file: Path) -> int | None:
+    """The PID of another process holding LMDB's lock on `lock_file` (byte 0, held shared
+    by every process with the environment open), or None. Locks of this process do not
+    count (POSIX record locks never conflict with their own process)."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if l_type == fcntl.F_UNLCK or pid <= 0 else int(pid)
 
 
 class RawEnv:
@@ -48,9 +70,14 @@ class RawEnv:
         return None if raw is None else bytes(raw)
 
     def others(self) -> list[int]:
-        """PIDs of the other processes that have the store open (LMDB's reader table)."""
+        """PIDs of the other processes that have the store open: LMDB's reader table
+        (processes that have read), and the holder of LMDB's lock on lock.mdb (every
+        process that opened the environment holds it shared, until it closes it)."""
         self.env.reader_check()  # forget readers of dead processes
         pids: set[int] = set()
+        holder = lock_holder(self.env_dir / "lock.mdb")
+        if holder is not None:
+            pids.add(holder)
         for line in self.env.readers().splitlines()[1:]:
             parts = line.split()
             if parts and parts[0].isdigit() and int(parts[0]) != os.getpid():
