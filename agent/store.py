@@ -39,6 +39,9 @@ text in every database (collection names, record keys and change numbers are vis
 someone holding the file), as do checkpoints, the feed and meta -- and the index
 entries, whose keys hold the values of the indexed fields in plain text (index only
 fields that may be read from the file, or do without indexes on encrypted devices).
+Encryption is switched on or off for an existing store by `agent.atrest` (`waystation
+agent encrypt` / `decrypt`); while one runs (or after one was cut short) a sentinel file
+makes `Store.open` refuse the store (`ConversionPending`).
 
 Growth: the map starts at storage.map_size_mb; a transaction that hits MDB_MAP_FULL is
 aborted, the map doubled (up to storage.max_map_size_mb) and the transaction re-run.
