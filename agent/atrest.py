@@ -21,8 +21,9 @@ The steps, in the order that keeps that true:
    the old data key is shredded;
 5. the sentinel is removed.
 
-Index entries (plain text by design) are not touched: on an encrypted store the agent
-drops them at its next start unless storage.plaintext_indexes is set.
+Index entries (their keys are field values in plain text) are dropped by `encrypt`'s
+last commit, before the compaction; the agent rebuilds them at its next start when
+storage.plaintext_indexes allows.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from waystation.atrest.rawenv import RawEnv
 
 NEW_DEK_FILE = DEK_FILE + ".new"
 MARKER = b"atrest"
+INDEX_REGISTRY = b"idx"  # agent.query.maintain.META_KEY
 _NAMES = tuple(n for n in DB_NAMES if n in ENCRYPTED_DBS)
 
 
@@ -131,6 +133,12 @@ def _finish(raw: _Raw, enc: str | None) -> None:
     def run(txn: lmdb.Transaction[bytes]) -> None:
         txn.put(b"enc", orjson.dumps(enc), db=raw.dbs["meta"])
         txn.delete(MARKER, db=raw.dbs["meta"])
+        if enc is not None:
+            # Index keys hold field values in plain text: dropped with their registry
+            # here, so that the compaction leaves none behind; the agent rebuilds them at
+            # its next start if storage.plaintext_indexes allows (agent.query.maintain).
+            txn.drop(raw.dbs["index"], delete=False)
+            txn.delete(INDEX_REGISTRY, db=raw.dbs["meta"])
     rewrite.write(raw.target, run)
 
 

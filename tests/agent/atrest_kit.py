@@ -54,20 +54,23 @@ def fill(data_dir: Path, catalog: Catalog, key: Path | None = None, *, bulk: int
 
 
 def dump(data_dir: Path, key: Path | None) -> dict[str, list[tuple[bytes, Any]]]:
-    """Every entry of every database, values decoded (meta without the encryption
-    token, which a conversion changes by design)."""
+    """Every entry of every database, values decoded -- except what a conversion
+    changes by design: the encryption token, and the query indexes (derived data, whose
+    plain-text keys `encrypt` drops for the agent to rebuild)."""
     kek = None if key is None else KeyEncryptionKey.from_file(key)
     store = Store.open(data_dir, kek=kek, create=False)
     try:
         def run(tx: Any) -> dict[str, list[tuple[bytes, Any]]]:
             out: dict[str, list[tuple[bytes, Any]]] = {}
             for name in DB_NAMES:
+                if name == "index":
+                    continue
                 if name in ENCRYPTED_DBS:
                     out[name] = list(tx.items(name))
                     continue
                 with tx.cursor(name) as cur:
                     out[name] = [(bytes(k), bytes(v)) for k, v in cur
-                                 if not (name == "meta" and k == b"enc")]
+                                 if not (name == "meta" and k in (b"enc", b"idx"))]
             return out
         return store.read(run)
     finally:

@@ -67,6 +67,35 @@ def test_encrypt_then_decrypt_keeps_every_value(tmp_path: Path, catalog: Catalog
         assert len(ag.pending()) == 6
 
 
+def test_encrypt_drops_plain_text_index_entries(tmp_path: Path, catalog: Catalog,
+                                               key: Path) -> None:
+    """Index keys are field values in plain text: encrypt drops them (none left in the
+    file); the agent rebuilds them at its next start only with plaintext_indexes."""
+    data = tmp_path / "d"
+    fill(data, catalog, bulk=20)
+
+    def index_entries(kek: KeyEncryptionKey | None) -> int:
+        store = Store.open(data, kek=kek, create=False)
+        try:
+            return store.read(lambda tx: tx.count("index"))
+        finally:
+            store.close()
+
+    assert index_entries(None) > 0  # ("route", "eta") among them: route-42 in plain text
+    atrest.encrypt(data, _kek(key))
+    assert index_entries(_kek(key)) == 0
+    assert b"route-42" not in (data / "agent.lmdb" / "data.mdb").read_bytes()
+    with Agent.open(cfg_for(data, key), catalog):
+        pass
+    assert index_entries(_kek(key)) == 0
+    cfg = cfg_for(data, key)
+    cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(
+        update={"plaintext_indexes": True})})
+    with Agent.open(cfg, catalog) as ag:
+        assert len(ag.list("tasks")) == 25
+    assert index_entries(_kek(key)) > 0
+
+
 def test_legacy_store_moves_to_a_data_key(tmp_path: Path, catalog: Catalog, key: Path) -> None:
     """A store sealed with the key file's own bytes (before data keys) gets a data key;
     afterwards rekey works on it."""
