@@ -259,6 +259,7 @@ def rekey(data_dir: Path, old: KeyEncryptionKey, new: KeyEncryptionKey, *,
                 "encrypt` first, which moves it to a data key, then rekey")
         _old_cipher(raw, state, old)  # the right key, and the data key matches the store
         rewrap(env_dir, old, new)
+        rewrite.kill_point("rekeyed")
     return Outcome("rekey", str(env_dir), state, state, True, False, 0,
                    str(env_dir / DEK_FILE),
                    f"the data key is now wrapped with {new.source}: point "

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.crypto import MIN_KEY_FILE_BYTES, ValueCipher
 from agent.errors import EncryptionKeyError
+from waystation.atrest.files import write_atomic
 
 DEK_FILE = "dek"
 _MAGIC = b"WSDEK1"
@@ -135,7 +136,7 @@ def rewrap(env_dir: Path, old: KeyEncryptionKey, new: KeyEncryptionKey,
     the new wrap, never neither. Returns the data key's fingerprint."""
     path = env_dir / name
     dek = unwrap_file(path, old)
-    _write_atomic(path, new.wrap(dek))
+    write_atomic(path, new.wrap(dek))
     if unwrap_file(path, new) != dek:  # pragma: no cover - a broken disk
         raise EncryptionKeyError(f"{path} did not read back as written: check the disk")
     return ValueCipher(dek).fingerprint

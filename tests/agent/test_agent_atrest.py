@@ -280,3 +280,32 @@ def test_cli_exit_codes_and_json(tmp_path: Path, catalog: Catalog, key: Path,
 
     doc = json.loads(capsys.readouterr().out)
     assert doc["command"] == "rekey" and doc["values"] == 0 and doc["after"] == "envelope"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["written", "rekeyed"])
+def test_kill_9_during_rekey_leaves_one_valid_wrap(tmp_path: Path, catalog: Catalog,
+                                                   key: Path, point: str) -> None:
+    """kill -9 of `agent rekey` before the rename (new wrap only in the temp file) or
+    after it: exactly one of the two keys opens the store, never neither; a rekey run
+    again with that key finishes the rotation."""
+    data = tmp_path / "d"
+    fill(data, catalog, key, bulk=5)
+    before = dump(data, key)
+    new = tmp_path / "new.key"
+    new.write_bytes(os.urandom(32))
+    killed = _cli(data, "rekey", "--key-file", str(key), "--new-key-file", str(new),
+                  kill_at=point)
+    assert killed.returncode == -9, killed.stderr
+    opens = []
+    for candidate in (key, new):
+        try:
+            assert dump(data, candidate) == before
+            opens.append(candidate)
+        except EncryptionKeyError:
+            pass
+    assert opens == ([key] if point == "written" else [new])
+    if point == "written":
+        done = _cli(data, "rekey", "--key-file", str(key), "--new-key-file", str(new))
+        assert done.returncode == 0, done.stderr
+    assert dump(data, new) == before

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import orjson
 
+from waystation.atrest.rewrite import kill_point
+
 PENDING = "atrest.pending"
 
 
@@ -27,6 +29,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    kill_point("written")
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
