@@ -41,9 +41,9 @@ from agent.crypto import ValueCipher
 from agent.errors import (
     ConversionPending,
     EncryptionKeyError,
-    StorageError,
     StorageFormatError,
     StoreInUse,
+    StoreUnusable,
 )
 from agent.keyring import DEK_FILE, KeyEncryptionKey, new_data_key, rewrap, shred, unwrap_file
 from agent.service.lock import FileLock, acquire_service_lock
@@ -73,7 +73,7 @@ class _Raw(RawEnv):
 
     def __init__(self, env_dir: Path, max_map_size_mb: int) -> None:
         super().__init__(env_dir, DB_NAMES, meta_db="meta", marker_key=MARKER,
-                         max_map_size=max_map_size_mb << 20, fail=StorageError,
+                         max_map_size=max_map_size_mb << 20, fail=StoreUnusable,
                          what="local store")
 
     def meta(self, name: str) -> Any:

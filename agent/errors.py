@@ -8,7 +8,8 @@
         │   ├── StorageFormatError  the store was written in another on-disk format
         │   ├── EncryptionKeyError  missing, unreadable or wrong encryption key
         │   ├── ConversionPending   `agent encrypt` / `decrypt` is under way or was cut short
-        │   └── StoreInUse          another process has the store open (for a conversion)
+        │   ├── StoreInUse          another process has the store open (for a conversion)
+        │   └── StoreUnusable       a conversion cannot use the store (missing, other owner)
         ├── AgentNotInitialised     no local store yet at the configured data_dir
         ├── DeviceMismatch          the data_dir belongs to another device id
         ├── BadRequest              a request names an unknown collection, a bad key, ...
@@ -83,6 +84,13 @@ class StoreInUse(StorageError):
     exit_code = 3
 
 
+class StoreUnusable(StorageError):
+    """An operation that needs the store alone cannot use it: missing, unreadable, or
+    owned by another user than the one running the command."""
+
+    exit_code = 3
+
+
 class AgentNotInitialised(AgentError):
     """Nothing has been stored on this device yet (no store at data_dir)."""
 
@@ -130,5 +138,6 @@ __all__ = [
     "StorageFullError",
     "StoreGone",
     "StoreInUse",
+    "StoreUnusable",
     "WriteRefused",
 ]

@@ -309,3 +309,35 @@ def test_kill_9_during_rekey_leaves_one_valid_wrap(tmp_path: Path, catalog: Cata
         done = _cli(data, "rekey", "--key-file", str(key), "--new-key-file", str(new))
         assert done.returncode == 0, done.stderr
     assert dump(data, new) == before
+
+
+def test_run_as_another_user_than_the_store_owner_is_refused(
+        tmp_path: Path, catalog: Catalog, key: Path) -> None:
+    """As root on the service user's store, encrypt refuses (the files it writes would be
+    root's, unreadable by the service) and says how to run it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the store to another user")
+    data = tmp_path / "d"
+    fill(data, catalog, bulk=2)
+    env_dir = data / "agent.lmdb"
+    os.chown(env_dir, 65534, 65534)
+    with pytest.raises(Exception, match="runuser -u") as exc:
+        atrest.encrypt(data, _kek(key))
+    assert getattr(exc.value, "exit_code", None) == 3
+    os.chown(env_dir, 0, 0)
+
+
+def test_the_key_on_standard_input(tmp_path: Path, catalog: Catalog, key: Path) -> None:
+    """--key-file /dev/stdin: how root hands the key to a command run as the service
+    user (runuser ... < KEYFILE)."""
+    data = tmp_path / "d"
+    fill(data, catalog, bulk=2)
+    env = {**os.environ, "WAYSTATION_AGENT__DATA_DIR": str(data),
+           "WAYSTATION_AGENT__DEVICE_ID": "van-1", "PYTHONPATH": str(ROOT)}
+    with key.open("rb") as stdin:
+        done = subprocess.run([sys.executable, "-m", "waystation", "agent", "encrypt",
+                               "--key-file", "/dev/stdin", "--json"], stdin=stdin, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["after"] == "envelope"
+    assert len(dump(data, key)["view"]) == 7

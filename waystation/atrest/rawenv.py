@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pwd
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,14 @@ from pathlib import Path
 import lmdb
 
 from waystation.atrest import files, rewrite
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
 
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux (64-bit off_t)
 
@@ -51,6 +60,13 @@ class RawEnv:
         self.closed = False
         if not (env_dir / "data.mdb").exists():
             raise fail(f"no {what} at {env_dir}: nothing to convert")
+        owner = env_dir.stat().st_uid
+        if owner != os.geteuid():
+            # The files written here (data key, compacted store) would belong to us, and
+            # the service, running as the owner, could not read them.
+            raise fail(f"the {what} at {env_dir} belongs to {_user(owner)}: run this as "
+                       f"that user (runuser -u {_user(owner)} -- ...; pass the key on "
+                       "standard input with --key-file /dev/stdin < KEYFILE)")
         try:
             self.env = lmdb.open(str(env_dir), subdir=True, max_dbs=len(names) + 2,
                                  sync=True, metasync=True, mode=0o600, create=False)
