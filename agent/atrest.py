@@ -121,12 +121,19 @@ def _old_cipher(raw: _Raw, state: str, kek: KeyEncryptionKey) -> ValueCipher | N
     else:
         path = raw.env_dir / DEK_FILE
         cipher = ValueCipher(unwrap_file(path, kek), f"{kek.source} (data key {path})")
-    token = raw.meta("enc")
-    if not isinstance(token, str) or not cipher.verify(bytes.fromhex(token)):
+    if not cipher.verify(_token(raw.meta("enc"))):
         raise EncryptionKeyError(
             f"the encryption key from {kek.source} is not the key the local store at "
             f"{raw.env_dir} was encrypted with")
     return cipher
+
+
+def _token(value: Any) -> bytes:
+    """A stored check token (hex); b"" (which verifies nothing) when it is damaged."""
+    try:
+        return bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        return b""
 
 
 def _finish(raw: _Raw, enc: str | None) -> None:
@@ -198,7 +205,7 @@ def _resume_new_key(env_dir: Path, kek: KeyEncryptionKey, check: str) -> ValueCi
     if not path.exists():
         path = env_dir / DEK_FILE  # renamed just before the crash
     cipher = ValueCipher(unwrap_file(path, kek), f"{kek.source} (data key {path})")
-    if not cipher.verify(bytes.fromhex(check)):
+    if not cipher.verify(_token(check)):
         raise EncryptionKeyError(
             f"the data key {path} is not the one the interrupted `waystation agent encrypt` "
             "started with (was it replaced?): restore it, or restore the store from a backup")

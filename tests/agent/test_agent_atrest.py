@@ -341,3 +341,20 @@ def test_the_key_on_standard_input(tmp_path: Path, catalog: Catalog, key: Path) 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["after"] == "envelope"
     assert len(dump(data, key)["view"]) == 7
+
+
+def test_a_damaged_check_token_is_a_key_error_not_a_crash(tmp_path: Path, catalog: Catalog,
+                                                          key: Path) -> None:
+    """meta.enc altered in the file (not hex): decrypt and rekey say the key does not
+    fit, with no traceback, and change nothing."""
+    data = tmp_path / "d"
+    fill(data, catalog, key, bulk=2)
+    raw = atrest._Raw(data / "agent.lmdb", 64)
+    from waystation.atrest import rewrite
+    rewrite.write(raw.target, lambda txn: txn.put(b"enc", b'"not-hex!"', db=raw.dbs["meta"]))
+    raw.close()
+    with pytest.raises(EncryptionKeyError, match="not the key"):
+        atrest.decrypt(data, _kek(key))
+    with pytest.raises(EncryptionKeyError, match="not the key"):
+        atrest.rekey(data, _kek(key), _kek(key))
+    assert not (data / "agent.lmdb" / "atrest.pending").exists()

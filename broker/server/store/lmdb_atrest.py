@@ -106,7 +106,11 @@ def encrypt(data_dir: Path, kek: KeyEncryptionKey, *, max_map_size_mb: int = 655
         else:
             name = NEW_DEK_FILE if (store_dir / NEW_DEK_FILE).exists() else DEK_FILE
             new = lmdb_keys.data_key(store_dir, kek, name)
-            if not new.verify(bytes.fromhex(str(marker["check"]))):
+            try:
+                check = bytes.fromhex(str(marker["check"]))
+            except ValueError:
+                check = b""  # a damaged marker: nothing verifies
+            if not new.verify(check):
                 raise StoreKeyError(
                     f"the data key {store_dir / name} is not the one the interrupted "
                     "`waystation server encrypt` started with (was it replaced?): restore "
