@@ -250,3 +250,25 @@ def test_backup_and_restore_of_an_encrypted_store(tmp_path: Path, key: Path,
     finally:
         store.close()
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_kill_9_during_rekey_before_the_rename(tmp_path: Path, key: Path) -> None:
+    """kill -9 of `server rekey` after the new wrap was written to its temp file but
+    before the rename: the old key still opens the store, the new one not yet; running
+    the rekey again finishes it."""
+    data = tmp_path / "server"
+    _fill(data, _kek(key), bulk=3)
+    before = _dump(data, _kek(key))
+    new = tmp_path / "new.key"
+    new.write_bytes(os.urandom(32))
+    killed = _cli(data, "rekey", "--key-file", str(key), "--new-key-file", str(new),
+                  kill_at="written")
+    assert killed.returncode == -9, killed.stderr
+    assert _dump(data, _kek(key)) == before
+    with pytest.raises(StoreKeyError):
+        LmdbStore(data, kek=_kek(new))
+    done = _cli(data, "rekey", "--key-file", str(key), "--new-key-file", str(new), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["command"] == "rekey"
+    assert _dump(data, _kek(new)) == before
