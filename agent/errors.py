@@ -6,7 +6,10 @@
         │   ├── StoreGone           the store was wiped (remote wipe): reopen it
         │   ├── StorageFullError    the disk or the configured map-size limit is full
         │   ├── StorageFormatError  the store was written in another on-disk format
-        │   └── EncryptionKeyError  missing, unreadable or wrong encryption key
+        │   ├── EncryptionKeyError  missing, unreadable or wrong encryption key
+        │   ├── ConversionPending   `agent encrypt` / `decrypt` is under way or was cut short
+        │   ├── StoreInUse          another process has the store open (for a conversion)
+        │   └── StoreUnusable       a conversion cannot use the store (missing, other owner)
         ├── AgentNotInitialised     no local store yet at the configured data_dir
         ├── DeviceMismatch          the data_dir belongs to another device id
         ├── BadRequest              a request names an unknown collection, a bad key, ...
@@ -68,6 +71,26 @@ class EncryptionKeyError(StorageError):
     exit_code = 2
 
 
+class ConversionPending(StorageError):
+    """The store's encryption is being changed, or a change was interrupted: the same
+    command finishes it (`agent.atrest`)."""
+
+    exit_code = 3
+
+
+class StoreInUse(StorageError):
+    """Another process has the store open, and the operation needs it alone."""
+
+    exit_code = 3
+
+
+class StoreUnusable(StorageError):
+    """An operation that needs the store alone cannot use it: missing, unreadable, or
+    owned by another user than the one running the command."""
+
+    exit_code = 3
+
+
 class AgentNotInitialised(AgentError):
     """Nothing has been stored on this device yet (no store at data_dir)."""
 
@@ -106,6 +129,7 @@ __all__ = [
     "AgentError",
     "AgentNotInitialised",
     "BadRequest",
+    "ConversionPending",
     "DeviceMismatch",
     "EncryptionKeyError",
     "NotFound",
@@ -113,5 +137,7 @@ __all__ = [
     "StorageFormatError",
     "StorageFullError",
     "StoreGone",
+    "StoreInUse",
+    "StoreUnusable",
     "WriteRefused",
 ]

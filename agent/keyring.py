@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.crypto import MIN_KEY_FILE_BYTES, ValueCipher
 from agent.errors import EncryptionKeyError
+from waystation.atrest.files import write_atomic
 
 DEK_FILE = "dek"
 _MAGIC = b"WSDEK1"
@@ -53,13 +54,14 @@ class KeyEncryptionKey:
         self.source = source
 
     @classmethod
-    def from_file(cls, path: Path) -> KeyEncryptionKey:
+    def from_file(cls, path: Path, what: str = "storage.encryption_key_file"
+                  ) -> KeyEncryptionKey:
         try:
             material = path.read_bytes()
         except OSError as exc:
             raise EncryptionKeyError(
                 f"cannot read the encryption key file {path} "
-                f"(storage.encryption_key_file): {exc.strerror or exc}") from None
+                f"({what}): {exc.strerror or exc}") from None
         return cls(material, str(path))
 
     def wrap(self, dek: bytes) -> bytes:
@@ -99,6 +101,45 @@ def data_cipher(env_dir: Path, kek: KeyEncryptionKey, *, new_store: bool) -> Val
         raise EncryptionKeyError(f"cannot read the data key {path}: "
                                  f"{exc.strerror or exc}") from None
     return ValueCipher(kek.unwrap(blob, path), f"{kek.source} (data key {path})")
+
+
+def unwrap_file(path: Path, kek: KeyEncryptionKey) -> bytes:
+    """The data key wrapped in `path`; EncryptionKeyError naming the file when it is
+    missing, unreadable, damaged or wrapped with another key."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise EncryptionKeyError(f"the data key file {path} is missing: the store's values "
+                                 "cannot be decrypted without it (restore it from the "
+                                 "backup taken with the store)") from None
+    except OSError as exc:
+        raise EncryptionKeyError(f"cannot read the data key {path}: "
+                                 f"{exc.strerror or exc}") from None
+    dek = kek.unwrap(blob, path)
+    if len(dek) != 32:
+        raise EncryptionKeyError(f"{path} does not hold a 32-byte data key (damaged?)")
+    return dek
+
+
+def new_data_key(path: Path, kek: KeyEncryptionKey) -> bytes:
+    """A new random data key, wrapped with `kek` into `path` (crash-safe); returns it."""
+    dek = os.urandom(32)
+    _write_atomic(path, kek.wrap(dek))
+    return dek
+
+
+def rewrap(env_dir: Path, old: KeyEncryptionKey, new: KeyEncryptionKey,
+           name: str = DEK_FILE) -> str:
+    """Wrap the store's data key with `new` instead of `old`: 48 bytes rewritten, the
+    store untouched (O(1)). Crash-safe: the new wrap goes to a temp file, is fsynced,
+    read back and checked, then renamed over the old one, so the file holds the old or
+    the new wrap, never neither. Returns the data key's fingerprint."""
+    path = env_dir / name
+    dek = unwrap_file(path, old)
+    write_atomic(path, new.wrap(dek))
+    if unwrap_file(path, new) != dek:  # pragma: no cover - a broken disk
+        raise EncryptionKeyError(f"{path} did not read back as written: check the disk")
+    return ValueCipher(dek).fingerprint
 
 
 def shred(env_dir: Path) -> bool:
@@ -156,4 +197,5 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-__all__ = ["DEK_FILE", "KeyEncryptionKey", "data_cipher", "replace_key_file", "shred"]
+__all__ = ["DEK_FILE", "KeyEncryptionKey", "data_cipher", "new_data_key", "replace_key_file",
+           "rewrap", "shred", "unwrap_file"]

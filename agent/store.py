@@ -39,6 +39,9 @@ text in every database (collection names, record keys and change numbers are vis
 someone holding the file), as do checkpoints, the feed and meta -- and the index
 entries, whose keys hold the values of the indexed fields in plain text (index only
 fields that may be read from the file, or do without indexes on encrypted devices).
+Encryption is switched on or off for an existing store by `agent.atrest` (`waystation
+agent encrypt` / `decrypt`); while one runs (or after one was cut short) a sentinel file
+makes `Store.open` refuse the store (`ConversionPending`).
 
 Growth: the map starts at storage.map_size_mb; a transaction that hits MDB_MAP_FULL is
 aborted, the map doubled (up to storage.max_map_size_mb) and the transaction re-run.
@@ -65,12 +68,14 @@ import orjson
 from agent.crypto import ValueCipher
 from agent.errors import (
     AgentNotInitialised,
+    ConversionPending,
     EncryptionKeyError,
     StorageError,
     StorageFormatError,
     StorageFullError,
 )
 from agent.keyring import KeyEncryptionKey, data_cipher
+from waystation.atrest import files as atrest_files
 from waystation.diskfull import is_disk_full
 
 T = TypeVar("T")
@@ -302,6 +307,12 @@ class Store:
                     raise StorageFullError(str(env_dir)) from None
                 raise StorageError(f"cannot create the local store directory {env_dir}: "
                                    f"{exc.strerror or exc}") from None
+        op = None if new_store else atrest_files.pending(env_dir)
+        if op is not None:
+            raise ConversionPending(
+                f"the local store at {env_dir} is half-way through `waystation agent {op}` "
+                f"(interrupted, or running now): run `waystation agent {op}` again to finish "
+                "it; no data is lost")
         reg_key = os.path.realpath(env_dir)
         with _registry_lock:
             entry = _registry.get(reg_key)

@@ -33,7 +33,8 @@ from agent.store import DB_NAMES, Store
 
 log = structlog.get_logger("waystation.agent")
 
-_STORE_FILES = ("data.mdb", "lock.mdb", DEK_FILE, DEK_FILE + ".tmp")
+_STORE_FILES = ("data.mdb", "lock.mdb", DEK_FILE, DEK_FILE + ".tmp", DEK_FILE + ".new",
+                DEK_FILE + ".new.tmp")
 
 
 @dataclass(frozen=True)

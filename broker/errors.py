@@ -3,6 +3,7 @@
     WaystationError
     └── ServerError                 anything the server raises on purpose
         ├── StoreError              the store cannot be opened, read or written
+        │   └── StoreKeyError       missing, unreadable or wrong store encryption key
         ├── BadStoredRecord         a stored record this version cannot decode
         │   ├── StoreFormatError    the on-disk format is not the one this version reads
         │   └── StoreFullError      the store reached its configured maximum size
@@ -34,6 +35,13 @@ class StoreError(ServerError):
     """The server's store failed; the message names the store and what to check."""
 
     exit_code = 3
+
+
+class StoreKeyError(StoreError):
+    """The store's encryption key (store.encryption_key_file) is missing, unreadable or
+    not the one the store was encrypted with; a configuration error (exit code 2)."""
+
+    exit_code = 2
 
 
 class StoreFormatError(StoreError):
@@ -108,6 +116,7 @@ __all__ = [
     "StoreError",
     "StoreFormatError",
     "StoreFullError",
+    "StoreKeyError",
     "UnknownCollection",
     "UnknownDevice",
 ]

@@ -56,11 +56,13 @@ def cmd_server_restore(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 "SRC is an LMDB store backup; this server uses PostgreSQL: restore the "
                 "database with pg_restore, then run `waystation server restore --in-place` "
                 "(see deploy/README.md, \"Backups\")")
+        from broker.server.store.lmdb_keys import configured_kek
         from broker.server.store.lmdb_store import restore_backup
 
         store: Store = restore_backup(Path(args.src), config.data_dir,
                                map_size_mb=config.store.map_size_mb,
-                               max_map_size_mb=config.store.max_map_size_mb)
+                               max_map_size_mb=config.store.max_map_size_mb,
+                               kek=configured_kek(config, env))
     else:
         store = open_store(config)
     try:

@@ -33,7 +33,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     doc: dict[str, Any] = {
         "server_id": config.server_id,
         "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
-                  "capacity_bytes": info.capacity_bytes},
+                  "capacity_bytes": info.capacity_bytes,
+                  "encrypted": bool(getattr(store, "encrypted", False))},
         "schema": {"file": str(config.schema_path()), "version": catalog.version},
         "devices": {"known": len(devices), "enabled": sum(d.enabled for d in devices),
                     "online": len(online)},
@@ -55,7 +56,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     size = f"{info.size_bytes / 1048576:.1f} MiB used"
     if info.capacity_bytes:
         size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
-    print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}")
+    sealed = ", encrypted at rest" if doc["store"]["encrypted"] else ""
+    print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}{sealed}")
     print(f"schema version {catalog.version} ({config.schema_path()})")
     print(f"devices: {len(devices)} known, {doc['devices']['enabled']} enabled, "
           f"{len(online)} online" + (f" ({', '.join(online[:10])}"

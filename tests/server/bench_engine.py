@@ -63,6 +63,12 @@ def store_maker(kind: str, url: str | None) -> Iterator[StoreMaker]:
     if kind == "lmdb":
         yield lambda tmp: LmdbStore(tmp, map_size_mb=1024)
         return
+    if kind == "lmdb-sealed":  # encryption at rest on (records, conflicts, letters sealed)
+        from agent.keyring import KeyEncryptionKey
+
+        kek = KeyEncryptionKey(b"bench-key-0123456789abcdef012345")
+        yield lambda tmp: LmdbStore(tmp, map_size_mb=1024, kek=kek)
+        return
     from broker.server.store.postgres import PostgresStore
     from tests.pgserver import PgServer
 
@@ -120,7 +126,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=31)
     parser.add_argument("--online", action="store_true")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--store", choices=("lmdb", "postgres"), default="lmdb")
+    parser.add_argument("--store", choices=("lmdb", "lmdb-sealed", "postgres"),
+                        default="lmdb")
     parser.add_argument("--url", help="PostgreSQL database to use (its tables are used "
                                       "as they are: give it an empty database)")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from agent.keyring import KeyEncryptionKey
 from broker.server.store.base import Store
 from broker.server.store.lmdb_store import LmdbStore
 from tests.pgserver import PgServer
@@ -24,6 +25,15 @@ StoreFactory = Callable[..., Store]
 
 def _lmdb(tmp: Path, **opts: Any) -> Store:
     return LmdbStore(tmp, **opts)
+
+
+TEST_KEK = KeyEncryptionKey(b"server-store-test-key-0123456789")
+
+
+def _lmdb_sealed(tmp: Path, **opts: Any) -> Store:
+    """The LMDB store with encryption at rest (records, conflicts, dead letters, notices
+    sealed): every contract and engine test must pass on it unchanged."""
+    return LmdbStore(tmp, kek=TEST_KEK, **opts)
 
 
 class _Postgres:
@@ -52,13 +62,14 @@ class _Postgres:
 _postgres = _Postgres()
 
 # Every backend's factory; the contract suite (and the engine tests) run against each.
-STORE_FACTORIES: dict[str, Callable[..., Store]] = {"lmdb": _lmdb, "postgres": _postgres}
+STORE_FACTORIES: dict[str, Callable[..., Store]] = {"lmdb": _lmdb, "lmdb-sealed": _lmdb_sealed,
+                                                    "postgres": _postgres}
 
 
 def reopen(store: Store) -> Store:
     """Another store object on the data of `store` (as after a server restart)."""
     if isinstance(store, LmdbStore):
-        return LmdbStore(store.path.parent)
+        return LmdbStore(store.path.parent, kek=store.kek)
     from broker.server.store.postgres import PostgresStore
 
     assert isinstance(store, PostgresStore)

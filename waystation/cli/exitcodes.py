@@ -24,7 +24,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (EXIT_USAGE, "usage or configuration error (command line, config file, environment "
                  "override, argument value)"),
     (EXIT_STORE, "the store cannot be used (PostgreSQL unreachable, LMDB store unreadable, "
-                 "full or of another version, or held by another running agent)"),
+                 "full or of another version, held by another running agent or process, "
+                 "or half-way through `encrypt`/`decrypt`)"),
     (EXIT_LISTEN, "cannot listen on a configured port (in use by another process, or not "
                   "permitted)"),
     (EXIT_NOT_AVAILABLE, "command not available in this version"),

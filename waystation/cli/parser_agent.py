@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from waystation.cli.argtypes import assignment, number
+from pathlib import Path
+
+from waystation.cli.argtypes import assignment, number, positive_int
 from waystation.cli.builder import Builder, json_flag, record_args
 
 
@@ -114,4 +116,43 @@ def add_agent(b: Builder) -> None:
                "Remove a token by its id, or every token of an app by the app's name; "
                "the running agent refuses it from the next request on.", config="agent")
     p.add_argument("ident", metavar="ID_OR_APP", help="a token id or an app name")
+    json_flag(p)
+    _add_atrest(b)
+
+
+def _add_atrest(b: Builder) -> None:
+    key_help = ("the key file the store is (to be) encrypted with; default: "
+                "storage.encryption_key_file of the config (${CREDENTIALS_DIRECTORY} is "
+                "expanded from the environment)")
+    batch_help = "values rewritten per transaction (default 1000)"
+    p = b.leaf("agent encrypt", "encrypt an existing local store in place (resumable)",
+               "Turn encryption at rest on for the local store: a new random data key, "
+               "wrapped with the key file, seals every stored value (records, pending "
+               "changes, conflicts, dead letters). A store encrypted before data keys "
+               "existed is moved to one. The agent service must be stopped and no app may "
+               "have the store open. Safe to interrupt (even kill -9 or power loss): run it "
+               "again to finish; until then the store refuses to open. Then set "
+               "storage.encryption_key_file and start the service.", config="agent")
+    p.add_argument("--key-file", metavar="PATH", type=Path, default=None, help=key_help)
+    p.add_argument("--batch", metavar="N", type=positive_int, default=1000, help=batch_help)
+    json_flag(p)
+    p = b.leaf("agent decrypt", "store the local store's values in plain text again",
+               "Turn encryption at rest off (the way back from `agent encrypt`): every "
+               "value is rewritten in plain text and the data key is destroyed. Same "
+               "conditions and crash safety as `agent encrypt`. Then remove "
+               "storage.encryption_key_file from the config and start the service.",
+               config="agent")
+    p.add_argument("--key-file", metavar="PATH", type=Path, default=None, help=key_help)
+    p.add_argument("--batch", metavar="N", type=positive_int, default=1000, help=batch_help)
+    json_flag(p)
+    p = b.leaf("agent rekey", "wrap the store's data key with a new key file (O(1))",
+               "Change the key the local store is encrypted with: the store's data key is "
+               "re-wrapped with the new key file (a 48-byte file is rewritten, not the "
+               "store). Crash-safe: the data key file is always wrapped with the old or the "
+               "new key. The agent service must be stopped; afterwards point "
+               "storage.encryption_key_file (or the systemd credential) at the new key.",
+               config="agent")
+    p.add_argument("--new-key-file", metavar="PATH", type=Path, required=True,
+                   help="the new key file (at least 16 bytes; use 32 random bytes)")
+    p.add_argument("--key-file", metavar="PATH", type=Path, default=None, help=key_help)
     json_flag(p)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from waystation.cli.argtypes import parse_value, positive_int
 from waystation.cli.builder import Builder, json_flag
 
@@ -68,3 +70,38 @@ def add_server(b: Builder) -> None:
                    help="a directory written by `server backup`")
     p.add_argument("--in-place", action="store_true",
                    help="the configured store was restored already: only move it on")
+    _add_atrest(b)
+
+
+def _add_atrest(b: Builder) -> None:
+    key_help = ("the key file the store is (to be) encrypted with; default: "
+                "store.encryption_key_file of the config")
+    batch_help = "values rewritten per transaction (default 1000)"
+    p = b.leaf("server encrypt", "encrypt the LMDB store in place (server stopped)",
+               "Turn encryption at rest on for the server's LMDB store: a new random data "
+               "key, wrapped with the key file, seals the records, the conflict log, the "
+               "dead letters and pending notices. The server must be stopped. Safe to "
+               "interrupt (even kill -9 or power loss): run it again to finish; until then "
+               "the store refuses to open. Then set store.encryption_key_file and start "
+               "the server. PostgreSQL: encrypt its volume instead.", config="server")
+    p.add_argument("--key-file", metavar="PATH", type=Path, default=None, help=key_help)
+    p.add_argument("--batch", metavar="N", type=positive_int, default=1000, help=batch_help)
+    json_flag(p)
+    p = b.leaf("server decrypt", "store the LMDB store's values in plain text again",
+               "Turn encryption at rest off (the way back from `server encrypt`): every "
+               "sealed value is rewritten in plain text and the data key destroyed. Same "
+               "conditions and crash safety as `server encrypt`; then remove "
+               "store.encryption_key_file from the config.", config="server")
+    p.add_argument("--key-file", metavar="PATH", type=Path, default=None, help=key_help)
+    p.add_argument("--batch", metavar="N", type=positive_int, default=1000, help=batch_help)
+    json_flag(p)
+    p = b.leaf("server rekey", "wrap the store's data key with a new key file (O(1))",
+               "Change the key the LMDB store is encrypted with: its data key is re-wrapped "
+               "with the new key file (a 48-byte file is rewritten, not the store). "
+               "Crash-safe: the data key file is always wrapped with the old or the new "
+               "key. The server must be stopped; then point store.encryption_key_file (or "
+               "the systemd credential) at the new key.", config="server")
+    p.add_argument("--new-key-file", metavar="PATH", type=Path, required=True,
+                   help="the new key file (at least 16 bytes; use 32 random bytes)")
+    p.add_argument("--key-file", metavar="PATH", type=Path, default=None, help=key_help)
+    json_flag(p)

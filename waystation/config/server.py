@@ -42,6 +42,10 @@ class StoreConfig(_Model):
     # PostgreSQL: how long a transaction keeps reconnecting after the database went away
     # before its changes are refused as transient (`server_error`; devices resend them).
     reconnect_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    encryption_key_file: Path | None = None
+    """LMDB: encrypt record values, the conflict log, dead letters and notices at rest
+    with a data key wrapped by this key file (${CREDENTIALS_DIRECTORY} allowed). Not for
+    PostgreSQL: encrypt its volume instead (deploy/README.md, "Encryption at rest")."""
 
     @field_validator("url")
     @classmethod
@@ -57,6 +61,11 @@ class StoreConfig(_Model):
 
     @model_validator(mode="after")
     def _sizes(self) -> StoreConfig:
+        if self.encryption_key_file is not None and self.kind != "lmdb":
+            raise ValueError(
+                "encryption_key_file applies to the LMDB store only; for PostgreSQL "
+                "encrypt the database's volume (LUKS/dm-crypt, an encrypted cloud disk) "
+                "and back-ups: see deploy/README.md, \"Encryption at rest\"")
         if self.max_map_size_mb < self.map_size_mb:
             raise ValueError(f"max_map_size_mb ({self.max_map_size_mb}) is below "
                              f"map_size_mb ({self.map_size_mb})")

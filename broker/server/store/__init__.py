@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 from broker.errors import StoreError
 from broker.server.store.base import DeadLetterLimits, Store
 from waystation.config import ServerConfig
@@ -17,15 +20,19 @@ def dead_letter_limits(config: ServerConfig) -> DeadLetterLimits:
                             max_age_ms=dl.max_age_s * 1000)
 
 
-def open_store(config: ServerConfig) -> Store:
-    """Open the store configured in `config.store`: LMDB under `config.data_dir`, or the
-    PostgreSQL database at `config.store.url` (its schema is created or migrated)."""
+def open_store(config: ServerConfig, env: Mapping[str, str] | None = None) -> Store:
+    """Open the store configured in `config.store`: LMDB under `config.data_dir` (its
+    values encrypted with store.encryption_key_file when set; `env` expands
+    ${CREDENTIALS_DIRECTORY} in it, default os.environ), or the PostgreSQL database at
+    `config.store.url` (its schema is created or migrated)."""
     if config.store.kind == "lmdb":
+        from broker.server.store.lmdb_keys import configured_kek
         from broker.server.store.lmdb_store import LmdbStore
 
         return LmdbStore(config.data_dir, map_size_mb=config.store.map_size_mb,
                          max_map_size_mb=config.store.max_map_size_mb,
-                         dead_letters=dead_letter_limits(config))
+                         dead_letters=dead_letter_limits(config),
+                         kek=configured_kek(config, os.environ if env is None else env))
     if config.store.kind == "postgres":
         from broker.server.store.postgres import PostgresStore
 

@@ -20,7 +20,10 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from broker.errors import StoreError, StoreFormatError, StoreFullError
+from agent.crypto import ValueCipher
+from agent.keyring import KeyEncryptionKey
+from broker.errors import StoreError, StoreFormatError, StoreFullError, StoreKeyError
+from broker.server.store import lmdb_keys
 from broker.server.store.base import (
     STORE_FORMAT,
     DeadLetterLimits,
@@ -28,7 +31,9 @@ from broker.server.store.base import (
     StoreInfo,
     WriteTxn,
 )
+from broker.server.store.lmdb_sealed import SEALED, SealedTxn
 from broker.server.store.lmdb_txn import DBS, DEFAULT_MAX_DEAD_LETTERS, LmdbReadTxn, LmdbWriteTxn
+from waystation.atrest import files as atrest_files
 from waystation.diskfull import is_disk_full
 
 T = TypeVar("T")
@@ -43,8 +48,18 @@ class LmdbStore:
     def __init__(self, data_dir: str | os.PathLike[str], *, map_size_mb: int = 256,
                  max_map_size_mb: int = 65536,
                  max_dead_letters: int | None = None,
-                 dead_letters: DeadLetterLimits | None = None) -> None:
+                 dead_letters: DeadLetterLimits | None = None,
+                 kek: KeyEncryptionKey | None = None) -> None:
         self.path = Path(data_dir) / "store"
+        op = atrest_files.pending(self.path)
+        if op is not None:
+            raise StoreError(
+                f"the server store at {self.path} is half-way through `waystation server "
+                f"{op}` (interrupted, or running now): run `waystation server {op}` again "
+                "to finish it; no data is lost")
+        self.kek = kek
+        self._cipher: ValueCipher | None = None
+        self._sealed: dict[int, str] = {}
         self._max_map = max_map_size_mb * _MB
         limits = dead_letters or DeadLetterLimits()
         if max_dead_letters is not None:
@@ -61,17 +76,55 @@ class LmdbStore:
                              "that no other version of Waystation uses it)") from None
         try:
             self._dbs = {name: self._env.open_db(name.encode()) for name in DBS}
-            self._check_format()
+            new_store = self._open_cipher(kek)
+            self._check_format(new_store)
         except BaseException:
             self._env.close()
             raise
 
-    def _check_format(self) -> None:
+    def _open_cipher(self, kek: KeyEncryptionKey | None) -> bool:
+        """Set up encryption at rest (`lmdb_keys`); True for a new store."""
+        with self._env.begin(db=self._dbs["meta"]) as txn:
+            new_store = txn.get(b"format") is None
+            token = txn.get(b"enc")
+        if kek is None:
+            if token is not None:
+                raise StoreKeyError(
+                    f"the server store at {self.path} is encrypted: set "
+                    "store.encryption_key_file to the key file it was encrypted with")
+            return new_store
+        if new_store:
+            cipher = lmdb_keys.create_data_key(self.path, kek)
+        elif token is None:
+            raise StoreKeyError(
+                f"the server store at {self.path} is not encrypted: stop the server and run "
+                "`waystation server encrypt` to encrypt it, or remove "
+                "store.encryption_key_file")
+        else:
+            cipher = lmdb_keys.data_key(self.path, kek)
+            lmdb_keys.check(cipher, bytes(token), self.path)
+        self._cipher = cipher
+        self._sealed = {id(self._dbs[name]): name for name in SEALED}
+        return new_store
+
+    @property
+    def encrypted(self) -> bool:
+        return self._cipher is not None
+
+    def _wrap(self, txn: lmdb.Transaction[bytes]) -> Any:
+        if self._cipher is None:
+            return txn
+        return SealedTxn(txn, self._sealed, self._cipher)
+
+    def _check_format(self, new_store: bool) -> None:
         def check(txn: WriteTxn) -> None:
             assert isinstance(txn, LmdbWriteTxn)
             raw = txn._txn.get(b"format", db=self._dbs["meta"])
             if raw is None:
                 txn._txn.put(b"format", str(STORE_FORMAT).encode(), db=self._dbs["meta"])
+                if new_store and self._cipher is not None:
+                    txn._txn.put(b"enc", self._cipher.check_token().hex().encode(),
+                                 db=self._dbs["meta"])
             elif raw != str(STORE_FORMAT).encode():
                 raise StoreFormatError(
                     f"the server store at {self.path} has format {raw.decode(errors='replace')}, "
@@ -85,7 +138,7 @@ class LmdbStore:
     def read(self) -> Iterator[ReadTxn]:
         txn = self._begin(write=False)
         try:
-            yield LmdbReadTxn(txn, self._dbs)
+            yield LmdbReadTxn(self._wrap(txn), self._dbs)
         finally:
             txn.abort()
 
@@ -93,7 +146,7 @@ class LmdbStore:
         while True:
             txn = self._begin(write=True)
             try:
-                wtxn = LmdbWriteTxn(txn, self._dbs, self.dead_letter_limits)
+                wtxn = LmdbWriteTxn(self._wrap(txn), self._dbs, self.dead_letter_limits)
                 result = fn(wtxn)
                 wtxn.finish()
                 txn.commit()
@@ -160,6 +213,8 @@ class LmdbStore:
         target = dest / self.path.name
         try:
             target.mkdir(parents=True, mode=0o700)
+            if self._cipher is not None:  # the values are sealed with it: it goes along
+                shutil.copyfile(self.path / lmdb_keys.DEK_FILE, target / lmdb_keys.DEK_FILE)
             self._env.copy(str(target), compact=True)
         except (OSError, lmdb.Error) as exc:
             raise StoreError(f"cannot write the backup to {target}: {exc} (check that the "
@@ -195,6 +250,9 @@ def restore_backup(backup_dir: str | os.PathLike[str], data_dir: str | os.PathLi
                          "directory aside first (a restore never overwrites a store)")
     try:
         target.mkdir(parents=True, mode=0o700)
+        dek = src.parent / lmdb_keys.DEK_FILE
+        if dek.exists():
+            shutil.copyfile(dek, target / lmdb_keys.DEK_FILE)
         shutil.copyfile(src, target / "data.mdb")
     except OSError as exc:
         raise StoreError(f"cannot copy the backup into {target}: {exc}") from None
