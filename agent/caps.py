@@ -11,10 +11,14 @@ SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
 
-AGENT_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn", SCHEMA})
+FETCH = "fetch"
+"""The agent asks for evicted records by key (`fetch`, answered by `fetched`, §7.13)."""
+
+AGENT_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn", SCHEMA, FETCH})
 """scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
 txn: transactions sent as units (§7.2.1; agent.txn_sync).
-schema: the server's schema versions in `welcome` (§11)."""
+schema: the server's schema versions in `welcome` (§11).
+fetch: see `FETCH`."""
 
-__all__ = ["AGENT_CAPS", "SCHEMA"]
+__all__ = ["AGENT_CAPS", "FETCH", "SCHEMA"]

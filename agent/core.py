@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from agent import scopes
+from agent import evicted, scopes
 from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
@@ -62,7 +62,8 @@ MAX_COMMAND_IDS = 1000
 MAX_LOST_ENTRIES = 10_000
 
 FeedKind = Literal["local", "synced", "rejected", "remote", "dropped", "reset", "wiped",
-                   "conflict", "online", "offline", "retrying"]
+                   "conflict", "online", "offline", "retrying", "evicted", "fetched",
+                   "quota"]
 
 
 def new_incarnation() -> str:
@@ -97,6 +98,8 @@ class Settings:
     heartbeat_timeout_s: float = 65.0
     plaintext_indexes: bool = False
     """Keep indexes on an encrypted store (their keys are plain text; agent.query)."""
+    quota_bytes: int | None = None
+    """The disk quota (storage.quota_bytes; agent.quota): local writes refused at it."""
 
 
 class Core:
@@ -326,6 +329,7 @@ class Work:
             self.tx.delete("stamps", rk)
         else:
             doc, stamps = new.to_docs()
+            doc["st"] = self.now()  # last synced: when retention's clock starts
             self.tx.put("base", rk, doc)
             if stamps:
                 self.tx.put("stamps", rk, stamps)
@@ -351,11 +355,13 @@ class Work:
                 "q": new.fq.get(name, new.q),
                 "t": prior["t"] if prior else self.now()})
 
-    def apply_recs(self, recs: Iterable[wire.Rec], kind: FeedKind) -> dict[bytes, BaseRecord]:
+    def apply_recs(self, recs: Iterable[wire.Rec], kind: FeedKind, *,
+                   fetched: bool = False) -> dict[bytes, BaseRecord]:
         """Apply record states to the base, recompute the views, record feed events.
 
         Returns the new base of every record touched. Every touched record is marked
-        with the current snapshot generation.
+        with the current snapshot generation. A record the device evicted takes only
+        the states `agent.evicted.admit` lets through (all of them when `fetched`).
         """
         grouped: dict[bytes, list[wire.Rec]] = {}
         for rec in recs:
@@ -365,9 +371,17 @@ class Work:
         for rk, group in grouped.items():
             c, k = group[0].c, group[0].k
             old = self.load_base(rk, c, k)
+            states = [rec_state(rec) for rec in group]
+            if old is None:
+                mark = evicted.marker(self.tx, rk)
+                states = list(evicted.admit(mark, states, fetched=fetched))
+                if not states:
+                    continue
+                if mark is not None:
+                    self.tx.delete(evicted.DB, rk)
             new = old
-            for rec in group:
-                new = apply_rec(new, rec_state(rec))
+            for st in states:
+                new = apply_rec(new, st)
             assert new is not None
             new.g = gen
             self.save_base(rk, old, new)

@@ -47,6 +47,7 @@ class ReceiveHooks:
     _hello_if_moved: Callable[[], None]
     _take_sync_now: Callable[[], None]
     _backoff: Callable[[int], float]
+    _on_fetched: Callable[[wire.Fetched], None]
 
     def _on_message(self, payload: bytes) -> None:
         try:
@@ -74,6 +75,8 @@ class ReceiveHooks:
             self._on_checkpoint(msg)
         elif isinstance(msg, wire.Command):
             self._on_command(msg)
+        elif isinstance(msg, wire.Fetched):
+            self._on_fetched(msg)
         elif isinstance(msg, wire.Welcome):
             caps = self.sync.apply_welcome(msg)
             log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))

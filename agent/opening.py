@@ -71,7 +71,8 @@ class Opener:
         settings = Settings(device_id=cfg.device_id, scopes=tuple(cfg.scopes),
                             catchup_page=cfg.sync.catchup_page,
                             heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5,
-                            plaintext_indexes=cfg.storage.plaintext_indexes)
+                            plaintext_indexes=cfg.storage.plaintext_indexes,
+                            quota_bytes=cfg.storage.quota_bytes)
         core = Core(store, settings, self.catalog, self.now_ms)
         if wipe.is_gone(store):
             return core  # finished by open(); claiming would be refused

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from agent import txn_sync
+from agent import evicted, txn_sync
 from agent.base import BaseRecord, apply_ack_record, rec_state
 from agent.changes import change_id
 from agent.core import Core, Work
@@ -95,6 +95,14 @@ class Receiving:
                 if len(mine) > 1:
                     mine.sort(key=_change_number)
                 states = fx.get(rk, [])
+                if old is None:
+                    mark = evicted.marker(work.tx, rk)
+                    if mark is not None and not mine:
+                        states = list(evicted.admit(mark, states))
+                        if not states:
+                            continue  # stays evicted (agent.evicted)
+                    if mark is not None:
+                        work.tx.delete(evicted.DB, rk)
                 new = apply_ack_record(old, mine, states, self.dev, restamped=restamped)
                 if new is None:
                     continue

@@ -14,11 +14,15 @@ SCHEMA = "schema"
 """The server states its schema versions in `welcome` (`sv`, `sv_min`) and holds back
 changes written under a version older than `sv_min` (PROTOCOL.md §11)."""
 
-SERVER_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn", SCHEMA})
+FETCH = "fetch"
+"""The server answers `fetch` (records by key) with `fetched` (PROTOCOL.md §7.13)."""
+
+SERVER_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn", SCHEMA, FETCH})
 """scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
 sync: `waystation device sync` reaches the device as a `sync` command (§7.9).
 txn: transactions applied all or none (§7.2.1, §10.5).
-schema: see `SCHEMA`."""
+schema: see `SCHEMA`.
+fetch: see `FETCH`."""
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
@@ -26,4 +30,4 @@ def agreed(offered: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(offered) & SERVER_CAPS))
 
 
-__all__ = ["SCHEMA", "SERVER_CAPS", "agreed"]
+__all__ = ["FETCH", "SCHEMA", "SERVER_CAPS", "agreed"]

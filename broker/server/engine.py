@@ -155,7 +155,7 @@ class Engine:
         fan = Fanout(self.registry, self.presence)
         catchups: list[Incoming] = []
         for inc in incs:
-            if inc.kind == "catchup" and not inc.failed and not inc.blocked:
+            if inc.kind in ("catchup", "fetch") and not inc.failed and not inc.blocked:
                 catchups.append(inc)
                 continue
             try:
@@ -436,7 +436,7 @@ class Engine:
             msgs = reject_messages([rejection(n, codec.SERVER_ERROR, "the server failed to "
                                               "apply this change; send it again later", False)
                                     for n in numbers])
-        elif inc.kind == "catchup" and inc.blocked:
+        elif inc.kind in ("catchup", "fetch") and inc.blocked:
             msgs = [error_message(codec.DEVICE_DISABLED, inc.blocked)]
         elif inc.error is not None or inc.failed:
             code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
