@@ -98,5 +98,20 @@ class AgentFetch:
                 records.append(rec)
         return FetchResult(name, records, queued, missing)
 
+    def evicted_keys(self, collection: str) -> list[str]:
+        """Keys of the collection's records that retention evicted from this device (the
+        server still holds them; `fetch` brings them back)."""
+        try:
+            spec = validate.collection(self.catalog, collection)
+        except WriteRefused as exc:
+            raise BadRequest(exc.code, str(exc)) from None
+        prefix = spec.name.encode() + b"\0"
+
+        def run(work: Work) -> list[str]:
+            return [raw[len(prefix):].decode() for raw in work.tx.keys("evicted", prefix)]
+
+        keys: list[str] = self._read(run)
+        return keys
+
 
 __all__ = ["AgentFetch", "FetchResult"]
