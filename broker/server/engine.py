@@ -74,7 +74,7 @@ from schemas.collection import Catalog
 from schemas.errors import ProtocolError
 from schemas.wire import ID_PATTERN, Catchup, Hello
 from waystation import __version__
-from waystation.config import ServerConfig
+from waystation.config import MergeConfig, ServerConfig
 from waystation.hlc import SERVER_NODE, Clock
 from waystation.rules import Rule, load_rules
 
@@ -401,7 +401,9 @@ class Engine:
 
     def _trim_letters(self, now: int) -> None:
         """Apply the dead letters' bounds in full; read their figures for the metrics."""
-        dropped = self.store.transact(partial(_trim_letters, now=now))
+        dropped, trimmed = self.store.transact(partial(_trim_letters, now=now, cfg=self.cfg))
+        if trimmed:
+            log.info("conflicts_trimmed", dropped=trimmed)
         with self.store.read() as txn:
             self.dead_letter_stats = txn.dead_letter_stats()
         if dropped:
@@ -490,8 +492,10 @@ def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:
     return txn.add_dead_letter(letter)
 
 
-def _trim_letters(txn: WriteTxn, now: int) -> int:
-    return txn.trim_dead_letters(now)
+def _trim_letters(txn: WriteTxn, now: int, cfg: MergeConfig) -> tuple[int, int]:
+    """The dead letters' bounds, and the conflict log's (closed entries only)."""
+    return (txn.trim_dead_letters(now),
+            txn.trim_conflicts(now - cfg.conflict_retention_s * 1000, cfg.conflict_max_closed))
 
 
 __all__ = ["Engine", "Outgoing"]

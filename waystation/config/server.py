@@ -72,6 +72,11 @@ class MergeConfig(_Model):
     max_batch_changes: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1000
     rules: list[Annotated[Str, AfterValidator(_rule_ref)]] = Field(default_factory=list)
     tombstone_retention_s: Annotated[int, Field(strict=True, ge=0)] = 30 * 24 * 3600
+    conflict_retention_s: Annotated[int, Field(strict=True, ge=3600)] = 90 * 24 * 3600
+    """Closed conflict-log entries (lost values, settled conflicts) are dropped this long
+    after they were last touched; open ones are kept until a person settles them."""
+    conflict_max_closed: Annotated[int, Field(strict=True, ge=1000)] = 1_000_000
+    """At most this many closed conflict-log entries are kept (the oldest go first)."""
     # 0: a group is whatever queued up while the previous group was being committed
     # (group commit without a wait). A fixed wait delays every change on a quiet link
     # by the whole window (2 ms cost ~2.3 ms of a ~5.7 ms round trip, bench/e2e.py)
