@@ -43,6 +43,7 @@ from broker.server import catchup
 from broker.server.applier import Applier, BatchStats
 from broker.server.caps import SCHEMA, agreed
 from broker.server.downcast import Downcaster
+from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.hello_round import hello_commands, note_incarnation
 from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
@@ -107,6 +108,8 @@ class Engine:
         self.clock = clock if clock is not None else Clock(SERVER_NODE, now_ms)
         self.rules = list(load_rules(self.cfg.rules) if rules is None else rules)
         self.applier = Applier(catalog, self.cfg, self.clock, now_ms, self.rules)
+        ret = config.retention
+        self.expiry = Expiry(catalog, ret.collections, ret.batch, ret.interval_s * 1000)
         self.applier.chain = SchemaChain.load(store, catalog)
         self.downcaster = (Downcaster(self.applier.chain, catalog.version)
                            if self.applier.chain.versions else None)
@@ -244,6 +247,8 @@ class Engine:
             if self.registry.generation != self._commands_gen:
                 self._commands_gen = self.registry.generation
                 out.extend(self._push_commands())
+            if expired := self.expiry.tick(self.store, self.clock, now):
+                log.info("records_expired", count=expired)
             out.extend(self._drain_notices())
             if now >= self._next_purge:
                 retention_ms = self.cfg.tombstone_retention_s * 1000

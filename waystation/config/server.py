@@ -14,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.retention import RetentionRule
 from waystation.config.common import (
     Bool,
     CompressOver,
@@ -83,6 +84,16 @@ class MergeConfig(_Model):
     # and buys nothing under load, where groups form on their own.
     batch_window_ms: Annotated[int, Field(strict=True, ge=0, le=1000)] = 0
     compress_over_bytes: CompressOver = 512
+
+
+class ServerRetentionConfig(_Model):
+    """Records the server lets expire, per collection (broker.server.expiry): deleted by
+    the server like a device's delete, so devices drop them too. None by default."""
+
+    collections: dict[str, RetentionRule] = Field(default_factory=dict)
+    interval_s: Annotated[int, Field(strict=True, ge=1, le=86_400 * 7)] = 3600
+    batch: Annotated[int, Field(strict=True, ge=1, le=100_000)] = 500
+    """Records examined per store transaction."""
 
 
 class IntakeConfig(_Model):
@@ -207,6 +218,7 @@ class ServerConfig(_Model):
     amqp: AmqpConfig = Field(default_factory=AmqpConfig)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
     dead_letters: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    retention: ServerRetentionConfig = Field(default_factory=ServerRetentionConfig)
     enrol: EnrolConfig = Field(default_factory=EnrolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     metrics_port: Port | None = None
