@@ -241,8 +241,9 @@ class Discarded(_Out):
 class FeedEventOut(_Out):
     """One feed event (also the `data:` of a Server-Sent Event, whose `id:` is `seq`).
 
-    kind: local, synced, rejected, remote, conflict, dropped, reset, wiped, truncated;
-    connectivity (empty collection): online, offline, retrying."""
+    kind: local, synced, rejected, remote, conflict, dropped, reset, wiped, truncated,
+    evicted (retention), fetched (brought back; data `missing`); with an empty
+    collection: online, offline, retrying (connectivity), quota (limit, used, reached)."""
 
     seq: int
     collection: str
