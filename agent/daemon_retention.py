@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from agent import evict, fetching
+from agent import evict, fetching, quota
 from agent.caps import FETCH
 from agent.core import Work
 from agent.sync import Sync
@@ -44,7 +44,16 @@ class RetentionHooks:
     def _retention_tick(self, now: float) -> None:
         """One eviction step when one is due (bounded: `retention.batch` records)."""
         rcfg = self.cfg.retention
-        if not rcfg.enabled or (not self._evict_running and now < self._evict_next):
+        if not self._evict_running and now < self._evict_next:
+            return
+        if not rcfg.enabled:
+            # No eviction, but the quota's state still reaches the feed and status.
+            self._evict_next = now + rcfg.interval_s
+            if self.cfg.storage.quota_bytes is not None:
+                try:
+                    self.sync.core.write(quota.observe, durable=False)
+                except Exception:
+                    log.exception("quota_check_failed", dev=self.dev)
             return
         try:
             result = evict.step(self.sync.core, batch=rcfg.batch)

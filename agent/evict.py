@@ -47,7 +47,7 @@ def _pending(work: Work, rk: bytes) -> bool:
         return bool(cur.set_range(prefix)) and cur.key().startswith(prefix)
 
 
-def step(core: Core, *, batch: int = 500, pressure: bool | None = None) -> StepResult:
+def step(core: Core, *, batch: int = 200, pressure: bool | None = None) -> StepResult:
     """One bounded eviction transaction. `pressure` lifts the age condition (the disk
     quota is reached); None: whether the quota is reached at the step's start."""
 
@@ -103,7 +103,7 @@ def step(core: Core, *, batch: int = 500, pressure: bool | None = None) -> StepR
     return core.write(run, durable=False)
 
 
-def run_pass(core: Core, *, batch: int = 500, pressure: bool | None = None) -> int:
+def run_pass(core: Core, *, batch: int = 200, pressure: bool | None = None) -> int:
     """Steps until the pass reaches the last record; returns the records evicted."""
     total = 0
     while True:

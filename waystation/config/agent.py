@@ -63,7 +63,7 @@ class RetentionConfig(_Model):
     enabled: Bool = True
     interval_s: Annotated[float, Field(strict=True, gt=0, le=86_400)] = 60.0
     """Between eviction passes (a pass runs at once while the quota is reached)."""
-    batch: Annotated[int, Field(strict=True, ge=1, le=10_000)] = 500
+    batch: Annotated[int, Field(strict=True, ge=1, le=10_000)] = 200
     """Records examined per LMDB write transaction (bounded work per commit)."""
 
 
