@@ -26,7 +26,7 @@ from waystation.config import AgentConfig
 
 log = structlog.get_logger("waystation.agent")
 
-_FETCH_EVERY_S = 0.25
+_FETCH_IDLE_S = 1.0
 
 
 class RetentionHooks:
@@ -79,7 +79,7 @@ class RetentionHooks:
         caps = self.sync.server_caps
         if not self._connected or caps is None or FETCH not in caps or now < self._fetch_next:
             return
-        self._fetch_next = now + _FETCH_EVERY_S
+        self._fetch_next = now + _FETCH_IDLE_S  # nothing to send: look again later
         req = "f-" + uuid.uuid4().hex[:12]
 
         def run(work: Work) -> wire.Fetch | None:

@@ -2,7 +2,7 @@
 
 A record evicted by retention (`agent.evict`) leaves its base, stamps, view and index
 entries, and a marker ``record key -> {"s": scope, "q": version, "t": ms}`` in their
-place. The marker decides what a later record state may do (PROTOCOL.md §9.7):
+place. The marker decides what a later record state may do (PROTOCOL.md §9.6):
 
 - a state at or below the evicted version is what the device already had: ignored, so
   neither a re-sent delta nor a snapshot page re-creates an evicted record;
