@@ -91,3 +91,36 @@ def test_evict_then_fetch_back(fleet: Fleet) -> None:
     fleet.wait(lambda: "t-pend" not in _keys(fleet, "van-1") or None, timeout=60,
                what="van-1 evicts t-pend once acked")
     assert fleet.value("tasks", "t-pend", "notes") == "not yet sent"
+
+
+def test_server_expiry_reaches_every_device(fleet: Fleet) -> None:
+    """Records the server lets expire are deleted by the server: an online device drops
+    them at once (delta), one that was offline on its catch-up; the others stay."""
+    fleet.stop_server()
+    with fleet.server_config.open("a") as f:
+        f.write('\n[retention]\ninterval_s = 1\n\n[retention.collections.tasks]\n'
+                'after = "3s"\nwhen = { status = ["delivered"] }\n')
+    fleet.start_server()
+    fleet.add_device("van-1", ["route-1"])
+    fleet.add_device("van-2", ["route-1"])
+    fleet.start_agent("van-1")
+    fleet.start_agent("van-2")
+    other = fleet.agent("van-2")
+    other.put("tasks", "t-done", {"route": "route-1", "status": "delivered"})
+    other.put("tasks", "t-out", {"route": "route-1", "status": "out"})
+    fleet.wait_drained("van-2")
+    fleet.wait(lambda: _keys(fleet, "van-1") >= {"t-done", "t-out"} or None,
+               what="van-1 has both tasks")
+    fleet.stop_agent("van-2")  # offline while the record expires
+    fleet.wait(lambda: "t-done" not in _keys(fleet, "van-1") or None, timeout=60,
+               what="the server's expiry reaches the online van-1")
+    rec = fleet.record("tasks", "t-done")
+    assert rec is not None and rec.get("x") is True
+    assert fleet.record("tasks", "t-out") is not None
+    assert not fleet.record("tasks", "t-out").get("x")  # type: ignore[union-attr]
+    assert fleet.server.wait_event("records_expired")["count"] >= 1
+    fleet.start_agent("van-2")
+    fleet.wait(lambda: "t-done" not in _keys(fleet, "van-2") or None, timeout=60,
+               what="van-2 learns the expiry by catch-up")
+    assert "t-out" in _keys(fleet, "van-2")
+    fleet.wait_converged("van-1", "van-2")
