@@ -338,3 +338,22 @@ def test_live_bytes_falls_when_records_go(agent: Agent, clock: FakeClock) -> Non
     evict.run_pass(core)
     assert core.read(lambda work: work.tx.live_bytes()) < full / 2
     assert record_key("tasks", "t-0") is not None
+
+
+def test_live_queries_see_records_leave_and_come_back(agent: Agent, clock: FakeClock) -> None:
+    """A live query over evicted records says they left; a fetch brings them back in."""
+    _synced(agent, "t-1", 5)
+    live = agent.live_query("tasks", where={"status": "delivered"}, order_by="eta")
+    first = live.poll()
+    assert first is not None and first.keys == ["t-1"]
+    clock.advance(8 * DAY)
+    _run(agent)
+    update = live.poll()
+    assert update is not None and update.keys == [] and update.left == ["t-1"]
+    agent.fetch("tasks", ["t-1"])
+    core = agent.sync.core
+    core.write(lambda work: fetching.apply_fetched(work, wire.Fetched(
+        req="f", c="tasks", recs=[rec("t-1", 5, DONE)])))
+    back = live.poll()
+    assert back is not None and back.keys == ["t-1"]
+    assert [r.key for r in back.entered] == ["t-1"]
