@@ -376,6 +376,9 @@ class Work:
                 mark = evicted.marker(self.tx, rk)
                 states = list(evicted.admit(mark, states, fetched=fetched))
                 if not states:
+                    if mark is not None and mark.get("g") != gen:
+                        # Still on the server (a snapshot's sweep keeps the marker).
+                        self.tx.put(evicted.DB, rk, {**mark, "g": gen})
                     continue
                 if mark is not None:
                     self.tx.delete(evicted.DB, rk)

@@ -91,7 +91,7 @@ def step(core: Core, *, batch: int = 200, pressure: bool | None = None) -> StepR
             c, k = split_record_key(rk)
             work.save_base(rk, work.load_base(rk, c, k), None)
             work.save_view(rk, None)
-            tx.put(evicted.DB, rk, {"s": doc["s"], "q": doc["q"], "t": now})
+            tx.put(evicted.DB, rk, {"s": doc["s"], "q": doc["q"], "t": now, "g": work.gen()})
             work.feed(c, k, "evicted")
         if next_at is None:
             tx.delete("meta", META_AT.encode())

@@ -1,8 +1,10 @@
 """Eviction markers: what the device knows of a record it evicted (database ``evicted``).
 
 A record evicted by retention (`agent.evict`) leaves its base, stamps, view and index
-entries, and a marker ``record key -> {"s": scope, "q": version, "t": ms}`` in their
-place. The marker decides what a later record state may do (PROTOCOL.md §9.6):
+entries, and a marker ``record key -> {"s": scope, "q": version, "t": ms, "g": snapshot
+generation}`` in their place (`g` is renewed when a snapshot lists the record again, so
+the snapshot's sweep drops the markers of records the server no longer has). The marker
+decides what a later record state may do (PROTOCOL.md §9.6):
 
 - a state at or below the evicted version is what the device already had: ignored, so
   neither a re-sent delta nor a snapshot page re-creates an evicted record;

@@ -354,6 +354,11 @@ def _sweep(work: Work, scope: str, gen: int) -> int:
         work.save_base(rk, old, None)
         work.refresh_view(rk, c, k, None)
         work.feed(c, k, "dropped")
+    # Eviction markers of records the snapshot did not list: gone from the server.
+    gone = [rk for rk, mark in work.tx.items(evicted.DB)
+            if mark.get("s") == scope and int(mark.get("g", 0)) < gen]
+    for rk in gone:
+        work.tx.delete(evicted.DB, rk)
     return len(stale)
 
 

@@ -357,3 +357,18 @@ def test_live_queries_see_records_leave_and_come_back(agent: Agent, clock: FakeC
     back = live.poll()
     assert back is not None and back.keys == ["t-1"]
     assert [r.key for r in back.entered] == ["t-1"]
+
+
+def test_a_snapshot_forgets_markers_of_records_gone_from_the_server(
+        agent: Agent, clock: FakeClock) -> None:
+    """Markers stay bounded: a snapshot that lists an evicted record keeps its marker,
+    one that does not (the record was purged on the server) drops it."""
+    _synced(agent, "t-1", 5)
+    _synced(agent, "t-2", 6)
+    clock.advance(8 * DAY)
+    assert _run(agent) == 2
+    agent.sync.apply_page(wire.Page.model_validate(
+        {"req": "c-9", "s": S, "from": 0, "to": 9, "reset": True, "recs": [rec("t-1", 5, DONE)]}))
+    agent.sync.apply_checkpoint(wire.Checkpoint(req="c-9", cp={S: 9}))
+    assert agent.evicted_keys("tasks") == ["t-1"]
+    assert agent.get("tasks", "t-1") is None
