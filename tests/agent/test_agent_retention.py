@@ -372,3 +372,16 @@ def test_a_snapshot_forgets_markers_of_records_gone_from_the_server(
     agent.sync.apply_checkpoint(wire.Checkpoint(req="c-9", cp={S: 9}))
     assert agent.evicted_keys("tasks") == ["t-1"]
     assert agent.get("tasks", "t-1") is None
+
+
+@pytest.mark.parametrize("bad", [
+    {"batch": 0}, {"batch": 10_001}, {"interval_s": 0}, {"interval_s": "soon"},
+    {"enabled": "maybe"}, {"evict": True},
+])
+def test_bad_retention_config_is_refused(tmp_path: Path, bad: dict[str, Any]) -> None:
+    """Wrong [retention] values in the agent config are refused when it is read."""
+    from waystation.config import AgentConfig
+
+    with pytest.raises(ValueError, match="retention"):
+        AgentConfig.model_validate({"device_id": "van-1", "data_dir": str(tmp_path),
+                                    "retention": bad})
