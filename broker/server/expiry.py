@@ -75,9 +75,10 @@ class Expiry:
             return 0, True
 
         def fn(txn: WriteTxn) -> tuple[int, tuple[str, str] | None]:
-            expired = 0
+            due: list[tuple[str, str, str]] = []  # (scope, c, k)
             start = self.position
             remaining = self.batch
+            position: tuple[str, str] | None = None
             for c in names:
                 if start is not None and c < start[0]:
                     continue
@@ -85,13 +86,23 @@ class Expiry:
                 rows = txn.records_after(c, after, remaining)
                 remaining -= len(rows)
                 for _, k, raw in rows:
-                    if _expire(txn, self.catalog, clock, self.rules[c], c, k, raw, now_ms):
-                        expired += 1
+                    record = merge.from_json(raw)
+                    if _due(self.rules[c], record, now_ms):
+                        due.append((record.s, c, k))
                 if remaining <= 0:
-                    last = rows[-1]
-                    return expired, (last[0], last[1])
+                    position = (rows[-1][0], rows[-1][1])
+                    break
                 start = None
-            return expired, None
+            # Like a batch of changes: the scopes' locks first, in sorted order (several
+            # servers over one PostgreSQL), then the records read again, current.
+            txn.lock_scopes(sorted({scope for scope, _, _ in due}))
+            expired = 0
+            for _, c, k in due:
+                current = txn.get_record(c, k)
+                if current is not None and _expire(txn, self.catalog, clock, self.rules[c],
+                                                   merge.from_json(current), now_ms):
+                    expired += 1
+            return expired, position
 
         expired, position = store.transact(fn)
         self.position = position
@@ -99,16 +110,21 @@ class Expiry:
         return expired, position is None
 
 
-def _expire(txn: WriteTxn, catalog: Catalog, clock: Clock, rule: RetentionRule, c: str,
-            k: str, raw: dict[str, object], now_ms: int) -> bool:
-    record = merge.from_json(raw)
+def _due(rule: RetentionRule, record: merge.RecordState, now_ms: int) -> bool:
     if record.deleted:
         return False  # a tombstone already: purged by merge.tombstone_retention_s
     latest = merge.latest_stamp(record)
     changed = latest.wall if latest is not None else 0
-    if not evictable(rule, record.values(), False, changed, now_ms, pending=False,
-                     conflicted=False):
-        return False
+    return evictable(rule, record.values(), False, changed, now_ms, pending=False,
+                     conflicted=False)
+
+
+def _expire(txn: WriteTxn, catalog: Catalog, clock: Clock, rule: RetentionRule,
+            record: merge.RecordState, now_ms: int) -> bool:
+    if not _due(rule, record, now_ms):
+        return False  # changed since it was read
+    c, k = record.c, record.k
+    latest = merge.latest_stamp(record)
     spec = catalog.collection(c)
     assert spec is not None
     stamp = clock.observe(latest) if latest is not None else clock.tick()
