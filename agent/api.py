@@ -25,11 +25,12 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agent import feed, validate
+from agent import evicted, feed, fetching, quota, validate
 from agent.changes import Op, base_version, build_change, change_id, remove_tags
 from agent.checkpoints import ScopeCheckpoint
 from agent.core import Core, Work, open_conflict_key
 from agent.errors import BadRequest, NotFound, StoreGone, WriteRefused
+from agent.fetch_api import AgentFetch
 from agent.models import Conflict, DeadLetter, FeedEvent, Record, WriteResult
 from agent.opening import Opener, wall_ms
 from agent.query.agent_api import AgentQueries
@@ -52,7 +53,7 @@ WAKE_SYNC_NOW = b"s"
 """The sync daemon's datagram socket in the store's directory (see agent.daemon)."""
 
 
-class Agent(AgentQueries):
+class Agent(AgentQueries, AgentFetch):
     """An open device agent. Create with `Agent.open`; close with `close()` (or `with`).
 
     Queries (`query`, `count`, `live_query`, `subscribe`) come from
@@ -144,7 +145,7 @@ class Agent(AgentQueries):
             rk = record_key(spec.name, key)
             view = work.load_view(rk, spec.name, key)
             scope = validate.scope_for_write(spec, key, self._core.scopes,
-                                             view.s if view else None, values)
+                                             _held_scope(work, rk, view), values)
             return self._write(work, spec, rk, key, view, scope, "put", prio, f=values)
 
         return run
@@ -187,7 +188,7 @@ class Agent(AgentQueries):
             rk = record_key(spec.name, key)
             view = work.load_view(rk, spec.name, key)
             scope = validate.scope_for_write(spec, key, self._core.scopes,
-                                             view.s if view else None, {})
+                                             _held_scope(work, rk, view), {})
             return self._write(work, spec, rk, key, view, scope, "put", prio, i={field: inc})
 
         return run
@@ -209,7 +210,7 @@ class Agent(AgentQueries):
             rk = record_key(spec.name, key)
             view = work.load_view(rk, spec.name, key)
             scope = validate.scope_for_write(spec, key, self._core.scopes,
-                                             view.s if view else None, {})
+                                             _held_scope(work, rk, view), {})
             return self._write(work, spec, rk, key, view, scope, "put", prio, a={field: adds})
 
         return run
@@ -319,6 +320,11 @@ class Agent(AgentQueries):
                f: dict[str, Any] | None = None, i: dict[str, int | float] | None = None,
                a: dict[str, list[str]] | None = None,
                r: dict[str, dict[str, list[str]]] | None = None) -> WriteResult:
+        quota.check_write(work)
+        if view is None and work.tx.has(evicted.DB, rk):
+            # Written blind on an evicted record: ask for it back, so that its view is
+            # whole again once the server answers (agent.fetching).
+            fetching.enqueue(work, [rk])
         n = work.next_n()
         stamp = work.tick()
         b = base_version(work.checkpoint(scope).cp, view.wq if view else 0)
@@ -371,7 +377,7 @@ class Agent(AgentQueries):
                 if tags:
                     r[name] = tags
             scope = validate.scope_for_write(spec, key, self._core.scopes,
-                                             view.s if view else None, f or {})
+                                             _held_scope(work, rk, view), f or {})
             if not (f or i or a or r):
                 return WriteResult(spec.name, key, scope, "unchanged")
             return self._write(work, spec, rk, key, view, scope, "put", dl["entry"]["p"],
@@ -548,6 +554,16 @@ class Agent(AgentQueries):
             return out
 
         return self._read(run)
+
+
+def _held_scope(work: Work, rk: bytes, view: ViewState | None) -> str | None:
+    """The scope of a record this device holds, or held until retention evicted it (its
+    marker keeps the scope, so a write on it needs no scope field)."""
+    if view is not None:
+        return view.s
+    mark = evicted.marker(work.tx, rk)
+    scope = mark.get("s") if mark is not None else None
+    return scope if isinstance(scope, str) else None
 
 
 def _record(state: ViewState) -> Record:

@@ -16,12 +16,17 @@ SCHEMA_PUSH = "schema_push"
 agent takes it in one store transaction and says so in a new `hello` (PROTOCOL.md §7.13,
 agent.schema_update)."""
 
-AGENT_CAPS: frozenset[str] = frozenset({"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH})
+FETCH = "fetch"
+"""The agent asks for evicted records by key (`fetch`, answered by `fetched`, §7.14)."""
+
+AGENT_CAPS: frozenset[str] = frozenset(
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH})
 """creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
 scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
 txn: transactions sent as units (§7.2.1; agent.txn_sync).
 schema: the server's schema versions in `welcome` (§11).
-schema_push: see `SCHEMA_PUSH`."""
+schema_push: see `SCHEMA_PUSH`.
+fetch: see `FETCH`."""
 
-__all__ = ["AGENT_CAPS", "SCHEMA", "SCHEMA_PUSH"]
+__all__ = ["AGENT_CAPS", "FETCH", "SCHEMA", "SCHEMA_PUSH"]

@@ -175,6 +175,27 @@ def cmd_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
+def cmd_fetch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`agent fetch COLLECTION KEY... [--wait S] [--json]`"""
+    with _open(args, env, create=True) as agent:
+        result = agent.fetch(args.collection, args.keys, wait_s=args.wait)
+        running = agent.status().agent_running
+    if args.json:
+        _print_json(result.to_dict())
+        return EXIT_OK
+    for record in result.records:
+        print(f"{record.key}  {_compact(record.fields)}")
+    if result.waiting:
+        print(f"asked the server for {len(result.waiting)} record(s): "
+              f"{', '.join(result.waiting)}")
+        if not running:
+            print("  the sync daemon is not running: they come once `waystation agent run` "
+                  "(or its service) is connected")
+    if result.missing:
+        print(f"the server holds none of: {', '.join(result.missing)}")
+    return EXIT_OK
+
+
 def cmd_sync_now(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`agent sync [--json]`"""
     with _open(args, env, create=False) as agent:
@@ -220,6 +241,12 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"  re-downloading: {', '.join(status.snapshots)}")
     if status.last_error:
         print(f"  last problem: {status.last_error['code']}: {status.last_error['reason']}")
+    if status.quota is not None:
+        print(f"  disk quota: {status.quota['used']} of {status.quota['limit']} bytes used"
+              + (" -- REACHED: local writes are refused" if status.quota["reached"] else ""))
+    if status.evicted or status.fetching:
+        print(f"  retention: {status.evicted} record(s) evicted, {status.fetching} asked back "
+              "(`waystation agent fetch COLLECTION KEY`)")
     return EXIT_OK
 
 

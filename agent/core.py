@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from agent import schema_store, scopes
+from agent import evicted, schema_store, scopes
 from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
@@ -65,7 +65,8 @@ MAX_COMMAND_IDS = 1000
 MAX_LOST_ENTRIES = 10_000
 
 FeedKind = Literal["local", "synced", "rejected", "remote", "dropped", "reset", "wiped",
-                   "conflict", "online", "offline", "retrying"]
+                   "conflict", "online", "offline", "retrying", "evicted", "fetched",
+                   "quota"]
 
 
 def new_incarnation() -> str:
@@ -102,6 +103,8 @@ class Settings:
     """Keep indexes on an encrypted store (their keys are plain text; agent.query)."""
     schema_push: bool = True
     """Offer the `schema_push` capability (sync.schema_push; agent.schema_update)."""
+    quota_bytes: int | None = None
+    """The disk quota (storage.quota_bytes; agent.quota): local writes refused at it."""
 
 
 class Core:
@@ -340,6 +343,7 @@ class Work:
             self.tx.delete("stamps", rk)
         else:
             doc, stamps = new.to_docs()
+            doc["st"] = self.now()  # last synced: when retention's clock starts
             self.tx.put("base", rk, doc)
             if stamps:
                 self.tx.put("stamps", rk, stamps)
@@ -365,11 +369,13 @@ class Work:
                 "q": new.fq.get(name, new.q),
                 "t": prior["t"] if prior else self.now()})
 
-    def apply_recs(self, recs: Iterable[wire.Rec], kind: FeedKind) -> dict[bytes, BaseRecord]:
+    def apply_recs(self, recs: Iterable[wire.Rec], kind: FeedKind, *,
+                   fetched: bool = False) -> dict[bytes, BaseRecord]:
         """Apply record states to the base, recompute the views, record feed events.
 
         Returns the new base of every record touched. Every touched record is marked
-        with the current snapshot generation.
+        with the current snapshot generation. A record the device evicted takes only
+        the states `agent.evicted.admit` lets through (all of them when `fetched`).
         """
         grouped: dict[bytes, list[wire.Rec]] = {}
         for rec in recs:
@@ -379,9 +385,20 @@ class Work:
         for rk, group in grouped.items():
             c, k = group[0].c, group[0].k
             old = self.load_base(rk, c, k)
+            states = [rec_state(rec) for rec in group]
+            if old is None:
+                mark = evicted.marker(self.tx, rk)
+                states = list(evicted.admit(mark, states, fetched=fetched))
+                if not states:
+                    if mark is not None and mark.get("g") != gen:
+                        # Still on the server (a snapshot's sweep keeps the marker).
+                        self.tx.put(evicted.DB, rk, {**mark, "g": gen})
+                    continue
+                if mark is not None:
+                    self.tx.delete(evicted.DB, rk)
             new = old
-            for rec in group:
-                new = apply_rec(new, rec_state(rec))
+            for st in states:
+                new = apply_rec(new, st)
             assert new is not None
             new.g = gen
             self.save_base(rk, old, new)

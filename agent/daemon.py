@@ -45,6 +45,7 @@ from agent.catchup import CatchupRound
 from agent.creds import BrokerCredentials
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
+from agent.daemon_retention import RetentionHooks
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
 from schemas import codec, wire
@@ -77,7 +78,7 @@ class DaemonStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class AgentDaemon(ReceiveHooks, PolicyHooks):
+class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
     """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
@@ -241,6 +242,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
                     self._timers(now)
                     next_timer = now + _TIMER_S
                 self._pump(now)
+                self._retention_tick(now)
+                self._fetch_tick(now)
                 self.stats.loops += 1
         except Exception:
             log.exception("agent_loop_failed", dev=self.dev)

@@ -80,6 +80,7 @@ class ReceiveHooks:
         hello = self.sync.hello(AGENT_NAME, z=True)
         rotation = self.creds.login_rotation
         return hello if rotation is None else hello.model_copy(update={"cred": rotation})
+    _on_fetched: Callable[[wire.Fetched], None]
 
     def _on_message(self, payload: bytes) -> None:
         try:
@@ -107,6 +108,8 @@ class ReceiveHooks:
             self._on_checkpoint(msg)
         elif isinstance(msg, wire.Command):
             self._on_command(msg)
+        elif isinstance(msg, wire.Fetched):
+            self._on_fetched(msg)
         elif isinstance(msg, wire.Welcome):
             caps = self.sync.apply_welcome(msg)
             log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))

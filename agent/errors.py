@@ -5,6 +5,7 @@
         ├── StorageError            the local store failed (LMDB error, corrupt file, ...)
         │   ├── StoreGone           the store was wiped (remote wipe): reopen it
         │   ├── StorageFullError    the disk or the configured map-size limit is full
+        │   ├── QuotaReached        the device's disk quota (storage.quota_bytes) is used
         │   ├── StorageFormatError  the store was written in another on-disk format
         │   ├── EncryptionKeyError  missing, unreadable or wrong encryption key
         │   ├── ConversionPending   `agent encrypt` / `decrypt` is under way or was cut short
@@ -57,6 +58,21 @@ class StorageFullError(StorageError):
         super().__init__(message)
         self.path = path
         self.map_limit_mb = map_limit_mb
+
+
+class QuotaReached(StorageError):
+    """A local write was refused: the store holds storage.quota_bytes or more. Syncing
+    goes on (the outbox drains, acks free room) and retention evicts what the schema
+    lets it; nothing stored was lost."""
+
+    def __init__(self, used: int, quota: int) -> None:
+        super().__init__(
+            f"the device's disk quota is reached ({used} of storage.quota_bytes = {quota} "
+            "bytes in use): nothing was written; wait for the outbox to drain and retention "
+            "to evict synced records, declare retention for more collections, or raise "
+            "storage.quota_bytes")
+        self.used = used
+        self.quota = quota
 
 
 class StorageFormatError(StorageError):
@@ -133,6 +149,7 @@ __all__ = [
     "DeviceMismatch",
     "EncryptionKeyError",
     "NotFound",
+    "QuotaReached",
     "StorageError",
     "StorageFormatError",
     "StorageFullError",

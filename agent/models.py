@@ -115,8 +115,10 @@ class FeedEvent:
     local (a local write), synced (acked), rejected (rolled back), remote (from the
     server), conflict (a manual field's conflict opened), dropped (removed by a
     snapshot), reset (every view recomputed: resync), wiped (everything erased),
-    truncated (events before `seq` were pruned unseen); connectivity, with an empty
-    collection: online, offline, retrying.
+    truncated (events before `seq` were pruned unseen), evicted (removed by retention),
+    fetched (brought back by a fetch; `missing: true` when the server holds nothing for
+    it); connectivity, with an empty collection: online, offline, retrying; quota (the
+    disk quota was reached or left: `limit`, `used`, `reached`).
 
     `data` says more where there is more: `change_ids` (local, synced, rejected), `code`,
     `reason` and the rolled-back `fields` (rejected), `field` and `candidates`

@@ -73,7 +73,8 @@ class Opener:
                             catchup_page=cfg.sync.catchup_page,
                             heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5,
                             plaintext_indexes=cfg.storage.plaintext_indexes,
-                            schema_push=cfg.sync.schema_push)
+                            schema_push=cfg.sync.schema_push,
+                            quota_bytes=cfg.storage.quota_bytes)
         # The schema version taken from the server, unless the file is newer
         # (agent.schema_store); `self.catalog` stays the file's for a re-open.
         catalog = store.read(lambda tx: choose_catalog(tx, self.catalog))

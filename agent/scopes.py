@@ -81,6 +81,8 @@ def apply_scopes(work: Work, new: Sequence[str]) -> tuple[list[str], list[str]]:
             work.save_base(rk, work.load_base(rk, c, k), None)
             work.refresh_view(rk, c, k, None)
             work.feed(c, k, "dropped")
+        for rk in [rk for rk, doc in tx.items("evicted") if doc.get("s") in gone]:
+            tx.delete("evicted", rk)
         for scope in removed:
             tx.delete("checkpoints", scope.encode())
         denied = [s for s in tx.meta("denied", []) if s not in gone]

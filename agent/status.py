@@ -67,6 +67,13 @@ class AgentStatus:
     server: dict[str, Any] | None = None
     """The merge server group's announcements: {group, up (None: none seen),
     down_since_ms}."""
+    quota: dict[str, Any] | None = None
+    """The disk quota (storage.quota_bytes): {limit, used, reached}; None without one.
+    While reached, local writes are refused (agent.quota)."""
+    evicted: int = 0
+    """Records evicted by retention (agent.evict); `fetch` brings them back."""
+    fetching: int = 0
+    """Records asked back from the server and not answered yet (agent.fetching)."""
 
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
@@ -92,6 +99,9 @@ class AgentStatus:
         else:
             text = f"offline — nothing pending; {last}"
         extras = []
+        if self.quota and self.quota.get("reached"):
+            extras.append(f"disk quota reached ({self.quota['used']} of {self.quota['limit']} "
+                          "bytes): local writes are refused, syncing goes on")
         if self.last_error and self.last_error.get("code") == "schema_refused":
             # The device's own verdict on a version the server sent (agent.schema_update)
             extras.append(f"schema version refused: {self.last_error.get('reason', '')}")
@@ -182,6 +192,10 @@ def read_status(core: Core) -> AgentStatus:
                     "t": link_doc["t"], "retry_in_s": left}
         policy = tx.meta("policy") if running is not False else None
         open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
+        limit = core.settings.quota_bytes
+        used = tx.live_bytes() if limit is not None else 0
+        quota = None if limit is None else {"limit": limit, "used": used,
+                                             "reached": used >= limit}
         lost = sum(1 for _ in tx.keys("conflicts", b"L"))
         cps: dict[str, int] = {}
         gaps: list[str] = []
@@ -206,7 +220,8 @@ def read_status(core: Core) -> AgentStatus:
             deferred=list(policy.get("deferrals", [])) if policy else [],
             sync_now_until_ms=(policy.get("sync_now_until_ms") if policy and (
                 policy.get("sync_now_until_ms") or 0) > now else None),
-            server=policy.get("server") if policy else None)
+            server=policy.get("server") if policy else None, quota=quota,
+            evicted=tx.count("evicted"), fetching=tx.count("fetch"))
 
     return core.read(run)
 

@@ -31,6 +31,10 @@ meta            name (ASCII)                    see `agent.core.META_*`
 feed            local seq (8 B)                 [collection, key, kind(, data)]; newest ~10,000
 index           index id (4 B) + encoded        0x00 / 0x01 (deleted) + record key: one
                 field values + record key       entry of a declared index (agent.query)
+evicted         record                          {"s", "q", "t"}: a record evicted by
+                                                retention (agent.evicted, agent.evict)
+fetch           record                          {"t", "sent"?, "req"?}: a record asked
+                                                back from the server (agent.fetching)
 ==============  ==============================  ==========================================
 
 Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,
@@ -86,7 +90,7 @@ meta (``inc``) and per outbox entry (``i``). Older formats are migrated in place
 opening transaction (`_MIGRATIONS`); a newer format is refused (downgrade)."""
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
-            "deadletters", "meta", "feed", "index")
+            "deadletters", "meta", "feed", "index", "evicted", "fetch")
 ENCRYPTED_DBS = frozenset({"view", "base", "stamps", "outbox", "deadletters", "conflicts"})
 _MAX_RETRIES = 64
 _MIB = 1 << 20
@@ -187,6 +191,18 @@ class Tx:
 
     def count(self, db: str) -> int:
         return int(self._txn.stat(self._dbs[db])["entries"])
+
+    def live_bytes(self) -> int:
+        """Bytes in the pages that hold data now, over every database. Unlike the file's
+        size (LMDB never shrinks it, and reuses freed pages), this falls when records
+        are evicted: the disk quota (agent.quota) is measured with it."""
+        total = 0
+        psize = 4096
+        for handle in self._dbs.values():
+            st = self._txn.stat(handle)
+            psize = int(st["psize"])
+            total += int(st["branch_pages"]) + int(st["leaf_pages"]) + int(st["overflow_pages"])
+        return total * psize
 
     def clear(self, db: str) -> None:
         """Delete every entry of `db` (the database itself stays)."""

@@ -76,6 +76,12 @@ class Sync(Receiving):
 
     # ---------------------------------------------------------------- sending
 
+
+    @property
+    def core(self) -> Core:
+        """The store and settings this works on (for the daemon's retention and fetch)."""
+        return self._core
+
     def next_batch(self, exclude_n: Iterable[int] = (), max_changes: int = 500,
                    max_bytes: int = 131072, *, txn: bool | None = False,
                    min_priority: int | None = None) -> Batch:
@@ -372,7 +378,7 @@ class Sync(Receiving):
 
 def _resync(work: Work) -> None:
     tx = work.tx
-    for db in ("base", "stamps", "checkpoints"):
+    for db in ("base", "stamps", "checkpoints", "evicted"):  # evicted: all comes back
         tx.clear(db)
     work.clear_views()
     for key in list(tx.keys("conflicts", b"O")):

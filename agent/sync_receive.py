@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from agent import txn_sync
+from agent import evicted, txn_sync
 from agent.base import BaseRecord, apply_ack_record, rec_state
 from agent.changes import change_id
 from agent.core import Core, Work
@@ -95,6 +95,14 @@ class Receiving:
                 if len(mine) > 1:
                     mine.sort(key=_change_number)
                 states = fx.get(rk, [])
+                if old is None:
+                    mark = evicted.marker(work.tx, rk)
+                    if mark is not None and not mine:
+                        states = list(evicted.admit(mark, states))
+                        if not states:
+                            continue  # stays evicted (agent.evicted)
+                    if mark is not None:
+                        work.tx.delete(evicted.DB, rk)
                 new = apply_ack_record(old, mine, states, self.dev, restamped=restamped)
                 if new is None:
                     continue
@@ -346,6 +354,11 @@ def _sweep(work: Work, scope: str, gen: int) -> int:
         work.save_base(rk, old, None)
         work.refresh_view(rk, c, k, None)
         work.feed(c, k, "dropped")
+    # Eviction markers of records the snapshot did not list: gone from the server.
+    gone = [rk for rk, mark in work.tx.items(evicted.DB)
+            if mark.get("s") == scope and int(mark.get("g", 0)) < gen]
+    for rk in gone:
+        work.tx.delete(evicted.DB, rk)
     return len(stale)
 
 

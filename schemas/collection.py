@@ -6,6 +6,7 @@ merge strategies and how each record's scope is found (PROTOCOL.md §5).
     [collections.inventory]
     scope_field = "depot"             # the record's scope is this field's value
     indexes = ["stock", ["tags", "stock"]]   # kept ordered on the device (schemas.indexes)
+    retention = { after = "30d" }     # devices may evict synced records (schemas.retention)
     [collections.inventory.fields]
     depot = { type = "string" }
     stock = { type = "int", merge = "counter", min = 0 }
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import CollectionSchemaError
 from schemas.indexes import IndexSpec, check_indexes, parse_index_entries
+from schemas.retention import RetentionRule
 from schemas.wire import COLLECTION_PATTERN, FIELD_PATTERN, ID_PATTERN, MAX_SAFE_INT, json_depth
 
 FieldType = Literal["string", "int", "float", "bool", "json", "set"]
@@ -145,6 +147,8 @@ class CollectionSpec(BaseModel):
     fields: dict[str, FieldSpec]
     indexes: tuple[IndexSpec, ...] = ()
     """Fields the device keeps ordered for queries (`schemas.indexes`); local only."""
+    retention: RetentionRule | None = None
+    """When devices may evict synced records (`schemas.retention`); local only."""
 
     @field_validator("indexes", mode="before")
     @classmethod
@@ -154,6 +158,14 @@ class CollectionSpec(BaseModel):
     @model_validator(mode="after")
     def _indexes_orderable(self) -> CollectionSpec:
         check_indexes(self.indexes, self.fields)
+        return self
+
+    @model_validator(mode="after")
+    def _retention_fields(self) -> CollectionSpec:
+        if self.retention is not None:
+            for name in self.retention.when:
+                if name not in self.fields:
+                    raise ValueError(f"retention.when names {name!r}, not one of the fields")
         return self
 
     @functools.cached_property

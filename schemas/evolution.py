@@ -66,14 +66,14 @@ from schemas.wire import COLLECTION_PATTERN, FIELD_PATTERN
 
 Kind = Literal[
     "new_collection", "new_field", "new_index", "dropped_index", "widened_type",
-    "widened_bound", "description", "merge_policy",
+    "widened_bound", "description", "merge_policy", "retention",
     "removed_collection", "removed_field", "type_change", "narrowed_bound",
     "strategy_change", "scope_change",
 ]
 
 COMPATIBLE_KINDS: frozenset[str] = frozenset({
     "new_collection", "new_field", "new_index", "dropped_index", "widened_type",
-    "widened_bound", "description", "merge_policy",
+    "widened_bound", "description", "merge_policy", "retention",
 })
 
 # Type changes every old value survives unchanged (no migration needed).
@@ -242,6 +242,9 @@ def _diff_collection(name: str, a: CollectionSpec, b: CollectionSpec) -> list[Di
                               "between scopes; create a new collection instead"))
     if a.description != b.description:
         out.append(Difference("description", name, None, "description changed"))
+    if a.retention != b.retention:
+        # Local to each device (what it may forget), so never breaking.
+        out.append(Difference("retention", name, None, "device retention changed"))
     old_ix = {ix.fields for ix in a.indexes}
     new_ix = {ix.fields for ix in b.indexes}
     for fields in sorted(new_ix - old_ix):

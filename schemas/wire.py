@@ -23,6 +23,7 @@ from schemas.wire_down import (
     Command,
     Delta,
     ErrorInfo,
+    Fetched,
     Page,
     Reject,
     Rejection,
@@ -206,6 +207,21 @@ class Catchup(Message):
     snap: Annotated[list[ScopeId], Field(max_length=1000)] = Field(default_factory=list)
     lim: Annotated[int, Field(ge=1, le=5000, strict=True)] = 1000
 
+MAX_FETCH_KEYS = 100
+"""Keys one `fetch` may ask for (§7.14)."""
+
+
+class Fetch(Message):
+    """A device asks for records by key (capability `fetch`, §7.14): records it evicted
+    (retention) and wants back. Answered by one or more `fetched`."""
+
+    type: Literal["fetch"] = "fetch"
+    dev: DeviceId
+    req: ReqId
+    c: CollectionName
+    k: Annotated[list[RecordKey], Field(min_length=1, max_length=MAX_FETCH_KEYS)]
+
+
 # --- device -> everyone (retained) ---------------------------------------------------
 
 
@@ -237,13 +253,15 @@ class ServerState(Message):
     t: Seq | None = None
 
 
-UP_TYPES: dict[str, type[Message]] = {"hello": Hello, "changes": Changes, "catchup": Catchup}
+UP_TYPES: dict[str, type[Message]] = {"hello": Hello, "changes": Changes, "catchup": Catchup,
+                                      "fetch": Fetch}
 DOWN_TYPES: dict[str, type[Message]] = {
     "ack": Ack,
     "reject": Reject,
     "delta": Delta,
     "page": Page,
     "checkpoint": Checkpoint,
+    "fetched": Fetched,
     "command": Command,
     "welcome": Welcome,
     "schema": SchemaPush,
@@ -262,6 +280,7 @@ __all__ = [
     "ID_PATTERN",
     "INCARNATION_PATTERN",
     "MAX_CHANGES_PER_BATCH",
+    "MAX_FETCH_KEYS",
     "MAX_FIELDS_PER_CHANGE",
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
@@ -288,6 +307,8 @@ __all__ = [
     "Delta",
     "DeviceId",
     "ErrorInfo",
+    "Fetch",
+    "Fetched",
     "FieldName",
     "FieldValues",
     "Hello",

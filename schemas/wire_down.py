@@ -1,5 +1,6 @@
 """Wire models of the messages the server sends a device on its down topic
-(PROTOCOL.md §7.4 to §7.9, §7.13, §11). Re-exported by `schemas.wire`, where callers import them.
+(PROTOCOL.md §7.4 to §7.9, §7.13, §7.14, §11). Re-exported by `schemas.wire`, where
+callers import them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from pydantic import ConfigDict, Field, StrictBool
 from schemas.wire_types import (
     Capabilities,
     ChangeNumber,
+    CollectionName,
     JsonValue,
     Message,
     Rec,
+    RecordKey,
     ReqId,
     SchemaVersion,
     ScopeId,
@@ -77,6 +80,22 @@ class Page(Message):
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True,
                               json_schema_extra=required_on_wire("reset", "more", "recs"))
+
+
+class Fetched(Message):
+    """The answer to a `fetch` (§7.14): whole record states of the keys found in the
+    device's scopes (`recs`), and the keys the server does not hold for this device
+    (`miss`: never written, purged, or outside its scopes -- not told apart). A large
+    answer comes in several messages with the same `req`; each may be applied alone."""
+
+    type: Literal["fetched"] = "fetched"
+    req: ReqId
+    c: CollectionName
+    recs: list[Rec] = Field(default_factory=list)
+    miss: Annotated[list[RecordKey], Field(max_length=100)] = Field(default_factory=list)
+
+    model_config = ConfigDict(extra="ignore", frozen=True,
+                              json_schema_extra=required_on_wire("recs", "miss"))
 
 
 class Checkpoint(Message):

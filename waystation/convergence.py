@@ -6,7 +6,8 @@ device: the server side is read from its store, the device side through the agen
 API. The demo ends with it and the end-to-end tests assert on it.
 
 A record the server holds as deleted equals a device record that is deleted or absent
-(a device that never saw the record has nothing to delete).
+(a device that never saw the record has nothing to delete). A record the device evicted
+by retention (`agent.evict`) is not held on purpose: it is left out of the comparison.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class _Records(Protocol):
 
     def list(self, collection: str, prefix: str | None = None, limit: int | None = None, *,
              include_deleted: bool = False) -> Any: ...
+
+    def evicted_keys(self, collection: str) -> Iterable[str]: ...
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,13 @@ def compare(store: Any, agent: _Records, scopes: Iterable[str],
             collections: Iterable[str]) -> list[Mismatch]:
     """Records of `scopes` on which the device's view differs from the server's."""
     scopes = list(scopes)
+    collections = list(collections)
     server = server_records(store, scopes)
     device = {key: view for key, view in device_records(agent, collections).items()}
+    for c in collections:
+        for k in agent.evicted_keys(c):
+            if (c, k) not in device:
+                server.pop((c, k), None)
     mismatches: list[Mismatch] = []
     for key in sorted(set(server) | set(device)):
         s, d = server.get(key), device.get(key)

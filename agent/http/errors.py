@@ -6,6 +6,7 @@
         WriteRefused/BadRequest  422 with the agent's code (unknown_field, ...);
                                  404 unknown_collection
         StorageFullError         507 storage_full
+        QuotaReached             507 quota_reached
         StorageError             503 storage_unavailable
         DeviceMismatch, other    500 internal
 """
@@ -17,7 +18,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from agent.errors import AgentError, BadRequest, NotFound, StorageError, StorageFullError
+from agent.errors import (
+    AgentError,
+    BadRequest,
+    NotFound,
+    QuotaReached,
+    StorageError,
+    StorageFullError,
+)
 
 JSON = "application/json"
 
@@ -52,6 +60,8 @@ def from_agent_error(exc: AgentError) -> ApiError:
         # A collection named in the URL that the schema lacks is a resource that does
         # not exist; everything else is a request the agent understood and refused.
         return ApiError(404 if exc.code == "unknown_collection" else 422, exc.code, str(exc))
+    if isinstance(exc, QuotaReached):
+        return ApiError(507, "quota_reached", str(exc))
     if isinstance(exc, StorageFullError):
         return ApiError(507, "storage_full", str(exc))
     if isinstance(exc, StorageError):

@@ -158,6 +158,22 @@ class StatusOut(_Out):
     """An explicit "sync now" lifts the device's policy until then."""
     server: dict[str, JsonValue] | None
     """The merge server group: {group, up (null: never announced), down_since_ms}."""
+    quota: QuotaOut | None
+    """The disk quota (storage.quota_bytes); null without one."""
+    evicted: int
+    """Records evicted by retention; POST /v1/fetch brings them back."""
+    fetching: int
+    """Records asked back from the server, not answered yet."""
+
+
+class QuotaOut(_Out):
+    """The device's disk quota: while `reached`, local writes answer 507 quota_reached
+    and syncing goes on."""
+
+    limit: int
+    used: int
+    """Bytes of the store's pages holding data."""
+    reached: bool
 
 
 class DeferralOut(_Out):
@@ -225,8 +241,9 @@ class Discarded(_Out):
 class FeedEventOut(_Out):
     """One feed event (also the `data:` of a Server-Sent Event, whose `id:` is `seq`).
 
-    kind: local, synced, rejected, remote, conflict, dropped, reset, wiped, truncated;
-    connectivity (empty collection): online, offline, retrying."""
+    kind: local, synced, rejected, remote, conflict, dropped, reset, wiped, truncated,
+    evicted (retention), fetched (brought back; data `missing`); with an empty
+    collection: online, offline, retrying (connectivity), quota (limit, used, reached)."""
 
     seq: int
     collection: str
@@ -256,6 +273,7 @@ __all__ = [
     "LinkOut",
     "MembersBody",
     "PutBody",
+    "QuotaOut",
     "RecordList",
     "RecordOut",
     "ResolveBody",

@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from agent.api import Agent
-from agent.http import feed, models, query_routes, txn_routes
+from agent.http import feed, fetch_routes, models, query_routes, txn_routes
 from agent.http.errors import ApiError, json_response
 from agent.http.inputs import app_of
 from agent.http.inputs import body as _body
@@ -264,6 +264,10 @@ ROUTES: tuple[Route, ...] = (
                   Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000},
                         "At most this many (default 100)")),
           errors=(403, 404, 422)),
+    Route("POST", "/v1/collections/{collection}/fetch", fetch_routes.fetch_records,
+          "fetchRecords", "Bring records back from the server by key (evicted by "
+          "retention, or never held)", fetch_routes.FetchOut, fetch_routes.FetchBody,
+          params=(_C,), errors=(400, 403, 404, 413, 415, 422)),
     Route("GET", _REC, get_record, "getRecord",
           "A record with its per-field sync state", models.RecordOut, params=(_C, _K),
           errors=(403, 404, 422)),

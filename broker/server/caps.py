@@ -19,19 +19,22 @@ SCHEMA_PUSH = "schema_push"
 published version it should run next, in a `schema` message (PROTOCOL.md §7.13), at its
 `hello` and when the operator publishes or rolls back while it is online."""
 
-SERVER_CAPS: frozenset[str] = frozenset({"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH})
+FETCH = "fetch"
+"""The server answers `fetch` (records by key) with `fetched` (PROTOCOL.md §7.14)."""
+
+SERVER_CAPS: frozenset[str] = frozenset(
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH})
 """creds: `waystation device rotate-password` reaches the device as a `creds` command
 (§7.9) and `hello.cred` tells the server it logged in with the new password (§7.1).
 scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
 sync: `waystation device sync` reaches the device as a `sync` command (§7.9).
 txn: transactions applied all or none (§7.2.1, §10.5).
 schema: see `SCHEMA`.
-schema_push: see `SCHEMA_PUSH`."""
+schema_push: see `SCHEMA_PUSH`.
+fetch: see `FETCH`."""
 
 
 def agreed(offered: Iterable[str]) -> tuple[str, ...]:
     """The features both the device (`offered`) and this server speak, sorted."""
     return tuple(sorted(set(offered) & SERVER_CAPS))
 
-
-__all__ = ["SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "agreed"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.errors import StoreError
+from broker.server import fetch
 from broker.server.messages import (
     MAX_DOWN_BYTES,
     checkpoint_message,
@@ -27,7 +28,7 @@ from broker.server.messages import (
 )
 from broker.server.store.base import DeviceRow, ReadTxn, Store
 from schemas import codec
-from schemas.wire import Catchup
+from schemas.wire import Catchup, Fetch
 from waystation import merge
 
 log = structlog.get_logger(__name__)
@@ -87,9 +88,10 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
     return out
 
 
-def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup]],
+def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup | Fetch]],
                compress_over: Callable[[str], int | None]) -> tuple[list[tuple[str, bytes]], int]:
     """Answer several devices' requests from one snapshot: (messages, records sent).
+    A `fetch` (§7.14) is answered here too: it reads the same way (`broker.server.fetch`).
 
     A request that fails gets a transient `server_error`; the others are answered.
     """
@@ -99,6 +101,12 @@ def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup]],
         with store.read() as txn:
             for device, req in requests:
                 try:
+                    if isinstance(req, Fetch):
+                        msgs, count = fetch.answer(txn, device, req)
+                        records += count
+                        over = compress_over(device.id)
+                        out.extend((device.id, compress(m, over)) for m in msgs)
+                        continue
                     ans = answer(txn, device, req)
                 except Exception:
                     log.exception("catchup_failed", dev=device.id)

@@ -26,7 +26,7 @@ from schemas.migrate import project_down
 log = structlog.get_logger(__name__)
 
 _ZLIB = 0x78
-_REC_LISTS = {"delta": "d", "page": "recs", "ack": "fx"}
+_REC_LISTS = {"delta": "d", "page": "recs", "ack": "fx", "fetched": "recs"}
 
 
 class Downcaster:

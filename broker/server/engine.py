@@ -43,6 +43,7 @@ from broker.server import catchup
 from broker.server.applier import Applier, BatchStats
 from broker.server.caps import agreed
 from broker.server.downcast import Downcaster
+from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.hello_round import hello_commands, note_incarnation
 from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
@@ -73,7 +74,7 @@ from schemas.collection import Catalog
 from schemas.errors import ProtocolError
 from schemas.wire import ID_PATTERN, Catchup, Hello
 from waystation import __version__
-from waystation.config import ServerConfig
+from waystation.config import MergeConfig, ServerConfig
 from waystation.hlc import SERVER_NODE, Clock
 from waystation.rules import Rule, load_rules
 
@@ -109,6 +110,8 @@ class Engine:
         self.schema = LiveSchema(catalog)  # loaded with the registry, below
         self.downcaster: Downcaster | None = None
         self._schema_out: list[Outgoing] = []
+        ret = config.retention
+        self.expiry = Expiry(catalog, ret.collections, ret.batch, ret.interval_s * 1000)
         self.registry = Registry()
         self.presence = Presence()
         self.counters: Counter[str] = Counter()
@@ -154,7 +157,7 @@ class Engine:
         fan = Fanout(self.registry, self.presence)
         catchups: list[Incoming] = []
         for inc in incs:
-            if inc.kind == "catchup" and not inc.failed and not inc.blocked:
+            if inc.kind in ("catchup", "fetch") and not inc.failed and not inc.blocked:
                 catchups.append(inc)
                 continue
             try:
@@ -245,6 +248,8 @@ class Engine:
                 out.extend(self._push_commands())
             out.extend(self._schema_out)
             self._schema_out = []
+            if expired := self.expiry.tick(self.store, self.clock, now):
+                log.info("records_expired", count=expired)
             out.extend(self._drain_notices())
             if now >= self._next_purge:
                 retention_ms = self.cfg.tombstone_retention_s * 1000
@@ -402,7 +407,9 @@ class Engine:
 
     def _trim_letters(self, now: int) -> None:
         """Apply the dead letters' bounds in full; read their figures for the metrics."""
-        dropped = self.store.transact(partial(_trim_letters, now=now))
+        dropped, trimmed = self.store.transact(partial(_trim_letters, now=now, cfg=self.cfg))
+        if trimmed:
+            log.info("conflicts_trimmed", dropped=trimmed)
         with self.store.read() as txn:
             self.dead_letter_stats = txn.dead_letter_stats()
         if dropped:
@@ -437,7 +444,7 @@ class Engine:
             msgs = reject_messages([rejection(n, codec.SERVER_ERROR, "the server failed to "
                                               "apply this change; send it again later", False)
                                     for n in numbers])
-        elif inc.kind == "catchup" and inc.blocked:
+        elif inc.kind in ("catchup", "fetch") and inc.blocked:
             msgs = [error_message(codec.DEVICE_DISABLED, inc.blocked)]
         elif inc.error is not None or inc.failed:
             code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
@@ -495,8 +502,10 @@ def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:
     return txn.add_dead_letter(letter)
 
 
-def _trim_letters(txn: WriteTxn, now: int) -> int:
-    return txn.trim_dead_letters(now)
+def _trim_letters(txn: WriteTxn, now: int, cfg: MergeConfig) -> tuple[int, int]:
+    """The dead letters' bounds, and the conflict log's (closed entries only)."""
+    return (txn.trim_dead_letters(now),
+            txn.trim_conflicts(now - cfg.conflict_retention_s * 1000, cfg.conflict_max_closed))
 
 
 __all__ = ["Engine", "Outgoing"]

@@ -22,7 +22,7 @@ from broker.server.store.base import CommandRow, DeadLetter, DeviceRow
 from schemas import codec
 from schemas.codec import BadChange, LenientChanges
 from schemas.errors import ProtocolError
-from schemas.wire import UP_TYPES, Catchup, Change, Hello
+from schemas.wire import UP_TYPES, Catchup, Change, Fetch, Hello
 from waystation.config import MergeConfig
 
 log = structlog.get_logger(__name__)
@@ -90,7 +90,9 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
         inc.kind = "hello"
     elif isinstance(msg, Catchup):
         inc.kind = "catchup"
-    else:  # pragma: no cover - UP_TYPES has exactly these three
+    elif isinstance(msg, Fetch):
+        inc.kind = "fetch"
+    else:  # pragma: no cover - UP_TYPES has exactly these four
         inc.error = (codec.UNKNOWN_TYPE, "not accepted on the up topic")
     return inc
 

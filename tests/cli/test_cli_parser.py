@@ -32,6 +32,7 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "agent put": ["agent", "put", "tasks", "t-1", "status=out", "attempts=2"],
     "agent get": ["agent", "get", "tasks", "t-1"],
     "agent list": ["agent", "list", "tasks"],
+    "agent fetch": ["agent", "fetch", "tasks", "t-1", "t-2", "--wait", "5", "--json"],
     "agent delete": ["agent", "delete", "tasks", "t-1"],
     "agent incr": ["agent", "incr", "inventory", "sku-1", "stock", "-3"],
     "agent add": ["agent", "add", "tasks", "t-1", "labels", "fragile", "heavy"],

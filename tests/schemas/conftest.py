@@ -14,6 +14,8 @@ from schemas.wire import (
     Command,
     Delta,
     ErrorInfo,
+    Fetch,
+    Fetched,
     Hello,
     Message,
     Page,
@@ -124,6 +126,9 @@ def sample_messages() -> dict[str, Message]:
             }
         ),
         "checkpoint": Checkpoint(req="c-1", cp={"route-42": 1205, "depot-3": 17}, denied=["hq"]),
+        "fetch": Fetch(dev="van-12", req="f-1", c="tasks", k=["t-1", "t-9"]),
+        "fetched": Fetched(req="f-1", c="tasks", recs=[whole, tombstone], miss=["t-9"]),
+        "fetched-empty": Fetched(req="f-2", c="tasks", miss=["t-3"]),
         "command": Command(id="cmd-7", cmd="wipe"),
         "command-args": Command(id="cmd-8", cmd="ping", args={"note": "x", "n": [1, 2.5]}),
         "welcome": Welcome(caps=["txn"], srv="waystation-server/0.1.0"),

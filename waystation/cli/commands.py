@@ -32,6 +32,7 @@ HANDLERS: dict[str, str] = {
     "agent put": "agent.cli:cmd_put",
     "agent get": "agent.cli:cmd_get",
     "agent list": "agent.cli:cmd_list",
+    "agent fetch": "agent.cli:cmd_fetch",
     "agent delete": "agent.cli:cmd_delete",
     "agent incr": "agent.cli:cmd_incr",
     "agent add": "agent.cli:cmd_add",

@@ -52,6 +52,17 @@ def add_agent(b: Builder) -> None:
     p.add_argument("collection", metavar="COLLECTION",
                    help="collection name, as in the collection schema")
     json_flag(p)
+    p = b.leaf("agent fetch", "bring records back from the server by key",
+               "Ask the server for records by key: records retention evicted from this "
+               "device, or records of its scopes it never held. The request is kept until "
+               "the sync daemon is connected to a server that answers it; --wait says how "
+               "long this command waits for the answer.", config="agent")
+    p.add_argument("collection", metavar="COLLECTION",
+                   help="collection name, as in the collection schema")
+    p.add_argument("keys", metavar="KEY", nargs="+", help="record keys (at most 100)")
+    p.add_argument("--wait", metavar="SECONDS", type=number, default=0.0,
+                   help="wait up to this long for the server's answer (default 0, max 300)")
+    json_flag(p)
     p = b.leaf("agent delete", "delete a record (saved locally, synced later)",
                "Delete a record in the local store. The deletion syncs like any other "
                "write; a concurrent edit elsewhere is kept in the conflict log.",

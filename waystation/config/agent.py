@@ -60,6 +60,17 @@ class SyncConfig(_Model):
         return self
 
 
+class RetentionConfig(_Model):
+    """How the agent evicts synced records the schema declares evictable
+    (`[collections.NAME.retention]`, schemas.retention); agent.evict."""
+
+    enabled: Bool = True
+    interval_s: Annotated[float, Field(strict=True, gt=0, le=86_400)] = 60.0
+    """Between eviction passes (a pass runs at once while the quota is reached)."""
+    batch: Annotated[int, Field(strict=True, ge=1, le=10_000)] = 200
+    """Records examined per LMDB write transaction (bounded work per commit)."""
+
+
 class StorageConfig(_Model):
     """The agent's LMDB environment; optional encryption at rest."""
 
@@ -71,11 +82,19 @@ class StorageConfig(_Model):
     the indexed fields' values in plain text (without it: no indexes, and queries that
     need one are refused saying why). No effect on an unencrypted store."""
 
+    quota_bytes: Annotated[int, Field(strict=True, ge=1 << 20)] | None = None
+    """The device's disk quota: at or over it, local writes are refused (`QuotaReached`),
+    syncing goes on, and retention evicts evictable records before their time
+    (agent.quota). Measured as the pages holding data (falls when records go)."""
+
     @model_validator(mode="after")
     def _sizes(self) -> StorageConfig:
         if self.max_map_size_mb < self.map_size_mb:
             raise ValueError(f"max_map_size_mb ({self.max_map_size_mb}) is below "
                              f"map_size_mb ({self.map_size_mb})")
+        if self.quota_bytes is not None and self.quota_bytes > self.max_map_size_mb << 20:
+            raise ValueError(f"quota_bytes ({self.quota_bytes}) is above max_map_size_mb "
+                             f"({self.max_map_size_mb} MiB): the store could never reach it")
         return self
 
 
@@ -118,6 +137,7 @@ class AgentConfig(_Model):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     log: LogConfig = Field(default_factory=LogConfig)

@@ -14,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from schemas.retention import RetentionRule
 from waystation.config.common import (
     Bool,
     CompressOver,
@@ -81,12 +82,27 @@ class MergeConfig(_Model):
     max_batch_changes: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1000
     rules: list[Annotated[Str, AfterValidator(_rule_ref)]] = Field(default_factory=list)
     tombstone_retention_s: Annotated[int, Field(strict=True, ge=0)] = 30 * 24 * 3600
+    conflict_retention_s: Annotated[int, Field(strict=True, ge=3600)] = 90 * 24 * 3600
+    """Closed conflict-log entries (lost values, settled conflicts) are dropped this long
+    after they were last touched; open ones are kept until a person settles them."""
+    conflict_max_closed: Annotated[int, Field(strict=True, ge=1000)] = 1_000_000
+    """At most this many closed conflict-log entries are kept (the oldest go first)."""
     # 0: a group is whatever queued up while the previous group was being committed
     # (group commit without a wait). A fixed wait delays every change on a quiet link
     # by the whole window (2 ms cost ~2.3 ms of a ~5.7 ms round trip, bench/e2e.py)
     # and buys nothing under load, where groups form on their own.
     batch_window_ms: Annotated[int, Field(strict=True, ge=0, le=1000)] = 0
     compress_over_bytes: CompressOver = 512
+
+
+class ServerRetentionConfig(_Model):
+    """Records the server lets expire, per collection (broker.server.expiry): deleted by
+    the server like a device's delete, so devices drop them too. None by default."""
+
+    collections: dict[str, RetentionRule] = Field(default_factory=dict)
+    interval_s: Annotated[int, Field(strict=True, ge=1, le=86_400 * 7)] = 3600
+    batch: Annotated[int, Field(strict=True, ge=1, le=100_000)] = 500
+    """Records examined per store transaction."""
 
 
 class IntakeConfig(_Model):
@@ -216,6 +232,7 @@ class ServerConfig(_Model):
     amqp: AmqpConfig = Field(default_factory=AmqpConfig)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
     dead_letters: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    retention: ServerRetentionConfig = Field(default_factory=ServerRetentionConfig)
     enrol: EnrolConfig = Field(default_factory=EnrolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     metrics_port: Port | None = None

@@ -197,6 +197,11 @@ class WriteTxn(ReadTxn, Protocol):
     def close_conflict(self, cid: int, closed_ms: int, resolution: str) -> bool:
         """Mark an open conflict closed; False if it is unknown or already closed."""
         ...
+    def trim_conflicts(self, before_ms: int, keep_closed: int, limit: int = 10_000) -> int:
+        """Drop closed conflict-log entries (never open ones: a person must settle them)
+        last touched (created or closed) before `before_ms`, and the oldest closed ones
+        beyond the newest `keep_closed`; at most `limit` per call. Returns how many."""
+        ...
 
     # dead letters, commands, notices
     def add_dead_letter(self, letter: DeadLetter) -> int:

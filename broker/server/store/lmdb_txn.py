@@ -391,6 +391,28 @@ class LmdbWriteTxn(LmdbReadTxn):
                          db=self._db["conflicts_open"])
         return True
 
+    def trim_conflicts(self, before_ms: int, keep_closed: int, limit: int = 10_000) -> int:
+        db = self._db["conflicts"]
+        closed = (int(self._txn.stat(db)["entries"])
+                  - int(self._txn.stat(self._db["conflicts_open"])["entries"]))
+        excess = max(0, closed - keep_closed)  # the oldest closed ones past the bound
+        doomed: list[bytes] = []
+        scanned = 0
+        with self._txn.cursor(db=db) as cur:
+            for key, raw in cur:
+                scanned += 1
+                if len(doomed) >= limit or scanned > 10 * limit:
+                    break
+                data = orjson.loads(raw)
+                if data["open"]:
+                    continue
+                if excess > 0 or max(data["created"], data["closed"]) < before_ms:
+                    doomed.append(key)
+                excess -= 1
+        for key in doomed:
+            self._txn.delete(key, db=db)
+        return len(doomed)
+
     @staticmethod
     def _open_key(c: str, k: str, fname: str, cid: int) -> bytes:
         return _s(c) + _SEP + _s(k) + _SEP + _s(fname) + _SEP + _u64(cid)

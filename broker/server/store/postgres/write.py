@@ -343,6 +343,13 @@ class PgWriteTxn(PgReadTxn):
                          "WHERE id = %s AND open RETURNING id",
                          (closed_ms, _clean(resolution), cid)) is not None
 
+    def trim_conflicts(self, before_ms: int, keep_closed: int, limit: int = 10_000) -> int:
+        return self._run(
+            "DELETE FROM conflicts WHERE id IN (SELECT id FROM conflicts WHERE NOT open AND "
+            "(GREATEST(created_ms, closed_ms) < %s OR id <= COALESCE((SELECT id FROM "
+            "conflicts WHERE NOT open ORDER BY id DESC OFFSET %s LIMIT 1), 0)) "
+            "ORDER BY id LIMIT %s)", (before_ms, keep_closed, limit)).rowcount
+
     # --- dead letters, commands, notices
 
     def add_dead_letter(self, letter: DeadLetter) -> int:

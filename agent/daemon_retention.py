@@ -1,0 +1,106 @@
+"""The agent daemon's retention and fetch work (a mixin of `agent.daemon.AgentDaemon`).
+
+- Retention (`agent.evict`): one bounded eviction transaction per timer turn while a
+  pass is under way; a pass every `retention.interval_s`, and passes back to back while
+  the disk quota is reached and they still free something. Runs offline too.
+- Fetch (`agent.fetching`, PROTOCOL.md §7.14): queued keys go to the server as `fetch`
+  requests, only once its `welcome` agreed to the `fetch` capability; `fetched` answers
+  are applied as they come.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from agent import evict, fetching, quota
+from agent.caps import FETCH
+from agent.core import Work
+from agent.sync import Sync
+from schemas import wire
+from waystation.config import AgentConfig
+
+log = structlog.get_logger("waystation.agent")
+
+_FETCH_IDLE_S = 1.0
+
+
+class RetentionHooks:
+    cfg: AgentConfig
+    dev: str
+    sync: Sync
+    stats: Any
+    _connected: bool
+    _send: Callable[[wire.Message], bool]
+    _evict_next = 0.0
+    _evict_running = False
+    _evict_freed = 0
+    _fetch_next = 0.0
+
+    def _retention_tick(self, now: float) -> None:
+        """One eviction step when one is due (bounded: `retention.batch` records)."""
+        rcfg = self.cfg.retention
+        if not self._evict_running and now < self._evict_next:
+            return
+        if not rcfg.enabled:
+            # No eviction, but the quota's state still reaches the feed and status.
+            self._evict_next = now + rcfg.interval_s
+            if self.cfg.storage.quota_bytes is not None:
+                try:
+                    self.sync.core.write(quota.observe, durable=False)
+                except Exception:
+                    log.exception("quota_check_failed", dev=self.dev)
+            return
+        try:
+            result = evict.step(self.sync.core, batch=rcfg.batch)
+        except Exception:
+            log.exception("eviction_failed", dev=self.dev)
+            self._evict_running = False
+            self._evict_next = now + rcfg.interval_s
+            return
+        self._evict_running = not result.finished
+        self._evict_freed += result.evicted
+        self.stats.extra["evicted"] = self.stats.extra.get("evicted", 0) + result.evicted
+        if result.finished:
+            if self._evict_freed:
+                log.info("records_evicted", dev=self.dev, count=self._evict_freed)
+            pressed = bool(result.quota and result.quota["reached"])
+            # Under quota pressure, go again at once while passes still free something.
+            again = pressed and self._evict_freed > 0
+            self._evict_next = now if again else now + rcfg.interval_s
+            self._evict_freed = 0
+
+    def _fetch_tick(self, now: float) -> None:
+        """Send the next queued fetch request, if the server speaks `fetch`."""
+        caps = self.sync.server_caps
+        if not self._connected or caps is None or FETCH not in caps or now < self._fetch_next:
+            return
+        self._fetch_next = now + _FETCH_IDLE_S  # nothing to send: look again later
+        req = "f-" + uuid.uuid4().hex[:12]
+
+        def run(work: Work) -> wire.Fetch | None:
+            return fetching.next_request(work, req)
+
+        try:
+            request = self.sync.core.write(run, durable=False)
+        except Exception:
+            log.exception("fetch_failed", dev=self.dev)
+            return
+        if request is not None:
+            self._send(request)
+            self._fetch_next = time.monotonic()  # more may wait: no pause between requests
+
+    def _on_fetched(self, msg: wire.Fetched) -> None:
+        def run(work: Work) -> fetching.FetchedResult:
+            return fetching.apply_fetched(work, msg)
+
+        result = self.sync.core.write(run, durable=False)
+        log.info("fetched", dev=self.dev, req=msg.req, found=len(result.found),
+                 missing=len(result.missing))
+
+
+__all__ = ["RetentionHooks"]
