@@ -44,6 +44,7 @@ from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
 from agent.catchup import CatchupRound
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
+from agent.pacing import Pacer
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
 from schemas import codec, wire
@@ -73,6 +74,8 @@ class DaemonStats:
     catchups: int = 0
     loops: int = 0
     """Turns of the engine loop (each asks the sync policy and pumps)."""
+    held: int = 0
+    """Times a partial batch waited for an answer (adaptive batching, agent.pacing)."""
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -119,6 +122,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         """The server answered something (ack, rejection, page, checkpoint) since the
         latest hello: with no `welcome` before it, the server predates capabilities."""
         self._last_problem: tuple[Any, Any] | None = None
+        self.pacer = Pacer(cfg.sync.batch_max_changes)
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
         policy = self.sync.policy_state()
@@ -211,7 +215,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
             while True:
                 now = time.monotonic()
                 self._last_loop = now
-                timeout = max(0.0, min(next_timer - now, self.cfg.sync.poll_interval_s))
+                wake_at = self.pacer.wake_at(now, next_timer)
+                timeout = max(0.0, min(wake_at - now, self.cfg.sync.poll_interval_s))
                 try:
                     event = self._events.get(timeout=timeout)
                 except queue.Empty:
@@ -327,6 +332,10 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         else:
             return
         room = sync_cfg.max_inflight_changes - len(self._inflight)
+        if self.pacer.hold(now, len(self._inflight),
+                           lambda: self.sync.pending_count() - len(self._inflight)):
+            self.stats.held = self.pacer.held
+            return
         while room > 0 and self.gate.wait_s("records") == 0:
             waiting = [n for n, t in self._retry_at.items() if t > now]
             # Without deferred changes, the in-flight numbers themselves (not a copy).
@@ -348,9 +357,14 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
             for n in batch.numbers:
                 self._inflight[n] = deadline
                 self._retry_at.pop(n, None)
+            self.pacer.sent(now, len(self._inflight))
             self.stats.batches_sent += 1
             self.stats.changes_sent += len(batch)
             room -= len(batch)
+
+    def _note_rtt(self, deadline: float) -> None:
+        """An ack for a change sent with answer deadline `deadline` (agent.pacing)."""
+        self.pacer.answered(time.monotonic() - (deadline - self.cfg.sync.ack_timeout_s))
 
     def _inflight_room(self) -> bool:
         """Room in the in-flight window for a whole batch (refilling smaller gaps as they

@@ -46,6 +46,7 @@ class ReceiveHooks:
     _start_catchup: Callable[[], None]
     _hello_if_moved: Callable[[], None]
     _take_sync_now: Callable[[], None]
+    _note_rtt: Callable[[float], None]
     _backoff: Callable[[int], float]
 
     def _on_message(self, payload: bytes) -> None:
@@ -59,6 +60,8 @@ class ReceiveHooks:
             self._answered = True
         if isinstance(msg, wire.Ack):
             result = self.sync.apply_ack(msg)
+            if result.applied and result.applied[0] in self._inflight:
+                self._note_rtt(self._inflight[result.applied[0]])
             for n in (*result.applied, *result.ignored):
                 self._inflight.pop(n, None)
                 self._retry_at.pop(n, None)
