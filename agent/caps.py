@@ -7,14 +7,19 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
+from schemas import zdict
+
+ZDICT = zdict.CAP
 SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
 
-AGENT_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn", SCHEMA})
+AGENT_CAPS: frozenset[str] = frozenset({"scopes", "sync", "txn", SCHEMA, ZDICT})
 """scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
 txn: transactions sent as units (§7.2.1; agent.txn_sync).
-schema: the server's schema versions in `welcome` (§11)."""
+schema: the server's schema versions in `welcome` (§11).
+zd1: small messages compressed with the protocol's preset dictionary, both ways (§3,
+schemas.zdict)."""
 
-__all__ = ["AGENT_CAPS", "SCHEMA"]
+__all__ = ["AGENT_CAPS", "SCHEMA", "ZDICT"]

@@ -41,6 +41,7 @@ from typing import Any
 import structlog
 
 from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
+from agent.caps import ZDICT
 from agent.catchup import CatchupRound
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
@@ -347,7 +348,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
             if not batch:
                 return
             payload = batch.payload(self.dev,
-                                    compress_over=sync_cfg.compress_over_bytes or None)
+                                    compress_over=sync_cfg.compress_over_bytes or None,
+                                    zdict=self._zdict())
             if not self.link.publish(self.up_topic, payload):
                 return
             if self.gate.sent("records", len(payload)):
@@ -417,8 +419,14 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
             return None
         return False
 
+    def _zdict(self) -> bool:
+        """Compress with the preset dictionary: only once the server agreed (§11)."""
+        caps = self.sync.server_caps
+        return caps is not None and ZDICT in caps
+
     def _send(self, msg: wire.Message) -> bool:
-        payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)
+        payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None,
+                               zdict=self._zdict())
         return self.link.publish(self.up_topic, payload)
 
     def _start_catchup(self) -> None:

@@ -19,6 +19,7 @@ import structlog
 from broker.errors import StoreError
 from broker.server.messages import (
     MAX_DOWN_BYTES,
+    Compression,
     checkpoint_message,
     compress,
     dumps,
@@ -88,7 +89,7 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
 
 
 def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup]],
-               compress_over: Callable[[str], int | None]) -> tuple[list[tuple[str, bytes]], int]:
+               compress_over: Callable[[str], Compression]) -> tuple[list[tuple[str, bytes]], int]:
     """Answer several devices' requests from one snapshot: (messages, records sent).
 
     A request that fails gets a transient `server_error`; the others are answered.
