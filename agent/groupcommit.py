@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -37,7 +37,9 @@ class Job:
     error: BaseException | None = None
     lead: bool = False
     """Set by the previous leader: this job's thread runs the next group."""
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None
+    """Only a job that queued behind a running group waits (a lone write makes no
+    Event: it runs its own group and is done when that returns)."""
 
     def outcome(self) -> Any:
         if self.error is not None:
@@ -78,14 +80,18 @@ class GroupCommit:
         with self._lock:
             self._queue.append(job)
             lead = not self._leading
-            self._leading = True
+            if lead:
+                self._leading = True
+            else:
+                job.done = threading.Event()
         if not lead:
+            assert job.done is not None
             job.done.wait()
             if not job.lead:
                 return job.outcome()
-            job.done.clear()
+        # A leader's job is the first of its group (the queue is empty whenever nobody
+        # leads, and the lead is handed to the oldest job queued): done when _lead is.
         self._lead()
-        job.done.wait()
         return job.outcome()
 
     def _lead(self) -> None:
@@ -113,13 +119,15 @@ class GroupCommit:
                     if job.durable:
                         job.error = exc
         for job in batch:
-            job.done.set()
+            if job.done is not None:
+                job.done.set()
 
     def _hand_over(self) -> None:
         with self._lock:
             if self._queue:
                 nxt = self._queue[0]
                 nxt.lead = True
+                assert nxt.done is not None  # it queued behind this group
                 nxt.done.set()
             else:
                 self._leading = False
