@@ -291,16 +291,14 @@ class Agent(AgentQueries):
         return result
 
     def _poke(self, what: bytes = WAKE_WRITE) -> None:
-        # A daemon in this process is told directly (no socket, no thread hop);
-        # otherwise a datagram to the daemon's wake socket. Without a daemon (or when
-        # the path is too long for AF_UNIX) nothing happens and the daemon's poll finds
-        # it; after a failed poke the next ones are skipped for _POKE_RETRY_S (a write
-        # without a daemon paid a failing system call each), a daemon started meanwhile
-        # finds the writes when it starts or at its next poll.
+        # A datagram to the daemon's wake socket. Without a daemon (or when the path is
+        # too long for AF_UNIX) nothing happens and the daemon's poll finds it; after a
+        # failed poke the next ones are skipped for _POKE_RETRY_S (a write without a
+        # daemon paid a failing system call each), a daemon started meanwhile finds the
+        # writes when it starts or at its next poll. (Waking a daemon of this process
+        # directly, without the socket, was tried: lone-change latency through
+        # bench.e2e was ~3x worse in back-to-back runs, unexplained; not kept.)
         store = self._core.store
-        if store.local_wake is not None:
-            store.local_wake(what)
-            return
         now = time.monotonic()
         if now < self._poke_quiet_until:
             return

@@ -155,7 +155,6 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
     def start(self) -> None:
         """Start the engine thread and the MQTT link (returns at once)."""
         self._open_wake_socket()
-        self.agent.store.local_wake = self._wake_local
         self._thread = threading.Thread(target=self._loop, name=f"agent-{self.dev}", daemon=True)
         self._thread.start()
         self.link.start()
@@ -168,8 +167,6 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
         if self._thread is not None:
             self._thread.join(drain_s + 10)
         self.link.stop(clean=True)
-        if self.agent.store.local_wake == self._wake_local:
-            self.agent.store.local_wake = None
         self._close_wake_socket()
         with contextlib.suppress(Exception):
             self.sync.set_online(False)
@@ -511,10 +508,6 @@ class AgentDaemon(ReceiveHooks, PolicyHooks):
             except OSError:
                 return
             self._events.put(("sync_now",) if data == WAKE_SYNC_NOW else ("wake",))
-
-    def _wake_local(self, what: bytes) -> None:
-        """A writer in this process (`Agent._poke`): the engine hears it at once."""
-        self._events.put(("sync_now",) if what == WAKE_SYNC_NOW else ("wake",))
 
     def _close_wake_socket(self) -> None:
         sock, self._wake_sock = self._wake_sock, None

@@ -281,9 +281,6 @@ class Store:
         self._local = threading.local()
         self._dbs: dict[str, Any] = {}
         self._group = GroupCommit(self._run_group)
-        self.local_wake: Callable[[bytes], None] | None = None
-        """Set by a sync daemon running in this process: writers wake it directly
-        (`Agent._poke`) instead of through its socket."""
         self.closed = False
 
     # ------------------------------------------------------------------ opening

@@ -1,5 +1,5 @@
-"""How a write wakes the sync daemon: directly when it runs in this process, else by a
-datagram on its socket, and after a poke that found no daemon, not again at once."""
+"""How a write wakes the sync daemon: a datagram on its socket, and after a poke that
+found no daemon, not again at once."""
 
 from __future__ import annotations
 
@@ -13,16 +13,6 @@ import agent.api as api
 from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, WAKE_WRITE, Agent
 from schemas.collection import Catalog
 from tests.agent.agentkit import make_cfg
-
-
-def test_a_daemon_in_this_process_is_woken_directly(tmp_path: Path, catalog: Catalog) -> None:
-    with Agent.open(make_cfg(tmp_path / "d"), catalog) as ag:
-        heard: list[bytes] = []
-        ag.store.local_wake = heard.append
-        ag.put("tasks", "t-1", {"route": "route-42"})
-        ag.sync_now()
-        assert heard == [WAKE_WRITE, WAKE_SYNC_NOW]
-        assert ag._wake is None, "no socket was opened"
 
 
 def _listen(path: Path) -> socket.socket:
