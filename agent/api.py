@@ -16,7 +16,6 @@ process. `agent.sync` gives the operations the sync daemon applies (`agent.sync.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -51,6 +50,8 @@ WAKE_WRITE = b"w"
 WAKE_SYNC_NOW = b"s"
 """Wake-socket datagram: "sync now" was asked (meta "sync_now" says when and by whom)."""
 """The sync daemon's datagram socket in the store's directory (see agent.daemon)."""
+_POKE_RETRY_S = 0.25
+"""After a poke found no daemon, the next pokes wait this long (a daemon polls anyway)."""
 
 
 class Agent(AgentQueries, AgentFetch):
@@ -65,6 +66,7 @@ class Agent(AgentQueries, AgentFetch):
         self._sync: Sync | None = None
         self._wake: socket.socket | None = None
         self._wake_to = ""  # the daemon's wake socket address (the store's path never moves)
+        self._poke_quiet_until = 0.0
 
     # ---------------------------------------------------------------- opening
 
@@ -290,14 +292,25 @@ class Agent(AgentQueries, AgentFetch):
         return result
 
     def _poke(self, what: bytes = WAKE_WRITE) -> None:
-        # A datagram to the daemon's wake socket; without a daemon (or when the path
-        # is too long for AF_UNIX) nothing happens and the daemon's poll finds it.
+        # A datagram to the daemon's wake socket. Without a daemon (or when the path is
+        # too long for AF_UNIX) nothing happens and the daemon's poll finds it; after a
+        # failed poke the next ones are skipped for _POKE_RETRY_S (a write without a
+        # daemon paid a failing system call each), a daemon started meanwhile finds the
+        # writes when it starts or at its next poll. (Waking a daemon of this process
+        # directly, without the socket, was tried: lone-change latency through
+        # bench.e2e was ~3x worse in back-to-back runs, unexplained; not kept.)
+        store = self._core.store
+        now = time.monotonic()
+        if now < self._poke_quiet_until:
+            return
         if self._wake is None:
             self._wake = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._wake.setblocking(False)
-            self._wake_to = str(self._core.store.path / WAKE_SOCKET)
-        with contextlib.suppress(OSError):
+            self._wake_to = str(store.path / WAKE_SOCKET)
+        try:
             self._wake.sendto(what, self._wake_to)
+        except OSError:
+            self._poke_quiet_until = now + _POKE_RETRY_S
 
     def sync_now(self) -> dict[str, Any]:
         """Ask the sync daemon to send everything waiting now: the sync windows, the
@@ -312,6 +325,7 @@ class Agent(AgentQueries, AgentFetch):
             return doc
 
         doc: dict[str, Any] = self._fresh(lambda: self._core.write(run, durable=False))
+        self._poke_quiet_until = 0.0  # asked for explicitly: always try the socket
         self._poke(WAKE_SYNC_NOW)
         return doc
 

@@ -7,6 +7,9 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
+from schemas import zdict
+
+ZDICT = zdict.CAP
 SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
@@ -20,13 +23,15 @@ FETCH = "fetch"
 """The agent asks for evicted records by key (`fetch`, answered by `fetched`, §7.14)."""
 
 AGENT_CAPS: frozenset[str] = frozenset(
-    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH})
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, ZDICT})
 """creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
 scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
 txn: transactions sent as units (§7.2.1; agent.txn_sync).
 schema: the server's schema versions in `welcome` (§11).
 schema_push: see `SCHEMA_PUSH`.
-fetch: see `FETCH`."""
+fetch: see `FETCH`.
+zd1: small messages compressed with the protocol's preset dictionary, both ways (§3,
+schemas.zdict)."""
 
-__all__ = ["AGENT_CAPS", "FETCH", "SCHEMA", "SCHEMA_PUSH"]
+__all__ = ["AGENT_CAPS", "FETCH", "SCHEMA", "SCHEMA_PUSH", "ZDICT"]

@@ -41,11 +41,13 @@ from typing import Any
 import structlog
 
 from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
+from agent.caps import ZDICT
 from agent.catchup import CatchupRound
 from agent.creds import BrokerCredentials
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.daemon_retention import RetentionHooks
+from agent.pacing import Pacer
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
 from schemas import codec, wire
@@ -75,6 +77,8 @@ class DaemonStats:
     catchups: int = 0
     loops: int = 0
     """Turns of the engine loop (each asks the sync policy and pumps)."""
+    held: int = 0
+    """Times a partial batch waited for an answer (adaptive batching, agent.pacing)."""
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -121,6 +125,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
         """The server answered something (ack, rejection, page, checkpoint) since the
         latest hello: with no `welcome` before it, the server predates capabilities."""
         self._last_problem: tuple[Any, Any] | None = None
+        self.pacer = Pacer(cfg.sync.batch_max_changes)
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
         policy = self.sync.policy_state()
@@ -212,7 +217,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             while True:
                 now = time.monotonic()
                 self._last_loop = now
-                timeout = max(0.0, min(next_timer - now, self.cfg.sync.poll_interval_s))
+                wake_at = self.pacer.wake_at(now, next_timer)
+                timeout = max(0.0, min(wake_at - now, self.cfg.sync.poll_interval_s))
                 try:
                     event = self._events.get(timeout=timeout)
                 except queue.Empty:
@@ -330,6 +336,10 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
         else:
             return
         room = sync_cfg.max_inflight_changes - len(self._inflight)
+        if self.pacer.hold(now, len(self._inflight),
+                           lambda: self.sync.pending_count() - len(self._inflight)):
+            self.stats.held = self.pacer.held
+            return
         while room > 0 and self.gate.wait_s("records") == 0:
             waiting = [n for n, t in self._retry_at.items() if t > now]
             # Without deferred changes, the in-flight numbers themselves (not a copy).
@@ -341,7 +351,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             if not batch:
                 return
             payload = batch.payload(self.dev,
-                                    compress_over=sync_cfg.compress_over_bytes or None)
+                                    compress_over=sync_cfg.compress_over_bytes or None,
+                                    zdict=self._zdict())
             if not self.link.publish(self.up_topic, payload):
                 return
             if self.gate.sent("records", len(payload)):
@@ -351,9 +362,14 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             for n in batch.numbers:
                 self._inflight[n] = deadline
                 self._retry_at.pop(n, None)
+            self.pacer.sent(now, len(self._inflight))
             self.stats.batches_sent += 1
             self.stats.changes_sent += len(batch)
             room -= len(batch)
+
+    def _note_rtt(self, deadline: float) -> None:
+        """An ack for a change sent with answer deadline `deadline` (agent.pacing)."""
+        self.pacer.answered(time.monotonic() - (deadline - self.cfg.sync.ack_timeout_s))
 
     def _inflight_room(self) -> bool:
         """Room in the in-flight window for a whole batch (refilling smaller gaps as they
@@ -406,8 +422,14 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             return None
         return False
 
+    def _zdict(self) -> bool:
+        """Compress with the preset dictionary: only once the server agreed (§11)."""
+        caps = self.sync.server_caps
+        return caps is not None and ZDICT in caps
+
     def _send(self, msg: wire.Message) -> bool:
-        payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None)
+        payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None,
+                               zdict=self._zdict())
         return self.link.publish(self.up_topic, payload)
 
     def _start_catchup(self) -> None:

@@ -51,6 +51,7 @@ class ReceiveHooks:
     _start_catchup: Callable[[], None]
     _hello_if_moved: Callable[[], None]
     _take_sync_now: Callable[[], None]
+    _note_rtt: Callable[[float], None]
     _backoff: Callable[[int], float]
     creds: BrokerCredentials
     link: MqttLink
@@ -93,6 +94,8 @@ class ReceiveHooks:
             self._answered = True
         if isinstance(msg, wire.Ack):
             result = self.sync.apply_ack(msg)
+            if result.applied and result.applied[0] in self._inflight:
+                self._note_rtt(self._inflight[result.applied[0]])
             for n in (*result.applied, *result.ignored):
                 self._inflight.pop(n, None)
                 self._retry_at.pop(n, None)
@@ -123,7 +126,7 @@ class ReceiveHooks:
         if taken is None:
             log.warning("schema_not_agreed", dev=self.dev, sv=msg.sv)
         elif taken.changed:
-            self._send(self.sync.hello(AGENT_NAME, z=True))
+            self._send(self._hello_msg())
 
     def _on_reject(self, msg: wire.Reject) -> None:
         result = self.sync.apply_reject(msg)

@@ -78,6 +78,7 @@ from agent.errors import (
     StorageFormatError,
     StorageFullError,
 )
+from agent.groupcommit import GroupCommit, GroupStats, Job
 from agent.keyring import KeyEncryptionKey, data_cipher
 from waystation.atrest import files as atrest_files
 from waystation.diskfull import is_disk_full
@@ -300,6 +301,7 @@ class Store:
         self._lock = threading.RLock()
         self._local = threading.local()
         self._dbs: dict[str, Any] = {}
+        self._group = GroupCommit(self._run_group)
         self.closed = False
 
     # ------------------------------------------------------------------ opening
@@ -451,13 +453,25 @@ class Store:
         commits (applying an ack, a delta, a page: the server sends them again) skip
         that second flush — half the cost on the sync path.
 
-        `fn` may run more than once (after the map grew): it must not have effects
-        outside the transaction. An exception from `fn` aborts the transaction. A map
-        grown by another process is met when the transaction begins, as in `read`.
+        Writes of several threads that arrive together share one commit and one flush
+        (`agent.groupcommit`); each runs in a nested transaction of its own, so an
+        exception from `fn` undoes its write alone. A write that finds no other under
+        way runs at once.
+
+        `fn` may run more than once (after the map grew), and in another thread of this
+        process: it must not have effects outside the transaction. An exception from
+        `fn` aborts its write. A map grown by another process is met when the
+        transaction begins, as in `read`.
         """
         self._check_open()
         if getattr(self._local, "writing", False):
             raise RuntimeError("nested write transaction on the agent store (would deadlock)")
+        result: T = self._group.submit(fn, durable)
+        return result
+
+    def _run_group(self, jobs: list[Job]) -> Callable[[], None] | None:
+        """One LMDB transaction for `jobs` (agent.groupcommit): commit, and return the
+        flush still owed (durable jobs), or None."""
         for _ in range(_MAX_RETRIES):
             with self._lock:
                 self._local.writing = True
@@ -468,25 +482,54 @@ class Store:
                         self._env.set_mapsize(0)
                         continue
                     try:
-                        result = fn(Tx(self, txn, True))
+                        if len(jobs) == 1:
+                            jobs[0].result = self._run_one(jobs[0], txn)
+                        else:
+                            for job in jobs:
+                                self._run_nested(job, txn)
                         txn.commit()
                     except lmdb.MapFullError:
                         _abort(txn)
                         self._grow()
+                        for job in jobs:
+                            job.result = job.error = None
                         continue
                     except lmdb.Error as exc:
                         _abort(txn)
                         raise self._storage_error(exc) from None
-                    except BaseException:
+                    except BaseException as exc:
                         _abort(txn)
-                        raise
-                    if durable:
-                        self._flush()
-                    return result
+                        if len(jobs) != 1:
+                            raise
+                        jobs[0].error = exc
+                        return None
                 finally:
                     self._local.writing = False
+            if any(job.durable and job.error is None for job in jobs):
+                return self._flush
+            return None
         raise StorageError(f"the local store at {self.path} keeps being resized by another "
                            "process; nothing was written, try again")
+
+    def _run_one(self, job: Job, txn: lmdb.Transaction[bytes]) -> Any:
+        return job.fn(Tx(self, txn, True))
+
+    def _run_nested(self, job: Job, parent: lmdb.Transaction[bytes]) -> None:
+        """One job of a group in a nested transaction: its error undoes it alone (a
+        full map aborts the whole group, which is run again in a larger map)."""
+        child = self._env.begin(write=True, parent=parent)
+        try:
+            job.result = job.fn(Tx(self, child, True))
+            child.commit()
+        except lmdb.MapFullError:
+            _abort(child)
+            raise
+        except lmdb.Error as exc:
+            _abort(child)
+            job.error = self._storage_error(exc)
+        except BaseException as exc:
+            _abort(child)
+            job.error = exc
 
     def _retry(self, fn: Callable[[], T]) -> T:
         for _ in range(_MAX_RETRIES):
@@ -520,6 +563,11 @@ class Store:
             raise StorageError(f"the local store at {self.path} is closed")
 
     # ------------------------------------------------------------------ status
+
+    @property
+    def group_stats(self) -> GroupStats:
+        """Commits shared by concurrent writers (agent.groupcommit)."""
+        return self._group.stats
 
     def map_size(self) -> int:
         return int(self._env.info()["map_size"])

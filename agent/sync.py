@@ -51,14 +51,15 @@ class Batch(list[tuple[int, dict[str, Any]]]):
         return wire.Changes(dev=dev, sv=self.sv, inc=self.inc,
                             ch=[wire.Change.model_validate(ch) for _, ch in self])
 
-    def payload(self, dev: str, *, compress_over: int | None = None) -> bytes:
+    def payload(self, dev: str, *, compress_over: int | None = None,
+                zdict: bool = False) -> bytes:
         """The wire bytes of that message, as the daemon publishes them: encoded straight
         from the outbox entries (validated when they were written), without a model."""
         msg: dict[str, Any] = {"type": "changes", "v": 1, "dev": dev, "sv": self.sv,
                                "ch": [ch for _, ch in self]}
         if self.inc is not None:
             msg["inc"] = self.inc
-        return codec.encode_dict(msg, compress_over=compress_over)
+        return codec.encode_dict(msg, compress_over=compress_over, zdict=zdict)
 
 
 class Sync(Receiving):

@@ -6,8 +6,11 @@ the daemon would send (`Sync.next_batch` with the agent's default batch limits, 
 by `Batch.payload` with its default `compress_over_bytes`) and single-change messages as
 sent on an idle link. Two record generators from bench/device.py: `text` (names,
 addresses and notes from a 91-word vocabulary, compressing well) and `random` (the same
-fields and sizes, random letters: compressing badly). This counts MQTT payload bytes
-only: the TCP/MQTT overhead that bench/footprint.py measures through a proxy is not in it.
+fields and sizes, random letters: compressing badly). This counts MQTT payload bytes;
+"device link" adds the MQTT 3.1.1 framing of a QoS-1 PUBLISH on the device's topics and
+its PUBACK, both ways (TCP/IP headers not counted: bench/footprint.py measures through a
+proxy). Each is measured without and with capability zd1 (schemas.zdict: the preset
+dictionary, negotiated in hello/welcome; a v1 device gets the first column).
 """
 
 from __future__ import annotations
@@ -22,14 +25,27 @@ import orjson
 from agent.api import Agent
 from bench.common import print_table, write_json
 from bench.device import RECORDS
+from schemas import codec
 from schemas.collection import example_catalog_path, load_catalog
 from waystation.config import AgentConfig
 
 SCOPE = "route-1"
 
 
-def measure(kind: str, count: int) -> dict[str, Any]:
-    """Bytes per change for `count` records made by generator `kind`."""
+UP_TOPIC = "waystation/van-1/up"
+DOWN_TOPIC = "waystation/van-1/down"
+
+
+def mqtt_qos1(topic: str, payload: int) -> int:
+    """Bytes of a QoS-1 PUBLISH (MQTT 3.1.1) carrying `payload` bytes, plus its PUBACK."""
+    rest = 2 + len(topic.encode()) + 2 + payload
+    length = 1 if rest < 128 else 2 if rest < 16384 else 3
+    return 1 + length + rest + 4
+
+
+def measure(kind: str, count: int, zd: bool = False) -> dict[str, Any]:
+    """Bytes per change for `count` records made by generator `kind` (`zd`: with the
+    preset dictionary, capability zd1)."""
     make = RECORDS[kind]
     catalog = load_catalog(example_catalog_path())
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,11 +60,16 @@ def measure(kind: str, count: int) -> dict[str, Any]:
                 record_json += len(orjson.dumps(rec))
                 ag.put("tasks", f"t-{i:07d}", rec)
             # single changes on an idle link: each change is a message of its own
-            singles = 0
+            singles = acks = link = 0
             for i in range(min(count, 200)):
                 batch = ag.sync.next_batch((), 1, sync_cfg.batch_max_bytes)
-                singles += len(batch.payload("van-1", compress_over=over))
-                ag.sync.apply_ack(_ack(batch, i + 1))
+                up = len(batch.payload("van-1", compress_over=over, zdict=zd))
+                ack = _ack(batch, i + 1)
+                down = len(codec.encode(ack, compress_over=over, zdict=zd))
+                singles += up
+                acks += down
+                link += mqtt_qos1(UP_TOPIC, up) + mqtt_qos1(DOWN_TOPIC, down)
+                ag.sync.apply_ack(ack)
             # bulk: what is left, in the daemon's batches
             bulk = bulk_changes = messages = 0
             sent = min(count, 200)
@@ -57,7 +78,7 @@ def measure(kind: str, count: int) -> dict[str, Any]:
                                            sync_cfg.batch_max_bytes)
                 if not batch:
                     break
-                bulk += len(batch.payload("van-1", compress_over=over))
+                bulk += len(batch.payload("van-1", compress_over=over, zdict=zd))
                 bulk_changes += len(batch)
                 messages += 1
                 ag.sync.apply_ack(_ack(batch, sent + 1))
@@ -65,6 +86,9 @@ def measure(kind: str, count: int) -> dict[str, Any]:
     return {"records": count, "record_json_bytes_avg": record_json / count,
             "single_changes": min(count, 200),
             "single_bytes_per_change": singles / min(count, 200),
+            "single_ack_bytes": acks / min(count, 200),
+            "single_device_link_bytes_both_ways": link / min(count, 200),
+            "zd1": zd,
             "bulk_changes": bulk_changes, "bulk_messages": messages,
             "bulk_bytes_per_change": bulk / max(1, bulk_changes),
             "compress_over_bytes": sync_cfg.compress_over_bytes,
@@ -84,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 records")
     args = parser.parse_args(argv)
     count = 1000 if args.quick else args.records
-    results = {kind: measure(kind, count) for kind in RECORDS}
+    results = {f"{kind}{'+zd1' if zd else ''}": measure(kind, count, zd)
+               for kind in RECORDS for zd in (False, True)}
     print_table("MQTT payload bytes per change (the agent's encoding, default settings)",
-                ["records", "record JSON B", "single change B", "bulk B/change",
-                 "bulk messages"],
+                ["records", "record JSON B", "single change B", "its ack B",
+                 "single, device link both ways B", "bulk B/change", "bulk messages"],
                 [[kind, r["record_json_bytes_avg"], r["single_bytes_per_change"],
+                  r["single_ack_bytes"], r["single_device_link_bytes_both_ways"],
                   r["bulk_bytes_per_change"], r["bulk_messages"]]
                  for kind, r in results.items()])
     write_json("wire_bytes", {"records": count, "results": results})

@@ -12,7 +12,8 @@ Decoding
     2. a payload whose first byte is 0x78 is a zlib stream: it is inflated with a
        bounded output buffer, so a zip bomb never allocates more than
        `max_decompressed` bytes (`too_large` beyond that, `malformed` if the stream
-       is broken, truncated or followed by trailing bytes);
+       is broken, truncated or followed by trailing bytes, or asks for a preset
+       dictionary other than `schemas.zdict.DICTIONARY`, which it may use);
     3. the JSON text is parsed with orjson; it must be a JSON object (`malformed`
        otherwise: invalid UTF-8, lone surrogates, NaN / Infinity, trailing data, ...);
        duplicate member names are accepted, the last one wins;
@@ -56,6 +57,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import orjson
 from pydantic import Field, ValidationError
 
+from schemas import zdict
 from schemas.codes import (
     ALL_CODES,
     CLOCK_SKEW,
@@ -340,7 +342,14 @@ def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes
 
 
 def _inflate(data: bytes, limit: int) -> bytes:
-    inflater = zlib.decompressobj()
+    wanted = zdict.wants_dictionary(data)
+    if wanted is None:
+        inflater = zlib.decompressobj()
+    elif wanted == zdict.DICT_ID:
+        inflater = zlib.decompressobj(zdict=zdict.DICTIONARY)
+    else:
+        raise ProtocolError(MALFORMED, "zlib stream needs a preset dictionary this "
+                                       f"receiver does not know (id {wanted})")
     try:
         out = inflater.decompress(data, limit + 1)
     except zlib.error as exc:

@@ -9,10 +9,12 @@ the same for a plain dict built on a hot path; it does not validate (the caller
 promises a valid message with `type`, `v` and every required member; its key order
 is kept). With
 `compress_over` set, a payload longer than that many bytes is zlib-compressed
-(level 6) when that makes it smaller. Both raise `ProtocolError` (`invalid`) for
-values JSON cannot carry (and `encode_dict` for integers beyond 53 bits). A model
-validated by `schemas.wire` always encodes to bytes `decode` accepts back equal;
-one built with `model_construct` is not re-checked.
+(level 6) when that makes it smaller. With `zdict=True` (only towards a peer that
+agreed to capability `zd1`, `schemas.zdict`) every payload, small ones included, is
+compressed with the preset dictionary when that makes it smaller. Both raise
+`ProtocolError` (`invalid`) for values JSON cannot carry (and `encode_dict` for
+integers beyond 53 bits). A model validated by `schemas.wire` always encodes to bytes
+`decode` accepts back equal; one built with `model_construct` is not re-checked.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Final
 
 import orjson
 
+from schemas import zdict as _zdict
 from schemas.codes import INVALID
 from schemas.errors import ProtocolError
 from schemas.reasons import clip_reason
@@ -30,7 +33,7 @@ from schemas.wire import Change, Changes, Message, Page, Reject
 COMPRESS_LEVEL: Final = 6
 
 
-def encode(msg: Message, *, compress_over: int | None = None) -> bytes:
+def encode(msg: Message, *, compress_over: int | None = None, zdict: bool = False) -> bytes:
     """The wire bytes of `msg`: `type` and `v` first, optional members at their defaults
     left out (members PROTOCOL.md §7 requires are always written)."""
     model = type(msg)
@@ -50,7 +53,7 @@ def encode(msg: Message, *, compress_over: int | None = None) -> bytes:
     # never holds them: they are spliced in front.
     head = _HEADS.get(model) or _head(model)
     data = head + b"}" if body == b"{}" else head + b"," + body[1:]
-    return _maybe_compress(data, compress_over)
+    return _maybe_compress(data, compress_over, zdict)
 
 
 # Members that PROTOCOL.md §7 lists as required (no "?") but that the models give a
@@ -100,7 +103,8 @@ def _head(model: type[Message]) -> bytes:
     return head
 
 
-def encode_dict(obj: dict[str, Any], *, compress_over: int | None = None) -> bytes:
+def encode_dict(obj: dict[str, Any], *, compress_over: int | None = None,
+                zdict: bool = False) -> bytes:
     """The wire bytes of a message built as a dict (not validated: the caller's duty).
 
     Integers outside the 53-bit range are refused; orjson writes NaN and infinities as
@@ -110,10 +114,12 @@ def encode_dict(obj: dict[str, Any], *, compress_over: int | None = None) -> byt
         data = orjson.dumps(obj, option=orjson.OPT_STRICT_INTEGER)
     except Exception as exc:
         raise ProtocolError(INVALID, clip_reason(f"cannot encode the message: {exc}")) from None
-    return _maybe_compress(data, compress_over)
+    return _maybe_compress(data, compress_over, zdict)
 
 
-def _maybe_compress(data: bytes, compress_over: int | None) -> bytes:
+def _maybe_compress(data: bytes, compress_over: int | None, zdict: bool = False) -> bytes:
+    if zdict:
+        return _zdict.pack(data)
     if compress_over is not None and len(data) > compress_over:
         packed = zlib.compress(data, COMPRESS_LEVEL)
         if len(packed) < len(data):

@@ -43,6 +43,8 @@ log = structlog.get_logger("waystation.agent.http")
 T = TypeVar("T")
 SOCKET_NAME = "api.sock"
 _MAX_AF_UNIX = 107
+_STORE_THREADS = 8
+"""Threads running the requests' store calls."""
 
 
 class ApiStartError(AgentError):
@@ -65,7 +67,10 @@ class ApiServer:
                                          if cfg.api.socket else None)
         self._tcp_port = cfg.api.tcp_port if tcp_port is None else tcp_port
         self.tcp_address: tuple[str, int] | None = None
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="api-store")
+        # Writes of concurrent requests share one durable commit (agent.groupcommit):
+        # a thread waiting for its group's flush costs no CPU, so more threads than
+        # cores let more writes share each flush.
+        self._pool = ThreadPoolExecutor(max_workers=_STORE_THREADS, thread_name_prefix="api-store")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None

@@ -20,6 +20,7 @@ from broker.errors import StoreError
 from broker.server import fetch
 from broker.server.messages import (
     MAX_DOWN_BYTES,
+    Compression,
     checkpoint_message,
     compress,
     dumps,
@@ -89,7 +90,7 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
 
 
 def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup | Fetch]],
-               compress_over: Callable[[str], int | None]) -> tuple[list[tuple[str, bytes]], int]:
+               compress_over: Callable[[str], Compression]) -> tuple[list[tuple[str, bytes]], int]:
     """Answer several devices' requests from one snapshot: (messages, records sent).
     A `fetch` (§7.14) is answered here too: it reads the same way (`broker.server.fetch`).
 

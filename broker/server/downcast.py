@@ -12,15 +12,15 @@ a version the history does not hold, are passed through untouched (no cost).
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
 
-from broker.server.messages import compress
+from broker.server.messages import Compression, compress
 from broker.server.upcast import SchemaChain
+from schemas import zdict
 from schemas.migrate import project_down
 
 log = structlog.get_logger(__name__)
@@ -39,13 +39,13 @@ class Downcaster:
     def wanted(self, sv: int) -> bool:
         return sv < self.version and bool(self.chain.steps_for(sv))
 
-    def project(self, payload: bytes, sv: int, over: int | None) -> bytes:
+    def project(self, payload: bytes, sv: int, over: Compression) -> bytes:
         """`payload` for a device on `sv` (recompressed past `over` bytes)."""
         steps = self.chain.steps_for(sv)
         base = next((v for v in self.chain.versions if v.row.version == sv), None)
         if not steps or base is None:
             return payload
-        data = zlib.decompress(payload) if payload[:1] == bytes([_ZLIB]) else payload
+        data = zdict.unpack(payload) if payload[:1] == bytes([_ZLIB]) else payload
         msg = orjson.loads(data)
         kind = msg.get("type")
 
@@ -74,7 +74,7 @@ class Downcaster:
         return compress(orjson.dumps(msg), over)
 
     def apply(self, out: list[tuple[str, bytes]], sv_of: Callable[[str], int | None],
-              over_of: Callable[[str], int | None]) -> list[tuple[str, bytes]]:
+              over_of: Callable[[str], Compression]) -> list[tuple[str, bytes]]:
         """Every outgoing (device, payload), projected where the device needs it."""
         result = []
         for dev, payload in out:

@@ -41,7 +41,7 @@ import structlog
 from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats
-from broker.server.caps import agreed
+from broker.server.caps import ZDICT, agreed
 from broker.server.downcast import Downcaster
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
@@ -49,6 +49,8 @@ from broker.server.hello_round import hello_commands, note_incarnation
 from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
 from broker.server.messages import (
+    Compression,
+    Packing,
     command_message,
     compress,
     error_message,
@@ -428,9 +430,12 @@ class Engine:
         row = self.registry.get(dev)
         return row.sv if row is not None and row.sv else None
 
-    def _compress_over(self, dev: str) -> int | None:
+    def _compress_over(self, dev: str) -> Compression:
         row = self.registry.get(dev)
-        return self.cfg.compress_over_bytes if row is not None and row.z else None
+        if row is None:
+            return None
+        over = self.cfg.compress_over_bytes if row.z else None
+        return Packing(over, zdict=True) if ZDICT in row.caps else over
 
     def _replies(self, inc: Incoming, fan: Fanout) -> list[Outgoing]:
         dev = inc.topic_dev

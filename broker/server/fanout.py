@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from broker.server.messages import compress, delta_messages
+from broker.server.messages import Compression, compress, delta_messages
 from broker.server.presence import Presence
 from broker.server.registry import Registry
 
@@ -37,7 +37,7 @@ class Fanout:
         """Queue one encoded record state of `scope` caused by `origin`."""
         self._by_scope.setdefault(scope, []).append((origin, rec))
 
-    def messages(self, compress_over: Callable[[str], int | None]) -> list[Outgoing]:
+    def messages(self, compress_over: Callable[[str], Compression]) -> list[Outgoing]:
         """The delta messages; `compress_over(dev)` gives the device's compression bound."""
         targets: dict[str, list[str]] = {}
         online = self.presence.is_online
@@ -46,7 +46,7 @@ class Fanout:
                 if online(dev):
                     targets.setdefault(dev, []).append(scope)
         origins = {s: {origin for origin, _ in entries} for s, entries in self._by_scope.items()}
-        cache: dict[tuple[tuple[str, ...], str | None, int | None], list[bytes]] = {}
+        cache: dict[tuple[tuple[str, ...], str | None, Compression], list[bytes]] = {}
         out: list[Outgoing] = []
         for dev in sorted(targets):
             scopes = tuple(sorted(targets[dev]))

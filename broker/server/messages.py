@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
+
+from schemas import zdict
 
 MAX_DOWN_BYTES = 192 * 1024
 """Largest JSON text of one down message (before compression)."""
@@ -22,8 +24,26 @@ COMPRESS_LEVEL = 6
 _ENVELOPE = 64  # bytes of {"type":...,"v":1,...} around the arrays
 
 
-def compress(data: bytes, over: int | None) -> bytes:
-    """zlib-compress `data` when it is longer than `over` bytes and shrinks (§3)."""
+class Packing(NamedTuple):
+    """How a device takes its down messages: zlib past `over` bytes (hello `z`), and
+    with `zdict`, every message compressed with the preset dictionary when that is
+    smaller (capability `zd1`, schemas.zdict)."""
+
+    over: int | None
+    zdict: bool = False
+
+
+Compression = Packing | int | None
+"""A device's compression: a `Packing`, or just the bound (None: never compress)."""
+
+
+def compress(data: bytes, over: Compression) -> bytes:
+    """zlib-compress `data` when it is longer than `over` bytes and shrinks (§3); with
+    the preset dictionary whenever that shrinks it, for a device that agreed to it."""
+    if isinstance(over, Packing):
+        if over.zdict:
+            return zdict.pack(data)
+        over = over.over
     if over is not None and len(data) > over:
         packed = zlib.compress(data, COMPRESS_LEVEL)
         if len(packed) < len(data):

@@ -11,7 +11,6 @@ schemas must refuse what PROTOCOL.md says a sender MUST NOT send.
 from __future__ import annotations
 
 import json
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from agent.api import Agent
 from broker.server import schema_history
 from broker.server.engine import Engine
 from broker.server.registry import issue_command
-from schemas import codec, wire
+from schemas import codec, wire, zdict
 from schemas.collection import Catalog, example_catalog_path, load_catalog
 from schemas.export import JSON_DIR
 from tests.agent.agentkit import FakeClock, make_cfg
@@ -57,7 +56,7 @@ def _errors(kind: str, doc: Any) -> list[str]:
 
 def _decode(payload: bytes) -> dict[str, Any]:
     if payload[:1] == b"\x78":
-        payload = zlib.decompress(payload)
+        payload = zdict.unpack(payload)  # zd1 streams too (schemas.zdict)
     doc: dict[str, Any] = orjson.loads(payload)
     return doc
 

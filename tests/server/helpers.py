@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from broker.server.engine import Engine
 from broker.server.registry import add_device
 from broker.server.store.base import Store
 from broker.server.store.lmdb_store import LmdbStore
+from schemas import zdict
 from schemas.collection import Catalog, example_catalog_path, load_catalog
 from waystation.config import ServerConfig
 from waystation.rules import Rule
@@ -90,7 +90,7 @@ def status(dev: str, on: bool = True) -> bytes:
 
 def decode(payload: bytes) -> dict[str, Any]:
     if payload[:1] == b"\x78":
-        payload = zlib.decompress(payload)
+        payload = zdict.unpack(payload)
     msg: dict[str, Any] = orjson.loads(payload)
     return msg
 

@@ -4,6 +4,7 @@ server restart, and a v1 device that offers none is sent nothing new. Both backe
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,18 @@ from broker.server import caps as server_caps
 from broker.server.engine import Engine
 from broker.server.registry import change_scopes
 from broker.server.store.base import Store
+from schemas import codec, zdict
 from tests.server.conftest import StoreFactory
-from tests.server.helpers import by_device, errors, make_engine, of_type
+from tests.server.helpers import (
+    by_device,
+    changes,
+    decode,
+    errors,
+    make_engine,
+    of_type,
+    oks,
+    task,
+)
 
 DEVICES = {"van-1": ["r1"]}
 
@@ -130,3 +141,45 @@ def test_the_scopes_command_goes_only_to_a_device_that_speaks_it(
     assert [m["type"] for m in out["van-1"]] == ["welcome", "command"]
     assert out["van-1"][1]["cmd"] == "scopes"
     assert out["van-1"][1]["args"] == {"scopes": ["r1", "r2"]}
+
+
+# ----------------------------------- compact encoding (capability `zd1`, schemas.zdict)
+
+
+def _zd1(payload: bytes) -> bool:
+    return zdict.wants_dictionary(payload) == zdict.DICT_ID
+
+
+def test_a_device_that_agreed_to_zd1_gets_small_messages_with_the_dictionary(
+        env: tuple[Engine, Store]) -> None:
+    engine, store = env
+    out = engine.handle_up("van-1", hello(["schema", "txn", "zd1"]))
+    [welcome] = [codec.decode(p) for _, p in out if codec.decode(p).type == "welcome"]
+    assert "zd1" in welcome.caps  # type: ignore[attr-defined]
+    assert "zd1" in _row_caps(store)
+    # its change sent with the dictionary is read; the ack comes back with it too
+    payload = codec.encode_dict(orjson.loads(changes("van-1", [task(1, "t-1")])), zdict=True)
+    assert _zd1(payload)
+    out = engine.handle_up("van-1", payload)
+    [(dev, ack)] = [(d, p) for d, p in out if codec.decode(p).type == "ack"]
+    assert dev == "van-1" and _zd1(ack)
+    assert oks(by_device(out)["van-1"]) == [[1, "r1", 1]]
+    assert len(ack) < len(orjson.dumps(decode(ack)))
+
+
+@pytest.mark.parametrize("offer", [None, ["schema", "txn"]])
+def test_a_device_without_zd1_gets_what_v1_devices_always_got(
+        env: tuple[Engine, Store], offer: list[str] | None) -> None:
+    engine, _ = env
+    engine.handle_up("van-1", hello(offer, z=True))
+    out = engine.handle_up("van-1", changes("van-1", [task(1, "t-1")]))
+    for _, payload in out:
+        assert payload[:1] == b"{", "a small message stays plain JSON"
+        assert not _zd1(payload)
+    assert oks(by_device(out)["van-1"]) == [[1, "r1", 1]]
+    # a big one is compressed as before: plain zlib, which any v1 device reads
+    chs = [task(i, f"t-{i}", notes="x" * 200) for i in range(2, 120)]
+    out = engine.handle_up("van-1", changes("van-1", chs))
+    packed = [p for _, p in out if p[:1] == b"\x78"]
+    assert packed and all(not _zd1(p) for p in packed)
+    assert all(orjson.loads(zlib.decompress(p)) for p in packed)

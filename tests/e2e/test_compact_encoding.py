@@ -1,0 +1,46 @@
+"""Capability zd1 over the real broker and server (PROTOCOL.md §3, §11): a current agent
+and a v1 device that offers no capabilities share a scope. The agent's messages travel
+with the preset dictionary both ways once the server's welcome agreed to it; the v1
+device, decoding with plain zlib and JSON as the protocol always allowed, receives only
+what it can read, and each sees the other's changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.fleet import Fleet
+from tests.e2e.protocol_device import ProtocolDevice
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def test_old_and_new_devices_side_by_side(fleet: Fleet) -> None:
+    fleet.add_device("van-1", ["route-42"])
+    fleet.add_device("van-2", ["route-42"])
+    proc = fleet.start_agent("van-1")
+    welcome = wait_until(lambda: proc.events("welcome"), 30, message="the agent's welcome")
+    assert "zd1" in welcome[-1]["caps"]
+
+    old = ProtocolDevice("van-2", fleet.passwords["van-2"], port=fleet.port,
+                         scopes=["route-42"])
+    assert old.connect() == "Success", fleet.broker_log_tail()
+    try:
+        old.hello()  # a v1 hello: no caps
+        old.sync_from_server()
+
+        ag = fleet.agent("van-1")
+        ag.put("tasks", "t-new", {"route": "route-42", "status": "out",
+                                  "notes": "written by the current agent"})
+        fleet.wait_drained("van-1")
+        old.wait(lambda: any(r.get("k") == "t-new" for d in old.deltas
+                             for r in d.get("d", [])), 30, "the agent's change as a delta")
+
+        ch = old.change("tasks", "t-old", "route-42",
+                        f={"route": "route-42", "status": "delivered"})
+        old.send_changes([ch])
+        old.wait_acked([ch["n"]])
+        wait_until(lambda: ag.get("tasks", "t-old"), 30, message="the v1 change at the agent")
+        assert old.undecodable == [], "the v1 device got something it cannot read"
+    finally:
+        old.close()
