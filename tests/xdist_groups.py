@@ -2,9 +2,10 @@
 put into one pytest-xdist group (`--dist loadgroup` runs a group on one worker, in order).
 
     rabbitmq   every test marked `rabbitmq`: each module starts a three-node RabbitMQ
-               cluster (three Erlang VMs, ~1 GiB, most of a core while they boot); two
-               at once on two cores time out, and in one worker the package-scoped
-               cluster of tests/broker/ is started once instead of once per worker.
+               cluster (three Erlang VMs, most of a core while they boot, 50-90 s on a
+               loaded machine); two clusters at once would put six VMs on two cores, and
+               in one worker the package-scoped cluster of tests/broker/ is started once
+               instead of once per worker.
 
 Without xdist the mark is inert. tests/conftest.py loads it for the whole suite.
 """
