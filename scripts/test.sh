@@ -35,18 +35,32 @@ bash scripts/bootstrap.sh dev
 # A test that cannot run because Mosquitto, PostgreSQL or RabbitMQ is missing fails here
 # instead of skipping (tests/server_skips.py): green means they ran.
 export WAYSTATION_REQUIRE_SERVERS="${WAYSTATION_REQUIRE_SERVERS:-1}"
-if [ "${WAYSTATION_COVERAGE:-0}" = 0 ]; then
-  exec .venv/bin/python -m pytest "$@"
+
+# Parallel workers (pytest-xdist): 2, one per core of the CI machine. The end-to-end tests
+# keep about a core busy each (daemons starting, syncing), so a third worker only makes
+# their deadlines tighter. --dist loadgroup keeps each xdist_group on one worker
+# (tests/xdist_groups.py: the RabbitMQ cluster tests). WAYSTATION_TEST_WORKERS=N changes
+# the count; 0 runs everything in this process.
+workers="${WAYSTATION_TEST_WORKERS:-2}"
+parallel=()
+if [ "$workers" != 0 ]; then
+  parallel=(-n "$workers" --dist loadgroup)
 fi
 
-# Coverage of agent/, broker/ and waystation/, the end-to-end subprocesses included
-# ([tool.coverage.run] in pyproject.toml): one data file per process under .coverage-data/,
-# combined and reported after the run. Reported, not gated: the exit code is pytest's.
+if [ "${WAYSTATION_COVERAGE:-0}" = 0 ]; then
+  exec .venv/bin/python -m pytest "${parallel[@]}" "$@"
+fi
+
+# WAYSTATION_COVERAGE=1: coverage of agent/, broker/ and waystation/, the xdist workers and
+# the end-to-end subprocesses included ([tool.coverage.run] in pyproject.toml): one data
+# file per process under .coverage-data/, combined and reported after the run. Reported,
+# not gated: the exit code is pytest's. Opt-in: it costs ~1.6x the CPU time (measured on a
+# subset), which the 2-core machine has no room for within the ~20 min budget.
 rm -rf .coverage-data && mkdir .coverage-data
 export COVERAGE_FILE="$PWD/.coverage-data/cov"
 rc=0
-.venv/bin/python -m coverage run -m pytest "$@" || rc=$?
+.venv/bin/python -m coverage run -m pytest "${parallel[@]}" "$@" || rc=$?
 .venv/bin/python -m coverage combine -q --data-file="$COVERAGE_FILE" .coverage-data >/dev/null || true
-echo "coverage of agent/, broker/, waystation/ (the daemons the e2e tests start included):"
+echo "coverage of agent/, broker/, waystation/ (the xdist workers and the daemons the e2e tests start included):"
 .venv/bin/python -m coverage report --data-file="$COVERAGE_FILE" --sort=cover || true
 exit $rc

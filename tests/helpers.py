@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from tests.ports import free_port
+
 __all__ = [
     "Received",
     "RecordingClient",
@@ -68,13 +70,6 @@ def terminate(proc: subprocess.Popen[Any], timeout: float) -> bool:
         proc.kill()
         proc.wait(timeout)
         return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def port_open(host: str, port: int) -> bool:

@@ -193,6 +193,10 @@ class BrokerSettings:
         }
 
 
+SHUTDOWN_TIMEOUT_S = 5.0
+"""How long `EmbeddedBroker.stop` waits for amqtt's shutdown before going on without it."""
+
+
 class EmbeddedBroker:
     """One amqtt broker with Waystation's plugins; ``async with EmbeddedBroker(s): ...``."""
 
@@ -236,12 +240,23 @@ class EmbeddedBroker:
         log.info("embedded broker listening", host=s.host, port=s.port, tls_port=s.tls_port,
                  prefix=s.prefix, password_file=str(s.password_file))
 
-    async def stop(self) -> None:
-        """Close every connection and listener (idempotent)."""
+    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Close every connection and listener (idempotent), giving amqtt's shutdown
+        `timeout` seconds: now and then (more often on a loaded machine) it waits forever
+        on a client handler, and SIGTERM must still end the broker. What it leaves open
+        the process's exit closes."""
         broker, self._broker = self._broker, None
-        if broker is not None:
-            await broker.shutdown()
+        if broker is None:
+            return
+        shutdown = asyncio.ensure_future(broker.shutdown())
+        done, _ = await asyncio.wait({shutdown}, timeout=timeout)
+        if done:
+            shutdown.result()
             log.info("embedded broker stopped")
+            return
+        shutdown.cancel()
+        log.warning("embedded broker shutdown did not finish; stopping without it",
+                    timeout_s=timeout)
 
     async def __aenter__(self) -> EmbeddedBroker:
         await self.start()
