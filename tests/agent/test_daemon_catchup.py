@@ -15,7 +15,7 @@ import pytest
 
 from agent.daemon import AgentDaemon
 from schemas.collection import example_catalog_path, load_catalog
-from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
+from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess
 from tests.helpers import RecordingClient, wait_until
 from waystation.config import AgentConfig
 
@@ -24,12 +24,6 @@ DEV = "van-12"
 UP, DOWN = f"{PREFIX}/{DEV}/up", f"{PREFIX}/{DEV}/down"
 H = "0192f2a4c9b10000:van-7"
 
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    proc = start_embedded(tmp_path / "broker")
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture

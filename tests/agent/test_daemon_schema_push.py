@@ -15,7 +15,7 @@ import pytest
 
 from agent.daemon import AgentDaemon
 from schemas.collection import example_catalog_path, load_catalog
-from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
+from tests.fixtures_brokers import PREFIX, USERS, BrokerProcess
 from tests.helpers import RecordingClient, wait_until
 from tests.schema_versions import V2, V4
 from waystation.config import AgentConfig
@@ -25,20 +25,6 @@ DEV = "van-12"
 UP, DOWN = f"{PREFIX}/{DEV}/up", f"{PREFIX}/{DEV}/down"
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    proc = start_embedded(tmp_path / "broker")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def server(broker: BrokerProcess) -> Iterator[RecordingClient]:
-    client = RecordingClient(broker.port, "test-server", SERVER_USER, USERS[SERVER_USER])
-    assert client.connect() == "Success"
-    assert client.subscribe(UP) == 1
-    yield client
-    client.close()
 
 
 @pytest.fixture

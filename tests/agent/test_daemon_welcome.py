@@ -13,16 +13,14 @@ the other.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from agent.daemon import AgentDaemon
 from schemas.collection import example_catalog_path, load_catalog
-from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
+from tests.fixtures_brokers import PREFIX, USERS, BrokerProcess
 from tests.helpers import RecordingClient, wait_until
 from waystation.config import AgentConfig
 
@@ -34,21 +32,6 @@ STATE = f"{PREFIX}/_server/main/server-1/state"
 ACK_TIMEOUT = 0.4
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    proc = start_embedded(tmp_path / "broker")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def server(broker: BrokerProcess) -> Iterator[RecordingClient]:
-    client = RecordingClient(broker.port, "test-server", SERVER_USER, USERS[SERVER_USER])
-    assert client.connect() == "Success"
-    assert client.subscribe(UP) == 1
-    yield client
-    client.publish(STATE, b"", retain=True)
-    client.close()
 
 
 def _daemon(broker: BrokerProcess, tmp_path: Path) -> AgentDaemon:
