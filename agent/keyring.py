@@ -17,7 +17,6 @@ sealed with the key file's own bytes (`legacy`), as before.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.crypto import MIN_KEY_FILE_BYTES, ValueCipher
 from agent.errors import EncryptionKeyError
+from waystation.atrest import files
 from waystation.atrest.files import write_atomic
 
 DEK_FILE = "dek"
@@ -95,7 +95,7 @@ def data_cipher(env_dir: Path, kek: KeyEncryptionKey, *, new_store: bool) -> Val
         if not new_store:
             return kek.legacy_cipher()
         dek = os.urandom(32)
-        _write_atomic(path, kek.wrap(dek))
+        files.write_atomic(path, kek.wrap(dek))
         return ValueCipher(dek, f"{kek.source} (data key {path})")
     except OSError as exc:
         raise EncryptionKeyError(f"cannot read the data key {path}: "
@@ -124,7 +124,7 @@ def unwrap_file(path: Path, kek: KeyEncryptionKey) -> bytes:
 def new_data_key(path: Path, kek: KeyEncryptionKey) -> bytes:
     """A new random data key, wrapped with `kek` into `path` (crash-safe); returns it."""
     dek = os.urandom(32)
-    _write_atomic(path, kek.wrap(dek))
+    files.write_atomic(path, kek.wrap(dek))
     return dek
 
 
@@ -157,7 +157,7 @@ def shred(env_dir: Path) -> bool:
         fh.write(os.urandom(max(size, 64)))
         os.fsync(fh.fileno())
     path.unlink()
-    _fsync_dir(env_dir)
+    files.fsync_dir(env_dir)
     return True
 
 
@@ -174,27 +174,6 @@ def replace_key_file(path: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 __all__ = ["DEK_FILE", "KeyEncryptionKey", "data_cipher", "new_data_key", "replace_key_file",
