@@ -60,14 +60,13 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
-import orjson
 
 from agent.crypto import ValueCipher
 from agent.errors import (
@@ -80,6 +79,7 @@ from agent.errors import (
 )
 from agent.groupcommit import GroupCommit, GroupStats, Job
 from agent.keyring import KeyEncryptionKey, data_cipher
+from agent.store_tx import ENCRYPTED_DBS, Tx
 from waystation.atrest import files as atrest_files
 from waystation.diskfull import is_disk_full
 
@@ -92,7 +92,6 @@ opening transaction (`_MIGRATIONS`); a newer format is refused (downgrade)."""
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
             "deadletters", "meta", "feed", "index", "evicted", "fetch")
-ENCRYPTED_DBS = frozenset({"view", "base", "stamps", "outbox", "deadletters", "conflicts"})
 _MAX_RETRIES = 64
 _MIB = 1 << 20
 
@@ -139,125 +138,6 @@ def _reserve_lock_file(env_dir: Path) -> None:
         # a filesystem without fallocate (EOPNOTSUPP): nothing reserved, as before
     finally:
         os.close(fd)
-
-
-
-
-class Tx:
-    """One LMDB transaction with typed helpers (orjson values, encryption when on)."""
-
-    __slots__ = ("_cipher", "_dbs", "_txn", "write")
-
-    def __init__(self, store: Store, txn: lmdb.Transaction[bytes], write: bool) -> None:
-        self._txn = txn
-        self._dbs = store._dbs
-        self._cipher = store._cipher
-        self.write = write
-
-    def _decode(self, db: str, key: bytes, raw: bytes) -> Any:
-        if self._cipher is not None and db in ENCRYPTED_DBS:
-            raw = self._cipher.open(db.encode() + b"\0" + key, raw)
-        return orjson.loads(raw)
-
-    def _encode(self, db: str, key: bytes, value: Any) -> bytes:
-        raw = orjson.dumps(value)
-        if self._cipher is not None and db in ENCRYPTED_DBS:
-            return self._cipher.seal(db.encode() + b"\0" + key, raw)
-        return raw
-
-    def get(self, db: str, key: bytes) -> Any:
-        """The decoded value at `key`, or None."""
-        raw = self._txn.get(key, db=self._dbs[db])
-        if raw is None:
-            return None
-        if self._cipher is not None and db in ENCRYPTED_DBS:
-            raw = self._cipher.open(db.encode() + b"\0" + key, raw)
-        return orjson.loads(raw)  # _decode, inlined: the hot path
-
-    def put(self, db: str, key: bytes, value: Any) -> None:
-        raw = orjson.dumps(value)  # _encode, inlined: the hot path
-        if self._cipher is not None and db in ENCRYPTED_DBS:
-            raw = self._cipher.seal(db.encode() + b"\0" + key, raw)
-        self._txn.put(key, raw, db=self._dbs[db])
-
-    def has(self, db: str, key: bytes) -> bool:
-        return self._txn.get(key, db=self._dbs[db]) is not None
-
-    def put_raw(self, db: str, key: bytes, value: bytes = b"") -> None:
-        """Store bytes as they are (index entries); never encrypted."""
-        self._txn.put(key, value, db=self._dbs[db])
-
-    def delete(self, db: str, key: bytes) -> bool:
-        return bool(self._txn.delete(key, db=self._dbs[db]))
-
-    def count(self, db: str) -> int:
-        return int(self._txn.stat(self._dbs[db])["entries"])
-
-    def live_bytes(self) -> int:
-        """Bytes in the pages that hold data now, over every database. Unlike the file's
-        size (LMDB never shrinks it, and reuses freed pages), this falls when records
-        are evicted: the disk quota (agent.quota) is measured with it."""
-        total = 0
-        psize = 4096
-        for handle in self._dbs.values():
-            st = self._txn.stat(handle)
-            psize = int(st["psize"])
-            total += int(st["branch_pages"]) + int(st["leaf_pages"]) + int(st["overflow_pages"])
-        return total * psize
-
-    def clear(self, db: str) -> None:
-        """Delete every entry of `db` (the database itself stays)."""
-        self._txn.drop(self._dbs[db], delete=False)
-
-    def cursor(self, db: str) -> lmdb.Cursor[bytes]:
-        """A raw LMDB cursor on `db` (keys as stored; values NOT decoded). Use it as a
-        context manager, for scans that seek (e.g. skipping runs of keys)."""
-        return self._txn.cursor(db=self._dbs[db])
-
-    def keys(self, db: str, prefix: bytes = b"", *, start: bytes | None = None) -> Iterator[bytes]:
-        """Keys with `prefix` in order, from `start` (inclusive) if given."""
-        with self._txn.cursor(db=self._dbs[db]) as cur:
-            if not cur.set_range(start if start is not None else prefix):
-                return
-            while True:
-                key = cur.key()
-                if not key.startswith(prefix):
-                    return
-                yield key
-                if not cur.next():
-                    return
-
-    def items(self, db: str, prefix: bytes = b"", *,
-              start: bytes | None = None) -> Iterator[tuple[bytes, Any]]:
-        """(key, decoded value) with `prefix` in key order, from `start` if given."""
-        with self._txn.cursor(db=self._dbs[db]) as cur:
-            if not cur.set_range(start if start is not None else prefix):
-                return
-            while True:
-                key, raw = cur.item()
-                if not key.startswith(prefix):
-                    return
-                yield key, self._decode(db, key, raw)
-                if not cur.next():
-                    return
-
-    def first(self, db: str) -> tuple[bytes, Any] | None:
-        with self._txn.cursor(db=self._dbs[db]) as cur:
-            if not cur.first():
-                return None
-            key, raw = cur.item()
-            return key, self._decode(db, key, raw)
-
-    def last_key(self, db: str) -> bytes | None:
-        with self._txn.cursor(db=self._dbs[db]) as cur:
-            return cur.key() if cur.last() else None
-
-    def meta(self, name: str, default: Any = None) -> Any:
-        value = self.get("meta", name.encode())
-        return default if value is None else value
-
-    def set_meta(self, name: str, value: Any) -> None:
-        self.put("meta", name.encode(), value)
 
 
 def _migrate_1_to_2(tx: Tx) -> None:
@@ -428,7 +308,7 @@ class Store:
                 except lmdb.Error as exc:
                     raise self._storage_error(exc) from None
                 try:
-                    return fn(Tx(self, txn, False))
+                    return fn(Tx(self._dbs, self._cipher, txn, False))
                 except lmdb.Error as exc:
                     raise self._storage_error(exc) from None
                 finally:
@@ -512,14 +392,14 @@ class Store:
                            "process; nothing was written, try again")
 
     def _run_one(self, job: Job, txn: lmdb.Transaction[bytes]) -> Any:
-        return job.fn(Tx(self, txn, True))
+        return job.fn(Tx(self._dbs, self._cipher, txn, True))
 
     def _run_nested(self, job: Job, parent: lmdb.Transaction[bytes]) -> None:
         """One job of a group in a nested transaction: its error undoes it alone (a
         full map aborts the whole group, which is run again in a larger map)."""
         child = self._env.begin(write=True, parent=parent)
         try:
-            job.result = job.fn(Tx(self, child, True))
+            job.result = job.fn(Tx(self._dbs, self._cipher, child, True))
             child.commit()
         except lmdb.MapFullError:
             _abort(child)
