@@ -14,7 +14,6 @@ from tests.agent.test_daemon_catchup import UP, _catchups, _rec, _send, _wait_ca
 from tests.helpers import RecordingClient, wait_until
 
 # the same broker and scripted-server fixtures as the catch-up tests
-broker = kit.broker
 setup = kit.setup
 
 

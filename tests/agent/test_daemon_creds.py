@@ -20,7 +20,6 @@ from tests.agent.test_daemon_catchup import DEV, UP, _send
 from tests.fixtures_brokers import BrokerProcess
 from tests.helpers import RecordingClient, wait_until
 
-broker = kit.broker
 setup = kit.setup
 
 NEW = "rotated-password-0123456789"

@@ -18,7 +18,6 @@ from tests.agent import test_daemon_catchup as kit
 from tests.agent.test_daemon_catchup import UP, _send, _wait_catchups
 from tests.helpers import RecordingClient, wait_until
 
-broker = kit.broker
 setup = kit.setup
 
 times = st.floats(0, 1000, allow_nan=False)
