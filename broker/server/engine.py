@@ -356,6 +356,8 @@ class Engine:
                 upd = updates.setdefault(device.id, {})
                 upd["last_seen_ms"] = now
                 if inc.kind == "changes":
+                    if "caps" in upd:  # a hello earlier in this group agreed them
+                        device = dataclasses.replace(device, caps=upd["caps"])
                     lc: LenientChanges = inc.msg
                     changes = lc.changes.ch if lc.changes is not None else []
                     if inc.blocked:

@@ -191,3 +191,22 @@ def test_welcome_without_a_history_states_no_oldest(store_factory: StoreFactory,
                                "sv": 1, "caps": ["schema"]})
     (welcome,) = of_type(by_device(engine.handle_up("van-1", hello_caps))["van-1"], "welcome")
     assert welcome["sv"] == 1 and "sv_min" not in welcome
+
+
+def test_too_old_changes_in_the_same_group_as_the_hello_wait_too(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    """A device that connects and sends at once: its hello (agreeing `schema`) and its
+    too-old changes are merged in ONE group. The changes are judged with the
+    capabilities that hello agreed, so they wait (transient) instead of being refused
+    for good against the newest schema (a flaky e2e failure: `unknown_field`)."""
+    store = store_factory()
+    for n, text in ((2, V2), (3, V3), (4, V4)):
+        schema_history.publish(store, text, f"v{n}.toml", n)
+    engine, _, _ = make_engine(tmp_path, {"van-1": ["r1"]}, catalog=catalog(V4), store=store)
+    hello_caps = orjson.dumps({"type": "hello", "v": 1, "dev": "van-1", "agent": "t/1",
+                               "sv": 1, "caps": ["schema"]})
+    out = by_device(engine.handle_many([
+        ("van-1", hello_caps),
+        ("van-1", changes("van-1", [task(1, "t-1", notes="n", eta=5)], sv=1))]))
+    (rj,) = rejections(out["van-1"])
+    assert (rj["code"], rj["perm"]) == ("schema_version", False)
