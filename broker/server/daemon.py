@@ -98,7 +98,8 @@ class MergeServer:
         self.state_topic: str | None = None
         self.engine = Engine(self.store, catalog, cfg, wall_ms, Clock("~server", wall_ms))
         self.rotation_logins = broker_logins(
-            cfg.enrol, lambda: load_config(BrokerConfig, None, self.env).resolved_password_file())
+            cfg.enrol, lambda: load_config(BrokerConfig, None, self.env).resolved_password_file(),
+            background=True)
         self._rotation_failures: dict[str, int] = {}
         prefix = cfg.mqtt.prefix
         self.prefix = prefix

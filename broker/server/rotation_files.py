@@ -78,9 +78,9 @@ class RotationFiles:
         return ("the server must be able to write the broker's password file "
                 "(enrol.password_file); it tries again at every tick")
 
-    def switch_many(self, pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    def switch_many(self, pairs: Sequence[tuple[str, str]]) -> dict[str, str | None]:
         """`switch` for each user; returns user -> why it failed."""
-        errors: dict[str, str] = {}
+        errors: dict[str, str | None] = {}
         for user, new_hash in pairs:
             try:
                 self.switch(user, new_hash)
@@ -102,18 +102,23 @@ class BrokerLogins(Protocol):
 
     def begin(self, user: str, new_hash: str) -> None: ...
 
-    def switch_many(self, pairs: Sequence[tuple[str, str]]) -> dict[str, str]: ...
+    def switch_many(self, pairs: Sequence[tuple[str, str]]) -> dict[str, str | None]:
+        """Switch each user to its new hash; returns user -> why it failed, or None while
+        its switch is still under way (asked again at the next tick); absent: done."""
+        ...
 
     def retire(self, user: str) -> None: ...
 
 
-def broker_logins(enrol: EnrolConfig, password_file: Callable[[], Path]) -> BrokerLogins:
+def broker_logins(enrol: EnrolConfig, password_file: Callable[[], Path], *,
+                  background: bool = False) -> BrokerLogins:
     """The logins `enrol.broker_kind` names (`password_file` is asked only when they are
-    in a password file)."""
+    in a password file). `background`: a RabbitMQ import runs in a thread of its own (the
+    server: its loop must not wait for `rabbitmqctl`)."""
     if enrol.broker_kind == "rabbitmq":
         from broker.server.rotation_rabbitmq import RabbitLogins
 
-        return RabbitLogins(tuple(enrol.rabbitmq_import))
+        return RabbitLogins(tuple(enrol.rabbitmq_import), background=background)
     return RotationFiles(enrol.password_file or password_file(), tuple(enrol.broker_reload))
 
 
@@ -145,6 +150,8 @@ def advance(store: Store, registry: Registry, logins: BrokerLogins, now: int,
     for dev, rot, step in due:
         if step == "switch" and dev not in switching:
             continue  # over this tick's batch
+        if step == "switch" and dev in errors and errors[dev] is None:
+            continue  # under way (RabbitMQ: the import runs in its own thread)
         error = errors.get(dev)
         if step == "retire":
             try:

@@ -20,8 +20,9 @@ import base64
 import binascii
 import json
 import subprocess
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker.rabbitmq.definitions import HASHING
@@ -51,12 +52,29 @@ def users_document(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
                        "tags": [], "limits": {}} for user, new_hash in pairs]}
 
 
-@dataclass(frozen=True)
-class RabbitLogins:
-    """Device logins kept by RabbitMQ, changed through an import command."""
+@dataclass
+class _Import:
+    """One import under way in its own thread."""
 
-    import_argv: Sequence[str]
-    timeout_s: float = IMPORT_TIMEOUT_S
+    pairs: dict[str, str]
+    done: threading.Event = field(default_factory=threading.Event)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+class RabbitLogins:
+    """Device logins kept by RabbitMQ, changed through an import command.
+
+    `background` (the server): the command runs in a thread of its own, so a slow or
+    failing one (`rabbitmqctl` takes about 3 s to find a node down) never holds up the
+    merge loop; `switch_many` starts an import and reports its users as under way
+    (None), and reports its outcome at the first call after it ended."""
+
+    def __init__(self, import_argv: Sequence[str], timeout_s: float = IMPORT_TIMEOUT_S, *,
+                 background: bool = False) -> None:
+        self.import_argv = tuple(import_argv)
+        self.timeout_s = timeout_s
+        self.background = background
+        self._job: _Import | None = None
 
     @property
     def where(self) -> str:
@@ -72,24 +90,49 @@ class RabbitLogins:
     def begin(self, user: str, new_hash: str) -> None:
         """Nothing: RabbitMQ holds one password per user (see the module docstring)."""
 
-    def switch(self, user: str, new_hash: str) -> None:
-        errors = self.switch_many([(user, new_hash)])
-        if user in errors:
-            raise RabbitImportError(errors[user])
-
-    def switch_many(self, pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
-        """Set each user's new hash with one import; returns user -> why it failed."""
-        errors = {user: "the rotation's password hash is not a RabbitMQ sha256 hash (it was "
-                        "started with another enrol.broker_kind): run rotate-password again"
-                  for user, new_hash in pairs if not valid_hash(new_hash)}
-        good = [(u, h) for u, h in pairs if u not in errors]
+    def switch_many(self, pairs: Sequence[tuple[str, str]]) -> dict[str, str | None]:
+        """Set each user's new hash with one import. Returns user -> why it failed, or
+        None while its import is under way (background); a user not in it is done."""
+        errors: dict[str, str | None] = {
+            user: "the rotation's password hash is not a RabbitMQ sha256 hash (it was "
+                  "started with another enrol.broker_kind): run rotate-password again"
+            for user, new_hash in pairs if not valid_hash(new_hash)}
+        good = {u: h for u, h in pairs if u not in errors}
         if not good:
             return errors
-        try:
-            self._import(users_document(good))
-        except RabbitImportError as exc:
-            errors.update({user: str(exc) for user, _ in good})
+        if not self.background:
+            now = _Import(good)
+            self._run(now)
+            errors.update(now.errors)
+            return errors
+        last = self._job
+        if last is not None and not last.done.is_set():
+            errors.update(dict.fromkeys(good))
+            return errors
+        self._job = None
+        if last is not None:
+            # Its outcome holds for the users still due with the hash it imported.
+            for user, new_hash in list(good.items()):
+                if last.pairs.get(user) == new_hash:
+                    del good[user]
+                    if user in last.errors:
+                        errors[user] = last.errors[user]
+        if good:
+            self._job = _Import(good)
+            threading.Thread(target=self._run, args=(self._job,), name="rabbitmq-import",
+                             daemon=True).start()
+            errors.update(dict.fromkeys(good))
         return errors
+
+    def _run(self, job: _Import) -> None:
+        try:
+            self._import(users_document(list(job.pairs.items())))
+        except RabbitImportError as exc:
+            job.errors = dict.fromkeys(job.pairs, str(exc))
+        except Exception as exc:  # reported like a failed import, never lost in a thread
+            job.errors = dict.fromkeys(job.pairs, f"{type(exc).__name__}: {exc}")
+        finally:
+            job.done.set()
 
     def retire(self, user: str) -> None:
         """Nothing: the switch replaced the old password."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from broker.server.rotation import Rotation
 from broker.server.rotation_files import ERROR_REPEAT_MS, advance, broker_logins
 from broker.server.rotation_rabbitmq import RabbitLogins, users_document, valid_hash
 from broker.server.store.base import Store
+from tests.helpers import wait_until
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import make_engine
 from waystation.cli import main
@@ -156,11 +158,80 @@ def test_a_failing_switch_is_retried_noted_and_then_done(tmp_path: Path,
     assert len(_imports(tmp_path)) == 1  # retiring imports nothing
 
 
-def _set_rot(store: Store, rot: Rotation) -> None:
+def test_in_the_background_an_import_never_holds_up_the_tick(
+        tmp_path: Path, store_factory: StoreFactory) -> None:
+    """The server's mode: a slow import (a node far away, rabbitmqctl finding a node
+    down) runs in its own thread; the tick returns at once, reports nothing until the
+    import ended, starts no second import meanwhile; a failed one is reported at the tick
+    after it ended (once) and tried again at the next; one that works is recorded once,
+    with the hash of the rotation current by then."""
+    engine, store, _ = make_engine(tmp_path, {"van-1": ["r1"], "van-2": ["r1"]},
+                                   store=store_factory())
+    gate, fail = tmp_path / "gate", tmp_path / "fail"
+    script = tmp_path / "slow_import.py"
+    script.write_text(
+        "import json, os, sys, time\n"
+        "doc = json.load(sys.stdin)\n"
+        f"while os.path.exists({str(gate)!r}):\n"
+        "    time.sleep(0.02)\n"
+        f"with open({str(tmp_path / 'imports.jsonl')!r}, 'a') as fh:\n"
+        "    fh.write(json.dumps(doc) + '\\n')\n"
+        f"sys.exit(5 if os.path.exists({str(fail)!r}) else 0)\n")
+    logins = RabbitLogins((sys.executable, str(script)), background=True)
+    first = {}
+    for dev in ("van-1", "van-2"):
+        rot, cmd = rotation.start(store, dev, NEW, hash_password(NEW), 1000,
+                                  retire_after_s=None)
+        first[dev] = rot.new_hash
+        _set_rot(store, rotation.on_hello(rot, {cmd.id}, None, 1500), dev)
+    engine.tick()
+    gate.touch()
+    fail.touch()
+    failing: dict[str, int] = {}
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        for now in range(2000, 2010):
+            assert advance(store, engine.registry, logins, now, failing) == 0
+        assert time.monotonic() - started < 2.0  # ten ticks, none waited for the import
+        assert not logs
+        gate.unlink()
+        wait_until(lambda: logins._job is not None and logins._job.done.is_set(), 30,
+                   message="the import ended")
+        assert advance(store, engine.registry, logins, 3000, failing) == 0
+    assert sorted(e["dev"] for e in logs if e["event"] == "password_rotation_step_failed") \
+        == ["van-1", "van-2"]
+    assert _rot(store, "van-1").failed == 3000 and "exited with 5" in _rot(store, "van-1").error
+    assert len(_imports(tmp_path)) == 1  # one import for both, never a second meanwhile
+    assert logins._job is None  # reported, not started again in the same tick
+
+    fail.unlink()
+    engine.tick()
+    rot2, cmd2 = rotation.start(store, "van-2", "third-password-012345",
+                                hash_password("third-password-012345"), 4000,
+                                retire_after_s=None)
+    _set_rot(store, rotation.on_hello(rot2, {cmd2.id}, None, 4100), "van-2")
+    engine.tick()
+    done = 0
+    deadline = time.monotonic() + 30
+    while done < 2 and time.monotonic() < deadline:
+        done += advance(store, engine.registry, logins, 5000, failing)
+        engine.tick()
+        time.sleep(0.02)
+    assert done == 2
+    assert _rot(store, "van-1").stage == "switched" and not _rot(store, "van-1").error
+    assert _rot(store, "van-2").stage == "switched" and _rot(store, "van-2").id == rot2.id
+    assert failing == {}
+    imported = [sorted(u["password_hash"] for u in d["users"]) for d in _imports(tmp_path)]
+    assert imported == [sorted(first.values()), sorted([first["van-1"], rot2.new_hash])]
+    assert advance(store, engine.registry, logins, 6000, failing) == 0
+    assert logins._job is None
+
+
+def _set_rot(store: Store, rot: Rotation, dev: str = "van-1") -> None:
     import dataclasses
 
     def fn(txn: Any) -> None:
-        row = txn.get_device("van-1")
+        row = txn.get_device(dev)
         txn.put_device(dataclasses.replace(row, rot=rot.to_json()))
         txn.bump_registry()
 
