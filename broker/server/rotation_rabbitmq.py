@@ -8,6 +8,10 @@
             its hash appears on a command line (`ps`)
     retire  nothing (the switch already replaced the old password)
 
+The server runs the import in a thread of its own (`RabbitLogins(background=True)`):
+`rabbitmqctl` starts an Erlang VM and takes seconds, even to find a node down, and the
+merge loop must not wait for it. A failed import is retried at every tick.
+
 RabbitMQ 3.10 keeps a connection that logged in with the old password open when the
 password changes: the device keeps its session and logs in with the new one at its next
 connection. An import changes only what the document names: the user's permissions and
