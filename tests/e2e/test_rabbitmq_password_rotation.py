@@ -183,3 +183,44 @@ def test_rotation_on_rabbitmq_with_a_failing_then_working_switch(
     fleet.start_agent("van-1")
     fleet.agent("van-2").put("tasks", "t-6", {"route": "route-1", "notes": "after restart"})
     fleet.wait_converged("van-1", "van-2")
+
+
+def test_a_v1_device_keeps_syncing_and_is_switched_at_the_deadline(
+        fleet: RotatingRabbitFleet) -> None:
+    """A device speaking protocol v1 only (no capabilities) is never sent the password and
+    syncs on with its old one; at --retire-after the server switches RabbitMQ to the new
+    one (the operator's, printed by the CLI), which then logs it in, the old one no more."""
+    from tests.e2e.protocol_device import ProtocolDevice
+
+    fleet.add_device("pd-1", ["route-1"])
+    fleet.sync_logins()
+    old = fleet.passwords["pd-1"]
+    doc = json.loads(fleet.cli("device", "rotate-password", "pd-1", "--json",
+                               "--retire-after", "8s", "--config",
+                               str(fleet.server_config)).stdout)
+    assert doc["device_speaks_creds"] is False and doc["password"]
+    pd = ProtocolDevice("pd-1", old, port=fleet.port, scopes=["route-1"])
+    try:
+        assert pd.connect() == "Success"
+        pd.hello()
+        ch = pd.change("tasks", "t-1", "route-1", f={"route": "route-1", "notes": "v1"})
+        pd.send_changes([ch])
+        pd.wait_acked([ch["n"]])
+        assert [m for m in pd.messages if m.get("type") == "command"] == []
+    finally:
+        pd.close()
+    assert _rotation(fleet, "pd-1")["stage"] == "sent"  # type: ignore[index]
+    rot = fleet.wait(lambda: (r if (r := _rotation(fleet, "pd-1")) and r["stage"] == "retired"
+                              else None), timeout=60, what="deadline")
+    assert rot["retired_by"] == "deadline" and rot["switched"]
+    assert _probe(fleet, "pd-1", old) != "Success"
+    pd = ProtocolDevice("pd-1", doc["password"], port=fleet.port, scopes=["route-1"])
+    pd.next_n = 2
+    try:
+        assert pd.connect() == "Success"
+        pd.hello()
+        ch = pd.change("tasks", "t-2", "route-1", f={"route": "route-1", "notes": "by hand"})
+        pd.send_changes([ch])
+        pd.wait_acked([ch["n"]])
+    finally:
+        pd.close()
