@@ -68,7 +68,6 @@ class RotationFiles:
                       code=done.returncode, stderr=done.stderr.strip()[-500:],
                       hint="fix enrol.broker_reload, or reload the broker by hand")
 
-
     @property
     def where(self) -> str:
         return f"password file {self.password_file}"

@@ -8,7 +8,9 @@ import of the new hash into RabbitMQ) fails at first and is retried at every tic
 in `device list`, `server status` and the server's log, and until it works the old
 password keeps working; once it works the old password is refused and the new one
 accepted, the agent logs in with the new one without losing its session, and a later
-definitions import from the enrolment files keeps the rotated password."""
+definitions import from the enrolment files keeps the rotated password. A device
+speaking protocol v1 only keeps syncing with its old password and is switched at the
+operator's deadline."""
 
 from __future__ import annotations
 
