@@ -377,3 +377,27 @@ def _salt(h: str) -> bytes:
 
 def _users(out: str) -> dict[str, str]:
     return {u["name"]: u["password_hash"] for u in json.loads(out)["users"]}
+
+
+def test_a_tick_switches_a_bounded_batch(tmp_path: Path, store_factory: StoreFactory,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many rotations due at once: each tick imports at most MAX_SWITCHES_PER_TICK users
+    (one bounded document), the rest at the next ticks."""
+    import broker.server.rotation_files as rotation_files
+
+    monkeypatch.setattr(rotation_files, "MAX_SWITCHES_PER_TICK", 2)
+    devs = [f"van-{i}" for i in range(5)]
+    engine, store, _ = make_engine(tmp_path, {d: ["r1"] for d in devs}, store=store_factory())
+    for dev in devs:
+        rot, cmd = rotation.start(store, dev, NEW, hash_password(NEW), 1000,
+                                  retire_after_s=None)
+        _set_rot(store, rotation.on_hello(rot, {cmd.id}, None, 1500), dev)
+    engine.tick()
+    logins = RabbitLogins(tuple(_recorder(tmp_path)))
+    counts = []
+    for now in (2000, 3000, 4000):
+        counts.append(advance(store, engine.registry, logins, now))
+        engine.tick()
+    assert counts == [2, 2, 1]
+    assert [len(d["users"]) for d in _imports(tmp_path)] == [2, 2, 1]
+    assert all(_rot(store, d).stage == "switched" for d in devs)
