@@ -68,7 +68,9 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                         config.dead_letters.max_bytes))
     if rotating:
         print("password rotations under way: " + ", ".join(
-            f"{dev} ({rot['stage']})" for dev, rot in sorted(rotating.items())))
+            f"{dev} ({rot['stage']}" + (f", next step failed at {rot['failing']['at']}: "
+                                       f"{rot['failing']['error']}" if rot["failing"] else "")
+            + ")" for dev, rot in sorted(rotating.items())))
     if seqs:
         print()
         table(["SCOPE", "SEQUENCE", "PURGED TO"],

@@ -39,7 +39,9 @@ def rotation_doc(row: DeviceRow) -> dict[str, Any] | None:
             "stored": iso(rot.stored) or None, "login_with_new": iso(rot.login) or None,
             "switched": iso(rot.switched) or None, "retired": iso(rot.retired) or None,
             "retire_at": iso(rot.retire_at) or None,
-            "retired_by": None if not rot.retired else ("deadline" if rot.forced else "login")}
+            "retired_by": None if not rot.retired else ("deadline" if rot.forced else "login"),
+            "failing": None if not rot.failed else {"at": iso(rot.failed),
+                                                    "error": rot.error}}
 
 
 def presence(row: DeviceRow) -> str:
