@@ -1,6 +1,8 @@
-"""Capability zd1 over the real broker and server (PROTOCOL.md §3, §11): a current agent
-and a v1 device that offers no capabilities share a scope. The agent's messages travel
-with the preset dictionary both ways once the server's welcome agreed to it; the v1
+"""Capabilities zd1 and zd2 over the real broker and server (PROTOCOL.md §3, §11): a
+current agent and a v1 device that offers no capabilities share a scope. The agent's
+messages travel with the preset dictionary both ways once the server's welcome agreed to
+it, its up messages with its schema's dictionary (zd2: the server holds the same schema,
+so it agreed to the id the hello named); the v1
 device, decoding with plain zlib and JSON as the protocol always allowed, receives only
 what it can read, and each sees the other's changes."""
 
@@ -20,7 +22,7 @@ def test_old_and_new_devices_side_by_side(fleet: Fleet) -> None:
     fleet.add_device("van-2", ["route-42"])
     proc = fleet.start_agent("van-1")
     welcome = wait_until(lambda: proc.events("welcome"), 30, message="the agent's welcome")
-    assert "zd1" in welcome[-1]["caps"]
+    assert {"zd1", "zd2"} <= set(welcome[-1]["caps"])
 
     old = ProtocolDevice("van-2", fleet.passwords["van-2"], port=fleet.port,
                          scopes=["route-42"])
