@@ -8,6 +8,8 @@ what it can read, and each sees the other's changes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.e2e.fleet import Fleet
@@ -46,3 +48,27 @@ def test_old_and_new_devices_side_by_side(fleet: Fleet) -> None:
         assert old.undecodable == [], "the v1 device got something it cannot read"
     finally:
         old.close()
+
+
+def test_a_device_whose_schema_copy_differs_keeps_zd1(fleet: Fleet) -> None:
+    """Same schema version, one more field in the device's copy: its dictionary has
+    another id, which the server does not hold, so it is not offered zd2 and syncs with
+    zd1 as before (nothing refused, nothing lost)."""
+    fleet.add_device("van-1", ["route-42"])
+    original = fleet.agent_config("van-1").schema_path().read_text()
+    assert "[collections.tasks.fields]\n" in original
+    copy = fleet.root / "van-1-schema.toml"
+    copy.write_text(original.replace("[collections.tasks.fields]\n",
+                                     "[collections.tasks.fields]\nextra = { type = \"string\" }\n"))
+
+    def use_copy(data: dict[str, Any]) -> None:
+        data["schema_file"] = str(copy)
+
+    fleet.edit_agent_config("van-1", use_copy)
+    proc = fleet.start_agent("van-1")
+    welcome = wait_until(lambda: proc.events("welcome"), 30, message="the agent's welcome")
+    assert "zd1" in welcome[-1]["caps"] and "zd2" not in welcome[-1]["caps"]
+    ag = fleet.agent("van-1")
+    ag.put("tasks", "t-1", {"route": "route-42", "status": "out", "notes": "zd1 still"})
+    fleet.wait_drained("van-1")
+    assert proc.events("zd2_dropped") == []

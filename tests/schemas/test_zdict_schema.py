@@ -17,8 +17,11 @@ from hypothesis import strategies as st
 
 from broker.server import caps as server_caps
 from schemas import codec, zdict, zdict_schema
+from schemas.codec import decode, encode
 from schemas.collection import Catalog, example_catalog_path, load_catalog, parse_catalog
 from schemas.errors import ProtocolError
+from schemas.wire import Message
+from tests.schemas.test_fuzz import messages
 from tests.schemas.test_zdict import CHANGE
 
 EXAMPLE = load_catalog(example_catalog_path())
@@ -74,6 +77,16 @@ def test_any_message_of_any_schema_round_trips(case: tuple[Catalog, dict[str, An
     packed = codec.encode_dict(msg, zdict=data)
     assert len(packed) <= len(plain)
     assert codec.decode(packed) == codec.decode(plain)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(case=schemas_and_changes(), msg=messages)
+def test_any_valid_message_round_trips_with_any_schemas_dictionary(
+        case: tuple[Catalog, dict[str, Any]], msg: Message) -> None:
+    data = zdict_schema.dictionary(case[0])
+    packed = encode(msg, zdict=data)
+    assert decode(packed) == msg
+    assert len(packed) <= len(encode(msg))
 
 
 @settings(max_examples=50)
