@@ -71,6 +71,7 @@ def measure(kind: str, count: int, mode: str = "v1") -> dict[str, Any]:
             # single changes on an idle link: each change is a message of its own
             singles = acks = link = short = values = recent = 0
             history: list[bytes] = []
+            envelope: dict[str, float] = {}
             for i in range(min(count, 200)):
                 batch = ag.sync.next_batch((), 1, sync_cfg.batch_max_bytes)
                 up = len(batch.payload("van-1", compress_over=over, zdict=up_zd))
@@ -86,6 +87,9 @@ def measure(kind: str, count: int, mode: str = "v1") -> dict[str, Any]:
                     recent += len(zdict.pack(plain, (up_zd if isinstance(up_zd, bytes) else b"")
                                              + b"".join(history[-4:])))
                     history.append(plain)
+                    assert isinstance(up_zd, bytes)
+                    for part, cost in _envelope_costs(plain, up_zd).items():
+                        envelope[part] = envelope.get(part, 0) + cost
                 ag.sync.apply_ack(ack)
             # bulk: what is left, in the daemon's batches
             bulk = bulk_changes = messages = 0
@@ -108,7 +112,9 @@ def measure(kind: str, count: int, mode: str = "v1") -> dict[str, Any]:
             "single_device_link_bytes_both_ways_prefix_w": short / min(count, 200),
             "zd1": zd, "mode": mode,
             **({"single_values_only_raw_deflate_bytes": values / min(count, 200),
-                "single_with_last_4_changes_as_dictionary_bytes": recent / min(count, 200)}
+                "single_with_last_4_changes_as_dictionary_bytes": recent / min(count, 200),
+                "single_envelope_bytes_by_member": {
+                    k: v / min(count, 200) for k, v in envelope.items()}}
                if mode == "zd2" else {}),
             "bulk_changes": bulk_changes, "bulk_messages": messages,
             "bulk_bytes_per_change": bulk / max(1, bulk_changes),
@@ -126,6 +132,28 @@ def _values_only(payload: bytes) -> int:
     text = "".join(str(v) for v in change.get("f", {}).values()).encode()
     co = zlib.compressobj(9, zlib.DEFLATED, -15)
     return len(co.compress(text) + co.flush())
+
+
+def _envelope_costs(payload: bytes, dictionary: bytes) -> dict[str, int]:
+    """Bytes each envelope member costs in the zd2 stream (the stream's size with it
+    minus without it), and the zlib frame (header, DICTID, adler-32) against raw
+    deflate: what a compact envelope could save at most."""
+    import zlib
+
+    doc = orjson.loads(payload)
+
+    def size(d: dict[str, Any], wbits: int = 15) -> int:
+        co = zlib.compressobj(9, zlib.DEFLATED, wbits, 9, zlib.Z_DEFAULT_STRATEGY, dictionary)
+        return len(co.compress(orjson.dumps(d)) + co.flush())
+
+    full = size(doc)
+    out = {"zlib_frame": full - size(doc, -15)}
+    for name in ("inc", "dev"):
+        out[name] = full - size({k: v for k, v in doc.items() if k != name})
+    for name in ("h", "k", "n"):
+        change = {k: v for k, v in doc["ch"][0].items() if k != name}
+        out[f"ch.{name}"] = full - size({**doc, "ch": [change]})
+    return out
 
 
 def _ack(batch: Any, first_q: int) -> Any:
