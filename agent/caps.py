@@ -7,9 +7,11 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
-from schemas import zdict
+from schemas import zdict, zdict_schema
 
 ZDICT = zdict.CAP
+ZD2 = zdict_schema.CAP
+"""Up messages compressed with the dictionary derived from this device's schema (§3)."""
 SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
@@ -23,7 +25,7 @@ FETCH = "fetch"
 """The agent asks for evicted records by key (`fetch`, answered by `fetched`, §7.14)."""
 
 AGENT_CAPS: frozenset[str] = frozenset(
-    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, ZDICT})
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, ZDICT, ZD2})
 """creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
 scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
@@ -32,6 +34,7 @@ schema: the server's schema versions in `welcome` (§11).
 schema_push: see `SCHEMA_PUSH`.
 fetch: see `FETCH`.
 zd1: small messages compressed with the protocol's preset dictionary, both ways (§3,
-schemas.zdict)."""
+schemas.zdict).
+zd2: see `ZD2` (the dictionary's id goes in `hello.zd`)."""
 
-__all__ = ["AGENT_CAPS", "FETCH", "SCHEMA", "SCHEMA_PUSH", "ZDICT"]
+__all__ = ["AGENT_CAPS", "FETCH", "SCHEMA", "SCHEMA_PUSH", "ZD2", "ZDICT"]

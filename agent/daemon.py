@@ -41,7 +41,6 @@ from typing import Any
 import structlog
 
 from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
-from agent.caps import ZDICT
 from agent.catchup import CatchupRound
 from agent.creds import BrokerCredentials
 from agent.daemon_policy import PolicyHooks
@@ -422,10 +421,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             return None
         return False
 
-    def _zdict(self) -> bool:
-        """Compress with the preset dictionary: only once the server agreed (§11)."""
-        caps = self.sync.server_caps
-        return caps is not None and ZDICT in caps
+    def _zdict(self) -> bool | bytes:
+        """Compress with a preset dictionary: only once the server agreed (§11)."""
+        return self.sync.up_packing()
 
     def _send(self, msg: wire.Message) -> bool:
         payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None,

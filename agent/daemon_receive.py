@@ -149,6 +149,10 @@ class ReceiveHooks:
                         reasons=sorted({rj.code for rj in msg.rj if rj.perm}))
         if result.error:
             log.warning("message_rejected", dev=self.dev, **result.error)
+            if result.error.get("code") == codec.MALFORMED and self.sync.zd2_refused():
+                # The server took zd2 but cannot read it (its schemas changed under the
+                # connection): the changes time out and go again with the zd1 dictionary.
+                log.warning("zd2_dropped", dev=self.dev)
 
     def _on_page(self, page: wire.Page) -> None:
         self.sync.apply_page(page)

@@ -99,6 +99,9 @@ class Hello(Message):
     cred: Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)] | None = None
     """Capability `creds`: the credential rotation (§7.9) whose password this connection
     logged in with; absent: the password the device was enrolled with (or configured)."""
+    zd: Annotated[int, Field(ge=0, le=0xFFFFFFFF, strict=True)] | None = None
+    """Capability `zd2`: the id (zlib DICTID, adler-32) of the dictionary the device
+    derived from its schema (§3); the server agrees to `zd2` only when it holds it."""
 
 
 _FIELD_GROUPS = ("f", "i", "a", "r")

@@ -371,7 +371,7 @@ class Engine:
                     hello: Hello = inc.msg
                     inc.commands = hello_commands(txn, hello, device, now, upd)
                     upd.update(agent=hello.agent, sv=hello.sv, z=hello.z,
-                               caps=agreed(hello.caps or ()))
+                               caps=agreed(hello.caps or (), zd=hello.zd))
                     note_incarnation(device, hello, now, upd)
                     if hello.cp is not None:
                         upd.update(cp={s: v for s, v in hello.cp.items() if s in device.scopes},
@@ -460,7 +460,8 @@ class Engine:
         elif inc.kind == "hello":
             msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
             if inc.msg.caps is not None:  # a device that speaks §11 is told what is agreed
-                msgs[:0] = self.schema.welcome(agreed(inc.msg.caps), SERVER_NAME, inc.msg.sv)
+                caps = agreed(inc.msg.caps, zd=inc.msg.zd)
+                msgs[:0] = self.schema.welcome(caps, SERVER_NAME, inc.msg.sv)
             self._sent_commands.update(c.id for c in inc.commands)
         elif inc.kind == "changes":
             msgs = change_replies(dev, inc.results, inc.msg.bad, fan)

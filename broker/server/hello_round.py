@@ -26,7 +26,7 @@ def hello_commands(txn: WriteTxn, hello: Hello, device: DeviceRow | None, now: i
     """Record the commands `hello` reports done; return those still pending (a wipe
     first: nothing else reaches a device before its wipe)."""
     done = set(hello.done)
-    caps = agreed(hello.caps or ())
+    caps = agreed(hello.caps or (), zd=hello.zd)
     pending: list[CommandRow] = []
     for cmd in txn.commands(hello.dev):
         if cmd.done_ms:

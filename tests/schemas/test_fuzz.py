@@ -213,6 +213,7 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
             max_size=3,
         ),
         caps=opt() | cap_lists,
+        zd=opt() | st.integers(0, 2**32 - 1),
     ),
     Changes: st.builds(Changes, dev=ids, sv=seqs, ch=st.lists(changes_(), min_size=1, max_size=4)),
     Catchup: st.builds(
