@@ -240,11 +240,11 @@ def test_order_checks_and_supersedes(env: tuple[Engine, Store]) -> None:
         cert_issue.order(store, "ghost", None, 1)
     with pytest.raises(InvalidArgument):
         cert_issue.order(store, DEV, 0, 1)
-    _, first, _ = cert_issue.order(store, DEV, None, 1000)
+    first, _, _ = cert_issue.order(store, DEV, None, 1000)
     second, cmd, _ = cert_issue.order(store, DEV, None, 2000)
     with store.read() as txn:
         open_cmds = [c.id for c in txn.commands(DEV) if c.cmd == "cert_renew" and not c.done_ms]
-    assert open_cmds == [cmd.id] and renewal(store).id == second.id
+    assert open_cmds == [cmd.id] and renewal(store).id == second.id != first.id
 
 
 # ------------------------------------------------------------------ the pure state
