@@ -311,6 +311,38 @@ class ClientCerts:
                     self.pending = p
 
 
+def client_cert_status(cfg: Any) -> dict[str, Any] | None:
+    """For `agent status`: the certificate the agent connects with and its renewal
+    (read from the files; the daemon need not run). None: no client certificate."""
+    tls = cfg.mqtt.tls
+    certs = ClientCerts(cfg.data_dir, cfg.device_id,
+                        None if tls is None or tls.cert_file is None else str(tls.cert_file),
+                        None if tls is None or tls.key_file is None else str(tls.key_file))
+    if not certs.enabled:
+        return None
+    exp = certs.expires_ms()
+    return {"expires_ms": exp,
+            "expires": None if exp is None else iso_ms(exp),
+            "renew_before_days": 0 if tls is None else tls.renew_before_days,
+            "renewal_under_way": None if certs.pending is None else certs.pending.rid,
+            **certs.doc()}
+
+
+def describe_client_cert(doc: dict[str, Any]) -> str:
+    text = f"expires {doc['expires'] or 'unknown (the file cannot be read)'}"
+    if doc["current"] is not None:
+        text += f", renewed ({doc['current']['rid']})"
+    if doc["renewal_under_way"]:
+        text += f"; renewal {doc['renewal_under_way']} under way: key made, waiting for " \
+                "the server's certificate"
+    return text
+
+
+def iso_ms(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
 def _safe_name(name: Any) -> bool:
     return isinstance(name, str) and bool(_ID_RE.fullmatch(name)) and "/" not in name
 
@@ -330,4 +362,4 @@ def _held(data: Any, where: Path) -> Held | None:
 
 
 __all__ = ["CSR_RETRY_S", "DIR_NAME", "BadRenewal", "ClientCerts", "Held", "Pending",
-           "auto_id", "parse_command"]
+           "auto_id", "client_cert_status", "describe_client_cert", "parse_command"]
