@@ -216,6 +216,7 @@ def test_v1_device_keeps_working_and_is_renewed_by_hand(fleet: Fleet,
         ctx = ssl.create_default_context(cafile=str(fleet.ca.cert_path))
         ctx.load_cert_chain(str(cert), str(key))
         pd = ProtocolDevice("pd-1", "", port=fleet.tls_port, scopes=["depot-7"], tls=ctx)
+        pd.next_n += i  # the same store, its next change
         try:
             assert pd.connect() == "Success"
             pd.hello()
