@@ -116,6 +116,14 @@ class ClientCerts:
         self._login_files: tuple[str, str] | None = None
         self._load()
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> ClientCerts:
+        """For an `AgentConfig`: its data_dir, device id and `mqtt.tls` files."""
+        tls = cfg.mqtt.tls
+        return cls(cfg.data_dir, cfg.device_id,
+                   None if tls is None or tls.cert_file is None else str(tls.cert_file),
+                   None if tls is None or tls.key_file is None else str(tls.key_file))
+
     @property
     def enabled(self) -> bool:
         """The device connects with a client certificate at all."""
@@ -315,9 +323,7 @@ def client_cert_status(cfg: Any) -> dict[str, Any] | None:
     """For `agent status`: the certificate the agent connects with and its renewal
     (read from the files; the daemon need not run). None: no client certificate."""
     tls = cfg.mqtt.tls
-    certs = ClientCerts(cfg.data_dir, cfg.device_id,
-                        None if tls is None or tls.cert_file is None else str(tls.cert_file),
-                        None if tls is None or tls.key_file is None else str(tls.key_file))
+    certs = ClientCerts.from_config(cfg)
     if not certs.enabled:
         return None
     exp = certs.expires_ms()

@@ -135,12 +135,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
             self.gate.restore_budget(policy.get("budget"))
         self._take_sync_now()
         self.creds = BrokerCredentials(cfg.data_dir, cfg.mqtt.resolved_password(self.env))
-        tls = cfg.mqtt.tls
-        self.certs = ClientCerts(cfg.data_dir, self.dev,
-                                 None if tls is None or tls.cert_file is None
-                                 else str(tls.cert_file),
-                                 None if tls is None or tls.key_file is None
-                                 else str(tls.key_file))
+        self.certs = ClientCerts.from_config(cfg)
         self.link = self._make_link()
 
     def _make_link(self) -> MqttLink:
