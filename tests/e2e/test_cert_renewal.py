@@ -3,9 +3,10 @@ client certificates: the embedded amqtt broker with a cert-required TLS listener
 Mosquitto (`require_certificate` + `use_identity_as_username`). `waystation device
 renew-cert` reaches a running agent, which makes a new key, has it signed, reconnects
 with the new certificate and keeps syncing; the old certificate still works (no
-lockout). A kill -9 between the key and the certificate recovers with the same key; an
-agent renews by itself before expiry; a v1 device without the capability keeps working
-and is renewed by hand."""
+lockout). Both fleets: embedded amqtt + LMDB, Mosquitto + PostgreSQL. A kill -9 between
+the key and the certificate recovers with the same key; an agent renews by itself
+before expiry; a v1 device without the capability keeps working and is renewed by
+hand."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import json
 import shutil
 import ssl
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,16 @@ import pytest
 from cryptography import x509
 
 from agent.clientcert import DIR_NAME, STATE
-from tests.e2e.fleet import MOSQUITTO, Fleet
+from tests.e2e.fleet import Fleet
 from tests.helpers import RecordingClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-BROKERS = [pytest.param("embedded"),
-           pytest.param("mosquitto", marks=[pytest.mark.mosquitto, pytest.mark.skipif(
-               MOSQUITTO is None, reason="the mosquitto binary is not installed")])]
-
-
-@pytest.fixture(params=BROKERS)
-def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
-    with Fleet(tmp_path, request.param, client_certs=True) as f:
-        f.start()
-        yield f
+@pytest.fixture
+def fleet_options() -> dict[str, Any]:
+    """The shared `fleet` fixture (embedded + LMDB, Mosquitto + PostgreSQL), with a
+    TLS listener that requires client certificates from the fleet's device CA."""
+    return {"client_certs": True}
 
 
 def enrol(fleet: Fleet, dev: str, **tls: Any) -> None:
