@@ -72,6 +72,12 @@ def state(fleet: Fleet, dev: str) -> dict[str, Any]:
     return doc
 
 
+def server_status(fleet: Fleet) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(fleet.cli("server", "status", "--json", "--config",
+                                               str(fleet.server_config)).stdout)
+    return doc
+
+
 def cert_dir(fleet: Fleet, dev: str) -> Path:
     return Path(fleet.agent_config(dev).data_dir) / DIR_NAME
 
@@ -165,6 +171,7 @@ def test_kill_between_key_and_certificate_recovers_with_the_same_key(
     pending = state(fleet, "van-1")["pending"]
     key_pem = (cert_dir(fleet, "van-1") / pending["key"]).read_bytes()
     fleet.kill_agent("van-1")
+    assert server_status(fleet)["cert_renewals"]["van-1"]["stage"] == "asked"
     write(fleet, "van-1", "sku-9", 3)  # offline writes wait in the outbox
     shutil.move(away, ca_key)
     fleet.start_agent("van-1")
@@ -178,6 +185,7 @@ def test_kill_between_key_and_certificate_recovers_with_the_same_key(
     assert cert.public_key() == load_pem_private_key(key_pem, None).public_key()
     fleet.wait_drained("van-1")
     assert fleet.value("inventory", "sku-9", "stock") == 3
+    assert server_status(fleet)["cert_renewals"] == {}
 
 
 def test_agent_renews_by_itself_before_expiry(fleet: Fleet) -> None:
