@@ -42,7 +42,9 @@ import structlog
 
 from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
 from agent.catchup import CatchupRound
+from agent.clientcert import ClientCerts
 from agent.creds import BrokerCredentials
+from agent.daemon_cert import CertHooks
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.daemon_retention import RetentionHooks
@@ -81,7 +83,7 @@ class DaemonStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
+class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
     """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
@@ -132,6 +134,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             self.gate.restore_budget(policy.get("budget"))
         self._take_sync_now()
         self.creds = BrokerCredentials(cfg.data_dir, cfg.mqtt.resolved_password(self.env))
+        self.certs = ClientCerts.from_config(cfg)
         self.link = self._make_link()
 
     def _make_link(self) -> MqttLink:
@@ -147,6 +150,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             on_problem=lambda problem, delay: self._events.put(
                 ("problem", problem.kind, problem.detail, delay)),
             password_provider=self.creds,
+            cert_provider=self.certs if self.certs.enabled else None,
         )
         link.subscribe(self.down_topic, qos=1)
         if self.cfg.policy.wait_for_server:
@@ -296,6 +300,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
         log.info("connected", dev=self.dev, session_present=session_present,
                  pending=self.sync.pending_count())
         self._publish_status(True)
+        self._cert_on_connect()
         self._say_hello()
         self._start_catchup()
         self.sync.set_online(True)
@@ -455,6 +460,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             self.sync.set_online(True)
             self._hello_if_moved()
         self._creds_timer(now)
+        self._cert_timer(now)
         if self._catchup is not None:
             # An unanswered catch-up is retried like an unacked change: after the ack
             # timeout (the request or its answer may have been lost in a reconnect).

@@ -42,6 +42,8 @@ from broker.errors import StoreError
 from broker.server import catchup
 from broker.server.applier import Applier, BatchStats
 from broker.server.caps import ZDICT, agreed
+from broker.server.cert_issue import csr_round
+from broker.server.cert_renewal import Refused
 from broker.server.downcast import Downcaster
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
@@ -376,6 +378,12 @@ class Engine:
                     if hello.cp is not None:
                         upd.update(cp={s: v for s, v in hello.cp.items() if s in device.scopes},
                                    cp_ms=now)
+                elif inc.kind == "csr":
+                    try:
+                        inc.answer = csr_round(txn, inc.msg, device, self.config.enrol,
+                                               now, upd)
+                    except Refused as exc:
+                        inc.error = (codec.INVALID, str(exc))
                 elif inc.kind == "catchup" and not inc.blocked:
                     req: Catchup = inc.msg
                     upd.update(cp={s: v for s, v in req.cp.items() if s in device.scopes},
@@ -465,6 +473,8 @@ class Engine:
             self._sent_commands.update(c.id for c in inc.commands)
         elif inc.kind == "changes":
             msgs = change_replies(dev, inc.results, inc.msg.bad, fan)
+        elif inc.kind == "csr":
+            msgs = [inc.answer]
         else:  # pragma: no cover - catch-ups are answered separately
             msgs = []
         return [(dev, compress(m, over)) for m in msgs]

@@ -146,7 +146,8 @@ def change_scopes(store: Store, dev: str, now_ms: int, *, add: Sequence[str] = (
     return store.transact(fn)
 
 
-COMMAND_CAPS: dict[str, str] = {"creds": "creds", "scopes": "scopes", "sync": "sync"}
+COMMAND_CAPS: dict[str, str] = {"creds": "creds", "scopes": "scopes", "sync": "sync",
+                                "cert_renew": "cert_renew"}
 """Commands newer than protocol v1 and the capability a device must have agreed to get
 one (PROTOCOL.md §7.9)."""
 
