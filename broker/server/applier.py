@@ -135,6 +135,9 @@ class Applier:
         self.rules = tuple(rules)
         self.chain: SchemaChain | None = None
         """The live schema history, to upcast changes written under older versions."""
+        self.withdrawn: frozenset[int] = frozenset()
+        """Rolled-back versions: a change written under one waits on its device, which
+        is told to go back down and sends it again in the older names."""
 
     def begin(self, txn: WriteTxn,
               wants_delta: Callable[[str, str], bool] | None = None) -> TxnApplier:
@@ -245,7 +248,10 @@ class TxnApplier:
                            f"(version {self.version})", show=False)
         if sv > self.version:
             self.stats.transient += 1
+            # A rolled-back version: expected (the device is told to go back down, §7.13),
+            # no dead letter for the operator.
             return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False,
+                                expected=sv in self.a.withdrawn,
                                 reason=f"written under schema version {sv}; the server runs "
                                        f"version {self.version}: retry later")
         chain = self.a.chain

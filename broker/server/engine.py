@@ -34,7 +34,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -60,7 +60,7 @@ from broker.server.messages import (
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
-from broker.server.registry import Registry
+from broker.server.registry import Registry, RegistryMoved
 from broker.server.replies import change_replies, letter
 from broker.server.schema_push import LiveSchema
 from broker.server.store.base import (
@@ -83,12 +83,17 @@ from waystation.rules import Rule, load_rules
 log = structlog.get_logger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
+_T = TypeVar("_T")
 PURGE_INTERVAL_MS = 60_000
 """How often tombstones older than the retention are purged, at most (more often when
 the retention itself is short, so a tombstone never outlives it by much)."""
 MAX_PENDING_LETTERS = 1000
 TRIM_INTERVAL_MS = 60_000
 """How often the dead letters' bounds are applied in full (and their figures read)."""
+SCHEMA_REDOS = 5
+"""Times a group (or a catch-up read) is run again after finding the registry moved
+under it (a `schema publish` / `rollback` committed since the last reload) before its
+messages are answered with a transient `server_error`."""
 
 
 SERVER_NAME = f"waystation-server/{__version__}"
@@ -166,10 +171,13 @@ class Engine:
                 out.extend(self._replies(inc, fan))
             except Exception:  # pragma: no cover - defensive: replies are pure
                 log.exception("reply_failed", dev=inc.topic_dev)
+        out.extend(fan.messages(self._compress_over))
+        # Projected now, with the schema the group was merged under: answering the
+        # catch-ups may reload a newer one.
+        out = self._downcast(out)
         if catchups:
             out.extend(self._catchups(catchups))
-        out.extend(fan.messages(self._compress_over))
-        return self._downcast(out)
+        return out
 
     def handle_status(self, topic_device: str, payload: bytes) -> list[Outgoing]:
         """Record a device's presence from its (retained) status message.
@@ -284,8 +292,8 @@ class Engine:
         dirty, self._dirty = self._dirty, {}
         letters, self._letters = self._letters, []
         try:
-            self._done(self.store.transact(
-                lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
+            self._done(self._transact_live(
+                incs, lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
             return
         except StoreError:
             log.exception("store_failed", messages=len(incs))
@@ -298,8 +306,8 @@ class Engine:
         self._restore(dirty, letters)
         for inc in incs:
             try:
-                self._done(self.store.transact(partial(self._apply_all, incs=[inc], now=now,
-                                                       dirty={}, letters=[])))
+                self._done(self._transact_live([inc], partial(
+                    self._apply_all, incs=[inc], now=now, dirty={}, letters=[])))
             except Exception:
                 log.exception("message_failed", dev=inc.topic_dev)
                 inc.failed = True
@@ -310,6 +318,22 @@ class Engine:
                     self.store.transact(partial(_add_letter, letter=dead))
                 except Exception:
                     log.exception("dead_letter_failed", dev=inc.topic_dev)
+
+    def _transact_live(self, incs: list[Incoming], fn: Callable[[WriteTxn], _T]) -> _T:
+        """`store.transact(fn)` under the schema version live at commit time: when the
+        transaction finds the registry moved (`_apply_all`), reload and run it again."""
+        for _ in range(SCHEMA_REDOS):
+            try:
+                return self.store.transact(fn)
+            except RegistryMoved:
+                self.counters["schema_redos"] += 1
+                log.info("registry_moved_redo", messages=len(incs))
+                self._refresh_registry()
+                for inc in incs:  # the devices' rows as reloaded (scopes, caps, enabled)
+                    if inc.device is not None:
+                        inc.device = self.registry.get(inc.device.id) or inc.device
+        raise StoreError(f"the registry (or the schema) changed {SCHEMA_REDOS} times while "
+                         "merging one group; the devices send their changes again")
 
     def _done(self, result: tuple[list[DeviceRow], BatchStats, GateSession]) -> None:
         rows, st, session = result
@@ -328,6 +352,14 @@ class Engine:
                    dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]
                    ) -> tuple[list[DeviceRow], BatchStats, GateSession]:
         """The body of the group transaction (may run again after a retryable failure)."""
+        if incs:
+            # First, before any scope lock: the schema this group is judged, upcast and
+            # projected with must be the one live when it commits (no publish or
+            # rollback can commit in between: `WriteTxn.guard_schema`).
+            gen = txn.guard_schema()
+            if gen != self.registry.generation:
+                raise RegistryMoved(f"registry generation {gen}, loaded "
+                                    f"{self.registry.generation}")
         fan = Fanout(self.registry, self.presence)
         session = self.gate.session()  # a rerun decides afresh: nothing counted twice
         wants_cache: dict[tuple[str, str], bool] = {}
@@ -470,7 +502,23 @@ class Engine:
 
     def _catchups(self, incs: list[Incoming]) -> list[Outgoing]:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
-        out, records = catchup.answer_all(self.store, reqs, self._compress_over)
+        for _ in range(SCHEMA_REDOS):
+            try:
+                out, records = catchup.answer_all(self.store, reqs, self._compress_over,
+                                                  generation=self.registry.generation)
+                break
+            except RegistryMoved:
+                # Read after a publish this server has not loaded: reload, read again.
+                self.counters["schema_redos"] += 1
+                try:
+                    self._refresh_registry()
+                except StoreError:
+                    log.exception("registry_refresh_failed")
+        else:
+            out, records = [(device.id, error_message(
+                codec.SERVER_ERROR, "the schema changed while answering; ask again later"))
+                for device, _ in reqs], 0
+        out = self._downcast(out)
         self.counters["catchup_records"] += records
         now = self.now_ms()
         for device, _ in reqs:
@@ -489,6 +537,7 @@ class Engine:
                 return moved
         self.catalog = self.applier.catalog = self.schema.catalog
         self.applier.chain = self.schema.chain
+        self.applier.withdrawn = self.schema.withdrawn
         self.downcaster = self.schema.downcaster
         self._schema_out = self.schema.pushes(self.registry.devices(), self.presence.online())
         return moved
@@ -500,7 +549,7 @@ class Engine:
 
     def _drain_notices(self) -> list[Outgoing]:
         fan = Fanout(self.registry, self.presence)
-        if not drain_notices(self.store, fan):
+        if not drain_notices(self.store, fan, generation=self.registry.generation):
             return []
         return fan.messages(self._compress_over)
 

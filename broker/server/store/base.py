@@ -151,6 +151,26 @@ class WriteTxn(ReadTxn, Protocol):
         """
         ...
 
+    def guard_schema(self) -> int:
+        """The registry generation, read so that no `schema publish` / `rollback` can
+        commit between this read and this transaction's commit.
+
+        The merge consumer calls it first in every transaction that merges changes and
+        compares the result with the generation its schema was loaded at: equal, the
+        transaction runs under the live schema version at commit time; moved, it aborts,
+        reloads and runs again. LMDB: one writer at a time, so a plain read.
+        PostgreSQL: a shared transaction-level advisory lock (held to commit, taken
+        before any scope lock) then the read; `lock_schema` takes the same lock
+        exclusively.
+        """
+        ...
+
+    def lock_schema(self) -> None:
+        """Exclusive counterpart of `guard_schema`, taken first by `schema publish` and
+        `rollback`: the change waits for the merge transactions in flight and the next
+        ones wait for it (and then see the moved generation). LMDB: nothing to do."""
+        ...
+
     def prefetch(self, ns: str, numbers: Iterable[int],
                  keys: Iterable[tuple[str, str]]) -> None:
         """A hint: the outcomes of change numbers `numbers` in namespace `ns` and the
