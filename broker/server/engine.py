@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import structlog
 
 from broker.errors import StoreError
-from broker.server import catchup
+from broker.server import schema_guard
 from broker.server.applier import Applier, BatchStats
 from broker.server.caps import ZDICT, agreed
 from broker.server.downcast import Downcaster
@@ -60,7 +60,7 @@ from broker.server.messages import (
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
-from broker.server.registry import Registry, RegistryMoved
+from broker.server.registry import Registry
 from broker.server.replies import change_replies, letter
 from broker.server.schema_push import LiveSchema
 from broker.server.store.base import (
@@ -90,10 +90,6 @@ the retention itself is short, so a tombstone never outlives it by much)."""
 MAX_PENDING_LETTERS = 1000
 TRIM_INTERVAL_MS = 60_000
 """How often the dead letters' bounds are applied in full (and their figures read)."""
-SCHEMA_REDOS = 5
-"""Times a group (or a catch-up read) is run again after finding the registry moved
-under it (a `schema publish` / `rollback` committed since the last reload) before its
-messages are answered with a transient `server_error`."""
 
 
 SERVER_NAME = f"waystation-server/{__version__}"
@@ -320,20 +316,12 @@ class Engine:
                     log.exception("dead_letter_failed", dev=inc.topic_dev)
 
     def _transact_live(self, incs: list[Incoming], fn: Callable[[WriteTxn], _T]) -> _T:
-        """`store.transact(fn)` under the schema version live at commit time: when the
-        transaction finds the registry moved (`_apply_all`), reload and run it again."""
-        for _ in range(SCHEMA_REDOS):
-            try:
-                return self.store.transact(fn)
-            except RegistryMoved:
-                self.counters["schema_redos"] += 1
-                log.info("registry_moved_redo", messages=len(incs))
-                self._refresh_registry()
-                for inc in incs:  # the devices' rows as reloaded (scopes, caps, enabled)
-                    if inc.device is not None:
-                        inc.device = self.registry.get(inc.device.id) or inc.device
-        raise StoreError(f"the registry (or the schema) changed {SCHEMA_REDOS} times while "
-                         "merging one group; the devices send their changes again")
+        def reload() -> None:
+            self._refresh_registry()
+            for inc in incs:  # the devices' rows as reloaded (scopes, caps, enabled)
+                if inc.device is not None:
+                    inc.device = self.registry.get(inc.device.id) or inc.device
+        return schema_guard.transact_live(self.store, fn, reload, self.counters)
 
     def _done(self, result: tuple[list[DeviceRow], BatchStats, GateSession]) -> None:
         rows, st, session = result
@@ -352,14 +340,8 @@ class Engine:
                    dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]
                    ) -> tuple[list[DeviceRow], BatchStats, GateSession]:
         """The body of the group transaction (may run again after a retryable failure)."""
-        if incs:
-            # First, before any scope lock: the schema this group is judged, upcast and
-            # projected with must be the one live when it commits (no publish or
-            # rollback can commit in between: `WriteTxn.guard_schema`).
-            gen = txn.guard_schema()
-            if gen != self.registry.generation:
-                raise RegistryMoved(f"registry generation {gen}, loaded "
-                                    f"{self.registry.generation}")
+        if incs:  # first, before any scope lock (`broker.server.schema_guard`)
+            schema_guard.check(txn, self.registry.generation)
         fan = Fanout(self.registry, self.presence)
         session = self.gate.session()  # a rerun decides afresh: nothing counted twice
         wants_cache: dict[tuple[str, str], bool] = {}
@@ -502,22 +484,9 @@ class Engine:
 
     def _catchups(self, incs: list[Incoming]) -> list[Outgoing]:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
-        for _ in range(SCHEMA_REDOS):
-            try:
-                out, records = catchup.answer_all(self.store, reqs, self._compress_over,
-                                                  generation=self.registry.generation)
-                break
-            except RegistryMoved:
-                # Read after a publish this server has not loaded: reload, read again.
-                self.counters["schema_redos"] += 1
-                try:
-                    self._refresh_registry()
-                except StoreError:
-                    log.exception("registry_refresh_failed")
-        else:
-            out, records = [(device.id, error_message(
-                codec.SERVER_ERROR, "the schema changed while answering; ask again later"))
-                for device, _ in reqs], 0
+        out, records = schema_guard.answer_live(
+            self.store, reqs, self._compress_over, lambda: self.registry.generation,
+            self._refresh_registry, self.counters)
         out = self._downcast(out)
         self.counters["catchup_records"] += records
         now = self.now_ms()
