@@ -22,7 +22,9 @@ import pytest
 from broker.server import catchup as catchup_mod
 from broker.server import schema_history
 from broker.server.engine import Engine
-from broker.server.store.base import Store, WriteTxn
+from broker.server.fanout import Fanout
+from broker.server.periodic import drain_notices
+from broker.server.store.base import Notice, Store, WriteTxn
 from broker.server.store.lmdb_store import LmdbStore
 from schemas.collection import Catalog, parse_catalog
 from tests.schema_versions import V1, V2, V3
@@ -292,3 +294,30 @@ def test_two_servers_on_one_postgres_publish_and_rollback_while_a_device_streams
         assert "note" not in fields_of(cli, key)
     assert fields_of(cli, "t-1")["notes"] == "a-three"
     assert dead_letters(cli) == []
+
+
+def test_publish_carries_pending_notices_and_a_stale_drain_waits(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    """A delta an operator tool queued (a notice) before the publish goes out in the new
+    names; one naming an older version of its record is dropped; a server that has not
+    reloaded drains nothing."""
+    store = store_factory()
+    publish_all(store, V1, V2)
+    engine, _, now = make_engine(tmp_path, {"van-1": ["r1"]}, catalog=catalog(V2), store=store)
+    engine.handle_up("van-1", changes("van-1", [task(1, "t-1", notes="one"),
+                                                task(2, "t-1", notes="two")], sv=2))
+    with store.read() as txn:
+        record = merge.from_json(txn.get_record("tasks", "t-1"))
+    current = merge.to_rec(record)
+    older = {**current, "q": record.q - 1}
+    store.transact(lambda t: (t.add_notice(Notice(0, "r1", record.q - 1, older)),
+                              t.add_notice(Notice(0, "r1", record.q, current))))
+    loaded = engine.registry.generation
+    schema_history.publish(store, V3, "v3.toml", now())
+    with store.read() as txn:
+        notices = txn.notices(10)
+    assert [(n.q, n.rec["f"]) for n in notices] == [(record.q, {"route": "r1", "note": "two"})]
+    assert drain_notices(store, Fanout(engine.registry, engine.presence),
+                         generation=loaded) == 0
+    with store.read() as txn:
+        assert len(txn.notices(10)) == 1
