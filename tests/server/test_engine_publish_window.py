@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
@@ -38,6 +39,7 @@ from tests.server.helpers import (
     of_type,
     oks,
     rejections,
+    status,
     task,
 )
 from waystation import merge
@@ -118,6 +120,10 @@ def test_rollback_between_registry_read_and_commit(store_factory: StoreFactory,
     store = store_factory()
     publish_all(store, V1, V2, V3)
     engine, _, now = make_engine(tmp_path, {"van-1": ["r1"]}, catalog=catalog(V3), store=store)
+    engine.handle_up("van-1", orjson.dumps({"type": "hello", "v": 1, "dev": "van-1",
+                                            "agent": "test/1", "sv": 3, "z": False,
+                                            "caps": ["schema", "schema_push"]}))
+    engine.handle_status("van-1", status("van-1"))
     out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "t-1", note="one")],
                                                       sv=3)))
     assert oks(out["van-1"]) == [[1, "r1", 1]]
@@ -133,6 +139,9 @@ def test_rollback_between_registry_read_and_commit(store_factory: StoreFactory,
     assert [(r["n"], r["code"], r["perm"]) for r in refused] == [
         (2, "schema_version", False), (3, "schema_version", False)]
     assert fields_of(store, "t-1") == {"route": "r1", "notes": "one"}
+    # The device is told to go back to version 2 at the next tick.
+    pushed = [m for m in by_device(engine.tick()).get("van-1", []) if m["type"] == "schema"]
+    assert [m["sv"] for m in pushed] == [2]
     out = by_device(engine.handle_up("van-1", changes("van-1", [
         task(2, "t-1", notes="two"), task(3, "t-2", notes="three")], sv=2)))
     assert oks(out["van-1"]) == [[2, "r1", 2], [3, "r1", 3]]
