@@ -20,6 +20,11 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
 
 One thread only: the engine is not thread-safe (the daemon's worker owns it).
 
+Every group is merged, and every catch-up read, under the schema version live when it
+commits or reads: a `schema publish` / `rollback` that lands after the engine loaded
+its registry makes it reload and run the group (or the read) again
+(`broker.server.schema_guard`).
+
 Each returned message goes to `{prefix}/{device_id}/down` (QoS 1). Validation follows
 PROTOCOL.md §10.1; every refusal is answered where the device can be told and kept as a
 dead letter with the raw payload. Nothing raises out of the engine for bad input: an

@@ -16,7 +16,9 @@ What is kept (all in the same transactional store):
 
     devices       id -> DeviceRow (scopes, enabled, created, last seen, agent, sv, z)
     registry gen  a counter bumped by every structural registry change (add, remove,
-                  scopes, enable/disable) so another process notices cheaply
+                  scopes, enable/disable, schema publish/rollback) so another process
+                  notices cheaply; merges read it under the schema lock
+                  (`WriteTxn.guard_schema`)
     records       (collection, key) -> merge.RecordState JSON
     sequences     scope -> last allocated q
     index         (scope, q) -> (collection, key), the newest version of each record
