@@ -25,7 +25,6 @@ from broker.server.store.base import (
 from broker.server.store.postgres import letters
 from broker.server.store.postgres.common import (
     COPY_MIN,
-    SCHEMA_LOCK,
     _clean,
     _int_array,
     _Reorder,
@@ -39,6 +38,7 @@ from broker.server.store.postgres.read import (
     _Row,
     _state_scope,
 )
+from broker.server.store.postgres.schema_lock import SchemaLocks
 
 if TYPE_CHECKING:
     from broker.server.store.postgres.store import PostgresStore
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------- writing
 
 
-class PgWriteTxn(PgReadTxn):
+class PgWriteTxn(PgReadTxn, SchemaLocks):
     """WriteTxn over one READ COMMITTED transaction (see the module docstring)."""
 
     def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any]) -> None:
@@ -69,46 +69,7 @@ class PgWriteTxn(PgReadTxn):
         self._dev_base: dict[str, DeviceRow | None] = {}
         self._dev_new: dict[str, DeviceRow | None] = {}
         self._staging = False  # created (or used) the staging table
-        self._schema_lock = ""  # "", "shared" or "exclusive": the SCHEMA_LOCK held
-
-    # --- the schema lock (always before any scope lock: one order, no deadlock)
-
-    def guard_schema(self) -> int:
-        """Shared SCHEMA_LOCK, then the generation, in one round trip: two statements
-        of one simple query, each with its own READ COMMITTED snapshot, so the read
-        sees every publish that committed before the lock was granted."""
-        if self._failed is not None:
-            raise self._failed
-        if self._schema_lock:
-            return self.registry_generation()
-        try:
-            with self._conn.cursor() as cur:
-                cur.execute(f"SELECT pg_advisory_xact_lock_shared({SCHEMA_LOCK}); "
-                            "SELECT gen FROM registry_gen")
-                cur.nextset()
-                row = cur.fetchone()
-        except psycopg.Error as exc:
-            self._failed = exc
-            raise
-        self._schema_lock = "shared"
-        return int(row[0]) if row else 0
-
-    def lock_schema(self) -> None:
-        if self._schema_lock == "exclusive":
-            return
-        if self._schema_lock or self._locked:
-            raise StoreError("lock_schema must come first in its transaction (an upgrade "
-                             "from the shared lock could deadlock)")
-        self._run("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-        self._schema_lock = "exclusive"
-
-    def _hold_schema(self) -> None:
-        """Every transaction that locks a scope (merges, resolutions, expiry) holds the
-        schema lock shared first, so a publish's rewrite of the records never races a
-        write to them."""
-        if not self._schema_lock:
-            self._run("SELECT pg_advisory_xact_lock_shared(%s)", (SCHEMA_LOCK,))
-            self._schema_lock = "shared"
+        self._schema_lock = ""
 
     # --- scope locks
 
