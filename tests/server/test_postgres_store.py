@@ -707,3 +707,38 @@ def test_schema_lock_after_a_scope_lock_is_refused(store: PostgresStore) -> None
 
     with pytest.raises(StoreError, match="lock_schema must come first"):
         store.transact(wrong)
+
+
+def test_a_merge_queued_behind_a_publish_reads_the_generation_it_committed(
+        store: PostgresStore, url: str) -> None:
+    """guard_schema waits while a publish holds the schema lock, then reads the
+    generation that publish committed (the read is a statement after the lock wait)."""
+    other = PostgresStore(url)
+    held, release = threading.Event(), threading.Event()
+
+    def publish_like(txn: WriteTxn) -> int:
+        txn.lock_schema()
+        gen = txn.bump_registry()
+        held.set()
+        assert release.wait(30)
+        return gen
+
+    result: list[int] = []
+    publishing = threading.Thread(target=lambda: result.append(other.transact(publish_like)),
+                                  daemon=True)
+    publishing.start()
+    assert held.wait(30)
+    seen: list[int] = []
+    merging = threading.Thread(
+        target=lambda: seen.append(store.transact(lambda t: t.guard_schema())), daemon=True)
+    merging.start()
+    try:
+        wait_until(lambda: _advisory_waiters(url) == 1, timeout=20,
+                   message="the merge did not queue behind the publish's schema lock")
+        assert seen == []
+    finally:
+        release.set()
+    publishing.join(30)
+    merging.join(30)
+    assert result and seen == result
+    other.close()
