@@ -20,6 +20,11 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
 
 One thread only: the engine is not thread-safe (the daemon's worker owns it).
 
+Every group is merged, and every catch-up read, under the schema version live when it
+commits or reads: a `schema publish` / `rollback` that lands after the engine loaded
+its registry makes it reload and run the group (or the read) again
+(`broker.server.schema_guard`).
+
 Each returned message goes to `{prefix}/{device_id}/down` (QoS 1). Validation follows
 PROTOCOL.md §10.1; every refusal is answered where the device can be told and kept as a
 dead letter with the raw payload. Nothing raises out of the engine for bad input: an
@@ -34,12 +39,12 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from broker.errors import StoreError
-from broker.server import catchup
+from broker.server import schema_guard
 from broker.server.applier import Applier, BatchStats
 from broker.server.caps import ZDICT, agreed
 from broker.server.cert_issue import csr_round
@@ -85,6 +90,7 @@ from waystation.rules import Rule, load_rules
 log = structlog.get_logger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
+_T = TypeVar("_T")
 PURGE_INTERVAL_MS = 60_000
 """How often tombstones older than the retention are purged, at most (more often when
 the retention itself is short, so a tombstone never outlives it by much)."""
@@ -168,10 +174,13 @@ class Engine:
                 out.extend(self._replies(inc, fan))
             except Exception:  # pragma: no cover - defensive: replies are pure
                 log.exception("reply_failed", dev=inc.topic_dev)
+        out.extend(fan.messages(self._compress_over))
+        # Projected now, with the schema the group was merged under: answering the
+        # catch-ups may reload a newer one.
+        out = self._downcast(out)
         if catchups:
             out.extend(self._catchups(catchups))
-        out.extend(fan.messages(self._compress_over))
-        return self._downcast(out)
+        return out
 
     def handle_status(self, topic_device: str, payload: bytes) -> list[Outgoing]:
         """Record a device's presence from its (retained) status message.
@@ -286,8 +295,8 @@ class Engine:
         dirty, self._dirty = self._dirty, {}
         letters, self._letters = self._letters, []
         try:
-            self._done(self.store.transact(
-                lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
+            self._done(self._transact_live(
+                incs, lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
             return
         except StoreError:
             log.exception("store_failed", messages=len(incs))
@@ -300,8 +309,8 @@ class Engine:
         self._restore(dirty, letters)
         for inc in incs:
             try:
-                self._done(self.store.transact(partial(self._apply_all, incs=[inc], now=now,
-                                                       dirty={}, letters=[])))
+                self._done(self._transact_live([inc], partial(
+                    self._apply_all, incs=[inc], now=now, dirty={}, letters=[])))
             except Exception:
                 log.exception("message_failed", dev=inc.topic_dev)
                 inc.failed = True
@@ -312,6 +321,14 @@ class Engine:
                     self.store.transact(partial(_add_letter, letter=dead))
                 except Exception:
                     log.exception("dead_letter_failed", dev=inc.topic_dev)
+
+    def _transact_live(self, incs: list[Incoming], fn: Callable[[WriteTxn], _T]) -> _T:
+        def reload() -> None:
+            self._refresh_registry()
+            for inc in incs:  # the devices' rows as reloaded (scopes, caps, enabled)
+                if inc.device is not None:
+                    inc.device = self.registry.get(inc.device.id) or inc.device
+        return schema_guard.transact_live(self.store, fn, reload, self.counters)
 
     def _done(self, result: tuple[list[DeviceRow], BatchStats, GateSession]) -> None:
         rows, st, session = result
@@ -330,6 +347,8 @@ class Engine:
                    dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]
                    ) -> tuple[list[DeviceRow], BatchStats, GateSession]:
         """The body of the group transaction (may run again after a retryable failure)."""
+        if incs:  # first, before any scope lock (`broker.server.schema_guard`)
+            schema_guard.check(txn, self.registry.generation)
         fan = Fanout(self.registry, self.presence)
         session = self.gate.session()  # a rerun decides afresh: nothing counted twice
         wants_cache: dict[tuple[str, str], bool] = {}
@@ -481,7 +500,10 @@ class Engine:
 
     def _catchups(self, incs: list[Incoming]) -> list[Outgoing]:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
-        out, records = catchup.answer_all(self.store, reqs, self._compress_over)
+        out, records = schema_guard.answer_live(
+            self.store, reqs, self._compress_over, lambda: self.registry.generation,
+            self._refresh_registry, self.counters)
+        out = self._downcast(out)
         self.counters["catchup_records"] += records
         now = self.now_ms()
         for device, _ in reqs:
@@ -500,6 +522,7 @@ class Engine:
                 return moved
         self.catalog = self.applier.catalog = self.schema.catalog
         self.applier.chain = self.schema.chain
+        self.applier.withdrawn = self.schema.withdrawn
         self.downcaster = self.schema.downcaster
         self._schema_out = self.schema.pushes(self.registry.devices(), self.presence.online())
         return moved
@@ -511,7 +534,7 @@ class Engine:
 
     def _drain_notices(self) -> list[Outgoing]:
         fan = Fanout(self.registry, self.presence)
-        if not drain_notices(self.store, fan):
+        if not drain_notices(self.store, fan, generation=self.registry.generation):
             return []
         return fan.messages(self._compress_over)
 
