@@ -160,17 +160,33 @@ class PouchPeer:
 # ------------------------------------------------------------------ raw limits
 
 
-def raw_commits(env: lmdb.Environment, count: int, gap_s: float, start: int) -> list[float]:
-    """ms per synced commit of one ~300-byte put, one at a time with a gap."""
+def raw_commits(env: lmdb.Environment, dbs: list[Any], count: int, gap_s: float,
+                start: int) -> tuple[list[float], list[float], list[float]]:
+    """Synced commits of one ~300-byte put, one at a time with a gap: ms of each, and
+    the CPU µs of each (this thread: the commit's syscalls included), then the CPU µs
+    of commits that put one value into each of `dbs` (about the databases one agent
+    write touches: a commit costs CPU per B-tree page it writes)."""
     value = b"v" * 300
-    out = []
+    ms, cpu_one, cpu_many = [], [], []
     for i in range(start, start + count):
         time.sleep(gap_s)
-        t = time.perf_counter()
+        key = i.to_bytes(8, "big")
+        t, c = time.perf_counter(), time.thread_time()
         with env.begin(write=True) as txn:
-            txn.put(i.to_bytes(8, "big"), value)
-        out.append((time.perf_counter() - t) * 1000)
-    return out
+            txn.put(key, value)
+        cpu_one.append((time.thread_time() - c) * 1e6)
+        ms.append((time.perf_counter() - t) * 1000)
+        c = time.thread_time()
+        with env.begin(write=True) as txn:
+            for db in dbs:
+                txn.put(key, value, db=db)
+        cpu_many.append((time.thread_time() - c) * 1e6)
+    return ms, cpu_one, cpu_many
+
+
+RAW_DBS = 8
+"""Databases of the "raw commit, 8 databases" figure (an agent write touches the
+outbox, its index, the view, the base, index entries, the feed, meta, ...)."""
 
 
 # ------------------------------------------------------------------ CPU
@@ -198,6 +214,7 @@ def cpu_phase(dev: DeviceProc, server_pid: int, cmd: str, count: int, start: int
     """Run `cmd` (online_write or paced) on the device; CPU µs per change of the app
     thread (the device process's main thread: put() calls), the daemon's threads and
     the merge server."""
+    dev.call("prepare", count=count, start=start)  # record building is not the agent's CPU
     threads0, server0 = thread_cpu_s(dev.pid), proc_cpu_s(server_pid)
     total0 = proc_cpu_s(dev.pid)
     load = LoadMeter()
@@ -270,7 +287,8 @@ def _rounds(args: argparse.Namespace, gap: float, tmp: Path, peer: PouchPeer | N
             ) -> dict[str, Any]:
     samples: dict[str, list[float]] = {k: [] for k in (
         "raw_rtt", "raw_commit", "lone", "put", "wake_to_publish", "publish_to_ack_received",
-        "ack_received_to_applied", "pouch", "pouch_put")}
+        "ack_received_to_applied", "pouch", "pouch_put", "raw_commit_cpu_us",
+        f"raw_commit_{RAW_DBS}db_cpu_us")}
     rounds: list[dict[str, Any]] = []
     cpu_rounds: dict[str, list[dict[str, Any]]] = {"stream": [], "paced": []}
     with Fleet("mosquitto", tmp / "raw", {}) as rawfleet, \
@@ -281,18 +299,20 @@ def _rounds(args: argparse.Namespace, gap: float, tmp: Path, peer: PouchPeer | N
         fleet.start_broker()
         fleet.start_server()
         assert fleet.server is not None
+        server_pid = fleet.server.pid
         lat = fleet.device(LAT, tmp / "dev" / LAT)
         cpudev = fleet.device(CPU, tmp / "dev" / CPU)
         env = lmdb.open(tempfile.mkdtemp(dir=tmp / "dev", prefix="raw-lmdb-"),
-                        map_size=1 << 30, **AGENT_LMDB_FLAGS)
+                        map_size=1 << 30, max_dbs=RAW_DBS, **AGENT_LMDB_FLAGS)
+        dbs = [env.open_db(f"db{i}".encode()) for i in range(RAW_DBS)]
         try:
             lat.call("start", wait="catchup")
             cpudev.call("start", wait="catchup")
             # warm-up of every path
             rawdev.round_trips(10, gap)
-            raw_commits(env, 10, gap, 10_000_000)
+            raw_commits(env, dbs, 10, gap, 10_000_000)
             lat.call("latency", samples=10, gap_s=gap, start=9_000_000)
-            cpu_phase(cpudev, fleet.server.pid, "online_write", 100, 9_000_000)
+            cpu_phase(cpudev, server_pid, "online_write", 100, 9_000_000)
             n = 0
 
             def raw_rtt() -> dict[str, Any]:
@@ -301,8 +321,10 @@ def _rounds(args: argparse.Namespace, gap: float, tmp: Path, peer: PouchPeer | N
                 return {"raw_rtt_p50": percentile(ms, 50)}
 
             def raw_commit() -> dict[str, Any]:
-                ms = raw_commits(env, args.samples, gap, n * 1000)
+                ms, cpu_one, cpu_many = raw_commits(env, dbs, args.samples, gap, n * 1000)
                 samples["raw_commit"] += ms
+                samples["raw_commit_cpu_us"] += cpu_one
+                samples[f"raw_commit_{RAW_DBS}db_cpu_us"] += cpu_many
                 return {"raw_commit_p50": percentile(ms, 50)}
 
             def lone() -> dict[str, Any]:
@@ -323,8 +345,8 @@ def _rounds(args: argparse.Namespace, gap: float, tmp: Path, peer: PouchPeer | N
 
             def cpu() -> dict[str, Any]:
                 base = 1_000_000 + n * 10_000
-                stream = cpu_phase(cpudev, fleet.server.pid, "online_write", args.stream, base)
-                paced = cpu_phase(cpudev, fleet.server.pid, "paced", args.paced,
+                stream = cpu_phase(cpudev, server_pid, "online_write", args.stream, base)
+                paced = cpu_phase(cpudev, server_pid, "paced", args.paced,
                                   base + args.stream, gap_s=PACED_GAP_S)
                 cpu_rounds["stream"].append(stream)
                 cpu_rounds["paced"].append(paced)
@@ -396,9 +418,10 @@ def report(data: dict[str, Any]) -> None:
         "CPU per synced change, µs (median of rounds; agent = device process: app thread "
         "doing put() + daemon threads)",
         ["mode", "changes/s", "changes per batch", "agent total", "agent: put() thread",
-         "agent: daemon", "server"],
+         "agent: daemon", "server", "raw synced commit CPU (1 db)", f"({RAW_DBS} dbs)"],
         [[mode, c["changes_s"], c["changes_per_batch"] or "-", c["agent_us"],
-          c["agent_app_thread_us"], c["agent_daemon_us"], c["server_us"]]
+          c["agent_app_thread_us"], c["agent_daemon_us"], c["server_us"],
+          p50["raw_commit_cpu_us"], p50[f"raw_commit_{RAW_DBS}db_cpu_us"]]
          for mode, c in cpu.items()])
     print(f"PouchDB peer: {data['pouch_note']}")
 
