@@ -127,6 +127,12 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
         latest hello: with no `welcome` before it, the server predates capabilities."""
         self._last_problem: tuple[Any, Any] | None = None
         self.pacer = Pacer(cfg.sync.batch_max_changes)
+        self._may_send = True
+        """Something may be waiting to be sent. Cleared when a batch scan found the
+        outbox exhausted (`Batch.exhausted`); set again by every event but an ack (a
+        write's wake, a tick, a connection, any other message), by the timers, and
+        when a change's answer deadline passed. An ack alone adds nothing to send, so
+        the turn after it skips the outbox scan instead of finding it empty."""
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
         policy = self.sync.policy_state()
@@ -262,6 +268,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
 
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
+        if kind != "msg":
+            self._may_send = True
         try:
             if kind == "msg":
                 if event[1] == self.down_topic:
@@ -326,12 +334,14 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
             for n in [n for n, deadline in self._inflight.items() if deadline <= now]:
                 del self._inflight[n]
                 self.stats.resent += 1
+                self._may_send = True
             self._earliest = min(self._inflight.values(), default=float("inf"))
         if self.sync.upgrade_needed:
             return  # the server cannot read this device's changes until it is upgraded
         decision = self.gate.decide()
         if decision is not self._decision:
             self._decision = decision
+            self._may_send = True
             self._note_policy()
         if "records" in decision.lanes:
             min_priority: int | None = None
@@ -339,6 +349,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
             min_priority = self.cfg.policy.high_priority  # only urgent changes go
         else:
             return
+        if not self._may_send and self._wake_sock is not None:
+            return  # (without the wake socket, every turn looks: writes are polled)
         room = sync_cfg.max_inflight_changes - len(self._inflight)
         if self.pacer.hold(now, len(self._inflight),
                            lambda: self.sync.pending_count() - len(self._inflight)):
@@ -353,6 +365,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
                                          sync_cfg.batch_max_bytes, txn=self._txn_on(),
                                          min_priority=min_priority)
             if not batch:
+                if batch.exhausted:
+                    self._may_send = False
                 return
             payload = batch.payload(self.dev,
                                     compress_over=sync_cfg.compress_over_bytes or None,
@@ -370,6 +384,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
             self.stats.batches_sent += 1
             self.stats.changes_sent += len(batch)
             room -= len(batch)
+            if batch.exhausted:  # nothing else to send: no second scan to find that out
+                self._may_send = False
+                return
 
     def _note_rtt(self, deadline: float) -> None:
         """An ack for a change sent with answer deadline `deadline` (agent.pacing)."""
@@ -452,6 +469,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
 
     def _timers(self, now: float) -> None:
         sync_cfg = self.cfg.sync
+        # Writes whose wake was lost (another process, a full socket buffer), changes
+        # coming back from a retry delay, a policy opening: looked for at least here.
+        self._may_send = True
         if not self._connected:
             return
         self._note_policy()

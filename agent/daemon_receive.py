@@ -60,6 +60,7 @@ class ReceiveHooks:
     _on_cert: Callable[[wire.CertIssued], None]
     link: MqttLink
     _connected: bool
+    _may_send: bool
     _relogin_at: float = 0.0  # a pending password at start: try it at the first turn
     _relogin_wait: float = RELOGIN_FIRST_S
 
@@ -102,6 +103,8 @@ class ReceiveHooks:
             return
         if isinstance(msg, wire.Ack | wire.Reject | wire.Page | wire.Checkpoint):
             self._answered = True
+        if not isinstance(msg, wire.Ack):
+            self._may_send = True  # a rejection, a welcome... may free changes to send
         if isinstance(msg, wire.Ack):
             result = self.sync.apply_ack(msg)
             if result.applied and result.applied[0] in self._inflight:

@@ -41,6 +41,12 @@ class Batch(list[tuple[int, dict[str, Any]]]):
         super().__init__(items)
         self.sv = sv
         self.inc = inc
+        self.exhausted = False
+        """The scan reached the end of the outbox having passed over nothing but the
+        excluded changes: until something new is written, a change comes back from
+        being excluded, or an answer settles part of a transaction, another
+        `next_batch` with the same arguments finds nothing (the daemon then skips
+        asking)."""
 
     @property
     def numbers(self) -> list[int]:
@@ -110,11 +116,16 @@ class Sync(Receiving):
         def run(work: Work) -> Batch:
             batch = Batch()
             size = _ENVELOPE_BYTES
+            passed_over = False  # a change not excluded that this batch does not take
             with work.tx.cursor("outbox_idx") as cur:
                 found = cur.set_range(b"P")
-                while found:
+                while True:
+                    if not found:
+                        batch.exhausted = not passed_over
+                        break
                     key = cur.key()
                     if not key.startswith(b"P"):
+                        batch.exhausted = not passed_over
                         break
                     if (min_priority is not None and (2**31 - 1) - int.from_bytes(
                             key[1:5], "big") < min_priority):
@@ -137,12 +148,14 @@ class Sync(Receiving):
                         batch.sv = entry["sv"]
                         batch.inc = entry.get("i")
                     elif entry["sv"] != batch.sv or entry.get("i") != batch.inc:
+                        passed_over = True
                         continue
                     if entry.get("x"):  # a transaction: all its pending changes or none
                         if txn is None:
                             break
                         group = txn_sync.members(work, n, entry, excluded)
                         if not group:  # part of it is in flight: not now
+                            passed_over = True
                             found = cur.set_range(key[:-8] + n_key(txn_sync.end(entry)))
                             continue
                         cost = txn_sync.cost(group, bool(txn))
