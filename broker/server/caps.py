@@ -28,8 +28,12 @@ published version it should run next, in a `schema` message (PROTOCOL.md §7.13)
 FETCH = "fetch"
 """The server answers `fetch` (records by key) with `fetched` (PROTOCOL.md §7.14)."""
 
+FETCH_QUERY = "fetch_query"
+"""The server answers `fetchq` (records matching a filter) with `fetchedq` (PROTOCOL.md
+§7.14.1)."""
+
 SERVER_CAPS: frozenset[str] = frozenset(
-    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, ZDICT})
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, FETCH_QUERY, ZDICT})
 """creds: `waystation device rotate-password` reaches the device as a `creds` command
 (§7.9) and `hello.cred` tells the server it logged in with the new password (§7.1).
 scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
@@ -38,6 +42,7 @@ txn: transactions applied all or none (§7.2.1, §10.5).
 schema: see `SCHEMA`.
 schema_push: see `SCHEMA_PUSH`.
 fetch: see `FETCH`.
+fetch_query: see `FETCH_QUERY`.
 zd1: see `ZDICT`."""
 
 
@@ -46,4 +51,4 @@ def agreed(offered: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(offered) & SERVER_CAPS))
 
 
-__all__ = ["FETCH", "SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "ZDICT", "agreed"]
+__all__ = ["FETCH", "FETCH_QUERY", "SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "ZDICT", "agreed"]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.errors import StoreError
-from broker.server import fetch
+from broker.server import fetch, fetch_query
+from broker.server.fetch_query import QueryLimits
 from broker.server.messages import (
     MAX_DOWN_BYTES,
     Compression,
@@ -29,7 +30,8 @@ from broker.server.messages import (
 )
 from broker.server.store.base import DeviceRow, ReadTxn, Store
 from schemas import codec
-from schemas.wire import Catchup, Fetch
+from schemas.collection import Catalog
+from schemas.wire import Catchup, Fetch, FetchQuery
 from waystation import merge
 
 log = structlog.get_logger(__name__)
@@ -89,10 +91,14 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
     return out
 
 
-def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup | Fetch]],
-               compress_over: Callable[[str], Compression]) -> tuple[list[tuple[str, bytes]], int]:
+def answer_all(store: Store,
+               requests: Sequence[tuple[DeviceRow, Catchup | Fetch | FetchQuery]],
+               compress_over: Callable[[str], Compression], catalog: Catalog | None = None,
+               limits: QueryLimits = fetch_query.DEFAULT_LIMITS,
+               ) -> tuple[list[tuple[str, bytes]], int]:
     """Answer several devices' requests from one snapshot: (messages, records sent).
-    A `fetch` (§7.14) is answered here too: it reads the same way (`broker.server.fetch`).
+    A `fetch` (§7.14) and a `fetchq` (§7.14.1, evaluated on `catalog`) are answered here
+    too: they read the same way (`broker.server.fetch`, `broker.server.fetch_query`).
 
     A request that fails gets a transient `server_error`; the others are answered.
     """
@@ -107,6 +113,14 @@ def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup | Fetch
                         records += count
                         over = compress_over(device.id)
                         out.extend((device.id, compress(m, over)) for m in msgs)
+                        continue
+                    if isinstance(req, FetchQuery):
+                        qa = fetch_query.answer(txn, device, req, catalog, limits)
+                        records += qa.records
+                        log.info("fetch_query", dev=device.id, req=req.req, c=req.c,
+                                 records=qa.records, scanned=qa.scanned)
+                        over = compress_over(device.id)
+                        out.extend((device.id, compress(m, over)) for m in qa.messages)
                         continue
                     ans = answer(txn, device, req)
                 except Exception:

@@ -45,6 +45,7 @@ from broker.server.caps import ZDICT, agreed
 from broker.server.downcast import Downcaster
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
+from broker.server.fetch_query import QueryLimits
 from broker.server.hello_round import hello_commands, note_incarnation
 from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
@@ -83,6 +84,8 @@ from waystation.rules import Rule, load_rules
 log = structlog.get_logger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
+_READS = ("catchup", "fetch", "fetchq")
+"""Up messages answered by reading the store (`broker.server.catchup.answer_all`)."""
 PURGE_INTERVAL_MS = 60_000
 """How often tombstones older than the retention are purged, at most (more often when
 the retention itself is short, so a tombstone never outlives it by much)."""
@@ -159,7 +162,7 @@ class Engine:
         fan = Fanout(self.registry, self.presence)
         catchups: list[Incoming] = []
         for inc in incs:
-            if inc.kind in ("catchup", "fetch") and not inc.failed and not inc.blocked:
+            if inc.kind in _READS and not inc.failed and not inc.blocked:
                 catchups.append(inc)
                 continue
             try:
@@ -451,7 +454,7 @@ class Engine:
             msgs = reject_messages([rejection(n, codec.SERVER_ERROR, "the server failed to "
                                               "apply this change; send it again later", False)
                                     for n in numbers])
-        elif inc.kind in ("catchup", "fetch") and inc.blocked:
+        elif inc.kind in _READS and inc.blocked:
             msgs = [error_message(codec.DEVICE_DISABLED, inc.blocked)]
         elif inc.error is not None or inc.failed:
             code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
@@ -470,7 +473,9 @@ class Engine:
 
     def _catchups(self, incs: list[Incoming]) -> list[Outgoing]:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
-        out, records = catchup.answer_all(self.store, reqs, self._compress_over)
+        out, records = catchup.answer_all(
+            self.store, reqs, self._compress_over, self.catalog,
+            QueryLimits(self.cfg.fetch_query_max_records, self.cfg.fetch_query_scan_budget))
         self.counters["catchup_records"] += records
         now = self.now_ms()
         for device, _ in reqs:
