@@ -22,8 +22,12 @@ agent.schema_update)."""
 FETCH = "fetch"
 """The agent asks for evicted records by key (`fetch`, answered by `fetched`, §7.14)."""
 
+FETCH_QUERY = "fetch_query"
+"""The agent asks for records matching a filter (`fetchq`, answered by `fetchedq`,
+§7.14.1; agent.fetch_queries)."""
+
 AGENT_CAPS: frozenset[str] = frozenset(
-    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, ZDICT})
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, FETCH_QUERY, ZDICT})
 """creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
 scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
@@ -31,7 +35,8 @@ txn: transactions sent as units (§7.2.1; agent.txn_sync).
 schema: the server's schema versions in `welcome` (§11).
 schema_push: see `SCHEMA_PUSH`.
 fetch: see `FETCH`.
+fetch_query: see `FETCH_QUERY`.
 zd1: small messages compressed with the protocol's preset dictionary, both ways (§3,
 schemas.zdict)."""
 
-__all__ = ["AGENT_CAPS", "FETCH", "SCHEMA", "SCHEMA_PUSH", "ZDICT"]
+__all__ = ["AGENT_CAPS", "FETCH", "FETCH_QUERY", "SCHEMA", "SCHEMA_PUSH", "ZDICT"]

@@ -82,6 +82,7 @@ class ReceiveHooks:
         rotation = self.creds.login_rotation
         return hello if rotation is None else hello.model_copy(update={"cred": rotation})
     _on_fetched: Callable[[wire.Fetched], None]
+    _on_fetched_query: Callable[[wire.FetchedQuery], None]
 
     def _on_message(self, payload: bytes) -> None:
         try:
@@ -113,6 +114,8 @@ class ReceiveHooks:
             self._on_command(msg)
         elif isinstance(msg, wire.Fetched):
             self._on_fetched(msg)
+        elif isinstance(msg, wire.FetchedQuery):
+            self._on_fetched_query(msg)
         elif isinstance(msg, wire.Welcome):
             caps = self.sync.apply_welcome(msg)
             log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))
