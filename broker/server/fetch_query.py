@@ -34,7 +34,7 @@ SCAN_PAGE = 256
 class QueryLimits:
     max_records: int = 1000
     """Records one answer holds at most (a request's `lim` is capped to it)."""
-    scan_budget: int = 10_000
+    scan_budget: int = 5_000
     """Records one request may make the server read (the cost a device can cause)."""
 
 
@@ -95,10 +95,20 @@ def answer(txn: ReadTxn, device: DeviceRow, req: FetchQuery, catalog: Catalog | 
         for i, (_, key, raw) in enumerate(rows):
             scanned += 1
             last_read = key
-            record = merge.from_json(raw)
-            if record.s in scopes and not record.deleted and flt.matches(
-                    record.s, record.values()):
-                found.append((key, dumps(merge.to_rec(record))))
+            scope = raw.get("s")
+            if scope not in scopes:
+                continue
+            # Most records were never deleted: their values are read without building
+            # the record, which is parsed only when it matches (see `merge.live_values`).
+            values = merge.live_values(raw)
+            record = None
+            if values is None:
+                record = merge.from_json(raw)
+                if record.deleted:
+                    continue
+                values = record.values()
+            if flt.matches(scope, values):
+                found.append((key, dumps(merge.to_rec(record or merge.from_json(raw)))))
                 if len(found) >= want:
                     full = i + 1 < len(rows) or len(rows) == asked
                     break

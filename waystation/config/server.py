@@ -95,7 +95,7 @@ class MergeConfig(_Model):
     compress_over_bytes: CompressOver = 512
     fetch_query_max_records: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1000
     """Records one fetch-by-query answer holds at most (PROTOCOL.md §7.14.1)."""
-    fetch_query_scan_budget: Annotated[int, Field(strict=True, ge=100, le=1_000_000)] = 10_000
+    fetch_query_scan_budget: Annotated[int, Field(strict=True, ge=100, le=1_000_000)] = 5_000
     """Records one fetch by query may make the server read (its cost bound): the scan
     stops there and the device continues with the answer's cursor."""
 
