@@ -254,3 +254,22 @@ def test_disabled_device_gets_no_records(env: tuple[Engine, Store]) -> None:
     set_enabled(store, "van-2", False)
     msgs = _ask(engine, "van-2", _q("van-2", {}))
     assert of_type(msgs, "fetchedq") == [] and errors(msgs)[0]["code"] == "device_disabled"
+
+
+def test_a_device_without_the_capability_is_not_offered_it(env: tuple[Engine, Store]) -> None:
+    """A device offering only older features is not told of `fetch_query`; a v1 device
+    (no caps) gets no welcome at all, and its catch-up is answered as before."""
+    engine, _ = env
+    _seed(engine)
+    hello = orjson.dumps({"type": "hello", "v": 1, "dev": "van-2", "agent": "t", "sv": 1,
+                          "caps": ["fetch", "txn"]})
+    (welcome,) = of_type(_ask(engine, "van-2", hello), "welcome")
+    assert "fetch_query" not in welcome["caps"] and "fetch" in welcome["caps"]
+    v1 = orjson.dumps({"type": "hello", "v": 1, "dev": "van-2", "agent": "t", "sv": 1})
+    assert of_type(_ask(engine, "van-2", v1), "welcome") == []
+    catchup = orjson.dumps({"type": "catchup", "v": 1, "dev": "van-2", "req": "c-1",
+                            "cp": {"r1": 0}})
+    msgs = _ask(engine, "van-2", catchup)
+    assert sorted(r["k"] for m in of_type(msgs, "page") for r in m["recs"]) == [
+        "t-1", "t-2", "t-4", "t-5", "t-6"]
+    assert of_type(msgs, "checkpoint") and of_type(msgs, "fetchedq") == []
