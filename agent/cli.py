@@ -186,6 +186,8 @@ def cmd_fetch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return _fetch_query(args, env)
     if not args.keys:
         raise BadRequest("invalid", "name the record keys to fetch, or a filter with --where")
+    if args.limit is not None or args.after is not None:
+        raise BadRequest("invalid", "--limit and --after go with --where (a fetch by query)")
     with _open(args, env, create=True) as agent:
         result = agent.fetch(args.collection, args.keys, wait_s=args.wait)
         running = agent.status().agent_running
@@ -213,7 +215,8 @@ def _fetch_query(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not isinstance(where, dict):
         raise BadRequest("invalid", "--where must be a JSON object: field -> value or conditions")
     with _open(args, env, create=True) as agent:
-        result = agent.fetch_query(args.collection, where, limit=args.limit,
+        limit = 100 if args.limit is None else args.limit
+        result = agent.fetch_query(args.collection, where, limit=limit,
                                    after=args.after, wait_s=args.wait)
         running = agent.status().agent_running
     if args.json:

@@ -52,6 +52,7 @@ def test_fetch_where_queues_a_query(env: dict[str, str],
     (("fetch", "tasks", "--where", "{}", "--limit", "0"), "limit"),
     (("fetch", "tasks", "--where", "{}", "--limit", "5000"), "limit"),
     (("fetch", "nope", "--where", "{}"), "collection"),
+    (("fetch", "tasks", "t-1", "--limit", "5"), "go with --where"),
 ])
 def test_bad_fetch_where_arguments(env: dict[str, str], capsys: pytest.CaptureFixture[str],
                                    argv: tuple[str, ...], needle: str) -> None:

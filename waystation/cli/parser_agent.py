@@ -68,7 +68,7 @@ def add_agent(b: Builder) -> None:
                    help="fetch by query: a filter as JSON, the local query's `where` "
                         "(docs/QUERIES.md), e.g. '{\"status\": \"delivered\", "
                         "\"eta\": {\"gte\": 1764000000000}}'; '{}' for every record")
-    p.add_argument("--limit", metavar="N", type=int, default=100,
+    p.add_argument("--limit", metavar="N", type=int, default=None,
                    help="with --where: records at most (1 to 1000, default 100)")
     p.add_argument("--after", metavar="KEY", default=None,
                    help="with --where: go on after this key (the `next` of an answer)")
