@@ -18,7 +18,7 @@ import structlog
 
 from broker.errors import StoreError
 from broker.server import fetch, fetch_query
-from broker.server.fetch_query import QueryLimits
+from broker.server.fetch_query import QueryLimits, ScanAllowance
 from broker.server.messages import (
     MAX_DOWN_BYTES,
     Compression,
@@ -95,10 +95,12 @@ def answer_all(store: Store,
                requests: Sequence[tuple[DeviceRow, Catchup | Fetch | FetchQuery]],
                compress_over: Callable[[str], Compression], catalog: Catalog | None = None,
                limits: QueryLimits = fetch_query.DEFAULT_LIMITS,
+               allowance: ScanAllowance | None = None,
                ) -> tuple[list[tuple[str, bytes]], int]:
     """Answer several devices' requests from one snapshot: (messages, records sent).
-    A `fetch` (§7.14) and a `fetchq` (§7.14.1, evaluated on `catalog`) are answered here
-    too: they read the same way (`broker.server.fetch`, `broker.server.fetch_query`).
+    A `fetch` (§7.14) and a `fetchq` (§7.14.1, evaluated on `catalog`, each device's
+    scan cut to its `allowance`) are answered here too: they read the same way
+    (`broker.server.fetch`, `broker.server.fetch_query`).
 
     A request that fails gets a transient `server_error`; the others are answered.
     """
@@ -115,7 +117,11 @@ def answer_all(store: Store,
                         out.extend((device.id, compress(m, over)) for m in msgs)
                         continue
                     if isinstance(req, FetchQuery):
-                        qa = fetch_query.answer(txn, device, req, catalog, limits)
+                        own = limits if allowance is None else allowance.limits(device.id,
+                                                                                limits)
+                        qa = fetch_query.answer(txn, device, req, catalog, own)
+                        if allowance is not None:
+                            allowance.spend(device.id, qa.scanned)
                         records += qa.records
                         log.info("fetch_query", dev=device.id, req=req.req, c=req.c,
                                  records=qa.records, scanned=qa.scanned)

@@ -45,7 +45,7 @@ from broker.server.caps import ZDICT, agreed
 from broker.server.downcast import Downcaster
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
-from broker.server.fetch_query import QueryLimits
+from broker.server.fetch_query import QueryLimits, ScanAllowance
 from broker.server.hello_round import hello_commands, note_incarnation
 from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
@@ -113,6 +113,8 @@ class Engine:
         self.rules = list(load_rules(self.cfg.rules) if rules is None else rules)
         self.applier = Applier(catalog, self.cfg, self.clock, now_ms, self.rules)
         self.schema = LiveSchema(catalog)  # loaded with the registry, below
+        self.scan_allowance = ScanAllowance(
+            self.cfg.fetch_query_scan_rate, 4 * self.cfg.fetch_query_scan_budget, now_ms)
         self.downcaster: Downcaster | None = None
         self._schema_out: list[Outgoing] = []
         ret = config.retention
@@ -475,7 +477,8 @@ class Engine:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
         out, records = catchup.answer_all(
             self.store, reqs, self._compress_over, self.catalog,
-            QueryLimits(self.cfg.fetch_query_max_records, self.cfg.fetch_query_scan_budget))
+            QueryLimits(self.cfg.fetch_query_max_records, self.cfg.fetch_query_scan_budget),
+            self.scan_allowance)
         self.counters["catchup_records"] += records
         now = self.now_ms()
         for device, _ in reqs:

@@ -13,11 +13,17 @@ Records outside the device's scopes are read (they count against the budget) and
 sent; a filter on `$scope` naming a scope the device does not follow matches nothing.
 A filter the server's schema cannot evaluate (unknown collection or field, a value of
 the wrong type) is answered with `err` and no records.
+
+A device cannot make the server scan without end by asking again and again: each
+device has an allowance of records to read (`ScanAllowance`, a token bucket refilled at
+`rate` records a second up to `burst`); a request reads at most what is left of it, and
+at least `MIN_SCAN` records so that every answer makes progress.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from broker.server.messages import MAX_DOWN_BYTES, dumps
 from broker.server.store.base import DeviceRow, ReadTxn
@@ -39,6 +45,33 @@ class QueryLimits:
 
 
 DEFAULT_LIMITS = QueryLimits()
+MIN_SCAN = 100
+"""Records any request may read, whatever its device's allowance (progress guaranteed)."""
+
+
+class ScanAllowance:
+    """Records each device's fetch-by-query requests may make the server read: a token
+    bucket per device, `rate` records a second up to `burst` (one entry per registered
+    device that asked: bounded by the registry)."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], int]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._left: dict[str, tuple[float, int]] = {}
+
+    def _now_left(self, dev: str) -> float:
+        now = self.clock()
+        left, at = self._left.get(dev, (float(self.burst), now))
+        return min(float(self.burst), left + max(0, now - at) * self.rate / 1000)
+
+    def limits(self, dev: str, base: QueryLimits) -> QueryLimits:
+        """`base` with its scan budget cut to what `dev` has left (at least MIN_SCAN)."""
+        budget = max(MIN_SCAN, min(base.scan_budget, int(self._now_left(dev))))
+        return base if budget == base.scan_budget else replace(base, scan_budget=budget)
+
+    def spend(self, dev: str, scanned: int) -> None:
+        self._left[dev] = (max(0.0, self._now_left(dev) - scanned), self.clock())
 
 
 def _message(req: FetchQuery, recs: list[bytes], *, end: bool, next_key: str | None = None,
@@ -143,4 +176,5 @@ def _more_after(txn: ReadTxn, c: str, key: str) -> bool:
     return bool(txn.records_after(c, (c, key), 1))
 
 
-__all__ = ["DEFAULT_LIMITS", "SCAN_PAGE", "QueryAnswer", "QueryLimits", "answer"]
+__all__ = ["DEFAULT_LIMITS", "MIN_SCAN", "SCAN_PAGE", "QueryAnswer", "QueryLimits",
+           "ScanAllowance", "answer"]

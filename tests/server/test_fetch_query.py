@@ -273,3 +273,24 @@ def test_a_device_without_the_capability_is_not_offered_it(env: tuple[Engine, St
     assert sorted(r["k"] for m in of_type(msgs, "page") for r in m["recs"]) == [
         "t-1", "t-2", "t-4", "t-5", "t-6"]
     assert of_type(msgs, "checkpoint") and of_type(msgs, "fetchedq") == []
+
+
+def test_a_device_asking_again_and_again_gets_smaller_scans(
+        tmp_path: Path, store_factory: StoreFactory) -> None:
+    """Each device's scans are paid from its own allowance (burst 4 x the budget, then
+    `fetch_query_scan_rate` records a second): past it a request reads MIN_SCAN records
+    and says `stop: budget` with a cursor; the other devices are not affected; time
+    refills it."""
+    engine, _, clock = make_engine(tmp_path, DEVICES, store=store_factory(),
+                                   fetch_query_scan_budget=1000, fetch_query_scan_rate=100)
+    for start in range(0, 3000, 1000):
+        engine.handle_up("van-1", changes("van-1", [
+            task(n, f"t-{n:04d}", "r1", status="out") for n in range(start + 1, start + 1001)]))
+    rare = {"status": {"eq": "delivered"}}
+    scans = [_end(_ask(engine, "van-2", _q("van-2", rare)))["scanned"] for _ in range(6)]
+    assert scans == [1000, 1000, 1000, 1000, fetch_query.MIN_SCAN, fetch_query.MIN_SCAN]
+    end = _end(_ask(engine, "van-2", _q("van-2", rare)))
+    assert end["stop"] == "budget" and end["next"] == f"t-{fetch_query.MIN_SCAN:04d}"
+    assert _end(_ask(engine, "van-1", _q("van-1", rare)))["scanned"] == 1000
+    clock.now += 10_000  # 10 s at 100 records a second
+    assert _end(_ask(engine, "van-2", _q("van-2", rare)))["scanned"] == 1000

@@ -98,6 +98,10 @@ class MergeConfig(_Model):
     fetch_query_scan_budget: Annotated[int, Field(strict=True, ge=100, le=1_000_000)] = 5_000
     """Records one fetch by query may make the server read (its cost bound): the scan
     stops there and the device continues with the answer's cursor."""
+    fetch_query_scan_rate: Annotated[int, Field(strict=True, ge=10, le=1_000_000)] = 1000
+    """Records a second one device's fetches by query may make the server read, over
+    time (a burst of 4 x the scan budget first): a device asking again and again gets
+    smaller answers (at least 100 records read each), never more of the server."""
 
 
 class ServerRetentionConfig(_Model):
