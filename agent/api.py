@@ -30,6 +30,7 @@ from agent.checkpoints import ScopeCheckpoint
 from agent.core import Core, Work
 from agent.errors import BadRequest, StoreGone, WriteRefused
 from agent.fetch_api import AgentFetch
+from agent.fetch_query_api import AgentFetchQuery
 from agent.letters_api import AgentLetters
 from agent.models import FeedEvent, Record, WriteResult
 from agent.opening import Opener, wall_ms
@@ -55,7 +56,7 @@ _POKE_RETRY_S = 0.25
 """After a poke found no daemon, the next pokes wait this long (a daemon polls anyway)."""
 
 
-class Agent(AgentQueries, AgentFetch, AgentLetters):
+class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
     """An open device agent. Create with `Agent.open`; close with `close()` (or `with`).
 
     Queries (`query`, `count`, `live_query`, `subscribe`) come from

@@ -28,8 +28,13 @@ CERT_RENEW = "cert_renew"
 """The agent renews its client certificate: a new key made on the device, a `csr` up, the
 signed `cert` down (§7.15, agent.clientcert); `hello.crt`/`cexp` say which one it uses."""
 
+FETCH_QUERY = "fetch_query"
+"""The agent asks for records matching a filter (`fetchq`, answered by `fetchedq`,
+§7.14.1; agent.fetch_queries)."""
+
 AGENT_CAPS: frozenset[str] = frozenset(
-    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, CERT_RENEW, ZDICT, ZD2})
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, FETCH_QUERY, CERT_RENEW,
+     ZDICT, ZD2})
 """creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
 scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
@@ -37,9 +42,11 @@ txn: transactions sent as units (§7.2.1; agent.txn_sync).
 schema: the server's schema versions in `welcome` (§11).
 schema_push: see `SCHEMA_PUSH`.
 fetch: see `FETCH`.
+fetch_query: see `FETCH_QUERY`.
 cert_renew: see `CERT_RENEW`.
 zd1: small messages compressed with the protocol's preset dictionary, both ways (§3,
 schemas.zdict).
 zd2: see `ZD2` (the dictionary's id goes in `hello.zd`)."""
 
-__all__ = ["AGENT_CAPS", "CERT_RENEW", "FETCH", "SCHEMA", "SCHEMA_PUSH", "ZD2", "ZDICT"]
+__all__ = ["AGENT_CAPS", "CERT_RENEW", "FETCH", "FETCH_QUERY", "SCHEMA", "SCHEMA_PUSH", "ZD2",
+           "ZDICT"]

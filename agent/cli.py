@@ -9,6 +9,7 @@ The parser is `waystation.cli`; it calls ``cmd_<name>(args, env)`` and prints an
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -20,13 +21,14 @@ import orjson
 from agent import validate
 from agent.api import Agent
 from agent.clientcert import client_cert_status, describe_client_cert
-from agent.errors import NotFound, WriteRefused
+from agent.errors import BadRequest, NotFound, WriteRefused
 from agent.models import Record, WriteResult
 from agent.status import describe_deferral
 from schemas.collection import Catalog, load_catalog
 from waystation.config import AgentConfig, load_config
 
 EXIT_OK = 0
+EXIT_ERROR = 1
 
 
 def _setup(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[AgentConfig, Catalog]:
@@ -177,7 +179,16 @@ def cmd_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """`agent fetch COLLECTION KEY... [--wait S] [--json]`"""
+    """`agent fetch COLLECTION KEY... [--wait S] [--json]`, or `agent fetch COLLECTION
+    --where JSON [--limit N] [--after KEY] [--wait S] [--json]`"""
+    if args.where is not None:
+        if args.keys:
+            raise BadRequest("invalid", "give record keys or --where, not both")
+        return _fetch_query(args, env)
+    if not args.keys:
+        raise BadRequest("invalid", "name the record keys to fetch, or a filter with --where")
+    if args.limit is not None or args.after is not None:
+        raise BadRequest("invalid", "--limit and --after go with --where (a fetch by query)")
     with _open(args, env, create=True) as agent:
         result = agent.fetch(args.collection, args.keys, wait_s=args.wait)
         running = agent.status().agent_running
@@ -194,6 +205,42 @@ def cmd_fetch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                   "(or its service) is connected")
     if result.missing:
         print(f"the server holds none of: {', '.join(result.missing)}")
+    return EXIT_OK
+
+
+def _fetch_query(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    try:
+        where = json.loads(args.where)
+    except ValueError as exc:
+        raise BadRequest("invalid", f"--where is not JSON: {exc}") from None
+    if not isinstance(where, dict):
+        raise BadRequest("invalid", "--where must be a JSON object: field -> value or conditions")
+    with _open(args, env, create=True) as agent:
+        limit = 100 if args.limit is None else args.limit
+        result = agent.fetch_query(args.collection, where, limit=limit,
+                                   after=args.after, wait_s=args.wait)
+        running = agent.status().agent_running
+    if args.json:
+        _print_json(result.to_dict())
+        return EXIT_ERROR if result.state == "failed" else EXIT_OK
+    for record in result.records:
+        print(f"{record.key}  {_compact(record.fields)}")
+    if result.state == "waiting":
+        print(f"asked the server (fetch query {result.id}); the records come when it answers")
+        if not running:
+            print("  the sync daemon is not running: they come once `waystation agent run` "
+                  "(or its service) is connected")
+    elif result.state == "failed" and result.error:
+        print(f"the server cannot answer this filter: {result.error.get('reason', '')}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    else:
+        print(f"{len(result.records)} record(s) brought back; the server read "
+              f"{result.scanned}")
+        if result.next is not None:
+            why = ("the limit was reached" if result.stop == "limit"
+                   else "the server's scan budget was spent")
+            print(f"  more may match ({why}): go on with --after {result.next}")
     return EXIT_OK
 
 
@@ -249,9 +296,10 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if status.quota is not None:
         print(f"  disk quota: {status.quota['used']} of {status.quota['limit']} bytes used"
               + (" -- REACHED: local writes are refused" if status.quota["reached"] else ""))
-    if status.evicted or status.fetching:
-        print(f"  retention: {status.evicted} record(s) evicted, {status.fetching} asked back "
-              "(`waystation agent fetch COLLECTION KEY`)")
+    if status.evicted or status.fetching or status.fetch_queries:
+        print(f"  retention: {status.evicted} record(s) evicted, {status.fetching} asked back, "
+              f"{status.fetch_queries} fetch quer{'y' if status.fetch_queries == 1 else 'ies'} "
+              "waiting (`waystation agent fetch COLLECTION KEY` or `--where FILTER`)")
     return EXIT_OK
 
 

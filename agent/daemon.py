@@ -259,6 +259,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
                 self._pump(now)
                 self._retention_tick(now)
                 self._fetch_tick(now)
+                self._fetch_query_tick(now)
                 self.stats.loops += 1
         except Exception:
             log.exception("agent_loop_failed", dev=self.dev)

@@ -93,6 +93,7 @@ class ReceiveHooks:
             update["cexp"] = exp
         return hello.model_copy(update=update) if update else hello
     _on_fetched: Callable[[wire.Fetched], None]
+    _on_fetched_query: Callable[[wire.FetchedQuery], None]
 
     def _on_message(self, payload: bytes) -> None:
         try:
@@ -126,6 +127,8 @@ class ReceiveHooks:
             self._on_command(msg)
         elif isinstance(msg, wire.Fetched):
             self._on_fetched(msg)
+        elif isinstance(msg, wire.FetchedQuery):
+            self._on_fetched_query(msg)
         elif isinstance(msg, wire.Welcome):
             caps = self.sync.apply_welcome(msg)
             log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))

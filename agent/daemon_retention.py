@@ -6,6 +6,9 @@
 - Fetch (`agent.fetching`, PROTOCOL.md §7.14): queued keys go to the server as `fetch`
   requests, only once its `welcome` agreed to the `fetch` capability; `fetched` answers
   are applied as they come.
+- Fetch by query (`agent.fetch_queries`, §7.14.1): the same for queued queries, as
+  `fetchq`, once the server agreed to `fetch_query`; `fetchedq` answers are applied as
+  they come.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any
 
 import structlog
 
-from agent import evict, fetching, quota
-from agent.caps import FETCH
+from agent import evict, fetch_queries, fetching, quota
+from agent.caps import FETCH, FETCH_QUERY
 from agent.core import Work
 from agent.sync import Sync
 from schemas import wire
@@ -40,6 +43,7 @@ class RetentionHooks:
     _evict_running = False
     _evict_freed = 0
     _fetch_next = 0.0
+    _fetchq_next = 0.0
 
     def _retention_tick(self, now: float) -> None:
         """One eviction step when one is due (bounded: `retention.batch` records)."""
@@ -101,6 +105,34 @@ class RetentionHooks:
         result = self.sync.core.write(run, durable=False)
         log.info("fetched", dev=self.dev, req=msg.req, found=len(result.found),
                  missing=len(result.missing))
+
+    def _fetch_query_tick(self, now: float) -> None:
+        """Send the next waiting query, if the server speaks `fetch_query`."""
+        caps = self.sync.server_caps
+        if (not self._connected or caps is None or FETCH_QUERY not in caps
+                or now < self._fetchq_next):
+            return
+        self._fetchq_next = now + _FETCH_IDLE_S  # nothing to send: look again later
+        try:
+            request = self.sync.core.write(fetch_queries.next_request, durable=False)
+        except Exception:
+            log.exception("fetch_query_failed", dev=self.dev)
+            return
+        if request is not None:
+            self._send(request)
+            self._fetchq_next = time.monotonic()  # more may wait: no pause between them
+
+    def _on_fetched_query(self, msg: wire.FetchedQuery) -> None:
+        def run(work: Work) -> fetch_queries.QueryRequest | None:
+            return fetch_queries.apply_answer(work, msg)
+
+        req = self.sync.core.write(run, durable=False)
+        if req is None:
+            log.info("fetched_query_ignored", dev=self.dev, req=msg.req)
+        elif msg.end:
+            log.info("fetched_query", dev=self.dev, req=msg.req, state=req.state,
+                     records=len(req.keys), scanned=req.scanned, stop=req.stop,
+                     err=None if req.error is None else req.error["code"])
 
 
 __all__ = ["RetentionHooks"]

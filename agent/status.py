@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agent import fetch_queries
 from agent.core import Core, Work
 from agent.models import _age
 from agent.service.lock import service_pid
@@ -74,6 +75,8 @@ class AgentStatus:
     """Records evicted by retention (agent.evict); `fetch` brings them back."""
     fetching: int = 0
     """Records asked back from the server and not answered yet (agent.fetching)."""
+    fetch_queries: int = 0
+    """Queries asked of the server and not answered yet (agent.fetch_queries)."""
 
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
@@ -221,7 +224,8 @@ def read_status(core: Core) -> AgentStatus:
             sync_now_until_ms=(policy.get("sync_now_until_ms") if policy and (
                 policy.get("sync_now_until_ms") or 0) > now else None),
             server=policy.get("server") if policy else None, quota=quota,
-            evicted=tx.count("evicted"), fetching=tx.count("fetch"))
+            evicted=tx.count("evicted"), fetching=tx.count("fetch"),
+            fetch_queries=fetch_queries.waiting(work))
 
     return core.read(run)
 

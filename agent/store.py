@@ -35,6 +35,10 @@ evicted         record                          {"s", "q", "t"}: a record evicte
                                                 retention (agent.evicted, agent.evict)
 fetch           record                          {"t", "sent"?, "req"?}: a record asked
                                                 back from the server (agent.fetching)
+fetchq          request id (ASCII, sorts by     {"c", "w", "lim", "after", "state", ...}:
+                creation time)                  a query asked of the server
+                                                (agent.fetch_queries); its filter values
+                                                are plain text, like index entries
 ==============  ==============================  ==========================================
 
 Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,
@@ -91,7 +95,7 @@ meta (``inc``) and per outbox entry (``i``). Older formats are migrated in place
 opening transaction (`_MIGRATIONS`); a newer format is refused (downgrade)."""
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
-            "deadletters", "meta", "feed", "index", "evicted", "fetch")
+            "deadletters", "meta", "feed", "index", "evicted", "fetch", "fetchq")
 _MAX_RETRIES = 64
 _MIB = 1 << 20
 

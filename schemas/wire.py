@@ -26,6 +26,7 @@ from schemas.wire_down import (
     Delta,
     ErrorInfo,
     Fetched,
+    FetchedQuery,
     Page,
     Reject,
     Rejection,
@@ -77,6 +78,7 @@ from schemas.wire_types import (
     json_value_error,
     required_on_wire,
 )
+from waystation.filters import FILTER_FIELD_PATTERN, MAX_CONDITIONS, FieldFilter
 
 # --- device -> server ---------------------------------------------------------------
 
@@ -233,6 +235,28 @@ class Fetch(Message):
     k: Annotated[list[RecordKey], Field(min_length=1, max_length=MAX_FETCH_KEYS)]
 
 
+MAX_FETCHQ_LIMIT = 1000
+"""Records one `fetchq` may ask for (§7.14.1); a server may answer fewer (`stop`)."""
+
+
+class FetchQuery(Message):
+    """A device asks for the records of one collection that match a filter (capability
+    `fetch_query`, §7.14.1), in key order after `after`, at most `lim` of them. Answered
+    by one or more `fetchedq`."""
+
+    type: Literal["fetchq"] = "fetchq"
+    dev: DeviceId
+    req: ReqId
+    c: CollectionName
+    w: Annotated[dict[Annotated[str, Field(pattern=FILTER_FIELD_PATTERN)], FieldFilter],
+                 Field(max_length=MAX_CONDITIONS)] = Field(default_factory=dict)
+    """Field (or `$scope`) -> conditions, all ANDed (the local query filter, §7.14.1)."""
+    lim: Annotated[int, Field(ge=1, le=MAX_FETCHQ_LIMIT, strict=True)] = 100
+    after: RecordKey | None = None
+    """The `next` of the previous answer: continue after this key; absent: from the
+    collection's first key."""
+
+
 MAX_PEM = PEM_MAX
 """The longest PEM text a `csr` or `cert` message carries (§7.15): an EC P-256 request or
 certificate is under 1 KiB; the bound leaves room for a CA certificate with extensions."""
@@ -283,7 +307,7 @@ class ServerState(Message):
 
 
 UP_TYPES: dict[str, type[Message]] = {"hello": Hello, "changes": Changes, "catchup": Catchup,
-                                      "fetch": Fetch, "csr": Csr}
+                                      "fetch": Fetch, "fetchq": FetchQuery, "csr": Csr}
 DOWN_TYPES: dict[str, type[Message]] = {
     "ack": Ack,
     "reject": Reject,
@@ -291,6 +315,7 @@ DOWN_TYPES: dict[str, type[Message]] = {
     "page": Page,
     "checkpoint": Checkpoint,
     "fetched": Fetched,
+    "fetchedq": FetchedQuery,
     "cert": CertIssued,
     "command": Command,
     "welcome": Welcome,
@@ -310,6 +335,7 @@ __all__ = [
     "ID_PATTERN",
     "INCARNATION_PATTERN",
     "MAX_CHANGES_PER_BATCH",
+    "MAX_FETCHQ_LIMIT",
     "MAX_FETCH_KEYS",
     "MAX_FIELDS_PER_CHANGE",
     "MAX_JSON_DEPTH",
@@ -341,7 +367,10 @@ __all__ = [
     "DeviceId",
     "ErrorInfo",
     "Fetch",
+    "FetchQuery",
     "Fetched",
+    "FetchedQuery",
+    "FieldFilter",
     "FieldName",
     "FieldValues",
     "Hello",

@@ -1,5 +1,5 @@
 """Wire models of the messages the server sends a device on its down topic
-(PROTOCOL.md §7.4 to §7.9, §7.13, §7.14, §11). Re-exported by `schemas.wire`, where
+(PROTOCOL.md §7.4 to §7.9, §7.13, §7.14, §7.14.1, §11). Re-exported by `schemas.wire`, where
 callers import them.
 """
 
@@ -119,6 +119,32 @@ class Command(Message):
     id: Annotated[str, Field(min_length=1, max_length=64)]
     cmd: Literal["wipe", "resync", "ping", "scopes", "sync", "creds", "cert_renew"]
     args: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class FetchedQuery(Message):
+    """The answer to a `fetchq` (capability `fetch_query`, §7.14.1): whole record states
+    of live records in the device's scopes that match the filter, in key order. A large
+    answer comes in several messages with the same `req`; each may be applied alone, and
+    the last says `end`. `next` (on the last message): the key to continue after (send
+    it as `after`); absent: the collection was read to its end. `stop` says why the
+    answer stopped before the end: `limit` (the records asked for) or `budget` (the
+    server read as many records as it allows one request). `err`: the filter cannot be
+    evaluated on the server's schema (unknown collection or field, wrong type); the
+    request is answered with nothing and asking again will not help."""
+
+    type: Literal["fetchedq"] = "fetchedq"
+    req: ReqId
+    c: CollectionName
+    recs: list[Rec] = Field(default_factory=list)
+    end: StrictBool = True
+    next: RecordKey | None = None
+    stop: Literal["limit", "budget"] | None = None
+    scanned: Annotated[int, Field(ge=0, strict=True)] = 0
+    """Records the server read for this request (the cost it spent)."""
+    err: ErrorInfo | None = None
+
+    model_config = ConfigDict(extra="ignore", frozen=True,
+                              json_schema_extra=required_on_wire("recs", "end"))
 
 
 PEM_MAX = 8192

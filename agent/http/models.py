@@ -164,6 +164,8 @@ class StatusOut(_Out):
     """Records evicted by retention; POST /v1/fetch brings them back."""
     fetching: int
     """Records asked back from the server, not answered yet."""
+    fetch_queries: int
+    """Queries asked of the server (fetch by query), not answered yet."""
 
 
 class QuotaOut(_Out):

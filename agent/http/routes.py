@@ -268,6 +268,18 @@ ROUTES: tuple[Route, ...] = (
           "fetchRecords", "Bring records back from the server by key (evicted by "
           "retention, or never held)", fetch_routes.FetchOut, fetch_routes.FetchBody,
           params=(_C,), errors=(400, 403, 404, 413, 415, 422)),
+    Route("POST", "/v1/collections/{collection}/fetch-query", fetch_routes.fetch_query,
+          "fetchQuery", "Bring records back from the server by query (the local query's "
+          "filter, no index needed; bounded, with a cursor)", fetch_routes.FetchQueryOut,
+          fetch_routes.FetchQueryBody, params=(_C,), errors=(400, 403, 404, 413, 415, 422)),
+    Route("GET", "/v1/fetch-queries/{id}", fetch_routes.get_fetch_query, "getFetchQuery",
+          "Where a fetch by query stands (and the records it brought back)",
+          fetch_routes.FetchQueryOut,
+          params=(Param("id", "path", {"type": "string", "minLength": 1, "maxLength": 64},
+                        "The id the fetch query returned", required=True),
+                  Param("wait_s", "query", {"type": "number", "minimum": 0, "maximum": 30},
+                        "Wait up to this long for the answer (default 0)")),
+          errors=(403, 404, 422)),
     Route("GET", _REC, get_record, "getRecord",
           "A record with its per-field sync state", models.RecordOut, params=(_C, _K),
           errors=(403, 404, 422)),

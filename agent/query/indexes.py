@@ -9,7 +9,7 @@ a recorded index no longer declared goes to ``drop``.
 
 Index entries live in database ``index``:
 
-    key    index id (4 bytes, big-endian) + encoded value of each field (agent.query.keys)
+    key    index id (4 bytes, big-endian) + encoded value of each field (waystation.sortkeys)
            + the record key (UTF-8)
     value  0x01 if the record is deleted else 0x00, + the record key (UTF-8)
 
@@ -25,10 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from agent.query.keys import encode, members
 from agent.view import ViewState
 from schemas.collection import Catalog
 from schemas.indexes import SCOPE_FIELD
+from waystation.sortkeys import encode, members
 
 IndexState = Literal["build", "ready", "drop"]
 ID_BYTES = 4

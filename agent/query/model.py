@@ -26,7 +26,6 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
-    StrictStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -35,59 +34,19 @@ from pydantic import (
 from agent.models import Record
 from agent.query.errors import QueryError
 from schemas.wire import COLLECTION_PATTERN
+from waystation.filters import (
+    FILTER_FIELD_PATTERN,
+    MAX_CONDITIONS,
+    RANGE_OPS,
+    FieldFilter,
+    shorthand,
+)
 
 MAX_LIMIT = 1000
 """Records per page at most (a cursor fetches the next page)."""
 DEFAULT_LIMIT = 100
-MAX_IN_VALUES = 256
-MAX_CONDITIONS = 16
-MAX_VALUE_CHARS = 4096
 MAX_CURSOR_CHARS = 16384
-QUERY_FIELD_PATTERN = r"^(\$scope|[A-Za-z_][A-Za-z0-9_]{0,63})$"
-
-StrictFiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Text = Annotated[StrictStr, Field(max_length=MAX_VALUE_CHARS)]
-Scalar = StrictBool | StrictInt | StrictFiniteFloat | Text | None
-RANGE_OPS = ("gt", "gte", "lt", "lte")
-
-
-class FieldFilter(BaseModel):
-    """The conditions on one field (all must hold)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    eq: Scalar = None
-    """Equal to (null: the field is null or missing). Only counts when given."""
-    in_: tuple[Scalar, ...] | None = Field(default=None, alias="in", min_length=1,
-                                           max_length=MAX_IN_VALUES)
-    gt: Scalar = None
-    gte: Scalar = None
-    lt: Scalar = None
-    lte: Scalar = None
-    prefix: Text | None = None
-
-    @model_validator(mode="after")
-    def _some_condition(self) -> FieldFilter:
-        given = self.model_fields_set
-        if not given:
-            raise ValueError("a field filter needs an operator: eq, in, gt, gte, lt, lte "
-                             "or prefix")
-        for op in RANGE_OPS:
-            if op in given and getattr(self, op) is None:
-                raise ValueError(f"{op}: null has no order; use eq: null for a missing field")
-        if "prefix" in given and self.prefix is None:
-            raise ValueError("prefix must be a string")
-        if "in" in given and self.in_ is None:
-            raise ValueError("in must be a list of values")
-        return self
-
-    @property
-    def has_eq(self) -> bool:
-        return "eq" in self.model_fields_set
-
-    def ops(self) -> dict[str, Any]:
-        """The operators given, as in JSON."""
-        return self.model_dump(by_alias=True, exclude_unset=True)
+QUERY_FIELD_PATTERN = FILTER_FIELD_PATTERN
 
 
 class Query(BaseModel):
@@ -109,18 +68,7 @@ class Query(BaseModel):
     @field_validator("where", mode="before")
     @classmethod
     def _shorthand(cls, raw: Any) -> Any:
-        """A bare value means equality: {"status": "out"} is {"status": {"eq": "out"}}."""
-        if raw is None:
-            return {}
-        if not isinstance(raw, Mapping):
-            return raw
-        out: dict[Any, Any] = {}
-        for name, cond in raw.items():
-            if isinstance(cond, list | tuple):
-                raise ValueError(f"{name}: a list is not a value; use {{\"in\": [...]}} to "
-                                 "match any of several values")
-            out[name] = cond if isinstance(cond, Mapping | FieldFilter) else {"eq": cond}
-        return out
+        return shorthand(raw)
 
     @model_validator(mode="after")
     def _desc_needs_order(self) -> Query:
@@ -212,6 +160,7 @@ class LiveUpdate:
 __all__ = [
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
+    "RANGE_OPS",
     "FieldFilter",
     "LiveUpdate",
     "Query",

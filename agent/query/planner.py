@@ -1,7 +1,7 @@
 """Query planning: which index serves a query, and which byte ranges of it to read.
 
 Pure: no I/O. `plan(query, spec, indexes)` turns every field's conditions into a set of
-points (eq, in) or one interval (ranges, prefix) of encoded values (agent.query.keys),
+points (eq, in) or one interval (ranges, prefix) of encoded values (waystation.sortkeys),
 picks an index, and returns the key ranges to scan plus the conditions checked on each
 entry read (`Check`), all as bytes: an entry matches when its key lies in a range and
 passes the checks, which is exactly the query's meaning because the encoding preserves
@@ -30,33 +30,16 @@ from dataclasses import dataclass
 
 import orjson
 
-from agent.query import keys
 from agent.query.errors import IndexNotReady, IndexRequired, QueryError
 from agent.query.indexes import ID_BYTES, LIVE, IndexDef
-from agent.query.model import RANGE_OPS, FieldFilter, Query
+from agent.query.model import FieldFilter, Query
 from schemas.collection import CollectionSpec
-from schemas.indexes import SCOPE_FIELD
+from waystation import filters
+from waystation import sortkeys as keys
+from waystation.filters import Constraint, FilterError, Interval, Points
 
 MAX_RANGES = 1024
 """Combinations of `in` values across fields (each is one range to read)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Points:
-    """The field must equal one of these encoded values (sorted, distinct)."""
-
-    values: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Interval:
-    """The field's encoding (with what follows it) lies in [lo, hi); hi None: no end."""
-
-    lo: bytes
-    hi: bytes | None
-
-
-Constraint = Points | Interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,89 +202,19 @@ def _ranges(query: Query, ix: IndexDef, cons: dict[str, Constraint | None],
 
 def field_type(spec: CollectionSpec, name: str) -> str:
     """The type of a field a query names (`$scope`: string); QueryError if unknown."""
-    if name == SCOPE_FIELD:
-        return "string"
-    fspec = spec.fields.get(name)
-    if fspec is None:
-        known = ", ".join([*spec.fields, SCOPE_FIELD])
-        raise QueryError(f"{spec.name} has no field {name!r} (fields: {known})",
-                         "unknown_field")
-    return fspec.type
-
-
-_KIND_OF_TYPE = {"string": "string", "int": "number", "float": "number", "bool": "bool",
-                 "set": "string", "json": "other"}
+    try:
+        return filters.field_type(spec, name)
+    except FilterError as exc:
+        raise QueryError(str(exc), exc.code) from None
 
 
 def constraint(spec: CollectionSpec, name: str, flt: FieldFilter) -> Constraint | None:
-    """The encoded form of the conditions on one field; None when nothing can match."""
-    ftype = field_type(spec, name)
-    where = f"{spec.name}.{name}"
-    if ftype == "json":
-        raise QueryError(f"{where} is a json field: its values have no order and cannot be "
-                         "indexed or filtered")
-    given = flt.model_fields_set
-    if ftype == "set" and given != {"eq"}:
-        raise QueryError(f"{where} is a set field: filter it by one member, like "
-                         f"{{{name!r}: \"member\"}} (records holding that member)")
-    expected = _KIND_OF_TYPE[ftype]
-
-    def enc(op: str, value: object) -> bytes:
-        kind = keys.kind(value)
-        if kind != expected and not (kind == "null" and ftype != "set"):
-            raise QueryError(f"{where} is a {ftype} field: {op} {value!r} is "
-                             f"{'null' if kind == 'null' else 'a ' + kind} and can never match")
-        try:
-            return keys.encode(value)
-        except UnicodeEncodeError:
-            raise QueryError(f"{where}: {op} value is not valid Unicode text") from None
-
-    point_set: set[bytes] | None = None
-    if flt.has_eq:
-        point_set = {enc("eq", flt.eq)}
-    if flt.in_ is not None:
-        found = {enc("in", v) for v in flt.in_}
-        point_set = found if point_set is None else point_set & found
-    lo: bytes | None = None
-    hi: bytes | None = None
-    kinds = set()
-    for op in RANGE_OPS:
-        if op not in given:
-            continue
-        value = getattr(flt, op)
-        bound = enc(op, value)
-        kinds.add(keys.kind(value))
-        if op in ("gt", "gte"):
-            b = keys.successor(bound) if op == "gt" else bound
-            lo = b if lo is None else max(lo, b)
-        else:
-            b = bound if op == "lt" else keys.successor(bound)
-            hi = b if hi is None else min(hi, b)
-    if flt.prefix is not None:
-        if expected != "string":
-            raise QueryError(f"{where} is a {ftype} field: prefix applies to strings")
-        try:
-            start = keys.encode_prefix(flt.prefix)
-        except UnicodeEncodeError:
-            raise QueryError(f"{where}: prefix is not valid Unicode text") from None
-        kinds.add("string")
-        lo = start if lo is None else max(lo, start)
-        end = keys.successor(start)
-        hi = end if hi is None else min(hi, end)
-    if len(kinds) > 1:
-        raise QueryError(f"{where}: the bounds of one range must be of one kind "
-                         f"(got {', '.join(sorted(kinds))})")
-    if kinds:
-        first, after = keys.KIND_BOUNDS[kinds.pop()]
-        lo = first if lo is None else max(lo, first)
-        hi = after if hi is None else min(hi, after)
-    if point_set is not None:
-        values = tuple(sorted(v for v in point_set
-                              if (lo is None or lo <= v) and (hi is None or v < hi)))
-        return Points(values)
-    if lo is not None and hi is not None and lo >= hi:
-        return Points(())
-    return Interval(lo or b"", hi)
+    """The encoded form of the conditions on one field (`waystation.filters`, which the
+    server's fetch by query evaluates too); QueryError when malformed."""
+    try:
+        return filters.constraint(spec, name, flt)
+    except FilterError as exc:
+        raise QueryError(str(exc), exc.code) from None
 
 
 def _is_single_point(c: Constraint | None) -> bool:

@@ -38,8 +38,13 @@ CERT_RENEW = "cert_renew"
 device's `csr` with the client CA of `[enrol]` and answers with `cert`; `hello.crt` and
 `hello.cexp` report the certificate in use (PROTOCOL.md §7.15)."""
 
+FETCH_QUERY = "fetch_query"
+"""The server answers `fetchq` (records matching a filter) with `fetchedq` (PROTOCOL.md
+§7.14.1)."""
+
 SERVER_CAPS: frozenset[str] = frozenset(
-    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, CERT_RENEW, ZDICT, ZD2})
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, FETCH_QUERY, CERT_RENEW,
+     ZDICT, ZD2})
 """creds: `waystation device rotate-password` reaches the device as a `creds` command
 (§7.9) and `hello.cred` tells the server it logged in with the new password (§7.1).
 scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
@@ -48,6 +53,7 @@ txn: transactions applied all or none (§7.2.1, §10.5).
 schema: see `SCHEMA`.
 schema_push: see `SCHEMA_PUSH`.
 fetch: see `FETCH`.
+fetch_query: see `FETCH_QUERY`.
 cert_renew: see `CERT_RENEW`.
 zd1: see `ZDICT`.
 zd2: see `ZD2`."""
@@ -62,5 +68,5 @@ def agreed(offered: Iterable[str], *, zd: int | None = None) -> tuple[str, ...]:
     return tuple(sorted(both))
 
 
-__all__ = ["CERT_RENEW", "FETCH", "SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "ZD2", "ZDICT",
-           "agreed"]
+__all__ = ["CERT_RENEW", "FETCH", "FETCH_QUERY", "SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "ZD2",
+           "ZDICT", "agreed"]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.errors import StoreError
-from broker.server import fetch
+from broker.server import fetch, fetch_query
+from broker.server.fetch_query import QueryLimits, ScanAllowance
 from broker.server.messages import (
     MAX_DOWN_BYTES,
     Compression,
@@ -30,7 +31,8 @@ from broker.server.messages import (
 from broker.server.registry import RegistryMoved
 from broker.server.store.base import DeviceRow, ReadTxn, Store
 from schemas import codec
-from schemas.wire import Catchup, Fetch
+from schemas.collection import Catalog
+from schemas.wire import Catchup, Fetch, FetchQuery
 from waystation import merge
 
 log = structlog.get_logger(__name__)
@@ -90,11 +92,16 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
     return out
 
 
-def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup | Fetch]],
-               compress_over: Callable[[str], Compression], *,
+def answer_all(store: Store,
+               requests: Sequence[tuple[DeviceRow, Catchup | Fetch | FetchQuery]],
+               compress_over: Callable[[str], Compression], catalog: Catalog | None = None,
+               limits: QueryLimits = fetch_query.DEFAULT_LIMITS,
+               allowance: ScanAllowance | None = None, *,
                generation: int | None = None) -> tuple[list[tuple[str, bytes]], int]:
     """Answer several devices' requests from one snapshot: (messages, records sent).
-    A `fetch` (§7.14) is answered here too: it reads the same way (`broker.server.fetch`).
+    A `fetch` (§7.14) and a `fetchq` (§7.14.1, evaluated on `catalog`, each device's
+    scan cut to its `allowance`) are answered here too: they read the same way
+    (`broker.server.fetch`, `broker.server.fetch_query`).
 
     With `generation` (the registry generation the caller's schema was loaded at), a
     snapshot taken after a `schema publish` / `rollback` the caller has not loaded
@@ -116,6 +123,18 @@ def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup | Fetch
                         records += count
                         over = compress_over(device.id)
                         out.extend((device.id, compress(m, over)) for m in msgs)
+                        continue
+                    if isinstance(req, FetchQuery):
+                        own = limits if allowance is None else allowance.limits(device.id,
+                                                                                limits)
+                        qa = fetch_query.answer(txn, device, req, catalog, own)
+                        if allowance is not None:
+                            allowance.spend(device.id, qa.scanned)
+                        records += qa.records
+                        log.info("fetch_query", dev=device.id, req=req.req, c=req.c,
+                                 records=qa.records, scanned=qa.scanned)
+                        over = compress_over(device.id)
+                        out.extend((device.id, compress(m, over)) for m in qa.messages)
                         continue
                     ans = answer(txn, device, req)
                 except Exception:

@@ -26,7 +26,8 @@ from schemas.migrate import project_down
 log = structlog.get_logger(__name__)
 
 _ZLIB = 0x78
-_REC_LISTS = {"delta": "d", "page": "recs", "ack": "fx", "fetched": "recs"}
+_REC_LISTS = {"delta": "d", "page": "recs", "ack": "fx", "fetched": "recs",
+              "fetchedq": "recs"}
 
 
 class Downcaster:

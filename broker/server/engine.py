@@ -52,6 +52,7 @@ from broker.server.cert_renewal import Refused
 from broker.server.downcast import Downcaster
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
+from broker.server.fetch_query import QueryLimits, ScanAllowance
 from broker.server.hello_round import hello_commands, note_incarnation
 from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
@@ -91,6 +92,8 @@ log = structlog.get_logger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
 _T = TypeVar("_T")
+_READS = ("catchup", "fetch", "fetchq")
+"""Up messages answered by reading the store (`broker.server.catchup.answer_all`)."""
 PURGE_INTERVAL_MS = 60_000
 """How often tombstones older than the retention are purged, at most (more often when
 the retention itself is short, so a tombstone never outlives it by much)."""
@@ -118,6 +121,8 @@ class Engine:
         self.rules = list(load_rules(self.cfg.rules) if rules is None else rules)
         self.applier = Applier(catalog, self.cfg, self.clock, now_ms, self.rules)
         self.schema = LiveSchema(catalog)  # loaded with the registry, below
+        self.scan_allowance = ScanAllowance(
+            self.cfg.fetch_query_scan_rate, 4 * self.cfg.fetch_query_scan_budget, now_ms)
         self.downcaster: Downcaster | None = None
         self._schema_out: list[Outgoing] = []
         ret = config.retention
@@ -167,7 +172,7 @@ class Engine:
         fan = Fanout(self.registry, self.presence)
         catchups: list[Incoming] = []
         for inc in incs:
-            if inc.kind in ("catchup", "fetch") and not inc.failed and not inc.blocked:
+            if inc.kind in _READS and not inc.failed and not inc.blocked:
                 catchups.append(inc)
                 continue
             try:
@@ -478,7 +483,7 @@ class Engine:
             msgs = reject_messages([rejection(n, codec.SERVER_ERROR, "the server failed to "
                                               "apply this change; send it again later", False)
                                     for n in numbers])
-        elif inc.kind in ("catchup", "fetch") and inc.blocked:
+        elif inc.kind in _READS and inc.blocked:
             msgs = [error_message(codec.DEVICE_DISABLED, inc.blocked)]
         elif inc.error is not None or inc.failed:
             code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
@@ -502,7 +507,9 @@ class Engine:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
         out, records = schema_guard.answer_live(
             self.store, reqs, self._compress_over, lambda: self.registry.generation,
-            self._refresh_registry, self.counters)
+            self._refresh_registry, self.counters, lambda: self.catalog,
+            QueryLimits(self.cfg.fetch_query_max_records, self.cfg.fetch_query_scan_budget),
+            self.scan_allowance)
         out = self._downcast(out)
         self.counters["catchup_records"] += records
         now = self.now_ms()

@@ -22,7 +22,7 @@ from broker.server.store.base import CommandRow, DeadLetter, DeviceRow
 from schemas import codec
 from schemas.codec import BadChange, LenientChanges
 from schemas.errors import ProtocolError
-from schemas.wire import UP_TYPES, Catchup, Change, Csr, Fetch, Hello
+from schemas.wire import UP_TYPES, Catchup, Change, Csr, Fetch, FetchQuery, Hello
 from waystation.config import MergeConfig
 
 log = structlog.get_logger(__name__)
@@ -96,6 +96,8 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
         inc.kind = "fetch"
     elif isinstance(msg, Csr):
         inc.kind = "csr"
+    elif isinstance(msg, FetchQuery):
+        inc.kind = "fetchq"
     else:  # pragma: no cover - UP_TYPES has exactly these five
         inc.error = (codec.UNKNOWN_TYPE, "not accepted on the up topic")
     return inc

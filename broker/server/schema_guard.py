@@ -30,11 +30,13 @@ import structlog
 
 from broker.errors import StoreError
 from broker.server import catchup
+from broker.server.fetch_query import DEFAULT_LIMITS, QueryLimits, ScanAllowance
 from broker.server.messages import Compression, error_message
 from broker.server.registry import RegistryMoved
 from broker.server.store.base import DeviceRow, Store, WriteTxn
 from schemas import codec
-from schemas.wire import Catchup, Fetch
+from schemas.collection import Catalog
+from schemas.wire import Catchup, Fetch, FetchQuery
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -68,15 +70,18 @@ def transact_live(store: Store, fn: Callable[[WriteTxn], T], reload: Callable[[]
                      "merging one group; the devices send their changes again")
 
 
-def answer_live(store: Store, reqs: Sequence[tuple[DeviceRow, Catchup | Fetch]],
+def answer_live(store: Store, reqs: Sequence[tuple[DeviceRow, Catchup | Fetch | FetchQuery]],
                 compress_over: Callable[[str], Compression], generation: Callable[[], int],
-                reload: Callable[[], object], counters: Counter[str]
+                reload: Callable[[], object], counters: Counter[str],
+                catalog: Callable[[], Catalog | None] = lambda: None,
+                limits: QueryLimits = DEFAULT_LIMITS, allowance: ScanAllowance | None = None,
                 ) -> tuple[list[tuple[str, bytes]], int]:
     """`catchup.answer_all` from a snapshot at the loaded generation (reloading first
-    when a publish committed since)."""
+    when a publish committed since); `catalog()` is read after each reload."""
     for _ in range(SCHEMA_REDOS):
         try:
-            return catchup.answer_all(store, reqs, compress_over, generation=generation())
+            return catchup.answer_all(store, reqs, compress_over, catalog(), limits, allowance,
+                                      generation=generation())
         except RegistryMoved:
             counters["schema_redos"] += 1
             try:

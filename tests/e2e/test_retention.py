@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 AFTER_S = 4
 
 
-def _short_retention_schema(root: Path) -> Path:
-    """The example fleet schema with tasks evicted AFTER_S seconds after sync."""
+def _short_retention_schema(root: Path, after_s: int = AFTER_S) -> Path:
+    """The example fleet schema with tasks evicted `after_s` seconds after sync."""
     text = example_catalog_path().read_text()
-    text, count = re.subn(r'retention = \{ after = "7d"', f'retention = {{ after = "{AFTER_S}s"',
+    text, count = re.subn(r'retention = \{ after = "7d"', f'retention = {{ after = "{after_s}s"',
                           text)
     assert count == 1
     path = root / "fleet-retention.toml"

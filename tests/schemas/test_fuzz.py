@@ -46,6 +46,9 @@ from schemas.wire import (
     ErrorInfo,
     Fetch,
     Fetched,
+    FetchedQuery,
+    FetchQuery,
+    FieldFilter,
     Hello,
     Message,
     Page,
@@ -204,6 +207,19 @@ opt = st.none
 
 cap_lists = st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,31}", fullmatch=True), max_size=32)
 
+filter_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**53) + 1, 2**53 - 1),
+                           st.floats(allow_nan=False, allow_infinity=False),
+                           st.text(st.characters(codec="utf-8"), max_size=8))
+filter_ops = st.one_of(
+    filter_scalars.map(lambda v: FieldFilter(eq=v)),
+    st.lists(filter_scalars, min_size=1, max_size=3).map(
+        lambda vs: FieldFilter.model_validate({"in": vs})),
+    st.dictionaries(st.sampled_from(["gt", "gte", "lt", "lte"]),
+                    filter_scalars.filter(lambda v: v is not None), min_size=1,
+                    max_size=2).map(FieldFilter.model_validate),
+    st.text(st.characters(codec="utf-8"), max_size=8).map(lambda p: FieldFilter(prefix=p)),
+)
+
 BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
     Hello: st.builds(
         Hello,
@@ -273,6 +289,14 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
                      k=st.lists(keys, min_size=1, max_size=100)),
     Fetched: st.builds(Fetched, req=reqs, c=collections, recs=st.lists(recs(), max_size=2),
                        miss=st.lists(keys, max_size=5)),
+    FetchQuery: st.builds(FetchQuery, dev=ids, req=reqs, c=collections, w=st.dictionaries(
+        st.from_regex(r"\$scope|[A-Za-z_][A-Za-z0-9_]{0,15}", fullmatch=True),
+        filter_ops, max_size=3), lim=st.integers(1, 1000), after=opt() | keys),
+    FetchedQuery: st.builds(
+        FetchedQuery, req=reqs, c=collections, recs=st.lists(recs(), max_size=2),
+        end=st.booleans(), next=opt() | keys, stop=st.sampled_from([None, "limit", "budget"]),
+        scanned=st.integers(0, 10**6),
+        err=opt() | st.builds(ErrorInfo, code=codes, reason=short)),
     Command: st.builds(
         Command,
         id=st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),

@@ -52,14 +52,26 @@ def add_agent(b: Builder) -> None:
     p.add_argument("collection", metavar="COLLECTION",
                    help="collection name, as in the collection schema")
     json_flag(p)
-    p = b.leaf("agent fetch", "bring records back from the server by key",
-               "Ask the server for records by key: records retention evicted from this "
-               "device, or records of its scopes it never held. The request is kept until "
-               "the sync daemon is connected to a server that answers it; --wait says how "
-               "long this command waits for the answer.", config="agent")
+    p = b.leaf("agent fetch", "bring records back from the server by key or by query",
+               "Ask the server for records by key, or (--where) for the records matching a "
+               "filter: records retention evicted from this device, or records of its "
+               "scopes it never held. The request is kept until the sync daemon is "
+               "connected to a server that answers it; --wait says how long this command "
+               "waits for the answer. A query's answer is bounded (--limit, and the "
+               "server's scan budget): when it stops early it prints the --after KEY to "
+               "go on with.", config="agent")
     p.add_argument("collection", metavar="COLLECTION",
                    help="collection name, as in the collection schema")
-    p.add_argument("keys", metavar="KEY", nargs="+", help="record keys (at most 100)")
+    p.add_argument("keys", metavar="KEY", nargs="*",
+                   help="record keys (at most 100); none with --where")
+    p.add_argument("--where", metavar="JSON", default=None,
+                   help="fetch by query: a filter as JSON, the local query's `where` "
+                        "(docs/QUERIES.md), e.g. '{\"status\": \"delivered\", "
+                        "\"eta\": {\"gte\": 1764000000000}}'; '{}' for every record")
+    p.add_argument("--limit", metavar="N", type=int, default=None,
+                   help="with --where: records at most (1 to 1000, default 100)")
+    p.add_argument("--after", metavar="KEY", default=None,
+                   help="with --where: go on after this key (the `next` of an answer)")
     p.add_argument("--wait", metavar="SECONDS", type=number, default=0.0,
                    help="wait up to this long for the server's answer (default 0, max 300)")
     json_flag(p)

@@ -93,6 +93,15 @@ class MergeConfig(_Model):
     # and buys nothing under load, where groups form on their own.
     batch_window_ms: Annotated[int, Field(strict=True, ge=0, le=1000)] = 0
     compress_over_bytes: CompressOver = 512
+    fetch_query_max_records: Annotated[int, Field(strict=True, ge=1, le=1000)] = 1000
+    """Records one fetch-by-query answer holds at most (PROTOCOL.md §7.14.1)."""
+    fetch_query_scan_budget: Annotated[int, Field(strict=True, ge=100, le=1_000_000)] = 5_000
+    """Records one fetch by query may make the server read (its cost bound): the scan
+    stops there and the device continues with the answer's cursor."""
+    fetch_query_scan_rate: Annotated[int, Field(strict=True, ge=10, le=1_000_000)] = 1000
+    """Records a second one device's fetches by query may make the server read, over
+    time (a burst of 4 x the scan budget first): a device asking again and again gets
+    smaller answers (at least 100 records read each), never more of the server."""
 
 
 class ServerRetentionConfig(_Model):

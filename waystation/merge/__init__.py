@@ -53,7 +53,7 @@ from waystation.merge.state import (
     Version,
     latest_stamp,
 )
-from waystation.merge.storage import from_json, to_json
+from waystation.merge.storage import from_json, live_values, to_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -73,6 +73,7 @@ __all__ = [
     "from_json",
     "fx_rec",
     "latest_stamp",
+    "live_values",
     "resolve",
     "to_json",
     "to_rec",

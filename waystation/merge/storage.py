@@ -95,6 +95,30 @@ def from_json(data: dict[str, Any]) -> RecordState:
     return rec
 
 
+def live_values(data: dict[str, Any]) -> dict[str, Any] | None:
+    """`from_json(data).values()` of a stored state that was never deleted, read without
+    building the record (a scan that filters many records parses only the matches);
+    None when the state holds a delete (then `from_json` decides whether it is visible)."""
+    if "x" in data or data.get("fv") != FORMAT_VERSION:
+        return None
+    out: dict[str, Any] = {}
+    try:
+        for name, st in data["f"].items():
+            tag = st[0]
+            if tag == "r":
+                out[name] = st[2][0]
+            elif tag == "c":
+                out[name] = st[2]
+            elif tag == "s":
+                if st[2]:
+                    out[name] = sorted(st[2])
+            else:
+                return None
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None  # from_json says what is damaged
+    return out
+
+
 # Stamps in both directions, remembered: the fields of a record written by one change
 # share its stamp, and a record read, merged and written back re-encodes the stamps it
 # was read with. Bounded (cleared when full); entries are immutable, so sharing is safe.

@@ -1,4 +1,4 @@
-"""The sortable key encoding (agent.query.keys): order, equality, self-delimiting."""
+"""The sortable key encoding (waystation.sortkeys): order, equality, self-delimiting."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.query import keys
 from tests.agent.query.reference import compare
+from waystation import sortkeys as keys
 
 ints = st.one_of(st.integers(-(2**53), 2**53), st.integers(), st.integers(-(2**1100), 2**1100))
 floats = st.floats(allow_nan=False, allow_infinity=False)
