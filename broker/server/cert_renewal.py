@@ -55,6 +55,11 @@ class Renewal:
     """When the certificate the device last connected with expires (`hello.cexp`)."""
 
     @property
+    def is_signed(self) -> bool:
+        # The key's fingerprint, not the `issued` time: a time is not a flag (0 is a time).
+        return bool(self.key)
+
+    @property
     def stage(self) -> Stage:
         if not self.id:
             return ""
@@ -62,7 +67,7 @@ class Renewal:
             return "in use"
         if self.stored:
             return "stored"
-        return "issued" if self.issued else "asked"
+        return "issued" if self.is_signed else "asked"
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v}
@@ -96,7 +101,7 @@ def on_csr(state: Renewal, rid: str, key: str, now: int) -> tuple[Decision, Rene
     """Whether to sign a request of renewal `rid` for the key with fingerprint `key`, and
     the state that follows (the signature itself is recorded by `signed`)."""
     if rid == state.id:
-        if not state.issued:
+        if not state.is_signed:
             return "sign", state
         if state.key != key:
             raise Refused(f"renewal {rid} was already signed for another key (a replayed "
@@ -104,10 +109,10 @@ def on_csr(state: Renewal, rid: str, key: str, now: int) -> tuple[Decision, Rene
         if not state.pem:
             raise Refused(f"renewal {rid} is done and in use; start a new renewal")
         return "resend", state
-    if state.cmd and not state.issued:
+    if state.cmd and not state.is_signed:
         raise Refused(f"the operator ordered renewal {state.id}: answer that command "
                       f"instead of renewal {rid}")
-    if state.issued and now - state.issued < MIN_AUTO_INTERVAL_MS:
+    if state.is_signed and now - state.issued < MIN_AUTO_INTERVAL_MS:
         raise Refused("a certificate was signed for this device less than an hour ago; "
                       "renewals the device starts itself wait an hour between signatures")
     return "sign", Renewal(id=rid, t=now, exp=state.exp)
@@ -128,9 +133,9 @@ def on_hello(state: Renewal, done: set[str], crt: str | None, cexp: int | None,
         out = dataclasses.replace(out, exp=cexp)
     if not out.id:
         return out
-    if out.cmd and out.cmd in done and not out.stored and out.issued:
+    if out.cmd and out.cmd in done and not out.stored and out.is_signed:
         out = dataclasses.replace(out, stored=now)
-    if crt == out.id and not out.login and out.issued:
+    if crt == out.id and not out.login and out.is_signed:
         out = dataclasses.replace(out, login=now, stored=out.stored or now, pem="")
     return out
 
