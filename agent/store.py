@@ -35,10 +35,12 @@ evicted         record                          {"s", "q", "t"}: a record evicte
                                                 retention (agent.evicted, agent.evict)
 fetch           record                          {"t", "sent"?, "req"?}: a record asked
                                                 back from the server (agent.fetching)
+journal         n (8 bytes, big-endian)         {"e": outbox entry, "s", "q", "a" (acked
+                                                ms)}: an acked change (agent.journal)
 ==============  ==============================  ==========================================
 
 Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,
-base, stamps, outbox, deadletters and conflicts are AES-256-GCM sealed. Keys stay plain
+base, stamps, outbox, deadletters, conflicts and journal are AES-256-GCM sealed. Keys stay plain
 text in every database (collection names, record keys and change numbers are visible to
 someone holding the file), as do checkpoints, the feed and meta -- and the index
 entries, whose keys hold the values of the indexed fields in plain text (index only
@@ -91,7 +93,7 @@ meta (``inc``) and per outbox entry (``i``). Older formats are migrated in place
 opening transaction (`_MIGRATIONS`); a newer format is refused (downgrade)."""
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
-            "deadletters", "meta", "feed", "index", "evicted", "fetch")
+            "deadletters", "meta", "feed", "index", "evicted", "fetch", "journal")
 _MAX_RETRIES = 64
 _MIB = 1 << 20
 

@@ -26,7 +26,12 @@ def test_after_restore_jumps_and_queues_one_resync_per_device(store: Store) -> N
         assert txn.registry_generation() > gen      # a running server notices
     assert sorted((c.device, c.cmd, c.done_ms) for c in cmds) == [
         ("van-1", "resync", 0), ("van-2", "resync", 0)]
-    assert all(c.args == {"why": "restore"} and c.created_ms == 1_000 for c in cmds)
+    # Each device is told what the restored store had reached in its scopes (before
+    # the jump; 0 for a scope it never saw), so it gives back what is above (§9.7).
+    args = {c.device: c.args for c in cmds}
+    assert args == {"van-1": {"why": "restore", "seqs": {"d1": 3}},
+                    "van-2": {"why": "restore", "seqs": {"d1": 3, "d2": 0}}}
+    assert all(c.created_ms == 1_000 for c in cmds)
     assert len({c.id for c in cmds}) == 2
 
 
