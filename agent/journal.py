@@ -37,7 +37,7 @@ META_KEY = "journal"
 """meta: {"b": bytes held, "c": entries held} (kept in step with the database)."""
 REPLAY_KEY = "replay"
 """meta: the last replay after a restore ({t, id, changes, units_skipped, scopes})."""
-MAX_SEQ = 2**53
+MAX_SEQ = 2**53 - 1
 _PRUNE_MIN = 32
 """Old entries a prune may drop per transaction, besides two per entry added."""
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agent import journal
 from agent.core import Core, Work
 from agent.models import _age
 from agent.service.lock import service_pid
@@ -74,6 +75,11 @@ class AgentStatus:
     """Records evicted by retention (agent.evict); `fetch` brings them back."""
     fetching: int = 0
     """Records asked back from the server and not answered yet (agent.fetching)."""
+    journal: dict[str, int] = field(default_factory=dict)
+    """The acked changes kept for a restored server (agent.journal): {changes, bytes}."""
+    replayed: dict[str, Any] | None = None
+    """What the latest resync ordered by a server restore gave back: {t, id, changes,
+    units_skipped, scopes} (PROTOCOL.md §9.7); None: no restore seen."""
 
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
@@ -109,6 +115,10 @@ class AgentStatus:
             extras.append(f"server says: {self.last_error.get('reason', '')}")
         if self.wiped:
             extras.append("this device was wiped by the operator")
+        if self.replayed:
+            extras.append(f"the server was restored from a backup ({_when(self.replayed['t'])}): "
+                          f"{self.replayed['changes']} acked change"
+                          f"{'s' if self.replayed['changes'] != 1 else ''} sent again")
         if self.dead_letters:
             extras.append(f"{self.dead_letters} dead letter{'s' if self.dead_letters != 1 else ''}")
         if self.open_conflicts:
@@ -221,7 +231,8 @@ def read_status(core: Core) -> AgentStatus:
             sync_now_until_ms=(policy.get("sync_now_until_ms") if policy and (
                 policy.get("sync_now_until_ms") or 0) > now else None),
             server=policy.get("server") if policy else None, quota=quota,
-            evicted=tx.count("evicted"), fetching=tx.count("fetch"))
+            evicted=tx.count("evicted"), fetching=tx.count("fetch"),
+            journal=journal.stats(work), replayed=tx.meta(journal.REPLAY_KEY))
 
     return core.read(run)
 

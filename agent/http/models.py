@@ -164,6 +164,11 @@ class StatusOut(_Out):
     """Records evicted by retention; POST /v1/fetch brings them back."""
     fetching: int
     """Records asked back from the server, not answered yet."""
+    journal: dict[str, int]
+    """Acked changes kept for a server restored from a backup: {changes, bytes}."""
+    replayed: dict[str, JsonValue] | None
+    """What the latest resync after a server restore sent again: {t, id, changes,
+    units_skipped, scopes}; null: none seen."""
 
 
 class QuotaOut(_Out):
