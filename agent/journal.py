@@ -200,14 +200,17 @@ def replay(work: Work, restored: Mapping[str, int], command_id: str) -> Replayed
     """Move the journaled changes the restored server lacks back into the outbox (see
     the module docstring), in the caller's transaction; record what was done."""
     tx = work.tx
-    docs = {int.from_bytes(key, "big"): doc for key, doc in tx.items(DB)}
-    entries = [Journaled(n, d["s"], d["q"], _unit(d["e"])) for n, d in docs.items()]
+    # Two passes, so that memory holds the few members `select` needs per entry, not
+    # the whole journal (up to its byte cap).
+    entries = [Journaled(int.from_bytes(key, "big"), d["s"], d["q"], _unit(d["e"]))
+               for key, d in tx.items(DB)]
     pending = [int.from_bytes(key, "big") for key in tx.keys("outbox")]
     chosen = select(entries, restored, pending)
+    del entries
     per_scope: dict[str, int] = {}
     freed = 0
     for n in chosen.replay:
-        doc = docs[n]
+        doc = tx.get(DB, n_key(n))
         entry = {**doc["e"], "at": 0, "err": None}
         ch = entry["ch"]
         nk = n_key(n)
