@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from agent import journal
 from agent.api import Agent
 from agent.core import Work
+from agent.daemon_retention import RetentionHooks
 from agent.journal import Journaled, Limits, select
 from schemas import wire
 from schemas.collection import Catalog
@@ -191,6 +193,19 @@ def test_prune_keeps_the_window(small: Agent, clock: FakeClock) -> None:
     status = small.status()
     assert status.journal["changes"] == 2
     assert status.journal["bytes"] == sum(len(_raw(d)) for d in journaled(small).values())
+
+
+def test_the_daemon_expires_entries_when_no_ack_comes(small: Agent,
+                                                      clock: FakeClock) -> None:
+    """Acks prune as they add; the daemon's retention pass expires the rest."""
+    small.put("tasks", "t-1", {"route": S})
+    small.sync.apply_ack(ack((1, S, 1)))
+    stub = SimpleNamespace(sync=small.sync, dev="van-1")
+    RetentionHooks._prune_journal(stub)  # type: ignore[arg-type]
+    assert sorted(journaled(small)) == [1]  # within the window
+    clock.advance(DAY_S + 1)
+    RetentionHooks._prune_journal(stub)  # type: ignore[arg-type]
+    assert journaled(small) == {} and small.status().journal == {"changes": 0, "bytes": 0}
 
 
 def test_prune_keeps_the_byte_cap_in_bounded_steps(small: Agent, clock: FakeClock) -> None:
