@@ -209,9 +209,13 @@ def replay(work: Work, restored: Mapping[str, int], command_id: str) -> Replayed
     del entries
     per_scope: dict[str, int] = {}
     freed = 0
+    floor = tx.meta("sv_floor")  # as `Sync.apply_schema_versions` did to the outbox
+    sv_min = int(floor[1]) if floor else 0
     for n in chosen.replay:
         doc = tx.get(DB, n_key(n))
         entry = {**doc["e"], "at": 0, "err": None}
+        if entry["sv"] < sv_min:
+            entry["sv"] = sv_min
         ch = entry["ch"]
         nk = n_key(n)
         tx.put("outbox", nk, entry)
