@@ -4,21 +4,25 @@ restore moves back into the outbox exactly the changes the restored store lacks.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import jsonschema
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import schemas
 from agent import journal
 from agent.api import Agent
 from agent.core import Work
 from agent.daemon_retention import RetentionHooks
 from agent.journal import Journaled, Limits, select
-from schemas import wire
+from schemas import codec, wire
 from schemas.collection import Catalog
 from tests.agent.agentkit import FakeClock, assert_views_consistent, outbox_numbers
 from waystation.config import AgentConfig
@@ -143,6 +147,17 @@ def test_resync_without_usable_seqs_replays_nothing(agent: Agent, args: Any) -> 
     assert agent.status().replayed is None
 
 
+def test_a_restore_command_is_a_valid_v1_command() -> None:
+    """The wire stays v1: the published JSON Schema of `command` and the decoder every
+    agent runs take `seqs` (an agent from before §9.7 ignores the member)."""
+    doc = {"type": "command", "v": 1, "id": "resync-1", "cmd": "resync",
+           "args": {"why": "restore", "seqs": {S: 10, D: 0}}}
+    schema = json.loads((Path(schemas.__file__).parent / "json" / "command.json").read_text())
+    jsonschema.validators.validator_for(schema)(schema).validate(doc)
+    msg = codec.decode(orjson.dumps(doc))
+    assert isinstance(msg, wire.Command) and journal.parse_seqs(msg.args) == {S: 10, D: 0}
+
+
 def test_seqs_beyond_the_protocol_range_are_refused() -> None:
     assert journal.parse_seqs({"why": "restore", "seqs": {S: 2**60}}) is None
     assert journal.parse_seqs({"why": "restore", "seqs": {S: 2**53 - 1}}) == {S: 2**53 - 1}
@@ -260,7 +275,6 @@ def test_the_journal_is_sealed_on_an_encrypted_store(tmp_path: Path, catalog: Ca
 
 
 def _raw(doc: dict[str, Any]) -> bytes:
-    import orjson
     return orjson.dumps(doc)
 
 
