@@ -7,9 +7,11 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
-from schemas import zdict
+from schemas import zdict, zdict_schema
 
 ZDICT = zdict.CAP
+ZD2 = zdict_schema.CAP
+"""Up messages compressed with the dictionary derived from this device's schema (§3)."""
 SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
@@ -22,8 +24,12 @@ agent.schema_update)."""
 FETCH = "fetch"
 """The agent asks for evicted records by key (`fetch`, answered by `fetched`, §7.14)."""
 
+CERT_RENEW = "cert_renew"
+"""The agent renews its client certificate: a new key made on the device, a `csr` up, the
+signed `cert` down (§7.15, agent.clientcert); `hello.crt`/`cexp` say which one it uses."""
+
 AGENT_CAPS: frozenset[str] = frozenset(
-    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, ZDICT})
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, CERT_RENEW, ZDICT, ZD2})
 """creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
 scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
@@ -31,7 +37,9 @@ txn: transactions sent as units (§7.2.1; agent.txn_sync).
 schema: the server's schema versions in `welcome` (§11).
 schema_push: see `SCHEMA_PUSH`.
 fetch: see `FETCH`.
+cert_renew: see `CERT_RENEW`.
 zd1: small messages compressed with the protocol's preset dictionary, both ways (§3,
-schemas.zdict)."""
+schemas.zdict).
+zd2: see `ZD2` (the dictionary's id goes in `hello.zd`)."""
 
-__all__ = ["AGENT_CAPS", "FETCH", "SCHEMA", "SCHEMA_PUSH", "ZDICT"]
+__all__ = ["AGENT_CAPS", "CERT_RENEW", "FETCH", "SCHEMA", "SCHEMA_PUSH", "ZD2", "ZDICT"]

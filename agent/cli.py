@@ -19,6 +19,7 @@ import orjson
 
 from agent import validate
 from agent.api import Agent
+from agent.clientcert import client_cert_status, describe_client_cert
 from agent.errors import NotFound, WriteRefused
 from agent.models import Record, WriteResult
 from agent.status import describe_deferral
@@ -218,12 +219,16 @@ def cmd_sync_now(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`agent status [--json]`"""
-    with _open(args, env, create=False) as agent:
+    cfg, catalog = _setup(args, env)
+    with Agent.open(cfg, catalog, create=False, env=env) as agent:
         status = agent.status()
+    cert = client_cert_status(cfg)
     if args.json:
-        _print_json(status.to_dict())
+        _print_json({**status.to_dict(), "client_cert": cert})
         return EXIT_OK
     print(status.summary())
+    if cert is not None:
+        print(f"  client certificate: {describe_client_cert(cert)}")
     print(f"  device {status.device_id}, schema version {status.schema_version}, "
           f"next change {status.device_id}:{status.next_n}")
     print(f"  store {status.store_path} (incarnation {status.incarnation or 'legacy'})")

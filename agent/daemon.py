@@ -41,9 +41,10 @@ from typing import Any
 import structlog
 
 from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
-from agent.caps import ZDICT
 from agent.catchup import CatchupRound
+from agent.clientcert import ClientCerts
 from agent.creds import BrokerCredentials
+from agent.daemon_cert import CertHooks
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.daemon_retention import RetentionHooks
@@ -82,7 +83,7 @@ class DaemonStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
+class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
     """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
@@ -126,6 +127,12 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
         latest hello: with no `welcome` before it, the server predates capabilities."""
         self._last_problem: tuple[Any, Any] | None = None
         self.pacer = Pacer(cfg.sync.batch_max_changes)
+        self._may_send = True
+        """Something may be waiting to be sent. Cleared when a batch scan found the
+        outbox exhausted (`Batch.exhausted`); set again by every event but an ack (a
+        write's wake, a tick, a connection, any other message), by the timers, and
+        when a change's answer deadline passed. An ack alone adds nothing to send, so
+        the turn after it skips the outbox scan instead of finding it empty."""
         self._last_loop = time.monotonic()
         self._wake_sock: socket.socket | None = None
         policy = self.sync.policy_state()
@@ -133,6 +140,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             self.gate.restore_budget(policy.get("budget"))
         self._take_sync_now()
         self.creds = BrokerCredentials(cfg.data_dir, cfg.mqtt.resolved_password(self.env))
+        self.certs = ClientCerts.from_config(cfg)
         self.link = self._make_link()
 
     def _make_link(self) -> MqttLink:
@@ -148,6 +156,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             on_problem=lambda problem, delay: self._events.put(
                 ("problem", problem.kind, problem.detail, delay)),
             password_provider=self.creds,
+            cert_provider=self.certs if self.certs.enabled else None,
         )
         link.subscribe(self.down_topic, qos=1)
         if self.cfg.policy.wait_for_server:
@@ -259,6 +268,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
 
     def _handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
+        if kind != "msg":
+            self._may_send = True
         try:
             if kind == "msg":
                 if event[1] == self.down_topic:
@@ -297,6 +308,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
         log.info("connected", dev=self.dev, session_present=session_present,
                  pending=self.sync.pending_count())
         self._publish_status(True)
+        self._cert_on_connect()
         self._say_hello()
         self._start_catchup()
         self.sync.set_online(True)
@@ -322,12 +334,14 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             for n in [n for n, deadline in self._inflight.items() if deadline <= now]:
                 del self._inflight[n]
                 self.stats.resent += 1
+                self._may_send = True
             self._earliest = min(self._inflight.values(), default=float("inf"))
         if self.sync.upgrade_needed:
             return  # the server cannot read this device's changes until it is upgraded
         decision = self.gate.decide()
         if decision is not self._decision:
             self._decision = decision
+            self._may_send = True
             self._note_policy()
         if "records" in decision.lanes:
             min_priority: int | None = None
@@ -335,6 +349,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             min_priority = self.cfg.policy.high_priority  # only urgent changes go
         else:
             return
+        if not self._may_send and self._wake_sock is not None:
+            return  # (without the wake socket, every turn looks: writes are polled)
         room = sync_cfg.max_inflight_changes - len(self._inflight)
         if self.pacer.hold(now, len(self._inflight),
                            lambda: self.sync.pending_count() - len(self._inflight)):
@@ -349,6 +365,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
                                          sync_cfg.batch_max_bytes, txn=self._txn_on(),
                                          min_priority=min_priority)
             if not batch:
+                if batch.exhausted:
+                    self._may_send = False
                 return
             payload = batch.payload(self.dev,
                                     compress_over=sync_cfg.compress_over_bytes or None,
@@ -366,6 +384,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             self.stats.batches_sent += 1
             self.stats.changes_sent += len(batch)
             room -= len(batch)
+            if batch.exhausted:  # nothing else to send: no second scan to find that out
+                self._may_send = False
+                return
 
     def _note_rtt(self, deadline: float) -> None:
         """An ack for a change sent with answer deadline `deadline` (agent.pacing)."""
@@ -422,10 +443,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             return None
         return False
 
-    def _zdict(self) -> bool:
-        """Compress with the preset dictionary: only once the server agreed (§11)."""
-        caps = self.sync.server_caps
-        return caps is not None and ZDICT in caps
+    def _zdict(self) -> bool | bytes:
+        """Compress with a preset dictionary: only once the server agreed (§11)."""
+        return self.sync.up_packing()
 
     def _send(self, msg: wire.Message) -> bool:
         payload = codec.encode(msg, compress_over=self.cfg.sync.compress_over_bytes or None,
@@ -449,6 +469,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
 
     def _timers(self, now: float) -> None:
         sync_cfg = self.cfg.sync
+        # Writes whose wake was lost (another process, a full socket buffer), changes
+        # coming back from a retry delay, a policy opening: looked for at least here.
+        self._may_send = True
         if not self._connected:
             return
         self._note_policy()
@@ -457,6 +480,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks):
             self.sync.set_online(True)
             self._hello_if_moved()
         self._creds_timer(now)
+        self._cert_timer(now)
         if self._catchup is not None:
             # An unanswered catch-up is retried like an unacked change: after the ack
             # timeout (the request or its answer may have been lost in a reconnect).

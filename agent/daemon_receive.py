@@ -17,6 +17,7 @@ import structlog
 
 from agent.api import Agent
 from agent.catchup import CatchupRound
+from agent.clientcert import ClientCerts
 from agent.creds import BadCreds, BrokerCredentials
 from agent.creds import parse as parse_creds
 from agent.sync import Sync
@@ -54,8 +55,12 @@ class ReceiveHooks:
     _note_rtt: Callable[[float], None]
     _backoff: Callable[[int], float]
     creds: BrokerCredentials
+    certs: ClientCerts
+    _cert_command: Callable[[wire.Command], bool]
+    _on_cert: Callable[[wire.CertIssued], None]
     link: MqttLink
     _connected: bool
+    _may_send: bool
     _relogin_at: float = 0.0  # a pending password at start: try it at the first turn
     _relogin_wait: float = RELOGIN_FIRST_S
 
@@ -80,7 +85,13 @@ class ReceiveHooks:
         """`hello`, naming the credential rotation this connection logged in with."""
         hello = self.sync.hello(AGENT_NAME, z=True)
         rotation = self.creds.login_rotation
-        return hello if rotation is None else hello.model_copy(update={"cred": rotation})
+        update: dict[str, Any] = {} if rotation is None else {"cred": rotation}
+        renewal, exp = self.certs.login_renewal, self.certs.login_expires_ms()
+        if renewal is not None:
+            update["crt"] = renewal
+        if exp is not None and 0 <= exp < 2**53:
+            update["cexp"] = exp
+        return hello.model_copy(update=update) if update else hello
     _on_fetched: Callable[[wire.Fetched], None]
 
     def _on_message(self, payload: bytes) -> None:
@@ -92,6 +103,8 @@ class ReceiveHooks:
             return
         if isinstance(msg, wire.Ack | wire.Reject | wire.Page | wire.Checkpoint):
             self._answered = True
+        if not isinstance(msg, wire.Ack):
+            self._may_send = True  # a rejection, a welcome... may free changes to send
         if isinstance(msg, wire.Ack):
             result = self.sync.apply_ack(msg)
             if result.applied and result.applied[0] in self._inflight:
@@ -118,6 +131,8 @@ class ReceiveHooks:
             log.info("welcome", dev=self.dev, server=msg.srv, caps=sorted(caps))
         elif isinstance(msg, wire.SchemaPush):
             self._on_schema(msg)
+        elif isinstance(msg, wire.CertIssued):
+            self._on_cert(msg)
 
     def _on_schema(self, msg: wire.SchemaPush) -> None:
         """Take the schema version the server sends (agent.schema_update); once taken,
@@ -149,6 +164,10 @@ class ReceiveHooks:
                         reasons=sorted({rj.code for rj in msg.rj if rj.perm}))
         if result.error:
             log.warning("message_rejected", dev=self.dev, **result.error)
+            if result.error.get("code") == codec.MALFORMED and self.sync.zd2_refused():
+                # The server took zd2 but cannot read it (its schemas changed under the
+                # connection): the changes time out and go again with the zd1 dictionary.
+                log.warning("zd2_dropped", dev=self.dev)
 
     def _on_page(self, page: wire.Page) -> None:
         self.sync.apply_page(page)
@@ -212,6 +231,8 @@ class ReceiveHooks:
         if cmd.cmd == "creds" and not self._take_creds(cmd):
             # No hello either: the server would send the same command straight back.
             return
+        if cmd.cmd == "cert_renew" and not self._cert_command(cmd):
+            return  # reported done once the certificate is stored (agent.daemon_cert)
         if cmd.cmd == "wipe":
             executed = not self.sync.command_done(cmd.id)
             if executed:

@@ -25,6 +25,7 @@ from typing import Any
 
 from agent.base import RecState
 from agent.store import Tx
+from agent.view import ViewState
 
 DB = "evicted"
 
@@ -33,6 +34,16 @@ def marker(tx: Tx, rk: bytes) -> dict[str, Any] | None:
     """The eviction marker of record `rk`, or None (held, or never seen)."""
     doc: dict[str, Any] | None = tx.get(DB, rk)
     return doc
+
+
+def held_scope(tx: Tx, rk: bytes, view: ViewState | None) -> str | None:
+    """The scope of a record this device holds, or held until retention evicted it (its
+    marker keeps the scope, so a write on it needs no scope field)."""
+    if view is not None:
+        return view.s
+    mark = marker(tx, rk)
+    scope = mark.get("s") if mark is not None else None
+    return scope if isinstance(scope, str) else None
 
 
 def admit(mark: dict[str, Any] | None, states: Sequence[RecState], *,

@@ -56,6 +56,13 @@ class Tx:
             raw = self._cipher.seal(db.encode() + b"\0" + key, raw)
         self._txn.put(key, raw, db=self._dbs[db])
 
+    def raw(self, db: str, key: bytes) -> bytes | None:
+        """The stored bytes at `key`, not decoded (only for a database that is never
+        encrypted: for a cache keyed on what is stored)."""
+        assert db not in ENCRYPTED_DBS
+        raw: bytes | None = self._txn.get(key, db=self._dbs[db])
+        return raw
+
     def has(self, db: str, key: bytes) -> bool:
         return self._txn.get(key, db=self._dbs[db]) is not None
 

@@ -18,14 +18,14 @@ from typing import Any
 import orjson
 
 from agent import journal, schema_update, scopes, txn_sync
-from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH
+from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH, ZD2, ZDICT
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
 from agent.query.maintain import ensure_indexes
 from agent.status import record_online
 from agent.store import n_key, split_record_key
 from agent.sync_receive import AckResult, CheckpointResult, Receiving, RejectResult
-from schemas import codec, wire
+from schemas import codec, wire, zdict_schema
 
 _ENVELOPE_BYTES = 96
 """Room for the `changes` envelope ({"type","v","dev","sv","ch":[...]}) in a batch."""
@@ -41,6 +41,12 @@ class Batch(list[tuple[int, dict[str, Any]]]):
         super().__init__(items)
         self.sv = sv
         self.inc = inc
+        self.exhausted = False
+        """The scan reached the end of the outbox having passed over nothing but the
+        excluded changes: until something new is written, a change comes back from
+        being excluded, or an answer settles part of a transaction, another
+        `next_batch` with the same arguments finds nothing (the daemon then skips
+        asking)."""
 
     @property
     def numbers(self) -> list[int]:
@@ -52,7 +58,7 @@ class Batch(list[tuple[int, dict[str, Any]]]):
                             ch=[wire.Change.model_validate(ch) for _, ch in self])
 
     def payload(self, dev: str, *, compress_over: int | None = None,
-                zdict: bool = False) -> bytes:
+                zdict: bool | bytes = False) -> bytes:
         """The wire bytes of that message, as the daemon publishes them: encoded straight
         from the outbox entries (validated when they were written), without a model."""
         msg: dict[str, Any] = {"type": "changes", "v": 1, "dev": dev, "sv": self.sv,
@@ -71,6 +77,10 @@ class Sync(Receiving):
         self.server_caps: frozenset[str] | None = None
         """The optional features agreed with the server in its `welcome` to the latest
         `hello` (PROTOCOL.md §11); None until one arrived on this connection."""
+        self._hello_zd: bytes | None = None
+        """The schema dictionary whose id the latest `hello` named (capability zd2)."""
+        self._up_zd: bytes | None = None
+        """The schema dictionary the server agreed to read (None: not agreed)."""
         self.upgrade_needed = False
         """The server's `welcome` said this device's schema version is older than the
         oldest it serves: changes stay in the outbox until the device is upgraded."""
@@ -106,11 +116,16 @@ class Sync(Receiving):
         def run(work: Work) -> Batch:
             batch = Batch()
             size = _ENVELOPE_BYTES
+            passed_over = False  # a change not excluded that this batch does not take
             with work.tx.cursor("outbox_idx") as cur:
                 found = cur.set_range(b"P")
-                while found:
+                while True:
+                    if not found:
+                        batch.exhausted = not passed_over
+                        break
                     key = cur.key()
                     if not key.startswith(b"P"):
+                        batch.exhausted = not passed_over
                         break
                     if (min_priority is not None and (2**31 - 1) - int.from_bytes(
                             key[1:5], "big") < min_priority):
@@ -133,12 +148,14 @@ class Sync(Receiving):
                         batch.sv = entry["sv"]
                         batch.inc = entry.get("i")
                     elif entry["sv"] != batch.sv or entry.get("i") != batch.inc:
+                        passed_over = True
                         continue
                     if entry.get("x"):  # a transaction: all its pending changes or none
                         if txn is None:
                             break
                         group = txn_sync.members(work, n, entry, excluded)
                         if not group:  # part of it is in flight: not now
+                            passed_over = True
                             found = cur.set_range(key[:-8] + n_key(txn_sync.end(entry)))
                             continue
                         cost = txn_sync.cost(group, bool(txn))
@@ -203,9 +220,14 @@ class Sync(Receiving):
         """The `hello` to send after every (re)connect (and when the checkpoints moved),
         with executed command ids, the store's incarnation and its checkpoints."""
         core = self._core
+        zd: int | None = None
+        if ZD2 in self.offered:
+            self._hello_zd = zdict_schema.dictionary(core.catalog)
+            zd = zdict_schema.dict_id(self._hello_zd)
 
         def run(work: Work) -> wire.Hello:
             return wire.Hello(dev=self.dev, agent=agent_version, sv=core.catalog.version,
+                              zd=zd,
                               z=z, done=list(work.tx.meta("cmds", []))[-MAX_COMMAND_IDS:],
                               inc=work.incarnation(),
                               cp={s: work.checkpoint(s).cp for s in core.scopes},
@@ -226,9 +248,27 @@ class Sync(Receiving):
         with `schema` whether this device is too old for the server (see
         `apply_schema_versions`)."""
         self.server_caps = frozenset(msg.caps) & self.offered
+        self._up_zd = self._hello_zd if ZD2 in self.server_caps else None
         if SCHEMA in self.server_caps:
             self.apply_schema_versions(msg.sv, msg.sv_min)
         return self.server_caps
+
+    def up_packing(self) -> bool | bytes:
+        """How up messages are compressed (`zdict` of `codec.encode`): with the schema
+        dictionary the server agreed to (zd2), else the protocol's (zd1), else as v1."""
+        caps = self.server_caps
+        if caps is None:
+            return False
+        if self._up_zd is not None:
+            return self._up_zd
+        return ZDICT in caps
+
+    def zd2_refused(self) -> bool:
+        """The server could not read a message (`malformed`): stop using the schema
+        dictionary on this connection (back to zd1). True when it was in use."""
+        used = self._up_zd is not None
+        self._up_zd = None
+        return used
 
     def apply_schema_versions(self, sv: int | None, sv_min: int | None) -> bool:
         """The server runs schema `sv` and upcasts changes from `sv_min` on. A device

@@ -1,7 +1,7 @@
 """CPU cost per change of the sync hot paths (a benchmark, not a test).
 
     .venv/bin/python -m bench.cpu [--rounds N] [--only server,put,batch,ack,...]
-        [--profile NAME] [--dir DIR]
+        [--profile NAME] [--dir DIR] [--name NAME]
 
 Every number is CPU time of this process (`time.process_time`: user + system, all
 threads) divided by the changes handled, the best (lowest) of several rounds: CPU time
@@ -21,6 +21,11 @@ Paths measured (~300-byte delivery-task records, as bench/device.py writes them)
 - agent.ack / agent.ack_fx: `Sync.apply_ack` of a 500-change ack, without fx and with
   one fx state (counter total) per change; agent.ack_decode(_fx): `codec.decode` of
   that ack's bytes (what the daemon does before `apply_ack`).
+- lone.put / lone.daemon (`--only lone`): one change at a time through the daemon's
+  engine, driven by hand with a link that only collects what is published: the put,
+  then the daemon's turn for the write's wake (scan, encode, publish) plus its turn
+  for the ack (decode, apply, commit). No network, no threads: the engine's own CPU
+  per lone change. With `--dir` on a disk, the synced commits' CPU counts too.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 import orjson
 
 from agent.api import Agent
+from bench.common import write_json
 from bench.device import record
 from broker.server.engine import Engine
 from broker.server.registry import add_device
@@ -229,14 +235,69 @@ def agent_inflight(directory: Path, rounds: int) -> float:
     return best / 5 / sizes[0] * 1e6
 
 
+def lone_rounds(directory: Path, rounds: int, count: int = 300) -> dict[str, float]:
+    """µs of CPU per lone change: the put, and the daemon's two turns (see module)."""
+    from agent.daemon import AgentDaemon
+
+    data = Path(tempfile.mkdtemp(dir=directory))
+    cfg = AgentConfig.model_validate({"device_id": "van-1", "data_dir": str(data),
+                                      "scopes": [SCOPE],
+                                      "mqtt": {"host": "127.0.0.1", "port": 1,
+                                               "password": "unused"}})
+    sent: list[bytes] = []
+    q = 0
+    with Agent.open(cfg, CATALOG) as agent:
+        daemon = AgentDaemon(cfg, CATALOG, agent=agent)
+        def publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+            sent.append(payload)
+            return True
+
+        daemon.link.publish = publish  # type: ignore[method-assign]
+        daemon._connected = daemon._answered = True
+        daemon.sync.server_caps = frozenset(daemon.sync.offered)
+        put_s: list[float] = []
+        daemon_s: list[float] = []
+        i = 0
+        for _ in range(rounds + 1):  # the first round warms up
+            recs = [record(SCOPE, i + j) for j in range(count)]
+            put_t = daemon_t = 0.0
+            for j in range(count):
+                c0 = time.process_time()
+                agent.put("tasks", f"l-{i + j:07d}", recs[j])
+                c1 = time.process_time()
+                daemon._handle(("wake",))
+                daemon._pump(time.monotonic())
+                c2 = time.process_time()
+                msg = codec.decode(sent.pop())  # the server's part: not counted
+                assert isinstance(msg, wire.Changes)
+                ok = []
+                for ch in msg.ch:
+                    q += 1
+                    ok.append([ch.n, SCOPE, q])
+                ack = codec.encode_dict({"type": "ack", "v": 1, "ok": ok},
+                                        zdict=daemon._zdict())
+                c3 = time.process_time()
+                daemon._handle(("msg", daemon.down_topic, ack))
+                daemon._pump(time.monotonic())
+                c4 = time.process_time()
+                put_t += c1 - c0
+                daemon_t += (c2 - c1) + (c4 - c3)
+            assert not daemon._inflight and agent.sync.pending_count() == 0
+            i += count
+            put_s.append(put_t / count)
+            daemon_s.append(daemon_t / count)
+    return {"put": min(put_s[1:]) * 1e6, "daemon": min(daemon_s[1:]) * 1e6}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--only", default="server,decode,agent")
+    parser.add_argument("--only", default="server,decode,agent,lone")
     parser.add_argument("--profile", default="", help="a path name (e.g. server, ack_fx) "
                                                       "to profile with cProfile")
     parser.add_argument("--dir", default="/dev/shm")
+    parser.add_argument("--name", help="also write bench/results/NAME.json")
     args = parser.parse_args()
     only = set(args.only.split(","))
     directory = Path(args.dir)
@@ -251,6 +312,9 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("tottime").print_stats(40)
     if "decode" in only:
         results["server.decode"] = min(server_decode(20) for _ in range(args.rounds))
+    if "lone" in only:
+        for key, value in lone_rounds(directory, args.rounds).items():
+            results[f"lone.{key}"] = value
     if "agent" in only:
         profs = {args.profile: cProfile.Profile()} if args.profile else {}
         for key, value in agent_rounds(directory, args.rounds, profs).items():
@@ -261,6 +325,9 @@ def main() -> None:
     width = max(len(k) for k in results)
     for key, value in results.items():
         print(f"{key:{width}s} {value:8.2f} µs/change")
+    if args.name:
+        write_json(args.name, {"us_per_change": results, "dir": args.dir,
+                               "rounds": args.rounds, "only": sorted(only)})
     _ = statistics
 
 

@@ -14,6 +14,8 @@ Commands (one JSON object per line on stdin, one answer per line on stdout):
                                put's perf_counter start time, "t0")
     paced {count, gap_s}       a put every gap_s without waiting for acks, then all acks:
                                each put's start time ("t0") and put-to-ack ms
+    prepare {count, start}     build the records of puts start..start+count now, so that
+                               the CPU of a later online_write/paced is the agent's only
     stats                      RSS, store size, daemon counters, pending
     stop                       stop the daemon, close, exit
 
@@ -109,6 +111,12 @@ class Device:
         self.last_pub = 0.0
         self.last_recv = 0.0
         self.trace: dict[int, tuple[float, float]] = {}
+        self._prepared: dict[int, dict[str, Any]] = {}
+
+    def _record(self, i: int) -> dict[str, Any]:
+        """Record `i`: prepared beforehand (`prepare`), or built now."""
+        rec = self._prepared.pop(i, None)
+        return rec if rec is not None else record(self.scope, i)
 
     # ---------------------------------------------------------------- commands
 
@@ -162,13 +170,17 @@ class Device:
             return {"t_drained": self.drained_at or time.perf_counter(),
                     "stats": self._daemon_stats()}
 
+    def prepare(self, count: int, start: int = 0) -> dict[str, Any]:
+        self._prepared.update((i, record(self.scope, i)) for i in range(start, start + count))
+        return {"prepared": len(self._prepared)}
+
     def online_write(self, count: int, start: int = 0, timeout: float = 600.0
                      ) -> dict[str, Any]:
         with self._cond:
             self.drained_at = None
         t0 = time.perf_counter()
         for i in range(start, start + count):
-            self.agent.put("tasks", f"{self.cfg.device_id}-{i:07d}", record(self.scope, i))
+            self.agent.put("tasks", f"{self.cfg.device_id}-{i:07d}", self._record(i))
         t_written = time.perf_counter()
         out = self.drain(timeout)
         return {"t0": t0, "t_written": t_written, **out}
@@ -213,7 +225,7 @@ class Device:
             t0 = time.perf_counter()
             starts.append(t0)
             numbers.append(self.agent.put("tasks", f"{self.cfg.device_id}-pace-{i:07d}",
-                                          record(self.scope, i)).n)
+                                          self._record(i)).n)
             time.sleep(max(0.0, t0 + gap_s - time.perf_counter()))
         with self._cond:
             if not self._cond.wait_for(lambda: all(n in self.acked_at for n in numbers),

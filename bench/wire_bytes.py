@@ -10,7 +10,10 @@ fields and sizes, random letters: compressing badly). This counts MQTT payload b
 "device link" adds the MQTT 3.1.1 framing of a QoS-1 PUBLISH on the device's topics and
 its PUBACK, both ways (TCP/IP headers not counted: bench/footprint.py measures through a
 proxy). Each is measured without and with capability zd1 (schemas.zdict: the preset
-dictionary, negotiated in hello/welcome; a v1 device gets the first column).
+dictionary, negotiated in hello/welcome; a v1 device gets the first column) and with zd2
+(schemas.zdict_schema: up messages with the dictionary derived from the collection
+schema, acks still with zd1's); the zd2 rows also give the device link with the topic
+prefix `w` instead of `waystation` (`[mqtt] prefix`, an operator's choice).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import orjson
 from agent.api import Agent
 from bench.common import print_table, write_json
 from bench.device import RECORDS
-from schemas import codec
+from schemas import codec, zdict, zdict_schema
 from schemas.collection import example_catalog_path, load_catalog
 from waystation.config import AgentConfig
 
@@ -34,6 +37,9 @@ SCOPE = "route-1"
 
 UP_TOPIC = "waystation/van-1/up"
 DOWN_TOPIC = "waystation/van-1/down"
+SHORT_UP_TOPIC = "w/van-1/up"
+SHORT_DOWN_TOPIC = "w/van-1/down"
+MODES = ("v1", "zd1", "zd2")
 
 
 def mqtt_qos1(topic: str, payload: int) -> int:
@@ -43,11 +49,14 @@ def mqtt_qos1(topic: str, payload: int) -> int:
     return 1 + length + rest + 4
 
 
-def measure(kind: str, count: int, zd: bool = False) -> dict[str, Any]:
-    """Bytes per change for `count` records made by generator `kind` (`zd`: with the
-    preset dictionary, capability zd1)."""
+def measure(kind: str, count: int, mode: str = "v1") -> dict[str, Any]:
+    """Bytes per change for `count` records made by generator `kind`, `mode` `v1` (no
+    capability), `zd1` (the preset dictionary both ways) or `zd2` (up with the schema's
+    dictionary, down with zd1's)."""
     make = RECORDS[kind]
     catalog = load_catalog(example_catalog_path())
+    zd = mode != "v1"
+    up_zd: bool | bytes = zdict_schema.dictionary(catalog) if mode == "zd2" else zd
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AgentConfig.model_validate({"device_id": "van-1", "data_dir": tmp,
                                           "scopes": [SCOPE]})
@@ -60,15 +69,27 @@ def measure(kind: str, count: int, zd: bool = False) -> dict[str, Any]:
                 record_json += len(orjson.dumps(rec))
                 ag.put("tasks", f"t-{i:07d}", rec)
             # single changes on an idle link: each change is a message of its own
-            singles = acks = link = 0
+            singles = acks = link = short = values = recent = 0
+            history: list[bytes] = []
+            envelope: dict[str, float] = {}
             for i in range(min(count, 200)):
                 batch = ag.sync.next_batch((), 1, sync_cfg.batch_max_bytes)
-                up = len(batch.payload("van-1", compress_over=over, zdict=zd))
+                up = len(batch.payload("van-1", compress_over=over, zdict=up_zd))
                 ack = _ack(batch, i + 1)
                 down = len(codec.encode(ack, compress_over=over, zdict=zd))
                 singles += up
                 acks += down
                 link += mqtt_qos1(UP_TOPIC, up) + mqtt_qos1(DOWN_TOPIC, down)
+                short += mqtt_qos1(SHORT_UP_TOPIC, up) + mqtt_qos1(SHORT_DOWN_TOPIC, down)
+                if mode == "zd2":  # options weighed, not built (bench/README.md)
+                    plain = batch.payload("van-1")
+                    values += _values_only(plain)
+                    recent += len(zdict.pack(plain, (up_zd if isinstance(up_zd, bytes) else b"")
+                                             + b"".join(history[-4:])))
+                    history.append(plain)
+                    assert isinstance(up_zd, bytes)
+                    for part, cost in _envelope_costs(plain, up_zd).items():
+                        envelope[part] = envelope.get(part, 0) + cost
                 ag.sync.apply_ack(ack)
             # bulk: what is left, in the daemon's batches
             bulk = bulk_changes = messages = 0
@@ -78,7 +99,7 @@ def measure(kind: str, count: int, zd: bool = False) -> dict[str, Any]:
                                            sync_cfg.batch_max_bytes)
                 if not batch:
                     break
-                bulk += len(batch.payload("van-1", compress_over=over, zdict=zd))
+                bulk += len(batch.payload("van-1", compress_over=over, zdict=up_zd))
                 bulk_changes += len(batch)
                 messages += 1
                 ag.sync.apply_ack(_ack(batch, sent + 1))
@@ -88,12 +109,51 @@ def measure(kind: str, count: int, zd: bool = False) -> dict[str, Any]:
             "single_bytes_per_change": singles / min(count, 200),
             "single_ack_bytes": acks / min(count, 200),
             "single_device_link_bytes_both_ways": link / min(count, 200),
-            "zd1": zd,
+            "single_device_link_bytes_both_ways_prefix_w": short / min(count, 200),
+            "zd1": zd, "mode": mode,
+            **({"single_values_only_raw_deflate_bytes": values / min(count, 200),
+                "single_with_last_4_changes_as_dictionary_bytes": recent / min(count, 200),
+                "single_envelope_bytes_by_member": {
+                    k: v / min(count, 200) for k, v in envelope.items()}}
+               if mode == "zd2" else {}),
             "bulk_changes": bulk_changes, "bulk_messages": messages,
             "bulk_bytes_per_change": bulk / max(1, bulk_changes),
             "compress_over_bytes": sync_cfg.compress_over_bytes,
             "batch_max_changes": sync_cfg.batch_max_changes,
             "batch_max_bytes": sync_cfg.batch_max_bytes}
+
+
+def _values_only(payload: bytes) -> int:
+    """Raw deflate of the change's field values alone, concatenated as text: what no
+    envelope, field name or zlib frame costs (a floor for any schema-fixed dictionary)."""
+    import zlib
+
+    change = orjson.loads(payload)["ch"][0]
+    text = "".join(str(v) for v in change.get("f", {}).values()).encode()
+    co = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return len(co.compress(text) + co.flush())
+
+
+def _envelope_costs(payload: bytes, dictionary: bytes) -> dict[str, int]:
+    """Bytes each envelope member costs in the zd2 stream (the stream's size with it
+    minus without it), and the zlib frame (header, DICTID, adler-32) against raw
+    deflate: what a compact envelope could save at most."""
+    import zlib
+
+    doc = orjson.loads(payload)
+
+    def size(d: dict[str, Any], wbits: int = 15) -> int:
+        co = zlib.compressobj(9, zlib.DEFLATED, wbits, 9, zlib.Z_DEFAULT_STRATEGY, dictionary)
+        return len(co.compress(orjson.dumps(d)) + co.flush())
+
+    full = size(doc)
+    out = {"zlib_frame": full - size(doc, -15)}
+    for name in ("inc", "dev"):
+        out[name] = full - size({k: v for k, v in doc.items() if k != name})
+    for name in ("h", "k", "n"):
+        change = {k: v for k, v in doc["ch"][0].items() if k != name}
+        out[f"ch.{name}"] = full - size({**doc, "ch": [change]})
+    return out
 
 
 def _ack(batch: Any, first_q: int) -> Any:
@@ -108,13 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 records")
     args = parser.parse_args(argv)
     count = 1000 if args.quick else args.records
-    results = {f"{kind}{'+zd1' if zd else ''}": measure(kind, count, zd)
-               for kind in RECORDS for zd in (False, True)}
+    results = {kind if mode == "v1" else f"{kind}+{mode}": measure(kind, count, mode)
+               for kind in RECORDS for mode in MODES}
     print_table("MQTT payload bytes per change (the agent's encoding, default settings)",
                 ["records", "record JSON B", "single change B", "its ack B",
-                 "single, device link both ways B", "bulk B/change", "bulk messages"],
+                 "single, device link both ways B", "same, topic prefix w B",
+                 "bulk B/change", "bulk messages"],
                 [[kind, r["record_json_bytes_avg"], r["single_bytes_per_change"],
                   r["single_ack_bytes"], r["single_device_link_bytes_both_ways"],
+                  r["single_device_link_bytes_both_ways_prefix_w"],
                   r["bulk_bytes_per_change"], r["bulk_messages"]]
                  for kind, r in results.items()])
     write_json("wire_bytes", {"records": count, "results": results})

@@ -13,7 +13,8 @@ Decoding
        bounded output buffer, so a zip bomb never allocates more than
        `max_decompressed` bytes (`too_large` beyond that, `malformed` if the stream
        is broken, truncated or followed by trailing bytes, or asks for a preset
-       dictionary other than `schemas.zdict.DICTIONARY`, which it may use);
+       dictionary this process does not know: `schemas.zdict.DICTIONARY` (zd1) or
+       the dictionary of a schema version it has parsed, `schemas.zdict_schema` (zd2));
     3. the JSON text is parsed with orjson; it must be a JSON object (`malformed`
        otherwise: invalid UTF-8, lone surrogates, NaN / Infinity, trailing data, ...);
        duplicate member names are accepted, the last one wins;
@@ -57,7 +58,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import orjson
 from pydantic import Field, ValidationError
 
-from schemas import zdict
+from schemas import zdict, zdict_schema
 from schemas.codes import (
     ALL_CODES,
     CLOCK_SKEW,
@@ -343,10 +344,11 @@ def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes
 
 def _inflate(data: bytes, limit: int) -> bytes:
     wanted = zdict.wants_dictionary(data)
+    known = None if wanted is None else zdict_schema.lookup(wanted)
     if wanted is None:
         inflater = zlib.decompressobj()
-    elif wanted == zdict.DICT_ID:
-        inflater = zlib.decompressobj(zdict=zdict.DICTIONARY)
+    elif known is not None:
+        inflater = zlib.decompressobj(zdict=known)
     else:
         raise ProtocolError(MALFORMED, "zlib stream needs a preset dictionary this "
                                        f"receiver does not know (id {wanted})")

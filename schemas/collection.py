@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas import zdict_schema
 from schemas.errors import CollectionSchemaError
 from schemas.indexes import IndexSpec, check_indexes, parse_index_entries
 from schemas.retention import RetentionRule
@@ -220,6 +221,11 @@ class Catalog(BaseModel):
     version: int = Field(ge=1, le=MAX_SAFE_INT)
     collections: dict[str, CollectionSpec]
     source: str = "<memory>"
+
+    def model_post_init(self, context: Any, /) -> None:
+        # Whatever schema version this process holds, it can read streams compressed
+        # with that version's dictionary (capability zd2, schemas.zdict_schema).
+        zdict_schema.register(self)
 
     def collection(self, name: str) -> CollectionSpec | None:
         return self.collections.get(name)

@@ -11,7 +11,9 @@ is kept). With
 `compress_over` set, a payload longer than that many bytes is zlib-compressed
 (level 6) when that makes it smaller. With `zdict=True` (only towards a peer that
 agreed to capability `zd1`, `schemas.zdict`) every payload, small ones included, is
-compressed with the preset dictionary when that makes it smaller. Both raise
+compressed with the preset dictionary when that makes it smaller; `zdict` given as
+bytes is the dictionary to use instead (a schema's, capability `zd2`,
+`schemas.zdict_schema`, towards a server that agreed to it). Both raise
 `ProtocolError` (`invalid`) for values JSON cannot carry (and `encode_dict` for
 integers beyond 53 bits). A model validated by `schemas.wire` always encodes to bytes
 `decode` accepts back equal; one built with `model_construct` is not re-checked.
@@ -33,7 +35,7 @@ from schemas.wire import Change, Changes, Message, Page, Reject
 COMPRESS_LEVEL: Final = 6
 
 
-def encode(msg: Message, *, compress_over: int | None = None, zdict: bool = False) -> bytes:
+def encode(msg: Message, *, compress_over: int | None = None, zdict: bool | bytes = False) -> bytes:
     """The wire bytes of `msg`: `type` and `v` first, optional members at their defaults
     left out (members PROTOCOL.md §7 requires are always written)."""
     model = type(msg)
@@ -104,7 +106,7 @@ def _head(model: type[Message]) -> bytes:
 
 
 def encode_dict(obj: dict[str, Any], *, compress_over: int | None = None,
-                zdict: bool = False) -> bytes:
+                zdict: bool | bytes = False) -> bytes:
     """The wire bytes of a message built as a dict (not validated: the caller's duty).
 
     Integers outside the 53-bit range are refused; orjson writes NaN and infinities as
@@ -117,9 +119,11 @@ def encode_dict(obj: dict[str, Any], *, compress_over: int | None = None,
     return _maybe_compress(data, compress_over, zdict)
 
 
-def _maybe_compress(data: bytes, compress_over: int | None, zdict: bool = False) -> bytes:
-    if zdict:
+def _maybe_compress(data: bytes, compress_over: int | None, zdict: bool | bytes = False) -> bytes:
+    if zdict is True:
         return _zdict.pack(data)
+    if zdict:
+        return _zdict.pack(data, zdict)
     if compress_over is not None and len(data) > compress_over:
         packed = zlib.compress(data, COMPRESS_LEVEL)
         if len(packed) < len(data):

@@ -18,7 +18,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, m
 
 from schemas.wire_down import (
     MAX_SCHEMA_PUSH_TEXT,
+    PEM_MAX,
     Ack,
+    CertIssued,
     Checkpoint,
     Command,
     Delta,
@@ -99,6 +101,15 @@ class Hello(Message):
     cred: Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)] | None = None
     """Capability `creds`: the credential rotation (§7.9) whose password this connection
     logged in with; absent: the password the device was enrolled with (or configured)."""
+    zd: Annotated[int, Field(ge=0, le=0xFFFFFFFF, strict=True)] | None = None
+    """Capability `zd2`: the id (zlib DICTID, adler-32) of the dictionary the device
+    derived from its schema (§3); the server agrees to `zd2` only when it holds it."""
+    crt: Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)] | None = None
+    """Capability `cert_renew` (§7.15): the renewal whose client certificate this
+    connection presented; absent: the certificate the device was enrolled with."""
+    cexp: Seq | None = None
+    """Capability `cert_renew`: when the client certificate this connection presented
+    expires (ms since the epoch), for the operator's view."""
 
 
 _FIELD_GROUPS = ("f", "i", "a", "r")
@@ -222,6 +233,24 @@ class Fetch(Message):
     k: Annotated[list[RecordKey], Field(min_length=1, max_length=MAX_FETCH_KEYS)]
 
 
+MAX_PEM = PEM_MAX
+"""The longest PEM text a `csr` or `cert` message carries (§7.15): an EC P-256 request or
+certificate is under 1 KiB; the bound leaves room for a CA certificate with extensions."""
+
+
+class Csr(Message):
+    """Capability `cert_renew` (§7.15): a certificate signing request for a new client
+    key the device made; the key itself never leaves the device. Answered by `cert`."""
+
+    type: Literal["csr"] = "csr"
+    dev: DeviceId
+    rid: Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
+    """The renewal: the one the operator's `cert_renew` command named, or one the device
+    started itself because its certificate expires soon."""
+    csr: Annotated[str, Field(min_length=1, max_length=MAX_PEM)]
+    """PKCS#10 request in PEM: subject CN = the device id, an EC P-256 key."""
+
+
 # --- device -> everyone (retained) ---------------------------------------------------
 
 
@@ -254,7 +283,7 @@ class ServerState(Message):
 
 
 UP_TYPES: dict[str, type[Message]] = {"hello": Hello, "changes": Changes, "catchup": Catchup,
-                                      "fetch": Fetch}
+                                      "fetch": Fetch, "csr": Csr}
 DOWN_TYPES: dict[str, type[Message]] = {
     "ack": Ack,
     "reject": Reject,
@@ -262,6 +291,7 @@ DOWN_TYPES: dict[str, type[Message]] = {
     "page": Page,
     "checkpoint": Checkpoint,
     "fetched": Fetched,
+    "cert": CertIssued,
     "command": Command,
     "welcome": Welcome,
     "schema": SchemaPush,
@@ -284,6 +314,7 @@ __all__ = [
     "MAX_FIELDS_PER_CHANGE",
     "MAX_JSON_DEPTH",
     "MAX_KEY_BYTES",
+    "MAX_PEM",
     "MAX_SAFE_INT",
     "MAX_SCHEMA_PUSH_TEXT",
     "PROTOCOL_VERSION",
@@ -297,6 +328,7 @@ __all__ = [
     "Capabilities",
     "Capability",
     "Catchup",
+    "CertIssued",
     "Change",
     "ChangeNumber",
     "ChangeTag",
@@ -304,6 +336,7 @@ __all__ = [
     "Checkpoint",
     "CollectionName",
     "Command",
+    "Csr",
     "Delta",
     "DeviceId",
     "ErrorInfo",

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, StrictBool
 
 from schemas.wire_types import (
+    ID_PATTERN,
     Capabilities,
     ChangeNumber,
     CollectionName,
@@ -110,13 +111,31 @@ class Checkpoint(Message):
 class Command(Message):
     """An order from the operator: wipe local data, resync from zero, ping, follow other
     scopes (`scopes`), sync now (`sync`: lift the device's sync policy for a while), or
-    log in to the broker with a new password from now on (`creds`); `scopes`, `sync` and
-    `creds` only to a device that agreed to the capability of that name."""
+    log in to the broker with a new password from now on (`creds`), renew the client
+    certificate (`cert_renew`, §7.15); `scopes`, `sync`, `creds` and `cert_renew` only to
+    a device that agreed to the capability of that name."""
 
     type: Literal["command"] = "command"
     id: Annotated[str, Field(min_length=1, max_length=64)]
-    cmd: Literal["wipe", "resync", "ping", "scopes", "sync", "creds"]
+    cmd: Literal["wipe", "resync", "ping", "scopes", "sync", "creds", "cert_renew"]
     args: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+PEM_MAX = 8192
+"""The longest PEM text a `cert` message carries (`schemas.wire.MAX_PEM`)."""
+
+
+class CertIssued(Message):
+    """Capability `cert_renew` (§7.15): the client certificate the server signed for a
+    device's `csr`, and the CA certificate that signed it."""
+
+    type: Literal["cert"] = "cert"
+    rid: Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
+    cert: Annotated[str, Field(min_length=1, max_length=PEM_MAX)]
+    """The certificate, PEM: CN = the device id, the key of the device's request."""
+    ca: Annotated[str, Field(min_length=1, max_length=PEM_MAX)]
+    """The CA certificate that signed it, PEM: the device checks that it also signed the
+    certificate it holds now (the trust anchor the operator installed)."""
 
 
 class Welcome(Message):

@@ -61,20 +61,24 @@ HEADER_FDICT: Final = 0x20
 """The FDICT bit of a zlib header's second byte: a DICTID (4 bytes) follows."""
 
 
-def pack(data: bytes) -> bytes:
-    """`data` as a zlib stream with the preset dictionary, or `data` itself when that
-    is not smaller (a tiny or incompressible message)."""
+def pack(data: bytes, dictionary: bytes = DICTIONARY) -> bytes:
+    """`data` as a zlib stream with the preset dictionary (by default the zd1 one; a
+    schema's, `schemas.zdict_schema`, with zd2), or `data` itself when that is not
+    smaller (a tiny or incompressible message)."""
     level = LEVEL if len(data) <= SMALL else 6
-    co = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, DICTIONARY)
+    co = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, dictionary)
     packed = co.compress(data) + co.flush()
     return packed if len(packed) < len(data) else data
 
 
 def unpack(data: bytes) -> bytes:
-    """A zlib stream this process wrote (with or without the dictionary), inflated.
-    Trusted input only: what comes from the wire goes through `schemas.codec`."""
+    """A zlib stream this process wrote (with or without a dictionary it knows),
+    inflated. Trusted input only: what comes from the wire goes through `schemas.codec`."""
+    from schemas import zdict_schema  # it builds on this module
+
     wanted = wants_dictionary(data)
-    do = zlib.decompressobj(zdict=DICTIONARY) if wanted == DICT_ID else zlib.decompressobj()
+    known = None if wanted is None else zdict_schema.lookup(wanted)
+    do = zlib.decompressobj() if known is None else zlib.decompressobj(zdict=known)
     return do.decompress(data) + do.flush()
 
 

@@ -269,15 +269,16 @@ class RabbitCluster:
         return "\n".join(node.log_tail(lines) for node in self.nodes)
 
 
-def start_cluster_or_fail(workdir: Path) -> RabbitCluster:
+def start_cluster_or_fail(workdir: Path, size: int = 3) -> RabbitCluster:
     """Start a cluster; a test that needs one fails (never skips) when RabbitMQ is missing:
-    scripts/test.sh installs it, so a missing server is a broken setup, not an option."""
+    scripts/test.sh installs it, so a missing server is a broken setup, not an option.
+    `size=1`: one node, for tests of what does not depend on clustering (much cheaper)."""
     import pytest
 
     reason = rabbitmq_unavailable()
     if reason is not None:
         pytest.fail(reason, pytrace=False)
-    cluster = RabbitCluster(workdir)
+    cluster = RabbitCluster(workdir, size)
     try:
         cluster.start()
     except BaseException:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +62,7 @@ from waystation.mqtt_tls import TlsSettings, ssl_context
 
 __all__ = [
     "Backoff",
+    "CertProvider",
     "MqttLink",
     "TlsSettings",
     "Will",
@@ -91,6 +93,21 @@ class PasswordProvider(Protocol):
 
     def accepted(self) -> None:
         """The broker accepted it."""
+
+
+class CertProvider(Protocol):
+    """Chooses the client certificate of each connection attempt (a device renewing its
+    certificate holds the new and the previous one: `agent.clientcert`). Called on the
+    network thread."""
+
+    def cert_files(self) -> tuple[str, str] | None:
+        """Certificate and key file for the attempt about to start (None: as configured)."""
+
+    def refused(self) -> None:
+        """The attempt failed before the broker accepted it (TLS handshake, refusal)."""
+
+    def accepted(self) -> None:
+        """The broker accepted the connection."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,7 @@ class MqttLink:
         on_problem: OnProblem | None = None,
         rng: random.Random | None = None,
         password_provider: PasswordProvider | None = None,
+        cert_provider: CertProvider | None = None,
     ) -> None:
         """Configure the link; nothing happens on the network until ``start()``.
 
@@ -137,6 +155,8 @@ class MqttLink:
         delay_s)``: called on the network thread before each wait for the next attempt,
         with why the last one failed (`waystation.linkproblems`). ``password_provider``:
         asked for the password before each attempt (``password`` is then ignored).
+        ``cert_provider``: asked for the client certificate before each attempt (with
+        ``tls``; it replaces the context's certificate when it names other files).
         """
         if not client_id:
             raise ValueError("client_id is required (persistent sessions are per client id)")
@@ -154,6 +174,9 @@ class MqttLink:
         self._problem: LinkProblem | None = None
         self._username = username
         self._passwords = password_provider
+        self._certs = cert_provider if tls is not None else None
+        self._ssl: ssl.SSLContext | None = None
+        self._cert_loaded: tuple[str, str] | None = None
 
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -180,7 +203,10 @@ class MqttLink:
         if will is not None:
             client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if tls is not None:
-            client.tls_set_context(ssl_context(tls))
+            self._ssl = ssl_context(tls)
+            if tls.cert and tls.key:
+                self._cert_loaded = (tls.cert, tls.key)
+            client.tls_set_context(self._ssl)
             if tls.insecure:
                 client.tls_insecure_set(True)
         client.max_inflight_messages_set(max_inflight)
@@ -358,10 +384,13 @@ class MqttLink:
             try:
                 if self._passwords is not None and self._username is not None:
                     self._client.username_pw_set(self._username, self._passwords.password())
+                self._load_cert()
                 self._client.reconnect()
             except Exception as exc:  # OSError, ssl.SSLError, socket.timeout, ...
                 self._problem = linkproblems.from_exception(exc)
                 self._set_error(f"cannot connect to {self.host}:{self.port}: {exc}")
+                if self._certs is not None:
+                    self._call(self._certs.refused)
             else:
                 self._pump()
             if self._stopping.is_set():
@@ -395,6 +424,10 @@ class MqttLink:
                 if (not self._connected and not self._relogin
                         and not (self._last_error or "").startswith("broker")):
                     self._set_error(f"{reason} before the broker accepted it")
+                    if self._certs is not None:
+                        # TLS 1.3: a refused client certificate ends the connection
+                        # after the client's side of the handshake completed.
+                        self._call(self._certs.refused)
                 self._mark_down(reason)
                 return
             if not self._connected and time.monotonic() - started > self.connect_timeout:
@@ -402,6 +435,23 @@ class MqttLink:
                 self._set_error(f"no CONNACK from {self.host}:{self.port} "
                                 f"within {self.connect_timeout} s")
                 self._abort_socket()
+
+    def _load_cert(self) -> None:
+        """Put the certificate the provider chooses into the TLS context (new
+        connections take it; the live one, if any, keeps its own)."""
+        if self._certs is None or self._ssl is None:
+            return
+        files = self._certs.cert_files()
+        if files is None or files == self._cert_loaded:
+            return
+        try:
+            self._ssl.load_cert_chain(files[0], files[1])
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("client certificate unusable", client_id=self.client_id,
+                        cert=files[0], error=str(exc))
+            self._call(self._certs.refused)
+            return
+        self._cert_loaded = files
 
     def _finish(self) -> None:
         """After a stop request: leave the broker the requested way, then close."""
@@ -478,9 +528,13 @@ class MqttLink:
             self._set_error(f"broker refused the connection: {reason}")
             if self._problem.kind == "login_refused" and self._passwords is not None:
                 self._call(self._passwords.refused)
+            if self._certs is not None:
+                self._call(self._certs.refused)
             return
         if self._passwords is not None:
             self._call(self._passwords.accepted)
+        if self._certs is not None:
+            self._call(self._certs.accepted)
         session_present = bool(flags.session_present)
         with self._changed:
             # Every time, session or not (module docstring: brokers lose subscriptions

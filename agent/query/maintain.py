@@ -22,7 +22,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import orjson
 
 from agent.query.indexes import IndexDef, Registry, declared_indexes, entries, unchanged
 from agent.query.logs import event
@@ -41,19 +43,21 @@ DROP_BATCH = 10_000
 Progress = Callable[[IndexDef], None]
 
 
-_parsed: tuple[Any, Registry] = (None, Registry())
-"""The last registry document read and its parsed form: every write transaction reads
-the registry, and it changes only when indexes are added, built or dropped."""
+_parsed: tuple[bytes | None, Registry] = (None, Registry())
+"""The last registry document read (its stored bytes) and its parsed form: every write
+transaction that saves a view reads the registry, and it changes only when indexes are
+added, built or dropped. Keyed on the bytes, so an unchanged registry costs one
+comparison, not a JSON parse."""
 
 
 def load_registry(tx: Tx) -> Registry:
     global _parsed
-    doc = tx.meta(META_KEY)
-    last_doc, last = _parsed
-    if doc == last_doc:
+    raw = tx.raw("meta", META_KEY.encode())
+    last_raw, last = _parsed
+    if raw == last_raw:
         return last
-    registry = Registry.from_doc(doc)
-    _parsed = (doc, registry)
+    registry = Registry.from_doc(None if raw is None else orjson.loads(raw))
+    _parsed = (raw, registry)
     return registry
 
 

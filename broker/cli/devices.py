@@ -39,10 +39,15 @@ def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         registry.remove_device(store, args.device_id)
     finally:
         store.close()
-    note = revoke_credentials(env, args.device_id, config.enrol.password_file)
+    if config.enrol.broker_kind == "rabbitmq":
+        note = ("; delete its RabbitMQ user: `rabbitmqctl delete_user "
+                f"{args.device_id}`, and its {args.device_id}.mqtt-password file from the "
+                "folder you import definitions from")
+    else:
+        note = revoke_credentials(env, args.device_id, config.enrol.password_file)
     if getattr(args, "json", False):
         print_json({"device": args.device_id, "removed": True,
-                    "login_removed": bool(note)})
+                    "login_removed": bool(note) and config.enrol.broker_kind != "rabbitmq"})
         return 0
     print(f"device {args.device_id} removed: its changes are refused from now on{note}")
     return 0

@@ -46,9 +46,14 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         row = registry.add_device(store, dev, scopes, now_ms())
     finally:
         store.close()
-    pw_note = write_credentials(env, dev, password, enrol.password_file,
-                                 where=("in " + f"{dev}.mqtt-password" if layout.password_file
-                                        else "in the agent config"))
+    where = "in " + f"{dev}.mqtt-password" if layout.password_file else "in the agent config"
+    if enrol.broker_kind == "rabbitmq":
+        # RabbitMQ keeps its own users: the operator imports them (deploy/README.md).
+        pw_note = (f"broker credentials: the password is {where}; RabbitMQ gets the user "
+                   "from `python -m broker.rabbitmq.definitions --server-config ...` and "
+                   "`rabbitmqctl import_definitions` (no password file written)")
+    else:
+        pw_note = write_credentials(env, dev, password, enrol.password_file, where=where)
     out_dir.mkdir(parents=True, exist_ok=True)
     if enrol.ca_file is not None:
         shutil.copyfile(enrol.ca_file, out_dir / "ca.pem")

@@ -21,16 +21,18 @@ def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str])
     device gets the new one in a `creds` command (or from the operator, when it does
     not speak the capability); the server retires the old one once the device logged
     in with the new, or at the --retire-after deadline."""
-    from broker.embedded.passwords import hash_password
-
     config = server_config(args, env)
-    password_file = (config.enrol.password_file if config.enrol.password_file is not None
-                     else default_password_file(env))
-    if not Path(password_file).is_file():
-        raise InvalidArgument(f"the broker's password file {password_file} does not exist: "
-                              "set enrol.password_file to the one the broker reads")
+    rabbitmq = config.enrol.broker_kind == "rabbitmq"
+    password_file: Path | None = None
+    if not rabbitmq:
+        password_file = (config.enrol.password_file if config.enrol.password_file is not None
+                         else default_password_file(env))
+        if not Path(password_file).is_file():
+            raise InvalidArgument(f"the broker's password file {password_file} does not exist: "
+                                  "set enrol.password_file to the one the broker reads (on a "
+                                  "RabbitMQ fleet: enrol.broker_kind = \"rabbitmq\")")
     password = secrets.token_urlsafe(24)
-    new_hash = hash_password(password)
+    new_hash = _hash(password, rabbitmq=rabbitmq)
     store = open_store(config)
     try:
         rot, cmd = rotation.start(store, args.device_id, password, new_hash, now_ms(),
@@ -39,9 +41,10 @@ def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str])
             device = txn.get_device(args.device_id)
     finally:
         store.close()
-    # After the store: a crash in between leaves a rotation whose new password the
-    # embedded broker does not take yet; running the command again starts a fresh one.
-    RotationFiles(Path(password_file)).begin(args.device_id, new_hash)
+    if password_file is not None:
+        # After the store: a crash in between leaves a rotation whose new password the
+        # embedded broker does not take yet; running the command again starts a fresh one.
+        RotationFiles(Path(password_file)).begin(args.device_id, new_hash)
     speaks = device is not None and "creds" in device.caps
     if args.json:
         print_json({"device": args.device_id, "rotation": rot.id, "command": cmd.id,
@@ -50,10 +53,16 @@ def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str])
                     # For the operator's fallback: a device without the capability,
                     # or one that missed a --retire-after deadline, is configured by hand.
                     "password": password,
-                    "password_file": str(password_file)})
+                    "broker_kind": config.enrol.broker_kind,
+                    "password_file": None if password_file is None else str(password_file)})
         return 0
-    print(f"password rotation {rot.id} started for {args.device_id}: the broker accepts "
-          "its old and its new password until the old one is retired")
+    if rabbitmq:
+        print(f"password rotation {rot.id} started for {args.device_id}: RabbitMQ keeps its "
+              "old password until the device has stored the new one; then the server "
+              "switches it (enrol.rabbitmq_import)")
+    else:
+        print(f"password rotation {rot.id} started for {args.device_id}: the broker accepts "
+              "its old and its new password until the old one is retired")
     if speaks:
         print(f"command {cmd.id} brings the new password to the device (at once if it is "
               "online, else when it next connects); the server retires the old one once "
@@ -68,9 +77,25 @@ def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str])
             print("the old password stays valid until the device logs in with the new one "
                   "through an agent that speaks the capability; set a deadline with "
                   f"`waystation device rotate-password {args.device_id} --retire-after 7d`")
-    print(f"progress: `waystation device list` (Mosquitto: the server reloads it through "
-          f"enrol.broker_reload when it switches {password_file})")
+    if rabbitmq:
+        print("progress: `waystation device list`; the device's RabbitMQ user gets the new "
+              "password at the switch, which later definitions imports keep when "
+              "`python -m broker.rabbitmq.definitions` is given --server-config")
+    else:
+        print(f"progress: `waystation device list` (Mosquitto: the server reloads it through "
+              f"enrol.broker_reload when it switches {password_file})")
     return 0
+
+
+def _hash(password: str, *, rabbitmq: bool) -> str:
+    """The new password's hash in the format of the broker that will hold it."""
+    if rabbitmq:
+        from broker.rabbitmq.definitions import hash_password as rabbit_hash
+
+        return rabbit_hash(password)
+    from broker.embedded.passwords import hash_password
+
+    return hash_password(password)
 
 
 __all__ = ["cmd_device_rotate_password"]

@@ -30,6 +30,9 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     online = sorted(d.id for d in devices if d.online)
     rotating = {d.id: rot for d in devices
                 if (rot := devstate.rotation_doc(d)) is not None and rot["stage"] != "retired"}
+    renewing = {d.id: crt["renewal"] for d in devices
+                if (crt := devstate.cert_doc(d)) is not None and crt["renewal"] is not None
+                and crt["renewal"]["stage"] != "in use"}
     doc: dict[str, Any] = {
         "server_id": config.server_id,
         "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
@@ -49,6 +52,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                               "max_age_s": config.dead_letters.max_age_s},
         "pending_notices": info.counts["notices"],
         "password_rotations": rotating,
+        "cert_renewals": renewing,
     }
     if args.json:
         print_json(doc)
@@ -68,7 +72,12 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                         config.dead_letters.max_bytes))
     if rotating:
         print("password rotations under way: " + ", ".join(
-            f"{dev} ({rot['stage']})" for dev, rot in sorted(rotating.items())))
+            f"{dev} ({rot['stage']}" + (f", next step failed at {rot['failing']['at']}: "
+                                       f"{rot['failing']['error']}" if rot["failing"] else "")
+            + ")" for dev, rot in sorted(rotating.items())))
+    if renewing:
+        print("client certificate renewals under way: " + ", ".join(
+            f"{dev} ({ren['stage']})" for dev, ren in sorted(renewing.items())))
     if seqs:
         print()
         table(["SCOPE", "SEQUENCE", "PURGED TO"],

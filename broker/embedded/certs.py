@@ -26,9 +26,9 @@ class IssuedClientCert:
     key_path: Path
 
 
-def issue_client_cert(ca_cert: Path, ca_key: Path, device_id: str, out_dir: Path, *,
-                      days: int = 825) -> IssuedClientCert:
-    """Sign a client certificate (CN = device_id) with the CA; write cert and key."""
+def load_client_ca(ca_cert: Path, ca_key: Path
+                   ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey]:
+    """The operator's client CA: its certificate and its (unencrypted) private key."""
     try:
         ca = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
         signer = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
@@ -40,13 +40,20 @@ def issue_client_cert(ca_cert: Path, ca_key: Path, device_id: str, out_dir: Path
                               f"unencrypted PEM private key: {exc}") from None
     if not isinstance(signer, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise InvalidArgument("the client CA key must be an EC or RSA private key")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    return ca, signer
+
+
+def sign_client_cert(ca: x509.Certificate,
+                     signer: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+                     device_id: str, public_key: ec.EllipticCurvePublicKey, *,
+                     days: int, now: datetime.datetime | None = None) -> x509.Certificate:
+    """A client certificate for `public_key`, CN = device_id, valid `days` from now."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
         .issuer_name(ca.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
@@ -54,6 +61,14 @@ def issue_client_cert(ca_cert: Path, ca_key: Path, device_id: str, out_dir: Path
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(signer, hashes.SHA256())
     )
+
+
+def issue_client_cert(ca_cert: Path, ca_key: Path, device_id: str, out_dir: Path, *,
+                      days: int = 825) -> IssuedClientCert:
+    """Sign a client certificate (CN = device_id) with the CA; write cert and key."""
+    ca, signer = load_client_ca(ca_cert, ca_key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = sign_client_cert(ca, signer, device_id, key.public_key(), days=days)
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path = out_dir / f"{device_id}.crt"
     key_path = out_dir / f"{device_id}.key"

@@ -92,18 +92,23 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
     return base64.b64encode(salt + digest).decode("ascii")
 
 
-def _user(name: str, password: str, tags: list[str]) -> dict[str, Any]:
-    return {"name": name, "password_hash": hash_password(password),
+def _user(name: str, password: str, tags: list[str], *,
+          password_hash: str | None = None) -> dict[str, Any]:
+    return {"name": name,
+            "password_hash": hash_password(password) if password_hash is None else password_hash,
             "hashing_algorithm": HASHING, "tags": tags, "limits": {}}
 
 
-def device_entries(prefix: str, dev: str, password: str) -> dict[str, dict[str, Any]]:
-    """The user, permissions and topic permissions of one device."""
+def device_entries(prefix: str, dev: str, password: str, *,
+                   password_hash: str | None = None) -> dict[str, dict[str, Any]]:
+    """The user, permissions and topic permissions of one device (`password_hash`, when
+    given, is its login instead of `password`: a rotated password the server holds as
+    a hash only)."""
     level = re.escape(routing_level(dev))
     pre = re.escape(routing_level(prefix))
     sessions = f"mqtt-subscription-{re.escape(dev)}qos[01]"
     return {
-        "user": _user(dev, password, []),
+        "user": _user(dev, password, [], password_hash=password_hash),
         "permission": {"user": dev, "vhost": VHOST,
                        "configure": f"^{sessions}$",
                        "write": f"^({re.escape(EXCHANGE)}|{sessions})$",
@@ -164,12 +169,17 @@ def _queues_and_policies(prefix: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def definitions(*, prefix: str, server_users: Mapping[str, str],
-                devices: Mapping[str, str]) -> dict[str, Any]:
-    """A definitions document (`rabbitmqctl import_definitions`) for the fleet."""
+                devices: Mapping[str, str],
+                device_hashes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A definitions document (`rabbitmqctl import_definitions`) for the fleet.
+    `device_hashes`: devices whose login is a password hash (a rotated password), which
+    wins over their entry in `devices`."""
+    hashes = dict(device_hashes or {})
     doc: dict[str, Any] = {"users": [], "vhosts": [{"name": VHOST}], "permissions": [],
                            "topic_permissions": []}
     entries = [server_entries(prefix, u, p) for u, p in server_users.items()]
-    entries += [device_entries(prefix, d, p) for d, p in devices.items()]
+    entries += [device_entries(prefix, d, p) for d, p in devices.items() if d not in hashes]
+    entries += [device_entries(prefix, d, "", password_hash=h) for d, h in sorted(hashes.items())]
     for entry in entries:
         doc["users"].append(entry["user"])
         doc["permissions"].append(entry["permission"])
@@ -181,7 +191,9 @@ def definitions(*, prefix: str, server_users: Mapping[str, str],
 def main(argv: list[str] | None = None) -> int:
     """`python -m broker.rabbitmq.definitions`: print the definitions for the fleet whose
     device passwords are the `*.mqtt-password` files `waystation device add --systemd`
-    wrote (one per device, named after it)."""
+    wrote (one per device, named after it), with the passwords rotated since
+    (`waystation device rotate-password`) taken from the server's store
+    (--server-config): the store holds the truth about a rotated login."""
     import argparse
     import json
     import sys
@@ -194,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-password-file", type=Path, required=True)
     parser.add_argument("--device-passwords", type=Path, action="append", default=[],
                         metavar="DIR", help="a folder of DEVICE.mqtt-password files")
+    parser.add_argument("--server-config", type=Path, metavar="FILE",
+                        help="the merge server's config (enrol.broker_kind = \"rabbitmq\"): "
+                             "devices whose password was rotated get the rotated one")
     args = parser.parse_args(argv)
     try:
         server_pw = args.server_password_file.read_text().rstrip("\n")
@@ -203,11 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as exc:
+        print(f"error: a password file is not UTF-8 text ({exc.reason})", file=sys.stderr)
+        return 2
     if not server_pw or any(not pw for pw in devices.values()):
         print("error: an empty password file", file=sys.stderr)
         return 2
+    hashes: dict[str, str] = {}
+    if args.server_config is None:
+        print("note: without --server-config, a device whose password was rotated gets its "
+              "enrolment password back from this import", file=sys.stderr)
+    else:
+        from broker.rabbitmq.rotated import RotatedLoginsError, rotated_hashes
+
+        try:
+            hashes = rotated_hashes(args.server_config)
+        except RotatedLoginsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     json.dump(definitions(prefix=args.prefix, server_users={args.server_user: server_pw},
-                          devices=devices), sys.stdout, indent=1)
+                          devices=devices, device_hashes=hashes), sys.stdout, indent=1)
     print()
     return 0
 

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 import structlog
 
-from broker.server.caps import SCHEMA
+from broker.server.caps import SCHEMA, SCHEMA_PUSH
 from broker.server.identity import change_digest, outcome_ns
 from broker.server.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
 from broker.server.upcast import SchemaChain
@@ -135,6 +135,9 @@ class Applier:
         self.rules = tuple(rules)
         self.chain: SchemaChain | None = None
         """The live schema history, to upcast changes written under older versions."""
+        self.withdrawn: frozenset[int] = frozenset()
+        """Rolled-back versions: a change written under one waits on its device, which
+        is told to go back down and sends it again in the older names."""
 
     def begin(self, txn: WriteTxn,
               wants_delta: Callable[[str, str], bool] | None = None) -> TxnApplier:
@@ -245,7 +248,11 @@ class TxnApplier:
                            f"(version {self.version})", show=False)
         if sv > self.version:
             self.stats.transient += 1
+            # A rolled-back version, to a device that takes versions from the server:
+            # expected (it is told to go back down, §7.13), no dead letter. One running a
+            # hand-installed file keeps the dead letter: its operator has to act.
             return ChangeResult(ch.n, code=codec.SCHEMA_VERSION, perm=False,
+                                expected=sv in self.a.withdrawn and SCHEMA_PUSH in device.caps,
                                 reason=f"written under schema version {sv}; the server runs "
                                        f"version {self.version}: retry later")
         chain = self.a.chain

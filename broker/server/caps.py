@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from schemas import zdict
+from schemas import zdict, zdict_schema
 
 SCHEMA = "schema"
 """The server states its schema versions in `welcome` (`sv`, `sv_min`) and holds back
@@ -20,6 +20,11 @@ ZDICT = zdict.CAP
 """Small down messages compressed with the protocol's preset dictionary, and up
 messages read that way (§3, `schemas.zdict`)."""
 
+ZD2 = zdict_schema.CAP
+"""Up messages compressed with the dictionary derived from the device's schema (§3,
+`schemas.zdict_schema`): agreed only when this server holds the dictionary whose id the
+`hello` names in `zd` (it has parsed that schema version), so it can read them."""
+
 SCHEMA_PUSH = "schema_push"
 """The server sends a device that runs another schema version than the server's the
 published version it should run next, in a `schema` message (PROTOCOL.md §7.13), at its
@@ -28,8 +33,13 @@ published version it should run next, in a `schema` message (PROTOCOL.md §7.13)
 FETCH = "fetch"
 """The server answers `fetch` (records by key) with `fetched` (PROTOCOL.md §7.14)."""
 
+CERT_RENEW = "cert_renew"
+"""The server sends the `cert_renew` command (`waystation device renew-cert`), signs the
+device's `csr` with the client CA of `[enrol]` and answers with `cert`; `hello.crt` and
+`hello.cexp` report the certificate in use (PROTOCOL.md §7.15)."""
+
 SERVER_CAPS: frozenset[str] = frozenset(
-    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, ZDICT})
+    {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, CERT_RENEW, ZDICT, ZD2})
 """creds: `waystation device rotate-password` reaches the device as a `creds` command
 (§7.9) and `hello.cred` tells the server it logged in with the new password (§7.1).
 scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
@@ -38,12 +48,19 @@ txn: transactions applied all or none (§7.2.1, §10.5).
 schema: see `SCHEMA`.
 schema_push: see `SCHEMA_PUSH`.
 fetch: see `FETCH`.
-zd1: see `ZDICT`."""
+cert_renew: see `CERT_RENEW`.
+zd1: see `ZDICT`.
+zd2: see `ZD2`."""
 
 
-def agreed(offered: Iterable[str]) -> tuple[str, ...]:
-    """The features both the device (`offered`) and this server speak, sorted."""
-    return tuple(sorted(set(offered) & SERVER_CAPS))
+def agreed(offered: Iterable[str], *, zd: int | None = None) -> tuple[str, ...]:
+    """The features both the device (`offered`) and this server speak, sorted; `zd2`
+    only when this server knows the dictionary `zd` (the hello's) names."""
+    both = set(offered) & SERVER_CAPS
+    if ZD2 in both and not zdict_schema.known(zd):
+        both.discard(ZD2)
+    return tuple(sorted(both))
 
 
-__all__ = ["FETCH", "SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "ZDICT", "agreed"]
+__all__ = ["CERT_RENEW", "FETCH", "SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "ZD2", "ZDICT",
+           "agreed"]

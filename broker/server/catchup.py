@@ -27,6 +27,7 @@ from broker.server.messages import (
     error_message,
     page_message,
 )
+from broker.server.registry import RegistryMoved
 from broker.server.store.base import DeviceRow, ReadTxn, Store
 from schemas import codec
 from schemas.wire import Catchup, Fetch
@@ -90,9 +91,15 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
 
 
 def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup | Fetch]],
-               compress_over: Callable[[str], Compression]) -> tuple[list[tuple[str, bytes]], int]:
+               compress_over: Callable[[str], Compression], *,
+               generation: int | None = None) -> tuple[list[tuple[str, bytes]], int]:
     """Answer several devices' requests from one snapshot: (messages, records sent).
     A `fetch` (§7.14) is answered here too: it reads the same way (`broker.server.fetch`).
+
+    With `generation` (the registry generation the caller's schema was loaded at), a
+    snapshot taken after a `schema publish` / `rollback` the caller has not loaded
+    raises `RegistryMoved` before anything is read: its records are in names the
+    caller's down-projection does not know.
 
     A request that fails gets a transient `server_error`; the others are answered.
     """
@@ -100,6 +107,8 @@ def answer_all(store: Store, requests: Sequence[tuple[DeviceRow, Catchup | Fetch
     records = 0
     try:
         with store.read() as txn:
+            if generation is not None and txn.registry_generation() != generation:
+                raise RegistryMoved("the registry moved since it was loaded")
             for device, req in requests:
                 try:
                     if isinstance(req, Fetch):

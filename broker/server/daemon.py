@@ -55,7 +55,7 @@ from broker.server.amqp_link import AmqpLink
 from broker.server.announce import state_payload, state_topic
 from broker.server.engine import Engine
 from broker.server.intake import Intake, IntakeLimits, Item, Verdict
-from broker.server.rotation_files import RotationFiles, advance
+from broker.server.rotation_files import advance, broker_logins
 from broker.server.store import open_store
 from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
@@ -97,9 +97,9 @@ class MergeServer:
         self._owns_store = store is None
         self.state_topic: str | None = None
         self.engine = Engine(self.store, catalog, cfg, wall_ms, Clock("~server", wall_ms))
-        self.rotation_files = RotationFiles(
-            cfg.enrol.password_file or load_config(BrokerConfig, None, self.env)
-            .resolved_password_file(), tuple(cfg.enrol.broker_reload))
+        self.rotation_logins = broker_logins(
+            cfg.enrol, lambda: load_config(BrokerConfig, None, self.env).resolved_password_file(),
+            background=True)
         self._rotation_failures: dict[str, int] = {}
         prefix = cfg.mqtt.prefix
         self.prefix = prefix
@@ -246,9 +246,9 @@ class MergeServer:
                 self._advance_rotations()
 
     def _advance_rotations(self) -> None:
-        """Broker password rotations: the file steps they owe (`rotation_files`)."""
+        """Broker password rotations: the broker steps they owe (`rotation_files`)."""
         try:
-            advance(self.store, self.engine.registry, self.rotation_files, wall_ms(),
+            advance(self.store, self.engine.registry, self.rotation_logins, wall_ms(),
                     self._rotation_failures)
         except Exception:
             log.exception("password_rotation_failed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from broker.server.cert_renewal import Renewal
 from broker.server.rotation import Rotation
 from broker.server.store.base import DeviceRow
 from waystation.timefmt import ago, iso
@@ -27,7 +28,26 @@ def lifecycle(row: DeviceRow) -> str:
     rot = Rotation.from_json(row.rot)
     if rot is not None and rot.stage != "retired":
         state += f"; {rot.describe()}"
+    crt = Renewal.from_json(row.crt)
+    if crt.stage not in ("", "in use"):
+        state += f"; {crt.describe()}"
+    if crt.exp:
+        state += f"; client certificate expires {iso(crt.exp)}"
     return state
+
+
+def cert_doc(row: DeviceRow) -> dict[str, Any] | None:
+    """The device's client certificate: its expiry and latest renewal, for JSON forms."""
+    crt = Renewal.from_json(row.crt)
+    if not crt.id and not crt.exp:
+        return None
+    return {"expires": iso(crt.exp) or None,
+            "renewal": None if not crt.id else {
+                "id": crt.id, "stage": crt.stage, "command": crt.cmd or None,
+                "started": iso(crt.t), "by": "operator" if crt.cmd else "device",
+                "issued": iso(crt.issued) or None, "serial": crt.serial or None,
+                "not_after": iso(crt.not_after) or None, "stored": iso(crt.stored) or None,
+                "in_use": iso(crt.login) or None}}
 
 
 def rotation_doc(row: DeviceRow) -> dict[str, Any] | None:
@@ -39,7 +59,9 @@ def rotation_doc(row: DeviceRow) -> dict[str, Any] | None:
             "stored": iso(rot.stored) or None, "login_with_new": iso(rot.login) or None,
             "switched": iso(rot.switched) or None, "retired": iso(rot.retired) or None,
             "retire_at": iso(rot.retire_at) or None,
-            "retired_by": None if not rot.retired else ("deadline" if rot.forced else "login")}
+            "retired_by": None if not rot.retired else ("deadline" if rot.forced else "login"),
+            "failing": None if not rot.failed else {"at": iso(rot.failed),
+                                                    "error": rot.error}}
 
 
 def presence(row: DeviceRow) -> str:
@@ -68,6 +90,7 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
             "command": row.wipe_id, "ordered": iso(row.wipe_ms),
             "done": iso(row.wipe_done_ms) or None},
         "password_rotation": rotation_doc(row),
+        "client_cert": cert_doc(row),
     }
     if seqs is not None:
         doc["checkpoints"] = {
@@ -78,4 +101,5 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
     return doc
 
 
-__all__ = ["ago", "device_doc", "iso", "lifecycle", "presence", "progress", "rotation_doc"]
+__all__ = ["ago", "cert_doc", "device_doc", "iso", "lifecycle", "presence", "progress",
+           "rotation_doc"]

@@ -20,6 +20,11 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
 
 One thread only: the engine is not thread-safe (the daemon's worker owns it).
 
+Every group is merged, and every catch-up read, under the schema version live when it
+commits or reads: a `schema publish` / `rollback` that lands after the engine loaded
+its registry makes it reload and run the group (or the read) again
+(`broker.server.schema_guard`).
+
 Each returned message goes to `{prefix}/{device_id}/down` (QoS 1). Validation follows
 PROTOCOL.md §10.1; every refusal is answered where the device can be told and kept as a
 dead letter with the raw payload. Nothing raises out of the engine for bad input: an
@@ -34,14 +39,16 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from broker.errors import StoreError
-from broker.server import catchup
+from broker.server import schema_guard
 from broker.server.applier import Applier, BatchStats
 from broker.server.caps import ZDICT, agreed
+from broker.server.cert_issue import csr_round
+from broker.server.cert_renewal import Refused
 from broker.server.downcast import Downcaster
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
@@ -83,6 +90,7 @@ from waystation.rules import Rule, load_rules
 log = structlog.get_logger(__name__)
 
 _ID_RE = re.compile(ID_PATTERN)
+_T = TypeVar("_T")
 PURGE_INTERVAL_MS = 60_000
 """How often tombstones older than the retention are purged, at most (more often when
 the retention itself is short, so a tombstone never outlives it by much)."""
@@ -166,10 +174,13 @@ class Engine:
                 out.extend(self._replies(inc, fan))
             except Exception:  # pragma: no cover - defensive: replies are pure
                 log.exception("reply_failed", dev=inc.topic_dev)
+        out.extend(fan.messages(self._compress_over))
+        # Projected now, with the schema the group was merged under: answering the
+        # catch-ups may reload a newer one.
+        out = self._downcast(out)
         if catchups:
             out.extend(self._catchups(catchups))
-        out.extend(fan.messages(self._compress_over))
-        return self._downcast(out)
+        return out
 
     def handle_status(self, topic_device: str, payload: bytes) -> list[Outgoing]:
         """Record a device's presence from its (retained) status message.
@@ -284,8 +295,8 @@ class Engine:
         dirty, self._dirty = self._dirty, {}
         letters, self._letters = self._letters, []
         try:
-            self._done(self.store.transact(
-                lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
+            self._done(self._transact_live(
+                incs, lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
             return
         except StoreError:
             log.exception("store_failed", messages=len(incs))
@@ -298,8 +309,8 @@ class Engine:
         self._restore(dirty, letters)
         for inc in incs:
             try:
-                self._done(self.store.transact(partial(self._apply_all, incs=[inc], now=now,
-                                                       dirty={}, letters=[])))
+                self._done(self._transact_live([inc], partial(
+                    self._apply_all, incs=[inc], now=now, dirty={}, letters=[])))
             except Exception:
                 log.exception("message_failed", dev=inc.topic_dev)
                 inc.failed = True
@@ -310,6 +321,14 @@ class Engine:
                     self.store.transact(partial(_add_letter, letter=dead))
                 except Exception:
                     log.exception("dead_letter_failed", dev=inc.topic_dev)
+
+    def _transact_live(self, incs: list[Incoming], fn: Callable[[WriteTxn], _T]) -> _T:
+        def reload() -> None:
+            self._refresh_registry()
+            for inc in incs:  # the devices' rows as reloaded (scopes, caps, enabled)
+                if inc.device is not None:
+                    inc.device = self.registry.get(inc.device.id) or inc.device
+        return schema_guard.transact_live(self.store, fn, reload, self.counters)
 
     def _done(self, result: tuple[list[DeviceRow], BatchStats, GateSession]) -> None:
         rows, st, session = result
@@ -328,6 +347,8 @@ class Engine:
                    dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]
                    ) -> tuple[list[DeviceRow], BatchStats, GateSession]:
         """The body of the group transaction (may run again after a retryable failure)."""
+        if incs:  # first, before any scope lock (`broker.server.schema_guard`)
+            schema_guard.check(txn, self.registry.generation)
         fan = Fanout(self.registry, self.presence)
         session = self.gate.session()  # a rerun decides afresh: nothing counted twice
         wants_cache: dict[tuple[str, str], bool] = {}
@@ -371,11 +392,17 @@ class Engine:
                     hello: Hello = inc.msg
                     inc.commands = hello_commands(txn, hello, device, now, upd)
                     upd.update(agent=hello.agent, sv=hello.sv, z=hello.z,
-                               caps=agreed(hello.caps or ()))
+                               caps=agreed(hello.caps or (), zd=hello.zd))
                     note_incarnation(device, hello, now, upd)
                     if hello.cp is not None:
                         upd.update(cp={s: v for s, v in hello.cp.items() if s in device.scopes},
                                    cp_ms=now)
+                elif inc.kind == "csr":
+                    try:
+                        inc.answer = csr_round(txn, inc.msg, device, self.config.enrol,
+                                               now, upd)
+                    except Refused as exc:
+                        inc.error = (codec.INVALID, str(exc))
                 elif inc.kind == "catchup" and not inc.blocked:
                     req: Catchup = inc.msg
                     upd.update(cp={s: v for s, v in req.cp.items() if s in device.scopes},
@@ -460,17 +487,23 @@ class Engine:
         elif inc.kind == "hello":
             msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
             if inc.msg.caps is not None:  # a device that speaks §11 is told what is agreed
-                msgs[:0] = self.schema.welcome(agreed(inc.msg.caps), SERVER_NAME, inc.msg.sv)
+                caps = agreed(inc.msg.caps, zd=inc.msg.zd)
+                msgs[:0] = self.schema.welcome(caps, SERVER_NAME, inc.msg.sv)
             self._sent_commands.update(c.id for c in inc.commands)
         elif inc.kind == "changes":
             msgs = change_replies(dev, inc.results, inc.msg.bad, fan)
+        elif inc.kind == "csr":
+            msgs = [inc.answer]
         else:  # pragma: no cover - catch-ups are answered separately
             msgs = []
         return [(dev, compress(m, over)) for m in msgs]
 
     def _catchups(self, incs: list[Incoming]) -> list[Outgoing]:
         reqs = [(inc.device, inc.msg) for inc in incs if inc.device is not None]
-        out, records = catchup.answer_all(self.store, reqs, self._compress_over)
+        out, records = schema_guard.answer_live(
+            self.store, reqs, self._compress_over, lambda: self.registry.generation,
+            self._refresh_registry, self.counters)
+        out = self._downcast(out)
         self.counters["catchup_records"] += records
         now = self.now_ms()
         for device, _ in reqs:
@@ -489,6 +522,7 @@ class Engine:
                 return moved
         self.catalog = self.applier.catalog = self.schema.catalog
         self.applier.chain = self.schema.chain
+        self.applier.withdrawn = self.schema.withdrawn
         self.downcaster = self.schema.downcaster
         self._schema_out = self.schema.pushes(self.registry.devices(), self.presence.online())
         return moved
@@ -500,7 +534,7 @@ class Engine:
 
     def _drain_notices(self) -> list[Outgoing]:
         fan = Fanout(self.registry, self.presence)
-        if not drain_notices(self.store, fan):
+        if not drain_notices(self.store, fan, generation=self.registry.generation):
             return []
         return fan.messages(self._compress_over)
 

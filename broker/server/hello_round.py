@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from broker.server.caps import agreed
+from broker.server.cert_issue import note_hello as note_cert
 from broker.server.registry import deliverable
 from broker.server.rotation import Rotation, on_hello, scrubbed
 from broker.server.store.base import CommandRow, DeviceRow, WriteTxn
@@ -26,7 +27,7 @@ def hello_commands(txn: WriteTxn, hello: Hello, device: DeviceRow | None, now: i
     """Record the commands `hello` reports done; return those still pending (a wipe
     first: nothing else reaches a device before its wipe)."""
     done = set(hello.done)
-    caps = agreed(hello.caps or ())
+    caps = agreed(hello.caps or (), zd=hello.zd)
     pending: list[CommandRow] = []
     for cmd in txn.commands(hello.dev):
         if cmd.done_ms:
@@ -41,6 +42,7 @@ def hello_commands(txn: WriteTxn, hello: Hello, device: DeviceRow | None, now: i
             pending.append(cmd)
     pending.sort(key=lambda c: c.cmd != "wipe")
     _note_rotation(txn, hello, done, now, upd)
+    note_cert(txn, hello.dev, done, hello.crt, hello.cexp, now, upd)
     return pending
 
 

@@ -22,7 +22,7 @@ from broker.server.store.base import CommandRow, DeadLetter, DeviceRow
 from schemas import codec
 from schemas.codec import BadChange, LenientChanges
 from schemas.errors import ProtocolError
-from schemas.wire import UP_TYPES, Catchup, Change, Fetch, Hello
+from schemas.wire import UP_TYPES, Catchup, Change, Csr, Fetch, Hello
 from waystation.config import MergeConfig
 
 log = structlog.get_logger(__name__)
@@ -40,6 +40,8 @@ class Incoming:
     error: tuple[str, str] | None = None
     results: list[ChangeResult] = field(default_factory=list)
     commands: list[CommandRow] = field(default_factory=list)
+    answer: bytes = b""
+    """The reply worked out inside the transaction (a `csr`'s `cert`)."""
     failed: bool = False
     blocked: str = ""
     """Why the device may not sync now (disabled, wipe pending); "" when it may."""
@@ -92,7 +94,9 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
         inc.kind = "catchup"
     elif isinstance(msg, Fetch):
         inc.kind = "fetch"
-    else:  # pragma: no cover - UP_TYPES has exactly these four
+    elif isinstance(msg, Csr):
+        inc.kind = "csr"
+    else:  # pragma: no cover - UP_TYPES has exactly these five
         inc.error = (codec.UNKNOWN_TYPE, "not accepted on the up topic")
     return inc
 

@@ -7,6 +7,9 @@ store (whose connection belongs to the worker thread) and never blocks the worke
     waystation_server_conflicts_total          conflict-log entries written
     waystation_server_dead_letters_total       bad input kept for the operator
     waystation_server_catchup_records_total    record states sent in catch-up pages
+    waystation_server_schema_redos_total       groups and catch-up reads run again: a
+                                               schema publish / rollback (or a registry
+                                               change) committed under them
     waystation_server_messages_total{direction} up messages handled / down messages sent
     waystation_server_groups_total             store transactions (groups of messages)
     waystation_server_group_seconds_total      time spent handling groups
@@ -64,7 +67,10 @@ class ServerCollector(Collector):
                 ("waystation_server_dead_letters", "dead_letters",
                  "Bad input kept in the dead-letter store"),
                 ("waystation_server_catchup_records", "catchup_records",
-                 "Record states sent in catch-up pages")):
+                 "Record states sent in catch-up pages"),
+                ("waystation_server_schema_redos", "schema_redos",
+                 "Groups and catch-up reads run again after the registry or the schema "
+                 "moved under them")):
             yield CounterMetricFamily(name, text, value=counters.get(key, 0))
         messages = CounterMetricFamily("waystation_server_messages", "MQTT messages",
                                        labels=["direction"])

@@ -30,13 +30,19 @@ def unsent_commands(store: Store, registry: Registry, presence: Presence,
     return out
 
 
-def drain_notices(store: Store, fan: Fanout, limit: int = NOTICE_BATCH) -> int:
+def drain_notices(store: Store, fan: Fanout, limit: int = NOTICE_BATCH,
+                  generation: int | None = None) -> int:
     """Queue the stored notices' record states on `fan` and delete them; returns how many.
 
     Delivery is at most once per notice: a device that misses the delta sees a gap in
-    its sequence, or catches up at its next reconnect.
+    its sequence, or catches up at its next reconnect. With `generation` (the registry
+    generation the caller's schema was loaded at), nothing is drained from a snapshot
+    where it moved (a publish rewrote the notices in names the caller does not run
+    yet): the next tick reloads first.
     """
     with store.read() as txn:
+        if generation is not None and txn.registry_generation() != generation:
+            return 0
         notices = txn.notices(limit)
     if not notices:
         return 0

@@ -16,12 +16,18 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from broker.errors import DeviceExists, InvalidArgument, UnknownDevice
+from broker.errors import DeviceExists, InvalidArgument, ServerError, UnknownDevice
 from broker.server.store.base import CommandRow, DeviceRow, ReadTxn, Store, WriteTxn
 from schemas.wire import ID_PATTERN
 
 _ID_RE = re.compile(ID_PATTERN)
 COMMANDS = ("wipe", "resync", "ping", "sync")
+
+
+class RegistryMoved(ServerError):
+    """A transaction (or read) found the registry generation -- and with it possibly the
+    live schema version -- moved since the engine loaded it: reload and run it again.
+    Never reaches an operator: the engine catches it."""
 
 
 def check_id(kind: str, value: str) -> str:
@@ -146,7 +152,8 @@ def change_scopes(store: Store, dev: str, now_ms: int, *, add: Sequence[str] = (
     return store.transact(fn)
 
 
-COMMAND_CAPS: dict[str, str] = {"creds": "creds", "scopes": "scopes", "sync": "sync"}
+COMMAND_CAPS: dict[str, str] = {"creds": "creds", "scopes": "scopes", "sync": "sync",
+                                "cert_renew": "cert_renew"}
 """Commands newer than protocol v1 and the capability a device must have agreed to get
 one (PROTOCOL.md §7.9)."""
 
@@ -241,6 +248,7 @@ class Registry:
 __all__ = [
     "COMMANDS",
     "Registry",
+    "RegistryMoved",
     "add_device",
     "change_scopes",
     "check_id",

@@ -31,6 +31,7 @@ Stage = Literal["sent", "stored", "switched", "retired"]
 Step = Literal["switch", "retire"]
 
 MAX_RETIRE_AFTER_S = 366 * 24 * 3600
+MAX_ERROR_CHARS = 600
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class Rotation:
     retired: int = 0
     forced: bool = False
     """Retired by the deadline rather than by a login with the new password."""
+    failed: int = 0
+    """When the step it owes last failed (ms); 0 once it worked."""
+    error: str = ""
+    """Why that step failed (for `server status` and `device list`)."""
 
     @property
     def stage(self) -> Stage:
@@ -74,11 +79,21 @@ class Rotation:
     def done(self, step: Step, now: int) -> Rotation:
         """After the server carried out `step`."""
         if step == "switch":
-            return dataclasses.replace(self, switched=now)
-        return dataclasses.replace(self, retired=now, forced=not self.login)
+            return dataclasses.replace(self, switched=now, failed=0, error="")
+        return dataclasses.replace(self, retired=now, forced=not self.login, failed=0,
+                                   error="")
+
+    def failing(self, now: int, error: str) -> Rotation:
+        """After the server tried the step it owes and it failed."""
+        return dataclasses.replace(self, failed=now, error=error[:MAX_ERROR_CHARS])
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        doc = dataclasses.asdict(self)
+        # Absent unless failing: a row an older server reads back stays one it knows.
+        for key in ("failed", "error"):
+            if not doc[key]:
+                del doc[key]
+        return doc
 
     @classmethod
     def from_json(cls, data: Any) -> Rotation | None:
@@ -91,6 +106,8 @@ class Rotation:
 
     def describe(self) -> str:
         """For `device list` and `server devices`."""
+        if self.error and not self.retired:
+            return f"password rotation: {self.stage}, its next step failing ({self.error})"
         return {"sent": "password rotation: sent, not yet stored by the device",
                 "stored": "password rotation: stored by the device",
                 "switched": "password rotation: switched, the old password still works",

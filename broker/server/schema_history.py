@@ -11,10 +11,13 @@ device has reported running it, or when every migration it declares has an inver
 
 Every operation is one store transaction, so two operators publishing at once cannot
 both win: the second sees the first's version and is checked against it. Publishing and
-rolling back bump the registry generation in the same transaction: running servers
-reload the history at their next tick (`broker.server.schema_push`); the same
-transaction rewrites the stored records in the live version's names and types
-(`broker.server.schema_records`).
+rolling back bump the registry generation in the same transaction and rewrite the
+stored records (and the deltas still waiting to be fanned out) in the live version's
+names and types (`broker.server.schema_records`). The transaction takes the schema lock
+exclusively first (`WriteTxn.lock_schema`): merge transactions hold it shared and check
+the generation under it (`WriteTxn.guard_schema`), so no merge commits under a version
+that is no longer live; a running server reloads the history and redoes the batch
+(`broker.server.engine`, `broker.server.schema_push`).
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ def publish(store: Store, text: str, source: str, now_ms: int) -> Published:
     catalog, migrations = parse_text(text, source)  # fail before opening a transaction
 
     def run(txn: WriteTxn) -> Published:
+        txn.lock_schema()  # first: waits for merges in flight, the next ones wait for us
         every = rows(txn)
         highest = max((r.version for r in every), default=0)
         live = live_versions(txn)
@@ -142,8 +146,9 @@ def publish(store: Store, text: str, source: str, now_ms: int) -> Published:
         txn.bump_registry()  # running servers reload the history (broker.server.schema_push)
         records = 0
         if previous is not None and migrations:
-            records = schema_records.rewrite(
-                txn, build_steps(previous.catalog, [(catalog, migrations)]), up=True)
+            steps = build_steps(previous.catalog, [(catalog, migrations)])
+            records = schema_records.rewrite(txn, steps, up=True)
+            schema_records.rewrite_notices(txn, steps)
         return Published(catalog.version, previous.row.version if previous else None,
                          differences, records)
 
@@ -154,6 +159,7 @@ def rollback(store: Store, now_ms: int) -> tuple[int, int]:
     """Roll the live version back to the one before it; returns (from, to)."""
 
     def run(txn: WriteTxn) -> tuple[int, int]:
+        txn.lock_schema()
         live = live_versions(txn)
         if len(live) < 2:
             raise SchemaEvolutionError(
@@ -174,8 +180,9 @@ def rollback(store: Store, now_ms: int) -> tuple[int, int]:
                                                 top.row.source, top.row.text, now_ms))
         txn.bump_registry()  # running servers go back to `below` and tell devices
         if top.migrations:
-            schema_records.rewrite(txn, build_steps(below.catalog,
-                                                    [(top.catalog, top.migrations)]), up=False)
+            steps = build_steps(below.catalog, [(top.catalog, top.migrations)])
+            schema_records.rewrite(txn, steps, up=False)
+            schema_records.rewrite_notices(txn, steps)
         return top.row.version, below.row.version
 
     return store.transact(run)

@@ -51,6 +51,8 @@ class LiveSchema:
         self.signature: Signature | None = None
         self._texts: dict[int, str] = {}
         self._live: list[int] = []
+        self.withdrawn: frozenset[int] = frozenset()
+        """Versions rolled back: a device still on one is told to go back down."""
 
     def refresh(self, txn: ReadTxn) -> bool:
         """Reload when the history changed since the last call; True when the version
@@ -86,6 +88,7 @@ class LiveSchema:
                            if chain_versions else None)
         self._texts = {v.row.version: v.row.text for v in versions}
         self._live = [v.row.version for v in versions]
+        self.withdrawn = frozenset(r.version for r in rows if r.rolled_back_ms)
         if not first:
             log.info("schema_reloaded", version=self.catalog.version, previous=before,
                      oldest=self.chain.oldest)

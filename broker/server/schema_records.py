@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from broker.server.store.base import WriteTxn
+from broker.server.store.base import Notice, WriteTxn
 from schemas.errors import MigrationError
 from schemas.evolution import Convert, DropCollection, Merge, Narrow, Remove, Rename, Split
 from schemas.migrate import Step, convert_value, join_values, narrow_value, split_value
@@ -131,4 +131,32 @@ def rewrite(txn: WriteTxn, steps: Sequence[Step], *, up: bool) -> int:
     return changed
 
 
-__all__ = ["rewrite", "rewrite_fields"]
+MAX_NOTICES = 100_000
+"""Pending notices looked at per rewrite (the server drains them every tick)."""
+
+
+def rewrite_notices(txn: WriteTxn, steps: Sequence[Step]) -> int:
+    """Pending notices (record versions an operator tool wrote, not fanned out yet) of
+    the collections `steps` touch, carried along with their records: a notice still
+    naming the record's newest version is replaced by that version as just rewritten,
+    an older one is dropped (a newer version reaches devices by its own delta or by
+    catch-up). Without this the running server would fan out the old names under the
+    new version. Returns how many were replaced or dropped."""
+    touched = {s.m.collection for s in steps}
+    done = 0
+    for notice in txn.notices(MAX_NOTICES):
+        c, k = notice.rec.get("c"), notice.rec.get("k")
+        if c not in touched or not isinstance(k, str):
+            continue
+        txn.delete_notice(notice.id)
+        done += 1
+        raw = txn.get_record(c, k)
+        if raw is None:
+            continue
+        record = merge.from_json(raw)
+        if record.q == notice.q and record.s == notice.scope:
+            txn.add_notice(Notice(0, notice.scope, notice.q, merge.to_rec(record)))
+    return done
+
+
+__all__ = ["MAX_NOTICES", "rewrite", "rewrite_fields", "rewrite_notices"]

@@ -60,3 +60,36 @@ def test_the_daemon_compresses_with_the_dictionary_only_once_agreed(
         assert not daemon._zdict()
     finally:
         daemon.agent.close()
+
+
+def test_the_agent_names_its_schema_dictionary_in_hello(agent: Agent, catalog: Any) -> None:
+    from schemas import zdict_schema
+
+    msg = agent.sync.hello("t/1")
+    assert "zd2" in (msg.caps or [])
+    assert msg.zd == zdict_schema.dict_id(zdict_schema.dictionary(catalog))
+
+
+def test_the_daemon_uses_the_schema_dictionary_only_once_agreed(
+        tmp_path: Any, catalog: Any) -> None:
+    from agent.daemon import AgentDaemon
+    from schemas import zdict_schema
+    from tests.agent.agentkit import make_cfg
+
+    data = zdict_schema.dictionary(catalog)
+    daemon = AgentDaemon(make_cfg(tmp_path / "d"), catalog, env={})
+    try:
+        daemon._say_hello()
+        assert not daemon._zdict(), "nothing agreed before a welcome"
+        daemon.sync.apply_welcome(wire.Welcome(caps=["zd1"], srv="s/1"))
+        assert daemon._zdict() is True, "a server without zd2: the zd1 dictionary"
+        daemon._say_hello()
+        daemon.sync.apply_welcome(wire.Welcome(caps=["zd1", "zd2"], srv="s/1"))
+        assert daemon._zdict() == data
+        # the server could not read it after all: back to zd1 on this connection
+        daemon._on_reject(wire.Reject(rj=[], err={"code": "malformed", "reason": "x"}))
+        assert daemon._zdict() is True
+        daemon._say_hello()  # a new connection: agreed anew
+        assert not daemon._zdict()
+    finally:
+        daemon.agent.close()

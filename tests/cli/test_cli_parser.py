@@ -78,6 +78,7 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "device enable": ["device", "enable", "van-12"],
     "device scopes": ["device", "scopes", "van-12", "--add", "route-7"],
     "device rotate-password": ["device", "rotate-password", "van-12", "--retire-after", "7d"],
+    "device renew-cert": ["device", "renew-cert", "van-12", "--days", "365"],
     "broker run": ["broker", "run"],
     "broker passwd": ["broker", "passwd", "waystation-server"],
     "schema check": ["schema", "check", "fleet.toml"],

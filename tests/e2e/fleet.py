@@ -250,8 +250,9 @@ class Fleet:
             raise ValueError("pg_url goes with store_kind=\"postgres\" (and only with it)")
         if broker_kind == "mosquitto" and MOSQUITTO is None:
             raise RuntimeError("the mosquitto binary is not installed")
-        if (device_tls or client_certs) and broker_kind != "mosquitto":
-            raise ValueError("device_tls and client_certs are Mosquitto listener settings")
+        if device_tls and not client_certs and broker_kind != "mosquitto":
+            raise ValueError("device_tls without client_certs is a Mosquitto listener "
+                             "setting")
         self.root = root
         self.kind: BrokerKind = broker_kind
         self.store_kind: StoreKind = store_kind
@@ -299,16 +300,28 @@ class Fleet:
         self.password_file.touch()
         if self.kind == "embedded":
             config = self.broker_dir / "broker.toml"
-            config.write_text("\n".join([
+            lines = [
                 'host = "127.0.0.1"',
                 f"port = {self.port}",
                 f'data_dir = "{self.broker_dir / "data"}"',
                 f'password_file = "{self.password_file}"',
-                "[log]",
-                'level = "info"',
-                'format = "json"',
-                "",
-            ]))
+            ]
+            if self.client_certs:
+                # A TLS listener that requires a device certificate (CN = login).
+                ca = self.ca = make_ca(self.broker_dir / "ca")
+                cert = make_server_cert(ca, self.broker_dir / "cert")
+                self.device_ca = make_ca(self.broker_dir / "device-ca",
+                                         name="Waystation test device CA")
+                self.tls_port = free_port()
+                while self.tls_port == self.port:
+                    self.tls_port = free_port()
+                lines[1:1] = [f"tls_port = {self.tls_port}"]
+                lines += ["[tls]", f'cert_file = "{cert.cert_path}"',
+                          f'key_file = "{cert.key_path}"',
+                          f'ca_file = "{self.device_ca.cert_path}"',
+                          "require_client_cert = true"]
+            config.write_text("\n".join([*lines, "[log]", 'level = "info"',
+                                         'format = "json"', ""]))
             self.broker_config: Path | None = config
             argv = waystation_argv("broker", "run", "--config", str(config))
         else:

@@ -1,10 +1,14 @@
-"""Capability zd1 over the real broker and server (PROTOCOL.md §3, §11): a current agent
-and a v1 device that offers no capabilities share a scope. The agent's messages travel
-with the preset dictionary both ways once the server's welcome agreed to it; the v1
+"""Capabilities zd1 and zd2 over the real broker and server (PROTOCOL.md §3, §11): a
+current agent and a v1 device that offers no capabilities share a scope. The agent's
+messages travel with the preset dictionary both ways once the server's welcome agreed to
+it, its up messages with its schema's dictionary (zd2: the server holds the same schema,
+so it agreed to the id the hello named); the v1
 device, decoding with plain zlib and JSON as the protocol always allowed, receives only
 what it can read, and each sees the other's changes."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
@@ -20,7 +24,7 @@ def test_old_and_new_devices_side_by_side(fleet: Fleet) -> None:
     fleet.add_device("van-2", ["route-42"])
     proc = fleet.start_agent("van-1")
     welcome = wait_until(lambda: proc.events("welcome"), 30, message="the agent's welcome")
-    assert "zd1" in welcome[-1]["caps"]
+    assert {"zd1", "zd2"} <= set(welcome[-1]["caps"])
 
     old = ProtocolDevice("van-2", fleet.passwords["van-2"], port=fleet.port,
                          scopes=["route-42"])
@@ -44,3 +48,27 @@ def test_old_and_new_devices_side_by_side(fleet: Fleet) -> None:
         assert old.undecodable == [], "the v1 device got something it cannot read"
     finally:
         old.close()
+
+
+def test_a_device_whose_schema_copy_differs_keeps_zd1(fleet: Fleet) -> None:
+    """Same schema version, one more field in the device's copy: its dictionary has
+    another id, which the server does not hold, so it is not offered zd2 and syncs with
+    zd1 as before (nothing refused, nothing lost)."""
+    fleet.add_device("van-1", ["route-42"])
+    original = fleet.agent_config("van-1").schema_path().read_text()
+    assert "[collections.tasks.fields]\n" in original
+    copy = fleet.root / "van-1-schema.toml"
+    copy.write_text(original.replace("[collections.tasks.fields]\n",
+                                     "[collections.tasks.fields]\nextra = { type = \"string\" }\n"))
+
+    def use_copy(data: dict[str, Any]) -> None:
+        data["schema_file"] = str(copy)
+
+    fleet.edit_agent_config("van-1", use_copy)
+    proc = fleet.start_agent("van-1")
+    welcome = wait_until(lambda: proc.events("welcome"), 30, message="the agent's welcome")
+    assert "zd1" in welcome[-1]["caps"] and "zd2" not in welcome[-1]["caps"]
+    ag = fleet.agent("van-1")
+    ag.put("tasks", "t-1", {"route": "route-42", "status": "out", "notes": "zd1 still"})
+    fleet.wait_drained("van-1")
+    assert proc.events("zd2_dropped") == []

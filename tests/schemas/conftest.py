@@ -8,10 +8,12 @@ from schemas.wire import (
     Ack,
     Candidate,
     Catchup,
+    CertIssued,
     Change,
     Changes,
     Checkpoint,
     Command,
+    Csr,
     Delta,
     ErrorInfo,
     Fetch,
@@ -58,6 +60,8 @@ def sample_messages() -> dict[str, Message]:
         "hello": Hello(dev="van-12", agent="waystation/0.1.0", sv=3, z=True, done=["cmd-7"]),
         "hello-caps": Hello(dev="van-12", agent="waystation/0.1.0", sv=3, caps=["txn", "schema"]),
         "hello-minimal": Hello(dev="v", agent="", sv=0),
+        "hello-cert": Hello(dev="van-12", agent="waystation/0.1.0", sv=3,
+                            caps=["cert_renew"], crt="c-19a-1f", cexp=1_760_000_000_000),
         "changes": Changes(
             dev="van-12",
             sv=3,
@@ -137,6 +141,17 @@ def sample_messages() -> dict[str, Message]:
                              'scope_field = "route"\n[collections.tasks.fields]\n'
                              'route = { type = "string" }\n'),
         "command-sync": Command(id="sync-1", cmd="sync"),
+        "command-cert": Command(id="cert-1", cmd="cert_renew",
+                                args={"dev": "van-12", "renewal": "c-19a-1f",
+                                      "t": 1_730_000_000_000}),
+        "csr": Csr(dev="van-12", rid="c-19a-1f",
+                   csr="-----BEGIN CERTIFICATE REQUEST-----\nMIIBDzCBtQIBADAS\n"
+                       "-----END CERTIFICATE REQUEST-----\n"),
+        "cert": CertIssued(rid="c-19a-1f",
+                           cert="-----BEGIN CERTIFICATE-----\nMIIBaz\n"
+                                "-----END CERTIFICATE-----\n",
+                           ca="-----BEGIN CERTIFICATE-----\nMIIBcD\n"
+                              "-----END CERTIFICATE-----\n"),
         "server": ServerState(grp="main", srv="server-1", on=True, t=1_730_000_000_000),
         "server-will": ServerState(grp="main", srv="server-1", on=False),
         "status": Status(

@@ -624,7 +624,8 @@ def test_batch_over_1000_changes_is_too_large() -> None:
         ),
         pytest.param(
             orjson.dumps({"type": "command", "v": 1, "id": "c", "cmd": "format-disk"}),
-            "cmd: Input should be 'wipe', 'resync', 'ping', 'scopes', 'sync' or 'creds'",
+            "cmd: Input should be 'wipe', 'resync', 'ping', 'scopes', 'sync', 'creds' or "
+            "'cert_renew'",
             id="bad-command",
         ),
         pytest.param(

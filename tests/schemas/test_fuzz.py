@@ -36,10 +36,12 @@ from schemas.wire import (
     Ack,
     Candidate,
     Catchup,
+    CertIssued,
     Change,
     Changes,
     Checkpoint,
     Command,
+    Csr,
     Delta,
     ErrorInfo,
     Fetch,
@@ -112,6 +114,7 @@ def identifiers(first: str, rest: str) -> st.SearchStrategy[str]:
 
 
 ids = identifiers(ALNUM, ALNUM + "_.-")
+pems = st.text(st.characters(codec="utf-8"), min_size=1, max_size=300)
 collections = identifiers(LOWER, LOWER + "0123456789_")
 field_names = identifiers(ALNUM[:52] + "_", ALNUM + "_")
 time_parts = st.text("0123456789abcdef", min_size=16, max_size=16)
@@ -213,6 +216,9 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
             max_size=3,
         ),
         caps=opt() | cap_lists,
+        zd=opt() | st.integers(0, 2**32 - 1),
+        crt=opt() | ids,
+        cexp=opt() | seqs,
     ),
     Changes: st.builds(Changes, dev=ids, sv=seqs, ch=st.lists(changes_(), min_size=1, max_size=4)),
     Catchup: st.builds(
@@ -270,7 +276,8 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
     Command: st.builds(
         Command,
         id=st.text(st.characters(codec="utf-8"), min_size=1, max_size=64),
-        cmd=st.sampled_from(["wipe", "resync", "ping", "scopes", "sync"]),
+        cmd=st.sampled_from(["wipe", "resync", "ping", "scopes", "sync", "creds",
+                             "cert_renew"]),
         args=st.dictionaries(text, json_values, max_size=3),
     ),
     Welcome: st.builds(Welcome, caps=cap_lists,
@@ -287,6 +294,8 @@ BY_TYPE: dict[type[Message], st.SearchStrategy[Message]] = {
         dl=opt() | seqs,
     ),
     ServerState: st.builds(ServerState, grp=ids, srv=ids, on=st.booleans(), t=opt() | seqs),
+    Csr: st.builds(Csr, dev=ids, rid=ids, csr=pems),
+    CertIssued: st.builds(CertIssued, rid=ids, cert=pems, ca=pems),
     SchemaPush: st.builds(SchemaPush, sv=seqs,
                           text=st.text(st.characters(codec="utf-8"), min_size=1, max_size=300)),
 }

@@ -1,7 +1,10 @@
 """Throughput of Engine.handle_many: 10 devices x 200 simple lww puts per group.
 
 Run: .venv/bin/python -m tests.server.bench_engine [--groups N] [--online] [--profile]
-        [--store lmdb|postgres] [--url postgresql://...]
+        [--store lmdb|postgres] [--url postgresql://...] [--per-batch N]
+
+`--per-batch 1` (10 changes per transaction) shows the fixed cost of a transaction, such
+as the schema lock and generation check every merge takes (`WriteTxn.guard_schema`).
 
 Each group is what the daemon would collect within its batch window: one 200-change
 batch from each of 10 devices, applied in one write transaction: LMDB (sync=True, so one
@@ -85,7 +88,7 @@ def store_maker(kind: str, url: str | None) -> Iterator[StoreMaker]:
 
 
 def run(groups: int, online: bool, profile: bool, make: StoreMaker | None = None,
-        label: str = "lmdb") -> float:
+        label: str = "lmdb", per_batch: int = 200) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         store = (make or (lambda t: LmdbStore(t, map_size_mb=1024)))(Path(tmp))
         now = [T0]
@@ -95,7 +98,7 @@ def run(groups: int, online: bool, profile: bool, make: StoreMaker | None = None
         if online:
             for d in DEVICES:
                 engine.handle_status(d, status(d))
-        work = build_groups(groups)
+        work = build_groups(groups, per_batch)
         engine.handle_many(work[0])  # warm up
         prof = cProfile.Profile() if profile else None
         start = time.perf_counter()
@@ -109,13 +112,14 @@ def run(groups: int, online: bool, profile: bool, make: StoreMaker | None = None
             prof.disable()
         elapsed = time.perf_counter() - start
         cpu = time.process_time() - cpu0
-        changes = (groups - 1) * len(DEVICES) * 200
-        assert engine.counters["applied"] == groups * len(DEVICES) * 200
+        changes = (groups - 1) * len(DEVICES) * per_batch
+        assert engine.counters["applied"] == groups * len(DEVICES) * per_batch
         store.close()
     rate = changes / elapsed
     print(f"{label:8s} {'online (fan-out to 9)' if online else 'offline (acks only)':24s} "
           f"{changes} changes in {elapsed:.2f} s = {rate:,.0f} changes/s "
-          f"(CPU {changes / cpu:,.0f}/s; {sent} messages out)")
+          f"(CPU {changes / cpu:,.0f}/s; {sent} messages out; "
+          f"{elapsed / (groups - 1) * 1000:.3f} ms per group)")
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
     return rate
@@ -130,11 +134,15 @@ def main() -> None:
                         default="lmdb")
     parser.add_argument("--url", help="PostgreSQL database to use (its tables are used "
                                       "as they are: give it an empty database)")
+    parser.add_argument("--per-batch", type=int, default=200,
+                        help="changes per device per group (200)")
+    parser.add_argument("--reps", type=int, default=1, help="runs of each kind")
     args = parser.parse_args()
     with store_maker(args.store, args.url) as make:
-        run(args.groups, False, args.profile, make, args.store)
-        if args.online:
-            run(args.groups, True, args.profile, make, args.store)
+        for _ in range(args.reps):
+            run(args.groups, False, args.profile, make, args.store, args.per_batch)
+            if args.online:
+                run(args.groups, True, args.profile, make, args.store, args.per_batch)
 
 
 if __name__ == "__main__":

@@ -183,3 +183,43 @@ def test_a_device_without_zd1_gets_what_v1_devices_always_got(
     packed = [p for _, p in out if p[:1] == b"\x78"]
     assert packed and all(not _zd1(p) for p in packed)
     assert all(orjson.loads(zlib.decompress(p)) for p in packed)
+
+
+# ------------------------ schema dictionary (capability `zd2`, schemas.zdict_schema)
+
+
+def test_a_device_with_the_servers_schema_dictionary_agrees_to_zd2(
+        env: tuple[Engine, Store]) -> None:
+    from schemas import zdict_schema
+    from tests.server.helpers import CATALOG
+
+    engine, store = env
+    data = zdict_schema.dictionary(CATALOG)
+    assert _row_caps(store) == ()
+    out = engine.handle_up("van-1", hello(["txn", "zd1", "zd2"],
+                                          zd=zdict_schema.dict_id(data)))
+    [welcome] = [codec.decode(p) for _, p in out if codec.decode(p).type == "welcome"]
+    assert {"zd1", "zd2"} <= set(welcome.caps)  # type: ignore[attr-defined]
+    payload = codec.encode_dict(orjson.loads(changes("van-1", [task(1, "t-1")])), zdict=data)
+    assert zdict.wants_dictionary(payload) == zdict_schema.dict_id(data)
+    out = engine.handle_up("van-1", payload)
+    assert oks(by_device(out)["van-1"]) == [[1, "r1", 1]]
+    [(_, ack)] = [(d, p) for d, p in out if codec.decode(p).type == "ack"]
+    assert _zd1(ack), "down messages keep the zd1 dictionary, which the device holds"
+
+
+@pytest.mark.parametrize("zd", [None, 12345])
+def test_zd2_is_not_agreed_for_a_dictionary_the_server_lacks(
+        env: tuple[Engine, Store], zd: int | None) -> None:
+    engine, store = env
+    extra = {} if zd is None else {"zd": zd}
+    out = engine.handle_up("van-1", hello(["zd1", "zd2"], **extra))
+    [welcome] = [codec.decode(p) for _, p in out if codec.decode(p).type == "welcome"]
+    assert welcome.caps == ["zd1"]  # type: ignore[attr-defined]
+    assert _row_caps(store) == ("zd1",)
+    # a stream made with a dictionary this server does not hold is refused, not guessed
+    stream = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY,
+                              zdict.DICTIONARY + b'"c":"nope"')
+    payload = stream.compress(changes("van-1", [task(1, "t-1")])) + stream.flush()
+    out = engine.handle_up("van-1", payload)
+    assert [e["code"] for e in errors(by_device(out)["van-1"])] == [codec.MALFORMED]

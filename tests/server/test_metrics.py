@@ -15,7 +15,7 @@ class _Counts:
     def __init__(self) -> None:
         self.snap: dict[str, Any] = {
             "counters": {"applied": 12, "duplicates": 3, "rejected": 1, "conflicts": 2,
-                         "dead_letters": 4},
+                         "dead_letters": 4, "schema_redos": 2},
             "messages_in": 20, "messages_out": 31, "groups": 5, "group_seconds": 0.25,
             "devices_registered": 3, "devices_online": 2, "inbox": 0, "connected": True,
             "intake": {"bytes": 1000, "items": 2, "devices": 1, "peak_bytes": 5000,
@@ -47,6 +47,7 @@ def test_metrics_endpoint_reports_counters_and_follows_changes() -> None:
         assert 'waystation_server_devices{state="online"} 2.0' in text
         assert "waystation_server_broker_connected 1.0" in text
         assert "waystation_server_dead_letters_total 4.0" in text
+        assert "waystation_server_schema_redos_total 2.0" in text
         assert 'waystation_server_intake_bytes{state="peak"} 5000.0' in text
         assert 'waystation_server_intake_bytes{state="limit"} 9000.0' in text
         assert ('waystation_server_intake_messages_total{outcome="dropped_over_quota"} 5.0'

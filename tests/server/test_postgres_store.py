@@ -654,3 +654,91 @@ def test_reads_reconnect_after_a_restart(own_pg_server: PgServer) -> None:
         own_pg_server.restart()
         with store.read() as txn:
             assert txn.scope_seq("r1") == 1
+
+
+def _advisory_waiters(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                           "AND NOT granted").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_schema_lock_waits_for_guarded_merges_and_they_see_its_generation(
+        store: PostgresStore, url: str) -> None:
+    """A publish (lock_schema) waits for a merge holding guard_schema; a merge whose
+    guard comes after the publish committed reads the new generation."""
+    other = PostgresStore(url)
+    held, release = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def merge_like(txn: WriteTxn) -> None:
+        seen.append(txn.guard_schema())
+        held.set()
+        assert release.wait(30)
+
+    merging = threading.Thread(target=store.transact, args=(merge_like,), daemon=True)
+    merging.start()
+    assert held.wait(30)
+    published: list[int] = []
+
+    def publish_like(txn: WriteTxn) -> None:
+        txn.lock_schema()
+        published.append(txn.bump_registry())
+
+    publishing = threading.Thread(target=other.transact, args=(publish_like,), daemon=True)
+    publishing.start()
+    try:
+        wait_until(lambda: _advisory_waiters(url) == 1, timeout=20,
+                   message="the publish did not queue behind the merge's schema lock")
+        assert published == []
+    finally:
+        release.set()
+    merging.join(30)
+    publishing.join(30)
+    assert published == [seen[0] + 1]
+    assert store.transact(lambda t: t.guard_schema()) == published[0]
+    other.close()
+
+
+def test_schema_lock_after_a_scope_lock_is_refused(store: PostgresStore) -> None:
+    def wrong(txn: WriteTxn) -> None:
+        txn.lock_scopes(["r1"])
+        txn.lock_schema()
+
+    with pytest.raises(StoreError, match="lock_schema must come first"):
+        store.transact(wrong)
+
+
+def test_a_merge_queued_behind_a_publish_reads_the_generation_it_committed(
+        store: PostgresStore, url: str) -> None:
+    """guard_schema waits while a publish holds the schema lock, then reads the
+    generation that publish committed (the read is a statement after the lock wait)."""
+    other = PostgresStore(url)
+    held, release = threading.Event(), threading.Event()
+
+    def publish_like(txn: WriteTxn) -> int:
+        txn.lock_schema()
+        gen = txn.bump_registry()
+        held.set()
+        assert release.wait(30)
+        return gen
+
+    result: list[int] = []
+    publishing = threading.Thread(target=lambda: result.append(other.transact(publish_like)),
+                                  daemon=True)
+    publishing.start()
+    assert held.wait(30)
+    seen: list[int] = []
+    merging = threading.Thread(
+        target=lambda: seen.append(store.transact(lambda t: t.guard_schema())), daemon=True)
+    merging.start()
+    try:
+        wait_until(lambda: _advisory_waiters(url) == 1, timeout=20,
+                   message="the merge did not queue behind the publish's schema lock")
+        assert seen == []
+    finally:
+        release.set()
+    publishing.join(30)
+    merging.join(30)
+    assert result and seen == result
+    other.close()

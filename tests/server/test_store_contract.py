@@ -394,3 +394,21 @@ def test_lock_and_prefetch_hints_do_not_change_reads(store: Store) -> None:
         assert txn.get_record("tasks", "new") == {"s": "r1", "v": 2}
         assert txn.get_outcome("van-1", 3) is not None
         assert txn.scope_seqs() == {"r1": 2}
+
+
+def test_schema_guard_reads_the_generation_and_the_exclusive_lock_comes_first(
+        store: Store) -> None:
+    """guard_schema gives the registry generation (own bumps included); lock_schema
+    is taken by publish/rollback before anything else."""
+    store.transact(lambda t: t.bump_registry())
+    with store.read() as txn:
+        gen = txn.registry_generation()
+    assert store.transact(lambda t: (t.guard_schema(), t.guard_schema())) == (gen, gen)
+
+    def publish_like(txn: WriteTxn) -> int:
+        txn.lock_schema()
+        txn.lock_schema()  # again: a no-op
+        return txn.bump_registry()
+
+    assert store.transact(publish_like) == gen + 1
+    assert store.transact(lambda t: t.guard_schema()) == gen + 1

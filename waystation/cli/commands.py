@@ -76,6 +76,7 @@ HANDLERS: dict[str, str] = {
     "device enable": "broker.cli.devices:cmd_device_enable",
     "device scopes": "broker.cli.scopes:cmd_device_scopes",
     "device rotate-password": "broker.cli.rotate:cmd_device_rotate_password",
+    "device renew-cert": "broker.cli.renew_cert:cmd_device_renew_cert",
     "broker run": "broker.embedded.amqtt_broker:broker_run",
     "broker passwd": "broker.cli.logins:cmd_broker_passwd",
     "schema check": "waystation.cli.schema_cmd:cmd_schema_check",

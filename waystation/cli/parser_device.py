@@ -99,6 +99,21 @@ def add_device(b: Builder) -> None:
                         "not logged in with the new one (seconds, or 12h, 7d ...)")
     json_flag(p)
 
+    p = b.leaf("device renew-cert", "give a device a new client certificate, no lockout",
+               "Renew device ID's client certificate (fleets with enrol.client_ca_cert): an "
+               "agent that speaks capability cert_renew makes a new key itself, the server "
+               "signs its request and the agent connects with the new certificate; the old "
+               "one stays valid until it expires. For an older agent the command waits; "
+               "--out writes new files to copy to it by hand. Running it again supersedes "
+               "a renewal still under way.", config="server")
+    p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
+    p.add_argument("--days", metavar="N", type=int, default=None,
+                   help="validity of the new certificate (default enrol.client_cert_days)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=None,
+                   help="also issue a new certificate and key into DIR for copying by hand "
+                        "(an agent without capability cert_renew)")
+    json_flag(p)
+
 
 def add_broker(b: Builder) -> None:
     b.group("broker", "the embedded MQTT broker",

@@ -148,6 +148,10 @@ class TlsConfig(_Model):
     key_file: Path | None = None
     server_hostname: Str | None = None
     insecure: Bool = False
+    renew_before_days: Annotated[int, Field(strict=True, ge=0, le=3650)] = 30
+    """Agent only (the server ignores it): with a client certificate, renew it by itself
+    (capability cert_renew) once it expires within this many days; 0: only when the
+    operator orders it (`waystation device renew-cert`)."""
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:

@@ -168,6 +168,18 @@ class EnrolConfig(_Model):
     password rotation, so that the broker reads it again: for Mosquitto e.g.
     ["systemctl", "reload", "mosquitto"]. Empty: nothing (the embedded broker re-reads
     the file at each login by itself)."""
+    broker_kind: Literal["embedded", "mosquitto", "rabbitmq"] = "embedded"
+    """Where device logins live, so where `device add` and a password rotation change
+    them: "embedded" and "mosquitto" in password_file (Mosquitto's format; Mosquitto is
+    reloaded through broker_reload); "rabbitmq" in RabbitMQ's own users (a rotation's
+    switch runs rabbitmq_import; no password file is read or written)."""
+    rabbitmq_import: list[Str] = Field(
+        default_factory=lambda: ["rabbitmqctl", "import_definitions", "--format", "json"],
+        min_length=1, max_length=32)
+    """broker_kind "rabbitmq": a command (argv) that imports a RabbitMQ definitions
+    document read from its standard input. A rotation's switch writes to it only the
+    device's user with its new salted password hash (never the password, never on a
+    command line). Add `-n rabbit@mq-1` to reach a node of the cluster, or wrap it (ssh)."""
     client_ca_cert: Path | None = None
     """With client_ca_key: issue each device a client certificate (CN = device id)."""
     client_ca_key: Path | None = None
@@ -175,6 +187,13 @@ class EnrolConfig(_Model):
 
     @model_validator(mode="after")
     def _client_ca(self) -> EnrolConfig:
+        if self.broker_kind == "rabbitmq" and self.broker_reload:
+            raise ValueError("broker_reload is Mosquitto's reload; with broker_kind = "
+                             "\"rabbitmq\" a rotation changes the password through "
+                             "rabbitmq_import: remove broker_reload")
+        if not self.rabbitmq_import[0].strip():
+            raise ValueError("rabbitmq_import: the first element must be a program "
+                             "(e.g. \"rabbitmqctl\")")
         if (self.client_ca_cert is None) != (self.client_ca_key is None):
             raise ValueError("client_ca_cert and client_ca_key go together: set both to "
                              "issue device client certificates, or neither")

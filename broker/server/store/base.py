@@ -16,7 +16,9 @@ What is kept (all in the same transactional store):
 
     devices       id -> DeviceRow (scopes, enabled, created, last seen, agent, sv, z)
     registry gen  a counter bumped by every structural registry change (add, remove,
-                  scopes, enable/disable) so another process notices cheaply
+                  scopes, enable/disable, schema publish/rollback) so another process
+                  notices cheaply; merges read it under the schema lock
+                  (`WriteTxn.guard_schema`)
     records       (collection, key) -> merge.RecordState JSON
     sequences     scope -> last allocated q
     index         (scope, q) -> (collection, key), the newest version of each record
@@ -149,6 +151,26 @@ class WriteTxn(ReadTxn, Protocol):
         a batch's scopes up front keeps concurrent consumers from deadlocking on them and
         makes the reads that follow (outcomes, records) current. LMDB: nothing to do.
         """
+        ...
+
+    def guard_schema(self) -> int:
+        """The registry generation, read so that no `schema publish` / `rollback` can
+        commit between this read and this transaction's commit.
+
+        The merge consumer calls it first in every transaction that merges changes and
+        compares the result with the generation its schema was loaded at: equal, the
+        transaction runs under the live schema version at commit time; moved, it aborts,
+        reloads and runs again. LMDB: one writer at a time, so a plain read.
+        PostgreSQL: a shared transaction-level advisory lock (held to commit, taken
+        before any scope lock) then the read; `lock_schema` takes the same lock
+        exclusively.
+        """
+        ...
+
+    def lock_schema(self) -> None:
+        """Exclusive counterpart of `guard_schema`, taken first by `schema publish` and
+        `rollback`: the change waits for the merge transactions in flight and the next
+        ones wait for it (and then see the moved generation). LMDB: nothing to do."""
         ...
 
     def prefetch(self, ns: str, numbers: Iterable[int],

@@ -274,6 +274,13 @@ class LmdbWriteTxn(LmdbReadTxn):
     def lock_scopes(self, scopes: Iterable[str]) -> None:
         """Nothing to do: LMDB has one writer at a time."""
 
+    def guard_schema(self) -> int:
+        """One writer at a time (across processes too): nothing can commit before us."""
+        return self.registry_generation()
+
+    def lock_schema(self) -> None:
+        """Nothing to do: LMDB has one writer at a time."""
+
     def prefetch(self, ns: str, numbers: Iterable[int],
                  keys: Iterable[tuple[str, str]]) -> None:
         """Nothing to do: reads are memory-mapped."""

@@ -56,6 +56,9 @@ class DeviceRow:
     rot: dict[str, Any] = field(default_factory=dict)
     """Its latest broker password rotation (`broker.server.rotation.Rotation` as JSON;
     empty: never rotated)."""
+    crt: dict[str, Any] = field(default_factory=dict)
+    """Its latest client-certificate renewal and the expiry of the certificate it last
+    connected with (`broker.server.cert_renewal.Renewal` as JSON; empty: none known)."""
 
     @property
     def wipe_pending(self) -> bool:
@@ -73,7 +76,7 @@ class DeviceRow:
                 "pend": self.pend, "cp_ms": self.cp_ms, "synced": self.synced_ms,
                 "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
                 "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms,
-                "caps": list(self.caps), "rot": self.rot}
+                "caps": list(self.caps), "rot": self.rot, "crt": self.crt}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceRow:
@@ -86,7 +89,8 @@ class DeviceRow:
                    inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
                    wipe_id=data.get("wipe", ""), wipe_ms=data.get("wipe_ms", 0),
                    wipe_done_ms=data.get("wipe_done", 0),
-                   caps=tuple(data.get("caps", ())), rot=data.get("rot") or {})
+                   caps=tuple(data.get("caps", ())), rot=data.get("rot") or {},
+                   crt=data.get("crt") or {})
 
 
 @dataclass(frozen=True, slots=True)

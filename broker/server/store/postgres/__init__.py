@@ -67,6 +67,14 @@ COMMITTED with explicit row locks:
   in a fixed order of tables and keys (new records, outcomes, devices); trimming old
   dead letters skips rows another transaction holds. Anything left is caught by
   PostgreSQL's deadlock detector and retried.
+* The live collection schema: a transaction-level advisory lock (`SCHEMA_LOCK`), taken
+  shared by every merge (`guard_schema`, with the registry generation read after it in
+  the same round trip) and by every transaction that locks a scope, always before its
+  first scope lock; taken exclusively, first, by `schema publish` / `rollback`
+  (`lock_schema`). A publish thus waits for the merges in flight, rewrites the records
+  with no writer beside it, and every merge after it reads the moved generation
+  (READ COMMITTED: a statement's snapshot is taken after the lock was granted). One
+  order (schema lock, then scope rows), so no new deadlock.
 * Devices: the engine reads a device row and writes it back modified. The write is a
   merge of only the fields this transaction changed (``data || diff``), so two
   consumers touching the same device (last seen, presence) never undo each other.

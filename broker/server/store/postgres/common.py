@@ -21,6 +21,9 @@ SCHEMA = "waystation"
 ADVISORY_LOCK = 0x5761797374617469
 """pg_advisory_xact_lock key serialising migrations ("Waystati")."""
 
+SCHEMA_LOCK = 0x5761797363686D61
+"""Advisory lock key of the live collection schema ("Wayschma"): merges hold it shared,
+`schema publish` / `rollback` exclusively (`WriteTxn.guard_schema`)."""
 DEFAULT_MAX_DEAD_LETTERS = 100_000
 """The default of DeadLetterLimits.max_count (kept for callers of the old name)."""
 MAX_ATTEMPTS = 30

@@ -23,7 +23,13 @@ from broker.server.store.base import (
     Tomb,
 )
 from broker.server.store.postgres import letters
-from broker.server.store.postgres.common import COPY_MIN, _clean, _int_array, _Reorder, _text_array
+from broker.server.store.postgres.common import (
+    COPY_MIN,
+    _clean,
+    _int_array,
+    _Reorder,
+    _text_array,
+)
 from broker.server.store.postgres.read import (
     _MISSING,
     _NO_ROW,
@@ -32,6 +38,7 @@ from broker.server.store.postgres.read import (
     _Row,
     _state_scope,
 )
+from broker.server.store.postgres.schema_lock import SchemaLocks
 
 if TYPE_CHECKING:
     from broker.server.store.postgres.store import PostgresStore
@@ -39,7 +46,7 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------- writing
 
 
-class PgWriteTxn(PgReadTxn):
+class PgWriteTxn(PgReadTxn, SchemaLocks):
     """WriteTxn over one READ COMMITTED transaction (see the module docstring)."""
 
     def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any]) -> None:
@@ -62,6 +69,7 @@ class PgWriteTxn(PgReadTxn):
         self._dev_base: dict[str, DeviceRow | None] = {}
         self._dev_new: dict[str, DeviceRow | None] = {}
         self._staging = False  # created (or used) the staging table
+        self._schema_lock = ""
 
     # --- scope locks
 
@@ -70,6 +78,7 @@ class PgWriteTxn(PgReadTxn):
         need = sorted(set(scopes).difference(self._locked))
         if not need:
             return
+        self._hold_schema()
         below = [s for s in need if s < self._top]
         above = [s for s in need if s > self._top]
         if below:

@@ -1,0 +1,65 @@
+"""The schema lock of PostgreSQL write transactions (`WriteTxn.guard_schema`,
+`lock_schema`): a transaction-level advisory lock on `SCHEMA_LOCK`, shared by merges and
+every transaction that locks a scope, exclusive for `schema publish` / `rollback`;
+always taken before any scope lock (one order, so no deadlock between the two kinds).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from broker.errors import StoreError
+from broker.server.store.postgres.common import SCHEMA_LOCK
+
+
+class SchemaLocks:
+    """Mixed into `PgWriteTxn` (which provides the attributes declared here)."""
+
+    _conn: psycopg.Connection[Any]
+    _failed: BaseException | None
+    _locked: dict[str, list[int]]
+    _schema_lock: str
+    """"", "shared" or "exclusive": what this transaction holds of SCHEMA_LOCK."""
+
+    if TYPE_CHECKING:  # provided by PgReadTxn
+        def _run(self, sql: Any, params: Any = None) -> psycopg.Cursor[Any]: ...
+        def registry_generation(self) -> int: ...
+
+    def guard_schema(self) -> int:
+        """Shared SCHEMA_LOCK, then the generation, in one round trip: two statements
+        of one simple query, each with its own READ COMMITTED snapshot, so the read
+        sees every publish that committed before the lock was granted."""
+        if self._failed is not None:
+            raise self._failed
+        if self._schema_lock:
+            return self.registry_generation()
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute(f"SELECT pg_advisory_xact_lock_shared({SCHEMA_LOCK}); "
+                            "SELECT gen FROM registry_gen")
+                cur.nextset()
+                row = cur.fetchone()
+        except psycopg.Error as exc:
+            self._failed = exc
+            raise
+        self._schema_lock = "shared"
+        return int(row[0]) if row else 0
+
+    def lock_schema(self) -> None:
+        if self._schema_lock == "exclusive":
+            return
+        if self._schema_lock or self._locked:
+            raise StoreError("lock_schema must come first in its transaction (an upgrade "
+                             "from the shared lock could deadlock)")
+        self._run("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        self._schema_lock = "exclusive"
+
+    def _hold_schema(self) -> None:
+        """Every transaction that locks a scope (merges, resolutions, expiry) holds the
+        schema lock shared first, so a publish's rewrite of the records never races a
+        write to them."""
+        if not self._schema_lock:
+            self._run("SELECT pg_advisory_xact_lock_shared(%s)", (SCHEMA_LOCK,))
+            self._schema_lock = "shared"
