@@ -49,6 +49,7 @@ from agent import evicted, schema_store, scopes
 from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
+from agent.journal import DEFAULT_LIMITS, Limits
 from agent.query.maintain import IndexUpkeep
 from agent.store import Store, Tx, n_key, record_key
 from agent.view import ViewState, compute_view
@@ -105,6 +106,8 @@ class Settings:
     """Offer the `schema_push` capability (sync.schema_push; agent.schema_update)."""
     quota_bytes: int | None = None
     """The disk quota (storage.quota_bytes; agent.quota): local writes refused at it."""
+    journal: Limits = DEFAULT_LIMITS
+    """How long and how much of the acked changes to keep (agent.journal)."""
 
 
 class Core:

@@ -246,6 +246,11 @@ class ReceiveHooks:
         else:
             executed = self.sync.execute_command(cmd)
         log.warning("command", dev=self.dev, id=cmd.id, cmd=cmd.cmd, executed=executed)
+        done = self.sync.last_replay() if executed and cmd.cmd == "resync" else None
+        if done is not None and done.get("id") == cmd.id:
+            log.warning("replayed_after_restore", dev=self.dev, id=cmd.id,
+                        changes=done.get("changes", 0), scopes=done.get("scopes", {}),
+                        units_skipped=done.get("units_skipped", 0))
         if executed and cmd.cmd == "sync":
             self._take_sync_now()
         if executed and cmd.cmd in ("wipe", "resync", "scopes"):

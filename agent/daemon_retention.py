@@ -3,6 +3,7 @@
 - Retention (`agent.evict`): one bounded eviction transaction per timer turn while a
   pass is under way; a pass every `retention.interval_s`, and passes back to back while
   the disk quota is reached and they still free something. Runs offline too.
+- The acked-change journal (`agent.journal`): expired entries pruned at each pass.
 - Fetch (`agent.fetching`, PROTOCOL.md §7.14): queued keys go to the server as `fetch`
   requests, only once its `welcome` agreed to the `fetch` capability; `fetched` answers
   are applied as they come.
@@ -20,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from agent import evict, fetch_queries, fetching, quota
+from agent import evict, fetch_queries, fetching, journal, quota
 from agent.caps import FETCH, FETCH_QUERY
 from agent.core import Work
 from agent.sync import Sync
@@ -50,6 +51,8 @@ class RetentionHooks:
         rcfg = self.cfg.retention
         if not self._evict_running and now < self._evict_next:
             return
+        if not self._evict_running:
+            self._prune_journal()
         if not rcfg.enabled:
             # No eviction, but the quota's state still reaches the feed and status.
             self._evict_next = now + rcfg.interval_s
@@ -77,6 +80,19 @@ class RetentionHooks:
             again = pressed and self._evict_freed > 0
             self._evict_next = now if again else now + rcfg.interval_s
             self._evict_freed = 0
+
+    def _prune_journal(self) -> None:
+        """Expire acked changes past the journal's window even when no ack comes (acks
+        prune as they add); one bounded transaction per retention pass."""
+        core = self.sync.core
+        try:
+            dropped = core.write(lambda work: journal.prune(work, core.settings.journal),
+                                 durable=False)
+        except Exception:
+            log.exception("journal_prune_failed", dev=self.dev)
+            return
+        if dropped:
+            log.info("journal_pruned", dev=self.dev, count=dropped)
 
     def _fetch_tick(self, now: float) -> None:
         """Send the next queued fetch request, if the server speaks `fetch`."""

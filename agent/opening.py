@@ -10,6 +10,7 @@ from pathlib import Path
 
 from agent import wipe
 from agent.core import Core, Settings
+from agent.journal import Limits
 from agent.keyring import KeyEncryptionKey
 from agent.query.maintain import ensure_indexes
 from agent.schema_store import choose_catalog
@@ -20,6 +21,12 @@ from waystation.config import AgentConfig, expand_path
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def journal_limits(cfg: AgentConfig) -> Limits:
+    """The acked-change journal's window and byte cap (sync.acked_journal_*)."""
+    return Limits(int(cfg.sync.acked_journal_days * 86_400_000),
+                  cfg.sync.acked_journal_max_mb << 20)
 
 
 def key_file_path(cfg: AgentConfig, env: Mapping[str, str] | None = None) -> Path | None:
@@ -74,7 +81,8 @@ class Opener:
                             heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5,
                             plaintext_indexes=cfg.storage.plaintext_indexes,
                             schema_push=cfg.sync.schema_push,
-                            quota_bytes=cfg.storage.quota_bytes)
+                            quota_bytes=cfg.storage.quota_bytes,
+                            journal=journal_limits(cfg))
         # The schema version taken from the server, unless the file is newer
         # (agent.schema_store); `self.catalog` stays the file's for a re-open.
         catalog = store.read(lambda tx: choose_catalog(tx, self.catalog))
@@ -92,4 +100,4 @@ class Opener:
         return core
 
 
-__all__ = ["Opener", "key_file_path", "wall_ms"]
+__all__ = ["Opener", "journal_limits", "key_file_path", "wall_ms"]

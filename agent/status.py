@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent import fetch_queries
+from agent import fetch_queries, journal
 from agent.core import Core, Work
 from agent.models import _age
 from agent.service.lock import service_pid
@@ -77,6 +77,11 @@ class AgentStatus:
     """Records asked back from the server and not answered yet (agent.fetching)."""
     fetch_queries: int = 0
     """Queries asked of the server and not answered yet (agent.fetch_queries)."""
+    journal: dict[str, int] = field(default_factory=dict)
+    """The acked changes kept for a restored server (agent.journal): {changes, bytes}."""
+    replayed: dict[str, Any] | None = None
+    """What the latest resync ordered by a server restore gave back: {t, id, changes,
+    units_skipped, scopes} (PROTOCOL.md §9.7); None: no restore seen."""
 
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
@@ -112,6 +117,10 @@ class AgentStatus:
             extras.append(f"server says: {self.last_error.get('reason', '')}")
         if self.wiped:
             extras.append("this device was wiped by the operator")
+        if self.replayed:
+            extras.append(f"the server was restored from a backup ({_when(self.replayed['t'])}): "
+                          f"{self.replayed['changes']} acked change"
+                          f"{'s' if self.replayed['changes'] != 1 else ''} sent again")
         if self.dead_letters:
             extras.append(f"{self.dead_letters} dead letter{'s' if self.dead_letters != 1 else ''}")
         if self.open_conflicts:
@@ -225,7 +234,8 @@ def read_status(core: Core) -> AgentStatus:
                 policy.get("sync_now_until_ms") or 0) > now else None),
             server=policy.get("server") if policy else None, quota=quota,
             evicted=tx.count("evicted"), fetching=tx.count("fetch"),
-            fetch_queries=fetch_queries.waiting(work))
+            fetch_queries=fetch_queries.waiting(work),
+            journal=journal.stats(work), replayed=tx.meta(journal.REPLAY_KEY))
 
     return core.read(run)
 

@@ -39,10 +39,12 @@ fetchq          request id (ASCII, sorts by     {"c", "w", "lim", "after", "stat
                 creation time)                  a query asked of the server
                                                 (agent.fetch_queries); its filter values
                                                 are plain text, like index entries
+journal         n (8 bytes, big-endian)         {"e": outbox entry, "s", "q", "a" (acked
+                                                ms)}: an acked change (agent.journal)
 ==============  ==============================  ==========================================
 
 Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,
-base, stamps, outbox, deadletters and conflicts are AES-256-GCM sealed. Keys stay plain
+base, stamps, outbox, deadletters, conflicts and journal are AES-256-GCM sealed. Keys stay plain
 text in every database (collection names, record keys and change numbers are visible to
 someone holding the file), as do checkpoints, the feed and meta -- and the index
 entries, whose keys hold the values of the indexed fields in plain text (index only
@@ -95,7 +97,7 @@ meta (``inc``) and per outbox entry (``i``). Older formats are migrated in place
 opening transaction (`_MIGRATIONS`); a newer format is refused (downgrade)."""
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
-            "deadletters", "meta", "feed", "index", "evicted", "fetch", "fetchq")
+            "deadletters", "meta", "feed", "index", "evicted", "fetch", "fetchq", "journal")
 _MAX_RETRIES = 64
 _MIB = 1 << 20
 

@@ -13,7 +13,8 @@ import orjson
 
 from agent.crypto import ValueCipher
 
-ENCRYPTED_DBS = frozenset({"view", "base", "stamps", "outbox", "deadletters", "conflicts"})
+ENCRYPTED_DBS = frozenset({"view", "base", "stamps", "outbox", "deadletters", "conflicts",
+                           "journal"})
 """The databases whose values are sealed on an encrypted store (see `agent.store`)."""
 
 

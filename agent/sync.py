@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from agent import schema_update, scopes, txn_sync
+from agent import journal, schema_update, scopes, txn_sync
 from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH, ZD2, ZDICT
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
@@ -335,7 +335,9 @@ class Sync(Receiving):
     def execute_command(self, cmd: wire.Command) -> bool:
         """Carry out a `resync`, `scopes`, `sync` or `ping` at most once per id (§7.9);
         False if already done. resync: drop the base and checkpoints, keep the outbox,
-        rebuild the views from the pending changes. scopes: follow the new list
+        rebuild the views from the pending changes; one ordered by a restore first moves
+        the journaled changes the restored server lacks back into the outbox
+        (`agent.journal`, §9.7), in the same transaction. scopes: follow the new list
         (`agent.scopes`). sync: record a "sync now" by the operator (the daemon lifts its
         sync policy for a while). ping: nothing. The daemon then sends `hello`. A `wipe`
         replaces the whole store: `Agent.wipe` carries it out.
@@ -350,6 +352,9 @@ class Sync(Receiving):
             if cmd.id in done:
                 return False
             if cmd.cmd == "resync":
+                restored = journal.parse_seqs(cmd.args)
+                if restored is not None:  # ordered by a restore: give back what it lacks
+                    journal.replay(work, restored, cmd.id)
                 _resync(work)
             elif cmd.cmd == "sync":
                 tx.set_meta("sync_now", {"t": work.now(), "by": "operator", "id": cmd.id})
@@ -360,6 +365,12 @@ class Sync(Receiving):
             return True
 
         return core.write(run)
+
+    def last_replay(self) -> dict[str, Any] | None:
+        """What the latest resync ordered by a restore gave back (`agent.journal`)."""
+        doc: dict[str, Any] | None = self._core.read(
+            lambda work: work.tx.meta(journal.REPLAY_KEY))
+        return doc
 
     def sync_now_request(self) -> dict[str, Any] | None:
         """The latest "sync now" ({t, by[, id]}) from the app or the operator."""

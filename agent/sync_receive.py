@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from agent import evicted, txn_sync
+from agent import evicted, journal, txn_sync
 from agent.base import BaseRecord, apply_ack_record, rec_state
 from agent.changes import change_id
 from agent.core import Core, Work
@@ -73,15 +73,18 @@ class Receiving:
             ignored: list[int] = []
             own: dict[bytes, list[tuple[dict[str, Any], int]]] = {}
             seqs: list[tuple[str, int]] = []
+            kept = journal.Keeper(work, core.settings.journal)
             for n, scope, q in ack.ok:
                 entry = work.outbox_entry(n)
                 if entry is None:
                     ignored.append(n)
                     continue
                 rk = work.remove_outbox(n, entry)
+                kept.add(n, entry, scope, q)  # moved to the journal, same transaction
                 own.setdefault(rk, []).append((entry["ch"], q))
                 applied.append(n)
                 seqs.append((scope, q))
+            kept.close()
             fx: dict[bytes, list[Any]] = {}
             for rec in ack.fx:
                 fx.setdefault(record_key(rec.c, rec.k), []).append(rec_state(rec))

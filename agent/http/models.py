@@ -166,6 +166,11 @@ class StatusOut(_Out):
     """Records asked back from the server, not answered yet."""
     fetch_queries: int
     """Queries asked of the server (fetch by query), not answered yet."""
+    journal: dict[str, int]
+    """Acked changes kept for a server restored from a backup: {changes, bytes}."""
+    replayed: dict[str, JsonValue] | None
+    """What the latest resync after a server restore sent again: {t, id, changes,
+    units_skipped, scopes}; null: none seen."""
 
 
 class QuotaOut(_Out):

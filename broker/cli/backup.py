@@ -71,13 +71,22 @@ def cmd_server_restore(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         store.close()
     if args.json:
         print_json({"restored": str(args.src) if args.src else "in place",
-                     "scopes": dict(sorted(seqs.items()))})
+                     "scopes": dict(sorted(seqs.items())), "devices_resend": True})
         return 0
     print(f"restored {'the store in place' if args.src is None else args.src} "
           f"({len(seqs)} scopes): every device is ordered to resync (sent as soon as the "
           "server runs and the device is online); it gets a snapshot of the restored "
           "state and keeps its pending writes")
+    print(RESEND_NOTE)
     return 0
+
+
+RESEND_NOTE = (
+    "devices re-send what they hold of the changes this server acked after the backup "
+    "(their journal of acked changes, sync.acked_journal_days, default 7 days): those "
+    "come back as devices come online. Changes acked longer ago than a device's journal "
+    "window, or by a device that was wiped, re-imaged or runs an agent without the "
+    "journal, cannot come back (deploy/README.md, \"Backups\")")
 
 
 __all__ = ["cmd_server_backup", "cmd_server_restore"]

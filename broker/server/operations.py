@@ -100,7 +100,9 @@ def after_restore(store: Store, now_ms: int | None = None, *,
                   resync: bool = True) -> dict[str, int]:
     """Make a store restored from a backup safe to serve: move every scope's sequence and
     purge horizon forward by `RESTORE_SEQ_GAP`, and (with `resync`) order every
-    registered device to resync (a `resync` command, PROTOCOL.md §7.9). Returns
+    registered device to resync (a `resync` command, PROTOCOL.md §7.9) carrying, per
+    scope the device may use, the sequence the restored store had reached (`seqs`):
+    the device gives back the acked changes it journaled above it (§9.7). Returns
     scope -> new sequence.
 
     Devices have seen sequence numbers the backup never reached; without the jump the
@@ -115,7 +117,8 @@ def after_restore(store: Store, now_ms: int | None = None, *,
 
     def jump(txn: WriteTxn) -> dict[str, int]:
         out: dict[str, int] = {}
-        for scope, seq in txn.scope_seqs().items():
+        restored = txn.scope_seqs()
+        for scope, seq in restored.items():
             new = seq + RESTORE_SEQ_GAP
             txn.jump_scope_seq(scope, new)
             txn.set_purge_horizon(scope, new)
@@ -123,12 +126,19 @@ def after_restore(store: Store, now_ms: int | None = None, *,
         devices = txn.devices() if resync else []
         for device in devices:
             txn.put_command(CommandRow(f"resync-{now:x}-{secrets.token_hex(3)}", device.id,
-                                       "resync", {"why": "restore"}, created_ms=now))
+                                       "resync", restore_args(restored, device.scopes),
+                                       created_ms=now))
         if devices:
             txn.bump_registry()  # a running server (PostgreSQL --in-place) sends them
         return out
 
     return store.transact(jump)
+
+
+def restore_args(restored: dict[str, int], scopes: tuple[str, ...]) -> dict[str, Any]:
+    """A restore's `resync` args for a device of `scopes`: what the restored store had
+    reached in each (0: nothing), before the jump (PROTOCOL.md §7.9, §9.7)."""
+    return {"why": "restore", "seqs": {s: restored.get(s, 0) for s in scopes}}
 
 
 def purge_tombstones(store: Store, now_ms: int, retention_ms: int, limit: int = 10_000) -> int:
@@ -166,4 +176,4 @@ def purge_tombstones(store: Store, now_ms: int, retention_ms: int, limit: int = 
 
 
 __all__ = ["RESTORE_SEQ_GAP", "Resolution", "after_restore", "purge_tombstones",
-           "resolve_conflict"]
+           "resolve_conflict", "restore_args"]

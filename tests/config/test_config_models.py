@@ -37,6 +37,7 @@ def test_agent_defaults_without_file() -> None:
     assert cfg.mqtt.keepalive_s == 30 and cfg.mqtt.tls is None
     assert cfg.sync.batch_max_changes == 500 and cfg.sync.compress_over_bytes == 512
     assert cfg.sync.poll_interval_s == 0.1 and cfg.sync.catchup_page == 1000
+    assert cfg.sync.acked_journal_days == 7 and cfg.sync.acked_journal_max_mb == 32
     assert cfg.storage.map_size_mb == 64 and cfg.storage.encryption_key_file is None
     assert (cfg.log.level, cfg.log.format) == ("info", "console")
     assert cfg.mqtt_username() == cfg.device_id
@@ -159,6 +160,14 @@ BAD_INPUTS = [
     (BrokerConfig, 'server_users = ["bad user"]', "server_users.0", "not a valid user name"),
     (BrokerConfig, 'allow_anonymous = "yes"', "allow_anonymous", "valid boolean"),
     (BrokerConfig, "port = -1", "port", "greater than or equal to 1"),
+    (AgentConfig, "[sync]\nacked_journal_days = -1", "sync.acked_journal_days",
+     "greater than or equal to 0"),
+    (AgentConfig, '[sync]\nacked_journal_days = "7"', "sync.acked_journal_days",
+     "valid number"),
+    (AgentConfig, "[sync]\nacked_journal_max_mb = 0", "sync.acked_journal_max_mb",
+     "greater than or equal to 1"),
+    (AgentConfig, "[sync]\nacked_journal_max_mb = 5000", "sync.acked_journal_max_mb",
+     "less than or equal to 4096"),
 ]
 
 

@@ -63,7 +63,9 @@ def add_server(b: Builder) -> None:
                "PostgreSQL database after pg_restore). Either way every scope's sequence "
                "moves forward and every device is ordered to resync at once, so each "
                "device gets a snapshot of the restored state and keeps its pending "
-               "writes; what the server applied after the backup is not in it.",
+               "writes. What the server applied after the backup is not in it: devices "
+               "give back the changes they journaled (sync.acked_journal_days) and the "
+               "restored server applies them.",
                config="server")
     json_flag(p)
     p.add_argument("src", metavar="SRC", nargs="?", default=None,

@@ -48,6 +48,11 @@ class SyncConfig(_Model):
     """Take new collection-schema versions from the server (capability `schema_push`,
     PROTOCOL.md §7.13). false: the device runs its schema file and is upgraded by hand,
     e.g. when the app on it must change with the schema."""
+    acked_journal_days: Annotated[float, Field(strict=True, ge=0, le=365)] = 7.0
+    """Keep acked changes this long (agent.journal, PROTOCOL.md §9.7), so that a server
+    restored from a backup gets back what it acked after the backup. 0: no journal."""
+    acked_journal_max_mb: Annotated[int, Field(strict=True, ge=1, le=4096)] = 32
+    """At most this much journal; the oldest acked changes go first beyond it."""
 
     @model_validator(mode="after")
     def _ordered(self) -> SyncConfig:
