@@ -45,31 +45,28 @@ import structlog
 
 from broker.errors import StoreError
 from broker.server import schema_guard
+from broker.server.answers import message_replies
 from broker.server.applier import Applier, BatchStats
-from broker.server.caps import ZDICT, agreed
-from broker.server.cert_issue import csr_round
-from broker.server.cert_renewal import Refused
+from broker.server.caps import ZDICT
 from broker.server.downcast import Downcaster
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.fetch_query import QueryLimits, ScanAllowance
-from broker.server.hello_round import hello_commands, note_incarnation
-from broker.server.incoming import Incoming, dead_letters_for, held_back, parse_up
+from broker.server.incoming import Incoming, dead_letters_for, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
+from broker.server.message_apply import apply_message
 from broker.server.messages import (
     Compression,
     Packing,
     command_message,
     compress,
     error_message,
-    reject_messages,
-    rejection,
 )
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
 from broker.server.registry import Registry
-from broker.server.replies import change_replies, letter
+from broker.server.replies import letter
 from broker.server.schema_push import LiveSchema
 from broker.server.store.base import (
     DeadLetter,
@@ -79,10 +76,9 @@ from broker.server.store.base import (
     WriteTxn,
 )
 from schemas import codec
-from schemas.codec import LenientChanges
 from schemas.collection import Catalog
 from schemas.errors import ProtocolError
-from schemas.wire import ID_PATTERN, Catchup, Hello
+from schemas.wire import ID_PATTERN
 from waystation import __version__
 from waystation.config import MergeConfig, ServerConfig
 from waystation.hlc import SERVER_NODE, Clock
@@ -377,41 +373,10 @@ class Engine:
         updates: dict[str, dict[str, Any]] = {dev: dict(ch) for dev, ch in dirty.items()}
         for inc in incs:
             inc.results, inc.commands = [], []
-            device = inc.device
-            if inc.error is None and device is not None:
-                upd = updates.setdefault(device.id, {})
+            if inc.error is None and inc.device is not None:
+                upd = updates.setdefault(inc.device.id, {})
                 upd["last_seen_ms"] = now
-                if inc.kind == "changes":
-                    if "caps" in upd:  # a hello earlier in this group agreed them
-                        device = dataclasses.replace(device, caps=upd["caps"])
-                    lc: LenientChanges = inc.msg
-                    changes = lc.changes.ch if lc.changes is not None else []
-                    if inc.blocked:
-                        inc.results = held_back(changes, lc.bad, inc.blocked)
-                        self.counters["held_back"] += len(inc.results)
-                    else:
-                        inc.results = ta.apply_batch(device, lc.sv, changes, lc.bad, lc.inc)
-                        if any(r.ok for r in inc.results):
-                            upd["synced_ms"] = now
-                elif inc.kind == "hello":
-                    hello: Hello = inc.msg
-                    inc.commands = hello_commands(txn, hello, device, now, upd)
-                    upd.update(agent=hello.agent, sv=hello.sv, z=hello.z,
-                               caps=agreed(hello.caps or (), zd=hello.zd))
-                    note_incarnation(device, hello, now, upd)
-                    if hello.cp is not None:
-                        upd.update(cp={s: v for s, v in hello.cp.items() if s in device.scopes},
-                                   cp_ms=now)
-                elif inc.kind == "csr":
-                    try:
-                        inc.answer = csr_round(txn, inc.msg, device, self.config.enrol,
-                                               now, upd)
-                    except Refused as exc:
-                        inc.error = (codec.INVALID, str(exc))
-                elif inc.kind == "catchup" and not inc.blocked:
-                    req: Catchup = inc.msg
-                    upd.update(cp={s: v for s, v in req.cp.items() if s in device.scopes},
-                               cp_ms=now)
+                apply_message(txn, inc, ta, upd, now, self.config.enrol, self.counters)
             for refusal in dead_letters_for(inc, now):
                 for dead in session.admit(refusal):
                     txn.add_dead_letter(dead)
@@ -475,32 +440,11 @@ class Engine:
         dev = inc.topic_dev
         if not _ID_RE.fullmatch(dev):
             return []  # no down topic to answer on
-        over = self._compress_over(dev)
-        msgs: list[bytes]
-        if inc.failed and inc.kind == "changes" and inc.error is None:
-            lc: LenientChanges = inc.msg
-            numbers = [c.n for c in lc.changes.ch] if lc.changes is not None else []
-            msgs = reject_messages([rejection(n, codec.SERVER_ERROR, "the server failed to "
-                                              "apply this change; send it again later", False)
-                                    for n in numbers])
-        elif inc.kind in _READS and inc.blocked:
-            msgs = [error_message(codec.DEVICE_DISABLED, inc.blocked)]
-        elif inc.error is not None or inc.failed:
-            code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
-                                                             "this message")
-            msgs = [error_message(code, reason)]
-        elif inc.kind == "hello":
-            msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
-            if inc.msg.caps is not None:  # a device that speaks §11 is told what is agreed
-                caps = agreed(inc.msg.caps, zd=inc.msg.zd)
-                msgs[:0] = self.schema.welcome(caps, SERVER_NAME, inc.msg.sv)
+        msgs = message_replies(inc, fan, lambda caps, sv: self.schema.welcome(
+            caps, SERVER_NAME, sv), blocked_reads=_READS)
+        if inc.kind == "hello" and not (inc.error is not None or inc.failed):
             self._sent_commands.update(c.id for c in inc.commands)
-        elif inc.kind == "changes":
-            msgs = change_replies(dev, inc.results, inc.msg.bad, fan)
-        elif inc.kind == "csr":
-            msgs = [inc.answer]
-        else:  # pragma: no cover - catch-ups are answered separately
-            msgs = []
+        over = self._compress_over(dev)
         return [(dev, compress(m, over)) for m in msgs]
 
     def _catchups(self, incs: list[Incoming]) -> list[Outgoing]:
