@@ -48,8 +48,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
@@ -58,6 +57,16 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from waystation import linkproblems
 from waystation.backoff import Backoff, backoff_delay, backoff_delays
 from waystation.linkproblems import LinkProblem
+from waystation.mqtt_hooks import (
+    CertProvider,
+    OnConnect,
+    OnDisconnect,
+    OnMessage,
+    OnProblem,
+    PasswordProvider,
+    Will,
+    link_options,
+)
 from waystation.mqtt_tls import TlsSettings, ssl_context
 
 __all__ = [
@@ -72,52 +81,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-OnConnect = Callable[[bool], object]
-OnDisconnect = Callable[[str], object]
-OnMessage = Callable[[str, bytes], object]
-OnProblem = Callable[[LinkProblem, float], object]
-"""Called after a failed connection attempt: why, and the seconds until the next one."""
-
 _LOOP_TIMEOUT_S = 1.0
-
-
-class PasswordProvider(Protocol):
-    """Chooses the password of each connection attempt (a device whose broker password
-    is being rotated holds two: `agent.creds`). Called on the network thread."""
-
-    def password(self) -> str | None:
-        """The password for the attempt about to start."""
-
-    def refused(self) -> None:
-        """The broker refused that password (bad user name or password, not authorised)."""
-
-    def accepted(self) -> None:
-        """The broker accepted it."""
-
-
-class CertProvider(Protocol):
-    """Chooses the client certificate of each connection attempt (a device renewing its
-    certificate holds the new and the previous one: `agent.clientcert`). Called on the
-    network thread."""
-
-    def cert_files(self) -> tuple[str, str] | None:
-        """Certificate and key file for the attempt about to start (None: as configured)."""
-
-    def refused(self) -> None:
-        """The attempt failed before the broker accepted it (TLS handshake, refusal)."""
-
-    def accepted(self) -> None:
-        """The broker accepted the connection."""
-
-
-@dataclass(frozen=True)
-class Will:
-    """The last will: published by the broker if the link dies without a clean stop."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
 
 
 class MqttLink:
@@ -239,33 +203,7 @@ class MqttLink:
         password comes from ``cfg.resolved_password(env)`` when the config has it.
         ``kwargs`` are passed on (will, callbacks, backoff, ...).
         """
-        resolve = getattr(cfg, "resolved_password", None)
-        if callable(resolve):
-            password = resolve(env or {})
-        else:
-            secret = getattr(cfg, "password", None)
-            getter = getattr(secret, "get_secret_value", None)
-            password = getter() if callable(getter) else secret
-        tls_cfg = getattr(cfg, "tls", None)
-        tls = None
-        if tls_cfg is not None:
-            tls = TlsSettings(
-                ca=_opt_str(getattr(tls_cfg, "ca_file", None)),
-                cert=_opt_str(getattr(tls_cfg, "cert_file", None)),
-                key=_opt_str(getattr(tls_cfg, "key_file", None)),
-                insecure=bool(getattr(tls_cfg, "insecure", False)),
-                server_hostname=getattr(tls_cfg, "server_hostname", None),
-            )
-        username = getattr(cfg, "username", None)
-        options: dict[str, Any] = {
-            "host": cfg.host,
-            "port": int(cfg.port),
-            "username": username if username is not None else client_id,
-            "password": password,
-            "tls": tls,
-            "keepalive": int(getattr(cfg, "keepalive_s", 30)),
-            "connect_timeout": float(getattr(cfg, "connect_timeout_s", 10.0)),
-        }
+        options = link_options(cfg, client_id=client_id, env=env)
         options.update(kwargs)
         return cls(client_id=client_id, **options)
 
@@ -573,7 +511,3 @@ class MqttLink:
 
 def _ignore_socket(client: paho.Client, userdata: Any, sock: Any) -> None:
     """paho socket (un)register-write hook: our own loop() polls for writability."""
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
