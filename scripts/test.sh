@@ -47,20 +47,29 @@ if [ "$workers" != 0 ]; then
   parallel=(-n "$workers" --dist loadgroup)
 fi
 
-if [ "${WAYSTATION_COVERAGE:-0}" = 0 ]; then
+if [ "${WAYSTATION_COVERAGE:-1}" = 0 ]; then
   exec .venv/bin/python -m pytest "${parallel[@]}" "$@"
 fi
 
-# WAYSTATION_COVERAGE=1: coverage of agent/, broker/ and waystation/, the xdist workers and
-# the end-to-end subprocesses included ([tool.coverage.run] in pyproject.toml): one data
-# file per process under .coverage-data/, combined and reported after the run. Reported,
-# not gated: the exit code is pytest's. Opt-in: it costs ~1.6x the CPU time (measured on a
-# subset), which the 2-core machine has no room for within the ~20 min budget.
+# Coverage (on unless WAYSTATION_COVERAGE=0) of the shipped packages agent/, broker/,
+# schemas/ and waystation/ ([tool.coverage.run] in pyproject.toml): the xdist workers and
+# every Python process the tests start (the daemons of the end-to-end tests, CLI runs,
+# crash helpers) are measured too, each writing its own data file under .coverage-data/;
+# they are combined and reported after the run. Reported, not gated: the exit code is
+# pytest's, whatever the percentage.
 rm -rf .coverage-data && mkdir .coverage-data
 export COVERAGE_FILE="$PWD/.coverage-data/cov"
 rc=0
-.venv/bin/python -m coverage run -m pytest "${parallel[@]}" "$@" || rc=$?
+if [ "$workers" != 0 ]; then
+  # The xdist controller runs untraced; it hands COVERAGE_PROCESS_START to the workers
+  # (tests/coverage_workers.py), which coverage's .pth file then measures from their start.
+  WAYSTATION_COVERAGE_WORKERS="$PWD/pyproject.toml" \
+    .venv/bin/python -m pytest "${parallel[@]}" "$@" || rc=$?
+else
+  .venv/bin/python -m coverage run -m pytest "$@" || rc=$?
+fi
+files=$(find .coverage-data -name 'cov.*' | wc -l)
 .venv/bin/python -m coverage combine -q --data-file="$COVERAGE_FILE" .coverage-data >/dev/null || true
-echo "coverage of agent/, broker/, waystation/ (the xdist workers and the daemons the e2e tests start included):"
+echo "coverage of agent/, broker/, schemas/, waystation/ (line coverage; $files data files: the xdist workers and the processes the tests started; reported, not gated):"
 .venv/bin/python -m coverage report --data-file="$COVERAGE_FILE" --sort=cover || true
 exit $rc

@@ -1,7 +1,8 @@
 """Fixtures shared by every test package: a private PostgreSQL server (skips with the
 reason when PostgreSQL's server binaries are missing — except under CI, where
 tests/server_skips.py turns such a skip into a failure), the pytest-xdist groups of
-tests/xdist_groups.py, and logging put back after every test."""
+tests/xdist_groups.py, coverage handed to the xdist workers (tests/coverage_workers.py)
+and logging put back after every test."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import structlog
 from tests.conftest_pg import own_pg_server, pg_database, pg_server
 from waystation.logs import OWN_LOGGERS
 
-pytest_plugins = ["tests.server_skips", "tests.xdist_groups"]
+pytest_plugins = ["tests.server_skips", "tests.xdist_groups", "tests.coverage_workers"]
 
 
 @pytest.fixture(autouse=True)
