@@ -1,9 +1,12 @@
 """Three real device agents (in process, no broker) editing offline, then converging.
 
-The "network" between them and the engine is lossy, duplicating and reordering in both
-directions: up messages (changes, hellos, catch-up requests) are dropped at random and
-each group reaches the engine shuffled; down messages are dropped or delivered twice at
-random; devices resend what is not acked, as they would over a real broker. When the
+The "network" between them and the engine is lossy and duplicating in both directions,
+and reorders what goes up: up messages (changes, hellos, catch-up requests) are dropped
+at random and each group reaches the engine shuffled; down messages are dropped or
+delivered twice at random but keep their order (one publisher to one subscriber over
+QoS 1, as MQTT 3.1.1 §4.6 orders them; a resend after a reconnect is a duplicate, which
+the duplicates cover); devices resend what is not acked, as they would over a real
+broker. When the
 fleet is online and quiet, every device's view of every record equals the server's
 (DESIGN.md guarantee 2), every counter equals the sum of the increments made on all
 devices minus those refused for good (guarantee 1), and every concurrent loser is in the
