@@ -23,12 +23,9 @@ the capability, rotated by hand) is followed: the stored passwords become fallba
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from typing import Any
 import structlog
 
 from schemas.wire import ID_PATTERN
+from waystation.atrest.files import write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -245,24 +243,7 @@ class BrokerCredentials:
 
 def write_private(path: Path, data: bytes) -> None:
     """Temp file (0600 from the start) -> fsync -> rename -> fsync of the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data)
 
 
 __all__ = ["FILE_NAME", "BadCreds", "BrokerCredentials", "Secret", "fingerprint", "parse",
