@@ -40,14 +40,16 @@ from typing import Any
 
 import structlog
 
-from agent.api import WAKE_SOCKET, WAKE_SYNC_NOW, Agent
+from agent.api import Agent
 from agent.catchup import CatchupRound
 from agent.clientcert import ClientCerts
 from agent.creds import BrokerCredentials
 from agent.daemon_cert import CertHooks
+from agent.daemon_hello import HelloHooks
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.daemon_retention import RetentionHooks
+from agent.daemon_wake import WakeHooks
 from agent.pacing import Pacer
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
@@ -83,7 +85,8 @@ class DaemonStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
+class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHooks,
+                  WakeHooks):
     """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
@@ -400,50 +403,6 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
         room = sync_cfg.max_inflight_changes - len(self._inflight)
         return self._connected and room >= sync_cfg.batch_max_changes
 
-    def _say_hello(self, *, again: bool = False) -> None:
-        """Send a hello and forget what the previous one agreed: the capabilities are
-        agreed anew on every connection and whenever a merge server (re)starts, since a
-        server killed before its `welcome` went out leaves none behind (§7.11)."""
-        self.sync.server_caps = None
-        self.sync.upgrade_needed = False
-        self._hello_at = time.monotonic()
-        if not again:  # evidence that the server answers holds for the connection
-            self._answered = False
-        self._hellos_unwelcomed = self._hellos_unwelcomed + 1 if again else 1
-        hello = self._hello_msg()
-        if self._send(hello):
-            self._hello_cp = hello.cp
-
-    def _hello_if_moved(self) -> None:
-        """Tell the server how far this device has caught up (hello carries its
-        checkpoints), when that moved since the last hello (operator's view, §7.1)."""
-        hello = self._hello_msg()
-        if hello.cp != self._hello_cp and self._send(hello):
-            self._hello_cp = hello.cp
-
-    def _txn_on(self) -> bool | None:
-        """How to send transactions (PROTOCOL.md §7.2.1): marked as units (True) only to
-        a server whose welcome to the latest hello agreed to `txn`; as plain changes
-        (False) to one whose welcome did not, or that sent no welcome within the ack
-        timeout (a server from before capabilities); None -- hold them back, and what
-        comes after them -- until one of the two is known.
-
-        "Did not" needs evidence, never silence alone: a server down or restarting
-        (announced down, or answering nothing since the hello) is waited for, because
-        sending a transaction as plain changes to a server that does apply them whole
-        would let it apply part of one."""
-        caps = self.sync.server_caps
-        if caps is not None:
-            return "txn" in caps
-        if self.gate.server.up is False or not self._answered:
-            return None
-        if time.monotonic() - self._hello_at < self.cfg.sync.ack_timeout_s:
-            return None
-        if self._hellos_unwelcomed < 2:  # that hello may have died with a server: again
-            self._say_hello(again=True)
-            return None
-        return False
-
     def _zdict(self) -> bool | bytes:
         """Compress with a preset dictionary: only once the server agreed (§11)."""
         return self.sync.up_packing()
@@ -512,40 +471,3 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks):
                 self._publish_status(False)
         log.info("agent_stopped", dev=self.dev, pending=self.sync.pending_count(),
                  unanswered=len(self._inflight))
-
-    # ------------------------------------------------------------------ wake socket
-
-    def _open_wake_socket(self) -> None:
-        # Writers in any process poke this socket after a commit (Agent._poke), so the
-        # daemon sends at once instead of at its next poll.
-        path = self.agent.store.path / WAKE_SOCKET
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(str(path))
-        except OSError as exc:
-            # Path too long for AF_UNIX or not writable: fall back to polling.
-            log.info("wake_socket_unavailable", path=str(path), error=str(exc))
-            sock.close()
-            return
-        self._wake_sock = sock
-        threading.Thread(target=self._wake_reader, args=(sock,), name=f"wake-{self.dev}",
-                         daemon=True).start()
-
-    def _wake_reader(self, sock: socket.socket) -> None:
-        while not self._stopping.is_set():
-            try:
-                data = sock.recv(64)
-            except OSError:
-                return
-            self._events.put(("sync_now",) if data == WAKE_SYNC_NOW else ("wake",))
-
-    def _close_wake_socket(self) -> None:
-        sock, self._wake_sock = self._wake_sock, None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-            with contextlib.suppress(OSError):
-                (self.agent.store.path / WAKE_SOCKET).unlink()

@@ -38,7 +38,7 @@ class PolicyHooks:
     _policy_written: float
     _budget_dirty: bool
     _connected: bool
-    _say_hello: Callable[[], None]
+    _say_hello: Callable[..., None]
 
     def _on_server_state(self, topic: str, payload: bytes) -> None:
         """A merge server's retained announcement (PROTOCOL.md §7.12)."""
