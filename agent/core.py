@@ -50,7 +50,7 @@ from agent.base import BaseRecord, apply_rec, rec_state
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
 from agent.journal import DEFAULT_LIMITS, Limits
-from agent.query.maintain import IndexUpkeep
+from agent.query.maintain import UNKNOWN, IndexUpkeep
 from agent.store import Store, Tx, n_key, record_key
 from agent.view import ViewState, compute_view
 from schemas import wire
@@ -198,8 +198,8 @@ class Core:
 class Work:
     """One transaction's view of the agent's data (see module docstring)."""
 
-    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_inc", "_ix", "_now", "core",
-                 "dev", "tx")
+    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_inc", "_ix", "_now", "_stored",
+                 "core", "dev", "tx")
 
     def __init__(self, core: Core, tx: Tx) -> None:
         self.core = core
@@ -212,6 +212,9 @@ class Work:
         self._now: int | None = None
         self._inc: str | None = None
         self._ix: IndexUpkeep | None = None
+        self._stored: dict[bytes, dict[str, Any] | None] = {}
+        """View documents as `load_view` read them, until that view is saved (what the
+        index upkeep compares the new view with, without reading it again)."""
 
     # --------------------------------------------------------------- counters
 
@@ -461,6 +464,7 @@ class Work:
 
     def load_view(self, rk: bytes, c: str, k: str) -> ViewState | None:
         doc = self.tx.get("view", rk)
+        self._stored[rk] = doc  # ViewState.from_doc copies what a write may change
         return None if doc is None else ViewState.from_doc(c, k, doc)
 
     @property
@@ -472,7 +476,7 @@ class Work:
 
     def save_view(self, rk: bytes, state: ViewState | None) -> None:
         # Index entries change in this same transaction, so they never disagree.
-        self.indexes.view_saved(rk, state)
+        self.indexes.view_saved(rk, state, self._stored.pop(rk, UNKNOWN))
         if state is None:
             self.tx.delete("view", rk)
         else:
@@ -481,6 +485,7 @@ class Work:
     def clear_views(self) -> None:
         """Erase every view (wipe, resync), and with them every index entry."""
         self.tx.clear("view")
+        self._stored.clear()
         self.indexes.views_cleared()
 
     def refresh_view(self, rk: bytes, c: str, k: str, base: BaseRecord | None) -> ViewState | None:

@@ -21,14 +21,13 @@ when the set is empty). Deleted records keep their entries (their fields read as
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
-from agent.view import ViewState
 from schemas.collection import Catalog
 from schemas.indexes import SCOPE_FIELD
-from waystation.sortkeys import encode, members
+from waystation.sortkeys import encode
 
 IndexState = Literal["build", "ready", "drop"]
 ID_BYTES = 4
@@ -136,7 +135,34 @@ def declared_indexes(catalog: Catalog) -> dict[str, list[tuple[str, ...]]]:
             for name, spec in catalog.collections.items() if spec.indexes}
 
 
-def field_value(state: ViewState, name: str) -> Any:
+class Indexed(Protocol):
+    """What index entries are computed from: a `ViewState`, or `StoredView` (a stored
+    view document read without building a whole `ViewState`)."""
+
+    @property
+    def k(self) -> str: ...
+    @property
+    def s(self) -> str: ...
+    @property
+    def x(self) -> bool: ...
+    @property
+    def f(self) -> Mapping[str, Any]: ...
+
+
+class StoredView(NamedTuple):
+    """The members of a stored view document that index entries depend on."""
+
+    k: str
+    s: str
+    x: bool
+    f: Mapping[str, Any]
+
+    @classmethod
+    def from_doc(cls, k: str, doc: Mapping[str, Any]) -> StoredView:
+        return cls(k, doc["s"], doc["x"], doc["f"])
+
+
+def field_value(state: Indexed, name: str) -> Any:
     """The value an index or a query sees in field `name` of a view: its visible value
     (null when missing or the record is deleted); `$scope` is the record's scope."""
     if name == SCOPE_FIELD:
@@ -146,30 +172,48 @@ def field_value(state: ViewState, name: str) -> Any:
     return state.f.get(name)
 
 
-def unchanged(index: IndexDef, old: ViewState, new: ViewState) -> bool:
+def unchanged(index: IndexDef, old: Indexed, new: Indexed) -> bool:
     """Whether two views of one record have the same entries in `index` (a quick test
     before computing them)."""
     if old.x != new.x:
         return False
-    return all(field_value(old, name) == field_value(new, name)
-               and type(field_value(old, name)) is type(field_value(new, name))
-               for name in index.fields)
+    for name in index.fields:
+        a = field_value(old, name)
+        b = field_value(new, name)
+        if a != b or type(a) is not type(b):
+            return False
+    return True
 
 
-def entries(index: IndexDef, state: ViewState | None) -> dict[bytes, bytes]:
-    """The index entries (key -> value) of one record's view (none without a view)."""
+def entries(index: IndexDef, state: Indexed | None,
+            memo: dict[str, bytes | list[bytes]] | None = None) -> dict[bytes, bytes]:
+    """The index entries (key -> value) of one record's view (none without a view).
+
+    `memo` (field name -> encoded value, or encoded members of a set) may be shared by
+    the calls for one view's indexes: a field several indexes hold is encoded once."""
     if state is None:
         return {}
     key = state.k.encode()
     value = (DELETED if state.x else LIVE) + key
-    values = [field_value(state, name) for name in index.fields]
+    parts: list[bytes | list[bytes]] = []
+    single = True
+    for name in index.fields:
+        enc = None if memo is None else memo.get(name)
+        if enc is None:
+            v = field_value(state, name)
+            # A set field gives one entry per member (none while it is empty).
+            enc = [encode(m) for m in v] if isinstance(v, list) else encode(v)
+            if memo is not None:
+                memo[name] = enc
+        if isinstance(enc, list):
+            single = False
+        parts.append(enc)
     prefix = index.prefix
-    if not any(isinstance(v, list) for v in values):
-        return {prefix + b"".join([encode(v) for v in values]) + key: value}
-    parts: list[Iterable[Any]] = [members(v) for v in values]
+    if single:
+        return {prefix + b"".join(cast("list[bytes]", parts)) + key: value}
     out: dict[bytes, bytes] = {}
-    for combo in itertools.product(*parts):
-        out[prefix + b"".join(encode(v) for v in combo) + key] = value
+    for combo in itertools.product(*[p if isinstance(p, list) else (p,) for p in parts]):
+        out[prefix + b"".join(combo) + key] = value
     return out
 
 
@@ -179,7 +223,9 @@ __all__ = [
     "LIVE",
     "IndexDef",
     "IndexState",
+    "Indexed",
     "Registry",
+    "StoredView",
     "declared_indexes",
     "entries",
     "field_value",

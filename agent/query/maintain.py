@@ -20,13 +20,21 @@ The adapter between the pure index code (`agent.query.indexes`) and LMDB:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from agent.query.indexes import IndexDef, Registry, declared_indexes, entries, unchanged
+from agent.query.indexes import (
+    IndexDef,
+    Registry,
+    StoredView,
+    declared_indexes,
+    entries,
+    unchanged,
+)
 from agent.query.logs import event
 from agent.store import Tx, record_key, split_record_key
 from agent.view import ViewState
@@ -41,6 +49,15 @@ DROP_BATCH = 10_000
 """Entries deleted per drop transaction."""
 
 Progress = Callable[[IndexDef], None]
+
+
+class Unknown(Enum):
+    """`IndexUpkeep.view_saved` was not told what view is stored now."""
+
+    TOKEN = 0
+
+
+UNKNOWN: Final = Unknown.TOKEN
 
 
 _parsed: tuple[bytes | None, Registry] = (None, Registry())
@@ -88,8 +105,11 @@ class IndexUpkeep:
             self._by_collection[collection] = found
         return found
 
-    def view_saved(self, rk: bytes, state: ViewState | None) -> None:
-        """Called with the new view of record `rk` (None: removed) BEFORE it is stored."""
+    def view_saved(self, rk: bytes, state: ViewState | None,
+                   stored: Mapping[str, Any] | Unknown | None = UNKNOWN) -> None:
+        """Called with the new view of record `rk` (None: removed) BEFORE it is stored;
+        `stored` is the view document stored now (None: none) when the caller has it
+        at hand (`Work.load_view` read it), else it is read here."""
         if state is not None:
             c, k = state.c, state.k
         else:
@@ -97,14 +117,22 @@ class IndexUpkeep:
         indexes = self._maintained(c)
         if not indexes:
             return
-        doc = self.tx.get("view", rk)
-        old = None if doc is None else ViewState.from_doc(c, k, doc)
         tx = self.tx
+        doc = tx.get("view", rk) if stored is UNKNOWN else stored
+        memo: dict[str, bytes | list[bytes]] = {}  # the new view's encoded fields
+        if doc is None:  # a new record: nothing to compare or delete
+            if state is not None:
+                for ix in indexes:
+                    for key, value in entries(ix, state, memo).items():
+                        tx.put_raw("index", key, value)
+            return
+        assert isinstance(doc, Mapping)
+        old = StoredView.from_doc(k, doc)
         for ix in indexes:
-            if old is not None and state is not None and unchanged(ix, old, state):
+            if state is not None and unchanged(ix, old, state):
                 continue
             before = entries(ix, old)
-            after = entries(ix, state)
+            after = entries(ix, state, memo)
             for key in before:
                 if key not in after:
                     tx.delete("index", key)
@@ -202,7 +230,7 @@ def _step(work: Work, batch: int) -> IndexDef | None:
         if done >= batch:
             next_key = k
             break
-        for key, value in entries(ix, ViewState.from_doc(ix.collection, k, doc)).items():
+        for key, value in entries(ix, StoredView.from_doc(k, doc)).items():
             tx.put_raw("index", key, value)
         done += 1
     if next_key is None:
