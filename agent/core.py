@@ -3,7 +3,8 @@
 `Core` holds what every operation needs (store, device id, scopes, collection schema,
 wall clock); `Core.write(fn)` runs `fn(work)` in one durable transaction, where `work`
 (a `Work`) loads and saves base records, views, outbox entries, checkpoints and feed
-events, and writes the cached counters back once at the end.
+events, and writes the cached counters back once at the end (bases, views and conflict
+entries: the `agent.work_records` mixin).
 
 Meta entries (database ``meta``, orjson values, plain text):
 
@@ -45,15 +46,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from agent import evicted, schema_store, scopes
-from agent.base import BaseRecord, apply_rec, rec_state
+from agent import schema_store, scopes
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
 from agent.journal import DEFAULT_LIMITS, Limits
-from agent.query.maintain import UNKNOWN, IndexUpkeep
 from agent.store import Store, Tx, n_key, record_key
-from agent.view import ViewState, compute_view
-from schemas import wire
+from agent.work_records import RecordWork, lost_key, open_conflict_key
 from schemas.collection import Catalog, CollectionSpec
 from waystation.hlc import Clock, Stamp
 
@@ -63,7 +61,6 @@ FEED_KEEP = 10_000
 """Feed events kept (the newest); older ones are pruned."""
 _FEED_PRUNE_EVERY = 256
 MAX_COMMAND_IDS = 1000
-MAX_LOST_ENTRIES = 10_000
 
 FeedKind = Literal["local", "synced", "rejected", "remote", "dropped", "reset", "wiped",
                    "conflict", "online", "offline", "retrying", "evicted", "fetched",
@@ -82,14 +79,6 @@ def prio_key(priority: int, n: int) -> bytes:
 
 def rec_index_key(rk: bytes, n: int) -> bytes:
     return b"R" + rk + b"\0" + n_key(n)
-
-
-def open_conflict_key(rk: bytes, name: str) -> bytes:
-    return b"O" + rk + b"\0" + name.encode()
-
-
-def lost_key(n: int, name: str) -> bytes:
-    return b"L" + n_key(n) + name.encode()
 
 
 @dataclass(frozen=True)
@@ -195,11 +184,11 @@ class Core:
         return self.catalog.collection(collection)
 
 
-class Work:
+class Work(RecordWork):
     """One transaction's view of the agent's data (see module docstring)."""
 
-    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_inc", "_ix", "_now", "_stored",
-                 "core", "dev", "tx")
+    __slots__ = ("_checkpoints", "_ctr", "_ctr_dirty", "_gen", "_inc", "_now", "core", "dev",
+                 "tx")
 
     def __init__(self, core: Core, tx: Tx) -> None:
         self.core = core
@@ -211,10 +200,7 @@ class Work:
         self._checkpoints: dict[str, tuple[ScopeCheckpoint, bool]] = {}
         self._now: int | None = None
         self._inc: str | None = None
-        self._ix: IndexUpkeep | None = None
-        self._stored: dict[bytes, dict[str, Any] | None] = {}
-        """View documents as `load_view` read them, until that view is saved (what the
-        index upkeep compares the new view with, without reading it again)."""
+        RecordWork.__init__(self)
 
     # --------------------------------------------------------------- counters
 
@@ -334,85 +320,6 @@ class Work:
             self.tx.set_meta("ctr", self._ctr)
             self._ctr_dirty = False
 
-    # ------------------------------------------------------------------ bases
-
-    def load_base(self, rk: bytes, c: str, k: str) -> BaseRecord | None:
-        doc = self.tx.get("base", rk)
-        if doc is None:
-            return None
-        return BaseRecord.from_docs(c, k, doc, self.tx.get("stamps", rk))
-
-    def save_base(self, rk: bytes, old: BaseRecord | None, new: BaseRecord | None) -> None:
-        """Store `new` (None: drop the record) and keep the open-conflict entries in step."""
-        if new is None:
-            self.tx.delete("base", rk)
-            self.tx.delete("stamps", rk)
-        else:
-            doc, stamps = new.to_docs()
-            doc["st"] = self.now()  # last synced: when retention's clock starts
-            self.tx.put("base", rk, doc)
-            if stamps:
-                self.tx.put("stamps", rk, stamps)
-            else:
-                self.tx.delete("stamps", rk)
-        old_cf = old.cf if old is not None else {}
-        new_cf = new.cf if new is not None else {}
-        for name in old_cf:
-            if name not in new_cf:
-                self.tx.delete("conflicts", open_conflict_key(rk, name))
-        if new is None:
-            return
-        for name, cands in new_cf.items():
-            if old_cf.get(name) == cands:
-                continue
-            key = open_conflict_key(rk, name)
-            prior = self.tx.get("conflicts", key)
-            if prior is None:
-                self.feed(new.c, new.k, "conflict", {"field": name, "candidates": cands})
-            self.tx.put("conflicts", key, {
-                "kind": "open", "c": new.c, "k": new.k, "s": new.s, "field": name,
-                "value": new.f.get(name), "h": new.h.get(name), "candidates": cands,
-                "q": new.fq.get(name, new.q),
-                "t": prior["t"] if prior else self.now()})
-
-    def apply_recs(self, recs: Iterable[wire.Rec], kind: FeedKind, *,
-                   fetched: bool = False) -> dict[bytes, BaseRecord]:
-        """Apply record states to the base, recompute the views, record feed events.
-
-        Returns the new base of every record touched. Every touched record is marked
-        with the current snapshot generation. A record the device evicted takes only
-        the states `agent.evicted.admit` lets through (all of them when `fetched`).
-        """
-        grouped: dict[bytes, list[wire.Rec]] = {}
-        for rec in recs:
-            grouped.setdefault(record_key(rec.c, rec.k), []).append(rec)
-        out: dict[bytes, BaseRecord] = {}
-        gen = self.gen()
-        for rk, group in grouped.items():
-            c, k = group[0].c, group[0].k
-            old = self.load_base(rk, c, k)
-            states = [rec_state(rec) for rec in group]
-            if old is None:
-                mark = evicted.marker(self.tx, rk)
-                states = list(evicted.admit(mark, states, fetched=fetched))
-                if not states:
-                    if mark is not None and mark.get("g") != gen:
-                        # Still on the server (a snapshot's sweep keeps the marker).
-                        self.tx.put(evicted.DB, rk, {**mark, "g": gen})
-                    continue
-                if mark is not None:
-                    self.tx.delete(evicted.DB, rk)
-            new = old
-            for st in states:
-                new = apply_rec(new, st)
-            assert new is not None
-            new.g = gen
-            self.save_base(rk, old, new)
-            self.refresh_view(rk, c, k, new)
-            self.feed(c, k, kind)
-            out[rk] = new
-        return out
-
     # ----------------------------------------------------------------- outbox
 
     def add_outbox(self, rk: bytes, n: int, change: dict[str, Any], priority: int,
@@ -459,51 +366,6 @@ class Work:
             if entry is not None:
                 out.append(entry["ch"])
         return out
-
-    # ------------------------------------------------------------------ views
-
-    def load_view(self, rk: bytes, c: str, k: str) -> ViewState | None:
-        doc = self.tx.get("view", rk)
-        self._stored[rk] = doc  # ViewState.from_doc copies what a write may change
-        return None if doc is None else ViewState.from_doc(c, k, doc)
-
-    @property
-    def indexes(self) -> IndexUpkeep:
-        """The index entries of this transaction's views (agent.query)."""
-        if self._ix is None:
-            self._ix = IndexUpkeep(self.tx)
-        return self._ix
-
-    def save_view(self, rk: bytes, state: ViewState | None) -> None:
-        # Index entries change in this same transaction, so they never disagree.
-        self.indexes.view_saved(rk, state, self._stored.pop(rk, UNKNOWN))
-        if state is None:
-            self.tx.delete("view", rk)
-        else:
-            self.tx.put("view", rk, state.to_doc())
-
-    def clear_views(self) -> None:
-        """Erase every view (wipe, resync), and with them every index entry."""
-        self.tx.clear("view")
-        self._stored.clear()
-        self.indexes.views_cleared()
-
-    def refresh_view(self, rk: bytes, c: str, k: str, base: BaseRecord | None) -> ViewState | None:
-        """Recompute a record's view from its base and its own pending changes."""
-        state = compute_view(base, self.pending_changes(rk), self.core.spec(c), self.dev,
-                             c=c, k=k)
-        self.save_view(rk, state)
-        return state
-
-    # -------------------------------------------------------------- conflicts
-
-    def record_lost_write(self, n: int, name: str, doc: dict[str, Any]) -> None:
-        self.tx.put("conflicts", lost_key(n, name), doc)
-
-    def prune_lost(self) -> None:
-        keys = list(self.tx.keys("conflicts", b"L"))
-        for key in keys[: max(0, len(keys) - MAX_LOST_ENTRIES)]:
-            self.tx.delete("conflicts", key)
 
 
 __all__ = [
