@@ -254,6 +254,11 @@ class Device:
                          "messages_down": self.messages_down},
                 "stats": self._daemon_stats()}
 
+    def threads(self) -> dict[str, Any]:
+        """Native thread id -> thread name (for CPU per thread: bench.live_sync)."""
+        return {"threads": {str(t.native_id): t.name for t in threading.enumerate()
+                            if t.native_id is not None}}
+
     def reset_wire(self) -> dict[str, Any]:
         self.payload_up = self.payload_down = self.messages_up = self.messages_down = 0
         return {}

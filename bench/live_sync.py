@@ -205,6 +205,14 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     return out
 
 
+def _thread_role(name: str) -> str:
+    """Which part of the daemon a thread of the device process is (by its name)."""
+    for prefix, role in (("agent-", "engine"), ("mqtt-", "network"), ("wake-", "wake")):
+        if name.startswith(prefix):
+            return role
+    return "other"
+
+
 _BATCHES: dict[int, int] = {}
 """Batches the daemon of each device process had sent at the end of its last phase."""
 
@@ -224,12 +232,20 @@ def cpu_phase(dev: DeviceProc, server_pid: int, cmd: str, count: int, start: int
     threads1, server1 = thread_cpu_s(dev.pid), proc_cpu_s(server_pid)
     total = proc_cpu_s(dev.pid) - total0
     app = threads1.get(dev.pid, 0.0) - threads0.get(dev.pid, 0.0)
+    names = dev.call("threads")["threads"]
+    by_role = dict.fromkeys(("engine", "network", "wake", "other"), 0.0)
+    for tid, secs_used in threads1.items():
+        if tid == dev.pid:
+            continue
+        role = _thread_role(names.get(str(tid), ""))
+        by_role[role] = by_role.get(role, 0.0) + secs_used - threads0.get(tid, 0.0)
     sent = res.get("stats", {}).get("batches_sent", 0)
     batches, _BATCHES[dev.pid] = sent - _BATCHES.get(dev.pid, 0), sent
     return {"changes": count, "secs": secs, "changes_s": count / secs,
             "agent_us": total * 1e6 / count, "agent_app_thread_us": app * 1e6 / count,
             "agent_daemon_us": (total - app) * 1e6 / count,
             "server_us": (server1 - server0) * 1e6 / count,
+            **{f"agent_{role}_us": v * 1e6 / count for role, v in sorted(by_role.items())},
             "batches": batches, "load": load.result()}
 
 
@@ -381,6 +397,9 @@ def _rounds(args: argparse.Namespace, gap: float, tmp: Path, peer: PouchPeer | N
     return {"args": vars(args), "samples": samples, "rounds": rounds, "cpu_rounds": cpu_rounds}
 
 
+_ROLE_KEYS = ("agent_engine_us", "agent_network_us", "agent_wake_us", "agent_other_us")
+
+
 def _cpu_median(rows: list[dict[str, Any]], key: str) -> float:
     return median([r[key] for r in rows])
 
@@ -404,7 +423,8 @@ def report(data: dict[str, Any]) -> None:
     cpu: dict[str, Any] = {}
     for mode, rows in data["cpu_rounds"].items():
         cpu[mode] = {k: _cpu_median(rows, k) for k in (
-            "agent_us", "agent_app_thread_us", "agent_daemon_us", "server_us", "changes_s")}
+            "agent_us", "agent_app_thread_us", "agent_daemon_us", "server_us", "changes_s",
+            *_ROLE_KEYS) if all(k in r for r in rows)}
         cpu[mode]["changes_per_batch"] = median(
             [r["changes"] / r["batches"] for r in rows if r.get("batches")]) if rows else None
     summary["cpu"] = cpu
@@ -433,6 +453,12 @@ def report(data: dict[str, Any]) -> None:
           c["agent_app_thread_us"], c["agent_daemon_us"], c["server_us"],
           p50["raw_commit_cpu_us"], p50[f"raw_commit_{RAW_DBS}db_cpu_us"]]
          for mode, c in cpu.items()])
+    print_table(
+        "Daemon CPU per synced change by thread, µs (median of rounds): engine = the sync "
+        "loop (scan, encode, apply acks, its commits), network = the MQTT link's thread, "
+        "wake = the wake socket's reader",
+        ["mode", "engine", "network", "wake", "other"],
+        [[mode, *(c.get(k, "-") for k in _ROLE_KEYS)] for mode, c in cpu.items()])
     print(f"PouchDB peer: {data['pouch_note']}")
     if summary["lone_rounds_failed"]:
         print(f"lone-change rounds that failed (a change not acked in 30 s): "
