@@ -94,7 +94,8 @@ class ScopeCheckpoint:
             head = max(head, cp)
         if not changed:
             return self
-        return replace(self, cp=cp, seen=tuple(seen), head=head, gap_since=since)
+        # (the constructor, not dataclasses.replace: every ack comes here)
+        return ScopeCheckpoint(cp, tuple(seen), head, since, self.snap_gen, self.snap_req)
 
     def page(self, from_: int, to: int, now_ms: int) -> ScopeCheckpoint:
         """A catch-up page `from_ -> to` was applied. It moves `cp` to `to` only if it

@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import orjson
+
 from agent import schema_store, scopes
 from agent.checkpoints import ScopeCheckpoint
 from agent.errors import DeviceMismatch, StoreGone
@@ -56,6 +58,7 @@ from schemas.collection import Catalog, CollectionSpec
 from waystation.hlc import Clock, Stamp
 
 T = TypeVar("T")
+_SCOPES_KEY = scopes.META_KEY.encode()
 
 FEED_KEEP = 10_000
 """Feed events kept (the newest); older ones are pruned."""
@@ -113,17 +116,14 @@ class Core:
         process on the store agrees."""
         self.catalog = catalog
         self.now_ms = now_ms
+        self._scopes_seen: tuple[bytes | None, tuple[str, ...]] = (None, settings.scopes)
+        """Meta `scopes` as last read (its stored bytes) and the scopes it gave."""
 
     def write(self, fn: Callable[[Work], T], *, durable: bool = True) -> T:
         """One write transaction; `durable=False` only for what the server replays
         (see Store.write)."""
         def run(tx: Tx) -> T:
-            if tx.has("meta", b"gone"):
-                raise StoreGone(
-                    f"the local store at {self.store.path} was wiped by the operator (remote "
-                    "wipe): nothing can be written to it; open the agent again")
-            self.scopes = scopes.effective(tx.meta(scopes.META_KEY), self.settings.scopes)
-            self._follow_schema(tx)
+            self._enter(tx, "nothing can be written to it; ")
             work = Work(self, tx)
             result = fn(work)
             work.finish()
@@ -133,14 +133,27 @@ class Core:
 
     def read(self, fn: Callable[[Work], T]) -> T:
         def run(tx: Tx) -> T:
-            if tx.has("meta", b"gone"):
-                raise StoreGone(f"the local store at {self.store.path} was wiped by the "
-                                "operator (remote wipe); open the agent again")
-            self.scopes = scopes.effective(tx.meta(scopes.META_KEY), self.settings.scopes)
-            self._follow_schema(tx)
+            self._enter(tx, "")
             return fn(Work(self, tx))
 
         return self.store.read(run)
+
+    def _enter(self, tx: Tx, refused: str) -> None:
+        """What every transaction does first: refuse a wiped store, and take the scopes
+        and the schema version another process may have switched the store to. Meta
+        entries are compared as stored bytes with the last ones read (every write and
+        read passes here: no JSON parse while they stay as they were)."""
+        if tx.has("meta", b"gone"):
+            raise StoreGone(f"the local store at {self.store.path} was wiped by the operator "
+                            f"(remote wipe): {refused}open the agent again")
+        raw = tx.raw("meta", _SCOPES_KEY)
+        if raw != self._scopes_seen[0]:
+            doc = None if raw is None else orjson.loads(raw)
+            self._scopes_seen = (raw, scopes.effective(doc, self.settings.scopes))
+        self.scopes = self._scopes_seen[1]  # (agent.scopes sets it inside its write too)
+        sv = tx.raw("meta", b"sv")
+        if sv is not None and sv != orjson.dumps(self.catalog.version):
+            self._follow_schema(tx)  # (schema_store.follow: nothing to do at our version)
 
     def _follow_schema(self, tx: Tx) -> None:
         """Run the schema version another process took from the server (meta `sv`

@@ -138,8 +138,7 @@ class Keeper:
             return  # no journal; q 0: the server no longer knew when it applied it
         doc = {"e": {k: v for k, v in entry.items() if k not in ("at", "err", "et")},
                "s": scope, "q": q, "a": self._work.now()}
-        size = len(orjson.dumps(doc))
-        self._work.tx.put(DB, n_key(n), doc)
+        size = self._work.tx.put(DB, n_key(n), doc)  # its JSON size: encoded once
         self._added += 1
         self._bytes += size
 

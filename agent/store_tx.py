@@ -50,11 +50,14 @@ class Tx:
             raw = self._cipher.open(db.encode() + b"\0" + key, raw)
         return orjson.loads(raw)  # _decode, inlined: the hot path
 
-    def put(self, db: str, key: bytes, value: Any) -> None:
+    def put(self, db: str, key: bytes, value: Any) -> int:
+        """Store `value`; returns the size of its JSON (before any sealing)."""
         raw = orjson.dumps(value)  # _encode, inlined: the hot path
+        size = len(raw)
         if self._cipher is not None and db in ENCRYPTED_DBS:
             raw = self._cipher.seal(db.encode() + b"\0" + key, raw)
         self._txn.put(key, raw, db=self._dbs[db])
+        return size
 
     def raw(self, db: str, key: bytes) -> bytes | None:
         """The stored bytes at `key`, not decoded (only for a database that is never
