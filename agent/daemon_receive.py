@@ -28,6 +28,8 @@ from waystation.config import AgentConfig
 from waystation.mqtt import MqttLink
 
 log = structlog.get_logger("waystation.agent")
+_ANSWERS = (wire.Reject, wire.Page, wire.Checkpoint)
+"""Answers (besides acks) to what this device sent: the server is reading it."""
 
 AGENT_NAME = f"waystation/{__version__}"
 RELOGIN_FIRST_S = 2.0
@@ -102,11 +104,8 @@ class ReceiveHooks:
             self.stats.bad_messages += 1
             log.warning("bad_down_message", dev=self.dev, code=err.code, reason=err.reason)
             return
-        if isinstance(msg, wire.Ack | wire.Reject | wire.Page | wire.Checkpoint):
+        if isinstance(msg, wire.Ack):  # the usual message: first, with the fewest tests
             self._answered = True
-        if not isinstance(msg, wire.Ack):
-            self._may_send = True  # a rejection, a welcome... may free changes to send
-        if isinstance(msg, wire.Ack):
             result = self.sync.apply_ack(msg)
             if result.applied and result.applied[0] in self._inflight:
                 self._note_rtt(self._inflight[result.applied[0]])
@@ -114,7 +113,11 @@ class ReceiveHooks:
                 self._inflight.pop(n, None)
                 self._retry_at.pop(n, None)
             self.stats.acked += len(result.applied)
-        elif isinstance(msg, wire.Reject):
+            return
+        if isinstance(msg, _ANSWERS):
+            self._answered = True
+        self._may_send = True  # a rejection, a welcome... may free changes to send
+        if isinstance(msg, wire.Reject):
             self._on_reject(msg)
         elif isinstance(msg, wire.Delta):
             self.sync.apply_delta(msg)
