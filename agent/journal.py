@@ -170,6 +170,12 @@ def _prune(work: Work, limits: Limits, meta: dict[str, int], budget: int) -> int
     cutoff = work.now() - limits.keep_ms
     drop: list[tuple[bytes, int]] = []
     over = meta["b"] - limits.max_bytes
+    if limits.keep_ms > 0 and over <= 0:
+        oldest = _oldest_acked(work)
+        if oldest is None or oldest >= cutoff:  # the usual ack: nothing to drop
+            if meta["c"] <= 0:
+                meta["b"] = meta["c"] = 0
+            return 0
     for key, doc in tx.items(DB):
         if len(drop) >= budget:
             break
@@ -185,6 +191,28 @@ def _prune(work: Work, limits: Limits, meta: dict[str, int], budget: int) -> int
     if meta["c"] <= 0:  # (in place: the caller writes `meta` back)
         meta["b"] = meta["c"] = 0
     return len(drop)
+
+
+_oldest_seen: tuple[bytes, bytes, int] | None = None
+"""The journal's first entry as last read (key, stored bytes) and its acked time: every
+ack checks it, and it changes only when entries are pruned or replayed. Keyed on the
+stored bytes (sealed ones differ on every write), so a stale time is never used."""
+
+
+def _oldest_acked(work: Work) -> int | None:
+    """When the oldest journal entry was acked (ms), or None when the journal is empty."""
+    global _oldest_seen
+    tx = work.tx
+    with tx.cursor(DB) as cur:
+        if not cur.first():
+            return None
+        key, raw = cur.item()
+    seen = _oldest_seen
+    if seen is not None and seen[0] == key and seen[1] == raw:
+        return seen[2]
+    acked: int = tx.get(DB, key)["a"]
+    _oldest_seen = (key, raw, acked)
+    return acked
 
 
 @dataclass(frozen=True, slots=True)
