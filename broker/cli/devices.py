@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from typing import Any
 
 from broker.cli.common import now_ms, server_config
 from broker.cli.logins import revoke_credentials
 from broker.server import devstate, registry
 from broker.server.store import open_store
+from broker.server.store.base import CommandRow
 from waystation.cli.output import iso, print_json, table
 
 
@@ -89,15 +91,25 @@ def cmd_device_sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def _set_enabled(args: argparse.Namespace, env: Mapping[str, str], enabled: bool) -> int:
     store = open_store(server_config(args, env))
+    sync: CommandRow | None = None
     try:
-        registry.set_enabled(store, args.device_id, enabled)
+        if enabled:
+            _, sync = registry.enable_device(store, args.device_id, now_ms())
+        else:
+            registry.set_enabled(store, args.device_id, False)
     finally:
         store.close()
     state = "enabled: its changes are accepted" if enabled else \
         ("disabled: it gets no data and its changes wait on the device until "
          f"`waystation device enable {args.device_id}`")
+    if sync is not None:
+        state += (f"; sync queued (command {sync.id}): it sends the changes it held at once "
+                  "if online, else when it next connects")
     if getattr(args, "json", False):
-        print_json({"device": args.device_id, "enabled": enabled, "effect": state})
+        doc: dict[str, Any] = {"device": args.device_id, "enabled": enabled, "effect": state}
+        if enabled:
+            doc["command"] = None if sync is None else sync.to_json()
+        print_json(doc)
         return 0
     print(f"device {args.device_id} {state}")
     return 0

@@ -107,6 +107,32 @@ def set_enabled(store: Store, dev: str, enabled: bool) -> DeviceRow:
     return _update(store, dev, enabled=enabled)
 
 
+def enable_device(store: Store, dev: str, now_ms: int) -> tuple[DeviceRow, CommandRow | None]:
+    """Enable `dev` and, when it was disabled and agreed to the `sync` capability, queue a
+    `sync` command in the same transaction: the changes it held while disabled (each in
+    its retry backoff, up to the agent's `backoff_max_s`) go at once, and a device offline
+    now gets the command at its next hello. A device without the capability gets none
+    (it retries when its backoff runs out, as before); nor does one already enabled, or
+    one with a `sync` command still pending. Returns the row and the command queued."""
+    def fn(txn: WriteTxn) -> tuple[DeviceRow, CommandRow | None]:
+        row = txn.get_device(dev)
+        if row is None:
+            raise UnknownDevice(f"device {dev!r} is not registered (see `waystation device "
+                                "list`)")
+        new = dataclasses.replace(row, enabled=True)
+        txn.put_device(new)
+        cmd: CommandRow | None = None
+        pending = any(c.cmd == "sync" and not c.done_ms for c in txn.commands(dev))
+        if not row.enabled and COMMAND_CAPS["sync"] in row.caps and not pending:
+            cmd = CommandRow(f"sync-{now_ms:x}-{secrets.token_hex(3)}", dev, "sync", {},
+                             created_ms=now_ms)
+            txn.put_command(cmd)
+        txn.bump_registry()
+        return new, cmd
+
+    return store.transact(fn)
+
+
 def set_scopes(store: Store, dev: str, scopes: Sequence[str]) -> DeviceRow:
     """Replace the scopes a device may read and write."""
     return _update(store, dev, scopes=list(_scopes(scopes)))
@@ -253,6 +279,7 @@ __all__ = [
     "change_scopes",
     "check_id",
     "deliverable",
+    "enable_device",
     "issue_command",
     "list_devices",
     "remove_device",
