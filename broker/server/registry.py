@@ -22,6 +22,9 @@ from schemas.wire import ID_PATTERN
 
 _ID_RE = re.compile(ID_PATTERN)
 COMMANDS = ("wipe", "resync", "ping", "sync")
+REMOVE_LOGIN = "remove_login"
+"""Not a device command: the broker login of a removed device that the server still has
+to delete (`broker.server.login_removal`), kept as a command row of its id."""
 
 
 class RegistryMoved(ServerError):
@@ -57,6 +60,8 @@ def add_device(store: Store, dev: str, scopes: Sequence[str], now_ms: int) -> De
         if txn.get_device(dev) is not None:
             raise DeviceExists(f"device {dev!r} is already registered; remove it first or "
                                "pick another id")
+        # A removal of an earlier device of this id still due must not delete this login.
+        txn.delete_commands(dev)
         txn.put_device(row)
         txn.bump_registry()
         return row
@@ -64,11 +69,14 @@ def add_device(store: Store, dev: str, scopes: Sequence[str], now_ms: int) -> De
     return store.transact(fn)
 
 
-def remove_device(store: Store, dev: str) -> DeviceRow:
+def remove_device(store: Store, dev: str, now_ms: int = 0, *,
+                  remove_login: bool = False) -> DeviceRow:
     """Unregister `dev`: its changes are refused from now on (`unknown_device`).
 
     Its records stay. Its remembered change outcomes and commands are dropped, so a new
-    device enrolled later under the same id starts afresh at change number 1.
+    device enrolled later under the same id starts afresh at change number 1. With
+    `remove_login` (logins the server deletes itself: RabbitMQ) its broker login is
+    queued for deletion in the same transaction (`broker.server.login_removal`).
     """
     def fn(txn: WriteTxn) -> DeviceRow:
         row = txn.get_device(dev)
@@ -78,6 +86,9 @@ def remove_device(store: Store, dev: str) -> DeviceRow:
         txn.delete_device(dev)
         txn.delete_outcomes(dev)
         txn.delete_commands(dev)
+        if remove_login:
+            txn.put_command(CommandRow(f"{REMOVE_LOGIN}-{now_ms:x}-{secrets.token_hex(3)}",
+                                       dev, REMOVE_LOGIN, {}, created_ms=now_ms))
         txn.bump_registry()
         return row
 
@@ -188,6 +199,8 @@ def deliverable(cmd: CommandRow, caps: Iterable[str]) -> bool:
     """Whether `cmd` may be sent to a device that agreed to `caps`: a `creds`, `scopes`
     or `sync` command only to a device that speaks it (a v1 device keeps it pending; for
     scopes its config decides, for creds the operator writes its config)."""
+    if cmd.cmd == REMOVE_LOGIN:
+        return False  # for the broker, never for a device (nor one enrolled again)
     need = COMMAND_CAPS.get(cmd.cmd)
     return need is None or need in caps
 
@@ -273,6 +286,7 @@ class Registry:
 
 __all__ = [
     "COMMANDS",
+    "REMOVE_LOGIN",
     "Registry",
     "RegistryMoved",
     "add_device",
