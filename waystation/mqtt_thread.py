@@ -19,16 +19,9 @@ import structlog
 from paho.mqtt.enums import MQTTErrorCode
 
 from waystation import linkproblems
+from waystation import mqtt_hooks as hooks
 from waystation.backoff import Backoff, backoff_delay
 from waystation.linkproblems import LinkProblem
-from waystation.mqtt_hooks import (
-    CertProvider,
-    OnConnect,
-    OnDisconnect,
-    OnMessage,
-    OnProblem,
-    PasswordProvider,
-)
 
 log = structlog.get_logger("waystation.mqtt")
 
@@ -45,14 +38,14 @@ class NetworkThread:
     backoff: Backoff
     _rng: random.Random
     _client: paho.Client
-    _on_connect_cb: OnConnect | None
-    _on_disconnect_cb: OnDisconnect | None
-    _on_message_cb: OnMessage | None
-    _on_problem_cb: OnProblem | None
+    _on_connect_cb: hooks.OnConnect | None
+    _on_disconnect_cb: hooks.OnDisconnect | None
+    _on_message_cb: hooks.OnMessage | None
+    _on_problem_cb: hooks.OnProblem | None
     _problem: LinkProblem | None
     _username: str | None
-    _passwords: PasswordProvider | None
-    _certs: CertProvider | None
+    _passwords: hooks.PasswordProvider | None
+    _certs: hooks.CertProvider | None
     _ssl: ssl.SSLContext | None
     _cert_loaded: tuple[str, str] | None
     _lock: threading.RLock
