@@ -56,9 +56,11 @@ def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     else:
         note = revoke_credentials(env, args.device_id, config.enrol.password_file)
     if getattr(args, "json", False):
-        print_json({"device": args.device_id, "removed": True,
-                    "login_removed": bool(note) and not rabbit,
-                    "login_removal_queued": rabbit})
+        doc = {"device": args.device_id, "removed": True,
+               "login_removed": bool(note) and not rabbit}
+        if rabbit:
+            doc["login_removal_queued"] = True  # the running server deletes the user
+        print_json(doc)
         return 0
     print(f"device {args.device_id} removed: its changes are refused from now on{note}")
     return 0
