@@ -10,7 +10,9 @@
 
 The server runs the import in a thread of its own (`RabbitLogins(background=True)`):
 `rabbitmqctl` starts an Erlang VM and takes seconds, even to find a node down, and the
-merge loop must not wait for it. A failed import is retried at every tick.
+merge loop must not wait for it. A failed import is retried at every tick. The user of
+a removed device is deleted the same way (`delete_many`: `enrol.rabbitmq_delete_user`
+with the id appended, one run per user; `broker.server.login_removal`).
 
 RabbitMQ 3.10 keeps a connection that logged in with the old password open when the
 password changes: the device keeps its session and logs in with the new one at its next
