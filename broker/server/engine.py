@@ -17,6 +17,8 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
     engine.reset_presence()
         after (re)subscribing to the status topics; the replayed retained statuses
         rebuild presence.
+    engine.flush()
+        when stopping: writes what waits for the next tick (presence, contact times).
 
 One thread only: the engine is not thread-safe (the daemon's worker owns it).
 
@@ -274,6 +276,14 @@ class Engine(GroupTransaction):
         except Exception:
             log.exception("tick_failed")
         return out
+
+    def flush(self) -> None:
+        """Write what waits for the next tick (presence, contact times, dead letters);
+        the daemon calls it when it stops. Never raises."""
+        try:
+            self._commit([], self.now_ms())
+        except Exception:  # pragma: no cover - _commit logs and keeps what failed
+            log.exception("flush_failed")
 
     def is_online(self, dev: str) -> bool:
         return self.presence.is_online(dev)

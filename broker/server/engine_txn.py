@@ -13,8 +13,9 @@ group run again (`_transact_live`). One read transaction per message fewer onlin
 
 Contact times (`last_seen_ms`, `synced_ms`) are for the operator's view only: a group
 that changes nothing else of a device's row keeps them in memory (`_seen`) and the next
-tick writes them, about a second later (at most that much of them is lost in a crash),
-instead of every message rewriting its device's row.
+tick writes them, about a second later (at most that much of them is lost in a crash;
+a clean stop writes them, `Engine.flush`), instead of every message rewriting its
+device's row.
 """
 
 from __future__ import annotations

@@ -90,3 +90,15 @@ def test_contact_times_are_written_at_the_next_tick(
     now.now = T0 + 4000
     engine.tick()
     assert row(store, "van-1") == seen
+
+
+def test_flush_writes_the_contact_times_without_a_tick(
+        env: tuple[Engine, Store, FakeTime]) -> None:
+    """What the daemon does when it stops: nothing waits for a tick that never comes."""
+    engine, store, now = env
+    now.now = T0 + 1000
+    engine.handle_up("van-1", changes("van-1", [task(1, "a")]))
+    assert row(store, "van-1").synced_ms == 0
+    engine.flush()
+    assert (row(store, "van-1").last_seen_ms, row(store, "van-1").synced_ms) == (T0 + 1000,
+                                                                                T0 + 1000)
