@@ -238,6 +238,7 @@ class MergeServer:
                                      max_items=_MAX_GROUP, max_bytes=_MAX_GROUP_BYTES,
                                      window=window)
             if group is None:
+                self.engine.flush()  # contact times and presence wait for a tick
                 return
             if group:
                 self._process(group)
