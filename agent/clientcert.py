@@ -37,7 +37,8 @@ from typing import Any
 import structlog
 
 from agent import certcheck
-from agent.creds import write_private
+from agent.creds import read_private, write_private
+from agent.login_choice import LoginChoice
 from schemas.wire import ID_PATTERN
 
 log = structlog.get_logger(__name__)
@@ -110,8 +111,7 @@ class ClientCerts:
         self.current: Held | None = None
         self.previous: Held | None = None
         self.pending: Pending | None = None
-        self._index = 0
-        self._trying: Held | None = None
+        self._choice: LoginChoice[Held, tuple[str, str]] = LoginChoice()
         self._login: Held | None = None
         self._login_files: tuple[str, str] | None = None
         self._load()
@@ -191,7 +191,7 @@ class ClientCerts:
             self.previous = self.current
             self.current = Held(rid, pending.t, name, pending.key, checked.not_after_ms)
             self.pending = None
-            self._index = 0
+            self._choice.restart()
             self._save()
             if dropped is not None:
                 self._remove(dropped.cert)
@@ -237,28 +237,22 @@ class ClientCerts:
     def cert_files(self) -> tuple[str, str] | None:
         """The certificate and key files for the next connection attempt."""
         with self._lock:
-            candidates = self._candidates()
-            if not candidates:
-                self._trying = None
-                return None
-            held, files = candidates[self._index % len(candidates)]
-            self._trying = held
-            self._login_files = files
+            files = self._choice.pick(self._candidates())
+            if files is not None:
+                self._login_files = files
             return files
 
     def refused(self) -> None:
         """The attempt with the files just given failed: try the next ones next time."""
         with self._lock:
-            self._index += 1
-            tried = self._trying
+            tried = self._choice.refused()
         if tried is not None:
             log.warning("client_cert_refused", renewal=tried.rid,
                         hint="falling back to the previous certificate")
 
     def accepted(self) -> None:
         with self._lock:
-            self._login = self._trying
-            self._index = 0
+            self._login = self._choice.accepted()
 
     # ------------------------------------------------------------- internals
 
@@ -294,20 +288,16 @@ class ClientCerts:
 
     def _load(self) -> None:
         try:
-            raw = self.path.read_bytes()[:_MAX_STATE + 1]
-        except FileNotFoundError:
-            return
+            doc = read_private(self.path, _MAX_STATE, FORMAT)
         except OSError as exc:
             log.error("client_cert_state_unreadable", path=str(self.path), error=str(exc),
                       hint="using the configured certificate; fix the file's permissions")
             return
-        try:
-            doc = json.loads(raw) if len(raw) <= _MAX_STATE else None
         except ValueError:
-            doc = None
-        if not isinstance(doc, dict) or doc.get("v") != FORMAT:
             log.error("client_cert_state_damaged", path=str(self.path),
                       hint="using the configured certificate (mqtt.tls cert_file)")
+            return
+        if doc is None:
             return
         self.current = _held(doc.get("current"), self.dir)
         self.previous = _held(doc.get("previous"), self.dir)

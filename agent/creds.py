@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from agent.login_choice import LoginChoice
 from schemas.wire import ID_PATTERN
 from waystation.atrest.files import write_atomic
 
@@ -117,8 +118,7 @@ class BrokerCredentials:
         self._current: Secret | None = None
         self._pending: list[Secret] = []
         self._cfg = fingerprint(configured)
-        self._index = 0
-        self._trying: Secret | None = None
+        self._choice: LoginChoice[Secret, str] = LoginChoice()
         self._login: Secret | None = None
         self._load()
 
@@ -140,7 +140,7 @@ class BrokerCredentials:
             # On disk first: a password that could not be saved is never used.
             self._save(self._current, pending, self._cfg)
             self._pending = pending
-            self._index = 0
+            self._choice.restart()
         log.warning("broker_password_received", rotation=secret.rotation,
                     path=str(self.path))
         return True
@@ -163,19 +163,12 @@ class BrokerCredentials:
     def password(self) -> str | None:
         """The password for the next connection attempt."""
         with self._lock:
-            candidates = self._candidates()
-            if not candidates:
-                self._trying = None
-                return None
-            secret, pw = candidates[self._index % len(candidates)]
-            self._trying = secret
-            return pw
+            return self._choice.pick(self._candidates())
 
     def refused(self) -> None:
         """The broker refused the password just tried: try the next one next time."""
         with self._lock:
-            self._index += 1
-            tried = self._trying
+            tried = self._choice.refused()
         if tried is not None:
             log.warning("broker_password_refused", rotation=tried.rotation,
                         hint="falling back to the previous password")
@@ -184,8 +177,7 @@ class BrokerCredentials:
         """The broker accepted the password just tried: a received one becomes the
         current one, and everything older is forgotten."""
         with self._lock:
-            used = self._login = self._trying
-            self._index = 0
+            used = self._login = self._choice.accepted()
             if used is None or used not in self._pending:
                 return
             pending = [s for s in self._pending if s.t > used.t]
@@ -211,21 +203,17 @@ class BrokerCredentials:
 
     def _load(self) -> None:
         try:
-            raw = self.path.read_bytes()[:_MAX_FILE + 1]
-        except FileNotFoundError:
-            return
+            doc = read_private(self.path, _MAX_FILE, FORMAT)
         except OSError as exc:
             log.error("broker_credentials_unreadable", path=str(self.path), error=str(exc),
                       hint="using the configured password; fix the file's permissions")
             return
-        try:
-            doc = json.loads(raw) if len(raw) <= _MAX_FILE else None
         except ValueError:
-            doc = None
-        if not isinstance(doc, dict) or doc.get("v") != FORMAT:
             log.error("broker_credentials_damaged", path=str(self.path),
                       hint="using the configured password; if the broker refuses it, write "
                            "the device's current password into its agent config")
+            return
+        if doc is None:
             return
         self._current = Secret.from_json(doc.get("current"))
         pending = doc.get("pending")
@@ -246,5 +234,21 @@ def write_private(path: Path, data: bytes) -> None:
     write_atomic(path, data)
 
 
+def read_private(path: Path, max_bytes: int, version: int) -> dict[str, Any] | None:
+    """A small JSON state file written by `write_private` (a JSON object with "v":
+    `version`); None when there is none. OSError: unreadable; ValueError: damaged (over
+    `max_bytes`, not JSON, another format)."""
+    try:
+        raw = path.read_bytes()[:max_bytes + 1]
+    except FileNotFoundError:
+        return None
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path}: over {max_bytes} bytes")
+    doc = json.loads(raw)  # a JSONDecodeError is a ValueError
+    if not isinstance(doc, dict) or doc.get("v") != version:
+        raise ValueError(f"{path}: not format {version}")
+    return doc
+
+
 __all__ = ["FILE_NAME", "BadCreds", "BrokerCredentials", "Secret", "fingerprint", "parse",
-           "write_private"]
+           "read_private", "write_private"]

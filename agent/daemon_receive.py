@@ -256,6 +256,9 @@ class ReceiveHooks:
                         units_skipped=done.get("units_skipped", 0))
         if executed and cmd.cmd == "sync":
             self._take_sync_now()
+            # The operator's "sync now" (sent by `device enable` too) also ends the backoff
+            # of changes a transient refusal holds: they go at this turn, not minutes later.
+            self._retry_at.clear()
         if executed and cmd.cmd in ("wipe", "resync", "scopes"):
             self._inflight.clear()
             self._retry_at.clear()

@@ -43,8 +43,9 @@ class RetentionHooks:
     _evict_next = 0.0
     _evict_running = False
     _evict_freed = 0
-    _fetch_next = 0.0
-    _fetchq_next = 0.0
+    _request_next: dict[str, float] | None = None
+    """Capability -> when to look for its next request (`_request_tick`); made per
+    daemon at its first turn."""
 
     def _retention_tick(self, now: float) -> None:
         """One eviction step when one is due (bounded: `retention.batch` records)."""
@@ -96,23 +97,32 @@ class RetentionHooks:
 
     def _fetch_tick(self, now: float) -> None:
         """Send the next queued fetch request, if the server speaks `fetch`."""
+        def take(work: Work) -> wire.Fetch | None:
+            return fetching.next_request(work, "f-" + uuid.uuid4().hex[:12])
+
+        self._request_tick(now, FETCH, take, "fetch_failed")
+
+    def _request_tick(self, now: float, cap: str,
+                      next_request: Callable[[Work], wire.Message | None],
+                      failed_event: str) -> None:
+        """Send the next queued request of capability `cap` once the server agreed to it:
+        `next_request` takes it from its queue in one write (marking it sent). Requests
+        go back to back while some wait; when none does, look again after a pause."""
+        if self._request_next is None:
+            self._request_next = {}
+        timers = self._request_next
         caps = self.sync.server_caps
-        if not self._connected or caps is None or FETCH not in caps or now < self._fetch_next:
+        if not self._connected or caps is None or cap not in caps or now < timers.get(cap, 0):
             return
-        self._fetch_next = now + _FETCH_IDLE_S  # nothing to send: look again later
-        req = "f-" + uuid.uuid4().hex[:12]
-
-        def run(work: Work) -> wire.Fetch | None:
-            return fetching.next_request(work, req)
-
+        timers[cap] = now + _FETCH_IDLE_S  # nothing to send: look again later
         try:
-            request = self.sync.core.write(run, durable=False)
+            request = self.sync.core.write(next_request, durable=False)
         except Exception:
-            log.exception("fetch_failed", dev=self.dev)
+            log.exception(failed_event, dev=self.dev)
             return
         if request is not None:
             self._send(request)
-            self._fetch_next = time.monotonic()  # more may wait: no pause between requests
+            timers[cap] = time.monotonic()  # more may wait: no pause
 
     def _on_fetched(self, msg: wire.Fetched) -> None:
         def run(work: Work) -> fetching.FetchedResult:
@@ -124,19 +134,7 @@ class RetentionHooks:
 
     def _fetch_query_tick(self, now: float) -> None:
         """Send the next waiting query, if the server speaks `fetch_query`."""
-        caps = self.sync.server_caps
-        if (not self._connected or caps is None or FETCH_QUERY not in caps
-                or now < self._fetchq_next):
-            return
-        self._fetchq_next = now + _FETCH_IDLE_S  # nothing to send: look again later
-        try:
-            request = self.sync.core.write(fetch_queries.next_request, durable=False)
-        except Exception:
-            log.exception("fetch_query_failed", dev=self.dev)
-            return
-        if request is not None:
-            self._send(request)
-            self._fetchq_next = time.monotonic()  # more may wait: no pause between them
+        self._request_tick(now, FETCH_QUERY, fetch_queries.next_request, "fetch_query_failed")
 
     def _on_fetched_query(self, msg: wire.FetchedQuery) -> None:
         def run(work: Work) -> fetch_queries.QueryRequest | None:

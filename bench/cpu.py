@@ -26,6 +26,9 @@ Paths measured (~300-byte delivery-task records, as bench/device.py writes them)
   then the daemon's turn for the write's wake (scan, encode, publish) plus its turn
   for the ack (decode, apply, commit). No network, no threads: the engine's own CPU
   per lone change. With `--dir` on a disk, the synced commits' CPU counts too.
+- server.lone / server.paced / server.lone_update (`--only server_online`): the merge
+  server's CPU per change when each group holds one message of 1-2 changes, as online
+  (bench/cpu_server.py).
 """
 
 from __future__ import annotations
@@ -293,7 +296,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--only", default="server,decode,agent,lone")
+    parser.add_argument("--only", default="server,server_online,decode,agent,lone")
     parser.add_argument("--profile", default="", help="a path name (e.g. server, ack_fx) "
                                                       "to profile with cProfile")
     parser.add_argument("--dir", default="/dev/shm")
@@ -310,6 +313,11 @@ def main() -> None:
             results[f"server.{key}"] = min(r[key] for r in runs)
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(40)
+    if "server_online" in only:
+        from bench.cpu_server import add_results
+
+        add_results(results, directory, CATALOG, args.rounds, args.profile,
+                    lambda p: pstats.Stats(p).sort_stats("tottime").print_stats(40))
     if "decode" in only:
         results["server.decode"] = min(server_decode(20) for _ in range(args.rounds))
     if "lone" in only:

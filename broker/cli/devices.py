@@ -4,50 +4,63 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from typing import Any
 
 from broker.cli.common import now_ms, server_config
 from broker.cli.logins import revoke_credentials
-from broker.server import devstate, registry
+from broker.server import devstate, login_removal, registry
 from broker.server.store import open_store
+from broker.server.store.base import CommandRow
 from waystation.cli.output import iso, print_json, table
 
 
 def cmd_device_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """`waystation device list`: registered devices and their scopes."""
+    """`waystation device list`: registered devices and their scopes, and removed ones
+    whose broker login the server has still to delete."""
     store = open_store(server_config(args, env))
     try:
         devices = registry.list_devices(store)
+        with store.read() as txn:
+            removals = login_removal.pending(txn)
     finally:
         store.close()
     if args.json:
         print_json([devstate.device_doc(d) for d in devices])
         return 0
-    if not devices:
+    if not devices and not removals:
         print("no devices registered (add one with `waystation device add ID --scope S`)")
         return 0
     table(["DEVICE", "SCOPES", "STATE", "CREATED"],
            [[d.id, ",".join(d.scopes), devstate.lifecycle(d), iso(d.created_ms)]
-            for d in devices])
+            for d in devices]
+           + [[r.device, "-", devstate.removal_state(login_removal.removal_doc(r)), "-"]
+              for r in removals])
     return 0
 
 
 def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation device remove ID`: revoke a device (its records stay)."""
     config = server_config(args, env)
+    rabbit = config.enrol.broker_kind == "rabbitmq"
     store = open_store(config)
     try:
-        registry.remove_device(store, args.device_id)
+        registry.remove_device(store, args.device_id, now_ms(), remove_login=rabbit)
     finally:
         store.close()
-    if config.enrol.broker_kind == "rabbitmq":
-        note = ("; delete its RabbitMQ user: `rabbitmqctl delete_user "
-                f"{args.device_id}`, and its {args.device_id}.mqtt-password file from the "
-                "folder you import definitions from")
+    if rabbit:
+        by_hand = " ".join([*config.enrol.rabbitmq_delete_user, args.device_id])
+        note = ("; the running server deletes its RabbitMQ user at its next tick "
+                "(`device list` shows it pending until then; with no server running: "
+                f"`{by_hand}`); delete its {args.device_id}.mqtt-password file from the "
+                "folder you import definitions from, or an import brings the user back")
     else:
         note = revoke_credentials(env, args.device_id, config.enrol.password_file)
     if getattr(args, "json", False):
-        print_json({"device": args.device_id, "removed": True,
-                    "login_removed": bool(note) and config.enrol.broker_kind != "rabbitmq"})
+        doc = {"device": args.device_id, "removed": True,
+               "login_removed": bool(note) and not rabbit}
+        if rabbit:
+            doc["login_removal_queued"] = True  # the running server deletes the user
+        print_json(doc)
         return 0
     print(f"device {args.device_id} removed: its changes are refused from now on{note}")
     return 0
@@ -89,15 +102,25 @@ def cmd_device_sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def _set_enabled(args: argparse.Namespace, env: Mapping[str, str], enabled: bool) -> int:
     store = open_store(server_config(args, env))
+    sync: CommandRow | None = None
     try:
-        registry.set_enabled(store, args.device_id, enabled)
+        if enabled:
+            _, sync = registry.enable_device(store, args.device_id, now_ms())
+        else:
+            registry.set_enabled(store, args.device_id, False)
     finally:
         store.close()
     state = "enabled: its changes are accepted" if enabled else \
         ("disabled: it gets no data and its changes wait on the device until "
          f"`waystation device enable {args.device_id}`")
+    if sync is not None:
+        state += (f"; sync queued (command {sync.id}): it sends the changes it held at once "
+                  "if online, else when it next connects")
     if getattr(args, "json", False):
-        print_json({"device": args.device_id, "enabled": enabled, "effect": state})
+        doc: dict[str, Any] = {"device": args.device_id, "enabled": enabled, "effect": state}
+        if enabled:
+            doc["command"] = None if sync is None else sync.to_json()
+        print_json(doc)
         return 0
     print(f"device {args.device_id} {state}")
     return 0

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from broker.cli.common import now_ms, server_catalog, server_config
-from broker.server import devstate
+from broker.server import devstate, login_removal
 from broker.server.store import open_store
 from broker.server.store.base import DeadLetterStats
 from waystation.cli.output import ago, iso, print_json, table
@@ -25,6 +25,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             seqs = txn.scope_seqs()
             horizons = {s: txn.purge_horizon(s) for s in seqs}
             letters = txn.dead_letter_stats()
+            removals = [login_removal.removal_doc(r) for r in login_removal.pending(txn)]
     finally:
         store.close()
     online = sorted(d.id for d in devices if d.online)
@@ -53,6 +54,11 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "pending_notices": info.counts["notices"],
         "password_rotations": rotating,
         "cert_renewals": renewing,
+        "login_removals": {r["device"]: {
+            "queued": iso(r["queued_ms"]),
+            "failing": None if not r["failing"] else {
+                "at": iso(r["failing"]["at_ms"]), "error": r["failing"]["error"],
+                "hint": r["failing"]["hint"]}} for r in removals},
     }
     if args.json:
         print_json(doc)
@@ -75,6 +81,9 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             f"{dev} ({rot['stage']}" + (f", next step failed at {rot['failing']['at']}: "
                                        f"{rot['failing']['error']}" if rot["failing"] else "")
             + ")" for dev, rot in sorted(rotating.items())))
+    if removals:
+        print("broker logins of removed devices still to delete: " + ", ".join(
+            f"{r['device']} ({devstate.removal_state(r)})" for r in removals))
     if renewing:
         print("client certificate renewals under way: " + ", ".join(
             f"{dev} ({ren['stage']})" for dev, ren in sorted(renewing.items())))

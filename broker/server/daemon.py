@@ -55,6 +55,7 @@ from broker.server.amqp_link import AmqpLink
 from broker.server.announce import state_payload, state_topic
 from broker.server.engine import Engine
 from broker.server.intake import Intake, IntakeLimits, Item, Verdict
+from broker.server.login_removal import login_removals
 from broker.server.rotation_files import advance, broker_logins
 from broker.server.store import open_store
 from broker.server.store.base import Store
@@ -101,6 +102,7 @@ class MergeServer:
             cfg.enrol, lambda: load_config(BrokerConfig, None, self.env).resolved_password_file(),
             background=True)
         self._rotation_failures: dict[str, int] = {}
+        self.login_removals = login_removals(self.rotation_logins)
         prefix = cfg.mqtt.prefix
         self.prefix = prefix
         up = f"{prefix}/+/up"
@@ -236,6 +238,7 @@ class MergeServer:
                                      max_items=_MAX_GROUP, max_bytes=_MAX_GROUP_BYTES,
                                      window=window)
             if group is None:
+                self.engine.flush()  # contact times and presence wait for a tick
                 return
             if group:
                 self._process(group)
@@ -246,12 +249,18 @@ class MergeServer:
                 self._advance_rotations()
 
     def _advance_rotations(self) -> None:
-        """Broker password rotations: the broker steps they owe (`rotation_files`)."""
+        """Broker password rotations: the broker steps they owe (`rotation_files`); and
+        the logins of removed devices still to delete (`login_removal`)."""
         try:
             advance(self.store, self.engine.registry, self.rotation_logins, wall_ms(),
                     self._rotation_failures)
         except Exception:
             log.exception("password_rotation_failed")
+        if self.login_removals is not None:
+            try:
+                self.login_removals.advance(self.store, wall_ms())
+            except Exception:
+                log.exception("device_login_removal_crashed")
 
     def _process(self, group: list[Item]) -> None:
         ups: list[tuple[str, bytes]] = []

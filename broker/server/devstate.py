@@ -64,6 +64,15 @@ def rotation_doc(row: DeviceRow) -> dict[str, Any] | None:
                                                     "error": rot.error}}
 
 
+def removal_state(doc: Mapping[str, Any]) -> str:
+    """A removed device's login deletion still due (`login_removal.removal_doc`)."""
+    state = f"removed; broker login deletion pending since {iso(doc['queued_ms'])}"
+    failing = doc.get("failing")
+    if failing:
+        state += f", failed at {iso(failing['at_ms'])}: {failing['error']} ({failing['hint']})"
+    return state
+
+
 def presence(row: DeviceRow) -> str:
     """The STATE column of `server devices`: lifecycle first, then online/offline."""
     life = lifecycle(row)
@@ -102,4 +111,4 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
 
 
 __all__ = ["ago", "cert_doc", "device_doc", "iso", "lifecycle", "presence", "progress",
-           "rotation_doc"]
+           "removal_state", "rotation_doc"]

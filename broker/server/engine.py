@@ -17,6 +17,8 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
     engine.reset_presence()
         after (re)subscribing to the status topics; the replayed retained statuses
         rebuild presence.
+    engine.flush()
+        when stopping: writes what waits for the next tick (presence, contact times).
 
 One thread only: the engine is not thread-safe (the daemon's worker owns it).
 
@@ -34,7 +36,6 @@ unexpected failure while handling one message becomes a dead letter and a transi
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -46,15 +47,15 @@ import structlog
 from broker.errors import StoreError
 from broker.server import schema_guard
 from broker.server.answers import message_replies
-from broker.server.applier import Applier, BatchStats
+from broker.server.applier import Applier
 from broker.server.caps import ZDICT
 from broker.server.downcast import Downcaster
+from broker.server.engine_txn import MAX_PENDING_LETTERS, GroupTransaction
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.fetch_query import QueryLimits, ScanAllowance
-from broker.server.incoming import Incoming, dead_letters_for, parse_up
+from broker.server.incoming import Incoming, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
-from broker.server.message_apply import apply_message
 from broker.server.messages import (
     Compression,
     Packing,
@@ -71,7 +72,6 @@ from broker.server.schema_push import LiveSchema
 from broker.server.store.base import (
     DeadLetter,
     DeadLetterStats,
-    DeviceRow,
     Store,
     WriteTxn,
 )
@@ -93,7 +93,6 @@ _READS = ("catchup", "fetch", "fetchq")
 PURGE_INTERVAL_MS = 60_000
 """How often tombstones older than the retention are purged, at most (more often when
 the retention itself is short, so a tombstone never outlives it by much)."""
-MAX_PENDING_LETTERS = 1000
 TRIM_INTERVAL_MS = 60_000
 """How often the dead letters' bounds are applied in full (and their figures read)."""
 
@@ -102,7 +101,7 @@ SERVER_NAME = f"waystation-server/{__version__}"
 """What `welcome.srv` says this server is."""
 
 
-class Engine:
+class Engine(GroupTransaction):
     """Validates, applies and answers device messages (see module docstring)."""
 
     def __init__(self, store: Store, catalog: Catalog, config: ServerConfig,
@@ -128,6 +127,8 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self._sent_commands: set[str] = set()
         self._dirty: dict[str, dict[str, Any]] = {}
+        self._seen: dict[str, dict[str, Any]] = {}
+        """Contact times waiting for the next tick (`broker.server.engine_txn`)."""
         self._letters: list[DeadLetter] = []
         self._unresolved_status: dict[str, bytes] = {}
         """Statuses of devices unknown when the registry could not be read (retried)."""
@@ -158,10 +159,8 @@ class Engine:
     def handle_many(self, items: Iterable[tuple[str, bytes]]) -> list[Outgoing]:
         """Handle a group of up messages with one store transaction (group commit)."""
         now = self.now_ms()
-        try:
-            self._refresh_registry()
-        except StoreError:
-            log.exception("registry_refresh_failed")
+        # No registry read here: the group's transaction checks the generation and
+        # reloads (and parses again) when it moved (`broker.server.engine_txn`).
         incs = [parse_up(dev, payload, self.registry, self.cfg) for dev, payload in items]
         self._commit(incs, now)
         out: list[Outgoing] = []
@@ -271,12 +270,20 @@ class Engine:
                 purged = purge_tombstones(self.store, now, self.cfg.tombstone_retention_s * 1000)
                 if purged:
                     log.info("tombstones_purged", count=purged)
-            if self._dirty or self._letters:
+            if self._dirty or self._letters or self._seen:
                 self._commit([], now)
             out = self._downcast(out)
         except Exception:
             log.exception("tick_failed")
         return out
+
+    def flush(self) -> None:
+        """Write what waits for the next tick (presence, contact times, dead letters);
+        the daemon calls it when it stops. Never raises."""
+        try:
+            self._commit([], self.now_ms())
+        except Exception:  # pragma: no cover - _commit logs and keeps what failed
+            log.exception("flush_failed")
 
     def is_online(self, dev: str) -> bool:
         return self.presence.is_online(dev)
@@ -286,110 +293,6 @@ class Engine:
         broker's replayed retained statuses say otherwise."""
         for dev in self.presence.reset():
             self._dirty.setdefault(dev, {})["online"] = False
-
-    # ------------------------------------------------------------------ the transaction
-
-    def _commit(self, incs: list[Incoming], now: int) -> None:
-        """Apply the group in one transaction; on a failure, each message on its own."""
-        if not incs and not self._dirty and not self._letters:
-            return
-        dirty, self._dirty = self._dirty, {}
-        letters, self._letters = self._letters, []
-        try:
-            self._done(self._transact_live(
-                incs, lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
-            return
-        except StoreError:
-            log.exception("store_failed", messages=len(incs))
-            for inc in incs:
-                inc.failed = inc.error is None
-            self._restore(dirty, letters)
-            return
-        except Exception:
-            log.exception("group_failed", messages=len(incs))
-        self._restore(dirty, letters)
-        for inc in incs:
-            try:
-                self._done(self._transact_live([inc], partial(
-                    self._apply_all, incs=[inc], now=now, dirty={}, letters=[])))
-            except Exception:
-                log.exception("message_failed", dev=inc.topic_dev)
-                inc.failed = True
-                code, reason = inc.error or (codec.SERVER_ERROR, "the server failed to handle "
-                                                                 "this message")
-                dead = letter(inc.topic_dev, "up", code, reason, inc.payload, now)
-                try:
-                    self.store.transact(partial(_add_letter, letter=dead))
-                except Exception:
-                    log.exception("dead_letter_failed", dev=inc.topic_dev)
-
-    def _transact_live(self, incs: list[Incoming], fn: Callable[[WriteTxn], _T]) -> _T:
-        def reload() -> None:
-            self._refresh_registry()
-            for inc in incs:  # the devices' rows as reloaded (scopes, caps, enabled)
-                if inc.device is not None:
-                    inc.device = self.registry.get(inc.device.id) or inc.device
-        return schema_guard.transact_live(self.store, fn, reload, self.counters)
-
-    def _done(self, result: tuple[list[DeviceRow], BatchStats, GateSession]) -> None:
-        rows, st, session = result
-        self._done_letters(session)
-        for row in rows:
-            self.registry.put(row)
-        self.counters.update(applied=st.applied, duplicates=st.duplicates, rejected=st.rejected,
-                             transient=st.transient, conflicts=st.conflicts)
-
-    def _restore(self, dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]) -> None:
-        for dev, changes in dirty.items():
-            self._dirty[dev] = {**changes, **self._dirty.get(dev, {})}
-        self._letters = (letters + self._letters)[-MAX_PENDING_LETTERS:]
-
-    def _apply_all(self, txn: WriteTxn, incs: list[Incoming], now: int,
-                   dirty: dict[str, dict[str, Any]], letters: list[DeadLetter]
-                   ) -> tuple[list[DeviceRow], BatchStats, GateSession]:
-        """The body of the group transaction (may run again after a retryable failure)."""
-        if incs:  # first, before any scope lock (`broker.server.schema_guard`)
-            schema_guard.check(txn, self.registry.generation)
-        fan = Fanout(self.registry, self.presence)
-        session = self.gate.session()  # a rerun decides afresh: nothing counted twice
-        wants_cache: dict[tuple[str, str], bool] = {}
-
-        def wants(scope: str, dev: str) -> bool:
-            key = (scope, dev)
-            want = wants_cache.get(key)
-            if want is None:
-                want = wants_cache[key] = fan.wants(scope, dev)
-            return want
-
-        ta = self.applier.begin(txn, wants)
-        # Lock every scope the group writes once, in sorted order, before any batch:
-        # per-batch locking would take later batches' scopes out of order (PostgreSQL
-        # then reruns the transaction to avoid a deadlock). A no-op on LMDB.
-        group_scopes = {ch.s for inc in incs if inc.error is None and inc.kind == "changes"
-                        and not inc.blocked and inc.msg.changes is not None
-                        for ch in inc.msg.changes.ch}
-        if group_scopes:
-            txn.lock_scopes(sorted(group_scopes))
-        updates: dict[str, dict[str, Any]] = {dev: dict(ch) for dev, ch in dirty.items()}
-        for inc in incs:
-            inc.results, inc.commands = [], []
-            if inc.error is None and inc.device is not None:
-                upd = updates.setdefault(inc.device.id, {})
-                upd["last_seen_ms"] = now
-                apply_message(txn, inc, ta, upd, now, self.config.enrol, self.counters)
-            for refusal in dead_letters_for(inc, now):
-                for dead in session.admit(refusal):
-                    txn.add_dead_letter(dead)
-        for dead in letters:
-            txn.add_dead_letter(dead)
-        rows: list[DeviceRow] = []
-        for dev, fields in updates.items():
-            row = txn.get_device(dev)
-            if row is not None:
-                row = dataclasses.replace(row, **fields)
-                txn.put_device(row)
-                rows.append(row)
-        return rows, ta.stats, session
 
     # ------------------------------------------------------------------ dead letters
 
@@ -458,7 +361,7 @@ class Engine:
         self.counters["catchup_records"] += records
         now = self.now_ms()
         for device, _ in reqs:
-            self._dirty.setdefault(device.id, {})["synced_ms"] = now
+            self._seen.setdefault(device.id, {})["synced_ms"] = now
         return out
 
     # ------------------------------------------------------------------ periodic work
@@ -488,10 +391,6 @@ class Engine:
         if not drain_notices(self.store, fan, generation=self.registry.generation):
             return []
         return fan.messages(self._compress_over)
-
-
-def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:
-    return txn.add_dead_letter(letter)
 
 
 def _trim_letters(txn: WriteTxn, now: int, cfg: MergeConfig) -> tuple[int, int]:

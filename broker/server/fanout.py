@@ -39,6 +39,8 @@ class Fanout:
 
     def messages(self, compress_over: Callable[[str], Compression]) -> list[Outgoing]:
         """The delta messages; `compress_over(dev)` gives the device's compression bound."""
+        if not self._by_scope:
+            return []  # most groups online: nobody else follows the scope, or no change
         targets: dict[str, list[str]] = {}
         online = self.presence.is_online
         for scope in self._by_scope:

@@ -1,4 +1,4 @@
-"""What one up message does inside the group's store transaction (`Engine._apply_all`).
+"""What one up message does inside the group's store transaction (`engine_txn`).
 
     apply_message(txn, inc, ta, upd, now, enrol, counters)
 

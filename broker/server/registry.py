@@ -22,6 +22,9 @@ from schemas.wire import ID_PATTERN
 
 _ID_RE = re.compile(ID_PATTERN)
 COMMANDS = ("wipe", "resync", "ping", "sync")
+REMOVE_LOGIN = "remove_login"
+"""Not a device command: the broker login of a removed device that the server still has
+to delete (`broker.server.login_removal`), kept as a command row of its id."""
 
 
 class RegistryMoved(ServerError):
@@ -57,6 +60,8 @@ def add_device(store: Store, dev: str, scopes: Sequence[str], now_ms: int) -> De
         if txn.get_device(dev) is not None:
             raise DeviceExists(f"device {dev!r} is already registered; remove it first or "
                                "pick another id")
+        # A removal of an earlier device of this id still due must not delete this login.
+        txn.delete_commands(dev)
         txn.put_device(row)
         txn.bump_registry()
         return row
@@ -64,11 +69,14 @@ def add_device(store: Store, dev: str, scopes: Sequence[str], now_ms: int) -> De
     return store.transact(fn)
 
 
-def remove_device(store: Store, dev: str) -> DeviceRow:
+def remove_device(store: Store, dev: str, now_ms: int = 0, *,
+                  remove_login: bool = False) -> DeviceRow:
     """Unregister `dev`: its changes are refused from now on (`unknown_device`).
 
     Its records stay. Its remembered change outcomes and commands are dropped, so a new
-    device enrolled later under the same id starts afresh at change number 1.
+    device enrolled later under the same id starts afresh at change number 1. With
+    `remove_login` (logins the server deletes itself: RabbitMQ) its broker login is
+    queued for deletion in the same transaction (`broker.server.login_removal`).
     """
     def fn(txn: WriteTxn) -> DeviceRow:
         row = txn.get_device(dev)
@@ -78,6 +86,9 @@ def remove_device(store: Store, dev: str) -> DeviceRow:
         txn.delete_device(dev)
         txn.delete_outcomes(dev)
         txn.delete_commands(dev)
+        if remove_login:
+            txn.put_command(CommandRow(f"{REMOVE_LOGIN}-{now_ms:x}-{secrets.token_hex(3)}",
+                                       dev, REMOVE_LOGIN, {}, created_ms=now_ms))
         txn.bump_registry()
         return row
 
@@ -105,6 +116,32 @@ def set_enabled(store: Store, dev: str, enabled: bool) -> DeviceRow:
     above all); it gets no data, and its changes are refused for now (`device_disabled`,
     transient: they wait on the device until it is enabled again)."""
     return _update(store, dev, enabled=enabled)
+
+
+def enable_device(store: Store, dev: str, now_ms: int) -> tuple[DeviceRow, CommandRow | None]:
+    """Enable `dev` and, when it was disabled and agreed to the `sync` capability, queue a
+    `sync` command in the same transaction: the changes it held while disabled (each in
+    its retry backoff, up to the agent's `backoff_max_s`) go at once, and a device offline
+    now gets the command at its next hello. A device without the capability gets none
+    (it retries when its backoff runs out, as before); nor does one already enabled, or
+    one with a `sync` command still pending. Returns the row and the command queued."""
+    def fn(txn: WriteTxn) -> tuple[DeviceRow, CommandRow | None]:
+        row = txn.get_device(dev)
+        if row is None:
+            raise UnknownDevice(f"device {dev!r} is not registered (see `waystation device "
+                                "list`)")
+        new = dataclasses.replace(row, enabled=True)
+        txn.put_device(new)
+        cmd: CommandRow | None = None
+        pending = any(c.cmd == "sync" and not c.done_ms for c in txn.commands(dev))
+        if not row.enabled and COMMAND_CAPS["sync"] in row.caps and not pending:
+            cmd = CommandRow(f"sync-{now_ms:x}-{secrets.token_hex(3)}", dev, "sync", {},
+                             created_ms=now_ms)
+            txn.put_command(cmd)
+        txn.bump_registry()
+        return new, cmd
+
+    return store.transact(fn)
 
 
 def set_scopes(store: Store, dev: str, scopes: Sequence[str]) -> DeviceRow:
@@ -162,6 +199,8 @@ def deliverable(cmd: CommandRow, caps: Iterable[str]) -> bool:
     """Whether `cmd` may be sent to a device that agreed to `caps`: a `creds`, `scopes`
     or `sync` command only to a device that speaks it (a v1 device keeps it pending; for
     scopes its config decides, for creds the operator writes its config)."""
+    if cmd.cmd == REMOVE_LOGIN:
+        return False  # for the broker, never for a device (nor one enrolled again)
     need = COMMAND_CAPS.get(cmd.cmd)
     return need is None or need in caps
 
@@ -247,12 +286,14 @@ class Registry:
 
 __all__ = [
     "COMMANDS",
+    "REMOVE_LOGIN",
     "Registry",
     "RegistryMoved",
     "add_device",
     "change_scopes",
     "check_id",
     "deliverable",
+    "enable_device",
     "issue_command",
     "list_devices",
     "remove_device",

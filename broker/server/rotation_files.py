@@ -117,7 +117,8 @@ def broker_logins(enrol: EnrolConfig, password_file: Callable[[], Path], *,
     if enrol.broker_kind == "rabbitmq":
         from broker.server.rotation_rabbitmq import RabbitLogins
 
-        return RabbitLogins(tuple(enrol.rabbitmq_import), background=background)
+        return RabbitLogins(tuple(enrol.rabbitmq_import), background=background,
+                            delete_argv=tuple(enrol.rabbitmq_delete_user))
     return RotationFiles(enrol.password_file or password_file(), tuple(enrol.broker_reload))
 
 

@@ -64,7 +64,7 @@ class Recording(ClientCerts):
     refusals: list[str | None]
 
     def refused(self) -> None:
-        tried = self._trying
+        tried = self._choice.trying
         self.refusals.append(None if tried is None else tried.rid)
         super().refused()
 

@@ -188,6 +188,38 @@ def test_kill_between_key_and_certificate_recovers_with_the_same_key(
     assert server_status(fleet)["cert_renewals"] == {}
 
 
+# What a disabled device may do is decided by the server alone (broker.server.incoming:
+# only its changes and catch-ups are held; its hello gets its commands and its csr is
+# signed), and the broker only carries the messages: one fleet is enough.
+@pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
+def test_disabled_device_renews_its_certificate(fleet: Fleet) -> None:
+    """Commands reach a disabled device: `renew-cert` on it ends with the new certificate
+    in use while its writes stay held on the device; enabled again, they arrive."""
+    enrol(fleet, "van-1")
+    fleet.start_agent("van-1")
+    write(fleet, "van-1", "sku-3", 1)
+    fleet.wait_drained("van-1")
+    fleet.cli("device", "disable", "van-1", "--config", str(fleet.server_config))
+    write(fleet, "van-1", "sku-3", 2)
+    doc = renew(fleet, "van-1", "--days", "60")
+    assert doc["device_speaks_cert_renew"] is True and doc["stage"] == "asked"
+    # Deadlines generous for a loaded 2-core host (one run under load took longer).
+    done = fleet.wait(lambda: in_use(fleet, "van-1", doc["renewal"]), timeout=120,
+                      what="the new certificate in use on the disabled device")
+    assert done["renewal"]["issued"] and done["renewal"]["stored"]
+    st = state(fleet, "van-1")
+    assert st["current"]["rid"] == doc["renewal"] and st["pending"] is None
+    cert = x509.load_pem_x509_certificate(
+        (cert_dir(fleet, "van-1") / st["current"]["cert"]).read_bytes())
+    assert f"{cert.serial_number:x}" == done["renewal"]["serial"]
+    # Still disabled: its writes wait on the device.
+    assert fleet.agent_status("van-1")["pending"] > 0
+    assert fleet.value("inventory", "sku-3", "stock") == 1
+    fleet.cli("device", "enable", "van-1", "--config", str(fleet.server_config))
+    fleet.wait_drained("van-1", timeout=120)
+    assert fleet.value("inventory", "sku-3", "stock") == 3
+
+
 def test_agent_renews_by_itself_before_expiry(fleet: Fleet) -> None:
     """renew_before_days above the certificate's remaining life: the agent asks at once,
     without an operator; the server records a device-started renewal."""

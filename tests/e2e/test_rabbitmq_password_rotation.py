@@ -10,7 +10,8 @@ password keeps working; once it works the old password is refused and the new on
 accepted, the agent logs in with the new one without losing its session, and a later
 definitions import from the enrolment files keeps the rotated password. A device
 speaking protocol v1 only keeps syncing with its old password and is switched at the
-operator's deadline."""
+operator's deadline. `device remove` deletes the device's RabbitMQ user the same way:
+failing at first and retried, shown pending, then the login is refused."""
 
 from __future__ import annotations
 
@@ -49,11 +50,14 @@ class RotatingRabbitFleet(RabbitFleet):
     """RabbitFleet whose server rotates on RabbitMQ: `[enrol] broker_kind = "rabbitmq"`,
     no password_file, `rabbitmq_import` = a wrapper around the node's `rabbitmqctl
     import_definitions` that fails (as with the node unreachable) while `switch_broken`
-    exists."""
+    exists, and `rabbitmq_delete_user` = one around its `rabbitmqctl delete_user` that
+    fails the same way while `delete_broken` exists."""
 
     def __init__(self, root: Path, cluster: RabbitCluster, pg_url: str) -> None:
         self.switch_broken = root / "switch-broken"
         self.import_script = root / "rabbit-import.sh"
+        self.delete_broken = root / "delete-broken"
+        self.delete_script = root / "rabbit-delete-user.sh"
         super().__init__(root, cluster, pg_url)
 
     def _write_server_config(self, server_id: str) -> None:
@@ -73,13 +77,25 @@ class RotatingRabbitFleet(RabbitFleet):
             f"exec {shlex.quote(str(RABBITMQ_BIN / 'rabbitmqctl'))} "
             f"-n {shlex.quote(self.cluster.nodes[0].name)} import_definitions --format json\n")
         self.import_script.chmod(0o755)
+        self.delete_script.write_text(
+            "#!/bin/sh\n"
+            f"if [ -e {shlex.quote(str(self.delete_broken))} ]; then\n"
+            "  echo 'Error: unable to perform an operation on node: nodedown' >&2\n"
+            "  exit 69\n"
+            "fi\n"
+            f"export {exports}\n"
+            f"exec {shlex.quote(str(RABBITMQ_BIN / 'rabbitmqctl'))} "
+            f"-n {shlex.quote(self.cluster.nodes[0].name)} delete_user \"$1\"\n")
+        self.delete_script.chmod(0o755)
         super()._write_server_config(server_id)
         path = self.server_configs[server_id]
         lines = [line for line in path.read_text().splitlines(keepends=True)
                  if not line.startswith("password_file = ") or "server.pw" in line]
         text = "".join(lines).replace(
             "[enrol]\n", "[enrol]\nbroker_kind = \"rabbitmq\"\n"
-                         f"rabbitmq_import = {json.dumps([str(self.import_script)])}\n")
+                         f"rabbitmq_import = {json.dumps([str(self.import_script)])}\n"
+                         "rabbitmq_delete_user = "
+                         f"{json.dumps([str(self.delete_script)])}\n")
         assert "broker_kind" in text and str(self.password_file) not in text
         path.write_text(text)
 
@@ -226,3 +242,38 @@ def test_a_v1_device_keeps_syncing_and_is_switched_at_the_deadline(
         pd.wait_acked([ch["n"]])
     finally:
         pd.close()
+
+
+def test_remove_deletes_the_rabbitmq_user_retrying_while_it_fails(
+        fleet: RotatingRabbitFleet) -> None:
+    """`device remove` on a RabbitMQ fleet revokes the login: the running server deletes
+    the device's RabbitMQ user; while the deletion fails it is retried, logged and shown
+    pending (server status, device list) and the login still works; then it is gone."""
+    fleet.add_device("van-1", ["route-1"])
+    fleet.add_device("van-2", ["route-1"])
+    fleet.start_agent("van-2")
+    password = fleet.passwords["van-1"]
+    assert _probe(fleet, "van-1", password) == "Success"
+
+    fleet.delete_broken.touch()
+    doc = json.loads(fleet.cli("device", "remove", "van-1", "--json", "--config",
+                               str(fleet.server_config)).stdout)
+    assert doc["login_removal_queued"] is True
+    failed = fleet.server.wait_event("device_login_removal_failed", timeout=60)
+    assert failed["dev"] == "van-1" and "nodedown" in failed["error"]
+    status = json.loads(fleet.cli("server", "status", "--json", "--config",
+                                  str(fleet.server_config)).stdout)
+    assert "nodedown" in status["login_removals"]["van-1"]["failing"]["error"]
+    listed = fleet.cli("device", "list", "--config", str(fleet.server_config)).stdout
+    assert "broker login deletion pending" in listed and "nodedown" in listed
+    assert _probe(fleet, "van-1", password) == "Success"  # not deleted yet
+
+    os.unlink(fleet.delete_broken)
+    fleet.server.wait_event("device_login_removed", timeout=60,
+                            where=lambda e: e.get("dev") == "van-1")
+    assert _probe(fleet, "van-1", password) != "Success"
+    status = json.loads(fleet.cli("server", "status", "--json", "--config",
+                                  str(fleet.server_config)).stdout)
+    assert status["login_removals"] == {}
+    fleet.agent("van-2").put("tasks", "t-1", {"route": "route-1", "notes": "still here"})
+    fleet.wait_drained("van-2")

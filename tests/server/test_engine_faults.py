@@ -63,17 +63,37 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == name]
 
 
-def test_registry_refresh_failing_keeps_serving_with_the_known_registry(
+def test_a_group_reads_no_registry_before_its_transaction(
         env: tuple[Engine, FaultyStore]) -> None:
-    """The registry read before a group fails: the group is still applied with the
-    devices already known, and the operator sees `registry_refresh_failed`."""
+    """Online, a group costs its one transaction and no read: the registry generation is
+    checked inside the transaction, so a failing read path does not touch the group."""
     engine, store = env
-    store.fail_reads({1})
+    store.fail_reads(None)
+    out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "a")])))
+    assert store.injected == 0
+    assert [ok[0] for ok in oks(out["van-1"])] == [1]
+
+
+def test_registry_reload_failing_inside_a_group_asks_the_device_to_resend(
+        env: tuple[Engine, FaultyStore]) -> None:
+    """The registry moved (the CLI changed a device) and reloading it fails: the group's
+    changes get a transient `server_error`, the operator sees `store_failed`, and the
+    resend after the store heals is applied once, under the reloaded registry."""
+    engine, store = env
+    issue_command(store.inner, "van-2", "ping", T0)  # bumps the registry generation
+    store.fail_reads(None)
     with capture_logs() as logs:
         out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "a")])))
-    assert store.injected == 1
+    assert store.injected >= 1
+    rj = rejections(out["van-1"])
+    assert [r["n"] for r in rj] == [1] and rj[0]["code"] == "server_error" and not rj[0]["perm"]
+    assert [e["log_level"] for e in events(logs, "store_failed")] == ["error"]
+    with store.inner.read() as txn:
+        assert txn.get_record("tasks", "a") is None
+    store.heal()
+    out = by_device(engine.handle_up("van-1", changes("van-1", [task(1, "a")])))
     assert [ok[0] for ok in oks(out["van-1"])] == [1]
-    assert [e["log_level"] for e in events(logs, "registry_refresh_failed")] == ["error"]
+    assert engine.counters["applied"] == 1
 
 
 def test_group_commit_failing_with_a_store_error_asks_devices_to_resend(
@@ -257,7 +277,7 @@ def test_catchup_store_failing_answers_every_device_with_server_error(
     engine.handle_up("van-1", changes("van-1", [task(1, "a")]))
     group = [("van-1", catchup("van-1", {"r1": 0})), ("van-2", catchup("van-2", {"r1": 0}))]
     engine.tick()
-    store.fail_reads({2})   # 1: the registry refresh; 2: the catch-up snapshot
+    store.fail_reads({1})   # the catch-up snapshot (a group reads no registry first)
     with capture_logs() as logs:
         out = by_device(engine.handle_many(group))
     assert events(logs, "catchup_store_failed")

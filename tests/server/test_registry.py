@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from broker.errors import DeviceExists, InvalidArgument, UnknownDevice
 from broker.server.registry import (
     Registry,
     add_device,
+    enable_device,
     issue_command,
     list_devices,
     remove_device,
     set_enabled,
     set_scopes,
 )
-from broker.server.store.base import OutcomeRow, Store
+from broker.server.store.base import OutcomeRow, Store, WriteTxn
 
 
 def test_add_validates_and_refuses_duplicates(store: Store) -> None:
@@ -75,3 +78,48 @@ def test_commands_need_a_known_device_and_command(store: Store) -> None:
         issue_command(store, "ghost", "ping", 0)
     row = issue_command(store, "van-1", "ping", 0)
     assert row.cmd == "ping" and row.id.startswith("ping-")
+
+
+def _agree(store: Store, dev: str, caps: tuple[str, ...]) -> None:
+    """What the device's last hello agreed to (the engine records it)."""
+    def fn(txn: WriteTxn) -> None:
+        row = txn.get_device(dev)
+        assert row is not None
+        txn.put_device(dataclasses.replace(row, caps=caps))
+
+    store.transact(fn)
+
+
+def _pending(store: Store, dev: str) -> list[str]:
+    with store.read() as txn:
+        return [c.cmd for c in txn.commands(dev) if not c.done_ms]
+
+
+def test_enable_queues_sync_for_a_device_that_speaks_it(store: Store) -> None:
+    """Enabling a disabled device with the `sync` capability queues one `sync` command
+    (its held changes go at once); enabling it again while that one waits adds none."""
+    add_device(store, "van-1", ["r1"], 0)
+    _agree(store, "van-1", ("scopes", "sync"))
+    set_enabled(store, "van-1", False)
+    row, cmd = enable_device(store, "van-1", 7)
+    assert row.enabled and cmd is not None and cmd.cmd == "sync" and cmd.created_ms == 7
+    with store.read() as txn:
+        assert txn.get_device("van-1").enabled  # type: ignore[union-attr]
+        assert [c.id for c in txn.commands("van-1")] == [cmd.id]
+    set_enabled(store, "van-1", False)
+    assert enable_device(store, "van-1", 8)[1] is None
+    assert _pending(store, "van-1") == ["sync"]
+
+
+def test_enable_sends_no_sync_to_an_old_or_enabled_device(store: Store) -> None:
+    """A device without the capability (or not disabled) gets no command on enable."""
+    add_device(store, "old-1", ["r1"], 0)
+    _agree(store, "old-1", ("scopes",))
+    set_enabled(store, "old-1", False)
+    row, cmd = enable_device(store, "old-1", 5)
+    assert row.enabled and cmd is None and _pending(store, "old-1") == []
+    add_device(store, "van-2", ["r1"], 0)
+    _agree(store, "van-2", ("sync",))
+    assert enable_device(store, "van-2", 5)[1] is None and _pending(store, "van-2") == []
+    with pytest.raises(UnknownDevice):
+        enable_device(store, "ghost", 5)

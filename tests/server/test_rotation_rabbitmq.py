@@ -200,14 +200,14 @@ def test_in_the_background_an_import_never_holds_up_the_tick(
         assert time.monotonic() - started < 2.0  # ten ticks, none waited for the import
         assert not logs
         gate.unlink()
-        wait_until(lambda: logins._job is not None and logins._job.done.is_set(), 30,
-                   message="the import ended")
+        wait_until(lambda: (job := logins._imports._job) is not None and job.done.is_set(),
+                   30, message="the import ended")
         assert advance(store, engine.registry, logins, 3000, failing) == 0
     assert sorted(e["dev"] for e in logs if e["event"] == "password_rotation_step_failed") \
         == ["van-1", "van-2"]
     assert _rot(store, "van-1").failed == 3000 and "exited with 5" in _rot(store, "van-1").error
     assert len(_imports(tmp_path)) == 1  # one import for both, never a second meanwhile
-    assert logins._job is None  # reported, not started again in the same tick
+    assert logins._imports._job is None  # reported, not started again in the same tick
 
     fail.unlink()
     engine.tick()
@@ -229,7 +229,7 @@ def test_in_the_background_an_import_never_holds_up_the_tick(
     imported = [sorted(u["password_hash"] for u in d["users"]) for d in _imports(tmp_path)]
     assert imported == [sorted(first.values()), sorted([first["van-1"], rot2.new_hash])]
     assert advance(store, engine.registry, logins, 6000, failing) == 0
-    assert logins._job is None
+    assert logins._imports._job is None
 
 
 def _set_rot(store: Store, rot: Rotation, dev: str = "van-1") -> None:
@@ -276,6 +276,8 @@ def _config(tmp_path: Path, enrol: str) -> Path:
      "rabbitmq_import"),
     ('broker_kind = "rabbitmq"\nbroker_reload = ["systemctl", "reload", "mosquitto"]',
      "broker_reload"),
+    ('broker_kind = "rabbitmq"\nrabbitmq_delete_user = []', "rabbitmq_delete_user"),
+    ('broker_kind = "rabbitmq"\nrabbitmq_delete_user = [" "]', "rabbitmq_delete_user"),
 ])
 def test_config_refuses_what_cannot_work(tmp_path: Path, enrol: str, says: str) -> None:
     with pytest.raises(ConfigError, match=says):

@@ -69,7 +69,10 @@ def add_device(b: Builder) -> None:
     json_flag(p)
     p = b.leaf("device enable", "accept a disabled device's changes again",
                "Enable device ID again after `device disable`: the server accepts its "
-               "changes from its next message on.", config="server")
+               "changes from its next message on, and queues a sync command for an agent "
+               "that agreed to capability sync, so the changes it held go at once instead "
+               "of when its retry backoff runs out (an older agent waits for its "
+               "backoff).", config="server")
     p.add_argument("device_id", metavar="ID", type=device_id, help="the device's id")
     json_flag(p)
     p = b.leaf("device scopes", "add or remove scopes of a device (no re-enrolment)",

@@ -189,6 +189,11 @@ class EnrolConfig(_Model):
     document read from its standard input. A rotation's switch writes to it only the
     device's user with its new salted password hash (never the password, never on a
     command line). Add `-n rabbit@mq-1` to reach a node of the cluster, or wrap it (ssh)."""
+    rabbitmq_delete_user: list[Str] = Field(
+        default_factory=lambda: ["rabbitmqctl", "delete_user"], min_length=1, max_length=32)
+    """broker_kind "rabbitmq": a command (argv) that deletes a RabbitMQ user, named as its
+    last argument (the device id is appended). The running server runs it after `device
+    remove`, retried at every tick until it works (`device list` shows it pending)."""
     client_ca_cert: Path | None = None
     """With client_ca_key: issue each device a client certificate (CN = device id)."""
     client_ca_key: Path | None = None
@@ -200,6 +205,9 @@ class EnrolConfig(_Model):
             raise ValueError("broker_reload is Mosquitto's reload; with broker_kind = "
                              "\"rabbitmq\" a rotation changes the password through "
                              "rabbitmq_import: remove broker_reload")
+        if not self.rabbitmq_delete_user[0].strip():
+            raise ValueError("rabbitmq_delete_user: the first element must be a program "
+                             "(e.g. \"rabbitmqctl\")")
         if not self.rabbitmq_import[0].strip():
             raise ValueError("rabbitmq_import: the first element must be a program "
                              "(e.g. \"rabbitmqctl\")")
