@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from broker.cli.common import server_catalog, server_config
+from broker.cli.common import live_schema, server_config
 from broker.errors import InvalidArgument
 from broker.server.record_docs import record_doc
 from broker.server.record_reads import check_collection, get_record, iter_records, list_page
@@ -34,9 +34,9 @@ MAX_LIST_LIMIT = 10_000
 def cmd_server_get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server get COLLECTION KEY [--json]`: one record, decoded."""
     config = server_config(args, env)
-    catalog = server_catalog(config)
     store = open_store(config)
     try:
+        catalog = live_schema(config, store).catalog
         record = get_record(store, catalog, args.collection, args.key)
     finally:
         store.close()
@@ -84,9 +84,9 @@ def cmd_server_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server list COLLECTION [--scope S] [--limit N] [--after KEY]`."""
     limit = _limit(getattr(args, "limit", None))
     config = server_config(args, env)
-    catalog = server_catalog(config)
     store = open_store(config)
     try:
+        catalog = live_schema(config, store).catalog
         check_collection(store, catalog, args.collection)
         page = list_page(store, args.collection, scope=args.scope, after=args.after,
                          limit=limit, deleted=args.deleted)
@@ -119,9 +119,9 @@ def cmd_server_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise InvalidArgument(f"{out} exists already: name a new file (an export never "
                               "overwrites anything)")
     config = server_config(args, env)
-    catalog = server_catalog(config)
     store = open_store(config)
     try:
+        catalog = live_schema(config, store).catalog
         if args.collection is not None:
             check_collection(store, catalog, args.collection)
         records = iter_records(store, args.collection, scope=args.scope, deleted=args.deleted)
