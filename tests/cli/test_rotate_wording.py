@@ -1,4 +1,4 @@
-"""What `device rotate-password` and `device list` say must hold on every broker that
+"""What `device rotate-password`, `device remove` and `device list` say must hold on every broker that
 reads the password file: Mosquitto holds one password per user, so "the old password
 still works" after the switch, or "the broker accepts both", is true only of the
 embedded broker (deploy/README.md, "Rotating a device's broker password")."""
@@ -34,3 +34,18 @@ def test_switched_does_not_claim_the_old_password_works() -> None:
     assert "old password still works" not in text
     assert "waiting for the device's login with the new password" in text
     assert dataclasses.replace(rot, retired=4).describe() == "password rotated"
+
+
+def test_remove_says_mosquitto_must_reload(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The guide's `device remove` step: the login leaves the file; Mosquitto drops a
+    connection the device holds only when it reads the file again."""
+    env = {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server"),
+           "WAYSTATION_BROKER__PASSWORD_FILE": str(tmp_path / "passwd")}
+    assert main(["device", "add", "van-1", "--scope", "r1", "--out", str(tmp_path / "o")],
+                env=env) == 0
+    capsys.readouterr()
+    assert main(["device", "remove", "van-1"], env=env) == 0
+    out = capsys.readouterr().out
+    assert f"its broker login was removed from {tmp_path / 'passwd'}" in out
+    assert "reload" in out and "van-1:" not in (tmp_path / "passwd").read_text()
