@@ -1,7 +1,7 @@
 """What `device rotate-password`, `device remove` and `device list` say must hold on
-every broker that reads the password file: Mosquitto holds one password per user, so "the old password
-still works" after the switch, or "the broker accepts both", is true only of the
-embedded broker (deploy/README.md, "Rotating a device's broker password")."""
+every broker that reads the password file: Mosquitto holds one password per user, so
+"the old password still works" after the switch, or "the broker accepts both", is true
+only of the embedded broker (deploy/README.md, "Rotating a device's broker password")."""
 
 from __future__ import annotations
 
