@@ -26,6 +26,7 @@ from broker.server.record_docs import record_doc
 from broker.server.record_reads import check_collection, get_record, iter_records, list_page
 from broker.server.store import open_store
 from waystation.cli.output import print_json, short, table
+from waystation.hlc import SERVER_NODE
 
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 10_000
@@ -62,7 +63,10 @@ def _record_lines(doc: dict[str, Any]) -> list[str]:
     for name, value in sorted(doc["fields"].items()):
         fi = info.get(name, {})
         how = fi.get("merge") or "not in the schema"
-        if "by" in fi:
+        if fi.get("by") == SERVER_NODE:
+            # Written by the server itself: an operator's `server resolve`, no change id.
+            how += f", set by the server (an operator's resolve) at {fi['time']}"
+        elif "by" in fi:
             how += f", by {fi['by']} change {fi['change']} at {fi['time']}"
         lines.append(f"  {name:<{width}}  {orjson.dumps(value).decode()}  [{how}]")
     for name in doc["open_conflicts"]:
