@@ -111,8 +111,15 @@ def cmd_server_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
           [[d["key"] + (" (deleted)" if d["deleted"] else ""), d["scope"], d["version"],
             d["updated"], short(d["fields"], 80)] for d in docs])
     if page.next_after is not None:
-        print(f"\nmore: `waystation server list {args.collection} --after "
-              f"{page.next_after}`" + (f" --scope {args.scope}" if args.scope else ""))
+        # The same options again, inside the quotes, so the line can be pasted as is.
+        again = [f"waystation server list {args.collection} --after {page.next_after}"]
+        if args.scope:
+            again.append(f"--scope {args.scope}")
+        if getattr(args, "limit", None) is not None:
+            again.append(f"--limit {limit}")
+        if args.deleted:
+            again.append("--deleted")
+        print(f"\nmore: `{' '.join(again)}`")
     return 0
 
 
