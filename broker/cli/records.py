@@ -119,6 +119,8 @@ def cmd_server_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             again.append(f"--limit {limit}")
         if args.deleted:
             again.append("--deleted")
+        if getattr(args, "config", None):
+            again.append(f"--config {args.config}")
         print(f"\nmore: `{' '.join(again)}`")
     return 0
 
