@@ -196,8 +196,11 @@ def encrypt(data_dir: Path, kek: KeyEncryptionKey, *, max_map_size_mb: int = 409
     return Outcome("encrypt", str(env_dir), before, "envelope", True, resumed, count,
                    str(env_dir / DEK_FILE),
                    f"the local store is encrypted ({count} values rewritten"
-                   f"{', resumed' if resumed else ''}); keep the key file {kek.source}: "
-                   "without it the store cannot be read")
+                   f"{', resumed' if resumed else ''}); keep "
+                   + ("the key you gave on standard input (storage.encryption_key_file, or "
+                      "the systemd credential, must name a file holding it)" if kek.streamed
+                      else f"the key file {kek.source}")
+                   + ": without it the store cannot be read")
 
 
 def _resume_new_key(env_dir: Path, kek: KeyEncryptionKey, check: str) -> ValueCipher:

@@ -284,7 +284,9 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if status.wiped:
         wiped_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.wiped["t"] / 1000))
         print(f"  wiped by the operator at {wiped_at} (command {status.wiped['id']}); "
-              "the server sends no data until the device is enabled again")
+              + ("enabled again since: it has synced after the wipe"
+                 if status.synced_since_wipe
+                 else "the server sends no data until the device is enabled again"))
     cps = ", ".join(f"{scope} {cp}" for scope, cp in status.checkpoints.items())
     print(f"  checkpoints: {cps}")
     if status.gaps:

@@ -244,6 +244,9 @@ class ReceiveHooks:
             if executed:
                 report = self.agent.wipe(cmd.id)
                 self.sync = self.agent.sync
+                # The new store has no heartbeat yet: without one `agent status` says
+                # "offline" until the next status interval, though the link is up.
+                self.sync.set_online(True)
                 log.warning("wiped", dev=self.dev, id=cmd.id,
                             key_destroyed=report.key_destroyed, key_kept=report.key_kept)
         else:

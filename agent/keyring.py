@@ -53,6 +53,13 @@ class KeyEncryptionKey:
         self.fingerprint = ValueCipher(material).fingerprint
         self.source = source
 
+    @property
+    def streamed(self) -> bool:
+        """Read from a pipe (`--key-file /dev/stdin < KEYFILE`, as the operator guide
+        does): its path names no key the operator can keep or point a config at."""
+        return self.source in ("-", "/dev/stdin") or self.source.startswith(
+            ("/dev/fd/", "/proc/self/fd/"))
+
     @classmethod
     def from_file(cls, path: Path, what: str = "storage.encryption_key_file"
                   ) -> KeyEncryptionKey:

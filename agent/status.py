@@ -83,6 +83,13 @@ class AgentStatus:
     """What the latest resync ordered by a server restore gave back: {t, id, changes,
     units_skipped, scopes} (PROTOCOL.md §9.7); None: no restore seen."""
 
+    @property
+    def synced_since_wipe(self) -> bool:
+        """The device synced after its wipe: the server answers it again, so the
+        operator enabled it (a wiped device gets no data and no acks until then)."""
+        return bool(self.wiped and self.last_sync_ms is not None
+                    and self.last_sync_ms > int(self.wiped["t"]))
+
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
         last = ("never synced" if self.last_sync_age_s is None
@@ -115,7 +122,7 @@ class AgentStatus:
             extras.append(f"schema version refused: {self.last_error.get('reason', '')}")
         elif self.last_error:
             extras.append(f"server says: {self.last_error.get('reason', '')}")
-        if self.wiped:
+        if self.wiped and not self.synced_since_wipe:
             extras.append("this device was wiped by the operator")
         if self.replayed:
             extras.append(f"the server was restored from a backup ({_when(self.replayed['t'])}): "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-from broker.cli.common import now_ms, server_catalog, server_config
+from broker.cli.common import live_schema, now_ms, server_config
 from broker.errors import InvalidArgument
 from broker.server.operations import resolve_conflict
 from broker.server.store import open_store
@@ -57,9 +57,9 @@ def cmd_server_resolve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise InvalidArgument(f"{args.conflict_id!r} is not a conflict id (a number, see "
                               "`waystation server conflicts`)") from None
     config = server_config(args, env)
-    catalog = server_catalog(config)
     store = open_store(config)
     try:
+        catalog = live_schema(config, store).catalog
         now = now_ms()
         res = resolve_conflict(store, catalog, Clock(SERVER_NODE, now_ms), cid, args.value, now)
     finally:

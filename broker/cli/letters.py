@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from broker.cli.common import now_ms, server_catalog, server_config
+from broker.cli.common import live_schema, now_ms, server_config
 from broker.errors import InvalidArgument
 from broker.server import letter_actions
 from broker.server.store import open_store
@@ -71,12 +71,11 @@ def cmd_server_deadletters_retry(args: argparse.Namespace, env: Mapping[str, str
     """`waystation server deadletters retry ID [--json]`: intake and merge once more."""
     lid = _letter_id(args.letter_id)
     config = server_config(args, env)
-    catalog = server_catalog(config)
     rules = load_rules(config.merge.rules)
     store = open_store(config)
     try:
-        result = letter_actions.retry(store, catalog, config.merge, Clock(SERVER_NODE, now_ms),
-                                      lid, now_ms, rules)
+        result = letter_actions.retry(store, live_schema(config, store), config.merge,
+                                      Clock(SERVER_NODE, now_ms), lid, now_ms, rules)
     finally:
         store.close()
     if args.json:

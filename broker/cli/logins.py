@@ -75,7 +75,11 @@ def revoke_credentials(env: Mapping[str, str], dev: str,
     # A password under rotation must not outlive the device's login.
     passwords.drop_overlap(path, dev)
     if passwords.delete_password_entry(path, dev):
-        return f"; its broker login was removed from {path}"
+        # Neither broker drops a connection the device holds when the file changes:
+        # Mosquitto does at its reload; the embedded broker keeps it, but the server
+        # refuses the device from now on and sends it nothing.
+        return (f"; its broker login was removed from {path} (Mosquitto: reload it, e.g. "
+                "`systemctl reload mosquitto`, to also drop a connection the device holds)")
     return ""
 
 

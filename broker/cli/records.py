@@ -20,12 +20,13 @@ from typing import IO, Any
 
 import orjson
 
-from broker.cli.common import server_catalog, server_config
+from broker.cli.common import live_schema, server_config
 from broker.errors import InvalidArgument
 from broker.server.record_docs import record_doc
 from broker.server.record_reads import check_collection, get_record, iter_records, list_page
 from broker.server.store import open_store
 from waystation.cli.output import print_json, short, table
+from waystation.hlc import SERVER_NODE
 
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 10_000
@@ -34,9 +35,9 @@ MAX_LIST_LIMIT = 10_000
 def cmd_server_get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server get COLLECTION KEY [--json]`: one record, decoded."""
     config = server_config(args, env)
-    catalog = server_catalog(config)
     store = open_store(config)
     try:
+        catalog = live_schema(config, store).catalog
         record = get_record(store, catalog, args.collection, args.key)
     finally:
         store.close()
@@ -62,7 +63,10 @@ def _record_lines(doc: dict[str, Any]) -> list[str]:
     for name, value in sorted(doc["fields"].items()):
         fi = info.get(name, {})
         how = fi.get("merge") or "not in the schema"
-        if "by" in fi:
+        if fi.get("by") == SERVER_NODE:
+            # Written by the server itself: an operator's `server resolve`, no change id.
+            how += f", set by the server (an operator's resolve) at {fi['time']}"
+        elif "by" in fi:
             how += f", by {fi['by']} change {fi['change']} at {fi['time']}"
         lines.append(f"  {name:<{width}}  {orjson.dumps(value).decode()}  [{how}]")
     for name in doc["open_conflicts"]:
@@ -84,9 +88,9 @@ def cmd_server_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server list COLLECTION [--scope S] [--limit N] [--after KEY]`."""
     limit = _limit(getattr(args, "limit", None))
     config = server_config(args, env)
-    catalog = server_catalog(config)
     store = open_store(config)
     try:
+        catalog = live_schema(config, store).catalog
         check_collection(store, catalog, args.collection)
         page = list_page(store, args.collection, scope=args.scope, after=args.after,
                          limit=limit, deleted=args.deleted)
@@ -107,8 +111,17 @@ def cmd_server_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
           [[d["key"] + (" (deleted)" if d["deleted"] else ""), d["scope"], d["version"],
             d["updated"], short(d["fields"], 80)] for d in docs])
     if page.next_after is not None:
-        print(f"\nmore: `waystation server list {args.collection} --after "
-              f"{page.next_after}`" + (f" --scope {args.scope}" if args.scope else ""))
+        # The same options again, inside the quotes, so the line can be pasted as is.
+        again = [f"waystation server list {args.collection} --after {page.next_after}"]
+        if args.scope:
+            again.append(f"--scope {args.scope}")
+        if getattr(args, "limit", None) is not None:
+            again.append(f"--limit {limit}")
+        if args.deleted:
+            again.append("--deleted")
+        if getattr(args, "config", None):
+            again.append(f"--config {args.config}")
+        print(f"\nmore: `{' '.join(again)}`")
     return 0
 
 
@@ -119,9 +132,9 @@ def cmd_server_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise InvalidArgument(f"{out} exists already: name a new file (an export never "
                               "overwrites anything)")
     config = server_config(args, env)
-    catalog = server_catalog(config)
     store = open_store(config)
     try:
+        catalog = live_schema(config, store).catalog
         if args.collection is not None:
             check_collection(store, catalog, args.collection)
         records = iter_records(store, args.collection, scope=args.scope, deleted=args.deleted)

@@ -61,8 +61,10 @@ def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str])
               "old password until the device has stored the new one; then the server "
               "switches it (enrol.rabbitmq_import)")
     else:
-        print(f"password rotation {rot.id} started for {args.device_id}: the broker accepts "
-              "its old and its new password until the old one is retired")
+        print(f"password rotation {rot.id} started for {args.device_id}: the embedded broker "
+              "accepts its old and its new password until the old one is retired; Mosquitto "
+              "takes the old one until the server switches the password file, then only the "
+              "new one (the agent falls back to whichever the broker takes)")
     if speaks:
         print(f"command {cmd.id} brings the new password to the device (at once if it is "
               "online, else when it next connects); the server retires the old one once "

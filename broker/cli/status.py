@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from broker.cli.common import now_ms, server_catalog, server_config
+from broker.cli.common import live_schema, now_ms, server_config
 from broker.server import devstate, login_removal
 from broker.server.store import open_store
 from broker.server.store.base import DeadLetterStats
@@ -16,9 +16,10 @@ from waystation.cli.output import ago, iso, print_json, table
 def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server status`: store, schema, devices, sequences, conflicts."""
     config = server_config(args, env)
-    catalog = server_catalog(config)
     store = open_store(config)
     try:
+        live = live_schema(config, store)
+        catalog, file_version = live.catalog, live.file.version
         info = store.info()
         with store.read() as txn:
             devices = txn.devices()
@@ -39,7 +40,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
                   "capacity_bytes": info.capacity_bytes,
                   "encrypted": bool(getattr(store, "encrypted", False))},
-        "schema": {"file": str(config.schema_path()), "version": catalog.version},
+        "schema": {"file": str(config.schema_path()), "version": catalog.version,
+                   "file_version": file_version},
         "devices": {"known": len(devices), "enabled": sum(d.enabled for d in devices),
                     "online": len(online)},
         "scopes": {s: {"seq": q, "purged_to": horizons[s]} for s, q in sorted(seqs.items())},
@@ -68,7 +70,13 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
     sealed = ", encrypted at rest" if doc["store"]["encrypted"] else ""
     print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}{sealed}")
-    print(f"schema version {catalog.version} ({config.schema_path()})")
+    if file_version == catalog.version:
+        print(f"schema version {catalog.version} ({config.schema_path()})")
+    else:
+        # After a publish the file lags until the operator copies the new version over
+        # it (deploy/README.md, "Changing the schema", step 4).
+        print(f"schema version {catalog.version} (published; the schema file "
+              f"{config.schema_path()} is version {file_version})")
     print(f"devices: {len(devices)} known, {doc['devices']['enabled']} enabled, "
           f"{len(online)} online" + (f" ({', '.join(online[:10])}"
                                      f"{', ...' if len(online) > 10 else ''})" if online else ""))

@@ -36,6 +36,7 @@ from typing import Any
 
 from broker.errors import DeadLetterNotFound, LetterNotRetryable
 from broker.server.applier import Applier, ChangeResult
+from broker.server.schema_push import LiveSchema
 from broker.server.store.base import DeadLetter, Notice, Store, WriteTxn
 from schemas import codec
 from schemas.codec import LenientChanges
@@ -117,9 +118,13 @@ def _answer(r: ChangeResult) -> ChangeAnswer:
     return ChangeAnswer(r.n, result, r.code, r.reason)
 
 
-def retry(store: Store, catalog: Catalog, config: MergeConfig, clock: Clock, lid: int,
-          now_ms: Callable[[], int], rules: Sequence[Rule] = ()) -> RetryResult:
-    """Run letter `lid` through intake and merge again (see the module docstring)."""
+def retry(store: Store, schema: Catalog | LiveSchema, config: MergeConfig, clock: Clock,
+          lid: int, now_ms: Callable[[], int], rules: Sequence[Rule] = ()) -> RetryResult:
+    """Run letter `lid` through intake and merge again (see the module docstring).
+
+    With the server's `LiveSchema` (the CLI's), the change is judged as a running
+    server judges it: against the live published version, upcast from the version it
+    was written under; with a bare catalog, against that catalog alone."""
     letter = get_letter(store, lid)
     dev = letter.device
     if letter.topic != "up":
@@ -150,7 +155,12 @@ def retry(store: Store, catalog: Catalog, config: MergeConfig, clock: Clock, lid
         return RetryResult(lid, dev, False, codec.TOO_LARGE,
                            f"ch: {count} changes in one batch, this server takes at most "
                            f"{config.max_batch_changes} (merge.max_batch_changes)")
-    applier = Applier(catalog, config, clock, now_ms, rules)
+    if isinstance(schema, LiveSchema):
+        applier = Applier(schema.catalog, config, clock, now_ms, rules)
+        applier.chain = schema.chain
+        applier.withdrawn = schema.withdrawn
+    else:
+        applier = Applier(schema, config, clock, now_ms, rules)
 
     def run(txn: WriteTxn) -> RetryResult:
         device = txn.get_device(dev)

@@ -110,7 +110,10 @@ class Rotation:
             return f"password rotation: {self.stage}, its next step failing ({self.error})"
         return {"sent": "password rotation: sent, not yet stored by the device",
                 "stored": "password rotation: stored by the device",
-                "switched": "password rotation: switched, the old password still works",
+                # Only the embedded broker still takes the old password here (its
+                # overlap file); Mosquitto and RabbitMQ hold one password per user.
+                "switched": "password rotation: switched, waiting for the device's login "
+                            "with the new password",
                 "retired": "password rotated"}[self.stage]
 
 

@@ -339,7 +339,11 @@ def test_the_key_on_standard_input(tmp_path: Path, catalog: Catalog, key: Path) 
                                "--key-file", "/dev/stdin", "--json"], stdin=stdin, env=env,
                               capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["after"] == "envelope"
+    doc = json.loads(done.stdout)
+    assert doc["after"] == "envelope"
+    # The guide's way to pass the key: the message must not tell the operator to keep
+    # (or configure) "the key file /dev/stdin".
+    assert "/dev/stdin" not in doc["message"] and "standard input" in doc["message"]
     assert len(dump(data, key)["view"]) == 7
 
 

@@ -102,6 +102,7 @@ def test_wipe_mid_work_empties_the_store_and_catches_up_from_zero(
     _send(server, {"type": "command", "id": "cmd-wipe-1", "cmd": "wipe"})
     hello = _wait_up(server, "hello", hellos + 1)[-1]
     assert "cmd-wipe-1" in hello["done"]
+    assert daemon.agent.status().online, "still connected: the new store says so at once"
     again = _wait_catchups(server, 2)[1]
     assert again["cp"] == {"route-42": 0, "depot-7": 0}
     assert daemon.agent.get("tasks", "doomed") is None

@@ -272,3 +272,19 @@ def test_kill_9_during_rekey_before_the_rename(tmp_path: Path, key: Path) -> Non
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["command"] == "rekey"
     assert _dump(data, _kek(new)) == before
+
+
+def test_encrypt_message_names_a_key_to_configure(tmp_path: Path, key: Path) -> None:
+    """The guide passes the key as `--key-file /dev/stdin < KEYFILE`: the message must
+    not tell the operator to set store.encryption_key_file = "/dev/stdin"."""
+    data = tmp_path / "server"
+    _fill(data)
+    piped = KeyEncryptionKey(key.read_bytes(), "/dev/stdin")
+    message = lmdb_atrest.encrypt(data, piped).message
+    assert "/dev/stdin" not in message
+    assert "set store.encryption_key_file to a file holding the key you gave on standard " \
+        "input" in message
+    other = tmp_path / "other"
+    _fill(other)
+    named = lmdb_atrest.encrypt(other, _kek(key)).message
+    assert f'store.encryption_key_file = "{key}"' in named

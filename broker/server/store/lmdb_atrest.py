@@ -128,9 +128,11 @@ def encrypt(data_dir: Path, kek: KeyEncryptionKey, *, max_map_size_mb: int = 655
     return Outcome("encrypt", str(store_dir), "plain", "envelope", True, resumed, count,
                    str(store_dir / DEK_FILE),
                    f"the server store is encrypted ({count} values rewritten"
-                   f"{', resumed' if resumed else ''}): set store.encryption_key_file = "
-                   f"\"{kek.source}\" (or the systemd credential holding it) before starting "
-                   "the server; without that key the store cannot be read")
+                   f"{', resumed' if resumed else ''}): set store.encryption_key_file "
+                   + ("to a file holding the key you gave on standard input" if kek.streamed
+                      else f"= \"{kek.source}\"")
+                   + " (or the systemd credential holding it) before starting the server; "
+                   "without that key the store cannot be read")
 
 
 def decrypt(data_dir: Path, kek: KeyEncryptionKey, *, max_map_size_mb: int = 65536,

@@ -59,16 +59,22 @@ def migrations() -> list[Migration]:
 
 
 def describe_url(url: str) -> str:
-    """`url` without its password: postgresql://user@host:port/dbname."""
+    """`url` without its password: postgresql://user@host:port/dbname, or for a Unix
+    socket (a host that is a directory, or none: libpq's default socket)
+    postgresql://user@/dbname?host=DIR&port=PORT, the form libpq reads back."""
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError:
         return "postgresql://(unparsable URL)"
     user = str(params.get("user") or "")
-    host = str(params.get("host") or params.get("hostaddr") or "localhost")
-    port = str(params.get("port") or "5432")
+    host = str(params.get("host") or params.get("hostaddr") or "")
+    port = str(params.get("port") or "")
     db = str(params.get("dbname") or user or "")
-    return f"postgresql://{user + '@' if user else ''}{host}:{port}/{db}"
+    who = user + "@" if user else ""
+    if host and not host.startswith("/"):
+        return f"postgresql://{who}{host}:{port or '5432'}/{db}"
+    query = "&".join(f"{k}={v}" for k, v in (("host", host), ("port", port)) if v)
+    return f"postgresql://{who}/{db}" + (f"?{query}" if query else "")
 
 
 class _Reorder(Exception):
