@@ -118,12 +118,17 @@ def after_restore(store: Store, now_ms: int | None = None, *,
     def jump(txn: WriteTxn) -> dict[str, int]:
         out: dict[str, int] = {}
         restored = txn.scope_seqs()
-        for scope, seq in restored.items():
-            new = seq + RESTORE_SEQ_GAP
+        registered = txn.devices()
+        # A scope whose first record came after the backup is not in `restored`, yet
+        # devices may hold checkpoints in it: it jumps too, or its new numbers would
+        # start again below what they have seen.
+        scopes = {*restored, *(s for device in registered for s in device.scopes)}
+        for scope in sorted(scopes):
+            new = restored.get(scope, 0) + RESTORE_SEQ_GAP
             txn.jump_scope_seq(scope, new)
             txn.set_purge_horizon(scope, new)
             out[scope] = new
-        devices = txn.devices() if resync else []
+        devices = registered if resync else []
         for device in devices:
             txn.put_command(CommandRow(f"resync-{now:x}-{secrets.token_hex(3)}", device.id,
                                        "resync", restore_args(restored, device.scopes),
