@@ -5,7 +5,7 @@ A window is written ``DAYS HH:MM-HH:MM``, cron-like:
 - ``DAYS``: ``*`` (every day), a day (``Mon``), a range (``Mon-Fri``, wrapping allowed:
   ``Fri-Mon``) or a comma list of those (``Mon,Wed,Sat-Sun``); English three-letter
   names, any case;
-- the times are local wall-clock minutes; ``24:00`` ends at midnight; a window whose end
+- the times are local wall-clock times; ``24:00`` ends at midnight; a window whose end
   is not after its start runs over midnight into the next day (``Mon 22:00-06:00`` is
   Monday 22:00 to Tuesday 06:00); ``00:00-24:00`` is the whole day;
 - either time may also give seconds, ``HH:MM:SS`` (``Mon 22:00:30-22:45``): cron has
