@@ -51,7 +51,8 @@ if [ "${WAYSTATION_COVERAGE:-0}" = 0 ]; then
   exec .venv/bin/python -m pytest "${parallel[@]}" "$@"
 fi
 
-# Coverage (WAYSTATION_COVERAGE=1; off by default, see README "Development") of the shipped packages agent/, broker/,
+# Coverage (WAYSTATION_COVERAGE=1: .ci/run sets it, so CI always reports it; off by default
+# here, for a quicker local run; README "Development") of the shipped packages agent/, broker/,
 # schemas/ and waystation/ ([tool.coverage.run] in pyproject.toml): the xdist workers and
 # every Python process the tests start (the daemons of the end-to-end tests, CLI runs,
 # crash helpers) are measured too, each writing its own data file under .coverage-data/;

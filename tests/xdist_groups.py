@@ -26,7 +26,11 @@ def group_of(item: pytest.Item) -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # tryfirst: pytest-xdist's worker turns xdist_group marks into the "@group" node-id
+    # suffix its scheduler groups by in its own hook of this name, which otherwise ran
+    # first: the marks came too late and the group's tests went to both workers.
     for item in items:
         group = group_of(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:

@@ -5,9 +5,12 @@ A window is written ``DAYS HH:MM-HH:MM``, cron-like:
 - ``DAYS``: ``*`` (every day), a day (``Mon``), a range (``Mon-Fri``, wrapping allowed:
   ``Fri-Mon``) or a comma list of those (``Mon,Wed,Sat-Sun``); English three-letter
   names, any case;
-- the times are local wall-clock minutes; ``24:00`` ends at midnight; a window whose end
+- the times are local wall-clock times; ``24:00`` ends at midnight; a window whose end
   is not after its start runs over midnight into the next day (``Mon 22:00-06:00`` is
-  Monday 22:00 to Tuesday 06:00); ``00:00-24:00`` is the whole day.
+  Monday 22:00 to Tuesday 06:00); ``00:00-24:00`` is the whole day;
+- either time may also give seconds, ``HH:MM:SS`` (``Mon 22:00:30-22:45``): cron has
+  no seconds, but a window a few seconds ahead is what tests and short maintenance
+  slots need, and ``HH:MM`` stays the same as ``HH:MM:00``.
 
 Several windows are open when any of them is. Everything is computed on seconds of the
 week (Monday 00:00 = 0) of a local time the caller gives, so it is exact and testable
@@ -25,9 +28,10 @@ from agent.policy.errors import PolicyError
 
 WEEK_S = 7 * 86400
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_WINDOW_RE = re.compile(r"^\s*(\S+)\s+(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
-_HOW = ("write a sync window as 'DAYS HH:MM-HH:MM', e.g. 'Mon-Fri 22:00-06:00' or "
-        "'* 00:00-24:00'")
+_TIME = r"(\d{1,2}):(\d{2})(?::(\d{2}))?"
+_WINDOW_RE = re.compile(rf"^\s*(\S+)\s+{_TIME}\s*-\s*{_TIME}\s*$")
+_HOW = ("write a sync window as 'DAYS HH:MM-HH:MM' (or HH:MM:SS), e.g. "
+        "'Mon-Fri 22:00-06:00' or '* 00:00-24:00'")
 
 
 @dataclass(frozen=True)
@@ -70,21 +74,26 @@ def _days(spec: str, text: str) -> frozenset[int]:
     return frozenset(days)
 
 
+def _time_of_day(hours: str, minutes: str, seconds: str | None, text: str) -> int:
+    """Seconds since midnight of ``HH:MM`` or ``HH:MM:SS`` (00:00 to 24:00 inclusive)."""
+    h, m, s = int(hours), int(minutes), int(seconds or 0)
+    if m > 59 or s > 59 or h > 24 or (h == 24 and (m, s) != (0, 0)):
+        shown = f"{h:02d}:{m:02d}" + ("" if seconds is None else f":{s:02d}")
+        raise PolicyError(f"sync window {text!r}: {shown} is not a time of day "
+                          f"(00:00 to 24:00); {_HOW}")
+    return h * 3600 + m * 60 + s
+
+
 def parse_window(text: str) -> Window:
-    """Parse ``DAYS HH:MM-HH:MM``; PolicyError saying how to write it otherwise."""
+    """Parse ``DAYS HH:MM[:SS]-HH:MM[:SS]``; PolicyError saying how to write it otherwise."""
     if not isinstance(text, str) or len(text) > 200:
         raise PolicyError(f"sync window {text!r} is not a short string; {_HOW}")
     match = _WINDOW_RE.match(text)
     if match is None:
         raise PolicyError(f"sync window {text!r} is not understood; {_HOW}")
     days = _days(match.group(1), text)
-    h1, m1, h2, m2 = (int(match.group(i)) for i in range(2, 6))
-    for h, m in ((h1, m1), (h2, m2)):
-        if m > 59 or h > 24 or (h == 24 and m != 0):
-            raise PolicyError(f"sync window {text!r}: {h:02d}:{m:02d} is not a time of day "
-                              f"(00:00 to 24:00); {_HOW}")
-    start = h1 * 3600 + m1 * 60
-    end = h2 * 3600 + m2 * 60
+    start, end = (_time_of_day(match.group(i), match.group(i + 1), match.group(i + 2), text)
+                  for i in (2, 5))
     if start == 86400:
         raise PolicyError(f"sync window {text!r} starts at 24:00; start it at 00:00 of the "
                           f"next day instead")

@@ -81,16 +81,22 @@ def _put(ag: Agent, key: str, priority: int = 0) -> None:
     ag.put("inventory", key, {"depot": SCOPE, "sku": key}, priority=priority)
 
 
+WINDOW_LEAD_S = 30
+"""How far ahead the window opens: time for the agent to start and report the closed
+window (its own status and the CLI's, a separate process), then to show two held status
+heartbeats with 8 s to spare. That took 10-12 s under coverage on the loaded 2-core
+machine (2-3 s more for the heartbeats): twice that still fits."""
+
+
 def _window_opening_soon() -> tuple[str, float]:
-    """A UTC window opening at a minute boundary 45-105 s from now, for 30 minutes (the
-    fleet's processes take their time to start on a loaded machine)."""
+    """A UTC window opening on a whole second WINDOW_LEAD_S-WINDOW_LEAD_S+1 s from now,
+    for 30 minutes, written with seconds (HH:MM:SS) so that the test does not wait for
+    a minute boundary."""
     now = datetime.now(UTC)
-    start = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    if (start - now).total_seconds() < 45:
-        start += timedelta(minutes=1)
+    start = now.replace(microsecond=0) + timedelta(seconds=WINDOW_LEAD_S + 1)
     end = start + timedelta(minutes=30)
     day = DAY_NAMES[start.weekday()].capitalize()
-    return f"{day} {start:%H:%M}-{end:%H:%M}", start.timestamp()
+    return f"{day} {start:%H:%M:%S}-{end:%H:%M:%S}", start.timestamp()
 
 
 def test_closed_window_holds_writes_until_it_opens(fleet: Fleet) -> None:
