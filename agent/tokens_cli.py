@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from agent.http.auth import TokenStore
+from agent.http.auth import AppToken, TokenStore
 from agent.validate import collection as known_collection
 from schemas.collection import load_catalog
 from waystation.config import AgentConfig, load_config
@@ -36,10 +36,18 @@ def cmd_token_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         _print_json({"token": token, **entry.to_dict()})
         return 0
     print(token)
-    rights = f"read {','.join(entry.read) or '-'}; write {','.join(entry.write) or '-'}"
-    print(f"# token {entry.id} for app {entry.app} ({rights}); shown once: keep it now",
-          flush=True)
+    read, write = _rights_text(entry)
+    print(f"# token {entry.id} for app {entry.app} (read {read}; write {write}); shown once: "
+          "keep it now", flush=True)
     return 0
+
+
+def _rights_text(token: AppToken) -> tuple[str, str]:
+    """What the token may read and write, as `AppToken.can_read` decides: writing a
+    collection includes reading it, so a write-only grant does not show as "read -"."""
+    names = list(dict.fromkeys([*token.read, *token.write]))
+    read = "*" if "*" in names else ",".join(names)
+    return read or "-", ",".join(token.write) or "-"
 
 
 def cmd_token_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -51,8 +59,8 @@ def cmd_token_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not found:
         print("no API tokens: issue one with `waystation agent token add APP --write ...`")
     for t in found:
-        print(f"{t.id}  {t.app}  read {','.join(t.read) or '-'}  write "
-              f"{','.join(t.write) or '-'}")
+        read, write = _rights_text(t)
+        print(f"{t.id}  {t.app}  read {read}  write {write}")
     return 0
 
 
