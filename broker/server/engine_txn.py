@@ -32,7 +32,7 @@ from broker.errors import StoreError
 from broker.server import schema_guard
 from broker.server.applier import Applier, BatchStats
 from broker.server.fanout import Fanout
-from broker.server.incoming import Incoming, dead_letters_for, parse_up
+from broker.server.incoming import Incoming, dead_letters_for, parse_up, wiped_in_group
 from broker.server.letter_gate import GateSession, LetterGate
 from broker.server.message_apply import apply_message
 from broker.server.presence import Presence
@@ -146,6 +146,7 @@ class GroupTransaction:
         """The body of the group transaction (may run again after a retryable failure)."""
         if incs:  # first, before any scope lock (`broker.server.schema_guard`)
             schema_guard.check(txn, self.registry.generation)
+            wiped_in_group(incs)
         fan = Fanout(self.registry, self.presence)
         session = self.gate.session()  # a rerun decides afresh: nothing counted twice
         wants_cache: dict[tuple[str, str], bool] = {}

@@ -47,6 +47,35 @@ class Incoming:
     """Why the device may not sync now (disabled, wipe pending); "" when it may."""
 
 
+def block_reason(device: DeviceRow, *, wipe_done: bool = False) -> str:
+    """Why `device` may not sync now ("" when it may); `wipe_done`: its wipe is known to
+    be carried out although `device` (read before) still says pending."""
+    if device.wipe_pending and not wipe_done:
+        return (f"device {device.id!r} has a wipe pending: it gets no data until it has "
+                "carried the wipe out")
+    if not device.enabled:
+        return (f"device {device.id!r} is disabled by the operator: its changes stay on the "
+                "device and are sent again once it is re-enabled "
+                f"(`waystation device enable {device.id}`)")
+    return ""
+
+
+def wiped_in_group(incs: list[Incoming]) -> None:
+    """A hello that reports the device's wipe done ends the wipe's block for the device's
+    later messages of the same group (all were parsed before it was applied): they are
+    judged as they would be in a group of their own, so a new store's first catch-up is
+    told the truth (disabled until the operator enables it) rather than "wipe pending"."""
+    wiped: set[str] = set()
+    for inc in incs:
+        device = inc.device
+        if inc.error is not None or device is None or not device.wipe_pending:
+            continue
+        if inc.kind == "hello" and device.wipe_id in inc.msg.done:
+            wiped.add(device.id)
+        elif inc.blocked and device.id in wiped:
+            inc.blocked = block_reason(device, wipe_done=True)
+
+
 def parse_up(topic_dev: str, payload: bytes, registry: Registry,
              cfg: MergeConfig) -> Incoming:
     """Decode and check one up message; refusals land in `Incoming.error`."""
@@ -71,13 +100,7 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
         inc.error = (codec.UNKNOWN_DEVICE, f"device {dev!r} is not registered: enrol it "
                                            "with `waystation device add`")
         return inc
-    if device.wipe_pending:
-        inc.blocked = (f"device {dev!r} has a wipe pending: it gets no data until it "
-                       "has carried the wipe out")
-    elif not device.enabled:
-        inc.blocked = (f"device {dev!r} is disabled by the operator: its changes stay on "
-                       "the device and are sent again once it is re-enabled "
-                       f"(`waystation device enable {dev}`)")
+    inc.blocked = block_reason(device)
     inc.device = device
     inc.msg = msg
     if isinstance(msg, LenientChanges):
@@ -126,4 +149,5 @@ def held_back(changes: Sequence[Change], bad: Sequence[BadChange],
             for n in numbers]
 
 
-__all__ = ["Incoming", "dead_letters_for", "held_back", "parse_up"]
+__all__ = ["Incoming", "block_reason", "dead_letters_for", "held_back", "parse_up",
+           "wiped_in_group"]

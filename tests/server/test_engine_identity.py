@@ -167,6 +167,32 @@ def test_disabled_device_gets_its_commands_but_no_data(env: tuple[Engine, Store]
     assert len(_letters(store)) == before
 
 
+@pytest.mark.parametrize("enable_first", [False, True])
+def test_a_catchup_in_the_group_of_the_hello_reporting_the_wipe_is_told_the_truth(
+        env: tuple[Engine, Store], enable_first: bool) -> None:
+    """The new store's hello (wipe done) and its first catch-up handled in one group: the
+    catch-up is judged as after the hello, not refused for a wipe "pending" that the
+    hello just reported done (the device would show that until its next sync)."""
+    engine, store = env
+    engine.handle_up("van-2", changes("van-2", [task(1, "t-1")], INC_B))
+    wipe = issue_command(store, "van-13", "wipe", T0)
+    if enable_first:  # the operator enabled it again before the wipe was carried out
+        set_enabled(store, "van-13", True)
+    out = by_device(engine.handle_many([
+        ("van-13", hello("van-13", INC_B, done=[wipe.id])),
+        ("van-13", catchup("van-13", {"r1": 0}))]))
+    if enable_first:
+        assert not errors(out["van-13"])
+        assert [len(p["recs"]) for p in of_type(out["van-13"], "page")] == [1]
+    else:
+        reasons = [e["reason"] for e in errors(out["van-13"])]
+        assert len(reasons) == 1 and "disabled by the operator" in reasons[0], reasons
+        assert "wipe pending" not in reasons[0]
+    with store.read() as txn:
+        row = txn.get_device("van-13")
+    assert row is not None and not row.wipe_pending
+
+
 def test_wipe_goes_first_and_blocks_everything_until_done(env: tuple[Engine, Store]) -> None:
     """A wipe disables the device; its hello gets the wipe first; catch-ups get nothing
     while it is pending and after it is done until the operator enables the device."""
