@@ -150,7 +150,11 @@ class ReceiveHooks:
             self._send(self._hello_msg())
 
     def _on_reject(self, msg: wire.Reject) -> None:
-        result = self.sync.apply_reject(msg)
+        # Backoffs chosen before the store write, so the last error it records says when
+        # the next try is (`agent status`), the same time the daemon then keeps to.
+        delays = {rj.n: self._backoff(self.stats.extra.get(f"try:{rj.n}", 0) + 1)
+                  for rj in msg.rj if not rj.perm}
+        result = self.sync.apply_reject(msg, delays)
         for n in (*result.dead, *result.ignored):
             self._inflight.pop(n, None)
             self._retry_at.pop(n, None)
@@ -162,7 +166,8 @@ class ReceiveHooks:
                 self._inflight.pop(n, None)
                 tries = self.stats.extra.get(f"try:{n}", 0) + 1
                 self.stats.extra[f"try:{n}"] = tries
-                self._retry_at[n] = now + self._backoff(tries)
+                delay = delays.get(n)
+                self._retry_at[n] = now + (self._backoff(tries) if delay is None else delay)
                 log.info("change_deferred", dev=self.dev, n=n, code=attempts[n].code,
                          retry_in_s=round(self._retry_at[n] - now, 1))
         if result.dead:

@@ -44,8 +44,9 @@ class AgentStatus:
     """Scopes being re-downloaded from a snapshot."""
     heartbeat_age_s: float | None
     last_error: dict[str, Any] | None
-    """The last problem the server reported ({code, reason, t}); cleared by a later
-    successful sync."""
+    """The last problem the server reported ({code, reason, t}; for a change it refused
+    for now also `retry_at`, ms, and `retry_in_s`, when the daemon sends it again);
+    cleared by a later successful sync."""
     next_n: int
     schema_version: int
     agent_running: bool | None = None
@@ -121,7 +122,11 @@ class AgentStatus:
             # The device's own verdict on a version the server sent (agent.schema_update)
             extras.append(f"schema version refused: {self.last_error.get('reason', '')}")
         elif self.last_error:
-            extras.append(f"server says: {self.last_error.get('reason', '')}")
+            said = f"server says: {self.last_error.get('reason', '')}"
+            left = self.last_error.get("retry_in_s")
+            if left and self.agent_running is not False:
+                said += f" (next try in {left:.0f} s)"
+            extras.append(said)
         if self.wiped and not self.synced_since_wipe:
             extras.append("this device was wiped by the operator")
         if self.replayed:
@@ -232,7 +237,8 @@ def read_status(core: Core) -> AgentStatus:
             last_sync_age_s=None if last_sync is None else max(0.0, (now - last_sync) / 1000),
             last_sync_ms=last_sync, dead_letters=tx.count("deadletters"),
             open_conflicts=open_conflicts, lost_writes=lost, checkpoints=cps, gaps=gaps,
-            snapshots=snaps, heartbeat_age_s=hb_age, last_error=tx.meta("last_err"),
+            snapshots=snaps, heartbeat_age_s=hb_age,
+            last_error=_last_error(tx.meta("last_err"), now),
             next_n=work.peek_next_n(), schema_version=core.catalog.version,
             agent_running=running, link=link, store_path=str(core.store.path),
             incarnation=work.incarnation(), wiped=tx.meta("wiped"),
@@ -252,4 +258,13 @@ def record_online(work: Work, online: bool) -> None:
     work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid()})
 
 
+def _last_error(doc: dict[str, Any] | None, now: int) -> dict[str, Any] | None:
+    """The stored last error, with the seconds left until the change it held is tried
+    again (`retry_in_s`, 0 once due) when the daemon recorded when that is."""
+    if doc is None or not isinstance(doc.get("retry_at"), int):
+        return doc
+    return {**doc, "retry_in_s": round(max(0.0, (doc["retry_at"] - now) / 1000), 1)}
+
+
 __all__ = ["AgentStatus", "describe_deferral", "pid_alive", "read_status", "record_online"]
+

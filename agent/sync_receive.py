@@ -7,7 +7,7 @@ a message twice has the effect of applying it once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,10 +181,13 @@ class Receiving:
                 count += 1
         return count
 
-    def apply_reject(self, reject: wire.Reject) -> RejectResult:
+    def apply_reject(self, reject: wire.Reject,
+                     retry_in_s: Mapping[int, float] | None = None) -> RejectResult:
         """Apply a reject (§7.5): permanent -> dead letters, out of the outbox, view
         rolled back (with `rec` applied to the base when present); transient -> kept,
-        attempt count and last error updated."""
+        attempt count and last error updated. `retry_in_s`: change number -> the
+        daemon's backoff before it sends that change again; the last error then says
+        when (`retry_at`, ms), so `agent status` can tell the next try."""
         core = self._core
 
         def run(work: Work) -> RejectResult:
@@ -209,8 +212,11 @@ class Receiving:
                     transient.append(rj.n)
                     # `agent status` shows why changes wait (e.g. device_disabled: "...
                     # `waystation device enable van-1`"), until the next ack clears it.
-                    work.tx.set_meta("last_err", {"code": rj.code, "reason": rj.reason,
-                                                  "t": now})
+                    last: dict[str, Any] = {"code": rj.code, "reason": rj.reason, "t": now}
+                    delay = None if retry_in_s is None else retry_in_s.get(rj.n)
+                    if delay is not None:
+                        last["retry_at"] = now + round(delay * 1000)
+                    work.tx.set_meta("last_err", last)
                     continue
                 work.tx.put("deadletters", n_key(rj.n), {
                     "n": rj.n, "code": rj.code, "reason": rj.reason, "t": now, "entry": entry})

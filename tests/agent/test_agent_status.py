@@ -113,3 +113,29 @@ def test_receiving_records_is_a_sync(agent: Agent) -> None:
         {"req": "c-1", "s": S, "from": 1, "to": 2, "reset": False, "more": False,
          "recs": [rec("t-2", 2, {"route": S}).model_dump(by_alias=True)]}))
     assert agent.status().last_sync_ms is not None
+
+
+def test_a_change_held_by_the_server_says_when_it_is_tried_again(agent: Agent,
+                                                                 clock: FakeClock) -> None:
+    """A change refused for now (device disabled) waits in the daemon's backoff: status
+    says when the next try is, counting down, and stops saying it once due."""
+    agent.put("tasks", "t-1", {"route": S})
+    reject = wire.Reject(rj=[wire.Rejection(
+        n=1, code="device_disabled", reason="device van-1 is disabled by the operator",
+        perm=False)])
+    result = agent.sync.apply_reject(reject, {1: 42.0})
+    assert result.transient == [1]
+    status = agent.status()
+    assert status.last_error is not None and status.last_error["retry_in_s"] == 42.0
+    assert "disabled by the operator (next try in 42 s)" in status.summary()
+    clock.advance(40)
+    assert "(next try in 2 s)" in agent.status().summary()
+    clock.advance(5)
+    status = agent.status()
+    assert status.last_error is not None and status.last_error["retry_in_s"] == 0.0
+    assert "next try" not in status.summary() and "disabled" in status.summary()
+    # Without the daemon's backoff (no daemon), nothing is promised.
+    agent.sync.apply_reject(reject)
+    status = agent.status()
+    assert status.last_error is not None and "retry_in_s" not in status.last_error
+    assert "next try" not in status.summary()

@@ -37,6 +37,8 @@ def test_disabled_online_device_waits_without_dead_letters(fleet: Fleet) -> None
     told = json.dumps(status["last_error"])
     assert "device_disabled" in told and "waystation device enable van-1" in told
     assert "device add" not in told
+    # ... and when the daemon tries the held change again (within the fleet's 1 s cap)
+    assert 0 <= status["last_error"]["retry_in_s"] <= 1.0, status["last_error"]
     assert status["pending"] == 1 and status["dead_letters"] == 0
     assert fleet.record("tasks", "t-2") is None
     letters = fleet.server_dead_letters()
