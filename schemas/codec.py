@@ -50,7 +50,6 @@ here, so `codec.encode(...)` and `codec.INVALID` keep working.
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, TypeVar
@@ -58,7 +57,6 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import orjson
 from pydantic import Field, ValidationError
 
-from schemas import zdict, zdict_schema
 from schemas.codes import (
     ALL_CODES,
     CLOCK_SKEW,
@@ -88,13 +86,13 @@ from schemas.codes import (
 )
 from schemas.encoding import encode, encode_dict
 from schemas.errors import ProtocolError
+from schemas.payload import DEFAULT_MAX_DECOMPRESSED, DEFAULT_MAX_PAYLOAD, payload_text
 from schemas.reasons import (
     MAX_REASON_CHARS,
     clip_reason,
     kind_of,
     member_path,
     show_text,
-    too_large_reason,
     validation_reason,
 )
 from schemas.wire import (
@@ -153,15 +151,12 @@ __all__ = [
 
 # --- limits -------------------------------------------------------------------------
 
-DEFAULT_MAX_PAYLOAD: Final = 256 * 1024
-DEFAULT_MAX_DECOMPRESSED: Final = 1024 * 1024
 # The deepest legitimate message carries a 32-level value 7 levels down
 # (reject > rj > rejection > rec > cf > candidates > candidate > v): 39 levels.
 MAX_MESSAGE_DEPTH: Final = MAX_JSON_DEPTH + 8
 # The start of orjson's error for a document nested past its own limit (1,024 levels).
 _ORJSON_DEPTH: Final = "depth limit exceeded"
 
-_ZLIB_FIRST_BYTE: Final = 0x78
 # orjson reads integer literals up to 64 bits as int and larger ones as float; a float
 # this large may thus be an integer literal out of range (checked precisely, rarely).
 _SUSPECT_FLOAT: Final = float(2**63)
@@ -300,31 +295,7 @@ def decode_changes_lenient(
 
 def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes, Any]:
     """Steps 1-3: bytes -> (JSON text, JSON object)."""
-    data: bytes
-    if isinstance(payload, bytes):
-        data = payload
-    elif isinstance(payload, bytearray):
-        if len(payload) > max_payload:
-            raise ProtocolError(TOO_LARGE, too_large_reason("payload", len(payload), max_payload))
-        data = bytes(payload)
-    else:
-        try:
-            view = memoryview(payload)
-            size = view.nbytes
-            if size > max_payload:
-                raise ProtocolError(TOO_LARGE, too_large_reason("payload", size, max_payload))
-            data = view.tobytes()
-        except ProtocolError:
-            raise
-        except Exception:
-            raise ProtocolError(
-                MALFORMED, f"payload must be bytes, not {type(payload).__name__[:40]}"
-            ) from None
-    size = len(data)
-    if size > max_payload:
-        raise ProtocolError(TOO_LARGE, too_large_reason("payload", size, max_payload))
-    if size and data[0] == _ZLIB_FIRST_BYTE:
-        data = _inflate(data, max_decompressed)
+    data = payload_text(payload, max_payload, max_decompressed)
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -340,29 +311,6 @@ def _parse(payload: Any, max_payload: int, max_decompressed: int) -> tuple[bytes
     if type(doc) is not dict:
         raise ProtocolError(MALFORMED, f"a message must be a JSON object, not {kind_of(doc)}")
     return data, doc
-
-
-def _inflate(data: bytes, limit: int) -> bytes:
-    wanted = zdict.wants_dictionary(data)
-    known = None if wanted is None else zdict_schema.lookup(wanted)
-    if wanted is None:
-        inflater = zlib.decompressobj()
-    elif known is not None:
-        inflater = zlib.decompressobj(zdict=known)
-    else:
-        raise ProtocolError(MALFORMED, "zlib stream needs a preset dictionary this "
-                                       f"receiver does not know (id {wanted})")
-    try:
-        out = inflater.decompress(data, limit + 1)
-    except zlib.error as exc:
-        raise ProtocolError(MALFORMED, clip_reason(f"broken zlib stream: {exc}")) from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise ProtocolError(TOO_LARGE, f"decompressed payload exceeds {limit} bytes")
-    if not inflater.eof:
-        raise ProtocolError(MALFORMED, "broken zlib stream: truncated")
-    if inflater.unused_data:
-        raise ProtocolError(MALFORMED, "broken zlib stream: trailing bytes after the stream")
-    return out
 
 
 def _envelope(doc: dict[str, Any], allowed: Mapping[str, type[Message]] | None) -> type[Message]:

@@ -26,6 +26,14 @@ from tests.schemas.test_zdict import CHANGE
 
 EXAMPLE = load_catalog(example_catalog_path())
 
+
+@pytest.fixture(autouse=True)
+def _example_registered() -> None:
+    """The property tests below register hundreds of schemas, more than the bounded
+    registry keeps (`MAX_REGISTERED`): EXAMPLE's dictionary is registered again for
+    each test, as a process that holds a catalog does when it loads it."""
+    zdict_schema.register(EXAMPLE)
+
 # Field kinds a schema may declare, with the group of a change that carries them and a
 # strategy for their values.
 _KINDS: dict[str, tuple[dict[str, Any], str, st.SearchStrategy[Any]]] = {
