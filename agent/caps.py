@@ -7,11 +7,14 @@ feature joins `AGENT_CAPS` in the commit that implements it in the agent.
 
 from __future__ import annotations
 
-from schemas import zdict, zdict_schema
+from schemas import zdict, zdict_recent, zdict_schema
 
 ZDICT = zdict.CAP
 ZD2 = zdict_schema.CAP
 """Up messages compressed with the dictionary derived from this device's schema (§3)."""
+ZD3 = zdict_recent.CAP
+"""`changes` compressed with the `zd2` dictionary and this device's last answered change
+messages (§3, agent.up_packing)."""
 SCHEMA = "schema"
 """The server states its schema versions in `welcome`; a device older than `sv_min`
 holds its changes back until it is upgraded (PROTOCOL.md §11)."""
@@ -34,7 +37,7 @@ FETCH_QUERY = "fetch_query"
 
 AGENT_CAPS: frozenset[str] = frozenset(
     {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, FETCH_QUERY, CERT_RENEW,
-     ZDICT, ZD2})
+     ZDICT, ZD2, ZD3})
 """creds: the `creds` command (§7.9), a new broker password, and `hello.cred` (§7.1).
 scopes: the `scopes` command (§7.9), the operator changing what the device follows.
 sync: the `sync` command (§7.9), the operator's "sync now".
@@ -46,7 +49,8 @@ fetch_query: see `FETCH_QUERY`.
 cert_renew: see `CERT_RENEW`.
 zd1: small messages compressed with the protocol's preset dictionary, both ways (§3,
 schemas.zdict).
-zd2: see `ZD2` (the dictionary's id goes in `hello.zd`)."""
+zd2: see `ZD2` (the dictionary's id goes in `hello.zd`).
+zd3: see `ZD3`."""
 
 __all__ = ["AGENT_CAPS", "CERT_RENEW", "FETCH", "FETCH_QUERY", "SCHEMA", "SCHEMA_PUSH", "ZD2",
-           "ZDICT"]
+           "ZD3", "ZDICT"]

@@ -372,9 +372,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
                 if batch.exhausted:
                     self._may_send = False
                 return
-            payload = batch.payload(self.dev,
-                                    compress_over=sync_cfg.compress_over_bytes or None,
-                                    zdict=self._zdict())
+            payload = self.sync.changes_payload(batch, sync_cfg.compress_over_bytes or None)
             if not self.link.publish(self.up_topic, payload):
                 return
             if self.gate.sent("records", len(payload)):

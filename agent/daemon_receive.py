@@ -107,6 +107,7 @@ class ReceiveHooks:
         if isinstance(msg, wire.Ack):  # the usual message: first, with the fewest tests
             self._answered = True
             result = self.sync.apply_ack(msg)
+            self.sync.packing.answered(ok[0] for ok in msg.ok)
             if result.applied and result.applied[0] in self._inflight:
                 self._note_rtt(self._inflight[result.applied[0]])
             for n in (*result.applied, *result.ignored):
@@ -155,6 +156,7 @@ class ReceiveHooks:
         delays = {rj.n: self._backoff(self.stats.extra.get(f"try:{rj.n}", 0) + 1)
                   for rj in msg.rj if not rj.perm}
         result = self.sync.apply_reject(msg, delays)
+        self.sync.packing.answered(rj.n for rj in msg.rj)
         for n in (*result.dead, *result.ignored):
             self._inflight.pop(n, None)
             self._retry_at.pop(n, None)
@@ -175,10 +177,23 @@ class ReceiveHooks:
                         reasons=sorted({rj.code for rj in msg.rj if rj.perm}))
         if result.error:
             log.warning("message_rejected", dev=self.dev, **result.error)
-            if result.error.get("code") == codec.MALFORMED and self.sync.zd2_refused():
+            code = result.error.get("code")
+            if code == codec.DICTIONARY_UNKNOWN and self.sync.packing.dictionary_unknown():
+                # The server lost this device's recent messages (a restart): what is in
+                # flight goes again at once, with zd2, and the references start anew.
+                log.info("zd3_references_reset", dev=self.dev)
+                self._resend_inflight()
+            elif code == codec.MALFORMED and self.sync.packing.malformed():
                 # The server took zd2 but cannot read it (its schemas changed under the
                 # connection): the changes time out and go again with the zd1 dictionary.
                 log.warning("zd2_dropped", dev=self.dev)
+
+    def _resend_inflight(self) -> None:
+        """Send everything in flight again at the next turn (the server could not read
+        one of the messages, and does not say which changes it held)."""
+        self.stats.resent += len(self._inflight)
+        self._inflight.clear()
+        self._may_send = True
 
     def _on_page(self, page: wire.Page) -> None:
         self.sync.apply_page(page)

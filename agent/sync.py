@@ -18,14 +18,15 @@ from typing import Any
 import orjson
 
 from agent import journal, schema_update, scopes, txn_sync
-from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH, ZD2, ZDICT
+from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH, ZD2
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
 from agent.query.maintain import ensure_indexes
 from agent.status import record_online
 from agent.store import n_key, split_record_key
 from agent.sync_receive import AckResult, CheckpointResult, Receiving, RejectResult
-from schemas import codec, wire, zdict_schema
+from agent.up_packing import UpPacking
+from schemas import codec, wire
 
 _ENVELOPE_BYTES = 96
 """Room for the `changes` envelope ({"type","v","dev","sv","ch":[...]}) in a batch."""
@@ -74,13 +75,9 @@ class Sync(Receiving):
     def __init__(self, core: Core) -> None:
         self._core = core
         self.dev = core.dev
-        self.server_caps: frozenset[str] | None = None
-        """The optional features agreed with the server in its `welcome` to the latest
-        `hello` (PROTOCOL.md §11); None until one arrived on this connection."""
-        self._hello_zd: bytes | None = None
-        """The schema dictionary whose id the latest `hello` named (capability zd2)."""
-        self._up_zd: bytes | None = None
-        """The schema dictionary the server agreed to read (None: not agreed)."""
+        self._server_caps: frozenset[str] | None = None
+        self.packing = UpPacking()
+        """The dictionaries agreed with the server (zd1, zd2, zd3; agent.up_packing)."""
         self.upgrade_needed = False
         """The server's `welcome` said this device's schema version is older than the
         oldest it serves: changes stay in the outbox until the device is upgraded."""
@@ -220,10 +217,7 @@ class Sync(Receiving):
         """The `hello` to send after every (re)connect (and when the checkpoints moved),
         with executed command ids, the store's incarnation and its checkpoints."""
         core = self._core
-        zd: int | None = None
-        if ZD2 in self.offered:
-            self._hello_zd = zdict_schema.dictionary(core.catalog)
-            zd = zdict_schema.dict_id(self._hello_zd)
+        zd = self.packing.hello_zd(core.catalog) if ZD2 in self.offered else None
 
         def run(work: Work) -> wire.Hello:
             return wire.Hello(dev=self.dev, agent=agent_version, sv=core.catalog.version,
@@ -248,27 +242,30 @@ class Sync(Receiving):
         with `schema` whether this device is too old for the server (see
         `apply_schema_versions`)."""
         self.server_caps = frozenset(msg.caps) & self.offered
-        self._up_zd = self._hello_zd if ZD2 in self.server_caps else None
         if SCHEMA in self.server_caps:
             self.apply_schema_versions(msg.sv, msg.sv_min)
         return self.server_caps
 
-    def up_packing(self) -> bool | bytes:
-        """How up messages are compressed (`zdict` of `codec.encode`): with the schema
-        dictionary the server agreed to (zd2), else the protocol's (zd1), else as v1."""
-        caps = self.server_caps
-        if caps is None:
-            return False
-        if self._up_zd is not None:
-            return self._up_zd
-        return ZDICT in caps
+    @property
+    def server_caps(self) -> frozenset[str] | None:
+        """The optional features agreed with the server in its `welcome` to the latest
+        `hello` (PROTOCOL.md §11); None until one arrived on this connection."""
+        return self._server_caps
 
-    def zd2_refused(self) -> bool:
-        """The server could not read a message (`malformed`): stop using the schema
-        dictionary on this connection (back to zd1). True when it was in use."""
-        used = self._up_zd is not None
-        self._up_zd = None
-        return used
+    @server_caps.setter
+    def server_caps(self, caps: frozenset[str] | None) -> None:
+        self._server_caps = caps
+        self.packing.welcome(caps)
+
+    def up_packing(self) -> bool | bytes:
+        """How up messages other than `changes` are compressed (`zdict` of
+        `codec.encode`; agent.up_packing)."""
+        return self.packing.packing()
+
+    def changes_payload(self, batch: Batch, compress_over: int | None) -> bytes:
+        """The wire bytes of `batch`'s `changes` message, as the daemon publishes them
+        (with the device's recent messages as dictionary where `zd3` is agreed)."""
+        return self.packing.changes(batch.numbers[0], batch.payload(self.dev), compress_over)
 
     def apply_schema_versions(self, sv: int | None, sv_min: int | None) -> bool:
         """The server runs schema `sv` and upcasts changes from `sv_min` on. A device

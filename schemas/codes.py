@@ -31,8 +31,12 @@ RECORD_TOO_LARGE: Final = "record_too_large"
 SCHEMA_VERSION: Final = "schema_version"
 SERVER_ERROR: Final = "server_error"
 TXN_ABORTED: Final = "txn_aborted"
+DICTIONARY_UNKNOWN: Final = "dictionary_unknown"
+"""A `zd3` stream made with references the server does not hold (§3): send again with
+`zd2`. Only a device that agreed to `zd3` is told this."""
 
-TRANSIENT_CODES: Final[frozenset[str]] = frozenset({SCHEMA_VERSION, SERVER_ERROR, DEVICE_DISABLED})
+TRANSIENT_CODES: Final[frozenset[str]] = frozenset(
+    {SCHEMA_VERSION, SERVER_ERROR, DEVICE_DISABLED, DICTIONARY_UNKNOWN})
 PERMANENT_CODES: Final[frozenset[str]] = frozenset(
     {
         MALFORMED,
@@ -67,6 +71,7 @@ __all__ = [
     "ALL_CODES",
     "CLOCK_SKEW",
     "DEVICE_DISABLED",
+    "DICTIONARY_UNKNOWN",
     "ID_REUSED",
     "INVALID",
     "MALFORMED",

@@ -55,7 +55,7 @@ def encode(msg: Message, *, compress_over: int | None = None, zdict: bool | byte
     # never holds them: they are spliced in front.
     head = _HEADS.get(model) or _head(model)
     data = head + b"}" if body == b"{}" else head + b"," + body[1:]
-    return _maybe_compress(data, compress_over, zdict)
+    return compress(data, compress_over, zdict)
 
 
 # Members that PROTOCOL.md §7 lists as required (no "?") but that the models give a
@@ -116,10 +116,13 @@ def encode_dict(obj: dict[str, Any], *, compress_over: int | None = None,
         data = orjson.dumps(obj, option=orjson.OPT_STRICT_INTEGER)
     except Exception as exc:
         raise ProtocolError(INVALID, clip_reason(f"cannot encode the message: {exc}")) from None
-    return _maybe_compress(data, compress_over, zdict)
+    return compress(data, compress_over, zdict)
 
 
-def _maybe_compress(data: bytes, compress_over: int | None, zdict: bool | bytes = False) -> bytes:
+def compress(data: bytes, compress_over: int | None, zdict: bool | bytes = False) -> bytes:
+    """`data` (a message's JSON text) as sent: with a preset dictionary (`zdict`: True
+    for zd1's, bytes for another), else plain zlib above `compress_over` bytes, and
+    only when that is smaller."""
     if zdict is True:
         return _zdict.pack(data)
     if zdict:
@@ -131,4 +134,4 @@ def _maybe_compress(data: bytes, compress_over: int | None, zdict: bool | bytes 
     return data
 
 
-__all__ = ["COMPRESS_LEVEL", "encode", "encode_dict"]
+__all__ = ["COMPRESS_LEVEL", "compress", "encode", "encode_dict"]

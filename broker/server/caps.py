@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from schemas import zdict, zdict_schema
+from schemas import zdict, zdict_recent, zdict_schema
 
 SCHEMA = "schema"
 """The server states its schema versions in `welcome` (`sv`, `sv_min`) and holds back
@@ -24,6 +24,11 @@ ZD2 = zdict_schema.CAP
 """Up messages compressed with the dictionary derived from the device's schema (§3,
 `schemas.zdict_schema`): agreed only when this server holds the dictionary whose id the
 `hello` names in `zd` (it has parsed that schema version), so it can read them."""
+
+ZD3 = zdict_recent.CAP
+"""The device's `changes` compressed with its own recent messages (§3,
+`schemas.zdict_recent`): only with `zd2`, and only where `broker.server.recent` serves it
+(a hello offering it elsewhere is read as if it did not)."""
 
 SCHEMA_PUSH = "schema_push"
 """The server sends a device that runs another schema version than the server's the
@@ -44,7 +49,7 @@ FETCH_QUERY = "fetch_query"
 
 SERVER_CAPS: frozenset[str] = frozenset(
     {"creds", "scopes", "sync", "txn", SCHEMA, SCHEMA_PUSH, FETCH, FETCH_QUERY, CERT_RENEW,
-     ZDICT, ZD2})
+     ZDICT, ZD2, ZD3})
 """creds: `waystation device rotate-password` reaches the device as a `creds` command
 (§7.9) and `hello.cred` tells the server it logged in with the new password (§7.1).
 scopes: `waystation device scopes` reaches the device as a `scopes` command (§7.9).
@@ -56,17 +61,21 @@ fetch: see `FETCH`.
 fetch_query: see `FETCH_QUERY`.
 cert_renew: see `CERT_RENEW`.
 zd1: see `ZDICT`.
-zd2: see `ZD2`."""
+zd2: see `ZD2`.
+zd3: see `ZD3`."""
 
 
 def agreed(offered: Iterable[str], *, zd: int | None = None) -> tuple[str, ...]:
     """The features both the device (`offered`) and this server speak, sorted; `zd2`
-    only when this server knows the dictionary `zd` (the hello's) names."""
+    only when this server knows the dictionary `zd` (the hello's) names, `zd3` only
+    with `zd2`."""
     both = set(offered) & SERVER_CAPS
     if ZD2 in both and not zdict_schema.known(zd):
         both.discard(ZD2)
+    if ZD2 not in both:
+        both.discard(ZD3)
     return tuple(sorted(both))
 
 
 __all__ = ["CERT_RENEW", "FETCH", "FETCH_QUERY", "SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "ZD2",
-           "ZDICT", "agreed"]
+           "ZD3", "ZDICT", "agreed"]

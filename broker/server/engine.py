@@ -66,6 +66,7 @@ from broker.server.messages import (
 from broker.server.operations import purge_tombstones
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
+from broker.server.recent import recent_traffic
 from broker.server.registry import Registry
 from broker.server.replies import letter
 from broker.server.schema_push import LiveSchema
@@ -125,6 +126,8 @@ class Engine(GroupTransaction):
         self.registry = Registry()
         self.presence = Presence()
         self.counters: Counter[str] = Counter()
+        self.recent = recent_traffic(config)
+        """The references of devices that agreed to `zd3` (None: not served here)."""
         self._sent_commands: set[str] = set()
         self._dirty: dict[str, dict[str, Any]] = {}
         self._seen: dict[str, dict[str, Any]] = {}
@@ -161,7 +164,8 @@ class Engine(GroupTransaction):
         now = self.now_ms()
         # No registry read here: the group's transaction checks the generation and
         # reloads (and parses again) when it moved (`broker.server.engine_txn`).
-        incs = [parse_up(dev, payload, self.registry, self.cfg) for dev, payload in items]
+        incs = [parse_up(dev, payload, self.registry, self.cfg, self.recent)
+                for dev, payload in items]
         self._commit(incs, now)
         out: list[Outgoing] = []
         fan = Fanout(self.registry, self.presence)

@@ -36,6 +36,7 @@ from broker.server.incoming import Incoming, dead_letters_for, parse_up, wiped_i
 from broker.server.letter_gate import GateSession, LetterGate
 from broker.server.message_apply import apply_message
 from broker.server.presence import Presence
+from broker.server.recent import RecentTraffic
 from broker.server.registry import Registry
 from broker.server.replies import letter
 from broker.server.store.base import DeadLetter, DeviceRow, Store, WriteTxn
@@ -64,6 +65,7 @@ class GroupTransaction:
     applier: Applier
     gate: LetterGate
     counters: Counter[str]
+    recent: RecentTraffic | None
     _dirty: _Fields
     _seen: _Fields
     _letters: list[DeadLetter]
@@ -118,7 +120,7 @@ class GroupTransaction:
         def reload() -> None:
             self._refresh_registry()
             for inc in incs:  # parsed again against the registry as reloaded
-                _reparse(inc, self.registry, self.cfg)
+                _reparse(inc, self.registry, self.cfg, self.recent)
         return schema_guard.transact_live(self.store, fn, reload, self.counters)
 
     def _done(self, result: _Result) -> None:
@@ -193,9 +195,10 @@ class GroupTransaction:
         return rows, ta.stats, session, seen
 
 
-def _reparse(inc: Incoming, registry: Registry, cfg: MergeConfig) -> None:
+def _reparse(inc: Incoming, registry: Registry, cfg: MergeConfig,
+             recent: RecentTraffic | None) -> None:
     """`inc` as `parse_up` makes it against `registry` (its results reset)."""
-    fresh = parse_up(inc.topic_dev, inc.payload, registry, cfg)
+    fresh = parse_up(inc.topic_dev, inc.payload, registry, cfg, recent)
     inc.kind, inc.device, inc.msg = fresh.kind, fresh.device, fresh.msg
     inc.error, inc.blocked = fresh.error, fresh.blocked
 

@@ -16,12 +16,14 @@ from typing import Any
 import structlog
 
 from broker.server.applier import ChangeResult
+from broker.server.recent import RecentTraffic, hello_base, read_plain
 from broker.server.registry import Registry
 from broker.server.replies import batch_letters, letter
 from broker.server.store.base import CommandRow, DeadLetter, DeviceRow
-from schemas import codec
+from schemas import codec, zdict_recent
 from schemas.codec import BadChange, LenientChanges
 from schemas.errors import ProtocolError
+from schemas.payload import DEFAULT_MAX_DECOMPRESSED, payload_bytes
 from schemas.wire import UP_TYPES, Catchup, Change, Csr, Fetch, FetchQuery, Hello
 from waystation.config import MergeConfig
 
@@ -77,12 +79,24 @@ def wiped_in_group(incs: list[Incoming]) -> None:
 
 
 def parse_up(topic_dev: str, payload: bytes, registry: Registry,
-             cfg: MergeConfig) -> Incoming:
-    """Decode and check one up message; refusals land in `Incoming.error`."""
+             cfg: MergeConfig, recent: RecentTraffic | None = None) -> Incoming:
+    """Decode and check one up message; refusals land in `Incoming.error`. With `recent`
+    (this server serves `zd3`) the change batches of devices that agreed to it are
+    kept as their references, and `Incoming.payload` is the message's JSON text."""
     inc = Incoming(topic_dev, payload)
+    plain: bytes | None = None
     try:
-        msg = codec.decode_lenient(payload, allowed=UP_TYPES,
-                                   max_payload=cfg.max_payload_bytes)
+        limit = cfg.max_payload_bytes
+        if recent is not None:
+            data = payload_bytes(payload, limit)
+            plain = read_plain(recent, topic_dev, registry.get(topic_dev), data,
+                               DEFAULT_MAX_DECOMPRESSED)
+            if plain is not None:
+                # The text, not the stream: a dead letter must be readable once the
+                # references it was compressed with are gone.
+                inc.payload = payload = plain
+                limit = max(limit, len(plain))
+        msg = codec.decode_lenient(payload, allowed=UP_TYPES, max_payload=limit)
     except ProtocolError as err:
         inc.error = (err.code, err.reason)
         return inc
@@ -111,8 +125,20 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
                                           "split the batch")
             return inc
         inc.kind = "changes"
+        if plain is not None and recent is not None:
+            first = _first_number(msg)
+            if first is not None:
+                recent.add(dev, first, plain)
     elif isinstance(msg, Hello):
         inc.kind = "hello"
+        if recent is None:
+            if msg.caps and zdict_recent.CAP in msg.caps:  # not served here: not agreed
+                inc.msg = msg.model_copy(
+                    update={"caps": [c for c in msg.caps if c != zdict_recent.CAP]})
+        else:
+            base = hello_base(msg.caps, msg.zd)
+            if base is not None:
+                recent.open(dev, base)
     elif isinstance(msg, Catchup):
         inc.kind = "catchup"
     elif isinstance(msg, Fetch):
@@ -126,10 +152,20 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
     return inc
 
 
+def _first_number(msg: LenientChanges) -> int | None:
+    """The number of the batch's first entry (the device's name for the message)."""
+    if msg.bad and msg.bad[0].index == 0:
+        return msg.bad[0].n
+    return msg.changes.ch[0].n if msg.changes is not None else None
+
+
 def dead_letters_for(inc: Incoming, now: int) -> list[DeadLetter]:
     """What one handled up message leaves for the operator: the refused message, or the
-    refused changes of its batch."""
-    if inc.error is not None:
+    refused changes of its batch. A stream made with references the server no longer
+    holds is not a fault of the message: the device sends it again (`zd2`)."""
+    if inc.error is not None and inc.error[0] == codec.DICTIONARY_UNKNOWN:
+        out = []
+    elif inc.error is not None:
         out = [letter(inc.topic_dev, "up", *inc.error, inc.payload, now)]
     elif inc.blocked:
         out = []  # counted (held_back), not kept: the device sends them again later

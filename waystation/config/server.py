@@ -102,6 +102,12 @@ class MergeConfig(_Model):
     """Records a second one device's fetches by query may make the server read, over
     time (a burst of 4 x the scan budget first): a device asking again and again gets
     smaller answers (at least 100 records read each), never more of the server."""
+    recent_dictionary_bytes: Annotated[int, Field(strict=True, ge=0, le=1 << 32)] = 16 << 20
+    """Memory for the devices' recent messages that `zd3` streams are compressed with
+    (PROTOCOL.md §3, broker.server.recent; ~4-16 KiB per device sending, least recently
+    used dropped first: such a device sends one message again with `zd2`). 0: `zd3` is
+    not served. Not served either where servers share the devices' messages
+    (`shared_group`, `[amqp]`)."""
 
 
 class ServerRetentionConfig(_Model):
