@@ -184,7 +184,8 @@ class MergeServer:
                 "devices_online": len(self.engine.presence.online()),
                 "inbox": intake.items, "intake": intake.to_json(),
                 "dead_letter_store": None if letters is None else letters.to_json(),
-                "connected": self.link.connected}
+                "connected": self.link.connected,
+                "zd3": None if self.engine.recent is None else self.engine.recent.to_json()}
 
     @property
     def healthy(self) -> bool:

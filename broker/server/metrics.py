@@ -103,9 +103,27 @@ class ServerCollector(Collector):
             yield CounterMetricFamily("waystation_server_dead_letters_dropped",
                                       "Dead letters dropped by the store's bounds",
                                       value=stored["dropped"])
+        yield from _zd3(snap.get("zd3"))
         yield GaugeMetricFamily("waystation_server_broker_connected",
                                 "1 while connected to the broker",
                                 value=1 if snap.get("connected") else 0)
+
+
+def _zd3(recent: dict[str, int] | None) -> Iterator[Any]:
+    """The devices' recent messages as dictionary (capability zd3, broker.server.recent);
+    nothing where the server does not serve it."""
+    if not recent:
+        return
+    streams = CounterMetricFamily("waystation_server_zd3_streams",
+                                  "Change messages compressed with the device's recent "
+                                  "messages: read, or refused as dictionary_unknown",
+                                  labels=["outcome"])
+    streams.add_metric(["read"], recent["read"])
+    streams.add_metric(["unknown"], recent["unknown"])
+    yield streams
+    yield GaugeMetricFamily("waystation_server_zd3_bytes",
+                            "Memory held for the devices' recent messages (bounded by "
+                            "merge.recent_dictionary_bytes)", value=recent["bytes"])
 
 
 def _intake(intake: dict[str, Any] | None) -> Iterator[Any]:

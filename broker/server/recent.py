@@ -34,8 +34,10 @@ class RecentTraffic:
         self._devices: OrderedDict[str, ServerRefs] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._bytes = 0
+        self.hits = 0
+        """Streams read with a device's references (metrics)."""
         self.misses = 0
-        """Streams whose dictionary was not found (for metrics and tests)."""
+        """Streams whose references were not found: `dictionary_unknown` (metrics)."""
 
     def open(self, dev: str, base: bytes) -> None:
         """`dev` agreed to zd3 with `base` (its `zd2` dictionary): keep its references,
@@ -66,6 +68,7 @@ class RecentTraffic:
             if found is None:
                 self.misses += 1
             else:
+                self.hits += 1
                 self._devices.move_to_end(dev)
             return found
 
@@ -78,6 +81,12 @@ class RecentTraffic:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    def to_json(self) -> dict[str, int]:
+        """For `server status`-like readers and the metrics endpoint."""
+        with self._lock:
+            return {"devices": len(self._devices), "bytes": self._bytes, "limit": self.limit,
+                    "read": self.hits, "unknown": self.misses}
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -135,14 +144,13 @@ def read_plain(recent: RecentTraffic, dev: str, device: DeviceRow | None, payloa
 
 
 def recent_traffic(config: ServerConfig) -> RecentTraffic | None:
-    """The server's references cache, or None where it does not serve `zd3`: switched
-    off (`merge.recent_dictionary_bytes = 0`), or sharing the devices' messages with
-    other servers (`shared_group`, RabbitMQ's queue), where a device's next message
-    would mostly reach a server that did not read its last ones."""
+    """The server's references cache, or None where `zd3` is switched off
+    (`merge.recent_dictionary_bytes = 0`). Where several servers share the devices'
+    messages (`shared_group`, RabbitMQ's queue) a device's next message often reaches a
+    server that did not read its last ones: it is refused and sent again with `zd2`,
+    and after three such refusals on one connection the device stops using `zd3` until
+    it reconnects (agent.up_packing); such fleets may switch it off."""
     limit = config.merge.recent_dictionary_bytes
-    if not limit or config.shared_group is not None or config.amqp.enabled:
-        return None
-    return RecentTraffic(limit)
-
+    return RecentTraffic(limit) if limit else None
 
 __all__ = ["RecentTraffic", "hello_base", "read_plain", "recent_traffic"]

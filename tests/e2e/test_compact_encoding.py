@@ -18,13 +18,22 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
+ZD3_READ = 'waystation_server_zd3_streams_total{outcome="read"}'
+ZD3_UNKNOWN = 'waystation_server_zd3_streams_total{outcome="unknown"}'
+
+
+@pytest.fixture
+def fleet_options() -> dict[str, Any]:
+    """The `fleet` fixture's servers serve metrics (tests/e2e/conftest.py)."""
+    return {"metrics": True}
+
 
 def test_old_and_new_devices_side_by_side(fleet: Fleet) -> None:
     fleet.add_device("van-1", ["route-42"])
     fleet.add_device("van-2", ["route-42"])
     proc = fleet.start_agent("van-1")
     welcome = wait_until(lambda: proc.events("welcome"), 30, message="the agent's welcome")
-    assert {"zd1", "zd2"} <= set(welcome[-1]["caps"])
+    assert {"zd1", "zd2", "zd3"} <= set(welcome[-1]["caps"])
 
     old = ProtocolDevice("van-2", fleet.passwords["van-2"], port=fleet.port,
                          scopes=["route-42"])
@@ -72,3 +81,31 @@ def test_a_device_whose_schema_copy_differs_keeps_zd1(fleet: Fleet) -> None:
     ag.put("tasks", "t-1", {"route": "route-42", "status": "out", "notes": "zd1 still"})
     fleet.wait_drained("van-1")
     assert proc.events("zd2_dropped") == []
+
+
+def test_lone_changes_use_recent_traffic_and_survive_a_server_restart(fleet: Fleet) -> None:
+    """zd3: on a quiet link each lone change after the first is compressed with the
+    device's last answered ones and read by the server; a restarted server no longer
+    holds them, refuses the next such stream (`dictionary_unknown`, no dead letter), and
+    the agent sends it again at once with zd2: the change arrives, nothing is lost."""
+    fleet.add_device("van-1", ["route-42"])
+    proc = fleet.start_agent("van-1")
+    welcome = wait_until(lambda: proc.events("welcome"), 30, message="the agent's welcome")
+    assert "zd3" in welcome[-1]["caps"]
+    ag = fleet.agent("van-1")
+    for i in range(5):
+        ag.put("tasks", f"t-{i}", {"route": "route-42", "status": "out",
+                                   "notes": f"lone change {i} on a quiet link"})
+        fleet.wait_drained("van-1")
+    fleet.wait(lambda: fleet.metrics()[ZD3_READ] >= 4, 15, what="4 zd3 streams read")
+    assert fleet.metrics()[ZD3_UNKNOWN] == 0
+
+    fleet.kill_server()
+    fleet.start_server()
+    fleet.wait(lambda: len(proc.events("welcome")) >= 2, 60, what="a welcome from the new server")
+    ag.put("tasks", "t-after", {"route": "route-42", "status": "out", "notes": "after"})
+    fleet.wait_drained("van-1")
+    fleet.wait(lambda: fleet.record("tasks", "t-after"), 30, what="the change at the server")
+    assert proc.events("zd3_references_reset"), proc.log_tail()
+    assert fleet.metrics()[ZD3_UNKNOWN] >= 1
+    assert fleet.server_dead_letters() == []

@@ -106,8 +106,8 @@ class MergeConfig(_Model):
     """Memory for the devices' recent messages that `zd3` streams are compressed with
     (PROTOCOL.md §3, broker.server.recent; ~4-16 KiB per device sending, least recently
     used dropped first: such a device sends one message again with `zd2`). 0: `zd3` is
-    not served. Not served either where servers share the devices' messages
-    (`shared_group`, `[amqp]`)."""
+    not served. Where several servers share the devices' messages (`shared_group`,
+    `[amqp]`), a device stops using `zd3` after three refusals on one connection."""
 
 
 class ServerRetentionConfig(_Model):
