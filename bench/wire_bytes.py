@@ -12,8 +12,10 @@ its PUBACK, both ways (TCP/IP headers not counted: bench/footprint.py measures t
 proxy). Each is measured without and with capability zd1 (schemas.zdict: the preset
 dictionary, negotiated in hello/welcome; a v1 device gets the first column) and with zd2
 (schemas.zdict_schema: up messages with the dictionary derived from the collection
-schema, acks still with zd1's); the zd2 rows also give the device link with the topic
-prefix `w` instead of `waystation` (`[mqtt] prefix`, an operator's choice).
+schema, acks still with zd1's) and with zd3 (schemas.zdict_recent: the change messages
+also with the device's last answered ones, through the agent's own `Sync.changes_payload`
+as the daemon sends them); the rows also give the device link with the topic prefix `w`
+instead of `waystation` (`[mqtt] prefix`, an operator's choice).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ UP_TOPIC = "waystation/van-1/up"
 DOWN_TOPIC = "waystation/van-1/down"
 SHORT_UP_TOPIC = "w/van-1/up"
 SHORT_DOWN_TOPIC = "w/van-1/down"
-MODES = ("v1", "zd1", "zd2")
+MODES = ("v1", "zd1", "zd2", "zd3")
 
 
 def mqtt_qos1(topic: str, payload: int) -> int:
@@ -56,13 +58,22 @@ def measure(kind: str, count: int, mode: str = "v1") -> dict[str, Any]:
     make = RECORDS[kind]
     catalog = load_catalog(example_catalog_path())
     zd = mode != "v1"
-    up_zd: bool | bytes = zdict_schema.dictionary(catalog) if mode == "zd2" else zd
+    up_zd: bool | bytes = zdict_schema.dictionary(catalog) if mode in ("zd2", "zd3") else zd
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AgentConfig.model_validate({"device_id": "van-1", "data_dir": tmp,
                                           "scopes": [SCOPE]})
         sync_cfg = cfg.sync
         over = sync_cfg.compress_over_bytes or None
         with Agent.open(cfg, catalog, env={}) as ag:
+            if mode == "zd3":  # the agent's own packing, as after a welcome agreeing it
+                ag.sync.packing.hello_zd(catalog)
+                ag.sync.packing.welcome(frozenset({"zd1", "zd2", "zd3"}))
+
+            def payload(batch: Any) -> bytes:
+                if mode == "zd3":
+                    return ag.sync.changes_payload(batch, over)
+                return bytes(batch.payload("van-1", compress_over=over, zdict=up_zd))
+
             record_json = 0
             for i in range(count):
                 rec = make(SCOPE, i)
@@ -74,7 +85,7 @@ def measure(kind: str, count: int, mode: str = "v1") -> dict[str, Any]:
             envelope: dict[str, float] = {}
             for i in range(min(count, 200)):
                 batch = ag.sync.next_batch((), 1, sync_cfg.batch_max_bytes)
-                up = len(batch.payload("van-1", compress_over=over, zdict=up_zd))
+                up = len(payload(batch))
                 ack = _ack(batch, i + 1)
                 down = len(codec.encode(ack, compress_over=over, zdict=zd))
                 singles += up
@@ -91,6 +102,7 @@ def measure(kind: str, count: int, mode: str = "v1") -> dict[str, Any]:
                     for part, cost in _envelope_costs(plain, up_zd).items():
                         envelope[part] = envelope.get(part, 0) + cost
                 ag.sync.apply_ack(ack)
+                ag.sync.packing.answered(batch.numbers)
             # bulk: what is left, in the daemon's batches
             bulk = bulk_changes = messages = 0
             sent = min(count, 200)
@@ -99,10 +111,11 @@ def measure(kind: str, count: int, mode: str = "v1") -> dict[str, Any]:
                                            sync_cfg.batch_max_bytes)
                 if not batch:
                     break
-                bulk += len(batch.payload("van-1", compress_over=over, zdict=up_zd))
+                bulk += len(payload(batch))
                 bulk_changes += len(batch)
                 messages += 1
                 ag.sync.apply_ack(_ack(batch, sent + 1))
+                ag.sync.packing.answered(batch.numbers)
                 sent += len(batch)
     return {"records": count, "record_json_bytes_avg": record_json / count,
             "single_changes": min(count, 200),
