@@ -16,6 +16,10 @@ asks for a catch-up on every (re)connect and whenever a sequence gap does not fi
 
 Every retry fires on its own timer: nothing waits for the next local write or a restart.
 
+Status: the retained `status` goes at every (re)connect, every `status_interval_s`, and
+within about a second of the outbox draining or of changes starting to wait
+(`agent.status_report`), so the server's view of the outbox is not half a minute old.
+
 Sync policy (`agent.policy`, `[policy]`): before each batch the daemon asks its `Gate`
 whether the records lane may send (sync windows, metered link and budget, battery,
 bandwidth cap, the merge server group's retained announcement on
@@ -53,6 +57,7 @@ from agent.daemon_wake import WakeHooks
 from agent.pacing import Pacer
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
+from agent.status_report import StatusReports
 from schemas import codec, wire
 from schemas.collection import Catalog
 from waystation.config import AgentConfig
@@ -121,7 +126,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         self._retry_at: dict[int, float] = {}        # n -> not before (transient rejects)
         self._catchup: CatchupRound | None = None  # the catch-up under way
         self._catchup_sent = 0.0
-        self._last_status = 0.0
+        self._reports = StatusReports(cfg.sync.status_interval_s)
         self._hello_cp: dict[str, int] | None = None
         self._hello_at = 0.0
         self._hellos_unwelcomed = 0
@@ -423,7 +428,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
     def _publish_status(self, online: bool) -> None:
         msg = self.sync.status_message(online, AGENT_NAME)
         self.link.publish(self.status_topic, codec.encode(msg), qos=1, retain=True)
-        self._last_status = time.monotonic()
+        self._reports.sent(time.monotonic(), msg.pend if online else None)
 
     def _timers(self, now: float) -> None:
         sync_cfg = self.cfg.sync
@@ -433,10 +438,14 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         if not self._connected:
             return
         self._note_policy()
-        if now - self._last_status >= sync_cfg.status_interval_s:
+        if self._reports.periodic_due(now):
             self._publish_status(True)
             self.sync.set_online(True)
             self._hello_if_moved()
+        elif self._reports.prompt_due(now, self.sync.pending_count()):
+            # The outbox drained, or changes keep waiting: `server devices` says so now
+            # (agent.status_report), not at the next periodic status.
+            self._publish_status(True)
         self._creds_timer(now)
         self._cert_timer(now)
         if self._catchup is not None:

@@ -36,7 +36,12 @@ DB = "journal"
 META_KEY = "journal"
 """meta: {"b": bytes held, "c": entries held} (kept in step with the database)."""
 REPLAY_KEY = "replay"
-"""meta: the last replay after a restore ({t, id, changes, units_skipped, scopes})."""
+"""meta: the last replay after a restore ({t, id, changes, units_skipped, scopes, last_n,
+settled}): `last_n` the highest change number sent again, `settled` (ms) when none of
+them was left in the outbox any more (acked again, or refused into the dead letters)."""
+REPLAY_NEWS_MS = 24 * 3_600_000
+"""How long `agent status` keeps saying a restore made the device send acked changes
+again, once they have all left the outbox: news for a day, then history (--json)."""
 MAX_SEQ = 2**53 - 1
 _PRUNE_MIN = 32
 """Old entries a prune may drop per transaction, besides two per entry added."""
@@ -259,9 +264,50 @@ def replay(work: Work, restored: Mapping[str, int], command_id: str) -> Replayed
         tx.set_meta(META_KEY, {"b": max(0, meta["b"] - freed) if left > 0 else 0,
                                "c": max(0, left)})
     done = Replayed(len(chosen.replay), len(chosen.incomplete_units), per_scope)
-    tx.set_meta(REPLAY_KEY, {"t": work.now(), "id": command_id, "changes": done.changes,
-                             "units_skipped": done.units_skipped, "scopes": per_scope})
+    now = work.now()
+    record: dict[str, Any] = {"t": now, "id": command_id, "changes": done.changes,
+                              "units_skipped": done.units_skipped, "scopes": per_scope}
+    if chosen.replay:
+        record["last_n"] = chosen.replay[-1]
+    else:
+        record["settled"] = now  # nothing to send again: over at once
+    tx.set_meta(REPLAY_KEY, record)
     return done
+
+
+def resending(work: Work, doc: Mapping[str, Any]) -> bool:
+    """Changes a replay (`doc`, the REPLAY_KEY meta) sent again are still in the outbox.
+    Judged by change number: the outbox holds one at or below the highest one replayed
+    (a change pending since before the restore, below it, counts too: the server lacks
+    it as well)."""
+    last = doc.get("last_n")
+    if "settled" in doc or not isinstance(last, int):
+        return False
+    with work.tx.cursor("outbox") as cur:
+        return bool(cur.first()) and int.from_bytes(cur.key(), "big") <= last
+
+
+def note_settled(work: Work) -> None:
+    """Record when the last replay's changes have all left the outbox (call in the
+    transaction that removed outbox entries: an ack, a refusal). One meta read when
+    there is nothing to record."""
+    doc = work.tx.meta(REPLAY_KEY)
+    if doc is None or "settled" in doc or resending(work, doc):
+        return
+    work.tx.set_meta(REPLAY_KEY, {**doc, "settled": work.now()})
+
+
+def replay_news(doc: Mapping[str, Any] | None, resend: bool,
+                now: int) -> dict[str, Any] | None:
+    """The replay as `agent status` shows it: `doc` plus `resending` (some of its changes
+    still wait for the server), `settled` (ms, or None while resending) and `past` (over
+    for REPLAY_NEWS_MS: no longer in the status line). A record from before `settled`
+    was kept counts from the replay's own time."""
+    if doc is None:
+        return None
+    settled = None if resend else int(doc.get("settled", doc["t"]))
+    return {**doc, "resending": resend, "settled": settled,
+            "past": settled is not None and now - settled > REPLAY_NEWS_MS}
 
 
 def stats(work: Work) -> dict[str, int]:
@@ -275,5 +321,6 @@ def _unit(entry: Mapping[str, Any]) -> tuple[int, int] | None:
     return None if not x else (int(x[0]), int(x[1]))
 
 
-__all__ = ["DB", "DEFAULT_LIMITS", "META_KEY", "REPLAY_KEY", "Journaled", "Keeper", "Limits",
-           "Replayed", "Selection", "parse_seqs", "prune", "replay", "select", "stats"]
+__all__ = ["DB", "DEFAULT_LIMITS", "META_KEY", "REPLAY_KEY", "REPLAY_NEWS_MS", "Journaled",
+           "Keeper", "Limits", "Replayed", "Selection", "note_settled", "parse_seqs", "prune",
+           "replay", "replay_news", "resending", "select", "stats"]

@@ -82,7 +82,9 @@ class AgentStatus:
     """The acked changes kept for a restored server (agent.journal): {changes, bytes}."""
     replayed: dict[str, Any] | None = None
     """What the latest resync ordered by a server restore gave back: {t, id, changes,
-    units_skipped, scopes} (PROTOCOL.md §9.7); None: no restore seen."""
+    units_skipped, scopes, resending, settled, past} (PROTOCOL.md §9.7, agent.journal);
+    None: no restore seen. The summary says it while changes sent again wait for the
+    server and for `journal.REPLAY_NEWS_MS` (a day) after; then `past` is true."""
 
     @property
     def synced_since_wipe(self) -> bool:
@@ -129,10 +131,8 @@ class AgentStatus:
             extras.append(said)
         if self.wiped and not self.synced_since_wipe:
             extras.append("this device was wiped by the operator")
-        if self.replayed:
-            extras.append(f"the server was restored from a backup ({_when(self.replayed['t'])}): "
-                          f"{self.replayed['changes']} acked change"
-                          f"{'s' if self.replayed['changes'] != 1 else ''} sent again")
+        if self.replayed and not self.replayed.get("past"):
+            extras.append(describe_replay(self.replayed))
         if self.dead_letters:
             extras.append(f"{self.dead_letters} dead letter{'s' if self.dead_letters != 1 else ''}")
         if self.open_conflicts:
@@ -153,6 +153,22 @@ class AgentStatus:
 
 def _when(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+
+
+def describe_replay(r: dict[str, Any]) -> str:
+    """A restore's replay as people read it: what is being (or was) sent again."""
+    count = int(r["changes"])
+    changes = f"{count} acked change{'s' if count != 1 else ''}"
+    text = f"the server was restored from a backup ({_when(r['t'])}): "
+    if r.get("resending"):
+        text += f"sending {changes} again, not all acked yet"
+    else:
+        text += f"{changes} sent again"
+    if r.get("units_skipped"):
+        units = int(r["units_skipped"])
+        text += (f"; {units} transaction{'s' if units != 1 else ''} could not be sent again "
+                 "(part of it was pruned from the journal)")
+    return text
 
 
 def describe_deferral(d: dict[str, Any]) -> str:
@@ -248,7 +264,7 @@ def read_status(core: Core) -> AgentStatus:
             server=policy.get("server") if policy else None, quota=quota,
             evicted=tx.count("evicted"), fetching=tx.count("fetch"),
             fetch_queries=fetch_queries.waiting(work),
-            journal=journal.stats(work), replayed=tx.meta(journal.REPLAY_KEY))
+            journal=journal.stats(work), replayed=_replayed(work, now))
 
     return core.read(run)
 
@@ -256,6 +272,13 @@ def read_status(core: Core) -> AgentStatus:
 def record_online(work: Work, online: bool) -> None:
     """The daemon's heartbeat: connected or not, now, and which process says so."""
     work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid()})
+
+
+def _replayed(work: Work, now: int) -> dict[str, Any] | None:
+    doc = work.tx.meta(journal.REPLAY_KEY)
+    if doc is None:
+        return None
+    return journal.replay_news(doc, journal.resending(work, doc), now)
 
 
 def _last_error(doc: dict[str, Any] | None, now: int) -> dict[str, Any] | None:
@@ -266,5 +289,6 @@ def _last_error(doc: dict[str, Any] | None, now: int) -> dict[str, Any] | None:
     return {**doc, "retry_in_s": round(max(0.0, (doc["retry_at"] - now) / 1000), 1)}
 
 
-__all__ = ["AgentStatus", "describe_deferral", "pid_alive", "read_status", "record_online"]
+__all__ = ["AgentStatus", "describe_deferral", "describe_replay", "pid_alive", "read_status",
+           "record_online"]
 

@@ -127,6 +127,7 @@ class Receiving:
             for scope, qs in by_scope.items():
                 work.set_checkpoint(scope, work.checkpoint(scope).mark_all(qs, now))
             if applied:
+                journal.note_settled(work)  # a restore's replay acked again: when
                 work.tx.set_meta("last_sync", now)
                 if not self.upgrade_needed:  # a problem the server reported is over
                     work.tx.delete("meta", b"last_err")
@@ -234,6 +235,8 @@ class Receiving:
                     event["transaction"] = change_id(self.dev, entry["x"][0])
                 work.feed(c, k, "rejected", event)
                 dead.append(rj.n)
+            if dead:
+                journal.note_settled(work)  # refused for good: out of the outbox too
             error = None
             if reused:
                 # The server holds other content under this incarnation's change ids:

@@ -134,7 +134,7 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     rows = []
     for d in devices:
         rows.append([d.id, devstate.presence(d), ago(d.last_seen_ms, now),
-                     ago(d.synced_ms, now), d.agent or "-", "-" if d.pend < 0 else d.pend,
+                     ago(d.synced_ms, now), d.agent or "-", devstate.pending(d, now),
                      devstate.progress(d, seqs)])
     table(["DEVICE", "STATE", "LAST SEEN", "LAST SYNC", "AGENT", "PENDING",
             "REPORTED CHECKPOINT / SEQ"], rows)

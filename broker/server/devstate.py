@@ -80,6 +80,18 @@ def presence(row: DeviceRow) -> str:
     return online if life == "enabled" else f"{online}, {life}"
 
 
+def pending(row: DeviceRow, now: int) -> str:
+    """The PENDING column of `server devices`: the outbox count the device last reported.
+    An online device reports it periodically and within about a second of a change that
+    matters (agent.status_report); an offline one cannot, so its count says how old it
+    is: "5 (2h ago)"."""
+    if row.pend < 0:
+        return "-"
+    if row.online or not row.pend_ms:
+        return str(row.pend)
+    return f"{row.pend} ({ago(row.pend_ms, now)})"
+
+
 def progress(row: DeviceRow, seqs: Mapping[str, int]) -> str:
     """Per scope: the device's reported checkpoint / the scope's sequence."""
     return ", ".join(f"{s} {row.cp[s]}/{seqs.get(s, 0)}" if s in row.cp
@@ -93,6 +105,7 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
         "state": lifecycle(row), "online": row.online, "created": iso(row.created_ms),
         "last_seen": iso(row.last_seen_ms), "last_sync": iso(row.synced_ms),
         "agent": row.agent, "sv": row.sv, "pending": None if row.pend < 0 else row.pend,
+        "pending_reported": iso(row.pend_ms) or None,
         "store": {"incarnation": row.inc or None, "since": iso(row.inc_ms),
                   "incarnations_seen": row.incs},
         "wipe": None if not row.wipe_id else {
@@ -110,5 +123,5 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
     return doc
 
 
-__all__ = ["ago", "cert_doc", "device_doc", "iso", "lifecycle", "presence", "progress",
-           "removal_state", "rotation_doc"]
+__all__ = ["ago", "cert_doc", "device_doc", "iso", "lifecycle", "pending", "presence",
+           "progress", "removal_state", "rotation_doc"]

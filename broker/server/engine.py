@@ -221,7 +221,15 @@ class Engine(GroupTransaction):
             return []
         if self.presence.set(topic_device, report.on):
             log.info("presence", dev=topic_device, online=report.on)
-        self._dirty.setdefault(topic_device, {}).update(online=report.on, pend=report.pend)
+        fields: dict[str, Any] = {"online": report.on}
+        if report.pend >= 0:
+            # A status without a count (the last will of a device that dropped) keeps the
+            # count last reported, and when: "5, as of 2 h ago" says more than "-". The
+            # time is the device's (a retained status replayed to a restarted server is
+            # as old as it says), never later than now.
+            now = self.now_ms()
+            fields.update(pend=report.pend, pend_ms=min(now, report.t or now))
+        self._dirty.setdefault(topic_device, {}).update(fields)
         return []
 
     def _bad_status(self, dev: str, code: str, reason: str, payload: bytes) -> list[Outgoing]:

@@ -22,6 +22,9 @@ class StatusReport:
 
     on: bool
     pend: int = -1
+    """Changes waiting in its outbox (-1: the status says nothing of it, e.g. a will)."""
+    t: int | None = None
+    """The device's time (ms) of the status, if it says."""
 
 
 def parse_status(topic_device: str, payload: bytes) -> StatusReport:
@@ -36,7 +39,7 @@ def parse_status(topic_device: str, payload: bytes) -> StatusReport:
     if msg.dev != topic_device:
         raise ProtocolError(codec.WRONG_DEVICE, f"status for {msg.dev!r} published on the "
                                                 f"status topic of {topic_device!r}")
-    return StatusReport(msg.on, -1 if msg.pend is None else msg.pend)
+    return StatusReport(msg.on, -1 if msg.pend is None else msg.pend, msg.t)
 
 
 class Presence:

@@ -111,7 +111,7 @@ def test_restore_resync_gives_back_what_the_restored_store_lacks(agent: Agent) -
     assert status.replayed is not None
     assert (status.replayed["id"], status.replayed["changes"]) == ("r-1", 3)
     assert status.replayed["scopes"] == {S: 2, D: 1}
-    assert "3 acked changes sent again" in status.summary()
+    assert "sending 3 acked changes again, not all acked yet" in status.summary()
     assert status.checkpoints[S] == 0
     assert_views_consistent(agent)
 
@@ -121,6 +121,58 @@ def test_restore_resync_gives_back_what_the_restored_store_lacks(agent: Agent) -
     agent.sync.apply_ack(ack((2, S, 10**12 + 11), (3, S, 10**12 + 12), (4, D, 10**12 + 3)))
     assert sorted(journaled(agent)) == [1, 2, 3, 4]
     assert journaled(agent)[2]["q"] == 10**12 + 11
+
+
+def test_the_restore_note_lasts_while_resending_and_a_day_after(agent: Agent,
+                                                                clock: FakeClock) -> None:
+    """`agent status` says the server was restored while changes it sent again wait for
+    the server (however long the device stays offline) and for a day after they all left
+    the outbox; then the line is gone and --json says the replay is past."""
+    for i in range(1, 4):
+        agent.put("tasks", f"t-{i}", {"route": S, "status": "a"})
+    agent.sync.apply_ack(ack((1, S, 10), (2, S, 11), (3, S, 12)))
+    agent.put("tasks", "t-4", {"route": S})  # n 4: pending, never acked
+    assert agent.sync.execute_command(restore("r-1", {S: 10}))
+    assert outbox_numbers(agent) == [2, 3, 4]
+
+    def note() -> str | None:
+        return next((part for part in agent.status().summary().split("; ")
+                     if "restored from a backup" in part), None)
+
+    replayed = agent.status().replayed
+    assert replayed is not None
+    assert (replayed["resending"], replayed["settled"], replayed["past"]) == (True, None, False)
+    assert "sending 2 acked changes again, not all acked yet" in (note() or "")
+    clock.advance(3 * DAY_S)  # offline for days: still under way, still said
+    agent.sync.apply_ack(ack((2, S, 20)))
+    assert agent.status().replayed["resending"]  # type: ignore[index]
+    acked = clock.ms
+    agent.sync.apply_reject(wire.Reject(rj=[  # the last one refused for good: over too
+        wire.Rejection(n=3, code="rule_rejected", reason="no", perm=True)]))
+    replayed = agent.status().replayed
+    assert replayed is not None
+    assert (replayed["resending"], replayed["settled"], replayed["past"]) == (False, acked,
+                                                                              False)
+    assert (note() or "").endswith("2 acked changes sent again")
+    assert outbox_numbers(agent) == [4]  # a change written before the restore: no matter
+    clock.advance(DAY_S - 1)
+    assert note() is not None
+    clock.advance(2)
+    assert note() is None
+    replayed = agent.status().replayed
+    assert replayed is not None and replayed["past"] and replayed["changes"] == 2
+    assert replayed["settled"] == acked  # kept for --json and the local API
+
+
+def test_a_restore_note_from_an_older_agent_counts_from_the_replay(agent: Agent,
+                                                                  clock: FakeClock) -> None:
+    """A replay recorded before `settled` was kept (no `last_n` either): a day after it."""
+    agent._core.write(lambda work: work.tx.set_meta(journal.REPLAY_KEY, {
+        "t": clock.ms, "id": "r-0", "changes": 4, "units_skipped": 0, "scopes": {S: 4}}))
+    assert "4 acked changes sent again" in agent.status().summary()
+    clock.advance(DAY_S + 1)
+    assert "restored" not in agent.status().summary()
+    assert agent.status().replayed["past"]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("args", [
@@ -193,7 +245,9 @@ def test_a_unit_with_a_member_pruned_is_not_replayed(small: Agent, clock: FakeCl
     assert small.pending() == []
     replayed = small.status().replayed
     assert replayed is not None and replayed["units_skipped"] == 1
-    assert replayed["changes"] == 0
+    assert replayed["changes"] == 0 and not replayed["resending"]
+    assert ("0 acked changes sent again; 1 transaction could not be sent again"
+            in small.status().summary())
 
 
 def test_prune_keeps_the_window(small: Agent, clock: FakeClock) -> None:

@@ -112,6 +112,11 @@ def test_restore_gets_back_what_devices_had_acked_after_the_backup(
         assert rec is not None and rec.fields["stock"] == 17
         assert ag.dead_letters() == []
     assert fleet.server_dead_letters() == []
+    # Acked again: `agent status` says it in the past tense (for a day, agent.journal).
+    replayed = one.status().replayed
+    assert replayed is not None and not replayed["resending"] and not replayed["past"]
+    assert replayed["settled"] is not None and replayed["settled"] >= replayed["t"]
+    assert one.status().summary().endswith("2 acked changes sent again")
     # The journal holds them again, at their new sequence numbers.
     assert one.status().journal["changes"] == 4
 

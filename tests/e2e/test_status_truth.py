@@ -62,13 +62,16 @@ def test_a_killed_agent_is_offline_at_once(fleet: Fleet) -> None:
 
 def test_server_devices_reports_what_the_device_has(fleet: Fleet) -> None:
     """Reported checkpoints come from the device after its catch-up; last sync is the
-    last ack or completed catch-up."""
+    last ack or completed catch-up; PENDING falls to 0 right after the device's changes
+    are synced, not at its next periodic status (30 s here, the default)."""
     fleet.add_device("van-1", ["route-1"])
-    fleet.add_device("van-2", ["route-1"])
-    fleet.start_agent("van-2")
+    fleet.add_device("van-2", ["route-1"], sync={"status_interval_s": 30.0})
     for i in range(30):
         fleet.agent("van-2").put("tasks", f"t-{i}", {"route": "route-1"})
+    fleet.start_agent("van-2")  # its status at the connect says 30 pending
     fleet.wait_drained("van-2")
+    fleet.wait(lambda: _server_device(fleet, "van-2")["pending"] == 0 or None, 10,
+               what="server devices shows van-2's outbox drained")
     fleet.start_agent("van-1")
     fleet.wait_converged("van-1")
     seq = fleet.scope_seq("route-1")

@@ -32,7 +32,9 @@ class DeviceRow:
     """The checkpoints the device last reported (in `hello` or a catch-up request): what
     it held then."""
     pend: int = -1
-    """Changes waiting in its outbox, from its last status (-1: unknown)."""
+    """Changes waiting in its outbox, from its last status that said (-1: unknown)."""
+    pend_ms: int = 0
+    """When the device reported `pend` (its clock, at most the server's; 0: unknown)."""
     cp_ms: int = 0
     """When it reported `cp`."""
     synced_ms: int = 0
@@ -73,8 +75,8 @@ class DeviceRow:
         return {"id": self.id, "scopes": list(self.scopes), "enabled": self.enabled,
                 "created": self.created_ms, "seen": self.last_seen_ms, "agent": self.agent,
                 "sv": self.sv, "z": self.z, "online": self.online, "cp": self.cp,
-                "pend": self.pend, "cp_ms": self.cp_ms, "synced": self.synced_ms,
-                "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
+                "pend": self.pend, "pend_ms": self.pend_ms, "cp_ms": self.cp_ms,
+                "synced": self.synced_ms, "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
                 "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms,
                 "caps": list(self.caps), "rot": self.rot, "crt": self.crt}
 
@@ -84,7 +86,8 @@ class DeviceRow:
                    created_ms=data["created"], last_seen_ms=data["seen"],
                    agent=data["agent"], sv=data["sv"], z=data["z"],
                    online=data.get("online", False), cp=data.get("cp", {}),
-                   pend=data.get("pend", -1), cp_ms=data.get("cp_ms", 0),
+                   pend=data.get("pend", -1), pend_ms=data.get("pend_ms", 0),
+                   cp_ms=data.get("cp_ms", 0),
                    synced_ms=data.get("synced", 0), inc=data.get("inc", ""),
                    inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
                    wipe_id=data.get("wipe", ""), wipe_ms=data.get("wipe_ms", 0),

@@ -1,0 +1,54 @@
+"""The PENDING a `server devices` shows: the outbox count a device last reported in its
+`status` (PROTOCOL.md §7.10), and, once the device is offline and cannot report any
+more, how old that count is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from broker.server import devstate
+from broker.server.store.base import DeviceRow, Store
+from tests.server.helpers import make_engine, status
+
+HOUR_MS = 3_600_000
+
+
+def _status(dev: str, **fields: Any) -> bytes:
+    return orjson.dumps({"type": "status", "v": 1, "dev": dev, "on": True, **fields})
+
+
+def _row(store: Store, dev: str) -> DeviceRow:
+    with store.read() as txn:
+        row = txn.get_device(dev)
+    assert row is not None
+    return row
+
+
+def test_the_count_and_its_time_outlive_the_last_will(tmp_path: Path) -> None:
+    engine, store, time = make_engine(tmp_path, {"van-1": ["r1"]})
+    try:
+        assert devstate.pending(_row(store, "van-1"), time()) == "-"  # never reported
+        reported = time() - 2000
+        engine.handle_status("van-1", _status("van-1", pend=5, t=reported))
+        engine.tick()
+        row = _row(store, "van-1")
+        assert (row.online, row.pend, row.pend_ms) == (True, 5, reported)
+        assert devstate.pending(row, time()) == "5"  # online: it reports when it matters
+        # It drops off the network: the broker publishes its will, which has no count.
+        engine.handle_status("van-1", status("van-1", on=False))
+        engine.tick()
+        row = _row(store, "van-1")
+        assert (row.online, row.pend, row.pend_ms) == (False, 5, reported)
+        assert devstate.pending(row, reported + 2 * HOUR_MS) == "5 (2h ago)"
+        doc = devstate.device_doc(row)
+        assert doc["pending"] == 5 and doc["pending_reported"] == devstate.iso(reported)
+        # A device clock ahead of the server's: the report is not from the future.
+        engine.handle_status("van-1", _status("van-1", pend=0, t=time() + HOUR_MS))
+        engine.tick()
+        row = _row(store, "van-1")
+        assert (row.pend, row.pend_ms) == (0, time())
+    finally:
+        store.close()
