@@ -40,7 +40,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
@@ -64,6 +64,7 @@ from broker.server.messages import (
     error_message,
 )
 from broker.server.operations import purge_tombstones
+from broker.server.pending_rows import PendingRows
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
 from broker.server.registry import Registry
@@ -126,9 +127,8 @@ class Engine(GroupTransaction):
         self.presence = Presence()
         self.counters: Counter[str] = Counter()
         self._sent_commands: set[str] = set()
-        self._dirty: dict[str, dict[str, Any]] = {}
-        self._seen: dict[str, dict[str, Any]] = {}
-        """Contact times waiting for the next tick (`broker.server.engine_txn`)."""
+        self._rows = PendingRows()
+        """Presence and contact times waiting to be written (`broker.server.pending_rows`)."""
         self._letters: list[DeadLetter] = []
         self._unresolved_status: dict[str, bytes] = {}
         """Statuses of devices unknown when the registry could not be read (retried)."""
@@ -217,7 +217,7 @@ class Engine(GroupTransaction):
             return []
         if self.presence.set(topic_device, report.on):
             log.info("presence", dev=topic_device, online=report.on)
-        self._dirty.setdefault(topic_device, {}).update(online=report.on, pend=report.pend)
+        self._rows.put(topic_device, {"online": report.on, "pend": report.pend})
         return []
 
     def _bad_status(self, dev: str, code: str, reason: str, payload: bytes) -> list[Outgoing]:
@@ -270,7 +270,7 @@ class Engine(GroupTransaction):
                 purged = purge_tombstones(self.store, now, self.cfg.tombstone_retention_s * 1000)
                 if purged:
                     log.info("tombstones_purged", count=purged)
-            if self._dirty or self._letters or self._seen:
+            if self._rows or self._letters:
                 self._commit([], now)
             out = self._downcast(out)
         except Exception:
@@ -292,7 +292,7 @@ class Engine(GroupTransaction):
         """Call after (re)subscribing to the status topics: everyone is offline until the
         broker's replayed retained statuses say otherwise."""
         for dev in self.presence.reset():
-            self._dirty.setdefault(dev, {})["online"] = False
+            self._rows.put(dev, {"online": False})
 
     # ------------------------------------------------------------------ dead letters
 
@@ -361,7 +361,7 @@ class Engine(GroupTransaction):
         self.counters["catchup_records"] += records
         now = self.now_ms()
         for device, _ in reqs:
-            self._seen.setdefault(device.id, {})["synced_ms"] = now
+            self._rows.put(device.id, {"synced_ms": now})
         return out
 
     # ------------------------------------------------------------------ periodic work
