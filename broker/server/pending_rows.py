@@ -57,8 +57,10 @@ class PendingRows:
         return fields
 
     def contact_of(self, dev: str) -> dict[str, Any]:
-        """What waits for `dev` that was not taken (its contact times): to go with its
-        row when a group writes it anyway. Call `written` once that commits."""
+        """What waits for `dev` that was not taken, to go with its row when a group
+        writes it anyway: its contact times (and fields due that a failed group handed
+        back: written along, they stay due all the same). Call `written` once that
+        commits."""
         return self._fields.get(dev, {})
 
     def written(self, dev: str) -> None:
