@@ -9,7 +9,7 @@ entries: the `agent.work_records` mixin).
 Meta entries (database ``meta``, orjson values, plain text):
 
 ==========  ===============================================================
-format      on-disk format version (`agent.store.FORMAT_VERSION`); migrated on open
+format      on-disk format version (`agent.store_format.FORMAT_VERSION`); migrated on open
 enc         encryption check token (hex) or null
 device      the device id this store belongs to
 created     creation time, ms

@@ -458,12 +458,6 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
             log.info("catchup_for_gap", dev=self.dev)
             self._start_catchup()
 
-    def _backoff(self, attempt: int) -> float:
-        sync_cfg = self.cfg.sync
-        ceiling = min(sync_cfg.backoff_max_s, sync_cfg.backoff_initial_s * 2 ** attempt)
-        low = sync_cfg.backoff_initial_s
-        return self._rng.uniform(low, max(ceiling, low))
-
     def _drain_and_close(self, drain_s: float) -> None:
         deadline = time.monotonic() + drain_s
         while self._inflight and self._connected and time.monotonic() < deadline:

@@ -9,6 +9,7 @@ readable; it runs on the daemon's engine thread like everything else there.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from agent.catchup import CatchupRound
 from agent.clientcert import ClientCerts
 from agent.creds import BadCreds, BrokerCredentials
 from agent.creds import parse as parse_creds
+from agent.retry_backoff import retry_delay
 from agent.sync import Sync
 from schemas import codec, wire
 from schemas.errors import ProtocolError
@@ -55,7 +57,7 @@ class ReceiveHooks:
     _hello_if_moved: Callable[[], None]
     _take_sync_now: Callable[[], None]
     _note_rtt: Callable[[float], None]
-    _backoff: Callable[[int], float]
+    _rng: random.Random
     creds: BrokerCredentials
     certs: ClientCerts
     _cert_command: Callable[[wire.Command], bool]
@@ -151,10 +153,14 @@ class ReceiveHooks:
             self._send(self._hello_msg())
 
     def _on_reject(self, msg: wire.Reject) -> None:
-        # Backoffs chosen before the store write, so the last error it records says when
-        # the next try is (`agent status`), the same time the daemon then keeps to.
-        delays = {rj.n: self._backoff(self.stats.extra.get(f"try:{rj.n}", 0) + 1)
-                  for rj in msg.rj if not rj.perm}
+        # One try counted and one backoff drawn per change refused for now, before the
+        # store write: the last error it records says when the next try is (`agent
+        # status`), the same time the daemon then keeps to.
+        tries = {rj.n: self.stats.extra.get(f"try:{rj.n}", 0) + 1
+                 for rj in msg.rj if not rj.perm}
+        cfg = self.cfg.sync
+        delays = {n: retry_delay(t, cfg.backoff_initial_s, cfg.backoff_max_s, self._rng.random())
+                  for n, t in tries.items()}
         result = self.sync.apply_reject(msg, delays)
         self.sync.packing.answered(rj.n for rj in msg.rj)
         for n in (*result.dead, *result.ignored):
@@ -162,16 +168,16 @@ class ReceiveHooks:
             self._retry_at.pop(n, None)
         self.stats.dead += len(result.dead)
         if result.transient:
-            attempts = {rj.n: rj for rj in msg.rj}
+            codes = {rj.n: rj.code for rj in msg.rj}
             now = time.monotonic()
+            # Every transient one is in `tries`: the store adds only permanent rejections
+            # (the rest of a refused transaction, agent.txn_sync.with_transactions).
             for n in result.transient:
                 self._inflight.pop(n, None)
-                tries = self.stats.extra.get(f"try:{n}", 0) + 1
-                self.stats.extra[f"try:{n}"] = tries
-                delay = delays.get(n)
-                self._retry_at[n] = now + (self._backoff(tries) if delay is None else delay)
-                log.info("change_deferred", dev=self.dev, n=n, code=attempts[n].code,
-                         retry_in_s=round(self._retry_at[n] - now, 1))
+                self.stats.extra[f"try:{n}"] = tries[n]
+                self._retry_at[n] = now + delays[n]
+                log.info("change_deferred", dev=self.dev, n=n, code=codes[n],
+                         retry_in_s=round(delays[n], 1))
         if result.dead:
             log.warning("changes_rejected", dev=self.dev, numbers=result.dead,
                         reasons=sorted({rj.code for rj in msg.rj if rj.perm}))

@@ -53,6 +53,10 @@ Encryption is switched on or off for an existing store by `agent.atrest` (`wayst
 agent encrypt` / `decrypt`); while one runs (or after one was cut short) a sentinel file
 makes `Store.open` refuse the store (`ConversionPending`).
 
+The on-disk format (its version, migrations from older ones, the check of format and
+encryption key when a store opens) is `agent.store_format`; the typed transaction is
+`agent.store_tx`.
+
 Growth: the map starts at storage.map_size_mb; a transaction that hits MDB_MAP_FULL is
 aborted, the map doubled (up to storage.max_map_size_mb) and the transaction re-run.
 Another process's growth (MDB_MAP_RESIZED) is adopted and the transaction re-run. A
@@ -80,21 +84,17 @@ from agent.errors import (
     ConversionPending,
     EncryptionKeyError,
     StorageError,
-    StorageFormatError,
     StorageFullError,
 )
 from agent.groupcommit import GroupCommit, GroupStats, Job
 from agent.keyring import KeyEncryptionKey, data_cipher
+from agent.store_format import FORMAT_VERSION, check_format
 from agent.store_tx import ENCRYPTED_DBS, Tx
 from waystation.atrest import files as atrest_files
 from waystation.diskfull import is_disk_full
 
 T = TypeVar("T")
 
-FORMAT_VERSION = 2
-"""On-disk format this agent writes. 1: the first release. 2: a store incarnation in
-meta (``inc``) and per outbox entry (``i``). Older formats are migrated in place, in the
-opening transaction (`_MIGRATIONS`); a newer format is refused (downgrade)."""
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
             "deadletters", "meta", "feed", "index", "evicted", "fetch", "fetchq", "journal")
@@ -114,9 +114,6 @@ def split_record_key(raw: bytes) -> tuple[str, str]:
 
 def n_key(n: int) -> bytes:
     return n.to_bytes(8, "big")
-
-
-"""Below this much free space, an I/O error from a commit is taken as a full disk."""
 
 
 _LOCK_RESERVE_BYTES = 64 * 1024
@@ -144,16 +141,6 @@ def _reserve_lock_file(env_dir: Path) -> None:
         # a filesystem without fallocate (EOPNOTSUPP): nothing reserved, as before
     finally:
         os.close(fd)
-
-
-def _migrate_1_to_2(tx: Tx) -> None:
-    """Format 2 adds incarnations. Nothing stored is rewritten: outbox entries without
-    an incarnation are the legacy one's, and the agent gives the store its first
-    incarnation when it claims it (`agent.core.Core.claim_identity`)."""
-
-
-_MIGRATIONS: dict[int, Callable[[Tx], None]] = {1: _migrate_1_to_2}
-"""Format n -> n + 1, run inside the transaction that opens the store (all or nothing)."""
 
 
 @dataclass
@@ -252,43 +239,12 @@ class Store:
             env.reader_check()  # clear reader slots of killed processes
             for name in DB_NAMES:
                 store._dbs[name] = store._retry(partial(env.open_db, name.encode()))
-            store.write(store._check_format)
+            store.write(partial(check_format, path=env_dir, cipher=cipher))
         except BaseException:
             env.close()
             store.closed = True
             raise
         return store
-
-    def _check_format(self, tx: Tx) -> None:
-        version = tx.meta("format")
-        if version is None:
-            tx.set_meta("format", FORMAT_VERSION)
-            tx.set_meta("enc", None if self._cipher is None else self._cipher.check_token().hex())
-            return
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-            raise StorageFormatError(
-                f"the local store at {self.path} has on-disk format {version}, but this agent "
-                f"reads formats up to {FORMAT_VERSION}: run the agent version that wrote it "
-                "(or a newer one); never move the data_dir aside while it holds unsynced "
-                "writes")
-        while version < FORMAT_VERSION:
-            _MIGRATIONS[version](tx)
-            version += 1
-            tx.set_meta("format", version)
-        token = tx.meta("enc")
-        if token is not None and self._cipher is None:
-            raise EncryptionKeyError(
-                f"the local store at {self.path} is encrypted: set "
-                "storage.encryption_key_file to the key file it was created with")
-        if token is None and self._cipher is not None:
-            raise EncryptionKeyError(
-                f"the local store at {self.path} was created without encryption: remove "
-                "storage.encryption_key_file, or start an encrypted store in a new data_dir")
-        if token is not None and self._cipher is not None and not self._cipher.verify(
-                bytes.fromhex(token)):
-            raise EncryptionKeyError(
-                f"the encryption key from {self._cipher.source} is not the key the local "
-                f"store at {self.path} was encrypted with")
 
     @property
     def encrypted(self) -> bool:

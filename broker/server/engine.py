@@ -64,6 +64,7 @@ from broker.server.messages import (
     error_message,
 )
 from broker.server.operations import purge_tombstones
+from broker.server.pending_rows import PendingRows
 from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import Presence, parse_status
 from broker.server.recent import recent_traffic
@@ -129,9 +130,8 @@ class Engine(GroupTransaction):
         self.recent = recent_traffic(config)
         """The references of devices that agreed to `zd3` (None: not served here)."""
         self._sent_commands: set[str] = set()
-        self._dirty: dict[str, dict[str, Any]] = {}
-        self._seen: dict[str, dict[str, Any]] = {}
-        """Contact times waiting for the next tick (`broker.server.engine_txn`)."""
+        self._rows = PendingRows()
+        """Presence and contact times waiting to be written (`broker.server.pending_rows`)."""
         self._letters: list[DeadLetter] = []
         self._unresolved_status: dict[str, bytes] = {}
         """Statuses of devices unknown when the registry could not be read (retried)."""
@@ -229,7 +229,7 @@ class Engine(GroupTransaction):
             # as old as it says), never later than now.
             now = self.now_ms()
             fields.update(pend=report.pend, pend_ms=min(now, report.t or now))
-        self._dirty.setdefault(topic_device, {}).update(fields)
+        self._rows.put(topic_device, fields)
         return []
 
     def _bad_status(self, dev: str, code: str, reason: str, payload: bytes) -> list[Outgoing]:
@@ -282,7 +282,7 @@ class Engine(GroupTransaction):
                 purged = purge_tombstones(self.store, now, self.cfg.tombstone_retention_s * 1000)
                 if purged:
                     log.info("tombstones_purged", count=purged)
-            if self._dirty or self._letters or self._seen:
+            if self._rows or self._letters:
                 self._commit([], now)
             out = self._downcast(out)
         except Exception:
@@ -304,7 +304,7 @@ class Engine(GroupTransaction):
         """Call after (re)subscribing to the status topics: everyone is offline until the
         broker's replayed retained statuses say otherwise."""
         for dev in self.presence.reset():
-            self._dirty.setdefault(dev, {})["online"] = False
+            self._rows.put(dev, {"online": False})
 
     # ------------------------------------------------------------------ dead letters
 
@@ -373,7 +373,7 @@ class Engine(GroupTransaction):
         self.counters["catchup_records"] += records
         now = self.now_ms()
         for device, _ in reqs:
-            self._seen.setdefault(device.id, {})["synced_ms"] = now
+            self._rows.put(device.id, {"synced_ms": now})
         return out
 
     # ------------------------------------------------------------------ periodic work

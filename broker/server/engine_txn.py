@@ -11,11 +11,12 @@ transaction anyway, and when it moved the registry is reloaded, the group's mess
 parsed again against it (a device enrolled, disabled or re-scoped meanwhile) and the
 group run again (`_transact_live`). One read transaction per message fewer online.
 
-Contact times (`last_seen_ms`, `synced_ms`) are for the operator's view only: a group
-that changes nothing else of a device's row keeps them in memory (`_seen`) and the next
-tick writes them, about a second later (at most that much of them is lost in a crash;
-a clean stop writes them, `Engine.flush`), instead of every message rewriting its
-device's row.
+Row fields wait in memory for a transaction (`broker.server.pending_rows`): presence
+goes with the next one, a group's or the tick's; contact times (`last_seen_ms`,
+`synced_ms`, for the operator's view only) of a group that changes nothing else of a
+device's row wait for the next tick, about a second later (at most that much of them is
+lost in a crash; a clean stop writes them, `Engine.flush`), instead of every message
+rewriting its device's row.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 
@@ -35,6 +36,7 @@ from broker.server.fanout import Fanout
 from broker.server.incoming import Incoming, dead_letters_for, parse_up, wiped_in_group
 from broker.server.letter_gate import GateSession, LetterGate
 from broker.server.message_apply import apply_message
+from broker.server.pending_rows import CONTACT_FIELDS, Fields, PendingRows
 from broker.server.presence import Presence
 from broker.server.recent import RecentTraffic
 from broker.server.registry import Registry
@@ -47,11 +49,8 @@ log = structlog.get_logger("broker.server.engine")
 
 _T = TypeVar("_T")
 MAX_PENDING_LETTERS = 1000
-SEEN_FIELDS = frozenset({"last_seen_ms", "synced_ms"})
-"""Row fields written at the next tick when a group changes nothing else of a row."""
 
-_Fields = dict[str, dict[str, Any]]
-_Result = tuple[list[DeviceRow], BatchStats, GateSession, _Fields]
+_Result = tuple[list[DeviceRow], BatchStats, GateSession, Fields]
 
 
 class GroupTransaction:
@@ -66,8 +65,7 @@ class GroupTransaction:
     gate: LetterGate
     counters: Counter[str]
     recent: RecentTraffic | None
-    _dirty: _Fields
-    _seen: _Fields
+    _rows: PendingRows
     _letters: list[DeadLetter]
 
     def _refresh_registry(self) -> bool:
@@ -80,13 +78,10 @@ class GroupTransaction:
         """Apply the group in one transaction; on a failure, each message on its own.
         With no messages (the tick) it writes what waits: presence, contact times,
         dead letters."""
-        if not incs and not self._dirty and not self._letters and not self._seen:
+        if not incs and not self._rows and not self._letters:
             return
-        dirty, self._dirty = self._dirty, {}
-        if not incs and self._seen:
-            seen, self._seen = self._seen, {}
-            for dev, fields in seen.items():
-                dirty[dev] = {**fields, **dirty.get(dev, {})}
+        # A group writes the rows due (presence); the tick writes every waiting row.
+        dirty = self._rows.take_due() if incs else self._rows.take_all()
         letters, self._letters = self._letters, []
         try:
             self._done(self._transact_live(
@@ -128,9 +123,9 @@ class GroupTransaction:
         self._done_letters(session)
         for row in rows:
             self.registry.put(row)
-            self._seen.pop(row.id, None)  # written with the row
+            self._rows.written(row.id)  # its waiting contact times went with it
         for dev, fields in seen.items():
-            self._seen.setdefault(dev, {}).update(fields)
+            self._rows.put(dev, fields)
         counters = self.counters  # plain adds: Counter.update(**kw) is slow per group
         counters["applied"] += st.applied
         counters["duplicates"] += st.duplicates
@@ -138,12 +133,11 @@ class GroupTransaction:
         counters["transient"] += st.transient
         counters["conflicts"] += st.conflicts
 
-    def _restore(self, dirty: _Fields, letters: list[DeadLetter]) -> None:
-        for dev, changes in dirty.items():
-            self._dirty[dev] = {**changes, **self._dirty.get(dev, {})}
+    def _restore(self, dirty: Fields, letters: list[DeadLetter]) -> None:
+        self._rows.restore(dirty)
         self._letters = (letters + self._letters)[-MAX_PENDING_LETTERS:]
 
-    def _apply_all(self, txn: WriteTxn, incs: list[Incoming], now: int, dirty: _Fields,
+    def _apply_all(self, txn: WriteTxn, incs: list[Incoming], now: int, dirty: Fields,
                    letters: list[DeadLetter]) -> _Result:
         """The body of the group transaction (may run again after a retryable failure)."""
         if incs:  # first, before any scope lock (`broker.server.schema_guard`)
@@ -169,7 +163,7 @@ class GroupTransaction:
                         for ch in inc.msg.changes.ch}
         if group_scopes:
             txn.lock_scopes(sorted(group_scopes))
-        updates: _Fields = {dev: dict(ch) for dev, ch in dirty.items()}
+        updates: Fields = {dev: dict(ch) for dev, ch in dirty.items()}
         for inc in incs:
             inc.results, inc.commands = [], []
             if inc.error is None and inc.device is not None:
@@ -182,14 +176,14 @@ class GroupTransaction:
         for dead in letters:
             txn.add_dead_letter(dead)
         rows: list[DeviceRow] = []
-        seen: _Fields = {}
+        seen: Fields = {}
         for dev, fields in updates.items():
-            if dev not in dirty and fields.keys() <= SEEN_FIELDS:
+            if dev not in dirty and fields.keys() <= CONTACT_FIELDS:
                 seen[dev] = fields  # the next tick writes them (module docstring)
                 continue
             row = txn.get_device(dev)
             if row is not None:
-                row = dataclasses.replace(row, **{**self._seen.get(dev, {}), **fields})
+                row = dataclasses.replace(row, **{**self._rows.contact_of(dev), **fields})
                 txn.put_device(row)
                 rows.append(row)
         return rows, ta.stats, session, seen
@@ -207,4 +201,4 @@ def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:
     return txn.add_dead_letter(letter)
 
 
-__all__ = ["MAX_PENDING_LETTERS", "SEEN_FIELDS", "GroupTransaction"]
+__all__ = ["MAX_PENDING_LETTERS", "GroupTransaction"]

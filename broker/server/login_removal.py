@@ -3,7 +3,7 @@
 edited by `device remove` at once, `broker.cli.logins`).
 
 `device remove` queues the deletion in the transaction that unregisters the device (a
-`remove_login` command row of its id, never sent to a device: `registry.deliverable`).
+`LoginRemoval` row of its id, in a table of its own: `WriteTxn.put_login_removal`).
 The running server carries it out like a rotation's switch (`rotation_files.advance`):
 at each tick, in a thread of its own (`RabbitLogins.delete_many`: `rabbitmqctl` takes
 seconds, even to find a node down), retried at every tick while it fails; a failure is
@@ -20,10 +20,9 @@ from typing import Any
 
 import structlog
 
-from broker.server.registry import REMOVE_LOGIN
 from broker.server.rotation_files import ERROR_REPEAT_MS, BrokerLogins
 from broker.server.rotation_rabbitmq import RabbitLogins
-from broker.server.store.base import CommandRow, ReadTxn, Store, WriteTxn
+from broker.server.store.base import LoginRemoval, ReadTxn, Store, WriteTxn
 
 log = structlog.get_logger(__name__)
 
@@ -31,19 +30,16 @@ MAX_PER_TICK = 100
 """Deletions started in one tick (one delete command each); the rest at the next ticks."""
 
 
-def pending(txn: ReadTxn) -> list[CommandRow]:
+def pending(txn: ReadTxn) -> list[LoginRemoval]:
     """The login deletions still due, oldest first."""
-    rows = [c for c in txn.commands() if c.cmd == REMOVE_LOGIN and not c.done_ms]
-    return sorted(rows, key=lambda c: (c.created_ms, c.device))
+    return txn.login_removals()
 
 
-def removal_doc(row: CommandRow) -> dict[str, Any]:
+def removal_doc(row: LoginRemoval) -> dict[str, Any]:
     """A deletion still due, for `server status` and `device list`."""
-    failed = row.args.get("failed_ms")
-    return {"device": row.device, "queued_ms": row.created_ms,
-            "failing": None if not isinstance(failed, int) else
-            {"at_ms": failed, "error": str(row.args.get("error", "")),
-             "hint": str(row.args.get("hint", ""))}}
+    return {"device": row.device, "queued_ms": row.queued_ms,
+            "failing": None if not row.failed_ms else
+            {"at_ms": row.failed_ms, "error": row.error, "hint": row.hint}}
 
 
 class LoginRemovals:
@@ -53,7 +49,7 @@ class LoginRemovals:
     def __init__(self, logins: RabbitLogins) -> None:
         self.logins = logins
         self._generation = -1
-        self._due: dict[str, CommandRow] = {}
+        self._due: dict[str, LoginRemoval] = {}
         self._failing: dict[str, int] = {}
         """Device -> when its failure was last logged and noted."""
 
@@ -84,27 +80,29 @@ class LoginRemovals:
                 self._failing[dev] = now
                 hint = self.logins.delete_hint(dev)
                 log.error("device_login_removal_failed", dev=dev, error=error, hint=hint)
-                self._due[dev] = dataclasses.replace(
-                    row, args={**row.args, "failed_ms": now, "error": error, "hint": hint})
+                self._due[dev] = dataclasses.replace(row, failed_ms=now, error=error, hint=hint)
                 store.transact(partial(_note, row=self._due[dev]))
         return done
 
 
-def _forget(txn: WriteTxn, row: CommandRow) -> bool:
+def _same(txn: ReadTxn, row: LoginRemoval) -> bool:
+    """`row` is still the removal due for its id: not enrolled again (which dropped it),
+    nor enrolled and removed again (a removal of its own)."""
+    current = txn.get_login_removal(row.device)
+    return current is not None and current.id == row.id
+
+
+def _forget(txn: WriteTxn, row: LoginRemoval) -> bool:
     """Drop the deletion done; False when it is no longer there (the id was enrolled
-    again meanwhile: the device's commands are its own now)."""
-    if txn.get_device(row.device) is not None:
+    again meanwhile)."""
+    if not _same(txn, row):
         return False
-    if not any(c.id == row.id for c in txn.commands(row.device)):
-        return False
-    txn.delete_commands(row.device)
-    return True
+    return txn.delete_login_removal(row.device)
 
 
-def _note(txn: WriteTxn, row: CommandRow) -> None:
-    if txn.get_device(row.device) is None and any(c.id == row.id
-                                                   for c in txn.commands(row.device)):
-        txn.put_command(row)
+def _note(txn: WriteTxn, row: LoginRemoval) -> None:
+    if _same(txn, row):
+        txn.put_login_removal(row)
 
 
 def login_removals(logins: BrokerLogins) -> LoginRemovals | None:

@@ -17,14 +17,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from broker.errors import DeviceExists, InvalidArgument, ServerError, UnknownDevice
-from broker.server.store.base import CommandRow, DeviceRow, ReadTxn, Store, WriteTxn
+from broker.server.store.base import (
+    CommandRow,
+    DeviceRow,
+    LoginRemoval,
+    ReadTxn,
+    Store,
+    WriteTxn,
+)
 from schemas.wire import ID_PATTERN
 
 _ID_RE = re.compile(ID_PATTERN)
 COMMANDS = ("wipe", "resync", "ping", "sync")
-REMOVE_LOGIN = "remove_login"
-"""Not a device command: the broker login of a removed device that the server still has
-to delete (`broker.server.login_removal`), kept as a command row of its id."""
 
 
 class RegistryMoved(ServerError):
@@ -61,7 +65,7 @@ def add_device(store: Store, dev: str, scopes: Sequence[str], now_ms: int) -> De
             raise DeviceExists(f"device {dev!r} is already registered; remove it first or "
                                "pick another id")
         # A removal of an earlier device of this id still due must not delete this login.
-        txn.delete_commands(dev)
+        txn.delete_login_removal(dev)
         txn.put_device(row)
         txn.bump_registry()
         return row
@@ -87,8 +91,8 @@ def remove_device(store: Store, dev: str, now_ms: int = 0, *,
         txn.delete_outcomes(dev)
         txn.delete_commands(dev)
         if remove_login:
-            txn.put_command(CommandRow(f"{REMOVE_LOGIN}-{now_ms:x}-{secrets.token_hex(3)}",
-                                       dev, REMOVE_LOGIN, {}, created_ms=now_ms))
+            txn.put_login_removal(LoginRemoval(
+                dev, f"remove_login-{now_ms:x}-{secrets.token_hex(3)}", now_ms))
         txn.bump_registry()
         return row
 
@@ -199,8 +203,6 @@ def deliverable(cmd: CommandRow, caps: Iterable[str]) -> bool:
     """Whether `cmd` may be sent to a device that agreed to `caps`: a `creds`, `scopes`
     or `sync` command only to a device that speaks it (a v1 device keeps it pending; for
     scopes its config decides, for creds the operator writes its config)."""
-    if cmd.cmd == REMOVE_LOGIN:
-        return False  # for the broker, never for a device (nor one enrolled again)
     need = COMMAND_CAPS.get(cmd.cmd)
     return need is None or need in caps
 
@@ -286,7 +288,6 @@ class Registry:
 
 __all__ = [
     "COMMANDS",
-    "REMOVE_LOGIN",
     "Registry",
     "RegistryMoved",
     "add_device",

@@ -11,7 +11,7 @@ import lmdb
 import pytest
 
 from broker.errors import StoreFormatError, StoreFullError
-from broker.server.store.base import DeadLetter, dead_letter_bytes
+from broker.server.store.base import CommandRow, DeadLetter, LoginRemoval, dead_letter_bytes
 from broker.server.store.lmdb_store import LmdbStore
 
 
@@ -106,3 +106,32 @@ def test_dead_letters_of_a_store_without_totals_are_measured(tmp_path: Path) -> 
         store.transact(lambda t: t.add_dead_letter(old))
         with store.read() as txn:
             assert txn.dead_letter_stats().bytes == 2 * dead_letter_bytes(old)
+
+
+def test_a_format_1_store_moves_its_login_removals_to_their_table(tmp_path: Path) -> None:
+    """Format 1 kept a pending login deletion as a `remove_login` command row: opened by
+    this version, the rows move to the removals table (failure included), the other
+    commands stay, and the store says format 2."""
+    with LmdbStore(tmp_path) as store:
+        store.transact(lambda t: (
+            t.put_command(CommandRow("remove_login-1", "van-1", "remove_login", {
+                "failed_ms": 7, "error": "nodedown", "hint": "rabbitmqctl delete_user van-1"},
+                created_ms=5)),
+            t.put_command(CommandRow("remove_login-2", "van-2", "remove_login", {},
+                                     created_ms=6)),
+            t.put_command(CommandRow("c-1", "van-3", "ping", created_ms=1))))
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=20)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", b"1", db=env.open_db(b"meta", txn=txn))
+        txn.drop(env.open_db(b"login_removals", txn=txn))  # not in format 1
+    env.close()
+    with LmdbStore(tmp_path) as store, store.read() as txn:
+        assert txn.login_removals() == [
+            LoginRemoval("van-1", "remove_login-1", 5, 7, "nodedown",
+                         "rabbitmqctl delete_user van-1"),
+            LoginRemoval("van-2", "remove_login-2", 6)]
+        assert [c.id for c in txn.commands()] == ["c-1"]
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=20)
+    with env.begin() as txn:
+        assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"2"
+    env.close()

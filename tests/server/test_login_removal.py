@@ -18,7 +18,7 @@ from broker.server import login_removal, registry
 from broker.server.login_removal import LoginRemovals
 from broker.server.rotation_files import ERROR_REPEAT_MS
 from broker.server.rotation_rabbitmq import RabbitLogins
-from broker.server.store.base import Store
+from broker.server.store.base import LoginRemoval, Store
 from tests.helpers import wait_until
 from waystation.cli import main
 
@@ -48,7 +48,7 @@ def _deleted(tmp_path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def _pending(store: Store) -> list[login_removal.CommandRow]:
+def _pending(store: Store) -> list[LoginRemoval]:
     with store.read() as txn:
         return login_removal.pending(txn)
 
@@ -59,8 +59,9 @@ def test_remove_queues_the_deletion_and_a_new_enrolment_cancels_it(store: Store)
     registry.remove_device(store, "van-1", 10, remove_login=True)
     registry.remove_device(store, "van-2", 11)  # a password file: the CLI deleted it
     [row] = _pending(store)
-    assert row.device == "van-1" and row.created_ms == 10
-    assert not registry.deliverable(row, ("sync", "scopes", "creds", "cert_renew"))
+    assert row.device == "van-1" and row.queued_ms == 10
+    with store.read() as txn:
+        assert txn.commands() == []  # not a command: nothing a device could be sent
     registry.add_device(store, "van-1", ["r1"], 20)
     assert _pending(store) == []
 

@@ -27,6 +27,7 @@ from broker.server.store import open_store
 from broker.server.store.base import (
     DeadLetter,
     DeviceRow,
+    LoginRemoval,
     OutcomeRow,
     WriteTxn,
     dead_letter_bytes,
@@ -169,6 +170,33 @@ def test_dead_letters_of_a_version_1_database_are_measured_after_migration(url: 
         with store.read() as txn:
             stats = txn.dead_letter_stats()
         assert (stats.count, stats.bytes, stats.truncated) == (1, dead_letter_bytes(old), 1)
+
+
+def test_login_removals_kept_as_commands_move_to_their_table(url: str) -> None:
+    """A version 4 database kept a pending login deletion as a `remove_login` command
+    row: migration 5 moves it (failure included) to the removals table; other commands
+    stay."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+        conn.execute(f"SET search_path = {SCHEMA}")
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in migrations()[:4]:
+            conn.execute(m.sql.encode())
+            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                         (m.version, m.name))
+        for dev, cid, cmd, args, created in (
+                ("van-1", "remove_login-1", "remove_login",
+                 '{"failed_ms": 7, "error": "nodedown", "hint": "rabbitmqctl delete_user"}', 5),
+                ("van-2", "remove_login-2", "remove_login", "{}", 6),
+                ("van-3", "c-1", "ping", "{}", 1)):
+            conn.execute("INSERT INTO commands (dev, id, cmd, args, created_ms) "
+                         "VALUES (%s, %s, %s, %s::jsonb, %s)", (dev, cid, cmd, args, created))
+    with PostgresStore(url) as store, store.read() as txn:
+        assert txn.login_removals() == [
+            LoginRemoval("van-1", "remove_login-1", 5, 7, "nodedown", "rabbitmqctl delete_user"),
+            LoginRemoval("van-2", "remove_login-2", 6)]
+        assert [c.id for c in txn.commands()] == ["c-1"]
 
 
 def test_role_without_create_rights_uses_a_prepared_database(url: str) -> None:

@@ -14,6 +14,7 @@ from broker.server.store.base import (
     DeadLetterLimits,
     DeadLetterStats,
     DeviceRow,
+    LoginRemoval,
     Notice,
     OutcomeRow,
     Store,
@@ -322,6 +323,26 @@ def test_dead_letter_count_bound_is_kept_on_insert_and_counted(store_factory: ob
         stats = txn.dead_letter_stats()
         assert [d.reason for d in txn.dead_letters(10)] == [f"bad {i}" for i in (9, 8, 7, 6)]
     assert stats.dropped == 6 and stats.dropped_bytes == 6 * dead_letter_bytes(_aged(0, 0))
+
+
+def test_login_removals_one_per_device(store: Store) -> None:
+    """A removed device's login deletion: one per id, oldest first, replaced in place
+    (a failure noted), dropped once done; not a command of the id."""
+    store.transact(lambda t: (t.put_login_removal(LoginRemoval("van-2", "r2", 20)),
+                              t.put_login_removal(LoginRemoval("van-1", "r1", 10))))
+    failed = LoginRemoval("van-2", "r2", 20, failed_ms=30, error="nodedown\x00",
+                          hint="rabbitmqctl delete_user van-2")
+    store.transact(lambda t: t.put_login_removal(failed))
+    with store.read() as txn:
+        assert [r.device for r in txn.login_removals()] == ["van-1", "van-2"]
+        got = txn.get_login_removal("van-2")
+        assert got is not None and (got.id, got.failed_ms) == ("r2", 30)
+        assert got.hint == failed.hint and got.error.startswith("nodedown")
+        assert txn.get_login_removal("van-3") is None and txn.commands() == []
+    assert store.transact(lambda t: t.delete_login_removal("van-1"))
+    assert not store.transact(lambda t: t.delete_login_removal("van-1"))
+    with store.read() as txn:
+        assert [r.id for r in txn.login_removals()] == ["r2"]
 
 
 def test_commands_per_device(store: Store) -> None:

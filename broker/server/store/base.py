@@ -33,6 +33,8 @@ What is kept (all in the same transactional store):
     dead letters  id -> DeadLetter (time, device, topic, code, reason, raw payload <= 64 KiB),
                   bounded by DeadLetterLimits (count, bytes, age); drops are counted
     commands      (device, id) -> CommandRow
+    login removals  device -> LoginRemoval: broker logins of removed devices the server
+                  still has to delete (`broker.server.login_removal`)
     notices       id -> Notice: record versions written outside the merge consumer (the
                   operator's `server resolve`) that the running server must fan out
     schemas       version -> SchemaVersionRow: the published collection-schema history
@@ -58,6 +60,7 @@ from broker.server.store.rows import (
     DeadLetterLimits,
     DeadLetterStats,
     DeviceRow,
+    LoginRemoval,
     Notice,
     OutcomeRow,
     SchemaVersionRow,
@@ -68,8 +71,10 @@ from broker.server.store.rows import (
 
 T = TypeVar("T")
 
-STORE_FORMAT = 1
-"""Version of the stored layout; a store refuses to open another version."""
+STORE_FORMAT = 2
+"""Version of the LMDB store's layout (PostgreSQL: its numbered migrations). 2: login
+removals in a table of their own (format 1 kept them as `remove_login` command rows),
+migrated when a format 1 store opens. A newer version is refused."""
 
 
 class ReadTxn(Protocol):
@@ -122,6 +127,10 @@ class ReadTxn(Protocol):
     def schema_versions(self) -> list[SchemaVersionRow]:
         """Every published schema version, rolled back ones included, oldest first."""
         ...
+    def login_removals(self) -> list[LoginRemoval]:
+        """Every login deletion still due, oldest first."""
+        ...
+    def get_login_removal(self, dev: str) -> LoginRemoval | None: ...
     def notices(self, limit: int) -> list[Notice]:
         """Oldest first."""
         ...
@@ -244,6 +253,12 @@ class WriteTxn(ReadTxn, Protocol):
         ...
     def put_command(self, row: CommandRow) -> None: ...
     def delete_commands(self, dev: str) -> int: ...
+    def put_login_removal(self, row: LoginRemoval) -> None:
+        """Insert or replace the removal of `row.device`."""
+        ...
+    def delete_login_removal(self, dev: str) -> bool:
+        """Drop the removal of `dev`; False if there is none."""
+        ...
     def add_notice(self, notice: Notice) -> int: ...
     def delete_notice(self, nid: int) -> None: ...
     def put_schema_version(self, row: SchemaVersionRow) -> None:
@@ -283,6 +298,7 @@ __all__ = [
     "DeadLetterLimits",
     "DeadLetterStats",
     "DeviceRow",
+    "LoginRemoval",
     "Notice",
     "OutcomeRow",
     "ReadTxn",

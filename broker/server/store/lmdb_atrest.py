@@ -34,6 +34,7 @@ from waystation.atrest.rawenv import RawEnv
 
 MARKER = b"atrest"
 _NAMES = tuple(n for n in DBS if n in SEALED)
+_FORMATS = {str(v).encode() for v in range(1, STORE_FORMAT + 1)}
 
 
 def _pending(store_dir: Path, op: str) -> StoreError:
@@ -50,10 +51,12 @@ def _exclusive(data_dir: Path, max_map_size_mb: int) -> Iterator[RawEnv]:
         raw.refuse_if_shared("the server (systemctl stop waystation-server) and every "
                              "`waystation server/device` command using the store")
         fmt = raw.meta_raw(b"format")
-        if fmt is not None and fmt != str(STORE_FORMAT).encode():
+        # Older formats differ in tables that are never sealed (the login removals of
+        # format 1): converted as they are, and migrated when the store next opens.
+        if fmt is not None and fmt not in _FORMATS:
             raise StoreError(f"the server store at {raw.env_dir} has format "
-                             f"{fmt.decode(errors='replace')}; this version converts format "
-                             f"{STORE_FORMAT}: run the matching version")
+                             f"{fmt.decode(errors='replace')}; this version converts formats "
+                             f"up to {STORE_FORMAT}: run the matching version")
         yield raw
     finally:
         raw.close()

@@ -5,7 +5,7 @@ in `broker.server.store.lmdb_txn`), opened with ``sync=True``: a committed trans
 disk. The map grows on demand (doubling, up to ``max_map_size_mb``), as a long-running
 server needs; another process that grew it (the operator CLI) is followed
 transparently. The layout's format version is kept in the ``meta`` table and checked on
-open.
+open; an older format is migrated in the opening transaction (`_MIGRATIONS`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import lmdb
 from agent.crypto import ValueCipher
 from agent.keyring import KeyEncryptionKey
 from broker.errors import StoreError, StoreFormatError, StoreFullError, StoreKeyError
-from broker.server.store import lmdb_keys
+from broker.server.store import lmdb_keys, lmdb_removals
 from broker.server.store.base import (
     STORE_FORMAT,
     DeadLetterLimits,
@@ -38,6 +38,9 @@ from waystation.diskfull import is_disk_full
 
 T = TypeVar("T")
 _MB = 1024 * 1024
+_MIGRATIONS: dict[int, Callable[[Any, dict[str, Any]], object]] = {
+    1: lmdb_removals.migrate_1_to_2}
+"""Format n -> n + 1 (`base.STORE_FORMAT`), run in the transaction that opens the store."""
 
 
 class LmdbStore:
@@ -125,11 +128,17 @@ class LmdbStore:
                 if new_store and self._cipher is not None:
                     txn._txn.put(b"enc", self._cipher.check_token().hex().encode(),
                                  db=self._dbs["meta"])
-            elif raw != str(STORE_FORMAT).encode():
+                return
+            version = int(raw) if raw.isdigit() else -1
+            if not 1 <= version <= STORE_FORMAT:
                 raise StoreFormatError(
                     f"the server store at {self.path} has format {raw.decode(errors='replace')}, "
                     f"this version of Waystation reads format {STORE_FORMAT}: run the matching "
                     "version, or move the directory away to start an empty store")
+            while version < STORE_FORMAT:  # older formats migrate in this transaction
+                _MIGRATIONS[version](txn._txn, self._dbs)
+                version += 1
+                txn._txn.put(b"format", str(version).encode(), db=self._dbs["meta"])
         self.transact(check)
 
     # --- transactions

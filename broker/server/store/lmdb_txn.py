@@ -4,7 +4,8 @@ Key layout (integers are 8-byte big-endian so keys sort numerically; NUL separat
 strings, which never contain it: ids, collection names and keys exclude control
 characters):
 
-    meta          b"format" -> b"1"; b"registry" -> gen; b"next:<table>" -> next id
+    meta          b"format" -> b"2" (`base.STORE_FORMAT`); b"registry" -> gen;
+                  b"next:<table>" -> next id
     devices       dev -> JSON DeviceRow
     records       c NUL k -> JSON RecordState
     seqs          scope -> q
@@ -19,6 +20,7 @@ characters):
     deadletters   id -> u32 header length, JSON header, raw payload (and totals in meta:
                   see `broker.server.store.lmdb_letters`)
     commands      dev NUL id -> JSON CommandRow
+    login_removals  dev -> JSON LoginRemoval (`broker.server.store.lmdb_removals`)
     notices       id -> JSON [scope, q, rec]
     schemas       version -> JSON SchemaVersionRow
 """
@@ -33,7 +35,7 @@ import lmdb
 import orjson
 
 from broker.server.identity import NS_SEP
-from broker.server.store import lmdb_letters
+from broker.server.store import lmdb_letters, lmdb_removals
 from broker.server.store.base import (
     CommandRow,
     ConflictRow,
@@ -41,6 +43,7 @@ from broker.server.store.base import (
     DeadLetterLimits,
     DeadLetterStats,
     DeviceRow,
+    LoginRemoval,
     Notice,
     OutcomeRow,
     SchemaVersionRow,
@@ -48,7 +51,8 @@ from broker.server.store.base import (
 )
 
 DBS = ("meta", "devices", "records", "seqs", "horizons", "index", "tombs", "outcomes",
-       "conflicts", "conflicts_open", "deadletters", "commands", "notices", "schemas")
+       "conflicts", "conflicts_open", "deadletters", "commands", "notices", "schemas",
+       "login_removals")
 _U64 = struct.Struct(">Q")
 _SEP = b"\x00"
 DEFAULT_MAX_DEAD_LETTERS = DeadLetterLimits().max_count
@@ -250,6 +254,12 @@ class LmdbReadTxn:
         with self._txn.cursor(db=self._db["schemas"]) as cur:
             return [SchemaVersionRow.from_json(orjson.loads(v)) for _, v in cur]
 
+    def login_removals(self) -> list[LoginRemoval]:
+        return lmdb_removals.all_rows(self._txn, self._db)
+
+    def get_login_removal(self, dev: str) -> LoginRemoval | None:
+        return lmdb_removals.get(self._txn, self._db, dev)
+
     def counts(self) -> dict[str, int]:
         def n(name: str) -> int:
             return int(self._txn.stat(self._db[name])["entries"])
@@ -446,6 +456,12 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     def delete_commands(self, dev: str) -> int:
         return self._delete_prefix("commands", _s(dev) + _SEP)
+
+    def put_login_removal(self, row: LoginRemoval) -> None:
+        lmdb_removals.put(self._txn, self._db, row)
+
+    def delete_login_removal(self, dev: str) -> bool:
+        return lmdb_removals.delete(self._txn, self._db, dev)
 
     def add_notice(self, notice: Notice) -> int:
         nid = self._next_id("notices")

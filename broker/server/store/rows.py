@@ -251,6 +251,31 @@ class CommandRow:
 
 
 @dataclass(frozen=True, slots=True)
+class LoginRemoval:
+    """The broker login of a removed device that the server still has to delete
+    (RabbitMQ: `broker.server.login_removal`); at most one per device id."""
+
+    device: str
+    id: str
+    """Tells this removal from a later one of the same id (enrolled and removed again)."""
+    queued_ms: int
+    failed_ms: int = 0
+    """When the deletion last failed (0: not yet); `error` and `hint` say why and how
+    to delete the login by hand."""
+    error: str = ""
+    hint: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "id": self.id, "queued": self.queued_ms,
+                "failed": self.failed_ms, "error": self.error, "hint": self.hint}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoginRemoval:
+        return cls(device=data["device"], id=data["id"], queued_ms=data["queued"],
+                   failed_ms=data["failed"], error=data["error"], hint=data["hint"])
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A record version written outside the merge consumer, waiting to be fanned out."""
 
@@ -296,6 +321,7 @@ __all__ = [
     "DeadLetterLimits",
     "DeadLetterStats",
     "DeviceRow",
+    "LoginRemoval",
     "Notice",
     "OutcomeRow",
     "SchemaVersionRow",

@@ -20,6 +20,9 @@ Schema (``broker/server/store/migrations/*.sql``, everything in the schema ``way
                   primary key; bounded by count, bytes and age (``letters.py``)
     dead_letter_drops  what the bounds dropped (one row per trim)
     commands      (dev, id) -> row
+    login_removals  dev -> (id, queued_ms, failed_ms, error, hint): broker logins of
+                  removed devices still to delete (migration 0005; before it,
+                  `remove_login` rows in commands)
     notices       id identity -> (scope, q, rec jsonb)
     schema_versions  version -> (published_ms, source, text, rolled_back_ms): the
                   published collection-schema history (migration 0004)

@@ -13,6 +13,7 @@ from broker.server.store.base import (
     DeadLetter,
     DeadLetterStats,
     DeviceRow,
+    LoginRemoval,
     Notice,
     OutcomeRow,
     SchemaVersionRow,
@@ -206,6 +207,15 @@ class PgReadTxn:
                 in self._all("SELECT version, published_ms, source, text, rolled_back_ms "
                              "FROM schema_versions ORDER BY version")]
 
+    _REMOVAL_COLS = "SELECT dev, id, queued_ms, failed_ms, error, hint FROM login_removals "
+
+    def login_removals(self) -> list[LoginRemoval]:
+        return [_removal(r) for r in self._all(self._REMOVAL_COLS + "ORDER BY queued_ms, dev")]
+
+    def get_login_removal(self, dev: str) -> LoginRemoval | None:
+        row = self._one(self._REMOVAL_COLS + "WHERE dev = %s", (dev,))
+        return None if row is None else _removal(row)
+
     def counts(self) -> dict[str, int]:
         self._sync()
         names = ("records", "devices", "outcomes", "conflicts", "open_conflicts",
@@ -224,6 +234,11 @@ def _outcome(row: Any) -> OutcomeRow:
     if code:
         return OutcomeRow(c, k, code=code, reason=reason, d=d)
     return OutcomeRow(c, k, scope=scope, q=int(q), d=d)
+
+
+def _removal(row: Any) -> LoginRemoval:
+    dev, rid, queued, failed, error, hint = row
+    return LoginRemoval(dev, rid, int(queued), int(failed), error, hint)
 
 
 def _conflict(row: Any) -> ConflictRow:

@@ -17,6 +17,7 @@ from broker.server.store.base import (
     ConflictRow,
     DeadLetter,
     DeviceRow,
+    LoginRemoval,
     Notice,
     OutcomeRow,
     SchemaVersionRow,
@@ -383,6 +384,17 @@ class PgWriteTxn(BufferedWrites, PgReadTxn, SchemaLocks):
 
     def delete_commands(self, dev: str) -> int:
         return self._run("DELETE FROM commands WHERE dev = %s", (dev,)).rowcount
+
+    def put_login_removal(self, row: LoginRemoval) -> None:
+        self._run("INSERT INTO login_removals (dev, id, queued_ms, failed_ms, error, hint) "
+                  "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (dev) DO UPDATE SET "
+                  "id = EXCLUDED.id, queued_ms = EXCLUDED.queued_ms, "
+                  "failed_ms = EXCLUDED.failed_ms, error = EXCLUDED.error, hint = EXCLUDED.hint",
+                  (row.device, row.id, row.queued_ms, row.failed_ms, _clean(row.error),
+                   _clean(row.hint)))
+
+    def delete_login_removal(self, dev: str) -> bool:
+        return self._run("DELETE FROM login_removals WHERE dev = %s", (dev,)).rowcount > 0
 
     def add_notice(self, notice: Notice) -> int:
         return int(self._one("INSERT INTO notices (scope, q, rec) VALUES (%s, %s, %s) "
