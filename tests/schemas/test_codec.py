@@ -819,7 +819,7 @@ def _section_8_codes() -> dict[str, bool]:
 def test_codes_match_protocol_section_8() -> None:
     """The code constants and their permanent/transient split follow PROTOCOL.md §8."""
     table = _section_8_codes()
-    assert len(table) == 21
+    assert len(table) == 22
     assert set(table) == ALL_CODES
     assert {code for code, perm in table.items() if perm} == PERMANENT_CODES
     assert {code for code, perm in table.items() if not perm} == TRANSIENT_CODES
