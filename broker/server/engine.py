@@ -159,6 +159,9 @@ class Engine(GroupTransaction):
         for row in self.registry.devices():
             if row.online:
                 self.presence.set(row.id, True)
+        # Recorded now, not at the first tick: a server that dies within its first
+        # second must not leave the previous run's "stopped cleanly" standing.
+        self._beat(self.heartbeat.row.started_ms)
 
     # ------------------------------------------------------------------ public API
 
