@@ -102,11 +102,12 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
     """What `server status` / `server devices` say when no server runs."""
     as_of = presence_as_of(rows)
     if not rows:
-        when = ("no merge server has recorded itself in this store (none has run since "
-                "this release was installed)")
+        when = ("no merge server has recorded itself in this store; one started before "
+                "an upgrade to this release does not: restart it")
         since = "as the last server left it"
     else:
-        when = (f"each one listed stopped, or has not been seen for over {stale_s} s")
+        when = (f"every merge server recorded in this store stopped, or has not been seen "
+                f"for over {stale_s} s: `waystation server status` lists them")
         since = f"as of {iso(as_of)}, when the last server was seen"
     return (f"NO MERGE SERVER IS RUNNING ({when}). Device presence (online/offline) is "
             f"{since}, not live, and devices' changes wait in the broker until a server "
