@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from broker.cli.common import live_schema, now_ms, server_config
-from broker.server import devstate, login_removal
+from broker.server import devstate, liveness, login_removal
 from broker.server.store import open_store
-from broker.server.store.base import DeadLetterStats
+from broker.server.store.base import DeadLetterStats, ServerRow
 from waystation.cli.output import ago, iso, print_json, table
 
 
@@ -27,8 +27,12 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             horizons = {s: txn.purge_horizon(s) for s in seqs}
             letters = txn.dead_letter_stats()
             removals = [login_removal.removal_doc(r) for r in login_removal.pending(txn)]
+            servers = txn.servers()
     finally:
         store.close()
+    now = now_ms()
+    stale_ms = _stale_s(args) * 1000
+    running = liveness.any_running(servers, now, stale_ms)
     online = sorted(d.id for d in devices if d.online)
     rotating = {d.id: rot for d in devices
                 if (rot := devstate.rotation_doc(d)) is not None and rot["stage"] != "retired"}
@@ -37,6 +41,10 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 and crt["renewal"]["stage"] != "in use"}
     doc: dict[str, Any] = {
         "server_id": config.server_id,
+        "server_running": running,
+        "presence_as_of": None if running else iso(liveness.presence_as_of(servers)) or None,
+        "stale_after_s": _stale_s(args),
+        "servers": [liveness.server_doc(r, now, stale_ms) for r in servers],
         "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
                   "capacity_bytes": info.capacity_bytes,
                   "encrypted": bool(getattr(store, "encrypted", False))},
@@ -70,6 +78,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
     sealed = ", encrypted at rest" if doc["store"]["encrypted"] else ""
     print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}{sealed}")
+    _print_servers(servers, now, stale_ms, running, _stale_s(args))
     if file_version == catalog.version:
         print(f"schema version {catalog.version} ({config.schema_path()})")
     else:
@@ -79,7 +88,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
               f"{config.schema_path()} is version {file_version})")
     print(f"devices: {len(devices)} known, {doc['devices']['enabled']} enabled, "
           f"{len(online)} online" + (f" ({', '.join(online[:10])}"
-                                     f"{', ...' if len(online) > 10 else ''})" if online else ""))
+                                     f"{', ...' if len(online) > 10 else ''})" if online else "")
+          + ("" if running else " as the last server left them, not live"))
     print(f"records: {doc['records']}; open conflicts: {doc['open_conflicts']} "
           f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
     print(_letters_line(letters, config.dead_letters.max_count,
@@ -102,6 +112,20 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def _stale_s(args: argparse.Namespace) -> int:
+    stale: int | None = getattr(args, "stale_after", None)
+    return liveness.STALE_AFTER_S if stale is None else stale
+
+
+def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, running: bool,
+                   stale_s: int) -> None:
+    """Which merge servers run, and plainly when none does (`broker.server.liveness`)."""
+    for row in servers:
+        print(liveness.describe(row, now, stale_ms))
+    if not running:
+        print(liveness.no_server_warning(servers, stale_s))
+
+
 def _letters_line(st: DeadLetterStats, max_count: int, max_bytes: int) -> str:
     """What the dead letters hold against their bounds, and what the bounds dropped."""
     line = (f"dead letters kept: {st.count} of at most {max_count}, "
@@ -122,18 +146,28 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         with store.read() as txn:
             devices = txn.devices()
             seqs = txn.scope_seqs()
+            servers = txn.servers()
     finally:
         store.close()
+    now = now_ms()
+    stale_s = _stale_s(args)
+    # With no server running, presence is as the last one left it: say so, per device
+    # (`presence_as_of` in JSON; "online?" in the table) and once above the table.
+    as_of = (None if liveness.any_running(servers, now, stale_s * 1000)
+             else liveness.presence_as_of(servers))
     if args.json:
-        print_json([devstate.device_doc(d, seqs) for d in devices])
+        print_json([{**devstate.device_doc(d, seqs),
+                     "presence_as_of": None if as_of is None else iso(as_of) or "unknown"}
+                    for d in devices])
         return 0
     if not devices:
         print("no devices registered (add one with `waystation device add ID --scope S`)")
         return 0
-    now = now_ms()
+    if as_of is not None:
+        print(liveness.no_server_warning(servers, stale_s))
     rows = []
     for d in devices:
-        rows.append([d.id, devstate.presence(d), ago(d.last_seen_ms, now),
+        rows.append([d.id, devstate.presence(d, as_of), ago(d.last_seen_ms, now),
                      ago(d.synced_ms, now), d.agent or "-", devstate.pending(d, now),
                      devstate.progress(d, seqs)])
     table(["DEVICE", "STATE", "LAST SEEN", "LAST SYNC", "AGENT", "PENDING",

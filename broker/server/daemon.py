@@ -239,7 +239,8 @@ class MergeServer:
                                      max_items=_MAX_GROUP, max_bytes=_MAX_GROUP_BYTES,
                                      window=window)
             if group is None:
-                self.engine.flush()  # contact times and presence wait for a tick
+                # contact times and presence wait for a tick; and say we stopped cleanly
+                self.engine.flush(stopping=True)
                 return
             if group:
                 self._process(group)

@@ -73,10 +73,15 @@ def removal_state(doc: Mapping[str, Any]) -> str:
     return state
 
 
-def presence(row: DeviceRow) -> str:
-    """The STATE column of `server devices`: lifecycle first, then online/offline."""
+def presence(row: DeviceRow, as_of_ms: int | None = None) -> str:
+    """The STATE column of `server devices`: lifecycle first, then online/offline.
+    `as_of_ms` (not None: no merge server runs, `broker.server.liveness`) is when the
+    presence was last kept: "online" becomes "online? (as of T)", since nobody marks a
+    device that went away offline (0: unknown, no server ever recorded itself)."""
     life = lifecycle(row)
     online = "online" if row.online else "offline"
+    if row.online and as_of_ms is not None:
+        online = f"online? (as of {iso(as_of_ms) or 'an unknown time'})"
     return online if life == "enabled" else f"{online}, {life}"
 
 

@@ -13,12 +13,14 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
     engine.tick() -> [(device_id, message_bytes)]
         call about once a second: picks up registry changes made by the CLI (and sends
         newly issued commands to online devices), fans out operator resolutions queued
-        in the store, purges old tombstones, flushes presence to the store.
+        in the store, purges old tombstones, flushes presence to the store, and every
+        few seconds records that this server is alive (`broker.server.liveness`).
     engine.reset_presence()
         after (re)subscribing to the status topics; the replayed retained statuses
         rebuild presence.
-    engine.flush()
-        when stopping: writes what waits for the next tick (presence, contact times).
+    engine.flush(stopping=True)
+        when stopping: writes what waits for the next tick (presence, contact times) and
+        that this server stopped cleanly (`broker.server.liveness`).
 
 One thread only: the engine is not thread-safe (the daemon's worker owns it).
 
@@ -56,6 +58,7 @@ from broker.server.fanout import Fanout, Outgoing
 from broker.server.fetch_query import QueryLimits, ScanAllowance
 from broker.server.incoming import Incoming, parse_up
 from broker.server.letter_gate import GateLimits, GateSession, LetterGate
+from broker.server.liveness import Heartbeat
 from broker.server.messages import (
     Compression,
     Packing,
@@ -74,6 +77,7 @@ from broker.server.schema_push import LiveSchema
 from broker.server.store.base import (
     DeadLetter,
     DeadLetterStats,
+    ServerRow,
     Store,
     WriteTxn,
 )
@@ -142,6 +146,9 @@ class Engine(GroupTransaction):
         """The store's dead-letter figures, read at each trim (for metrics)."""
         self._next_purge = 0
         self._next_trim = 0
+        self.heartbeat = Heartbeat(config.server_id, config.server_group, __version__,
+                                   now_ms())
+        """This server's liveness row (`broker.server.liveness`), written by the tick."""
         self._refresh_registry()
         self._commands_gen = -1  # push pending commands to online devices at the first tick
         # Start from the presence last recorded; the retained statuses the broker replays
@@ -152,6 +159,9 @@ class Engine(GroupTransaction):
         for row in self.registry.devices():
             if row.online:
                 self.presence.set(row.id, True)
+        # Recorded now, not at the first tick: a server that dies within its first
+        # second must not leave the previous run's "stopped cleanly" standing.
+        self._beat(self.heartbeat.row.started_ms)
 
     # ------------------------------------------------------------------ public API
 
@@ -282,18 +292,35 @@ class Engine(GroupTransaction):
                 purged = purge_tombstones(self.store, now, self.cfg.tombstone_retention_s * 1000)
                 if purged:
                     log.info("tombstones_purged", count=purged)
-            if self._rows or self._letters:
-                self._commit([], now)
+            # The liveness row goes with the waiting rows: one transaction per tick.
+            beat = self.heartbeat.due(now)
+            if self._rows or self._letters or beat is not None:
+                self._commit([], now, beat)
             out = self._downcast(out)
         except Exception:
             log.exception("tick_failed")
+            # Still alive and merging: say so even when other periodic work failed (a
+            # store that cannot be written fails this too, and the server shows as gone).
+            self._beat(now)
         return out
 
-    def flush(self) -> None:
-        """Write what waits for the next tick (presence, contact times, dead letters);
-        the daemon calls it when it stops. Never raises."""
+    def _beat(self, now: int) -> None:
+        beat = self.heartbeat.due(now)
+        if beat is None:
+            return
         try:
-            self._commit([], self.now_ms())
+            self.store.transact(partial(_put_server, row=beat))
+            self.heartbeat.written(beat)
+        except Exception:
+            log.exception("liveness_write_failed")
+
+    def flush(self, *, stopping: bool = False) -> None:
+        """Write what waits for the next tick (presence, contact times, dead letters);
+        `stopping`: and that this server stopped cleanly (the daemon's last call).
+        Never raises."""
+        now = self.now_ms()
+        try:
+            self._commit([], now, self.heartbeat.stopping(now) if stopping else None)
         except Exception:  # pragma: no cover - _commit logs and keeps what failed
             log.exception("flush_failed")
 
@@ -403,6 +430,10 @@ class Engine(GroupTransaction):
         if not drain_notices(self.store, fan, generation=self.registry.generation):
             return []
         return fan.messages(self._compress_over)
+
+
+def _put_server(txn: WriteTxn, row: ServerRow) -> None:
+    txn.put_server(row)
 
 
 def _trim_letters(txn: WriteTxn, now: int, cfg: MergeConfig) -> tuple[int, int]:

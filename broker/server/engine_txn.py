@@ -35,13 +35,14 @@ from broker.server.applier import Applier, BatchStats
 from broker.server.fanout import Fanout
 from broker.server.incoming import Incoming, dead_letters_for, parse_up, wiped_in_group
 from broker.server.letter_gate import GateSession, LetterGate
+from broker.server.liveness import Heartbeat
 from broker.server.message_apply import apply_message
 from broker.server.pending_rows import CONTACT_FIELDS, Fields, PendingRows
 from broker.server.presence import Presence
 from broker.server.recent import RecentTraffic
 from broker.server.registry import Registry
 from broker.server.replies import letter
-from broker.server.store.base import DeadLetter, DeviceRow, Store, WriteTxn
+from broker.server.store.base import DeadLetter, DeviceRow, ServerRow, Store, WriteTxn
 from schemas import codec
 from waystation.config import MergeConfig, ServerConfig
 
@@ -65,6 +66,7 @@ class GroupTransaction:
     gate: LetterGate
     counters: Counter[str]
     recent: RecentTraffic | None
+    heartbeat: Heartbeat
     _rows: PendingRows
     _letters: list[DeadLetter]
 
@@ -74,18 +76,21 @@ class GroupTransaction:
     def _done_letters(self, session: GateSession) -> None:
         raise NotImplementedError
 
-    def _commit(self, incs: list[Incoming], now: int) -> None:
+    def _commit(self, incs: list[Incoming], now: int, server: ServerRow | None = None
+                ) -> None:
         """Apply the group in one transaction; on a failure, each message on its own.
         With no messages (the tick) it writes what waits: presence, contact times,
-        dead letters."""
-        if not incs and not self._rows and not self._letters:
+        dead letters, and `server`, this server's liveness row when one is due."""
+        if not incs and not self._rows and not self._letters and server is None:
             return
         # A group writes the rows due (presence); the tick writes every waiting row.
         dirty = self._rows.take_due() if incs else self._rows.take_all()
         letters, self._letters = self._letters, []
         try:
             self._done(self._transact_live(
-                incs, lambda txn: self._apply_all(txn, incs, now, dirty, letters)))
+                incs, lambda txn: self._apply_all(txn, incs, now, dirty, letters, server)))
+            if server is not None:
+                self.heartbeat.written(server)
             return
         except StoreError:
             log.exception("store_failed", messages=len(incs))
@@ -138,8 +143,10 @@ class GroupTransaction:
         self._letters = (letters + self._letters)[-MAX_PENDING_LETTERS:]
 
     def _apply_all(self, txn: WriteTxn, incs: list[Incoming], now: int, dirty: Fields,
-                   letters: list[DeadLetter]) -> _Result:
+                   letters: list[DeadLetter], server: ServerRow | None = None) -> _Result:
         """The body of the group transaction (may run again after a retryable failure)."""
+        if server is not None:
+            txn.put_server(server)
         if incs:  # first, before any scope lock (`broker.server.schema_guard`)
             schema_guard.check(txn, self.registry.generation)
             wiped_in_group(incs)

@@ -13,6 +13,7 @@ import signal
 
 import pytest
 
+from broker.server.store.base import ServerRow
 from tests.e2e.fleet import Fleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -21,6 +22,11 @@ INCREMENTS = 3000
 # Small batches and a small window, so a drain of 3,000 changes takes many round trips
 # and a crash can land in the middle of it.
 THROTTLED = {"batch_max_changes": 50, "max_inflight_changes": 100}
+
+
+def _servers(fleet: Fleet) -> list[ServerRow]:
+    with fleet.store.read() as txn:
+        return txn.servers()
 
 
 def write_offline(fleet: Fleet, dev: str, count: int, key: str = "sku-1") -> None:
@@ -74,11 +80,17 @@ def test_server_killed_after_apply_before_ack(fleet: Fleet) -> None:
     fleet.add_device("van-1", ["depot-7"])
     write_offline(fleet, "van-1", count)
     fleet.stop_server()
+    (stopped,) = _servers(fleet)
+    assert stopped.stopped_ms >= stopped.seen_ms > 0, "a clean stop records itself"
     fleet.start_server(env={"WAYSTATION_FAILPOINT": "after_commit:1"})
     fleet.start_agent("van-1")
 
     assert fleet.server.wait_exit(30) == -signal.SIGKILL
     assert fleet.server.events("failpoint_after_commit"), fleet.server.log_tail()
+    # The killed run recorded its start and no clean stop: `server status` calls it gone
+    # once it is not seen for the threshold (tests/server/test_cli.py shows the wording).
+    (killed,) = _servers(fleet)
+    assert killed.started_ms > stopped.stopped_ms and killed.stopped_ms == 0
     applied = fleet.value("inventory", "sku-1", "stock") or 0
     with fleet.store.read() as txn:
         committed = txn.get_outcome(fleet.outcome_ns("van-1"), 1)

@@ -126,3 +126,5 @@ def test_server_store_encrypted_in_place(fleet: Fleet) -> None:
     assert fleet.value("tasks", "t-2", "notes") == "after"
     status = json.loads(fleet.cli("server", "status", "--config", config, "--json").stdout)
     assert status["store"]["encrypted"] is True and status["records"] == 2
+    assert status["server_running"] is True and status["presence_as_of"] is None
+    assert [(s["id"], s["state"]) for s in status["servers"]] == [("server-1", "running")]

@@ -48,8 +48,10 @@ def test_a_killed_agent_is_offline_at_once(fleet: Fleet) -> None:
     fleet.add_device("van-1", ["route-1"])
     fleet.start_agent("van-1")
     fleet.wait(lambda: fleet.agent_status("van-1")["online"] or None, 60, what="online")
-    fleet.wait(lambda: _server_device(fleet, "van-1")["online"] or None, 60,
-               what="the server sees it online")
+    # ... and it is live: a merge server runs (no "as of" time on the presence)
+    fleet.wait(lambda: ((row := _server_device(fleet, "van-1"))["online"]
+                        and row["presence_as_of"] is None) or None, 60,
+               what="the server sees it online, presence live")
     fleet.kill_agent("van-1")
     # The service's sync process dies with it (a moment later): well before the 65 s a
     # stale heartbeat would have been believed.

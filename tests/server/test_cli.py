@@ -16,7 +16,7 @@ from broker.cli.conflicts import cmd_server_conflicts
 from broker.cli.deadletters import cmd_server_deadletters
 from broker.embedded.passwords import read_password_file, verify_password
 from broker.server.store import open_store
-from broker.server.store.base import DeadLetter, Store
+from broker.server.store.base import DeadLetter, ServerRow, Store
 from tests.server.helpers import CATALOG, T0, changes, hp, make_engine, status, task
 from waystation.cli import main
 from waystation.cli.output import iso
@@ -161,6 +161,78 @@ def test_server_status_and_devices(env: dict[str, str],
     assert code == 0 and "van-1" in out and "online" in out
     devices = json.loads(run(env, "server", "devices", "--json", capsys=capsys)[1])
     assert [d["online"] for d in devices] == [True, False]
+
+
+def test_server_status_tells_running_stopped_and_gone_servers(
+        env: dict[str, str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`server status` / `server devices` say which merge servers run; with none running
+    (stopped cleanly, or not seen past the threshold: crashed) they say so plainly and
+    mark the stored presence as not live (text and JSON)."""
+    _seed(env, capsys)
+    store = _open(env)
+    try:
+        with store.read() as txn:
+            (row,) = txn.servers()  # the seeding engine's tick recorded it
+    finally:
+        store.close()
+    assert (row.id, row.group, row.stopped_ms) == ("server-1", "main", 0)
+    clock = [row.seen_ms + 2_000]
+    monkeypatch.setattr("broker.cli.status.now_ms", lambda: clock[0])
+
+    def status() -> tuple[dict[str, Any], str, str]:
+        doc = json.loads(run(env, "server", "status", "--json", capsys=capsys)[1])
+        text = run(env, "server", "status", capsys=capsys)[1]
+        return doc, text, run(env, "server", "devices", capsys=capsys)[1]
+
+    doc, text, devices = status()  # running
+    assert doc["server_running"] and doc["presence_as_of"] is None
+    assert doc["servers"][0]["state"] == "running" and doc["servers"][0]["seen_s_ago"] == 2
+    assert "merge server server-1 (group main, " in text and "running (seen 2s ago" in text
+    assert "NO MERGE SERVER" not in text + devices and "online?" not in devices
+    assert "1 online (van-1)\n" in text
+    listed = json.loads(run(env, "server", "devices", "--json", capsys=capsys)[1])
+    assert [d["presence_as_of"] for d in listed] == [None, None]
+
+    clock[0] = row.seen_ms + 31_000  # past the 30 s threshold, never stopped: gone
+    doc, text, devices = status()
+    assert not doc["server_running"] and doc["presence_as_of"] == iso(row.seen_ms)
+    assert doc["servers"][0]["state"] == "gone" and doc["stale_after_s"] == 30
+    assert "not seen for 31 s" in text and "did not stop cleanly: crashed" in text
+    for out in (text, devices):
+        assert "NO MERGE SERVER IS RUNNING" in out and "waystation server run" in out
+        assert f"as of {iso(row.seen_ms)}" in out and "systemctl start waystation-server" in out
+    assert "1 online (van-1) as the last server left them, not live" in text
+    assert f"online? (as of {iso(row.seen_ms)})" in devices
+    listed = json.loads(run(env, "server", "devices", "--json", capsys=capsys)[1])
+    assert [d["presence_as_of"] for d in listed] == [iso(row.seen_ms)] * 2
+    # a longer threshold counts it as running still
+    doc = json.loads(run(env, "server", "status", "--json", "--stale-after", "60",
+                         capsys=capsys)[1])
+    assert doc["server_running"] and doc["stale_after_s"] == 60
+
+    store = _open(env)
+    try:
+        store.transact(lambda t: t.put_server(ServerRow(
+            row.id, row.group, row.version, row.started_ms, row.seen_ms + 1_000,
+            stopped_ms=row.seen_ms + 1_000)))
+    finally:
+        store.close()
+    clock[0] = row.seen_ms + 2_000  # stopped cleanly a second ago: not running
+    doc, text, devices = status()
+    assert not doc["server_running"] and doc["servers"][0]["state"] == "stopped"
+    assert f"stopped cleanly at {iso(row.seen_ms + 1_000)}" in text
+    assert "NO MERGE SERVER IS RUNNING" in text and "online?" in devices
+
+
+def test_server_status_without_any_server_recorded(
+        env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A store no server ever recorded itself in: not running, presence time unknown."""
+    _open(env).close()
+    doc = json.loads(run(env, "server", "status", "--json", capsys=capsys)[1])
+    assert (doc["server_running"], doc["servers"], doc["presence_as_of"]) == (False, [], None)
+    text = run(env, "server", "status", capsys=capsys)[1]
+    assert "NO MERGE SERVER IS RUNNING (no merge server has recorded itself" in text
 
 
 def test_server_conflicts_and_resolve(env: dict[str, str],

@@ -11,7 +11,13 @@ import lmdb
 import pytest
 
 from broker.errors import StoreFormatError, StoreFullError
-from broker.server.store.base import CommandRow, DeadLetter, LoginRemoval, dead_letter_bytes
+from broker.server.store.base import (
+    CommandRow,
+    DeadLetter,
+    LoginRemoval,
+    ServerRow,
+    dead_letter_bytes,
+)
 from broker.server.store.lmdb_store import LmdbStore
 
 
@@ -131,6 +137,27 @@ def test_a_format_1_store_moves_its_login_removals_to_their_table(tmp_path: Path
                          "rabbitmqctl delete_user van-1"),
             LoginRemoval("van-2", "remove_login-2", 6)]
         assert [c.id for c in txn.commands()] == ["c-1"]
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=20)
+    with env.begin() as txn:
+        assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"2"
+    env.close()
+
+
+def test_a_format_2_store_without_the_servers_table_gets_it_empty(tmp_path: Path) -> None:
+    """The servers table came without a format bump: a format 2 store written before it
+    opens, reads no servers, and takes a server row; the format stays 2."""
+    with LmdbStore(tmp_path) as store:
+        store.transact(lambda t: t.put_record("tasks", "t-1", {"a": 1}))
+    env = lmdb.open(str(tmp_path / "store"), max_dbs=20)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"servers", txn=txn))  # as a store written before it
+    env.close()
+    with LmdbStore(tmp_path) as store:
+        with store.read() as txn:
+            assert txn.servers() == [] and txn.get_record("tasks", "t-1") == {"a": 1}
+        store.transact(lambda t: t.put_server(ServerRow("server-1", "main", "1", 5, 6)))
+        with store.read() as txn:
+            assert [r.id for r in txn.servers()] == ["server-1"]
     env = lmdb.open(str(tmp_path / "store"), max_dbs=20)
     with env.begin() as txn:
         assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"2"

@@ -29,6 +29,7 @@ from broker.server.store.base import (
     DeviceRow,
     LoginRemoval,
     OutcomeRow,
+    ServerRow,
     WriteTxn,
     dead_letter_bytes,
     iter_all_index,
@@ -197,6 +198,28 @@ def test_login_removals_kept_as_commands_move_to_their_table(url: str) -> None:
             LoginRemoval("van-1", "remove_login-1", 5, 7, "nodedown", "rabbitmqctl delete_user"),
             LoginRemoval("van-2", "remove_login-2", 6)]
         assert [c.id for c in txn.commands()] == ["c-1"]
+
+
+def test_a_version_5_database_gets_the_servers_table(url: str) -> None:
+    """Migration 6 adds the merge servers' liveness table to a version 5 database:
+    empty, then one row per server id."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {SCHEMA}")
+        conn.execute(f"SET search_path = {SCHEMA}")
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
+                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        for m in migrations()[:5]:
+            conn.execute(m.sql.encode())
+            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                         (m.version, m.name))
+    with PostgresStore(url) as store:
+        assert store.schema_version() >= 6
+        with store.read() as txn:
+            assert txn.servers() == []
+        row = ServerRow("server-1", "main", "1.2.3", 5, 6)
+        store.transact(lambda t: t.put_server(row))
+        with store.read() as txn:
+            assert txn.servers() == [row]
 
 
 def test_role_without_create_rights_uses_a_prepared_database(url: str) -> None:

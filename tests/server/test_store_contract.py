@@ -17,6 +17,7 @@ from broker.server.store.base import (
     LoginRemoval,
     Notice,
     OutcomeRow,
+    ServerRow,
     Store,
     Tomb,
     WriteTxn,
@@ -343,6 +344,24 @@ def test_login_removals_one_per_device(store: Store) -> None:
     assert not store.transact(lambda t: t.delete_login_removal("van-1"))
     with store.read() as txn:
         assert [r.id for r in txn.login_removals()] == ["r2"]
+
+
+def test_servers_one_row_per_server_id(store: Store) -> None:
+    """Merge-server liveness: none in a new store, one row per id, replaced in place
+    (seen, then stopped), listed by id; a decommissioned server can be forgotten."""
+    with store.read() as txn:
+        assert txn.servers() == []
+    a = ServerRow("server-a", "main", "1.2.3", started_ms=10, seen_ms=10)
+    store.transact(lambda t: (t.put_server(ServerRow("server-b", "g2", "1.2.3", 5, 6)),
+                              t.put_server(a)))
+    stopped = dataclasses.replace(a, seen_ms=40, stopped_ms=40)
+    store.transact(lambda t: t.put_server(stopped))
+    with store.read() as txn:
+        assert txn.servers() == [stopped, ServerRow("server-b", "g2", "1.2.3", 5, 6)]
+    assert store.transact(lambda t: t.delete_server("server-b"))
+    assert not store.transact(lambda t: t.delete_server("server-b"))
+    with store.read() as txn:
+        assert [r.id for r in txn.servers()] == ["server-a"]
 
 
 def test_commands_per_device(store: Store) -> None:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from waystation.cli.argtypes import parse_value, positive_int
 from waystation.cli.builder import Builder, json_flag
+
+
+def _stale_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stale-after", metavar="SECONDS", type=positive_int, default=None,
+                   help="count a merge server not seen for this long (and not stopped "
+                        "cleanly) as gone (default 30; a running server records itself "
+                        "every 5 s)")
 
 
 def add_server(b: Builder) -> None:
@@ -22,14 +30,20 @@ def add_server(b: Builder) -> None:
            "so both run on one machine with no config files. A busy metrics_port stops "
            "it before it connects (exit 4).", config="server")
     p = b.leaf("server status", "show the server's state and counters",
-               "Show the server's state: the store in use, schema version, scopes and "
-               "their sequences, devices known and online, and open conflicts.",
-               config="server")
+               "Show the server's state: the merge servers recorded in the store (running, "
+               "stopped cleanly, or gone: crashed or cut off from the store), the store in "
+               "use, schema version, scopes and their sequences, devices known and online, "
+               "and open conflicts. With no merge server running it says so: device "
+               "presence is then as the last server left it.", config="server")
     json_flag(p)
+    _stale_flag(p)
     p = b.leaf("server devices", "list devices, their scopes and last contact",
                "List every device the server knows, with its scopes, whether it is online, "
-               "when it last synced and how far it has caught up.", config="server")
+               "when it last synced and how far it has caught up. With no merge server "
+               "running, an online device shows as `online? (as of T)`: nobody has kept its "
+               "presence since T.", config="server")
     json_flag(p)
+    _stale_flag(p)
     p = b.leaf("server conflicts", "list open conflicts",
                "List the open conflicts: manual fields written concurrently by different "
                "devices, each with its candidates, waiting for `server resolve`.",

@@ -35,6 +35,8 @@ What is kept (all in the same transactional store):
     commands      (device, id) -> CommandRow
     login removals  device -> LoginRemoval: broker logins of removed devices the server
                   still has to delete (`broker.server.login_removal`)
+    servers       server id -> ServerRow: each merge server's liveness (started, last
+                  seen, stopped cleanly), for the operator (`broker.server.liveness`)
     notices       id -> Notice: record versions written outside the merge consumer (the
                   operator's `server resolve`) that the running server must fan out
     schemas       version -> SchemaVersionRow: the published collection-schema history
@@ -64,6 +66,7 @@ from broker.server.store.rows import (
     Notice,
     OutcomeRow,
     SchemaVersionRow,
+    ServerRow,
     StoreInfo,
     Tomb,
     dead_letter_bytes,
@@ -74,7 +77,9 @@ T = TypeVar("T")
 STORE_FORMAT = 2
 """Version of the LMDB store's layout (PostgreSQL: its numbered migrations). 2: login
 removals in a table of their own (format 1 kept them as `remove_login` command rows),
-migrated when a format 1 store opens. A newer version is refused."""
+migrated when a format 1 store opens. A newer version is refused. (The `servers` table
+came later without a bump: a store without it gets it, empty, when it opens, and an
+earlier format 2 release ignores it.)"""
 
 
 class ReadTxn(Protocol):
@@ -131,6 +136,9 @@ class ReadTxn(Protocol):
         """Every login deletion still due, oldest first."""
         ...
     def get_login_removal(self, dev: str) -> LoginRemoval | None: ...
+    def servers(self) -> list[ServerRow]:
+        """Every merge server that recorded itself, by id."""
+        ...
     def notices(self, limit: int) -> list[Notice]:
         """Oldest first."""
         ...
@@ -259,6 +267,12 @@ class WriteTxn(ReadTxn, Protocol):
     def delete_login_removal(self, dev: str) -> bool:
         """Drop the removal of `dev`; False if there is none."""
         ...
+    def put_server(self, row: ServerRow) -> None:
+        """Insert or replace the row of `row.id`."""
+        ...
+    def delete_server(self, server_id: str) -> bool:
+        """Forget a server (decommissioned); False if there is none."""
+        ...
     def add_notice(self, notice: Notice) -> int: ...
     def delete_notice(self, nid: int) -> None: ...
     def put_schema_version(self, row: SchemaVersionRow) -> None:
@@ -303,6 +317,7 @@ __all__ = [
     "OutcomeRow",
     "ReadTxn",
     "SchemaVersionRow",
+    "ServerRow",
     "Store",
     "StoreInfo",
     "Tomb",

@@ -21,6 +21,7 @@ characters):
                   see `broker.server.store.lmdb_letters`)
     commands      dev NUL id -> JSON CommandRow
     login_removals  dev -> JSON LoginRemoval (`broker.server.store.lmdb_removals`)
+    servers       server id -> JSON ServerRow (`broker.server.store.lmdb_servers`)
     notices       id -> JSON [scope, q, rec]
     schemas       version -> JSON SchemaVersionRow
 """
@@ -35,7 +36,7 @@ import lmdb
 import orjson
 
 from broker.server.identity import NS_SEP
-from broker.server.store import lmdb_letters, lmdb_removals
+from broker.server.store import lmdb_letters, lmdb_removals, lmdb_servers
 from broker.server.store.base import (
     CommandRow,
     ConflictRow,
@@ -47,12 +48,13 @@ from broker.server.store.base import (
     Notice,
     OutcomeRow,
     SchemaVersionRow,
+    ServerRow,
     Tomb,
 )
 
 DBS = ("meta", "devices", "records", "seqs", "horizons", "index", "tombs", "outcomes",
        "conflicts", "conflicts_open", "deadletters", "commands", "notices", "schemas",
-       "login_removals")
+       "login_removals", "servers")
 _U64 = struct.Struct(">Q")
 _SEP = b"\x00"
 DEFAULT_MAX_DEAD_LETTERS = DeadLetterLimits().max_count
@@ -260,6 +262,9 @@ class LmdbReadTxn:
     def get_login_removal(self, dev: str) -> LoginRemoval | None:
         return lmdb_removals.get(self._txn, self._db, dev)
 
+    def servers(self) -> list[ServerRow]:
+        return lmdb_servers.all_rows(self._txn, self._db)
+
     def counts(self) -> dict[str, int]:
         def n(name: str) -> int:
             return int(self._txn.stat(self._db[name])["entries"])
@@ -462,6 +467,12 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     def delete_login_removal(self, dev: str) -> bool:
         return lmdb_removals.delete(self._txn, self._db, dev)
+
+    def put_server(self, row: ServerRow) -> None:
+        lmdb_servers.put(self._txn, self._db, row)
+
+    def delete_server(self, server_id: str) -> bool:
+        return lmdb_servers.delete(self._txn, self._db, server_id)
 
     def add_notice(self, notice: Notice) -> int:
         nid = self._next_id("notices")

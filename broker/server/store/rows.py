@@ -276,6 +276,32 @@ class LoginRemoval:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerRow:
+    """A merge server's liveness, one per `server_id` (`broker.server.liveness`): written
+    when it starts, every few seconds while it runs, and when it stops cleanly, so the
+    operator's `server status` can tell a running server from a stopped or crashed one."""
+
+    id: str
+    group: str
+    version: str
+    started_ms: int
+    seen_ms: int
+    """The last time it recorded itself (every `liveness.SEEN_EVERY_MS` at most)."""
+    stopped_ms: int = 0
+    """When it stopped cleanly (0: running, or died without stopping)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "group": self.group, "version": self.version,
+                "started": self.started_ms, "seen": self.seen_ms, "stopped": self.stopped_ms}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServerRow:
+        return cls(id=data["id"], group=data["group"], version=data["version"],
+                   started_ms=data["started"], seen_ms=data["seen"],
+                   stopped_ms=data["stopped"])
+
+
+@dataclass(frozen=True, slots=True)
 class Notice:
     """A record version written outside the merge consumer, waiting to be fanned out."""
 
@@ -325,6 +351,7 @@ __all__ = [
     "Notice",
     "OutcomeRow",
     "SchemaVersionRow",
+    "ServerRow",
     "StoreInfo",
     "Tomb",
     "dead_letter_bytes",

@@ -17,6 +17,7 @@ from broker.server.store.base import (
     Notice,
     OutcomeRow,
     SchemaVersionRow,
+    ServerRow,
     Tomb,
 )
 from broker.server.store.postgres import letters
@@ -215,6 +216,11 @@ class PgReadTxn:
     def get_login_removal(self, dev: str) -> LoginRemoval | None:
         row = self._one(self._REMOVAL_COLS + "WHERE dev = %s", (dev,))
         return None if row is None else _removal(row)
+
+    def servers(self) -> list[ServerRow]:
+        rows = self._all("SELECT id, grp, version, started_ms, seen_ms, stopped_ms "
+                         "FROM servers ORDER BY id")
+        return [ServerRow(i, g, v, int(st), int(se), int(sp)) for i, g, v, st, se, sp in rows]
 
     def counts(self) -> dict[str, int]:
         self._sync()

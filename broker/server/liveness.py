@@ -1,0 +1,129 @@
+"""Merge-server liveness: each server records itself in the store, and the operator's
+`server status` / `server devices` tell from those rows whether any server runs (pure).
+
+Why: the devices' presence in the store is as the last server left it (the engine keeps
+it across restarts on purpose). With no server running, nobody corrects it, and a
+console that says "online" would mislead. So each server keeps a `ServerRow` per
+`server_id`:
+
+    started_ms   when this run of the server started
+    seen_ms      refreshed by the engine's once-a-second tick, but written at most every
+                 `SEEN_EVERY_MS` (one small row upsert per server every 5 s)
+    stopped_ms   written by a clean stop (`Engine.flush(stopping=True)`); 0 while it
+                 runs, and after a crash
+
+A server is "running" when it did not stop cleanly and was seen within the stale
+threshold (`STALE_AFTER_S` = 30 s, six missed writes: a slow tick or a store hiccup is
+not a crash); `--stale-after` of the CLI overrides it. Times are wall clocks: a CLI on
+another host (PostgreSQL) compares its clock with the server's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from broker.server.store.rows import ServerRow
+from waystation.timefmt import ago, iso
+
+SEEN_EVERY_MS = 5_000
+"""How often a running server rewrites its `seen_ms`, at most."""
+STALE_AFTER_S = 30
+"""How long after its last `seen_ms` a server that did not stop cleanly counts as gone."""
+START_HINT = ("start it: `systemctl start waystation-server` (see `systemctl status "
+              "waystation-server` and `journalctl -u waystation-server` for why it stopped), "
+              "or `waystation server run`")
+
+
+class Heartbeat:
+    """The row a server writes about itself, and when it is due (one engine's)."""
+
+    def __init__(self, server_id: str, group: str, version: str, started_ms: int) -> None:
+        self.row = ServerRow(server_id, group, version, started_ms, started_ms)
+        self._written_ms: int | None = None
+
+    def due(self, now: int) -> ServerRow | None:
+        """The row to write now (the first, then every `SEEN_EVERY_MS`), else None."""
+        if self._written_ms is not None and now - self._written_ms < SEEN_EVERY_MS:
+            return None
+        return ServerRow(self.row.id, self.row.group, self.row.version,
+                         self.row.started_ms, now)
+
+    def stopping(self, now: int) -> ServerRow:
+        """The row a clean stop writes."""
+        return ServerRow(self.row.id, self.row.group, self.row.version,
+                         self.row.started_ms, now, stopped_ms=now)
+
+    def written(self, row: ServerRow) -> None:
+        """`row` is in the store (a failed write leaves the next tick due again)."""
+        self._written_ms = row.seen_ms
+
+
+def state(row: ServerRow, now: int, stale_ms: int) -> str:
+    """"running", "stopped" (cleanly) or "gone" (not seen within `stale_ms`, never
+    stopped cleanly: crashed, killed, hung, or cut off from the store)."""
+    if row.stopped_ms:
+        return "stopped"
+    return "running" if now - row.seen_ms <= stale_ms else "gone"
+
+
+def describe(row: ServerRow, now: int, stale_ms: int) -> str:
+    """One server's line of `server status`."""
+    head = f"merge server {row.id} (group {row.group}, {row.version or 'version ?'})"
+    st = state(row, now, stale_ms)
+    if st == "running":
+        return f"{head}: running (seen {ago(row.seen_ms, now)}, started {iso(row.started_ms)})"
+    if st == "stopped":
+        return f"{head}: stopped cleanly at {iso(row.stopped_ms)}"
+    return (f"{head}: not seen for {_span(now - row.seen_ms)} (last {iso(row.seen_ms)}) and "
+            "it did not stop cleanly: crashed, hung, or cut off from the store? Check it "
+            "on its host (`systemctl status waystation-server`)")
+
+
+def server_doc(row: ServerRow, now: int, stale_ms: int) -> dict[str, Any]:
+    """One server in the `--json` forms."""
+    return {"id": row.id, "group": row.group, "version": row.version,
+            "state": state(row, now, stale_ms), "started": iso(row.started_ms),
+            "seen": iso(row.seen_ms), "seen_s_ago": max(0, now - row.seen_ms) // 1000,
+            "stopped": iso(row.stopped_ms) or None}
+
+
+def any_running(rows: Sequence[ServerRow], now: int, stale_ms: int) -> bool:
+    return any(state(r, now, stale_ms) == "running" for r in rows)
+
+
+def presence_as_of(rows: Sequence[ServerRow]) -> int:
+    """When the devices' stored presence was last kept up to date: the latest time any
+    server recorded itself (0: none ever did)."""
+    return max((r.seen_ms for r in rows), default=0)
+
+
+def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
+    """What `server status` / `server devices` say when no server runs."""
+    as_of = presence_as_of(rows)
+    if not rows:
+        when = ("no merge server has recorded itself in this store; one started before "
+                "an upgrade to this release does not: restart it")
+        since = "as the last server left it"
+    else:
+        when = (f"every merge server recorded in this store stopped, or has not been seen "
+                f"for over {stale_s} s: `waystation server status` lists them")
+        since = f"as of {iso(as_of)}, when the last server was seen"
+    return (f"NO MERGE SERVER IS RUNNING ({when}). Device presence (online/offline) is "
+            f"{since}, not live, and devices' changes wait in the broker until a server "
+            f"runs; {START_HINT}.")
+
+
+def _span(ms: int) -> str:
+    secs = max(0, ms) // 1000
+    if secs < 120:
+        return f"{secs} s"
+    if secs < 7200:
+        return f"{secs // 60} min"
+    if secs < 172800:
+        return f"{secs // 3600} h"
+    return f"{secs // 86400} days"
+
+
+__all__ = ["SEEN_EVERY_MS", "STALE_AFTER_S", "START_HINT", "Heartbeat", "any_running",
+           "describe", "no_server_warning", "presence_as_of", "server_doc", "state"]

@@ -1,0 +1,81 @@
+"""Merge-server liveness (`broker.server.liveness`): the row the engine writes about its
+server (started, seen every 5 s at most, stopped cleanly) and how it is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from broker.errors import StoreError
+from broker.server import liveness
+from broker.server.engine import Engine
+from broker.server.store.base import ServerRow
+from broker.server.store.lmdb_store import LmdbStore
+from tests.server.faulty_store import FaultyStore
+from tests.server.helpers import CATALOG, T0, FakeTime, config
+from waystation import __version__
+
+
+def _rows(store: FaultyStore) -> list[ServerRow]:
+    with store.inner.read() as txn:
+        return txn.servers()
+
+
+def test_tick_records_the_server_every_5_s_and_a_clean_stop_says_so(tmp_path: Path) -> None:
+    """A starting engine writes the row; ticks within 5 s write nothing at all (no
+    transaction); the one 5 s on rewrites seen_ms; flush(stopping=True) writes
+    stopped_ms; a restart under the same id starts a new row at once."""
+    time = FakeTime()
+    store = FaultyStore(LmdbStore(tmp_path))
+    engine = Engine(store, CATALOG, config(tmp_path), time)
+    assert _rows(store) == [ServerRow("server-1", "main", __version__, T0, T0)]
+    engine.tick()
+    before = store.transacts
+    for _ in range(4):
+        time.now += 1_000
+        engine.tick()
+    assert store.transacts == before and _rows(store)[0].seen_ms == T0
+    time.now += 1_000
+    engine.tick()
+    assert store.transacts == before + 1 and _rows(store)[0].seen_ms == T0 + 5_000
+    time.now += 500
+    engine.flush(stopping=True)
+    assert _rows(store) == [ServerRow("server-1", "main", __version__, T0, T0 + 5_500,
+                                      stopped_ms=T0 + 5_500)]
+    time.now += 60_000
+    Engine(store, CATALOG, config(tmp_path), time)
+    (row,) = _rows(store)
+    assert (row.started_ms, row.seen_ms, row.stopped_ms) == (T0 + 65_500, T0 + 65_500, 0)
+    store.close()
+
+
+def test_a_failed_liveness_write_is_retried_at_the_next_tick(tmp_path: Path) -> None:
+    """A store that fails the liveness write leaves the row due: the next tick writes
+    it, even a tick whose other work failed."""
+    time = FakeTime()
+    store = FaultyStore(LmdbStore(tmp_path))
+    store.fail_transacts(None, StoreError("injected: disk gone"))
+    engine = Engine(store, CATALOG, config(tmp_path), time)
+    time.now += 1_000
+    engine.tick()
+    assert _rows(store) == []
+    store.heal()
+    store.fail_reads({1})  # the tick's registry refresh fails: tick_failed
+    time.now += 1_000
+    engine.tick()
+    assert [r.seen_ms for r in _rows(store)] == [T0 + 2_000]
+    store.close()
+
+
+def test_states_and_the_warning() -> None:
+    """running / stopped / gone by the threshold; the warning says what to do."""
+    row = ServerRow("s1", "main", "1.0", T0, T0 + 10_000)
+    stale = liveness.STALE_AFTER_S * 1000
+    assert liveness.state(row, T0 + 10_000 + stale, stale) == "running"
+    assert liveness.state(row, T0 + 10_001 + stale, stale) == "gone"
+    stopped = ServerRow("s1", "main", "1.0", T0, T0 + 10_000, stopped_ms=T0 + 10_000)
+    assert liveness.state(stopped, T0 + 10_000, stale) == "stopped"
+    assert liveness.presence_as_of([row, ServerRow("s2", "main", "1.0", T0, T0 + 3)]) == (
+        T0 + 10_000)
+    assert "not seen for 3 min" in liveness.describe(row, T0 + 190_000, stale)
+    warning = liveness.no_server_warning([row], 30)
+    assert "NO MERGE SERVER IS RUNNING" in warning and "waystation server run" in warning
