@@ -36,7 +36,7 @@ import lmdb
 import orjson
 
 from broker.server.identity import NS_SEP
-from broker.server.store import lmdb_letters, lmdb_removals, lmdb_servers
+from broker.server.store import lmdb_conflicts, lmdb_letters, lmdb_removals, lmdb_servers
 from broker.server.store.base import (
     CommandRow,
     ConflictRow,
@@ -184,37 +184,13 @@ class LmdbReadTxn:
     # --- conflicts
 
     def get_conflict(self, cid: int) -> ConflictRow | None:
-        raw = self._txn.get(_u64(cid), db=self._db["conflicts"])
-        return None if raw is None else ConflictRow.from_json(orjson.loads(raw))
+        return lmdb_conflicts.get(self._txn, self._db, cid)
 
     def conflicts(self, *, open_only: bool, limit: int) -> list[ConflictRow]:
-        out: list[ConflictRow] = []
-        if open_only:
-            ids = sorted((_from_u64(k[-8:]) for k, _ in
-                          self._txn.cursor(db=self._db["conflicts_open"])), reverse=True)
-            for cid in ids[:limit]:
-                row = self.get_conflict(cid)
-                if row is not None:
-                    out.append(row)
-            return out
-        with self._txn.cursor(db=self._db["conflicts"]) as cur:
-            for _, value in cur.iterprev(keys=True, values=True):
-                if len(out) >= limit:
-                    break
-                out.append(ConflictRow.from_json(orjson.loads(value)))
-        return out
+        return lmdb_conflicts.rows(self._txn, self._db, open_only=open_only, limit=limit)
 
     def open_conflicts_on(self, c: str, k: str, fname: str) -> list[int]:
-        prefix = _s(c) + _SEP + _s(k) + _SEP + _s(fname) + _SEP
-        out: list[int] = []
-        with self._txn.cursor(db=self._db["conflicts_open"]) as cur:
-            if not cur.set_range(prefix):
-                return out
-            for key in cur.iternext(keys=True, values=False):
-                if not key.startswith(prefix) or len(key) != len(prefix) + 8:
-                    break
-                out.append(_from_u64(key[-8:]))
-        return out
+        return lmdb_conflicts.open_on(self._txn, self._db, c, k, fname)
 
     # --- dead letters, commands, notices
 
@@ -394,50 +370,14 @@ class LmdbWriteTxn(LmdbReadTxn):
 
     def add_conflict(self, row: ConflictRow) -> int:
         cid = self._next_id("conflicts")
-        data = row.to_json()
-        data["id"] = cid
-        self._txn.put(_u64(cid), orjson.dumps(data), db=self._db["conflicts"])
-        if row.open:
-            self._txn.put(self._open_key(row.c, row.k, row.field, cid), b"",
-                          db=self._db["conflicts_open"])
+        lmdb_conflicts.put_new(self._txn, self._db, cid, row)
         return cid
 
     def close_conflict(self, cid: int, closed_ms: int, resolution: str) -> bool:
-        row = self.get_conflict(cid)
-        if row is None or not row.open:
-            return False
-        data = row.to_json()
-        data.update(open=False, closed=closed_ms, resolution=resolution)
-        self._txn.put(_u64(cid), orjson.dumps(data), db=self._db["conflicts"])
-        self._txn.delete(self._open_key(row.c, row.k, row.field, cid),
-                         db=self._db["conflicts_open"])
-        return True
+        return lmdb_conflicts.close(self._txn, self._db, cid, closed_ms, resolution)
 
     def trim_conflicts(self, before_ms: int, keep_closed: int, limit: int = 10_000) -> int:
-        db = self._db["conflicts"]
-        closed = (int(self._txn.stat(db)["entries"])
-                  - int(self._txn.stat(self._db["conflicts_open"])["entries"]))
-        excess = max(0, closed - keep_closed)  # the oldest closed ones past the bound
-        doomed: list[bytes] = []
-        scanned = 0
-        with self._txn.cursor(db=db) as cur:
-            for key, raw in cur:
-                scanned += 1
-                if len(doomed) >= limit or scanned > 10 * limit:
-                    break
-                data = orjson.loads(raw)
-                if data["open"]:
-                    continue
-                if excess > 0 or max(data["created"], data["closed"]) < before_ms:
-                    doomed.append(key)
-                excess -= 1
-        for key in doomed:
-            self._txn.delete(key, db=db)
-        return len(doomed)
-
-    @staticmethod
-    def _open_key(c: str, k: str, fname: str, cid: int) -> bytes:
-        return _s(c) + _SEP + _s(k) + _SEP + _s(fname) + _SEP + _u64(cid)
+        return lmdb_conflicts.trim(self._txn, self._db, before_ms, keep_closed, limit)
 
     # --- dead letters, commands, notices
 
