@@ -20,6 +20,18 @@ def ago(ms: int, now: int) -> str:
     return f"{secs // 86400}d ago"
 
 
+def span(ms: int) -> str:
+    """A duration of `ms` milliseconds in words ("45 s", "3 min", "5 h", "2 days")."""
+    secs = max(0, ms) // 1000
+    if secs < 120:
+        return f"{secs} s"
+    if secs < 7200:
+        return f"{secs // 60} min"
+    if secs < 172800:
+        return f"{secs // 3600} h"
+    return f"{secs // 86400} days"
+
+
 def iso(ms: int) -> str:
     """`ms` since the epoch as an ISO 8601 UTC time; 0 is the empty string."""
     if not ms:
@@ -27,4 +39,4 @@ def iso(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
-__all__ = ["ago", "iso"]
+__all__ = ["ago", "iso", "span"]

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from broker.server.store.rows import ServerRow
-from waystation.timefmt import ago, iso
+from waystation.timefmt import ago, iso, span
 
 SEEN_EVERY_MS = 5_000
 """How often a running server rewrites its `seen_ms`, at most."""
@@ -75,7 +75,7 @@ def describe(row: ServerRow, now: int, stale_ms: int) -> str:
         return f"{head}: running (seen {ago(row.seen_ms, now)}, started {iso(row.started_ms)})"
     if st == "stopped":
         return f"{head}: stopped cleanly at {iso(row.stopped_ms)}"
-    return (f"{head}: not seen for {_span(now - row.seen_ms)} (last {iso(row.seen_ms)}) and "
+    return (f"{head}: not seen for {span(now - row.seen_ms)} (last {iso(row.seen_ms)}) and "
             "it did not stop cleanly: crashed, hung, or cut off from the store? Check it "
             "on its host (`systemctl status waystation-server`)")
 
@@ -112,17 +112,6 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
     return (f"NO MERGE SERVER IS RUNNING ({when}). Device presence (online/offline) is "
             f"{since}, not live, and devices' changes wait in the broker until a server "
             f"runs; {START_HINT}.")
-
-
-def _span(ms: int) -> str:
-    secs = max(0, ms) // 1000
-    if secs < 120:
-        return f"{secs} s"
-    if secs < 7200:
-        return f"{secs // 60} min"
-    if secs < 172800:
-        return f"{secs // 3600} h"
-    return f"{secs // 86400} days"
 
 
 __all__ = ["SEEN_EVERY_MS", "STALE_AFTER_S", "START_HINT", "Heartbeat", "any_running",

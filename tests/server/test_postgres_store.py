@@ -173,19 +173,26 @@ def test_dead_letters_of_a_version_1_database_are_measured_after_migration(url: 
         assert (stats.count, stats.bytes, stats.truncated) == (1, dead_letter_bytes(old), 1)
 
 
-def test_login_removals_kept_as_commands_move_to_their_table(url: str) -> None:
-    """A version 4 database kept a pending login deletion as a `remove_login` command
-    row: migration 5 moves it (failure included) to the removals table; other commands
-    stay."""
+def _database_at(url: str, version: int) -> None:
+    """A database as migrations 1 to `version` left it (an older server's)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {SCHEMA}")
         conn.execute(f"SET search_path = {SCHEMA}")
         conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
                      "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-        for m in migrations()[:4]:
+        for m in migrations()[:version]:
             conn.execute(m.sql.encode())
             conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                          (m.version, m.name))
+
+
+def test_login_removals_kept_as_commands_move_to_their_table(url: str) -> None:
+    """A version 4 database kept a pending login deletion as a `remove_login` command
+    row: migration 5 moves it (failure included) to the removals table; other commands
+    stay."""
+    _database_at(url, 4)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"SET search_path = {SCHEMA}")
         for dev, cid, cmd, args, created in (
                 ("van-1", "remove_login-1", "remove_login",
                  '{"failed_ms": 7, "error": "nodedown", "hint": "rabbitmqctl delete_user"}', 5),
@@ -203,15 +210,7 @@ def test_login_removals_kept_as_commands_move_to_their_table(url: str) -> None:
 def test_a_version_5_database_gets_the_servers_table(url: str) -> None:
     """Migration 6 adds the merge servers' liveness table to a version 5 database:
     empty, then one row per server id."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {SCHEMA}")
-        conn.execute(f"SET search_path = {SCHEMA}")
-        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, "
-                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-        for m in migrations()[:5]:
-            conn.execute(m.sql.encode())
-            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                         (m.version, m.name))
+    _database_at(url, 5)
     with PostgresStore(url) as store:
         assert store.schema_version() >= 6
         with store.read() as txn:
