@@ -50,6 +50,7 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "server run": ["server", "run", "-c", "server.toml"],
     "server status": ["server", "status", "--json"],
     "server devices": ["server", "devices"],
+    "server forget": ["server", "forget", "server-2", "--json"],
     "server conflicts": ["server", "conflicts"],
     "server resolve": ["server", "resolve", "c-1", '"12 Main St"'],
     "server get": ["server", "get", "tasks", "t-1", "--json"],

@@ -225,6 +225,35 @@ def test_server_status_tells_running_stopped_and_gone_servers(
     assert "NO MERGE SERVER IS RUNNING" in text and "online?" in devices
 
 
+def test_server_forget_drops_a_retired_server_but_not_a_running_one(
+        env: dict[str, str], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`server forget`: refused for a running server and for an unknown id (the store
+    untouched); once the server is gone it is dropped from `server status`."""
+    _seed(env, capsys)
+    store = _open(env)
+    try:
+        with store.read() as txn:
+            (row,) = txn.servers()
+    finally:
+        store.close()
+    clock = [row.seen_ms + 2_000]
+    monkeypatch.setattr("broker.cli.servers.now_ms", lambda: clock[0])
+    monkeypatch.setattr("broker.cli.status.now_ms", lambda: clock[0])
+    code, out, err = run(env, "server", "forget", "server-1", capsys=capsys)
+    assert code == 2 and "server-1 is running" in err and "stop it first" in err
+    code, out, err = run(env, "server", "forget", "server-9", capsys=capsys)
+    assert code == 1 and "no merge server 'server-9'" in err and "server-1" in err
+    doc = json.loads(run(env, "server", "status", "--json", capsys=capsys)[1])
+    assert [s["id"] for s in doc["servers"]] == ["server-1"]
+
+    clock[0] = row.seen_ms + 600_000  # ten minutes unseen: gone
+    code, out, err = run(env, "server", "forget", "server-1", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["forgotten"]["state"] == "gone"
+    doc = json.loads(run(env, "server", "status", "--json", capsys=capsys)[1])
+    assert doc["servers"] == [] and not doc["server_running"]
+
+
 def test_server_status_without_any_server_recorded(
         env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     """A store no server ever recorded itself in: not running, presence time unknown."""

@@ -52,6 +52,7 @@ HANDLERS: dict[str, str] = {
     "server run": "broker.cli.daemons:cmd_server_run",
     "server status": "broker.cli.status:cmd_server_status",
     "server devices": "broker.cli.status:cmd_server_devices",
+    "server forget": "broker.cli.servers:cmd_server_forget",
     "server conflicts": "broker.cli.conflicts:cmd_server_conflicts",
     "server resolve": "broker.cli.conflicts:cmd_server_resolve",
     "server get": "broker.cli.records:cmd_server_get",

@@ -44,6 +44,15 @@ def add_server(b: Builder) -> None:
                "presence since T.", config="server")
     json_flag(p)
     _stale_flag(p)
+    p = b.leaf("server forget", "drop a retired merge server from `server status`",
+               "Forget merge server SERVER_ID: its liveness row goes, so `server status` no "
+               "longer lists a server that will not run again (a retired host, a renamed "
+               "server_id). Refused while it runs; a server that runs again records itself "
+               "anew.", config="server")
+    p.add_argument("server_id", metavar="SERVER_ID",
+                   help="the server's id, as `server status` lists it")
+    json_flag(p)
+    _stale_flag(p)
     p = b.leaf("server conflicts", "list open conflicts",
                "List the open conflicts: manual fields written concurrently by different "
                "devices, each with its candidates, waiting for `server resolve`.",
