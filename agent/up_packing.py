@@ -75,7 +75,10 @@ class UpPacking:
         if recent is None:
             return compress(plain, compress_over, self.packing())
         dictionary = recent.dictionary()
+        # Sent however it is encoded, the server keeps it too (the rules of §3).
         recent.sent(first_n, plain)
+        if not self._agreed:  # references kept from the last connection: not yet agreed
+            return compress(plain, compress_over, self.packing())
         return zdict.pack(plain, dictionary if dictionary is not None else recent.base)
 
     @property

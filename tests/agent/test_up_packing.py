@@ -5,6 +5,8 @@ connection; a `malformed` answer drops zd2 and zd3."""
 
 from __future__ import annotations
 
+import zlib
+
 from agent.up_packing import MAX_MISSES, UpPacking
 from schemas import zdict, zdict_schema
 from schemas.collection import example_catalog_path, load_catalog
@@ -54,8 +56,13 @@ def test_references_after_an_answer_and_across_a_reconnect() -> None:
     assert _uses_refs(packing, 2)
     packing.answered([2])
     packing.welcome(None)  # disconnected
+    # nothing but v1 until the next welcome agrees again (a new server may not speak it)
+    assert packing.changes(3, _msg(3), None) == _msg(3)
     packing.welcome(ALL)  # the same schema: the server keeps them too
-    assert _uses_refs(packing, 3)
+    packing.answered([3])  # sent plain, a reference all the same (the server keeps it)
+    stream = packing.changes(4, _msg(4), None)
+    wanted = zdict.wants_dictionary(stream)
+    assert wanted == zlib.adler32(BASE + _msg(1) + _msg(2) + _msg(3))
 
 
 def test_unknown_references_reset_and_three_refusals_stop_zd3() -> None:
