@@ -182,14 +182,17 @@ class ReceiveHooks:
             log.warning("changes_rejected", dev=self.dev, numbers=result.dead,
                         reasons=sorted({rj.code for rj in msg.rj if rj.perm}))
         if result.error:
-            log.warning("message_rejected", dev=self.dev, **result.error)
             code = result.error.get("code")
-            if code == codec.DICTIONARY_UNKNOWN and self.sync.packing.dictionary_unknown():
-                # The server lost this device's recent messages (a restart): what is in
-                # flight goes again at once, with zd2, and the references start anew.
-                log.info("zd3_references_reset", dev=self.dev)
-                self._resend_inflight()
-            elif code == codec.MALFORMED and self.sync.packing.malformed():
+            if code == codec.DICTIONARY_UNKNOWN:
+                # Expected after a server restart: no warning, nothing lost. The server
+                # lost this device's recent messages: what is in flight goes again at
+                # once, with zd2, and the references start anew.
+                if self.sync.packing.dictionary_unknown():
+                    log.info("zd3_references_reset", dev=self.dev)
+                    self._resend_inflight()
+                return
+            log.warning("message_rejected", dev=self.dev, **result.error)
+            if code == codec.MALFORMED and self.sync.packing.malformed():
                 # The server took zd2 but cannot read it (its schemas changed under the
                 # connection): the changes time out and go again with the zd1 dictionary.
                 log.warning("zd2_dropped", dev=self.dev)

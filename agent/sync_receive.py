@@ -252,7 +252,8 @@ class Receiving:
                 work.tx.set_meta("last_err", {**error, "t": now})
             if reject.err is not None:
                 error = {"code": reject.err.code, "reason": reject.err.reason}
-                work.tx.set_meta("last_err", {**error, "t": now})
+                if reject.err.code != codec.DICTIONARY_UNKNOWN:  # not a problem: resent
+                    work.tx.set_meta("last_err", {**error, "t": now})
             return RejectResult(dead, transient, ignored, error)
 
         return core.write(run, durable=False)

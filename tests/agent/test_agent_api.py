@@ -231,6 +231,23 @@ def test_retry_dead_letter_sends_it_as_a_new_change(agent: Agent) -> None:
         agent.retry_dead_letter(1)
 
 
+def test_a_dictionary_unknown_refusal_is_no_problem_for_status(agent: Agent) -> None:
+    """`dictionary_unknown` (zd3: the server lost the device's recent messages) is
+    answered by sending again at once: `agent status` does not show it as a problem,
+    while a real message-level refusal is shown."""
+    from schemas import codec, wire
+
+    agent.put("tasks", "t-1", {"route": "route-42", "status": "x"})
+    result = agent.sync.apply_reject(wire.Reject(err=wire.ErrorInfo(
+        code=codec.DICTIONARY_UNKNOWN, reason="this server does not hold ...")))
+    assert result.error is not None and result.error["code"] == codec.DICTIONARY_UNKNOWN
+    assert agent.status().last_error is None
+    assert "server says" not in agent.status().summary()
+    agent.sync.apply_reject(wire.Reject(err=wire.ErrorInfo(code=codec.MALFORMED,
+                                                           reason="broken zlib stream")))
+    assert "server says: broken zlib stream" in agent.status().summary()
+
+
 def test_feed_is_pruned_and_watch_reports_the_loss(agent: Agent,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The feed keeps only the newest events; a watcher that fell behind is told."""
