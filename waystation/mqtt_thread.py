@@ -93,6 +93,10 @@ class NetworkThread:
     def _pump(self) -> None:
         """Run paho's loop until the connection ends or a stop is requested."""
         started = time.monotonic()
+        # Whether this connection was ever accepted: once it was, its end (a stop's
+        # DISCONNECT, a relogin, the broker closing it) is no failed attempt and the
+        # connect timeout no longer applies.
+        accepted = False
         while not self._stopping.is_set():
             try:
                 rc = self._client.loop(timeout=_LOOP_TIMEOUT_S)
@@ -101,9 +105,10 @@ class NetworkThread:
                 self._set_error(f"network loop failed: {exc}")
                 self._abort_socket()
                 rc = MQTTErrorCode.MQTT_ERR_UNKNOWN
+            accepted = accepted or self._connected
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 reason = f"connection ended ({paho.error_string(rc)})"
-                if (not self._connected and not self._relogin
+                if (not accepted and not self._relogin
                         and not (self._last_error or "").startswith("broker")):
                     self._set_error(f"{reason} before the broker accepted it")
                     if self._certs is not None:
@@ -112,7 +117,7 @@ class NetworkThread:
                         self._call(self._certs.refused)
                 self._mark_down(reason)
                 return
-            if not self._connected and time.monotonic() - started > self.connect_timeout:
+            if not accepted and time.monotonic() - started > self.connect_timeout:
                 self._problem = LinkProblem("timeout", "no CONNACK")
                 self._set_error(f"no CONNACK from {self.host}:{self.port} "
                                 f"within {self.connect_timeout} s")

@@ -6,11 +6,13 @@ import itertools
 import random
 import statistics
 import threading
+import time
 from collections.abc import Iterator
 from queue import Empty, Queue
 
 import pytest
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from broker.embedded.passwords import write_password_entry
 from tests.fixtures_brokers import FAST_BACKOFF, PREFIX, SERVER_USER, USERS, BrokerProcess
@@ -270,6 +272,23 @@ def test_stop_clean_or_abrupt_controls_the_will(
             watcher.wait_for(STATUS, b'{"on":false}')
     finally:
         watcher.close()
+
+
+def test_clean_stop_of_a_long_connection_logs_no_connack_timeout(
+    embedded_broker: BrokerProcess, links: list[MqttLink]
+) -> None:
+    """Stopping a connection that stood longer than connect_timeout is no failed attempt:
+    it once logged `mqtt connection attempt failed ... no CONNACK` at every clean stop
+    (the connect timeout was measured from the attempt, not only until the CONNACK)."""
+    dev = device_link(links, embedded_broker, connect_timeout=0.2)
+    dev.start()
+    assert dev.wait_connected(10)
+    up_since = time.monotonic()
+    wait_until(lambda: time.monotonic() - up_since > 0.5, timeout=5)
+    with capture_logs() as logs:
+        dev.stop()
+    assert not [e for e in logs if e["event"] == "mqtt connection attempt failed"], logs
+    assert "CONNACK" not in (dev.last_error or "")
 
 
 def test_never_gives_up_until_enrolled(
