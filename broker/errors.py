@@ -13,6 +13,7 @@
         ├── ConflictClosed          the conflict was already resolved (CLI)
         ├── InvalidArgument         an operator argument is wrong (CLI)
         ├── LetterNotRetryable      a dead letter holds nothing to run again (CLI)
+        ├── ServerRunning           refused while that merge server runs (CLI)
         └── NotFound                what the operator named does not exist
             ├── UnknownCollection   no such collection in the schema or the store
             ├── RecordNotFound      no record with that key
@@ -102,6 +103,11 @@ class LetterNotRetryable(ServerError):
     payload cut at 64 KiB, a hello or catch-up request the device repeats itself)."""
 
 
+class ServerRunning(ServerError):
+    """Refused while the named merge server runs (`server forget`): the operation
+    failed (exit 1), the command line was right."""
+
+
 __all__ = [
     "BadStoredRecord",
     "ConflictClosed",
@@ -113,6 +119,7 @@ __all__ = [
     "NotFound",
     "RecordNotFound",
     "ServerError",
+    "ServerRunning",
     "StoreError",
     "StoreFormatError",
     "StoreFullError",

@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Mapping
 
 from broker.cli.common import now_ms, server_config
-from broker.errors import InvalidArgument, NotFound
+from broker.errors import NotFound, ServerRunning
 from broker.server import liveness
 from broker.server.store import open_store
 from broker.server.store.base import ServerRow, WriteTxn
@@ -33,7 +33,7 @@ def cmd_server_forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             raise NotFound(f"no merge server {args.server_id!r} is recorded in this store "
                            f"(recorded: {known}; `waystation server status` lists them)")
         if liveness.state(row, now, stale_s * 1000) == "running":
-            raise InvalidArgument(
+            raise ServerRunning(
                 f"merge server {row.id} is running (seen {max(0, now - row.seen_ms) // 1000}"
                 " s ago): stop it first (`systemctl stop waystation-server` on its host); "
                 "a running server records itself again within seconds")
