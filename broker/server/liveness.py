@@ -102,8 +102,11 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
     """What `server status` / `server devices` say when no server runs."""
     as_of = presence_as_of(rows)
     if not rows:
-        when = ("no merge server has recorded itself in this store; one started before "
-                "an upgrade to this release does not: restart it")
+        # Also what an operator sees after forgetting every server: say so, or the
+        # upgrade advice alone sends them looking for a server started before it.
+        when = ("no merge server has recorded itself in this store: none ran since the "
+                "upgrade to this release (one started before it records nothing: restart "
+                "it), or `waystation server forget` dropped them")
         since = "as the last server left it"
     else:
         when = (f"every merge server recorded in this store stopped, or has not been seen "

@@ -253,6 +253,9 @@ def test_server_forget_drops_a_retired_server_but_not_a_running_one(
     assert code == 0 and json.loads(out)["forgotten"]["state"] == "gone"
     doc = json.loads(run(env, "server", "status", "--json", capsys=capsys)[1])
     assert doc["servers"] == [] and not doc["server_running"]
+    # the warning names the forget, not only a server started before the upgrade
+    assert "`waystation server forget` dropped them" in run(env, "server", "status",
+                                                             capsys=capsys)[1]
 
 
 def test_server_status_without_any_server_recorded(
