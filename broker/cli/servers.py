@@ -36,7 +36,8 @@ def cmd_server_forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             raise ServerRunning(
                 f"merge server {row.id} is running (seen {max(0, now - row.seen_ms) // 1000}"
                 " s ago): stop it first (`systemctl stop waystation-server` on its host); "
-                "a running server records itself again within seconds")
+                "a running server records itself again within seconds. One that crashed "
+                f"counts as gone once not seen for {stale_s} s (`--stale-after SECONDS`)")
         txn.delete_server(row.id)
         return row
 

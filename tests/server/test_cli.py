@@ -243,6 +243,7 @@ def test_server_forget_drops_a_retired_server_but_not_a_running_one(
     code, out, err = run(env, "server", "forget", "server-1", capsys=capsys)
     # a refusal (exit 1, as the operator guide's exit codes say), not a usage error (2)
     assert code == 1 and "server-1 is running" in err and "stop it first" in err
+    assert "crashed counts as gone once not seen for 30 s" in err  # a killed one: wait
     code, out, err = run(env, "server", "forget", "server-9", capsys=capsys)
     assert code == 1 and "no merge server 'server-9'" in err and "server-1" in err
     doc = json.loads(run(env, "server", "status", "--json", capsys=capsys)[1])
