@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -135,6 +135,12 @@ def after_restore(store: Store, now_ms: int | None = None, *,
                                        created_ms=now))
         if devices:
             txn.bump_registry()  # a running server (PostgreSQL --in-place) sends them
+        # The backup recorded its servers as running: without this, `server status` on
+        # the restored store (no server started yet) says "running" for 30 s, then
+        # "crashed?"; a server that starts on it records itself again at once.
+        for row in txn.servers():
+            if not row.stopped_ms:
+                txn.put_server(replace(row, stopped_ms=row.seen_ms))
         return out
 
     return store.transact(jump)

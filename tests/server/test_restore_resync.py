@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from broker.server import liveness
 from broker.server.operations import RESTORE_SEQ_GAP, after_restore
 from broker.server.registry import add_device
 from broker.server.store.base import Store, WriteTxn
+from broker.server.store.rows import ServerRow
 from tests.server.helpers import by_device, changes, make_engine, oks, rejections, task
 from waystation import merge
 
@@ -46,9 +48,18 @@ def test_after_restore_jumps_and_queues_one_resync_per_device(store: Store) -> N
 def test_after_restore_without_devices_or_resync(store: Store) -> None:
     assert after_restore(store, 1_000) == {}
     add_device(store, "van-1", ["d1"], 5)
+    # the backup was taken while server-1 ran; server-2 had stopped cleanly before
+    store.transact(lambda txn: txn.put_server(ServerRow("server-1", "main", "1", 100, 900)))
+    store.transact(lambda txn: txn.put_server(
+        ServerRow("server-2", "main", "1", 100, 500, stopped_ms=500)))
     after_restore(store, 1_000, resync=False)
     with store.read() as txn:
         assert txn.commands() == []
+        servers = {r.id: r for r in txn.servers()}
+    # no server runs on a restored store: `server status` says so, not "running"
+    assert liveness.state(servers["server-1"], 1_000, 30_000) == "stopped"
+    assert servers["server-1"].stopped_ms == 900
+    assert servers["server-2"].stopped_ms == 500
 
 
 def test_changes_sent_again_after_a_restore_apply_once(tmp_path: Path,
