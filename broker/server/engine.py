@@ -238,7 +238,13 @@ class Engine(GroupTransaction):
             # time is the device's (a retained status replayed to a restarted server is
             # as old as it says), never later than now.
             now = self.now_ms()
-            fields.update(pend=report.pend, pend_ms=min(now, report.t or now))
+            at = min(now, report.t or now)
+            fields.update(pend=report.pend, pend_ms=at)
+            # The device's own report is a contact too: an idle device that is online
+            # must not show "last seen 3 h ago" (its last change). Never backwards.
+            row = self.registry.get(topic_device)
+            if row is not None and at > row.last_seen_ms:
+                fields["last_seen_ms"] = at
         self._rows.put(topic_device, fields)
         return []
 

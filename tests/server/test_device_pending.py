@@ -52,3 +52,25 @@ def test_the_count_and_its_time_outlive_the_last_will(tmp_path: Path) -> None:
         assert (row.pend, row.pend_ms) == (0, time())
     finally:
         store.close()
+
+
+def test_a_status_report_is_a_contact_but_never_moves_it_back(tmp_path: Path) -> None:
+    """An idle online device reports its status: LAST SEEN follows it (not its last
+    change, hours ago); a retained report replayed later, older than what the server
+    saw since, does not move it back; a last will (no count) is not the device's."""
+    engine, store, time = make_engine(tmp_path, {"van-1": ["r1"]})
+    try:
+        assert _row(store, "van-1").last_seen_ms == 0
+        reported = time() - 1000
+        engine.handle_status("van-1", _status("van-1", pend=0, t=reported))
+        engine.tick()
+        engine.tick()
+        assert _row(store, "van-1").last_seen_ms == reported
+        time.now += 60_000
+        engine.handle_status("van-1", _status("van-1", pend=0, t=reported - 5000))
+        engine.handle_status("van-1", status("van-1", on=False))
+        engine.tick()
+        engine.tick()
+        assert _row(store, "van-1").last_seen_ms == reported
+    finally:
+        store.close()
