@@ -162,8 +162,10 @@ def describe_replay(r: dict[str, Any]) -> str:
     text = f"the server was restored from a backup ({_when(r['t'])}): "
     if r.get("resending"):
         text += f"sending {changes} again, not all acked yet"
-    else:
+    elif count or r.get("units_skipped"):
         text += f"{changes} sent again"
+    else:
+        text += "this device had nothing the backup lacked"
     if r.get("units_skipped"):
         units = int(r["units_skipped"])
         text += (f"; {units} transaction{'s' if units != 1 else ''} could not be sent again "

@@ -371,3 +371,13 @@ def test_selection_keeps_units_whole(units: list[tuple[int, int, bool]], seq: in
         n += count
     chosen = select(entries, {"a": seq})
     assert chosen.replay == expect and chosen.incomplete_units == skipped
+
+
+def test_a_replay_with_nothing_to_send_says_so() -> None:
+    """A restore that found nothing this device had to send again says that, not
+    "0 acked changes sent again"."""
+    from agent.status import describe_replay
+
+    text = describe_replay({"t": 0, "changes": 0})
+    assert "nothing the backup lacked" in text and "0 acked" not in text
+    assert describe_replay({"t": 0, "changes": 1}).endswith("1 acked change sent again")
