@@ -123,10 +123,11 @@ class DeviceRefs:
 class ServerRefs:
     """The server's side for one device: its last `KEEP` references as read."""
 
-    __slots__ = ("_refs", "base")
+    __slots__ = ("_base_check", "_refs", "base")
 
     def __init__(self, base: bytes) -> None:
         self.base = base
+        self._base_check = zlib.adler32(base)  # every lookup continues from it
         self._refs: list[tuple[int, bytes]] = []
 
     def add(self, first_n: int, plain: bytes) -> None:
@@ -140,7 +141,7 @@ class ServerRefs:
         """The dictionary made of a run of up to `REFS` consecutive references whose
         adler-32 is `dict_id`; newest runs first (the usual case costs one check)."""
         plains = [p for _, p in self._refs]
-        start = zlib.adler32(self.base)
+        start = self._base_check
         for end in range(len(plains), 0, -1):
             for count in range(min(REFS, end), 0, -1):
                 run = plains[end - count:end]

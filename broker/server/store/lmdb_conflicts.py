@@ -9,27 +9,16 @@ and write the two tables inside the caller's transaction.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import lmdb
 import orjson
 
+from broker.server.store.lmdb_bytes import SEP as _SEP
+from broker.server.store.lmdb_bytes import from_u64 as _from_u64
+from broker.server.store.lmdb_bytes import text as _s
+from broker.server.store.lmdb_bytes import u64 as _u64
 from broker.server.store.rows import ConflictRow
-
-_SEP = b"\x00"
-
-
-def _u64(n: int) -> bytes:
-    return struct.pack(">Q", n)
-
-
-def _from_u64(b: bytes) -> int:
-    return int(struct.unpack(">Q", b)[0])
-
-
-def _s(text: str) -> bytes:
-    return text.encode("utf-8")
 
 
 def open_key(c: str, k: str, fname: str, cid: int) -> bytes:

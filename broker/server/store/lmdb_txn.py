@@ -28,7 +28,6 @@ characters):
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,25 +50,16 @@ from broker.server.store.base import (
     ServerRow,
     Tomb,
 )
+from broker.server.store.lmdb_bytes import SEP as _SEP
+from broker.server.store.lmdb_bytes import U64 as _U64
+from broker.server.store.lmdb_bytes import from_u64 as _from_u64
+from broker.server.store.lmdb_bytes import text as _s
+from broker.server.store.lmdb_bytes import u64 as _u64
 
 DBS = ("meta", "devices", "records", "seqs", "horizons", "index", "tombs", "outcomes",
        "conflicts", "conflicts_open", "deadletters", "commands", "notices", "schemas",
        "login_removals", "servers")
-_U64 = struct.Struct(">Q")
-_SEP = b"\x00"
 DEFAULT_MAX_DEAD_LETTERS = DeadLetterLimits().max_count
-
-
-def _u64(n: int) -> bytes:
-    return _U64.pack(n)
-
-
-def _from_u64(b: bytes) -> int:
-    return int(_U64.unpack(b)[0])
-
-
-def _s(text: str) -> bytes:
-    return text.encode("utf-8")
 
 
 class LmdbReadTxn:
