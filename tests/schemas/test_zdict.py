@@ -6,6 +6,7 @@ decompression bombs: output bounded)."""
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +40,21 @@ def test_the_dictionary_is_frozen() -> None:
     # zd1. A new dictionary needs a new capability (and keeps this one readable).
     assert zdict.DICT_ID == zlib.adler32(zdict.DICTIONARY) == 0x9C7C84A4
     assert len(zdict.DICTIONARY) < 32 * 1024, "deflate can only refer back 32 KiB"
+
+
+def test_the_published_dictionary_file_is_the_dictionary() -> None:
+    """schemas/zd1.dict is the language-neutral copy PROTOCOL.md §3 points implementers to
+    (a Go or JS device cannot take bytes out of a Python literal): byte for byte
+    `DICTIONARY`, with the length and DICTID the text states, shipped in the package."""
+    path = Path(zdict.__file__).with_name("zd1.dict")
+    published = path.read_bytes()
+    assert published == zdict.DICTIONARY, "schemas/zd1.dict drifted from schemas.zdict"
+    assert len(published) == 1366 and zlib.adler32(published) == 0x9C7C84A4
+    protocol = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    assert "`schemas/zd1.dict`" in protocol and "1,366 bytes" in protocol
+    assert "DICTID `0x9c7c84a4`" in protocol
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"zd1.dict"' in pyproject, "the package must ship schemas/zd1.dict"
 
 
 def test_a_lone_change_and_its_ack_shrink() -> None:
