@@ -124,8 +124,11 @@ class ZdCodec:
                     how, dictionary = "zd3", self.zd2 + b"".join(refs)
         elif "zd1" in self.agreed:
             how, dictionary = "zd1", ZD1
-        if changes_first_n is not None and len(plaintext) <= REFERENCE_MAX:
-            self.waiting.append((changes_first_n, plaintext))
+        if changes_first_n is not None:
+            # sent again: the newest copy replaces the older one among those waiting
+            self.waiting = [w for w in self.waiting if w[0] != changes_first_n]
+            if len(plaintext) <= REFERENCE_MAX:
+                self.waiting.append((changes_first_n, plaintext))
         if how == "plain":
             return plaintext, how
         packed = _deflate(plaintext, dictionary)
@@ -134,7 +137,8 @@ class ZdCodec:
     def answered(self, n: int) -> None:
         """An `ack` or `reject` named change n: the waiting message whose first change it
         is becomes the newest reference; those sent before it, still unanswered, are
-        lost (§3 "Recent traffic")."""
+        lost; an older reference with the same first change is replaced (§3 "Recent
+        traffic")."""
         for index, (first, text) in enumerate(self.waiting):
             if first == n:
                 del self.waiting[:index + 1]
