@@ -158,3 +158,29 @@ def test_a_dictionary_id_the_server_does_not_hold_gets_no_zd2(fleet: Fleet) -> N
         assert pd.sent_how["zd1"] >= 1
     finally:
         pd.close()
+
+
+def test_a_zd1_agreement_outlives_the_connection(fleet: Fleet) -> None:
+    """§3 "Preset dictionary": the server keeps what it agreed (§7.11), so a device that
+    agreed zd1 - with `z: false` even - gets zd1 streams on its next connection before
+    any new welcome, and must read them."""
+    pd = joined(fleet, "pd-keep", caps=["zd1"], z=False)
+    other = joined(fleet, "pd-other")
+    try:
+        assert pd.wait(lambda: pd.welcomes, 15, "a welcome")[-1]["caps"] == ["zd1"]
+        pd.sync_from_server()
+        pd.close()
+        for i in range(3):
+            ch = other.change("tasks", f"t-{i}", SCOPE, f={"route": SCOPE, "status": "out"})
+            other.send_changes([ch])
+            other.wait_acked([ch["n"]])
+        pd.restart()   # no hello on this connection: nothing agreed on it yet
+        welcomes, zd1_before = len(pd.welcomes), pd.received_how["zd1"]
+        pd.sync_from_server()
+        assert {("tasks", f"t-{i}") for i in range(3)} <= set(pd.records)
+        assert pd.received_how["zd1"] > zd1_before, pd.received_how
+        assert len(pd.welcomes) == welcomes and pd.agreed == set()
+        assert pd.undecodable == []
+    finally:
+        pd.close()
+        other.close()
