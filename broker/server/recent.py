@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
 
 from broker.server.store.base import DeviceRow
 from schemas import zdict, zdict_recent, zdict_schema
@@ -104,14 +103,6 @@ class RecentTraffic:
 
 
 
-def hello_base(hello_caps: Iterable[str] | None, zd: int | None) -> bytes | None:
-    """The `zd2` dictionary a `hello` offering `zd3` names, when this process holds it
-    (the server agrees to `zd3` only with `zd2`); None otherwise."""
-    if not hello_caps or zdict_recent.CAP not in hello_caps or zd is None:
-        return None
-    return zdict_schema.lookup(zd)
-
-
 def read_plain(recent: RecentTraffic, dev: str, device: DeviceRow | None, payload: bytes,
                limit: int) -> bytes | None:
     """The JSON text of `payload` from `dev` when the server keeps `dev`'s traffic (it
@@ -153,4 +144,4 @@ def recent_traffic(config: ServerConfig) -> RecentTraffic | None:
     limit = config.merge.recent_dictionary_bytes
     return RecentTraffic(limit) if limit else None
 
-__all__ = ["RecentTraffic", "hello_base", "read_plain", "recent_traffic"]
+__all__ = ["RecentTraffic", "read_plain", "recent_traffic"]
