@@ -81,3 +81,57 @@ def test_a_silent_broker_link_is_noticed_and_drained_once_back(
     assert fleet.value("inventory", "sku-2", "name") == "Rye"
     fleet.wait(lambda: fleet.agent_status("van-1")["online"], 30, what="online again")
     fleet.wait(lambda: _server_online(fleet, "van-1"), 30, what="server shows it online again")
+
+
+@pytest.fixture
+def server_link(fleet: Fleet) -> Iterator[SilentLink]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with SilentLink(fleet.port) as made:
+        yield made
+        fleet.stop_server()  # it lives in the namespace: stop it while the link exists
+
+
+@pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
+def test_a_silent_link_between_server_and_broker(fleet: Fleet, server_link: SilentLink) -> None:
+    """The merge server's link to the broker goes silent: the broker publishes the
+    server's last will, so devices hold their changes and say "server unavailable"
+    instead of filling a queue nobody reads; the server notices by its own keepalive and
+    reconnects once the link is back; everything written meanwhile arrives once."""
+    link = server_link
+    fleet.stop_server()
+    config = fleet.server_config.read_text()
+    direct = f'host = "127.0.0.1"\nport = {fleet.port}\n'
+    assert direct in config
+    fleet.server_config.write_text(config.replace(
+        direct, f'host = "{link.address}"\nport = {link.port}\nkeepalive_s = {KEEPALIVE_S}\n'))
+    proc = fleet.servers["server-1"]
+    proc.argv = ["ip", "netns", "exec", link.namespace, *proc.argv]
+    fleet.start_server()
+
+    fleet.add_device("van-1", ["depot-7"])
+    fleet.start_agent("van-1")
+    ag = fleet.agent("van-1")
+    ag.put("inventory", "sku-1", {"depot": "depot-7", "name": "Bread flour"})
+    fleet.wait_drained("van-1")
+    fleet.wait(lambda: (ag.status().server or {}).get("up") is True, 30,
+               what="the server group is announced up")
+
+    link.cut()
+    # Sent at once (the server still counts as up): the broker hands it to a connection
+    # that answers nothing. It stays in the outbox until the server's ack, however long.
+    ag.put("inventory", "sku-1b", {"depot": "depot-7", "name": "Spelt"})
+    fleet.wait(lambda: "server_unavailable" in [d["code"] for d in ag.status().deferred],
+               6 * KEEPALIVE_S, what="the server's will: the agent holds, status says why")
+    assert "server unavailable since" in ag.status().summary()
+    ag.put("inventory", "sku-2", {"depot": "depot-7", "name": "Rye"})
+    assert ag.status().pending == 2
+    proc.wait_event("mqtt disconnected", timeout=6 * KEEPALIVE_S)  # its own keepalive
+    assert fleet.record("inventory", "sku-2") is None
+
+    link.heal()
+    fleet.wait_drained("van-1", timeout=90)
+    assert fleet.value("inventory", "sku-2", "name") == "Rye"
+    assert fleet.value("inventory", "sku-1b", "name") == "Spelt"
+    fleet.wait(lambda: ag.status().deferred == [], 30, what="no deferral once it is back")
