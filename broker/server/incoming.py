@@ -139,6 +139,10 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
             base = hello_base(msg.caps, msg.zd)
             if base is not None:
                 recent.open(dev, base)
+            else:
+                # Not agreed (not offered, or without `zd2`): nothing of this device is
+                # kept or read as `zd3` any more, whatever an earlier hello agreed.
+                recent.forget(dev)
     elif isinstance(msg, Catchup):
         inc.kind = "catchup"
     elif isinstance(msg, Fetch):

@@ -97,7 +97,10 @@ class RecentTraffic:
         self._sizes[dev] = size
         self._devices[dev] = refs
         self._devices.move_to_end(dev)
-        while self._bytes > self.limit and len(self._devices) > 1:
+        # Even the device just added goes when it alone is over the limit (a limit below
+        # one device's references): the bound holds, and the device is refused
+        # `dictionary_unknown` and sends with `zd2`, as after a restart.
+        while self._bytes > self.limit and self._devices:
             old, _ = self._devices.popitem(last=False)
             self._bytes -= self._sizes.pop(old)
 
@@ -105,9 +108,11 @@ class RecentTraffic:
 
 
 def hello_base(hello_caps: Iterable[str] | None, zd: int | None) -> bytes | None:
-    """The `zd2` dictionary a `hello` offering `zd3` names, when this process holds it
-    (the server agrees to `zd3` only with `zd2`); None otherwise."""
-    if not hello_caps or zdict_recent.CAP not in hello_caps or zd is None:
+    """The `zd2` dictionary a `hello` offering `zd3` and `zd2` names, when this process
+    holds it (the server agrees to `zd3` only with `zd2`, `broker.server.caps.agreed`);
+    None otherwise: `zd3` is not agreed, and the device's references are forgotten."""
+    caps = set(hello_caps or ())
+    if zdict_recent.CAP not in caps or zdict_schema.CAP not in caps or zd is None:
         return None
     return zdict_schema.lookup(zd)
 
