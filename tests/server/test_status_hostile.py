@@ -183,3 +183,27 @@ def test_flapping_presence_logs_one_event_per_second(
     with capture_logs() as logs:
         engine.handle_status("bad-1", _status(on=True))
     assert [e["online"] for e in logs if e["event"] == "presence"] == [True]
+
+
+def test_a_hostile_agent_string_cannot_forge_the_devices_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hello whose `agent` holds an ANSI escape, a newline and a bidi override: `server
+    devices` prints it escaped, on the device's own line (before, the raw bytes cleared
+    the operator's screen and added a forged table row)."""
+    from broker.server.store.lmdb_store import LmdbStore
+    from waystation.cli import main
+
+    data = tmp_path / "server"
+    store = LmdbStore(data)
+    engine, _, _ = make_engine(data, {"bad-1": ["r1"]}, store=store)
+    agent = "\x1b[2J\x1b[31mX\x07\nvan-9  online  just now\u202e"
+    engine.handle_up("bad-1", orjson.dumps({"type": "hello", "v": 1, "dev": "bad-1",
+                                            "agent": agent, "sv": 1}))
+    engine.flush(stopping=True)
+    store.close()
+    assert main(["server", "devices"], env={"WAYSTATION_SERVER__DATA_DIR": str(data)}) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    [line] = [ln for ln in out.splitlines() if "bad-1" in ln]
+    assert "\\x1b[2J\\x1b[31mX\\x07\\nvan-9  online  just now\\u202e" in line
+    assert not any(ln.startswith("van-9") for ln in out.splitlines())
