@@ -11,8 +11,9 @@ Which messages count is fixed by rules both sides apply to what they already see
 nothing extra travels:
 - a *reference* is the plaintext JSON of a `changes` message of at most `REF_MAX_BYTES`;
 - the device takes one once the server answered it (an `ack` or `reject` naming its
-  first change number: the server read it), in the order answers arrive, and uses the
-  last `REFS` it took (none at first: then `zd2` alone), only while fewer than
+  first change number: the server read it), in the order answers arrive, a message
+  sent again (same first change number) replacing its older copy as on the server, and
+  uses the last `REFS` it took (none at first: then `zd2` alone), only while fewer than
   `KEEP - REFS` of its messages wait for an answer;
 - the server keeps the last `KEEP` references each device sent, in the order it read
   them, a later copy of a message (same first change number) replacing the earlier.
@@ -70,7 +71,7 @@ class DeviceRefs:
     def __init__(self, base: bytes) -> None:
         self.base = base
         self._pending: dict[int, bytes] = {}
-        self._refs: deque[bytes] = deque(maxlen=REFS)
+        self._refs: deque[tuple[int, bytes]] = deque(maxlen=REFS)
         self._dict: bytes | None = None
 
     def sent(self, first_n: int, plain: bytes) -> None:
@@ -96,7 +97,11 @@ class DeviceRefs:
                 del self._pending[first]
                 if first == n:
                     break
-            self._refs.append(plain)
+            # A copy of an earlier reference (a transient rejection, sent again): the
+            # server moved its copy to the newest place (ServerRefs.add); so do we.
+            for ref in [r for r in self._refs if r[0] == n]:
+                self._refs.remove(ref)
+            self._refs.append((n, plain))
             self._dict = None
 
     def dictionary(self) -> bytes | None:
@@ -106,7 +111,7 @@ class DeviceRefs:
         if not self._refs or len(self._pending) >= KEEP - REFS:
             return None
         if self._dict is None:
-            self._dict = dictionary(self.base, self._refs)
+            self._dict = dictionary(self.base, (plain for _, plain in self._refs))
         return self._dict
 
     def reset(self) -> None:

@@ -35,7 +35,8 @@ def cmd_server_forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if liveness.state(row, now, stale_s * 1000) == "running":
             raise ServerRunning(
                 f"merge server {row.id} is running (seen {max(0, now - row.seen_ms) // 1000}"
-                " s ago): stop it first (`systemctl stop waystation-server` on its host); "
+                " s ago): stop it first on its host (`systemctl stop waystation-server`, or "
+                "Ctrl-C / SIGTERM to a `waystation server run` in a terminal); "
                 "a running server records itself again within seconds. One that crashed "
                 f"counts as gone once not seen for {stale_s} s (`--stale-after SECONDS`)")
         txn.delete_server(row.id)

@@ -8,8 +8,8 @@
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
-changes five things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
-tests/broker/test_embedded.py):
+changes six things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
 2. A CONNECT is authenticated *before* amqtt touches its session table. Stock amqtt
@@ -24,6 +24,10 @@ tests/broker/test_embedded.py):
 5. A packet over ``max_packet_bytes`` (PROTOCOL.md's 256 KiB payload plus header room)
    drops its sender's connection before amqtt reads it into memory
    (``broker.embedded.packet_limit``); amqtt has no limit at all.
+6. A client that sends nothing for 1.5 times its keepalive is disconnected and its last
+   will published (MQTT 3.1.1 §3.1.2.10). amqtt only logs the read timeout and waits on,
+   so a device whose link went silent (no FIN, no reset: a dead cell, a dropping NAT)
+   stayed connected for ever: its will never went out and the server showed it online.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are
@@ -181,7 +185,6 @@ class BrokerSettings:
             listeners["tls"] = tls
         return {
             "listeners": listeners,
-            "timeout_disconnect_delay": 0,
             "session_expiry_interval": self.session_expiry_s,
             "plugins": plugin_config(
                 password_file=self.password_file,

@@ -1,7 +1,7 @@
 """amqtt internals Waystation overrides: a subclass of amqtt 0.12.1's ``Broker`` with the
 fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authentication
 before the session table, retained messages checked against the ACL, required client
-certificates, the packet size limit).
+certificates, the packet size limit, the keepalive enforced).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -34,8 +34,30 @@ AMQTT_VERSION = "0.12.1"
 _PREAUTH = "waystation.preauthenticated"
 
 
+class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """amqtt's per-connection handler, but a read timeout (no packet for the session's
+    keepalive, which the broker sets to 1.5 times the client's) ends the connection: the
+    reader then sees end of stream and amqtt handles it as any abnormal disconnect,
+    publishing the client's will."""
+
+    def handle_read_timeout(self) -> None:
+        client_id = self.session.client_id if self.session is not None else None
+        log.info("client keepalive expired: disconnecting", client_id=client_id,
+                 keepalive_s=self.session.keep_alive if self.session is not None else None)
+        stream = getattr(self.writer, "_writer", None)
+        transport = getattr(stream, "transport", None)
+        if transport is not None:
+            transport.abort()
+
+
+def keepalive_timeout(keepalive_s: int) -> int:
+    """How long the broker waits for a client's next packet: 1.5 times its keepalive,
+    rounded up (0: the client asked for none)."""
+    return 0 if keepalive_s <= 0 else -(-keepalive_s * 3 // 2)
+
+
 class WaystationBroker(Broker):  # type: ignore[misc]
-    """amqtt's Broker with the four fixes listed in the module docstring."""
+    """amqtt's Broker with the fixes listed in the module docstring."""
 
     def __init__(self, config: dict[str, Any], *, require_client_cert: bool,
                  max_packet: int = DEFAULT_MAX_PACKET) -> None:
@@ -80,7 +102,7 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         # table (see fix 2 in the module docstring). Errors raised here make amqtt log the
         # attempt and drop the connection.
         try:
-            handler, client_session = await BrokerProtocolHandler.init_from_connect(
+            handler, client_session = await KeepaliveHandler.init_from_connect(
                 reader, writer, self.plugins_manager
             )
         except AMQTTError as exc:
@@ -123,9 +145,7 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         else:
             client_session.parent = 0
 
-        delay = self.config.get("timeout-disconnect-delay", 0)
-        if client_session.keep_alive > 0 and isinstance(delay, int):
-            client_session.keep_alive += delay
+        client_session.keep_alive = keepalive_timeout(client_session.keep_alive)
         client_session.attributes[_PREAUTH] = True
         return handler, client_session
 

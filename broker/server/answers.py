@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 
-from broker.server.caps import agreed
 from broker.server.fanout import Fanout
 from broker.server.incoming import Incoming
 from broker.server.messages import command_message, error_message, reject_messages, rejection
@@ -41,7 +40,7 @@ def message_replies(inc: Incoming, fan: Fanout,
     if inc.kind == "hello":
         msgs = [command_message(c.id, c.cmd, c.args) for c in inc.commands]
         if inc.msg.caps is not None:  # a device that speaks §11 is told what is agreed
-            msgs[:0] = welcome(agreed(inc.msg.caps, zd=inc.msg.zd), inc.msg.sv)
+            msgs[:0] = welcome(inc.caps, inc.msg.sv)
         return msgs
     if inc.kind == "changes":
         return change_replies(inc.topic_dev, inc.results, inc.msg.bad, fan)

@@ -65,11 +65,12 @@ zd2: see `ZD2`.
 zd3: see `ZD3`."""
 
 
-def agreed(offered: Iterable[str], *, zd: int | None = None) -> tuple[str, ...]:
-    """The features both the device (`offered`) and this server speak, sorted; `zd2`
-    only when this server knows the dictionary `zd` (the hello's) names, `zd3` only
-    with `zd2`."""
-    both = set(offered) & SERVER_CAPS
+def agreed(offered: Iterable[str], *, zd: int | None = None,
+           served: frozenset[str] = SERVER_CAPS) -> tuple[str, ...]:
+    """The features both the device (`offered`) and this server (`served`: what it serves
+    now, `SERVER_CAPS` at most) speak, sorted; `zd2` only when this server knows the
+    dictionary `zd` (the hello's) names, `zd3` only with `zd2`."""
+    both = set(offered) & served
     if ZD2 in both and not zdict_schema.known(zd):
         both.discard(ZD2)
     if ZD2 not in both:
@@ -77,5 +78,18 @@ def agreed(offered: Iterable[str], *, zd: int | None = None) -> tuple[str, ...]:
     return tuple(sorted(both))
 
 
+def served_now(*, recent_kept: bool, other_servers: int) -> frozenset[str]:
+    """What this server agrees to at a hello now: `zd3` only where it keeps the devices'
+    recent traffic (`recent_kept`) and no other merge server runs on its store. Servers
+    sharing a store share the devices' messages (a shared subscription, competing AMQP
+    consumers), so a device's next message would mostly reach a server without its
+    references and be refused (`dictionary_unknown`) and sent again: a round trip lost
+    per message until the device gave up. Devices that agreed before a second server
+    started fall back that way once per connection (PROTOCOL.md §3)."""
+    if recent_kept and other_servers == 0:
+        return SERVER_CAPS
+    return SERVER_CAPS - {ZD3}
+
+
 __all__ = ["CERT_RENEW", "FETCH", "FETCH_QUERY", "SCHEMA", "SCHEMA_PUSH", "SERVER_CAPS", "ZD2",
-           "ZD3", "ZDICT", "agreed"]
+           "ZD3", "ZDICT", "agreed", "served_now"]

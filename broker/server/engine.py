@@ -50,7 +50,7 @@ from broker.errors import StoreError
 from broker.server import schema_guard
 from broker.server.answers import message_replies
 from broker.server.applier import Applier
-from broker.server.caps import ZDICT
+from broker.server.caps import ZDICT, served_now
 from broker.server.downcast import Downcaster
 from broker.server.engine_txn import MAX_PENDING_LETTERS, GroupTransaction
 from broker.server.expiry import Expiry
@@ -176,7 +176,8 @@ class Engine(GroupTransaction):
         now = self.now_ms()
         # No registry read here: the group's transaction checks the generation and
         # reloads (and parses again) when it moved (`broker.server.engine_txn`).
-        incs = [parse_up(dev, payload, self.registry, self.cfg, self.recent)
+        served = self._served()
+        incs = [parse_up(dev, payload, self.registry, self.cfg, self.recent, served)
                 for dev, payload in items]
         self._commit(incs, now)
         out: list[Outgoing] = []
@@ -315,7 +316,7 @@ class Engine(GroupTransaction):
         if beat is None:
             return
         try:
-            self.store.transact(partial(_put_server, row=beat))
+            self.store.transact(partial(_put_server, row=beat, heartbeat=self.heartbeat))
             self.heartbeat.written(beat)
         except Exception:
             log.exception("liveness_write_failed")
@@ -329,6 +330,11 @@ class Engine(GroupTransaction):
             self._commit([], now, self.heartbeat.stopping(now) if stopping else None)
         except Exception:  # pragma: no cover - _commit logs and keeps what failed
             log.exception("flush_failed")
+
+    def _served(self) -> frozenset[str]:
+        """What a hello may agree to now (`broker.server.caps.served_now`)."""
+        return served_now(recent_kept=self.recent is not None,
+                          other_servers=self.heartbeat.others)
 
     def is_online(self, dev: str) -> bool:
         return self.presence.is_online(dev)
@@ -438,8 +444,9 @@ class Engine(GroupTransaction):
         return fan.messages(self._compress_over)
 
 
-def _put_server(txn: WriteTxn, row: ServerRow) -> None:
+def _put_server(txn: WriteTxn, row: ServerRow, heartbeat: Heartbeat) -> None:
     txn.put_server(row)
+    heartbeat.saw(txn.servers(), row.seen_ms)
 
 
 def _trim_letters(txn: WriteTxn, now: int, cfg: MergeConfig) -> tuple[int, int]:

@@ -73,6 +73,9 @@ class GroupTransaction:
     def _refresh_registry(self) -> bool:
         raise NotImplementedError
 
+    def _served(self) -> frozenset[str]:
+        raise NotImplementedError
+
     def _done_letters(self, session: GateSession) -> None:
         raise NotImplementedError
 
@@ -120,7 +123,7 @@ class GroupTransaction:
         def reload() -> None:
             self._refresh_registry()
             for inc in incs:  # parsed again against the registry as reloaded
-                _reparse(inc, self.registry, self.cfg, self.recent)
+                _reparse(inc, self.registry, self.cfg, self.recent, self._served())
         return schema_guard.transact_live(self.store, fn, reload, self.counters)
 
     def _done(self, result: _Result) -> None:
@@ -147,6 +150,7 @@ class GroupTransaction:
         """The body of the group transaction (may run again after a retryable failure)."""
         if server is not None:
             txn.put_server(server)
+            self.heartbeat.saw(txn.servers(), now)
         if incs:  # first, before any scope lock (`broker.server.schema_guard`)
             schema_guard.check(txn, self.registry.generation)
             wiped_in_group(incs)
@@ -197,11 +201,11 @@ class GroupTransaction:
 
 
 def _reparse(inc: Incoming, registry: Registry, cfg: MergeConfig,
-             recent: RecentTraffic | None) -> None:
+             recent: RecentTraffic | None, served: frozenset[str]) -> None:
     """`inc` as `parse_up` makes it against `registry` (its results reset)."""
-    fresh = parse_up(inc.topic_dev, inc.payload, registry, cfg, recent)
+    fresh = parse_up(inc.topic_dev, inc.payload, registry, cfg, recent, served)
     inc.kind, inc.device, inc.msg = fresh.kind, fresh.device, fresh.msg
-    inc.error, inc.blocked = fresh.error, fresh.blocked
+    inc.error, inc.blocked, inc.caps = fresh.error, fresh.blocked, fresh.caps
 
 
 def _add_letter(txn: WriteTxn, letter: DeadLetter) -> int:

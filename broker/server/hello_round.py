@@ -8,11 +8,11 @@ which the engine writes with the rest of the round.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
 
-from broker.server.caps import agreed
 from broker.server.cert_issue import note_hello as note_cert
 from broker.server.registry import deliverable
 from broker.server.rotation import Rotation, on_hello, scrubbed
@@ -22,12 +22,12 @@ from schemas.wire import Hello
 log = structlog.get_logger(__name__)
 
 
-def hello_commands(txn: WriteTxn, hello: Hello, device: DeviceRow | None, now: int,
-                   upd: dict[str, Any]) -> list[CommandRow]:
-    """Record the commands `hello` reports done; return those still pending (a wipe
-    first: nothing else reaches a device before its wipe)."""
+def hello_commands(txn: WriteTxn, hello: Hello, caps: Sequence[str], device: DeviceRow | None,
+                   now: int, upd: dict[str, Any]) -> list[CommandRow]:
+    """Record the commands `hello` reports done; return those still pending that the
+    agreed features (`caps`) let reach the device (a wipe first: nothing else reaches a
+    device before its wipe)."""
     done = set(hello.done)
-    caps = agreed(hello.caps or (), zd=hello.zd)
     pending: list[CommandRow] = []
     for cmd in txn.commands(hello.dev):
         if cmd.done_ms:

@@ -16,11 +16,12 @@ from typing import Any
 import structlog
 
 from broker.server.applier import ChangeResult
-from broker.server.recent import RecentTraffic, hello_base, read_plain
+from broker.server.caps import agreed, served_now
+from broker.server.recent import RecentTraffic, read_plain
 from broker.server.registry import Registry
 from broker.server.replies import batch_letters, letter
 from broker.server.store.base import CommandRow, DeadLetter, DeviceRow
-from schemas import codec, zdict_recent
+from schemas import codec, zdict_recent, zdict_schema
 from schemas.codec import BadChange, LenientChanges
 from schemas.errors import ProtocolError
 from schemas.payload import DEFAULT_MAX_DECOMPRESSED, payload_bytes
@@ -47,6 +48,10 @@ class Incoming:
     failed: bool = False
     blocked: str = ""
     """Why the device may not sync now (disabled, wipe pending); "" when it may."""
+    caps: tuple[str, ...] = ()
+    """A hello's features as agreed (`broker.server.caps.agreed`), worked out once, with
+    what this server served when it read the hello: the welcome says them, the device's
+    row keeps them, the pending commands are picked by them."""
 
 
 def block_reason(device: DeviceRow, *, wipe_done: bool = False) -> str:
@@ -79,10 +84,13 @@ def wiped_in_group(incs: list[Incoming]) -> None:
 
 
 def parse_up(topic_dev: str, payload: bytes, registry: Registry,
-             cfg: MergeConfig, recent: RecentTraffic | None = None) -> Incoming:
+             cfg: MergeConfig, recent: RecentTraffic | None = None,
+             served: frozenset[str] | None = None) -> Incoming:
     """Decode and check one up message; refusals land in `Incoming.error`. With `recent`
-    (this server serves `zd3`) the change batches of devices that agreed to it are
-    kept as their references, and `Incoming.payload` is the message's JSON text."""
+    (this server keeps `zd3` references) the change batches of devices that agreed to it
+    are kept as their references, and `Incoming.payload` is the message's JSON text.
+    `served`: the features a hello may agree to now (default: all this server has,
+    `zd3` only with `recent`)."""
     inc = Incoming(topic_dev, payload)
     plain: bytes | None = None
     try:
@@ -131,17 +139,18 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
                 recent.add(dev, first, plain)
     elif isinstance(msg, Hello):
         inc.kind = "hello"
-        if recent is None:
-            if msg.caps and zdict_recent.CAP in msg.caps:  # not served here: not agreed
-                inc.msg = msg.model_copy(
-                    update={"caps": [c for c in msg.caps if c != zdict_recent.CAP]})
-        else:
-            base = hello_base(msg.caps, msg.zd)
+        if served is None:
+            served = served_now(recent_kept=recent is not None, other_servers=0)
+        inc.caps = agreed(msg.caps or (), zd=msg.zd, served=served)
+        if recent is not None:
+            base = (zdict_schema.lookup(msg.zd)
+                    if msg.zd is not None and zdict_recent.CAP in inc.caps else None)
             if base is not None:
                 recent.open(dev, base)
             else:
-                # Not agreed (not offered, or without `zd2`): nothing of this device is
-                # kept or read as `zd3` any more, whatever an earlier hello agreed.
+                # Not agreed (not offered, not with `zd2`, not served now): nothing of
+                # this device is kept or read as `zd3` any more, whatever an earlier
+                # hello agreed.
                 recent.forget(dev)
     elif isinstance(msg, Catchup):
         inc.kind = "catchup"

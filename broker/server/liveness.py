@@ -41,6 +41,9 @@ class Heartbeat:
     def __init__(self, server_id: str, group: str, version: str, started_ms: int) -> None:
         self.row = ServerRow(server_id, group, version, started_ms, started_ms)
         self._written_ms: int | None = None
+        self.others = 0
+        """Other servers running on this store when this one last wrote its row
+        (`saw`): they share the devices' messages (`broker.server.caps.served_now`)."""
 
     def due(self, now: int) -> ServerRow | None:
         """The row to write now (the first, then every `SEEN_EVERY_MS`), else None."""
@@ -53,6 +56,12 @@ class Heartbeat:
         """The row a clean stop writes."""
         return ServerRow(self.row.id, self.row.group, self.row.version,
                          self.row.started_ms, now, stopped_ms=now)
+
+    def saw(self, rows: Sequence[ServerRow], now: int) -> None:
+        """`rows`: the store's servers as read with this server's own row written."""
+        self.others = sum(1 for r in rows
+                          if r.id != self.row.id and state(r, now, STALE_AFTER_S * 1000)
+                          == "running")
 
     def written(self, row: ServerRow) -> None:
         """`row` is in the store (a failed write leaves the next tick due again)."""

@@ -16,7 +16,6 @@ from collections import Counter
 from typing import Any
 
 from broker.server.applier import TxnApplier
-from broker.server.caps import agreed
 from broker.server.cert_issue import csr_round
 from broker.server.cert_renewal import Refused
 from broker.server.hello_round import hello_commands, note_incarnation
@@ -48,9 +47,8 @@ def apply_message(txn: WriteTxn, inc: Incoming, ta: TxnApplier, upd: dict[str, A
                 upd["synced_ms"] = now
     elif inc.kind == "hello":
         hello: Hello = inc.msg
-        inc.commands = hello_commands(txn, hello, device, now, upd)
-        upd.update(agent=hello.agent, sv=hello.sv, z=hello.z,
-                   caps=agreed(hello.caps or (), zd=hello.zd))
+        inc.commands = hello_commands(txn, hello, inc.caps, device, now, upd)
+        upd.update(agent=hello.agent, sv=hello.sv, z=hello.z, caps=inc.caps)
         note_incarnation(device, hello, now, upd)
         if hello.cp is not None:
             upd.update(cp={s: v for s, v in hello.cp.items() if s in device.scopes},

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
 
 from broker.server.store.base import DeviceRow
 from schemas import zdict, zdict_recent, zdict_schema
@@ -107,16 +106,6 @@ class RecentTraffic:
 
 
 
-def hello_base(hello_caps: Iterable[str] | None, zd: int | None) -> bytes | None:
-    """The `zd2` dictionary a `hello` offering `zd3` and `zd2` names, when this process
-    holds it (the server agrees to `zd3` only with `zd2`, `broker.server.caps.agreed`);
-    None otherwise: `zd3` is not agreed, and the device's references are forgotten."""
-    caps = set(hello_caps or ())
-    if zdict_recent.CAP not in caps or zdict_schema.CAP not in caps or zd is None:
-        return None
-    return zdict_schema.lookup(zd)
-
-
 def read_plain(recent: RecentTraffic, dev: str, device: DeviceRow | None, payload: bytes,
                limit: int) -> bytes | None:
     """The JSON text of `payload` from `dev` when the server keeps `dev`'s traffic (it
@@ -158,4 +147,4 @@ def recent_traffic(config: ServerConfig) -> RecentTraffic | None:
     limit = config.merge.recent_dictionary_bytes
     return RecentTraffic(limit) if limit else None
 
-__all__ = ["RecentTraffic", "hello_base", "read_plain", "recent_traffic"]
+__all__ = ["RecentTraffic", "read_plain", "recent_traffic"]

@@ -18,6 +18,14 @@ them, forge members, send garbage.
 Everything received is decoded (zlib when the first byte is 0x78, §3) and kept:
 `acks` (n -> every (scope, q) it was acked with), `rejections` (n -> every rejection),
 `errors` (message-level `err` of rejects), `pages`, `checkpoints`, `deltas`.
+
+Capabilities (§11): `caps=[...]` is offered in every hello and `welcomes` keeps the
+answers. The compact encodings zd1/zd2/zd3 (§3) are tests/e2e/protocol_zd.py, written from
+the text as well: give the device its collection-schema file's text (`schema=`) to offer
+zd2 (`hello.zd`); once a welcome agreed them, up messages are compressed with the zd1 /
+zd2 dictionary (`changes` with zd3 references), down streams with the zd1 dictionary
+are read, and a `dictionary_unknown` makes it forget its references and send its
+unanswered changes again. `sent_how` / `received_how` count the encodings used.
 """
 
 from __future__ import annotations
@@ -28,11 +36,14 @@ import ssl
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from tests.e2e.protocol_zd import ZdCodec, first_n
 
 __all__ = ["ProtocolDevice", "Stamper"]
 
@@ -73,8 +84,11 @@ class ProtocolDevice:
     def __init__(self, dev: str, password: str, *, port: int, host: str = "127.0.0.1",
                  prefix: str = "waystation", scopes: Iterable[str] = (), sv: int = 1,
                  z: bool = True, client_id: str | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
-        """`client_id` other than `dev` and `tls` are for tests of the transport (§1)."""
+                 tls: ssl.SSLContext | None = None, caps: Iterable[str] | None = None,
+                 schema: str | None = None) -> None:
+        """`client_id` other than `dev` and `tls` are for tests of the transport (§1);
+        `caps` are offered in hello (§11), `schema` is the text of the collection-schema
+        file the device runs (for zd2's dictionary, §3)."""
         self.dev, self.password = dev, password
         self.client_id = dev if client_id is None else client_id
         self.tls = tls
@@ -110,6 +124,13 @@ class ProtocolDevice:
         self.disconnects: list[str] = []
         self.subscribed = False
         self._pubacks: set[int] = set()
+        self.caps = None if caps is None else list(caps)
+        self.welcomes: list[dict[str, Any]] = []
+        self.zd = ZdCodec(schema)
+        self.sent_how: Counter[str] = Counter()
+        self.received_how: Counter[str] = Counter()
+        self.unanswered: dict[int, dict[str, Any]] = {}
+        """`changes` messages sent, by their first change's n, until an answer names it."""
         self.client = self._make_client()
 
     def _make_client(self) -> paho.Client:
@@ -147,6 +168,8 @@ class ProtocolDevice:
         if reason != "Success":
             return reason
         self.subscribed = False
+        with self._cond:
+            self.zd.reset_connection()   # §7.11: nothing agreed until the new welcome
         self.client.subscribe(self.down, qos=1)
         self.wait(lambda: self.subscribed, timeout, "SUBACK")
         if online is not None:
@@ -193,7 +216,15 @@ class ProtocolDevice:
         """Publish one protocol message on the up topic."""
         payload = _encode(message)
         if compress:
-            payload = zlib.compress(payload)
+            payload, how = zlib.compress(payload), "zlib"
+        else:
+            with self._cond:
+                fn = first_n(message)
+                payload, how = self.zd.encode(payload, changes_first_n=fn)
+                if fn is not None:
+                    self.unanswered[fn] = message
+        with self._cond:
+            self.sent_how[how] += 1
         self.publish(self.up, payload)
 
     def send_raw(self, payload: bytes, topic: str | None = None) -> None:
@@ -201,8 +232,19 @@ class ProtocolDevice:
         self.publish(topic or self.up, payload)
 
     def hello(self, **extra: Any) -> None:
-        self.send({"type": "hello", "v": PROTOCOL_VERSION, "dev": self.dev,
-                   "agent": "protocol-device/1", "sv": self.sv, "z": self.z, **extra})
+        msg: dict[str, Any] = {"type": "hello", "v": PROTOCOL_VERSION, "dev": self.dev,
+                               "agent": "protocol-device/1", "sv": self.sv, "z": self.z}
+        if self.caps is not None:
+            msg["caps"] = self.caps
+            if "zd2" in self.caps and self.zd.zd_id is not None:
+                msg["zd"] = self.zd.zd_id
+        self.send({**msg, **extra})
+
+    @property
+    def agreed(self) -> set[str]:
+        """The capabilities the last welcome agreed (§7.11, §11)."""
+        with self._cond:
+            return set(self.zd.agreed)
 
     def catchup(self, cp: dict[str, int] | None = None, lim: int | None = None) -> str:
         """Ask for everything after `cp` (default: the checkpoints held); the req id."""
@@ -320,10 +362,8 @@ class ProtocolDevice:
             self._cond.notify_all()
 
     def _on_message(self, c: Any, u: Any, msg: paho.MQTTMessage) -> None:
-        payload = bytes(msg.payload)
         try:
-            if payload[:1] == b"\x78":
-                payload = zlib.decompress(payload)
+            payload, how = self.zd.decode(bytes(msg.payload))
             doc = json.loads(payload)
             if not isinstance(doc, dict) or doc.get("v") != PROTOCOL_VERSION:
                 raise ValueError("not a version-1 message")
@@ -333,25 +373,38 @@ class ProtocolDevice:
                 self._cond.notify_all()
             return
         with self._cond:
+            self.received_how[how] += 1
             self.messages.append(doc)
             self._handle(doc)
             self._cond.notify_all()
 
     def _handle(self, doc: dict[str, Any]) -> None:
         kind = doc.get("type")
-        if kind == "ack":
+        if kind == "welcome":
+            self.welcomes.append(doc)
+            # §11: a device ignores names it did not offer
+            self.zd.agree([c for c in doc.get("caps", []) if c in (self.caps or ())])
+        elif kind == "ack":
             for n, s, q in doc.get("ok", []):
                 self.acks.setdefault(n, []).append((s, q))
+                self._answered(n)
             self.restamped.update(doc.get("rs", []))
             for rec in doc.get("fx", []):
                 self._apply(rec)
         elif kind == "reject":
             for rj in doc.get("rj", []):
                 self.rejections.setdefault(rj["n"], []).append(rj)
+                self._answered(rj["n"])
                 if rj.get("rec"):
                     self._apply(rj["rec"])
             if doc.get("err"):
                 self.errors.append(doc["err"])
+                if doc["err"].get("code") == "dictionary_unknown":
+                    # §3 "Recent traffic", §8: forget the references, send what is in
+                    # flight again (now with zd2; from a fresh thread, as below)
+                    self.zd.dictionary_unknown()
+                    again = list(self.unanswered.values())
+                    threading.Thread(target=self._send_all, args=(again,), daemon=True).start()
         elif kind == "delta":
             self.deltas.append(doc)
             for rec in doc.get("d", []):
@@ -389,6 +442,14 @@ class ProtocolDevice:
                     if self._lim is not None:
                         msg["lim"] = self._lim
                     threading.Thread(target=self.send, args=(msg,), daemon=True).start()
+
+    def _answered(self, n: int) -> None:
+        self.zd.answered(n)
+        self.unanswered.pop(n, None)
+
+    def _send_all(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            self.send(message)
 
     def _apply(self, rec: dict[str, Any]) -> None:
         """Apply a record state to the base (§6, rules 1-3)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import protocol_device
+from tests.e2e import protocol_device, protocol_zd
 from tests.e2e.fleet import Fleet
 from tests.e2e.protocol_device import ProtocolDevice
 from waystation.convergence import server_records
@@ -38,19 +38,29 @@ def device(fleet: Fleet, dev: str) -> ProtocolDevice:
     return pd
 
 
-def test_protocol_device_is_built_from_the_document_alone() -> None:
-    """tests/e2e/protocol_device.py imports paho-mqtt and the standard library, nothing ours."""
-    source = Path(protocol_device.__file__).read_text()
+def _imports(module: Any) -> set[str]:
+    """The modules `module`'s source imports (full dotted names)."""
     imported: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
         if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
+            imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "no relative imports"
-            imported.add((node.module or "").split(".")[0])
+            imported.add(node.module or "")
+    return imported
+
+
+def test_protocol_device_is_built_from_the_document_alone() -> None:
+    """tests/e2e/protocol_device.py imports paho-mqtt, the standard library and its
+    sibling tests/e2e/protocol_zd.py (the compact encodings, standard library alone),
+    nothing ours."""
     allowed = {"paho", *sys.stdlib_module_names}
-    assert imported <= allowed, imported - allowed
-    assert "paho" in imported
+    imported = _imports(protocol_device)
+    own = {name for name in imported if name.split(".")[0] not in allowed}
+    assert own == {"tests.e2e.protocol_zd"}, own
+    assert "paho" in {name.split(".")[0] for name in imported}
+    roots = {name.split(".")[0] for name in _imports(protocol_zd)}
+    assert roots <= set(sys.stdlib_module_names), roots - set(sys.stdlib_module_names)
 
 
 def script(pd: ProtocolDevice) -> list[dict[str, Any]]:

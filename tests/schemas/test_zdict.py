@@ -5,7 +5,11 @@ decompression bombs: output bounded)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import zlib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +43,47 @@ def test_the_dictionary_is_frozen() -> None:
     # zd1. A new dictionary needs a new capability (and keeps this one readable).
     assert zdict.DICT_ID == zlib.adler32(zdict.DICTIONARY) == 0x9C7C84A4
     assert len(zdict.DICTIONARY) < 32 * 1024, "deflate can only refer back 32 KiB"
+
+
+def test_the_published_dictionary_file_is_the_dictionary() -> None:
+    """schemas/zd1.dict is the language-neutral copy PROTOCOL.md §3 points implementers to
+    (a Go or JS device cannot take bytes out of a Python literal): byte for byte
+    `DICTIONARY`, with the length and DICTID the text states, shipped in the package."""
+    path = Path(zdict.__file__).with_name("zd1.dict")
+    published = path.read_bytes()
+    assert published == zdict.DICTIONARY, "schemas/zd1.dict drifted from schemas.zdict"
+    assert len(published) == 1366 and zlib.adler32(published) == 0x9C7C84A4
+    protocol = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    assert "`schemas/zd1.dict`" in protocol and "1,366 bytes" in protocol
+    assert "DICTID `0x9c7c84a4`" in protocol
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"zd1.dict"' in pyproject, "the package must ship schemas/zd1.dict"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_another_language_reads_and_writes_zd1_with_the_published_file() -> None:
+    """What PROTOCOL.md §3 tells a Node.js implementer works: zlib with
+    `{dictionary: <schemas/zd1.dict>}` inflates our zd1 ack and deflates a change our
+    codec reads."""
+    path = Path(zdict.__file__).with_name("zd1.dict")
+    ack = codec.encode_dict(ACK, zdict=True)
+    assert zdict.wants_dictionary(ack) == zdict.DICT_ID
+    script = (
+        "const fs = require('fs'), zlib = require('zlib');"
+        "const dict = fs.readFileSync(process.argv[1]);"
+        "const [ack, change] = JSON.parse(fs.readFileSync(0, 'utf8'));"
+        "const text = zlib.inflateSync(Buffer.from(ack, 'hex'), {dictionary: dict});"
+        "const out = zlib.deflateSync(Buffer.from(change), {dictionary: dict, level: 9});"
+        "process.stdout.write(JSON.stringify([text.toString(), out.toString('hex')]));")
+    done = subprocess.run(["node", "-e", script, str(path)], check=True, capture_output=True,
+                          input=json.dumps([ack.hex(), codec.encode_dict(CHANGE).decode()]),
+                          text=True, timeout=60)
+    text, packed_hex = json.loads(done.stdout)
+    assert json.loads(text) == ACK
+    packed = bytes.fromhex(packed_hex)
+    assert zdict.wants_dictionary(packed) == zdict.DICT_ID
+    assert codec.decode(packed).model_dump(by_alias=True, exclude_defaults=True) == \
+        codec.decode(codec.encode_dict(CHANGE)).model_dump(by_alias=True, exclude_defaults=True)
 
 
 def test_a_lone_change_and_its_ack_shrink() -> None:

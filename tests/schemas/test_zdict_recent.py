@@ -89,8 +89,17 @@ class _Link:
     def answer(self) -> None:
         self.device.answered([self.down.popleft()])
 
+    def again(self, n: int, words: list[int], big: bool = False) -> None:
+        """Message `n` (made of `words`) sent again, as after a transient rejection."""
+        plain = _message(n, words, big)
+        dictionary = self.device.dictionary()
+        self.used_refs += dictionary is not None
+        self.device.sent(n, plain)
+        self.up.append((n, plain, zdict.pack(plain, dictionary if dictionary is not None
+                                              else BASE)))
 
-_STEPS = st.lists(st.tuples(st.sampled_from(["send", "deliver", "answer"]),
+
+_STEPS = st.lists(st.tuples(st.sampled_from(["send", "deliver", "answer", "again"]),
                             st.lists(st.integers(0, 50), min_size=1, max_size=6),
                             st.booleans()), min_size=1, max_size=80)
 
@@ -98,17 +107,43 @@ _STEPS = st.lists(st.tuples(st.sampled_from(["send", "deliver", "answer"]),
 @settings(max_examples=200, deadline=None)
 @given(_STEPS)
 def test_in_order_without_loss_every_stream_is_read(steps: list) -> None:
+    """Also when an answered message is sent again (a transient rejection: `server_error`,
+    `schema_version`, `device_disabled`): same first change, so on both sides the newest
+    copy replaces the older reference (PROTOCOL.md §3 "Recent traffic")."""
     link = _Link()
+    sent: list[tuple[int, list[int], bool]] = []
     for op, words, big in steps:
         if op == "send":
             link.send(words, big and words[0] % 7 == 0)
+            sent.append((link.n, words, big and words[0] % 7 == 0))
         elif op == "deliver" and link.up:
             assert link.deliver()
         elif op == "answer" and link.down:
             link.answer()
+        elif op == "again" and sent and not link.up and not link.down:
+            link.again(*sent[words[0] % len(sent)])
     while link.up:
         assert link.deliver()
     assert link.misses == 0
+
+
+def test_a_message_refused_for_now_and_sent_again_is_read_with_the_references() -> None:
+    """A change answered with a transient rejection goes again later, the same message
+    with the same first change: the server moved its copy to the newest place, so the
+    device must too, or its next stream names a run the server does not hold (a
+    needless `dictionary_unknown` and resend)."""
+    link = _Link()
+    for _ in range(3):
+        link.send([1, 2], False)
+        assert link.deliver()
+        link.answer()
+    link.again(2, [1, 2])       # change 2 was refused with server_error: sent again
+    assert link.deliver()
+    link.answer()
+    assert list(link.server.numbers()) == [1, 3, 2]
+    link.send([4], False)
+    assert link.deliver()
+    assert link.misses == 0 and link.used_refs == 4
 
 
 def test_a_quiet_link_uses_the_references_and_shrinks_a_lone_change() -> None:

@@ -14,11 +14,21 @@ from typing import Any
 import orjson
 import pytest
 
+from broker.server import liveness
 from broker.server.engine import Engine
-from broker.server.store.base import Store
+from broker.server.store.base import ServerRow, Store
 from schemas import codec, zdict, zdict_recent, zdict_schema
 from tests.server.conftest import StoreFactory
-from tests.server.helpers import CATALOG, by_device, changes, errors, make_engine, oks, task
+from tests.server.helpers import (
+    CATALOG,
+    FakeTime,
+    by_device,
+    changes,
+    errors,
+    make_engine,
+    oks,
+    task,
+)
 
 BASE = zdict_schema.dictionary(CATALOG)
 CAPS = ["txn", "zd1", "zd2", "zd3"]
@@ -57,6 +67,42 @@ def test_switched_off_it_is_not_agreed(tmp_path: Path, store_factory: StoreFacto
                                recent_dictionary_bytes=0)
     caps = welcome_caps(engine.handle_up("van-1", hello(CAPS)))
     assert "zd2" in caps and "zd3" not in caps
+
+
+def _put_server(store: Store, row: ServerRow) -> None:
+    store.transact(lambda txn: txn.put_server(row))
+
+
+def test_not_agreed_while_another_server_runs_on_the_store(
+        tmp_path: Path, store_factory: StoreFactory) -> None:
+    """Servers on one store share the devices' messages (a shared subscription): a device's
+    references would mostly be at the other server, so a hello agrees to `zd3` only while
+    this server is the only one running; what it saw is from its last liveness write."""
+    zdict_schema.register(CATALOG)
+    time = FakeTime()
+    engine, store, _ = make_engine(tmp_path, {"van-1": ["r1"]}, time=time,
+                                   store=store_factory())
+    other = ServerRow("server-2", "main", "x", time.now, time.now)
+    _put_server(store, other)
+    assert "zd3" in welcome_caps(engine.handle_up("van-1", hello(CAPS)))  # not seen yet
+    time.now += 5_000
+    engine.tick()  # writes its row, reads the others
+    caps = welcome_caps(engine.handle_up("van-1", hello(CAPS)))
+    assert "zd2" in caps and "zd3" not in caps
+    assert "zd3" not in engine.registry.get("van-1").caps  # type: ignore[union-attr]
+    _put_server(store, ServerRow("server-2", "main", "x", other.started_ms, time.now,
+                                 stopped_ms=time.now))
+    time.now += 5_000
+    engine.tick()
+    assert "zd3" in welcome_caps(engine.handle_up("van-1", hello(CAPS)))
+    # A crashed one counts as gone once it has not been seen for the stale threshold.
+    _put_server(store, ServerRow("server-3", "main", "x", time.now, time.now))
+    time.now += 5_000
+    engine.tick()
+    assert "zd3" not in welcome_caps(engine.handle_up("van-1", hello(CAPS)))
+    time.now += liveness.STALE_AFTER_S * 1000
+    engine.tick()
+    assert "zd3" in welcome_caps(engine.handle_up("van-1", hello(CAPS)))
 
 
 def test_a_stream_made_with_answered_messages_is_read(env: tuple[Engine, Store]) -> None:

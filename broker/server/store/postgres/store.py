@@ -38,6 +38,17 @@ from broker.server.store.postgres.common import (
 from broker.server.store.postgres.read import PgReadTxn
 from broker.server.store.postgres.write import PgWriteTxn
 
+LINK_DEFAULTS: dict[str, int] = {
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    "tcp_user_timeout": 25_000}
+"""How a connection notices that the database's host went silent (a cut cable, a
+firewall dropping packets, a host powered off: no reset ever arrives). Keepalives find
+it while the connection is idle (10 + 3 x 5 s). `tcp_user_timeout` (ms) finds it while a
+query waits: without it the kernel retransmits for ~15 minutes before giving up, and the
+merge server would hang that long, then reconnect only at the retransmissions' next
+try after the network came back. With it, the transaction fails after 25 s and the
+store reconnects (`reconnect_s`) as after any lost connection."""
+
 # ---------------------------------------------------------------------------- the store
 
 
@@ -82,10 +93,11 @@ class PostgresStore:
         options = str(params.get("options") or "") + (
             f" -c search_path={SCHEMA} -c idle_in_transaction_session_timeout=60000"
             " -c plan_cache_mode=force_custom_plan")
+        # The URL's own settings win (an operator may know their network better).
+        link = {k: params.get(k) or v for k, v in LINK_DEFAULTS.items()}
         return make_conninfo(url, options=options.strip(),
                              application_name=params.get("application_name") or "waystation",
-                             keepalives=1, keepalives_idle=10, keepalives_interval=5,
-                             keepalives_count=3)
+                             **link)
 
     def _connect(self, *, write: bool) -> psycopg.Connection[Any]:
         try:

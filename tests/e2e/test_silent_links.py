@@ -1,0 +1,83 @@
+"""Links that go silent rather than break: the agent daemon runs in a network namespace
+of the test's own and reaches the broker through a veth pair whose host end the test
+takes down (tests/silent_link.py). No reset, no FIN arrives: packets vanish, as behind
+a dead cellular cell or a firewall that drops. What must hold:
+
+- the agent notices within its keepalive (5 s here: a PINGREQ goes unanswered) and
+  `agent status` says offline, with the write made meanwhile saved and pending;
+- the broker notices too (its keepalive) and publishes the device's last will: the
+  server shows it offline;
+- once the link is back, the agent reconnects by itself and the write arrives once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.fleet import Fleet
+from tests.silent_link import SilentLink, unavailable_reason
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+KEEPALIVE_S = 5
+
+
+@pytest.fixture
+def link(fleet: Fleet) -> Iterator[SilentLink]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with SilentLink(fleet.port) as made:
+        yield made
+        # The agent lives in the namespace: stop it while the link still exists.
+        fleet.close_agents()
+
+
+def _server_online(fleet: Fleet, dev: str) -> bool:
+    rows = json.loads(fleet.cli("server", "devices", "--json", "--config",
+                                str(fleet.server_config)).stdout)
+    return bool(next(r for r in rows if r["id"] == dev)["online"])
+
+
+@pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
+def test_a_silent_broker_link_is_noticed_and_drained_once_back(
+        fleet: Fleet, link: SilentLink) -> None:
+    fleet.add_device("van-1", ["depot-7"])
+
+    def through_link(data: dict[str, object]) -> None:
+        mqtt = data["mqtt"]
+        assert isinstance(mqtt, dict)
+        mqtt.update(host=link.address, port=link.port, keepalive_s=KEEPALIVE_S)
+
+    fleet.edit_agent_config("van-1", through_link)
+    proc = fleet.agents["van-1"]
+    proc.argv = ["ip", "netns", "exec", link.namespace, *proc.argv]
+    fleet.start_agent("van-1")
+    ag = fleet.agent("van-1")
+    ag.put("inventory", "sku-1", {"depot": "depot-7", "name": "Bread flour"})
+    fleet.wait_drained("van-1")
+    fleet.wait(lambda: fleet.agent_status("van-1")["online"], 30, what="online")
+    fleet.wait(lambda: _server_online(fleet, "van-1"), 30, what="server shows it online")
+
+    link.cut()
+    cut_at = time.monotonic()
+    ag.put("inventory", "sku-2", {"depot": "depot-7", "name": "Rye"})
+    fleet.wait(lambda: not fleet.agent_status("van-1")["online"], 6 * KEEPALIVE_S,
+               what="agent status says offline after the link went silent")
+    noticed_s = time.monotonic() - cut_at
+    st = fleet.agent_status("van-1")
+    assert st["pending"] == 1 and "offline" in st["summary"], st
+    assert fleet.record("inventory", "sku-2") is None
+    fleet.wait(lambda: not _server_online(fleet, "van-1"), 6 * KEEPALIVE_S,
+               what="the broker's keepalive publishes the last will: server shows offline")
+    assert noticed_s < 4 * KEEPALIVE_S, noticed_s
+
+    link.heal()
+    fleet.wait_drained("van-1", timeout=90)
+    assert fleet.value("inventory", "sku-2", "name") == "Rye"
+    fleet.wait(lambda: fleet.agent_status("van-1")["online"], 30, what="online again")
+    fleet.wait(lambda: _server_online(fleet, "van-1"), 30, what="server shows it online again")
