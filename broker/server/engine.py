@@ -69,7 +69,7 @@ from broker.server.messages import (
 from broker.server.operations import purge_tombstones
 from broker.server.pending_rows import PendingRows
 from broker.server.periodic import drain_notices, unsent_commands
-from broker.server.presence import Presence, parse_status
+from broker.server.presence import Presence, PresenceLog, parse_status, status_time
 from broker.server.recent import recent_traffic
 from broker.server.registry import Registry
 from broker.server.replies import letter
@@ -130,6 +130,8 @@ class Engine(GroupTransaction):
         self.expiry = Expiry(catalog, ret.collections, ret.batch, ret.interval_s * 1000)
         self.registry = Registry()
         self.presence = Presence()
+        self.presence_log = PresenceLog()
+        """Presence changes for the log, one event per device per second at most."""
         self.counters: Counter[str] = Counter()
         self.recent = recent_traffic(config)
         """The references of devices that agreed to `zd3` (None: not served here)."""
@@ -231,20 +233,17 @@ class Engine(GroupTransaction):
                                payload)
             return []
         if self.presence.set(topic_device, report.on):
-            log.info("presence", dev=topic_device, online=report.on)
+            self.presence_log.changed(topic_device, report.on, self.now_ms())
         fields: dict[str, Any] = {"online": report.on}
-        if report.pend >= 0:
+        row = self.registry.get(topic_device)
+        if report.pend >= 0 and row is not None:
             # A status without a count (the last will of a device that dropped) keeps the
-            # count last reported, and when: "5, as of 2 h ago" says more than "-". The
-            # time is the device's (a retained status replayed to a restarted server is
-            # as old as it says), never later than now.
-            now = self.now_ms()
-            at = min(now, report.t or now)
+            # count last reported, and when: "5, as of 2 h ago" says more than "-".
+            at = status_time(report.t, self.now_ms(), row.created_ms, self.cfg.max_skew_ms)
             fields.update(pend=report.pend, pend_ms=at)
             # The device's own report is a contact too: an idle device that is online
             # must not show "last seen 3 h ago" (its last change). Never backwards.
-            row = self.registry.get(topic_device)
-            if row is not None and at > row.last_seen_ms:
+            if at > row.last_seen_ms:
                 fields["last_seen_ms"] = at
         self._rows.put(topic_device, fields)
         return []
@@ -281,6 +280,7 @@ class Engine(GroupTransaction):
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_INTERVAL_MS
                 self._trim_letters(now)
+            self.presence_log.flush(now)
             self._refresh_registry()
             unresolved, self._unresolved_status = self._unresolved_status, {}
             for dev, payload in unresolved.items():

@@ -142,10 +142,16 @@ def parse_up(topic_dev: str, payload: bytes, registry: Registry,
         if served is None:
             served = served_now(recent_kept=recent is not None, other_servers=0)
         inc.caps = agreed(msg.caps or (), zd=msg.zd, served=served)
-        if recent is not None and msg.zd is not None and zdict_recent.CAP in inc.caps:
-            base = zdict_schema.lookup(msg.zd)
+        if recent is not None:
+            base = (zdict_schema.lookup(msg.zd)
+                    if msg.zd is not None and zdict_recent.CAP in inc.caps else None)
             if base is not None:
                 recent.open(dev, base)
+            else:
+                # Not agreed (not offered, not with `zd2`, not served now): nothing of
+                # this device is kept or read as `zd3` any more, whatever an earlier
+                # hello agreed.
+                recent.forget(dev)
     elif isinstance(msg, Catchup):
         inc.kind = "catchup"
     elif isinstance(msg, Fetch):

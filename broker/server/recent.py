@@ -96,7 +96,10 @@ class RecentTraffic:
         self._sizes[dev] = size
         self._devices[dev] = refs
         self._devices.move_to_end(dev)
-        while self._bytes > self.limit and len(self._devices) > 1:
+        # Even the device just added goes when it alone is over the limit (a limit below
+        # one device's references): the bound holds, and the device is refused
+        # `dictionary_unknown` and sends with `zd2`, as after a restart.
+        while self._bytes > self.limit and self._devices:
             old, _ = self._devices.popitem(last=False)
             self._bytes -= self._sizes.pop(old)
 

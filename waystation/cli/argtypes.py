@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from typing import Any
 
 
@@ -38,9 +39,18 @@ def _identifier(kind: str, text: str) -> str:
 
     if not re.fullmatch(ID_PATTERN, text):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a valid {kind}: use 1 to 64 letters, digits, '_', '.' or "
+            f"{shown(text)} is not a valid {kind}: use 1 to 64 letters, digits, '_', '.' or "
             "'-', starting with a letter or digit")
     return text
+
+
+def shown(text: str, limit: int = 70) -> str:
+    """`text` quoted for an error message: control characters escaped (`repr`), and cut
+    to its first `limit` characters, so that a pasted megabyte does not flood the
+    terminal."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def device_id(text: str) -> str:
@@ -51,15 +61,40 @@ def scope_id(text: str) -> str:
     return _identifier("scope", text)
 
 
+def server_id(text: str) -> str:
+    """A merge server's id (`server_id` of its config, which takes the same pattern)."""
+    return _identifier("server id", text)
+
+
 def positive_int(text: str) -> int:
     """A count such as --limit: a whole number of at least 1."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {shown(text)}"
+                                         ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def int_between(low: int, high: int, unit: str = "") -> Callable[[str], int]:
+    """An argument type for a whole number from `low` to `high` (ASCII digits only: no
+    sign, exponent, fraction or separators), e.g. `--stale-after SECONDS`."""
+    what = f" {unit}" if unit else ""
+
+    def parse(text: str) -> int:
+        digits = text.strip()
+        if not re.fullmatch(r"[0-9]{1,20}", digits):
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number{what} from {low} to {high}, got {shown(text)}")
+        value = int(digits)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be from {low} to {high}{what}, got {shown(digits)}")
+        return value
+
+    return parse
 
 
 _DURATION_RE = re.compile(r"^(\d{1,9})([smhd]?)$")
@@ -75,5 +110,5 @@ def duration_s(text: str) -> int:
     return int(match.group(1)) * _UNIT_S[match.group(2)]
 
 
-__all__ = ["assignment", "device_id", "duration_s", "number", "parse_value", "positive_int",
-           "scope_id"]
+__all__ = ["assignment", "device_id", "duration_s", "int_between", "number", "parse_value",
+           "positive_int", "scope_id", "server_id", "shown"]

@@ -7,6 +7,7 @@ JSON document on stdout (stable keys, UTF-8, indented), so scripts can parse it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,9 +19,21 @@ def print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: control characters (ANSI escapes, newlines, C1 codes)
+    and bidirectional overrides written as escapes (`\\x1b`, `\\u202e`). Cells come
+    from devices too (a hello's agent string, record values): printed raw, one could
+    clear the operator's screen or forge table lines."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii")
+                            if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print rows as left-aligned columns under `headers`."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    """Print rows as left-aligned columns under `headers` (cells made `printable`)."""
+    cells = [[str(h) for h in headers]] + [[printable(str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -32,4 +45,4 @@ def short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-__all__ = ["ago", "iso", "print_json", "short", "table"]
+__all__ = ["ago", "iso", "print_json", "printable", "short", "table"]

@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from waystation.cli.argtypes import parse_value, positive_int
+from waystation.cli.argtypes import int_between, parse_value, positive_int, server_id
 from waystation.cli.builder import Builder, json_flag
+
+MAX_STALE_AFTER_S = 366 * 86_400
+"""The most `--stale-after` takes: a server not seen for over a year is gone, whatever
+else the operator meant (a typo with more digits gets an error, not a server that
+counts as running for ever)."""
 
 
 def _stale_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stale-after", metavar="SECONDS", type=positive_int, default=None,
+    p.add_argument("--stale-after", metavar="SECONDS",
+                   type=int_between(1, MAX_STALE_AFTER_S, "seconds"), default=None,
                    help="count a merge server not seen for this long (and not stopped "
-                        "cleanly) as gone (default 30; a running server records itself "
-                        "every 5 s)")
+                        "cleanly) as gone (default 30, at most 31622400: a year; a running "
+                        "server records itself every 5 s)")
 
 
 def add_server(b: Builder) -> None:
@@ -49,7 +55,7 @@ def add_server(b: Builder) -> None:
                "longer lists a server that will not run again (a retired host, a renamed "
                "server_id). Refused while it runs; a server that runs again records itself "
                "anew.", config="server")
-    p.add_argument("server_id", metavar="SERVER_ID",
+    p.add_argument("server_id", metavar="SERVER_ID", type=server_id,
                    help="the server's id, as `server status` lists it")
     json_flag(p)
     _stale_flag(p)
