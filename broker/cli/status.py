@@ -33,6 +33,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     now = now_ms()
     stale_ms = _stale_s(args) * 1000
     running = liveness.any_running(servers, now, stale_ms)
+    serving = liveness.any_serving(servers, now, stale_ms)
     online = sorted(d.id for d in devices if d.online)
     rotating = {d.id: rot for d in devices
                 if (rot := devstate.rotation_doc(d)) is not None and rot["stage"] != "retired"}
@@ -42,7 +43,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     doc: dict[str, Any] = {
         "server_id": config.server_id,
         "server_running": running,
-        "presence_as_of": None if running else iso(liveness.presence_as_of(servers)) or None,
+        "server_connected": serving,
+        "presence_as_of": None if serving else iso(liveness.presence_as_of(servers)) or None,
         "stale_after_s": _stale_s(args),
         "servers": [liveness.server_doc(r, now, stale_ms) for r in servers],
         "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
@@ -89,7 +91,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     print(f"devices: {len(devices)} known, {doc['devices']['enabled']} enabled, "
           f"{len(online)} online" + (f" ({', '.join(online[:10])}"
                                      f"{', ...' if len(online) > 10 else ''})" if online else "")
-          + ("" if running else " as the last server left them, not live"))
+          + ("" if serving else " as the last server left them, not live"))
     print(f"records: {doc['records']}; open conflicts: {doc['open_conflicts']} "
           f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
     print(_letters_line(letters, config.dead_letters.max_count,
@@ -124,6 +126,8 @@ def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, running: b
         print(liveness.describe(row, now, stale_ms))
     if not running:
         print(liveness.no_server_warning(servers, stale_s))
+    elif not liveness.any_serving(servers, now, stale_ms):
+        print(liveness.cut_off_warning(servers))
 
 
 def _letters_line(st: DeadLetterStats, max_count: int, max_bytes: int) -> str:
@@ -153,7 +157,8 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     stale_s = _stale_s(args)
     # With no server running, presence is as the last one left it: say so, per device
     # (`presence_as_of` in JSON; "online?" in the table) and once above the table.
-    as_of = (None if liveness.any_running(servers, now, stale_s * 1000)
+    running = liveness.any_running(servers, now, stale_s * 1000)
+    as_of = (None if liveness.any_serving(servers, now, stale_s * 1000)
              else liveness.presence_as_of(servers))
     if args.json:
         print_json([{**devstate.device_doc(d, seqs),
@@ -164,7 +169,8 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print("no devices registered (add one with `waystation device add ID --scope S`)")
         return 0
     if as_of is not None:
-        print(liveness.no_server_warning(servers, stale_s))
+        print(liveness.cut_off_warning(servers) if running
+              else liveness.no_server_warning(servers, stale_s))
     rows = []
     for d in devices:
         rows.append([d.id, devstate.presence(d, as_of), ago(d.last_seen_ms, now),

@@ -246,6 +246,7 @@ class MergeServer:
                 self._process(group)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + _TICK_S
+                self.engine.heartbeat.broker(self.link.connected, wall_ms())
                 self._publish(self.engine.tick())
                 self._log_drops()
                 self._advance_rotations()

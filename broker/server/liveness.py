@@ -11,6 +11,10 @@ console that says "online" would mislead. So each server keeps a `ServerRow` per
                  `SEEN_EVERY_MS` (one small row upsert per server every 5 s)
     stopped_ms   written by a clean stop (`Engine.flush(stopping=True)`); 0 while it
                  runs, and after a crash
+    broker_down_ms  since when it has not been connected to its broker (0: connected),
+                 written at the next tick after the link went down or came back: a
+                 server that runs but cannot reach the broker merges nothing, and its
+                 presence of devices goes stale like a stopped server's
 
 A server is "running" when it did not stop cleanly and was seen within the stale
 threshold (`STALE_AFTER_S` = 30 s, six missed writes: a slow tick or a store hiccup is
@@ -30,6 +34,9 @@ SEEN_EVERY_MS = 5_000
 """How often a running server rewrites its `seen_ms`, at most."""
 STALE_AFTER_S = 30
 """How long after its last `seen_ms` a server that did not stop cleanly counts as gone."""
+BROKER_HINT = ("check that the broker runs and that the server's [mqtt] host, port and "
+               "login are right (its log says why: `mqtt connection attempt failed`, "
+               "`link_problem`)")
 START_HINT = ("start it: `systemctl start waystation-server` (see `systemctl status "
               "waystation-server` and `journalctl -u waystation-server` for why it stopped), "
               "or `waystation server run`")
@@ -44,18 +51,29 @@ class Heartbeat:
         self.others = 0
         """Other servers running on this store when this one last wrote its row
         (`saw`): they share the devices' messages (`broker.server.caps.served_now`)."""
+        self.broker_down_ms = 0
+        """Since when the broker link is down (0: up, or never told: `broker`)."""
+
+    def broker(self, connected: bool, now: int) -> None:
+        """The broker link as the daemon sees it now; a change makes the row due."""
+        down = 0 if connected else (self.broker_down_ms or now)
+        if down != self.broker_down_ms:
+            self.broker_down_ms = down
+            self._written_ms = None
 
     def due(self, now: int) -> ServerRow | None:
-        """The row to write now (the first, then every `SEEN_EVERY_MS`), else None."""
+        """The row to write now (the first, after a change of the broker link, then every
+        `SEEN_EVERY_MS`), else None."""
         if self._written_ms is not None and now - self._written_ms < SEEN_EVERY_MS:
             return None
         return ServerRow(self.row.id, self.row.group, self.row.version,
-                         self.row.started_ms, now)
+                         self.row.started_ms, now, broker_down_ms=self.broker_down_ms)
 
     def stopping(self, now: int) -> ServerRow:
         """The row a clean stop writes."""
         return ServerRow(self.row.id, self.row.group, self.row.version,
-                         self.row.started_ms, now, stopped_ms=now)
+                         self.row.started_ms, now, stopped_ms=now,
+                         broker_down_ms=self.broker_down_ms)
 
     def saw(self, rows: Sequence[ServerRow], now: int) -> None:
         """`rows`: the store's servers as read with this server's own row written."""
@@ -81,7 +99,12 @@ def describe(row: ServerRow, now: int, stale_ms: int) -> str:
     head = f"merge server {row.id} (group {row.group}, {row.version or 'version ?'})"
     st = state(row, now, stale_ms)
     if st == "running":
-        return f"{head}: running (seen {ago(row.seen_ms, now)}, started {iso(row.started_ms)})"
+        line = f"{head}: running (seen {ago(row.seen_ms, now)}, started {iso(row.started_ms)})"
+        if row.broker_down_ms:
+            line += (f", but NOT CONNECTED TO THE BROKER since {iso(row.broker_down_ms)} "
+                     f"({span(max(0, now - row.broker_down_ms))}): it merges nothing, "
+                     f"devices' changes wait in the broker; {BROKER_HINT}")
+        return line
     if st == "stopped":
         return f"{head}: stopped cleanly at {iso(row.stopped_ms)}"
     return (f"{head}: not seen for {span(now - row.seen_ms)} (last {iso(row.seen_ms)}) and "
@@ -90,21 +113,30 @@ def describe(row: ServerRow, now: int, stale_ms: int) -> str:
 
 
 def server_doc(row: ServerRow, now: int, stale_ms: int) -> dict[str, Any]:
-    """One server in the `--json` forms."""
+    """One server in the `--json` forms (`broker_*`: null unless it runs)."""
+    st = state(row, now, stale_ms)
+    running = st == "running"
     return {"id": row.id, "group": row.group, "version": row.version,
-            "state": state(row, now, stale_ms), "started": iso(row.started_ms),
+            "state": st, "started": iso(row.started_ms),
             "seen": iso(row.seen_ms), "seen_s_ago": max(0, now - row.seen_ms) // 1000,
-            "stopped": iso(row.stopped_ms) or None}
+            "stopped": iso(row.stopped_ms) or None,
+            "broker_connected": not row.broker_down_ms if running else None,
+            "broker_down_since": (iso(row.broker_down_ms) or None) if running else None}
 
 
 def any_running(rows: Sequence[ServerRow], now: int, stale_ms: int) -> bool:
     return any(state(r, now, stale_ms) == "running" for r in rows)
 
 
+def any_serving(rows: Sequence[ServerRow], now: int, stale_ms: int) -> bool:
+    """A server runs and is connected to its broker: presence is kept up to date."""
+    return any(state(r, now, stale_ms) == "running" and not r.broker_down_ms for r in rows)
+
+
 def presence_as_of(rows: Sequence[ServerRow]) -> int:
     """When the devices' stored presence was last kept up to date: the latest time any
-    server recorded itself (0: none ever did)."""
-    return max((r.seen_ms for r in rows), default=0)
+    server recorded itself connected to its broker (0: none ever did)."""
+    return max((r.broker_down_ms or r.seen_ms for r in rows), default=0)
 
 
 def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
@@ -126,5 +158,15 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
             f"runs; {START_HINT}.")
 
 
-__all__ = ["SEEN_EVERY_MS", "STALE_AFTER_S", "START_HINT", "Heartbeat", "any_running",
-           "describe", "no_server_warning", "presence_as_of", "server_doc", "state"]
+def cut_off_warning(rows: Sequence[ServerRow]) -> str:
+    """What `server status` / `server devices` say when servers run but none is
+    connected to its broker."""
+    return (f"NO MERGE SERVER IS CONNECTED TO THE BROKER (the running ones lost it: "
+            f"`waystation server status` says since when). Device presence (online/offline) "
+            f"is as of {iso(presence_as_of(rows))}, not live, and devices' changes wait in "
+            f"the broker; {BROKER_HINT}.")
+
+
+__all__ = ["BROKER_HINT", "SEEN_EVERY_MS", "STALE_AFTER_S", "START_HINT", "Heartbeat",
+           "any_running", "any_serving", "cut_off_warning", "describe", "no_server_warning",
+           "presence_as_of", "server_doc", "state"]

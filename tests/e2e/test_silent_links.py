@@ -7,7 +7,9 @@ a dead cellular cell or a firewall that drops. What must hold:
   `agent status` says offline, with the write made meanwhile saved and pending;
 - the broker notices too (its keepalive) and publishes the device's last will: the
   server shows it offline;
-- once the link is back, the agent reconnects by itself and the write arrives once.
+- once the link is back, the agent reconnects by itself and the write arrives once;
+- between the merge server and the broker: the server's will holds the devices, and
+  `server status` says the server runs but is not connected to the broker.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -35,6 +38,12 @@ def link(fleet: Fleet) -> Iterator[SilentLink]:
         yield made
         # The agent lives in the namespace: stop it while the link still exists.
         fleet.close_agents()
+
+
+def _server_status(fleet: Fleet) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(fleet.cli("server", "status", "--json", "--config",
+                                               str(fleet.server_config)).stdout)
+    return doc
 
 
 def _server_online(fleet: Fleet, dev: str) -> bool:
@@ -129,9 +138,23 @@ def test_a_silent_link_between_server_and_broker(fleet: Fleet, server_link: Sile
     assert ag.status().pending == 2
     proc.wait_event("mqtt disconnected", timeout=6 * KEEPALIVE_S)  # its own keepalive
     assert fleet.record("inventory", "sku-2") is None
+    # The operator is told: running, but cut off from the broker (not just "running").
+    fleet.wait(lambda: _server_status(fleet)["server_connected"] is False, 30,
+               what="server status says the server lost its broker")
+    doc = _server_status(fleet)
+    assert doc["server_running"] is True and doc["presence_as_of"] is not None
+    [server] = doc["servers"]
+    assert server["broker_connected"] is False and server["broker_down_since"]
+    text = fleet.cli("server", "status", "--config", str(fleet.server_config)).stdout
+    assert "NOT CONNECTED TO THE BROKER since" in text
+    assert "NO MERGE SERVER IS CONNECTED TO THE BROKER" in text
 
     link.heal()
     fleet.wait_drained("van-1", timeout=90)
     assert fleet.value("inventory", "sku-2", "name") == "Rye"
     assert fleet.value("inventory", "sku-1b", "name") == "Spelt"
     fleet.wait(lambda: ag.status().deferred == [], 30, what="no deferral once it is back")
+    fleet.wait(lambda: _server_status(fleet)["server_connected"] is True, 30,
+               what="server status says it is connected again")
+    assert "NOT CONNECTED" not in fleet.cli("server", "status", "--config",
+                                            str(fleet.server_config)).stdout

@@ -3,6 +3,7 @@ server (started, seen every 5 s at most, stopped cleanly) and how it is read."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from broker.errors import StoreError
@@ -79,3 +80,43 @@ def test_states_and_the_warning() -> None:
     assert "not seen for 3 min" in liveness.describe(row, T0 + 190_000, stale)
     warning = liveness.no_server_warning([row], 30)
     assert "NO MERGE SERVER IS RUNNING" in warning and "waystation server run" in warning
+
+
+def test_a_server_cut_off_from_its_broker_says_so() -> None:
+    """The daemon tells the heartbeat about its broker link before each tick: a change
+    makes the row due at once and the row carries since when the link is down; the
+    operator's line, JSON and warning say the server merges nothing; presence is as of
+    when the link went down."""
+    beat = liveness.Heartbeat("s1", "main", "1.0", T0)
+    row = beat.due(T0)
+    assert row is not None and row.broker_down_ms == 0
+    beat.written(row)
+    beat.broker(True, T0 + 1_000)
+    assert beat.due(T0 + 1_000) is None  # nothing changed: every 5 s
+    beat.broker(False, T0 + 2_000)
+    cut = beat.due(T0 + 2_000)  # at once, not 5 s after the last write
+    assert cut is not None and cut.broker_down_ms == T0 + 2_000
+    beat.written(cut)
+    beat.broker(False, T0 + 3_000)  # still down: since the first time it was seen down
+    later = beat.due(T0 + 7_000)
+    assert later is not None and later.broker_down_ms == T0 + 2_000
+
+    stale = liveness.STALE_AFTER_S * 1000
+    now = T0 + 7_000 + 120_000 - 5_000
+    line = liveness.describe(dataclasses.replace(later, seen_ms=now), now, stale)
+    assert "running" in line and "NOT CONNECTED TO THE BROKER since" in line
+    assert "2 min" in line and "[mqtt]" in line
+    doc = liveness.server_doc(dataclasses.replace(later, seen_ms=now), now, stale)
+    assert doc["state"] == "running" and doc["broker_connected"] is False
+    assert doc["broker_down_since"] is not None
+    rows = [dataclasses.replace(later, seen_ms=now)]
+    assert liveness.any_running(rows, now, stale) and not liveness.any_serving(rows, now, stale)
+    assert liveness.presence_as_of(rows) == T0 + 2_000
+    warning = liveness.cut_off_warning(rows)
+    assert "NO MERGE SERVER IS CONNECTED TO THE BROKER" in warning
+
+    beat.broker(True, T0 + 8_000)
+    back = beat.due(T0 + 8_000)
+    assert back is not None and back.broker_down_ms == 0
+    assert liveness.any_serving([back], T0 + 8_000, stale)
+    assert liveness.server_doc(back, T0 + 8_000, stale)["broker_connected"] is True

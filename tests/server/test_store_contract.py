@@ -354,6 +354,10 @@ def test_servers_one_row_per_server_id(store: Store) -> None:
     a = ServerRow("server-a", "main", "1.2.3", started_ms=10, seen_ms=10)
     store.transact(lambda t: (t.put_server(ServerRow("server-b", "g2", "1.2.3", 5, 6)),
                               t.put_server(a)))
+    cut_off = dataclasses.replace(a, seen_ms=30, broker_down_ms=25)  # its broker link
+    store.transact(lambda t: t.put_server(cut_off))
+    with store.read() as txn:
+        assert txn.servers()[0] == cut_off
     stopped = dataclasses.replace(a, seen_ms=40, stopped_ms=40)
     store.transact(lambda t: t.put_server(stopped))
     with store.read() as txn:

@@ -289,16 +289,20 @@ class ServerRow:
     """The last time it recorded itself (every `liveness.SEEN_EVERY_MS` at most)."""
     stopped_ms: int = 0
     """When it stopped cleanly (0: running, or died without stopping)."""
+    broker_down_ms: int = 0
+    """Since when it has not been connected to its broker while running (0: connected,
+    or not known: an earlier release)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "group": self.group, "version": self.version,
-                "started": self.started_ms, "seen": self.seen_ms, "stopped": self.stopped_ms}
+                "started": self.started_ms, "seen": self.seen_ms, "stopped": self.stopped_ms,
+                "broker_down": self.broker_down_ms}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerRow:
         return cls(id=data["id"], group=data["group"], version=data["version"],
                    started_ms=data["started"], seen_ms=data["seen"],
-                   stopped_ms=data["stopped"])
+                   stopped_ms=data["stopped"], broker_down_ms=data.get("broker_down", 0))
 
 
 @dataclass(frozen=True, slots=True)

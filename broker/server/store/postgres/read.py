@@ -218,9 +218,10 @@ class PgReadTxn:
         return None if row is None else _removal(row)
 
     def servers(self) -> list[ServerRow]:
-        rows = self._all("SELECT id, grp, version, started_ms, seen_ms, stopped_ms "
-                         "FROM servers ORDER BY id")
-        return [ServerRow(i, g, v, int(st), int(se), int(sp)) for i, g, v, st, se, sp in rows]
+        rows = self._all("SELECT id, grp, version, started_ms, seen_ms, stopped_ms, "
+                         "broker_down_ms FROM servers ORDER BY id")
+        return [ServerRow(i, g, v, int(st), int(se), int(sp), int(bd))
+                for i, g, v, st, se, sp, bd in rows]
 
     def counts(self) -> dict[str, int]:
         self._sync()

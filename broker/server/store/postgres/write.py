@@ -398,13 +398,13 @@ class PgWriteTxn(BufferedWrites, PgReadTxn, SchemaLocks):
         return self._run("DELETE FROM login_removals WHERE dev = %s", (dev,)).rowcount > 0
 
     def put_server(self, row: ServerRow) -> None:
-        self._run("INSERT INTO servers (id, grp, version, started_ms, seen_ms, stopped_ms) "
-                  "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
-                  "grp = EXCLUDED.grp, version = EXCLUDED.version, "
+        self._run("INSERT INTO servers (id, grp, version, started_ms, seen_ms, stopped_ms, "
+                  "broker_down_ms) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO "
+                  "UPDATE SET grp = EXCLUDED.grp, version = EXCLUDED.version, "
                   "started_ms = EXCLUDED.started_ms, seen_ms = EXCLUDED.seen_ms, "
-                  "stopped_ms = EXCLUDED.stopped_ms",
+                  "stopped_ms = EXCLUDED.stopped_ms, broker_down_ms = EXCLUDED.broker_down_ms",
                   (row.id, _clean(row.group), _clean(row.version), row.started_ms,
-                   row.seen_ms, row.stopped_ms))
+                   row.seen_ms, row.stopped_ms, row.broker_down_ms))
 
     def delete_server(self, server_id: str) -> bool:
         return self._run("DELETE FROM servers WHERE id = %s", (server_id,)).rowcount > 0
