@@ -25,9 +25,11 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
+
+import pytest
 
 
 def unavailable_reason() -> str | None:
@@ -37,6 +39,17 @@ def unavailable_reason() -> str | None:
     if shutil.which("ip") is None:
         return "iproute2's `ip` is not installed"
     return None
+
+
+@contextlib.contextmanager
+def silent_link(target_port: int) -> Iterator[SilentLink]:
+    """A SilentLink to 127.0.0.1:`target_port` for one test (skipped, saying why, where
+    none can be made)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with SilentLink(target_port) as link:
+        yield link
 
 
 class SilentLink:
@@ -159,4 +172,4 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-__all__ = ["SilentLink", "unavailable_reason"]
+__all__ = ["SilentLink", "silent_link", "unavailable_reason"]

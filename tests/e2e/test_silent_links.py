@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.fleet import Fleet
-from tests.silent_link import SilentLink, unavailable_reason
+from tests.silent_link import SilentLink, silent_link
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -31,13 +31,12 @@ KEEPALIVE_S = 5
 
 @pytest.fixture
 def link(fleet: Fleet) -> Iterator[SilentLink]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with SilentLink(fleet.port) as made:
+    """A silent link to the fleet's broker; whatever the test started in its namespace
+    (an agent, the server) is stopped while the link still exists."""
+    with silent_link(fleet.port) as made:
         yield made
-        # The agent lives in the namespace: stop it while the link still exists.
         fleet.close_agents()
+        fleet.stop_server()
 
 
 def _server_status(fleet: Fleet) -> dict[str, Any]:
@@ -92,23 +91,12 @@ def test_a_silent_broker_link_is_noticed_and_drained_once_back(
     fleet.wait(lambda: _server_online(fleet, "van-1"), 30, what="server shows it online again")
 
 
-@pytest.fixture
-def server_link(fleet: Fleet) -> Iterator[SilentLink]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with SilentLink(fleet.port) as made:
-        yield made
-        fleet.stop_server()  # it lives in the namespace: stop it while the link exists
-
-
 @pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
-def test_a_silent_link_between_server_and_broker(fleet: Fleet, server_link: SilentLink) -> None:
+def test_a_silent_link_between_server_and_broker(fleet: Fleet, link: SilentLink) -> None:
     """The merge server's link to the broker goes silent: the broker publishes the
     server's last will, so devices hold their changes and say "server unavailable"
     instead of filling a queue nobody reads; the server notices by its own keepalive and
     reconnects once the link is back; everything written meanwhile arrives once."""
-    link = server_link
     fleet.stop_server()
     config = fleet.server_config.read_text()
     direct = f'host = "127.0.0.1"\nport = {fleet.port}\n'

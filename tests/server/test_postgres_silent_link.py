@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from tests.pgserver import PgServer
-from tests.silent_link import SilentLink, unavailable_reason
+from tests.silent_link import SilentLink, silent_link
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -69,10 +69,7 @@ STORE_PROCESS = textwrap.dedent("""
 
 @pytest.fixture
 def link(pg_server: PgServer) -> Iterator[SilentLink]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with SilentLink(pg_server.port) as made:
+    with silent_link(pg_server.port) as made:
         yield made
 
 
