@@ -19,6 +19,10 @@ from agent.models import _age
 from agent.service.lock import service_pid
 from waystation.linkproblems import HINTS
 
+UNANSWERED_S = 60.0
+"""Changes unacked this long while connected, with no server announcement seen, get a
+hint in the summary (six of the default `sync.ack_timeout_s`)."""
+
 
 @dataclass(frozen=True)
 class AgentStatus:
@@ -93,6 +97,19 @@ class AgentStatus:
         return bool(self.wiped and self.last_sync_ms is not None
                     and self.last_sync_ms > int(self.wiped["t"]))
 
+    def _unanswered(self) -> str | None:
+        """Connected, changes unacked for `UNANSWERED_S` and no merge server of the
+        group ever announced itself: say where to look (else "online, 3 pending" alone
+        reads as a sync under way)."""
+        if (not self.online or not self.pending or self.deferred or self.last_error
+                or (self.oldest_pending_age_s or 0) < UNANSWERED_S
+                or self.server is None or self.server.get("up") is not None):
+            return None
+        return (f"the oldest change has waited {_age(self.oldest_pending_age_s or 0)} for the "
+                f"server's ack and no merge server of group {self.server.get('group')!r} has "
+                "announced itself on the broker: is one running (`waystation server status` "
+                "on the server host)?")
+
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
         last = ("never synced" if self.last_sync_age_s is None
@@ -103,10 +120,18 @@ class AgentStatus:
             waiting = (f"{self.pending} {noun} saved locally, waiting for connection; oldest "
                        f"{_age(self.oldest_pending_age_s or 0)}; ")
         if self.online:
-            text = f"online, {self.pending} pending, {last}"
+            text = f"online, {self.pending} pending"
+            if self.pending:  # "12 pending" alone hides whether they wait for long
+                text += f" (oldest {_age(self.oldest_pending_age_s or 0)})"
+            text += f", {last}"
         elif self.agent_running is False:
             text = (f"offline — the sync daemon is not running (start `waystation agent "
                     f"run` or its service); {waiting or 'nothing pending; '}{last}")
+        elif self.agent_running is None and self.heartbeat_age_s is None and self.link is None:
+            # No daemon ever said anything from this store: a fresh install's next step.
+            text = (f"offline — the sync daemon has not run on this store yet (start "
+                    f"`waystation agent run` or its service); {waiting or 'nothing pending; '}"
+                    f"{last}")
         elif self.link is not None:
             text = f"offline — {self.link['hint']} ({self.link['reason']})"
             if self.link.get("retry_in_s") is not None:
@@ -134,10 +159,16 @@ class AgentStatus:
         if self.replayed and not self.replayed.get("past"):
             extras.append(describe_replay(self.replayed))
         if self.dead_letters:
-            extras.append(f"{self.dead_letters} dead letter{'s' if self.dead_letters != 1 else ''}")
+            extras.append(f"{self.dead_letters} dead letter{'s' if self.dead_letters != 1 else ''}"
+                          " (changes the server refused for good: `waystation agent "
+                          "deadletters`)")
         if self.open_conflicts:
             extras.append(f"{self.open_conflicts} open conflict"
-                          f"{'s' if self.open_conflicts != 1 else ''}")
+                          f"{'s' if self.open_conflicts != 1 else ''} to settle "
+                          "(`waystation agent conflicts`)")
+        unanswered = self._unanswered()
+        if unanswered:
+            extras.append(unanswered)
         if self.deferred:
             held = "; ".join(describe_deferral(d) for d in self.deferred)
             text += f"; {'waiting: ' if self.pending else ''}{held}"
@@ -291,6 +322,6 @@ def _last_error(doc: dict[str, Any] | None, now: int) -> dict[str, Any] | None:
     return {**doc, "retry_in_s": round(max(0.0, (doc["retry_at"] - now) / 1000), 1)}
 
 
-__all__ = ["AgentStatus", "describe_deferral", "describe_replay", "pid_alive", "read_status",
-           "record_online"]
+__all__ = ["UNANSWERED_S", "AgentStatus", "describe_deferral", "describe_replay", "pid_alive",
+           "read_status", "record_online"]
 

@@ -200,8 +200,10 @@ def test_status_counts_and_summary(agent: Agent, clock: FakeClock) -> None:
     assert status.pending == 2 == len(agent.pending())
     assert status.oldest_pending_age_s == 300
     assert not status.online and status.last_sync_age_s is None
-    assert status.summary() == ("offline — 2 changes saved locally, waiting for connection; "
-                                "oldest 5 min; never synced")
+    assert status.summary() == ("offline — the sync daemon has not run on this store yet "
+                                "(start `waystation agent run` or its service); 2 changes "
+                                "saved locally, waiting for connection; oldest 5 min; "
+                                "never synced")
     assert status.checkpoints == {"route-42": 0, "depot-7": 0, "fleet": 0}
 
 

@@ -1,0 +1,79 @@
+"""`agent status`'s summary (also the local API's `summary`) in states a real fleet
+reaches: each says what is true and, where someone has to act, what to do."""
+
+from __future__ import annotations
+
+from agent.api import Agent
+from agent.status import UNANSWERED_S
+from schemas import wire
+from tests.agent.agentkit import FakeClock
+
+S = "route-42"
+
+
+def _policy(agent: Agent, up: bool | None) -> None:
+    """What a running daemon records of its policy: nothing held, and whether the merge
+    server group announced itself (None: never)."""
+    agent.sync.record_policy({"deferrals": [], "sync_now_until_ms": None,
+                              "server": {"group": "main", "up": up, "down_since_ms": None},
+                              "probes": {}})
+
+
+def test_a_store_no_daemon_ever_ran_on_says_to_start_it(agent: Agent) -> None:
+    """A fresh install: writes wait, and the next step is starting the daemon (not a
+    vague "waiting for connection" with no cause)."""
+    agent.put("tasks", "t-1", {"route": S})
+    status = agent.status()
+    assert status.agent_running is None and not status.online
+    summary = status.summary()
+    assert "sync daemon has not run on this store yet" in summary
+    assert "`waystation agent run`" in summary
+    assert "1 change saved locally" in summary and "never synced" in summary
+
+
+def test_online_with_pending_changes_says_how_old_they_are(agent: Agent,
+                                                           clock: FakeClock) -> None:
+    agent.put("tasks", "t-1", {"route": S})
+    agent.sync.set_online(True)
+    _policy(agent, True)
+    clock.advance(12)  # within the heartbeat timeout
+    agent.sync.set_online(True)
+    summary = agent.status().summary()
+    assert summary.startswith("online, 1 pending (oldest 12 s), never synced"), summary
+    assert "announced" not in summary  # a server is up: nothing to point at
+
+
+def test_changes_unacked_with_no_server_announced_point_at_the_server(
+        agent: Agent, clock: FakeClock) -> None:
+    """Connected, changes waiting for minutes, and no merge server of the group ever
+    announced itself (none runs for this broker): say so, and where to look."""
+    agent.put("tasks", "t-1", {"route": S})
+    _policy(agent, None)
+    clock.advance(UNANSWERED_S - 1)
+    agent.sync.set_online(True)
+    assert "announced" not in agent.status().summary()  # not yet long: no alarm
+    clock.advance(121)
+    agent.sync.set_online(True)
+    summary = agent.status().summary()
+    assert "oldest change has waited 3 min" in summary
+    assert "no merge server of group 'main' has announced itself" in summary
+    assert "`waystation server status`" in summary
+    agent.sync.apply_ack(wire.Ack(ok=[(1, S, 1)]))  # a server answered: nothing waits
+    assert "announced" not in agent.status().summary()
+
+
+def test_dead_letters_and_conflicts_say_where_to_look(agent: Agent) -> None:
+    agent.put("tasks", "t-1", {"route": S})
+    agent.sync.apply_reject(wire.Reject(rj=[wire.Rejection(
+        n=1, code="rule_rejected", reason="status must be set", perm=True)]))
+    status = agent.status()
+    assert status.dead_letters == 1
+    assert "1 dead letter (changes the server refused for good: `waystation agent " \
+           "deadletters`)" in status.summary()
+    agent.sync.apply_delta(wire.Delta(d=[wire.Rec.model_validate({
+        "c": "tasks", "k": "t-5", "s": S, "q": 1,
+        "f": {"route": S, "address": "Gate 1"}, "h": {"address": "0190000000000000:van-3"},
+        "cf": {"address": [{"v": "Dock 4", "by": "van-7", "h": "0190000000010000:van-7"}]}})]))
+    status = agent.status()
+    assert status.open_conflicts == 1
+    assert "1 open conflict to settle (`waystation agent conflicts`)" in status.summary()
