@@ -143,8 +143,13 @@ class AgentStatus:
             text = f"offline — nothing pending; {last}"
         extras = []
         if self.quota and self.quota.get("reached"):
+            # What frees room: acks drain the outbox; with it empty, only retention (or
+            # a larger quota) does: say which, or the device stays full with no hint.
+            frees = ("until the outbox drains or retention evicts synced records"
+                     if self.pending else "and the outbox is empty: declare retention for "
+                     "more collections or raise storage.quota_bytes")
             extras.append(f"disk quota reached ({self.quota['used']} of {self.quota['limit']} "
-                          "bytes): local writes are refused, syncing goes on")
+                          f"bytes): local writes are refused {frees}; syncing goes on")
         if self.last_error and self.last_error.get("code") == "schema_refused":
             # The device's own verdict on a version the server sent (agent.schema_update)
             extras.append(f"schema version refused: {self.last_error.get('reason', '')}")

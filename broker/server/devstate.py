@@ -82,7 +82,24 @@ def presence(row: DeviceRow, as_of_ms: int | None = None) -> str:
     online = "online" if row.online else "offline"
     if row.online and as_of_ms is not None:
         online = f"online? (as of {iso(as_of_ms) or 'an unknown time'})"
-    return online if life == "enabled" else f"{online}, {life}"
+    elif not row.online and not row.last_seen_ms:
+        # Not "offline": it never reached a server (not started, wrong broker address
+        # or password, ...): what to check is on the device (`agent status`).
+        online = "never connected"
+    parts = [online] if life == "enabled" else [online, life]
+    store = recreated(row)
+    if store:
+        parts.append(store)
+    return ", ".join(parts)
+
+
+def recreated(row: DeviceRow) -> str:
+    """ "store re-created at T" when the device runs a store other than its first (a
+    re-imaged device, a new data_dir, a restored backup: what its old store had not
+    sent is gone); "" otherwise, and after a wipe, whose new store `lifecycle` says."""
+    if row.incs < 2 or not row.inc_ms or (row.wipe_id and row.inc_ms >= row.wipe_ms):
+        return ""
+    return f"store re-created at {iso(row.inc_ms)} ({row.incs} stores seen)"
 
 
 def pending(row: DeviceRow, now: int) -> str:
@@ -129,4 +146,4 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
 
 
 __all__ = ["ago", "cert_doc", "device_doc", "iso", "lifecycle", "pending", "presence",
-           "progress", "removal_state", "rotation_doc"]
+           "progress", "recreated", "removal_state", "rotation_doc"]

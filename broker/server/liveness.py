@@ -153,9 +153,9 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
         when = (f"every merge server recorded in this store stopped, or has not been seen "
                 f"for over {stale_s} s: `waystation server status` lists them")
         since = f"as of {iso(as_of)}, when the last server was seen"
-    return (f"NO MERGE SERVER IS RUNNING ({when}). Device presence (online/offline) is "
-            f"{since}, not live, and devices' changes wait in the broker until a server "
-            f"runs; {START_HINT}.")
+    return (f"NO MERGE SERVER IS RUNNING ({when}). Device presence (online/offline) and "
+            f"PENDING counts are {since}, not live, and devices' changes wait on the devices "
+            f"(or in the broker) until a server runs; {START_HINT}.")
 
 
 def cut_off_warning(rows: Sequence[ServerRow]) -> str:

@@ -3,10 +3,16 @@ reaches: each says what is true and, where someone has to act, what to do."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from agent.api import Agent
+from agent.errors import QuotaReached
 from agent.status import UNANSWERED_S
 from schemas import wire
-from tests.agent.agentkit import FakeClock
+from schemas.collection import Catalog
+from tests.agent.agentkit import FakeClock, make_cfg, rec
 
 S = "route-42"
 
@@ -77,3 +83,33 @@ def test_dead_letters_and_conflicts_say_where_to_look(agent: Agent) -> None:
     status = agent.status()
     assert status.open_conflicts == 1
     assert "1 open conflict to settle (`waystation agent conflicts`)" in status.summary()
+
+
+def test_a_full_quota_says_what_frees_room(tmp_path: Path, catalog: Catalog,
+                                           clock: FakeClock) -> None:
+    """Local writes refused at the quota: with changes waiting, their acks free room;
+    with the outbox empty nothing will by itself, so the next step is the operator's."""
+    pending = Agent.open(make_cfg(tmp_path / "a", quota_bytes=1 << 20), catalog, now_ms=clock)
+    try:
+        with pytest.raises(QuotaReached):
+            for i in range(5000):
+                pending.put("tasks", f"w-{i}", {"route": S, "status": "open",
+                                                "notes": "x" * 1800})
+        summary = pending.status().summary()
+        assert "disk quota reached" in summary
+        assert "until the outbox drains or retention evicts synced records" in summary
+    finally:
+        pending.close()
+    synced = Agent.open(make_cfg(tmp_path / "b", quota_bytes=1 << 20), catalog, now_ms=clock)
+    try:
+        for q in range(1, 5000):
+            synced.sync.apply_delta(wire.Delta(d=[rec(f"r-{q}", q, {
+                "route": S, "status": "open", "notes": "x" * 1800})]))
+            if (synced.status().quota or {}).get("reached"):
+                break
+        status = synced.status()
+        assert status.pending == 0 and status.quota is not None and status.quota["reached"]
+        assert ("the outbox is empty: declare retention for more collections or raise "
+                "storage.quota_bytes") in status.summary()
+    finally:
+        synced.close()

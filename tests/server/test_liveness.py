@@ -80,6 +80,8 @@ def test_states_and_the_warning() -> None:
     assert "not seen for 3 min" in liveness.describe(row, T0 + 190_000, stale)
     warning = liveness.no_server_warning([row], 30)
     assert "NO MERGE SERVER IS RUNNING" in warning and "waystation server run" in warning
+    # PENDING is a device's last report: as stale as its presence (nobody records more)
+    assert "presence (online/offline) and PENDING counts are as of" in warning
 
 
 def test_a_server_cut_off_from_its_broker_says_so() -> None:
