@@ -134,8 +134,9 @@ class AgentStatus:
                     f"{last}")
         elif self.link is not None:
             text = f"offline — {self.link['hint']} ({self.link['reason']})"
-            if self.link.get("retry_in_s") is not None:
-                text += f"; retrying in {self.link['retry_in_s']:.0f} s"
+            left = self.link.get("retry_in_s")
+            if left is not None:  # 0 once due: the daemon is trying (or about to)
+                text += f"; retrying in {left:.0f} s" if left >= 0.5 else "; trying again now"
             text += f"; {waiting or 'nothing pending; '}{last}"
         elif self.pending:
             text = f"offline — {waiting}{last}"

@@ -27,8 +27,13 @@ HINTS: dict[str, str] = {
     "tls": "the TLS handshake failed: check mqtt.tls (CA file, server name, client "
            "certificate) and the device's clock",
     "dns": "the broker's host name does not resolve: check mqtt.host and the device's DNS",
-    "timeout": "the broker did not answer in time: the network is slow or blocked",
-    "network": "the network is unreachable or the connection broke",
+    "timeout": "the broker did not answer in time: the network is slow or blocked, or "
+               "mqtt.port / mqtt.tls do not match the broker's MQTT listener",
+    # Also a connection something at mqtt.port accepted and closed before any CONNACK:
+    # a TLS listener spoken to in plain text (or the reverse), a port that is not MQTT.
+    "network": "the connection failed or broke: check the network, and that mqtt.host / "
+               "mqtt.port name the broker's MQTT listener and mqtt.tls matches it (TLS or "
+               "plain)",
     "broker_refused": "the broker refused the connection",
     "disconnected": "the connection was lost",
 }

@@ -113,3 +113,21 @@ def test_a_full_quota_says_what_frees_room(tmp_path: Path, catalog: Catalog,
                 "storage.quota_bytes") in status.summary()
     finally:
         synced.close()
+
+
+def test_a_connection_closed_before_any_connack_names_port_and_tls(agent: Agent,
+                                                                   clock: FakeClock) -> None:
+    """Something at mqtt.port took the connection and closed it (a TLS listener spoken to
+    in plain text, a port that is not MQTT): not "the network is unreachable"; and once
+    the retry is due, "trying again now", not "retrying in 0 s"."""
+    agent.sync.set_online(False)
+    agent.sync.record_link("retrying", "connection ended (The connection was lost.) before "
+                           "the broker accepted it", 4.0, code="network")
+    summary = agent.status().summary()
+    assert "network is unreachable" not in summary
+    assert "mqtt.port" in summary and "mqtt.tls" in summary
+    assert "retrying in 4 s" in summary
+    clock.advance(10)
+    agent.sync.set_online(False)  # the daemon's heartbeat goes on while it retries
+    summary = agent.status().summary()
+    assert "trying again now" in summary and "retrying in 0 s" not in summary
