@@ -175,7 +175,7 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for d in devices:
         rows.append([d.id, devstate.presence(d, as_of), ago(d.last_seen_ms, now),
                      ago(d.synced_ms, now), d.agent or "-", devstate.pending(d, now),
-                     devstate.progress(d, seqs)])
+                     devstate.progress(d, seqs, now)])
     table(["DEVICE", "STATE", "LAST SEEN", "LAST SYNC", "AGENT", "PENDING",
             "REPORTED CHECKPOINT / SEQ"], rows)
     return 0

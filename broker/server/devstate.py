@@ -114,10 +114,17 @@ def pending(row: DeviceRow, now: int) -> str:
     return f"{row.pend} ({ago(row.pend_ms, now)})"
 
 
-def progress(row: DeviceRow, seqs: Mapping[str, int]) -> str:
-    """Per scope: the device's reported checkpoint / the scope's sequence."""
-    return ", ".join(f"{s} {row.cp[s]}/{seqs.get(s, 0)}" if s in row.cp
+def progress(row: DeviceRow, seqs: Mapping[str, int], now: int | None = None) -> str:
+    """Per scope: the device's reported checkpoint / the scope's sequence. A device
+    reports its checkpoints when it connects and when it asks for a catch-up, not as live
+    changes reach it: when one looks behind, `now` adds how old the report is ("route-1
+    120/5000 (reported 3h ago)"), else a device online for hours looks hours behind."""
+    text = ", ".join(f"{s} {row.cp[s]}/{seqs.get(s, 0)}" if s in row.cp
                      else f"{s} ?/{seqs.get(s, 0)}" for s in row.scopes)
+    behind = any(row.cp.get(s, 0) < seqs.get(s, 0) for s in row.scopes if s in row.cp)
+    if now is not None and behind and row.cp_ms:
+        text += f" (reported {ago(row.cp_ms, now)})"
+    return text
 
 
 def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[str, Any]:

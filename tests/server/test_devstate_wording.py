@@ -35,3 +35,14 @@ def test_the_store_a_wipe_made_is_the_wipe_s() -> None:
                     wipe_done_ms=T + 1000, enabled=False)
     state = devstate.presence(row)
     assert "wiped at" in state and "re-created" not in state
+
+
+def test_a_checkpoint_that_looks_behind_says_how_old_the_report_is() -> None:
+    """Checkpoints are reported at connect and catch-up, not as live changes arrive: a
+    device that looks behind shows the report's age; one level with the sequence not."""
+    row = DeviceRow("van-1", ("r1", "r2"), last_seen_ms=T, online=True,
+                    cp={"r1": 120, "r2": 7}, cp_ms=T)
+    now = T + 3 * 3_600_000
+    assert devstate.progress(row, {"r1": 5000, "r2": 7}, now) == (
+        "r1 120/5000, r2 7/7 (reported 3h ago)")
+    assert devstate.progress(row, {"r1": 120, "r2": 7}, now) == "r1 120/120, r2 7/7"
