@@ -279,7 +279,7 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     print(f"  device {status.device_id}, schema version {status.schema_version}, "
           f"next change {status.device_id}:{status.next_n}")
     print(f"  store {status.store_path} (incarnation {status.incarnation or 'legacy'})")
-    if status.link is not None:
+    if status.link is not None and status.link["code"] != "sync_restarting":
         print(f"  last connection attempt: {status.link['code']}: {status.link['reason']}")
     if status.wiped:
         wiped_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.wiped["t"] / 1000))

@@ -13,6 +13,7 @@ server_unavailable  the broker answered "server unavailable"
 timeout             no answer in time
 network             the connection broke (another network error)
 stopped             the sync loop was stopped on purpose
+sync_restarting     the agent service runs, its sync process does not (status only)
 ==================  ============================================================
 """
 

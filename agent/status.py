@@ -261,7 +261,14 @@ def read_status(core: Core) -> AgentStatus:
         running: bool | None = True if service_pid(core.store.path.parent) else syncing
         link = None
         link_doc = tx.meta("link")
-        if (link_doc is not None and link_doc.get("state") != "online" and not online
+        if running and syncing is False and not online:
+            # The service runs, the sync process that last wrote the heartbeat is gone:
+            # that, not its last connection problem, is why nothing syncs now.
+            link = {"state": "offline", "code": "sync_restarting",
+                    "reason": "the sync process is not running",
+                    "hint": HINTS["sync_restarting"], "t": online_doc["t"] if online_doc
+                    else now, "retry_in_s": None}
+        elif (link_doc is not None and link_doc.get("state") != "online" and not online
                 and running is not False):
             code = link_doc.get("code") or "network"
             retry = link_doc.get("retry_in_s")

@@ -58,7 +58,8 @@ def test_status_human_and_json(env: dict[str, str], capsys: pytest.CaptureFixtur
     code, out, _ = run(env, capsys, "status")
     assert code == 0
     assert out.splitlines()[0].startswith(
-        "offline — 1 change saved locally, waiting for connection; oldest ")
+        "offline — the sync daemon has not run on this store yet (start `waystation agent "
+        "run` or its service); 1 change saved locally, waiting for connection; oldest ")
     doc = json.loads(run(env, capsys, "status", "--json")[1])
     assert doc["pending"] == 1 and doc["online"] is False and doc["device_id"] == "van-1"
 

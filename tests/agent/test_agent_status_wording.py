@@ -3,12 +3,15 @@ reaches: each says what is true and, where someone has to act, what to do."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agent.api import Agent
 from agent.errors import QuotaReached
+from agent.service.lock import acquire_service_lock
 from agent.status import UNANSWERED_S
 from schemas import wire
 from schemas.collection import Catalog
@@ -131,3 +134,28 @@ def test_a_connection_closed_before_any_connack_names_port_and_tls(agent: Agent,
     agent.sync.set_online(False)  # the daemon's heartbeat goes on while it retries
     summary = agent.status().summary()
     assert "trying again now" in summary and "retrying in 0 s" not in summary
+
+
+def test_a_dead_sync_process_under_a_running_service_is_named(agent: Agent) -> None:
+    """The service runs (its lock is held) but the sync process that wrote the heartbeat
+    died: status names that (the service restarts it), not the last connection problem
+    ("retrying in ...": nothing retries) nor a bare "waiting for connection"."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(proc.stdout)
+    lock = acquire_service_lock(agent.store.path.parent)
+    try:
+        agent.put("tasks", "t-1", {"route": S})
+        agent.sync.set_online(False)
+        agent.sync.record_link("retrying", "[Errno 111] Connection refused", 8.0,
+                               code="connection_refused")
+        agent._core.store.write(lambda tx: tx.set_meta(
+            "online", {**tx.meta("online"), "pid": dead}))
+        status = agent.status()
+        assert status.agent_running is True and not status.online
+        assert status.link is not None and status.link["code"] == "sync_restarting"
+        summary = status.summary()
+        assert "its sync process does not" in summary and "restarts it" in summary
+        assert "retrying in" not in summary and "1 change saved locally" in summary
+    finally:
+        lock.release()
