@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent import fetch_queries, journal
 from agent.core import Core, Work
 from agent.models import _age
 from agent.service.lock import service_pid
+from waystation.diskfull import LOW_SPACE_BYTES
 from waystation.linkproblems import HINTS
 
 UNANSWERED_S = 60.0
@@ -84,6 +86,9 @@ class AgentStatus:
     """Queries asked of the server and not answered yet (agent.fetch_queries)."""
     journal: dict[str, int] = field(default_factory=dict)
     """The acked changes kept for a restored server (agent.journal): {changes, bytes}."""
+    disk_free_bytes: int | None = None
+    """Free bytes (for this user) on the filesystem holding the store; None: unknown.
+    Below `waystation.diskfull.LOW_SPACE_BYTES` the summary says writes may fail."""
     replayed: dict[str, Any] | None = None
     """What the latest resync ordered by a server restore gave back: {t, id, changes,
     units_skipped, scopes, resending, settled, past} (PROTOCOL.md §9.7, agent.journal);
@@ -143,6 +148,11 @@ class AgentStatus:
         else:
             text = f"offline — nothing pending; {last}"
         extras = []
+        if self.disk_free_bytes is not None and self.disk_free_bytes < LOW_SPACE_BYTES:
+            # Every write needs room, an ack's too: this stops syncing, not only the app.
+            extras.append(f"the disk holding the store is nearly full "
+                          f"({self.disk_free_bytes // 1024} KiB free): local writes and "
+                          "syncing fail (storage_full) until space is freed on it")
         if self.quota and self.quota.get("reached"):
             # What frees room: acks drain the outbox; with it empty, only retention (or
             # a larger quota) does: say which, or the device stays full with no hint.
@@ -310,7 +320,8 @@ def read_status(core: Core) -> AgentStatus:
             server=policy.get("server") if policy else None, quota=quota,
             evicted=tx.count("evicted"), fetching=tx.count("fetch"),
             fetch_queries=fetch_queries.waiting(work),
-            journal=journal.stats(work), replayed=_replayed(work, now))
+            journal=journal.stats(work), replayed=_replayed(work, now),
+            disk_free_bytes=_disk_free(core.store.path))
 
     return core.read(run)
 
@@ -318,6 +329,14 @@ def read_status(core: Core) -> AgentStatus:
 def record_online(work: Work, online: bool) -> None:
     """The daemon's heartbeat: connected or not, now, and which process says so."""
     work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid()})
+
+
+def _disk_free(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _replayed(work: Work, now: int) -> dict[str, Any] | None:

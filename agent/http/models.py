@@ -168,6 +168,9 @@ class StatusOut(_Out):
     """Queries asked of the server (fetch by query), not answered yet."""
     journal: dict[str, int]
     """Acked changes kept for a server restored from a backup: {changes, bytes}."""
+    disk_free_bytes: int | None = None
+    """Free bytes on the filesystem holding the store (null: unknown); under 4 MiB the
+    summary says writes (local and synced) may fail with storage_full."""
     replayed: dict[str, JsonValue] | None
     """What the latest resync after a server restore sent again: {t, id, changes,
     units_skipped, scopes}; null: none seen."""

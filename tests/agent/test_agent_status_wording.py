@@ -3,8 +3,10 @@ reaches: each says what is true and, where someone has to act, what to do."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,43 @@ def test_a_dead_sync_process_under_a_running_service_is_named(agent: Agent) -> N
         assert "retrying in" not in summary and "1 change saved locally" in summary
     finally:
         lock.release()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs: room for a store and more than `LOW_SPACE_BYTES` free (needs
+    root and mount rights; skipped otherwise)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                            capture_output=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_named_before_writes_fail(disk: Path, catalog: Catalog) -> None:
+    """A nearly full filesystem under the store: status says so (every write, an ack's
+    too, needs room), with the free space; once space is freed it no longer does."""
+    with Agent.open(make_cfg(disk / "data"), catalog) as ag:
+        ag.put("tasks", "t-1", {"route": S})
+        assert "nearly full" not in ag.status().summary()
+        filler = disk / "filler"
+        with filler.open("wb") as out:
+            try:
+                while True:
+                    out.write(b"\0" * 65536)
+            except OSError:
+                pass
+        status = ag.status()
+        assert status.disk_free_bytes is not None and status.disk_free_bytes < 1 << 20
+        summary = status.summary()
+        assert "the disk holding the store is nearly full" in summary
+        assert "KiB free" in summary and "until space is freed" in summary
+        filler.unlink()
+        assert "nearly full" not in ag.status().summary()
