@@ -171,7 +171,11 @@ class AgentStatus:
                 said += f" (next try in {left:.0f} s)"
             extras.append(said)
         if self.wiped and not self.synced_since_wipe:
-            extras.append("this device was wiped by the operator")
+            # The server's "disabled" reason names the command too, but only once the
+            # device connects and sends something: say it from the store alone.
+            extras.append("this device was wiped by the operator: it gets no data until "
+                          f"the operator enables it (`waystation device enable "
+                          f"{self.device_id}` on the server)")
         if self.replayed and not self.replayed.get("past"):
             extras.append(describe_replay(self.replayed))
         if self.dead_letters:

@@ -38,3 +38,10 @@ def test_wipe_hold_shown_only_until_a_sync_after_it(last_sync_ms: int | None,
 def test_never_wiped() -> None:
     status = _status(WIPED_AT, None)
     assert not status.synced_since_wipe and "wiped" not in status.summary()
+
+
+def test_a_held_wiped_device_names_the_command_that_ends_the_hold() -> None:
+    """Offline since its wipe, the device has no word from the server: its own status
+    says what ends the hold."""
+    status = _status(None, {"t": WIPED_AT, "id": "wipe-1", "key_destroyed": False})
+    assert "`waystation device enable van-1` on the server" in status.summary()
