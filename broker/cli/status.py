@@ -35,6 +35,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     running = liveness.any_running(servers, now, stale_ms)
     serving = liveness.any_serving(servers, now, stale_ms)
     online = sorted(d.id for d in devices if d.online)
+    never = sorted(d.id for d in devices if not d.online and not d.last_seen_ms)
     rotating = {d.id: rot for d in devices
                 if (rot := devstate.rotation_doc(d)) is not None and rot["stage"] != "retired"}
     renewing = {d.id: crt["renewal"] for d in devices
@@ -53,7 +54,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "schema": {"file": str(config.schema_path()), "version": catalog.version,
                    "file_version": file_version},
         "devices": {"known": len(devices), "enabled": sum(d.enabled for d in devices),
-                    "online": len(online)},
+                    "online": len(online), "never_connected": len(never)},
         "scopes": {s: {"seq": q, "purged_to": horizons[s]} for s, q in sorted(seqs.items())},
         "records": info.counts["records"],
         "open_conflicts": info.counts["open_conflicts"],
@@ -91,7 +92,9 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     print(f"devices: {len(devices)} known, {doc['devices']['enabled']} enabled, "
           f"{len(online)} online" + (f" ({', '.join(online[:10])}"
                                      f"{', ...' if len(online) > 10 else ''})" if online else "")
-          + ("" if serving else " as the last server left them, not live"))
+          + ("" if serving else " as the last server left them, not live")
+          + (f"; {len(never)} never connected ({', '.join(never[:10])}"
+             f"{', ...' if len(never) > 10 else ''})" if never else ""))
     print(f"records: {doc['records']}; open conflicts: {doc['open_conflicts']} "
           f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
     print(_letters_line(letters, config.dead_letters.max_count,

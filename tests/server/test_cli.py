@@ -151,7 +151,7 @@ def test_server_status_and_devices(env: dict[str, str],
     doc = json.loads(out)
     assert code == 0
     assert doc["store"]["kind"] == env.get("WAYSTATION_SERVER__STORE__KIND", "lmdb")
-    assert doc["devices"] == {"known": 2, "enabled": 2, "online": 1}
+    assert doc["devices"] == {"known": 2, "enabled": 2, "online": 1, "never_connected": 0}
     assert doc["scopes"] == {"r1": {"seq": 2, "purged_to": 0}}
     assert doc["open_conflicts"] == 1 and doc["dead_letters"] == 1
     assert doc["schema"]["version"] == CATALOG.version
@@ -161,6 +161,23 @@ def test_server_status_and_devices(env: dict[str, str],
     assert code == 0 and "van-1" in out and "online" in out
     devices = json.loads(run(env, "server", "devices", "--json", capsys=capsys)[1])
     assert [d["online"] for d in devices] == [True, False]
+
+
+def test_server_status_counts_devices_that_never_connected(
+        env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A device enrolled and never heard from is named on the devices line (a fresh
+    rollout's first question), and counted in JSON; one that connected is not."""
+    _seed(env, capsys)
+    code, _, err = run(env, "device", "add", "van-7", "--scope", "r1",
+                       "--out", str(tmp_path / "out"), capsys=capsys)
+    assert code == 0, err
+    doc = json.loads(run(env, "server", "status", "--json", capsys=capsys)[1])
+    assert doc["devices"]["known"] == 3 and doc["devices"]["never_connected"] == 1
+    text = run(env, "server", "status", capsys=capsys)[1]
+    assert "1 never connected (van-7)" in text
+    devices = run(env, "server", "devices", capsys=capsys)[1]
+    assert next(ln for ln in devices.splitlines() if ln.startswith("van-7")).split()[1:3] == [
+        "never", "connected"]
 
 
 def test_server_status_tells_running_stopped_and_gone_servers(
