@@ -17,7 +17,7 @@ from typing import Any
 from agent import fetch_queries, journal
 from agent.core import Core, Work
 from agent.models import _age
-from agent.service.lock import service_pid
+from agent.service.lock import SYNC_LOCK, holder_pid, service_pid
 from waystation.diskfull import LOW_SPACE_BYTES
 from waystation.linkproblems import HINTS
 
@@ -272,12 +272,17 @@ def read_status(core: Core) -> AgentStatus:
                       and hb_age <= core.settings.heartbeat_timeout_s and syncing is not False)
         # The agent service holds a lock on its data_dir; a sync daemon run on its own
         # (or the service's sync process) is known by its heartbeat's process.
-        running: bool | None = True if service_pid(core.store.path.parent) else syncing
+        data_dir = core.store.path.parent
+        service = service_pid(data_dir)
+        running: bool | None = True if service else syncing
+        # The service's sync process holds the sync lock for its life: none while it
+        # starts or after it exited (the heartbeat's pid may be an earlier process's).
+        sync_gone = bool(service) and holder_pid(data_dir / SYNC_LOCK) is None
         link = None
         link_doc = tx.meta("link")
-        if running and syncing is False and not online:
-            # The service runs, the sync process that last wrote the heartbeat is gone:
-            # that, not its last connection problem, is why nothing syncs now.
+        if sync_gone and not online:
+            # The service runs, its sync process does not: that, not the last
+            # connection problem recorded, is why nothing syncs now.
             link = {"state": "offline", "code": "sync_restarting",
                     "reason": "the sync process is not running",
                     "hint": HINTS["sync_restarting"], "t": online_doc["t"] if online_doc

@@ -22,9 +22,9 @@ HINTS: dict[str, str] = {
                       "removed",
     "server_unavailable": "the broker is up but not accepting connections now",
     "stopped": "the sync daemon was stopped",
-    "sync_restarting": "the agent service runs but its sync process does not (it exited "
-                       "and the service restarts it, with backoff): if this lasts, see the "
-                       "agent's log (`journalctl -u waystation-agent`)",
+    "sync_restarting": "the agent service runs but its sync process does not (starting, "
+                       "or exited: the service restarts it, with backoff): if this lasts, "
+                       "see the agent's log (`journalctl -u waystation-agent`)",
     "connection_refused": "nothing accepts connections at the broker's address: is the "
                           "broker running, are mqtt.host / mqtt.port right?",
     "tls": "the TLS handshake failed: check mqtt.tls (CA file, server name, client "

@@ -13,7 +13,7 @@ import pytest
 
 from agent.api import Agent
 from agent.errors import QuotaReached
-from agent.service.lock import acquire_service_lock
+from agent.service.lock import SYNC_LOCK, FileLock, acquire_service_lock
 from agent.status import UNANSWERED_S
 from schemas import wire
 from schemas.collection import Catalog
@@ -139,9 +139,11 @@ def test_a_connection_closed_before_any_connack_names_port_and_tls(agent: Agent,
 
 
 def test_a_dead_sync_process_under_a_running_service_is_named(agent: Agent) -> None:
-    """The service runs (its lock is held) but the sync process that wrote the heartbeat
-    died: status names that (the service restarts it), not the last connection problem
-    ("retrying in ...": nothing retries) nor a bare "waiting for connection"."""
+    """The service runs (its lock is held) but no sync process does (none holds the sync
+    lock): status names that (the service restarts it), not the last connection problem
+    ("retrying in ...": nothing retries) nor a bare "waiting for connection". A new
+    sync process that has not connected yet (the heartbeat still names the dead one)
+    is running: its own connection problem is shown."""
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     dead = int(proc.stdout)
@@ -159,6 +161,14 @@ def test_a_dead_sync_process_under_a_running_service_is_named(agent: Agent) -> N
         summary = status.summary()
         assert "its sync process does not" in summary and "restarts it" in summary
         assert "retrying in" not in summary and "1 change saved locally" in summary
+        sync_lock = FileLock(agent.store.path.parent / SYNC_LOCK)
+        assert sync_lock.acquire()
+        try:
+            status = agent.status()
+            assert status.link is not None and status.link["code"] == "connection_refused"
+            assert "nothing accepts connections" in status.summary()
+        finally:
+            sync_lock.release()
     finally:
         lock.release()
 

@@ -97,3 +97,26 @@ def test_text_json_and_api_say_the_same(fleet: Fleet) -> None:
     assert "waiting: server unavailable since" in line
     fleet.start_server()
     fleet.wait_drained("van-1")
+
+
+def test_a_restarted_agent_that_cannot_connect_says_why(fleet: Fleet) -> None:
+    """The agent ran, stopped, and starts again with the broker down: its new sync
+    process never connects (the heartbeat still names the old, dead one), yet it runs
+    and retries: status gives the connection problem, not "the sync process does not
+    run"."""
+    path = fleet.add_device("van-1", [S])
+    fleet.start_agent("van-1")
+    fleet.wait(lambda: fleet.agent_status("van-1")["online"] or None, 60, what="online")
+    assert fleet.stop_agent("van-1") == 0
+    fleet.stop_broker()
+    fleet.start_agent("van-1", wait=False)
+    fleet.agents["van-1"].wait_event("link_problem")
+    status = fleet.wait(lambda: ((st := fleet.agent_status("van-1")).get("link") or {}).get(
+        "code") == "connection_refused" and st or None, 60, what="connection refused")
+    assert status["agent_running"] is True and status["online"] is False
+    assert "is the broker running" in status["summary"]
+    assert "sync process does not" not in status["summary"]
+    text = fleet.cli("agent", "status", "--config", str(path)).stdout
+    assert "last connection attempt: connection_refused" in text
+    fleet.start_broker()
+    fleet.wait(lambda: fleet.agent_status("van-1")["online"] or None, 60, what="online")
