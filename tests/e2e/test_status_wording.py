@@ -111,8 +111,11 @@ def test_a_restarted_agent_that_cannot_connect_says_why(fleet: Fleet) -> None:
     fleet.stop_broker()
     fleet.start_agent("van-1", wait=False)
     fleet.agents["van-1"].wait_event("link_problem")
-    status = fleet.wait(lambda: ((st := fleet.agent_status("van-1")).get("link") or {}).get(
-        "code") == "connection_refused" and st or None, 60, what="connection refused")
+    def refused() -> dict[str, object] | None:
+        st = fleet.agent_status("van-1")
+        return st if (st.get("link") or {}).get("code") == "connection_refused" else None
+
+    status = fleet.wait(refused, 60, what="status says nothing listens")
     assert status["agent_running"] is True and status["online"] is False
     assert "is the broker running" in status["summary"]
     assert "sync process does not" not in status["summary"]
