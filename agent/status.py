@@ -173,9 +173,10 @@ class AgentStatus:
         if self.wiped and not self.synced_since_wipe:
             # The server's "disabled" reason names the command too, but only once the
             # device connects and sends something: say it from the store alone.
-            extras.append("this device was wiped by the operator: it gets no data until "
-                          f"the operator enables it (`waystation device enable "
-                          f"{self.device_id}` on the server)")
+            disabled = (self.last_error or {}).get("code") == "device_disabled"
+            extras.append("this device was wiped by the operator" + (
+                "" if disabled else ": it gets no data until the operator enables it "
+                f"(`waystation device enable {self.device_id}` on the server)"))
         if self.replayed and not self.replayed.get("past"):
             extras.append(describe_replay(self.replayed))
         if self.dead_letters:

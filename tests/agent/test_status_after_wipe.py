@@ -5,6 +5,7 @@ of repeating a hold that is over."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -45,3 +46,8 @@ def test_a_held_wiped_device_names_the_command_that_ends_the_hold() -> None:
     says what ends the hold."""
     status = _status(None, {"t": WIPED_AT, "id": "wipe-1", "key_destroyed": False})
     assert "`waystation device enable van-1` on the server" in status.summary()
+    # Once the server said "disabled" (its reason names the command), not twice
+    said = replace(status, last_error={
+        "code": "device_disabled", "t": WIPED_AT + 1, "reason": "device 'van-1' is "
+        "disabled by the operator: ... (`waystation device enable van-1`)"})
+    assert said.summary().count("waystation device enable van-1") == 1
