@@ -163,8 +163,8 @@ def cut_off_warning(rows: Sequence[ServerRow]) -> str:
     connected to its broker."""
     return (f"NO MERGE SERVER IS CONNECTED TO THE BROKER (the running ones lost it: "
             f"`waystation server status` says since when). Device presence (online/offline) "
-            f"is as of {iso(presence_as_of(rows))}, not live, and devices' changes wait in "
-            f"the broker; {BROKER_HINT}.")
+            f"and PENDING counts are as of {iso(presence_as_of(rows))}, not live, and "
+            f"devices' changes wait on the devices (or in the broker); {BROKER_HINT}.")
 
 
 __all__ = ["BROKER_HINT", "SEEN_EVERY_MS", "STALE_AFTER_S", "START_HINT", "Heartbeat",

@@ -116,6 +116,7 @@ def test_a_server_cut_off_from_its_broker_says_so() -> None:
     assert liveness.presence_as_of(rows) == T0 + 2_000
     warning = liveness.cut_off_warning(rows)
     assert "NO MERGE SERVER IS CONNECTED TO THE BROKER" in warning
+    assert "presence (online/offline) and PENDING counts are as of" in warning
 
     beat.broker(True, T0 + 8_000)
     back = beat.due(T0 + 8_000)
