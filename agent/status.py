@@ -193,6 +193,12 @@ class AgentStatus:
         if self.deferred:
             held = "; ".join(describe_deferral(d) for d in self.deferred)
             text += f"; {'waiting: ' if self.pending else ''}{held}"
+            if self.pending and any(d.get("code") != "server_unavailable"
+                                    and "records" in (d.get("lanes") or [])
+                                    for d in self.deferred):
+                # The device's own policy holds them: say how to send them anyway (a
+                # server that is down is not lifted by asking).
+                text += " (`waystation agent sync` sends them now)"
         elif self.sync_now_until_ms is not None:
             text += f"; sync now until {_when(self.sync_now_until_ms)}"
         if extras:

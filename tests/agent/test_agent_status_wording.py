@@ -211,3 +211,23 @@ def test_a_full_disk_is_named_before_writes_fail(disk: Path, catalog: Catalog) -
         assert "KiB free" in summary and "until space is freed" in summary
         filler.unlink()
         assert "nearly full" not in ag.status().summary()
+
+
+def test_changes_held_by_the_policy_say_how_to_send_them_now(agent: Agent) -> None:
+    """A closed window holds the outbox: the summary names "sync now"; a server that is
+    down is not lifted by asking, so then it does not."""
+    agent.put("tasks", "t-1", {"route": S})
+    agent.sync.set_online(True)
+    closed = {"code": "window_closed", "reason": "outside the sync windows",
+              "lanes": ["records", "files", "telemetry"], "until_ms": None, "since_ms": None}
+    agent.sync.record_policy({"deferrals": [closed], "sync_now_until_ms": None,
+                              "server": {"group": "main", "up": True,
+                                         "down_since_ms": None}, "probes": {}})
+    summary = agent.status().summary()
+    assert "waiting: outside the sync windows" in summary
+    assert "`waystation agent sync` sends them now" in summary
+    down = {**closed, "code": "server_unavailable", "reason": "no merge server is up"}
+    agent.sync.record_policy({"deferrals": [down], "sync_now_until_ms": None,
+                              "server": {"group": "main", "up": False,
+                                         "down_since_ms": None}, "probes": {}})
+    assert "agent sync" not in agent.status().summary()
