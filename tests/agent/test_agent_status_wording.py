@@ -3,7 +3,6 @@ reaches: each says what is true and, where someone has to act, what to do."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from agent.status import UNANSWERED_S
 from schemas import wire
 from schemas.collection import Catalog
 from tests.agent.agentkit import FakeClock, make_cfg, rec
+from tests.small_disk import fill_disk, small_disk
 
 S = "route-42"
 
@@ -177,18 +177,8 @@ def test_a_dead_sync_process_under_a_running_service_is_named(agent: Agent) -> N
 def disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs: room for a store and more than `LOW_SPACE_BYTES` free (needs
     root and mount rights; skipped otherwise)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-                            capture_output=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "disk", "16m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_is_named_before_writes_fail(disk: Path, catalog: Catalog) -> None:
@@ -198,12 +188,7 @@ def test_a_full_disk_is_named_before_writes_fail(disk: Path, catalog: Catalog) -
         ag.put("tasks", "t-1", {"route": S})
         assert "nearly full" not in ag.status().summary()
         filler = disk / "filler"
-        with filler.open("wb") as out:
-            try:
-                while True:
-                    out.write(b"\0" * 65536)
-            except OSError:
-                pass
+        fill_disk(filler)
         status = ag.status()
         assert status.disk_free_bytes is not None and status.disk_free_bytes < 1 << 20
         summary = status.summary()

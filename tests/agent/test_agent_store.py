@@ -24,6 +24,7 @@ from agent.errors import (
 from agent.store import FORMAT_VERSION
 from schemas.collection import Catalog
 from tests.agent.agentkit import make_cfg
+from tests.small_disk import small_disk
 
 BLOB = "z" * 20_000
 
@@ -113,18 +114,8 @@ def test_map_limit_raises_storage_full_and_keeps_data(tmp_path: Path, catalog: C
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 3 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                            capture_output=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "tiny", "3m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_raises_storage_full_and_keeps_data(tiny_disk: Path, catalog: Catalog) -> None:

@@ -17,6 +17,7 @@ from agent.errors import StorageError, StorageFullError
 from schemas.collection import Catalog
 from tests.agent.agentkit import make_cfg
 from tests.agent.test_agent_store import tiny_disk  # noqa: F401 - fixture
+from tests.small_disk import fill_disk
 
 
 def test_no_room_to_create_the_store_is_storage_full(tiny_disk: Path,  # noqa: F811
@@ -25,12 +26,7 @@ def test_no_room_to_create_the_store_is_storage_full(tiny_disk: Path,  # noqa: F
     the fix, LMDB's sparse lock file killed the process with SIGBUS on its first
     write), and the store opens once there is room."""
     filler = tiny_disk / "filler"
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-        except OSError:
-            pass
+    fill_disk(filler)
     cfg = make_cfg(tiny_disk / "data")
     with pytest.raises(StorageFullError, match="full"):
         Agent.open(cfg, catalog)

@@ -3,8 +3,6 @@ a clear StoreError, nothing committed lost, and writes work again once there is 
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from broker.errors import StoreError, StoreFullError
 from broker.server.store.lmdb_store import LmdbStore
+from tests.small_disk import small_disk
 
 BLOB = "x" * 50_000
 
@@ -20,18 +19,8 @@ BLOB = "x" * 50_000
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 3 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                            capture_output=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path / "tiny", "3m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_is_a_store_error_and_keeps_what_was_committed(tiny_disk: Path) -> None:
