@@ -75,7 +75,13 @@ class DeviceRefs:
         self._dict: bytes | None = None
 
     def sent(self, first_n: int, plain: bytes) -> None:
-        """A `changes` message whose first change is `first_n` went out."""
+        """A `changes` message whose first change is `first_n` went out. Sent again
+        after its answer (a transient rejection), it stops being a reference now: the
+        server moves its copy to the newest place when it reads it, and a stream made
+        before our answer arrives must not name the old order (it would miss)."""
+        if any(first == first_n for first, _ in self._refs):
+            self._refs = deque((r for r in self._refs if r[0] != first_n), maxlen=REFS)
+            self._dict = None
         if not is_reference(plain):
             self._pending.pop(first_n, None)
             return

@@ -125,8 +125,10 @@ class ZdCodec:
         elif "zd1" in self.agreed:
             how, dictionary = "zd1", ZD1
         if changes_first_n is not None:
-            # sent again: the newest copy replaces the older one among those waiting
+            # sent again: the newest copy replaces the older one among those waiting,
+            # and one that was a reference stops being one until answered (§3)
             self.waiting = [w for w in self.waiting if w[0] != changes_first_n]
+            self.references = [r for r in self.references if r[0] != changes_first_n]
             if len(plaintext) <= REFERENCE_MAX:
                 self.waiting.append((changes_first_n, plaintext))
         if how == "plain":

@@ -197,6 +197,22 @@ def test_the_texts_device_rules_meet_the_server_without_loss(steps: list) -> Non
     assert link.misses == 0
 
 
+def test_the_texts_device_drops_a_reference_it_sends_again() -> None:
+    """The same case for the device written from the text (§3: a message sent again
+    whose first change names a reference stops being one the moment it goes out)."""
+    link = _DocsLink()
+    for words in ([1, 2], [3, 4]):
+        link.n += 1
+        link.send(link.n, words, False)
+        assert link.deliver()
+        link.device.answered(link.down.popleft())
+    link.send(1, [1, 2], False)
+    assert link.deliver()
+    link.n += 1
+    link.send(link.n, [5, 6], False)
+    assert link.deliver() and link.misses == 0
+
+
 def test_a_quiet_link_uses_zd3_for_every_change_after_the_first() -> None:
     link = _DocsLink()
     for n in range(1, 11):

@@ -127,6 +127,26 @@ def test_in_order_without_loss_every_stream_is_read(steps: list) -> None:
     assert link.misses == 0
 
 
+def test_a_stream_made_before_the_answer_to_a_message_sent_again_is_read() -> None:
+    """An answered message goes again (refused for now); the server reads it and moves
+    its copy to the newest place; the device sends its next message before that answer
+    arrives. That stream must not name the old order: the device drops the reference
+    when it sends the message again (found by CI's Hypothesis run; failed before)."""
+    link = _Link()
+    for words in ([1, 2], [3, 4]):
+        link.send(words, False)
+        assert link.deliver()
+        link.answer()
+    link.again(1, [1, 2])
+    assert link.deliver()        # the server moved message 1 to the newest place
+    link.send([5, 6], False)     # made before the resend's answer arrived
+    assert link.deliver()
+    link.answer()
+    link.answer()
+    link.send([7, 8], False)
+    assert link.deliver() and link.misses == 0 and link.used_refs >= 3
+
+
 def test_a_message_refused_for_now_and_sent_again_is_read_with_the_references() -> None:
     """A change answered with a transient rejection goes again later, the same message
     with the same first change: the server moved its copy to the newest place, so the
