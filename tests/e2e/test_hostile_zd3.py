@@ -64,6 +64,9 @@ def _codes(pd: ProtocolDevice, code: str) -> int:
     return sum(1 for e in pd.errors if e.get("code") == code)
 
 
+# One fleet: the cache and the answers are the server's, the same over either broker
+# and store; tests/server/test_zd3_hostile.py covers the engine without a broker.
+@pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
 def test_hostile_zd3_traffic_stays_within_the_bound(fleet: Fleet) -> None:
     """Six devices fill 8 references of ~2 KB each (twice what 48 KiB holds), a hostile
     one sends 300 streams with random DICTIDs, then flaps zd3 off and on ten times, and
