@@ -81,7 +81,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
     sealed = ", encrypted at rest" if doc["store"]["encrypted"] else ""
     print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}{sealed}")
-    _print_servers(servers, now, stale_ms, running, _stale_s(args))
+    _print_servers(servers, now, stale_ms, _stale_s(args))
     if file_version == catalog.version:
         print(f"schema version {catalog.version} ({config.schema_path()})")
     else:
@@ -122,15 +122,13 @@ def _stale_s(args: argparse.Namespace) -> int:
     return liveness.STALE_AFTER_S if stale is None else stale
 
 
-def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, running: bool,
-                   stale_s: int) -> None:
-    """Which merge servers run, and plainly when none does (`broker.server.liveness`)."""
+def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, stale_s: int) -> None:
+    """Which merge servers run, and plainly when none serves (`broker.server.liveness`)."""
     for row in servers:
         print(liveness.describe(row, now, stale_ms))
-    if not running:
-        print(liveness.no_server_warning(servers, stale_s))
-    elif not liveness.any_serving(servers, now, stale_ms):
-        print(liveness.cut_off_warning(servers))
+    warning = liveness.presence_warning(servers, now, stale_s)
+    if warning:
+        print(warning)
 
 
 def _letters_line(st: DeadLetterStats, max_count: int, max_bytes: int) -> str:
@@ -160,9 +158,8 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     stale_s = _stale_s(args)
     # With no server running, presence is as the last one left it: say so, per device
     # (`presence_as_of` in JSON; "online?" in the table) and once above the table.
-    running = liveness.any_running(servers, now, stale_s * 1000)
-    as_of = (None if liveness.any_serving(servers, now, stale_s * 1000)
-             else liveness.presence_as_of(servers))
+    warning = liveness.presence_warning(servers, now, stale_s)
+    as_of = None if warning is None else liveness.presence_as_of(servers)
     if args.json:
         print_json([{**devstate.device_doc(d, seqs),
                      "presence_as_of": None if as_of is None else iso(as_of) or "unknown"}
@@ -171,9 +168,8 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not devices:
         print("no devices registered (add one with `waystation device add ID --scope S`)")
         return 0
-    if as_of is not None:
-        print(liveness.cut_off_warning(servers) if running
-              else liveness.no_server_warning(servers, stale_s))
+    if warning is not None:
+        print(warning)
     rows = []
     for d in devices:
         rows.append([d.id, devstate.presence(d, as_of), ago(d.last_seen_ms, now),

@@ -158,6 +158,18 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
             f"(or in the broker) until a server runs; {START_HINT}.")
 
 
+def presence_warning(rows: Sequence[ServerRow], now: int, stale_s: int) -> str | None:
+    """What `server status` and `server devices` say above their output when no server
+    keeps presence up to date: none running, or none connected to its broker; None
+    while one does."""
+    stale_ms = stale_s * 1000
+    if not any_running(rows, now, stale_ms):
+        return no_server_warning(rows, stale_s)
+    if not any_serving(rows, now, stale_ms):
+        return cut_off_warning(rows)
+    return None
+
+
 def cut_off_warning(rows: Sequence[ServerRow]) -> str:
     """What `server status` / `server devices` say when servers run but none is
     connected to its broker."""
@@ -169,4 +181,4 @@ def cut_off_warning(rows: Sequence[ServerRow]) -> str:
 
 __all__ = ["BROKER_HINT", "SEEN_EVERY_MS", "STALE_AFTER_S", "START_HINT", "Heartbeat",
            "any_running", "any_serving", "cut_off_warning", "describe", "no_server_warning",
-           "presence_as_of", "server_doc", "state"]
+           "presence_as_of", "presence_warning", "server_doc", "state"]
