@@ -8,7 +8,7 @@
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
-changes six things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes seven things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -28,6 +28,13 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    will published (MQTT 3.1.1 §3.1.2.10). amqtt only logs the read timeout and waits on,
    so a device whose link went silent (no FIN, no reset: a dead cell, a dropping NAT)
    stayed connected for ever: its will never went out and the server showed it online.
+7. A persistent session taken over by a new connection of its client (a device that
+   reconnects before the broker saw its old connection end: a new certificate, a NAT
+   that rebinds) stays with the new connection. amqtt let the old connection's end mark
+   the shared session disconnected, so every message for the device was queued for a
+   session it believed offline while the device sat connected and heard nothing (its
+   catch-ups and acks unanswered until it reconnected), and published the will, which
+   the new CONNECT had already replaced, over the device's fresh status.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

@@ -1,7 +1,7 @@
 """amqtt internals Waystation overrides: a subclass of amqtt 0.12.1's ``Broker`` with the
 fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authentication
 before the session table, retained messages checked against the ACL, required client
-certificates, the packet size limit, the keepalive enforced).
+certificates, the packet size limit, the keepalive enforced, session take-over).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import weakref
 from typing import Any
 
 import structlog
@@ -64,6 +65,9 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         super().__init__(config)
         self._require_client_cert = require_client_cert
         self._max_packet = max_packet
+        # Handlers of connections whose session a new connection of the same client
+        # took over (fix 7): their end must leave the session alone.
+        self._taken_over: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -130,7 +134,10 @@ class WaystationBroker(Broker):  # type: ignore[misc]
                 client_session.client_id = gen_client_id()
             client_session.parent = 0
         elif client_session.client_id in self._sessions:
-            existing, _ = self._sessions[client_session.client_id]
+            existing, old_handler = self._sessions[client_session.client_id]
+            if old_handler is not None and existing.transitions.is_connected():
+                # amqtt's take-over stops the old connection; its end is ours (below).
+                self._taken_over.add(old_handler)
             existing.will_flag = client_session.will_flag
             existing.will_message = client_session.will_message
             existing.will_topic = client_session.will_topic
@@ -148,6 +155,19 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         client_session.keep_alive = keepalive_timeout(client_session.keep_alive)
         client_session.attributes[_PREAUTH] = True
         return handler, client_session
+
+    async def _handle_disconnect(self, client_session: Any, handler: Any,
+                                 disconnect_waiter: Any) -> None:
+        if handler not in self._taken_over:
+            await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+            return
+        # The session lives on with the new connection: not marked disconnected (amqtt
+        # would queue the device's messages as for an offline session), and no will
+        # (the new CONNECT replaced it; the device is online).
+        self._taken_over.discard(handler)
+        log.info("client session taken over by a new connection: old connection closed",
+                 client_id=client_session.client_id)
+        await self._stop_handler(handler)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -181,6 +201,8 @@ OVERRIDDEN = (
     "_topic_filtering",
     "_get_handler",
     "_matches",
+    "_handle_disconnect",
+    "_stop_handler",
 )
 
 
