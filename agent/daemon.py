@@ -49,6 +49,7 @@ from agent.catchup import CatchupRound
 from agent.clientcert import ClientCerts
 from agent.creds import BrokerCredentials
 from agent.daemon_cert import CertHooks
+from agent.daemon_deaf import DeafHooks
 from agent.daemon_hello import HelloHooks
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
@@ -91,7 +92,7 @@ class DaemonStats:
 
 
 class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHooks,
-                  WakeHooks):
+                  WakeHooks, DeafHooks):
     """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
@@ -282,6 +283,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         try:
             if kind == "msg":
                 if event[1] == self.down_topic:
+                    self._heard()
                     self._on_message(event[2])
                 else:
                     self._on_server_state(str(event[1]), event[2])
@@ -308,6 +310,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
 
     def _on_connect(self, session_present: bool) -> None:
         self._connected = True
+        self._link_changed()
         self._last_problem = None
         self.stats.connects += 1
         # Whatever was in flight may be lost (amqtt drops in-flight QoS 1 on reconnect):
@@ -327,6 +330,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         if self._connected:
             log.info("disconnected", dev=self.dev, reason=reason)
         self._connected = False
+        self._link_changed()
         self._inflight.clear()
         self._catchup = None
         with contextlib.suppress(Exception):
@@ -422,6 +426,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         request = self.sync.catchup_request(req)
         self._catchup = CatchupRound(req, frozenset(request.cp))
         self._catchup_sent = time.monotonic()
+        self._asked(self._catchup_sent)
         self.stats.catchups += 1
         self._send(request)
 
@@ -448,6 +453,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
             self._publish_status(True)
         self._creds_timer(now)
         self._cert_timer(now)
+        self._deaf_check(now)
         if self._catchup is not None:
             # An unanswered catch-up is retried like an unacked change: after the ack
             # timeout (the request or its answer may have been lost in a reconnect).

@@ -1,0 +1,120 @@
+"""A TCP relay to an MQTT broker that makes chosen connections deaf: everything the client
+sends reaches the broker, and everything the broker sends reaches the client except its
+PUBLISH packets (CONNACK, SUBACK, PUBACK and PINGRESP pass). The client's keepalive is
+answered and its publishes are acknowledged, yet it hears no message: what a session a
+broker wrongly believes offline, or a subscription lost in a failover, looks like from
+the device.
+
+    with DeafRelay(broker_port, deaf_connections={1}) as relay:
+        ... connect to relay.port; the first connection is deaf, later ones are not
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Collection
+
+_PUBLISH = 3
+
+
+class DeafRelay:
+    """Relays 127.0.0.1:`port` to the broker; connections numbered from 1 in
+    `deaf_connections` get no PUBLISH from the broker."""
+
+    def __init__(self, broker_port: int, deaf_connections: Collection[int]) -> None:
+        self.target = ("127.0.0.1", broker_port)
+        self.deaf = set(deaf_connections)
+        self.connections = 0
+        self.dropped = 0
+        """PUBLISH packets the relay kept from a deaf connection's client."""
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="deaf-relay").start()
+
+    def __enter__(self) -> DeafRelay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            socks, self._sockets = [self._listener, *self._sockets], []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self.connections += 1
+                deaf = self.connections in self.deaf
+                self._sockets += [client, upstream]
+            threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, deaf),
+                             daemon=True).start()
+
+    def _down(self, src: socket.socket, dst: socket.socket, deaf: bool) -> None:
+        """Broker to client, packet by packet, leaving PUBLISH out when `deaf`."""
+        buf = b""
+        try:
+            while data := src.recv(65536):
+                buf += data
+                while (packet := _next_packet(buf)) is not None:
+                    size = len(packet)
+                    if deaf and packet[0] >> 4 == _PUBLISH:
+                        with self._lock:
+                            self.dropped += 1
+                    else:
+                        dst.sendall(packet)
+                    buf = buf[size:]
+        except OSError:
+            pass
+        finally:
+            _close_both(src, dst)
+
+
+def _next_packet(buf: bytes) -> bytes | None:
+    """The first whole MQTT packet in `buf` (fixed header, remaining length), or None."""
+    length, shift = 0, 0
+    for i in range(1, min(len(buf), 5)):
+        length |= (buf[i] & 0x7F) << shift
+        if not buf[i] & 0x80:
+            end = i + 1 + length
+            return buf[:end] if len(buf) >= end else None
+        shift += 7
+    return None
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        _close_both(src, dst)
+
+
+def _close_both(a: socket.socket, b: socket.socket) -> None:
+    for sock in (a, b):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+__all__ = ["DeafRelay"]
