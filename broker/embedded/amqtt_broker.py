@@ -34,7 +34,9 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    the shared session disconnected, so every message for the device was queued for a
    session it believed offline while the device sat connected and heard nothing (its
    catch-ups and acks unanswered until it reconnected), and published the will, which
-   the new CONNECT had already replaced, over the device's fresh status.
+   the new CONNECT had already replaced, over the device's fresh status. A clean-session
+   CONNECT of a connected client left the old connection open (two live connections of
+   one client id, MQTT 3.1.1 §3.1.4-2); it is closed now, without its will.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

@@ -129,6 +129,14 @@ class WaystationBroker(Broker):  # type: ignore[misc]
 
         if client_session.clean_session:
             if client_session.client_id:
+                # amqtt deletes the session but leaves its connection open: two live
+                # connections of one client, and the old one's will, published when it
+                # ends, overwrites what the new one said. End it as a take-over (fix 7).
+                old = self._sessions.get(client_session.client_id)
+                if old is not None and old[1] is not None and old[0].transitions.is_connected():
+                    self._taken_over.add(old[1])
+                    await old[1].handle_connection_closed()
+                    await old[1].stop()
                 await self._delete_session(client_session.client_id)
             else:
                 client_session.client_id = gen_client_id()

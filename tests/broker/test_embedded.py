@@ -87,23 +87,30 @@ def test_refused_connect_cannot_take_over_a_device_session(
     assert victim.state.disconnects == []
 
 
+@pytest.mark.parametrize("clean_session", [False, True], ids=["persistent", "clean"])
 def test_a_session_taken_over_stays_with_the_new_connection(
-    embedded_broker: BrokerProcess, clients: list[RecordingClient]
+    embedded_broker: BrokerProcess, clients: list[RecordingClient], clean_session: bool
 ) -> None:
     """A device that reconnects before the broker saw its old connection end (a new
     certificate, a NAT that rebinds) takes its persistent session over: the new
     connection gets the session's messages, and the old connection's end publishes no
-    will over the device's fresh status. Stock amqtt marked the session disconnected,
-    so the device heard nothing until it reconnected again."""
+    will over the device's fresh status. Stock amqtt marked a persistent session
+    disconnected, so the device heard nothing until it reconnected again, and left the
+    old connection of a clean session open, its will published whenever it ended."""
     status, down = f"{PREFIX}/van-12/status", f"{PREFIX}/van-12/down"
     server = connect(clients, embedded_broker, "merge-1", SERVER_USER)
     assert server.subscribe(status) == 1
     will = (status, b"off", True)
-    old = connect(clients, embedded_broker, "van-12", "van-12", clean_session=False, will=will)
+    old = connect(clients, embedded_broker, "van-12", "van-12", clean_session=clean_session,
+                  will=will)
     assert old.subscribe(down) == 1
-    new = connect(clients, embedded_broker, "van-12", "van-12", clean_session=False, will=will)
-    assert new.state.connacks == ["Success"] and new.state.session_present == [True]
+    new = connect(clients, embedded_broker, "van-12", "van-12", clean_session=clean_session,
+                  will=will)
+    assert new.state.connacks == ["Success"]
+    assert new.state.session_present == [not clean_session]
     wait_until(lambda: old.state.disconnects, 10, message="the old connection closed")
+    if clean_session:
+        assert new.subscribe(down) == 1
     new.publish(status, b"on", retain=True)
     server.publish(down, b"after the take-over")
     assert new.wait_for(down, b"after the take-over").qos == 1
