@@ -8,7 +8,7 @@
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
-changes seven things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes eight things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -37,6 +37,12 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    the new CONNECT had already replaced, over the device's fresh status. A clean-session
    CONNECT of a connected client left the old connection open (two live connections of
    one client id, MQTT 3.1.1 §3.1.4-2); it is closed now, without its will.
+8. What the broker holds for one client is bounded (``max_queued_messages``,
+   ``max_queued_mb``; ``broker.embedded.session_queue``): messages for a client that is
+   away or not reading are dropped beyond the limit, and a client sending faster than
+   the broker routes is not read meanwhile. amqtt held all of it, so a device flooding
+   while the server was down or stuck grew the broker until it died. What a client sent
+   before it left is routed at once (amqtt kept it for its next connection).
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are
@@ -65,6 +71,7 @@ from amqtt.broker import Broker
 from broker.embedded.amqtt_overrides import AMQTT_VERSION, OVERRIDDEN, WaystationBroker
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET
 from broker.embedded.plugins import plugin_config
+from broker.embedded.session_queue import QueueLimits
 from broker.errors import ServerError
 from waystation.errors import ConfigError, ListenError, WaystationError
 
@@ -124,6 +131,9 @@ class BrokerSettings:
     log_level: str = "info"
     max_packet_bytes: int = DEFAULT_MAX_PACKET
     """The largest MQTT packet accepted; a bigger one drops its sender's connection."""
+    max_queued_messages: int = QueueLimits.messages
+    max_queued_bytes: int = QueueLimits.bytes
+    """At most this much is queued for a persistent session whose client is away."""
 
     def __post_init__(self) -> None:
         if self.tls_port is not None and (self.tls_cert is None or self.tls_key is None):
@@ -174,6 +184,10 @@ class BrokerSettings:
             session_expiry_s=_pick(cfg, "session_expiry_s") or defaults.session_expiry_s,
             log_level=str(log_level or defaults.log_level),
             max_packet_bytes=int(_pick(cfg, "max_packet_bytes") or defaults.max_packet_bytes),
+            max_queued_messages=int(_pick(cfg, "max_queued_messages")
+                                    or defaults.max_queued_messages),
+            max_queued_bytes=int(_pick(cfg, "max_queued_mb") or 0) << 20
+            or defaults.max_queued_bytes,
         )
 
     def amqtt_config(self) -> dict[str, Any]:
@@ -239,6 +253,7 @@ class EmbeddedBroker:
             broker = WaystationBroker(
                 s.amqtt_config(), require_client_cert=s.tls_require_client_cert,
                 max_packet=s.max_packet_bytes,
+                queue_limits=QueueLimits(s.max_queued_messages, s.max_queued_bytes),
             )
             await broker.start()
         except Exception as exc:  # amqtt: BrokerError (bind failed, TLS files), dacite, ...
@@ -396,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-ca", type=Path, default=None)
     parser.add_argument("--tls-require-client-cert", action="store_true")
     parser.add_argument("--max-packet-bytes", type=int, default=None)
+    parser.add_argument("--max-queued-messages", type=int, default=None)
+    parser.add_argument("--max-queued-mb", type=int, default=None)
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     ns = parser.parse_args(argv)

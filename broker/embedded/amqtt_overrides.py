@@ -1,7 +1,8 @@
 """amqtt internals Waystation overrides: a subclass of amqtt 0.12.1's ``Broker`` with the
 fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authentication
 before the session table, retained messages checked against the ACL, required client
-certificates, the packet size limit, the keepalive enforced, session take-over).
+certificates, the packet size limit, the keepalive enforced, session take-over, bounded
+queues for clients that are away).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -14,6 +15,7 @@ import asyncio
 import socket
 import ssl
 import weakref
+from collections import deque
 from typing import Any
 
 import structlog
@@ -26,6 +28,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader, PacketTooLarge
+from broker.embedded.session_queue import QueueLimits, SessionQueues
 
 log = structlog.get_logger("broker.embedded.amqtt_broker")
 
@@ -33,15 +36,34 @@ AMQTT_VERSION = "0.12.1"
 """The amqtt release whose internals ``WaystationBroker`` overrides were written for."""
 
 _PREAUTH = "waystation.preauthenticated"
+_COMPACT_MIN = 1024
 
 
 class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
     """amqtt's per-connection handler, but a read timeout (no packet for the session's
     keepalive, which the broker sets to 1.5 times the client's) ends the connection: the
     reader then sees end of stream and amqtt handles it as any abnormal disconnect,
-    publishing the client's will."""
+    publishing the client's will. Messages on their way to the client are bounded (fix
+    8, `queues`)."""
+
+    queues: SessionQueues | None = None
+
+    async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None,
+                           retain: bool, ack_timeout: int | None = None) -> Any:
+        session, queues = self.session, self.queues
+        if session is None or queues is None:
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        size = len(data)
+        if not queues.start_delivery(session, size):
+            return None  # dropped, and said (amqtt ignores what a delivery returns)
+        try:
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        finally:
+            queues.end_delivery(session, size)
 
     def handle_read_timeout(self) -> None:
+        if getattr(self.reader, "holding", False):
+            return  # not the client's silence: the broker holds its packets back
         client_id = self.session.client_id if self.session is not None else None
         log.info("client keepalive expired: disconnecting", client_id=client_id,
                  keepalive_s=self.session.keep_alive if self.session is not None else None)
@@ -61,10 +83,13 @@ class WaystationBroker(Broker):  # type: ignore[misc]
     """amqtt's Broker with the fixes listed in the module docstring."""
 
     def __init__(self, config: dict[str, Any], *, require_client_cert: bool,
-                 max_packet: int = DEFAULT_MAX_PACKET) -> None:
+                 max_packet: int = DEFAULT_MAX_PACKET,
+                 queue_limits: QueueLimits | None = None) -> None:
         super().__init__(config)
         self._require_client_cert = require_client_cert
         self._max_packet = max_packet
+        self._queues = SessionQueues(queue_limits or QueueLimits())
+        self._compact_at = _COMPACT_MIN
         # Handlers of connections whose session a new connection of the same client
         # took over (fix 7): their end must leave the session alone.
         self._taken_over: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -162,7 +187,40 @@ class WaystationBroker(Broker):  # type: ignore[misc]
 
         client_session.keep_alive = keepalive_timeout(client_session.keep_alive)
         client_session.attributes[_PREAUTH] = True
+        handler.queues = self._queues
+        if isinstance(reader, LimitedReader):
+            reader.room = self._queues.ingress_room(client_session, self._broadcast_queue)
         return handler, client_session
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
+        # amqtt forgets finished deliveries only from the head of this deque: behind one
+        # that never ends (a client that does not read) every later one stayed, a leak
+        # as long as the flood. Finished ones are dropped wherever they are.
+        if len(running_tasks) >= self._compact_at:
+            pending = [t for t in running_tasks if not t.done()]
+            for task in running_tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.warning("delivery failed", error=repr(task.exception())[:300])
+            running_tasks.clear()
+            running_tasks.extend(pending)
+            self._compact_at = max(_COMPACT_MIN, 2 * len(pending))
+        await super()._run_broadcast(running_tasks)
+
+    async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
+        await super()._client_message_loop(client_session, handler)
+        current = self._sessions.get(client_session.client_id)
+        if current is not None and current[1] is not handler:
+            return  # taken over: the new connection routes what is left
+        # What the client sent and was PUBACKed before it left is routed now: amqtt left
+        # it queued until the client's next connection (a persistent session), or for
+        # ever (a clean one), e.g. a device's last status before a clean DISCONNECT.
+        arrived = client_session.delivered_message_queue
+        loop = asyncio.get_running_loop()
+        while not arrived.empty():
+            done = loop.create_future()
+            done.set_result(arrived.get_nowait())
+            if not await self._handle_message_delivery(client_session, handler, done):
+                break
 
     async def _handle_disconnect(self, client_session: Any, handler: Any,
                                  disconnect_waiter: Any) -> None:
@@ -176,6 +234,16 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         log.info("client session taken over by a new connection: old connection closed",
                  client_id=client_session.client_id)
         await self._stop_handler(handler)
+
+    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int,
+                                        target_session: Any) -> None:
+        if self._queues.admit(target_session, len(broadcast.get("data") or b"")):
+            await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    async def _publish_session_retained_messages(self, session: Any) -> None:
+        handler = self._get_handler(session)
+        if handler is not None:
+            await self._queues.replay(session, handler)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Any
@@ -211,6 +279,11 @@ OVERRIDDEN = (
     "_matches",
     "_handle_disconnect",
     "_stop_handler",
+    "_retain_broadcast_message",
+    "_publish_session_retained_messages",
+    "_client_message_loop",
+    "_handle_message_delivery",
+    "_run_broadcast",
 )
 
 

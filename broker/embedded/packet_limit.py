@@ -21,6 +21,7 @@ configs). Sizes count the whole packet, fixed header included, as Mosquitto's do
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 from amqtt.adapters import StreamReaderAdapter
@@ -32,6 +33,7 @@ DEFAULT_MAX_PACKET = 266_240
 """Bytes of the largest MQTT packet the embedded broker accepts (256 KiB + 4 KiB)."""
 
 _HEADER, _LENGTH, _BODY = 0, 1, 2
+_ROOM_POLL_S = 0.005
 
 
 class PacketTooLarge(AMQTTError):  # type: ignore[misc]
@@ -43,6 +45,11 @@ class FrameGuard:
 
     __slots__ = ("_length_bytes", "_multiplier", "_remaining", "_state", "_value",
                  "max_packet")
+
+    @property
+    def at_boundary(self) -> bool:
+        """Between two packets: the next byte starts a new one."""
+        return self._state == _HEADER
 
     def __init__(self, max_packet: int) -> None:
         if max_packet < 2:
@@ -84,14 +91,26 @@ class FrameGuard:
 
 
 class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
-    """amqtt's stream reader adapter with a `FrameGuard` on everything it reads."""
+    """amqtt's stream reader adapter with a `FrameGuard` on everything it reads, and a
+    `room` check between packets: while it says no, the client's next packet is not
+    read (its bytes wait in the kernel, and TCP holds the client back)."""
 
     def __init__(self, reader: asyncio.StreamReader, max_packet: int, peer: object) -> None:
         super().__init__(reader)
         self._guard = FrameGuard(max_packet)
         self._peer = peer
+        self.room: Callable[[], bool] | None = None
+        self.holding = False
+        """Waiting for room now (the client is not silent: the broker is not reading)."""
 
     async def read(self, n: int = -1) -> bytes:
+        if self.room is not None and self._guard.at_boundary and not self.room():
+            self.holding = True
+            try:
+                while not self.room():
+                    await asyncio.sleep(_ROOM_POLL_S)
+            finally:
+                self.holding = False
         data: bytes = await super().read(n)
         try:
             self._guard.consumed(data)

@@ -58,6 +58,12 @@ class BrokerConfig(_Model):
     max_packet_bytes: Annotated[int, Field(strict=True, ge=263_168, le=268_435_460)] = 266_240
     """The largest MQTT packet accepted (PROTOCOL.md: a 256 KiB payload plus room for the
     header and topic); a client sending a bigger one is disconnected."""
+    max_queued_messages: Annotated[int, Field(strict=True, ge=100, le=10_000_000)] = 20_000
+    max_queued_mb: Annotated[int, Field(strict=True, ge=1, le=65_536)] = 64
+    """What the broker holds for one client, away (a device offline, the merge server
+    stopped) or connected but not reading: beyond either limit messages for it are
+    dropped and logged. Nothing is lost by that (devices resend and catch up); it bounds
+    the broker's memory, e.g. against a device flooding while the server is down."""
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
