@@ -8,7 +8,7 @@
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
-changes eight things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes nine things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -43,6 +43,14 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    the broker routes is not read meanwhile. amqtt held all of it, so a device flooding
    while the server was down or stuck grew the broker until it died. What a client sent
    before it left is routed at once (amqtt kept it for its next connection).
+9. A connection must send its CONNECT within ``connect_timeout_s`` (15 s), and one that
+   fails to (nothing, half a packet, another packet first, or closed early) is closed
+   at once (``broker.embedded.client_limits``). amqtt waited for ever and never closed
+   such sockets, even after the client had gone, so port scans or a slowloris used up
+   the broker's file descriptors and locked every device out. A client that leaves
+   ``QOS2_INFLIGHT_MAX`` (100) QoS 2 messages unreleased (PUBREC sent, no PUBREL), or
+   ``max_queued_mb`` of them, is disconnected on the next one: amqtt kept them all,
+   up to 65,535 per client.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are
@@ -69,6 +77,7 @@ import structlog
 from amqtt.broker import Broker
 
 from broker.embedded.amqtt_overrides import AMQTT_VERSION, OVERRIDDEN, WaystationBroker
+from broker.embedded.client_limits import CONNECT_TIMEOUT_S
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET
 from broker.embedded.plugins import plugin_config
 from broker.embedded.session_queue import QueueLimits
@@ -134,12 +143,17 @@ class BrokerSettings:
     max_queued_messages: int = QueueLimits.messages
     max_queued_bytes: int = QueueLimits.bytes
     """At most this much is queued for a persistent session whose client is away."""
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    """A new connection that has not sent its CONNECT by then is closed."""
 
     def __post_init__(self) -> None:
         if self.tls_port is not None and (self.tls_cert is None or self.tls_key is None):
             raise ConfigError("broker: tls_port needs both a TLS certificate and a key")
         if self.tls_require_client_cert and self.tls_ca is None:
             raise ConfigError("broker: tls_require_client_cert needs a CA file (tls ca)")
+        if not 0 < self.connect_timeout_s <= 3600:
+            raise ConfigError("broker: connect_timeout_s must be between 0 and 3600 seconds, "
+                              f"not {self.connect_timeout_s}")
         if not self.prefix or self.prefix.startswith("$") or any(c in self.prefix for c in "+#"):
             raise ConfigError(f"broker: invalid topic prefix {self.prefix!r}")
 
@@ -188,6 +202,8 @@ class BrokerSettings:
                                     or defaults.max_queued_messages),
             max_queued_bytes=int(_pick(cfg, "max_queued_mb") or 0) << 20
             or defaults.max_queued_bytes,
+            connect_timeout_s=float(_pick(cfg, "connect_timeout_s")
+                                    or defaults.connect_timeout_s),
         )
 
     def amqtt_config(self) -> dict[str, Any]:
@@ -254,6 +270,7 @@ class EmbeddedBroker:
                 s.amqtt_config(), require_client_cert=s.tls_require_client_cert,
                 max_packet=s.max_packet_bytes,
                 queue_limits=QueueLimits(s.max_queued_messages, s.max_queued_bytes),
+                connect_timeout=s.connect_timeout_s,
             )
             await broker.start()
         except Exception as exc:  # amqtt: BrokerError (bind failed, TLS files), dacite, ...
@@ -413,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-packet-bytes", type=int, default=None)
     parser.add_argument("--max-queued-messages", type=int, default=None)
     parser.add_argument("--max-queued-mb", type=int, default=None)
+    parser.add_argument("--connect-timeout-s", type=float, default=None,
+                        help="close a connection that sends no CONNECT within this "
+                             f"(default {CONNECT_TIMEOUT_S:g})")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     ns = parser.parse_args(argv)

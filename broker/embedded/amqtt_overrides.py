@@ -2,7 +2,7 @@
 fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authentication
 before the session table, retained messages checked against the ACL, required client
 certificates, the packet size limit, the keepalive enforced, session take-over, bounded
-queues for clients that are away).
+queues for clients that are away, a deadline for CONNECT and bounded QoS 2 flows).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -24,10 +24,16 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action as AmqttAction
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.constants import QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 
-from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader, PacketTooLarge
+from broker.embedded.client_limits import (
+    CONNECT_TIMEOUT_S,
+    drop_connection,
+    qos2_refusal,
+)
+from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader
 from broker.embedded.session_queue import QueueLimits, SessionQueues
 
 log = structlog.get_logger("broker.embedded.amqtt_broker")
@@ -61,6 +67,22 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         finally:
             queues.end_delivery(session, size)
 
+    async def handle_publish(self, publish_packet: Any) -> None:
+        # Fix 9: unreleased QoS 2 messages are bounded (broker.embedded.client_limits).
+        session, queues = self.session, self.queues
+        if publish_packet.qos == QOS_2 and session is not None and queues is not None:
+            header = publish_packet.variable_header
+            why = qos2_refusal(session, header.packet_id if header else None,
+                               len(publish_packet.data or b""), queues.limits.bytes)
+            if why is not None:
+                log.warning("client disconnected: too many QoS 2 messages not released",
+                            client_id=session.client_id, reason=why,
+                            hint="the client must send PUBREL for each PUBREC; Waystation "
+                                 "clients publish with QoS 1")
+                drop_connection(self.writer)
+                return
+        await super().handle_publish(publish_packet)
+
     def handle_read_timeout(self) -> None:
         if getattr(self.reader, "holding", False):
             return  # not the client's silence: the broker holds its packets back
@@ -84,8 +106,10 @@ class WaystationBroker(Broker):  # type: ignore[misc]
 
     def __init__(self, config: dict[str, Any], *, require_client_cert: bool,
                  max_packet: int = DEFAULT_MAX_PACKET,
-                 queue_limits: QueueLimits | None = None) -> None:
+                 queue_limits: QueueLimits | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         super().__init__(config)
+        self._connect_timeout = connect_timeout
         self._require_client_cert = require_client_cert
         self._max_packet = max_packet
         self._queues = SessionQueues(queue_limits or QueueLimits())
@@ -130,19 +154,22 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         # amqtt 0.12.1's method, with authentication moved before any use of the session
         # table (see fix 2 in the module docstring). Errors raised here make amqtt log the
         # attempt and drop the connection.
+        # amqtt waited for the CONNECT for ever and left the socket open when it failed to
+        # come (fix 9): every connection that does not log in is closed now.
         try:
-            handler, client_session = await KeepaliveHandler.init_from_connect(
-                reader, writer, self.plugins_manager
-            )
-        except AMQTTError as exc:
-            if isinstance(exc, PacketTooLarge):  # amqtt would leave the socket open
-                await writer.close()
+            handler, client_session = await asyncio.wait_for(
+                KeepaliveHandler.init_from_connect(reader, writer, self.plugins_manager),
+                self._connect_timeout)
+        except TimeoutError as exc:
+            drop_connection(writer)
+            raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port} within "
+                             f"{self._connect_timeout:g} s: connection closed") from exc
+        except (AMQTTError, NoDataError) as exc:
+            await writer.close()
             raise AMQTTError(exc) from exc
         except MQTTError as exc:
             await writer.close()
             raise MQTTError(exc) from exc
-        except NoDataError as exc:
-            raise AMQTTError(exc) from exc
 
         if not await super()._authenticate(client_session, None):
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)

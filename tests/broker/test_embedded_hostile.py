@@ -1,0 +1,174 @@
+"""Hostile clients against a real embedded broker over TCP (fix 9,
+broker.embedded.client_limits): connections that never log in are closed, and a client
+cannot park QoS 2 messages without end."""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from broker.embedded.client_limits import QOS2_INFLIGHT_MAX
+from tests.fixtures_brokers import PREFIX, USERS, BrokerProcess, start_embedded
+from tests.helpers import RecordingClient, wait_until
+
+UP = f"{PREFIX}/van-12/up"
+CONNECT_TIMEOUT_S = 4.0
+
+
+def _str(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def _remaining(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _connect_packet(client_id: str, password: str) -> bytes:
+    body = (_str("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60) + _str(client_id)
+            + _str(client_id) + _str(password))
+    return bytes([0x10]) + _remaining(len(body)) + body
+
+
+def _publish_qos2(packet_id: int, payload: bytes) -> bytes:
+    body = _str(UP) + struct.pack("!H", packet_id) + payload
+    return bytes([0x34]) + _remaining(len(body)) + body
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True once the broker has closed `sock` (EOF or reset); what it sent is discarded."""
+    while select.select([sock], [], [], 0)[0]:
+        try:
+            if not sock.recv(65536):
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def _fds(broker: BrokerProcess) -> int:
+    assert broker.proc is not None
+    return psutil.Process(broker.proc.pid).num_fds()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """An embedded broker giving new connections CONNECT_TIMEOUT_S to log in."""
+    proc = start_embedded(tmp_path / "broker",
+                          extra_args=["--connect-timeout-s", str(CONNECT_TIMEOUT_S)])
+    yield proc
+    proc.stop()
+
+
+def test_connections_that_never_log_in_are_closed(broker: BrokerProcess) -> None:
+    """Sockets that send half a CONNECT and FIN are closed at once; sockets that send
+    nothing, half a CONNECT, or another packet first (amqtt reads it as a CONNECT) are
+    closed at the CONNECT deadline.
+    The broker's file descriptors return to what they were and devices still log in.
+    (amqtt 0.12.1 kept every one of them open for ever, even after the client closed.)"""
+    before = _fds(broker)
+    half = _connect_packet("van-12", USERS["van-12"])[:9]
+    sockets: dict[str, list[socket.socket]] = {"idle": [], "half": [], "garbage": [],
+                                               "half+fin": []}
+    for _ in range(15):
+        for kind, socks in sockets.items():
+            sock = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+            if kind == "half":
+                sock.sendall(half)
+            elif kind == "garbage":
+                sock.sendall(b"\xc0\x00")  # a PINGREQ before any CONNECT
+            elif kind == "half+fin":
+                sock.sendall(half)
+                sock.shutdown(socket.SHUT_WR)
+            socks.append(sock)
+    try:
+        wait_until(lambda: all(_closed_by_peer(s) for s in sockets["half+fin"]),
+                   CONNECT_TIMEOUT_S - 1, message="connections closed by the client closed")
+        waiting = sockets["idle"] + sockets["half"] + sockets["garbage"]
+        assert not any(_closed_by_peer(s) for s in waiting), "closed before the deadline"
+        wait_until(lambda: all(_closed_by_peer(s) for s in waiting), CONNECT_TIMEOUT_S + 10,
+                   message="connections with no CONNECT closed at the deadline")
+        wait_until(lambda: _fds(broker) <= before, 10,
+                   message=lambda: f"broker fds back to {before} (now {_fds(broker)})")
+        device = RecordingClient(broker.port, "van-12", "van-12", USERS["van-12"])
+        assert device.connect() == "Success"
+        device.close()
+        assert "no CONNECT from" in broker.log_tail(400)
+    finally:
+        for socks in sockets.values():
+            for sock in socks:
+                sock.close()
+
+
+def _device_socket(broker: BrokerProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+    sock.sendall(_connect_packet("van-12", USERS["van-12"]))
+    assert sock.recv(4) == b"\x20\x02\x00\x00"
+    return sock
+
+
+def _read_packets(sock: socket.socket, want: int) -> list[bytes]:
+    """Read `want` 4-byte acks (PUBREC, PUBCOMP) or until the broker closes the socket."""
+    data = b""
+    while len(data) < 4 * want:
+        try:
+            chunk = sock.recv(65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return [data[i:i + 4] for i in range(0, len(data) - len(data) % 4, 4)]
+
+
+def test_unreleased_qos2_messages_are_bounded(broker: BrokerProcess) -> None:
+    """A device that sends QoS 2 PUBLISHes and never PUBRELs gets QOS2_INFLIGHT_MAX
+    PUBRECs (resends of one packet id count once), then is disconnected with a log line
+    saying why; amqtt kept every one, up to 65,535 per client."""
+    sock = _device_socket(broker)
+    try:
+        for _ in range(3):  # the same packet id again: the broker still holds one
+            sock.sendall(_publish_qos2(1, b"x" * 1000))
+        assert _read_packets(sock, 3) == [b"\x50\x02\x00\x01"] * 3
+        sock.sendall(b"".join(_publish_qos2(i, b"x" * 1000)
+                              for i in range(2, QOS2_INFLIGHT_MAX + 51)))
+        pubrecs = _read_packets(sock, QOS2_INFLIGHT_MAX + 49)
+        assert len(pubrecs) == QOS2_INFLIGHT_MAX - 1, "PUBRECs before the disconnect"
+        assert _closed_by_peer(sock) or _read_packets(sock, 1) == []
+    finally:
+        sock.close()
+    wait_until(lambda: "too many QoS 2 messages not released" in broker.log_tail(400), 10,
+               message="the disconnect logged")
+
+
+def test_an_honest_qos2_client_is_not_limited(broker: BrokerProcess) -> None:
+    """A client that releases each QoS 2 message (PUBREL after PUBREC) sends more than
+    QOS2_INFLIGHT_MAX of them on one connection, and every one is routed."""
+    watcher = RecordingClient(broker.port, "watcher", "waystation-server",
+                              USERS["waystation-server"])
+    assert watcher.connect() == "Success" and watcher.subscribe(UP, qos=2) == 2
+    sock = _device_socket(broker)
+    count = 2 * QOS2_INFLIGHT_MAX
+    try:
+        for i in range(1, count + 1):
+            sock.sendall(_publish_qos2(i, i.to_bytes(4, "big")))
+            assert _read_packets(sock, 1) == [b"\x50\x02" + struct.pack("!H", i)]
+            sock.sendall(b"\x62\x02" + struct.pack("!H", i))  # PUBREL
+            assert _read_packets(sock, 1) == [b"\x70\x02" + struct.pack("!H", i)]  # PUBCOMP
+        wait_until(lambda: len(watcher.received(UP)) >= count, 20, message="every message")
+        assert sorted(int.from_bytes(m.payload, "big") for m in watcher.received(UP)) \
+            == list(range(1, count + 1))
+    finally:
+        sock.close()
+        watcher.close()
