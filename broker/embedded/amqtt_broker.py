@@ -23,7 +23,9 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    (amqtt hard-codes CERT_OPTIONAL).
 5. A packet over ``max_packet_bytes`` (PROTOCOL.md's 256 KiB payload plus header room)
    drops its sender's connection before amqtt reads it into memory
-   (``broker.embedded.packet_limit``); amqtt has no limit at all.
+   (``broker.embedded.packet_limit``); amqtt has no limit at all. So does a packet whose
+   fields run past its own end: amqtt read on into the next packets, and a lying topic
+   length let a client shift its framing past the limit (200 MiB buffered, measured).
 6. A client that sends nothing for 1.5 times its keepalive is disconnected and its last
    will published (MQTT 3.1.1 §3.1.2.10). amqtt only logs the read timeout and waits on,
    so a device whose link went silent (no FIN, no reset: a dead cell, a dropping NAT)

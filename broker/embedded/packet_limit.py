@@ -13,6 +13,14 @@ arrives, before amqtt asks for its body; the broker then drops the connection (a
 Mosquitto does with `max_packet_size`). What the broker holds of a refused packet is at
 most what asyncio's stream reader had buffered (about 128 KiB).
 
+amqtt trusts the length fields inside a packet (a topic's, a client id's) even when they
+run past the packet's own end, and then reads the next packets as the rest of it: a
+5-byte PUBLISH whose topic claims 5 bytes shifted amqtt's framing so that bytes the guard
+counted as a small packet's body became a 256 MiB PUBLISH header, which amqtt buffered
+whole (measured: 200 MiB held for one connection under a 260 KB limit). So `LimitedReader`
+also refuses any read that would run past the packet being read (`MalformedPacket`), and
+amqtt's view of the stream can never leave the guard's.
+
 The default matches PROTOCOL.md §3: a 256 KiB payload plus room for the fixed header, the
 topic and the packet id (the same 266,240 bytes as the shipped Mosquitto and EMQX
 configs). Sizes count the whole packet, fixed header included, as Mosquitto's does.
@@ -40,6 +48,10 @@ class PacketTooLarge(AMQTTError):  # type: ignore[misc]
     """A client announced a packet over the broker's limit; its connection is dropped."""
 
 
+class MalformedPacket(AMQTTError):  # type: ignore[misc]
+    """A field of a client's packet runs past the packet's end; its connection is dropped."""
+
+
 class FrameGuard:
     """MQTT framing over a byte stream, refusing packets over `max_packet` bytes."""
 
@@ -57,6 +69,11 @@ class FrameGuard:
         self.max_packet = max_packet
         self._state = _HEADER
         self._value = self._multiplier = self._length_bytes = self._remaining = 0
+
+    def fits(self, n: int) -> bool:
+        """Whether a read of `n` bytes stays within the packet being read (between packets
+        and in a length only single bytes are read: amqtt reads headers byte by byte)."""
+        return 0 <= n <= (self._remaining if self._state == _BODY else 1)
 
     def consumed(self, data: bytes) -> None:
         """Account for `data`, the next bytes read from the client."""
@@ -111,6 +128,10 @@ class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
                     await asyncio.sleep(_ROOM_POLL_S)
             finally:
                 self.holding = False
+        if not self._guard.fits(n):
+            log.warning("packet_refused", peer=str(self._peer),
+                        reason=f"malformed packet: a field of {n} bytes runs past its end")
+            raise MalformedPacket(f"malformed packet from {self._peer}: a field runs past its end")
         data: bytes = await super().read(n)
         try:
             self._guard.consumed(data)
@@ -120,4 +141,5 @@ class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
         return data
 
 
-__all__ = ["DEFAULT_MAX_PACKET", "FrameGuard", "LimitedReader", "PacketTooLarge"]
+__all__ = ["DEFAULT_MAX_PACKET", "FrameGuard", "LimitedReader", "MalformedPacket",
+           "PacketTooLarge"]

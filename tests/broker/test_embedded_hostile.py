@@ -1,9 +1,11 @@
 """Hostile clients against a real embedded broker over TCP (fix 9,
-broker.embedded.client_limits): connections that never log in are closed, and a client
-cannot park QoS 2 messages without end."""
+broker.embedded.client_limits): connections that never log in are closed, a client
+cannot park QoS 2 messages without end, and a packet whose fields run past its end cannot
+shift amqtt's framing past the packet size limit (broker.embedded.packet_limit)."""
 
 from __future__ import annotations
 
+import asyncio
 import select
 import socket
 import struct
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from amqtt.mqtt.publish import PublishPacket
 
 from broker.embedded.client_limits import QOS2_INFLIGHT_MAX
+from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader, MalformedPacket
 from tests.fixtures_brokers import PREFIX, USERS, BrokerProcess, start_embedded
 from tests.helpers import RecordingClient, wait_until
 
@@ -72,9 +76,8 @@ def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
 
 
 def test_connections_that_never_log_in_are_closed(broker: BrokerProcess) -> None:
-    """Sockets that send half a CONNECT and FIN are closed at once; sockets that send
-    nothing, half a CONNECT, or another packet first (amqtt reads it as a CONNECT) are
-    closed at the CONNECT deadline.
+    """Sockets that send half a CONNECT and FIN, or another packet first, are closed at
+    once; sockets that send nothing or half a CONNECT are closed at the CONNECT deadline.
     The broker's file descriptors return to what they were and devices still log in.
     (amqtt 0.12.1 kept every one of them open for ever, even after the client closed.)"""
     before = _fds(broker)
@@ -93,9 +96,10 @@ def test_connections_that_never_log_in_are_closed(broker: BrokerProcess) -> None
                 sock.shutdown(socket.SHUT_WR)
             socks.append(sock)
     try:
-        wait_until(lambda: all(_closed_by_peer(s) for s in sockets["half+fin"]),
-                   CONNECT_TIMEOUT_S - 1, message="connections closed by the client closed")
-        waiting = sockets["idle"] + sockets["half"] + sockets["garbage"]
+        wait_until(lambda: all(_closed_by_peer(s) for s in sockets["half+fin"]
+                               + sockets["garbage"]), CONNECT_TIMEOUT_S - 1,
+                   message="connections that failed to log in closed at once")
+        waiting = sockets["idle"] + sockets["half"]
         assert not any(_closed_by_peer(s) for s in waiting), "closed before the deadline"
         wait_until(lambda: all(_closed_by_peer(s) for s in waiting), CONNECT_TIMEOUT_S + 10,
                    message="connections with no CONNECT closed at the deadline")
@@ -171,4 +175,62 @@ def test_an_honest_qos2_client_is_not_limited(broker: BrokerProcess) -> None:
             == list(range(1, count + 1))
     finally:
         sock.close()
+        watcher.close()
+
+
+# A 3-byte PUBLISH whose topic claims 5 bytes, then a 10-byte PUBLISH whose body, read
+# from where the lie leaves amqtt, starts a PUBLISH of 268,435,455 bytes.
+SHIFTED = (bytes([0x30, 0x03, 0x00, 0x05, 0x61])
+           + bytes([0x30, 0x0A, 0xAA, 0xBB, 0x30, 0xFF, 0xFF, 0xFF, 0x7F, 0x00, 0x01, 0x78]))
+
+
+def test_a_field_past_its_packet_end_is_refused_before_it_is_read() -> None:
+    """amqtt reading the lying PUBLISH through the guarded reader is stopped at the topic
+    that runs past the packet, before it reads a byte of the next packet."""
+
+    async def main() -> None:
+        stream = asyncio.StreamReader()
+        stream.feed_data(SHIFTED + b"z" * 1000)
+        with pytest.raises(MalformedPacket):
+            await PublishPacket.from_stream(LimitedReader(stream, DEFAULT_MAX_PACKET, "peer"))
+        # only the fixed header and the topic length were read: the rest is still there
+        assert await stream.readexactly(len(SHIFTED) - 4) == SHIFTED[4:]
+
+    asyncio.run(main())
+
+
+def test_a_packet_that_shifts_the_framing_cannot_pass_the_size_limit(
+        broker: BrokerProcess) -> None:
+    """Over TCP: the lying PUBLISH followed by 50 MB drops the sender at once, the broker
+    does not grow by what it sent, and the device logs in and publishes again.
+    (amqtt 0.12.1 buffered 200 MiB for it under a 260 KB limit.)"""
+    assert broker.proc is not None
+    process = psutil.Process(broker.proc.pid)
+    before = process.memory_info().rss
+    sock = _device_socket(broker)
+    sent = 0
+    try:
+        sock.sendall(SHIFTED)
+        chunk = b"z" * (1 << 20)
+        while sent < 50_000_000:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    assert sent < 50_000_000, "the broker read the whole 50 MB"
+    grown = process.memory_info().rss - before
+    assert grown < 20_000_000, f"broker grew by {grown} bytes"
+    wait_until(lambda: "malformed packet" in broker.log_tail(400), 10, message="logged")
+    watcher = RecordingClient(broker.port, "watcher", "waystation-server",
+                              USERS["waystation-server"])
+    device = RecordingClient(broker.port, "van-12", "van-12", USERS["van-12"])
+    try:
+        assert watcher.connect() == "Success" and watcher.subscribe(UP) == 1
+        assert device.connect() == "Success"
+        device.publish(UP, b"after")
+        assert watcher.wait_for(UP, b"after")
+    finally:
+        device.close()
         watcher.close()
