@@ -52,7 +52,8 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    the broker's file descriptors and locked every device out. A client that leaves
    ``QOS2_INFLIGHT_MAX`` (100) QoS 2 messages unreleased (PUBREC sent, no PUBREL), or
    ``max_queued_mb`` of them, is disconnected on the next one: amqtt kept them all,
-   up to 65,535 per client.
+   up to 65,535 per client, and kept every later packet's task behind one unreleased
+   (~640 bytes per 2-byte PINGREQ, for the whole connection).
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

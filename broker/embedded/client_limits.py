@@ -15,7 +15,10 @@
   park 65,535 packet ids of 256 KiB each (16 GiB; measured: 600 of 200 kB grew the broker
   by 117 MB, kept after the device left). Now a client with `QOS2_INFLIGHT_MAX` of them
   unreleased, or `max_queued_mb` worth, is disconnected on the next one (Waystation's
-  protocol uses QoS 1 only; an honest QoS 2 client releases each at once).
+  protocol uses QoS 1 only; an honest QoS 2 client releases each at once). amqtt also
+  kept the task of every packet read after an unreleased one until it was released
+  (measured: 1.1 million PINGREQs, 2.2 MB sent, grew the broker by 700 MB); the flows
+  now run apart from the reader's tasks.
 """
 
 from __future__ import annotations

@@ -234,3 +234,37 @@ def test_a_packet_that_shifts_the_framing_cannot_pass_the_size_limit(
     finally:
         device.close()
         watcher.close()
+
+
+def test_packets_behind_an_unreleased_qos2_message_are_not_kept(
+        broker: BrokerProcess) -> None:
+    """A device leaves one QoS 2 message unreleased and sends 60,000 PINGREQs (reading
+    every PINGRESP): the broker does not grow with them (amqtt kept each packet's task
+    behind the unreleased one, ~640 bytes per PINGREQ), and the message is still routed
+    when its PUBREL comes at last."""
+    assert broker.proc is not None
+    process = psutil.Process(broker.proc.pid)
+    watcher = RecordingClient(broker.port, "watcher", "waystation-server",
+                              USERS["waystation-server"])
+    assert watcher.connect() == "Success" and watcher.subscribe(UP, qos=2) == 2
+    sock = _device_socket(broker)
+    try:
+        sock.sendall(_publish_qos2(7, b"late"))
+        assert _read_packets(sock, 1) == [b"\x50\x02\x00\x07"]
+        before = process.memory_info().rss
+        for _ in range(6):
+            sock.sendall(b"\xc0\x00" * 10_000)
+            got = b""
+            while len(got) < 20_000:
+                chunk = sock.recv(65536)
+                assert chunk, "the broker closed the connection"
+                got += chunk
+        grown = process.memory_info().rss - before
+        assert grown < 12_000_000, f"broker grew by {grown} bytes for 60,000 PINGREQs"
+        assert watcher.received(UP) == []
+        sock.sendall(b"\x62\x02\x00\x07")  # PUBREL
+        assert _read_packets(sock, 1) == [b"\x70\x02\x00\x07"]  # PUBCOMP
+        assert watcher.wait_for(UP, b"late")
+    finally:
+        sock.close()
+        watcher.close()
