@@ -53,7 +53,10 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    ``QOS2_INFLIGHT_MAX`` (100) QoS 2 messages unreleased (PUBREC sent, no PUBREL), or
    ``max_queued_mb`` of them, is disconnected on the next one: amqtt kept them all,
    up to 65,535 per client, and kept every later packet's task behind one unreleased
-   (~640 bytes per 2-byte PINGREQ, for the whole connection).
+   (~640 bytes per 2-byte PINGREQ, for the whole connection). A client that stops in
+   the middle of a packet for 1.5 times its keepalive (no byte arriving) is disconnected
+   as a silent one, its will published: fix 6's timer covered only the wait between
+   packets, so such a client stayed connected for ever.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

@@ -31,8 +31,10 @@ from amqtt.utils import gen_client_id
 
 from broker.embedded.client_limits import (
     CONNECT_TIMEOUT_S,
+    PacketDeadlineReader,
     drop_connection,
     qos2_refusal,
+    stalled,
 )
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader
 from broker.embedded.session_queue import QueueLimits, SessionQueues
@@ -166,7 +168,7 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         log.debug("client socket accepted", listener=listener_name, peer=peer,
                   tcp_nodelay=nodelay)
         await self._client_connected(listener_name,
-                                     LimitedReader(reader, self._max_packet, peer),
+                                     PacketDeadlineReader(reader, self._max_packet, peer),
                                      StreamWriterAdapter(writer))
 
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
@@ -250,6 +252,10 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         handler.queues = self._queues
         if isinstance(reader, LimitedReader):
             reader.room = self._queues.ingress_room(client_session, self._broadcast_queue)
+        if isinstance(reader, PacketDeadlineReader):  # fix 9: the keepalive inside a packet
+            reader.deadline_s = client_session.keep_alive
+            reader.on_stall = stalled(client_session.client_id, client_session.keep_alive,
+                                      writer)
         return handler, client_session
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:

@@ -19,13 +19,22 @@
   kept the task of every packet read after an unreleased one until it was released
   (measured: 1.1 million PINGREQs, 2.2 MB sent, grew the broker by 700 MB); the flows
   now run apart from the reader's tasks.
+- **A packet left half sent**: amqtt's keepalive timer (fix 6) covers only the wait for
+  a packet's first byte, so a client that stopped in the middle of one (a link that died
+  during a 256 KiB upload, or a slowloris that logged in) stayed connected for ever, its
+  will never published. `PacketDeadlineReader` gives each read inside a packet the same
+  1.5 times the keepalive; after that the client is disconnected as a silent one.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
+
+from broker.embedded.packet_limit import LimitedReader
 
 log = structlog.get_logger("broker.embedded.amqtt_broker")
 
@@ -50,6 +59,54 @@ def qos2_refusal(session: Any, packet_id: int | None, size: int, max_bytes: int)
     return None
 
 
+class PacketDeadlineReader(LimitedReader):
+    """`LimitedReader` that calls `on_stall` when a read inside a packet gets no byte
+    for `deadline_s` (0: no deadline, as a keepalive of 0). Any byte arriving counts, as
+    with Mosquitto's keepalive: a slow link finishing a 256 KiB PUBLISH is not cut off."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_packet: int, peer: object) -> None:
+        super().__init__(reader, max_packet, peer)
+        self.deadline_s = 0.0
+        self.on_stall: Callable[[], None] | None = None
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.deadline_s <= 0 or self.on_stall is None or self.at_boundary:
+            return await super().read(n)
+        loop, on_stall = asyncio.get_running_loop(), self.on_stall
+        seen = self._buffered()
+        timer: list[asyncio.TimerHandle] = []
+
+        def check() -> None:
+            nonlocal seen
+            now = self._buffered()
+            if now == seen:
+                on_stall()
+                return
+            seen = now
+            timer[0] = loop.call_later(self.deadline_s, check)
+
+        timer.append(loop.call_later(self.deadline_s, check))
+        try:
+            return await super().read(n)
+        finally:
+            timer[0].cancel()
+
+    def _buffered(self) -> int:
+        """Bytes asyncio holds for amqtt's pending read (they grow while a packet arrives)."""
+        return len(getattr(self._reader, "_buffer", b""))
+
+
+def stalled(client_id: str | None, deadline_s: float, writer: Any) -> Callable[[], None]:
+    """The `on_stall` of a client's reader: say so and drop its connection."""
+
+    def on_stall() -> None:
+        log.info("client stopped in the middle of a packet: disconnecting",
+                 client_id=client_id, waited_s=deadline_s)
+        drop_connection(writer)
+
+    return on_stall
+
+
 def drop_connection(writer: Any) -> None:
     """Close a client's socket now, without flushing what is buffered for it (a client
     that does not read would make a graceful close wait for ever)."""
@@ -59,4 +116,5 @@ def drop_connection(writer: Any) -> None:
         transport.abort()
 
 
-__all__ = ["CONNECT_TIMEOUT_S", "QOS2_INFLIGHT_MAX", "drop_connection", "qos2_refusal"]
+__all__ = ["CONNECT_TIMEOUT_S", "QOS2_INFLIGHT_MAX", "PacketDeadlineReader", "drop_connection",
+           "qos2_refusal", "stalled"]

@@ -120,6 +120,11 @@ class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
         self.holding = False
         """Waiting for room now (the client is not silent: the broker is not reading)."""
 
+    @property
+    def at_boundary(self) -> bool:
+        """Between two packets (nothing of the next one read yet)."""
+        return self._guard.at_boundary
+
     async def read(self, n: int = -1) -> bytes:
         if self.room is not None and self._guard.at_boundary and not self.room():
             self.holding = True

@@ -9,6 +9,7 @@ import asyncio
 import select
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -268,3 +269,49 @@ def test_packets_behind_an_unreleased_qos2_message_are_not_kept(
     finally:
         sock.close()
         watcher.close()
+
+
+def test_a_client_that_stops_inside_a_packet_is_disconnected(broker: BrokerProcess) -> None:
+    """A device (keepalive 2 s, a will on its status topic) sends half a PUBLISH and
+    nothing more: the broker drops it after 1.5 times its keepalive, as a silent client,
+    and publishes its will. (amqtt's keepalive covered only the wait between packets:
+    such a client stayed connected for ever.)"""
+    status = f"{PREFIX}/van-12/status"
+    watcher = RecordingClient(broker.port, "watcher", "waystation-server",
+                              USERS["waystation-server"])
+    assert watcher.connect() == "Success" and watcher.subscribe(status) == 1
+    body = (_str("MQTT") + bytes([4, 0xCE]) + struct.pack("!H", 2) + _str("van-12")
+            + _str(status) + _str("gone") + _str("van-12") + _str(USERS["van-12"]))
+    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+    try:
+        sock.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        publish = bytes([0x32]) + _remaining(2 + len(UP) + 2 + 1000) + _str(UP) + b"\x00\x01"
+        sock.sendall(publish + b"x" * 500)
+        wait_until(lambda: _closed_by_peer(sock), 10, message="the stalled client dropped")
+        assert watcher.wait_for(status, b"gone")
+        assert "client stopped in the middle of a packet" in broker.log_tail(400)
+    finally:
+        sock.close()
+        watcher.close()
+
+
+def test_a_slow_link_finishing_a_packet_is_not_cut_off(broker: BrokerProcess) -> None:
+    """A device (keepalive 2 s) whose 20 kB PUBLISH takes ~6 s to arrive, a piece every
+    0.8 s, gets its PUBACK: bytes still arriving count as activity, as with Mosquitto."""
+    body = (_str("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 2) + _str("van-12")
+            + _str("van-12") + _str(USERS["van-12"]))
+    sock = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+    try:
+        sock.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+        payload = b"x" * 20_000
+        publish = (bytes([0x32]) + _remaining(2 + len(UP) + 2 + len(payload)) + _str(UP)
+                   + b"\x00\x05" + payload)
+        piece = len(publish) // 8 + 1
+        for start in range(0, len(publish), piece):
+            sock.sendall(publish[start:start + piece])
+            time.sleep(0.8)  # the pace of a slow link, on purpose
+        assert _read_packets(sock, 1) == [b"\x40\x02\x00\x05"]  # PUBACK
+    finally:
+        sock.close()
