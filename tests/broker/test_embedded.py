@@ -201,8 +201,10 @@ def test_settings_from_the_pydantic_config(tmp_path: Path) -> None:
         tls=BrokerTlsConfig(cert_file=tmp_path / "c.pem", key_file=tmp_path / "k.pem",
                             ca_file=tmp_path / "ca.pem", require_client_cert=True),
         server_users=["merge-a", "merge-b"], prefix="fleet", log=LogConfig(level="debug"),
+        connect_timeout_s=2.5,
     )
     s = BrokerSettings.from_config(cfg)
+    assert s.connect_timeout_s == 2.5
     assert (s.host, s.port, s.tls_port, s.prefix) == ("0.0.0.0", 1999, 8883, "fleet")
     assert s.password_file == tmp_path / "data" / "passwd"
     assert s.tls_cert == tmp_path / "c.pem" and s.tls_key == tmp_path / "k.pem"

@@ -64,6 +64,9 @@ class BrokerConfig(_Model):
     stopped) or connected but not reading: beyond either limit messages for it are
     dropped and logged. Nothing is lost by that (devices resend and catch up); it bounds
     the broker's memory, e.g. against a device flooding while the server is down."""
+    connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    """Seconds a new connection has to send its CONNECT before the broker closes it (port
+    scans, half-open and slowloris connections would otherwise hold file descriptors)."""
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
