@@ -56,7 +56,9 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    (~640 bytes per 2-byte PINGREQ, for the whole connection). A client that stops in
    the middle of a packet for 1.5 times its keepalive (no byte arriving) is disconnected
    as a silent one, its will published: fix 6's timer covered only the wait between
-   packets, so such a client stayed connected for ever.
+   packets, so such a client stayed connected for ever. A PUBLISH with QoS 3 closes
+   the connection (MQTT 3.1.1 §3.3.1.2); amqtt kept it and logged a 1 KB traceback for
+   each 8-byte packet.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

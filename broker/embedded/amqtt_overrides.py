@@ -77,6 +77,13 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
     async def handle_publish(self, publish_packet: Any) -> None:
         # Fix 9: unreleased QoS 2 messages are bounded (broker.embedded.client_limits).
         session, queues = self.session, self.queues
+        if publish_packet.qos not in (0, 1, QOS_2):
+            # MQTT 3.1.1 §3.3.1.2 (MQTT-3.3.1-4): close. amqtt kept the connection and
+            # logged a 1 KB traceback per 8-byte packet.
+            log.warning("client disconnected: PUBLISH with QoS 3",
+                        client_id=session.client_id if session is not None else None)
+            drop_connection(self.writer)
+            return
         if publish_packet.qos == QOS_2 and session is not None and queues is not None:
             header = publish_packet.variable_header
             why = qos2_refusal(session, header.packet_id if header else None,

@@ -315,3 +315,16 @@ def test_a_slow_link_finishing_a_packet_is_not_cut_off(broker: BrokerProcess) ->
         assert _read_packets(sock, 1) == [b"\x40\x02\x00\x05"]  # PUBACK
     finally:
         sock.close()
+
+
+def test_a_publish_with_qos_3_closes_the_connection(broker: BrokerProcess) -> None:
+    """MQTT 3.1.1 §3.3.1.2: a PUBLISH with both QoS bits set closes the connection, once
+    logged (amqtt kept the connection and logged a traceback per packet)."""
+    sock = _device_socket(broker)
+    try:
+        sock.sendall((bytes([0x36, 0x06]) + _str("x") + b"\x00\x01y") * 100)
+        wait_until(lambda: _closed_by_peer(sock), 10, message="the connection closed")
+    finally:
+        sock.close()
+    wait_until(lambda: "PUBLISH with QoS 3" in broker.log_tail(400), 10, message="logged")
+    assert "Task exception was never retrieved" not in broker.log_tail(400)
