@@ -38,7 +38,10 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    catch-ups and acks unanswered until it reconnected), and published the will, which
    the new CONNECT had already replaced, over the device's fresh status. A clean-session
    CONNECT of a connected client left the old connection open (two live connections of
-   one client id, MQTT 3.1.1 §3.1.4-2); it is closed now, without its will.
+   one client id, MQTT 3.1.1 §3.1.4-2); it is closed now, without its will. A take-over
+   of a connection still starting no longer hangs both (amqtt waited for a reader that
+   never ran: in a reconnect storm of one device id, clients hung without CONNACK and
+   each race leaked a socket in CLOSE_WAIT).
 8. What the broker holds for one client is bounded (``max_queued_messages``,
    ``max_queued_mb``; ``broker.embedded.session_queue``): messages for a client that is
    away or not reading are dropped beyond the limit, and a client sending faster than

@@ -60,6 +60,7 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._qos2_flows: set[asyncio.Future[Any]] = set()
+        self._stopping = False
 
     async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None,
                            retain: bool, ack_timeout: int | None = None) -> Any:
@@ -120,9 +121,28 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if not flow.cancelled() and flow.exception() is not None:
             log.warning("QoS 2 flow failed", error=repr(flow.exception())[:300])
 
+    async def start(self) -> None:
+        await super().start()
+        waiter = self._disconnect_waiter
+        if self._stopping and waiter is not None and not waiter.done():
+            waiter.set_result(None)  # stopped while starting (below): the broker ends it
+
     async def stop(self) -> None:
+        self._stopping = True
         for flow in list(self._qos2_flows):
             flow.cancel()
+        reader = self._reader_task
+        if reader is not None and not reader.done() and reader is not asyncio.current_task():
+            # amqtt waits for the reader's own "stopped" signal, and start() for its
+            # "ready": a reader cancelled before it first ran (a take-over racing the
+            # connection it takes over, still starting) gives neither, so both waited for
+            # ever and the socket was never closed (a reconnect storm of one device id
+            # leaked a file descriptor per race). Wait for the task itself instead.
+            reader.cancel()
+            await asyncio.wait({reader})
+            self._reader_stopped.set()
+            if self._reader_ready is not None:
+                self._reader_ready.set()
         await super().stop()
 
     def handle_read_timeout(self) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -328,3 +329,48 @@ def test_a_publish_with_qos_3_closes_the_connection(broker: BrokerProcess) -> No
         sock.close()
     wait_until(lambda: "PUBLISH with QoS 3" in broker.log_tail(400), 10, message="logged")
     assert "Task exception was never retrieved" not in broker.log_tail(400)
+
+
+def test_a_reconnect_storm_of_one_device_leaves_nothing_behind(
+        broker: BrokerProcess) -> None:
+    """16 connections of one device id log in (clean and persistent sessions), publish
+    and leave, over and over for 8 s, each taking over the one before: every attempt
+    gets its CONNACK and PUBACK, and afterwards the broker holds no socket but its
+    listener. (amqtt: a take-over racing the connection it took over, still starting,
+    hung both, and each race leaked a socket in CLOSE_WAIT: 17 in 20 s.)"""
+    assert broker.proc is not None
+    process = psutil.Process(broker.proc.pid)
+    before = _fds(broker)
+    deadline = time.monotonic() + 8
+    outcomes: list[str] = []
+
+    def storm(clean: bool) -> None:
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as sock:
+                    body = (_str("MQTT") + bytes([4, 0xC2 if clean else 0xC0])
+                            + struct.pack("!H", 60) + _str("van-12") + _str("van-12")
+                            + _str(USERS["van-12"]))
+                    sock.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+                    if sock.recv(4)[:1] != b"\x20":
+                        continue  # taken over before its CONNACK: fine
+                    sock.sendall(bytes([0x32]) + _remaining(len(UP) + 5) + _str(UP)
+                                 + b"\x00\x01z")
+                    sock.recv(4)
+                outcomes.append("ok")
+            except OSError as exc:  # a timeout is a hung broker; a reset is a take-over
+                outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=storm, args=(i % 2 == 0,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("ok") > 100
+    assert "TimeoutError" not in outcomes, f"{outcomes.count('TimeoutError')} attempts hung"
+    wait_until(lambda: _fds(broker) <= before, 15, message=lambda: (
+        f"broker fds back to {before}: {_fds(broker)}, "
+        f"{[c.status for c in process.net_connections()]}"))
+    device = RecordingClient(broker.port, "van-12", "van-12", USERS["van-12"])
+    assert device.connect() == "Success"
+    device.close()
