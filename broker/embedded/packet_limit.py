@@ -104,13 +104,13 @@ class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
         """Waiting for room now (the client is not silent: the broker is not reading)."""
 
     async def read(self, n: int = -1) -> bytes:
-        if self.room is not None and self._guard.at_boundary and not self.room():
-            self.holding = True
-            try:
-                while not self.room():
-                    await asyncio.sleep(_ROOM_POLL_S)
-            finally:
-                self.holding = False
+        if self.room is not None and self._guard.at_boundary:
+            while not self.room():
+                # Left set when the keepalive timer cancels the wait: it then reads that
+                # the broker, not the client, was holding things up.
+                self.holding = True
+                await asyncio.sleep(_ROOM_POLL_S)
+            self.holding = False
         data: bytes = await super().read(n)
         try:
             self._guard.consumed(data)
