@@ -261,7 +261,7 @@ def test_a_client_is_held_back_between_packets_while_there_is_no_room() -> None:
         try:
             await asyncio.wait_for(reader.read(1), timeout=0.05)
             raise AssertionError("read while there was no room")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             assert reader.holding
         room[0] = True
         stream.feed_data(b"\xc0\x00")
