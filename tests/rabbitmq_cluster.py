@@ -147,10 +147,20 @@ class RabbitNode:
 
     def stop(self) -> None:
         """Stop gracefully (SIGTERM), SIGKILL after a while."""
+        self.terminate()
+        self.wait_stopped()
+
+    def terminate(self) -> None:
+        """Ask the node to stop (SIGTERM to its process group); `wait_stopped` waits."""
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def wait_stopped(self) -> None:
+        """Wait for a node asked to stop; SIGKILL it after a minute."""
+        if self.proc is None:
+            return
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
@@ -227,8 +237,12 @@ class RabbitCluster:
         self.nodes[index].kill()
 
     def stop(self) -> None:
+        # All at once (the cluster is being thrown away, nothing to hand over): a few
+        # seconds less than one after the other.
         for node in self.nodes:
-            node.stop()
+            node.terminate()
+        for node in self.nodes:
+            node.wait_stopped()
         # the epmd our first node started (daemonized, so not our child any more)
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"],

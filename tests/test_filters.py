@@ -5,6 +5,7 @@ Python comparisons say."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -58,7 +59,11 @@ def _view(scope: str, values: dict[str, Any]) -> ViewState:
     return cast(ViewState, SimpleNamespace(s=scope, f=values, x=False))
 
 
-@settings(max_examples=3000, deadline=None)
+# 1000 examples: about a third of the time of 3000 (20 s under coverage on the 2-core CI
+# machine); an off-by-one at a range's upper bound (`<=` for `<` in `_holds`) was still
+# found in 3 runs of 3 from an empty example database (500 found it in 3 of 4).
+# WAYSTATION_FUZZ_EXAMPLES=20000 runs a deeper comparison on demand.
+@settings(max_examples=int(os.environ.get("WAYSTATION_FUZZ_EXAMPLES", "1000")), deadline=None)
 @given(where=wheres, values=records, scope=SCOPE)
 def test_matches_agrees_with_the_reference(where: dict[str, Any], values: dict[str, Any],
                                            scope: str) -> None:

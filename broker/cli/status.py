@@ -36,6 +36,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     serving = liveness.any_serving(servers, now, stale_ms)
     online = sorted(d.id for d in devices if d.online)
     never = sorted(d.id for d in devices if not d.online and not d.last_seen_ms)
+    refused = {d.id: d.dl for d in devices if d.dl > 0}
     rotating = {d.id: rot for d in devices
                 if (rot := devstate.rotation_doc(d)) is not None and rot["stage"] != "retired"}
     renewing = {d.id: crt["renewal"] for d in devices
@@ -54,7 +55,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "schema": {"file": str(config.schema_path()), "version": catalog.version,
                    "file_version": file_version},
         "devices": {"known": len(devices), "enabled": sum(d.enabled for d in devices),
-                    "online": len(online), "never_connected": len(never)},
+                    "online": len(online), "never_connected": len(never),
+                    "with_dead_letters": refused},
         "scopes": {s: {"seq": q, "purged_to": horizons[s]} for s, q in sorted(seqs.items())},
         "records": info.counts["records"],
         "open_conflicts": info.counts["open_conflicts"],
@@ -99,6 +101,12 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
           f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
     print(_letters_line(letters, config.dead_letters.max_count,
                         config.dead_letters.max_bytes))
+    if refused:
+        names = sorted(refused, key=lambda dev: (-refused[dev], dev))
+        print(f"devices holding dead letters (changes refused for good, waiting for a "
+              f"person): {', '.join(f'{dev} ({refused[dev]})' for dev in names[:10])}"
+              f"{', ...' if len(names) > 10 else ''}; on each, `waystation agent "
+              "deadletters` lists them (retry or discard)")
     if rotating:
         print("password rotations under way: " + ", ".join(
             f"{dev} ({rot['stage']}" + (f", next step failed at {rot['failing']['at']}: "
@@ -174,9 +182,9 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for d in devices:
         rows.append([d.id, devstate.presence(d, as_of), ago(d.last_seen_ms, now),
                      ago(d.synced_ms, now), d.agent or "-", devstate.pending(d, now),
-                     devstate.progress(d, seqs, now)])
+                     devstate.dead_letters(d), devstate.progress(d, seqs, now)])
     table(["DEVICE", "STATE", "LAST SEEN", "LAST SYNC", "AGENT", "PENDING",
-            "REPORTED CHECKPOINT / SEQ"], rows)
+           "DEAD LETTERS", "REPORTED CHECKPOINT / SEQ"], rows)
     return 0
 
 

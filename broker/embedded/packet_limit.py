@@ -126,13 +126,13 @@ class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
         return self._guard.at_boundary
 
     async def read(self, n: int = -1) -> bytes:
-        if self.room is not None and self._guard.at_boundary and not self.room():
-            self.holding = True
-            try:
-                while not self.room():
-                    await asyncio.sleep(_ROOM_POLL_S)
-            finally:
-                self.holding = False
+        if self.room is not None and self._guard.at_boundary:
+            while not self.room():
+                # Left set when the keepalive timer cancels the wait: it then reads that
+                # the broker, not the client, was holding things up.
+                self.holding = True
+                await asyncio.sleep(_ROOM_POLL_S)
+            self.holding = False
         if not self._guard.fits(n):
             log.warning("packet_refused", peer=str(self._peer),
                         reason=f"malformed packet: a field of {n} bytes runs past its end")

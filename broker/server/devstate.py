@@ -16,6 +16,9 @@ from broker.server.rotation import Rotation
 from broker.server.store.base import DeviceRow
 from waystation.timefmt import ago, iso
 
+OLDEST_SHOWN_MS = 60_000
+"""PENDING names its oldest change's age from this age on (younger: a sync under way)."""
+
 
 def lifecycle(row: DeviceRow) -> str:
     """enabled / disabled, with a wipe pending or done: "wipe pending since T", "wiped at
@@ -106,12 +109,23 @@ def pending(row: DeviceRow, now: int) -> str:
     """The PENDING column of `server devices`: the outbox count the device last reported.
     An online device reports it periodically and within about a second of a change that
     matters (agent.status_report); an offline one cannot, so its count says how old it
-    is: "5 (2h ago)"."""
+    is: "5 (2h ago)". When the oldest of them has waited a minute or more, since when:
+    "5 (2h ago), oldest 3d ago"."""
     if row.pend < 0:
         return "-"
-    if row.online or not row.pend_ms:
-        return str(row.pend)
-    return f"{row.pend} ({ago(row.pend_ms, now)})"
+    text = str(row.pend) if row.online or not row.pend_ms else (
+        f"{row.pend} ({ago(row.pend_ms, now)})")
+    if row.pend and row.pend_old_ms and now - row.pend_old_ms >= OLDEST_SHOWN_MS:
+        # Changes waiting for minutes or days are what an operator must look into (a
+        # device offline, disabled, refused transiently): how long, not only how many.
+        text += f", oldest {ago(row.pend_old_ms, now)}"
+    return text
+
+
+def dead_letters(row: DeviceRow) -> str:
+    """The DEAD LETTERS column: changes the server refused for good, kept on the device
+    for a person (`waystation agent deadletters` there), by its last report."""
+    return "-" if row.dl < 0 else str(row.dl)
 
 
 def progress(row: DeviceRow, seqs: Mapping[str, int], now: int | None = None) -> str:
@@ -135,6 +149,8 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
         "last_seen": iso(row.last_seen_ms), "last_sync": iso(row.synced_ms),
         "agent": row.agent, "sv": row.sv, "pending": None if row.pend < 0 else row.pend,
         "pending_reported": iso(row.pend_ms) or None,
+        "pending_oldest": iso(row.pend_old_ms) or None if row.pend > 0 else None,
+        "dead_letters": None if row.dl < 0 else row.dl,
         "store": {"incarnation": row.inc or None, "since": iso(row.inc_ms),
                   "incarnations_seen": row.incs},
         "wipe": None if not row.wipe_id else {
@@ -152,5 +168,6 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
     return doc
 
 
-__all__ = ["ago", "cert_doc", "device_doc", "iso", "lifecycle", "pending", "presence",
+__all__ = ["ago", "cert_doc", "dead_letters", "device_doc", "iso", "lifecycle", "pending",
+           "presence",
            "progress", "recreated", "removal_state", "rotation_doc"]

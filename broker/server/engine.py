@@ -240,7 +240,10 @@ class Engine(GroupTransaction):
             # A status without a count (the last will of a device that dropped) keeps the
             # count last reported, and when: "5, as of 2 h ago" says more than "-".
             at = status_time(report.t, self.now_ms(), row.created_ms, self.cfg.max_skew_ms)
-            fields.update(pend=report.pend, pend_ms=at)
+            fields.update(pend=report.pend, pend_ms=at, pend_old_ms=0 if not report.pend
+                          or report.old is None else max(0, at - report.old))
+            if report.dl is not None:
+                fields["dl"] = report.dl
             # The device's own report is a contact too: an idle device that is online
             # must not show "last seen 3 h ago" (its last change). Never backwards.
             if at > row.last_seen_ms:

@@ -31,6 +31,10 @@ class StatusReport:
     """Changes waiting in its outbox (-1: the status says nothing of it, e.g. a will)."""
     t: int | None = None
     """The device's time (ms) of the status, if it says."""
+    old: int | None = None
+    """Age (ms) of its oldest waiting change, if it says."""
+    dl: int | None = None
+    """Its dead letters (changes refused for good, waiting for a person), if it says."""
 
 
 def parse_status(topic_device: str, payload: bytes) -> StatusReport:
@@ -45,7 +49,7 @@ def parse_status(topic_device: str, payload: bytes) -> StatusReport:
     if msg.dev != topic_device:
         raise ProtocolError(codec.WRONG_DEVICE, f"status for {msg.dev!r} published on the "
                                                 f"status topic of {topic_device!r}")
-    return StatusReport(msg.on, -1 if msg.pend is None else msg.pend, msg.t)
+    return StatusReport(msg.on, -1 if msg.pend is None else msg.pend, msg.t, msg.old, msg.dl)
 
 
 def status_time(t: int | None, now: int, enrolled_ms: int, max_skew_ms: int) -> int:

@@ -32,22 +32,36 @@ def ws(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, check=False)
 
 
+def _open(env: dict[str, str]) -> Agent:
+    """The store the commands of `env` use, opened in this process."""
+    return Agent.open(load_config(AgentConfig, None, env), load_catalog(example_catalog_path()))
+
+
+def _put(env: dict[str, str], key: str, fields: dict[str, object]) -> None:
+    """A local write (the setup, done in this process: each `waystation` run costs most of
+    a second, and the CLI's put has its own tests in test_agent_cli.py)."""
+    with _open(env) as ag:
+        ag.put("tasks", key, fields)
+
+
 def _refuse(env: dict[str, str], *numbers: int) -> None:
     """The server's permanent rejection of these changes, applied as the daemon would."""
-    cfg = load_config(AgentConfig, None, env)
-    with Agent.open(cfg, load_catalog(example_catalog_path())) as ag:
+    with _open(env) as ag:
         ag.sync.apply_reject(wire.Reject(rj=[
             wire.Rejection(n=n, code="rule_rejected", reason="unknown status", perm=True)
             for n in numbers]))
 
 
 def _pending(env: dict[str, str]) -> int:
-    return int(json.loads(ws(env, "status", "--json").stdout)["pending"])
+    """Changes waiting in the store (read in this process, as `_put`)."""
+    with _open(env) as ag:
+        return ag.status().pending
 
 
 def test_show_retry_discard(env: dict[str, str]) -> None:
-    assert ws(env, "put", "tasks", "t-1", "route=route-42", "status=odd").returncode == 0
-    assert ws(env, "incr", "tasks", "t-1", "attempts", "2").returncode == 0
+    _put(env, "t-1", {"route": "route-42", "status": "odd"})
+    with _open(env) as ag:
+        ag.increment("tasks", "t-1", "attempts", 2)
     _refuse(env, 1, 2)
     assert _pending(env) == 0
 
@@ -86,7 +100,7 @@ def test_show_retry_discard(env: dict[str, str]) -> None:
     (["deadletters", "discard", "van-1:-3"], 2, "not a change number"),
 ])
 def test_wrong_numbers(env: dict[str, str], argv: list[str], code: int, text: str) -> None:
-    assert ws(env, "put", "tasks", "t-1", "route=route-42").returncode == 0
+    _put(env, "t-1", {"route": "route-42"})
     proc = ws(env, *argv)
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr and text in proc.stderr
@@ -94,7 +108,7 @@ def test_wrong_numbers(env: dict[str, str], argv: list[str], code: int, text: st
 
 def test_retry_checks_the_current_schema(env: dict[str, str], tmp_path: Path) -> None:
     """A change whose scope this device no longer has is refused again, and kept."""
-    assert ws(env, "put", "tasks", "t-1", "route=route-42").returncode == 0
+    _put(env, "t-1", {"route": "route-42"})
     _refuse(env, 1)
     narrower = {**env, "WAYSTATION_AGENT__SCOPES": '["depot-7"]'}
     proc = ws(narrower, "deadletters", "retry", "1")

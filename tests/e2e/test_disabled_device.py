@@ -40,6 +40,13 @@ def test_disabled_online_device_waits_without_dead_letters(fleet: Fleet) -> None
     # ... and when the daemon tries the held change again (within the fleet's 1 s cap)
     assert 0 <= status["last_error"]["retry_in_s"] <= 1.0, status["last_error"]
     assert status["pending"] == 1 and status["dead_letters"] == 0
+    # The operator sees the same from the server: what waits, since when, no dead letter.
+    def server_view() -> dict[str, object] | None:
+        out = fleet.cli("server", "devices", "--json", "--config", str(fleet.server_config))
+        doc = next(d for d in json.loads(out.stdout) if d["id"] == "van-1")
+        return doc if doc["pending"] == 1 and doc["pending_oldest"] else None
+    seen = fleet.wait(server_view, timeout=30, what="the held change in `server devices`")
+    assert seen["dead_letters"] == 0
     assert fleet.record("tasks", "t-2") is None
     letters = fleet.server_dead_letters()
     assert len(letters) == letters_before, letters

@@ -151,7 +151,8 @@ def test_server_status_and_devices(env: dict[str, str],
     doc = json.loads(out)
     assert code == 0
     assert doc["store"]["kind"] == env.get("WAYSTATION_SERVER__STORE__KIND", "lmdb")
-    assert doc["devices"] == {"known": 2, "enabled": 2, "online": 1, "never_connected": 0}
+    assert doc["devices"] == {"known": 2, "enabled": 2, "online": 1, "never_connected": 0,
+                              "with_dead_letters": {}}
     assert doc["scopes"] == {"r1": {"seq": 2, "purged_to": 0}}
     assert doc["open_conflicts"] == 1 and doc["dead_letters"] == 1
     assert doc["schema"]["version"] == CATALOG.version

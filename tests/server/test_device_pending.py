@@ -74,3 +74,62 @@ def test_a_status_report_is_a_contact_but_never_moves_it_back(tmp_path: Path) ->
         assert _row(store, "van-1").last_seen_ms == reported
     finally:
         store.close()
+
+
+def test_how_long_changes_wait_and_dead_letters_reach_the_operator(
+        tmp_path: Path, capsys: Any) -> None:
+    """A device reports 3 changes waiting, the oldest written 2 h ago, and 2 dead letters
+    (PROTOCOL.md §7.10 `old`, `dl`): `server devices` says since when they wait and how
+    many dead letters the device holds, `server status` names the device and the command
+    that lists them; its last will keeps both; an emptied outbox has no oldest."""
+    from broker.server.store.lmdb_store import LmdbStore
+    from waystation.cli import main
+
+    data = tmp_path / "server"
+    store = LmdbStore(data)
+    engine, _, time = make_engine(data, {"van-1": ["r1"], "van-2": ["r1"]}, store=store)
+    try:
+        reported = time()
+        engine.handle_status("van-1", _status("van-1", pend=3, old=2 * HOUR_MS, dl=2,
+                                              t=reported))
+        engine.handle_status("van-2", _status("van-2", pend=1, old=5000, dl=0, t=reported))
+        engine.handle_status("van-1", status("van-1", on=False))  # its will: no counts
+        engine.tick()
+        row = _row(store, "van-1")
+        assert (row.pend, row.pend_old_ms, row.dl) == (3, reported - 2 * HOUR_MS, 2)
+        assert devstate.pending(row, reported + HOUR_MS) == "3 (1h ago), oldest 3h ago"
+        assert devstate.dead_letters(row) == "2"
+        doc = devstate.device_doc(row)
+        assert doc["dead_letters"] == 2
+        assert doc["pending_oldest"] == devstate.iso(reported - 2 * HOUR_MS)
+        fresh = _row(store, "van-2")  # waiting 5 s: a sync under way, not worth a word
+        assert devstate.pending(fresh, reported) == "1" and devstate.dead_letters(fresh) == "0"
+        engine.flush(stopping=True)
+    finally:
+        store.close()
+    env = {"WAYSTATION_SERVER__DATA_DIR": str(data)}
+    assert main(["server", "devices"], env=env) == 0
+    out = capsys.readouterr().out
+    assert "DEAD LETTERS" in out and ", oldest " in out
+    assert main(["server", "status"], env=env) == 0
+    out = capsys.readouterr().out
+    assert "devices holding dead letters" in out and "van-1 (2)" in out
+    assert "van-2 (" not in out and "`waystation agent deadletters`" in out
+    assert main(["server", "status", "--json"], env=env) == 0
+    assert orjson.loads(capsys.readouterr().out)["devices"]["with_dead_letters"] == {
+        "van-1": 2}
+
+
+def test_an_emptied_outbox_has_no_oldest(tmp_path: Path) -> None:
+    engine, store, time = make_engine(tmp_path, {"van-1": ["r1"]})
+    try:
+        engine.handle_status("van-1", _status("van-1", pend=2, old=HOUR_MS, t=time()))
+        engine.tick()
+        assert _row(store, "van-1").pend_old_ms
+        engine.handle_status("van-1", _status("van-1", pend=0, dl=0, t=time()))
+        engine.tick()
+        row = _row(store, "van-1")
+        assert (row.pend, row.pend_old_ms, row.dl) == (0, 0, 0)
+        assert devstate.device_doc(row)["pending_oldest"] is None
+    finally:
+        store.close()

@@ -35,6 +35,11 @@ class DeviceRow:
     """Changes waiting in its outbox, from its last status that said (-1: unknown)."""
     pend_ms: int = 0
     """When the device reported `pend` (its clock, at most the server's; 0: unknown)."""
+    pend_old_ms: int = 0
+    """When its oldest waiting change was written, by that report (0: none, unknown)."""
+    dl: int = -1
+    """Dead letters on the device (refused for good, for a person), by its last report
+    that said (-1: unknown)."""
     cp_ms: int = 0
     """When it reported `cp`."""
     synced_ms: int = 0
@@ -75,7 +80,8 @@ class DeviceRow:
         return {"id": self.id, "scopes": list(self.scopes), "enabled": self.enabled,
                 "created": self.created_ms, "seen": self.last_seen_ms, "agent": self.agent,
                 "sv": self.sv, "z": self.z, "online": self.online, "cp": self.cp,
-                "pend": self.pend, "pend_ms": self.pend_ms, "cp_ms": self.cp_ms,
+                "pend": self.pend, "pend_ms": self.pend_ms, "pend_old": self.pend_old_ms,
+                "dl": self.dl, "cp_ms": self.cp_ms,
                 "synced": self.synced_ms, "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
                 "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms,
                 "caps": list(self.caps), "rot": self.rot, "crt": self.crt}
@@ -87,6 +93,7 @@ class DeviceRow:
                    agent=data["agent"], sv=data["sv"], z=data["z"],
                    online=data.get("online", False), cp=data.get("cp", {}),
                    pend=data.get("pend", -1), pend_ms=data.get("pend_ms", 0),
+                   pend_old_ms=data.get("pend_old", 0), dl=data.get("dl", -1),
                    cp_ms=data.get("cp_ms", 0),
                    synced_ms=data.get("synced", 0), inc=data.get("inc", ""),
                    inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
