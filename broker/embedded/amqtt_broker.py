@@ -79,7 +79,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +88,10 @@ from amqtt.broker import Broker
 
 from broker.embedded.amqtt_overrides import AMQTT_VERSION, OVERRIDDEN, WaystationBroker
 from broker.embedded.client_limits import CONNECT_TIMEOUT_S
-from broker.embedded.packet_limit import DEFAULT_MAX_PACKET
-from broker.embedded.plugins import plugin_config
 from broker.embedded.session_queue import QueueLimits
+from broker.embedded.settings import BrokerSettings
 from broker.errors import ServerError
-from waystation.errors import ConfigError, ListenError, WaystationError
+from waystation.errors import ListenError, WaystationError
 
 __all__ = [
     "BrokerPortInUse",
@@ -128,122 +126,6 @@ class EmbeddedBrokerError(ServerError):
 
 class BrokerPortInUse(EmbeddedBrokerError, ListenError):
     """A listener's port is taken: exit code 4 (ListenError), as `--help` documents."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class BrokerSettings:
-    """Everything the embedded broker needs; ``from_config`` maps the pydantic config."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    password_file: Path = Path("passwd")
-    prefix: str = "waystation"
-    server_users: frozenset[str] = frozenset({"waystation-server"})
-    allow_anonymous: bool = False
-    tls_port: int | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    tls_require_client_cert: bool = False
-    data_dir: Path | None = None
-    session_expiry_s: int | None = 7 * 24 * 3600
-    """Forget a persistent session (and its queue) this long after its client left."""
-    log_level: str = "info"
-    max_packet_bytes: int = DEFAULT_MAX_PACKET
-    """The largest MQTT packet accepted; a bigger one drops its sender's connection."""
-    max_queued_messages: int = QueueLimits.messages
-    max_queued_bytes: int = QueueLimits.bytes
-    """At most this much is queued for a persistent session whose client is away."""
-    connect_timeout_s: float = CONNECT_TIMEOUT_S
-    """A new connection that has not sent its CONNECT by then is closed."""
-
-    def __post_init__(self) -> None:
-        if self.tls_port is not None and (self.tls_cert is None or self.tls_key is None):
-            raise ConfigError("broker: tls_port needs both a TLS certificate and a key")
-        if self.tls_require_client_cert and self.tls_ca is None:
-            raise ConfigError("broker: tls_require_client_cert needs a CA file (tls ca)")
-        if not 0 < self.connect_timeout_s <= 3600:
-            raise ConfigError("broker: connect_timeout_s must be between 0 and 3600 seconds, "
-                              f"not {self.connect_timeout_s}")
-        if not self.prefix or self.prefix.startswith("$") or any(c in self.prefix for c in "+#"):
-            raise ConfigError(f"broker: invalid topic prefix {self.prefix!r}")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> BrokerSettings:
-        """Build from a config object read by attribute (e.g. ``waystation.config.BrokerConfig``).
-
-        TLS options are read nested (``tls.cert_file``, ``tls.key_file``, ``tls.ca_file``,
-        ``tls.require_client_cert``) or flat (``tls_cert``, ``tls_key``, ``tls_ca``, ...).
-        """
-        if isinstance(cfg, BrokerSettings):
-            return cfg
-        defaults = cls()
-        data_dir = _opt_path(_pick(cfg, "data_dir"))
-        resolve = getattr(cfg, "resolved_password_file", None)
-        password_file = _opt_path(resolve() if callable(resolve) else _pick(cfg, "password_file"))
-        if password_file is None:
-            password_file = (data_dir / "passwd") if data_dir else defaults.password_file
-        server_users = _pick(cfg, "server_users")
-        log_cfg = _pick(cfg, "log")
-        log_level = _pick(cfg, "log_level") or (
-            log_cfg if isinstance(log_cfg, str) else _pick(log_cfg, "level")
-        )
-        tls_port = _pick(cfg, "tls_port", "tls.port")
-        return cls(
-            host=str(_pick(cfg, "host") or defaults.host),
-            port=int(_pick(cfg, "port") or defaults.port),
-            password_file=password_file,
-            prefix=str(_pick(cfg, "prefix") or defaults.prefix),
-            server_users=(
-                frozenset(server_users) if server_users is not None else defaults.server_users
-            ),
-            allow_anonymous=bool(_pick(cfg, "allow_anonymous") or False),
-            tls_port=int(tls_port) if tls_port else None,
-            tls_cert=_opt_path(_pick(cfg, "tls.cert_file", "tls_cert", "tls.cert")),
-            tls_key=_opt_path(_pick(cfg, "tls.key_file", "tls_key", "tls.key")),
-            tls_ca=_opt_path(_pick(cfg, "tls.ca_file", "tls_ca", "tls.ca")),
-            tls_require_client_cert=bool(
-                _pick(cfg, "tls_require_client_cert", "tls.require_client_cert") or False
-            ),
-            data_dir=data_dir,
-            session_expiry_s=_pick(cfg, "session_expiry_s") or defaults.session_expiry_s,
-            log_level=str(log_level or defaults.log_level),
-            max_packet_bytes=int(_pick(cfg, "max_packet_bytes") or defaults.max_packet_bytes),
-            max_queued_messages=int(_pick(cfg, "max_queued_messages")
-                                    or defaults.max_queued_messages),
-            max_queued_bytes=int(_pick(cfg, "max_queued_mb") or 0) << 20
-            or defaults.max_queued_bytes,
-            connect_timeout_s=float(_pick(cfg, "connect_timeout_s")
-                                    or defaults.connect_timeout_s),
-        )
-
-    def amqtt_config(self) -> dict[str, Any]:
-        """The amqtt broker configuration dict for these settings."""
-        listeners: dict[str, dict[str, Any]] = {
-            "default": {"type": "tcp", "bind": _bind(self.host, self.port)},
-        }
-        if self.tls_port is not None:
-            tls: dict[str, Any] = {
-                "type": "tcp",
-                "bind": _bind(self.host, self.tls_port),
-                "ssl": True,
-                "certfile": str(self.tls_cert),
-                "keyfile": str(self.tls_key),
-            }
-            if self.tls_ca is not None:
-                tls["cafile"] = str(self.tls_ca)
-            listeners["tls"] = tls
-        return {
-            "listeners": listeners,
-            "session_expiry_interval": self.session_expiry_s,
-            "plugins": plugin_config(
-                password_file=self.password_file,
-                prefix=self.prefix,
-                server_users=self.server_users,
-                allow_anonymous=self.allow_anonymous,
-                trust_client_cert_cn=self.tls_ca is not None,
-            ),
-        }
 
 
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -481,24 +363,3 @@ def _check_amqtt() -> None:
             f"amqtt {AMQTT_VERSION} (it overrides broker internals{': ' if missing else ''}"
             f"{', '.join(missing)}); install amqtt=={AMQTT_VERSION} or review the overrides"
         )
-
-
-def _pick(obj: Any, *names: str) -> Any:
-    """The first attribute among ``names`` (dotted for nesting) that is set on ``obj``."""
-    for name in names:
-        value: Any = obj
-        for part in name.split("."):
-            value = getattr(value, part, None)
-            if value is None:
-                break
-        if value is not None:
-            return value
-    return None
-
-
-def _opt_path(value: Any) -> Path | None:
-    return None if value is None or value == "" else Path(value)
-
-
-def _bind(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
