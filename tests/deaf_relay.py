@@ -16,6 +16,8 @@ import socket
 import threading
 from collections.abc import Collection
 
+from tests.tcp_relay import close_both, pump, relay_pairs
+
 _PUBLISH = 3
 
 
@@ -50,22 +52,12 @@ class DeafRelay:
             sock.close()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
+        for client, upstream in relay_pairs(self._listener, self.target):
             with self._lock:
                 self.connections += 1
                 deaf = self.connections in self.deaf
                 self._sockets += [client, upstream]
-            threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._down, args=(upstream, client, deaf),
                              daemon=True).start()
 
@@ -86,7 +78,7 @@ class DeafRelay:
         except OSError:
             pass
         finally:
-            _close_both(src, dst)
+            close_both(src, dst)
 
 
 def _next_packet(buf: bytes) -> bytes | None:
@@ -99,22 +91,6 @@ def _next_packet(buf: bytes) -> bytes | None:
             return buf[:end] if len(buf) >= end else None
         shift += 7
     return None
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        _close_both(src, dst)
-
-
-def _close_both(a: socket.socket, b: socket.socket) -> None:
-    for sock in (a, b):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
 
 
 __all__ = ["DeafRelay"]

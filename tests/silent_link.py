@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from tests.tcp_relay import pump, relay_pairs
+
 
 def unavailable_reason() -> str | None:
     """Why a SilentLink cannot be made here (None: it can)."""
@@ -133,17 +135,7 @@ class SilentLink:
                          name="silent-link-accept").start()
 
     def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
+        for client, upstream in relay_pairs(listener, self.target):
             with self._lock:
                 if self._listener is None:
                     client.close()
@@ -151,25 +143,13 @@ class SilentLink:
                     return
                 self._sockets += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True,
+                threading.Thread(target=pump, args=(a, b), daemon=True,
                                  name="silent-link-pump").start()
 
     def _ip(self, *args: str) -> None:
         result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
 
 
 __all__ = ["SilentLink", "silent_link", "unavailable_reason"]
