@@ -386,6 +386,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
                 return
             if self.gate.sent("records", len(payload)):
                 self._budget_dirty = True
+            self._asked(now)
             deadline = now + sync_cfg.ack_timeout_s
             self._earliest = min(self._earliest, deadline)
             for n in batch.numbers:

@@ -5,8 +5,9 @@ delivers nothing back (a session the broker believes offline after a take-over, 
 subscription lost in a broker failover). The device then waits for ever, its catch-ups
 and changes unanswered, and reconnecting is what heals it (the broker resends what the
 persistent session queued). A merge server that is announced up (or whose state is not
-announced) answers a catch-up within seconds, so a catch-up unanswered, with nothing at
-all from the server, for `sync.deaf_after_s` (60 s) is taken as a deaf link: the agent drops the
+announced) answers a catch-up or a batch of changes within seconds, so a request
+unanswered, with nothing at all from the server, for `sync.deaf_after_s` (60 s) is taken
+as a deaf link: the agent drops the
 connection cleanly (no will: the device is not offline) and reconnects at once. The
 wait doubles after each such reconnect that heals nothing (a server that is announced but
 hung), up to `DEAF_AFTER_MAX_S`, and starts again at the first answer.
@@ -40,7 +41,7 @@ class DeafHooks:
     deaf_reconnects: int = 0
 
     def _asked(self, now: float) -> None:
-        """A request the server answers (a catch-up) went out."""
+        """A request the server answers (a catch-up, a batch of changes) went out."""
         if self._asked_at is None:
             self._asked_at = now
 

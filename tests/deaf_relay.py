@@ -55,21 +55,27 @@ class DeafRelay:
         for client, upstream in relay_pairs(self._listener, self.target):
             with self._lock:
                 self.connections += 1
-                deaf = self.connections in self.deaf
+                number = self.connections
                 self._sockets += [client, upstream]
             threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, deaf),
+            threading.Thread(target=self._down, args=(upstream, client, number),
                              daemon=True).start()
 
-    def _down(self, src: socket.socket, dst: socket.socket, deaf: bool) -> None:
-        """Broker to client, packet by packet, leaving PUBLISH out when `deaf`."""
+    def deafen_current(self) -> None:
+        """From now on the latest connection hears nothing more (later ones do)."""
+        with self._lock:
+            self.deaf.add(self.connections)
+
+    def _down(self, src: socket.socket, dst: socket.socket, number: int) -> None:
+        """Broker to client, packet by packet, leaving PUBLISH out while the connection
+        numbered `number` is deaf."""
         buf = b""
         try:
             while data := src.recv(65536):
                 buf += data
                 while (packet := _next_packet(buf)) is not None:
                     size = len(packet)
-                    if deaf and packet[0] >> 4 == _PUBLISH:
+                    if packet[0] >> 4 == _PUBLISH and number in self.deaf:
                         with self._lock:
                             self.dropped += 1
                     else:

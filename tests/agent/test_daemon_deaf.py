@@ -76,6 +76,53 @@ def test_a_deaf_connection_is_made_again_and_then_hears(
             daemon.stop(drain_s=0.5)
 
 
+def _answer_changes(server: RecordingClient, answered: set[int]) -> None:
+    """Ack every `changes` message seen on the up topic and not answered yet (by its
+    place in what the server received: a resend is answered again), as the merge does."""
+    for i, m in enumerate(server.received(UP)):
+        msg = orjson.loads(m.payload)
+        if msg["type"] != "changes" or i in answered:
+            continue
+        answered.add(i)
+        server.publish(DOWN, orjson.dumps({"v": 1, "type": "ack", "ok": [
+            [ch["n"], "route-42", ch["n"]] for ch in msg["ch"]]}))
+
+
+def test_a_link_gone_deaf_mid_connection_is_healed_by_its_unanswered_changes(
+        broker: BrokerProcess, server: RecordingClient, tmp_path: Path) -> None:
+    """The link hears the catch-up's answer, then goes deaf: a change written now gets no
+    ack (the server's ack is kept back), no catch-up is outstanding, and the unanswered
+    batch alone makes the agent reconnect; the change is resent and acked."""
+    with DeafRelay(broker.port, deaf_connections=set()) as relay:
+        cfg = AgentConfig.model_validate({
+            "device_id": DEV, "data_dir": str(tmp_path / "agent"), "scopes": ["route-42"],
+            "mqtt": {"port": relay.port, "password": USERS[DEV]},
+            "sync": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "deaf_after_s": 1,
+                     "ack_timeout_s": 120.0}})
+        daemon = AgentDaemon(cfg, CATALOG, env={})
+        daemon.start()
+        answered: set[int] = set()
+        try:
+            first = wait_until(lambda: _catchups(server), 15, message="the first catch-up")[0]
+            _answer(server, first)
+            wait_until(lambda: daemon._catchup is None, 10, message="the catch-up answered")
+            relay.deafen_current()
+            daemon.agent.put("tasks", "t-1", {"route": "route-42", "status": "out"})
+            daemon.wake()
+
+            def acked() -> bool:
+                _answer_changes(server, answered)
+                for req in _catchups(server)[1:]:
+                    _answer(server, req)
+                return daemon.sync.pending_count() == 0
+
+            wait_until(acked, 30, message="the change acked over a new connection")
+            assert relay.connections == 2 and daemon.deaf_reconnects == 1
+            assert relay.dropped >= 1
+        finally:
+            daemon.stop(drain_s=0.5)
+
+
 class _Link:
     def __init__(self) -> None:
         self.relogins = 0

@@ -43,10 +43,10 @@ class SyncConfig(_Model):
     status_interval_s: Seconds = 30.0
     gap_timeout_s: Seconds = 5.0
     deaf_after_s: Annotated[float, Field(strict=True, ge=1, le=3600)] = 60.0
-    """A catch-up unanswered this long, with nothing at all from the server while one
-    is announced up, means the connection is deaf (the broker delivers nothing on it):
-    the agent reconnects (agent.daemon_deaf). Doubles after each reconnect that heals
-    nothing, up to 15 minutes."""
+    """A catch-up or a batch of changes unanswered this long, with nothing at all from
+    the server while one is announced up, means the connection is deaf (the broker
+    delivers nothing on it): the agent reconnects (agent.daemon_deaf). Doubles after
+    each reconnect that heals nothing, up to 15 minutes."""
     catchup_page: Annotated[int, Field(strict=True, ge=1, le=5000)] = 1000
     poll_interval_s: Annotated[float, Field(strict=True, gt=0, le=60)] = 0.1
     schema_push: Bool = True
