@@ -23,8 +23,10 @@ from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action as AmqttAction
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import IncomingApplicationMessage
 from amqtt.utils import gen_client_id
@@ -317,16 +319,36 @@ class WaystationBroker(Broker):  # type: ignore[misc]
 
     async def _handle_disconnect(self, client_session: Any, handler: Any,
                                  disconnect_waiter: Any) -> None:
+        # amqtt 0.12.1's method, except where a new connection took the session over: the
+        # session lives on with it, so it is not marked disconnected (amqtt would queue
+        # the device's messages as for an offline session while it sat connected) and no
+        # will goes out (the new CONNECT replaced it; the device is online). The take-over
+        # is looked for again after the handler stopped: a CONNECT arriving meanwhile (a
+        # clean DISCONNECT and a new login at once) took it over too.
+        stopped = False
         if handler not in self._taken_over:
-            await super()._handle_disconnect(client_session, handler, disconnect_waiter)
-            return
-        # The session lives on with the new connection: not marked disconnected (amqtt
-        # would queue the device's messages as for an offline session), and no will
-        # (the new CONNECT replaced it; the device is online).
+            result = disconnect_waiter.result()
+            if not isinstance(result, DisconnectPacket) and client_session.will_flag:
+                await self._broadcast_message(client_session, client_session.will_topic,
+                                              client_session.will_message,
+                                              client_session.will_qos)
+                if client_session.will_retain:
+                    await self.retain_message(client_session, client_session.will_topic,
+                                              client_session.will_message,
+                                              client_session.will_qos)
+            await self._stop_handler(handler)
+            stopped = True
+            if handler not in self._taken_over:
+                client_session.transitions.disconnect()
+                await self.plugins_manager.fire_event(
+                    BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id,
+                    client_session=client_session)
+                return
         self._taken_over.discard(handler)
         log.info("client session taken over by a new connection: old connection closed",
                  client_id=client_session.client_id)
-        await self._stop_handler(handler)
+        if not stopped:
+            await self._stop_handler(handler)
 
     async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int,
                                         target_session: Any) -> None:

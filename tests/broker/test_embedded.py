@@ -121,6 +121,29 @@ def test_a_session_taken_over_stays_with_the_new_connection(
     assert new.state.disconnects == []
 
 
+def test_a_clean_disconnect_racing_the_next_connect_leaves_it_hearing(
+    embedded_broker: BrokerProcess, clients: list[RecordingClient]
+) -> None:
+    """What the agent does to log in again (a new password, a new certificate): a clean
+    DISCONNECT and at once a new CONNECT of the same persistent session. Whichever the
+    broker handles first, the new connection hears what is sent to the device. The old
+    connection's end marked the session disconnected after the take-over when the two
+    overlapped (1 in ~5 password rotations in the e2e test went deaf)."""
+    down = f"{PREFIX}/van-12/down"
+    server = connect(clients, embedded_broker, "merge-1", SERVER_USER)
+    current = connect(clients, embedded_broker, "van-12", "van-12", clean_session=False)
+    assert current.subscribe(down) == 1
+    for i in range(40):
+        current.client.disconnect()  # no wait: the next CONNECT races it
+        nxt = connect(clients, embedded_broker, "van-12", "van-12", clean_session=False)
+        assert nxt.state.connacks == ["Success"], i
+        marker = f"round {i}".encode()
+        server.publish(down, marker)
+        nxt.wait_for(down, marker, timeout=5)
+        current.client.loop_stop()
+        current = nxt
+
+
 def test_will_on_a_foreign_topic_is_refused(
     embedded_broker: BrokerProcess, clients: list[RecordingClient]
 ) -> None:
