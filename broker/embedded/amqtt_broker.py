@@ -41,7 +41,8 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    one client id, MQTT 3.1.1 §3.1.4-2); it is closed now, without its will. A take-over
    of a connection still starting no longer hangs both (amqtt waited for a reader that
    never ran: in a reconnect storm of one device id, clients hung without CONNACK and
-   each race leaked a socket in CLOSE_WAIT).
+   each race leaked a socket in CLOSE_WAIT), and one arriving while the old connection
+   is ending (a clean DISCONNECT and at once a new login) is seen by that end too.
 8. What the broker holds for one client is bounded (``max_queued_messages``,
    ``max_queued_mb``; ``broker.embedded.session_queue``): messages for a client that is
    away or not reading are dropped beyond the limit, and a client sending faster than
