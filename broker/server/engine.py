@@ -69,7 +69,13 @@ from broker.server.messages import (
 from broker.server.operations import purge_tombstones
 from broker.server.pending_rows import PendingRows
 from broker.server.periodic import drain_notices, unsent_commands
-from broker.server.presence import Presence, PresenceLog, parse_status, status_time
+from broker.server.presence import (
+    MAX_STATUS_BYTES,
+    Presence,
+    PresenceLog,
+    parse_status,
+    status_time,
+)
 from broker.server.recent import recent_traffic
 from broker.server.registry import Registry
 from broker.server.replies import letter
@@ -251,8 +257,9 @@ class Engine(GroupTransaction):
         self._rows.put(topic_device, fields)
         return []
 
-    def _bad_status(self, dev: str, code: str, reason: str, payload: bytes) -> list[Outgoing]:
-        self._queue_letter(dev, "status", code, reason, payload)
+    def _bad_status(self, dev: str, code: str, reason: str, payload: bytes,
+                    size: int | None = None) -> list[Outgoing]:
+        self._queue_letter(dev, "status", code, reason, payload, size=size)
         # Not to unregistered devices: the broker replays the retained status of every
         # removed device to each server that subscribes, and those have no one to tell.
         if self.registry.get(dev) is None:
@@ -263,10 +270,14 @@ class Engine(GroupTransaction):
                        size: int) -> list[Outgoing]:
         """A payload of `size` bytes that the intake refused as over max_payload_bytes
         without queuing it (only its first bytes, `head`, are here): a `too_large` dead
-        letter, and the device told when it came on an up topic."""
-        reason = (f"payload of {size} bytes exceeds the limit of "
-                  f"{self.cfg.max_payload_bytes} bytes (merge.max_payload_bytes); "
-                  "split the batch")
+        letter, and the device told when it came on its up topic or, registered, on its
+        status topic (§7.10: a status it cannot read is answered like any other)."""
+        limit = f"exceeds the limit of {self.cfg.max_payload_bytes} bytes"
+        if topic == "status":
+            reason = (f"payload of {size} bytes {limit} (a status is read up to "
+                      f"{MAX_STATUS_BYTES} bytes); publish a status of the members of §7.10")
+            return self._bad_status(topic_device, codec.TOO_LARGE, reason, head, size=size)
+        reason = f"payload of {size} bytes {limit} (merge.max_payload_bytes); split the batch"
         self._queue_letter(topic_device, topic, codec.TOO_LARGE, reason, head, size=size)
         if topic != "up" or not _ID_RE.fullmatch(topic_device):
             return []

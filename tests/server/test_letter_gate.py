@@ -132,13 +132,20 @@ def test_engine_refused_at_intake_answers_too_large_and_keeps_the_size(
     out = by_device(engine.handle_refused("van-1", "up", b"{" * 100, 300_000))
     (err,) = errors(out["van-1"])
     assert err["code"] == "too_large" and "300000 bytes" in err["reason"]
-    assert engine.handle_refused("van-1", "status", b"{", 300_000) == []
+    # a status is answered too (§7.10), prefixed as every status answer
+    (status_err,) = errors(by_device(engine.handle_refused("van-1", "status", b"{",
+                                                           300_000))["van-1"])
+    assert status_err["code"] == "too_large"
+    assert status_err["reason"].startswith("status message: payload of 300000 bytes")
+    # an unregistered device's status is kept, not answered (no one to tell)
+    assert engine.handle_refused("nobody", "status", b"{", 300_000) == []
     assert engine.handle_refused("+/x", "up", b"{", 300_000) == []
     engine.tick()
     letters = _letters(store)
-    assert [(d.topic, d.code, d.size) for d in letters] == [
-        ("up", "too_large", 300_000), ("status", "too_large", 300_000),
-        ("up", "too_large", 300_000)][::-1]
+    assert [(d.device, d.topic, d.code, d.size) for d in letters] == [
+        ("van-1", "up", "too_large", 300_000), ("van-1", "status", "too_large", 300_000),
+        ("nobody", "status", "too_large", 300_000), ("+/x", "up", "too_large", 300_000)
+    ][::-1]
     assert letters[-1].raw == b"{" * 100
 
 
