@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from agent.models import Record, WriteResult
 from agent.status import describe_deferral
 from schemas.collection import Catalog, load_catalog
 from waystation.config import AgentConfig, load_config
+from waystation.timefmt import iso
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -282,8 +282,8 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if status.link is not None and status.link["code"] != "sync_restarting":
         print(f"  last connection attempt: {status.link['code']}: {status.link['reason']}")
     if status.wiped:
-        wiped_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(status.wiped["t"] / 1000))
-        print(f"  wiped by the operator at {wiped_at} (command {status.wiped['id']}); "
+        print(f"  wiped by the operator at {iso(status.wiped['t'])} "
+              f"(command {status.wiped['id']}); "
               + ("enabled again since: it has synced after the wipe"
                  if status.synced_since_wipe
                  else "the server sends no data until the device is enabled again"))

@@ -40,6 +40,7 @@ from agent import certcheck
 from agent.creds import read_private, write_private
 from agent.login_choice import LoginChoice
 from schemas.wire import ID_PATTERN
+from waystation.timefmt import iso
 
 log = structlog.get_logger(__name__)
 
@@ -335,8 +336,7 @@ def describe_client_cert(doc: dict[str, Any]) -> str:
 
 
 def iso_ms(ms: int) -> str:
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+    return iso(ms)
 
 
 def _safe_name(name: Any) -> bool:

@@ -23,6 +23,7 @@ import orjson
 from agent.cli import _open
 from agent.errors import BadRequest, NotFound
 from agent.models import DeadLetter
+from waystation.timefmt import iso
 
 
 def _number(text: object) -> int:
@@ -99,11 +100,7 @@ def cmd_deadletters_discard(args: argparse.Namespace, env: Mapping[str, str]) ->
 
 
 def _iso(ms: int) -> str:
-    import time
-
-    if not ms:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+    return iso(ms) or "-"
 
 
 __all__ = ["cmd_deadletters_discard", "cmd_deadletters_retry", "cmd_deadletters_show"]

@@ -9,7 +9,6 @@ reported is shown until a later sync succeeds; a device the operator wiped says 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from agent.models import _age
 from agent.service.lock import SYNC_LOCK, holder_pid, service_pid
 from waystation.diskfull import LOW_SPACE_BYTES
 from waystation.linkproblems import HINTS
+from waystation.timefmt import iso
 
 UNANSWERED_S = 60.0
 """Changes unacked this long while connected, with no server announcement seen, get a
@@ -210,7 +210,8 @@ class AgentStatus:
 
 
 def _when(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
+    # One way of writing a time on both sides: `server devices` reads the same.
+    return iso(ms)
 
 
 def describe_replay(r: dict[str, Any]) -> str:

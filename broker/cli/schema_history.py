@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ from broker.cli.common import now_ms, server_config
 from broker.server import schema_history
 from broker.server.store import open_store
 from schemas.evolution import Difference, diff, migration_to_dict
+from waystation.timefmt import iso
 
 EXIT_OK = 0
 EXIT_BREAKING = 1
@@ -24,7 +24,7 @@ EXIT_BREAKING = 1
 
 
 def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else ""
+    return iso(ms)
 
 
 def _diff_json(d: Difference) -> dict[str, Any]:

@@ -11,11 +11,11 @@ T = 1_764_928_800_000  # 2025-12-05 10:00:00 UTC
 def test_each_code_reads_as_a_reason() -> None:
     down = decide(Rules(), Conditions(now_ms=T, server_up=False, server_down_since_ms=T))
     assert describe_deferral(down.deferrals[0].to_dict()).startswith(
-        "server unavailable since 2025-12-05 10:00:00 UTC")
+        "server unavailable since 2025-12-05T10:00:00Z")
     closed = decide(Rules(), Conditions(now_ms=T, window_open=False,
                                         window_change_ms=T + 3_600_000))
     assert describe_deferral(closed.deferrals[0].to_dict()) == (
-        "outside the sync windows until 2025-12-05 11:00:00 UTC")
+        "outside the sync windows until 2025-12-05T11:00:00Z")
     metered = decide(Rules(), Conditions(now_ms=T, metered=True))
     assert describe_deferral(metered.deferrals[0].to_dict()) == (
         "the link is metered: only records go (files, telemetry wait)")
