@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from broker.cli.common import now_ms, server_config
 from broker.errors import NotFound, ServerRunning
 from broker.server import liveness
+from broker.server.process_identity import ended_servers
 from broker.server.store import open_store
 from broker.server.store.base import ServerRow, WriteTxn
 from waystation.cli.output import iso, print_json
@@ -32,13 +33,14 @@ def cmd_server_forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             known = ", ".join(r.id for r in rows) or "none"
             raise NotFound(f"no merge server {args.server_id!r} is recorded in this store "
                            f"(recorded: {known}; `waystation server status` lists them)")
-        if liveness.state(row, now, stale_s * 1000) == "running":
+        if liveness.state(row, now, stale_s * 1000, ended_servers([row])) == "running":
             raise ServerRunning(
                 f"merge server {row.id} is running (seen {max(0, now - row.seen_ms) // 1000}"
                 " s ago): stop it first on its host (`systemctl stop waystation-server`, or "
                 "Ctrl-C / SIGTERM to a `waystation server run` in a terminal); "
                 "a running server records itself again within seconds. One that crashed "
-                f"counts as gone once not seen for {stale_s} s (`--stale-after SECONDS`)")
+                f"counts as gone once not seen for {stale_s} s (`--stale-after SECONDS`), "
+                "or at once when asked on its own host")
         txn.delete_server(row.id)
         return row
 
@@ -46,9 +48,10 @@ def cmd_server_forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         row = store.transact(forget)
     finally:
         store.close()
-    state = liveness.state(row, now, stale_s * 1000)
+    ended = ended_servers([row])
+    state = liveness.state(row, now, stale_s * 1000, ended)
     if getattr(args, "json", False):
-        print_json({"forgotten": liveness.server_doc(row, now, stale_s * 1000)})
+        print_json({"forgotten": liveness.server_doc(row, now, stale_s * 1000, ended)})
         return 0
     print(f"merge server {row.id} forgotten ({state}, last seen {iso(row.seen_ms)}): "
           "`server status` no longer lists it; if it runs again it records itself anew")

@@ -8,6 +8,7 @@ from typing import Any
 
 from broker.cli.common import live_schema, now_ms, server_config
 from broker.server import devstate, liveness, login_removal
+from broker.server.process_identity import ended_servers
 from broker.server.store import open_store
 from broker.server.store.base import DeadLetterStats, ServerRow
 from waystation.cli.output import ago, iso, print_json, table
@@ -32,8 +33,9 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         store.close()
     now = now_ms()
     stale_ms = _stale_s(args) * 1000
-    running = liveness.any_running(servers, now, stale_ms)
-    serving = liveness.any_serving(servers, now, stale_ms)
+    ended = ended_servers(servers)
+    running = liveness.any_running(servers, now, stale_ms, ended)
+    serving = liveness.any_serving(servers, now, stale_ms, ended)
     online = sorted(d.id for d in devices if d.online)
     never = sorted(d.id for d in devices if not d.online and not d.last_seen_ms)
     refused = {d.id: d.dl for d in devices if d.dl > 0}
@@ -48,7 +50,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "server_connected": serving,
         "presence_as_of": None if serving else iso(liveness.presence_as_of(servers)) or None,
         "stale_after_s": _stale_s(args),
-        "servers": [liveness.server_doc(r, now, stale_ms) for r in servers],
+        "servers": [liveness.server_doc(r, now, stale_ms, ended) for r in servers],
         "store": {"kind": info.kind, "location": info.location, "size_bytes": info.size_bytes,
                   "capacity_bytes": info.capacity_bytes,
                   "encrypted": bool(getattr(store, "encrypted", False))},
@@ -83,7 +85,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
     sealed = ", encrypted at rest" if doc["store"]["encrypted"] else ""
     print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}{sealed}")
-    _print_servers(servers, now, stale_ms, _stale_s(args))
+    _print_servers(servers, now, stale_ms, _stale_s(args), ended)
     if file_version == catalog.version:
         print(f"schema version {catalog.version} ({config.schema_path()})")
     else:
@@ -130,11 +132,12 @@ def _stale_s(args: argparse.Namespace) -> int:
     return liveness.STALE_AFTER_S if stale is None else stale
 
 
-def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, stale_s: int) -> None:
+def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, stale_s: int,
+                   ended: frozenset[str]) -> None:
     """Which merge servers run, and plainly when none serves (`broker.server.liveness`)."""
     for row in servers:
-        print(liveness.describe(row, now, stale_ms))
-    warning = liveness.presence_warning(servers, now, stale_s)
+        print(liveness.describe(row, now, stale_ms, ended))
+    warning = liveness.presence_warning(servers, now, stale_s, ended)
     if warning:
         print(warning)
 
@@ -166,7 +169,7 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     stale_s = _stale_s(args)
     # With no server running, presence is as the last one left it: say so, per device
     # (`presence_as_of` in JSON; "online?" in the table) and once above the table.
-    warning = liveness.presence_warning(servers, now, stale_s)
+    warning = liveness.presence_warning(servers, now, stale_s, ended_servers(servers))
     as_of = None if warning is None else liveness.presence_as_of(servers)
     if args.json:
         print_json([{**devstate.device_doc(d, seqs),

@@ -76,6 +76,7 @@ from broker.server.presence import (
     parse_status,
     status_time,
 )
+from broker.server.process_identity import this_process
 from broker.server.recent import recent_traffic
 from broker.server.registry import Registry
 from broker.server.replies import letter
@@ -155,7 +156,7 @@ class Engine(GroupTransaction):
         self._next_purge = 0
         self._next_trim = 0
         self.heartbeat = Heartbeat(config.server_id, config.server_group, __version__,
-                                   now_ms())
+                                   now_ms(), proc=this_process())
         """This server's liveness row (`broker.server.liveness`), written by the tick."""
         self._refresh_registry()
         self._commands_gen = -1  # push pending commands to online devices at the first tick

@@ -24,7 +24,8 @@ another host (PostgreSQL) compares its clock with the server's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from broker.server.store.rows import ServerRow
@@ -45,8 +46,9 @@ START_HINT = ("start it: `systemctl start waystation-server` (see `systemctl sta
 class Heartbeat:
     """The row a server writes about itself, and when it is due (one engine's)."""
 
-    def __init__(self, server_id: str, group: str, version: str, started_ms: int) -> None:
-        self.row = ServerRow(server_id, group, version, started_ms, started_ms)
+    def __init__(self, server_id: str, group: str, version: str, started_ms: int,
+                 proc: str = "") -> None:
+        self.row = ServerRow(server_id, group, version, started_ms, started_ms, proc=proc)
         self._written_ms: int | None = None
         self.others = 0
         """Other servers running on this store when this one last wrote its row
@@ -66,14 +68,12 @@ class Heartbeat:
         `SEEN_EVERY_MS`), else None."""
         if self._written_ms is not None and now - self._written_ms < SEEN_EVERY_MS:
             return None
-        return ServerRow(self.row.id, self.row.group, self.row.version,
-                         self.row.started_ms, now, broker_down_ms=self.broker_down_ms)
+        return dataclasses.replace(self.row, seen_ms=now, broker_down_ms=self.broker_down_ms)
 
     def stopping(self, now: int) -> ServerRow:
         """The row a clean stop writes."""
-        return ServerRow(self.row.id, self.row.group, self.row.version,
-                         self.row.started_ms, now, stopped_ms=now,
-                         broker_down_ms=self.broker_down_ms)
+        return dataclasses.replace(self.row, seen_ms=now, stopped_ms=now,
+                                   broker_down_ms=self.broker_down_ms)
 
     def saw(self, rows: Sequence[ServerRow], now: int) -> None:
         """`rows`: the store's servers as read with this server's own row written."""
@@ -86,18 +86,21 @@ class Heartbeat:
         self._written_ms = row.seen_ms
 
 
-def state(row: ServerRow, now: int, stale_ms: int) -> str:
+def state(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = ()) -> str:
     """"running", "stopped" (cleanly) or "gone" (not seen within `stale_ms`, never
-    stopped cleanly: crashed, killed, hung, or cut off from the store)."""
+    stopped cleanly: crashed, killed, hung, or cut off from the store; or in `ended`:
+    its process is known to have ended, `process_identity.ended_servers`)."""
     if row.stopped_ms:
         return "stopped"
+    if row.id in ended:
+        return "gone"
     return "running" if now - row.seen_ms <= stale_ms else "gone"
 
 
-def describe(row: ServerRow, now: int, stale_ms: int) -> str:
+def describe(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = ()) -> str:
     """One server's line of `server status`."""
     head = f"merge server {row.id} (group {row.group}, {row.version or 'version ?'})"
-    st = state(row, now, stale_ms)
+    st = state(row, now, stale_ms, ended)
     if st == "running":
         line = f"{head}: running (seen {ago(row.seen_ms, now)}, started {iso(row.started_ms)})"
         if row.broker_down_ms:
@@ -107,30 +110,41 @@ def describe(row: ServerRow, now: int, stale_ms: int) -> str:
         return line
     if st == "stopped":
         return f"{head}: stopped cleanly at {iso(row.stopped_ms)}"
+    if row.id in ended:
+        pid = row.proc.split("/")[2]
+        return (f"{head}: its process ({pid}, on this host) has ended without stopping "
+                f"cleanly: crashed or killed (last seen {ago(row.seen_ms, now)}, "
+                f"{iso(row.seen_ms)}); {START_HINT}")
     return (f"{head}: not seen for {span(now - row.seen_ms)} (last {iso(row.seen_ms)}) and "
             "it did not stop cleanly: crashed, hung, or cut off from the store? Check it "
             "on its host (`systemctl status waystation-server`)")
 
 
-def server_doc(row: ServerRow, now: int, stale_ms: int) -> dict[str, Any]:
-    """One server in the `--json` forms (`broker_*`: null unless it runs)."""
-    st = state(row, now, stale_ms)
+def server_doc(row: ServerRow, now: int, stale_ms: int,
+               ended: Collection[str] = ()) -> dict[str, Any]:
+    """One server in the `--json` forms (`broker_*`: null unless it runs;
+    `process_ended`: its process is known to have ended, on this host)."""
+    st = state(row, now, stale_ms, ended)
     running = st == "running"
     return {"id": row.id, "group": row.group, "version": row.version,
             "state": st, "started": iso(row.started_ms),
             "seen": iso(row.seen_ms), "seen_s_ago": max(0, now - row.seen_ms) // 1000,
             "stopped": iso(row.stopped_ms) or None,
             "broker_connected": not row.broker_down_ms if running else None,
-            "broker_down_since": (iso(row.broker_down_ms) or None) if running else None}
+            "broker_down_since": (iso(row.broker_down_ms) or None) if running else None,
+            "process_ended": row.id in ended}
 
 
-def any_running(rows: Sequence[ServerRow], now: int, stale_ms: int) -> bool:
-    return any(state(r, now, stale_ms) == "running" for r in rows)
+def any_running(rows: Sequence[ServerRow], now: int, stale_ms: int,
+                ended: Collection[str] = ()) -> bool:
+    return any(state(r, now, stale_ms, ended) == "running" for r in rows)
 
 
-def any_serving(rows: Sequence[ServerRow], now: int, stale_ms: int) -> bool:
+def any_serving(rows: Sequence[ServerRow], now: int, stale_ms: int,
+                ended: Collection[str] = ()) -> bool:
     """A server runs and is connected to its broker: presence is kept up to date."""
-    return any(state(r, now, stale_ms) == "running" and not r.broker_down_ms for r in rows)
+    return any(state(r, now, stale_ms, ended) == "running" and not r.broker_down_ms
+               for r in rows)
 
 
 def presence_as_of(rows: Sequence[ServerRow]) -> int:
@@ -150,7 +164,8 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
                 "it), or `waystation server forget` dropped them")
         since = "as the last server left it"
     else:
-        when = (f"every merge server recorded in this store stopped, or has not been seen "
+        when = (f"every merge server recorded in this store stopped, crashed, or has not "
+                f"been seen "
                 f"for over {stale_s} s: `waystation server status` lists them")
         since = f"as of {iso(as_of)}, when the last server was seen"
     return (f"NO MERGE SERVER IS RUNNING ({when}). Device presence (online/offline) and "
@@ -158,14 +173,15 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
             f"(or in the broker) until a server runs; {START_HINT}.")
 
 
-def presence_warning(rows: Sequence[ServerRow], now: int, stale_s: int) -> str | None:
+def presence_warning(rows: Sequence[ServerRow], now: int, stale_s: int,
+                     ended: Collection[str] = ()) -> str | None:
     """What `server status` and `server devices` say above their output when no server
     keeps presence up to date: none running, or none connected to its broker; None
     while one does."""
     stale_ms = stale_s * 1000
-    if not any_running(rows, now, stale_ms):
+    if not any_running(rows, now, stale_ms, ended):
         return no_server_warning(rows, stale_s)
-    if not any_serving(rows, now, stale_ms):
+    if not any_serving(rows, now, stale_ms, ended):
         return cut_off_warning(rows)
     return None
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from broker.errors import StoreError
 from broker.server import liveness
 from broker.server.engine import Engine
+from broker.server.process_identity import this_process
 from broker.server.store.base import ServerRow
 from broker.server.store.lmdb_store import LmdbStore
 from tests.server.faulty_store import FaultyStore
@@ -28,7 +29,8 @@ def test_tick_records_the_server_every_5_s_and_a_clean_stop_says_so(tmp_path: Pa
     time = FakeTime()
     store = FaultyStore(LmdbStore(tmp_path))
     engine = Engine(store, CATALOG, config(tmp_path), time)
-    assert _rows(store) == [ServerRow("server-1", "main", __version__, T0, T0)]
+    me = this_process()  # which process it is: `server status` on this host checks it
+    assert me and _rows(store) == [ServerRow("server-1", "main", __version__, T0, T0, proc=me)]
     engine.tick()
     before = store.transacts
     for _ in range(4):
@@ -41,7 +43,7 @@ def test_tick_records_the_server_every_5_s_and_a_clean_stop_says_so(tmp_path: Pa
     time.now += 500
     engine.flush(stopping=True)
     assert _rows(store) == [ServerRow("server-1", "main", __version__, T0, T0 + 5_500,
-                                      stopped_ms=T0 + 5_500)]
+                                      stopped_ms=T0 + 5_500, proc=me)]
     time.now += 60_000
     Engine(store, CATALOG, config(tmp_path), time)
     (row,) = _rows(store)

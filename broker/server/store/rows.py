@@ -299,17 +299,21 @@ class ServerRow:
     broker_down_ms: int = 0
     """Since when it has not been connected to its broker while running (0: connected,
     or not known: an earlier release)."""
+    proc: str = ""
+    """Which process on which host it is (`broker.server.process_identity`; "": not
+    known, an earlier release or not Linux)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "group": self.group, "version": self.version,
                 "started": self.started_ms, "seen": self.seen_ms, "stopped": self.stopped_ms,
-                "broker_down": self.broker_down_ms}
+                "broker_down": self.broker_down_ms, "proc": self.proc}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerRow:
         return cls(id=data["id"], group=data["group"], version=data["version"],
                    started_ms=data["started"], seen_ms=data["seen"],
-                   stopped_ms=data["stopped"], broker_down_ms=data.get("broker_down", 0))
+                   stopped_ms=data["stopped"], broker_down_ms=data.get("broker_down", 0),
+                   proc=str(data.get("proc", "")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,99 @@
+"""`process_identity`: which process a merge server is, and whether it has ended, as far
+as this host can tell (on a fake /proc for every case, and on the real one with a real
+child process killed by SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.server.process_identity import ended_servers, has_ended, this_process
+from broker.server.store.rows import ServerRow
+
+BOOT = "0b7e1c6a-5d4f-4e3a-9c2b-1a2b3c4d5e6f"
+NS = "pid:[4026531836]"
+
+
+def fake_proc(root: Path, procs: dict[int, tuple[str, str]], *, boot: str = BOOT,
+              ns: str = NS) -> Path:
+    """A /proc with a boot id, this process's PID namespace and `procs` pid -> (state,
+    start ticks)."""
+    (root / "sys/kernel/random").mkdir(parents=True)
+    (root / "sys/kernel/random/boot_id").write_text(boot + "\n")
+    (root / "self/ns").mkdir(parents=True)
+    (root / "self/ns/pid").symlink_to(ns)
+    for pid, (state, start) in procs.items():
+        (root / str(pid)).mkdir()
+        # a comm with spaces and a ")" of its own, as a hostile process name can be
+        rest = [state] + ["0"] * 18 + [start] + ["0"] * 30
+        (root / str(pid) / "stat").write_text(f"{pid} (way station) x) " + " ".join(rest))
+    return root
+
+
+def ident(pid: int, start: str, boot: str = BOOT, ns: str = "4026531836") -> str:
+    return f"{boot}/{ns}/{pid}/{start}"
+
+
+def test_verdicts_on_a_fake_proc(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, {100: ("S", "5000"), 101: ("Z", "6000"), 102: ("R", "7000")})
+    assert has_ended(ident(100, "5000"), proc) is False          # runs
+    assert has_ended(ident(102, "7000"), proc) is False
+    assert has_ended(ident(103, "5000"), proc) is True           # no such process
+    assert has_ended(ident(101, "6000"), proc) is True           # a zombie has ended
+    assert has_ended(ident(100, "4999"), proc) is True           # pid reused by another
+    # this host cannot tell: another boot, another PID namespace (a container), no
+    # identity, or one that does not parse
+    assert has_ended(ident(103, "5000", boot="another-boot"), proc) is None
+    assert has_ended(ident(103, "5000", ns="4026532000"), proc) is None
+    for bad in ["", "x", f"{BOOT}/4026531836/../etc/5000", f"{BOOT}/4026531836/0/5",
+                f"{BOOT}/4026531836/-1/5", f"{BOOT}/4026531836/99999999999/5",
+                f"{BOOT}/4026531836/100/5000/extra", f"{BOOT}/4026531836/100/ 5000"]:
+        assert has_ended(bad, proc) is None, bad
+
+
+def test_no_proc_cannot_tell(tmp_path: Path) -> None:
+    assert this_process(tmp_path) == ""
+    assert has_ended(ident(1, "1"), tmp_path) is None
+
+
+@given(st.text(max_size=80))
+def test_any_identity_string_gets_a_verdict_or_none(text: str) -> None:
+    """Whatever a store holds (a row is data, an old or damaged one too), never raises."""
+    assert has_ended(text) in (True, False, None)
+
+
+def test_ended_servers_names_only_unclean_ends_it_can_verify(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, {100: ("S", "5000")})
+    rows = [ServerRow("alive", "g", "v", 1, 2, proc=ident(100, "5000")),
+            ServerRow("killed", "g", "v", 1, 2, proc=ident(101, "5000")),
+            ServerRow("stopped", "g", "v", 1, 2, stopped_ms=2, proc=ident(101, "5000")),
+            ServerRow("elsewhere", "g", "v", 1, 2, proc=ident(101, "5000", boot="b")),
+            ServerRow("old-release", "g", "v", 1, 2)]
+    assert ended_servers(rows, proc) == frozenset({"killed"})
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_real_process_runs_then_is_killed() -> None:
+    assert has_ended(this_process()) is False
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from broker.server.process_identity import this_process;"
+         "import sys,time; print(this_process(), flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert child.stdout is not None
+        identity = child.stdout.readline().strip()
+        assert identity.split("/")[2] == str(child.pid)
+        assert has_ended(identity) is False
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        assert has_ended(identity) is True
+    finally:
+        child.kill()
+        child.wait(10)
