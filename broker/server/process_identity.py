@@ -15,7 +15,7 @@ cannot tell, and leaves the verdict to the liveness row.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from broker.server.store.rows import ServerRow
@@ -34,7 +34,21 @@ def this_process(proc: Path = PROC) -> str:
     return f"{here}/{os.getpid()}/{start[1]}"
 
 
-def has_ended(identity: str, proc: Path = PROC) -> bool | None:
+def pid_exists(pid: int) -> bool:
+    """Whether a process (or zombie) `pid` exists in this PID namespace. Asked of the
+    kernel, not of /proc: a /proc mounted with `hidepid`, or a `ProtectProc=invisible`
+    unit, hides other users' processes, and hidden is not ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def has_ended(identity: str, proc: Path = PROC,
+              exists: Callable[[int], bool] = pid_exists) -> bool | None:
     """True when the process `identity` names ran on this host and has ended; False when
     it still runs; None when this host cannot tell (another host, container or boot,
     no identity, or one it cannot read)."""
@@ -45,20 +59,23 @@ def has_ended(identity: str, proc: Path = PROC) -> bool | None:
     pid_text, start_text = parts[2], parts[3]
     if not (pid_text.isdigit() and start_text.isdigit()) or not 0 < int(pid_text) < _MAX_PID:
         return None
+    if not exists(int(pid_text)):
+        return True
     now = _start_time(proc, int(pid_text))
     if now is None:
-        return True
+        return None  # it exists, but its /proc entry is hidden from us
     state, start = now
     # A zombie (killed, not yet reaped by its parent) has ended too; a pid with another
     # start time is a later process that was given the same number.
     return state in {"Z", "X", "x"} or start != start_text
 
 
-def ended_servers(rows: Iterable[ServerRow], proc: Path = PROC) -> frozenset[str]:
+def ended_servers(rows: Iterable[ServerRow], proc: Path = PROC,
+                  exists: Callable[[int], bool] = pid_exists) -> frozenset[str]:
     """The ids of the servers among `rows` whose process has verifiably ended on this
     host without a clean stop (for `broker.server.liveness`)."""
-    return frozenset(r.id for r in rows
-                     if not r.stopped_ms and r.proc and has_ended(r.proc, proc) is True)
+    return frozenset(r.id for r in rows if not r.stopped_ms and r.proc
+                     and has_ended(r.proc, proc, exists) is True)
 
 
 def _host(proc: Path) -> str | None:
@@ -88,4 +105,4 @@ def _start_time(proc: Path, pid: int) -> tuple[str, str] | None:
     return rest[0], rest[19]
 
 
-__all__ = ["ended_servers", "has_ended", "this_process"]
+__all__ = ["ended_servers", "has_ended", "pid_exists", "this_process"]

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.server.process_identity import ended_servers, has_ended, this_process
+from broker.server.process_identity import has_ended as verdict
 from broker.server.store.rows import ServerRow
 
 BOOT = "0b7e1c6a-5d4f-4e3a-9c2b-1a2b3c4d5e6f"
@@ -37,25 +39,36 @@ def fake_proc(root: Path, procs: dict[int, tuple[str, str]], *, boot: str = BOOT
     return root
 
 
+def listed(proc: Path) -> Callable[[int], bool]:
+    """The fake /proc's processes as the kernel's answer to "does pid exist?"."""
+    return lambda pid: (proc / str(pid)).is_dir()
+
+
 def ident(pid: int, start: str, boot: str = BOOT, ns: str = "4026531836") -> str:
     return f"{boot}/{ns}/{pid}/{start}"
 
 
 def test_verdicts_on_a_fake_proc(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path, {100: ("S", "5000"), 101: ("Z", "6000"), 102: ("R", "7000")})
-    assert has_ended(ident(100, "5000"), proc) is False          # runs
-    assert has_ended(ident(102, "7000"), proc) is False
-    assert has_ended(ident(103, "5000"), proc) is True           # no such process
-    assert has_ended(ident(101, "6000"), proc) is True           # a zombie has ended
-    assert has_ended(ident(100, "4999"), proc) is True           # pid reused by another
+
+    def has_ended(identity: str, exists: Callable[[int], bool] | None = None) -> bool | None:
+        return verdict(identity, proc, exists or listed(proc))
+
+    assert has_ended(ident(100, "5000")) is False          # runs
+    assert has_ended(ident(102, "7000")) is False
+    assert has_ended(ident(103, "5000")) is True           # no such process
+    assert has_ended(ident(101, "6000")) is True           # a zombie has ended
+    assert has_ended(ident(100, "4999")) is True           # pid reused by another
+    # hidden from us (hidepid, ProtectProc=invisible) is not ended: cannot tell
+    assert has_ended(ident(104, "5000"), exists=lambda pid: True) is None
     # this host cannot tell: another boot, another PID namespace (a container), no
     # identity, or one that does not parse
-    assert has_ended(ident(103, "5000", boot="another-boot"), proc) is None
-    assert has_ended(ident(103, "5000", ns="4026532000"), proc) is None
+    assert has_ended(ident(103, "5000", boot="another-boot")) is None
+    assert has_ended(ident(103, "5000", ns="4026532000")) is None
     for bad in ["", "x", f"{BOOT}/4026531836/../etc/5000", f"{BOOT}/4026531836/0/5",
                 f"{BOOT}/4026531836/-1/5", f"{BOOT}/4026531836/99999999999/5",
                 f"{BOOT}/4026531836/100/5000/extra", f"{BOOT}/4026531836/100/ 5000"]:
-        assert has_ended(bad, proc) is None, bad
+        assert has_ended(bad) is None, bad
 
 
 def test_no_proc_cannot_tell(tmp_path: Path) -> None:
@@ -76,7 +89,7 @@ def test_ended_servers_names_only_unclean_ends_it_can_verify(tmp_path: Path) -> 
             ServerRow("stopped", "g", "v", 1, 2, stopped_ms=2, proc=ident(101, "5000")),
             ServerRow("elsewhere", "g", "v", 1, 2, proc=ident(101, "5000", boot="b")),
             ServerRow("old-release", "g", "v", 1, 2)]
-    assert ended_servers(rows, proc) == frozenset({"killed"})
+    assert ended_servers(rows, proc, listed(proc)) == frozenset({"killed"})
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
