@@ -42,6 +42,10 @@ DEFAULT_MAX_PACKET = 266_240
 
 _HEADER, _LENGTH, _BODY = 0, 1, 2
 _ROOM_POLL_S = 0.005
+_ROOM_POLL_MAX_S = 0.05
+"""A held client's reader looks for room again after 5 ms, then ever less often up to
+every 50 ms: with many clients held (the broker overloaded already) their polls must not
+add much to its load, and 50 ms is small against the seconds a hold lasts."""
 
 
 class PacketTooLarge(AMQTTError):  # type: ignore[misc]
@@ -127,11 +131,13 @@ class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
 
     async def read(self, n: int = -1) -> bytes:
         if self.room is not None and self._guard.at_boundary:
+            delay = _ROOM_POLL_S
             while not self.room():
                 # Left set when the keepalive timer cancels the wait: it then reads that
                 # the broker, not the client, was holding things up.
                 self.holding = True
-                await asyncio.sleep(_ROOM_POLL_S)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _ROOM_POLL_MAX_S)
             self.holding = False
         if not self._guard.fits(n):
             log.warning("packet_refused", peer=str(self._peer),
