@@ -1,0 +1,84 @@
+"""Every `waystation ...` command the README, the operator guide and the docs show is
+one the CLI has, with options it accepts: a newcomer follows them word for word."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from waystation.cli.parser import build_parser, command_paths, leaf_parser
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = [REPO / "README.md", REPO / "deploy" / "README.md",
+        *sorted((REPO / "docs").glob("*.md"))]
+# `waystation` as a command word: at a line's or code span's start, after a path, a
+# `runuser ... --`, `sudo`, `$`, or `;`/`&&`.
+_COMMAND = re.compile(r"(?:^|(?<=[`\s/;&$(]))waystation(?=\s)")
+_END = re.compile(r"[`|;&)#]")
+
+
+def doc_commands() -> list[tuple[str, int, list[str]]]:
+    """(doc, line, words after `waystation`) for every command shown in code."""
+    found = []
+    for doc in DOCS:
+        in_block = False
+        for no, line in enumerate(doc.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                in_block = not in_block
+                continue
+            spans = [line] if in_block else re.findall(r"`([^`]+)`", line)
+            for span in spans:
+                for m in _COMMAND.finditer(span):
+                    rest = span[m.end():]
+                    words = rest[:_END.search(rest).start() if _END.search(rest) else None].split()
+                    if words and re.fullmatch(r"[a-z][a-z-]*", words[0]):
+                        found.append((doc.relative_to(REPO).as_posix(), no, words))
+    return found
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {opt for action in parser._actions for opt in action.option_strings}
+
+
+def test_the_docs_show_commands_at_all() -> None:
+    """The scan finds what it is meant to check (a regex gone blind passes vacuously)."""
+    shown = {" ".join(w[:2]) for _, _, w in doc_commands()}
+    assert {"server status", "agent status", "device add", "broker run"} <= shown
+
+
+@pytest.mark.parametrize("doc", [d.relative_to(REPO).as_posix() for d in DOCS])
+def test_every_command_and_option_the_docs_show_exists(doc: str) -> None:
+    parser = build_parser()
+    paths = {" ".join(p) for p in command_paths(parser)}
+    top = {p.split()[0] for p in paths}
+    wrong = []
+    for where, no, words in doc_commands():
+        if where != doc or words[0] not in top | {"--help", "--version"}:
+            continue  # prose ("waystation syncs ...") or the top-level flags
+        path = words[0]
+        for word in words[1:]:
+            if f"{path} {word}" not in paths:
+                break
+            path = f"{path} {word}"
+        if path not in paths:
+            continue
+        leaf = leaf_parser(parser, path)
+        has_sub = any(isinstance(a, argparse._SubParsersAction) for a in leaf._actions)
+        rest = words[len(path.split()):]
+        if has_sub and rest and not rest[0].startswith("-") and rest[0] not in {"...", "…"}:
+            # `[list]` (optional), `disable/enable/remove` (a table's shorthand)
+            names = rest[0].strip("[]").split("/")
+            missing = [n for n in names if f"{path} {n}" not in paths]
+            if missing:
+                wrong.append(f"{where}:{no}: `waystation {path} {rest[0]}`: no such "
+                             f"command {', '.join(missing)}")
+            continue
+        known = _options(leaf)
+        for word in rest:
+            flag = word.split("=", 1)[0]
+            if re.fullmatch(r"--[a-z][a-z0-9-]*", flag) and flag not in known:
+                wrong.append(f"{where}:{no}: `waystation {path}` has no option {flag}")
+    assert not wrong, "\n".join(wrong)
