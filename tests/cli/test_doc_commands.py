@@ -82,3 +82,48 @@ def test_every_command_and_option_the_docs_show_exists(doc: str) -> None:
             if re.fullmatch(r"--[a-z][a-z0-9-]*", flag) and flag not in known:
                 wrong.append(f"{where}:{no}: `waystation {path}` has no option {flag}")
     assert not wrong, "\n".join(wrong)
+
+
+def toml_blocks() -> list[tuple[str, int, str]]:
+    """(doc, line, text) of every ```toml block of the docs."""
+    out = []
+    for doc in DOCS:
+        lines = doc.read_text().splitlines()
+        start = None
+        for no, line in enumerate(lines, 1):
+            if line.strip() == "```toml":
+                start = no
+            elif line.strip() == "```" and start is not None:
+                out.append((doc.relative_to(REPO).as_posix(), start,
+                            "\n".join(lines[start:no - 1])))
+                start = None
+    return out
+
+
+@pytest.mark.parametrize("where,line,text", toml_blocks(),
+                         ids=[f"{d}:{n}" for d, n, _ in toml_blocks()])
+def test_every_toml_example_is_a_config_or_schema_the_code_accepts(
+        where: str, line: int, text: str) -> None:
+    """A config example is accepted by the model of the part it configures (an unknown
+    or misspelt key is refused: the models forbid extras); a whole schema example loads
+    as a schema. Fragments of a schema (one collection) are left to the schema docs."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from schemas.collection import parse_catalog
+    from waystation.config import AgentConfig, BrokerConfig, ServerConfig
+
+    data = tomllib.loads(text.replace("${CREDENTIALS_DIRECTORY}", "/run/credentials"))
+    if "collections" in data or "migrations" in data:
+        if "version" in data and "migrations" not in data:
+            parse_catalog(data, f"{where}:{line}")
+        return
+    errors = []
+    for model in (AgentConfig, ServerConfig, BrokerConfig):
+        try:
+            model.model_validate(data)
+            return
+        except ValidationError as exc:
+            errors.append(f"{model.__name__}: {exc}")
+    pytest.fail(f"{where}:{line}: no part's config accepts this example:\n" + "\n".join(errors))
