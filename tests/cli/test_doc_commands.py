@@ -127,3 +127,28 @@ def test_every_toml_example_is_a_config_or_schema_the_code_accepts(
         except ValidationError as exc:
             errors.append(f"{model.__name__}: {exc}")
     pytest.fail(f"{where}:{line}: no part's config accepts this example:\n" + "\n".join(errors))
+
+
+def test_every_environment_override_the_docs_name_is_a_setting() -> None:
+    """`WAYSTATION_<PART>__<KEY>__<SUBKEY>` names in the docs lead to a real setting."""
+    from pydantic import BaseModel
+
+    from waystation.config import AgentConfig, BrokerConfig, ServerConfig
+
+    parts: dict[str, type[BaseModel]] = {"AGENT": AgentConfig, "SERVER": ServerConfig,
+                                         "BROKER": BrokerConfig}
+    names = {m for doc in DOCS
+             for m in re.findall(r"WAYSTATION_([A-Z]+)__([A-Z0-9_]+)", doc.read_text())}
+    assert names, "the docs name no override: the scan is blind"
+    wrong = []
+    for part, path in sorted(names):
+        model: type[BaseModel] | None = parts.get(part)
+        for key in path.lower().split("__"):
+            field = None if model is None else model.model_fields.get(key)
+            if field is None:
+                wrong.append(f"WAYSTATION_{part}__{path}")
+                break
+            nested = field.annotation
+            model = nested if isinstance(nested, type) and issubclass(nested, BaseModel) \
+                else None
+    assert not wrong, wrong
