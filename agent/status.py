@@ -19,6 +19,7 @@ from agent.models import _age
 from agent.service.lock import SYNC_LOCK, holder_pid, service_pid
 from waystation.diskfull import LOW_SPACE_BYTES
 from waystation.linkproblems import HINTS
+from waystation.processes import has_ended, pid_alive, this_process
 from waystation.timefmt import iso
 
 UNANSWERED_S = 60.0
@@ -249,19 +250,6 @@ def describe_deferral(d: dict[str, Any]) -> str:
     return text
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def read_status(core: Core) -> AgentStatus:
     """The status of the agent's store (one read transaction)."""
 
@@ -275,7 +263,9 @@ def read_status(core: Core) -> AgentStatus:
         hb_age = None if online_doc is None else max(0.0, (now - online_doc["t"]) / 1000)
         syncing: bool | None = None  # the process that wrote the heartbeat is alive
         if online_doc is not None and online_doc.get("pid"):
-            syncing = pid_alive(int(online_doc["pid"]))
+            # Its identity, where recorded, also tells a pid reused since it crashed.
+            ended = has_ended(str(online_doc.get("proc", "")))
+            syncing = pid_alive(int(online_doc["pid"])) if ended is None else not ended
         online = bool(online_doc and online_doc["on"] and hb_age is not None
                       and hb_age <= core.settings.heartbeat_timeout_s and syncing is not False)
         # The agent service holds a lock on its data_dir; a sync daemon run on its own
@@ -345,7 +335,8 @@ def read_status(core: Core) -> AgentStatus:
 
 def record_online(work: Work, online: bool) -> None:
     """The daemon's heartbeat: connected or not, now, and which process says so."""
-    work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid()})
+    work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid(),
+                                "proc": this_process()})
 
 
 def _disk_free(path: Path) -> int | None:
@@ -371,6 +362,6 @@ def _last_error(doc: dict[str, Any] | None, now: int) -> dict[str, Any] | None:
     return {**doc, "retry_in_s": round(max(0.0, (doc["retry_at"] - now) / 1000), 1)}
 
 
-__all__ = ["UNANSWERED_S", "AgentStatus", "describe_deferral", "describe_replay", "pid_alive",
+__all__ = ["UNANSWERED_S", "AgentStatus", "describe_deferral", "describe_replay",
            "read_status", "record_online"]
 

@@ -76,7 +76,6 @@ from broker.server.presence import (
     parse_status,
     status_time,
 )
-from broker.server.process_identity import this_process
 from broker.server.recent import recent_traffic
 from broker.server.registry import Registry
 from broker.server.replies import letter
@@ -95,6 +94,7 @@ from schemas.wire import ID_PATTERN
 from waystation import __version__
 from waystation.config import MergeConfig, ServerConfig
 from waystation.hlc import SERVER_NODE, Clock
+from waystation.processes import this_process
 from waystation.rules import Rule, load_rules
 
 log = structlog.get_logger(__name__)

@@ -3,6 +3,7 @@ offline says why, a dead daemon is not "online", server problems clear once over
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,11 +77,28 @@ def test_a_killed_daemon_is_not_online(agent: Agent) -> None:
                           capture_output=True, text=True, check=True)
     dead = int(proc.stdout)
     agent.sync.set_online(True)
+    # an earlier release's heartbeat: a pid alone
     agent._core.store.write(lambda tx: tx.set_meta(
-        "online", {**tx.meta("online"), "pid": dead}))
+        "online", {"on": True, "t": tx.meta("online")["t"], "pid": dead}))
     status = agent.status()
     assert not status.online and status.agent_running is False
     assert "sync daemon is not running" in status.summary()
+
+
+def test_a_crashed_daemons_pid_reused_by_another_process_is_not_online(agent: Agent) -> None:
+    """The heartbeat names its process, not only its pid: after a crash the pid may be
+    given to another process (here: this test's own), which must not pass for it."""
+    code = "from waystation.processes import this_process; print(this_process())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    assert dead
+    agent.sync.set_online(True)
+    assert agent.status().online  # its own heartbeat: this process, alive
+    reused = dead.rsplit("/", 2)[0] + f"/{os.getpid()}/" + dead.rsplit("/", 1)[1]
+    agent._core.store.write(lambda tx: tx.set_meta(
+        "online", {**tx.meta("online"), "pid": os.getpid(), "proc": reused}))
+    status = agent.status()
+    assert not status.online and status.agent_running is False
 
 
 def test_server_problem_clears_after_a_successful_sync(agent: Agent) -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 from broker.errors import StoreError
 from broker.server import liveness
 from broker.server.engine import Engine
-from broker.server.process_identity import this_process
 from broker.server.store.base import ServerRow
 from broker.server.store.lmdb_store import LmdbStore
 from tests.server.faulty_store import FaultyStore
 from tests.server.helpers import CATALOG, T0, FakeTime, config
 from waystation import __version__
+from waystation.processes import this_process
 
 
 def _rows(store: FaultyStore) -> list[ServerRow]:

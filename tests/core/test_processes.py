@@ -1,6 +1,6 @@
-"""`process_identity`: which process a merge server is, and whether it has ended, as far
-as this host can tell (on a fake /proc for every case, and on the real one with a real
-child process killed by SIGKILL)."""
+"""`waystation.processes`: which process a merge server (or an agent) is, and whether it
+has ended, as far as this host can tell (on a fake /proc for every case, and on the real
+one with a real child process killed by SIGKILL)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.server.process_identity import ended_servers, has_ended, this_process
-from broker.server.process_identity import has_ended as verdict
+from broker.server.process_identity import ended_servers
 from broker.server.store.rows import ServerRow
+from waystation.processes import has_ended, pid_alive, this_process
+from waystation.processes import has_ended as verdict
 
 BOOT = "0b7e1c6a-5d4f-4e3a-9c2b-1a2b3c4d5e6f"
 NS = "pid:[4026531836]"
@@ -71,6 +72,11 @@ def test_verdicts_on_a_fake_proc(tmp_path: Path) -> None:
         assert has_ended(bad) is None, bad
 
 
+def test_pid_alive_asks_the_kernel_and_never_about_a_group() -> None:
+    assert pid_alive(os.getpid())
+    assert not pid_alive(0) and not pid_alive(-1)  # kill(0, 0) would be a process group
+
+
 def test_no_proc_cannot_tell(tmp_path: Path) -> None:
     assert this_process(tmp_path) == ""
     assert has_ended(ident(1, "1"), tmp_path) is None
@@ -96,7 +102,7 @@ def test_ended_servers_names_only_unclean_ends_it_can_verify(tmp_path: Path) -> 
 def test_a_real_process_runs_then_is_killed() -> None:
     assert has_ended(this_process()) is False
     child = subprocess.Popen(
-        [sys.executable, "-c", "from broker.server.process_identity import this_process;"
+        [sys.executable, "-c", "from waystation.processes import this_process;"
          "import sys,time; print(this_process(), flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     try:
