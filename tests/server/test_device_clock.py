@@ -155,21 +155,25 @@ def test_the_daemon_passes_the_retain_flag_and_the_arrival_time(
     cfg = ServerConfig.model_validate({"data_dir": str(tmp_path), "mqtt": {"password": "x"}})
     server = MergeServer(cfg, CATALOG, env={}, store=store)
     topic = f"{server.prefix}/van-1/status"
-    server._on_retained(topic, _status("van-1", now - 5 * HOUR_MS))
-    server._on_retained(topic, _status("van-1", now - 5 * HOUR_MS + EVERY_MS))
-    group = server.intake.take(1.0, max_items=10, max_bytes=1 << 20)
-    assert group is not None and [i.retained for i in group] == [True, True]
-    server._process(group)
-    server.engine.flush()
+
+    def arrive(retained: bool) -> None:
+        """Two statuses 5 h behind, published 30 s apart, as if they arrived so."""
+        for back in (2 * EVERY_MS, EVERY_MS):
+            payload = _status("van-1", now - 5 * HOUR_MS - back)
+            if retained:
+                server._on_retained(topic, payload)
+            else:
+                server._on_message(topic, payload)
+            group = server.intake.take(1.0, max_items=10, max_bytes=1 << 20)
+            assert group is not None and group[0].at >= now
+            assert group[0].retained is retained
+            object.__setattr__(group[0], "at", group[0].at - back)
+            server._process(group)
+        server.engine.flush()
+
+    arrive(retained=True)
     assert _row(store, "van-1").clk_ms == 0
-    for back in (2 * EVERY_MS, EVERY_MS):  # published 30 s apart, 5 h behind
-        server._on_message(topic, _status("van-1", now - 5 * HOUR_MS - back))
-        group = server.intake.take(1.0, max_items=10, max_bytes=1 << 20)
-        assert group is not None and group[0].at >= now and not group[0].retained
-        # as if they had arrived 30 s apart
-        object.__setattr__(group[0], "at", group[0].at - back)
-        server._process(group)
-    server.engine.flush()
+    arrive(retained=False)
     row = _row(store, "van-1")
     assert devstate.clock(row, row.clk_ms) == "clock 5 h behind"
 
