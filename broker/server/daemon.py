@@ -17,6 +17,11 @@ thousand messages or 256 KiB, in the intake's fair order, waiting
 change batches share one store transaction (group commit). Answers are published only
 after that transaction committed: an ack never precedes the durable apply.
 
+Each message carries when it arrived (the network thread's clock) and, over MQTT,
+whether the broker sent it as a retained replay on subscribe (`MqttLink(on_retained=)`):
+a live status's `t` against its arrival tells how far the device's clock is off
+(`broker.server.clockskew`); a replayed one may be days old and tells nothing of it.
+
 Subscriptions: `{prefix}/+/up` — as the shared subscription
 `$share/{shared_group}/{prefix}/+/up` when `shared_group` is set, so several servers
 consume side by side (Mosquitto, EMQX; amqtt has no shared subscriptions) — and
