@@ -161,9 +161,10 @@ def _letters_line(st: DeadLetterStats, max_count: int, max_bytes: int) -> str:
 def _clocks_line(devices: list[DeviceRow], now: int) -> str:
     """The devices whose clock is off, furthest first, and what to do."""
     devices.sort(key=lambda d: (-abs(d.clk), d.id))
-    names = ", ".join(f"{d.id} ({devstate.clock(d, now)})" for d in devices[:10])
-    return (f"devices whose clock is off (their changes carry wrong times, so last-writer-"
-            f"wins ranks them wrongly against other devices' writes): {names}"
+    names = ", ".join(f"{d.id} {devstate.clock(d, now).removeprefix('clock ')}"
+                      for d in devices[:10])
+    return (f"devices whose clock is off (behind: their changes lose last-writer-wins to "
+            f"writes older in reality; ahead: re-stamped or refused): {names}"
             f"{', ...' if len(devices) > 10 else ''}; fix the device's time sync (NTP)")
 
 

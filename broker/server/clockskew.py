@@ -49,6 +49,11 @@ SLACK_MS = 2_000
 YEAR_MS = 365 * 86_400_000
 CAP_MS = 100 * YEAR_MS
 """The largest offset kept, either way."""
+EFFECT_BEHIND = ("its changes are accepted with old times: they lose last-writer-wins to "
+                 "other devices' writes that are older in reality")
+EFFECT_AHEAD = ("its changes are re-stamped with the server's time or refused (clock_skew, "
+                "merge.skew_policy)")
+FIX = "fix the device's time sync (NTP)"
 LOG_EVERY_MS = 600_000
 """At most one clock log event per device per this many ms (`ClockLog`)."""
 
@@ -171,13 +176,11 @@ class ClockLog:
         extra = {} if unlogged is None else {"unlogged": unlogged}
         if offset:
             log.warning("device_clock_off", dev=dev, offset_ms=offset,
-                        clock=describe(offset, at),
-                        effect="its changes carry wrong times: last-writer-wins ranks them "
-                               "wrongly against other devices' writes",
-                        fix="fix the device's time sync (NTP)", **extra)
+                        clock=describe(offset, at), effect=EFFECT_AHEAD if offset > 0
+                        else EFFECT_BEHIND, fix=FIX, **extra)
         else:
             log.info("device_clock_ok", dev=dev, **extra)
 
 
-__all__ = ["CAP_MS", "LOG_EVERY_MS", "MIN_GAP_MS", "ClockLog", "ClockWatch", "Sample",
-           "clamp", "describe", "judge", "slack"]
+__all__ = ["CAP_MS", "EFFECT_AHEAD", "EFFECT_BEHIND", "FIX", "LOG_EVERY_MS", "MIN_GAP_MS",
+           "ClockLog", "ClockWatch", "Sample", "clamp", "describe", "judge", "slack"]

@@ -72,6 +72,9 @@ def test_a_clock_behind_is_named_from_the_second_status_and_logged_once(
             row = _row(store, "van-1")
             assert abs(row.clk + 3 * HOUR_MS) <= 1 and row.clk_ms == time()
             assert devstate.presence(row, None, time()) == "online, clock 3 h behind"
+            # read two days later, the device gone quiet: how old the measure is
+            assert devstate.clock(row, time() + 2 * 86_400_000) == (
+                "clock 3 h behind as of 2d ago")
             assert devstate.device_doc(row)["clock"] == {
                 "offset_ms": row.clk, "off": True, "measured": devstate.iso(time()),
                 "note": "clock 3 h behind"}
@@ -225,10 +228,9 @@ def test_server_devices_and_status_name_the_clocks_off(
                                       "measured": docs["van-2"]["clock"]["measured"]}
     assert main(["server", "status"], env=env) == 0
     out = capsys.readouterr().out
-    assert ("devices whose clock is off (their changes carry wrong times, so last-writer-"
-            "wins ranks them wrongly against other devices' writes): van-3 (clock over a "
-            "year behind (it reads 2000)), van-1 (clock 3 h behind); fix the device's time "
-            "sync (NTP)") in out
+    assert ("devices whose clock is off (behind: their changes lose last-writer-wins to "
+            "writes older in reality; ahead: re-stamped or refused): van-3 over a year behind "
+            "(it reads 2000), van-1 3 h behind; fix the device's time sync (NTP)") in out
     assert main(["server", "status", "--json"], env=env) == 0
     off = json.loads(capsys.readouterr().out)["devices"]["clock_off"]
     assert sorted(off) == ["van-1", "van-3"] and off["van-1"]["note"] == "clock 3 h behind"
