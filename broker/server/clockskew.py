@@ -135,6 +135,16 @@ class ClockWatch:
             self.log.changed(dev, offset, cur.at)
         return offset
 
+    def off(self) -> int:
+        """How many devices' clocks are off, as last judged in this run (for metrics;
+        safe to call from another thread: it copies first)."""
+        for _ in range(3):
+            try:
+                return sum(1 for offset in list(self._offset.values()) if offset)
+            except RuntimeError:  # resized by the engine's thread meanwhile
+                continue
+        return 0
+
     def forget(self, keep: set[str]) -> None:
         """Drop what is held of devices not in `keep` (removed ones)."""
         for held in (self._last, self._offset):

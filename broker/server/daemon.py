@@ -188,6 +188,7 @@ class MergeServer:
                 "group_seconds": self.group_seconds,
                 "devices_registered": len(registry.devices()),
                 "devices_online": len(self.engine.presence.online()),
+                "devices_clock_off": self.engine.clocks.off(),
                 "inbox": intake.items, "intake": intake.to_json(),
                 "dead_letter_store": None if letters is None else letters.to_json(),
                 "connected": self.link.connected,

@@ -136,8 +136,12 @@ def test_the_log_says_it_once_not_per_status() -> None:
             watch.observe("van-1", Sample(at - 3 * HOUR, at), 0)
         at = T0 + 100 * EVERY
         assert watch.observe("van-1", Sample(at, at), -3 * HOUR) == 0
+        assert watch.off() == 0
+        watch.observe("van-2", Sample(at + HOUR, at), 0)
+        assert watch.off() == 1
     assert [(e["event"], e.get("clock")) for e in logs] == [
-        ("device_clock_off", "clock 3 h behind"), ("device_clock_ok", None)]
+        ("device_clock_off", "clock 3 h behind"), ("device_clock_ok", None),
+        ("device_clock_off", "clock 60 min ahead")]
     assert logs[0]["fix"] == "fix the device's time sync (NTP)"
     clog = ClockLog(every_ms=600_000)
     with capture_logs() as logs:
