@@ -33,12 +33,11 @@ never "20,000 days".
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import structlog
 
-from waystation.timefmt import span
+from waystation.timefmt import span, year
 
 log = structlog.get_logger(__name__)
 
@@ -107,8 +106,9 @@ def describe(offset: int, measured_ms: int) -> str:
     if size < YEAR_MS:
         return f"clock {span(size)} {way}"
     text = f"clock over a year {way}"
-    if size < CAP_MS:
-        text += f" (it reads {time.gmtime((measured_ms + offset) / 1000).tm_year})"
+    reads = year(measured_ms + offset) if size < CAP_MS else 0
+    if 0 < reads < 10_000:
+        text += f" (it reads {reads})"
     return text
 
 

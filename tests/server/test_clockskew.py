@@ -160,3 +160,34 @@ def test_the_stored_offset_seeds_a_restarted_server() -> None:
     with capture_logs() as logs:
         assert watch.observe("van-1", Sample(T0 + HOUR, T0), HOUR) == HOUR
     assert logs == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 120_000),
+                                st.sampled_from([0, -3 * HOUR, HOUR, -T0, MAX_SAFE_INT])),
+                      min_size=1, max_size=60))
+def test_the_log_is_bounded_and_its_last_word_is_the_truth(
+        steps: list[tuple[int, int]]) -> None:
+    """Any run of live statuses (each some time after the last, from a clock right, 3 h
+    behind, 1 h ahead, at 1970 or at 2^53): at most one clock event per 10 min and per
+    change of state, and once the tick has run 10 min later the last event says what
+    the device's clock was last judged (off or right)."""
+    every = 600_000
+    watch = ClockWatch(SKEW, log_every_ms=every)
+    now = T0
+    judged = 0
+    changes = 0
+    with capture_logs() as logs:
+        for dt, offset in steps:
+            now += dt
+            off = watch.observe("van-1", Sample(max(0, now + offset), now), 0)
+            if off is not None:
+                changes += bool(off) != bool(judged)
+                judged = off
+            watch.log.flush(now)
+        elapsed = now - T0
+        watch.log.flush(now + every)
+    events = [e for e in logs if e["event"].startswith("device_clock")]
+    assert len(events) <= min(changes, 2 + elapsed // every)
+    if changes:
+        assert events[-1]["event"] == ("device_clock_off" if judged else "device_clock_ok")
