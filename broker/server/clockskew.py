@@ -23,7 +23,9 @@ that smaller, never larger, so:
   disagrees by the time the backlog waited; so only statuses that waited about equally,
   i.e. a device clock that really is that far behind, pass. The Waystation agent
   publishes a status every 30 s: a device behind is named about 30 s after it connects.
-- a status within `merge.max_skew_ms` either way says the clock is fine (offset 0).
+- a status within `merge.max_skew_ms` either way says the clock is fine (offset 0),
+  but for a clock judged ahead: a status that waited as long as the clock is ahead
+  looks right, so it is right again only when two statuses that agree say so.
 
 The offset kept is clamped to `CAP_MS` (100 years) either way: a hostile `t` (up to
 2^53 ms, the year 287,396) cannot make anything overflow, and a text beyond a year says
@@ -78,19 +80,30 @@ def clamp(offset: int) -> int:
     return max(-CAP_MS, min(CAP_MS, offset))
 
 
-def judge(prev: Sample | None, cur: Sample, max_skew_ms: int) -> int | None:
+def agree(prev: Sample | None, cur: Sample) -> bool:
+    """Two live statuses that travelled alike: received `MIN_GAP_MS` or more apart, and
+    the device's clock advanced as much as the server's between them (within `slack`)."""
+    if prev is None:
+        return False
+    gap = cur.at - prev.at
+    return gap >= MIN_GAP_MS and abs(cur.offset - prev.offset) <= slack(gap)
+
+
+def judge(prev: Sample | None, cur: Sample, max_skew_ms: int, was: int = 0) -> int | None:
     """The device's clock offset (ms, + ahead, - behind; 0 within `max_skew_ms`) that
-    the live status `cur` proves, `prev` being the device's previous live status; None:
-    it proves nothing yet (behind, and not confirmed by `prev`; see module docstring)."""
+    the live status `cur` proves, `prev` being the device's previous live status and
+    `was` the offset last judged; None: it proves nothing yet (see module docstring)."""
     off = cur.offset
     if off > max_skew_ms:
         return clamp(off)
     if off >= -max_skew_ms:
+        # A clock judged ahead looks right in a status that waited as long as it is
+        # ahead: it is right again only when two statuses that agree say so.
+        if was > 0 and not (agree(prev, cur) and prev is not None
+                            and prev.offset <= max_skew_ms):
+            return None
         return 0
-    if prev is None or prev.offset >= -max_skew_ms:
-        return None
-    gap = cur.at - prev.at
-    if gap < MIN_GAP_MS or abs(off - prev.offset) > slack(gap):
+    if prev is None or prev.offset >= -max_skew_ms or not agree(prev, cur):
         return None
     # Whatever both waited on the way counts against the device: the less behind of two.
     return clamp(max(off, prev.offset))
@@ -125,11 +138,11 @@ class ClockWatch:
     def observe(self, dev: str, cur: Sample, stored: int) -> int | None:
         """A live status of `dev`; `stored` is the offset its row holds (the last judged,
         also by an earlier server run). Returns the offset to store, None: nothing new."""
-        offset = judge(self._last.get(dev), cur, self.max_skew_ms)
+        was = self._offset.get(dev, stored)
+        offset = judge(self._last.get(dev), cur, self.max_skew_ms, was)
         self._last[dev] = cur
         if offset is None:
             return None
-        was = self._offset.get(dev, stored)
         self._offset[dev] = offset
         if bool(was) != bool(offset):
             self.log.changed(dev, offset, cur.at)
@@ -193,4 +206,5 @@ class ClockLog:
 
 
 __all__ = ["CAP_MS", "EFFECT_AHEAD", "EFFECT_BEHIND", "FIX", "LOG_EVERY_MS", "MIN_GAP_MS",
-           "ClockLog", "ClockWatch", "Sample", "clamp", "describe", "judge", "slack"]
+           "ClockLog", "ClockWatch", "Sample", "agree", "clamp", "describe", "judge",
+           "slack"]
