@@ -2,10 +2,11 @@
 §7.10), and how that reads to an operator (pure but for the log).
 
 Why it matters: every change carries its hybrid-logical-clock stamp (`waystation.hlc`),
-whose wall time is the device's clock. A clock far AHEAD is refused per change
-(`clock_skew`, `broker.server.applier`); a clock far BEHIND (an RTC reset to 1970 or
-2000, NTP dead) is accepted, and its changes lose last-writer-wins to writes that are
-older in reality. Nobody would know: this module is how the operator learns it.
+whose wall time is the device's clock. A clock far AHEAD is caught per change (its
+stamps re-stamped or refused, `clock_skew`, `broker.server.applier`); a clock far
+BEHIND (an RTC reset to 1970 or 2000, NTP dead) is accepted, and its changes lose
+last-writer-wins to writes that are older in reality. Nobody would know: this module
+is how the operator learns it.
 
 The measure: a status's `t` (the device's time) minus when the server received it
 (`received`, taken on the network thread before the intake queue). Transit only makes
