@@ -105,6 +105,7 @@ class MqttLink(NetworkThread):
         on_connect: OnConnect | None = None,
         on_disconnect: OnDisconnect | None = None,
         on_message: OnMessage | None = None,
+        on_retained: OnMessage | None = None,
         on_problem: OnProblem | None = None,
         rng: random.Random | None = None,
         password_provider: PasswordProvider | None = None,
@@ -120,6 +121,8 @@ class MqttLink(NetworkThread):
         asked for the password before each attempt (``password`` is then ignored).
         ``cert_provider``: asked for the client certificate before each attempt (with
         ``tls``; it replaces the context's certificate when it names other files).
+        ``on_retained``: called instead of ``on_message`` for a retained message the
+        broker sends on subscribe (old news, not what was just published).
         """
         if not client_id:
             raise ValueError("client_id is required (persistent sessions are per client id)")
@@ -133,6 +136,7 @@ class MqttLink(NetworkThread):
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self._on_message_cb = on_message
+        self._on_retained_cb = on_retained
         self._on_problem_cb = on_problem
         self._problem: LinkProblem | None = None
         self._username = username

@@ -41,6 +41,7 @@ class NetworkThread:
     _on_connect_cb: hooks.OnConnect | None
     _on_disconnect_cb: hooks.OnDisconnect | None
     _on_message_cb: hooks.OnMessage | None
+    _on_retained_cb: hooks.OnMessage | None
     _on_problem_cb: hooks.OnProblem | None
     _problem: LinkProblem | None
     _username: str | None
@@ -242,7 +243,12 @@ class NetworkThread:
         self._mark_down(str(reason))
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._call(self._on_message_cb, msg.topic, bytes(msg.payload))
+        # A retained message sent on subscribe (retain 1) is old news to an owner that
+        # tells it apart (`on_retained`); live ones, also those a broker queued in the
+        # session while the link was down, come with retain 0 (MQTT 3.1.1 §3.3.1.3).
+        retained = msg.retain and self._on_retained_cb is not None
+        self._call(self._on_retained_cb if retained else self._on_message_cb, msg.topic,
+                   bytes(msg.payload))
 
     def _handle_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any

@@ -39,4 +39,9 @@ def iso(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
-__all__ = ["ago", "iso", "span"]
+def year(ms: int) -> int:
+    """The (UTC) year of `ms` since the epoch."""
+    return time.gmtime(ms / 1000).tm_year
+
+
+__all__ = ["ago", "iso", "span", "year"]

@@ -10,7 +10,7 @@ from broker.cli.common import live_schema, now_ms, server_config
 from broker.server import devstate, liveness, login_removal
 from broker.server.process_identity import ended_servers
 from broker.server.store import open_store
-from broker.server.store.base import DeadLetterStats, ServerRow
+from broker.server.store.base import DeadLetterStats, DeviceRow, ServerRow
 from waystation.cli.output import ago, iso, print_json, table
 
 
@@ -39,6 +39,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     online = sorted(d.id for d in devices if d.online)
     never = sorted(d.id for d in devices if not d.online and not d.last_seen_ms)
     refused = {d.id: d.dl for d in devices if d.dl > 0}
+    clocks = {d.id: d for d in devices if d.clk}
     rotating = {d.id: rot for d in devices
                 if (rot := devstate.rotation_doc(d)) is not None and rot["stage"] != "retired"}
     renewing = {d.id: crt["renewal"] for d in devices
@@ -58,7 +59,10 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                    "file_version": file_version},
         "devices": {"known": len(devices), "enabled": sum(d.enabled for d in devices),
                     "online": len(online), "never_connected": len(never),
-                    "with_dead_letters": refused},
+                    "with_dead_letters": refused,
+                    "clock_off": {dev: {"offset_ms": d.clk, "measured": iso(d.clk_ms),
+                                        "note": devstate.clock(d, now)}
+                                  for dev, d in sorted(clocks.items())}},
         "scopes": {s: {"seq": q, "purged_to": horizons[s]} for s, q in sorted(seqs.items())},
         "records": info.counts["records"],
         "open_conflicts": info.counts["open_conflicts"],
@@ -109,6 +113,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
               f"person): {', '.join(f'{dev} ({refused[dev]})' for dev in names[:10])}"
               f"{', ...' if len(names) > 10 else ''}; on each, `waystation agent "
               "deadletters` lists them (retry or discard)")
+    if clocks:
+        print(_clocks_line(list(clocks.values()), now))
     if rotating:
         print("password rotations under way: " + ", ".join(
             f"{dev} ({rot['stage']}" + (f", next step failed at {rot['failing']['at']}: "
@@ -155,6 +161,16 @@ def _letters_line(st: DeadLetterStats, max_count: int, max_bytes: int) -> str:
     return line
 
 
+def _clocks_line(devices: list[DeviceRow], now: int) -> str:
+    """The devices whose clock is off, furthest first, and what to do."""
+    devices.sort(key=lambda d: (-abs(d.clk), d.id))
+    names = ", ".join(f"{d.id} {devstate.clock(d, now).removeprefix('clock ')}"
+                      for d in devices[:10])
+    return (f"devices whose clock is off (behind: their changes lose last-writer-wins to "
+            f"writes older in reality; ahead: re-stamped or refused): {names}"
+            f"{', ...' if len(devices) > 10 else ''}; fix the device's time sync (NTP)")
+
+
 def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server devices`: devices with scopes, presence and progress."""
     store = open_store(server_config(args, env))
@@ -183,7 +199,7 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(warning)
     rows = []
     for d in devices:
-        rows.append([d.id, devstate.presence(d, as_of), ago(d.last_seen_ms, now),
+        rows.append([d.id, devstate.presence(d, as_of, now), ago(d.last_seen_ms, now),
                      ago(d.synced_ms, now), d.agent or "-", devstate.pending(d, now),
                      devstate.dead_letters(d), devstate.progress(d, seqs, now)])
     table(["DEVICE", "STATE", "LAST SEEN", "LAST SYNC", "AGENT", "PENDING",

@@ -17,6 +17,11 @@ thousand messages or 256 KiB, in the intake's fair order, waiting
 change batches share one store transaction (group commit). Answers are published only
 after that transaction committed: an ack never precedes the durable apply.
 
+Each message carries when it arrived (the network thread's clock) and, over MQTT,
+whether the broker sent it as a retained replay on subscribe (`MqttLink(on_retained=)`):
+a live status's `t` against its arrival tells how far the device's clock is off
+(`broker.server.clockskew`); a replayed one may be days old and tells nothing of it.
+
 Subscriptions: `{prefix}/+/up` — as the shared subscription
 `$share/{shared_group}/{prefix}/+/up` when `shared_group` is set, so several servers
 consume side by side (Mosquitto, EMQX; amqtt has no shared subscriptions) — and
@@ -142,6 +147,7 @@ class MergeServer:
                 max_inflight=0, max_queued=0, will=will,
                 on_connect=self._on_connect,
                 on_message=self._on_message,
+                on_retained=self._on_retained,
             )
         self.link.subscribe(self.up_filter, qos=1)
         self.link.subscribe(self.status_filter, qos=1)
@@ -182,6 +188,7 @@ class MergeServer:
                 "group_seconds": self.group_seconds,
                 "devices_registered": len(registry.devices()),
                 "devices_online": len(self.engine.presence.online()),
+                "devices_clock_off": self.engine.clocks.off(),
                 "inbox": intake.items, "intake": intake.to_json(),
                 "dead_letter_store": None if letters is None else letters.to_json(),
                 "connected": self.link.connected,
@@ -214,13 +221,21 @@ class MergeServer:
             # or its retained "offline" would hold every device of the group forever.
             self.link.publish(self.state_topic, b"", qos=1, retain=True)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_retained(self, topic: str, payload: bytes) -> None:
+        """A retained message the broker replays on subscribe (MQTT only): a status that
+        may be days old, which tells presence but not how far the device's clock is."""
+        self._on_message(topic, payload, retained=True)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         parts = topic.split("/")
         if len(parts) != 3 or parts[0] != self.prefix or parts[2] not in ("up", "status"):
             log.warning("unexpected_topic", topic=topic[:200])
             return
-        # Blocks while the intake is full: paho reads nothing more meanwhile.
-        verdict = self.intake.put(parts[2], parts[1], payload)
+        # Blocks while the intake is full: paho reads nothing more meanwhile. When it
+        # arrived goes with it: a status's `t` is compared with it, not with when the
+        # worker gets to it (`broker.server.clockskew`).
+        verdict = self.intake.put(parts[2], parts[1], payload, retained=retained,
+                                  at=wall_ms())
         if verdict is Verdict.DROPPED and isinstance(self.link, AmqpLink):
             # Dropped on purpose (the device is over its quota; it resends what is not
             # acked): RabbitMQ must not keep it unacknowledged, or consumption stalls.
@@ -279,7 +294,9 @@ class MergeServer:
                 self._publish(self.engine.handle_refused(item.device, item.kind,
                                                          item.payload, item.size))
             elif item.kind == "status":
-                self._publish(self.engine.handle_status(item.device, item.payload))
+                self._publish(self.engine.handle_status(
+                    item.device, item.payload, live=not item.retained,
+                    received_ms=item.at or None))
             elif item.kind == "connected":
                 self.engine.reset_presence()
         if ups:

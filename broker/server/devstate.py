@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from broker.server.cert_renewal import Renewal
+from broker.server.clockskew import describe
 from broker.server.rotation import Rotation
 from broker.server.store.base import DeviceRow
 from waystation.timefmt import ago, iso
@@ -76,8 +77,9 @@ def removal_state(doc: Mapping[str, Any]) -> str:
     return state
 
 
-def presence(row: DeviceRow, as_of_ms: int | None = None) -> str:
-    """The STATE column of `server devices`: lifecycle first, then online/offline.
+def presence(row: DeviceRow, as_of_ms: int | None = None, now: int | None = None) -> str:
+    """The STATE column of `server devices`: lifecycle first, then online/offline, and a
+    clock that is off (`clock`, given `now`).
     `as_of_ms` (not None: no merge server runs, `broker.server.liveness`) is when the
     presence was last kept: "online" becomes "online? (as of T)", since nobody marks a
     device that went away offline (0: unknown, no server ever recorded itself)."""
@@ -93,7 +95,25 @@ def presence(row: DeviceRow, as_of_ms: int | None = None) -> str:
     store = recreated(row)
     if store:
         parts.append(store)
+    skew = "" if now is None else clock(row, now)
+    if skew:
+        parts.append(skew)
     return ", ".join(parts)
+
+
+CLOCK_STALE_MS = 300_000
+"""A clock measured longer ago than this says when ("as of 2d ago")."""
+
+
+def clock(row: DeviceRow, now: int) -> str:
+    """ "clock 3 h behind" when the device's clock was off by more than
+    `merge.max_skew_ms` at its last live status (`broker.server.clockskew`), with how
+    old that is once it is minutes old (an offline device reports nothing new): "clock
+    3 h behind as of 2d ago"; "" when it was right or never measured."""
+    text = describe(row.clk, row.clk_ms)
+    if text and now - row.clk_ms >= CLOCK_STALE_MS:
+        text += f" as of {ago(row.clk_ms, now)}"
+    return text
 
 
 def recreated(row: DeviceRow) -> str:
@@ -151,6 +171,9 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
         "pending_reported": iso(row.pend_ms) or None,
         "pending_oldest": iso(row.pend_old_ms) or None if row.pend > 0 else None,
         "dead_letters": None if row.dl < 0 else row.dl,
+        "clock": None if not row.clk_ms else {
+            "offset_ms": row.clk, "off": bool(row.clk), "measured": iso(row.clk_ms),
+            "note": describe(row.clk, row.clk_ms) or None},
         "store": {"incarnation": row.inc or None, "since": iso(row.inc_ms),
                   "incarnations_seen": row.incs},
         "wipe": None if not row.wipe_id else {
@@ -168,6 +191,6 @@ def device_doc(row: DeviceRow, seqs: Mapping[str, int] | None = None) -> dict[st
     return doc
 
 
-__all__ = ["ago", "cert_doc", "dead_letters", "device_doc", "iso", "lifecycle", "pending",
+__all__ = ["ago", "cert_doc", "clock", "dead_letters", "device_doc", "iso", "lifecycle", "pending",
            "presence",
            "progress", "recreated", "removal_state", "rotation_doc"]

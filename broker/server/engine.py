@@ -7,9 +7,11 @@ No MQTT here. The daemon feeds the engine what arrives and publishes what it ret
         all change batches of the group are applied in ONE store transaction (group
         commit), then each sender gets its `ack` / `reject` / commands / catch-up pages,
         and every other online device of an affected scope one `delta` (set).
-    engine.handle_status(topic_device, payload) -> [(device_id, message_bytes)]
+    engine.handle_status(topic_device, payload, live=, received_ms=) -> [(device_id, ...)]
         a (retained) `{prefix}/{dev}/status` message: presence, kept in memory; a status
-        the server cannot read is answered with a message-level `reject`.
+        the server cannot read is answered with a message-level `reject`; a live one
+        (not a retained replay) also tells how far the device's clock is off
+        (`broker.server.clockskew`).
     engine.tick() -> [(device_id, message_bytes)]
         call about once a second: picks up registry changes made by the CLI (and sends
         newly issued commands to online devices), fans out operator resolutions queued
@@ -51,6 +53,7 @@ from broker.server import schema_guard
 from broker.server.answers import message_replies
 from broker.server.applier import Applier
 from broker.server.caps import ZDICT, served_now
+from broker.server.clockskew import ClockWatch, Sample
 from broker.server.downcast import Downcaster
 from broker.server.engine_txn import MAX_PENDING_LETTERS, GroupTransaction
 from broker.server.expiry import Expiry
@@ -139,6 +142,8 @@ class Engine(GroupTransaction):
         self.presence = Presence()
         self.presence_log = PresenceLog()
         """Presence changes for the log, one event per device per second at most."""
+        self.clocks = ClockWatch(self.cfg.max_skew_ms)
+        """How far each device's clock is off, from its live statuses."""
         self.counters: Counter[str] = Counter()
         self.recent = recent_traffic(config)
         """The references of devices that agreed to `zd3` (None: not served here)."""
@@ -206,8 +211,11 @@ class Engine(GroupTransaction):
             out.extend(self._catchups(catchups))
         return out
 
-    def handle_status(self, topic_device: str, payload: bytes) -> list[Outgoing]:
-        """Record a device's presence from its (retained) status message.
+    def handle_status(self, topic_device: str, payload: bytes, *, live: bool = False,
+                      received_ms: int | None = None) -> list[Outgoing]:
+        """Record a device's presence from its (retained) status message; `live` (not a
+        retained replay), received at `received_ms` (default: now), its `t` also tells
+        how far the device's clock is off (`broker.server.clockskew`).
 
         A status the server cannot read leaves presence as it was, is kept as a dead
         letter and, for a registered device, answered with a `reject` whose `err` says
@@ -255,6 +263,11 @@ class Engine(GroupTransaction):
             # must not show "last seen 3 h ago" (its last change). Never backwards.
             if at > row.last_seen_ms:
                 fields["last_seen_ms"] = at
+        if live and report.t is not None and row is not None:
+            at = self.now_ms() if received_ms is None else received_ms
+            offset = self.clocks.observe(topic_device, Sample(report.t, at), row.clk)
+            if offset is not None:
+                fields.update(clk=offset, clk_ms=at)
         self._rows.put(topic_device, fields)
         return []
 
@@ -296,12 +309,14 @@ class Engine(GroupTransaction):
                 self._next_trim = now + TRIM_INTERVAL_MS
                 self._trim_letters(now)
             self.presence_log.flush(now)
+            self.clocks.log.flush(now)
             self._refresh_registry()
             unresolved, self._unresolved_status = self._unresolved_status, {}
             for dev, payload in unresolved.items():
                 out.extend(self.handle_status(dev, payload))
             if self.registry.generation != self._commands_gen:
                 self._commands_gen = self.registry.generation
+                self.clocks.forget({row.id for row in self.registry.devices()})
                 out.extend(self._push_commands())
             out.extend(self._schema_out)
             self._schema_out = []

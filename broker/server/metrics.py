@@ -85,6 +85,7 @@ class ServerCollector(Collector):
         devices = GaugeMetricFamily("waystation_server_devices", "Devices", labels=["state"])
         devices.add_metric(["registered"], snap.get("devices_registered", 0))
         devices.add_metric(["online"], snap.get("devices_online", 0))
+        devices.add_metric(["clock_off"], snap.get("devices_clock_off", 0))
         yield devices
         yield GaugeMetricFamily("waystation_server_inbox_messages",
                                 "Messages waiting for the worker", value=snap.get("inbox", 0))

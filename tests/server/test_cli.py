@@ -152,7 +152,7 @@ def test_server_status_and_devices(env: dict[str, str],
     assert code == 0
     assert doc["store"]["kind"] == env.get("WAYSTATION_SERVER__STORE__KIND", "lmdb")
     assert doc["devices"] == {"known": 2, "enabled": 2, "online": 1, "never_connected": 0,
-                              "with_dead_letters": {}}
+                              "with_dead_letters": {}, "clock_off": {}}
     assert doc["scopes"] == {"r1": {"seq": 2, "purged_to": 0}}
     assert doc["open_conflicts"] == 1 and doc["dead_letters"] == 1
     assert doc["schema"]["version"] == CATALOG.version

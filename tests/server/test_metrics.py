@@ -17,7 +17,8 @@ class _Counts:
             "counters": {"applied": 12, "duplicates": 3, "rejected": 1, "conflicts": 2,
                          "dead_letters": 4, "schema_redos": 2},
             "messages_in": 20, "messages_out": 31, "groups": 5, "group_seconds": 0.25,
-            "devices_registered": 3, "devices_online": 2, "inbox": 0, "connected": True,
+            "devices_registered": 3, "devices_online": 2, "devices_clock_off": 1,
+            "inbox": 0, "connected": True,
             "intake": {"bytes": 1000, "items": 2, "devices": 1, "peak_bytes": 5000,
                        "max_bytes": 9000, "device_bytes": 4000, "queued": 7, "refused": 2,
                        "refused_bytes": 600000, "dropped": 5, "dropped_bytes": 2500,
@@ -45,6 +46,7 @@ def test_metrics_endpoint_reports_counters_and_follows_changes() -> None:
         assert 'waystation_server_changes_total{outcome="applied"} 12.0' in text
         assert 'waystation_server_changes_total{outcome="duplicate"} 3.0' in text
         assert 'waystation_server_devices{state="online"} 2.0' in text
+        assert 'waystation_server_devices{state="clock_off"} 1.0' in text
         assert "waystation_server_broker_connected 1.0" in text
         assert "waystation_server_dead_letters_total 4.0" in text
         assert "waystation_server_schema_redos_total 2.0" in text

@@ -15,8 +15,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from broker.server import devstate
+from broker.server.clockskew import CAP_MS, YEAR_MS
 from broker.server.engine import Engine
 from broker.server.store.base import DeviceRow, Store
+from schemas.codec import MAX_SAFE_INT
 from tests.server.helpers import FakeTime, by_device, changes, errors, make_engine, oks, task
 
 DAY_MS = 86_400_000
@@ -207,3 +209,47 @@ def test_a_hostile_agent_string_cannot_forge_the_devices_table(
     [line] = [ln for ln in out.splitlines() if "bad-1" in ln]
     assert "\\x1b[2J\\x1b[31mX\\x07\\nvan-9  online  just now\\u202e" in line
     assert not any(ln.startswith("van-9") for ln in out.splitlines())
+
+
+def test_absurd_device_times_read_as_bounded_words_and_log_once(
+        env: tuple[Engine, Store, FakeTime, list[int]]) -> None:
+    """Live statuses saying 1970 (an RTC that lost power) or the year 287,396 (2^53 ms),
+    then a flood alternating 2^53 with the right time: the row keeps at most 100 years
+    either way and STATE reads "clock over a year behind (it reads 1970)" or "clock over
+    a year ahead", never "20,000 days"; the flood writes nothing until the tick and logs
+    nothing (a clock ahead is right again only when two statuses 10 s apart agree, so
+    the flood cannot flip it); two such say it, logged once."""
+    engine, store, time, writes = env
+    with capture_logs() as logs:
+        for i in range(2):
+            time.now += 30_000
+            engine.handle_status("bad-1", _status(t=i * 30_000), live=True)
+        engine.tick()
+    row = _row(store)
+    assert -CAP_MS <= row.clk < -50 * YEAR_MS
+    assert devstate.presence(row, None, time()) == (
+        "online, clock over a year behind (it reads 1970)")
+    assert [e["clock"] for e in logs if e["event"] == "device_clock_off"] == [
+        "clock over a year behind (it reads 1970)"]
+    writes.clear()
+    with capture_logs() as logs:
+        for i in range(10_000):
+            engine.handle_status("bad-1", _status(t=MAX_SAFE_INT if i % 2 == 0 else time()),
+                                 live=True)
+        assert writes == []
+        engine.tick()
+        assert len(writes) <= 3
+        time.now += 600_000
+        engine.tick()
+    assert not [e for e in logs if e["event"].startswith("device_clock")]
+    row = _row(store)
+    assert row.clk == CAP_MS and devstate.clock(row, row.clk_ms) == "clock over a year ahead"
+    assert devstate.device_doc(row)["clock"]["offset_ms"] == CAP_MS
+    with capture_logs() as logs:
+        for _ in range(2):
+            time.now += 30_000
+            engine.handle_status("bad-1", _status(t=time()), live=True)
+        engine.tick()
+    assert [e["event"] for e in logs if e["event"].startswith("device_clock")] == [
+        "device_clock_ok"]
+    assert _row(store).clk == 0

@@ -64,7 +64,8 @@ class Intake:
     def limits(self) -> IntakeLimits:
         return self._queue.limits
 
-    def put(self, kind: str, device: str, payload: bytes) -> Verdict:
+    def put(self, kind: str, device: str, payload: bytes, *, retained: bool = False,
+            at: int = 0) -> Verdict:
         """Queue a device's message; waits while the intake is full. Never FULL."""
         with self._lock:
             waited = False
@@ -73,7 +74,8 @@ class Intake:
                 while True:
                     if self._closed:
                         return Verdict.CLOSED
-                    verdict = self._queue.offer(kind, device, payload)
+                    verdict = self._queue.offer(kind, device, payload, retained=retained,
+                                                at=at)
                     if verdict is not Verdict.FULL:
                         if verdict is Verdict.QUEUED or verdict is Verdict.REFUSED:
                             self._ready.notify()

@@ -103,6 +103,10 @@ class Item:
     origin: int = 0
     """For a refusal note: `id()` of the payload it stands for, so a transport that
     tracks deliveries by payload (`AmqpLink.settle`) can still settle it."""
+    retained: bool = False
+    """A retained message the broker sent on subscribe (old news), not a live one."""
+    at: int = 0
+    """When it arrived (ms since the epoch, on the network thread; 0: not noted)."""
 
     @property
     def cost(self) -> int:
@@ -167,16 +171,19 @@ class FairQueue:
 
     # --- producing
 
-    def offer(self, kind: str, device: str, payload: bytes) -> Verdict:
-        """Queue a device's message, or say why not (see `Verdict`)."""
+    def offer(self, kind: str, device: str, payload: bytes, *, retained: bool = False,
+              at: int = 0) -> Verdict:
+        """Queue a device's message, or say why not (see `Verdict`); `retained` and
+        `at` go with it (`Item`)."""
         limits = self.limits
         refused = len(payload) > limits.max_payload
         if refused:
             # (never more than a message may hold: a note costs no more than one)
             head = payload[:min(REFUSED_HEAD, limits.max_payload)]
-            item = Item(kind, device, head, len(payload), refused=True, origin=id(payload))
+            item = Item(kind, device, head, len(payload), refused=True, origin=id(payload),
+                        retained=retained, at=at)
         else:
-            item = Item(kind, device, payload, len(payload))
+            item = Item(kind, device, payload, len(payload), retained=retained, at=at)
         cost = item.cost
         flow = self._flows.get(device)
         held = 0 if flow is None else flow.bytes

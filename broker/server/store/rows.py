@@ -42,6 +42,11 @@ class DeviceRow:
     that said (-1: unknown)."""
     cp_ms: int = 0
     """When it reported `cp`."""
+    clk: int = 0
+    """How far its clock is from the server's (ms, + ahead, - behind; 0 within
+    `merge.max_skew_ms`), from its live statuses (`broker.server.clockskew`)."""
+    clk_ms: int = 0
+    """When the server last measured `clk` (0: never)."""
     synced_ms: int = 0
     """When the server last acked one of its changes or completed a catch-up for it."""
     inc: str = ""
@@ -81,7 +86,7 @@ class DeviceRow:
                 "created": self.created_ms, "seen": self.last_seen_ms, "agent": self.agent,
                 "sv": self.sv, "z": self.z, "online": self.online, "cp": self.cp,
                 "pend": self.pend, "pend_ms": self.pend_ms, "pend_old": self.pend_old_ms,
-                "dl": self.dl, "cp_ms": self.cp_ms,
+                "dl": self.dl, "cp_ms": self.cp_ms, "clk": self.clk, "clk_ms": self.clk_ms,
                 "synced": self.synced_ms, "inc": self.inc, "inc_ms": self.inc_ms, "incs": self.incs,
                 "wipe": self.wipe_id, "wipe_ms": self.wipe_ms, "wipe_done": self.wipe_done_ms,
                 "caps": list(self.caps), "rot": self.rot, "crt": self.crt}
@@ -94,7 +99,8 @@ class DeviceRow:
                    online=data.get("online", False), cp=data.get("cp", {}),
                    pend=data.get("pend", -1), pend_ms=data.get("pend_ms", 0),
                    pend_old_ms=data.get("pend_old", 0), dl=data.get("dl", -1),
-                   cp_ms=data.get("cp_ms", 0),
+                   cp_ms=data.get("cp_ms", 0), clk=data.get("clk", 0),
+                   clk_ms=data.get("clk_ms", 0),
                    synced_ms=data.get("synced", 0), inc=data.get("inc", ""),
                    inc_ms=data.get("inc_ms", 0), incs=data.get("incs", 0),
                    wipe_id=data.get("wipe", ""), wipe_ms=data.get("wipe_ms", 0),
