@@ -56,14 +56,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]
 
 
 class SilentAmqpFleet(RabbitFleet):
-    """A RabbitFleet whose one server (LMDB store) runs in the link's namespace and reaches
-    RabbitMQ's AMQP listener only through the link, with a short heartbeat."""
+    """A RabbitFleet whose one server (LMDB store) runs in the links' namespace and reaches
+    RabbitMQ's AMQP listener only through them (`[amqp] nodes`: one per link, in
+    order), with a short heartbeat."""
 
-    def __init__(self, root: Path, cluster: RabbitCluster, link: SilentLink) -> None:
-        self.link = link
+    def __init__(self, root: Path, cluster: RabbitCluster, *links: SilentLink) -> None:
+        self.links = links
+        self.link = links[0]
         super().__init__(root, cluster, None, metrics=False)
         proc = self.servers["server-1"]
-        proc.argv = ["ip", "netns", "exec", link.namespace, *proc.argv]
+        proc.argv = ["ip", "netns", "exec", self.link.namespace, *proc.argv]
 
     def _write_server_config(self, server_id: str) -> None:
         self.node_orders[server_id] = [0]
@@ -72,7 +74,7 @@ class SilentAmqpFleet(RabbitFleet):
         text = path.read_text()
         direct = f"nodes = {json.dumps([f'127.0.0.1:{self.cluster.amqp_port(0)}'])}\n"
         assert direct in text, text
-        through = json.dumps([f"{self.link.address}:{self.link.port}"])
+        through = json.dumps([f"{link.address}:{link.port}" for link in self.links])
         text = text.replace(direct, f"nodes = {through}\nheartbeat_s = {HEARTBEAT_S}\n")
         # Groups gathered for a while: at the cut the server holds messages it took
         # from the queue and has not applied yet; it applies them, and their acks vanish.
@@ -85,6 +87,19 @@ def fleet(tmp_path: Path, cluster: RabbitCluster) -> Iterator[SilentAmqpFleet]:
     cluster.ensure_ready()
     with silent_link(cluster.amqp_port(0)) as link, \
             SilentAmqpFleet(tmp_path, cluster, link) as f:
+        f.start()
+        yield f
+
+
+@pytest.fixture
+def two_paths(tmp_path: Path, cluster: RabbitCluster) -> Iterator[SilentAmqpFleet]:
+    """The server with two `[amqp] nodes`, each a path of its own out of its namespace
+    (both to the one RabbitMQ node: the server's failover is under test, not the
+    cluster's, which test_rabbitmq_cluster.py kills nodes of)."""
+    cluster.ensure_ready()
+    with silent_link(cluster.amqp_port(0)) as first, \
+            silent_link(cluster.amqp_port(0), namespace=first.namespace) as second, \
+            SilentAmqpFleet(tmp_path, cluster, first, second) as f:
         f.start()
         yield f
 
@@ -158,3 +173,42 @@ def test_a_silent_amqp_link_is_noticed_healed_and_applied_exactly_once(
           f"{recovered_s:.1f} s and drained {drained_s:.1f} s after the heal; "
           f"{ledger.changes} changes applied exactly once")
     assert noticed_s < 3 * (HEARTBEAT_S + 5), noticed_s
+
+
+def test_a_silent_node_link_fails_over_to_the_next_node(two_paths: SilentAmqpFleet) -> None:
+    """The path to the first node goes silent and stays so: the server notices by its
+    heartbeat and moves to the next node of `[amqp] nodes`; every change is applied
+    exactly once (what it held from the first is redelivered through the second)."""
+    fleet = two_paths
+    first, second = fleet.links
+    server = fleet.servers["server-1"]
+    assert server.events("amqp_connected")[0]["node"] == f"{first.address}:{first.port}"
+    ledger = Ledger()
+    fleet.add_device("van-1", list(SCOPES), sync=SMALL_BATCHES)
+    fleet.start_agent("van-1")
+    for i in range(BURST):
+        increment(fleet, ledger, "van-1", SCOPES[i % 2], i % 3, 1)
+    fleet.wait(lambda: _applied(fleet) >= 20, 60, what="the burst being applied",
+               interval=0.005)
+
+    first.cut()
+    cut_at = time.monotonic()
+    at_cut = _applied(fleet)
+    for i in range(DURING):
+        increment(fleet, ledger, "van-1", SCOPES[i % 2], 3 + i % 2, 2)
+    moved = f"{second.address}:{second.port}"
+    fleet.wait(lambda: [e for e in server.events("amqp_connected") if e["node"] == moved],
+               4 * (HEARTBEAT_S + 5), what="the server moves to the next node")
+    moved_s = time.monotonic() - cut_at
+    failed = server.events("amqp_connection_failed")
+    assert failed and "heartbeat" in failed[0]["reason"].lower(), failed
+    fleet.wait_drained("van-1", timeout=60)
+    drained_s = time.monotonic() - cut_at
+    check_exact(fleet, ledger)
+    check_sequences(fleet, ledger)
+    fleet.wait(lambda: _status(fleet)["server_connected"] is True, 30,
+               what="server status says it is connected (through the next node)")
+    print(f"\nAMQP path to node 1 silent: on node 2 after {moved_s:.1f} s (heartbeat "
+          f"{HEARTBEAT_S} s), drained {drained_s:.1f} s after the cut; {at_cut} applied "
+          f"at the cut, {ledger.changes} changes applied exactly once")
+    assert moved_s < 3 * (HEARTBEAT_S + 5), moved_s
