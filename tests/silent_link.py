@@ -8,6 +8,9 @@ by a veth pair, and a TCP relay on the host's end to a service on 127.0.0.1.
                                          # reset, no FIN (a cut cable, a firewall that
                                          # drops, a host powered off)
         link.heal()
+        with SilentLink(other_port, namespace=link.namespace) as second:
+            ...                          # a second path out of the same namespace,
+                                         # cut and healed on its own
 
 A relay on 127.0.0.1 could not do this: the kernel acknowledges what it receives, so a
 client would never see its data go unanswered. Here the client's own kernel sees no
@@ -44,23 +47,27 @@ def unavailable_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def silent_link(target_port: int) -> Iterator[SilentLink]:
+def silent_link(target_port: int, *, namespace: str | None = None) -> Iterator[SilentLink]:
     """A SilentLink to 127.0.0.1:`target_port` for one test (skipped, saying why, where
-    none can be made)."""
+    none can be made); `namespace`: a second path out of another link's namespace."""
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    with SilentLink(target_port) as link:
+    with SilentLink(target_port, namespace=namespace) as link:
         yield link
 
 
 class SilentLink:
     """See module docstring."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", *,
+                 namespace: str | None = None) -> None:
+        """`namespace`: join that one (another link's) instead of making one: a second
+        path out of it that is cut on its own (its namespace stays when it closes)."""
         self.target = (target_host, target_port)
         tag = f"{os.getpid() % 10000}{random.randrange(10000):04d}"
-        self.namespace = f"wslink{tag}"
+        self.own_namespace = namespace is None
+        self.namespace = namespace or f"wslink{tag}"
         self.host_if = f"wsh{tag}"  # interface names: at most 15 bytes
         self.ns_if = f"wsn{tag}"
         base = random.randrange(1, 255)
@@ -76,7 +83,8 @@ class SilentLink:
 
     def __enter__(self) -> SilentLink:
         try:
-            self._ip("netns", "add", self.namespace)
+            if self.own_namespace:
+                self._ip("netns", "add", self.namespace)
             self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
             self._ip("link", "set", self.ns_if, "netns", self.namespace)
             self._ip("addr", "add", f"{self.address}/30", "dev", self.host_if)
@@ -84,7 +92,8 @@ class SilentLink:
             self._ip("netns", "exec", self.namespace, "ip", "addr", "add",
                      f"{self.ns_address}/30", "dev", self.ns_if)
             self._ip("netns", "exec", self.namespace, "ip", "link", "set", self.ns_if, "up")
-            self._ip("netns", "exec", self.namespace, "ip", "link", "set", "lo", "up")
+            if self.own_namespace:
+                self._ip("netns", "exec", self.namespace, "ip", "link", "set", "lo", "up")
             self._start_relay()
         except BaseException:
             self.close()
@@ -103,8 +112,9 @@ class SilentLink:
             with contextlib.suppress(OSError):
                 sock.close()
         # Deleting the namespace deletes its end of the pair, and with it the host's.
-        subprocess.run(["ip", "netns", "del", self.namespace], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.own_namespace:
+            subprocess.run(["ip", "netns", "del", self.namespace], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(["ip", "link", "del", self.host_if], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -51,11 +51,14 @@ import pika
 import structlog
 
 from broker.rabbitmq.definitions import routing_level, status_queue_name, up_queue_name
+from broker.server.amqp_failure import quiet_pika
+from broker.server.amqp_failure import reason as failure_reason
 from waystation.mqtt import Backoff, backoff_delay
 
 __all__ = ["AmqpLink", "routing_key_to_topic", "topic_to_routing_key"]
 
 log = structlog.get_logger(__name__)
+quiet_pika()  # every failure is logged once, with its cause, as amqp_connection_failed
 
 OnConnect = Callable[[bool], object]
 OnMessage = Callable[[str, bytes], object]
@@ -212,7 +215,7 @@ class AmqpLink:
                 self._session(host, port)
                 attempt = 0
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                reason = failure_reason(exc)
                 if reason != self.last_error:
                     log.warning("amqp_connection_failed", node=f"{host}:{port}", reason=reason)
                 self.last_error = reason

@@ -36,8 +36,9 @@ SEEN_EVERY_MS = 5_000
 STALE_AFTER_S = 30
 """How long after its last `seen_ms` a server that did not stop cleanly counts as gone."""
 BROKER_HINT = ("check that the broker runs and that the server's [mqtt] host, port and "
-               "login are right (its log says why: `mqtt connection attempt failed`, "
-               "`link_problem`)")
+               "login (on RabbitMQ: its [amqp] nodes and that login) are right, and that "
+               "the network between them passes (its log says why: `mqtt connection "
+               "attempt failed`, `link_problem`, `amqp_connection_failed`)")
 START_HINT = ("start it: `systemctl start waystation-server` (see `systemctl status "
               "waystation-server` and `journalctl -u waystation-server` for why it stopped), "
               "or `waystation server run`")

@@ -149,6 +149,8 @@ BAD_INPUTS = [
     (ServerConfig, '[amqp]\nnodes = ["mq-1"]', "amqp.nodes.0", "host:port"),
     (ServerConfig, '[amqp]\nnodes = ["mq-1:99999"]', "amqp.nodes.0", "host:port"),
     (ServerConfig, '[amqp]\nnodes = ["mq-1:5672"]\nprefetch = 0', "amqp.prefetch", "1"),
+    (ServerConfig, "[amqp]\nheartbeat_s = 0", "amqp.heartbeat_s", "would go unnoticed"),
+    (ServerConfig, "[amqp]\nheartbeat_s = 601", "amqp.heartbeat_s", "600"),
     (ServerConfig, 'shared_group = "g"\n[amqp]\nnodes = ["mq-1:5672"]', "",
      "exclude each other"),
     (ServerConfig, "metrics_port = 65536", "metrics_port", "65535"),

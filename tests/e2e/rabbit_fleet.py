@@ -1,5 +1,6 @@
 """The e2e Fleet on a three-node RabbitMQ cluster: devices over MQTT through a balancer,
-merge servers over AMQP (`[amqp] nodes`), one PostgreSQL store.
+merge servers over AMQP (`[amqp] nodes`), one PostgreSQL store (or, with one server,
+LMDB: `pg_url=None`).
 
     fleet = RabbitFleet(tmp_path, cluster, pg_url)   # cluster: tests.rabbitmq_cluster
     fleet.start()                                    # balancer, server-1
@@ -102,13 +103,16 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 class RabbitFleet(Fleet):
     """Fleet whose broker is a RabbitMQ cluster (see module docstring)."""
 
-    def __init__(self, root: Path, cluster: RabbitCluster, pg_url: str, *,
+    def __init__(self, root: Path, cluster: RabbitCluster, pg_url: str | None, *,
                  metrics: bool = True) -> None:
+        """`pg_url` None: the server keeps an LMDB store (one server, e.g. a test whose
+        server runs in a network namespace of its own and reaches nothing but AMQP)."""
         self.cluster = cluster
         self.balancer = NodeBalancer([n.mqtt_port for n in cluster.nodes])
         self.node_orders: dict[str, list[int]] = {"server-1": [0, 1, 2]}
         self._unsynced: dict[str, str] = {}
-        super().__init__(root, "embedded", "postgres", pg_url, metrics=metrics)
+        super().__init__(root, "embedded", "lmdb" if pg_url is None else "postgres", pg_url,
+                         metrics=metrics)
         self.kind = "rabbitmq"  # type: ignore[assignment]
 
     # -------------------------------------------------------------- overrides

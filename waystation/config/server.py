@@ -232,6 +232,15 @@ def _host_port(value: str) -> str:
     return value
 
 
+def _amqp_heartbeat(value: int) -> int:
+    if value == 0:
+        raise ValueError(
+            "0 turns the AMQP heartbeat off: a link to RabbitMQ that goes silent (a cut "
+            "cable, a dropping firewall: no reset) would go unnoticed, the server saying it "
+            "is connected while it merges nothing; use 1..600 (30 by default)")
+    return value
+
+
 class AmqpConfig(_Model):
     """Consume devices' up and status messages from RabbitMQ over AMQP 0-9-1 instead of
     an MQTT subscription (broker.server.amqp_link): RabbitMQ 3.10 has no MQTT shared
@@ -242,7 +251,11 @@ class AmqpConfig(_Model):
     """RabbitMQ nodes' AMQP listeners, `host:port`, tried in turn. Empty: AMQP off (MQTT)."""
     prefetch: Annotated[int, Field(strict=True, ge=1, le=65535)] = 2000
     """Up messages handed to this server before it acknowledges them (after they commit)."""
-    heartbeat_s: Annotated[int, Field(strict=True, ge=0, le=600)] = 30
+    heartbeat_s: Annotated[int, Field(strict=True, ge=0, le=600),
+                           AfterValidator(_amqp_heartbeat)] = 30
+    """AMQP heartbeat: a link to RabbitMQ that goes silent (packets vanish, no reset) is
+    noticed within `heartbeat_s` + 5 s to twice that (pika's check), and RabbitMQ takes
+    back the messages the server held unsettled after about two heartbeats. 1..600."""
     status_queue_expires_s: Annotated[int, Field(strict=True, ge=60)] = 7 * 24 * 3600
     """This server's presence queue is deleted after it has gone unused this long."""
 
