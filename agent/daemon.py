@@ -44,6 +44,7 @@ from typing import Any
 
 import structlog
 
+from agent.answer_wait import AnswerWait
 from agent.api import Agent
 from agent.catchup import CatchupRound
 from agent.clientcert import ClientCerts
@@ -122,8 +123,10 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._connected = False
-        self._inflight: dict[int, float] = {}        # n -> monotonic deadline for an answer
-        self._earliest = float("inf")  # no deadline in _inflight is before this
+        self._inflight: dict[int, float] = {}        # n -> monotonic time it was sent
+        self._earliest = float("inf")  # nothing in _inflight was sent before this
+        self.answer_wait = AnswerWait(cfg.sync.ack_timeout_s)
+        """How long what is in flight waits for an answer (`agent.answer_wait`)."""
         self._retry_at: dict[int, float] = {}        # n -> not before (transient rejects)
         self._catchup: CatchupRound | None = None  # the catch-up under way
         self._catchup_sent = 0.0
@@ -284,6 +287,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
             if kind == "msg":
                 if event[1] == self.down_topic:
                     self._heard()
+                    self.answer_wait.heard(time.monotonic())
                     self._on_message(event[2])
                 else:
                     self._on_server_state(str(event[1]), event[2])
@@ -311,6 +315,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
     def _on_connect(self, session_present: bool) -> None:
         self._connected = True
         self._link_changed()
+        self.answer_wait.reset()
         self._last_problem = None
         self.stats.connects += 1
         # Whatever was in flight may be lost (amqtt drops in-flight QoS 1 on reconnect):
@@ -343,8 +348,12 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         if not self._connected:
             return
         sync_cfg = self.cfg.sync
-        if now >= self._earliest:  # else nothing can have expired: no scan of them all
-            for n in [n for n, deadline in self._inflight.items() if deadline <= now]:
+        wait = self.answer_wait.current
+        if now >= self._earliest + wait:  # else nothing can have expired: no scan of them
+            expired = [n for n, sent in self._inflight.items() if sent + wait <= now]
+            if expired:
+                self.answer_wait.expired(max(self._inflight[n] for n in expired))
+            for n in expired:
                 del self._inflight[n]
                 self.stats.resent += 1
                 self._may_send = True
@@ -387,10 +396,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
             if self.gate.sent("records", len(payload)):
                 self._budget_dirty = True
             self._asked(now)
-            deadline = now + sync_cfg.ack_timeout_s
-            self._earliest = min(self._earliest, deadline)
+            self._earliest = min(self._earliest, now)
             for n in batch.numbers:
-                self._inflight[n] = deadline
+                self._inflight[n] = now
                 self._retry_at.pop(n, None)
             self.pacer.sent(now, len(self._inflight))
             self.stats.batches_sent += 1
@@ -400,9 +408,9 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
                 self._may_send = False
                 return
 
-    def _note_rtt(self, deadline: float) -> None:
-        """An ack for a change sent with answer deadline `deadline` (agent.pacing)."""
-        self.pacer.answered(time.monotonic() - (deadline - self.cfg.sync.ack_timeout_s))
+    def _note_rtt(self, sent: float) -> None:
+        """An ack for a change sent at `sent` (agent.pacing)."""
+        self.pacer.answered(time.monotonic() - sent)
 
     def _inflight_room(self) -> bool:
         """Room in the in-flight window for a whole batch (refilling smaller gaps as they

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from agent.answer_wait import AnswerWait
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
 from agent.sync import Sync
@@ -39,6 +40,7 @@ class PolicyHooks:
     _budget_dirty: bool
     _connected: bool
     _say_hello: Callable[..., None]
+    answer_wait: AnswerWait
 
     def _on_server_state(self, topic: str, payload: bytes) -> None:
         """A merge server's retained announcement (PROTOCOL.md §7.12)."""
@@ -71,8 +73,10 @@ class PolicyHooks:
         if self.gate.server.up != was:
             log.info("server_group", dev=self.dev, group=self.server_group,
                      up=self.gate.server.up, server=server)
-            if was is False and self.gate.server.up and self._connected:
-                self._say_hello()  # a restarted server: agree capabilities with it
+            if was is False and self.gate.server.up:
+                self.answer_wait.reset()  # a server again: resend at the usual pace
+                if self._connected:
+                    self._say_hello()  # a restarted server: agree capabilities with it
 
     def _take_sync_now(self) -> None:
         """Honour the latest "sync now" (app or operator) if it is recent enough."""
