@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from waystation.cli.commands import HANDLERS, resolve_handler
 from waystation.cli.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LISTEN, EXIT_USAGE
 from waystation.cli.parser import build_parser, leaf_parser
+from waystation.cli.terminal import TerminalSafe, terminal_safe
 from waystation.errors import WaystationError
 
 
@@ -38,9 +39,16 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         except SystemExit as exc:  # --help, --version, usage errors
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         handler = resolve_handler(args.command, table.get(args.command))
-        return int(handler(args, environ))
+        if args.command == "demo" or args.command.endswith(" run"):
+            return int(handler(args, environ))  # daemons: their own logs, unwrapped
+        stdout = sys.stdout
+        sys.stdout = TerminalSafe(stdout)
+        try:
+            return int(handler(args, environ))
+        finally:
+            sys.stdout = stdout
     except WaystationError as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = terminal_safe(" ".join(str(err).split())) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
