@@ -16,8 +16,9 @@ and holds back the others for `INTERVAL_S`, counting them; at the end of the int
 one line says how many there were: the last of them with
 ``(412 more like it in the last 60 s)`` (``more_like_it=412 in_last_s=60`` on our own
 structured events). All clients together get `KIND_MAX` lines of one kind per interval,
-and the rest is counted the same way, so a fleet misbehaving at once is bounded too.
-Lines that name no client (amqtt's connection errors) have only that overall bound.
+and the rest is counted the same way, so a fleet misbehaving at once is bounded too;
+all kinds together get `TOTAL_MAX` lines. Lines that name no client (amqtt's connection
+errors) have only those overall bounds.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ INTERVAL_S = 60.0
 """The window in which one kind of line from one client is logged once."""
 KIND_MAX = 20
 """Lines of one kind (all clients together) logged per window."""
+TOTAL_MAX = 200
+"""Lines of all kinds together logged per window (kinds hidden in text could be many)."""
 MAX_KEYS = 10_000
 """Windows tracked at once; beyond that those that ended are forgotten."""
 
@@ -60,6 +63,8 @@ class _Window:
     held: int = 0
     last: logging.LogRecord | None = None
     clients: set[str] = field(default_factory=set)
+    total: bool = False
+    """The window of all kinds together: its summary names no kind."""
 
 
 def kind_of(record: logging.LogRecord) -> tuple[str, str | None]:
@@ -70,7 +75,7 @@ def kind_of(record: logging.LogRecord) -> tuple[str, str | None]:
         client = msg.get("client_id") or msg.get("user")
         return f"{record.name}:{msg.get('event')}", None if client is None else str(client)
     client = getattr(record, "client_id", None)
-    text = _VARYING.sub("#", str(msg))[:120]
+    text = _VARYING.sub("#", record.getMessage())[:120]
     return f"{record.name}:{text}", None if client is None else str(client)
 
 
@@ -87,10 +92,12 @@ class RepeatFilter(logging.Filter):
     """Holds back repeats of one kind of line per client and per kind (module docstring)."""
 
     def __init__(self, interval_s: float = INTERVAL_S, kind_max: int = KIND_MAX,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 total_max: int = TOTAL_MAX) -> None:
         super().__init__()
         self.interval_s = interval_s
         self.kind_max = kind_max
+        self.total_max = total_max
         self._clock = clock
         self._windows: dict[tuple[str, str], _Window] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -111,6 +118,10 @@ class RepeatFilter(logging.Filter):
         overall = self._window(kind, _ALL, now)
         if overall.passed >= self.kind_max:
             return self._hold(overall, record, client)
+        total = self._window(_ALL, _ALL, now)
+        if total.passed >= self.total_max:
+            return self._hold(total, record, client)
+        total.passed += 1
         overall.passed += 1
         if own is not None:
             own.passed += 1
@@ -128,7 +139,7 @@ class RepeatFilter(logging.Filter):
             self.flush(now)
             if len(self._windows) >= MAX_KEYS:
                 self.close()
-        window = self._windows[key] = _Window(now, passed=int(said))
+        window = self._windows[key] = _Window(now, passed=int(said), total=key == (_ALL, _ALL))
         return window
 
     def _hold(self, window: _Window, record: logging.LogRecord, client: str | None) -> bool:
@@ -163,7 +174,7 @@ class RepeatFilter(logging.Filter):
             if now - window.start < self.interval_s:
                 continue
             if self._say(window):
-                self._windows[key] = _Window(now, passed=1)
+                self._windows[key] = _Window(now, passed=1, total=window.total)
             else:
                 del self._windows[key]
 
@@ -182,6 +193,9 @@ class RepeatFilter(logging.Filter):
         window.held, window.last = 0, None
         if record is None or held <= 0:
             return False
+        if window.total:
+            self._say_total(record, held)
+            return True
         summary = logging.makeLogRecord(record.__dict__)
         setattr(summary, _SUMMARY, True)
         summary.exc_info, summary.exc_text, summary.stack_info = None, None, None
@@ -201,6 +215,17 @@ class RepeatFilter(logging.Filter):
             summary.args = ()
         logging.getLogger(record.name).handle(summary)
         return True
+
+
+    def _say_total(self, last: logging.LogRecord, held: int) -> None:
+        text = str(last.msg.get("event")) if isinstance(last.msg, dict) else last.getMessage()
+        summary = logging.LogRecord(
+            __name__, logging.WARNING, __file__, 0,
+            f"{held} more lines about clients held back in the last {self.interval_s:g} s "
+            f"(the broker writes at most {self.total_max} a window; the last: {text[:200]})",
+            (), None)
+        setattr(summary, _SUMMARY, True)
+        logging.getLogger(__name__).handle(summary)
 
 
 def install(names: Iterable[str] = LOGGERS, repeat: RepeatFilter | None = None) -> RepeatFilter:

@@ -90,16 +90,18 @@ def _publish(topic: str, packet_id: int, payload: bytes) -> bytes:
     return bytes([0x32]) + _remaining(len(body)) + body
 
 
-def _unknown_pubacks(broker: BrokerProcess, device: _Device) -> None:
+def _unknown_pubacks(broker: BrokerProcess, device: _Device,
+                     server: RecordingClient) -> None:
     device.sock.sendall(b"".join(b"\x40\x02" + struct.pack("!H", i + 1) for i in range(N)))
 
 
-def _refused_publishes(broker: BrokerProcess, device: _Device) -> None:
+def _refused_publishes(broker: BrokerProcess, device: _Device,
+                       server: RecordingClient) -> None:
     device.sock.sendall(b"".join(_publish(f"{PREFIX}/van-7/up", i + 1, b"x")
                                  for i in range(N)))
 
 
-def _never_pubacked(broker: BrokerProcess, device: _Device) -> None:
+def _never_pubacked(broker: BrokerProcess, device: _Device, server: RecordingClient) -> None:
     down = f"{PREFIX}/van-12/down"
     device._stop.set()
     assert device._reader is not None
@@ -110,17 +112,12 @@ def _never_pubacked(broker: BrokerProcess, device: _Device) -> None:
     assert device.sock.recv(5) == b"\x90\x03\x00\x01\x01"
     device._stop.clear()
     device.read_in_background()
-    server = RecordingClient(broker.port, "merge-1", SERVER_USER, USERS[SERVER_USER])
-    assert server.connect() == "Success"
-    try:
-        sent = [server.client.publish(down, b"delta %05d" % i, qos=1) for i in range(N)]
-        wait_until(lambda: all(m.mid in server.state.pubacks for m in sent), 60,
-                   message="the server's publishes PUBACKed by the broker")
-    finally:
-        server.close()
+    sent = [server.client.publish(down, b"delta %05d" % i, qos=1) for i in range(N)]
+    wait_until(lambda: all(m.mid in server.state.pubacks for m in sent), 60,
+               message="the server's publishes PUBACKed by the broker")
 
 
-FLOODS: dict[str, tuple[Callable[[BrokerProcess, _Device], None], str]] = {
+FLOODS: dict[str, tuple[Callable[[BrokerProcess, _Device, RecordingClient], None], str]] = {
     "unknown PUBACKs": (_unknown_pubacks, "Received PUBACK for unknown pending message"),
     "publishes the ACL refuses": (_refused_publishes, "acl denied"),
     "QoS 1 messages never PUBACKed": (_never_pubacked, "client did not acknowledge a message"),
@@ -145,7 +142,7 @@ def test_a_client_repeating_itself_costs_a_bounded_log(broker: BrokerProcess,
     try:
         assert other.connect() == "Success" and server.connect() == "Success"
         assert server.subscribe(f"{PREFIX}/+/up") == 1
-        do(broker, device)
+        do(broker, device, server)
 
         def ours() -> list[str]:
             added = _log(broker)[len(before):].decode(errors="replace")

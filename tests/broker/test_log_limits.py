@@ -134,3 +134,21 @@ def test_the_kind_ignores_names_and_numbers() -> None:
     assert kind_of(rec("no CONNECT from 10.0.0.1:5555 within 15 s")) == \
         kind_of(rec("no CONNECT from 10.0.0.2:6000 within 15 s"))
     assert kind_of(rec("Task failed: <Task 0x7f12 'x'>")) == kind_of(rec("Task failed: <T>"))
+
+
+def test_all_kinds_together_are_bounded(setup: tuple[RepeatFilter, _Clock, _Lines],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Kinds hidden in text (a new one per line) still get total_max lines a window, then
+    one line counting the rest."""
+    repeat, _, lines = setup
+    repeat.total_max = 5
+    logger = logging.getLogger(NAMES[0])
+    with caplog.at_level(logging.WARNING):
+        for n in range(100):
+            logger.warning("kind %s", "abcdefghijklmnopqrstuvwxyz"[n % 26] * (n // 26 + 1))
+        assert len(lines.records) == 5
+        repeat.close()
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "broker.embedded.log_limits"] == [
+        "95 more lines about clients held back in the last 60 s (the broker writes at most "
+        "5 a window; the last: kind vvvv)"]
