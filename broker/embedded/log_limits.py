@@ -104,6 +104,14 @@ class RepeatFilter(logging.Filter):
         self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Runs inside amqtt's protocol code: it must never raise there (a line with bad
+        # format arguments is let through for the handler to report).
+        try:
+            return self._admit(record)
+        except Exception:
+            return True
+
+    def _admit(self, record: logging.LogRecord) -> bool:
         if getattr(record, _SUMMARY, False):
             return True
         if record.name.startswith("amqtt") and str(record.msg).startswith(REPLACED):

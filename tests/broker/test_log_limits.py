@@ -152,3 +152,14 @@ def test_all_kinds_together_are_bounded(setup: tuple[RepeatFilter, _Clock, _Line
             if r.name == "broker.embedded.log_limits"] == [
         "95 more lines about clients held back in the last 60 s (the broker writes at most "
         "5 a window; the last: kind vvvv)"]
+
+
+def test_a_line_with_bad_arguments_does_not_raise_into_the_caller(
+        setup: tuple[RepeatFilter, _Clock, _Lines]) -> None:
+    """The filter runs inside amqtt's protocol code: a line whose arguments do not fit
+    its format is let through (the handler reports it), never raised to amqtt."""
+    _, _, lines = setup
+    record = logging.makeLogRecord({"name": NAMES[0], "msg": "id %d", "args": ("x",),
+                                    "levelno": logging.WARNING})
+    assert logging.getLogger(NAMES[0]).filter(record)
+    assert lines.records == []
