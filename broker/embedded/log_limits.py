@@ -254,5 +254,5 @@ def uninstall(repeat: RepeatFilter, names: Iterable[str] = LOGGERS) -> None:
     repeat.close()
 
 
-__all__ = ["INTERVAL_S", "KIND_MAX", "LOGGERS", "REPLACED", "RepeatFilter", "install",
+__all__ = ["INTERVAL_S", "KIND_MAX", "LOGGERS", "REPLACED", "TOTAL_MAX", "RepeatFilter", "install",
            "kind_of", "uninstall"]
