@@ -74,7 +74,8 @@ def configure_logging(cfg: LogConfig, *, stream: TextIO | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        # amqtt names the client of a protocol line only in its LoggerAdapter's extra.
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(allow=("client_id",))],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
     )
     handler = _WaystationHandler(out)

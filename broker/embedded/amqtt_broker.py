@@ -8,7 +8,7 @@
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
-changes nine things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes ten things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -63,6 +63,11 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    packets, so such a client stayed connected for ever. A PUBLISH with QoS 3 closes
    the connection (MQTT 3.1.1 §3.3.1.2); amqtt kept it and logged a 1 KB traceback for
    each 8-byte packet.
+10. The log lines one client can cause are bounded (``broker.embedded.log_limits``): one
+   line of a kind per client per minute, then one saying how many more there were. amqtt
+   logged a line per unknown PUBACK and per refused publish (~130 B each) and a warning
+   and a traceback (1 KB) per QoS 1 message a device never PUBACKed, so one device could
+   fill the disk or hit journald's rate limit, which then drops the broker's other lines.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are
@@ -87,6 +92,7 @@ import amqtt
 import structlog
 from amqtt.broker import Broker
 
+from broker.embedded import log_limits
 from broker.embedded.amqtt_overrides import AMQTT_VERSION, OVERRIDDEN, WaystationBroker
 from broker.embedded.client_limits import CONNECT_TIMEOUT_S
 from broker.embedded.session_queue import QueueLimits
@@ -120,6 +126,8 @@ class _NoStartupTraceback(logging.Filter):
 
 
 logging.getLogger("amqtt.broker").addFilter(_NoStartupTraceback())
+REPEATS = log_limits.install()
+"""Holds back repeated lines a client causes (`broker.embedded.log_limits`)."""
 
 class EmbeddedBrokerError(ServerError):
     """The embedded broker could not start (port in use, bad TLS files, ...)."""
@@ -188,6 +196,7 @@ class EmbeddedBroker:
             return
         shutdown = asyncio.ensure_future(broker.shutdown())
         done, _ = await asyncio.wait({shutdown}, timeout=timeout)
+        REPEATS.close()  # what it held back is said before the last line
         if done:
             shutdown.result()
             log.info("embedded broker stopped")
@@ -329,7 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"(default {CONNECT_TIMEOUT_S:g})")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-repeat-window-s", type=float, default=log_limits.INTERVAL_S,
+                        help="log one line of a kind per client this often, with the count "
+                             f"of those held back (default {log_limits.INTERVAL_S:g})")
     ns = parser.parse_args(argv)
+    if not 0 < ns.log_repeat_window_s <= 3600:
+        parser.error("--log-repeat-window-s must be between 0 and 3600 seconds")
+    REPEATS.interval_s = ns.log_repeat_window_s
     from waystation.config import LogConfig
     from waystation.logs import configure_logging
 

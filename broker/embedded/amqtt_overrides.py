@@ -2,7 +2,8 @@
 fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authentication
 before the session table, retained messages checked against the ACL, required client
 certificates, the packet size limit, the keepalive enforced, session take-over, bounded
-queues for clients that are away, a deadline for CONNECT and bounded QoS 2 flows).
+queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows and
+one line, not a traceback, for messages a client does not acknowledge).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -74,6 +75,16 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
             return None  # dropped, and said (amqtt ignores what a delivery returns)
         try:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        except TimeoutError:
+            # amqtt gives up on a message whose PUBACK (PUBREC, PUBCOMP) does not come
+            # within 5 s and raised here, so each one cost a warning and a traceback of
+            # 10 lines (1 KB); said once a minute per client now (broker.embedded.log_limits).
+            log.warning("client did not acknowledge a message within 5 s: not sent again",
+                        client_id=session.client_id, qos=qos, topic=topic[:200],
+                        hint="its MQTT client must PUBACK every QoS 1 message (Waystation "
+                             "agents do); nothing is lost, a device catches up from its "
+                             "checkpoint, but check what connects as this client id")
+            return None
         finally:
             queues.end_delivery(session, size)
 

@@ -11,6 +11,7 @@ from broker.embedded.client_limits import CONNECT_TIMEOUT_S
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET
 from broker.embedded.plugins import plugin_config
 from broker.embedded.session_queue import QueueLimits
+from waystation.config.broker import CONNECT_TIMEOUT_MAX_S, QUEUED_MB, QUEUED_MESSAGES
 from waystation.errors import ConfigError
 
 
@@ -46,9 +47,16 @@ class BrokerSettings:
             raise ConfigError("broker: tls_port needs both a TLS certificate and a key")
         if self.tls_require_client_cert and self.tls_ca is None:
             raise ConfigError("broker: tls_require_client_cert needs a CA file (tls ca)")
-        if not 0 < self.connect_timeout_s <= 3600:
-            raise ConfigError("broker: connect_timeout_s must be between 0 and 3600 seconds, "
-                              f"not {self.connect_timeout_s}")
+        if not 0 < self.connect_timeout_s <= CONNECT_TIMEOUT_MAX_S:
+            raise ConfigError("broker: connect_timeout_s (--connect-timeout-s) must be a "
+                              "number of seconds greater than 0 and at most "
+                              f"{CONNECT_TIMEOUT_MAX_S:g} (got {self.connect_timeout_s})")
+        low, high = 1, QUEUED_MESSAGES[1]  # a config file asks for 100 at least (a fleet);
+        # `python -m broker.embedded` takes fewer, for tests that fill a queue quickly
+        if not low <= self.max_queued_messages <= high:
+            raise ConfigError("broker: max_queued_messages (--max-queued-messages) must be "
+                              f"a whole number from {low} to {high} "
+                              f"(got {self.max_queued_messages})")
         if not self.prefix or self.prefix.startswith("$") or any(c in self.prefix for c in "+#"):
             raise ConfigError(f"broker: invalid topic prefix {self.prefix!r}")
 
@@ -93,12 +101,11 @@ class BrokerSettings:
             session_expiry_s=_pick(cfg, "session_expiry_s") or defaults.session_expiry_s,
             log_level=str(log_level or defaults.log_level),
             max_packet_bytes=int(_pick(cfg, "max_packet_bytes") or defaults.max_packet_bytes),
-            max_queued_messages=int(_pick(cfg, "max_queued_messages")
-                                    or defaults.max_queued_messages),
-            max_queued_bytes=int(_pick(cfg, "max_queued_mb") or 0) << 20
-            or defaults.max_queued_bytes,
-            connect_timeout_s=float(_pick(cfg, "connect_timeout_s")
-                                    or defaults.connect_timeout_s),
+            # Explicit None checks: `or` took a 0 for "not set" and ran with the default.
+            max_queued_messages=_given(cfg, "max_queued_messages", defaults.max_queued_messages),
+            max_queued_bytes=_queued_bytes(_pick(cfg, "max_queued_mb"), defaults),
+            connect_timeout_s=float(_given(cfg, "connect_timeout_s",
+                                           defaults.connect_timeout_s)),
         )
 
     def amqtt_config(self) -> dict[str, Any]:
@@ -141,6 +148,22 @@ def _pick(obj: Any, *names: str) -> Any:
         if value is not None:
             return value
     return None
+
+
+def _given(cfg: Any, name: str, default: Any) -> Any:
+    value = _pick(cfg, name)
+    return default if value is None else value
+
+
+def _queued_bytes(mb: Any, defaults: BrokerSettings) -> int:
+    """`max_queued_mb` in bytes, checked here: the bytes cannot say what was asked for."""
+    if mb is None:
+        return defaults.max_queued_bytes
+    low, high = QUEUED_MB
+    if isinstance(mb, bool) or not isinstance(mb, int) or not low <= mb <= high:
+        raise ConfigError(f"broker: max_queued_mb (--max-queued-mb) must be a whole number "
+                          f"of MB from {low} to {high} (got {mb!r})")
+    return mb << 20
 
 
 def _opt_path(value: Any) -> Path | None:

@@ -140,8 +140,8 @@ def test_config_show_bad_config_is_one_line(tmp_path: Path,
     assert main(["config", "show", "agent", "-c", str(conf)], env={}) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == (f"error: {conf}: mqtt.port: Input should be less than or equal "
-                            "to 65535 (got 70000)\n")
+    assert captured.err == (f"error: {conf}: mqtt.port: must be a whole number from 1 to "
+                            "65535 (got 70000)\n")
 
 
 def test_config_show_bad_env_override(capsys: pytest.CaptureFixture[str]) -> None:

@@ -259,8 +259,8 @@ def test_other_parts_and_variables_are_ignored() -> None:
 
 def test_bad_env_value_names_the_variable_and_key() -> None:
     """A value that does not validate names the variable and the dotted key."""
-    with pytest.raises(ConfigError, match=r"^WAYSTATION_AGENT__MQTT__PORT: mqtt\.port: Input "
-                                          r"should be a valid integer \(got \"many\"\)$"):
+    with pytest.raises(ConfigError, match=r"^WAYSTATION_AGENT__MQTT__PORT: mqtt\.port: must be "
+                                          r"a whole number from 1 to 65535 \(got \"many\"\)$"):
         load_config(AgentConfig, None, {"WAYSTATION_AGENT__MQTT__PORT": "many"})
     with pytest.raises(ConfigError, match=r"^WAYSTATION_AGENT__SCOPES: scopes: "):
         load_config(AgentConfig, None, {"WAYSTATION_AGENT__SCOPES": "depot 1"})

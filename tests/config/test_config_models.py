@@ -107,16 +107,17 @@ BAD_INPUTS = [
     (AgentConfig, 'scopes = ["a", "b c"]', "scopes.1", "not a valid scope id"),
     (AgentConfig, 'scopes = ["a", "a"]', "scopes", "listed twice"),
     (AgentConfig, 'scopes = "a"', "scopes", "valid list"),
-    (AgentConfig, "[mqtt]\nport = 70000", "mqtt.port", "less than or equal to 65535"),
-    (AgentConfig, "[mqtt]\nport = 0", "mqtt.port", "greater than or equal to 1"),
-    (AgentConfig, '[mqtt]\nport = "1883"', "mqtt.port", "valid integer"),
-    (AgentConfig, "[mqtt]\nport = true", "mqtt.port", "valid integer"),
-    (AgentConfig, "[mqtt]\nport = 1883.5", "mqtt.port", "valid integer"),
+    (AgentConfig, "[mqtt]\nport = 70000", "mqtt.port", "a whole number from 1 to 65535"),
+    (AgentConfig, "[mqtt]\nport = 0", "mqtt.port", "a whole number from 1 to 65535"),
+    (AgentConfig, '[mqtt]\nport = "1883"', "mqtt.port", "a whole number from 1 to 65535"),
+    (AgentConfig, "[mqtt]\nport = true", "mqtt.port", "a whole number from 1 to 65535"),
+    (AgentConfig, "[mqtt]\nport = 1883.5", "mqtt.port", "a whole number from 1 to 65535"),
     (AgentConfig, '[mqtt]\nprefix = "a/b"', "mqtt.prefix", "topic level"),
     (AgentConfig, '[mqtt]\nprefix = "fleet+"', "mqtt.prefix", "topic level"),
     (AgentConfig, '[mqtt]\nprefix = "$SYS"', "mqtt.prefix", "'$'"),
     (AgentConfig, '[mqtt]\nprefix = ""', "mqtt.prefix", "empty"),
-    (AgentConfig, "[mqtt]\nkeepalive_s = 1", "mqtt.keepalive_s", "greater than or equal to 5"),
+    (AgentConfig, "[mqtt]\nkeepalive_s = 1", "mqtt.keepalive_s",
+     "a whole number of seconds from 5 to 600 (got 1)"),
     (AgentConfig, "[mqtt]\nprot = 1884", "mqtt.prot", "did you mean 'port'"),
     (AgentConfig, '[mqtt]\npassword = "s3cret"\npassword_file = "/run/pw"',
      "mqtt.password_file", "together with password"),
@@ -140,7 +141,8 @@ BAD_INPUTS = [
      "postgresql://"),
     (ServerConfig, '[store]\nkind = "sqlite"', "store.kind", "'lmdb' or 'postgres'"),
     (ServerConfig, "[store]\nreconnect_s = 0", "store.reconnect_s", "greater than 0"),
-    (ServerConfig, '[store]\nreconnect_s = "soon"', "store.reconnect_s", "valid number"),
+    (ServerConfig, '[store]\nreconnect_s = "soon"', "store.reconnect_s",
+     "a number of seconds greater than 0 and at most 3600"),
     (ServerConfig, '[merge]\nskew_policy = "ignore"', "merge.skew_policy", "'restamp'"),
     (ServerConfig, '[merge]\nrules = ["not a rule"]', "merge.rules.0", "module:function"),
     (ServerConfig, "[merge]\nmax_payload_bytes = 300000", "merge.max_payload_bytes", "262144"),
@@ -161,15 +163,15 @@ BAD_INPUTS = [
      "require_client_cert = true", "tls", "ca_file"),
     (BrokerConfig, 'server_users = ["bad user"]', "server_users.0", "not a valid user name"),
     (BrokerConfig, 'allow_anonymous = "yes"', "allow_anonymous", "valid boolean"),
-    (BrokerConfig, "port = -1", "port", "greater than or equal to 1"),
+    (BrokerConfig, "port = -1", "port", "a whole number from 1 to 65535 (got -1)"),
     (AgentConfig, "[sync]\nacked_journal_days = -1", "sync.acked_journal_days",
-     "greater than or equal to 0"),
+     "a number of days from 0 to 365 (got -1)"),
     (AgentConfig, '[sync]\nacked_journal_days = "7"', "sync.acked_journal_days",
-     "valid number"),
+     "a number of days from 0 to 365 (got \"7\")"),
     (AgentConfig, "[sync]\nacked_journal_max_mb = 0", "sync.acked_journal_max_mb",
-     "greater than or equal to 1"),
+     "a whole number of MB from 1 to 4096 (got 0)"),
     (AgentConfig, "[sync]\nacked_journal_max_mb = 5000", "sync.acked_journal_max_mb",
-     "less than or equal to 4096"),
+     "a whole number of MB from 1 to 4096 (got 5000)"),
 ]
 
 
@@ -206,7 +208,7 @@ def test_bad_value_is_shown(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_text(tmp_path, AgentConfig, "[mqtt]\nport = 70000\n", name="agent.toml")
     assert str(info.value).endswith(
-        "agent.toml: mqtt.port: Input should be less than or equal to 65535 (got 70000)")
+        "agent.toml: mqtt.port: must be a whole number from 1 to 65535 (got 70000)")
 
 
 def test_off_switches_accept_false(tmp_path: Path) -> None:

@@ -24,6 +24,13 @@ from waystation.config.common import (
 
 # ----------------------------------------------------------------------- the broker
 
+QUEUED_MESSAGES = (100, 10_000_000)
+"""Allowed `max_queued_messages` (also `python -m broker.embedded --max-queued-messages`)."""
+QUEUED_MB = (1, 65_536)
+"""Allowed `max_queued_mb`."""
+CONNECT_TIMEOUT_MAX_S = 3600.0
+"""`connect_timeout_s` is above 0 and at most this."""
+
 class BrokerTlsConfig(_Model):
     """TLS listener of the embedded broker."""
 
@@ -58,13 +65,14 @@ class BrokerConfig(_Model):
     max_packet_bytes: Annotated[int, Field(strict=True, ge=263_168, le=268_435_460)] = 266_240
     """The largest MQTT packet accepted (PROTOCOL.md: a 256 KiB payload plus room for the
     header and topic); a client sending a bigger one is disconnected."""
-    max_queued_messages: Annotated[int, Field(strict=True, ge=100, le=10_000_000)] = 20_000
-    max_queued_mb: Annotated[int, Field(strict=True, ge=1, le=65_536)] = 64
+    max_queued_messages: Annotated[int, Field(strict=True, ge=QUEUED_MESSAGES[0],
+                                              le=QUEUED_MESSAGES[1])] = 20_000
+    max_queued_mb: Annotated[int, Field(strict=True, ge=QUEUED_MB[0], le=QUEUED_MB[1])] = 64
     """What the broker holds for one client, away (a device offline, the merge server
     stopped) or connected but not reading: beyond either limit messages for it are
     dropped and logged. Nothing is lost by that (devices resend and catch up); it bounds
     the broker's memory, e.g. against a device flooding while the server is down."""
-    connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    connect_timeout_s: Annotated[float, Field(strict=True, gt=0, le=CONNECT_TIMEOUT_MAX_S)] = 15.0
     """Seconds a new connection has to send its CONNECT before the broker closes it (port
     scans, half-open and slowloris connections would otherwise hold file descriptors)."""
     log: LogConfig = Field(default_factory=LogConfig)

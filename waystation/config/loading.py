@@ -304,6 +304,13 @@ def _describe(exc: ValidationError, model: type[BaseModel], source: str,
                                    or " (not a setting here)")
         elif kind == "missing":
             msg = "required; add it"
+        elif kind in _RANGE_ERRORS and (allowed := _allowed_range(model, loc)) is not None:
+            # pydantic names one bound ("greater than or equal to 100") or none ("a valid
+            # integer"); the operator needs the whole range to pick a value.
+            msg = f"must be {allowed}"
+            shown = _show(loc, err.get("input"))
+            if shown:
+                msg += f" (got {shown})"
         elif kind != "value_error" and err.get("input") is not None and not isinstance(
                 err["input"], dict | BaseModel):
             shown = _show(loc, err["input"])
@@ -314,6 +321,63 @@ def _describe(exc: ValidationError, model: type[BaseModel], source: str,
     if len(problems) > 1:
         text += f" (and {len(problems) - 1} more: " + "; ".join(problems[1:]) + ")"
     return text
+
+
+_RANGE_ERRORS = frozenset({
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+    "int_type", "int_parsing", "int_from_float", "float_type", "float_parsing",
+})
+
+
+_UNITS = (("_s", "seconds"), ("_mb", "MB"), ("_bytes", "bytes"), ("_days", "days"))
+
+
+def _allowed_range(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """'a whole number from 100 to 10000000' for a number setting with both bounds (None
+    for anything else, whose pydantic message is kept)."""
+    parent = _model_at(model, loc[:-1]) if loc and isinstance(loc[-1], str) else None
+    field = parent.model_fields.get(loc[-1]) if parent is not None else None
+    if field is None:
+        return None
+    bounds: dict[str, Any] = {}
+    for meta in [*field.metadata, *_annotated_metadata(field.annotation)]:
+        for name in ("ge", "gt", "le", "lt"):
+            if getattr(meta, name, None) is not None:
+                bounds.setdefault(name, getattr(meta, name))
+    numbers = [alt for alt in _unwrap(field.annotation) if alt in (int, float)]
+    low = ("from", bounds["ge"]) if "ge" in bounds else (
+        ("greater than", bounds["gt"]) if "gt" in bounds else None)
+    high = ("to", bounds["le"]) if "le" in bounds else (
+        ("below", bounds["lt"]) if "lt" in bounds else None)
+    if len(numbers) != 1 or low is None or high is None:
+        return None
+    what = "a whole number" if numbers[0] is int else "a number"
+    unit = next((u for end, u in _UNITS if str(loc[-1]).endswith(end)), "")
+    what += f" of {unit}" if unit else ""
+    joint = " " if low[0] == "from" else " and "
+    upper = high[0] if low[0] == "from" or high[0] == "below" else "at most"
+    return f"{what} {low[0]} {_number(low[1])}{joint}{upper} {_number(high[1])}"
+
+
+def _number(value: Any) -> str:
+    """100, 10000000, 0.5: as a person writes it in the TOML file."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _annotated_metadata(annotation: Any) -> list[Any]:
+    """The constraints inside Annotated[...] types of an (Optional) annotation."""
+    out: list[Any] = []
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        for extra in typing.get_args(annotation)[1:]:
+            out.extend(getattr(extra, "metadata", [extra]))
+        out.extend(_annotated_metadata(typing.get_args(annotation)[0]))
+    elif origin is Union or origin is types.UnionType:
+        for arg in typing.get_args(annotation):
+            out.extend(_annotated_metadata(arg))
+    return out
 
 
 def _show(loc: tuple[Any, ...], value: Any) -> str:
