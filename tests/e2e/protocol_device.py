@@ -262,6 +262,19 @@ class ProtocolDevice:
         self.send(msg)
         return req
 
+    def catchup_answered(self, within: float = 10.0) -> bool:
+        """Send a catch-up and say whether a checkpoint answered it within `within` s.
+        The server handles a device's messages in order, so an answer means it has
+        handled (or, over the device's share, dropped) everything sent before; retried
+        by the caller (`fleet.wait(pd.catchup_answered, ...)`), as the intake may drop
+        the catch-up itself while the device floods."""
+        req = self.catchup()
+        try:
+            self.wait(lambda: any(c.get("req") == req for c in self.checkpoints), within, req)
+        except AssertionError:
+            return False
+        return True
+
     def caught_up(self, req: str) -> bool:
         """Every scope of request `req` is in a checkpoint answering it (§9.5)."""
         with self._cond:

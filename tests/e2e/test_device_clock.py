@@ -43,14 +43,7 @@ def _clock(fleet: Fleet, dev: str) -> Any:
 def _handled(fleet: Fleet, pd: ProtocolDevice) -> None:
     """Until a catch-up sent after the statuses is answered (one FIFO per device at the
     server: the statuses were handled), and the tick has written the row."""
-    def answered() -> bool:
-        req = pd.catchup()
-        try:
-            pd.wait(lambda: any(c.get("req") == req for c in pd.checkpoints), 10, req)
-        except AssertionError:
-            return False
-        return True
-    fleet.wait(answered, 120, what=f"{pd.dev}'s catch-up answered")
+    fleet.wait(pd.catchup_answered, 120, what=f"{pd.dev}'s catch-up answered")
 
 
 @pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])

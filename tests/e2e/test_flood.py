@@ -84,14 +84,7 @@ def _wait_answered(fleet: Fleet, pd: ProtocolDevice) -> None:
     """Until a catch-up sent after the flood is answered: the server has then handled
     (or dropped) every earlier message of the device (its queue is FIFO). Sent again
     while unanswered, since the intake may drop it too."""
-    def answered() -> bool:
-        req = pd.catchup()
-        try:
-            pd.wait(lambda: any(c.get("req") == req for c in pd.checkpoints), 10, req)
-        except AssertionError:
-            return False
-        return True
-    fleet.wait(answered, 180, what="the flooding device's catch-up answered")
+    fleet.wait(pd.catchup_answered, 180, what="the flooding device's catch-up answered")
 
 
 def test_flood_from_one_device_stays_bounded_and_others_are_served(fleet: Fleet) -> None:

@@ -41,14 +41,7 @@ def _iso_ms(text: str) -> int:
 def _wait_handled(fleet: Fleet, pd: ProtocolDevice) -> None:
     """Until a catch-up sent after everything else is answered: the device's messages
     of both topics wait in one FIFO queue at the server, so all were handled."""
-    def answered() -> bool:
-        req = pd.catchup()
-        try:
-            pd.wait(lambda: any(c.get("req") == req for c in pd.checkpoints), 10, req)
-        except AssertionError:
-            return False
-        return True
-    fleet.wait(answered, 120, what=f"{pd.dev}'s catch-up answered")
+    fleet.wait(pd.catchup_answered, 120, what=f"{pd.dev}'s catch-up answered")
 
 
 def test_a_status_flood_is_bounded_and_shows_nothing_absurd(fleet: Fleet) -> None:
