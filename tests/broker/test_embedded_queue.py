@@ -106,24 +106,34 @@ def _rss_mb(pid: int) -> float:
 
 def test_a_flood_to_a_server_that_does_not_read_stays_bounded(
         small_broker: BrokerProcess) -> None:
-    """The merge server is connected but reads nothing (stuck); a device publishes 100 MB.
-    The device gets its PUBACKs, the broker drops what is over the server's limit (1 MiB
-    here) and stays small (stock amqtt held all of it), and once the server reads again
-    it gets messages as before."""
+    """The merge server is connected but reads nothing (stuck); a device publishes 4 x 100
+    MB. The device gets its PUBACKs, the broker drops what is over the server's limit (1
+    MiB here): after the first 200 MB it stops growing (stock amqtt held all of it: +104
+    MB per 100 MB), and once the server reads again it gets messages as before. (The first
+    200 MB grow it by ~55 MB here, its allocator's arenas and the bounded queue filling, a
+    figure that varied from 25 to 52 MB for the first 100 MB between runs: what is
+    measured is that it stops growing: +1 MB for the next 200 MB.)"""
     srv = _server(small_broker)
     assert srv.subscribe(f"{PREFIX}/+/up") == 1
     srv.client.loop_stop()  # connected, reading nothing
     before = _rss_mb(_pid(small_broker))
     dev = RecordingClient(small_broker.port, "van-12", "van-12", USERS["van-12"])
     assert dev.connect() == "Success"
-    try:
+
+    def flood_100_mb() -> float:
         for _ in range(10):
             infos = [dev.client.publish(UP, b"x" * 50_000, qos=1) for _ in range(200)]
             wait_until(lambda sent=infos: all(i.mid in dev.state.pubacks for i in sent), 120,
                        message="the device's PUBACKs")
             dev.state.pubacks.clear()
-        grown = _rss_mb(_pid(small_broker)) - before
-        assert grown < 50, f"the broker grew by {grown:.0f} MB for a 100 MB flood"
+        return _rss_mb(_pid(small_broker))
+
+    try:
+        rss = [flood_100_mb() for _ in range(4)]
+        print(f"broker RSS {before:.0f} MB, then after each 100 MB {[round(r) for r in rss]}")
+        assert rss[1] - before < 100, f"the broker grew by {rss[1] - before:.0f} MB for 200 MB"
+        assert rss[3] - rss[1] < 15, (f"the broker grew by {rss[3] - rss[1]:.0f} MB more for "
+                                      "the third and fourth 100 MB")
         srv.client.loop_start()
         dev.client.publish(UP, b"after", qos=1)
         srv.wait_for(UP, b"after", timeout=60)
