@@ -11,17 +11,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from waystation.cli.terminal import terminal_safe
 from waystation.timefmt import ago, iso
-
-_JSON_UNSAFE = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def print_json(doc: Any) -> None:
     """Print `doc` as one JSON document on stdout (non-JSON values as strings); what a
     terminal would act on is written as a JSON escape (C0 codes json escapes itself; DEL,
     C1 codes and bidirectional overrides here), so it parses to the original text."""
-    text = json.dumps(doc, indent=2, ensure_ascii=False, default=str)
-    print(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+    # json escapes C0 codes itself; `terminal_safe` writes the rest as \uXXXX
+    print(terminal_safe(json.dumps(doc, indent=2, ensure_ascii=False, default=str)))
 
 
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
