@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from waystation.cli.entry import main
-from waystation.cli.output import print_json
+from waystation.cli.output import print_json, printable
 from waystation.cli.terminal import terminal_safe
 
 HOSTILE = "\x1b[2J\x1b]0;owned\x07line\rforged\x9b31m\u202eevil\x7f"
@@ -45,7 +45,7 @@ def test_free_text_is_escaped_and_json_still_parses(
     mod = _module(monkeypatch)
     assert main(["server", "status"], env={}, handlers={"server status": f"{mod}:text"}) == 0
     out = capsys.readouterr().out
-    assert out == ("name: \\x1b[2J\\x1b]0;owned\\x07line\\x0dforged\\u009b31m\\u202eevil"
+    assert out == ("name: \\x1b[2J\\x1b]0;owned\\x07line\\rforged\\u009b31m\\u202eevil"
                    "\\u007f\n\tnext line\n")
     assert main(["server", "devices"], env={},
                 handlers={"server devices": f"{mod}:as_json"}) == 0
@@ -66,6 +66,20 @@ def test_escaped_text_holds_nothing_a_terminal_acts_on(text: str) -> None:
                    for c in safe)
     if text.isprintable():
         assert safe == text
+
+
+@given(st.text())
+def test_a_table_cell_stays_one_line_and_holds_nothing_a_terminal_acts_on(text: str) -> None:
+    cell = printable(text)
+    assert not any(ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f for c in cell)
+    assert not any(c in "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+                   for c in cell)
+    if text.isprintable():
+        assert cell == text
+
+
+def test_a_cell_writes_line_breaks_and_terminal_codes_as_escapes() -> None:
+    assert printable("a\nb\tc\x1b[2J\x9b\u202e") == "a\\nb\\tc\\x1b[2J\\u009b\\u202e"
 
 
 def test_a_devices_escape_codes_in_a_record_reach_server_get_escaped(

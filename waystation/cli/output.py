@@ -7,7 +7,6 @@ JSON document on stdout (stable keys, UTF-8, indented), so scripts can parse it.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,16 +22,12 @@ def print_json(doc: Any) -> None:
     print(terminal_safe(json.dumps(doc, indent=2, ensure_ascii=False, default=str)))
 
 
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
 def printable(text: str) -> str:
     """`text` safe for a terminal: control characters (ANSI escapes, newlines, C1 codes)
     and bidirectional overrides written as escapes (`\\x1b`, `\\u202e`). Cells come
     from devices too (a hello's agent string, record values): printed raw, one could
     clear the operator's screen or forge table lines."""
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii")
-                            if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+    return terminal_safe(text, one_line=True)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

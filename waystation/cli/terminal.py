@@ -19,19 +19,25 @@ import io
 import re
 from typing import Any, TextIO
 
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_BIDI = "\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")
+_UNSAFE_IN_LINE = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
+_C0_NAMED = {0x09: "\\t", 0x0a: "\\n", 0x0d: "\\r"}
 
 
 def _escape(match: re.Match[str]) -> str:
     # C0 codes as \x1b; the rest as \u009b: valid inside a JSON string too, so JSON
     # lines a command prints (`agent watch`) still parse to the original text.
     ch = ord(match.group())
-    return f"\\x{ch:02x}" if ch < 0x20 else f"\\u{ch:04x}"
+    if ch < 0x20:
+        return _C0_NAMED.get(ch) or f"\\x{ch:02x}"
+    return f"\\u{ch:04x}"
 
 
-def terminal_safe(text: str) -> str:
-    """`text` with what a terminal would act on escaped; newlines and tabs kept."""
-    return _UNSAFE.sub(_escape, text)
+def terminal_safe(text: str, *, one_line: bool = False) -> str:
+    """`text` with what a terminal would act on escaped; newlines and tabs kept unless
+    `one_line` (a table cell: a newline in it would forge a row)."""
+    return (_UNSAFE_IN_LINE if one_line else _UNSAFE).sub(_escape, text)
 
 
 class TerminalSafe(io.TextIOBase):
