@@ -254,20 +254,22 @@ class Engine(GroupTransaction):
         if report.pend >= 0 and row is not None:
             # A status without a count (the last will of a device that dropped) keeps the
             # count last reported, and when: "5, as of 2 h ago" says more than "-".
-            at = status_time(report.t, self.now_ms(), row.created_ms, self.cfg.max_skew_ms)
-            fields.update(pend=report.pend, pend_ms=at, pend_old_ms=0 if not report.pend
-                          or report.old is None else max(0, at - report.old))
+            reported_ms = status_time(report.t, self.now_ms(), row.created_ms,
+                                      self.cfg.max_skew_ms)
+            fields.update(pend=report.pend, pend_ms=reported_ms,
+                          pend_old_ms=0 if not report.pend or report.old is None
+                          else max(0, reported_ms - report.old))
             if report.dl is not None:
                 fields["dl"] = report.dl
             # The device's own report is a contact too: an idle device that is online
             # must not show "last seen 3 h ago" (its last change). Never backwards.
-            if at > row.last_seen_ms:
-                fields["last_seen_ms"] = at
+            if reported_ms > row.last_seen_ms:
+                fields["last_seen_ms"] = reported_ms
         if live and report.t is not None and row is not None:
-            at = self.now_ms() if received_ms is None else received_ms
-            offset = self.clocks.observe(topic_device, Sample(report.t, at), row.clk)
+            arrived_ms = self.now_ms() if received_ms is None else received_ms
+            offset = self.clocks.observe(topic_device, Sample(report.t, arrived_ms), row.clk)
             if offset is not None:
-                fields.update(clk=offset, clk_ms=at)
+                fields.update(clk=offset, clk_ms=arrived_ms)
         self._rows.put(topic_device, fields)
         return []
 
