@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from tests.conftest_pg import own_pg_server, pg_database, pg_server
+from tests.conftest_pg import own_pg_server, pg_database, pg_server, server_cli_env
 from waystation.logs import OWN_LOGGERS
 
 pytest_plugins = ["tests.server_skips", "tests.xdist_groups", "tests.coverage_workers"]
@@ -35,4 +35,4 @@ def _logging_as_a_fresh_process() -> Iterator[None]:
         logging.getLogger(name).setLevel(logging.NOTSET)
 
 
-__all__ = ["own_pg_server", "pg_database", "pg_server"]
+__all__ = ["own_pg_server", "pg_database", "pg_server", "server_cli_env"]

@@ -5,8 +5,6 @@ keys (nothing else on stdout), for the agent's writes and reads, the `device` an
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,20 +70,10 @@ def test_agent_writes_and_reads(tmp_path: Path, capsys: pytest.CaptureFixture[st
                                                                        "ident": "app1"}
 
 
-@pytest.fixture(params=["lmdb", "postgres"])
-def server_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server"),
-           "WAYSTATION_BROKER__PASSWORD_FILE": str(tmp_path / "passwd")}
-    if request.param == "lmdb":
-        yield env
-        return
-    server = request.getfixturevalue("pg_server")
-    name = f"clijson_{uuid.uuid4().hex[:12]}"
-    env.update(WAYSTATION_SERVER__STORE__KIND="postgres",
-               WAYSTATION_SERVER__STORE__URL=server.create_database(name))
-    yield env
-    if server.running:
-        server.drop_database(name)
+@pytest.fixture
+def server_env(server_cli_env: dict[str, str]) -> dict[str, str]:
+    """The CLI's environment, on an LMDB store and on a fresh PostgreSQL database."""
+    return server_cli_env
 
 
 def _seed_conflict(env: dict[str, str]) -> None:

@@ -11,8 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,20 +23,10 @@ from waystation.config import ServerConfig, load_config
 WAYSTATION = str(Path(sys.executable).parent / "waystation")
 
 
-@pytest.fixture(params=["lmdb", "postgres"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server"),
-           "WAYSTATION_BROKER__PASSWORD_FILE": str(tmp_path / "passwd")}
-    if request.param == "lmdb":
-        yield env
-        return
-    server = request.getfixturevalue("pg_server")
-    name = f"cli_{uuid.uuid4().hex[:16]}"
-    env.update(WAYSTATION_SERVER__STORE__KIND="postgres",
-               WAYSTATION_SERVER__STORE__URL=server.create_database(name))
-    yield env
-    if server.running:
-        server.drop_database(name)
+@pytest.fixture
+def env(server_cli_env: dict[str, str]) -> dict[str, str]:
+    """The CLI's environment, on an LMDB store and on a fresh PostgreSQL database."""
+    return server_cli_env
 
 
 def _open(env: dict[str, str]) -> Store:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import time as systime
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,21 +179,10 @@ def test_the_daemon_passes_the_retain_flag_and_the_arrival_time(
     assert devstate.clock(row, row.clk_ms) == "clock 5 h behind"
 
 
-@pytest.fixture(params=["lmdb", "postgres"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+@pytest.fixture
+def env(server_cli_env: dict[str, str]) -> dict[str, str]:
     """The CLI's environment, on an LMDB store and on a fresh PostgreSQL database."""
-    env = {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server"),
-           "WAYSTATION_BROKER__PASSWORD_FILE": str(tmp_path / "passwd")}
-    if request.param == "lmdb":
-        yield env
-        return
-    server = request.getfixturevalue("pg_server")
-    name = f"clk_{uuid.uuid4().hex[:16]}"
-    env.update(WAYSTATION_SERVER__STORE__KIND="postgres",
-               WAYSTATION_SERVER__STORE__URL=server.create_database(name))
-    yield env
-    if server.running:
-        server.drop_database(name)
+    return server_cli_env
 
 
 def test_server_devices_and_status_name_the_clocks_off(

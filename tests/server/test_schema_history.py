@@ -4,8 +4,6 @@ diff / history / rollback` (broker.server.schema_history, broker.schema_cli)."""
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -140,19 +138,10 @@ def test_rollback_after_devices_ran_it_needs_an_inverse(store: Store) -> None:
 # --- the commands -------------------------------------------------------------------
 
 
-@pytest.fixture(params=["lmdb", "postgres"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server")}
-    if request.param == "lmdb":
-        yield env
-        return
-    server = request.getfixturevalue("pg_server")
-    name = f"sch_{uuid.uuid4().hex[:16]}"
-    env.update(WAYSTATION_SERVER__STORE__KIND="postgres",
-               WAYSTATION_SERVER__STORE__URL=server.create_database(name))
-    yield env
-    if server.running:
-        server.drop_database(name)
+@pytest.fixture
+def env(server_cli_env: dict[str, str]) -> dict[str, str]:
+    """The CLI's environment, on an LMDB store and on a fresh PostgreSQL database."""
+    return server_cli_env
 
 
 def _files(tmp_path: Path) -> dict[str, Path]:
