@@ -57,7 +57,7 @@ def plugin_config(
     server_users: set[str] | frozenset[str] | list[str],
     allow_anonymous: bool = False,
     trust_client_cert_cn: bool = False,
-    check_threads: int = 2,
+    check_threads: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """The ``plugins`` section of an amqtt broker config that installs our two plugins."""
     users = sorted(server_users)
@@ -163,7 +163,7 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         trust_client_cert_cn: bool = False
         """Accept a verified TLS client certificate whose CN is the username instead of a
         password. Only sensible when the listener trusts nothing but the fleet's own CA."""
-        check_threads: int = 2
+        check_threads: int = 1
         """Passwords checked at once, each on a thread (hashlib lets go of the GIL)."""
 
     def __init__(self, context: Any) -> None:

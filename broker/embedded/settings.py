@@ -65,7 +65,7 @@ class BrokerSettings:
     login_backoff_max_s: float = BACKOFF_MAX_S
     login_failures_per_ip: int = SOURCE_FAILURES
     """When logins are refused without a password check (`broker.embedded.login_guard`)."""
-    password_check_threads: int = 2
+    password_check_threads: int = 1
     """Passwords checked at once, off the event loop."""
 
     def conn_limits(self) -> ConnLimits:

@@ -31,7 +31,7 @@ from tests.helpers import RecordingClient, wait_until
 FLOOD = 2000
 SLACK_FDS = 40
 """Broker file descriptors besides the connections (log, epoll, a device or two)."""
-ACCEPT_BURST = 300
+ACCEPT_BURST = 600
 """Sockets accepted and not yet refused at a peak: asyncio accepts up to its backlog
 (100) per wakeup and hands each to a task, which refuses it on its first step."""
 
@@ -91,7 +91,8 @@ class Pinger:
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
-    """True once the broker closed `sock` (EOF or reset; poll, not select: fds > 1024)."""
+    """True once the broker closed `sock` (EOF or reset); what it sent is discarded."""
+    sock.setblocking(False)  # with a timeout, recv waits for data despite MSG_DONTWAIT
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
@@ -121,12 +122,24 @@ def _sync_once(broker: BrokerProcess, server: RecordingClient, bind: str, n: int
 
 
 FLOODER = """
-import socket, sys, time
+import socket, sys, threading, time
 port, count, hold = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-flood = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+flood = []
+
+def open_some(n):
+    # in parallel: a SYN the full accept queue dropped costs its thread 1 s, not all
+    for _ in range(n):
+        flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+threads = [threading.Thread(target=open_some, args=(count // 10,)) for _ in range(10)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
 print("opened", flush=True)
 
 def closed(sock):
+    sock.setblocking(False)  # a socket with a timeout waits for data despite DONTWAIT
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
@@ -219,6 +232,8 @@ def _attempt(port: int, bind: str, user: str, password: str) -> bytes:
         sock.close()
 
 
+GUESSERS = 4
+"""Addresses the wrong-password flood comes from."""
 ACCEPTED = b"\x20\x02\x00\x00"
 NOT_AUTHORIZED = b"\x20\x02\x00\x05"
 
@@ -235,25 +250,26 @@ def _slow_hash(password: str, seconds: float) -> str:
 def test_a_wrong_password_flood_is_refused_and_devices_keep_working(
         broker: BrokerProcess) -> None:
     """van-7's password is hashed slowly (~0.1 s a check). 2,000 wrong-password CONNECTs
-    from 10 addresses: an honest client's round trips keep a p99 under 60 ms (before: each
-    attempt stalled the event loop ~0.1 s); after 5 failures an address is refused van-7
-    even with the right password, while van-7 from its own address logs in."""
+    from 4 addresses are all answered within 20 s and an honest client's round trips keep
+    a p99 under 60 ms meanwhile (before: each attempt stalled the event loop ~0.1 s, the
+    flood took 200 s); after 5 failures an address is refused van-7 even with the right
+    password, while van-7 from its own address logs in."""
     write_hash_entry(broker.password_file, "van-7", _slow_hash(USERS["van-7"], 0.1))
     pinger = Pinger(broker.port)
     samples = [pinger.round_trip(i) for i in range(20)]
     quiet = _p99(samples)
     answers: list[bytes] = []
     done = threading.Event()
-    deadline = time.monotonic() + 12
+    deadline = time.monotonic() + 20
 
     def guess(source: str) -> None:
-        for _ in range(FLOOD // 10):
+        for _ in range(FLOOD // GUESSERS):
             if time.monotonic() > deadline:
                 return
             answers.append(_attempt(broker.port, source, "van-7", "guess"))
 
     guessers = [threading.Thread(target=guess, args=(f"127.0.0.{10 + i}",), daemon=True)
-                for i in range(10)]
+                for i in range(GUESSERS)]
     for thread in guessers:
         thread.start()
     threading.Thread(target=lambda: ([t.join() for t in guessers], done.set()),
@@ -266,7 +282,7 @@ def test_a_wrong_password_flood_is_refused_and_devices_keep_working(
         time.sleep(0.005)
     pinger.close()
     assert done.wait(1)
-    assert len(answers) == FLOOD, f"{len(answers)} of {FLOOD} attempts answered in 12 s"
+    assert len(answers) == FLOOD, f"{len(answers)} of {FLOOD} attempts answered in 20 s"
     assert set(answers) == {NOT_AUTHORIZED}
     assert len(during) >= 20
     assert _p99(during) < max(0.06, 3 * quiet), (quiet, _p99(during), len(during))

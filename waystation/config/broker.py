@@ -104,8 +104,9 @@ class BrokerConfig(_Model):
     """Failed logins from one address within 60 s before the address is refused for the
     rest of the 60 s (usernames that logged in from it before still get in)."""
     password_check_threads: Annotated[int, Field(strict=True, ge=PASSWORD_CHECK_THREADS[0],
-                                                 le=PASSWORD_CHECK_THREADS[1])] = 2
-    """Passwords checked at once, each on a thread of its own, off the event loop."""
+                                                 le=PASSWORD_CHECK_THREADS[1])] = 1
+    """Passwords checked at once, each on a thread of its own, off the event loop. Each
+    thread can take a core during a login flood; raise it only with cores to spare."""
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
