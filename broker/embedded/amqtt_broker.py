@@ -76,7 +76,7 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    is refused unchecked for a doubling backoff, and an address with
    ``login_failures_per_ip`` (100) failures in 60 s is refused for the rest of them
    (usernames that logged in from it before excepted). Passwords are hashed on
-   ``password_check_threads`` (1) thread, not on the event loop. amqtt accepted every
+   ``login_check_threads`` (1) thread, not on the event loop. amqtt accepted every
    connection (2,000 idle sockets from one host held 2,000 file descriptors until the
    CONNECT deadline, and a host reopening them held them for ever) and checked every
    password on its one event loop, as fast as a guesser sent them.
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--login-failures-per-ip", type=int, default=None,
                         help="failed logins from one address in 60 s before it is refused "
                              f"for the rest of them (default {SOURCE_FAILURES})")
-    parser.add_argument("--password-check-threads", type=int, default=None,
+    parser.add_argument("--login-check-threads", type=int, default=None,
                         help="passwords checked at once, off the event loop (default 1)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])

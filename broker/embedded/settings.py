@@ -23,8 +23,8 @@ from waystation.config.broker import (
     CONNECTIONS,
     LOGIN_BACKOFF_AFTER,
     LOGIN_BACKOFF_MAX_S,
+    LOGIN_CHECK_THREADS,
     LOGIN_FAILURES_PER_IP,
-    PASSWORD_CHECK_THREADS,
     QUEUED_MB,
     QUEUED_MESSAGES,
 )
@@ -65,7 +65,7 @@ class BrokerSettings:
     login_backoff_max_s: float = BACKOFF_MAX_S
     login_failures_per_ip: int = SOURCE_FAILURES
     """When logins are refused without a password check (`broker.embedded.login_guard`)."""
-    password_check_threads: int = 1
+    login_check_threads: int = 1
     """Passwords checked at once, off the event loop."""
 
     def conn_limits(self) -> ConnLimits:
@@ -98,7 +98,7 @@ class BrokerSettings:
                                   ("max_connecting_per_ip", CONNECTIONS),
                                   ("login_backoff_after", LOGIN_BACKOFF_AFTER),
                                   ("login_failures_per_ip", LOGIN_FAILURES_PER_IP),
-                                  ("password_check_threads", PASSWORD_CHECK_THREADS)):
+                                  ("login_check_threads", LOGIN_CHECK_THREADS)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) \
                     or not low <= value <= high:
@@ -165,8 +165,8 @@ class BrokerSettings:
                                              defaults.login_backoff_max_s)),
             login_failures_per_ip=_given(cfg, "login_failures_per_ip",
                                          defaults.login_failures_per_ip),
-            password_check_threads=_given(cfg, "password_check_threads",
-                                          defaults.password_check_threads),
+            login_check_threads=_given(cfg, "login_check_threads",
+                                          defaults.login_check_threads),
         )
 
     def amqtt_config(self) -> dict[str, Any]:
@@ -194,7 +194,7 @@ class BrokerSettings:
                 server_users=self.server_users,
                 allow_anonymous=self.allow_anonymous,
                 trust_client_cert_cn=self.tls_ca is not None,
-                check_threads=self.password_check_threads,
+                check_threads=self.login_check_threads,
             ),
         }
 

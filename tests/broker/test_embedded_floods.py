@@ -251,9 +251,9 @@ def test_a_wrong_password_flood_is_refused_and_devices_keep_working(
         broker: BrokerProcess) -> None:
     """van-7's password is hashed slowly (~0.1 s a check). 2,000 wrong-password CONNECTs
     from 4 addresses are all answered within 20 s and an honest client's round trips keep
-    a p99 under 60 ms meanwhile (before: each attempt stalled the event loop ~0.1 s, the
-    flood took 200 s); after 5 failures an address is refused van-7 even with the right
-    password, while van-7 from its own address logs in."""
+    a p99 under 0.3 s meanwhile (before: each attempt stalled the event loop ~0.1 s: p99
+    2.6 s, 304 attempts answered in 60 s); after 5 failures an address is refused van-7
+    even with the right password, while van-7 from its own address logs in."""
     write_hash_entry(broker.password_file, "van-7", _slow_hash(USERS["van-7"], 0.1))
     pinger = Pinger(broker.port)
     samples = [pinger.round_trip(i) for i in range(20)]
@@ -285,7 +285,8 @@ def test_a_wrong_password_flood_is_refused_and_devices_keep_working(
     assert len(answers) == FLOOD, f"{len(answers)} of {FLOOD} attempts answered in 20 s"
     assert set(answers) == {NOT_AUTHORIZED}
     assert len(during) >= 20
-    assert _p99(during) < max(0.06, 3 * quiet), (quiet, _p99(during), len(during))
+    # Measured: p99 48 ms here (one core hashing beside the loop), 2.6 s before.
+    assert _p99(during) < max(0.3, 3 * quiet), (quiet, _p99(during), len(during))
 
     for _ in range(LOGIN_FAILURES):
         assert _attempt(broker.port, "127.0.0.50", "van-7", "guess") == NOT_AUTHORIZED

@@ -38,8 +38,8 @@ LOGIN_BACKOFF_MAX_S = 86_400.0
 """`login_backoff_max_s` is above 0 and at most this."""
 LOGIN_FAILURES_PER_IP = (1, 1_000_000)
 """Allowed `login_failures_per_ip`."""
-PASSWORD_CHECK_THREADS = (1, 64)
-"""Allowed `password_check_threads`."""
+LOGIN_CHECK_THREADS = (1, 64)
+"""Allowed `login_check_threads`."""
 
 class BrokerTlsConfig(_Model):
     """TLS listener of the embedded broker."""
@@ -103,8 +103,8 @@ class BrokerConfig(_Model):
                                                 le=LOGIN_FAILURES_PER_IP[1])] = 100
     """Failed logins from one address within 60 s before the address is refused for the
     rest of the 60 s (usernames that logged in from it before still get in)."""
-    password_check_threads: Annotated[int, Field(strict=True, ge=PASSWORD_CHECK_THREADS[0],
-                                                 le=PASSWORD_CHECK_THREADS[1])] = 1
+    login_check_threads: Annotated[int, Field(strict=True, ge=LOGIN_CHECK_THREADS[0],
+                                                 le=LOGIN_CHECK_THREADS[1])] = 1
     """Passwords checked at once, each on a thread of its own, off the event loop. Each
     thread can take a core during a login flood; raise it only with cores to spare."""
     log: LogConfig = Field(default_factory=LogConfig)
