@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.embedded.conn_guard import FD_RESERVE, fitting_total
 from broker.embedded.conn_table import ConnectionTable, ConnLimits, Ticket, source_of
 from broker.embedded.login_guard import (
     KNOWN_GOOD_S,
@@ -15,6 +17,8 @@ from broker.embedded.login_guard import (
     LoginGuard,
     LoginLimits,
 )
+from broker.embedded.settings import BrokerSettings
+from waystation.config import BrokerConfig
 
 SOURCES = st.sampled_from(["10.0.0.1", "10.0.0.2", "2001:db8::/64", "?"])
 CONN_OPS = st.lists(st.tuples(st.sampled_from(["open", "login", "close"]), SOURCES,
@@ -153,3 +157,27 @@ def test_a_guesser_does_not_lock_out_the_device_elsewhere_or_a_known_one_nearby(
     assert guard.refusal("10.0.0.1", "van-99", 7.0) is not None
     assert guard.refusal("10.0.0.1", "van-12", 7.0) is None
     assert guard.refusal("10.0.0.1", "van-99", 1.0 + SOURCE_WINDOW_S + 0.1) is None
+
+
+def test_the_settings_reach_the_tables_from_the_config_file_model(tmp_path: Path) -> None:
+    """BrokerConfig's limits map to BrokerSettings, the two tables and the auth plugin."""
+    cfg = BrokerConfig(data_dir=tmp_path, max_connections=900, max_connecting_per_ip=7,
+                       login_backoff_after=3, login_backoff_max_s=42.0,
+                       login_failures_per_ip=11, login_check_threads=4)
+    s = BrokerSettings.from_config(cfg)
+    assert s.conn_limits() == ConnLimits(connecting_per_source=7, total=900)
+    assert s.login_limits() == LoginLimits(failures=3, backoff_max_s=42.0, source_failures=11)
+    plugin = s.amqtt_config()["plugins"]["broker.embedded.plugins.PasswordFileAuthPlugin"]
+    assert plugin["check_threads"] == 4
+    defaults = BrokerSettings.from_config(BrokerConfig(data_dir=tmp_path))
+    assert defaults.conn_limits() == ConnLimits() and defaults.login_limits() == LoginLimits()
+    assert defaults.login_check_threads == BrokerConfig().login_check_threads == 1
+
+
+def test_max_connections_is_lowered_to_the_file_descriptor_limit() -> None:
+    """Past the fd limit accept() fails (EMFILE) and asyncio stops accepting anyone for a
+    while: the total bound is lowered to leave the broker its own descriptors."""
+    assert fitting_total(50_000, fd_limit=1024) == 1024 - FD_RESERVE
+    assert fitting_total(500, fd_limit=1024) == 500
+    assert fitting_total(50_000, fd_limit=65_536) == 50_000
+    assert fitting_total(10, fd_limit=10) == 1
