@@ -232,8 +232,11 @@ def _attempt(port: int, bind: str, user: str, password: str) -> bytes:
         sock.close()
 
 
-GUESSERS = 4
+GUESSERS = 8
 """Addresses the wrong-password flood comes from."""
+FLOOD_CAP_S = 40.0
+"""The flood must be answered by then: 5-16 s measured here, by load; before, each
+attempt held the event loop ~0.1 s (2,000 would have taken 200 s)."""
 ACCEPTED = b"\x20\x02\x00\x00"
 NOT_AUTHORIZED = b"\x20\x02\x00\x05"
 
@@ -250,7 +253,7 @@ def _slow_hash(password: str, seconds: float) -> str:
 def test_a_wrong_password_flood_is_refused_and_devices_keep_working(
         broker: BrokerProcess) -> None:
     """van-7's password is hashed slowly (~0.1 s a check). 2,000 wrong-password CONNECTs
-    from 4 addresses are all answered within 20 s and an honest client's round trips keep
+    from 8 addresses are all answered within 40 s and an honest client's round trips keep
     a p99 under 0.3 s meanwhile (before: each attempt stalled the event loop ~0.1 s: p99
     2.6 s, 304 attempts answered in 60 s); after 5 failures an address is refused van-7
     even with the right password, while van-7 from its own address logs in."""
@@ -260,7 +263,7 @@ def test_a_wrong_password_flood_is_refused_and_devices_keep_working(
     quiet = _p99(samples)
     answers: list[bytes] = []
     done = threading.Event()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + FLOOD_CAP_S
 
     def guess(source: str) -> None:
         for _ in range(FLOOD // GUESSERS):
@@ -282,7 +285,7 @@ def test_a_wrong_password_flood_is_refused_and_devices_keep_working(
         time.sleep(0.005)
     pinger.close()
     assert done.wait(1)
-    assert len(answers) == FLOOD, f"{len(answers)} of {FLOOD} attempts answered in 20 s"
+    assert len(answers) == FLOOD, f"{len(answers)} of {FLOOD} attempts answered in {FLOOD_CAP_S:g} s"
     assert set(answers) == {NOT_AUTHORIZED}
     assert len(during) >= 20
     # Measured: p99 48 ms here (one core hashing beside the loop), 2.6 s before.
