@@ -242,9 +242,10 @@ class RecordingClient:
             self.state.pubacks.add(mid)
 
     # -- actions
-    def connect(self, timeout: float = 10.0) -> str:
-        """Connect and wait for the CONNACK; returns its reason ("Success", "Not authorized")."""
-        self.client.connect(self.host, self.port, keepalive=30)
+    def connect(self, timeout: float = 10.0, *, bind_address: str = "") -> str:
+        """Connect (from `bind_address`, e.g. 127.0.0.2, when given) and wait for the
+        CONNACK; returns its reason ("Success", "Not authorized")."""
+        self.client.connect(self.host, self.port, keepalive=30, bind_address=bind_address)
         self.client.loop_start()
         wait_until(lambda: self.state.connacks or self.state.disconnects, timeout,
                    message="CONNACK or disconnect")

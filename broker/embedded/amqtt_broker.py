@@ -8,7 +8,7 @@
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
-changes ten things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes eleven things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -68,6 +68,18 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    logged a line per unknown PUBACK and per refused publish (~130 B each) and a warning
    and a traceback (1 KB) per QoS 1 message a device never PUBACKed, so one device could
    fill the disk or hit journald's rate limit, which then drops the broker's other lines.
+11. How many connections one source holds, and how fast it may guess passwords, are
+   bounded (``broker.embedded.conn_table``, ``login_guard``, hooked in by ``conn_guard``):
+   a connection beyond ``max_connecting_per_ip`` (128) from one address not yet logged
+   in, or beyond ``max_connections`` in all, is closed at once; after
+   ``login_backoff_after`` (5) failed logins of one username from one address that pair
+   is refused unchecked for a doubling backoff, and an address with
+   ``login_failures_per_ip`` (100) failures in 60 s is refused for the rest of them
+   (usernames that logged in from it before excepted). Passwords are hashed on
+   ``login_check_threads`` (1) thread, not on the event loop. amqtt accepted every
+   connection (2,000 idle sockets from one host held 2,000 file descriptors until the
+   CONNECT deadline, and a host reopening them held them for ever) and checked every
+   password on its one event loop, as fast as a guesser sent them.
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are
@@ -95,6 +107,8 @@ from amqtt.broker import Broker
 from broker.embedded import log_limits
 from broker.embedded.amqtt_overrides import AMQTT_VERSION, OVERRIDDEN, WaystationBroker
 from broker.embedded.client_limits import CONNECT_TIMEOUT_S
+from broker.embedded.conn_table import MAX_CONNECTING_PER_IP, MAX_CONNECTIONS
+from broker.embedded.login_guard import BACKOFF_MAX_S, LOGIN_FAILURES, SOURCE_FAILURES
 from broker.embedded.session_queue import QueueLimits
 from broker.embedded.settings import BrokerSettings
 from broker.errors import ServerError
@@ -173,6 +187,7 @@ class EmbeddedBroker:
                 max_packet=s.max_packet_bytes,
                 queue_limits=QueueLimits(s.max_queued_messages, s.max_queued_bytes),
                 connect_timeout=s.connect_timeout_s,
+                conn_limits=s.conn_limits(), login_limits=s.login_limits(),
             )
             await broker.start()
         except Exception as exc:  # amqtt: BrokerError (bind failed, TLS files), dacite, ...
@@ -336,6 +351,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connect-timeout-s", type=float, default=None,
                         help="close a connection that sends no CONNECT within this "
                              f"(default {CONNECT_TIMEOUT_S:g})")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="close a new connection beyond this many open ones "
+                             f"(default {MAX_CONNECTIONS})")
+    parser.add_argument("--max-connecting-per-ip", type=int, default=None,
+                        help="close a new connection beyond this many from one address "
+                             f"not logged in yet (default {MAX_CONNECTING_PER_IP})")
+    parser.add_argument("--login-backoff-after", type=int, default=None,
+                        help="failed logins of a username from one address before it is "
+                             f"refused unchecked for a doubling backoff (default "
+                             f"{LOGIN_FAILURES})")
+    parser.add_argument("--login-backoff-max-s", type=float, default=None,
+                        help=f"the longest such backoff (default {BACKOFF_MAX_S:g})")
+    parser.add_argument("--login-failures-per-ip", type=int, default=None,
+                        help="failed logins from one address in 60 s before it is refused "
+                             f"for the rest of them (default {SOURCE_FAILURES})")
+    parser.add_argument("--login-check-threads", type=int, default=None,
+                        help="passwords checked at once, off the event loop (default 1)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-repeat-window-s", type=float, default=log_limits.INTERVAL_S,

@@ -2,8 +2,9 @@
 fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authentication
 before the session table, retained messages checked against the ACL, required client
 certificates, the packet size limit, the keepalive enforced, session take-over, bounded
-queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows and
-one line, not a traceback, for messages a client does not acknowledge).
+queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows, one
+line, not a traceback, for messages a client does not acknowledge, and connections per
+source and failed logins bounded through `broker.embedded.conn_guard`).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -39,6 +40,9 @@ from broker.embedded.client_limits import (
     qos2_refusal,
     stalled,
 )
+from broker.embedded.conn_guard import ConnGuard
+from broker.embedded.conn_table import ConnLimits
+from broker.embedded.login_guard import LoginLimits
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader
 from broker.embedded.session_queue import QueueLimits, SessionQueues
 
@@ -182,9 +186,13 @@ class WaystationBroker(Broker):  # type: ignore[misc]
     def __init__(self, config: dict[str, Any], *, require_client_cert: bool,
                  max_packet: int = DEFAULT_MAX_PACKET,
                  queue_limits: QueueLimits | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S,
+                 conn_limits: ConnLimits | None = None,
+                 login_limits: LoginLimits | None = None) -> None:
         super().__init__(config)
         self._connect_timeout = connect_timeout
+        # Fix 11: connections per source and in all, failed logins (conn_guard).
+        self._guard = ConnGuard(conn_limits or ConnLimits(), login_limits or LoginLimits())
         self._require_client_cert = require_client_cert
         self._max_packet = max_packet
         self._queues = SessionQueues(queue_limits or QueueLimits())
@@ -196,6 +204,17 @@ class WaystationBroker(Broker):  # type: ignore[misc]
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
+        ticket = self._guard.admit(writer)  # fix 11: over a bound it is closed already
+        if ticket is None:
+            return
+        try:
+            await self._stream_connected(reader, writer, listener_name, ticket)
+        finally:
+            self._guard.close(ticket)
+
+    async def _stream_connected(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter, listener_name: str,
+                                ticket: Any) -> None:
         sock = writer.get_extra_info("socket")
         nodelay = False
         if sock is not None:
@@ -207,9 +226,9 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         peer = writer.get_extra_info("peername")
         log.debug("client socket accepted", listener=listener_name, peer=peer,
                   tcp_nodelay=nodelay)
-        await self._client_connected(listener_name,
-                                     PacketDeadlineReader(reader, self._max_packet, peer),
-                                     StreamWriterAdapter(writer))
+        limited = PacketDeadlineReader(reader, self._max_packet, peer)
+        limited.ticket = ticket
+        await self._client_connected(listener_name, limited, StreamWriterAdapter(writer))
 
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
         context: ssl.SSLContext = super()._create_ssl_context(listener)
@@ -246,7 +265,14 @@ class WaystationBroker(Broker):  # type: ignore[misc]
             await writer.close()
             raise MQTTError(exc) from exc
 
-        if not await super()._authenticate(client_session, None):
+        # Fix 11: a source guessing passwords is refused before any is checked.
+        ticket = getattr(reader, "ticket", None)
+        user = client_session.username
+        refused = self._guard.login_refusal(remote_address, user)
+        accepted = refused is None and await super()._authenticate(client_session, None)
+        if refused is None:
+            self._guard.login_done(ticket, remote_address, user, bool(accepted))
+        if not accepted:
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
             await writer.close()
             raise MQTTError(

@@ -68,6 +68,8 @@ class PacketDeadlineReader(LimitedReader):
         super().__init__(reader, max_packet, peer)
         self.deadline_s = 0.0
         self.on_stall: Callable[[], None] | None = None
+        self.ticket: object | None = None
+        """The connection's place in `broker.embedded.conn_table` (fix 11)."""
 
     async def read(self, n: int = -1) -> bytes:
         if self.deadline_s <= 0 or self.on_stall is None or self.at_boundary:

@@ -22,6 +22,7 @@ code 0x80 in its SUBACK; a denied PUBLISH is still PUBACKed and then silently dr
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ def plugin_config(
     server_users: set[str] | frozenset[str] | list[str],
     allow_anonymous: bool = False,
     trust_client_cert_cn: bool = False,
+    check_threads: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """The ``plugins`` section of an amqtt broker config that installs our two plugins."""
     users = sorted(server_users)
@@ -66,6 +68,7 @@ def plugin_config(
             "allow_anonymous": allow_anonymous,
             "prefix": prefix,
             "trust_client_cert_cn": trust_client_cert_cn,
+            "check_threads": check_threads,
         },
         TOPIC_PLUGIN: {"prefix": prefix, "server_users": users},
     }
@@ -160,20 +163,47 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
         trust_client_cert_cn: bool = False
         """Accept a verified TLS client certificate whose CN is the username instead of a
         password. Only sensible when the listener trusts nothing but the fleet's own CA."""
+        check_threads: int = 1
+        """Passwords checked at once, each on a thread (hashlib lets go of the GIL)."""
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._store = PasswordStore(self.config.password_file)
         self._server_users = frozenset(self.config.server_users)
+        self._checks: asyncio.Semaphore | None = None
 
     async def authenticate(self, *, session: Any) -> bool | None:
-        """True to accept the CONNECT, False to refuse it (CONNACK 5, not authorized)."""
-        return self.check(session)
+        """True to accept the CONNECT, False to refuse it (CONNACK 5, not authorized).
+
+        The password hash runs on a thread, at most `check_threads` at once: on the event
+        loop a slow hash (raised ``iterations``) stalled every device's traffic for each
+        login tried (a 2,000-attempt wrong-password flood: bench/login_flood.py)."""
+        who = self._identify(session)
+        if isinstance(who, bool):
+            return who
+        username, common_name, hashes = who
+        if self._checks is None:
+            self._checks = asyncio.Semaphore(max(1, self.config.check_threads))
+        matched = bool(hashes) and common_name == username
+        if hashes and not matched:
+            async with self._checks:
+                matched = await asyncio.to_thread(_matches, hashes, session.password or "")
+        return self._conclude(session, username, matched)
 
     def check(self, session: Any) -> bool:
-        """The decision for one CONNECT; synchronous so the broker can call it early."""
+        """The decision for one CONNECT, synchronously (the password checked here)."""
+        who = self._identify(session)
+        if isinstance(who, bool):
+            return who
+        username, common_name, hashes = who
+        matched = bool(hashes) and (common_name == username
+                                    or _matches(hashes, session.password or ""))
+        return self._conclude(session, username, matched)
+
+    def _identify(self, session: Any) -> bool | tuple[str, str | None, list[str]]:
+        """The decision when no password needs checking (anonymous, no username), else
+        (username, certificate CN, the hashes it may log in with)."""
         username: str | None = session.username
-        client_id: str | None = session.client_id
         common_name = _peer_common_name(session) if self.config.trust_client_cert_cn else None
         if not username and common_name:
             username = session.username = common_name
@@ -181,15 +211,15 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
             if self.config.allow_anonymous:
                 session.is_anonymous = True
                 return True
-            log.info("refused: no username", client_id=client_id)
+            log.info("refused: no username", client_id=session.client_id)
             return False
         # Enrolment (a line in the password file) is needed either way, so removing the
         # line revokes a device even when it authenticates with a certificate.
-        hashes = self._store.hashes(username)
-        authenticated = bool(hashes) and (
-            common_name == username
-            or any(verify_password(stored, session.password or "") for stored in hashes)
-        )
+        return username, common_name, self._store.hashes(username)
+
+    def _conclude(self, session: Any, username: str, authenticated: bool) -> bool:
+        """The checks after the password's: client id and last will."""
+        client_id: str | None = session.client_id
         if not authenticated:
             log.info("refused: bad username or password", user=username, client_id=client_id)
             return False
@@ -208,6 +238,10 @@ class PasswordFileAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
                         user=username, topic=session.will_topic)
             return False
         return True
+
+
+def _matches(hashes: list[str], password: str) -> bool:
+    return any(verify_password(stored, password) for stored in hashes)
 
 
 class AclTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]

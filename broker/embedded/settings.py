@@ -8,10 +8,26 @@ from pathlib import Path
 from typing import Any
 
 from broker.embedded.client_limits import CONNECT_TIMEOUT_S
+from broker.embedded.conn_table import MAX_CONNECTING_PER_IP, MAX_CONNECTIONS, ConnLimits
+from broker.embedded.login_guard import (
+    BACKOFF_MAX_S,
+    LOGIN_FAILURES,
+    SOURCE_FAILURES,
+    LoginLimits,
+)
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET
 from broker.embedded.plugins import plugin_config
 from broker.embedded.session_queue import QueueLimits
-from waystation.config.broker import CONNECT_TIMEOUT_MAX_S, QUEUED_MB, QUEUED_MESSAGES
+from waystation.config.broker import (
+    CONNECT_TIMEOUT_MAX_S,
+    CONNECTIONS,
+    LOGIN_BACKOFF_AFTER,
+    LOGIN_BACKOFF_MAX_S,
+    LOGIN_CHECK_THREADS,
+    LOGIN_FAILURES_PER_IP,
+    QUEUED_MB,
+    QUEUED_MESSAGES,
+)
 from waystation.errors import ConfigError
 
 
@@ -41,6 +57,27 @@ class BrokerSettings:
     """At most this much is held for one client, away or not reading (fix 8)."""
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     """A new connection that has not sent its CONNECT by then is closed."""
+    max_connections: int = MAX_CONNECTIONS
+    max_connecting_per_ip: int = MAX_CONNECTING_PER_IP
+    """Open connections in all, and from one address before they logged in
+    (`broker.embedded.conn_table`); one more is closed at once."""
+    login_backoff_after: int = LOGIN_FAILURES
+    login_backoff_max_s: float = BACKOFF_MAX_S
+    login_failures_per_ip: int = SOURCE_FAILURES
+    """When logins are refused without a password check (`broker.embedded.login_guard`)."""
+    login_check_threads: int = 1
+    """Passwords checked at once, off the event loop."""
+
+    def conn_limits(self) -> ConnLimits:
+        """The connection bounds for `broker.embedded.conn_table`."""
+        return ConnLimits(connecting_per_source=self.max_connecting_per_ip,
+                          total=self.max_connections)
+
+    def login_limits(self) -> LoginLimits:
+        """The failed-login bounds for `broker.embedded.login_guard`."""
+        return LoginLimits(failures=self.login_backoff_after,
+                           backoff_max_s=self.login_backoff_max_s,
+                           source_failures=self.login_failures_per_ip)
 
     def __post_init__(self) -> None:
         if self.tls_port is not None and (self.tls_cert is None or self.tls_key is None):
@@ -57,6 +94,20 @@ class BrokerSettings:
             raise ConfigError("broker: max_queued_messages (--max-queued-messages) must be "
                               f"a whole number from {low} to {high} "
                               f"(got {self.max_queued_messages})")
+        for name, (low, high) in (("max_connections", CONNECTIONS),
+                                  ("max_connecting_per_ip", CONNECTIONS),
+                                  ("login_backoff_after", LOGIN_BACKOFF_AFTER),
+                                  ("login_failures_per_ip", LOGIN_FAILURES_PER_IP),
+                                  ("login_check_threads", LOGIN_CHECK_THREADS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not low <= value <= high:
+                raise ConfigError(f"broker: {name} (--{name.replace('_', '-')}) must be a "
+                                  f"whole number from {low} to {high} (got {value!r})")
+        if not 0 < self.login_backoff_max_s <= LOGIN_BACKOFF_MAX_S:
+            raise ConfigError("broker: login_backoff_max_s (--login-backoff-max-s) must be a "
+                              "number of seconds greater than 0 and at most "
+                              f"{LOGIN_BACKOFF_MAX_S:g} (got {self.login_backoff_max_s})")
         if not self.prefix or self.prefix.startswith("$") or any(c in self.prefix for c in "+#"):
             raise ConfigError(f"broker: invalid topic prefix {self.prefix!r}")
 
@@ -106,6 +157,16 @@ class BrokerSettings:
             max_queued_bytes=_queued_bytes(_pick(cfg, "max_queued_mb"), defaults),
             connect_timeout_s=float(_given(cfg, "connect_timeout_s",
                                            defaults.connect_timeout_s)),
+            max_connections=_given(cfg, "max_connections", defaults.max_connections),
+            max_connecting_per_ip=_given(cfg, "max_connecting_per_ip",
+                                         defaults.max_connecting_per_ip),
+            login_backoff_after=_given(cfg, "login_backoff_after", defaults.login_backoff_after),
+            login_backoff_max_s=float(_given(cfg, "login_backoff_max_s",
+                                             defaults.login_backoff_max_s)),
+            login_failures_per_ip=_given(cfg, "login_failures_per_ip",
+                                         defaults.login_failures_per_ip),
+            login_check_threads=_given(cfg, "login_check_threads",
+                                          defaults.login_check_threads),
         )
 
     def amqtt_config(self) -> dict[str, Any]:
@@ -133,6 +194,7 @@ class BrokerSettings:
                 server_users=self.server_users,
                 allow_anonymous=self.allow_anonymous,
                 trust_client_cert_cn=self.tls_ca is not None,
+                check_threads=self.login_check_threads,
             ),
         }
 

@@ -24,6 +24,16 @@ SETTINGS = [
     (BrokerConfig, "broker", None, "max_queued_mb", "must be a whole number of MB from 1 to 65536"),
     (BrokerConfig, "broker", None, "connect_timeout_s",
      "must be a number of seconds greater than 0 and at most 3600"),
+    (BrokerConfig, "broker", None, "max_connections", "must be a whole number from 1 to 1000000"),
+    (BrokerConfig, "broker", None, "max_connecting_per_ip",
+     "must be a whole number from 1 to 1000000"),
+    (BrokerConfig, "broker", None, "login_backoff_after", "must be a whole number from 1 to 1000"),
+    (BrokerConfig, "broker", None, "login_backoff_max_s",
+     "must be a number of seconds greater than 0 and at most 86400"),
+    (BrokerConfig, "broker", None, "login_failures_per_ip",
+     "must be a whole number from 1 to 1000000"),
+    (BrokerConfig, "broker", None, "login_check_threads",
+     "must be a whole number from 1 to 64"),
     (AgentConfig, "agent", "sync", "deaf_after_s",
      "must be a number of seconds from 1 to 3600"),
 ]
@@ -113,7 +123,10 @@ def test_run_commands_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Captur
 
 def _options(**given: object) -> argparse.Namespace:
     options: dict[str, object] = {"max_queued_messages": None, "max_queued_mb": None,
-                                  "connect_timeout_s": None}
+                                  "connect_timeout_s": None, "max_connections": None,
+                                  "max_connecting_per_ip": None, "login_backoff_after": None,
+                                  "login_backoff_max_s": None, "login_failures_per_ip": None,
+                                  "login_check_threads": None}
     return argparse.Namespace(**{**options, **given})
 
 
@@ -131,6 +144,20 @@ def _options(**given: object) -> argparse.Namespace:
     ({"connect_timeout_s": -3.0}, "at most 3600 (got -3.0)"),
     ({"connect_timeout_s": float("nan")}, "at most 3600 (got nan)"),
     ({"connect_timeout_s": 1e9}, "at most 3600 (got 1000000000.0)"),
+    ({"max_connections": 0}, "max_connections (--max-connections) must be a whole number "
+                             "from 1 to 1000000 (got 0)"),
+    ({"max_connecting_per_ip": -1}, "max_connecting_per_ip (--max-connecting-per-ip) must be "
+                                    "a whole number from 1 to 1000000 (got -1)"),
+    ({"login_backoff_after": 0}, "login_backoff_after (--login-backoff-after) must be a whole "
+                                 "number from 1 to 1000 (got 0)"),
+    ({"login_backoff_max_s": 0.0}, "login_backoff_max_s (--login-backoff-max-s) must be a "
+                                   "number of seconds greater than 0 and at most 86400 (got "
+                                   "0.0)"),
+    ({"login_backoff_max_s": float("nan")}, "at most 86400 (got nan)"),
+    ({"login_failures_per_ip": 10**7}, "login_failures_per_ip (--login-failures-per-ip) must "
+                                       "be a whole number from 1 to 1000000 (got 10000000)"),
+    ({"login_check_threads": 65}, "login_check_threads (--login-check-threads) must "
+                                     "be a whole number from 1 to 64 (got 65)"),
 ])
 def test_broker_options_out_of_range_are_refused(given: dict[str, object], words: str) -> None:
     """The command line's values: 0 was taken as "not given" (the default, silently), and a

@@ -30,6 +30,16 @@ QUEUED_MB = (1, 65_536)
 """Allowed `max_queued_mb`."""
 CONNECT_TIMEOUT_MAX_S = 3600.0
 """`connect_timeout_s` is above 0 and at most this."""
+CONNECTIONS = (1, 1_000_000)
+"""Allowed `max_connections` and `max_connecting_per_ip`."""
+LOGIN_BACKOFF_AFTER = (1, 1000)
+"""Allowed `login_backoff_after`."""
+LOGIN_BACKOFF_MAX_S = 86_400.0
+"""`login_backoff_max_s` is above 0 and at most this."""
+LOGIN_FAILURES_PER_IP = (1, 1_000_000)
+"""Allowed `login_failures_per_ip`."""
+LOGIN_CHECK_THREADS = (1, 64)
+"""Allowed `login_check_threads`."""
 
 class BrokerTlsConfig(_Model):
     """TLS listener of the embedded broker."""
@@ -75,6 +85,28 @@ class BrokerConfig(_Model):
     connect_timeout_s: Annotated[float, Field(strict=True, gt=0, le=CONNECT_TIMEOUT_MAX_S)] = 15.0
     """Seconds a new connection has to send its CONNECT before the broker closes it (port
     scans, half-open and slowloris connections would otherwise hold file descriptors)."""
+    max_connections: Annotated[int, Field(strict=True, ge=CONNECTIONS[0],
+                                          le=CONNECTIONS[1])] = 50_000
+    """Open client connections in all; one more is closed at once (keep it below the
+    process's file-descriptor limit, LimitNOFILE: the broker lowers it to fit)."""
+    max_connecting_per_ip: Annotated[int, Field(strict=True, ge=CONNECTIONS[0],
+                                                le=CONNECTIONS[1])] = 128
+    """Connections from one address (an IPv6 /64) that have not logged in yet; one more is
+    closed at once. Logged-in devices behind one NAT address do not count."""
+    login_backoff_after: Annotated[int, Field(strict=True, ge=LOGIN_BACKOFF_AFTER[0],
+                                              le=LOGIN_BACKOFF_AFTER[1])] = 5
+    """Failed logins of one username from one address before that pair is refused, without
+    a password check, for 1 s, then 2 s, 4 s, ... (up to `login_backoff_max_s`)."""
+    login_backoff_max_s: Annotated[float, Field(strict=True, gt=0,
+                                                le=LOGIN_BACKOFF_MAX_S)] = 300.0
+    login_failures_per_ip: Annotated[int, Field(strict=True, ge=LOGIN_FAILURES_PER_IP[0],
+                                                le=LOGIN_FAILURES_PER_IP[1])] = 100
+    """Failed logins from one address within 60 s before the address is refused for the
+    rest of the 60 s (usernames that logged in from it before still get in)."""
+    login_check_threads: Annotated[int, Field(strict=True, ge=LOGIN_CHECK_THREADS[0],
+                                                 le=LOGIN_CHECK_THREADS[1])] = 1
+    """Passwords checked at once, each on a thread of its own, off the event loop. Each
+    thread can take a core during a login flood; raise it only with cores to spare."""
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
