@@ -1,0 +1,152 @@
+"""The merge server's announcement (PROTOCOL.md §7.12) on an MQTT connection: the last
+will, "up" after every connect, "down" on a clean stop, and the clearing that
+`announce = false` does.
+
+Over MQTT the server announces on its own link (`announce_on`, `announcement_will`).
+Over AMQP (`[amqp] nodes`, RabbitMQ) it has no MQTT link for that, so `SideAnnouncer`
+keeps a small one of its own to RabbitMQ's MQTT listener (the `[mqtt]` host, port and
+login the devices' broker already has in that config), used for nothing else: no
+subscription, a clean session (RabbitMQ keeps no queue for it). Without it a RabbitMQ
+fleet whose servers are all down keeps draining devices into RabbitMQ's up queue, and
+`agent status` never says "server unavailable since T".
+
+The side link must never stop the server from merging: it connects in the background,
+retries with MqttLink's backoff forever, and while it cannot connect the server merges
+over AMQP as before; what is wrong is logged once per outage (`announce_link_failed`,
+with what to do) and shown in the systemd status line and the metrics.
+
+RabbitMQ keeps retained messages per node and gives them only to exact-topic
+subscriptions, so a device's `+` subscription gets the live announcements and the will
+(routed cluster-wide through `amq.topic`), never the retained copies: a device connected
+while its servers go down hears it; one connecting while they are down sees its group
+as unknown and drains (the broker queues its changes) until the next announcement.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from broker.server.announce import state_payload, state_topic
+from waystation.linkproblems import HINTS, LinkProblem
+from waystation.mqtt import Backoff, MqttLink, Will
+
+__all__ = ["SideAnnouncer", "announce_on", "announcement_will"]
+
+log = structlog.get_logger("waystation.server")
+
+Publish = Callable[[str, bytes, int, bool], object]
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def announcement_will(cfg: Any) -> Will | None:
+    """The last will of a server's announcing link (None with `announce = false`)."""
+    if not cfg.announce:
+        return None
+    topic = state_topic(cfg.mqtt.prefix, cfg.server_group, cfg.server_id)
+    return Will(topic, state_payload(cfg.server_group, cfg.server_id, False, None),
+                qos=1, retain=True)
+
+
+def announce_on(link: MqttLink, cfg: Any, online: bool, now_ms: int) -> bool:
+    """Publish the announcement rules of §7.12 on `link`: `online` after a connect,
+    not `online` on a clean stop. A server that does not announce (any more) clears, after
+    each connect, what it announced before, or its retained "offline" would hold every
+    device of its group. False: nothing could be handed to the link (not connected)."""
+    topic = state_topic(cfg.mqtt.prefix, cfg.server_group, cfg.server_id)
+    if cfg.announce:
+        return link.publish(topic, state_payload(cfg.server_group, cfg.server_id, online,
+                                                 now_ms), qos=1, retain=True)
+    if online:
+        return link.publish(topic, b"", qos=1, retain=True)
+    return True
+
+
+def _failure_hint(cfg: Any, problem: LinkProblem) -> str:
+    what = HINTS.get(problem.kind, "")
+    if cfg.announce:
+        effect = ("devices keep sending into RabbitMQ while every server of the group is "
+                  "down (they are not told the group is down) and `agent status` does not "
+                  "say so; merging over AMQP is not affected")
+        way_out = "or set announce = false to run without announcing"
+    else:
+        effect = ("an announcement this server made earlier is not cleared, so devices "
+                  "that heard it may hold their changes; merging over AMQP is not affected")
+        way_out = "or clear it by hand (deploy/README.md, \"Server announcements\")"
+    return (f"{effect}. Check that [mqtt] host and port name RabbitMQ's MQTT listener "
+            f"(mqtt.listeners.tcp.default, 1883 in deploy/rabbitmq/rabbitmq.conf), that "
+            f"[mqtt] tls matches it and that the server's login may connect over MQTT; "
+            f"{way_out}. The link retries by itself ({what})")
+
+
+class SideAnnouncer:
+    """The announcement of an AMQP-consuming server over its own MQTT connection to
+    RabbitMQ's MQTT plugin (module docstring). `start()` / `stop()`; thread-safe reads."""
+
+    def __init__(self, cfg: Any, *, env: Mapping[str, str] | None = None,
+                 backoff: Backoff | None = None,
+                 now_ms: Callable[[], int] = _wall_ms) -> None:
+        self.cfg = cfg
+        self.topic = state_topic(cfg.mqtt.prefix, cfg.server_group, cfg.server_id)
+        self._now_ms = now_ms
+        self._lock = threading.Lock()
+        self._failing = False
+        self.problem: str | None = None
+        """Why the side link is down now ("kind: detail"), None while it is up."""
+        self.link = MqttLink.from_config(
+            cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=env,
+            clean_session=True, max_inflight=20, max_queued=100,
+            will=announcement_will(cfg), backoff=backoff,
+            on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+            on_problem=self._on_problem)
+
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
+
+    def start(self) -> None:
+        self.link.start()
+
+    def stop(self) -> None:
+        """A clean stop sends no last will: say "offline" ourselves, then disconnect."""
+        announce_on(self.link, self.cfg, False, self._now_ms())
+        self.link.stop(clean=True)
+
+    def status(self) -> str:
+        """For the systemd status line: "" while all is well."""
+        problem = self.problem
+        if problem is None or self.link.connected:
+            return ""
+        return f"; NOT ANNOUNCING to devices (RabbitMQ MQTT listener: {problem})"
+
+    # ------------------------------------------------------------ network thread
+
+    def _on_connect(self, session_present: bool) -> None:
+        announce_on(self.link, self.cfg, True, self._now_ms())
+        with self._lock:
+            recovered, self._failing = self._failing, False
+            self.problem = None
+        log.info("announce_link_connected", host=self.link.host, port=self.link.port,
+                 topic=self.topic, announce=self.cfg.announce, after_failure=recovered)
+
+    def _on_disconnect(self, reason: str) -> None:
+        with self._lock:
+            self.problem = f"disconnected: {reason}"
+
+    def _on_problem(self, problem: LinkProblem, delay_s: float) -> None:
+        with self._lock:
+            self.problem = f"{problem.kind}: {problem.detail}"
+            first, self._failing = not self._failing, True
+        if first:
+            # Once per outage: MqttLink logs each new reason itself
+            # (`mqtt connection attempt failed`), and retries with its backoff.
+            log.warning("announce_link_failed", host=self.link.host, port=self.link.port,
+                        problem=problem.kind, reason=problem.detail,
+                        retry_in_s=round(delay_s, 1), hint=_failure_hint(self.cfg, problem))
