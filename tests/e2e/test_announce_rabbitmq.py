@@ -40,6 +40,7 @@ DEV = "van-1"
 SCOPE = "depot-7"
 STATE = f"{PREFIX}/_server/main/server-1/state"
 GROUP = f"{PREFIX}/_server/main/+/state"
+MARKER = b"marker"
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]
         c.stop()
 
 
+class OneNodeFleet(RabbitFleet):
+    """A RabbitFleet on the one node (its server's `[amqp] nodes` name only that one)."""
+
+    def _write_server_config(self, server_id: str) -> None:
+        self.node_orders[server_id] = [0]
+        super()._write_server_config(server_id)
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, cluster: RabbitCluster) -> Iterator[RabbitFleet]:
     """Broker logins loaded, no server started yet (each test starts it when it needs)."""
     cluster.ensure_ready()
-    with RabbitFleet(tmp_path, cluster, None, metrics=False) as f:
+    with OneNodeFleet(tmp_path, cluster, None, metrics=False) as f:
         f.start(server=False)
         yield f
 
@@ -73,8 +82,9 @@ def _decode(payload: bytes) -> bool | None:
 
 
 def _live(spy: RecordingClient) -> list[bool | None]:
-    """`on` of each announcement the spy got (None: an empty one, clearing)."""
-    return [_decode(m.payload) for m in spy.received(STATE)]
+    """`on` of each announcement the spy got (None: an empty one, clearing), markers
+    (`_retained`) left out."""
+    return [_decode(m.payload) for m in spy.received(STATE) if m.payload != MARKER]
 
 
 def _retained(fleet: RabbitFleet, name: str) -> list[tuple[bool | None, bool]]:
@@ -83,11 +93,11 @@ def _retained(fleet: RabbitFleet, name: str) -> list[tuple[bool | None, bool]]:
     SUBACK."""
     spy = _watch(fleet, STATE, name)
     try:
-        spy.publish(STATE, b"marker")
-        spy.wait_for(STATE, b"marker")
+        spy.publish(STATE, MARKER)
+        spy.wait_for(STATE, MARKER)
         out: list[tuple[bool | None, bool]] = []
         for m in spy.received(STATE):
-            if m.payload == b"marker":
+            if m.payload == MARKER:
                 return out
             out.append((_decode(m.payload), m.retain))
         return out
