@@ -20,6 +20,13 @@ subscriptions, so a device's `+` subscription gets the live announcements and th
 (routed cluster-wide through `amq.topic`), never the retained copies: a device connected
 while its servers go down hears it; one connecting while they are down sees its group
 as unknown and drains (the broker queues its changes) until the next announcement.
+
+The same gap would hold a device wrongly: one that connected after every server of its
+group announced knows none of them; when one of them dies, it hears that one's will
+alone, and "every server announced is down" holds it while the others still serve. So
+the side link also listens to its group's announcements (with `announce` on) and
+answers another server's "down" with its own "up", live (`peer_down`): the device holds
+for one round trip, not until a server reconnects.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 
 import structlog
 
-from broker.server.announce import state_payload, state_topic
+from broker.server.announce import group_filter, peer_down, state_payload, state_topic
 from waystation.linkproblems import HINTS, LinkProblem
 from waystation.mqtt import Backoff, MqttLink, Will
 
@@ -86,6 +93,10 @@ def _failure_hint(cfg: Any, problem: LinkProblem) -> str:
             f"{way_out}. The link retries by itself ({what})")
 
 
+def _ignore(topic: str, payload: bytes) -> None:
+    """A retained announcement replayed on subscribe: old news, nothing to answer."""
+
+
 class SideAnnouncer:
     """The announcement of an AMQP-consuming server over its own MQTT connection to
     RabbitMQ's MQTT plugin (module docstring). `start()` / `stop()`; thread-safe reads."""
@@ -105,7 +116,10 @@ class SideAnnouncer:
             clean_session=True, max_inflight=20, max_queued=100,
             will=announcement_will(cfg), backoff=backoff,
             on_connect=self._on_connect, on_disconnect=self._on_disconnect,
-            on_problem=self._on_problem)
+            on_problem=self._on_problem, on_message=self._on_message,
+            on_retained=_ignore)
+        if cfg.announce:
+            self.link.subscribe(group_filter(cfg.mqtt.prefix, cfg.server_group), qos=1)
 
     @property
     def connected(self) -> bool:
@@ -135,6 +149,13 @@ class SideAnnouncer:
             self.problem = None
         log.info("announce_link_connected", host=self.link.host, port=self.link.port,
                  topic=self.topic, announce=self.cfg.announce, after_failure=recovered)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        cfg = self.cfg
+        if cfg.announce and peer_down(topic, payload, prefix=cfg.mqtt.prefix,
+                                      group=cfg.server_group, own_id=cfg.server_id):
+            announce_on(self.link, cfg, True, self._now_ms())
+            log.info("announce_repeated", peer=topic.split("/")[3], topic=self.topic)
 
     def _on_disconnect(self, reason: str) -> None:
         with self._lock:

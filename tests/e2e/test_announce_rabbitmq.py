@@ -2,9 +2,12 @@
 (PROTOCOL.md §7.12) over a small MQTT link of its own to RabbitMQ's MQTT listener
 (broker/server/announcer.py), as the MQTT server does on its broker link:
 
-- announced up; killed (kill -9): its last will tells a connected agent, which then
-  publishes no `changes` (its outbox holds them) and says "server unavailable since T";
-  restarted: the agent drains, every write applied exactly once (one sequence each);
+- two servers announced up, the agent connected after (RabbitMQ gives its `+`
+  subscription no retained announcement); one killed (kill -9): the other answers its
+  last will with its own announcement and the agent keeps draining; both killed: the
+  last will tells the agent, which publishes no `changes` (its outbox holds them) and
+  says "server unavailable since T"; one restarted: the agent drains, every write
+  applied exactly once (one sequence each);
 - a clean stop announces `on: false` (live to `+` subscribers, retained for the exact
   topic); `announce = false` clears the retained announcement;
 - RabbitMQ's MQTT listener unreachable: the server still merges over AMQP, logs once
@@ -12,8 +15,9 @@
 
 One RabbitMQ node (the announcement, not clustering, is under test; retained messages
 are per node, so with one node an exact-topic subscriber sees what the server
-retained). "Nothing sent" is checked as in tests/e2e/test_sync_policy.py: a spy on the
-device's up topic and two status heartbeats published after the writes.
+retained); two servers share a PostgreSQL store, one alone keeps LMDB. "Nothing sent"
+is checked as in tests/e2e/test_sync_policy.py: a spy on the device's up topic and two
+status heartbeats published after the writes.
 """
 
 from __future__ import annotations
@@ -105,40 +109,57 @@ def _retained(fleet: RabbitFleet, name: str) -> list[tuple[bool | None, bool]]:
         spy.close()
 
 
-def test_killed_amqp_server_holds_devices_until_it_is_back(fleet: RabbitFleet) -> None:
-    """kill -9: its will reaches the connected agent, which holds its writes and says
-    "server unavailable since T"; restarted, the agent drains, each write applied once."""
-    fleet.add_device(DEV, [SCOPE])
-    fleet.start_agent(DEV)
-    ag = fleet.agent(DEV)
-    # RabbitMQ gives a `+` subscription no retained message: the agent hears the live
-    # announcement of a server starting while it is connected.
-    fleet.start_server()
-    fleet.wait(lambda: (ag.status().server or {}).get("up") is True, timeout=30,
-               what="server group announced up")
-    _put(ag, "before")
-    fleet.wait_drained(DEV)
-    spy = _spy(fleet)
-    try:
-        killed_at = int(time.time() * 1000)
-        fleet.kill_server()
-        fleet.wait(lambda: "server_unavailable" in _codes(ag), timeout=20,
-                   what="status: server unavailable (the server's last will)")
-        [deferral] = ag.status().deferred
-        assert deferral["since_ms"] >= killed_at - 1000
-        assert "server unavailable since" in ag.status().summary()
-        for i in range(3):
-            _put(ag, f"while-down-{i}")
-        _held_by_the_daemon(fleet, spy, 3)
-        assert ag.status().pending == 3
-        fleet.start_server()
-        fleet.wait_drained(DEV, timeout=60)
-        assert all(fleet.record("inventory", f"while-down-{i}") is not None for i in range(3))
-        # exactly once: one sequence per write in the scope, none for a duplicate
-        assert fleet.scope_seq(SCOPE) == 4
-        fleet.wait(lambda: ag.status().deferred == [], timeout=10, what="no deferral")
-    finally:
-        spy.close()
+@pytest.mark.postgres
+def test_killed_amqp_servers_hold_devices_until_one_is_back(
+        tmp_path: Path, cluster: RabbitCluster, pg_database: str) -> None:
+    """Two servers over AMQP, the agent connected after both announced (RabbitMQ gave it
+    no retained announcement). kill -9 of one: the other answers its will, the agent
+    keeps draining. kill -9 of the other: its will reaches the agent, which holds its
+    writes and says "server unavailable since T"; one restarted, the agent drains, each
+    write applied once."""
+    cluster.ensure_ready()
+    with OneNodeFleet(tmp_path, cluster, pg_database, metrics=False) as fleet:
+        fleet.start()
+        fleet.add_server("server-2")
+        fleet.start_server("server-2")
+        for sid in ("server-1", "server-2"):
+            fleet.servers[sid].wait_event("announce_link_connected", timeout=30)
+        fleet.add_device(DEV, [SCOPE])
+        fleet.start_agent(DEV)
+        ag = fleet.agent(DEV)
+        _put(ag, "before")
+        fleet.wait_drained(DEV)
+        assert (ag.status().server or {}).get("up") is None  # no retained ones on RabbitMQ
+
+        fleet.kill_server("server-2")
+        fleet.servers["server-1"].wait_event("announce_repeated", timeout=20)
+        fleet.wait(lambda: (ag.status().server or {}).get("up") is True, timeout=20,
+                   what="server group up: server-1 answered server-2's last will")
+        _put(ag, "one-down")
+        fleet.wait_drained(DEV, timeout=30)
+
+        spy = _spy(fleet)
+        try:
+            killed_at = int(time.time() * 1000)
+            fleet.kill_server("server-1")
+            fleet.wait(lambda: "server_unavailable" in _codes(ag), timeout=20,
+                       what="status: server unavailable (the last server's will)")
+            [deferral] = ag.status().deferred
+            assert deferral["since_ms"] >= killed_at - 1000
+            assert "server unavailable since" in ag.status().summary()
+            for i in range(3):
+                _put(ag, f"while-down-{i}")
+            _held_by_the_daemon(fleet, spy, 3)
+            assert ag.status().pending == 3
+            fleet.start_server("server-1")
+            fleet.wait_drained(DEV, timeout=60)
+            assert all(fleet.record("inventory", f"while-down-{i}") is not None
+                       for i in range(3))
+            # exactly once: one sequence per write in the scope, none for a duplicate
+            assert fleet.scope_seq(SCOPE) == 5
+            fleet.wait(lambda: ag.status().deferred == [], timeout=10, what="no deferral")
+        finally:
+            spy.close()
 
 
 def test_clean_stop_announces_down_and_announce_false_clears(fleet: RabbitFleet) -> None:
