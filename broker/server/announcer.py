@@ -42,7 +42,7 @@ from broker.server.announce import group_filter, peer_down, state_payload, state
 from waystation.linkproblems import HINTS, LinkProblem
 from waystation.mqtt import Backoff, MqttLink, Will
 
-__all__ = ["SideAnnouncer", "announce_on", "announcement_will"]
+__all__ = ["SideAnnouncer", "announce_on", "announcement_will", "side_announcer"]
 
 log = structlog.get_logger("waystation.server")
 
@@ -91,6 +91,26 @@ def _failure_hint(cfg: Any, problem: LinkProblem) -> str:
             f"(mqtt.listeners.tcp.default, 1883 in deploy/rabbitmq/rabbitmq.conf), that "
             f"[mqtt] tls matches it and that the server's login may connect over MQTT; "
             f"{way_out}. The link retries by itself ({what})")
+
+
+def side_announcer(cfg: Any, *, env: Mapping[str, str] | None = None) -> SideAnnouncer | None:
+    """The side link of an AMQP-consuming server; None, after saying why, when its
+    `[mqtt]` TLS settings cannot be loaded (a missing or unreadable file): merging over
+    AMQP does not depend on them, so it goes on without announcing."""
+    try:
+        return SideAnnouncer(cfg, env=env)
+    except (OSError, ValueError) as exc:
+        tls = cfg.mqtt.tls
+        files = [] if tls is None else [str(p) for p in (tls.ca_file, tls.cert_file,
+                                                         tls.key_file) if p is not None]
+        log.error("announce_link_unusable", reason=f"{type(exc).__name__}: {exc}",
+                  tls_files=files,
+                  hint="the server merges over AMQP but does not announce itself to "
+                       "devices (they are not told when every server of the group is "
+                       "down): fix [mqtt] tls (its files must exist and be readable by "
+                       "the server's user) and restart it, or remove [mqtt] tls if "
+                       "RabbitMQ's MQTT listener is plain, or set announce = false")
+        return None
 
 
 def _ignore(topic: str, payload: bytes) -> None:

@@ -27,9 +27,10 @@ Subscriptions: `{prefix}/+/up` — as the shared subscription
 consume side by side (Mosquitto, EMQX; amqtt has no shared subscriptions) — and
 `{prefix}/+/status` for presence — or, with `[amqp] nodes` set, RabbitMQ's queues over
 AMQP (broker/server/amqp_link.py: several servers as competing consumers of one
-replicated queue; each up message acknowledged only after its group committed). Alone on
-its subscription (no `shared_group`) the server keeps a persistent session, so a
-restarted server finds what the broker queued while it was away. In a shared group it
+replicated queue; each up message acknowledged only after its group committed; the
+announcement then goes over a small MQTT link of its own: broker/server/announcer.py).
+Alone on its subscription (no `shared_group`) the server keeps a persistent session, so
+a restarted server finds what the broker queued while it was away. In a shared group it
 connects with a clean session: brokers (Mosquitto 2.0, EMQX) keep handing a disconnected
 member's persistent session its share of the group's messages, so a server that died
 would swallow 1/N of every device's changes into a queue nobody reads (for
@@ -57,7 +58,12 @@ from typing import Any
 import structlog
 
 from broker.server.amqp_link import AmqpLink
-from broker.server.announcer import SideAnnouncer, announce_on, announcement_will
+from broker.server.announcer import (
+    SideAnnouncer,
+    announce_on,
+    announcement_will,
+    side_announcer,
+)
 from broker.server.engine import Engine
 from broker.server.intake import Intake, IntakeLimits, Item, Verdict
 from broker.server.login_removal import login_removals
@@ -135,7 +141,7 @@ class MergeServer:
             self.link = AmqpLink.from_config(cfg, env=self.env, on_connect=self._on_connect,
                                              on_message=self._on_message)
             self.up_filter = f"amqp:{self.link.up_queue}"
-            self.announcer = SideAnnouncer(cfg, env=self.env)
+            self.announcer = side_announcer(cfg, env=self.env)
         else:
             # The announcement's last will: the broker says "offline" for a server that
             # crashed or lost its link (PROTOCOL.md §7.12).

@@ -45,6 +45,7 @@ SCOPE = "depot-7"
 STATE = f"{PREFIX}/_server/main/server-1/state"
 GROUP = f"{PREFIX}/_server/main/+/state"
 MARKER = b"marker"
+ANNOUNCING = "waystation_server_announce_connected"
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ class OneNodeFleet(RabbitFleet):
 def fleet(tmp_path: Path, cluster: RabbitCluster) -> Iterator[RabbitFleet]:
     """Broker logins loaded, no server started yet (each test starts it when it needs)."""
     cluster.ensure_ready()
-    with OneNodeFleet(tmp_path, cluster, None, metrics=False) as f:
+    with OneNodeFleet(tmp_path, cluster, None, metrics=True) as f:
         f.start(server=False)
         yield f
 
@@ -215,7 +216,8 @@ class _LateListener:
 def test_unreachable_mqtt_listener_does_not_stop_merging(
         fleet: RabbitFleet, cluster: RabbitCluster) -> None:
     """Nothing at the [mqtt] port: the server merges over AMQP all the same, logs once
-    why it cannot announce and what to do, and announces once the listener is there."""
+    why it cannot announce and what to do (its metric says it does not announce), and
+    announces once the listener is there."""
     fleet.add_device(DEV, [SCOPE])  # the agent's config names the real MQTT listener
     late = _LateListener(cluster.mqtt_port(0))
     path = fleet.server_configs["server-1"]
@@ -236,10 +238,12 @@ def test_unreachable_mqtt_listener_does_not_stop_merging(
         assert fleet.scope_seq(SCOPE) == 3
         assert len(server.events("announce_link_failed")) == 1  # once, not per attempt
         assert not server.events("announce_link_connected")
+        assert fleet.metrics()[ANNOUNCING] == 0
 
         late.open()  # the link retries by itself (backoff) and announces
         connected = server.wait_event("announce_link_connected", timeout=40)
         assert connected["after_failure"] is True, connected
         assert _retained(fleet, "exact-late") == [(True, True)]
+        assert fleet.metrics()[ANNOUNCING] == 1
     finally:
         late.close()

@@ -1,12 +1,18 @@
 """`broker.server.announce.peer_down`: which announcements a server over AMQP answers with
-its own (PROTOCOL.md §7.12; broker/server/announcer.py), pure."""
+its own (PROTOCOL.md §7.12; broker/server/announcer.py), pure; and its side link's
+construction when `[mqtt] tls` cannot be loaded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from broker.server.announce import group_filter, peer_down, state_payload, state_topic
+from broker.server.announcer import side_announcer
+from waystation.config import ServerConfig
 
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 PREFIX = "waystation"
@@ -58,3 +64,18 @@ def test_the_group_filter_covers_every_state_topic() -> None:
     assert peer_down(state_topic(PREFIX, "main", "s2"), b'{"type":"server","v":1,'
                      b'"grp":"main","srv":"s2","on":false}', prefix=PREFIX, group="main",
                      own_id="s1")
+
+
+def test_unloadable_tls_files_leave_the_server_merging_without_announcing(
+        tmp_path: Path) -> None:
+    """A `[mqtt] tls` CA file that cannot be read: no side link (the server merges over
+    AMQP without it), and the log says why and what to do."""
+    cfg = ServerConfig.model_validate({
+        "amqp": {"nodes": ["127.0.0.1:5672"]},
+        "mqtt": {"tls": {"ca_file": str(tmp_path / "missing-ca.pem")}}})
+    with capture_logs() as logs:
+        assert side_announcer(cfg, env={}) is None
+    [event] = [e for e in logs if e["event"] == "announce_link_unusable"]
+    assert event["tls_files"] == [str(tmp_path / "missing-ca.pem")]
+    assert "FileNotFoundError" in event["reason"]
+    assert "[mqtt] tls" in event["hint"] and "announce = false" in event["hint"]
