@@ -26,22 +26,17 @@ def state_payload(group: str, server_id: str, online: bool, t_ms: int | None) ->
     return codec.encode(wire.ServerState(grp=group, srv=server_id, on=online, t=t_ms))
 
 
-def group_filter(prefix: str, group: str) -> str:
-    """Every server's state topic of `group` (what devices subscribe to)."""
-    return f"{prefix}/{SERVER_LEVEL}/{group}/+/state"
-
-
-def peer_down(topic: str, payload: bytes, *, prefix: str, group: str, own_id: str) -> bool:
-    """Whether this message is another server of `group` announcing itself down (its
-    last will or its clean stop): readable, `on: false`, `grp`/`srv` matching the topic.
+def server_down(topic: str, payload: bytes, *, prefix: str, group: str) -> bool:
+    """Whether this message is a server of `group` announcing itself down (its last will
+    or its clean stop): readable, `on: false`, `grp`/`srv` matching the topic.
 
     Where devices get no retained announcements (RabbitMQ, PROTOCOL.md §7.12) a device
-    that connected after this server announced knows only of the server that went down
-    and would hold everything while this one still serves; this server answers with
-    its own announcement, live."""
+    that connected after the servers announced knows only of the server that went down
+    and would hold everything while the others still serve; they answer with their own
+    announcement, live (broker/server/announcer.py)."""
     parts = topic.split("/")
     if (len(parts) != 5 or parts[0] != prefix or parts[1] != SERVER_LEVEL
-            or parts[2] != group or parts[4] != "state" or parts[3] == own_id or not payload):
+            or parts[2] != group or parts[4] != "state" or not payload):
         return False
     try:
         msg = codec.decode(payload, allowed=wire.SERVER_TYPES, max_payload=STATE_MAX_BYTES)
@@ -51,5 +46,4 @@ def peer_down(topic: str, payload: bytes, *, prefix: str, group: str, own_id: st
             and msg.on is False)
 
 
-__all__ = ["SERVER_LEVEL", "STATE_MAX_BYTES", "group_filter", "peer_down", "state_payload",
-           "state_topic"]
+__all__ = ["SERVER_LEVEL", "STATE_MAX_BYTES", "server_down", "state_payload", "state_topic"]

@@ -24,9 +24,11 @@ as unknown and drains (the broker queues its changes) until the next announcemen
 The same gap would hold a device wrongly: one that connected after every server of its
 group announced knows none of them; when one of them dies, it hears that one's will
 alone, and "every server announced is down" holds it while the others still serve. So
-the side link also listens to its group's announcements (with `announce` on) and
-answers another server's "down" with its own "up", live (`peer_down`): the device holds
-for one round trip, not until a server reconnects.
+the server also receives its group's announcements (over AMQP, on its status queue:
+`AmqpLink(server_states=)`, which says why not over this link) and answers a "down"
+with its own "up", live (`on_server_state`): the device holds for one round trip, not
+until a server reconnects. It answers its own will too: one of an earlier connection
+that RabbitMQ publishes late must not leave it announced down while it runs.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any
 
 import structlog
 
-from broker.server.announce import group_filter, peer_down, state_payload, state_topic
+from broker.server.announce import server_down, state_payload, state_topic
 from waystation.linkproblems import HINTS, LinkProblem
 from waystation.mqtt import Backoff, MqttLink, Will
 
@@ -113,10 +115,6 @@ def side_announcer(cfg: Any, *, env: Mapping[str, str] | None = None) -> SideAnn
         return None
 
 
-def _ignore(topic: str, payload: bytes) -> None:
-    """A retained announcement replayed on subscribe: old news, nothing to answer."""
-
-
 class SideAnnouncer:
     """The announcement of an AMQP-consuming server over its own MQTT connection to
     RabbitMQ's MQTT plugin (module docstring). `start()` / `stop()`; thread-safe reads."""
@@ -129,6 +127,7 @@ class SideAnnouncer:
         self._now_ms = now_ms
         self._lock = threading.Lock()
         self._failing = False
+        self._stopping = False
         self.problem: str | None = None
         """Why the side link is down now ("kind: detail"), None while it is up."""
         self.link = MqttLink.from_config(
@@ -136,10 +135,7 @@ class SideAnnouncer:
             clean_session=True, max_inflight=20, max_queued=100,
             will=announcement_will(cfg), backoff=backoff,
             on_connect=self._on_connect, on_disconnect=self._on_disconnect,
-            on_problem=self._on_problem, on_message=self._on_message,
-            on_retained=_ignore)
-        if cfg.announce:
-            self.link.subscribe(group_filter(cfg.mqtt.prefix, cfg.server_group), qos=1)
+            on_problem=self._on_problem)
 
     @property
     def connected(self) -> bool:
@@ -150,6 +146,7 @@ class SideAnnouncer:
 
     def stop(self) -> None:
         """A clean stop sends no last will: say "offline" ourselves, then disconnect."""
+        self._stopping = True  # our own "offline" is not to be answered
         announce_on(self.link, self.cfg, False, self._now_ms())
         self.link.stop(clean=True)
 
@@ -170,12 +167,15 @@ class SideAnnouncer:
         log.info("announce_link_connected", host=self.link.host, port=self.link.port,
                  topic=self.topic, announce=self.cfg.announce, after_failure=recovered)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def on_server_state(self, topic: str, payload: bytes) -> None:
+        """An announcement of this server's group (from the AMQP link's thread): a
+        server announced down, answer with our "up" (module docstring)."""
         cfg = self.cfg
-        if cfg.announce and peer_down(topic, payload, prefix=cfg.mqtt.prefix,
-                                      group=cfg.server_group, own_id=cfg.server_id):
+        if (cfg.announce and not self._stopping and self.link.connected
+                and server_down(topic, payload, prefix=cfg.mqtt.prefix,
+                                group=cfg.server_group)):
             announce_on(self.link, cfg, True, self._now_ms())
-            log.info("announce_repeated", peer=topic.split("/")[3], topic=self.topic)
+            log.info("announce_repeated", down=topic.split("/")[3], topic=self.topic)
 
     def _on_disconnect(self, reason: str) -> None:
         with self._lock:

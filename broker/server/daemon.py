@@ -138,10 +138,13 @@ class MergeServer:
         if cfg.amqp.enabled:
             # RabbitMQ: up and status from its queues over AMQP (broker/server/amqp_link.py);
             # the announcement over a small MQTT link of its own (broker/server/announcer.py)
-            self.link = AmqpLink.from_config(cfg, env=self.env, on_connect=self._on_connect,
-                                             on_message=self._on_message)
-            self.up_filter = f"amqp:{self.link.up_queue}"
             self.announcer = side_announcer(cfg, env=self.env)
+            answers = self.announcer is not None and cfg.announce
+            self.link = AmqpLink.from_config(
+                cfg, env=self.env, on_connect=self._on_connect, on_message=self._on_message,
+                server_states=cfg.server_group if answers else None,
+                on_server_state=self.announcer.on_server_state if self.announcer else None)
+            self.up_filter = f"amqp:{self.link.up_queue}"
         else:
             # The announcement's last will: the broker says "offline" for a server that
             # crashed or lost its link (PROTOCOL.md §7.12).

@@ -1,5 +1,5 @@
-"""`broker.server.announce.peer_down`: which announcements a server over AMQP answers with
-its own (PROTOCOL.md §7.12; broker/server/announcer.py), pure; and its side link's
+"""`broker.server.announce.server_down`: which announcements a server over AMQP answers
+with its own (PROTOCOL.md §7.12; broker/server/announcer.py), pure; and its side link's
 construction when `[mqtt] tls` cannot be loaded."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from broker.server.announce import group_filter, peer_down, state_payload, state_topic
+from broker.server.announce import server_down, state_payload, state_topic
 from broker.server.announcer import side_announcer
 from waystation.config import ServerConfig
 
@@ -18,52 +18,54 @@ ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 PREFIX = "waystation"
 
 
-@given(group=ids, own=ids, peer=ids, t=st.one_of(st.none(), st.integers(1, 2**53 - 1)))
-def test_only_another_server_of_the_group_going_down_is_answered(
-        group: str, own: str, peer: str, t: int | None) -> None:
-    """Another server's `on: false` of the own group is answered; its `on: true`, a
-    cleared (empty) one and the server's own announcements are not."""
-    topic = state_topic(PREFIX, group, peer)
-    down = state_payload(group, peer, False, t)
-    up = state_payload(group, peer, True, t)
+@given(group=ids, srv=ids, t=st.one_of(st.none(), st.integers(1, 2**53 - 1)))
+def test_only_a_server_of_the_group_going_down_is_answered(
+        group: str, srv: str, t: int | None) -> None:
+    """A server's `on: false` (its will: no `t`; its clean stop) of the group is
+    answered; its `on: true` and a cleared (empty) announcement are not."""
+    topic = state_topic(PREFIX, group, srv)
 
-    def check(topic: str, payload: bytes) -> bool:
-        return peer_down(topic, payload, prefix=PREFIX, group=group, own_id=own)
+    def down(payload: bytes) -> bool:
+        return server_down(topic, payload, prefix=PREFIX, group=group)
 
-    assert check(topic, down) is (peer != own)
-    assert check(topic, up) is False
-    assert check(topic, b"") is False
+    assert down(state_payload(group, srv, False, t)) is True
+    assert down(state_payload(group, srv, True, t)) is False
+    assert down(b"") is False
 
 
-@given(group=ids, other=ids, peer=ids, own=ids)
+@given(group=ids, other=ids, srv=ids)
 def test_other_groups_prefixes_and_mismatched_members_are_not_answered(
-        group: str, other: str, peer: str, own: str) -> None:
+        group: str, other: str, srv: str) -> None:
     """An announcement of another group or prefix, or whose `grp`/`srv` differ from its
     topic, changes nothing."""
-    down = state_payload(group, peer, False, None)
+    down = state_payload(group, srv, False, None)
     if other != group:
-        assert not peer_down(state_topic(PREFIX, other, peer), down, prefix=PREFIX,
-                             group=other, own_id=own)
-    assert not peer_down(state_topic("elsewhere", group, peer), down, prefix=PREFIX,
-                         group=group, own_id=own)
-    if other != peer and other != own:
-        assert not peer_down(state_topic(PREFIX, group, other), down, prefix=PREFIX,
-                             group=group, own_id=own)
+        assert not server_down(state_topic(PREFIX, group, srv), down, prefix=PREFIX,
+                               group=other)
+        assert not server_down(state_topic(PREFIX, other, srv), down, prefix=PREFIX,
+                               group=other)
+    assert not server_down(state_topic("elsewhere", group, srv), down, prefix=PREFIX,
+                           group=group)
+    if other != srv:
+        assert not server_down(state_topic(PREFIX, group, other), down, prefix=PREFIX,
+                               group=group)
 
 
 @given(payload=st.binary(max_size=5000))
 def test_garbage_is_not_answered(payload: bytes) -> None:
-    """Whatever bytes arrive on a peer's state topic, only a valid `on: false` counts."""
+    """Whatever bytes arrive on a server's state topic, only a valid `on: false` counts."""
     topic = state_topic(PREFIX, "main", "server-2")
-    assert peer_down(topic, payload, prefix=PREFIX, group="main", own_id="server-1") is False
+    assert server_down(topic, payload, prefix=PREFIX, group="main") is False
 
 
-def test_the_group_filter_covers_every_state_topic() -> None:
-    """The side link listens where devices do."""
-    assert group_filter(PREFIX, "main") == "waystation/_server/main/+/state"
-    assert peer_down(state_topic(PREFIX, "main", "s2"), b'{"type":"server","v":1,'
-                     b'"grp":"main","srv":"s2","on":false}', prefix=PREFIX, group="main",
-                     own_id="s1")
+def test_a_will_as_written_by_hand_is_answered() -> None:
+    """The wire form of PROTOCOL.md §7.12, not only what state_payload writes."""
+    assert server_down("waystation/_server/main/s2/state",
+                       b'{"type":"server","v":1,"grp":"main","srv":"s2","on":false}',
+                       prefix=PREFIX, group="main")
+    assert not server_down("waystation/_server/main/s2/state/x",
+                           b'{"type":"server","v":1,"grp":"main","srv":"s2","on":false}',
+                           prefix=PREFIX, group="main")
 
 
 def test_unloadable_tls_files_leave_the_server_merging_without_announcing(
