@@ -48,7 +48,8 @@ __all__ = ["SideAnnouncer", "announce_on", "announcement_will", "side_announcer"
 
 log = structlog.get_logger("waystation.server")
 
-Publish = Callable[[str, bytes, int, bool], object]
+REPEAT_WARNING_S = 300.0
+"""`announce_link_failed` of the same kind is logged at most this often."""
 
 
 def _wall_ms() -> int:
@@ -128,6 +129,7 @@ class SideAnnouncer:
         self._lock = threading.Lock()
         self._failing = False
         self._stopping = False
+        self._logged: tuple[str, float] | None = None  # kind and time of the last warning
         self.problem: str | None = None
         """Why the side link is down now ("kind: detail"), None while it is up."""
         self.link = MqttLink.from_config(
@@ -157,16 +159,6 @@ class SideAnnouncer:
             return ""
         return f"; NOT ANNOUNCING to devices (RabbitMQ MQTT listener: {problem})"
 
-    # ------------------------------------------------------------ network thread
-
-    def _on_connect(self, session_present: bool) -> None:
-        announce_on(self.link, self.cfg, True, self._now_ms())
-        with self._lock:
-            recovered, self._failing = self._failing, False
-            self.problem = None
-        log.info("announce_link_connected", host=self.link.host, port=self.link.port,
-                 topic=self.topic, announce=self.cfg.announce, after_failure=recovered)
-
     def on_server_state(self, topic: str, payload: bytes) -> None:
         """An announcement of this server's group (from the AMQP link's thread): a
         server announced down, answer with our "up" (module docstring)."""
@@ -177,17 +169,33 @@ class SideAnnouncer:
             announce_on(self.link, cfg, True, self._now_ms())
             log.info("announce_repeated", down=topic.split("/")[3], topic=self.topic)
 
+    # ------------------------------------------------------------ network thread
+
+    def _on_connect(self, session_present: bool) -> None:
+        announce_on(self.link, self.cfg, True, self._now_ms())
+        with self._lock:
+            recovered, self._failing = self._failing, False
+            self.problem = None
+        log.info("announce_link_connected", host=self.link.host, port=self.link.port,
+                 topic=self.topic, announce=self.cfg.announce, after_failure=recovered)
+
     def _on_disconnect(self, reason: str) -> None:
         with self._lock:
             self.problem = f"disconnected: {reason}"
 
     def _on_problem(self, problem: LinkProblem, delay_s: float) -> None:
+        now = time.monotonic()
         with self._lock:
             self.problem = f"{problem.kind}: {problem.detail}"
             first, self._failing = not self._failing, True
-        if first:
-            # Once per outage: MqttLink logs each new reason itself
+            # Once per outage, and a link that keeps connecting and dropping at once
+            # (a broker closing it) not every time: MqttLink logs each new reason itself
             # (`mqtt connection attempt failed`), and retries with its backoff.
+            say = first and (self._logged is None or self._logged[0] != problem.kind
+                             or now - self._logged[1] >= REPEAT_WARNING_S)
+            if say:
+                self._logged = (problem.kind, now)
+        if say:
             log.warning("announce_link_failed", host=self.link.host, port=self.link.port,
                         problem=problem.kind, reason=problem.detail,
                         retry_in_s=round(delay_s, 1), hint=_failure_hint(self.cfg, problem))
