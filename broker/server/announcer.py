@@ -48,6 +48,10 @@ __all__ = ["SideAnnouncer", "announce_on", "announcement_will", "side_announcer"
 
 log = structlog.get_logger("waystation.server")
 
+SIDE_BACKOFF = Backoff(initial=0.5, maximum=10.0)
+"""The side link's reconnect delays: one connection per server (no fleet to spread),
+and while it is down devices are not told when the group goes down, or stay held by a
+will of its own: back within 10 s of the listener's return, not MqttLink's 30 s."""
 REPEAT_WARNING_S = 300.0
 """`announce_link_failed` of the same kind is logged at most this often."""
 
@@ -135,7 +139,7 @@ class SideAnnouncer:
         self.link = MqttLink.from_config(
             cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=env,
             clean_session=True, max_inflight=20, max_queued=100,
-            will=announcement_will(cfg), backoff=backoff,
+            will=announcement_will(cfg), backoff=backoff or SIDE_BACKOFF,
             on_connect=self._on_connect, on_disconnect=self._on_disconnect,
             on_problem=self._on_problem)
 

@@ -241,7 +241,7 @@ def test_unreachable_mqtt_listener_does_not_stop_merging(
         assert fleet.metrics()[ANNOUNCING] == 0
 
         late.open()  # the link retries by itself (backoff) and announces
-        connected = server.wait_event("announce_link_connected", timeout=40)
+        connected = server.wait_event("announce_link_connected", timeout=25)
         assert connected["after_failure"] is True, connected
         assert _retained(fleet, "exact-late") == [(True, True)]
         assert fleet.metrics()[ANNOUNCING] == 1
