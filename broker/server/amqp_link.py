@@ -26,6 +26,14 @@ servers to tolerate any reordering (merge by stamps, per-change-id idempotency, 
 versions), so this costs nothing in correctness; per-scope sequences stay gapless
 because they are allocated inside each store transaction.
 
+With `server_states` (a server group) the status queue is also bound to that group's
+announcements (`{prefix}._server.{group}.*.state`, PROTOCOL.md §7.12), handed to
+`on_server_state`: a server answers another's last will with its own announcement
+(broker/server/announcer.py). They come over AMQP, not over the announcer's MQTT link:
+an MQTT subscription of a clean session is a transient queue on one node, and after
+that node died RabbitMQ 3.10 refuses to declare it again ("home node ... is down"),
+closing the connection, until the node is back.
+
 Presence: statuses are acknowledged as they arrive (presence is soft state, rebuilt from
 the store at start and refreshed by every device's periodic status). RabbitMQ keeps
 retained messages per node and looks them up by exact topic only, so they cannot
@@ -88,7 +96,9 @@ class AmqpLink:
                  prefix: str, server_id: str, prefetch: int = 2000, heartbeat_s: int = 30,
                  status_queue_expires_s: int = 7 * 24 * 3600,
                  on_connect: OnConnect | None = None, on_message: OnMessage | None = None,
-                 backoff: Backoff | None = None, max_pending: int = 100_000) -> None:
+                 backoff: Backoff | None = None, max_pending: int = 100_000,
+                 server_states: str | None = None,
+                 on_server_state: OnMessage | None = None) -> None:
         if not nodes:
             raise ValueError("AmqpLink needs at least one node")
         self.nodes = list(nodes)
@@ -103,6 +113,9 @@ class AmqpLink:
         self.max_pending = max_pending
         self._on_connect = on_connect
         self._on_message = on_message
+        self.server_states = server_states
+        self._on_server_state = on_server_state
+        self._server_keys = f"{routing_level(prefix)}._server."
         self._rng = random.Random()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -246,6 +259,9 @@ class AmqpLink:
                 "x-max-length": STATUS_QUEUE_MAX, "x-overflow": "drop-head"})
             channel.queue_bind(self.status_queue, EXCHANGE,
                                routing_key=f"{routing_level(self.prefix)}.*.status")
+            if self.server_states is not None:
+                channel.queue_bind(self.status_queue, EXCHANGE, routing_key=(
+                    f"{self._server_keys}{routing_level(self.server_states)}.*.state"))
             with self._lock:
                 self._generation += 1
                 self._unacked.clear()
@@ -307,6 +323,12 @@ class AmqpLink:
         self._deliver(method, body, track=True)
 
     def _on_status(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        if method.routing_key.startswith(self._server_keys):
+            # a server's announcement (`server_states`; or a binding an earlier run left)
+            if self._on_server_state is not None:
+                self._safe(self._on_server_state, routing_key_to_topic(method.routing_key),
+                           body)
+            return
         self._deliver(method, body, track=False)
 
     def _flush(self) -> None:

@@ -11,8 +11,11 @@ meets a device's own ``{prefix}/{device}/...`` topics.
 from __future__ import annotations
 
 from schemas import codec, wire
+from schemas.errors import ProtocolError
 
 SERVER_LEVEL = "_server"
+STATE_MAX_BYTES = 4096
+"""An announcement is read with this limit (PROTOCOL.md §7.12)."""
 
 
 def state_topic(prefix: str, group: str, server_id: str) -> str:
@@ -23,4 +26,24 @@ def state_payload(group: str, server_id: str, online: bool, t_ms: int | None) ->
     return codec.encode(wire.ServerState(grp=group, srv=server_id, on=online, t=t_ms))
 
 
-__all__ = ["SERVER_LEVEL", "state_payload", "state_topic"]
+def server_down(topic: str, payload: bytes, *, prefix: str, group: str) -> bool:
+    """Whether this message is a server of `group` announcing itself down (its last will
+    or its clean stop): readable, `on: false`, `grp`/`srv` matching the topic.
+
+    Where devices get no retained announcements (RabbitMQ, PROTOCOL.md §7.12) a device
+    that connected after the servers announced knows only of the server that went down
+    and would hold everything while the others still serve; they answer with their own
+    announcement, live (broker/server/announcer.py)."""
+    parts = topic.split("/")
+    if (len(parts) != 5 or parts[0] != prefix or parts[1] != SERVER_LEVEL
+            or parts[2] != group or parts[4] != "state" or not payload):
+        return False
+    try:
+        msg = codec.decode(payload, allowed=wire.SERVER_TYPES, max_payload=STATE_MAX_BYTES)
+    except ProtocolError:
+        return False
+    return (isinstance(msg, wire.ServerState) and msg.srv == parts[3] and msg.grp == group
+            and msg.on is False)
+
+
+__all__ = ["SERVER_LEVEL", "STATE_MAX_BYTES", "server_down", "state_payload", "state_topic"]

@@ -27,9 +27,10 @@ Subscriptions: `{prefix}/+/up` — as the shared subscription
 consume side by side (Mosquitto, EMQX; amqtt has no shared subscriptions) — and
 `{prefix}/+/status` for presence — or, with `[amqp] nodes` set, RabbitMQ's queues over
 AMQP (broker/server/amqp_link.py: several servers as competing consumers of one
-replicated queue; each up message acknowledged only after its group committed). Alone on
-its subscription (no `shared_group`) the server keeps a persistent session, so a
-restarted server finds what the broker queued while it was away. In a shared group it
+replicated queue; each up message acknowledged only after its group committed; the
+announcement then goes over a small MQTT link of its own: broker/server/announcer.py).
+Alone on its subscription (no `shared_group`) the server keeps a persistent session, so
+a restarted server finds what the broker queued while it was away. In a shared group it
 connects with a clean session: brokers (Mosquitto 2.0, EMQX) keep handing a disconnected
 member's persistent session its share of the group's messages, so a server that died
 would swallow 1/N of every device's changes into a queue nobody reads (for
@@ -57,7 +58,12 @@ from typing import Any
 import structlog
 
 from broker.server.amqp_link import AmqpLink
-from broker.server.announce import state_payload, state_topic
+from broker.server.announcer import (
+    SideAnnouncer,
+    announce_on,
+    announcement_will,
+    side_announcer,
+)
 from broker.server.engine import Engine
 from broker.server.intake import Intake, IntakeLimits, Item, Verdict
 from broker.server.login_removal import login_removals
@@ -67,7 +73,7 @@ from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
 from waystation.config import BrokerConfig, ServerConfig, load_config
 from waystation.hlc import Clock
-from waystation.mqtt import MqttLink, Will
+from waystation.mqtt import MqttLink
 from waystation.service import check_state_directory, run_service
 
 log = structlog.get_logger("waystation.server")
@@ -101,7 +107,7 @@ class MergeServer:
         self.env = dict(os.environ if env is None else env)
         self.store = store if store is not None else open_store(cfg)
         self._owns_store = store is None
-        self.state_topic: str | None = None
+        self.announcer: SideAnnouncer | None = None
         self.engine = Engine(self.store, catalog, cfg, wall_ms, Clock("~server", wall_ms))
         self.rotation_logins = broker_logins(
             cfg.enrol, lambda: load_config(BrokerConfig, None, self.env).resolved_password_file(),
@@ -130,21 +136,22 @@ class MergeServer:
         self._fp_groups = 0
         self.link: MqttLink | AmqpLink
         if cfg.amqp.enabled:
-            # RabbitMQ: up and status from its queues over AMQP (broker/server/amqp_link.py)
-            self.link = AmqpLink.from_config(cfg, env=self.env, on_connect=self._on_connect,
-                                             on_message=self._on_message)
+            # RabbitMQ: up and status from its queues over AMQP (broker/server/amqp_link.py);
+            # the announcement over a small MQTT link of its own (broker/server/announcer.py)
+            self.announcer = side_announcer(cfg, env=self.env)
+            answers = self.announcer is not None and cfg.announce
+            self.link = AmqpLink.from_config(
+                cfg, env=self.env, on_connect=self._on_connect, on_message=self._on_message,
+                server_states=cfg.server_group if answers else None,
+                on_server_state=self.announcer.on_server_state if self.announcer else None)
             self.up_filter = f"amqp:{self.link.up_queue}"
         else:
             # The announcement's last will: the broker says "offline" for a server that
             # crashed or lost its link (PROTOCOL.md §7.12).
-            self.state_topic = state_topic(prefix, cfg.server_group, cfg.server_id)
-            will = None if not cfg.announce else Will(
-                self.state_topic, state_payload(cfg.server_group, cfg.server_id, False, None),
-                qos=1, retain=True)
             self.link = MqttLink.from_config(
                 cfg.mqtt, client_id=f"waystation-{cfg.server_id}", env=self.env,
                 clean_session=cfg.shared_group is not None,
-                max_inflight=0, max_queued=0, will=will,
+                max_inflight=0, max_queued=0, will=announcement_will(cfg),
                 on_connect=self._on_connect,
                 on_message=self._on_message,
                 on_retained=self._on_retained,
@@ -158,6 +165,8 @@ class MergeServer:
         self._thread = threading.Thread(target=self._work, name="merge-worker", daemon=True)
         self._thread.start()
         self.link.start()
+        if self.announcer is not None:
+            self.announcer.start()
 
     def stop(self) -> None:
         """Finish the group in hand, then close the session and the store."""
@@ -166,7 +175,10 @@ class MergeServer:
         if self._thread is not None:
             self._thread.join(30)
         # A clean stop sends no last will: say "offline" ourselves.
-        self._announce(False)
+        if self.announcer is not None:
+            self.announcer.stop()
+        elif isinstance(self.link, MqttLink):
+            announce_on(self.link, self.cfg, False, wall_ms())
         self.link.stop(clean=True)
         if self._owns_store:
             self.store.close()
@@ -192,6 +204,8 @@ class MergeServer:
                 "inbox": intake.items, "intake": intake.to_json(),
                 "dead_letter_store": None if letters is None else letters.to_json(),
                 "connected": self.link.connected,
+                "announce_connected": (None if self.announcer is None
+                                       else self.announcer.connected),
                 "zd3": None if self.engine.recent is None else self.engine.recent.to_json()}
 
     @property
@@ -206,20 +220,9 @@ class MergeServer:
         # with one, the statuses queued while we were away and the replay keep it right.
         if not session_present:
             self.intake.put_control("connected")
-        self._announce(True)
+        if isinstance(self.link, MqttLink):
+            announce_on(self.link, self.cfg, True, wall_ms())
         log.info("server_connected", session_present=session_present, up=self.up_filter)
-
-    def _announce(self, online: bool) -> None:
-        if self.state_topic is None or not isinstance(self.link, MqttLink):
-            return
-        cfg = self.cfg
-        if cfg.announce:
-            self.link.publish(self.state_topic, state_payload(
-                cfg.server_group, cfg.server_id, online, wall_ms()), qos=1, retain=True)
-        elif online:
-            # Not announcing (any more): clear an announcement this server made before,
-            # or its retained "offline" would hold every device of the group forever.
-            self.link.publish(self.state_topic, b"", qos=1, retain=True)
 
     def _on_retained(self, topic: str, payload: bytes) -> None:
         """A retained message the broker replays on subscribe (MQTT only): a status that
@@ -374,8 +377,9 @@ def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
     def status() -> str:
         state = "connected" if server.link.connected else "connecting"
         intake = server.intake.stats()
+        announcing = "" if server.announcer is None else server.announcer.status()
         return (f"{state}, {server.messages_in} messages in, {intake.bytes} bytes waiting, "
-                f"{intake.dropped} dropped")
+                f"{intake.dropped} dropped{announcing}")
 
     return run_service(start=start, stop=stop, healthy=lambda: server.healthy,
                        status=status, env=env)

@@ -16,6 +16,9 @@ store (whose connection belongs to the worker thread) and never blocks the worke
     waystation_server_devices{state}           registered / online
     waystation_server_inbox_messages           messages waiting for the worker
     waystation_server_broker_connected         1 while connected to the broker
+    waystation_server_announce_connected       over AMQP: 1 while its announcement link
+                                               to RabbitMQ's MQTT listener is up (absent
+                                               over MQTT: the broker link announces)
 
 The intake (broker.server.intake) and the dead letters' bounds:
 
@@ -108,6 +111,10 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily("waystation_server_broker_connected",
                                 "1 while connected to the broker",
                                 value=1 if snap.get("connected") else 0)
+        if snap.get("announce_connected") is not None:
+            yield GaugeMetricFamily("waystation_server_announce_connected",
+                                    "1 while the announcement link (over AMQP) is up",
+                                    value=1 if snap["announce_connected"] else 0)
 
 
 def _zd3(recent: dict[str, int] | None) -> Iterator[Any]:

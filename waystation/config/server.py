@@ -245,7 +245,10 @@ class AmqpConfig(_Model):
     """Consume devices' up and status messages from RabbitMQ over AMQP 0-9-1 instead of
     an MQTT subscription (broker.server.amqp_link): RabbitMQ 3.10 has no MQTT shared
     subscriptions, so several servers share the work as competing consumers of one
-    replicated queue. Login: `mqtt.username` and the `mqtt` password (one RabbitMQ user)."""
+    replicated queue. Login: `mqtt.username` and the `mqtt` password (one RabbitMQ user).
+    The server's announcement (`announce`, PROTOCOL.md §7.12) still goes over MQTT: a
+    small connection of its own to `mqtt.host`:`mqtt.port`, RabbitMQ's MQTT listener (the
+    devices' broker), with the same login (broker.server.announcer)."""
 
     nodes: list[Annotated[Str, AfterValidator(_host_port)]] = Field(default_factory=list)
     """RabbitMQ nodes' AMQP listeners, `host:port`, tried in turn. Empty: AMQP off (MQTT)."""
@@ -282,7 +285,9 @@ class ServerConfig(_Model):
     """The group this server announces itself in (devices wait for it: agent
     `policy.server_group`)."""
     announce: Bool = True
-    """Publish the retained announcement with its last will (PROTOCOL.md §7.12)."""
+    """Publish the retained announcement with its last will (PROTOCOL.md §7.12); false:
+    clear it after connecting. With `[amqp] nodes` over a small MQTT connection of its
+    own to `[mqtt]` host and port (RabbitMQ's MQTT listener); merging never waits for it."""
     merge: MergeConfig = Field(default_factory=MergeConfig)
     amqp: AmqpConfig = Field(default_factory=AmqpConfig)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
