@@ -6,7 +6,9 @@ A page ends after `lim` records or `MAX_DOWN_BYTES`; its `to` is then its last r
 q (`more`), else the scope's current sequence. A checkpoint `cp` the server cannot
 continue from — older than the purge horizon (a tombstone the device may not have seen
 is gone), or beyond the scope's sequence (the store was replaced) — starts a snapshot:
-`reset` and `from` 0, unless the device says it is already in one (`snap`).
+`reset` and `from` 0, unless the device says it is already in one (`snap`). A scope whose
+sequence is past the checkpoint gets a page even with no records in the range, to move
+the checkpoint there.
 """
 
 from __future__ import annotations
@@ -83,7 +85,11 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
         to = last_q if more else seq
         out.cp[scope] = to
         out.records += len(recs)
-        if recs or reset:
+        # A page also when it carries no record but moves the checkpoint: the scope's
+        # sequence can be past every record left (purged tombstones, a restore's jump),
+        # and the device only moves its checkpoint over pages (§7.8), never to the
+        # `checkpoint` message's value: without this page it would ask again for ever.
+        if recs or reset or to > start:
             out.messages.append(page_message(req.req, scope, start, to, reset, more, recs))
         if more:
             out.complete = False

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from agent.checkpoints import ScopeCheckpoint
 from broker.server.engine import Engine
 from broker.server.operations import purge_tombstones
 from broker.server.store.base import Store, WriteTxn
@@ -176,3 +177,44 @@ def test_empty_scope_reset_still_sends_a_page(env: tuple[Engine, Store]) -> None
     (page,) = of_type(msgs, "page")
     assert page["reset"] and page["recs"] == [] and page["to"] == 3
     assert of_type(msgs, "checkpoint")[0]["cp"] == {"r1": 3}
+
+
+def _device_after(msgs: list[dict[str, Any]], scope: str) -> ScopeCheckpoint:
+    """The device's checkpoint of `scope` after applying `msgs` as an agent does (§7.8:
+    pages move it, a `checkpoint` message only tells where the scope stands)."""
+    cp = ScopeCheckpoint()
+    for page in of_type(msgs, "page"):
+        cp = cp.page(page["from"], page["to"], T0)
+    for done in of_type(msgs, "checkpoint"):
+        cp = cp.complete(done["cp"][scope], T0)
+    return cp
+
+
+def test_scope_with_no_records_left_moves_a_fresh_device_to_its_sequence(
+        env: tuple[Engine, Store]) -> None:
+    """A device from checkpoint 0 on a scope whose sequence is past every record left (a
+    restore's jump over an empty scope; tombstones all purged) gets a page without records
+    up to the sequence; with the `checkpoint` message alone it stayed behind and asked
+    again at once, for ever (~100 catch-ups a second, seen after `server restore`)."""
+    engine, store = env
+
+    def jump(txn: WriteTxn) -> None:  # what a restore does to a scope with no records
+        for _ in range(3):
+            txn.allocate_seq("r1")
+        txn.set_purge_horizon("r1", 3)
+
+    store.transact(jump)
+    msgs = _ask(engine, "van-2", {"r1": 0})
+    (page,) = of_type(msgs, "page")
+    assert page["from"] == 0 and page["to"] == 3 and page["recs"] == [] and not page["reset"]
+    cp = _device_after(msgs, "r1")
+    assert cp.cp == 3 and not cp.has_gap
+
+    _fill(engine, "van-1", "r2", 2)                 # r2 q 1, 2
+    engine.handle_up("van-1", changes("van-1", [       # q 3, 4: both deleted
+        {"n": n, "h": f"{T0 + n:012x}0000", "c": "tasks", "k": k, "s": "r2", "op": "del"}
+        for n, k in ((10, "r2-1"), (11, "r2-2"))]))
+    assert purge_tombstones(store, T0 + 100, retention_ms=0) == 2
+    msgs = _ask(engine, "van-1", {"r2": 0})
+    cp = _device_after(msgs, "r2")
+    assert cp.cp == 4 and not cp.has_gap
