@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from broker.cli.common import server_config
-from broker.errors import InvalidArgument
+from broker.errors import InvalidArgument, StoreError
 from broker.server.operations import after_restore
 from broker.server.store import open_store
 from broker.server.store.base import Store
@@ -24,6 +24,15 @@ def cmd_server_backup(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "\"Backups\"")
     from broker.server.store.lmdb_store import LmdbStore
 
+    store_dir = config.data_dir / "store"
+    if not (store_dir / "data.mdb").is_file():
+        # Opening it would create an empty store and "back up" that: a backup with
+        # nothing in it, reported as done, e.g. when the command runs without the
+        # server's --config from another directory than the server's.
+        raise StoreError(
+            f"no server store at {store_dir}: nothing backed up. Give the config the "
+            "server runs with (`--config /etc/waystation/server.toml`), or run this in "
+            "the directory `waystation server run` runs in")
     store = open_store(config)
     try:
         assert isinstance(store, LmdbStore)

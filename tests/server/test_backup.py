@@ -109,6 +109,20 @@ def test_backup_and_restore_refuse_the_postgres_store(tmp_path: Path,
     assert not (tmp_path / "bk").exists()
 
 
+def test_backup_of_no_store_is_refused_and_makes_none(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    """`server backup` where there is no LMDB store (run without the server's --config,
+    from another directory) fails and names the fix; it made an empty store and reported
+    an empty backup as done before."""
+    env = {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server")}
+    code, out, err = run(env, "server", "backup", str(tmp_path / "bk"), capsys=capsys)
+    assert code == 3 and out == ""
+    assert f"no server store at {tmp_path / 'server' / 'store'}" in err
+    assert "--config" in err and err.count("\n") == 1
+    assert not (tmp_path / "bk").exists() and not (tmp_path / "server").exists()
+
+
 def test_restore_in_place_moves_a_postgres_store_on(tmp_path: Path, pg_database: str,
                                                     capsys: pytest.CaptureFixture[str]
                                                     ) -> None:
