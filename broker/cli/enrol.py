@@ -59,6 +59,7 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         shutil.copyfile(enrol.ca_file, out_dir / "ca.pem")
     if layout.password_file is not None:
         _write_private(out_dir / f"{dev}.mqtt-password", password + "\n")
+    issued = None
     if enrol.client_ca_cert is not None and enrol.client_ca_key is not None:
         from broker.embedded.certs import issue_client_cert
 
@@ -67,7 +68,7 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         pw_note += f"; client certificate {issued.cert_path} (key {issued.key_path})"
     if config.schema_file is not None:
         shutil.copyfile(config.schema_path(), out_dir / layout.schema_name.format(dev=dev))
-    text = dump_toml(agent, mask_secrets=False, exclude_defaults=True, header=layout.header(dev))
+    text = dump_toml(agent, mask_secrets=False, exclude_defaults=True, header=layout.header(dev, client_cert=issued is not None))
     _write_private(agent_file, text, exclusive=True)
     if getattr(args, "json", False):
         print_json({"device": dev, "scopes": list(row.scopes), "agent_config": str(agent_file),
@@ -97,7 +98,7 @@ class AgentLayout:
     def path(self, name: str) -> str:
         return f"{self.directory}{name}"
 
-    def header(self, dev: str) -> str:
+    def header(self, dev: str, *, client_cert: bool = False) -> str:
         if self.password_file is None:
             return (f"Waystation agent config for device {dev} (written by `waystation device "
                     "add`).\nCopy it (with the files next to it) to the device and run "
@@ -105,7 +106,11 @@ class AgentLayout:
                     "password: keep it private (mode 0600).")
         return (f"Waystation agent config for device {dev} (written by `waystation device add "
                 f"--systemd`).\nInstall as /etc/waystation/agent-{dev}.toml; ca.pem and the "
-                "schema into /etc/waystation/,\nthe .mqtt-password file as "
+                "schema into /etc/waystation/,\n"
+                # The config names them (mqtt.tls): an agent without them cannot log in.
+                + (f"{dev}.crt and {dev}.key (the key mode 0640, group waystation) into "
+                   "/etc/waystation/,\n" if client_cert else "")
+                + "the .mqtt-password file as "
                 f"/etc/waystation/credentials/agent-{dev}-mqtt-password (mode 0600); then\n"
                 f"systemctl enable --now waystation-agent@{dev} (its StateDirectory is "
                 "data_dir below).")

@@ -99,6 +99,26 @@ def test_device_wipe_resync_disable_enable(tmp_path: Path,
     assert registry is not None
 
 
+def test_device_add_systemd_header_names_the_client_certificate(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With a client CA, the install note atop a `--systemd` config names the device's
+    certificate and key, which the config points at (an operator installing only what
+    the note listed had an agent that could not log in)."""
+    ca = make_ca(tmp_path / "ca")
+    conf = _server_toml(tmp_path, (
+        f'ca_file = "{ca.cert_path}"\npassword_file = "{tmp_path / "passwd"}"\n'
+        f'client_ca_cert = "{ca.cert_path}"\nclient_ca_key = "{ca.key_path}"\n'))
+    out = tmp_path / "sd"
+    assert main(["device", "add", "van-7", "--scope", "r1", "--out", str(out), "--systemd",
+                 "--config", str(conf)], env={}) == 0
+    text = (out / "van-7.toml").read_text()
+    note = text[:text.index("device_id")]
+    assert 'cert_file = "/etc/waystation/van-7.crt"' in text
+    assert "van-7.crt and van-7.key" in note and "/etc/waystation/" in note
+    assert (out / "van-7.crt").is_file() and (out / "van-7.key").is_file()
+    assert load_config(AgentConfig, out / "van-7.toml", {}).device_id == "van-7"
+
+
 def test_device_add_systemd_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`device add --systemd` writes a config for the unit's fixed layout: password in a
     separate 0600 file read through ${CREDENTIALS_DIRECTORY}, CA and schema under
