@@ -68,7 +68,8 @@ def cmd_device_add(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         pw_note += f"; client certificate {issued.cert_path} (key {issued.key_path})"
     if config.schema_file is not None:
         shutil.copyfile(config.schema_path(), out_dir / layout.schema_name.format(dev=dev))
-    text = dump_toml(agent, mask_secrets=False, exclude_defaults=True, header=layout.header(dev, client_cert=issued is not None))
+    header = layout.header(dev, client_cert=issued is not None)
+    text = dump_toml(agent, mask_secrets=False, exclude_defaults=True, header=header)
     _write_private(agent_file, text, exclusive=True)
     if getattr(args, "json", False):
         print_json({"device": dev, "scopes": list(row.scopes), "agent_config": str(agent_file),
