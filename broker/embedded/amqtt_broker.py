@@ -80,6 +80,11 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    connection (2,000 idle sockets from one host held 2,000 file descriptors until the
    CONNECT deadline, and a host reopening them held them for ever) and checked every
    password on its one event loop, as fast as a guesser sent them.
+12. The subscription table is iterated over a copy (``SubscriptionTable``): amqtt's loops
+   over it await inside, and a client subscribing or leaving meanwhile made a message
+   being delivered die undelivered with "dictionary changed size during iteration" and
+   a traceback (at every stop of a broker with clients, and whenever a publish
+   coincided with a disconnect).
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

@@ -3,8 +3,9 @@ fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authent
 before the session table, retained messages checked against the ACL, required client
 certificates, the packet size limit, the keepalive enforced, session take-over, bounded
 queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows, one
-line, not a traceback, for messages a client does not acknowledge, and connections per
-source and failed logins bounded through `broker.embedded.conn_guard`).
+line, not a traceback, for messages a client does not acknowledge, connections per
+source and failed logins bounded through `broker.embedded.conn_guard`, and the
+subscription table iterated over a copy).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -18,6 +19,7 @@ import socket
 import ssl
 import weakref
 from collections import deque
+from collections.abc import ItemsView, Iterator, KeysView
 from typing import Any
 
 import structlog
@@ -180,6 +182,27 @@ def keepalive_timeout(keepalive_s: int) -> int:
     return 0 if keepalive_s <= 0 else -(-keepalive_s * 3 // 2)
 
 
+class SubscriptionTable(dict[str, Any]):
+    """amqtt's table of subscriptions (topic filter -> [(session, qos)]), iterated over a
+    copy (fix 12). amqtt walks it with awaits inside the loop (each message's delivery in
+    `_run_broadcast`, a reconnect's retained messages), while other connections
+    subscribe, or leave and have their filters deleted: a publish that coincided with
+    any client's disconnect died with "dictionary changed size during iteration",
+    undelivered, and logged a traceback (seen at every stop of a broker with a device
+    and a server on it)."""
+
+    # (dict's own views of self, copied at once: dict.copy and dict(self) would call
+    # these methods back on a subclass)
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(dict.keys(self)))
+
+    def keys(self) -> KeysView[str]:  # type: ignore[override]
+        return dict(dict.items(self)).keys()
+
+    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+        return dict(dict.items(self)).items()
+
+
 class WaystationBroker(Broker):  # type: ignore[misc]
     """amqtt's Broker with the fixes listed in the module docstring."""
 
@@ -190,6 +213,7 @@ class WaystationBroker(Broker):  # type: ignore[misc]
                  conn_limits: ConnLimits | None = None,
                  login_limits: LoginLimits | None = None) -> None:
         super().__init__(config)
+        self._subscriptions = SubscriptionTable(self._subscriptions)  # type: ignore[has-type]
         self._connect_timeout = connect_timeout
         # Fix 11: connections per source and in all, failed logins (conn_guard).
         self._guard = ConnGuard(conn_limits or ConnLimits(), login_limits or LoginLimits())
