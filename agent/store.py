@@ -190,7 +190,9 @@ class Store:
             if not create:
                 raise AgentNotInitialised(
                     f"no local store at {env_dir}: nothing has been written on this device "
-                    "yet (write a record or start `waystation agent run` first)")
+                    "yet (write a record or start `waystation agent run` first); an agent "
+                    "that runs with a config file keeps its store where that file says: give "
+                    "this command the same `--config FILE`")
             try:
                 env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             except OSError as exc:

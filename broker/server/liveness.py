@@ -160,9 +160,11 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
     if not rows:
         # Also what an operator sees after forgetting every server: say so, or the
         # upgrade advice alone sends them looking for a server started before it.
-        when = ("no merge server has recorded itself in this store: none ran since the "
-                "upgrade to this release (one started before it records nothing: restart "
-                "it), or `waystation server forget` dropped them")
+        # A new store is the first thing a new install shows: say that first, or the
+        # upgrade advice sends its operator looking for an older server to restart.
+        when = ("no merge server has recorded itself in this store: none has run on it yet "
+                "(a new store: start one), one started before the upgrade to this release "
+                "records nothing (restart it), or `waystation server forget` dropped them")
         since = "as the last server left it"
     else:
         when = (f"every merge server recorded in this store stopped, crashed, or has not "

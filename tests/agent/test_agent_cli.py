@@ -89,9 +89,12 @@ def test_bad_input_is_one_line_and_nonzero(env: dict[str, str],
 
 def test_reads_before_anything_was_written(env: dict[str, str],
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """Read commands on a device with no store say so in one line and exit 1."""
+    """Read commands on a device with no store say so in one line and exit 1, and point
+    at `--config` (an agent started with a config file, and `agent status` typed without
+    it in the same directory, was told only that nothing had been written yet)."""
     code, _, err = run(env, capsys, "status")
     assert code == 1 and err.startswith("error: no local store at ")
+    assert "--config FILE" in err and err.count("\n") == 1
     run(env, capsys, "put", "tasks", "t-1", "route=route-42")
     code, _, err = run(env, capsys, "get", "tasks", "t-2")
     assert code == 1 and err == "error: no record tasks/t-2 on this device\n"

@@ -86,6 +86,16 @@ def test_states_and_the_warning() -> None:
     assert "presence (online/offline) and PENDING counts are as of" in warning
 
 
+def test_the_warning_on_a_store_no_server_ever_used_says_so_first() -> None:
+    """A new install's first `server status` (no server has run on the store yet) is told
+    that, before the advice for a server older than this release; that advice came first
+    and alone, sending a newcomer looking for an old server to restart."""
+    warning = liveness.no_server_warning([], 30)
+    assert "none has run on it yet (a new store: start one)" in warning
+    assert warning.index("none has run on it yet") < warning.index("before the upgrade")
+    assert "waystation server run" in warning
+
+
 def test_a_server_cut_off_from_its_broker_says_so() -> None:
     """The daemon tells the heartbeat about its broker link before each tick: a change
     makes the row due at once and the row carries since when the link is down; the
