@@ -469,7 +469,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
             if now - self._catchup_sent >= max(_CATCHUP_RETRY_MIN_S, sync_cfg.ack_timeout_s):
                 log.info("catchup_retry", dev=self.dev)
                 self._start_catchup()
-        elif self.sync.gaps_older_than(sync_cfg.gap_timeout_s):
+        elif (now >= self._behind_wait_until
+              and self.sync.gaps_older_than(sync_cfg.gap_timeout_s)):
             log.info("catchup_for_gap", dev=self.dev)
             self._start_catchup()
 

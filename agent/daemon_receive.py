@@ -66,6 +66,10 @@ class ReceiveHooks:
     _connected: bool
     _may_send: bool
     _relogin_at: float = 0.0  # a pending password at start: try it at the first turn
+    _behind_at: dict[str, int] | None = None
+    """Where the scopes a `checkpoint` found behind stood (None: the last was not)."""
+    _behind_wait_until: float = 0.0
+    """No catch-up for a gap before this (monotonic): the last answer changed nothing."""
     _relogin_wait: float = RELOGIN_FIRST_S
 
     def _relogin_soon(self) -> None:
@@ -225,9 +229,23 @@ class ReceiveHooks:
     def _on_checkpoint(self, msg: wire.Checkpoint) -> None:
         result = self.sync.apply_checkpoint(msg)
         if result.behind:
+            cps = self.agent.checkpoints()
+            stand = {s: cps[s].cp for s in result.behind if s in cps}
+            if stand == self._behind_at:
+                # Behind again and not one of those checkpoints moved: the same request
+                # gets the same answer (a server before PROTOCOL.md §7.7's page without
+                # records leaves a device at 0 of a scope with none left behind for ever,
+                # and it asked ~100 times a second). Ask again at the gap timer's pace.
+                self._catchup = None
+                self._behind_wait_until = time.monotonic() + self.cfg.sync.gap_timeout_s
+                log.info("catchup_behind", dev=self.dev, scopes=result.behind,
+                         retry_in_s=self.cfg.sync.gap_timeout_s)
+                return
+            self._behind_at = stand  # once at once: e.g. a page lost in a reconnect
             log.info("catchup_behind", dev=self.dev, scopes=result.behind)
             self._start_catchup()
             return
+        self._behind_at = None
         self._hello_if_moved()
         current = self._catchup
         if current is not None and msg.req == current.req:

@@ -6,6 +6,7 @@ the scopes of the request that completes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,22 @@ def test_a_late_copy_of_a_reset_page_starts_a_catch_up(
                    "cp": {"route-42": 1, "depot-7": 0}})
     assert wait_until(lambda: not daemon.agent.checkpoints()["route-42"].snapshot, 10)
     assert daemon.agent.get("tasks", "t-1") is not None
+
+
+def test_a_checkpoint_ahead_that_no_answer_moves_is_not_asked_for_at_once_again(
+        setup: tuple[AgentDaemon, RecordingClient]) -> None:
+    """A server that answers with a checkpoint ahead of the device and no page (one from
+    before PROTOCOL.md §7.7's page without records, on a scope with no records left) is
+    asked once more at once (a page may have been lost), then only at the gap timer's
+    pace; the daemon asked again the moment each answer came, ~100 times a second."""
+    daemon, server = setup
+    answered: set[str] = set()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and len(answered) < 10:
+        for req in {c["req"] for c in _catchups(server)} - answered:
+            _send(server, {"type": "checkpoint", "req": req,
+                           "cp": {"route-42": 1_000_000_000_000, "depot-7": 0}})
+            answered.add(req)
+        time.sleep(0.01)  # the scripted server's polling interval, not a wait for a result
+    assert len(answered) == 2, f"{len(answered)} catch-ups answered in 2 s"
+    assert daemon.agent.checkpoints()["route-42"].cp == 0
