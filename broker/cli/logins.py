@@ -62,7 +62,8 @@ def write_credentials(env: Mapping[str, str], dev: str, password: str,
     path = password_file if password_file is not None else default_password_file(env)
     passwords.write_password_entry(path, dev, password)
     return (f"broker credentials: user {dev} added to {path}; the password is {where} "
-            "(Mosquitto reloads the file on SIGHUP)")
+            "(Mosquitto reloads the file on SIGHUP, e.g. `systemctl reload mosquitto`; the "
+            "embedded broker picks it up at the next connection)")
 
 
 def revoke_credentials(env: Mapping[str, str], dev: str,

@@ -48,6 +48,20 @@ def test_device_add_writes_tls_settings_ca_and_client_cert(
     assert verify_password(stored, agent.mqtt.resolved_password({}) or "")
 
 
+def test_device_add_says_when_each_broker_takes_the_login(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The embedded deployment of the operator guide (no config) is told that its broker
+    takes the new login by itself; the line spoke of Mosquitto's SIGHUP alone, leaving
+    the operator to wonder whether the embedded broker needed a restart."""
+    env = {"WAYSTATION_SERVER__DATA_DIR": str(tmp_path / "server"),
+           "WAYSTATION_BROKER__DATA_DIR": str(tmp_path / "broker")}
+    assert main(["device", "add", "van-1", "--scope", "route-1", "--out",
+                 str(tmp_path / "van-1")], env=env) == 0
+    out = capsys.readouterr().out
+    assert "the embedded broker picks it up at the next connection" in out
+    assert "systemctl reload mosquitto" in out
+
+
 def test_device_add_refuses_a_missing_ca_file(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A CA path that does not exist is refused before anything is registered."""
