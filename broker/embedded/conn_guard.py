@@ -15,30 +15,53 @@ from typing import Any
 import structlog
 
 from broker.embedded.client_limits import drop_connection
-from broker.embedded.conn_table import ConnectionTable, ConnLimits, Ticket, source_of
+from broker.embedded.conn_table import (
+    MAX_CONNECTIONS,
+    ConnectionTable,
+    ConnLimits,
+    Ticket,
+    source_of,
+)
 from broker.embedded.login_guard import LoginGuard, LoginLimits
 
 log = structlog.get_logger("broker.embedded.amqtt_broker")
 
-__all__ = ["FD_RESERVE", "ConnGuard", "fitting_total"]
+__all__ = ["FD_RESERVE", "ConnGuard", "fitting_total", "raise_fd_limit"]
 
 FD_RESERVE = 64
 """File descriptors kept for the broker itself (listeners, logs, password file, ...)."""
 
 
+def raise_fd_limit() -> int | None:
+    """Lift the soft file-descriptor limit to the hard one, as a server that holds one
+    socket per device should (systemd's default soft limit is 1024 and its hard one
+    524288): the soft limit, afterwards (None: unlimited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and soft != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def fitting_total(wanted: int, fd_limit: int | None = None) -> int:
     """`max_connections`, lowered to what the process's file-descriptor limit holds: past
     it accept() fails with EMFILE and asyncio stops accepting anyone for a while, so a
-    flood would lock devices out before the bound closed a single connection."""
+    flood would lock devices out before the bound closed a single connection. Lowering
+    the default is only noted; lowering a bound the operator chose is a warning."""
     if fd_limit is None:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        fd_limit = soft if soft != resource.RLIM_INFINITY else wanted + FD_RESERVE
+        fd_limit = raise_fd_limit()
+        if fd_limit is None:
+            return wanted
     room = max(1, fd_limit - FD_RESERVE)
     if wanted > room:
-        log.warning("max_connections lowered to fit the file-descriptor limit",
-                    max_connections=wanted, now=room, fd_limit=fd_limit,
-                    hint="raise LimitNOFILE in the broker's systemd unit (or ulimit -n) "
-                         "to allow more connections")
+        say = log.info if wanted == MAX_CONNECTIONS else log.warning
+        say("max_connections lowered to fit the file-descriptor limit",
+            max_connections=wanted, now=room, fd_limit=fd_limit,
+            hint="raise LimitNOFILE in the broker's systemd unit (or ulimit -n) "
+                 "to allow more connections")
         return room
     return wanted
 

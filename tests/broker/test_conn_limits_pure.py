@@ -4,13 +4,23 @@
 from __future__ import annotations
 
 import ipaddress
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from broker.embedded.conn_guard import FD_RESERVE, fitting_total
-from broker.embedded.conn_table import ConnectionTable, ConnLimits, Ticket, source_of
+from broker.embedded.conn_table import (
+    MAX_CONNECTIONS,
+    ConnectionTable,
+    ConnLimits,
+    Ticket,
+    source_of,
+)
 from broker.embedded.login_guard import (
     KNOWN_GOOD_S,
     SOURCE_WINDOW_S,
@@ -181,3 +191,28 @@ def test_max_connections_is_lowered_to_the_file_descriptor_limit() -> None:
     assert fitting_total(500, fd_limit=1024) == 500
     assert fitting_total(50_000, fd_limit=65_536) == 50_000
     assert fitting_total(10, fd_limit=10) == 1
+
+
+def test_the_default_bound_is_fitted_quietly_and_a_chosen_one_with_a_warning() -> None:
+    """A broker started with the defaults under a small fd limit (a shell's 1024, a
+    container's 20000) must not greet the operator with a warning at every start."""
+    with capture_logs() as quiet:
+        fitting_total(MAX_CONNECTIONS, fd_limit=1024)
+    with capture_logs() as loud:
+        fitting_total(30_000, fd_limit=1024)
+    assert [e["log_level"] for e in quiet] == ["info"]
+    assert [e["log_level"] for e in loud] == ["warning"]
+
+
+def test_the_soft_fd_limit_is_lifted_to_the_hard_one() -> None:
+    """Run in a child: lowering the soft limit must not touch the test process."""
+    code = ("import resource\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "from broker.embedded.conn_guard import raise_fd_limit\n"
+            "print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    got, soft, hard = out
+    assert got == soft, out
+    assert soft == hard or int(hard) == resource.RLIM_INFINITY, out
