@@ -2,8 +2,9 @@
 fixes listed in `broker.embedded.amqtt_broker`'s docstring (TCP_NODELAY, authentication
 before the session table, retained messages checked against the ACL, required client
 certificates, the packet size limit, the keepalive enforced, session take-over, bounded
-queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows and
-one line, not a traceback, for messages a client does not acknowledge).
+queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows,
+one line, not a traceback, for messages a client does not acknowledge, packets MQTT 3.1.1
+forbids refused, and the TLS handshake inside the CONNECT deadline).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of

@@ -80,7 +80,8 @@ class CheckedReader(PacketDeadlineReader):
         return data
 
     def _refuse(self, refusal: Refusal) -> None:
-        log.warning("packet_refused", peer=str(self._peer), client_id=self.client_id,
+        who = {} if self.client_id is None else {"client_id": self.client_id}
+        log.warning("packet_refused", peer=str(self._peer), **who,
                     reason=f"protocol violation: {refusal.reason}",
                     hint=refusal.hint or "the client breaks MQTT 3.1.1: fix or replace its "
                                          "MQTT library; the connection was closed")
