@@ -102,7 +102,8 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             await _start_tls(writer, context, max(timeout_s, 0.1) + 1.0)
     except TimeoutError:
         drop_connection(writer)
-        log.info("TLS handshake not finished in time: connection closed", peer=host,
+        # a warning: log_limits bounds those (a slowloris makes one per connection)
+        log.warning("TLS handshake not finished in time: connection closed", peer=host,
                  waited_s=round(timeout_s, 1),
                  hint="a client that opens the TLS port and does not complete the "
                       "handshake within connect_timeout_s: a scanner, or a link too slow "
