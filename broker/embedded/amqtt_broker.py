@@ -82,7 +82,8 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    its reason and what to do (``broker.embedded.tls_accept``): asyncio gave a handshake
    60 s whatever ``connect_timeout_s`` said and logged no failure, so a device with a
    missing or foreign certificate failed without a word. A TLS connection the broker
-   closes waits 3 s, not 30, for the client's close_notify.
+   closes waits 3 s, not 30, for the client's close_notify, and each TLS connection
+   reads through a 32 KiB buffer, not asyncio's 256 KiB (~315 KB per pending handshake).
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are
