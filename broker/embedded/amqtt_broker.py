@@ -8,7 +8,7 @@
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
-changes eleven things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes fourteen things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -68,6 +68,8 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    logged a line per unknown PUBACK and per refused publish (~130 B each) and a warning
    and a traceback (1 KB) per QoS 1 message a device never PUBACKed, so one device could
    fill the disk or hit journald's rate limit, which then drops the broker's other lines.
+   A field of a line (a client id, a user, a topic) is cut to 300 characters: a device's
+   65,535-byte client id cost 131 KB of log per refused CONNECT.
 11. How many connections one source holds, and how fast it may guess passwords, are
    bounded (``broker.embedded.conn_table``, ``login_guard``, hooked in by ``conn_guard``):
    a connection beyond ``max_connecting_per_ip`` (128) from one address not yet logged
@@ -85,6 +87,20 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    being delivered die undelivered with "dictionary changed size during iteration" and
    a traceback (at every stop of a broker with clients, and whenever a publish
    coincided with a disconnect).
+13. What MQTT 3.1.1 forbids is refused (``broker.embedded.protocol_checks``, read as it
+   arrives by ``broker.embedded.protocol_reader``): fixed-header flags other than the
+   spec's, a packet before CONNECT or a second one, a CONNECT whose will flags contradict
+   each other, SUBSCRIBE asking for QoS 3, malformed topic filters, and a PUBLISH to a
+   wildcard, empty, NUL or non-UTF-8 topic close the connection (amqtt granted "QoS 3",
+   and read a wildcard PUBLISH's payload as the client's next packets). An MQTT 5 or
+   MQTT 3.1 CONNECT gets CONNACK 0x01 and a log line saying to switch the client to
+   3.1.1; amqtt dropped both without a CONNACK.
+14. The TLS handshake runs inside the CONNECT deadline, and a failed one is logged with
+   its reason and what to do (``broker.embedded.tls_accept``): asyncio gave a handshake
+   60 s whatever ``connect_timeout_s`` said and logged no failure, so a device with a
+   missing or foreign certificate failed without a word. A TLS connection the broker
+   closes waits 3 s, not 30, for the client's close_notify, and each TLS connection
+   reads through a 32 KiB buffer, not asyncio's 256 KiB (~315 KB per pending handshake).
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

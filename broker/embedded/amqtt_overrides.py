@@ -4,8 +4,9 @@ before the session table, retained messages checked against the ACL, required cl
 certificates, the packet size limit, the keepalive enforced, session take-over, bounded
 queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows, one
 line, not a traceback, for messages a client does not acknowledge, connections per
-source and failed logins bounded through `broker.embedded.conn_guard`, and the
-subscription table iterated over a copy).
+source and failed logins bounded through `broker.embedded.conn_guard`, the
+subscription table iterated over a copy, packets MQTT 3.1.1 forbids refused, and the
+TLS handshake inside the CONNECT deadline).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -46,7 +47,14 @@ from broker.embedded.conn_guard import ConnGuard
 from broker.embedded.conn_table import ConnLimits
 from broker.embedded.login_guard import LoginLimits
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader
+from broker.embedded.protocol_checks import (
+    subscribe_qos_violation,
+    topic_filter_violation,
+    topic_name_violation,
+)
+from broker.embedded.protocol_reader import CheckedReader, ProtocolViolation
 from broker.embedded.session_queue import QueueLimits, SessionQueues
+from broker.embedded.tls_accept import handshake
 
 log = structlog.get_logger("broker.embedded.amqtt_broker")
 
@@ -94,7 +102,35 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         finally:
             queues.end_delivery(session, size)
 
+    def _violates(self, why: str | None) -> bool:
+        """Close the connection over a malformed packet (fix 13); True if it was one."""
+        if why is None:
+            return False
+        log.warning("client disconnected: malformed packet",
+                    client_id=self.session.client_id if self.session is not None else None,
+                    reason=why[:200], hint="the client breaks MQTT 3.1.1 (topic names and "
+                    "filters, QoS 0-2): fix or replace its MQTT library")
+        drop_connection(self.writer)
+        return True
+
+    async def handle_subscribe(self, subscribe: Any) -> None:
+        # Fix 13: amqtt granted "QoS 3" and left malformed filters to the ACL.
+        for topic_filter, qos in getattr(subscribe.payload, "topics", None) or []:
+            if self._violates(subscribe_qos_violation(qos)
+                              or topic_filter_violation(topic_filter)):
+                return
+        await super().handle_subscribe(subscribe)
+
+    async def handle_unsubscribe(self, unsubscribe: Any) -> None:
+        for topic_filter in getattr(unsubscribe.payload, "topics", None) or []:
+            if self._violates(topic_filter_violation(topic_filter)):
+                return
+        await super().handle_unsubscribe(unsubscribe)
+
     async def handle_publish(self, publish_packet: Any) -> None:
+        # Fix 13: amqtt kept the connection of a PUBLISH to a wildcard (no PUBACK).
+        if self._violates(topic_name_violation(publish_packet.topic_name)):
+            return
         # Fix 9: unreleased QoS 2 messages are bounded (broker.embedded.client_limits).
         session, queues = self.session, self.queues
         if publish_packet.qos not in (0, 1, QOS_2):
@@ -221,6 +257,7 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         self._max_packet = max_packet
         self._queues = SessionQueues(queue_limits or QueueLimits())
         self._compact_at = _COMPACT_MIN
+        self._tls_contexts: dict[str, ssl.SSLContext] = {}
         # Handlers of connections whose session a new connection of the same client
         # took over (fix 7): their end must leave the session alone.
         self._taken_over: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -250,9 +287,29 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         peer = writer.get_extra_info("peername")
         log.debug("client socket accepted", listener=listener_name, peer=peer,
                   tcp_nodelay=nodelay)
-        limited = PacketDeadlineReader(reader, self._max_packet, peer)
-        limited.ticket = ticket
-        await self._client_connected(listener_name, limited, StreamWriterAdapter(writer))
+        loop = asyncio.get_running_loop()
+        connect_by = loop.time() + self._connect_timeout
+        context = self._tls_contexts.get(listener_name)
+        # Fix 14: the handshake is ours, inside the CONNECT deadline, and said when it
+        # fails (broker.embedded.tls_accept). Nothing may await before it starts.
+        if context is not None and not await handshake(reader, writer, context,
+                                                       self._connect_timeout, peer):
+            return
+        checked = CheckedReader(reader, self._max_packet, peer)
+        checked.connect_by = connect_by
+        checked.ticket = ticket
+        await self._client_connected(listener_name, checked, StreamWriterAdapter(writer))
+
+    async def _create_server_instance(self, listener_name: str, listener_type: Any,
+                                      address: str | None, port: int,
+                                      ssl_context: ssl.SSLContext | None) -> Any:
+        # A TLS listener accepts plain TCP; stream_connected runs the handshake (fix 14).
+        if ssl_context is not None and str(getattr(listener_type, "value", listener_type)) \
+                == "tcp":
+            self._tls_contexts[listener_name] = ssl_context
+            ssl_context = None
+        return await super()._create_server_instance(listener_name, listener_type, address,
+                                                     port, ssl_context)
 
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
         context: ssl.SSLContext = super()._create_ssl_context(listener)
@@ -274,14 +331,22 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         # attempt and drop the connection.
         # amqtt waited for the CONNECT for ever and left the socket open when it failed to
         # come (fix 9): every connection that does not log in is closed now.
+        connect_by = getattr(reader, "connect_by", None)
+        timeout = (self._connect_timeout if connect_by is None
+                   else max(0.0, connect_by - asyncio.get_running_loop().time()))
         try:
             handler, client_session = await asyncio.wait_for(
                 KeepaliveHandler.init_from_connect(reader, writer, self.plugins_manager),
-                self._connect_timeout)
+                timeout)
         except TimeoutError as exc:
             drop_connection(writer)
             raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port} within "
                              f"{self._connect_timeout:g} s: connection closed") from exc
+        except ProtocolViolation as exc:
+            if exc.refusal.connack is not None:  # fix 13: say why before closing
+                await ConnackPacket.build(0, exc.refusal.connack).to_stream(writer)
+            await writer.close()
+            raise AMQTTError(exc) from exc
         except (AMQTTError, NoDataError) as exc:
             await writer.close()
             raise AMQTTError(exc) from exc
@@ -342,6 +407,8 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         handler.queues = self._queues
         if isinstance(reader, LimitedReader):
             reader.room = self._queues.ingress_room(client_session, self._broadcast_queue)
+        if isinstance(reader, CheckedReader):
+            reader.client_id = client_session.client_id
         if isinstance(reader, PacketDeadlineReader):  # fix 9: the keepalive inside a packet
             reader.deadline_s = client_session.keep_alive
             reader.on_stall = stalled(client_session.client_id, client_session.keep_alive,
@@ -446,6 +513,7 @@ OVERRIDDEN = (
     "stream_connected",
     "_client_connected",
     "_create_ssl_context",
+    "_create_server_instance",
     "_authenticate",
     "_initialize_client_session",
     "_publish_retained_messages_for_subscription",

@@ -39,6 +39,12 @@ TOTAL_MAX = 200
 """Lines of all kinds together logged per window (kinds hidden in text could be many)."""
 MAX_KEYS = 10_000
 """Windows tracked at once; beyond that those that ended are forgotten."""
+FIELD_MAX = 300
+"""Characters of one field (a client id, a user, a topic) kept in a line; the rest is cut
+(a client id may be 65,535 bytes: amqtt and the auth plugin logged it whole, twice per
+refused CONNECT, 131 KB of log for a 64 KB packet)."""
+LINE_MAX = 2_000
+"""Characters of a plain-text (amqtt) line kept."""
 
 LOGGERS = ("amqtt.broker", "amqtt.mqtt.protocol.handler", "amqtt.session",
            "amqtt.adapters", "amqtt.plugins.manager",
@@ -107,7 +113,10 @@ class RepeatFilter(logging.Filter):
         # Runs inside amqtt's protocol code: it must never raise there (a line with bad
         # format arguments is let through for the handler to report).
         try:
-            return self._admit(record)
+            admitted = self._admit(record)
+            if admitted:
+                shorten(record)
+            return admitted
         except Exception:
             return True
 
@@ -236,6 +245,19 @@ class RepeatFilter(logging.Filter):
         logging.getLogger(__name__).handle(summary)
 
 
+def shorten(record: logging.LogRecord) -> None:
+    """Cut `record`'s long fields (`FIELD_MAX`) or long text (`LINE_MAX`) in place."""
+    msg = record.msg
+    if isinstance(msg, dict):
+        for key, value in list(msg.items()):
+            if isinstance(value, str) and len(value) > FIELD_MAX:
+                msg[key] = f"{value[:FIELD_MAX]}... ({len(value)} characters)"
+        return
+    text = record.getMessage()
+    if len(text) > LINE_MAX:
+        record.msg, record.args = f"{text[:LINE_MAX]}... ({len(text)} characters)", ()
+
+
 def install(names: Iterable[str] = LOGGERS, repeat: RepeatFilter | None = None) -> RepeatFilter:
     """Put one `RepeatFilter` on each logger in `names` (replacing an earlier one)."""
     repeat = repeat or RepeatFilter()
@@ -254,5 +276,5 @@ def uninstall(repeat: RepeatFilter, names: Iterable[str] = LOGGERS) -> None:
     repeat.close()
 
 
-__all__ = ["INTERVAL_S", "KIND_MAX", "LOGGERS", "REPLACED", "TOTAL_MAX", "RepeatFilter", "install",
-           "kind_of", "uninstall"]
+__all__ = ["FIELD_MAX", "INTERVAL_S", "KIND_MAX", "LINE_MAX", "LOGGERS", "REPLACED", "TOTAL_MAX",
+           "RepeatFilter", "install", "kind_of", "shorten", "uninstall"]

@@ -67,6 +67,11 @@ class FrameGuard:
         """Between two packets: the next byte starts a new one."""
         return self._state == _HEADER
 
+    @property
+    def in_body(self) -> bool:
+        """Inside a packet's body (its fixed header read)."""
+        return self._state == _BODY
+
     def __init__(self, max_packet: int) -> None:
         if max_packet < 2:
             raise ValueError("max_packet must be at least 2 bytes")
@@ -128,6 +133,11 @@ class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
     def at_boundary(self) -> bool:
         """Between two packets (nothing of the next one read yet)."""
         return self._guard.at_boundary
+
+    @property
+    def in_body(self) -> bool:
+        """Inside a packet's body (its fixed header read)."""
+        return self._guard.in_body
 
     async def read(self, n: int = -1) -> bytes:
         if self.room is not None and self._guard.at_boundary:
