@@ -62,7 +62,9 @@ class TlsBroker:
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     """An embedded broker whose TLS listener requires client certificates, giving new
-    connections CONNECT_TIMEOUT_S for handshake and CONNECT."""
+    connections CONNECT_TIMEOUT_S for handshake and CONNECT. The crowd below stands for
+    many hosts: from its one address it would meet `max_connecting_per_ip` (128, tested
+    in test_embedded_floods.py), so that bound is raised here."""
     root = Path(tmp_path_factory.mktemp("tls"))
     ca = make_ca(root / "ca")
     server = make_server_cert(ca, root / "server")
@@ -72,7 +74,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     broker = start_embedded(root / "broker", extra_args=[
         "--connect-timeout-s", str(CONNECT_TIMEOUT_S), "--tls-port", str(tls_port),
         "--tls-cert", str(server.cert_path), "--tls-key", str(server.key_path),
-        "--tls-ca", str(ca.cert_path), "--tls-require-client-cert"])
+        "--tls-ca", str(ca.cert_path), "--tls-require-client-cert",
+        "--max-connecting-per-ip", "1000"])
     try:
         wait_until(lambda: port_open("127.0.0.1", tls_port), 10, message="TLS listener")
         yield TlsBroker(broker, tls_port, ca, device, stranger,
