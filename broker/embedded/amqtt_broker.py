@@ -7,7 +7,8 @@
     python -m broker.embedded --port ...    the same, configured from the command line
 
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
-of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``)
+of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``, its
+per-connection handler in ``broker.embedded.amqtt_handler``)
 changes fourteen things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 

@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from broker.embedded.amqtt_overrides import KeepaliveHandler
+from broker.embedded.amqtt_handler import KeepaliveHandler
 from broker.embedded.packet_limit import LimitedReader
 from broker.embedded.session_queue import REPLAY_WINDOW, QueueLimits, SessionQueues
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
