@@ -6,7 +6,6 @@ shift amqtt's framing past the packet size limit (broker.embedded.packet_limit).
 from __future__ import annotations
 
 import asyncio
-import select
 import socket
 import struct
 import threading
@@ -22,45 +21,24 @@ from broker.embedded.client_limits import QOS2_INFLIGHT_MAX
 from broker.embedded.packet_limit import DEFAULT_MAX_PACKET, LimitedReader, MalformedPacket
 from tests.fixtures_brokers import PREFIX, USERS, BrokerProcess, start_embedded
 from tests.helpers import RecordingClient, wait_until
+from tests.raw_mqtt import closed_by_peer, mqtt_string, remaining_length
 
 UP = f"{PREFIX}/van-12/up"
 CONNECT_TIMEOUT_S = 4.0
 
 
-def _str(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _connect_packet(client_id: str, password: str) -> bytes:
-    body = (_str("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60) + _str(client_id)
-            + _str(client_id) + _str(password))
-    return bytes([0x10]) + _remaining(len(body)) + body
+    body = (mqtt_string("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60) + mqtt_string(client_id)
+            + mqtt_string(client_id) + mqtt_string(password))
+    return bytes([0x10]) + remaining_length(len(body)) + body
 
 
 def _publish_qos2(packet_id: int, payload: bytes) -> bytes:
-    body = _str(UP) + struct.pack("!H", packet_id) + payload
-    return bytes([0x34]) + _remaining(len(body)) + body
+    body = mqtt_string(UP) + struct.pack("!H", packet_id) + payload
+    return bytes([0x34]) + remaining_length(len(body)) + body
 
-
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """True once the broker has closed `sock` (EOF or reset); what it sent is discarded."""
-    while select.select([sock], [], [], 0)[0]:
-        try:
-            if not sock.recv(65536):
-                return True
-        except OSError:
-            return True
-    return False
 
 
 def _fds(broker: BrokerProcess) -> int:
@@ -98,12 +76,12 @@ def test_connections_that_never_log_in_are_closed(broker: BrokerProcess) -> None
                 sock.shutdown(socket.SHUT_WR)
             socks.append(sock)
     try:
-        wait_until(lambda: all(_closed_by_peer(s) for s in sockets["half+fin"]
+        wait_until(lambda: all(closed_by_peer(s) for s in sockets["half+fin"]
                                + sockets["garbage"]), CONNECT_TIMEOUT_S - 1,
                    message="connections that failed to log in closed at once")
         waiting = sockets["idle"] + sockets["half"]
-        assert not any(_closed_by_peer(s) for s in waiting), "closed before the deadline"
-        wait_until(lambda: all(_closed_by_peer(s) for s in waiting), CONNECT_TIMEOUT_S + 10,
+        assert not any(closed_by_peer(s) for s in waiting), "closed before the deadline"
+        wait_until(lambda: all(closed_by_peer(s) for s in waiting), CONNECT_TIMEOUT_S + 10,
                    message="connections with no CONNECT closed at the deadline")
         wait_until(lambda: _fds(broker) <= before, 10,
                    message=lambda: f"broker fds back to {before} (now {_fds(broker)})")
@@ -151,7 +129,7 @@ def test_unreleased_qos2_messages_are_bounded(broker: BrokerProcess) -> None:
                               for i in range(2, QOS2_INFLIGHT_MAX + 51)))
         pubrecs = _read_packets(sock, QOS2_INFLIGHT_MAX + 49)
         assert len(pubrecs) == QOS2_INFLIGHT_MAX - 1, "PUBRECs before the disconnect"
-        assert _closed_by_peer(sock) or _read_packets(sock, 1) == []
+        assert closed_by_peer(sock) or _read_packets(sock, 1) == []
     finally:
         sock.close()
     wait_until(lambda: "too many QoS 2 messages not released" in broker.log_tail(400), 10,
@@ -281,15 +259,17 @@ def test_a_client_that_stops_inside_a_packet_is_disconnected(broker: BrokerProce
     watcher = RecordingClient(broker.port, "watcher", "waystation-server",
                               USERS["waystation-server"])
     assert watcher.connect() == "Success" and watcher.subscribe(status) == 1
-    body = (_str("MQTT") + bytes([4, 0xCE]) + struct.pack("!H", 2) + _str("van-12")
-            + _str(status) + _str("gone") + _str("van-12") + _str(USERS["van-12"]))
+    body = (mqtt_string("MQTT") + bytes([4, 0xCE]) + struct.pack("!H", 2)
+            + mqtt_string("van-12") + mqtt_string(status) + mqtt_string("gone")
+            + mqtt_string("van-12") + mqtt_string(USERS["van-12"]))
     sock = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
     try:
-        sock.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+        sock.sendall(bytes([0x10]) + remaining_length(len(body)) + body)
         assert sock.recv(4) == b"\x20\x02\x00\x00"
-        publish = bytes([0x32]) + _remaining(2 + len(UP) + 2 + 1000) + _str(UP) + b"\x00\x01"
+        publish = (bytes([0x32]) + remaining_length(2 + len(UP) + 2 + 1000) + mqtt_string(UP)
+                   + b"\x00\x01")
         sock.sendall(publish + b"x" * 500)
-        wait_until(lambda: _closed_by_peer(sock), 10, message="the stalled client dropped")
+        wait_until(lambda: closed_by_peer(sock), 10, message="the stalled client dropped")
         assert watcher.wait_for(status, b"gone")
         assert "client stopped in the middle of a packet" in broker.log_tail(400)
     finally:
@@ -300,15 +280,15 @@ def test_a_client_that_stops_inside_a_packet_is_disconnected(broker: BrokerProce
 def test_a_slow_link_finishing_a_packet_is_not_cut_off(broker: BrokerProcess) -> None:
     """A device (keepalive 2 s) whose 20 kB PUBLISH takes ~6 s to arrive, a piece every
     0.8 s, gets its PUBACK: bytes still arriving count as activity, as with Mosquitto."""
-    body = (_str("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 2) + _str("van-12")
-            + _str("van-12") + _str(USERS["van-12"]))
+    body = (mqtt_string("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 2) + mqtt_string("van-12")
+            + mqtt_string("van-12") + mqtt_string(USERS["van-12"]))
     sock = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
     try:
-        sock.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+        sock.sendall(bytes([0x10]) + remaining_length(len(body)) + body)
         assert sock.recv(4) == b"\x20\x02\x00\x00"
         payload = b"x" * 20_000
-        publish = (bytes([0x32]) + _remaining(2 + len(UP) + 2 + len(payload)) + _str(UP)
-                   + b"\x00\x05" + payload)
+        publish = (bytes([0x32]) + remaining_length(2 + len(UP) + 2 + len(payload))
+                   + mqtt_string(UP) + b"\x00\x05" + payload)
         piece = len(publish) // 8 + 1
         for start in range(0, len(publish), piece):
             sock.sendall(publish[start:start + piece])
@@ -323,8 +303,8 @@ def test_a_publish_with_qos_3_closes_the_connection(broker: BrokerProcess) -> No
     logged (amqtt kept the connection and logged a traceback per packet)."""
     sock = _device_socket(broker)
     try:
-        sock.sendall((bytes([0x36, 0x06]) + _str("x") + b"\x00\x01y") * 100)
-        wait_until(lambda: _closed_by_peer(sock), 10, message="the connection closed")
+        sock.sendall((bytes([0x36, 0x06]) + mqtt_string("x") + b"\x00\x01y") * 100)
+        wait_until(lambda: closed_by_peer(sock), 10, message="the connection closed")
     finally:
         sock.close()
     wait_until(lambda: "PUBLISH with QoS 3" in broker.log_tail(400), 10, message="logged")
@@ -348,13 +328,13 @@ def test_a_reconnect_storm_of_one_device_leaves_nothing_behind(
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as sock:
-                    body = (_str("MQTT") + bytes([4, 0xC2 if clean else 0xC0])
-                            + struct.pack("!H", 60) + _str("van-12") + _str("van-12")
-                            + _str(USERS["van-12"]))
-                    sock.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+                    body = (mqtt_string("MQTT") + bytes([4, 0xC2 if clean else 0xC0])
+                            + struct.pack("!H", 60) + mqtt_string("van-12") + mqtt_string("van-12")
+                            + mqtt_string(USERS["van-12"]))
+                    sock.sendall(bytes([0x10]) + remaining_length(len(body)) + body)
                     if sock.recv(4)[:1] != b"\x20":
                         continue  # taken over before its CONNACK: fine
-                    sock.sendall(bytes([0x32]) + _remaining(len(UP) + 5) + _str(UP)
+                    sock.sendall(bytes([0x32]) + remaining_length(len(UP) + 5) + mqtt_string(UP)
                                  + b"\x00\x01z")
                     sock.recv(4)
                 outcomes.append("ok")

@@ -18,47 +18,36 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
 from tests.helpers import RecordingClient, wait_until
+from tests.raw_mqtt import mqtt_string, remaining_length
 
 UP, DOWN = f"{PREFIX}/van-12/up", f"{PREFIX}/van-12/down"
 CONNACK_OK, CONNACK_PROTOCOL = b"\x20\x02\x00\x00", b"\x20\x02\x00\x01"
 PINGREQ, PINGRESP = b"\xc0\x00", b"\xd0\x00"
 
 
-def _str(text: str | bytes) -> bytes:
-    raw = text.encode() if isinstance(text, str) else text
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _connect(user: str = "van-12", *, name: bytes = b"MQTT", level: int = 4,
              flags: int = 0xC2, first: int = 0x10, will: tuple[str, bytes] | None = None,
              client_id: str | None = None) -> bytes:
-    body = _str(name) + bytes([level, flags]) + struct.pack("!H", 60)
+    body = mqtt_string(name) + bytes([level, flags]) + struct.pack("!H", 60)
     if level == 5:
         body += b"\x00"  # no properties
-    body += _str(client_id or user)
+    body += mqtt_string(client_id or user)
     if will is not None:
-        body += _str(will[0]) + _str(will[1])
-    body += _str(user) + _str(USERS[user])
-    return bytes([first]) + _remaining(len(body)) + body
+        body += mqtt_string(will[0]) + mqtt_string(will[1])
+    body += mqtt_string(user) + mqtt_string(USERS[user])
+    return bytes([first]) + remaining_length(len(body)) + body
 
 
 def _subscribe(topic: str, qos: int = 1, first: int = 0x82) -> bytes:
-    body = b"\x00\x01" + _str(topic) + bytes([qos])
-    return bytes([first]) + _remaining(len(body)) + body
+    body = b"\x00\x01" + mqtt_string(topic) + bytes([qos])
+    return bytes([first]) + remaining_length(len(body)) + body
 
 
 def _publish(topic: str | bytes) -> bytes:
-    body = _str(topic) + b"\x00\x01" + b"x"
-    return bytes([0x32]) + _remaining(len(body)) + body
+    body = mqtt_string(topic) + b"\x00\x01" + b"x"
+    return bytes([0x32]) + remaining_length(len(body)) + body
 
 
 DEVICE, SERVER = _connect(), _connect(SERVER_USER, client_id="srv-1")

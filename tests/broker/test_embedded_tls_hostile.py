@@ -6,7 +6,6 @@ file descriptors where they were while an honest device keeps syncing over TLS."
 from __future__ import annotations
 
 import contextlib
-import select
 import socket
 import ssl
 import struct
@@ -19,6 +18,7 @@ import pytest
 
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
 from tests.helpers import RecordingClient, free_port, port_open, wait_until
+from tests.raw_mqtt import closed_by_peer
 from tests.tlsca import (
     CertificateAuthority,
     IssuedCert,
@@ -84,16 +84,6 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
         broker.stop()
 
 
-def _closed(sock: socket.socket) -> bool:
-    """True once the broker closed `sock` (what it sent is discarded)."""
-    while select.select([sock], [], [], 0)[0]:
-        try:
-            if not sock.recv(65536):
-                return True
-        except OSError:
-            return True
-    return False
-
 
 def _client_hello(tls: TlsBroker) -> bytes:
     """The first flight of a TLS client (its ClientHello), for a handshake left half done."""
@@ -127,7 +117,7 @@ def test_handshakes_never_finished_are_closed_at_the_connect_deadline(tls: TlsBr
     for sock in half:
         sock.sendall(hello)
     try:
-        wait_until(lambda: all(_closed(s) for s in idle + half), CONNECT_TIMEOUT_S + 8,
+        wait_until(lambda: all(closed_by_peer(s) for s in idle + half), CONNECT_TIMEOUT_S + 8,
                    message="handshakes left undone closed at the CONNECT deadline")
         wait_until(lambda: tls.log_since(offset).count("TLS handshake not finished") >= 16, 5,
                    message="each logged")
@@ -150,7 +140,7 @@ def test_a_failed_handshake_is_closed_and_logged_with_what_to_do(
     try:
         if case == "plain MQTT on the TLS port":
             raw.sendall(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00")
-            wait_until(lambda: _closed(raw), 5, message="closed")
+            wait_until(lambda: closed_by_peer(raw), 5, message="closed")
         else:
             cert = tls.device if case == "no certificate" else tls.stranger
             with tls.context(None if case == "no certificate" else cert).wrap_socket(
@@ -208,7 +198,7 @@ def test_a_crowd_of_hostile_tls_clients_leaves_nothing_behind(tls: TlsBroker) ->
         wait_until(lambda: tls.fds() <= before_fds, CONNECT_TIMEOUT_S + 10, message=lambda: (
             f"broker fds back to {before_fds} (now {tls.fds()}: "
             f"{[(c.raddr, c.status) for c in process.net_connections()]})"))
-        assert all(_closed(s) for s in crowd)
+        assert all(closed_by_peer(s) for s in crowd)
         # asyncio's 256 KiB TLS read buffer per connection made it ~315 KB each (+44 MB
         # measured here, +11.6 MB with 32 KiB)
         assert grown < 25_000_000, f"the broker grew {grown} bytes for 170 connections"
