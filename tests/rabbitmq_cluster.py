@@ -28,14 +28,14 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from tests.helpers import free_port, port_open, wait_until
 
 __all__ = ["RABBITMQ_BIN", "RabbitCluster", "RabbitNode", "rabbitmq_unavailable",
-           "start_cluster_or_fail"]
+           "running_cluster", "start_cluster_or_fail"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "deploy" / "rabbitmq" / "rabbitmq.conf"
@@ -330,3 +330,13 @@ def start_cluster_or_fail(workdir: Path, size: int = 3) -> RabbitCluster:
         cluster.stop()
         raise
     return cluster
+
+
+def running_cluster(workdir: Path, size: int = 3) -> Iterator[RabbitCluster]:
+    """A started cluster (`start_cluster_or_fail`) for a fixture to `yield from`, stopped
+    when the fixture ends."""
+    cluster = start_cluster_or_fail(workdir, size)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -35,7 +35,7 @@ from tests.e2e.fleet import SERVER_USER
 from tests.e2e.rabbit_fleet import PREFIX, RabbitFleet
 from tests.e2e.test_sync_policy import _codes, _held_by_the_daemon, _put, _spy
 from tests.helpers import RecordingClient, free_port, wait_until
-from tests.rabbitmq_cluster import RabbitCluster, start_cluster_or_fail
+from tests.rabbitmq_cluster import RabbitCluster, running_cluster
 from tests.tcp_relay import pump, relay_pairs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.rabbitmq]
@@ -50,11 +50,7 @@ ANNOUNCING = "waystation_server_announce_connected"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
-    c = start_cluster_or_fail(tmp_path_factory.mktemp("rabbit"), size=1)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(tmp_path_factory.mktemp("rabbit"), size=1)
 
 
 class OneNodeFleet(RabbitFleet):

@@ -36,7 +36,7 @@ from tests.e2e.test_multiserver import (
 )
 from tests.fixtures_brokers import PREFIX, SERVER_USER
 from tests.helpers import RecordingClient
-from tests.rabbitmq_cluster import RabbitCluster, start_cluster_or_fail
+from tests.rabbitmq_cluster import RabbitCluster, running_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -47,11 +47,7 @@ BACKLOG = 300
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
     """One cluster for the module (its tests kill and restart nodes)."""
-    c = start_cluster_or_fail(tmp_path_factory.mktemp("rabbit"))
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(tmp_path_factory.mktemp("rabbit"))
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import pytest
 
 from tests.e2e.rabbit_fleet import RabbitFleet
 from tests.helpers import RecordingClient
-from tests.rabbitmq_cluster import RABBITMQ_BIN, RabbitCluster, start_cluster_or_fail
+from tests.rabbitmq_cluster import RABBITMQ_BIN, RabbitCluster, running_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -39,11 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
     """One RabbitMQ node for the module."""
-    c = start_cluster_or_fail(tmp_path_factory.mktemp("rabbit"), size=1)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(tmp_path_factory.mktemp("rabbit"), size=1)
 
 
 class RotatingRabbitFleet(RabbitFleet):

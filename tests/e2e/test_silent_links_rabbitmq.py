@@ -33,7 +33,7 @@ import pytest
 
 from tests.e2e.rabbit_fleet import RabbitFleet
 from tests.e2e.test_multiserver import Ledger, check_exact, check_sequences, increment
-from tests.rabbitmq_cluster import RabbitCluster, start_cluster_or_fail
+from tests.rabbitmq_cluster import RabbitCluster, running_cluster
 from tests.silent_link import SilentLink, silent_link
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.rabbitmq]
@@ -50,11 +50,7 @@ SMALL_BATCHES = {"batch_max_changes": 2, "max_inflight_changes": 40}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
     """One RabbitMQ node (the link, not clustering, is under test)."""
-    c = start_cluster_or_fail(tmp_path_factory.mktemp("rabbit"), size=1)
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from running_cluster(tmp_path_factory.mktemp("rabbit"), size=1)
 
 
 class SilentAmqpFleet(RabbitFleet):
