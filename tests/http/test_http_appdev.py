@@ -1,0 +1,62 @@
+"""What an app developer following docs/agent-api.md and docs/QUERIES.md word for word
+runs into: each test is a step of that walk-through that once went wrong."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import orjson
+
+from agent.api import Agent
+from agent.http.server import ApiServer
+from tests.http.httpkit import Client
+from tests.http.test_http_query import LiveSse
+
+S = "route-42"
+T1 = "/v1/collections/tasks/records/t-1"
+
+
+def test_a_repeated_delete_has_nothing_to_do(client: Client,
+                                             api: tuple[ApiServer, Agent]) -> None:
+    """An app retrying a DELETE (its first answer lost) gets 200 "unchanged", not a
+    second tombstone sent to the server with a newer stamp."""
+    _, agent = api
+    client.call("PATCH", T1, {"fields": {"route": S}})
+    assert client.call("DELETE", T1).status == 202
+    again = client.call("DELETE", T1)
+    assert again.status == 200, again.body
+    assert again.body["state"] == "unchanged" and again.body["change_id"] is None
+    assert again.body["message"] == "tasks/t-1: nothing to change"
+    assert [e["ch"]["n"] for e in agent.pending()] == [1, 2]
+    txn = client.call("POST", "/v1/txn",
+                      {"ops": [{"op": "delete", "collection": "tasks", "key": "t-1"}]})
+    assert txn.status == 200 and txn.body["change_ids"] == [], txn.body
+    assert [e["ch"]["n"] for e in agent.pending()] == [1, 2]
+
+
+def test_a_query_object_copied_with_its_collection(api: tuple[ApiServer, Agent],
+                                                   client: Client, token: str) -> None:
+    """QUERIES.md shows the query as JSON with its `collection`: posted as it stands it is
+    answered (query, count, live); naming another collection than the URL is refused."""
+    server, _ = api
+    assert server.socket_path is not None
+    client.call("PATCH", T1, {"fields": {"route": S, "status": "out", "eta": 5}})
+    q = {"collection": "tasks", "where": {"status": "out"}, "order_by": "eta", "desc": False,
+         "limit": 100, "after": None, "include_deleted": False}
+    page = client.call("POST", "/v1/collections/tasks/query", q)
+    assert page.status == 200, page.body
+    assert [r["key"] for r in page.body["records"]] == ["t-1"]
+    count = client.call("POST", "/v1/collections/tasks/count",
+                        {"collection": "tasks", "where": {"status": "out"}})
+    assert count.status == 200 and count.body == {"count": 1}, count.body
+    wrong = client.call("POST", "/v1/collections/tasks/query", {**q, "collection": "inventory"})
+    assert wrong.status == 422 and wrong.body["code"] == "invalid"
+    assert "the body names 'inventory' but the URL 'tasks'" in wrong.body["message"]
+    live = LiveSse(server.socket_path, token, "/v1/collections/tasks/live?q="
+                   + urllib.parse.quote(orjson.dumps(q)))
+    try:
+        assert live.status == 200
+        [first] = live.updates(1)
+        assert first["initial"] and first["keys"] == ["t-1"]
+    finally:
+        live.close()
