@@ -60,3 +60,27 @@ def test_a_query_object_copied_with_its_collection(api: tuple[ApiServer, Agent],
         assert first["initial"] and first["keys"] == ["t-1"]
     finally:
         live.close()
+
+
+def test_an_unknown_field_names_the_schema_version_the_device_runs(
+        client: Client, api: tuple[ApiServer, Agent]) -> None:
+    """An app written for an older schema (a field renamed since, the device having taken
+    the new version from the server) is told which version the device runs, on a
+    single write, inside a transaction, and in a query."""
+    _, agent = api
+    version = agent.catalog.version
+    hint = (f"this device runs schema version {version} (GET /v1/status: schema_version): "
+            "use that version's field names")
+    single = client.call("PATCH", T1, {"fields": {"route": S, "colour": "red"}})
+    assert single.status == 422 and single.body["code"] == "unknown_field"
+    assert "tasks has no field 'colour'" in single.body["message"]
+    assert hint in single.body["message"]
+    txn = client.call("POST", "/v1/txn", {"ops": [
+        {"op": "put", "collection": "tasks", "key": "t-2", "fields": {"route": S}},
+        {"op": "put", "collection": "tasks", "key": "t-3", "fields": {"colour": "red"}}]})
+    assert txn.status == 422 and txn.body["code"] == "unknown_field"
+    assert txn.body["message"].startswith("ops.1: ") and hint in txn.body["message"]
+    assert txn.body["message"].endswith("; nothing was written")
+    query = client.call("POST", "/v1/collections/tasks/query", {"where": {"colour": "red"}})
+    assert query.status == 422 and hint in query.body["message"], query.body
+    assert client.call("GET", "/v1/status").body["schema_version"] == version
