@@ -84,3 +84,18 @@ def test_an_unknown_field_names_the_schema_version_the_device_runs(
     query = client.call("POST", "/v1/collections/tasks/query", {"where": {"colour": "red"}})
     assert query.status == 422 and hint in query.body["message"], query.body
     assert client.call("GET", "/v1/status").body["schema_version"] == version
+
+
+def test_a_key_percent_encoded_from_bytes_that_are_not_utf8_is_refused(
+        client: Client) -> None:
+    """"/records/%FF" once wrote the record "%FF" (the router left the escape as it was),
+    the same record as "/records/%25FF"; a UTF-8 key, percent-encoded, still works."""
+    bad = client.call("PATCH", "/v1/collections/tasks/records/t-%FF", {"fields": {"route": S}})
+    assert bad.status == 422 and bad.body["code"] == "invalid", bad.body
+    assert "not UTF-8" in bad.body["message"]
+    assert client.call("GET", "/v1/collections/tasks/records/t-%25FF").status == 404
+    good = client.call("PATCH", "/v1/collections/tasks/records/t-%C3%A9-%25FF",
+                       {"fields": {"route": S, "notes": "Crème 🍮"}})
+    assert good.status == 202 and good.body["key"] == "t-é-%FF", good.body
+    got = client.call("GET", "/v1/collections/tasks/records/t-%C3%A9-%25FF")
+    assert got.status == 200 and got.body["fields"]["notes"] == "Crème 🍮"
