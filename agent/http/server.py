@@ -306,6 +306,14 @@ def _auth_middleware(tokens: TokenStore,
             raise ApiError(401, "unauthorized", "send an app token: Authorization: Bearer "
                                                 "<token> (waystation agent token add APP)",
                            headers={"WWW-Authenticate": "Bearer"})
+        scheme = header.partition(" ")[0]
+        if scheme.lower() != "bearer":
+            # A token pasted without its scheme (or Basic auth) is not "mistyped": say how
+            # to send it, without echoing the secret.
+            got = "the token alone" if scheme.startswith("wst_") else f"{scheme[:20]!r}"
+            raise ApiError(401, "unauthorized", f"send the app token as Authorization: "
+                                                f"Bearer <token> (got {got})",
+                           headers={"WWW-Authenticate": "Bearer"})
         app = await blocking(partial(tokens.verify, header))
         if app is None:
             raise ApiError(401, "unauthorized", "the app token is not valid (removed, or "

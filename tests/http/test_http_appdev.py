@@ -99,3 +99,28 @@ def test_a_key_percent_encoded_from_bytes_that_are_not_utf8_is_refused(
     assert good.status == 202 and good.body["key"] == "t-é-%FF", good.body
     got = client.call("GET", "/v1/collections/tasks/records/t-%C3%A9-%25FF")
     assert got.status == 200 and got.body["fields"]["notes"] == "Crème 🍮"
+
+
+def test_a_token_sent_without_bearer_is_told_how_to_send_it(
+        api: tuple[ApiServer, Agent], token: str) -> None:
+    """`Authorization: wst_...` (the scheme left out) was answered "not valid (removed, or
+    mistyped)" although the token is valid; now the answer says how to send it."""
+    server, _ = api
+    assert server.socket_path is not None
+    for header, got in ((token, "the token alone"), (f"Basic {token}", "'Basic'"),
+                        (f"Token {token}", "'Token'")):
+        bare = Client(server.socket_path, None)
+        try:
+            r = bare.call("GET", "/v1/status", headers={"Authorization": header})
+        finally:
+            bare.close()
+        assert r.status == 401 and r.body["code"] == "unauthorized", r.body
+        assert r.body["message"] == ("send the app token as Authorization: Bearer <token> "
+                                     f"(got {got})")
+        assert token not in r.body["message"]
+    ok = Client(server.socket_path, None)
+    try:
+        r = ok.call("GET", "/v1/status", headers={"Authorization": f"bearer {token}"})
+    finally:
+        ok.close()
+    assert r.status == 200
