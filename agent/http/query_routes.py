@@ -132,9 +132,12 @@ async def live(request: web.Request, ctx: Any) -> web.StreamResponse:
     query = _query(c, body.model_dump())
     hub = ctx.hub
     hub.admit(ctx.max_feed_clients)
-    lq: LiveQuery = await ctx.blocking(partial(ctx.agent.live_query, query))
+    # Counted before the first await: requests arriving meanwhile see this one (opening
+    # the query on the store pool takes a while; counting after it let a burst through).
     hub.clients += 1
+    lq: LiveQuery | None = None
     try:
+        lq = await ctx.blocking(partial(ctx.agent.live_query, query))
         resp = await feed.open_stream(request)
         await asyncio.wait_for(resp.write(b"retry: 2000\n\n"), ctx.feed_idle_timeout_s)
         while True:
@@ -152,7 +155,8 @@ async def live(request: web.Request, ctx: Any) -> web.StreamResponse:
         return web.StreamResponse()
     finally:
         hub.clients -= 1
-        lq.close()
+        if lq is not None:
+            lq.close()
 
 
 __all__ = ["CountBody", "CountOut", "LiveUpdateOut", "QueryBody", "QueryPageOut",

@@ -3,14 +3,18 @@ runs into: each test is a step of that walk-through that once went wrong."""
 
 from __future__ import annotations
 
+import socket
 import urllib.parse
+from pathlib import Path
 
 import orjson
 
 from agent.api import Agent
 from agent.http.server import ApiServer
-from tests.http.httpkit import Client
+from schemas.collection import Catalog
+from tests.http.httpkit import Client, issue, running_api
 from tests.http.test_http_query import LiveSse
+from waystation.config import AgentConfig
 
 S = "route-42"
 T1 = "/v1/collections/tasks/records/t-1"
@@ -124,3 +128,36 @@ def test_a_token_sent_without_bearer_is_told_how_to_send_it(
     finally:
         ok.close()
     assert r.status == 200
+
+
+def test_live_queries_opened_at_once_stay_within_the_client_limit(
+        cfg: AgentConfig, catalog: Catalog) -> None:
+    """Live queries requested at the same moment were all admitted (each checked the
+    count, then opened its query on the store pool before counting itself): an app
+    opening a dozen at start-up went past api.max_feed_clients."""
+    capped = cfg.model_copy(update={"api": cfg.api.model_copy(
+        update={"max_feed_clients": 2})})
+    token = issue(Path(cfg.data_dir))
+    q = urllib.parse.quote(orjson.dumps({"where": {"status": "out"}, "order_by": "eta"}))
+    head = (f"GET /v1/collections/tasks/live?q={q} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n").encode()
+    with running_api(capped, catalog) as (server, _):
+        socks = []
+        try:
+            for _ in range(12):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(30)
+                sock.connect(str(server.socket_path))
+                socks.append(sock)
+            for sock in socks:  # every request in before any answer
+                sock.sendall(head)
+            statuses = []
+            for sock in socks:
+                buf = b""
+                while b"\r\n" not in buf:
+                    buf += sock.recv(4096)
+                statuses.append(int(buf.split(b" ")[1]))
+        finally:
+            for sock in socks:
+                sock.close()
+    assert sorted(statuses) == [200, 200] + [503] * 10, statuses
