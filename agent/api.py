@@ -168,8 +168,14 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
             rk = record_key(spec.name, key)
             view = work.load_view(rk, spec.name, key)
             if view is None:
-                raise WriteRefused("invalid", f"no record {spec.name}/{key} on this device "
-                                              "to delete")
+                # Evicted by retention: deleted blind like any other write on it
+                # (deploy/README.md, "Retention"); its marker keeps the scope.
+                held = evicted.held_scope(work.tx, rk, None)
+                if held is None:
+                    raise WriteRefused("invalid", f"no record {spec.name}/{key} on this "
+                                                  "device to delete")
+                scope = validate.scope_for_write(spec, key, self._core.scopes, held, {})
+                return self._write(work, spec, rk, key, None, scope, "del", prio)
             if view.x:
                 # Already deleted here (by this device, pending or synced, or by the
                 # server): a repeated DELETE (an app retrying after a lost answer) has

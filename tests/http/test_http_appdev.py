@@ -9,9 +9,12 @@ from pathlib import Path
 
 import orjson
 
+from agent import evict
 from agent.api import Agent
 from agent.http.server import ApiServer
+from schemas import wire
 from schemas.collection import Catalog
+from tests.agent.agentkit import rec
 from tests.http.httpkit import Client, issue, running_api
 from tests.http.test_http_query import LiveSse
 from waystation.config import AgentConfig
@@ -161,3 +164,21 @@ def test_live_queries_opened_at_once_stay_within_the_client_limit(
             for sock in socks:
                 sock.close()
     assert sorted(statuses) == [200, 200] + [503] * 10, statuses
+
+
+def test_a_record_evicted_by_retention_can_be_deleted(
+        client: Client, api: tuple[ApiServer, Agent]) -> None:
+    """deploy/README.md, "Retention": a write on an evicted record is saved as usual. A
+    DELETE was refused ("no record ... to delete") while a PATCH went through."""
+    _, agent = api
+    agent.sync.apply_delta(wire.Delta(d=[rec("t-1", 3, {"route": S, "status": "delivered"})]))
+    assert evict.run_pass(agent.sync.core, pressure=True) == 1
+    assert client.call("GET", T1).status == 404
+    r = client.call("DELETE", T1)
+    assert r.status == 202 and r.body["scope"] == S, r.body
+    [entry] = agent.pending()
+    assert entry["ch"]["op"] == "del" and entry["ch"]["k"] == "t-1"
+    assert client.call("GET", T1).status == 404
+    assert client.call("DELETE", T1).status == 200  # deleted now: nothing to do
+    never = client.call("DELETE", "/v1/collections/tasks/records/never")
+    assert never.status == 422 and never.body["code"] == "invalid"
