@@ -155,7 +155,7 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
         return run
 
     def delete(self, collection: str, key: str, *, priority: int = 0) -> WriteResult:
-        """Delete a record this device holds."""
+        """Delete a record this device holds ("unchanged" if it is deleted already)."""
         return self._written(self._commit(self._delete_op(collection, key, priority)))
 
     def _delete_op(self, collection: str, key: str,
@@ -168,8 +168,20 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
             rk = record_key(spec.name, key)
             view = work.load_view(rk, spec.name, key)
             if view is None:
-                raise WriteRefused("invalid", f"no record {spec.name}/{key} on this device "
-                                              "to delete")
+                # Evicted by retention: deleted blind like any other write on it
+                # (deploy/README.md, "Retention"); its marker keeps the scope.
+                held = evicted.held_scope(work.tx, rk, None)
+                if held is None:
+                    raise WriteRefused("invalid", f"no record {spec.name}/{key} on this "
+                                                  "device to delete")
+                scope = validate.scope_for_write(spec, key, self._core.scopes, held, {})
+                return self._write(work, spec, rk, key, None, scope, "del", prio)
+            if view.x:
+                # Already deleted here (by this device, pending or synced, or by the
+                # server): a repeated DELETE (an app retrying after a lost answer) has
+                # nothing to do. A second tombstone would be sent with a newer stamp and
+                # could delete a record another device re-created meanwhile.
+                return WriteResult(spec.name, key, view.s, "unchanged")
             scope = validate.scope_for_write(spec, key, self._core.scopes, view.s, {})
             return self._write(work, spec, rk, key, view, scope, "del", prio)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import TypeVar
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -55,6 +56,16 @@ async def body(request: web.Request, model: type[M], *, optional: bool = False) 
 
 
 def path(request: web.Request, name: str) -> str:
+    # The router leaves a %XX sequence that is not UTF-8 undecoded, so "/records/%FF"
+    # would name the key "%FF", the same record as "/records/%25FF": refuse it instead.
+    raw = request.raw_path.partition("?")[0]
+    if "%" in raw:
+        try:
+            unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(422, "invalid", "the path's percent-encoded bytes are not UTF-8: "
+                                           "encode names (keys, collections, fields) as "
+                                           "UTF-8 before percent-encoding them") from None
     return request.match_info[name]
 
 

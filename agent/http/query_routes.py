@@ -5,8 +5,9 @@
     POST /v1/collections/{c}/count   {"where": ...}         -> {count}
     GET  /v1/collections/{c}/live?q=<the same JSON>          -> Server-Sent Events
 
-The body is the query of `agent.query.model.Query` without its collection (the URL names
-it). A live query's first event (`event: result`) is the whole first page; each later
+The body is the query of `agent.query.model.Query`; the URL names the collection (the
+body may repeat it, as the query object QUERIES.md shows, but not name another). A live
+query's first event (`event: result`) is the whole first page; each later
 one says which records entered, changed or left it (`LiveUpdate`), when the store's feed
 shows a change that matters to it (local writes, acks, rollbacks, others' changes, a
 wipe). Live queries count against the feed's client limit and idle timeout.
@@ -36,6 +37,9 @@ class QueryBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    collection: str | None = Field(default=None, max_length=200)
+    """Optional: the URL names the collection; a query object copied whole (QUERIES.md
+    shows it with its collection) may keep it, but it must be the URL's."""
     where: dict[str, Any] = Field(default_factory=dict)
     """field (or `$scope`) -> a value (equality) or {eq, in, gt, gte, lt, lte, prefix}."""
     order_by: str | None = None
@@ -49,6 +53,8 @@ class QueryBody(BaseModel):
 class CountBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    collection: str | None = Field(default=None, max_length=200)
+    """Optional, as in QueryBody: must be the URL's collection."""
     where: dict[str, Any] = Field(default_factory=dict)
     include_deleted: StrictBool = False
 
@@ -80,6 +86,12 @@ class LiveUpdateOut(BaseModel):
 
 
 def _query(collection: str, body: dict[str, Any]) -> Query:
+    named = body.pop("collection", None)
+    if named is not None and named != collection:
+        raise ApiError(422, "invalid", f"collection: the body names {named[:100]!r} but the "
+                                       f"URL {collection[:100]!r}: send the query to "
+                                       f"/v1/collections/{named[:100]}/..., or leave "
+                                       "collection out of the body")
     return make_query({**body, "collection": collection})
 
 
@@ -120,9 +132,12 @@ async def live(request: web.Request, ctx: Any) -> web.StreamResponse:
     query = _query(c, body.model_dump())
     hub = ctx.hub
     hub.admit(ctx.max_feed_clients)
-    lq: LiveQuery = await ctx.blocking(partial(ctx.agent.live_query, query))
+    # Counted before the first await: requests arriving meanwhile see this one (opening
+    # the query on the store pool takes a while; counting after it let a burst through).
     hub.clients += 1
+    lq: LiveQuery | None = None
     try:
+        lq = await ctx.blocking(partial(ctx.agent.live_query, query))
         resp = await feed.open_stream(request)
         await asyncio.wait_for(resp.write(b"retry: 2000\n\n"), ctx.feed_idle_timeout_s)
         while True:
@@ -140,7 +155,8 @@ async def live(request: web.Request, ctx: Any) -> web.StreamResponse:
         return web.StreamResponse()
     finally:
         hub.clients -= 1
-        lq.close()
+        if lq is not None:
+            lq.close()
 
 
 __all__ = ["CountBody", "CountOut", "LiveUpdateOut", "QueryBody", "QueryPageOut",

@@ -221,7 +221,8 @@ def build_app(ctx: Context, tokens: TokenStore,
               blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
               max_body_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes,
-                          middlewares=[_errors_middleware(max_body_bytes),
+                          middlewares=[_errors_middleware(max_body_bytes,
+                                                          lambda: ctx.agent.catalog.version),
                                        _auth_middleware(tokens, blocking)])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _bind(route, ctx))
@@ -237,7 +238,20 @@ def _bind(route: Route, ctx: Context) -> Callable[[web.Request], Awaitable[web.S
 
 
 
-def _errors_middleware(max_body_bytes: int) -> Middleware:
+def _schema_hint(err: ApiError, schema_version: Callable[[], int]) -> ApiError:
+    """An unknown field is most often an app written for another schema version than the
+    one the device took from the server since (a rename): say which one it runs."""
+    if err.code == "unknown_field":
+        hint = (f"; this device runs schema version {schema_version()} (GET /v1/status: "
+                "schema_version): use that version's field names (docs/SCHEMA_EVOLUTION.md)")
+        # A transaction's refusal ends with what it promises (TRANSACTIONS.md).
+        head, sep, tail = err.message.rpartition("; nothing was written")
+        err.message = (head + hint + sep + tail if sep and not tail
+                       else err.message + hint)
+    return err
+
+
+def _errors_middleware(max_body_bytes: int, schema_version: Callable[[], int]) -> Middleware:
     @web.middleware
     async def errors(request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -250,7 +264,7 @@ def _errors_middleware(max_body_bytes: int) -> Middleware:
                                "accepted (api.max_body_bytes)")
             return await handler(request)
         except ApiError as err:
-            return err.response()
+            return _schema_hint(err, schema_version).response()
         except web.HTTPRequestEntityTooLarge:
             return ApiError(413, "body_too_large", f"the body is over {max_body_bytes} "
                                                    "bytes (api.max_body_bytes)").response()
@@ -268,7 +282,7 @@ def _errors_middleware(max_body_bytes: int) -> Middleware:
         except TokenFileError as exc:
             return ApiError(503, "tokens_unavailable", str(exc)).response()
         except AgentError as exc:
-            return from_agent_error(exc).response()
+            return _schema_hint(from_agent_error(exc), schema_version).response()
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:
@@ -291,6 +305,14 @@ def _auth_middleware(tokens: TokenStore,
         if header is None:
             raise ApiError(401, "unauthorized", "send an app token: Authorization: Bearer "
                                                 "<token> (waystation agent token add APP)",
+                           headers={"WWW-Authenticate": "Bearer"})
+        scheme = header.partition(" ")[0]
+        if scheme.lower() != "bearer":
+            # A token pasted without its scheme (or Basic auth) is not "mistyped": say how
+            # to send it, without echoing the secret.
+            got = "the token alone" if scheme.startswith("wst_") else f"{scheme[:20]!r}"
+            raise ApiError(401, "unauthorized", f"send the app token as Authorization: "
+                                                f"Bearer <token> (got {got})",
                            headers={"WWW-Authenticate": "Bearer"})
         app = await blocking(partial(tokens.verify, header))
         if app is None:

@@ -74,9 +74,12 @@ export class Waystation {
       for await (const c of res) chunks.push(c);
       throw new WaystationError(res.statusCode, JSON.parse(Buffer.concat(chunks).toString()));
     }
+    // Decode the stream, not each chunk: a chunk may end inside a multi-byte UTF-8
+    // character (a key or value in any script), which per-chunk decoding garbles.
+    res.setEncoding("utf8");
     let buffer = "";
     for await (const chunk of res) {
-      buffer += chunk.toString("utf8");
+      buffer += chunk;
       let end;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
         const block = buffer.slice(0, end);

@@ -91,6 +91,12 @@ def test_evict_then_fetch_back(fleet: Fleet) -> None:
     fleet.wait(lambda: "t-pend" not in _keys(fleet, "van-1") or None, timeout=60,
                what="van-1 evicts t-pend once acked")
     assert fleet.value("tasks", "t-pend", "notes") == "not yet sent"
+    # Deleted while evicted, like any other write on it (it was refused: "no record").
+    assert mine.delete("tasks", "t-pend").state == "pending"
+    fleet.wait_drained("van-1")
+    fleet.wait(lambda: (fleet.record("tasks", "t-pend") or {}).get("x") or None,
+               what="the server deletes t-pend")
+    assert fleet.mismatches("van-1") == []
 
 
 def test_server_expiry_reaches_every_device(fleet: Fleet) -> None:
