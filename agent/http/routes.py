@@ -234,10 +234,13 @@ async def feed_page(request: web.Request, ctx: Context) -> web.StreamResponse:
 
 _C = Param("collection", "path", {"type": "string", "maxLength": 200}, "Collection name",
            required=True)
+# Any UTF-8 key without control characters (PROTOCOL.md §2): a pattern of printable ASCII
+# made generated clients refuse the keys the agent takes. maxLength counts characters, the
+# rule bytes: a key of 200 characters over 200 bytes is answered 422.
 _K = Param("key", "path", {"type": "string", "minLength": 1, "maxLength": 200,
-                           "pattern": "^[\\x20-\\x7e]+$"},
-           "Record key (1 to 200 bytes; other UTF-8 keys work too, percent-encoded)",
-           required=True)
+                           "pattern": "^[^\\x00-\\x1f]+$"},
+           "Record key: 1 to 200 UTF-8 bytes, no character below U+0020, percent-encoded "
+           "in the path", required=True)
 _F = Param("field", "path", {"type": "string", "maxLength": 200}, "A manual field",
            required=True)
 _N = Param("n", "path", {"type": "integer", "minimum": 1},

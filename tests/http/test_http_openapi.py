@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from agent.errors import WriteRefused
 from agent.http import openapi
+from agent.validate import record_key
 from schemas.collection import Catalog, example_catalog_path, load_catalog
 from tests.agent.agentkit import make_cfg
 from tests.helpers import free_port
@@ -33,6 +37,31 @@ def test_every_route_is_documented() -> None:
         op = doc["paths"][route.path][route.method.lower()]
         assert "401" in op["responses"]
     assert doc["openapi"] == "3.1.0"
+
+
+@given(st.text(min_size=1, max_size=200))
+def test_the_documented_key_pattern_admits_every_key_the_agent_takes(key: str) -> None:
+    """A generated client validates path parameters against the document: a key the
+    agent stores must match it (the old printable-ASCII pattern refused 'Bäckerei')."""
+    spec = load_catalog(example_catalog_path()).collections["tasks"]
+    (param,) = [p for p in openapi.build()["paths"][
+        "/v1/collections/{collection}/records/{key}"]["get"]["parameters"]
+        if p["name"] == "key"]
+    pattern = re.compile(param["schema"]["pattern"])
+    try:
+        record_key(spec, key)
+    except WriteRefused:
+        return
+    assert pattern.search(key) and len(key) <= param["schema"]["maxLength"], key
+
+
+def test_the_documented_key_pattern_refuses_control_characters() -> None:
+    (param,) = [p for p in openapi.build()["paths"][
+        "/v1/collections/{collection}/records/{key}"]["get"]["parameters"]
+        if p["name"] == "key"]
+    pattern = re.compile(param["schema"]["pattern"])
+    assert pattern.search("Bäckerei-東京-1") and pattern.search("a b~")
+    assert not pattern.search("a\nb") and not pattern.search("\x1b[2J")
 
 
 schema = schemathesis.openapi.from_path(openapi.DOC_PATH).exclude(
