@@ -42,6 +42,9 @@ FLUSH_BYTES = 64 * 1024
 KEEPALIVE_S = 15.0
 POLL_S = 0.02
 MAX_WAIT_S = 30.0
+MAX_WAITING_POLLS = 256
+"""Long polls (`/v1/events?wait_s=`) waiting at once; more are answered 503: each holds a
+connection and a task, and nothing else bounds how many a client opens."""
 
 
 class FeedHub:
@@ -55,6 +58,7 @@ class FeedHub:
         self._grown = asyncio.Event()
         self._poke = asyncio.Event()
         self.clients = 0
+        self.waiting_polls = 0
 
     def poke(self) -> None:
         """Something was written here: look at the feed now, not at the next poll."""
@@ -187,7 +191,16 @@ async def page(request: web.Request, agent: Agent, hub: FeedHub,
     wait_s = float_param(request, "wait_s", 0.0, 0.0, MAX_WAIT_S)
     last, out = _restart_check(since, hub.position)
     if wait_s > 0 and not out:
-        await hub.wait_beyond(last, wait_s)
+        if hub.waiting_polls >= MAX_WAITING_POLLS:
+            raise ApiError(503, "too_many_feed_clients",
+                           f"{MAX_WAITING_POLLS} long polls are waiting already: poll "
+                           "less often at once, or use one SSE stream (/v1/feed)",
+                           headers={"Retry-After": "5"})
+        hub.waiting_polls += 1
+        try:
+            await hub.wait_beyond(last, wait_s)
+        finally:
+            hub.waiting_polls -= 1
     batch = await blocking(partial(agent.feed_after, last, limit))
     for event in batch:
         last = max(last, event.seq)

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from agent.api import Agent
-from agent.http import models
+from agent.http import feed, models
 from agent.http.server import ApiServer
 from schemas import wire
 from schemas.collection import Catalog
@@ -185,6 +186,51 @@ def test_feed_clients_are_capped(api: tuple[ApiServer, Agent], token: str) -> No
     finally:
         for f in feeds:
             f.close()
+
+
+def _long_poll(server: ApiServer, token: str, wait_s: float = 20) -> socket.socket:
+    """A raw long poll, sent and not read (a client holding its request open)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(_path(server)))
+    sock.sendall(f"GET /v1/events?wait_s={wait_s} HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Bearer {token}\r\n\r\n".encode())
+    return sock
+
+
+def _status(sock: socket.socket) -> int:
+    head = b""
+    while b"\r\n" not in head:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    return int(head.split(b" ")[1])
+
+
+def test_long_polls_waiting_at_once_are_capped(api: tuple[ApiServer, Agent], token: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each waiting long poll holds a connection and a task: past MAX_WAITING_POLLS one
+    more is answered 503 with Retry-After at once; a client that goes away frees its
+    place (before: every one waited, as many as a client opened)."""
+    server, _ = api
+    assert server._hub is not None
+    hub = server._hub
+    monkeypatch.setattr(feed, "MAX_WAITING_POLLS", 3)
+    polls = [_long_poll(server, token) for _ in range(3)]
+    try:
+        wait_until(lambda: hub.waiting_polls == 3, 10, message="three polls waiting")
+        extra = _long_poll(server, token)
+        assert _status(extra) == 503
+        extra.close()
+        polls.pop().close()
+        wait_until(lambda: hub.waiting_polls == 2, 10, message="a gone poll's place freed")
+        again = _long_poll(server, token, wait_s=0.2)
+        assert _status(again) == 200
+        again.close()
+    finally:
+        for sock in polls:
+            sock.close()
 
 
 def _try_feed(server: ApiServer, token: str) -> bool:
