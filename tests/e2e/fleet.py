@@ -5,6 +5,7 @@
     fleet.start()                              # broker, server login, server process
     fleet.add_device("van-1", ["depot-7"])     # `waystation device add` (the real CLI)
     fleet.start_agent("van-1")                 # `waystation agent run --config ...`
+    fleet.start_agents("van-2", "van-3")       # side by side, each waited for; stop_agents
     fleet.agent("van-1").increment(...)        # the device's LMDB store, from this process
     fleet.wait_drained("van-1")                # outbox empty (server acked everything)
     assert fleet.mismatches("van-1") == []     # waystation.convergence.compare
@@ -49,6 +50,7 @@ import time
 import tomllib
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -614,9 +616,25 @@ class Fleet:
             proc.wait_event("connected", where=lambda e: e.get("logger") == "waystation.agent")
         return proc
 
+    def start_agents(self, *devs: str) -> None:
+        """`start_agent` for each of `devs`, all started before the first is waited for:
+        their interpreters start side by side (most of an agent's start is its imports),
+        and each must still log "connected"."""
+        for dev in devs:
+            self.start_agent(dev, wait=False)
+        for dev in devs:
+            self.agents[dev].wait_event("connected",
+                                        where=lambda e: e.get("logger") == "waystation.agent")
+
     def stop_agent(self, dev: str) -> int | None:
         """SIGTERM: the daemon finishes its batch in flight and says it is offline."""
         return self.agents[dev].stop()
+
+    def stop_agents(self, *devs: str) -> list[int | None]:
+        """`stop_agent` for each of `devs` side by side (one thread each, so their clean
+        shutdowns overlap); each must exit 0 as with `stop_agent`. Their exit codes."""
+        with ThreadPoolExecutor(max_workers=max(1, len(devs))) as pool:
+            return list(pool.map(self.stop_agent, devs))
 
     def kill_agent(self, dev: str) -> None:
         self.agents[dev].kill()

@@ -62,7 +62,7 @@ def test_restore_gets_back_what_devices_had_acked_after_the_backup(
     kill -9 of the agent inside its replay transaction loses and doubles nothing."""
     for dev in ("van-1", "van-2"):
         fleet.add_device(dev, [SCOPE])
-        fleet.start_agent(dev)
+    fleet.start_agents("van-1", "van-2")
     one, two = fleet.agent("van-1"), fleet.agent("van-2")
     one.put("inventory", "sku-a", {"depot": SCOPE, "sku": "sku-a"})
     one.increment("inventory", "sku-a", "stock", 10)
@@ -135,7 +135,7 @@ def test_restore_makes_quiet_devices_resync_at_once(tmp_path: Path, broker: str)
             fleet.add_device(dev, [SCOPE])
             fleet.edit_agent_config(dev, lambda d: d.setdefault("sync", {}).update(
                 acked_journal_days=0))
-            fleet.start_agent(dev)
+        fleet.start_agents("van-1", "van-2")
         one, two = fleet.agent("van-1"), fleet.agent("van-2")
         one.put("inventory", "sku-a", {"depot": SCOPE, "sku": "sku-a"})
         fleet.wait_converged("van-1", "van-2", timeout=30)

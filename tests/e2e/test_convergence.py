@@ -26,7 +26,7 @@ def test_three_devices_converge_after_concurrent_edits(fleet: Fleet) -> None:
     """Three devices editing the same records offline converge; every loser is logged."""
     for dev in DEVS:
         fleet.add_device(dev, SCOPES)
-        fleet.start_agent(dev)
+    fleet.start_agents(*DEVS)
     ag = {dev: fleet.agent(dev) for dev in DEVS}
     ag["van-1"].put("tasks", "t-1", {"route": "route-42", "customer": "Hendrikse Bakery",
                                      "status": "out", "address": "Keizersgracht 12"})
@@ -36,8 +36,7 @@ def test_three_devices_converge_after_concurrent_edits(fleet: Fleet) -> None:
     ag["van-1"].increment("inventory", "sku-1", "stock", 10)
     fleet.wait_converged(*DEVS, timeout=30)  # everyone holds the same starting point
 
-    for dev in DEVS:
-        fleet.stop_agent(dev)
+    fleet.stop_agents(*DEVS)
     # Offline, all three edit the same records.
     statuses = {"van-1": "delivered", "van-2": "failed", "van-3": "returned"}
     stamps = {dev: Stamp.parse(ag[dev].put("tasks", "t-1", {"status": value}).stamp or "")
@@ -59,8 +58,7 @@ def test_three_devices_converge_after_concurrent_edits(fleet: Fleet) -> None:
     for dev in DEVS:
         assert ag[dev].status().pending > 0
 
-    for dev in DEVS:
-        fleet.start_agent(dev)
+    fleet.start_agents(*DEVS)
     fleet.wait_converged(*DEVS, timeout=60)
 
     t1 = fleet.record("tasks", "t-1")

@@ -133,7 +133,7 @@ def test_quiet_online_device_learns_of_changes_made_while_the_server_was_down(
     reconnect or a later change of its own (no waiting for the next gap)."""
     for dev in ("van-1", "van-2"):
         fleet.add_device(dev, ["depot-7"])
-        fleet.start_agent(dev)
+    fleet.start_agents("van-1", "van-2")
     fleet.agent("van-1").put("inventory", "sku-1", {"depot": "depot-7", "sku": "sku-1"})
     fleet.wait_converged("van-1", "van-2", timeout=30)
     fleet.kill_server()

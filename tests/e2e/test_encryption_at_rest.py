@@ -51,8 +51,7 @@ def test_device_encrypted_in_place_then_rekeyed_keeps_syncing(fleet: Fleet) -> N
     store only carry the writes, as in every sync test on both fleets."""
     fleet.add_device("van-1", ["route-1"])
     fleet.add_device("van-2", ["route-1"])
-    fleet.start_agent("van-1")
-    fleet.start_agent("van-2")
+    fleet.start_agents("van-1", "van-2")
     fleet.agent("van-1").put("tasks", "t-1", {"route": "route-1", "notes": SECRET})
     fleet.wait_converged("van-1", "van-2")
     assert fleet.stop_agent("van-1") == 0

@@ -52,8 +52,7 @@ def test_evict_then_fetch_back_by_query_in_pages(fleet: Fleet) -> None:
         data["retention"] = {"interval_s": 0.5, "batch": 200}
 
     fleet.edit_agent_config("van-1", retention)
-    fleet.start_agent("van-1")
-    fleet.start_agent("van-2")
+    fleet.start_agents("van-1", "van-2")
     other = fleet.agent("van-2")
     for k in DELIVERED:
         other.put("tasks", k, {"route": "route-1", "status": "delivered", "notes": k})

@@ -41,7 +41,7 @@ def test_live_query_on_one_device_sees_another_devices_write(fleet: Fleet) -> No
     pending, then synced once the server acked it."""
     for dev in ("van-a", "van-b"):
         fleet.add_device(dev, [ROUTE])
-        fleet.start_agent(dev)
+    fleet.start_agents("van-a", "van-b")
     a, b = fleet.agent("van-a"), fleet.agent("van-b")
     live = b.live_query("tasks", where={"status": {"in": ["out", "late"]}}, order_by="status")
     first = live.poll()

@@ -47,8 +47,7 @@ def test_metrics_count_applied_changes_and_follow_presence(fleet: Fleet) -> None
     first = fleet.metrics()
     assert (first[ONLINE], first[APPLIED], first[REJECTED], first[CONNECTED]) == (0, 0, 0, 1)
 
-    fleet.start_agent("van-1")
-    fleet.start_agent("van-2")        # van-3 stays away
+    fleet.start_agents("van-1", "van-2")        # van-3 stays away
     wait_online(fleet, {"van-1", "van-2"})
 
     one, two = fleet.agent("van-1"), fleet.agent("van-2")

@@ -61,8 +61,7 @@ def test_a_running_device_gets_its_new_password_without_lockout(fleet: Fleet) ->
     its config still holds the old one; the broker then refuses the old one."""
     fleet.add_device("van-1", ["route-1"])
     fleet.add_device("van-2", ["route-1"])
-    fleet.start_agent("van-1")
-    fleet.start_agent("van-2")
+    fleet.start_agents("van-1", "van-2")
     old = fleet.passwords["van-1"]
     fleet.agent("van-1").put("tasks", "t-1", {"route": "route-1", "notes": "before"})
     fleet.wait_drained("van-1")

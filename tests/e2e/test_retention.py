@@ -45,8 +45,7 @@ def test_evict_then_fetch_back(fleet: Fleet) -> None:
         data["retention"] = {"interval_s": 0.5, "batch": 50}
 
     fleet.edit_agent_config("van-1", retention)
-    fleet.start_agent("van-1")
-    fleet.start_agent("van-2")
+    fleet.start_agents("van-1", "van-2")
     other, mine = fleet.agent("van-2"), fleet.agent("van-1")
     other.put("tasks", "t-done", {"route": "route-1", "status": "delivered", "notes": "signed"})
     other.put("tasks", "t-out", {"route": "route-1", "status": "out"})
@@ -109,8 +108,7 @@ def test_server_expiry_reaches_every_device(fleet: Fleet) -> None:
     fleet.start_server()
     fleet.add_device("van-1", ["route-1"])
     fleet.add_device("van-2", ["route-1"])
-    fleet.start_agent("van-1")
-    fleet.start_agent("van-2")
+    fleet.start_agents("van-1", "van-2")
     other = fleet.agent("van-2")
     other.put("tasks", "t-done", {"route": "route-1", "status": "delivered"})
     other.put("tasks", "t-out", {"route": "route-1", "status": "out"})

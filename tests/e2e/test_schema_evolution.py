@@ -85,8 +85,7 @@ def test_device_offline_across_three_schema_versions(fleet: Fleet, tmp_path: Pat
     v3 = stores["van-3"] = Agent.open(fleet.agent_config("van-3"), catalog(3), env={})
     new.put("tasks", "t-new", {"route": "r1", "note": "gate 12", "eta": "tomorrow 9:00"})
     v3.put("tasks", "t-3", {"route": "r1", "note": "side door", "eta": 42, "floor": 2})
-    fleet.start_agent("van-new")
-    fleet.start_agent("van-3")
+    fleet.start_agents("van-new", "van-3")
     fleet.wait(lambda: (not new.status().pending and not v3.status().pending) or None,
                what="van-new and van-3 drained")
     assert fleet.value("tasks", "t-3", "eta") == "42"

@@ -111,8 +111,7 @@ def test_hostile_schema_is_refused_and_rollback_takes_devices_back(fleet: Fleet,
     fleet.add_device("van-c", ["r1"])
     fleet.edit_agent_config("van-c", lambda d: d.setdefault("sync", {}).update(
         schema_push=False))
-    fleet.start_agent("van-b")
-    fleet.start_agent("van-c")
+    fleet.start_agents("van-b", "van-c")
     ag = fleet.agent("van-b")
     fleet.wait(lambda: runs(fleet, "van-b", 3), what="van-b took version 3")
     ag.put("tasks", "t-1", {"route": "r1", "note": "kept", "eta": 3})

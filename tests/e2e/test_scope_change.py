@@ -22,8 +22,7 @@ def _keys(fleet: Fleet, dev: str) -> set[str]:
 def test_scopes_added_and_removed_reach_a_running_device(fleet: Fleet) -> None:
     fleet.add_device("van-1", ["route-1"])
     fleet.add_device("van-2", ["route-1", "route-2"])
-    fleet.start_agent("van-1")
-    fleet.start_agent("van-2")
+    fleet.start_agents("van-1", "van-2")
     other = fleet.agent("van-2")
     other.put("tasks", "t-1", {"route": "route-1", "notes": "one"})
     other.put("tasks", "t-2", {"route": "route-2", "notes": "two"})

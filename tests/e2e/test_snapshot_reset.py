@@ -26,7 +26,7 @@ def test_device_back_after_tombstone_purge_takes_snapshot_and_keeps_outbox(
     fleet.start_server(env=RETENTION_ENV)
     for dev in ("van-1", "van-2"):
         fleet.add_device(dev, [SCOPE])
-        fleet.start_agent(dev)
+    fleet.start_agents("van-1", "van-2")
     one, two = fleet.agent("van-1"), fleet.agent("van-2")
     for key in ("sku-a", "sku-b", "sku-c"):
         one.put("inventory", key, {"depot": SCOPE, "sku": key, "bin": "A-1"})

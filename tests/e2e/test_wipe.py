@@ -47,8 +47,7 @@ def _fresh_records(fleet: Fleet, dev: str) -> int:
 def _prepare(fleet: Fleet) -> None:
     fleet.add_device("van-1", ["route-1"])
     fleet.add_device("van-2", ["route-1"])
-    fleet.start_agent("van-1")
-    fleet.start_agent("van-2")
+    fleet.start_agents("van-1", "van-2")
     fleet.agent("van-2").put("tasks", "t-1", {"route": "route-1", "notes": SECRET})
     fleet.agent("van-1").put("tasks", "t-2", {"route": "route-1", "notes": "own " + SECRET})
     fleet.wait_drained("van-1", "van-2")
