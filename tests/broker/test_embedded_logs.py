@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker.test_embedded_hostile import _connect_packet, _remaining, _str
+from tests.broker.test_embedded_hostile import _connect_packet
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
 from tests.helpers import RecordingClient, wait_until
+from tests.raw_mqtt import mqtt_string, remaining_length
 
 N = 10_000
 WINDOW_S = 4.0
@@ -86,8 +87,8 @@ class _Device:
 
 
 def _publish(topic: str, packet_id: int, payload: bytes) -> bytes:
-    body = _str(topic) + struct.pack("!H", packet_id) + payload
-    return bytes([0x32]) + _remaining(len(body)) + body
+    body = mqtt_string(topic) + struct.pack("!H", packet_id) + payload
+    return bytes([0x32]) + remaining_length(len(body)) + body
 
 
 def _unknown_pubacks(broker: BrokerProcess, device: _Device,
@@ -107,9 +108,9 @@ def _never_pubacked(broker: BrokerProcess, device: _Device, server: RecordingCli
     device._stop.set()
     assert device._reader is not None
     device._reader.join(5)
-    body = struct.pack("!H", 1) + _str(down) + b"\x01"
+    body = struct.pack("!H", 1) + mqtt_string(down) + b"\x01"
     device.sock.settimeout(10)
-    device.sock.sendall(bytes([0x82]) + _remaining(len(body)) + body)
+    device.sock.sendall(bytes([0x82]) + remaining_length(len(body)) + body)
     assert device.sock.recv(5) == b"\x90\x03\x00\x01\x01"
     device._stop.clear()
     device.read_in_background()
