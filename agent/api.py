@@ -24,13 +24,14 @@ from typing import Any, TypeVar
 
 import orjson
 
-from agent import evicted, feed, fetching, quota, validate
+from agent import evicted, feed, fetching, idempotency, quota, validate
 from agent.changes import Op, base_version, build_change, change_id, remove_tags
 from agent.checkpoints import ScopeCheckpoint
 from agent.core import Core, Work
 from agent.errors import BadRequest, StoreGone, WriteRefused
 from agent.fetch_api import AgentFetch
 from agent.fetch_query_api import AgentFetchQuery
+from agent.idempotency import Once
 from agent.letters_api import AgentLetters
 from agent.models import FeedEvent, Record, WriteResult
 from agent.opening import Opener, wall_ms
@@ -132,9 +133,13 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
     # ----------------------------------------------------------------- writes
 
     def put(self, collection: str, key: str, fields: Mapping[str, Any], *,
-            priority: int = 0) -> WriteResult:
-        """Set lww/manual fields of a record (creating it: include its scope field)."""
-        return self._written(self._commit(self._put_op(collection, key, fields, priority)))
+            priority: int = 0, once: Once | None = None) -> WriteResult:
+        """Set lww/manual fields of a record (creating it: include its scope field).
+
+        `once` (every write takes it): the write's idempotency key (`agent.idempotency`):
+        sent again, it raises `Replayed` with the first answer and writes nothing."""
+        return self._written(self._commit(self._put_op(collection, key, fields, priority),
+                                          once))
 
     def _put_op(self, collection: str, key: str, fields: Mapping[str, Any],
                 priority: int) -> Callable[[Work], WriteResult]:
@@ -154,9 +159,10 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
 
         return run
 
-    def delete(self, collection: str, key: str, *, priority: int = 0) -> WriteResult:
+    def delete(self, collection: str, key: str, *, priority: int = 0,
+               once: Once | None = None) -> WriteResult:
         """Delete a record this device holds ("unchanged" if it is deleted already)."""
-        return self._written(self._commit(self._delete_op(collection, key, priority)))
+        return self._written(self._commit(self._delete_op(collection, key, priority), once))
 
     def _delete_op(self, collection: str, key: str,
                    priority: int) -> Callable[[Work], WriteResult]:
@@ -188,10 +194,10 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
         return run
 
     def increment(self, collection: str, key: str, field: str, amount: int | float, *,
-                  priority: int = 0) -> WriteResult:
+                  priority: int = 0, once: Once | None = None) -> WriteResult:
         """Add `amount` (not 0; negative subtracts) to counter `field`."""
         return self._written(self._commit(self._increment_op(collection, key, field, amount,
-                                                             priority)))
+                                                             priority), once))
 
     def _increment_op(self, collection: str, key: str, field: str, amount: int | float,
                       priority: int) -> Callable[[Work], WriteResult]:
@@ -210,10 +216,10 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
         return run
 
     def add(self, collection: str, key: str, field: str, members: Sequence[str], *,
-            priority: int = 0) -> WriteResult:
+            priority: int = 0, once: Once | None = None) -> WriteResult:
         """Add members to set `field` (each add is tagged with this change's id)."""
         return self._written(self._commit(self._add_op(collection, key, field, members,
-                                                       priority)))
+                                                       priority), once))
 
     def _add_op(self, collection: str, key: str, field: str, members: Sequence[str],
                 priority: int) -> Callable[[Work], WriteResult]:
@@ -232,12 +238,12 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
         return run
 
     def remove(self, collection: str, key: str, field: str, members: Sequence[str], *,
-               priority: int = 0) -> WriteResult:
+               priority: int = 0, once: Once | None = None) -> WriteResult:
         """Remove members from set `field`, naming the add-tags this device knows; a
         member added concurrently elsewhere stays (add wins). Members the set does not
         hold are ignored; if none is held the result is "unchanged"."""
         return self._written(self._commit(self._remove_op(collection, key, field, members,
-                                                          priority)))
+                                                          priority), once))
 
     def _remove_op(self, collection: str, key: str, field: str, members: Sequence[str],
                    priority: int) -> Callable[[Work], WriteResult]:
@@ -259,7 +265,7 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
 
         return run
 
-    def transaction(self, *, priority: int = 0) -> Transaction:
+    def transaction(self, *, priority: int = 0, once: Once | None = None) -> Transaction:
         """Several writes, across records and collections, durable together or not at
         all (docs/TRANSACTIONS.md):
 
@@ -269,11 +275,20 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
 
         An exception inside the block writes nothing; `tx.get` sees the block's own
         writes. On the wire the changes travel as one unit (capability `txn`)."""
-        return Transaction(self, priority)
+        return Transaction(self, priority, once)
 
-    def _commit(self, fn: Callable[[Work], T]) -> T:
-        """One durable write transaction (on the store as it is now: `_fresh`)."""
+    def _commit(self, fn: Callable[[Work], T], once: Once | None = None) -> T:
+        """One durable write transaction (on the store as it is now: `_fresh`); with
+        `once`, its key is checked and recorded in that same transaction."""
+        if once is not None:
+            fn = partial(idempotency.guarded, fn, once)
         return self._fresh(lambda: self._core.write(fn))
+
+    def idempotent_answer(self, once: Once) -> tuple[int, Any] | None:
+        """The answer recorded for `once`'s key (status, body), or None; raises
+        `KeyReused` if the key was recorded for another request (a read: nothing is
+        written)."""
+        return self._read(partial(idempotency.lookup, once=once))
 
     def _read(self, fn: Callable[[Work], T]) -> T:
         """One read transaction (on the store as it is now: `_fresh`)."""

@@ -16,6 +16,7 @@ from agent import evicted, validate
 from agent.changes import base_version, change_id, remove_tags
 from agent.core import Core, Work, open_conflict_key
 from agent.errors import NotFound, WriteRefused
+from agent.idempotency import Once
 from agent.models import Conflict, DeadLetter, WriteResult
 from agent.store import n_key, record_key
 
@@ -24,12 +25,12 @@ class AgentLetters:
     """Provides the dead-letter and conflict methods to `Agent` (which provides the rest)."""
 
     _core: Core
-    _commit: Callable[[Callable[[Work], Any]], Any]
+    _commit: Callable[[Callable[[Work], Any], Once | None], Any]
     _read: Callable[[Callable[[Work], Any]], Any]
     _written: Callable[[WriteResult], WriteResult]
     _write: Callable[..., WriteResult]
 
-    def retry_dead_letter(self, n: int) -> WriteResult:
+    def retry_dead_letter(self, n: int, *, once: Once | None = None) -> WriteResult:
         """Send a dead-lettered change again as a new change (new n, new stamp).
 
         The change is checked against the current schema and scopes first; set removes
@@ -67,9 +68,9 @@ class AgentLetters:
             return self._write(work, spec, rk, key, view, scope, "put", dl["entry"]["p"],
                                f=f, i=i, a=a, r=r)
 
-        return self._written(self._commit(run))
+        return self._written(self._commit(run, once))
 
-    def discard_dead_letter(self, n: int) -> None:
+    def discard_dead_letter(self, n: int, *, once: Once | None = None) -> None:
         """Forget a dead letter for good (the change stays rolled back)."""
 
         def run(work: Work) -> None:
@@ -77,10 +78,10 @@ class AgentLetters:
                 raise NotFound(f"no dead letter with change number {n}")
             work.tx.delete("deadletters", n_key(n))
 
-        self._commit(run)
+        self._commit(run, once)
 
     def resolve_conflict(self, collection: str, key: str, field: str, value: Any, *,
-                         priority: int = 0) -> WriteResult:
+                         priority: int = 0, once: Once | None = None) -> WriteResult:
         """Settle the open conflict of manual `field` with `value` (PROTOCOL.md §5
         manual): a put of the field whose base includes the open conflict, so the server
         takes it as a person's decision and closes the conflict for every device.
@@ -110,7 +111,7 @@ class AgentLetters:
                                    f"{doc['q']}, seen {b}): sync first, then settle it")
             return self._write(work, spec, rk, key, view, view.s, "put", prio, f=values)
 
-        return self._written(self._commit(run))
+        return self._written(self._commit(run, once))
 
     def dead_letters(self) -> list[DeadLetter]:
         """Changes the server refused for good, oldest first."""

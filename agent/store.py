@@ -41,12 +41,17 @@ fetchq          request id (ASCII, sorts by     {"c", "w", "lim", "after", "stat
                                                 are plain text, like index entries
 journal         n (8 bytes, big-endian)         {"e": outbox entry, "s", "q", "a" (acked
                                                 ms)}: an acked change (agent.journal)
+idem            sha256(app NUL idempotency      {"m", "p", "b", "s", "a", "t"}: a local API
+                key) (32 B)                     write's key and its answer
+                                                (agent.idempotency)
+idem_t          t ms (8 B) + the idem key       b"" -- the keys oldest first, for pruning
 ==============  ==============================  ==========================================
 
 Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,
-base, stamps, outbox, deadletters, conflicts and journal are AES-256-GCM sealed. Keys stay plain
-text in every database (collection names, record keys and change numbers are visible to
-someone holding the file), as do checkpoints, the feed and meta -- and the index
+base, stamps, outbox, deadletters, conflicts, journal and idem are AES-256-GCM sealed.
+Keys stay plain text in every database (collection names, record keys and change
+numbers are visible to someone holding the file; idempotency keys are hashed), as do
+checkpoints, the feed and meta -- and the index
 entries, whose keys hold the values of the indexed fields in plain text (index only
 fields that may be read from the file, or do without indexes on encrypted devices).
 Encryption is switched on or off for an existing store by `agent.atrest` (`waystation
@@ -97,7 +102,8 @@ T = TypeVar("T")
 
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
-            "deadletters", "meta", "feed", "index", "evicted", "fetch", "fetchq", "journal")
+            "deadletters", "meta", "feed", "index", "evicted", "fetch", "fetchq", "journal",
+            "idem", "idem_t")
 _MAX_RETRIES = 64
 _MIB = 1 << 20
 

@@ -14,7 +14,7 @@ import orjson
 from agent.crypto import ValueCipher
 
 ENCRYPTED_DBS = frozenset({"view", "base", "stamps", "outbox", "deadletters", "conflicts",
-                           "journal"})
+                           "journal", "idem"})
 """The databases whose values are sealed on an encrypted store (see `agent.store`)."""
 
 

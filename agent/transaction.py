@@ -34,6 +34,7 @@ import orjson
 from agent import validate
 from agent.core import Work
 from agent.errors import BadRequest, WriteRefused
+from agent.idempotency import Once
 from agent.models import Record, WriteResult
 from agent.store import n_key, record_key
 
@@ -70,8 +71,9 @@ Op = Callable[[Work], WriteResult]
 class Transaction:
     """The operations of one `with agent.transaction() as tx:` block."""
 
-    def __init__(self, agent: Agent, priority: int = 0) -> None:
+    def __init__(self, agent: Agent, priority: int = 0, once: Once | None = None) -> None:
         self._agent = agent
+        self._once = once
         self._priority = validate.priority(priority)
         self._ops: list[Op] = []
         self._state = "new"  # new -> open -> committed | aborted
@@ -117,7 +119,7 @@ class Transaction:
             return results
 
         agent = self._agent
-        self.results = agent._commit(run)
+        self.results = agent._commit(run, self._once)
         if any(r.state == "pending" for r in self.results):
             agent._poke()
         return self.results

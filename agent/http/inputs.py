@@ -34,7 +34,7 @@ def need_write(request: web.Request, collection: str) -> None:
 
 
 async def body(request: web.Request, model: type[M], *, optional: bool = False) -> M:
-    if not request.can_read_body:
+    if not request.body_exists:  # (can_read_body is False once read: agent.http.idempotency)
         if optional:
             return model()
         raise ApiError(422, "invalid", "this request needs a JSON body")

@@ -19,12 +19,14 @@ from pydantic import BaseModel
 
 from agent.api import Agent
 from agent.http import feed, fetch_routes, models, query_routes, txn_routes
+from agent.http import idempotency as idem
 from agent.http.errors import ApiError, json_response
 from agent.http.inputs import app_of
 from agent.http.inputs import body as _body
 from agent.http.inputs import need_read as _need_read
 from agent.http.inputs import need_write as _need_write
 from agent.http.inputs import path as _path
+from agent.idempotency import Once
 from agent.models import WriteResult
 
 T = TypeVar("T")
@@ -42,6 +44,8 @@ class Context:
     max_feed_clients: int
     feed_idle_timeout_s: float
     sync_running: Callable[[], bool]
+    idempotency_keep_s: float = 86400.0
+    idempotency_max_keys: int = 10_000
 
 
 Handler = Callable[[web.Request, Context], Awaitable[web.StreamResponse]]
@@ -71,15 +75,33 @@ class Route:
     stream: str | None = None  # content type of a streamed answer
     tags: tuple[str, ...] = field(default=("records",))
 
+    @property
+    def writes(self) -> bool:
+        """A write: takes an Idempotency-Key (agent.http.idempotency). The POSTs that
+        only read (queries, fetches) do not."""
+        return self.method != "GET" and self.op_id not in _READING_POSTS
+
+
+_READING_POSTS = frozenset({"fetchRecords", "fetchQuery", "queryRecords", "countRecords"})
+
 
 # ------------------------------------------------------------------ helpers
 
 
+def write_answer(result: WriteResult) -> tuple[int, dict[str, Any]]:
+    """A record write's answer (what an Idempotency-Key replays)."""
+    return (202 if result.state == "pending" else 200), result.to_dict()
+
+
 def _written(ctx: Context, result: WriteResult) -> web.Response:
+    status, doc = write_answer(result)
     if result.state == "pending":
         ctx.hub.poke()
-        return json_response(result.to_dict(), status=202)
-    return json_response(result.to_dict())
+    return json_response(doc, status=status)
+
+
+def _once(request: web.Request) -> Once | None:
+    return idem.once(request, write_answer)
 
 
 # ------------------------------------------------------------------ records
@@ -109,7 +131,7 @@ async def put_record(request: web.Request, ctx: Context) -> web.StreamResponse:
     _need_write(request, c)
     body = await _body(request, models.PutBody)
     result = await ctx.blocking(partial(ctx.agent.put, c, k, body.fields,
-                                        priority=body.priority))
+                                        priority=body.priority, once=_once(request)))
     return _written(ctx, result)
 
 
@@ -117,7 +139,8 @@ async def delete_record(request: web.Request, ctx: Context) -> web.StreamRespons
     c, k = _path(request, "collection"), _path(request, "key")
     _need_write(request, c)
     body = await _body(request, models.DeleteBody, optional=True)
-    result = await ctx.blocking(partial(ctx.agent.delete, c, k, priority=body.priority))
+    result = await ctx.blocking(partial(ctx.agent.delete, c, k, priority=body.priority,
+                                        once=_once(request)))
     return _written(ctx, result)
 
 
@@ -126,7 +149,7 @@ async def increment(request: web.Request, ctx: Context) -> web.StreamResponse:
     _need_write(request, c)
     body = await _body(request, models.IncrementBody)
     result = await ctx.blocking(partial(ctx.agent.increment, c, k, body.field, body.amount,
-                                        priority=body.priority))
+                                        priority=body.priority, once=_once(request)))
     return _written(ctx, result)
 
 
@@ -135,7 +158,7 @@ async def add_members(request: web.Request, ctx: Context) -> web.StreamResponse:
     _need_write(request, c)
     body = await _body(request, models.MembersBody)
     result = await ctx.blocking(partial(ctx.agent.add, c, k, body.field, body.members,
-                                        priority=body.priority))
+                                        priority=body.priority, once=_once(request)))
     return _written(ctx, result)
 
 
@@ -144,7 +167,7 @@ async def remove_members(request: web.Request, ctx: Context) -> web.StreamRespon
     _need_write(request, c)
     body = await _body(request, models.MembersBody)
     result = await ctx.blocking(partial(ctx.agent.remove, c, k, body.field, body.members,
-                                        priority=body.priority))
+                                        priority=body.priority, once=_once(request)))
     return _written(ctx, result)
 
 
@@ -153,7 +176,7 @@ async def resolve(request: web.Request, ctx: Context) -> web.StreamResponse:
     _need_write(request, c)
     body = await _body(request, models.ResolveBody)
     result = await ctx.blocking(partial(ctx.agent.resolve_conflict, c, k, f, body.value,
-                                        priority=body.priority))
+                                        priority=body.priority, once=_once(request)))
     return _written(ctx, result)
 
 
@@ -207,14 +230,17 @@ async def _dead_letter_collection(request: web.Request, ctx: Context) -> int:
 
 async def retry_dead_letter(request: web.Request, ctx: Context) -> web.StreamResponse:
     n = await _dead_letter_collection(request, ctx)
-    result = await ctx.blocking(partial(ctx.agent.retry_dead_letter, n))
+    result = await ctx.blocking(partial(ctx.agent.retry_dead_letter, n,
+                                        once=_once(request)))
     return _written(ctx, result)
 
 
 async def discard_dead_letter(request: web.Request, ctx: Context) -> web.StreamResponse:
     n = await _dead_letter_collection(request, ctx)
-    await ctx.blocking(partial(ctx.agent.discard_dead_letter, n))
-    return json_response({"n": n, "discarded": True})
+    answer = (200, {"n": n, "discarded": True})
+    await ctx.blocking(partial(ctx.agent.discard_dead_letter, n,
+                               once=idem.once(request, lambda _: answer)))
+    return json_response(answer[1], status=answer[0])
 
 
 # ------------------------------------------------------------------ the feed

@@ -32,6 +32,7 @@ from aiohttp.typedefs import Middleware
 
 from agent.api import Agent
 from agent.errors import AgentError
+from agent.http import idempotency as idem
 from agent.http.auth import APP, TokenFileError, TokenStore
 from agent.http.errors import ApiError, from_agent_error
 from agent.http.feed import FeedHub
@@ -132,7 +133,9 @@ class ApiServer:
         ctx = Context(agent=self.agent, blocking=self._blocking, hub=hub,
                       max_feed_clients=self.cfg.api.max_feed_clients,
                       feed_idle_timeout_s=self.cfg.api.feed_idle_timeout_s,
-                      sync_running=self.sync_running)
+                      sync_running=self.sync_running,
+                      idempotency_keep_s=self.cfg.api.idempotency_keep_s,
+                      idempotency_max_keys=self.cfg.api.idempotency_max_keys)
         app = build_app(ctx, self.tokens, self._blocking, self.cfg.api.max_body_bytes)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                shutdown_timeout=2.0)
@@ -233,7 +236,10 @@ def _bind(route: Route, ctx: Context) -> Callable[[web.Request], Awaitable[web.S
     async def handle(request: web.Request) -> web.StreamResponse:
         return await route.handler(request, ctx)
 
-    return handle
+    if not route.writes:
+        return handle
+    return idem.guard(handle, lambda: ctx.agent, ctx.blocking, ctx.idempotency_keep_s,
+                      ctx.idempotency_max_keys)
 
 
 

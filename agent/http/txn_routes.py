@@ -26,9 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.api import Agent
 from agent.errors import AgentError
+from agent.http import idempotency as idem
 from agent.http import inputs
 from agent.http.errors import ApiError, from_agent_error, json_response
 from agent.http.models import JsonValue, Priority, WriteResultOut
+from agent.idempotency import Once
 from agent.models import WriteResult
 from agent.transaction import MAX_TXN_OPS
 
@@ -93,9 +95,9 @@ class TxnOut(BaseModel):
     message: str
 
 
-def run(agent: Agent, body: TxnBody) -> list[WriteResult]:
+def run(agent: Agent, body: TxnBody, once: Once | None = None) -> list[WriteResult]:
     """Record every operation, then commit; a refused one names its index."""
-    tx = agent.transaction(priority=body.priority)
+    tx = agent.transaction(priority=body.priority, once=once)
     try:
         with tx:
             for index, op in enumerate(body.ops):
@@ -135,16 +137,22 @@ async def post_txn(request: web.Request, ctx: Any) -> web.StreamResponse:
     for collection in {op.collection for op in body.ops}:
         inputs.need_write(request, collection)
     try:
-        results: list[WriteResult] = await ctx.blocking(partial(run, ctx.agent, body))
+        results: list[WriteResult] = await ctx.blocking(
+            partial(run, ctx.agent, body, idem.once(request, answer)))
     except ApiError:
         raise
     except AgentError as exc:
         err = from_agent_error(exc)
         raise ApiError(err.status, err.code, f"{err.message}; nothing was written") from None
-    ids = [r.change_id for r in results if r.change_id is not None]
-    pending = bool(ids)
-    if pending:
+    status, doc = answer(results)
+    if status == 202:
         ctx.hub.poke()
+    return json_response(doc, status=status)
+
+
+def answer(results: list[WriteResult]) -> tuple[int, dict[str, Any]]:
+    """A transaction's answer (what an Idempotency-Key replays)."""
+    ids = [r.change_id for r in results if r.change_id is not None]
     if len(ids) > 1:
         message = (f"saved locally as one transaction (changes {ids[0]} to {ids[-1]}), "
                    "pending sync")
@@ -153,7 +161,7 @@ async def post_txn(request: web.Request, ctx: Any) -> web.StreamResponse:
     else:
         message = "nothing to change"
     doc = {"results": [r.to_dict() for r in results], "change_ids": ids, "message": message}
-    return json_response(doc, status=202 if pending else 200)
+    return (202 if ids else 200), doc
 
 
-__all__ = ["TxnBody", "TxnOp", "TxnOut", "post_txn", "run"]
+__all__ = ["TxnBody", "TxnOp", "TxnOut", "answer", "post_txn", "run"]

@@ -125,6 +125,10 @@ class ApiConfig(_Model):
     max_feed_clients: Annotated[int, Field(strict=True, ge=1, le=1024)] = 32
     feed_idle_timeout_s: Seconds = 30.0
     """A feed client that takes longer than this to accept an event is dropped."""
+    idempotency_keep_s: Annotated[float, Field(strict=True, ge=1, le=30 * 86400)] = 86400.0
+    """How long a write's Idempotency-Key (and its answer) is kept (agent.idempotency)."""
+    idempotency_max_keys: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = 10_000
+    """At most this many keys are kept (the oldest go first)."""
 
     @model_validator(mode="after")
     def _loopback(self) -> ApiConfig:

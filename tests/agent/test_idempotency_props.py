@@ -1,0 +1,61 @@
+"""The pure parts of idempotency keys (agent.idempotency): which keys are valid, what
+makes two requests differ, and which records a write prunes."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.idempotency import MAX_KEY_CHARS, Once, check_key, differs, prune_plan
+
+PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+
+
+@given(st.text(PRINTABLE, min_size=1, max_size=MAX_KEY_CHARS))
+def test_printable_ascii_keys_up_to_200_are_valid(key: str) -> None:
+    """Every key of 1..200 printable ASCII characters is accepted."""
+    assert check_key(key) is None
+
+
+@given(st.text(max_size=MAX_KEY_CHARS + 20))
+def test_a_key_is_valid_only_if_printable_ascii_and_1_to_200(key: str) -> None:
+    """Anything else (empty, longer, a control or non-ASCII character) says why not."""
+    valid = 1 <= len(key) <= MAX_KEY_CHARS and all(" " <= c <= "~" for c in key)
+    assert (check_key(key) is None) is valid
+
+
+def _once(method: str, path: str, body: str) -> Once:
+    return Once(scope="app", key="k", method=method, path=path, body=body,
+                answer=lambda r: (200, r))
+
+
+_parts = st.tuples(st.sampled_from(["POST", "PATCH", "DELETE"]), st.text(max_size=8),
+                   st.text(max_size=8))
+
+
+@given(_parts, _parts)
+def test_differs_names_exactly_the_parts_that_differ(a: tuple[str, str, str],
+                                                     b: tuple[str, str, str]) -> None:
+    """method, path and body are compared one by one, named in that order."""
+    stored = {"m": a[0], "p": a[1], "b": a[2]}
+    got = differs(stored, _once(*b))
+    assert got == [name for name, x, y in zip(("method", "path", "body"), a, b, strict=True)
+                   if x != y]
+
+
+@given(st.lists(st.integers(0, 1000), max_size=60).map(sorted),
+       st.integers(0, 1100), st.integers(1, 50), st.integers(1, 10), st.integers(0, 20))
+def test_prune_takes_the_oldest_expired_or_over_the_bound(
+        times: list[int], cutoff: int, max_keys: int, batch: int, extra: int) -> None:
+    """A prefix of the oldest, at most `batch`; every one taken is expired or over the
+    bound; it stops only at the batch or at a record that is neither."""
+    records = [(t, i) for i, t in enumerate(times)]
+    count = len(records) + extra  # records the time index does not list (never negative)
+    plan = prune_plan(count, records, cutoff, max_keys, batch)
+    assert plan == [i for _, i in records[:len(plan)]]
+    assert len(plan) <= batch
+    for j, (t, _) in enumerate(records[:len(plan)]):
+        assert t < cutoff or count - j > max_keys
+    if len(plan) < min(batch, len(records)):
+        t, _ = records[len(plan)]
+        assert t >= cutoff and count - len(plan) <= max_keys
