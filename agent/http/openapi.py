@@ -16,7 +16,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from agent.http import models
+from agent.http.idempotency import HEADER, REPLAYED
 from agent.http.routes import ROUTES
+from agent.idempotency import MAX_KEY_CHARS
 from waystation import __version__
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "agent-api.openapi.json"
@@ -27,6 +29,24 @@ _REASONS = {400: "Malformed JSON", 401: "Missing or invalid app token",
             422: "Invalid request (the agent's error code says why)",
             503: "Too many feed clients, or the store is unavailable",
             507: "The device's storage is full"}
+_WRITE_422 = ("Invalid request (the agent's error code says why; invalid_idempotency_key, "
+              "idempotency_key_reused: see Idempotency-Key)")
+
+
+_IDEMPOTENCY_KEY = {
+    "name": HEADER, "in": "header", "required": False,
+    "description": "Makes the write safe to send again (draft-ietf-httpapi-idempotency-key-"
+                   "header): a new random key (a UUID) per write, the same key when the "
+                   "same request is sent again after a lost answer. A repeat within "
+                   "api.idempotency_keep_s (24 h) is answered with the first answer and "
+                   f"{REPLAYED}: true, and writes nothing; the key with another method, "
+                   "path or body is 422 idempotency_key_reused. Keys are the app's own "
+                   "(per token name). A refused write keeps no key. docs/agent-api.md",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS,
+               "pattern": "^[\\x20-\\x7e]+$"}}
+_REPLAYED = {"description": "true: this is the answer to an earlier request with the same "
+                            "Idempotency-Key; nothing was written now",
+             "schema": {"type": "string", "enum": ["true"]}}
 
 
 def _schemas() -> dict[str, Any]:
@@ -51,10 +71,12 @@ def build() -> dict[str, Any]:
     for route in ROUTES:
         op: dict[str, Any] = {"operationId": route.op_id, "summary": route.summary,
                               "tags": list(route.tags)}
-        if route.params:
-            op["parameters"] = [{"name": p.name, "in": p.where, "required": p.required,
-                                 "description": p.description, "schema": p.schema}
-                                for p in route.params]
+        params = [{"name": p.name, "in": p.where, "required": p.required,
+                   "description": p.description, "schema": p.schema} for p in route.params]
+        if route.writes:
+            params.append({"$ref": "#/components/parameters/IdempotencyKey"})
+        if params:
+            op["parameters"] = params
         if route.body is not None:
             op["requestBody"] = {"required": route.method != "DELETE",
                                  "content": {"application/json": {"schema": _ref(route.body)}}}
@@ -66,12 +88,16 @@ def build() -> dict[str, Any]:
                                 "content": {route.stream: {"schema": {"type": "string"}}}}
         else:
             content = {"application/json": {"schema": _ref(route.response)}}
-            responses[str(route.status)] = {"description": "Success", "content": content}
+            replayed = ({"headers": {REPLAYED: {"$ref": "#/components/headers/Replayed"}}}
+                        if route.writes else {})
+            responses[str(route.status)] = {"description": "Success", "content": content,
+                                            **replayed}
             if route.status == 202:
                 responses["200"] = {"description": "Nothing to change (state unchanged)",
-                                    "content": content}
-        for status in sorted({401, *route.errors}):
-            responses[str(status)] = {"description": _REASONS[status], "content": {
+                                    "content": content, **replayed}
+        for status in sorted({401, *route.errors, *((422,) if route.writes else ())}):
+            reason = _WRITE_422 if route.writes and status == 422 else _REASONS[status]
+            responses[str(status)] = {"description": reason, "content": {
                 "application/json": {"schema": _ref(models.Error)}}}
         op["responses"] = dict(sorted(responses.items()))
         paths.setdefault(route.path, {})[route.method.lower()] = op
@@ -87,6 +113,8 @@ def build() -> dict[str, Any]:
         "security": [{"appToken": []}],
         "paths": paths,
         "components": {"schemas": _schemas(),
+                       "parameters": {"IdempotencyKey": _IDEMPOTENCY_KEY},
+                       "headers": {"Replayed": _REPLAYED},
                        "securitySchemes": {"appToken": {"type": "http", "scheme": "bearer"}}},
     }
 

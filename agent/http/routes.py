@@ -78,11 +78,13 @@ class Route:
     @property
     def writes(self) -> bool:
         """A write: takes an Idempotency-Key (agent.http.idempotency). The POSTs that
-        only read (queries, fetches) do not."""
-        return self.method != "GET" and self.op_id not in _READING_POSTS
+        only read (queries, fetches) do not, nor sync now (asked twice, it is asked:
+        nothing to apply once)."""
+        return self.method != "GET" and self.op_id not in _NOT_WRITES
 
 
-_READING_POSTS = frozenset({"fetchRecords", "fetchQuery", "queryRecords", "countRecords"})
+_NOT_WRITES = frozenset({"fetchRecords", "fetchQuery", "queryRecords", "countRecords",
+                         "syncNow"})
 
 
 # ------------------------------------------------------------------ helpers

@@ -3,11 +3,16 @@ makes two requests differ, and which records a write prunes."""
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.http.openapi import build
+from agent.http.routes import ROUTES
 from agent.idempotency import MAX_KEY_CHARS, Once, check_key, differs, prune_plan
 
+_DOCUMENTED = build()["components"]["parameters"]["IdempotencyKey"]["schema"]
 PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
 
 
@@ -59,3 +64,29 @@ def test_prune_takes_the_oldest_expired_or_over_the_bound(
     if len(plan) < min(batch, len(records)):
         t, _ = records[len(plan)]
         assert t >= cutoff and count - len(plan) <= max_keys
+
+
+@given(st.text(max_size=MAX_KEY_CHARS + 20))
+def test_the_documented_key_pattern_is_the_check(key: str) -> None:
+    """docs/agent-api.openapi.json's Idempotency-Key schema accepts exactly the keys
+    the agent accepts (a generated client validates with it)."""
+    schema = _DOCUMENTED
+    documented = (schema["minLength"] <= len(key) <= schema["maxLength"]
+                  and re.fullmatch(schema["pattern"][1:-1], key) is not None)
+    assert documented is (check_key(key) is None)
+
+
+def test_every_write_route_documents_the_key() -> None:
+    """The header and the replay marker are on every write route, on no read."""
+    paths = build()["paths"]
+    for route in ROUTES:
+        op = paths[route.path][route.method.lower()]
+        refs = [p.get("$ref") for p in op.get("parameters", [])]
+        has = "#/components/parameters/IdempotencyKey" in refs
+        assert has is route.writes, route.op_id
+        if has:
+            assert "Idempotent-Replayed" in op["responses"][str(route.status)]["headers"]
+    writes = {r.op_id for r in ROUTES if r.writes}
+    assert writes == {"putFields", "deleteRecord", "increment", "addMembers", "removeMembers",
+                      "resolveConflict", "transaction", "retryDeadLetter",
+                      "discardDeadLetter"}
