@@ -4,6 +4,9 @@
 //   node stock-move.mjs --port 8181 --token wst_... --from bin-a --to bin-b --qty 2
 //   node stock-move.mjs --socket /var/lib/waystation/agent/api.sock --token wst_... ...
 // Prints one JSON line per step; exits 0 when synced, 2 when rolled back.
+// The move is sent with an Idempotency-Key (--key, default a new UUID): if its answer is
+// lost it is sent again and still moves the stock once (docs/agent-api.md).
+import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";
 import { Waystation } from "./waystation.mjs";
 
@@ -12,6 +15,7 @@ const { values: args } = parseArgs({
     socket: { type: "string" }, port: { type: "string" }, token: { type: "string" },
     from: { type: "string" }, to: { type: "string" }, qty: { type: "string" },
     order: { type: "string" }, route: { type: "string", default: "route-42" },
+    key: { type: "string" },
   },
 });
 const ws = new Waystation({ socketPath: args.socket, port: args.port && Number(args.port),
@@ -30,8 +34,10 @@ if (args.order) {  // the order that takes the stock, and its line, in the same 
   ops.push({ op: "put", collection: "tasks", key: `${args.order}:1`,
              fields: { route: args.route, notes: `${qty} from ${args.from}` } });
 }
-const written = await ws.transaction(ops);
-say({ step: "written", change_ids: written.change_ids, message: written.message });
+const key = args.key ?? randomUUID();
+const written = await ws.transaction(ops, 0, { key });
+say({ step: "written", change_ids: written.change_ids, message: written.message, key,
+      replayed: written.replayed === true });
 const waiting = new Set(written.change_ids);
 const synced = new Set();
 const rolledBack = new Map();
