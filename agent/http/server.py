@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -32,6 +32,7 @@ from aiohttp.typedefs import Middleware
 
 from agent.api import Agent
 from agent.errors import AgentError
+from agent.http import cors
 from agent.http import idempotency as idem
 from agent.http.auth import APP, TokenFileError, TokenStore
 from agent.http.errors import ApiError, from_agent_error
@@ -136,7 +137,8 @@ class ApiServer:
                       sync_running=self.sync_running,
                       idempotency_keep_s=self.cfg.api.idempotency_keep_s,
                       idempotency_max_keys=self.cfg.api.idempotency_max_keys)
-        app = build_app(ctx, self.tokens, self._blocking, self.cfg.api.max_body_bytes)
+        app = build_app(ctx, self.tokens, self._blocking, self.cfg.api.max_body_bytes,
+                        cors_origins=self.cfg.api.cors_origins)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                shutdown_timeout=2.0)
         await runner.setup()
@@ -222,13 +224,14 @@ def _bind_unix(path: Path, mode: int) -> socket.socket:
 
 def build_app(ctx: Context, tokens: TokenStore,
               blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
-              max_body_bytes: int) -> web.Application:
+              max_body_bytes: int, *, cors_origins: Sequence[str] = ()) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes,
                           middlewares=[_errors_middleware(max_body_bytes,
                                                           lambda: ctx.agent.catalog.version),
                                        _auth_middleware(tokens, blocking)])
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _bind(route, ctx))
+    cors.install(app, cors_origins)  # (a preflight is answered before the token check)
     return app
 
 

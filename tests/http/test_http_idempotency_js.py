@@ -5,6 +5,7 @@ drops the first answer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,10 +53,8 @@ def _drop_first_answer(listener: socket.socket, target: tuple[str, int],
             threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
             continue
         threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
-        try:
+        with contextlib.suppress(OSError):
             upstream.recv(65536)  # the agent answered: the write was made
-        except OSError:
-            pass
         dropped.set()
         close_both(client, upstream)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, ClassVar
 
@@ -111,6 +112,20 @@ class StorageConfig(_Model):
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#@\s]{1,253}$")
+
+
+def _origin(value: str) -> str:
+    """A web origin as browsers send it (scheme://host[:port], lower case), or "*"."""
+    if value == "*" or _ORIGIN.fullmatch(value):
+        return value
+    hint = (" (the origin of file:// pages and sandboxed frames, which any page can "
+            "take: not allowed)" if value == "null" else "")
+    raise ValueError(f"{value[:100]!r} is not a web origin{hint}: write it as the browser "
+                     "sends it, scheme://host[:port] in lower case without a path "
+                     "(https://tablet.example:8443), or \"*\" for any")
+
+
 class ApiConfig(_Model):
     """The local API for apps (`agent.http`): a Unix socket in the store's directory,
     optionally loopback TCP; tokens per app (`waystation agent token ...`)."""
@@ -129,6 +144,12 @@ class ApiConfig(_Model):
     """How long a write's Idempotency-Key (and its answer) is kept (agent.idempotency)."""
     idempotency_max_keys: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = 10_000
     """At most this many keys are kept (the oldest go first)."""
+    cors_origins: Annotated[list[Annotated[str, Field(strict=True),
+                                           AfterValidator(_origin)]],
+                            Field(max_length=100), AfterValidator(_no_duplicates)] = (
+        Field(default_factory=list))
+    """Web origins whose pages a browser lets call the API (agent.http.cors); "*": any
+    (only when listed explicitly). Empty: no CORS."""
 
     @model_validator(mode="after")
     def _loopback(self) -> ApiConfig:
