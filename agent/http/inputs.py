@@ -55,9 +55,11 @@ async def body(request: web.Request, model: type[M], *, optional: bool = False) 
         raise ApiError(422, "invalid", f"{where}: {first['msg']}") from None
 
 
-def path(request: web.Request, name: str) -> str:
-    # The router leaves a %XX sequence that is not UTF-8 undecoded, so "/records/%FF"
-    # would name the key "%FF", the same record as "/records/%25FF": refuse it instead.
+def check_path(request: web.Request) -> None:
+    """Refuse a path whose %XX bytes are not UTF-8 (once per request, before the
+    handler: the server's errors middleware). The router leaves such a sequence
+    undecoded, so "/records/%FF" would name the key "%FF", the same record as
+    "/records/%25FF"."""
     raw = request.raw_path.partition("?")[0]
     if "%" in raw:
         try:
@@ -66,7 +68,11 @@ def path(request: web.Request, name: str) -> str:
             raise ApiError(422, "invalid", "the path's percent-encoded bytes are not UTF-8: "
                                            "encode names (keys, collections, fields) as "
                                            "UTF-8 before percent-encoding them") from None
+
+
+def path(request: web.Request, name: str) -> str:
+    """A path parameter (its encoding was checked: `check_path`)."""
     return request.match_info[name]
 
 
-__all__ = ["app_of", "body", "need_read", "need_write", "path"]
+__all__ = ["app_of", "body", "check_path", "need_read", "need_write", "path"]

@@ -37,6 +37,7 @@ from agent.http import idempotency as idem
 from agent.http.auth import APP, TokenFileError, TokenStore
 from agent.http.errors import ApiError, from_agent_error
 from agent.http.feed import FeedHub
+from agent.http.inputs import check_path
 from agent.http.routes import ROUTES, Context, Route
 from waystation.config import AgentConfig
 
@@ -271,6 +272,8 @@ def _errors_middleware(max_body_bytes: int, schema_version: Callable[[], int]) -
                 raise ApiError(413, "body_too_large",
                                f"the body has {length} bytes; at most {max_body_bytes} are "
                                "accepted (api.max_body_bytes)")
+            if request.match_info.http_exception is None and request.match_info:
+                check_path(request)  # a route with path parameters: their %XX bytes
             return await handler(request)
         except ApiError as err:
             return _schema_hint(err, schema_version).response()

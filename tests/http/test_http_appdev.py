@@ -8,6 +8,7 @@ import urllib.parse
 from pathlib import Path
 
 import orjson
+import pytest
 
 from agent import evict
 from agent.api import Agent
@@ -106,6 +107,28 @@ def test_a_key_percent_encoded_from_bytes_that_are_not_utf8_is_refused(
     assert good.status == 202 and good.body["key"] == "t-é-%FF", good.body
     got = client.call("GET", "/v1/collections/tasks/records/t-%C3%A9-%25FF")
     assert got.status == 200 and got.body["fields"]["notes"] == "Crème 🍮"
+
+
+def test_the_path_encoding_is_checked_once_per_request(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check ran once per path parameter (twice on a record route, three times on
+    a resolve): once per request is enough, the raw path is the same."""
+    import agent.http.inputs as inputs
+
+    calls: list[str] = []
+    real = inputs.unquote_to_bytes
+
+    def counting(raw: str) -> bytes:
+        calls.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(inputs, "unquote_to_bytes", counting)
+    r = client.call("PATCH", "/v1/collections/tasks/records/t-%C3%A9", {"fields": {"route": S}})
+    assert r.status == 202 and calls == ["/v1/collections/tasks/records/t-%C3%A9"]
+    calls.clear()
+    r = client.call("POST", "/v1/collections/tasks/records/t-%FF/fields/address/resolve",
+                    {"value": "x"})
+    assert r.status == 422 and "not UTF-8" in r.body["message"] and len(calls) == 1
 
 
 def test_a_token_sent_without_bearer_is_told_how_to_send_it(
