@@ -3,6 +3,7 @@ and a dump of everything in it (decoded) to compare before and after a conversio
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ def fill(data_dir: Path, catalog: Catalog, key: Path | None = None, *, bulk: int
                        {"lost": f"{SECRET} lost {i}"})
                 tx.put("deadletters", n_key(10_000 + i),
                        {"n": i, "code": "invalid", "reason": SECRET, "t": 1, "entry": {}})
+                # An idempotency key's answer (agent.idempotency), sealed like the rest.
+                ik = hashlib.sha256(f"app\0key-{i}".encode()).digest()
+                tx.put("idem", ik, {"m": "POST", "p": "/x", "b": "-", "s": 202,
+                                    "a": {"note": f"{SECRET} {i}"}, "t": 1})
+                tx.put_raw("idem_t", (1).to_bytes(8, "big") + ik)
         store.write(bulk_rows)
 
 

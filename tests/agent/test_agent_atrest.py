@@ -49,7 +49,7 @@ def test_encrypt_then_decrypt_keeps_every_value(tmp_path: Path, catalog: Catalog
     out = atrest.encrypt(data, _kek(key), batch=97)
     assert out.changed and out.before == "plain" and out.after == "envelope"
     assert out.values == sum(len(before[n]) for n in ("view", "base", "stamps", "outbox",
-                                                      "conflicts", "deadletters"))
+                                                      "conflicts", "deadletters", "idem"))
     assert not plain_values_visible(data)  # compacted: no freed page keeps old values
     assert dump(data, key) == before
     with pytest.raises(EncryptionKeyError, match="encrypted"):
