@@ -16,7 +16,8 @@ Databases (`agent.store`):
 
 =======  =================================  ==========================================
 idem     sha256(scope NUL key) (32 B)       {"m": method, "p": path, "b": body sha256
-                                            hex, "s": status, "a": answer, "t": ms};
+                                            hex, "s": status, "t": ms, "a": answer or
+                                            "z": it zlib-compressed, base64 (> 1 KiB)};
                                             sealed on an encrypted store (the answer
                                             names records and change ids)
 idem_t   t ms (8 B) + the idem key (32 B)   b"" -- oldest first, for pruning
@@ -30,10 +31,14 @@ of the oldest records that are expired or over `max_keys`.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import zlib
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import orjson
 
 from agent.core import Work
 from agent.errors import BadRequest
@@ -43,6 +48,8 @@ T = TypeVar("T")
 DB = "idem"
 TIME_DB = "idem_t"
 MAX_KEY_CHARS = 200
+_PACK_OVER = 1024
+"""Answers larger than this (as JSON) are stored compressed."""
 PRUNE_BATCH = 8
 """Records deleted at most per recorded key: a write never pays for a large backlog
 (after `max_keys` was lowered, the excess goes 7 per write)."""
@@ -152,7 +159,23 @@ def lookup(work: Work, once: Once) -> tuple[int, Any] | None:
             f"the last {once.keep_ms // 1000} s ({stored_request(doc)}): its "
             f"{' and '.join(diff)} differ{'s' if len(diff) == 1 else ''}; send a new key "
             "for a new write")
-    return int(doc["s"]), doc["a"]
+    return int(doc["s"]), _unpack(doc)
+
+
+def _pack(answer: Any) -> dict[str, Any]:
+    """The answer as stored: as it is, or zlib-compressed when large (a 100-operation
+    transaction's answer is ~22 KB of repetitive JSON: kept ~10 times smaller, so the
+    key records stay a few MB even at `max_keys`)."""
+    raw = orjson.dumps(answer)
+    if len(raw) <= _PACK_OVER:
+        return {"a": answer}
+    return {"z": base64.b64encode(zlib.compress(raw, 6)).decode()}
+
+
+def _unpack(doc: dict[str, Any]) -> Any:
+    if "z" in doc:
+        return orjson.loads(zlib.decompress(base64.b64decode(doc["z"])))
+    return doc["a"]
 
 
 def stored_request(doc: dict[str, Any]) -> str:
@@ -174,7 +197,7 @@ def guarded(fn: Callable[[Work], T], once: Once, work: Work) -> T:
         tx.delete(TIME_DB, int(old["t"]).to_bytes(8, "big") + dk)
     now = work.now()
     tx.put(DB, dk, {"m": once.method, "p": once.path, "b": once.body, "s": status,
-                    "a": answer, "t": now})
+                    "t": now, **_pack(answer)})
     tx.put_raw(TIME_DB, now.to_bytes(8, "big") + dk)
     prune(work, now - once.keep_ms, once.max_keys)
     return result

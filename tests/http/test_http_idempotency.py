@@ -135,6 +135,21 @@ def test_a_retried_transaction_is_applied_once(client: Client,
     assert a is not None and a.fields["stock"] == -2
 
 
+def test_a_large_answer_is_replayed_whole_and_stored_small(
+        client: Client, api: tuple[ApiServer, Agent]) -> None:
+    """A 100-operation transaction's answer (~22 KB) is replayed byte for byte; its
+    record takes a fraction of that (compressed)."""
+    _, agent = api
+    ops = [{"op": "put", "collection": "tasks", "key": f"o-{i:03d}",
+            "fields": {"route": S, "status": "ordered"}} for i in range(100)]
+    first = client.call("POST", "/v1/txn", {"ops": ops}, headers=_key("big"))
+    assert first.status == 202 and len(orjson.dumps(first.body)) > 20_000
+    _same_answer(first, client.call("POST", "/v1/txn", {"ops": ops}, headers=_key("big")))
+    assert len(agent.pending()) == 100
+    sizes = agent._read(lambda work: [len(v) for _, v in work.tx.cursor(idempotency.DB)])
+    assert sizes and max(sizes) < 5_000
+
+
 def test_the_answer_is_replayed_after_a_restart(cfg: AgentConfig, catalog: Catalog) -> None:
     """The key is in the store with its write: a new agent process replays it."""
     with _api(cfg, catalog) as (_, _agent, client):
