@@ -294,13 +294,14 @@ def test_on_disk_layout(tmp_path: Path, catalog: Catalog) -> None:
 
     with Agent.open(make_cfg(tmp_path), catalog) as ag:
         ag.put("tasks", "t-1", {"route": "route-42"}, priority=2)
-    env = lmdb.open(str(tmp_path / "agent.lmdb"), max_dbs=16, readonly=True)
+    env = lmdb.open(str(tmp_path / "agent.lmdb"), max_dbs=32, readonly=True)
     with env.begin() as txn:
         names = sorted(key for key, _ in txn.cursor())
         dbs = {name: env.open_db(name, txn=txn, create=False) for name in names}
         assert names == sorted([b"view", b"base", b"stamps", b"outbox", b"outbox_idx",
                                 b"checkpoints", b"conflicts", b"deadletters", b"meta", b"feed",
-                                b"index", b"evicted", b"fetch", b"fetchq", b"journal"])
+                                b"index", b"evicted", b"fetch", b"fetchq", b"journal",
+                                b"idem", b"idem_t"])
         assert orjson.loads(txn.get(b"format", db=dbs[b"meta"])) == 2
         assert orjson.loads(txn.get(b"device", db=dbs[b"meta"])) == "van-1"
         inc = orjson.loads(txn.get(b"inc", db=dbs[b"meta"]))
