@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import idempotency
+from agent.api import Agent
 from agent.http.errors import ApiError, json_response
 from agent.http.inputs import app_of
 from agent.idempotency import Once, Replayed
@@ -72,7 +73,7 @@ def replay(status: int, answer: Any) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def guard(handler: Handler, agent: Callable[[], Any],
+def guard(handler: Handler, agent: Agent,
           blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
           keep_s: float, max_keys: int) -> Handler:
     """`handler` with the Idempotency-Key header honoured (see the module docstring)."""
@@ -85,7 +86,7 @@ def guard(handler: Handler, agent: Callable[[], Any],
         claim = Once(scope=app_of(request).app, key=key, method=request.method,
                      path=request.raw_path, body=idempotency.body_digest(raw), answer=_unset,
                      keep_ms=int(keep_s * 1000), max_keys=max_keys)
-        found = await blocking(partial(agent().idempotent_answer, claim))
+        found = await blocking(partial(agent.idempotent_answer, claim))
         if found is not None:
             return replay(*found)
         request[_CLAIM] = claim

@@ -242,7 +242,7 @@ def _bind(route: Route, ctx: Context) -> Callable[[web.Request], Awaitable[web.S
 
     if not route.writes:
         return handle
-    return idem.guard(handle, lambda: ctx.agent, ctx.blocking, ctx.idempotency_keep_s,
+    return idem.guard(handle, ctx.agent, ctx.blocking, ctx.idempotency_keep_s,
                       ctx.idempotency_max_keys)
 
 
