@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from schemas.collection import ANY_INT, ANY_JSON, CollectionSpec, FieldSpec
@@ -138,8 +139,11 @@ def _scope_error(record: RecordState | None, change: Change, spec: CollectionSpe
     # scope field creates the record in `s`, and the creating put, when it comes, must
     # set the field to that same `s` (checked above, as for any existing record).
     if sf in change.f and change.f[sf] != s:
+        value = change.f[sf]
+        # the reason goes to devices in any language: JSON (null, true), not Python (None)
+        shown = repr(value) if isinstance(value, str) else json.dumps(value)[:100]
         return ("scope_mismatch", f"{_at(change)}: the change is in scope {s!r} but sets "
-                                  f"{sf!r} to {change.f[sf]!r}")
+                                  f"{sf!r} to {shown}")
     return None
 
 
