@@ -166,8 +166,11 @@ def constraint(spec: CollectionSpec, name: str, flt: FieldFilter) -> Constraint:
                           "indexed or filtered")
     given = flt.model_fields_set
     if ftype == "set" and given != {"eq"}:
+        # the long form, which a local query and a wire fetchq (§7.14.1) both take:
+        # the wire has no shorthand `{"labels": "member"}`
         raise FilterError(f"{where} is a set field: filter it by one member, like "
-                          f"{{{name!r}: \"member\"}} (records holding that member)")
+                          f"{{\"{name}\": {{\"eq\": \"member\"}}}} (records holding "
+                          "that member)")
     expected = _KIND_OF_TYPE[ftype]
 
     def enc(op: str, value: object) -> bytes:

@@ -83,6 +83,13 @@ def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return EXIT_OK
     if done.previous is None:
         print(f"published schema version {done.version} (the first in the history)")
+        # Nothing was checked against what devices run, and an older version is not in
+        # the history: devices that state the `schema` capability and run one hold their
+        # changes as too old (welcome.sv_min, PROTOCOL.md §11).
+        print(f"  the history starts here: devices on a version below {done.version} hold "
+              "their changes as too old until they upgrade; if the fleet runs an older "
+              "version, that one should have been published first (deploy/README.md, "
+              "'Changing the schema')")
     else:
         print(f"published schema version {done.version} after {done.previous}")
         _print_differences(done.differences)

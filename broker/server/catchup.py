@@ -6,7 +6,9 @@ A page ends after `lim` records or `MAX_DOWN_BYTES`; its `to` is then its last r
 q (`more`), else the scope's current sequence. A checkpoint `cp` the server cannot
 continue from — older than the purge horizon (a tombstone the device may not have seen
 is gone), or beyond the scope's sequence (the store was replaced) — starts a snapshot:
-`reset` and `from` 0, unless the device says it is already in one (`snap`). A scope whose
+`reset` and `from` 0, unless the device says it is already in one (`snap`); so does a
+catch-up from 0 whose first page ends below the purge horizon (its continuation would
+be reset). A scope whose
 sequence is past the checkpoint gets a page even with no records in the range, to move
 the checkpoint there.
 """
@@ -83,6 +85,13 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
             used += len(rec) + 1
             last_q = q
         to = last_q if more else seq
+        if more and cp == 0 and not reset and scope not in snap \
+                and to < txn.purge_horizon(scope):
+            # A device from nothing gets a snapshot too when its continuation (from
+            # `to`) would be below the purge horizon (purged tombstones, a restore's
+            # jump): that one would be reset to 0 and this page sent again (§9.5). Said
+            # now, the device lists the scope in `snap` and goes on from `to`.
+            reset = True
         out.cp[scope] = to
         out.records += len(recs)
         # A page also when it carries no record but moves the checkpoint: the scope's

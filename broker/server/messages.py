@@ -77,14 +77,15 @@ def _chunks(sizes: Sequence[int], budget: int = MAX_DOWN_BYTES) -> list[range]:
 def ack_messages(entries: Sequence[tuple[bytes, bytes | None]], rs: Sequence[int]) -> list[bytes]:
     """`ack` messages for (encoded `[n, s, q]`, encoded fx state or None) entries.
 
-    `rs` (re-stamped change numbers) goes with the first message. Identical fx states
-    in one message are sent once.
+    Each re-stamped change number of `rs` goes in the message that carries its `ok`
+    entry (§7.4: a device may read each part on its own, and a part can be lost), not
+    all in the first one. Identical fx states in one message are sent once.
     """
     if not entries:
         return []
     sizes = [len(ok) + (len(fx) if fx is not None else 0) for ok, fx in entries]
     out: list[bytes] = []
-    rs_part = b',"rs":' + dumps(list(rs)) if rs else b""
+    restamped = set(rs)
     for run in _chunks(sizes):
         oks = [entries[i][0] for i in run]
         fxs: list[bytes] = []
@@ -97,8 +98,13 @@ def ack_messages(entries: Sequence[tuple[bytes, bytes | None]], rs: Sequence[int
         body = b'{"type":"ack","v":1,"ok":' + _array(oks)
         if fxs:
             body += b',"fx":' + _array(fxs)
-        out.append(body + rs_part + b"}")
-        rs_part = b""
+        if restamped:
+            ns = [orjson.loads(entries[i][0])[0] for i in run]
+            # an n twice in one batch is acked twice: name it once
+            mine = [n for n in dict.fromkeys(ns) if n in restamped]
+            if mine:
+                body += b',"rs":' + dumps(mine)
+        out.append(body + b"}")
     return out
 
 

@@ -514,9 +514,11 @@ def test_type_errors_are_reported_before_range_errors() -> None:
 
 @pytest.mark.parametrize(("record", "body", "s", "needle"), [
     (False, {"f": {"route": "r-2"}}, "r-1", "sets 'route' to 'r-2'"),
+    (False, {"f": {"route": None}}, "r-1", "sets 'route' to null"),  # JSON, not Python
     (True, {"f": {"status": "x"}}, "r-2", "another scope than 'r-2'"),
     (True, {"f": {"route": "r-2"}}, "r-1", "cannot change"),
     (True, {"f": {"route": None}}, "r-1", "cannot change"),
+    (True, {"f": {"route": None}}, "r-1", "the change sets null"),  # JSON, not Python
     (True, {"i": {"attempts": 1}}, "r-2", "another scope than 'r-2'"),
 ])
 def test_scope_rules(record: bool, body: dict[str, Any], s: str, needle: str) -> None:

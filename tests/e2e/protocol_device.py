@@ -108,6 +108,9 @@ class ProtocolDevice:
         self._asked: dict[str, set[str]] = {}
         self._confirmed: dict[str, set[str]] = {}
         self._continuing: dict[str, set[str]] = {}
+        # §9.5: scopes whose snapshot (a `reset` page) a checkpoint has not ended yet;
+        # listed in `snap` on every catchup until then
+        self.snap: set[str] = set()
         # everything received, decoded
         self.messages: list[dict[str, Any]] = []
         self.undecodable: list[bytes] = []
@@ -254,6 +257,8 @@ class ProtocolDevice:
                                "req": req, "cp": dict(self.cp if cp is None else cp)}
         if lim is not None:
             msg["lim"] = lim
+        if self.snap:
+            msg["snap"] = sorted(self.snap)
         self._lim = lim
         with self._cond:
             self._asked[req] = set(msg["cp"])
@@ -424,6 +429,8 @@ class ProtocolDevice:
                 self._apply(rec)
         elif kind == "page":
             self.pages.append(doc)
+            if doc.get("reset"):
+                self.snap.add(doc["s"])
             for rec in doc.get("recs", []):
                 self._apply(rec)
             self.cp[doc["s"]] = max(self.cp.get(doc["s"], 0), doc["to"])
@@ -437,11 +444,14 @@ class ProtocolDevice:
                        "req": req, "cp": {doc["s"]: doc["to"]}}
                 if self._lim is not None:
                     msg["lim"] = self._lim
+                if doc["s"] in self.snap:
+                    msg["snap"] = [doc["s"]]
                 threading.Thread(target=self.send, args=(msg,), daemon=True).start()
         elif kind == "checkpoint":
             self.checkpoints.append(doc)
             for s, q in doc.get("cp", {}).items():
                 self.cp[s] = max(self.cp.get(s, 0), q)
+                self.snap.discard(s)  # §9.5: a checkpoint ends the scope's snapshot
             req = doc["req"]
             if req in self._asked:
                 got = set(doc.get("cp", {})) | set(doc.get("denied", []))
@@ -454,6 +464,8 @@ class ProtocolDevice:
                            "req": req, "cp": {s: self.cp.get(s, 0) for s in sorted(left)}}
                     if self._lim is not None:
                         msg["lim"] = self._lim
+                    if self.snap & left:
+                        msg["snap"] = sorted(self.snap & left)
                     threading.Thread(target=self.send, args=(msg,), daemon=True).start()
 
     def _answered(self, n: int) -> None:

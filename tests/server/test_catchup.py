@@ -139,6 +139,35 @@ def test_snapshot_reset_after_tombstone_purge(env: tuple[Engine, Store]) -> None
     assert of_type(_ask(engine, "van-2", {"r1": 0}), "page")[0]["reset"] is False
 
 
+def test_fresh_device_paging_below_the_horizon_gets_each_page_once(
+        env: tuple[Engine, Store]) -> None:
+    """A device from checkpoint 0 that follows §9.5 (a `reset` page starts a snapshot, its
+    further requests list the scope in `snap`) is sent every record once, also when its
+    pages end below the purge horizon (purged tombstones; every scope after a restore,
+    when every device resyncs from 0). The first page said no reset, the continuation
+    below the horizon was reset to 0: the first page came twice."""
+    engine, store = env
+    _fill(engine, "van-1", "r1", 5)              # q 1..5
+    _delete(engine, "van-1", "r1-2", 100)        # q 6: tombstone
+    _fill(engine, "van-1", "r1", 2, start=200)   # q 7, 8
+    assert purge_tombstones(store, T0 + 10, retention_ms=0) == 1
+    cp, snap, sent, starts = 0, [], [], []
+    for _ in range(10):
+        msgs = _ask(engine, "van-2", {"r1": cp}, lim=2, snap=snap)
+        (page,) = of_type(msgs, "page")
+        if page["reset"]:
+            snap = ["r1"]
+        starts.append(page["from"])
+        sent += [r["k"] for r in page["recs"]]
+        cp = page["to"]
+        if not page["more"]:
+            break
+    assert sorted(sent) == ["r1-1", "r1-200", "r1-201", "r1-3", "r1-4", "r1-5"], sent
+    assert starts == [0, 3, 5], starts
+    # one page is enough: no snapshot needed (0 never resets on its own)
+    assert of_type(_ask(engine, "van-2", {"r1": 0}), "page")[0]["reset"] is False
+
+
 def test_purge_respects_retention(env: tuple[Engine, Store]) -> None:
     """Tombstones younger than the retention stay; revived records are not purged."""
     engine, store = env

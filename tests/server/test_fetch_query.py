@@ -166,6 +166,16 @@ def test_filters_the_schema_cannot_evaluate_get_err(env: tuple[Engine, Store],
     assert _keys(msgs) == [] and end["err"]["code"] == code and end["err"]["reason"]
 
 
+def test_set_field_err_shows_the_filter_a_fetchq_takes(env: tuple[Engine, Store]) -> None:
+    """The bad_query reason for a set field names the form the wire takes (§7.14.1: a
+    field's conditions are an object), and that form is answered without err."""
+    engine, _ = env
+    _seed(engine)
+    reason = _end(_ask(engine, "van-2", _q("van-2", {"labels": {"gt": "a"}})))["err"]["reason"]
+    assert '{"labels": {"eq": "member"}}' in reason, reason
+    assert "err" not in _end(_ask(engine, "van-2", _q("van-2", {"labels": {"eq": "member"}})))
+
+
 def test_unknown_collection_gets_err(env: tuple[Engine, Store]) -> None:
     engine, _ = env
     end = _end(_ask(engine, "van-2", _q("van-2", {}, c="nothing_here")))

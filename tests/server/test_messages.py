@@ -48,6 +48,15 @@ def test_big_ack_is_split_keeping_each_fx_with_its_ok() -> None:
     assert orjson.loads(msgs[0])["rs"] == [5] and "rs" not in orjson.loads(msgs[1])
 
 
+def test_split_ack_puts_each_rs_beside_its_ok() -> None:
+    """§7.4: a re-stamped change is named in `rs` of the part that acks it, not the first."""
+    entries = [(orjson.dumps([i, "r1", i]), _rec(i, 20_000)) for i in range(1, 40)]
+    msgs = ack_messages(entries, [2, 39])
+    parts = [orjson.loads(m) for m in msgs]
+    assert parts[0]["rs"] == [2] and parts[-1]["rs"] == [39]
+    assert all("rs" not in p for p in parts[1:-1])
+
+
 def test_rejects_and_deltas_split_and_keep_order() -> None:
     """Rejections and delta states are split in order; err goes with the first part."""
     rjs = [rejection(i, "invalid", "x" * 30_000, True) for i in range(1, 12)]

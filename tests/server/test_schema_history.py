@@ -175,6 +175,8 @@ def test_schema_commands_end_to_end(env: dict[str, str], tmp_path: Path,
     assert run("schema", "history")[1].startswith("no schema published yet")
     code, out, _ = run("schema", "publish", str(f["v1"]))
     assert code == 0 and "published schema version 1 (the first" in out
+    # devices on an unpublished older version are told sv_min 1 (PROTOCOL.md §11)
+    assert "devices on a version below 1 hold their changes as too old" in out
     code, out, _ = run("schema", "publish", "--json", str(f["v2"]))
     assert code == 0 and json.loads(out)["previous"] == 1
     code, out, err = run("schema", "publish", str(f["bad"]))

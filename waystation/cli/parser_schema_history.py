@@ -30,8 +30,10 @@ def add_commands(b: Builder) -> None:
     p = b.leaf("schema publish", "check a new schema version and store it on the server",
                "Check FILE against the server's live schema version (every breaking "
                "change needs a declared migration, the version must go up) and store it "
-               "in the server store as the new live version. Servers serve it after a "
-               "restart.", config="server")
+               "in the server store as the new live version. Running servers serve it "
+               "within seconds, without a restart. The first version published is the "
+               "base of the history and is checked against nothing: publish the version "
+               "the fleet runs now first.", config="server")
     p.add_argument("file", metavar="FILE", type=Path, help="the collection schema (TOML)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p = b.leaf("schema history", "list the published schema versions",

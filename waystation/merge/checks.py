@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from schemas.collection import ANY_INT, ANY_JSON, CollectionSpec, FieldSpec
@@ -125,7 +126,7 @@ def _scope_error(record: RecordState | None, change: Change, spec: CollectionSpe
         if sf is not None and sf in change.f and change.f[sf] != record.s:
             return ("scope_mismatch", f"{_at(change)}: field {sf!r} holds the record's scope "
                                       f"and cannot change (it is {record.s!r}, the change "
-                                      f"sets {change.f[sf]!r})")
+                                      f"sets {_shown(change.f[sf])})")
         return None
     if spec.scope is not None:
         if s != spec.scope:
@@ -139,8 +140,14 @@ def _scope_error(record: RecordState | None, change: Change, spec: CollectionSpe
     # set the field to that same `s` (checked above, as for any existing record).
     if sf in change.f and change.f[sf] != s:
         return ("scope_mismatch", f"{_at(change)}: the change is in scope {s!r} but sets "
-                                  f"{sf!r} to {change.f[sf]!r}")
+                                  f"{sf!r} to {_shown(change.f[sf])}")
     return None
+
+
+def _shown(value: Any) -> str:
+    """A value in a reason: the reason goes to devices in any language, so JSON (null,
+    true) rather than Python (None, True); strings quoted as the other names are."""
+    return repr(value) if isinstance(value, str) else json.dumps(value)[:100]
 
 
 def _bounds_error(record: RecordState | None, change: Change, spec: CollectionSpec
