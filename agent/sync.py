@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from agent import journal, link_feed, schema_update, scopes, txn_sync
+from agent import journal, link_feed, schema_update, scopes, server_feed, txn_sync
 from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH, ZD2
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
@@ -376,13 +376,16 @@ class Sync(Receiving):
 
     def record_policy(self, doc: dict[str, Any] | None) -> None:
         """What the sync policy holds back and why (`agent.policy`), for the status;
-        None: the daemon stopped, nothing is held by it."""
+        None: the daemon stopped, nothing is held by it. A transition of the merge
+        server group's up/down state in it is a `server` feed event, in the same
+        transaction (`agent.server_feed`)."""
 
         def run(work: Work) -> None:
             if doc is None:
                 work.tx.delete("meta", b"policy")
             else:
                 work.tx.set_meta("policy", {**doc, "t": work.now()})
+                server_feed.note(work, doc.get("server"))
 
         self._core.write(run, durable=False)
 
