@@ -67,7 +67,7 @@ MAX_COMMAND_IDS = 1000
 
 FeedKind = Literal["local", "synced", "rejected", "remote", "dropped", "reset", "wiped",
                    "conflict", "online", "offline", "retrying", "evicted", "fetched",
-                   "quota"]
+                   "quota", "server", "schema"]
 
 
 def new_incarnation() -> str:

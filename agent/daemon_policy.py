@@ -100,7 +100,8 @@ class PolicyHooks:
             "deferrals": [d.to_dict() for d in decision.deferrals],
             "sync_now_until_ms": gate.sync_now_until_ms if decision.sync_now else None,
             "server": {"group": self.server_group, "up": gate.server.up,
-                       "down_since_ms": gate.server.down_since_ms},
+                       "down_since_ms": gate.server.down_since_ms,
+                       "up_since_ms": gate.server.up_since_ms},
             "probes": gate.problems(),
         }
         changed = doc != self._policy_doc

@@ -117,8 +117,11 @@ class FeedEvent:
     snapshot), reset (every view recomputed: resync), wiped (everything erased),
     truncated (events before `seq` were pruned unseen), evicted (removed by retention),
     fetched (brought back by a fetch; `missing: true` when the server holds nothing for
-    it); connectivity, with an empty collection: online, offline, retrying; quota (the
-    disk quota was reached or left: `limit`, `used`, `reached`).
+    it); connectivity, with an empty collection: online, offline, retrying (at most every
+    10 minutes while an outage goes on unchanged: `agent.link_feed`); quota (the
+    disk quota was reached or left: `limit`, `used`, `reached`); server (the merge server
+    group went down or came back: `group`, `up`, `since_ms`); schema (another schema
+    version was taken: `from`, `to`).
 
     `data` says more where there is more: `change_ids` (local, synced, rejected), `code`,
     `reason` and the rolled-back `fields` (rejected), `field` and `candidates`

@@ -150,6 +150,8 @@ def take(core: Core, msg: wire.SchemaPush) -> Taken:
                   prior.get("max", 0) if isinstance(prior, dict) else 0)
         tx.set_meta(META_SCHEMA, {"sv": new.version, "text": msg.text, "max": top})
         tx.set_meta("sv", new.version)
+        # Apps reload their field names on this (docs/agent-api.md, the change feed).
+        work.feed("", "", "schema", {"from": old_catalog.version, "to": new.version})
         err = tx.meta("last_err")
         if isinstance(err, dict) and err.get("code") in (REFUSED, "schema_version"):
             tx.delete("meta", b"last_err")

@@ -75,7 +75,7 @@ class AgentStatus:
     """An explicit "sync now" lifts the device's policy until then."""
     server: dict[str, Any] | None = None
     """The merge server group's announcements: {group, up (None: none seen),
-    down_since_ms}."""
+    down_since_ms, up_since_ms}."""
     quota: dict[str, Any] | None = None
     """The disk quota (storage.quota_bytes): {limit, used, reached}; None without one.
     While reached, local writes are refused (agent.quota)."""

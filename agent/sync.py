@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from agent import journal, schema_update, scopes, txn_sync
+from agent import journal, link_feed, schema_update, scopes, server_feed, txn_sync
 from agent.caps import AGENT_CAPS, SCHEMA, SCHEMA_PUSH, ZD2
 from agent.connectivity import LinkState, classify
 from agent.core import MAX_COMMAND_IDS, Core, Work
@@ -376,13 +376,16 @@ class Sync(Receiving):
 
     def record_policy(self, doc: dict[str, Any] | None) -> None:
         """What the sync policy holds back and why (`agent.policy`), for the status;
-        None: the daemon stopped, nothing is held by it."""
+        None: the daemon stopped, nothing is held by it. A transition of the merge
+        server group's up/down state in it is a `server` feed event, in the same
+        transaction (`agent.server_feed`)."""
 
         def run(work: Work) -> None:
             if doc is None:
                 work.tx.delete("meta", b"policy")
             else:
                 work.tx.set_meta("policy", {**doc, "t": work.now()})
+                server_feed.note(work, doc.get("server"))
 
         self._core.write(run, durable=False)
 
@@ -398,12 +401,14 @@ class Sync(Receiving):
 
     def record_link(self, state: LinkState, reason: str = "",
                     retry_in_s: float | None = None, *, code: str | None = None) -> bool:
-        """Record a connectivity change for apps: a feed event (online, offline,
-        retrying) and meta "link", in one transaction. The reason is classified
+        """Record a connectivity change for apps: meta "link" at every change and retry
+        (the status's `link`), and in the same transaction a feed event (online, offline,
+        retrying) when `agent.link_feed.tell` says so: on a change of state or code, and
+        for an unchanged `retrying` at most every `link_feed.RETRY_EVENT_EVERY_S` (one
+        event per retry flooded the feed in a long outage). The reason is classified
         (`agent.connectivity`) unless the link already knew its `code` (from the
-        exception or the broker's refusal, `waystation.linkproblems`). An unchanged
-        online/offline state is not recorded again; every retry is (each says when the
-        next attempt is). Returns whether it was."""
+        exception or the broker's refusal, `waystation.linkproblems`). Returns whether a
+        feed event was recorded."""
         if state == "online":
             code = ""
         elif not code:
@@ -411,16 +416,19 @@ class Sync(Receiving):
 
         def run(work: Work) -> bool:
             prior = work.tx.meta("link")
-            if (state != "retrying" and prior is not None and prior.get("state") == state
-                    and prior.get("code") == code):
-                return False
+            told = link_feed.tell(prior, state, code, work.now())
+            if not told and state != "retrying":
+                return False  # an unchanged online/offline: nothing new to record
             doc: dict[str, Any] = {"state": state, "code": code, "reason": reason,
                                    "t": work.now()}
             if retry_in_s is not None:
                 doc["retry_in_s"] = round(retry_in_s, 1)
+            if told:
+                work.feed("", "", state,
+                          {k: v for k, v in doc.items() if k not in ("state", "t")})
+            doc[link_feed.TOLD_KEY] = link_feed.told_at(prior, told, work.now())
             work.tx.set_meta("link", doc)
-            work.feed("", "", state, {k: v for k, v in doc.items() if k not in ("state", "t")})
-            return True
+            return told
 
         return self._core.write(run, durable=False)
 

@@ -157,7 +157,8 @@ class StatusOut(_Out):
     sync_now_until_ms: int | None
     """An explicit "sync now" lifts the device's policy until then."""
     server: dict[str, JsonValue] | None
-    """The merge server group: {group, up (null: never announced), down_since_ms}."""
+    """The merge server group: {group, up (null: never announced), down_since_ms,
+    up_since_ms}."""
     quota: QuotaOut | None
     """The disk quota (storage.quota_bytes); null without one."""
     evicted: int
@@ -253,7 +254,9 @@ class FeedEventOut(_Out):
 
     kind: local, synced, rejected, remote, conflict, dropped, reset, wiped, truncated,
     evicted (retention), fetched (brought back; data `missing`); with an empty
-    collection: online, offline, retrying (connectivity), quota (limit, used, reached)."""
+    collection: online, offline, retrying (connectivity), quota (limit, used, reached),
+    server (group, up, since_ms: the merge servers went down or came back), schema
+    (from, to: another schema version taken). More kinds may come: skip unknown ones."""
 
     seq: int
     collection: str

@@ -18,6 +18,9 @@ class ServerWatch:
     down_since_ms: int | None = None
     """When the group went down (the last member's offline announcement or, for a
     retained one seen at connect, its time stamp)."""
+    up_since_ms: int | None = None
+    """When the group came up (the first member's online announcement since it was
+    down or unknown); None while it is not up."""
 
     def on_state(self, server: str, online: bool, t_ms: int) -> None:
         was = self.up
@@ -26,12 +29,18 @@ class ServerWatch:
             self.down_since_ms = t_ms
         elif self.up:
             self.down_since_ms = None
+        if self.up and was is not True:
+            self.up_since_ms = t_ms
+        elif not self.up:
+            self.up_since_ms = None
 
     def forget(self, server: str) -> None:
         """A retained announcement was cleared (an empty retained message)."""
         self.members.pop(server, None)
         if self.up is not False:
             self.down_since_ms = None
+        if not self.up:
+            self.up_since_ms = None
 
     @property
     def up(self) -> bool | None:

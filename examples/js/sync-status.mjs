@@ -24,7 +24,15 @@ say({ step: "written", state: written.state, change_id: written.change_id,
       message: written.message });
 for await (const event of ws.feed({ since: start })) {
   if (event.collection === "") {
-    say({ step: "link", kind: event.kind, code: event.data.code ?? null });
+    // Device-wide events. A kind this app does not know (newer agents add kinds) is
+    // skipped, as every app should.
+    if (["online", "offline", "retrying"].includes(event.kind)) {
+      say({ step: "link", kind: event.kind, code: event.data.code ?? null });
+    } else if (event.kind === "server") {  // the merge servers went down or came back
+      say({ step: "server", up: event.data.up, since_ms: event.data.since_ms });
+    } else if (event.kind === "schema") {  // field names may have changed: reload them
+      say({ step: "schema", from: event.data.from, to: event.data.to });
+    }
     continue;
   }
   if (event.key !== args.key) continue;

@@ -7,9 +7,10 @@ import pytest
 from agent.api import Agent
 from agent.connectivity import classify
 from agent.errors import NotFound, WriteRefused
+from agent.link_feed import RETRY_EVENT_EVERY_S
 from agent.models import FeedEvent
 from schemas import wire
-from tests.agent.agentkit import rec
+from tests.agent.agentkit import FakeClock, rec
 from tests.agent.test_agent_sync import ack, page
 
 S = "route-42"
@@ -64,19 +65,28 @@ def test_conflict_opened_is_an_event(agent: Agent) -> None:
     assert kinds[-1] == ("remote", None)
 
 
-def test_link_changes_are_recorded_once_per_state(agent: Agent) -> None:
-    """online/offline are recorded when they change; every retry is recorded with its
-    delay and the classified reason."""
+def test_link_changes_are_recorded_once_per_state(agent: Agent, clock: FakeClock) -> None:
+    """online/offline are recorded when they change; a retry is recorded when its code
+    changes and otherwise at most every RETRY_EVENT_EVERY_S, while meta "link" (the
+    status) follows every retry with its delay and the classified reason."""
     reason = "cannot connect to 127.0.0.1:1: [Errno 111] Connection refused"
     assert agent.sync.record_link("offline", reason)
     assert not agent.sync.record_link("offline", reason)
     assert agent.sync.record_link("retrying", reason, 2.04)
-    assert agent.sync.record_link("retrying", reason, 4.0)
+    clock.advance(2)
+    assert not agent.sync.record_link("retrying", reason, 4.0)
+    link = agent.link_state()
+    assert link is not None and link["retry_in_s"] == 4.0 and link["t"] == clock.ms
+    clock.advance(RETRY_EVENT_EVERY_S - 2)
+    assert agent.sync.record_link("retrying", reason, 8.0)
+    assert agent.sync.record_link("retrying", "broker refused the connection: Not authorized",
+                                  16.0)
     assert agent.sync.record_link("online")
     got = [(e.kind, e.data.get("code"), e.data.get("retry_in_s")) for e in events(agent)]
     assert got == [("offline", "connection_refused", None),
                    ("retrying", "connection_refused", 2.0),
-                   ("retrying", "connection_refused", 4.0), ("online", "", None)]
+                   ("retrying", "connection_refused", 8.0),
+                   ("retrying", "not_authorized", 16.0), ("online", "", None)]
 
 
 @pytest.mark.parametrize(("text", "code"), [

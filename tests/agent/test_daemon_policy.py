@@ -210,3 +210,60 @@ def test_bandwidth_cap_spaces_batches(any_broker: BrokerProcess, spy: RecordingC
         assert elapsed >= (sum(sizes) - 2000 - max(sizes)) / 2000 * 0.95, (sizes, elapsed)
     finally:
         daemon.stop(drain_s=0.2)
+
+
+def _server_events(daemon: AgentDaemon) -> list[dict[str, Any]]:
+    return [e.data for e in daemon.agent.feed_after(0) if e.kind == "server"]
+
+
+def _announce(spy: RecordingClient, server: str, on: bool, t: int) -> None:
+    spy.publish(f"{PREFIX}/_server/main/{server}/state", orjson.dumps(
+        {"type": "server", "v": 1, "grp": "main", "srv": server, "on": on, "t": t}),
+        retain=True)
+
+
+def test_group_transitions_are_feed_events(any_broker: BrokerProcess, spy: RecordingClient,
+                                           tmp_path: Path) -> None:
+    """Each up/down transition of the group as the policy sees it is one `server` feed
+    event {group, up, since_ms}: a second server coming up or one of two going down is
+    none, a repeated announcement is none, and a restarted daemon that finds the group
+    as it left it records none (meta server_told)."""
+    t0 = MONDAY_0959 - 60_000
+    _announce(spy, "server-1", True, t0)
+    daemon = _daemon(any_broker, tmp_path, Clock(MONDAY_0959), {})
+    try:
+        daemon.start()
+        wait_until(lambda: len(_server_events(daemon)) == 1, 15,
+                   message=lambda: f"the group seen up: {_server_events(daemon)}")
+        assert _server_events(daemon) == [{"group": "main", "up": True, "since_ms": t0}]
+        _announce(spy, "server-2", True, t0 + 1000)   # still up: no transition
+        _announce(spy, "server-1", False, t0 + 2000)  # server-2 still up
+        _announce(spy, "server-1", False, t0 + 2500)  # a repeat
+        wait_until(lambda: daemon.gate.server.members == {"server-1": False,
+                                                          "server-2": True}, 10)
+        _loops_pass(daemon)
+        assert len(_server_events(daemon)) == 1
+        _announce(spy, "server-2", False, t0 + 3000)
+        wait_until(lambda: len(_server_events(daemon)) == 2, 10)
+        _announce(spy, "server-2", False, t0 + 3500)
+        _announce(spy, "server-1", True, t0 + 4000)
+        wait_until(lambda: len(_server_events(daemon)) == 3, 10)
+        _loops_pass(daemon)
+        assert _server_events(daemon)[1:] == [
+            {"group": "main", "up": False, "since_ms": t0 + 3000},
+            {"group": "main", "up": True, "since_ms": t0 + 4000}]
+        # the same transaction as the policy state the status shows
+        status = daemon.agent.status()
+        assert status.server is not None and status.server["up"] is True
+    finally:
+        daemon.stop(drain_s=0.2)
+    again = _daemon(any_broker, tmp_path, Clock(MONDAY_0959), {})
+    try:
+        again.start()
+        assert again.link.wait_connected(10)
+        wait_until(lambda: again.gate.server.up is True, 10)
+        _loops_pass(again)
+        assert len(_server_events(again)) == 3
+    finally:
+        again.stop(drain_s=0.2)
+        spy.publish(f"{PREFIX}/_server/main/server-2/state", b"", retain=True)

@@ -209,6 +209,22 @@ def test_rollback_goes_back_down_through_the_versions_taken(v2: Agent) -> None:
     assert_views_consistent(v2)
 
 
+def test_each_version_taken_is_a_schema_feed_event(v2: Agent) -> None:
+    """Every version taken, up or back down, is a `schema` feed event {from, to} in the
+    transaction that rewrote the records (an app reloads its field names on it, and
+    reads the records under the new names right after it); the same version again and a
+    refused one are none."""
+    seen: list[tuple[dict[str, Any], str]] = []
+    for version in (3, 3, 4, 2, 4, 2):  # 3 again, 4 after 2 (no step): none taken
+        pos = v2.feed_position()
+        v2.sync.take_schema(push(version))
+        seen += [(e.data, next(iter(v2.get("tasks", "t-1").fields.keys() & {"note", "notes"})))
+                 for e in v2.feed_after(pos) if e.kind == "schema"]
+    assert seen == [({"from": 2, "to": 3}, "note"), ({"from": 3, "to": 4}, "note"),
+                    ({"from": 4, "to": 2}, "notes")]
+    assert {(e.collection, e.key) for e in v2.feed_after(0) if e.kind == "schema"} == {("", "")}
+
+
 def test_rollback_of_a_version_from_the_schema_file_is_refused(tmp_path: Path,
                                                                clock: FakeClock) -> None:
     """A device that runs version 3 from its file holds no migrations to go back."""

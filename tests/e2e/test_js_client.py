@@ -23,7 +23,7 @@ NODE = shutil.which("node")
                     reason="node is not installed (scripts/test.sh installs nodejs)")
 @pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
 def test_js_client_sees_pending_then_synced(fleet: Fleet) -> None:
-    """Offline write -> "pending" on the feed; server started -> "synced".
+    """Offline write -> "pending" on the feed; server started -> "server" up, "synced".
 
     On the embedded fleet only: what is under test is the agent's local API as another
     language uses it (feed states, write answers); the broker and the server store only
@@ -63,4 +63,10 @@ def test_js_client_sees_pending_then_synced(fleet: Fleet) -> None:
             proc.kill()
     synced = next(s for s in lines if s["step"] == "synced")
     assert synced["sync"] == {"route": "synced", "status": "synced"}
+    # The started server's announcement reached the app as a `server` event (recorded
+    # before the daemon sent anything to it), not as a connectivity one.
+    ups = [i for i, s in enumerate(lines) if s["step"] == "server" and s["up"] is True]
+    assert ups and ups[0] < lines.index(synced), lines
+    assert not any(s["step"] == "link" and s["kind"] not in ("online", "offline", "retrying")
+                   for s in lines), lines
     assert fleet.value("tasks", "t-js", "status") == "delivered"
