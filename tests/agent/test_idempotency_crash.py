@@ -4,10 +4,6 @@ with the key is applied once -- never a write without its key."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +13,8 @@ from agent.api import Agent
 from agent.idempotency import Replayed
 from schemas.collection import Catalog
 from tests.agent.agentkit import make_cfg
+from tests.agent.crashing import kill_when_ready
 from tests.agent.idem_crasher import KEY
-from tests.helpers import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stock(agent: Agent) -> int:
@@ -36,18 +30,7 @@ def test_kill_9_between_the_write_and_its_key_leaves_neither(tmp_path: Path,
     replays."""
     data = tmp_path / "data"
     ready = tmp_path / "ready"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/agent/idem_crasher.py"), str(data), str(ready)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        wait_until(ready.exists, timeout=60)
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL and "committed" not in out
+    out = kill_when_ready("idem_crasher.py", data, ready)
     before_n = int(out.split("before")[1].split()[0])
     with Agent.open(make_cfg(data), catalog) as agent:
         assert [e["ch"]["n"] for e in agent.pending()] == list(range(1, before_n + 1))

@@ -5,10 +5,6 @@ fit, and undone when the server rolls the version back."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,7 +18,8 @@ from agent.store import record_key
 from schemas import codec, wire
 from schemas.collection import Catalog, parse_catalog
 from schemas.errors import ProtocolError
-from tests.agent.agentkit import FakeClock, assert_views_consistent, make_cfg, rec, wait_until
+from tests.agent.agentkit import FakeClock, assert_views_consistent, make_cfg, rec
+from tests.agent.crashing import kill_when_ready
 from tests.schema_versions import V1, V2, V3, V4
 
 TEXTS = {1: V1, 2: V2, 3: V3, 4: V4}
@@ -258,20 +255,8 @@ def test_a_dropped_collection_leaves_the_device(v2: Agent) -> None:
 def test_kill_9_while_taking_a_version_leaves_the_old_one(tmp_path: Path) -> None:
     """A real crash (SIGKILL) after the records were rewritten, before the commit: the
     store opens on version 2 with its data as it was, and takes version 3 afterwards."""
-    root = Path(__file__).resolve().parents[2]
     data, ready = tmp_path / "data", tmp_path / "ready"
-    proc = subprocess.Popen(
-        [sys.executable, str(root / "tests/agent/schema_crasher.py"), str(data), str(ready)],
-        stdout=subprocess.PIPE, text=True, cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)})
-    try:
-        wait_until(ready.exists, timeout=60)
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL and "committed" not in out
+    kill_when_ready("schema_crasher.py", data, ready)
     with Agent.open(make_cfg(data), cat(2)) as ag:
         assert ag.catalog.version == 2
         assert ag.get("tasks", "t-1").fields["notes"] == "gate"

@@ -3,10 +3,6 @@ nothing in one LMDB transaction, reads of the block's own writes, crash safety."
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +13,7 @@ from agent.errors import WriteRefused
 from agent.transaction import MAX_TXN_OPS, TransactionError
 from schemas.collection import Catalog
 from tests.agent.agentkit import assert_views_consistent, make_cfg, outbox_numbers
-from tests.helpers import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.agent.crashing import kill_when_ready
 
 
 def _bins(agent: Agent) -> None:
@@ -151,19 +145,7 @@ def test_kill_9_mid_transaction_leaves_none(tmp_path: Path, catalog: Catalog) ->
     what was committed before does, and the store takes new writes."""
     data = tmp_path / "data"
     ready = tmp_path / "ready"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/agent/txn_crasher.py"), str(data), str(ready)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        wait_until(ready.exists, timeout=60)
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    assert "committed" not in out
+    out = kill_when_ready("txn_crasher.py", data, ready)
     before_n = int(out.split("before")[1].split()[0])
     with Agent.open(make_cfg(data), catalog) as agent:
         assert outbox_numbers(agent) == list(range(1, before_n + 1))
