@@ -37,6 +37,9 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.left_behind: list[Any] = []
+        """Messages the client sent (PUBACKed) not routed yet when it left: the broker
+        routes them after its message loop (amqtt_overrides)."""
         self._qos2_flows: set[asyncio.Future[Any]] = set()
         self._stopping = False
 
