@@ -1,7 +1,8 @@
 """The embedded broker's reader of a client's bytes, refusing packets MQTT 3.1.1 forbids
 (`broker.embedded.protocol_checks`) as they are read: a fixed header with the wrong
 flags, a packet before CONNECT or a second CONNECT, and a CONNECT of another protocol
-(MQTT 5, MQTT 3.1) before amqtt parses its payload as 3.1.1's, and a PUBLISH to a
+(MQTT 5, MQTT 3.1) before amqtt parses its payload as 3.1.1's, a CONNECT whose client
+id, will topic or user name is not an MQTT string (not UTF-8, or U+0000), and a PUBLISH to a
 malformed topic (a wildcard, a NUL, not UTF-8) before amqtt drops it and reads its
 payload as the next packets.
 
@@ -22,6 +23,7 @@ from broker.embedded.packet_limit import MalformedPacket
 from broker.embedded.protocol_checks import (
     PUBLISH,
     ConnectHeaderCheck,
+    ConnectStringsCheck,
     PublishTopicCheck,
     Refusal,
     fixed_header_violation,
@@ -52,11 +54,12 @@ class CheckedReader(PacketDeadlineReader):
         """The event loop time by which the CONNECT must have arrived (None: not set)."""
         self._packets = 0
         self._connect: ConnectHeaderCheck | None = ConnectHeaderCheck()
+        self._strings: ConnectStringsCheck | None = ConnectStringsCheck()
         self._topic: PublishTopicCheck | None = None
 
     async def read(self, n: int = -1) -> bytes:
         starting = self.at_boundary
-        in_connect = self._connect is not None and self._packets == 1 and self.in_body
+        in_connect = self._packets == 1 and self.in_body
         in_topic = self._topic is not None and self.in_body
         data = await super().read(n)
         if starting and data:
@@ -71,13 +74,26 @@ class CheckedReader(PacketDeadlineReader):
                 self._topic = None
             if why is not None:
                 self._refuse(Refusal(why))
-        elif in_connect and self._connect is not None:
+        elif in_connect:
+            self._check_connect(data)
+        return data
+
+    def _check_connect(self, data: bytes) -> None:
+        # The header first: the strings check takes it for 3.1.1's. Both see every byte
+        # (amqtt reads a string's length and its bytes in separate reads), and judge
+        # each field in the read that completes it, before amqtt decodes it.
+        if self._connect is not None:
             refusal = self._connect.feed(data)
             if self._connect.done:
                 self._connect = None
             if refusal is not None:
                 self._refuse(refusal)
-        return data
+        if self._strings is not None:
+            refusal = self._strings.feed(data)
+            if self._strings.done:
+                self._strings = None
+            if refusal is not None:
+                self._refuse(refusal)
 
     def _refuse(self, refusal: Refusal) -> None:
         who = {} if self.client_id is None else {"client_id": self.client_id}
