@@ -43,8 +43,9 @@ class ProtocolViolation(MalformedPacket):
 
 
 class CheckedReader(PacketDeadlineReader):
-    """`PacketDeadlineReader` that checks each packet's fixed header and the CONNECT's
-    protocol name, level and flags as their bytes arrive."""
+    """`PacketDeadlineReader` that checks each packet's fixed header, the CONNECT's
+    protocol name, level and flags and its strings, and a PUBLISH's topic, as their
+    bytes arrive."""
 
     def __init__(self, reader: asyncio.StreamReader, max_packet: int, peer: object) -> None:
         super().__init__(reader, max_packet, peer)
@@ -53,8 +54,9 @@ class CheckedReader(PacketDeadlineReader):
         self.connect_by: float | None = None
         """The event loop time by which the CONNECT must have arrived (None: not set)."""
         self._packets = 0
-        self._connect: ConnectHeaderCheck | None = ConnectHeaderCheck()
-        self._strings: ConnectStringsCheck | None = ConnectStringsCheck()
+        # The header's check first: the strings' takes the header for 3.1.1's.
+        self._connect: list[ConnectHeaderCheck | ConnectStringsCheck] = [
+            ConnectHeaderCheck(), ConnectStringsCheck()]
         self._topic: PublishTopicCheck | None = None
 
     async def read(self, n: int = -1) -> bytes:
@@ -79,19 +81,13 @@ class CheckedReader(PacketDeadlineReader):
         return data
 
     def _check_connect(self, data: bytes) -> None:
-        # The header first: the strings check takes it for 3.1.1's. Both see every byte
-        # (amqtt reads a string's length and its bytes in separate reads), and judge
-        # each field in the read that completes it, before amqtt decodes it.
-        if self._connect is not None:
-            refusal = self._connect.feed(data)
-            if self._connect.done:
-                self._connect = None
-            if refusal is not None:
-                self._refuse(refusal)
-        if self._strings is not None:
-            refusal = self._strings.feed(data)
-            if self._strings.done:
-                self._strings = None
+        # Each check sees every byte (amqtt reads a string's length and its bytes in
+        # separate reads) and judges a field in the read that completes it, before
+        # amqtt decodes it.
+        for check in list(self._connect):
+            refusal = check.feed(data)
+            if check.done:
+                self._connect.remove(check)
             if refusal is not None:
                 self._refuse(refusal)
 
