@@ -218,6 +218,10 @@ class WaystationBroker(Broker):  # type: ignore[misc]
                     self._taken_over.add(old[1])
                     await old[1].handle_connection_closed()
                     await old[1].stop()
+                    # What the old connection was PUBACKed for and not routed yet goes
+                    # before the session and its queues are deleted (it went with them).
+                    await self._route_left(old[0], old[1],
+                                           _take_all(old[0].delivered_message_queue))
                 await self._delete_session(client_session.client_id)
             else:
                 client_session.client_id = gen_client_id()
@@ -281,11 +285,15 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         current = self._sessions.get(client_session.client_id)
         if current is None or current[1] is handler or current[0] is not client_session:
             left.extend(_take_all(client_session.delivered_message_queue))
+        await self._route_left(client_session, handler, left)
+
+    async def _route_left(self, session: Any, handler: Any, messages: list[Any]) -> None:
+        """Route `messages`, what `session`'s client sent before its connection ended."""
         loop = asyncio.get_running_loop()
-        for message in left:
+        for message in messages:
             done = loop.create_future()
             done.set_result(message)
-            if not await self._handle_message_delivery(client_session, handler, done):
+            if not await self._handle_message_delivery(session, handler, done):
                 break
 
     async def _handle_disconnect(self, client_session: Any, handler: Any,

@@ -79,7 +79,7 @@ def _pubacks(data: bytes) -> set[int]:
 
 
 def _read_to_end(sock: socket.socket) -> bytes:
-    sock.settimeout(120)
+    sock.settimeout(30)  # per read: the broker answers within seconds, even starved
     chunks = []
     while chunk := sock.recv(65536):
         chunks.append(chunk)
@@ -120,3 +120,34 @@ def test_what_a_client_sent_before_it_left_is_routed_on_a_starved_broker(
         assert {m.payload for m in back.received(UP)} == want
     finally:
         back.close()
+
+
+def test_what_a_client_sent_before_a_new_connection_took_over_is_routed(
+        embedded_broker: BrokerProcess) -> None:
+    """A device sends 2000 QoS 1 messages on a starved broker and, at once, connects
+    again with the same client id (a clean session) on a second socket, as after a link
+    it took for dead: the broker closes the first connection, and every message it
+    PUBACKed there reaches the watcher. (Old code: the new connection's clean session
+    deleted the old one with the messages not routed yet.)"""
+    watcher = RecordingClient(embedded_broker.port, "watcher", SERVER_USER,
+                              USERS[SERVER_USER])
+    assert watcher.connect() == "Success" and watcher.subscribe(UP) == 1
+    try:
+        with socket.create_connection(("127.0.0.1", embedded_broker.port)) as first, \
+                socket.create_connection(("127.0.0.1", embedded_broker.port)) as second:
+            first.sendall(_connect())
+            assert first.recv(4) == b"\x20\x02\x00\x00"
+            with _starved(embedded_broker):
+                first.sendall(b"".join(_publish(i) for i in range(1, FLOOD + 1)))
+                second.sendall(_connect())
+                acked = _pubacks(b"\x20\x02\x00\x00" + _read_to_end(first))
+                second.settimeout(30)
+                assert second.recv(4) == b"\x20\x02\x00\x00"
+                assert acked, "nothing PUBACKed before the take-over"
+                want = {_payload(i) for i in acked}
+                wait_for_progress(lambda: len(watcher.received(UP)), len(want), idle_s=15,
+                                  message="every PUBACKed message routed to the watcher")
+            print(f"{len(acked)} of {FLOOD} PUBACKed on the first connection")
+        assert {m.payload for m in watcher.received(UP)} == want
+    finally:
+        watcher.close()
