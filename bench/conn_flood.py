@@ -23,7 +23,6 @@ depend on the host; compare within one run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
@@ -33,12 +32,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from bench.common import percentile, print_table, write_json
 from bench.fleet import machine_text
-from broker.embedded.passwords import hash_password, verify_password, write_hash_entry
-from tests.broker.test_embedded_floods import FLOODER, Pinger, _attempt, _sync_once
+from broker.embedded.passwords import write_hash_entry
+from tests.broker.test_embedded_floods import (
+    FLOODER,
+    FdPeak,
+    Pinger,
+    _attempt,
+    _fds,
+    _slow_hash,
+    _sync_once,
+)
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
 from tests.helpers import RecordingClient
 
@@ -56,62 +61,38 @@ def _broker(tmp: Path, name: str, src: str | None) -> BrokerProcess:
         os.environ.pop("PYTHONPATH", None)
 
 
-def _fds(broker: BrokerProcess) -> int:
-    assert broker.proc is not None
-    return psutil.Process(broker.proc.pid).num_fds()
-
-
 def idle_flood(tmp: Path, src: str | None) -> dict[str, Any]:
     broker = _broker(tmp, "idle", src)
     try:
         server = RecordingClient(broker.port, "server-1", SERVER_USER, USERS[SERVER_USER])
         assert server.connect() == "Success"
         assert server.subscribe(f"{PREFIX}/+/up") == 1
-        before = peak = _fds(broker)
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                with contextlib.suppress(psutil.Error):
-                    peak = max(peak, _fds(broker))
-                time.sleep(0.01)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        start = time.monotonic()
-        flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(broker.port),
-                                    str(FLOOD), "128"],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert flooder.stdin is not None and flooder.stdout is not None
-        flooder.stdout.readline()
-        opened_s = time.monotonic() - start
-        closed = int(flooder.stdout.readline().split()[1])
-        held = _fds(broker)
-        t0 = time.monotonic()
-        try:
-            _sync_once(broker, server, "127.0.0.2", 1)
-            honest: Any = round(time.monotonic() - t0, 3)
-        except AssertionError as exc:
-            honest = f"failed: {exc}"[:80]
-        stop.set()
-        sampler.join()
+        before = _fds(broker)
+        with FdPeak(broker) as fds:
+            start = time.monotonic()
+            flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(broker.port),
+                                        str(FLOOD), "128"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True)
+            assert flooder.stdin is not None and flooder.stdout is not None
+            flooder.stdout.readline()
+            opened_s = time.monotonic() - start
+            closed = int(flooder.stdout.readline().split()[1])
+            held = _fds(broker)
+            t0 = time.monotonic()
+            try:
+                _sync_once(broker, server, "127.0.0.2", 1)
+                honest: Any = round(time.monotonic() - t0, 3)
+            except AssertionError as exc:
+                honest = f"failed: {exc}"[:80]
         flooder.stdin.close()
         flooder.wait(30)
         server.close()
-        return {"fds_before": before, "fds_peak": peak, "fds_held": held,
+        return {"fds_before": before, "fds_peak": fds.peak, "fds_held": held,
                 "closed_at_once": closed, "flood_open_s": round(opened_s, 1),
                 "honest_login_and_round_trip_s": honest}
     finally:
         broker.stop()
-
-
-def _slow_hash(password: str, seconds: float) -> str:
-    probe = hash_password(password, iterations=20_000)
-    start = time.perf_counter()
-    verify_password(probe, password)
-    per = (time.perf_counter() - start) / 20_000
-    return hash_password(password, iterations=max(1000, int(seconds / per)))
 
 
 def login_flood(tmp: Path, src: str | None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ __all__ = [
     "free_port",
     "peer_socket_nodelay",
     "port_open",
+    "wait_for_progress",
     "wait_until",
 ]
 
@@ -55,6 +56,28 @@ def wait_until(
             text = message() if callable(message) else message
             raise AssertionError(f"timed out after {timeout} s waiting for: {text}")
         time.sleep(interval)
+
+
+def wait_for_progress(
+    count: Callable[[], int],
+    want: int,
+    *,
+    idle_s: float = 10.0,
+    interval: float = 0.01,
+    message: str = "progress",
+) -> int:
+    """Poll ``count()`` until it reaches ``want`` (returned). The deadline is ``idle_s``
+    after the count last grew, not after the start: a slow machine that goes on making
+    progress passes, one that stalls fails the test (AssertionError) `idle_s` later."""
+    last, deadline = count(), time.monotonic() + idle_s
+    while last < want:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no progress for {idle_s} s at {last} of {want}: {message}")
+        time.sleep(interval)
+        now = count()
+        if now > last:
+            last, deadline = now, time.monotonic() + idle_s
+    return last
 
 
 def terminate(proc: subprocess.Popen[Any], timeout: float) -> bool:

@@ -3,8 +3,8 @@ client library (hostile and malformed packets)."""
 
 from __future__ import annotations
 
-import select
 import socket
+import ssl
 import struct
 
 
@@ -25,14 +25,22 @@ def remaining_length(n: int) -> bytes:
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
-    """True once the broker has closed `sock` (EOF or reset); what it sent is discarded."""
-    while select.select([sock], [], [], 0)[0]:
-        try:
-            if not sock.recv(65536):
+    """True once the broker has closed `sock` (EOF or reset); what it sent is discarded.
+    Without select(), which cannot watch a descriptor numbered 1024 or more (a flooder
+    holding thousands of sockets uses this too); `sock`'s timeout is left as it was."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                if not sock.recv(65536):
+                    return True
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return False  # nothing more to read, and open
+            except OSError:
                 return True
-        except OSError:
-            return True
-    return False
+    finally:
+        sock.settimeout(timeout)
 
 
 __all__ = ["closed_by_peer", "mqtt_string", "remaining_length"]

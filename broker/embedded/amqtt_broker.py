@@ -43,13 +43,20 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    of a connection still starting no longer hangs both (amqtt waited for a reader that
    never ran: in a reconnect storm of one device id, clients hung without CONNACK and
    each race leaked a socket in CLOSE_WAIT), and one arriving while the old connection
-   is ending (a clean DISCONNECT and at once a new login) is seen by that end too.
+   is ending (a clean DISCONNECT and at once a new login) is seen by that end too. A
+   take-over of a connection with packets still buffered completes at once (Python
+   3.11's wait_for dropped the cancellation of its reader, which read on until the
+   keepalive ran out: the new CONNECT unanswered for up to 90 s), and what the old
+   connection was PUBACKed for is routed before a clean take-over deletes its session.
 8. What the broker holds for one client is bounded (``max_queued_messages``,
    ``max_queued_mb``; ``broker.embedded.session_queue``): messages for a client that is
    away or not reading are dropped beyond the limit, and a client sending faster than
    the broker routes is not read meanwhile. amqtt held all of it, so a device flooding
    while the server was down or stuck grew the broker until it died. What a client sent
-   before it left is routed at once (amqtt kept it for its next connection).
+   before it left is routed at once (amqtt kept it for its next connection), taken out
+   of its session as it is marked disconnected: amqtt's session monitor empties a
+   disconnected clean session's queues every second, and on a loaded machine the tail
+   of a flood, PUBACKed, was lost while it was being routed.
 9. A connection must send its CONNECT within ``connect_timeout_s`` (15 s), and one that
    fails to (nothing, half a packet, another packet first, or closed early) is closed
    at once (``broker.embedded.client_limits``). amqtt waited for ever and never closed
@@ -91,9 +98,11 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 13. What MQTT 3.1.1 forbids is refused (``broker.embedded.protocol_checks``, read as it
    arrives by ``broker.embedded.protocol_reader``): fixed-header flags other than the
    spec's, a packet before CONNECT or a second one, a CONNECT whose will flags contradict
-   each other, SUBSCRIBE asking for QoS 3, malformed topic filters, and a PUBLISH to a
-   wildcard, empty, NUL or non-UTF-8 topic close the connection (amqtt granted "QoS 3",
-   and read a wildcard PUBLISH's payload as the client's next packets). An MQTT 5 or
+   each other or whose client id, will topic or user name is not UTF-8 or holds U+0000
+   (MQTT 3.1.1 §1.5.3; amqtt answered CONNACK 5, as for a wrong password), SUBSCRIBE
+   asking for QoS 3, malformed topic filters, and a PUBLISH to a wildcard, empty, NUL or
+   non-UTF-8 topic close the connection (amqtt granted "QoS 3", and read a wildcard
+   PUBLISH's payload as the client's next packets). An MQTT 5 or
    MQTT 3.1 CONNECT gets CONNACK 0x01 and a log line saying to switch the client to
    3.1.1; amqtt dropped both without a CONNACK.
 14. The TLS handshake runs inside the CONNECT deadline, and a failed one is logged with

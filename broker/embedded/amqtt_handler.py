@@ -25,6 +25,9 @@ from broker.embedded.session_queue import SessionQueues
 
 log = structlog.get_logger("broker.embedded.amqtt_broker")
 
+_RECANCEL_S = 0.05
+"""How long a stopping handler waits for its reader to end before cancelling it again."""
+
 
 class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
     """amqtt's per-connection handler, but a read timeout (no packet for the session's
@@ -37,6 +40,9 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.left_behind: list[Any] = []
+        """Messages the client sent (PUBACKed) not routed yet when it left: the broker
+        routes them after its message loop (amqtt_overrides)."""
         self._qos2_flows: set[asyncio.Future[Any]] = set()
         self._stopping = False
 
@@ -154,8 +160,14 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
             # connection it takes over, still starting) gives neither, so both waited for
             # ever and the socket was never closed (a reconnect storm of one device id
             # leaked a file descriptor per race). Wait for the task itself instead.
-            reader.cancel()
-            await asyncio.wait({reader})
+            # Python 3.11's asyncio.wait_for (around each of amqtt's reads) drops a
+            # cancellation that arrives as the read completes, and the reader reads on:
+            # with packets still buffered (a take-over of a device that was sending) it
+            # went on until the keepalive ran out, the new connection's CONNECT
+            # unanswered and the old one open meanwhile. Cancelled until it ends.
+            while not reader.done():
+                reader.cancel()
+                await asyncio.wait({reader}, timeout=_RECANCEL_S)
             self._reader_stopped.set()
             if self._reader_ready is not None:
                 self._reader_ready.set()

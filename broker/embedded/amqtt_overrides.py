@@ -218,6 +218,10 @@ class WaystationBroker(Broker):  # type: ignore[misc]
                     self._taken_over.add(old[1])
                     await old[1].handle_connection_closed()
                     await old[1].stop()
+                    # What the old connection was PUBACKed for and not routed yet goes
+                    # before the session and its queues are deleted (it went with them).
+                    await self._route_left(old[0], old[1],
+                                           _take_all(old[0].delivered_message_queue))
                 await self._delete_session(client_session.client_id)
             else:
                 client_session.client_id = gen_client_id()
@@ -270,18 +274,26 @@ class WaystationBroker(Broker):  # type: ignore[misc]
 
     async def _client_message_loop(self, client_session: Any, handler: Any) -> None:
         await super()._client_message_loop(client_session, handler)
-        current = self._sessions.get(client_session.client_id)
-        if current is not None and current[1] is not handler:
-            return  # taken over: the new connection routes what is left
         # What the client sent and was PUBACKed before it left is routed now: amqtt left
         # it queued until the client's next connection (a persistent session), or for
         # ever (a clean one), e.g. a device's last status before a clean DISCONNECT.
-        arrived = client_session.delivered_message_queue
+        # Most of it was taken out of the session as it was marked disconnected
+        # (_handle_disconnect); the rest is in the session's queue unless a new
+        # connection took the session over (that one routes it).
+        left: list[Any] = handler.left_behind
+        handler.left_behind = []
+        current = self._sessions.get(client_session.client_id)
+        if current is None or current[1] is handler or current[0] is not client_session:
+            left.extend(_take_all(client_session.delivered_message_queue))
+        await self._route_left(client_session, handler, left)
+
+    async def _route_left(self, session: Any, handler: Any, messages: list[Any]) -> None:
+        """Route `messages`, what `session`'s client sent before its connection ended."""
         loop = asyncio.get_running_loop()
-        while not arrived.empty():
+        for message in messages:
             done = loop.create_future()
-            done.set_result(arrived.get_nowait())
-            if not await self._handle_message_delivery(client_session, handler, done):
+            done.set_result(message)
+            if not await self._handle_message_delivery(session, handler, done):
                 break
 
     async def _handle_disconnect(self, client_session: Any, handler: Any,
@@ -306,6 +318,13 @@ class WaystationBroker(Broker):  # type: ignore[misc]
             await self._stop_handler(handler)
             stopped = True
             if handler not in self._taken_over:
+                # Taken out of the session before it reads as disconnected, with no await
+                # in between: amqtt's session monitor empties a disconnected clean
+                # session's queues (every second), and it emptied this one while the
+                # messages were routed one by one after the disconnect (the tail of a
+                # flood, PUBACKed, lost whenever the routing spanned a wake-up: on a
+                # loaded machine). _client_message_loop routes them.
+                handler.left_behind = _take_all(client_session.delivered_message_queue)
                 client_session.transitions.disconnect()
                 await self.plugins_manager.fire_event(
                     BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id,
@@ -346,6 +365,14 @@ class WaystationBroker(Broker):  # type: ignore[misc]
             )))
         if tasks:
             await asyncio.wait(tasks)
+
+
+def _take_all(queue: asyncio.Queue[Any]) -> list[Any]:
+    """Everything in `queue`, in order, taken out of it."""
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 OVERRIDDEN = (

@@ -20,6 +20,14 @@ every one of these unless said otherwise):
   retain without the will flag (MQTT-3.1.2-11/13/14/15): amqtt accepted them.
 - **SUBSCRIBE asking for QoS 3** (or with the reserved bits of its QoS byte set,
   MQTT-3.8.3-4): amqtt granted "QoS 3" in its SUBACK.
+- **CONNECT strings that are not MQTT strings**: a client id, will topic or user name
+  that is not well-formed UTF-8 (a stray byte, a surrogate, an overlong form) or holds
+  U+0000 (MQTT-1.5.3-1/-2: the server must close the connection). amqtt turned the
+  bytes into the text of their repr and the login failed: CONNACK 5, "not
+  authorized", as if the password were wrong. Closed without a CONNACK now, as by
+  Mosquitto. (The password is binary data in 3.1.1: not checked. Mosquitto also closes
+  on the characters the spec only says SHOULD NOT be sent, U+0001-U+001F, U+007F-U+009F
+  and non-characters; the embedded broker accepts them, as in topics.)
 - **Topic filters and names used wrongly**: a ``#`` that is not the last level, a ``+``
   sharing a level, an empty filter or topic, a NUL character (MQTT-1.5.3-2, 4.7.1,
   3.3.2-2), a PUBLISH to a topic with a wildcard: amqtt refused filters through the ACL
@@ -31,8 +39,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ConnectHeaderCheck", "PublishTopicCheck", "Refusal", "fixed_header_violation",
-           "subscribe_qos_violation", "topic_filter_violation", "topic_name_violation"]
+__all__ = ["ConnectHeaderCheck", "ConnectStringsCheck", "PublishTopicCheck", "Refusal",
+           "fixed_header_violation", "mqtt_string_violation", "subscribe_qos_violation",
+           "topic_filter_violation", "topic_name_violation"]
 
 CONNECT, PUBLISH, PUBREL, SUBSCRIBE, UNSUBSCRIBE = 1, 3, 6, 8, 10
 _FLAGS_TWO = (PUBREL, SUBSCRIBE, UNSUBSCRIBE)
@@ -110,6 +119,89 @@ class ConnectHeaderCheck:
         name = bytes(buf[2:2 + name_len])
         level, flags = buf[2 + name_len], buf[3 + name_len]
         return connect_header_refusal(name, level, flags)
+
+
+def mqtt_string_violation(raw: bytes) -> str | None:
+    """Why `raw` is not an MQTT 3.1.1 string (§1.5.3), or None: ill-formed UTF-8
+    (Python's strict decoder also refuses surrogates and overlong forms) or U+0000."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "is not UTF-8"
+    return "holds U+0000" if "\x00" in text else None
+
+
+_CONNECT_VARIABLE_HEADER = 10
+"""A 3.1.1 CONNECT's bytes before its payload: "MQTT" (2 + 4), level, flags, keepalive (2)."""
+_CONNECT_FLAGS_AT = 7
+
+
+class ConnectStringsCheck:
+    """Follows a 3.1.1 CONNECT's body (after the fixed header) as its bytes arrive and
+    refuses it once a client id, will topic or user name turns out not to be an MQTT
+    string (`mqtt_string_violation`). Only those fields are held (64 KiB at most each);
+    the will message and the password are binary data, skipped. The header is
+    `ConnectHeaderCheck`'s to judge: this one assumes "MQTT" level 4."""
+
+    __slots__ = ("_fields", "_head", "_length", "_text", "_want", "done")
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self._fields: list[tuple[str, bool]] | None = None
+        """(name, is a string) of the payload fields still to come, once the flags are known."""
+        self._length = bytearray()
+        self._text = bytearray()
+        self._want = -1  # the current field's bytes still to come; -1: its length first
+        self.done = False
+
+    def feed(self, data: bytes) -> Refusal | None:
+        """Account for the next bytes of the CONNECT's body; a Refusal once a string is
+        complete and is not one. Once it has judged (`done`) it ignores what follows."""
+        view = memoryview(data)
+        while view and not self.done:
+            if self._fields is None:
+                take = _CONNECT_VARIABLE_HEADER - len(self._head)
+                self._head += view[:take]
+                view = view[take:]
+                if len(self._head) == _CONNECT_VARIABLE_HEADER:
+                    self._fields = _connect_fields(self._head[_CONNECT_FLAGS_AT])
+                continue
+            if self._want < 0:
+                take = 2 - len(self._length)
+                self._length += view[:take]
+                view = view[take:]
+                if len(self._length) < 2:
+                    continue
+                self._want = int.from_bytes(self._length, "big")
+            name, text = self._fields[0]
+            take = min(self._want, len(view))
+            if text:
+                self._text += view[:take]
+            view = view[take:]
+            self._want -= take
+            if self._want:
+                continue
+            why = mqtt_string_violation(bytes(self._text)) if text else None
+            del self._fields[0]
+            self._length.clear()
+            self._text.clear()
+            self._want = -1
+            self.done = why is not None or not self._fields
+            if why is not None:
+                return Refusal(f"CONNECT whose {name} {why}")
+        return None
+
+
+def _connect_fields(flags: int) -> list[tuple[str, bool]]:
+    """The payload fields a CONNECT with `flags` carries, in order (MQTT-3.1.3-1)."""
+    fields = [("client id", True)]
+    if flags & 0x04:
+        fields += [("will topic", True), ("will message", False)]
+    if flags & 0x80:
+        fields.append(("user name", True))
+    if flags & 0x40:
+        fields.append(("password", False))
+    return fields
 
 
 class PublishTopicCheck:

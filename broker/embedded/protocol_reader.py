@@ -1,7 +1,8 @@
 """The embedded broker's reader of a client's bytes, refusing packets MQTT 3.1.1 forbids
 (`broker.embedded.protocol_checks`) as they are read: a fixed header with the wrong
 flags, a packet before CONNECT or a second CONNECT, and a CONNECT of another protocol
-(MQTT 5, MQTT 3.1) before amqtt parses its payload as 3.1.1's, and a PUBLISH to a
+(MQTT 5, MQTT 3.1) before amqtt parses its payload as 3.1.1's, a CONNECT whose client
+id, will topic or user name is not an MQTT string (not UTF-8, or U+0000), and a PUBLISH to a
 malformed topic (a wildcard, a NUL, not UTF-8) before amqtt drops it and reads its
 payload as the next packets.
 
@@ -22,6 +23,7 @@ from broker.embedded.packet_limit import MalformedPacket
 from broker.embedded.protocol_checks import (
     PUBLISH,
     ConnectHeaderCheck,
+    ConnectStringsCheck,
     PublishTopicCheck,
     Refusal,
     fixed_header_violation,
@@ -41,8 +43,9 @@ class ProtocolViolation(MalformedPacket):
 
 
 class CheckedReader(PacketDeadlineReader):
-    """`PacketDeadlineReader` that checks each packet's fixed header and the CONNECT's
-    protocol name, level and flags as their bytes arrive."""
+    """`PacketDeadlineReader` that checks each packet's fixed header, the CONNECT's
+    protocol name, level and flags and its strings, and a PUBLISH's topic, as their
+    bytes arrive."""
 
     def __init__(self, reader: asyncio.StreamReader, max_packet: int, peer: object) -> None:
         super().__init__(reader, max_packet, peer)
@@ -51,12 +54,14 @@ class CheckedReader(PacketDeadlineReader):
         self.connect_by: float | None = None
         """The event loop time by which the CONNECT must have arrived (None: not set)."""
         self._packets = 0
-        self._connect: ConnectHeaderCheck | None = ConnectHeaderCheck()
+        # The header's check first: the strings' takes the header for 3.1.1's.
+        self._connect: list[ConnectHeaderCheck | ConnectStringsCheck] = [
+            ConnectHeaderCheck(), ConnectStringsCheck()]
         self._topic: PublishTopicCheck | None = None
 
     async def read(self, n: int = -1) -> bytes:
         starting = self.at_boundary
-        in_connect = self._connect is not None and self._packets == 1 and self.in_body
+        in_connect = self._packets == 1 and self.in_body
         in_topic = self._topic is not None and self.in_body
         data = await super().read(n)
         if starting and data:
@@ -71,13 +76,20 @@ class CheckedReader(PacketDeadlineReader):
                 self._topic = None
             if why is not None:
                 self._refuse(Refusal(why))
-        elif in_connect and self._connect is not None:
-            refusal = self._connect.feed(data)
-            if self._connect.done:
-                self._connect = None
+        elif in_connect:
+            self._check_connect(data)
+        return data
+
+    def _check_connect(self, data: bytes) -> None:
+        # Each check sees every byte (amqtt reads a string's length and its bytes in
+        # separate reads) and judges a field in the read that completes it, before
+        # amqtt decodes it.
+        for check in list(self._connect):
+            refusal = check.feed(data)
+            if check.done:
+                self._connect.remove(check)
             if refusal is not None:
                 self._refuse(refusal)
-        return data
 
     def _refuse(self, refusal: Refusal) -> None:
         who = {} if self.client_id is None else {"client_id": self.client_id}

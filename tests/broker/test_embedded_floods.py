@@ -27,6 +27,7 @@ from broker.embedded.passwords import hash_password, verify_password, write_hash
 from tests.broker.test_embedded_hostile import _connect_packet
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess, start_embedded
 from tests.helpers import RecordingClient, wait_until
+from tests.raw_mqtt import closed_by_peer
 
 FLOOD = 2000
 SLACK_FDS = 40
@@ -39,6 +40,31 @@ ACCEPT_BURST = 600
 def _fds(broker: BrokerProcess) -> int:
     assert broker.proc is not None
     return psutil.Process(broker.proc.pid).num_fds()
+
+
+class FdPeak:
+    """The most file descriptors `broker` held while the block ran, sampled every 10 ms
+    by a thread (a peak lasts milliseconds): ``with FdPeak(broker) as fds: ...``, then
+    ``fds.peak``."""
+
+    def __init__(self, broker: BrokerProcess) -> None:
+        self._broker = broker
+        self.peak = _fds(broker)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, _fds(self._broker))
+
+    def __enter__(self) -> FdPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @pytest.fixture
@@ -90,17 +116,6 @@ class Pinger:
         self.client.loop_stop()
 
 
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """True once the broker closed `sock` (EOF or reset); what it sent is discarded."""
-    sock.setblocking(False)  # with a timeout, recv waits for data despite MSG_DONTWAIT
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
 def _p99(samples: list[float]) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
@@ -121,8 +136,10 @@ def _sync_once(broker: BrokerProcess, server: RecordingClient, bind: str, n: int
         device.close()
 
 
-FLOODER = """
+FLOODER = f"""
 import socket, sys, threading, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from tests.raw_mqtt import closed_by_peer
 port, count, hold = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 flood = []
 
@@ -138,18 +155,9 @@ for t in threads:
     t.join()
 print("opened", flush=True)
 
-def closed(sock):
-    sock.setblocking(False)  # a socket with a timeout waits for data despite DONTWAIT
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
 gone, deadline = set(), time.monotonic() + 15
 while time.monotonic() < deadline:
-    gone.update(i for i, s in enumerate(flood) if i not in gone and closed(s))
+    gone.update(i for i, s in enumerate(flood) if i not in gone and closed_by_peer(s))
     if len(gone) >= count - hold:
         break
     time.sleep(0.02)
@@ -177,22 +185,10 @@ def test_an_idle_flood_from_one_host_keeps_the_broker_bounded(broker: BrokerProc
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert flooder.stdin is not None and flooder.stdout is not None
     try:
-        peak = before
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                with contextlib.suppress(psutil.Error):
-                    peak = max(peak, _fds(broker))
-                time.sleep(0.01)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        assert flooder.stdout.readline().strip() == "opened"
-        closed = int(flooder.stdout.readline().split()[1])
-        stop.set()
-        sampler.join()
+        with FdPeak(broker) as fds:
+            assert flooder.stdout.readline().strip() == "opened"
+            closed = int(flooder.stdout.readline().split()[1])
+        peak = fds.peak
         assert closed >= FLOOD - MAX_CONNECTING_PER_IP, \
             f"{closed} of {FLOOD} closed at once (broker fds {_fds(broker)}, before {before})"
         held = _fds(broker)
@@ -200,7 +196,7 @@ def test_an_idle_flood_from_one_host_keeps_the_broker_bounded(broker: BrokerProc
         assert peak <= before + MAX_CONNECTING_PER_IP + ACCEPT_BURST, (peak, before)
         _sync_once(broker, server, "127.0.0.2", 1)
         late = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
-        wait_until(lambda: _closed_by_peer(late), 5, message="one more from the flooder closed")
+        wait_until(lambda: closed_by_peer(late), 5, message="one more from the flooder closed")
         late.close()
     finally:
         flooder.stdin.close()

@@ -50,11 +50,38 @@ def _publish(topic: str | bytes) -> bytes:
     return bytes([0x32]) + remaining_length(len(body)) + body
 
 
+def _connect_strings(client_id: bytes = b"van-12", user: bytes = b"van-12",
+                     will_topic: bytes | None = None) -> bytes:
+    """A device's CONNECT with these bytes as its client id, user name and will topic
+    (the device's password)."""
+    flags = 0xC2 | (0x04 if will_topic is not None else 0)
+    body = mqtt_string(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 60)
+    body += mqtt_string(client_id)
+    if will_topic is not None:
+        body += mqtt_string(will_topic) + mqtt_string(b"gone")
+    body += mqtt_string(user) + mqtt_string(USERS["van-12"])
+    return b"\x10" + remaining_length(len(body)) + body
+
+
 DEVICE, SERVER = _connect(), _connect(SERVER_USER, client_id="srv-1")
 WILL = f"{PREFIX}/van-12/status"
 
+STATUS = f"{PREFIX}/van-12/status".encode()
+# MQTT-1.5.3-1/-2: closed without a CONNACK, as by Mosquitto 2.0.11 (amqtt: CONNACK 5)
+NOT_MQTT_STRINGS = {
+    "client id not UTF-8": _connect_strings(client_id=b"van-12\xff"),
+    "client id with U+0000": _connect_strings(client_id=b"van\x00-12"),
+    "client id with a surrogate": _connect_strings(client_id=b"van-12\xed\xa0\x80"),
+    "client id overlong UTF-8": _connect_strings(client_id=b"van-12\xc0\xaf"),
+    "user name not UTF-8": _connect_strings(user=b"van-12\xff"),
+    "user name with U+0000": _connect_strings(user=b"van-12\x00"),
+    "will topic not UTF-8": _connect_strings(will_topic=STATUS + b"\xff"),
+    "will topic with U+0000": _connect_strings(will_topic=STATUS + b"\x00"),
+}
+
 # name: (packets, what the broker answers before closing; None: it keeps the connection)
 REFUSED: dict[str, tuple[list[bytes], bytes]] = {
+    **{name: ([packet], b"") for name, packet in NOT_MQTT_STRINGS.items()},
     "MQTT 5 CONNECT": ([_connect(level=5)], CONNACK_PROTOCOL),
     "MQTT 3.1 CONNECT (MQIsdp)": ([_connect(name=b"MQIsdp", level=3)], CONNACK_PROTOCOL),
     "unknown protocol level": ([_connect(level=9)], CONNACK_PROTOCOL),
@@ -146,6 +173,25 @@ def test_a_forbidden_packet_is_refused_and_its_connection_closed(
     got, closed = _exchange(broker.port, packets)
     assert closed, f"{name}: connection left open (got {got.hex(' ')})"
     assert got == answer, f"{name}: got {got.hex(' ')}, expected {answer.hex(' ')}"
+
+
+def test_connect_strings_are_refused_as_by_mosquitto(mosquitto_broker: BrokerProcess) -> None:
+    """Mosquitto closes each connection whose CONNECT has a client id, user name or
+    will topic that is not an MQTT string, without a CONNACK: what the embedded broker
+    is held to above (and a well-formed CONNECT gets its CONNACK from both)."""
+    for name, packet in NOT_MQTT_STRINGS.items():
+        assert _exchange(mosquitto_broker.port, [packet]) == (b"", True), name
+    got, closed = _exchange(mosquitto_broker.port, [_connect_strings()], timeout=0.5)
+    assert got == CONNACK_OK and not closed
+
+
+def test_a_password_is_binary_data(broker: BrokerProcess) -> None:
+    """A password that is not UTF-8 is not refused as a string (MQTT 3.1.1 §3.1.3.5): the
+    login is judged, CONNACK 5 for a wrong one, and the connection closed."""
+    body = (mqtt_string(b"MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60)
+            + mqtt_string(b"van-12") + mqtt_string(b"van-12") + mqtt_string(b"pw\xff\x00"))
+    packet = b"\x10" + remaining_length(len(body)) + body
+    assert _exchange(broker.port, [packet]) == (b"\x20\x02\x00\x05", True)
 
 
 @pytest.mark.parametrize("name", list(ACL_REFUSED))

@@ -14,9 +14,12 @@ from broker.embedded.acl import allowed
 from broker.embedded.log_limits import FIELD_MAX, LINE_MAX, shorten
 from broker.embedded.protocol_checks import (
     ConnectHeaderCheck,
+    ConnectStringsCheck,
     PublishTopicCheck,
+    Refusal,
     connect_header_refusal,
     fixed_header_violation,
+    mqtt_string_violation,
     subscribe_qos_violation,
     topic_filter_violation,
     topic_name_violation,
@@ -31,7 +34,7 @@ def _chunks(data: bytes, cuts: list[int]) -> Iterator[bytes]:
     yield data[start:]
 
 
-def _fed(check: ConnectHeaderCheck | PublishTopicCheck, data: bytes,
+def _fed(check: ConnectHeaderCheck | ConnectStringsCheck | PublishTopicCheck, data: bytes,
          cuts: list[int]) -> object:
     """What `check` says about `data` arriving in the pieces `cuts` makes (the first
     refusal; None when there is none)."""
@@ -55,6 +58,49 @@ def test_a_connect_header_is_judged_the_same_however_it_arrives(
     header = struct.pack("!H", len(name)) + name + bytes([level, flags])
     assert _fed(ConnectHeaderCheck(), header + tail, cuts) \
         == connect_header_refusal(name, level, flags)
+
+
+FIELD = st.one_of(st.text(max_size=8).map(str.encode), st.binary(max_size=8))
+
+
+def _field(raw: bytes) -> bytes:
+    return struct.pack("!H", len(raw)) + raw
+
+
+@given(flags=st.integers(0, 255), client_id=FIELD, will_topic=FIELD, will=st.binary(max_size=8),
+       user=FIELD, password=st.binary(max_size=8), cuts=CUTS, tail=st.binary(max_size=8))
+def test_connect_strings_are_judged_the_same_however_they_arrive(
+        flags: int, client_id: bytes, will_topic: bytes, will: bytes, user: bytes,
+        password: bytes, cuts: list[int], tail: bytes) -> None:
+    """A CONNECT is refused for its first string field (client id, will topic, user
+    name: those its flags say it carries) that is not UTF-8 or holds U+0000, however TCP
+    cut its bytes; the will message and the password, binary data, never."""
+    body = _field(b"MQTT") + bytes([4, flags]) + b"\x00\x3c" + _field(client_id)
+    strings = [("client id", client_id)]
+    if flags & 0x04:
+        body += _field(will_topic) + _field(will)
+        strings.append(("will topic", will_topic))
+    if flags & 0x80:
+        body += _field(user)
+        strings.append(("user name", user))
+    if flags & 0x40:
+        body += _field(password)
+    expected = next((Refusal(f"CONNECT whose {name} {why}") for name, raw in strings
+                     if (why := mqtt_string_violation(raw)) is not None), None)
+    assert _fed(ConnectStringsCheck(), body + tail, cuts) == expected
+
+
+@given(text=st.text(max_size=20))
+def test_an_mqtt_string_is_utf8_without_nul(text: str) -> None:
+    """Any text encodes to a valid MQTT string unless it holds U+0000 (Python's text may
+    hold lone surrogates: their bytes are not UTF-8)."""
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+        assert mqtt_string_violation(raw) == "is not UTF-8"
+        return
+    assert mqtt_string_violation(raw) == ("holds U+0000" if "\x00" in text else None)
 
 
 @given(level=st.integers(0, 255).filter(lambda n: n != 4))
