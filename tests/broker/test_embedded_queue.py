@@ -5,6 +5,7 @@ admission and replay rules on their own."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,6 +105,22 @@ def _rss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss) / (1 << 20)
 
 
+def _settled_rss_mb(pid: int, *, deadline_s: float = 30.0) -> float:
+    """The broker's RSS once it has stopped moving (two readings 1 s apart within 1 MB):
+    a PUBACK comes when a message is read, its routing (kept or dropped) after it, so a
+    reading taken at the last PUBACK counts messages still on their way (seen in CI:
+    65 MB, then 103 MB a flood later, where a settled reading gives ~97 both times)."""
+    end = time.monotonic() + deadline_s
+    last = _rss_mb(pid)
+    while time.monotonic() < end:
+        time.sleep(1.0)
+        now = _rss_mb(pid)
+        if abs(now - last) < 1.0:
+            return now
+        last = now
+    return last
+
+
 def test_a_flood_to_a_server_that_does_not_read_stays_bounded(
         small_broker: BrokerProcess) -> None:
     """The merge server is connected but reads nothing (stuck); a device publishes 4 x 100
@@ -112,7 +129,8 @@ def test_a_flood_to_a_server_that_does_not_read_stays_bounded(
     MB per 100 MB), and once the server reads again it gets messages as before. (The first
     200 MB grow it by ~55 MB here, its allocator's arenas and the bounded queue filling, a
     figure that varied from 25 to 52 MB for the first 100 MB between runs: what is
-    measured is that it stops growing: +1 MB for the next 200 MB.)"""
+    measured is that it stops growing: the next 200 MB move it by -12 to +19 MB, read once
+    it has settled after each flood.)"""
     srv = _server(small_broker)
     assert srv.subscribe(f"{PREFIX}/+/up") == 1
     srv.client.loop_stop()  # connected, reading nothing
@@ -126,13 +144,17 @@ def test_a_flood_to_a_server_that_does_not_read_stays_bounded(
             wait_until(lambda sent=infos: all(i.mid in dev.state.pubacks for i in sent), 120,
                        message="the device's PUBACKs")
             dev.state.pubacks.clear()
-        return _rss_mb(_pid(small_broker))
+        return _settled_rss_mb(_pid(small_broker))
 
     try:
         rss = [flood_100_mb() for _ in range(4)]
         print(f"broker RSS {before:.0f} MB, then after each 100 MB {[round(r) for r in rss]}")
         assert rss[1] - before < 100, f"the broker grew by {rss[1] - before:.0f} MB for 200 MB"
-        assert rss[3] - rss[1] < 15, (f"the broker grew by {rss[3] - rss[1]:.0f} MB more for "
+        # Held messages would show as ~+200 MB here (stock amqtt: +104 MB per 100 MB);
+        # settled readings of a bounded broker still move by up to ~20 MB between floods
+        # (allocator arenas: [69, 69, 69, 88] and [85, 73, 93, 86] in two runs of one
+        # build), so the bound is a fifth of what was sent, not 15 MB.
+        assert rss[3] - rss[1] < 40, (f"the broker grew by {rss[3] - rss[1]:.0f} MB more for "
                                       "the third and fourth 100 MB")
         srv.client.loop_start()
         dev.client.publish(UP, b"after", qos=1)
