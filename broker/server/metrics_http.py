@@ -20,6 +20,7 @@ an operator's network. Here:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import socket
 import socketserver
@@ -40,17 +41,22 @@ _LOG_EVERY_S = 10.0
 _PATHS = ("/", "/metrics")
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
 class _Conn(socketserver.BaseRequestHandler):
     server: MetricsHttpServer
     request: socket.socket
 
     def handle(self) -> None:
         deadline = time.monotonic() + self.server.timeout_s
-        head = self._read_head(deadline)
-        if head is None:
-            return
-        if head is False:
+        try:
+            head = self._read_head(deadline)
+        except _HeadTooLarge:
             self._send(deadline, 431, b"the request head is over 8192 bytes\n")
+            return
+        if head is None:
             return
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
@@ -76,13 +82,13 @@ class _Conn(socketserver.BaseRequestHandler):
             body, extra["Content-Encoding"] = gzip.compress(body), "gzip"
         self._send(deadline, 200, body, extra, head_only=method == "HEAD")
 
-    def _read_head(self, deadline: float) -> bytes | bool | None:
-        """The request's head; False when over MAX_HEAD_BYTES; None when the client went
-        away or ran out of time (closed without an answer)."""
+    def _read_head(self, deadline: float) -> bytes | None:
+        """The request's head; None when the client went away or ran out of time (closed
+        without an answer). Raises _HeadTooLarge over MAX_HEAD_BYTES."""
         buf = b""
         while b"\r\n\r\n" not in buf:
             if len(buf) > MAX_HEAD_BYTES:
-                return False
+                raise _HeadTooLarge
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -95,7 +101,9 @@ class _Conn(socketserver.BaseRequestHandler):
                 return None
             buf += chunk
         head = buf.partition(b"\r\n\r\n")[0]
-        return False if len(head) > MAX_HEAD_BYTES else head
+        if len(head) > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+        return head
 
     def _send(self, deadline: float, status: int, body: bytes,
               headers: dict[str, str] | None = None, *, head_only: bool = False) -> None:
@@ -186,10 +194,8 @@ class MetricsHttpServer(socketserver.ThreadingTCPServer):
 
 
 def _abort(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # (already closed by its client)
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 __all__ = ["MAX_HEAD_BYTES", "MetricsHttpServer"]
