@@ -13,6 +13,8 @@ nor how long a client may take to send a body. Here:
 - a connection idle for `api.idle_timeout_s` (no request yet, or a request's head still
   incomplete, or keep-alive after an answer) is closed (aiohttp's keep-alive timer, which
   also runs from the connection's start).
+- an answer must be taken by the client within `api.send_timeout_s` (a client that
+  never reads holds the answer's bytes), else the connection is closed;
 - a request's body must arrive whole within `api.body_timeout_s`
   (`read_body`, called by the errors middleware before any handler), else 408
   `body_timeout` and the connection is closed.
@@ -58,7 +60,9 @@ def _json_error(status: int, code: str, message: str) -> bytes:
 class ConnLimiter:
     """The protocol factory of the API's sites: makes `_Handler`s and keeps them bounded."""
 
-    def __init__(self, *, max_connections: int, handler_kwargs: dict[str, Any]) -> None:
+    def __init__(self, *, max_connections: int, handler_kwargs: dict[str, Any],
+                 send_timeout_s: float = 60.0) -> None:
+        self.send_timeout_s = send_timeout_s
         self._server: web.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.max_connections = max_connections
@@ -120,15 +124,15 @@ class ConnLimiter:
         self._open.pop(handler, None)
         self._busy.pop(handler, None)
 
-    def _log(self, event: str) -> None:
+    def _log(self, event: str, **why: str) -> None:
         now = time.monotonic()
         if now - self._logged_at >= _LOG_EVERY_S:
             self._logged_at = now
+            fields = {"setting": "api.max_connections",
+                      "hint": "idle connections are closed to make room; raise "
+                              "api.max_connections if honest apps hold this many", **why}
             log.warning(event, open=len(self._open), limit=self.max_connections,
-                        evicted_total=self.evicted, refused_total=self.refused,
-                        setting="api.max_connections",
-                        hint="idle connections are closed to make room; raise "
-                             "api.max_connections if honest apps hold this many")
+                        evicted_total=self.evicted, refused_total=self.refused, **fields)
 
     # ------------------------------------------------------------------- requests
 
@@ -198,6 +202,22 @@ class _Handler(web.RequestHandler):
             return
         self._limiter._closed(self)
         super().connection_lost(exc)
+
+    async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """Writing an answer waits for the client to read it (aiohttp drains at 64 KiB):
+        a client that never reads would hold the connection, and the answer's bytes,
+        for ever. After api.send_timeout_s the connection is closed."""
+        try:
+            async with asyncio.timeout(self._limiter.send_timeout_s):
+                return await super().finish_response(request, resp, start_time)
+        except TimeoutError:
+            self._limiter._log("api_send_timeout", setting="api.send_timeout_s",
+                               hint="a client did not read its answer in time")
+            if self.transport is not None:
+                self.transport.abort()  # (close() would wait to flush what is unread)
+            self.force_close()
+            return resp, True  # (as a client gone: the connection ends)
 
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None,

@@ -162,6 +162,7 @@ BAD_INPUTS = [
      "max_feed_clients (32) + 256 long polls + 16 = 304"),
     (AgentConfig, "[api]\nidle_timeout_s = 0", "api.idle_timeout_s", "greater than 0"),
     (AgentConfig, "[api]\nbody_timeout_s = 0", "api.body_timeout_s", "greater than 0"),
+    (AgentConfig, "[api]\nsend_timeout_s = 0", "api.send_timeout_s", "greater than 0"),
     (ServerConfig, 'server_id = "server one"', "server_id", "not a valid server id"),
     (BrokerConfig, "tls_port = 8883", "", "tls_port and [tls] go together"),
     (BrokerConfig, 'tls_port = 8883\n[tls]\ncert_file = "c.pem"', "tls.key_file", "required"),

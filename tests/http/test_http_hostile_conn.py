@@ -227,3 +227,28 @@ def test_heads_the_parser_refuses_get_json_400_and_close(served: tuple[ApiServer
     assert status == 400 and body["status"] == 400 and body["code"] == "bad_request", body
     assert body["message"]
     _status_ok(server, token)
+
+
+def test_answer_never_read_is_cut_after_send_timeout(cfg: AgentConfig,
+                                                     catalog: Catalog) -> None:
+    """A client that asks for a big answer (2 MB of records) and never reads it: the
+    connection (and the answer's bytes held for it) is closed after api.send_timeout_s,
+    so the client, reading at last, gets less than the announced Content-Length."""
+    with running_api(_capped(cfg, send_timeout_s=1.0), catalog) as (server, agent):
+        token = issue(Path(cfg.data_dir))
+        for i in range(40):
+            agent.put("tasks", f"t-{i:03}", {"route": "route-42", "proof": "p" * 50_000})
+        with _unix(server) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            wait_until(lambda: server.open_connections == 1, 10)  # (accepted)
+            sock.sendall(f"GET /v1/collections/tasks/records?limit=1000 HTTP/1.1\r\n"
+                         f"Host: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+            wait_until(lambda: server.open_connections == 0, 10,
+                       message="the connection of a client that never reads to close")
+            raw = _read_all(sock)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        assert length > 2_000_000 and len(body) < length
+        _status_ok(server, token)

@@ -152,6 +152,9 @@ class ApiConfig(_Model):
     its last answer) is closed."""
     body_timeout_s: Annotated[float, Field(strict=True, gt=0, le=3600)] = 30.0
     """A request's body must arrive whole within this, else 408 body_timeout."""
+    send_timeout_s: Annotated[float, Field(strict=True, gt=0, le=3600)] = 60.0
+    """An answer (not a feed: api.feed_idle_timeout_s) must be read by the client within
+    this, else the connection is closed."""
     idempotency_keep_s: Annotated[float, Field(strict=True, ge=1, le=30 * 86400)] = 86400.0
     """How long a write's Idempotency-Key (and its answer) is kept (agent.idempotency)."""
     idempotency_max_keys: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = 10_000
