@@ -17,7 +17,7 @@ import pytest
 
 from agent.http.server import ApiServer
 from schemas.collection import Catalog
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.http.httpkit import Client, issue, running_api
 from waystation.config import AgentConfig
 
@@ -252,3 +252,25 @@ def test_answer_never_read_is_cut_after_send_timeout(cfg: AgentConfig,
                       if line.lower().startswith(b"content-length:"))
         assert length > 2_000_000 and len(body) < length
         _status_ok(server, token)
+
+
+def test_tcp_and_unix_connections_share_the_limit(cfg: AgentConfig, catalog: Catalog,
+                                                  ) -> None:
+    """Idle connections over loopback TCP count with the Unix socket's against
+    api.max_connections: a TCP flood makes room (over TCP too) for honest clients on
+    either."""
+    port = free_port()
+    with (running_api(_capped(cfg), catalog, tcp_port=port) as (server, _),
+          ExitStack() as stack):
+        token = issue(Path(cfg.data_dir))
+        idle = [stack.enter_context(socket.create_connection(("127.0.0.1", port), 10))
+                for _ in range(LIMIT + 20)]
+        wait_until(lambda: server.open_connections == LIMIT, 10,
+                   message=lambda: f"{server.open_connections} open, limit {LIMIT}")
+        assert idle[0].recv(1) == b""  # the longest idle closed to make room
+        _status_ok(server, token)
+        with socket.create_connection(("127.0.0.1", port), 10) as honest:
+            honest.sendall(f"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                           f"Authorization: Bearer {token}\r\n\r\n".encode())
+            assert _read_all(honest).startswith(b"HTTP/1.1 200 ")
+        assert server.open_connections <= LIMIT
