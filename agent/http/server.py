@@ -35,6 +35,7 @@ from agent.errors import AgentError
 from agent.http import cors
 from agent.http import idempotency as idem
 from agent.http.auth import APP, TokenFileError, TokenStore
+from agent.http.conn_limits import HEAD_LIMITS, LINGER_S, ConnLimiter, read_body
 from agent.http.errors import ApiError, from_agent_error
 from agent.http.feed import FeedHub
 from agent.http.inputs import check_path
@@ -82,6 +83,12 @@ class ApiServer:
         self._stop: asyncio.Event | None = None
         self._beat = time.monotonic()
         self._hub: FeedHub | None = None
+        self._limiter: ConnLimiter | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (bounded by api.max_connections)."""
+        return 0 if self._limiter is None else self._limiter.open_connections
 
     @property
     def feed_clients(self) -> int:
@@ -138,16 +145,31 @@ class ApiServer:
                       sync_running=self.sync_running,
                       idempotency_keep_s=self.cfg.api.idempotency_keep_s,
                       idempotency_max_keys=self.cfg.api.idempotency_max_keys)
-        app = build_app(ctx, self.tokens, self._blocking, self.cfg.api.max_body_bytes,
-                        cors_origins=self.cfg.api.cors_origins)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
-                               shutdown_timeout=2.0)
+        api = self.cfg.api
+        # The connection handlers' settings: the idle timeout is aiohttp's keep-alive
+        # timer, which also runs from a connection's start (a head never completed);
+        # after an answer that left a body unread (408, 413, 401) the rest is read and
+        # dropped for at most LINGER_S before the connection closes (aiohttp: 10 s).
+        handler_kwargs: dict[str, Any] = {"access_log": None,
+                                          "keepalive_timeout": api.idle_timeout_s,
+                                          "lingering_time": LINGER_S, **HEAD_LIMITS}
+        limiter = self._limiter = ConnLimiter(max_connections=api.max_connections,
+                                              handler_kwargs=handler_kwargs,
+                                              send_timeout_s=api.send_timeout_s)
+        app = build_app(ctx, self.tokens, self._blocking, api.max_body_bytes,
+                        cors_origins=api.cors_origins, body_timeout_s=api.body_timeout_s,
+                        limiter=limiter)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0,
+                               **handler_kwargs)
         await runner.setup()
+        assert runner.server is not None
+        limiter.bind(runner.server, asyncio.get_running_loop())
         self._runner = runner
         tasks = [asyncio.create_task(hub.run(), name="feed-hub"),
                  asyncio.create_task(self._heartbeat(), name="api-heartbeat")]
+        listeners: list[asyncio.Server] = []
         try:
-            await self._listen(runner)
+            await self._listen(limiter, listeners)
             self._started.set()
             log.info("api_listening", socket=str(self.socket_path) if self.socket_path else None,
                      tcp=f"{self.tcp_address[0]}:{self.tcp_address[1]}"
@@ -156,15 +178,19 @@ class ApiServer:
         finally:
             for task in tasks:
                 task.cancel()
+            for listener in listeners:  # stop accepting; the runner closes the connections
+                listener.close()
             await runner.cleanup()
             if self.socket_path is not None:
                 with contextlib.suppress(OSError):
                     self.socket_path.unlink()
 
-    async def _listen(self, runner: web.AppRunner) -> None:
+    async def _listen(self, limiter: ConnLimiter, listeners: list[asyncio.Server]) -> None:
+        # Not aiohttp's sites: their protocol factory is the runner's server, unbounded.
+        loop = asyncio.get_running_loop()
         if self.socket_path is not None:
             sock = _bind_unix(self.socket_path, self.cfg.api.socket_mode)
-            await web.SockSite(runner, sock).start()
+            listeners.append(await loop.create_server(limiter, sock=sock))
         if self._tcp_port is not None:
             host = self.cfg.api.tcp_host
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -178,7 +204,7 @@ class ApiServer:
                 raise ApiStartError(f"the local API cannot listen on {host}:{self._tcp_port}: "
                                     f"{exc.strerror or exc} (api.tcp_port)") from None
             self.tcp_address = tcp.getsockname()[:2]
-            await web.SockSite(runner, tcp).start()
+            listeners.append(await loop.create_server(limiter, sock=tcp))
 
     async def _heartbeat(self) -> None:
         while True:
@@ -225,11 +251,14 @@ def _bind_unix(path: Path, mode: int) -> socket.socket:
 
 def build_app(ctx: Context, tokens: TokenStore,
               blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
-              max_body_bytes: int, *, cors_origins: Sequence[str] = ()) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes,
-                          middlewares=[_errors_middleware(max_body_bytes,
-                                                          lambda: ctx.agent.catalog.version),
-                                       _auth_middleware(tokens, blocking)])
+              max_body_bytes: int, *, cors_origins: Sequence[str] = (),
+              body_timeout_s: float = 30.0,
+              limiter: ConnLimiter | None = None) -> web.Application:
+    middlewares = [_errors_middleware(max_body_bytes, lambda: ctx.agent.catalog.version),
+                   _auth_middleware(tokens, blocking, body_timeout_s)]
+    if limiter is not None:
+        middlewares.insert(0, limiter.middleware())
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _bind(route, ctx))
     cors.install(app, cors_origins)  # (a preflight is answered before the token check)
@@ -306,7 +335,8 @@ def _errors_middleware(max_body_bytes: int, schema_version: Callable[[], int]) -
 
 
 def _auth_middleware(tokens: TokenStore,
-                     blocking: Callable[[Callable[[], Any]], Awaitable[Any]]) -> Middleware:
+                     blocking: Callable[[Callable[[], Any]], Awaitable[Any]],
+                     body_timeout_s: float) -> Middleware:
     @web.middleware
     async def auth(request: web.Request,
                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -333,6 +363,14 @@ def _auth_middleware(tokens: TokenStore,
                                                 "token add`",
                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
         request[APP] = app
+        try:  # (after the token check: only an app's body is read, up to max_body_bytes)
+            await read_body(request, body_timeout_s)
+        except TimeoutError:
+            resp = ApiError(408, "body_timeout", f"the body did not arrive within "
+                                                 f"{body_timeout_s:g} s (api.body_timeout_s)"
+                            ).response()
+            resp.force_close()
+            return resp
         return await handler(request)
 
     return auth

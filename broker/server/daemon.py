@@ -362,7 +362,9 @@ def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
         if cfg.metrics_port is not None:
             from broker.server.metrics import serve_metrics
 
-            metrics.append(serve_metrics(server, cfg.metrics_port, cfg.metrics_host))
+            metrics.append(serve_metrics(server, cfg.metrics_port, cfg.metrics_host,
+                                        max_connections=cfg.metrics_max_connections,
+                                        timeout_s=cfg.metrics_timeout_s))
         log.info("server_started", server_id=cfg.server_id,
                  broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}", store=cfg.store.kind,
                  schema_version=server.engine.catalog.version,

@@ -41,9 +41,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from broker.server.metrics_http import MetricsHttpServer
 
 
 class MetricsSource(Protocol):
@@ -163,9 +165,13 @@ def _intake(intake: dict[str, Any] | None) -> Iterator[Any]:
                               value=intake["wait_seconds"])
 
 
-def serve_metrics(source: MetricsSource, port: int, host: str = "127.0.0.1") -> Any:
-    """Start the HTTP endpoint (a daemon thread); returns the server for shutdown()."""
+def serve_metrics(source: MetricsSource, port: int, host: str = "127.0.0.1", *,
+                  max_connections: int = 16, timeout_s: float = 10.0) -> MetricsHttpServer:
+    """Start the HTTP endpoint (a daemon thread, bounded: broker.server.metrics_http);
+    returns the server for shutdown()."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(source))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    server = MetricsHttpServer((host, port), registry, max_connections=max_connections,
+                               timeout_s=timeout_s)
+    server.start()
     return server

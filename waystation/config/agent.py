@@ -110,6 +110,8 @@ class StorageConfig(_Model):
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_LONG_POLLS = 256
+"""Long polls of /v1/events that wait at once (agent.http.feed.MAX_WAITING_POLLS)."""
 
 
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/?#@\s]{1,253}$")
@@ -140,6 +142,19 @@ class ApiConfig(_Model):
     max_feed_clients: Annotated[int, Field(strict=True, ge=1, le=1024)] = 32
     feed_idle_timeout_s: Seconds = 30.0
     """A feed client that takes longer than this to accept an event is dropped."""
+    max_connections: Annotated[int, Field(strict=True, ge=16, le=65536)] = 512
+    """Open connections (Unix socket and TCP together, agent.http.conn_limits): over it
+    the longest-idle connection is closed to make room; when all are busy answering, 503
+    too_many_connections. Above max_feed_clients + 256 long polls, and below the
+    process's file limit."""
+    idle_timeout_s: Annotated[float, Field(strict=True, gt=0, le=3600)] = 30.0
+    """A connection that sends no complete request head for this long (from its start or
+    its last answer) is closed."""
+    body_timeout_s: Annotated[float, Field(strict=True, gt=0, le=3600)] = 30.0
+    """A request's body must arrive whole within this, else 408 body_timeout."""
+    send_timeout_s: Annotated[float, Field(strict=True, gt=0, le=3600)] = 60.0
+    """An answer (not a feed: api.feed_idle_timeout_s) must be read by the client within
+    this, else the connection is closed."""
     idempotency_keep_s: Annotated[float, Field(strict=True, ge=1, le=30 * 86400)] = 86400.0
     """How long a write's Idempotency-Key (and its answer) is kept (agent.idempotency)."""
     idempotency_max_keys: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = 10_000
@@ -150,6 +165,17 @@ class ApiConfig(_Model):
         Field(default_factory=list))
     """Web origins whose pages a browser lets call the API (agent.http.cors); "*": any
     (only when listed explicitly). Empty: no CORS."""
+
+    @model_validator(mode="after")
+    def _connections(self) -> ApiConfig:
+        # Feeds and long polls each hold a connection busy (not evictable): with no
+        # room above them, one more app could not even be told 503 by its route.
+        need = self.max_feed_clients + _LONG_POLLS + 16
+        if self.max_connections < need:
+            raise ValueError(f"max_connections ({self.max_connections}) must be at least "
+                             f"max_feed_clients ({self.max_feed_clients}) + {_LONG_POLLS} "
+                             f"long polls + 16 = {need}")
+        return self
 
     @model_validator(mode="after")
     def _loopback(self) -> ApiConfig:

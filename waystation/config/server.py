@@ -299,6 +299,11 @@ class ServerConfig(_Model):
     """Serve Prometheus metrics on this port (None: off)."""
     metrics_host: Str = "127.0.0.1"
     """Address the metrics endpoint binds to (0.0.0.0 to let a remote Prometheus scrape)."""
+    metrics_max_connections: Annotated[int, Field(strict=True, ge=1, le=1024)] = 16
+    """Connections the metrics endpoint serves at once (a thread each); one more closes
+    the oldest (broker.server.metrics_http)."""
+    metrics_timeout_s: Annotated[float, Field(strict=True, gt=0, le=300)] = 10.0
+    """A metrics connection has this long in all to send its request and take the answer."""
 
     @model_validator(mode="after")
     def _one_intake(self) -> ServerConfig:
