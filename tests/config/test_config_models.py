@@ -284,3 +284,15 @@ def test_agent_api_tcp_host_must_be_loopback() -> None:
     assert AgentConfig.model_validate({"api": {"tcp_port": 8080}}).api.tcp_host == "127.0.0.1"
     with pytest.raises(ValueError, match="not a loopback address"):
         AgentConfig.model_validate({"api": {"tcp_port": 8080, "tcp_host": "0.0.0.0"}})
+
+
+def test_a_raised_max_feed_clients_raises_the_default_max_connections(tmp_path: Path) -> None:
+    """A config from before api.max_connections existed, with max_feed_clients raised past
+    what the default leaves room for, still loads (an upgrade must not stop the agent): the
+    unset limit makes room for the feeds and long polls; one the operator set too low is
+    refused (the BAD_INPUTS row)."""
+    cfg = load_text(tmp_path, AgentConfig, "[api]\nmax_feed_clients = 1000\n")
+    assert isinstance(cfg, AgentConfig)
+    assert cfg.api.max_connections == 1000 + 256 + 16
+    default = load_text(tmp_path, AgentConfig, "[api]\nmax_feed_clients = 32\n")
+    assert isinstance(default, AgentConfig) and default.api.max_connections == 512

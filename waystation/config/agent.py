@@ -145,8 +145,8 @@ class ApiConfig(_Model):
     max_connections: Annotated[int, Field(strict=True, ge=16, le=65536)] = 512
     """Open connections (Unix socket and TCP together, agent.http.conn_limits): over it
     the longest-idle connection is closed to make room; when all are busy answering, 503
-    too_many_connections. Above max_feed_clients + 256 long polls, and below the
-    process's file limit."""
+    too_many_connections. At least max_feed_clients + 256 long polls + 16 (left unset, it
+    is raised to that), and below the process's file limit."""
     idle_timeout_s: Annotated[float, Field(strict=True, gt=0, le=3600)] = 30.0
     """A connection that sends no complete request head for this long (from its start or
     its last answer) is closed."""
@@ -171,6 +171,10 @@ class ApiConfig(_Model):
         # Feeds and long polls each hold a connection busy (not evictable): with no
         # room above them, one more app could not even be told 503 by its route.
         need = self.max_feed_clients + _LONG_POLLS + 16
+        if self.max_connections < need and "max_connections" not in self.model_fields_set:
+            # The default under a raised max_feed_clients (a config written before this
+            # setting existed must not stop the agent at an upgrade): room for them.
+            object.__setattr__(self, "max_connections", need)
         if self.max_connections < need:
             raise ValueError(f"max_connections ({self.max_connections}) must be at least "
                              f"max_feed_clients ({self.max_feed_clients}) + {_LONG_POLLS} "
