@@ -39,6 +39,7 @@ with a deadline, and fails with the tails of the logs.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -64,6 +65,7 @@ from tests.helpers import RecordingClient, free_port, terminate, wait_until
 from tests.mosquitto_prod import MOSQUITTO, write_production_conf
 from tests.tlsca import CertificateAuthority, make_ca, make_server_cert
 from waystation import merge
+from waystation.cli import main as cli_main
 from waystation.config import AgentConfig, ServerConfig, dump_toml, load_config
 from waystation.convergence import Mismatch, compare
 
@@ -428,12 +430,28 @@ class Fleet:
         return result
 
     def add_login(self, user: str, password: str) -> None:
-        """A broker login only (`waystation broker passwd --stdin`), no registry entry."""
+        """A broker login only (`waystation broker passwd --stdin`), no registry entry.
+
+        The command runs in this process (`waystation.cli.main`, the same parser and
+        handler): it only writes the password file, and every fleet of the suite makes
+        one, where a `waystation` process cost ~0.6 s of CPU under coverage.
+        tests/cli/test_broker_passwd_process.py runs it as a real process."""
         if self.broker_config is not None:
             where = ["--config", str(self.broker_config)]
         else:
             where = ["--password-file", str(self.password_file)]
-        self.cli("broker", "passwd", *where, "--stdin", user, input=password + "\n")
+        argv = ["broker", "passwd", *where, "--stdin", user]
+        out, err = io.StringIO(), io.StringIO()
+        stdin = sys.stdin
+        sys.stdin = io.StringIO(password + "\n")
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = cli_main(argv, env=_clean_env())
+        finally:
+            sys.stdin = stdin
+        if code != 0:
+            raise AssertionError(f"waystation {' '.join(argv)} exited {code}:\n"
+                                 f"{out.getvalue()}\n{err.getvalue()}")
         self.passwords[user] = password
         self._reload_logins(user, password)
 
