@@ -3,7 +3,7 @@
     fleet = Fleet(tmp_path, "embedded")        # or "mosquitto" (the production config)
     fleet = Fleet(tmp_path, "mosquitto", "postgres", pg_url)   # servers on PostgreSQL
     fleet.start()                              # broker, server login, server process
-    fleet.add_device("van-1", ["depot-7"])     # `waystation device add` (the real CLI)
+    fleet.add_device("van-1", ["depot-7"])     # `waystation device add` (the CLI's main)
     fleet.start_agent("van-1")                 # `waystation agent run --config ...`
     fleet.start_agents("van-2", "van-3")       # side by side, each waited for; stop_agents
     fleet.agent("van-1").increment(...)        # the device's LMDB store, from this process
@@ -429,42 +429,58 @@ class Fleet:
                                  f"{result.stdout}\n{result.stderr}")
         return result
 
-    def add_login(self, user: str, password: str) -> None:
-        """A broker login only (`waystation broker passwd --stdin`), no registry entry.
+    def cli_here(self, *args: str, input: str = "",
+                 env: Mapping[str, str] | None = None) -> str:
+        """`waystation ARGS...` run in this process (`waystation.cli.main`: the same parser
+        and handler as the `waystation` command, with the environment `cli` gives it,
+        `input` as standard input); fails on a non-zero exit; returns what it printed.
 
-        The command runs in this process (`waystation.cli.main`, the same parser and
-        handler): it only writes the password file, and every fleet of the suite makes
-        one, where a `waystation` process cost ~0.6 s of CPU under coverage.
-        tests/cli/test_broker_passwd_process.py runs it as a real process."""
+        For the fleet's own setup commands (logins, enrolment), which every fleet of the
+        suite runs: a `waystation` process costs ~0.6 s of CPU under coverage. The tests
+        that are about these commands run them as processes (tests/cli)."""
+        out, err = io.StringIO(), io.StringIO()
+        stdin = sys.stdin
+        sys.stdin = io.StringIO(input)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = cli_main(list(args), env=_clean_env(env))
+        finally:
+            sys.stdin = stdin
+        if code != 0:
+            raise AssertionError(f"waystation {' '.join(args)} exited {code}:\n"
+                                 f"{out.getvalue()}\n{err.getvalue()}")
+        return out.getvalue()
+
+    def add_login(self, user: str, password: str) -> None:
+        """A broker login only (`waystation broker passwd --stdin`, in this process:
+        `cli_here`; tests/cli/test_broker_passwd_process.py runs it as a process), no
+        registry entry."""
         if self.broker_config is not None:
             where = ["--config", str(self.broker_config)]
         else:
             where = ["--password-file", str(self.password_file)]
-        argv = ["broker", "passwd", *where, "--stdin", user]
-        out, err = io.StringIO(), io.StringIO()
-        stdin = sys.stdin
-        sys.stdin = io.StringIO(password + "\n")
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = cli_main(argv, env=_clean_env())
-        finally:
-            sys.stdin = stdin
-        if code != 0:
-            raise AssertionError(f"waystation {' '.join(argv)} exited {code}:\n"
-                                 f"{out.getvalue()}\n{err.getvalue()}")
+        self.cli_here("broker", "passwd", *where, "--stdin", user, input=password + "\n")
         self.passwords[user] = password
         self._reload_logins(user, password)
 
     def add_device(self, dev: str, scopes: Sequence[str], *,
                    sync: Mapping[str, Any] | None = None) -> Path:
         """Enrol `dev` with `waystation device add` (registry entry, broker login, agent
-        config), then give the agent config a data_dir, test sync timings (`FAST_SYNC`
+        config; in this process, `cli_here`: tests/cli/test_single_machine.py runs it as a
+        process), then give the agent config a data_dir, test sync timings (`FAST_SYNC`
         updated with `sync`) and JSON logs. Returns the agent config path."""
         args = ["device", "add", dev, "--out", str(self.devices_dir),
                 "--config", str(self.server_config)]
         for scope in scopes:
             args += ["--scope", scope]
-        self.cli(*args, env={"WAYSTATION_BROKER__PASSWORD_FILE": str(self.password_file)})
+        env = {"WAYSTATION_BROKER__PASSWORD_FILE": str(self.password_file)}
+        if self.store_kind == "lmdb" and self._store is not None:
+            # This process has the server's LMDB environment open: a second handle in
+            # the same process, closed again by the command, would drop the first one's
+            # locks (LMDB's rule), so the command runs as a process of its own.
+            self.cli(*args, env=env)
+        else:
+            self.cli_here(*args, env=env)
         path = self.agent_config_path(dev)
 
         def adjust(data: dict[str, Any]) -> None:
