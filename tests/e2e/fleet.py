@@ -705,6 +705,23 @@ class Fleet:
         doc: dict[str, Any] = json.loads(out)
         return doc
 
+    def wait_agent_status(self, dev: str, predicate: Callable[[dict[str, Any]], bool],
+                          timeout: float, *, what: str) -> dict[str, Any]:
+        """Wait until `agent_status` (`waystation agent status --json`, a process of its
+        own) satisfies `predicate`; returns that document. The same status is polled in
+        this process first (`Agent.status().to_dict()`, what the command prints but its
+        client_cert), so the command runs once or twice instead of back to back for the
+        whole wait (each run costs ~0.6 s of CPU under coverage). Opens the device's store
+        here (`agent`): for tests that have it open already."""
+        deadline = time.monotonic() + timeout
+        ag = self.agent(dev)
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: predicate(ag.status().to_dict()), timeout, interval=0.02)
+        # The command has the last word, with what is left of the deadline (a few
+        # seconds at least: a process start under load).
+        return self.wait(lambda: (doc if predicate(doc := self.agent_status(dev)) else None),
+                         max(deadline - time.monotonic(), 5.0), what=what)
+
     # ------------------------------------------------------------------ server store
 
     @property
