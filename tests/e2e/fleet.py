@@ -3,7 +3,7 @@
     fleet = Fleet(tmp_path, "embedded")        # or "mosquitto" (the production config)
     fleet = Fleet(tmp_path, "mosquitto", "postgres", pg_url)   # servers on PostgreSQL
     fleet.start()                              # broker, server login, server process
-    fleet.add_device("van-1", ["depot-7"])     # `waystation device add` (the real CLI)
+    fleet.add_device("van-1", ["depot-7"])     # `waystation device add` (the CLI's main)
     fleet.start_agent("van-1")                 # `waystation agent run --config ...`
     fleet.start_agents("van-2", "van-3")       # side by side, each waited for; stop_agents
     fleet.agent("van-1").increment(...)        # the device's LMDB store, from this process
@@ -39,6 +39,7 @@ with a deadline, and fails with the tails of the logs.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -64,6 +65,7 @@ from tests.helpers import RecordingClient, free_port, terminate, wait_until
 from tests.mosquitto_prod import MOSQUITTO, write_production_conf
 from tests.tlsca import CertificateAuthority, make_ca, make_server_cert
 from waystation import merge
+from waystation.cli import main as cli_main
 from waystation.config import AgentConfig, ServerConfig, dump_toml, load_config
 from waystation.convergence import Mismatch, compare
 
@@ -427,26 +429,58 @@ class Fleet:
                                  f"{result.stdout}\n{result.stderr}")
         return result
 
+    def cli_here(self, *args: str, input: str = "",
+                 env: Mapping[str, str] | None = None) -> str:
+        """`waystation ARGS...` run in this process (`waystation.cli.main`: the same parser
+        and handler as the `waystation` command, with the environment `cli` gives it,
+        `input` as standard input); fails on a non-zero exit; returns what it printed.
+
+        For the fleet's own setup commands (logins, enrolment), which every fleet of the
+        suite runs: a `waystation` process costs ~0.6 s of CPU under coverage. The tests
+        that are about these commands run them as processes (tests/cli)."""
+        out, err = io.StringIO(), io.StringIO()
+        stdin = sys.stdin
+        sys.stdin = io.StringIO(input)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = cli_main(list(args), env=_clean_env(env))
+        finally:
+            sys.stdin = stdin
+        if code != 0:
+            raise AssertionError(f"waystation {' '.join(args)} exited {code}:\n"
+                                 f"{out.getvalue()}\n{err.getvalue()}")
+        return out.getvalue()
+
     def add_login(self, user: str, password: str) -> None:
-        """A broker login only (`waystation broker passwd --stdin`), no registry entry."""
+        """A broker login only (`waystation broker passwd --stdin`, in this process:
+        `cli_here`; tests/cli/test_broker_passwd_process.py runs it as a process), no
+        registry entry."""
         if self.broker_config is not None:
             where = ["--config", str(self.broker_config)]
         else:
             where = ["--password-file", str(self.password_file)]
-        self.cli("broker", "passwd", *where, "--stdin", user, input=password + "\n")
+        self.cli_here("broker", "passwd", *where, "--stdin", user, input=password + "\n")
         self.passwords[user] = password
         self._reload_logins(user, password)
 
     def add_device(self, dev: str, scopes: Sequence[str], *,
                    sync: Mapping[str, Any] | None = None) -> Path:
         """Enrol `dev` with `waystation device add` (registry entry, broker login, agent
-        config), then give the agent config a data_dir, test sync timings (`FAST_SYNC`
+        config; in this process, `cli_here`: tests/cli/test_single_machine.py runs it as a
+        process), then give the agent config a data_dir, test sync timings (`FAST_SYNC`
         updated with `sync`) and JSON logs. Returns the agent config path."""
         args = ["device", "add", dev, "--out", str(self.devices_dir),
                 "--config", str(self.server_config)]
         for scope in scopes:
             args += ["--scope", scope]
-        self.cli(*args, env={"WAYSTATION_BROKER__PASSWORD_FILE": str(self.password_file)})
+        env = {"WAYSTATION_BROKER__PASSWORD_FILE": str(self.password_file)}
+        if self.store_kind == "lmdb" and self._store is not None:
+            # This process has the server's LMDB environment open: a second handle in
+            # the same process, closed again by the command, would drop the first one's
+            # locks (LMDB's rule), so the command runs as a process of its own.
+            self.cli(*args, env=env)
+        else:
+            self.cli_here(*args, env=env)
         path = self.agent_config_path(dev)
 
         def adjust(data: dict[str, Any]) -> None:
@@ -670,6 +704,23 @@ class Fleet:
                        str(self.agent_config_path(dev))).stdout
         doc: dict[str, Any] = json.loads(out)
         return doc
+
+    def wait_agent_status(self, dev: str, predicate: Callable[[dict[str, Any]], bool],
+                          timeout: float, *, what: str) -> dict[str, Any]:
+        """Wait until `agent_status` (`waystation agent status --json`, a process of its
+        own) satisfies `predicate`; returns that document. The same status is polled in
+        this process first (`Agent.status().to_dict()`, what the command prints but its
+        client_cert), so the command runs once or twice instead of back to back for the
+        whole wait (each run costs ~0.6 s of CPU under coverage). Opens the device's store
+        here (`agent`): for tests that have it open already."""
+        deadline = time.monotonic() + timeout
+        ag = self.agent(dev)
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: predicate(ag.status().to_dict()), timeout, interval=0.02)
+        # The command has the last word, with what is left of the deadline (a few
+        # seconds at least: a process start under load).
+        return self.wait(lambda: (doc if predicate(doc := self.agent_status(dev)) else None),
+                         max(deadline - time.monotonic(), 5.0), what=what)
 
     # ------------------------------------------------------------------ server store
 

@@ -68,14 +68,14 @@ def test_a_silent_broker_link_is_noticed_and_drained_once_back(
     ag = fleet.agent("van-1")
     ag.put("inventory", "sku-1", {"depot": "depot-7", "name": "Bread flour"})
     fleet.wait_drained("van-1")
-    fleet.wait(lambda: fleet.agent_status("van-1")["online"], 30, what="online")
+    fleet.wait_agent_status("van-1", lambda st: st["online"], 30, what="online")
     fleet.wait(lambda: _server_online(fleet, "van-1"), 30, what="server shows it online")
 
     link.cut()
     cut_at = time.monotonic()
     ag.put("inventory", "sku-2", {"depot": "depot-7", "name": "Rye"})
-    fleet.wait(lambda: not fleet.agent_status("van-1")["online"], 6 * KEEPALIVE_S,
-               what="agent status says offline after the link went silent")
+    fleet.wait_agent_status("van-1", lambda st: not st["online"], 6 * KEEPALIVE_S,
+                            what="agent status says offline after the link went silent")
     noticed_s = time.monotonic() - cut_at
     st = fleet.agent_status("van-1")
     assert st["pending"] == 1 and "offline" in st["summary"], st
@@ -87,7 +87,7 @@ def test_a_silent_broker_link_is_noticed_and_drained_once_back(
     link.heal()
     fleet.wait_drained("van-1", timeout=90)
     assert fleet.value("inventory", "sku-2", "name") == "Rye"
-    fleet.wait(lambda: fleet.agent_status("van-1")["online"], 30, what="online again")
+    fleet.wait_agent_status("van-1", lambda st: st["online"], 30, what="online again")
     fleet.wait(lambda: _server_online(fleet, "van-1"), 30, what="server shows it online again")
 
 

@@ -86,8 +86,8 @@ def test_a_silent_device_link_to_mosquitto(fleet: tuple[Fleet, SilentLink]) -> N
     cut_at = time.monotonic()
     for i in range(DURING):
         increment(f, ledger, "van-1", SCOPE, i % 2, 2)
-    f.wait(lambda: not f.agent_status("van-1")["online"], 6 * KEEPALIVE_S,
-           what="agent status says offline after the link went silent")
+    f.wait_agent_status("van-1", lambda st: not st["online"], 6 * KEEPALIVE_S,
+                        what="agent status says offline after the link went silent")
     noticed_s = time.monotonic() - cut_at
     st = f.agent_status("van-1")
     assert st["pending"] > 0 and "offline" in st["summary"], st
@@ -99,7 +99,7 @@ def test_a_silent_device_link_to_mosquitto(fleet: tuple[Fleet, SilentLink]) -> N
 
     link.heal()
     healed_at = time.monotonic()
-    f.wait(lambda: f.agent_status("van-1")["online"], 60, what="online again")
+    f.wait_agent_status("van-1", lambda st: st["online"], 60, what="online again")
     back_s = time.monotonic() - healed_at
     f.wait_drained("van-1", timeout=60)
     drained_s = time.monotonic() - healed_at
