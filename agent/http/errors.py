@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -69,4 +70,17 @@ def from_agent_error(exc: AgentError) -> ApiError:
     return ApiError(500, "internal", str(exc))
 
 
-__all__ = ["JSON", "ApiError", "from_agent_error", "json_response"]
+def schema_hint(err: ApiError, schema_version: Callable[[], int]) -> ApiError:
+    """An unknown field is most often an app written for another schema version than the
+    one the device took from the server since (a rename): say which one it runs."""
+    if err.code == "unknown_field":
+        hint = (f"; this device runs schema version {schema_version()} (GET /v1/status: "
+                "schema_version): use that version's field names (docs/SCHEMA_EVOLUTION.md)")
+        # A transaction's refusal ends with what it promises (TRANSACTIONS.md).
+        head, sep, tail = err.message.rpartition("; nothing was written")
+        err.message = (head + hint + sep + tail if sep and not tail
+                       else err.message + hint)
+    return err
+
+
+__all__ = ["JSON", "ApiError", "from_agent_error", "json_response", "schema_hint"]

@@ -10,7 +10,9 @@ body may repeat it, as the query object QUERIES.md shows, but not name another).
 query's first event (`event: result`) is the whole first page; each later
 one says which records entered, changed or left it (`LiveUpdate`), when the store's feed
 shows a change that matters to it (local writes, acks, rollbacks, others' changes, a
-wipe). Live queries count against the feed's client limit and idle timeout.
+wipe). A query the store can no longer answer (a schema version taken since renamed or
+removed a field it names) ends the stream with `event: error` (status, code, message).
+Live queries count against the feed's client limit and idle timeout.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
+from agent.errors import AgentError
 from agent.http import feed, inputs
-from agent.http.errors import ApiError, json_response
+from agent.http.errors import ApiError, from_agent_error, json_response, schema_hint
 from agent.query.live import LiveQuery
 from agent.query.model import DEFAULT_LIMIT, MAX_CURSOR_CHARS, MAX_LIMIT, Query, make_query
 
@@ -141,7 +144,20 @@ async def live(request: web.Request, ctx: Any) -> web.StreamResponse:
         resp = await feed.open_stream(request)
         await asyncio.wait_for(resp.write(b"retry: 2000\n\n"), ctx.feed_idle_timeout_s)
         while True:
-            update = await ctx.blocking(lq.poll)
+            try:
+                update = await ctx.blocking(lq.poll)
+            except AgentError as exc:
+                # The query no longer fits the store: most often the device took a schema
+                # version that renamed or removed a field it filters on. The answer has
+                # started, so the error is the stream's last event (then it ends) rather
+                # than a silent close the app cannot tell from a lost link.
+                err = schema_hint(from_agent_error(exc), lambda: ctx.agent.catalog.version)
+                doc = {"status": err.status, "code": err.code, "message": err.message}
+                await asyncio.wait_for(resp.write(b"event: error\ndata: " + orjson.dumps(doc)
+                                                  + b"\n\n"), ctx.feed_idle_timeout_s)
+                resp.force_close()  # the connection ends with the stream (no keep-alive)
+                await resp.write_eof()
+                return resp
             if update is not None:
                 kind = b"result" if update.initial else b"update"
                 event = (b"id: " + str(update.seq).encode() + b"\nevent: " + kind

@@ -36,7 +36,7 @@ from agent.http import cors
 from agent.http import idempotency as idem
 from agent.http.auth import APP, TokenFileError, TokenStore
 from agent.http.conn_limits import HEAD_LIMITS, LINGER_S, ConnLimiter, read_body
-from agent.http.errors import ApiError, from_agent_error
+from agent.http.errors import ApiError, from_agent_error, schema_hint
 from agent.http.feed import FeedHub
 from agent.http.inputs import check_path
 from agent.http.routes import ROUTES, Context, Route
@@ -277,19 +277,6 @@ def _bind(route: Route, ctx: Context) -> Callable[[web.Request], Awaitable[web.S
 
 
 
-def _schema_hint(err: ApiError, schema_version: Callable[[], int]) -> ApiError:
-    """An unknown field is most often an app written for another schema version than the
-    one the device took from the server since (a rename): say which one it runs."""
-    if err.code == "unknown_field":
-        hint = (f"; this device runs schema version {schema_version()} (GET /v1/status: "
-                "schema_version): use that version's field names (docs/SCHEMA_EVOLUTION.md)")
-        # A transaction's refusal ends with what it promises (TRANSACTIONS.md).
-        head, sep, tail = err.message.rpartition("; nothing was written")
-        err.message = (head + hint + sep + tail if sep and not tail
-                       else err.message + hint)
-    return err
-
-
 def _errors_middleware(max_body_bytes: int, schema_version: Callable[[], int]) -> Middleware:
     @web.middleware
     async def errors(request: web.Request,
@@ -305,7 +292,7 @@ def _errors_middleware(max_body_bytes: int, schema_version: Callable[[], int]) -
                 check_path(request)  # a route with path parameters: their %XX bytes
             return await handler(request)
         except ApiError as err:
-            return _schema_hint(err, schema_version).response()
+            return schema_hint(err, schema_version).response()
         except web.HTTPRequestEntityTooLarge:
             return ApiError(413, "body_too_large", f"the body is over {max_body_bytes} "
                                                    "bytes (api.max_body_bytes)").response()
@@ -323,7 +310,7 @@ def _errors_middleware(max_body_bytes: int, schema_version: Callable[[], int]) -
         except TokenFileError as exc:
             return ApiError(503, "tokens_unavailable", str(exc)).response()
         except AgentError as exc:
-            return _schema_hint(from_agent_error(exc), schema_version).response()
+            return schema_hint(from_agent_error(exc), schema_version).response()
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:

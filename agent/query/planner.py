@@ -245,6 +245,10 @@ def suggest_index(query: Query, cons: dict[str, Constraint | None]) -> tuple[str
     return tuple(fields)
 
 
+BUILT_AT_OPEN = " (the agent builds it when it next opens the store)"
+"""The end of an `index_required` message for a device that runs its schema file."""
+
+
 def _missing_message(spec: CollectionSpec, query: Query, fields: tuple[str, ...],
                      usable: Sequence[IndexDef]) -> str:
     what = []
@@ -257,7 +261,7 @@ def _missing_message(spec: CollectionSpec, query: Query, fields: tuple[str, ...]
     entry = orjson.dumps(list(fields)).decode().replace(",", ", ")
     return (f"no index of {spec.name} serves this query ({' and '.join(what)}){have}: add "
             f"{entry} to indexes = [...] under [collections.{spec.name}] in the collection "
-            "schema (the agent builds it when it next opens the store)")
+            "schema" + BUILT_AT_OPEN)
 
 
 def _fingerprint(query: Query, ix: IndexDef | None) -> bytes:

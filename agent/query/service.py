@@ -18,7 +18,8 @@ from agent.query.errors import IndexRequired
 from agent.query.indexes import entries
 from agent.query.maintain import indexes_allowed, load_registry
 from agent.query.model import Query, QueryPage
-from agent.query.planner import Plan, plan
+from agent.query.planner import BUILT_AT_OPEN, Plan, plan
+from agent.schema_store import META_SCHEMA
 from agent.view import ViewState
 from schemas.collection import CollectionSpec
 
@@ -51,7 +52,17 @@ class Queries:
                         for_count=for_count)
         except IndexRequired as exc:
             if indexes_allowed(self._core):
-                raise
+                taken = work.tx.meta(META_SCHEMA)
+                if not isinstance(taken, dict):
+                    raise
+                # The device runs a version it took from the server, not its schema
+                # file: an index added to the file only would never be built.
+                raise IndexRequired(
+                    exc.collection, exc.fields,
+                    f"{str(exc).removesuffix(BUILT_AT_OPEN)}, in a new version: this device "
+                    f"runs schema version {taken.get('sv')} taken from the server, not its "
+                    "schema file, and builds the index when it takes the version "
+                    "(waystation schema publish; docs/QUERIES.md)") from None
             raise IndexRequired(
                 exc.collection, exc.fields,
                 f"this device's store is encrypted, and index keys would hold field values "

@@ -14,6 +14,7 @@ import pytest
 
 from agent.api import Agent
 from agent.core import Work
+from agent.query.errors import IndexRequired
 from agent.store import record_key
 from schemas import codec, wire
 from schemas.collection import Catalog, parse_catalog
@@ -266,3 +267,15 @@ def test_kill_9_while_taking_a_version_leaves_the_old_one(tmp_path: Path) -> Non
         ag.sync.apply_welcome(AGREED)
         assert ag.sync.take_schema(push(3)).changed  # type: ignore[union-attr]
         assert ag.get("tasks", "t-1").fields["note"] == "gate"
+
+
+def test_index_required_on_a_taken_version_says_to_publish_the_index(v2: Agent) -> None:
+    """A device running a version it took from the server ignores its schema file's
+    indexes (docs/QUERIES.md): the refusal says to publish the index, not to add it to
+    the file and reopen the store, which would change nothing."""
+    v2.sync.take_schema(push(3))
+    with pytest.raises(IndexRequired) as refused:
+        v2.query({"collection": "tasks", "where": {"note": "gate"}})
+    message = str(refused.value)
+    assert "schema version 3 taken from the server" in message, message
+    assert "schema publish" in message and "next opens the store" not in message, message
