@@ -1,0 +1,116 @@
+"""A damaged store file: found before LMDB maps it, when it opens, or mid-run.
+
+LMDB has no checksums and trusts its file: a data.mdb cut short by a power loss is
+mapped as it is, and the first read past its end kills the process with SIGBUS (no
+exception, no message; under systemd a restart every few seconds); a data.mdb cut to 0
+bytes was taken for "no store yet" and silently replaced by an empty one, its pending
+changes lost. These checks turn every damage LMDB can notice into one `StoreDamaged`
+naming the file and what to do, and never write to the damaged file.
+
+What cannot be noticed: a flipped bit inside a stored value (LMDB keeps no checksum;
+an encrypted store's AES-GCM does notice it, as a decryption failure).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from agent.errors import StoreDamaged
+
+DATA_FILE = "data.mdb"
+_MIN_DATA_BYTES = 2 * 4096
+"""LMDB writes its two meta pages when it creates a store: a shorter data.mdb is cut
+short (4096 is the smallest page size LMDB uses on Linux)."""
+
+DAMAGE_ERRORS: tuple[type[lmdb.Error], ...] = (
+    lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
+    lmdb.VersionMismatchError, lmdb.BadTxnError, lmdb.PageFullError)
+"""LMDB's answers that mean the file's contents are not what it wrote. (MDB_BAD_TXN
+follows one of them inside a transaction; MDB_PAGE_FULL from a read is a page whose
+header lies.)"""
+
+
+def check_before_open(env_dir: Path) -> None:
+    """Refuse a data.mdb that exists but cannot be a store, before LMDB maps it (or
+    takes an empty one for a new store)."""
+    data = env_dir / DATA_FILE
+    try:
+        st = os.stat(data)
+    except FileNotFoundError:
+        return  # a new store
+    except OSError as exc:
+        raise _unreadable(data, exc) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreDamaged(str(data), "is not a file (a directory or device took its place)")
+    try:
+        fd = os.open(data, os.O_RDONLY)
+    except OSError as exc:
+        raise _unreadable(data, exc) from None
+    os.close(fd)
+    if st.st_size < _MIN_DATA_BYTES:
+        raise StoreDamaged(str(data), f"is cut short ({st.st_size} bytes, less than the "
+                           "two header pages every store has)")
+
+
+def check_after_open(env: Any, env_dir: Path) -> None:
+    """Refuse a data.mdb shorter than the pages its header says it holds (a truncation
+    on a page boundary or not): LMDB would map it and the first read of a page past its
+    end would kill the process with SIGBUS. Only the header pages are read here."""
+    data = env_dir / DATA_FILE
+    info, psize = env.info(), int(env.stat()["psize"])
+    needed = (int(info["last_pgno"]) + 1) * psize
+    size = os.stat(data).st_size
+    if size < needed:
+        raise StoreDamaged(str(data), f"is cut short ({size} bytes; its header says "
+                           f"{needed})")
+
+
+def damage_from(exc: lmdb.Error, env_dir: Path) -> StoreDamaged | None:
+    """The StoreDamaged an LMDB error means, or None when it is not damage."""
+    data = str(env_dir / DATA_FILE)
+    if isinstance(exc, DAMAGE_ERRORS):
+        return StoreDamaged(data, f"is damaged ({_short(exc)})")
+    if isinstance(exc, lmdb.Error) and "Is a directory" in str(exc):
+        return StoreDamaged(data, "is not a file (a directory or device took its place)")
+    return None
+
+
+def verify(env: Any, dbs: dict[str, Any], env_dir: Path) -> None:
+    """Walk every database's tree once (branch and leaf pages; values are not read):
+    damage LMDB can notice in those pages is found when the agent starts, not by a
+    request hours later. Raises StoreDamaged."""
+    try:
+        with env.begin(write=False, buffers=True) as txn:
+            for db in dbs.values():
+                with txn.cursor(db) as cur:
+                    for _key in cur.iternext(keys=True, values=False):
+                        pass
+    except lmdb.Error as exc:
+        found = damage_from(exc, env_dir)
+        if found is None:
+            raise
+        raise found from None
+
+
+def _unreadable(data: Path, exc: OSError) -> StoreDamaged:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return StoreDamaged(str(data), "cannot be read (permission denied)",
+                            "give the agent's user read and write access to it (chown to "
+                            "the service's user) and start the agent again")
+    return StoreDamaged(str(data), f"cannot be read ({exc.strerror or exc})")
+
+
+def _short(exc: lmdb.Error) -> str:
+    # lmdb's message repeats the path: keep LMDB's code and words only.
+    text = str(exc)
+    return text.rsplit(": ", 2)[-2] + ": " + text.rsplit(": ", 1)[-1] \
+        if text.count(": ") >= 2 else text
+
+
+__all__ = ["DAMAGE_ERRORS", "check_after_open", "check_before_open", "damage_from", "verify"]
