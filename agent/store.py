@@ -429,11 +429,11 @@ class Store:
             raise StorageError(f"the local store at {self.path} is closed")
 
     def verify(self) -> None:
-        """Walk every database's pages once (`agent.store_damage.verify`): the agent
-        service runs this when it starts, so damage is refused before it serves."""
+        """Walk every database's pages once (`agent.store_damage.verify`, in a child
+        process): the agent service runs this when it starts, so damage is refused
+        before it serves."""
         self._check_open()
-        with self._lock:
-            verify(self._env, self._dbs, self.path)
+        verify(self.path, DB_NAMES)
 
     # ------------------------------------------------------------------ status
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from agent.errors import StoreDamaged
+from agent.errors import StorageError, StoreDamaged
 
 DATA_FILE = "data.mdb"
 _MIN_DATA_BYTES = 2 * 4096
@@ -81,21 +84,52 @@ def damage_from(exc: lmdb.Error, env_dir: Path) -> StoreDamaged | None:
     return None
 
 
-def verify(env: Any, dbs: dict[str, Any], env_dir: Path) -> None:
-    """Walk every database's tree once (branch and leaf pages; values are not read):
-    damage LMDB can notice in those pages is found when the agent starts, not by a
-    request hours later. Raises StoreDamaged."""
+def verify(env_dir: Path, db_names: tuple[str, ...]) -> None:
+    """Walk every database's tree once (branch and leaf pages; values are not read), in
+    a child process: damage LMDB can notice is found when the agent starts, not by a
+    request hours later. A child, because LMDB answers some damage (a zeroed page met by
+    a cursor) with a failed assertion, abort(): that ends the child, not the agent.
+    Raises StoreDamaged."""
+    data = str(env_dir / DATA_FILE)
+    child = subprocess.run([sys.executable, "-m", "agent.store_damage", str(env_dir),
+                            *db_names], capture_output=True, text=True, check=False)
+    if child.returncode == 0:
+        return
+    if child.returncode < 0:
+        raise StoreDamaged(data, "is damaged (LMDB stopped reading it: "
+                           f"{_last_line(child.stderr) or signal.Signals(-child.returncode).name})")
+    if child.returncode == StoreDamaged.exit_code:
+        raise StoreDamaged(data, child.stdout.strip() or "is damaged")
+    raise StorageError(f"the check of the local store at {env_dir} failed (exit "
+                       f"{child.returncode}): {_last_line(child.stderr)}")
+
+
+def _walk(env_dir: Path, db_names: tuple[str, ...]) -> int:
+    """The child of `verify`: 0 when every tree reads, 6 (its detail on stdout) when
+    LMDB says one is damaged."""
     try:
-        with env.begin(write=False, buffers=True) as txn:
-            for db in dbs.values():
-                with txn.cursor(db) as cur:
-                    for _key in cur.iternext(keys=True, values=False):
-                        pass
+        env = lmdb.open(str(env_dir), readonly=True, max_dbs=len(db_names) + 2, subdir=True)
+        try:
+            with env.begin(write=False, buffers=True) as txn:
+                for name in db_names:
+                    db = env.open_db(name.encode(), txn=txn, create=False)
+                    with txn.cursor(db) as cur:
+                        for _key in cur.iternext(keys=True, values=False):
+                            pass
+        finally:
+            env.close()
     except lmdb.Error as exc:
         found = damage_from(exc, env_dir)
         if found is None:
             raise
-        raise found from None
+        print(found.detail)
+        return StoreDamaged.exit_code
+    return 0
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1].strip() if lines else ""
 
 
 def _unreadable(data: Path, exc: OSError) -> StoreDamaged:
@@ -114,3 +148,7 @@ def _short(exc: lmdb.Error) -> str:
 
 
 __all__ = ["DAMAGE_ERRORS", "check_after_open", "check_before_open", "damage_from", "verify"]
+
+
+if __name__ == "__main__":
+    sys.exit(_walk(Path(sys.argv[1]), tuple(sys.argv[2:])))
