@@ -263,7 +263,7 @@ def test_damage_found_mid_run_answers_503_storage_damaged_and_stops_writes(
             client.close()
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(page=st.integers(min_value=2), offset=st.integers(0, PAGE - 1),
        length=st.integers(1, 64), seed=st.integers(0, 2**32))
