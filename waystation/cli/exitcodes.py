@@ -40,5 +40,5 @@ EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
     textwrap.fill(meaning, 79, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
     for code, meaning in EXIT_CODES)
 
-__all__ = ["EXIT_CODES", "EXIT_CODES_HELP", "EXIT_DAMAGED", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_LISTEN",
-           "EXIT_NOT_AVAILABLE", "EXIT_OK", "EXIT_STORE", "EXIT_USAGE"]
+__all__ = ["EXIT_CODES", "EXIT_CODES_HELP", "EXIT_DAMAGED", "EXIT_ERROR", "EXIT_INTERRUPTED",
+           "EXIT_LISTEN", "EXIT_NOT_AVAILABLE", "EXIT_OK", "EXIT_STORE", "EXIT_USAGE"]
