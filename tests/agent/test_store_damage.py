@@ -29,7 +29,8 @@ from agent.api import Agent
 from agent.errors import StorageFormatError, StoreDamaged
 from agent.store import ENV_DIRNAME
 from schemas.collection import Catalog, example_catalog_path
-from tests.agent.agentkit import make_cfg
+from schemas import wire
+from tests.agent.agentkit import make_cfg, rec
 from tests.cli.procs import Proc, clean_env, run_cli
 from tests.helpers import wait_until
 from tests.http.httpkit import Client, issue, running_api
@@ -37,14 +38,20 @@ from waystation.cli.exitcodes import EXIT_DAMAGED
 
 PAGE = 4096
 RECORDS = 300
+SYNCED = 200
 
 
 def _build(data_dir: Path, catalog: Catalog) -> None:
-    """A store holding 300 pending changes, compacted (every page of the file is a live
-    page of a tree, so damage anywhere hits data the agent reads)."""
+    """A store holding 200 records synced from the server and 300 pending changes,
+    compacted (every page of the file is a live page of a tree, so damage anywhere hits
+    data the agent reads)."""
     with Agent.open(make_cfg(data_dir), catalog) as ag:
+        ag.sync.apply_delta(wire.Delta(d=[rec(f"s-{i}", i + 1, {"route": "route-42",
+                                                                 "notes": "y" * 200})
+                                          for i in range(SYNCED)]))
         for i in range(RECORDS):
             ag.put("tasks", f"t-{i}", {"route": "route-42", "notes": "x" * 200})
+        assert ag.get("tasks", "s-7") is not None
     env_dir = data_dir / ENV_DIRNAME
     compact = data_dir / "compact"
     compact.mkdir()
@@ -201,6 +208,7 @@ def test_lock_file_garbage_or_missing_is_harmless(template: Path, tmp_path: Path
             lock.unlink()
         with Agent.open(make_cfg(data_dir), catalog) as ag:
             assert len(ag.pending()) == RECORDS
+            assert ag.get("tasks", f"s-{SYNCED - 1}") is not None
 
 
 def test_store_of_a_newer_agent_is_refused_and_not_rewritten(
