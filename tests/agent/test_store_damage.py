@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from agent.api import Agent
 from agent.errors import StorageFormatError, StoreDamaged
 from agent.store import ENV_DIRNAME
-from schemas.collection import Catalog, example_catalog_path
 from schemas import wire
+from schemas.collection import Catalog, example_catalog_path
 from tests.agent.agentkit import make_cfg, rec
 from tests.cli.procs import Proc, clean_env, run_cli
 from tests.helpers import wait_until
