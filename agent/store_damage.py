@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ DATA_FILE = "data.mdb"
 _MIN_DATA_BYTES = 2 * 4096
 """LMDB writes its two meta pages when it creates a store: a shorter data.mdb is cut
 short (4096 is the smallest page size LMDB uses on Linux)."""
+
+_CREATION_WAIT_S = 2.0
+"""How long a data.mdb shorter than its header may take to get it (another process
+creating the store writes both pages at once, within milliseconds)."""
 
 DAMAGE_ERRORS: tuple[type[lmdb.Error], ...] = (
     lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
@@ -56,6 +61,13 @@ def check_before_open(env_dir: Path) -> None:
     except OSError as exc:
         raise _unreadable(data, exc) from None
     os.close(fd)
+    if st.st_size < _MIN_DATA_BYTES:
+        # Another process may be creating the store this instant: LMDB creates the file,
+        # then writes its header pages under its own lock (which this check runs before).
+        deadline = time.monotonic() + _CREATION_WAIT_S
+        while st.st_size < _MIN_DATA_BYTES and time.monotonic() < deadline:
+            time.sleep(0.05)
+            st = os.stat(data)
     if st.st_size < _MIN_DATA_BYTES:
         raise StoreDamaged(str(data), f"is cut short ({st.st_size} bytes, less than the "
                            "two header pages every store has)")

@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -297,3 +298,23 @@ def test_random_damage_anywhere_is_refused_or_harmless_never_a_crash(
     if code is not None:
         assert code == EXIT_DAMAGED, proc.text()[-2000:]
         assert "store damaged" in proc.text() and "Traceback" not in proc.text()
+
+
+def test_a_store_being_created_by_another_process_is_not_damage(
+        template: Path, tmp_path: Path, catalog: Catalog) -> None:
+    """data.mdb is 0 bytes for an instant while another process creates the store
+    (LMDB writes its header pages under its own lock, after this check): an opener
+    that meets it then waits for the header instead of calling the store damaged."""
+    data_dir = tmp_path / "data"
+    env_dir = data_dir / ENV_DIRNAME
+    env_dir.mkdir(parents=True)
+    data = env_dir / "data.mdb"
+    data.write_bytes(b"")
+    done = threading.Timer(0.3, lambda: data.write_bytes(
+        (template / ENV_DIRNAME / "data.mdb").read_bytes()))
+    done.start()
+    try:
+        with Agent.open(make_cfg(data_dir), catalog) as ag:
+            assert len(ag.pending()) == RECORDS
+    finally:
+        done.join()
