@@ -6,6 +6,8 @@
         │   ├── StoreGone           the store was wiped (remote wipe): reopen it
         │   ├── StorageFullError    the disk or the configured map-size limit is full
         │   ├── QuotaReached        the device's disk quota (storage.quota_bytes) is used
+        │   ├── StoreDamaged        the store's file is damaged (truncated, overwritten,
+        │   │                       not a file): move it aside, start fresh
         │   ├── StorageFormatError  the store was written in another on-disk format
         │   ├── EncryptionKeyError  missing, unreadable or wrong encryption key
         │   ├── ConversionPending   `agent encrypt` / `decrypt` is under way or was cut short
@@ -73,6 +75,24 @@ class QuotaReached(StorageError):
             "storage.quota_bytes")
         self.used = used
         self.quota = quota
+
+
+class StoreDamaged(StorageError):
+    """The store's file is damaged (an SD card's bad block, a power loss the filesystem
+    did not survive): truncated, overwritten, not a file, unreadable. Restarting cannot
+    repair it, so the agent refuses it with one message naming the file and what to do
+    (deploy/README.md, "A damaged device store"); it never rewrites the file."""
+
+    exit_code = 6  # waystation.cli.exitcodes.EXIT_DAMAGED; RestartPreventExitStatus
+
+    def __init__(self, path: str, detail: str, action: str | None = None) -> None:
+        action = action or (
+            "stop the agent, move its directory aside (never delete it: the pending changes "
+            "still readable in it can be saved) and start the agent again on a fresh store; "
+            "see \"A damaged device store\" in deploy/README.md")
+        super().__init__(f"store damaged: the local store file {path} {detail}: {action}")
+        self.path = path
+        self.detail = detail
 
 
 class StorageFormatError(StorageError):
@@ -153,6 +173,7 @@ __all__ = [
     "StorageError",
     "StorageFormatError",
     "StorageFullError",
+    "StoreDamaged",
     "StoreGone",
     "StoreInUse",
     "StoreUnusable",

@@ -90,9 +90,11 @@ from agent.errors import (
     EncryptionKeyError,
     StorageError,
     StorageFullError,
+    StoreDamaged,
 )
 from agent.groupcommit import GroupCommit, GroupStats, Job
 from agent.keyring import KeyEncryptionKey, data_cipher
+from agent.store_damage import check_after_open, check_before_open, damage_from, verify
 from agent.store_format import FORMAT_VERSION, check_format
 from agent.store_tx import ENCRYPTED_DBS, Tx
 from waystation.atrest import files as atrest_files
@@ -182,6 +184,8 @@ class Store:
         self._dbs: dict[str, Any] = {}
         self._group = GroupCommit(self._run_group)
         self.closed = False
+        self.damaged: StoreDamaged | None = None
+        """Set when a read or write met damage: every later write is refused with it."""
 
     # ------------------------------------------------------------------ opening
 
@@ -191,6 +195,7 @@ class Store:
         """Open (or create) the environment under `data_dir`, encrypted when `kek` (the
         operator's key, `agent.keyring`) is given."""
         env_dir = Path(data_dir) / ENV_DIRNAME
+        check_before_open(env_dir)  # a damaged data.mdb is refused, never taken for new
         new_store = not (env_dir / "data.mdb").exists()
         if new_store:
             if not create:
@@ -241,9 +246,13 @@ class Store:
         except lmdb.Error as exc:
             if is_disk_full(exc, env_dir):
                 raise StorageFullError(str(env_dir)) from None
+            damaged = damage_from(exc, env_dir)
+            if damaged is not None:
+                raise damaged from None
             raise StorageError(f"cannot open the local store at {env_dir}: {exc}") from None
         store = cls(env_dir, env, cipher, max(max_map_size_mb, map_size_mb) * _MIB, reg_key)
         try:
+            check_after_open(env, env_dir)  # before any page past the header is read
             env.reader_check()  # clear reader slots of killed processes
             for name in DB_NAMES:
                 store._dbs[name] = store._retry(partial(env.open_db, name.encode()))
@@ -314,6 +323,8 @@ class Store:
         transaction begins, as in `read`.
         """
         self._check_open()
+        if self.damaged is not None:
+            raise self.damaged
         if getattr(self._local, "writing", False):
             raise RuntimeError("nested write transaction on the agent store (would deadlock)")
         result: T = self._group.submit(fn, durable)
@@ -406,11 +417,23 @@ class Store:
     def _storage_error(self, exc: lmdb.Error) -> StorageError:
         if is_disk_full(exc, self.path):
             return StorageFullError(str(self.path))
+        damaged = damage_from(exc, self.path)
+        if damaged is not None:
+            # Writing on into a damaged tree can only spread the damage: stop writes.
+            self.damaged = self.damaged or damaged
+            return self.damaged
         return StorageError(f"the local store at {self.path} failed: {exc}")
 
     def _check_open(self) -> None:
         if self.closed:
             raise StorageError(f"the local store at {self.path} is closed")
+
+    def verify(self) -> None:
+        """Walk every database's pages once (`agent.store_damage.verify`, in a child
+        process): the agent service runs this when it starts, so damage is refused
+        before it serves."""
+        self._check_open()
+        verify(self.path, DB_NAMES)
 
     # ------------------------------------------------------------------ status
 

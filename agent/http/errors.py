@@ -7,6 +7,7 @@
                                  404 unknown_collection
         StorageFullError         507 storage_full
         QuotaReached             507 quota_reached
+        StoreDamaged             503 storage_damaged
         StorageError             503 storage_unavailable
         DeviceMismatch, other    500 internal
 """
@@ -26,6 +27,7 @@ from agent.errors import (
     QuotaReached,
     StorageError,
     StorageFullError,
+    StoreDamaged,
 )
 
 JSON = "application/json"
@@ -65,6 +67,8 @@ def from_agent_error(exc: AgentError) -> ApiError:
         return ApiError(507, "quota_reached", str(exc))
     if isinstance(exc, StorageFullError):
         return ApiError(507, "storage_full", str(exc))
+    if isinstance(exc, StoreDamaged):
+        return ApiError(503, "storage_damaged", str(exc))
     if isinstance(exc, StorageError):
         return ApiError(503, "storage_unavailable", str(exc))
     return ApiError(500, "internal", str(exc))

@@ -26,6 +26,11 @@ def run(cfg: AgentConfig, config_path: Path | None, *, env: Mapping[str, str]) -
     lock = acquire_service_lock(Path(cfg.data_dir))
     try:
         agent = Agent.open(cfg, catalog, env=env)
+        try:
+            agent.store.verify()  # a damaged store: StoreDamaged (exit 6), never served
+        except BaseException:
+            agent.close()
+            raise
         supervisor = SyncSupervisor(config_path, env)
         api = ApiServer(cfg, agent, sync_running=lambda: supervisor.running)
 

@@ -15,6 +15,7 @@ EXIT_USAGE = 2
 EXIT_STORE = 3
 EXIT_LISTEN = 4
 EXIT_NOT_AVAILABLE = 5
+EXIT_DAMAGED = 6
 EXIT_INTERRUPTED = 130
 
 # (code, meaning) in the order --help lists them.
@@ -29,6 +30,9 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (EXIT_LISTEN, "cannot listen on a configured port (in use by another process, or not "
                   "permitted)"),
     (EXIT_NOT_AVAILABLE, "command not available in this version"),
+    (EXIT_DAMAGED, "the device's local store file is damaged (truncated, overwritten, not "
+                   "a file): restarting cannot help, move it aside (deploy/README.md, \"A "
+                   "damaged device store\")"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C, SIGINT)"),
 )
 
@@ -36,5 +40,5 @@ EXIT_CODES_HELP = "exit codes:\n" + "\n".join(
     textwrap.fill(meaning, 79, initial_indent=f"  {code:<4} ", subsequent_indent=" " * 7)
     for code, meaning in EXIT_CODES)
 
-__all__ = ["EXIT_CODES", "EXIT_CODES_HELP", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_LISTEN",
-           "EXIT_NOT_AVAILABLE", "EXIT_OK", "EXIT_STORE", "EXIT_USAGE"]
+__all__ = ["EXIT_CODES", "EXIT_CODES_HELP", "EXIT_DAMAGED", "EXIT_ERROR", "EXIT_INTERRUPTED",
+           "EXIT_LISTEN", "EXIT_NOT_AVAILABLE", "EXIT_OK", "EXIT_STORE", "EXIT_USAGE"]
