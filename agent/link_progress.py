@@ -4,7 +4,7 @@ On a slow link (GPRS/EDGE: 20-60 kbit/s, stalls of seconds) one catch-up page of
 192 KiB (PROTOCOL.md §7.7) takes a minute or more to arrive, and the device learns of it
 only once the whole message is in. Measured through a 32 kbit/s link: a catch-up
 retried after `ack_timeout_s` (10 s) while its page was still arriving made the server
-send the page again, 51 retries in 7 minutes and the device never caught up (each copy
+send the page again: 51 retries in 10 minutes and the device had not caught up (each copy
 queued behind the last). So the timers that wait for an answer (the catch-up retry, the
 deaf-link check) count from the latest moment the link was seen delivering, not from
 the request: bytes arriving are the answer, or what it queues behind. A deaf link
