@@ -190,6 +190,7 @@ class MqttLink(NetworkThread):
         client.on_socket_register_write = _ignore_socket
         client.on_socket_unregister_write = _ignore_socket
         self._client = client
+        self._counting = client
 
     @classmethod
     def from_config(
@@ -238,7 +239,7 @@ class MqttLink(NetworkThread):
         """Bytes read from the broker's connections so far (every connection, partial
         packets included): on a slow link a big message takes a minute to arrive, and
         this is how a waiting device sees that its answer is on the way."""
-        return self._client.bytes_in
+        return self._counting.bytes_in
 
     def start(self) -> None:
         """Start the network thread (connects, then keeps reconnecting until ``stop``)."""
