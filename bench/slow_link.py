@@ -88,7 +88,7 @@ def raw(fleet: Fleet, relay: SlowRelay, dev: str, nbytes: int, up: bool) -> floa
     return took
 
 
-def scenario(name: str, *, changes: int, records: int, rate: int, rtt: float,
+def scenario(*, name: str, changes: int, records: int, rate: int, rtt: float,
              stall_every: float, stall: float, timeout: float) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="slowlink-"))
     with Fleet(root, "embedded") as fleet:
@@ -140,23 +140,29 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a tenth of the records")
     ap.add_argument("--rate", type=int, default=32_000, help="bits per second each way")
     ap.add_argument("--rtt", type=float, default=0.6)
+    ap.add_argument("--only", choices=["a", "b", "c"], nargs="*", help="these scenarios")
+    ap.add_argument("--timeout", type=float, default=900.0, help="give up a scenario after")
+    ap.add_argument("--out", default="slow_link", help="results/NAME.json (e.g. -before)")
     args = ap.parse_args()
     scale = 10 if args.quick else 1
-    common = {"rate": args.rate, "rtt": args.rtt, "timeout": 900.0}
+    only = set(args.only or "abc")
+    common = {"rate": args.rate, "rtt": args.rtt, "timeout": args.timeout}
     changes, records = 300 // scale, 2000 // scale
-    rows = [
-        scenario(f"a: {changes} changes up", changes=changes, records=0,
-                 stall_every=0, stall=0, **common),
-        scenario(f"b: catch-up {records} records", changes=0, records=records,
-                 stall_every=0, stall=0, **common),
-        scenario("c: as b, 5 s stall every 20 s", changes=0, records=records,
-                 stall_every=20, stall=5, **common),
-    ]
+    plans = {
+        "a": dict(name=f"a: {changes} changes up", changes=changes, records=0,
+                  stall_every=0, stall=0),
+        "b": dict(name=f"b: catch-up {records} records", changes=0, records=records,
+                  stall_every=0, stall=0),
+        "c": dict(name="c: as b, 5 s stall every 20 s", changes=0, records=records,
+                  stall_every=20, stall=5),
+    }
+    rows = [scenario(**plan, **common) for key, plan in plans.items()  # type: ignore[arg-type]
+            if key in only]
     keys = ["scenario", "done", "seconds", "raw_seconds", "ratio", "bytes_up", "bytes_down",
             "connections", "catchup_retries", "deaf_reconnects"]
     print_table(f"Slow link: {args.rate / 1000:g} kbit/s each way, RTT {args.rtt:g} s",
                 keys, [[r[k] for k in keys] for r in rows])
-    write_json("slow_link" + ("-quick" if args.quick else ""),
+    write_json(args.out + ("-quick" if args.quick else ""),
                {"versions": versions(), "rate_bps": args.rate, "rtt_s": args.rtt,
                 "rows": rows})
     return 0
