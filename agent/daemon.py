@@ -56,6 +56,7 @@ from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.daemon_retention import RetentionHooks
 from agent.daemon_wake import WakeHooks
+from agent.link_progress import LinkProgress
 from agent.pacing import Pacer
 from agent.policy.decide import Decision
 from agent.policy.gate import Gate
@@ -127,6 +128,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         self._earliest = float("inf")  # nothing in _inflight was sent before this
         self.answer_wait = AnswerWait(cfg.sync.ack_timeout_s)
         """How long what is in flight waits for an answer (`agent.answer_wait`)."""
+        self.progress = LinkProgress()
+        """When the link was last seen delivering (`agent.link_progress`)."""
         self._retry_at: dict[int, float] = {}        # n -> not before (transient rejects)
         self._catchup: CatchupRound | None = None  # the catch-up under way
         self._catchup_sent = 0.0
@@ -451,6 +454,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         self._may_send = True
         if not self._connected:
             return
+        self.progress.observe(now, self.link.bytes_in)
         self._note_policy()
         if self._reports.periodic_due(now):
             self._publish_status(True)
@@ -465,8 +469,12 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         self._deaf_check(now)
         if self._catchup is not None:
             # An unanswered catch-up is retried like an unacked change: after the ack
-            # timeout (the request or its answer may have been lost in a reconnect).
-            if now - self._catchup_sent >= max(_CATCHUP_RETRY_MIN_S, sync_cfg.ack_timeout_s):
+            # timeout (the request or its answer may have been lost in a reconnect),
+            # counted from the last bytes the link delivered: on a slow link the page
+            # asked for takes longer than that to arrive, and asking again only queues
+            # another copy behind it (agent.link_progress).
+            start = self.progress.stretched(self._catchup_sent, self.answer_wait.limit)
+            if now - start >= max(_CATCHUP_RETRY_MIN_S, sync_cfg.ack_timeout_s):
                 log.info("catchup_retry", dev=self.dev)
                 self._start_catchup()
         elif (now >= self._behind_wait_until

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import structlog
 
+from agent.link_progress import LinkProgress
 from agent.policy.gate import Gate
 from waystation.config import AgentConfig
 from waystation.mqtt import MqttLink
@@ -33,6 +34,7 @@ class DeafHooks:
     dev: str
     gate: Gate
     link: MqttLink
+    progress: LinkProgress
     _connected: bool
     _asked_at: float | None = None
     """When the oldest request still waiting for any answer went out (None: none)."""
@@ -56,7 +58,11 @@ class DeafHooks:
 
     def _deaf_check(self, now: float) -> None:
         asked, wait = self._asked_at, self._deaf_after or self.cfg.sync.deaf_after_s
-        if not self._connected or asked is None or now - asked < wait:
+        if not self._connected or asked is None:
+            return
+        # A link delivering bytes is not deaf: the answer may be queued behind a page
+        # that takes minutes on GPRS (agent.link_progress).
+        if now - self.progress.stretched(asked, DEAF_AFTER_MAX_S) < wait:
             return
         if self.cfg.policy.wait_for_server and self.gate.server.up is False:
             return  # no server to answer: not the link's fault

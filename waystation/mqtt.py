@@ -158,7 +158,7 @@ class MqttLink(NetworkThread):
         self._clean_stop = True
         self._thread: threading.Thread | None = None
 
-        client = paho.Client(
+        client = _CountingClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=clean_session,
@@ -190,6 +190,7 @@ class MqttLink(NetworkThread):
         client.on_socket_register_write = _ignore_socket
         client.on_socket_unregister_write = _ignore_socket
         self._client = client
+        self._counting = client
 
     @classmethod
     def from_config(
@@ -232,6 +233,13 @@ class MqttLink(NetworkThread):
             return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         except OSError:
             return None
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes read from the broker's connections so far (every connection, partial
+        packets included): on a slow link a big message takes a minute to arrive, and
+        this is how a waiting device sees that its answer is on the way."""
+        return self._counting.bytes_in
 
     def start(self) -> None:
         """Start the network thread (connects, then keeps reconnecting until ``stop``)."""
@@ -316,6 +324,17 @@ class MqttLink(NetworkThread):
             return False
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+class _CountingClient(paho.Client):
+    """paho's client counting the bytes it reads (paho tells only whole packets)."""
+
+    bytes_in = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        data = super()._sock_recv(bufsize)
+        self.bytes_in += len(data)  # only the network thread reads: no lock needed
+        return data
 
 
 def _ignore_socket(client: paho.Client, userdata: Any, sock: Any) -> None:

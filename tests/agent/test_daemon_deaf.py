@@ -14,6 +14,7 @@ import pytest
 
 from agent.daemon import AgentDaemon
 from agent.daemon_deaf import DEAF_AFTER_MAX_S, DeafHooks
+from agent.link_progress import PROGRESS_BYTES, LinkProgress
 from agent.policy.server import ServerWatch
 from schemas.collection import example_catalog_path, load_catalog
 from tests.deaf_relay import DeafRelay
@@ -140,6 +141,7 @@ class _Daemon(DeafHooks):
         self.watch = ServerWatch()
         self.gate = SimpleNamespace(server=self.watch)  # type: ignore[assignment]
         self.link = self.fake = _Link()  # type: ignore[assignment]
+        self.progress = LinkProgress()
         self._connected = True
 
 
@@ -161,6 +163,22 @@ def test_the_wait_starts_at_the_first_unanswered_request_and_doubles(tmp_path: P
     d._asked(40.0)
     d._deaf_check(50.0)
     assert d.fake.relogins == 3
+
+
+def test_a_link_still_delivering_bytes_is_not_deaf(tmp_path: Path) -> None:
+    # A catch-up page of 192 KiB takes ~80 s over 20 kbit/s, and arrives in one piece:
+    # the bytes coming in meanwhile are the answer on its way, not silence.
+    d = _Daemon(tmp_path)
+    d._asked(0.0)
+    for t in range(1, 80):
+        d.progress.observe(float(t), t * 2500)
+        d._deaf_check(float(t))
+    assert d.fake.relogins == 0
+    d._deaf_check(79.0 + 9.9)
+    assert d.fake.relogins == 0
+    d._deaf_check(79.0 + 10.0)  # then silence as long as the wait: deaf
+    assert d.fake.relogins == 1
+    assert PROGRESS_BYTES < 2500
 
 
 def test_an_answer_a_closed_link_or_a_server_announced_down_keeps_the_link(
