@@ -11,55 +11,29 @@ the device.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 from collections.abc import Collection
 
-from tests.tcp_relay import close_both, pump, relay_pairs
+from tests.tcp_relay import Relay, close_both, pump
 
 _PUBLISH = 3
 
 
-class DeafRelay:
+class DeafRelay(Relay):
     """Relays 127.0.0.1:`port` to the broker; connections numbered from 1 in
     `deaf_connections` get no PUBLISH from the broker."""
 
     def __init__(self, broker_port: int, deaf_connections: Collection[int]) -> None:
-        self.target = ("127.0.0.1", broker_port)
         self.deaf = set(deaf_connections)
-        self.connections = 0
         self.dropped = 0
         """PUBLISH packets the relay kept from a deaf connection's client."""
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True, name="deaf-relay").start()
+        super().__init__(("127.0.0.1", broker_port), "deaf-relay")
 
-    def __enter__(self) -> DeafRelay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with self._lock:
-            socks, self._sockets = [self._listener, *self._sockets], []
-        for sock in socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self) -> None:
-        for client, upstream in relay_pairs(self._listener, self.target):
-            with self._lock:
-                self.connections += 1
-                number = self.connections
-                self._sockets += [client, upstream]
-            threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, number),
-                             daemon=True).start()
+    def relay(self, client: socket.socket, upstream: socket.socket, number: int) -> None:
+        threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._down, args=(upstream, client, number),
+                         daemon=True).start()
 
     def deafen_current(self) -> None:
         """From now on the latest connection hears nothing more (later ones do)."""

@@ -13,63 +13,38 @@ relay stops reading, so the sender's TCP window closes as it would on the real l
 
 from __future__ import annotations
 
-import contextlib
 import math
 import socket
 import threading
 import time
 from collections import deque
 
-from tests.tcp_relay import close_both, relay_pairs
+from tests.tcp_relay import Relay, close_both
 
 _CHUNK = 512
 """Bytes the relay reads at once: about a radio block's worth, so a big message trickles."""
 
 
-class SlowRelay:
+class SlowRelay(Relay):
     """Relays 127.0.0.1:`port` to 127.0.0.1:`target_port` through a slow link."""
 
     def __init__(self, target_port: int, *, rate_bps: int = 32_000, rtt_s: float = 0.6,
                  stall_every_s: float = 0.0, stall_s: float = 0.0,
                  buffer_bytes: int = 32_768) -> None:
-        self.target = ("127.0.0.1", target_port)
         self.rate = rate_bps / 8.0  # bytes per second
         self.delay = rtt_s / 2
         self.stall_every = stall_every_s
         self.stall = stall_s
         self.buffer = buffer_bytes
-        self.connections = 0
         self.bytes_up = 0
         """Bytes that crossed the link from the client (the device) to the target."""
         self.bytes_down = 0
-        self._lock = threading.Lock()
         self._t0 = time.monotonic()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True, name="slow-relay").start()
+        super().__init__(("127.0.0.1", target_port), "slow-relay")
 
-    def __enter__(self) -> SlowRelay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with self._lock:
-            socks, self._sockets = [self._listener, *self._sockets], []
-        for sock in socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self) -> None:
-        for client, upstream in relay_pairs(self._listener, self.target):
-            with self._lock:
-                self.connections += 1
-                self._sockets += [client, upstream]
-            for src, dst, up in ((client, upstream, True), (upstream, client, False)):
-                _Direction(self, src, dst, up).start()
+    def relay(self, client: socket.socket, upstream: socket.socket, number: int) -> None:
+        for src, dst, up in ((client, upstream, True), (upstream, client, False)):
+            _Direction(self, src, dst, up).start()
 
     def after_stall(self, t: float) -> float:
         """The first moment at or after `t` that the link is not stalled."""
