@@ -19,6 +19,7 @@ from agent.http.server import ApiServer
 from schemas.collection import Catalog
 from tests.helpers import free_port, wait_until
 from tests.http.httpkit import Client, issue, running_api
+from tests.slowloris import send_head_slowly
 from waystation.config import AgentConfig
 
 LIMIT = 1 + 256 + 16  # the least api.max_connections with max_feed_clients = 1
@@ -143,18 +144,8 @@ def test_silent_and_slowloris_connections_are_closed_after_idle_timeout(
     with (_serving(cfg, catalog, idle_timeout_s=1.0) as (server, token),
           _unix(server) as silent, _unix(server) as slow):
         started = time.monotonic()
-        slow.settimeout(0.2)
-        closed = False
-        for byte in b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200:
-            try:
-                slow.sendall(bytes([byte]))
-                closed = slow.recv(1) == b""
-            except TimeoutError:
-                pass
-            except (BrokenPipeError, ConnectionResetError):
-                closed = True
-            if closed or time.monotonic() - started > 10:
-                break
+        closed = send_head_slowly(slow, b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Pad: "
+                                  + b"a" * 200)
         assert closed, "a head sent one byte at a time kept its connection open"
         assert time.monotonic() - started < 5
         assert silent.recv(1) == b""

@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from broker.server.metrics import serve_metrics
 from tests.helpers import free_port, wait_until
 from tests.server.test_metrics import _Counts
+from tests.slowloris import send_head_slowly
 
 LIMIT = 8
 
@@ -58,19 +59,9 @@ def test_slowloris_head_is_closed_after_the_timeout() -> None:
     server = serve_metrics(_Counts(), port, max_connections=LIMIT, timeout_s=1.0)
     try:
         with _connect(port) as slow:
-            slow.settimeout(0.2)
             started = time.monotonic()
-            closed = False
-            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200:
-                try:
-                    slow.sendall(bytes([byte]))
-                    closed = slow.recv(1) == b""
-                except TimeoutError:
-                    pass
-                except (BrokenPipeError, ConnectionResetError):
-                    closed = True
-                if closed or time.monotonic() - started > 10:
-                    break
+            closed = send_head_slowly(slow, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: "
+                                      + b"a" * 200)
             assert closed, "a head sent a byte at a time kept its connection"
             assert time.monotonic() - started < 4
         _scrape(port)
