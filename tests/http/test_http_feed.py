@@ -71,16 +71,22 @@ class Sse:
         """The next `count` SSE events with data, each passed to `check(fields, doc)`."""
         out: list[dict[str, Any]] = []
         while len(out) < count:
+            fields, doc = self.next_event()
+            check(fields, doc)
+            out.append(doc)
+        return out
+
+    def next_event(self) -> tuple[dict[bytes, bytes], dict[str, Any]]:
+        """The next SSE event with data: its fields and its parsed data (comments skipped);
+        ConnectionError once the stream has ended."""
+        while True:
             while b"\n\n" not in self.text:
                 self._more()
             block, _, self.text = self.text.partition(b"\n\n")
             fields = dict(line.split(b": ", 1) for line in block.split(b"\n")
                           if b": " in line and not line.startswith(b":"))
             if b"data" in fields:
-                doc = orjson.loads(fields[b"data"])
-                check(fields, doc)
-                out.append(doc)
-        return out
+                return fields, orjson.loads(fields[b"data"])
 
     def close(self) -> None:
         self.sock.close()

@@ -36,13 +36,8 @@ def api_v2(cfg: AgentConfig) -> Iterator[tuple[ApiServer, Agent]]:
 
 def _events(live: LiveSse) -> Iterator[tuple[bytes, dict[str, Any]]]:
     while True:
-        while b"\n\n" not in live.text:
-            live._more()
-        block, _, live.text = live.text.partition(b"\n\n")
-        fields = dict(line.split(b": ", 1) for line in block.split(b"\n")
-                      if b": " in line and not line.startswith(b":"))
-        if b"data" in fields:
-            yield fields[b"event"], orjson.loads(fields[b"data"])
+        fields, doc = live.next_event()
+        yield fields[b"event"], doc
 
 
 def test_live_query_on_a_renamed_field_ends_with_an_error_naming_the_version(
