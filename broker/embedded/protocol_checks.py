@@ -25,9 +25,9 @@ every one of these unless said otherwise):
   U+0000 (MQTT-1.5.3-1/-2: the server must close the connection). amqtt turned the
   bytes into the text of their repr and the login failed: CONNACK 5, "not
   authorized", as if the password were wrong. Closed without a CONNACK now, as by
-  Mosquitto. (The password is binary data in 3.1.1: not checked. Mosquitto also closes
-  on the characters the spec only says SHOULD NOT be sent, U+0001-U+001F, U+007F-U+009F
-  and non-characters; the embedded broker accepts them, as in topics.)
+  Mosquitto; so are the characters the spec only says SHOULD NOT be sent
+  (U+0001-U+001F, U+007F-U+009F, non-characters), which Mosquitto refuses as well. (The
+  password is binary data in 3.1.1: not checked.)
 - **Topic filters and names used wrongly**: a ``#`` that is not the last level, a ``+``
   sharing a level, an empty filter or topic, a NUL character (MQTT-1.5.3-2, 4.7.1,
   3.3.2-2), a PUBLISH to a topic with a wildcard: amqtt refused filters through the ACL
@@ -123,12 +123,30 @@ class ConnectHeaderCheck:
 
 def mqtt_string_violation(raw: bytes) -> str | None:
     """Why `raw` is not an MQTT 3.1.1 string (§1.5.3), or None: ill-formed UTF-8
-    (Python's strict decoder also refuses surrogates and overlong forms) or U+0000."""
+    (Python's strict decoder also refuses surrogates and overlong forms), U+0000, or a
+    code point the spec says SHOULD NOT be sent (`discouraged`)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return "is not UTF-8"
-    return "holds U+0000" if "\x00" in text else None
+    if "\x00" in text:
+        return "holds U+0000"
+    bad = discouraged(text)
+    return None if bad is None else f"holds {bad}"
+
+
+def discouraged(text: str) -> str | None:
+    """The first character of `text` MQTT-1.5.3-4 discourages, named (a control
+    character, U+0001-U+001F or U+007F-U+009F, or a non-character), or None. Mosquitto
+    2.0.11 closes a connection whose CONNECT strings hold one; so does the embedded
+    broker, so that a device tried against it is not refused in production."""
+    for char in text:
+        code = ord(char)
+        if code <= 0x1F or 0x7F <= code <= 0x9F:
+            return f"U+{code:04X} (a control character)"
+        if 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE:
+            return f"U+{code:04X} (a Unicode non-character)"
+    return None
 
 
 _CONNECT_VARIABLE_HEADER = 10

@@ -77,6 +77,15 @@ NOT_MQTT_STRINGS = {
     "user name with U+0000": _connect_strings(user=b"van-12\x00"),
     "will topic not UTF-8": _connect_strings(will_topic=STATUS + b"\xff"),
     "will topic with U+0000": _connect_strings(will_topic=STATUS + b"\x00"),
+    # MQTT-1.5.3 only says SHOULD NOT for these, and lets a server close: Mosquitto does
+    "client id with U+0001": _connect_strings(client_id=b"van-12\x01"),
+    "client id with U+001F": _connect_strings(client_id=b"van\x1f-12"),
+    "client id with U+007F": _connect_strings(client_id=b"van-12\x7f"),
+    "client id with U+0085": _connect_strings(client_id="van-12\x85".encode()),
+    "client id with U+FFFF": _connect_strings(client_id="van-12\uffff".encode()),
+    "client id with U+FDD0": _connect_strings(client_id="van-12\ufdd0".encode()),
+    "user name with U+0009": _connect_strings(user=b"van-12\t"),
+    "will topic with U+001B": _connect_strings(will_topic=STATUS + b"\x1b"),
 }
 
 # name: (packets, what the broker answers before closing; None: it keeps the connection)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import unicodedata
 from collections.abc import Iterator
 
 from hypothesis import given
@@ -90,17 +91,34 @@ def test_connect_strings_are_judged_the_same_however_they_arrive(
     assert _fed(ConnectStringsCheck(), body + tail, cuts) == expected
 
 
-@given(text=st.text(max_size=20))
-def test_an_mqtt_string_is_utf8_without_nul(text: str) -> None:
-    """Any text encodes to a valid MQTT string unless it holds U+0000 (Python's text may
-    hold lone surrogates: their bytes are not UTF-8)."""
+def _noncharacter(char: str) -> bool:
+    """Unicode's 66 non-characters (U+FDD0..U+FDEF and the last two of each plane)."""
+    code = ord(char)
+    return 0xFDD0 <= code <= 0xFDEF or code % 0x10000 in (0xFFFE, 0xFFFF)
+
+
+@given(text=st.text(max_size=20) | st.text(st.sampled_from(
+    "ab\x00\x01\x1f\x20\x7e\x7f\x9f\xa0\ufdcf\ufdd0\ufdef\ufdf0\ufffd\ufffe\uffff"
+    "\U0001fffe\U0010ffff\U0010fffd"), max_size=6))
+def test_an_mqtt_string_is_utf8_without_nul_or_discouraged_characters(text: str) -> None:
+    """Any text encodes to a valid MQTT string unless it holds U+0000, a control
+    character or a non-character (the first one is named; Python's text may hold lone
+    surrogates: their bytes are not UTF-8)."""
     try:
         raw = text.encode()
     except UnicodeEncodeError:
         raw = text.encode("utf-8", "surrogatepass")
         assert mqtt_string_violation(raw) == "is not UTF-8"
         return
-    assert mqtt_string_violation(raw) == ("holds U+0000" if "\x00" in text else None)
+    if "\x00" in text:
+        expected: str | None = "holds U+0000"
+    else:
+        first = next((c for c in text
+                      if unicodedata.category(c) == "Cc" or _noncharacter(c)), None)
+        expected = None if first is None else f"holds U+{ord(first):04X} (a " + (
+            "control character)" if unicodedata.category(first) == "Cc"
+            else "Unicode non-character)")
+    assert mqtt_string_violation(raw) == expected
 
 
 @given(level=st.integers(0, 255).filter(lambda n: n != 4))
