@@ -21,12 +21,22 @@ idem     sha256(scope NUL key) (32 B)       {"m": method, "p": path, "b": body s
                                             sealed on an encrypted store (the answer
                                             names records and change ids)
 idem_t   t ms (8 B) + the idem key (32 B)   b"" -- oldest first, for pruning
+idem_a   app tag (8 B) + t ms (8 B) + the   b"" -- each app's keys oldest first, for
+         idem key (32 B)                    the fair bound
+idem_c   app tag (8 B)                      how many keys the app holds (8 B)
 =======  =================================  ==========================================
+
+The app tag is the first 8 bytes of sha256("app" NUL app name); the idem record names
+it ("g", hex) so that a record pruned by age also leaves its app's entries.
 
 Keys are hashed: what an app sends is never a database key (its length and bytes are
 the app's), and the file does not show it. Bounded: a record older than `keep_ms` is
 treated as absent, and every write that records a key deletes up to `PRUNE_BATCH`
-of the oldest records that are expired or over `max_keys`.
+records: the oldest expired ones, then, while more than `max_keys` are held, the oldest
+key of the app holding the most (`fair_victims`). One app sending keys without end so
+pushes out its own keys, not another app's: an app holding fewer keys than the largest
+keeps all of them (records of a store written before the fair bound, without an app
+tag, go by age).
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ T = TypeVar("T")
 
 DB = "idem"
 TIME_DB = "idem_t"
+APP_DB = "idem_a"
+COUNT_DB = "idem_c"
 MAX_KEY_CHARS = 200
 _PACK_OVER = 1024
 """Answers larger than this (as JSON) are stored compressed."""
@@ -91,6 +103,10 @@ class Once:
     def db_key(self) -> bytes:
         return hashlib.sha256(self.scope.encode() + b"\0" + self.key.encode()).digest()
 
+    @property
+    def app_tag(self) -> bytes:
+        return hashlib.sha256(b"app\0" + self.scope.encode()).digest()[:8]
+
 
 # ------------------------------------------------------------------ pure parts
 
@@ -133,6 +149,21 @@ def prune_plan(count: int, oldest: Iterable[tuple[int, T]], cutoff_ms: int, max_
             out.append(ident)
         else:
             break
+    return out
+
+
+def fair_victims(counts: dict[bytes, int], n: int) -> list[bytes]:
+    """Whose oldest key to delete, `n` times: each time the app holding the most keys
+    (ties: the smallest tag), counted down as it goes. So no app loses a key while
+    another holds more than it (max-min fair); apps with none are never named."""
+    held = {tag: c for tag, c in counts.items() if c > 0}
+    out: list[bytes] = []
+    while len(out) < n and held:
+        tag = min(held, key=lambda t: (-held[t], t))
+        out.append(tag)
+        held[tag] -= 1
+        if not held[tag]:
+            del held[tag]
     return out
 
 
@@ -193,14 +224,44 @@ def guarded(fn: Callable[[Work], T], once: Once, work: Work) -> T:
     tx = work.tx
     dk = once.db_key
     old = tx.get(DB, dk)
-    if old is not None:  # expired, not yet pruned: its time entry goes with it
-        tx.delete(TIME_DB, int(old["t"]).to_bytes(8, "big") + dk)
+    if old is not None:  # expired, not yet pruned: its index entries go with it
+        _unindex(work, dk, old)
     now = work.now()
+    tag = once.app_tag
     tx.put(DB, dk, {"m": once.method, "p": once.path, "b": once.body, "s": status,
-                    "t": now, **_pack(answer)})
-    tx.put_raw(TIME_DB, now.to_bytes(8, "big") + dk)
+                    "t": now, "g": tag.hex(), **_pack(answer)})
+    t8 = now.to_bytes(8, "big")
+    tx.put_raw(TIME_DB, t8 + dk)
+    tx.put_raw(APP_DB, tag + t8 + dk)
+    _add(work, tag, 1)
     prune(work, now - once.keep_ms, once.max_keys)
     return result
+
+
+def _add(work: Work, tag: bytes, delta: int) -> None:
+    raw = work.tx.raw(COUNT_DB, tag)
+    held = (int.from_bytes(raw, "big") if raw else 0) + delta
+    if held > 0:
+        work.tx.put_raw(COUNT_DB, tag, held.to_bytes(8, "big"))
+    else:
+        work.tx.delete(COUNT_DB, tag)
+
+
+def _unindex(work: Work, dk: bytes, doc: dict[str, Any]) -> None:
+    """Delete the time and app entries of record `doc` (at `dk`)."""
+    t8 = int(doc["t"]).to_bytes(8, "big")
+    work.tx.delete(TIME_DB, t8 + dk)
+    if "g" in doc:  # written with the fair bound
+        tag = bytes.fromhex(doc["g"])
+        if work.tx.delete(APP_DB, tag + t8 + dk):
+            _add(work, tag, -1)
+
+
+def _forget(work: Work, dk: bytes) -> None:
+    doc = work.tx.get(DB, dk)
+    if doc is not None:
+        _unindex(work, dk, doc)
+        work.tx.delete(DB, dk)
 
 
 def _oldest(work: Work) -> Generator[tuple[int, bytes], None, None]:
@@ -209,17 +270,43 @@ def _oldest(work: Work) -> Generator[tuple[int, bytes], None, None]:
 
 
 def prune(work: Work, cutoff_ms: int, max_keys: int) -> int:
-    """Delete up to PRUNE_BATCH of the oldest records that are expired or over the
-    bound; returns how many."""
+    """Delete up to PRUNE_BATCH records: the oldest expired ones, then, while over
+    `max_keys`, the oldest of the app holding the most; returns how many."""
+    held = work.tx.count(DB)
     oldest = _oldest(work)
-    try:
-        plan = prune_plan(work.tx.count(DB), oldest, cutoff_ms, max_keys)
+    try:  # expired ones first (a bound that large never counts)
+        plan = prune_plan(held, oldest, cutoff_ms, held)
     finally:
         oldest.close()  # its cursor, before the deletes
     for tk in plan:
-        work.tx.delete(TIME_DB, tk)
-        work.tx.delete(DB, tk[8:])
+        _forget(work, tk[8:])
+    over = min(work.tx.count(DB) - max_keys, PRUNE_BATCH - len(plan))
+    if over <= 0:
+        return len(plan)
+    counts = {tag: int.from_bytes(raw, "big") for tag, raw in _counts(work)}
+    untagged = work.tx.count(DB) - sum(counts.values())
+    if untagged > 0:  # an older store's records (all older than any tagged): by age
+        oldest = _oldest(work)
+        try:
+            aged = prune_plan(work.tx.count(DB), oldest, cutoff_ms, max_keys,
+                              min(over, untagged))
+        finally:
+            oldest.close()
+        for tk in aged:
+            _forget(work, tk[8:])
+        plan += aged
+        over -= len(aged)
+    for tag in fair_victims(counts, over):
+        first = next(work.tx.keys(APP_DB, tag), None)
+        if first is not None:
+            _forget(work, first[16:])
+            plan.append(first)
     return len(plan)
+
+
+def _counts(work: Work) -> list[tuple[bytes, bytes]]:
+    with work.tx.cursor(COUNT_DB) as cur:
+        return list(cur) if cur.first() else []
 
 
 def count(work: Work) -> int:
@@ -227,6 +314,6 @@ def count(work: Work) -> int:
     return work.tx.count(DB)
 
 
-__all__ = ["DB", "MAX_KEY_CHARS", "PRUNE_BATCH", "TIME_DB", "KeyReused", "Once", "Replayed",
-           "body_digest", "check_key", "count", "differs", "guarded", "lookup", "prune",
-           "prune_plan"]
+__all__ = ["APP_DB", "COUNT_DB", "DB", "MAX_KEY_CHARS", "PRUNE_BATCH", "TIME_DB", "KeyReused",
+           "Once", "Replayed", "body_digest", "check_key", "count", "differs", "fair_victims",
+           "guarded", "lookup", "prune", "prune_plan"]

@@ -45,6 +45,8 @@ idem            sha256(app NUL idempotency      {"m", "p", "b", "s", "a", "t"}: 
                 key) (32 B)                     write's key and its answer
                                                 (agent.idempotency)
 idem_t          t ms (8 B) + the idem key       b"" -- the keys oldest first, for pruning
+idem_a          app tag + t ms + the idem key   b"" -- each app's keys oldest first
+idem_c          app tag (8 B)                   keys the app holds (8 B, big-endian)
 ==============  ==============================  ==========================================
 
 Encryption at rest (`agent.crypto`): when a key is configured, the *values* of view,
@@ -105,7 +107,7 @@ T = TypeVar("T")
 ENV_DIRNAME = "agent.lmdb"
 DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "conflicts",
             "deadletters", "meta", "feed", "index", "evicted", "fetch", "fetchq", "journal",
-            "idem", "idem_t")
+            "idem", "idem_t", "idem_a", "idem_c")
 _MAX_RETRIES = 64
 _MIB = 1 << 20
 

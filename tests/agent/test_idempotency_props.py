@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from agent.http.openapi import build
 from agent.http.routes import ROUTES
-from agent.idempotency import MAX_KEY_CHARS, Once, check_key, differs, prune_plan
+from agent.idempotency import MAX_KEY_CHARS, Once, check_key, differs, fair_victims, prune_plan
 
 _DOCUMENTED = build()["components"]["parameters"]["IdempotencyKey"]["schema"]
 PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
@@ -90,3 +90,21 @@ def test_every_write_route_documents_the_key() -> None:
     assert writes == {"putFields", "deleteRecord", "increment", "addMembers", "removeMembers",
                       "resolveConflict", "transaction", "retryDeadLetter",
                       "discardDeadLetter"}
+
+
+@given(st.dictionaries(st.binary(min_size=8, max_size=8), st.integers(0, 40), max_size=6),
+       st.integers(0, 120))
+def test_the_fair_bound_takes_from_the_app_holding_the_most(
+        counts: dict[bytes, int], n: int) -> None:
+    """`n` keys are taken (or every key, if fewer), only from apps holding some; after
+    each, no app holds more than any app that lost one did before (max-min fair)."""
+    victims = fair_victims(counts, n)
+    assert len(victims) == min(n, sum(counts.values()))
+    held = dict(counts)
+    for tag in victims:
+        assert held[tag] > 0
+        assert held[tag] == max(held.values())  # nobody held more than the one losing one
+        held[tag] -= 1
+    left = {tag: c for tag, c in held.items() if c}
+    if left and victims:  # what stays is as even as the taking could make it
+        assert max(left.values()) <= min(held[t] for t in set(victims)) + 1

@@ -161,7 +161,8 @@ class ApiConfig(_Model):
     idempotency_keep_s: Annotated[float, Field(strict=True, ge=1, le=30 * 86400)] = 86400.0
     """How long a write's Idempotency-Key (and its answer) is kept (agent.idempotency)."""
     idempotency_max_keys: Annotated[int, Field(strict=True, ge=1, le=1_000_000)] = 10_000
-    """At most this many keys are kept (the oldest go first)."""
+    """At most this many keys are kept over every app; past it the app holding the most
+    loses its oldest (agent.idempotency.fair_victims)."""
     cors_origins: Annotated[list[Annotated[str, Field(strict=True),
                                            AfterValidator(_origin)]],
                             Field(max_length=100), AfterValidator(_no_duplicates)] = (
