@@ -26,6 +26,13 @@ LEVEL: Final = 9
 """For messages up to `SMALL` bytes (the ones the dictionary is for); larger ones use
 zlib's level 6, as plain compression does: level 9 costs far more CPU there."""
 SMALL: Final = 4096
+SMALL_MEM_LEVEL: Final = 7
+"""zlib's memLevel for those (its default is 8; this module used 9): the deflate state is
+allocated and its hash table cleared for every message, which for a lone change cost far
+more than compressing it. CPU to pack a ~350-byte change with the zd1 dictionary on this
+host: 88.9 us at memLevel 9, 57.7 at 8, 9.4 at 7; bytes per lone change (bench.wire_bytes'
+records, same seed, 9 -> 7): zd1 -1.0, zd2 +2.6, zd3 -0.3. memLevel is not in the stream's
+header: the window stays 32 KiB (first byte 0x78, PROTOCOL.md §3); readers see no change."""
 
 # Skeletons of the messages of §7, least frequent first: deflate finds matches closer
 # to the end of the dictionary for fewer bits, and changes and acks are the traffic.
@@ -65,8 +72,8 @@ def pack(data: bytes, dictionary: bytes = DICTIONARY) -> bytes:
     """`data` as a zlib stream with the preset dictionary (by default the zd1 one; a
     schema's, `schemas.zdict_schema`, with zd2), or `data` itself when that is not
     smaller (a tiny or incompressible message)."""
-    level = LEVEL if len(data) <= SMALL else 6
-    co = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, dictionary)
+    level, mem = (LEVEL, SMALL_MEM_LEVEL) if len(data) <= SMALL else (6, 8)
+    co = zlib.compressobj(level, zlib.DEFLATED, 15, mem, zlib.Z_DEFAULT_STRATEGY, dictionary)
     packed = co.compress(data) + co.flush()
     return packed if len(packed) < len(data) else data
 
