@@ -178,3 +178,19 @@ def test_sync_now_from_the_cli(env: dict[str, str], capsys: pytest.CaptureFixtur
     assert doc["requested_ms"] > 0 and doc["pending"] == 1 and doc["deferred"] == []
     code, out, _ = run(env, capsys, "sync")
     assert code == 0 and "the sync daemon is not running" in out
+
+
+def test_no_store_yet_with_a_config_says_to_start_the_agent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Step 7 of the guide: `agent status --config /etc/waystation/agent-van-12.toml`
+    before the agent first ran was told to "give this command the same `--config FILE`",
+    which it had been given."""
+    from waystation.cli import main
+
+    cfg = tmp_path / "van-1.toml"
+    cfg.write_text('device_id = "van-1"\ndata_dir = "van-1-data"\n')
+    assert main(["agent", "status", "--config", str(cfg)], env={}) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no local store at {tmp_path / 'van-1-data'}")
+    assert "give this command the same" not in err and err.count("\n") == 1
+    assert f"waystation agent run --config {cfg}" in err
