@@ -195,3 +195,17 @@ def test_every_python_module_the_docs_run_exists() -> None:
     finally:
         sys.path.remove(str(REPO))
     assert not missing, missing
+
+
+def test_the_readme_names_every_exit_code() -> None:
+    """The README's one-paragraph list of exit codes names each code `waystation --help`
+    and the guide's table give (it left out 6, the damaged device store)."""
+    from waystation.cli.exitcodes import EXIT_CODES
+
+    text = " ".join((REPO / "README.md").read_text().split())
+    start = text.index("Exit codes (also in `waystation --help`)")
+    sentence = text[start:text.index('"Exit codes"', start)]
+    named = {int(n) for n in re.findall(r"(?:^|[\s,:])(\d+) [a-z]", sentence)}
+    assert {code for code, _ in EXIT_CODES} <= named, sorted(named)
+    guide = (REPO / "deploy" / "README.md").read_text()
+    assert all(f"\n| {code} |" in guide for code, _ in EXIT_CODES)
