@@ -337,12 +337,27 @@ def cmd_deadletters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print("no dead letters: the server has refused none of this device's changes")
     for d in letters:
         ch = d.change
-        body = {g: ch[g] for g in ("f", "i", "a", "r") if g in ch}
+        parts = [f"{label} {name} {value}" for label, name, value in change_fields(ch)]
         print(f"{d.change_id}  {d.code}: {d.reason}")
-        print(f"  {ch['op']} {ch['c']}/{ch['k']} {_compact(body) if body else ''}".rstrip())
+        print(f"  {ch['op']} {ch['c']}/{ch['k']}" + (f": {', '.join(parts)}" if parts else ""))
         if d.transaction is not None:  # rejected, and rolled back, with its transaction
             print(f"  in transaction {d.transaction}")
     return EXIT_OK
+
+
+_CHANGE_GROUPS = (("f", "set"), ("i", "add to counter"), ("a", "add to set"),
+                  ("r", "remove from set"))
+
+
+def change_fields(ch: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, field, value as JSON) of a stored change, in words: the change's wire
+    groups (`f`, `i`, `a`, `r`) are not what an operator or app developer reads."""
+    out = []
+    for group, label in _CHANGE_GROUPS:
+        for name, value in (ch.get(group) or {}).items():
+            shown = sorted(value) if group in ("a", "r") and isinstance(value, list) else value
+            out.append((label, name, _compact(shown)))
+    return out
 
 
 def cmd_conflicts(args: argparse.Namespace, env: Mapping[str, str]) -> int:
