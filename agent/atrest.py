@@ -272,9 +272,10 @@ def rekey(data_dir: Path, old: KeyEncryptionKey, new: KeyEncryptionKey, *,
         rewrite.kill_point("rekeyed")
     return Outcome("rekey", str(env_dir), state, state, True, False, 0,
                    str(env_dir / DEK_FILE),
-                   f"the data key is now wrapped with {new.source}: point "
-                   "storage.encryption_key_file (or the systemd credential) at it before "
-                   f"the agent starts again; {old.source} no longer opens this store")
+                   f"the data key is now wrapped with {new.named('new')}: point "
+                   "storage.encryption_key_file (or the systemd credential) at "
+                   f"{'a file holding it' if new.streamed else 'it'} before the agent "
+                   f"starts again; {old.named('old')} no longer opens this store")
 
 
 __all__ = ["MARKER", "NEW_DEK_FILE", "Outcome", "decrypt", "encrypt", "pending_error", "rekey"]

@@ -20,7 +20,7 @@ import orjson
 from agent import validate
 from agent.api import Agent
 from agent.clientcert import client_cert_status, describe_client_cert
-from agent.errors import BadRequest, NotFound, WriteRefused
+from agent.errors import AgentNotInitialised, BadRequest, NotFound, WriteRefused
 from agent.models import Record, WriteResult
 from agent.status import describe_deferral
 from schemas.collection import Catalog, load_catalog
@@ -38,7 +38,28 @@ def _setup(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[AgentConfi
 
 def _open(args: argparse.Namespace, env: Mapping[str, str], *, create: bool) -> Agent:
     cfg, catalog = _setup(args, env)
-    return Agent.open(cfg, catalog, create=create, env=env)
+    return _open_with(args, cfg, catalog, env, create=create)
+
+
+def _open_with(args: argparse.Namespace, cfg: AgentConfig, catalog: Catalog,
+               env: Mapping[str, str], *, create: bool) -> Agent:
+    try:
+        return Agent.open(cfg, catalog, create=create, env=env)
+    except AgentNotInitialised as exc:
+        raise AgentNotInitialised(f"{exc}{_no_store_hint(args)}") from None
+
+
+def _no_store_hint(args: argparse.Namespace) -> str:
+    """What to do about a store not created yet. Without --config the command looked in
+    ./waystation-data/agent: most likely the agent runs with a config file elsewhere. With
+    it, the store is where the agent runs: it has not started (or written) yet."""
+    config = getattr(args, "config", None)
+    if config is None:
+        return (" (write a record or start `waystation agent run` first); an agent that runs "
+                "with a config file keeps its store where that file says: give this command "
+                "the same `--config FILE`")
+    return (f" (in the data_dir that {config} names): start the agent first (`waystation "
+            f"agent run --config {config}`, or its systemd unit), or write a record")
 
 
 def _print_json(doc: Any) -> None:
@@ -267,7 +288,7 @@ def cmd_sync_now(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`agent status [--json]`"""
     cfg, catalog = _setup(args, env)
-    with Agent.open(cfg, catalog, create=False, env=env) as agent:
+    with _open_with(args, cfg, catalog, env, create=False) as agent:
         status = agent.status()
     cert = client_cert_status(cfg)
     if args.json:
@@ -316,12 +337,27 @@ def cmd_deadletters(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print("no dead letters: the server has refused none of this device's changes")
     for d in letters:
         ch = d.change
-        body = {g: ch[g] for g in ("f", "i", "a", "r") if g in ch}
+        parts = [f"{label} {name} {value}" for label, name, value in change_fields(ch)]
         print(f"{d.change_id}  {d.code}: {d.reason}")
-        print(f"  {ch['op']} {ch['c']}/{ch['k']} {_compact(body) if body else ''}".rstrip())
+        print(f"  {ch['op']} {ch['c']}/{ch['k']}" + (f": {', '.join(parts)}" if parts else ""))
         if d.transaction is not None:  # rejected, and rolled back, with its transaction
             print(f"  in transaction {d.transaction}")
     return EXIT_OK
+
+
+_CHANGE_GROUPS = (("f", "set"), ("i", "add to counter"), ("a", "add to set"),
+                  ("r", "remove from set"))
+
+
+def change_fields(ch: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(what, field, value as JSON) of a stored change, in words: the change's wire
+    groups (`f`, `i`, `a`, `r`) are not what an operator or app developer reads."""
+    out = []
+    for group, label in _CHANGE_GROUPS:
+        for name, value in (ch.get(group) or {}).items():
+            shown = sorted(value) if group in ("a", "r") and isinstance(value, list) else value
+            out.append((label, name, _compact(shown)))
+    return out
 
 
 def cmd_conflicts(args: argparse.Namespace, env: Mapping[str, str]) -> int:

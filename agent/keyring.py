@@ -60,6 +60,11 @@ class KeyEncryptionKey:
         return self.source in ("-", "/dev/stdin") or self.source.startswith(
             ("/dev/fd/", "/proc/self/fd/"))
 
+    def named(self, role: str) -> str:
+        """The key as a message names it: its file, or for a streamed one "the new key
+        you gave on /dev/fd/3" (that path names nothing once the command has ended)."""
+        return f"the {role} key you gave on {self.source}" if self.streamed else self.source
+
     @classmethod
     def from_file(cls, path: Path, what: str = "storage.encryption_key_file"
                   ) -> KeyEncryptionKey:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from agent.cli import _open
+from agent.cli import _open, change_fields
 from agent.errors import BadRequest, NotFound
 from agent.models import DeadLetter
 from waystation.timefmt import iso
@@ -60,11 +60,8 @@ def cmd_deadletters_show(args: argparse.Namespace, env: Mapping[str, str]) -> in
           f"(scope {ch.get('s')})")
     print(f"refused: {letter.code}: {letter.reason}")
     print(f"written {_iso(letter.created_ms)}, refused {_iso(letter.rejected_ms)}")
-    for group, label in (("f", "set"), ("i", "add to counter"), ("a", "add to set"),
-                         ("r", "remove from set")):
-        for name, value in (ch.get(group) or {}).items():
-            shown = sorted(value) if group == "r" else value
-            print(f"  {label} {name}: {orjson.dumps(shown).decode()}")
+    for label, name, value in change_fields(ch):
+        print(f"  {label} {name}: {value}")
     print(f"retry with `waystation agent deadletters retry {n}`, or drop it with "
           f"`waystation agent deadletters discard {n}`")
     return 0

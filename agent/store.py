@@ -201,11 +201,11 @@ class Store:
         new_store = not (env_dir / "data.mdb").exists()
         if new_store:
             if not create:
+                # The CLI adds what to do (`agent.cli._open`): whether a --config was
+                # given decides the hint.
                 raise AgentNotInitialised(
                     f"no local store at {env_dir}: nothing has been written on this device "
-                    "yet (write a record or start `waystation agent run` first); an agent "
-                    "that runs with a config file keeps its store where that file says: give "
-                    "this command the same `--config FILE`")
+                    "yet")
             try:
                 env_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             except OSError as exc:

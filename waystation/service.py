@@ -66,5 +66,7 @@ def check_state_directory(data_dir: Path, env: Mapping[str, str], part: str) -> 
     raise ConfigError(
         f"{part} data_dir is {data_dir}, but this service's StateDirectory is "
         f"{states[0]}: set data_dir = \"{states[0]}\" in the {part} config, so that the "
-        f"service and the `waystation {part} ...` commands run by hand use the same store")
+        f"service and the `waystation {part} ...` commands run by hand use the same store; "
+        f"or, for a unit copied to run another {part} with its own data_dir, set that unit's "
+        f"StateDirectory= to it (deploy/README.md)")
 

@@ -83,9 +83,22 @@ def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str])
         print("progress: `waystation device list`; the device's RabbitMQ user gets the new "
               "password at the switch, which later definitions imports keep when "
               "`python -m broker.rabbitmq.definitions` is given --server-config")
-    else:
+    elif config.enrol.broker_reload:
         print(f"progress: `waystation device list` (Mosquitto: the server reloads it through "
               f"enrol.broker_reload when it switches {password_file})")
+    elif config.enrol.broker_kind != "mosquitto":
+        print(f"progress: `waystation device list` (the embedded broker reads {password_file} "
+              "at each login: no reload needed; on Mosquitto set enrol.broker_kind = "
+              "\"mosquitto\" and enrol.broker_reload)")
+    else:
+        # Unset (the example config has it commented out): nothing reloads Mosquitto, which
+        # keeps the old password, so the device never logs in with the new one and the
+        # rotation waits at "switched" for ever.
+        print(f"progress: `waystation device list`. enrol.broker_reload is not set: Mosquitto "
+              f"reads {password_file} again only when reloaded, so once `device list` says "
+              "switched, reload it (`systemctl reload mosquitto`), or set enrol.broker_reload "
+              "= [\"systemctl\", \"reload\", \"mosquitto\"] in the servers' config and "
+              "restart them")
     return 0
 
 

@@ -89,7 +89,7 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
     sealed = ", encrypted at rest" if doc["store"]["encrypted"] else ""
     print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}{sealed}")
-    _print_servers(servers, now, stale_ms, _stale_s(args), ended)
+    _print_servers(servers, now, stale_ms, _stale_s(args), ended, _config(args))
     if file_version == catalog.version:
         print(f"schema version {catalog.version} ({config.schema_path()})")
     else:
@@ -138,12 +138,18 @@ def _stale_s(args: argparse.Namespace) -> int:
     return liveness.STALE_AFTER_S if stale is None else stale
 
 
+def _config(args: argparse.Namespace) -> str | None:
+    """The --config given, for the start hint (`liveness.start_hint`)."""
+    config = getattr(args, "config", None)
+    return None if config is None else str(config)
+
+
 def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, stale_s: int,
-                   ended: frozenset[str]) -> None:
+                   ended: frozenset[str], config: str | None = None) -> None:
     """Which merge servers run, and plainly when none serves (`broker.server.liveness`)."""
     for row in servers:
-        print(liveness.describe(row, now, stale_ms, ended))
-    warning = liveness.presence_warning(servers, now, stale_s, ended)
+        print(liveness.describe(row, now, stale_ms, ended, config))
+    warning = liveness.presence_warning(servers, now, stale_s, ended, config)
     if warning:
         print(warning)
 
@@ -185,7 +191,8 @@ def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     stale_s = _stale_s(args)
     # With no server running, presence is as the last one left it: say so, per device
     # (`presence_as_of` in JSON; "online?" in the table) and once above the table.
-    warning = liveness.presence_warning(servers, now, stale_s, ended_servers(servers))
+    warning = liveness.presence_warning(servers, now, stale_s, ended_servers(servers),
+                                        _config(args))
     as_of = None if warning is None else liveness.presence_as_of(servers)
     if args.json:
         print_json([{**devstate.device_doc(d, seqs),

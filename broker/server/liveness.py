@@ -44,6 +44,16 @@ START_HINT = ("start it: `systemctl start waystation-server` (see `systemctl sta
               "or `waystation server run`")
 
 
+def start_hint(config: str | None = None) -> str:
+    """START_HINT for the command that asks: one given `--config FILE` names it, since a
+    bare `waystation server run` would start a server on ./waystation-data, another
+    store than the one this command read."""
+    if config is None:
+        return START_HINT
+    return START_HINT.removesuffix("`waystation server run`") + (
+        f"`waystation server run --config {config}` for a server run by hand")
+
+
 class Heartbeat:
     """The row a server writes about itself, and when it is due (one engine's)."""
 
@@ -98,7 +108,8 @@ def state(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = ()) 
     return "running" if now - row.seen_ms <= stale_ms else "gone"
 
 
-def describe(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = ()) -> str:
+def describe(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = (),
+             config: str | None = None) -> str:
     """One server's line of `server status`."""
     head = f"merge server {row.id} (group {row.group}, {row.version or 'version ?'})"
     st = state(row, now, stale_ms, ended)
@@ -115,7 +126,7 @@ def describe(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = (
         pid = row.proc.split("/")[2]
         return (f"{head}: its process ({pid}, on this host) has ended without stopping "
                 f"cleanly: crashed or killed (last seen {ago(row.seen_ms, now)}, "
-                f"{iso(row.seen_ms)}); {START_HINT}")
+                f"{iso(row.seen_ms)}); {start_hint(config)}")
     return (f"{head}: not seen for {span(now - row.seen_ms)} (last {iso(row.seen_ms)}) and "
             "it did not stop cleanly: crashed, hung, or cut off from the store? Check it "
             "on its host (`systemctl status waystation-server`)")
@@ -154,7 +165,8 @@ def presence_as_of(rows: Sequence[ServerRow]) -> int:
     return max((r.broker_down_ms or r.seen_ms for r in rows), default=0)
 
 
-def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
+def no_server_warning(rows: Sequence[ServerRow], stale_s: int,
+                      config: str | None = None) -> str:
     """What `server status` / `server devices` say when no server runs."""
     as_of = presence_as_of(rows)
     if not rows:
@@ -173,17 +185,17 @@ def no_server_warning(rows: Sequence[ServerRow], stale_s: int) -> str:
         since = f"as of {iso(as_of)}, when the last server was seen"
     return (f"NO MERGE SERVER IS RUNNING ({when}). Device presence (online/offline) and "
             f"PENDING counts are {since}, not live, and devices' changes wait on the devices "
-            f"(or in the broker) until a server runs; {START_HINT}.")
+            f"(or in the broker) until a server runs; {start_hint(config)}.")
 
 
 def presence_warning(rows: Sequence[ServerRow], now: int, stale_s: int,
-                     ended: Collection[str] = ()) -> str | None:
+                     ended: Collection[str] = (), config: str | None = None) -> str | None:
     """What `server status` and `server devices` say above their output when no server
     keeps presence up to date: none running, or none connected to its broker; None
     while one does."""
     stale_ms = stale_s * 1000
     if not any_running(rows, now, stale_ms, ended):
-        return no_server_warning(rows, stale_s)
+        return no_server_warning(rows, stale_s, config)
     if not any_serving(rows, now, stale_ms, ended):
         return cut_off_warning(rows)
     return None
@@ -200,4 +212,4 @@ def cut_off_warning(rows: Sequence[ServerRow]) -> str:
 
 __all__ = ["BROKER_HINT", "SEEN_EVERY_MS", "STALE_AFTER_S", "START_HINT", "Heartbeat",
            "any_running", "any_serving", "cut_off_warning", "describe", "no_server_warning",
-           "presence_as_of", "presence_warning", "server_doc", "state"]
+           "presence_as_of", "presence_warning", "server_doc", "start_hint", "state"]

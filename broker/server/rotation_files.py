@@ -39,6 +39,9 @@ class RotationFiles:
 
     password_file: Path
     reload: Sequence[str] = ()
+    mosquitto: bool = False
+    """enrol.broker_kind is "mosquitto": a switch without `reload` is logged, since
+    Mosquitto keeps the old password until someone reloads it."""
 
     def begin(self, user: str, new_hash: str) -> None:
         passwords.add_overlap(self.password_file, user, new_hash)
@@ -55,6 +58,11 @@ class RotationFiles:
 
     def reload_broker(self) -> None:
         if not self.reload:
+            if self.mosquitto:
+                log.warning("broker_not_reloaded", password_file=str(self.password_file),
+                            hint="enrol.broker_reload is not set: reload Mosquitto by hand "
+                                 "(systemctl reload mosquitto) so that the device can log in "
+                                 "with its new password, or set enrol.broker_reload")
             return
         try:
             done = subprocess.run(list(self.reload), capture_output=True, text=True,
@@ -119,7 +127,8 @@ def broker_logins(enrol: EnrolConfig, password_file: Callable[[], Path], *,
 
         return RabbitLogins(tuple(enrol.rabbitmq_import), background=background,
                             delete_argv=tuple(enrol.rabbitmq_delete_user))
-    return RotationFiles(enrol.password_file or password_file(), tuple(enrol.broker_reload))
+    return RotationFiles(enrol.password_file or password_file(), tuple(enrol.broker_reload),
+                         mosquitto=enrol.broker_kind == "mosquitto")
 
 
 ERROR_REPEAT_MS = 300_000

@@ -362,3 +362,24 @@ def test_a_damaged_check_token_is_a_key_error_not_a_crash(tmp_path: Path, catalo
     with pytest.raises(EncryptionKeyError, match="not the key"):
         atrest.rekey(data, _kek(key), _kek(key))
     assert not (data / "agent.lmdb" / "atrest.pending").exists()
+
+
+def test_rekey_with_streamed_keys_names_them_as_given(tmp_path: Path, catalog: Catalog,
+                                                      key: Path) -> None:
+    """The guide's rekey passes both keys as streams (`--key-file /dev/stdin
+    --new-key-file /dev/fd/3 < $K 3< $K.new`): the message said to point
+    storage.encryption_key_file at /dev/fd/3."""
+    data = tmp_path / "d"
+    fill(data, catalog, key, bulk=2)
+    new = tmp_path / "new.key"
+    new.write_bytes(os.urandom(32))
+    streamed_old = KeyEncryptionKey(key.read_bytes(), "/dev/stdin")
+    streamed_new = KeyEncryptionKey(new.read_bytes(), "/dev/fd/3")
+    message = atrest.rekey(data, streamed_old, streamed_new).message
+    assert "at /dev/fd/3" not in message and "wrapped with /dev/fd/3" not in message
+    assert "the new key you gave on /dev/fd/3" in message
+    assert "the old key you gave on /dev/stdin no longer opens" in message
+    assert "at a file holding it" in message
+    # From files, the files are named as before.
+    message = atrest.rekey(data, _kek(new), _kek(key)).message
+    assert f"wrapped with {key}" in message and f"{new} no longer opens" in message

@@ -178,3 +178,40 @@ def test_sync_now_from_the_cli(env: dict[str, str], capsys: pytest.CaptureFixtur
     assert doc["requested_ms"] > 0 and doc["pending"] == 1 and doc["deferred"] == []
     code, out, _ = run(env, capsys, "sync")
     assert code == 0 and "the sync daemon is not running" in out
+
+
+def test_no_store_yet_with_a_config_says_to_start_the_agent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Step 7 of the guide: `agent status --config /etc/waystation/agent-van-12.toml`
+    before the agent first ran was told to "give this command the same `--config FILE`",
+    which it had been given."""
+    from waystation.cli import main
+
+    cfg = tmp_path / "van-1.toml"
+    cfg.write_text('device_id = "van-1"\ndata_dir = "van-1-data"\n')
+    assert main(["agent", "status", "--config", str(cfg)], env={}) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no local store at {tmp_path / 'van-1-data'}")
+    assert "give this command the same" not in err and err.count("\n") == 1
+    assert f"waystation agent run --config {cfg}" in err
+
+
+def test_deadletters_list_says_what_the_change_did_in_words(
+        env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The list printed the change's wire groups (`put inventory/sku-1 {"i":{"stock":-5}}`
+    for an increment); it says what `show` says, with the app's words."""
+    from agent.api import Agent
+    from schemas.collection import example_catalog_path, load_catalog
+    from waystation.config import AgentConfig, load_config
+
+    run(env, capsys, "put", "inventory", "sku-1", "depot=depot-7", "name=flour")
+    run(env, capsys, "incr", "inventory", "sku-1", "stock", "-5")
+    cfg = load_config(AgentConfig, None, env)
+    with Agent.open(cfg, load_catalog(example_catalog_path())) as ag:
+        ag.sync.apply_reject(wire.Reject(rj=[wire.Rejection(
+            n=2, code="rule_rejected", reason="stock would go below 0", perm=True)]))
+    out = run(env, capsys, "deadletters")[1].splitlines()
+    assert out[0] == "van-1:2  rule_rejected: stock would go below 0"
+    assert out[1] == "  put inventory/sku-1: add to counter stock -5"
+    shown = run(env, capsys, "deadletters", "show", "2")[1]
+    assert "  add to counter stock: -5\n" in shown

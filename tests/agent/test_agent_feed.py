@@ -166,3 +166,16 @@ def test_discard_dead_letter(agent: Agent) -> None:
     assert agent.dead_letters() == []
     with pytest.raises(NotFound):
         agent.discard_dead_letter(1)
+
+
+def test_status_link_retry_in_s_is_rounded_to_the_ms(agent: Agent, clock: FakeClock) -> None:
+    """GET /v1/status `link.retry_in_s` counts down from the recorded delay; it showed
+    float noise (`2.2920000000000003`) to apps and operators."""
+    reason = "cannot connect to 127.0.0.1:1: [Errno 111] Connection refused"
+    agent.sync.record_link("retrying", reason, 2.3)
+    for step_ms in (8, 1, 111, 7):
+        clock.advance(step_ms / 1000)
+        link = agent.status().link
+        assert link is not None
+        left = link["retry_in_s"]
+        assert left == round(left, 3) and len(repr(left)) <= len("2.300"), left

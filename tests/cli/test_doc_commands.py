@@ -152,3 +152,60 @@ def test_every_environment_override_the_docs_name_is_a_setting() -> None:
             model = nested if isinstance(nested, type) and issubclass(nested, BaseModel) \
                 else None
     assert not wrong, wrong
+
+
+def _code_spans(doc: Path) -> list[tuple[int, str]]:
+    """(line, text) of every code-block line and inline code span of a doc."""
+    out, in_block = [], False
+    for no, line in enumerate(doc.read_text().splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+            continue
+        out.extend((no, span) for span in ([line] if in_block
+                                           else re.findall(r"`([^`]+)`", line)))
+    return out
+
+
+def test_every_curl_the_docs_show_is_silent() -> None:
+    """A `curl` without -s prints its progress meter into what the docs show as the
+    answer (the live-query example of docs/agent-api.md streamed it between events)."""
+    wrong = []
+    for doc in DOCS:
+        for no, text in _code_spans(doc):
+            for m in re.finditer(r"(?:^|[\s;&|(])curl\s+((?:-[^\s]*\s+)*)", text):
+                flags = m.group(1).split()
+                if not any(f == "--silent" or re.fullmatch(r"-[a-zA-Z]*s[a-zA-Z]*", f)
+                           for f in flags):
+                    wrong.append(f"{doc.relative_to(REPO)}:{no}: {text.strip()}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_python_module_the_docs_run_exists() -> None:
+    """`python -m MODULE` in the docs names a module the install (or the checkout, for
+    bench/ and tests/) has: the damaged-store section runs `python -m lmdb dump`."""
+    import importlib.util
+    import sys
+
+    modules = {m for doc in DOCS for _, text in _code_spans(doc)
+               for m in re.findall(r"python3? -m ?([a-zA-Z_][\w.]*)", text)}
+    assert {"lmdb", "broker.rabbitmq.definitions"} <= modules, modules  # not blind
+    sys.path.insert(0, str(REPO))
+    try:
+        missing = [m for m in sorted(modules) if importlib.util.find_spec(m) is None]
+    finally:
+        sys.path.remove(str(REPO))
+    assert not missing, missing
+
+
+def test_the_readme_names_every_exit_code() -> None:
+    """The README's one-paragraph list of exit codes names each code `waystation --help`
+    and the guide's table give (it left out 6, the damaged device store)."""
+    from waystation.cli.exitcodes import EXIT_CODES
+
+    text = " ".join((REPO / "README.md").read_text().split())
+    start = text.index("Exit codes (also in `waystation --help`)")
+    sentence = text[start:text.index('"Exit codes"', start)]
+    named = {int(n) for n in re.findall(r"(?:^|[\s,:])(\d+) [a-z]", sentence)}
+    assert {code for code, _ in EXIT_CODES} <= named, sorted(named)
+    guide = (REPO / "deploy" / "README.md").read_text()
+    assert all(f"\n| {code} |" in guide for code, _ in EXIT_CODES)

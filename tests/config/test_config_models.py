@@ -160,6 +160,8 @@ BAD_INPUTS = [
     (ServerConfig, "metrics_timeout_s = 0", "metrics_timeout_s", "greater than 0"),
     (AgentConfig, "[api]\nmax_connections = 100", "api",
      "max_feed_clients (32) + 256 long polls + 16 = 304"),
+    (AgentConfig, "[api]\nmax_connections = 10", "api",  # the real floor, not "16"
+     "max_connections (10) must be at least max_feed_clients (32) + 256 long polls + 16"),
     (AgentConfig, "[api]\nidle_timeout_s = 0", "api.idle_timeout_s", "greater than 0"),
     (AgentConfig, "[api]\nbody_timeout_s = 0", "api.body_timeout_s", "greater than 0"),
     (AgentConfig, "[api]\nsend_timeout_s = 0", "api.send_timeout_s", "greater than 0"),

@@ -197,8 +197,11 @@ def test_unit_environment_and_credentials_load_as_config(spec: UnitSpec, tmp_pat
     config: AgentConfig | ServerConfig | BrokerConfig = load_config(model, config_file, env)
     assert Path(config.data_dir) == state_dir
     check_state_directory(config.data_dir, env, spec.part)  # accepted
-    with pytest.raises(ConfigError, match=f"set data_dir = \"{state_dir}\""):
+    with pytest.raises(ConfigError, match=f"set data_dir = \"{state_dir}\"") as refused:
         check_state_directory(tmp_path / "elsewhere", env, spec.part)
+    # A second server's copied unit still naming the first's StateDirectory: the fix
+    # is the unit's, not to point data_dir at the first server's store.
+    assert "set that unit's StateDirectory= to it" in str(refused.value)
     assert config.log.format == "json"
     if isinstance(config, AgentConfig | ServerConfig):
         assert config.mqtt.resolved_password(env) == "s3cret"

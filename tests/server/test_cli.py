@@ -325,3 +325,21 @@ def test_conflicts_all_and_deadletters_limit_from_the_command_line(
     assert [d["code"] for d in json.loads(out)] == ["malformed"]
     code, _, err = run(env, "server", "deadletters", "--limit", "0", capsys=capsys)
     assert code == 2 and "--limit" in err
+
+
+def test_no_server_running_names_the_config_to_start_it_with(
+        env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`server status --config FILE` with no server running said "or `waystation server
+    run`": typed as shown, that starts a server on ./waystation-data, another store than
+    the one the command read. It names the --config given."""
+    _open(env).close()
+    config = tmp_path / "server.toml"
+    config.write_text("# the store comes from the environment here\n")
+    assert run(env, "device", "add", "van-1", "--scope", "r1", "--out", str(tmp_path / "o"),
+               capsys=capsys)[0] == 0
+    for command in ("status", "devices"):
+        text = run(env, "server", command, "--config", str(config), capsys=capsys)[1]
+        assert f"`waystation server run --config {config}`" in text, text
+        assert "`waystation server run`" not in text
+    # Without --config, the command read ./waystation-data: the bare command fits.
+    assert "`waystation server run`" in run(env, "server", "status", capsys=capsys)[1]

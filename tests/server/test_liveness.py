@@ -135,3 +135,10 @@ def test_a_server_cut_off_from_its_broker_says_so() -> None:
     assert back is not None and back.broker_down_ms == 0
     assert liveness.any_serving([back], T0 + 8_000, stale)
     assert liveness.server_doc(back, T0 + 8_000, stale)["broker_connected"] is True
+
+
+def test_the_start_hint_names_the_config_it_was_given() -> None:
+    row = ServerRow("s1", "main", "1.0", T0, T0 + 10_000)
+    warning = liveness.no_server_warning([row], 30, "/etc/waystation/server.toml")
+    assert "`waystation server run --config /etc/waystation/server.toml`" in warning
+    assert "systemctl start waystation-server" in warning

@@ -145,7 +145,9 @@ class ApiConfig(_Model):
     max_feed_clients: Annotated[int, Field(strict=True, ge=1, le=1024)] = 32
     feed_idle_timeout_s: Seconds = 30.0
     """A feed client that takes longer than this to accept an event is dropped."""
-    max_connections: Annotated[int, Field(strict=True, ge=16, le=65536)] = 512
+    # ge=1, not the real floor: the model check below names it (max_feed_clients + 272),
+    # where a field bound of 16 answered 10 with "from 16" and then 16 with "at least 304".
+    max_connections: Annotated[int, Field(strict=True, ge=1, le=65536)] = 512
     """Open connections (Unix socket and TCP together, agent.http.conn_limits): over it
     the longest-idle connection is closed to make room; when all are busy answering, 503
     too_many_connections. At least max_feed_clients + 256 long polls + 16 (left unset, it

@@ -183,9 +183,10 @@ def rekey(data_dir: Path, old: KeyEncryptionKey, new: KeyEncryptionKey, *,
         lmdb_keys.rewrap_data_key(store_dir, old, new)
     return Outcome("rekey", str(store_dir), "envelope", "envelope", True, False, 0,
                    str(store_dir / DEK_FILE),
-                   f"the data key is now wrapped with {new.source}: point "
-                   "store.encryption_key_file (or the systemd credential) at it before the "
-                   f"server starts again; {old.source} no longer opens this store")
+                   f"the data key is now wrapped with {new.named('new')}: point "
+                   "store.encryption_key_file (or the systemd credential) at "
+                   f"{'a file holding it' if new.streamed else 'it'} before the server "
+                   f"starts again; {old.named('old')} no longer opens this store")
 
 
 __all__ = ["MARKER", "decrypt", "encrypt", "rekey"]
