@@ -289,7 +289,8 @@ def read_status(core: Core) -> AgentStatus:
                 and running is not False):
             code = link_doc.get("code") or "network"
             retry = link_doc.get("retry_in_s")
-            # Rounded to the ms: 2.3 - 0.008 answered 2.2920000000000003 in the JSON.
+            # Rounded to the ms (2.3 - 0.008 answered 2.2920000000000003 in the JSON),
+            # after the floor at 0, so a retry already due reads 0.0.
             left = None if retry is None else round(
                 max(0.0, retry - (now - link_doc["t"]) / 1000), 3)
             link = {"state": link_doc.get("state"), "code": code,

@@ -179,3 +179,6 @@ def test_status_link_retry_in_s_is_rounded_to_the_ms(agent: Agent, clock: FakeCl
         assert link is not None
         left = link["retry_in_s"]
         assert left == round(left, 3) and len(repr(left)) <= len("2.300"), left
+    clock.advance(5.0)  # overdue: due now, never negative (nor -0.0)
+    link = agent.status().link
+    assert link is not None and repr(link["retry_in_s"]) == "0.0"
