@@ -146,7 +146,7 @@ def cmd_server_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         store.close()
     if out is not None:
-        print(f"exported {count} records to {out}")
+        print(f"exported {count} record{'' if count == 1 else 's'} to {out}")
     return 0
 
 
