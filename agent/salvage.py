@@ -35,201 +35,20 @@ store's meta page (its incarnation) is unreadable. Running salvage again skips t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import orjson
 
 from agent import evicted, validate
 from agent.api import Agent
 from agent.changes import change_id
 from agent.core import Work
-from agent.crypto import ValueCipher
-from agent.errors import BadRequest, EncryptionKeyError
-from agent.keyring import KeyEncryptionKey, data_cipher
+from agent.errors import BadRequest
 from agent.models import WriteResult
-from agent.salvage_read import RawRead, read_store
-from agent.store import ENV_DIRNAME, n_key, record_key
+from agent.salvage_source import Item, Report
+from agent.store import n_key, record_key
 from agent.transaction import mark
-from waystation.errors import ConfigError, WaystationError
 
 LEDGER = "salvaged:"
-
-
-class SalvageInputError(ConfigError):
-    """The path given is not a store salvage can read (exit 2)."""
-
-
-class SalvageFailed(WaystationError):
-    """Nothing of the old store can be read (exit 1)."""
-
-
-@dataclass
-class Item:
-    n: int
-    entry: dict[str, Any]
-    state: str = "recovered"  # recovered | already_salvaged | already_synced | refused
-    uncertain: bool = False
-    queued_as: str | None = None
-    reason: str | None = None
-
-    @property
-    def ch(self) -> dict[str, Any]:
-        ch: dict[str, Any] = self.entry["ch"]
-        return ch
-
-    def to_dict(self, dev: str) -> dict[str, Any]:
-        ch = self.ch
-        doc: dict[str, Any] = {"n": self.n, "change_id": change_id(dev, self.n), "op": ch["op"],
-                               "collection": ch["c"], "key": ch["k"], "stamp": ch["h"],
-                               "created_ms": self.entry.get("t")}
-        if self.entry.get("x"):
-            doc["transaction"] = self.entry["x"]
-        if self.state == "recovered":
-            doc["uncertain"] = self.uncertain
-            doc["queued_as"] = self.queued_as
-        if self.queued_as and self.state == "already_salvaged":
-            doc["queued_as"] = self.queued_as
-        if self.reason:
-            doc["reason"] = self.reason
-        return doc
-
-
-@dataclass
-class Report:
-    source: str
-    dry_run: bool
-    device: str | None = None
-    incarnation: str | None = None
-    encrypted: bool = False
-    meta_error: str | None = None
-    items: list[Item] = field(default_factory=list)
-    bad: list[dict[str, Any]] = field(default_factory=list)
-    lost: list[tuple[int, int]] = field(default_factory=list)
-    reads: int = 0
-    skipped_uncertain: bool = False
-
-    def of(self, state: str) -> list[Item]:
-        return [i for i in self.items if i.state == state]
-
-    def to_dict(self, dev: str) -> dict[str, Any]:
-        rec = self.of("recovered")
-        return {
-            "source": self.source, "dry_run": self.dry_run,
-            "old_store": {"device": self.device, "incarnation": self.incarnation,
-                          "encrypted": self.encrypted, "meta_error": self.meta_error},
-            "counts": {"readable": len(self.items), "recovered": len(rec),
-                       "uncertain": sum(1 for i in rec if i.uncertain),
-                       "already_salvaged": len(self.of("already_salvaged")),
-                       "already_synced": len(self.of("already_synced")),
-                       "refused": len(self.of("refused")),
-                       "unreadable_entries": len(self.bad),
-                       "unreadable_ranges": len(self.lost)},
-            "recovered": [i.to_dict(dev) for i in rec],
-            "already_salvaged": [i.to_dict(dev) for i in self.of("already_salvaged")],
-            "already_synced": [i.to_dict(dev) for i in self.of("already_synced")],
-            "refused": [i.to_dict(dev) for i in self.of("refused")],
-            "unreadable": {"entries": self.bad, "ranges": [list(r) for r in self.lost]},
-            "reads": self.reads}
-
-
-# ----------------------------------------------------------------- the source
-
-
-def source_dir(path: Path, current_env: Path) -> Path:
-    """The old store's LMDB directory from what the operator named (the moved-aside
-    directory, its data.mdb, or a data_dir holding agent.lmdb); refuses the rest."""
-    if not path.exists():
-        raise SalvageInputError(f"{path} does not exist: give the directory the damaged store "
-                                "was moved to (e.g. agent.lmdb.damaged-2026-01-31)")
-    if path.is_file():
-        if path.name != "data.mdb":
-            raise SalvageInputError(f"{path} is a file, not an agent store: give the directory "
-                                    "that holds its data.mdb")
-        path = path.parent
-    elif not (path / "data.mdb").exists() and (path / ENV_DIRNAME / "data.mdb").exists():
-        path = path / ENV_DIRNAME
-    if not (path / "data.mdb").is_file():
-        raise SalvageInputError(f"{path} is not an agent store (no data.mdb in it): give the "
-                                "directory the damaged store was moved to")
-    if os.path.realpath(path) == os.path.realpath(current_env):
-        raise SalvageInputError(f"{path} is the agent's current store: salvage reads a store "
-                                "moved aside (`mv agent.lmdb agent.lmdb.damaged-DATE`), into "
-                                "the current one")
-    return path
-
-
-def _cipher(env_dir: Path, token: str | None, key_file: Path | None) -> ValueCipher | None:
-    if token is None:
-        return None
-    if key_file is None:
-        raise EncryptionKeyError(
-            f"the store at {env_dir} is encrypted: give `--key-file PATH`, the key file it "
-            "was encrypted with (default: storage.encryption_key_file of the config)")
-    kek = KeyEncryptionKey.from_file(key_file, "--key-file")
-    cipher = data_cipher(env_dir, kek, new_store=False)
-    if not cipher.verify(bytes.fromhex(token)):
-        raise EncryptionKeyError(f"the key file {key_file} is not the key the store at "
-                                 f"{env_dir} was encrypted with")
-    return cipher
-
-
-def _meta(raw: RawRead, name: str) -> Any:
-    value = raw.meta.get(name)
-    if value is None:
-        return None
-    try:
-        return orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _decode(n: int, value: bytes, cipher: ValueCipher | None) -> dict[str, Any]:
-    """One outbox entry; ValueError saying why it cannot be used."""
-    if cipher is not None:
-        try:
-            value = cipher.open(b"outbox\0" + n_key(n), value)
-        except EncryptionKeyError as exc:
-            raise ValueError(f"does not decrypt ({exc})") from None
-    try:
-        entry = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        raise ValueError("is not a stored change (damaged bytes)") from None
-    ch = entry.get("ch") if isinstance(entry, dict) else None
-    if not isinstance(ch, dict) or ch.get("n") != n or ch.get("op") not in ("put", "del") \
-            or not all(isinstance(ch.get(m), str) for m in ("h", "c", "k", "s")) \
-            or not isinstance(ch.get("b"), int):
-        raise ValueError("is not a stored change (damaged bytes)")
-    return dict(entry)
-
-
-def read_old(env_dir: Path, dev: str, key_file: Path | None, dry_run: bool) -> Report:
-    """Read the old store: its identity (refusing another device's store) and every
-    outbox entry that still reads."""
-    raw = read_store(env_dir)
-    if raw.open_error is not None:
-        raise SalvageFailed(f"LMDB cannot open {env_dir / 'data.mdb'} at all "
-                            f"({raw.open_error}): nothing in it can be salvaged by this "
-                            "command; keep the directory")
-    report = Report(str(env_dir), dry_run, reads=raw.children, lost=raw.lost,
-                    meta_error=raw.meta_error)
-    report.device, report.incarnation = _meta(raw, "device"), _meta(raw, "inc")
-    if report.device is not None and report.device != dev:
-        raise SalvageInputError(f"the store at {env_dir} belongs to device "
-                                f"{report.device!r}, not to this agent's {dev!r}: salvage "
-                                "it on that device (or with its agent config)")
-    token = _meta(raw, "enc")
-    report.encrypted = token is not None
-    cipher = _cipher(env_dir, token, key_file)
-    for n in sorted(raw.entries):
-        try:
-            report.items.append(Item(n, _decode(n, raw.entries[n], cipher)))
-        except ValueError as exc:
-            report.bad.append({"n": n, "reason": f"change {dev}:{n} {exc}"})
-    return report
 
 
 # ------------------------------------------------------------- the current store
@@ -369,5 +188,4 @@ def _keep_created(work: Work, result: WriteResult, created: Any) -> None:
         work.tx.put("outbox", n_key(result.n), entry)
 
 
-__all__ = ["Report", "SalvageFailed", "SalvageInputError", "read_old", "salvage",
-           "source_dir"]
+__all__ = ["LEDGER", "salvage"]

@@ -16,7 +16,8 @@ import orjson
 
 from agent.api import Agent
 from agent.opening import key_file_path
-from agent.salvage import Report, read_old, salvage, source_dir
+from agent.salvage import salvage
+from agent.salvage_source import Report, read_old, source_dir
 from agent.store import ENV_DIRNAME
 from schemas.collection import load_catalog
 from waystation.config import AgentConfig, load_config
@@ -60,7 +61,7 @@ def _lines(report: Report, dev: str) -> list[str]:
            f"  already salvaged before: {c['already_salvaged']}; already on the server: "
            f"{c['already_synced']}; refused: {c['refused']}",
            f"  unreadable: {c['unreadable_entries']} change(s), "
-           f"{c['unreadable_ranges']} damaged range(s) of change numbers"]
+           f"{c['unreadable_ranges']} range(s) of change numbers LMDB cannot reach"]
     for item in doc["recovered"]:
         into = f" as {item['queued_as']}" if item.get("queued_as") else ""
         flag = "  (uncertain)" if item["uncertain"] else ""
@@ -73,7 +74,11 @@ def _lines(report: Report, dev: str) -> list[str]:
     for first, last in doc["unreadable"]["ranges"]:
         what = f"{first}" if first == last else f"{first} and up" if last >= (1 << 52) \
             else f"{first} to {last}"
-        out.append(f"  unreadable: change numbers {what} (damaged pages)")
+        out.append(f"  LMDB cannot reach change numbers {what} (damaged pages)")
+    if report.pages:
+        found = sum(1 for item in report.items if item.from_pages)
+        out.append(f"  read from the raw pages instead ({report.pages} pages): {found} "
+                   "change(s)")
     if report.meta_error:
         out.append(f"  the old store's meta page is unreadable ({report.meta_error})")
     if report.dry_run:

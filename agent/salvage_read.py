@@ -23,6 +23,7 @@ Values are returned raw (decryption is the parent's job: the child never sees a 
 from __future__ import annotations
 
 import base64
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -113,8 +114,7 @@ def _resume_after(env_dir: Path, bad: int, timeout_s: float, out: RawRead) -> in
 
 
 def _readable_from(env_dir: Path, start: int, timeout_s: float) -> bool:
-    lines, err = _child(env_dir, "probe", start, timeout_s)
-    return err is None
+    return _child(env_dir, "probe", start, timeout_s)[1] is None
 
 
 def _child(env_dir: Path, what: str, start: int,
@@ -130,8 +130,9 @@ def _child(env_dir: Path, what: str, start: int,
     if proc.returncode == 0:
         return lines, None
     text = proc.stderr.decode(errors="replace").strip().splitlines()
-    why = text[-1] if text else f"exit {proc.returncode}"
-    return lines, why
+    if proc.returncode < 0:  # LMDB met a page past the file's end (SIGBUS) or abort()ed
+        return lines, f"LMDB stopped reading it ({signal.Signals(-proc.returncode).name})"
+    return lines, text[-1] if text else f"exit {proc.returncode}"
 
 
 def _parse(stdout: bytes) -> list[tuple[str, bytes, bytes]]:
