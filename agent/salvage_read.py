@@ -77,7 +77,10 @@ def read_store(env_dir: Path, *, timeout_s: float = 60.0) -> RawRead:
                 last = n
         if err is None:
             return out
-        if err.startswith("open:"):  # the tree's root or the catalogue is unreadable
+        if err.startswith("open:") or (last < start and not _readable_from(
+                env_dir, -1, timeout_s)):
+            # The catalogue of databases or the outbox's root is unreadable: no probe
+            # can reach anything (each would die at the same page).
             out.lost.append((max(start, 1), _MAX_N - 1))
             return out
         resume = _resume_after(env_dir, last + 1, timeout_s, out)
@@ -181,6 +184,8 @@ def _walk(env_dir: str, what: str, start: int) -> int:
                         value = cur.get(key)
                         if value is not None:
                             _emit("M", key, value)
+                    return 0
+                if start < 0:  # the database's root alone
                     return 0
                 found = cur.set_range(start.to_bytes(8, "big"))
                 if what == "probe":
