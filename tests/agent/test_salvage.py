@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from tests.agent.salvage_kit import (
     same_change,
 )
 from tests.agent.test_store_damage import PAGE, _overwrite, _random
+from tests.cli.procs import clean_env, waystation_argv
+from tests.helpers import wait_until
 from waystation.cli.exitcodes import EXIT_DAMAGED, EXIT_USAGE
 
 
@@ -262,3 +265,33 @@ def test_store_of_another_device_is_refused(tmp_path: Path, catalog: Catalog) ->
     result = salvage(data_dir, old, "--apply", cfg=config(data_dir, device="van-2"))
     assert result.returncode == EXIT_USAGE, result.stderr
     assert "belongs to device 'van-1'" in result.stderr and "'van-2'" in result.stderr
+
+
+def test_salvage_killed_mid_apply_then_run_again_queues_each_change_once(
+        tmp_path: Path, catalog: Catalog) -> None:
+    """kill -9 while --apply queues: each change and its record in the ledger commit
+    together, so the second run queues exactly what the first did not."""
+    data_dir = tmp_path / "data"
+    held = build_old(data_dir, catalog, puts=600, compact=False)
+    old = move_aside(data_dir)
+    with Agent.open(cfg_for(data_dir), catalog):
+        pass  # the fresh store exists, so the test can watch it fill
+    popen = subprocess.Popen(waystation_argv("agent", "salvage", str(old), "--apply",
+                                             "--config", str(config(data_dir))),
+                             cwd=data_dir, env=clean_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        with _current(data_dir, catalog) as ag:
+            wait_until(lambda: len(ag.pending()) >= 20, 120)
+        popen.kill()
+    finally:
+        popen.wait(30)
+    with _current(data_dir, catalog) as ag:
+        first = len(ag.pending())
+    assert 20 <= first < len(held["pending"])  # killed half-way
+    report = salvage_json(data_dir, old, "--apply")
+    assert report["counts"]["already_salvaged"] == first
+    assert report["counts"]["recovered"] == len(held["pending"]) - first
+    with _current(data_dir, catalog) as ag:
+        stamps = sorted(e["ch"]["h"] for e in ag.pending())
+    assert stamps == sorted(e["ch"]["h"] for e in held["pending"].values())
