@@ -17,7 +17,7 @@ import orjson
 from agent.changes import change_id
 from agent.crypto import ValueCipher
 from agent.errors import EncryptionKeyError
-from agent.keyring import KeyEncryptionKey, data_cipher
+from agent.keyring import DEK_FILE, KeyEncryptionKey, data_cipher
 from agent.salvage_pages import PageScan, scan
 from agent.salvage_read import RawRead, read_store
 from agent.store import ENV_DIRNAME, n_key
@@ -140,7 +140,8 @@ def source_dir(path: Path, current_env: Path) -> Path:
 def _cipher(env_dir: Path, tokens: list[str], key_file: Path | None) -> ValueCipher | None:
     """The old store's cipher (None: not encrypted). `tokens`: the encryption check
     tokens its meta gives (several only when read from freed pages too)."""
-    if not tokens:
+    sealed_key = (env_dir / DEK_FILE).exists()  # an encrypted store's wrapped data key
+    if not tokens and not sealed_key:
         return None
     if key_file is None:
         raise EncryptionKeyError(
@@ -148,7 +149,8 @@ def _cipher(env_dir: Path, tokens: list[str], key_file: Path | None) -> ValueCip
             "was encrypted with (default: storage.encryption_key_file of the config)")
     kek = KeyEncryptionKey.from_file(key_file, "--key-file")
     cipher = data_cipher(env_dir, kek, new_store=False)
-    if not any(cipher.verify(bytes.fromhex(token)) for token in tokens):
+    # Without a token (meta unreadable) each value's AES-GCM tag still proves the key.
+    if tokens and not any(cipher.verify(bytes.fromhex(token)) for token in tokens):
         raise EncryptionKeyError(f"the key file {key_file} is not the key the store at "
                                  f"{env_dir} was encrypted with")
     return cipher
@@ -228,7 +230,7 @@ def read_old(env_dir: Path, dev: str, key_file: Path | None, dry_run: bool) -> R
                                 "it on that device (or with its agent config)")
     report.device = dev if devices else None
     report.incarnation = ident["inc"][0] if len(ident["inc"]) == 1 else None
-    report.encrypted = bool(ident["enc"])
+    report.encrypted = bool(ident["enc"]) or (env_dir / DEK_FILE).exists()
     cipher = _cipher(env_dir, ident["enc"], key_file)
     for n in sorted(raw.entries):
         try:

@@ -295,3 +295,21 @@ def test_salvage_killed_mid_apply_then_run_again_queues_each_change_once(
     with _current(data_dir, catalog) as ag:
         stamps = sorted(e["ch"]["h"] for e in ag.pending())
     assert stamps == sorted(e["ch"]["h"] for e in held["pending"].values())
+
+
+def test_encrypted_store_with_both_meta_pages_lost(tmp_path: Path, catalog: Catalog) -> None:
+    """No meta page, so no encryption token: the wrapped data key beside data.mdb says
+    the store is encrypted, and each value's AES-GCM tag proves the key."""
+    data_dir = tmp_path / "data"
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    held = build_old(data_dir, catalog, key=key, puts=20, compact=False)
+    old = move_aside(data_dir)
+    _overwrite(old / "data.mdb", 0, _random(2 * PAGE))
+    result = salvage(data_dir, old, "--apply")
+    assert result.returncode == EXIT_USAGE and "--key-file" in result.stderr, result.stderr
+    report = salvage_json(data_dir, old, "--apply", "--key-file", str(key))
+    assert report["old_store"]["encrypted"]
+    assert {i["n"] for i in report["recovered"]} == set(held["pending"])
+    assert all(i.get("from_pages") for i in report["recovered"])
+    _check_queued(data_dir, catalog, report, held)
