@@ -69,6 +69,10 @@ def test_intact_store_dry_run_then_apply_then_again(template: tuple[Path, Any], 
                                                     catalog: Catalog) -> None:
     data_dir, old, held = _copy(template, tmp_path / "data")
     before = digest_dir(old)
+    text = salvage(data_dir, old)
+    assert text.returncode == 0, text.stderr
+    assert f"{len(held['pending'])} pending change(s) read" in text.stdout
+    assert "dry run: nothing was written; run again with --apply" in text.stdout
     dry = salvage_json(data_dir, old)
     assert dry["dry_run"] and dry["counts"]["recovered"] == len(held["pending"])
     assert {i["n"] for i in dry["recovered"]} == set(held["pending"])
