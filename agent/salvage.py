@@ -132,7 +132,12 @@ def salvage(agent: Agent, report: Report, *, skip_uncertain: bool = False) -> Re
 def _one_group(agent: Agent, group: list[Item], moved: dict[str, str], dry_run: bool) -> None:
     dev = agent.device_id
 
-    def run(work: Work) -> list[WriteResult]:
+    def run(work: Work) -> list[WriteResult] | list[Any]:
+        # Checked again inside the write transaction: a salvage run at the same time
+        # (LMDB serialises write transactions) may have queued the group since.
+        done = [work.tx.meta(_ledger_key(item.ch)) for item in group]
+        if any(d is not None for d in done):
+            return done
         results = [_requeue(agent, work, item, moved) for item in group]
         mark(work, results)
         for item, result in zip(group, results, strict=True):
@@ -149,6 +154,11 @@ def _one_group(agent: Agent, group: list[Item], moved: dict[str, str], dry_run: 
     except BadRequest as exc:  # WriteRefused: the current schema or scopes refuse it
         for item in group:
             item.state, item.reason = "refused", str(exc)
+        return
+    if results and not isinstance(results[0], WriteResult):
+        for item, doc in zip(group, results, strict=True):
+            item.state = "already_salvaged"
+            item.queued_as = doc.get("as") if isinstance(doc, dict) else None
         return
     for item, result in zip(group, results, strict=True):
         item.queued_as = None if dry_run else result.change_id

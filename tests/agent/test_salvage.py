@@ -7,6 +7,7 @@ for the user unless an operator re-typed them from an `mdb_dump`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -317,3 +318,25 @@ def test_encrypted_store_with_both_meta_pages_lost(tmp_path: Path, catalog: Cata
     assert {i["n"] for i in report["recovered"]} == set(held["pending"])
     assert all(i.get("from_pages") for i in report["recovered"])
     _check_queued(data_dir, catalog, report, held)
+
+
+def test_two_salvage_runs_at_once_queue_each_change_once(tmp_path: Path,
+                                                         catalog: Catalog) -> None:
+    """Two operators (or a retried script) run --apply together: the ledger is checked
+    again inside each write transaction, so nothing is queued twice."""
+    data_dir = tmp_path / "data"
+    held = build_old(data_dir, catalog, puts=300, compact=False)
+    old = move_aside(data_dir)
+    with Agent.open(cfg_for(data_dir), catalog):
+        pass
+    argv = waystation_argv("agent", "salvage", str(old), "--apply", "--json", "--config",
+                           str(config(data_dir)))
+    procs = [subprocess.Popen(argv, cwd=data_dir, env=clean_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    reports = [json.loads(out) for out, _ in outs]
+    assert sum(r["counts"]["recovered"] for r in reports) == len(held["pending"])
+    with _current(data_dir, catalog) as ag:
+        stamps = sorted(e["ch"]["h"] for e in ag.pending())
+    assert stamps == sorted(e["ch"]["h"] for e in held["pending"].values())
