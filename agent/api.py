@@ -362,7 +362,10 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
                view: ViewState | None, scope: str, op: Op, priority: int, *,
                f: dict[str, Any] | None = None, i: dict[str, int | float] | None = None,
                a: dict[str, list[str]] | None = None,
-               r: dict[str, dict[str, list[str]]] | None = None) -> WriteResult:
+               r: dict[str, dict[str, list[str]]] | None = None,
+               keep: tuple[str, int] | None = None) -> WriteResult:
+        """`keep` (agent.salvage only): the (stamp time part, base version) of a change
+        written in an older store, kept so the server merges it as the late write it is."""
         quota.check_write(work)
         if view is None and work.tx.has(evicted.DB, rk):
             # Written blind on an evicted record: ask for it back, so that its view is
@@ -371,7 +374,10 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
         n = work.next_n()
         stamp = work.tick()
         b = base_version(work.checkpoint(scope).cp, view.wq if view else 0)
-        ch = build_change(n=n, h=stamp.time_part(), c=spec.name, k=key, s=scope, b=b, op=op,
+        h = stamp.time_part()
+        if keep is not None:
+            h, b = keep
+        ch = build_change(n=n, h=h, c=spec.name, k=key, s=scope, b=b, op=op,
                           f=f, i=i, a=a, r=r)
         # `view` was loaded for this write alone (its callers are done with it): the new
         # change is folded into it in place (`apply_pending` without the copy).
@@ -386,7 +392,7 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
         work.save_view(rk, new)
         cid = change_id(self._core.dev, n)
         work.feed(spec.name, key, "local", {"change_ids": [cid]})
-        return WriteResult(spec.name, key, scope, "pending", n, cid, stamp.encode())
+        return WriteResult(spec.name, key, scope, "pending", n, cid, f"{h}:{self._core.dev}")
 
     # ------------------------------------------------------------------ reads
 

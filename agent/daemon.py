@@ -56,6 +56,7 @@ from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.daemon_retention import RetentionHooks
 from agent.daemon_wake import WakeHooks
+from agent.errors import StoreDamaged
 from agent.link_progress import LinkProgress
 from agent.pacing import Pacer
 from agent.policy.decide import Decision
@@ -122,6 +123,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self.damaged: StoreDamaged | None = None
+        """Set when the store turned out damaged: the engine loop stopped for good."""
         self._thread: threading.Thread | None = None
         self._connected = False
         self._inflight: dict[int, float] = {}        # n -> monotonic time it was sent
@@ -276,6 +279,10 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
                 self._fetch_tick(now)
                 self._fetch_query_tick(now)
                 self.stats.loops += 1
+        except StoreDamaged as exc:
+            # Said once, with what to do; nothing more can be synced from this store.
+            self.damaged = exc
+            log.error("store_damaged", dev=self.dev, file=exc.path, error=str(exc))
         except Exception:
             log.exception("agent_loop_failed", dev=self.dev)
             raise
@@ -310,6 +317,8 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
                     self._last_problem = (event[1], event[2])
                     log.warning("link_problem", dev=self.dev, kind=event[1], detail=event[2],
                                 retry_in_s=round(float(event[3]), 1))
+        except StoreDamaged:
+            raise  # not one message's problem: every later one would fail the same way
         except Exception:
             # A failure applying one message must not kill the loop; the data it
             # carried comes again (resend, catch-up).

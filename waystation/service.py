@@ -21,9 +21,13 @@ from waystation.errors import ConfigError
 def run_service(*, start: Callable[[], None], stop: Callable[[], None],
                 healthy: Callable[[], bool], status: Callable[[], str],
                 env: Mapping[str, str], on_started: Callable[[], None] | None = None,
-                interval_s: float = 1.0) -> int:
+                interval_s: float = 1.0,
+                failed: Callable[[], BaseException | None] | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code: 0 after SIGTERM (the
-    normal stop, e.g. `systemctl stop`), 130 after SIGINT (Ctrl-C), as `--help` says."""
+    normal stop, e.g. `systemctl stop`), 130 after SIGINT (Ctrl-C), as `--help` says.
+    `failed` is asked every interval: an error it returns stops the service and is
+    raised (after `stop`), so the command exits with its code."""
+    failure: list[BaseException] = []
     stopping = threading.Event()
     received: list[int] = []
 
@@ -41,6 +45,10 @@ def run_service(*, start: Callable[[], None], stop: Callable[[], None],
         systemd.ready(env=env)
         watchdog.start()
         while not stopping.wait(interval_s):
+            error = failed() if failed is not None else None
+            if error is not None:
+                failure.append(error)
+                break
             systemd.status(status(), env=env)
     finally:
         systemd.stopping(env=env)
@@ -49,6 +57,8 @@ def run_service(*, start: Callable[[], None], stop: Callable[[], None],
             stop()
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
+    if failure:
+        raise failure[0]
     return 130 if received and received[0] == signal.SIGINT else 0
 
 

@@ -3,7 +3,8 @@
 Runs the AgentDaemon (MQTT sender and receiver) until SIGTERM. It dies with the service
 (PR_SET_PDEATHSIG), holds `sync.lock` so two sync loops never share a store (a new one
 waits for a dying one to let go), and exits non-zero when its engine loop stops turning,
-so the service restarts it.
+so the service restarts it. A damaged store is logged once (`store_damaged`, naming
+the file and what to do) and ends it with exit 6, which the service does not restart.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from agent.errors import StoreDamaged
 from agent.service.lock import SYNC_LOCK, FileLock
 from schemas.collection import load_catalog
 from waystation.config import AgentConfig, load_config
@@ -26,6 +28,9 @@ log = structlog.get_logger("waystation.agent.sync")
 
 EXIT_UNHEALTHY = 4
 EXIT_LOCKED = 5
+EXIT_DAMAGED = StoreDamaged.exit_code
+"""The store is damaged: the service stops (exit 6) instead of restarting this process."""
+RESTARTED_ENV = "WAYSTATION_SYNC_RESTARTED"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -54,12 +59,24 @@ def main(argv: list[str]) -> int:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    daemon = AgentDaemon(cfg, load_catalog(cfg.schema_path()), env=env)
+    try:
+        daemon = AgentDaemon(cfg, load_catalog(cfg.schema_path()), env=env)
+        if os.environ.get(RESTARTED_ENV):
+            # Started again after the previous sync process died: LMDB kills a process
+            # with abort() on some damaged pages (no exception): walk the trees first.
+            daemon.agent.store.verify()
+    except StoreDamaged as exc:
+        log.error("store_damaged", dev=cfg.device_id, file=exc.path, error=str(exc))
+        lock.release()
+        return EXIT_DAMAGED
     daemon.start()
     log.info("sync_started", dev=daemon.dev, broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}")
     code = 0
     try:
         while not stopping.wait(1.0):
+            if daemon.damaged is not None:  # logged once by the daemon
+                code = EXIT_DAMAGED
+                break
             if not daemon.healthy:
                 log.error("sync_loop_stuck", dev=daemon.dev)
                 code = EXIT_UNHEALTHY

@@ -9,9 +9,11 @@ from pathlib import Path
 import structlog
 
 from agent.api import Agent
+from agent.errors import StoreDamaged
 from agent.http.server import ApiServer
 from agent.service.lock import acquire_service_lock
 from agent.service.supervisor import SyncSupervisor
+from agent.store_damage import DATA_FILE
 from schemas.collection import load_catalog
 from waystation.config import AgentConfig
 from waystation.service import check_state_directory, run_service
@@ -55,9 +57,16 @@ def run(cfg: AgentConfig, config_path: Path | None, *, env: Mapping[str, str]) -
             sync = "sync running" if supervisor.running else "sync restarting"
             return f"{st.summary()}; {sync}; API up"
 
+        def failed() -> StoreDamaged | None:
+            if not supervisor.damaged:
+                return None
+            return StoreDamaged(str(agent.store.path / DATA_FILE),
+                                "is damaged (the sync process met the damage while running: "
+                                "its log event `store_damaged` says what LMDB found)")
+
         return run_service(start=start, stop=stop,
                            healthy=lambda: api.healthy and supervisor.alive,
-                           status=status, env=env, on_started=started)
+                           status=status, env=env, on_started=started, failed=failed)
     finally:
         lock.release()
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import structlog
 
+from agent.service.child import EXIT_DAMAGED, RESTARTED_ENV
+
 log = structlog.get_logger("waystation.agent.service")
 
 
@@ -35,6 +37,8 @@ class SyncSupervisor:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.restarts = 0
+        self.damaged = False
+        """The sync process found the store damaged (exit 6): it is not restarted."""
 
     @property
     def running(self) -> bool:
@@ -73,6 +77,12 @@ class SyncSupervisor:
                 code = self._proc.wait()
                 if self._stopping.is_set():
                     return
+                if code == EXIT_DAMAGED:
+                    # Restarting cannot repair a damaged file: stop, and let the service
+                    # stop too (exit 6, not restarted by systemd).
+                    log.error("sync_stopped_store_damaged", pid=self._proc.pid, code=code)
+                    self.damaged = True
+                    return
                 log.warning("sync_process_exited", pid=self._proc.pid, code=code,
                             restart_in_s=delay)
             if time.monotonic() - started >= self._stable_s:
@@ -80,6 +90,7 @@ class SyncSupervisor:
             if self._stopping.wait(delay):
                 return
             self.restarts += 1
+            self._env[RESTARTED_ENV] = str(self.restarts)
             delay = min(self._max_s, delay * 2)
 
     def stop(self) -> None:

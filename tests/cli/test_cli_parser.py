@@ -64,6 +64,7 @@ SAMPLE_ARGS: dict[str, list[str]] = {
     "agent encrypt": ["agent", "encrypt", "--key-file", "/etc/waystation/agent.key"],
     "agent decrypt": ["agent", "decrypt", "--batch", "10"],
     "agent rekey": ["agent", "rekey", "--new-key-file", "/etc/waystation/new.key"],
+    "agent salvage": ["agent", "salvage", "agent.lmdb.damaged", "--apply", "--json"],
     "server backup": ["server", "backup", "/tmp/bk"],
     "server restore": ["server", "restore", "--in-place"],
     "server encrypt": ["server", "encrypt", "--key-file", "/etc/waystation/server.key"],

@@ -49,6 +49,7 @@ HANDLERS: dict[str, str] = {
     "agent encrypt": "agent.atrest_cli:cmd_encrypt",
     "agent decrypt": "agent.atrest_cli:cmd_decrypt",
     "agent rekey": "agent.atrest_cli:cmd_rekey",
+    "agent salvage": "agent.salvage_cli:cmd_salvage",
     "server run": "broker.cli.daemons:cmd_server_run",
     "server status": "broker.cli.status:cmd_server_status",
     "server devices": "broker.cli.status:cmd_server_devices",

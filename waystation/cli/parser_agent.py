@@ -141,6 +141,31 @@ def add_agent(b: Builder) -> None:
     p.add_argument("ident", metavar="ID_OR_APP", help="a token id or an app name")
     json_flag(p)
     _add_atrest(b)
+    _add_salvage(b)
+
+
+def _add_salvage(b: Builder) -> None:
+    p = b.leaf("agent salvage", "queue again the pending writes of a moved-aside store",
+               "Read a store moved aside (a damaged one: deploy/README.md, \"A damaged "
+               "device store\") read-only, as far as its pages still read, and queue every "
+               "pending change it holds (written on this device, never acknowledged) again "
+               "as a new local write of the current store: same values, original stamp and "
+               "base (the server merges them as the late writes they are), transactions "
+               "kept together. A DRY RUN unless --apply. Running it again queues nothing "
+               "twice. The agent service may run meanwhile.", config="agent")
+    p.add_argument("path", metavar="PATH",
+                   help="the moved-aside store directory (holding data.mdb)")
+    p.add_argument("--apply", action="store_true",
+                   help="queue the changes (default: only report what would be queued)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only report (the default; for scripts that say so)")
+    p.add_argument("--key-file", metavar="PATH", type=Path, default=None,
+                   help="the key file the old store was encrypted with; default: "
+                        "storage.encryption_key_file of the config")
+    p.add_argument("--skip-uncertain", action="store_true",
+                   help="leave out counter increments and set adds that may count twice "
+                        "(their original may have reached the server before the damage)")
+    json_flag(p)
 
 
 def _add_atrest(b: Builder) -> None:
