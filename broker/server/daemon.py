@@ -43,7 +43,11 @@ Test hook (crash tests only): ``WAYSTATION_FAILPOINT=after_commit:N`` in the ser
 environment, read once when the server is built, makes the process SIGKILL itself on
 the N-th group that applied at least one change, right after that group's store
 transaction committed and before any ack or delta is published ("applied, not acked").
-Unset (always, outside tests) it costs one attribute test per group.
+``WAYSTATION_FAILPOINT=stall_after_connect:MS`` makes the worker wait MS ms after it
+handled a new connection's "connected", as a worker starved of CPU does while the
+network thread keeps queuing (the replayed statuses and what devices send at the
+announcement then wait together in the intake). Unset (always, outside tests) each
+costs one attribute test per group.
 """
 
 from __future__ import annotations
@@ -84,14 +88,16 @@ _TICK_S = 1.0
 FAILPOINT_ENV = "WAYSTATION_FAILPOINT"
 
 
-def _failpoint_after_commit(value: str | None) -> int | None:
-    """N of ``after_commit:N`` (the test hook in the module docstring), else None."""
+def _failpoint(value: str | None, want: str) -> int | None:
+    """N of ``want:N`` (the test hooks in the module docstring), else None."""
     if not value:
         return None
     name, _, count = value.partition(":")
-    if name != "after_commit" or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"{FAILPOINT_ENV}={value!r}: expected after_commit:N with N >= 1")
-    return int(count)
+    if (name not in ("after_commit", "stall_after_connect") or not count.isdigit()
+            or int(count) < 1):
+        raise ValueError(f"{FAILPOINT_ENV}={value!r}: expected after_commit:N or "
+                         "stall_after_connect:MS, with N, MS >= 1")
+    return int(count) if name == want else None
 
 
 def wall_ms() -> int:
@@ -131,7 +137,9 @@ class MergeServer:
         self.groups = 0
         self.group_seconds = 0.0
         # Test hook (module docstring): crash after the N-th applying group's commit.
-        self._fail_after_commit = _failpoint_after_commit(self.env.get(FAILPOINT_ENV))
+        self._fail_after_commit = _failpoint(self.env.get(FAILPOINT_ENV), "after_commit")
+        self._stall_after_connect = _failpoint(self.env.get(FAILPOINT_ENV),
+                                               "stall_after_connect")
         self._fp_applied = 0
         self._fp_groups = 0
         self.link: MqttLink | AmqpLink
@@ -156,8 +164,12 @@ class MergeServer:
                 on_message=self._on_message,
                 on_retained=self._on_retained,
             )
-        self.link.subscribe(self.up_filter, qos=1)
+        # Statuses first: the broker replays the retained ones when it takes the
+        # subscription, so on a connection that forgot presence ("connected") they all
+        # arrive ahead of any change, whose delta then reaches every device online
+        # (the intake serves them before devices' messages: broker.server.intake.fair).
         self.link.subscribe(self.status_filter, qos=1)
+        self.link.subscribe(self.up_filter, qos=1)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -302,6 +314,9 @@ class MergeServer:
                     received_ms=item.at or None))
             elif item.kind == "connected":
                 self.engine.reset_presence()
+                if self._stall_after_connect is not None:
+                    log.warning("failpoint_stall_after_connect", ms=self._stall_after_connect)
+                    time.sleep(self._stall_after_connect / 1000)
         if ups:
             self._publish(self._handle(ups))
         if isinstance(self.link, AmqpLink):

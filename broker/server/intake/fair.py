@@ -29,6 +29,18 @@ around it), so `queued_bytes` is an honest measure of the memory held and even e
 payloads cost something. Control items (the server's own: "connected") are few,
 coalesced (one of each kind waits at most) and served before any device.
 
+Replayed statuses (`retained` statuses: the broker's replay when the server subscribes)
+are served next, in their order of arrival, before any device's turn. They rebuild
+presence after "connected" forgot it, and a change must not be merged before the
+statuses that arrived ahead of it: round robin would serve a device whose hello and
+changes followed its own replayed status before another device's status that arrived
+earlier, and that device, believed offline, would miss the change's delta although it
+stayed online throughout (it only catches up at its next reconnect or gap). There is one
+retained status per device and the broker sends them only on subscribe, so no device
+can use this to jump the queue. A replayed status supersedes that device's statuses
+still queued (they are older: the broker's retained message is its latest), which are
+dropped rather than applied after it.
+
 No threads and no I/O here: `broker.server.intake.bounded` wraps this for the MQTT
 network thread (producer) and the merge worker (consumer).
 """
@@ -144,6 +156,8 @@ class FairQueue:
         self._flows: dict[str, _Flow] = {}
         self._ring: deque[str] = deque()  # devices with queued items, in serving order
         self._control: deque[Item] = deque()
+        self._replay: deque[Item] = deque()
+        """Replayed statuses, served after control items and before devices (docstring)."""
         self._bytes = 0
         self._items = 0
         self.peak_bytes = 0
@@ -185,6 +199,8 @@ class FairQueue:
         else:
             item = Item(kind, device, payload, len(payload), retained=retained, at=at)
         cost = item.cost
+        if replayed(item):
+            return self._offer_replay(item)
         flow = self._flows.get(device)
         held = 0 if flow is None else flow.bytes
         c = self.counters
@@ -211,6 +227,42 @@ class FairQueue:
         c.queued_bytes += len(payload)
         return Verdict.QUEUED
 
+    def _offer_replay(self, item: Item) -> Verdict:
+        """Queue a replayed status (module docstring); only the global bound applies:
+        the broker sends one per device, on the server's subscribe."""
+        c = self.counters
+        if self._bytes + item.cost > self.limits.max_bytes:
+            c.full += 1
+            return Verdict.FULL
+        self._drop_statuses(item.device)
+        self._replay.append(item)
+        self._bytes += item.cost
+        self._items += 1
+        self.peak_bytes = max(self.peak_bytes, self._bytes)
+        if item.refused:
+            c.refused += 1
+            c.refused_bytes += item.size
+            return Verdict.REFUSED
+        c.queued += 1
+        c.queued_bytes += item.size
+        return Verdict.QUEUED
+
+    def _drop_statuses(self, device: str) -> None:
+        """Forget `device`'s queued statuses: a replayed one supersedes them."""
+        flow = self._flows.get(device)
+        if flow is None or not any(i.kind == "status" for i in flow.items):
+            return
+        stale = [i for i in flow.items if i.kind == "status"]
+        flow.items = deque(i for i in flow.items if i.kind != "status")
+        freed = sum(i.cost for i in stale)
+        flow.bytes -= freed
+        self._bytes -= freed
+        self._items -= len(stale)
+        if not flow.items:
+            # (never inside `take`: offers and takes do not interleave)
+            self._ring.remove(device)
+            del self._flows[device]
+
     def offer_control(self, kind: str) -> bool:
         """Queue one of the server's own items; False if one of this kind already waits."""
         if any(item.kind == kind for item in self._control):
@@ -221,13 +273,19 @@ class FairQueue:
     # --- consuming
 
     def pop(self) -> Item | None:
-        """The next item: control items first, then devices by deficit round robin."""
+        """The next item: control items first, then replayed statuses, then devices by
+        deficit round robin."""
         return self._pop(None)
 
     def _pop(self, turn_limit: int | None) -> Item | None:
         """`pop`, but None rather than begin a turn once `turns` reached `turn_limit`."""
         if self._control:
             return self._control.popleft()
+        if self._replay:
+            item = self._replay.popleft()
+            self._bytes -= item.cost
+            self._items -= 1
+            return item
         ring = self._ring
         quantum = self.limits.quantum
         idle_turns = 0
@@ -293,7 +351,8 @@ class FairQueue:
                 break
             out.append(item)
             size += len(item.payload)
-            if rounds is not None and limit is None and not item.control:
+            if (rounds is not None and limit is None and not item.control
+                    and not replayed(item)):
                 # The rounds count from the first device served (whatever empty rounds
                 # it took to reach it): its turn, then every other device's.
                 flow = self._flows.get(item.device)
@@ -307,6 +366,11 @@ class FairQueue:
         """Drain everything, in serving order."""
         while (item := self.pop()) is not None:
             yield item
+
+
+def replayed(item: Item) -> bool:
+    """A status the broker replayed on subscribe (served ahead of devices)."""
+    return item.retained and item.kind == "status" and not item.control
 
 
 __all__ = [
