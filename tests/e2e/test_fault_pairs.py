@@ -21,13 +21,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.e2e.fleet import MOSQUITTO, Fleet
+from agent.errors import StorageFullError
+from tests.helpers import free_port
 from tests.pgserver import PgServer, _children
+from tests.small_disk import fill_disk, small_disk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -225,3 +231,179 @@ def test_server_frozen_while_the_broker_queues(fleet: Fleet) -> None:
     assert_exactly_once(fleet, devs, backlog + live)
     for dev in devs:
         assert not fleet.agent_status(dev)["deferred"]
+
+
+# --------------------------------------------------------------------- disk full
+
+
+@pytest.fixture
+def bare_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """An embedded-broker, LMDB fleet not started yet (the test mounts a small disk
+    under it first)."""
+    with Fleet(tmp_path, "embedded", "lmdb") as fleet:
+        yield fleet
+
+
+def test_server_disk_full_mid_drain(bare_fleet: Fleet) -> None:
+    """The merge server's LMDB disk fills up while a device drains: the server keeps
+    running and refuses as transient (the device keeps every change, no dead letter);
+    once there is room again every increment is applied once."""
+    fleet = bare_fleet
+    with small_disk(fleet.server_data, "24m") as mnt:
+        fleet.start()
+        devs = ("van-1",)
+        seed(fleet, devs)
+        backlog = 300
+        write_backlog(fleet, devs, backlog)
+        fill_disk(mnt / "filler")
+        left = fleet.pending("van-1")
+        print(f"\nserver disk full with {left} changes pending")
+        assert left > 0, "the drain had finished: the disk filled too late"
+        failed = fleet.server.wait_event("store_failed", timeout=30)
+        assert "free disk space" in failed["exception"][0]["exc_value"], failed
+        assert fleet.server.running, fleet.server.log_tail()
+        # Refused as transient: nothing is dead-lettered on either side. (LMDB may go on
+        # committing into pages it freed before: what it acks must be applied.)
+        assert fleet.agent("van-1").dead_letters() == []
+        assert fleet.server_dead_letters() == []
+        (mnt / "filler").unlink()
+        assert_exactly_once(fleet, devs, backlog)
+        assert fleet.server.running
+        fleet.close()
+
+
+def test_agent_disk_full_mid_drain(bare_fleet: Fleet) -> None:
+    """The devices' disk fills up while van-1's sync process applies the server's acks
+    and van-2's applies the deltas: a local write is refused as storage_full, status says
+    the disk is full, no sync process gives up; once there is room every increment is
+    applied once and both devices converge."""
+    fleet = bare_fleet
+    with small_disk(fleet.data_dir, "24m") as mnt:
+        fleet.start()
+        devs = ("van-1", "van-2")
+        seed(fleet, devs)
+        backlog = 300
+        write_backlog(fleet, ("van-1",), backlog)
+        fill_disk(mnt / "filler")
+        left = fleet.pending("van-1")
+        print(f"\ndevice disk full with {left} changes pending")
+        assert left > 0, "the drain had finished: the disk filled too late"
+        with pytest.raises(StorageFullError):
+            for _ in range(1000):   # until the free pages LMDB had in its file are used
+                fleet.agent("van-2").increment("inventory", KEY, "stock", 1)
+        written = fleet.pending("van-2")
+        for dev in devs:
+            st = fleet.agent_status(dev)
+            print(f"{dev}: {st['summary']}")
+            assert "disk" in st["summary"], st
+        fleet.wait(lambda: fleet.value("inventory", KEY, "stock") is not None
+                   and fleet.scope_seq(SCOPE) > 1 + backlog // 2 or None, 30,
+                   what="the server applying van-1's changes meanwhile")
+        (mnt / "filler").unlink()
+        assert_exactly_once(fleet, devs, backlog + written)
+        for dev in devs:
+            assert fleet.agents[dev].running
+        fleet.close()
+
+
+# ------------------------------------------------------------------- app - agent
+
+
+def _api(fleet: Fleet, dev: str) -> tuple[int, str]:
+    """Give `dev` a loopback API port and an app token: (port, token)."""
+    port = free_port()
+    fleet.edit_agent_config(dev, lambda d: d.update(api={"tcp_port": port}))
+    out = fleet.cli("agent", "token", "add", "kiosk", "--write", "*", "--config",
+                    str(fleet.agent_config_path(dev)))
+    return port, out.stdout.splitlines()[0]
+
+
+def _txn_request(token: str, key: str) -> bytes:
+    """POST /v1/txn moving one unit of stock from bin-a to bin-b, with `key`."""
+    body = orjson.dumps({"ops": [
+        {"op": "increment", "collection": "inventory", "key": "bin-a", "field": "stock",
+         "amount": -1},
+        {"op": "increment", "collection": "inventory", "key": "bin-b", "field": "stock",
+         "amount": 1}]})
+    head = (f"POST /v1/txn HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nIdempotency-Key: {key}\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def _cut(port: int, data: bytes) -> None:
+    """Send `data` and reset the connection at once, reading nothing (an app killed or
+    its link cut mid-request)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.sendall(data)
+    sock.close()
+
+
+def _send(port: int, data: bytes) -> tuple[int, bytes]:
+    """Send `data` and read the whole answer: (status, raw answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+@pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
+def test_app_connection_cut_mid_transaction(fleet: Fleet) -> None:
+    """The app's connection to the local API is reset mid-request (half a body) or right
+    after the request (the answer never read), while the sync process drains: the app
+    sends again with its Idempotency-Key; each transaction moves the stock once, on the
+    device and on the server, and the API keeps serving."""
+    for dev in ("van-1", "van-2"):
+        fleet.add_device(dev, [SCOPE])
+    port, token = _api(fleet, "van-1")
+    ag = fleet.agent("van-1")
+    moves = 40
+    for k in ("bin-a", "bin-b"):
+        ag.put("inventory", k, {"depot": SCOPE, "sku": k})
+    ag.increment("inventory", "bin-a", "stock", moves)   # stock may not go below zero
+    fleet.start_agents("van-1", "van-2")
+    for i in range(moves):
+        request = _txn_request(token, f"move-{i}")
+        _cut(port, request[:len(request) - 7] if i % 2 else request)
+        status, answer = _send(port, request)   # the app's retry, same key
+        assert status in (200, 202), answer
+    status, answer = _send(port, _txn_request(token, "move-0"))
+    assert status == 202 and b"Idempotent-Replayed: true" in answer, answer
+    assert ag.get("inventory", "bin-b").fields["stock"] == moves  # type: ignore[union-attr]
+    fleet.wait_drained("van-1")
+    assert fleet.value("inventory", "bin-a", "stock") == 0
+    assert fleet.value("inventory", "bin-b", "stock") == moves
+    assert fleet.scope_seq(SCOPE) == 3 + 2 * moves
+    assert ag.dead_letters() == []
+    fleet.wait_converged("van-1", "van-2", timeout=30)
+
+
+# ------------------------------------------------------- agent: sync process alone
+
+
+def test_sync_process_killed_between_publish_and_ack(fleet: Fleet) -> None:
+    """Only the agent's sync process is SIGKILLed mid-drain (changes published, their
+    acks not yet applied) while the app keeps writing: the service restarts it and every
+    increment is applied once."""
+    devs = ("van-1",)
+    fleet.add_device("van-1", [SCOPE], sync=THROTTLED)
+    ag = fleet.agent("van-1")
+    ag.put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
+    backlog, live = 300, 30
+    for _ in range(backlog):
+        ag.increment("inventory", KEY, "stock", 1)
+    proc = fleet.start_agent("van-1", wait=False)
+    first = proc.wait_event("sync_process_started")["pid"]
+    fleet.wait(lambda: fleet.scope_seq(SCOPE) > 1 + backlog // 10 or None, 30,
+               what="the drain under way", interval=0.005)
+    os.kill(first, signal.SIGKILL)
+    left = fleet.pending("van-1")
+    print(f"\nkilled the sync process with {left} changes pending")
+    assert left > 0, "the drain had finished: the kill was not mid-stream"
+    for _ in range(live):
+        ag.increment("inventory", KEY, "stock", 1)
+    proc.wait_event("sync_process_started", where=lambda e: e["pid"] != first)
+    assert_exactly_once(fleet, devs, backlog + live)
