@@ -267,7 +267,8 @@ def cmd_sync_now(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`agent status [--json]`"""
     cfg, catalog = _setup(args, env)
-    with Agent.open(cfg, catalog, create=False, env=env) as agent:
+    # Read-only: answers even while the daemon is stuck inside a write transaction.
+    with Agent.open(cfg, catalog, create=False, env=env, readonly=True) as agent:
         status = agent.status()
     cert = client_cert_status(cfg)
     if args.json:

@@ -4,35 +4,45 @@ or restarted while the part next to it is mid-operation. Each test drains counte
 increments, so a change applied twice or lost shows in the total, and checks one q per
 change in the scope's log, convergence of every device, and what status says.
 
-Coverage of pair x fault (e2e = a whole fleet; unit = the store or one process alone;
-"-" = not covered; [here] = this module):
+Coverage of pair x fault. e2e: a whole fleet; unit: the part alone; "-": none;
+H: here. kill = SIGKILL, stop = SIGSTOP then SIGCONT, cut = reset or silent link.
 
-| pair            | SIGKILL          | restart         | SIGSTOP        | cut / silent link    | slow        | disk full  |
-| app-agent       | unit (idem.)     | e2e service     | -              | http (lost answer)   | http hostile| unit       |
-| agent-store     | e2e crashes      | e2e crashes     | -              | n/a                  | n/a         | unit       |
-| agent-broker    | e2e crashes      | e2e crashes     | [here]         | e2e silent_links(+M) | e2e slow    | -          |
-| broker-server   | e2e crash_status | e2e crashes     | [here]         | e2e silent (+AMQP)   | -           | -          |
-| server-LMDB     | e2e crashes      | e2e crashes     | n/a (in-proc)  | n/a                  | n/a         | unit       |
-| server-Postgres | e2e store_faults | [here]          | [here]         | unit silent_link     | -           | -          |
+| pair            | kill      | restart  | stop | cut               | slow    | disk full |
+| app-agent       | unit      | e2e      | -    | H (reset), http   | http    | unit      |
+| agent-store     | e2e       | e2e      | H    | n/a               | n/a     | H         |
+| agent-broker    | e2e, H    | e2e      | H    | e2e silent        | e2e     | -         |
+| broker-server   | e2e       | e2e      | H    | e2e silent, AMQP  | -       | -         |
+| server-LMDB     | e2e       | e2e      | n/a  | n/a               | n/a     | H, unit   |
+| server-Postgres | e2e       | H        | H    | H silent, unit    | -       | -         |
+
+(agent-store "stop" is the agent frozen inside a write transaction: H, with the
+unit test tests/agent/test_status_beside_stuck_writer.py; "kill, H" on agent-broker is
+the sync process alone killed between publish and ack.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
 
-from tests.e2e.fleet import MOSQUITTO, Fleet
 from agent.errors import StorageFullError
+from tests.e2e.fleet import MOSQUITTO, Fleet
 from tests.helpers import free_port
 from tests.pgserver import PgServer, _children
+from tests.silent_link import SilentLink
+from tests.silent_link import unavailable_reason as silent_link_unavailable
 from tests.small_disk import fill_disk, small_disk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -129,6 +139,15 @@ def test_postgres_frozen_mid_batch_then_resumed(pg_fleet: tuple[Fleet, PgServer]
             what="van-1's changes waiting past three ack timeouts")
         assert st["pending"] > 0 and "pending" in st["summary"], st
         print(f"\nfroze postgres with {left} changes pending; van-1: {st['summary']}")
+        # The operator's view: the store cannot be reached, said plainly (exit 3 after
+        # the connect timeout), not a hang.
+        out = fleet.cli("server", "status", "--config", str(fleet.server_config),
+                        check=False, timeout=60)
+        assert out.returncode == 3 and "cannot connect to the PostgreSQL store" in out.stderr, \
+            (out.returncode, out.stdout, out.stderr)
+        t_resume = time.monotonic()
+    fleet.wait_drained(*devs, timeout=60)
+    print(f"drained {time.monotonic() - t_resume:.1f} s after postgres was resumed")
     assert_exactly_once(fleet, devs, 2 * writes)
     assert fleet.server.running
 
@@ -296,8 +315,8 @@ def test_agent_disk_full_mid_drain(bare_fleet: Fleet) -> None:
             st = fleet.agent_status(dev)
             print(f"{dev}: {st['summary']}")
             assert "disk" in st["summary"], st
-        fleet.wait(lambda: fleet.value("inventory", KEY, "stock") is not None
-                   and fleet.scope_seq(SCOPE) > 1 + backlog // 2 or None, 30,
+        fleet.wait(lambda: (fleet.value("inventory", KEY, "stock") is not None
+                   and fleet.scope_seq(SCOPE) > 1 + backlog // 2) or None, 30,
                    what="the server applying van-1's changes meanwhile")
         (mnt / "filler").unlink()
         assert_exactly_once(fleet, devs, backlog + written)
@@ -407,3 +426,91 @@ def test_sync_process_killed_between_publish_and_ack(fleet: Fleet) -> None:
         ag.increment("inventory", KEY, "stock", 1)
     proc.wait_event("sync_process_started", where=lambda e: e["pid"] != first)
     assert_exactly_once(fleet, devs, backlog + live)
+
+
+# ------------------------------------------- server - PostgreSQL: a silent link
+
+
+@pytest.mark.postgres
+def test_postgres_link_silent_mid_transaction(tmp_path: Path, pg_database: str) -> None:
+    """The merge server (in a network namespace of its own) reaches PostgreSQL and the
+    broker through two veth paths; the PostgreSQL one goes silent (packets vanish, no
+    reset) mid-drain, so commits in flight end with their outcome unknown to the server.
+    It notices within its TCP bound, says so, keeps running; healed, every increment is
+    applied once (a commit whose answer was lost is not applied again on the resend)."""
+    reason = silent_link_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    url = pg_database
+    parts = urlsplit(url)
+    assert parts.port is not None
+    with contextlib.ExitStack() as stack:
+        fleet = stack.enter_context(Fleet(tmp_path, "embedded", "postgres", url))
+        to_pg = stack.enter_context(SilentLink(parts.port))
+        to_broker = stack.enter_context(SilentLink(fleet.port, namespace=to_pg.namespace))
+        fleet.start(server=False)
+        user = parts.netloc.rsplit("@", 1)[0]
+        # The product's bound on unacknowledged data (25 s) lowered to 2 s, through the
+        # URL as an operator would.
+        through = urlunsplit(parts._replace(netloc=f"{user}@{to_pg.address}:{to_pg.port}",
+                                            query="tcp_user_timeout=2000"))
+        fleet.server.argv = ["ip", "netns", "exec", to_pg.namespace, *fleet.server.argv]
+        fleet.start_server(env={"WAYSTATION_SERVER__STORE__URL": json.dumps(through),
+                                "WAYSTATION_SERVER__STORE__RECONNECT_S": "3",
+                                "WAYSTATION_SERVER__MQTT__HOST": json.dumps(to_broker.address),
+                                "WAYSTATION_SERVER__MQTT__PORT": str(to_broker.port)})
+        stack.callback(fleet.stop_server)   # before the links go
+        devs = ("van-1", "van-2")
+        seed(fleet, devs)
+        writes = 150
+        write_backlog(fleet, devs, writes)
+        to_pg.cut()
+        left = sum(fleet.pending(dev) for dev in devs)
+        print(f"\nthe link to postgres went silent with {left} changes pending")
+        assert left > 0, "the drain had finished: the cut was not mid-stream"
+        fleet.server.wait_event("store_failed", timeout=40)
+        assert fleet.server.running, fleet.server.log_tail()
+        for dev in devs:
+            assert fleet.agent(dev).dead_letters() == []
+        to_pg.heal()
+        assert_exactly_once(fleet, devs, 2 * writes)
+        assert fleet.server.running
+
+
+# ------------------------------------------------------- agent frozen (device asleep)
+
+
+def test_agent_frozen_mid_drain(fleet: Fleet) -> None:
+    """The whole agent (service and sync process) stopped dead mid-drain for longer
+    than its keepalive, as a device put to sleep: the server sees it go offline, `agent
+    status` (read from the store beside it) does not call it online; woken, it
+    reconnects and every increment is applied once."""
+    devs = ("van-1", "van-2")
+    for dev in devs:
+        fleet.add_device(dev, [SCOPE], sync=THROTTLED)
+        fast_keepalive(fleet, dev)
+    fleet.agent("van-1").put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
+    fleet.start_agents(*devs)
+    fleet.wait_converged(*devs, timeout=30)
+    backlog = 300
+    write_backlog(fleet, ("van-1",), backlog)
+    proc = fleet.agents["van-1"]
+    with frozen(process_tree(proc.pid)):
+        left = fleet.pending("van-1")
+        assert left > 0, "the drain had finished: the freeze was not mid-stream"
+        fleet.wait(lambda: _server_device(fleet, "van-1")["online"] is False or None,
+                   30, what="the server sees the frozen device offline")
+        st = fleet.wait_agent_status("van-1", lambda s: not s["online"], 30,
+                                     what="agent status stops calling it online")
+        print(f"\nagent frozen with {left} changes pending: {st['summary']}")
+        assert st["pending"] == left, st
+    assert_exactly_once(fleet, devs, backlog)
+    fleet.wait(lambda: _server_device(fleet, "van-1")["online"] or None, 30,
+               what="the server sees it online again")
+
+
+def _server_device(fleet: Fleet, dev: str) -> dict[str, Any]:
+    rows = json.loads(fleet.cli("server", "devices", "--json", "--config",
+                                str(fleet.server_config)).stdout)
+    row: dict[str, Any] = next(r for r in rows if r["id"] == dev)
+    return row
