@@ -39,7 +39,7 @@ import pytest
 
 from agent.errors import StorageFullError
 from tests.e2e.fleet import MOSQUITTO, Fleet
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 from tests.pgserver import PgServer, _children
 from tests.silent_link import SilentLink
 from tests.silent_link import unavailable_reason as silent_link_unavailable
@@ -60,9 +60,23 @@ def frozen(pids: list[int]) -> Iterator[None]:
     try:
         yield
     finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        # Continued until none is stopped: a parent that stops itself when its child
+        # stops (runuser) may do so again on a stop it learns of after its SIGCONT.
+        def running() -> bool:
+            stopped = [pid for pid in pids if _state(pid) == "T"]
+            for pid in reversed(stopped or pids):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            return not stopped
+        wait_until(running, 30, interval=0.05, message="every frozen process continued")
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[0]
 
 
 def seed(fleet: Fleet, devs: tuple[str, ...]) -> None:
@@ -185,7 +199,12 @@ def process_tree(pid: int) -> list[int]:
 
 
 def fast_keepalive(fleet: Fleet, dev: str) -> None:
-    fleet.edit_agent_config(dev, lambda d: d["mqtt"].update(keepalive_s=FAST_KEEPALIVE))
+    """The smallest keepalive, and a deaf link noticed after 2 s (30 s while the server
+    is announced down: agent.daemon_deaf)."""
+    def edit(d: dict[str, Any]) -> None:
+        d["mqtt"].update(keepalive_s=FAST_KEEPALIVE)
+        d["sync"].update(deaf_after_s=2.0)
+    fleet.edit_agent_config(dev, edit)
 
 
 def test_broker_frozen_while_devices_publish(fleet: Fleet) -> None:
