@@ -76,16 +76,18 @@ class Agent(AgentQueries, AgentFetch, AgentFetchQuery, AgentLetters):
     @classmethod
     def open(cls, cfg: AgentConfig, catalog: Catalog, *, create: bool = True,
              env: Mapping[str, str] | None = None,
-             now_ms: Callable[[], int] | None = None, build_indexes: bool = True) -> Agent:
+             now_ms: Callable[[], int] | None = None, build_indexes: bool = True,
+             readonly: bool = False) -> Agent:
         """Open the agent's store under cfg.data_dir (created unless `create=False`).
 
         `env` expands ``${VAR}`` in the encryption key path (default: os.environ);
         `now_ms` replaces the wall clock (tests). The indexes the schema declares are
         recorded and, unless `build_indexes=False`, built (or dropped) before this
-        returns (`Agent.build_indexes` finishes them later).
+        returns (`Agent.build_indexes` finishes them later). `readonly`: only to read
+        (status): takes no LMDB writer lock, records nothing, needs an existing store.
         """
         opener = Opener(cfg, catalog, create=create, env=env, now_ms=now_ms,
-                        build_indexes=build_indexes)
+                        build_indexes=build_indexes, readonly=readonly)
         return cls(opener.open(), opener)
 
     def wipe(self, command_id: str) -> WipeReport:

@@ -42,9 +42,9 @@ def _open(args: argparse.Namespace, env: Mapping[str, str], *, create: bool) -> 
 
 
 def _open_with(args: argparse.Namespace, cfg: AgentConfig, catalog: Catalog,
-               env: Mapping[str, str], *, create: bool) -> Agent:
+               env: Mapping[str, str], *, create: bool, readonly: bool = False) -> Agent:
     try:
-        return Agent.open(cfg, catalog, create=create, env=env)
+        return Agent.open(cfg, catalog, create=create, env=env, readonly=readonly)
     except AgentNotInitialised as exc:
         raise AgentNotInitialised(f"{exc}{_no_store_hint(args)}") from None
 
@@ -288,7 +288,8 @@ def cmd_sync_now(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`agent status [--json]`"""
     cfg, catalog = _setup(args, env)
-    with _open_with(args, cfg, catalog, env, create=False) as agent:
+    # Read-only: answers even while the daemon is stuck inside a write transaction.
+    with _open_with(args, cfg, catalog, env, create=False, readonly=True) as agent:
         status = agent.status()
     cert = client_cert_status(cfg)
     if args.json:

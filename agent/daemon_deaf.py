@@ -11,6 +11,13 @@ as a deaf link: the agent drops the
 connection cleanly (no will: the device is not offline) and reconnects at once. The
 wait doubles after each such reconnect that heals nothing (a server that is announced but
 hung), up to `DEAF_AFTER_MAX_S`, and starts again at the first answer.
+
+A server announced down is not the link's fault, but the announcement may be the last
+thing a link delivered before going deaf (the retained "down" a reconnect received; the
+"up" that followed never arrived, seen after a broker frozen and resumed took the
+session over from a stale connection): so while it is down the wait is
+`DOWN_FACTOR` times longer (15 min by default), then the agent reconnects once to hear
+the server's state afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from waystation.mqtt import MqttLink
 log = structlog.get_logger("waystation.agent")
 
 DEAF_AFTER_MAX_S = 900.0
+DOWN_FACTOR = 15
+"""While the server is announced down, unanswered requests are taken as a deaf link only
+after this many `sync.deaf_after_s` (at most `DEAF_AFTER_MAX_S`)."""
 
 
 class DeafHooks:
@@ -64,8 +74,9 @@ class DeafHooks:
         # that takes minutes on GPRS (agent.link_progress).
         if now - self.progress.stretched(asked, DEAF_AFTER_MAX_S) < wait:
             return
-        if self.cfg.policy.wait_for_server and self.gate.server.up is False:
-            return  # no server to answer: not the link's fault
+        if self.cfg.policy.wait_for_server and self.gate.server.up is False and (
+                now - asked < min(DOWN_FACTOR * self.cfg.sync.deaf_after_s, DEAF_AFTER_MAX_S)):
+            return  # no server to answer: not the link's fault (yet: module docstring)
         log.warning("link_deaf", dev=self.dev, unanswered_s=round(now - asked),
                     action="reconnecting: the broker delivered nothing on this connection")
         self.deaf_reconnects += 1

@@ -42,8 +42,10 @@ class Opener:
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *, create: bool = True,
                  env: Mapping[str, str] | None = None,
-                 now_ms: Callable[[], int] | None = None, build_indexes: bool = True) -> None:
+                 now_ms: Callable[[], int] | None = None, build_indexes: bool = True,
+                 readonly: bool = False) -> None:
         self.cfg = cfg
+        self.readonly = readonly
         self.build_indexes = build_indexes
         self.catalog = catalog
         self.create = create
@@ -53,6 +55,11 @@ class Opener:
     def open(self) -> Core:
         """Open the store under cfg.data_dir (created unless `create` is false) and claim
         it for this device. A store left half-wiped by a crash is wiped to the end first."""
+        if self.readonly:
+            core = self._open_readonly()
+            if not wipe.is_gone(core.store):
+                return core
+            core.store.close()   # half-wiped: finishing the wipe writes
         core = self._open(self.create)
         if wipe.is_gone(core.store):
             gone = core.store.read(lambda tx: tx.meta("gone")) or {}
@@ -69,20 +76,41 @@ class Opener:
         wipe.finish(new, report, [d for d in done if d])
         return new, report
 
-    def _open(self, create: bool) -> Core:
+    def _open_readonly(self) -> Core:
+        """The store opened only to read it (`agent status`): no LMDB writer lock, which
+        a daemon stuck inside a write transaction (stopped, or stalled in fsync on a
+        failing card) may hold for ever; its identity checked, nothing recorded."""
+        store = self._store(create=False, readonly=True)
+        catalog = store.read(lambda tx: choose_catalog(tx, self.catalog))
+        core = Core(store, self._settings(), catalog, self.now_ms)
+        try:
+            core.check_identity()
+        except BaseException:
+            store.close()
+            raise
+        return core
+
+    def _store(self, *, create: bool, readonly: bool = False) -> Store:
         cfg = self.cfg
         key_path = key_file_path(cfg, self.env)
         kek = None if key_path is None else KeyEncryptionKey.from_file(key_path)
-        store = Store.open(Path(cfg.data_dir), map_size_mb=cfg.storage.map_size_mb,
-                           max_map_size_mb=cfg.storage.max_map_size_mb, kek=kek,
-                           create=create)
-        settings = Settings(device_id=cfg.device_id, scopes=tuple(cfg.scopes),
-                            catchup_page=cfg.sync.catchup_page,
-                            heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5,
-                            plaintext_indexes=cfg.storage.plaintext_indexes,
-                            schema_push=cfg.sync.schema_push,
-                            quota_bytes=cfg.storage.quota_bytes,
-                            journal=journal_limits(cfg))
+        return Store.open(Path(cfg.data_dir), map_size_mb=cfg.storage.map_size_mb,
+                          max_map_size_mb=cfg.storage.max_map_size_mb, kek=kek,
+                          create=create, readonly=readonly)
+
+    def _settings(self) -> Settings:
+        cfg = self.cfg
+        return Settings(device_id=cfg.device_id, scopes=tuple(cfg.scopes),
+                        catchup_page=cfg.sync.catchup_page,
+                        heartbeat_timeout_s=2 * cfg.sync.status_interval_s + 5,
+                        plaintext_indexes=cfg.storage.plaintext_indexes,
+                        schema_push=cfg.sync.schema_push,
+                        quota_bytes=cfg.storage.quota_bytes,
+                        journal=journal_limits(cfg))
+
+    def _open(self, create: bool) -> Core:
+        store = self._store(create=create)
+        settings = self._settings()
         # The schema version taken from the server, unless the file is newer
         # (agent.schema_store); `self.catalog` stays the file's for a re-open.
         catalog = store.read(lambda tx: choose_catalog(tx, self.catalog))

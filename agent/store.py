@@ -193,14 +193,15 @@ class Store:
 
     @classmethod
     def open(cls, data_dir: Path, *, map_size_mb: int = 64, max_map_size_mb: int = 4096,
-             kek: KeyEncryptionKey | None = None, create: bool = True) -> Store:
+             kek: KeyEncryptionKey | None = None, create: bool = True,
+             readonly: bool = False) -> Store:
         """Open (or create) the environment under `data_dir`, encrypted when `kek` (the
         operator's key, `agent.keyring`) is given."""
         env_dir = Path(data_dir) / ENV_DIRNAME
         check_before_open(env_dir)  # a damaged data.mdb is refused, never taken for new
         new_store = not (env_dir / "data.mdb").exists()
         if new_store:
-            if not create:
+            if not create or readonly:
                 # The CLI adds what to do (`agent.cli._open`): whether a --config was
                 # given decides the hint.
                 raise AgentNotInitialised(
@@ -219,7 +220,8 @@ class Store:
                 f"the local store at {env_dir} is half-way through `waystation agent {op}` "
                 f"(interrupted, or running now): run `waystation agent {op}` again to finish "
                 "it; no data is lost")
-        reg_key = os.path.realpath(env_dir)
+        # A read-only environment is one of its own: it never takes LMDB's writer lock.
+        reg_key = os.path.realpath(env_dir) + ("#readonly" if readonly else "")
         with _registry_lock:
             entry = _registry.get(reg_key)
             if entry is not None and entry.pid == os.getpid() and not entry.store.closed:
@@ -232,19 +234,20 @@ class Store:
                 entry.refs += 1
                 return entry.store
             cipher = None if kek is None else data_cipher(env_dir, kek, new_store=new_store)
-            store = cls._open_env(env_dir, map_size_mb, max_map_size_mb, cipher, reg_key)
+            store = cls._open_env(env_dir, map_size_mb, max_map_size_mb, cipher, reg_key,
+                                  readonly)
             store.kek = kek
             store._entry = _registry[reg_key] = _Entry(store, 1, os.getpid())
             return store
 
     @classmethod
     def _open_env(cls, env_dir: Path, map_size_mb: int, max_map_size_mb: int,
-                  cipher: ValueCipher | None, reg_key: str) -> Store:
+                  cipher: ValueCipher | None, reg_key: str, readonly: bool = False) -> Store:
         _reserve_lock_file(env_dir)
         try:
             env = lmdb.open(str(env_dir), map_size=map_size_mb * _MIB, subdir=True,
                             max_dbs=len(DB_NAMES) + 2, sync=True, metasync=False,
-                            mode=0o600)
+                            mode=0o600, readonly=readonly)
         except lmdb.Error as exc:
             if is_disk_full(exc, env_dir):
                 raise StorageFullError(str(env_dir)) from None
@@ -258,7 +261,9 @@ class Store:
             env.reader_check()  # clear reader slots of killed processes
             for name in DB_NAMES:
                 store._dbs[name] = store._retry(partial(env.open_db, name.encode()))
-            store.write(partial(check_format, path=env_dir, cipher=cipher))
+            # Read-only: checked, never stamped or migrated (the daemon does that).
+            (store.read if readonly else store.write)(
+                partial(check_format, path=env_dir, cipher=cipher))
         except BaseException:
             env.close()
             store.closed = True

@@ -234,6 +234,14 @@ class PgServer:
         wait_until(lambda: not any(_alive(pid) for pid in victims), timeout,
                    message="every postgres process gone after SIGKILL")
 
+    def processes(self) -> list[int]:
+        """The PIDs to stop and continue to freeze the server (SIGSTOP, then SIGCONT): the
+        launcher (runuser, when root), the postmaster and every process it started.
+        runuser stops itself when its child stops and stays stopped after the child's
+        SIGCONT, so it must be continued too (else nothing reaps the postmaster)."""
+        assert self._proc is not None and self.pid is not None, "postgres is not running"
+        return [self._proc.pid, self.pid, *_children(self.pid)]
+
     def restart(self, timeout: float = 60.0) -> PgServer:
         """stop() then start() on the same port and data."""
         self.stop(timeout)

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from agent.daemon import AgentDaemon
-from agent.daemon_deaf import DEAF_AFTER_MAX_S, DeafHooks
+from agent.daemon_deaf import DEAF_AFTER_MAX_S, DOWN_FACTOR, DeafHooks
 from agent.link_progress import PROGRESS_BYTES, LinkProgress
 from agent.policy.server import ServerWatch
 from schemas.collection import example_catalog_path, load_catalog
@@ -196,6 +196,19 @@ def test_an_answer_a_closed_link_or_a_server_announced_down_keeps_the_link(
     assert d.fake.relogins == 0
     d.watch.on_state("srv-1", True, 0)
     d._deaf_check(200.0)
+    assert d.fake.relogins == 1
+
+
+def test_a_server_announced_down_for_long_is_heard_afresh(tmp_path: Path) -> None:
+    """The "down" may be the last thing a deaf link delivered (the "up" that followed
+    never came): after DOWN_FACTOR waits unanswered the agent reconnects once to hear the
+    server's state again, instead of waiting for ever."""
+    d = _Daemon(tmp_path)   # deaf_after_s = 10
+    d.watch.on_state("srv-1", False, 0)
+    d._asked(0.0)
+    d._deaf_check(10.0 * DOWN_FACTOR - 1)
+    assert d.fake.relogins == 0
+    d._deaf_check(10.0 * DOWN_FACTOR)
     assert d.fake.relogins == 1
 
 
