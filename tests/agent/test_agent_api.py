@@ -301,7 +301,7 @@ def test_on_disk_layout(tmp_path: Path, catalog: Catalog) -> None:
         assert names == sorted([b"view", b"base", b"stamps", b"outbox", b"outbox_idx",
                                 b"checkpoints", b"conflicts", b"deadletters", b"meta", b"feed",
                                 b"index", b"evicted", b"fetch", b"fetchq", b"journal",
-                                b"idem", b"idem_t"])
+                                b"idem", b"idem_a", b"idem_c", b"idem_t"])
         assert orjson.loads(txn.get(b"format", db=dbs[b"meta"])) == 2
         assert orjson.loads(txn.get(b"device", db=dbs[b"meta"])) == "van-1"
         inc = orjson.loads(txn.get(b"inc", db=dbs[b"meta"]))

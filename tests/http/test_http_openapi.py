@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from agent.errors import WriteRefused
 from agent.http import openapi
 from agent.validate import record_key
-from schemas.collection import Catalog, example_catalog_path, load_catalog
+from schemas.collection import Catalog, CollectionSpec, example_catalog_path, load_catalog
 from tests.agent.agentkit import make_cfg
 from tests.helpers import free_port
 from tests.http.httpkit import issue, running_api
@@ -39,15 +40,22 @@ def test_every_route_is_documented() -> None:
     assert doc["openapi"] == "3.1.0"
 
 
-@given(st.text(min_size=1, max_size=200))
-def test_the_documented_key_pattern_admits_every_key_the_agent_takes(key: str) -> None:
-    """A generated client validates path parameters against the document: a key the
-    agent stores must match it (the old printable-ASCII pattern refused 'Bäckerei')."""
+@functools.cache
+def _key_param() -> tuple[CollectionSpec, dict[str, Any], re.Pattern[str]]:
+    """The example's `tasks` spec and the document's key parameter, built once (building
+    them per example took Hypothesis past its deadline on a loaded machine)."""
     spec = load_catalog(example_catalog_path()).collections["tasks"]
     (param,) = [p for p in openapi.build()["paths"][
         "/v1/collections/{collection}/records/{key}"]["get"]["parameters"]
         if p["name"] == "key"]
-    pattern = re.compile(param["schema"]["pattern"])
+    return spec, param, re.compile(param["schema"]["pattern"])
+
+
+@given(st.text(min_size=1, max_size=200))
+def test_the_documented_key_pattern_admits_every_key_the_agent_takes(key: str) -> None:
+    """A generated client validates path parameters against the document: a key the
+    agent stores must match it (the old printable-ASCII pattern refused 'Bäckerei')."""
+    spec, param, pattern = _key_param()
     try:
         record_key(spec, key)
     except WriteRefused:
