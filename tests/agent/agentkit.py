@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import lmdb
+
 from agent.api import Agent
-from agent.store import record_key
+from agent.store import ENV_DIRNAME, record_key
 from agent.view import compute_view
 from schemas import wire
 from waystation.config import AgentConfig
@@ -84,3 +87,18 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.01) ->
 
 __all__ = ["SCOPES", "FakeClock", "assert_views_consistent", "make_cfg", "outbox_numbers", "rec",
            "record_key", "wait_until"]
+
+
+def compact_in_place(data_dir: Path) -> None:
+    """Rewrite the agent store under `data_dir` compacted (LMDB's copy): every page of
+    the file is then a live page of a tree, so damage anywhere hits data."""
+    env_dir = data_dir / ENV_DIRNAME
+    tmp = data_dir / "compact"
+    tmp.mkdir()
+    env = lmdb.open(str(env_dir), max_dbs=32, readonly=True, lock=False)
+    try:
+        env.copy(str(tmp), compact=True)
+    finally:
+        env.close()
+    os.replace(tmp / "data.mdb", env_dir / "data.mdb")
+    tmp.rmdir()

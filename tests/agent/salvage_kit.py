@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import lmdb
-
 from agent.api import Agent
 from agent.store import ENV_DIRNAME
 from schemas import wire
 from schemas.collection import Catalog
-from tests.agent.agentkit import rec
+from tests.agent.agentkit import compact_in_place, rec
 from tests.agent.atrest_kit import cfg_for
 from tests.cli.procs import clean_env, run_cli
 
@@ -55,16 +52,7 @@ def build_old(data_dir: Path, catalog: Catalog, *, key: Path | None = None, puts
             got = ag.get(c, k, include_deleted=True)
             views[f"{c}/{k}"] = None if got is None else (got.deleted, got.fields)
     if compact:
-        env_dir = data_dir / ENV_DIRNAME
-        tmp = data_dir / "compact"
-        tmp.mkdir()
-        env = lmdb.open(str(env_dir), max_dbs=32, readonly=True, lock=False)
-        try:
-            env.copy(str(tmp), compact=True)
-        finally:
-            env.close()
-        os.replace(tmp / "data.mdb", env_dir / "data.mdb")
-        tmp.rmdir()
+        compact_in_place(data_dir)
     return {"pending": pending, "views": views}
 
 

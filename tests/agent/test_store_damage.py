@@ -31,7 +31,7 @@ from agent.errors import StorageFormatError, StoreDamaged
 from agent.store import ENV_DIRNAME
 from schemas import wire
 from schemas.collection import Catalog, example_catalog_path
-from tests.agent.agentkit import make_cfg, rec
+from tests.agent.agentkit import compact_in_place, make_cfg, rec
 from tests.cli.procs import Proc, clean_env, run_cli
 from tests.helpers import wait_until
 from tests.http.httpkit import Client, issue, running_api
@@ -53,16 +53,7 @@ def _build(data_dir: Path, catalog: Catalog) -> None:
         for i in range(RECORDS):
             ag.put("tasks", f"t-{i}", {"route": "route-42", "notes": "x" * 200})
         assert ag.get("tasks", "s-7") is not None
-    env_dir = data_dir / ENV_DIRNAME
-    compact = data_dir / "compact"
-    compact.mkdir()
-    env = lmdb.open(str(env_dir), max_dbs=32, readonly=True, lock=False)
-    try:
-        env.copy(str(compact), compact=True)
-    finally:
-        env.close()
-    os.replace(compact / "data.mdb", env_dir / "data.mdb")
-    compact.rmdir()
+    compact_in_place(data_dir)
 
 
 @pytest.fixture(scope="module")
