@@ -37,6 +37,12 @@ class StorageError(AgentError):
     """The local LMDB store failed; the message says which file and why."""
 
 
+class StoreNeedsWrite(StorageError):
+    """Opened only to read, the store turned out to need a write first: a database this
+    agent version adds, or an older on-disk format to migrate (a store written by the
+    previous release, before its daemon ran). The caller opens it normally instead."""
+
+
 class StoreGone(StorageError):
     """This open store was wiped by the operator (a remote wipe) and replaced by an
     empty one: nothing can be written to it; open the agent again."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from agent import wipe
 from agent.core import Core, Settings
+from agent.errors import StoreNeedsWrite
 from agent.journal import Limits
 from agent.keyring import KeyEncryptionKey
 from agent.query.maintain import ensure_indexes
@@ -56,10 +57,14 @@ class Opener:
         """Open the store under cfg.data_dir (created unless `create` is false) and claim
         it for this device. A store left half-wiped by a crash is wiped to the end first."""
         if self.readonly:
-            core = self._open_readonly()
-            if not wipe.is_gone(core.store):
-                return core
-            core.store.close()   # half-wiped: finishing the wipe writes
+            try:
+                core = self._open_readonly()
+            except StoreNeedsWrite:
+                pass  # an upgraded agent's first open: created and migrated below
+            else:
+                if not wipe.is_gone(core.store):
+                    return core
+                core.store.close()   # half-wiped: finishing the wipe writes
         core = self._open(self.create)
         if wipe.is_gone(core.store):
             gone = core.store.read(lambda tx: tx.meta("gone")) or {}

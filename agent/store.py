@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
+import orjson
 
 from agent.crypto import ValueCipher
 from agent.errors import (
@@ -93,6 +94,7 @@ from agent.errors import (
     StorageError,
     StorageFullError,
     StoreDamaged,
+    StoreNeedsWrite,
 )
 from agent.groupcommit import GroupCommit, GroupStats, Job
 from agent.keyring import KeyEncryptionKey, data_cipher
@@ -110,6 +112,23 @@ DB_NAMES = ("view", "base", "stamps", "outbox", "outbox_idx", "checkpoints", "co
             "idem", "idem_t", "idem_a", "idem_c")
 _MAX_RETRIES = 64
 _MIB = 1 << 20
+
+
+def _check_writes_nothing(env: lmdb.Environment, env_dir: Path) -> None:
+    """StoreNeedsWrite unless the store can be opened without a write: every database
+    of this version exists and the on-disk format is this version's (a read-only LMDB
+    environment cannot create a database or migrate)."""
+    with env.begin(write=False) as txn:
+        held = {bytes(key) for key in txn.cursor().iternext(keys=True, values=False)}
+        missing = [name for name in DB_NAMES if name.encode() not in held]
+        fmt = None
+        if not missing:
+            raw = txn.get(b"format", db=env.open_db(b"meta", txn=txn, create=False))
+            fmt = None if raw is None else orjson.loads(raw)
+    if missing or fmt != FORMAT_VERSION:
+        raise StoreNeedsWrite(
+            f"the local store at {env_dir} needs a write before it can be read "
+            f"({'databases ' + ', '.join(missing) if missing else f'format {fmt}'})")
 
 
 def record_key(collection: str, key: str) -> bytes:
@@ -259,6 +278,8 @@ class Store:
         try:
             check_after_open(env, env_dir)  # before any page past the header is read
             env.reader_check()  # clear reader slots of killed processes
+            if readonly:
+                _check_writes_nothing(env, env_dir)
             for name in DB_NAMES:
                 store._dbs[name] = store._retry(partial(env.open_db, name.encode()))
             # Read-only: checked, never stamped or migrated (the daemon does that).

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import lmdb
 
 from agent.api import Agent
 from schemas.collection import Catalog, example_catalog_path
@@ -69,3 +72,40 @@ def test_status_answers_while_another_process_holds_the_write_lock(
         writer.wait(30)
     with Agent.open(make_cfg(data), catalog, create=False) as again:
         assert again.status().pending == 1
+
+
+def _status(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(waystation_argv("agent", "status", "--json", "--config", str(config)),
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_status_of_a_store_the_previous_release_wrote(tmp_path: Path, catalog: Catalog) -> None:
+    """A store without the databases this version adds (written before an upgrade, its
+    daemon not started since) cannot be opened read-only: status opens it as before
+    (creating them) instead of failing with LMDB's "mdb_dbi_open: Permission denied"."""
+    data = tmp_path / "data"
+    with Agent.open(make_cfg(data), catalog) as first:
+        first.put("tasks", "t-1", {"route": "route-42"})
+    env = lmdb.open(str(data / "agent.lmdb"), max_dbs=32)
+    with env.begin(write=True) as txn:
+        for name in (b"idem_a", b"idem_c"):   # added after the previous release
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+    env.close()
+    for _ in range(2):  # the second run finds the databases the first one created
+        out = _status(_config(data))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["pending"] == 1
+
+
+def test_status_of_a_store_the_first_release_wrote(tmp_path: Path) -> None:
+    """The committed format-1 store (tests/fixtures/agent_format1): status migrates it
+    (a write) and answers, as before status opened stores read-only."""
+    env_dir = tmp_path / "data" / "agent.lmdb"
+    env_dir.mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "fixtures" / "agent_format1" / "data.mdb", env_dir)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "van-old"\nscopes = ["route-1", "depot-1"]\n'
+                      f'data_dir = "{env_dir.parent}"\n', encoding="utf-8")
+    out = _status(config)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["device_id"] == "van-old"
