@@ -278,7 +278,20 @@ def read_status(core: Core) -> AgentStatus:
         sync_gone = bool(service) and holder_pid(data_dir / SYNC_LOCK) is None
         link = None
         link_doc = tx.meta("link")
-        if sync_gone and not online:
+        # Its last heartbeat said connected and it is alive, but it has stopped writing
+        # them: its loop does not run (SIGSTOP, a device asleep, stuck in a write on a
+        # stalled disk). A daemon that lost its link records that, and offline it
+        # writes none: this is the only way a stale "connected" is left behind.
+        stuck = bool(online_doc and online_doc["on"] and not online and hb_age is not None
+                     and hb_age > core.settings.heartbeat_timeout_s
+                     and syncing is not False and running is not False)
+        if stuck and not sync_gone:
+            assert online_doc is not None and hb_age is not None
+            link = {"state": "offline", "code": "not_responding",
+                    "reason": f"no heartbeat from the sync daemon for {hb_age:.0f} s",
+                    "hint": HINTS["not_responding"], "t": online_doc["t"],
+                    "retry_in_s": None}
+        elif sync_gone and not online:
             # The service runs, its sync process does not: that, not the last
             # connection problem recorded, is why nothing syncs now.
             link = {"state": "offline", "code": "sync_restarting",

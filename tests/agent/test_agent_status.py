@@ -101,6 +101,34 @@ def test_a_crashed_daemons_pid_reused_by_another_process_is_not_online(agent: Ag
     assert not status.online and status.agent_running is False
 
 
+def test_a_daemon_alive_but_silent_is_not_responding(agent: Agent, clock: FakeClock) -> None:
+    """Its last heartbeat said connected, its process lives, but no heartbeat came for
+    longer than the timeout (frozen, asleep, stuck on a disk): status says it does not
+    respond, not "offline, waiting for connection"; a fresh heartbeat clears it."""
+    agent.put("tasks", "t-1", {"route": S})
+    agent.sync.set_online(True)   # this process: alive
+    clock.advance(agent._core.settings.heartbeat_timeout_s + 30)
+    status = agent.status()
+    assert not status.online and status.link is not None
+    assert status.link["code"] == "not_responding", status.link
+    summary = status.summary()
+    assert "not responding" in summary and "no heartbeat from the sync daemon for" in summary
+    assert "waiting for connection" in summary  # the pending change is still said
+    agent.sync.set_online(True)
+    assert agent.status().online and agent.status().link is None
+
+
+def test_a_daemon_that_went_offline_is_not_called_stuck(agent: Agent,
+                                                        clock: FakeClock) -> None:
+    """Offline, the daemon writes no heartbeat: an old one saying "not connected" is not
+    a daemon that stopped responding."""
+    agent.sync.set_online(False)
+    agent.sync.record_link("retrying", "refused", 8.0, code="connection_refused")
+    clock.advance(3600)
+    status = agent.status()
+    assert status.link is not None and status.link["code"] == "connection_refused"
+
+
 def test_server_problem_clears_after_a_successful_sync(agent: Agent) -> None:
     """"device disabled" stays only until the server accepts something again."""
     agent.put("tasks", "t-1", {"route": S})
