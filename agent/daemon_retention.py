@@ -24,6 +24,7 @@ import structlog
 from agent import evict, fetch_queries, fetching, journal, quota
 from agent.caps import FETCH, FETCH_QUERY
 from agent.core import Work
+from agent.errors import StoreDamaged
 from agent.sync import Sync
 from schemas import wire
 from waystation.config import AgentConfig
@@ -60,11 +61,15 @@ class RetentionHooks:
             if self.cfg.storage.quota_bytes is not None:
                 try:
                     self.sync.core.write(quota.observe, durable=False)
+                except StoreDamaged:
+                    raise  # the engine loop says it once and stops (agent.daemon)
                 except Exception:
                     log.exception("quota_check_failed", dev=self.dev)
             return
         try:
             result = evict.step(self.sync.core, batch=rcfg.batch)
+        except StoreDamaged:
+            raise  # the engine loop says it once and stops (agent.daemon)
         except Exception:
             log.exception("eviction_failed", dev=self.dev)
             self._evict_running = False
@@ -89,6 +94,8 @@ class RetentionHooks:
         try:
             dropped = core.write(lambda work: journal.prune(work, core.settings.journal),
                                  durable=False)
+        except StoreDamaged:
+            raise  # the engine loop says it once and stops (agent.daemon)
         except Exception:
             log.exception("journal_prune_failed", dev=self.dev)
             return
@@ -117,6 +124,8 @@ class RetentionHooks:
         timers[cap] = now + _FETCH_IDLE_S  # nothing to send: look again later
         try:
             request = self.sync.core.write(next_request, durable=False)
+        except StoreDamaged:
+            raise  # the engine loop says it once and stops (agent.daemon)
         except Exception:
             log.exception(failed_event, dev=self.dev)
             return

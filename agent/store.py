@@ -100,7 +100,7 @@ from agent.groupcommit import GroupCommit, GroupStats, Job
 from agent.keyring import KeyEncryptionKey, data_cipher
 from agent.store_damage import check_after_open, check_before_open, damage_from, verify
 from agent.store_format import FORMAT_VERSION, check_format
-from agent.store_tx import ENCRYPTED_DBS, Tx
+from agent.store_tx import ENCRYPTED_DBS, Tx, ValueUnreadable
 from waystation.atrest import files as atrest_files
 from waystation.diskfull import is_disk_full
 
@@ -318,6 +318,8 @@ class Store:
                     return fn(Tx(self._dbs, self._cipher, txn, False))
                 except lmdb.Error as exc:
                     raise self._storage_error(exc) from None
+                except ValueUnreadable as exc:
+                    raise self._unreadable(exc) from None
                 finally:
                     txn.abort()
         raise StorageError(f"the local store at {self.path} keeps being resized by another "
@@ -390,7 +392,8 @@ class Store:
                         _abort(txn)
                         if len(jobs) != 1:
                             raise
-                        jobs[0].error = exc
+                        jobs[0].error = (self._unreadable(exc)
+                                         if isinstance(exc, ValueUnreadable) else exc)
                         return None
                 finally:
                     self._local.writing = False
@@ -418,7 +421,7 @@ class Store:
             job.error = self._storage_error(exc)
         except BaseException as exc:
             _abort(child)
-            job.error = exc
+            job.error = self._unreadable(exc) if isinstance(exc, ValueUnreadable) else exc
 
     def _retry(self, fn: Callable[[], T]) -> T:
         for _ in range(_MAX_RETRIES):
@@ -451,6 +454,12 @@ class Store:
             self.damaged = self.damaged or damaged
             return self.damaged
         return StorageError(f"the local store at {self.path} failed: {exc}")
+
+    def _unreadable(self, exc: ValueUnreadable) -> StoreDamaged:
+        """A stored value that does not decode: the page holding it is damaged."""
+        self.damaged = self.damaged or StoreDamaged(str(self.path / "data.mdb"),
+                                                    f"is damaged ({exc})")
+        return self.damaged
 
     def _check_open(self) -> None:
         if self.closed:

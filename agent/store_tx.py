@@ -18,6 +18,15 @@ ENCRYPTED_DBS = frozenset({"view", "base", "stamps", "outbox", "deadletters", "c
 """The databases whose values are sealed on an encrypted store (see `agent.store`)."""
 
 
+class ValueUnreadable(Exception):
+    """A value this agent stored does not read back as JSON: the page holding it was
+    damaged (zeroed or overwritten by a failing card; LMDB has no checksums). The store
+    turns it into StoreDamaged, naming its file (`agent.store`)."""
+
+    def __init__(self, db: str, key: bytes, exc: Exception) -> None:
+        super().__init__(f"a stored value of database {db} does not read back ({exc})")
+
+
 class Tx:
     """One LMDB transaction with typed helpers (orjson values, encryption when on)."""
 
@@ -33,7 +42,10 @@ class Tx:
     def _decode(self, db: str, key: bytes, raw: bytes) -> Any:
         if self._cipher is not None and db in ENCRYPTED_DBS:
             raw = self._cipher.open(db.encode() + b"\0" + key, raw)
-        return orjson.loads(raw)
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueUnreadable(db, key, exc) from None
 
     def _encode(self, db: str, key: bytes, value: Any) -> bytes:
         raw = orjson.dumps(value)
@@ -48,7 +60,10 @@ class Tx:
             return None
         if self._cipher is not None and db in ENCRYPTED_DBS:
             raw = self._cipher.open(db.encode() + b"\0" + key, raw)
-        return orjson.loads(raw)  # _decode, inlined: the hot path
+        try:
+            return orjson.loads(raw)  # _decode, inlined: the hot path
+        except orjson.JSONDecodeError as exc:
+            raise ValueUnreadable(db, key, exc) from None
 
     def put(self, db: str, key: bytes, value: Any) -> int:
         """Store `value`; returns the size of its JSON (before any sealing)."""

@@ -10,6 +10,7 @@ is not restarted, and the service stops with exit 6 (systemd does not restart it
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,16 +55,26 @@ def test_sync_process_meeting_damage_logs_it_once_and_the_service_exits_6(
     assert code == EXIT_DAMAGED, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     assert "agent_event_failed" not in text and "agent_loop_failed" not in text
+    # Which process meets the damage first depends on timing: the sync process (one
+    # `store_damaged` event, exit 6), the service itself (its status check), or LMDB's
+    # assertion abort()ing the sync process inside a cursor walk (its restart walks the
+    # store first and exits 6). Each way: said once, and never restarted after exit 6.
     events = [line for line in text.splitlines() if "store_damaged" in line
               and "sync_stopped_store_damaged" not in line]
-    assert len(events) == 1, text[-3000:]
-    assert str(data) in events[0] and "deploy/README.md" in events[0]
-    assert text.count("sync_process_started") == 1, text[-3000:]  # never restarted
+    assert len(events) <= 1, text[-3000:]
+    for event in events:
+        assert str(data) in event and "deploy/README.md" in event
+    starts = text.count("sync_process_started")
+    aborted = "code=-6" in text and "mdb.c" in text
+    assert starts == 1 or (starts == 2 and aborted), text[-3000:]
     assert "error: store damaged:" in text and str(data) in text
 
 
 def test_sync_process_alone_exits_6_with_one_event(data_dir: Path) -> None:
-    """The sync process itself (what the supervisor runs): one event, exit 6."""
+    """The sync process itself (what the supervisor runs): one event, exit 6 — or, when
+    LMDB meets a zeroed page inside a cursor walk, LMDB's own assertion abort()s it (no
+    exception reaches Python: nothing can turn that into exit 6), and its next start,
+    the supervisor's restart, walks the store and exits 6 with the one event."""
     data = data_dir / ENV_DIRNAME / "data.mdb"
     log_path = data_dir / "sync.log"
     with log_path.open("wb") as out:
@@ -79,8 +90,15 @@ def test_sync_process_alone_exits_6_with_one_event(data_dir: Path) -> None:
                 popen.kill()
                 popen.wait(10)
     text = log_path.read_text()
-    assert code == EXIT_DAMAGED, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+    if code == -signal.SIGABRT:
+        assert "Assertion" in text and "mdb.c" in text, text[-3000:]  # LMDB's, no other
+        again = subprocess.run([sys.executable, "-m", "agent.service.child",
+                                str(_config(data_dir))], capture_output=True, text=True,
+                               env=clean_env({RESTARTED_ENV: "1"}), timeout=45, check=False)
+        code, text = again.returncode, again.stdout + again.stderr
+        assert "Traceback" not in text, text[-3000:]
+    assert code == EXIT_DAMAGED, text[-3000:]
     events = [line for line in text.splitlines() if "store_damaged" in line]
     assert len(events) == 1, text[-3000:]
     assert str(data) in events[0] and "deploy/README.md" in events[0]
