@@ -279,7 +279,7 @@ class Store:
             check_after_open(env, env_dir)  # before any page past the header is read
             env.reader_check()  # clear reader slots of killed processes
             if readonly:
-                _check_writes_nothing(env, env_dir)
+                store._retry(partial(_check_writes_nothing, env, env_dir))
             for name in DB_NAMES:
                 store._dbs[name] = store._retry(partial(env.open_db, name.encode()))
             # Read-only: checked, never stamped or migrated (the daemon does that).
