@@ -337,7 +337,8 @@ def test_server_disk_full_mid_drain(bare_fleet: Fleet) -> None:
         fleet.close()
 
 
-@pytest.mark.xfail(strict=False, reason="failed once in a clean-clone CI run (2 workers), not diagnosed")
+@pytest.mark.xfail(strict=False, reason=(
+    "failed once in a clean-clone CI run (2 workers), not diagnosed"))
 def test_agent_disk_full_mid_drain(bare_fleet: Fleet) -> None:
     """The devices' disk fills up while van-1's sync process applies the server's acks
     and van-2's applies the deltas: a local write is refused as storage_full, status says
