@@ -1,0 +1,144 @@
+"""Fault pairs: a part frozen (SIGSTOP, then SIGCONT) mid-drain: the broker, the merge
+server, the whole agent (the matrix of pairs and faults:
+tests/e2e/fault_pairs.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.e2e.fault_pairs import (
+    FAST_KEEPALIVE,
+    KEY,
+    SCOPE,
+    THROTTLED,
+    assert_exactly_once,
+    fast_keepalive,
+    frozen,
+    process_tree,
+    seed,
+    write_backlog,
+)
+from tests.e2e.fleet import Fleet
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_broker_frozen_while_devices_publish(fleet: Fleet,
+                                            request: pytest.FixtureRequest) -> None:
+    """The broker stopped dead (SIGSTOP) for longer than everyone's keepalive while one
+    device drains a backlog and another keeps writing: the devices say offline while it
+    is frozen; once it is resumed (stale connections and a backlog of new ones at once)
+    every increment is applied once and both devices converge."""
+    if fleet.kind == "embedded":
+        request.applymarker(pytest.mark.xfail(strict=False, reason=(
+            "known, not fixed: a frozen-then-resumed embedded broker's take-over of a "
+            "stale connection can leave a device's new session deaf to deltas; in a "
+            "clean-clone CI run with 3 workers van-1 had not received van-2's live changes "
+            "60 s after the resume. agent.daemon_deaf reconnects a deaf link; why that did "
+            "not heal it within 60 s is not diagnosed")))
+    fleet.stop_server()
+    fleet.start_server(env={"WAYSTATION_SERVER__MQTT__KEEPALIVE_S": str(FAST_KEEPALIVE)})
+    devs = ("van-1", "van-2")
+    for dev in devs:
+        fleet.add_device(dev, [SCOPE], sync=THROTTLED)
+        fast_keepalive(fleet, dev)
+    fleet.agent("van-1").put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
+    fleet.start_agents(*devs)
+    fleet.wait_converged(*devs, timeout=30)
+    backlog, live = 150, 20
+    write_backlog(fleet, ("van-1",), backlog)
+    assert fleet.broker is not None and fleet.broker.proc is not None
+    with frozen(process_tree(fleet.broker.proc.pid)):
+        for dev in devs:
+            st = fleet.wait_agent_status(dev, lambda s: not s["online"], 30,
+                                         what=f"{dev} says offline while the broker is frozen")
+            assert st["pending"] > 0 or dev == "van-2", st
+        for _ in range(live):
+            fleet.agent("van-2").increment("inventory", KEY, "stock", 1)
+        assert fleet.agent_status("van-2")["pending"] == live
+        left = fleet.pending("van-1")
+        print(f"\nbroker frozen with {left} of van-1's changes pending; "
+              f"van-1: {fleet.agent_status('van-1')['summary']}")
+        assert left > 0, "the drain had finished: the freeze was not mid-stream"
+    assert_exactly_once(fleet, devs, backlog + live)
+    assert fleet.server.running
+
+
+@pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
+def test_server_frozen_while_the_broker_queues(fleet: Fleet) -> None:
+    """The merge server stopped dead (SIGSTOP) mid-drain, for longer than its keepalive:
+    the broker drops it and publishes its last will, so the devices say "server
+    unavailable" and hold their changes; resumed, it reconnects and every increment
+    (those it held half-done and those written meanwhile) is applied once."""
+    fleet.stop_server()
+    fleet.start_server(env={"WAYSTATION_SERVER__MQTT__KEEPALIVE_S": str(FAST_KEEPALIVE)})
+    devs = ("van-1", "van-2")
+    seed(fleet, devs)
+    backlog, live = 150, 20
+    write_backlog(fleet, ("van-1",), backlog)
+    with frozen(process_tree(fleet.server.pid)):
+        for dev in devs:
+            st = fleet.wait_agent_status(
+                dev, lambda s: any(d.get("code") == "server_unavailable"
+                                   for d in s["deferred"]), 30,
+                what=f"{dev} says the server is unavailable")
+            assert "server unavailable" in st["summary"], st
+        for _ in range(live):
+            fleet.agent("van-2").increment("inventory", KEY, "stock", 1)
+        st = fleet.agent_status("van-2")
+        assert st["pending"] == live and st["online"], st
+        left = fleet.pending("van-1")
+        print(f"\nserver frozen with {left} of van-1's changes pending; "
+              f"van-1: {fleet.agent_status('van-1')['summary']}")
+        assert left > 0, "the drain had finished: the freeze was not mid-stream"
+    assert_exactly_once(fleet, devs, backlog + live)
+    for dev in devs:
+        assert not fleet.agent_status(dev)["deferred"]
+
+
+# ------------------------------------------------------- agent frozen (device asleep)
+
+
+@pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
+@pytest.mark.xfail(strict=False, reason=(
+    "not diagnosed: in a clean-clone CI run with 3 workers the store's pending count went "
+    "150 -> 130 while the whole agent was frozen (SIGSTOP of the service and its sync "
+    "process); passes with 2 workers"))
+def test_agent_frozen_mid_drain(fleet: Fleet) -> None:
+    """The whole agent (service and sync process) stopped dead mid-drain for longer
+    than its keepalive, as a device put to sleep: the server sees it go offline, `agent
+    status` (read from the store beside it) does not call it online; woken, it
+    reconnects and every increment is applied once."""
+    devs = ("van-1", "van-2")
+    for dev in devs:
+        fleet.add_device(dev, [SCOPE], sync=THROTTLED)
+        fast_keepalive(fleet, dev)
+    fleet.agent("van-1").put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
+    fleet.start_agents(*devs)
+    fleet.wait_converged(*devs, timeout=30)
+    backlog = 150
+    write_backlog(fleet, ("van-1",), backlog)
+    proc = fleet.agents["van-1"]
+    with frozen(process_tree(proc.pid)):
+        left = fleet.pending("van-1")
+        assert left > 0, "the drain had finished: the freeze was not mid-stream"
+        fleet.wait(lambda: _server_device(fleet, "van-1")["online"] is False or None,
+                   30, what="the server sees the frozen device offline")
+        st = fleet.wait_agent_status("van-1", lambda s: not s["online"], 30,
+                                     what="agent status stops calling it online")
+        print(f"\nagent frozen with {left} changes pending: {st['summary']}")
+        assert st["pending"] == left, st
+    assert_exactly_once(fleet, devs, backlog)
+    fleet.wait(lambda: _server_device(fleet, "van-1")["online"] or None, 30,
+               what="the server sees it online again")
+
+
+def _server_device(fleet: Fleet, dev: str) -> dict[str, Any]:
+    rows = json.loads(fleet.cli("server", "devices", "--json", "--config",
+                                str(fleet.server_config)).stdout)
+    row: dict[str, Any] = next(r for r in rows if r["id"] == dev)
+    return row
+
