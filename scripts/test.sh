@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 2: set up and run the whole test suite.
 # Installs the servers the integration tests start their own instances of (Mosquitto,
-# PostgreSQL, RabbitMQ) from Debian packages when they are missing, so nothing is skipped.
+# PostgreSQL, RabbitMQ) and the browser the browser tests drive (Chromium) from Debian
+# packages when they are missing, so nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,10 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || command -v postgres >/d
 # RabbitMQ (3.10 on Debian 12, MQTT plugin included): the clustered-broker tests start
 # three nodes of their own; they fail, not skip, without it.
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
+# Debian's Chromium for the real-browser tests (tests/http/browserkit.py, driven by the
+# playwright package the dev bootstrap installs; Playwright's own browser download is
+# not used, nor reachable here).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing test servers: ${need[*]}" >&2
@@ -19,7 +24,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -q </dev/null >/dev/null || true
     apt-get install -y -q --no-install-recommends "${need[@]}" </dev/null
   else
-    echo "warning: ${need[*]} missing and cannot be installed (not root / no apt); those tests will fail (WAYSTATION_REQUIRE_SERVERS=0 makes them skip)" >&2
+    echo "warning: ${need[*]} missing and cannot be installed (not root / no apt); those tests will fail (WAYSTATION_REQUIRE_SERVERS=0 and WAYSTATION_REQUIRE_BROWSER=0 make them skip)" >&2
   fi
 fi
 
@@ -40,9 +45,11 @@ bash scripts/bootstrap.sh dev
 # is ours to compile. A module edited later is recompiled on import as usual (the .pyc
 # records its source's mtime and size).
 .venv/bin/python -m compileall -q -j 0 agent broker schemas waystation tests >/dev/null
-# A test that cannot run because Mosquitto, PostgreSQL or RabbitMQ is missing fails here
-# instead of skipping (tests/server_skips.py): green means they ran.
+# A test that cannot run because Mosquitto, PostgreSQL, RabbitMQ or Chromium is missing
+# fails here instead of skipping (tests/server_skips.py): green means they ran.
 export WAYSTATION_REQUIRE_SERVERS="${WAYSTATION_REQUIRE_SERVERS:-1}"
+# The same for the real-browser tests without Chromium or Playwright.
+export WAYSTATION_REQUIRE_BROWSER="${WAYSTATION_REQUIRE_BROWSER:-1}"
 
 # Parallel workers (pytest-xdist): 2, one per core of the CI machine. The end-to-end tests
 # keep about a core busy each (daemons starting, syncing), so a third worker only makes
