@@ -37,6 +37,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_request import BaseRequest
 
+from agent.http.cors import Cors
+
 log = structlog.get_logger("waystation.agent.http")
 
 HEAD_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
@@ -51,6 +53,8 @@ _QUOTED = re.compile(r"(?:bytearray\(|b['\"]).*", re.S)
 LINGER_S = 2.0
 """How long the rest of a request is read and dropped after an answer that closes."""
 _MAX_LINGERING = 64
+_HEAD_MAX = 16 * 1024
+"""A refused request's head is read this far for its Origin (CORS), no further."""
 
 
 def _json_error(status: int, code: str, message: str) -> bytes:
@@ -61,8 +65,10 @@ class ConnLimiter:
     """The protocol factory of the API's sites: makes `_Handler`s and keeps them bounded."""
 
     def __init__(self, *, max_connections: int, handler_kwargs: dict[str, Any],
-                 send_timeout_s: float = 60.0) -> None:
+                 send_timeout_s: float = 60.0, cors: Cors | None = None) -> None:
         self.send_timeout_s = send_timeout_s
+        self.cors = cors
+        """api.cors_origins: a refusal waits for the request's head to answer its Origin."""
         self._server: web.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.max_connections = max_connections
@@ -107,18 +113,32 @@ class ConnLimiter:
         self._open[handler] = time.monotonic()
         return True
 
+    def _hold(self, transport: asyncio.BaseTransport) -> bool:
+        """A refused connection kept open to read its request's head (CORS) before it
+        is answered: False when _MAX_LINGERING are held or lingering already (a refusal
+        flood: it is answered at once, without CORS). Closed after LINGER_S at most."""
+        assert self._loop is not None
+        if len(self._lingering) >= _MAX_LINGERING:
+            return False
+        self._lingering.add(transport)
+        self._loop.call_later(2 * LINGER_S, transport.close)
+        return True
+
     def _linger(self, transport: asyncio.BaseTransport) -> None:
         """A refused connection: its 503 is written; the request it sends meanwhile is
         read and dropped for up to LINGER_S (closing with it unread would reset the
         connection, and the client could lose the 503 before reading it). At most
         _MAX_LINGERING at once: beyond, closed at once (a refusal flood)."""
         assert isinstance(transport, asyncio.WriteTransport) and self._loop is not None
-        if len(self._lingering) >= _MAX_LINGERING or not transport.can_write_eof():
+        held = transport in self._lingering
+        if (not held and len(self._lingering) >= _MAX_LINGERING) \
+                or not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()
-        self._lingering.add(transport)
-        self._loop.call_later(LINGER_S, transport.close)
+        if not held:
+            self._lingering.add(transport)
+            self._loop.call_later(LINGER_S, transport.close)
 
     def _closed(self, handler: _Handler) -> None:
         self._open.pop(handler, None)
@@ -169,36 +189,73 @@ class _Handler(web.RequestHandler):
         self._limiter = limiter
         self._admitted = False
         self._refused: asyncio.BaseTransport | None = None
+        self._head: bytearray | None = None
+        """Refused with CORS on: the request's head so far, until it is answered."""
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._limiter._admit(self):
-            assert isinstance(transport, asyncio.WriteTransport)
+            self._refused = transport
+            if self._limiter.cors is not None and self._limiter._hold(transport):
+                # The answer's CORS headers depend on the request's Origin (a browser
+                # sends its head at once); a client that sends none gets the plain 503.
+                assert self._limiter._loop is not None
+                self._head = bytearray()
+                self._head_timer = self._limiter._loop.call_later(LINGER_S, self._refuse)
+            else:
+                self._refuse()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+
+    def _refuse(self) -> None:
+        """Answer a refused connection: 503 too_many_connections (JSON, Retry-After),
+        with CORS headers for an allowed Origin; 204 to an allowed preflight."""
+        transport = self._refused
+        if transport is None or transport.is_closing():
+            return
+        assert isinstance(transport, asyncio.WriteTransport)
+        head, self._head = self._head, None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        cors = self._limiter.cors
+        allowed = cors.refusal(bytes(head)) if cors is not None and head else None
+        extra = allowed.headers if allowed is not None else b""
+        if allowed is not None and allowed.preflight:
+            transport.write(b"HTTP/1.1 204 No Content\r\n%sConnection: close\r\n"
+                            b"Content-Length: 0\r\n\r\n" % extra)
+        else:
             body = _json_error(503, "too_many_connections",
                                f"the local API has {self._limiter.max_connections} "
                                "connections busy answering (api.max_connections); "
                                "try again shortly")
             transport.write(b"HTTP/1.1 503 Service Unavailable\r\n"
-                            b"Content-Type: application/json\r\nRetry-After: 1\r\n"
+                            b"Content-Type: application/json\r\nRetry-After: 1\r\n%s"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-                            % (len(body), body))
-            self._refused = transport
-            self._limiter._linger(transport)
-            return
-        self._admitted = True
-        super().connection_made(transport)
+                            % (extra, len(body), body))
+        self._limiter._linger(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._admitted:
             super().data_received(data)
-        # (refused: the request is read and dropped while the 503 lingers)
+        elif self._head is not None:
+            self._head += data
+            if b"\r\n\r\n" in self._head or len(self._head) > _HEAD_MAX:
+                self._refuse()
+        # (refused and answered: the request is read and dropped while the 503 lingers)
 
     def eof_received(self) -> None:
         if not self._admitted and self._refused is not None:
+            if self._head is not None:  # the client is done sending: answer what came
+                self._refuse()
             self._refused.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._admitted:
             self._limiter._lingering.discard(self._refused)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head = None
             return
         self._limiter._closed(self)
         super().connection_lost(exc)

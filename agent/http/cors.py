@@ -18,7 +18,9 @@ a browser lets read the answers, it is not an access control for the API.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -27,6 +29,15 @@ METHODS = "GET, POST, PATCH, DELETE"
 HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
 EXPOSED = "Idempotent-Replayed, Retry-After"
 MAX_AGE_S = 600
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
+
+
+class Refusal(NamedTuple):
+    """`Cors.refusal`: the CORS header lines (each ending CRLF) for a refused request."""
+
+    headers: bytes
+    preflight: bool
+    """An allowed preflight: answer it 204 with these headers, not 503."""
 
 
 class Cors:
@@ -38,13 +49,51 @@ class Cors:
 
     def allowed(self, request: web.BaseRequest) -> str | None:
         """The request's Origin if it is allowed (one Origin header only), else None."""
-        values = request.headers.getall("Origin", [])
+        return self.allowed_of(request.headers.getall("Origin", []))
+
+    def allowed_of(self, values: Sequence[str]) -> str | None:
+        """`allowed` for the Origin header values of a request (one only)."""
         if len(values) != 1:
             return None
         origin = values[0]
         if origin in self.origins or (self.any and origin != "null" and len(origin) <= 300):
             return origin
         return None
+
+    def refusal(self, head: bytes) -> Refusal | None:
+        """CORS for a request on a connection the limiter refuses (agent.http.
+        conn_limits: over api.max_connections), from the request's raw head, when its
+        Origin is allowed (None: the plain 503). That answer is written outside the app,
+        so the hooks above never see it: without this a browser blocks the page from
+        reading the 503, and its preflight, answered 503, fails (a preflight needs a
+        2xx), so the page cannot tell a busy agent from one that is down. A preflight is
+        answered as always (it costs nothing); the request itself then gets the 503 with
+        CORS headers."""
+        lines = re.split(rb"\r?\n", head.partition(b"\r\n\r\n")[0])
+        method = lines[0].split(b" ", 1)[0]
+        origins: list[str] = []
+        preflight = False
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            name = name.strip().lower()
+            if name == b"origin":
+                origins.append(value.strip().decode("latin-1"))
+            elif name == b"access-control-request-method":
+                preflight = True
+        origin = self.allowed_of(origins)
+        # (echoed into a header written by hand: printable ASCII only, no CR/LF)
+        if origin is None or not _PRINTABLE.fullmatch(origin):
+            return None
+        lines_out = [f"Access-Control-Allow-Origin: {origin}", "Vary: Origin",
+                     f"Access-Control-Expose-Headers: {EXPOSED}"]
+        preflight = preflight and method == b"OPTIONS"
+        if preflight:
+            lines_out += [f"Access-Control-Allow-Methods: {METHODS}",
+                          f"Access-Control-Allow-Headers: {HEADERS}",
+                          f"Access-Control-Max-Age: {MAX_AGE_S}"]
+        return Refusal("".join(f"{line}\r\n" for line in lines_out).encode(), preflight)
 
     def middleware(self) -> Middleware:
         @web.middleware
@@ -82,4 +131,4 @@ def install(app: web.Application, origins: Sequence[str]) -> None:
     app.on_response_prepare.append(cors.on_prepare)
 
 
-__all__ = ["EXPOSED", "HEADERS", "MAX_AGE_S", "METHODS", "Cors", "install"]
+__all__ = ["EXPOSED", "HEADERS", "MAX_AGE_S", "METHODS", "Cors", "Refusal", "install"]

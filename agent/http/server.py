@@ -153,9 +153,10 @@ class ApiServer:
         handler_kwargs: dict[str, Any] = {"access_log": None,
                                           "keepalive_timeout": api.idle_timeout_s,
                                           "lingering_time": LINGER_S, **HEAD_LIMITS}
-        limiter = self._limiter = ConnLimiter(max_connections=api.max_connections,
-                                              handler_kwargs=handler_kwargs,
-                                              send_timeout_s=api.send_timeout_s)
+        limiter = self._limiter = ConnLimiter(
+            max_connections=api.max_connections, handler_kwargs=handler_kwargs,
+            send_timeout_s=api.send_timeout_s,
+            cors=cors.Cors(api.cors_origins) if api.cors_origins else None)
         app = build_app(ctx, self.tokens, self._blocking, api.max_body_bytes,
                         cors_origins=api.cors_origins, body_timeout_s=api.body_timeout_s,
                         limiter=limiter)

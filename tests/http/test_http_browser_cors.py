@@ -6,8 +6,9 @@ client; here the browser decides what the page may send and read."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,26 +99,26 @@ def _record(agent: Agent, key: str) -> dict[str, Any] | None:
     return None if rec is None else rec.fields
 
 
-def test_a_preflighted_write_and_a_read(site: Site, cfg: AgentConfig,
-                                        catalog: Catalog) -> None:
+def test_a_preflighted_write_and_a_read(site: Site, cfg: AgentConfig, catalog: Catalog,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """PATCH with Authorization and a JSON body (the browser preflights it): the write
     is in the store; GET reads it back; the page saw the real answers."""
+    answered = _answered(monkeypatch)
     with _api(cfg, catalog, [site.origin]) as api, _page(site, site.origin) as page:
-        sent = _sent(page)
         got = _call(page, api.base + T1, _write_init(api.token, {"route": "route-42"}))
         assert got.get("status") == 202, got
         assert got["json"]["state"] == "pending"
         assert _record(api.agent, "t-1") is not None
         assert _record(api.agent, "t-1")["route"] == "route-42"  # type: ignore[index]
-        assert sent == [("OPTIONS", api.base + T1), ("PATCH", api.base + T1)], sent
+        assert answered == [("OPTIONS", T1, 204), ("PATCH", T1, 202)], answered
         got = _call(page, api.base + T1, {"headers": {"Authorization": f"Bearer {api.token}"}})
         assert got.get("status") == 200, got
         assert got["json"]["fields"]["route"] == "route-42"
 
 
 def _answered(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
-    """(method, path, status) of every answer the agent's API sends from now on: what
-    reached the agent (the CORS hook sees every answer, streamed ones included)."""
+    """(method, path, status) of every answer of the agent's API started from now on:
+    what reached the agent, in order (the CORS hook sees every answer the app sends)."""
     seen: list[tuple[str, str, int]] = []
     hook = Cors.on_prepare
 
@@ -127,17 +128,6 @@ def _answered(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
         await hook(self, request, response)
 
     monkeypatch.setattr(Cors, "on_prepare", on_prepare)
-    return seen
-
-
-def _sent(page: Page) -> list[tuple[str, str]]:
-    """(method, URL) of every request the browser sends from now on, CORS preflights
-    (OPTIONS) included (DevTools protocol: fetch() does not show them to the page)."""
-    seen: list[tuple[str, str]] = []
-    cdp = page.context.new_cdp_session(page)
-    cdp.on("Network.requestWillBeSent",
-           lambda ev: seen.append((ev["request"]["method"], ev["request"]["url"])))
-    cdp.send("Network.enable")
     return seen
 
 
@@ -263,3 +253,33 @@ def _data(event: dict[str, str]) -> dict[str, Any]:
     import json
     data: dict[str, Any] = json.loads(event["data"])
     return data
+
+
+def test_too_many_connections_is_readable(site: Site, cfg: AgentConfig,
+                                          catalog: Catalog) -> None:
+    """Every one of api.max_connections is busy (requests whose bodies are still
+    coming): a page's request is refused 503 too_many_connections, and the page reads
+    that answer and its Retry-After (the refusal is written by the connection limiter,
+    outside the app, so it needs CORS headers of its own, and the browser's preflight on
+    a refused connection must pass); once the busy ones end, the page is served."""
+    limit = 1 + 256 + 16  # the least api.max_connections with max_feed_clients = 1
+    with _api(cfg, catalog, [site.origin], max_feed_clients=1,
+              max_connections=limit) as api, _page(site, site.origin) as page, \
+            ExitStack() as stack:
+        host, port = api.base.removeprefix("http://").split(":")
+        head = (f"PATCH {T1} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.token}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{").encode()
+        for _ in range(limit):
+            sock = stack.enter_context(socket.create_connection((host, int(port)), 10))
+            sock.sendall(head)
+        wait_until(lambda: api.server.open_connections == limit, 10,
+                   message=lambda: f"{api.server.open_connections} open of {limit}")
+        auth = {"headers": {"Authorization": f"Bearer {api.token}"}}
+        got = _call(page, api.base + "/v1/status", auth)
+        assert got.get("status") == 503, got
+        assert got["json"]["code"] == "too_many_connections", got
+        assert got["headers"].get("retry-after") == "1", got
+        stack.close()
+        wait_until(lambda: api.server.open_connections <= 1, 10)
+        got = _call(page, api.base + "/v1/status", auth)
+        assert got.get("status") == 200, got

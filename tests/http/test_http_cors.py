@@ -4,8 +4,9 @@ raw HTTP client (aiohttp): preflights, allowed, denied and hostile Origin values
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import aiohttp
 import pytest
 from pydantic import ValidationError
 
-from agent.http.cors import EXPOSED, HEADERS, METHODS
+from agent.http.cors import EXPOSED, HEADERS, METHODS, Cors
 from schemas.collection import Catalog
+from tests.helpers import wait_until
 from tests.http.httpkit import issue, running_api
 from tests.ports import free_port
 from waystation.config import AgentConfig
@@ -127,3 +129,68 @@ def test_cors_origins_must_be_origins(bad: str) -> None:
     with pytest.raises(ValidationError, match="not a web origin"):
         AgentConfig.model_validate({"api": {"cors_origins": [bad]}})
     AgentConfig.model_validate({"api": {"cors_origins": ["*", GOOD, "http://[::1]:8080"]}})
+
+
+def _raw(base: str, request: bytes, *, half_close: bool = False) -> bytes:
+    """Send `request` on a new connection; everything the server answers until it closes."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), 10) as sock:
+        if request:
+            sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def test_refused_connections_answer_cors(cfg: AgentConfig, catalog: Catalog) -> None:
+    """Over api.max_connections (every connection busy), the limiter's own answer carries
+    CORS for an allowed Origin (a browser page can read the 503 and its Retry-After) and
+    passes its preflight (204); another Origin, or no request at all, gets the plain 503."""
+    limit = 1 + 256 + 16  # the least api.max_connections with max_feed_clients = 1
+    cfg = cfg.model_copy(update={"api": cfg.api.model_validate(
+        {**cfg.api.model_dump(), "max_feed_clients": 1, "max_connections": limit})})
+    cfg = cfg.model_copy(update={"api": cfg.api.model_copy(update={"cors_origins": [GOOD]})})
+    port = free_port()
+    base, token = f"http://127.0.0.1:{port}", issue(Path(cfg.data_dir))
+    with running_api(cfg, catalog, tcp_port=port) as (server, _), ExitStack() as stack:
+        busy = (f"PATCH {T1} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                "Content-Length: 100\r\n\r\n{").encode()
+        for _ in range(limit):
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), 10)).sendall(busy)
+        wait_until(lambda: server.open_connections == limit, 10,
+                   message=lambda: f"{server.open_connections} open of {limit}")
+        get = b"GET /v1/status HTTP/1.1\r\nHost: x\r\n%s\r\n"
+        answer = _raw(base, get % f"Origin: {GOOD}\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert f"\r\nAccess-Control-Allow-Origin: {GOOD}\r\n".encode() in answer
+        assert f"\r\nAccess-Control-Expose-Headers: {EXPOSED}\r\n".encode() in answer
+        assert b"\r\nRetry-After: 1\r\n" in answer and b'"too_many_connections"' in answer
+        answer = _raw(base, (f"OPTIONS {T1} HTTP/1.1\r\nHost: x\r\nOrigin: {GOOD}\r\n"
+                             "Access-Control-Request-Method: PATCH\r\n\r\n").encode())
+        assert answer.startswith(b"HTTP/1.1 204 "), answer
+        assert f"\r\nAccess-Control-Allow-Origin: {GOOD}\r\n".encode() in answer
+        assert f"\r\nAccess-Control-Allow-Methods: {METHODS}\r\n".encode() in answer
+        assert f"\r\nAccess-Control-Allow-Headers: {HEADERS}\r\n".encode() in answer
+        for other in (b"Origin: https://evil.example\r\n",
+                      f"Origin: {GOOD}\r\nOrigin: {GOOD}\r\n".encode()):
+            answer = _raw(base, get % other)
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"Access-Control" not in answer, (
+                other, answer)
+        # Nothing sent (the client only half-closes): the plain 503 at once.
+        answer = _raw(base, b"", half_close=True)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"Access-Control" not in answer
+
+
+def test_a_refusal_echoes_no_header_break() -> None:
+    """The refused answer is written by hand: with "*" an Origin holding a CR (or any
+    byte outside printable ASCII) is not echoed."""
+    cors = Cors(["*"])
+    head = b"GET / HTTP/1.1\r\nOrigin: https://a.example%s\r\n\r\n"
+    ok = cors.refusal(head % b"")
+    assert ok is not None and not ok.preflight
+    assert ok.headers.startswith(b"Access-Control-Allow-Origin: https://a.example\r\n")
+    for bad in (b"\rX-Injected: 1", b"\x00", "\u00e9".encode("latin-1")):
+        assert cors.refusal(head % bad) is None, bad
