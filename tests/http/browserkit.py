@@ -23,7 +23,7 @@ import pytest
 from tests.ports import free_port
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Playwright
 
 CHROMIUM = os.environ.get("WAYSTATION_CHROMIUM", "/usr/bin/chromium")
 INSTALL_HINT = ("apt-get install chromium (Debian's package; as root: "
@@ -122,8 +122,8 @@ def app_origin() -> Iterator[str]:
 
 
 @contextmanager
-def chromium() -> Iterator[Browser]:
-    """Debian's Chromium, headless, with a fresh profile; skips (CI: fails) when missing."""
+def playwright() -> Iterator[Playwright]:
+    """Playwright, for Debian's Chromium; skips (CI: fails) when either is missing."""
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"chromium not found at {CHROMIUM}: {INSTALL_HINT}")
     try:
@@ -131,13 +131,19 @@ def chromium() -> Iterator[Browser]:
     except ImportError:
         pytest.skip(f"chromium tests need the playwright package: {INSTALL_HINT}")
     with sync_playwright() as pw:
-        # Playwright gives the browser a new, empty profile of its own (--user-data-dir
-        # in a temp dir) and removes it on close; each test opens its own context.
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+        yield pw
 
 
-__all__ = ["APP_HTML", "CHROMIUM", "CHROMIUM_ARGS", "INSTALL_HINT", "app_origin", "chromium"]
+@contextmanager
+def chromium(pw: Playwright, *extra_args: str) -> Iterator[Browser]:
+    """Debian's Chromium, headless. Playwright gives it a new, empty profile of its own
+    (--user-data-dir in a temp dir) and removes it on close."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args])
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+__all__ = ["APP_HTML", "CHROMIUM", "CHROMIUM_ARGS", "INSTALL_HINT", "app_origin", "chromium",
+           "playwright"]

@@ -21,19 +21,20 @@ from agent.http.cors import Cors
 from agent.http.server import ApiServer
 from schemas.collection import Catalog
 from tests.helpers import wait_until
-from tests.http.browserkit import app_origin, chromium
+from tests.http.browserkit import app_origin, chromium, playwright
 from tests.http.httpkit import issue, running_api
 from tests.ports import free_port
 from waystation.config import AgentConfig
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Page, Playwright
 
 T1 = "/v1/collections/tasks/records/t-1"
 
 
 @dataclass
 class Site:
+    pw: Playwright
     browser: Browser
     origin: str
     """The web app's origin, listed in api.cors_origins."""
@@ -44,8 +45,9 @@ class Site:
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
     """One browser and the two app origins for the whole module (a start costs ~1 s)."""
-    with chromium() as browser, app_origin() as origin, app_origin() as other:
-        yield Site(browser, origin, other)
+    with playwright() as pw, chromium(pw) as browser, app_origin() as origin, \
+            app_origin() as other:
+        yield Site(pw, browser, origin, other)
 
 
 @dataclass
@@ -68,10 +70,13 @@ def _api(cfg: AgentConfig, catalog: Catalog, origins: list[str],
 
 
 @contextmanager
-def _page(site: Site, origin: str) -> Iterator[Page]:
+def _page(site: Site, origin: str, browser: Browser | None = None,
+          permissions: tuple[str, ...] = ()) -> Iterator[Page]:
     """A page of the web app at `origin`, in a context of its own (no preflight cache,
     no connections shared with other tests)."""
-    context = site.browser.new_context()
+    context = (browser or site.browser).new_context()
+    if permissions:
+        context.grant_permissions(list(permissions), origin=origin)
     try:
         page = context.new_page()
         page.goto(origin + "/")
@@ -283,3 +288,25 @@ def test_too_many_connections_is_readable(site: Site, cfg: AgentConfig,
         wait_until(lambda: api.server.open_connections <= 1, 10)
         got = _call(page, api.base + "/v1/status", auth)
         assert got.get("status") == 200, got
+
+
+def test_a_page_from_another_host_needs_local_network_access(
+        site: Site, cfg: AgentConfig, catalog: Catalog,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The web app served from another machine (here: the app's origin counted as a
+    public address, --ip-address-space-overrides) calls the agent on the device's
+    loopback: Chromium asks the user for "local network access" first (Local Network
+    Access, Chrome 142+). Refused (headless: no one to ask), fetch() fails before
+    anything reaches the agent; granted, the listed origin works as from loopback
+    (docs/agent-api.md, "Browser apps (CORS)")."""
+    answered = _answered(monkeypatch)
+    public = f"--ip-address-space-overrides={site.origin.removeprefix('http://')}=public"
+    with _api(cfg, catalog, [site.origin]) as api, chromium(site.pw, public) as browser:
+        with _page(site, site.origin, browser) as page:
+            got = _call(page, api.base + T1, _write_init(api.token, {"route": "route-42"}))
+            assert got.get("error") == "TypeError", got
+            assert answered == [] and _record(api.agent, "t-1") is None, answered
+        with _page(site, site.origin, browser, ("local-network-access",)) as page:
+            got = _call(page, api.base + T1, _write_init(api.token, {"route": "route-42"}))
+            assert got.get("status") == 202, got
+            assert answered == [("OPTIONS", T1, 204), ("PATCH", T1, 202)], answered
