@@ -8,7 +8,9 @@ nor how long a client may take to send a body. Here:
   room by closing the open one that has been idle longest: one that waits for (or is
   still receiving) the head of a request, never one whose request is being answered (a
   feed, a long poll, a write). When every connection is busy the newcomer is answered 503
-  `too_many_connections` (JSON, `Retry-After`) and closed. Idle-connection floods and
+  `too_many_connections` (JSON, `Retry-After`) and closed; with `api.cors_origins` set,
+  once its request's head is read (at most LINGER_S), so that a browser page of a listed
+  origin can read that answer (`Cors.refusal`). Idle-connection floods and
   slowloris heads so cost an honest client nothing but the eviction of the flood.
 - a connection idle for `api.idle_timeout_s` (no request yet, or a request's head still
   incomplete, or keep-alive after an answer) is closed (aiohttp's keep-alive timer, which
