@@ -49,10 +49,19 @@ THROTTLED = {"batch_max_changes": 20, "max_inflight_changes": 40}
 
 @contextlib.contextmanager
 def frozen(pids: list[int]) -> Iterator[None]:
-    """SIGSTOP every pid; SIGCONT them on the way out, whatever happened."""
+    """SIGSTOP every pid and wait until every thread of each is stopped; SIGCONT them on
+    the way out, whatever happened.
+
+    kill() returns before the process stops: the kernel wakes one thread (the main one)
+    to take the stop, and only when that thread gets a CPU does it stop the others.
+    Until then another thread already running goes on: under load a sync process
+    committed a whole ack (20 changes off the outbox) after kill() had returned, and
+    the body's "pending while frozen" read came before it."""
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: all(_all_stopped(pid) for pid in pids), 30, interval=0.001,
+                   message=lambda: f"every thread stopped: {_thread_states(pids)}")
         yield
     finally:
         # Continued until none is stopped: a parent that stops itself when its child
@@ -66,9 +75,36 @@ def frozen(pids: list[int]) -> Iterator[None]:
         wait_until(running, 30, interval=0.05, message="every frozen process continued")
 
 
+def _thread_states(pids: list[int]) -> dict[str, str]:
+    """pid/tid -> state letter, for every thread of `pids` still there."""
+    states: dict[str, str] = {}
+    for pid in pids:
+        try:
+            tids = [t.name for t in Path(f"/proc/{pid}/task").iterdir()]
+        except OSError:
+            continue  # gone: nothing of it runs
+        for tid in tids:
+            state = _stat_state(Path(f"/proc/{pid}/task/{tid}/stat"))
+            if state:
+                states[f"{pid}/{tid}"] = state
+    return states
+
+
+def _all_stopped(pid: int) -> bool:
+    """Every thread of `pid` stopped (T, or t under a tracer), or it is gone / a zombie.
+    A thread in D (inside a system call) stops when the call returns, before it runs
+    another instruction of its own."""
+    return all(st in "TtZX" for st in _thread_states([pid]).values())
+
+
 def _state(pid: int) -> str:
+    return _stat_state(Path(f"/proc/{pid}/stat"))
+
+
+def _stat_state(path: Path) -> str:
+    """The state letter of a /proc stat file ("" when it is gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = path.read_text()
     except OSError:
         return ""
     return stat[stat.rindex(")") + 2:].split()[0]
