@@ -22,6 +22,7 @@ from broker.server.store.base import (
     StoreInfo,
     WriteTxn,
 )
+from broker.server.store.postgres import orphans
 from broker.server.store.postgres.common import (
     _RECONNECT,
     _RETRYABLE,
@@ -75,9 +76,12 @@ class PostgresStore:
         self._staged = False  # the write connection has its staging table
         self.counters: dict[str, int] = {"retries": 0, "reconnects": 0, "reorders": 0}
         self._closed = False
+        self._backend: orphans.Backend | None = None  # the write connection's
+        self._lost_backends: list[orphans.Backend] = []  # to end after a reconnect
         conn = self._connect(write=True)
         try:
             self._migrate(conn)
+            self._backend = orphans.identify(conn)
         except BaseException:
             conn.close()
             raise
@@ -131,20 +135,45 @@ class PostgresStore:
             except psycopg.Error:
                 pass  # gone: reconnect below
         if conn is not None:
-            conn.close()
-            self._conn = None
+            self._drop_write(conn)
         delay = 0.05
         while True:
+            if self._closed:
+                raise StoreError(f"the PostgreSQL store at {self.location} is closed")
             try:
-                self._conn = self._connect(write=True)
-                self._staged = False
+                conn = self._connect(write=True)
+                self._adopt_write(conn)
                 self.counters["reconnects"] += 1
-                return self._conn
+                return conn
             except StoreError:
                 if time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 1.0)
+
+    def _drop_write(self, conn: psycopg.Connection[Any]) -> None:
+        """Close the write connection, lost: its backend may live on (`orphans`)."""
+        if conn is self._conn:
+            if self._backend is not None:
+                # a few at most: one per loss, ended at the next connect
+                self._lost_backends = [*self._lost_backends[-7:], self._backend]
+            self._backend = None
+            self._conn = None
+        conn.close()
+
+    def _adopt_write(self, conn: psycopg.Connection[Any]) -> None:
+        """Make a new connection the write connection: first end the backends of the
+        lost ones, which may hold the row locks its transactions need (`orphans`)."""
+        try:
+            if self._lost_backends:
+                orphans.end(conn, self._lost_backends)
+                self._lost_backends = []
+            backend = orphans.identify(conn)
+        except psycopg.Error as exc:  # lost already: as a failed connect
+            conn.close()
+            raise StoreError(f"cannot connect to the PostgreSQL store at {self.location}: "
+                             f"{str(exc).strip()}") from exc
+        self._conn, self._backend, self._staged = conn, backend, False
 
     def _create_scopes(self, scopes: list[str]) -> None:
         """Create the sequence rows of new scopes in a transaction of their own.
@@ -299,7 +328,7 @@ class PostgresStore:
                     time.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** min(attempt, 10))))
                     continue
                 if self._lost(conn, exc):
-                    conn.close()
+                    self._drop_write(conn)
                     if time.monotonic() < deadline:
                         continue  # _write_conn reconnects (or gives up at the deadline)
                 raise StoreError(self._message(exc, attempt)) from exc
