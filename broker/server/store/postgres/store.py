@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
+import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,6 +80,9 @@ class PostgresStore:
         self._staged = False  # the write connection has its staging table
         self.counters: dict[str, int] = {"retries": 0, "reconnects": 0, "reorders": 0}
         self._closed = False
+        # every connection made, for `interrupt` (from another thread)
+        self._open: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+        self._open_lock = threading.Lock()
         self._backend: orphans.Backend | None = None  # the write connection's
         self._lost_backends: list[orphans.Backend] = []  # to end after a reconnect
         conn = self._connect(write=True)
@@ -112,6 +119,7 @@ class PostgresStore:
                 f"cannot connect to the PostgreSQL store at {self.location}: "
                 f"{str(exc).strip()} (check store.url, that the server runs and accepts "
                 "connections from this host, and the user's password)") from exc
+        self._track(conn)
         set_json_loads(orjson.loads, conn)
         set_json_dumps(orjson.dumps, conn)
         if write:  # whatever the server's default: the locking above assumes it
@@ -188,6 +196,7 @@ class PostgresStore:
                 conn.close()
             conn = self._aux = psycopg.connect(self._conninfo, autocommit=True,
                                                connect_timeout=self._connect_timeout)
+            self._track(conn)
         conn.execute("INSERT INTO scope_seq (scope) SELECT unnest(%s::text[]) "
                      "ON CONFLICT DO NOTHING", (sorted(scopes),))
 
@@ -369,6 +378,23 @@ class PostgresStore:
         return StoreInfo(kind=self.kind, location=self.location, size_bytes=int(row[0]),
                          capacity_bytes=0, counts=counts)
 
+    def _track(self, conn: psycopg.Connection[Any]) -> None:
+        with self._open_lock:
+            self._open.add(conn)
+
+    def interrupt(self) -> None:
+        """Make a call waiting on the database return now, failing, and every later one
+        fail at once; safe from another thread (the store's own calls run on one). For a
+        server that stops: a query on a link that went silent waits for the TCP bound,
+        one behind a lock that a lost backend holds waits for as long as it holds it,
+        and neither may hold the stop. Each connection's socket is shut down, not closed
+        (the thread inside it closes it); a connect under way ends at its timeout."""
+        self._closed = True
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            _shut_down(conn)
+
     def close(self) -> None:
         self._closed = True
         conns = [*self._readers, *(c for c in (self._conn, self._aux) if c is not None)]
@@ -382,3 +408,17 @@ class PostgresStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shut_down(conn: psycopg.Connection[Any]) -> None:
+    """Shut `conn`'s socket down: a wait on it wakes up and reads the end of the stream."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:  # closed already
+        return
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(fd))  # a duplicate: closing it leaves conn's
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
