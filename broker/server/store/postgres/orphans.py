@@ -17,6 +17,10 @@ ends that backend from the new connection before using it (`pg_terminate_backend
 may end its own backends). Its transaction is rolled back unless its COMMIT was already
 done: the outcome was unknown to the store either way, and the merge answers a change
 that did commit as a duplicate when the device sends it again.
+
+This assumes what the store assumes anyway (a staging TEMP table lives on its write
+connection): one backend per connection for the connection's life, so no transaction
+pooler in front that could have handed that backend to another client since.
 """
 
 from __future__ import annotations
