@@ -138,6 +138,7 @@ class MergeServer:
         self._dropped_logged = 0
         self._stopping = threading.Event()
         self._abandoned = threading.Event()
+        self._interrupted = False  # the store, by a stop (`_abandon`)
         self._thread: threading.Thread | None = None
         self._last_loop = time.monotonic()
         self.messages_in = 0
@@ -212,10 +213,11 @@ class MergeServer:
         (a PostgreSQL store's `interrupt`; an LMDB call does not wait on a network) and
         have it leave what is still queued."""
         log.warning("stop_abandoning", grace_s=_STOP_GRACE_S, inbox=self.intake.stats().items)
-        self._abandoned.set()
         interrupt = getattr(self.store, "interrupt", None)
         if self._owns_store and interrupt is not None:
+            self._interrupted = True
             interrupt()
+        self._abandoned.set()
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counters for the metrics endpoint (read from another thread: copies only)."""
@@ -290,11 +292,11 @@ class MergeServer:
             group = self.intake.take(max(0.0, next_tick - time.monotonic()),
                                      max_items=_MAX_GROUP, max_bytes=_MAX_GROUP_BYTES,
                                      window=window)
-            if self._abandoned.is_set():
-                return  # the store was interrupted: nothing more can be written
-            if group is None:
+            if group is None or self._abandoned.is_set():
                 # contact times and presence wait for a tick; and say we stopped cleanly
-                self.engine.flush(stopping=True)
+                # (not through a store the stop interrupted: every write fails there)
+                if not self._interrupted:
+                    self.engine.flush(stopping=True)
                 return
             if group:
                 self._process(group)
