@@ -21,12 +21,15 @@ namespace (nothing leaves the machine).
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import os
 import random
 import shutil
 import socket
 import subprocess
+import termios
 import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -126,6 +129,23 @@ class SilentLink:
 
     def heal(self) -> None:
         self._ip("link", "set", self.host_if, "up")
+
+    def unacknowledged(self) -> int:
+        """Bytes the host's end sent into the namespace that are not acknowledged yet.
+
+        With none, a cut leaves this side nothing to retransmit: after the heal no
+        packet of an old connection reaches the namespace, so none is answered with a
+        reset, and the service behind the relay never learns that its client is gone
+        (as with a real host whose kernel forgot the connection)."""
+        with self._lock:
+            sockets = list(self._sockets[0::2])  # (client, upstream) pairs: the clients'
+        total = 0
+        for sock in sockets:
+            out = array.array("i", [0])
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, out, True)
+                total += out[0]
+        return total
 
     def run_in_namespace(self, argv: Sequence[str], **popen: Any) -> subprocess.Popen[str]:
         """Start `argv` inside the namespace (text mode)."""

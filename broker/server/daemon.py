@@ -85,6 +85,13 @@ log = structlog.get_logger("waystation.server")
 _MAX_GROUP = 2000
 _MAX_GROUP_BYTES = 256 * 1024
 _TICK_S = 1.0
+_STOP_GRACE_S = 10.0
+"""How long a stop lets the worker finish the group in hand, what is queued and the last
+flush. Past it (a store that does not answer: a silent link, a lock a lost backend holds)
+the stop interrupts the store and abandons the rest: nothing of it was acked, so the
+devices send it again (`_abandon`)."""
+_STOP_ABANDON_S = 5.0
+"""How long the worker then has to notice (a connect under way ends at its timeout)."""
 FAILPOINT_ENV = "WAYSTATION_FAILPOINT"
 
 
@@ -130,6 +137,8 @@ class MergeServer:
                                           max_payload=cfg.merge.max_payload_bytes))
         self._dropped_logged = 0
         self._stopping = threading.Event()
+        self._abandoned = threading.Event()
+        self._interrupted = False  # the store, by a stop (`_abandon`)
         self._thread: threading.Thread | None = None
         self._last_loop = time.monotonic()
         self.messages_in = 0
@@ -181,11 +190,15 @@ class MergeServer:
             self.announcer.start()
 
     def stop(self) -> None:
-        """Finish the group in hand, then close the session and the store."""
+        """Finish the group in hand and what is queued, then close the session and the
+        store; within `_STOP_GRACE_S` + `_STOP_ABANDON_S` whatever the store does."""
         self._stopping.set()
         self.intake.close()
         if self._thread is not None:
-            self._thread.join(30)
+            self._thread.join(_STOP_GRACE_S)
+            if self._thread.is_alive():
+                self._abandon()
+                self._thread.join(_STOP_ABANDON_S)
         # A clean stop sends no last will: say "offline" ourselves.
         if self.announcer is not None:
             self.announcer.stop()
@@ -194,6 +207,17 @@ class MergeServer:
         self.link.stop(clean=True)
         if self._owns_store:
             self.store.close()
+
+    def _abandon(self) -> None:
+        """The worker did not finish within the stop's grace: make its store call return
+        (a PostgreSQL store's `interrupt`; an LMDB call does not wait on a network) and
+        have it leave what is still queued."""
+        log.warning("stop_abandoning", grace_s=_STOP_GRACE_S, inbox=self.intake.stats().items)
+        interrupt = getattr(self.store, "interrupt", None)
+        if self._owns_store and interrupt is not None:
+            self._interrupted = True
+            interrupt()
+        self._abandoned.set()
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counters for the metrics endpoint (read from another thread: copies only)."""
@@ -268,9 +292,11 @@ class MergeServer:
             group = self.intake.take(max(0.0, next_tick - time.monotonic()),
                                      max_items=_MAX_GROUP, max_bytes=_MAX_GROUP_BYTES,
                                      window=window)
-            if group is None:
+            if group is None or self._abandoned.is_set():
                 # contact times and presence wait for a tick; and say we stopped cleanly
-                self.engine.flush(stopping=True)
+                # (not through a store the stop interrupted: every write fails there)
+                if not self._interrupted:
+                    self.engine.flush(stopping=True)
                 return
             if group:
                 self._process(group)

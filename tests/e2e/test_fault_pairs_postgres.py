@@ -10,16 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 
 from tests.e2e.fault_pairs import (
     assert_exactly_once,
     frozen,
     needs_mosquitto,
+    process_tree,
     seed,
     write_backlog,
 )
 from tests.e2e.fleet import Fleet
+from tests.helpers import wait_until
 from tests.pgserver import PgServer
 from tests.silent_link import SilentLink
 from tests.silent_link import unavailable_reason as silent_link_unavailable
@@ -96,22 +99,13 @@ def test_postgres_restarted_mid_batch(pg_fleet: tuple[Fleet, PgServer]) -> None:
 # ------------------------------------------- server - PostgreSQL: a silent link
 
 
-@pytest.mark.postgres
-@pytest.mark.xfail(strict=False, reason=(
-    "not diagnosed: in one clean-clone CI run (2 workers) the server, after the link "
-    "healed, kept failing to reconnect ('server closed the connection unexpectedly'), "
-    "the devices had 280 changes left after 60 s, and the server then ignored SIGTERM "
-    "for 20 s; it passed in the other runs"))
-def test_postgres_link_silent_mid_transaction(tmp_path: Path, pg_database: str) -> None:
-    """The merge server (in a network namespace of its own) reaches PostgreSQL and the
-    broker through two veth paths; the PostgreSQL one goes silent (packets vanish, no
-    reset) mid-drain, so commits in flight end with their outcome unknown to the server.
-    It notices within its TCP bound, says so, keeps running; healed, every increment is
-    applied once (a commit whose answer was lost is not applied again on the resend)."""
+@contextlib.contextmanager
+def server_behind_silent_link(tmp_path: Path, url: str) -> Iterator[tuple[Fleet, SilentLink]]:
+    """A fleet whose merge server (in a network namespace of its own) reaches PostgreSQL
+    and the broker through two veth paths; yields it with the PostgreSQL one."""
     reason = silent_link_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    url = pg_database
     parts = urlsplit(url)
     assert parts.port is not None
     with contextlib.ExitStack() as stack:
@@ -130,11 +124,56 @@ def test_postgres_link_silent_mid_transaction(tmp_path: Path, pg_database: str) 
                                 "WAYSTATION_SERVER__MQTT__HOST": json.dumps(to_broker.address),
                                 "WAYSTATION_SERVER__MQTT__PORT": str(to_broker.port)})
         stack.callback(fleet.stop_server)   # before the links go
+        yield fleet, to_pg
+
+
+_HOLDING = ("SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
+            "WHERE a.datname = current_database() AND a.state = 'idle in transaction' "
+            "AND l.relation = 'waystation.scope_seq'::regclass AND l.mode = 'RowShareLock'")
+"""The backends whose transaction holds scope rows (FOR UPDATE) and waits for the
+client's next statement."""
+
+
+def cut_mid_transaction(link: SilentLink, url: str, server_pid: int) -> None:
+    """Cut `link` while a write transaction of the server holds its scope locks and has
+    acknowledged everything the database sent it: the server is frozen for the moment
+    of the cut (a CPU stall between two statements), so its next statement vanishes and,
+    after the heal, nothing of that connection crosses the link: its backend never
+    learns that its client gave up (as with a real host whose kernel forgot it)."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        def cut_if_holding() -> bool:
+            if not admin.execute(_HOLDING).fetchall():
+                return False  # (not frozen for nothing: the drain goes on meanwhile)
+            with frozen(process_tree(server_pid)):
+                if not admin.execute(_HOLDING).fetchall():
+                    return False
+                try:  # the namespace's kernel acknowledges even while the server stands
+                    wait_until(lambda: link.unacknowledged() == 0, 1, interval=0.002)
+                except AssertionError:
+                    return False
+                link.cut()
+                return True
+        wait_until(cut_if_holding, 30, interval=0.001,
+                   message="a write transaction holding its scope locks")
+
+
+@pytest.mark.postgres
+def test_postgres_link_silent_mid_transaction(tmp_path: Path, pg_database: str) -> None:
+    """The merge server reaches PostgreSQL through a path that goes silent (packets
+    vanish, no reset) mid-drain, so commits in flight end with their outcome unknown to
+    the server. It notices within its TCP bound, says so, keeps running; healed, every
+    increment is applied once (a commit whose answer was lost is not applied again on
+    the resend). The cut lands while a write transaction holds its scope locks: that
+    transaction's backend, which the database keeps until its idle timeout (60 s), is
+    ended when the server reconnects (broker.server.store.postgres.orphans), so the
+    drain resumes within seconds of the heal."""
+    with server_behind_silent_link(tmp_path, pg_database) as (fleet, to_pg):
         devs = ("van-1", "van-2")
         seed(fleet, devs)
         writes = 150
         write_backlog(fleet, devs, writes)
-        to_pg.cut()
+        assert fleet.server.proc is not None
+        cut_mid_transaction(to_pg, pg_database, fleet.server.proc.pid)
         left = sum(fleet.pending(dev) for dev in devs)
         print(f"\nthe link to postgres went silent with {left} changes pending")
         assert left > 0, "the drain had finished: the cut was not mid-stream"
@@ -142,8 +181,34 @@ def test_postgres_link_silent_mid_transaction(tmp_path: Path, pg_database: str) 
         assert fleet.server.running, fleet.server.log_tail()
         for dev in devs:
             assert fleet.agent(dev).dead_letters() == []
+        waiting = sum(fleet.pending(dev) for dev in devs)
         to_pg.heal()
+        healed = time.monotonic()
+        # The drain resumes within seconds of the heal, not once the database's idle
+        # timeout ends the lost transaction (60 s after the cut).
+        fleet.wait(lambda: sum(fleet.pending(dev) for dev in devs) < waiting, 30,
+                   what="the drain resumed after the heal", interval=0.2)
+        print(f"the drain resumed {time.monotonic() - healed:.1f} s after the heal")
         assert_exactly_once(fleet, devs, 2 * writes)
         assert fleet.server.running
 
 
+@pytest.mark.postgres
+def test_server_stops_promptly_while_its_postgres_link_is_silent(
+        tmp_path: Path, pg_database: str) -> None:
+    """SIGTERM while the server's path to PostgreSQL is silent and the devices keep
+    sending: the server exits 0 within the harness's stop bound (20 s), not after
+    pushing every queued message through a store it cannot reach. What it did not
+    answer, the devices send again to the next server."""
+    with server_behind_silent_link(tmp_path, pg_database) as (fleet, to_pg):
+        devs = ("van-1", "van-2")
+        seed(fleet, devs)
+        write_backlog(fleet, devs, 150)
+        to_pg.cut()
+        fleet.server.wait_event("store_failed", timeout=40)
+        # The devices' resends (ack timeout 2 s) queue up at the server meanwhile.
+        fleet.wait_agent_status("van-1", lambda s: (s["oldest_pending_age_s"] or 0) > 6, 30,
+                                what="van-1's changes waiting past three ack timeouts")
+        started = time.monotonic()
+        assert fleet.stop_server() == 0
+        print(f"\nstopped {time.monotonic() - started:.1f} s after SIGTERM")

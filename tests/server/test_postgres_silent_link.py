@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.pgserver import PgServer
 from tests.silent_link import SilentLink, silent_link
 
@@ -31,10 +32,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 STORE_PROCESS = textwrap.dedent("""
     import json, sys, threading, time
+    import structlog
     from broker.errors import StoreError
     from broker.server.store.base import ServerRow
     from broker.server.store.postgres import store as pg
 
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     pg.LINK_DEFAULTS["tcp_user_timeout"] = 2_000
     store = pg.PostgresStore(sys.argv[1], reconnect_s=4, connect_timeout_s=2)
     n = 0
@@ -111,6 +114,76 @@ def test_a_silent_database_host_is_a_store_error_not_a_hang_then_it_recovers(
         healed = _next(proc)
         assert healed["outcome"] == "ok", healed
         assert float(healed["seconds"]) < 15, healed  # type: ignore[arg-type]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+# A transaction of the store holds a scope's row lock when the link goes silent; the
+# database's backend for it is left "idle in transaction", holding the lock, and nothing
+# tells it that its client is gone (broker.server.store.postgres.orphans).
+HOLDING_PROCESS = textwrap.dedent("""
+    import json, sys, threading, time
+    import structlog
+    from broker.errors import StoreError
+    from broker.server.store.postgres import store as pg
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    pg.LINK_DEFAULTS["tcp_user_timeout"] = 2_000
+    store = pg.PostgresStore(sys.argv[1], reconnect_s=4, connect_timeout_s=2)
+    store.transact(lambda txn: txn.lock_scopes(["a", "b"]))  # both rows exist
+
+    def timed(fn) -> dict:
+        result: dict = {"outcome": "hung"}
+        def run() -> None:
+            try:
+                store.transact(fn)
+                result["outcome"] = "ok"
+            except StoreError as exc:
+                result.update(outcome="store_error", message=str(exc))
+        start = time.monotonic()
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout=90)
+        result["seconds"] = round(time.monotonic() - start, 1)
+        return result
+
+    def hold(txn) -> None:
+        txn.lock_scopes(["a"])
+        print(json.dumps({"outcome": "locked"}), flush=True)
+        sys.stdin.readline()  # the link goes silent meanwhile
+        txn.lock_scopes(["b"])  # a statement: its packets vanish
+
+    print(json.dumps(timed(hold)), flush=True)
+    sys.stdin.readline()  # the link is back
+    print(json.dumps(timed(lambda txn: txn.lock_scopes(["a"]))), flush=True)
+""")
+
+
+def test_a_lock_held_by_a_transaction_lost_on_a_silent_link_is_released_at_reconnect(
+        pg_database: str, link: SilentLink) -> None:
+    """Once the link is back, the next transaction on the same scope commits within
+    seconds, not after the database's idle-in-transaction timeout (60 s): the store ends
+    the lost connection's backend when it reconnects."""
+    proc = link.run_in_namespace([sys.executable, "-c", HOLDING_PROCESS,
+                                  _through(pg_database, link)],
+                                 cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        locked = json.loads(proc.stdout.readline() or "{}")
+        assert locked.get("outcome") == "locked", locked
+        # The database's answer acknowledged by the store's side: the cut leaves the host
+        # nothing to retransmit, so no reset will reach the backend after the heal.
+        wait_until(lambda: link.unacknowledged() == 0, 10,
+                   message="the namespace acknowledged everything the host sent")
+        link.cut()
+        lost = _next(proc)
+        assert lost["outcome"] == "store_error", lost
+
+        link.heal()
+        after = _next(proc)
+        assert after["outcome"] == "ok", after
+        assert float(after["seconds"]) < 15, after  # type: ignore[arg-type]
     finally:
         proc.kill()
         proc.wait(timeout=10)

@@ -93,11 +93,12 @@ applier is about to make are fetched per batch (`prefetch`).
 
 `transact(fn)` retries fn from scratch on serialization failure, deadlock, lock
 reordering or unique violation (bounded, with jittered backoff) and on a lost
-connection (reconnecting, for up to `reconnect_s`). A commit whose outcome is unknown
-(connection lost during COMMIT) is retried too: fn is idempotent at the level that
-matters, because a change that did commit is found in ``outcomes`` and answered as a
-duplicate. Any other database error becomes a `StoreError` naming the server without
-the password.
+connection (reconnecting, for up to `reconnect_s`; the lost connection's backend, which
+the database may still run with the transaction's locks, is ended first: `orphans`). A
+commit whose outcome is unknown (connection lost during COMMIT) is retried too: fn is
+idempotent at the level that matters, because a change that did commit is found in
+``outcomes`` and answered as a duplicate. Any other database error becomes a
+`StoreError` naming the server without the password.
 
 `read()` gives a REPEATABLE READ, READ ONLY snapshot on a connection of its own (the
 write connection stays free, so a transaction can run while a read is open).

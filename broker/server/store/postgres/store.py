@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
+import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +26,7 @@ from broker.server.store.base import (
     StoreInfo,
     WriteTxn,
 )
+from broker.server.store.postgres import orphans
 from broker.server.store.postgres.common import (
     _RECONNECT,
     _RETRYABLE,
@@ -75,9 +80,15 @@ class PostgresStore:
         self._staged = False  # the write connection has its staging table
         self.counters: dict[str, int] = {"retries": 0, "reconnects": 0, "reorders": 0}
         self._closed = False
+        # every connection made, for `interrupt` (from another thread)
+        self._open: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
+        self._open_lock = threading.Lock()
+        self._backend: orphans.Backend | None = None  # the write connection's
+        self._lost_backends: list[orphans.Backend] = []  # to end after a reconnect
         conn = self._connect(write=True)
         try:
             self._migrate(conn)
+            self._backend = orphans.identify(conn)
         except BaseException:
             conn.close()
             raise
@@ -108,6 +119,7 @@ class PostgresStore:
                 f"cannot connect to the PostgreSQL store at {self.location}: "
                 f"{str(exc).strip()} (check store.url, that the server runs and accepts "
                 "connections from this host, and the user's password)") from exc
+        self._track(conn)
         set_json_loads(orjson.loads, conn)
         set_json_dumps(orjson.dumps, conn)
         if write:  # whatever the server's default: the locking above assumes it
@@ -131,20 +143,45 @@ class PostgresStore:
             except psycopg.Error:
                 pass  # gone: reconnect below
         if conn is not None:
-            conn.close()
-            self._conn = None
+            self._drop_write(conn)
         delay = 0.05
         while True:
+            if self._closed:
+                raise StoreError(f"the PostgreSQL store at {self.location} is closed")
             try:
-                self._conn = self._connect(write=True)
-                self._staged = False
+                conn = self._connect(write=True)
+                self._adopt_write(conn)
                 self.counters["reconnects"] += 1
-                return self._conn
+                return conn
             except StoreError:
                 if time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 1.0)
+
+    def _drop_write(self, conn: psycopg.Connection[Any]) -> None:
+        """Close the write connection, lost: its backend may live on (`orphans`)."""
+        if conn is self._conn:
+            if self._backend is not None:
+                # a few at most: one per loss, ended at the next connect
+                self._lost_backends = [*self._lost_backends[-7:], self._backend]
+            self._backend = None
+            self._conn = None
+        conn.close()
+
+    def _adopt_write(self, conn: psycopg.Connection[Any]) -> None:
+        """Make a new connection the write connection: first end the backends of the
+        lost ones, which may hold the row locks its transactions need (`orphans`)."""
+        try:
+            if self._lost_backends:
+                orphans.end(conn, self._lost_backends)
+                self._lost_backends = []
+            backend = orphans.identify(conn)
+        except psycopg.Error as exc:  # lost already: as a failed connect
+            conn.close()
+            raise StoreError(f"cannot connect to the PostgreSQL store at {self.location}: "
+                             f"{str(exc).strip()}") from exc
+        self._conn, self._backend, self._staged = conn, backend, False
 
     def _create_scopes(self, scopes: list[str]) -> None:
         """Create the sequence rows of new scopes in a transaction of their own.
@@ -159,6 +196,7 @@ class PostgresStore:
                 conn.close()
             conn = self._aux = psycopg.connect(self._conninfo, autocommit=True,
                                                connect_timeout=self._connect_timeout)
+            self._track(conn)
         conn.execute("INSERT INTO scope_seq (scope) SELECT unnest(%s::text[]) "
                      "ON CONFLICT DO NOTHING", (sorted(scopes),))
 
@@ -299,7 +337,7 @@ class PostgresStore:
                     time.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** min(attempt, 10))))
                     continue
                 if self._lost(conn, exc):
-                    conn.close()
+                    self._drop_write(conn)
                     if time.monotonic() < deadline:
                         continue  # _write_conn reconnects (or gives up at the deadline)
                 raise StoreError(self._message(exc, attempt)) from exc
@@ -340,6 +378,23 @@ class PostgresStore:
         return StoreInfo(kind=self.kind, location=self.location, size_bytes=int(row[0]),
                          capacity_bytes=0, counts=counts)
 
+    def _track(self, conn: psycopg.Connection[Any]) -> None:
+        with self._open_lock:
+            self._open.add(conn)
+
+    def interrupt(self) -> None:
+        """Make a call waiting on the database return now, failing, and every later one
+        fail at once; safe from another thread (the store's own calls run on one). For a
+        server that stops: a query on a link that went silent waits for the TCP bound,
+        one behind a lock that a lost backend holds waits for as long as it holds it,
+        and neither may hold the stop. Each connection's socket is shut down, not closed
+        (the thread inside it closes it); a connect under way ends at its timeout."""
+        self._closed = True
+        with self._open_lock:
+            conns = list(self._open)
+        for conn in conns:
+            _shut_down(conn)
+
     def close(self) -> None:
         self._closed = True
         conns = [*self._readers, *(c for c in (self._conn, self._aux) if c is not None)]
@@ -353,3 +408,17 @@ class PostgresStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shut_down(conn: psycopg.Connection[Any]) -> None:
+    """Shut `conn`'s socket down: a wait on it wakes up and reads the end of the stream."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:  # closed already
+        return
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(fd))  # a duplicate: closing it leaves conn's
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
