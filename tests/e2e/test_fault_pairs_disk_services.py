@@ -10,12 +10,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from tests.e2e.fault_pairs import (
     assert_exactly_once,
-    needs_mosquitto,
     seed,
     write_backlog,
 )
@@ -30,11 +31,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @contextlib.contextmanager
-def pg_on_small_disk(size: str) -> Iterator[tuple[PgServer, Path]]:
-    """A started PgServer (durable settings) whose whole directory, data and WAL, is on
-    a tmpfs of `size`; yields it and the mount point. The mount is under the system
-    temporary directory: PostgreSQL runs as `postgres`, which cannot enter pytest's
-    root-private tmp dirs."""
+def pg_on_small_disk(size: str, *, wal_only: bool) -> Iterator[tuple[PgServer, Path]]:
+    """A started PgServer (durable settings) with its files on a tmpfs of `size`: all of
+    them, or (`wal_only`) only its WAL, in 1 MiB segments, so that it needs a new file
+    soon (a WAL volume of its own, as some operators mount). Yields it and the mount
+    point. Everything is under the system temporary directory: PostgreSQL runs as
+    `postgres`, which cannot enter pytest's root-private tmp dirs."""
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -42,7 +44,10 @@ def pg_on_small_disk(size: str) -> Iterator[tuple[PgServer, Path]]:
     os.chmod(parent, 0o755)
     try:
         with small_disk(parent / "disk", size) as mnt:
-            pg = PgServer(mnt / "pg")
+            if wal_only:
+                pg = PgServer(parent / "pg", wal_segment_mb=1, wal_dir=mnt / "wal")
+            else:
+                pg = PgServer(mnt / "pg")
             try:
                 pg.start()
                 yield pg, mnt
@@ -52,10 +57,28 @@ def pg_on_small_disk(size: str) -> Iterator[tuple[PgServer, Path]]:
         shutil.rmtree(parent, ignore_errors=True)
 
 
+def store_failed(fleet: Fleet) -> dict[str, Any]:
+    """The server's first logged store failure of this run (waited for)."""
+    return fleet.wait(lambda: next(iter(fleet.server.events("store_failed")), None), 30,
+                      what="the server logging its store's failure", interval=0.05)
+
+
+def nothing_refused(fleet: Fleet, devs: tuple[str, ...], *, server: bool = True) -> None:
+    """The failure was taken as transient: no change dead-lettered on the devices, nor
+    on the server (when its store can be read: assert_exactly_once checks it later)."""
+    for dev in devs:
+        assert fleet.agent(dev).dead_letters() == []
+    if server:
+        assert fleet.server_dead_letters() == []
+
+
 @pytest.mark.postgres
 def test_postgres_disk_full_mid_drain(tmp_path: Path) -> None:
-    """PostgreSQL's disk fills up while two devices drain a backlog."""
-    with pg_on_small_disk("96m") as (pg, mnt), \
+    """PostgreSQL's disk (data and WAL) fills up while two devices drain a backlog:
+    PostgreSQL refuses to extend a table (SQLSTATE 53100, it keeps running); the merge
+    server keeps running, logs a failure naming the disk, refuses nothing for good, and
+    `server status` still answers; once there is room every increment is applied once."""
+    with pg_on_small_disk("96m", wal_only=False) as (pg, mnt), \
             Fleet(tmp_path, "embedded", "postgres", pg.create_database("pairs")) as fleet:
         fleet.start()
         devs = ("van-1", "van-2")
@@ -65,18 +88,75 @@ def test_postgres_disk_full_mid_drain(tmp_path: Path) -> None:
         fill_disk(mnt / "filler")
         left = sum(fleet.pending(dev) for dev in devs)
         print(f"\npostgres disk full with {left} changes pending")
-        failed = fleet.wait(lambda: next(iter(fleet.server.events("store_failed")), None), 60,
-                            what="the server's store refusing a commit", interval=0.05)
+        assert left > 0, "the drain had finished: the disk filled too late"
+        failed = store_failed(fleet)["exception"][0]["exc_value"]
         print(failed)
-        print(pg.log_tail())
+        assert "No space left on device" in failed and "free disk space" in failed, failed
+        assert pg.running, pg.log_tail()
+        assert fleet.server.running, fleet.server.log_tail()
+        nothing_refused(fleet, devs)
+        # Reads still work on a full disk: status answers, and what it says is true.
+        out = fleet.cli("server", "status", "--config", str(fleet.server_config))
+        assert "server-1 (group main" in out.stdout and ": running" in out.stdout, out.stdout
+        assert "dead letters: 0" in out.stdout, out.stdout
+        (mnt / "filler").unlink()
+        assert_exactly_once(fleet, devs, 2 * backlog)
+        assert fleet.server.running
+        fleet.close()
+
+
+@pytest.mark.postgres
+def test_postgres_wal_disk_full_mid_drain(tmp_path: Path) -> None:
+    """PostgreSQL's WAL disk fills up while two devices drain a backlog, and a bulk
+    write of another database on the cluster needs a new WAL file: PostgreSQL PANICs,
+    restarts its backends and, with no room for its end-of-recovery checkpoint, shuts
+    down (or, with room, comes back by itself). The merge server rides it out: keeps
+    running, says it cannot reach its store, refuses nothing for good; once there is room
+    and PostgreSQL runs again (systemd restarts it; here the test) it reconnects and every
+    increment is applied once."""
+    with pg_on_small_disk("24m", wal_only=True) as (pg, mnt), \
+            Fleet(tmp_path, "embedded", "postgres", pg.create_database("pairs")) as fleet:
+        scratch = pg.create_database("scratch")
+        fleet.start(server=False)
+        # Reconnect attempts for 3 s (not 30) before a batch is reported failed.
+        fleet.start_server(env={"WAYSTATION_SERVER__STORE__RECONNECT_S": "3"})
+        devs = ("van-1", "van-2")
+        seed(fleet, devs)
+        backlog = 150
+        write_backlog(fleet, devs, backlog)
+        fill_disk(mnt / "filler")
+        with pytest.raises(psycopg.Error), psycopg.connect(scratch, autocommit=True) as conn:
+            conn.execute("CREATE TABLE bulk AS SELECT g, repeat('x', 200) AS t "
+                         "FROM generate_series(1, 100000) g")
+        left = sum(fleet.pending(dev) for dev in devs)
+        print(f"\npostgres WAL disk full with {left} changes pending")
+        assert left > 0, "the drain had finished: the disk filled too late"
+        fleet.wait(lambda: "PANIC:  could not write to file" in pg.log_tail(200), 30,
+                   what="postgres panicking on the full WAL disk")
+        failed = store_failed(fleet)["exception"][0]["exc_value"]
+        print(failed)
+        assert "PostgreSQL store" in failed, failed
+        assert fleet.server.running, fleet.server.log_tail()
+        nothing_refused(fleet, devs, server=False)
+        fleet.wait(lambda: not pg.running or _accepting(pg), 60,
+                   what="postgres either shut down or back after its recovery")
+        print(f"postgres after the PANIC: {'running' if pg.running else 'shut down'}")
         out = fleet.cli("server", "status", "--config", str(fleet.server_config),
-                        check=False, timeout=60)
-        print(out.returncode, out.stdout, out.stderr)
-        print("pg running", pg.running)
+                        check=False)
+        if not pg.running:
+            assert out.returncode == 3, (out.stdout, out.stderr)
+            assert "cannot connect to the PostgreSQL store" in out.stderr, out.stderr
         (mnt / "filler").unlink()
         if not pg.running:
             pg.start()
         assert_exactly_once(fleet, devs, 2 * backlog)
-        print(pg.log_tail())
         assert fleet.server.running
         fleet.close()
+
+
+def _accepting(pg: PgServer) -> bool:
+    try:
+        with psycopg.connect(pg.url, connect_timeout=5):
+            return True
+    except psycopg.Error:
+        return False
