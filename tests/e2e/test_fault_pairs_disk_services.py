@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,9 @@ import psycopg
 import pytest
 
 from tests.e2e.fault_pairs import (
+    SCOPE,
     assert_exactly_once,
+    needs_mosquitto,
     seed,
     write_backlog,
 )
@@ -160,3 +163,59 @@ def _accepting(pg: PgServer) -> bool:
             return True
     except psycopg.Error:
         return False
+
+
+# ------------------------------------------------- agent/server - Mosquitto: disk full
+
+
+def _saves(fleet: Fleet) -> int:
+    return fleet.broker_log_tail(100_000).count("Saving in-memory database")
+
+
+def _save(fleet: Fleet) -> None:
+    """Mosquitto's autosave, now: SIGUSR1 runs the same save; waited for in its log."""
+    assert fleet.broker is not None and fleet.broker.proc is not None
+    before = _saves(fleet)
+    os.kill(fleet.broker.proc.pid, signal.SIGUSR1)
+    fleet.wait(lambda: _saves(fleet) > before, 10, what="mosquitto saving its database")
+
+
+@needs_mosquitto
+@pytest.mark.mosquitto
+def test_mosquitto_persistence_disk_full_mid_drain(tmp_path: Path) -> None:
+    """Mosquitto's persistence disk (the shipped config: persistence on) fills up while
+    two devices drain a backlog through it: its saves fail (Mosquitto 2.0 says nothing
+    and leaves an empty database file behind), it keeps serving; restarted on the full
+    disk it comes back without its sessions. The devices and the server resubscribe and
+    send again: every increment applied once, the devices converge."""
+    with Fleet(tmp_path, "mosquitto") as fleet:
+        persist = fleet.broker_dir / "data"
+        persist.rmdir()   # the config's persistence_location, mounted small here
+        with small_disk(persist, "4m") as mnt:
+            fleet.start()
+            devs = ("van-1", "van-2")
+            seed(fleet, devs)
+            _save(fleet)   # a good save first: persistent sessions and subscriptions
+            assert (mnt / "mosquitto.db").stat().st_size > 0
+            backlog = 150
+            write_backlog(fleet, devs, backlog)
+            fill_disk(mnt / "filler")
+            at_fill = fleet.scope_seq(SCOPE)
+            _save(fleet)   # fails: the disk is full
+            assert fleet.broker is not None and fleet.broker.running, fleet.broker_log_tail()
+            # It serves on: the drain goes on through it.
+            fleet.wait(lambda: fleet.scope_seq(SCOPE) > at_fill, 30,
+                       what="the server applying changes through the broker meanwhile")
+            left = sum(fleet.pending(dev) for dev in devs)
+            print(f"\nmosquitto's disk full; restarting it with {left} changes pending")
+            assert left > 0, "the drain had finished: the restart was not mid-stream"
+            # A clean stop saves once more (fails), exit 0; its sessions are gone after.
+            fleet.restart_broker(hard=False)
+            restarted = fleet.broker_log_tail(30)
+            print(restarted)
+            for dev in devs:
+                assert fleet.agent(dev).dead_letters() == []
+            assert_exactly_once(fleet, devs, 2 * backlog)
+            assert fleet.broker.running and fleet.server.running
+            (mnt / "filler").unlink()
+            fleet.close()
