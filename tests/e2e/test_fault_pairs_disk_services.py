@@ -184,10 +184,12 @@ def _save(fleet: Fleet) -> None:
 @pytest.mark.mosquitto
 def test_mosquitto_persistence_disk_full_mid_drain(tmp_path: Path) -> None:
     """Mosquitto's persistence disk (the shipped config: persistence on) fills up while
-    two devices drain a backlog through it: its saves fail (Mosquitto 2.0 says nothing
-    and leaves an empty database file behind), it keeps serving; restarted on the full
-    disk it comes back without its sessions. The devices and the server resubscribe and
-    send again: every increment applied once, the devices converge."""
+    two devices drain a backlog through it: its saves fail (Mosquitto 2.0.11 logs no
+    error, and leaves an empty database file where its last good one was), it keeps
+    serving; restarted (a clean stop, whose save fails too) it comes back without its
+    sessions and queued messages. The devices and the server connect again, resubscribe
+    and send again: every increment applied once, nothing dead-lettered, the devices
+    converge. (The embedded broker persists nothing but its password files.)"""
     with Fleet(tmp_path, "mosquitto") as fleet:
         persist = fleet.broker_dir / "data"
         persist.rmdir()   # the config's persistence_location, mounted small here
@@ -202,6 +204,9 @@ def test_mosquitto_persistence_disk_full_mid_drain(tmp_path: Path) -> None:
             fill_disk(mnt / "filler")
             at_fill = fleet.scope_seq(SCOPE)
             _save(fleet)   # fails: the disk is full
+            # Mosquitto 2.0 replaced its good file with an empty one (what the failed
+            # save left): the disk is kept full past the room that freed.
+            fill_disk(mnt / "filler-2")
             assert fleet.broker is not None and fleet.broker.running, fleet.broker_log_tail()
             # It serves on: the drain goes on through it.
             fleet.wait(lambda: fleet.scope_seq(SCOPE) > at_fill, 30,
@@ -211,11 +216,9 @@ def test_mosquitto_persistence_disk_full_mid_drain(tmp_path: Path) -> None:
             assert left > 0, "the drain had finished: the restart was not mid-stream"
             # A clean stop saves once more (fails), exit 0; its sessions are gone after.
             fleet.restart_broker(hard=False)
-            restarted = fleet.broker_log_tail(30)
-            print(restarted)
+            print(fleet.broker_log_tail(8))
             for dev in devs:
                 assert fleet.agent(dev).dead_letters() == []
             assert_exactly_once(fleet, devs, 2 * backlog)
             assert fleet.broker.running and fleet.server.running
-            (mnt / "filler").unlink()
             fleet.close()
