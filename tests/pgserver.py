@@ -1,6 +1,8 @@
 """A private PostgreSQL server for tests: initdb into a temporary directory, then run it.
 
     server = PgServer()             # nothing runs yet; PgServer(fast=True) for speed
+    PgServer(directory, wal_segment_mb=1, wal_dir=path)   # where the test says; small
+                                    # WAL files, in a directory of their own
     server.start()                  # initdb on first start, then postgres on a free port
     server.url                      # postgresql://postgres@127.0.0.1:PORT/postgres
     url = server.create_database("store_test")
@@ -92,7 +94,9 @@ class PgServer:
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *,
                  port: int | None = None, fast: bool = False,
-                 bin_dir: str | os.PathLike[str] | None = None) -> None:
+                 bin_dir: str | os.PathLike[str] | None = None,
+                 wal_segment_mb: int | None = None,
+                 wal_dir: str | os.PathLike[str] | None = None) -> None:
         found = Path(bin_dir) if bin_dir is not None else find_bin_dir()
         if found is None:
             raise PgServerError(unavailable_reason() or "no PostgreSQL binaries")
@@ -107,6 +111,11 @@ class PgServer:
         self.log_path = self.directory / "postgres.log"
         self.port = port if port is not None else free_port(HOST)
         self.fast = fast
+        # initdb --wal-segsize (a power of two, 1 to 1024; PostgreSQL's default is 16):
+        # small segments make the WAL need a new file soon, for disk-full tests.
+        self.wal_segment_mb = wal_segment_mb
+        # initdb --waldir: the WAL on a disk of its own (pg_wal becomes a symlink to it).
+        self.wal_dir = None if wal_dir is None else Path(wal_dir).resolve()
         self._proc: subprocess.Popen[bytes] | None = None
         if self.as_root:
             entry = pwd.getpwnam(SYSTEM_USER)
@@ -148,6 +157,10 @@ class PgServer:
             return
         cmd = [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", DB_USER,
                "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"]
+        if self.wal_segment_mb is not None:
+            cmd.append(f"--wal-segsize={self.wal_segment_mb}")
+        if self.wal_dir is not None:
+            cmd.append(f"--waldir={self.wal_dir}")
         result = subprocess.run(self._as_postgres(cmd), cwd=self.directory, env=self._env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
         if result.returncode != 0:

@@ -36,7 +36,9 @@ def small_disk(mnt: Path, size: str) -> Iterator[Path]:
 
 def fill_disk(path: Path) -> None:
     """Write zeros to `path` until its filesystem is full."""
-    with path.open("wb") as out:
+    # Unbuffered: a buffered file would keep the part of the last write that did not
+    # fit, and raise ENOSPC again when flushing it at close.
+    with path.open("wb", buffering=0) as out:
         try:
             while True:
                 out.write(b"\0" * 65536)

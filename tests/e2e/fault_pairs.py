@@ -12,15 +12,21 @@ cut = reset or silent link.
 | pair            | kill      | restart  | stop | cut               | slow    | disk full |
 | app-agent       | unit      | e2e      | -    | H (reset), http   | http    | unit      |
 | agent-store     | e2e       | e2e      | H    | n/a               | n/a     | H         |
-| agent-broker    | e2e, H    | e2e      | H    | e2e silent        | e2e     | -         |
-| broker-server   | e2e       | e2e      | H    | e2e silent, AMQP  | -       | -         |
+| agent-broker    | e2e, H    | e2e      | H    | e2e silent        | e2e     | H (Mosq.) |
+| broker-server   | e2e       | e2e      | H    | e2e silent, AMQP  | -       | H (Mosq.) |
 | server-LMDB     | e2e       | e2e      | n/a  | n/a               | n/a     | H, unit   |
-| server-Postgres | e2e       | H        | H    | H silent, unit    | -       | -         |
+| server-Postgres | e2e       | H        | H    | H silent, unit    | -       | H         |
 
 Where the broker and store kinds do not change what is tried (the merge server or the
 agent frozen, the sync process killed), a test runs on the default fleet (embedded
 broker, LMDB) only, and backlogs are 150 changes (6-8 throttled batches: the fault
 still lands mid-drain, each test asserts so): these modules are a suite cost on 2 cores.
+
+(disk full, the services': PostgreSQL's whole disk (a table cannot grow: SQLSTATE
+53100, it keeps running) and its WAL disk alone (it PANICs, and shuts down when its
+recovery finds no room either); Mosquitto's persistence disk (its saves fail, and it
+is restarted on it, losing its sessions). The embedded broker persists nothing but its
+password files: no disk-full case of its own. test_fault_pairs_disk_services.py.)
 
 (agent-store "stop" is the agent frozen inside a write transaction: H, with the
 unit test tests/agent/test_status_beside_stuck_writer.py; "kill, H" on agent-broker is

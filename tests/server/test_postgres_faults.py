@@ -188,3 +188,23 @@ def test_rollback_failing_with_the_server_gone_is_a_store_error_then_recovers(
             assert txn.scope_seq("r1") == 2
             assert txn.get_record("tasks", "half") is None
             assert txn.get_record("tasks", "refused") is None
+
+
+def test_disk_full_says_to_free_disk_space(pg_database: str) -> None:
+    """PostgreSQL refusing a write for want of disk space (SQLSTATE 53100, raised here by
+    a trigger; tests/e2e/test_fault_pairs_disk_services.py fills a real disk): the
+    StoreError tells the operator what to do, not only which file could not grow, and
+    the store is usable again afterwards."""
+    with PostgresStore(pg_database) as store:
+        with psycopg.connect(pg_database, autocommit=True) as conn:
+            conn.execute("CREATE FUNCTION waystation.disk_full() RETURNS trigger LANGUAGE plpgsql "
+                         "AS $$ BEGIN RAISE EXCEPTION 'could not extend file' "
+                         "USING ERRCODE = 'disk_full'; END $$")
+            conn.execute("CREATE TRIGGER disk_full BEFORE INSERT ON waystation.records "
+                         "FOR EACH ROW EXECUTE FUNCTION waystation.disk_full()")
+        with pytest.raises(StoreError, match=r"failed \(53100\): could not extend file "
+                                             r"\(free disk space on the PostgreSQL server"):
+            store.transact(lambda t: t.put_record("tasks", "a", {"n": 1}))
+        with psycopg.connect(pg_database, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER disk_full ON waystation.records")
+        store.transact(lambda t: t.put_record("tasks", "a", {"n": 1}))

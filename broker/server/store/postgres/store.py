@@ -43,6 +43,14 @@ from broker.server.store.postgres.common import (
 from broker.server.store.postgres.read import PgReadTxn
 from broker.server.store.postgres.write import PgWriteTxn
 
+_HINTS: dict[str, str] = {
+    "53100": " (free disk space on the PostgreSQL server: nothing of this transaction "
+             "was written, and the devices send it again)",
+}
+"""What the operator can do about a failure, by SQLSTATE, appended to its message: the
+first line of PostgreSQL's own text names the file it could not extend, not what to do
+(its HINT line says "Check free disk space", but only the first line is kept)."""
+
 LINK_DEFAULTS: dict[str, int] = {
     "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
     "tcp_user_timeout": 25_000}
@@ -356,7 +364,9 @@ class PostgresStore:
         if self._conn is None or self._conn.closed or self._conn.broken:
             return (f"lost the PostgreSQL store at {self.location} and could not reconnect "
                     f"within {self.reconnect_s:g} s: {text} (check that the server runs)")
-        return f"the PostgreSQL store at {self.location} failed ({state or 'error'}): {text}"
+        hint = _HINTS.get(state, "")
+        return (f"the PostgreSQL store at {self.location} failed ({state or 'error'}): "
+                f"{text}{hint}")
 
     def _abort(self, conn: psycopg.Connection[Any]) -> None:
         if conn.closed or conn.broken:
