@@ -335,6 +335,9 @@ class Engine(GroupTransaction):
             beat = self.heartbeat.due(now)
             if self._rows or self._letters or beat is not None:
                 self._commit([], now, beat)
+                # Refused with the waiting rows: the liveness row alone (it may pass, and
+                # it says the store refuses writes).
+                self._beat(now)
             out = self._downcast(out)
         except Exception:
             log.exception("tick_failed")
@@ -350,8 +353,12 @@ class Engine(GroupTransaction):
         try:
             self.store.transact(partial(_put_server, row=beat, heartbeat=self.heartbeat))
             self.heartbeat.written(beat)
-        except Exception:
-            log.exception("liveness_write_failed")
+        except Exception as exc:
+            if self.heartbeat.store_failing_ms:
+                # (each refusal is logged already, as store_failed: not twice a second)
+                log.debug("liveness_write_failed", error=str(exc))
+            else:
+                log.exception("liveness_write_failed")
 
     def flush(self, *, stopping: bool = False) -> None:
         """Write what waits for the next tick (presence, contact times, dead letters);

@@ -94,9 +94,12 @@ class GroupTransaction:
                 incs, lambda txn: self._apply_all(txn, incs, now, dirty, letters, server)))
             if server is not None:
                 self.heartbeat.written(server)
+            if incs:
+                self.heartbeat.store_ok()
             return
-        except StoreError:
+        except StoreError as exc:
             log.exception("store_failed", messages=len(incs))
+            self.heartbeat.store_failed(str(exc), now)
             for inc in incs:
                 inc.failed = inc.error is None
             self._restore(dirty, letters)

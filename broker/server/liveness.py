@@ -15,6 +15,12 @@ console that says "online" would mislead. So each server keeps a `ServerRow` per
                  written at the next tick after the link went down or came back: a
                  server that runs but cannot reach the broker merges nothing, and its
                  presence of devices goes stale like a stopped server's
+    store_failing_ms, store_error  since when its store refuses its writes, and the
+                 latest refusal (a full disk; PostgreSQL that refuses or does not come
+                 back), written by the next tick that gets its row through (a small
+                 write may pass where a batch does not); cleared by the next batch of
+                 devices' messages the store takes. A store that takes no write at all
+                 leaves `seen_ms` to go stale instead: the server is then "gone".
 
 A server is "running" when it did not stop cleanly and was seen within the stale
 threshold (`STALE_AFTER_S` = 30 s, six missed writes: a slow tick or a store hiccup is
@@ -34,11 +40,15 @@ from waystation.timefmt import ago, iso, span
 SEEN_EVERY_MS = 5_000
 """How often a running server rewrites its `seen_ms`, at most."""
 STALE_AFTER_S = 30
+_ERROR_CHARS = 300
+"""A store's refusal is kept this long in the row (the log has it whole)."""
 """How long after its last `seen_ms` a server that did not stop cleanly counts as gone."""
 BROKER_HINT = ("check that the broker runs and that the server's [mqtt] host, port and "
                "login (on RabbitMQ: its [amqp] nodes and that login) are right, and that "
                "the network between them passes (its log says why: `mqtt connection "
                "attempt failed`, `link_problem`, `amqp_connection_failed`)")
+STORE_HINT = ("fix what the error names (free disk space, a PostgreSQL that runs and "
+              "takes writes); the server's log has each refusal (`store_failed`)")
 START_HINT = ("start it: `systemctl start waystation-server` (see `systemctl status "
               "waystation-server` and `journalctl -u waystation-server` for why it stopped), "
               "or `waystation server run`")
@@ -66,6 +76,9 @@ class Heartbeat:
         (`saw`): they share the devices' messages (`broker.server.caps.served_now`)."""
         self.broker_down_ms = 0
         """Since when the broker link is down (0: up, or never told: `broker`)."""
+        self.store_failing_ms = 0
+        """Since when the store refuses the engine's writes (0: it takes them)."""
+        self.store_error = ""
 
     def broker(self, connected: bool, now: int) -> None:
         """The broker link as the daemon sees it now; a change makes the row due."""
@@ -74,17 +87,35 @@ class Heartbeat:
             self.broker_down_ms = down
             self._written_ms = None
 
+    def store_failed(self, error: str, now: int) -> None:
+        """The store refused a write; the first refusal of a run makes the row due."""
+        self.store_error = " ".join(error.split())[:_ERROR_CHARS]
+        if not self.store_failing_ms:
+            self.store_failing_ms = now
+            self._written_ms = None
+
+    def store_ok(self) -> None:
+        """The store took a batch of the devices' messages."""
+        if self.store_failing_ms:
+            self.store_failing_ms, self.store_error = 0, ""
+            self._written_ms = None
+
+    def _now(self, seen_ms: int, stopped_ms: int = 0) -> ServerRow:
+        return dataclasses.replace(self.row, seen_ms=seen_ms, stopped_ms=stopped_ms,
+                                   broker_down_ms=self.broker_down_ms,
+                                   store_failing_ms=self.store_failing_ms,
+                                   store_error=self.store_error)
+
     def due(self, now: int) -> ServerRow | None:
         """The row to write now (the first, after a change of the broker link, then every
         `SEEN_EVERY_MS`), else None."""
         if self._written_ms is not None and now - self._written_ms < SEEN_EVERY_MS:
             return None
-        return dataclasses.replace(self.row, seen_ms=now, broker_down_ms=self.broker_down_ms)
+        return self._now(seen_ms=now)
 
     def stopping(self, now: int) -> ServerRow:
         """The row a clean stop writes."""
-        return dataclasses.replace(self.row, seen_ms=now, stopped_ms=now,
-                                   broker_down_ms=self.broker_down_ms)
+        return self._now(seen_ms=now, stopped_ms=now)
 
     def saw(self, rows: Sequence[ServerRow], now: int) -> None:
         """`rows`: the store's servers as read with this server's own row written."""
@@ -119,6 +150,11 @@ def describe(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = (
             line += (f", but NOT CONNECTED TO THE BROKER since {iso(row.broker_down_ms)} "
                      f"({span(max(0, now - row.broker_down_ms))}): it merges nothing, "
                      f"devices' changes wait in the broker; {BROKER_HINT}")
+        if row.store_failing_ms:
+            line += (f", but ITS STORE REFUSES ITS WRITES since {iso(row.store_failing_ms)} "
+                     f"({span(max(0, now - row.store_failing_ms))}): {row.store_error or '?'}; "
+                     "the devices keep their changes and send them again, nothing is lost; "
+                     f"{STORE_HINT}")
         return line
     if st == "stopped":
         return f"{head}: stopped cleanly at {iso(row.stopped_ms)}"
@@ -144,6 +180,8 @@ def server_doc(row: ServerRow, now: int, stale_ms: int,
             "stopped": iso(row.stopped_ms) or None,
             "broker_connected": not row.broker_down_ms if running else None,
             "broker_down_since": (iso(row.broker_down_ms) or None) if running else None,
+            "store_failing_since": (iso(row.store_failing_ms) or None) if running else None,
+            "store_error": (row.store_error or None) if running else None,
             "process_ended": row.id in ended}
 
 

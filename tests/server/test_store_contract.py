@@ -354,8 +354,9 @@ def test_servers_one_row_per_server_id(store: Store) -> None:
     a = ServerRow("server-a", "main", "1.2.3", started_ms=10, seen_ms=10)
     store.transact(lambda t: (t.put_server(ServerRow("server-b", "g2", "1.2.3", 5, 6)),
                               t.put_server(a)))
-    # its broker link, and which process it is
-    cut_off = dataclasses.replace(a, seen_ms=30, broker_down_ms=25, proc="boot/4026531836/7/99")
+    # its broker link, which process it is, and its store refusing its writes
+    cut_off = dataclasses.replace(a, seen_ms=30, broker_down_ms=25, proc="boot/4026531836/7/99",
+                                  store_failing_ms=28, store_error="disk full: été")
     store.transact(lambda t: t.put_server(cut_off))
     with store.read() as txn:
         assert txn.servers()[0] == cut_off

@@ -308,18 +308,26 @@ class ServerRow:
     proc: str = ""
     """Which process on which host it is (`broker.server.process_identity`; "": not
     known, an earlier release or not Linux)."""
+    store_failing_ms: int = 0
+    """Since when its store refuses its writes (0: they go through, or an earlier
+    release)."""
+    store_error: str = ""
+    """The latest such refusal, as the store said it ("" when none)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "group": self.group, "version": self.version,
                 "started": self.started_ms, "seen": self.seen_ms, "stopped": self.stopped_ms,
-                "broker_down": self.broker_down_ms, "proc": self.proc}
+                "broker_down": self.broker_down_ms, "proc": self.proc,
+                "store_failing": self.store_failing_ms, "store_error": self.store_error}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ServerRow:
         return cls(id=data["id"], group=data["group"], version=data["version"],
                    started_ms=data["started"], seen_ms=data["seen"],
                    stopped_ms=data["stopped"], broker_down_ms=data.get("broker_down", 0),
-                   proc=str(data.get("proc", "")))
+                   proc=str(data.get("proc", "")),
+                   store_failing_ms=data.get("store_failing", 0),
+                   store_error=str(data.get("store_error", "")))
 
 
 @dataclass(frozen=True, slots=True)

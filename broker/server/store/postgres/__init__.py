@@ -24,8 +24,9 @@ Schema (``broker/server/store/migrations/*.sql``, everything in the schema ``way
                   removed devices still to delete (migration 0005; before it,
                   `remove_login` rows in commands)
     servers       id -> (grp, version, started_ms, seen_ms, stopped_ms,
-                  broker_down_ms, proc): each merge server's liveness (migration 0006; its
-                  broker link, 0007; its process, 0008; `broker.server.liveness`)
+                  broker_down_ms, proc, store_failing_ms, store_error): each merge
+                  server's liveness (migration 0006; its broker link, 0007; its process,
+                  0008; its store refusing writes, 0009; `broker.server.liveness`)
     notices       id identity -> (scope, q, rec jsonb)
     schema_versions  version -> (published_ms, source, text, rolled_back_ms): the
                   published collection-schema history (migration 0004)

@@ -219,9 +219,10 @@ class PgReadTxn:
 
     def servers(self) -> list[ServerRow]:
         rows = self._all("SELECT id, grp, version, started_ms, seen_ms, stopped_ms, "
-                         "broker_down_ms, proc FROM servers ORDER BY id")
-        return [ServerRow(i, g, v, int(st), int(se), int(sp), int(bd), pr)
-                for i, g, v, st, se, sp, bd, pr in rows]
+                         "broker_down_ms, proc, store_failing_ms, store_error FROM servers "
+                         "ORDER BY id")
+        return [ServerRow(i, g, v, int(st), int(se), int(sp), int(bd), pr, int(sf), er)
+                for i, g, v, st, se, sp, bd, pr, sf, er in rows]
 
     def counts(self) -> dict[str, int]:
         self._sync()

@@ -399,13 +399,16 @@ class PgWriteTxn(BufferedWrites, PgReadTxn, SchemaLocks):
 
     def put_server(self, row: ServerRow) -> None:
         self._run("INSERT INTO servers (id, grp, version, started_ms, seen_ms, stopped_ms, "
-                  "broker_down_ms, proc) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
+                  "broker_down_ms, proc, store_failing_ms, store_error) VALUES (%s, %s, %s, "
+                  "%s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
                   "(id) DO UPDATE SET grp = EXCLUDED.grp, version = EXCLUDED.version, "
                   "started_ms = EXCLUDED.started_ms, seen_ms = EXCLUDED.seen_ms, "
                   "stopped_ms = EXCLUDED.stopped_ms, broker_down_ms = EXCLUDED.broker_down_ms, "
-                  "proc = EXCLUDED.proc",
+                  "proc = EXCLUDED.proc, store_failing_ms = EXCLUDED.store_failing_ms, "
+                  "store_error = EXCLUDED.store_error",
                   (row.id, _clean(row.group), _clean(row.version), row.started_ms,
-                   row.seen_ms, row.stopped_ms, row.broker_down_ms, _clean(row.proc)))
+                   row.seen_ms, row.stopped_ms, row.broker_down_ms, _clean(row.proc),
+                   row.store_failing_ms, _clean(row.store_error)))
 
     def delete_server(self, server_id: str) -> bool:
         return self._run("DELETE FROM servers WHERE id = %s", (server_id,)).rowcount > 0
