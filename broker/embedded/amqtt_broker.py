@@ -9,7 +9,7 @@
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``, its
 per-connection handler in ``broker.embedded.amqtt_handler``)
-changes fourteen things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes fifteen things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -111,6 +111,13 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    missing or foreign certificate failed without a word. A TLS connection the broker
    closes waits 3 s, not 30, for the client's close_notify, and each TLS connection
    reads through a 32 KiB buffer, not asyncio's 256 KiB (~315 KB per pending handshake).
+15. The retained messages replayed on a subscription are each the topic's latest when
+   sent. amqtt copied them all when the replay started and sent the copy one ACL check
+   (an await) at a time, so a message published on one of those topics meanwhile
+   reached the subscriber live and the older copy came after it, flagged retained: the
+   merge server, resubscribing after a broker freeze, read a device's stale last will
+   after its fresh "online" status and kept it offline, sending it no deltas
+   (tests/broker/test_retained_replay_order.py).
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

@@ -5,8 +5,9 @@ certificates, the packet size limit, the keepalive enforced, session take-over, 
 queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows, one
 line, not a traceback, for messages a client does not acknowledge, connections per
 source and failed logins bounded through `broker.embedded.conn_guard`, the
-subscription table iterated over a copy, packets MQTT 3.1.1 forbids refused, and the
-TLS handshake inside the CONNECT deadline).
+subscription table iterated over a copy, packets MQTT 3.1.1 forbids refused, the TLS
+handshake inside the CONNECT deadline, and each retained message replayed as it is when
+sent).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -355,11 +356,20 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         if handler is None or all(s.client_id != session.client_id for s, _ in subscribers):
             return
         tasks = []
-        for topic, retained in list(self._retained_messages.items()):
+        for topic in list(self._retained_messages):
             if not self._matches(topic, topic_filter):
                 continue
             if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
                 continue
+            # Fix 15: the topic's retained message as it is now, not as it was when the
+            # replay started. The ACL check above awaits, and a message published on the
+            # topic meanwhile went to this (already subscribed) client live: the older
+            # one sent after it would read as the topic's latest (a device's last will
+            # replayed after its fresh "online": the merge server believed it offline).
+            # What is published from here on is sent after this (tasks start in order).
+            retained = self._retained_messages.get(topic)
+            if retained is None:
+                continue  # cleared meanwhile
             tasks.append(asyncio.ensure_future(handler.mqtt_publish(
                 retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
             )))
