@@ -48,6 +48,12 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    3.11's wait_for dropped the cancellation of its reader, which read on until the
    keepalive ran out: the new CONNECT unanswered for up to 90 s), and what the old
    connection was PUBACKed for is routed before a clean take-over deletes its session.
+   The CONNECTs of one client id take turns from the session table to their attach
+   (``broker.embedded.attach_turns``): a broker frozen and resumed found a device's old
+   connection, its abandoned attempts and its live one at once, all took the old one
+   over, and the first to attach, stopped by no one, ended as the session's end (the
+   will over the fresh status, the session marked disconnected under the live
+   connection, deaf until it reconnected: tests/broker/test_embedded_takeover_storm.py).
 8. What the broker holds for one client is bounded (``max_queued_messages``,
    ``max_queued_mb``; ``broker.embedded.session_queue``): messages for a client that is
    away or not reading are dropped beyond the limit, and a client sending faster than

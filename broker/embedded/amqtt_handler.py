@@ -8,6 +8,7 @@ of a traceback for messages a client does not acknowledge. `WaystationBroker`
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -37,6 +38,8 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
     8, `queues`)."""
 
     queues: SessionQueues | None = None
+    attach_turn: Callable[[], None] | None = None
+    """Ends this connection's turn among its client id's (broker.embedded.attach_turns)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,6 +48,16 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         routes them after its message loop (amqtt_overrides)."""
         self._qos2_flows: set[asyncio.Future[Any]] = set()
         self._stopping = False
+
+    def attach(self, session: Any, reader: Any, writer: Any) -> None:
+        # amqtt's _handle_client_session takes the session table's entry right after
+        # this, with no await between: the next connection of the client id may go on.
+        super().attach(session, reader, writer)
+        self.end_turn()
+
+    def end_turn(self) -> None:
+        if self.attach_turn is not None:
+            self.attach_turn()
 
     async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None,
                            retain: bool, ack_timeout: int | None = None) -> Any:
