@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 from amqtt.mqtt.constants import QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import IncomingApplicationMessage
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 
 from broker.embedded.client_limits import drop_connection, qos2_refusal
 from broker.embedded.protocol_checks import (
@@ -40,6 +40,8 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
     queues: SessionQueues | None = None
     attach_turn: Callable[[], None] | None = None
     """Ends this connection's turn among its client id's (broker.embedded.attach_turns)."""
+    current: Callable[[Any], Any] | None = None
+    """The broker's handler of a session now (amqtt's _get_handler)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,11 +66,18 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         session, queues = self.session, self.queues
         if session is None or queues is None:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        if self._stopping:
+            self._hand_back(topic, data, qos, retain)
+            return None
         size = len(data)
         if not queues.start_delivery(session, size):
             return None  # dropped, and said (amqtt ignores what a delivery returns)
         try:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        except asyncio.CancelledError:
+            if self._stopping:  # amqtt's stop cancels the wait for the PUBACK
+                self._hand_back(topic, data, qos, retain)
+            raise
         except TimeoutError:
             # amqtt gives up on a message whose PUBACK (PUBREC, PUBCOMP) does not come
             # within 5 s and raised here, so each one cost a warning and a traceback of
@@ -81,6 +90,27 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
             return None
         finally:
             queues.end_delivery(session, size)
+
+    def _hand_back(self, topic: str, data: bytes | bytearray, qos: int | None,
+                   retain: bool) -> None:
+        """A message for this connection's persistent session that it will not deliver:
+        stopping (its client left, or a new connection takes the session over), it was
+        on its way (its PUBACK not come) or routed to it just then. amqtt dropped it, so
+        the session's next connection missed it (MQTT 3.1.1 §4.4 says resend): a device
+        status published as the merge server reconnected never reached the server live.
+        It goes to the session's connection now if another one runs, else first thing to
+        the next (amqtt's _retry_deliveries, before what was queued while away)."""
+        session = self.session
+        if session is None or session.clean_session or qos not in (1, QOS_2):
+            return  # a clean session ends with its connection; QoS 0 is at most once
+        successor = self.current(session) if self.current is not None else None
+        if isinstance(successor, KeepaliveHandler) and successor is not self \
+                and not successor._stopping:
+            task = asyncio.ensure_future(successor.mqtt_publish(topic, data, qos, retain))
+            task.add_done_callback(_retrieve)
+            return
+        message = OutgoingApplicationMessage(session.next_packet_id, topic, qos, data, retain)
+        session.inflight_out[message.packet_id] = message
 
     def _violates(self, why: str | None) -> bool:
         """Close the connection over a malformed packet (fix 13); True if it was one."""
@@ -196,6 +226,13 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         transport = getattr(stream, "transport", None)
         if transport is not None:
             transport.abort()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A handed-back delivery's outcome, taken so asyncio does not log it (a client
+    gone again is the next connection's business)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def keepalive_timeout(keepalive_s: int) -> int:

@@ -224,6 +224,7 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         client_session.keep_alive = keepalive_timeout(client_session.keep_alive)
         client_session.attributes[_PREAUTH] = True
         handler.queues = self._queues
+        handler.current = self._get_handler
         if isinstance(reader, LimitedReader):
             reader.room = self._queues.ingress_room(client_session, self._broadcast_queue)
         if isinstance(reader, CheckedReader):

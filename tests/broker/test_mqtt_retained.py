@@ -23,8 +23,6 @@ def links() -> Iterator[list[MqttLink]]:
         link.stop()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "failed once in a clean-clone CI run (embedded broker, 2 workers), not diagnosed"))
 def test_retained_on_subscribe_goes_to_on_retained_and_live_to_on_message(
         any_broker: BrokerProcess, links: list[MqttLink]) -> None:
     """The replay on subscribe reaches `on_retained` only; a publish after it reaches
