@@ -9,7 +9,7 @@
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``, its
 per-connection handler in ``broker.embedded.amqtt_handler``)
-changes fifteen things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes sixteen things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -124,6 +124,13 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    merge server, resubscribing after a broker freeze, read a device's stale last will
    after its fresh "online" status and kept it offline, sending it no deltas
    (tests/broker/test_retained_replay_order.py).
+16. A QoS 1 message a persistent session's connection did not acknowledge before it
+   stopped (its client left, or a new connection took the session over), or routed to
+   it while it stopped, goes to the session's connection after it, live (MQTT 3.1.1
+   §4.4; ``KeepaliveHandler._hand_back``). amqtt's stop gave up the PUBACK waits and
+   forgot the messages: the merge server, reconnecting, missed a device's status
+   published at that moment, or got it only as the retained replay
+   (tests/broker/test_session_resend.py).
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

@@ -6,8 +6,8 @@ queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows, o
 line, not a traceback, for messages a client does not acknowledge, connections per
 source and failed logins bounded through `broker.embedded.conn_guard`, the
 subscription table iterated over a copy, packets MQTT 3.1.1 forbids refused, the TLS
-handshake inside the CONNECT deadline, and each retained message replayed as it is when
-sent).
+handshake inside the CONNECT deadline, each retained message replayed as it is when
+sent, and unacknowledged messages of a persistent session resent).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
