@@ -66,18 +66,16 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         session, queues = self.session, self.queues
         if session is None or queues is None:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
-        if self._stopping:
-            self._hand_back(topic, data, qos, retain)
+        if self._stopping:  # routed to it as it stops (amqtt sent it nowhere)
+            if qos in (1, QOS_2):
+                self._hand_back(OutgoingApplicationMessage(session.next_packet_id, topic, qos,
+                                                           data, retain))
             return None
         size = len(data)
         if not queues.start_delivery(session, size):
             return None  # dropped, and said (amqtt ignores what a delivery returns)
         try:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
-        except asyncio.CancelledError:
-            if self._stopping:  # amqtt's stop cancels the wait for the PUBACK
-                self._hand_back(topic, data, qos, retain)
-            raise
         except TimeoutError:
             # amqtt gives up on a message whose PUBACK (PUBREC, PUBCOMP) does not come
             # within 5 s and raised here, so each one cost a warning and a traceback of
@@ -91,26 +89,36 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         finally:
             queues.end_delivery(session, size)
 
-    def _hand_back(self, topic: str, data: bytes | bytearray, qos: int | None,
-                   retain: bool) -> None:
-        """A message for this connection's persistent session that it will not deliver:
-        stopping (its client left, or a new connection takes the session over), it was
-        on its way (its PUBACK not come) or routed to it just then. amqtt dropped it, so
-        the session's next connection missed it (MQTT 3.1.1 §4.4 says resend): a device
-        status published as the merge server reconnected never reached the server live.
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        try:
+            await super()._handle_qos1_message_flow(app_message)
+        except asyncio.CancelledError:
+            # amqtt's stop cancels the wait for the PUBACK (of a delivery, or of a resend
+            # by _retry_deliveries) and forgets the message.
+            if self._stopping and isinstance(app_message, OutgoingApplicationMessage) \
+                    and app_message.puback_packet is None:
+                self._hand_back(app_message)
+            raise
+
+    def _hand_back(self, message: OutgoingApplicationMessage) -> None:
+        """A QoS 1 message for this connection's persistent session that it will not
+        deliver: stopping (its client left, or a new connection takes the session over),
+        it was on its way (its PUBACK not come) or routed to it just then. amqtt dropped
+        it, so the session's next connection missed it (MQTT 3.1.1 §4.4: resend): a
+        device status published as the merge server reconnected never reached it live.
         It goes to the session's connection now if another one runs, else first thing to
         the next (amqtt's _retry_deliveries, before what was queued while away)."""
         session = self.session
-        if session is None or session.clean_session or qos not in (1, QOS_2):
-            return  # a clean session ends with its connection; QoS 0 is at most once
+        if session is None or session.clean_session or message.packet_id is None:
+            return  # a clean session ends with its connection
         successor = self.current(session) if self.current is not None else None
         if isinstance(successor, KeepaliveHandler) and successor is not self \
                 and not successor._stopping:
-            task = asyncio.ensure_future(successor.mqtt_publish(topic, data, qos, retain))
+            task = asyncio.ensure_future(successor.mqtt_publish(
+                message.topic, message.data, message.qos, message.retain))
             task.add_done_callback(_retrieve)
             return
-        message = OutgoingApplicationMessage(session.next_packet_id, topic, qos, data, retain)
-        session.inflight_out[message.packet_id] = message
+        session.inflight_out[message.packet_id] = message  # sent again with its id
 
     def _violates(self, why: str | None) -> bool:
         """Close the connection over a malformed packet (fix 13); True if it was one."""
