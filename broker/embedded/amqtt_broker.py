@@ -9,7 +9,7 @@
 amqtt is used through its supported plugin mechanism (``broker.embedded.plugins``); on top
 of that a small subclass of amqtt's ``Broker`` (``broker.embedded.amqtt_overrides``, its
 per-connection handler in ``broker.embedded.amqtt_handler``)
-changes fourteen things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
+changes sixteen things amqtt 0.12.1 gets wrong for a fleet (each measured; see the tests in
 tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
 
 1. TCP_NODELAY is set (and checked) on every accepted client socket.
@@ -48,6 +48,12 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    3.11's wait_for dropped the cancellation of its reader, which read on until the
    keepalive ran out: the new CONNECT unanswered for up to 90 s), and what the old
    connection was PUBACKed for is routed before a clean take-over deletes its session.
+   The CONNECTs of one client id take turns from the session table to their attach
+   (``broker.embedded.attach_turns``): a broker frozen and resumed found a device's old
+   connection, its abandoned attempts and its live one at once, all took the old one
+   over, and the first to attach, stopped by no one, ended as the session's end (the
+   will over the fresh status, the session marked disconnected under the live
+   connection, deaf until it reconnected: tests/broker/test_embedded_takeover_storm.py).
 8. What the broker holds for one client is bounded (``max_queued_messages``,
    ``max_queued_mb``; ``broker.embedded.session_queue``): messages for a client that is
    away or not reading are dropped beyond the limit, and a client sending faster than
@@ -111,6 +117,20 @@ tests/broker/test_embedded.py and tests/e2e/test_silent_links.py):
    missing or foreign certificate failed without a word. A TLS connection the broker
    closes waits 3 s, not 30, for the client's close_notify, and each TLS connection
    reads through a 32 KiB buffer, not asyncio's 256 KiB (~315 KB per pending handshake).
+15. The retained messages replayed on a subscription are each the topic's latest when
+   sent. amqtt copied them all when the replay started and sent the copy one ACL check
+   (an await) at a time, so a message published on one of those topics meanwhile
+   reached the subscriber live and the older copy came after it, flagged retained: the
+   merge server, resubscribing after a broker freeze, read a device's stale last will
+   after its fresh "online" status and kept it offline, sending it no deltas
+   (tests/broker/test_retained_replay_order.py).
+16. A QoS 1 message a persistent session's connection did not acknowledge before it
+   stopped (its client left, or a new connection took the session over), or routed to
+   it while it stopped, goes to the session's connection after it, live (MQTT 3.1.1
+   §4.4; ``KeepaliveHandler._hand_back``). amqtt's stop gave up the PUBACK waits and
+   forgot the messages: the merge server, reconnecting, missed a device's status
+   published at that moment, or got it only as the retained replay
+   (tests/broker/test_session_resend.py).
 
 amqtt keeps nothing across a restart and has no shared subscriptions: a server consumer
 on this broker subscribes to ``{prefix}/+/up`` directly (``$share/...`` filters are

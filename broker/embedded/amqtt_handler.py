@@ -8,12 +8,13 @@ of a traceback for messages a client does not acknowledge. `WaystationBroker`
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from amqtt.mqtt.constants import QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import IncomingApplicationMessage
+from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 
 from broker.embedded.client_limits import drop_connection, qos2_refusal
 from broker.embedded.protocol_checks import (
@@ -37,6 +38,10 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
     8, `queues`)."""
 
     queues: SessionQueues | None = None
+    attach_turn: Callable[[], None] | None = None
+    """Ends this connection's turn among its client id's (broker.embedded.attach_turns)."""
+    current: Callable[[Any], Any] | None = None
+    """The broker's handler of a session now (amqtt's _get_handler)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -46,11 +51,26 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._qos2_flows: set[asyncio.Future[Any]] = set()
         self._stopping = False
 
+    def attach(self, session: Any, reader: Any, writer: Any) -> None:
+        # amqtt's _handle_client_session takes the session table's entry right after
+        # this, with no await between: the next connection of the client id may go on.
+        super().attach(session, reader, writer)
+        self.end_turn()
+
+    def end_turn(self) -> None:
+        if self.attach_turn is not None:
+            self.attach_turn()
+
     async def mqtt_publish(self, topic: str, data: bytes | bytearray, qos: int | None,
                            retain: bool, ack_timeout: int | None = None) -> Any:
         session, queues = self.session, self.queues
         if session is None or queues is None:
             return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        if self._stopping:  # routed to it as it stops (amqtt sent it nowhere)
+            if qos in (1, QOS_2):
+                self._hand_back(OutgoingApplicationMessage(session.next_packet_id, topic, qos,
+                                                           data, retain))
+            return None
         size = len(data)
         if not queues.start_delivery(session, size):
             return None  # dropped, and said (amqtt ignores what a delivery returns)
@@ -68,6 +88,37 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
             return None
         finally:
             queues.end_delivery(session, size)
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        try:
+            await super()._handle_qos1_message_flow(app_message)
+        except asyncio.CancelledError:
+            # amqtt's stop cancels the wait for the PUBACK (of a delivery, or of a resend
+            # by _retry_deliveries) and forgets the message.
+            if self._stopping and isinstance(app_message, OutgoingApplicationMessage) \
+                    and app_message.puback_packet is None:
+                self._hand_back(app_message)
+            raise
+
+    def _hand_back(self, message: OutgoingApplicationMessage) -> None:
+        """A QoS 1 message for this connection's persistent session that it will not
+        deliver: stopping (its client left, or a new connection takes the session over),
+        it was on its way (its PUBACK not come) or routed to it just then. amqtt dropped
+        it, so the session's next connection missed it (MQTT 3.1.1 §4.4: resend): a
+        device status published as the merge server reconnected never reached it live.
+        It goes to the session's connection now if another one runs, else first thing to
+        the next (amqtt's _retry_deliveries, before what was queued while away)."""
+        session = self.session
+        if session is None or session.clean_session or message.packet_id is None:
+            return  # a clean session ends with its connection
+        successor = self.current(session) if self.current is not None else None
+        if isinstance(successor, KeepaliveHandler) and successor is not self \
+                and not successor._stopping:
+            task = asyncio.ensure_future(successor.mqtt_publish(
+                message.topic, message.data, message.qos, message.retain))
+            task.add_done_callback(_retrieve)
+            return
+        session.inflight_out[message.packet_id] = message  # sent again with its id
 
     def _violates(self, why: str | None) -> bool:
         """Close the connection over a malformed packet (fix 13); True if it was one."""
@@ -183,6 +234,13 @@ class KeepaliveHandler(BrokerProtocolHandler):  # type: ignore[misc]
         transport = getattr(stream, "transport", None)
         if transport is not None:
             transport.abort()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A handed-back delivery's outcome, taken so asyncio does not log it (a client
+    gone again is the next connection's business)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def keepalive_timeout(keepalive_s: int) -> int:

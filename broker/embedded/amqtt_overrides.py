@@ -5,8 +5,9 @@ certificates, the packet size limit, the keepalive enforced, session take-over, 
 queues for clients that are away, a deadline for CONNECT, bounded QoS 2 flows, one
 line, not a traceback, for messages a client does not acknowledge, connections per
 source and failed logins bounded through `broker.embedded.conn_guard`, the
-subscription table iterated over a copy, packets MQTT 3.1.1 forbids refused, and the
-TLS handshake inside the CONNECT deadline).
+subscription table iterated over a copy, packets MQTT 3.1.1 forbids refused, the TLS
+handshake inside the CONNECT deadline, each retained message replayed as it is when
+sent, and unacknowledged messages of a persistent session resent).
 
 The overridden methods are amqtt internals, so they are pinned to one release:
 `broker.embedded.amqtt_broker` refuses to start on another amqtt version, or when one of
@@ -34,6 +35,7 @@ from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.utils import gen_client_id
 
 from broker.embedded.amqtt_handler import KeepaliveHandler, keepalive_timeout
+from broker.embedded.attach_turns import AttachTurns
 from broker.embedded.client_limits import (
     CONNECT_TIMEOUT_S,
     PacketDeadlineReader,
@@ -100,6 +102,7 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         # Handlers of connections whose session a new connection of the same client
         # took over (fix 7): their end must leave the session alone.
         self._taken_over: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._turns = AttachTurns()
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -208,6 +211,33 @@ class WaystationBroker(Broker):  # type: ignore[misc]
                 f"(client id {client_session.client_id!r}, user {client_session.username!r})"
             )
 
+        # Fix 7: the connections of one client id take turns from here to their attach
+        # (broker.embedded.attach_turns; the turn ends in KeepaliveHandler.attach).
+        if client_session.client_id:
+            handler.attach_turn = await self._turns.wait(client_session.client_id)
+        try:
+            client_session = await self._adopt_session(client_session)
+        except BaseException:
+            handler.end_turn()
+            raise
+
+        client_session.keep_alive = keepalive_timeout(client_session.keep_alive)
+        client_session.attributes[_PREAUTH] = True
+        handler.queues = self._queues
+        handler.current = self._get_handler
+        if isinstance(reader, LimitedReader):
+            reader.room = self._queues.ingress_room(client_session, self._broadcast_queue)
+        if isinstance(reader, CheckedReader):
+            reader.client_id = client_session.client_id
+        if isinstance(reader, PacketDeadlineReader):  # fix 9: the keepalive inside a packet
+            reader.deadline_s = client_session.keep_alive
+            reader.on_stall = stalled(client_session.client_id, client_session.keep_alive,
+                                      writer)
+        return handler, client_session
+
+    async def _adopt_session(self, client_session: Any) -> Any:
+        """The session table's part of a CONNECT (amqtt 0.12.1's, with fix 7): the
+        session the new connection gets, its old connection ended or marked taken over."""
         if client_session.clean_session:
             if client_session.client_id:
                 # amqtt deletes the session but leaves its connection open: two live
@@ -229,7 +259,8 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         elif client_session.client_id in self._sessions:
             existing, old_handler = self._sessions[client_session.client_id]
             if old_handler is not None and existing.transitions.is_connected():
-                # amqtt's take-over stops the old connection; its end is ours (below).
+                # amqtt's take-over stops the old connection; its end is ours
+                # (_handle_disconnect). Taking turns, it is the one stopped.
                 self._taken_over.add(old_handler)
             existing.will_flag = client_session.will_flag
             existing.will_message = client_session.will_message
@@ -244,19 +275,7 @@ class WaystationBroker(Broker):  # type: ignore[misc]
             client_session.parent = 1
         else:
             client_session.parent = 0
-
-        client_session.keep_alive = keepalive_timeout(client_session.keep_alive)
-        client_session.attributes[_PREAUTH] = True
-        handler.queues = self._queues
-        if isinstance(reader, LimitedReader):
-            reader.room = self._queues.ingress_room(client_session, self._broadcast_queue)
-        if isinstance(reader, CheckedReader):
-            reader.client_id = client_session.client_id
-        if isinstance(reader, PacketDeadlineReader):  # fix 9: the keepalive inside a packet
-            reader.deadline_s = client_session.keep_alive
-            reader.on_stall = stalled(client_session.client_id, client_session.keep_alive,
-                                      writer)
-        return handler, client_session
+        return client_session
 
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[Any]]) -> None:
         # amqtt forgets finished deliveries only from the head of this deque: behind one
@@ -355,11 +374,20 @@ class WaystationBroker(Broker):  # type: ignore[misc]
         if handler is None or all(s.client_id != session.client_id for s, _ in subscribers):
             return
         tasks = []
-        for topic, retained in list(self._retained_messages.items()):
+        for topic in list(self._retained_messages):
             if not self._matches(topic, topic_filter):
                 continue
             if not await self._topic_filtering(session, topic, AmqttAction.RECEIVE):
                 continue
+            # Fix 15: the topic's retained message as it is now, not as it was when the
+            # replay started. The ACL check above awaits, and a message published on the
+            # topic meanwhile went to this (already subscribed) client live: the older
+            # one sent after it would read as the topic's latest (a device's last will
+            # replayed after its fresh "online": the merge server believed it offline).
+            # What is published from here on is sent after this (tasks start in order).
+            retained = self._retained_messages.get(topic)
+            if retained is None:
+                continue  # cleared meanwhile
             tasks.append(asyncio.ensure_future(handler.mqtt_publish(
                 retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
             )))
@@ -394,6 +422,7 @@ OVERRIDDEN = (
     "_client_message_loop",
     "_handle_message_delivery",
     "_run_broadcast",
+    "_handle_client_session",
 )
 
 

@@ -129,6 +129,7 @@ def seed(fleet: Fleet, devs: tuple[str, ...]) -> None:
 def write_backlog(fleet: Fleet, devs: tuple[str, ...], count: int) -> None:
     """Each device adds 1 to the stock `count` times while its agent is stopped, then
     starts draining (not waited for)."""
+    start = fleet.scope_seq(SCOPE)
     for dev in devs:
         fleet.stop_agent(dev)
         ag = fleet.agent(dev)
@@ -136,7 +137,7 @@ def write_backlog(fleet: Fleet, devs: tuple[str, ...], count: int) -> None:
             ag.increment("inventory", KEY, "stock", 1)
     for dev in devs:
         fleet.start_agent(dev, wait=False)
-    fleet.wait(lambda: fleet.scope_seq(SCOPE) > 1, 30, what="the drain under way",
+    fleet.wait(lambda: fleet.scope_seq(SCOPE) > start, 30, what="the drain under way",
                interval=0.005)
 
 

@@ -25,20 +25,16 @@ from tests.e2e.fleet import Fleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+BACKLOG = 150
+MID_DRAIN_TRIES = 3
+"""Backlogs written until the broker is frozen with some of one still pending."""
 
-def test_broker_frozen_while_devices_publish(fleet: Fleet,
-                                            request: pytest.FixtureRequest) -> None:
+
+def test_broker_frozen_while_devices_publish(fleet: Fleet) -> None:
     """The broker stopped dead (SIGSTOP) for longer than everyone's keepalive while one
     device drains a backlog and another keeps writing: the devices say offline while it
     is frozen; once it is resumed (stale connections and a backlog of new ones at once)
     every increment is applied once and both devices converge."""
-    if fleet.kind == "embedded":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "known, not fixed: a frozen-then-resumed embedded broker's take-over of a "
-            "stale connection can leave a device's new session deaf to deltas; in a "
-            "clean-clone CI run with 3 workers van-1 had not received van-2's live changes "
-            "60 s after the resume. agent.daemon_deaf reconnects a deaf link; why that did "
-            "not heal it within 60 s is not diagnosed")))
     fleet.stop_server()
     fleet.start_server(env={"WAYSTATION_SERVER__MQTT__KEEPALIVE_S": str(FAST_KEEPALIVE)})
     devs = ("van-1", "van-2")
@@ -48,21 +44,30 @@ def test_broker_frozen_while_devices_publish(fleet: Fleet,
     fleet.agent("van-1").put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
     fleet.start_agents(*devs)
     fleet.wait_converged(*devs, timeout=30)
-    backlog, live = 150, 20
-    write_backlog(fleet, ("van-1",), backlog)
+    backlog, live = 0, 20
     assert fleet.broker is not None and fleet.broker.proc is not None
-    with frozen(process_tree(fleet.broker.proc.pid)):
-        for dev in devs:
-            st = fleet.wait_agent_status(dev, lambda s: not s["online"], 30,
-                                         what=f"{dev} says offline while the broker is frozen")
-            assert st["pending"] > 0 or dev == "van-2", st
-        for _ in range(live):
-            fleet.agent("van-2").increment("inventory", KEY, "stock", 1)
-        assert fleet.agent_status("van-2")["pending"] == live
-        left = fleet.pending("van-1")
-        print(f"\nbroker frozen with {left} of van-1's changes pending; "
-              f"van-1: {fleet.agent_status('van-1')['summary']}")
-        assert left > 0, "the drain had finished: the freeze was not mid-stream"
+    for attempt in range(1, MID_DRAIN_TRIES + 1):
+        write_backlog(fleet, ("van-1",), BACKLOG)
+        backlog += BACKLOG
+        with frozen(process_tree(fleet.broker.proc.pid)):
+            for dev in devs:
+                fleet.wait_agent_status(dev, lambda s: not s["online"], 30,
+                                        what=f"{dev} says offline while the broker is frozen")
+            left = fleet.pending("van-1")
+            if left == 0:
+                # The drain finished between its first change applied and the SIGSTOP (a
+                # loaded machine starved the test process): not the fault under test.
+                print(f"\nattempt {attempt}: the drain finished before the freeze")
+                continue
+            for _ in range(live):
+                fleet.agent("van-2").increment("inventory", KEY, "stock", 1)
+            assert fleet.agent_status("van-2")["pending"] == live
+            print(f"\nbroker frozen with {left} of van-1's changes pending; "
+                  f"van-1: {fleet.agent_status('van-1')['summary']}")
+            break
+    else:
+        pytest.fail(f"the drain finished before the broker froze {MID_DRAIN_TRIES} times: "
+                    "the freeze was never mid-stream")
     assert_exactly_once(fleet, devs, backlog + live)
     assert fleet.server.running
 
