@@ -15,7 +15,9 @@ from tests.fixtures_brokers import (
     embedded_broker,
     mosquitto_broker,
 )
+from tests.helpers import RecordingClient
 from tests.rabbitmq_cluster import RabbitCluster, start_cluster_or_fail
+from waystation.mqtt import MqttLink
 
 __all__ = ["any_broker", "embedded_broker", "mosquitto_broker", "rabbit_cluster"]
 
@@ -32,3 +34,21 @@ def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitC
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[RecordingClient]]:
+    """Recording clients a test makes, closed after it."""
+    made: list[RecordingClient] = []
+    yield made
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def links() -> Iterator[list[MqttLink]]:
+    """MQTT links a test makes, stopped after it."""
+    made: list[MqttLink] = []
+    yield made
+    for link in made:
+        link.stop()

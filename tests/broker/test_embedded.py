@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,14 +37,6 @@ class TestEmbeddedAcl(BrokerAclContract):
         """The broker under test."""
         return embedded_broker
 
-
-@pytest.fixture
-def clients() -> Iterator[list[RecordingClient]]:
-    """Recording clients to close after the test."""
-    made: list[RecordingClient] = []
-    yield made
-    for client in made:
-        client.close()
 
 
 def connect(made: list[RecordingClient], broker: BrokerProcess, client_id: str, user: str | None,

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import Iterator
 
 import pytest
 
@@ -28,13 +27,6 @@ STATUS = f"{PREFIX}/van-12/status"
 DOWN = f"{PREFIX}/van-12/down"
 WILL = (STATUS, b"off", True)
 
-
-@pytest.fixture
-def clients() -> Iterator[list[RecordingClient]]:
-    made: list[RecordingClient] = []
-    yield made
-    for client in made:
-        client.close()
 
 
 def _client(made: list[RecordingClient], broker: BrokerProcess, client_id: str, user: str,

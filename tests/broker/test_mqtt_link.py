@@ -7,7 +7,6 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from queue import Empty, Queue
 
 import pytest
@@ -48,14 +47,6 @@ class Inbox:
     def get(self, timeout: float = 10.0) -> tuple[str, bytes]:
         return self.messages.get(timeout=timeout)
 
-
-@pytest.fixture
-def links() -> Iterator[list[MqttLink]]:
-    """Links to stop after the test."""
-    made: list[MqttLink] = []
-    yield made
-    for link in made:
-        link.stop()
 
 
 def device_link(made: list[MqttLink], broker: BrokerProcess, inbox: Inbox | None = None,

@@ -5,23 +5,12 @@ persistent session while the link was away comes as live: old, yet not retained.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from queue import Queue
-
-import pytest
 
 from tests.broker.test_mqtt_link import STATUS, device_link
 from tests.fixtures_brokers import FAST_BACKOFF, SERVER_USER, USERS, BrokerProcess
 from tests.helpers import RecordingClient
 from waystation.mqtt import MqttLink
-
-
-@pytest.fixture
-def links() -> Iterator[list[MqttLink]]:
-    made: list[MqttLink] = []
-    yield made
-    for link in made:
-        link.stop()
 
 
 def test_retained_on_subscribe_goes_to_on_retained_and_live_to_on_message(

@@ -7,7 +7,6 @@ removed mid-rotation is locked out with both."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,6 @@ OLD = "old-password-0123456789"
 NEW = "new-password-ABCDEFGHIJ"
 DEV = "van-31"
 
-
-@pytest.fixture
-def clients() -> Iterator[list[RecordingClient]]:
-    made: list[RecordingClient] = []
-    yield made
-    for client in made:
-        client.close()
 
 
 def login(made: list[RecordingClient], broker: BrokerProcess, password: str) -> str:

@@ -14,10 +14,6 @@ frozen and resumed, the server's subscription and the device's status racing).""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from tests.fixtures_brokers import PREFIX, SERVER_USER, USERS, BrokerProcess
 from tests.helpers import RecordingClient, wait_until
 
@@ -26,13 +22,6 @@ OTHERS = 2000
 """Retained statuses of other devices replayed with it: the replay takes long enough for
 a publish to land in the middle of it."""
 
-
-@pytest.fixture
-def clients() -> Iterator[list[RecordingClient]]:
-    made: list[RecordingClient] = []
-    yield made
-    for client in made:
-        client.close()
 
 
 def _connect(made: list[RecordingClient], broker: BrokerProcess, client_id: str,

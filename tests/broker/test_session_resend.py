@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator
 from queue import Queue
 
 import pytest
@@ -24,13 +23,6 @@ from waystation.mqtt import MqttLink
 
 DISCONNECT = b"\xe0\x00"
 
-
-@pytest.fixture
-def links() -> Iterator[list[MqttLink]]:
-    made: list[MqttLink] = []
-    yield made
-    for link in made:
-        link.stop()
 
 
 def _packet(kind: int, body: bytes) -> bytes:
