@@ -116,10 +116,14 @@ def _stat_state(path: Path) -> str:
     return stat[stat.rindex(")") + 2:].split()[0]
 
 
-def seed(fleet: Fleet, devs: tuple[str, ...]) -> None:
-    """Enrol `devs`, create the shared record from the first, and converge."""
+def seed(fleet: Fleet, devs: tuple[str, ...], *, sync: dict[str, int] | None = None,
+         quick_keepalive: bool = False) -> None:
+    """Enrol `devs` (sync settings `sync`, THROTTLED by default; `quick_keepalive`: see
+    `fast_keepalive`), create the shared record from the first, and converge."""
     for dev in devs:
-        fleet.add_device(dev, [SCOPE], sync=THROTTLED)
+        fleet.add_device(dev, [SCOPE], sync=THROTTLED if sync is None else sync)
+        if quick_keepalive:
+            fast_keepalive(fleet, dev)
     fleet.agent(devs[0]).put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
     fleet.start_agents(*devs)
     fleet.wait_drained(*devs, timeout=30)

@@ -12,10 +12,7 @@ import pytest
 from tests.e2e.fault_pairs import (
     FAST_KEEPALIVE,
     KEY,
-    SCOPE,
-    THROTTLED,
     assert_exactly_once,
-    fast_keepalive,
     frozen,
     process_tree,
     seed,
@@ -38,12 +35,7 @@ def test_broker_frozen_while_devices_publish(fleet: Fleet) -> None:
     fleet.stop_server()
     fleet.start_server(env={"WAYSTATION_SERVER__MQTT__KEEPALIVE_S": str(FAST_KEEPALIVE)})
     devs = ("van-1", "van-2")
-    for dev in devs:
-        fleet.add_device(dev, [SCOPE], sync=THROTTLED)
-        fast_keepalive(fleet, dev)
-    fleet.agent("van-1").put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
-    fleet.start_agents(*devs)
-    fleet.wait_converged(*devs, timeout=30)
+    seed(fleet, devs, quick_keepalive=True)
     backlog, live = 0, 20
     assert fleet.broker is not None and fleet.broker.proc is not None
     for attempt in range(1, MID_DRAIN_TRIES + 1):
@@ -121,12 +113,7 @@ def test_agent_frozen_mid_drain(fleet: Fleet) -> None:
     status` (read from the store beside it) does not call it online and counts what was
     pending when it stopped; woken, it reconnects and every increment is applied once."""
     devs = ("van-1", "van-2")
-    for dev in devs:
-        fleet.add_device(dev, [SCOPE], sync=PACED)
-        fast_keepalive(fleet, dev)
-    fleet.agent("van-1").put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
-    fleet.start_agents(*devs)
-    fleet.wait_converged(*devs, timeout=30)
+    seed(fleet, devs, sync=PACED, quick_keepalive=True)
     backlog = 150
     write_backlog(fleet, ("van-1",), backlog)
     proc = fleet.agents["van-1"]
