@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import socket
 import ssl
@@ -31,6 +32,7 @@ __all__ = [
     "free_port",
     "peer_socket_nodelay",
     "port_open",
+    "wait_exit",
     "wait_for_progress",
     "wait_until",
 ]
@@ -80,6 +82,27 @@ def wait_for_progress(
     return last
 
 
+def wait_exit(proc: subprocess.Popen[Any], timeout: float) -> int:
+    """`proc.wait(timeout)`, woken by the exit itself: Popen.wait with a timeout polls,
+    sleeping up to 50 ms past the exit each time (every process stop of a test paid
+    ~25 ms on average); a pidfd (Linux >= 5.3) becomes readable the moment it ends.
+    subprocess.TimeoutExpired as from Popen.wait."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):   # no pidfd here: Popen's own wait
+        return proc.wait(timeout)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(max(0.0, timeout) * 1000):
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        os.close(pidfd)
+    return proc.wait(timeout)   # it has ended: reaped at once
+
+
 def terminate(proc: subprocess.Popen[Any], timeout: float) -> bool:
     """SIGTERM `proc` (if it runs) and wait up to `timeout` s; SIGKILL it if it hangs.
     True when it ended by itself (or had already)."""
@@ -87,7 +110,7 @@ def terminate(proc: subprocess.Popen[Any], timeout: float) -> bool:
         return True
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout)
+        wait_exit(proc, timeout)
         return True
     except subprocess.TimeoutExpired:
         proc.kill()

@@ -23,6 +23,7 @@ from agent.service.lock import SYNC_LOCK, FileLock
 from schemas.collection import load_catalog
 from waystation.config import AgentConfig, load_config
 from waystation.logs import configure_logging
+from waystation.quickexit import skip_final_collections
 
 log = structlog.get_logger("waystation.agent.sync")
 
@@ -88,4 +89,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    skip_final_collections()   # the sync process's entry point (waystation/quickexit.py)
     sys.exit(main(sys.argv[1:]))

@@ -99,9 +99,12 @@ class SyncSupervisor:
             proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(self._grace_s)
-            except subprocess.TimeoutExpired:
+            # The supervising thread's blocking wait() reaps the process the moment it
+            # ends, and the thread then returns (stopping is set): joining it ends this
+            # wait at once. (Popen.wait with a timeout polls, in sleeps of up to 50 ms.)
+            if self._thread is not None:
+                self._thread.join(self._grace_s)
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
         if self._thread is not None:

@@ -61,7 +61,7 @@ from broker.server.store import open_store
 from broker.server.store.base import Store
 from schemas.collection import Catalog, load_catalog
 from tests.fixtures_brokers import BrokerProcess
-from tests.helpers import RecordingClient, free_port, terminate, wait_until
+from tests.helpers import RecordingClient, free_port, terminate, wait_exit, wait_until
 from tests.mosquitto_prod import MOSQUITTO, write_production_conf
 from tests.tlsca import CertificateAuthority, make_ca, make_server_cert
 from waystation import merge
@@ -829,7 +829,7 @@ class Fleet:
         for proc in stopping:
             assert proc.proc is not None
             try:
-                code = proc.proc.wait(max(0.1, deadline - time.monotonic()))
+                code = wait_exit(proc.proc, max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 problems.append(f"{proc.name} still running {STOP_TIMEOUT_S} s after "
                                 f"SIGTERM (killed):\n{proc.log_tail()}")

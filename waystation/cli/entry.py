@@ -16,6 +16,7 @@ from waystation.cli.exitcodes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_LISTEN, 
 from waystation.cli.parser import build_parser, leaf_parser
 from waystation.cli.terminal import TerminalSafe, terminal_safe
 from waystation.errors import WaystationError
+from waystation.quickexit import skip_final_collections
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
@@ -25,6 +26,11 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     `env` defaults to os.environ; `handlers` (default HANDLERS) maps command paths to
     "module:function" handler specs.
     """
+    if argv is None:
+        # The process's own command line (the `waystation` command, `python -m
+        # waystation`): this is its entry point, so it may skip the collector's walk at
+        # exit (waystation/quickexit.py); not when called from another program.
+        skip_final_collections()
     environ: Mapping[str, str] = os.environ if env is None else env
     table = HANDLERS if handlers is None else handlers
     parser = build_parser()

@@ -36,8 +36,9 @@ Conventions:
 
 from __future__ import annotations
 
-from waystation.config.agent import AgentConfig, ApiConfig, StorageConfig, SyncConfig
-from waystation.config.broker import BrokerConfig, BrokerTlsConfig
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from waystation.config.common import (
     ID_PATTERN,
     MASK,
@@ -50,21 +51,47 @@ from waystation.config.common import (
 )
 from waystation.config.dump import dump_toml
 from waystation.config.loading import env_overrides, load_config
-from waystation.config.server import (
-    AmqpConfig,
-    DeadLetterConfig,
-    EnrolConfig,
-    IntakeConfig,
-    MergeConfig,
-    ServerConfig,
-    StoreConfig,
-)
 
-MODELS: dict[str, type[AgentConfig] | type[ServerConfig] | type[BrokerConfig]] = {
-    "agent": AgentConfig,
-    "server": ServerConfig,
-    "broker": BrokerConfig,
+if TYPE_CHECKING:
+    from waystation.config.agent import AgentConfig, ApiConfig, StorageConfig, SyncConfig
+    from waystation.config.broker import BrokerConfig, BrokerTlsConfig
+    from waystation.config.server import (
+        AmqpConfig,
+        DeadLetterConfig,
+        EnrolConfig,
+        IntakeConfig,
+        MergeConfig,
+        ServerConfig,
+        StoreConfig,
+    )
+
+    MODELS: dict[str, type[AgentConfig] | type[ServerConfig] | type[BrokerConfig]]
+
+# The part models are imported on first use (PEP 562), each from its own module: an
+# agent process then never builds the server's and the embedded broker's pydantic models,
+# nor a server process the agent's (with its policy models). Building them is most of the
+# package's import time, and every agent, sync, server and CLI process pays it at start
+# (~0.1 s of CPU each, several times that under coverage).
+_LAZY = {
+    **dict.fromkeys(["AgentConfig", "ApiConfig", "StorageConfig", "SyncConfig"], "agent"),
+    **dict.fromkeys(["BrokerConfig", "BrokerTlsConfig"], "broker"),
+    **dict.fromkeys(["AmqpConfig", "DeadLetterConfig", "EnrolConfig", "IntakeConfig",
+                     "MergeConfig", "ServerConfig", "StoreConfig"], "server"),
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MODELS":
+        value: Any = {"agent": __getattr__("AgentConfig"),
+                      "server": __getattr__("ServerConfig"),
+                      "broker": __getattr__("BrokerConfig")}
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(f"waystation.config.{_LAZY[name]}"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value   # looked up once
+    return value
+
 
 __all__ = [
     "ID_PATTERN",
