@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from structlog.testing import capture_logs
 
 from broker.errors import StoreError
 from broker.server import liveness
@@ -75,11 +76,18 @@ def test_a_store_taking_no_write_at_all_leaves_the_server_gone_then_says_why(
     engine, store, time = env
     seen = _row(store).seen_ms
     store.fail_transacts(None, FULL)
-    engine.handle_up("van-1", changes("van-1", [task(1, "a")]))
-    failed_at = time.now
-    for _ in range(40):
-        time.now += 1_000
-        engine.tick()
+    # (captured: the console renderer of the tests' logs takes seconds per traceback)
+    with capture_logs() as logs:
+        engine.handle_up("van-1", changes("van-1", [task(1, "a")]))
+        failed_at = time.now
+        for _ in range(40):
+            time.now += 1_000
+            engine.tick()
+    refusals = [e for e in logs if e["event"] == "store_failed"]
+    assert refusals and all(e["log_level"] == "error" for e in refusals)
+    # the liveness row alone, refused too: not logged again at every tick
+    assert not [e for e in logs if e["event"] == "liveness_write_failed"
+                and e["log_level"] != "debug"]
     assert _row(store).seen_ms == seen
     assert liveness.state(_row(store), time.now, STALE_MS) == "gone"
     store.heal()
