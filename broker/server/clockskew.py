@@ -184,7 +184,10 @@ class ClockLog:
             held = self._held.get(dev, (offset, now, 0))[2]
             self._held[dev] = (offset, now, held + 1)
             return
-        self._emit(dev, offset, now, now, None)
+        # A change held from before is superseded by this one, logged now (flushed after
+        # it, the older state would be the log's last word about the device).
+        superseded = self._held.pop(dev, None)
+        self._emit(dev, offset, now, now, None if superseded is None else superseded[2])
 
     def flush(self, now: int) -> None:
         for dev, (offset, at, held) in list(self._held.items()):
