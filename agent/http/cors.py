@@ -30,6 +30,14 @@ HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
 EXPOSED = "Idempotent-Replayed, Retry-After"
 MAX_AGE_S = 600
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")
+_PREFLIGHT = {"Access-Control-Allow-Methods": METHODS, "Access-Control-Allow-Headers": HEADERS,
+              "Access-Control-Max-Age": str(MAX_AGE_S)}
+"""What an allowed preflight's 204 adds to the headers of every answer (`_allow`)."""
+
+
+def _allow(origin: str) -> dict[str, str]:
+    """The headers of every answer to an allowed Origin."""
+    return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": EXPOSED}
 
 
 class Refusal(NamedTuple):
@@ -86,14 +94,10 @@ class Cors:
         # (echoed into a header written by hand: printable ASCII only, no CR/LF)
         if origin is None or not _PRINTABLE.fullmatch(origin):
             return None
-        lines_out = [f"Access-Control-Allow-Origin: {origin}", "Vary: Origin",
-                     f"Access-Control-Expose-Headers: {EXPOSED}"]
         preflight = preflight and method == b"OPTIONS"
-        if preflight:
-            lines_out += [f"Access-Control-Allow-Methods: {METHODS}",
-                          f"Access-Control-Allow-Headers: {HEADERS}",
-                          f"Access-Control-Max-Age: {MAX_AGE_S}"]
-        return Refusal("".join(f"{line}\r\n" for line in lines_out).encode(), preflight)
+        headers = {**_allow(origin), "Vary": "Origin", **(_PREFLIGHT if preflight else {})}
+        return Refusal("".join(f"{name}: {value}\r\n" for name, value in headers.items()
+                               ).encode(), preflight)
 
     def middleware(self) -> Middleware:
         @web.middleware
@@ -104,10 +108,7 @@ class Cors:
                     and "Access-Control-Request-Method" in request.headers
                     and self.allowed(request) is not None):
                 # Headers are added by `on_prepare`, like on every answer.
-                return web.Response(status=204, headers={
-                    "Access-Control-Allow-Methods": METHODS,
-                    "Access-Control-Allow-Headers": HEADERS,
-                    "Access-Control-Max-Age": str(MAX_AGE_S)})
+                return web.Response(status=204, headers=_PREFLIGHT)
             return await handler(request)
 
         return preflight
@@ -118,8 +119,7 @@ class Cors:
         origin = self.allowed(request)
         if origin is None:
             return
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = EXPOSED
+        response.headers.update(_allow(origin))
 
 
 def install(app: web.Application, origins: Sequence[str]) -> None:
