@@ -55,12 +55,13 @@ from broker.server.applier import Applier
 from broker.server.caps import ZDICT, served_now
 from broker.server.clockskew import ClockWatch, Sample
 from broker.server.downcast import Downcaster
+from broker.server.engine_letters import TRIM_INTERVAL_MS, DeadLetterQueue
 from broker.server.engine_txn import MAX_PENDING_LETTERS, GroupTransaction
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
 from broker.server.fetch_query import QueryLimits, ScanAllowance
 from broker.server.incoming import Incoming, parse_up
-from broker.server.letter_gate import GateLimits, GateSession, LetterGate
+from broker.server.letter_gate import GateLimits, LetterGate
 from broker.server.liveness import Heartbeat
 from broker.server.messages import (
     Compression,
@@ -69,9 +70,10 @@ from broker.server.messages import (
     compress,
     error_message,
 )
+from broker.server.missed import MissedDeltas
 from broker.server.operations import purge_tombstones
 from broker.server.pending_rows import PendingRows
-from broker.server.periodic import drain_notices, unsent_commands
+from broker.server.periodic import drain_notices, nudge_messages, unsent_commands
 from broker.server.presence import (
     MAX_STATUS_BYTES,
     Presence,
@@ -81,7 +83,6 @@ from broker.server.presence import (
 )
 from broker.server.recent import recent_traffic
 from broker.server.registry import Registry
-from broker.server.replies import letter
 from broker.server.schema_push import LiveSchema
 from broker.server.store.base import (
     DeadLetter,
@@ -95,7 +96,7 @@ from schemas.collection import Catalog
 from schemas.errors import ProtocolError
 from schemas.wire import ID_PATTERN
 from waystation import __version__
-from waystation.config import MergeConfig, ServerConfig
+from waystation.config import ServerConfig
 from waystation.hlc import SERVER_NODE, Clock
 from waystation.processes import this_process
 from waystation.rules import Rule, load_rules
@@ -109,15 +110,12 @@ _READS = ("catchup", "fetch", "fetchq")
 PURGE_INTERVAL_MS = 60_000
 """How often tombstones older than the retention are purged, at most (more often when
 the retention itself is short, so a tombstone never outlives it by much)."""
-TRIM_INTERVAL_MS = 60_000
-"""How often the dead letters' bounds are applied in full (and their figures read)."""
-
 
 SERVER_NAME = f"waystation-server/{__version__}"
 """What `welcome.srv` says this server is."""
 
 
-class Engine(GroupTransaction):
+class Engine(DeadLetterQueue, GroupTransaction):
     """Validates, applies and answers device messages (see module docstring)."""
 
     def __init__(self, store: Store, catalog: Catalog, config: ServerConfig,
@@ -141,6 +139,8 @@ class Engine(GroupTransaction):
         self.registry = Registry()
         self.presence = Presence()
         self.presence_log = PresenceLog()
+        self.missed = MissedDeltas()
+        """Deltas skipped for devices counted offline (`broker.server.missed`)."""
         """Presence changes for the log, one event per device per second at most."""
         self.clocks = ClockWatch(self.cfg.max_skew_ms)
         """How far each device's clock is off, from its live statuses."""
@@ -173,6 +173,8 @@ class Engine(GroupTransaction):
         for row in self.registry.devices():
             if row.online:
                 self.presence.set(row.id, True)
+            else:
+                self.missed.offline(row.id)
         # Recorded now, not at the first tick: a server that dies within its first
         # second must not leave the previous run's "stopped cleanly" standing.
         self._beat(self.heartbeat.row.started_ms)
@@ -196,6 +198,7 @@ class Engine(GroupTransaction):
         fan = Fanout(self.registry, self.presence)
         catchups: list[Incoming] = []
         for inc in incs:
+            self._note_missed(inc)
             if inc.kind in _READS and not inc.failed and not inc.blocked:
                 catchups.append(inc)
                 continue
@@ -249,6 +252,10 @@ class Engine(GroupTransaction):
             return []
         if self.presence.set(topic_device, report.on):
             self.presence_log.changed(topic_device, report.on, self.now_ms())
+            if report.on:
+                self.missed.online(topic_device, self.now_ms())
+            else:
+                self.missed.offline(topic_device)
         fields: dict[str, Any] = {"online": report.on}
         row = self.registry.get(topic_device)
         if report.pend >= 0 and row is not None:
@@ -319,12 +326,14 @@ class Engine(GroupTransaction):
             if self.registry.generation != self._commands_gen:
                 self._commands_gen = self.registry.generation
                 self.clocks.forget({row.id for row in self.registry.devices()})
+                self.missed.forget(lambda dev: self.registry.get(dev) is not None)
                 out.extend(self._push_commands())
             out.extend(self._schema_out)
             self._schema_out = []
             if expired := self.expiry.tick(self.store, self.clock, now):
                 log.info("records_expired", count=expired)
             out.extend(self._drain_notices())
+            out.extend(self._nudges(now))
             if now >= self._next_purge:
                 retention_ms = self.cfg.tombstone_retention_s * 1000
                 self._next_purge = now + max(1000, min(PURGE_INTERVAL_MS, retention_ms // 2))
@@ -383,32 +392,7 @@ class Engine(GroupTransaction):
         broker's replayed retained statuses say otherwise."""
         for dev in self.presence.reset():
             self._rows.put(dev, {"online": False})
-
-    # ------------------------------------------------------------------ dead letters
-
-    def _queue_letter(self, dev: str, topic: str, code: str, reason: str,
-                      payload: bytes, size: int | None = None) -> None:
-        session = self.gate.session()
-        admitted = session.admit(letter(dev, topic, code, reason, payload, self.now_ms(),
-                                        size=size))
-        self._done_letters(session)
-        self._letters.extend(admitted[:max(0, MAX_PENDING_LETTERS - len(self._letters))])
-
-    def _done_letters(self, session: GateSession) -> None:
-        self.gate.commit(session)
-        self.counters["dead_letters"] += session.seen
-        self.counters["dead_letters_counted"] += session.counted
-
-    def _trim_letters(self, now: int) -> None:
-        """Apply the dead letters' bounds in full; read their figures for the metrics."""
-        dropped, trimmed = self.store.transact(partial(_trim_letters, now=now, cfg=self.cfg))
-        if trimmed:
-            log.info("conflicts_trimmed", dropped=trimmed)
-        with self.store.read() as txn:
-            self.dead_letter_stats = txn.dead_letter_stats()
-        if dropped:
-            log.info("dead_letters_trimmed", dropped=dropped,
-                     kept=self.dead_letter_stats.count, bytes=self.dead_letter_stats.bytes)
+            self.missed.offline(dev)
 
     # ------------------------------------------------------------------ replies
 
@@ -478,20 +462,44 @@ class Engine(GroupTransaction):
 
     def _drain_notices(self) -> list[Outgoing]:
         fan = Fanout(self.registry, self.presence)
-        if not drain_notices(self.store, fan, generation=self.registry.generation):
+        if not drain_notices(self.store, fan, generation=self.registry.generation,
+                             applied=self.missed.applied):
             return []
         return fan.messages(self._compress_over)
+
+    def _note_missed(self, inc: Incoming) -> None:
+        """What `self.missed` learns from a handled up message."""
+        if inc.failed or inc.error is not None:
+            return
+        if inc.kind in ("hello", "catchup"):
+            self.missed.asked(inc.topic_dev)
+        for r in inc.results:
+            if r.ok and not r.duplicate:
+                self.missed.applied(r.scope, r.q)
+
+    def _receives(self, dev: str) -> Sequence[str]:
+        """The scopes whose deltas `dev` gets now (none while offline or disabled)."""
+        row = self.registry.active(dev)
+        return row.scopes if row is not None and self.presence.is_online(dev) else ()
+
+    def _nudges(self, now: int) -> list[Outgoing]:
+        """A delta for each device back online that missed some (`broker.server.missed`):
+        only while it is still online, and only of the scopes it still receives."""
+        if not self.missed.waiting():
+            return []
+        nudges = self.missed.due(now, self._receives)
+        if not nudges:
+            return []
+        self.counters["missed_nudges"] += len(nudges)
+        log.info("missed_deltas_nudged", devices=[n.dev for n in nudges][:20],
+                 count=len(nudges))
+        return [(dev, compress(m, self._compress_over(dev)))
+                for dev, m in nudge_messages(self.store, nudges)]
 
 
 def _put_server(txn: WriteTxn, row: ServerRow, heartbeat: Heartbeat) -> None:
     txn.put_server(row)
     heartbeat.saw(txn.servers(), row.seen_ms)
-
-
-def _trim_letters(txn: WriteTxn, now: int, cfg: MergeConfig) -> tuple[int, int]:
-    """The dead letters' bounds, and the conflict log's (closed entries only)."""
-    return (txn.trim_dead_letters(now),
-            txn.trim_conflicts(now - cfg.conflict_retention_s * 1000, cfg.conflict_max_closed))
 
 
 __all__ = ["Engine", "Outgoing"]

@@ -7,6 +7,9 @@ store (whose connection belongs to the worker thread) and never blocks the worke
     waystation_server_conflicts_total          conflict-log entries written
     waystation_server_dead_letters_total       bad input kept for the operator
     waystation_server_catchup_records_total    record states sent in catch-up pages
+    waystation_server_missed_nudges_total      devices shown the gap of the deltas they
+                                               missed while counted offline, back online
+                                               without reconnecting (broker.server.missed)
     waystation_server_schema_redos_total       groups and catch-up reads run again: a
                                                schema publish / rollback (or a registry
                                                change) committed under them
@@ -73,6 +76,8 @@ class ServerCollector(Collector):
                  "Bad input kept in the dead-letter store"),
                 ("waystation_server_catchup_records", "catchup_records",
                  "Record states sent in catch-up pages"),
+                ("waystation_server_missed_nudges", "missed_nudges",
+                 "Devices back online without reconnecting shown the deltas they missed"),
                 ("waystation_server_schema_redos", "schema_redos",
                  "Groups and catch-up reads run again after the registry or the schema "
                  "moved under them")):

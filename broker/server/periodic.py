@@ -1,13 +1,18 @@
 """The engine's periodic chores that read the store: commands issued while devices are
-online, and operator resolutions queued as notices (see `broker.server.operations`)."""
+online, operator resolutions queued as notices (see `broker.server.operations`), and
+the nudges of devices back online that missed deltas (`broker.server.missed`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from broker.server.fanout import Fanout
-from broker.server.messages import dumps
+from broker.server.messages import delta_messages, dumps
+from broker.server.missed import Nudge
 from broker.server.presence import Presence
 from broker.server.registry import Registry, deliverable
 from broker.server.store.base import CommandRow, Store, WriteTxn
+from waystation import merge
 
 NOTICE_BATCH = 1000
 
@@ -31,7 +36,8 @@ def unsent_commands(store: Store, registry: Registry, presence: Presence,
 
 
 def drain_notices(store: Store, fan: Fanout, limit: int = NOTICE_BATCH,
-                  generation: int | None = None) -> int:
+                  generation: int | None = None,
+                  applied: Callable[[str, int], None] | None = None) -> int:
     """Queue the stored notices' record states on `fan` and delete them; returns how many.
 
     Delivery is at most once per notice: a device that misses the delta sees a gap in
@@ -48,6 +54,8 @@ def drain_notices(store: Store, fan: Fanout, limit: int = NOTICE_BATCH,
         return 0
     for notice in notices:
         fan.add(notice.scope, None, dumps(notice.rec))
+        if applied is not None:
+            applied(notice.scope, notice.q)
 
     def drop(txn: WriteTxn) -> None:
         for notice in notices:
@@ -57,4 +65,21 @@ def drain_notices(store: Store, fan: Fanout, limit: int = NOTICE_BATCH,
     return len(notices)
 
 
-__all__ = ["drain_notices", "unsent_commands"]
+def nudge_messages(store: Store, nudges: list[Nudge]) -> list[tuple[str, bytes]]:
+    """For each nudge, one `delta` with the record at or after each scope's last
+    sequence (the first one the index holds from there: the record itself, or a newer
+    version of the scope when it moved again)."""
+    out: list[tuple[str, bytes]] = []
+    with store.read() as txn:
+        for nudge in nudges:
+            recs: list[bytes] = []
+            for scope, q in nudge.scopes:
+                for _, c, k in txn.index_range(scope, q - 1, 1):
+                    raw = txn.get_record(c, k)
+                    if raw is not None:
+                        recs.append(dumps(merge.to_rec(merge.from_json(raw))))
+            out.extend((nudge.dev, m) for m in delta_messages(recs))
+    return out
+
+
+__all__ = ["drain_notices", "nudge_messages", "unsent_commands"]

@@ -1,0 +1,61 @@
+"""A device the server counted offline while its connection stayed up (a stale last will,
+a broker that misjudged its session) is shown what it missed once its status says
+online again, though it neither reconnects nor asks (PROTOCOL.md §7.6): through the real
+brokers, with a real agent writing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.e2e.fleet import Fleet
+from tests.e2e.protocol_device import ProtocolDevice
+
+pytestmark = pytest.mark.e2e
+
+SCOPE = "depot-7"
+
+
+def _online(fleet: Fleet, dev: str) -> bool:
+    out = fleet.cli("server", "devices", "--json", "--config", str(fleet.server_config)).stdout
+    rows: list[dict[str, Any]] = json.loads(out)
+    return any(r["id"] == dev and r["online"] for r in rows)
+
+
+def test_a_device_counted_offline_while_connected_is_shown_the_gap(fleet: Fleet) -> None:
+    fleet.add_device("van-1", [SCOPE])
+    fleet.add_device("pd-1", [SCOPE])
+    fleet.start_agent("van-1")
+    van = fleet.agent("van-1")
+    pd = ProtocolDevice("pd-1", fleet.passwords["pd-1"], port=fleet.port, scopes=[SCOPE])
+    try:
+        assert pd.connect() == "Success", fleet.broker_log_tail()
+        pd.hello()
+        pd.sync_from_server()
+        van.put("inventory", "sku-1", {"depot": SCOPE, "sku": "sku-1"})
+        fleet.wait(lambda: ("inventory", "sku-1") in pd.records, 30, what="a live delta")
+        seen = max(r["q"] for m in pd.deltas for r in m["d"])
+
+        pd.say_online(False)  # as a stale will would: the connection stays up
+        fleet.wait(lambda: not _online(fleet, "pd-1"), 30, what="pd-1 counted offline")
+        van.put("inventory", "sku-2", {"depot": SCOPE, "sku": "sku-2"})
+        van.put("inventory", "sku-3", {"depot": SCOPE, "sku": "sku-3"})
+        fleet.wait_drained("van-1")
+        deltas_before = len(pd.deltas)
+
+        pd.say_online(True)  # its periodic status: no hello, no catch-up
+        fleet.wait(lambda: ("inventory", "sku-3") in pd.records, 60,
+                   what="the missed record shown after the grace")
+        nudge = pd.deltas[deltas_before:]
+        recs = [r for m in nudge for r in m["d"]]
+        # One record: the scope's last, at the sequence after the one it missed, so a
+        # device tracking its checkpoint (§9.4) sees the gap and catches up.
+        assert [(r["k"], r["q"]) for r in recs] == [("sku-3", seen + 2)], recs
+        assert ("inventory", "sku-2") not in pd.records
+        req = pd.catchup()
+        fleet.wait(lambda: pd.caught_up(req), 30, what="the catch-up the gap calls for")
+        assert ("inventory", "sku-2") in pd.records
+    finally:
+        pd.close()
