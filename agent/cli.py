@@ -24,6 +24,7 @@ from agent.errors import AgentNotInitialised, BadRequest, NotFound, WriteRefused
 from agent.models import Record, WriteResult
 from agent.status import describe_deferral
 from schemas.collection import Catalog, load_catalog
+from waystation.cli.output import table
 from waystation.config import AgentConfig, load_config
 from waystation.timefmt import iso
 
@@ -193,10 +194,17 @@ def cmd_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return EXIT_OK
     if not records:
         print(f"no {args.collection} records on this device")
-    for record in records:
-        pending = f"  [{record.pending} pending]" if record.pending else ""
-        print(f"{record.key}  {_compact(record.fields)}{pending}")
+        return EXIT_OK
+    table(["KEY", "SYNC", "FIELDS"],
+          [[r.key, f"{r.pending} pending" if r.pending else "synced", _compact(r.fields)]
+           for r in records])
     return EXIT_OK
+
+
+def _print_records(records: list[Record]) -> None:
+    """What a fetch brought back, as the table `agent list` prints (none: no table)."""
+    if records:
+        table(["KEY", "FIELDS"], [[r.key, _compact(r.fields)] for r in records])
 
 
 def cmd_fetch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -216,8 +224,7 @@ def cmd_fetch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.json:
         _print_json(result.to_dict())
         return EXIT_OK
-    for record in result.records:
-        print(f"{record.key}  {_compact(record.fields)}")
+    _print_records(result.records)
     if result.waiting:
         print(f"asked the server for {len(result.waiting)} record(s): "
               f"{', '.join(result.waiting)}")
@@ -244,8 +251,7 @@ def _fetch_query(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.json:
         _print_json(result.to_dict())
         return EXIT_ERROR if result.state == "failed" else EXIT_OK
-    for record in result.records:
-        print(f"{record.key}  {_compact(record.fields)}")
+    _print_records(result.records)
     if result.state == "waiting":
         print(f"asked the server (fetch query {result.id}); the records come when it answers")
         if not running:

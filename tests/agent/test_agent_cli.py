@@ -10,6 +10,7 @@ import pytest
 
 from agent.cli import cmd_watch
 from schemas import wire
+from tests.cli.tables import table_rows
 from waystation.cli import main
 
 
@@ -46,10 +47,27 @@ def test_write_then_read_back(env: dict[str, str], capsys: pytest.CaptureFixture
                                    "4 changes pending sync)")
     assert '  status    "out"  pending' in out
     code, out, _ = run(env, capsys, "list", "tasks")
-    assert out.startswith("t-1  {") and "[4 pending]" in out
+    assert out.splitlines()[0].split() == ["KEY", "SYNC", "FIELDS"]
+    [row] = table_rows(out, "KEY")
+    assert row["KEY"] == "t-1" and row["SYNC"] == "4 pending"
+    assert json.loads(row["FIELDS"]) == doc["fields"]
     deleted = run(env, capsys, "delete", "tasks", "t-1")[1]
     assert deleted.startswith("saved locally (change van-1:5)")
     assert json.loads(run(env, capsys, "list", "tasks", "--json")[1]) == []
+
+
+def test_fetch_prints_what_it_has_under_headers(env: dict[str, str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`agent fetch` prints the records it holds as `agent list` does (a header line,
+    then KEY and FIELDS), then what it asked the server for."""
+    run(env, capsys, "put", "tasks", "t-1", "route=route-42", "status=out")
+    code, out, _ = run(env, capsys, "fetch", "tasks", "t-1", "t-2")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["KEY", "FIELDS"]
+    [row] = table_rows("\n".join(lines[:2]), "KEY")
+    assert row["KEY"] == "t-1"
+    assert json.loads(row["FIELDS"]) == {"route": "route-42", "status": "out"}
+    assert lines[2] == "asked the server for 1 record(s): t-2"
 
 
 def test_status_human_and_json(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
