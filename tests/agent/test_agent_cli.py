@@ -147,8 +147,47 @@ def test_deadletters_and_conflicts_listing(env: dict[str, str], tmp_path: Path,
     out = run(env, capsys, "deadletters")[1]
     assert out.splitlines()[0] == "van-1:1  rule_rejected: unknown status"
     out = run(env, capsys, "conflicts")[1]
-    assert out.startswith('open  tasks/t-5.address: kept "Gate 1", also written: ["Dock 4"]')
+    assert out.splitlines()[0].split() == ["STATE", "RECORD", "FIELD", "KEPT", "CONCURRENT"]
+    assert table_rows(out, "STATE") == [{"STATE": "open", "RECORD": "tasks/t-5",
+                                         "FIELD": "address", "KEPT": '"Gate 1"',
+                                         "CONCURRENT": '"Dock 4" by van-7'}]
+    assert "open: the kept value stands until a person decides" in out
     assert json.loads(run(env, capsys, "conflicts", "--json")[1])[0]["kind"] == "open"
+
+
+def test_conflicts_lost_row_names_this_devices_write(
+        env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A write of this device that lost is a `lost` row: the kept value, and this
+    device's value with its change id under CONCURRENT."""
+    from agent.api import Agent
+    from schemas import codec
+    from schemas.collection import example_catalog_path, load_catalog
+    from tests.agent.agentkit import FakeClock
+    from tests.server.helpers import make_engine
+    from waystation.config import AgentConfig, load_config
+
+    cfg = load_config(AgentConfig, None, env)
+    engine, _, _ = make_engine(tmp_path / "server", {"van-1": ["route-42"],
+                                                     "van-9": ["route-42"]})
+    clock = FakeClock()
+    with Agent.open(cfg, load_catalog(example_catalog_path()), now_ms=clock) as ag:
+        ag.put("tasks", "t-1", {"route": "route-42", "status": "mine"})
+        later = clock() + 60_000
+        engine.handle_up("van-9", codec.encode_dict({
+            "type": "changes", "v": 1, "dev": "van-9", "sv": 1, "ch": [
+                {"n": 1, "h": f"{later:012x}0000", "c": "tasks", "k": "t-1",
+                 "s": "route-42", "b": 0, "op": "put",
+                 "f": {"route": "route-42", "status": "theirs"}}]}))
+        up = codec.encode(ag.sync.next_batch().message("van-1"))
+        for _, payload in engine.handle_up("van-1", up):
+            msg = codec.decode(payload, allowed=wire.DOWN_TYPES)
+            if isinstance(msg, wire.Ack):
+                ag.sync.apply_ack(msg)
+    out = run(env, capsys, "conflicts")[1]
+    assert table_rows(out, "STATE") == [{"STATE": "lost", "RECORD": "tasks/t-1",
+                                         "FIELD": "status", "KEPT": '"theirs"',
+                                         "CONCURRENT": '"mine" by this device (van-1:1)'}]
+    assert out.splitlines()[-1] == "lost: this device's write lost to the kept value"
 
 
 def test_watch_prints_events(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
