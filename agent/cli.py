@@ -21,9 +21,10 @@ from agent import validate
 from agent.api import Agent
 from agent.clientcert import client_cert_status, describe_client_cert
 from agent.errors import AgentNotInitialised, BadRequest, NotFound, WriteRefused
-from agent.models import Record, WriteResult
+from agent.models import Conflict, Record, WriteResult
 from agent.status import describe_deferral
 from schemas.collection import Catalog, load_catalog
+from waystation.cli.output import table
 from waystation.config import AgentConfig, load_config
 from waystation.timefmt import iso
 
@@ -193,10 +194,17 @@ def cmd_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return EXIT_OK
     if not records:
         print(f"no {args.collection} records on this device")
-    for record in records:
-        pending = f"  [{record.pending} pending]" if record.pending else ""
-        print(f"{record.key}  {_compact(record.fields)}{pending}")
+        return EXIT_OK
+    table(["KEY", "SYNC", "FIELDS"],
+          [[r.key, f"{r.pending} pending" if r.pending else "synced", _compact(r.fields)]
+           for r in records])
     return EXIT_OK
+
+
+def _print_records(records: list[Record]) -> None:
+    """What a fetch brought back, as the table `agent list` prints (none: no table)."""
+    if records:
+        table(["KEY", "FIELDS"], [[r.key, _compact(r.fields)] for r in records])
 
 
 def cmd_fetch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -216,8 +224,7 @@ def cmd_fetch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.json:
         _print_json(result.to_dict())
         return EXIT_OK
-    for record in result.records:
-        print(f"{record.key}  {_compact(record.fields)}")
+    _print_records(result.records)
     if result.waiting:
         print(f"asked the server for {len(result.waiting)} record(s): "
               f"{', '.join(result.waiting)}")
@@ -244,8 +251,7 @@ def _fetch_query(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.json:
         _print_json(result.to_dict())
         return EXIT_ERROR if result.state == "failed" else EXIT_OK
-    for record in result.records:
-        print(f"{record.key}  {_compact(record.fields)}")
+    _print_records(result.records)
     if result.state == "waiting":
         print(f"asked the server (fetch query {result.id}); the records come when it answers")
         if not running:
@@ -370,17 +376,26 @@ def cmd_conflicts(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return EXIT_OK
     if not conflicts:
         print("no conflicts")
-    for c in conflicts:
-        where = f"{c.collection}/{c.key}.{c.field}"
-        if c.kind == "open":
-            values = _compact([cand["v"] for cand in c.candidates])
-            print(f"open  {where}: kept {_compact(c.value)}, also written: {values} "
-                  "(waiting for a person to decide)")
-        else:
-            mine = c.candidates[0]["v"] if c.candidates else None
-            print(f"lost  {where}: this device wrote {_compact(mine)} ({c.change_id}), "
-                  f"{_compact(c.value)} won")
+        return EXIT_OK
+    table(["STATE", "RECORD", "FIELD", "KEPT", "CONCURRENT"],
+          [[c.kind, f"{c.collection}/{c.key}", c.field, _compact(c.value), _concurrent(c)]
+           for c in conflicts])
+    print()
+    if any(c.kind == "open" for c in conflicts):
+        print("open: the kept value stands until a person decides (`waystation server "
+              "resolve` on the server)")
+    if any(c.kind == "lost" for c in conflicts):
+        print("lost: this device's write lost to the kept value")
     return EXIT_OK
+
+
+def _concurrent(c: Conflict) -> str:
+    """What was written beside the kept value, and by whom (as `server conflicts` says)."""
+    if c.kind == "open":
+        return ", ".join(f"{_compact(cand['v'])} by {cand.get('by', '?')}"
+                         for cand in c.candidates)
+    mine = c.candidates[0]["v"] if c.candidates else None
+    return f"{_compact(mine)} by this device ({c.change_id})"
 
 
 def cmd_watch(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -217,13 +217,14 @@ class MergeServer:
 
     def _abandon(self) -> None:
         """The worker did not finish within the stop's grace: make its store call return
-        (a PostgreSQL store's `interrupt`; an LMDB call does not wait on a network) and
-        have it leave what is still queued."""
+        (`Store.interrupt`: a PostgreSQL store's ends; an LMDB call waits on no network,
+        its interrupt is a no-op) and have it leave what is still queued."""
         log.warning("stop_abandoning", grace_s=_STOP_GRACE_S, inbox=self.intake.stats().items)
-        interrupt = getattr(self.store, "interrupt", None)
-        if self._owns_store and interrupt is not None:
-            self._interrupted = True
-            interrupt()
+        if self._owns_store:
+            # Set before the call: the worker's call fails as soon as it is interrupted,
+            # and it must not then flush through the store.
+            self._interrupted = self.store.interruptible
+            self.store.interrupt()
         self._abandoned.set()
 
     def metrics_snapshot(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 
 from agent.cli import cmd_watch
 from schemas import wire
+from tests.cli.tables import table_rows
 from waystation.cli import main
 
 
@@ -46,10 +47,27 @@ def test_write_then_read_back(env: dict[str, str], capsys: pytest.CaptureFixture
                                    "4 changes pending sync)")
     assert '  status    "out"  pending' in out
     code, out, _ = run(env, capsys, "list", "tasks")
-    assert out.startswith("t-1  {") and "[4 pending]" in out
+    assert out.splitlines()[0].split() == ["KEY", "SYNC", "FIELDS"]
+    [row] = table_rows(out, "KEY")
+    assert row["KEY"] == "t-1" and row["SYNC"] == "4 pending"
+    assert json.loads(row["FIELDS"]) == doc["fields"]
     deleted = run(env, capsys, "delete", "tasks", "t-1")[1]
     assert deleted.startswith("saved locally (change van-1:5)")
     assert json.loads(run(env, capsys, "list", "tasks", "--json")[1]) == []
+
+
+def test_fetch_prints_what_it_has_under_headers(env: dict[str, str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`agent fetch` prints the records it holds as `agent list` does (a header line,
+    then KEY and FIELDS), then what it asked the server for."""
+    run(env, capsys, "put", "tasks", "t-1", "route=route-42", "status=out")
+    code, out, _ = run(env, capsys, "fetch", "tasks", "t-1", "t-2")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["KEY", "FIELDS"]
+    [row] = table_rows("\n".join(lines[:2]), "KEY")
+    assert row["KEY"] == "t-1"
+    assert json.loads(row["FIELDS"]) == {"route": "route-42", "status": "out"}
+    assert lines[2] == "asked the server for 1 record(s): t-2"
 
 
 def test_status_human_and_json(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,8 +147,47 @@ def test_deadletters_and_conflicts_listing(env: dict[str, str], tmp_path: Path,
     out = run(env, capsys, "deadletters")[1]
     assert out.splitlines()[0] == "van-1:1  rule_rejected: unknown status"
     out = run(env, capsys, "conflicts")[1]
-    assert out.startswith('open  tasks/t-5.address: kept "Gate 1", also written: ["Dock 4"]')
+    assert out.splitlines()[0].split() == ["STATE", "RECORD", "FIELD", "KEPT", "CONCURRENT"]
+    assert table_rows(out, "STATE") == [{"STATE": "open", "RECORD": "tasks/t-5",
+                                         "FIELD": "address", "KEPT": '"Gate 1"',
+                                         "CONCURRENT": '"Dock 4" by van-7'}]
+    assert "open: the kept value stands until a person decides" in out
     assert json.loads(run(env, capsys, "conflicts", "--json")[1])[0]["kind"] == "open"
+
+
+def test_conflicts_lost_row_names_this_devices_write(
+        env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A write of this device that lost is a `lost` row: the kept value, and this
+    device's value with its change id under CONCURRENT."""
+    from agent.api import Agent
+    from schemas import codec
+    from schemas.collection import example_catalog_path, load_catalog
+    from tests.agent.agentkit import FakeClock
+    from tests.server.helpers import make_engine
+    from waystation.config import AgentConfig, load_config
+
+    cfg = load_config(AgentConfig, None, env)
+    engine, _, _ = make_engine(tmp_path / "server", {"van-1": ["route-42"],
+                                                     "van-9": ["route-42"]})
+    clock = FakeClock()
+    with Agent.open(cfg, load_catalog(example_catalog_path()), now_ms=clock) as ag:
+        ag.put("tasks", "t-1", {"route": "route-42", "status": "mine"})
+        later = clock() + 60_000
+        engine.handle_up("van-9", codec.encode_dict({
+            "type": "changes", "v": 1, "dev": "van-9", "sv": 1, "ch": [
+                {"n": 1, "h": f"{later:012x}0000", "c": "tasks", "k": "t-1",
+                 "s": "route-42", "b": 0, "op": "put",
+                 "f": {"route": "route-42", "status": "theirs"}}]}))
+        up = codec.encode(ag.sync.next_batch().message("van-1"))
+        for _, payload in engine.handle_up("van-1", up):
+            msg = codec.decode(payload, allowed=wire.DOWN_TYPES)
+            if isinstance(msg, wire.Ack):
+                ag.sync.apply_ack(msg)
+    out = run(env, capsys, "conflicts")[1]
+    assert table_rows(out, "STATE") == [{"STATE": "lost", "RECORD": "tasks/t-1",
+                                         "FIELD": "status", "KEPT": '"theirs"',
+                                         "CONCURRENT": '"mine" by this device (van-1:1)'}]
+    assert out.splitlines()[-1] == "lost: this device's write lost to the kept value"
 
 
 def test_watch_prints_events(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:

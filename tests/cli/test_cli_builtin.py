@@ -20,7 +20,8 @@ def write(path: Path, text: str) -> Path:
 # ------------------------------------------------------------------- schema check
 
 def test_schema_check_example(capsys: pytest.CaptureFixture[str]) -> None:
-    """schema check on the bundled example prints version, collections and fields."""
+    """schema check on the bundled example prints version, collections and fields, the
+    fields of each collection as a table under headers."""
     assert main(["schema", "check", str(example_catalog_path())]) == 0
     out = capsys.readouterr().out
     assert "valid collection schema, version 1, 3 collections" in out
@@ -31,7 +32,11 @@ def test_schema_check_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert lines["stock"][:3] == ["int", "counter", "min"]
     assert lines["address"][:2] == ["string", "manual"]
     assert lines["tags"][:2] == ["set", "set"]
-    assert lines["proof"] == ["json", "lww"]
+    assert lines["proof"] == ["json", "lww", "-"]
+    # each collection's fields under column headers, like every other table
+    assert lines["FIELD"] == ["TYPE", "MERGE", "LIMITS"]
+    assert sum(line.split() == ["FIELD", "TYPE", "MERGE", "LIMITS"]
+               for line in out.splitlines()) == 3
 
 
 def test_schema_check_json(capsys: pytest.CaptureFixture[str]) -> None:

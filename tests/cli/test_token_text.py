@@ -1,5 +1,6 @@
 """`agent token add|list` in text: the rights shown are the rights checked
-(`AppToken.can_read`: a collection the token may write, it may read)."""
+(`AppToken.can_read`: a collection the token may write, it may read), and the list is
+a table under column headers like the other lists."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.http.auth import TokenStore
+from tests.cli.tables import table_rows
 from waystation.cli import main
 
 
@@ -31,6 +33,22 @@ def test_rights_shown_are_rights_checked(tmp_path: Path, capsys: pytest.CaptureF
     token, note = capsys.readouterr().out.splitlines()
     assert f"(read {read}; write {write})" in note
     assert main(["agent", "token", "list"], env=env) == 0
-    assert f"scanner  read {read}  write {write}" in capsys.readouterr().out
+    [row] = table_rows(capsys.readouterr().out, "ID")
+    assert row["APP"] == "scanner" and (row["READ"], row["WRITE"]) == (read, write)
     app = TokenStore(tmp_path / "agent").verify(f"Bearer {token}")
     assert app is not None and app.can_read("tasks")
+
+
+def test_list_is_a_table_with_headers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`agent token list` prints a header line, then one row a token, its id first."""
+    env = _env(tmp_path)
+    assert main(["agent", "token", "list"], env=env) == 0
+    assert capsys.readouterr().out.startswith("no API tokens: issue one with")
+    for app in ("scanner", "kiosk"):
+        assert main(["agent", "token", "add", app, "--write", "tasks"], env=env) == 0
+    capsys.readouterr()
+    assert main(["agent", "token", "list"], env=env) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["ID", "APP", "READ", "WRITE"]
+    ids = {t.app: t.id for t in TokenStore(tmp_path / "agent").list()}
+    assert {r["APP"]: r["ID"] for r in table_rows(out, "ID")} == ids

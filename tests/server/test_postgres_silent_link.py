@@ -31,41 +31,24 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 STORE_PROCESS = textwrap.dedent("""
-    import json, sys, threading, time
-    import structlog
-    from broker.errors import StoreError
+    import json, os, sys
     from broker.server.store.base import ServerRow
-    from broker.server.store.postgres import store as pg
+    from tests.server.pg_silent_child import open_store, timed
 
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    pg.LINK_DEFAULTS["tcp_user_timeout"] = 2_000
-    store = pg.PostgresStore(sys.argv[1], reconnect_s=4, connect_timeout_s=2)
+    store = open_store(sys.argv[1])
     n = 0
 
     def write() -> dict:
         global n
         n += 1
         row = ServerRow("s1", "main", "t", 1, n)
-        result: dict = {"outcome": "hung"}
-        def run() -> None:
-            try:
-                store.transact(lambda txn: txn.put_server(row))
-                result["outcome"] = "ok"
-            except StoreError as exc:
-                result.update(outcome="store_error", message=str(exc))
-        start = time.monotonic()
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(timeout=40)
-        result["seconds"] = round(time.monotonic() - start, 1)
-        return result
+        return timed(store, lambda txn: txn.put_server(row), 40)
 
     print(json.dumps(write()), flush=True)
     for line in sys.stdin:
         outcome = write()
         print(json.dumps(outcome), flush=True)
         if outcome["outcome"] == "hung":
-            import os
             os._exit(3)
 """)
 
@@ -123,30 +106,11 @@ def test_a_silent_database_host_is_a_store_error_not_a_hang_then_it_recovers(
 # database's backend for it is left "idle in transaction", holding the lock, and nothing
 # tells it that its client is gone (broker.server.store.postgres.orphans).
 HOLDING_PROCESS = textwrap.dedent("""
-    import json, sys, threading, time
-    import structlog
-    from broker.errors import StoreError
-    from broker.server.store.postgres import store as pg
+    import json, sys
+    from tests.server.pg_silent_child import open_store, timed
 
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    pg.LINK_DEFAULTS["tcp_user_timeout"] = 2_000
-    store = pg.PostgresStore(sys.argv[1], reconnect_s=4, connect_timeout_s=2)
+    store = open_store(sys.argv[1])
     store.transact(lambda txn: txn.lock_scopes(["a", "b"]))  # both rows exist
-
-    def timed(fn) -> dict:
-        result: dict = {"outcome": "hung"}
-        def run() -> None:
-            try:
-                store.transact(fn)
-                result["outcome"] = "ok"
-            except StoreError as exc:
-                result.update(outcome="store_error", message=str(exc))
-        start = time.monotonic()
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(timeout=90)
-        result["seconds"] = round(time.monotonic() - start, 1)
-        return result
 
     def hold(txn) -> None:
         txn.lock_scopes(["a"])
@@ -154,9 +118,9 @@ HOLDING_PROCESS = textwrap.dedent("""
         sys.stdin.readline()  # the link goes silent meanwhile
         txn.lock_scopes(["b"])  # a statement: its packets vanish
 
-    print(json.dumps(timed(hold)), flush=True)
+    print(json.dumps(timed(store, hold, 90)), flush=True)
     sys.stdin.readline()  # the link is back
-    print(json.dumps(timed(lambda txn: txn.lock_scopes(["a"]))), flush=True)
+    print(json.dumps(timed(store, lambda txn: txn.lock_scopes(["a"]), 90)), flush=True)
 """)
 
 

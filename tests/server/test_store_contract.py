@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from broker.errors import StoreError
 from broker.server.store.base import (
     MAX_DEAD_LETTER_RAW,
     CommandRow,
@@ -406,6 +407,23 @@ def test_info_reports_size_and_counts(store: Store) -> None:
     assert info.kind == store.kind
     assert info.size_bytes > 0
     assert info.counts["records"] == 1
+
+
+def test_interrupt_ends_every_later_call_or_is_a_no_op(store: Store) -> None:
+    """interrupt() is every store's: an interruptible store fails every call after it
+    (the merge server's stop, past its grace); the others keep working."""
+    store.transact(lambda t: t.put_record("tasks", "t-1", {"a": 1}))
+    store.interrupt()
+    if store.interruptible:
+        with pytest.raises(StoreError):
+            store.transact(lambda t: t.put_record("tasks", "t-2", {"a": 2}))
+        with pytest.raises(StoreError), store.read():
+            pass
+        return
+    store.transact(lambda t: t.put_record("tasks", "t-2", {"a": 2}))
+    with store.read() as txn:
+        assert txn.get_record("tasks", "t-1") == {"a": 1}
+        assert txn.get_record("tasks", "t-2") == {"a": 2}
 
 
 def test_lock_and_prefetch_hints_do_not_change_reads(store: Store) -> None:

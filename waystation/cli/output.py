@@ -30,12 +30,13 @@ def printable(text: str) -> str:
     return terminal_safe(text, one_line=True)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print rows as left-aligned columns under `headers` (cells made `printable`)."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, indent: str = "") -> None:
+    """Print rows as left-aligned columns under `headers` (cells made `printable`), each
+    line after `indent` (a table nested under a heading of its own)."""
     cells = [[str(h) for h in headers]] + [[printable(str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        print(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def short(value: Any, limit: int = 40) -> str:

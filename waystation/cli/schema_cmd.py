@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from waystation.cli.commands import load_callable, not_available
 from waystation.cli.exitcodes import EXIT_OK
+from waystation.cli.output import table
+
+if TYPE_CHECKING:
+    from schemas.collection import FieldSpec
 
 
 def cmd_schema_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -31,18 +36,21 @@ def cmd_schema_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                  else f"fixed scope {coll.scope!r}")
         print()
         print(f"{name}  ({scope})" + (f"  {coll.description}" if coll.description else ""))
-        width = max(len(f) for f in coll.fields)
-        for fname, spec in coll.fields.items():
-            limits = []
-            if spec.min is not None:
-                limits.append(f"min {_num(spec.min)}")
-            if spec.max is not None:
-                limits.append(f"max {_num(spec.max)}")
-            if spec.max_length is not None:
-                limits.append(f"max_length {spec.max_length}")
-            line = f"  {fname:<{width}}  {spec.type:<6}  {spec.strategy:<7}  {', '.join(limits)}"
-            print(line.rstrip())
+        table(["FIELD", "TYPE", "MERGE", "LIMITS"],
+              [[fname, spec.type, spec.strategy, ", ".join(_limits(spec)) or "-"]
+               for fname, spec in coll.fields.items()], indent="  ")
     return EXIT_OK
+
+
+def _limits(spec: FieldSpec) -> list[str]:
+    limits = []
+    if spec.min is not None:
+        limits.append(f"min {_num(spec.min)}")
+    if spec.max is not None:
+        limits.append(f"max {_num(spec.max)}")
+    if spec.max_length is not None:
+        limits.append(f"max_length {spec.max_length}")
+    return limits
 
 
 def _num(value: float) -> str:

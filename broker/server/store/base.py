@@ -284,10 +284,21 @@ class Store(Protocol):
     """A backend: transactions over the tables above."""
 
     kind: str
+    interruptible: bool
+    """Whether `interrupt` ends anything: True for a store whose calls may wait on a
+    network or on another session's lock (after `interrupt`, every call fails); False
+    where `interrupt` is a no-op and the store keeps working. Known before the call, so
+    that a stopping server can decide, before its worker's call returns, not to write
+    through an interrupted store."""
 
     def read(self) -> AbstractContextManager[ReadTxn]: ...
     def transact(self, fn: Callable[[WriteTxn], T]) -> T: ...
     def info(self) -> StoreInfo: ...
+    def interrupt(self) -> None:
+        """Make a call waiting on the store return now, failing, and every later call
+        fail at once (`interruptible`); safe from another thread. For a server whose
+        stop's grace ran out (`broker.server.daemon`)."""
+        ...
     def close(self) -> None: ...
 
 

@@ -47,6 +47,8 @@ class LmdbStore:
     """The store in one LMDB environment (see module docstring)."""
 
     kind = "lmdb"
+    interruptible = False
+    """`interrupt` is a no-op: see there."""
 
     def __init__(self, data_dir: str | os.PathLike[str], *, map_size_mb: int = 256,
                  max_map_size_mb: int = 65536,
@@ -229,6 +231,12 @@ class LmdbStore:
             raise StoreError(f"cannot write the backup to {target}: {exc} (check that the "
                              "parent directory exists, is writable and has room)") from None
         return target / "data.mdb"
+
+    def interrupt(self) -> None:
+        """A no-op (`Store.interrupt`): an LMDB call waits on no network and a write
+        waits for another process's write transaction only as long as that one runs, so
+        there is nothing to end; the store keeps working, and a stopping server still
+        writes its last flush through it."""
 
     def close(self) -> None:
         self._env.close()

@@ -69,6 +69,8 @@ class PostgresStore:
     """The store in one PostgreSQL database (see module docstring)."""
 
     kind = "postgres"
+    interruptible = True
+    """`interrupt` shuts the connections down: see there."""
 
     def __init__(self, url: str, *, max_dead_letters: int | None = None,
                  dead_letters: DeadLetterLimits | None = None,
