@@ -140,6 +140,7 @@ class Engine(DeadLetterQueue, GroupTransaction):
         self.presence = Presence()
         self.presence_log = PresenceLog()
         self.missed = MissedDeltas()
+        self._disabled: set[str] = set()
         """Deltas skipped for devices counted offline (`broker.server.missed`)."""
         """Presence changes for the log, one event per device per second at most."""
         self.clocks = ClockWatch(self.cfg.max_skew_ms)
@@ -173,7 +174,7 @@ class Engine(DeadLetterQueue, GroupTransaction):
         for row in self.registry.devices():
             if row.online:
                 self.presence.set(row.id, True)
-            else:
+            if not (row.online and row.enabled):
                 self.missed.offline(row.id)
         # Recorded now, not at the first tick: a server that dies within its first
         # second must not leave the previous run's "stopped cleanly" standing.
@@ -253,7 +254,8 @@ class Engine(DeadLetterQueue, GroupTransaction):
         if self.presence.set(topic_device, report.on):
             self.presence_log.changed(topic_device, report.on, self.now_ms())
             if report.on:
-                self.missed.online(topic_device, self.now_ms())
+                if self.registry.active(topic_device) is not None:  # disabled: at enable
+                    self.missed.online(topic_device, self.now_ms())
             else:
                 self.missed.offline(topic_device)
         fields: dict[str, Any] = {"online": report.on}
@@ -326,7 +328,6 @@ class Engine(DeadLetterQueue, GroupTransaction):
             if self.registry.generation != self._commands_gen:
                 self._commands_gen = self.registry.generation
                 self.clocks.forget({row.id for row in self.registry.devices()})
-                self.missed.forget(lambda dev: self.registry.get(dev) is not None)
                 out.extend(self._push_commands())
             out.extend(self._schema_out)
             self._schema_out = []
@@ -446,6 +447,8 @@ class Engine(DeadLetterQueue, GroupTransaction):
         sent to the online devices that take it (`broker.server.schema_push`)."""
         with self.store.read() as txn:
             moved = self.registry.refresh(txn)
+            if moved:
+                self._note_enabled(self.now_ms())
             if not (moved and self.schema.refresh(txn)):
                 return moved
         self.catalog = self.applier.catalog = self.schema.catalog
@@ -471,11 +474,23 @@ class Engine(DeadLetterQueue, GroupTransaction):
         """What `self.missed` learns from a handled up message."""
         if inc.failed or inc.error is not None:
             return
-        if inc.kind in ("hello", "catchup"):
+        if inc.kind == "catchup" and not inc.blocked:  # not hello: sent after a command too
             self.missed.asked(inc.topic_dev)
         for r in inc.results:
             if r.ok and not r.duplicate:
                 self.missed.applied(r.scope, r.q)
+
+    def _note_enabled(self, now: int) -> None:
+        """A disabled device gets no deltas, as if offline (`self.missed`); enabled again
+        while online, its `sync` command brings a hello but no catch-up."""
+        disabled = {row.id for row in self.registry.devices() if not row.enabled}
+        for dev in disabled - self._disabled:
+            self.missed.offline(dev)
+        for dev in self._disabled - disabled:
+            if self.presence.is_online(dev) and self.registry.get(dev) is not None:
+                self.missed.online(dev, now)
+        self._disabled = disabled
+        self.missed.forget(lambda dev: self.registry.get(dev) is not None)
 
     def _receives(self, dev: str) -> Sequence[str]:
         """The scopes whose deltas `dev` gets now (none while offline or disabled)."""

@@ -8,9 +8,13 @@ status that arrived after its "online", a broker that misjudged its session) com
 by its next periodic `status` alone, and asks nothing: the deltas of those seconds
 reach it only at its next gap or reconnect, which in a quiet scope may be days away.
 
+A device disabled while online gets no deltas either, and when it is enabled again its
+`sync` command brings a `hello` (reporting it done), not a catch-up: the engine counts
+it away from its disabling to its enabling.
+
 So the server remembers, per scope, the last change it applied (its sequence `q`) and,
-per device that went offline, how far the changes had gone then. When such a device is
-online again and has sent neither `hello` nor `catchup` within `GRACE_MS`, it gets one
+per device that went away, how far the changes had gone then. When such a device is
+back and has sent no `catchup` within `GRACE_MS`, it gets one
 `delta` with, for each of its scopes that moved meanwhile, the record at (or after) the
 scope's last sequence: a device that missed anything then sees a gap in its sequence
 and catches up by itself (§9.4); one that missed nothing applies a state it holds
@@ -27,8 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 GRACE_MS = 10_000
-"""How long a device back online has to send `hello` or `catchup` (a reconnect does at
-once, §9.2) before it is nudged."""
+"""How long a device back online has to send a `catchup` (a reconnect does at once,
+§9.2) before it is nudged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +76,7 @@ class MissedDeltas:
             self._back[dev] = (now_ms + self.grace_ms, since)
 
     def asked(self, dev: str) -> None:
-        """`dev` sent `hello` or `catchup`: its catch-up brings what it missed."""
+        """`dev` sent a `catchup`: it brings what it missed."""
         self._back.pop(dev, None)
         if dev in self._away:  # asking while counted offline: owed only what follows
             self._away[dev] = self._count

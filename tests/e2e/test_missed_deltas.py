@@ -59,3 +59,22 @@ def test_a_device_counted_offline_while_connected_is_shown_the_gap(fleet: Fleet)
         assert ("inventory", "sku-2") in pd.records
     finally:
         pd.close()
+
+
+def test_a_device_enabled_again_while_online_gets_what_it_missed(fleet: Fleet) -> None:
+    """Disabled, an online agent gets no deltas; `device enable` sends it a `sync`
+    command, which it answers with a hello but no catch-up. Without being shown the gap it
+    would hold the records written meanwhile only after its next reconnect."""
+    fleet.add_device("van-1", ["route-1"])
+    fleet.add_device("van-2", ["route-1"])
+    fleet.start_agents("van-1", "van-2")
+    fleet.agent("van-1").put("tasks", "t-1", {"route": "route-1", "status": "out"})
+    fleet.wait_drained("van-1")
+    fleet.wait(lambda: fleet.agent("van-2").get("tasks", "t-1"), 30, what="t-1 on van-2")
+
+    fleet.cli("device", "disable", "van-2", "--config", str(fleet.server_config))
+    fleet.agent("van-1").put("tasks", "t-2", {"route": "route-1", "status": "out"})
+    fleet.wait_drained("van-1")
+    fleet.cli("device", "enable", "van-2", "--config", str(fleet.server_config))
+    fleet.wait(lambda: fleet.agent("van-2").get("tasks", "t-2"), 60,
+               what="t-2 on van-2 after it was enabled again")

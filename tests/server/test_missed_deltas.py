@@ -39,6 +39,7 @@ def fleet(tmp: Path, store: Store | None = None) -> tuple[Engine, FakeTime]:
     for dev in ("van-1", "van-2"):  # connected as a device does (§9.2)
         engine.handle_status(dev, status(dev))
         engine.handle_up(dev, hello(dev))
+        engine.handle_up(dev, catchup(dev, {"r1": 0}))
     return engine, now
 
 
@@ -82,19 +83,40 @@ def test_a_newer_version_of_the_scope_is_sent_when_the_record_moved_on(
 
 
 def test_a_device_that_reconnects_is_not_nudged(tmp_path: Path) -> None:
+    """A reconnect's catch-up brings what it missed. A hello alone does not (a device
+    sends one after each command, to report it done)."""
     engine, now = fleet(tmp_path)
     engine.handle_status("van-1", status("van-1", on=False))
     write(engine, 1, "a")
     engine.handle_status("van-1", status("van-1"))
     engine.handle_up("van-1", hello("van-1"))
+    engine.handle_up("van-1", catchup("van-1", {"r1": 0}))
     now.now += GRACE_MS
     assert delta_recs(engine.tick(), "van-1") == []
     engine.handle_status("van-1", status("van-1", on=False))
     write(engine, 2, "b")
     engine.handle_status("van-1", status("van-1"))
-    engine.handle_up("van-1", catchup("van-1", {"r1": 0}))
+    engine.handle_up("van-1", hello("van-1"))
     now.now += GRACE_MS
+    assert [r["k"] for r in delta_recs(engine.tick(), "van-1")] == ["b"]
+
+
+def test_a_device_enabled_again_while_online_is_nudged(tmp_path: Path) -> None:
+    """Disabled, a device gets no deltas, online or not; enabled again while online it
+    gets a `sync` command and answers with a hello, not a catch-up."""
+    engine, now = fleet(tmp_path)
+    set_enabled(engine.store, "van-1", False)
+    engine.tick()
+    write(engine, 1, "a")
+    engine.handle_status("van-1", status("van-1", on=False))  # flapping while disabled
+    engine.handle_status("van-1", status("van-1"))
+    now.now += GRACE_MS
+    assert delta_recs(engine.tick(), "van-1") == []  # disabled: no data
+    set_enabled(engine.store, "van-1", True)
     assert delta_recs(engine.tick(), "van-1") == []
+    engine.handle_up("van-1", hello("van-1"))
+    now.now += GRACE_MS
+    assert [r["k"] for r in delta_recs(engine.tick(), "van-1")] == ["a"]
 
 
 def test_nothing_missed_nothing_sent(tmp_path: Path) -> None:
