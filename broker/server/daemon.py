@@ -394,9 +394,16 @@ class MergeServer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _publish(self, out: list[tuple[str, bytes]]) -> None:
+        # Not kept for later: an ack or a page is asked for again, a command sent at the
+        # next hello; a delta nobody asks for is shown by the engine's nudge.
+        lost: set[str] = set()
         for dev, payload in out:
             if self.link.publish(f"{self.prefix}/{dev}/down", payload):
                 self.messages_out += 1
+            else:
+                lost.add(dev)
+        for dev in sorted(lost):
+            self.engine.undelivered(dev)
 
 
 def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:

@@ -56,6 +56,7 @@ from broker.server.caps import ZDICT, served_now
 from broker.server.clockskew import ClockWatch, Sample
 from broker.server.downcast import Downcaster
 from broker.server.engine_letters import TRIM_INTERVAL_MS, DeadLetterQueue
+from broker.server.engine_missed import MissedNudges
 from broker.server.engine_txn import MAX_PENDING_LETTERS, GroupTransaction
 from broker.server.expiry import Expiry
 from broker.server.fanout import Fanout, Outgoing
@@ -73,7 +74,7 @@ from broker.server.messages import (
 from broker.server.missed import MissedDeltas
 from broker.server.operations import purge_tombstones
 from broker.server.pending_rows import PendingRows
-from broker.server.periodic import drain_notices, nudge_messages, unsent_commands
+from broker.server.periodic import drain_notices, unsent_commands
 from broker.server.presence import (
     MAX_STATUS_BYTES,
     Presence,
@@ -115,7 +116,7 @@ SERVER_NAME = f"waystation-server/{__version__}"
 """What `welcome.srv` says this server is."""
 
 
-class Engine(DeadLetterQueue, GroupTransaction):
+class Engine(DeadLetterQueue, MissedNudges, GroupTransaction):
     """Validates, applies and answers device messages (see module docstring)."""
 
     def __init__(self, store: Store, catalog: Catalog, config: ServerConfig,
@@ -141,6 +142,8 @@ class Engine(DeadLetterQueue, GroupTransaction):
         self.presence_log = PresenceLog()
         self.missed = MissedDeltas()
         self._disabled: set[str] = set()
+        self._out_since = 0
+        """`missed.count` before the messages last returned were made."""
         """Deltas skipped for devices counted offline (`broker.server.missed`)."""
         """Presence changes for the log, one event per device per second at most."""
         self.clocks = ClockWatch(self.cfg.max_skew_ms)
@@ -189,6 +192,7 @@ class Engine(DeadLetterQueue, GroupTransaction):
     def handle_many(self, items: Iterable[tuple[str, bytes]]) -> list[Outgoing]:
         """Handle a group of up messages with one store transaction (group commit)."""
         now = self.now_ms()
+        self._out_since = self.missed.count
         # No registry read here: the group's transaction checks the generation and
         # reloads (and parses again) when it moved (`broker.server.engine_txn`).
         served = self._served()
@@ -313,6 +317,7 @@ class Engine(DeadLetterQueue, GroupTransaction):
         """Periodic work (see module docstring); never raises."""
         out: list[Outgoing] = []
         now = self.now_ms()
+        self._out_since = self.missed.count
         try:
             self._letters.extend(self.gate.due(now)[:max(0, MAX_PENDING_LETTERS
                                                           - len(self._letters))])
@@ -469,48 +474,6 @@ class Engine(DeadLetterQueue, GroupTransaction):
                              applied=self.missed.applied):
             return []
         return fan.messages(self._compress_over)
-
-    def _note_missed(self, inc: Incoming) -> None:
-        """What `self.missed` learns from a handled up message."""
-        if inc.failed or inc.error is not None:
-            return
-        if inc.kind == "catchup" and not inc.blocked:  # not hello: sent after a command too
-            self.missed.asked(inc.topic_dev)
-        for r in inc.results:
-            if r.ok and not r.duplicate:
-                self.missed.applied(r.scope, r.q)
-
-    def _note_enabled(self, now: int) -> None:
-        """A disabled device gets no deltas, as if offline (`self.missed`); enabled again
-        while online, its `sync` command brings a hello but no catch-up."""
-        disabled = {row.id for row in self.registry.devices() if not row.enabled}
-        for dev in disabled - self._disabled:
-            self.missed.offline(dev)
-        for dev in self._disabled - disabled:
-            if self.presence.is_online(dev) and self.registry.get(dev) is not None:
-                self.missed.online(dev, now)
-        self._disabled = disabled
-        self.missed.forget(lambda dev: self.registry.get(dev) is not None)
-
-    def _receives(self, dev: str) -> Sequence[str]:
-        """The scopes whose deltas `dev` gets now (none while offline or disabled)."""
-        row = self.registry.active(dev)
-        return row.scopes if row is not None and self.presence.is_online(dev) else ()
-
-    def _nudges(self, now: int) -> list[Outgoing]:
-        """A delta for each device back online that missed some (`broker.server.missed`):
-        only while it is still online, and only of the scopes it still receives."""
-        if not self.missed.waiting():
-            return []
-        nudges = self.missed.due(now, self._receives)
-        if not nudges:
-            return []
-        self.counters["missed_nudges"] += len(nudges)
-        log.info("missed_deltas_nudged", devices=[n.dev for n in nudges][:20],
-                 count=len(nudges))
-        return [(dev, compress(m, self._compress_over(dev)))
-                for dev, m in nudge_messages(self.store, nudges)]
-
 
 def _put_server(txn: WriteTxn, row: ServerRow, heartbeat: Heartbeat) -> None:
     txn.put_server(row)

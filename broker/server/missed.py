@@ -58,6 +58,11 @@ class MissedDeltas:
         self._back: dict[str, tuple[int, int]] = {}
         """Device back online -> (when to nudge it, `_count` when it went offline)."""
 
+    @property
+    def count(self) -> int:
+        """Changes applied so far: what `undelivered` takes as `since`."""
+        return self._count
+
     def applied(self, scope: str, q: int) -> None:
         """A change (a device's or the operator's) was applied at sequence `q`."""
         self._count += 1
@@ -80,6 +85,19 @@ class MissedDeltas:
         self._back.pop(dev, None)
         if dev in self._away:  # asking while counted offline: owed only what follows
             self._away[dev] = self._count
+
+    def undelivered(self, dev: str, since: int, now_ms: int) -> None:
+        """A message to `dev` could not be handed to the broker (the server's link was
+        down, its queue full), sent after the `since`-th change: a delta may be among
+        them, and the device, online all along, would never ask. It is owed what changed
+        since, shown after the grace as if it had come back then."""
+        if dev in self._away:
+            self._away[dev] = min(self._away[dev], since)
+        elif dev in self._back:
+            at, was = self._back[dev]
+            self._back[dev] = (at, min(was, since))
+        else:
+            self._back[dev] = (now_ms + self.grace_ms, since)
 
     def waiting(self) -> int:
         """Devices back online that may still be nudged."""

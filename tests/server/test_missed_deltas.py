@@ -10,13 +10,17 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker.server.daemon import MergeServer
 from broker.server.engine import Engine
 from broker.server.missed import GRACE_MS, MissedDeltas
 from broker.server.periodic import drain_notices
-from broker.server.registry import set_enabled
+from broker.server.registry import add_device, issue_command, set_enabled
 from broker.server.store.base import Notice, Store
+from broker.server.store.lmdb_store import LmdbStore
 from tests.server.conftest import StoreFactory
 from tests.server.helpers import (
+    CATALOG,
+    T0,
     FakeTime,
     by_device,
     catchup,
@@ -28,6 +32,7 @@ from tests.server.helpers import (
     status,
     task,
 )
+from waystation.config import ServerConfig
 
 
 def delta_recs(out: list[tuple[str, bytes]], dev: str) -> list[dict[str, Any]]:
@@ -226,3 +231,71 @@ def test_a_nudge_comes_exactly_when_a_device_back_online_missed_a_change(
                 expect = [("r1", last["r1"])]
             back_at = None
         assert [n.scopes for n in nudges] == ([tuple(expect)] if expect else [])
+
+
+# ------------------------------------------------------------------ messages not published
+
+
+def test_a_delta_the_server_could_not_publish_is_shown_later(tmp_path: Path) -> None:
+    """The broker link dropped as the delta was to go out (the daemon's publish refused
+    it): van-1, online all along, is shown the gap once the link is back."""
+    engine, now = fleet(tmp_path)
+    out = engine.handle_up("van-2", changes("van-2", [task(1, "a")]))
+    assert [r["k"] for r in delta_recs(out, "van-1")] == ["a"]
+    engine.undelivered("van-1")  # what the daemon does when link.publish refuses it
+    engine.heartbeat.broker(False, now())
+    now.now += GRACE_MS
+    assert delta_recs(engine.tick(), "van-1") == []  # not while the link is down
+    engine.reset_presence()  # resubscribed: the statuses replayed
+    for dev in ("van-1", "van-2"):
+        engine.handle_status(dev, status(dev))
+    engine.heartbeat.broker(True, now())
+    now.now += GRACE_MS
+    assert [r["k"] for r in delta_recs(engine.tick(), "van-1")] == ["a"]
+    now.now += GRACE_MS
+    assert delta_recs(engine.tick(), "van-1") == []
+
+
+def test_a_command_the_server_could_not_publish_is_sent_again(tmp_path: Path) -> None:
+    engine, now = fleet(tmp_path)
+    cmd = issue_command(engine.store, "van-1", "ping", now())
+    sent = [m for m in by_device(engine.tick()).get("van-1", []) if m["type"] == "command"]
+    assert [m["id"] for m in sent] == [cmd.id]
+    assert by_device(engine.tick()).get("van-1", []) == []  # sent once
+    engine.undelivered("van-1")
+    again = [m for m in by_device(engine.tick()).get("van-1", []) if m["type"] == "command"]
+    assert [m["id"] for m in again] == [cmd.id]
+
+
+def test_undelivered_keeps_the_earliest_change_owed() -> None:
+    missed = MissedDeltas()
+    missed.applied("r1", 1)
+    since = missed.count
+    missed.applied("r1", 2)
+    missed.undelivered("van-1", since - 1, 0)  # the group of change 1
+    missed.undelivered("van-1", since, 0)
+    assert [n.scopes for n in missed.due(GRACE_MS, lambda dev: ["r1"])] == [(("r1", 2),)]
+    missed.offline("van-2")
+    missed.applied("r2", 5)
+    missed.undelivered("van-2", 0, 0)  # counted offline: shown when back
+    assert missed.due(10 * GRACE_MS, lambda dev: ["r2"]) == []
+    missed.online("van-2", 10 * GRACE_MS)
+    assert [n.dev for n in missed.due(11 * GRACE_MS, lambda dev: ["r2"])] == ["van-2"]
+
+
+def test_the_daemon_reports_what_its_link_refused(tmp_path: Path) -> None:
+    """The merge server's publish with no broker connection (nothing queued) tells the
+    engine which devices lost a message."""
+    store = LmdbStore(tmp_path / "store")
+    add_device(store, "van-1", ["r1"], T0)
+    add_device(store, "van-2", ["r1"], T0)
+    cfg = ServerConfig.model_validate({"data_dir": str(tmp_path), "mqtt": {"password": "x"}})
+    server = MergeServer(cfg, CATALOG, env={}, store=store)
+    server.engine.handle_status("van-1", status("van-1"))
+    server.engine.handle_up("van-1", catchup("van-1", {"r1": 0}))
+    out = server._handle([("van-2", changes("van-2", [task(1, "a")]))])
+    assert {dev for dev, _ in out} == {"van-1", "van-2"}
+    assert server.engine.missed.waiting() == 0
+    server._publish(out)  # never connected: link.publish refuses every message
+    assert server.messages_out == 0
+    assert server.engine.missed.waiting() == 1  # van-1's delta (van-2 is offline)
