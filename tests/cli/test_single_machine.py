@@ -11,7 +11,7 @@ from pathlib import Path
 from broker.embedded.passwords import read_password_file, verify_password
 from tests.cli.procs import Proc, clean_env, run_cli, run_json
 from tests.helpers import free_port, wait_until
-from waystation.cli.exitcodes import EXIT_INTERRUPTED, EXIT_OK
+from waystation.cli.exitcodes import EXIT_INTERRUPTED, EXIT_OK, EXIT_STORE
 
 
 def test_no_config_broker_and_server_agree_and_a_device_syncs(tmp_path: Path) -> None:
@@ -34,6 +34,15 @@ def test_no_config_broker_and_server_agree_and_a_device_syncs(tmp_path: Path) ->
         server = Proc(tmp_path, env, "server", "server", "run")
         server.wait_log("server_connected")
         assert "Not authorized" not in server.text()
+
+        # A second `server run` in the same directory (the same id, the same store) is
+        # refused at once, naming the running one; before, the two took each other's
+        # MQTT session over and over, both writing the one liveness row.
+        twin = run_cli(tmp_path, env, "server", "run", timeout=30)
+        assert twin.returncode == EXIT_STORE, twin.stderr
+        assert (f"error: merge server server-1 is already running on this host (PID "
+                f"{server.popen.pid}, started ") in twin.stderr
+        assert "Traceback" not in twin.stderr
 
         added = run_cli(tmp_path, env, "device", "add", "van-1", "--scope", "route-1",
                         "--out", "van-1")
