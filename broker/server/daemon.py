@@ -79,6 +79,7 @@ from schemas.collection import Catalog, load_catalog
 from waystation.config import BrokerConfig, ServerConfig, load_config
 from waystation.hlc import Clock
 from waystation.mqtt import MqttLink
+from waystation.mqtt_hooks import PasswordProvider
 from waystation.service import check_state_directory, run_service
 
 if TYPE_CHECKING:
@@ -137,7 +138,10 @@ class MergeServer:
     """One merge consumer; `start()` / `stop()`, or `run()` in the foreground."""
 
     def __init__(self, cfg: ServerConfig, catalog: Catalog, *,
-                 env: Mapping[str, str] | None = None, store: Store | None = None) -> None:
+                 env: Mapping[str, str] | None = None, store: Store | None = None,
+                 password_provider: PasswordProvider | None = None) -> None:
+        """`password_provider`: asked for the broker password at each MQTT connection
+        attempt instead of the config's (`broker.cli.daemons.awaited_login`)."""
         self.cfg = cfg
         self.env = dict(os.environ if env is None else env)
         self.store = store if store is not None else open_store(cfg)
@@ -205,6 +209,7 @@ class MergeServer:
                 on_connect=self._on_connect,
                 on_message=self._on_message,
                 on_retained=self._on_retained,
+                password_provider=password_provider,
             )
         # Statuses first: the broker replays the retained ones when it takes the
         # subscription, so on a connection that forgot presence ("connected") they all
@@ -424,11 +429,12 @@ class MergeServer:
                 self.messages_out += 1
 
 
-def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
+def run(cfg: ServerConfig, *, env: Mapping[str, str],
+        password_provider: PasswordProvider | None = None) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT (systemd-aware)."""
     check_state_directory(cfg.data_dir, env, "server")
     catalog = load_catalog(cfg.schema_path())
-    server = MergeServer(cfg, catalog, env=env)
+    server = MergeServer(cfg, catalog, env=env, password_provider=password_provider)
     metrics: list[Any] = []
 
     def start() -> None:

@@ -94,3 +94,26 @@ def test_a_restarted_broker_keeps_the_generated_login(tmp_path: Path) -> None:
         assert second.wait_exit() == EXIT_INTERRUPTED
     finally:
         second.close()
+
+
+def test_a_server_started_before_the_broker_logs_in_once_the_broker_runs(
+        tmp_path: Path) -> None:
+    """The newcomer's wrong order (`server run &` first): the server warns that no login
+    exists yet, and logs in with the one `broker run` then generates, with no restart.
+    Before, it read the file once at start and was refused until restarted."""
+    port = free_port()
+    env = clean_env({"WAYSTATION_BROKER__PORT": str(port),
+                     "WAYSTATION_SERVER__MQTT__PORT": str(port)})
+    server = Proc(tmp_path, env, "server", "server", "run")
+    broker: Proc | None = None
+    try:
+        server.wait_log("server_password_missing")
+        server.wait_log("mqtt connection attempt failed")  # no broker yet
+        broker = Proc(tmp_path, env, "broker", "broker", "run")
+        broker.wait_log("embedded broker ready")
+        server.wait_log("server_connected", timeout=60)
+        assert "server_password_generated_used" in server.text()
+    finally:
+        for proc in (server, broker):
+            if proc is not None:
+                proc.close()
