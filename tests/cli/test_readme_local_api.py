@@ -65,3 +65,18 @@ def test_the_readme_local_api_block_runs_as_pasted(tmp_path: Path) -> None:
     txn = out[4]
     assert txn["message"].startswith("saved locally as one transaction"), done.stderr
     assert not (tmp_path / "waystation-data" / "agent" / "api.sock").exists()
+
+
+def test_the_readme_transaction_block_runs_in_a_fresh_directory(tmp_path: Path) -> None:
+    """The README's Python block opens the agent itself (it showed only `agent....`
+    calls, with no word of where `agent` comes from, on bins that did not exist)."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## The local API in two minutes", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    check = ('\nfinal = agent.get("inventory", "bin-b")\n'
+             'print(final.fields["stock"], agent.get("inventory", "bin-a").fields["stock"])\n')
+    done = subprocess.run([sys.executable, "-c", block + check], cwd=tmp_path, text=True,
+                          env=clean_env({"PYTHONPATH": str(REPO)}), capture_output=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "3"]
