@@ -16,6 +16,7 @@ from broker.cli.common import now_ms, server_config
 from broker.server import schema_history
 from broker.server.store import open_store
 from schemas.evolution import Difference, diff, migration_to_dict
+from waystation.cli.output import table
 from waystation.timefmt import iso
 
 EXIT_OK = 0
@@ -123,11 +124,12 @@ def cmd_schema_history(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not every:
         print("no schema published yet: `waystation schema publish FILE`")
         return EXIT_OK
-    for r in every:
-        state = ("rolled back " + _iso(r.rolled_back_ms) if r.rolled_back_ms
-                 else "LIVE" if r.version == live else "")
-        print(f"{r.version:>6}  {_iso(r.published_ms)}  {on.get(r.version, 0):>5} devices  "
-              f"{state:24}  {r.source}")
+    # Headed, as the other operator tables: bare columns left the reader to guess that
+    # the count is of devices last reported on that version.
+    table(["VERSION", "PUBLISHED", "DEVICES ON IT", "STATE", "FROM FILE"],
+          [[r.version, _iso(r.published_ms), on.get(r.version, 0),
+            "rolled back " + _iso(r.rolled_back_ms) if r.rolled_back_ms
+            else "LIVE" if r.version == live else "-", r.source] for r in every])
     return EXIT_OK
 
 

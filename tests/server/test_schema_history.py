@@ -191,7 +191,10 @@ def test_schema_commands_end_to_end(env: dict[str, str], tmp_path: Path,
     assert code == 0 and json.loads(out) == {"rolled_back": 3, "live": 2}
     code, out, _ = run("schema", "history")
     lines = out.splitlines()
-    assert "LIVE" in lines[1] and "rolled back" in lines[2]
+    assert lines[0].split() == ["VERSION", "PUBLISHED", "DEVICES", "ON", "IT", "STATE", "FROM",
+                                "FILE"]
+    assert lines[2].split()[0] == "2" and "LIVE" in lines[2]
+    assert lines[3].split()[0] == "3" and "rolled back" in lines[3]
 
     store = open_store(load_config(ServerConfig, None, env))
     try:
