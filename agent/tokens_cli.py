@@ -11,6 +11,7 @@ import orjson
 from agent.http.auth import AppToken, TokenStore
 from agent.validate import collection as known_collection
 from schemas.collection import load_catalog
+from waystation.cli.output import table
 from waystation.config import AgentConfig, load_config
 
 
@@ -58,9 +59,9 @@ def cmd_token_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return 0
     if not found:
         print("no API tokens: issue one with `waystation agent token add APP --write ...`")
-    for t in found:
-        read, write = _rights_text(t)
-        print(f"{t.id}  {t.app}  read {read}  write {write}")
+        return 0
+    # Headed like the operator tables; ID is what `token remove` takes (or the APP).
+    table(["ID", "APP", "READ", "WRITE"], [[t.id, t.app, *_rights_text(t)] for t in found])
     return 0
 
 

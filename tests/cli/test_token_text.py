@@ -31,6 +31,8 @@ def test_rights_shown_are_rights_checked(tmp_path: Path, capsys: pytest.CaptureF
     token, note = capsys.readouterr().out.splitlines()
     assert f"(read {read}; write {write})" in note
     assert main(["agent", "token", "list"], env=env) == 0
-    assert f"scanner  read {read}  write {write}" in capsys.readouterr().out
+    head, row = capsys.readouterr().out.splitlines()
+    assert head.split() == ["ID", "APP", "READ", "WRITE"]
+    assert row.split() == [token.split("_")[1], "scanner", read, write]
     app = TokenStore(tmp_path / "agent").verify(f"Bearer {token}")
     assert app is not None and app.can_read("tasks")
