@@ -27,7 +27,7 @@ def readme_blocks() -> str:
 
 
 def documents(stdout: str) -> list[dict[str, object]]:
-    """The JSON documents curl printed back to back (the bodies end without a newline),
+    """The JSON documents curl printed, one after the other (each on a line of its own),
     the feed's Server-Sent Events left out."""
     decoder, found, at = json.JSONDecoder(), [], 0
     while (at := stdout.find("{", at)) != -1:
