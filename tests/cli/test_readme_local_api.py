@@ -52,6 +52,7 @@ def test_the_readme_local_api_block_runs_as_pasted(tmp_path: Path) -> None:
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, text=True,
                           capture_output=True, timeout=120, check=False)
     out = documents(done.stdout)
+    assert "}{" not in done.stdout  # each answer on a line of its own, as the comments show
     patched = out[0]
     assert patched["state"] == "pending" and patched["message"].startswith("saved locally")
     record = out[1]
