@@ -104,7 +104,17 @@ def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_schema_history(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """List every published version, the live one marked."""
-    store = open_store(server_config(args, env))
+    config = server_config(args, env)
+    if config.store.kind == "lmdb" and not (config.data_dir / "store" / "data.mdb").is_file():
+        # Nothing published where no store is: say so without creating one (a stray
+        # ./waystation-data would take every later command run from here).
+        if args.json:
+            print(json.dumps({"live": None, "versions": []}, indent=2))
+        else:
+            print(f"no schema published yet (no server store at {config.data_dir / 'store'}; "
+                  "give the server's --config): `waystation schema publish FILE`")
+        return EXIT_OK
+    store = open_store(config)
     try:
         with store.read() as txn:
             every = schema_history.rows(txn)

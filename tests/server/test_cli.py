@@ -363,3 +363,16 @@ def test_commands_about_the_fleet_refuse_a_store_that_is_not_there(
     assert err.startswith(f"error: no server store at {data / 'store'}: give the config "
                           "the server runs with (`--config "), err
     assert not data.exists()
+
+
+def test_schema_history_where_no_store_is_creates_none(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing is published where no store is; before, `schema history` created an
+    empty store there, which every later command from that directory then read."""
+    data = tmp_path / "waystation-data" / "server"
+    env = {"WAYSTATION_SERVER__DATA_DIR": str(data)}
+    code, out, _ = run(env, "schema", "history", capsys=capsys)
+    assert code == 0 and out.startswith("no schema published yet (no server store at ")
+    code, out, _ = run(env, "schema", "history", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out) == {"live": None, "versions": []}
+    assert not data.exists()
