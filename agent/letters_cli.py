@@ -39,12 +39,21 @@ def _number(text: object) -> int:
     return n
 
 
+def _not_found(n: int) -> NotFound:
+    return NotFound(f"no dead letter with change number {n} on this device (see "
+                    "`waystation agent deadletters list`)")
+
+
+def _hinted(exc: NotFound, n: int) -> NotFound:
+    """The API's "no dead letter" with the command that lists them, as `show` says it."""
+    return _not_found(n) if str(exc).startswith("no dead letter") else exc
+
+
 def _find(letters: list[DeadLetter], n: int) -> DeadLetter:
     for letter in letters:
         if letter.n == n:
             return letter
-    raise NotFound(f"no dead letter with change number {n} on this device (see "
-                   "`waystation agent deadletters list`)")
+    raise _not_found(n)
 
 
 def cmd_deadletters_show(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -71,7 +80,10 @@ def cmd_deadletters_retry(args: argparse.Namespace, env: Mapping[str, str]) -> i
     """`agent deadletters retry N [--json]`: queue the change again as a new one."""
     n = _number(args.n)
     with _open(args, env, create=False) as agent:
-        result = agent.retry_dead_letter(n)
+        try:
+            result = agent.retry_dead_letter(n)
+        except NotFound as exc:
+            raise _hinted(exc, n) from None
     if args.json:
         print(orjson.dumps({"retried": n, **result.to_dict()},
                            option=orjson.OPT_INDENT_2).decode())
@@ -88,7 +100,10 @@ def cmd_deadletters_discard(args: argparse.Namespace, env: Mapping[str, str]) ->
     """`agent deadletters discard N [--json]`: drop it for good."""
     n = _number(args.n)
     with _open(args, env, create=False) as agent:
-        agent.discard_dead_letter(n)
+        try:
+            agent.discard_dead_letter(n)
+        except NotFound as exc:
+            raise _hinted(exc, n) from None
     if args.json:
         print(orjson.dumps({"discarded": n}).decode())
         return 0

@@ -60,6 +60,7 @@ def cmd_token_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not found:
         print("no API tokens: issue one with `waystation agent token add APP --write ...`")
         return 0
+    # Headed like the operator tables; ID is what `token remove` takes (or the APP).
     table(["ID", "APP", "READ", "WRITE"], [[t.id, t.app, *_rights_text(t)] for t in found])
     return 0
 

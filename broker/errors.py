@@ -3,7 +3,8 @@
     WaystationError
     └── ServerError                 anything the server raises on purpose
         ├── StoreError              the store cannot be opened, read or written
-        │   └── StoreKeyError       missing, unreadable or wrong store encryption key
+        │   ├── StoreKeyError       missing, unreadable or wrong store encryption key
+        │   └── ServerIdTaken       `server run` while a process here runs that server id
         ├── BadStoredRecord         a stored record this version cannot decode
         │   ├── StoreFormatError    the on-disk format is not the one this version reads
         │   └── StoreFullError      the store reached its configured maximum size
@@ -43,6 +44,11 @@ class StoreKeyError(StoreError):
     not the one the store was encrypted with; a configuration error (exit code 2)."""
 
     exit_code = 2
+
+
+class ServerIdTaken(StoreError):
+    """`server run` refused: another process on this host runs as the same merge server
+    (same server_id, same store). Exit code 3, as an agent started twice on one store."""
 
 
 class StoreFormatError(StoreError):
@@ -119,6 +125,7 @@ __all__ = [
     "NotFound",
     "RecordNotFound",
     "ServerError",
+    "ServerIdTaken",
     "ServerRunning",
     "StoreError",
     "StoreFormatError",

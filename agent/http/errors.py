@@ -52,7 +52,9 @@ class ApiError(Exception):
 
 def json_response(doc: Any, *, status: int = 200,
                   headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(doc), status=status, content_type=JSON,
+    """One JSON document ending in a newline: `curl` (the README's first steps) prints
+    each answer on its own line instead of run together with the next, or the prompt."""
+    return web.Response(body=orjson.dumps(doc) + b"\n", status=status, content_type=JSON,
                         headers=headers)
 
 

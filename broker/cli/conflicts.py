@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-from broker.cli.common import live_schema, now_ms, server_config
+from broker.cli.common import live_schema, now_ms, open_existing_store, server_config
 from broker.errors import InvalidArgument
 from broker.server.operations import resolve_conflict
-from broker.server.store import open_store
 from waystation.cli.output import ago, print_json, short, table
 from waystation.hlc import SERVER_NODE, Clock
 
@@ -20,7 +19,7 @@ def cmd_server_conflicts(args: argparse.Namespace, env: Mapping[str, str]) -> in
     limit = 1000 if limit is None else int(limit)
     if limit < 1:
         raise InvalidArgument("--limit must be at least 1")
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     try:
         with store.read() as txn:
             rows = txn.conflicts(open_only=not show_all, limit=limit)
@@ -57,7 +56,7 @@ def cmd_server_resolve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise InvalidArgument(f"{args.conflict_id!r} is not a conflict id (a number, see "
                               "`waystation server conflicts`)") from None
     config = server_config(args, env)
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         catalog = live_schema(config, store).catalog
         now = now_ms()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import structlog
 
 from broker.cli.common import server_config
 from waystation.config import BrokerConfig, ServerConfig, load_config
+
+if TYPE_CHECKING:
+    from broker.embedded.server_login import AwaitedServerPassword
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +31,8 @@ def cmd_server_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     # the broker: one line naming the port and its config key, exit code 4.
     if config.metrics_port is not None:
         check_listen(config.metrics_host, config.metrics_port, "server", "metrics_port")
-    return run(with_generated_login(config, env), env=env)
+    config = with_generated_login(config, env)
+    return run(config, env=env, password_provider=awaited_login(config, env))
 
 
 def with_generated_login(config: ServerConfig, env: Mapping[str, str]) -> ServerConfig:
@@ -45,12 +50,26 @@ def with_generated_login(config: ServerConfig, env: Mapping[str, str]) -> Server
         if mqtt.host in _LOOPBACK:
             log.warning("server_password_missing", path=str(generated),
                         hint="no mqtt password is configured and the embedded broker has "
-                             "not generated one: start `waystation broker run` on this "
-                             "machine first, or set mqtt.password_file")
+                             "not generated one yet: start `waystation broker run` on this "
+                             "machine (the server logs in once it has), or set "
+                             "mqtt.password_file")
         return config
     log.info("server_password_generated_used", path=str(generated), user=mqtt.username)
     return config.model_copy(update={"mqtt": mqtt.model_copy(
         update={"password_file": generated})})
+
+
+def awaited_login(config: ServerConfig, env: Mapping[str, str]) -> AwaitedServerPassword | None:
+    """For a server on this machine with no password at all (`with_generated_login`
+    found no generated one yet): the file `broker run` will write, read at each attempt."""
+    from broker.embedded.server_login import AwaitedServerPassword, server_password_file
+
+    mqtt = config.mqtt
+    if (mqtt.password is not None or mqtt.password_file is not None or mqtt.username is None
+            or config.amqp.enabled or mqtt.host not in _LOOPBACK):
+        return None
+    broker = load_config(BrokerConfig, None, env)
+    return AwaitedServerPassword(server_password_file(broker.data_dir))
 
 
 def cmd_broker_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -60,4 +79,4 @@ def cmd_broker_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return broker_run(args, env)
 
 
-__all__ = ["cmd_broker_run", "cmd_server_run", "with_generated_login"]
+__all__ = ["awaited_login", "cmd_broker_run", "cmd_server_run", "with_generated_login"]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-from broker.cli.common import DEFAULT_DEAD_LETTER_LIMIT, server_config
+from broker.cli.common import DEFAULT_DEAD_LETTER_LIMIT, open_existing_store, server_config
 from broker.errors import InvalidArgument
-from broker.server.store import open_store
 from waystation.cli.output import iso, print_json, table
 
 
@@ -17,7 +16,7 @@ def cmd_server_deadletters(args: argparse.Namespace, env: Mapping[str, str]) -> 
     limit = DEFAULT_DEAD_LETTER_LIMIT if limit is None else int(limit)
     if limit < 1:
         raise InvalidArgument("--limit must be at least 1")
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     try:
         with store.read() as txn:
             letters = txn.dead_letters(limit)

@@ -6,10 +6,9 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from broker.cli.common import now_ms, server_config
+from broker.cli.common import now_ms, open_existing_store, server_config
 from broker.cli.logins import revoke_credentials
 from broker.server import devstate, login_removal, registry
-from broker.server.store import open_store
 from broker.server.store.base import CommandRow
 from waystation.cli.output import iso, print_json, table
 
@@ -17,7 +16,7 @@ from waystation.cli.output import iso, print_json, table
 def cmd_device_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation device list`: registered devices and their scopes, and removed ones
     whose broker login the server has still to delete."""
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     try:
         devices = registry.list_devices(store)
         with store.read() as txn:
@@ -42,7 +41,7 @@ def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation device remove ID`: revoke a device (its records stay)."""
     config = server_config(args, env)
     rabbit = config.enrol.broker_kind == "rabbitmq"
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         registry.remove_device(store, args.device_id, now_ms(), remove_login=rabbit)
     finally:
@@ -67,7 +66,7 @@ def cmd_device_remove(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _issue(args: argparse.Namespace, env: Mapping[str, str], cmd: str, what: str) -> int:
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     try:
         row = registry.issue_command(store, args.device_id, cmd, now_ms())
     finally:
@@ -101,7 +100,7 @@ def cmd_device_sync(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _set_enabled(args: argparse.Namespace, env: Mapping[str, str], enabled: bool) -> int:
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     sync: CommandRow | None = None
     try:
         if enabled:

@@ -11,10 +11,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from broker.cli.common import live_schema, now_ms, server_config
+from broker.cli.common import live_schema, now_ms, open_existing_store, server_config
 from broker.errors import InvalidArgument
 from broker.server import letter_actions
-from broker.server.store import open_store
 from broker.server.store.base import DeadLetter
 from waystation.cli.output import iso, print_json
 from waystation.hlc import SERVER_NODE, Clock
@@ -48,7 +47,7 @@ def letter_doc(d: DeadLetter) -> dict[str, Any]:
 def cmd_server_deadletters_show(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server deadletters show ID [--json]`."""
     lid = _letter_id(args.letter_id)
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     try:
         doc = letter_doc(letter_actions.get_letter(store, lid))
     finally:
@@ -72,7 +71,7 @@ def cmd_server_deadletters_retry(args: argparse.Namespace, env: Mapping[str, str
     lid = _letter_id(args.letter_id)
     config = server_config(args, env)
     rules = load_rules(config.merge.rules)
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         result = letter_actions.retry(store, live_schema(config, store), config.merge,
                                       Clock(SERVER_NODE, now_ms), lid, now_ms, rules)
@@ -100,7 +99,7 @@ def cmd_server_deadletters_discard(args: argparse.Namespace, env: Mapping[str, s
     """`waystation server deadletters discard ID | --all-for DEVICE [--json]`."""
     if (args.letter_id is None) == (args.all_for is None):
         raise InvalidArgument("name one dead letter id, or --all-for DEVICE")
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     try:
         if args.letter_id is not None:
             lid = _letter_id(args.letter_id)

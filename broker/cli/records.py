@@ -20,11 +20,10 @@ from typing import IO, Any
 
 import orjson
 
-from broker.cli.common import live_schema, server_config
+from broker.cli.common import live_schema, open_existing_store, server_config
 from broker.errors import InvalidArgument
 from broker.server.record_docs import record_doc
 from broker.server.record_reads import check_collection, get_record, iter_records, list_page
-from broker.server.store import open_store
 from waystation.cli.output import print_json, short, table
 from waystation.hlc import SERVER_NODE
 
@@ -35,7 +34,7 @@ MAX_LIST_LIMIT = 10_000
 def cmd_server_get(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server get COLLECTION KEY [--json]`: one record, decoded."""
     config = server_config(args, env)
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         catalog = live_schema(config, store).catalog
         record = get_record(store, catalog, args.collection, args.key)
@@ -88,7 +87,7 @@ def cmd_server_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server list COLLECTION [--scope S] [--limit N] [--after KEY]`."""
     limit = _limit(getattr(args, "limit", None))
     config = server_config(args, env)
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         catalog = live_schema(config, store).catalog
         check_collection(store, catalog, args.collection)
@@ -132,7 +131,7 @@ def cmd_server_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise InvalidArgument(f"{out} exists already: name a new file (an export never "
                               "overwrites anything)")
     config = server_config(args, env)
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         catalog = live_schema(config, store).catalog
         if args.collection is not None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-from broker.cli.common import now_ms, server_config
+from broker.cli.common import now_ms, open_existing_store, server_config
 from broker.embedded.certs import issue_client_cert
 from broker.errors import InvalidArgument
 from broker.server import cert_issue
-from broker.server.store import open_store
 from waystation.cli.output import iso, print_json
 
 
@@ -25,7 +24,7 @@ def cmd_device_renew_cert(args: argparse.Namespace, env: Mapping[str, str]) -> i
                               "enrol.client_ca_cert and enrol.client_ca_key (the CA the "
                               "broker trusts for device certificates) in its config")
     days = args.days if args.days is not None else enrol.client_cert_days
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         state, cmd, row = cert_issue.order(store, args.device_id, args.days, now_ms())
     finally:

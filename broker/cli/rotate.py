@@ -7,12 +7,11 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from broker.cli.common import now_ms, server_config
+from broker.cli.common import now_ms, open_existing_store, server_config
 from broker.cli.logins import default_password_file
 from broker.errors import InvalidArgument
 from broker.server import rotation
 from broker.server.rotation_files import RotationFiles
-from broker.server.store import open_store
 from waystation.cli.output import iso, print_json
 
 
@@ -33,7 +32,7 @@ def cmd_device_rotate_password(args: argparse.Namespace, env: Mapping[str, str])
                                   "RabbitMQ fleet: enrol.broker_kind = \"rabbitmq\")")
     password = secrets.token_urlsafe(24)
     new_hash = _hash(password, rabbitmq=rabbitmq)
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         rot, cmd = rotation.start(store, args.device_id, password, new_hash, now_ms(),
                                   retire_after_s=args.retire_after)

@@ -104,7 +104,17 @@ def cmd_schema_publish(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_schema_history(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """List every published version, the live one marked."""
-    store = open_store(server_config(args, env))
+    config = server_config(args, env)
+    if config.store.kind == "lmdb" and not (config.data_dir / "store" / "data.mdb").is_file():
+        # Nothing published where no store is: say so without creating one (a stray
+        # ./waystation-data would take every later command run from here).
+        if args.json:
+            print(json.dumps({"live": None, "versions": []}, indent=2))
+        else:
+            print(f"no schema published yet (no server store at {config.data_dir / 'store'}; "
+                  "give the server's --config): `waystation schema publish FILE`")
+        return EXIT_OK
+    store = open_store(config)
     try:
         with store.read() as txn:
             every = schema_history.rows(txn)
@@ -124,10 +134,12 @@ def cmd_schema_history(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not every:
         print("no schema published yet: `waystation schema publish FILE`")
         return EXIT_OK
-    table(["VERSION", "PUBLISHED", "DEVICES", "STATE", "SOURCE"],
+    # Headed, as the other operator tables: bare columns left the reader to guess that
+    # the count is of devices last reported on that version.
+    table(["VERSION", "PUBLISHED", "DEVICES ON IT", "STATE", "FROM FILE"],
           [[r.version, _iso(r.published_ms), on.get(r.version, 0),
-            ("rolled back " + _iso(r.rolled_back_ms) if r.rolled_back_ms
-             else "LIVE" if r.version == live else "-"), r.source] for r in every])
+            "rolled back " + _iso(r.rolled_back_ms) if r.rolled_back_ms
+            else "LIVE" if r.version == live else "-", r.source] for r in every])
     return EXIT_OK
 
 

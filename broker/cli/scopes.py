@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-from broker.cli.common import now_ms, server_config
+from broker.cli.common import now_ms, open_existing_store, server_config
 from broker.server import registry
-from broker.server.store import open_store
 from waystation.cli.output import print_json
 
 
@@ -15,7 +14,7 @@ def cmd_device_scopes(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Add and remove scopes of a registered device, no re-enrolment: its login and its
     agent config stay; the server follows the new list at once and tells the device."""
     add, remove = args.add or [], args.remove or []
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     try:
         device, cmd = registry.change_scopes(store, args.device_id, now_ms(),
                                              add=add, remove=remove)

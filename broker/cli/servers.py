@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-from broker.cli.common import now_ms, server_config
+from broker.cli.common import now_ms, open_existing_store, server_config
 from broker.errors import NotFound, ServerRunning
 from broker.server import liveness
 from broker.server.process_identity import ended_servers
-from broker.server.store import open_store
 from broker.server.store.base import ServerRow, WriteTxn
 from waystation.cli.output import iso, print_json
 
@@ -24,7 +23,7 @@ def cmd_server_forget(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server forget ID`: see module docstring."""
     stale_s: int = getattr(args, "stale_after", None) or liveness.STALE_AFTER_S
     now = now_ms()
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
 
     def forget(txn: WriteTxn) -> ServerRow:
         rows = txn.servers()

@@ -6,10 +6,9 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from broker.cli.common import live_schema, now_ms, server_config
+from broker.cli.common import live_schema, now_ms, open_existing_store, server_config
 from broker.server import devstate, liveness, login_removal
 from broker.server.process_identity import ended_servers
-from broker.server.store import open_store
 from broker.server.store.base import DeadLetterStats, DeviceRow, ServerRow
 from waystation.cli.output import ago, iso, print_json, table
 
@@ -17,7 +16,7 @@ from waystation.cli.output import ago, iso, print_json, table
 def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server status`: store, schema, devices, sequences, conflicts."""
     config = server_config(args, env)
-    store = open_store(config)
+    store = open_existing_store(config)
     try:
         live = live_schema(config, store)
         catalog, file_version = live.catalog, live.file.version
@@ -179,7 +178,7 @@ def _clocks_line(devices: list[DeviceRow], now: int) -> str:
 
 def cmd_server_devices(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`waystation server devices`: devices with scopes, presence and progress."""
-    store = open_store(server_config(args, env))
+    store = open_existing_store(server_config(args, env))
     try:
         with store.read() as txn:
             devices = txn.devices()

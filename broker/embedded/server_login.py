@@ -72,6 +72,33 @@ def ensure_server_login(password_file: Path, broker_data_dir: Path,
     return secret_file
 
 
+class AwaitedServerPassword:
+    """The password `broker run` is yet to generate, for a `server run` started first
+    on this machine (`waystation.mqtt_hooks.PasswordProvider`): read anew before each
+    connection attempt, so the server logs in as soon as the broker has made it. Before,
+    the server read the file once at start and stayed refused until restarted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._found = False
+
+    def password(self) -> str | None:
+        try:
+            secret = _read_secret(self.path)
+        except OSError:
+            return None  # unreadable for now: the attempt is refused and logged as such
+        if secret is not None and not self._found:
+            self._found = True
+            log.info("server_password_generated_used", path=str(self.path), late=True)
+        return secret
+
+    def refused(self) -> None:
+        """Nothing to switch to: the next attempt reads the file again."""
+
+    def accepted(self) -> None:
+        """Nothing to remember."""
+
+
 def _read_secret(path: Path) -> str | None:
     try:
         text = path.read_text(encoding="utf-8")

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from broker.errors import ServerIdTaken
 from broker.server.announcer import (
     SideAnnouncer,
     announce_on,
@@ -70,6 +71,7 @@ from broker.server.announcer import (
 from broker.server.engine import Engine
 from broker.server.intake import Intake, IntakeLimits, Item, Verdict
 from broker.server.login_removal import login_removals
+from broker.server.process_identity import pid_of, running_twin
 from broker.server.rotation_files import advance, broker_logins
 from broker.server.store import open_store
 from broker.server.store.base import Store
@@ -77,6 +79,7 @@ from schemas.collection import Catalog, load_catalog
 from waystation.config import BrokerConfig, ServerConfig, load_config
 from waystation.hlc import Clock
 from waystation.mqtt import MqttLink
+from waystation.mqtt_hooks import PasswordProvider
 from waystation.service import check_state_directory, run_service
 
 if TYPE_CHECKING:
@@ -109,6 +112,24 @@ def _failpoint(value: str | None, want: str) -> int | None:
     return int(count) if name == want else None
 
 
+def _refuse_twin(store: Store, cfg: ServerConfig) -> None:
+    """Refuse to start as a merge server that another process on this host runs now
+    (`broker.server.process_identity.running_twin`), before the engine records itself
+    over that server's liveness row."""
+    with store.read() as txn:
+        rows = txn.servers()
+    twin = running_twin(rows, cfg.server_id)
+    if twin is None:
+        return
+    pid = pid_of(twin.proc)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(twin.started_ms / 1000))
+    raise ServerIdTaken(
+        f"merge server {twin.id} is already running on this host (PID {pid}, started "
+        f"{started}) with this store: stop it first (`systemctl stop waystation-server`, "
+        f"or Ctrl-C / `kill {pid}` for a `waystation server run` in a terminal); every "
+        "merge server needs its own server_id")
+
+
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -117,11 +138,20 @@ class MergeServer:
     """One merge consumer; `start()` / `stop()`, or `run()` in the foreground."""
 
     def __init__(self, cfg: ServerConfig, catalog: Catalog, *,
-                 env: Mapping[str, str] | None = None, store: Store | None = None) -> None:
+                 env: Mapping[str, str] | None = None, store: Store | None = None,
+                 password_provider: PasswordProvider | None = None) -> None:
+        """`password_provider`: asked for the broker password at each MQTT connection
+        attempt instead of the config's (`broker.cli.daemons.awaited_login`)."""
         self.cfg = cfg
         self.env = dict(os.environ if env is None else env)
         self.store = store if store is not None else open_store(cfg)
         self._owns_store = store is None
+        try:
+            _refuse_twin(self.store, cfg)
+        except ServerIdTaken:
+            if self._owns_store:
+                self.store.close()
+            raise
         self.announcer: SideAnnouncer | None = None
         self.engine = Engine(self.store, catalog, cfg, wall_ms, Clock("~server", wall_ms))
         self.rotation_logins = broker_logins(
@@ -179,6 +209,7 @@ class MergeServer:
                 on_connect=self._on_connect,
                 on_message=self._on_message,
                 on_retained=self._on_retained,
+                password_provider=password_provider,
             )
         # Statuses first: the broker replays the retained ones when it takes the
         # subscription, so on a connection that forgot presence ("connected") they all
@@ -406,11 +437,12 @@ class MergeServer:
             self.engine.undelivered(dev)
 
 
-def run(cfg: ServerConfig, *, env: Mapping[str, str]) -> int:
+def run(cfg: ServerConfig, *, env: Mapping[str, str],
+        password_provider: PasswordProvider | None = None) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT (systemd-aware)."""
     check_state_directory(cfg.data_dir, env, "server")
     catalog = load_catalog(cfg.schema_path())
-    server = MergeServer(cfg, catalog, env=env)
+    server = MergeServer(cfg, catalog, env=env, password_provider=password_provider)
     metrics: list[Any] = []
 
     def start() -> None:

@@ -92,9 +92,12 @@ def test_show_retry_discard(env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("argv, code, text", [
-    (["deadletters", "show", "7"], 1, "no dead letter with change number 7"),
-    (["deadletters", "retry", "7"], 1, "no dead letter with change number 7"),
-    (["deadletters", "discard", "7"], 1, "no dead letter with change number 7"),
+    (["deadletters", "show", "7"], 1, "no dead letter with change number 7 on this device "
+                                        "(see `waystation agent deadletters list`)"),
+    (["deadletters", "retry", "7"], 1, "no dead letter with change number 7 on this device "
+                                        "(see `waystation agent deadletters list`)"),
+    (["deadletters", "discard", "7"], 1, "no dead letter with change number 7 on this device "
+                                        "(see `waystation agent deadletters list`)"),
     (["deadletters", "show", "seven"], 2, "not a change number"),
     (["deadletters", "retry", "0"], 2, "not a change number"),
     (["deadletters", "discard", "van-1:-3"], 2, "not a change number"),

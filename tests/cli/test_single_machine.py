@@ -11,7 +11,7 @@ from pathlib import Path
 from broker.embedded.passwords import read_password_file, verify_password
 from tests.cli.procs import Proc, clean_env, run_cli, run_json
 from tests.helpers import free_port, wait_until
-from waystation.cli.exitcodes import EXIT_INTERRUPTED, EXIT_OK
+from waystation.cli.exitcodes import EXIT_INTERRUPTED, EXIT_OK, EXIT_STORE
 
 
 def test_no_config_broker_and_server_agree_and_a_device_syncs(tmp_path: Path) -> None:
@@ -34,6 +34,15 @@ def test_no_config_broker_and_server_agree_and_a_device_syncs(tmp_path: Path) ->
         server = Proc(tmp_path, env, "server", "server", "run")
         server.wait_log("server_connected")
         assert "Not authorized" not in server.text()
+
+        # A second `server run` in the same directory (the same id, the same store) is
+        # refused at once, naming the running one; before, the two took each other's
+        # MQTT session over and over, both writing the one liveness row.
+        twin = run_cli(tmp_path, env, "server", "run", timeout=30)
+        assert twin.returncode == EXIT_STORE, twin.stderr
+        assert (f"error: merge server server-1 is already running on this host (PID "
+                f"{server.popen.pid}, started ") in twin.stderr
+        assert "Traceback" not in twin.stderr
 
         added = run_cli(tmp_path, env, "device", "add", "van-1", "--scope", "route-1",
                         "--out", "van-1")
@@ -85,3 +94,26 @@ def test_a_restarted_broker_keeps_the_generated_login(tmp_path: Path) -> None:
         assert second.wait_exit() == EXIT_INTERRUPTED
     finally:
         second.close()
+
+
+def test_a_server_started_before_the_broker_logs_in_once_the_broker_runs(
+        tmp_path: Path) -> None:
+    """The newcomer's wrong order (`server run &` first): the server warns that no login
+    exists yet, and logs in with the one `broker run` then generates, with no restart.
+    Before, it read the file once at start and was refused until restarted."""
+    port = free_port()
+    env = clean_env({"WAYSTATION_BROKER__PORT": str(port),
+                     "WAYSTATION_SERVER__MQTT__PORT": str(port)})
+    server = Proc(tmp_path, env, "server", "server", "run")
+    broker: Proc | None = None
+    try:
+        server.wait_log("server_password_missing")
+        server.wait_log("mqtt connection attempt failed")  # no broker yet
+        broker = Proc(tmp_path, env, "broker", "broker", "run")
+        broker.wait_log("embedded broker ready")
+        server.wait_log("server_connected", timeout=60)
+        assert "server_password_generated_used" in server.text()
+    finally:
+        for proc in (server, broker):
+            if proc is not None:
+                proc.close()

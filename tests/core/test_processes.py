@@ -4,6 +4,7 @@ one with a real child process killed by SIGKILL)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.server.process_identity import ended_servers
+from broker.server.process_identity import ended_servers, pid_of, running_twin
 from broker.server.store.rows import ServerRow
 from waystation.processes import has_ended, pid_alive, this_process
 from waystation.processes import has_ended as verdict
@@ -116,3 +117,21 @@ def test_a_real_process_runs_then_is_killed() -> None:
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_running_twin_is_only_a_live_other_process_of_that_id(tmp_path: Path) -> None:
+    """The row `server run` refuses to start over: same id, not stopped, its process
+    alive on this host and not this very one."""
+    proc = fake_proc(tmp_path, {100: ("S", "5000"), 102: ("S", "7000")})
+    alive = ServerRow("server-1", "g", "v", 1, 2, proc=ident(100, "5000"))
+    assert running_twin([alive], "server-1", proc, listed(proc), me="x") == alive
+    assert running_twin([alive], "server-2", proc, listed(proc), me="x") is None
+    assert running_twin([alive], "server-1", proc, listed(proc),
+                        me=ident(100, "5000")) is None  # this process itself
+    for row in (dataclasses.replace(alive, stopped_ms=2),  # stopped cleanly
+                dataclasses.replace(alive, proc=ident(101, "5000")),  # crashed
+                dataclasses.replace(alive, proc=ident(102, "5000")),  # pid reused
+                dataclasses.replace(alive, proc=ident(100, "5000", boot="b")),  # elsewhere
+                dataclasses.replace(alive, proc="")):  # an earlier release
+        assert running_twin([row], "server-1", proc, listed(proc), me="x") is None
+    assert pid_of(alive.proc) == 100 and pid_of("") is None

@@ -73,7 +73,7 @@ def test_device_offline_across_three_schema_versions(fleet: Fleet, tmp_path: Pat
     for version in (2, 3, 4):
         fleet.cli("schema", "publish", str(files[version]), "--config", str(fleet.server_config))
     history = fleet.cli("schema", "history", "--config", str(fleet.server_config)).stdout
-    assert re.search(r"(?m)^\s+4 .*LIVE", history), history
+    assert re.search(r"(?m)^4\s+\S+\s+\d+\s+LIVE\s", history), history
     server_runs(fleet, files[4])
 
     # A device on version 4 and one on version 3 (one behind) write.

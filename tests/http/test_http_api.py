@@ -117,3 +117,13 @@ def test_big_values_travel_in_the_body(client: Client) -> None:
     assert client.call("PATCH", T1, {"fields": {"route": S, "proof": {"sig": big}}}
                        ).status == 202
     assert client.call("GET", T1).body["fields"]["proof"] == {"sig": big}
+
+
+def test_every_json_answer_ends_with_a_newline(client: Client) -> None:
+    """`curl` prints each answer on a line of its own (README, "The local API in two
+    minutes"): before, documents ran together, `}{"collection"...`, and into the prompt."""
+    for target in ("/v1/status", "/v1/collections/tasks/records/nope", "/v1/nowhere"):
+        client.conn.request("GET", target, headers={"Authorization": f"Bearer {client.token}"})
+        resp = client.conn.getresponse()
+        payload = resp.read()
+        assert payload.endswith(b"}\n") and payload.count(b"\n") == 1, (target, payload)

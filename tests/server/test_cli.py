@@ -343,3 +343,36 @@ def test_no_server_running_names_the_config_to_start_it_with(
         assert "`waystation server run`" not in text
     # Without --config, the command read ./waystation-data: the bare command fits.
     assert "`waystation server run`" in run(env, "server", "status", capsys=capsys)[1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["server", "status"], ["server", "devices"], ["server", "conflicts"],
+    ["server", "deadletters"], ["server", "list", "tasks"], ["server", "get", "tasks", "t-1"],
+    ["device", "list"], ["device", "disable", "van-1"], ["server", "forget", "server-1"],
+])
+def test_commands_about_the_fleet_refuse_a_store_that_is_not_there(
+        tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Run without the server's --config, in another directory than the server's: the
+    command says where it looked and what to give it, and creates nothing. Before, it
+    created an empty store there and reported an empty fleet (`server status`: "NO
+    MERGE SERVER IS RUNNING", `device list`: "no devices registered")."""
+    data = tmp_path / "waystation-data" / "server"
+    env = {"WAYSTATION_SERVER__DATA_DIR": str(data)}
+    code, out, err = run(env, *argv, capsys=capsys)
+    assert code == 3 and out == ""
+    assert err.startswith(f"error: no server store at {data / 'store'}: give the config "
+                          "the server runs with (`--config "), err
+    assert not data.exists()
+
+
+def test_schema_history_where_no_store_is_creates_none(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing is published where no store is; before, `schema history` created an
+    empty store there, which every later command from that directory then read."""
+    data = tmp_path / "waystation-data" / "server"
+    env = {"WAYSTATION_SERVER__DATA_DIR": str(data)}
+    code, out, _ = run(env, "schema", "history", capsys=capsys)
+    assert code == 0 and out.startswith("no schema published yet (no server store at ")
+    code, out, _ = run(env, "schema", "history", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out) == {"live": None, "versions": []}
+    assert not data.exists()
