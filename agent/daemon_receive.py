@@ -309,6 +309,9 @@ class ReceiveHooks:
             # The operator's "sync now" (sent by `device enable` too) also ends the backoff
             # of changes a transient refusal holds: they go at this turn, not minutes later.
             self._retry_at.clear()
+            # ... and brings what others wrote meanwhile: a device enabled again got no
+            # deltas while disabled, and its catch-ups were refused (`device_disabled`).
+            self._start_catchup()
         if executed and cmd.cmd in ("wipe", "resync", "scopes"):
             self._inflight.clear()
             self._retry_at.clear()

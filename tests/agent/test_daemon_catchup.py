@@ -133,3 +133,26 @@ def test_a_checkpoint_ahead_that_no_answer_moves_is_not_asked_for_at_once_again(
         time.sleep(0.01)  # the scripted server's polling interval, not a wait for a result
     assert len(answered) == 2, f"{len(answered)} catch-ups answered in 2 s"
     assert daemon.agent.checkpoints()["route-42"].cp == 0
+
+
+def test_the_operator_s_sync_command_brings_a_catch_up(
+        setup: tuple[AgentDaemon, RecordingClient]) -> None:
+    """`sync` (the operator's sync now, and what `device enable` sends a device that was
+    disabled: no deltas reached it meanwhile) asks for what others wrote, at once."""
+    daemon, server = setup
+    [first] = _wait_catchups(server, 1)
+    _send(server, {"type": "checkpoint", "req": first["req"],
+                   "cp": {"route-42": 0, "depot-7": 0}})
+    assert wait_until(lambda: daemon._catchup is None, 10)
+    _send(server, {"type": "command", "id": "sync-1", "cmd": "sync"})
+    second = _wait_catchups(server, 2)[1]
+    assert second["req"] != first["req"]
+    assert set(second["cp"]) == {"route-42", "depot-7"}
+    _send(server, {"type": "command", "id": "sync-1", "cmd": "sync"})  # a copy: done once
+
+    def reported() -> int:
+        msgs = (orjson.loads(m.payload) for m in server.received(UP))
+        return sum(1 for m in msgs if m["type"] == "hello" and "sync-1" in m.get("done", []))
+
+    wait_until(lambda: reported() >= 2, 10)
+    assert len(_catchups(server)) == 2
