@@ -398,7 +398,8 @@ class Engine(DeadLetterQueue, MissedNudges, GroupTransaction):
         broker's replayed retained statuses say otherwise."""
         for dev in self.presence.reset():
             self._rows.put(dev, {"online": False})
-            self.missed.offline(dev)
+        # (not counted away by `self.missed`: a device online through the server's
+        # reconnect missed only what the link refused, which `undelivered` noted)
 
     # ------------------------------------------------------------------ replies
 

@@ -35,6 +35,10 @@ GRACE_MS = 10_000
 §9.2) before it is nudged."""
 
 
+SCOPES_PER_TICK = 2000
+"""Scopes nudged per engine tick at most (`MissedDeltas.due`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Nudge:
     """A device back online that missed changes: the scopes, each with the sequence of
@@ -103,13 +107,20 @@ class MissedDeltas:
         """Devices back online that may still be nudged."""
         return len(self._back)
 
-    def due(self, now_ms: int, scopes_of: Callable[[str], Iterable[str]]) -> list[Nudge]:
+    def due(self, now_ms: int, scopes_of: Callable[[str], Iterable[str]],
+            budget: int = SCOPES_PER_TICK) -> list[Nudge]:
         """The devices whose grace is over, each with the scopes (of `scopes_of(dev)`,
-        those it still follows) changed since it went offline; forgets them."""
+        those it still follows) changed since it went offline; forgets them. At most
+        about `budget` scopes in all (each costs the engine a read): the rest stay due
+        for the next call, so a whole fleet owed a nudge at once (the server's broker
+        link lost a round of deltas) does not stall the engine for one tick."""
         out: list[Nudge] = []
+        used = 0
         for dev, (at, since) in list(self._back.items()):
             if at > now_ms:
                 continue
+            if used >= budget:
+                break
             del self._back[dev]
             moved = []
             for scope in sorted(scopes_of(dev)):
@@ -118,6 +129,7 @@ class MissedDeltas:
                     moved.append((scope, last[1]))
             if moved:
                 out.append(Nudge(dev, tuple(moved)))
+                used += len(moved)
         return out
 
     def forget(self, known: Callable[[str], bool]) -> None:
@@ -127,4 +139,4 @@ class MissedDeltas:
                 del table[dev]
 
 
-__all__ = ["GRACE_MS", "MissedDeltas", "Nudge"]
+__all__ = ["GRACE_MS", "SCOPES_PER_TICK", "MissedDeltas", "Nudge"]

@@ -299,3 +299,34 @@ def test_the_daemon_reports_what_its_link_refused(tmp_path: Path) -> None:
     server._publish(out)  # never connected: link.publish refuses every message
     assert server.messages_out == 0
     assert server.engine.missed.waiting() == 1  # van-1's delta (van-2 is offline)
+
+
+def test_a_server_reconnect_alone_nudges_no_one(tmp_path: Path) -> None:
+    """Resubscribed after its broker link came back, the server rebuilds presence from
+    the replayed statuses: a device online through it missed nothing the link did not
+    refuse (the whole fleet would otherwise be nudged after every reconnect)."""
+    engine, now = fleet(tmp_path)
+    engine.reset_presence()
+    write(engine, 1, "a")  # applied before the replay reached van-1's status
+    for dev in ("van-1", "van-2"):
+        engine.handle_status(dev, status(dev))
+    now.now += GRACE_MS
+    assert delta_recs(engine.tick(), "van-1") == []
+
+
+def test_nudges_are_spread_over_ticks_by_their_scopes() -> None:
+    missed = MissedDeltas()
+    for dev in ("van-1", "van-2", "van-3"):
+        missed.offline(dev)
+    missed.applied("r1", 1)
+    missed.applied("r2", 2)
+    for dev in ("van-1", "van-2", "van-3"):
+        missed.online(dev, 0)
+    def both(dev: str) -> list[str]:
+        return ["r1", "r2"]
+
+    first = missed.due(GRACE_MS, both, budget=3)
+    assert [n.dev for n in first] == ["van-1", "van-2"]  # 4 scopes: the budget is passed
+    assert missed.waiting() == 1
+    assert [n.dev for n in missed.due(GRACE_MS, both, budget=3)] == ["van-3"]
+    assert missed.waiting() == 0
