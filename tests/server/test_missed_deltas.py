@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from broker.server.daemon import MergeServer
 from broker.server.engine import Engine
+from broker.server.fanout import Fanout
 from broker.server.missed import GRACE_MS, MissedDeltas
 from broker.server.periodic import drain_notices
 from broker.server.registry import add_device, issue_command, set_enabled
@@ -172,13 +173,9 @@ def test_operator_writes_count_as_changes(tmp_path: Path) -> None:
     engine, _ = fleet(tmp_path)
     seen: list[tuple[str, int]] = []
     engine.store.transact(lambda txn: txn.add_notice(Notice(0, "r1", 7, {"c": "tasks"})))
-    assert drain_notices(engine.store, _NoFan(), applied=lambda s, q: seen.append((s, q))) == 1
+    fan = Fanout(engine.registry, engine.presence)
+    assert drain_notices(engine.store, fan, applied=lambda s, q: seen.append((s, q))) == 1
     assert seen == [("r1", 7)]
-
-
-class _NoFan:
-    def add(self, scope: str, origin: str | None, rec: bytes) -> None:
-        pass
 
 
 # ------------------------------------------------------------------ the bookkeeping alone
@@ -322,6 +319,7 @@ def test_nudges_are_spread_over_ticks_by_their_scopes() -> None:
     missed.applied("r2", 2)
     for dev in ("van-1", "van-2", "van-3"):
         missed.online(dev, 0)
+
     def both(dev: str) -> list[str]:
         return ["r1", "r2"]
 
