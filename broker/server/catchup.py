@@ -28,16 +28,15 @@ from broker.server.messages import (
     Compression,
     checkpoint_message,
     compress,
-    dumps,
     error_message,
     page_message,
+    whole_rec,
 )
 from broker.server.registry import RegistryMoved
 from broker.server.store.base import DeviceRow, ReadTxn, Store
 from schemas import codec
 from schemas.collection import Catalog
 from schemas.wire import Catchup, Fetch, FetchQuery
-from waystation import merge
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +76,7 @@ def answer(txn: ReadTxn, device: DeviceRow, req: Catchup,
             raw = txn.get_record(c, k)
             if raw is None:  # pragma: no cover - index and records change together
                 continue
-            rec = dumps(merge.to_rec(merge.from_json(raw)))
+            rec = whole_rec(raw)
             if recs and used + len(rec) + 1 > budget:
                 more = True
                 break

@@ -177,7 +177,7 @@ class Engine(DeadLetterQueue, MissedNudges, GroupTransaction):
         for row in self.registry.devices():
             if row.online:
                 self.presence.set(row.id, True)
-            if not (row.online and row.enabled):
+            else:  # (a disabled one is counted away by the registry load above)
                 self.missed.offline(row.id)
         # Recorded now, not at the first tick: a server that dies within its first
         # second must not leave the previous run's "stopped cleanly" standing.

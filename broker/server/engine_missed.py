@@ -49,6 +49,8 @@ class MissedNudges:
         # A command among them would otherwise wait for the device's next hello, which a
         # device online all along never sends: pushed again at the next tick (a device
         # carries out a command id at most once, §7.9).
+        if not self._sent_commands:
+            return  # (no store read per refused message while the link is down)
         try:
             with self.store.read() as txn:
                 ids = {c.id for c in txn.commands(dev)}

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from schemas import zdict
+from waystation import merge
 
 MAX_DOWN_BYTES = 192 * 1024
 """Largest JSON text of one down message (before compression)."""
@@ -53,6 +54,12 @@ def compress(data: bytes, over: Compression) -> bytes:
 
 def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj)
+
+
+def whole_rec(raw: dict[str, Any]) -> bytes:
+    """A stored record as the whole record state devices read (§6): what a catch-up page
+    and a nudge delta carry."""
+    return dumps(merge.to_rec(merge.from_json(raw)))
 
 
 def _array(items: Iterable[bytes]) -> bytes:

@@ -7,12 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from broker.server.fanout import Fanout
-from broker.server.messages import delta_messages, dumps
+from broker.server.messages import delta_messages, dumps, whole_rec
 from broker.server.missed import Nudge
 from broker.server.presence import Presence
 from broker.server.registry import Registry, deliverable
 from broker.server.store.base import CommandRow, Store, WriteTxn
-from waystation import merge
 
 NOTICE_BATCH = 1000
 
@@ -77,7 +76,7 @@ def nudge_messages(store: Store, nudges: list[Nudge]) -> list[tuple[str, bytes]]
                 for _, c, k in txn.index_range(scope, q - 1, 1):
                     raw = txn.get_record(c, k)
                     if raw is not None:
-                        recs.append(dumps(merge.to_rec(merge.from_json(raw))))
+                        recs.append(whole_rec(raw))
             out.extend((nudge.dev, m) for m in delta_messages(recs))
     return out
 
