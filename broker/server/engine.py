@@ -140,12 +140,12 @@ class Engine(DeadLetterQueue, MissedNudges, GroupTransaction):
         self.registry = Registry()
         self.presence = Presence()
         self.presence_log = PresenceLog()
-        self.missed = MissedDeltas()
+        """Presence changes for the log, one event per device per second at most."""
+        self.missed = MissedDeltas(self.cfg.missed_grace_ms)
+        """Deltas skipped for devices counted offline (`broker.server.missed`)."""
         self._disabled: set[str] = set()
         self._out_since = 0
         """`missed.count` before the messages last returned were made."""
-        """Deltas skipped for devices counted offline (`broker.server.missed`)."""
-        """Presence changes for the log, one event per device per second at most."""
         self.clocks = ClockWatch(self.cfg.max_skew_ms)
         """How far each device's clock is off, from its live statuses."""
         self.counters: Counter[str] = Counter()

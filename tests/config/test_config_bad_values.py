@@ -1,7 +1,7 @@
-"""Wrong values for the broker's queue and CONNECT limits and the agent's deaf check, in a
-TOML file, an environment override or `python -m broker.embedded`'s options: one error
-naming the setting and its whole allowed range, exit code 2 (ConfigError), as every
-config error."""
+"""Wrong values for the broker's queue and CONNECT limits, the agent's deaf check and the
+server's nudge grace, in a TOML file, an environment override or `python -m
+broker.embedded`'s options: one error naming the setting and its whole allowed range,
+exit code 2 (ConfigError), as every config error."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from broker.embedded.settings import BrokerSettings
 from waystation.cli import main
-from waystation.config import AgentConfig, BrokerConfig, load_config
+from waystation.config import AgentConfig, BrokerConfig, ServerConfig, load_config
 from waystation.errors import ConfigError
 
 # (model, part, table, key, the allowed range as the error must say it)
@@ -36,6 +36,8 @@ SETTINGS = [
      "must be a whole number from 1 to 64"),
     (AgentConfig, "agent", "sync", "deaf_after_s",
      "must be a number of seconds from 1 to 3600"),
+    (ServerConfig, "server", "merge", "missed_grace_ms",
+     "must be a whole number from 1000 to 3600000"),
 ]
 # (TOML value, as shown in the error; None: the same)
 WRONG = [("0", None), ("-5", None), ('"soon"', None), ("1e30", "1e+30"),

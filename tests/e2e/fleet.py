@@ -239,13 +239,14 @@ class Fleet:
 
     def __init__(self, root: Path, broker_kind: BrokerKind, store_kind: StoreKind = "lmdb",
                  pg_url: str | None = None, *, metrics: bool = False, device_tls: bool = False,
-                 client_certs: bool = False) -> None:
+                 client_certs: bool = False, merge: Mapping[str, int | str] | None = None
+                 ) -> None:
         """`store_kind` "postgres" needs `pg_url` (an empty database: the servers create
         their schema). `metrics`: every server serves Prometheus metrics on a port of its
         own (`metrics()`). `device_tls` (Mosquitto): `device add` enrols devices on the TLS
         listener, verifying the broker with the fleet's CA; `client_certs` (implies it):
         that listener requires client certificates (a device CA of their own), issued by
-        `device add`."""
+        `device add`. `merge`: settings for every server's `[merge]` table."""
         if broker_kind not in BROKER_KINDS:
             raise ValueError(f"broker_kind must be one of {BROKER_KINDS}, not {broker_kind!r}")
         if store_kind not in STORE_KINDS:
@@ -264,6 +265,7 @@ class Fleet:
         self.device_tls = device_tls or client_certs
         self.client_certs = client_certs
         self.metrics_enabled = metrics
+        self.merge = dict(merge or {})
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls_port: int | None = None
@@ -368,6 +370,8 @@ class Fleet:
             lines.append(f"metrics_port = {port}")
         if self.store_kind == "postgres":
             lines += ["[store]", 'kind = "postgres"', f"url = {json.dumps(self.pg_url)}"]
+        if self.merge:
+            lines += ["[merge]", *(f"{k} = {json.dumps(v)}" for k, v in self.merge.items())]
         lines += [
             "[mqtt]",
             'host = "127.0.0.1"',

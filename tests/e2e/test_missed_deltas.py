@@ -18,6 +18,12 @@ pytestmark = pytest.mark.e2e
 SCOPE = "depot-7"
 
 
+@pytest.fixture
+def fleet_options() -> dict[str, Any]:
+    """The `fleet` fixture's servers wait 2 s (not 10) for a catch-up before a nudge."""
+    return {"merge": {"missed_grace_ms": 2000}}
+
+
 def _online(fleet: Fleet, dev: str) -> bool:
     out = fleet.cli("server", "devices", "--json", "--config", str(fleet.server_config)).stdout
     rows: list[dict[str, Any]] = json.loads(out)

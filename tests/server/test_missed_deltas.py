@@ -77,6 +77,20 @@ def test_back_online_without_asking_gets_the_scope_s_last_record(
     assert engine.counters["missed_nudges"] == 1
 
 
+def test_the_grace_is_the_operator_s_setting(tmp_path: Path) -> None:
+    engine, _, now = make_engine(tmp_path, {"van-1": ["r1"], "van-2": ["r1"]},
+                                 missed_grace_ms=2500)
+    for dev in ("van-1", "van-2"):
+        engine.handle_status(dev, status(dev))
+    engine.handle_status("van-1", status("van-1", on=False))
+    write(engine, 1, "missed")
+    engine.handle_status("van-1", status("van-1"))
+    now.now += 2499
+    assert delta_recs(engine.tick(), "van-1") == []
+    now.now += 1
+    assert [r["k"] for r in delta_recs(engine.tick(), "van-1")] == ["missed"]
+
+
 def test_a_newer_version_of_the_scope_is_sent_when_the_record_moved_on(
         tmp_path: Path) -> None:
     engine, now = fleet(tmp_path)

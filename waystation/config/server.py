@@ -102,6 +102,11 @@ class MergeConfig(_Model):
     """Records a second one device's fetches by query may make the server read, over
     time (a burst of 4 x the scan budget first): a device asking again and again gets
     smaller answers (at least 100 records read each), never more of the server."""
+    missed_grace_ms: Annotated[int, Field(strict=True, ge=1000, le=3_600_000)] = 10_000
+    """How long a device back online (or enabled again) has to ask for a catch-up
+    before the server sends it the newest record of each scope that changed while it was
+    away (PROTOCOL.md §7.6): long enough for an agent's own catch-up after a reconnect,
+    short enough that a device counted away by mistake is not left behind for long."""
     recent_dictionary_bytes: Annotated[int, Field(strict=True, ge=0, le=1 << 32)] = 16 << 20
     """Memory for the devices' recent messages that `zd3` streams are compressed with
     (PROTOCOL.md §3, broker.server.recent; ~4-16 KiB per device sending, least recently
