@@ -152,6 +152,8 @@ class Engine(DeadLetterQueue, MissedNudges, GroupTransaction):
         self.recent = recent_traffic(config)
         """The references of devices that agreed to `zd3` (None: not served here)."""
         self._sent_commands: set[str] = set()
+        self._schema_owed: set[str] = set()
+        """Devices a message could not reach: their `schema` push is offered again."""
         self._rows = PendingRows()
         """Presence and contact times waiting to be written (`broker.server.pending_rows`)."""
         self._letters: list[DeadLetter] = []

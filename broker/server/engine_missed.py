@@ -19,6 +19,7 @@ from broker.server.missed import MissedDeltas
 from broker.server.periodic import nudge_messages
 from broker.server.presence import Presence
 from broker.server.registry import Registry
+from broker.server.schema_push import LiveSchema
 from broker.server.store.base import Store
 
 log = structlog.get_logger("broker.server.engine")
@@ -37,7 +38,9 @@ class MissedNudges:
     _out_since: int
     _sent_commands: set[str]
     _commands_gen: int
+    _schema_owed: set[str]
     heartbeat: Heartbeat
+    schema: LiveSchema
 
     def _compress_over(self, dev: str) -> Compression:
         raise NotImplementedError
@@ -46,6 +49,10 @@ class MissedNudges:
         """A message the engine last returned for `dev` could not be published: the
         device will be shown the gap of any delta lost with it (`broker.server.missed`)."""
         self.missed.undelivered(dev, self._out_since, self.now_ms())
+        # So could a `schema` push (sent at a publish, and otherwise only after the
+        # device's next hello): offered again once the link is back, if still due.
+        if self.registry.get(dev) is not None:  # (an error to an unknown id: none due)
+            self._schema_owed.add(dev)
         # A command among them would otherwise wait for the device's next hello, which a
         # device online all along never sends: pushed again at the next tick (a device
         # carries out a command id at most once, §7.9).
@@ -91,16 +98,29 @@ class MissedNudges:
     def _nudges(self, now: int) -> list[Outgoing]:
         """A delta for each device back online that missed some (`broker.server.missed`):
         only while it is still online, and only of the scopes it still receives."""
-        if not self.missed.waiting() or self.heartbeat.broker_down_ms:
+        if self.heartbeat.broker_down_ms:
             return []  # (none while the broker link is down: each would be lost again)
+        out = self._schema_again()
+        if not self.missed.waiting():
+            return out
         nudges = self.missed.due(now, self._receives)
         if not nudges:
-            return []
+            return out
         self.counters["missed_nudges"] += len(nudges)
         log.info("missed_deltas_nudged", devices=[n.dev for n in nudges][:20],
                  count=len(nudges))
+        return out + [(dev, compress(m, self._compress_over(dev)))
+                      for dev, m in nudge_messages(self.store, nudges)]
+
+    def _schema_again(self) -> list[Outgoing]:
+        """The `schema` push still due to each device a message could not reach (none
+        when it runs the server's version, or does not take pushes)."""
+        if not self._schema_owed:
+            return []
+        rows = [row for dev in self._schema_owed if (row := self.registry.get(dev))]
+        self._schema_owed.clear()
         return [(dev, compress(m, self._compress_over(dev)))
-                for dev, m in nudge_messages(self.store, nudges)]
+                for dev, m in self.schema.pushes(rows, self.presence.online())]
 
 
 __all__ = ["MissedNudges"]

@@ -186,3 +186,25 @@ def test_publish_and_rollback_rewrite_the_stored_records(store_factory: StoreFac
         "page")[0]
     t1 = next(r for r in page["recs"] if r["k"] == "t-1")
     assert t1["f"] == {"route": "r1", "notes": "ring", "eta": 17}
+
+
+def test_a_push_the_link_refused_is_offered_again_once_it_is_back(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    """The daemon could not hand the publish's `schema` push to the broker (its link was
+    down): a device online all along would otherwise run the old version until its next
+    reconnect."""
+    engine, store, time = setup(store_factory, tmp_path)
+    engine.handle_up("van-1", hello("van-1", 2))
+    engine.handle_status("van-1", status("van-1"))
+    assert by_device(engine.tick()).get("van-1") is None
+    schema_history.publish(store, V3, "v3.toml", time())
+    assert schema_msgs(by_device(engine.tick())["van-1"]) == [3]
+    engine.undelivered("van-1")  # what the daemon does when link.publish refuses it
+    engine.heartbeat.broker(False, time())
+    assert by_device(engine.tick()).get("van-1") is None  # not while the link is down
+    engine.heartbeat.broker(True, time())
+    assert schema_msgs(by_device(engine.tick())["van-1"]) == [3]
+    assert by_device(engine.tick()).get("van-1") is None  # once
+    engine.handle_up("van-1", hello("van-1", 3))  # took it
+    engine.undelivered("van-1")
+    assert by_device(engine.tick()).get("van-1") is None  # nothing due: nothing sent
