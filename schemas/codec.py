@@ -178,6 +178,9 @@ class BadChange:
     """The entry's change number when it is a valid one (1 <= n < 2^53), else None."""
     error: ProtocolError
     """Why (code `invalid`); the reason's path starts with ``ch.{index}``."""
+    raw: Any = None
+    """The entry as read: the server keeps a digest of it, so that its change number
+    sent again with other content is `id_reused` (PROTOCOL.md §10.2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +271,8 @@ def decode_lenient(
                 continue
             except ValidationError as exc:
                 problem = validation_reason(exc, path)
-        bad.append(BadChange(index, _change_number(entry), ProtocolError(INVALID, problem)))
+        bad.append(BadChange(index, _change_number(entry), ProtocolError(INVALID, problem),
+                             entry))
     changes: Changes | None = None
     if good:
         rest = {name: value for name, value in doc.items() if name != "ch"}

@@ -33,7 +33,7 @@ import orjson
 import structlog
 
 from broker.server.caps import SCHEMA, SCHEMA_PUSH
-from broker.server.identity import change_digest, outcome_ns
+from broker.server.identity import change_digest, entry_digest, outcome_ns
 from broker.server.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
 from broker.server.upcast import SchemaChain
 from schemas import codec
@@ -194,12 +194,12 @@ class TxnApplier:
             from broker.server.txn_apply import apply_changes  # it builds on this module
 
             done = apply_changes(self, device, sv, changes, ns, len(bad))
-            return done + [self._invalid(device, ns, entry.n, entry.error.reason)
-                           for entry in bad if entry.n is not None]
+            return done + [self._invalid(device, ns, entry) for entry in bad
+                           if entry.n is not None]
         if not bad:
             return [self.apply_one(device, sv, ch, ns) for ch in changes]
-        # In batch order, so that a change number sent twice in one batch takes the
-        # outcome of its first occurrence even when that one is the invalid entry (§10.2).
+        # In batch order, so that a change number sent twice in one batch is judged
+        # against its first occurrence even when that one is the invalid entry (§10.2).
         bad_at = {entry.index: entry for entry in bad}
         valid = iter(changes)
         results: list[ChangeResult] = []
@@ -208,7 +208,7 @@ class TxnApplier:
             if entry is None:
                 results.append(self.apply_one(device, sv, next(valid), ns))
             elif entry.n is not None:
-                results.append(self._invalid(device, ns, entry.n, entry.error.reason))
+                results.append(self._invalid(device, ns, entry))
         return results
 
     def apply_one(self, device: DeviceRow, sv: int, ch: Change,
@@ -220,7 +220,7 @@ class TxnApplier:
         prior = self.txn.get_outcome(ns, ch.n)
         if prior is not None:
             if prior.d and prior.d != digest:
-                return self._reused(device, ch)
+                return self._reused(device, ch, ch.n)
             return self._repeat(device, ch.n, prior)
         plan = self.plan(device, sv, ch)
         if isinstance(plan, Refusal):
@@ -398,24 +398,35 @@ class TxnApplier:
         rec = self.whole(device, ch.c, ch.k) if show else None
         return ChangeResult(ch.n, code=code, reason=reason, rec=rec)
 
-    def _reused(self, device: DeviceRow, ch: Change) -> ChangeResult:
+    def _reused(self, device: DeviceRow, ch: Change | None, n: int) -> ChangeResult:
         """A change id already used for other content in this incarnation: refused
-        loudly, and not remembered (the id keeps the outcome of its first content)."""
+        loudly, and not remembered (the id keeps the outcome of its first content).
+        `ch` is None for an entry that is not a valid change (no record to show)."""
         self.stats.rejected += 1
         self.stats.reused += 1
-        log.warning("change_id_reused", dev=device.id, n=ch.n, c=ch.c, k=ch.k)
-        return ChangeResult(ch.n, code=codec.ID_REUSED, reason=(
-            f"change {device.id}:{ch.n} was already applied (or refused) with other "
+        log.warning("change_id_reused", dev=device.id, n=n, c=ch.c if ch else None,
+                    k=ch.k if ch else None)
+        return ChangeResult(n, code=codec.ID_REUSED, reason=(
+            f"change {device.id}:{n} was already applied (or refused) with other "
             "content: this device's store re-uses change ids (restored from a backup or "
             "copied); the change was not applied"),
-            rec=self.whole(device, ch.c, ch.k))
+            rec=self.whole(device, ch.c, ch.k) if ch else None)
 
-    def _invalid(self, device: DeviceRow, ns: str, n: int, reason: str) -> ChangeResult:
+    def _invalid(self, device: DeviceRow, ns: str, entry: BadChange) -> ChangeResult:
+        """An entry that is not a valid change but has a number: refused `invalid` and
+        remembered with a digest of the entry, so that the number sent again with other
+        content — valid or not — is `id_reused` like any other (§10.2), and a valid
+        change's number is never acked for an invalid entry."""
+        assert entry.n is not None
+        n, reason, digest = entry.n, entry.error.reason, entry_digest(entry.raw)
         prior = self.txn.get_outcome(ns, n)
         if prior is not None:
+            if prior.d and prior.d != digest:
+                return self._reused(device, None, n)
             return self._repeat(device, n, prior)
         self.stats.rejected += 1
-        self.txn.put_outcome(ns, n, OutcomeRow("", "", code=codec.INVALID, reason=reason))
+        self.txn.put_outcome(ns, n, OutcomeRow("", "", code=codec.INVALID, reason=reason,
+                                               d=digest))
         return ChangeResult(n, code=codec.INVALID, reason=reason)
 
 

@@ -12,6 +12,7 @@ duplicate of what it is not.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import orjson
@@ -58,4 +59,22 @@ def change_digest(ch: Change) -> str:
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
-__all__ = ["NS_SEP", "change_digest", "ns_device", "outcome_ns"]
+_CONTENT = ("n", "h", "c", "k", "s", "b", "op", "f", "i", "a", "r")
+
+
+def entry_digest(entry: Any) -> str:
+    """A digest of a `changes` entry that is not a valid change (17 characters).
+
+    Over the members `change_digest` covers, as sent (an invalid entry has no canonical
+    form); it starts with ``x``, so it never equals the digest of a valid change: an
+    invalid entry and a valid change are never the same content (§10.2), and either one
+    after the other under one change id is `id_reused`, never a duplicate.
+    """
+    doc = ({m: entry[m] for m in _CONTENT if m in entry} if isinstance(entry, dict)
+           else entry)
+    raw = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                     default=repr).encode("utf-8", "surrogatepass")
+    return "x" + hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+__all__ = ["NS_SEP", "change_digest", "entry_digest", "ns_device", "outcome_ns"]

@@ -19,6 +19,7 @@ from tests.server.helpers import (
     by_device,
     catchup,
     errors,
+    hp,
     make_engine,
     of_type,
     oks,
@@ -89,6 +90,29 @@ def test_legacy_and_new_incarnations_are_kept_apart(env: tuple[Engine, Store]) -
     out = by_device(engine.handle_up("van-13", changes("van-13", [task(1, "legacy")], None)))
     assert oks(out["van-13"])[0][2] == 1
     assert engine.counters["duplicates"] == 1
+
+
+@pytest.mark.xfail(strict=True, reason="set add-tags are `dev:n` without the incarnation "
+                   "(PROTOCOL §5 set, §2): a re-created store's add shares its tag with "
+                   "the old store's add of the same n (open: needs a design decision)")
+def test_a_new_stores_set_add_is_not_the_old_stores_tag(env: tuple[Engine, Store]) -> None:
+    """A wiped or re-imaged device numbers from 1 again (§2). Its new store's add of a
+    member is a new add: another device's remove of the old store's add (tag van-13:1,
+    all it saw) must not remove it (add wins, §5), nor may an earlier such remove."""
+    engine, _ = env
+    first = {**task(1, "t-1"), "a": {"labels": ["fragile"]}}
+    engine.handle_up("van-13", changes("van-13", [first], INC_A))
+    remove = {**task(1, "t-1", create=False), "h": hp(T0 + 10),
+              "r": {"labels": {"fragile": ["van-13:1"]}}}
+    remove.pop("f", None)
+    engine.handle_up("van-2", changes("van-2", [remove], None))
+    again = {**task(1, "t-1", create=False), "h": hp(T0 + 20), "a": {"labels": ["fragile"]}}
+    again.pop("f", None)
+    out = by_device(engine.handle_up("van-13", changes("van-13", [again], INC_B)))
+    assert [ok[0] for ok in oks(out["van-13"])] == [1]
+    page = by_device(engine.handle_up("van-13", catchup("van-13", {"r1": 0})))["van-13"]
+    [rec] = [r for p in of_type(page, "page") for r in p["recs"]]
+    assert rec["f"].get("labels") == ["fragile"], rec
 
 
 def test_reused_id_with_other_content_is_refused_loudly(env: tuple[Engine, Store]) -> None:

@@ -151,15 +151,28 @@ def test_duplicate_n_in_one_batch_is_a_repeat_of_the_first(env: tuple[Engine, St
 
 def test_duplicate_n_takes_the_outcome_of_its_first_occurrence(
         env: tuple[Engine, Store]) -> None:
-    """An invalid entry and a valid one with the same n: both answered `invalid`, because
-    the first occurrence decides (batch order), and nothing is applied."""
+    """An invalid entry and a valid one with the same n: the first occurrence decides
+    (batch order) and the other content is `id_reused` (§7.4, §10.2), whichever comes
+    first; nothing is applied for the invalid entry, which is never acked as a repeat of
+    the valid change. The same invalid entry sent again is refused again as it was."""
     engine, store = env
     bad = {"n": 1, "h": "not-a-stamp", "c": "tasks", "k": "t-1", "s": "r1", "b": 0,
            "op": "put", "f": {"status": "a"}}
     out = _send(engine, "van-1", changes("van-1", [bad, task(1, "t-1", status="a")]))
     assert oks(out) == []
-    assert [(r["n"], r["code"]) for r in rejections(out)] == [(1, "invalid"), (1, "invalid")]
+    assert [(r["n"], r["code"]) for r in rejections(out)] == [(1, "invalid"), (1, "id_reused")]
     assert _seq(store, "r1") == 0
+    again = rejections(_send(engine, "van-1", changes("van-1", [bad])))
+    assert [(r["n"], r["code"]) for r in again] == [(1, "invalid")]
+    assert again[0]["reason"] == rejections(out)[0]["reason"]
+    later = _send(engine, "van-1", changes("van-1", [task(1, "t-1", status="a")]))
+    assert oks(later) == [] and [r["code"] for r in rejections(later)] == ["id_reused"]
+    # A valid change first: the invalid entry after it is not acked as its repeat.
+    out = _send(engine, "van-1", changes("van-1", [task(2, "t-2", status="a"),
+                                                   {**bad, "n": 2, "k": "t-2"}]))
+    assert oks(out) == [[2, "r1", 1]]
+    assert [(r["n"], r["code"]) for r in rejections(out)] == [(2, "id_reused")]
+    assert _seq(store, "r1") == 1
 
 
 def test_change_numbers_need_not_be_gapless(env: tuple[Engine, Store]) -> None:
