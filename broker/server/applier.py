@@ -33,7 +33,7 @@ import orjson
 import structlog
 
 from broker.server.caps import SCHEMA, SCHEMA_PUSH
-from broker.server.identity import change_digest, entry_digest, outcome_ns
+from broker.server.identity import change_digest, entry_digest, outcome_ns, store_tag_base
 from broker.server.store.base import ConflictRow, DeviceRow, OutcomeRow, Tomb, WriteTxn
 from broker.server.upcast import SchemaChain
 from schemas import codec
@@ -162,6 +162,8 @@ class TxnApplier:
         self.rules = applier.rules
         self.now = applier.now_ms()
         self.stats = BatchStats()
+        self.tag_base = 0
+        """Of the batch being applied: its set adds' tags (`store_tag_base`)."""
         self._records: dict[_Key, merge.RecordState | None] = {}
 
     def _lookup(self, c: str, k: str) -> Callable[[str], Any]:
@@ -179,6 +181,7 @@ class TxnApplier:
         """Apply one device's batch, written in store incarnation `inc` (None: the
         legacy one); one result per change (bad entries with a number too)."""
         ns = outcome_ns(device.id, inc)
+        self.tag_base = store_tag_base(device, inc)
         scopes = {ch.s for ch in changes if ch.s in device.scopes}
         if scopes:  # in a fixed order, before reading (see WriteTxn.lock_scopes)
             self.txn.lock_scopes(sorted(scopes))
@@ -288,7 +291,8 @@ class TxnApplier:
                 tick = self.a.clock.tick()
                 stamp = Stamp(tick.wall, tick.counter, dev)
             q = self.txn.scope_seq(scope) + 1 + (bump.get(scope, 0) if bump else 0)
-            out = merge.apply_change(record, ch, dev, q, spec, stamp=stamp, rules=self.rules)
+            out = merge.apply_change(record, ch, dev, q, spec, stamp=stamp, rules=self.rules,
+                                     tag_base=self.tag_base)
             if not out.applied:
                 code, reason = out.rejection or (codec.INVALID, "refused")
                 return Refusal(code, reason)

@@ -17,7 +17,9 @@ from typing import Any
 
 import orjson
 
+from broker.server.store.rows import DeviceRow
 from schemas.wire import Change
+from waystation.merge.tags import tag_base
 
 NS_SEP = "/"
 """Separates device and incarnation in an outcome namespace; never in a device id."""
@@ -59,6 +61,17 @@ def change_digest(ch: Change) -> str:
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
+def store_tag_base(device: DeviceRow, inc: str | None) -> int:
+    """The base of the set add-tags of `device`'s changes written in incarnation `inc`
+    (`waystation.merge.tags`): 0 (its change ids) for the legacy incarnation and the
+    device's first store, the only one its `hello`s announced; apart for any other (a
+    store re-created since, whose numbers start at 1 again, or one that never said
+    `hello`: the server cannot tell it is the first)."""
+    if not inc or (device.incs == 1 and inc == device.inc):
+        return 0
+    return tag_base(inc)
+
+
 _CONTENT = ("n", "h", "c", "k", "s", "b", "op", "f", "i", "a", "r")
 
 
@@ -77,4 +90,5 @@ def entry_digest(entry: Any) -> str:
     return "x" + hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
-__all__ = ["NS_SEP", "change_digest", "entry_digest", "ns_device", "outcome_ns"]
+__all__ = ["NS_SEP", "change_digest", "entry_digest", "ns_device", "outcome_ns",
+           "store_tag_base"]

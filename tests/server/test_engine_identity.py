@@ -92,9 +92,6 @@ def test_legacy_and_new_incarnations_are_kept_apart(env: tuple[Engine, Store]) -
     assert engine.counters["duplicates"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="set add-tags are `dev:n` without the incarnation "
-                   "(PROTOCOL §5 set, §2): a re-created store's add shares its tag with "
-                   "the old store's add of the same n (open: needs a design decision)")
 def test_a_new_stores_set_add_is_not_the_old_stores_tag(env: tuple[Engine, Store]) -> None:
     """A wiped or re-imaged device numbers from 1 again (§2). Its new store's add of a
     member is a new add: another device's remove of the old store's add (tag van-13:1,
@@ -113,6 +110,70 @@ def test_a_new_stores_set_add_is_not_the_old_stores_tag(env: tuple[Engine, Store
     page = by_device(engine.handle_up("van-13", catchup("van-13", {"r1": 0})))["van-13"]
     [rec] = [r for p in of_type(page, "page") for r in p["recs"]]
     assert rec["f"].get("labels") == ["fragile"], rec
+
+
+def _labels(engine: Engine, dev: str = "van-2") -> dict[str, list[str]]:
+    """The live tags of t-1's `labels`, as a catch-up shows them to `dev`."""
+    page = by_device(engine.handle_up(dev, catchup(dev, {"r1": 0})))[dev]
+    [rec] = [r for p in of_type(page, "page") for r in p["recs"] if r["k"] == "t-1"]
+    tags: dict[str, list[str]] = rec.get("t", {}).get("labels", {})
+    return tags
+
+
+def _set_change(n: int, at: int, *, add: Sequence[str] = (),
+                remove: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    ch = {**task(n, "t-1", create=False), "h": hp(T0 + at)}
+    ch.pop("f", None)
+    if add:
+        ch["a"] = {"labels": list(add)}
+    if remove:
+        ch["r"] = {"labels": remove}
+    return ch
+
+
+def test_a_first_store_tags_its_adds_with_its_change_ids(env: tuple[Engine, Store]) -> None:
+    """Nothing changes for a device's first store (its tags are what devices always
+    saw), while a re-created one's tags are of the same §2 form, apart from them."""
+    engine, _ = env
+    engine.handle_up("van-13", hello("van-13", INC_A))
+    engine.tick()
+    engine.handle_up("van-13", changes("van-13", [{**task(1, "t-1"), "a": {"labels": ["a"]}}],
+                                       INC_A))
+    assert _labels(engine) == {"a": ["van-13:1"]}
+    engine.handle_up("van-13", hello("van-13", INC_B))  # re-imaged
+    engine.tick()
+    engine.handle_up("van-13", changes("van-13", [_set_change(1, 10, add=["b"])], INC_B))
+    tags = _labels(engine)
+    assert tags["a"] == ["van-13:1"]
+    [tag] = tags["b"]
+    dev, _, n = tag.rpartition(":")
+    assert dev == "van-13" and n != "1" and 1 <= int(n) < 2**53 and n[0] != "0"
+
+
+def test_a_re_created_store_removes_its_own_adds_by_change_id(
+        env: tuple[Engine, Store]) -> None:
+    """The device knows its pending add by its change id: its remove naming van-13:1
+    removes the add the server tagged apart, whether the remove comes after the add or
+    before it (out of order); another device removes it by the tag it was shown."""
+    engine, _ = env
+    engine.handle_up("van-13", hello("van-13", INC_A))
+    engine.handle_up("van-13", changes("van-13", [{**task(1, "t-1"), "a": {"labels": ["x"]}}],
+                                       INC_A))
+    engine.handle_up("van-13", hello("van-13", INC_B))
+    engine.tick()
+    engine.handle_up("van-13", changes("van-13", [
+        _set_change(1, 10, add=["a"]), _set_change(2, 11, remove={"a": ["van-13:1"]})], INC_B))
+    assert "a" not in _labels(engine)
+    engine.handle_up("van-13", changes("van-13", [
+        _set_change(4, 13, remove={"b": ["van-13:3"]})], INC_B))
+    engine.handle_up("van-13", changes("van-13", [_set_change(3, 12, add=["b"])], INC_B))
+    assert "b" not in _labels(engine)
+    engine.handle_up("van-13", changes("van-13", [_set_change(5, 14, add=["c"])], INC_B))
+    [tag] = _labels(engine)["c"]
+    engine.handle_up("van-2", changes("van-2", [_set_change(1, 15, remove={"c": [tag]})],
+                                      None))
+    assert "c" not in _labels(engine)
+    assert _labels(engine)["x"] == ["van-13:1"]  # the old store's add: not named by any
 
 
 def test_reused_id_with_other_content_is_refused_loudly(env: tuple[Engine, Store]) -> None:

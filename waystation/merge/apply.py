@@ -9,6 +9,7 @@ from schemas.collection import CollectionSpec
 from schemas.wire import Change
 from waystation.hlc import Stamp
 from waystation.merge.checks import check_change
+from waystation.merge.tags import add_tag, seen_tags, tag_change
 from waystation.merge.state import (
     ConflictEntry,
     Counter,
@@ -26,13 +27,14 @@ from waystation.rules import Rule, RuleContext
 
 def apply_change(record: RecordState | None, change: Change, dev: str, q: int,
                  spec: CollectionSpec, *, stamp: Stamp | None = None,
-                 rules: Sequence[Rule] = ()) -> Outcome:
+                 rules: Sequence[Rule] = (), tag_base: int = 0) -> Outcome:
     """Merge `change` from device `dev` into `record` at scope sequence `q`.
 
     `record` is None when the store has no record under the key. `stamp` replaces the
     change's own stamp (server re-stamping, §4). `rules` run on the tentative result
-    and may accept, transform or reject the change. The record passed in is never
-    modified; on rejection the outcome holds it unchanged.
+    and may accept, transform or reject the change. `tag_base`: the change comes from a
+    re-created store, whose set adds are tagged apart (`waystation.merge.tags`). The
+    record passed in is never modified; on rejection the outcome holds it unchanged.
     """
     err = check_change(record, change, spec)
     if err is not None:
@@ -40,15 +42,15 @@ def apply_change(record: RecordState | None, change: Change, dev: str, q: int,
     if stamp is None:
         h = change.h
         stamp = Stamp(int(h[:12], 16), int(h[12:], 16), dev)
-    out = _merge(record, change, dev, q, spec, stamp)
+    out = _merge(record, change, dev, q, spec, stamp, tag_base)
     if rules:
-        out = _run_rules(record, change, dev, q, spec, stamp, rules, out)
+        out = _run_rules(record, change, dev, q, spec, stamp, rules, out, tag_base)
     return out
 
 
 def _run_rules(record: RecordState | None, original: Change, dev: str, q: int,
                spec: CollectionSpec, stamp: Stamp, rules: Sequence[Rule],
-               out: Outcome) -> Outcome:
+               out: Outcome, tag_base: int = 0) -> Outcome:
     change = original
     where = f"{original.c}/{original.k}"
     for rule in rules:
@@ -71,7 +73,7 @@ def _run_rules(record: RecordState | None, original: Change, dev: str, q: int,
             return Outcome(False, record, (err[0], f"{err[1]} (after rule {name} "
                                                    "transformed the change)"), change=original)
         change = new
-        out = _merge(record, change, dev, q, spec, stamp)
+        out = _merge(record, change, dev, q, spec, stamp, tag_base)
     if change is not original:
         out.transformed = True
         out.fixups |= _differing_fields(original, change)
@@ -81,7 +83,7 @@ def _run_rules(record: RecordState | None, original: Change, dev: str, q: int,
 
 
 def _merge(record: RecordState | None, ch: Change, dev: str, q: int, spec: CollectionSpec,
-           hc: Stamp) -> Outcome:
+           hc: Stamp, tag_base: int = 0) -> Outcome:
     out = Outcome(True, None, change=ch, stamp=hc)
     fields: dict[str, FieldState]
     if record is None:
@@ -139,7 +141,8 @@ def _merge(record: RecordState | None, ch: Change, dev: str, q: int, spec: Colle
         if ch.a or ch.r:
             adds, removes = ch.a, ch.r
             for name in (*adds, *(r for r in removes if r not in adds)):
-                _set(rec, fields, name, adds.get(name), removes.get(name), hc, dev, n, q, out)
+                _set(rec, fields, name, adds.get(name), removes.get(name), hc, dev, n, q, out,
+                     tag_base)
     deleted = rec.deleted
     out.fix_deleted = (ch.op == "del") != deleted
     out.whole = not deleted and (record is None or was_deleted or vanished)
@@ -209,7 +212,7 @@ def _stamp_of(version: Version) -> Stamp:
 
 def _set(rec: RecordState, fields: dict[str, FieldState], name: str,
          adds: list[str] | None, removes: dict[str, list[str]] | None, hc: Stamp,
-         dev: str, n: int, q: int, out: Outcome) -> None:
+         dev: str, n: int, q: int, out: Outcome, tag_base: int) -> None:
     cur = fields.get(name)
     if type(cur) is SetField:
         tags, removed, old_q = cur.tags, cur.removed, cur.q
@@ -218,7 +221,8 @@ def _set(rec: RecordState, fields: dict[str, FieldState], name: str,
     new_tags: dict[str, dict[str, Stamp]] | None = None
     new_removed: dict[str, set[str]] | None = None
     if removes:
-        for member, seen in removes.items():
+        for member, named in removes.items():
+            seen = seen_tags(dev, named, tag_base)
             had = removed.get(member)
             fresh = [t for t in seen if t not in had] if had is not None else seen
             if fresh:
@@ -242,7 +246,7 @@ def _set(rec: RecordState, fields: dict[str, FieldState], name: str,
                 out.conflicts.append(
                     _lost_to_delete(rec, name, Version(sorted(set(adds)), hc, dev, n), q))
         else:
-            tag = f"{dev}:{n}"
+            tag = add_tag(dev, n, tag_base)
             rem = removed if new_removed is None else new_removed
             for member in adds:
                 gone = rem.get(member)
@@ -315,10 +319,10 @@ def _delete(rec: RecordState, fields: dict[str, FieldState], ch: Change, dev: st
                     if stamp > hd:
                         live[tag] = stamp
                         continue
-                    tdev, _, tn = tag.rpartition(":")
+                    tdev, tn = tag_change(tag)
                     if tdev != dev and b < st.q:
                         conflicts.append(ConflictEntry(c, k, s, name, "delete", dv,
-                                                       Version(member, stamp, tdev, int(tn)), q))
+                                                       Version(member, stamp, tdev, tn), q))
                 if live:
                     kept[member] = live
             fields[name] = SetField(kept, st.removed, q)
