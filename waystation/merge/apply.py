@@ -9,7 +9,6 @@ from schemas.collection import CollectionSpec
 from schemas.wire import Change
 from waystation.hlc import Stamp
 from waystation.merge.checks import check_change
-from waystation.merge.tags import add_tag, seen_tags, tag_change
 from waystation.merge.state import (
     ConflictEntry,
     Counter,
@@ -20,6 +19,7 @@ from waystation.merge.state import (
     SetField,
     Version,
 )
+from waystation.merge.tags import add_tag, seen_tags, tag_change
 from waystation.rules import Rule, RuleContext
 
 # --- apply -----------------------------------------------------------------------------
