@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from waystation.timefmt import span, year
+from waystation.timefmt import about, year
 
 log = structlog.get_logger(__name__)
 
@@ -118,7 +118,9 @@ def describe(offset: int, measured_ms: int) -> str:
     way = "ahead" if offset > 0 else "behind"
     size = abs(offset)
     if size < YEAR_MS:
-        return f"clock {span(size)} {way}"
+        # Rounded: a clock ahead is measured less the status's transit, so a clock set
+        # exactly 3 h ahead (a time zone taken for UTC) would read "2 h" truncated.
+        return f"clock {about(size)} {way}"
     text = f"clock over a year {way}"
     reads = year(measured_ms + offset) if size < CAP_MS else 0
     if 0 < reads < 10_000:

@@ -148,6 +148,18 @@ def test_the_words() -> None:
     assert slack(30_000) == 3_000 and slack(1_000) == 2_000
 
 
+def test_a_clock_whole_hours_off_reads_as_such() -> None:
+    """A clock ahead is measured less the status's transit: one set exactly 3 h ahead
+    (a device's local time taken for UTC) measures a few ms under 3 h, and reads "3 h
+    ahead" (it read "2 h ahead", truncated); each scale rounds to its nearest unit."""
+    assert describe(3 * HOUR - 150, T0) == "clock 3 h ahead"
+    assert describe(-(3 * HOUR - 150), T0) == "clock 3 h behind"
+    assert describe(10 * 60_000 - 40, T0) == "clock 10 min ahead"
+    assert describe(2 * HOUR - 20_000, T0) == "clock 2 h ahead"   # not "119 min"
+    assert describe(3 * 86_400_000 - 200, T0) == "clock 3 days ahead"
+    assert describe(int(2.4 * HOUR), T0) == "clock 2 h ahead"
+
+
 def test_the_log_says_it_once_not_per_status() -> None:
     """One `device_clock_off` when first seen off, none for the same clock's next
     statuses, one `device_clock_ok` once fixed; a device flipping as fast as it can
