@@ -90,6 +90,9 @@ class AgentStatus:
     disk_free_bytes: int | None = None
     """Free bytes (for this user) on the filesystem holding the store; None: unknown.
     Below `waystation.diskfull.LOW_SPACE_BYTES` the summary says writes may fail."""
+    read_ms: int | None = None
+    """When this status was read (the store's clock, ms); not in `to_dict`: the ages
+    above are relative to it."""
     replayed: dict[str, Any] | None = None
     """What the latest resync ordered by a server restore gave back: {t, id, changes,
     units_skipped, scopes, resending, settled, past} (PROTOCOL.md §9.7, agent.journal);
@@ -104,17 +107,32 @@ class AgentStatus:
                     and self.last_sync_ms > int(self.wiped["t"]))
 
     def _unanswered(self) -> str | None:
-        """Connected, changes unacked for `UNANSWERED_S` and no merge server of the
-        group ever announced itself: say where to look (else "online, 3 pending" alone
-        reads as a sync under way)."""
+        """Connected, changes unacked for `UNANSWERED_S`: say where to look (else "online,
+        3 pending" alone reads as a sync under way). Either no merge server of the group
+        ever announced itself, or one is announced up but nothing at all came from the
+        server for as long (a server whose store is down or full stays announced up and
+        merges nothing; a long backlog draining gets acks all along, so says nothing)."""
         if (not self.online or not self.pending or self.deferred or self.last_error
-                or (self.oldest_pending_age_s or 0) < UNANSWERED_S
-                or self.server is None or self.server.get("up") is not None):
+                or (self.oldest_pending_age_s or 0) < UNANSWERED_S or self.server is None):
             return None
-        return (f"the oldest change has waited {_age(self.oldest_pending_age_s or 0)} for the "
-                f"server's ack and no merge server of group {self.server.get('group')!r} has "
-                "announced itself on the broker: is one running (`waystation server status` "
-                "on the server host)?")
+        waited = (f"the oldest change has waited {_age(self.oldest_pending_age_s or 0)} for "
+                  "the server's ack")
+        group = self.server.get("group")
+        if self.server.get("up") is None:
+            return (f"{waited} and no merge server of group {group!r} has announced itself "
+                    "on the broker: is one running (`waystation server status` on the "
+                    "server host)?")
+        silent = self.last_sync_age_s
+        up_since = self.server.get("up_since_ms")
+        if (not self.server.get("up") or (silent is not None and silent < UNANSWERED_S)
+                or (up_since and self.read_ms is not None
+                    and self.read_ms - int(up_since) < UNANSWERED_S * 1000)):
+            return None  # down: the deferral says so; just up: resending takes a moment
+        heard = ("nothing has come from the server yet" if silent is None
+                 else f"nothing has come from the server for {_age(silent)}")
+        return (f"{waited} and {heard}, though a merge server of group {group!r} is "
+                "announced up: it may be unable to merge (its store down or full?): see "
+                "`waystation server status` and the server's log on the server host")
 
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
@@ -192,7 +210,7 @@ class AgentStatus:
         if unanswered:
             extras.append(unanswered)
         if self.deferred:
-            held = "; ".join(describe_deferral(d) for d in self.deferred)
+            held = "; ".join(describe_deferral(d, live=self.online) for d in self.deferred)
             text += f"; {'waiting: ' if self.pending else ''}{held}"
             if self.pending and any(d.get("code") != "server_unavailable"
                                     and "records" in (d.get("lanes") or [])
@@ -207,7 +225,9 @@ class AgentStatus:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary()}
+        doc = {**asdict(self), "summary": self.summary()}
+        del doc["read_ms"]
+        return doc
 
 
 def _when(ms: int) -> str:
@@ -233,13 +253,18 @@ def describe_replay(r: dict[str, Any]) -> str:
     return text
 
 
-def describe_deferral(d: dict[str, Any]) -> str:
+def describe_deferral(d: dict[str, Any], *, live: bool = True) -> str:
     """One deferral as people read it: "server unavailable since ...", "outside the sync
-    windows until ..." and so on."""
+    windows until ..." and so on. `live` False: the daemon is not connected to the
+    broker, so what it last heard of the merge servers may no longer hold (a broker
+    that stops delivers the servers' last wills first: they read as down though they
+    run) and is said as such."""
     code = d.get("code")
     if code == "server_unavailable":
         since = d.get("since_ms")
         return ("server unavailable" + (f" since {_when(since)}" if since else "")
+                + ("" if live else " (as last heard before the link to the broker was "
+                   "lost)")
                 + ": changes stay on the device until a merge server announces itself")
     text = str(d.get("reason", code))
     if d.get("until_ms"):
@@ -344,7 +369,7 @@ def read_status(core: Core) -> AgentStatus:
             evicted=tx.count("evicted"), fetching=tx.count("fetch"),
             fetch_queries=fetch_queries.waiting(work),
             journal=journal.stats(work), replayed=_replayed(work, now),
-            disk_free_bytes=_disk_free(core.store.path))
+            disk_free_bytes=_disk_free(core.store.path), read_ms=now)
 
     return core.read(run)
 

@@ -216,3 +216,63 @@ def test_changes_held_by_the_policy_say_how_to_send_them_now(agent: Agent) -> No
                               "server": {"group": "main", "up": False,
                                          "down_since_ms": None}, "probes": {}})
     assert "agent sync" not in agent.status().summary()
+
+
+def _server_up(agent: Agent, up_since_ms: int) -> None:
+    """What a running daemon records when its merge server group is announced up."""
+    agent.sync.record_policy({"deferrals": [], "sync_now_until_ms": None,
+                              "server": {"group": "main", "up": True, "down_since_ms": None,
+                                         "up_since_ms": up_since_ms}, "probes": {}})
+
+
+def test_a_server_announced_up_that_answers_nothing_is_pointed_at(
+        agent: Agent, clock: FakeClock) -> None:
+    """Its store down (PostgreSQL stopped) or full, a merge server stays announced up and
+    acks nothing: "online, 1 pending (oldest 5 min)" alone read as a sync under way.
+    Not said while acks come (a backlog draining), nor right after the server came up
+    (the changes held while it was down go now)."""
+    agent.put("tasks", "t-1", {"route": S})
+    agent.put("tasks", "t-2", {"route": S})
+    _server_up(agent, clock.ms)
+    clock.advance(UNANSWERED_S + 240)
+    agent.sync.set_online(True)
+    summary = agent.status().summary()
+    assert summary.startswith("online, 2 pending (oldest 5 min)"), summary
+    assert "nothing has come from the server yet" in summary
+    assert "though a merge server of group 'main' is announced up" in summary
+    assert "its store down or full" in summary and "`waystation server status`" in summary
+    agent.sync.apply_ack(wire.Ack(ok=[(1, S, 1)]))  # acks arrive: a backlog draining
+    clock.advance(5)
+    agent.sync.set_online(True)
+    assert "announced up" not in agent.status().summary()
+    clock.advance(UNANSWERED_S + 60)  # then the server falls silent again
+    agent.sync.set_online(True)
+    assert "nothing has come from the server for 2 min" in agent.status().summary()
+    _server_up(agent, clock.ms - 10_000)  # it was down, and came up 10 s ago
+    assert "announced up" not in agent.status().summary()
+
+
+def test_a_server_down_heard_before_the_link_was_lost_is_said_so(
+        agent: Agent, clock: FakeClock) -> None:
+    """Offline, the daemon cannot know the merge servers' state: a broker that stops
+    delivers their last wills first, so "server unavailable" then may be false (they
+    run). The summary says it is what was last heard, not a fact of now."""
+    agent.put("tasks", "t-1", {"route": S})
+    down = {"code": "server_unavailable", "reason": "no merge server is up",
+            "lanes": ["records", "files", "telemetry"], "until_ms": None,
+            "since_ms": clock.ms}
+    agent.sync.record_policy({"deferrals": [down], "sync_now_until_ms": None,
+                              "server": {"group": "main", "up": False,
+                                         "down_since_ms": clock.ms, "up_since_ms": None},
+                              "probes": {}})
+    agent.sync.set_online(True)
+    summary = agent.status().summary()
+    assert "server unavailable since " in summary and "as last heard" not in summary
+    clock.advance(3)
+    agent.sync.set_online(False)
+    agent.sync.record_link("retrying", "[Errno 111] Connection refused", 2.0,
+                           code="connection_refused")
+    summary = agent.status().summary()
+    assert summary.startswith("offline — nothing accepts connections"), summary
+    assert ("server unavailable since " in summary
+            and "(as last heard before the link to the broker was lost)" in summary)
