@@ -101,7 +101,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                                      f"{', ...' if len(online) > 10 else ''})" if online else "")
           + ("" if serving else " as the last server left them, not live")
           + (f"; {len(never)} never connected ({', '.join(never[:10])}"
-             f"{', ...' if len(never) > 10 else ''})" if never else ""))
+             f"{', ...' if len(never) > 10 else ''}): `waystation agent status` on each "
+             "says why (not started, wrong broker address or login)" if never else ""))
     print(f"records: {doc['records']}; open conflicts: {doc['open_conflicts']} "
           f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
     print(_letters_line(letters, config.dead_letters.max_count,
