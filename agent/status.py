@@ -185,6 +185,11 @@ class AgentStatus:
             extras.append(f"schema version refused: {self.last_error.get('reason', '')}")
         elif self.last_error:
             said = f"server says: {self.last_error.get('reason', '')}"
+            if self.last_error.get("code") == "unknown_device":
+                # Removed from the registry (or never enrolled): the command it names is
+                # the operator's, and nothing waiting here is lost meanwhile.
+                said += (" (the operator's command, on the server host; the changes "
+                         "waiting stay on this device)")
             left = self.last_error.get("retry_in_s")
             if left and self.agent_running is not False:
                 said += f" (next try in {left:.0f} s)"

@@ -276,3 +276,17 @@ def test_a_server_down_heard_before_the_link_was_lost_is_said_so(
     assert summary.startswith("offline — nothing accepts connections"), summary
     assert ("server unavailable since " in summary
             and "(as last heard before the link to the broker was lost)" in summary)
+
+
+def test_a_device_removed_from_the_registry_says_whose_move_it_is(agent: Agent) -> None:
+    """The server refuses a removed device's messages (`unknown_device`, naming `device
+    add`): the device's user reads that the command is the operator's and that the
+    changes waiting are kept."""
+    agent.put("tasks", "t-1", {"route": S})
+    agent.sync.apply_reject(wire.Reject(rj=[wire.Rejection(
+        n=1, code="unknown_device", perm=False,
+        reason="device 'van-1' is not registered: enrol it with `waystation device add`")]))
+    status = agent.status()
+    assert status.pending == 1 and status.dead_letters == 0
+    assert ("enrol it with `waystation device add` (the operator's command, on the server "
+            "host; the changes waiting stay on this device)") in status.summary()
