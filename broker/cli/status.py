@@ -88,7 +88,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
     sealed = ", encrypted at rest" if doc["store"]["encrypted"] else ""
     print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}{sealed}")
-    _print_servers(servers, now, stale_ms, _stale_s(args), ended, _config(args))
+    _print_servers(servers, now, stale_ms, _stale_s(args), ended, _config(args),
+                   config.server_id)
     if file_version == catalog.version:
         print(f"schema version {catalog.version} ({config.schema_path()})")
     else:
@@ -145,10 +146,11 @@ def _config(args: argparse.Namespace) -> str | None:
 
 
 def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, stale_s: int,
-                   ended: frozenset[str], config: str | None = None) -> None:
+                   ended: frozenset[str], config: str | None = None,
+                   own_id: str | None = None) -> None:
     """Which merge servers run, and plainly when none serves (`broker.server.liveness`)."""
     for row in servers:
-        print(liveness.describe(row, now, stale_ms, ended, config))
+        print(liveness.describe(row, now, stale_ms, ended, config, own_id))
     warning = liveness.presence_warning(servers, now, stale_s, ended, config)
     if warning:
         print(warning)
