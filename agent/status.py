@@ -379,6 +379,16 @@ def read_status(core: Core) -> AgentStatus:
     return core.read(run)
 
 
+def sync_running(status: AgentStatus) -> bool:
+    """Whether a sync process runs on the store `status` was read from, as the local API's
+    `sync_running` says it from inside the service: the service's sync process holds the
+    sync lock for its life; a sync daemon run on its own is `agent_running`."""
+    data_dir = Path(status.store_path).parent
+    if service_pid(data_dir):
+        return holder_pid(data_dir / SYNC_LOCK) is not None
+    return status.agent_running is True
+
+
 def record_online(work: Work, online: bool) -> None:
     """The daemon's heartbeat: connected or not, now, and which process says so."""
     work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid(),
@@ -409,5 +419,5 @@ def _last_error(doc: dict[str, Any] | None, now: int) -> dict[str, Any] | None:
 
 
 __all__ = ["UNANSWERED_S", "AgentStatus", "describe_deferral", "describe_replay",
-           "read_status", "record_online"]
+           "read_status", "record_online", "sync_running"]
 

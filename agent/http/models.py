@@ -175,6 +175,10 @@ class StatusOut(_Out):
     replayed: dict[str, JsonValue] | None
     """What the latest resync after a server restore sent again: {t, id, changes,
     units_skipped, scopes}; null: none seen."""
+    client_cert: dict[str, JsonValue] | None = None
+    """The client certificate the agent connects with (`[mqtt.tls]` cert_file): {expires,
+    expires_ms, renew_before_days, renewal_under_way, ...}; null: none configured. The
+    same as `agent status --json`."""
 
 
 class QuotaOut(_Out):
