@@ -110,8 +110,9 @@ class AgentStatus:
         """Connected, changes unacked for `UNANSWERED_S`: say where to look (else "online,
         3 pending" alone reads as a sync under way). Either no merge server of the group
         ever announced itself, or one is announced up but nothing at all came from the
-        server for as long (a server whose store is down or full stays announced up and
-        merges nothing; a long backlog draining gets acks all along, so says nothing)."""
+        server for as long: hung (a stopped process stays announced up until the broker's
+        keep-alive gives up on it), or overloaded. A server whose store fails answers
+        `server_error` (`last_error`); a long backlog draining gets acks all along."""
         if (not self.online or not self.pending or self.deferred or self.last_error
                 or (self.oldest_pending_age_s or 0) < UNANSWERED_S or self.server is None):
             return None
@@ -131,8 +132,8 @@ class AgentStatus:
         heard = ("nothing has come from the server yet" if silent is None
                  else f"nothing has come from the server for {_age(silent)}")
         return (f"{waited} and {heard}, though a merge server of group {group!r} is "
-                "announced up: it may be unable to merge (its store down or full?): see "
-                "`waystation server status` and the server's log on the server host")
+                "announced up: it may be hung or overloaded: see `waystation server "
+                "status` and the server's log on the server host")
 
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
@@ -185,7 +186,13 @@ class AgentStatus:
             extras.append(f"schema version refused: {self.last_error.get('reason', '')}")
         elif self.last_error:
             said = f"server says: {self.last_error.get('reason', '')}"
-            if self.last_error.get("code") == "unknown_device":
+            if self.last_error.get("code") == "server_error":
+                # "send it again later" is addressed to the device, which does so by
+                # itself: the problem, and what fixes it, are on the server's side.
+                said += (" (a problem on the server, its store down or failing: this device "
+                         "sends the change again by itself; the operator sees why in "
+                         "`waystation server status` and the server's log)")
+            elif self.last_error.get("code") == "unknown_device":
                 # Removed from the registry (or never enrolled): the command it names is
                 # the operator's, and nothing waiting here is lost meanwhile.
                 said += (" (the operator's command, on the server host; the changes "

@@ -227,8 +227,9 @@ def _server_up(agent: Agent, up_since_ms: int) -> None:
 
 def test_a_server_announced_up_that_answers_nothing_is_pointed_at(
         agent: Agent, clock: FakeClock) -> None:
-    """Its store down (PostgreSQL stopped) or full, a merge server stays announced up and
-    acks nothing: "online, 1 pending (oldest 5 min)" alone read as a sync under way.
+    """A merge server hung (stopped, stuck) stays announced up until the broker's
+    keep-alive gives up on it, and acks nothing: "online, 2 pending (oldest 5 min)"
+    alone read as a sync under way.
     Not said while acks come (a backlog draining), nor right after the server came up
     (the changes held while it was down go now)."""
     agent.put("tasks", "t-1", {"route": S})
@@ -240,7 +241,7 @@ def test_a_server_announced_up_that_answers_nothing_is_pointed_at(
     assert summary.startswith("online, 2 pending (oldest 5 min)"), summary
     assert "nothing has come from the server yet" in summary
     assert "though a merge server of group 'main' is announced up" in summary
-    assert "its store down or full" in summary and "`waystation server status`" in summary
+    assert "hung or overloaded" in summary and "`waystation server status`" in summary
     agent.sync.apply_ack(wire.Ack(ok=[(1, S, 1)]))  # acks arrive: a backlog draining
     clock.advance(5)
     agent.sync.set_online(True)
@@ -290,3 +291,17 @@ def test_a_device_removed_from_the_registry_says_whose_move_it_is(agent: Agent) 
     assert status.pending == 1 and status.dead_letters == 0
     assert ("enrol it with `waystation device add` (the operator's command, on the server "
             "host; the changes waiting stay on this device)") in status.summary()
+
+
+def test_a_server_whose_store_fails_says_whose_problem_it_is(agent: Agent) -> None:
+    """PostgreSQL down, the server refuses each change for now (`server_error`, "send it
+    again later"): the device's user reads that the device does so by itself and that
+    the fix is the operator's, on the server."""
+    agent.put("tasks", "t-1", {"route": S})
+    agent.sync.apply_reject(wire.Reject(rj=[wire.Rejection(
+        n=1, code="server_error", perm=False,
+        reason="the server failed to apply this change; send it again later")]))
+    summary = agent.status().summary()
+    assert "server says: the server failed to apply this change; send it again later" in summary
+    assert ("a problem on the server, its store down or failing: this device sends the "
+            "change again by itself") in summary and "`waystation server status`" in summary
