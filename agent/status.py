@@ -170,9 +170,12 @@ class AgentStatus:
         extras = []
         if self.disk_free_bytes is not None and self.disk_free_bytes < LOW_SPACE_BYTES:
             # Every write needs room, an ack's too: this stops syncing, not only the app.
+            # "May": LMDB reuses the pages its file already has, so writes (and acks)
+            # often still fit on a disk with no byte free; a plain "fail" read false next
+            # to "0 pending, last sync 2 s ago".
             extras.append(f"the disk holding the store is nearly full "
                           f"({self.disk_free_bytes // 1024} KiB free): local writes and "
-                          "syncing fail (storage_full) until space is freed on it")
+                          "syncing may fail (storage_full) until space is freed on it")
         if self.quota and self.quota.get("reached"):
             # What frees room: acks drain the outbox; with it empty, only retention (or
             # a larger quota) does: say which, or the device stays full with no hint.

@@ -194,6 +194,9 @@ def test_a_full_disk_is_named_before_writes_fail(disk: Path, catalog: Catalog) -
         summary = status.summary()
         assert "the disk holding the store is nearly full" in summary
         assert "KiB free" in summary and "until space is freed" in summary
+        # "may": LMDB often still finds room in its file (the e2e run synced 3 changes
+        # on a disk with 0 KiB free), so a plain "syncing fail" read false
+        assert "local writes and syncing may fail (storage_full)" in summary
         filler.unlink()
         assert "nearly full" not in ag.status().summary()
 
