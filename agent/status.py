@@ -150,8 +150,11 @@ class AgentStatus:
                 text += f" (oldest {_age(self.oldest_pending_age_s or 0)})"
             text += f", {last}"
         elif self.agent_running is False:
-            text = (f"offline — the sync daemon is not running (start `waystation agent "
-                    f"run` or its service); {waiting or 'nothing pending; '}{last}")
+            # Since when, about: its last heartbeat (a clean stop writes one as it goes).
+            heard = ("" if self.heartbeat_age_s is None
+                     else f", last heard from {_age(self.heartbeat_age_s)} ago")
+            text = (f"offline — the sync daemon is not running{heard} (start `waystation "
+                    f"agent run` or its service); {waiting or 'nothing pending; '}{last}")
         elif self.agent_running is None and self.heartbeat_age_s is None and self.link is None:
             # No daemon ever said anything from this store: a fresh install's next step.
             text = (f"offline — the sync daemon has not run on this store yet (start "
@@ -162,6 +165,8 @@ class AgentStatus:
             left = self.link.get("retry_in_s")
             if left is not None:  # 0 once due: the daemon is trying (or about to)
                 text += f"; retrying in {left:.0f} s" if left >= 0.5 else "; trying again now"
+            if self.link.get("since_ms"):
+                text += f"; offline since {_when(int(self.link['since_ms']))}"
             text += f"; {waiting or 'nothing pending; '}{last}"
         elif self.pending:
             text = f"offline — {waiting}{last}"
@@ -330,14 +335,14 @@ def read_status(core: Core) -> AgentStatus:
             link = {"state": "offline", "code": "not_responding",
                     "reason": f"no heartbeat from the sync daemon for {hb_age:.0f} s",
                     "hint": HINTS["not_responding"], "t": online_doc["t"],
-                    "retry_in_s": None}
+                    "retry_in_s": None, "since_ms": online_doc["t"]}
         elif sync_gone and not online:
             # The service runs, its sync process does not: that, not the last
             # connection problem recorded, is why nothing syncs now.
             link = {"state": "offline", "code": "sync_restarting",
                     "reason": "the sync process is not running",
                     "hint": HINTS["sync_restarting"], "t": online_doc["t"] if online_doc
-                    else now, "retry_in_s": None}
+                    else now, "retry_in_s": None, "since_ms": _offline_since(link_doc)}
         elif (link_doc is not None and link_doc.get("state") != "online" and not online
                 and running is not False):
             code = link_doc.get("code") or "network"
@@ -348,7 +353,8 @@ def read_status(core: Core) -> AgentStatus:
                 max(0.0, retry - (now - link_doc["t"]) / 1000), 3)
             link = {"state": link_doc.get("state"), "code": code,
                     "reason": link_doc.get("reason", ""), "hint": HINTS.get(code, "offline"),
-                    "t": link_doc["t"], "retry_in_s": left}
+                    "t": link_doc["t"], "retry_in_s": left,
+                    "since_ms": _offline_since(link_doc)}
         policy = tx.meta("policy") if running is not False else None
         open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
         limit = core.settings.quota_bytes
@@ -403,6 +409,15 @@ def record_online(work: Work, online: bool) -> None:
     """The daemon's heartbeat: connected or not, now, and which process says so."""
     work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid(),
                                 "proc": this_process()})
+
+
+def _offline_since(link_doc: dict[str, Any] | None) -> int | None:
+    """Since when the daemon's link is not online, by its record (None: not recorded,
+    a store from before the record had it, or the link is online)."""
+    if link_doc is None or link_doc.get("state") == "online":
+        return None
+    since = link_doc.get("since")
+    return since if isinstance(since, int) else None
 
 
 def _disk_free(path: Path) -> int | None:

@@ -120,6 +120,9 @@ class LinkOut(_Out):
     t: int
     retry_in_s: float | None = None
     """Seconds until the next connection attempt (when retrying)."""
+    since_ms: int | None = None
+    """Since when the link is not online (kept across retries and the daemon's
+    restarts); null: not recorded (a store from an earlier release)."""
 
 
 class StatusOut(_Out):

@@ -18,6 +18,7 @@ from schemas import wire
 from schemas.collection import Catalog
 from tests.agent.agentkit import FakeClock, make_cfg, rec
 from tests.small_disk import fill_disk, small_disk
+from waystation.timefmt import iso
 
 S = "route-42"
 
@@ -308,3 +309,49 @@ def test_a_server_whose_store_fails_says_whose_problem_it_is(agent: Agent) -> No
     assert "server says: the server failed to apply this change; send it again later" in summary
     assert ("a problem on the server, its store down or failing: this device sends the "
             "change again by itself") in summary and "`waystation server status`" in summary
+
+
+def test_offline_says_since_when(agent: Agent, clock: FakeClock) -> None:
+    """Offline, the summary said why and when the daemon tries again, never since when:
+    the link's record keeps when it went down, across retries (and a restarted daemon's
+    first attempts), and a new outage starts a new "since"."""
+    agent.sync.set_online(True)
+    agent.sync.record_link("online")
+    clock.advance(5)
+    down = clock.ms
+    agent.sync.set_online(False)
+    agent.sync.record_link("offline", "The connection was lost.", code="disconnected")
+    for _ in range(3):  # retries go on: "since" stays
+        clock.advance(40)
+        agent.sync.set_online(False)
+        agent.sync.record_link("retrying", "[Errno 111] Connection refused", 2.0,
+                               code="connection_refused")
+    status = agent.status()
+    assert status.link is not None and status.link["since_ms"] == down
+    summary = status.summary()
+    assert f"; offline since {iso(down)}" in summary, summary
+    agent.sync.set_online(True)
+    agent.sync.record_link("online")
+    assert agent.status().link is None
+    clock.advance(60)
+    again = clock.ms
+    agent.sync.set_online(False)
+    agent.sync.record_link("retrying", "[Errno 111] Connection refused", 2.0,
+                           code="connection_refused")
+    assert agent.status().link["since_ms"] == again  # type: ignore[index]
+
+
+def test_a_daemon_not_running_says_when_it_was_last_heard(agent: Agent,
+                                                          clock: FakeClock) -> None:
+    """Stopped (or killed): "not running" and since about when, its last heartbeat."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    agent.sync.set_online(False)
+    agent._core.store.write(lambda tx: tx.set_meta(
+        "online", {**tx.meta("online"), "pid": int(proc.stdout), "proc": ""}))
+    clock.advance(7 * 60)
+    status = agent.status()
+    assert status.agent_running is False
+    assert status.summary().startswith(
+        "offline — the sync daemon is not running, last heard from 7 min ago (start "), \
+        status.summary()
