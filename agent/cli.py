@@ -22,7 +22,7 @@ from agent.api import Agent
 from agent.clientcert import client_cert_status, describe_client_cert
 from agent.errors import AgentNotInitialised, BadRequest, NotFound, WriteRefused
 from agent.models import Conflict, Record, WriteResult
-from agent.status import describe_deferral
+from agent.status import describe_deferral, sync_running
 from schemas.collection import Catalog, load_catalog
 from waystation.cli.output import table
 from waystation.config import AgentConfig, load_config
@@ -299,7 +299,9 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         status = agent.status()
     cert = client_cert_status(cfg)
     if args.json:
-        _print_json({**status.to_dict(), "client_cert": cert})
+        # The same document as GET /v1/status (which has `client_cert` too).
+        _print_json({**status.to_dict(), "sync_running": sync_running(status),
+                     "client_cert": cert})
         return EXIT_OK
     print(status.summary())
     if cert is not None:

@@ -56,6 +56,7 @@ class ReceiveHooks:
     _start_catchup: Callable[[], None]
     _hello_if_moved: Callable[[], None]
     _take_sync_now: Callable[[], None]
+    _policy_doc: dict[str, Any] | None
     _note_rtt: Callable[[float], None]
     _rng: random.Random
     creds: BrokerCredentials
@@ -294,6 +295,10 @@ class ReceiveHooks:
                 # The new store has no heartbeat yet: without one `agent status` says
                 # "offline" until the next status interval, though the link is up.
                 self.sync.set_online(True)
+                # Nor the policy state (deferrals, the server group's up/down): recorded
+                # only when it changes, it would stay missing from `agent status` (server
+                # null, nothing held) until something changed.
+                self._policy_doc = None
                 log.warning("wiped", dev=self.dev, id=cmd.id,
                             key_destroyed=report.key_destroyed, key_kept=report.key_kept)
         else:

@@ -90,6 +90,9 @@ class AgentStatus:
     disk_free_bytes: int | None = None
     """Free bytes (for this user) on the filesystem holding the store; None: unknown.
     Below `waystation.diskfull.LOW_SPACE_BYTES` the summary says writes may fail."""
+    read_ms: int | None = None
+    """When this status was read (the store's clock, ms); not in `to_dict`: the ages
+    above are relative to it."""
     replayed: dict[str, Any] | None = None
     """What the latest resync ordered by a server restore gave back: {t, id, changes,
     units_skipped, scopes, resending, settled, past} (PROTOCOL.md §9.7, agent.journal);
@@ -104,17 +107,33 @@ class AgentStatus:
                     and self.last_sync_ms > int(self.wiped["t"]))
 
     def _unanswered(self) -> str | None:
-        """Connected, changes unacked for `UNANSWERED_S` and no merge server of the
-        group ever announced itself: say where to look (else "online, 3 pending" alone
-        reads as a sync under way)."""
+        """Connected, changes unacked for `UNANSWERED_S`: say where to look (else "online,
+        3 pending" alone reads as a sync under way). Either no merge server of the group
+        ever announced itself, or one is announced up but nothing at all came from the
+        server for as long: hung (a stopped process stays announced up until the broker's
+        keep-alive gives up on it), or overloaded. A server whose store fails answers
+        `server_error` (`last_error`); a long backlog draining gets acks all along."""
         if (not self.online or not self.pending or self.deferred or self.last_error
-                or (self.oldest_pending_age_s or 0) < UNANSWERED_S
-                or self.server is None or self.server.get("up") is not None):
+                or (self.oldest_pending_age_s or 0) < UNANSWERED_S or self.server is None):
             return None
-        return (f"the oldest change has waited {_age(self.oldest_pending_age_s or 0)} for the "
-                f"server's ack and no merge server of group {self.server.get('group')!r} has "
-                "announced itself on the broker: is one running (`waystation server status` "
-                "on the server host)?")
+        waited = (f"the oldest change has waited {_age(self.oldest_pending_age_s or 0)} for "
+                  "the server's ack")
+        group = self.server.get("group")
+        if self.server.get("up") is None:
+            return (f"{waited} and no merge server of group {group!r} has announced itself "
+                    "on the broker: is one running (`waystation server status` on the "
+                    "server host)?")
+        silent = self.last_sync_age_s
+        up_since = self.server.get("up_since_ms")
+        if (not self.server.get("up") or (silent is not None and silent < UNANSWERED_S)
+                or (up_since and self.read_ms is not None
+                    and self.read_ms - int(up_since) < UNANSWERED_S * 1000)):
+            return None  # down: the deferral says so; just up: resending takes a moment
+        heard = ("nothing has come from the server yet" if silent is None
+                 else f"nothing has come from the server for {_age(silent)}")
+        return (f"{waited} and {heard}, though a merge server of group {group!r} is "
+                "announced up: it may be hung or overloaded: see `waystation server "
+                "status` and the server's log on the server host")
 
     def summary(self) -> str:
         """One line: "online, 0 pending, last sync 3 s ago" and the like."""
@@ -131,8 +150,11 @@ class AgentStatus:
                 text += f" (oldest {_age(self.oldest_pending_age_s or 0)})"
             text += f", {last}"
         elif self.agent_running is False:
-            text = (f"offline — the sync daemon is not running (start `waystation agent "
-                    f"run` or its service); {waiting or 'nothing pending; '}{last}")
+            # Since when, about: its last heartbeat (a clean stop writes one as it goes).
+            heard = ("" if self.heartbeat_age_s is None
+                     else f", last heard from {_age(self.heartbeat_age_s)} ago")
+            text = (f"offline — the sync daemon is not running{heard} (start `waystation "
+                    f"agent run` or its service); {waiting or 'nothing pending; '}{last}")
         elif self.agent_running is None and self.heartbeat_age_s is None and self.link is None:
             # No daemon ever said anything from this store: a fresh install's next step.
             text = (f"offline — the sync daemon has not run on this store yet (start "
@@ -143,6 +165,8 @@ class AgentStatus:
             left = self.link.get("retry_in_s")
             if left is not None:  # 0 once due: the daemon is trying (or about to)
                 text += f"; retrying in {left:.0f} s" if left >= 0.5 else "; trying again now"
+            if self.link.get("since_ms"):
+                text += f"; offline since {_when(int(self.link['since_ms']))}"
             text += f"; {waiting or 'nothing pending; '}{last}"
         elif self.pending:
             text = f"offline — {waiting}{last}"
@@ -151,9 +175,12 @@ class AgentStatus:
         extras = []
         if self.disk_free_bytes is not None and self.disk_free_bytes < LOW_SPACE_BYTES:
             # Every write needs room, an ack's too: this stops syncing, not only the app.
+            # "May": LMDB reuses the pages its file already has, so writes (and acks)
+            # often still fit on a disk with no byte free; a plain "fail" read false next
+            # to "0 pending, last sync 2 s ago".
             extras.append(f"the disk holding the store is nearly full "
                           f"({self.disk_free_bytes // 1024} KiB free): local writes and "
-                          "syncing fail (storage_full) until space is freed on it")
+                          "syncing may fail (storage_full) until space is freed on it")
         if self.quota and self.quota.get("reached"):
             # What frees room: acks drain the outbox; with it empty, only retention (or
             # a larger quota) does: say which, or the device stays full with no hint.
@@ -167,6 +194,17 @@ class AgentStatus:
             extras.append(f"schema version refused: {self.last_error.get('reason', '')}")
         elif self.last_error:
             said = f"server says: {self.last_error.get('reason', '')}"
+            if self.last_error.get("code") == "server_error":
+                # "send it again later" is addressed to the device, which does so by
+                # itself: the problem, and what fixes it, are on the server's side.
+                said += (" (a problem on the server, its store down or failing: this device "
+                         "sends the change again by itself; the operator sees why in "
+                         "`waystation server status` and the server's log)")
+            elif self.last_error.get("code") == "unknown_device":
+                # Removed from the registry (or never enrolled): the command it names is
+                # the operator's, and nothing waiting here is lost meanwhile.
+                said += (" (the operator's command, on the server host; the changes "
+                         "waiting stay on this device)")
             left = self.last_error.get("retry_in_s")
             if left and self.agent_running is not False:
                 said += f" (next try in {left:.0f} s)"
@@ -192,7 +230,7 @@ class AgentStatus:
         if unanswered:
             extras.append(unanswered)
         if self.deferred:
-            held = "; ".join(describe_deferral(d) for d in self.deferred)
+            held = "; ".join(describe_deferral(d, live=self.online) for d in self.deferred)
             text += f"; {'waiting: ' if self.pending else ''}{held}"
             if self.pending and any(d.get("code") != "server_unavailable"
                                     and "records" in (d.get("lanes") or [])
@@ -207,7 +245,9 @@ class AgentStatus:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary()}
+        doc = {**asdict(self), "summary": self.summary()}
+        del doc["read_ms"]
+        return doc
 
 
 def _when(ms: int) -> str:
@@ -233,13 +273,18 @@ def describe_replay(r: dict[str, Any]) -> str:
     return text
 
 
-def describe_deferral(d: dict[str, Any]) -> str:
+def describe_deferral(d: dict[str, Any], *, live: bool = True) -> str:
     """One deferral as people read it: "server unavailable since ...", "outside the sync
-    windows until ..." and so on."""
+    windows until ..." and so on. `live` False: the daemon is not connected to the
+    broker, so what it last heard of the merge servers may no longer hold (a broker
+    that stops delivers the servers' last wills first: they read as down though they
+    run) and is said as such."""
     code = d.get("code")
     if code == "server_unavailable":
         since = d.get("since_ms")
         return ("server unavailable" + (f" since {_when(since)}" if since else "")
+                + ("" if live else " (as last heard before the link to the broker was "
+                   "lost)")
                 + ": changes stay on the device until a merge server announces itself")
     text = str(d.get("reason", code))
     if d.get("until_ms"):
@@ -290,14 +335,14 @@ def read_status(core: Core) -> AgentStatus:
             link = {"state": "offline", "code": "not_responding",
                     "reason": f"no heartbeat from the sync daemon for {hb_age:.0f} s",
                     "hint": HINTS["not_responding"], "t": online_doc["t"],
-                    "retry_in_s": None}
+                    "retry_in_s": None, "since_ms": online_doc["t"]}
         elif sync_gone and not online:
             # The service runs, its sync process does not: that, not the last
             # connection problem recorded, is why nothing syncs now.
             link = {"state": "offline", "code": "sync_restarting",
                     "reason": "the sync process is not running",
                     "hint": HINTS["sync_restarting"], "t": online_doc["t"] if online_doc
-                    else now, "retry_in_s": None}
+                    else now, "retry_in_s": None, "since_ms": _offline_since(link_doc)}
         elif (link_doc is not None and link_doc.get("state") != "online" and not online
                 and running is not False):
             code = link_doc.get("code") or "network"
@@ -308,7 +353,8 @@ def read_status(core: Core) -> AgentStatus:
                 max(0.0, retry - (now - link_doc["t"]) / 1000), 3)
             link = {"state": link_doc.get("state"), "code": code,
                     "reason": link_doc.get("reason", ""), "hint": HINTS.get(code, "offline"),
-                    "t": link_doc["t"], "retry_in_s": left}
+                    "t": link_doc["t"], "retry_in_s": left,
+                    "since_ms": _offline_since(link_doc)}
         policy = tx.meta("policy") if running is not False else None
         open_conflicts = sum(1 for _ in tx.keys("conflicts", b"O"))
         limit = core.settings.quota_bytes
@@ -344,15 +390,34 @@ def read_status(core: Core) -> AgentStatus:
             evicted=tx.count("evicted"), fetching=tx.count("fetch"),
             fetch_queries=fetch_queries.waiting(work),
             journal=journal.stats(work), replayed=_replayed(work, now),
-            disk_free_bytes=_disk_free(core.store.path))
+            disk_free_bytes=_disk_free(core.store.path), read_ms=now)
 
     return core.read(run)
+
+
+def sync_running(status: AgentStatus) -> bool:
+    """Whether a sync process runs on the store `status` was read from, as the local API's
+    `sync_running` says it from inside the service: the service's sync process holds the
+    sync lock for its life; a sync daemon run on its own is `agent_running`."""
+    data_dir = Path(status.store_path).parent
+    if service_pid(data_dir):
+        return holder_pid(data_dir / SYNC_LOCK) is not None
+    return status.agent_running is True
 
 
 def record_online(work: Work, online: bool) -> None:
     """The daemon's heartbeat: connected or not, now, and which process says so."""
     work.tx.set_meta("online", {"on": online, "t": work.now(), "pid": os.getpid(),
                                 "proc": this_process()})
+
+
+def _offline_since(link_doc: dict[str, Any] | None) -> int | None:
+    """Since when the daemon's link is not online, by its record (None: not recorded,
+    a store from before the record had it, or the link is online)."""
+    if link_doc is None or link_doc.get("state") == "online":
+        return None
+    since = link_doc.get("since")
+    return since if isinstance(since, int) else None
 
 
 def _disk_free(path: Path) -> int | None:
@@ -379,5 +444,5 @@ def _last_error(doc: dict[str, Any] | None, now: int) -> dict[str, Any] | None:
 
 
 __all__ = ["UNANSWERED_S", "AgentStatus", "describe_deferral", "describe_replay",
-           "read_status", "record_online"]
+           "read_status", "record_online", "sync_running"]
 

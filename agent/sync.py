@@ -426,6 +426,11 @@ class Sync(Receiving):
             if told:
                 work.feed("", "", state,
                           {k: v for k, v in doc.items() if k not in ("state", "t")})
+            # Since when the link is (not) online: kept across retries and restarts, so
+            # `agent status` says "offline since T", not only when it last tried.
+            was_online = prior is not None and prior.get("state") == "online"
+            doc["since"] = (work.now() if prior is None or was_online != (state == "online")
+                            else prior.get("since", prior.get("t", work.now())))
             doc[link_feed.TOLD_KEY] = link_feed.told_at(prior, told, work.now())
             work.tx.set_meta("link", doc)
             return told

@@ -32,6 +32,21 @@ def span(ms: int) -> str:
     return f"{secs // 86400} days"
 
 
+def about(ms: int) -> str:
+    """A measured amount of `ms` milliseconds in words, rounded to the nearest unit ("3 h"
+    for 2 h 59 min 59.9 s), where `span` truncates: for an offset a measure makes
+    slightly smaller than it is (a clock exactly 3 h ahead, measured less the message's
+    transit, is "3 h ahead", not "2 h")."""
+    secs = round(max(0, ms) / 1000)
+    if secs < 120:
+        return f"{secs} s"
+    if round(secs / 60) < 120:
+        return f"{round(secs / 60)} min"
+    if round(secs / 3600) < 48:
+        return f"{round(secs / 3600)} h"
+    return f"{round(secs / 86400)} days"
+
+
 def iso(ms: int) -> str:
     """`ms` since the epoch as an ISO 8601 UTC time; 0 is the empty string."""
     if not ms:
@@ -44,4 +59,4 @@ def year(ms: int) -> int:
     return time.gmtime(ms / 1000).tm_year
 
 
-__all__ = ["ago", "iso", "span", "year"]
+__all__ = ["about", "ago", "iso", "span", "year"]

@@ -120,6 +120,9 @@ class LinkOut(_Out):
     t: int
     retry_in_s: float | None = None
     """Seconds until the next connection attempt (when retrying)."""
+    since_ms: int | None = None
+    """Since when the link is not online (kept across retries and the daemon's
+    restarts); null: not recorded (a store from an earlier release)."""
 
 
 class StatusOut(_Out):
@@ -175,6 +178,10 @@ class StatusOut(_Out):
     replayed: dict[str, JsonValue] | None
     """What the latest resync after a server restore sent again: {t, id, changes,
     units_skipped, scopes}; null: none seen."""
+    client_cert: dict[str, JsonValue] | None = None
+    """The client certificate the agent connects with (`[mqtt.tls]` cert_file): {expires,
+    expires_ms, renew_before_days, renewal_under_way, ...}; null: none configured. The
+    same as `agent status --json`."""
 
 
 class QuotaOut(_Out):

@@ -44,6 +44,8 @@ class Context:
     max_feed_clients: int
     feed_idle_timeout_s: float
     sync_running: Callable[[], bool]
+    client_cert: Callable[[], dict[str, Any] | None] = lambda: None
+    """The client certificate's state, as `agent status` gives it (agent.clientcert)."""
     idempotency_keep_s: float = 86400.0
     idempotency_max_keys: int = 10_000
 
@@ -187,7 +189,10 @@ async def resolve(request: web.Request, ctx: Context) -> web.StreamResponse:
 
 async def status(request: web.Request, ctx: Context) -> web.StreamResponse:
     st = await ctx.blocking(ctx.agent.status)
-    return json_response({**st.to_dict(), "sync_running": ctx.sync_running()})
+    cert = await ctx.blocking(ctx.client_cert)
+    # The same document as `agent status --json` (which has `sync_running` too).
+    return json_response({**st.to_dict(), "sync_running": ctx.sync_running(),
+                          "client_cert": cert})
 
 
 async def sync_now(request: web.Request, ctx: Context) -> web.StreamResponse:

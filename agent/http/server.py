@@ -31,6 +31,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from agent.api import Agent
+from agent.clientcert import client_cert_status
 from agent.errors import AgentError
 from agent.http import cors
 from agent.http import idempotency as idem
@@ -143,6 +144,7 @@ class ApiServer:
                       max_feed_clients=self.cfg.api.max_feed_clients,
                       feed_idle_timeout_s=self.cfg.api.feed_idle_timeout_s,
                       sync_running=self.sync_running,
+                      client_cert=partial(client_cert_status, self.cfg),
                       idempotency_keep_s=self.cfg.api.idempotency_keep_s,
                       idempotency_max_keys=self.cfg.api.idempotency_max_keys)
         api = self.cfg.api

@@ -88,7 +88,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         size += f" of {info.capacity_bytes / 1048576:.0f} MiB"
     sealed = ", encrypted at rest" if doc["store"]["encrypted"] else ""
     print(f"server {config.server_id}: {info.kind} store at {info.location}, {size}{sealed}")
-    _print_servers(servers, now, stale_ms, _stale_s(args), ended, _config(args))
+    _print_servers(servers, now, stale_ms, _stale_s(args), ended, _config(args),
+                   config.server_id)
     if file_version == catalog.version:
         print(f"schema version {catalog.version} ({config.schema_path()})")
     else:
@@ -101,7 +102,8 @@ def cmd_server_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                                      f"{', ...' if len(online) > 10 else ''})" if online else "")
           + ("" if serving else " as the last server left them, not live")
           + (f"; {len(never)} never connected ({', '.join(never[:10])}"
-             f"{', ...' if len(never) > 10 else ''})" if never else ""))
+             f"{', ...' if len(never) > 10 else ''}): `waystation agent status` on each "
+             "says why (not started, wrong broker address or login)" if never else ""))
     print(f"records: {doc['records']}; open conflicts: {doc['open_conflicts']} "
           f"(of {doc['conflicts']} logged); dead letters: {doc['dead_letters']}")
     print(_letters_line(letters, config.dead_letters.max_count,
@@ -144,10 +146,11 @@ def _config(args: argparse.Namespace) -> str | None:
 
 
 def _print_servers(servers: list[ServerRow], now: int, stale_ms: int, stale_s: int,
-                   ended: frozenset[str], config: str | None = None) -> None:
+                   ended: frozenset[str], config: str | None = None,
+                   own_id: str | None = None) -> None:
     """Which merge servers run, and plainly when none serves (`broker.server.liveness`)."""
     for row in servers:
-        print(liveness.describe(row, now, stale_ms, ended, config))
+        print(liveness.describe(row, now, stale_ms, ended, config, own_id))
     warning = liveness.presence_warning(servers, now, stale_s, ended, config)
     if warning:
         print(warning)

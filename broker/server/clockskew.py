@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from waystation.timefmt import span, year
+from waystation.timefmt import about, year
 
 log = structlog.get_logger(__name__)
 
@@ -118,7 +118,9 @@ def describe(offset: int, measured_ms: int) -> str:
     way = "ahead" if offset > 0 else "behind"
     size = abs(offset)
     if size < YEAR_MS:
-        return f"clock {span(size)} {way}"
+        # Rounded: a clock ahead is measured less the status's transit, so a clock set
+        # exactly 3 h ahead (a time zone taken for UTC) would read "2 h" truncated.
+        return f"clock {about(size)} {way}"
     text = f"clock over a year {way}"
     reads = year(measured_ms + offset) if size < CAP_MS else 0
     if 0 < reads < 10_000:
@@ -133,6 +135,7 @@ class ClockWatch:
     def __init__(self, max_skew_ms: int, log_every_ms: int = LOG_EVERY_MS) -> None:
         self.max_skew_ms = max_skew_ms
         self._last: dict[str, Sample] = {}
+        self._anchor: dict[str, Sample] = {}
         self._offset: dict[str, int] = {}
         self.log = ClockLog(log_every_ms)
 
@@ -140,8 +143,20 @@ class ClockWatch:
         """A live status of `dev`; `stored` is the offset its row holds (the last judged,
         also by an earlier server run). Returns the offset to store, None: nothing new."""
         was = self._offset.get(dev, stored)
-        offset = judge(self._last.get(dev), cur, self.max_skew_ms, was)
+        # Paired with the latest status when it is `MIN_GAP_MS` older, else with the
+        # anchor: a status kept until one comes that much after it. With the latest
+        # alone, a device reporting more often than that (a short
+        # sync.status_interval_s, prompt reports of a busy outbox) never had a pair:
+        # a clock behind was never named, and one judged ahead stayed "ahead" after it
+        # went behind.
+        last, anchor = self._last.get(dev), self._anchor.get(dev)
+        prev = (last if last is not None and cur.at - last.at >= MIN_GAP_MS
+                else anchor if anchor is not None and cur.at - anchor.at >= MIN_GAP_MS
+                else last)
+        offset = judge(prev, cur, self.max_skew_ms, was)
         self._last[dev] = cur
+        if anchor is None or not 0 <= cur.at - anchor.at < MIN_GAP_MS:
+            self._anchor[dev] = cur
         if offset is None:
             return None
         self._offset[dev] = offset
@@ -161,7 +176,7 @@ class ClockWatch:
 
     def forget(self, keep: set[str]) -> None:
         """Drop what is held of devices not in `keep` (removed ones)."""
-        for held in (self._last, self._offset):
+        for held in (self._last, self._anchor, self._offset):
             for dev in [d for d in held if d not in keep]:
                 del held[dev]
 

@@ -139,9 +139,22 @@ def state(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = ()) 
     return "running" if now - row.seen_ms <= stale_ms else "gone"
 
 
+def other_start_hint(server_id: str, config: str | None = None) -> str:
+    """How to start a merge server other than the one `config` (the asking command's)
+    configures: its own config and service, not the ones START_HINT names (the operator
+    guide runs a second server as `waystation-server-2` from `server-2.toml`)."""
+    mine = "" if config is None else f" (`{config}` configures another server)"
+    return (f"start it on its host from its own config, the one with server_id = "
+            f"{server_id!r}{mine}: its systemd service (`systemctl start` and `journalctl "
+            "-u` with its unit's name), or `waystation server run --config` with that file")
+
+
 def describe(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = (),
-             config: str | None = None) -> str:
-    """One server's line of `server status`."""
+             config: str | None = None, own_id: str | None = None) -> str:
+    """One server's line of `server status`; `own_id`: the server_id of the config the
+    command read (another server's line names its own config and service, not that
+    one's)."""
+    other = own_id is not None and row.id != own_id
     head = f"merge server {row.id} (group {row.group}, {row.version or 'version ?'})"
     st = state(row, now, stale_ms, ended)
     if st == "running":
@@ -162,10 +175,12 @@ def describe(row: ServerRow, now: int, stale_ms: int, ended: Collection[str] = (
         pid = row.proc.split("/")[2]
         return (f"{head}: its process ({pid}, on this host) has ended without stopping "
                 f"cleanly: crashed or killed (last seen {ago(row.seen_ms, now)}, "
-                f"{iso(row.seen_ms)}); {start_hint(config)}")
+                f"{iso(row.seen_ms)}); "
+                f"{other_start_hint(row.id, config) if other else start_hint(config)}")
     return (f"{head}: not seen for {span(now - row.seen_ms)} (last {iso(row.seen_ms)}) and "
             "it did not stop cleanly: crashed, hung, or cut off from the store? Check it "
-            "on its host (`systemctl status waystation-server`)")
+            "on its host (" + ("`systemctl status` of its service)" if other
+                               else "`systemctl status waystation-server`)"))
 
 
 def server_doc(row: ServerRow, now: int, stale_ms: int,
@@ -250,4 +265,5 @@ def cut_off_warning(rows: Sequence[ServerRow]) -> str:
 
 __all__ = ["BROKER_HINT", "SEEN_EVERY_MS", "STALE_AFTER_S", "START_HINT", "Heartbeat",
            "any_running", "any_serving", "cut_off_warning", "describe", "no_server_warning",
-           "presence_as_of", "presence_warning", "server_doc", "start_hint", "state"]
+           "other_start_hint", "presence_as_of", "presence_warning", "server_doc", "start_hint",
+           "state"]

@@ -76,7 +76,8 @@ def test_never_connected_then_a_recreated_store(fleet: Fleet) -> None:
 def test_text_json_and_api_say_the_same(fleet: Fleet) -> None:
     """The first line of `agent status`, `--json`'s summary and GET /v1/status's summary
     are one text (one function), whatever the state: here changes held while the merge
-    server is stopped.
+    server is stopped; `--json` and GET /v1/status have the same fields. Then the
+    broker stops too: the held changes' reason is said as last heard.
 
     On the embedded fleet only: the three are one function of the device's status, the
     same on any fleet; a server group down as each broker carries it (a killed server's
@@ -94,12 +95,28 @@ def test_text_json_and_api_say_the_same(fleet: Fleet) -> None:
                or None, 30, what="the API says the server is unavailable")
 
     # Ages tick between the three reads (each CLI run takes a while): compare the rest.
-    api = _ages(str(_api_status(port, token)["summary"]))
-    as_json = _ages(fleet.agent_status("van-1")["summary"])
+    api_doc, json_doc = _api_status(port, token), fleet.agent_status("van-1")
+    # One document: the API had no `client_cert`, the command no `sync_running`.
+    assert set(api_doc) == set(json_doc), set(api_doc) ^ set(json_doc)
+    assert api_doc["sync_running"] is json_doc["sync_running"] is True
+    api = _ages(str(api_doc["summary"]))
+    as_json = _ages(json_doc["summary"])
     line = fleet.cli("agent", "status", "--config", str(path)).stdout.splitlines()[0]
     assert api == as_json == _ages(line), (api, as_json, line)
     assert line.startswith("online, 1 pending (oldest ")
     assert "waiting: server unavailable since" in line
+    assert "as last heard" not in line  # connected: heard live
+
+    # The broker goes too: what the agent heard of the servers is no longer live, and
+    # the API says so (it read as a fact of now; a stopping Mosquitto even delivers a
+    # running server's will first).
+    fleet.stop_broker()
+    doc = fleet.wait(lambda: d if not (d := _api_status(port, token))["online"] else None,
+                     30, what="the API says offline")
+    assert str(doc["summary"]).startswith("offline — "), doc["summary"]
+    assert ("server unavailable since " in str(doc["summary"]) and "(as last heard before "
+            "the link to the broker was lost)" in str(doc["summary"])), doc["summary"]
+    fleet.start_broker()
     fleet.start_server()
     fleet.wait_drained("van-1")
 

@@ -78,6 +78,9 @@ def _wipe_of_an_online_device(fleet: Fleet, dev: str) -> None:
     status = fleet.agent_status(dev)
     assert status["wiped"] is not None
     assert "device_disabled" in json.dumps(status["last_error"])
+    # The new store has the running daemon's policy state too (it had none: `server`
+    # null and no deferral shown until the policy next changed).
+    assert status["server"] is not None and status["server"]["up"] is True, status
     fleet.cli("device", "enable", dev, "--config", str(fleet.server_config))
     fleet.wait(lambda: _fresh_records(fleet, dev) == 2 or None, timeout=60)
 

@@ -162,6 +162,8 @@ def test_server_status_counts_devices_that_never_connected(
     assert doc["devices"]["known"] == 3 and doc["devices"]["never_connected"] == 1
     text = run(env, "server", "status", capsys=capsys)[1]
     assert "1 never connected (van-7)" in text
+    # ... with where to look: the device knows why (the server heard nothing from it)
+    assert "never connected (van-7): `waystation agent status` on each says why" in text
     devices = run(env, "server", "devices", capsys=capsys)[1]
     assert next(ln for ln in devices.splitlines() if ln.startswith("van-7")).split()[1:3] == [
         "never", "connected"]

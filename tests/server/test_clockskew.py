@@ -148,6 +148,18 @@ def test_the_words() -> None:
     assert slack(30_000) == 3_000 and slack(1_000) == 2_000
 
 
+def test_a_clock_whole_hours_off_reads_as_such() -> None:
+    """A clock ahead is measured less the status's transit: one set exactly 3 h ahead
+    (a device's local time taken for UTC) measures a few ms under 3 h, and reads "3 h
+    ahead" (it read "2 h ahead", truncated); each scale rounds to its nearest unit."""
+    assert describe(3 * HOUR - 150, T0) == "clock 3 h ahead"
+    assert describe(-(3 * HOUR - 150), T0) == "clock 3 h behind"
+    assert describe(10 * 60_000 - 40, T0) == "clock 10 min ahead"
+    assert describe(2 * HOUR - 20_000, T0) == "clock 2 h ahead"   # not "119 min"
+    assert describe(3 * 86_400_000 - 200, T0) == "clock 3 days ahead"
+    assert describe(int(2.4 * HOUR), T0) == "clock 2 h ahead"
+
+
 def test_the_log_says_it_once_not_per_status() -> None:
     """One `device_clock_off` when first seen off, none for the same clock's next
     statuses, one `device_clock_ok` once fixed; a device flipping as fast as it can
@@ -218,3 +230,47 @@ def test_the_log_is_bounded_and_its_last_word_is_the_truth(
     assert len(events) <= min(changes, 2 + elapsed // every)
     if changes:
         assert events[-1]["event"] == ("device_clock_off" if judged else "device_clock_ok")
+
+
+def test_a_device_reporting_every_few_seconds_gets_its_clock_judged() -> None:
+    """Statuses 2 s apart (a short sync.status_interval_s, or a busy outbox's prompt
+    reports): each paired with the one before, no pair was ever 10 s apart, so a clock
+    that went from 3 h ahead to 3 h behind stayed "3 h ahead" for good. Paired with one
+    10 s older, it is named behind within the 10 s."""
+    watch = ClockWatch(SKEW)
+    assert watch.observe("van-1", Sample(T0 + 3 * HOUR, T0), 0) == 3 * HOUR
+    judged: list[int | None] = []
+    for i in range(1, 10):  # 2 s apart, 3 h behind now, 20 ms of transit
+        at = T0 + 30_000 + i * 2_000
+        judged.append(watch.observe("van-1", Sample(at - 3 * HOUR - 20, at), 0))
+    assert judged[:4] == [None] * 4  # not yet 10 s of statuses
+    assert judged[5] is not None and abs(judged[5] + 3 * HOUR) <= 1_000
+    assert all(off is None or off < 0 for off in judged[5:])
+    # ... and right again, the same way
+    right = [watch.observe("van-1", Sample(T0 + 60_000 + i * 2_000, T0 + 60_000 + i * 2_000),
+                           0) for i in range(8)]
+    assert right[-1] == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(offset=st.integers(-SKEW + 2_000, SKEW), down_s=st.integers(0, 30 * 86400),
+       backlog=st.integers(0, 200), burst_ms=st.integers(0, MIN_GAP_MS - 1),
+       gaps=st.lists(st.integers(500, 30_000), min_size=1, max_size=30),
+       delays=st.lists(st.integers(0, 1_000), min_size=30, max_size=30))
+def test_a_watch_never_convicts_a_good_clock(offset: int, down_s: int, backlog: int,
+                                             burst_ms: int, gaps: list[int],
+                                             delays: list[int]) -> None:
+    """`test_a_backlog_never_convicts_a_good_clock` through `ClockWatch`, whose pairs
+    need not be consecutive statuses: a backlog in a burst, then live statuses at any
+    pace (prompt reports ~1 s apart up to the 30 s period): never judged off."""
+    watch = ClockWatch(SKEW)
+    reconnect = T0 + down_s * 1000
+    for i in range(backlog):
+        sent = reconnect - (backlog - i) * EVERY
+        off = watch.observe("van-1", Sample(sent + offset,
+                                            reconnect + burst_ms * i // max(1, backlog)), 0)
+        assert not off
+    when = reconnect + MIN_GAP_MS
+    for gap, delay in zip(gaps, delays, strict=False):
+        when += gap
+        assert not watch.observe("van-1", Sample(when + offset, when + delay), 0)

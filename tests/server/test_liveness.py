@@ -142,3 +142,24 @@ def test_the_start_hint_names_the_config_it_was_given() -> None:
     warning = liveness.no_server_warning([row], 30, "/etc/waystation/server.toml")
     assert "`waystation server run --config /etc/waystation/server.toml`" in warning
     assert "systemctl start waystation-server" in warning
+
+
+def test_a_second_servers_line_names_its_own_config_and_service() -> None:
+    """`server status` read with server-1's config: server-2 crashed (or not seen) is
+    started from its own config and service (the guide's `server-2.toml`,
+    `waystation-server-2`); naming server-1's (`systemctl start waystation-server`,
+    `server run --config server.toml`) would start or inspect the wrong server."""
+    stale = liveness.STALE_AFTER_S * 1000
+    conf = "/etc/waystation/server.toml"
+    one = ServerRow("server-1", "main", __version__, T0, T0, proc="boot/4026531836/7/99")
+    two = dataclasses.replace(one, id="server-2")
+    now = T0 + 5_000
+    crashed = liveness.describe(two, now, stale, {"server-2"}, conf, "server-1")
+    assert "has ended without stopping cleanly" in crashed
+    assert "server_id = 'server-2'" in crashed and "its systemd service" in crashed
+    assert "waystation-server`" not in crashed and f"--config {conf}`" not in crashed
+    own = liveness.describe(one, now, stale, {"server-1"}, conf, "server-1")
+    assert "`systemctl start waystation-server`" in own and f"--config {conf}`" in own
+    gone = liveness.describe(two, T0 + 190_000, stale, (), conf, "server-1")
+    assert "`systemctl status` of its service" in gone
+    assert "`systemctl status waystation-server`" not in gone
