@@ -26,9 +26,9 @@ from broker.server.store.base import (
 )
 from broker.server.store.postgres import letters
 from broker.server.store.postgres.common import (
+    _Blocked,
     _clean,
     _int_array,
-    _Blocked,
     _Reorder,
     _text_array,
 )
