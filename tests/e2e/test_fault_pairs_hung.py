@@ -217,7 +217,9 @@ def test_one_server_of_two_hung_holding_a_scope(tmp_path: Path, pg_database: str
             print(f"\nserver-2 hung holding scope locks, {left} changes pending")
             assert left > 0, "the drain had finished: the freeze was not mid-stream"
             hung = time.monotonic()
-            fleet.wait_drained(*devs, timeout=30)
+            # HUNG_IDLE_S (10 s) and a lock wait round (2 s), then the devices' resends
+            # (ack timeout 3 s) of what the hung server had taken; 60 s without the fix.
+            fleet.wait_drained(*devs, timeout=40)
             print(f"drained by server-1 {time.monotonic() - hung:.1f} s into the hang")
             fleet.servers["server-1"].wait_event("store_hung_backend_ended", timeout=5)
             for dev in devs:
