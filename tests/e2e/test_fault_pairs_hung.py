@@ -152,6 +152,36 @@ def test_sync_process_hung_while_the_app_writes(fleet: Fleet) -> None:
     assert code == 200 and st["online"] and st["link"] is None, st
 
 
+@pytest.mark.parametrize("fleet_kind", [("embedded", "lmdb")], ids=["embedded-lmdb"])
+def test_sync_process_hung_for_good_is_replaced(fleet: Fleet) -> None:
+    """The agent's sync process stopped dead mid-drain and never continued (stuck for
+    good, as on a dead disk): the service, alive beside it, kills it once it has been
+    silent for `sync.hung_after_s` and starts another, which drains every increment
+    once. (Without that, nothing restarted it: the service kept feeding systemd's
+    watchdog, and the device never synced again until a person restarted it.)"""
+    devs = ("van-1", "van-2")
+    for dev in devs:
+        fleet.add_device(dev, [SCOPE], sync=PACED)
+    fleet.edit_agent_config("van-1", lambda d: d["sync"].update(hung_after_s=3.0))
+    fleet.agent("van-1").put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
+    fleet.start_agents(*devs)
+    fleet.wait_drained(*devs, timeout=30)
+    write_backlog(fleet, ("van-1",), 150)
+    service = fleet.agents["van-1"]
+    hung = fleet.wait(lambda: (_children(service.pid) or [None])[0], 30,
+                      what="the service's sync process")
+    with frozen([hung]):
+        left = fleet.pending("van-1")
+        assert left > 0, "the drain had finished: the freeze was not mid-stream"
+        event = service.wait_event("sync_process_hung", timeout=30)
+        assert event["pid"] == hung and event["silent_s"] >= 3.0, event
+        service.wait_event("sync_process_started", where=lambda e: e["pid"] != hung)
+        print(f"\nsync process hung with {left} pending: replaced after "
+              f"{event['silent_s']} s")
+    assert_exactly_once(fleet, devs, 150)
+    assert not Path(f"/proc/{hung}").exists()
+
+
 # ------------------------------------------- one merge server of several hung
 
 
