@@ -29,7 +29,8 @@ is restarted on it, losing its sessions). The embedded broker persists nothing b
 password files: no disk-full case of its own. test_fault_pairs_disk_services.py.)
 
 (stop, test_fault_pairs_hung.py: the agent's sync process alone while the app writes
-through the local HTTP API (agent-broker); one merge server of two stopped inside a
+through the local HTTP API (agent-broker), continued, and stopped for good (the
+service replaces it: sync.hung_after_s); one merge server of two stopped inside a
 write transaction on the shared PostgreSQL, the other serving its scopes
 (server-Postgres, broker-server).)
 
