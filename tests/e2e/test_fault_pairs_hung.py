@@ -162,7 +162,7 @@ def test_sync_process_hung_for_good_is_replaced(fleet: Fleet) -> None:
     devs = ("van-1", "van-2")
     for dev in devs:
         fleet.add_device(dev, [SCOPE], sync=PACED)
-    fleet.edit_agent_config("van-1", lambda d: d["sync"].update(hung_after_s=3.0))
+    fleet.edit_agent_config("van-1", lambda d: d["sync"].update(hung_after_s=5.0))
     fleet.agent("van-1").put("inventory", KEY, {"depot": SCOPE, "sku": KEY})
     fleet.start_agents(*devs)
     fleet.wait_drained(*devs, timeout=30)
@@ -174,7 +174,7 @@ def test_sync_process_hung_for_good_is_replaced(fleet: Fleet) -> None:
         left = fleet.pending("van-1")
         assert left > 0, "the drain had finished: the freeze was not mid-stream"
         event = service.wait_event("sync_process_hung", timeout=30)
-        assert event["pid"] == hung and event["silent_s"] >= 3.0, event
+        assert event["pid"] == hung and event["silent_s"] >= 5.0, event
         service.wait_event("sync_process_started", where=lambda e: e["pid"] != hung)
         print(f"\nsync process hung with {left} pending: replaced after "
               f"{event['silent_s']} s")
