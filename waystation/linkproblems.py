@@ -26,8 +26,10 @@ HINTS: dict[str, str] = {
                        "or exited: the service restarts it, with backoff): if this lasts, "
                        "see the agent's log (`journalctl -u waystation-agent`)",
     "not_responding": "the sync daemon's process is alive but not responding (stopped, "
-                      "the device asleep, or stuck on a stalled disk): if this lasts, see "
-                      "the agent's log and restart the service",
+                      "the device asleep, or stuck on a stalled disk): the agent service "
+                      "replaces it after sync.hung_after_s (event sync_process_hung); "
+                      "run on its own, or if this lasts, see the agent's log and restart "
+                      "the service",
     "connection_refused": "nothing accepts connections at the broker's address: is the "
                           "broker running, are mqtt.host / mqtt.port right?",
     "tls": "the TLS handshake failed: check mqtt.tls (CA file, server name, client "

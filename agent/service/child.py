@@ -3,12 +3,16 @@
 Runs the AgentDaemon (MQTT sender and receiver) until SIGTERM. It dies with the service
 (PR_SET_PDEATHSIG), holds `sync.lock` so two sync loops never share a store (a new one
 waits for a dying one to let go), and exits non-zero when its engine loop stops turning,
-so the service restarts it. A damaged store is logged once (`store_damaged`, naming
-the file and what to do) and ends it with exit 6, which the service does not restart.
+so the service restarts it. Its main loop beats once a second on a pipe from the
+service (BEAT_FD_ENV): a process that stops beating (stopped, stuck in a call) is killed
+and restarted by the service (`agent.service.supervisor`). A damaged store is logged
+once (`store_damaged`, naming the file and what to do) and ends it with exit 6, which
+the service does not restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -32,6 +36,8 @@ EXIT_LOCKED = 5
 EXIT_DAMAGED = StoreDamaged.exit_code
 """The store is damaged: the service stops (exit 6) instead of restarting this process."""
 RESTARTED_ENV = "WAYSTATION_SYNC_RESTARTED"
+BEAT_FD_ENV = "WAYSTATION_SYNC_BEAT_FD"
+"""The write end of the service's liveness pipe (absent: run on its own, no beats)."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -72,9 +78,18 @@ def main(argv: list[str]) -> int:
         return EXIT_DAMAGED
     daemon.start()
     log.info("sync_started", dev=daemon.dev, broker=f"{cfg.mqtt.host}:{cfg.mqtt.port}")
+    beat_fd = int(os.environ.get(BEAT_FD_ENV) or -1)
+    if beat_fd >= 0:
+        try:
+            os.set_blocking(beat_fd, False)
+        except OSError:  # not open here (the variable came from elsewhere): no beats
+            beat_fd = -1
     code = 0
     try:
-        while not stopping.wait(1.0):
+        while True:
+            _beat(beat_fd)
+            if stopping.wait(1.0):
+                break
             if daemon.damaged is not None:  # logged once by the daemon
                 code = EXIT_DAMAGED
                 break
@@ -86,6 +101,15 @@ def main(argv: list[str]) -> int:
         daemon.stop()
         lock.release()
     return code
+
+
+def _beat(fd: int) -> None:
+    """One sign of life to the service; never blocks (a full pipe has beats enough)."""
+    if fd < 0:
+        return
+    # (full: the service reads them all; gone: it takes this process with it)
+    with contextlib.suppress(BlockingIOError, BrokenPipeError):
+        os.write(fd, b".")
 
 
 if __name__ == "__main__":

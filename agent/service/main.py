@@ -33,7 +33,7 @@ def run(cfg: AgentConfig, config_path: Path | None, *, env: Mapping[str, str]) -
         except BaseException:
             agent.close()
             raise
-        supervisor = SyncSupervisor(config_path, env)
+        supervisor = SyncSupervisor(config_path, env, hung_after_s=cfg.sync.hung_after_s)
         api = ApiServer(cfg, agent, sync_running=lambda: supervisor.running)
 
         def start() -> None:

@@ -46,6 +46,13 @@ class SyncConfig(_Model):
     compress_over_bytes: CompressOver = 512
     status_interval_s: Seconds = 30.0
     gap_timeout_s: Seconds = 5.0
+    hung_after_s: Annotated[float, Field(strict=True, ge=2, le=3600)] = 60.0
+    """The agent service kills its sync process and starts another when it has given no
+    sign of life for this long (a beat a second from its main loop): stopped (SIGSTOP,
+    a debugger), stuck in a call on a stalled disk, its interpreter wedged. Its own
+    check catches a stuck sync loop inside a running process; this one a process that
+    does not run at all, which would otherwise never be restarted (the service, alive,
+    keeps feeding systemd's watchdog)."""
     deaf_after_s: Annotated[float, Field(strict=True, ge=1, le=3600)] = 60.0
     """A catch-up or a batch of changes unanswered this long, with nothing at all from
     the server while one is announced up, means the connection is deaf (the broker

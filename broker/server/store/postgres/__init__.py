@@ -74,6 +74,12 @@ COMMITTED with explicit row locks:
   in a fixed order of tables and keys (new records, outcomes, devices); trimming old
   dead letters skips rows another transaction holds. Anything left is caught by
   PostgreSQL's deadlock detector and retried.
+* A hung holder. Scope-lock waits are bounded (`lock_timeout` LOCK_WAIT_MS, set with
+  the shared schema lock, so a wait for a publish stays unbounded); when one runs out,
+  a holder whose transaction has sent nothing for HUNG_IDLE_S is ended (its server is
+  stopped dead: `orphans.end_hung`) and the wait starts again, for as long as a working
+  holder needs. Otherwise one hung server of a group would stall every other on its
+  scopes until the database's idle_in_transaction_session_timeout (60 s).
 * The live collection schema: a transaction-level advisory lock (`SCHEMA_LOCK`), taken
   shared by every merge (`guard_schema`, with the registry generation read after it in
   the same round trip) and by every transaction that locks a scope, always before its

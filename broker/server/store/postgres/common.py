@@ -28,6 +28,17 @@ DEFAULT_MAX_DEAD_LETTERS = 100_000
 """The default of DeadLetterLimits.max_count (kept for callers of the old name)."""
 MAX_ATTEMPTS = 30
 """Attempts of one transaction that keeps meeting concurrency failures."""
+LOCK_WAIT_MS = 2000
+"""A write transaction waits this long at most for a scope lock at a time (lock_timeout,
+set with its schema lock); then it looks for a hung holder (`orphans.end_hung`) and
+tries again, as long as it takes (a waiter never gives up on a holder that works)."""
+HUNG_IDLE_S = 10
+"""A write transaction that holds scope locks and has sent nothing for this long, while
+another one waits for them, is hung (its server stopped dead: SIGSTOP, a paused VM, a
+process stuck on a dead disk): the waiter ends its backend. The database would keep its
+locks until its idle timeout (60 s) and the whole server group would wait behind it for
+the scopes it held. Far above the longest pause between two statements of a working
+server (a group's merge between its reads and its commit: well under a second)."""
 PREFETCH_MAX = 16 * 1024
 """Catch-up reads prefetch record states up to this size with the index page."""
 COPY_MIN = 64
@@ -84,6 +95,14 @@ class _Reorder(Exception):
     def __init__(self, scopes: set[str]) -> None:
         super().__init__("scope lock order")
         self.scopes = scopes
+
+
+class _Blocked(_Reorder):
+    """A scope lock waited LOCK_WAIT_MS: end a hung holder, if any, and try again."""
+
+    def __init__(self, scopes: set[str]) -> None:
+        super().__init__(scopes)
+        self.args = ("scope lock wait",)
 
 
 def _sqlstate(exc: BaseException) -> str:

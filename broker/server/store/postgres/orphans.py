@@ -83,4 +83,40 @@ def end(conn: psycopg.Connection[Any], lost: list[Backend]) -> None:
             log.info("store_lost_backend_ended", pid=backend.pid, ended=bool(row[0]))
 
 
-__all__ = ["Backend", "end", "identify"]
+_HUNG = ("SELECT a.pid, extract(epoch FROM now() - a.state_change)::float8, "
+         "pg_terminate_backend(a.pid) FROM pg_stat_activity a "
+         "WHERE a.datname = current_database() AND a.state = 'idle in transaction' "
+         "AND a.pid <> pg_backend_pid() AND a.state_change < now() - make_interval(secs => %s) "
+         "AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND l.granted "
+         "AND l.relation = to_regclass(%s) AND l.mode = 'RowShareLock')")
+
+
+def end_hung(conn: psycopg.Connection[Any], idle_s: float, table: str) -> int:
+    """End the backends whose transaction holds rows of `table` locked (FOR UPDATE) and
+    has waited for its client's next statement longer than `idle_s`: their server is
+    hung (stopped dead, not gone: nothing tells the database, and the backend keeps its
+    locks until idle_in_transaction_session_timeout). Its transaction rolls back; woken,
+    that server finds its connection ended and runs it again (a change another server
+    applied meanwhile is answered as a duplicate). From `conn` (autocommit); how many
+    were ended. Refused (a backend of another role): logged, none ended."""
+    try:
+        rows = conn.execute(_HUNG, (idle_s, table)).fetchall()
+    except psycopg.Error as exc:
+        if conn.broken or conn.closed:
+            raise
+        log.warning("store_hung_backend_not_ended",
+                    error=str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                    hint="a scope lock stays held until the database's idle timeout "
+                         "(60 s): give the store's role the right to end its backends "
+                         "(pg_signal_backend) or run every server as one role")
+        return 0
+    for pid, idle, ended in rows:
+        log.warning("store_hung_backend_ended", pid=int(pid), idle_s=round(float(idle), 1),
+                    ended=bool(ended),
+                    reason="its transaction held scope locks that this server waits for "
+                           "and sent nothing for that long: its server is hung (see "
+                           "which server's log stops; it resumes by running it again)")
+    return sum(1 for row in rows if row[2])
+
+
+__all__ = ["Backend", "end", "end_hung", "identify"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from broker.errors import StoreError
-from broker.server.store.postgres.common import SCHEMA_LOCK
+from broker.server.store.postgres.common import LOCK_WAIT_MS, SCHEMA_LOCK
 
 
 class SchemaLocks:
@@ -37,8 +37,12 @@ class SchemaLocks:
             return self.registry_generation()
         try:
             with self._conn.cursor() as cur:
+                # After the schema lock (whose wait for a publish is not bounded), the
+                # bound of every lock wait left in the transaction (`_Blocked`).
                 cur.execute(f"SELECT pg_advisory_xact_lock_shared({SCHEMA_LOCK}); "
+                            f"SELECT set_config('lock_timeout', '{LOCK_WAIT_MS}', true); "
                             "SELECT gen FROM registry_gen")
+                cur.nextset()
                 cur.nextset()
                 row = cur.fetchone()
         except psycopg.Error as exc:
@@ -61,5 +65,7 @@ class SchemaLocks:
         schema lock shared first, so a publish's rewrite of the records never races a
         write to them."""
         if not self._schema_lock:
-            self._run("SELECT pg_advisory_xact_lock_shared(%s)", (SCHEMA_LOCK,))
+            # set_config after the lock: target list entries are evaluated in order
+            self._run("SELECT pg_advisory_xact_lock_shared(%s), "
+                      "set_config('lock_timeout', %s, true)", (SCHEMA_LOCK, str(LOCK_WAIT_MS)))
             self._schema_lock = "shared"

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import structlog
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import set_json_dumps, set_json_loads
 
@@ -32,9 +33,11 @@ from broker.server.store.postgres.common import (
     _RETRYABLE,
     ADVISORY_LOCK,
     DEFAULT_MAX_DEAD_LETTERS,
+    HUNG_IDLE_S,
     MAX_ATTEMPTS,
     SCHEMA,
     T,
+    _Blocked,
     _Reorder,
     _sqlstate,
     describe_url,
@@ -42,6 +45,8 @@ from broker.server.store.postgres.common import (
 )
 from broker.server.store.postgres.read import PgReadTxn
 from broker.server.store.postgres.write import PgWriteTxn
+
+log = structlog.get_logger("broker.server.store")
 
 _HINTS: dict[str, str] = {
     "53100": " (free disk space on the PostgreSQL server: nothing of this transaction "
@@ -88,7 +93,8 @@ class PostgresStore:
         self._readers: list[psycopg.Connection[Any]] = []
         self._aux: psycopg.Connection[Any] | None = None  # autocommit, for new scopes
         self._staged = False  # the write connection has its staging table
-        self.counters: dict[str, int] = {"retries": 0, "reconnects": 0, "reorders": 0}
+        self.counters: dict[str, int] = {"retries": 0, "reconnects": 0, "reorders": 0,
+                                         "hung_ended": 0}
         self._closed = False
         # every connection made, for `interrupt` (from another thread)
         self._open: weakref.WeakSet[psycopg.Connection[Any]] = weakref.WeakSet()
@@ -193,13 +199,8 @@ class PostgresStore:
                              f"{str(exc).strip()}") from exc
         self._conn, self._backend, self._staged = conn, backend, False
 
-    def _create_scopes(self, scopes: list[str]) -> None:
-        """Create the sequence rows of new scopes in a transaction of their own.
-
-        Inserting them inside the caller's transaction would make other transactions
-        wait for it on a row it has not locked in scope order (a deadlock risk). A row
-        whose transaction later rolls back stays at q = 0, which means "never used".
-        """
+    def _aux_conn(self) -> psycopg.Connection[Any]:
+        """The autocommit connection beside the write one (new scopes, hung holders)."""
         conn = self._aux
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
@@ -207,6 +208,25 @@ class PostgresStore:
             conn = self._aux = psycopg.connect(self._conninfo, autocommit=True,
                                                connect_timeout=self._connect_timeout)
             self._track(conn)
+        return conn
+
+    def _end_hung(self) -> None:
+        """End the backends of hung write transactions that hold scope locks
+        (`orphans.end_hung`). A failure here is the next attempt's to meet."""
+        try:
+            if orphans.end_hung(self._aux_conn(), HUNG_IDLE_S, f"{SCHEMA}.scope_seq"):
+                self.counters["hung_ended"] += 1
+        except psycopg.Error as exc:
+            log.warning("store_hung_check_failed", error=str(exc).strip())
+
+    def _create_scopes(self, scopes: list[str]) -> None:
+        """Create the sequence rows of new scopes in a transaction of their own.
+
+        Inserting them inside the caller's transaction would make other transactions
+        wait for it on a row it has not locked in scope order (a deadlock risk). A row
+        whose transaction later rolls back stays at q = 0, which means "never used".
+        """
+        conn = self._aux_conn()
         conn.execute("INSERT INTO scope_seq (scope) SELECT unnest(%s::text[]) "
                      "ON CONFLICT DO NOTHING", (sorted(scopes),))
 
@@ -330,6 +350,13 @@ class PostgresStore:
                 if not isinstance(raised, Exception):  # KeyboardInterrupt, SystemExit
                     raise
                 exc = txn._failed or raised  # ours, even if fn turned it into another
+                if isinstance(exc, _Blocked):
+                    # Waiting behind a holder: a busy one is waited for again (not an
+                    # attempt: no bound, as without lock_timeout), a hung one is ended.
+                    prelock |= exc.scopes
+                    attempt -= 1
+                    self._end_hung()
+                    continue
                 if isinstance(exc, _Reorder):
                     self.counters["reorders"] += 1
                     prelock |= exc.scopes

@@ -26,6 +26,7 @@ from broker.server.store.base import (
 )
 from broker.server.store.postgres import letters
 from broker.server.store.postgres.common import (
+    _Blocked,
     _clean,
     _int_array,
     _Reorder,
@@ -96,7 +97,9 @@ class PgWriteTxn(BufferedWrites, PgReadTxn, SchemaLocks):
         try:
             rows = self._all(sql, (scopes,))
         except pg_errors.LockNotAvailable:
-            self._failed = _Reorder(set(self._locked) | set(scopes))
+            # NOWAIT: another order is needed; a blocking wait: lock_timeout ran out.
+            held = set(self._locked) | set(scopes)
+            self._failed = _Reorder(held) if nowait else _Blocked(held)
             raise self._failed from None
         for scope, q, horizon in rows:
             self._locked[scope] = [int(q), int(horizon)]
