@@ -128,6 +128,10 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         self._thread: threading.Thread | None = None
         self._connected = False
         self._inflight: dict[int, float] = {}        # n -> monotonic time it was sent
+        self._first_sent: dict[int, float] = {}
+        """n -> when it was first sent, of changes not yet answered: an answer's time is
+        counted from there (an answer to a change sent again may be to its first copy:
+        counted from the last, a server behind would look prompt)."""
         self._earliest = float("inf")  # nothing in _inflight was sent before this
         self.answer_wait = AnswerWait(cfg.sync.ack_timeout_s)
         """How long what is in flight waits for an answer (`agent.answer_wait`)."""
@@ -297,7 +301,6 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
             if kind == "msg":
                 if event[1] == self.down_topic:
                     self._heard()
-                    self.answer_wait.heard(time.monotonic())
                     self._on_message(event[2])
                 else:
                     self._on_server_state(str(event[1]), event[2])
@@ -334,6 +337,7 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
         # send it again; the server answers duplicates with the same outcome.
         self.stats.resent += len(self._inflight)
         self._inflight.clear()
+        self._first_sent.clear()  # (an answer's time across a reconnect tells nothing)
         log.info("connected", dev=self.dev, session_present=session_present,
                  pending=self.sync.pending_count())
         self._publish_status(True)
@@ -409,8 +413,13 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
                 self._budget_dirty = True
             self._asked(now)
             self._earliest = min(self._earliest, now)
+            first = self._first_sent
+            if len(first) > 4 * sync_cfg.max_inflight_changes:  # (answered some other way)
+                for n in [n for n in first if n not in self._inflight]:
+                    del first[n]
             for n in batch.numbers:
                 self._inflight[n] = now
+                first.setdefault(n, now)
                 self._retry_at.pop(n, None)
             self.pacer.sent(now, len(self._inflight))
             self.stats.batches_sent += 1
@@ -421,8 +430,10 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
                 return
 
     def _note_rtt(self, sent: float) -> None:
-        """An ack for a change sent at `sent` (agent.pacing)."""
-        self.pacer.answered(time.monotonic() - sent)
+        """An ack for a change sent at `sent` (agent.pacing, agent.answer_wait)."""
+        now = time.monotonic()
+        self.pacer.answered(now - sent)
+        self.answer_wait.answered(sent, now)
 
     def _inflight_room(self) -> bool:
         """Room in the in-flight window for a whole batch (refilling smaller gaps as they

@@ -48,6 +48,7 @@ class ReceiveHooks:
     sync: Sync
     stats: Any
     _inflight: dict[int, float]
+    _first_sent: dict[int, float]
     _retry_at: dict[int, float]
     _catchup: CatchupRound | None
     _catchup_sent: float
@@ -116,9 +117,11 @@ class ReceiveHooks:
             result = self.sync.apply_ack(msg)
             self.sync.packing.answered(ok[0] for ok in msg.ok)
             if result.applied and result.applied[0] in self._inflight:
-                self._note_rtt(self._inflight[result.applied[0]])
+                self._note_rtt(self._first_sent.get(result.applied[0],
+                                                    self._inflight[result.applied[0]]))
             for n in (*result.applied, *result.ignored):
                 self._inflight.pop(n, None)
+                self._first_sent.pop(n, None)
                 self._retry_at.pop(n, None)
             self.stats.acked += len(result.applied)
             return

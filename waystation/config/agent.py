@@ -37,9 +37,10 @@ class SyncConfig(_Model):
     batch_max_changes: Annotated[int, Field(strict=True, ge=1, le=1000)] = 500
     batch_max_bytes: Annotated[int, Field(strict=True, ge=1024, le=262144)] = 131072
     ack_timeout_s: Seconds = 10.0
-    """Changes and catch-ups unanswered this long are sent again. A catch-up counts it
-    from the last bytes the link delivered (agent.link_progress): on 2G a 192 KiB page
-    takes a minute to arrive, and this default then still holds."""
+    """Changes and catch-ups unanswered this long are sent again: the least wait (changes
+    wait twice as long as the server's last answer took, agent.answer_wait). A catch-up
+    counts it from the last bytes the link delivered (agent.link_progress): on 2G a
+    192 KiB page takes a minute to arrive, and this default then still holds."""
     max_inflight_changes: PositiveInt = 5000
     backoff_initial_s: Seconds = 0.5
     backoff_max_s: Seconds = 60.0
