@@ -38,7 +38,6 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +54,7 @@ from agent.daemon_hello import HelloHooks
 from agent.daemon_policy import PolicyHooks
 from agent.daemon_receive import AGENT_NAME, ReceiveHooks
 from agent.daemon_retention import RetentionHooks
+from agent.daemon_send import SendHooks
 from agent.daemon_wake import WakeHooks
 from agent.errors import StoreDamaged
 from agent.link_progress import LinkProgress
@@ -94,8 +94,8 @@ class DaemonStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHooks,
-                  WakeHooks, DeafHooks):
+class AgentDaemon(ReceiveHooks, SendHooks, PolicyHooks, RetentionHooks, CertHooks,
+                  HelloHooks, WakeHooks, DeafHooks):
     """Runs the sync loop for one device until `stop()` (or SIGTERM under `run()`)."""
 
     def __init__(self, cfg: AgentConfig, catalog: Catalog, *,
@@ -359,88 +359,6 @@ class AgentDaemon(ReceiveHooks, PolicyHooks, RetentionHooks, CertHooks, HelloHoo
             self.sync.record_link("offline", reason)
 
     # ------------------------------------------------------------------ sending
-
-    def _pump(self, now: float) -> None:
-        if not self._connected:
-            return
-        sync_cfg = self.cfg.sync
-        wait = self.answer_wait.current
-        if now >= self._earliest + wait:  # else nothing can have expired: no scan of them
-            expired = [n for n, sent in self._inflight.items() if sent + wait <= now]
-            if expired:
-                self.answer_wait.expired(max(self._inflight[n] for n in expired))
-            for n in expired:
-                del self._inflight[n]
-                self.stats.resent += 1
-                self._may_send = True
-            self._earliest = min(self._inflight.values(), default=float("inf"))
-        if self.sync.upgrade_needed:
-            return  # the server cannot read this device's changes until it is upgraded
-        decision = self.gate.decide()
-        if decision is not self._decision:
-            self._decision = decision
-            self._may_send = True
-            self._note_policy()
-        if "records" in decision.lanes:
-            min_priority: int | None = None
-        elif decision.high_priority:
-            min_priority = self.cfg.policy.high_priority  # only urgent changes go
-        else:
-            return
-        if not self._may_send and self._wake_sock is not None:
-            return  # (without the wake socket, every turn looks: writes are polled)
-        room = sync_cfg.max_inflight_changes - len(self._inflight)
-        if self.pacer.hold(now, len(self._inflight),
-                           lambda: self.sync.pending_count() - len(self._inflight)):
-            self.stats.held = self.pacer.held
-            return
-        while room > 0 and self.gate.wait_s("records") == 0:
-            waiting = [n for n, t in self._retry_at.items() if t > now]
-            # Without deferred changes, the in-flight numbers themselves (not a copy).
-            exclude: AbstractSet[int] = (
-                self._inflight.keys() if not waiting else {*self._inflight, *waiting})
-            batch = self.sync.next_batch(exclude, min(sync_cfg.batch_max_changes, room),
-                                         sync_cfg.batch_max_bytes, txn=self._txn_on(),
-                                         min_priority=min_priority)
-            if not batch:
-                if batch.exhausted:
-                    self._may_send = False
-                return
-            payload = self.sync.changes_payload(batch, sync_cfg.compress_over_bytes or None)
-            if not self.link.publish(self.up_topic, payload):
-                return
-            if self.gate.sent("records", len(payload)):
-                self._budget_dirty = True
-            self._asked(now)
-            self._earliest = min(self._earliest, now)
-            first = self._first_sent
-            if len(first) > 4 * sync_cfg.max_inflight_changes:  # (answered some other way)
-                for n in [n for n in first if n not in self._inflight]:
-                    del first[n]
-            for n in batch.numbers:
-                self._inflight[n] = now
-                first.setdefault(n, now)
-                self._retry_at.pop(n, None)
-            self.pacer.sent(now, len(self._inflight))
-            self.stats.batches_sent += 1
-            self.stats.changes_sent += len(batch)
-            room -= len(batch)
-            if batch.exhausted:  # nothing else to send: no second scan to find that out
-                self._may_send = False
-                return
-
-    def _note_rtt(self, sent: float) -> None:
-        """An ack for a change sent at `sent` (agent.pacing, agent.answer_wait)."""
-        now = time.monotonic()
-        self.pacer.answered(now - sent)
-        self.answer_wait.answered(sent, now)
-
-    def _inflight_room(self) -> bool:
-        """Room in the in-flight window for a whole batch (refilling smaller gaps as they
-        open would split the backlog into ever smaller batches)."""
-        sync_cfg = self.cfg.sync
-        room = sync_cfg.max_inflight_changes - len(self._inflight)
-        return self._connected and room >= sync_cfg.batch_max_changes
 
     def _zdict(self) -> bool | bytes:
         """Compress with a preset dictionary: only once the server agreed (§11)."""
