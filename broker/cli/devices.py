@@ -69,13 +69,23 @@ def _issue(args: argparse.Namespace, env: Mapping[str, str], cmd: str, what: str
     store = open_existing_store(server_config(args, env))
     try:
         row = registry.issue_command(store, args.device_id, cmd, now_ms())
+        with store.read() as txn:
+            device = txn.get_device(args.device_id)
     finally:
         store.close()
+    # A command that needs a capability is kept pending for a device that has not said it
+    # speaks it (registry.deliverable): "sent at once" would not be true.
+    speaks = device is not None and registry.deliverable(row, device.caps)
     if getattr(args, "json", False):
-        print_json({"device": args.device_id, "command": row.to_json(), "effect": what})
+        print_json({"device": args.device_id, "command": row.to_json(), "effect": what,
+                    "device_speaks": speaks})
         return 0
     print(f"{cmd} queued for {args.device_id} (command {row.id}): {what}; it is sent at once "
           "if the device is online, else when it next connects")
+    if not speaks:
+        print(f"note: {args.device_id} has not said it understands `{cmd}` (an agent older "
+              "than this server, or it has not connected since the upgrade): the command "
+              "waits until it does")
     return 0
 
 

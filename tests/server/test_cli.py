@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -115,6 +116,27 @@ def test_server_status_shows_dead_letters_against_their_bounds(
     code, out, _ = run(env, "server", "status", capsys=capsys)
     assert "dead letters kept: 100 of at most 100" in out
     assert "100 with their raw payload cut" in out and "dropped by the bounds: 5" in out
+
+
+def test_a_command_the_device_has_not_said_it_speaks_is_said_to_wait(
+        env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`device sync` of a device whose last hello did not offer `sync` (an older agent):
+    the server keeps the command pending, so "sent at once if online" is not all."""
+    run(env, "device", "add", "van-9", "--scope", "r1", "--out", str(tmp_path / "o"),
+        capsys=capsys)
+    code, out, _ = run(env, "device", "sync", "van-9", capsys=capsys)
+    assert code == 0 and "note: van-9 has not said it understands `sync`" in out
+    assert "waits until it does" in out
+    code, out, _ = run(env, "device", "resync", "van-9", capsys=capsys)  # needs no capability
+    assert code == 0 and "note:" not in out
+    store = _open(env)
+    try:  # its agent said hello with `sync` in its caps, as message_apply records it
+        store.transact(lambda txn: txn.put_device(
+            dataclasses.replace(txn.get_device("van-9"), caps=("sync",))))
+    finally:
+        store.close()
+    code, out, _ = run(env, "device", "sync", "van-9", capsys=capsys)
+    assert code == 0 and "note:" not in out
 
 
 def test_device_remove(env: dict[str, str], tmp_path: Path,
